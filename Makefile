@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (whole pipeline on synthetic data) and `make test`.
+# Both create .venv on first use with the Python found as $(PYTHON) (3.11+).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo-run
+
+.PHONY: setup demo test test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlseg needs Python 3.11 or newer; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[infra,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@test -d $(DEMO_DIR)/raw || $(BIN)/mlseg synth $(DEMO_DIR)/raw
+	@test -d $(DEMO_DIR)/dataset || $(BIN)/mlseg ingest $(DEMO_DIR)/raw $(DEMO_DIR)/dataset
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --run-slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check mlseg flows expectations infra tests bench
+	$(BIN)/ruff format --check mlseg flows expectations infra tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format mlseg flows expectations infra tests bench
+	$(BIN)/ruff check --fix mlseg flows expectations infra tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from mlseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,273 @@
+"""Typed, validated configuration: one frozen pydantic model per pipeline stage.
+
+A run's configuration is loaded from YAML (:func:`load_config`) and per-image-type
+profiles from ``profiles.yaml`` (:func:`load_profiles`; the packaged default ships
+``he``, ``ihc`` and ``fluorescence``). Unknown keys and bad values raise
+:class:`~mlseg.errors.ConfigError` naming the key and the file. Every artifact is written
+with the config that made it (``model_dump_json``), so any output can be reproduced.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlseg.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, instances are immutable (use ``model_copy(update=...)``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataConfig(Strict):
+    """Where a dataset lives and how it is laid out (see :mod:`mlseg.dataset`)."""
+
+    root: Path | None = None
+    train_dir: str = "train"
+    test_dir: str = "test"
+    image_dir: str = "original"
+    mask_dir: str = "masks"
+    mask_suffix: str = "_mask"
+    mask_kind: Literal["auto", "binary", "instance"] = "auto"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("train_dir", "test_dir", "image_dir", "mask_dir")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value:
+            raise ValueError("must be a plain folder name")
+        return value
+
+
+class PreprocessConfig(Strict):
+    """Intensity and scale normalisation applied identically in training and inference."""
+
+    target_pixel_size_um: float | None = Field(None, gt=0)
+    equalize: Literal["none", "hist", "clahe", "match"] = "none"  # match: to stain_reference
+    clahe_clip_limit: float = Field(2.0, gt=0)
+    clahe_tile_grid: int = Field(8, ge=1)
+    stain_norm: Literal["none", "reinhard", "macenko"] = "none"
+    stain_reference: Path | None = None
+    intensity_norm: Literal["none", "percentile", "zscore"] = "none"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+
+
+class AugmentConfig(Strict):
+    """Training-time augmentation; every probability in [0, 1]."""
+
+    enabled: bool = True
+    flips: bool = True
+    rot90: bool = True
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    scale_p: float = Field(0.3, ge=0, le=1)
+    rotate_p: float = Field(0.2, ge=0, le=1)  # free rotation (0-360 degrees), besides rot90
+    elastic_p: float = Field(0.0, ge=0, le=1)
+    elastic_px: float = Field(6.0, ge=0)  # displacement scale of the smooth random field
+    brightness: float = Field(0.15, ge=0)
+    contrast: float = Field(0.15, ge=0)
+    gamma: float = Field(0.15, ge=0)
+    color_p: float = Field(0.5, ge=0, le=1)
+    hed_jitter: float = Field(0.03, ge=0)
+    hed_p: float = Field(0.5, ge=0, le=1)
+    blur_p: float = Field(0.1, ge=0, le=1)
+    noise_p: float = Field(0.1, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.5, 1.5)  # pixels
+    noise_std: float = Field(0.05, ge=0)  # at most, in normalised intensity units
+
+
+class TrainConfig(Strict):
+    """Model and optimisation. The model is built by ``smp.create_model(arch, encoder, ...)``."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    encoder_depth: int = Field(5, ge=3, le=5)
+    encoder_weights: str | None = None
+    target: Literal["auto", "binary", "three_class"] = "auto"
+    patch_size: int = Field(256, ge=32)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_steps: int = Field(2000, ge=1)
+    warmup_steps: int = Field(100, ge=0)
+    val_every: int = Field(200, ge=1)
+    early_stop_patience: int = Field(10, ge=1)
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    boundary_weight: float = Field(1.0, ge=0)
+    boundary_px: int = Field(1, ge=1, le=4)  # three-class boundary width inside each nucleus
+    fg_oversample: float = Field(0.33, ge=0, le=1)  # share of patches centred on a nucleus
+    grad_clip: float = Field(12.0, ge=0)  # max gradient norm; 0 disables
+    num_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 leaves torch's default
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+    @field_validator("patch_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("must be a multiple of 32 (the U-Net downsamples 5 times)")
+        return value
+
+
+class InferenceConfig(Strict):
+    """Tiled sliding-window prediction."""
+
+    tile_size: int = Field(512, ge=64)
+    overlap: float = Field(0.25, ge=0.0, lt=0.9)
+    batch_size: int = Field(8, ge=1)
+    tta: bool = False
+    device: str = "auto"
+    auto_scale: bool = True
+
+
+class WatershedConfig(Strict):
+    """Instance separation parameters."""
+
+    fg_threshold: float = Field(0.5, gt=0, lt=1)
+    seed_threshold: float = Field(0.5, gt=0, lt=1)
+    min_distance_um: float = Field(2.0, gt=0)
+    compactness: float = Field(0.0, ge=0)
+    fill_holes: bool = True
+
+
+class Profile(Strict):
+    """Per-image-type parameters shipped apart from the code (``profiles.yaml``)."""
+
+    name: str = ""
+    version: str = "1"
+    stain: Literal["he", "ihc", "fluorescence", "none"] = "he"
+    channels: int = Field(3, ge=1, le=4)
+    pixel_size_um: float | None = Field(None, gt=0)
+    stain_vectors: list[list[float]] | None = None
+    dab_thresholds: tuple[float, float, float] = (0.15, 0.30, 0.60)
+    min_area_um2: float = Field(10.0, ge=0)
+    max_area_um2: float = Field(2000.0, gt=0)
+    min_area_px: int = Field(10, ge=0)
+    max_area_px: int = Field(100_000, gt=0)
+    watershed: WatershedConfig = WatershedConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @field_validator("stain_vectors")
+    @classmethod
+    def _three_by_three(cls, value: list[list[float]] | None) -> list[list[float]] | None:
+        if value is not None and (len(value) != 3 or any(len(v) != 3 for v in value)):
+            raise ValueError("stain_vectors must be 3 rows of 3 numbers (RGB optical densities)")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Profile:
+        lo, mid, hi = self.dab_thresholds
+        if not lo < mid < hi:
+            raise ValueError("dab_thresholds must be increasing (1+, 2+, 3+)")
+        if self.min_area_um2 >= self.max_area_um2:
+            raise ValueError("min_area_um2 must be below max_area_um2")
+        return self
+
+
+class MonitorConfig(Strict):
+    """Drift thresholds (population stability index per statistic)."""
+
+    psi_warn: float = Field(0.2, gt=0)
+    psi_fail: float = Field(0.5, gt=0)
+
+
+class Config(Strict):
+    """A whole run: one section per stage plus the name of the image-type profile."""
+
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    profile: str = "he"
+    profiles_file: Path | None = None
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'; remove it or check its spelling")
+        else:
+            lines.append(f"{source}: bad value for '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+
+
+def parse(model: type[Strict], data: Any, source: str) -> Any:
+    """Validate ``data`` as ``model``; errors name each key and ``source``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Load a :class:`Config` from YAML (defaults if ``path`` is None), then apply overrides.
+
+    ``overrides`` are section dicts, e.g. ``train={"max_steps": 10}``; merged by copying.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data = _read_yaml(Path(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            merged[section] = {**merged.get(section, {}), **values}
+        else:
+            merged[section] = values
+    return parse(Config, merged, source)
+
+
+def default_profiles_path() -> Path:
+    return Path(str(resources.files("mlseg") / "profiles.yaml"))
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
+    """Load every profile of a ``profiles.yaml`` (the packaged one if ``path`` is None)."""
+    path = Path(path) if path is not None else default_profiles_path()
+    data = _read_yaml(path)
+    profiles = data.get("profiles") if isinstance(data, dict) else None
+    if not isinstance(profiles, dict) or not profiles:
+        raise ConfigError(f"{path}: expected a top-level 'profiles:' mapping of name -> settings")
+    out = {}
+    for name, values in profiles.items():
+        values = {**(values or {}), "name": name}
+        out[name] = parse(Profile, values, f"{path} (profile '{name}')")
+    return out
+
+
+def get_profile(name: str, path: str | Path | None = None) -> Profile:
+    """One profile by name; an unknown name lists the known ones."""
+    profiles = load_profiles(path)
+    if name not in profiles:
+        where = path or default_profiles_path()
+        raise ConfigError(
+            f"{where}: unknown profile {name!r}; choose one of {', '.join(sorted(profiles))}"
+        )
+    return profiles[name]

@@ -1,0 +1,197 @@
+"""The dataset contract: layout, pairing of images with masks, the manifest.
+
+::
+
+    <root>/
+      train/original/<stem>.<ext>        image (PNG, TIFF incl. 16-bit, JPEG; RGB or grey)
+      train/masks/<stem>_mask.<ext>      mask: binary (0/1, 0/255) or instance labels (0 = bg)
+      test/original/...  test/masks/...
+      manifest.csv                        optional: split, stem, image, mask, pixel_size_um, ...
+
+Folder names and the mask suffix are configurable (:class:`mlseg.config.DataConfig`);
+the defaults are those of the source paper. ``manifest.csv`` may give the pixel size of each
+image (``pixel_size_um``, microns per pixel); where it is absent the profile's is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlseg.config import DataConfig
+from mlseg.errors import DatasetError
+from mlseg.io import IMAGE_EXTENSIONS, write_text
+
+MANIFEST = "manifest.csv"
+SPLITS = ("train", "test")
+
+DATASET_README = """# mlseg dataset
+
+Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, named
+`<image stem>{suffix}.<ext>` (e.g. `{split}/{image_dir}/slide1.png` ->
+`{split}/{mask_dir}/slide1{suffix}.png`), for split in `{train}` and `{test}`.
+
+- Images: PNG, TIFF (8/16-bit), JPEG; RGB or grey.
+- Masks: same width and height as the image; binary (0/1 or 0/255) or instance-labelled
+  (8/16-bit, 0 = background, 1..N = one label per nucleus).
+- Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel.
+
+Check it with `mlseg validate {root}`.
+"""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image and its mask. ``pixel_size_um`` is microns per pixel, ``None`` if unknown."""
+
+    split: str
+    stem: str
+    image: Path
+    mask: Path | None
+    pixel_size_um: float | None = None
+
+
+def split_dir(root: Path, cfg: DataConfig, split: str) -> Path:
+    return Path(root) / (cfg.train_dir if split == "train" else cfg.test_dir)
+
+
+def is_image_file(path: Path) -> bool:
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
+
+
+def mask_stem(image_stem: str, cfg: DataConfig) -> str:
+    return f"{image_stem}{cfg.mask_suffix}"
+
+
+def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
+    """Scaffold an empty dataset at ``root`` (which must not exist or be empty)."""
+    cfg = cfg or DataConfig()
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root}: folder is not empty; choose a new folder or empty this one")
+    for split in SPLITS:
+        for sub in (cfg.image_dir, cfg.mask_dir):
+            (split_dir(root, cfg, split) / sub).mkdir(parents=True, exist_ok=True)
+    write_text(
+        root / "README.md",
+        DATASET_README.format(
+            split=cfg.train_dir,
+            train=cfg.train_dir,
+            test=cfg.test_dir,
+            image_dir=cfg.image_dir,
+            mask_dir=cfg.mask_dir,
+            suffix=cfg.mask_suffix,
+            root=root,
+        ),
+    )
+    return root
+
+
+def read_manifest(root: str | Path) -> pd.DataFrame | None:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"stem": str, "split": str})
+
+
+def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
+    manifest = read_manifest(root)
+    if manifest is None or "pixel_size_um" not in manifest.columns:
+        return {}
+    sizes = {}
+    for row in manifest.itertuples(index=False):
+        value = row.pixel_size_um
+        if pd.notna(value):
+            sizes[(row.split, row.stem)] = float(value)
+    return sizes
+
+
+def list_pairs(
+    root: str | Path, split: str, cfg: DataConfig | None = None, strict: bool = True
+) -> list[Pair]:
+    """Pair every image of ``split`` with its mask, sorted by stem.
+
+    With ``strict`` (the default for training), every problem found (missing folder, image
+    without mask, mask without image, two files for one stem) is collected and raised as a
+    single :class:`DatasetError` that names each file. Without it, images without a mask
+    get ``mask=None`` (inference) and orphan masks are ignored.
+    """
+    cfg = cfg or DataConfig()
+    root = Path(root)
+    base = split_dir(root, cfg, split)
+    img_dir, msk_dir = base / cfg.image_dir, base / cfg.mask_dir
+    if not img_dir.is_dir():
+        raise DatasetError(
+            f"{img_dir}: folder not found; a dataset needs {split}/{cfg.image_dir}/ "
+            f"(run `mlseg init` to scaffold one)"
+        )
+    problems: list[str] = []
+    images: dict[str, Path] = {}
+    for path in sorted(img_dir.iterdir()):
+        if not is_image_file(path):
+            continue
+        if path.stem in images:
+            problems.append(f"{path}: two images share the stem {path.stem!r}; keep one")
+        images[path.stem] = path
+    masks: dict[str, Path] = {}
+    if msk_dir.is_dir():
+        for path in sorted(msk_dir.iterdir()):
+            if not is_image_file(path):
+                continue
+            if path.stem.endswith(cfg.mask_suffix):
+                masks[path.stem[: -len(cfg.mask_suffix)]] = path
+            elif strict:
+                problems.append(
+                    f"{path}: mask name must end with {cfg.mask_suffix!r} before the extension "
+                    f"(e.g. {path.stem}{cfg.mask_suffix}{path.suffix})"
+                )
+    elif strict:
+        problems.append(f"{msk_dir}: mask folder not found; put the masks there")
+    if strict:
+        for stem, path in images.items():
+            if stem not in masks and msk_dir.is_dir():
+                problems.append(
+                    f"{path}: no mask; expected {msk_dir / (mask_stem(stem, cfg) + '.png')}"
+                )
+        for stem, path in masks.items():
+            if stem not in images:
+                problems.append(f"{path}: mask without image; expected {img_dir / stem}.<ext>")
+    if problems:
+        raise DatasetError(_summarise(problems))
+    sizes = _pixel_sizes(root)
+    return [
+        Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))
+        for stem, path in images.items()
+    ]
+
+
+def _summarise(problems: list[str], limit: int = 20) -> str:
+    head = problems[:limit]
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{len(problems)} dataset problem(s):\n  " + "\n  ".join(head) + more
+
+
+def mask_kind(mask: np.ndarray) -> str:
+    """``"binary"`` if the mask holds at most one non-zero value, else ``"instance"``."""
+    values = np.unique(mask)
+    return "binary" if values[values != 0].size <= 1 else "instance"
+
+
+def mask_to_labels(mask: np.ndarray, kind: str = "auto") -> np.ndarray:
+    """Turn a binary or instance mask into ``(H, W) int32`` instance labels.
+
+    Binary masks are split into connected components (8-connectivity), which is the best
+    available guess; touching nuclei in a binary mask stay merged.
+    """
+    from skimage.measure import label
+
+    if kind == "auto":
+        kind = mask_kind(mask)
+    if kind == "binary":
+        return label(mask > 0, connectivity=2).astype(np.int32)
+    return mask.astype(np.int32)

@@ -1,0 +1,338 @@
+"""Import a dataset from a common layout into the mlseg contract (see :mod:`mlseg.dataset`).
+
+Recognised sources (``layout="auto"`` detects them in this order):
+
+- ``contract``: already ``{train,test}/{original,masks}`` - splits are kept.
+- ``nnunet``: nnU-Net raw dataset, ``imagesTr/<case>_0000.<ext>`` + ``labelsTr/<case>.<ext>``
+  (``imagesTs``/``labelsTs`` become the test split when labelled).
+- ``flat``: ``original/<stem>.<ext>`` + ``masks/<stem>_mask.<ext>`` (as ``../shared/data/*``).
+- ``cellpose``: one folder of ``<stem>.tif`` + ``<stem>_masks.tif``.
+
+The source is only read. Every pair is decoded and checked (readable, same size) before
+anything is written; all problems are reported together. Files are copied (or hard-linked
+with ``link=True``) into a temporary sibling folder that is renamed onto the target at the
+end, so a failure leaves nothing behind. A ``manifest.csv`` records where each file came
+from and its pixel size when known.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mlseg.config import DataConfig
+from mlseg.dataset import MANIFEST, _summarise, init_dataset, is_image_file, split_dir
+from mlseg.errors import DatasetError, ImageReadError
+from mlseg.io import read_image, read_mask, tiff_pixel_size_um, write_table
+
+LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
+PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
+STEM_COLUMNS = ("stem", "image_id", "id", "name")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    stem: str
+    image: Path
+    mask: Path | None
+    split: str | None = None
+
+
+@dataclass
+class IngestResult:
+    root: Path
+    layout: str
+    manifest: pd.DataFrame
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def detect_layout(src: Path, cfg: DataConfig) -> str:
+    """Name the layout of ``src`` or raise :class:`DatasetError` describing what was expected."""
+    if (src / cfg.train_dir / cfg.image_dir).is_dir():
+        return "contract"
+    if (src / "imagesTr").is_dir():
+        return "nnunet"
+    if (src / cfg.image_dir).is_dir():
+        return "flat"
+    if any(p.name.endswith(("_masks.tif", "_masks.tiff", "_masks.png")) for p in src.iterdir()):
+        return "cellpose"
+    raise DatasetError(
+        f"{src}: unknown dataset layout; expected {cfg.image_dir}/ + {cfg.mask_dir}/ (flat), "
+        f"imagesTr/ + labelsTr/ (nnU-Net), <name>.tif + <name>_masks.tif (Cellpose), "
+        f"or {cfg.train_dir}/{cfg.image_dir}/ (mlseg)"
+    )
+
+
+def _by_stem(folder: Path) -> dict[str, Path]:
+    return (
+        {p.stem: p for p in sorted(folder.iterdir()) if is_image_file(p)} if folder.is_dir() else {}
+    )
+
+
+def _pair(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    split: str | None,
+    problems: list[str],
+    mask_hint: str,
+) -> list[SourceItem]:
+    items = []
+    for stem, path in images.items():
+        if stem not in masks:
+            problems.append(f"{path}: image without mask; add {mask_hint.format(stem=stem)}")
+            continue
+        items.append(SourceItem(stem, path, masks[stem], split))
+    for stem, path in masks.items():
+        if stem not in images:
+            problems.append(f"{path}: mask without image; add the image or remove the mask")
+    return items
+
+
+def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
+    """List image/mask pairs of ``src``; collect naming problems into one DatasetError."""
+    problems: list[str] = []
+    items: list[SourceItem] = []
+    suffix = cfg.mask_suffix
+    if layout == "contract":
+        for split in ("train", "test"):
+            base = split_dir(src, cfg, split)
+            images = _by_stem(base / cfg.image_dir)
+            masks = {
+                s[: -len(suffix)]: p
+                for s, p in _by_stem(base / cfg.mask_dir).items()
+                if s.endswith(suffix)
+            }
+            items += _pair(
+                images, masks, split, problems, f"{base / cfg.mask_dir}/{{stem}}{suffix}.png"
+            )
+    elif layout == "flat":
+        images = _by_stem(src / cfg.image_dir)
+        masks = {}
+        for s, p in _by_stem(src / cfg.mask_dir).items():
+            if s.endswith(suffix):
+                masks[s[: -len(suffix)]] = p
+            else:
+                problems.append(
+                    f"{p}: mask name must end with {suffix!r} (e.g. {s}{suffix}{p.suffix})"
+                )
+        items += _pair(images, masks, None, problems, f"{src / cfg.mask_dir}/{{stem}}{suffix}.png")
+    elif layout == "nnunet":
+        for img_dir, lbl_dir, split in (
+            ("imagesTr", "labelsTr", None),
+            ("imagesTs", "labelsTs", "test"),
+        ):
+            raw = _by_stem(src / img_dir)
+            if not raw:
+                continue
+            if split == "test" and not (src / lbl_dir).is_dir():
+                continue  # unlabelled test images cannot be evaluated: leave them out
+            images = {}
+            for s, p in raw.items():
+                if s.endswith("_0000"):
+                    images[s[:-5]] = p
+                elif len(s) > 5 and s[-5] == "_" and s[-4:].isdigit():
+                    problems.append(
+                        f"{p}: multi-file channels (_0001, ...) are not supported; merge channels into one RGB image"
+                    )
+                else:
+                    problems.append(
+                        f"{p}: nnU-Net image names end with _0000 (channel index); rename it"
+                    )
+            items += _pair(
+                images, _by_stem(src / lbl_dir), split, problems, f"{src / lbl_dir}/{{stem}}.png"
+            )
+    elif layout == "cellpose":
+        files = _by_stem(src)
+        masks = {s[: -len("_masks")]: p for s, p in files.items() if s.endswith("_masks")}
+        images = {
+            s: p for s, p in files.items() if not s.endswith(("_masks", "_flows", "_cp_output"))
+        }
+        items += _pair(images, masks, None, problems, f"{src}/{{stem}}_masks.tif")
+    else:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if problems:
+        raise DatasetError(_summarise(problems))
+    if not items:
+        raise DatasetError(f"{src}: no image/mask pairs found (layout {layout})")
+    return items
+
+
+def check_pairs(items: list[SourceItem], progress: bool = True) -> None:
+    """Decode every image and mask; raise one DatasetError listing unreadable or mismatched files."""
+    problems: list[str] = []
+    for item in tqdm(items, desc="checking", unit="pair", disable=not progress, leave=False):
+        try:
+            image = read_image(item.image)
+        except ImageReadError as err:
+            problems.append(str(err))
+            continue
+        try:
+            mask = read_mask(item.mask)
+        except ImageReadError as err:
+            problems.append(str(err))
+            continue
+        if mask.shape != image.shape[:2]:
+            problems.append(
+                f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}; masks must match their image size"
+            )
+    if problems:
+        raise DatasetError(_summarise(problems))
+
+
+def assign_splits(stems: list[str], test_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic seeded split: the same stems, fraction and seed give the same split.
+
+    At least one test image is kept when there are two or more images and the fraction > 0.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise DatasetError(f"test fraction must be in [0, 1), got {test_fraction}")
+    ordered = sorted(stems)
+    n_test = int(round(len(ordered) * test_fraction))
+    if test_fraction > 0 and len(ordered) >= 2:
+        n_test = min(max(n_test, 1), len(ordered) - 1)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    test = {ordered[i] for i in order[:n_test]}
+    return {s: ("test" if s in test else "train") for s in ordered}
+
+
+def read_pixel_sizes(path: Path) -> dict[str, float]:
+    """Per-image pixel sizes from a CSV with a stem column and a pixel-size column."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, pd.errors.ParserError) as err:
+        raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
+    stem_col = next((c for c in STEM_COLUMNS if c in table.columns), None)
+    size_col = next((c for c in PIXEL_SIZE_COLUMNS if c in table.columns), None)
+    if stem_col is None or size_col is None:
+        raise DatasetError(
+            f"{path}: a pixel-size table needs a column among {STEM_COLUMNS} and one among "
+            f"{PIXEL_SIZE_COLUMNS}; found {list(table.columns)}"
+        )
+    sizes = {}
+    for stem, value in zip(table[stem_col], table[size_col], strict=True):
+        if pd.isna(value) or str(value).strip() == "":
+            continue
+        try:
+            size = float(value)
+        except ValueError:
+            raise DatasetError(
+                f"{path}: pixel size {value!r} of {stem!r} is not a number"
+            ) from None
+        if size <= 0:
+            raise DatasetError(f"{path}: pixel size of {stem!r} must be positive, got {size}")
+        sizes[Path(str(stem)).stem] = size
+    return sizes
+
+
+def _source_pixel_sizes(src: Path, pixel_sizes: Path | None) -> dict[str, float]:
+    if pixel_sizes is not None:
+        return read_pixel_sizes(Path(pixel_sizes))
+    index = src / "index.csv"
+    if index.is_file():
+        columns = pd.read_csv(index, nrows=0).columns
+        if any(c in columns for c in PIXEL_SIZE_COLUMNS):
+            return read_pixel_sizes(index)
+    return {}
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            dst.symlink_to(src.resolve())
+            return
+    shutil.copy2(src, dst)
+
+
+def ingest(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    layout: str = "auto",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    link: bool = False,
+    cfg: DataConfig | None = None,
+    pixel_sizes: str | Path | None = None,
+    pixel_size_um: float | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Import ``src`` into a new mlseg dataset at ``dst``; see the module docstring.
+
+    ``pixel_sizes`` is an optional CSV (stem + ``pixel_size_um``/``mpp``) giving microns per
+    pixel per image; ``pixel_size_um`` applies to every image without one. TIFF resolution
+    tags are used where neither gives a size.
+    """
+    cfg = cfg or DataConfig()
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DatasetError(f"{src}: source folder not found; check the path")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise DatasetError(
+            f"{dst}: target is not empty; choose a new folder (ingest never overwrites)"
+        )
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise DatasetError(
+            f"{dst}: target lies inside the source {src}; choose a folder outside it"
+        )
+    if pixel_size_um is not None and pixel_size_um <= 0:
+        raise DatasetError(f"pixel size must be positive, got {pixel_size_um}")
+    layout = detect_layout(src, cfg) if layout == "auto" else layout
+    items = scan_source(src, layout, cfg)
+    stems = [i.stem for i in items]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise DatasetError(
+            f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
+        )
+    check_pairs(items, progress=progress)
+    sizes = _source_pixel_sizes(src, pixel_sizes)
+    free = [i.stem for i in items if i.split is None]
+    splits = assign_splits(free, test_fraction, seed) if free else {}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ingest-", dir=dst.parent))
+    try:
+        init_dataset(staging, cfg)
+        rows = []
+        for item in tqdm(items, desc="ingesting", unit="pair", disable=not progress, leave=False):
+            split = item.split or splits[item.stem]
+            base = split_dir(staging, cfg, split)
+            image_dst = base / cfg.image_dir / f"{item.stem}{item.image.suffix.lower()}"
+            mask_dst = (
+                base / cfg.mask_dir / f"{item.stem}{cfg.mask_suffix}{item.mask.suffix.lower()}"
+            )
+            _place(item.image, image_dst, link)
+            _place(item.mask, mask_dst, link)
+            size = sizes.get(item.stem, tiff_pixel_size_um(item.image) or pixel_size_um)
+            rows.append(
+                {
+                    "split": split,
+                    "stem": item.stem,
+                    "image": image_dst.relative_to(staging).as_posix(),
+                    "mask": mask_dst.relative_to(staging).as_posix(),
+                    "source_image": str(item.image),
+                    "source_mask": str(item.mask),
+                    "pixel_size_um": size,
+                }
+            )
+        manifest = pd.DataFrame(rows).sort_values(["split", "stem"], ignore_index=True)
+        write_table(manifest, staging / MANIFEST)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    counts = manifest["split"].value_counts().to_dict()
+    return IngestResult(dst, layout, manifest, {k: int(v) for k, v in counts.items()})

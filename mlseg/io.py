@@ -1,0 +1,222 @@
+"""Image, mask and table I/O. The only module that touches image files.
+
+Images come back as ``(H, W, C)`` arrays in their stored dtype (``uint8`` or ``uint16``),
+RGB channel order, ``C`` in {1, 3}. Masks come back as ``(H, W) int32`` label images.
+Every writer is atomic: it writes a temporary file in the target folder and renames it,
+so a crash never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mlseg.errors import ImageReadError
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the suffix so format-sniffing writers (OpenCV, pandas) work.
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse files whose trailer is missing: OpenCV decodes truncated PNG/JPEG silently."""
+    suffix = path.suffix.lower()
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        fh.seek(max(0, size - 16))
+        tail = fh.read()
+    if suffix == ".png":
+        if head != b"\x89PNG\r\n\x1a\n":
+            raise ImageReadError(f"{path}: not a PNG file (bad signature); re-export it as PNG")
+        if b"IEND" not in tail:
+            raise ImageReadError(f"{path}: truncated PNG (no IEND chunk); re-copy or re-export it")
+    elif suffix in (".jpg", ".jpeg"):
+        if head[:2] != b"\xff\xd8":
+            raise ImageReadError(f"{path}: not a JPEG file (bad signature)")
+        if b"\xff\xd9" not in tail:
+            raise ImageReadError(f"{path}: truncated JPEG (no end marker); re-copy or re-export it")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
+
+    Alpha channels are dropped. Raises :class:`ImageReadError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ImageReadError(
+            f"{path}: unsupported extension {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    _check_complete(path)
+    if suffix in TIFF_EXTENSIONS:
+        arr = _read_tiff(path)
+    else:
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ImageReadError(f"{path}: cannot be decoded; the file is corrupt or not an image")
+        if arr.ndim == 3:
+            code = cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
+            arr = cv2.cvtColor(arr, code)
+    return _as_hwc(arr, path)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(path)
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise ImageReadError(f"{path}: cannot be decoded as TIFF ({err})") from err
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return arr
+
+
+def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ImageReadError(f"{path}: expected a grey or RGB image, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(arr.dtype, np.floating):
+            raise ImageReadError(
+                f"{path}: floating-point images are not supported; save as 8/16-bit"
+            )
+        arr = arr.astype(np.uint16) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask as an ``(H, W) int32`` label image (0 = background).
+
+    Binary masks stay 0/1/255-valued here; see :func:`mlseg.dataset.mask_to_labels`.
+    A colour mask is accepted only if its three channels are equal.
+    """
+    arr = read_image(path)
+    grey = arr.shape[2] == 1 or (
+        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    )
+    if not grey:
+        raise ImageReadError(
+                f"{Path(path)}: colour mask; save masks as single-channel label or binary images"
+            )
+    return arr[..., 0].astype(np.int32)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` RGB uint8/uint16 atomically (PNG/TIFF/JPEG)."""
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, compression="zlib")
+        else:
+            out = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr
+            if not cv2.imwrite(str(tmp), out):
+                raise ImageReadError(f"{path}: OpenCV could not write this format/dtype")
+    return path
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write an instance label image losslessly: 16-bit PNG, or 32-bit TIFF if labels > 65535."""
+    labels = np.asarray(labels)
+    path = Path(path)
+    if labels.max(initial=0) > np.iinfo(np.uint16).max:
+        if path.suffix.lower() not in TIFF_EXTENSIONS:
+            raise ValueError(f"{path}: more than 65535 labels need a .tif output")
+        return write_image(path, labels.astype(np.uint32))
+    return write_image(path, labels.astype(np.uint16))
+
+
+def write_table(df, path: str | os.PathLike) -> Path:
+    """Write a DataFrame atomically as CSV or Parquet, chosen by the suffix."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    return path
+
+
+def tiff_pixel_size_um(path: str | os.PathLike) -> float | None:
+    """Microns per pixel from TIFF resolution tags (or OME/ImageJ metadata), else ``None``."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_EXTENSIONS:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if tif.imagej_metadata and tif.imagej_metadata.get("unit") in ("micron", "um", "µm"):
+                res = page.tags.get("XResolution")
+                if res is not None:
+                    num, den = res.value
+                    return float(den) / float(num) if num else None
+            res = page.tags.get("XResolution")
+            unit = page.tags.get("ResolutionUnit")
+            if res is None or unit is None:
+                return None
+            num, den = res.value
+            if not num:
+                return None
+            per_unit = float(den) / float(num)  # units per pixel
+            unit_value = int(unit.value)
+            if unit_value == 2:  # inch
+                return per_unit * 25400.0
+            if unit_value == 3:  # centimetre
+                return per_unit * 10000.0
+    except Exception:  # metadata is optional: unreadable tags mean "unknown"
+        return None
+    return None

@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import numpy as np
+
+from mlseg.cli import main
+from mlseg.io import write_image
+
+
+def test_help_lists_stage_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("init", "ingest", "synth"):
+        assert command in out
+
+
+def test_init_then_refuse_non_empty(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "ds")]) == 0
+    assert main(["init", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ingest_errors_are_one_line_and_name_the_file(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_image(src / "original" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_image(src / "masks" / "a_mask.png", np.zeros((8, 8), np.uint8))
+    write_image(src / "original" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    code = main(["ingest", str(src), str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert code != 0 and "b.png: image without mask" in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_unknown_config_key_exit_code(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  mask_sufix: _m\n")
+    assert main(["init", str(tmp_path / "ds"), "--config", str(cfg)]) == 2
+    assert "data.mask_sufix" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlseg.cli",
+            "ingest",
+            str(tmp_path / "missing"),
+            str(tmp_path / "ds"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip()
+        == f"error: {tmp_path / 'missing'}: source folder not found; check the path"
+    )

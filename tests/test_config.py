@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from mlseg.config import Config, get_profile, load_config, load_profiles
+from mlseg.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.encoder_weights is None  # no model hub offline
+    with pytest.raises(ValidationError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_yaml_values_and_overrides_merge(tmp_path):
+    path = write(
+        tmp_path / "c.yaml", "train:\n  lr: 0.01\n  batch_size: 4\ndata:\n  mask_suffix: _seg\n"
+    )
+    cfg = load_config(path, train={"batch_size": 2})
+    assert cfg.train.lr == 0.01
+    assert cfg.train.batch_size == 2  # override wins, other keys kept
+    assert cfg.data.mask_suffix == "_seg"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  lrr: 0.01\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.lrr" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_bad_value_names_key_and_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  patch_size: 100\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.patch_size" in str(err.value) and "multiple of 32" in str(err.value)
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = write(tmp_path / "bad.yaml", "trainer: {}\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "broken.yaml", "train: [unclosed\n"))
+
+
+def test_packaged_profiles():
+    profiles = load_profiles()
+    assert {"he", "ihc", "fluorescence"} <= set(profiles)
+    assert profiles["ihc"].stain == "ihc"
+    assert all(p.version for p in profiles.values())
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError) as err:
+        get_profile("hematoxylin")
+    assert "he" in str(err.value) and "fluorescence" in str(err.value)
+
+
+def test_profile_errors_name_profile_and_key(tmp_path):
+    path = write(tmp_path / "p.yaml", "profiles:\n  mine:\n    pixel_size_um: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_profiles(path)
+    assert "mine" in str(err.value) and "pixel_size_um" in str(err.value)

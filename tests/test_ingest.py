@@ -1,0 +1,158 @@
+import hashlib
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlseg.dataset import list_pairs
+from mlseg.errors import DatasetError
+from mlseg.ingest import assign_splits, ingest
+from mlseg.io import read_mask, write_image
+
+
+def disk_pair(rng, size=24):
+    from skimage.draw import disk
+
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    labels = np.zeros((size, size), np.uint16)
+    for i in range(1, 4):
+        rr, cc = disk(rng.integers(5, size - 5, 2), 3, shape=labels.shape)
+        labels[rr, cc] = i
+        img[rr, cc] = 200
+    return img, labels
+
+
+def flat_source(root, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img, lab = disk_pair(rng)
+        write_image(root / "original" / f"img{i}.png", img)
+        write_image(root / "masks" / f"img{i}_mask.png", lab)
+    return root
+
+
+def tree_digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_flat_ingest_layout_manifest_and_source_untouched(tmp_path):
+    src = flat_source(tmp_path / "src")
+    before = tree_digest(src)
+    result = ingest(src, tmp_path / "ds", test_fraction=0.4, seed=1, progress=False)
+    assert tree_digest(src) == before
+    assert result.layout == "flat" and result.counts == {"train": 3, "test": 2}
+    manifest = pd.read_csv(tmp_path / "ds" / "manifest.csv")
+    assert set(manifest.columns) >= {
+        "split",
+        "stem",
+        "image",
+        "mask",
+        "source_image",
+        "pixel_size_um",
+    }
+    train = list_pairs(tmp_path / "ds", "train")
+    test = list_pairs(tmp_path / "ds", "test")
+    assert len(train) + len(test) == 5
+    assert not {p.stem for p in train} & {p.stem for p in test}
+
+
+def test_split_is_deterministic_and_seeded():
+    stems = [f"s{i}" for i in range(50)]
+    a = assign_splits(stems, 0.2, seed=3)
+    assert a == assign_splits(list(reversed(stems)), 0.2, seed=3)
+    assert sum(v == "test" for v in a.values()) == 10
+    assert a != assign_splits(stems, 0.2, seed=4)
+
+
+def test_nnunet_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "Dataset001_Nuclei"
+    for i in range(3):
+        img, lab = disk_pair(rng)
+        write_image(src / "imagesTr" / f"case{i}_0000.png", img)
+        write_image(src / "labelsTr" / f"case{i}.png", lab)
+    img, lab = disk_pair(rng)
+    write_image(src / "imagesTs" / "held_0000.png", img)
+    write_image(src / "labelsTs" / "held.png", lab)
+    result = ingest(src, tmp_path / "ds", test_fraction=0.0, progress=False)
+    assert result.layout == "nnunet"
+    assert [p.stem for p in list_pairs(tmp_path / "ds", "test")] == ["held"]
+    assert len(list_pairs(tmp_path / "ds", "train")) == 3
+
+
+def test_cellpose_layout_with_tiff(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    src = tmp_path / "cp"
+    src.mkdir()
+    for i in range(3):
+        img, lab = disk_pair(rng)
+        tifffile.imwrite(src / f"cells{i}.tif", img[..., 0].astype(np.uint16) * 100)
+        tifffile.imwrite(src / f"cells{i}_masks.tif", lab)
+    result = ingest(src, tmp_path / "ds", test_fraction=0.34, progress=False)
+    assert result.layout == "cellpose" and sum(result.counts.values()) == 3
+    pair = (list_pairs(tmp_path / "ds", "train") + list_pairs(tmp_path / "ds", "test"))[0]
+    assert pair.mask.name.endswith("_mask.tif") and read_mask(pair.mask).max() > 0
+
+
+def test_pixel_sizes_from_csv(tmp_path):
+    src = flat_source(tmp_path / "src", n=3)
+    table = tmp_path / "sizes.csv"
+    table.write_text("image_id,mpp\nimg0,0.5\nimg1,0.25\n")
+    result = ingest(src, tmp_path / "ds", pixel_sizes=table, pixel_size_um=1.0, progress=False)
+    sizes = dict(zip(result.manifest.stem, result.manifest.pixel_size_um, strict=True))
+    assert sizes == {"img0": 0.5, "img1": 0.25, "img2": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        ("missing_source", "source folder not found"),
+        ("image_without_mask", "img0.png: image without mask"),
+        ("mask_without_image", "ghost_mask.png: mask without image"),
+        ("truncated_image", "img1.png: truncated PNG"),
+        ("mask_other_size", "img2_mask.png: mask is 10x10 but its image is 24x24"),
+        ("target_not_empty", "target is not empty"),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_written(tmp_path, breakage, expected):
+    src = flat_source(tmp_path / "src")
+    dst = tmp_path / "ds"
+    if breakage == "missing_source":
+        shutil.rmtree(src)
+    elif breakage == "image_without_mask":
+        (src / "masks" / "img0_mask.png").unlink()
+    elif breakage == "mask_without_image":
+        write_image(src / "masks" / "ghost_mask.png", np.zeros((4, 4), np.uint8))
+    elif breakage == "truncated_image":
+        data = (src / "original" / "img1.png").read_bytes()
+        (src / "original" / "img1.png").write_bytes(data[:100])
+    elif breakage == "mask_other_size":
+        write_image(src / "masks" / "img2_mask.png", np.zeros((10, 10), np.uint8))
+    elif breakage == "target_not_empty":
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+    with pytest.raises(DatasetError, match=expected):
+        ingest(src, dst, progress=False)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("src", "ds")]
+    assert leftovers == []
+    if breakage == "target_not_empty":
+        assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    else:
+        assert not dst.exists()
+
+
+@pytest.mark.parametrize("name", ["gbm40_he", "cpm15_he", "dsb2018_stage1_test"])
+def test_shared_sets_ingest(shared_data, tmp_path, name):
+    src = shared_data / name
+    n_images = len(list((src / "original").glob("*.png")))
+    result = ingest(src, tmp_path / name, link=True, progress=False)
+    assert sum(result.counts.values()) == n_images
+    assert result.counts["test"] == round(n_images * 0.2)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from mlseg.errors import ImageReadError
+from mlseg.io import (
+    atomic_path,
+    read_image,
+    read_mask,
+    tiff_pixel_size_um,
+    write_image,
+    write_labels,
+)
+
+
+def test_png_roundtrip_rgb_grey_16bit(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (7, 9, 3), dtype=np.uint8)
+    write_image(tmp_path / "a.png", rgb)
+    assert np.array_equal(read_image(tmp_path / "a.png"), rgb)
+    grey16 = np.arange(63, dtype=np.uint16).reshape(7, 9) * 1000
+    write_image(tmp_path / "b.png", grey16)
+    back = read_image(tmp_path / "b.png")
+    assert (
+        back.shape == (7, 9, 1) and back.dtype == np.uint16 and np.array_equal(back[..., 0], grey16)
+    )
+
+
+def test_tiff_16bit_and_pixel_size(tmp_path):
+    import tifffile
+
+    arr = (np.arange(120, dtype=np.uint16) * 500).reshape(10, 12)
+    tifffile.imwrite(
+        tmp_path / "t.tif", arr, resolution=(1 / 0.25e-4, 1 / 0.25e-4), resolutionunit="CENTIMETER"
+    )
+    assert np.array_equal(read_image(tmp_path / "t.tif")[..., 0], arr)
+    assert tiff_pixel_size_um(tmp_path / "t.tif") == pytest.approx(0.25)
+
+
+def test_truncated_png_is_refused(tmp_path):
+    write_image(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8))
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cut.png: truncated PNG"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_non_image_and_missing(tmp_path):
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(ImageReadError, match="notes.png"):
+        read_image(tmp_path / "notes.png")
+    with pytest.raises(ImageReadError, match="not found"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_labels_roundtrip_16bit(tmp_path):
+    labels = np.zeros((5, 5), np.int32)
+    labels[1, 1] = 40000
+    write_labels(tmp_path / "l.png", labels)
+    assert read_mask(tmp_path / "l.png")[1, 1] == 40000
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
