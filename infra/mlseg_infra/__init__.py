@@ -1,0 +1,1 @@
+"""Pulumi builders for mlseg's DigitalOcean infrastructure (self-contained: never imports mlseg)."""

@@ -1,0 +1,171 @@
+"""Worker user data: valid cloud-config (checked by cloud-init itself), secrets kept apart."""
+
+from __future__ import annotations
+
+import email
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from infra_harness import FAKE_PREFECT_KEY, SECRET_VALUES, make_settings, run_stack, stack_config
+from mlseg_infra.cloud_init import combine, render_public_config, render_secret_config
+
+CLOUD_INIT = shutil.which("cloud-init")
+needs_cloud_init = pytest.mark.skipif(
+    CLOUD_INIT is None,
+    reason="`cloud-init` is not installed: `apt-get install -y cloud-init` (Debian package)",
+)
+# cloud-init's own merge code, run by the interpreter it is installed for.
+_MERGE = """
+import json, sys
+from cloudinit import mergers, util
+from cloudinit.handlers.cloud_config import DEF_MERGERS
+merged = {}
+for payload in json.load(sys.stdin):
+    part = util.load_yaml(payload)
+    merged = mergers.construct(mergers.dict_extract_mergers(part) or DEF_MERGERS).merge(merged, part)
+print(json.dumps(merged))
+"""
+
+
+def _parts(user_data: str) -> list[str]:
+    message = email.message_from_string(user_data)
+    assert message.get_content_type() == "multipart/mixed"
+    parts = [p for p in message.walk() if not p.is_multipart()]
+    assert [p.get_content_type() for p in parts] == ["text/cloud-config"] * 2
+    return [p.get_payload() for p in parts]
+
+
+@pytest.fixture(scope="module")
+def user_data(dev_run) -> str:
+    (droplet,) = dev_run.of("Droplet")
+    return droplet.inputs["userData"]
+
+
+def _schema_check(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "user-data.yaml"
+    path.write_text(text)
+    return subprocess.run(
+        [CLOUD_INIT, "schema", "--config-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@needs_cloud_init
+@pytest.mark.parametrize("gpu", [False, True])
+def test_public_part_passes_cloud_init_schema(tmp_path, gpu):
+    size = "gpu-h100x1-80gb" if gpu else "s-2vcpu-4gb"
+    text = render_public_config(make_settings(gpu=gpu, droplet_size=size))
+    checked = _schema_check(tmp_path, text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_cloud_init
+def test_secret_part_passes_cloud_init_schema(tmp_path, user_data):
+    checked = _schema_check(tmp_path, _parts(user_data)[1])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_cloud_init
+def test_schema_check_catches_a_broken_config(tmp_path):
+    broken = render_public_config(make_settings()).replace("permissions:", "mode:", 1)
+    assert _schema_check(tmp_path, broken).returncode != 0
+
+
+def test_user_data_sent_to_the_droplet_is_the_rendered_template(user_data):
+    public, _ = _parts(user_data)
+    settings_run = stack_config("dev")
+    assert public == render_public_config(
+        make_settings(
+            admin_cidrs=tuple(settings_run["adminCidrs"]),
+            bucket_name=settings_run["bucketName"],
+        )
+    )
+
+
+def test_public_part_contains_no_secret(user_data):
+    public, secret = _parts(user_data)
+    assert not any(value in public for value in SECRET_VALUES)
+    assert all(value in secret for value in SECRET_VALUES)  # they reach the droplet here
+
+
+def test_secret_part_only_writes_root_only_files(user_data):
+    secret = yaml.safe_load(_parts(user_data)[1])
+    assert set(secret) == {"merge_how", "write_files"}
+    for entry in secret["write_files"]:
+        assert entry["permissions"] == "0600" and entry["owner"] == "root:root"
+    env = next(e for e in secret["write_files"] if e["path"] == "/etc/mlseg/secrets.env")
+    assert f"PREFECT_API_KEY={FAKE_PREFECT_KEY}\n" in env["content"]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python3")
+@needs_cloud_init
+def test_cloud_init_merges_both_parts_without_losing_files(tmp_path, user_data):
+    merged = subprocess.run(
+        ["/usr/bin/python3", "-c", _MERGE],
+        input=json.dumps(_parts(user_data)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    config = json.loads(merged.stdout)
+    paths = {f["path"] for f in config["write_files"]}
+    assert {"/etc/mlseg/secrets.env", "/root/.docker/config.json"} <= paths
+    assert "/etc/systemd/system/mlseg-worker.service" in paths
+    assert config["runcmd"] and config["mounts"]
+    checked = _schema_check(tmp_path, "#cloud-config\n" + yaml.safe_dump(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_worker_service_runs_the_stack_image_for_the_work_pool():
+    text = render_public_config(make_settings(work_pool="gpu-pool", image_tag="abc123"))
+    config = yaml.safe_load(text)
+    files = {f["path"]: f["content"] for f in config["write_files"]}
+    unit = files["/etc/systemd/system/mlseg-worker.service"]
+    assert "registry.digitalocean.com/mlseg/mlseg-worker:abc123 worker" in unit
+    assert "--env-file /etc/mlseg/secrets.env" in unit
+    assert "MLSEG_WORK_POOL=gpu-pool" in files["/etc/mlseg/worker.env"]
+    assert "--gpus" not in unit
+    assert "[systemctl, enable, --now, --no-block, mlseg-worker.service]" in text
+
+
+def test_gpu_worker_gets_the_gpus():
+    text = render_public_config(make_settings(gpu=True, droplet_size="gpu-h100x1-80gb"))
+    assert "--gpus all --env-file" in text
+
+
+def test_volume_is_mounted_and_dataset_synced_from_the_bucket():
+    config = yaml.safe_load(render_public_config(make_settings(bucket_name="my-bucket")))
+    assert config["mounts"][0][:2] == ["LABEL=mlseg-data", "/mnt/mlseg-data"]
+    files = {f["path"]: f["content"] for f in config["write_files"]}
+    sync = files["/etc/systemd/system/mlseg-dataset-sync.service"]
+    assert "rclone copy --fast-list spaces:my-bucket/datasets /mnt/mlseg-data/datasets" in sync
+    assert "rclone" in config["packages"]
+
+
+def test_every_placeholder_is_filled():
+    text = render_public_config(make_settings())
+    assert "@{" not in text
+    assert "stack dev)" in text
+
+
+def test_user_data_is_stable_so_unchanged_stacks_keep_their_droplets():
+    first = run_stack("dev").of("Droplet")[0].inputs["userData"]
+    second = run_stack("dev").of("Droplet")[0].inputs["userData"]
+    assert first == second
+    assert combine("#cloud-config\n", "#cloud-config\n") == combine(
+        "#cloud-config\n", "#cloud-config\n"
+    )
+
+
+def test_registry_login_is_written_as_docker_config():
+    docker = json.dumps({"auths": {"registry.digitalocean.com": {"auth": "eA=="}}})
+    secret = yaml.safe_load(render_secret_config("k", "id", "s", docker))
+    config = next(e for e in secret["write_files"] if e["path"] == "/root/.docker/config.json")
+    assert json.loads(config["content"])["auths"]["registry.digitalocean.com"]["auth"] == "eA=="

