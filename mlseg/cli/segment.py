@@ -1,9 +1,137 @@
-"""Commands of this stage (filled in by the stage's issue)."""
+"""Segmentation and quantification commands: ``segment`` and ``quantify``."""
 
 from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+class Units(StrEnum):
+    auto = "auto"
+    um = "um"
+    px = "px"
+
+
+ProfileOpt = Annotated[
+    str, typer.Option("--profile", "-p", help="Image-type profile: he, ihc, fluorescence, ...")
+]
+ProfilesOpt = Annotated[
+    Path | None,
+    typer.Option("--profiles", help="profiles.yaml to read the profile from (default: packaged)."),
+]
+PixelOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--pixel-size", help="Microns per pixel for every image (overrides metadata/profile)."
+    ),
+]
+UnitsOpt = Annotated[
+    Units | None,
+    typer.Option(
+        "--units", help="auto: microns when a pixel size is known; um: require one; px: pixels."
+    ),
+]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def _report(result, verb: str) -> None:
+    parts = [f"{verb} {len(result.processed)}", f"skipped {len(result.skipped)} (already done)"]
+    if result.failed:
+        parts.append(f"failed {len(result.failed)}")
+    typer.echo(", ".join(parts) + f"; outputs in {result.out_dir}")
+    for path, reason in result.failed.items():
+        typer.echo(
+            f"failed: {reason}" if str(path) in reason else f"failed: {path}: {reason}", err=True
+        )
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+def segment(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images (PNG, JPEG, TIFF).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (created; reruns resume).")],
+    profile: ProfileOpt,
+    profiles: ProfilesOpt = None,
+    pixel_size: PixelOpt = None,
+    units: UnitsOpt = None,
+    tile: Annotated[
+        int | None, typer.Option("--tile", help="Tile size in pixels (a multiple of 32).")
+    ] = None,
+    overlap: Annotated[float | None, typer.Option(help="Tile overlap fraction, 0 to 0.9.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Tiles per forward pass.")] = None,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation (4x).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Segment nuclei in every image, measure each one, write tables, overlays and GeoJSON."""
+    from mlseg.config import InferenceConfig, parse
+    from mlseg.model import load_model
+    from mlseg.segment import segment_folder
+
+    overrides = {
+        k: v
+        for k, v in {
+            "tile_size": tile,
+            "overlap": overlap,
+            "batch_size": batch_size,
+            "tta": tta,
+            "device": device,
+        }.items()
+        if v is not None
+    }
+    cfg = None
+    if overrides:
+        base = load_model(model, device="cpu").config.inference
+        cfg = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
+    result = segment_folder(
+        model,
+        input_dir,
+        out_dir,
+        profile_name=profile,
+        profiles_file=profiles,
+        inference_cfg=cfg,
+        progress=progress,
+        pixel_size_um=pixel_size,
+        units=units.value if units else None,
+    )
+    _report(result, "segmented")
+
+
+def quantify(
+    labels: Annotated[
+        Path, typer.Argument(help="Folder of label images or binary masks (QuPath, Cellpose...).")
+    ],
+    images: Annotated[Path, typer.Argument(help="Folder of the matching images.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (created; reruns resume).")],
+    profile: ProfileOpt,
+    profiles: ProfilesOpt = None,
+    pixel_size: PixelOpt = None,
+    units: UnitsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Measure nuclei of existing masks (no model): tables, overlays, GeoJSON, summary."""
+    from mlseg.segment import quantify_folder
+
+    result = quantify_folder(
+        labels,
+        images,
+        out_dir,
+        profile_name=profile,
+        profiles_file=profiles,
+        pixel_size_um=pixel_size,
+        units=units.value if units else None,
+        progress=progress,
+    )
+    _report(result, "quantified")
+
+
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to ``app``."""
+    """Add ``segment`` and ``quantify`` to ``app``."""
+    app.command("segment")(segment)
+    app.command("quantify")(quantify)

@@ -1,0 +1,470 @@
+"""What a segmentation run leaves behind, per image and per run.
+
+Per image ``<stem>``: ``<stem>_labels.png`` (16-bit; ``.tif`` above 65535 nuclei),
+``<stem>_overlay.png`` (outlines; IHC classes in colour), ``<stem>_nuclei.csv`` and
+``<stem>_nuclei.parquet`` (one row per nucleus), ``<stem>_nuclei.geojson`` (QuPath
+detections), and last ``<stem>.json``: the summary, the profile name and version and the list
+of outputs. Every file is written atomically, so the presence of ``<stem>.json`` means the
+image is complete (:func:`image_done`).
+
+Per run: ``summary.csv`` (one row per image), ``histograms.png`` (main measurements over
+all nuclei of the run) and ``run.json`` (profile, model, inference settings).
+
+GeoJSON follows QuPath's own reader (``PathObjectTypeAdapters`` in qupath-core, 0.4+):
+a ``FeatureCollection`` of ``Feature`` s whose ``properties`` hold ``objectType:
+"detection"``, ``classification: {"name", "color": [r, g, b]}`` and ``measurements`` as a
+name -> number object (the 0.4+ form; numbers only, so NaN/inf are left out). Coordinates are
+pixels of the full-resolution image, origin at its top-left *corner*; each polygon follows
+the pixel edges exactly (its area equals the pixel count), pieces of one nucleus form a
+``MultiPolygon``, and holes are interior rings. Import with QuPath's *File > Import objects
+from file* or by dragging the file onto the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlseg.io import atomic_path, write_image, write_labels, write_table, write_text
+
+OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
+NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
+# QuPath's intensity classes and colours (Negative, 1+, 2+, 3+)
+IHC_CLASSES = (
+    ("Negative", (112, 112, 225)),
+    ("1+", (255, 215, 0)),
+    ("2+", (224, 142, 0)),
+    ("3+", (200, 35, 35)),
+)
+HISTOGRAM_COLUMNS = (
+    "area",
+    "perimeter",
+    "equivalent_diameter",
+    "feret_max",
+    "circularity",
+    "eccentricity",
+    "solidity",
+    "hematoxylin_od_mean",
+    "dab_od_mean",
+)
+
+
+# ----------------------------------------------------------------------------- overlay
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` uint8/uint16 -> ``(H, W, 3) uint8`` for display (16-bit stretched
+    between the 0.5th and 99.5th percentiles; grey repeated)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8:
+        lo, hi = np.percentile(image[:: max(1, image.shape[0] // 512)], (0.5, 99.5))
+        scaled = (image.astype(np.float32) - lo) / max(float(hi - lo), 1e-6)
+        image = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def outline_mask(labels: np.ndarray) -> np.ndarray:
+    """``(H, W) bool``: object pixels with a 4-neighbour of another label (or off image)."""
+    labels = np.asarray(labels)
+    padded = np.pad(labels, 1, mode="constant")
+    centre = padded[1:-1, 1:-1]
+    edge = (
+        (padded[:-2, 1:-1] != centre)
+        | (padded[2:, 1:-1] != centre)
+        | (padded[1:-1, :-2] != centre)
+        | (padded[1:-1, 2:] != centre)
+    )
+    return edge & (labels > 0)
+
+
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    classes: np.ndarray | None = None,
+) -> np.ndarray:
+    """Outlines of ``labels`` drawn on ``image``: ``(H, W, 3) uint8``.
+
+    ``classes``: optional IHC class (0-3) per label, indexed by label value (``classes[l]``
+    for label ``l``; length ``max label + 1``); outlines then take QuPath's class colours,
+    else green.
+    """
+    rgb = display_rgb(image).copy()
+    labels = np.asarray(labels)
+    edge = outline_mask(labels)
+    if classes is None:
+        rgb[edge] = NUCLEUS_CLASS[1]
+        return rgb
+    palette = np.array([c for _, c in IHC_CLASSES], dtype=np.uint8)
+    classes = np.clip(np.asarray(classes, dtype=np.int64), 0, 3)
+    rgb[edge] = palette[classes[labels[edge]]]
+    return rgb
+
+
+def class_lookup(labels_max: int, table: pd.DataFrame) -> np.ndarray | None:
+    """``ihc_class`` per label value (length ``labels_max + 1``), or None without IHC."""
+    if "ihc_class" not in table.columns:
+        return None
+    lut = np.zeros(labels_max + 1, dtype=np.int64)
+    if len(table):
+        lut[table["label"].to_numpy()] = table["ihc_class"].to_numpy()
+    return lut
+
+
+# ----------------------------------------------------------------------------- polygons
+def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
+    """Exact pixel-edge outlines of every label.
+
+    Returns ``{label: [polygon, ...]}``, each polygon ``[exterior, hole, ...]`` of
+    ``(N, 2) int64`` closed rings of ``(x, y)`` pixel-corner coordinates (first vertex
+    repeated last; only corners kept). Pixels of one label that touch only diagonally are
+    separate polygons (4-connectivity), so every ring is simple. Exteriors run clockwise on
+    screen (y down), holes the other way.
+
+    All boundary edges are found with array operations; rings are then read off the
+    successor permutation (one integer step per edge).
+    """
+    labels = np.asarray(labels)
+    height, width = labels.shape
+    padded = np.pad(labels, 1, mode="constant")
+    top = int(padded.max(initial=0))
+    if top < (1 << 24):
+        present = np.zeros(top + 1, dtype=bool)
+        present[padded.ravel()] = True
+        present[0] = True
+        ids = np.flatnonzero(present)
+        lut = np.zeros(top + 1, dtype=np.int64)
+        lut[ids] = np.arange(ids.size)
+        compact = lut[padded]
+    else:
+        ids, compact = np.unique(padded, return_inverse=True)
+        compact = compact.reshape(padded.shape).astype(np.int64)
+    # Each edge: label, start (x, y), direction (dx, dy); object on the right (y down).
+    parts = []
+    # horizontal pixel edges at y = r between padded rows r and r + 1 (image row r-1 / r)
+    up, down = compact[:-1, :], compact[1:, :]
+    r, c = np.nonzero(up != down)
+    y = r
+    x = c - 1  # padded column c is image column c - 1
+    a, b = up[r, c], down[r, c]
+    m = b > 0  # top edge of the lower pixel: left -> right
+    parts.append((b[m], x[m], y[m], np.ones(m.sum(), np.int64), np.zeros(m.sum(), np.int64)))
+    m = a > 0  # bottom edge of the upper pixel: right -> left
+    parts.append((a[m], x[m] + 1, y[m], -np.ones(m.sum(), np.int64), np.zeros(m.sum(), np.int64)))
+    left, right = compact[:, :-1], compact[:, 1:]
+    r, c = np.nonzero(left != right)
+    x = c
+    y = r - 1
+    a, b = left[r, c], right[r, c]
+    m = b > 0  # left edge of the right pixel: bottom -> top
+    parts.append((b[m], x[m], y[m] + 1, np.zeros(m.sum(), np.int64), -np.ones(m.sum(), np.int64)))
+    m = a > 0  # right edge of the left pixel: top -> bottom
+    parts.append((a[m], x[m], y[m], np.zeros(m.sum(), np.int64), np.ones(m.sum(), np.int64)))
+    lab, sx, sy, dx, dy = (np.concatenate(p) for p in zip(*parts, strict=True))
+    if lab.size == 0:
+        return {}
+    stride_x = width + 1
+    stride_y = (height + 1) * stride_x
+    start_key = lab * stride_y + sy * stride_x + sx
+    end_key = lab * stride_y + (sy + dy) * stride_x + (sx + dx)
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    first = np.searchsorted(sorted_keys, end_key, side="left")
+    succ = order[first]
+    # A pinch vertex (two pixels of a label touching diagonally) has two outgoing edges:
+    # take the right turn, which keeps hugging the current pixel.
+    second = np.minimum(first + 1, order.size - 1)
+    pinch = sorted_keys[second] == end_key
+    pinch &= first + 1 < order.size
+    if pinch.any():
+        alt = order[second]
+        turn_x, turn_y = -dy, dx  # right turn on screen (y down)
+        use_alt = pinch & (dx[alt] == turn_x) & (dy[alt] == turn_y)
+        succ = np.where(use_alt, alt, succ)
+    pred = np.empty_like(succ)
+    pred[succ] = np.arange(succ.size)
+    turn = (dx != dx[pred]) | (dy != dy[pred])  # vertex where the direction changes
+    out: dict[int, list[list[np.ndarray]]] = {}
+    shells: dict[int, list[np.ndarray]] = {}
+    holes: dict[int, list[np.ndarray]] = {}
+    for ring in _cycles(succ):
+        corners = ring[turn[ring]]
+        closed = np.empty((corners.size + 1, 2), dtype=np.int64)
+        closed[:-1, 0] = sx[corners]
+        closed[:-1, 1] = sy[corners]
+        closed[-1] = closed[0]
+        xs, ys = closed[:, 0], closed[:, 1]
+        area2 = int(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
+        label = int(ids[lab[ring[0]]])
+        (shells if area2 > 0 else holes).setdefault(label, []).append(closed)
+    for label, rings_out in shells.items():
+        polys = [[shell] for shell in rings_out]
+        for hole in holes.get(label, []):
+            if len(polys) == 1:
+                polys[0].append(hole)
+                continue
+            for poly in polys:
+                if _inside((hole[0] + hole[1]) / 2.0, poly[0]):  # an edge midpoint of the hole
+                    poly.append(hole)
+                    break
+            else:
+                polys[0].append(hole)
+        out[label] = polys
+    return dict(sorted(out.items()))
+
+
+def _cycles(succ: np.ndarray) -> list[np.ndarray]:
+    """Cycles of a permutation (``succ[i]`` follows ``i``), each as an index array."""
+    nxt = succ.tolist()
+    seen = bytearray(len(nxt))
+    cycles = []
+    for start in range(len(nxt)):
+        if seen[start]:
+            continue
+        cycle = []
+        i = start
+        while not seen[i]:
+            seen[i] = 1
+            cycle.append(i)
+            i = nxt[i]
+        cycles.append(np.asarray(cycle, dtype=np.int64))
+    return cycles
+
+
+def _inside(point: np.ndarray, ring: np.ndarray) -> bool:
+    """Even-odd rule: is ``point`` (x, y) inside the closed ``ring``?"""
+    x, y = float(point[0]), float(point[1])
+    x0, y0 = ring[:-1, 0], ring[:-1, 1]
+    x1, y1 = ring[1:, 0], ring[1:, 1]
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xi = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return bool(np.count_nonzero(crosses & (x < xi)) % 2)
+
+
+# ----------------------------------------------------------------------------- GeoJSON
+def _number(value) -> float | int | None:
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def to_geojson(
+    labels: np.ndarray,
+    table: pd.DataFrame,
+    *,
+    pixel_size_um: float | None,
+    properties: dict | None = None,
+) -> dict:
+    """A GeoJSON ``FeatureCollection`` of the nuclei in ``table`` (one row per label).
+
+    Each feature: exact pixel-edge ``Polygon``/``MultiPolygon`` in full-resolution pixel
+    coordinates; ``properties``: ``objectType: "detection"``, ``classification`` (IHC class
+    if the table has ``ihc_class``, else "Nucleus") and ``measurements`` (every numeric
+    column, numbers only). ``properties`` (e.g. profile name/version) and ``pixel_size_um``
+    are recorded on the collection (QuPath ignores them).
+    """
+    outlines = polygons(labels)
+    columns = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    records = table[columns].to_dict(orient="records")
+    features = []
+    for record in records:
+        label = int(record["label"])
+        polys = outlines.get(label)
+        if not polys:
+            continue
+        coords = [[ring.tolist() for ring in poly] for poly in polys]
+        geometry = (
+            {"type": "Polygon", "coordinates": coords[0]}
+            if len(coords) == 1
+            else {"type": "MultiPolygon", "coordinates": coords}
+        )
+        if "ihc_class" in record:
+            name, colour = IHC_CLASSES[int(np.clip(record["ihc_class"], 0, 3))]
+        else:
+            name, colour = NUCLEUS_CLASS
+        measurements = {}
+        for key, value in record.items():
+            number = _number(value)
+            if number is not None:
+                measurements[key] = number
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "objectType": "detection",
+                    "name": f"nucleus {label}",
+                    "classification": {"name": name, "color": list(colour)},
+                    "measurements": measurements,
+                },
+            }
+        )
+    collection = {"type": "FeatureCollection", "features": features}
+    meta = dict(properties or {})
+    meta["pixel_size_um"] = pixel_size_um
+    collection["mlseg"] = meta  # a foreign member: readers that do not know it skip it
+    return collection
+
+
+# ----------------------------------------------------------------------------- writers
+def labels_name(stem: str, n_labels: int) -> str:
+    return f"{stem}_labels.png" if n_labels <= np.iinfo(np.uint16).max else f"{stem}_labels.tif"
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(data) -> str:
+    """JSON with NaN/inf as null and numpy scalars as numbers."""
+    return json.dumps(_clean(data), indent=2, default=_json_default, allow_nan=False)
+
+
+def _clean(value):
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def tag_table(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    """The per-nucleus table with ``image``, ``profile`` and ``profile_version`` in front."""
+    tagged = table.copy()
+    for position, key in enumerate(("image", "profile", "profile_version")):
+        tagged.insert(position, key, pd.Series([summary.get(key)] * len(table), dtype="string"))
+    return tagged
+
+
+def write_image_outputs(
+    out_dir: str | Path,
+    stem: str,
+    image: np.ndarray,
+    labels: np.ndarray,
+    table: pd.DataFrame,
+    summary: dict,
+) -> dict:
+    """Write every per-image output, ``<stem>.json`` (the summary plus ``outputs``) last.
+
+    ``summary`` should carry ``image``, ``profile`` and ``profile_version`` (recorded in the
+    tables, the GeoJSON and the JSON). Returns the summary as written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = int(labels.max(initial=0))
+    names = {
+        "labels": labels_name(stem, n),
+        "overlay": f"{stem}_overlay.png",
+        "csv": f"{stem}_nuclei.csv",
+        "parquet": f"{stem}_nuclei.parquet",
+        "geojson": f"{stem}_nuclei.geojson",
+    }
+    write_labels(out_dir / names["labels"], labels)
+    write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(n, table)))
+    tagged = tag_table(table, summary)
+    write_table(tagged, out_dir / names["csv"])
+    write_table(tagged, out_dir / names["parquet"])
+    provenance = {k: summary.get(k) for k in ("image", "profile", "profile_version")}
+    collection = to_geojson(
+        labels, table, pixel_size_um=summary.get("pixel_size_um"), properties=provenance
+    )
+    write_text(out_dir / names["geojson"], json.dumps(collection, separators=(",", ":")))
+    written = {**summary, "outputs": names}
+    write_text(out_dir / f"{stem}.json", dumps(written))
+    return written
+
+
+def image_done(out_dir: str | Path, stem: str, expect: dict | None = None) -> dict | None:
+    """The summary of a completed image, or None if it must be (re)done.
+
+    Complete: ``<stem>.json`` parses, every output it lists exists and, for each
+    ``expect`` key (e.g. profile version, model), the recorded value is equal.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / f"{stem}.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    outputs = summary.get("outputs") if isinstance(summary, dict) else None
+    if not isinstance(outputs, dict) or not outputs:
+        return None
+    if not all((out_dir / str(name)).is_file() for name in outputs.values()):
+        return None
+    for key, value in (expect or {}).items():
+        if summary.get(key) != value:
+            return None
+    return summary
+
+
+def write_run_outputs(
+    out_dir: str | Path,
+    summaries: Sequence[dict],
+    tables: Iterable[pd.DataFrame],
+    run_info: dict,
+) -> dict[str, Path]:
+    """``summary.csv`` (one row per image), ``histograms.png`` and ``run.json``."""
+    out_dir = Path(out_dir)
+    rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
+    paths = {
+        "summary": write_table(pd.DataFrame(rows), out_dir / "summary.csv"),
+        "histograms": plot_histograms(list(tables), out_dir / "histograms.png"),
+        "run": write_text(out_dir / "run.json", dumps(run_info)),
+    }
+    return paths
+
+
+def plot_histograms(tables: list[pd.DataFrame], path: str | Path) -> Path:
+    """Histograms of the main measurements over all nuclei of ``tables`` (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    frames = [t for t in tables if len(t)]
+    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    columns = []
+    for base in HISTOGRAM_COLUMNS:
+        match = [c for c in data.columns if c == base or c.startswith(base + "_")]
+        match = [c for c in match if c.split(base, 1)[1] in ("", "_um", "_um2", "_px")]
+        columns.extend(match[:1])
+    n = max(1, len(columns))
+    ncols = min(3, n)
+    nrows = int(math.ceil(n / ncols))
+    fig = Figure(figsize=(4 * ncols, 3 * nrows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    if not columns:
+        axes[0].text(0.5, 0.5, "no nuclei", ha="center", va="center")
+        axes[0].set_axis_off()
+    for ax, column in zip(axes, columns, strict=False):
+        values = data[column].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]
+        ax.hist(values, bins=50, color="#4c72b0")
+        ax.set_title(f"{column} (n={values.size})", fontsize=9)
+    for ax in axes[len(columns) :]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

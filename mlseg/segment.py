@@ -1,0 +1,460 @@
+"""Segment and quantify folders of images: the "quantitative characteristics" stage.
+
+:func:`predict_labels` is the pure step (image in, labels out); :func:`segment_folder` and
+:func:`quantify_folder` are the batch edges that read files, skip finished images, and
+write the outputs of :mod:`mlseg.outputs`.
+
+Resuming: an image is finished when ``<stem>.json`` exists (written last, atomically), the
+outputs it lists exist and it records the same profile name and version, model (for
+``segment``) and settings digest (profile content, inference settings, pixel size). A rerun
+after a crash or with new images does only what is missing; changed settings redo all.
+
+Pixel size of an image, first found: the ``pixel_size_um`` argument (CLI ``--pixel-size``),
+the image's TIFF resolution tags (values outside 0.01-50 um are ignored as bogus, e.g. the
+72 dpi default of many writers), the profile's ``pixel_size_um``. The profile's ``units``
+decides whether it is used (``auto``), required (``um``) or ignored (``px``).
+
+Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
+file and why): unreadable file, channel count other than the profile's, mask and image of
+different sizes, micron units without a pixel size. An image without nuclei gives an empty
+table and a zero count, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import mlseg
+from mlseg.config import InferenceConfig, Profile, get_profile
+from mlseg.errors import ConfigError, DatasetError, MlsegError
+from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, tiff_pixel_size_um
+from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
+from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
+
+LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
+SANE_PIXEL_SIZE_UM = (0.01, 50.0)
+
+
+@dataclass
+class SegmentResult:
+    """What a folder run did. ``failed`` maps a file to the reason it was not processed."""
+
+    out_dir: Path
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    summaries: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ----------------------------------------------------------------------------- the step
+def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> None:
+    """The image must have the channel count the profile was made for."""
+    channels = 1 if image.ndim == 2 else int(image.shape[2])
+    if channels != profile.channels:
+        raise DatasetError(
+            f"{path}: image has {channels} channel(s) but profile {profile.name!r} expects "
+            f"{profile.channels}; convert the image or use a profile with channels: {channels}"
+        )
+
+
+def predict_labels(
+    loaded,
+    image: np.ndarray,
+    profile: Profile,
+    inference_cfg: InferenceConfig | None = None,
+    *,
+    pixel_size_um: float | None = None,
+    device=None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segment one image: ``(H, W, C)`` uint8/uint16 -> ``((H, W) int32 labels, probs)``.
+
+    ``loaded``: a :class:`mlseg.model.LoadedModel`. When both the image's and the model's
+    pixel sizes are known (and ``auto_scale``), the image is resampled to the model's
+    scale, predicted, and the probabilities resampled back, so labels are on the original
+    grid. ``probs`` is ``(K, H, W) float32``, or ``None`` for images over
+    ``stream_min_pixels`` (labelled band by band, see :func:`mlseg.infer.predict_labels_banded`).
+    """
+    import cv2
+
+    from mlseg.infer import predict_labels_banded, predict_probs
+    from mlseg.instances import area_limits_px, probs_to_labels
+    from mlseg.preprocess import normalize, rescale, resize_labels
+
+    cfg = inference_cfg or loaded.config.inference
+    if device is None:
+        device = _model_device(loaded.model)
+    height, width = image.shape[:2]
+    model_px = loaded.pixel_size_um
+    scaled = cfg.auto_scale and pixel_size_um is not None and model_px is not None
+    work = rescale(image, pixel_size_um, model_px) if scaled else image
+    x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
+    px = effective_pixel_size(profile, pixel_size_um)
+    if work.shape[0] * work.shape[1] > cfg.stream_min_pixels:
+        work_px = model_px if scaled else px
+        lo, hi = area_limits_px(profile, work_px)
+        labels = predict_labels_banded(
+            loaded.model,
+            x,
+            cfg,
+            target=loaded.target,
+            watershed=profile.watershed,
+            pixel_size_um=work_px,
+            min_area_px=lo,
+            max_area_px=hi,
+            device=device,
+        )
+        if labels.shape != (height, width):
+            labels = resize_labels(labels, (height, width))
+        return labels, None
+    probs = predict_probs(loaded.model, x, cfg, target=loaded.target, device=device)
+    if probs.shape[1:] != (height, width):
+        probs = np.stack(
+            [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs]
+        )
+    lo, hi = area_limits_px(profile, px)
+    labels = probs_to_labels(
+        probs,
+        loaded.target,
+        profile.watershed,
+        pixel_size_um=px,
+        min_area_px=lo,
+        max_area_px=hi,
+    )
+    return labels, probs
+
+
+def _model_device(model):
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return "cpu"
+
+
+def quantify_image(
+    image: np.ndarray | None,
+    labels: np.ndarray,
+    profile: Profile,
+    *,
+    pixel_size_um: float | None,
+) -> tuple[pd.DataFrame, dict]:
+    """Measurements and summary of one labelled image (pure; see :mod:`mlseg.quantify`)."""
+    px = effective_pixel_size(profile, pixel_size_um)
+    table = measure(labels, image, profile, pixel_size_um=px)
+    tissue = (
+        tissue_fraction(
+            image,
+            profile.stain,
+            od_threshold=profile.tissue_od_threshold,
+            intensity_threshold=profile.tissue_intensity_threshold,
+        )
+        if image is not None
+        else None
+    )
+    return table, summarize(table, labels.shape, profile, px, tissue)
+
+
+# ----------------------------------------------------------------------------- helpers
+def image_pixel_size(
+    path: Path, override: float | None, profile: Profile
+) -> tuple[float | None, str]:
+    """``(microns per pixel or None, where it came from)`` for one image file."""
+    if override is not None:
+        return float(override), "argument"
+    from_file = tiff_pixel_size_um(path)
+    if from_file is not None and SANE_PIXEL_SIZE_UM[0] <= from_file <= SANE_PIXEL_SIZE_UM[1]:
+        return from_file, "image metadata"
+    if profile.pixel_size_um is not None:
+        return profile.pixel_size_um, "profile"
+    return None, "unknown"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of ``folder`` (not recursive, no hidden files), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: input folder not found")
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+    if not files:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
+    return files
+
+
+def _load_profile(
+    profile_name: str, profiles_file: str | Path | None, units: str | None
+) -> Profile:
+    profile = get_profile(profile_name, profiles_file)
+    if units is not None:
+        if units not in ("auto", "um", "px"):
+            raise ConfigError(f"--units must be auto, um or px, got {units!r}")
+        profile = profile.model_copy(update={"units": units})
+    return profile
+
+
+def _check_units_possible(profile: Profile, override: float | None, files: list[Path]) -> None:
+    """Fail before any work when micron units can never be satisfied."""
+    if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
+        return
+    if not any(p.suffix.lower() in (".tif", ".tiff") for p in files):
+        raise ConfigError(
+            f"profile {profile.name!r} asks for micron units but has no pixel_size_um and "
+            "the images carry none; pass --pixel-size, set pixel_size_um in the profile, "
+            "or use --units px"
+        )
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="image")
+
+
+def _settings_hash(*parts) -> str:
+    """Short digest of the settings that change results (profile content, inference...)."""
+    import json
+
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _read_table(out_dir: Path, summary: dict) -> pd.DataFrame:
+    name = (summary.get("outputs") or {}).get("parquet")
+    try:
+        return pd.read_parquet(out_dir / name) if name else pd.DataFrame()
+    except Exception:  # an unreadable old table only costs its histogram rows
+        return pd.DataFrame()
+
+
+def _run_folder(
+    items: list[tuple[str, Path]],
+    out_dir: Path,
+    expect: dict,
+    work: Callable[[str, Path], tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]],
+    run_info: dict,
+    progress: bool,
+    desc: str,
+) -> SegmentResult:
+    result = SegmentResult(out_dir=out_dir)
+    tables: list[pd.DataFrame] = []
+    for stem, path in _progress(items, progress, desc):
+        done = image_done(out_dir, stem, expect)
+        if done is not None:
+            result.skipped.append(stem)
+            result.summaries.append(done)
+            tables.append(_read_table(out_dir, done))
+            continue
+        started = time.perf_counter()
+        try:
+            image, labels, table, summary = work(stem, path)
+        except MlsegError as err:
+            result.failed[str(path)] = str(err)
+            continue
+        summary = {
+            "image": stem,
+            "image_file": str(path),
+            **expect,
+            **summary,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        written = write_image_outputs(out_dir, stem, image, labels, table, summary)
+        result.processed.append(stem)
+        result.summaries.append(written)
+        tables.append(table)
+    run_info = {
+        **run_info,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "processed": result.processed,
+        "skipped": result.skipped,
+        "failed": result.failed,
+    }
+    write_run_outputs(out_dir, result.summaries, tables, run_info)
+    return result
+
+
+# ----------------------------------------------------------------------------- folders
+def segment_folder(
+    model_path: str | Path,
+    input_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    profile_name: str,
+    profiles_file: str | Path | None = None,
+    inference_cfg: InferenceConfig | None = None,
+    progress: bool = True,
+    pixel_size_um: float | None = None,
+    units: str | None = None,
+) -> SegmentResult:
+    """Segment every image of ``input_dir`` with the model at ``model_path``; write the
+    outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped."""
+    from mlseg.model import load_model, resolve_device
+
+    profile = _load_profile(profile_name, profiles_file, units)
+    files = list_images(Path(input_dir))
+    _check_units_possible(profile, pixel_size_um, files)
+    out_dir = Path(out_dir)
+    probe = inference_cfg or InferenceConfig()
+    loaded = load_model(model_path, device=resolve_device(probe.device))
+    cfg = inference_cfg or loaded.config.inference
+    model_id = f"{loaded.path.name if loaded.path else model_path}@{_file_digest(loaded.path)}"
+    settings = _settings_hash(
+        profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um
+    )
+    expect = {
+        "profile": profile.name,
+        "profile_version": profile.version,
+        "model": model_id,
+        "settings": settings,
+    }
+    run_info = {
+        "command": "segment",
+        "mlseg_version": mlseg.__version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "input_dir": str(input_dir),
+        "model_path": str(loaded.path),
+        "model": model_id,
+        "model_meta": {k: v for k, v in loaded.meta.items() if k != "checkpoints"},
+        "profile": profile.model_dump(mode="json"),
+        "inference": cfg.model_dump(mode="json"),
+        "pixel_size_um": pixel_size_um,
+    }
+
+    def work(stem: str, path: Path):
+        image = read_image(path)
+        check_channels(image, profile, path)
+        px, source = image_pixel_size(path, pixel_size_um, profile)
+        try:
+            effective_pixel_size(profile, px)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        labels, _ = predict_labels(loaded, image, profile, cfg, pixel_size_um=px)
+        table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+        return image, labels, table, {"pixel_size_source": source, **summary}
+
+    items = [(p.stem, p) for p in files]
+    return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
+
+
+def label_stem(path: Path) -> str:
+    """Image stem of a label file: ``x_mask.png``, ``x_masks.tif``, ``x_cp_masks.png`` -> ``x``."""
+    stem = path.stem
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def pair_labels(labels_dir: Path, images_dir: Path | None) -> list[tuple[str, Path, Path | None]]:
+    """``(stem, label file, image file or None)`` for each label file of ``labels_dir``."""
+    label_files = list_images(labels_dir)
+    images: dict[str, Path] = {}
+    if images_dir is not None:
+        for path in list_images(images_dir):
+            images.setdefault(path.stem, path)
+    out = []
+    seen: dict[str, Path] = {}
+    for path in label_files:
+        stem = label_stem(path)
+        if stem in seen:
+            raise DatasetError(
+                f"{path}: same image stem {stem!r} as {seen[stem]}; keep one label file per image"
+            )
+        seen[stem] = path
+        out.append((stem, path, images.get(stem) if images_dir is not None else None))
+    return out
+
+
+def quantify_folder(
+    labels_dir: str | Path,
+    images_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    profile_name: str,
+    profiles_file: str | Path | None = None,
+    pixel_size_um: float | None = None,
+    units: str | None = None,
+    progress: bool = True,
+) -> SegmentResult:
+    """Measure existing label images or binary masks (QuPath, Cellpose, ...) without a model.
+
+    Label files are matched to images by stem, with or without a ``_mask``, ``_masks``,
+    ``_cp_masks``, ``_labels`` or ``_label`` suffix. Binary masks are split into connected
+    components (:func:`mlseg.dataset.mask_to_labels`). ``images_dir`` None measures shape
+    only.
+    """
+    from mlseg.dataset import mask_to_labels
+
+    profile = _load_profile(profile_name, profiles_file, units)
+    images_dir = Path(images_dir) if images_dir is not None else None
+    pairs = pair_labels(Path(labels_dir), images_dir)
+    image_files = [img for _, _, img in pairs if img is not None]
+    _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs])
+    out_dir = Path(out_dir)
+    expect = {
+        "profile": profile.name,
+        "profile_version": profile.version,
+        "model": None,
+        "settings": _settings_hash(profile.model_dump(mode="json"), pixel_size_um),
+    }
+    run_info = {
+        "command": "quantify",
+        "mlseg_version": mlseg.__version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "labels_dir": str(labels_dir),
+        "images_dir": str(images_dir) if images_dir is not None else None,
+        "profile": profile.model_dump(mode="json"),
+        "pixel_size_um": pixel_size_um,
+    }
+    image_of = {stem: img for stem, _, img in pairs}
+
+    def work(stem: str, path: Path):
+        image_path = image_of[stem]
+        if images_dir is not None and image_path is None:
+            raise DatasetError(
+                f"{path}: no image named {stem}.<ext> in {images_dir}; name label files "
+                "<image stem>[_mask|_masks|_cp_masks|_labels].<ext>"
+            )
+        labels = mask_to_labels(read_mask(path))
+        image = None
+        if image_path is not None:
+            image = read_image(image_path)
+            check_channels(image, profile, image_path)
+            if image.shape[:2] != labels.shape:
+                raise DatasetError(
+                    f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but image "
+                    f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match"
+                )
+        px, source = image_pixel_size(image_path or path, pixel_size_um, profile)
+        try:
+            effective_pixel_size(profile, px)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+        display = image if image is not None else np.zeros((*labels.shape, 1), np.uint8)
+        return display, labels, table, {"pixel_size_source": source, **summary}
+
+    items = [(stem, path) for stem, path, _ in pairs]
+    return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")

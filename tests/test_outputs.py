@@ -1,0 +1,177 @@
+"""Per-image and per-run outputs: exact polygons, QuPath GeoJSON, overlays, atomic files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlseg.config import get_profile
+from mlseg.outputs import (
+    IHC_CLASSES,
+    image_done,
+    outline_mask,
+    overlay,
+    polygons,
+    to_geojson,
+    write_image_outputs,
+    write_run_outputs,
+)
+from mlseg.quantify import measure, summarize
+
+
+def rasterise(rings: list[np.ndarray], shape) -> np.ndarray:
+    """Pixel centres inside the polygon (even-odd over all rings)."""
+    from matplotlib.path import Path as MplPath
+
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    centres = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], 1)
+    inside = np.zeros(centres.shape[0], dtype=bool)
+    for ring in rings:
+        inside ^= MplPath(ring).contains_points(centres)
+    return inside.reshape(shape)
+
+
+def tricky_labels() -> np.ndarray:
+    labels = np.zeros((24, 30), np.int32)
+    labels[2:10, 2:10] = 1
+    labels[4:7, 4:7] = 0  # hole
+    labels[12, 12] = 2
+    labels[13, 13] = 2  # diagonal pieces: two polygons
+    labels[11:13, 15:20] = 3
+    labels[13:16, 18:20] = 3  # L shape
+    labels[0:3, 27:30] = 4  # touches the border
+    labels[18:23, 2:12] = 7  # non-consecutive label
+    labels[18:23, 12:14] = 8  # touching 7
+    return labels
+
+
+def test_polygons_follow_pixel_edges_exactly():
+    labels = tricky_labels()
+    outlines = polygons(labels)
+    assert sorted(outlines) == [1, 2, 3, 4, 7, 8]
+    assert len(outlines[2]) == 2  # diagonal pixels -> a MultiPolygon
+    assert len(outlines[1]) == 1 and len(outlines[1][0]) == 2  # exterior + hole
+    for label, polys in outlines.items():
+        rings = [ring for poly in polys for ring in poly]
+        for ring in rings:
+            assert (ring[0] == ring[-1]).all()
+        assert (rasterise(rings, labels.shape) == (labels == label)).all(), label
+
+
+def test_polygons_on_real_masks(shared_data):
+    from mlseg.io import read_mask
+
+    labels = read_mask(shared_data / "cpm15_he" / "masks" / "image02_mask.png")
+    outlines = polygons(labels)
+    assert sorted(outlines) == sorted(set(np.unique(labels)) - {0})
+    counts = np.bincount(labels.ravel())
+    for label, polys in outlines.items():
+        area = 0.0
+        for poly in polys:
+            for ring in poly:
+                x, y = ring[:, 0], ring[:, 1]
+                area += 0.5 * (np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+        assert area == counts[label]
+
+
+def test_geojson_matches_qupath_reader():
+    labels = tricky_labels()
+    profile = get_profile("ihc")
+    image = np.full((*labels.shape, 3), 230, np.uint8)
+    image[labels == 7] = (120, 80, 40)  # brown: DAB positive
+    table = measure(labels, image, profile, pixel_size_um=0.25)
+    collection = to_geojson(labels, table, pixel_size_um=0.25, properties={"profile": "ihc"})
+    text = json.dumps(collection, allow_nan=False)  # strict JSON: no NaN anywhere
+    data = json.loads(text)
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == len(table)
+    by_label = {}
+    for feature in data["features"]:
+        assert feature["type"] == "Feature"
+        assert feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] in [name for name, _ in IHC_CLASSES]
+        assert len(props["classification"]["color"]) == 3
+        assert all(isinstance(v, (int, float)) for v in props["measurements"].values())
+        by_label[props["measurements"]["label"]] = feature
+    assert by_label[2]["geometry"]["type"] == "MultiPolygon"
+    assert by_label[7]["properties"]["classification"]["name"] != "Negative"
+    assert by_label[1]["properties"]["classification"]["name"] == "Negative"
+    assert "area_um2" in by_label[1]["properties"]["measurements"]
+
+
+def test_overlay_outlines_and_ihc_colours():
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    plain = overlay(image, labels)
+    edge = outline_mask(labels)
+    assert (plain[edge] == (0, 200, 0)).all()
+    assert (plain[~edge] == 200).all()
+    classes = np.zeros(labels.max() + 1, np.int64)
+    classes[7] = 3
+    coloured = overlay(image, labels, classes)
+    assert (coloured[edge & (labels == 7)] == IHC_CLASSES[3][1]).all()
+    grey16 = np.full((*labels.shape, 1), 40000, np.uint16)
+    assert overlay(grey16, labels).shape == (*labels.shape, 3)
+
+
+def _outputs(tmp_path, labels, image, profile_name="he"):
+    profile = get_profile(profile_name)
+    table = measure(labels, image, profile, pixel_size_um=None)
+    summary = summarize(table, labels.shape, profile, None, 0.5)
+    summary.update(image="img1", profile=profile.name, profile_version=profile.version)
+    return write_image_outputs(tmp_path, "img1", image, labels, table, summary), table
+
+
+def test_write_image_outputs_and_done_marker(tmp_path):
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    written, table = _outputs(tmp_path, labels, image)
+    names = written["outputs"]
+    for name in names.values():
+        assert (tmp_path / name).is_file()
+    from mlseg.io import read_mask
+
+    assert (read_mask(tmp_path / names["labels"]) == labels).all()
+    csv = pd.read_csv(tmp_path / names["csv"])
+    parquet = pd.read_parquet(tmp_path / names["parquet"])
+    assert len(csv) == len(parquet) == len(table) == 6
+    assert (parquet["profile"] == "he").all() and "profile_version" in csv.columns
+    geo = json.loads((tmp_path / names["geojson"]).read_text())
+    assert geo["mlseg"]["profile"] == "he"
+    assert image_done(tmp_path, "img1", {"profile_version": written["profile_version"]})
+    assert image_done(tmp_path, "img1", {"profile_version": "other"}) is None
+    (tmp_path / names["geojson"]).unlink()
+    assert image_done(tmp_path, "img1") is None
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_empty_image_outputs(tmp_path):
+    labels = np.zeros((20, 20), np.int32)
+    image = np.full((20, 20, 3), 255, np.uint8)
+    written, table = _outputs(tmp_path, labels, image)
+    assert written["count"] == 0 and len(table) == 0
+    assert json.loads((tmp_path / "img1_nuclei.geojson").read_text())["features"] == []
+    assert len(pd.read_parquet(tmp_path / "img1_nuclei.parquet")) == 0
+
+
+def test_run_outputs(tmp_path):
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    written, table = _outputs(tmp_path, labels, image)
+    paths = write_run_outputs(tmp_path, [written, written], [table, table.iloc[:0]], {"x": 1})
+    summary = pd.read_csv(paths["summary"])
+    assert len(summary) == 2 and "count" in summary.columns and "outputs" not in summary
+    assert paths["histograms"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["run"].read_text()) == {"x": 1}
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_histograms_with_no_or_few_nuclei(tmp_path, n):
+    from mlseg.outputs import plot_histograms
+
+    table = pd.DataFrame({"area_px": np.arange(n, dtype=float), "circularity": np.ones(n)})
+    assert plot_histograms([table], tmp_path / "h.png").is_file()

@@ -1,0 +1,304 @@
+"""Per-nucleus measurements against known answers and against scikit-image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlseg.config import Profile, get_profile
+from mlseg.errors import ConfigError
+from mlseg.quantify import measure, summarize, tissue_fraction
+
+HE = get_profile("he")
+IHC = get_profile("ihc")
+
+
+def ellipse_mask(shape, cy, cx, a, b, theta_deg=0.0) -> np.ndarray:
+    """Pixels whose centre lies in the ellipse (semi-axes a along x before rotation, b),
+    rotated counter-clockwise as displayed by ``theta_deg``."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    t = np.radians(theta_deg)
+    x, y = xx - cx, -(yy - cy)  # y up, as displayed
+    u = x * np.cos(t) + y * np.sin(t)
+    v = -x * np.sin(t) + y * np.cos(t)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+
+
+def ramanujan(a: float, b: float) -> float:
+    return np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))
+
+
+@pytest.mark.parametrize("radius", [8.0, 20.0, 35.0])
+def test_disc_known_answers(radius):
+    labels = ellipse_mask((100, 100), 50.3, 49.6, radius, radius).astype(np.int32)
+    row = measure(labels, None, HE, pixel_size_um=None).iloc[0]
+    assert row["area_px"] == pytest.approx(np.pi * radius**2, rel=0.01)
+    assert row["perimeter_px"] == pytest.approx(2 * np.pi * radius, rel=0.03)
+    assert row["equivalent_diameter_px"] == pytest.approx(2 * radius, rel=0.01)
+    # eccentricity is steep near a circle (axis ratio 0.98 -> 0.2): check the ratio too
+    assert row["minor_axis_length_px"] / row["major_axis_length_px"] > 0.97
+    assert row["eccentricity"] < 0.25
+    assert row["circularity"] > 0.93
+    assert row["solidity"] > 0.93
+    # Feret of the pixel outline: within a pixel of the true diameter
+    assert row["feret_max_px"] == pytest.approx(2 * radius, abs=1.0)
+    assert row["feret_min_px"] == pytest.approx(2 * radius, abs=1.0)
+    assert row["centroid_x_px"] == pytest.approx(49.6 + 0.5, abs=0.05)
+    assert row["centroid_y_px"] == pytest.approx(50.3 + 0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("theta", [0.0, 30.0, 72.0, 135.0])
+def test_ellipse_known_answers(theta):
+    a, b = 30.0, 15.0
+    labels = ellipse_mask((110, 110), 54.7, 55.2, a, b, theta).astype(np.int32)
+    row = measure(labels, None, HE, pixel_size_um=None).iloc[0]
+    assert row["area_px"] == pytest.approx(np.pi * a * b, rel=0.01)
+    assert row["perimeter_px"] == pytest.approx(ramanujan(a, b), rel=0.03)
+    assert row["eccentricity"] == pytest.approx(np.sqrt(1 - (b / a) ** 2), abs=0.01)
+    assert row["major_axis_length_px"] == pytest.approx(2 * a, rel=0.02)
+    assert row["minor_axis_length_px"] == pytest.approx(2 * b, rel=0.03)
+    angle = abs(row["orientation_deg"] - theta) % 180
+    assert min(angle, 180 - angle) < 1.0
+    assert row["feret_max_px"] == pytest.approx(2 * a, abs=1.0)
+    assert row["feret_min_px"] == pytest.approx(2 * b, abs=1.0)
+
+
+def test_bars_and_single_pixels():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2, 3:13] = 1  # 1 x 10 bar
+    labels[10, 20] = 2  # one pixel
+    labels[14:18, 2:4] = 5  # label values need not be consecutive
+    table = measure(labels, None, HE, pixel_size_um=None)
+    assert table["label"].tolist() == [1, 2, 5]
+    bar, dot, box = (table.iloc[i] for i in range(3))
+    assert bar["feret_max_px"] == pytest.approx(10.0)
+    assert bar["feret_min_px"] == pytest.approx(1.0)
+    assert bar["orientation_deg"] == pytest.approx(0.0)
+    assert bar["bbox_width_px"] == 10 and bar["bbox_height_px"] == 1
+    assert dot["area_px"] == 1 and dot["extent"] == 1
+    assert box["orientation_deg"] == pytest.approx(90.0)
+    assert box["solidity"] == 1.0
+
+
+def test_microns_and_pixels_columns():
+    labels = ellipse_mask((60, 60), 30, 30, 10, 6).astype(np.int32)
+    in_px = measure(labels, None, HE, pixel_size_um=None)
+    in_um = measure(labels, None, HE, pixel_size_um=0.5)
+    assert "area_px" in in_px and "area_um2" not in in_px
+    assert "area_um2" in in_um and "perimeter_um" in in_um and "feret_max_um" in in_um
+    assert in_um["area_um2"].iloc[0] == pytest.approx(in_px["area_px"].iloc[0] * 0.25)
+    assert in_um["perimeter_um"].iloc[0] == pytest.approx(in_px["perimeter_px"].iloc[0] * 0.5)
+    assert in_um["circularity"].iloc[0] == pytest.approx(in_px["circularity"].iloc[0])
+    # units: px ignores a known pixel size; um without one is a clear error
+    forced_px = HE.model_copy(update={"units": "px"})
+    assert "area_px" in measure(labels, None, forced_px, pixel_size_um=0.5)
+    with pytest.raises(ConfigError, match="micron units"):
+        measure(labels, None, HE.model_copy(update={"units": "um"}), pixel_size_um=None)
+
+
+def test_empty_labels_give_empty_table_with_columns():
+    labels = np.zeros((32, 32), np.int32)
+    image = np.full((32, 32, 3), 255, np.uint8)
+    table = measure(labels, image, IHC, pixel_size_um=0.5)
+    assert len(table) == 0
+    assert {"area_um2", "dab_od_mean", "ihc_class", "intensity_mean_r"} <= set(table.columns)
+    summary = summarize(table, labels.shape, IHC, 0.5, 0.0)
+    assert summary["count"] == 0 and summary["density_per_mm2"] == 0.0
+    assert summary["h_score"] is None and summary["area_um2_mean"] is None
+
+
+def test_touches_border():
+    labels = np.zeros((40, 40), np.int32)
+    labels[0:5, 10:15] = 1
+    labels[20:25, 20:25] = 2
+    labels[35:40, 35:40] = 3
+    table = measure(labels, None, HE, pixel_size_um=None)
+    assert table["touches_border"].tolist() == [True, False, True]
+
+
+def _beer_lambert(conc_h: np.ndarray, conc_dab: np.ndarray, profile: Profile) -> np.ndarray:
+    m = profile.stain_matrix()
+    od = conc_h[..., None] * m[0] + conc_dab[..., None] * m[2]
+    return np.clip(np.round(255.0 * 10.0 ** (-od)), 0, 255).astype(np.uint8)
+
+
+def test_ihc_classes_positive_percentage_and_h_score():
+    """Ten nuclei with known DAB optical density: 4 negative, 3 at 1+, 2 at 2+, 1 at 3+."""
+    dab_levels = [0.0] * 4 + [0.22] * 3 + [0.45] * 2 + [0.8]
+    labels = np.zeros((120, 300), np.int32)
+    conc_h = np.zeros(labels.shape)
+    conc_dab = np.zeros(labels.shape)
+    for i, dab in enumerate(dab_levels):
+        cy, cx = 30 + 60 * (i // 5), 30 + 60 * (i % 5)
+        disc = ellipse_mask(labels.shape, cy, cx, 12, 12)
+        labels[disc] = i + 1
+        conc_h[disc] = 0.4
+        conc_dab[disc] = dab
+    image = _beer_lambert(conc_h, conc_dab, IHC)
+    table = measure(labels, image, IHC, pixel_size_um=0.5)
+    assert table["ihc_class"].tolist() == [0] * 4 + [1] * 3 + [2] * 2 + [3]
+    assert np.allclose(table["dab_od_mean"], dab_levels, atol=0.02)
+    assert np.allclose(table["hematoxylin_od_mean"], 0.4, atol=0.02)
+    assert np.all(table["eosin_od_mean"] < 0.02)
+    summary = summarize(table, labels.shape, IHC, 0.5, tissue_fraction(image, "ihc"))
+    assert summary["positive_pct"] == pytest.approx(60.0)
+    assert summary["h_score"] == pytest.approx((3 * 1 + 2 * 2 + 1 * 3) * 10.0)
+    assert summary["n_negative"] == 4 and summary["n_3plus"] == 1
+    area_mm2 = 120 * 300 * 0.5**2 / 1e6
+    assert summary["density_per_mm2"] == pytest.approx(10 / area_mm2)
+
+
+def test_stain_od_matches_skimage_separate_stains():
+    from skimage.color import separate_stains
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (40, 50, 3), dtype=np.uint8)
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:20, 5:25] = 1
+    labels[22:38, 10:45] = 2
+    table = measure(labels, image, HE, pixel_size_um=None)
+    ref = separate_stains(image, np.linalg.inv(HE.stain_matrix())) * 6.0
+    for k, stain in enumerate(HE.stain_names):
+        for label in (1, 2):
+            values = ref[..., k][labels == label]
+            row = table[table["label"] == label].iloc[0]
+            assert row[f"{stain}_od_mean"] == pytest.approx(values.mean(), rel=1e-4)
+            assert row[f"{stain}_od_max"] == pytest.approx(values.max(), rel=1e-4)
+            assert row[f"{stain}_od_integrated"] == pytest.approx(values.sum(), rel=1e-4)
+
+
+def test_sixteen_bit_and_grey_images():
+    labels = np.zeros((30, 30), np.int32)
+    labels[5:15, 5:15] = 1
+    image16 = np.full((30, 30, 3), 65535, np.uint16)
+    image16[5:15, 5:15] = 6553  # OD 1.0 in every channel
+    table = measure(labels, image16, HE, pixel_size_um=None)
+    assert table["intensity_mean_r"].iloc[0] == pytest.approx(6553)
+    rgb_od = np.full(3, -np.log10(6553 / 65535))
+    expected = np.maximum(rgb_od @ np.linalg.inv(HE.stain_matrix()), 0)
+    assert table["hematoxylin_od_mean"].iloc[0] == pytest.approx(expected[0], rel=1e-4)
+    grey = np.zeros((30, 30, 1), np.uint8)
+    grey[labels > 0] = 200
+    fluo = get_profile("fluorescence")
+    table = measure(labels, grey, fluo, pixel_size_um=None)
+    assert table["intensity_mean_grey"].iloc[0] == 200
+    assert not any(c.endswith("_od_mean") for c in table.columns)
+
+
+def test_tissue_fraction():
+    image = np.full((40, 40, 3), 250, np.uint8)
+    image[:, :10] = (120, 60, 150)  # stained quarter
+    assert tissue_fraction(image, "he") == pytest.approx(0.25)
+    fluo = np.zeros((40, 40, 3), np.uint8)
+    fluo[:20] = 100
+    assert tissue_fraction(fluo, "fluorescence") == pytest.approx(0.5)
+
+
+def test_min_feret_against_dense_rotation():
+    """Exact calipers agree with a brute-force sweep over 0.05 degree steps."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((64, 64), np.int32)
+    for i in range(1, 7):
+        cy, cx = rng.uniform(12, 52, 2)
+        blob = ellipse_mask(
+            labels.shape, cy, cx, rng.uniform(3, 9), rng.uniform(2, 6), rng.uniform(0, 180)
+        )
+        labels[blob & (labels == 0)] = i
+    table = measure(labels, None, HE, pixel_size_um=None)
+    angles = np.radians(np.arange(0, 180, 0.05))
+    dirs = np.stack([np.cos(angles), np.sin(angles)], 1)
+    diamond = np.array([[0.5, 0], [-0.5, 0], [0, 0.5], [0, -0.5]])
+    for row in table.itertuples():
+        ys, xs = np.nonzero(labels == row.label)
+        pts = (np.stack([xs, ys], 1)[:, None, :] + diamond).reshape(-1, 2)
+        proj = pts @ dirs.T
+        widths = proj.max(0) - proj.min(0)
+        # sampling can only miss the extremes: min from above, max from below
+        assert widths.min() - 0.01 < row.feret_min_px <= widths.min() + 1e-9
+        assert widths.max() - 1e-9 <= row.feret_max_px < widths.max() + 0.01
+
+
+def test_agrees_with_regionprops_on_real_masks(shared_data):
+    """Real CPM-15 annotations: regionprops values (see the tolerances in mlseg.quantify),
+    and one row per label (counts equal the number of labels)."""
+    from skimage.measure import regionprops_table
+
+    from mlseg.io import read_image, read_mask
+
+    masks = sorted((shared_data / "cpm15_he" / "masks").glob("*_mask.png"))[:6]
+    assert masks
+    for mask_path in masks:
+        labels = read_mask(mask_path)
+        image = read_image(
+            shared_data / "cpm15_he" / "original" / mask_path.name.replace("_mask", "")
+        )
+        ours = measure(labels, image, HE, pixel_size_um=None)
+        ref = pd.DataFrame(
+            regionprops_table(
+                labels,
+                intensity_image=image,
+                properties=(
+                    "label",
+                    "area",
+                    "centroid",
+                    "bbox",
+                    "perimeter_crofton",
+                    "perimeter",
+                    "eccentricity",
+                    "axis_major_length",
+                    "axis_minor_length",
+                    "orientation",
+                    "solidity",
+                    "extent",
+                    "feret_diameter_max",
+                    "intensity_mean",
+                ),
+            )
+        )
+        assert len(ours) == len(np.unique(labels)) - 1 == len(ref)
+        assert (ours["label"].to_numpy() == ref["label"].to_numpy()).all()
+        assert (ours["area_px"].to_numpy() == ref["area"].to_numpy()).all()
+        close = dict(rtol=0, atol=1e-6)
+        assert np.allclose(ours["centroid_y_px"] - 0.5, ref["centroid-0"], **close)
+        assert np.allclose(ours["centroid_x_px"] - 0.5, ref["centroid-1"], **close)
+        assert (ours["bbox_y_px"].to_numpy() == ref["bbox-0"].to_numpy()).all()
+        assert (
+            ours["bbox_width_px"].to_numpy() == (ref["bbox-3"] - ref["bbox-1"]).to_numpy()
+        ).all()
+        assert np.allclose(ours["perimeter_px"], ref["perimeter_crofton"], **close)
+        assert np.allclose(ours["eccentricity"], ref["eccentricity"], **close)
+        assert np.allclose(ours["major_axis_length_px"], ref["axis_major_length"], **close)
+        assert np.allclose(ours["minor_axis_length_px"], ref["axis_minor_length"], **close)
+        assert np.allclose(ours["solidity"], ref["solidity"], **close)
+        assert np.allclose(ours["extent"], ref["extent"], **close)
+        expected_angle = (np.degrees(ref["orientation"]) + 90.0) % 180.0
+        diff = np.abs(ours["orientation_deg"] - expected_angle) % 180.0
+        assert np.all(np.minimum(diff, 180.0 - diff) < 1e-6)
+        feret_gap = ref["feret_diameter_max"] - ours["feret_max_px"]
+        assert feret_gap.min() > -1e-6 and feret_gap.max() <= 1.0
+        ratio = ours["perimeter_px"] / ref["perimeter"]
+        assert 0.95 < ratio.median() < 1.06  # documented in mlseg.quantify
+        for k, channel in enumerate("rgb"):
+            assert np.allclose(
+                ours[f"intensity_mean_{channel}"], ref[f"intensity_mean-{k}"], **close
+            )
+
+
+def test_ihc_synthetic_images_with_known_positive_nuclei():
+    """mlseg.synth renders DAB per nucleus from a known grade (through a simulated camera,
+    so optical densities are only approximately recovered): positive nuclei are found and
+    the measured DAB density rises with the grade."""
+    from mlseg.synth import synth_pair
+
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        image, labels, info = synth_pair("ihc", 160, rng)
+        table = measure(labels, image, IHC, pixel_size_um=None)
+        truth = np.array([info["dab_class"][int(label)] for label in table["label"]])
+        ours = table["ihc_class"].to_numpy()
+        assert np.mean((truth > 0) == (ours > 0)) >= 0.95
+        means = [table["dab_od_mean"][truth == g].mean() for g in range(4) if (truth == g).any()]
+        assert np.all(np.diff(means) > 0)
+        summary = summarize(table, labels.shape, IHC, None, None)
+        assert summary["positive_pct"] == pytest.approx(100.0 * np.mean(truth > 0), abs=5.0)

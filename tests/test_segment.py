@@ -1,0 +1,294 @@
+"""Folder runs: segment with a model, quantify existing masks, resume, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from mlseg.config import Config, InferenceConfig, get_profile
+from mlseg.errors import ConfigError
+from mlseg.io import read_mask, write_image, write_labels
+from mlseg.model import LoadedModel
+from mlseg.segment import predict_labels, quantify_folder, segment_folder
+
+torch.set_num_threads(1)
+HE = get_profile("he")
+
+
+class DarkIsNucleus(nn.Module):
+    """Three-class logits from darkness: a perfect model for dark discs on a light slide."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(12.0), requires_grad=False)
+
+    def forward(self, x):
+        v = x.mean(1, keepdim=True)
+        interior = self.scale * (0.6 - v)
+        return torch.cat([-interior, interior, torch.full_like(v, -6.0)], dim=1)
+
+
+def disc_image(h: int, w: int, spacing: int = 20, radius: int = 6, seed: int = 0):
+    """Dark purple discs on a light background; returns (uint8 RGB image, labels)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    labels = np.zeros((h, w), np.int32)
+    n = 0
+    for cy in range(spacing // 2, h - radius, spacing):
+        for cx in range(spacing // 2, w - radius, spacing):
+            n += 1
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = n
+    image = np.full((h, w, 3), (235, 225, 235), np.uint8)
+    image[labels > 0] = (90, 50, 130)
+    noise = rng.integers(-5, 6, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture
+def oracle(tmp_path) -> LoadedModel:
+    weights = tmp_path / "oracle.safetensors"
+    weights.write_bytes(b"not used")
+    cfg = Config(inference=InferenceConfig(tile_size=64, batch_size=4))
+    return LoadedModel(
+        model=DarkIsNucleus().eval(),
+        config=cfg,
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        pixel_size_um=None,
+        path=weights,
+    )
+
+
+@pytest.fixture
+def use_oracle(monkeypatch, oracle):
+    import mlseg.model
+
+    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": oracle)
+    return oracle
+
+
+def test_predict_labels_counts_every_disc(oracle):
+    image, truth = disc_image(130, 170)
+    labels, probs = predict_labels(oracle, image, HE, oracle.config.inference)
+    assert labels.shape == truth.shape and probs.shape == (3, 130, 170)
+    assert labels.max() == truth.max()
+
+
+def test_predict_labels_rescales_to_the_model_pixel_size(oracle):
+    image, truth = disc_image(100, 120)
+    half = LoadedModel(**{**oracle.__dict__, "pixel_size_um": 0.25})
+    labels, probs = predict_labels(half, image, HE, oracle.config.inference, pixel_size_um=0.5)
+    assert labels.shape == truth.shape and probs.shape[1:] == truth.shape
+    assert labels.max() == truth.max()
+
+
+def test_predict_labels_banded_path(oracle):
+    image, truth = disc_image(160, 120)
+    cfg = oracle.config.inference.model_copy(
+        update={"stream_min_pixels": 1000, "band_rows": 64, "halo_px": 16}
+    )
+    labels, probs = predict_labels(oracle, image, HE, cfg)
+    assert probs is None and labels.max() == truth.max()
+
+
+def _folder(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "in"
+    for i in range(n):
+        image, _ = disc_image(90 + 10 * i, 110, seed=i)
+        write_image(folder / f"img{i}.png", image)
+    return folder
+
+
+def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
+    folder = _folder(tmp_path)
+    out = tmp_path / "out"
+    result = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert result.ok and result.processed == ["img0", "img1", "img2"]
+    for stem in result.processed:
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert summary["profile"] == "he" and summary["profile_version"] == HE.version
+        assert summary["count"] == read_mask(out / f"{stem}_labels.png").max() > 10
+        for name in summary["outputs"].values():
+            assert (out / name).is_file()
+    table = pd.read_csv(out / "summary.csv")
+    assert table["image"].tolist() == ["img0", "img1", "img2"]
+    assert (out / "histograms.png").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["profile"]["version"] == HE.version and run["processed"] == result.processed
+    # rerun: nothing to do; after a "crash" (one summary missing) only that image is redone
+    again = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert again.processed == [] and len(again.skipped) == 3
+    (out / "img1.json").unlink()
+    resumed = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert resumed.processed == ["img1"]
+    assert len(pd.read_csv(out / "summary.csv")) == 3
+
+
+def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, use_oracle):
+    folder = _folder(tmp_path, 1)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_image(folder / "grey.png", np.full((64, 64), 200, np.uint8))
+    write_image(folder / "blank.png", np.full((70, 80, 3), 240, np.uint8))  # no nuclei
+    write_image(folder / "tiny.png", disc_image(20, 25, spacing=20, radius=5)[0])  # < a tile
+    out = tmp_path / "out"
+    result = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert sorted(result.processed) == ["blank", "img0", "tiny"]
+    assert json.loads((out / "tiny.json").read_text())["count"] == 1
+    assert set(result.failed) == {str(folder / "broken.png"), str(folder / "grey.png")}
+    assert "truncated" in result.failed[str(folder / "broken.png")]
+    assert "1 channel" in result.failed[str(folder / "grey.png")]
+    blank = json.loads((out / "blank.json").read_text())
+    assert blank["count"] == 0
+    assert len(pd.read_parquet(out / "blank_nuclei.parquet")) == 0
+
+
+def test_units_and_profiles_are_checked_before_work(tmp_path, use_oracle):
+    folder = _folder(tmp_path, 1)
+    with pytest.raises(ConfigError, match="micron units"):
+        segment_folder("m", folder, tmp_path / "o", profile_name="he", units="um", progress=False)
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        segment_folder("m", folder, tmp_path / "o", profile_name="nope", progress=False)
+    result = segment_folder(
+        "m",
+        folder,
+        tmp_path / "o",
+        profile_name="he",
+        units="um",
+        pixel_size_um=0.5,
+        progress=False,
+    )
+    table = pd.read_csv(tmp_path / "o" / "img0_nuclei.csv")
+    assert "area_um2" in table.columns and "area_px" not in table.columns
+    summary = json.loads((tmp_path / "o" / "img0.json").read_text())
+    assert summary["pixel_size_source"] == "argument" and summary["density_per_mm2"] > 0
+    assert result.ok
+
+
+def test_quantify_folder_on_user_masks(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image, truth = disc_image(80, 100)
+    write_image(images / "a.png", image)
+    write_image(images / "b.png", image)
+    write_image(images / "c.png", image)
+    write_image(images / "d.png", image[:50])
+    write_labels(masks / "a_mask.png", truth)  # instance labels
+    write_image(masks / "b_cp_masks.png", ((truth > 0) * 255).astype(np.uint8))  # binary
+    write_labels(masks / "c.tif", truth)  # same stem, no suffix
+    write_labels(masks / "d_labels.png", truth)  # wrong size
+    write_labels(masks / "e_mask.png", truth)  # no image
+    out = tmp_path / "out"
+    result = quantify_folder(masks, images, out, profile_name="he", progress=False)
+    assert sorted(result.processed) == ["a", "b", "c"]
+    assert "must match" in result.failed[str(masks / "d_labels.png")]
+    assert "no image named e" in result.failed[str(masks / "e_mask.png")]
+    for stem in ("a", "b", "c"):
+        assert json.loads((out / f"{stem}.json").read_text())["count"] == truth.max()
+
+
+def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
+    """Counts per image equal the number of labels of the real annotations."""
+    root = shared_data / "cpm15_he"
+    result = quantify_folder(
+        root / "masks", root / "original", tmp_path, profile_name="he", progress=False
+    )
+    assert result.ok and len(result.processed) == 15
+    for summary in result.summaries:
+        labels = read_mask(root / "masks" / f"{summary['image']}_mask.png")
+        assert summary["count"] == len(np.unique(labels)) - 1
+
+
+def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
+    from mlseg.cli import main
+    from mlseg.config import TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    model = build_model(train, 3, 3)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(
+        ckpt,
+        model,
+        Config(train=train),
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash=None,
+        metrics={},
+        pixel_size_um=None,
+        name="best",
+    )
+    folder = _folder(tmp_path, 2)
+    out = tmp_path / "seg"
+    args = ["segment", str(ckpt), str(folder), str(out), "--profile", "he", "--tile", "64"]
+    assert main([*args, "--no-progress"]) == 0
+    assert (out / "img0.json").is_file() and (out / "summary.csv").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["inference"]["tile_size"] == 64
+    before = json.loads((out / "img0.json").read_text())["settings"]
+    assert main([*args, "--no-progress", "--tta"]) == 0  # other settings: redone
+    assert json.loads((out / "img0.json").read_text())["settings"] != before
+    masks = tmp_path / "masks"
+    image, truth = disc_image(60, 60)
+    write_image(tmp_path / "imgs" / "x.png", image)
+    write_labels(masks / "x_mask.png", truth)
+    assert (
+        main(
+            [
+                "quantify",
+                str(masks),
+                str(tmp_path / "imgs"),
+                str(tmp_path / "q"),
+                "--profile",
+                "ihc",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "ihc_class" in pd.read_csv(tmp_path / "q" / "x_nuclei.csv").columns
+    assert (
+        main(
+            [
+                "quantify",
+                str(masks),
+                str(tmp_path / "imgs"),
+                str(tmp_path / "q2"),
+                "--profile",
+                "nope",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+
+
+def test_tiled_16bit_tiff_with_pixel_size_metadata(tmp_path, use_oracle):
+    import tifffile
+
+    image, truth = disc_image(150, 130)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(
+        folder / "big.tif",
+        image.astype(np.uint16) * 257,
+        tile=(64, 64),
+        photometric="rgb",
+        resolution=(20000, 20000),  # pixels per centimetre: 0.5 um per pixel
+        resolutionunit="CENTIMETER",
+    )
+    out = tmp_path / "out"
+    result = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert result.processed == ["big"], result.failed
+    summary = json.loads((out / "big.json").read_text())
+    assert summary["pixel_size_source"] == "image metadata"
+    assert summary["pixel_size_um"] == pytest.approx(0.5)
+    assert summary["count"] == truth.max()
+    table = pd.read_parquet(out / "big_nuclei.parquet")
+    assert "area_um2" in table.columns and table["intensity_mean_r"].max() > 255
