@@ -9,6 +9,7 @@ so a crash never leaves a half-written output behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,20 @@ from mlseg.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once (``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -39,6 +54,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -144,8 +161,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     )
     if not grey:
         raise ImageReadError(
-                f"{Path(path)}: colour mask; save masks as single-channel label or binary images"
-            )
+            f"{Path(path)}: colour mask; save masks as single-channel label or binary images"
+        )
     return arr[..., 0].astype(np.int32)
 
 

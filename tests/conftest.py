@@ -25,12 +25,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow") or os.environ.get("MLSEG_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow or MLSEG_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    if not (config.getoption("--run-slow") or os.environ.get("MLSEG_RUN_SLOW") == "1"):
+        skip = pytest.mark.skip(reason="slow: run with --run-slow or MLSEG_RUN_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
     try:
         import torch
 
@@ -59,3 +58,52 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synth") / "ds"
     return make_dataset(root, n_train=6, n_test=3, size=96, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Data validation (inventory, expectation suites, validate flow): tiny nuclei datasets.
+
+
+def _nuclei_pair(rng, size: int = 48):
+    """``(size, size, 3) uint8`` pink noise with three dark-purple disks + ``uint16`` labels."""
+    import numpy as np
+    from skimage.draw import disk
+
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = (230, 180, 210)
+    image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((size, size), np.uint16)
+    for i in range(1, 4):
+        rr, cc = disk(tuple(rng.integers(8, size - 8, 2)), 5, shape=labels.shape)
+        labels[rr, cc] = i
+        image[rr, cc] = (90, 60, 140)
+    return image, labels
+
+
+@pytest.fixture
+def nuclei_pair():
+    """``nuclei_pair(rng, size=48) -> (image, labels)``: one distinct image per call."""
+    return _nuclei_pair
+
+
+@pytest.fixture
+def nuclei_dataset(tmp_path: Path):
+    """Factory ``(name="ds", n_train=3, n_test=2, size=48, seed=0) -> root`` of a contract-layout
+    dataset under ``tmp_path`` (images ``<split><i>.png``, masks ``<split><i>_mask.png``)."""
+    import numpy as np
+
+    from mlseg.io import write_image, write_labels
+
+    def make(name: str = "ds", n_train: int = 3, n_test: int = 2, size: int = 48, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        root = tmp_path / name
+        for split, n in (("train", n_train), ("test", n_test)):
+            (root / split / "original").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image, labels = _nuclei_pair(rng, size)
+                write_image(root / split / "original" / f"{split}{i}.png", image)
+                write_labels(root / split / "masks" / f"{split}{i}_mask.png", labels)
+        return root
+
+    return make

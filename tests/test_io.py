@@ -66,3 +66,12 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    path = write_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,9 +1,101 @@
-"""Commands of this stage (filled in by the stage's issue)."""
+"""``mlseg validate DIR``: the data-validation gate (inventory + Great Expectations suites)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 
+def print_report(report: Any, console: Any = None) -> None:
+    """Rich table, one row per expectation (failed errors, failed warnings, then passes),
+    then what to do for each failure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"Data validation of {report.root}")
+    table.add_column("rule", style="bold", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("failed", justify="right", no_wrap=True)  # failed/checked rows
+    table.add_column("first files", overflow="fold")
+    order = sorted(report.outcomes, key=lambda o: (o.success, o.severity != "error"))
+    for o in order:
+        if o.success:
+            result = "[green]pass[/green]"
+        elif o.severity == "error":
+            result = "[red]FAIL[/red]"
+        else:
+            result = "[yellow]warn[/yellow]"
+        first = ", ".join(o.first_failed)
+        if o.n_failed > len(o.first_failed) and first:
+            first += f", ... (+{o.n_failed - len(o.first_failed)})"
+        if o.error:
+            first = f"could not run: {o.error}"
+        table.add_row(o.rule, o.severity, result, f"{o.n_failed}/{o.n_checked}", first)
+    console.print(table)
+    for o in order:
+        if not o.success:
+            colour = "red" if o.severity == "error" else "yellow"
+            console.print(f"[{colour}]{o.rule}[/{colour}]: {o.fix}")
+
+
+def validate(
+    directory: Annotated[
+        Path, typer.Argument(help="Dataset folder ({train,test}/{original,masks}).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default ./validation/<dataset name>)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (data section used).")
+    ] = None,
+    mask_kind: Annotated[
+        str | None, typer.Option(help="Declared mask kind: auto, binary or instance.")
+    ] = None,
+    min_images: Annotated[
+        int | None, typer.Option(min=0, help="Minimum image/mask pairs per split (default 1).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Parallel readers (0 = one per CPU core).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
+) -> None:
+    """Check a dataset against the data contract; write Data Docs, inventory and fingerprint.
+
+    Exits 1 if any error-level expectation fails (training must not start), 0 otherwise;
+    warnings are reported. The dataset is only read.
+    """
+    from expectations import validate_dataset
+    from mlseg.errors import ValidationFailed
+    from mlseg.inventory import load_validate_config
+
+    cfg = load_validate_config(
+        config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
+    )
+    out = out if out is not None else Path("validation") / directory.resolve().name
+    report = validate_dataset(directory, out, cfg, progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        print_report(report)
+        typer.echo(f"Data Docs: {report.data_docs}")
+        typer.echo(
+            f"inventory: {report.outputs.get('inventory')}  "
+            f"fingerprint: {report.outputs.get('fingerprint')}"
+        )
+    if not report.success:
+        rules = ", ".join(o.rule for o in report.errors)
+        raise ValidationFailed(
+            f"{directory}: {len(report.errors)} error-level expectation(s) failed ({rules}); "
+            f"see {report.data_docs}"
+        )
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    typer.echo(f"{directory}: passed{warned}; outputs in {out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to ``app``."""
+    """Add ``validate`` to ``app``."""
+    app.command()(validate)

@@ -1,0 +1,391 @@
+"""Run the versioned expectation suites on a dataset inventory with Great Expectations.
+
+Each ``suites/*.json`` file is one Great Expectations 1.x suite (``name``, ``expectations``)
+whose ``meta`` says which inventory table it checks (``files`` or ``splits``, see
+:mod:`mlseg.inventory`), its ``severity`` (``error`` stops training, ``warning`` is reported),
+its ``version`` and the ``index_column`` that names a failing row. Every expectation carries
+``meta.rule`` (the name users see) and ``notes`` (what to do when it fails). Suite parameters
+(``{"$PARAMETER": ...}``) are filled from the validation config (``min_images_per_split``).
+
+:func:`run_suites` validates each table once per suite in an ephemeral GX context (nothing is
+written but the Data Docs site, if asked) and returns a :class:`ValidationReport`;
+:func:`validate_dataset` is the whole gate: inventory, suites, Data Docs, output files.
+Great Expectations is imported only inside :func:`run_suites` (the import takes seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mlseg.errors import ConfigError
+from mlseg.inventory import Inventory, ValidateConfig, build_inventory, write_inventory
+from mlseg.io import write_table, write_text
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+SEVERITIES = ("error", "warning")
+TABLES = ("files", "splits")
+#: How many failing file names a summary shows per expectation.
+FIRST_NAMES = 5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one expectation: which rule, how bad, how many rows failed and which."""
+
+    rule: str
+    severity: str
+    success: bool
+    n_failed: int
+    n_checked: int
+    failed: tuple[str, ...]
+    suite: str
+    suite_version: str
+    expectation: str
+    column: str | None
+    fix: str
+    error: str | None = None
+
+    @property
+    def first_failed(self) -> tuple[str, ...]:
+        return self.failed[:FIRST_NAMES]
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """All outcomes of one validation run; ``success`` is False on any error-level failure."""
+
+    root: str
+    outcomes: tuple[Outcome, ...]
+    suite_versions: dict[str, str]
+    data_docs: Path | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if not o.success and o.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if not o.success and o.severity == "warning")
+
+    @property
+    def success(self) -> bool:
+        return not self.errors
+
+    def failed_rules(self, severity: str | None = None) -> list[str]:
+        """Names of the failed rules (of one severity, or all), in suite order."""
+        return [
+            o.rule
+            for o in self.outcomes
+            if not o.success and (severity is None or o.severity == severity)
+        ]
+
+    def outcome(self, rule: str) -> Outcome:
+        """The outcome of the rule named ``rule`` (KeyError if no suite has it)."""
+        for o in self.outcomes:
+            if o.rule == rule:
+                return o
+        raise KeyError(rule)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per expectation: rule, severity, success, n_failed, n_checked, first_failed."""
+        rows = []
+        for o in self.outcomes:
+            row = {k: v for k, v in asdict(o).items() if k != "failed"}
+            row["first_failed"] = "; ".join(o.first_failed)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: summary counts, suite versions and every outcome with all failing names."""
+        return {
+            "root": self.root,
+            "success": self.success,
+            "n_errors": len(self.errors),
+            "n_warnings": len(self.warnings),
+            "suite_versions": self.suite_versions,
+            "data_docs": str(self.data_docs) if self.data_docs else None,
+            "outcomes": [{**asdict(o), "failed": list(o.failed)} for o in self.outcomes],
+        }
+
+
+def load_suites(suites_dir: str | os.PathLike = SUITES_DIR) -> list[dict[str, Any]]:
+    """Read and check every ``*.json`` suite in ``suites_dir`` (sorted by file name)."""
+    suites_dir = Path(suites_dir)
+    paths = sorted(suites_dir.glob("*.json"))
+    if not paths:
+        raise ConfigError(f"{suites_dir}: no expectation suites (*.json) found")
+    suites = []
+    for path in paths:
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        meta = spec.get("meta") or {}
+        problems = []
+        if not spec.get("name"):
+            problems.append("missing 'name'")
+        if not meta.get("version"):
+            problems.append("missing meta.version")
+        if meta.get("severity") not in SEVERITIES:
+            problems.append(f"meta.severity must be one of {', '.join(SEVERITIES)}")
+        if meta.get("table") not in TABLES:
+            problems.append(f"meta.table must be one of {', '.join(TABLES)}")
+        for i, exp in enumerate(spec.get("expectations") or []):
+            if not (exp.get("meta") or {}).get("rule"):
+                problems.append(f"expectation {i} has no meta.rule")
+        if problems:
+            raise ConfigError(f"{path}: bad expectation suite: {'; '.join(problems)}")
+        suites.append(spec)
+    rules = [e["meta"]["rule"] for s in suites for e in s.get("expectations", [])]
+    dupes = sorted({r for r in rules if rules.count(r) > 1})
+    if dupes:
+        raise ConfigError(f"{suites_dir}: rule names used twice: {', '.join(dupes)}")
+    return suites
+
+
+def preload_great_expectations() -> threading.Thread:
+    """Import Great Expectations in a daemon thread, so that the seconds it takes overlap
+    other work (the inventory); :func:`run_suites` then finds it loaded (the import lock
+    makes it wait for an import in progress). Import errors surface in :func:`run_suites`."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            import great_expectations  # noqa: F401
+
+    thread = threading.Thread(target=load, name="gx-import", daemon=True)
+    thread.start()
+    return thread
+
+
+def _context(data_docs_dir: Path | None):
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites = {}
+    if data_docs_dir is not None:
+        sites["mlseg"] = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(data_docs_dir),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+def _outcome(result: Any, spec: dict[str, Any], exp_spec: dict[str, Any]) -> Outcome:
+    meta = spec["meta"]
+    res = result.result or {}
+    index_column = meta.get("index_column", "path")
+    failed: dict[str, None] = {}  # ordered set: one entry per file, in inventory order
+    for item in res.get("unexpected_index_list") or []:
+        name = item.get(index_column) if isinstance(item, dict) else item
+        if name is not None:
+            failed[str(name)] = None
+    error = _exception_message(result.exception_info)
+    n_checked = int(res.get("element_count", 0) or 0) - int(res.get("missing_count", 0) or 0)
+    n_failed = res.get("unexpected_count")
+    if n_failed is None:
+        n_failed = 0 if result.success else 1
+    return Outcome(
+        rule=exp_spec["meta"]["rule"],
+        severity=meta["severity"],
+        success=bool(result.success) and error is None,
+        n_failed=int(n_failed),
+        n_checked=max(n_checked, 0),
+        failed=tuple(failed),
+        suite=spec["name"],
+        suite_version=str(meta["version"]),
+        expectation=exp_spec["type"],
+        column=exp_spec.get("kwargs", {}).get("column"),
+        fix=_notes(exp_spec.get("notes")),
+        error=error,
+    )
+
+
+def _exception_message(info: Any) -> str | None:
+    """The message of an exception GX caught while running an expectation, if any.
+
+    ``exception_info`` is either one record (``raised_exception``, ``exception_message``) or,
+    when a metric failed, a mapping of metric ids to such records (without the flag).
+    """
+    if not isinstance(info, dict) or not info:
+        return None
+    records = [info] if "exception_message" in info else list(info.values())
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        message = record.get("exception_message")
+        if record.get("raised_exception") or message:
+            return str(message or "expectation raised an exception").strip().splitlines()[-1]
+    return None
+
+
+def _notes(notes: str | Iterable[str] | None) -> str:
+    if notes is None:
+        return ""
+    return notes if isinstance(notes, str) else " ".join(notes)
+
+
+def _frame_for_gx(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with plain dtypes: nullable extension types become object/float columns."""
+    out = df.copy()
+    for column in out.columns:
+        dtype = out[column].dtype
+        if isinstance(dtype, pd.BooleanDtype) or str(dtype) in ("string", "str"):
+            out[column] = out[column].astype(object).where(out[column].notna(), None)
+        elif isinstance(dtype, pd.api.extensions.ExtensionDtype) and dtype.kind in "iuf":
+            out[column] = out[column].astype("float64")
+    return out
+
+
+def run_suites(
+    inventory: Inventory,
+    *,
+    data_docs_dir: str | os.PathLike | None = None,
+    suites_dir: str | os.PathLike = SUITES_DIR,
+    parameters: dict[str, Any] | None = None,
+) -> ValidationReport:
+    """Validate the inventory's tables with every suite; build Data Docs if a folder is given.
+
+    ``parameters`` fill the suites' ``$PARAMETER`` values (default: ``min_images_per_split``
+    from the inventory's config). The Data Docs site is built in a temporary sibling folder
+    and moved onto ``data_docs_dir`` at the end (any older site there is replaced).
+    """
+    suites = load_suites(suites_dir)
+    params = {"min_images_per_split": inventory.config.min_images_per_split, **(parameters or {})}
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    docs_dir = Path(data_docs_dir) if data_docs_dir is not None else None
+    staging = None
+    if docs_dir is not None:
+        docs_dir.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir (not mkdtemp) so the site gets the user's umask, not 0700.
+        staging = docs_dir.parent / f".{docs_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+        staging.mkdir()
+    try:
+        context = _context(staging.resolve() if staging is not None else None)
+        source = context.data_sources.add_pandas("mlseg_inventory")
+        tables = {"files": inventory.files, "splits": inventory.splits}
+        batches = {
+            name: source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+            for name in TABLES
+        }
+        frames = {name: _frame_for_gx(df) for name, df in tables.items()}
+        run_id = RunIdentifier(run_name=f"mlseg-validate-{Path(inventory.root).name}")
+        outcomes: list[Outcome] = []
+        for spec in suites:
+            table = spec["meta"]["table"]
+            suite = context.suites.add(
+                gx.ExpectationSuite(
+                    name=spec["name"], expectations=spec.get("expectations", []), meta=spec["meta"]
+                )
+            )
+            definition = context.validation_definitions.add(
+                gx.ValidationDefinition(
+                    name=f"{spec['name']}-on-{table}", data=batches[table], suite=suite
+                )
+            )
+            result = definition.run(
+                batch_parameters={"dataframe": frames[table]},
+                expectation_parameters=params,
+                result_format={
+                    "result_format": "COMPLETE",
+                    "unexpected_index_column_names": [spec["meta"].get("index_column", "path")],
+                },
+                run_id=run_id,
+            )
+            by_rule = {e["meta"]["rule"]: e for e in spec.get("expectations", [])}
+            for item in result.results:
+                rule = (item.expectation_config.meta or {}).get("rule")
+                outcomes.append(_outcome(item, spec, by_rule[rule]))
+        if staging is not None and docs_dir is not None:
+            context.build_data_docs()
+            if docs_dir.exists():
+                shutil.rmtree(docs_dir)
+            os.replace(staging, docs_dir)
+            staging = None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    order = {
+        rule: i
+        for i, rule in enumerate(e["meta"]["rule"] for s in suites for e in s["expectations"])
+    }
+    outcomes.sort(key=lambda o: order.get(o.rule, len(order)))
+    return ValidationReport(
+        root=str(inventory.root),
+        outcomes=tuple(outcomes),
+        suite_versions={s["name"]: str(s["meta"]["version"]) for s in suites},
+        data_docs=(docs_dir / "index.html") if docs_dir is not None else None,
+    )
+
+
+def write_report(report: ValidationReport, out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``validation.json`` (every outcome, all failing names) and ``validation.csv``."""
+    out = Path(out)
+    return {
+        "report": write_text(
+            out / "validation.json", json.dumps(report.to_dict(), indent=2) + "\n"
+        ),
+        "summary": write_table(report.to_frame(), out / "validation.csv"),
+    }
+
+
+def validate_dataset(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: ValidateConfig | None = None,
+    *,
+    progress: bool = False,
+    suites_dir: str | os.PathLike = SUITES_DIR,
+) -> ValidationReport:
+    """The whole gate: inventory ``root``, run the suites, write everything into ``out``.
+
+    ``out`` receives ``inventory.parquet``/``.csv``, ``splits.csv``, ``fingerprint.json``,
+    ``validate_config.json``, ``validation.json``/``.csv`` and ``data_docs/index.html``. It
+    must lie outside the dataset, which is only read. Returns the report; raising on failure
+    is left to the caller (the CLI and the flow raise :class:`~mlseg.errors.ValidationFailed`).
+    """
+    from mlseg.inventory import check_output_dir
+
+    out = check_output_dir(root, out)
+    preload_great_expectations()  # its import (seconds) overlaps the I/O-bound inventory
+    inventory = build_inventory(root, cfg, progress=progress)
+    outputs = write_inventory(inventory, out)
+    report = run_suites(inventory, data_docs_dir=out / "data_docs", suites_dir=suites_dir)
+    outputs.update(write_report(report, out))
+    return _with_outputs(report, outputs)
+
+
+def _with_outputs(report: ValidationReport, outputs: dict[str, Path]) -> ValidationReport:
+    from dataclasses import replace
+
+    return replace(report, outputs={k: str(v) for k, v in outputs.items()})

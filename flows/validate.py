@@ -1,0 +1,142 @@
+"""Prefect flow ``validate-dataset``: the data gate before any training run.
+
+Thin: each task calls one function of :mod:`mlseg.inventory` or :mod:`expectations.runner`.
+The flow publishes the result as a table artifact (one row per expectation) and a markdown
+artifact (verdict, failures with their first files, where the Data Docs are), then raises
+:class:`~mlseg.errors.ValidationFailed` on any error-level failure so that nothing downstream
+(training) starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from expectations.runner import (
+    ValidationReport,
+    preload_great_expectations,
+    run_suites,
+    write_report,
+)
+from flows import artifacts
+from flows.common import data_path
+from mlseg.errors import ValidationFailed
+from mlseg.inventory import (
+    Inventory,
+    ValidateConfig,
+    build_inventory,
+    check_output_dir,
+    fingerprint,
+    load_validate_config,
+    write_inventory,
+)
+
+
+@task(name="build-inventory", cache_policy=NO_CACHE)
+def inventory_task(root: str, cfg: ValidateConfig) -> Inventory:
+    return build_inventory(root, cfg)
+
+
+@task(name="write-inventory", cache_policy=NO_CACHE)
+def write_inventory_task(inventory: Inventory, out: str) -> dict[str, str]:
+    return {k: str(v) for k, v in write_inventory(inventory, out).items()}
+
+
+@task(name="run-expectation-suites", cache_policy=NO_CACHE)
+def suites_task(inventory: Inventory, out: str) -> ValidationReport:
+    report = run_suites(inventory, data_docs_dir=Path(out) / "data_docs")
+    write_report(report, out)
+    return report
+
+
+def artifact_key(root: str) -> str:
+    """``dataset-validation-<dataset name>`` in the lowercase-and-dashes form Prefect requires."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(root).resolve().name.lower()).strip("-")
+    return f"dataset-validation-{slug or 'dataset'}"
+
+
+def summary_markdown(report: ValidationReport) -> str:
+    """Verdict, then each failed expectation with its fix and first files."""
+    verdict = "passed" if report.success else "**FAILED**"
+    lines = [
+        f"# Dataset validation: {verdict}",
+        "",
+        f"Dataset `{report.root}`: {len(report.errors)} error(s), "
+        f"{len(report.warnings)} warning(s).",
+        f"Data Docs: `{report.data_docs}`",
+        "",
+    ]
+    for o in (*report.errors, *report.warnings):
+        files = ", ".join(f"`{f}`" for f in o.first_failed)
+        lines.append(
+            f"- **{o.severity}** `{o.rule}`: {o.n_failed} of {o.n_checked} ({files}). {o.fix}"
+        )
+    versions = ", ".join(f"{k} v{v}" for k, v in sorted(report.suite_versions.items()))
+    lines += ["", f"Suites: {versions}."]
+    return "\n".join(lines)
+
+
+@task(name="publish-validation", cache_policy=NO_CACHE)
+def publish_task(report: ValidationReport) -> None:
+    key = artifact_key(report.root)
+    rows = report.to_frame()[
+        ["severity", "rule", "success", "n_failed", "n_checked", "first_failed"]
+    ]
+    artifacts.table(key, rows, f"one row per expectation over the inventory of {report.root}")
+    artifacts.markdown(f"{key}-summary", summary_markdown(report), "validation verdict")
+
+
+@flow(name="validate-dataset", log_prints=True)
+def validate_dataset_flow(
+    data_root: str,
+    out_dir: str | None = None,
+    config: str | None = None,
+    mask_kind: str | None = None,
+    min_images: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Validate the dataset at ``data_root``; outputs go to ``out_dir`` (default
+    ``./validation/<dataset name>``): Data Docs, inventory, fingerprint, report.
+
+    Returns the report as a dict with ``fingerprint_hash`` (pass it to ``train-model``) and
+    the output paths; raises :class:`ValidationFailed` on any error-level failure.
+    """
+    cfg = load_validate_config(
+        config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
+    )
+    root = data_path(data_root)
+    out = str(data_path(out_dir) if out_dir else Path("validation") / root.name)
+    check_output_dir(root, out)
+    preload_great_expectations()  # the GX import (seconds) overlaps the inventory
+    inventory = inventory_task(str(root), cfg)
+    outputs = write_inventory_task(inventory, out)
+    report = suites_task(inventory, out)
+    publish_task(report)
+    get_run_logger().info(
+        "validated %s: %d error(s), %d warning(s); Data Docs %s",
+        root,
+        len(report.errors),
+        len(report.warnings),
+        report.data_docs,
+    )
+    if not report.success:
+        rules = ", ".join(o.rule for o in report.errors)
+        raise ValidationFailed(
+            f"{root}: {len(report.errors)} error-level expectation(s) failed ({rules}); "
+            f"see {report.data_docs}"
+        )
+    return {
+        **report.to_dict(),
+        "fingerprint_hash": fingerprint(inventory.files)["content_hash"],
+        "outputs": outputs,
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    validate_dataset_flow(*sys.argv[1:3])

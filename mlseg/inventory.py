@@ -1,0 +1,757 @@
+"""Dataset inventory: one row per file, with every fact the data-validation gate checks.
+
+:func:`build_inventory` walks a dataset in the contract layout (:mod:`mlseg.dataset`), decodes
+every image and mask once (in parallel worker processes, streaming: only one decoded file per
+worker is in memory at a time) and returns an :class:`Inventory` of two tidy tables:
+
+``files`` - one row per file found under the dataset root (root-level files such as
+``manifest.csv`` and hidden files excepted):
+
+- identity: ``split`` (``train``/``test``, null outside both), ``role`` (``image``, ``mask`` or
+  ``stray`` = not in an image or mask folder), ``path`` (POSIX, relative to the root), ``stem``
+  (for a well-named mask: the stem of the image it belongs to), ``extension`` (lower case),
+  ``size_bytes``;
+- decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
+  ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only);
+- masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
+  ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``;
+- image quality (:func:`image_stats`, images only): ``mean_c{0,1,2}`` and ``std_c{0,1,2}``
+  (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
+  ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:
+  low = blurred), ``saturated_fraction``, ``dark_fraction``, ``od_hematoxylin_mean``,
+  ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per stain by colour deconvolution;
+  RGB images only);
+- contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
+  this row (see ``expectations/README.md``): ``location_ok``, ``extension_ok``, ``name_ok``,
+  ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
+  ``mask_values_ok``, ``unique_in_split``, ``only_in_one_split``, ``channels_consistent``,
+  ``dtype_consistent``; plus ``n_partners`` (files of the other role with the same stem).
+
+``splits`` - one row per split: ``split``, ``folder``, ``image_dir_exists``,
+``mask_dir_exists``, ``n_images``, ``n_masks``, ``n_pairs`` (images with exactly one mask).
+
+:func:`fingerprint` summarises the training images' statistics (deciles, histograms) and
+content hashes; drift monitoring compares new images (via :func:`image_stats`) against it.
+Nothing here knows of Great Expectations; ``expectations/`` runs the rules on these tables.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from mlseg.config import DataConfig, Strict
+from mlseg.dataset import SPLITS, split_dir
+from mlseg.errors import DatasetError, ImageReadError
+from mlseg.io import IMAGE_EXTENSIONS, read_image, write_table, write_text
+
+INVENTORY_VERSION = "1"
+FINGERPRINT_VERSION = "1"
+
+#: Ruifrok & Johnston optical-density vectors (rows: haematoxylin, eosin, DAB), as skimage.
+RUIFROK_HED = ((0.650, 0.704, 0.286), (0.072, 0.990, 0.105), (0.268, 0.570, 0.776))
+
+#: Columns written by :func:`image_stats`, in order.
+STAT_COLUMNS = (
+    "mean_c0",
+    "mean_c1",
+    "mean_c2",
+    "std_c0",
+    "std_c1",
+    "std_c2",
+    "grey_std",
+    "laplacian_var",
+    "saturated_fraction",
+    "dark_fraction",
+    "od_hematoxylin_mean",
+    "od_eosin_mean",
+    "od_dab_mean",
+)
+MASK_COLUMNS = ("mask_kind", "mask_labels", "mask_max_value", "foreground_fraction")
+CHECK_COLUMNS = (
+    "location_ok",
+    "extension_ok",
+    "name_ok",
+    "image_has_mask",
+    "mask_has_image",
+    "partner_unique",
+    "size_matches",
+    "mask_values_ok",
+    "unique_in_split",
+    "only_in_one_split",
+    "channels_consistent",
+    "dtype_consistent",
+)
+FILE_COLUMNS = (
+    "split",
+    "role",
+    "path",
+    "stem",
+    "extension",
+    "size_bytes",
+    "readable",
+    "read_error",
+    "width_px",
+    "height_px",
+    "channels",
+    "dtype",
+    "content_hash",
+    *MASK_COLUMNS,
+    *STAT_COLUMNS,
+    "n_partners",
+    *CHECK_COLUMNS,
+)
+#: Columns of the facts read from each file, before :func:`add_checks`.
+READ_COLUMNS = (
+    "split",
+    "role",
+    "path",
+    "size_bytes",
+    "readable",
+    "read_error",
+    "width_px",
+    "height_px",
+    "channels",
+    "dtype",
+    "content_hash",
+    *MASK_COLUMNS,
+    "mask_values_ok",
+    *STAT_COLUMNS,
+)
+SPLIT_COLUMNS = (
+    "split",
+    "folder",
+    "image_dir_exists",
+    "mask_dir_exists",
+    "n_images",
+    "n_masks",
+    "n_pairs",
+)
+#: A pixel darker than this fraction of full scale (grey) counts as dark.
+DARK_LEVEL = 0.02
+#: Files below this count are read in-process: starting workers costs more than it saves.
+MIN_FILES_FOR_WORKERS = 48
+
+
+class ValidateConfig(Strict):
+    """Settings of the data-validation stage (inventory + expectation suites).
+
+    ``workers`` readers run in parallel (``0`` = one per CPU core): threads by default, since
+    decoding, hashing and the OpenCV statistics release the GIL; ``parallel="process"`` uses
+    a process pool instead (forkserver; a calling script needs a ``__main__`` guard). Stain
+    densities are computed on a copy subsampled to at most ``stats_max_side`` pixels per side.
+    ``stain_vectors`` are the optical-density rows (haematoxylin, eosin, DAB) used for colour
+    deconvolution; ``None`` = Ruifrok & Johnston.
+    """
+
+    data: DataConfig = DataConfig()
+    min_images_per_split: int = Field(1, ge=0)
+    workers: int = Field(0, ge=0)
+    parallel: Literal["thread", "process"] = "thread"
+    stats_max_side: int = Field(128, ge=16)
+    stain_vectors: list[list[float]] | None = None
+
+
+def load_validate_config(
+    path: str | os.PathLike | None = None,
+    *,
+    mask_kind: str | None = None,
+    min_images_per_split: int | None = None,
+    workers: int | None = None,
+) -> ValidateConfig:
+    """The validation config of a run-config YAML (its ``data`` section, or its ``validate``
+    section where the run config has one), with command-line overrides applied."""
+    from mlseg.config import load_config, parse
+
+    run = load_config(path)
+    # pydantic models have a .validate method: test for the field, not the attribute.
+    base = run.validate if "validate" in type(run).model_fields else ValidateConfig(data=run.data)
+    data = base.model_dump()
+    if mask_kind is not None:
+        data["data"] = {**data["data"], "mask_kind": mask_kind}
+    if min_images_per_split is not None:
+        data["min_images_per_split"] = min_images_per_split
+    if workers is not None:
+        data["workers"] = workers
+    return parse(ValidateConfig, data, "command-line options")
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The two tables of a dataset inventory (see the module docstring for columns)."""
+
+    root: Path
+    files: pd.DataFrame
+    splits: pd.DataFrame
+    config: ValidateConfig
+
+
+# --------------------------------------------------------------------------- pure statistics
+
+
+def _full_scale(dtype: np.dtype) -> float:
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def _stain_inverse(stain_vectors: Iterable[Iterable[float]] | None) -> np.ndarray:
+    key = tuple(tuple(float(v) for v in row) for row in (stain_vectors or RUIFROK_HED))
+    return _inverse_of(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_of(rows: tuple[tuple[float, ...], ...]) -> np.ndarray:
+    """``(3, 3) float32``: optical densities (row vectors) times this = stain concentrations."""
+    matrix = np.asarray(rows, np.float64)
+    matrix = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.linalg.inv(matrix).astype(np.float32)
+
+
+def image_stats(
+    image: np.ndarray,
+    *,
+    max_side: int = 128,
+    stain_vectors: Iterable[Iterable[float]] | None = None,
+) -> dict[str, float]:
+    """Quality statistics of one image; the same numbers the inventory and fingerprint hold.
+
+    ``image`` is ``(H, W, C)`` (or ``(H, W)``) ``uint8``/``uint16``, ``C`` in {1, 3}, RGB order.
+    Intensities are fractions of the dtype's full scale (255 or 65535). Every statistic uses
+    every pixel except the stain densities, computed on a copy subsampled to at most
+    ``max_side`` pixels per side (colour deconvolution is the costly step). Returns a
+    dict with the keys :data:`STAT_COLUMNS` (channels that do not exist and, for grey
+    images, stain densities are NaN). Pure: no I/O, the input is not modified.
+    """
+    import cv2
+
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3) or arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"expected (H, W, 1|3) uint8/uint16, got {arr.shape} {arr.dtype}")
+    scale = _full_scale(arr.dtype)
+    n_channels = arr.shape[2]
+    mean, std = cv2.meanStdDev(arr)
+    mean, std = mean.ravel() / scale, std.ravel() / scale
+    grey = arr[..., 0] if n_channels == 1 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    _, grey_std = cv2.meanStdDev(grey)
+    depth = cv2.CV_16S if arr.dtype == np.uint8 else cv2.CV_32F  # 16S holds 8-bit exactly
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, depth))
+    lap_var = float(lap_std.ravel()[0]) ** 2 * (255.0 / scale) ** 2
+
+    # Saturated: any channel at full scale; dark: grey at most DARK_LEVEL of full scale.
+    top = scale - 1
+    not_saturated = cv2.inRange(arr, (0,) * n_channels, (top,) * n_channels)
+    n_pixels = grey.size
+    saturated = 1.0 - cv2.countNonZero(not_saturated) / n_pixels
+    dark = float(np.count_nonzero(grey <= DARK_LEVEL * scale)) / n_pixels
+
+    stats: dict[str, float] = dict.fromkeys(STAT_COLUMNS, float("nan"))
+    for c in range(n_channels):
+        stats[f"mean_c{c}"] = float(mean[c])
+        stats[f"std_c{c}"] = float(std[c])
+    stats.update(
+        grey_std=float(grey_std.ravel()[0]) / scale,
+        laplacian_var=lap_var,
+        saturated_fraction=saturated,
+        dark_fraction=dark,
+    )
+    if n_channels == 3:
+        step = max(1, math.ceil(max(arr.shape[:2]) / max_side))
+        rgb = arr[::step, ::step].reshape(-1, 3).astype(np.float32)
+        od = -np.log10((rgb + 1.0) / (scale + 1.0))
+        conc = np.clip(od @ _stain_inverse(stain_vectors), 0.0, None)
+        h, e, d = conc.mean(axis=0)
+        stats.update(od_hematoxylin_mean=float(h), od_eosin_mean=float(e), od_dab_mean=float(d))
+    return stats
+
+
+def mask_values_valid(values: np.ndarray, declared: str) -> bool:
+    """Whether a mask's distinct values (``values``, sorted, from ``np.unique``) fit ``declared``.
+
+    ``binary``: values within {0, 1} or within {0, 255}. ``instance``: any non-negative labels
+    except the 0/255 pattern of a binary export (which would make one nucleus of everything).
+    ``auto``: any non-negative integer mask.
+    """
+    values = np.asarray(values)
+    if values.size and values.min() < 0:
+        return False
+    nonzero = set(values[values != 0].tolist())
+    if declared == "binary":
+        return nonzero <= {1} or nonzero <= {255}
+    if declared == "instance":
+        return nonzero != {255}
+    return True
+
+
+def mask_stats(mask: np.ndarray, declared: str = "auto") -> dict[str, Any]:
+    """Facts about one ``(H, W)`` integer mask: kind, label count, foreground, validity.
+
+    Returns ``mask_kind`` (``binary`` if at most one non-zero value, else ``instance``, as
+    :func:`mlseg.dataset.mask_kind`), ``mask_labels``, ``mask_max_value``,
+    ``foreground_fraction`` and ``mask_values_ok`` (see :func:`mask_values_valid`).
+    """
+    flat = np.asarray(mask).ravel()
+    if flat.dtype.kind in "iu" and flat.size and flat.min() >= 0 and flat.max() < 1 << 20:
+        foreground = flat[flat != 0]  # nuclei cover a fraction of the image: count only those
+        values = np.flatnonzero(np.bincount(foreground)) if foreground.size else foreground[:0]
+        background = flat.size - foreground.size
+    else:
+        values = np.unique(flat)
+        background = int((flat == 0).sum())
+    n_labels = int((values != 0).sum())
+    return {
+        "mask_kind": "binary" if n_labels <= 1 else "instance",
+        "mask_labels": n_labels,
+        "mask_max_value": int(values.max()) if values.size else 0,
+        "foreground_fraction": 1.0 - background / flat.size if flat.size else 0.0,
+        "mask_values_ok": mask_values_valid(values, declared),
+    }
+
+
+def content_hash(array: np.ndarray) -> str:
+    """SHA-256 (first 128 bits, hex) of an array's pixels, shape and dtype: equal for the same
+    pixels saved as PNG or TIFF. SHA-256 because CPUs hash it in hardware (SHA-NI, ARMv8)."""
+    arr = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{arr.shape}{arr.dtype.str}".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class _Entry:
+    split: str | None
+    role: str
+    rel: str
+    path: Path
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    """Non-hidden files below ``folder``, sorted; symlinked folders followed once (no loops)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, dict[str, Any]]]:
+    """List every non-hidden file below ``root`` (root-level files excepted) with its role."""
+    entries: list[_Entry] = []
+    folders: dict[str, dict[str, Any]] = {}
+    split_names = {split_dir(root, cfg, s).name: s for s in SPLITS}
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        split = split_names.get(child.name)
+        for path in _visible_files(child):
+            role = "stray"
+            if split is not None and path.parent == child / cfg.image_dir:
+                role = "image"
+            elif split is not None and path.parent == child / cfg.mask_dir:
+                role = "mask"
+            entries.append(_Entry(split, role, path.relative_to(root).as_posix(), path))
+    for split in SPLITS:
+        base = split_dir(root, cfg, split)
+        folders[split] = {
+            "folder": base.relative_to(root).as_posix(),
+            "image_dir_exists": (base / cfg.image_dir).is_dir(),
+            "mask_dir_exists": (base / cfg.mask_dir).is_dir(),
+        }
+    return entries, folders
+
+
+# --------------------------------------------------------------------------- reading (workers)
+
+
+def inspect_file(
+    item: tuple[str, str],
+    *,
+    declared_kind: str = "auto",
+    max_side: int = 128,
+    stain_vectors: list[list[float]] | None = None,
+) -> dict[str, Any]:
+    """Decode one file (``(path, role)``) and return its row of facts; never raises on bad data."""
+    path_str, role = item
+    path = Path(path_str)
+    row: dict[str, Any] = {"readable": None, "read_error": None}
+    try:
+        row["size_bytes"] = path.stat().st_size
+    except OSError as err:
+        row.update(readable=False, read_error=f"{path}: cannot stat ({err.strerror})")
+        return row
+    if role == "stray" or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return row
+    try:
+        arr = read_image(path)
+        if role == "mask" and arr.shape[2] == 3 and not _grey_rgb(arr):
+            raise ImageReadError(
+                f"{path}: colour mask; save masks as single-channel label or binary images"
+            )
+    except ImageReadError as err:
+        row.update(readable=False, read_error=str(err))
+        return row
+    except Exception as err:  # a decoder crash on a corrupt file must not stop the inventory
+        row.update(
+            readable=False, read_error=f"{path}: cannot be decoded ({type(err).__name__}: {err})"
+        )
+        return row
+    row.update(
+        readable=True,
+        height_px=int(arr.shape[0]),
+        width_px=int(arr.shape[1]),
+        channels=int(arr.shape[2]),
+        dtype=str(arr.dtype),
+    )
+    if role == "mask":
+        row.update(mask_stats(arr[..., 0], declared_kind))
+    else:
+        row["content_hash"] = content_hash(arr)
+        row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
+    return row
+
+
+def _grey_rgb(arr: np.ndarray) -> bool:
+    return np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` (``spawn`` where it does not exist), never ``fork``: a forked child
+    inherits OpenCV's thread pool (and any caller's threads) half-initialised and can hang.
+    Like every non-fork pool, it needs the caller's script guarded by ``__name__ == '__main__'``.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _worker_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+
+
+def _cpu_count() -> int:
+    """Cores this process may use (the affinity mask in containers), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _bounded_map(
+    pool: Executor, fn: Callable[[Any], Any], items: list[Any], ahead: int
+) -> Iterator[Any]:
+    """``pool.map`` that keeps at most ``ahead`` results pending (bounded memory, in order)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read_all(
+    items: list[tuple[str, str]],
+    worker: Callable[[tuple[str, str]], dict[str, Any]],
+    workers: int,
+    progress: bool,
+    parallel: str = "thread",
+) -> Iterator[dict[str, Any]]:
+    """Rows of ``worker(item)`` in the order of ``items``, computed by a process pool.
+
+    Items go to the workers in chunks; each worker holds one decoded file at a time and
+    sends back only its small row, so memory does not grow with the dataset.
+    """
+    n_workers = min(workers or _cpu_count(), max(1, len(items)))
+    pool: Executor | None = None
+    if n_workers == 1 or len(items) < MIN_FILES_FOR_WORKERS:
+        results: Iterable[dict[str, Any]] = map(worker, items)
+    elif parallel == "thread":
+        pool = ThreadPoolExecutor(n_workers, thread_name_prefix="mlseg-inventory")
+        results = _bounded_map(pool, worker, items, 4 * n_workers)
+    else:
+        chunk = max(1, min(32, len(items) // (n_workers * 8)))
+        pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=_worker_init)
+        results = pool.map(worker, items, chunksize=chunk)
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(items), desc="reading", unit="file", leave=False)
+        yield from results
+    except BrokenProcessPool as err:
+        raise RuntimeError(
+            "inventory worker processes died; when calling build_inventory from a script, put "
+            "the call under `if __name__ == '__main__':`, or set workers=1"
+        ) from err
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def build_inventory(
+    root: str | os.PathLike, cfg: ValidateConfig | None = None, *, progress: bool = False
+) -> Inventory:
+    """Inventory every file of the dataset at ``root``; the dataset is only read.
+
+    Raises :class:`DatasetError` only if ``root`` is not a folder: every problem inside the
+    dataset becomes a fact in the tables, for the expectation suites to judge.
+    """
+    cfg = cfg or ValidateConfig()
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found; check the path")
+    entries, folders = scan_dataset(root, cfg.data)
+    worker = partial(
+        inspect_file,
+        declared_kind=cfg.data.mask_kind,
+        max_side=cfg.stats_max_side,
+        stain_vectors=cfg.stain_vectors,
+    )
+    rows = []
+    items = [(str(e.path), e.role) for e in entries]
+    facts_iter = _read_all(items, worker, cfg.workers, progress, cfg.parallel)
+    for entry, facts in zip(entries, facts_iter, strict=True):
+        rows.append({"split": entry.split, "role": entry.role, "path": entry.rel, **facts})
+    files = add_checks(pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data)
+    return Inventory(root, files, split_summary(files, folders), cfg)
+
+
+def _rule(ok: Iterable[Any], applies: Iterable[bool]) -> pd.Series:
+    """A check column: ``True``/``False`` where the rule applies, null elsewhere (object dtype)."""
+    return pd.Series(
+        [bool(o) if a else None for o, a in zip(ok, applies, strict=True)], dtype=object
+    )
+
+
+def _file_name_parts(path: str) -> tuple[str, str]:
+    name = path.rsplit("/", 1)[-1]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, "." + ext.lower()) if dot and stem else (name, "")
+
+
+def add_checks(files: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Add ``stem``, ``extension``, ``n_partners`` and one column per contract rule (pure).
+
+    ``files`` holds the facts read from each file (``split``, ``role``, ``path``,
+    ``readable``, sizes, hashes, ...); see the module docstring for the columns added.
+    """
+    df = files.reset_index(drop=True).copy()
+    parts = [_file_name_parts(p) for p in df["path"]]
+    raw_stem = pd.Series([p[0] for p in parts], dtype=object)
+    df["extension"] = [p[1] for p in parts]
+    role = df["role"].to_numpy()
+    is_image, is_mask, is_stray = role == "image", role == "mask", role == "stray"
+    in_folder = ~is_stray
+    suffix = cfg.mask_suffix
+    ends = np.array([s.endswith(suffix) for s in raw_stem], dtype=bool)
+    df["stem"] = [
+        s[: len(s) - len(suffix)] if m and e else s
+        for s, m, e in zip(raw_stem, is_mask, ends, strict=True)
+    ]
+
+    ext_ok = df["extension"].isin(IMAGE_EXTENSIONS).to_numpy()
+    df["location_ok"] = _rule(in_folder, [True] * len(df))
+    df["extension_ok"] = _rule(ext_ok, in_folder)
+    df["name_ok"] = _rule((is_image & ~ends) | (is_mask & ends), in_folder)
+
+    # Pairing counts only files a training run would pick up: right folder, allowed extension,
+    # and for masks the right suffix. Unreadable files still pair (the read error is reported).
+    pair_image = is_image & ext_ok
+    pair_mask = is_mask & ext_ok & ends
+    key = (df["split"].astype(str) + "/" + df["stem"].astype(str)).to_numpy()
+    n_images = pd.Series(key[pair_image]).value_counts().to_dict()
+    n_masks = pd.Series(key[pair_mask]).value_counts().to_dict()
+    partners = [
+        n_masks.get(k, 0) if pi else n_images.get(k, 0) if pm else None
+        for k, pi, pm in zip(key, pair_image, pair_mask, strict=True)
+    ]
+    df["n_partners"] = pd.array(partners, dtype="Int64")
+    has = np.array([bool(p) for p in partners], dtype=bool)
+    df["image_has_mask"] = _rule(has, pair_image)
+    df["mask_has_image"] = _rule(has, pair_mask)
+    df["partner_unique"] = _rule([p is not None and p <= 1 for p in partners], has)
+
+    readable = df["readable"].eq(True).to_numpy()
+    width, height = df["width_px"].to_numpy(), df["height_px"].to_numpy()
+    image_size = {
+        k: (w, h)
+        for k, w, h, ok in zip(key, width, height, pair_image & readable, strict=True)
+        if ok
+    }
+    one_image = pair_mask & readable & np.array([p == 1 for p in partners], dtype=bool)
+    applies = one_image & np.array([k in image_size for k in key], dtype=bool)
+    df["size_matches"] = _rule(
+        [image_size.get(k) == (w, h) for k, w, h in zip(key, width, height, strict=True)], applies
+    )
+    values_ok = df["mask_values_ok"].to_numpy() if "mask_values_ok" in df else [None] * len(df)
+    df["mask_values_ok"] = _rule([v is True for v in values_ok], is_mask & readable)
+
+    # Duplicates within a split and leakage across splits, by decoded-pixel hash.
+    hashed = is_image & readable & df["content_hash"].notna().to_numpy()
+    sub = df.loc[hashed, ["split", "content_hash"]].astype(str)
+    per_split = sub.groupby(["split", "content_hash"])["split"].transform("size")
+    n_splits = sub.groupby("content_hash")["split"].transform("nunique")
+    df["unique_in_split"] = _rule((per_split == 1).reindex(df.index, fill_value=True), hashed)
+    df["only_in_one_split"] = _rule((n_splits == 1).reindex(df.index, fill_value=True), hashed)
+
+    # Consistency across the dataset's images: each is compared with the most common value.
+    decoded_image = is_image & readable
+    for column, check in (("channels", "channels_consistent"), ("dtype", "dtype_consistent")):
+        values = df[column].astype(str)
+        counts = values[decoded_image].value_counts()
+        common = min(counts.index, key=lambda v: (-counts[v], v)) if len(counts) else None
+        df[check] = _rule(values.eq(common), decoded_image)
+    return df.reindex(columns=list(FILE_COLUMNS))
+
+
+def split_summary(files: pd.DataFrame, folders: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per split: folders present, image/mask counts, pairs (image with one mask)."""
+    rows = []
+    for split in SPLITS:
+        part = files[files["split"].eq(split)]
+        usable = part["extension_ok"].eq(True)
+        pairs = part["image_has_mask"].eq(True) & part["partner_unique"].eq(True)
+        rows.append(
+            {
+                "split": split,
+                **folders.get(
+                    split, {"folder": split, "image_dir_exists": False, "mask_dir_exists": False}
+                ),
+                "n_images": int((part["role"].eq("image") & usable).sum()),
+                "n_masks": int((part["role"].eq("mask") & usable).sum()),
+                "n_pairs": int(pairs.sum()),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(
+    files: pd.DataFrame,
+    split: str = "train",
+    bins: int = 10,
+    image_stats_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Summary of the readable images of ``split``, for later drift checks (JSON-ready, pure).
+
+    Per statistic of :data:`STAT_COLUMNS`: count, mean, std, min, max, quantiles and a
+    ``bins``-bin histogram on quantile edges (equal-frequency bins; repeated edges merged),
+    so a monitor can compute a population stability index for new images binned on the same
+    edges. ``content_hash`` is a SHA-256 digest (128 bits) of the sorted image hashes: equal
+    for the same set of images whatever their names or order. ``image_stats_params`` (the keyword arguments
+    the statistics were computed with, e.g. ``max_side``) are stored so a monitor can compute
+    new images' statistics the same way.
+    """
+    images = files[
+        files["role"].eq("image") & files["readable"].eq(True) & files["split"].eq(split)
+    ]
+    hashes = sorted(images["content_hash"].dropna().astype(str))
+    digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:32]
+    quantiles = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    stats: dict[str, Any] = {}
+    for column in STAT_COLUMNS:
+        values = pd.to_numeric(images[column], errors="coerce").dropna().to_numpy(np.float64)
+        if values.size == 0:
+            continue
+        edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
+        if edges.size == 1:
+            edges = np.array([edges[0], edges[0]])
+        counts, _ = np.histogram(values, bins=edges)
+        stats[column] = {
+            "n": int(values.size),
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "quantiles": {str(q): float(np.quantile(values, q)) for q in quantiles},
+            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        }
+    sizes = images[["width_px", "height_px"]].astype("Int64")
+    return {
+        "version": FINGERPRINT_VERSION,
+        "split": split,
+        "n_images": int(len(images)),
+        "content_hash": digest,
+        "channels": {str(k): int(v) for k, v in images["channels"].value_counts().items()},
+        "dtype": {str(k): int(v) for k, v in images["dtype"].value_counts().items()},
+        "size_px": {
+            "width_min": _int_or_none(sizes["width_px"].min()),
+            "width_max": _int_or_none(sizes["width_px"].max()),
+            "height_min": _int_or_none(sizes["height_px"].min()),
+            "height_max": _int_or_none(sizes["height_px"].max()),
+        },
+        "stat_columns": list(STAT_COLUMNS),
+        "image_stats_params": dict(image_stats_params or {}),
+        "stats": stats,
+    }
+
+
+def _fingerprint_of(inventory: Inventory) -> dict[str, Any]:
+    cfg = inventory.config
+    params = {"max_side": cfg.stats_max_side, "stain_vectors": cfg.stain_vectors}
+    return fingerprint(inventory.files, image_stats_params=params)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if pd.isna(value) else int(value)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_output_dir(root: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Refuse an output folder inside the dataset (validation never writes into a dataset)."""
+    root_r, out_r = Path(root).resolve(), Path(out).resolve()
+    if out_r == root_r or out_r.is_relative_to(root_r):
+        raise DatasetError(
+            f"{out}: output folder lies inside the dataset {root}; choose one outside it (--out)"
+        )
+    return Path(out)
+
+
+def write_inventory(inventory: Inventory, out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``inventory.parquet``, ``inventory.csv``, ``splits.csv``, ``fingerprint.json`` and
+    ``validate_config.json`` into ``out`` (atomically, each); return their paths by name."""
+    out = check_output_dir(inventory.root, out)
+    paths = {
+        "inventory": write_table(inventory.files, out / "inventory.parquet"),
+        "inventory_csv": write_table(inventory.files, out / "inventory.csv"),
+        "splits": write_table(inventory.splits, out / "splits.csv"),
+        "fingerprint": write_text(
+            out / "fingerprint.json", json.dumps(_fingerprint_of(inventory), indent=2) + "\n"
+        ),
+        "config": write_text(
+            out / "validate_config.json", inventory.config.model_dump_json(indent=2) + "\n"
+        ),
+    }
+    return paths

@@ -1,0 +1,243 @@
+"""The inventory: facts per file, the pure statistics, parallel reading, the fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlseg.config import DataConfig
+from mlseg.errors import DatasetError
+from mlseg.inventory import (
+    FILE_COLUMNS,
+    STAT_COLUMNS,
+    ValidateConfig,
+    build_inventory,
+    check_output_dir,
+    content_hash,
+    fingerprint,
+    image_stats,
+    mask_stats,
+    mask_values_valid,
+)
+from mlseg.io import write_image, write_labels
+
+# ------------------------------------------------------------------ pure statistics
+
+
+def test_image_stats_constant_image_has_no_texture():
+    stats = image_stats(np.zeros((40, 50, 3), np.uint8))
+    assert set(stats) == set(STAT_COLUMNS)
+    assert stats["grey_std"] == 0 and stats["laplacian_var"] == 0
+    assert stats["dark_fraction"] == 1.0 and stats["saturated_fraction"] == 0.0
+
+
+def test_image_stats_saturation_and_grey_channels():
+    image = np.zeros((32, 32, 1), np.uint8)
+    image[:16] = 255
+    stats = image_stats(image)
+    assert stats["saturated_fraction"] == pytest.approx(0.5)
+    assert stats["mean_c0"] == pytest.approx(0.5)
+    assert np.isnan(stats["mean_c1"]) and np.isnan(stats["od_hematoxylin_mean"])
+
+
+def test_image_stats_are_bit_depth_independent(nuclei_pair):
+    rng = np.random.default_rng(1)
+    image8, _ = nuclei_pair(rng, 64)
+    image16 = image8.astype(np.uint16) * 257  # same picture at 16 bit
+    s8, s16 = image_stats(image8), image_stats(image16)
+    for key in ("mean_c0", "std_c2", "grey_std", "laplacian_var", "od_hematoxylin_mean"):
+        assert s16[key] == pytest.approx(s8[key], rel=0.02, abs=1e-3), key
+
+
+def test_colour_deconvolution_separates_haematoxylin_from_eosin():
+    from skimage.color import hed2rgb
+
+    hed = np.zeros((16, 16, 3))
+    hed[:8, :, 0] = 0.05  # top: haematoxylin only (skimage units; 0.05 stays unclipped)
+    hed[8:, :, 1] = 0.05  # bottom: eosin only
+    rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+    top, bottom = image_stats(rgb[:8]), image_stats(rgb[8:])
+    assert top["od_hematoxylin_mean"] > 5 * top["od_eosin_mean"]
+    assert bottom["od_eosin_mean"] > 5 * bottom["od_hematoxylin_mean"]
+    assert max(top["od_dab_mean"], bottom["od_dab_mean"]) < 0.1
+
+
+def test_blur_lowers_laplacian_variance(nuclei_pair):
+    import cv2
+
+    image, _ = nuclei_pair(np.random.default_rng(2), 96)
+    blurred = cv2.GaussianBlur(image, (0, 0), 3)
+    assert image_stats(blurred)["laplacian_var"] < 0.2 * image_stats(image)["laplacian_var"]
+
+
+@pytest.mark.parametrize(
+    ("values", "declared", "ok"),
+    [
+        ([0, 1], "binary", True),
+        ([0, 255], "binary", True),
+        ([0], "binary", True),
+        ([0, 3, 7], "binary", False),
+        ([0, 1, 255], "binary", False),
+        ([0, 3, 7], "instance", True),
+        ([0, 255], "instance", False),
+        ([0, 3, 7], "auto", True),
+    ],
+)
+def test_mask_values_for_declared_kind(values, declared, ok):
+    assert mask_values_valid(np.array(values), declared) is ok
+
+
+def test_mask_stats_counts_labels_and_foreground():
+    mask = np.zeros((10, 10), np.uint16)
+    mask[:5, :2] = 3
+    mask[5:, 8:] = 700
+    stats = mask_stats(mask, "binary")
+    assert stats["mask_kind"] == "instance" and stats["mask_labels"] == 2
+    assert stats["mask_max_value"] == 700
+    assert stats["foreground_fraction"] == pytest.approx(0.2)
+    assert stats["mask_values_ok"] is False
+    assert mask_stats(np.zeros((4, 4), np.uint8))["mask_kind"] == "binary"
+
+
+def test_content_hash_depends_on_pixels_not_file_format(tmp_path, nuclei_pair):
+    from mlseg.io import read_image
+
+    image, _ = nuclei_pair(np.random.default_rng(3))
+    png = write_image(tmp_path / "a.png", image)
+    tif = write_image(tmp_path / "a.tif", image)
+    assert content_hash(read_image(png)) == content_hash(read_image(tif))
+    changed = image.copy()
+    changed[0, 0, 0] ^= 1
+    assert content_hash(changed) != content_hash(image)
+    assert content_hash(image.astype(np.uint16)) != content_hash(image)
+
+
+# ------------------------------------------------------------------ inventory
+
+
+def test_inventory_rows_columns_and_not_applicable_nulls(tmp_path, nuclei_dataset):
+    root = nuclei_dataset("ds")
+    (root / "train" / "notes").mkdir()
+    (root / "train" / "notes" / "readme.txt").write_text("hello")
+    (root / "README.md").write_text("root-level files are not inventoried")
+    inv = build_inventory(root)
+    files = inv.files
+    assert list(files.columns) == list(FILE_COLUMNS)
+    assert len(files) == 11 and files["path"].is_unique
+    by_path = files.set_index("path")
+    image = by_path.loc["train/original/train0.png"]
+    mask = by_path.loc["train/masks/train0_mask.png"]
+    stray = by_path.loc["train/notes/readme.txt"]
+    assert (image["role"], image["stem"], image["width_px"], image["channels"]) == (
+        "image",
+        "train0",
+        48,
+        3,
+    )
+    assert mask["stem"] == "train0" and mask["mask_labels"] == 3 and mask["dtype"] == "uint16"
+    assert image["image_has_mask"] is True and image["mask_has_image"] is None
+    assert mask["mask_has_image"] is True and mask["size_matches"] is True
+    assert stray["role"] == "stray" and stray["location_ok"] is False and stray["readable"] is None
+    assert pd.isna(mask["grey_std"]) and image["grey_std"] > 0
+    assert inv.splits.set_index("split")["n_pairs"].to_dict() == {"train": 3, "test": 2}
+
+
+def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "ds"
+    for split in ("Training", "Testing"):
+        image, labels = nuclei_pair(rng)
+        write_image(root / split / "img" / "a.png", image)
+        write_labels(root / split / "lab" / "a-label.png", labels)
+    data = DataConfig(
+        train_dir="Training",
+        test_dir="Testing",
+        image_dir="img",
+        mask_dir="lab",
+        mask_suffix="-label",
+    )
+    inv = build_inventory(root, ValidateConfig(data=data))
+    assert inv.files["image_has_mask"].dropna().all() and inv.files["location_ok"].all()
+    assert inv.splits["n_pairs"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("parallel", ["thread", "process"])
+def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset):
+    root = nuclei_dataset("ds", n_train=20, n_test=6, size=32)  # 52 files >= 48
+    serial = build_inventory(root, ValidateConfig(workers=1)).files
+    parallel_files = build_inventory(root, ValidateConfig(workers=2, parallel=parallel)).files
+    pd.testing.assert_frame_equal(serial, parallel_files)
+
+
+def test_missing_root_is_a_dataset_error(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        build_inventory(tmp_path / "nope")
+
+
+def test_output_folder_inside_the_dataset_is_refused(tmp_path, nuclei_dataset):
+    root = nuclei_dataset("ds", 1, 1)
+    with pytest.raises(DatasetError, match="inside the dataset"):
+        check_output_dir(root, root / "validation")
+    assert check_output_dir(root, tmp_path / "out") == tmp_path / "out"
+
+
+# ------------------------------------------------------------------ fingerprint
+
+
+def test_fingerprint_histograms_and_order_free_hash(tmp_path, nuclei_dataset):
+    root = nuclei_dataset("ds", n_train=6, n_test=1)
+    files = build_inventory(root).files
+    fp = fingerprint(files)
+    json.dumps(fp)  # JSON-ready
+    assert fp["n_images"] == 6 and fp["channels"] == {"3": 6}
+    for column in ("grey_std", "laplacian_var", "od_hematoxylin_mean"):
+        hist = fp["stats"][column]["histogram"]
+        assert sum(hist["counts"]) == 6
+        assert len(hist["edges"]) == len(hist["counts"]) + 1
+        assert hist["edges"] == sorted(hist["edges"])
+    shuffled = files.sample(frac=1.0, random_state=0)
+    shuffled["path"] = "renamed/" + shuffled["path"]
+    assert fingerprint(shuffled)["content_hash"] == fp["content_hash"]
+    fewer = files.drop(index=files.index[files["role"].eq("image") & files["split"].eq("train")][0])
+    assert fingerprint(fewer)["content_hash"] != fp["content_hash"]
+
+
+def test_image_stats_reproduce_the_inventory_for_monitoring(tmp_path, nuclei_dataset):
+    from mlseg.io import read_image
+
+    root = nuclei_dataset("ds", 2, 1)
+    row = build_inventory(root).files.set_index("path").loc["train/original/train1.png"]
+    again = image_stats(read_image(root / "train" / "original" / "train1.png"))
+    for column in STAT_COLUMNS:
+        assert again[column] == pytest.approx(row[column], nan_ok=True), column
+
+
+def test_symlinked_folder_loops_are_walked_once(nuclei_dataset):
+    root = nuclei_dataset("ds", 1, 1)
+    (root / "train" / "again").symlink_to(root / "train", target_is_directory=True)
+    paths = build_inventory(root).files["path"].tolist()  # terminates
+    assert len(paths) == 4 and not any("again" in p for p in paths)  # already walked: skipped
+
+
+def test_reading_streams_with_a_bounded_number_of_files_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlseg.inventory import _bounded_map
+
+    submitted = []
+    with ThreadPoolExecutor(2) as pool:
+        original = pool.submit
+
+        def submit(fn, item):
+            submitted.append(item)
+            return original(fn, item)
+
+        pool.submit = submit
+        in_flight = []
+        for i, value in enumerate(_bounded_map(pool, lambda x: x * 2, list(range(100)), ahead=8)):
+            assert value == 2 * i  # in order
+            in_flight.append(len(submitted) - i)
+    assert max(in_flight) <= 8 and len(submitted) == 100

@@ -1,0 +1,86 @@
+"""Flow ``validate-dataset``: publishes its verdict as artifacts and fails on error-level rules.
+
+Tasks are tested through ``.fn``; the flow runs against ``prefect_test_harness`` (a
+temporary server for this module; module scope so it never overlaps another module's).
+``PREFECT_HOME`` and analytics are set in ``conftest.pytest_configure`` before prefect loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlseg.errors import ValidationFailed
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
+    from flows.validate import inventory_task, suites_task, summary_markdown
+    from mlseg.inventory import ValidateConfig
+
+    root = nuclei_dataset()
+    (root / "train/masks/train1_mask.png").unlink()
+    inventory = inventory_task.fn(str(root), ValidateConfig())
+    report = suites_task.fn(inventory, str(tmp_path / "out"))
+    assert report.failed_rules("error") == ["image_has_mask"]
+    text = summary_markdown(report)
+    assert "FAILED" in text and "`image_has_mask`" in text and "train/original/train1.png" in text
+
+
+def test_artifact_key_is_prefect_safe():
+    from flows.validate import artifact_key
+
+    assert artifact_key("/data/My Set_v2") == "dataset-validation-my-set-v2"
+
+
+def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_dataset, tmp_path):
+    from flows.validate import validate_dataset_flow
+    from mlseg.inventory import build_inventory, fingerprint
+
+    root = nuclei_dataset("good")
+    state = validate_dataset_flow(str(root), str(tmp_path / "out"), return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert result["success"] is True
+    assert result["fingerprint_hash"] == fingerprint(build_inventory(root).files)["content_hash"]
+    assert Path(result["outputs"]["fingerprint"]).is_file()
+    assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert {"dataset-validation-good", "dataset-validation-good-summary"} <= set(artifacts)
+    assert "passed" in artifacts["dataset-validation-good-summary"].data
+
+
+def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp_path):
+    from flows.validate import validate_dataset_flow
+
+    root = nuclei_dataset("leaky")
+    (root / "test/original/test0.png").write_bytes(
+        (root / "train/original/train0.png").read_bytes()
+    )
+    state = validate_dataset_flow(str(root), str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValidationFailed, match="no_train_test_leakage"):
+        state.result()
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    summary = artifacts["dataset-validation-leaky-summary"].data
+    assert "FAILED" in summary and "test/original/test0.png" in summary
+    assert "no_train_test_leakage" in str(artifacts["dataset-validation-leaky"].data)

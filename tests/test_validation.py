@@ -1,0 +1,356 @@
+"""The validation gate: each broken dataset is caught by exactly the expectation named for it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expectations.runner import (
+    SUITES_DIR,
+    ValidationReport,
+    load_suites,
+    run_suites,
+    validate_dataset,
+)
+from mlseg.cli import main
+from mlseg.errors import ConfigError
+from mlseg.inventory import ValidateConfig, build_inventory
+from mlseg.io import read_mask, write_image, write_labels
+
+README = Path(__file__).resolve().parents[1] / "expectations" / "README.md"
+
+
+def check(root: Path, **cfg) -> ValidationReport:
+    data = cfg.pop("data", None)
+    config = ValidateConfig(**cfg) if data is None else ValidateConfig(data=data, **cfg)
+    return run_suites(build_inventory(root, config))
+
+
+def assert_caught(report: ValidationReport, rule: str, files: set[str]) -> None:
+    outcome = report.outcome(rule)
+    assert not outcome.success, f"{rule} did not fail"
+    assert set(outcome.failed) == files
+    assert outcome.n_failed == len(files)
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+            digest.update(str(path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ suites
+
+
+def test_suites_are_versioned_documented_and_name_each_rule():
+    suites = load_suites()
+    assert {s["name"] for s in suites} == {"dataset_errors", "dataset_warnings", "splits_errors"}
+    readme = README.read_text()
+    for suite in suites:
+        assert suite["meta"]["version"] and suite["meta"]["severity"] in ("error", "warning")
+        for exp in suite["expectations"]:
+            assert exp["notes"], exp["meta"]["rule"]
+            assert f"`{exp['meta']['rule']}`" in readme, f"{exp['meta']['rule']} not in README"
+
+
+def test_a_bad_suite_file_is_a_config_error(tmp_path):
+    shutil.copy(SUITES_DIR / "dataset_errors.json", tmp_path / "a.json")
+    spec = json.loads((tmp_path / "a.json").read_text())
+    del spec["meta"]["version"]
+    (tmp_path / "a.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=r"a\.json.*meta\.version"):
+        load_suites(tmp_path)
+
+
+def test_an_expectation_that_cannot_run_counts_as_failed(tmp_path, nuclei_dataset):
+    spec = json.loads((SUITES_DIR / "splits_errors.json").read_text())
+    spec["expectations"][0]["kwargs"]["column"] = "no_such_column"
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "splits_errors.json").write_text(json.dumps(spec))
+    inventory = build_inventory(nuclei_dataset())
+    report = run_suites(inventory, suites_dir=tmp_path / "suites")
+    outcome = report.outcome("image_folder_exists")
+    assert not report.success and not outcome.success and "no_such_column" in outcome.error
+
+
+# ------------------------------------------------------------------ broken datasets
+
+
+def test_a_clean_dataset_passes_every_expectation(nuclei_dataset):
+    report = check(nuclei_dataset())
+    assert report.success and report.failed_rules() == []
+    assert all(o.n_checked > 0 for o in report.outcomes)
+
+
+def test_missing_mask(nuclei_dataset):
+    root = nuclei_dataset()
+    (root / "train/masks/train0_mask.png").unlink()
+    report = check(root)
+    assert report.failed_rules("error") == ["image_has_mask"]
+    assert_caught(report, "image_has_mask", {"train/original/train0.png"})
+
+
+def test_orphan_mask(nuclei_dataset, nuclei_pair):
+    root = nuclei_dataset()
+    write_labels(root / "train/masks/ghost_mask.png", nuclei_pair(np.random.default_rng(9))[1])
+    report = check(root)
+    assert report.failed_rules("error") == ["mask_has_image"]
+    assert_caught(report, "mask_has_image", {"train/masks/ghost_mask.png"})
+
+
+@pytest.mark.parametrize("suffix", ["_Mask", "-mask", ""])
+def test_misnamed_mask(nuclei_dataset, suffix):
+    root = nuclei_dataset()
+    bad = root / f"train/masks/train0{suffix}.png"
+    (root / "train/masks/train0_mask.png").rename(bad)
+    report = check(root)
+    # The misnamed mask is named by mask_naming; its image is then (truly) without a mask.
+    assert report.failed_rules("error") == ["mask_naming", "image_has_mask"]
+    assert_caught(report, "mask_naming", {f"train/masks/train0{suffix}.png"})
+    assert_caught(report, "image_has_mask", {"train/original/train0.png"})
+
+
+def test_mask_of_another_size(nuclei_dataset):
+    root = nuclei_dataset()
+    write_labels(root / "test/masks/test1_mask.png", np.zeros((40, 48), np.uint16))
+    report = check(root)
+    assert report.failed_rules("error") == ["sizes_match"]
+    assert_caught(report, "sizes_match", {"test/masks/test1_mask.png"})
+
+
+@pytest.mark.parametrize("name", ["train/original/train1.png", "train/masks/train1_mask.png"])
+def test_truncated_png(nuclei_dataset, name):
+    root = nuclei_dataset()
+    data = (root / name).read_bytes()
+    (root / name).write_bytes(data[: len(data) // 2])
+    report = check(root)
+    assert report.failed_rules("error") == ["readable"]
+    assert_caught(report, "readable", {name})
+    row = build_inventory(root).files.set_index("path").loc[name]
+    assert "truncated" in row["read_error"]
+
+
+def test_non_image_file(nuclei_dataset):
+    root = nuclei_dataset()
+    (root / "train/original/notes.txt").write_text("scanned on Tuesday")
+    report = check(root)
+    assert report.failed_rules("error") == ["allowed_extension"]
+    assert_caught(report, "allowed_extension", {"train/original/notes.txt"})
+
+
+def test_mask_values_invalid_for_declared_binary(nuclei_dataset):
+    root = nuclei_dataset()
+    for path in root.glob("*/masks/*.png"):  # make every mask a proper 0/1 binary mask
+        write_image(path, (read_mask(path) > 0).astype(np.uint8))
+    odd = np.zeros((48, 48), np.uint8)
+    odd[5:10, 5:10], odd[20:30, 20:30] = 3, 7
+    write_image(root / "train/masks/train2_mask.png", odd)
+    data = ValidateConfig().data.model_copy(update={"mask_kind": "binary"})
+    report = check(root, data=data)
+    assert report.failed_rules("error") == ["mask_values_valid"]
+    assert_caught(report, "mask_values_valid", {"train/masks/train2_mask.png"})
+    assert check(root).success  # declared "auto": {0, 3, 7} is a valid instance mask
+
+
+def test_image_copied_into_train_and_test(nuclei_dataset):
+    root = nuclei_dataset()
+    shutil.copy(root / "train/original/train0.png", root / "test/original/copy.png")
+    shutil.copy(root / "train/masks/train0_mask.png", root / "test/masks/copy_mask.png")
+    report = check(root)
+    assert report.failed_rules("error") == ["no_train_test_leakage"]
+    assert_caught(
+        report, "no_train_test_leakage", {"train/original/train0.png", "test/original/copy.png"}
+    )
+
+
+def test_same_image_twice_in_one_split(nuclei_dataset):
+    root = nuclei_dataset()
+    shutil.copy(root / "train/original/train0.png", root / "train/original/again.png")
+    shutil.copy(root / "train/masks/train0_mask.png", root / "train/masks/again_mask.png")
+    report = check(root)
+    assert report.failed_rules("error") == ["no_duplicate_images"]
+    assert_caught(
+        report, "no_duplicate_images", {"train/original/train0.png", "train/original/again.png"}
+    )
+
+
+def test_all_black_image(nuclei_dataset):
+    root = nuclei_dataset()
+    write_image(root / "train/original/train1.png", np.zeros((48, 48, 3), np.uint8))
+    report = check(root)
+    assert report.failed_rules("error") == ["not_blank"]
+    assert_caught(report, "not_blank", {"train/original/train1.png"})
+    assert "not_blurred" in report.failed_rules("warning")
+
+
+def test_empty_split(nuclei_dataset):
+    root = nuclei_dataset()
+    for path in (root / "test").rglob("*.png"):
+        path.unlink()
+    report = check(root)
+    assert report.failed_rules("error") == ["min_images_per_split"]
+    assert_caught(report, "min_images_per_split", {"test"})
+
+
+def test_minimum_images_per_split_is_a_parameter(nuclei_dataset):
+    root = nuclei_dataset()  # 3 train, 2 test
+    report = check(root, min_images_per_split=3)
+    assert report.failed_rules("error") == ["min_images_per_split"]
+    assert_caught(report, "min_images_per_split", {"test"})
+
+
+def test_missing_mask_folder(nuclei_dataset):
+    root = nuclei_dataset()
+    shutil.rmtree(root / "test/masks")
+    report = check(root)
+    assert report.failed_rules("error") == [
+        "image_has_mask",
+        "mask_folder_exists",
+        "min_images_per_split",
+    ]
+    assert_caught(report, "mask_folder_exists", {"test"})
+
+
+def test_two_masks_for_one_image(nuclei_dataset):
+    root = nuclei_dataset()
+    labels = read_mask(root / "train/masks/train0_mask.png")
+    write_labels(root / "train/masks/train0_mask.tif", labels)
+    report = check(root)
+    assert report.failed_rules("error") == ["one_mask_per_image"]
+    assert_caught(report, "one_mask_per_image", {"train/original/train0.png"})
+
+
+def test_grey_image_among_rgb(nuclei_dataset):
+    root = nuclei_dataset()
+    path = root / "train/original/train1.png"
+    grey = np.asarray(np.random.default_rng(5).integers(0, 255, (48, 48)), np.uint8)
+    write_image(path, grey)
+    report = check(root)
+    assert report.failed_rules("error") == ["consistent_channels"]
+    assert_caught(report, "consistent_channels", {"train/original/train1.png"})
+
+
+def test_stray_file_is_only_a_warning(nuclei_dataset, nuclei_pair):
+    root = nuclei_dataset()
+    write_image(root / "train/images/lost.png", nuclei_pair(np.random.default_rng(6))[0])
+    report = check(root)
+    assert report.success and report.failed_rules() == ["stray_files"]
+    assert_caught(report, "stray_files", {"train/images/lost.png"})
+
+
+# ------------------------------------------------------------------ outputs, CLI, read-only
+
+
+def test_validate_dataset_writes_outputs_and_never_touches_the_dataset(nuclei_dataset, tmp_path):
+    root = nuclei_dataset()
+    (root / "train/masks/train0_mask.png").unlink()
+    before = tree_digest(root)
+    report = validate_dataset(root, tmp_path / "out")
+    assert tree_digest(root) == before
+    assert not report.success and report.failed_rules("error") == ["image_has_mask"]
+    out = tmp_path / "out"
+    for name in (
+        "inventory.parquet",
+        "inventory.csv",
+        "splits.csv",
+        "fingerprint.json",
+        "validate_config.json",
+        "validation.json",
+        "validation.csv",
+    ):
+        assert (out / name).is_file(), name
+    index = (out / "data_docs" / "index.html").read_text()
+    assert "dataset_errors" in index
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["success"] is False and saved["n_errors"] == 1
+    failing = [o for o in saved["outcomes"] if o["rule"] == "image_has_mask"][0]
+    assert failing["failed"] == ["train/original/train0.png"]
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["n_images"] == 3 and fp["image_stats_params"]["max_side"] == 128
+
+
+def test_cli_exit_codes_table_and_default_output_folder(
+    nuclei_dataset, tmp_path, capsys, monkeypatch
+):
+    root = nuclei_dataset()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 columns when not on a terminal
+    assert main(["validate", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "passed" in out and "not_blank" in out
+    assert (tmp_path / "validation" / "ds" / "data_docs" / "index.html").is_file()
+
+    (root / "test/masks/test0_mask.png").rename(root / "test/masks/test0-mask.png")
+    before = tree_digest(root)
+    assert main(["validate", str(root), "--out", str(tmp_path / "o2")]) == 1
+    captured = capsys.readouterr()
+    assert "mask_naming" in captured.out and "test/masks/test0-mask.png" in captured.out
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1
+    assert "mask_naming" in captured.err and "image_has_mask" in captured.err
+    assert tree_digest(root) == before
+
+
+def test_cli_refuses_output_inside_the_dataset(nuclei_dataset, capsys):
+    root = nuclei_dataset()
+    before = tree_digest(root)
+    assert main(["validate", str(root), "--out", str(root / "report")]) == 2
+    assert "inside the dataset" in capsys.readouterr().err
+    assert tree_digest(root) == before
+
+
+def test_cli_mask_kind_option(nuclei_dataset, capsys):
+    root = nuclei_dataset()  # instance masks with labels 1..3
+    assert (
+        main(
+            ["validate", str(root), "--out", str(root.parent / "o"), "-q", "--mask-kind", "binary"]
+        )
+        == 1
+    )
+    assert "mask_values_valid" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real data
+
+
+def contract_from_shared(shared: Path, name: str, dst: Path, n: int | None = None) -> Path:
+    """Symlink (part of) a shared set into the contract layout: 1 in 5 images to test."""
+    images = sorted((shared / name / "original").glob("*.png"))[:n]
+    for i, image in enumerate(images):
+        split = "test" if i % 5 == 4 else "train"
+        mask = shared / name / "masks" / f"{image.stem}_mask.png"
+        for src, folder, target in ((image, "original", image.name), (mask, "masks", mask.name)):
+            (dst / split / folder).mkdir(parents=True, exist_ok=True)
+            (dst / split / folder / target).symlink_to(src)
+    return dst
+
+
+SHARED_SETS = ("gbm40_he", "cpm15_he", "dsb2018_stage1_test")
+
+
+@pytest.mark.parametrize("name", SHARED_SETS)
+def test_shared_data_subset_passes(shared_data, tmp_path, name):
+    root = contract_from_shared(shared_data, name, tmp_path / name, n=5)
+    before = tree_digest(shared_data / name)
+    report = check(root)
+    assert report.success, report.to_frame().query("not success").to_string()
+    assert tree_digest(shared_data / name) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHARED_SETS)
+def test_every_shared_set_passes_after_ingest(shared_data, tmp_path, name):
+    from mlseg.ingest import ingest
+
+    root = ingest(shared_data / name, tmp_path / name, link=True, progress=False).root
+    report = validate_dataset(root, tmp_path / "out")
+    assert report.success, report.to_frame().query("not success").to_string()
+    assert report.failed_rules() == []
