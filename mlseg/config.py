@@ -96,7 +96,7 @@ class TrainConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     max_steps: int = Field(2000, ge=1)
     warmup_steps: int = Field(100, ge=0)
-    val_every: int = Field(200, ge=1)
+    val_every: int = Field(200, ge=1)  # steps per "epoch": validation + checkpoints
     early_stop_patience: int = Field(10, ge=1)
     dice_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
@@ -106,10 +106,10 @@ class TrainConfig(Strict):
     grad_clip: float = Field(12.0, ge=0)  # max gradient norm; 0 disables
     num_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 leaves torch's default
     device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    num_workers: int = Field(0, ge=0)
+    amp: bool = True  # bf16 autocast on CUDA (CPU trains in float32)
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model and the patch sampler
+    num_workers: int = Field(0, ge=0)  # threads decoding images at load; 0 = up to 8
     seed: int = 0
 
     @field_validator("patch_size")
@@ -121,7 +121,15 @@ class TrainConfig(Strict):
 
 
 class InferenceConfig(Strict):
-    """Tiled sliding-window prediction."""
+    """Tiled sliding-window prediction (see :mod:`mlseg.infer`).
+
+    Tiles of ``tile_size`` (a multiple of 32) overlap by ``overlap`` and are blended with a
+    Gaussian window (``sigma_scale * tile_size``), so there are no seams. Images smaller than
+    one tile are reflect-padded up to the next multiple of 32 and run as a single tile.
+    Images with more than ``stream_min_pixels`` pixels are labelled in row bands of
+    ``band_rows`` rows plus ``halo_px`` context rows above and below, so memory stays bounded
+    (objects taller than ``halo_px`` may be cut at a band edge).
+    """
 
     tile_size: int = Field(512, ge=64)
     overlap: float = Field(0.25, ge=0.0, lt=0.9)
@@ -129,32 +137,78 @@ class InferenceConfig(Strict):
     tta: bool = False
     device: str = "auto"
     auto_scale: bool = True
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = Field(0.125, gt=0, le=1)
+    stream_min_pixels: int = Field(4096 * 4096, ge=1)
+    band_rows: int = Field(1024, ge=64)
+    halo_px: int = Field(128, ge=0)
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("must be a multiple of 32 (the U-Net downsamples 5 times)")
+        return value
 
 
 class WatershedConfig(Strict):
-    """Instance separation parameters."""
+    """Instance separation parameters (see :mod:`mlseg.instances`).
+
+    Three-class output: seeds are connected components (4-connectivity) of
+    ``interior > seed_threshold`` with at least ``seed_min_area_px`` pixels, flooded over
+    ``1 - interior`` (``elevation: interior``) or the boundary probability
+    (``elevation: boundary``) within ``interior + boundary > fg_threshold``.
+    Binary output: seeds are maxima of the (``smooth_sigma_px``-smoothed) distance transform
+    at least ``min_distance_um`` apart (``min_distance_px`` when the pixel size is unknown).
+    """
 
     fg_threshold: float = Field(0.5, gt=0, lt=1)
     seed_threshold: float = Field(0.5, gt=0, lt=1)
+    seed_min_area_px: int = Field(3, ge=1)
+    elevation: Literal["interior", "boundary"] = "interior"
     min_distance_um: float = Field(2.0, gt=0)
+    min_distance_px: int = Field(4, ge=1)
+    smooth_sigma_px: float = Field(1.0, ge=0)
     compactness: float = Field(0.0, ge=0)
     fill_holes: bool = True
 
 
+DEFAULT_STAIN_VECTORS = (
+    (0.650, 0.704, 0.286),  # haematoxylin (Ruifrok & Johnston 2001)
+    (0.072, 0.990, 0.105),  # eosin
+    (0.268, 0.570, 0.776),  # DAB
+)
+
+
 class Profile(Strict):
-    """Per-image-type parameters shipped apart from the code (``profiles.yaml``)."""
+    """Per-image-type parameters shipped apart from the code (``profiles.yaml``).
+
+    ``pixel_size_um`` is microns per pixel (``None``: unknown). ``units`` picks the
+    measurement units: ``um`` needs a pixel size (else :class:`ConfigError`), ``px`` ignores
+    it, ``auto`` uses microns when a pixel size is known. ``stain_vectors`` are the RGB
+    optical-density vectors of the three stains named by ``stain_names`` (rows, normalised
+    to unit length when used). ``dab_thresholds`` are the mean DAB optical densities of
+    1+, 2+ and 3+ nuclei. Size limits apply in square microns when the pixel size is known,
+    else in pixels. Tissue is where the summed RGB optical density exceeds
+    ``tissue_od_threshold`` (bright field) or the brightest channel exceeds
+    ``tissue_intensity_threshold`` of full scale (fluorescence).
+    """
 
     name: str = ""
     version: str = "1"
     stain: Literal["he", "ihc", "fluorescence", "none"] = "he"
     channels: int = Field(3, ge=1, le=4)
     pixel_size_um: float | None = Field(None, gt=0)
+    units: Literal["auto", "um", "px"] = "auto"
     stain_vectors: list[list[float]] | None = None
+    stain_names: tuple[str, str, str] = ("hematoxylin", "eosin", "dab")
     dab_thresholds: tuple[float, float, float] = (0.15, 0.30, 0.60)
     min_area_um2: float = Field(10.0, ge=0)
     max_area_um2: float = Field(2000.0, gt=0)
     min_area_px: int = Field(10, ge=0)
     max_area_px: int = Field(100_000, gt=0)
+    tissue_od_threshold: float = Field(0.15, gt=0)
+    tissue_intensity_threshold: float = Field(0.05, gt=0, lt=1)
     watershed: WatershedConfig = WatershedConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
 
@@ -163,6 +217,26 @@ class Profile(Strict):
     def _three_by_three(cls, value: list[list[float]] | None) -> list[list[float]] | None:
         if value is not None and (len(value) != 3 or any(len(v) != 3 for v in value)):
             raise ValueError("stain_vectors must be 3 rows of 3 numbers (RGB optical densities)")
+        if value is not None:
+            import numpy as np
+
+            matrix = np.asarray(value, dtype=float)
+            if (matrix < 0).any() or (np.linalg.norm(matrix, axis=1) == 0).any():
+                raise ValueError("stain_vectors must be non-negative and non-zero rows")
+            if abs(np.linalg.det(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))) < 1e-3:
+                raise ValueError(
+                    "stain_vectors are (nearly) linearly dependent; use 3 distinct stains"
+                )
+        return value
+
+    @field_validator("stain_names")
+    @classmethod
+    def _column_safe(cls, value: tuple[str, str, str]) -> tuple[str, str, str]:
+        for name in value:
+            if not name.isidentifier() or name != name.lower():
+                raise ValueError(f"stain name {name!r} must be a lower-case identifier")
+        if len(set(value)) != 3:
+            raise ValueError("stain names must differ")
         return value
 
     @model_validator(mode="after")
@@ -172,14 +246,50 @@ class Profile(Strict):
             raise ValueError("dab_thresholds must be increasing (1+, 2+, 3+)")
         if self.min_area_um2 >= self.max_area_um2:
             raise ValueError("min_area_um2 must be below max_area_um2")
+        if self.min_area_px >= self.max_area_px:
+            raise ValueError("min_area_px must be below max_area_px")
         return self
+
+    @property
+    def brightfield(self) -> bool:
+        """True for transmitted-light stains measured as optical density (H&E, IHC)."""
+        return self.stain in ("he", "ihc")
+
+    def stain_matrix(self):
+        """``(3, 3) float64``: rows are the unit-length RGB OD vectors of ``stain_names``."""
+        import numpy as np
+
+        matrix = np.asarray(self.stain_vectors or DEFAULT_STAIN_VECTORS, dtype=np.float64)
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 class MonitorConfig(Strict):
-    """Drift thresholds (population stability index per statistic)."""
+    """Drift thresholds: population stability index (PSI) per image statistic.
+
+    New images' statistics (:func:`mlseg.inventory.image_stats`) are binned on the training
+    fingerprint's decile edges (outer bins open-ended). A statistic drifts when its PSI reaches
+    ``psi_warn`` (warning) or ``psi_fail`` (the monitor fails) *and* a permutation test on the
+    same bins says the difference is not chance: p below ``p_value`` after Bonferroni
+    correction over the statistics compared (small batches give noisy PSI). Fewer than
+    ``min_images`` new images: nothing is judged. ``statistics`` limits the comparison
+    (empty: every statistic of the fingerprint). Image size warns when more than
+    ``size_warn_fraction`` of the new images lie outside the training width/height range.
+    """
 
     psi_warn: float = Field(0.2, gt=0)
     psi_fail: float = Field(0.5, gt=0)
+    p_value: float = Field(0.01, gt=0, lt=1)
+    min_images: int = Field(5, ge=1)
+    permutations: int = Field(4999, ge=99)
+    statistics: tuple[str, ...] = ()
+    size_warn_fraction: float = Field(0.25, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warn_below_fail(self) -> MonitorConfig:
+        if self.psi_warn >= self.psi_fail:
+            raise ValueError("psi_warn must be below psi_fail")
+        return self
 
 
 class Config(Strict):

@@ -1,9 +1,143 @@
-"""Commands of this stage (filled in by the stage's issue)."""
+"""Training commands: ``train``, ``evaluate``, ``tune``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from mlseg.errors import ConfigError
+
+
+def _load(config: Path, data: Path | None, max_steps: int | None, device: str | None):
+    from mlseg.config import load_config
+
+    train: dict[str, Any] = {}
+    if max_steps is not None:
+        train["max_steps"] = max_steps
+    if device is not None:
+        train["device"] = device
+    cfg = load_config(config, train=train) if train else load_config(config)
+    root = data or cfg.data.root
+    if root is None:
+        raise ConfigError(f"{config}: no dataset; pass --data DIR or set data.root in the config")
+    return cfg, Path(root)
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (default: data.root).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: runs/<config name>).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from last checkpoint.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a model; re-running on the same --out resumes from the last checkpoint."""
+    from mlseg.train import fit
+
+    cfg, root = _load(config, data, max_steps, device)
+    out = out or Path("runs") / config.stem
+    result = fit(cfg, root, out, resume=resume, progress=not quiet)
+    dice = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
+    typer.echo(
+        f"trained {result.steps} steps ({result.images_per_s:.1f} img/s); best validation Dice {dice}; "
+        f"checkpoints in {result.out_dir}"
+    )
+
+
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder (contract layout).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <model>/eval_<split>).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train or test.")] = "test",
+    profile: Annotated[
+        str | None, typer.Option(help="Profile name (default: the model's).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
+    from mlseg.evaluate import evaluate as run_evaluate
+    from mlseg.model import load_model
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"--split must be train or test, got {split!r}")
+    inference = None
+    if device is not None:
+        inference = load_model(model).config.inference.model_copy(update={"device": device})
+    folder = model if model.is_dir() else model.parent
+    out = out or folder / f"eval_{split}"
+    result = run_evaluate(
+        model, data, out, split=split, profile=profile, inference_cfg=inference, progress=not quiet
+    )
+    m = result.means
+    typer.echo(
+        f"{len(result.per_image)} images: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  PQ {m['pq']:.4f}  "
+        f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f}; tables in {result.out_dir}"
+    )
+
+
+def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
+    import yaml
+
+    space: dict[str, list[Any]] = {}
+    for item in params:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(
+                f"--param {item!r}: expected section.field=v1,v2 (e.g. train.lr=1e-4,1e-3)"
+            )
+        space[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    return space or None
+
+
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML run config (the base of every trial).")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (default: data.root).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: runs/<config name>_tune).")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Trials to run (0 = the whole grid).")] = 8,
+    budget_steps: Annotated[int, typer.Option(help="Training steps per trial.")] = 200,
+    method: Annotated[str, typer.Option(help="random or grid.")] = "random",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Searched values, repeatable: section.field=v1,v2 (default: lr, encoder, dice weight, patch)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random search.")] = 0,
+) -> None:
+    """Small hyperparameter search; prints the ranked table, writes best_config.yaml."""
+    from mlseg.tune import tune as run_tune
+
+    cfg, root = _load(config, data, None, device)
+    out = out or Path("runs") / f"{config.stem}_tune"
+    table = run_tune(
+        cfg,
+        root,
+        out,
+        trials=trials or None,
+        budget_steps=budget_steps,
+        space=_parse_space(param or []),
+        method=method,
+        seed=seed,
+    )
+    typer.echo(table.drop(columns=["out_dir"]).to_string(index=False))
+    typer.echo(f"best config: {out / 'best_config.yaml'}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to ``app``."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("tune")(tune)

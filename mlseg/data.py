@@ -1,0 +1,424 @@
+"""Training data: decode once, cache on the training device, sample augmented patches.
+
+:func:`prepare_data` reads the ``train`` split of a dataset (contract of
+:mod:`mlseg.dataset`), holds back a seeded validation part, and for every image: decodes
+it, brings it to the target pixel size (``preprocess.target_pixel_size_um``, with the
+manifest's or the profile's pixel size), normalises it with :func:`mlseg.preprocess.normalize`
+and derives its class map with :func:`mlseg.targets.make_target`. Training images are packed
+into one buffer on the device (:class:`PatchStore`); each batch is then cut, augmented and
+photometrically jittered there in a few tensor operations (:mod:`mlseg.augment`), which keeps
+a GPU busy without worker processes; on CUDA the next batch is prepared on a side stream
+while the current one trains (:class:`Batches`). Every random choice is drawn from one
+seeded CPU generator, whose state the checkpoint keeps. A share of patches
+(``train.fg_oversample``) is centred on a random nucleus pixel, as nnU-Net oversamples
+foreground.
+Validation images are cut once into fixed tiles (:class:`ValTiles`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlseg.augment import (
+    draw_params,
+    gather_bilinear,
+    gather_nearest,
+    photometric,
+    source_coords,
+    to_device,
+)
+from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
+from mlseg.dataset import Pair, list_pairs, mask_kind, mask_to_labels
+from mlseg.errors import ConfigError, DatasetError
+from mlseg.io import read_image, read_mask
+from mlseg.preprocess import normalize, rescale, rescale_labels
+from mlseg.scale import dataset_diameter_px
+from mlseg.targets import make_target
+
+_MAX_FG_PER_IMAGE = 20_000  # foreground positions kept per image for centring patches
+
+
+# ----------------------------------------------------------------------------- decoding
+def effective_preprocess(cfg: Config, profile: Profile) -> PreprocessConfig:
+    """The run config's ``preprocess`` section if it sets one, else the profile's."""
+    return cfg.preprocess if "preprocess" in cfg.model_fields_set else profile.preprocess
+
+
+def dataset_fingerprint(pairs: list[Pair]) -> str:
+    """SHA-256 over the names and bytes of every image and mask of ``pairs`` (hex, 16 chars)."""
+    digest = hashlib.sha256()
+    for pair in sorted(pairs, key=lambda p: (p.split, p.stem)):
+        for path in (pair.image, pair.mask):
+            if path is None:
+                continue
+            digest.update(f"{pair.split}/{path.name}\0".encode())
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _decode(pair: Pair, target_um: float | None, default_um: float | None):
+    image = read_image(pair.image)
+    if pair.mask is None:
+        raise DatasetError(f"{pair.image}: no mask; training needs one mask per image")
+    mask = read_mask(pair.mask)
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image is "
+            f"{image.shape[1]}x{image.shape[0]}; they must be the same size"
+        )
+    um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
+    if target_um is not None and um is not None:
+        image = rescale(image, um, target_um)
+        mask = rescale_labels(mask, um, target_um)
+        um = target_um
+    return image, mask, um
+
+
+def decode_pairs(
+    pairs: list[Pair], pp: PreprocessConfig, profile: Profile, workers: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray], list[float | None]]:
+    """Decode and rescale every pair (threads); returns raw images, masks, pixel sizes."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        out = list(
+            pool.map(lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um), pairs)
+        )
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def dataset_mask_kind(configured: str, masks: list[np.ndarray]) -> str:
+    """``binary`` or ``instance`` for a whole dataset: instance if any mask holds two or
+    more distinct labels (a mask of one nucleus cannot tell), unless configured."""
+    if configured != "auto":
+        return configured
+    return "instance" if any(mask_kind(m) == "instance" for m in masks) else "binary"
+
+
+def resolve_target(requested: str, kind: str, where: Path) -> str:
+    """``auto`` -> ``three_class`` for instance masks, ``binary`` for binary masks.
+
+    Asking for ``three_class`` on binary masks is a :class:`ConfigError`: touching nuclei
+    cannot be told apart in them.
+    """
+    if requested == "auto":
+        return "three_class" if kind == "instance" else "binary"
+    if requested == "three_class" and kind == "binary":
+        raise ConfigError(
+            f"train.target: three_class needs instance-labelled masks, but the masks in {where} "
+            "are binary; set train.target: binary (or provide instance masks)"
+        )
+    return requested
+
+
+# ----------------------------------------------------------------------------- patch store
+class PatchStore:
+    """Images packed in one device buffer; samples augmented ``(B, C, P, P)`` batches.
+
+    ``pixels`` ``(M, C)`` float16 (float32 on CPU), ``classes`` ``(M,)`` uint8 class maps,
+    per image ``offset``/``height``/``width``; ``fg`` flat positions of foreground pixels.
+    """
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        targets: list[np.ndarray],
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        if not images:
+            raise DatasetError("no training images left after holding back validation images")
+        self.device = device
+        self.channels = images[0].shape[2]
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        heights = [im.shape[0] for im in images]
+        widths = [im.shape[1] for im in images]
+        sizes = [h * w for h, w in zip(heights, widths, strict=True)]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.pixels = torch.from_numpy(
+            np.concatenate([im.reshape(-1, self.channels) for im in images])
+        ).to(device=device, dtype=dtype)
+        self.classes = torch.from_numpy(
+            np.concatenate([t.reshape(-1) for t in targets]).astype(np.uint8)
+        ).to(device)
+        self.offset = torch.tensor(offsets, device=device)
+        self.height = torch.tensor(heights, device=device)
+        self.width = torch.tensor(widths, device=device)
+        # per-image facts and foreground positions (image-local flat index) on the CPU,
+        # where patch centres are drawn
+        self.height_cpu = torch.tensor(heights)
+        self.width_cpu = torch.tensor(widths)
+        rng = np.random.default_rng(seed)
+        fg, counts = [], []
+        for t in targets:
+            pos = np.flatnonzero(t.reshape(-1) > 0)
+            if len(pos) > _MAX_FG_PER_IMAGE:
+                pos = np.sort(rng.choice(pos, _MAX_FG_PER_IMAGE, replace=False))
+            fg.append(pos)
+            counts.append(len(pos))
+        self.fg = torch.from_numpy(np.concatenate(fg).astype(np.int64))
+        self.fg_count = torch.tensor(counts)
+        self.fg_start = torch.tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        # every pixel equally likely: images weighted by area
+        self.weights = torch.tensor(sizes, dtype=torch.float64)
+        self.n_images = len(images)
+
+    def centres(
+        self, batch: int, patch: int, fg_fraction: float, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image index ``(B,)`` and patch centre ``(B, 2)`` (x, y), drawn on the CPU from
+        ``gen``: uniform over the image (patch inside it where it fits) or, with probability
+        ``fg_fraction``, on a random foreground pixel. Returned on the store's device."""
+        img = torch.multinomial(self.weights, batch, replacement=True, generator=gen)
+        h, w = self.height_cpu[img], self.width_cpu[img]
+        half = (patch - 1) / 2
+        u = torch.rand((batch, 2), generator=gen)
+        left = torch.where(
+            w >= patch, (u[:, 0] * ((w - patch).clamp(min=0) + 1)).floor(), (w - patch) // 2
+        )
+        top = torch.where(
+            h >= patch, (u[:, 1] * ((h - patch).clamp(min=0) + 1)).floor(), (h - patch) // 2
+        )
+        count = self.fg_count[img]
+        pick = (torch.rand(batch, generator=gen) * count.clamp(min=1)).long()
+        use_fg = (torch.rand(batch, generator=gen) < fg_fraction) & (count > 0)
+        if len(self.fg):
+            local = self.fg[(self.fg_start[img] + pick).clamp(max=len(self.fg) - 1)]
+            left = torch.where(use_fg, local % w - patch // 2, left)
+            top = torch.where(use_fg, local // w - patch // 2, top)
+        centre = torch.stack([left.float() + half, top.float() + half], dim=1)
+        return to_device(img, self.device), to_device(centre, self.device)
+
+    def sample(
+        self,
+        batch: int,
+        patch: int,
+        aug: AugmentConfig,
+        gen: torch.Generator,
+        *,
+        fg_fraction: float = 0.33,
+        stain_jitter: bool = True,
+        channels_last: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An augmented batch: ``(B, C, P, P)`` float32 images, ``(B, P, P)`` int64 classes.
+
+        Random draws come from ``gen`` first; the cutting and augmenting that follows is a
+        pure function of them (compiled after :meth:`compile`).
+        """
+        img, centre = self.centres(batch, patch, fg_fraction, gen)
+        params = draw_params(
+            batch,
+            patch,
+            self.channels,
+            aug,
+            gen,
+            self.device,
+            stain_jitter=stain_jitter,
+            subset=self._render == self.render,
+        )
+        try:
+            x, y = self._render(img, centre, params, aug, patch)
+        except Exception as err:  # a compiler failure must not stop training: run eagerly
+            if self._render == self.render:
+                raise
+            warnings.warn(
+                f"torch.compile of patch sampling failed ({err}); running it eagerly", stacklevel=2
+            )
+            self._render = self.render
+            x, y = self._render(img, centre, params, aug, patch)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=memory), y
+
+    def render(
+        self, img: torch.Tensor, centre: torch.Tensor, params, aug: AugmentConfig, patch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut and augment patches of images ``img`` ``(B,)`` at ``centre`` ``(B, 2)``."""
+        sx, sy = source_coords(params, centre, patch)
+        where = (
+            self.offset[img, None, None],
+            self.height[img, None, None],
+            self.width[img, None, None],
+        )
+        x = gather_bilinear(self.pixels, *where, sx, sy).permute(0, 3, 1, 2)  # channels_last layout
+        y = gather_nearest(self.classes, *where, sx, sy).long()
+        return photometric(x, params, aug), y
+
+    _render = render
+
+    def compile(self) -> None:
+        """Fuse :meth:`render` with ``torch.compile`` (fewer passes over each batch on a GPU)."""
+        self._render = torch.compile(self.render, dynamic=False)
+
+
+class Batches:
+    """Endless training batches from ``make()``, drawn with the CPU generator ``gen``.
+
+    On CUDA the next batch is cut and augmented on a side stream while the current one
+    trains, so sampling overlaps the model's work. :meth:`generator_state` is the state of
+    ``gen`` that reproduces the next batch handed out (what a checkpoint must save).
+    """
+
+    def __init__(self, make, gen: torch.Generator, device: torch.device) -> None:
+        self.make, self.gen, self.device = make, gen, device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending = None
+        self.pending_state = gen.get_state()
+        if self.side is not None:
+            self._prefetch()
+
+    def _prefetch(self) -> None:
+        self.pending_state = self.gen.get_state()
+        with torch.cuda.stream(self.side):
+            self.pending = self.make()
+
+    def generator_state(self) -> torch.Tensor:
+        return self.pending_state if self.side is not None else self.gen.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.side is None:
+            return self.make()
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.side)
+        x, y = self.pending
+        x.record_stream(main)  # memory of x, y is not reused before main is done with it
+        y.record_stream(main)
+        self._prefetch()
+        return x, y
+
+
+# ----------------------------------------------------------------------------- validation
+@dataclass
+class ValTiles:
+    """Validation images cut into ``P x P`` tiles (reflect-padded), on the device."""
+
+    images: torch.Tensor  # (T, C, P, P) float16/float32
+    classes: torch.Tensor  # (T, P, P) int64
+    valid: torch.Tensor  # (T, P, P) bool, False on padding
+    n_images: int
+
+    @classmethod
+    def from_arrays(
+        cls, images: list[np.ndarray], targets: list[np.ndarray], patch: int, device: torch.device
+    ) -> ValTiles:
+        xs, ys, vs = [], [], []
+        for im, t in zip(images, targets, strict=True):
+            h, w = t.shape
+            ph, pw = -h % patch, -w % patch
+            im_p = np.pad(
+                im, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge"
+            )
+            t_p = np.pad(t, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+            valid = np.zeros(t_p.shape, bool)
+            valid[:h, :w] = True
+            for r in range(0, t_p.shape[0], patch):
+                for c in range(0, t_p.shape[1], patch):
+                    xs.append(im_p[r : r + patch, c : c + patch].transpose(2, 0, 1))
+                    ys.append(t_p[r : r + patch, c : c + patch])
+                    vs.append(valid[r : r + patch, c : c + patch])
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        return cls(
+            images=torch.from_numpy(np.stack(xs)).to(device=device, dtype=dtype),
+            classes=torch.from_numpy(np.stack(ys).astype(np.int64)).to(device),
+            valid=torch.from_numpy(np.stack(vs)).to(device),
+            n_images=len(images),
+        )
+
+
+# ----------------------------------------------------------------------------- all of it
+@dataclass
+class TrainData:
+    """Everything :func:`mlseg.train.fit` needs from a dataset."""
+
+    train: PatchStore
+    val: ValTiles | None
+    target: str  # "binary" | "three_class"
+    in_channels: int
+    pixel_size_um: float | None  # of the images as the model sees them; None if unknown
+    nucleus_diameter_px: float | None  # median nucleus diameter of the masks at that scale
+    preprocess: PreprocessConfig  # the normalisation applied
+    stain: str
+    fingerprint: str
+    train_stems: list[str]
+    val_stems: list[str]
+
+
+def split_validation(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the held-back validation images: ``round(n * fraction)``, at least one
+    when ``fraction > 0`` and ``n >= 2``, always leaving one for training; seeded."""
+    if fraction <= 0 or n < 2:
+        return np.empty(0, np.int64)
+    k = int(min(max(1, round(n * fraction)), n - 1))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def prepare_data(
+    cfg: Config,
+    data_root: str | Path,
+    profile: Profile,
+    device: torch.device,
+    *,
+    in_channels: int | None = None,
+) -> TrainData:
+    """Decode, rescale, normalise and split the ``train`` split of ``data_root``.
+
+    ``in_channels`` forces the model's input channels (else the profile's). Raises
+    :class:`DatasetError` for an empty or malformed training set and :class:`ConfigError`
+    when ``train.target`` does not fit the masks.
+    """
+    root = Path(data_root)
+    pairs = list_pairs(root, "train", cfg.data, strict=True)
+    if not pairs:
+        base = root / cfg.data.train_dir / cfg.data.image_dir
+        raise DatasetError(f"{base}: no training images; put images and masks there first")
+    pp = effective_preprocess(cfg, profile)
+    channels = in_channels or profile.channels
+    images, masks, sizes = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
+    kind = dataset_mask_kind(cfg.data.mask_kind, masks)
+    target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
+    labels = [mask_to_labels(m, kind) for m in masks]
+
+    def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
+        x = normalize(images[i], pp, profile.stain, channels=channels)
+        return x, make_target(labels[i], target, cfg.train.boundary_px).astype(np.uint8)
+
+    workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        prepared = list(pool.map(prep, range(len(pairs))))
+    val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
+    is_val = np.zeros(len(pairs), bool)
+    is_val[val_idx] = True
+    train = [prepared[i] for i in range(len(pairs)) if not is_val[i]]
+    val = [prepared[i] for i in val_idx]
+    store = PatchStore([x for x, _ in train], [t for _, t in train], device, seed=cfg.data.seed)
+    tiles = (
+        ValTiles.from_arrays([x for x, _ in val], [t for _, t in val], cfg.train.patch_size, device)
+        if val
+        else None
+    )
+    known = {s for s in sizes if s is not None}
+    pixel_size = pp.target_pixel_size_um or (
+        known.pop() if len(known) == 1 and None not in sizes else None
+    )
+    return TrainData(
+        train=store,
+        val=tiles,
+        target=target,
+        in_channels=channels,
+        pixel_size_um=pixel_size,
+        nucleus_diameter_px=dataset_diameter_px(labels),
+        preprocess=pp,
+        stain=profile.stain,
+        fingerprint=dataset_fingerprint(pairs),
+        train_stems=[p.stem for p, v in zip(pairs, is_val, strict=True) if not v],
+        val_stems=[pairs[i].stem for i in val_idx],
+    )

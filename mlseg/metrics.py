@@ -1,0 +1,164 @@
+"""Segmentation quality metrics: pixel overlap and object matching. Pure numpy.
+
+Pixel metrics compare foreground masks. Object metrics compare instance label images
+(0 = background; a label may have several connected pieces) through their contingency
+table of overlaps, computed once with ``np.bincount``:
+
+- matching: a predicted and a true object match when their IoU exceeds ``iou_threshold``;
+  at 0.5 or above each object has at most one such partner (Kirillov et al. 2019), below it
+  the matching maximises total IoU (Hungarian algorithm).
+- precision, recall, F1 of matched objects; mean matched IoU (= PQ's SQ);
+- PQ = SQ x RQ, panoptic quality (Kirillov et al. 2019), RQ = F1;
+- AJI, aggregated Jaccard index (Kumar et al. 2017): every true object is paired with the
+  prediction of highest IoU; unpaired predictions add to the union.
+
+Conventions for empty images: when neither image has foreground (or objects), every score
+is 1.0 (perfect agreement) and mean matched IoU is NaN (no match to average).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pixel_metrics(pred_fg: np.ndarray, true_fg: np.ndarray) -> dict[str, float]:
+    """Dice, IoU, precision, recall of two ``(H, W)`` foreground masks (non-zero = fg)."""
+    p, t = np.asarray(pred_fg) != 0, np.asarray(true_fg) != 0
+    if p.shape != t.shape:
+        raise ValueError(f"shapes differ: prediction {p.shape}, truth {t.shape}")
+    tp = float(np.count_nonzero(p & t))
+    fp = float(np.count_nonzero(p)) - tp
+    fn = float(np.count_nonzero(t)) - tp
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else 1.0
+
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+    }
+
+
+def contingency(
+    pred_labels: np.ndarray, true_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse contingency table of two label images (non-zero labels only).
+
+    Returns ``(t_idx, p_idx, inter, true_area, pred_area)``: for every overlapping
+    (true, predicted) pair its object indices and overlap in pixels (int64 arrays), and the
+    areas of all true / predicted objects, indexed in ascending label order. Label values
+    need not be consecutive. One pass of ``np.bincount`` over the pixels (``np.unique`` for
+    very many objects).
+    """
+    p, t = np.asarray(pred_labels), np.asarray(true_labels)
+    if p.shape != t.shape:
+        raise ValueError(f"shapes differ: prediction {p.shape}, truth {t.shape}")
+    # index 0 = background; objects 1..n in label order (background slot kept if absent)
+    p_vals, p_idx = np.unique(p.ravel(), return_inverse=True)
+    t_vals, t_idx = np.unique(t.ravel(), return_inverse=True)
+    p_idx = p_idx.ravel().astype(np.int64) + (0 if p_vals[0] == 0 else 1)
+    t_idx = t_idx.ravel().astype(np.int64) + (0 if t_vals[0] == 0 else 1)
+    n_p = int(np.count_nonzero(p_vals)) + 1
+    n_t = int(np.count_nonzero(t_vals)) + 1
+    key = t_idx * n_p + p_idx
+    if n_t * n_p <= 1 << 24:
+        counts = np.bincount(key, minlength=n_t * n_p)
+        keys = np.flatnonzero(counts)
+        counts = counts[keys]
+    else:
+        keys, counts = np.unique(key, return_counts=True)
+    ti, pi = keys // n_p, keys % n_p
+    true_area = np.bincount(ti, weights=counts, minlength=n_t)[1:].astype(np.int64)
+    pred_area = np.bincount(pi, weights=counts, minlength=n_p)[1:].astype(np.int64)
+    both = (ti > 0) & (pi > 0)
+    return ti[both] - 1, pi[both] - 1, counts[both].astype(np.int64), true_area, pred_area
+
+
+def _match(
+    ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, n_t: int, n_p: int, threshold: float
+) -> np.ndarray:
+    """Boolean mask over the pairs: matched, IoU > threshold, each object at most once."""
+    keep = iou > threshold
+    if threshold >= 0.5 or not keep.any():
+        return keep  # IoU > 0.5 pairs are unique by construction
+    from scipy.optimize import linear_sum_assignment
+
+    dense = np.zeros((n_t, n_p))
+    dense[ti[keep], pi[keep]] = iou[keep]
+    rows, cols = linear_sum_assignment(-dense)
+    chosen = np.zeros((n_t, n_p), bool)
+    chosen[rows, cols] = dense[rows, cols] > threshold
+    return chosen[ti, pi]
+
+
+def object_metrics(
+    pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
+) -> dict[str, float]:
+    """Object-level scores of two ``(H, W)`` instance label images (see module docstring).
+
+    Returns ``tp, fp, fn, precision, recall, f1, mean_matched_iou, aji, pq, sq, rq``.
+    """
+    ti, pi, inter, t_area, p_area = contingency(pred_labels, true_labels)
+    n_t, n_p = len(t_area), len(p_area)
+    union = t_area[ti] + p_area[pi] - inter
+    iou = inter / np.maximum(union, 1)
+    matched = iou[_match(ti, pi, iou, n_t, n_p, iou_threshold)]
+    tp = len(matched)
+    fp, fn = n_p - tp, n_t - tp
+    empty = n_t == 0 and n_p == 0
+    precision = tp / n_p if n_p else (1.0 if empty else 0.0)
+    recall = tp / n_t if n_t else (1.0 if empty else 0.0)
+    f1 = 1.0 if empty else 2 * tp / (2 * tp + fp + fn)
+    sq = float(matched.mean()) if tp else float("nan")
+    pq = 1.0 if empty else float(matched.sum()) / (tp + 0.5 * fp + 0.5 * fn)
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "mean_matched_iou": sq,
+        "aji": _aji(ti, pi, inter, union, t_area, p_area),
+        "pq": pq,
+        "sq": sq,
+        "rq": float(f1),
+    }
+
+
+def _aji(ti, pi, inter, union, t_area, p_area) -> float:
+    """Aggregated Jaccard index (Kumar et al. 2017) over the sparse contingency pairs.
+
+    Each true object is paired with its prediction of highest IoU (ties: lowest label);
+    C sums their intersections, U their unions plus the areas of unpaired true objects and
+    of predictions that no true object chose.
+    """
+    if len(t_area) == 0 and len(p_area) == 0:
+        return 1.0
+    iou = inter / np.maximum(union, 1)
+    order = np.lexsort((pi, -iou, ti))  # by true object, best IoU first
+    first = np.ones(len(order), bool)
+    first[1:] = ti[order][1:] != ti[order][:-1]
+    best = order[first]
+    c = inter[best].sum()
+    paired_t = np.zeros(len(t_area), bool)
+    paired_t[ti[best]] = True
+    used_p = np.zeros(len(p_area), bool)
+    used_p[pi[best]] = True
+    u = union[best].sum() + t_area[~paired_t].sum() + p_area[~used_p].sum()
+    return float(c / u) if u > 0 else 1.0
+
+
+def count_error(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
+    """Object counts and their error: ``n_true, n_pred, count_error`` (pred - true) and
+    ``count_error_rel`` (relative to the true count; NaN when there is no true object)."""
+    n_p = int(np.count_nonzero(np.unique(pred_labels)))
+    n_t = int(np.count_nonzero(np.unique(true_labels)))
+    return {
+        "n_true": n_t,
+        "n_pred": n_p,
+        "count_error": n_p - n_t,
+        "count_error_rel": (n_p - n_t) / n_t if n_t else float("nan"),
+    }

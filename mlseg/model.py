@@ -1,0 +1,281 @@
+"""Build models through segmentation-models-pytorch; save and load checkpoints without pickle.
+
+A checkpoint folder holds::
+
+    best.safetensors     weights of the best validation epoch
+    last.safetensors     weights at the end of the latest epoch (resume point)
+    last.state.pt        optimiser, scheduler, step and sampler state (tensors and numbers
+                         only; read with ``torch.load(weights_only=True)``)
+    config.json          the whole run :class:`~mlseg.config.Config`
+    meta.json            target, classes, input channels, pixel size, median nucleus
+                         diameter of the training masks (px), data fingerprint, and per
+                         checkpoint its step and metrics
+
+Model output convention: logits ``(N, classes, H, W)``; ``binary`` -> 1 channel (sigmoid
+= foreground probability); ``three_class`` -> 3 channels (softmax: 0 background,
+1 nucleus interior, 2 boundary).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlseg.config import Config, TrainConfig, parse
+from mlseg.errors import ConfigError, ModelError
+from mlseg.io import atomic_path, write_text
+
+CHECKPOINT_NAMES = ("best", "last")
+_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names as torch spells them."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use cpu")
+    return device
+
+
+def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
+    """``smp.create_model(cfg.arch, cfg.encoder, ...)`` with ``cfg.encoder_depth``.
+
+    U-Net-like decoders get the last ``encoder_depth`` of smp's default decoder channels.
+    Unknown names and encoder weights that cannot be fetched raise :class:`ModelError`.
+    """
+    import segmentation_models_pytorch as smp
+
+    archs = smp.MODEL_ARCHITECTURES_MAPPING
+    model_class = archs.get(cfg.arch.lower())
+    if model_class is None:
+        raise ModelError(
+            f"train.arch: unknown architecture {cfg.arch!r}; choose one of "
+            + ", ".join(a.__name__ for a in archs.values())
+        )
+    if not cfg.encoder.startswith("tu-") and cfg.encoder not in smp.encoders.get_encoder_names():
+        raise ModelError(
+            f"train.encoder: unknown encoder {cfg.encoder!r}; see "
+            "segmentation_models_pytorch.encoders.get_encoder_names() (e.g. resnet34, "
+            "efficientnet-b0) or a timm name as 'tu-<name>'"
+        )
+    params = inspect.signature(model_class).parameters
+    kwargs: dict[str, Any] = {}
+    if "encoder_depth" in params:
+        kwargs["encoder_depth"] = cfg.encoder_depth
+        default = params.get("decoder_channels")
+        if default is not None and isinstance(default.default, (tuple, list)):
+            kwargs["decoder_channels"] = _DECODER_CHANNELS[5 - cfg.encoder_depth :]
+    try:
+        return smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder,
+            encoder_weights=cfg.encoder_weights,
+            in_channels=in_channels,
+            classes=classes,
+            **kwargs,
+        )
+    except KeyError as err:  # smp: weights name not offered for this encoder
+        raise ModelError(f"train.encoder_weights: {err.args[0] if err.args else err}") from None
+    except (ValueError, TypeError, AssertionError) as err:
+        raise ModelError(f"train: smp cannot build {cfg.arch}/{cfg.encoder}: {err}") from None
+    except Exception as err:  # network errors of the weights download come in many types
+        if cfg.encoder_weights is None:
+            raise
+        raise ModelError(
+            f"train.encoder_weights={cfg.encoder_weights!r}: could not fetch pretrained "
+            f"weights for {cfg.encoder} ({type(err).__name__}); this machine may be offline. "
+            "Set train.encoder_weights: null, or pre-download the weights into the "
+            "Hugging Face cache (HF_HOME) on a connected machine"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- saving
+def _clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors, without torch.compile's ``_orig_mod.`` prefix."""
+    model = getattr(model, "_orig_mod", model)
+    return {
+        k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(
+            f"{path}: cannot be read as JSON ({err}); the checkpoint is damaged"
+        ) from err
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    config: Config,
+    *,
+    target: str,
+    classes: int,
+    in_channels: int,
+    fingerprint_hash: str | None,
+    metrics: dict[str, float],
+    pixel_size_um: float | None,
+    name: str = "last",
+    step: int = 0,
+    stain: str | None = None,
+    nucleus_diameter_px: float | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
+    entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
+    ``<name>.state.pt``. Every file is written atomically. Returns the weights' path.
+    """
+    from safetensors.torch import save_file
+
+    if name not in CHECKPOINT_NAMES:
+        raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    with atomic_path(weights) as tmp:
+        save_file(_clean_state_dict(model), str(tmp), metadata={"format": "pt"})
+    if train_state is not None:
+        with atomic_path(directory / f"{name}.state.pt") as tmp:
+            torch.save(train_state, tmp)
+    write_text(directory / "config.json", config.model_dump_json(indent=2))
+    meta_path = directory / "meta.json"
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    import mlseg
+
+    meta.update(
+        {
+            "mlseg_version": mlseg.__version__,
+            "arch": config.train.arch,
+            "encoder": config.train.encoder,
+            "target": target,
+            "classes": int(classes),
+            "in_channels": int(in_channels),
+            "pixel_size_um": pixel_size_um,
+            "profile": config.profile,
+            "stain": stain,
+            "fingerprint_hash": fingerprint_hash,
+            # median nucleus diameter of the training masks at training scale (mlseg.scale)
+            "nucleus_diameter_px": nucleus_diameter_px,
+        }
+    )
+    meta.setdefault("checkpoints", {})[name] = {
+        "file": weights.name,
+        "step": int(step),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_text(meta_path, json.dumps(meta, indent=2))
+    return weights
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what it was trained for."""
+
+    model: nn.Module  # eval mode, on the requested device
+    config: Config
+    target: str  # "binary" | "three_class"
+    classes: int
+    in_channels: int
+    pixel_size_um: float | None  # microns per pixel of the training images, None if unknown
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the .safetensors file loaded
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A ``.safetensors`` file, or the best (else last) one of a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / f"{name}.safetensors").is_file():
+                return path / f"{name}.safetensors"
+        raise ModelError(f"{path}: no best.safetensors or last.safetensors; train a model first")
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: expected a checkpoint folder or a .safetensors file")
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint file not found")
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint (folder or ``.safetensors``); no pickle is involved.
+
+    The architecture is rebuilt from ``config.json`` (without downloading encoder weights)
+    and the weights must fit it exactly, else :class:`ModelError` names the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = checkpoint_path(path)
+    folder = weights.parent
+    for needed in ("config.json", "meta.json"):
+        if not (folder / needed).is_file():
+            raise ModelError(
+                f"{folder / needed}: missing beside {weights.name}; not an mlseg checkpoint"
+            )
+    config = parse(Config, _read_json(folder / "config.json"), str(folder / "config.json"))
+    meta = _read_json(folder / "meta.json")
+    try:
+        target, classes, in_channels = (
+            meta["target"],
+            int(meta["classes"]),
+            int(meta["in_channels"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"{folder / 'meta.json'}: lacks {err}; not an mlseg checkpoint") from None
+    train_cfg = config.train.model_copy(update={"encoder_weights": None})
+    model = build_model(train_cfg, in_channels, classes)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"{weights}: not a readable safetensors file ({err})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)[:200]]
+        raise ModelError(
+            f"{weights}: weights do not fit {config.train.arch}/{config.train.encoder} with "
+            f"{in_channels} input channel(s) and {classes} class(es) ({first[0].strip()}); "
+            "the file comes from another architecture or was edited"
+        ) from None
+    model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
+    return LoadedModel(
+        model=model,
+        config=config,
+        target=target,
+        classes=classes,
+        in_channels=in_channels,
+        pixel_size_um=meta.get("pixel_size_um"),
+        meta=meta,
+        path=weights,
+    )
+
+
+def load_train_state(folder: str | Path, name: str = "last") -> dict[str, Any] | None:
+    """The optimiser/scheduler/step state saved beside ``name``, or None if absent."""
+    path = Path(folder) / f"{name}.state.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        raise ModelError(
+            f"{path}: cannot be loaded safely ({err}); delete it to start over"
+        ) from None

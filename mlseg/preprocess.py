@@ -1,0 +1,362 @@
+"""Scale and intensity normalisation: the same steps in training and inference.
+
+:func:`normalize` is the one function both call on every image, after :func:`rescale` has
+brought it to the model's pixel size. It chains, as :class:`~mlseg.config.PreprocessConfig`
+asks: stain normalisation (Reinhard, Macenko; H&E/IHC RGB only), histogram alignment
+(global equalisation, CLAHE, or matching to a reference image) and intensity normalisation
+(percentiles or z-score, per channel). Every step is also a pure function of its own.
+
+Conventions: images are ``(H, W, C)`` arrays. The steps take ``uint8``/``uint16`` or float
+images in [0, 1] and return ``float32`` in [0, 1] (the intensity normalisations return
+unbounded ``float32``). Colour steps work on the lightness channel of CIELAB so that hues
+are kept.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mlseg.config import PreprocessConfig
+from mlseg.errors import ConfigError
+
+# Macenko et al. 2009 reference H&E optical-density vectors (columns: H, E) and the 99th
+# percentile concentrations, as published with their reference implementation.
+MACENKO_REF_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], np.float64)
+MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], np.float64)
+_OD_EPS = 1.0 / 255.0
+
+
+# ----------------------------------------------------------------------------- helpers
+def to_float(image: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` uint8/uint16 (scaled by the dtype's maximum) or float -> float32 [0, 1]."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    if np.issubdtype(image.dtype, np.integer) or image.dtype == np.bool_:
+        return image.astype(np.float32)
+    raise TypeError(f"unsupported image dtype {image.dtype}")
+
+
+def _hwc(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+    return image
+
+
+def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Grey -> RGB by repetition, RGB -> grey by the mean; ``(H, W, C)`` -> ``(H, W, channels)``."""
+    image = _hwc(image)
+    c = image.shape[2]
+    if c == channels:
+        return image
+    if c == 1:
+        return np.repeat(image, channels, axis=2)
+    if channels == 1:
+        return image.mean(axis=2, keepdims=True).astype(image.dtype)
+    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """float32 RGB [0, 1] -> CIELAB (L in [0, 100])."""
+    return cv2.cvtColor(np.ascontiguousarray(np.clip(rgb, 0, 1), np.float32), cv2.COLOR_RGB2LAB)
+
+
+def _rgb(lab: np.ndarray) -> np.ndarray:
+    return np.clip(cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB), 0.0, 1.0)
+
+
+def _on_lightness(image: np.ndarray, fn) -> np.ndarray:
+    """Apply ``fn`` ((H, W) float [0, 1] -> same) to grey images or to L of RGB images."""
+    x = _hwc(to_float(image))
+    if x.shape[2] == 3:
+        lab = _lab(x)
+        lab[..., 0] = np.clip(fn(lab[..., 0] / 100.0), 0, 1) * 100.0
+        return _rgb(lab)
+    return np.stack([np.clip(fn(x[..., i]), 0, 1) for i in range(x.shape[2])], axis=2).astype(
+        np.float32
+    )
+
+
+# ----------------------------------------------------------------------------- scale
+def _out_size(n: int, factor: float) -> int:
+    return max(1, int(round(n * factor)))
+
+
+def rescale(
+    image: np.ndarray, from_um: float | None, to_um: float | None, order: int = 1
+) -> np.ndarray:
+    """Resample an image from ``from_um`` to ``to_um`` microns per pixel.
+
+    ``(H, W, C)`` or ``(H, W)`` of any dtype OpenCV resizes (uint8, uint16, float32) ->
+    same dtype and channels, size ``round(H * from_um / to_um)``. ``order``: 0 nearest,
+    1 linear, 3 cubic; downsampling with order >= 1 averages (area) to avoid aliasing.
+    Returns the input unchanged when either size is unknown or they are equal.
+    """
+    if from_um is None or to_um is None or np.isclose(from_um, to_um, rtol=1e-6):
+        return image
+    factor = float(from_um) / float(to_um)
+    h, w = image.shape[:2]
+    size = (_out_size(w, factor), _out_size(h, factor))
+    if order == 0:
+        flags = cv2.INTER_NEAREST
+    elif factor < 1:
+        flags = cv2.INTER_AREA
+    else:
+        flags = cv2.INTER_CUBIC if order >= 3 else cv2.INTER_LINEAR
+    out = cv2.resize(image, size, interpolation=flags)
+    if image.ndim == 3 and out.ndim == 2:
+        out = out[..., None]
+    return out
+
+
+def rescale_labels(labels: np.ndarray, from_um: float | None, to_um: float | None) -> np.ndarray:
+    """Nearest-neighbour resampling of an ``(H, W)`` label image (any integer dtype, kept).
+
+    Output size matches :func:`rescale` for the same arguments; labels are never blended.
+    """
+    if from_um is None or to_um is None or np.isclose(from_um, to_um, rtol=1e-6):
+        return labels
+    factor = float(from_um) / float(to_um)
+    h, w = labels.shape[:2]
+    return resize_labels(labels, (_out_size(h, factor), _out_size(w, factor)))
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an ``(H, W)`` label image to exactly ``shape`` (rows, cols)."""
+    h, w = labels.shape[:2]
+    oh, ow = int(shape[0]), int(shape[1])
+    if (oh, ow) == (h, w):
+        return labels
+    rows = np.minimum(((np.arange(oh) + 0.5) * (h / oh)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(ow) + 0.5) * (w / ow)).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+# ----------------------------------------------------------------------------- histograms
+def _equalize_channel(x: np.ndarray, nbins: int = 4096) -> np.ndarray:
+    hist, edges = np.histogram(x, bins=nbins, range=(0.0, 1.0))
+    cdf = np.cumsum(hist).astype(np.float64)
+    if cdf[-1] == 0:
+        return x
+    cdf /= cdf[-1]
+    centers = (edges[:-1] + edges[1:]) / 2
+    return np.interp(x, centers, cdf).astype(np.float32)
+
+
+def equalize_hist(image: np.ndarray, nbins: int = 4096) -> np.ndarray:
+    """Global histogram equalisation; ``(H, W, C)`` -> float32 [0, 1].
+
+    Grey channels are equalised each; RGB images on their CIELAB lightness (hue kept).
+    """
+    return _on_lightness(image, functools.partial(_equalize_channel, nbins=nbins))
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (OpenCV, 16-bit); -> float32 [0, 1].
+
+    ``clip_limit`` is OpenCV's (relative to the mean bin count); ``tile_grid`` tiles per side.
+    """
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(tile_grid, tile_grid))
+
+    def fn(ch: np.ndarray) -> np.ndarray:
+        u16 = np.round(np.clip(ch, 0, 1) * 65535).astype(np.uint16)
+        return op.apply(u16).astype(np.float32) / 65535.0
+
+    return _on_lightness(image, fn)
+
+
+def match_histograms(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map each channel's intensity distribution onto the reference's; -> float32 [0, 1].
+
+    ``image`` and ``reference`` are ``(H, W, C)`` with equal ``C`` (sizes may differ).
+    """
+    x, ref = _hwc(to_float(image)), _hwc(to_float(reference))
+    if x.shape[2] != ref.shape[2]:
+        raise ValueError(f"image has {x.shape[2]} channels, reference {ref.shape[2]}")
+    out = np.empty_like(x)
+    for c in range(x.shape[2]):
+        src_values, src_idx, src_counts = np.unique(
+            x[..., c].ravel(), return_inverse=True, return_counts=True
+        )
+        ref_values, ref_counts = np.unique(ref[..., c].ravel(), return_counts=True)
+        src_q = np.cumsum(src_counts) / x[..., c].size
+        ref_q = np.cumsum(ref_counts) / ref[..., c].size
+        out[..., c] = np.interp(src_q, ref_q, ref_values)[src_idx].reshape(x.shape[:2])
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- stains
+def lab_stats(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel CIELAB mean and standard deviation of an RGB image (Reinhard's target)."""
+    lab = _lab(_hwc(to_float(image))).reshape(-1, 3).astype(np.float64)
+    return lab.mean(axis=0), lab.std(axis=0)
+
+
+def reinhard(image: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
+    """Reinhard et al. 2001 colour transfer: match CIELAB mean/std to the target's.
+
+    ``(H, W, 3)`` RGB -> float32 [0, 1] RGB. Targets come from :func:`lab_stats` of a
+    reference image.
+    """
+    x = _hwc(to_float(image))
+    if x.shape[2] != 3:
+        raise ValueError("Reinhard normalisation needs an RGB image")
+    lab = _lab(x).astype(np.float64)
+    mean, std = lab.reshape(-1, 3).mean(axis=0), lab.reshape(-1, 3).std(axis=0)
+    lab = (lab - mean) / np.maximum(std, 1e-6) * np.asarray(target_std) + np.asarray(target_mean)
+    return _rgb(lab)
+
+
+def optical_density(image: np.ndarray) -> np.ndarray:
+    """RGB [0, 1] (or uint) -> optical density ``-log(I)``, ``(H, W, 3)`` float64 >= 0."""
+    x = to_float(image).astype(np.float64)
+    return -np.log(np.clip(x, _OD_EPS, 1.0))
+
+
+def macenko_stains(
+    image: np.ndarray, beta: float = 0.15, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009).
+
+    Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
+    when fewer than 100 pixels are stained (optical density above ``beta`` in every channel).
+    """
+    od = optical_density(_hwc(image)).reshape(-1, 3)
+    tissue = od[np.all(od > beta, axis=1)]
+    if len(tissue) < 100:
+        return None
+    _, vecs = np.linalg.eigh(np.cov(tissue.T))
+    plane = vecs[:, 1:3]  # the two largest eigenvalues (eigh sorts ascending)
+    proj = tissue @ plane
+    angles = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(angles, [alpha, 100 - alpha])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    v1, v2 = v1 * np.sign(v1.sum() or 1.0), v2 * np.sign(v2.sum() or 1.0)
+    # Haematoxylin absorbs red more than eosin does: it has the larger first component.
+    stains = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
+    stains /= np.linalg.norm(stains, axis=0, keepdims=True)
+    conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    return stains, np.percentile(conc, 99, axis=1)
+
+
+def macenko(
+    image: np.ndarray,
+    ref_stains: np.ndarray = MACENKO_REF_STAINS,
+    ref_max_conc: np.ndarray = MACENKO_REF_MAX_CONC,
+) -> np.ndarray:
+    """Macenko stain normalisation to reference stain vectors and concentrations.
+
+    ``(H, W, 3)`` RGB -> float32 [0, 1] RGB. Images with too little stained tissue to
+    estimate stains (see :func:`macenko_stains`) are returned unchanged (as float).
+    """
+    x = _hwc(to_float(image))
+    if x.shape[2] != 3:
+        raise ValueError("Macenko normalisation needs an RGB image")
+    est = macenko_stains(x)
+    if est is None:
+        return x.astype(np.float32)
+    stains, max_conc = est
+    od = optical_density(x).reshape(-1, 3)
+    conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    conc *= (np.asarray(ref_max_conc) / np.maximum(max_conc, 1e-6))[:, None]
+    out = np.exp(-(np.asarray(ref_stains) @ conc)).T.reshape(x.shape)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- intensity
+def percentile_norm(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Per channel ``(x - p_low) / (p_high - p_low)``; ``(H, W, C)`` -> float32, not clipped."""
+    x = _hwc(to_float(image))
+    lo = np.percentile(x, low, axis=(0, 1), keepdims=True)
+    hi = np.percentile(x, high, axis=(0, 1), keepdims=True)
+    return ((x - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """Per channel zero mean, unit variance; ``(H, W, C)`` -> float32."""
+    x = _hwc(to_float(image))
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    std = x.std(axis=(0, 1), keepdims=True)
+    return ((x - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- pipeline
+@functools.lru_cache(maxsize=8)
+def _reference(path: str, mtime: float) -> np.ndarray:
+    from mlseg.io import read_image
+
+    return to_float(read_image(path))
+
+
+def reference_image(path: Path) -> np.ndarray:
+    """The reference image of ``preprocess.stain_reference`` as float32 [0, 1], cached."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: preprocess.stain_reference image not found")
+    return _reference(str(path), path.stat().st_mtime)
+
+
+def _needs_reference(cfg: PreprocessConfig, what: str) -> np.ndarray:
+    if cfg.stain_reference is None:
+        raise ConfigError(
+            f"preprocess: {what} needs a reference image; set preprocess.stain_reference "
+            "to an image of the target appearance"
+        )
+    return reference_image(cfg.stain_reference)
+
+
+def normalize(
+    image: np.ndarray,
+    cfg: PreprocessConfig,
+    stain: str = "he",
+    *,
+    channels: int | None = None,
+) -> np.ndarray:
+    """The model input for one (already rescaled) image.
+
+    ``(H, W, C)`` uint8/uint16 -> ``(H, W, C')`` float32, where ``C' = channels`` if given
+    (grey repeated to RGB or RGB averaged to grey first) else ``C``. Steps, in order and
+    each only if configured: stain normalisation (``stain`` "he"/"ihc" RGB images only),
+    histogram alignment, intensity normalisation. With nothing configured the result is
+    the image scaled to [0, 1].
+    """
+    x = _hwc(to_float(image))
+    if channels is not None:
+        x = match_channels(x, channels)
+    if cfg.stain_norm != "none":
+        if x.shape[2] != 3 or stain not in ("he", "ihc"):
+            raise ConfigError(
+                f"preprocess.stain_norm={cfg.stain_norm!r} applies to RGB H&E/IHC images only "
+                f"(got {x.shape[2]} channel(s), stain {stain!r}); set it to 'none'"
+            )
+        if cfg.stain_norm == "reinhard":
+            x = reinhard(x, *lab_stats(_needs_reference(cfg, "reinhard")))
+        else:
+            ref = (
+                macenko_stains(reference_image(cfg.stain_reference))
+                if cfg.stain_reference
+                else None
+            )
+            x = macenko(x, *ref) if ref is not None else macenko(x)
+    if cfg.equalize == "hist":
+        x = equalize_hist(x)
+    elif cfg.equalize == "clahe":
+        x = clahe(x, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+    elif cfg.equalize == "match":
+        x = match_histograms(x, match_channels(_needs_reference(cfg, "equalize=match"), x.shape[2]))
+    if cfg.intensity_norm == "percentile":
+        x = percentile_norm(x, *cfg.percentiles)
+    elif cfg.intensity_norm == "zscore":
+        x = zscore(x)
+    return np.ascontiguousarray(x, dtype=np.float32)

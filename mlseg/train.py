@@ -1,0 +1,509 @@
+"""Train a segmentation model: :func:`fit` is a short loop of named steps.
+
+``fit`` prepares the data (:func:`mlseg.data.prepare_data`), builds the model
+(:func:`mlseg.model.build_model`), then repeats :func:`train_step` on augmented patches;
+every ``train.val_every`` steps (one "epoch") it runs :func:`validate` on the held-back
+images, appends a row to the history, saves ``best`` (when validation Dice improved) and
+``last`` checkpoints with the optimiser state, and stops early after
+``train.early_stop_patience`` epochs without improvement. Run again on the same output
+folder, it resumes from ``last`` and continues the step count.
+
+Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; loss
+``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
+logit; three-class: CE with the boundary class weighted by ``boundary_weight`` and Dice
+over interior and boundary). On CUDA: bf16 autocast, channels-last memory and optionally
+``torch.compile``; on CPU the same code in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlseg.config import Config, get_profile
+from mlseg.data import Batches, TrainData, ValTiles, prepare_data
+from mlseg.errors import ConfigError, ModelError
+from mlseg.io import write_table, write_text
+from mlseg.model import build_model, load_train_state, resolve_device, save_checkpoint
+from mlseg.targets import num_classes
+
+LOG_EVERY = 25  # steps between loss read-backs (each one waits for the GPU)
+HISTORY_COLUMNS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_dice",
+    "lr",
+    "images_per_s",
+    "elapsed_s",
+)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` produced."""
+
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    history: pd.DataFrame  # one row per epoch, columns HISTORY_COLUMNS
+    best_val_dice: float | None
+    steps: int
+    images_per_s: float  # training throughput of this call (validation excluded)
+    out_dir: Path
+
+
+# ----------------------------------------------------------------------------- pieces
+def warmup_cosine(warmup: int, total: int, floor: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``floor``."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class SegLoss(nn.Module):
+    """``dice_weight * (1 - soft Dice) + ce_weight * cross-entropy`` over a batch.
+
+    ``logits`` ``(N, classes, H, W)``, ``target`` ``(N, H, W)`` int64 class map. Dice is
+    computed over the whole batch (as nnU-Net's batch Dice), on foreground classes only.
+    """
+
+    def __init__(self, target: str, dice_weight: float, ce_weight: float, boundary_weight: float):
+        super().__init__()
+        self.target = target
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+        self.register_buffer("class_weight", torch.tensor([1.0, 1.0, boundary_weight]))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.target == "binary":
+            z, t = logits[:, 0], target.float()
+            ce = F.binary_cross_entropy_with_logits(z, t)
+            p = torch.sigmoid(z)
+            dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+        else:
+            ce = F.cross_entropy(logits, target, weight=self.class_weight)
+            p = torch.softmax(logits, dim=1)
+            scores = []
+            for c in range(1, logits.shape[1]):
+                t = (target == c).float()
+                pc = p[:, c]
+                scores.append((2 * (pc * t).sum() + 1) / (pc.sum() + t.sum() + 1))
+            dice = 1 - torch.stack(scores).mean()
+        return self.ce_weight * ce + self.dice_weight * dice
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float = 0.0,
+) -> torch.Tensor:
+    """One optimisation step on a batch; returns the loss (0-d tensor, not synchronised)."""
+    with _autocast(x.device, amp_dtype):
+        logits = model(x)
+    loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    tiles: ValTiles,
+    loss_fn: nn.Module,
+    *,
+    target: str,
+    batch_size: int,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Mean loss and foreground Dice over all validation pixels (padding excluded)."""
+    was_training = model.training
+    model.eval()
+    dev = tiles.images.device
+    counts = torch.zeros(3, device=dev)  # tp, fp, fn
+    loss_sum = torch.zeros((), device=dev)
+    n = tiles.images.shape[0]
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    for i in range(0, n, batch_size):
+        x = tiles.images[i : i + batch_size].float().contiguous(memory_format=memory)
+        y, valid = tiles.classes[i : i + batch_size], tiles.valid[i : i + batch_size]
+        with _autocast(dev, amp_dtype):
+            logits = model(x)
+        loss_sum += loss_fn(logits, y) * x.shape[0]
+        pred = logits[:, 0] > 0 if target == "binary" else logits.argmax(dim=1) > 0
+        truth = y > 0
+        counts += torch.stack(
+            [
+                (pred & truth & valid).sum(),
+                (pred & ~truth & valid).sum(),
+                (~pred & truth & valid).sum(),
+            ]
+        ).float()
+    model.train(was_training)
+    tp, fp, fn = counts.tolist()
+    dice = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) > 0 else 1.0
+    return {"val_loss": float(loss_sum) / max(n, 1), "val_dice": dice}
+
+
+def _check_finite(value: float, step: int, lr: float) -> None:
+    if not math.isfinite(value):
+        raise ModelError(
+            f"training diverged: the loss became {value} by step {step}; lower train.lr "
+            f"(now {lr:g}), raise train.warmup_steps, or check the images for NaN/constant values"
+        )
+
+
+# ----------------------------------------------------------------------------- state
+def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, fingerprint: str) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    saved = json.loads((folder / "config.json").read_text()).get("train", {})
+    problems = [
+        f"{key}: {saved.get(key)!r} -> {getattr(cfg.train, key)!r}"
+        for key in ("arch", "encoder", "encoder_depth")
+        if saved.get(key) != getattr(cfg.train, key)
+    ]
+    for key, now in (
+        ("target", data.target),
+        ("classes", classes),
+        ("in_channels", data.in_channels),
+    ):
+        if meta.get(key) != now:
+            problems.append(f"{key}: {meta.get(key)!r} -> {now!r}")
+    if meta.get("fingerprint_hash") not in (None, fingerprint):
+        problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
+    if problems:
+        raise ConfigError(
+            f"{folder}: holds a run that cannot be resumed with this config/data ("
+            + "; ".join(problems)
+            + "); choose another output folder or pass --no-resume to start over"
+        )
+
+
+def _clear(folder: Path) -> None:
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "last.state.pt",
+        "best.state.pt",
+        "meta.json",
+    ):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _write_history(history: list[dict[str, Any]], folder: Path) -> pd.DataFrame:
+    df = pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
+    write_table(df, folder / "history.csv")
+    write_text(folder / "history.json", df.to_json(orient="records", indent=2))
+    if len(df):
+        from mlseg.plots import plot_history
+
+        plot_history(df, folder / "training_curves.png")
+    return df
+
+
+def _read_history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "history.csv"
+    if not path.is_file():
+        return []
+    return pd.read_csv(path).to_dict("records")
+
+
+# ----------------------------------------------------------------------------- fit
+@dataclass
+class _Run:
+    """Everything one training run holds between steps."""
+
+    cfg: Config
+    data: TrainData
+    out: Path
+    device: torch.device
+    fingerprint: str
+    model: nn.Module
+    net: nn.Module  # the model, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    gen: torch.Generator  # CPU; draws the augmentation of every batch
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    step: int = 0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _start(
+    cfg: Config, data_root: str | Path, out: Path, resume: bool, fingerprint_hash: str | None
+) -> _Run:
+    """Data, model, optimiser and schedule; restored from ``out/last`` when resuming."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.num_threads and device.type == "cpu":
+        torch.set_num_threads(tc.num_threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(tc.seed)
+    data = prepare_data(cfg, data_root, get_profile(cfg.profile, cfg.profiles_file), device)
+    fingerprint = fingerprint_hash or data.fingerprint
+    classes = num_classes(data.target)
+    # the config saved beside the weights says what was actually done
+    cfg = cfg.model_copy(
+        update={
+            "preprocess": data.preprocess,
+            "train": tc.model_copy(update={"target": data.target}),
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume and (out / "last.safetensors").is_file() and (out / "meta.json").is_file():
+        _compatible(out, cfg, data, classes, fingerprint)
+        state = load_train_state(out, "last")
+    elif not resume:
+        _clear(out)
+
+    model = build_model(tc, data.in_channels, classes)
+    if state is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(out / "last.safetensors")))
+    channels_last = device.type == "cuda" and tc.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda"
+    )
+    run = _Run(
+        cfg=cfg,
+        data=data,
+        out=out,
+        device=device,
+        fingerprint=fingerprint,
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps)
+        ),
+        loss_fn=SegLoss(data.target, tc.dice_weight, tc.ce_weight, tc.boundary_weight).to(device),
+        gen=torch.Generator().manual_seed(tc.seed),
+        amp_dtype=torch.bfloat16 if (device.type == "cuda" and tc.amp) else None,
+        channels_last=channels_last,
+    )
+    if state is not None:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.gen.set_state(state["generator"])
+        run.step, run.best = int(state["step"]), float(state["best"])
+        run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))
+        run.history = _read_history(out)
+    if tc.compile:
+        run.net = torch.compile(model)
+        data.train.compile()
+    model.train()
+    return run
+
+
+def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state=None) -> Path:
+    """Save ``best`` or ``last`` (with what resuming needs) beside the config and meta."""
+    train_state = None
+    if name == "last":
+        train_state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "generator": generator_state if generator_state is not None else run.gen.get_state(),
+            "step": run.step,
+            "best": run.best,
+            "bad_epochs": run.bad_epochs,
+            "stopped": run.stopped,
+        }
+    return save_checkpoint(
+        run.out,
+        run.model,
+        run.cfg,
+        target=run.data.target,
+        classes=num_classes(run.data.target),
+        in_channels=run.data.in_channels,
+        fingerprint_hash=run.fingerprint,
+        metrics=metrics,
+        pixel_size_um=run.data.pixel_size_um,
+        name=name,
+        step=run.step,
+        stain=run.data.stain,
+        nucleus_diameter_px=run.data.nucleus_diameter_px,
+        train_state=train_state,
+    )
+
+
+def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) -> dict[str, Any]:
+    """Validate, record the epoch, save best/last, decide on early stopping."""
+    tc = run.cfg.train
+    if run.data.val is not None:
+        row.update(
+            validate(
+                run.model,  # eager: no recompilation for eval mode and other batch sizes
+                run.data.val,
+                run.loss_fn,
+                target=run.data.target,
+                batch_size=tc.batch_size * 2,
+                amp_dtype=run.amp_dtype,
+                channels_last=run.channels_last,
+            )
+        )
+    run.history.append(row)
+    score = row["val_dice"] if run.data.val is not None else -row["train_loss"]
+    metrics = {k: row[k] for k in ("train_loss", "val_loss", "val_dice")}
+    if score > run.best + 1e-4:
+        run.best, run.bad_epochs = score, 0
+        _checkpoint(run, "best", metrics)
+    else:
+        run.bad_epochs += 1
+        run.stopped = run.bad_epochs >= tc.early_stop_patience
+    _checkpoint(run, "last", metrics, generator_state)
+    _write_history(run.history, run.out)
+    return row
+
+
+def fit(
+    cfg: Config,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    fingerprint_hash: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg.train`` on the ``train`` split of ``data_root``; checkpoints in ``out_dir``.
+
+    ``fingerprint_hash`` identifies the data (e.g. from validation); computed from the files
+    when None. See the module docstring for the loop. Raises :class:`DatasetError` (empty or
+    malformed data), :class:`ConfigError` (config does not fit data or resumable run) and
+    :class:`ModelError` (model cannot be built, training diverged).
+    """
+    run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
+    tc, data = run.cfg.train, run.data
+    stain_jitter = data.stain in ("he", "ihc") and data.preprocess.intensity_norm == "none"
+    batches = Batches(
+        lambda: data.train.sample(
+            tc.batch_size,
+            tc.patch_size,
+            run.cfg.augment,
+            run.gen,
+            fg_fraction=tc.fg_oversample,
+            stain_jitter=stain_jitter,
+            channels_last=run.channels_last,
+        ),
+        run.gen,
+        run.device,
+    )
+    bar = None
+    if progress and run.step < tc.max_steps and not run.stopped:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=tc.max_steps, initial=run.step, unit="step", desc="train", dynamic_ncols=True
+        )
+    running = torch.zeros((), device=run.device)
+    epoch_loss, epoch_steps, images, train_seconds = 0.0, 0, 0, 0.0
+    t_start = t_epoch = time.perf_counter()
+    while run.step < tc.max_steps and not run.stopped:
+        x, y = next(batches)
+        running += train_step(
+            run.net,
+            run.optimizer,
+            run.scheduler,
+            run.loss_fn,
+            x,
+            y,
+            amp_dtype=run.amp_dtype,
+            grad_clip=tc.grad_clip,
+        )
+        run.step += 1
+        epoch_steps += 1
+        end_of_epoch = run.step % tc.val_every == 0 or run.step == tc.max_steps
+        if run.step % LOG_EVERY == 0 or end_of_epoch:
+            value = float(running)  # waits for the device
+            _check_finite(value, run.step, tc.lr)
+            epoch_loss += value
+            running.zero_()
+            if bar is not None:
+                bar.update(run.step - bar.n)
+                bar.set_postfix(
+                    loss=f"{epoch_loss / epoch_steps:.4f}",
+                    lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                )
+        if not end_of_epoch:
+            continue
+        seconds = time.perf_counter() - t_epoch
+        train_seconds += seconds
+        images += epoch_steps * tc.batch_size
+        row = {
+            "epoch": len(run.history) + 1,
+            "step": run.step,
+            "train_loss": epoch_loss / epoch_steps,
+            "val_loss": float("nan"),
+            "val_dice": float("nan"),
+            "lr": run.scheduler.get_last_lr()[0],
+            "images_per_s": epoch_steps * tc.batch_size / max(seconds, 1e-9),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        row = _end_epoch(run, row, batches.generator_state())
+        if bar is not None:
+            dice = "" if data.val is None else f" val_dice={row['val_dice']:.4f}"
+            bar.write(f"epoch {row['epoch']} step {run.step}: loss={row['train_loss']:.4f}{dice}")
+        epoch_loss, epoch_steps = 0.0, 0
+        t_epoch = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    return _result(run, images / train_seconds if train_seconds > 0 else float("nan"))
+
+
+def _result(run: _Run, images_per_s: float) -> TrainResult:
+    df = pd.DataFrame(run.history, columns=list(HISTORY_COLUMNS))
+    dice = df["val_dice"].max() if run.data.val is not None and len(df) else None
+    best_path = run.out / "best.safetensors"
+    return TrainResult(
+        best_checkpoint=best_path if best_path.is_file() else None,
+        last_checkpoint=run.out / "last.safetensors",
+        history=df,
+        best_val_dice=None if dice is None or np.isnan(dice) else float(dice),
+        steps=run.step,
+        images_per_s=images_per_s,
+        out_dir=run.out,
+    )

@@ -1,0 +1,155 @@
+"""Hyperparameter selection: a small grid or random search with short training budgets.
+
+Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in its own
+folder (``trial_NNN``; a re-run resumes or skips finished trials), scored by its best
+validation Dice. The ranked table is returned and written as ``tune_results.csv``; the
+best trial's config, with the original step budget, is written as ``best_config.yaml``.
+
+A search space maps ``"section.field"`` to the values to try, e.g.
+``{"train.lr": [3e-4, 1e-3], "train.encoder": ["resnet18", "resnet34"]}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mlseg.config import Config
+from mlseg.errors import ConfigError
+from mlseg.io import write_table, write_text
+
+DEFAULT_SPACE: dict[str, list[Any]] = {
+    "train.lr": [3e-4, 1e-3, 3e-3],
+    "train.encoder": ["resnet18", "resnet34"],
+    "train.dice_weight": [0.5, 1.0, 2.0],
+    "train.patch_size": [128, 256],
+}
+METHODS = ("random", "grid")
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{"section.field": value}`` set, each section re-validated."""
+    from mlseg.config import parse
+
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        if (
+            not name
+            or section not in Config.model_fields
+            or not hasattr(getattr(cfg, section), "model_fields")
+        ):
+            raise ConfigError(f"search space: {key!r} is not 'section.field' (e.g. train.lr)")
+        if name not in type(getattr(cfg, section)).model_fields:
+            raise ConfigError(f"search space: {section} has no field {name!r}")
+        by_section.setdefault(section, {})[name] = value
+    update = {}
+    for section, values in by_section.items():
+        current = getattr(cfg, section)
+        update[section] = parse(
+            type(current), {**current.model_dump(), **values}, f"search space ({section})"
+        )
+    return cfg.model_copy(update=update)
+
+
+def candidates(
+    space: dict[str, Sequence[Any]], trials: int | None, method: str, seed: int
+) -> list[dict[str, Any]]:
+    """The parameter sets to try: the grid in order (first ``trials``) or a seeded random
+    sample of it without repetition."""
+    if method not in METHODS:
+        raise ConfigError(f"tune method must be one of {', '.join(METHODS)}, got {method!r}")
+    keys = list(space)
+    for key in keys:
+        if not isinstance(space[key], (list, tuple)) or not space[key]:
+            raise ConfigError(f"search space: {key} needs a non-empty list of values")
+    grid = [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(space[k] for k in keys))
+    ]
+    n = len(grid) if not trials else min(trials, len(grid))
+    if method == "grid":
+        return grid[:n]
+    order = np.random.default_rng(seed).permutation(len(grid))[:n]
+    return [grid[i] for i in order]
+
+
+def tune(
+    cfg: Config,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    trials: int | None = 8,
+    budget_steps: int = 200,
+    space: dict[str, Sequence[Any]] | None = None,
+    method: str = "random",
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the search; returns the trials ranked by best validation Dice (best first).
+
+    Columns: ``rank, trial``, one per searched parameter, ``best_val_dice,
+    final_train_loss, steps, images_per_s, seconds, out_dir``.
+    """
+    from mlseg.train import fit
+
+    if budget_steps < 1:
+        raise ConfigError(f"budget_steps must be at least 1, got {budget_steps}")
+    space = dict(space or DEFAULT_SPACE)
+    out = Path(out_dir)
+    chosen = candidates(space, trials, method, seed)
+    short = {
+        "train.max_steps": budget_steps,
+        "train.val_every": max(1, min(cfg.train.val_every, budget_steps // 4 or 1)),
+        "train.warmup_steps": min(cfg.train.warmup_steps, budget_steps // 10),
+    }
+    rows = []
+    iterator = enumerate(chosen)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(list(iterator), desc="tune", unit="trial")
+    for i, params in iterator:
+        trial_cfg = apply_params(cfg, {**params, **short})
+        t0 = time.perf_counter()
+        result = fit(trial_cfg, data_root, out / f"trial_{i:03d}", resume=True, progress=False)
+        last_loss = result.history["train_loss"].iloc[-1] if len(result.history) else float("nan")
+        rows.append(
+            {
+                "trial": i,
+                **params,
+                "best_val_dice": result.best_val_dice,
+                "final_train_loss": float(last_loss),
+                "steps": result.steps,
+                "images_per_s": result.images_per_s,
+                "seconds": time.perf_counter() - t0,
+                "out_dir": str(result.out_dir),
+            }
+        )
+    df = pd.DataFrame(rows)
+    df["best_val_dice"] = df["best_val_dice"].astype(float)
+    df = df.sort_values(
+        ["best_val_dice", "final_train_loss"], ascending=[False, True], na_position="last"
+    )
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    df = df.reset_index(drop=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(df, out / "tune_results.csv")
+    best_params = {k: _plain(df.loc[0, k]) for k in space}
+    best_cfg = apply_params(cfg, best_params)
+    text = "# best of mlseg tune (" + ", ".join(f"{k}={v}" for k, v in best_params.items()) + ")\n"
+    text += yaml.safe_dump(best_cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+    write_text(out / "best_config.yaml", text)
+    return df
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python scalars (for YAML and pydantic)."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,129 @@
+"""Batch augmentation: reproducible, aligned image/target, identity when disabled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlseg.augment import augment_pair, draw_params, photometric, reflect_coords
+from mlseg.config import AugmentConfig
+from mlseg.data import PatchStore
+
+GEOMETRY_ONLY = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0)
+
+
+def _blocks(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Image whose channel 0 equals its class map (large blocks), channels 1-2 a gradient."""
+    target = np.zeros((size, size), np.int64)
+    target[8:30, 10:40] = 1
+    target[36:60, 4:28] = 2
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = np.stack([target / 2.0, yy, xx], axis=2).astype(np.float32)
+    return image, target
+
+
+def test_disabled_is_an_exact_crop() -> None:
+    image, target = _blocks()
+    x, y = augment_pair(image, target, AugmentConfig(enabled=False), patch=32)
+    assert np.array_equal(x, image[16:48, 16:48]) and np.array_equal(y, target[16:48, 16:48])
+
+
+def test_seeded_and_reproducible() -> None:
+    image, target = _blocks()
+    a = augment_pair(image, target, AugmentConfig(elastic_p=1.0), seed=5)
+    b = augment_pair(image, target, AugmentConfig(elastic_p=1.0), seed=5)
+    c = augment_pair(image, target, AugmentConfig(elastic_p=1.0), seed=6)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_flips_and_rot90_are_exact_dihedral_transforms() -> None:
+    image, target = _blocks()
+    cfg = GEOMETRY_ONLY.model_copy(update={"scale_p": 0.0, "rotate_p": 0.0})
+    variants = [np.rot90(np.flip(target, 1) if f else target, k) for f in (0, 1) for k in range(4)]
+    seen = set()
+    for seed in range(24):
+        x, y = augment_pair(image, target, cfg, seed=seed)
+        match = [i for i, v in enumerate(variants) if np.array_equal(y, v)]
+        assert match, f"seed {seed}: not a flip/rotation of the target"
+        assert np.allclose(x[..., 0], y / 2.0)  # image moved with its target
+        seen.add(match[0])
+    assert len(seen) >= 6  # all eight occur; 24 draws see most of them
+
+
+@pytest.mark.parametrize(
+    "update", [{"scale_p": 1.0}, {"rotate_p": 1.0}, {"elastic_p": 1.0, "elastic_px": 4.0}]
+)
+def test_image_and_target_stay_aligned(update) -> None:
+    image, target = _blocks()
+    cfg = GEOMETRY_ONLY.model_copy(update=update)
+    for seed in range(4):
+        x, y = augment_pair(image, target, cfg, seed=seed)
+        # bilinear image vs nearest target differ only along block edges
+        agree = np.abs(x[..., 0] - y / 2.0) < 0.26
+        assert agree.mean() > 0.93
+
+
+def test_photometric_identity_and_ranges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 0.8 + 0.1
+    none = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0)
+    p = draw_params(4, 16, 3, none, gen, "cpu")
+    assert torch.equal(photometric(x, p, none), x)
+    zero_jitter = AugmentConfig(color_p=0.0, hed_p=1.0, hed_jitter=1e-12, blur_p=0.0, noise_p=0.0)
+    p = draw_params(4, 16, 3, zero_jitter, gen, "cpu")
+    assert torch.allclose(photometric(x, p, zero_jitter), x, atol=1e-4)
+    strong = AugmentConfig(color_p=1.0, hed_p=1.0, hed_jitter=0.1, blur_p=1.0, noise_p=1.0)
+    p = draw_params(4, 16, 3, strong, gen, "cpu")
+    y = photometric(x, p, strong)
+    assert y.shape == x.shape and torch.isfinite(y).all() and not torch.allclose(y, x)
+
+
+def test_blur_smooths_and_keeps_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cfg = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=1.0, noise_p=0.0, blur_sigma=(1.5, 1.5))
+    x = torch.rand(2, 1, 32, 32)
+    y = photometric(x, draw_params(2, 32, 1, cfg, gen, "cpu"), cfg)
+    assert y.std() < 0.5 * x.std() and abs(float(y.mean() - x.mean())) < 0.02
+
+
+def test_reflect_coords() -> None:
+    v = torch.tensor([-2.0, -1.0, 0.0, 3.0, 4.0, 5.0, 9.0])
+    assert reflect_coords(v, torch.tensor(5)).tolist() == [2.0, 1.0, 0.0, 3.0, 4.0, 3.0, 1.0]
+    assert reflect_coords(torch.tensor([-3.0, 2.0]), torch.tensor(1)).tolist() == [0.0, 0.0]
+
+
+def test_patch_store_batches_and_foreground_oversampling() -> None:
+    images, targets = [], []
+    for size in (40, 70):  # images smaller and larger than the patch
+        img, t = _blocks(size)
+        images.append(img)
+        targets.append((t > 0).astype(np.uint8))
+    store = PatchStore(images, targets, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x, y = store.sample(6, 64, AugmentConfig(), gen, fg_fraction=0.5)
+    assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32
+    assert y.shape == (6, 64, 64) and y.dtype == torch.int64 and set(y.unique().tolist()) <= {0, 1}
+    x, y = store.sample(16, 32, AugmentConfig(enabled=False), gen, fg_fraction=1.0)
+    assert (y[:, 16, 16] == 1).all()  # every patch centred on a nucleus pixel
+
+
+def test_subset_and_full_batch_forms_agree() -> None:
+    cfg = AugmentConfig(color_p=0.5, hed_p=0.5, blur_p=0.5, noise_p=0.0)
+    x = torch.rand(8, 3, 16, 16) * 0.8 + 0.1
+    out = []
+    for subset in (True, False):
+        p = draw_params(8, 16, 3, cfg, torch.Generator().manual_seed(3), "cpu", subset=subset)
+        out.append(photometric(x, p, cfg))
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert not torch.allclose(out[0], x)
+
+
+def test_noise_only_on_drawn_samples() -> None:
+    cfg = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.5, noise_std=0.1)
+    x = torch.rand(16, 1, 8, 8)
+    p = draw_params(16, 8, 1, cfg, torch.Generator().manual_seed(0), "cpu")
+    changed = (photometric(x, p, cfg) != x).flatten(1).any(dim=1)
+    assert changed.tolist() == [i in set(p.noise.index.tolist()) for i in range(16)]
+    assert 0 < changed.sum() < 16

@@ -1,0 +1,90 @@
+"""Evaluation: per-image scores, means, files; the real inference path end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mlseg.evaluate as ev
+from mlseg.config import Config, TrainConfig
+from mlseg.dataset import list_pairs
+from mlseg.io import read_mask
+from mlseg.model import build_model, save_checkpoint
+
+SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    folder = tmp_path / "model"
+    save_checkpoint(
+        folder,
+        build_model(SMALL, 3, 3),
+        Config(train=SMALL),
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash=None,
+        metrics={},
+        pixel_size_um=None,
+        name="best",
+        nucleus_diameter_px=12.0,
+    )
+    return folder
+
+
+def test_score_labels_columns_and_values() -> None:
+    truth = np.zeros((8, 8), np.int32)
+    truth[1:4, 1:4] = 1
+    truth[5:8, 5:8] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 0  # one nucleus missed
+    row = ev.score_labels(pred, truth)
+    assert set(row) == set(ev.METRIC_COLUMNS)
+    assert row["dice"] == pytest.approx(2 * 9 / (9 + 18))
+    assert (row["tp"], row["fp"], row["fn"]) == (1, 0, 1)
+    assert row["f1"] == pytest.approx(2 / 3) and row["aji"] == pytest.approx(9 / 18)
+    assert row["count_error"] == -1
+
+
+def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, monkeypatch) -> None:
+    pairs = list_pairs(synth_dataset, "test")
+    truths = {p.stem: read_mask(p.mask) for p in pairs}
+    perfect = pairs[0].stem
+
+    order = [p.stem for p in pairs]
+
+    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um):
+        stem = order.pop(0)  # images come in pair order
+        return truths[stem] if stem == perfect else np.zeros(image.shape[:2], np.int32)
+
+    monkeypatch.setattr(ev, "predict_image", fake_predict)
+    result = ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", progress=False)
+    df = result.per_image
+    assert list(df["stem"]) == [p.stem for p in pairs]
+    row = df.set_index("stem").loc[perfect]
+    assert row["dice"] == row["aji"] == row["pq"] == row["f1"] == 1.0
+    others = df[df["stem"] != perfect]
+    assert (others["dice"] == 0).all() and (others["n_pred"] == 0).all()
+    assert result.means["dice"] == pytest.approx(1 / len(pairs))
+    assert pd.read_csv(result.csv_path).shape[0] == len(pairs)
+    summary = json.loads(result.json_path.read_text())  # strict JSON: NaN written as null
+    assert summary["n_images"] == len(pairs) and summary["means"]["dice"] == pytest.approx(
+        1 / len(pairs)
+    )
+    assert result.worst_png is not None and result.worst_png.stat().st_size > 1000
+
+
+def test_evaluate_end_to_end_with_real_inference(checkpoint, synth_dataset, tmp_path) -> None:
+    result = ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", progress=False)
+    df = result.per_image
+    assert len(df) == len(list_pairs(synth_dataset, "test"))
+    for col in ("dice", "aji", "pq", "f1"):
+        assert df[col].between(0, 1).all(), col
+    assert (df["n_true"] > 0).all()

@@ -1,0 +1,143 @@
+"""Metrics against values computed by hand on tiny label images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mlseg.metrics import contingency, count_error, object_metrics, pixel_metrics
+
+
+def _squares() -> tuple[np.ndarray, np.ndarray]:
+    """Truth: A, B (4x4 each). Prediction: A shifted by one column (IoU 12/20 = 0.6),
+    half of B (IoU 8/16 = 0.5, not a match at > 0.5) and a false 2x2 object."""
+    truth = np.zeros((12, 16), np.int32)
+    truth[1:5, 1:5] = 1
+    truth[1:5, 8:12] = 2
+    pred = np.zeros_like(truth)
+    pred[1:5, 2:6] = 7
+    pred[1:5, 8:10] = 3
+    pred[8:10, 1:3] = 9
+    return pred, truth
+
+
+def test_pixel_metrics_hand_computed() -> None:
+    pred = np.zeros((4, 4), bool)
+    true = np.zeros((4, 4), bool)
+    pred[0, :4] = True  # 4 px
+    true[0, 1:4] = True
+    true[1, :3] = True  # 6 px, 3 shared
+    m = pixel_metrics(pred, true)
+    assert m["dice"] == pytest.approx(6 / 10)
+    assert m["iou"] == pytest.approx(3 / 7)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["recall"] == pytest.approx(3 / 6)
+
+
+def test_pixel_metrics_empty_is_perfect_and_shape_checked() -> None:
+    z = np.zeros((3, 3))
+    assert pixel_metrics(z, z) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}
+    with pytest.raises(ValueError):
+        pixel_metrics(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def test_object_metrics_hand_computed() -> None:
+    pred, truth = _squares()
+    m = object_metrics(pred, truth)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 2, 1)
+    assert m["precision"] == pytest.approx(1 / 3)
+    assert m["recall"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(2 / (2 + 2 + 1))
+    assert m["mean_matched_iou"] == pytest.approx(0.6)
+    assert m["pq"] == pytest.approx(0.6 / (1 + 1 + 0.5))
+    assert m["sq"] * m["rq"] == pytest.approx(m["pq"])
+    # AJI: A->pred 7 (12/20), B->pred 3 (8/16), unused pred 9 adds 4: (12+8)/(20+16+4)
+    assert m["aji"] == pytest.approx(20 / 40)
+
+
+def test_lower_threshold_matches_half_overlap() -> None:
+    pred, truth = _squares()
+    m = object_metrics(pred, truth, iou_threshold=0.3)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 0)
+
+
+def test_identical_and_relabelled_is_perfect() -> None:
+    _, truth = _squares()
+    relabelled = np.where(truth == 1, 40, np.where(truth == 2, 5, 0))
+    m = object_metrics(relabelled, truth)
+    assert m["f1"] == m["aji"] == m["pq"] == pytest.approx(1.0)
+
+
+def test_empty_images() -> None:
+    z = np.zeros((5, 5), np.int32)
+    m = object_metrics(z, z)
+    assert m["f1"] == m["aji"] == m["pq"] == 1.0 and math.isnan(m["mean_matched_iou"])
+    _, truth = _squares()
+    m = object_metrics(np.zeros_like(truth), truth)
+    assert (m["tp"], m["fn"]) == (0, 2) and m["f1"] == m["aji"] == m["pq"] == 0.0
+
+
+def test_split_label_counts_as_one_object() -> None:
+    truth = np.zeros((6, 10), np.int32)
+    truth[0:2, 0:2] = 1
+    truth[4:6, 8:10] = 1  # same label, two pieces (as in cpm15)
+    pred = truth.copy()
+    pred[4:6, 8:10] = 2
+    m = object_metrics(pred, truth)
+    assert m["tp"] == 0 and m["fp"] == 2 and m["fn"] == 1  # each half has IoU 0.5
+    assert m["aji"] == pytest.approx(4 / (8 + 4))
+
+
+def _aji_reference(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Kumar et al. 2017, Algorithm 1, written plainly with boolean masks."""
+    t_ids = [i for i in np.unique(truth) if i]
+    p_ids = [i for i in np.unique(pred) if i]
+    c = u = 0
+    used = set()
+    for t in t_ids:
+        g = truth == t
+        best, best_iou = None, -1.0
+        for p in p_ids:
+            s = pred == p
+            iou = (g & s).sum() / (g | s).sum()
+            if iou > best_iou:
+                best, best_iou = p, iou
+        if best is not None and best_iou > 0:
+            s = pred == best
+            c += (g & s).sum()
+            u += (g | s).sum()
+            used.add(best)
+        else:
+            u += g.sum()
+    for p in p_ids:
+        if p not in used:
+            u += (pred == p).sum()
+    return c / u
+
+
+def test_aji_matches_plain_reference_on_random_labels() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        truth = rng.integers(0, 6, (20, 20)).astype(np.int32)
+        truth[rng.random((20, 20)) < 0.3] = 0
+        pred = np.roll(truth, 1, axis=1)
+        pred[rng.random((20, 20)) < 0.2] = 9
+        assert object_metrics(pred, truth)["aji"] == pytest.approx(_aji_reference(pred, truth))
+
+
+def test_contingency_areas() -> None:
+    pred, truth = _squares()
+    ti, pi, inter, t_area, p_area = contingency(pred, truth)
+    assert t_area.tolist() == [16, 16] and p_area.tolist() == [8, 16, 4]  # labels 3, 7, 9
+    assert sorted(zip(ti.tolist(), pi.tolist(), inter.tolist(), strict=True)) == [
+        (0, 1, 12),
+        (1, 0, 8),
+    ]
+
+
+def test_count_error() -> None:
+    pred, truth = _squares()
+    c = count_error(pred, truth)
+    assert c == {"n_true": 2, "n_pred": 3, "count_error": 1, "count_error_rel": 0.5}

@@ -1,0 +1,125 @@
+"""Model building and checkpoints: smp models, safetensors, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlseg.config import Config, TrainConfig
+from mlseg.errors import ModelError
+from mlseg.model import build_model, load_model, load_train_state, save_checkpoint
+
+SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_build_model_output_convention(classes: int) -> None:
+    model = build_model(SMALL, in_channels=3, classes=classes).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, classes, 64, 64)
+
+
+def test_unknown_names_are_model_errors() -> None:
+    with pytest.raises(ModelError, match="unknown architecture 'Unet3D'"):
+        build_model(SMALL.model_copy(update={"arch": "Unet3D"}), 3, 1)
+    with pytest.raises(ModelError, match="unknown encoder 'resnet35'"):
+        build_model(SMALL.model_copy(update={"encoder": "resnet35"}), 3, 1)
+    with pytest.raises(ModelError, match="encoder_weights"):
+        build_model(SMALL.model_copy(update={"encoder_weights": "no-such-weights"}), 3, 1)
+
+
+def test_offline_encoder_weights_give_a_clear_error(monkeypatch) -> None:
+    import segmentation_models_pytorch.encoders as encoders
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
+    with pytest.raises(ModelError, match="offline.*encoder_weights: null"):
+        build_model(SMALL.model_copy(update={"encoder_weights": "imagenet"}), 3, 1)
+
+
+def _save(tmp_path, model, name="best", **extra):
+    cfg = Config(train=SMALL)
+    return save_checkpoint(
+        tmp_path,
+        model,
+        cfg,
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash="abc123",
+        metrics={"val_dice": 0.5},
+        pixel_size_um=0.5,
+        name=name,
+        step=7,
+        **extra,
+    )
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model(SMALL, 3, 3).eval()
+    path = _save(tmp_path, model)
+    assert path.name == "best.safetensors"
+    assert {p.name for p in tmp_path.iterdir()} == {"best.safetensors", "config.json", "meta.json"}
+    loaded = load_model(tmp_path)
+    assert (loaded.target, loaded.classes, loaded.in_channels, loaded.pixel_size_um) == (
+        "three_class",
+        3,
+        3,
+        0.5,
+    )
+    assert loaded.config.train.encoder == "resnet18" and not loaded.model.training
+    assert loaded.meta["fingerprint_hash"] == "abc123"
+    assert loaded.meta["checkpoints"]["best"]["step"] == 7
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
+    assert load_model(path).path == path  # a .safetensors file works too
+
+
+def test_last_checkpoint_keeps_train_state_without_pickle(tmp_path) -> None:
+    model = build_model(SMALL, 3, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.rand(1, 3, 64, 64)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "step": 3, "generator": torch.Generator().get_state()}
+    _save(tmp_path, model, name="last", train_state=state)
+    _save(tmp_path, model, name="best")
+    back = load_train_state(tmp_path)  # torch.load(weights_only=True) inside
+    assert back["step"] == 3 and "state" in back["optimizer"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert set(meta["checkpoints"]) == {"best", "last"}
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
+    _save(tmp_path, build_model(SMALL, 3, 3))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["train"]["encoder"] = "resnet34"  # weights are resnet18's
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"best\.safetensors: weights do not fit Unet/resnet34"):
+        load_model(tmp_path)
+
+
+def test_missing_or_damaged_checkpoints(tmp_path) -> None:
+    with pytest.raises(ModelError, match="no best.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "best.safetensors").write_bytes(b"not a tensor file")
+    (tmp_path / "config.json").write_text(Config(train=SMALL).model_dump_json())
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"target": "binary", "classes": 1, "in_channels": 3})
+    )
+    with pytest.raises(ModelError, match="not a readable safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(ModelError, match="damaged"):
+        load_model(tmp_path)

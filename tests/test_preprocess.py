@@ -1,0 +1,198 @@
+"""Preprocessing steps on images with known answers."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from mlseg.config import PreprocessConfig
+from mlseg.errors import ConfigError
+from mlseg.preprocess import (
+    MACENKO_REF_MAX_CONC,
+    MACENKO_REF_STAINS,
+    clahe,
+    equalize_hist,
+    lab_stats,
+    macenko,
+    macenko_stains,
+    match_histograms,
+    normalize,
+    percentile_norm,
+    reinhard,
+    rescale,
+    rescale_labels,
+    zscore,
+)
+
+
+def _he_image(stains: np.ndarray, seed: int = 0, size: int = 64) -> np.ndarray:
+    """Beer-Lambert image of random H and E concentrations with the given (3, 2) stains."""
+    rng = np.random.default_rng(seed)
+    conc = np.stack([rng.uniform(0.2, 1.8, size * size), rng.uniform(0.1, 0.9, size * size)])
+    od = stains @ conc
+    return np.exp(-od).T.reshape(size, size, 3).astype(np.float32)
+
+
+def test_rescale_size_dtype_and_identity() -> None:
+    img = np.random.default_rng(0).integers(0, 65535, (60, 100, 3)).astype(np.uint16)
+    up = rescale(img, 0.5, 0.25)
+    assert up.shape == (120, 200, 3) and up.dtype == np.uint16
+    down = rescale(img, 0.25, 0.5)
+    assert down.shape == (30, 50, 3)
+    grey = rescale(img[..., :1], 0.5, 0.25)
+    assert grey.shape == (120, 200, 1)
+    assert rescale(img, None, 0.5) is img and rescale(img, 0.5, 0.5) is img
+
+
+def test_rescale_area_average_when_downsampling() -> None:
+    img = np.zeros((4, 4, 1), np.float32)
+    img[::2, ::2] = 1.0  # checkerboard of period 2: the true 2x average is 0.25 everywhere
+    assert np.allclose(rescale(img, 1.0, 2.0), 0.25)
+
+
+def test_rescale_labels_nearest_keeps_label_set() -> None:
+    labels = np.zeros((30, 50), np.int32)
+    labels[5:15, 5:20] = 3
+    labels[18:28, 25:45] = 7
+    up = rescale_labels(labels, 0.5, 0.2)
+    assert up.shape == rescale(labels.astype(np.float32), 0.5, 0.2).shape == (75, 125)
+    assert set(np.unique(up)) == {0, 3, 7} and up.dtype == np.int32
+    # area scales with the square of the factor (2.5^2), within a pixel row/column
+    assert abs((up == 3).sum() / (labels == 3).sum() - 6.25) < 0.7
+
+
+def test_equalize_hist_spreads_and_keeps_order() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.40, 0.50, (64, 64, 1)).astype(np.float32)
+    y = equalize_hist(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert y.min() < 0.02 and y.max() > 0.98
+    # monotonic: the pixel order is kept; the histogram is close to flat
+    order = np.argsort(x.ravel())
+    assert np.all(np.diff(y.ravel()[order]) >= -1e-6)
+    hist = np.histogram(y, bins=4, range=(0, 1))[0] / y.size
+    assert np.allclose(hist, 0.25, atol=0.03)
+
+
+def test_equalize_rgb_keeps_hue() -> None:
+    rng = np.random.default_rng(1)
+    grey = rng.uniform(0.3, 0.6, (32, 32, 1)).astype(np.float32)
+    rgb = np.concatenate([grey, grey * 0.8, grey * 0.6], axis=2)  # one hue, varying lightness
+    out = equalize_hist(rgb)
+    ratio = out[..., 1] / np.maximum(out[..., 0], 1e-3)
+    mid = (out[..., 0] > 0.2) & (out[..., 0] < 0.8)
+    # channels equalised one by one would make the ratio about 1
+    assert abs(np.median(ratio[mid]) - 0.8) < 0.05
+
+
+def test_clahe_raises_local_contrast() -> None:
+    rng = np.random.default_rng(2)
+    x = (0.5 + 0.02 * rng.standard_normal((64, 64, 1))).astype(np.float32)
+    y = clahe(x, clip_limit=4.0, tile_grid=4)
+    assert y.dtype == np.float32 and y.min() >= 0 and y.max() <= 1
+    assert y.std() > 3 * x.std()
+
+
+def test_match_histograms_takes_reference_values() -> None:
+    rng = np.random.default_rng(3)
+    img = rng.random((16, 16, 2)).astype(np.float32)
+    ref = rng.normal(0.5, 0.1, (16, 16, 2)).clip(0, 1).astype(np.float32)
+    out = match_histograms(img, ref)
+    for c in range(2):
+        assert np.allclose(np.sort(out[..., c].ravel()), np.sort(ref[..., c].ravel()), atol=1e-6)
+        # rank order of the image is kept
+        assert np.array_equal(np.argsort(out[..., c].ravel()), np.argsort(img[..., c].ravel()))
+    assert np.allclose(match_histograms(img, img), img, atol=1e-6)
+
+
+def test_reinhard_matches_target_statistics() -> None:
+    src = _he_image(MACENKO_REF_STAINS, seed=0)
+    ref = (_he_image(MACENKO_REF_STAINS, seed=1) * np.array([1.0, 0.85, 0.9])).astype(np.float32)
+    mean, std = lab_stats(ref)
+    out = reinhard(src, mean, std)
+    got_mean, got_std = lab_stats(out)
+    assert np.allclose(got_mean, mean, atol=1.5)
+    assert np.allclose(got_std, std, rtol=0.1, atol=0.5)
+
+
+def test_macenko_recovers_stains_and_normalises() -> None:
+    other = np.array([[0.70, 0.10], [0.65, 0.90], [0.30, 0.42]])
+    other = other / np.linalg.norm(other, axis=0)
+    img = _he_image(other, seed=4)
+    est = macenko_stains(img)
+    assert est is not None
+    stains, _ = est
+    cosine = np.sum(stains * other, axis=0)
+    assert np.all(cosine > 0.98), cosine
+    out = macenko(img)
+    # same concentrations rendered with the reference stains
+    est_ref = macenko_stains(out)
+    assert est_ref is not None
+    assert np.all(
+        np.sum(est_ref[0] * MACENKO_REF_STAINS / np.linalg.norm(MACENKO_REF_STAINS, axis=0), axis=0)
+        > 0.98
+    )
+    assert np.allclose(est_ref[1], MACENKO_REF_MAX_CONC, rtol=0.05)
+
+
+def test_macenko_leaves_blank_images_alone() -> None:
+    blank = np.full((16, 16, 3), 250, np.uint8)
+    assert np.allclose(macenko(blank), blank / 255.0)
+
+
+def test_percentile_and_zscore() -> None:
+    x = np.arange(100, dtype=np.float32).reshape(10, 10, 1) / 99.0
+    y = percentile_norm(x, 1, 99)
+    assert y.min() == pytest.approx(-0.01 / 0.98, abs=1e-4) and y.max() == pytest.approx(
+        1 + 0.01 / 0.98, abs=1e-4
+    )
+    z = zscore(np.random.default_rng(0).random((20, 20, 3)))
+    assert np.allclose(z.mean(axis=(0, 1)), 0, atol=1e-5) and np.allclose(
+        z.std(axis=(0, 1)), 1, atol=1e-4
+    )
+
+
+def test_normalize_default_and_channels() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    out = normalize(img, PreprocessConfig())
+    assert out.dtype == np.float32 and np.allclose(out, img / 255.0)
+    grey16 = np.full((8, 8, 1), 65535, np.uint16)
+    out = normalize(grey16, PreprocessConfig(), "fluorescence", channels=3)
+    assert out.shape == (8, 8, 3) and np.allclose(out, 1.0)
+    out = normalize(img, PreprocessConfig(intensity_norm="percentile"), "fluorescence")
+    assert np.allclose(np.percentile(out, 1, axis=(0, 1)), 0, atol=1e-5)
+
+
+def test_normalize_with_reference_file(tmp_path) -> None:
+    from mlseg.io import write_image
+
+    ref = (_he_image(MACENKO_REF_STAINS, seed=5) * 255).astype(np.uint8)
+    path = write_image(tmp_path / "ref.png", ref)
+    img = (_he_image(MACENKO_REF_STAINS, seed=6) * np.array([0.9, 0.8, 1.0]) * 255).astype(np.uint8)
+    out = normalize(img, PreprocessConfig(stain_norm="reinhard", stain_reference=path))
+    assert np.allclose(lab_stats(out)[0], lab_stats(ref)[0], atol=2.0)
+    out = normalize(img, PreprocessConfig(equalize="match", stain_reference=path))
+    assert out.shape == img.shape
+    assert np.isfinite(
+        normalize(img, PreprocessConfig(stain_norm="macenko", stain_reference=path))
+    ).all()
+
+
+def test_normalize_bad_requests_are_config_errors(tmp_path) -> None:
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ConfigError, match="stain_reference"):
+        normalize(img, PreprocessConfig(stain_norm="reinhard"))
+    with pytest.raises(ConfigError, match="RGB H&E/IHC"):
+        normalize(img[..., :1], PreprocessConfig(stain_norm="macenko"))
+    with pytest.raises(ConfigError, match="not found"):
+        normalize(img, PreprocessConfig(equalize="match", stain_reference=tmp_path / "missing.png"))
+
+
+def test_clahe_matches_opencv_on_grey_uint8_scale() -> None:
+    rng = np.random.default_rng(7)
+    u8 = rng.integers(100, 140, (64, 64)).astype(np.uint8)
+    ours = clahe(u8[..., None], clip_limit=2.0, tile_grid=8)[..., 0]
+    ref = cv2.createCLAHE(2.0, (8, 8)).apply(u8) / 255.0
+    # 16-bit vs 8-bit histograms: same transform up to quantisation
+    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.95

@@ -1,0 +1,172 @@
+"""Training loop: runs, resumes, and fails clearly on bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk
+
+from mlseg.config import load_config
+from mlseg.errors import ConfigError, DatasetError, ModelError
+from mlseg.io import write_image, write_labels
+from mlseg.train import SegLoss, fit, warmup_cosine
+
+TINY = {
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "patch_size": 64,
+    "batch_size": 2,
+    "warmup_steps": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def _cfg(**train):
+    return load_config(None, train={**TINY, **train})
+
+
+def _binary_dataset(root, n: int = 3, size: int = 64):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        image = np.full((size, size, 3), 230, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(4):
+            rr, cc = disk(tuple(rng.integers(8, size - 8, 2)), 6, shape=mask.shape)
+            image[rr, cc] = (80, 40, 140)
+            mask[rr, cc] = 255
+        write_image(root / "train" / "original" / f"img{i}.png", image)
+        write_labels(root / "train" / "masks" / f"img{i}_mask.png", mask)
+    (root / "test" / "original").mkdir(parents=True)
+    return root
+
+
+def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = fit(_cfg(max_steps=2, val_every=2), synth_dataset, out, progress=False)
+    assert (
+        first.steps == 2 and first.best_checkpoint is not None and first.last_checkpoint.is_file()
+    )
+    assert list(first.history["step"]) == [2] and 0 <= first.best_val_dice <= 1
+    for name in (
+        "config.json",
+        "meta.json",
+        "last.state.pt",
+        "history.csv",
+        "history.json",
+        "training_curves.png",
+    ):
+        assert (out / name).is_file(), name
+    second = fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False)
+    assert second.steps == 3
+    assert list(second.history["step"]) == [2, 3] and list(second.history["epoch"]) == [1, 2]
+    from mlseg.model import load_model
+
+    loaded = load_model(out)
+    assert loaded.target == "three_class" and loaded.classes == 3  # instance masks -> auto
+    assert loaded.config.train.target == "three_class"
+    assert loaded.meta["checkpoints"]["last"]["step"] == 3
+    assert 6 < loaded.meta["nucleus_diameter_px"] < 20  # synthetic nuclei: ~12 px across
+    # a finished run is not trained again
+    assert fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False).steps == 3
+
+
+def test_resume_refuses_another_architecture(synth_dataset, tmp_path) -> None:
+    fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="--no-resume"):
+        fit(_cfg(max_steps=2, encoder="resnet34"), synth_dataset, tmp_path, progress=False)
+
+
+def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(
+        SegLoss, "forward", lambda self, logits, target: logits.mean() * float("nan")
+    )
+    with pytest.raises(ModelError, match="diverged.*lower train.lr"):
+        fit(_cfg(max_steps=2), synth_dataset, tmp_path, progress=False)
+
+
+def test_three_class_on_binary_masks_is_refused(tmp_path) -> None:
+    root = _binary_dataset(tmp_path / "ds")
+    with pytest.raises(ConfigError, match="three_class needs instance-labelled masks"):
+        fit(_cfg(max_steps=1, target="three_class"), root, tmp_path / "run", progress=False)
+
+
+def test_binary_masks_train_binary_target(tmp_path) -> None:
+    root = _binary_dataset(tmp_path / "ds")
+    result = fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+    from mlseg.model import load_model
+
+    assert load_model(result.out_dir).classes == 1
+
+
+def test_empty_training_set(tmp_path) -> None:
+    for sub in ("train/original", "train/masks", "test/original", "test/masks"):
+        (tmp_path / "ds" / sub).mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no training images"):
+        fit(_cfg(max_steps=1), tmp_path / "ds", tmp_path / "run", progress=False)
+
+
+def test_warmup_cosine_schedule() -> None:
+    f = warmup_cosine(warmup=10, total=110, floor=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(110) == pytest.approx(0.01) and f(500) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("target,classes", [("binary", 1), ("three_class", 3)])
+def test_loss_is_low_for_right_and_high_for_wrong_logits(target, classes) -> None:
+    y = torch.zeros(2, 16, 16, dtype=torch.long)
+    y[:, 4:12, 4:12] = 1
+    if classes == 3:
+        y[:, 4, 4:12] = 2
+    loss = SegLoss(target, dice_weight=1.0, ce_weight=1.0, boundary_weight=2.0)
+    good = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 20 - 10
+    if classes == 1:
+        good = y[:, None].float() * 20 - 10
+    bad = -good
+    assert loss(good, y) < 0.01 < 1.0 < loss(bad, y)
+    assert math.isfinite(float(loss(torch.zeros(2, classes, 16, 16), y)))
+
+
+def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
+    import yaml
+
+    from mlseg.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": TINY}))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        str(config),
+        "--data",
+        str(synth_dataset),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert main(["evaluate", str(out), str(synth_dataset), "--quiet"]) == 0
+    assert "AJI" in capsys.readouterr().out and (out / "eval_test" / "per_image.csv").is_file()
+    assert main(["train", str(config), "--out", str(out)]) == 2  # no dataset given
+    assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_with_bf16_and_resume(synth_dataset, tmp_path) -> None:
+    cfg = _cfg(max_steps=2, val_every=1, device="cuda", amp=True, channels_last=True)
+    first = fit(cfg, synth_dataset, tmp_path, progress=False)
+    assert first.steps == 2 and math.isfinite(first.history["train_loss"].iloc[-1])
+    again = fit(
+        _cfg(max_steps=3, val_every=1, device="cuda"), synth_dataset, tmp_path, progress=False
+    )
+    assert list(again.history["step"]) == [1, 2, 3]

@@ -1,0 +1,66 @@
+"""Hyperparameter search: candidates, config overrides, ranked table, best config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlseg.config import load_config
+from mlseg.errors import ConfigError
+from mlseg.tune import apply_params, candidates, tune
+
+TINY = {
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "patch_size": 64,
+    "batch_size": 2,
+    "max_steps": 500,
+}
+
+
+def test_candidates_grid_and_random() -> None:
+    space = {"train.lr": [1e-4, 1e-3], "train.encoder": ["resnet18", "resnet34"]}
+    grid = candidates(space, None, "grid", 0)
+    assert len(grid) == 4 and grid[0] == {"train.lr": 1e-4, "train.encoder": "resnet18"}
+    rand = candidates(space, 3, "random", 0)
+    assert len(rand) == 3 and all(c in grid for c in rand) and len({str(c) for c in rand}) == 3
+    assert rand == candidates(space, 3, "random", 0)
+    with pytest.raises(ConfigError):
+        candidates(space, 2, "bayes", 0)
+    with pytest.raises(ConfigError):
+        candidates({"train.lr": []}, 2, "grid", 0)
+
+
+def test_apply_params_validates() -> None:
+    cfg = load_config(None)
+    out = apply_params(cfg, {"train.lr": 0.01, "augment.elastic_p": 0.5})
+    assert out.train.lr == 0.01 and out.augment.elastic_p == 0.5 and cfg.train.lr == 1e-3
+    with pytest.raises(ConfigError, match="no field"):
+        apply_params(cfg, {"train.learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="section.field"):
+        apply_params(cfg, {"lr": 0.1})
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        apply_params(cfg, {"train.patch_size": 100})
+
+
+def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> None:
+    torch.set_num_threads(2)
+    cfg = load_config(None, train=TINY)
+    space = {"train.lr": [1e-3, 1e-12]}  # ranked by validation Dice
+    table = tune(
+        cfg,
+        synth_dataset,
+        tmp_path,
+        trials=2,
+        budget_steps=1,
+        space=space,
+        method="grid",
+        progress=False,
+    )
+    assert list(table["rank"]) == [1, 2] and set(table["train.lr"]) == {1e-3, 1e-12}
+    assert table["best_val_dice"].is_monotonic_decreasing
+    assert (tmp_path / "tune_results.csv").is_file()
+    best = load_config(tmp_path / "best_config.yaml")
+    assert best.train.lr == table.loc[0, "train.lr"]
+    assert best.train.max_steps == 500 and best.train.encoder == "resnet18"  # budget not kept
+    assert "preprocess" not in best.model_fields_set  # the profile's preprocessing still applies
