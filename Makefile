@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	@test -d $(DEMO_DIR)/raw || $(BIN)/mlseg synth $(DEMO_DIR)/raw
-	@test -d $(DEMO_DIR)/dataset || $(BIN)/mlseg ingest $(DEMO_DIR)/raw $(DEMO_DIR)/dataset
+	$(BIN)/python -m flows.demo $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,116 @@
-"""Commands of this stage (filled in by the stage's issue)."""
+"""Model registry and monitoring commands: ``mlseg models list|show|promote``, ``mlseg monitor``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+RegistryOpt = Annotated[
+    str,
+    typer.Option(
+        "--registry",
+        "-r",
+        envvar="MLSEG_REGISTRY",
+        help="Registry folder or fsspec URL (s3://bucket/models); env MLSEG_REGISTRY.",
+    ),
+]
+models_app = typer.Typer(help="Versioned models: list, show, promote.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def list_cmd(
+    registry: RegistryOpt = "registry",
+    name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
+) -> None:
+    """Every registered version, the production one marked with *."""
+    from mlseg import registry as reg
+
+    versions = reg.list_models(registry, name)
+    if not versions:
+        typer.echo(f"no models in {registry}")
+        return
+    live = {n: reg.production_record(registry, n) for n in {v.name for v in versions}}
+    typer.echo(f"{'':2}{'model':<20}{'created (UTC)':<27}{'metrics':<36}eval set")
+    for v in versions:
+        mark = "*" if (live[v.name] or {}).get("version") == v.version else " "
+        metrics = " ".join(f"{k}={val:.3f}" for k, val in list(v.metrics.items())[:3])
+        typer.echo(f"{mark:2}{v.tag:<20}{v.created_at:<27}{metrics:<36}{v.eval_set_id or '-'}")
+
+
+@models_app.command("show")
+def show_cmd(
+    model: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (3, v3, latest, production).")],
+    registry: RegistryOpt = "registry",
+) -> None:
+    """A version's card (metrics, data fingerprint, code version, files) as JSON."""
+    from mlseg import registry as reg
+
+    name, _, version = model.partition("@")
+    found = reg.show(registry, name, version or "production")
+    record = reg.production_record(registry, name) or {}
+    card = {
+        **found.card(),
+        "evaluations": found.evaluations,
+        "production": record.get("version") == found.version,
+    }
+    if card["production"]:
+        card["promoted_at"], card["promotion_reason"] = record["promoted_at"], record["reason"]
+    typer.echo(json.dumps(card, indent=2))
+
+
+@models_app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version to serve (3 or v3).")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the registry).")],
+    registry: RegistryOpt = "registry",
+) -> None:
+    """Make a version the production model (e.g. a rollback); the reason is recorded."""
+    from mlseg import registry as reg
+
+    found = reg.promote(registry, name, version, reason)
+    typer.echo(f"{found.tag} is now in production ({reason})")
+
+
+def monitor_cmd(
+    images: Annotated[Path, typer.Argument(help="Folder of new images (or one image).")],
+    fingerprint: Annotated[
+        Path, typer.Option(help="Training fingerprint.json written by `mlseg validate`.")
+    ],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (monitor section used).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the drift table here (CSV).")] = None,
+) -> None:
+    """Compare new images with the training data; exit 1 on drift above monitor.psi_fail."""
+    from mlseg.config import load_config
+    from mlseg.dataset import is_image_file
+    from mlseg.errors import DatasetError
+    from mlseg.io import write_table
+    from mlseg.monitor import DriftDetected, drift_report, image_stats_table, load_fingerprint
+
+    cfg = load_config(config).monitor
+    paths = (
+        [images] if images.is_file() else sorted(p for p in images.iterdir() if is_image_file(p))
+    )
+    if not paths:
+        raise DatasetError(f"{images}: no images (png, tif, jpg) found")
+    report = drift_report(image_stats_table(paths), load_fingerprint(fingerprint), cfg)
+    if out is not None:
+        write_table(report.table, out)
+    shown = report.table[
+        ["statistic", "status", "psi", "p_value", "new_median", "reference_median"]
+    ]
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if report.status == "fail":
+        raise DriftDetected(f"{images}: {report.message}")  # exit code 1
+    typer.echo(f"{report.status.upper()}: {report.message}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to ``app``."""
+    app.add_typer(models_app, name="models")
+    app.command("monitor")(monitor_cmd)

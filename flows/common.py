@@ -1,0 +1,116 @@
+"""Small helpers shared by the flows: run config from parameters, JSON-safe results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlseg.config import Config, load_config
+
+
+def run_config(config: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The run's :class:`~mlseg.config.Config`: YAML file (or defaults) plus section overrides.
+
+    ``overrides`` is what a deployment parameter holds, e.g. ``{"train": {"max_steps": 300}}``.
+    """
+    return load_config(config, **(overrides or {}))
+
+
+def as_str(path: Path | str | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """I/O errors worth retrying (network file systems, object stores, busy files).
+
+    Errors a person must fix (:class:`~mlseg.errors.MlsegError`: unreadable image, bad
+    config) and missing files are not retried: retrying cannot help.
+    """
+    from mlseg.errors import MlsegError
+
+    if exc is None or isinstance(exc, MlsegError):
+        return False
+    if isinstance(
+        exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
+    ):
+        return False
+    return isinstance(exc, OSError | TimeoutError | ConnectionError)
+
+
+def retry_on_transient_io(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only on :func:`is_transient` errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as err:  # the result itself may be unreadable
+            exc = err
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+def data_path(path: str | Path) -> Path:
+    """A path parameter as the flow sees it: absolute as given; relative ones under
+    ``MLSEG_DATA_DIR`` when that is set (deployed workers: ``/data``), else the current folder.
+    """
+    import os
+
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_absolute():
+        return path
+    base = os.environ.get("MLSEG_DATA_DIR")
+    return (Path(base) / path) if base else path.resolve()
+
+
+def resolve_profile(
+    name: str,
+    profiles: dict[str, Any] | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    profiles_file: str | None = None,
+):
+    """The :class:`~mlseg.config.Profile` a run uses.
+
+    ``profiles`` is the content of a ``profiles.yaml`` as a deployment parameter (a mapping,
+    or its JSON text as ``prefect.yaml``'s build step passes it); ``None`` reads
+    ``profiles_file`` (default: the packaged ``mlseg/profiles.yaml``). ``overrides`` change
+    single keys (nested sections merged), e.g. ``{"pixel_size_um": 0.25}``. Every value is
+    validated as in a profiles file.
+    """
+    import json
+
+    from mlseg.config import Profile, get_profile, parse
+    from mlseg.errors import ConfigError
+
+    source = "deployment parameter 'profiles'"
+    if isinstance(profiles, str) and profiles.strip():
+        try:
+            profiles = json.loads(profiles)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source}: not valid JSON ({err})") from None
+    if profiles:
+        table = profiles.get("profiles", profiles) if isinstance(profiles, dict) else None
+        if not isinstance(table, dict) or name not in table:
+            known = ", ".join(sorted(table)) if isinstance(table, dict) else "none"
+            raise ConfigError(f"{source}: unknown profile {name!r}; choose one of {known}")
+        values = {**(table[name] or {}), "name": name}
+    else:
+        values = get_profile(name, profiles_file).model_dump(mode="json")
+        source = str(profiles_file or "mlseg/profiles.yaml")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    if overrides:
+        source += " with overrides"
+    return parse(Profile, values, f"{source} (profile '{name}')")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (16 hex) of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""Flow ``evaluate-model``: :func:`mlseg.evaluate.evaluate` with an evaluation table artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+
+
+@task(name="evaluate", task_run_name="evaluate {split}")
+def evaluate_task(
+    model: str,
+    data_root: str,
+    out_dir: str,
+    split: str = "test",
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """Score ``model`` on ``split``; returns means, eval set id and output paths."""
+    from mlseg.evaluate import evaluate
+    from mlseg.registry import eval_set_id
+
+    result = evaluate(model, data_root, out_dir, split=split, profile=profile, progress=False)
+    return {
+        "means": {k: float(v) for k, v in result.means.items()},
+        "eval_set_id": eval_set_id(data_root, split),
+        "n_images": len(result.per_image),
+        "per_image_csv": str(result.csv_path),
+        "summary_json": str(result.json_path),
+        "worst_png": None if result.worst_png is None else str(result.worst_png),
+        "out_dir": str(result.out_dir),
+    }
+
+
+@flow(name="evaluate-model", log_prints=True)
+def evaluate_model(
+    model: str,
+    data_root: str,
+    out_dir: str,
+    split: str = "test",
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (folder or ``.safetensors``) on a labelled split.
+
+    Publishes the means, the per-image table (worst first) and the worst-cases figure link.
+    """
+    import pandas as pd
+
+    result = evaluate_task(model, data_root, out_dir, split, profile)
+    means = result["means"]
+    get_run_logger().info(
+        "%d images: Dice %.4f AJI %.4f PQ %.4f (eval set %s)",
+        result["n_images"],
+        means.get("dice", float("nan")),
+        means.get("aji", float("nan")),
+        means.get("pq", float("nan")),
+        result["eval_set_id"],
+    )
+    artifacts.table(
+        "evaluation-means",
+        {k: f"{v:.4f}" for k, v in means.items()},
+        f"means over {result['n_images']} {split} images (eval set {result['eval_set_id']})",
+    )
+    per_image = pd.read_csv(result["per_image_csv"])
+    if "aji" in per_image:
+        per_image = per_image.sort_values("aji")
+    artifacts.table("evaluation-per-image", per_image, "one row per image, lowest AJI first")
+    if result["worst_png"] and Path(result["worst_png"]).is_file():
+        artifacts.link("evaluation-worst-cases", result["worst_png"], "worst cases (PNG)")
+    artifacts.outputs(
+        "evaluation-outputs",
+        {k: result[k] for k in ("per_image_csv", "summary_json", "worst_png", "out_dir")},
+    )
+    return result

@@ -1,0 +1,111 @@
+"""Flow ``monitor``: drift of new images vs the training fingerprint, and the run history.
+
+Statistics of the new images are computed in batches (parallel tasks, retried on transient
+I/O errors), compared with the fingerprint by :func:`mlseg.monitor.drift_report`, and
+published as a table artifact. A drifted batch adds a warning artifact; drift above
+``monitor.psi_fail`` ends the flow ``Failed`` (:class:`mlseg.monitor.DriftDetected`), so a
+scheduled monitor alerts through Prefect's usual failure notifications.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+from flows.common import retry_on_transient_io, run_config
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Images directly in ``folder`` (or in its ``original/`` subfolder), sorted by name."""
+    from mlseg.dataset import is_image_file
+    from mlseg.errors import DatasetError
+
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found")
+    found = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not found and (folder / "original").is_dir():
+        found = sorted(p for p in (folder / "original").iterdir() if is_image_file(p))
+    return found
+
+
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    size = max(1, int(size))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@task(
+    name="image-stats",
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_on_transient_io,
+)
+def image_stats_task(paths: list[str]) -> list[dict[str, Any]]:
+    """Statistics of a batch of images (one dict per image)."""
+    from mlseg.monitor import image_stats_table
+
+    return image_stats_table(paths).to_dict(orient="records")
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(
+    images: str,
+    fingerprint: str,
+    out_dir: str,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    history: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Compare the images in ``images`` with the training ``fingerprint`` (``fingerprint.json``).
+
+    Writes ``drift.csv`` and ``drift.json`` to ``out_dir``; publishes the drift table, a
+    warning on drift, and the run history (``history``, as appended by
+    ``segment-and-quantify``) if given. Fails on drift above ``monitor.psi_fail``.
+    """
+    import pandas as pd
+
+    from mlseg.io import write_table, write_text
+    from mlseg.monitor import DriftDetected, drift_report, load_fingerprint, read_history
+
+    logger = get_run_logger()
+    cfg = run_config(config, overrides).monitor
+    reference = load_fingerprint(fingerprint)
+    paths = [str(p) for p in list_images(images)]
+    futures = [image_stats_task.submit(batch) for batch in batches(paths, batch_size)]
+    rows = [row for future in futures for row in future.result()]
+    report = drift_report(pd.DataFrame(rows), reference, cfg)
+    out = Path(out_dir)
+    drift_csv = write_table(report.table, out / "drift.csv")
+    drift_json = write_text(out / "drift.json", json.dumps(report.as_dict(), indent=2, default=str))
+    artifacts.table(
+        "drift-report",
+        report.table,
+        f"{report.status.upper()}: {report.message} (PSI warn {cfg.psi_warn}, fail {cfg.psi_fail})",
+    )
+    if report.status in ("warn", "fail"):
+        artifacts.warning("drift-warning", f"Image drift: {report.status}", report.message)
+    result: dict[str, Any] = {
+        "status": report.status,
+        "message": report.message,
+        "n_images": report.n_images,
+        "drift_csv": str(drift_csv),
+        "drift_json": str(drift_json),
+    }
+    if history and Path(history).is_file():
+        table = read_history(history)
+        artifacts.table("run-history", table.tail(50), "segmentation runs, latest last")
+        result["history"] = history
+    artifacts.outputs(
+        "monitor-outputs", {k: v for k, v in result.items() if k.endswith(("csv", "json"))}
+    )
+    logger.info("drift %s: %s", report.status, report.message)
+    if report.status == "fail":
+        raise DriftDetected(f"{images}: {report.message}")
+    return result

@@ -1,0 +1,355 @@
+"""Flow ``pipeline``: validate -> preprocess -> train -> evaluate -> register/promote ->
+segment and quantify the test images -> monitor -> HTML report.
+
+Each stage is one of the stage flows (a subflow in the dashboard) or a task calling one
+``mlseg`` function. A failed validation raises before training starts. The new model is
+registered and promoted only if it beats the production model on the same evaluation set
+(the champion is evaluated on this set first when the registry has no score for it); the
+test images are then segmented with whichever model is in production. Drift above
+``monitor.psi_fail`` fails the pipeline, after the report is written.
+
+Everything lands under ``work_dir``; a rerun resumes training, skips segmented images, and
+reuses the registry version of unchanged weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import artifacts
+from flows.common import data_path, resolve_profile, run_config
+from flows.evaluate import evaluate_model, evaluate_task
+from flows.monitor import monitor
+from flows.segment import segment_and_quantify
+from flows.train import train_model
+from flows.validate import validate_dataset_flow
+
+
+@task(name="preprocess-plan", cache_policy=NO_CACHE)
+def preprocess_task(
+    config: str | None, overrides: dict[str, Any] | None, profile: dict[str, Any], out: str
+) -> dict[str, Any]:
+    """Resolve and record the preprocessing both training and inference apply.
+
+    Decoding, rescaling and normalisation happen inside training (on the training device)
+    and inference, identically; this step fixes and records *which* settings they use, and
+    checks that a stain reference image, when one is needed, exists.
+    """
+    from mlseg.config import Profile
+    from mlseg.data import effective_preprocess
+    from mlseg.errors import ConfigError
+    from mlseg.io import write_text
+
+    cfg = run_config(config, overrides)
+    pre = effective_preprocess(cfg, Profile.model_validate(profile))
+    needs_reference = pre.stain_norm != "none" or pre.equalize == "match"
+    if needs_reference and pre.stain_reference is not None and not pre.stain_reference.is_file():
+        raise ConfigError(f"preprocess.stain_reference: {pre.stain_reference} not found")
+    path = write_text(Path(out) / "preprocess.json", pre.model_dump_json(indent=2) + "\n")
+    settings = pre.model_dump(mode="json")
+    artifacts.table("preprocess-settings", settings, "preprocessing used in training and inference")
+    return {"settings": settings, "path": str(path)}
+
+
+@task(name="register-and-promote", cache_policy=NO_CACHE)
+def register_task(
+    checkpoint: str,
+    registry: str,
+    model_name: str,
+    metrics: dict[str, float],
+    eval_set_id: str,
+    fingerprint_hash: str | None,
+    metric: str,
+    min_improvement: float,
+    champion_metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Register the new weights (once) and run the champion/challenger comparison."""
+    from mlseg import registry as reg
+
+    version = reg.find_version(registry, checkpoint, model_name)
+    if version is None:
+        config = json.loads((Path(checkpoint).parent / "config.json").read_text())
+        version = reg.register(
+            checkpoint,
+            registry,
+            metrics=metrics,
+            fingerprint_hash=fingerprint_hash,
+            config=config,
+            eval_set_id=eval_set_id,
+            name=model_name,
+        )
+    decision = reg.champion_challenger(
+        registry,
+        version,
+        metric=metric,
+        min_improvement=min_improvement,
+        champion_metrics=champion_metrics,
+    )
+    production = reg.production(registry, model_name)
+    return {
+        "version": version.tag,
+        "version_uri": version.uri,
+        "production": production.tag if production else None,
+        "production_uri": production.uri if production else None,
+        "decision": decision.as_dict(),
+    }
+
+
+def _champion_needs_eval(registry: str, model_name: str, checkpoint: str, eval_set: str):
+    """The production version if it differs from ``checkpoint`` and lacks a score on
+    ``eval_set`` (so it must be evaluated there before the comparison), else None."""
+    from mlseg import registry as reg
+
+    champion = reg.production(registry, model_name)
+    if champion is None or champion.metrics_on(eval_set) is not None:
+        return None
+    same = reg.find_version(registry, checkpoint, model_name)
+    return None if same is not None and same.version == champion.version else champion
+
+
+def _validation_table(validation: dict[str, Any]):
+    import pandas as pd
+
+    rows = [
+        {k: o.get(k) for k in ("severity", "rule", "success", "n_failed", "n_checked")}
+        for o in validation.get("outcomes", [])
+    ]
+    return pd.DataFrame(rows)
+
+
+def _nuclei(out_dir: Path):
+    import pandas as pd
+
+    tables = [pd.read_parquet(p) for p in sorted(out_dir.glob("*_nuclei.parquet"))]
+    tables = [t for t in tables if len(t)]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def _manifest_pixel_size(data_root: Path, split: str = "test") -> float | None:
+    """The test split's pixel size when the manifest gives one value for all its images."""
+    from mlseg.dataset import read_manifest
+
+    manifest = read_manifest(data_root)
+    if manifest is None or "pixel_size_um" not in manifest:
+        return None
+    values = manifest.loc[manifest["split"] == split, "pixel_size_um"].dropna().unique()
+    return float(values[0]) if len(values) == 1 else None
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    data_root: str,
+    work_dir: str,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    registry: str | None = None,
+    model_name: str = "nuclei",
+    promote_metric: str = "aji",
+    min_improvement: float = 0.0,
+    profile: str | None = None,
+    profiles: dict[str, Any] | str | None = None,
+    pixel_size_um: float | None = None,
+    batch_size: int = 8,
+    task_runner: str | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run every stage on ``data_root`` (contract layout); outputs under ``work_dir``.
+
+    ``config``/``overrides``: the run config (YAML path, section overrides). ``registry``:
+    folder or fsspec URL (default ``<work_dir>/registry``). ``promote_metric``: the
+    evaluation mean that decides champion/challenger (higher is better). ``profile``
+    defaults to the config's. ``pixel_size_um`` for the measurements defaults to the
+    manifest's value for the test split. Returns the paths of every output.
+    """
+    from mlseg.report import pipeline_report
+
+    logger = get_run_logger()
+    root, work = data_path(data_root), data_path(work_dir)
+    registry = registry or str(work / "registry")
+    if "://" not in registry:
+        registry = str(data_path(registry))
+    cfg = run_config(config, overrides)
+    prof = resolve_profile(profile or cfg.profile, profiles)
+    test_images = root / cfg.data.test_dir / cfg.data.image_dir
+
+    # 1. validate: raises ValidationFailed (and the pipeline stops) on error-level failures
+    validation = validate_dataset_flow(str(root), str(work / "validation"), config)
+    fingerprint_path = validation["outputs"]["fingerprint"]
+
+    # 2. preprocess: fix and record the settings training and inference share
+    preprocess = preprocess_task(config, overrides, prof.model_dump(mode="json"), str(work))
+
+    # 3. train (resumes from the last checkpoint on a rerun)
+    trained = train_model(
+        str(root),
+        str(work / "train"),
+        config,
+        overrides,
+        validation["fingerprint_hash"],
+        True,
+        progress,
+    )
+
+    # 4. evaluate the new model on the test split
+    evaluated = evaluate_model(trained["checkpoint"], str(root), str(work / "evaluate"))
+
+    # 5. register; champion/challenger on the same evaluation set
+    champion = _champion_needs_eval(
+        registry, model_name, trained["checkpoint"], evaluated["eval_set_id"]
+    )
+    champion_metrics = None
+    if champion is not None:
+        from mlseg import registry as reg
+
+        scored = evaluate_task(
+            str(reg.fetch(champion)),
+            str(root),
+            str(work / f"evaluate-{champion.name}-v{champion.version}"),
+        )
+        reg.record_evaluation(
+            registry, champion.name, champion.version, scored["eval_set_id"], scored["means"]
+        )
+        champion_metrics = scored["means"]
+    registered = register_task(
+        trained["checkpoint"],
+        registry,
+        model_name,
+        evaluated["means"],
+        evaluated["eval_set_id"],
+        validation["fingerprint_hash"],
+        promote_metric,
+        min_improvement,
+        champion_metrics,
+    )
+    decision = registered["decision"]
+    artifacts.table("model-decision", decision, decision["reason"])
+    logger.info("registry: %s", decision["reason"])
+
+    # 6. segment and quantify the test images with the production model
+    quantified = segment_and_quantify(
+        str(test_images),
+        str(work / "quantify"),
+        registry=registry,
+        model_name=model_name,
+        model_version="production",
+        profile=prof.name,
+        profiles=profiles,
+        pixel_size_um=pixel_size_um or _manifest_pixel_size(root),
+        batch_size=batch_size,
+        task_runner=task_runner,
+        dask_address=dask_address,
+        workers=workers,
+    )
+
+    # 7. monitor: drift of these images vs the training fingerprint
+    monitor_state = monitor(
+        str(test_images),
+        fingerprint_path,
+        str(work / "monitor"),
+        config,
+        overrides,
+        quantified["history_csv"],
+        return_state=True,
+    )
+    drift = _drift(work / "monitor" / "drift.json")
+
+    # 8. the report for people who do not open the dashboard
+    import pandas as pd
+
+    outputs = {
+        "report": str(work / "report.html"),
+        "model": registered["production_uri"],
+        "measurements (per image)": quantified["summary_csv"],
+        "measurements (per nucleus)": str(Path(quantified["out_dir"]) / "<image>_nuclei.csv"),
+        "histograms": quantified["histograms_png"],
+        "evaluation": evaluated["per_image_csv"],
+        "training checkpoint": trained["checkpoint"],
+        "validation": str(work / "validation"),
+        "drift": str(work / "monitor" / "drift.csv"),
+        "run history": quantified["history_csv"],
+        "registry": registry,
+    }
+    history = (
+        pd.read_csv(trained["history_csv"]) if Path(trained["history_csv"]).is_file() else None
+    )
+    report = pipeline_report(
+        title=f"mlseg pipeline: {root.name}",
+        run={
+            "dataset": str(root),
+            "work folder": str(work),
+            "profile": f"{prof.name} v{prof.version}",
+            "model in production": registered["production"],
+            "new model": registered["version"],
+        },
+        validation_status="passed" if validation.get("success") else "failed",
+        validation=_validation_table(validation),
+        history=history,
+        curves_png=trained["curves_png"],
+        training={
+            "steps": trained["steps"],
+            "best validation Dice": trained["best_val_dice"],
+            "training images/s": trained["images_per_s"],
+            "preprocess": json.dumps(preprocess["settings"]),
+        },
+        evaluation=pd.read_csv(evaluated["per_image_csv"]),
+        evaluation_means=evaluated["means"],
+        worst_metric="aji",
+        worst_png=evaluated["worst_png"],
+        decision=decision,
+        quantification=pd.read_csv(quantified["summary_csv"]),
+        nuclei=_nuclei(Path(quantified["out_dir"])),
+        drift_status=drift.get("status", "failed"),
+        drift_message=drift.get("message", str(monitor_state.message)),
+        drift=pd.DataFrame(drift.get("statistics", [])),
+        run_metrics={"seconds": quantified["seconds"], "images/s": quantified["images_per_s"]},
+        paths=outputs,
+    )
+    report.write(outputs["report"])
+    artifacts.link("pipeline-report", outputs["report"], "HTML report of this run")
+    artifacts.outputs("pipeline-outputs", outputs)
+    if monitor_state.is_failed():
+        monitor_state.result()  # re-raises DriftDetected: the pipeline ends Failed
+    return {**outputs, "decision": decision, "means": evaluated["means"]}
+
+
+def _drift(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.pipeline DATA WORK [--config C] [--registry R]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
+    parser.add_argument("data_root")
+    parser.add_argument("work_dir")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--registry", default=None)
+    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
+    parser.add_argument("--dask-address", default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    result = pipeline(
+        args.data_root,
+        args.work_dir,
+        config=args.config,
+        registry=args.registry,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        workers=args.workers,
+        progress=True,
+    )
+    print(f"report: {result['report']}\nmodel: {result['model']}")
+    print(f"measurements: {result['measurements (per image)']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

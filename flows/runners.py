@@ -1,0 +1,63 @@
+"""Task runner choice: threads on this machine, or Dask to scale out.
+
+``thread`` (default): a :class:`~prefect.task_runners.ThreadPoolTaskRunner` of ``workers``
+threads; PyTorch and OpenCV release the GIL, so batches of images run in parallel.
+
+``dask``: :class:`prefect_dask.DaskTaskRunner`. With no address it starts a local cluster
+of ``workers`` processes (one thread each, no dashboard) for the flow run and tears it down
+after; with ``address`` (``tcp://scheduler:8786``) it uses an existing Dask cluster, which
+can span machines (each worker needs this package installed and the data paths reachable).
+
+Flows take ``task_runner``/``dask_address``/``workers`` as parameters, so a deployment
+scales out by configuration. Empty values fall back to the environment variables
+``MLSEG_TASK_RUNNER`` and ``MLSEG_DASK_ADDRESS``, read when a runner is built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from mlseg.errors import ConfigError
+
+RUNNERS = ("thread", "dask")
+
+
+def runner_settings(
+    kind: str | None = None, address: str | None = None, workers: int | None = None
+) -> dict[str, Any]:
+    """Resolve the runner choice: arguments first, then the environment, then defaults."""
+    address = address or os.environ.get("MLSEG_DASK_ADDRESS") or None
+    kind = (kind or os.environ.get("MLSEG_TASK_RUNNER") or "").strip().lower()
+    kind = kind or ("dask" if address else "thread")  # an address alone asks for Dask
+    if kind not in RUNNERS:
+        raise ConfigError(f"task runner {kind!r}: choose one of {', '.join(RUNNERS)}")
+    if address and kind != "dask":
+        raise ConfigError(f"dask address {address!r} given with task runner {kind!r}; use dask")
+    workers = int(workers) if workers else max(1, min(4, os.cpu_count() or 1))
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    return {"kind": kind, "address": address, "workers": workers}
+
+
+def make_task_runner(
+    kind: str | None = None, address: str | None = None, workers: int | None = None
+):
+    """A fresh task runner for one flow run (see the module docstring)."""
+    settings = runner_settings(kind, address, workers)
+    if settings["kind"] == "thread":
+        return ThreadPoolTaskRunner(max_workers=settings["workers"])
+    from prefect_dask import DaskTaskRunner
+
+    if settings["address"]:
+        return DaskTaskRunner(address=settings["address"])
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": settings["workers"],
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )

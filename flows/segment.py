@@ -1,0 +1,554 @@
+"""Flow ``segment-and-quantify``: segment a folder of images and measure every nucleus.
+
+Images are processed in batches (one task per batch, not per image): each batch task loads
+the model once per worker process, and for each image calls the :mod:`mlseg.segment` steps
+and writes the outputs of :mod:`mlseg.outputs` (``<stem>.json`` last). Batches run in
+parallel on the task runner of :mod:`flows.runners` (threads, or Dask to scale out).
+
+Rerun safety, at two levels:
+
+- per image: an image is skipped when its ``<stem>.json`` records the same input content
+  hash, model and profile (:func:`mlseg.outputs.image_done`), so a killed run resumes where
+  it stopped and a changed image (same name, new content) is redone;
+- per batch: the task result is cached by Prefect under a key made of the batch's input
+  content hashes, model, profile, inference settings and output folder; a batch whose images
+  are all complete shows as ``Cached`` and does not run at all.
+
+Transient I/O errors (network file systems, object stores) retry the batch task; images
+that cannot be read are listed (the others go on) and end the flow ``Failed`` at the end.
+Each run appends its throughput and nuclei statistics to ``<out_dir>/runs/history.csv``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+from flows.common import data_path, file_digest, resolve_profile, retry_on_transient_io
+from flows.runners import make_task_runner, runner_settings
+
+TIMING_KEYS = ("seconds",)
+
+
+class SegmentFailed(Exception):
+    """Some images could not be segmented (each is named in the message)."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@functools.lru_cache(maxsize=4)
+def _load(weights: str, device: str, mtime: float):
+    from mlseg.model import load_model
+
+    return load_model(weights, device=device)
+
+
+def loaded_model(model: str, device: str = "auto"):
+    """The model at ``model``, loaded once per process (and again if the file changes)."""
+    from mlseg.model import checkpoint_path, resolve_device
+
+    weights = checkpoint_path(model)
+    return _load(str(weights), str(resolve_device(device)), weights.stat().st_mtime)
+
+
+def model_config(model: str):
+    """The run :class:`~mlseg.config.Config` saved beside a checkpoint (no weights loaded)."""
+    from mlseg.config import Config, parse
+    from mlseg.model import checkpoint_path
+
+    path = checkpoint_path(model).parent / "config.json"
+    return parse(Config, json.loads(path.read_text()), str(path))
+
+
+def model_id(model: str) -> str:
+    """``<weights file name>@<content hash>``: what ``<stem>.json`` records as the model."""
+    from mlseg.model import checkpoint_path
+
+    weights = checkpoint_path(model)
+    return f"{weights.name}@{file_digest(weights)}"
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def segment_one(
+    loaded,
+    path: Path,
+    out_dir: Path,
+    profile,
+    inference_cfg,
+    expect: dict[str, Any],
+    pixel_size_um: float | None = None,
+) -> dict[str, Any]:
+    """Segment, measure and write one image; returns its summary as written and its
+    per-nucleus table.
+
+    The same steps as :func:`mlseg.segment.segment_folder` runs per image.
+    """
+    from mlseg.errors import ConfigError
+    from mlseg.io import read_image
+    from mlseg.outputs import write_image_outputs
+    from mlseg.quantify import effective_pixel_size
+    from mlseg.segment import check_channels, image_pixel_size, predict_labels, quantify_image
+
+    started = time.perf_counter()
+    image = read_image(path)
+    check_channels(image, profile, path)
+    px, source = image_pixel_size(path, pixel_size_um, profile)
+    try:
+        effective_pixel_size(profile, px)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    labels, _ = predict_labels(loaded, image, profile, inference_cfg, pixel_size_um=px)
+    table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+    summary = {
+        "image": path.stem,
+        "image_file": str(path),
+        **expect,
+        "pixel_size_source": source,
+        **summary,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return write_image_outputs(out_dir, path.stem, image, labels, table, summary), table
+
+
+def batch_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
+    digest = hashlib.sha256()
+    for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um"):
+        digest.update(json.dumps(parameters.get(name), sort_keys=True, default=str).encode())
+    for path in parameters["images"]:
+        digest.update(f"{Path(path).name}:{file_digest(path)}".encode())
+    return f"mlseg-segment-{digest.hexdigest()[:32]}"
+
+
+@task(
+    name="segment-batch",
+    task_run_name="segment {label}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on_transient_io,
+    cache_key_fn=batch_cache_key,
+    persist_result=True,
+)
+def segment_batch(
+    images: list[str],
+    out_dir: str,
+    model: str,
+    model_id: str,
+    profile: dict[str, Any],
+    inference: dict[str, Any],
+    pixel_size_um: float | None = None,
+    torch_threads: int = 0,
+    label: str = "",
+) -> list[dict[str, Any]]:
+    """Segment a batch; one record per image: ``status`` (processed/skipped/failed), ``image``,
+    and ``summary`` (as written in ``<stem>.json``) with ``nuclei`` (the measurement columns
+    the run summary needs), or ``error``."""
+    from mlseg.config import InferenceConfig, Profile
+    from mlseg.errors import MlsegError
+    from mlseg.outputs import image_done
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    prof = Profile.model_validate(profile)
+    cfg = InferenceConfig.model_validate(inference)
+    out = Path(out_dir)
+    base = {
+        "profile": prof.name,
+        "profile_version": prof.version,
+        "profile_digest": _digest(profile),
+        "model": model_id,
+    }
+    records = []
+    loaded = None
+    for name in images:
+        path = Path(name)
+        expect = {**base, "input_digest": file_digest(path)}
+        done = image_done(out, path.stem, expect)
+        if done is not None:
+            records.append({"status": "skipped", "image": name, "summary": done})
+            continue
+        if loaded is None:
+            loaded = loaded_model(model, cfg.device)
+        try:
+            summary, table = segment_one(loaded, path, out, prof, cfg, expect, pixel_size_um)
+        except MlsegError as err:
+            records.append({"status": "failed", "image": name, "error": str(err)})
+            continue
+        records.append(
+            {"status": "processed", "image": name, "summary": summary, "nuclei": compact(table)}
+        )
+    return records
+
+
+def compact(table):
+    """The columns of a per-nucleus table that run summaries use (histograms, areas)."""
+    from mlseg.outputs import HISTOGRAM_COLUMNS
+
+    keep = [c for c in table.columns if c.startswith(HISTOGRAM_COLUMNS)]
+    return table[keep].copy()
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+def _batches(items: list[str], size: int) -> list[list[str]]:
+    size = max(1, int(size))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _complete(batch: list[str], out_dir: Path) -> bool:
+    """Whether every image of ``batch`` has its ``<stem>.json`` (else the cache is refreshed)."""
+    return all((out_dir / f"{Path(p).stem}.json").is_file() for p in batch)
+
+
+def submit_batches(
+    runner,
+    batches: list[list[str]],
+    out_dir: str,
+    model: str,
+    model_id: str,
+    profile: dict[str, Any],
+    inference: dict[str, Any],
+    pixel_size_um: float | None,
+    torch_threads: int,
+) -> list[dict[str, Any]]:
+    """Run every batch on ``runner`` (a started task runner); records in input order.
+
+    A batch whose images all have their ``<stem>.json`` may come from Prefect's cache;
+    otherwise the cache is refreshed (outputs deleted since the cached run are redone).
+    """
+    futures = []
+    for batch in batches:
+        task_ = segment_batch.with_options(refresh_cache=not _complete(batch, Path(out_dir)))
+        parameters = {
+            "images": batch,
+            "out_dir": out_dir,
+            "model": model,
+            "model_id": model_id,
+            "profile": profile,
+            "inference": inference,
+            "pixel_size_um": pixel_size_um,
+            "torch_threads": torch_threads,
+            "label": f"{Path(batch[0]).name} +{len(batch) - 1}",
+        }
+        futures.append(runner.submit(task_, parameters))
+    records = []
+    for future in futures:
+        batch_records = future.result()
+        cached = future.state.name == "Cached"  # the records of the run that computed it
+        for record in batch_records:
+            if cached and record["status"] == "processed":
+                record = {**record, "status": "skipped"}
+            records.append({**record, "cached": cached})
+    return records
+
+
+def resolve_model(
+    model: str | None, registry: str | None, model_name: str, model_version: str
+) -> tuple[str, str]:
+    """``(local checkpoint path, description)`` from a path or a registry version."""
+    from mlseg.errors import ConfigError
+
+    if model:
+        return str(data_path(model)), str(model)
+    if not registry:
+        raise ConfigError("segment-and-quantify: give `model` (checkpoint) or `registry`")
+    from mlseg import registry as reg
+
+    where = registry if "://" in registry else str(data_path(registry))
+    version = reg.show(where, model_name, model_version)
+    return str(reg.fetch(version)), version.tag
+
+
+@flow(name="segment-and-quantify", log_prints=True)
+def segment_and_quantify(
+    input_dir: str,
+    out_dir: str,
+    model: str | None = None,
+    registry: str | None = None,
+    model_name: str = "nuclei",
+    model_version: str = "production",
+    profile: str = "he",
+    profiles: dict[str, Any] | str | None = None,
+    profile_overrides: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None,
+    pixel_size_um: float | None = None,
+    batch_size: int = 16,
+    task_runner: str | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    history: str | None = None,
+    fail_on_error: bool = True,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """Segment every image of ``input_dir`` and measure its nuclei into ``out_dir``.
+
+    Model: a checkpoint path (``model``) or a registry version (``registry`` folder/URL,
+    ``model_name``, ``model_version``: ``production``, ``latest`` or a number). Profile:
+    the name ``profile`` in ``profiles`` (the content of a profiles.yaml, as deployments pass
+    it; default the packaged one), with ``profile_overrides``. ``inference`` overrides the
+    model's inference settings. Scale-out: ``task_runner`` (``thread``/``dask``),
+    ``dask_address`` and ``workers``; each worker uses ``torch_threads`` CPU threads
+    (default: the cores divided among the workers). Relative paths are under
+    ``MLSEG_DATA_DIR`` if set.
+    """
+    import pandas as pd
+
+    from mlseg.config import parse
+    from mlseg.monitor import append_history, distributions, run_metrics, run_shift
+    from mlseg.outputs import write_run_outputs
+    from mlseg.segment import list_images
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    src, out = data_path(input_dir), data_path(out_dir)
+    if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
+        logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
+        artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
+        return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
+    files = [str(p) for p in list_images(src)]
+    checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
+    prof = resolve_profile(profile, profiles, profile_overrides)
+    cfg = model_config(checkpoint).inference
+    cfg = parse(type(cfg), {**cfg.model_dump(), **(inference or {})}, "parameter 'inference'")
+    settings = runner_settings(task_runner, dask_address, workers)
+    threads = torch_threads or max(1, (os.cpu_count() or 1) // settings["workers"])
+    runner = make_task_runner(**settings)
+    logger.info(
+        "%d images from %s with %s, profile %s v%s, %s runner x%d, batches of %d",
+        len(files),
+        src,
+        model_desc,
+        prof.name,
+        prof.version,
+        settings["kind"],
+        settings["workers"],
+        batch_size,
+    )
+    with runner:
+        records = submit_batches(
+            runner,
+            _batches(files, batch_size),
+            str(out),
+            checkpoint,
+            model_id(checkpoint),
+            prof.model_dump(mode="json"),
+            cfg.model_dump(mode="json"),
+            pixel_size_um,
+            threads,
+        )
+    seconds = time.perf_counter() - started
+    summaries = sorted(
+        (r["summary"] for r in records if r["status"] != "failed"), key=lambda s: s["image"]
+    )
+    failed = {r["image"]: r["error"] for r in records if r["status"] == "failed"}
+    processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
+    skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
+    from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
+    fresh = {r["summary"]["image"]: r["nuclei"] for r in records if "nuclei" in r}
+    tables = [
+        fresh[s["image"]] if s["image"] in fresh else _nuclei_table(out, s) for s in summaries
+    ]
+    run_id = _run_id()
+    paths = write_run_outputs(
+        out,
+        summaries,
+        tables,
+        {
+            "command": "segment-and-quantify",
+            "flow_run": run_id,
+            "input_dir": str(src),
+            "model": model_desc,
+            "model_path": checkpoint,
+            "profile": prof.model_dump(mode="json"),
+            "inference": cfg.model_dump(mode="json"),
+            "processed": processed,
+            "skipped": skipped,
+            "failed": failed,
+        },
+    )
+    # run metrics over the images processed in this run (skipped ones were measured before)
+    done_now = [s for s in summaries if s["image"] in set(processed)]
+    counts = [s.get("count", 0) for s in done_now]
+    new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in set(processed)]
+    area_col, areas = _areas(new_tables)
+    unit = "um2" if area_col == "area_um2" else "px"
+    runs_dir = out / "runs"
+    history_path = data_path(history) if history else runs_dir / "history.csv"
+    metrics = run_metrics(
+        counts, areas, seconds, area_unit=unit, run_id=run_id, n_failed=len(failed)
+    )
+    metrics["n_skipped"] = len(skipped)
+    if done_now:
+        previous = _previous_distributions(history_path)
+        metrics.update(run_shift(counts, areas, previous))
+        dist_path = runs_dir / f"{run_id}_distributions.parquet"
+        from mlseg.io import write_table
+
+        write_table(distributions(counts, areas, unit), dist_path)
+        metrics["distributions"] = str(dist_path)
+        append_history(history_path, metrics)
+
+    summary_table = pd.read_csv(paths["summary"]) if Path(paths["summary"]).is_file() else None
+    if summary_table is not None and len(summary_table):
+        keep = [c for c in summary_table.columns if c not in TIMING_KEYS]
+        artifacts.table(
+            "segment-summary",
+            summary_table[keep],
+            f"{len(summary_table)} images, {int(summary_table.get('count', pd.Series()).sum())} "
+            f"nuclei; profile {prof.name} v{prof.version}; model {model_desc}",
+        )
+    artifacts.table(
+        "segment-run-metrics",
+        {k: v for k, v in metrics.items() if not k.startswith(("count_q", "area_"))},
+        f"{len(processed)} processed, {len(skipped)} skipped, {len(failed)} failed",
+    )
+    artifacts.link("segment-histograms", paths["histograms"], "nucleus measurement histograms")
+    if failed:
+        artifacts.warning(
+            "segment-failed-images",
+            f"{len(failed)} image(s) could not be segmented",
+            "\n".join(f"- `{k}`: {v}" for k, v in failed.items()),
+        )
+    result = {
+        "out_dir": str(out),
+        "summary_csv": str(paths["summary"]),
+        "histograms_png": str(paths["histograms"]),
+        "run_json": str(paths["run"]),
+        "history_csv": str(history_path),
+        "model": model_desc,
+        "profile": prof.name,
+        "processed": processed,
+        "skipped": skipped,
+        "from_cache": from_cache,
+        "failed": failed,
+        "seconds": seconds,
+        "images_per_s": metrics["images_per_s"],
+    }
+    artifacts.outputs(
+        "segment-outputs",
+        {
+            k: result[k]
+            for k in ("out_dir", "summary_csv", "histograms_png", "run_json", "history_csv")
+        },
+    )
+    logger.info(
+        "%d processed, %d skipped (%d in cached batches), %d failed in %.1f s; outputs in %s",
+        len(processed),
+        len(skipped),
+        len(from_cache),
+        len(failed),
+        seconds,
+        out,
+    )
+    if failed and fail_on_error:
+        first = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
+        raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
+    return result
+
+
+def _is_image(path: Path) -> bool:
+    from mlseg.dataset import is_image_file
+
+    return is_image_file(path)
+
+
+def _nuclei_table(out: Path, summary: dict[str, Any]):
+    import pandas as pd
+
+    name = (summary.get("outputs") or {}).get("parquet")
+    if not name or not (out / name).is_file():
+        return pd.DataFrame()
+    return compact(pd.read_parquet(out / name))
+
+
+def _areas(tables: list) -> tuple[str | None, list[float] | None]:
+    from mlseg.monitor import area_column
+
+    for table in tables:
+        column = area_column(table.columns)
+        if column:
+            values = [v for t in tables if column in t for v in t[column].tolist()]
+            return column, values
+    return None, None
+
+
+def _previous_distributions(history_path: Path):
+    import pandas as pd
+
+    from mlseg.monitor import read_history
+
+    table = read_history(history_path)
+    if table.empty or "distributions" not in table:
+        return None
+    last = table["distributions"].dropna()
+    if last.empty or not Path(last.iloc[-1]).is_file():
+        return None
+    return pd.read_parquet(last.iloc[-1])
+
+
+def _run_id() -> str:
+    from prefect.runtime import flow_run
+
+    rid = flow_run.get_id()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{str(rid)[:8]}" if rid else stamp
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.segment INPUT OUT --model CKPT`` (or ``--registry R``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.segment", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("input_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--model", help="checkpoint folder or .safetensors")
+    parser.add_argument("--registry", help="registry folder or URL (uses --model-version)")
+    parser.add_argument("--model-name", default="nuclei")
+    parser.add_argument("--model-version", default="production")
+    parser.add_argument("--profile", default="he")
+    parser.add_argument("--pixel-size", type=float, default=None, help="microns per pixel")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
+    parser.add_argument("--dask-address", default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    result = segment_and_quantify(
+        args.input_dir,
+        args.out_dir,
+        model=args.model,
+        registry=args.registry,
+        model_name=args.model_name,
+        model_version=args.model_version,
+        profile=args.profile,
+        pixel_size_um=args.pixel_size,
+        batch_size=args.batch_size,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        workers=args.workers,
+    )
+    print(f"measurements: {result['summary_csv']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,447 @@
+"""Monitoring: drift of new images against the training fingerprint, and run metrics history.
+
+Drift (:func:`drift_report`): each image statistic of :func:`mlseg.inventory.image_stats`
+(channel means and spreads = colour/stain and brightness, Laplacian variance = blur, stain
+optical densities) of the new images is binned on the decile edges of the training
+fingerprint (:func:`mlseg.inventory.fingerprint`), outer bins open-ended, and compared with
+the training counts by the population stability index::
+
+    PSI = sum_i (a_i - e_i) * ln(a_i / e_i)     a, e: new and training bin proportions
+
+(0.5 pseudo-count per bin). PSI alone is noisy on small batches (with 10 bins and 8 new
+images it averages ~1 even without drift), so a statistic only counts as drifted when a
+permutation test on the same bins (Kolmogorov-Smirnov distance; new and training images
+exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
+number of statistics (Bonferroni).
+Image size is checked against the training width/height range.
+
+Run metrics (:func:`run_metrics`): throughput, nuclei per image and nucleus-area deciles of
+one segmentation run, appended to a history table (:func:`append_history`). Each run also
+keeps its raw distributions (:func:`distributions`), so the next run's shift
+(:func:`run_shift`) is an exact two-sample comparison: PSI and Kolmogorov-Smirnov.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlseg.config import MonitorConfig
+from mlseg.errors import ConfigError, MlsegError
+
+STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
+PSEUDO_COUNT = 0.5
+QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
+DRIFT_COLUMNS = (
+    "statistic",
+    "status",
+    "psi",
+    "p_value",
+    "n_reference",
+    "n_new",
+    "reference_median",
+    "new_median",
+    "out_of_range_fraction",
+    "note",
+)
+
+
+class DriftDetected(MlsegError):
+    """New images drifted beyond ``monitor.psi_fail``: results on them may not be trusted."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Per-statistic drift table (columns :data:`DRIFT_COLUMNS`) and the batch verdict.
+
+    ``status`` is ``ok``, ``warn`` or ``fail`` (the worst statistic); ``message`` is one line
+    naming the drifted statistics.
+    """
+
+    table: pd.DataFrame
+    status: str
+    n_images: int
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "n_images": self.n_images,
+            "message": self.message,
+            "statistics": json.loads(self.table.to_json(orient="records")),
+        }
+
+
+# ----------------------------------------------------------------------------- PSI
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, pseudo_count: float = PSEUDO_COUNT) -> float:
+    """Population stability index of two count vectors over the same bins (>= 0)."""
+    e = np.asarray(expected, np.float64) + pseudo_count
+    a = np.asarray(actual, np.float64) + pseudo_count
+    e, a = e / e.sum(), a / a.sum()
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def open_bin_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Counts of ``values`` in the bins of ``edges`` with the outer bins open-ended.
+
+    ``len(edges) - 1`` bins (at least one); a value below ``edges[0]`` counts in the first bin,
+    one above ``edges[-1]`` in the last, as the fingerprint's own values do.
+    """
+    edges = np.asarray(edges, np.float64)
+    n_bins = max(1, edges.size - 1)
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if n_bins == 1:
+        return np.array([values.size])
+    index = np.searchsorted(edges[1:-1], values, side="right")
+    return np.bincount(index, minlength=n_bins)
+
+
+def _ks_rows(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Kolmogorov-Smirnov distance of each row pair of ``(B, K)`` counts over ordered bins."""
+    e = np.cumsum(expected, axis=1, dtype=np.float64)
+    a = np.cumsum(actual, axis=1, dtype=np.float64)
+    e /= e[:, -1:]
+    a /= a[:, -1:]
+    return np.abs(a - e).max(axis=1)
+
+
+def permutation_p_value(
+    reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator
+) -> float:
+    """p-value that ``new`` and ``reference`` counts (same ordered bins) share a distribution.
+
+    Test statistic: the Kolmogorov-Smirnov distance between the binned distributions (bins
+    are ordered values, so a shift to one side is what it detects best). Null distribution:
+    the pooled images split at random into groups of the same sizes, ``permutations`` times
+    (multivariate hypergeometric draws); exact for any sample size.
+    """
+    reference = np.asarray(reference, np.int64)
+    new = np.asarray(new, np.int64)
+    pooled = reference + new
+    n_new = int(new.sum())
+    if n_new == 0 or reference.sum() == 0 or np.count_nonzero(pooled) < 2:
+        return 1.0
+    observed = _ks_rows(reference[None, :], new[None, :])[0]
+    draws = rng.multivariate_hypergeometric(pooled, n_new, size=permutations)
+    null = _ks_rows(pooled[None, :] - draws, draws)
+    return float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + permutations))
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training fingerprint (``fingerprint.json`` written by ``mlseg validate``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: fingerprint not found; run `mlseg validate` on the dataset")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or "stats" not in data:
+        raise ConfigError(f"{path}: not an mlseg fingerprint (no 'stats'); run `mlseg validate`")
+    return data
+
+
+def image_stats_table(
+    paths: Iterable[str | os.PathLike],
+    *,
+    stats_fn: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> pd.DataFrame:
+    """One row per image: ``image`` (path), ``width_px``, ``height_px`` and its statistics.
+
+    ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own).
+    """
+    from mlseg.io import read_image
+
+    if stats_fn is None:
+        from mlseg.inventory import image_stats as stats_fn
+    rows = []
+    for path in paths:
+        image = read_image(path)
+        rows.append(
+            {
+                "image": str(path),
+                "width_px": int(image.shape[1]),
+                "height_px": int(image.shape[0]),
+                **stats_fn(image),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _status(value: float, p: float, alpha: float, cfg: MonitorConfig) -> str:
+    if p >= alpha:
+        return "ok"
+    if value >= cfg.psi_fail:
+        return "fail"
+    return "warn" if value >= cfg.psi_warn else "ok"
+
+
+def drift_report(
+    new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig | None = None
+) -> DriftReport:
+    """Compare the new images' statistics (:func:`image_stats_table`) with the fingerprint."""
+    cfg = cfg or MonitorConfig()
+    stats = fingerprint.get("stats", {})
+    names = list(cfg.statistics) or [s for s in stats if s in new.columns]
+    unknown = [s for s in names if s not in stats]
+    if unknown:
+        raise ConfigError(
+            f"monitor.statistics: {', '.join(unknown)} not in the fingerprint "
+            f"(it has {', '.join(stats)})"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    n_images = len(new)
+    usable = []
+    rows = []
+    for name in names:
+        ref = stats[name]
+        values = pd.to_numeric(new.get(name), errors="coerce").dropna().to_numpy(np.float64)
+        edges = ref["histogram"]["edges"]
+        ref_counts = np.asarray(ref["histogram"]["counts"], np.int64)
+        row = {
+            "statistic": name,
+            "n_reference": int(ref["n"]),
+            "n_new": int(values.size),
+            "reference_median": float(ref["quantiles"].get("0.5", np.nan)),
+            "new_median": float(np.median(values)) if values.size else np.nan,
+            "out_of_range_fraction": float(
+                np.mean((values < ref["min"]) | (values > ref["max"])) if values.size else np.nan
+            ),
+            "psi": np.nan,
+            "p_value": np.nan,
+            "status": "skipped",
+            "note": "",
+        }
+        if values.size < cfg.min_images:
+            row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
+        else:
+            counts = open_bin_counts(values, edges)
+            row["psi"] = psi(ref_counts, counts)
+            row["p_value"] = permutation_p_value(ref_counts, counts, cfg.permutations, rng)
+            usable.append(len(rows))
+        rows.append(row)
+    alpha = cfg.p_value / max(1, len(usable))
+    for i in usable:
+        rows[i]["status"] = _status(rows[i]["psi"], rows[i]["p_value"], alpha, cfg)
+    rows.append(_size_row(new, fingerprint, cfg))
+    table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
+    worst = max(table["status"], key=lambda s: STATUS_ORDER[s], default="ok")
+    status = "ok" if worst == "skipped" else worst
+    drifted = table[table["status"].isin(["warn", "fail"])]
+    if drifted.empty:
+        message = f"no drift in {n_images} image(s) across {len(usable)} statistic(s)"
+    else:
+        parts = [
+            f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f})"
+            if np.isfinite(r.psi)
+            else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range)"
+            for r in drifted.itertuples()
+        ]
+        message = f"drift in {n_images} image(s): " + "; ".join(parts)
+    return DriftReport(table, status, n_images, message)
+
+
+def _size_row(new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig) -> dict:
+    size = fingerprint.get("size_px") or {}
+    row = {
+        "statistic": "image_size_px",
+        "n_reference": int(fingerprint.get("n_images", 0)),
+        "n_new": len(new),
+        "reference_median": np.nan,
+        "new_median": np.nan,
+        "out_of_range_fraction": np.nan,
+        "psi": np.nan,
+        "p_value": np.nan,
+        "status": "skipped",
+        "note": "",
+    }
+    if not size or size.get("width_min") is None or "width_px" not in new or new.empty:
+        row["note"] = "no size range in the fingerprint"
+        return row
+    w = new["width_px"].to_numpy()
+    h = new["height_px"].to_numpy()
+    outside = (
+        (w < size["width_min"])
+        | (w > size["width_max"])
+        | (h < size["height_min"])
+        | (h > size["height_max"])
+    )
+    fraction = float(outside.mean())
+    row["out_of_range_fraction"] = fraction
+    row["status"] = "warn" if fraction > cfg.size_warn_fraction else "ok"
+    row["note"] = (
+        f"training {size['width_min']}-{size['width_max']} x "
+        f"{size['height_min']}-{size['height_max']} px"
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------- run metrics
+
+
+def area_column(columns: Iterable[str]) -> str | None:
+    """The nucleus area column of a measurement table: ``area_um2`` or ``area_px``."""
+    columns = list(columns)
+    for name in ("area_um2", "area_px2", "area_px"):
+        if name in columns:
+            return name
+    return None
+
+
+def _deciles(values: np.ndarray) -> list[float]:
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [np.nan] * len(QUANTILES)
+    return np.quantile(values, QUANTILES).tolist()
+
+
+def run_metrics(
+    counts: Sequence[float] | np.ndarray,
+    areas: Sequence[float] | np.ndarray | None,
+    seconds: float,
+    *,
+    area_unit: str = "um2",
+    run_id: str = "",
+    n_failed: int = 0,
+    finished_at: str | None = None,
+) -> dict[str, Any]:
+    """One history row: throughput, nuclei per image, and count/area deciles of a run.
+
+    ``counts`` is the nucleus count of each image processed; ``areas`` every nucleus's area
+    (``area_unit``: ``um2`` or ``px``); ``seconds`` the wall time of the run.
+    """
+    counts = np.asarray(counts, np.float64)
+    n = int(counts.size)
+    row: dict[str, Any] = {
+        "run_id": run_id,
+        "finished_at": finished_at or datetime.now(UTC).isoformat(timespec="seconds"),
+        "n_images": n,
+        "n_failed": int(n_failed),
+        "seconds": float(seconds),
+        "images_per_s": n / seconds if seconds > 0 else np.nan,
+        "seconds_per_image": seconds / n if n else np.nan,
+        "nuclei_total": int(counts.sum()),
+        "nuclei_per_image_mean": float(counts.mean()) if n else np.nan,
+        "nuclei_per_image_median": float(np.median(counts)) if n else np.nan,
+        "area_unit": area_unit,
+    }
+    for q, v in zip(QUANTILES, _deciles(counts), strict=True):
+        row[f"count_q{int(q * 100):02d}"] = v
+    area_values = np.asarray(areas if areas is not None else [], np.float64)
+    for q, v in zip(QUANTILES, _deciles(area_values), strict=True):
+        row[f"area_{area_unit}_q{int(q * 100):02d}"] = v
+    return row
+
+
+def sample_psi(reference: np.ndarray, new: np.ndarray, bins: int = 10) -> float:
+    """PSI of two samples on the reference's quantile bins (outer bins open-ended)."""
+    reference = np.asarray(reference, np.float64)
+    reference = reference[np.isfinite(reference)]
+    new = np.asarray(new, np.float64)
+    new = new[np.isfinite(new)]
+    if reference.size == 0 or new.size == 0:
+        return np.nan
+    edges = np.unique(np.quantile(reference, np.linspace(0.0, 1.0, bins + 1)))
+    if edges.size < 2:
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    return psi(open_bin_counts(reference, edges), open_bin_counts(new, edges))
+
+
+def run_shift(
+    counts: Sequence[float] | np.ndarray,
+    areas: Sequence[float] | np.ndarray | None,
+    previous: pd.DataFrame | None,
+) -> dict[str, float]:
+    """Distribution shift of this run's nuclei counts and areas vs the previous run.
+
+    ``previous`` is the previous run's distributions table (:func:`distributions`). Returns
+    ``count_psi``/``area_psi`` (:func:`sample_psi`, previous run as reference),
+    ``count_ks_p``/``area_ks_p`` (two-sample Kolmogorov-Smirnov p-values) and the relative
+    change of the medians in %; NaN where there is nothing to compare.
+    """
+    from scipy.stats import ks_2samp
+
+    out: dict[str, float] = {}
+    current = {"count": counts, "area": areas}
+    for key, values in current.items():
+        for name in ("psi", "ks_p", "median_change_pct"):
+            out[f"{key}_{name}"] = np.nan
+        if previous is None or previous.empty or values is None:
+            continue
+        quantity = "nuclei_per_image" if key == "count" else _area_quantity(previous)
+        if quantity is None:
+            continue
+        before = previous.loc[previous["quantity"] == quantity, "value"].to_numpy(np.float64)
+        now = np.asarray(values, np.float64)
+        if before.size == 0 or now.size == 0:
+            continue
+        out[f"{key}_psi"] = sample_psi(before, now)
+        out[f"{key}_ks_p"] = float(ks_2samp(before, now).pvalue)
+        out[f"{key}_median_change_pct"] = _change(float(np.median(now)), np.median(before))
+    return out
+
+
+def _area_quantity(table: pd.DataFrame) -> str | None:
+    names = [q for q in table["quantity"].unique() if str(q).startswith("area_")]
+    return names[0] if names else None
+
+
+def distributions(
+    counts: Sequence[float] | np.ndarray,
+    areas: Sequence[float] | np.ndarray | None,
+    area_unit: str = "um2",
+) -> pd.DataFrame:
+    """Long table of a run's distributions: ``quantity`` (``nuclei_per_image`` or
+    ``area_<unit>``), ``value``; kept per run so the next run can measure its shift."""
+    parts = [pd.DataFrame({"quantity": "nuclei_per_image", "value": np.asarray(counts, float)})]
+    if areas is not None:
+        parts.append(
+            pd.DataFrame({"quantity": f"area_{area_unit}", "value": np.asarray(areas, float)})
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _change(now: float, before: Any) -> float:
+    try:
+        before = float(before)
+    except (TypeError, ValueError):
+        return np.nan
+    if not np.isfinite(now) or not np.isfinite(before) or before == 0:
+        return np.nan
+    return 100.0 * (now - before) / before
+
+
+def read_history(path: str | os.PathLike) -> pd.DataFrame:
+    """The run history table (CSV or Parquet by suffix); empty if it does not exist yet."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame()
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame:
+    """Append one row to the history table at ``path`` (atomic rewrite); return the table."""
+    from mlseg.io import write_table
+
+    history = read_history(path)
+    new = pd.DataFrame([row])
+    table = new if history.empty else pd.concat([history, new], ignore_index=True)
+    write_table(table, path)
+    return table

@@ -1,0 +1,584 @@
+"""Model registry: versioned checkpoints in a folder or bucket, with a production pointer.
+
+A registry is a local path or any fsspec URL (``s3://bucket/models``, ``memory://reg``; for
+DigitalOcean Spaces an ``s3://`` URL with the Spaces endpoint in ``storage_options``)::
+
+    <registry>/<name>/v<N>/                     one immutable version
+        <checkpoint files>                      weights, config.json, meta.json (as saved)
+        card.json                               ModelVersion: metrics, data fingerprint hash,
+                                                evaluation set id, code version, creation time
+        evaluations/<eval_set_id>.json          metrics measured later on other sets
+    <registry>/<name>/production.json           which version serves, since when, and why
+    <registry>/<name>/decisions/<time>-v<N>.json  every promotion and champion/challenger
+                                                decision, with its reason (never rewritten)
+
+``card.json`` is written last: a version without it is incomplete and ignored. A registry has
+one writer at a time (the pipeline, or a person running ``mlseg models promote``): version
+numbers are taken as the highest existing one plus one.
+
+A challenger is promoted only if it beats the production model on the *same* evaluation set
+(:func:`champion_challenger`); the evaluation set is identified by the content hash of its
+images and masks (:func:`eval_set_id`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlseg.errors import ModelError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^v(\d+)$")
+CARD = "card.json"
+PRODUCTION = "production.json"
+DEFAULT_NAME = "nuclei"
+
+
+class RegistryError(ModelError):
+    """A registry, model name or version is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered model version (the content of its ``card.json``).
+
+    ``metrics`` were measured on the evaluation set ``eval_set_id`` at registration;
+    ``evaluations`` maps further evaluation set ids to metrics recorded later.
+    ``uri`` is where the version's files live (local path or fsspec URL).
+    """
+
+    name: str
+    version: int
+    uri: str
+    created_at: str
+    code_version: str
+    fingerprint_hash: str | None
+    eval_set_id: str | None
+    metrics: dict[str, float]
+    config: dict[str, Any]
+    files: dict[str, str]  # file name -> sha256
+    source: str = ""
+    evaluations: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def metrics_on(self, eval_set: str) -> dict[str, float] | None:
+        """Metrics measured on ``eval_set``, or ``None`` if never evaluated there."""
+        if eval_set == self.eval_set_id:
+            return dict(self.metrics)
+        found = self.evaluations.get(eval_set)
+        return dict(found) if found is not None else None
+
+    def card(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "evaluations"}
+        return json.loads(json.dumps(data, default=str))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of a champion/challenger comparison (also written to ``decisions/``)."""
+
+    promoted: bool
+    name: str
+    challenger: int
+    champion: int | None
+    metric: str
+    challenger_value: float
+    champion_value: float | None
+    eval_set_id: str
+    reason: str
+    decided_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _fs(registry: str | Path, storage_options: dict[str, Any] | None = None):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(registry), **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _uri(fs, path: str) -> str:
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise RegistryError(
+            f"model name {name!r}: use lower-case letters, digits, '-' and '_' (at most 64)"
+        )
+    return name
+
+
+def parse_version(version: int | str) -> int:
+    """``3``, ``"3"``, ``"v3"`` or ``"v0003"`` -> ``3``."""
+    if isinstance(version, int):
+        return version
+    text = str(version).strip().lower()
+    match = VERSION_RE.match(text) or re.match(r"^(\d+)$", text)
+    if not match:
+        raise RegistryError(f"model version {version!r}: expected a number such as 3 or v3")
+    return int(match.group(1))
+
+
+def _read_json(fs, path: str) -> Any:
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read().decode("utf-8"))
+
+
+def _write_json(fs, path: str, data: Any) -> None:
+    payload = (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8")
+    if _is_local(fs):
+        from mlseg.io import write_bytes
+
+        write_bytes(path, payload)  # atomic rename: readers never see half a file
+    else:
+        fs.pipe_file(path, payload)  # one PUT: atomic on object stores
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """``mlseg`` version plus the git commit of its source tree (``+dirty`` if modified)."""
+    import mlseg
+
+    version = mlseg.__version__
+    here = Path(mlseg.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}{'.dirty' if dirty else ''}" if commit else version
+
+
+def eval_set_id(root: str | Path, split: str = "test", cfg=None) -> str:
+    """Content hash (16 hex) of a dataset split's images and masks, independent of file names.
+
+    Two evaluations are comparable only when this id is equal: same pixels, same masks.
+    """
+    from mlseg.dataset import list_pairs
+
+    pairs = list_pairs(root, split, cfg, strict=False)
+    if not pairs:
+        raise RegistryError(f"{root}: split {split!r} has no images to evaluate on")
+    items = sorted(
+        f"{_sha256(p.image)}:{_sha256(p.mask) if p.mask is not None else '-'}" for p in pairs
+    )
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _versions(fs, root: str, name: str) -> list[int]:
+    base = f"{root}/{name}"
+    if not fs.isdir(base):
+        return []
+    found = []
+    for entry in fs.ls(base, detail=False):
+        match = VERSION_RE.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match and fs.isfile(f"{base}/{match.group(0)}/{CARD}"):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def _load(fs, root: str, name: str, version: int) -> ModelVersion:
+    base = f"{root}/{name}/v{version}"
+    try:
+        card = _read_json(fs, f"{base}/{CARD}")
+    except FileNotFoundError:
+        raise RegistryError(
+            f"{_uri(fs, base)}: no such model version; see `mlseg models list`"
+        ) from None
+    evaluations = {}
+    if fs.isdir(f"{base}/evaluations"):
+        for entry in fs.ls(f"{base}/evaluations", detail=False):
+            if entry.endswith(".json"):
+                record = _read_json(fs, entry)
+                evaluations[record["eval_set_id"]] = record["metrics"]
+    card["uri"] = _uri(fs, base)
+    return ModelVersion(**card, evaluations=evaluations)
+
+
+def model_names(registry: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names of the models in ``registry`` that have at least one complete version."""
+    fs, root = _fs(registry, storage_options)
+    if not fs.isdir(root):
+        return []
+    names = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if NAME_RE.match(name) and _versions(fs, root, name):
+            names.append(name)
+    return sorted(names)
+
+
+def list_models(
+    registry: str | Path,
+    name: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[ModelVersion]:
+    """Every complete version (of ``name``, or of all models), oldest first per name."""
+    fs, root = _fs(registry, storage_options)
+    names = [_check_name(name)] if name else model_names(registry, storage_options)
+    return [_load(fs, root, n, v) for n in names for v in _versions(fs, root, n)]
+
+
+def show(
+    registry: str | Path,
+    name: str,
+    version: int | str = "production",
+    storage_options: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """One version: a number (``3``/``v3``), ``"latest"`` or ``"production"``."""
+    fs, root = _fs(registry, storage_options)
+    _check_name(name)
+    if version == "production":
+        current = production(registry, name, storage_options)
+        if current is None:
+            raise RegistryError(
+                f"{_uri(fs, root)}: model {name!r} has no production version; "
+                f"promote one with `mlseg models promote {name} VERSION --reason ...`"
+            )
+        return current
+    if version == "latest":
+        versions = _versions(fs, root, name)
+        if not versions:
+            raise RegistryError(f"{_uri(fs, root)}: no versions of model {name!r}")
+        return _load(fs, root, name, versions[-1])
+    return _load(fs, root, name, parse_version(version))
+
+
+def production(
+    registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
+) -> ModelVersion | None:
+    """The version currently in production, or ``None`` if none was promoted yet."""
+    fs, root = _fs(registry, storage_options)
+    pointer = f"{root}/{_check_name(name)}/{PRODUCTION}"
+    if not fs.isfile(pointer):
+        return None
+    return _load(fs, root, name, int(_read_json(fs, pointer)["version"]))
+
+
+def production_record(
+    registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The production pointer: ``version``, ``promoted_at``, ``reason``, ``previous``."""
+    fs, root = _fs(registry, storage_options)
+    pointer = f"{root}/{_check_name(name)}/{PRODUCTION}"
+    return _read_json(fs, pointer) if fs.isfile(pointer) else None
+
+
+def decisions(
+    registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every recorded decision about ``name``, oldest first."""
+    fs, root = _fs(registry, storage_options)
+    base = f"{root}/{_check_name(name)}/decisions"
+    if not fs.isdir(base):
+        return []
+    return [_read_json(fs, p) for p in sorted(fs.ls(base, detail=False)) if p.endswith(".json")]
+
+
+def fetch(
+    version: ModelVersion,
+    cache_dir: str | Path | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """A local folder holding the version's checkpoint files (``mlseg.model.load_model`` reads it).
+
+    Local registries return the version folder itself; remote ones are downloaded once into
+    ``cache_dir/<name>/v<N>`` (default ``~/.cache/mlseg/models``) and checked against the
+    recorded sha256 of every file.
+    """
+    fs, path = _fs(version.uri, storage_options)
+    if _is_local(fs):
+        return Path(path)
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "mlseg" / "models"
+    target = cache / version.name / f"v{version.version}"
+    complete = all(
+        (target / f).is_file() and _sha256(target / f) == sha for f, sha in version.files.items()
+    )
+    if not complete:
+        target.mkdir(parents=True, exist_ok=True)
+        for fname, sha in version.files.items():
+            from mlseg.io import atomic_path
+
+            with atomic_path(target / fname) as tmp:
+                fs.get_file(f"{path}/{fname}", str(tmp))
+                if _sha256(tmp) != sha:
+                    raise RegistryError(f"{version.uri}/{fname}: checksum mismatch; re-register")
+    return target
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def checkpoint_files(checkpoint: str | Path) -> list[Path]:
+    """The files of a checkpoint worth serving: weights, ``config.json``, ``meta.json``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        for stem in ("best", "last"):
+            if (path / f"{stem}.safetensors").is_file():
+                path = path / f"{stem}.safetensors"
+                break
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise RegistryError(f"{checkpoint}: no .safetensors weights; train a model first")
+            path = found[0]
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise RegistryError(f"{checkpoint}: not a checkpoint (.safetensors file or its folder)")
+    missing = [n for n in ("config.json", "meta.json") if not (path.parent / n).is_file()]
+    if missing:
+        raise RegistryError(f"{path.parent}: {', '.join(missing)} missing beside {path.name}")
+    return [path, path.parent / "config.json", path.parent / "meta.json"]
+
+
+def register(
+    checkpoint: str | Path,
+    registry: str | Path,
+    *,
+    metrics: dict[str, float],
+    fingerprint_hash: str | None,
+    config: dict[str, Any] | Any,
+    eval_set_id: str | None,
+    name: str = DEFAULT_NAME,
+    storage_options: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Copy a checkpoint into the registry as the next version of ``name``.
+
+    ``checkpoint`` is a ``.safetensors`` weights file or a checkpoint folder (its
+    ``best.safetensors``, else ``last.safetensors``); the weights are copied with the
+    ``config.json`` and ``meta.json`` beside them (not the optimiser state). ``metrics`` are
+    the evaluation means on the set ``eval_set_id``; ``config`` is the run's config (a
+    pydantic model or a dict); ``fingerprint_hash`` identifies the training data. The version
+    is not promoted: see :func:`champion_challenger` and :func:`promote`.
+    """
+    _check_name(name)
+    files = checkpoint_files(checkpoint)
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    fs, root = _fs(registry, storage_options)
+    versions = _versions(fs, root, name)
+    number = (versions[-1] + 1) if versions else 1
+    base = f"{root}/{name}/v{number}"
+    if fs.exists(f"{base}/{CARD}"):
+        raise RegistryError(f"{_uri(fs, base)}: version exists (another writer?); retry")
+    fs.makedirs(base, exist_ok=True)
+    hashes = {}
+    for path in files:
+        hashes[path.name] = _sha256(path)
+        fs.put_file(str(path), f"{base}/{path.name}")
+    version = ModelVersion(
+        name=name,
+        version=number,
+        uri=_uri(fs, base),
+        created_at=_now(),
+        code_version=code_version(),
+        fingerprint_hash=fingerprint_hash,
+        eval_set_id=eval_set_id,
+        metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
+        config=json.loads(json.dumps(config, default=str)),
+        files=hashes,
+        source=str(files[0].resolve()),
+    )
+    _write_json(fs, f"{base}/{CARD}", version.card())
+    return version
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def find_version(
+    registry: str | Path,
+    checkpoint: str | Path,
+    name: str = DEFAULT_NAME,
+    storage_options: dict[str, Any] | None = None,
+) -> ModelVersion | None:
+    """The registered version of ``name`` holding these exact weights, if any.
+
+    Lets a rerun of a pipeline reuse its version instead of registering a duplicate.
+    """
+    weights = checkpoint_files(checkpoint)[0]
+    digest = _sha256(weights)
+    for version in list_models(registry, name, storage_options):
+        if version.files.get(weights.name) == digest:
+            return version
+    return None
+
+
+def record_evaluation(
+    registry: str | Path,
+    name: str,
+    version: int | str,
+    eval_set: str,
+    metrics: dict[str, float],
+    storage_options: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Record metrics of an existing version measured on another evaluation set."""
+    fs, root = _fs(registry, storage_options)
+    number = parse_version(version)
+    _load(fs, root, _check_name(name), number)  # must exist
+    record = {
+        "eval_set_id": eval_set,
+        "metrics": {k: float(v) for k, v in metrics.items() if _is_number(v)},
+        "recorded_at": _now(),
+    }
+    _write_json(fs, f"{root}/{name}/v{number}/evaluations/{eval_set}.json", record)
+    return _load(fs, root, name, number)
+
+
+def _log_decision(fs, root: str, name: str, record: dict[str, Any]) -> None:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    _write_json(fs, f"{root}/{name}/decisions/{stamp}-v{record['version']}.json", record)
+
+
+def promote(
+    registry: str | Path,
+    name: str,
+    version: int | str,
+    reason: str,
+    storage_options: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Make ``version`` the production model of ``name``; the reason is recorded."""
+    if not reason or not reason.strip():
+        raise RegistryError("promote: give a reason (it is recorded in the registry)")
+    fs, root = _fs(registry, storage_options)
+    number = parse_version(version)
+    target = _load(fs, root, _check_name(name), number)
+    previous = production_record(registry, name, storage_options)
+    record = {
+        "version": number,
+        "promoted_at": _now(),
+        "reason": reason.strip(),
+        "previous": previous["version"] if previous else None,
+    }
+    _log_decision(fs, root, name, {"action": "promote", **record})
+    _write_json(fs, f"{root}/{name}/{PRODUCTION}", record)
+    return target
+
+
+def champion_challenger(
+    registry: str | Path,
+    challenger: ModelVersion,
+    *,
+    metric: str = "dice",
+    min_improvement: float = 0.0,
+    higher_is_better: bool = True,
+    champion_metrics: dict[str, float] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Decision:
+    """Promote ``challenger`` only if it beats production on the challenger's evaluation set.
+
+    The champion's score on that set comes from ``champion_metrics`` (measured by the caller)
+    or from what the registry recorded for it on the same ``eval_set_id``; if neither exists,
+    :class:`RegistryError` asks for that evaluation (scores on different sets are never
+    compared). A tie keeps the champion. The decision and its reason are written to the
+    registry either way.
+    """
+    if not challenger.eval_set_id:
+        raise RegistryError(f"{challenger.tag}: registered without an evaluation set id")
+    fs, root = _fs(registry, storage_options)
+    value = _metric(challenger.metrics, metric, challenger.tag)
+    champion = production(registry, challenger.name, storage_options)
+    eval_set = challenger.eval_set_id
+    better = "higher" if higher_is_better else "lower"
+    if champion is None:
+        promoted, champ_value = True, None
+        reason = (
+            f"first production model: {challenger.tag} {metric}={value:.4f} on eval set {eval_set}"
+        )
+    elif champion.version == challenger.version:
+        promoted, champ_value = False, value
+        reason = f"{challenger.tag} is already in production"
+    else:
+        measured = champion_metrics or champion.metrics_on(eval_set)
+        if measured is None:
+            raise RegistryError(
+                f"production {champion.tag} has no {metric} on eval set {eval_set}; evaluate it "
+                f"there and pass champion_metrics (or record_evaluation) before comparing"
+            )
+        champ_value = _metric(measured, metric, champion.tag)
+        gain = (value - champ_value) if higher_is_better else (champ_value - value)
+        promoted = gain > min_improvement
+        verdict = "beats" if promoted else "does not beat"
+        reason = (
+            f"{challenger.tag} {metric}={value:.4f} {verdict} production {champion.tag} "
+            f"{metric}={champ_value:.4f} on eval set {eval_set} ({better} is better, "
+            f"required margin {min_improvement:g})"
+        )
+    decision = Decision(
+        promoted=promoted,
+        name=challenger.name,
+        challenger=challenger.version,
+        champion=champion.version if champion else None,
+        metric=metric,
+        challenger_value=value,
+        champion_value=champ_value,
+        eval_set_id=eval_set,
+        reason=reason,
+        decided_at=_now(),
+    )
+    _log_decision(
+        fs,
+        root,
+        challenger.name,
+        {"action": "compare", "version": challenger.version, **decision.as_dict()},
+    )
+    if promoted:
+        promote(registry, challenger.name, challenger.version, reason, storage_options)
+    return decision
+
+
+def _metric(metrics: dict[str, float], metric: str, tag: str) -> float:
+    if metric not in metrics:
+        known = ", ".join(sorted(metrics)) or "none"
+        raise RegistryError(f"{tag}: no metric {metric!r} recorded (recorded: {known})")
+    return float(metrics[metric])

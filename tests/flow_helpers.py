@@ -1,0 +1,59 @@
+"""Small builders shared by the flow tests: a tiny real checkpoint and folders of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlseg.io import write_image
+
+
+def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A real, loadable (untrained) checkpoint: U-Net on a 3-stage ResNet-18 (~3 MB).
+
+    Its predictions are meaningless but deterministic, which is all the flow tests need.
+    """
+    import torch
+
+    from mlseg.config import Config, InferenceConfig, TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    train = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64, device="cpu")
+    cfg = Config(
+        train=train,
+        inference=InferenceConfig(tile_size=64, batch_size=4, device="cpu", auto_scale=False),
+    )
+    model = build_model(train, 3, 3).eval()
+    return save_checkpoint(
+        folder,
+        model,
+        cfg,
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash="test",
+        metrics={"val_dice": 0.5},
+        pixel_size_um=None,
+        name="best",
+    ).parent
+
+
+def disc_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:
+    """``n`` RGB PNGs of dark discs on a light background (H&E-like colours)."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        image = np.full((size, size, 3), (235, 220, 230), np.uint8)
+        for _ in range(max(2, size // 12)):
+            r = int(rng.integers(4, 8))
+            cy, cx = rng.integers(r, size - r, 2)
+            rr, cc = disk((cy, cx), r, shape=image.shape[:2])
+            image[rr, cc] = (90 + rng.integers(-10, 10), 50, 130)
+        noise = rng.integers(-6, 7, image.shape)
+        image = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+        paths.append(write_image(folder / f"img_{i:03d}.png", image))
+    return paths

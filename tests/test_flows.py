@@ -1,0 +1,297 @@
+"""Prefect flows under a test harness: outputs, artifacts, reruns, failures, drift gating.
+
+Task logic is tested through ``task.fn``; flows run against ``prefect_test_harness`` (one
+temporary server for the module). The model is a tiny real (untrained) checkpoint: its
+predictions are meaningless, but deterministic, which is what reruns are compared on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from flow_helpers import disc_images, tiny_checkpoint
+
+from flows.common import is_transient, resolve_profile
+from flows.runners import make_task_runner, runner_settings
+from mlseg.errors import ConfigError, ImageReadError, ValidationFailed
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key for a in found if a.key}
+
+
+def _segment(inbox: Path, out: Path, checkpoint: Path, **kwargs):
+    from flows.segment import segment_and_quantify
+
+    params = {"batch_size": 2, "workers": 2, **kwargs}
+    return segment_and_quantify(
+        str(inbox), str(out), model=str(checkpoint), return_state=True, **params
+    )
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_profile_parameter_from_deployment_json_with_overrides() -> None:
+    shipped = {"profiles": {"he": {"stain": "he", "version": "7", "pixel_size_um": 0.5}}}
+    profile = resolve_profile(
+        "he", json.dumps(shipped), {"pixel_size_um": 0.25, "watershed": {"seed_threshold": 0.6}}
+    )
+    assert (profile.version, profile.pixel_size_um) == ("7", 0.25)
+    assert profile.watershed.seed_threshold == 0.6
+    assert profile.watershed.fg_threshold == 0.5  # nested sections are merged, not replaced
+    assert resolve_profile("ihc").stain == "ihc"  # no parameter: the packaged profiles
+    with pytest.raises(ConfigError, match="unknown profile 'ihc'; choose one of he"):
+        resolve_profile("ihc", shipped)
+    with pytest.raises(ConfigError, match="min_area_um2"):
+        resolve_profile("he", shipped, {"min_area_um2": 5000})
+
+
+def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
+    monkeypatch.delenv("MLSEG_TASK_RUNNER", raising=False)
+    monkeypatch.delenv("MLSEG_DASK_ADDRESS", raising=False)
+    assert runner_settings(workers=3) == {"kind": "thread", "address": None, "workers": 3}
+    monkeypatch.setenv("MLSEG_DASK_ADDRESS", "tcp://10.0.0.5:8786")
+    assert runner_settings()["kind"] == "dask"  # an address alone means Dask
+    runner = make_task_runner()
+    assert type(runner).__name__ == "DaskTaskRunner"
+    assert runner.address == "tcp://10.0.0.5:8786"
+    with pytest.raises(ConfigError, match="choose one of thread, dask"):
+        runner_settings("ray")
+    with pytest.raises(ConfigError, match="use dask"):
+        runner_settings("thread", "tcp://x:1")
+
+
+def test_only_transient_io_errors_are_retried() -> None:
+    assert is_transient(TimeoutError("read timed out"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(OSError(5, "Input/output error"))
+    assert not is_transient(FileNotFoundError("gone"))
+    assert not is_transient(ImageReadError("x.png: truncated PNG"))
+    assert not is_transient(ValueError("bug"))
+
+
+def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, checkpoint) -> None:
+    from flows.segment import model_config, model_id, segment_batch
+    from mlseg.config import get_profile
+
+    images = [str(p) for p in disc_images(tmp_path / "in", 2)]
+    args = (
+        str(tmp_path / "out"),
+        str(checkpoint),
+        model_id(str(checkpoint)),
+        get_profile("he").model_dump(mode="json"),
+        model_config(str(checkpoint)).inference.model_dump(mode="json"),
+    )
+    first = segment_batch.fn(images, *args)
+    assert [r["status"] for r in first] == ["processed", "processed"]
+    assert first[0]["summary"]["input_digest"]
+    again = segment_batch.fn(images, *args)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    disc_images(tmp_path / "in", 1, seed=99)  # img_000.png: same name, new content
+    changed = segment_batch.fn(images, *args)
+    assert [r["status"] for r in changed] == ["processed", "skipped"]
+
+
+# ----------------------------------------------------------------------------- flows
+
+
+def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
+    harness, tmp_path, checkpoint
+) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 5)
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(5)]
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["image"]) == [f"img_{i:03d}" for i in range(5)]
+    assert {"count", "profile", "model", "input_digest"} <= set(summary.columns)
+    for stem in summary["image"]:
+        assert (out / f"{stem}_nuclei.csv").is_file() and (out / f"{stem}_overlay.png").is_file()
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [5] and history["images_per_s"].iloc[0] > 0
+    keys = _artifact_keys(state.state_details.flow_run_id)
+    assert {"segment-summary", "segment-run-metrics", "segment-outputs"} <= keys
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")}
+    rerun = _segment(inbox, out, checkpoint)
+    assert rerun.is_completed()
+    again = rerun.result()
+    assert again["processed"] == [] and sorted(again["skipped"]) == sorted(result["processed"])
+    assert sorted(again["from_cache"]) == sorted(result["processed"])  # Prefect cache hits
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")} == mtimes
+    assert len(pd.read_csv(out / "runs" / "history.csv")) == 1  # nothing new to record
+
+
+def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, checkpoint) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    assert _segment(inbox, out, checkpoint).is_completed()
+    (out / "img_001.json").unlink()
+    result = _segment(inbox, out, checkpoint).result()
+    assert result["processed"] == ["img_001"] and result["skipped"] == ["img_000"]
+
+
+def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 3)
+    broken = inbox / "img_001.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated, as a copy in progress
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_failed()
+    assert "img_001.png" in state.message and "1 of 3" in state.message
+    assert (out / "img_000.json").is_file() and (out / "img_002.json").is_file()
+    assert "segment-failed-images" in _artifact_keys(state.state_details.flow_run_id)
+
+
+def _fingerprint(tmp_path: Path, images: list[Path]) -> Path:
+    from mlseg.inventory import fingerprint
+    from mlseg.monitor import image_stats_table
+
+    stats = image_stats_table(images)
+    files = stats.assign(
+        role="image",
+        readable=True,
+        split="train",
+        channels=3,
+        dtype="uint8",
+        content_hash=[f"h{i}" for i in range(len(stats))],
+    )
+    path = tmp_path / "fingerprint.json"
+    path.write_text(json.dumps(fingerprint(files)))
+    return path
+
+
+def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path) -> None:
+    from flows.monitor import monitor
+    from mlseg.io import read_image, write_image
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 30, seed=1))
+    similar = tmp_path / "similar"
+    disc_images(similar, 8, seed=2)
+    ok = monitor(str(similar), str(reference), str(tmp_path / "m1"), return_state=True)
+    assert ok.is_completed() and ok.result()["status"] == "ok"
+
+    dark = tmp_path / "dark"
+    for path in disc_images(tmp_path / "src", 12, seed=3):
+        write_image(dark / path.name, (read_image(path) * 0.4).astype(np.uint8))
+    state = monitor(str(dark), str(reference), str(tmp_path / "m2"), return_state=True)
+    assert state.is_failed() and "mean_c0" in state.message
+    assert (tmp_path / "m2" / "drift.csv").is_file()
+    keys = _artifact_keys(state.state_details.flow_run_id)
+    assert {"drift-report", "drift-warning"} <= keys
+
+
+def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path) -> None:
+    from flows.pipeline import pipeline
+
+    data = tmp_path / "broken"
+    disc_images(data / "train" / "original", 2)
+    disc_images(data / "test" / "original", 1)  # no masks at all
+    (data / "train" / "masks").mkdir()
+    (data / "test" / "masks").mkdir()
+    state = pipeline(str(data), str(tmp_path / "work"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValidationFailed):
+        state.result()
+    assert not (tmp_path / "work" / "train").exists()
+
+
+def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
+    (tmp_path / "inbox").mkdir()
+    state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint)
+    assert state.is_completed() and state.result()["processed"] == []
+    missing = _segment(tmp_path / "nowhere", tmp_path / "out", checkpoint)
+    assert missing.is_failed() and "input folder not found" in missing.message
+
+
+TINY = {
+    "train": {
+        "encoder": "resnet18",
+        "encoder_depth": 3,
+        "patch_size": 64,
+        "batch_size": 2,
+        "max_steps": 4,
+        "val_every": 2,
+        "warmup_steps": 1,
+        "device": "cpu",
+    },
+    "inference": {"tile_size": 64, "batch_size": 4, "device": "cpu"},
+}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_a_challenger(harness, tmp_path, synth_dataset) -> None:
+    from flows.pipeline import pipeline
+    from mlseg import registry as reg
+
+    registry = tmp_path / "registry"
+    first = pipeline(
+        str(synth_dataset), str(tmp_path / "w1"), overrides=TINY, registry=str(registry)
+    )
+    report = Path(first["report"]).read_text()
+    # training curves and worst cases (4 training steps find no nuclei: no histograms)
+    assert "Worst" in report and report.count("data:image/png;base64,") >= 2
+    assert pd.read_csv(first["measurements (per image)"])["count"].notna().all()
+    assert reg.production(registry).version == 1
+    assert first["decision"]["promoted"]
+
+    again = pipeline(
+        str(synth_dataset), str(tmp_path / "w1"), overrides=TINY, registry=str(registry)
+    )
+    assert len(reg.list_models(registry)) == 1  # same weights: no second version
+
+    other = {**TINY, "train": {**TINY["train"], "seed": 1}}
+    second = pipeline(
+        str(synth_dataset), str(tmp_path / "w2"), overrides=other, registry=str(registry)
+    )
+    versions = reg.list_models(registry)
+    assert len(versions) == 2
+    best = max(versions, key=lambda v: (v.metrics["aji"], -v.version))
+    assert reg.production(registry).version == best.version
+    assert second["decision"]["reason"] and again["decision"]["reason"]
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_outputs_as_threads(
+    harness, tmp_path, checkpoint
+) -> None:
+    inbox = tmp_path / "inbox"
+    disc_images(inbox, 4)
+    threads = _segment(inbox, tmp_path / "threads", checkpoint, task_runner="thread")
+    dask = _segment(inbox, tmp_path / "dask", checkpoint, task_runner="dask", workers=2)
+    assert threads.is_completed() and dask.is_completed(), dask.message
+    for name in ("img_000_labels.png", "img_003_nuclei.csv"):
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()

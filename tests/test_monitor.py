@@ -1,0 +1,155 @@
+"""Drift of new images vs the training fingerprint; run metrics history and shifts."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlseg import monitor
+from mlseg.config import MonitorConfig, load_config
+from mlseg.errors import ConfigError
+from mlseg.inventory import STAT_COLUMNS, fingerprint, image_stats
+
+
+def _fingerprint_of(stats: pd.DataFrame, size: int = 64) -> dict:
+    """A fingerprint as ``mlseg validate`` writes it, from a table of image statistics."""
+    files = stats.copy()
+    files["role"] = "image"
+    files["readable"] = True
+    files["split"] = "train"
+    files["content_hash"] = [f"h{i}" for i in range(len(files))]
+    files["channels"] = 3
+    files["dtype"] = "uint8"
+    files["width_px"] = size
+    files["height_px"] = size
+    return fingerprint(files)
+
+
+def _he_images(n: int, seed: int, size: int = 64) -> list[np.ndarray]:
+    from mlseg.synth import synth_pair
+
+    rng = np.random.default_rng(seed)
+    return [synth_pair("he", size, rng)[0] for _ in range(n)]
+
+
+def _stats(images: list[np.ndarray]) -> pd.DataFrame:
+    rows = [{"width_px": im.shape[1], "height_px": im.shape[0], **image_stats(im)} for im in images]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def he_fingerprint() -> dict:
+    return _fingerprint_of(_stats(_he_images(40, seed=1)))
+
+
+def test_psi_is_zero_for_equal_distributions_and_grows_with_shift() -> None:
+    ref = np.array([10, 10, 10, 10])
+    assert monitor.psi(ref, ref) == pytest.approx(0.0)
+    small = monitor.psi(ref, np.array([12, 10, 9, 9]))
+    large = monitor.psi(ref, np.array([30, 8, 1, 1]))
+    assert 0 < small < 0.1 < large
+
+
+def test_values_outside_the_training_range_fall_in_the_open_outer_bins() -> None:
+    counts = monitor.open_bin_counts(np.array([-5.0, 0.5, 1.5, 2.5, 99.0]), [0, 1, 2, 3])
+    assert counts.tolist() == [2, 1, 2]
+
+
+def test_new_images_like_the_training_images_are_not_flagged(he_fingerprint: dict) -> None:
+    new = _stats(_he_images(8, seed=2))
+    report = monitor.drift_report(new, he_fingerprint, MonitorConfig())
+    assert report.status == "ok", report.message
+    judged = report.table[report.table["statistic"].isin(STAT_COLUMNS)]
+    assert judged["status"].isin(["ok", "skipped"]).all()
+    assert judged["psi"].notna().sum() >= 10  # the stats of RGB images were compared
+
+
+def test_darker_blurred_images_fail_and_name_the_statistics(he_fingerprint: dict) -> None:
+    images = [
+        cv2.GaussianBlur((im * 0.55).astype(np.uint8), (0, 0), 2.5) for im in _he_images(12, seed=3)
+    ]
+    report = monitor.drift_report(_stats(images), he_fingerprint, MonitorConfig())
+    assert report.status == "fail"
+    failed = set(report.table.loc[report.table["status"] == "fail", "statistic"])
+    assert {"laplacian_var", "mean_c0"} <= failed
+    assert "laplacian_var" in report.message
+
+
+def test_warning_between_the_two_thresholds(he_fingerprint: dict) -> None:
+    images = [cv2.GaussianBlur(im, (0, 0), 2.5) for im in _he_images(12, seed=4)]
+    table = _stats(images)
+    psi_blur = (
+        monitor.drift_report(table, he_fingerprint)
+        .table.set_index("statistic")
+        .loc["laplacian_var", "psi"]
+    )
+    cfg = MonitorConfig(psi_warn=psi_blur / 2, psi_fail=psi_blur * 2, statistics=("laplacian_var",))
+    report = monitor.drift_report(table, he_fingerprint, cfg)
+    assert report.status == "warn"
+
+
+def test_too_few_images_are_not_judged(he_fingerprint: dict) -> None:
+    images = [(im * 0.3).astype(np.uint8) for im in _he_images(2, seed=5)]
+    report = monitor.drift_report(_stats(images), he_fingerprint, MonitorConfig(min_images=5))
+    assert report.status == "ok"
+    assert (report.table["status"] == "skipped").sum() >= len(STAT_COLUMNS) - 1
+
+
+def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> None:
+    report = monitor.drift_report(_stats(_he_images(6, seed=6, size=128)), he_fingerprint)
+    size = report.table.set_index("statistic").loc["image_size_px"]
+    assert size["status"] == "warn" and size["out_of_range_fraction"] == 1.0
+
+
+def test_unknown_statistic_in_config_is_a_config_error(he_fingerprint: dict) -> None:
+    with pytest.raises(ConfigError, match="not in the fingerprint"):
+        monitor.drift_report(
+            _stats(_he_images(5, 7)), he_fingerprint, MonitorConfig(statistics=("sharpness",))
+        )
+    with pytest.raises(ConfigError, match="psi_warn must be below psi_fail"):
+        load_config(monitor={"psi_warn": 0.6, "psi_fail": 0.5})
+
+
+def test_run_history_and_shift_between_runs(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    history = tmp_path / "history.csv"
+    counts1, areas1 = rng.poisson(40, 50), rng.lognormal(3.5, 0.3, 2000)
+    row1 = monitor.run_metrics(counts1, areas1, seconds=10.0, run_id="r1")
+    assert row1["images_per_s"] == pytest.approx(5.0)
+    assert row1["seconds_per_image"] == pytest.approx(0.2)
+    assert row1["nuclei_total"] == counts1.sum()
+    monitor.append_history(history, row1)
+    previous = monitor.distributions(counts1, areas1, "um2")
+
+    same = monitor.run_shift(rng.poisson(40, 50), rng.lognormal(3.5, 0.3, 2000), previous)
+    assert same["area_psi"] < 0.05 and same["area_ks_p"] > 0.001
+    bigger = monitor.run_shift(rng.poisson(40, 50), rng.lognormal(4.2, 0.3, 2000), previous)
+    assert bigger["area_psi"] > 1.0 and bigger["area_ks_p"] < 1e-6
+    assert bigger["area_median_change_pct"] > 80
+
+    row2 = {**monitor.run_metrics(counts1, areas1, 8.0, run_id="r2"), **bigger}
+    table = monitor.append_history(history, row2)
+    assert list(table["run_id"]) == ["r1", "r2"]
+    assert monitor.read_history(history)["area_psi"].isna().tolist() == [True, False]
+    assert monitor.run_shift(counts1, areas1, None)["count_psi"] != 0  # NaN: nothing to compare
+
+
+def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsys) -> None:
+    import json
+
+    from mlseg.cli import main
+    from mlseg.io import write_image
+
+    fingerprint_file = tmp_path / "fingerprint.json"
+    fingerprint_file.write_text(json.dumps(he_fingerprint))
+    for i, image in enumerate(_he_images(8, seed=8)):
+        write_image(tmp_path / "same" / f"{i}.png", image)
+        write_image(tmp_path / "dark" / f"{i}.png", (image * 0.4).astype(np.uint8))
+    args = ["--fingerprint", str(fingerprint_file)]
+    assert main(["monitor", str(tmp_path / "same"), *args]) == 0
+    assert "OK: no drift" in capsys.readouterr().out
+    assert main(["monitor", str(tmp_path / "dark"), *args, "--out", str(tmp_path / "d.csv")]) == 1
+    assert "error:" in capsys.readouterr().err
+    assert (tmp_path / "d.csv").is_file()

@@ -1,0 +1,197 @@
+"""Model registry: versions, production pointer, champion/challenger, remote (fsspec) storage."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlseg import registry as reg
+from mlseg.io import write_image, write_labels
+
+
+def _checkpoint(folder: Path, weights: bytes = b"weights-1") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "best.safetensors").write_bytes(weights)
+    (folder / "last.safetensors").write_bytes(b"last")
+    (folder / "last.state.pt").write_bytes(b"optimizer state: not served")
+    (folder / "config.json").write_text(json.dumps({"train": {"encoder": "resnet18"}}))
+    (folder / "meta.json").write_text(json.dumps({"step": 10}))
+    return folder
+
+
+def _register(tmp_path: Path, registry, dice: float, eval_set: str = "setA", tag: str = "a"):
+    ckpt = _checkpoint(tmp_path / f"ckpt-{tag}", weights=f"w-{tag}".encode())
+    return reg.register(
+        ckpt,
+        registry,
+        metrics={"dice": dice, "aji": dice - 0.1},
+        fingerprint_hash="fp123",
+        config={"train": {"encoder": "resnet18"}},
+        eval_set_id=eval_set,
+    )
+
+
+def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    v1 = _register(tmp_path, registry, 0.80, tag="a")
+    v2 = _register(tmp_path, registry, 0.82, tag="b")
+    assert (v1.version, v2.version) == (1, 2)
+    folder = Path(v2.uri)
+    assert (folder / "best.safetensors").read_bytes() == b"w-b"
+    card = json.loads((folder / "card.json").read_text())
+    assert card["fingerprint_hash"] == "fp123"
+    assert card["metrics"]["dice"] == pytest.approx(0.82)
+    assert card["eval_set_id"] == "setA"
+    assert card["code_version"].startswith("0.")
+    assert card["created_at"].endswith("+00:00")
+    assert set(card["files"]) == {"best.safetensors", "config.json", "meta.json"}  # no optimiser
+    listed = reg.list_models(registry)
+    assert [m.tag for m in listed] == ["nuclei@v1", "nuclei@v2"]
+    assert reg.show(registry, "nuclei", "v2") == v2
+    assert reg.show(registry, "nuclei", "latest").version == 2
+
+
+def test_register_a_weights_file_and_refuse_a_folder_without_weights(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    version = reg.register(
+        ckpt / "last.safetensors",
+        tmp_path / "r",
+        metrics={"dice": 0.5},
+        fingerprint_hash=None,
+        config={},
+        eval_set_id="s",
+    )
+    assert sorted(version.files) == ["config.json", "last.safetensors", "meta.json"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(reg.RegistryError, match="no .safetensors weights"):
+        reg.register(
+            tmp_path / "empty",
+            tmp_path / "r",
+            metrics={},
+            fingerprint_hash=None,
+            config={},
+            eval_set_id="s",
+        )
+
+
+def test_same_weights_are_found_instead_of_registered_twice(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    version = _register(tmp_path, registry, 0.8, tag="a")
+    assert reg.find_version(registry, tmp_path / "ckpt-a") == version
+    other = _checkpoint(tmp_path / "other", weights=b"different")
+    assert reg.find_version(registry, other) is None
+
+
+def test_incomplete_version_without_card_is_ignored(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.8)
+    (registry / "nuclei" / "v2").mkdir()  # a crash mid-copy leaves no card.json
+    assert [m.version for m in reg.list_models(registry)] == [1]
+    assert _register(tmp_path, registry, 0.9, tag="c").version == 2
+
+
+def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    first = _register(tmp_path, registry, 0.80, tag="a")
+    d1 = reg.champion_challenger(registry, first)
+    assert d1.promoted and "first production model" in d1.reason
+    assert reg.production(registry).version == 1
+
+    worse = _register(tmp_path, registry, 0.78, tag="b")
+    d2 = reg.champion_challenger(registry, worse)
+    assert not d2.promoted
+    assert "does not beat" in d2.reason and "0.7800" in d2.reason and "0.8000" in d2.reason
+    assert reg.production(registry).version == 1
+
+    tie = _register(tmp_path, registry, 0.80, tag="c")
+    assert not reg.champion_challenger(registry, tie).promoted  # a tie keeps the champion
+
+    better = _register(tmp_path, registry, 0.85, tag="d")
+    d4 = reg.champion_challenger(registry, better, min_improvement=0.01)
+    assert d4.promoted and d4.champion == 1
+    record = reg.production_record(registry)
+    assert record["version"] == 4 and record["previous"] == 1 and "beats" in record["reason"]
+    log = reg.decisions(registry)
+    compares = [d for d in log if d["action"] == "compare"]
+    assert [d["promoted"] for d in compares] == [True, False, False, True]
+    assert all(d["reason"] for d in log)
+
+
+def test_scores_on_different_eval_sets_are_never_compared(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    champion = _register(tmp_path, registry, 0.95, eval_set="old-set", tag="a")
+    reg.champion_challenger(registry, champion)
+    challenger = _register(tmp_path, registry, 0.80, eval_set="new-set", tag="b")
+    with pytest.raises(reg.RegistryError, match="no dice on eval set new-set"):
+        reg.champion_challenger(registry, challenger)
+    assert reg.production(registry).version == 1
+    # once the champion is evaluated on the new set, the comparison is fair
+    reg.record_evaluation(registry, "nuclei", 1, "new-set", {"dice": 0.70})
+    assert reg.show(registry, "nuclei", 1).metrics_on("new-set") == {"dice": 0.70}
+    decision = reg.champion_challenger(registry, challenger)
+    assert decision.promoted and decision.champion_value == pytest.approx(0.70)
+
+
+def test_manual_promote_needs_a_reason_and_is_logged(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.8, tag="a")
+    _register(tmp_path, registry, 0.7, tag="b")
+    with pytest.raises(reg.RegistryError, match="reason"):
+        reg.promote(registry, "nuclei", 2, " ")
+    reg.promote(registry, "nuclei", "v2", "rollback: v1 misses small nuclei on new scanner")
+    assert reg.production(registry).version == 2
+    assert reg.decisions(registry)[-1]["reason"].startswith("rollback")
+    with pytest.raises(reg.RegistryError, match="no such model version"):
+        reg.promote(registry, "nuclei", 9, "typo")
+    with pytest.raises(reg.RegistryError, match="lower-case"):
+        reg.production(registry, "Bad Name")
+
+
+def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    version = _register(tmp_path, url, 0.9)
+    assert version.uri.startswith("memory://")
+    reg.champion_challenger(url, version)
+    assert reg.production(url).version == 1
+    local = reg.fetch(reg.production(url), cache_dir=tmp_path / "cache")
+    assert (local / "best.safetensors").read_bytes() == b"w-a"
+    assert local.is_relative_to(tmp_path / "cache")
+
+
+def test_eval_set_id_follows_content_not_names(tmp_path: Path) -> None:
+    def dataset(root: Path, stem: str, value: int) -> Path:
+        image = np.full((16, 16, 3), value, np.uint8)
+        labels = np.zeros((16, 16), np.int32)
+        labels[4:8, 4:8] = 1
+        write_image(root / "test" / "original" / f"{stem}.png", image)
+        write_labels(root / "test" / "masks" / f"{stem}_mask.png", labels)
+        return root
+
+    a = reg.eval_set_id(dataset(tmp_path / "a", "x", 10))
+    b = reg.eval_set_id(dataset(tmp_path / "b", "renamed", 10))
+    c = reg.eval_set_id(dataset(tmp_path / "c", "x", 11))
+    assert a == b != c
+
+
+def test_cli_lists_shows_and_promotes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mlseg.cli import main
+
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.8, tag="a"))
+    _register(tmp_path, registry, 0.7, tag="b")
+    assert main(["models", "list", "-r", str(registry)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("* nuclei@v1") and lines[2].startswith("  nuclei@v2")
+    assert (
+        main(["models", "promote", "nuclei", "2", "--reason", "rollback", "-r", str(registry)]) == 0
+    )
+    capsys.readouterr()
+    assert main(["models", "show", "nuclei", "-r", str(registry)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["version"] == 2 and card["production"] and card["promotion_reason"] == "rollback"
+    assert main(["models", "show", "nuclei@9", "-r", str(registry)]) != 0
+    assert "no such model version" in capsys.readouterr().err

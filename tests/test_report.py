@@ -1,0 +1,92 @@
+"""The HTML run report: self-contained, every section present, figures embedded."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlseg.report import Report, frame_records, pipeline_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_inputs(tmp_path: Path) -> dict:
+    rng = np.random.default_rng(0)
+    history = pd.DataFrame(
+        {"step": [50, 100, 150], "train_loss": [1.2, 0.8, 0.6], "val_dice": [0.5, 0.7, 0.8]}
+    )
+    evaluation = pd.DataFrame(
+        {"image": [f"img{i}" for i in range(8)], "dice": np.linspace(0.2, 0.9, 8)[::-1]}
+    )
+    nuclei = pd.DataFrame(
+        {"area_um2": rng.lognormal(3.5, 0.3, 300), "circularity": rng.uniform(0.6, 1, 300)}
+    )
+    return dict(
+        run={"dataset": "demo/dataset", "started": "today"},
+        validation_status="passed",
+        validation={"images": 32, "failed expectations": 0},
+        history=history,
+        evaluation=evaluation,
+        evaluation_means={"dice": 0.55, "aji": 0.41},
+        worst_metric="dice",
+        decision={"promoted": True, "reason": "first production model <v1>"},
+        quantification=pd.DataFrame({"image": ["a", "b"], "count": [10, 12]}),
+        nuclei=nuclei,
+        drift_status="ok",
+        drift_message="no drift",
+        run_metrics={"images_per_s": 3.2},
+        paths={"model": str(tmp_path / "model"), "measurements": str(tmp_path / "m.csv")},
+    )
+
+
+def test_report_is_self_contained_with_embedded_figures(tmp_path: Path) -> None:
+    path = pipeline_report(**_run_inputs(tmp_path)).write(tmp_path / "report.html")
+    text = path.read_text()
+    # nothing fetched from elsewhere: no external scripts, styles or images
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", text)
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) == 2  # training curves, quantification histograms
+    assert all(base64.b64decode(data).startswith(PNG_SIGNATURE) for data in images)
+    for section in (
+        "Data validation",
+        "Training",
+        "Evaluation",
+        "Model registry",
+        "Segmentation and quantification",
+        "Monitoring",
+        "Outputs",
+    ):
+        assert section in text
+    assert "Worst 5 cases by dice" in text
+    assert str(tmp_path / "m.csv") in text
+
+
+def test_worst_cases_are_the_lowest_scores(tmp_path: Path) -> None:
+    html = pipeline_report(**_run_inputs(tmp_path)).to_html()
+    worst = html.split("Worst 5 cases by dice")[1]
+    assert "img7" in worst and "img3" in worst and "img0" not in worst.split("</table>")[0]
+
+
+def test_text_is_escaped_and_long_tables_are_cut() -> None:
+    rep = Report("t").text("<script>alert(1)</script>")
+    rep.table(pd.DataFrame({"x": range(100)}), caption="many", max_rows=10)
+    html = rep.to_html()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "first 10 of 100 rows" in html
+
+
+def test_image_file_embeds_existing_png_and_skips_missing(tmp_path: Path) -> None:
+    from mlseg.io import write_image
+
+    png = write_image(tmp_path / "plot.png", np.zeros((4, 4, 3), np.uint8))
+    html = Report("t").image_file(png, "plot").image_file(tmp_path / "none.png").to_html()
+    assert html.count("data:image/png;base64,") == 1
+
+
+def test_frame_records_are_json_ready() -> None:
+    records = frame_records(pd.DataFrame({"a": [1.23456789, np.nan], "b": [np.int64(2), 3]}))
+    assert records == [{"a": 1.2346, "b": 2}, {"a": None, "b": 3}]
