@@ -14,6 +14,12 @@ the image's TIFF resolution tags (values outside 0.01-50 um are ignored as bogus
 72 dpi default of many writers), the profile's ``pixel_size_um``. The profile's ``units``
 decides whether it is used (``auto``), required (``um``) or ignored (``px``).
 
+Scale (``inference.auto_scale``, on by default): with the pixel size of both the image and
+the model known, the image is resampled by their ratio; with either unknown, the scale is
+estimated from the nuclei of a first pass against the nucleus diameter the model recorded
+at training time (:mod:`mlseg.scale`, Cellpose's size-model idea). Labels always come back
+on the original grid.
+
 Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
 file and why): unreadable file, channel count other than the profile's, mask and image of
 different sizes, micron units without a pixel size. An image without nuclei gives an empty
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,30 +86,93 @@ def predict_labels(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one image: ``(H, W, C)`` uint8/uint16 -> ``((H, W) int32 labels, probs)``.
 
-    ``loaded``: a :class:`mlseg.model.LoadedModel`. When both the image's and the model's
-    pixel sizes are known (and ``auto_scale``), the image is resampled to the model's
-    scale, predicted, and the probabilities resampled back, so labels are on the original
-    grid. ``probs`` is ``(K, H, W) float32``, or ``None`` for images over
-    ``stream_min_pixels`` (labelled band by band, see :func:`mlseg.infer.predict_labels_banded`).
+    ``loaded``: a :class:`mlseg.model.LoadedModel`. With ``auto_scale`` (the default) the
+    image is brought to the model's scale first: when both the image's and the model's
+    pixel sizes are known, by their ratio; otherwise, when the model records the nucleus
+    diameter of its training masks (``meta.json``: ``nucleus_diameter_px``), by the size of
+    the nuclei found in a first pass (:mod:`mlseg.scale`). Probabilities are resampled
+    back, so labels are on the original grid. ``probs`` is ``(K, H, W) float32``, or
+    ``None`` for images over ``stream_min_pixels`` (labelled band by band, see
+    :func:`mlseg.infer.predict_labels_banded`).
     """
+    labels, probs, _ = predict_labels_scaled(
+        loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um, device=device
+    )
+    return labels, probs
+
+
+def predict_labels_scaled(
+    loaded,
+    image: np.ndarray,
+    profile: Profile,
+    inference_cfg: InferenceConfig | None = None,
+    *,
+    pixel_size_um: float | None = None,
+    device=None,
+):
+    """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, estimate)``,
+    ``estimate`` a :class:`mlseg.scale.ScaleEstimate` when the scale was estimated from the
+    nuclei, else ``None`` (factor from pixel sizes, or native scale)."""
+    from mlseg.scale import META_KEY, auto_scale
+
+    cfg = inference_cfg or loaded.config.inference
+    if device is None:
+        device = _model_device(loaded.model)
+    model_px = loaded.pixel_size_um
+    if not cfg.auto_scale:
+        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, 1.0, device), None)
+    if pixel_size_um is not None and model_px is not None:
+        factor = float(pixel_size_um) / float(model_px)
+        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device), None)
+    reference = loaded.meta.get(META_KEY) if isinstance(loaded.meta, dict) else None
+    if not reference:
+        warnings.warn(
+            f"{loaded.path}: the model records no {META_KEY} (trained before mlseg learnt "
+            "it), so the scale of an image without a pixel size cannot be estimated; "
+            "predicting at native scale (retrain, or give the pixel size)",
+            stacklevel=2,
+        )
+        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, 1.0, device), None)
+    probs_at: dict[float, np.ndarray | None] = {}
+
+    def predict(factor: float) -> np.ndarray:
+        labels, probs = _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
+        probs_at.clear()  # keep only the latest pass's probabilities in memory
+        probs_at[factor] = probs
+        return labels
+
+    labels, estimate = auto_scale(predict, float(reference))
+    return labels, probs_at.get(estimate.factor), estimate
+
+
+def _predict_at(
+    loaded,
+    image: np.ndarray,
+    profile: Profile,
+    cfg: InferenceConfig,
+    pixel_size_um: float | None,
+    factor: float,
+    device,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resample ``image`` by ``factor``, predict and label there (where nuclei have the
+    size the model knows), then map labels (nearest) and probabilities (linear) back to the
+    original grid. Area limits follow the work grid: microns when the pixel size is known,
+    else the profile's pixel limits, which refer to the original grid, scaled by factor**2."""
     import cv2
 
     from mlseg.infer import predict_labels_banded, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
     from mlseg.preprocess import normalize, rescale, resize_labels
 
-    cfg = inference_cfg or loaded.config.inference
-    if device is None:
-        device = _model_device(loaded.model)
     height, width = image.shape[:2]
-    model_px = loaded.pixel_size_um
-    scaled = cfg.auto_scale and pixel_size_um is not None and model_px is not None
-    work = rescale(image, pixel_size_um, model_px) if scaled else image
+    work = rescale(image, factor, 1.0) if factor != 1.0 else image
     x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)
+    work_px = px / factor if px is not None else None
+    lo, hi = area_limits_px(profile, work_px)
+    if px is None and factor != 1.0:
+        lo, hi = int(round(lo * factor**2)), max(1, int(round(hi * factor**2)))
     if work.shape[0] * work.shape[1] > cfg.stream_min_pixels:
-        work_px = model_px if scaled else px
-        lo, hi = area_limits_px(profile, work_px)
         labels = predict_labels_banded(
             loaded.model,
             x,
@@ -118,19 +188,19 @@ def predict_labels(
             labels = resize_labels(labels, (height, width))
         return labels, None
     probs = predict_probs(loaded.model, x, cfg, target=loaded.target, device=device)
-    if probs.shape[1:] != (height, width):
-        probs = np.stack(
-            [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs]
-        )
-    lo, hi = area_limits_px(profile, px)
     labels = probs_to_labels(
         probs,
         loaded.target,
         profile.watershed,
-        pixel_size_um=px,
+        pixel_size_um=work_px,
         min_area_px=lo,
         max_area_px=hi,
     )
+    if labels.shape != (height, width):
+        labels = resize_labels(labels, (height, width))
+        probs = np.stack(
+            [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs]
+        )
     return labels, probs
 
 

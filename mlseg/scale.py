@@ -1,0 +1,140 @@
+"""Scale estimation: bring an image of unknown pixel size to the model's training scale.
+
+A U-Net learns nuclei of the size it was trained on; nuclei twice as large (a 40x slide
+for a 20x model) are split or missed. When the pixel size of both the image and the model
+is known, :func:`mlseg.segment.predict_labels` simply resamples by their ratio. When it is
+not, the size of the nuclei themselves tells the scale, the idea of Cellpose's size model
+(Stringer et al. 2021, ``diam_mean`` / ``SizeModel``), here without a second network:
+
+1. predict at the native scale (first pass) -> instance labels;
+2. ``estimated`` = median equivalent diameter of those objects (:func:`nucleus_diameter_px`);
+3. ``reference`` = median nucleus diameter of the model's training masks at training scale
+   (stored at training time in the checkpoint's ``meta.json`` as ``nucleus_diameter_px``);
+4. factor = ``reference / estimated`` (:func:`scale_factor`: clipped, 1.0 within a
+   tolerance); when it is not 1, resample the image by it, predict again and map the
+   result back to the original grid (probabilities linearly, labels nearest).
+
+The first pass is biased towards the training size (the model tends to split large nuclei
+and miss small ones), so the estimate is refined by repeating steps 2-4 on the rescaled
+result up to ``passes`` times. Images with fewer than ``min_objects`` nuclei in the first
+pass keep the native scale. All functions here are pure (arrays in, numbers/arrays out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_OBJECTS = 5  # fewer detected nuclei give no trustworthy size estimate
+META_KEY = "nucleus_diameter_px"
+
+
+def nucleus_diameter_px(labels: np.ndarray, min_objects: int = MIN_OBJECTS) -> float | None:
+    """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects of an
+    ``(H, W)`` integer label image (0 = background); ``None`` with fewer than
+    ``min_objects`` objects. Objects of 1-2 pixels (noise) are ignored. The median keeps
+    the estimate robust to a few merged or fragmented objects."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"expected an (H, W) label image, got shape {labels.shape}")
+    flat = labels.ravel()
+    flat = flat[flat > 0]
+    if flat.size == 0:
+        return None
+    _, areas = np.unique(flat, return_counts=True)
+    areas = areas[areas >= 3]
+    if areas.size < max(1, min_objects):
+        return None
+    return float(np.median(np.sqrt(4.0 * areas / math.pi)))
+
+
+def dataset_diameter_px(
+    label_images: list[np.ndarray], min_objects: int = MIN_OBJECTS
+) -> float | None:
+    """Median equivalent diameter over all objects of several label images (pooled), the
+    reference diameter of a training set; ``None`` with fewer than ``min_objects`` objects."""
+    diameters = []
+    for labels in label_images:
+        flat = np.asarray(labels).ravel()
+        flat = flat[flat > 0]
+        if flat.size:
+            _, areas = np.unique(flat, return_counts=True)
+            diameters.append(np.sqrt(4.0 * areas[areas >= 3] / math.pi))
+    pooled = np.concatenate(diameters) if diameters else np.empty(0)
+    if pooled.size < max(1, min_objects):
+        return None
+    return float(np.median(pooled))
+
+
+def scale_factor(
+    estimated_px: float | None,
+    reference_px: float | None,
+    *,
+    clip: tuple[float, float] = (0.25, 4.0),
+    tolerance: float = 0.15,
+) -> float:
+    """Resampling factor ``reference / estimated`` that brings nuclei of ``estimated_px``
+    to ``reference_px`` (``< 1``: shrink the image). 1.0 when either is unknown or not
+    positive, or when the factor is within ``tolerance`` of 1 (relative), so that an image
+    already at the right scale is not resampled for noise; clipped to ``clip``."""
+    lo, hi = clip
+    if not 0 < lo <= 1 <= hi:
+        raise ValueError(f"clip must satisfy 0 < low <= 1 <= high, got {clip}")
+    if not estimated_px or not reference_px or estimated_px <= 0 or reference_px <= 0:
+        return 1.0
+    factor = float(reference_px) / float(estimated_px)
+    if abs(factor - 1.0) <= tolerance:
+        return 1.0
+    return float(min(max(factor, lo), hi))
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """What auto-scaling decided for one image."""
+
+    factor: float  # image was resampled by this (1.0: native scale kept)
+    estimated_px: float | None  # nucleus diameter seen at native scale, px (None: too few)
+    reference_px: float  # the model's training nucleus diameter, px
+    passes: int  # predictions made (1: native only)
+
+
+def auto_scale(
+    predict: Callable[[float], np.ndarray],
+    reference_px: float,
+    *,
+    passes: int = 2,
+    min_objects: int = MIN_OBJECTS,
+    clip: tuple[float, float] = (0.25, 4.0),
+    tolerance: float = 0.15,
+) -> tuple[np.ndarray, ScaleEstimate]:
+    """Find the scale at which ``predict`` sees nuclei of ``reference_px`` and return its
+    labels.
+
+    ``predict(factor)`` resamples the image by ``factor``, predicts, and returns ``(H, W)``
+    int32 labels on the ORIGINAL grid (the caller maps back; see
+    :func:`mlseg.segment.predict_labels`). A nucleus of ``d`` px on the original grid is
+    ``d * factor`` px as the model saw it, so each pass moves the factor to
+    ``reference / d``. Stops when a pass would change the factor by no more than
+    ``tolerance`` (relative), when too few nuclei are found, or after ``passes`` rescaled
+    passes. The returned estimate's ``factor`` is that of the returned labels.
+    """
+    factor = 1.0
+    labels = predict(factor)
+    first = nucleus_diameter_px(labels, min_objects)
+    estimated = first
+    done = 1
+    for _ in range(max(0, passes)):
+        if estimated is None:
+            break
+        step = scale_factor(estimated * factor, reference_px, clip=(1e-3, 1e3), tolerance=tolerance)
+        new = float(min(max(factor * step, clip[0]), clip[1]))
+        if step == 1.0 or math.isclose(new, factor, rel_tol=1e-6):
+            break
+        factor = new
+        labels = predict(factor)
+        done += 1
+        estimated = nucleus_diameter_px(labels, min_objects)
+    return labels, ScaleEstimate(factor, first, float(reference_px), done)

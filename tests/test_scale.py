@@ -1,0 +1,181 @@
+"""Scale estimation (mlseg.scale) and its use in predict_labels: tiny synthetic images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk
+from torch import nn
+
+from mlseg.config import Config, InferenceConfig, get_profile
+from mlseg.model import LoadedModel
+from mlseg.scale import auto_scale, dataset_diameter_px, nucleus_diameter_px, scale_factor
+from mlseg.segment import predict_labels, predict_labels_scaled
+
+
+def discs(radius: int, size: int = 256, spacing: int | None = None) -> np.ndarray:
+    """``(size, size) int32`` labels: a grid of separate discs of ``radius`` px."""
+    spacing = spacing or 3 * radius
+    labels = np.zeros((size, size), np.int32)
+    n = 0
+    for r in range(spacing // 2 + 2, size - radius - 2, spacing):
+        for c in range(spacing // 2 + 2, size - radius - 2, spacing):
+            n += 1
+            labels[disk((r, c), radius, shape=labels.shape)] = n
+    return labels
+
+
+def he_like(labels: np.ndarray) -> np.ndarray:
+    """Dark nuclei on a bright background, ``(H, W, 3) uint8``."""
+    image = np.full((*labels.shape, 3), 235, np.uint8)
+    image[labels > 0] = (70, 40, 120)
+    return image
+
+
+class Threshold(nn.Module):
+    """Stand-in model: foreground where the image is dark, whatever the scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 1, H, W) logits
+        return (0.5 - x.mean(dim=1, keepdim=True)) * 40.0 + self.dummy
+
+
+def stand_in(meta: dict, pixel_size_um: float | None = None) -> LoadedModel:
+    torch.set_num_threads(1)
+    return LoadedModel(
+        model=Threshold().eval(),
+        config=Config(),
+        target="binary",
+        classes=1,
+        in_channels=3,
+        pixel_size_um=pixel_size_um,
+        meta=meta,
+        path=None,
+    )
+
+
+CPU = InferenceConfig(device="cpu", tile_size=256)
+
+
+# ----------------------------------------------------------------------------- pure functions
+@pytest.mark.parametrize("radius", [4, 8, 15])
+def test_diameter_of_discs_of_known_radius(radius):
+    d = nucleus_diameter_px(discs(radius))
+    assert d == pytest.approx(2 * radius, rel=0.08)
+
+
+def test_diameter_needs_enough_objects_and_ignores_specks():
+    few = discs(10, size=64)  # only a handful of discs
+    assert nucleus_diameter_px(few, min_objects=50) is None
+    assert nucleus_diameter_px(np.zeros((32, 32), np.int32)) is None
+    labels = discs(6)
+    specks = labels.copy()
+    specks[0, ::4] = np.arange(specks.max() + 1, specks.max() + 1 + specks[0, ::4].size)
+    assert nucleus_diameter_px(specks) == pytest.approx(nucleus_diameter_px(labels))
+    with pytest.raises(ValueError):
+        nucleus_diameter_px(np.zeros((4, 4, 3), np.int32))
+
+
+def test_dataset_diameter_pools_objects():
+    pooled = dataset_diameter_px([discs(5), discs(5), discs(12)])
+    assert pooled == pytest.approx(10, rel=0.1)  # the small discs are the majority
+    assert dataset_diameter_px([np.zeros((8, 8), np.int32)]) is None
+
+
+def test_scale_factor_tolerance_clip_and_unknowns():
+    assert scale_factor(40.0, 20.0) == pytest.approx(0.5)
+    assert scale_factor(10.0, 20.0) == pytest.approx(2.0)
+    assert scale_factor(21.0, 20.0) == 1.0  # within 15 %: not worth resampling
+    assert scale_factor(200.0, 20.0) == 0.25  # clipped
+    assert scale_factor(1.0, 20.0) == 4.0
+    assert scale_factor(None, 20.0) == 1.0
+    assert scale_factor(20.0, None) == 1.0
+    assert scale_factor(0.0, 20.0) == 1.0
+    assert scale_factor(40.0, 20.0, clip=(0.6, 2.0)) == 0.6
+    with pytest.raises(ValueError):
+        scale_factor(40.0, 20.0, clip=(1.5, 2.0))
+
+
+def test_auto_scale_procedure_calls_and_refines():
+    """The first pass is biased (a model splits nuclei much larger than it knows into
+    halves); the second pass sees the whole nuclei and the factor converges to 0.5."""
+    truth = discs(12)  # diameter 24 on the original grid; the model knows 12
+    halves = truth.copy()
+    halves[truth > 0] = 2 * truth[truth > 0] + (np.indices(truth.shape)[1][truth > 0] % 24 < 12)
+    calls = []
+
+    def predict(factor: float) -> np.ndarray:
+        calls.append(factor)
+        return halves if 24 * factor > 20 else truth
+
+    labels, est = auto_scale(predict, reference_px=12.0, passes=3)
+    assert calls[0] == 1.0 and len(calls) == 3
+    assert calls[1] == pytest.approx(12 / nucleus_diameter_px(halves))
+    assert est.factor == pytest.approx(0.5, rel=0.05) and est.passes == 3
+    assert labels is truth
+
+
+def test_auto_scale_gives_up_without_nuclei():
+    labels, est = auto_scale(lambda f: np.zeros((16, 16), np.int32), reference_px=12.0)
+    assert est.factor == 1.0 and est.estimated_px is None and est.passes == 1
+
+
+# ----------------------------------------------------------------------------- predict_labels
+def test_auto_scale_recovers_half_and_keeps_the_original_grid():
+    truth = discs(12)  # nuclei 24 px across; the "model" was trained on 12 px nuclei
+    image = he_like(truth)
+    loaded = stand_in({"nucleus_diameter_px": 12.0})
+    labels, probs, est = predict_labels_scaled(loaded, image, get_profile("he"), CPU)
+    assert est is not None and est.factor == pytest.approx(0.5, rel=0.1)
+    assert est.estimated_px == pytest.approx(24, rel=0.1)
+    assert labels.shape == truth.shape and probs.shape[1:] == truth.shape
+    assert len(np.unique(labels)) - 1 == truth.max()
+    inter = np.logical_and(labels > 0, truth > 0).sum()
+    assert 2 * inter / ((labels > 0).sum() + (truth > 0).sum()) > 0.9
+
+
+def test_auto_scale_at_the_right_size_does_not_resample():
+    truth = discs(6)
+    loaded = stand_in({"nucleus_diameter_px": 12.0})
+    _, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), CPU)
+    assert est.factor == 1.0 and est.passes == 1
+
+
+def test_pixel_sizes_win_over_estimation_and_map_back():
+    truth = discs(8, size=200)
+    loaded = stand_in({"nucleus_diameter_px": 50.0}, pixel_size_um=0.25)
+    labels, probs, est = predict_labels_scaled(
+        loaded, he_like(truth), get_profile("he"), CPU, pixel_size_um=0.5
+    )
+    assert est is None  # scale from the pixel sizes (0.5 / 0.25), not from the nuclei
+    assert labels.shape == truth.shape == probs.shape[1:]
+    assert len(np.unique(labels)) - 1 == truth.max()
+
+
+def test_model_without_reference_warns_and_predicts_natively():
+    truth = discs(8, size=128)
+    loaded = stand_in({})
+    with pytest.warns(UserWarning, match="nucleus_diameter_px"):
+        labels, _ = predict_labels(loaded, he_like(truth), get_profile("he"), CPU)
+    assert labels.shape == truth.shape and labels.max() > 0
+
+
+def test_auto_scale_off_predicts_natively():
+    truth = discs(12)
+    loaded = stand_in({"nucleus_diameter_px": 12.0})
+    off = CPU.model_copy(update={"auto_scale": False})
+    _, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), off)
+    assert est is None
+
+
+def test_equivalent_diameter_formula():
+    labels = np.zeros((40, 40), np.int32)
+    for i in range(5):
+        labels[i * 8 : i * 8 + 5, 0:5] = i + 1  # 25 px squares
+    assert nucleus_diameter_px(labels) == pytest.approx(math.sqrt(100 / math.pi))
