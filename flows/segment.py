@@ -90,31 +90,18 @@ def segment_one(
     pixel_size_um: float | None = None,
 ) -> dict[str, Any]:
     """Segment, measure and write one image; returns its summary as written and its
-    per-nucleus table.
-
-    The same steps as :func:`mlseg.segment.segment_folder` runs per image.
-    """
-    from mlseg.errors import ConfigError
-    from mlseg.io import read_image
+    per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`)."""
     from mlseg.outputs import write_image_outputs
-    from mlseg.quantify import effective_pixel_size
-    from mlseg.segment import check_channels, image_pixel_size, predict_labels, quantify_image
+    from mlseg.segment import segment_image
 
     started = time.perf_counter()
-    image = read_image(path)
-    check_channels(image, profile, path)
-    px, source = image_pixel_size(path, pixel_size_um, profile)
-    try:
-        effective_pixel_size(profile, px)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    labels, _ = predict_labels(loaded, image, profile, inference_cfg, pixel_size_um=px)
-    table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+    image, labels, table, summary = segment_image(
+        loaded, path, profile, inference_cfg, pixel_size_um=pixel_size_um
+    )
     summary = {
         "image": path.stem,
         "image_file": str(path),
         **expect,
-        "pixel_size_source": source,
         **summary,
         "seconds": round(time.perf_counter() - started, 3),
     }

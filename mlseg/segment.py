@@ -366,6 +366,32 @@ def _run_folder(
 
 
 # ----------------------------------------------------------------------------- folders
+def segment_image(
+    loaded,
+    path: Path,
+    profile: Profile,
+    inference_cfg: InferenceConfig,
+    *,
+    pixel_size_um: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]:
+    """Read, segment and measure one image file (nothing is written).
+
+    Returns the image, its ``(H, W) int32`` labels, the per-nucleus table and the image
+    summary (with ``pixel_size_source``). The per-image step of :func:`segment_folder`
+    and of the ``segment-and-quantify`` flow.
+    """
+    image = read_image(path)
+    check_channels(image, profile, path)
+    px, source = image_pixel_size(path, pixel_size_um, profile)
+    try:
+        effective_pixel_size(profile, px)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    labels, _ = predict_labels(loaded, image, profile, inference_cfg, pixel_size_um=px)
+    table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+    return image, labels, table, {"pixel_size_source": source, **summary}
+
+
 def segment_folder(
     model_path: str | Path,
     input_dir: str | Path,
@@ -413,16 +439,7 @@ def segment_folder(
     }
 
     def work(stem: str, path: Path):
-        image = read_image(path)
-        check_channels(image, profile, path)
-        px, source = image_pixel_size(path, pixel_size_um, profile)
-        try:
-            effective_pixel_size(profile, px)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-        labels, _ = predict_labels(loaded, image, profile, cfg, pixel_size_um=px)
-        table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
-        return image, labels, table, {"pixel_size_source": source, **summary}
+        return segment_image(loaded, path, profile, cfg, pixel_size_um=pixel_size_um)
 
     items = [(p.stem, p) for p in files]
     return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
