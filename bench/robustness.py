@@ -1,0 +1,321 @@
+"""Scale and stain robustness on real H&E from another lab (issue 8).
+
+Scenarios (``--scenarios``, comma-separated):
+
+- ``a``: train on ``gbm40_he`` (pixel sizes from ``bench/data/gbm40_he_pixel_sizes.csv``),
+  test on all of ``cpm15_he`` with its pixel sizes (``bench/data/cpm15_he_pixel_sizes.csv``);
+- ``b``: the same model, test on ``cpm15_he`` WITHOUT pixel sizes (automatic scale
+  estimation from the nuclei, :mod:`mlseg.scale`);
+- ``c``: train on ``gbm40_he`` + ``cpm15_he``, test on the brightfield tiles of
+  ``dsb2018_stage1_test`` (chosen by the ``modality_guess`` column of its ``index.csv``;
+  no pixel size known, so automatic scale estimation).
+
+Pixel sizes are data (CSV files handed to :func:`mlseg.ingest.ingest`), never code. Each
+scenario prints a per-image table (with the scale factor used), the means of Dice, AJI,
+PQ, F1@0.5 and the median relative count error, writes ``worst_<scenario>.png``
+(image | truth | prediction) and ends with one JSON line per scenario.
+
+    python bench/robustness.py --budget 8min --device cpu --threads 2      # CPU, reduced
+    python bench/robustness.py --budget 2500steps --device cuda --preset default   # GPU bar
+
+``--set section.key=value`` overrides the run config (e.g. ``augment.hed_p=0`` to switch
+HED augmentation off, ``preprocess.stain_norm=macenko``). ``--model DIR`` evaluates an
+existing checkpoint for scenarios a/b instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DATA = REPO.parent / "shared" / "data"
+PIXEL_SIZES = REPO / "bench" / "data"
+CANONICAL_UM = 0.25  # training pixel size: GBM40's own (40x), so nothing is downsampled
+CPU_PRESET = {"encoder": "resnet18", "patch_size": 128}
+BARS = {"a": {"dice": 0.78, "aji": 0.55, "median_count_error": 0.15}, "b": {"dice": 0.72}}
+
+
+# ----------------------------------------------------------------------------- data
+def flat_source(out: Path, sources: list[Path], stems: dict[Path, set[str]] | None = None) -> Path:
+    """A flat ``original/`` + ``masks/`` folder of links to the chosen images of ``sources``."""
+    (out / "original").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        keep = None if stems is None else stems.get(src)
+        for image in sorted((src / "original").iterdir()):
+            if image.suffix.lower() != ".png" or (keep is not None and image.stem not in keep):
+                continue
+            mask = src / "masks" / f"{image.stem}_mask.png"
+            (out / "original" / image.name).symlink_to(image.resolve())
+            (out / "masks" / mask.name).symlink_to(mask.resolve())
+    return out
+
+
+def ingest_all(src: Path, dst: Path, pixel_sizes: list[Path] | None) -> Path:
+    """Ingest every pair of ``src`` into the ``train`` split of a new dataset at ``dst``
+    (``test_fraction=0``), with per-image pixel sizes from the CSV files given."""
+    from mlseg.ingest import ingest
+
+    table = None
+    if pixel_sizes:
+        import pandas as pd
+
+        table = dst.parent / f"{dst.name}_pixel_sizes.csv"
+        pd.concat([pd.read_csv(p, dtype={"stem": str}) for p in pixel_sizes]).to_csv(
+            table, index=False
+        )
+    return ingest(
+        src, dst, test_fraction=0.0, seed=0, link=True, pixel_sizes=table, progress=False
+    ).root
+
+
+def dsb_brightfield_stems(root: Path) -> set[str]:
+    """Stems of the dsb2018 tiles whose ``modality_guess`` is not fluorescence.
+
+    The index's ``modality_guess`` values hold unquoted commas (``fluorescence(gray,dark
+    bg)``), so rows are split by hand: the id is the first field, the modality the fields
+    between the 7th and the last (``usage``)."""
+    import csv
+
+    with (root / "index.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, rows = rows[0], rows[1:]
+    first = header.index("modality_guess")
+    modality = {r[0]: ",".join(r[first:-1]) for r in rows if len(r) > first}
+    return {stem for stem, m in modality.items() if "fluorescence" not in m.lower()}
+
+
+# ----------------------------------------------------------------------------- train / score
+def train(cfg, root: Path, out: Path, budget: str):
+    from bench.quality import parse_budget, seconds_per_step
+    from mlseg.train import fit
+
+    kind, amount = parse_budget(budget)
+    if kind == "steps":
+        steps = max(1, int(amount))
+    else:
+        per_step = seconds_per_step(cfg, 3, 3, n=4)
+        steps = max(1, int(0.8 * amount / per_step))
+        print(f"budget {amount:.0f} s at {per_step:.2f} s/step -> {steps} steps", flush=True)
+    tc = cfg.train
+    cfg = cfg.model_copy(
+        update={
+            "train": tc.model_copy(
+                update={
+                    "max_steps": steps,
+                    "val_every": max(1, min(tc.val_every, steps // 5 or 1)),
+                    "warmup_steps": min(tc.warmup_steps, steps // 10),
+                    "early_stop_patience": max(tc.early_stop_patience, 10),
+                }
+            )
+        }
+    )
+    t0 = time.perf_counter()
+    result = fit(cfg, root, out, resume=False, progress=False)
+    seconds = time.perf_counter() - t0
+    ensure_reference_diameter(out, cfg, root)
+    print(f"trained {result.steps} steps in {seconds:.0f} s ({result.images_per_s:.1f} img/s)")
+    return result, seconds
+
+
+def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
+    """The checkpoint's ``nucleus_diameter_px``; computed from the training masks (at the
+    training pixel size) and added to ``meta.json`` when the trainer did not record it."""
+    from mlseg.config import get_profile
+    from mlseg.data import decode_pairs, effective_preprocess
+    from mlseg.dataset import list_pairs, mask_to_labels
+    from mlseg.scale import META_KEY, dataset_diameter_px
+
+    meta_path = model_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if meta.get(META_KEY):
+        return float(meta[META_KEY])
+    profile = get_profile(cfg.profile, cfg.profiles_file)
+    pairs = list_pairs(root, "train", cfg.data, strict=True)
+    _, masks, _ = decode_pairs(pairs, effective_preprocess(cfg, profile), profile)
+    diameter = dataset_diameter_px([mask_to_labels(m, "instance") for m in masks])
+    meta[META_KEY] = diameter
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"reference nucleus diameter (bench-computed): {diameter:.1f} px")
+    return diameter
+
+
+def score(model_dir: Path, root: Path, use_pixel_sizes: bool, out_png: Path, name: str):
+    """Per-image scores of every labelled image of ``root``'s train split (as a test set)."""
+    import numpy as np
+    import pandas as pd
+
+    from mlseg.config import get_profile
+    from mlseg.dataset import list_pairs, mask_to_labels
+    from mlseg.evaluate import WORST_SHOWN, score_labels
+    from mlseg.io import read_image, read_mask
+    from mlseg.model import load_model
+    from mlseg.plots import plot_worst
+    from mlseg.segment import predict_labels_scaled
+
+    loaded = load_model(model_dir, device="cpu")
+    from mlseg.model import resolve_device
+
+    loaded.model.to(resolve_device(loaded.config.inference.device))
+    profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
+    rows, worst = [], []
+    for pair in list_pairs(root, "train", loaded.config.data, strict=False):
+        image = read_image(pair.image)
+        truth = mask_to_labels(read_mask(pair.mask), "instance")
+        px = pair.pixel_size_um if use_pixel_sizes else None
+        t0 = time.perf_counter()
+        pred, _, est = predict_labels_scaled(loaded, image, profile, pixel_size_um=px)
+        seconds = time.perf_counter() - t0
+        if est is not None:
+            factor = est.factor
+        elif px is not None and loaded.pixel_size_um:
+            factor = px / loaded.pixel_size_um
+        else:
+            factor = 1.0
+        row = {"stem": pair.stem[:16], **score_labels(np.asarray(pred, np.int32), truth)}
+        row.update(
+            pixel_size_um=px,
+            scale=factor,
+            est_diam_px=None if est is None else est.estimated_px,
+            predict_s=seconds,
+        )
+        rows.append(row)
+        caption = f"{name} Dice {row['dice']:.2f} AJI {row['aji']:.2f} x{factor:.2f}"
+        worst.append((row["dice"], (pair.stem[:16], image, truth, pred, caption)))
+    worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
+    plot_worst([item for _, item in worst], out_png)
+    df = pd.DataFrame(rows)
+    df["count_error_abs_rel"] = (df["n_pred"] - df["n_true"]).abs() / df["n_true"].clip(lower=1)
+    means = {k: float(df[k].mean()) for k in ("dice", "aji", "pq", "f1")}
+    means["median_count_error"] = float(df["count_error_abs_rel"].median())
+    return df, means
+
+
+def report(name: str, df, means: dict, extra: dict) -> dict:
+    import pandas as pd
+
+    cols = ["stem", "pixel_size_um", "scale", "est_diam_px", "dice", "aji", "pq", "f1"]
+    cols += ["obj_precision", "obj_recall", "n_true", "n_pred", "count_error_abs_rel"]
+    print(f"\n== scenario {name} ==")
+    with pd.option_context("display.width", 160, "display.max_rows", 200):
+        print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    bars = BARS.get(name, {})
+    verdict = {
+        k: (means[k] <= v if k == "median_count_error" else means[k] >= v) for k, v in bars.items()
+    }
+    print(
+        f"means over {len(df)} images: Dice {means['dice']:.4f}  AJI {means['aji']:.4f}  "
+        f"PQ {means['pq']:.4f}  F1 {means['f1']:.4f}  "
+        f"median |count error| {means['median_count_error']:.1%}"
+        + (f"  bars {bars} met: {verdict}" if bars else "")
+    )
+    summary = {"scenario": name, **{k: round(v, 4) for k, v in means.items()}, **extra}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        if not field:
+            raise SystemExit(f"--set {item!r}: use section.key=value")
+        out.setdefault(section, {})[field] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", default="a,b,c")
+    parser.add_argument("--budget", default="8min", help="<N>steps or <M>min per training")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--config", type=Path, help="YAML run config (default: mlseg defaults)")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value")
+    parser.add_argument("--preset", choices=("auto", "default", "cpu"), default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--model", type=Path, help="existing checkpoint for scenarios a/b")
+    parser.add_argument("--model-c", type=Path, help="existing checkpoint for scenario c")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args(argv)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not (args.data / "gbm40_he").is_dir():
+        print(f"skipped: {args.data} has no gbm40_he (the shared data is absent)")
+        return 0
+
+    import torch
+
+    from mlseg.config import load_config
+    from mlseg.model import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path(tempfile.mkdtemp(prefix="mlseg-robust-"))
+    out.mkdir(parents=True, exist_ok=True)
+    sets = parse_sets(args.set)
+    sets.setdefault("preprocess", {}).setdefault("target_pixel_size_um", CANONICAL_UM)
+    sets.setdefault("train", {})["device"] = args.device
+    sets.setdefault("inference", {})["device"] = args.device
+    cfg = load_config(args.config, **sets)
+    on_cpu = resolve_device(cfg.train.device).type == "cpu"
+    if args.config is None and (args.preset == "cpu" or (args.preset == "auto" and on_cpu)):
+        update = {k: v for k, v in CPU_PRESET.items() if k not in sets.get("train", {})}
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
+        print(f"CPU preset: {update}")
+    device = str(resolve_device(cfg.train.device))
+    common = {"device": device, "budget": args.budget, "sets": args.set}
+    gbm, cpm, dsb = (args.data / n for n in ("gbm40_he", "cpm15_he", "dsb2018_stage1_test"))
+    sizes = {"gbm40": PIXEL_SIZES / "gbm40_he_pixel_sizes.csv"}
+    sizes["cpm15"] = PIXEL_SIZES / "cpm15_he_pixel_sizes.csv"
+    summaries = []
+    if {"a", "b"} & set(scenarios):
+        cpm_root = ingest_all(flat_source(out / "src_cpm", [cpm]), out / "cpm15", [sizes["cpm15"]])
+        model_dir, extra = args.model, dict(common)
+        if model_dir is None:
+            gbm_root = ingest_all(
+                flat_source(out / "src_gbm", [gbm]), out / "gbm40", [sizes["gbm40"]]
+            )
+            result, seconds = train(cfg, gbm_root, out / "model_gbm40", args.budget)
+            model_dir = result.out_dir
+            extra.update(steps=result.steps, train_s=round(seconds, 1))
+        for name, given in (("a", True), ("b", False)):
+            if name in scenarios:
+                df, means = score(model_dir, cpm_root, given, out / f"worst_{name}.png", name)
+                df.to_csv(out / f"per_image_{name}.csv", index=False)
+                summaries.append(report(name, df, means, {**extra, "model": str(model_dir)}))
+    if "c" in scenarios:
+        both = ingest_all(
+            flat_source(out / "src_both", [gbm, cpm]),
+            out / "gbm40_cpm15",
+            [sizes["gbm40"], sizes["cpm15"]],
+        )
+        model_c, extra = args.model_c, dict(common)
+        if model_c is None:
+            result, seconds = train(cfg, both, out / "model_both", args.budget)
+            model_c = result.out_dir
+            extra.update(steps=result.steps, train_s=round(seconds, 1))
+        bright = flat_source(out / "src_dsb", [dsb], {dsb: dsb_brightfield_stems(dsb)})
+        dsb_root = ingest_all(bright, out / "dsb_bright", None)
+        df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c")
+        df.to_csv(out / "per_image_c.csv", index=False)
+        extra["model"] = str(model_c)
+        summaries.append(report("c", df, means, extra))
+    print(f"\noutputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
