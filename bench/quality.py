@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and (args.preset == "cpu" or (args.preset == "auto" and on_cpu)):
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=CPU_PRESET)})
         print(f"CPU preset: {CPU_PRESET} (else mlseg defaults; --preset default to train those)")
+    if args.data is None and args.config is None:
+        # The synthetic set mixes H&E, IHC and fluorescence: no H&E stain normalisation.
+        from mlseg.config import PreprocessConfig
+
+        cfg = cfg.model_copy(update={"preprocess": PreprocessConfig()})
     kind, amount = parse_budget(args.budget)
     if kind == "steps":
         steps = max(1, int(amount))
