@@ -43,6 +43,31 @@ def parse_budget(text: str) -> tuple[str, float]:
     return "seconds", value * 60 if unit in ("min", "m") else value
 
 
+def with_budget(cfg, budget: str):
+    """``cfg`` with ``max_steps`` (and validation, warm-up, patience) fitted to ``budget``."""
+    kind, amount = parse_budget(budget)
+    if kind == "steps":
+        steps = max(1, int(amount))
+    else:
+        # validation, data preparation and checkpoints take their share of the budget
+        per_step = seconds_per_step(cfg, 3, 3, n=4)
+        steps = max(1, int(0.8 * amount / per_step))
+        print(f"budget {amount:.0f} s at {per_step:.2f} s/step -> {steps} steps", flush=True)
+    tc = cfg.train
+    return cfg.model_copy(
+        update={
+            "train": tc.model_copy(
+                update={
+                    "max_steps": steps,
+                    "val_every": max(1, min(tc.val_every, steps // 5 or 1)),
+                    "warmup_steps": min(tc.warmup_steps, steps // 10),
+                    "early_stop_patience": max(tc.early_stop_patience, 10),
+                }
+            )
+        }
+    )
+
+
 def seconds_per_step(cfg, in_channels: int, classes: int, n: int = 3) -> float:
     """Time ``n`` training steps on random data (the first is a warm-up and not counted)."""
     import torch
@@ -135,27 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from mlseg.config import PreprocessConfig
 
         cfg = cfg.model_copy(update={"preprocess": PreprocessConfig()})
-    kind, amount = parse_budget(args.budget)
-    if kind == "steps":
-        steps = max(1, int(amount))
-    else:
-        # validation, data preparation and checkpoints take their share of the budget
-        per_step = seconds_per_step(cfg, 3, 3, n=4)
-        steps = max(1, int(0.8 * amount / per_step))
-        print(f"budget {amount:.0f} s at {per_step:.2f} s/step -> {steps} steps", flush=True)
-    tc = cfg.train
-    cfg = cfg.model_copy(
-        update={
-            "train": tc.model_copy(
-                update={
-                    "max_steps": steps,
-                    "val_every": max(1, min(tc.val_every, steps // 5 or 1)),
-                    "warmup_steps": min(tc.warmup_steps, steps // 10),
-                    "early_stop_patience": max(tc.early_stop_patience, 10),
-                }
-            )
-        }
-    )
+    cfg = with_budget(cfg, args.budget)
     t0 = time.perf_counter()
     result = fit(cfg, root, workdir / "model", resume=False, progress=True)
     train_s = time.perf_counter() - t0

@@ -95,29 +95,10 @@ def dsb_brightfield_stems(root: Path) -> set[str]:
 
 # ----------------------------------------------------------------------------- train / score
 def train(cfg, root: Path, out: Path, budget: str):
-    from bench.quality import parse_budget, seconds_per_step
+    from bench.quality import with_budget
     from mlseg.train import fit
 
-    kind, amount = parse_budget(budget)
-    if kind == "steps":
-        steps = max(1, int(amount))
-    else:
-        per_step = seconds_per_step(cfg, 3, 3, n=4)
-        steps = max(1, int(0.8 * amount / per_step))
-        print(f"budget {amount:.0f} s at {per_step:.2f} s/step -> {steps} steps", flush=True)
-    tc = cfg.train
-    cfg = cfg.model_copy(
-        update={
-            "train": tc.model_copy(
-                update={
-                    "max_steps": steps,
-                    "val_every": max(1, min(tc.val_every, steps // 5 or 1)),
-                    "warmup_steps": min(tc.warmup_steps, steps // 10),
-                    "early_stop_patience": max(tc.early_stop_patience, 10),
-                }
-            )
-        }
-    )
+    cfg = with_budget(cfg, budget)
     t0 = time.perf_counter()
     result = fit(cfg, root, out, resume=False, progress=False)
     seconds = time.perf_counter() - t0
