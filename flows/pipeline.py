@@ -25,6 +25,7 @@ from flows import artifacts
 from flows.common import data_path, resolve_profile, run_config
 from flows.evaluate import evaluate_model, evaluate_task
 from flows.monitor import monitor
+from flows.runners import add_runner_arguments
 from flows.segment import segment_and_quantify
 from flows.train import train_model
 from flows.validate import validate_dataset_flow
@@ -332,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("work_dir")
     parser.add_argument("--config", default=None)
     parser.add_argument("--registry", default=None)
-    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
-    parser.add_argument("--dask-address", default=None)
-    parser.add_argument("--workers", type=int, default=None)
+    add_runner_arguments(parser)
     args = parser.parse_args(argv)
     result = pipeline(
         args.data_root,

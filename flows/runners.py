@@ -25,6 +25,13 @@ from mlseg.errors import ConfigError
 RUNNERS = ("thread", "dask")
 
 
+def add_runner_arguments(parser) -> None:
+    """The task-runner options shared by the flows' command lines (``argparse`` parser)."""
+    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
+    parser.add_argument("--dask-address", default=None)
+    parser.add_argument("--workers", type=int, default=None)
+
+
 def runner_settings(
     kind: str | None = None, address: str | None = None, workers: int | None = None
 ) -> dict[str, Any]:

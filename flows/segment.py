@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import artifacts
 from flows.common import data_path, file_digest, resolve_profile, retry_on_transient_io
-from flows.runners import make_task_runner, runner_settings
+from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 
 TIMING_KEYS = ("seconds",)
 
@@ -515,9 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="he")
     parser.add_argument("--pixel-size", type=float, default=None, help="microns per pixel")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
-    parser.add_argument("--dask-address", default=None)
-    parser.add_argument("--workers", type=int, default=None)
+    add_runner_arguments(parser)
     args = parser.parse_args(argv)
     result = segment_and_quantify(
         args.input_dir,
