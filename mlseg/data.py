@@ -48,8 +48,16 @@ _MAX_FG_PER_IMAGE = 20_000  # foreground positions kept per image for centring p
 
 # ----------------------------------------------------------------------------- decoding
 def effective_preprocess(cfg: Config, profile: Profile) -> PreprocessConfig:
-    """The run config's ``preprocess`` section if it sets one, else the profile's."""
-    return cfg.preprocess if "preprocess" in cfg.model_fields_set else profile.preprocess
+    """The profile's preprocessing with the keys the run config sets explicitly on top.
+
+    Field by field: a run config that only sets ``preprocess.target_pixel_size_um`` keeps
+    the profile's ``stain_norm``; one that sets ``stain_norm: none`` switches it off."""
+    if "preprocess" not in cfg.model_fields_set:
+        return profile.preprocess
+    own = cfg.preprocess
+    return profile.preprocess.model_copy(
+        update={key: getattr(own, key) for key in own.model_fields_set}
+    )
 
 
 def dataset_fingerprint(pairs: list[Pair]) -> str:

@@ -64,6 +64,19 @@ def test_packaged_profiles():
     assert all(p.version for p in profiles.values())
 
 
+def test_run_config_preprocess_overrides_the_profile_key_by_key(tmp_path):
+    from mlseg.data import effective_preprocess
+
+    he = get_profile("he")
+    assert he.preprocess.stain_norm == "macenko"
+    assert effective_preprocess(load_config(), he) == he.preprocess
+    # setting the training pixel size must not silently drop the profile's stain norm
+    scaled = effective_preprocess(load_config(preprocess={"target_pixel_size_um": 0.5}), he)
+    assert (scaled.target_pixel_size_um, scaled.stain_norm) == (0.5, "macenko")
+    path = write(tmp_path / "c.yaml", "preprocess:\n  stain_norm: none\n")
+    assert effective_preprocess(load_config(path), he).stain_norm == "none"
+
+
 def test_unknown_profile_lists_known_ones():
     with pytest.raises(ConfigError) as err:
         get_profile("hematoxylin")
