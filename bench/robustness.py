@@ -19,8 +19,9 @@ PQ, F1@0.5 and the median relative count error, writes ``worst_<scenario>.png``
     python bench/robustness.py --budget 2500steps --device cuda --preset default   # GPU bar
 
 ``--set section.key=value`` overrides the run config (e.g. ``augment.hed_p=0`` to switch
-HED augmentation off, ``preprocess.stain_norm=macenko``). ``--model DIR`` evaluates an
-existing checkpoint for scenarios a/b instead of training.
+HED augmentation off, ``preprocess.stain_norm=none``); ``inference.*`` keys also apply when
+scoring (e.g. ``inference.tta=true``). ``--model DIR`` evaluates an existing checkpoint for
+scenarios a/b instead of training.
 """
 
 from __future__ import annotations
@@ -129,8 +130,16 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     return diameter
 
 
-def score(model_dir: Path, root: Path, use_pixel_sizes: bool, out_png: Path, name: str):
-    """Per-image scores of every labelled image of ``root``'s train split (as a test set)."""
+def score(
+    model_dir: Path,
+    root: Path,
+    use_pixel_sizes: bool,
+    out_png: Path,
+    name: str,
+    inference: dict | None = None,
+):
+    """Per-image scores of every labelled image of ``root``'s train split (as a test set);
+    ``inference`` overrides keys of the checkpoint's inference config (e.g. ``tta``)."""
     import numpy as np
     import pandas as pd
 
@@ -145,7 +154,8 @@ def score(model_dir: Path, root: Path, use_pixel_sizes: bool, out_png: Path, nam
     loaded = load_model(model_dir, device="cpu")
     from mlseg.model import resolve_device
 
-    loaded.model.to(resolve_device(loaded.config.inference.device))
+    cfg = loaded.config.inference.model_copy(update=inference or {})
+    loaded.model.to(resolve_device(cfg.device))
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
     rows, worst = [], []
     for pair in list_pairs(root, "train", loaded.config.data, strict=False):
@@ -153,23 +163,12 @@ def score(model_dir: Path, root: Path, use_pixel_sizes: bool, out_png: Path, nam
         truth = mask_to_labels(read_mask(pair.mask), "instance")
         px = pair.pixel_size_um if use_pixel_sizes else None
         t0 = time.perf_counter()
-        pred, _, est = predict_labels_scaled(loaded, image, profile, pixel_size_um=px)
+        pred, _, scale = predict_labels_scaled(loaded, image, profile, cfg, pixel_size_um=px)
         seconds = time.perf_counter() - t0
-        if est is not None:
-            factor = est.factor
-        elif px is not None and loaded.pixel_size_um:
-            factor = px / loaded.pixel_size_um
-        else:
-            factor = 1.0
         row = {"stem": pair.stem[:16], **score_labels(np.asarray(pred, np.int32), truth)}
-        row.update(
-            pixel_size_um=px,
-            scale=factor,
-            est_diam_px=None if est is None else est.estimated_px,
-            predict_s=seconds,
-        )
+        row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
         rows.append(row)
-        caption = f"{name} Dice {row['dice']:.2f} AJI {row['aji']:.2f} x{factor:.2f}"
+        caption = f"{name} Dice {row['dice']:.2f} AJI {row['aji']:.2f} x{scale.factor:.2f}"
         worst.append((row["dice"], (pair.stem[:16], image, truth, pred, caption)))
     worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
     plot_worst([item for _, item in worst], out_png)
@@ -183,7 +182,8 @@ def score(model_dir: Path, root: Path, use_pixel_sizes: bool, out_png: Path, nam
 def report(name: str, df, means: dict, extra: dict) -> dict:
     import pandas as pd
 
-    cols = ["stem", "pixel_size_um", "scale", "est_diam_px", "dice", "aji", "pq", "f1"]
+    cols = ["stem", "pixel_size_um", "scale_factor", "scale_source", "est_diameter_px"]
+    cols += ["dice", "aji", "pq", "f1"]
     cols += ["obj_precision", "obj_recall", "n_true", "n_pred", "count_error_abs_rel"]
     print(f"\n== scenario {name} ==")
     with pd.option_context("display.width", 160, "display.max_rows", 200):
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             extra.update(steps=result.steps, train_s=round(seconds, 1))
         for name, given in (("a", True), ("b", False)):
             if name in scenarios:
-                df, means = score(model_dir, cpm_root, given, out / f"worst_{name}.png", name)
+                png = out / f"worst_{name}.png"
+                df, means = score(model_dir, cpm_root, given, png, name, sets["inference"])
                 df.to_csv(out / f"per_image_{name}.csv", index=False)
                 summaries.append(report(name, df, means, {**extra, "model": str(model_dir)}))
     if "c" in scenarios:
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             extra.update(steps=result.steps, train_s=round(seconds, 1))
         bright = flat_source(out / "src_dsb", [dsb], {dsb: dsb_brightfield_stems(dsb)})
         dsb_root = ingest_all(bright, out / "dsb_bright", None)
-        df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c")
+        df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c", sets["inference"])
         df.to_csv(out / "per_image_c.csv", index=False)
         extra["model"] = str(model_c)
         summaries.append(report("c", df, means, extra))

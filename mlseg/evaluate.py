@@ -5,7 +5,8 @@ rescaling, normalisation, tiled prediction, instance separation) and compared wi
 by :mod:`mlseg.metrics`. Outputs in ``out_dir``:
 
 - ``per_image.csv``: one row per image (pixel Dice/IoU/precision/recall, object
-  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, counts);
+  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, counts, and the scale
+  the image was segmented at: ``scale_factor``, ``scale_source``, ``est_diameter_px``);
 - ``summary.json``: the means over images, pooled object counts and what was evaluated;
 - ``worst.png``: the images of lowest AJI as image | truth | prediction.
 """
@@ -56,7 +57,7 @@ METRIC_COLUMNS = (
 class EvalResult:
     """Scores of one evaluation and where they were written."""
 
-    per_image: pd.DataFrame  # one row per image: stem, METRIC_COLUMNS, size, predict_s
+    per_image: pd.DataFrame  # one row per image: stem, METRIC_COLUMNS, size, scale, predict_s
     means: dict[str, float]  # mean of each metric over images
     csv_path: Path
     json_path: Path
@@ -98,13 +99,19 @@ def predict_image(
     profile: Profile,
     inference_cfg: InferenceConfig,
     pixel_size_um: float | None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Instance labels ``(H, W) int32`` of one ``(H, W, C)`` uint image, at its own size,
-    exactly as ``mlseg segment`` makes them (:func:`mlseg.segment.predict_labels`)."""
-    from mlseg.segment import predict_labels
+    exactly as ``mlseg segment`` makes them (:func:`mlseg.segment.predict_labels_scaled`),
+    and how its scale was chosen (:meth:`mlseg.scale.ScaleEstimate.as_row`):
+    ``scale_factor`` (the image was resampled by it), ``scale_source`` (``pixel_size``,
+    ``estimated``, ``rejected`` or ``native``) and ``est_diameter_px`` (nucleus diameter
+    of the first pass when estimated)."""
+    from mlseg.segment import predict_labels_scaled
 
-    labels, _ = predict_labels(loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um)
-    return np.asarray(labels, dtype=np.int32)
+    labels, _, scale = predict_labels_scaled(
+        loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um
+    )
+    return np.asarray(labels, dtype=np.int32), scale.as_row()
 
 
 def evaluate(
@@ -149,13 +156,14 @@ def evaluate(
                 f"{pair.mask}: mask size {truth.shape} differs from its image {image.shape[:2]}"
             )
         t0 = time.perf_counter()
-        pred = predict_image(loaded, image, profile, inference_cfg, pair.pixel_size_um)
+        pred, scale = predict_image(loaded, image, profile, inference_cfg, pair.pixel_size_um)
         seconds = time.perf_counter() - t0
         row = {"stem": pair.stem, **score_labels(pred, truth)}
         row.update(
             height_px=image.shape[0],
             width_px=image.shape[1],
             pixel_size_um=pair.pixel_size_um,
+            **scale,
             predict_s=seconds,
         )
         rows.append(row)

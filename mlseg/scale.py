@@ -17,7 +17,18 @@ not, the size of the nuclei themselves tells the scale, the idea of Cellpose's s
 The first pass is biased towards the training size (the model tends to split large nuclei
 and miss small ones), so the estimate is refined by repeating steps 2-4 on the rescaled
 result up to ``passes`` times. Images with fewer than ``min_objects`` nuclei in the first
-pass keep the native scale. All functions here are pure (arrays in, numbers/arrays out).
+pass keep the native scale.
+
+Plausibility check: a rescaled pass is kept only if the model, at that scale, sees nuclei of
+about the size it knows (``estimated * factor`` within ``consistency``, default 1.5x, of the
+reference). On an image the model does not understand (another stain, tissue it was not
+trained on) it cuts texture or chromatin into pieces of its own preferred size whatever the
+input scale; the first-pass "nuclei" then look small, the image is enlarged, and the pieces
+stay just as small in the model's pixels, so enlarging only multiplies them (counts grew
+10x on such tiles in ``bench/robustness.py``). Such a pass is rejected and the last
+plausible one (else the native scale) is returned, marked ``source="rejected"``.
+
+All functions here are pure (arrays in, numbers/arrays out).
 """
 
 from __future__ import annotations
@@ -93,12 +104,33 @@ def scale_factor(
 
 @dataclass(frozen=True)
 class ScaleEstimate:
-    """What auto-scaling decided for one image."""
+    """How the scale of one image was chosen."""
 
-    factor: float  # image was resampled by this (1.0: native scale kept)
-    estimated_px: float | None  # nucleus diameter seen at native scale, px (None: too few)
-    reference_px: float  # the model's training nucleus diameter, px
-    passes: int  # predictions made (1: native only)
+    factor: float  # the image was resampled by this (1.0: native scale kept)
+    source: str  # "pixel_size" | "estimated" | "rejected" (estimate implausible) | "native"
+    estimated_px: float | None = None  # nucleus diameter seen at native scale, px
+    reference_px: float | None = None  # the model's training nucleus diameter, px
+    passes: int = 1  # predictions made (1: native only)
+
+    def as_row(self) -> dict[str, float | str | None]:
+        """Columns for per-image tables: ``scale_factor``, ``scale_source``,
+        ``est_diameter_px``."""
+        return {
+            "scale_factor": self.factor,
+            "scale_source": self.source,
+            "est_diameter_px": self.estimated_px,
+        }
+
+
+def plausible(
+    diameter_px: float | None, factor: float, reference_px: float, consistency: float
+) -> bool:
+    """Whether nuclei of ``diameter_px`` on the original grid, seen by the model at
+    ``factor``, have about the model's size: ``diameter * factor`` within ``consistency``
+    (a ratio, >= 1) of ``reference_px``."""
+    if diameter_px is None or diameter_px <= 0:
+        return False
+    return abs(math.log(diameter_px * factor / reference_px)) <= math.log(consistency)
 
 
 def auto_scale(
@@ -109,6 +141,7 @@ def auto_scale(
     min_objects: int = MIN_OBJECTS,
     clip: tuple[float, float] = (0.25, 4.0),
     tolerance: float = 0.15,
+    consistency: float = 1.5,
 ) -> tuple[np.ndarray, ScaleEstimate]:
     """Find the scale at which ``predict`` sees nuclei of ``reference_px`` and return its
     labels.
@@ -118,14 +151,15 @@ def auto_scale(
     :func:`mlseg.segment.predict_labels`). A nucleus of ``d`` px on the original grid is
     ``d * factor`` px as the model saw it, so each pass moves the factor to
     ``reference / d``. Stops when a pass would change the factor by no more than
-    ``tolerance`` (relative), when too few nuclei are found, or after ``passes`` rescaled
-    passes. The returned estimate's ``factor`` is that of the returned labels.
+    ``tolerance`` (relative), when too few nuclei are found, after ``passes`` rescaled
+    passes, or when a rescaled pass is implausible (:func:`plausible`; see the module
+    docstring). The returned estimate's ``factor`` is that of the returned labels.
     """
-    factor = 1.0
-    labels = predict(factor)
+    if consistency < 1:
+        raise ValueError(f"consistency is a ratio >= 1, got {consistency}")
+    labels = predict(1.0)
     first = nucleus_diameter_px(labels, min_objects)
-    estimated = first
-    done = 1
+    factor, estimated, done, source = 1.0, first, 1, "estimated"
     for _ in range(max(0, passes)):
         if estimated is None:
             break
@@ -133,8 +167,14 @@ def auto_scale(
         new = float(min(max(factor * step, clip[0]), clip[1]))
         if step == 1.0 or math.isclose(new, factor, rel_tol=1e-6):
             break
-        factor = new
-        labels = predict(factor)
+        candidate = predict(new)
         done += 1
-        estimated = nucleus_diameter_px(labels, min_objects)
-    return labels, ScaleEstimate(factor, first, float(reference_px), done)
+        diameter = nucleus_diameter_px(candidate, min_objects)
+        if not plausible(diameter, new, reference_px, consistency):
+            if factor == 1.0:
+                source = "rejected"  # no plausible rescaled pass: native scale kept
+            break
+        factor, labels, estimated, source = new, candidate, diameter, "estimated"
+    if first is None:
+        source = "native"  # too few nuclei to tell their size
+    return labels, ScaleEstimate(factor, source, first, float(reference_px), done)

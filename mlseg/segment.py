@@ -110,20 +110,26 @@ def predict_labels_scaled(
     pixel_size_um: float | None = None,
     device=None,
 ):
-    """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, estimate)``,
-    ``estimate`` a :class:`mlseg.scale.ScaleEstimate` when the scale was estimated from the
-    nuclei, else ``None`` (factor from pixel sizes, or native scale)."""
-    from mlseg.scale import META_KEY, auto_scale
+    """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, scale)``,
+    ``scale`` a :class:`mlseg.scale.ScaleEstimate` whose ``source`` says where the factor
+    came from: ``pixel_size`` (image and model pixel sizes), ``estimated`` (the nuclei of a
+    first pass), ``rejected`` (an estimate was implausible, native scale kept) or
+    ``native`` (auto-scaling off, no reference diameter, or too few nuclei)."""
+    from mlseg.scale import META_KEY, ScaleEstimate, auto_scale
 
     cfg = inference_cfg or loaded.config.inference
     if device is None:
         device = _model_device(loaded.model)
     model_px = loaded.pixel_size_um
+
+    def at(factor: float, source: str):
+        labels, probs = _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
+        return labels, probs, ScaleEstimate(factor, source)
+
     if not cfg.auto_scale:
-        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, 1.0, device), None)
+        return at(1.0, "native")
     if pixel_size_um is not None and model_px is not None:
-        factor = float(pixel_size_um) / float(model_px)
-        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device), None)
+        return at(float(pixel_size_um) / float(model_px), "pixel_size")
     reference = loaded.meta.get(META_KEY) if isinstance(loaded.meta, dict) else None
     if not reference:
         warnings.warn(
@@ -132,12 +138,13 @@ def predict_labels_scaled(
             "predicting at native scale (retrain, or give the pixel size)",
             stacklevel=2,
         )
-        return (*_predict_at(loaded, image, profile, cfg, pixel_size_um, 1.0, device), None)
+        return at(1.0, "native")
     probs_at: dict[float, np.ndarray | None] = {}
 
     def predict(factor: float) -> np.ndarray:
         labels, probs = _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
-        probs_at.clear()  # keep only the latest pass's probabilities in memory
+        for older in list(probs_at)[:-1]:  # the returned pass is this one or the one before
+            del probs_at[older]
         probs_at[factor] = probs
         return labels
 
@@ -377,7 +384,8 @@ def segment_image(
     """Read, segment and measure one image file (nothing is written).
 
     Returns the image, its ``(H, W) int32`` labels, the per-nucleus table and the image
-    summary (with ``pixel_size_source``). The per-image step of :func:`segment_folder`
+    summary (with ``pixel_size_source`` and the scale it was segmented at:
+    ``scale_factor``, ``scale_source``, ``est_diameter_px``). The per-image step of :func:`segment_folder`
     and of the ``segment-and-quantify`` flow.
     """
     image = read_image(path)
@@ -387,9 +395,11 @@ def segment_image(
         effective_pixel_size(profile, px)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    labels, _ = predict_labels(loaded, image, profile, inference_cfg, pixel_size_um=px)
+    labels, _, scale = predict_labels_scaled(
+        loaded, image, profile, inference_cfg, pixel_size_um=px
+    )
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
-    return image, labels, table, {"pixel_size_source": source, **summary}
+    return image, labels, table, {"pixel_size_source": source, **scale.as_row(), **summary}
 
 
 def segment_folder(

@@ -62,7 +62,8 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
 
     def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um):
         stem = order.pop(0)  # images come in pair order
-        return truths[stem] if stem == perfect else np.zeros(image.shape[:2], np.int32)
+        labels = truths[stem] if stem == perfect else np.zeros(image.shape[:2], np.int32)
+        return labels, {"scale_factor": 2.0, "scale_source": "estimated", "est_diameter_px": 9.0}
 
     monkeypatch.setattr(ev, "predict_image", fake_predict)
     result = ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", progress=False)
@@ -73,7 +74,9 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     others = df[df["stem"] != perfect]
     assert (others["dice"] == 0).all() and (others["n_pred"] == 0).all()
     assert result.means["dice"] == pytest.approx(1 / len(pairs))
-    assert pd.read_csv(result.csv_path).shape[0] == len(pairs)
+    written = pd.read_csv(result.csv_path)
+    assert written.shape[0] == len(pairs)
+    assert (written["scale_factor"] == 2.0).all() and (written["scale_source"] == "estimated").all()
     summary = json.loads(result.json_path.read_text())  # strict JSON: NaN written as null
     assert summary["n_images"] == len(pairs) and summary["means"]["dice"] == pytest.approx(
         1 / len(pairs)

@@ -12,7 +12,13 @@ from torch import nn
 
 from mlseg.config import Config, InferenceConfig, get_profile
 from mlseg.model import LoadedModel
-from mlseg.scale import auto_scale, dataset_diameter_px, nucleus_diameter_px, scale_factor
+from mlseg.scale import (
+    auto_scale,
+    dataset_diameter_px,
+    nucleus_diameter_px,
+    plausible,
+    scale_factor,
+)
 from mlseg.segment import predict_labels, predict_labels_scaled
 
 
@@ -118,12 +124,56 @@ def test_auto_scale_procedure_calls_and_refines():
     assert calls[0] == 1.0 and len(calls) == 3
     assert calls[1] == pytest.approx(12 / nucleus_diameter_px(halves))
     assert est.factor == pytest.approx(0.5, rel=0.05) and est.passes == 3
-    assert labels is truth
+    assert est.source == "estimated" and labels is truth
 
 
 def test_auto_scale_gives_up_without_nuclei():
     labels, est = auto_scale(lambda f: np.zeros((16, 16), np.int32), reference_px=12.0)
     assert est.factor == 1.0 and est.estimated_px is None and est.passes == 1
+    assert est.source == "native"
+
+
+def fragments(factor: float, size: int = 256, piece: int = 6) -> np.ndarray:
+    """What a model that does not understand an image returns at ``factor``: pieces of its
+    own preferred size (``piece`` px as it sees them), so ``piece / factor`` px on the
+    original grid and more of them the more the image is enlarged."""
+    return discs(max(1, round(piece / 2 / factor)), size=size)
+
+
+def test_plausible_compares_the_model_scale_diameter_with_the_reference():
+    assert plausible(12.0, 2.0, 24.0, 1.5) and plausible(10.0, 2.0, 24.0, 1.5)
+    assert not plausible(6.0, 2.0, 24.0, 1.5)  # the model still sees 12 px "nuclei"
+    assert not plausible(None, 2.0, 24.0, 1.5)
+
+
+def test_auto_scale_rejects_enlarging_fragments_and_keeps_the_native_pass():
+    native = fragments(1.0)
+    calls = []
+
+    def predict(factor: float) -> np.ndarray:
+        calls.append(factor)
+        return native if factor == 1.0 else fragments(factor)
+
+    labels, est = auto_scale(predict, reference_px=24.0)
+    assert calls[0] == 1.0 and calls[1] > 2  # the small pieces asked for enlargement ...
+    assert fragments(calls[1]).max() > 2 * native.max()  # ... which only multiplied them
+    assert labels is native and est.factor == 1.0 and est.source == "rejected"
+    assert est.estimated_px == pytest.approx(nucleus_diameter_px(native))
+
+
+def test_auto_scale_keeps_a_plausible_pass_when_its_refinement_is_not():
+    truth = discs(6)  # 12 px on the original grid; the model knows 24 px
+    seen = []
+
+    def predict(factor: float) -> np.ndarray:
+        seen.append(factor)
+        if factor == 1.0:
+            return discs(5)  # biased first pass: 10 px, asks for about x2.4
+        return truth if len(seen) == 2 else fragments(factor)
+
+    labels, est = auto_scale(predict, reference_px=24.0, passes=2)
+    assert len(seen) == 3 and seen[2] < seen[1]  # 12 * 2.4 px is too big: refine down ...
+    assert labels is truth and est.factor == seen[1] and est.source == "estimated"  # ... no
 
 
 # ----------------------------------------------------------------------------- predict_labels
@@ -144,7 +194,7 @@ def test_auto_scale_at_the_right_size_does_not_resample():
     truth = discs(6)
     loaded = stand_in({"nucleus_diameter_px": 12.0})
     _, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), CPU)
-    assert est.factor == 1.0 and est.passes == 1
+    assert est.factor == 1.0 and est.passes == 1 and est.source == "estimated"
 
 
 def test_pixel_sizes_win_over_estimation_and_map_back():
@@ -153,7 +203,7 @@ def test_pixel_sizes_win_over_estimation_and_map_back():
     labels, probs, est = predict_labels_scaled(
         loaded, he_like(truth), get_profile("he"), CPU, pixel_size_um=0.5
     )
-    assert est is None  # scale from the pixel sizes (0.5 / 0.25), not from the nuclei
+    assert (est.factor, est.source) == (2.0, "pixel_size")  # not from the nuclei
     assert labels.shape == truth.shape == probs.shape[1:]
     assert len(np.unique(labels)) - 1 == truth.max()
 
@@ -171,7 +221,7 @@ def test_auto_scale_off_predicts_natively():
     loaded = stand_in({"nucleus_diameter_px": 12.0})
     off = CPU.model_copy(update={"auto_scale": False})
     _, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), off)
-    assert est is None
+    assert (est.factor, est.source) == (1.0, "native")
 
 
 def test_equivalent_diameter_formula():

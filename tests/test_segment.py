@@ -119,6 +119,8 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
             assert (out / name).is_file()
     table = pd.read_csv(out / "summary.csv")
     assert table["image"].tolist() == ["img0", "img1", "img2"]
+    # how each image's scale was chosen is recorded (this stand-in knows no nucleus size)
+    assert set(table["scale_source"]) == {"native"} and (table["scale_factor"] == 1.0).all()
     assert (out / "histograms.png").is_file()
     run = json.loads((out / "run.json").read_text())
     assert run["profile"]["version"] == HE.version and run["processed"] == result.processed
