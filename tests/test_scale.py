@@ -140,10 +140,11 @@ def fragments(factor: float, size: int = 256, piece: int = 6) -> np.ndarray:
     return discs(max(1, round(piece / 2 / factor)), size=size)
 
 
-def test_plausible_compares_the_model_scale_diameter_with_the_reference():
-    assert plausible(12.0, 2.0, 24.0, 1.5) and plausible(10.0, 2.0, 24.0, 1.5)
-    assert not plausible(6.0, 2.0, 24.0, 1.5)  # the model still sees 12 px "nuclei"
-    assert not plausible(None, 2.0, 24.0, 1.5)
+def test_plausible_nuclei_keep_their_size_on_the_original_grid():
+    assert plausible(12.0, 12.0, 0.75) and plausible(10.0, 12.0, 0.75)
+    assert plausible(30.0, 12.0, 0.75)  # whole nuclei where the native pass saw halves
+    assert not plausible(6.0, 12.0, 0.75)  # enlarging halved them: pieces, not nuclei
+    assert not plausible(None, 12.0, 0.75)
 
 
 def test_auto_scale_rejects_enlarging_fragments_and_keeps_the_native_pass():
