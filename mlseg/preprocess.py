@@ -243,9 +243,12 @@ def macenko_stains(
     v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
     v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
     v1, v2 = v1 * np.sign(v1.sum() or 1.0), v2 * np.sign(v2.sum() or 1.0)
-    # Haematoxylin absorbs red more than eosin does: it has the larger first component.
-    stains = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
-    stains /= np.linalg.norm(stains, axis=0, keepdims=True)
+    v1, v2 = v1 / np.linalg.norm(v1), v2 / np.linalg.norm(v2)
+    # Haematoxylin is the vector closer to the reference haematoxylin. The usual rule (the
+    # larger red component) fails on haematoxylin-only slides with a yellowish background:
+    # the background's blue-absorbing vector wins and nuclei come out pink.
+    ref_h = MACENKO_REF_STAINS[:, 0] / np.linalg.norm(MACENKO_REF_STAINS[:, 0])
+    stains = np.stack([v1, v2], axis=1) if v1 @ ref_h >= v2 @ ref_h else np.stack([v2, v1], axis=1)
     conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
     return stains, np.percentile(conc, 99, axis=1)
 
