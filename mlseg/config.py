@@ -76,9 +76,9 @@ class AugmentConfig(Strict):
     color_p: float = Field(0.5, ge=0, le=1)
     # HED stain jitter: each stain's optical density scaled by 1 +- hed_jitter and shifted by
     # +- hed_jitter. 0.2 is the "HED-strong" setting of Tellez et al. (2019), which
-    # generalised best across centres there; on train gbm40_he -> test cpm15_he
-    # (bench/robustness.py, CPU, 300 steps, 2 seeds) it beat 0.03 by +0.03 Dice and
-    # -6 points of median count error.
+    # generalised best across centres there. On train gbm40_he -> test cpm15_he
+    # (bench/robustness.py, CPU) it beat 0.03 by +0.03 Dice and -6 points of median count
+    # error at 300 steps (2 seeds); at 1,000 steps both gave Dice 0.75 (bench/README.md).
     hed_jitter: float = Field(0.2, ge=0)
     hed_p: float = Field(0.5, ge=0, le=1)
     blur_p: float = Field(0.1, ge=0, le=1)
