@@ -122,9 +122,11 @@ def predict_labels_scaled(
         device = _model_device(loaded.model)
     model_px = loaded.pixel_size_um
 
+    def run(factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+        return _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
+
     def at(factor: float, source: str):
-        labels, probs = _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
-        return labels, probs, ScaleEstimate(factor, source)
+        return (*run(factor), ScaleEstimate(factor, source))
 
     if not cfg.auto_scale:
         return at(1.0, "native")
@@ -142,7 +144,7 @@ def predict_labels_scaled(
     probs_at: dict[float, np.ndarray | None] = {}
 
     def predict(factor: float) -> np.ndarray:
-        labels, probs = _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
+        labels, probs = run(factor)
         for older in list(probs_at)[:-1]:  # the returned pass is this one or the one before
             del probs_at[older]
         probs_at[factor] = probs
@@ -385,8 +387,8 @@ def segment_image(
 
     Returns the image, its ``(H, W) int32`` labels, the per-nucleus table and the image
     summary (with ``pixel_size_source`` and the scale it was segmented at:
-    ``scale_factor``, ``scale_source``, ``est_diameter_px``). The per-image step of :func:`segment_folder`
-    and of the ``segment-and-quantify`` flow.
+    ``scale_factor``, ``scale_source``, ``est_diameter_px``). The per-image step of
+    :func:`segment_folder` and of the ``segment-and-quantify`` flow.
     """
     image = read_image(path)
     check_channels(image, profile, path)
