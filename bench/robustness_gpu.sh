@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 8's GPU bars in one call on a lent device: four trainings share the one GPU.
+#
+#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation]
+#
+# bars (the default set):
+#   default_ab  default config, train gbm40_he      -> (a) cpm15 with pixel sizes, (b) without
+#   default_c   default config, train gbm40 + cpm15 -> (c) dsb2018 brightfield tiles
+#   hed003_a    augment.hed_jitter=0.03 (the old default)  -> (a)
+#   nonorm_a    preprocess.stain_norm=none                 -> (a)
+#   tta_ab      default_ab's model scored again with flip TTA
+# ablation (what might stop source-lab overfitting; all scored on (a)):
+#   seed1_ab    default config, train.seed=1 (seed spread), also (b)
+#   short_a     800 steps instead of BUDGET (the CPU runs lost (a) quality with training length)
+#   r18_a       encoder resnet18 (less capacity)
+#   wd_a        weight_decay 0.01 (AdamW's usual value; the default is 1e-4)
+#   geo_a       scale_range 0.5-2, scale_p 0.5, blur_p 0.3 (resampled, blurrier tiles)
+#
+# Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
+# Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
+set -u
+OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation]}
+DEV=${2:-cuda}
+BUDGET=${3:-2500steps}
+DATA=${4:-../shared/data}
+SET=${5:-bars}
+LIMIT=${LIMIT:-540}  # seconds after which every run still going is stopped
+mkdir -p "$OUT"
+if [ -d .whl ] && [ "$DEV" = cuda ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+python3 -c "import torch, segmentation_models_pytorch as smp, pydantic
+print('torch', torch.__version__, 'smp', smp.__version__, 'pydantic', pydantic.__version__,
+      'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+
+RUNS=$(mktemp -d /tmp/mlseg-robust-gpu.XXXX)
+common=(--device "$DEV" --preset default --budget "$BUDGET" --set train.batch_size=32
+        --data "$DATA" --threads 3)
+run() {  # name, robustness.py arguments... (stopped at LIMIT seconds from the start)
+    local name=$1; shift
+    timeout $((LIMIT - SECONDS)) python3 bench/robustness.py "${common[@]}" "$@" --out "$RUNS/$name" \
+        >"$OUT/$name.log" 2>&1
+    echo "$name exit $?" >>"$OUT/status.log"
+}
+smi=
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader \
+        -l 20 >"$OUT/gpu.log" 2>&1 &
+    smi=$!
+fi
+case $SET in
+bars)
+    {
+        run default_ab --scenarios a,b
+        model=$(grep -o '"model": "[^"]*"' "$OUT/default_ab.log" | head -1 | cut -d'"' -f4)
+        [ -n "$model" ] && [ $((LIMIT - SECONDS)) -gt 60 ] &&
+            run tta_ab --scenarios a,b --model "$model" --set inference.tta=true
+    } &
+    run default_c --scenarios c &
+    run hed003_a --scenarios a --set augment.hed_jitter=0.03 &
+    run nonorm_a --scenarios a --set preprocess.stain_norm=none &
+    ;;
+ablation)
+    run seed1_ab --scenarios a,b --set train.seed=1 &
+    run short_a --scenarios a --budget 800steps &
+    run r18_a --scenarios a --set train.encoder=resnet18 &
+    run wd_a --scenarios a --set train.weight_decay=0.01 &
+    run geo_a --scenarios a --set "augment.scale_range=[0.5,2.0]" --set augment.scale_p=0.5 \
+        --set augment.blur_p=0.3 &
+    ;;
+*) echo "unknown set $SET (bars or ablation)"; exit 2 ;;
+esac
+for pid in $(jobs -p); do [ "$pid" = "$smi" ] || wait "$pid"; done
+[ -n "$smi" ] && kill "$smi"
+(cd "$RUNS" && find . -maxdepth 3 \( -name 'per_image_*.csv' -o -name 'worst_*.png' \
+    -o -name 'meta.json' -o -name 'history.csv' -o -name 'config.json' -o -name '*.png' \) -not -path '*/src_*' \
+    -print0 | tar czf "$OUT/results.tgz" --null -T -)
+cat "$OUT/status.log"
+grep -h '^{"scenario"' "$OUT"/*.log
