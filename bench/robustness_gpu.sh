@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU bars in one call on a lent device: four trainings share the one GPU.
 #
-#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation]
+#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm]
 #
 # bars (the default set):
 #   default_ab  default config, train gbm40_he      -> (a) cpm15 with pixel sizes, (b) without
@@ -15,11 +15,15 @@
 #   r18_a       encoder resnet18 (less capacity)
 #   wd_a        weight_decay 0.01 (AdamW's usual value; the default is 1e-4)
 #   geo_a       scale_range 0.5-2, scale_p 0.5, blur_p 0.3 (resampled, blurrier tiles)
+# confirm (the defaults chosen from ablation, on more seeds and on (b) and (c)):
+#   new_ab, new1_ab  defaults, seeds 0 and 1, (a) and (b)
+#   new_c            defaults, (c)
+#   r18new_a         defaults with encoder resnet18, (a)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
 set -u
-OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation]}
+OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm]}
 DEV=${2:-cuda}
 BUDGET=${3:-2500steps}
 DATA=${4:-../shared/data}
@@ -71,7 +75,13 @@ ablation)
     run geo_a --scenarios a --set "augment.scale_range=[0.5,2.0]" --set augment.scale_p=0.5 \
         --set augment.blur_p=0.3 &
     ;;
-*) echo "unknown set $SET (bars or ablation)"; exit 2 ;;
+confirm)
+    run new_ab --scenarios a,b &
+    run new1_ab --scenarios a,b --set train.seed=1 &
+    run new_c --scenarios c &
+    run r18new_a --scenarios a --set train.encoder=resnet18 &
+    ;;
+*) echo "unknown set $SET (bars, ablation or confirm)"; exit 2 ;;
 esac
 for pid in $(jobs -p); do [ "$pid" = "$smi" ] || wait "$pid"; done
 [ -n "$smi" ] && kill "$smi"
