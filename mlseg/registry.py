@@ -172,23 +172,17 @@ def code_version() -> str:
 
     version = mlseg.__version__
     here = Path(mlseg.__file__).resolve().parent
+
     # Fixed argument lists, no shell; `git` from PATH is intended (a label, not a security
     # decision), and any failure only drops the commit from the label.
+    def git(*args: str) -> str:
+        return subprocess.run(  # nosec B603 B607
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(  # nosec B603 B607
-            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(  # nosec B603 B607
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+g{commit}{'.dirty' if dirty else ''}" if commit else version
