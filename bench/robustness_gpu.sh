@@ -9,11 +9,12 @@
 #   hed003_a    augment.hed_jitter=0.03 (the old default)  -> (a)
 #   nonorm_a    preprocess.stain_norm=none                 -> (a)
 #   tta_ab      default_ab's model scored again with flip TTA
-# ablation (what might stop source-lab overfitting; all scored on (a)):
-#   seed1_ab    default config, train.seed=1 (seed spread), also (b)
+# ablation (what might stop source-lab overfitting; all scored on (a)), each on top of the
+# defaults the ablation started from (zoom 0.8-1.25 p 0.3, blur p 0.1, weight decay 1e-4):
+#   seed1_ab    train.seed=1 (seed spread), also (b)
 #   short_a     800 steps instead of BUDGET (the CPU runs lost (a) quality with training length)
 #   r18_a       encoder resnet18 (less capacity)
-#   wd_a        weight_decay 0.01 (AdamW's usual value; the default is 1e-4)
+#   wd_a        weight_decay 0.01 (AdamW's usual value)
 #   geo_a       scale_range 0.5-2, scale_p 0.5, blur_p 0.3 (resampled, blurrier tiles)
 # confirm (the defaults chosen from ablation, on more seeds and on (b) and (c)):
 #   new_ab, new1_ab  defaults, seeds 0 and 1, (a) and (b)
@@ -45,8 +46,8 @@ common=(--device "$DEV" --preset default --budget "$BUDGET" --set train.batch_si
         --data "$DATA" --threads 3)
 run() {  # name, robustness.py arguments... (stopped at LIMIT seconds from the start)
     local name=$1; shift
-    timeout $((LIMIT - SECONDS)) python3 bench/robustness.py "${common[@]}" "$@" --out "$RUNS/$name" \
-        >"$OUT/$name.log" 2>&1
+    timeout $((LIMIT - SECONDS)) python3 bench/robustness.py "${common[@]}" "$@" \
+        --out "$RUNS/$name" >"$OUT/$name.log" 2>&1
     echo "$name exit $?" >>"$OUT/status.log"
 }
 smi=
@@ -68,6 +69,9 @@ bars)
     run nonorm_a --scenarios a --set preprocess.stain_norm=none &
     ;;
 ablation)
+    # later --set values win, so each run varies one thing of these
+    common+=(--set "augment.scale_range=[0.8,1.25]" --set augment.scale_p=0.3
+             --set augment.blur_p=0.1 --set train.weight_decay=0.0001)
     run seed1_ab --scenarios a,b --set train.seed=1 &
     run short_a --scenarios a --budget 800steps &
     run r18_a --scenarios a --set train.encoder=resnet18 &
@@ -85,8 +89,8 @@ confirm)
 esac
 for pid in $(jobs -p); do [ "$pid" = "$smi" ] || wait "$pid"; done
 [ -n "$smi" ] && kill "$smi"
-(cd "$RUNS" && find . -maxdepth 3 \( -name 'per_image_*.csv' -o -name 'worst_*.png' \
-    -o -name 'meta.json' -o -name 'history.csv' -o -name 'config.json' -o -name '*.png' \) -not -path '*/src_*' \
+(cd "$RUNS" && find . -maxdepth 3 -not -path '*/src_*' \( -name 'per_image_*.csv' -o -name '*.png' \
+    -o -name 'meta.json' -o -name 'history.csv' -o -name 'config.json' \) \
     -print0 | tar czf "$OUT/results.tgz" --null -T -)
 cat "$OUT/status.log"
 grep -h '^{"scenario"' "$OUT"/*.log
