@@ -110,21 +110,22 @@ def train(cfg, root: Path, out: Path, budget: str):
 
 def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     """The checkpoint's ``nucleus_diameter_px``; computed from the training masks (at the
-    training pixel size) and added to ``meta.json`` when the trainer did not record it."""
+    training pixel size) and added to ``meta.json`` when the trainer did not record it, or
+    recorded it with an older statistic (bench-trained checkpoints only)."""
     from mlseg.config import get_profile
     from mlseg.data import decode_pairs, effective_preprocess
     from mlseg.dataset import list_pairs, mask_to_labels
-    from mlseg.scale import META_KEY, dataset_diameter_px
+    from mlseg.scale import META_KEY, META_STAT_KEY, STATISTICS, dataset_diameter_px
 
     meta_path = model_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
-    if meta.get(META_KEY):
+    if meta.get(META_KEY) and meta.get(META_STAT_KEY) == STATISTICS[0]:
         return float(meta[META_KEY])
     profile = get_profile(cfg.profile, cfg.profiles_file)
     pairs = list_pairs(root, "train", cfg.data, strict=True)
     _, masks, _ = decode_pairs(pairs, effective_preprocess(cfg, profile), profile)
     diameter = dataset_diameter_px([mask_to_labels(m, "instance") for m in masks])
-    meta[META_KEY] = diameter
+    meta[META_KEY], meta[META_STAT_KEY] = diameter, STATISTICS[0]
     meta_path.write_text(json.dumps(meta, indent=2))
     print(f"reference nucleus diameter (bench-computed): {diameter:.1f} px")
     return diameter

@@ -31,6 +31,7 @@ from torch import nn
 from mlseg.config import Config, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError
 from mlseg.io import atomic_path, write_text
+from mlseg.scale import STATISTICS
 
 CHECKPOINT_NAMES = ("best", "last")
 _DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -170,8 +171,9 @@ def save_checkpoint(
             "profile": config.profile,
             "stain": stain,
             "fingerprint_hash": fingerprint_hash,
-            # median nucleus diameter of the training masks at training scale (mlseg.scale)
+            # nucleus diameter of the training masks at training scale (mlseg.scale)
             "nucleus_diameter_px": nucleus_diameter_px,
+            "nucleus_diameter_stat": STATISTICS[0],
         }
     )
     meta.setdefault("checkpoints", {})[name] = {

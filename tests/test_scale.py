@@ -13,11 +13,13 @@ from torch import nn
 from mlseg.config import Config, InferenceConfig, get_profile
 from mlseg.model import LoadedModel
 from mlseg.scale import (
+    META_STAT_KEY,
     auto_scale,
     dataset_diameter_px,
     nucleus_diameter_px,
     plausible,
     scale_factor,
+    statistic_of,
 )
 from mlseg.segment import predict_labels, predict_labels_scaled
 
@@ -90,8 +92,36 @@ def test_diameter_needs_enough_objects_and_ignores_specks():
 
 def test_dataset_diameter_pools_objects():
     pooled = dataset_diameter_px([discs(5), discs(5), discs(12)])
-    assert pooled == pytest.approx(10, rel=0.1)  # the small discs are the majority
+    assert pooled == pytest.approx(10, rel=0.1)  # the small discs cover most of the area
     assert dataset_diameter_px([np.zeros((8, 8), np.int32)]) is None
+
+
+def nuclei_and_debris(size: int = 256) -> np.ndarray:
+    """16 nuclei 24 px across and 120 specks of debris 6 px across, all separate."""
+    labels = discs(12, size=size, spacing=64)
+    n = int(labels.max())
+    rng = np.random.default_rng(0)
+    while n < 16 + 120:
+        r, c = rng.integers(5, size - 5, 2)
+        if not labels[r - 5 : r + 6, c - 5 : c + 6].any():
+            n += 1
+            labels[disk((r, c), 3, shape=labels.shape)] = n
+    return labels
+
+
+def test_diameter_ignores_fragments_and_tolerates_some_clumps():
+    labels = nuclei_and_debris()
+    assert nucleus_diameter_px(labels) == pytest.approx(24, rel=0.1)
+    assert nucleus_diameter_px(labels, statistic="median") < 8  # the specks outnumber nuclei
+    clumps = discs(6, size=192)  # nuclei 12 px across ...
+    n = int(clumps.max())
+    for k, centre in enumerate([(20, 20), (170, 170)]):  # ... and two clumps 40 px across
+        clumps[disk(centre, 20, shape=clumps.shape)] = n + 1 + k
+    assert nucleus_diameter_px(clumps) == pytest.approx(12, rel=0.1)
+    with pytest.raises(ValueError):
+        nucleus_diameter_px(labels, statistic="mean")
+    assert statistic_of({META_STAT_KEY: "trimmed"}) == "trimmed"
+    assert statistic_of({}) == "median"  # models saved before the statistic was recorded
 
 
 def test_scale_factor_tolerance_clip_and_unknowns():
@@ -196,6 +226,30 @@ def test_auto_scale_at_the_right_size_does_not_resample():
     loaded = stand_in({"nucleus_diameter_px": 12.0})
     _, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), CPU)
     assert est.factor == 1.0 and est.passes == 1 and est.source == "estimated"
+
+
+def test_debris_does_not_ask_for_enlargement():
+    """Nuclei at the model's size among many specks: the trimmed estimate keeps the native
+    scale; a per-object median (models saved before it) would enlarge 4x."""
+    image = he_like(nuclei_and_debris())
+    new = stand_in({"nucleus_diameter_px": 24.0, META_STAT_KEY: "trimmed"})
+    _, _, est = predict_labels_scaled(new, image, get_profile("he"), CPU)
+    assert (est.factor, est.source) == (1.0, "estimated")
+    old = stand_in({"nucleus_diameter_px": 24.0})
+    _, _, est = predict_labels_scaled(old, image, get_profile("he"), CPU)
+    assert est.factor == 4.0
+
+
+def test_estimated_scale_applies_the_profiles_micron_size_limits():
+    """Once the nuclei put an image at the model's scale, the profile's um2 limits apply
+    there (he: at least 8 um2 = 128 px at 0.25 um), so 6-px specks go, as they would
+    with a known pixel size; a model of unknown pixel size keeps the pixel limits."""
+    image = he_like(nuclei_and_debris())
+    meta = {"nucleus_diameter_px": 24.0, META_STAT_KEY: "trimmed"}
+    labels, _, est = predict_labels_scaled(stand_in(meta, 0.25), image, get_profile("he"), CPU)
+    assert est.source == "estimated" and labels.max() == 16
+    labels, _, _ = predict_labels_scaled(stand_in(meta), image, get_profile("he"), CPU)
+    assert labels.max() == 16 + 120
 
 
 def test_pixel_sizes_win_over_estimation_and_map_back():

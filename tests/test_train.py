@@ -73,6 +73,7 @@ def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
     assert loaded.config.train.target == "three_class"
     assert loaded.meta["checkpoints"]["last"]["step"] == 3
     assert 6 < loaded.meta["nucleus_diameter_px"] < 20  # synthetic nuclei: ~12 px across
+    assert loaded.meta["nucleus_diameter_stat"] == "trimmed"
     # a finished run is not trained again
     assert fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False).steps == 3
 
