@@ -13,9 +13,11 @@ everything after it is a pure function of the parameters, which keeps it reprodu
   random displacement field (elastic / grid distortion). The patch sampler in
   :mod:`mlseg.data` reads images bilinearly and targets by nearest neighbour at those
   positions, so image and target stay aligned.
-- Photometry (:func:`photometric`): HED stain jitter (H&E/IHC RGB only; Tellez et al.
-  2018), brightness (multiplicative), contrast, gamma (on the patch rescaled to [0, 1]),
-  Gaussian blur and Gaussian noise, each applied to a random subset of the batch.
+- Photometry (:func:`photometric`): nucleus fade (haematoxylin inside the nuclei of the
+  target's class map scaled by a smooth random field, so pale nuclei appear beside dark
+  ones; H&E/IHC RGB only), HED stain jitter (Tellez et al. 2018), brightness
+  (multiplicative), contrast, gamma (on the patch rescaled to [0, 1]), Gaussian blur and
+  Gaussian noise, each applied to a random subset of the batch.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ RGB_FROM_HED = torch.tensor(
 RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _ELASTIC_GRID = 5  # control points per side of the random displacement field
+_FADE_GRID = 3  # control points per side of the nucleus fade field
 
 
 @dataclass
@@ -60,6 +63,7 @@ class AugParams:
 
     matrix: torch.Tensor  # (B, 2, 2) output offset (x, y) -> source offset, pixels
     elastic: torch.Tensor | None  # (B, 2, G, G) coarse displacement in pixels (x, y)
+    fade: Group | None  # field: (k, 1, G, G) haematoxylin factor inside nuclei, in (0, 1]
     hed: Group | None  # scale, shift: (k, 3) jitter of H, E, DAB optical density
     color: Group | None  # brightness, contrast, gamma: (k, 1, 1, 1) factors / exponent
     blur: Group | None  # sigma: (k,) pixels
@@ -156,6 +160,12 @@ def draw_params(
         if bool(sel.any()):
             elastic = to_device(field * sel[:, None, None, None], device)
 
+    fade = None
+    if on and stain_jitter and channels == 3 and cfg.nucleus_fade_p > 0:
+        # log-uniform factor at each control point: pale and dark nuclei in one patch
+        low = math.log(cfg.nucleus_fade_min)
+        values = {"field": torch.exp(_uniform((batch, 1, _FADE_GRID, _FADE_GRID), low, 0.0, gen))}
+        fade = _group(chosen(cfg.nucleus_fade_p), values, {"field": 1.0}, subset, device)
     hed = None
     if on and stain_jitter and channels == 3 and cfg.hed_p > 0 and cfg.hed_jitter > 0:
         sigma = cfg.hed_jitter
@@ -187,7 +197,7 @@ def draw_params(
             device_gen = torch.Generator(device=device).manual_seed(seed)
             field = torch.randn((k, channels, patch, patch), generator=device_gen, device=device)
             noise.values = {"noise": field * noise.values["std"][:, None, None, None]}
-    return AugParams(to_device(matrix, device), elastic, hed, color, blur, noise)
+    return AugParams(to_device(matrix, device), elastic, fade, hed, color, blur, noise)
 
 
 def source_coords(
@@ -258,6 +268,21 @@ def _hed(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
 
 
+def _fade(x: torch.Tensor, v: dict[str, torch.Tensor], nuclei: torch.Tensor) -> torch.Tensor:
+    """Haematoxylin optical density times a smooth random field inside nuclei (``nuclei``
+    ``(k, 1, P, P)`` float, 1 inside), so some nuclei of a patch turn pale: the open,
+    vesicular chromatin (pale centre, darker rim) that a model trained on dark nuclei
+    misses or finds only as a ring."""
+    to_hed, to_rgb = _hed_weights(x.device)
+    size = x.shape[-2:]
+    field = F.interpolate(v["field"], size=size, mode="bilinear", align_corners=True)
+    soft = F.avg_pool2d(nuclei, 3, stride=1, padding=1, count_include_pad=False)
+    factor = 1.0 - soft * (1.0 - field)
+    hed = F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), to_hed)
+    hed = torch.cat([hed[:, :1] * factor, hed[:, 1:]], dim=1)
+    return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
+
+
 def _color(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
     x = x * v["brightness"]
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -267,9 +292,21 @@ def _color(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((x - lo) / span).clamp(0.0, 1.0) ** v["gamma"] * span + lo
 
 
-def photometric(x: torch.Tensor, params: AugParams, cfg: AugmentConfig) -> torch.Tensor:
+def photometric(
+    x: torch.Tensor,
+    params: AugParams,
+    cfg: AugmentConfig,
+    classes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Apply the photometric part of ``params`` to ``(B, C, P, P)`` float32 patches:
-    HED jitter, brightness/contrast/gamma, blur, noise (each on its drawn samples)."""
+    nucleus fade (needs the ``(B, P, P)`` class maps ``classes``), HED jitter,
+    brightness/contrast/gamma, blur, noise (each on its drawn samples)."""
+    if params.fade is not None and classes is not None:
+        # class 1: the foreground (binary) or the interior (three-class: the rim stays dark)
+        nuclei = (classes == 1).to(x.dtype)[:, None]
+        if params.fade.index is not None:
+            nuclei = nuclei.index_select(0, params.fade.index)
+        x = _apply(x, params.fade, lambda s, v: _fade(s, v, nuclei))
     x = _apply(x, params.hed, _hed)
     x = _apply(x, params.color, _color)
     x = _apply(x, params.blur, lambda s, v: _gaussian_blur(s, v["sigma"], cfg.blur_sigma[1]))
@@ -364,5 +401,5 @@ def augment_pair(
     y = gather_nearest(
         torch.from_numpy(np.ascontiguousarray(target, np.int64)).reshape(-1), *meta, sx, sy
     )
-    x = photometric(x.permute(0, 3, 1, 2), params, cfg)
+    x = photometric(x.permute(0, 3, 1, 2), params, cfg, y)
     return x[0].permute(1, 2, 0).numpy(), y[0].numpy()

@@ -256,7 +256,7 @@ class PatchStore:
         )
         x = gather_bilinear(self.pixels, *where, sx, sy).permute(0, 3, 1, 2)  # channels_last layout
         y = gather_nearest(self.classes, *where, sx, sy).long()
-        return photometric(x, params, aug), y
+        return photometric(x, params, aug, y), y
 
     _render = render
 
@@ -352,7 +352,7 @@ class TrainData:
     target: str  # "binary" | "three_class"
     in_channels: int
     pixel_size_um: float | None  # of the images as the model sees them; None if unknown
-    nucleus_diameter_px: float | None  # median nucleus diameter of the masks at that scale
+    nucleus_diameter_px: float | None  # typical nucleus diameter of the masks at that scale
     preprocess: PreprocessConfig  # the normalisation applied
     stain: str
     fingerprint: str

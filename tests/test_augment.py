@@ -127,3 +127,54 @@ def test_noise_only_on_drawn_samples() -> None:
     changed = (photometric(x, p, cfg) != x).flatten(1).any(dim=1)
     assert changed.tolist() == [i in set(p.noise.index.tolist()) for i in range(16)]
     assert 0 < changed.sum() < 16
+
+
+def _he_patch(batch: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pink background, one dark purple nucleus per patch: interior (class 1) with a
+    two-pixel rim (class 2)."""
+    classes = torch.zeros(batch, size, size, dtype=torch.int64)
+    classes[:, 8:24, 8:24] = 2
+    classes[:, 10:22, 10:22] = 1
+    pink = torch.tensor([0.9, 0.6, 0.8])[:, None, None]
+    purple = torch.tensor([0.3, 0.2, 0.5])[:, None, None]
+    x = torch.where(classes[:, None] > 0, purple, pink).float()
+    return x, classes
+
+
+def _haematoxylin(x: torch.Tensor) -> torch.Tensor:
+    from mlseg.augment import HED_FROM_RGB
+
+    od = -torch.log(x.clamp(1 / 255, 1)).permute(0, 2, 3, 1).double()
+    return (od @ HED_FROM_RGB)[..., 0]
+
+
+def test_nucleus_fade_pales_nucleus_interiors_only() -> None:
+    cfg = AugmentConfig(
+        color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0, nucleus_fade_p=1.0, nucleus_fade_min=0.2
+    )
+    x, classes = _he_patch()
+    p = draw_params(4, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+    y = photometric(x, p, cfg, classes)
+    before, after = _haematoxylin(x), _haematoxylin(y)
+    inner = torch.zeros_like(classes, dtype=torch.bool)
+    inner[:, 11:21, 11:21] = True
+    ratio = after[inner].view(4, -1).mean(1) / before[inner].view(4, -1).mean(1)
+    assert (ratio < 0.95).all() and (ratio >= 0.2 - 1e-6).all()  # paler, within the range
+    far = torch.ones_like(inner)
+    far[:, 9:23, 9:23] = False  # more than one pixel from the interior: rim and background
+    assert torch.allclose(y.permute(0, 2, 3, 1)[far], x.permute(0, 2, 3, 1)[far], atol=1e-5)
+    # without class maps (or without a stain to fade) nothing changes
+    assert torch.equal(photometric(x, p, cfg), x)
+    mono = draw_params(4, 32, 3, cfg, torch.Generator(), "cpu", stain_jitter=False)
+    assert mono.fade is None
+
+
+def test_nucleus_fade_subset_and_full_batch_forms_agree() -> None:
+    cfg = AugmentConfig(color_p=0.0, hed_p=0.5, blur_p=0.0, noise_p=0.0, nucleus_fade_p=0.5)
+    x, classes = _he_patch(batch=8)
+    out = []
+    for subset in (True, False):
+        p = draw_params(8, 32, 3, cfg, torch.Generator().manual_seed(3), "cpu", subset=subset)
+        out.append(photometric(x, p, cfg, classes))
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert not torch.allclose(out[0], x)
