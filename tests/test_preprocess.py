@@ -148,6 +148,7 @@ def test_macenko_keeps_haematoxylin_on_a_yellowish_background() -> None:
     est = macenko_stains(img)
     assert est is not None
     assert est[0][:, 0] @ stains[:, 0] > 0.98  # haematoxylin found as haematoxylin
+
     # the haematoxylin of the input is rendered as the reference haematoxylin (not as eosin)
     def haematoxylin(image: np.ndarray, basis: np.ndarray) -> np.ndarray:
         od = -np.log(np.clip(image.reshape(-1, 3), 1e-6, 1)).T
