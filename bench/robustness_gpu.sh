@@ -16,10 +16,10 @@
 #   r18_a       encoder resnet18 (less capacity)
 #   wd_a        weight_decay 0.01 (AdamW's usual value)
 #   geo_a       scale_range 0.5-2, scale_p 0.5, blur_p 0.3 (resampled, blurrier tiles)
-# confirm (the defaults chosen from ablation, on more seeds and on (b) and (c)):
+# confirm (the third session's training defaults, the fourth session's scale estimate):
 #   new_ab, new1_ab  defaults, seeds 0 and 1, (a) and (b)
+#   fade_ab          augment.nucleus_fade_p=0.5 (helped at 300 CPU steps, hurt at 1,000)
 #   new_c            defaults, (c)
-#   r18new_a         defaults with encoder resnet18, (a)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
@@ -82,8 +82,8 @@ ablation)
 confirm)
     run new_ab --scenarios a,b &
     run new1_ab --scenarios a,b --set train.seed=1 &
+    run fade_ab --scenarios a,b --set augment.nucleus_fade_p=0.5 &
     run new_c --scenarios c &
-    run r18new_a --scenarios a --set train.encoder=resnet18 &
     ;;
 *) echo "unknown set $SET (bars, ablation or confirm)"; exit 2 ;;
 esac
