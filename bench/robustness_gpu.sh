@@ -20,6 +20,8 @@
 #   new_ab, new1_ab  defaults, seeds 0 and 1, (a) and (b)
 #   fade_ab          augment.nucleus_fade_p=0.5 (helped at 300 CPU steps, hurt at 1,000)
 #   new_c            defaults, (c)
+#   small_a          resnet18 on 128-px patches, the CPU preset that met the (a) bars at
+#                    1,000 CPU steps, here at the bar's budget, (a)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
@@ -84,6 +86,7 @@ confirm)
     run new1_ab --scenarios a,b --set train.seed=1 &
     run fade_ab --scenarios a,b --set augment.nucleus_fade_p=0.5 &
     run new_c --scenarios c &
+    run small_a --scenarios a --set train.encoder=resnet18 --set train.patch_size=128 &
     ;;
 *) echo "unknown set $SET (bars, ablation or confirm)"; exit 2 ;;
 esac
