@@ -115,17 +115,17 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     from mlseg.config import get_profile
     from mlseg.data import decode_pairs, effective_preprocess
     from mlseg.dataset import list_pairs, mask_to_labels
-    from mlseg.scale import META_KEY, META_STAT_KEY, STATISTICS, dataset_diameter_px
+    from mlseg.scale import META_KEY, META_STAT_KEY, STATISTIC, dataset_diameter_px
 
     meta_path = model_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
-    if meta.get(META_KEY) and meta.get(META_STAT_KEY) == STATISTICS[0]:
+    if meta.get(META_KEY) and meta.get(META_STAT_KEY) == STATISTIC:
         return float(meta[META_KEY])
     profile = get_profile(cfg.profile, cfg.profiles_file)
     pairs = list_pairs(root, "train", cfg.data, strict=True)
     _, masks, _ = decode_pairs(pairs, effective_preprocess(cfg, profile), profile)
     diameter = dataset_diameter_px([mask_to_labels(m, "instance") for m in masks])
-    meta[META_KEY], meta[META_STAT_KEY] = diameter, STATISTICS[0]
+    meta[META_KEY], meta[META_STAT_KEY] = diameter, STATISTIC
     meta_path.write_text(json.dumps(meta, indent=2))
     print(f"reference nucleus diameter (bench-computed): {diameter:.1f} px")
     return diameter

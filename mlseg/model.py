@@ -31,7 +31,7 @@ from torch import nn
 from mlseg.config import Config, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError
 from mlseg.io import atomic_path, write_text
-from mlseg.scale import STATISTICS
+from mlseg.scale import STATISTIC
 
 CHECKPOINT_NAMES = ("best", "last")
 _DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -173,7 +173,7 @@ def save_checkpoint(
             "fingerprint_hash": fingerprint_hash,
             # nucleus diameter of the training masks at training scale (mlseg.scale)
             "nucleus_diameter_px": nucleus_diameter_px,
-            "nucleus_diameter_stat": STATISTICS[0],
+            "nucleus_diameter_stat": STATISTIC,
         }
     )
     meta.setdefault("checkpoints", {})[name] = {

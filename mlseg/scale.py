@@ -61,7 +61,8 @@ import numpy as np
 MIN_OBJECTS = 5  # fewer detected nuclei give no trustworthy size estimate
 META_KEY = "nucleus_diameter_px"
 META_STAT_KEY = "nucleus_diameter_stat"  # which statistic META_KEY holds
-STATISTICS = ("trimmed", "median")
+STATISTIC = "trimmed"  # what new checkpoints record
+STATISTICS = (STATISTIC, "median")  # "median": checkpoints saved before the statistic
 FRAGMENT_RATIO = 0.5  # objects narrower than this x the area-weighted median: fragments
 
 
@@ -93,7 +94,7 @@ def _typical(diameters: np.ndarray, statistic: str) -> float:
 
 
 def nucleus_diameter_px(
-    labels: np.ndarray, min_objects: int = MIN_OBJECTS, statistic: str = "trimmed"
+    labels: np.ndarray, min_objects: int = MIN_OBJECTS, statistic: str = STATISTIC
 ) -> float | None:
     """Typical equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects of an
     ``(H, W)`` integer label image (0 = background): the median over objects, without the
@@ -109,7 +110,7 @@ def nucleus_diameter_px(
 
 
 def dataset_diameter_px(
-    label_images: list[np.ndarray], min_objects: int = MIN_OBJECTS, statistic: str = "trimmed"
+    label_images: list[np.ndarray], min_objects: int = MIN_OBJECTS, statistic: str = STATISTIC
 ) -> float | None:
     """:func:`nucleus_diameter_px` over all objects of several label images (pooled), the
     reference diameter of a training set; ``None`` with fewer than ``min_objects`` objects."""
@@ -181,7 +182,7 @@ def auto_scale(
     clip: tuple[float, float] = (0.25, 4.0),
     tolerance: float = 0.15,
     min_size_ratio: float = 0.75,
-    statistic: str = "trimmed",
+    statistic: str = STATISTIC,
 ) -> tuple[np.ndarray, ScaleEstimate]:
     """Find the scale at which ``predict`` sees nuclei of ``reference_px`` and return its
     labels.
