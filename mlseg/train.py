@@ -6,7 +6,10 @@ every ``train.val_every`` steps (one "epoch") it runs :func:`validate` on the he
 images, appends a row to the history, saves ``best`` (when validation Dice improved) and
 ``last`` checkpoints with the optimiser state, and stops early after
 ``train.early_stop_patience`` epochs without improvement. Run again on the same output
-folder, it resumes from ``last`` and continues the step count.
+folder, it resumes from ``last`` and continues the step count. With ``train.ema_decay`` > 0
+an exponential moving average of the weights (:class:`torch.optim.swa_utils.AveragedModel`,
+BatchNorm statistics included) is updated after every step; validation, ``best`` and
+``last`` use the average, and the raw weights travel in ``last.state.pt`` for resuming.
 
 Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; loss
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
@@ -31,6 +34,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mlseg.config import Config, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
@@ -255,6 +259,7 @@ class _Run:
     fingerprint: str
     model: nn.Module
     net: nn.Module  # the model, compiled or not
+    ema: AveragedModel | None  # moving average of the model's weights (train.ema_decay > 0)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
@@ -266,6 +271,11 @@ class _Run:
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What is validated and saved: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def _start(
@@ -300,12 +310,21 @@ def _start(
         _clear(out)
 
     model = build_model(tc, data.in_channels, classes)
+    ema = None
     if state is not None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(out / "last.safetensors")))
+        saved = load_file(str(out / "last.safetensors"))
+        model.load_state_dict(state.get("model", saved))  # "model": raw weights beside an EMA
     channels_last = device.type == "cuda" and tc.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if tc.ema_decay > 0:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True
+        )
+        if state is not None and "ema_steps" in state:
+            ema.module.load_state_dict(saved)
+            ema.n_averaged.fill_(int(state["ema_steps"]))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda"
     )
@@ -317,6 +336,7 @@ def _start(
         fingerprint=fingerprint,
         model=model,
         net=model,
+        ema=ema,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps)
@@ -353,9 +373,12 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
             "bad_epochs": run.bad_epochs,
             "stopped": run.stopped,
         }
+        if run.ema is not None:  # last.safetensors holds the average, so keep the raw weights
+            train_state["model"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+            train_state["ema_steps"] = int(run.ema.n_averaged)
     return save_checkpoint(
         run.out,
-        run.model,
+        run.evaluated,
         run.cfg,
         target=run.data.target,
         classes=num_classes(run.data.target),
@@ -377,7 +400,7 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
     if run.data.val is not None:
         row.update(
             validate(
-                run.model,  # eager: no recompilation for eval mode and other batch sizes
+                run.evaluated,  # eager: no recompilation for eval mode and other batch sizes
                 run.data.val,
                 run.loss_fn,
                 target=run.data.target,
@@ -454,6 +477,8 @@ def fit(
             amp_dtype=run.amp_dtype,
             grad_clip=tc.grad_clip,
         )
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
         run.step += 1
         epoch_steps += 1
         end_of_epoch = run.step % tc.val_every == 0 or run.step == tc.max_steps

@@ -78,6 +78,24 @@ def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
     assert fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False).steps == 3
 
 
+def test_ema_checkpoints_hold_the_average_and_resume(synth_dataset, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from mlseg.model import load_model, load_train_state
+
+    out = tmp_path / "run"
+    fit(_cfg(max_steps=2, val_every=1, ema_decay=0.5), synth_dataset, out, progress=False)
+    state = load_train_state(out)
+    saved = load_file(str(out / "last.safetensors"))
+    assert state["ema_steps"] == 2 and saved.keys() == state["model"].keys()
+    # after two steps the average is halfway between the two raw weights, not the last
+    moved = [k for k in saved if saved[k].is_floating_point() and "running" not in k]
+    assert any(not torch.allclose(saved[k], state["model"][k]) for k in moved)
+    resumed = fit(_cfg(max_steps=3, val_every=1, ema_decay=0.5), synth_dataset, out, progress=False)
+    assert resumed.steps == 3 and load_train_state(out)["ema_steps"] == 3
+    assert load_model(out).meta["checkpoints"]["last"]["step"] == 3
+
+
 def test_resume_refuses_another_architecture(synth_dataset, tmp_path) -> None:
     fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
     with pytest.raises(ConfigError, match="--no-resume"):
