@@ -126,7 +126,7 @@ class TrainConfig(Strict):
     fg_oversample: float = Field(0.33, ge=0, le=1)  # share of patches centred on a nucleus
     grad_clip: float = Field(12.0, ge=0)  # max gradient norm; 0 disables
     # Exponential moving average of the weights (and BatchNorm statistics), updated every
-    # step; validation and checkpoints use the average. 0 disables; 0.99-0.999 are usual.
+    # step with a warmed-up decay; validation and checkpoints use the average. 0 disables.
     ema_decay: float = Field(0.0, ge=0, lt=1)
     num_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 leaves torch's default
     device: str = "auto"

@@ -7,9 +7,10 @@ images, appends a row to the history, saves ``best`` (when validation Dice impro
 ``last`` checkpoints with the optimiser state, and stops early after
 ``train.early_stop_patience`` epochs without improvement. Run again on the same output
 folder, it resumes from ``last`` and continues the step count. With ``train.ema_decay`` > 0
-an exponential moving average of the weights (:class:`torch.optim.swa_utils.AveragedModel`,
-BatchNorm statistics included) is updated after every step; validation, ``best`` and
-``last`` use the average, and the raw weights travel in ``last.state.pt`` for resuming.
+an exponential moving average of the weights and BatchNorm statistics (timm's
+``ModelEmaV3``, its decay warmed up from 0 so the random initial weights fade out fast) is
+updated after every step; validation, ``best`` and ``last`` use the average, and the raw
+weights travel in ``last.state.pt`` for resuming.
 
 Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; loss
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
@@ -34,7 +35,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mlseg.config import Config, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
@@ -259,7 +259,7 @@ class _Run:
     fingerprint: str
     model: nn.Module
     net: nn.Module  # the model, compiled or not
-    ema: AveragedModel | None  # moving average of the model's weights (train.ema_decay > 0)
+    ema: nn.Module | None  # timm ModelEmaV3 of the model (train.ema_decay > 0)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
@@ -319,12 +319,11 @@ def _start(
     channels_last = device.type == "cuda" and tc.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if tc.ema_decay > 0:
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True
-        )
-        if state is not None and "ema_steps" in state:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
+        if state is not None and "model" in state:  # last.safetensors holds the average
             ema.module.load_state_dict(saved)
-            ema.n_averaged.fill_(int(state["ema_steps"]))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda"
     )
@@ -375,7 +374,6 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         }
         if run.ema is not None:  # last.safetensors holds the average, so keep the raw weights
             train_state["model"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
-            train_state["ema_steps"] = int(run.ema.n_averaged)
     return save_checkpoint(
         run.out,
         run.evaluated,
@@ -477,9 +475,9 @@ def fit(
             amp_dtype=run.amp_dtype,
             grad_clip=tc.grad_clip,
         )
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
         run.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.step)
         epoch_steps += 1
         end_of_epoch = run.step % tc.val_every == 0 or run.step == tc.max_steps
         if run.step % LOG_EVERY == 0 or end_of_epoch:
