@@ -253,19 +253,22 @@ def _apply(x: torch.Tensor, group: Group | None, fn) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _hed_weights(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """1x1-convolution weights RGB OD -> HED and back, copied to ``device`` once."""
-    to_hed = HED_FROM_RGB.T.to(device, torch.float32)[:, :, None, None]
-    to_rgb = RGB_FROM_HED.T.to(device, torch.float32)[:, :, None, None]
-    return to_hed, to_rgb
+# Colour deconvolution and back as 1x1 convolutions (row-vector convention: od = hed @ M).
+def _to_hed(x: torch.Tensor) -> torch.Tensor:
+    """``(k, 3, P, P)`` RGB in [0, 1] -> H, E, DAB optical densities."""
+    to_hed = HED_FROM_RGB.T.to(x.device, torch.float32)[:, :, None, None]
+    return F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), to_hed)
+
+
+def _from_hed(hed: torch.Tensor) -> torch.Tensor:
+    """H, E, DAB optical densities -> RGB in [0, 1]."""
+    to_rgb = RGB_FROM_HED.T.to(hed.device, torch.float32)[:, :, None, None]
+    return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
 
 
 def _hed(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
-    # colour deconvolution and back as 1x1 convolutions (row-vector convention: od = hed @ M)
-    to_hed, to_rgb = _hed_weights(x.device)
-    hed = F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), to_hed)
-    hed = hed * v["scale"][:, :, None, None] + v["shift"][:, :, None, None]
-    return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
+    hed = _to_hed(x) * v["scale"][:, :, None, None] + v["shift"][:, :, None, None]
+    return _from_hed(hed)
 
 
 def _fade(x: torch.Tensor, v: dict[str, torch.Tensor], nuclei: torch.Tensor) -> torch.Tensor:
@@ -273,14 +276,11 @@ def _fade(x: torch.Tensor, v: dict[str, torch.Tensor], nuclei: torch.Tensor) -> 
     ``(k, 1, P, P)`` float, 1 inside), so some nuclei of a patch turn pale: the open,
     vesicular chromatin (pale centre, darker rim) that a model trained on dark nuclei
     misses or finds only as a ring."""
-    to_hed, to_rgb = _hed_weights(x.device)
-    size = x.shape[-2:]
-    field = F.interpolate(v["field"], size=size, mode="bilinear", align_corners=True)
+    field = F.interpolate(v["field"], size=x.shape[-2:], mode="bilinear", align_corners=True)
     soft = F.avg_pool2d(nuclei, 3, stride=1, padding=1, count_include_pad=False)
     factor = 1.0 - soft * (1.0 - field)
-    hed = F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), to_hed)
-    hed = torch.cat([hed[:, :1] * factor, hed[:, 1:]], dim=1)
-    return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
+    hed = _to_hed(x)
+    return _from_hed(torch.cat([hed[:, :1] * factor, hed[:, 1:]], dim=1))
 
 
 def _color(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
