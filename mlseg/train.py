@@ -10,7 +10,9 @@ folder, it resumes from ``last`` and continues the step count. With ``train.ema_
 an exponential moving average of the weights and BatchNorm statistics (timm's
 ``ModelEmaV3``, its decay warmed up from 0 so the random initial weights fade out fast) is
 updated after every step; validation, ``best`` and ``last`` use the average, and the raw
-weights travel in ``last.state.pt`` for resuming.
+weights travel in ``last.state.pt`` for resuming. With ``train.mixstyle_p`` > 0 the
+encoder's early stages mix feature statistics across the batch while training
+(:mod:`mlseg.mixstyle`); its draws are saved with ``last`` too.
 
 Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; loss
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
@@ -266,6 +268,7 @@ class _Run:
     gen: torch.Generator  # CPU; draws the augmentation of every batch
     amp_dtype: torch.dtype | None
     channels_last: bool
+    style_rng: np.random.Generator | None = None  # MixStyle's draws (train.mixstyle_p > 0)
     step: int = 0
     best: float = -math.inf
     bad_epochs: int = 0
@@ -324,6 +327,13 @@ def _start(
         ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
         if state is not None and "model" in state:  # last.safetensors holds the average
             ema.module.load_state_dict(saved)
+    style_rng = None
+    if tc.mixstyle_p > 0:
+        from mlseg.mixstyle import attach
+
+        style_rng = attach(model, tc.encoder, tc.mixstyle_p, tc.mixstyle_alpha, tc.seed)
+        if state is not None and "mixstyle_rng" in state:
+            style_rng.bit_generator.state = state["mixstyle_rng"]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda"
     )
@@ -344,6 +354,7 @@ def _start(
         gen=torch.Generator().manual_seed(tc.seed),
         amp_dtype=torch.bfloat16 if (device.type == "cuda" and tc.amp) else None,
         channels_last=channels_last,
+        style_rng=style_rng,
     )
     if state is not None:
         run.optimizer.load_state_dict(state["optimizer"])
@@ -372,6 +383,8 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
             "bad_epochs": run.bad_epochs,
             "stopped": run.stopped,
         }
+        if run.style_rng is not None:
+            train_state["mixstyle_rng"] = run.style_rng.bit_generator.state
         if run.ema is not None:  # last.safetensors holds the average, so keep the raw weights
             train_state["model"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     return save_checkpoint(
