@@ -5,7 +5,8 @@
     python bench/train_speed.py --device cuda --batch 64 --data DATASET --compile # GPU, full loop
 
 Mode "random" (default): ``mlseg.train.train_step`` (its loss, AdamW, warm-up/cosine
-schedule, gradient clipping, and MixStyle in the encoder as ``fit`` attaches it) against a plain loop (``smp.create_model``, smp's DiceLoss +
+schedule, gradient clipping, and MixStyle in the encoder when ``train.mixstyle_p`` > 0, as
+``fit`` attaches it) against a plain loop (``smp.create_model``, smp's DiceLoss +
 cross-entropy, AdamW), on the same model configuration, batch and random tensors already
 on the device. Both use the same amp / channels-last / compile settings. Rounds alternate
 the two loops so that load on a shared machine hits both alike; medians are reported.
@@ -67,7 +68,7 @@ def mlseg_loop(args, device, classes: int):
 
     tc = _train_cfg(args)
     model = build_model(tc, 3, classes).to(device)
-    if tc.mixstyle_p > 0:  # as fit() does: part of mlseg's default training step
+    if tc.mixstyle_p > 0:  # as fit() does
         from mlseg.mixstyle import attach
 
         attach(model, tc.encoder, tc.mixstyle_p, tc.mixstyle_alpha, tc.seed)

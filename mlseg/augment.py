@@ -252,18 +252,23 @@ def _apply(x: torch.Tensor, group: Group | None, fn) -> torch.Tensor:
     return x.index_copy(0, group.index, fn(x.index_select(0, group.index), group.values))
 
 
-@functools.lru_cache(maxsize=8)
 # Colour deconvolution and back as 1x1 convolutions (row-vector convention: od = hed @ M).
+@functools.lru_cache(maxsize=8)
+def _hed_weights(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x1-convolution weights RGB OD -> HED and back, copied to ``device`` once."""
+    to_hed = HED_FROM_RGB.T.to(device, torch.float32)[:, :, None, None]
+    to_rgb = RGB_FROM_HED.T.to(device, torch.float32)[:, :, None, None]
+    return to_hed, to_rgb
+
+
 def _to_hed(x: torch.Tensor) -> torch.Tensor:
     """``(k, 3, P, P)`` RGB in [0, 1] -> H, E, DAB optical densities."""
-    to_hed = HED_FROM_RGB.T.to(x.device, torch.float32)[:, :, None, None]
-    return F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), to_hed)
+    return F.conv2d(-torch.log(x.clamp(1.0 / 255.0, 1.0)), _hed_weights(x.device)[0])
 
 
 def _from_hed(hed: torch.Tensor) -> torch.Tensor:
     """H, E, DAB optical densities -> RGB in [0, 1]."""
-    to_rgb = RGB_FROM_HED.T.to(hed.device, torch.float32)[:, :, None, None]
-    return torch.exp(-F.conv2d(hed, to_rgb)).clamp(0.0, 1.0)
+    return torch.exp(-F.conv2d(hed, _hed_weights(hed.device)[1])).clamp(0.0, 1.0)
 
 
 def _hed(x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
