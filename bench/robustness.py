@@ -150,9 +150,11 @@ def score(
     from mlseg.io import read_image, read_mask
     from mlseg.model import load_model
     from mlseg.plots import plot_worst
+    from mlseg.scale import META_KEY, nucleus_diameter_px, statistic_of
     from mlseg.segment import predict_labels_scaled
 
     loaded = load_model(model_dir, device="cpu")
+    reference = loaded.meta.get(META_KEY)
     from mlseg.model import resolve_device
 
     cfg = loaded.config.inference.model_copy(update=inference or {})
@@ -168,6 +170,10 @@ def score(
         seconds = time.perf_counter() - t0
         row = {"stem": pair.stem[:16], **score_labels(np.asarray(pred, np.int32), truth)}
         row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
+        # the factor the annotated nuclei ask for (training diameter / theirs): where it
+        # and scale_factor agree, a poor score is the model's, not the scale's
+        truth_px = nucleus_diameter_px(truth, statistic=statistic_of(loaded.meta))
+        row["truth_factor"] = reference / truth_px if reference and truth_px else None
         rows.append(row)
         caption = f"{name} Dice {row['dice']:.2f} AJI {row['aji']:.2f} x{scale.factor:.2f}"
         worst.append((row["dice"], (pair.stem[:16], image, truth, pred, caption)))
@@ -184,6 +190,7 @@ def report(name: str, df, means: dict, extra: dict) -> dict:
     import pandas as pd
 
     cols = ["stem", "pixel_size_um", "scale_factor", "scale_source", "est_diameter_px"]
+    cols += ["truth_factor"]
     cols += ["dice", "aji", "pq", "f1"]
     cols += ["obj_precision", "obj_recall", "n_true", "n_pred", "count_error_abs_rel"]
     print(f"\n== scenario {name} ==")
