@@ -18,8 +18,10 @@ Scale (``inference.auto_scale``, on by default): with the pixel size of both the
 the model known, the image is resampled by their ratio; with either unknown, the scale is
 estimated from the nuclei of a first pass against the nucleus diameter the model recorded
 at training time (:mod:`mlseg.scale`, Cellpose's size-model idea); the profile's size limits
-in square microns then apply at the model's pixel size, as if the image had one. Labels
-always come back on the original grid; measurements stay in pixels.
+in square microns then apply at the model's pixel size, as if the image had one.
+``inference.zoom`` (1 by default) then multiplies the factor of every pass, so the model
+sees nuclei larger than it was trained on. Labels always come back on the original grid;
+measurements stay in pixels.
 
 Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
 file and why): unreadable file, channel count other than the profile's, mask and image of
@@ -125,7 +127,9 @@ def predict_labels_scaled(
     model_px = loaded.pixel_size_um
 
     def run(factor: float) -> tuple[np.ndarray, np.ndarray | None]:
-        return _predict_at(loaded, image, profile, cfg, pixel_size_um, factor, device)
+        # zoom acts on every pass: nuclei keep their size on the original grid, so the
+        # scale estimate and its plausibility check read the zoomed passes the same way
+        return _predict_at(loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device)
 
     def at(factor: float, source: str):
         return (*run(factor), ScaleEstimate(factor, source))

@@ -89,6 +89,29 @@ def test_predict_labels_rescales_to_the_model_pixel_size(oracle):
     assert labels.max() == truth.max()
 
 
+def test_zoom_predicts_on_a_finer_grid_and_maps_back(oracle):
+    """``inference.zoom``: the model sees the image enlarged (on top of the pixel-size
+    factor), labels and probabilities come back on the original grid, every disc found."""
+    seen = []
+
+    class Spy(DarkIsNucleus):
+        def forward(self, x):
+            seen.append(x.shape[0] * x.shape[2] * x.shape[3])
+            return super().forward(x)
+
+    image, truth = disc_image(100, 120)
+    spy = LoadedModel(**{**oracle.__dict__, "model": Spy().eval(), "pixel_size_um": 0.25})
+    pixels = {}
+    for zoom in (1.0, 2.0):
+        seen.clear()
+        cfg = spy.config.inference.model_copy(update={"zoom": zoom})
+        labels, probs = predict_labels(spy, image, HE, cfg, pixel_size_um=0.5)
+        assert labels.shape == truth.shape and probs.shape[1:] == truth.shape
+        assert labels.max() == truth.max()
+        pixels[zoom] = sum(seen)
+    assert pixels[2.0] > 3 * pixels[1.0]  # 4x the area (less tile-overlap slack)
+
+
 def test_predict_labels_banded_path(oracle):
     image, truth = disc_image(160, 120)
     cfg = oracle.config.inference.model_copy(
