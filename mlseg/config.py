@@ -51,8 +51,8 @@ class PreprocessConfig(Strict):
 
     target_pixel_size_um: float | None = Field(None, gt=0)
     # match: to stain_reference. Off: on train gbm40_he -> test cpm15_he (bench/robustness.py,
-    # CPU preset, 2,000 steps) CLAHE lowered Dice 0.763 -> 0.731 and global equalisation to
-    # 0.703, both by losing pale nuclei (bench/README.md).
+    # CPU preset, 2,000 steps) CLAHE lowered Dice 0.763/0.782 -> 0.731/0.764 (2 seeds) and
+    # global equalisation to 0.703 (1 seed), both by losing pale nuclei (bench/README.md).
     equalize: Literal["none", "hist", "clahe", "match"] = "none"
     clahe_clip_limit: float = Field(2.0, gt=0)
     clahe_tile_grid: int = Field(8, ge=1)
