@@ -148,15 +148,13 @@ def score(
     from mlseg.dataset import list_pairs, mask_to_labels
     from mlseg.evaluate import WORST_SHOWN, score_labels
     from mlseg.io import read_image, read_mask
-    from mlseg.model import load_model
+    from mlseg.model import load_model, resolve_device
     from mlseg.plots import plot_worst
     from mlseg.scale import META_KEY, nucleus_diameter_px, statistic_of
     from mlseg.segment import predict_labels_scaled
 
     loaded = load_model(model_dir, device="cpu")
-    reference = loaded.meta.get(META_KEY)
-    from mlseg.model import resolve_device
-
+    reference, statistic = loaded.meta.get(META_KEY), statistic_of(loaded.meta)
     cfg = loaded.config.inference.model_copy(update=inference or {})
     loaded.model.to(resolve_device(cfg.device))
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
@@ -172,7 +170,7 @@ def score(
         row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
         # the factor the annotated nuclei ask for (training diameter / theirs): where it
         # and scale_factor agree, a poor score is the model's, not the scale's
-        truth_px = nucleus_diameter_px(truth, statistic=statistic_of(loaded.meta))
+        truth_px = nucleus_diameter_px(truth, statistic=statistic)
         row["truth_factor"] = reference / truth_px if reference and truth_px else None
         rows.append(row)
         caption = f"{name} Dice {row['dice']:.2f} AJI {row['aji']:.2f} x{scale.factor:.2f}"
