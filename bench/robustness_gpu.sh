@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU bars in one call on a lent device: four trainings share the one GPU.
 #
-#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm]
+#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds]
 #
 # bars (the default set):
 #   default_ab  default config, train gbm40_he      -> (a) cpm15 with pixel sizes, (b) without
@@ -30,11 +30,14 @@
 #   new_c            defaults, (c)
 #   small_a          resnet18 on 128-px patches, the CPU preset that met the (a) bars at
 #                    1,000 CPU steps, here at the bar's budget, (a)
+# seeds (the eighth session: the spread the bars sit in):
+#   seed0 ... seed6  the default config exactly as shipped (batch 8, train.max_steps),
+#                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
 set -u
-OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm]}
+OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds]}
 DEV=${2:-cuda}
 BUDGET=${3:-2500steps}
 DATA=${4:-../shared/data}
@@ -54,6 +57,8 @@ print('torch', torch.__version__, 'smp', smp.__version__, 'pydantic', pydantic._
 RUNS=$(mktemp -d /tmp/mlseg-robust-gpu.XXXX)
 common=(--device "$DEV" --preset default --budget "$BUDGET" --set train.batch_size=32
         --data "$DATA" --threads 3)
+n=${BUDGET%steps}  # BUDGET in steps; the shipped train.max_steps is 2,000
+plain=$((n < 2000 ? n : 2000))steps
 run() {  # name, robustness.py arguments... (stopped at LIMIT seconds from the start)
     local name=$1; shift
     timeout $((LIMIT - SECONDS)) python3 bench/robustness.py "${common[@]}" "$@" \
@@ -93,8 +98,6 @@ ablation)
         --set augment.blur_p=0.3 &
     ;;
 confirm)
-    n=${BUDGET%steps}  # BUDGET in steps; the shipped train.max_steps is 2,000
-    plain=$((n < 2000 ? n : 2000))steps
     {
         run new_ab --scenarios a,b
         rescore zoom_ab new_ab --scenarios a,b --set inference.zoom=1.5
@@ -106,7 +109,13 @@ confirm)
     run new_c --scenarios c &
     run small_a --scenarios a --set train.encoder=resnet18 --set train.patch_size=128 &
     ;;
-*) echo "unknown set $SET (bars, ablation or confirm)"; exit 2 ;;
+seeds)
+    for seed in ${SEEDS:-0 1 2 3 4 5 6}; do
+        run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
+            --set train.seed="$seed" &
+    done
+    ;;
+*) echo "unknown set $SET (bars, ablation, confirm or seeds)"; exit 2 ;;
 esac
 for pid in $(jobs -p); do [ "$pid" = "$smi" ] || wait "$pid"; done
 [ -n "$smi" ] && kill "$smi"

@@ -138,7 +138,8 @@ class TrainConfig(Strict):
     # the paper's p 0.5 on train gbm40_he -> test cpm15_he (bench/robustness.py, CPU preset)
     # Dice rose 0.763 -> 0.778 and 0.782 -> 0.821 at 2,000 steps (2 seeds) but fell
     # 0.768 -> 0.717 at 4,000 steps (1 seed); on gbm40+cpm15 -> dsb2018 0.742 -> 0.770
-    # at 1,000 steps (bench/README.md). Measure it at your budget.
+    # at 1,000 steps; at the GPU budget (resnet34, 2,500 steps of batch 32, one H100)
+    # 0.762 -> 0.689, one seed (bench/README.md). Measure it at your budget.
     mixstyle_p: float = Field(0.0, ge=0, le=1)
     mixstyle_alpha: float = Field(0.1, gt=0)
     num_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 leaves torch's default
@@ -178,7 +179,8 @@ class InferenceConfig(Strict):
     # estimate), e.g. 1.5 shows the model every nucleus 1.5x larger than in training, at
     # 2.25x the time. Off: on train gbm40_he -> test cpm15_he (bench/robustness.py, CPU
     # preset, 2,000 steps) 1.5 moved Dice 0.763 -> 0.790 on one checkpoint and
-    # 0.782 -> 0.762 on another, with the validation split unchanged (bench/README.md).
+    # 0.782 -> 0.762 on another, with the validation split unchanged; on a GPU checkpoint
+    # (resnet34, one H100) 0.762 -> 0.693 (bench/README.md).
     zoom: float = Field(1.0, ge=0.25, le=4.0)
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = Field(0.125, gt=0, le=1)
