@@ -153,3 +153,26 @@ def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsy
     assert main(["monitor", str(tmp_path / "dark"), *args, "--out", str(tmp_path / "d.csv")]) == 1
     assert "error:" in capsys.readouterr().err
     assert (tmp_path / "d.csv").is_file()
+
+
+def test_another_labs_slides_drift_and_more_of_the_training_labs_do_not(shared_data) -> None:
+    """Real H&E: a fingerprint of 30 GBM40 tiles passes the other 10 and fails CPM15.
+
+    CPM15 is the lab the cross-lab benchmark (bench/robustness.py) under-counts by a fifth;
+    the monitor is what tells a user not to trust those counts before anyone annotates.
+    """
+    from mlseg.io import read_image
+
+    gbm = sorted((shared_data / "gbm40_he" / "original").glob("*.png"))
+    cpm = sorted((shared_data / "cpm15_he" / "original").glob("*.png"))
+    held_out = gbm[::4]
+    reference = [p for p in gbm if p not in held_out]
+    fp = _fingerprint_of(_stats([read_image(p) for p in reference]), size=512)
+
+    same = monitor.drift_report(_stats([read_image(p) for p in held_out]), fp)
+    other = monitor.drift_report(_stats([read_image(p) for p in cpm]), fp)
+
+    assert same.status == "ok", same.message
+    assert other.status == "fail", other.message
+    failed = set(other.table.loc[other.table["status"].eq("fail"), "statistic"])
+    assert "od_hematoxylin_mean" in failed, other.message
