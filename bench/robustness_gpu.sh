@@ -32,7 +32,8 @@
 #                    1,000 CPU steps, here at the bar's budget, (a)
 # seeds (the eighth session: the spread the bars sit in):
 #   seed0 ... seed6  the default config exactly as shipped (batch 8, train.max_steps),
-#                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b)
+#                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b); EXTRA="--set k=v ..."
+#                    measures a change across the same seeds
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
@@ -110,9 +111,10 @@ confirm)
     run small_a --scenarios a --set train.encoder=resnet18 --set train.patch_size=128 &
     ;;
 seeds)
+    read -ra extra <<<"${EXTRA:-}"
     for seed in ${SEEDS:-0 1 2 3 4 5 6}; do
         run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
-            --set train.seed="$seed" &
+            --set train.seed="$seed" "${extra[@]}" &
     done
     ;;
 *) echo "unknown set $SET (bars, ablation, confirm or seeds)"; exit 2 ;;

@@ -332,7 +332,7 @@ def _start(
         from mlseg.mixstyle import attach
 
         style_rng = attach(model, tc.encoder, tc.mixstyle_p, tc.mixstyle_alpha, tc.seed)
-        if state is not None and "mixstyle_rng" in state:
+        if style_rng is not None and state is not None and "mixstyle_rng" in state:
             style_rng.bit_generator.state = state["mixstyle_rng"]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda"
