@@ -13,7 +13,10 @@ Scenarios (``--scenarios``, comma-separated):
 Pixel sizes are data (CSV files handed to :func:`mlseg.ingest.ingest`), never code. Each
 scenario prints a per-image table (with the scale factor used), the means of Dice, AJI,
 PQ, F1@0.5 and the median relative count error, writes ``worst_<scenario>.png``
-(image | truth | prediction) and ends with one JSON line per scenario.
+(image | truth | prediction) and ends with one JSON line per scenario. For a and b it also
+prints the recall of the annotated nuclei by how pale they are (mean haematoxylin optical
+density after Macenko normalisation) against GBM40's annotated nuclei, and writes
+``per_nucleus_<scenario>.csv``.
 
     python bench/robustness.py --budget 8min --device cpu --threads 2      # CPU, reduced
     python bench/robustness.py --budget 2500steps --device cuda --preset default   # GPU bar
@@ -55,8 +58,12 @@ def flat_source(out: Path, sources: list[Path], stems: dict[Path, set[str]] | No
             if image.suffix.lower() != ".png" or (keep is not None and image.stem not in keep):
                 continue
             mask = src / "masks" / f"{image.stem}_mask.png"
-            (out / "original" / image.name).symlink_to(image.resolve())
-            (out / "masks" / mask.name).symlink_to(mask.resolve())
+            for target, link in (
+                (image, out / "original" / image.name),
+                (mask, out / "masks" / mask.name),
+            ):
+                if not link.is_symlink():  # a rerun into the same --out keeps its links
+                    link.symlink_to(target.resolve())
     return out
 
 
@@ -65,6 +72,8 @@ def ingest_all(src: Path, dst: Path, pixel_sizes: list[Path] | None) -> Path:
     (``test_fraction=0``), with per-image pixel sizes from the CSV files given."""
     from mlseg.ingest import ingest
 
+    if (dst / "manifest.csv").is_file():  # a rerun into the same --out: ingested already
+        return dst
     table = None
     if pixel_sizes:
         import pandas as pd
@@ -131,6 +140,66 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     return diameter
 
 
+def paleness(image, labels):
+    """Mean haematoxylin optical density of each nucleus of ``labels`` (ascending label
+    order) after Macenko normalisation: a lab-independent measure of how pale it is."""
+    import numpy as np
+
+    from mlseg.config import get_profile
+    from mlseg.preprocess import macenko
+    from mlseg.quantify import measure
+
+    normalised = (macenko(image) * 255).round().astype(np.uint8)
+    table = measure(labels, normalised, get_profile("he"), pixel_size_um=None)
+    return table["hematoxylin_od_mean"].to_numpy()
+
+
+def training_paleness(root: Path) -> tuple[float, float]:
+    """5th and 25th percentiles of :func:`paleness` over the annotated nuclei of a
+    ``original/`` + ``masks/*_mask.png`` folder (the training lab)."""
+    import numpy as np
+
+    from mlseg.dataset import mask_to_labels
+    from mlseg.io import read_image, read_mask
+
+    values = [
+        paleness(read_image(path), mask_to_labels(read_mask(mask), "instance"))
+        for path in sorted((root / "original").glob("*.png"))
+        if (mask := root / "masks" / f"{path.stem}_mask.png").is_file()
+    ]
+    p5, p25 = np.percentile(np.concatenate(values), [5, 25])
+    return float(p5), float(p25)
+
+
+def best_iou(pred, truth):
+    """Each true object's best IoU with any predicted object (ascending label order)."""
+    import numpy as np
+
+    from mlseg.metrics import contingency
+
+    ti, pi, inter, true_area, pred_area = contingency(pred, truth)
+    best = np.zeros(true_area.size)
+    np.maximum.at(best, ti, inter / (true_area[ti] + pred_area[pi] - inter))
+    return best
+
+
+def recall_by_paleness(nuclei, reference: tuple[float, float]) -> dict:
+    """Object recall (IoU > 0.5) of the test nuclei in three bands of the training lab's
+    paleness: paler than its 5th percentile, 5th-25th, the rest (None: no nucleus there)."""
+    p5, p25 = reference
+    bands = {
+        "pale": nuclei["hematoxylin_od_mean"] <= p5,
+        "light": (nuclei["hematoxylin_od_mean"] > p5) & (nuclei["hematoxylin_od_mean"] <= p25),
+        "typical": nuclei["hematoxylin_od_mean"] > p25,
+    }
+    out = {}
+    for band, mask in bands.items():
+        found = nuclei.loc[mask, "best_iou"] > 0.5
+        out[f"share_{band}"] = round(float(mask.mean()), 3)
+        out[f"recall_{band}"] = round(float(found.mean()), 3) if found.size else None
+    return out
+
+
 def score(
     model_dir: Path,
     root: Path,
@@ -138,9 +207,12 @@ def score(
     out_png: Path,
     name: str,
     inference: dict | None = None,
+    nuclei: list | None = None,
 ):
     """Per-image scores of every labelled image of ``root``'s train split (as a test set);
-    ``inference`` overrides keys of the checkpoint's inference config (e.g. ``tta``)."""
+    ``inference`` overrides keys of the checkpoint's inference config (e.g. ``tta``).
+    ``nuclei``, if given, receives one table per image: each annotated nucleus's paleness
+    and best IoU with the prediction."""
     import numpy as np
     import pandas as pd
 
@@ -167,6 +239,9 @@ def score(
         pred, _, scale = predict_labels_scaled(loaded, image, profile, cfg, pixel_size_um=px)
         seconds = time.perf_counter() - t0
         row = {"stem": pair.stem[:16], **score_labels(np.asarray(pred, np.int32), truth)}
+        if nuclei is not None:
+            table = pd.DataFrame({"stem": pair.stem, "hematoxylin_od_mean": paleness(image, truth)})
+            nuclei.append(table.assign(best_iou=best_iou(np.asarray(pred, np.int32), truth)))
         row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
         # the factor the annotated nuclei ask for (training diameter / theirs): where it
         # and scale_factor agree, a poor score is the model's, not the scale's
@@ -184,7 +259,24 @@ def score(
     return df, means
 
 
-def report(name: str, df, means: dict, extra: dict) -> dict:
+def bands_line(name: str, bands: dict, n: int) -> str:
+    parts = []
+    for band, label in (
+        ("pale", "paler than its 5th percentile"),
+        ("light", "5th-25th"),
+        ("typical", "above its 25th"),
+    ):
+        found = bands[f"recall_{band}"]
+        found_text = "none" if found is None else f"{found:.0%} found"
+        parts.append(f"{label} {bands[f'share_{band}']:.0%} of nuclei, {found_text}")
+    return (
+        f"scenario {name}: recall (IoU > 0.5) of the {n} annotated nuclei by paleness "
+        "(haematoxylin OD after Macenko) against the training lab's annotated nuclei: "
+        + "; ".join(parts)
+    )
+
+
+def report(name: str, df, means: dict, extra: dict, note: str = "") -> dict:
     import pandas as pd
 
     cols = ["stem", "pixel_size_um", "scale_factor", "scale_source", "est_diameter_px"]
@@ -204,6 +296,8 @@ def report(name: str, df, means: dict, extra: dict) -> dict:
         f"median |count error| {means['median_count_error']:.1%}"
         + (f"  bars {bars} met: {verdict}" if bars else "")
     )
+    if note:
+        print(note)
     summary = {"scenario": name, **{k: round(v, 4) for k, v in means.items()}, **extra}
     print(json.dumps(summary), flush=True)
     return summary
@@ -243,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {args.data} has no gbm40_he (the shared data is absent)")
         return 0
 
+    import pandas as pd
     import torch
 
     from mlseg.config import load_config
@@ -278,12 +373,19 @@ def main(argv: list[str] | None = None) -> int:
             result, seconds = train(cfg, gbm_root, out / "model_gbm40", args.budget)
             model_dir = result.out_dir
             extra.update(steps=result.steps, train_s=round(seconds, 1))
+        reference = training_paleness(gbm)
         for name, given in (("a", True), ("b", False)):
             if name in scenarios:
                 png = out / f"worst_{name}.png"
-                df, means = score(model_dir, cpm_root, given, png, name, sets["inference"])
+                nuclei: list = []
+                df, means = score(model_dir, cpm_root, given, png, name, sets["inference"], nuclei)
                 df.to_csv(out / f"per_image_{name}.csv", index=False)
-                summaries.append(report(name, df, means, {**extra, "model": str(model_dir)}))
+                table = pd.concat(nuclei, ignore_index=True)
+                table.to_csv(out / f"per_nucleus_{name}.csv", index=False)
+                bands = recall_by_paleness(table, reference)
+                extra_ab = {**extra, **bands, "model": str(model_dir)}
+                note = bands_line(name, bands, len(table))
+                summaries.append(report(name, df, means, extra_ab, note))
     if "c" in scenarios:
         both = ingest_all(
             flat_source(out / "src_both", [gbm, cpm]),
