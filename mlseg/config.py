@@ -87,7 +87,8 @@ class AugmentConfig(Strict):
     # +- hed_jitter. 0.2 is the "HED-strong" setting of Tellez et al. (2019), which
     # generalised best across centres there. On train gbm40_he -> test cpm15_he
     # (bench/robustness.py, CPU) it beat 0.03 by +0.03 Dice and -6 points of median count
-    # error at 300 steps (2 seeds); at 1,000 steps both gave Dice 0.75 (bench/README.md).
+    # error at 300 steps (2 seeds); at 1,000 steps both gave Dice 0.75; 0.3 gave 0.738
+    # against 0.763 at 2,000 steps, finding fewer pale nuclei (1 seed; bench/README.md).
     hed_jitter: float = Field(0.2, ge=0)
     hed_p: float = Field(0.5, ge=0, le=1)
     # Nucleus fade: haematoxylin inside the nuclei of a patch scaled by a smooth random
