@@ -140,17 +140,17 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     return diameter
 
 
-def paleness(image, labels):
+def paleness(image, labels, profile):
     """Mean haematoxylin optical density of each nucleus of ``labels`` (ascending label
-    order) after Macenko normalisation: a lab-independent measure of how pale it is."""
+    order) after Macenko normalisation: a lab-independent measure of how pale it is.
+    ``profile``: an H&E profile (its stain vectors unmix the normalised image)."""
     import numpy as np
 
-    from mlseg.config import get_profile
     from mlseg.preprocess import macenko
     from mlseg.quantify import measure
 
     normalised = (macenko(image) * 255).round().astype(np.uint8)
-    table = measure(labels, normalised, get_profile("he"), pixel_size_um=None)
+    table = measure(labels, normalised, profile, pixel_size_um=None)
     return table["hematoxylin_od_mean"].to_numpy()
 
 
@@ -159,11 +159,13 @@ def training_paleness(root: Path) -> tuple[float, float]:
     ``original/`` + ``masks/*_mask.png`` folder (the training lab)."""
     import numpy as np
 
+    from mlseg.config import get_profile
     from mlseg.dataset import mask_to_labels
     from mlseg.io import read_image, read_mask
 
+    profile = get_profile("he")
     values = [
-        paleness(read_image(path), mask_to_labels(read_mask(mask), "instance"))
+        paleness(read_image(path), mask_to_labels(read_mask(mask), "instance"), profile)
         for path in sorted((root / "original").glob("*.png"))
         if (mask := root / "masks" / f"{path.stem}_mask.png").is_file()
     ]
@@ -187,11 +189,8 @@ def recall_by_paleness(nuclei, reference: tuple[float, float]) -> dict:
     """Object recall (IoU > 0.5) of the test nuclei in three bands of the training lab's
     paleness: paler than its 5th percentile, 5th-25th, the rest (None: no nucleus there)."""
     p5, p25 = reference
-    bands = {
-        "pale": nuclei["hematoxylin_od_mean"] <= p5,
-        "light": (nuclei["hematoxylin_od_mean"] > p5) & (nuclei["hematoxylin_od_mean"] <= p25),
-        "typical": nuclei["hematoxylin_od_mean"] > p25,
-    }
+    od = nuclei["hematoxylin_od_mean"]
+    bands = {"pale": od <= p5, "light": (od > p5) & (od <= p25), "typical": od > p25}
     out = {}
     for band, mask in bands.items():
         found = nuclei.loc[mask, "best_iou"] > 0.5
@@ -238,10 +237,12 @@ def score(
         t0 = time.perf_counter()
         pred, _, scale = predict_labels_scaled(loaded, image, profile, cfg, pixel_size_um=px)
         seconds = time.perf_counter() - t0
-        row = {"stem": pair.stem[:16], **score_labels(np.asarray(pred, np.int32), truth)}
+        pred = np.asarray(pred, np.int32)
+        row = {"stem": pair.stem[:16], **score_labels(pred, truth)}
         if nuclei is not None:
-            table = pd.DataFrame({"stem": pair.stem, "hematoxylin_od_mean": paleness(image, truth)})
-            nuclei.append(table.assign(best_iou=best_iou(np.asarray(pred, np.int32), truth)))
+            od = paleness(image, truth, profile)
+            table = pd.DataFrame({"stem": pair.stem, "hematoxylin_od_mean": od})
+            nuclei.append(table.assign(best_iou=best_iou(pred, truth)))
         row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
         # the factor the annotated nuclei ask for (training diameter / theirs): where it
         # and scale_factor agree, a poor score is the model's, not the scale's
