@@ -34,6 +34,8 @@
 #   seed0 ... seed6  the default config exactly as shipped (batch 8, train.max_steps),
 #                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b); EXTRA="--set k=v ..."
 #                    measures a change across the same seeds
+#   seedN_nostain    seedN's model scored again without stain test-time augmentation
+#                    (the ninth session's default: +0.03 Dice on (a) on two CPU checkpoints)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
@@ -113,8 +115,12 @@ confirm)
 seeds)
     read -ra extra <<<"${EXTRA:-}"
     for seed in ${SEEDS:-0 1 2 3 4 5 6}; do
-        run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
-            --set train.seed="$seed" "${extra[@]}" &
+        {
+            run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
+                --set train.seed="$seed" "${extra[@]}"
+            rescore "seed${seed}_nostain" "seed$seed" --scenarios a,b \
+                --set "inference.stain_tta=[1.0]"
+        } &
     done
     ;;
 *) echo "unknown set $SET (bars, ablation, confirm or seeds)"; exit 2 ;;

@@ -27,7 +27,7 @@ from mlseg.errors import ConfigError
 # percentile concentrations, as published with their reference implementation.
 MACENKO_REF_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], np.float64)
 MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], np.float64)
-_OD_EPS = 1.0 / 255.0
+OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 8-bit step)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -220,7 +220,7 @@ def reinhard(image: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray)
 def optical_density(image: np.ndarray) -> np.ndarray:
     """RGB [0, 1] (or uint) -> optical density ``-log(I)``, ``(H, W, 3)`` float64 >= 0."""
     x = to_float(image).astype(np.float64)
-    return -np.log(np.clip(x, _OD_EPS, 1.0))
+    return -np.log(np.clip(x, OD_EPS, 1.0))
 
 
 def macenko_stains(

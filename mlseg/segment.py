@@ -23,6 +23,11 @@ in square microns then apply at the model's pixel size, as if the image had one.
 sees nuclei larger than it was trained on. Labels always come back on the original grid;
 measurements stay in pixels.
 
+Stain test-time augmentation (``inference.stain_tta``, on by default for H&E and IHC): the
+probabilities of the normalised image and of a copy with its haematoxylin 1.5x denser are
+averaged (:mod:`mlseg.infer`), so nuclei paler than the training lab's are found too;
+:func:`stain_gains` says when it applies.
+
 Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
 file and why): unreadable file, channel count other than the profile's, mask and image of
 different sizes, micron units without a pixel size. An image without nuclei gives an empty
@@ -42,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 import mlseg
-from mlseg.config import InferenceConfig, Profile, get_profile
+from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, tiff_pixel_size_um
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
@@ -188,6 +193,7 @@ def _predict_at(
     height, width = image.shape[:2]
     work = rescale(image, factor, 1.0) if factor != 1.0 else image
     x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
+    gains = stain_gains(cfg, profile, loaded.config.preprocess, loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)
     work_px = px / factor if px is not None else None
     lo, hi = area_limits_px(profile, work_px)
@@ -204,11 +210,14 @@ def _predict_at(
             min_area_px=lo,
             max_area_px=hi,
             device=device,
+            stain_gains=gains,
         )
         if labels.shape != (height, width):
             labels = resize_labels(labels, (height, width))
         return labels, None
-    probs = predict_probs(loaded.model, x, cfg, target=loaded.target, device=device)
+    probs = predict_probs(
+        loaded.model, x, cfg, target=loaded.target, device=device, stain_gains=gains
+    )
     labels = probs_to_labels(
         probs,
         loaded.target,
@@ -223,6 +232,20 @@ def _predict_at(
             [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs]
         )
     return labels, probs
+
+
+def stain_gains(
+    cfg: InferenceConfig, profile: Profile, preprocess: PreprocessConfig, channels: int
+) -> tuple[float, ...]:
+    """The haematoxylin gains of stain test-time augmentation that apply: ``cfg.stain_tta``
+    when the model sees an RGB brightfield image in [0, 1] (profile stain he or ihc, three
+    input channels, no intensity normalisation), else ``(1.0,)`` (off)."""
+    from mlseg.infer import NO_STAIN_TTA
+
+    brightfield = profile.stain in ("he", "ihc") and channels == 3
+    if brightfield and preprocess.intensity_norm == "none":
+        return tuple(cfg.stain_tta)
+    return NO_STAIN_TTA
 
 
 def _model_device(model):

@@ -44,6 +44,14 @@ def test_bad_value_names_key_and_file(tmp_path):
     assert "train.patch_size" in str(err.value) and "multiple of 32" in str(err.value)
 
 
+def test_stain_tta_gains_are_checked(tmp_path):
+    path = write(tmp_path / "bad.yaml", "inference:\n  stain_tta: [1.0, 0]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "inference.stain_tta" in str(err.value) and "[0.25, 4]" in str(err.value)
+    assert load_config(None, inference={"stain_tta": [1.0]}).inference.stain_tta == (1.0,)
+
+
 def test_unknown_top_level_section(tmp_path):
     path = write(tmp_path / "bad.yaml", "trainer: {}\n")
     with pytest.raises(ConfigError, match="unknown key 'trainer'"):

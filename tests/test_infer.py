@@ -16,6 +16,7 @@ from mlseg.infer import (
     tile_grid,
 )
 from mlseg.instances import probs_to_labels
+from mlseg.preprocess import MACENKO_REF_STAINS
 
 torch.set_num_threads(1)
 CFG = InferenceConfig(tile_size=128, overlap=0.25, batch_size=4)
@@ -110,6 +111,74 @@ def test_flip_tta_averages_flips():
     assert (
         np.abs(predict_probs(sym, image, CFG.model_copy(update={"tta": True})) - plain).max() < 1e-5
     )
+
+
+class HaematoxylinThreshold(nn.Module):
+    """Calls a pixel nucleus interior when its haematoxylin concentration (least squares on
+    the Macenko reference stains) exceeds ``threshold``: a model that learnt one lab's
+    nuclear density."""
+
+    def __init__(self, threshold: float = 0.5, steepness: float = 40.0):
+        super().__init__()
+        unmix = np.linalg.pinv(MACENKO_REF_STAINS)[0]
+        self.register_buffer("unmix", torch.tensor(unmix, dtype=torch.float32).view(1, 3, 1, 1))
+        self.threshold, self.steepness = threshold, steepness
+
+    def forward(self, x):
+        od = -torch.log(x.clamp(min=1e-6))
+        h = (od * self.unmix).sum(1, keepdim=True)
+        interior = self.steepness * (h - self.threshold)
+        return torch.cat([torch.zeros_like(h), interior, torch.full_like(h, -20.0)], dim=1)
+
+
+def he_image(haematoxylin: np.ndarray, eosin: float = 0.3) -> np.ndarray:
+    """RGB in [0, 1] mixed from the Macenko reference stains: ``haematoxylin`` ``(H, W)``
+    concentrations over a uniform eosin background."""
+    conc = np.stack([haematoxylin, np.full_like(haematoxylin, eosin)])
+    od = np.einsum("ij,jhw->hwi", MACENKO_REF_STAINS, conc)
+    return np.exp(-od).astype(np.float32)
+
+
+def test_stain_tta_finds_pale_nuclei_and_leaves_the_rest():
+    """Two nuclei, one as dense as the model learnt and one at 40% of that: averaging with
+    a copy 1.5x denser raises the pale one to an even call, keeps the dense one and leaves
+    the unstained background background."""
+    h = np.zeros((96, 160), np.float32)
+    yy, xx = np.mgrid[:96, :160]
+    dense, pale = (yy - 48) ** 2 + (xx - 40) ** 2 < 15**2, (yy - 48) ** 2 + (xx - 120) ** 2 < 15**2
+    h[dense], h[pale] = 1.0, 0.4
+    image, model = he_image(h), HaematoxylinThreshold()
+    plain = predict_probs(model, image, CFG)
+    tta = predict_probs(model, image, CFG, stain_gains=(1.0, 1.5))
+    assert plain[1][pale].mean() < 0.05 and tta[1][pale].mean() > 0.45
+    assert plain[1][dense].min() > 0.99 and tta[1][dense].min() > 0.99
+    assert tta[1][~dense & ~pale].max() < 1e-3
+    assert np.allclose(tta.sum(0), 1.0, atol=1e-5)
+
+
+def test_stain_tta_changes_nothing_without_haematoxylin():
+    """Unmixing and mixing again is exact: an image without haematoxylin (eosin plus a
+    colour neither stain explains, e.g. a pen mark; or DAB) gives the same probabilities
+    with any haematoxylin gain, whatever the model."""
+    rng = np.random.default_rng(5)
+    h, e = MACENKO_REF_STAINS.T
+    other = np.cross(h, e)
+    od = np.einsum("i,hw->hwi", e, rng.uniform(0.5, 1.0, (80, 120)))
+    od += np.einsum("i,hw->hwi", other / np.linalg.norm(other), rng.uniform(0, 0.5, (80, 120)))
+    image = np.exp(-od).astype(np.float32)
+    model = conv_model(3, seed=5)
+    plain = predict_probs(model, image, CFG)
+    for gains in [(1.0, 1.5), (0.5, 2.0)]:
+        assert np.abs(predict_probs(model, image, CFG, stain_gains=gains) - plain).max() < 1e-4
+    # IHC: DAB (the ihc profile's vector) has next to no haematoxylin in this frame, so a
+    # brown nucleus or membrane is left as it is
+    dab = np.array([0.268, 0.570, 0.776])
+    image = np.exp(
+        -np.einsum("i,hw->hwi", dab / np.linalg.norm(dab), rng.uniform(0, 1.5, (80, 120)))
+    )
+    plain = predict_probs(model, image.astype(np.float32), CFG)
+    tta = predict_probs(model, image.astype(np.float32), CFG, stain_gains=(1.0, 1.5))
+    assert np.abs(tta - plain).max() < 5e-3
 
 
 def test_bands_are_in_order_and_cover_every_row():
@@ -217,6 +286,12 @@ def test_cuda_matches_cpu():
     assert np.abs(cpu - gpu).max() < 5e-3
     tta = predict_probs(gpu_model, image, CFG.model_copy(update={"tta": True}), device="auto")
     assert np.allclose(tta.sum(0), 1.0, atol=1e-4)
+    he = he_image(np.linspace(0, 1.2, 700 * 500, dtype=np.float32).reshape(700, 500))
+    stain = [
+        predict_probs(m, he, CFG, device=d, stain_gains=(1.0, 1.5))
+        for m, d in ((model, "cpu"), (gpu_model, "cuda"))
+    ]
+    assert np.abs(stain[0] - stain[1]).max() < 5e-3
     blobs = blob_image(300, 260)
     cfg = CFG.model_copy(update={"band_rows": 64, "halo_px": 24})
     args = dict(

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from mlseg.config import Config, InferenceConfig, get_profile
+from mlseg.config import Config, InferenceConfig, PreprocessConfig, get_profile
 from mlseg.errors import ConfigError
 from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
-from mlseg.segment import predict_labels, quantify_folder, segment_folder
+from mlseg.segment import predict_labels, quantify_folder, segment_folder, stain_gains
 
 torch.set_num_threads(1)
 HE = get_profile("he")
@@ -78,6 +78,24 @@ def test_predict_labels_counts_every_disc(oracle):
     image, truth = disc_image(130, 170)
     labels, probs = predict_labels(oracle, image, HE, oracle.config.inference)
     assert labels.shape == truth.shape and probs.shape == (3, 130, 170)
+    assert labels.max() == truth.max()
+
+
+def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle):
+    """On by default for H&E and IHC; off for fluorescence, for a model fed intensity-
+    normalised input (not an RGB image in [0, 1] any more) and when the config says [1.0]."""
+    cfg, pre = InferenceConfig(), PreprocessConfig()
+    assert stain_gains(cfg, HE, pre, 3) == stain_gains(cfg, get_profile("ihc"), pre, 3)
+    assert len(stain_gains(cfg, HE, pre, 3)) > 1
+    assert stain_gains(cfg, get_profile("fluorescence"), pre, 1) == (1.0,)
+    assert stain_gains(cfg, HE, pre.model_copy(update={"intensity_norm": "zscore"}), 3) == (1.0,)
+    assert stain_gains(cfg.model_copy(update={"stain_tta": (1.0,)}), HE, pre, 3) == (1.0,)
+    # and predict_labels uses it: denser haematoxylin darkens the oracle's discs
+    image, truth = disc_image(130, 170)
+    off = oracle.config.inference.model_copy(update={"stain_tta": (1.0,)})
+    on = oracle.config.inference.model_copy(update={"stain_tta": (1.0, 2.0)})
+    (_, plain), (labels, tta) = (predict_labels(oracle, image, HE, c) for c in (off, on))
+    assert tta[1][truth > 0].mean() > plain[1][truth > 0].mean() + 1e-3
     assert labels.max() == truth.max()
 
 
