@@ -183,10 +183,11 @@ class InferenceConfig(Strict):
     # 0.782 -> 0.762 on another, with the validation split unchanged; on a GPU checkpoint
     # (resnet34, one H100) 0.762 -> 0.693 (bench/README.md).
     zoom: float = Field(1.0, ge=0.25, le=4.0)
-    # Stain test-time augmentation (RGB brightfield profiles, stain he/ihc, without intensity
-    # normalisation; ignored otherwise): the probabilities of the image as normalised and of
-    # a copy with its haematoxylin 1.5x denser are averaged, so nuclei paler than any the
-    # model was trained on are found too; one more forward pass per gain. [1.0] turns it off.
+    # Stain test-time augmentation (H&E/IHC RGB input after Macenko normalisation, as in the
+    # he profile, without intensity normalisation; ignored otherwise): the probabilities of
+    # the image as normalised and of a copy with its haematoxylin 1.5x denser are averaged,
+    # so nuclei paler than any the model was trained on are found too; one more forward
+    # pass per gain. [1.0] turns it off.
     # Train gbm40_he -> test cpm15_he (bench/robustness.py, CPU preset, 2,000 steps): Dice
     # 0.763 -> 0.794 and 0.782 -> 0.809 on two seeds, 0.825 -> 0.822 on a 1,000-step model
     # that already found the pale nuclei; on the GBM40 validation split -0.003 to +0.002;

@@ -82,19 +82,23 @@ def test_predict_labels_counts_every_disc(oracle):
 
 
 def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle):
-    """On by default for H&E and IHC; off for fluorescence, for a model fed intensity-
-    normalised input (not an RGB image in [0, 1] any more) and when the config says [1.0]."""
-    cfg, pre = InferenceConfig(), PreprocessConfig()
+    """On by default for Macenko-normalised H&E and IHC; off for fluorescence, without stain
+    normalisation (the haematoxylin direction is the slide's, not the reference's), for a
+    model fed intensity-normalised input and when the config says [1.0]."""
+    cfg, pre = InferenceConfig(), PreprocessConfig(stain_norm="macenko")
     assert stain_gains(cfg, HE, pre, 3) == stain_gains(cfg, get_profile("ihc"), pre, 3)
     assert len(stain_gains(cfg, HE, pre, 3)) > 1
     assert stain_gains(cfg, get_profile("fluorescence"), pre, 1) == (1.0,)
+    assert stain_gains(cfg, HE, PreprocessConfig(), 3) == (1.0,)
     assert stain_gains(cfg, HE, pre.model_copy(update={"intensity_norm": "zscore"}), 3) == (1.0,)
     assert stain_gains(cfg.model_copy(update={"stain_tta": (1.0,)}), HE, pre, 3) == (1.0,)
     # and predict_labels uses it: denser haematoxylin darkens the oracle's discs
     image, truth = disc_image(130, 170)
+    config = oracle.config.model_copy(update={"preprocess": pre})
+    macenko = LoadedModel(**{**oracle.__dict__, "config": config})
     off = oracle.config.inference.model_copy(update={"stain_tta": (1.0,)})
     on = oracle.config.inference.model_copy(update={"stain_tta": (1.0, 2.0)})
-    (_, plain), (labels, tta) = (predict_labels(oracle, image, HE, c) for c in (off, on))
+    (_, plain), (labels, tta) = (predict_labels(macenko, image, HE, c) for c in (off, on))
     assert tta[1][truth > 0].mean() > plain[1][truth > 0].mean() + 1e-3
     assert labels.max() == truth.max()
 

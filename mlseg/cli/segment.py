@@ -76,9 +76,9 @@ def segment(
         bool | None,
         typer.Option(
             "--stain-tta/--no-stain-tta",
-            help="Stain test-time augmentation of H&E/IHC images: also predict with the "
-            "haematoxylin 1.5x denser and average (2x; on unless the model's config says "
-            "otherwise).",
+            help="Stain test-time augmentation of Macenko-normalised H&E/IHC images: also "
+            "predict with the haematoxylin 1.5x denser and average (2x the time; on unless "
+            "the model's config says otherwise).",
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
