@@ -189,7 +189,7 @@ class InferenceConfig(Strict):
     # so nuclei paler than any the model was trained on are found too; one more forward
     # pass per gain. [1.0] turns it off.
     # Train gbm40_he -> test cpm15_he (bench/robustness.py, CPU preset, 2,000 steps): Dice
-    # 0.763 -> 0.794, 0.782 -> 0.809 and 0.822 -> 0.834 on three seeds, 0.825 -> 0.822 on a
+    # 0.783 -> 0.808 on average over four seeds (+0.012 to +0.031), 0.825 -> 0.822 on a
     # 1,000-step model that already found the pale nuclei; on the GBM40 validation split
     # -0.004 to +0.002; gain 2 cost validation AJI (bench/README.md, "CPU figures, ninth
     # session"). Not yet measured on the GPU.
