@@ -42,6 +42,7 @@ left as it is.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,18 +161,17 @@ class _Source:
         return out
 
 
-def _stain_mixing(device):
-    """``(3, 3)`` float32 tensor: columns are the Macenko reference haematoxylin and eosin
-    optical-density vectors and their unit cross product (the residual), so unmixing with
-    its inverse and mixing again is exact."""
-    import torch
-
+@functools.cache
+def _stain_frame() -> tuple[np.ndarray, np.ndarray]:
+    """``(mixing, unmixing)``, ``(3, 3)`` float32: mixing's columns are the Macenko reference
+    haematoxylin and eosin optical-density vectors and their unit cross product (the
+    residual); unmixing is its inverse, so unmixing and mixing again is exact."""
     from mlseg.preprocess import MACENKO_REF_STAINS
 
     h, e = (v / np.linalg.norm(v) for v in MACENKO_REF_STAINS.T)
     residual = np.cross(h, e)
     mixing = np.stack([h, e, residual / np.linalg.norm(residual)], axis=1)
-    return torch.from_numpy(mixing.astype(np.float32)).to(device)
+    return mixing.astype(np.float32), np.linalg.inv(mixing).astype(np.float32)
 
 
 def _stain_variants(x, gains: tuple[float, ...]):
@@ -184,9 +184,9 @@ def _stain_variants(x, gains: tuple[float, ...]):
     if all(g == 1.0 for g in gains):
         yield from (x for _ in gains)
         return
-    mixing = _stain_mixing(x.device)
+    mixing, unmixing = (torch.from_numpy(m).to(x.device) for m in _stain_frame())
     od = -torch.log(x.clamp(min=OD_EPS, max=1.0))
-    conc = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(mixing), od)
+    conc = torch.einsum("ij,bjhw->bihw", unmixing, od)
     for gain in gains:
         if gain == 1.0:
             yield x
