@@ -98,11 +98,11 @@ def raw_forward(model, image: np.ndarray, cfg, target: str) -> float:
 
 
 def tiled(model, image: np.ndarray, cfg, target: str, profile, gains=(1.0,)) -> tuple[float, int]:
-    from mlseg.infer import predict_probs
+    from mlseg.infer import StainTTA, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
 
     start = time.perf_counter()
-    probs = predict_probs(model, image, cfg, target=target, stain_gains=gains)
+    probs = predict_probs(model, image, cfg, target=target, stain_tta=StainTTA(gains))
     lo, hi = area_limits_px(profile, None)
     labels = probs_to_labels(
         probs, target, profile.watershed, pixel_size_um=None, min_area_px=lo, max_area_px=hi

@@ -28,16 +28,16 @@ with 512-row bands, where the whole-image path needs about 40 bytes per image pi
 
 Flip test-time augmentation averages the probabilities of the tile, its horizontal, its
 vertical and its double flip (4x the forward passes). Stain test-time augmentation
-(``stain_gains``, for RGB brightfield input in [0, 1] only: the caller decides, see
-:func:`mlseg.segment.stain_gains`) averages over copies of the tile whose haematoxylin
-concentration is multiplied by each gain: the tile is unmixed into the Macenko reference
-stains (haematoxylin, eosin and their cross product, so a gain of 1 gives the tile back),
-the haematoxylin concentration scaled, and the tile mixed again (one more pass per gain;
-with flips, 4 per gain). A model trained on one lab's slides sees another lab's paler
-nuclei also as dense as it learnt them. The split is exact for images Macenko-normalised to
-the default reference; for other input the reference haematoxylin direction stands in for
-the slide's. DAB has next to no haematoxylin component in this frame, so IHC's brown is
-left as it is.
+(:class:`StainTTA`, for RGB brightfield input in [0, 1] only: the caller decides, see
+:func:`mlseg.segment.stain_tta_for`) averages over copies of the tile whose haematoxylin
+concentration is multiplied by each gain: the tile is unmixed into the stains it was
+Macenko-normalised to (haematoxylin, eosin and their cross product, so a gain of 1 gives the
+tile back), the haematoxylin concentration scaled, and the tile mixed again (one more pass
+per gain; with flips, 4 per gain). A model trained on one lab's slides sees another lab's
+paler nuclei also as dense as it learnt them. The split is exact for images normalised to
+those stains; for other input their haematoxylin direction stands in for the slide's. DAB
+has next to no haematoxylin component in Macenko's reference frame, so IHC's brown is left
+as it is.
 """
 
 from __future__ import annotations
@@ -52,7 +52,24 @@ import numpy as np
 from mlseg.config import InferenceConfig, WatershedConfig
 
 _FLIPS = ((), (3,), (2,), (2, 3))
-NO_STAIN_TTA = (1.0,)
+
+
+@dataclass(frozen=True)
+class StainTTA:
+    """Stain test-time augmentation (module docstring). ``gains``: haematoxylin
+    concentration multipliers, one forward pass each (``(1.0,)``: off). ``stains``: the
+    haematoxylin and eosin optical-density vectors the input was normalised to, as the
+    rows ``(h, e)`` of 3 floats (hashable); ``None``: Macenko's published reference."""
+
+    gains: tuple[float, ...] = (1.0,)
+    stains: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+    @property
+    def off(self) -> bool:
+        return all(g == 1.0 for g in self.gains)
+
+
+NO_STAIN_TTA = StainTTA()
 
 
 @dataclass(frozen=True)
@@ -162,32 +179,34 @@ class _Source:
 
 
 @functools.cache
-def _stain_frame() -> tuple[np.ndarray, np.ndarray]:
-    """``(mixing, unmixing)``, ``(3, 3)`` float32: mixing's columns are the Macenko reference
-    haematoxylin and eosin optical-density vectors and their unit cross product (the
-    residual); unmixing is its inverse, so unmixing and mixing again is exact."""
+def _stain_frame(stains: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(mixing, unmixing)``, ``(3, 3)`` float32: mixing's columns are the haematoxylin and
+    eosin optical-density vectors of ``stains`` (:attr:`StainTTA.stains`) and their unit
+    cross product (the residual); unmixing is its inverse, so unmixing and mixing again is
+    exact."""
     from mlseg.preprocess import MACENKO_REF_STAINS
 
-    h, e = (v / np.linalg.norm(v) for v in MACENKO_REF_STAINS.T)
+    h, e = MACENKO_REF_STAINS.T if stains is None else np.asarray(stains, np.float64)
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
     residual = np.cross(h, e)
     mixing = np.stack([h, e, residual / np.linalg.norm(residual)], axis=1)
     return mixing.astype(np.float32), np.linalg.inv(mixing).astype(np.float32)
 
 
-def _stain_variants(x, gains: tuple[float, ...]):
+def _stain_variants(x, tta: StainTTA):
     """Yield ``x`` (``(B, 3, h, w)`` RGB in [0, 1]) with its haematoxylin concentration
-    multiplied by each gain (a gain of 1: ``x`` itself)."""
+    multiplied by each gain of ``tta`` (a gain of 1: ``x`` itself)."""
     import torch
 
     from mlseg.preprocess import OD_EPS
 
-    if all(g == 1.0 for g in gains):
-        yield from (x for _ in gains)
+    if tta.off:
+        yield from (x for _ in tta.gains)
         return
-    mixing, unmixing = (torch.from_numpy(m).to(x.device) for m in _stain_frame())
+    mixing, unmixing = (torch.from_numpy(m).to(x.device) for m in _stain_frame(tta.stains))
     od = -torch.log(x.clamp(min=OD_EPS, max=1.0))
     conc = torch.einsum("ij,bjhw->bihw", unmixing, od)
-    for gain in gains:
+    for gain in tta.gains:
         if gain == 1.0:
             yield x
             continue
@@ -196,13 +215,13 @@ def _stain_variants(x, gains: tuple[float, ...]):
         yield torch.exp(-torch.einsum("ij,bjhw->bihw", mixing, scaled)).clamp(0.0, 1.0)
 
 
-def _forward(model, x, target: str, tta: bool, stain_gains: tuple[float, ...] = NO_STAIN_TTA):
+def _forward(model, x, target: str, tta: bool, stain_tta: StainTTA = NO_STAIN_TTA):
     """``(B, C, h, w)`` float32 tensor -> ``(B, K, h, w)`` float32 probabilities, same device:
-    the mean over the stain variants (``stain_gains``) and, with ``tta``, the flips."""
+    the mean over the stain variants (``stain_tta``) and, with ``tta``, the flips."""
     import torch
 
     total, n = None, 0
-    for xs in _stain_variants(x, stain_gains):
+    for xs in _stain_variants(x, stain_tta):
         for dims in _FLIPS if tta else ((),):
             xi = torch.flip(xs, dims) if dims else xs
             logits = model(xi)
@@ -232,7 +251,7 @@ def iter_prob_bands(
     *,
     target: str = "three_class",
     device="cpu",
-    stain_gains: tuple[float, ...] = NO_STAIN_TTA,
+    stain_tta: StainTTA = NO_STAIN_TTA,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(y0, probs)`` bands covering the image top to bottom in order.
 
@@ -240,6 +259,7 @@ def iter_prob_bands(
     ``image``: ``(H, W, C)`` array-like, already normalised (cast to float32 per tile).
     ``model``: ``nn.Module`` returning logits ``(N, K, h, w)``; evaluated under
     ``torch.inference_mode`` on ``device`` ("auto"/None: where its parameters are).
+    ``stain_tta``: stain test-time augmentation (:class:`StainTTA`; off by default).
     """
     import torch
 
@@ -294,7 +314,7 @@ def iter_prob_bands(
                 batch = torch.from_numpy(source.batch(chunk))
                 if cuda:
                     batch = batch.pin_memory().to(device, non_blocking=True)
-                probs = _forward(model, batch.to(device), target, cfg.tta, stain_gains)
+                probs = _forward(model, batch.to(device), target, cfg.tta, stain_tta)
                 for (y, x), p in zip(chunk, probs, strict=True):
                     if y > base:
                         yield from emit(y)
@@ -315,18 +335,18 @@ def predict_probs(
     *,
     target: str = "three_class",
     device="cpu",
-    stain_gains: tuple[float, ...] = NO_STAIN_TTA,
+    stain_tta: StainTTA = NO_STAIN_TTA,
 ) -> np.ndarray:
     """Tiled prediction of a whole image: ``(H, W, C)`` float32 -> ``(K, H, W) float32``.
 
     K = 1 (sigmoid foreground) for ``binary``, 3 (softmax: background, interior,
     boundary) for ``three_class``. See the module docstring for tiling, blending, padding,
-    memory and ``stain_gains``.
+    memory and ``stain_tta``.
     """
     height, width = int(image.shape[0]), int(image.shape[1])
     out = np.empty((_channels(target), height, width), dtype=np.float32)
     for y0, band in iter_prob_bands(
-        model, image, cfg, target=target, device=device, stain_gains=stain_gains
+        model, image, cfg, target=target, device=device, stain_tta=stain_tta
     ):
         out[:, y0 : y0 + band.shape[1]] = band
     return out
@@ -344,7 +364,7 @@ def predict_labels_banded(
     max_area_px: int,
     device="cpu",
     out: np.ndarray | None = None,
-    stain_gains: tuple[float, ...] = NO_STAIN_TTA,
+    stain_tta: StainTTA = NO_STAIN_TTA,
 ) -> np.ndarray:
     """Labels of a large image without holding its full probability map.
 
@@ -354,7 +374,7 @@ def predict_labels_banded(
     are written to ``out`` where it is still 0 (an object seen by two windows is written
     once). Objects taller than ``halo_px`` may be cut at the bottom of a window.
     ``out``: optional ``(H, W) int32`` array (e.g. a ``numpy.memmap``) to fill; returned.
-    ``stain_gains``: as in :func:`iter_prob_bands`.
+    ``stain_tta``: as in :func:`iter_prob_bands`.
     """
     from mlseg.instances import probs_to_labels
 
@@ -403,7 +423,7 @@ def predict_labels_banded(
         target_rows[free] = mapped[free]
 
     for _, band in iter_prob_bands(
-        model, image, cfg, target=target, device=device, stain_gains=stain_gains
+        model, image, cfg, target=target, device=device, stain_tta=stain_tta
     ):
         rows = band.shape[1]
         offset = 0

@@ -310,6 +310,29 @@ def reference_image(path: Path) -> np.ndarray:
     return _reference(str(path), path.stat().st_mtime)
 
 
+@functools.lru_cache(maxsize=8)
+def _reference_stains(path: str, mtime: float) -> tuple[np.ndarray, np.ndarray] | None:
+    return macenko_stains(_reference(path, mtime))
+
+
+def macenko_target(cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What Macenko normalisation maps every image to: ``(stains (3, 2) float64, unit
+    columns H then E; max_conc (2,))`` of ``preprocess.stain_reference`` (estimated once per
+    file), or the published reference without one."""
+    if cfg.stain_reference is None:
+        return MACENKO_REF_STAINS, MACENKO_REF_MAX_CONC
+    path = Path(cfg.stain_reference)
+    reference_image(path)  # a missing file is a ConfigError naming it
+    target = _reference_stains(str(path), path.stat().st_mtime)
+    if target is None:
+        raise ConfigError(
+            f"{path}: preprocess.stain_reference has too little stained tissue to estimate "
+            "its haematoxylin and eosin (fewer than 100 stained pixels); choose a reference "
+            "image that is mostly tissue"
+        )
+    return target
+
+
 def _needs_reference(cfg: PreprocessConfig, what: str) -> np.ndarray:
     if cfg.stain_reference is None:
         raise ConfigError(
@@ -346,12 +369,7 @@ def normalize(
         if cfg.stain_norm == "reinhard":
             x = reinhard(x, *lab_stats(_needs_reference(cfg, "reinhard")))
         else:
-            ref = (
-                macenko_stains(reference_image(cfg.stain_reference))
-                if cfg.stain_reference
-                else None
-            )
-            x = macenko(x, *ref) if ref is not None else macenko(x)
+            x = macenko(x, *macenko_target(cfg))
     if cfg.equalize == "hist":
         x = equalize_hist(x)
     elif cfg.equalize == "clahe":

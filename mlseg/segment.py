@@ -26,7 +26,7 @@ measurements stay in pixels.
 Stain test-time augmentation (``inference.stain_tta``, on by default for Macenko-normalised
 H&E and IHC, the ``he`` profile's setting): the probabilities of the normalised image and of
 a copy with its haematoxylin 1.5x denser are averaged (:mod:`mlseg.infer`), so nuclei paler
-than the training lab's are found too; :func:`stain_gains` says when it applies.
+than the training lab's are found too; :func:`stain_tta_for` says when it applies.
 
 Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
 file and why): unreadable file, channel count other than the profile's, mask and image of
@@ -49,6 +49,7 @@ import pandas as pd
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.errors import ConfigError, DatasetError, MlsegError
+from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, tiff_pixel_size_um
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
@@ -193,7 +194,7 @@ def _predict_at(
     height, width = image.shape[:2]
     work = rescale(image, factor, 1.0) if factor != 1.0 else image
     x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
-    gains = stain_gains(cfg, profile, loaded.config.preprocess, loaded.in_channels)
+    stain_tta = stain_tta_for(cfg, profile, loaded.config.preprocess, loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)
     work_px = px / factor if px is not None else None
     lo, hi = area_limits_px(profile, work_px)
@@ -210,13 +211,13 @@ def _predict_at(
             min_area_px=lo,
             max_area_px=hi,
             device=device,
-            stain_gains=gains,
+            stain_tta=stain_tta,
         )
         if labels.shape != (height, width):
             labels = resize_labels(labels, (height, width))
         return labels, None
     probs = predict_probs(
-        loaded.model, x, cfg, target=loaded.target, device=device, stain_gains=gains
+        loaded.model, x, cfg, target=loaded.target, device=device, stain_tta=stain_tta
     )
     labels = probs_to_labels(
         probs,
@@ -234,21 +235,26 @@ def _predict_at(
     return labels, probs
 
 
-def stain_gains(
+def stain_tta_for(
     cfg: InferenceConfig, profile: Profile, preprocess: PreprocessConfig, channels: int
-) -> tuple[float, ...]:
-    """The haematoxylin gains of stain test-time augmentation that apply: ``cfg.stain_tta``
+) -> StainTTA:
+    """The stain test-time augmentation that applies: ``cfg.stain_tta``'s gains, in the
+    stains of ``preprocess``'s Macenko target (:func:`mlseg.preprocess.macenko_target`),
     when the model sees a Macenko-normalised RGB brightfield image in [0, 1] (profile stain
     he or ihc, three input channels, ``preprocess.stain_norm`` macenko, no intensity
-    normalisation), else ``(1.0,)`` (off). Normalised, every slide's haematoxylin has the
-    reference's direction, the one the augmentation scales. Without normalisation it was
-    not measured on real slides, and on the synthetic demo set (a model trained on
-    un-normalised H&E, IHC and fluorescence images) it cost 0.01-0.02 Dice on the H&E tiles."""
-    from mlseg.infer import NO_STAIN_TTA
+    normalisation), else off. Normalised, every slide's haematoxylin has the target's
+    direction, the one the augmentation scales. Without normalisation it was not measured
+    on real slides, and on the synthetic demo set (a model trained on un-normalised H&E,
+    IHC and fluorescence images) it cost 0.01-0.02 Dice on the H&E tiles."""
+    from mlseg.preprocess import macenko_target
 
     brightfield = profile.stain in ("he", "ihc") and channels == 3
     normalised = preprocess.stain_norm == "macenko" and preprocess.intensity_norm == "none"
-    return tuple(cfg.stain_tta) if brightfield and normalised else NO_STAIN_TTA
+    tta = StainTTA(tuple(cfg.stain_tta))
+    if not (brightfield and normalised) or tta.off:
+        return NO_STAIN_TTA
+    stains = macenko_target(preprocess)[0]
+    return StainTTA(tta.gains, tuple(tuple(float(v) for v in col) for col in stains.T))
 
 
 def _model_device(model):

@@ -9,6 +9,7 @@ from torch import nn
 
 from mlseg.config import InferenceConfig, WatershedConfig
 from mlseg.infer import (
+    StainTTA,
     blend_window,
     iter_prob_bands,
     predict_labels_banded,
@@ -115,12 +116,12 @@ def test_flip_tta_averages_flips():
 
 class HaematoxylinThreshold(nn.Module):
     """Calls a pixel nucleus interior when its haematoxylin concentration (least squares on
-    the Macenko reference stains) exceeds ``threshold``: a model that learnt one lab's
-    nuclear density."""
+    ``stains``, by default the Macenko reference) exceeds ``threshold``: a model that learnt
+    one lab's nuclear density."""
 
-    def __init__(self, threshold: float = 0.5, steepness: float = 40.0):
+    def __init__(self, threshold=0.5, steepness=40.0, stains=MACENKO_REF_STAINS):
         super().__init__()
-        unmix = np.linalg.pinv(MACENKO_REF_STAINS)[0]
+        unmix = np.linalg.pinv(stains)[0]
         self.register_buffer("unmix", torch.tensor(unmix, dtype=torch.float32).view(1, 3, 1, 1))
         self.threshold, self.steepness = threshold, steepness
 
@@ -131,25 +132,35 @@ class HaematoxylinThreshold(nn.Module):
         return torch.cat([torch.zeros_like(h), interior, torch.full_like(h, -20.0)], dim=1)
 
 
-def he_image(haematoxylin: np.ndarray, eosin: float = 0.3) -> np.ndarray:
-    """RGB in [0, 1] mixed from the Macenko reference stains: ``haematoxylin`` ``(H, W)``
-    concentrations over a uniform eosin background."""
+def he_image(haematoxylin: np.ndarray, eosin=0.3, stains=MACENKO_REF_STAINS) -> np.ndarray:
+    """RGB in [0, 1] mixed from ``stains`` (by default the Macenko reference):
+    ``haematoxylin`` ``(H, W)`` concentrations over a uniform eosin background."""
     conc = np.stack([haematoxylin, np.full_like(haematoxylin, eosin)])
-    od = np.einsum("ij,jhw->hwi", MACENKO_REF_STAINS, conc)
+    od = np.einsum("ij,jhw->hwi", stains, conc)
     return np.exp(-od).astype(np.float32)
 
 
-def test_stain_tta_finds_pale_nuclei_and_leaves_the_rest():
+# a reference slide's own stains (columns H, E), as preprocess.stain_reference gives them
+OTHER_STAINS = np.array([[0.70, 0.10], [0.65, 0.90], [0.30, 0.42]]) / np.linalg.norm(
+    [[0.70, 0.10], [0.65, 0.90], [0.30, 0.42]], axis=0
+)
+
+
+@pytest.mark.parametrize("stains", [None, OTHER_STAINS], ids=["reference", "custom"])
+def test_stain_tta_finds_pale_nuclei_and_leaves_the_rest(stains):
     """Two nuclei, one as dense as the model learnt and one at 40% of that: averaging with
     a copy 1.5x denser raises the pale one to an even call, keeps the dense one and leaves
-    the unstained background background."""
+    the unstained background background; in the stains the image was normalised to, the
+    published reference or a reference slide's own."""
+    frame = MACENKO_REF_STAINS if stains is None else stains
     h = np.zeros((96, 160), np.float32)
     yy, xx = np.mgrid[:96, :160]
     dense, pale = (yy - 48) ** 2 + (xx - 40) ** 2 < 15**2, (yy - 48) ** 2 + (xx - 120) ** 2 < 15**2
     h[dense], h[pale] = 1.0, 0.4
-    image, model = he_image(h), HaematoxylinThreshold()
+    image, model = he_image(h, stains=frame), HaematoxylinThreshold(stains=frame)
     plain = predict_probs(model, image, CFG)
-    tta = predict_probs(model, image, CFG, stain_gains=(1.0, 1.5))
+    as_tuples = None if stains is None else tuple(map(tuple, stains.T))
+    tta = predict_probs(model, image, CFG, stain_tta=StainTTA((1.0, 1.5), as_tuples))
     assert plain[1][pale].mean() < 0.05 and tta[1][pale].mean() > 0.45
     assert plain[1][dense].min() > 0.99 and tta[1][dense].min() > 0.99
     assert tta[1][~dense & ~pale].max() < 1e-3
@@ -169,7 +180,9 @@ def test_stain_tta_changes_nothing_without_haematoxylin():
     model = conv_model(3, seed=5)
     plain = predict_probs(model, image, CFG)
     for gains in [(1.0, 1.5), (0.5, 2.0)]:
-        assert np.abs(predict_probs(model, image, CFG, stain_gains=gains) - plain).max() < 1e-4
+        assert (
+            np.abs(predict_probs(model, image, CFG, stain_tta=StainTTA(gains)) - plain).max() < 1e-4
+        )
     # IHC: DAB (the ihc profile's vector) has next to no haematoxylin in this frame, so a
     # brown nucleus or membrane is left as it is
     dab = np.array([0.268, 0.570, 0.776])
@@ -177,8 +190,20 @@ def test_stain_tta_changes_nothing_without_haematoxylin():
         -np.einsum("i,hw->hwi", dab / np.linalg.norm(dab), rng.uniform(0, 1.5, (80, 120)))
     )
     plain = predict_probs(model, image.astype(np.float32), CFG)
-    tta = predict_probs(model, image.astype(np.float32), CFG, stain_gains=(1.0, 1.5))
+    tta = predict_probs(model, image.astype(np.float32), CFG, stain_tta=StainTTA((1.0, 1.5)))
     assert np.abs(tta - plain).max() < 5e-3
+
+
+def test_stain_tta_scales_the_haematoxylin_of_the_stains_it_is_given():
+    """A slide normalised to a reference slide's own stains: its eosin is left alone in
+    that frame; scaling the published reference's haematoxylin instead would change it."""
+    eosin_only = he_image(np.zeros((64, 96), np.float32), eosin=0.8, stains=OTHER_STAINS)
+    model = conv_model(3, seed=5)
+    plain = predict_probs(model, eosin_only, CFG)
+    own = StainTTA((1.0, 2.0), tuple(map(tuple, OTHER_STAINS.T)))
+    assert np.abs(predict_probs(model, eosin_only, CFG, stain_tta=own) - plain).max() < 1e-4
+    reference = StainTTA((1.0, 2.0))
+    assert np.abs(predict_probs(model, eosin_only, CFG, stain_tta=reference) - plain).max() > 1e-3
 
 
 def test_bands_are_in_order_and_cover_every_row():
@@ -288,7 +313,7 @@ def test_cuda_matches_cpu():
     assert np.allclose(tta.sum(0), 1.0, atol=1e-4)
     he = he_image(np.linspace(0, 1.2, 700 * 500, dtype=np.float32).reshape(700, 500))
     stain = [
-        predict_probs(m, he, CFG, device=d, stain_gains=(1.0, 1.5))
+        predict_probs(m, he, CFG, device=d, stain_tta=StainTTA((1.0, 1.5)))
         for m, d in ((model, "cpu"), (gpu_model, "cuda"))
     ]
     assert np.abs(stain[0] - stain[1]).max() < 5e-3

@@ -16,6 +16,7 @@ from mlseg.preprocess import (
     lab_stats,
     macenko,
     macenko_stains,
+    macenko_target,
     match_histograms,
     normalize,
     percentile_norm,
@@ -197,13 +198,30 @@ def test_normalize_with_reference_file(tmp_path) -> None:
     assert np.allclose(lab_stats(out)[0], lab_stats(ref)[0], atol=2.0)
     out = normalize(img, PreprocessConfig(equalize="match", stain_reference=path))
     assert out.shape == img.shape
-    assert np.isfinite(
-        normalize(img, PreprocessConfig(stain_norm="macenko", stain_reference=path))
-    ).all()
+
+
+def test_macenko_to_a_reference_file_takes_its_stains(tmp_path) -> None:
+    from mlseg.io import write_image
+
+    other = np.array([[0.70, 0.10], [0.65, 0.90], [0.30, 0.42]])
+    other = other / np.linalg.norm(other, axis=0)
+    path = write_image(tmp_path / "ref.png", (_he_image(other, seed=5) * 255).astype(np.uint8))
+    cfg = PreprocessConfig(stain_norm="macenko", stain_reference=path)
+    stains, _ = macenko_target(cfg)
+    assert np.all(np.sum(stains * other, axis=0) > 0.98)
+    out = normalize((_he_image(MACENKO_REF_STAINS, seed=6) * 255).astype(np.uint8), cfg)
+    est = macenko_stains(out)
+    assert est is not None and np.all(np.sum(est[0] * other, axis=0) > 0.98)
+    assert macenko_target(PreprocessConfig(stain_norm="macenko"))[0] is MACENKO_REF_STAINS
 
 
 def test_normalize_bad_requests_are_config_errors(tmp_path) -> None:
+    from mlseg.io import write_image
+
     img = np.zeros((8, 8, 3), np.uint8)
+    blank = write_image(tmp_path / "blank.png", np.full((32, 32, 3), 250, np.uint8))
+    with pytest.raises(ConfigError, match="blank.png.*too little stained tissue"):
+        normalize(img, PreprocessConfig(stain_norm="macenko", stain_reference=blank))
     with pytest.raises(ConfigError, match="stain_reference"):
         normalize(img, PreprocessConfig(stain_norm="reinhard"))
     with pytest.raises(ConfigError, match="RGB H&E/IHC"):

@@ -15,7 +15,7 @@ from mlseg.config import Config, InferenceConfig, PreprocessConfig, get_profile
 from mlseg.errors import ConfigError
 from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
-from mlseg.segment import predict_labels, quantify_folder, segment_folder, stain_gains
+from mlseg.segment import predict_labels, quantify_folder, segment_folder, stain_tta_for
 
 torch.set_num_threads(1)
 HE = get_profile("he")
@@ -81,17 +81,29 @@ def test_predict_labels_counts_every_disc(oracle):
     assert labels.max() == truth.max()
 
 
-def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle):
-    """On by default for Macenko-normalised H&E and IHC; off for fluorescence, without stain
-    normalisation (the haematoxylin direction is the slide's, not the reference's), for a
-    model fed intensity-normalised input and when the config says [1.0]."""
+def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
+    """On by default for Macenko-normalised H&E and IHC, in the stains they were normalised
+    to; off for fluorescence, without stain normalisation (the haematoxylin direction is
+    the slide's, not the reference's), for a model fed intensity-normalised input and when
+    the config says [1.0]."""
+    from mlseg.io import write_image
+    from mlseg.preprocess import macenko_target
+
     cfg, pre = InferenceConfig(), PreprocessConfig(stain_norm="macenko")
-    assert stain_gains(cfg, HE, pre, 3) == stain_gains(cfg, get_profile("ihc"), pre, 3)
-    assert len(stain_gains(cfg, HE, pre, 3)) > 1
-    assert stain_gains(cfg, get_profile("fluorescence"), pre, 1) == (1.0,)
-    assert stain_gains(cfg, HE, PreprocessConfig(), 3) == (1.0,)
-    assert stain_gains(cfg, HE, pre.model_copy(update={"intensity_norm": "zscore"}), 3) == (1.0,)
-    assert stain_gains(cfg.model_copy(update={"stain_tta": (1.0,)}), HE, pre, 3) == (1.0,)
+    on = stain_tta_for(cfg, HE, pre, 3)
+    assert on == stain_tta_for(cfg, get_profile("ihc"), pre, 3)
+    assert len(on.gains) > 1 and not on.off
+    assert np.allclose(np.array(on.stains).T, macenko_target(pre)[0])
+    assert stain_tta_for(cfg, get_profile("fluorescence"), pre, 1).off
+    assert stain_tta_for(cfg, HE, PreprocessConfig(), 3).off
+    assert stain_tta_for(cfg, HE, pre.model_copy(update={"intensity_norm": "zscore"}), 3).off
+    assert stain_tta_for(cfg.model_copy(update={"stain_tta": (1.0,)}), HE, pre, 3).off
+    # a reference slide: its own stains, as Macenko normalisation maps every image to them
+    image, _ = disc_image(130, 170)
+    custom = pre.model_copy(update={"stain_reference": write_image(tmp_path / "ref.png", image)})
+    got = stain_tta_for(cfg, HE, custom, 3)
+    assert np.allclose(np.array(got.stains).T, macenko_target(custom)[0])
+    assert not np.allclose(np.array(got.stains).T, macenko_target(pre)[0], atol=0.02)
     # and predict_labels uses it: denser haematoxylin darkens the oracle's discs
     image, truth = disc_image(130, 170)
     config = oracle.config.model_copy(update={"preprocess": pre})
