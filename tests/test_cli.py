@@ -58,3 +58,12 @@ def test_console_script_entry_point(tmp_path):
         out.stderr.strip()
         == f"error: {tmp_path / 'missing'}: source folder not found; check the path"
     )
+
+
+def test_stain_tta_flag_keeps_the_models_own_gains():
+    from mlseg.cli.segment import _stain_gains
+    from mlseg.config import InferenceConfig
+
+    assert _stain_gains(True, (1.0, 1.3)) == (1.0, 1.3)
+    assert _stain_gains(True, (1.0,)) == InferenceConfig().stain_tta != (1.0,)
+    assert _stain_gains(False, (1.0, 1.3)) == (1.0,)

@@ -50,10 +50,14 @@ def _report(result, verb: str) -> None:
         raise typer.Exit(code=1)
 
 
-def _stain_gains(on: bool) -> tuple[float, ...]:
+def _stain_gains(on: bool, configured: tuple[float, ...]) -> tuple[float, ...]:
+    """``--stain-tta``: the model's own gains if its config has any, else the default ones;
+    ``--no-stain-tta``: off."""
     from mlseg.config import InferenceConfig
 
-    return InferenceConfig().stain_tta if on else (1.0,)
+    if not on:
+        return (1.0,)
+    return configured if any(g != 1.0 for g in configured) else InferenceConfig().stain_tta
 
 
 def segment(
@@ -96,7 +100,7 @@ def segment(
             "overlap": overlap,
             "batch_size": batch_size,
             "tta": tta,
-            "stain_tta": None if stain_tta is None else _stain_gains(stain_tta),
+            "stain_tta": stain_tta,
             "device": device,
         }.items()
         if v is not None
@@ -104,6 +108,8 @@ def segment(
     cfg = None
     if overrides:
         base = load_model(model, device="cpu").config.inference
+        if stain_tta is not None:
+            overrides["stain_tta"] = _stain_gains(stain_tta, base.stain_tta)
         cfg = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
     result = segment_folder(
         model,
