@@ -189,10 +189,10 @@ class InferenceConfig(Strict):
     # so nuclei paler than any the model was trained on are found too; one more forward
     # pass per gain. [1.0] turns it off.
     # Train gbm40_he -> test cpm15_he (bench/robustness.py, CPU preset, 2,000 steps): Dice
-    # 0.783 -> 0.808 on average over four seeds (+0.012 to +0.031), 0.825 -> 0.822 on a
+    # 0.775 -> 0.805 on average over six seeds (+0.012 to +0.046), 0.825 -> 0.822 on a
     # 1,000-step model that already found the pale nuclei; on the GBM40 validation split
     # -0.004 to +0.002; gain 2 cost validation AJI (bench/README.md, "CPU figures, ninth
-    # session"). Not yet measured on the GPU.
+    # session" and "tenth session"). Not yet measured on the GPU.
     stain_tta: tuple[float, ...] = Field((1.0, 1.5), min_length=1, max_length=8)
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = Field(0.125, gt=0, le=1)
