@@ -54,10 +54,11 @@ def _stain_gains(on: bool, configured: tuple[float, ...]) -> tuple[float, ...]:
     """``--stain-tta``: the model's own gains if its config has any, else the default ones;
     ``--no-stain-tta``: off."""
     from mlseg.config import InferenceConfig
+    from mlseg.infer import StainTTA
 
     if not on:
         return (1.0,)
-    return configured if any(g != 1.0 for g in configured) else InferenceConfig().stain_tta
+    return InferenceConfig().stain_tta if StainTTA(configured).off else configured
 
 
 def segment(
