@@ -70,11 +70,11 @@ def model_config(model: str):
 
 
 def model_id(model: str) -> str:
-    """``<weights file name>@<content hash>``: what ``<stem>.json`` records as the model."""
+    """What ``<stem>.json`` records as the model (:func:`mlseg.segment.model_identity`)."""
     from mlseg.model import checkpoint_path
+    from mlseg.segment import model_identity
 
-    weights = checkpoint_path(model)
-    return f"{weights.name}@{file_digest(weights)}"
+    return model_identity(checkpoint_path(model), model_config(model).preprocess)
 
 
 # ----------------------------------------------------------------------------- one batch

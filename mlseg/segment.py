@@ -364,6 +364,20 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_identity(weights: Path, preprocess: PreprocessConfig) -> str:
+    """``<weights file name>@<content hash>``: what ``<stem>.json`` records as the model.
+
+    A model that normalises stains to its own reference image (``preprocess.stain_reference``)
+    adds ``+<reference name>@<content hash>``: the reference shapes every prediction, so an
+    edited reference redoes the images like a new model would.
+    """
+    ident = f"{Path(weights).name}@{_file_digest(weights)}"
+    reference = preprocess.stain_reference
+    if reference is not None and Path(reference).is_file():  # missing: segmenting says so
+        ident += f"+{Path(reference).name}@{_file_digest(reference)}"
+    return ident
+
+
 def _read_table(out_dir: Path, summary: dict) -> pd.DataFrame:
     name = (summary.get("outputs") or {}).get("parquet")
     try:
@@ -471,7 +485,7 @@ def segment_folder(
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
-    model_id = f"{loaded.path.name if loaded.path else model_path}@{_file_digest(loaded.path)}"
+    model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = _settings_hash(
         profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um
     )

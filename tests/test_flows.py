@@ -123,6 +123,25 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
     assert [r["status"] for r in changed] == ["processed", "skipped"]
 
 
+def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:
+    """A model normalising to its own reference image: editing the image in place changes
+    the model's identity, so finished images are redone and the batch cache misses."""
+    from flows.segment import model_id
+
+    model = tiny_checkpoint(tmp_path / "model")
+    plain = model_id(str(model))
+    reference = tmp_path / "reference.png"
+    reference.write_bytes(b"first stain batch")
+    config = model / "config.json"
+    saved = json.loads(config.read_text())
+    saved["preprocess"]["stain_reference"] = str(reference)
+    config.write_text(json.dumps(saved))
+    first = model_id(str(model))
+    assert first.startswith(plain) and "reference.png@" in first
+    reference.write_bytes(b"another stain batch")
+    assert model_id(str(model)) not in (plain, first)
+
+
 # ----------------------------------------------------------------------------- flows
 
 
