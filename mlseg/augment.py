@@ -15,7 +15,8 @@ everything after it is a pure function of the parameters, which keeps it reprodu
   positions, so image and target stay aligned.
 - Photometry (:func:`photometric`): nucleus fade (haematoxylin inside the nuclei of the
   target's class map scaled by a smooth random field, so pale nuclei appear beside dark
-  ones; H&E/IHC RGB only), HED stain jitter (Tellez et al. 2018), brightness
+  ones; H&E/IHC RGB only), haematoxylin gain (the whole patch's haematoxylin scaled, so
+  paler and darker staining labs are seen), HED stain jitter (Tellez et al. 2018), brightness
   (multiplicative), contrast, gamma (on the patch rescaled to [0, 1]), Gaussian blur and
   Gaussian noise, each applied to a random subset of the batch.
 """
@@ -64,6 +65,7 @@ class AugParams:
     matrix: torch.Tensor  # (B, 2, 2) output offset (x, y) -> source offset, pixels
     elastic: torch.Tensor | None  # (B, 2, G, G) coarse displacement in pixels (x, y)
     fade: Group | None  # field: (k, 1, G, G) haematoxylin factor inside nuclei, in (0, 1]
+    gain: Group | None  # scale, shift: (k, 3) haematoxylin gain as an H, E, DAB jitter
     hed: Group | None  # scale, shift: (k, 3) jitter of H, E, DAB optical density
     color: Group | None  # brightness, contrast, gamma: (k, 1, 1, 1) factors / exponent
     blur: Group | None  # sigma: (k,) pixels
@@ -166,6 +168,16 @@ def draw_params(
         low = math.log(cfg.nucleus_fade_min)
         values = {"field": torch.exp(_uniform((batch, 1, _FADE_GRID, _FADE_GRID), low, 0.0, gen))}
         fade = _group(chosen(cfg.nucleus_fade_p), values, {"field": 1.0}, subset, device)
+    gain = None
+    if on and stain_jitter and channels == 3 and cfg.haematoxylin_gain_p > 0:
+        lo, hi = (math.log(v) for v in cfg.haematoxylin_gain)
+        factor = torch.exp(_uniform((batch, 1), lo, hi, gen))
+        values = {
+            "scale": torch.cat([factor, torch.ones(batch, 2)], dim=1),
+            "shift": torch.zeros(batch, 3),
+        }
+        identity = {"scale": 1.0, "shift": 0.0}
+        gain = _group(chosen(cfg.haematoxylin_gain_p), values, identity, subset, device)
     hed = None
     if on and stain_jitter and channels == 3 and cfg.hed_p > 0 and cfg.hed_jitter > 0:
         sigma = cfg.hed_jitter
@@ -197,7 +209,7 @@ def draw_params(
             device_gen = torch.Generator(device=device).manual_seed(seed)
             field = torch.randn((k, channels, patch, patch), generator=device_gen, device=device)
             noise.values = {"noise": field * noise.values["std"][:, None, None, None]}
-    return AugParams(to_device(matrix, device), elastic, fade, hed, color, blur, noise)
+    return AugParams(to_device(matrix, device), elastic, fade, gain, hed, color, blur, noise)
 
 
 def source_coords(
@@ -304,7 +316,7 @@ def photometric(
     classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply the photometric part of ``params`` to ``(B, C, P, P)`` float32 patches:
-    nucleus fade (needs the ``(B, P, P)`` class maps ``classes``), HED jitter,
+    nucleus fade (needs the ``(B, P, P)`` class maps ``classes``), haematoxylin gain, HED jitter,
     brightness/contrast/gamma, blur, noise (each on its drawn samples)."""
     if params.fade is not None and classes is not None:
         # class 1: the foreground (binary) or the interior (three-class: the rim stays dark)
@@ -312,6 +324,7 @@ def photometric(
         if params.fade.index is not None:
             nuclei = nuclei.index_select(0, params.fade.index)
         x = _apply(x, params.fade, lambda s, v: _fade(s, v, nuclei))
+    x = _apply(x, params.gain, _hed)
     x = _apply(x, params.hed, _hed)
     x = _apply(x, params.color, _color)
     x = _apply(x, params.blur, lambda s, v: _gaussian_blur(s, v["sigma"], cfg.blur_sigma[1]))

@@ -98,10 +98,23 @@ class AugmentConfig(Strict):
     # from 0.825 to 0.801 at 1,000 steps, where it found pale non-nuclei too (bench/README.md).
     nucleus_fade_p: float = Field(0.0, ge=0, le=1)
     nucleus_fade_min: float = Field(0.3, gt=0, le=1)
+    # Haematoxylin gain: the haematoxylin optical density of a whole patch times a factor
+    # drawn log-uniformly in haematoxylin_gain (H&E/IHC), the training-time twin of
+    # inference.stain_tta: a lab whose nuclei stain paler than the training lab's, even
+    # after Macenko normalisation, is seen in training. Off by default (p 0).
+    haematoxylin_gain: tuple[float, float] = (0.5, 2.0)
+    haematoxylin_gain_p: float = Field(0.0, ge=0, le=1)
     blur_p: float = Field(0.3, ge=0, le=1)
     noise_p: float = Field(0.1, ge=0, le=1)
     blur_sigma: tuple[float, float] = (0.5, 1.5)  # pixels
     noise_std: float = Field(0.05, ge=0)  # at most, in normalised intensity units
+
+    @field_validator("scale_range", "haematoxylin_gain")
+    @classmethod
+    def _log_uniform_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be (low, high) with 0 < low <= high (drawn log-uniformly)")
+        return value
 
 
 class TrainConfig(Strict):

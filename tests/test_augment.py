@@ -178,3 +178,51 @@ def test_nucleus_fade_subset_and_full_batch_forms_agree() -> None:
         out.append(photometric(x, p, cfg, classes))
     assert torch.allclose(out[0], out[1], atol=1e-5)
     assert not torch.allclose(out[0], x)
+
+
+def test_haematoxylin_gain_scales_the_whole_patch_and_nothing_else() -> None:
+    cfg = AugmentConfig(
+        color_p=0.0,
+        hed_p=0.0,
+        blur_p=0.0,
+        noise_p=0.0,
+        haematoxylin_gain_p=1.0,
+        haematoxylin_gain=(0.5, 0.8),
+    )
+    x, _ = _he_patch(batch=6)
+    p = draw_params(6, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+    y = photometric(x, p, cfg)
+    ratio = (_haematoxylin(y) / _haematoxylin(x)).flatten(1)
+    # one factor per patch, the same over nucleus and background, within the range
+    assert torch.allclose(ratio.amin(1), ratio.amax(1), atol=1e-4)
+    assert ((ratio[:, 0] >= 0.5 - 1e-4) & (ratio[:, 0] <= 0.8 + 1e-4)).all()
+    assert ratio[:, 0].std() > 0  # drawn per patch
+    from mlseg.augment import HED_FROM_RGB
+
+    def eosin_dab(t: torch.Tensor) -> torch.Tensor:
+        return (-torch.log(t.clamp(1 / 255, 1)).permute(0, 2, 3, 1).double() @ HED_FROM_RGB)[
+            ..., 1:
+        ]
+
+    assert torch.allclose(eosin_dab(y), eosin_dab(x), atol=1e-4)
+    # off by default, and never for grey or fluorescence input
+    assert draw_params(6, 32, 3, AugmentConfig(), torch.Generator(), "cpu").gain is None
+    assert draw_params(6, 32, 3, cfg, torch.Generator(), "cpu", stain_jitter=False).gain is None
+
+
+def test_haematoxylin_gain_off_leaves_the_random_stream_alone() -> None:
+    """Configs that do not use the gain draw the same batches as before it existed."""
+    x = torch.rand(8, 3, 16, 16) * 0.8 + 0.1
+    base = AugmentConfig(haematoxylin_gain=(0.25, 4.0))
+    a = photometric(x, draw_params(8, 16, 3, base, torch.Generator().manual_seed(1), "cpu"), base)
+    b = photometric(
+        x, draw_params(8, 16, 3, AugmentConfig(), torch.Generator().manual_seed(1), "cpu"), base
+    )
+    assert torch.equal(a, b)
+
+
+def test_log_uniform_ranges_are_checked() -> None:
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        AugmentConfig(haematoxylin_gain=(0.0, 2.0))
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        AugmentConfig(scale_range=(2.0, 0.5))
