@@ -103,14 +103,3 @@ def resolve_profile(
     if overrides:
         source += " with overrides"
     return parse(Profile, values, f"{source} (profile '{name}')")
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 (16 hex) of a file's bytes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]

@@ -32,7 +32,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, file_digest, resolve_profile, retry_on_transient_io
+from flows.common import data_path, resolve_profile, retry_on_transient_io
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 
 TIMING_KEYS = ("seconds",)
@@ -110,6 +110,8 @@ def segment_one(
 
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
+    from mlseg.io import file_digest
+
     digest = hashlib.sha256()
     for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um"):
         digest.update(json.dumps(parameters.get(name), sort_keys=True, default=str).encode())
@@ -143,6 +145,7 @@ def segment_batch(
     the run summary needs), or ``error``."""
     from mlseg.config import InferenceConfig, Profile
     from mlseg.errors import MlsegError
+    from mlseg.io import file_digest
     from mlseg.outputs import image_done
 
     if torch_threads:

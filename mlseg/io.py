@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,6 +71,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def file_digest(path: str | os.PathLike, chars: int | None = 16) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: the first ``chars`` hex digits
+    (``None``: all 64)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:chars]
 
 
 def _check_complete(path: Path) -> None:

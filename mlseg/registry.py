@@ -159,11 +159,9 @@ def _write_json(fs, path: str, data: Any) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from mlseg.io import file_digest  # OpenCV is imported only when files are hashed
+
+    return file_digest(path, chars=None)
 
 
 def code_version() -> str:

@@ -50,7 +50,7 @@ import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.infer import NO_STAIN_TTA, StainTTA
-from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, tiff_pixel_size_um
+from mlseg.io import IMAGE_EXTENSIONS, file_digest, read_image, read_mask, tiff_pixel_size_um
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
@@ -356,14 +356,6 @@ def _settings_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def model_identity(weights: Path, preprocess: PreprocessConfig) -> str:
     """``<weights file name>@<content hash>``: what ``<stem>.json`` records as the model.
 
@@ -371,10 +363,10 @@ def model_identity(weights: Path, preprocess: PreprocessConfig) -> str:
     adds ``+<reference name>@<content hash>``: the reference shapes every prediction, so an
     edited reference redoes the images like a new model would.
     """
-    ident = f"{Path(weights).name}@{_file_digest(weights)}"
+    ident = f"{Path(weights).name}@{file_digest(weights)}"
     reference = preprocess.stain_reference
     if reference is not None and Path(reference).is_file():  # missing: segmenting says so
-        ident += f"+{Path(reference).name}@{_file_digest(reference)}"
+        ident += f"+{Path(reference).name}@{file_digest(reference)}"
     return ident
 
 
