@@ -11,7 +11,11 @@ a GPU busy without worker processes; on CUDA the next batch is prepared on a sid
 while the current one trains (:class:`Batches`). Every random choice is drawn from one
 seeded CPU generator, whose state the checkpoint keeps. A share of patches
 (``train.fg_oversample``) is centred on a random nucleus pixel, as nnU-Net oversamples
-foreground.
+foreground,
+and another share (``train.faint_oversample``) on one of the training set's faintest nuclei:
+those whose brightness differs least from the ring of background around them
+(:func:`nucleus_contrast`), the pale, vesicular nuclei a model learns last and misses first
+on another lab's slides.
 Validation images are cut once into fixed tiles (:class:`ValTiles`).
 """
 
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
+from skimage.segmentation import expand_labels
 
 from mlseg.augment import (
     draw_params,
@@ -126,6 +132,46 @@ def resolve_target(requested: str, kind: str, where: Path) -> str:
     return requested
 
 
+# ----------------------------------------------------------------------------- faint nuclei
+def nucleus_contrast(image: np.ndarray, labels: np.ndarray, ring_px: int = 3) -> np.ndarray:
+    """Per nucleus (labels ``1..max``), the absolute difference between its mean brightness
+    (mean over channels) and that of a ring of background ``ring_px`` wide around it; NaN
+    for labels that are absent or have no background ring. Stain-agnostic: dark nuclei on
+    bright H&E and bright nuclei on dark fluorescence both score high, pale ones low."""
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros(0)
+    gray = image.astype(np.float64).reshape(*labels.shape, -1).mean(axis=2)
+    ring = np.where(labels == 0, expand_labels(labels, ring_px), 0)
+    index = np.arange(1, n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = np.asarray(ndimage.mean(gray, labels, index))
+        around = np.asarray(ndimage.mean(gray, ring, index))
+    return np.abs(inside - around)
+
+
+def faint_nuclei(
+    images: list[np.ndarray], labels: list[np.ndarray], quantile: float
+) -> list[np.ndarray]:
+    """Per image, the flat positions of the centroids of its faint nuclei: those whose
+    :func:`nucleus_contrast` is at or below the ``quantile`` of all nuclei of ``images``."""
+    contrast = [nucleus_contrast(x, lab) for x, lab in zip(images, labels, strict=True)]
+    every = np.concatenate(contrast) if contrast else np.zeros(0)
+    every = every[np.isfinite(every)]
+    if not len(every):
+        return [np.zeros(0, np.int64) for _ in images]
+    limit = np.quantile(every, quantile)
+    out = []
+    for lab, c in zip(labels, contrast, strict=True):
+        ids = np.flatnonzero(np.isfinite(c) & (c <= limit)) + 1
+        if not len(ids):
+            out.append(np.zeros(0, np.int64))
+            continue
+        cy, cx = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, ids)).T
+        out.append(np.round(cy).astype(np.int64) * lab.shape[1] + np.round(cx).astype(np.int64))
+    return out
+
+
 # ----------------------------------------------------------------------------- patch store
 class PatchStore:
     """Images packed in one device buffer; samples augmented ``(B, C, P, P)`` batches.
@@ -140,6 +186,7 @@ class PatchStore:
         targets: list[np.ndarray],
         device: torch.device,
         seed: int = 0,
+        faint: list[np.ndarray] | None = None,
     ) -> None:
         if not images:
             raise DatasetError("no training images left after holding back validation images")
@@ -177,17 +224,36 @@ class PatchStore:
         # every pixel equally likely: images weighted by area
         self.weights = torch.tensor(sizes, dtype=torch.float64)
         self.n_images = len(images)
+        # faint nuclei: (image, image-local flat index of the centroid), all images together
+        faint = faint or [np.zeros(0, np.int64)] * len(images)
+        self.faint_img = torch.from_numpy(
+            np.concatenate([np.full(len(f), i, np.int64) for i, f in enumerate(faint)])
+        )
+        self.faint_pos = torch.from_numpy(np.concatenate(faint).astype(np.int64))
 
     def centres(
-        self, batch: int, patch: int, fg_fraction: float, gen: torch.Generator
+        self,
+        batch: int,
+        patch: int,
+        fg_fraction: float,
+        gen: torch.Generator,
+        faint_fraction: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image index ``(B,)`` and patch centre ``(B, 2)`` (x, y), drawn on the CPU from
-        ``gen``: uniform over the image (patch inside it where it fits) or, with probability
-        ``fg_fraction``, on a random foreground pixel. Returned on the store's device."""
+        ``gen``: with probability ``faint_fraction`` on a random faint nucleus, with
+        probability ``fg_fraction`` on a random foreground pixel, else uniform over the image
+        (patch inside it where it fits). Returned on the store's device."""
         img = torch.multinomial(self.weights, batch, replacement=True, generator=gen)
+        u = torch.rand((batch, 2), generator=gen)
+        pick = torch.rand(batch, generator=gen)
+        r = torch.rand(batch, generator=gen)
+        use_faint = torch.zeros(batch, dtype=torch.bool)
+        if faint_fraction > 0 and len(self.faint_pos):
+            use_faint = r < faint_fraction
+            k = (torch.rand(batch, generator=gen) * len(self.faint_pos)).long()
+            img = torch.where(use_faint, self.faint_img[k], img)
         h, w = self.height_cpu[img], self.width_cpu[img]
         half = (patch - 1) / 2
-        u = torch.rand((batch, 2), generator=gen)
         left = torch.where(
             w >= patch, (u[:, 0] * ((w - patch).clamp(min=0) + 1)).floor(), (w - patch) // 2
         )
@@ -195,12 +261,16 @@ class PatchStore:
             h >= patch, (u[:, 1] * ((h - patch).clamp(min=0) + 1)).floor(), (h - patch) // 2
         )
         count = self.fg_count[img]
-        pick = (torch.rand(batch, generator=gen) * count.clamp(min=1)).long()
-        use_fg = (torch.rand(batch, generator=gen) < fg_fraction) & (count > 0)
+        pick = (pick * count.clamp(min=1)).long()
+        use_fg = ~use_faint & (r < faint_fraction + fg_fraction) & (count > 0)
         if len(self.fg):
             local = self.fg[(self.fg_start[img] + pick).clamp(max=len(self.fg) - 1)]
             left = torch.where(use_fg, local % w - patch // 2, left)
             top = torch.where(use_fg, local // w - patch // 2, top)
+        if use_faint.any():
+            local = self.faint_pos[k]
+            left = torch.where(use_faint, local % w - patch // 2, left)
+            top = torch.where(use_faint, local // w - patch // 2, top)
         centre = torch.stack([left.float() + half, top.float() + half], dim=1)
         return to_device(img, self.device), to_device(centre, self.device)
 
@@ -212,6 +282,7 @@ class PatchStore:
         gen: torch.Generator,
         *,
         fg_fraction: float = 0.33,
+        faint_fraction: float = 0.0,
         stain_jitter: bool = True,
         channels_last: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +291,7 @@ class PatchStore:
         Random draws come from ``gen`` first; the cutting and augmenting that follows is a
         pure function of them (compiled after :meth:`compile`).
         """
-        img, centre = self.centres(batch, patch, fg_fraction, gen)
+        img, centre = self.centres(batch, patch, fg_fraction, gen, faint_fraction)
         params = draw_params(
             batch,
             patch,
@@ -407,7 +478,19 @@ def prepare_data(
     is_val[val_idx] = True
     train = [prepared[i] for i in range(len(pairs)) if not is_val[i]]
     val = [prepared[i] for i in val_idx]
-    store = PatchStore([x for x, _ in train], [t for _, t in train], device, seed=cfg.data.seed)
+    train_idx = np.flatnonzero(~is_val)
+    faint = (
+        faint_nuclei(
+            [prepared[i][0] for i in train_idx],
+            [labels[i] for i in train_idx],
+            cfg.train.faint_quantile,
+        )
+        if cfg.train.faint_oversample > 0
+        else None
+    )
+    store = PatchStore(
+        [x for x, _ in train], [t for _, t in train], device, seed=cfg.data.seed, faint=faint
+    )
     tiles = (
         ValTiles.from_arrays([x for x, _ in val], [t for _, t in val], cfg.train.patch_size, device)
         if val

@@ -460,6 +460,7 @@ def fit(
             run.cfg.augment,
             run.gen,
             fg_fraction=tc.fg_oversample,
+            faint_fraction=tc.faint_oversample,
             stain_jitter=stain_jitter,
             channels_last=run.channels_last,
         ),

@@ -8,7 +8,7 @@ import torch
 
 from mlseg.augment import augment_pair, draw_params, photometric, reflect_coords
 from mlseg.config import AugmentConfig
-from mlseg.data import PatchStore
+from mlseg.data import PatchStore, faint_nuclei, nucleus_contrast
 
 GEOMETRY_ONLY = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0)
 
@@ -107,6 +107,52 @@ def test_patch_store_batches_and_foreground_oversampling() -> None:
     assert y.shape == (6, 64, 64) and y.dtype == torch.int64 and set(y.unique().tolist()) <= {0, 1}
     x, y = store.sample(16, 32, AugmentConfig(enabled=False), gen, fg_fraction=1.0)
     assert (y[:, 16, 16] == 1).all()  # every patch centred on a nucleus pixel
+
+
+def _three_nuclei(background: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei 1 and 3 far from ``background`` in brightness, nucleus 2 near it."""
+    labels = np.zeros((96, 96), np.int64)
+    labels[10:22, 10:22], labels[40:52, 40:52], labels[70:82, 70:82] = 1, 2, 3
+    image = np.full((96, 96, 3), background, np.float32)
+    far = 1.0 - background
+    image[labels == 1], image[labels == 2], image[labels == 3] = far, background - 0.05, far
+    return image, labels
+
+
+@pytest.mark.parametrize("background", [0.9, 0.1])  # bright field (H&E), dark field (fluorescence)
+def test_the_nucleus_nearest_its_background_is_the_faint_one(background: float) -> None:
+    image, labels = _three_nuclei(background)
+    contrast = nucleus_contrast(image, labels)
+    assert contrast.shape == (3,) and contrast.argmin() == 1
+    (faint,) = faint_nuclei([image], [labels], quantile=0.3)
+    assert np.array_equal(np.divmod(faint, 96), ([[46], [46]]))  # nucleus 2's centre
+
+
+def test_faint_oversampling_centres_patches_on_faint_nuclei() -> None:
+    image, labels = _three_nuclei(0.9)
+    store = PatchStore(
+        [image],
+        [(labels > 0).astype(np.uint8)],
+        torch.device("cpu"),
+        faint=faint_nuclei([image], [labels], quantile=0.3),
+    )
+    gen = torch.Generator().manual_seed(0)
+    x, y = store.sample(
+        16, 32, AugmentConfig(enabled=False), gen, fg_fraction=0.0, faint_fraction=1.0
+    )
+    assert torch.allclose(x[:, 0, 16, 16], torch.tensor(0.85)) and (y[:, 16, 16] == 1).all()
+
+
+def test_no_faint_share_draws_the_same_patches_as_before() -> None:
+    image, labels = _three_nuclei(0.9)
+    target = [(labels > 0).astype(np.uint8)]
+    plain = PatchStore([image], target, torch.device("cpu"))
+    faint = PatchStore(
+        [image], target, torch.device("cpu"), faint=faint_nuclei([image], [labels], 0.3)
+    )
+    a = plain.sample(8, 32, AugmentConfig(), torch.Generator().manual_seed(3), fg_fraction=0.33)
+    b = faint.sample(8, 32, AugmentConfig(), torch.Generator().manual_seed(3), fg_fraction=0.33)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_subset_and_full_batch_forms_agree() -> None:

@@ -52,6 +52,13 @@ def test_stain_tta_gains_are_checked(tmp_path):
     assert load_config(None, inference={"stain_tta": [1.0]}).inference.stain_tta == (1.0,)
 
 
+def test_patch_shares_over_one_are_refused(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  fg_oversample: 0.9\n  faint_oversample: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "faint_oversample" in str(err.value) and "bad.yaml" in str(err.value)
+
+
 def test_unknown_top_level_section(tmp_path):
     path = write(tmp_path / "bad.yaml", "trainer: {}\n")
     with pytest.raises(ConfigError, match="unknown key 'trainer'"):

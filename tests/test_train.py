@@ -124,6 +124,18 @@ def test_binary_masks_train_binary_target(tmp_path) -> None:
     assert load_model(result.out_dir).classes == 1
 
 
+def test_faint_share_samples_the_faintest_training_nuclei(synth_dataset, tmp_path) -> None:
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    cfg = _cfg(faint_oversample=0.2, faint_quantile=0.25, max_steps=2)
+    store = prepare_data(cfg, synth_dataset, get_profile(cfg.profile), torch.device("cpu")).train
+    assert len(store.faint_pos) > 0
+    # every faint centre lies on a nucleus of its own image
+    assert (store.classes[store.offset[store.faint_img] + store.faint_pos] > 0).all()
+    assert fit(cfg, synth_dataset, tmp_path / "run", progress=False).steps == 2
+
+
 def test_empty_training_set(tmp_path) -> None:
     for sub in ("train/original", "train/masks", "test/original", "test/masks"):
         (tmp_path / "ds" / sub).mkdir(parents=True)
