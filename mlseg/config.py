@@ -148,7 +148,8 @@ class TrainConfig(Strict):
     # around them (mlseg.data.nucleus_contrast; binary masks: connected components).
     # 0 disables. Off: 0.2 on train gbm40_he -> test cpm15_he (bench/robustness.py, CPU
     # preset, 2,000 steps, stain TTA) moved Dice 0.809 -> 0.826 on one seed and
-    # 0.794 -> 0.738 on another, validation Dice unchanged (bench/README.md).
+    # 0.794 -> 0.738, 0.834 -> 0.786 on two others, validation Dice unchanged
+    # (bench/README.md).
     faint_oversample: float = Field(0.0, ge=0, le=1)
     faint_quantile: float = Field(0.25, gt=0, le=1)
     grad_clip: float = Field(12.0, ge=0)  # max gradient norm; 0 disables
