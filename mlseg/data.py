@@ -476,12 +476,12 @@ def prepare_data(
     val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
     is_val = np.zeros(len(pairs), bool)
     is_val[val_idx] = True
-    train = [prepared[i] for i in range(len(pairs)) if not is_val[i]]
-    val = [prepared[i] for i in val_idx]
     train_idx = np.flatnonzero(~is_val)
+    train = [prepared[i] for i in train_idx]
+    val = [prepared[i] for i in val_idx]
     faint = (
         faint_nuclei(
-            [prepared[i][0] for i in train_idx],
+            [x for x, _ in train],
             [labels[i] for i in train_idx],
             cfg.train.faint_quantile,
         )
