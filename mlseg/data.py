@@ -263,14 +263,20 @@ class PatchStore:
         count = self.fg_count[img]
         pick = (pick * count.clamp(min=1)).long()
         use_fg = ~use_faint & (r < faint_fraction + fg_fraction) & (count > 0)
+
+        def centred_on(chosen: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # where chosen, the patch corner that puts flat pixel position ``flat`` central
+            return (
+                torch.where(chosen, flat % w - patch // 2, left),
+                torch.where(chosen, flat // w - patch // 2, top),
+            )
+
         if len(self.fg):
-            local = self.fg[(self.fg_start[img] + pick).clamp(max=len(self.fg) - 1)]
-            left = torch.where(use_fg, local % w - patch // 2, left)
-            top = torch.where(use_fg, local // w - patch // 2, top)
+            left, top = centred_on(
+                use_fg, self.fg[(self.fg_start[img] + pick).clamp(max=len(self.fg) - 1)]
+            )
         if use_faint.any():
-            local = self.faint_pos[k]
-            left = torch.where(use_faint, local % w - patch // 2, left)
-            top = torch.where(use_faint, local // w - patch // 2, top)
+            left, top = centred_on(use_faint, self.faint_pos[k])
         centre = torch.stack([left.float() + half, top.float() + half], dim=1)
         return to_device(img, self.device), to_device(centre, self.device)
 
