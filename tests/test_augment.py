@@ -10,7 +10,9 @@ from mlseg.augment import augment_pair, draw_params, photometric, reflect_coords
 from mlseg.config import AugmentConfig
 from mlseg.data import PatchStore, faint_nuclei, nucleus_contrast
 
-GEOMETRY_ONLY = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0)
+# every photometric transform off (the haematoxylin gain is on by default)
+NO_PHOTOMETRY = dict(color_p=0.0, hed_p=0.0, haematoxylin_gain_p=0.0, blur_p=0.0, noise_p=0.0)
+GEOMETRY_ONLY = AugmentConfig(**NO_PHOTOMETRY)
 
 
 def _blocks(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +70,9 @@ def test_image_and_target_stay_aligned(update) -> None:
 def test_photometric_identity_and_ranges() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16) * 0.8 + 0.1
-    none = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0)
-    p = draw_params(4, 16, 3, none, gen, "cpu")
-    assert torch.equal(photometric(x, p, none), x)
-    zero_jitter = AugmentConfig(color_p=0.0, hed_p=1.0, hed_jitter=1e-12, blur_p=0.0, noise_p=0.0)
+    p = draw_params(4, 16, 3, GEOMETRY_ONLY, gen, "cpu")
+    assert torch.equal(photometric(x, p, GEOMETRY_ONLY), x)
+    zero_jitter = AugmentConfig(**{**NO_PHOTOMETRY, "hed_p": 1.0}, hed_jitter=1e-12)
     p = draw_params(4, 16, 3, zero_jitter, gen, "cpu")
     assert torch.allclose(photometric(x, p, zero_jitter), x, atol=1e-4)
     strong = AugmentConfig(color_p=1.0, hed_p=1.0, hed_jitter=0.1, blur_p=1.0, noise_p=1.0)
@@ -82,7 +83,7 @@ def test_photometric_identity_and_ranges() -> None:
 
 def test_blur_smooths_and_keeps_mean() -> None:
     gen = torch.Generator().manual_seed(0)
-    cfg = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=1.0, noise_p=0.0, blur_sigma=(1.5, 1.5))
+    cfg = AugmentConfig(**{**NO_PHOTOMETRY, "blur_p": 1.0}, blur_sigma=(1.5, 1.5))
     x = torch.rand(2, 1, 32, 32)
     y = photometric(x, draw_params(2, 32, 1, cfg, gen, "cpu"), cfg)
     assert y.std() < 0.5 * x.std() and abs(float(y.mean() - x.mean())) < 0.02
@@ -167,7 +168,7 @@ def test_subset_and_full_batch_forms_agree() -> None:
 
 
 def test_noise_only_on_drawn_samples() -> None:
-    cfg = AugmentConfig(color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.5, noise_std=0.1)
+    cfg = AugmentConfig(**{**NO_PHOTOMETRY, "noise_p": 0.5}, noise_std=0.1)
     x = torch.rand(16, 1, 8, 8)
     p = draw_params(16, 8, 1, cfg, torch.Generator().manual_seed(0), "cpu")
     changed = (photometric(x, p, cfg) != x).flatten(1).any(dim=1)
@@ -195,9 +196,7 @@ def _haematoxylin(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_nucleus_fade_pales_nucleus_interiors_only() -> None:
-    cfg = AugmentConfig(
-        color_p=0.0, hed_p=0.0, blur_p=0.0, noise_p=0.0, nucleus_fade_p=1.0, nucleus_fade_min=0.2
-    )
+    cfg = AugmentConfig(**NO_PHOTOMETRY, nucleus_fade_p=1.0, nucleus_fade_min=0.2)
     x, classes = _he_patch()
     p = draw_params(4, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu")
     y = photometric(x, p, cfg, classes)
@@ -228,12 +227,7 @@ def test_nucleus_fade_subset_and_full_batch_forms_agree() -> None:
 
 def test_haematoxylin_gain_scales_the_whole_patch_and_nothing_else() -> None:
     cfg = AugmentConfig(
-        color_p=0.0,
-        hed_p=0.0,
-        blur_p=0.0,
-        noise_p=0.0,
-        haematoxylin_gain_p=1.0,
-        haematoxylin_gain=(0.5, 0.8),
+        **{**NO_PHOTOMETRY, "haematoxylin_gain_p": 1.0}, haematoxylin_gain=(0.5, 0.8)
     )
     x, _ = _he_patch(batch=6)
     p = draw_params(6, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu")
@@ -251,19 +245,20 @@ def test_haematoxylin_gain_scales_the_whole_patch_and_nothing_else() -> None:
         ]
 
     assert torch.allclose(eosin_dab(y), eosin_dab(x), atol=1e-4)
-    # off by default, and never for grey or fluorescence input
-    assert draw_params(6, 32, 3, AugmentConfig(), torch.Generator(), "cpu").gain is None
+    # on by default; off at p 0, and never for grey or fluorescence input
+    assert draw_params(6, 32, 3, AugmentConfig(), torch.Generator(), "cpu").gain is not None
+    off = AugmentConfig(haematoxylin_gain_p=0.0)
+    assert draw_params(6, 32, 3, off, torch.Generator(), "cpu").gain is None
     assert draw_params(6, 32, 3, cfg, torch.Generator(), "cpu", stain_jitter=False).gain is None
 
 
 def test_haematoxylin_gain_off_leaves_the_random_stream_alone() -> None:
     """Configs that do not use the gain draw the same batches as before it existed."""
     x = torch.rand(8, 3, 16, 16) * 0.8 + 0.1
-    base = AugmentConfig(haematoxylin_gain=(0.25, 4.0))
+    base = AugmentConfig(haematoxylin_gain_p=0.0, haematoxylin_gain=(0.25, 4.0))
+    off = AugmentConfig(haematoxylin_gain_p=0.0)
     a = photometric(x, draw_params(8, 16, 3, base, torch.Generator().manual_seed(1), "cpu"), base)
-    b = photometric(
-        x, draw_params(8, 16, 3, AugmentConfig(), torch.Generator().manual_seed(1), "cpu"), base
-    )
+    b = photometric(x, draw_params(8, 16, 3, off, torch.Generator().manual_seed(1), "cpu"), base)
     assert torch.equal(a, b)
 
 
