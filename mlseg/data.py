@@ -242,7 +242,9 @@ class PatchStore:
         """Image index ``(B,)`` and patch centre ``(B, 2)`` (x, y), drawn on the CPU from
         ``gen``: with probability ``faint_fraction`` on a random faint nucleus, with
         probability ``fg_fraction`` on a random foreground pixel, else uniform over the image
-        (patch inside it where it fits). Returned on the store's device."""
+        (patch inside it where it fits). When the store holds no faint nucleus, the faint
+        share goes to foreground pixels (a patch on a nucleus rather than on background).
+        Returned on the store's device."""
         img = torch.multinomial(self.weights, batch, replacement=True, generator=gen)
         u = torch.rand((batch, 2), generator=gen)
         pick = torch.rand(batch, generator=gen)

@@ -144,6 +144,16 @@ def test_faint_oversampling_centres_patches_on_faint_nuclei() -> None:
     assert torch.allclose(x[:, 0, 16, 16], torch.tensor(0.85)) and (y[:, 16, 16] == 1).all()
 
 
+def test_without_faint_nuclei_the_faint_share_centres_on_nuclei() -> None:
+    image, labels = _three_nuclei(0.9)
+    store = PatchStore([image], [(labels > 0).astype(np.uint8)], torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    _, y = store.sample(
+        16, 32, AugmentConfig(enabled=False), gen, fg_fraction=0.0, faint_fraction=1.0
+    )
+    assert (y[:, 16, 16] == 1).all()  # on a nucleus, not on background
+
+
 def test_no_faint_share_draws_the_same_patches_as_before() -> None:
     image, labels = _three_nuclei(0.9)
     target = [(labels > 0).astype(np.uint8)]
