@@ -69,12 +69,15 @@ def model_config(model: str):
     return parse(Config, json.loads(path.read_text()), str(path))
 
 
-def model_id(model: str) -> str:
-    """What ``<stem>.json`` records as the model (:func:`mlseg.segment.model_identity`)."""
+def model_id(model: str, config=None) -> str:
+    """What ``<stem>.json`` records as the model (:func:`mlseg.segment.model_identity`);
+    ``config``: its :func:`model_config`, where the caller has read it already."""
     from mlseg.model import checkpoint_path
     from mlseg.segment import model_identity
 
-    return model_identity(checkpoint_path(model), model_config(model).preprocess)
+    if config is None:
+        config = model_config(model)
+    return model_identity(checkpoint_path(model), config.preprocess)
 
 
 # ----------------------------------------------------------------------------- one batch
@@ -316,8 +319,12 @@ def segment_and_quantify(
     files = [str(p) for p in list_images(src)]
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
-    cfg = model_config(checkpoint).inference
-    cfg = parse(type(cfg), {**cfg.model_dump(), **(inference or {})}, "parameter 'inference'")
+    saved = model_config(checkpoint)
+    cfg = parse(
+        type(saved.inference),
+        {**saved.inference.model_dump(), **(inference or {})},
+        "parameter 'inference'",
+    )
     settings = runner_settings(task_runner, dask_address, workers)
     threads = torch_threads or max(1, (os.cpu_count() or 1) // settings["workers"])
     runner = make_task_runner(**settings)
@@ -338,7 +345,7 @@ def segment_and_quantify(
             _batches(files, batch_size),
             str(out),
             checkpoint,
-            model_id(checkpoint),
+            model_id(checkpoint, saved),
             prof.model_dump(mode="json"),
             cfg.model_dump(mode="json"),
             pixel_size_um,

@@ -126,10 +126,11 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
 def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:
     """A model normalising to its own reference image: editing the image in place changes
     the model's identity, so finished images are redone and the batch cache misses."""
-    from flows.segment import model_id
+    from flows.segment import model_config, model_id
 
     model = tiny_checkpoint(tmp_path / "model")
     plain = model_id(str(model))
+    assert model_id(str(model), model_config(str(model))) == plain  # the flow's one read
     reference = tmp_path / "reference.png"
     reference.write_bytes(b"first stain batch")
     config = model / "config.json"
