@@ -192,6 +192,24 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
     assert "--data" in capsys.readouterr().err
 
 
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "last.safetensors"))
+
+
+def test_one_seed_trains_one_model_on_the_cpu(synth_dataset, tmp_path) -> None:
+    cfg = _cfg(max_steps=3, val_every=3)
+    for name in ("one", "two"):
+        fit(cfg, synth_dataset, tmp_path / name, progress=False)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    # a different seed is a different model, so the comparison above can fail
+    fit(_cfg(max_steps=3, val_every=3, seed=1), synth_dataset, tmp_path / "seed1", progress=False)
+    other = _weights(tmp_path / "seed1")
+    assert not all(torch.equal(one[k], other[k]) for k in one)
+
+
 @pytest.mark.gpu
 def test_fit_on_cuda_with_bf16_and_resume(synth_dataset, tmp_path) -> None:
     cfg = _cfg(max_steps=2, val_every=1, device="cuda", amp=True, channels_last=True)
