@@ -36,6 +36,8 @@
 #                    measures a change across the same seeds
 #   seedN_nostain    seedN's model scored again without stain test-time augmentation
 #                    (the ninth session's default: +0.03 Dice on (a) on two CPU checkpoints)
+#   seedN_adapt      seedN's model scored again with inference.adapt_bn (the fifteenth
+#                    session: +0.034/+0.037 and -0.052 Dice on (a) on three CPU checkpoints)
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
@@ -120,6 +122,7 @@ seeds)
                 --set train.seed="$seed" "${extra[@]}"
             rescore "seed${seed}_nostain" "seed$seed" --scenarios a,b \
                 --set "inference.stain_tta=[1.0]"
+            rescore "seed${seed}_adapt" "seed$seed" --scenarios a,b --set inference.adapt_bn=true
         } &
     done
     ;;

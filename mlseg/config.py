@@ -233,6 +233,13 @@ class InferenceConfig(Strict):
     # 25% -> 22% (every seed better); with it (the default) Dice 0.801 -> 0.797 and count
     # error 22.8% -> 21.1% on average (lower on six of seven seeds).
     stain_tta: tuple[float, ...] = Field((1.0, 1.5), min_length=1, max_length=8)
+    # The encoder's stem and first stage normalise each image with its own BatchNorm
+    # statistics (mlseg.infer.adapted_batchnorm; one more encoder pass). Off: train
+    # gbm40_he -> test cpm15_he (CPU preset, three checkpoints, stain TTA on) it found about
+    # twice the palest nuclei and raised Dice 0.792 -> 0.829 and 0.800 -> 0.834 on two
+    # models trained without the haematoxylin gain, but lowered it 0.814 -> 0.762 on one
+    # trained with it, the default (bench/README.md, fifteenth session).
+    adapt_bn: bool = False
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = Field(0.125, gt=0, le=1)
     stream_min_pixels: int = Field(4096 * 4096, ge=1)

@@ -42,8 +42,10 @@ as it is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -326,6 +328,83 @@ def iter_prob_bands(
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
+
+
+def early_norm_layers(model) -> list:
+    """The BatchNorm layers of ``model.encoder`` up to the end of its first stage (ResNet:
+    ``bn1`` and ``layer1``; the stages :func:`mlseg.mixstyle.stages` knows), in order; empty
+    for a model without such an encoder."""
+    from torch import nn
+
+    from mlseg.mixstyle import stages
+
+    encoder = getattr(model, "encoder", None)
+    found = stages(encoder) if isinstance(encoder, nn.Module) else []
+    if not found:
+        return []
+    first = {id(m) for m in found[0].modules()}
+    layers, inside = [], False
+    for module in encoder.modules():
+        if id(module) in first:
+            inside = True
+        elif inside:
+            break
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            layers.append(module)
+    return layers
+
+
+@contextlib.contextmanager
+def adapted_batchnorm(model, image, cfg: InferenceConfig):
+    """Within the block, the encoder's early BatchNorm layers (:func:`early_norm_layers`)
+    normalise with the statistics of ``image`` itself, not of the training set (AdaBN, Li
+    et al. 2016, restricted to the layers where feature statistics carry an image's stain
+    and brightness rather than its content); restored on leaving.
+
+    ``image``: ``(H, W, C)``, normalised as for :func:`predict_probs`; the statistics are
+    averaged over its tiles as inference cuts them (``cfg``), one encoder pass each. A
+    model whose encoder has no known stages is left as it is, with a warning.
+    """
+    import torch
+
+    layers = early_norm_layers(model)
+    if not layers:
+        warnings.warn(
+            "inference.adapt_bn: the model's encoder has no stages mlseg knows (ResNet-style "
+            "layer1-layer3, timm 'tu-' encoders); predicting without adaptation",
+            stacklevel=3,
+        )
+        yield
+        return
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+        for m in layers
+    ]
+    device = next(model.parameters()).device
+    grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
+    source = _Source(image, grid)
+    positions = [(y, x) for y in grid.ys for x in grid.xs]
+    was_training = model.training
+    try:
+        model.eval()
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+            m.train()
+        with torch.no_grad():
+            for start in range(0, len(positions), cfg.batch_size):
+                batch = source.batch(positions[start : start + cfg.batch_size])
+                model.encoder(torch.from_numpy(batch).to(device))
+        for m in layers:
+            m.eval()
+        yield
+    finally:
+        for m, (mean, var, count, momentum) in zip(layers, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        model.train(was_training)
 
 
 def predict_probs(

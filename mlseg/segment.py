@@ -36,6 +36,7 @@ table and a zero count, not an error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import warnings
@@ -187,7 +188,7 @@ def _predict_at(
     else the profile's pixel limits, which refer to the original grid, scaled by factor**2."""
     import cv2
 
-    from mlseg.infer import predict_labels_banded, predict_probs
+    from mlseg.infer import adapted_batchnorm, predict_labels_banded, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
     from mlseg.preprocess import normalize, rescale, resize_labels
 
@@ -200,25 +201,27 @@ def _predict_at(
     lo, hi = area_limits_px(profile, work_px)
     if px is None and factor != 1.0:
         lo, hi = int(round(lo * factor**2)), max(1, int(round(hi * factor**2)))
-    if work.shape[0] * work.shape[1] > cfg.stream_min_pixels:
-        labels = predict_labels_banded(
-            loaded.model,
-            x,
-            cfg,
-            target=loaded.target,
-            watershed=profile.watershed,
-            pixel_size_um=work_px,
-            min_area_px=lo,
-            max_area_px=hi,
-            device=device,
-            stain_tta=stain_tta,
+    adapted = adapted_batchnorm(loaded.model, x, cfg) if cfg.adapt_bn else contextlib.nullcontext()
+    with adapted:
+        if work.shape[0] * work.shape[1] > cfg.stream_min_pixels:
+            labels = predict_labels_banded(
+                loaded.model,
+                x,
+                cfg,
+                target=loaded.target,
+                watershed=profile.watershed,
+                pixel_size_um=work_px,
+                min_area_px=lo,
+                max_area_px=hi,
+                device=device,
+                stain_tta=stain_tta,
+            )
+            if labels.shape != (height, width):
+                labels = resize_labels(labels, (height, width))
+            return labels, None
+        probs = predict_probs(
+            loaded.model, x, cfg, target=loaded.target, device=device, stain_tta=stain_tta
         )
-        if labels.shape != (height, width):
-            labels = resize_labels(labels, (height, width))
-        return labels, None
-    probs = predict_probs(
-        loaded.model, x, cfg, target=loaded.target, device=device, stain_tta=stain_tta
-    )
     labels = probs_to_labels(
         probs,
         loaded.target,

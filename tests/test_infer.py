@@ -10,7 +10,9 @@ from torch import nn
 from mlseg.config import InferenceConfig, WatershedConfig
 from mlseg.infer import (
     StainTTA,
+    adapted_batchnorm,
     blend_window,
+    early_norm_layers,
     iter_prob_bands,
     predict_labels_banded,
     predict_probs,
@@ -204,6 +206,52 @@ def test_stain_tta_scales_the_haematoxylin_of_the_stains_it_is_given():
     assert np.abs(predict_probs(model, eosin_only, CFG, stain_tta=own) - plain).max() < 1e-4
     reference = StainTTA((1.0, 2.0))
     assert np.abs(predict_probs(model, eosin_only, CFG, stain_tta=reference) - plain).max() > 1e-3
+
+
+def _unet() -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    return smp.Unet(
+        "resnet18", encoder_weights=None, encoder_depth=3, classes=3, decoder_channels=(32, 16, 8)
+    ).eval()
+
+
+def test_adaptation_touches_the_encoders_stem_and_first_stage_only():
+    model = _unet()
+    layers = early_norm_layers(model)
+    stage1 = [m for m in model.encoder.layer1.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert layers == [model.encoder.bn1, *stage1] and len(stage1) == 4
+    assert early_norm_layers(conv_model(3)) == []  # no encoder: nothing to adapt
+
+
+def test_adapted_batchnorm_cancels_exposure_and_restores_the_model():
+    """A slide scanned darker (every value halved) gives the same probabilities once the
+    early statistics come from the image; without adaptation it does not. Afterwards the
+    model is exactly as before, so the next image does not depend on this one."""
+    model = _unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # values up to 4, so that BatchNorm's eps (1e-5) is small against the variances
+    image = np.random.default_rng(0).uniform(0, 4, (96, 80, 3)).astype(np.float32)
+    cfg = InferenceConfig(tile_size=64, overlap=0.25, batch_size=4)
+    plain = [predict_probs(model, im, cfg) for im in (image, image * 0.5)]
+    adapted = []
+    for im in (image, image * 0.5):
+        with adapted_batchnorm(model, im, cfg):
+            adapted.append(predict_probs(model, im, cfg))
+    assert np.abs(plain[0] - plain[1]).max() > 5e-2
+    np.testing.assert_allclose(adapted[0], adapted[1], atol=5e-4)
+    assert not np.allclose(adapted[0], plain[0], atol=1e-3)  # it did adapt
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
+
+
+def test_adaptation_of_a_model_without_known_stages_warns_and_changes_nothing():
+    model = conv_model(3)
+    image = smooth_image(64, 64)
+    with pytest.warns(UserWarning, match="adapt_bn"), adapted_batchnorm(model, image, CFG):
+        probs = predict_probs(model, image, CFG)
+    np.testing.assert_array_equal(probs, predict_probs(model, image, CFG))
 
 
 def test_bands_are_in_order_and_cover_every_row():

@@ -115,6 +115,27 @@ def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
     assert labels.max() == truth.max()
 
 
+def test_adapt_bn_reaches_the_model_through_predict_labels(oracle):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    unet = smp.Unet(
+        "resnet18", encoder_weights=None, encoder_depth=3, classes=3, decoder_channels=(32, 16, 8)
+    ).eval()
+    loaded = LoadedModel(**{**oracle.__dict__, "model": unet})
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    image, _ = disc_image(64, 64)
+    cfg = oracle.config.inference
+    _, plain = predict_labels(loaded, image, HE, cfg)
+    _, adapted = predict_labels(loaded, image, HE, cfg.model_copy(update={"adapt_bn": True}))
+    assert np.abs(plain - adapted).max() > 1e-3
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    # a model without a known encoder is predicted as it is, with a warning
+    with pytest.warns(UserWarning, match="adapt_bn"):
+        _, same = predict_labels(oracle, image, HE, cfg.model_copy(update={"adapt_bn": True}))
+    np.testing.assert_array_equal(same, predict_labels(oracle, image, HE, cfg)[1])
+
+
 def test_predict_labels_rescales_to_the_model_pixel_size(oracle):
     image, truth = disc_image(100, 120)
     half = LoadedModel(**{**oracle.__dict__, "pixel_size_um": 0.25})
@@ -293,6 +314,8 @@ def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     before = json.loads((out / "img0.json").read_text())["settings"]
     assert main([*args, "--no-progress", "--tta"]) == 0  # other settings: redone
     assert json.loads((out / "img0.json").read_text())["settings"] != before
+    assert main([*args, "--no-progress", "--adapt-bn"]) == 0
+    assert json.loads((out / "run.json").read_text())["inference"]["adapt_bn"] is True
     masks = tmp_path / "masks"
     image, truth = disc_image(60, 60)
     write_image(tmp_path / "imgs" / "x.png", image)

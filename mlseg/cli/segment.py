@@ -86,6 +86,15 @@ def segment(
             "the model's config says otherwise).",
         ),
     ] = None,
+    adapt_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--adapt-bn/--no-adapt-bn",
+            help="Normalise the encoder's first layers with each image's own statistics, for "
+            "slides unlike the training lab's (off by default; measure it on a few annotated "
+            "tiles of yours first).",
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -102,6 +111,7 @@ def segment(
             "batch_size": batch_size,
             "tta": tta,
             "stain_tta": stain_tta,
+            "adapt_bn": adapt_bn,
             "device": device,
         }.items()
         if v is not None
