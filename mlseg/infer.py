@@ -92,6 +92,12 @@ class TileGrid:
     def n_tiles(self) -> int:
         return len(self.ys) * len(self.xs)
 
+    def chunks(self, size: int) -> Iterator[list[tuple[int, int]]]:
+        """Tile corners ``(y, x)``, row by row, in lists of up to ``size``."""
+        positions = [(y, x) for y in self.ys for x in self.xs]
+        for start in range(0, len(positions), size):
+            yield positions[start : start + size]
+
 
 def _ceil32(n: int) -> int:
     return max(32, int(math.ceil(n / 32.0)) * 32)
@@ -286,7 +292,6 @@ def iter_prob_bands(
     # blending buffers of one tile row live on the model's device (no per-tile copies back)
     acc = torch.zeros((k, th, grid.pad_w), dtype=torch.float32, device=device)
     weight = torch.zeros((th, grid.pad_w), dtype=torch.float32, device=device)
-    positions = [(y, x) for y in grid.ys for x in grid.xs]
     base = grid.ys[0]  # image row of acc[:, 0]
 
     def emit(upto: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -311,8 +316,7 @@ def iter_prob_bands(
         model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(positions), cfg.batch_size):
-                chunk = positions[start : start + cfg.batch_size]
+            for chunk in grid.chunks(cfg.batch_size):
                 batch = torch.from_numpy(source.batch(chunk))
                 if cuda:
                     batch = batch.pin_memory().to(device, non_blocking=True)
@@ -383,7 +387,6 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
     device = next(model.parameters()).device
     grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
     source = _Source(image, grid)
-    positions = [(y, x) for y in grid.ys for x in grid.xs]
     was_training = model.training
     try:
         model.eval()
@@ -392,9 +395,8 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
             m.momentum = None  # a plain average over the batches
             m.train()
         with torch.no_grad():
-            for start in range(0, len(positions), cfg.batch_size):
-                batch = source.batch(positions[start : start + cfg.batch_size])
-                model.encoder(torch.from_numpy(batch).to(device))
+            for chunk in grid.chunks(cfg.batch_size):
+                model.encoder(torch.from_numpy(source.batch(chunk)).to(device))
         for m in layers:
             m.eval()
         yield
