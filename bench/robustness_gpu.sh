@@ -23,7 +23,7 @@
 #   zoom_ab          new_ab's model scored again with inference.zoom=1.5 (the seventh
 #                    session: +0.027 and -0.020 Dice on (a) on two CPU checkpoints,
 #                    validation unchanged)
-#   plain_ab         the default config as shipped: batch 8, train.max_steps (2,000), (a) and (b)
+#   plain_ab         the default config as shipped: batch 8, train.max_steps, (a) and (b)
 #   lr_a             batch 32 with lr 2e-3 (square-root scaling of the batch-8 rate), (a)
 #   ms_ab            train.mixstyle_p=0.5 (MixStyle: +0.015-0.039 Dice on the CPU at 2,000
 #                    steps, -0.05 at 4,000), (a) and (b)
@@ -34,8 +34,9 @@
 #   seed0 ... seed6  the default config exactly as shipped (batch 8, train.max_steps),
 #                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b); EXTRA="--set k=v ..."
 #                    measures a change across the same seeds
-#   seedN_nostain    seedN's model scored again without stain test-time augmentation
-#                    (the ninth session's default: +0.03 Dice on (a) on two CPU checkpoints)
+#   seedN_stain      seedN's model scored again with stain test-time augmentation
+#                    (inference.stain_tta=[1.0,1.5]; the default from the ninth to the
+#                    fifteenth session, off since the sixteenth)
 #   seedN_adapt      seedN's model scored again with inference.adapt_bn (the fifteenth
 #                    session: +0.034/+0.037 and -0.052 Dice on (a) on three CPU checkpoints)
 #
@@ -62,8 +63,9 @@ print('torch', torch.__version__, 'smp', smp.__version__, 'pydantic', pydantic._
 RUNS=$(mktemp -d /tmp/mlseg-robust-gpu.XXXX)
 common=(--device "$DEV" --preset default --budget "$BUDGET" --set train.batch_size=32
         --data "$DATA" --threads 3)
-n=${BUDGET%steps}  # BUDGET in steps; the shipped train.max_steps is 2,000
-plain=$((n < 2000 ? n : 2000))steps
+n=${BUDGET%steps}  # BUDGET in steps
+shipped=$(python3 -c "from mlseg.config import TrainConfig; print(TrainConfig().max_steps)") || exit 1
+plain=$((n < shipped ? n : shipped))steps  # the shipped train.max_steps, at most BUDGET
 run() {  # name, robustness.py arguments... (stopped at LIMIT seconds from the start)
     local name=$1; shift
     timeout $((LIMIT - SECONDS)) python3 bench/robustness.py "${common[@]}" "$@" \
@@ -120,8 +122,8 @@ seeds)
         {
             run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
                 --set train.seed="$seed" "${extra[@]}"
-            rescore "seed${seed}_nostain" "seed$seed" --scenarios a,b \
-                --set "inference.stain_tta=[1.0]"
+            rescore "seed${seed}_stain" "seed$seed" --scenarios a,b \
+                --set "inference.stain_tta=[1.0,1.5]"
             rescore "seed${seed}_adapt" "seed$seed" --scenarios a,b --set inference.adapt_bn=true
         } &
     done

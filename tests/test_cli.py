@@ -62,8 +62,9 @@ def test_console_script_entry_point(tmp_path):
 
 def test_stain_tta_flag_keeps_the_models_own_gains():
     from mlseg.cli.segment import _stain_gains
-    from mlseg.config import InferenceConfig
+    from mlseg.config import STAIN_TTA_GAINS, InferenceConfig
 
     assert _stain_gains(True, (1.0, 1.3)) == (1.0, 1.3)
-    assert _stain_gains(True, (1.0,)) == InferenceConfig().stain_tta != (1.0,)
+    assert InferenceConfig().stain_tta == (1.0,)  # off by default
+    assert _stain_gains(True, (1.0,)) == STAIN_TTA_GAINS != (1.0,)
     assert _stain_gains(False, (1.0, 1.3)) == (1.0,)

@@ -51,14 +51,14 @@ def _report(result, verb: str) -> None:
 
 
 def _stain_gains(on: bool, configured: tuple[float, ...]) -> tuple[float, ...]:
-    """``--stain-tta``: the model's own gains if its config has any, else the default ones;
-    ``--no-stain-tta``: off."""
-    from mlseg.config import InferenceConfig
+    """``--stain-tta``: the model's own gains if its config has any, else
+    :data:`mlseg.config.STAIN_TTA_GAINS`; ``--no-stain-tta``: off."""
+    from mlseg.config import STAIN_TTA_GAINS
     from mlseg.infer import StainTTA
 
     if not on:
         return (1.0,)
-    return InferenceConfig().stain_tta if StainTTA(configured).off else configured
+    return STAIN_TTA_GAINS if StainTTA(configured).off else configured
 
 
 def segment(
@@ -82,8 +82,8 @@ def segment(
         typer.Option(
             "--stain-tta/--no-stain-tta",
             help="Stain test-time augmentation of Macenko-normalised H&E/IHC images: also "
-            "predict with the haematoxylin 1.5x denser and average (2x the time; on unless "
-            "the model's config says otherwise).",
+            "predict with the haematoxylin 1.5x denser and average (2x the time; as the "
+            "model's config says, off for models trained with the haematoxylin gain).",
         ),
     ] = None,
     adapt_bn: Annotated[
