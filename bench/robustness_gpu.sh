@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU bars in one call on a lent device: four trainings share the one GPU.
 #
-#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds]
+#   bash bench/robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds|third]
 #
 # bars (the default set):
 #   default_ab  default config, train gbm40_he      -> (a) cpm15 with pixel sizes, (b) without
@@ -34,16 +34,19 @@
 #   seed0 ... seed6  the default config exactly as shipped (batch 8, train.max_steps),
 #                    seeds 0-6 (SEEDS="0 1" for fewer), (a) and (b); EXTRA="--set k=v ..."
 #                    measures a change across the same seeds
-#   seedN_stain      seedN's model scored again with stain test-time augmentation
-#                    (inference.stain_tta=[1.0,1.5]; the default from the ninth to the
-#                    fifteenth session, off since the sixteenth)
+#   seedN_nostain    seedN's model scored again without stain test-time augmentation
+#                    (the ninth session's default: +0.03 Dice on (a) on two CPU checkpoints)
 #   seedN_adapt      seedN's model scored again with inference.adapt_bn (the fifteenth
 #                    session: +0.034/+0.037 and -0.052 Dice on (a) on three CPU checkpoints)
+# third (the sixteenth session: does stain TTA help the shipped recipe on a third lab?):
+#   c_seedN          the default config as shipped, trained on gbm40 + cpm15, scored on (c),
+#                    seeds 0-6 (SEEDS for fewer)
+#   c_seedN_nostain  c_seedN's model scored again without stain test-time augmentation
 #
 # Logs, per-image CSVs, worst-case PNGs and meta.json files end up in OUT (results.tgz).
 # Wheels in .whl/ (segmentation-models-pytorch, pydantic) are installed first when present.
 set -u
-OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds]}
+OUT=${1:?usage: robustness_gpu.sh OUT [DEVICE] [BUDGET] [DATA] [bars|ablation|confirm|seeds|third]}
 DEV=${2:-cuda}
 BUDGET=${3:-2500steps}
 DATA=${4:-../shared/data}
@@ -75,7 +78,7 @@ run() {  # name, robustness.py arguments... (stopped at LIMIT seconds from the s
 rescore() {  # name, finished run, robustness.py arguments...: its model scored again
     local name=$1 base=$2 model; shift 2
     model=$(grep -o '"model": "[^"]*"' "$OUT/$base.log" | head -1 | cut -d'"' -f4)
-    [ -n "$model" ] && [ $((LIMIT - SECONDS)) -gt 60 ] && run "$name" --model "$model" "$@"
+    [ -n "$model" ] && [ $((LIMIT - SECONDS)) -gt 60 ] && run "$name" "${MODEL_OPT:---model}" "$model" "$@"
 }
 smi=
 if command -v nvidia-smi >/dev/null; then
@@ -122,13 +125,24 @@ seeds)
         {
             run "seed$seed" --scenarios a,b --set train.batch_size=8 --budget "$plain" \
                 --set train.seed="$seed" "${extra[@]}"
-            rescore "seed${seed}_stain" "seed$seed" --scenarios a,b \
-                --set "inference.stain_tta=[1.0,1.5]"
+            rescore "seed${seed}_nostain" "seed$seed" --scenarios a,b \
+                --set "inference.stain_tta=[1.0]"
             rescore "seed${seed}_adapt" "seed$seed" --scenarios a,b --set inference.adapt_bn=true
         } &
     done
     ;;
-*) echo "unknown set $SET (bars, ablation, confirm or seeds)"; exit 2 ;;
+third)
+    read -ra extra <<<"${EXTRA:-}"
+    for seed in ${SEEDS:-0 1 2 3 4 5 6}; do
+        {
+            run "c_seed$seed" --scenarios c --set train.batch_size=8 --budget "$plain" \
+                --set train.seed="$seed" "${extra[@]}"
+            MODEL_OPT=--model-c rescore "c_seed${seed}_nostain" "c_seed$seed" --scenarios c \
+                --set "inference.stain_tta=[1.0]"
+        } &
+    done
+    ;;
+*) echo "unknown set $SET (bars, ablation, confirm, seeds or third)"; exit 2 ;;
 esac
 for pid in $(jobs -p); do [ "$pid" = "$smi" ] || wait "$pid"; done
 [ -n "$smi" ] && kill "$smi"

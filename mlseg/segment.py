@@ -23,11 +23,10 @@ in square microns then apply at the model's pixel size, as if the image had one.
 sees nuclei larger than it was trained on. Labels always come back on the original grid;
 measurements stay in pixels.
 
-Stain test-time augmentation (``inference.stain_tta``, off by default; for Macenko-normalised
+Stain test-time augmentation (``inference.stain_tta``, on by default for Macenko-normalised
 H&E and IHC, the ``he`` profile's setting): the probabilities of the normalised image and of
 a copy with its haematoxylin 1.5x denser are averaged (:mod:`mlseg.infer`), so nuclei paler
-than the training lab's are found too by models trained without the haematoxylin gain;
-:func:`stain_tta_for` says when it applies.
+than the training lab's are found too; :func:`stain_tta_for` says when it applies.
 
 Bad input is reported per image (the run goes on; :class:`SegmentResult.failed` names each
 file and why): unreadable file, channel count other than the profile's, mask and image of

@@ -65,6 +65,6 @@ def test_stain_tta_flag_keeps_the_models_own_gains():
     from mlseg.config import STAIN_TTA_GAINS, InferenceConfig
 
     assert _stain_gains(True, (1.0, 1.3)) == (1.0, 1.3)
-    assert InferenceConfig().stain_tta == (1.0,)  # off by default
-    assert _stain_gains(True, (1.0,)) == STAIN_TTA_GAINS != (1.0,)
+    assert _stain_gains(True, (1.0,)) == STAIN_TTA_GAINS == InferenceConfig().stain_tta
+    assert STAIN_TTA_GAINS != (1.0,)
     assert _stain_gains(False, (1.0, 1.3)) == (1.0,)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlseg.config import STAIN_TTA_GAINS, Config, InferenceConfig, PreprocessConfig, get_profile
+from mlseg.config import Config, InferenceConfig, PreprocessConfig, get_profile
 from mlseg.errors import ConfigError
 from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
@@ -82,16 +82,14 @@ def test_predict_labels_counts_every_disc(oracle):
 
 
 def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
-    """When on, it applies to Macenko-normalised H&E and IHC, in the stains they were
-    normalised to; it stays off for fluorescence, without stain normalisation (the
-    haematoxylin direction is the slide's, not the reference's), for a model fed
-    intensity-normalised input and when the config says [1.0], the default."""
+    """On by default for Macenko-normalised H&E and IHC, in the stains they were normalised
+    to; off for fluorescence, without stain normalisation (the haematoxylin direction is
+    the slide's, not the reference's), for a model fed intensity-normalised input and when
+    the config says [1.0]."""
     from mlseg.io import write_image
     from mlseg.preprocess import macenko_target
 
-    pre = PreprocessConfig(stain_norm="macenko")
-    assert stain_tta_for(InferenceConfig(), HE, pre, 3).off
-    cfg = InferenceConfig(stain_tta=STAIN_TTA_GAINS)
+    cfg, pre = InferenceConfig(), PreprocessConfig(stain_norm="macenko")
     on = stain_tta_for(cfg, HE, pre, 3)
     assert on == stain_tta_for(cfg, get_profile("ihc"), pre, 3)
     assert len(on.gains) > 1 and not on.off

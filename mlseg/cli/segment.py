@@ -82,8 +82,8 @@ def segment(
         typer.Option(
             "--stain-tta/--no-stain-tta",
             help="Stain test-time augmentation of Macenko-normalised H&E/IHC images: also "
-            "predict with the haematoxylin 1.5x denser and average (2x the time; as the "
-            "model's config says, off for models trained with the haematoxylin gain).",
+            "predict with the haematoxylin 1.5x denser and average (2x the time; on unless "
+            "the model's config says otherwise).",
         ),
     ] = None,
     adapt_bn: Annotated[
