@@ -280,6 +280,8 @@ def bands_line(name: str, bands: dict, n: int) -> str:
 def report(name: str, df, means: dict, extra: dict, note: str = "") -> dict:
     import pandas as pd
 
+    from mlseg.evaluate import describe_errors
+
     cols = ["stem", "pixel_size_um", "scale_factor", "scale_source", "est_diameter_px"]
     cols += ["truth_factor"]
     cols += ["dice", "aji", "pq", "f1"]
@@ -297,6 +299,7 @@ def report(name: str, df, means: dict, extra: dict, note: str = "") -> dict:
         f"median |count error| {means['median_count_error']:.1%}"
         + (f"  bars {bars} met: {verdict}" if bars else "")
     )
+    print(describe_errors(df))
     if note:
         print(note)
     summary = {"scenario": name, **{k: round(v, 4) for k, v in means.items()}, **extra}

@@ -5,9 +5,11 @@ rescaling, normalisation, tiled prediction, instance separation) and compared wi
 by :mod:`mlseg.metrics`. Outputs in ``out_dir``:
 
 - ``per_image.csv``: one row per image (pixel Dice/IoU/precision/recall, object
-  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, counts, and the scale
+  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, counts, why the
+  unmatched objects are unmatched (:func:`mlseg.metrics.error_kinds`), and the scale
   the image was segmented at: ``scale_factor``, ``scale_source``, ``est_diameter_px``);
-- ``summary.json``: the means over images, pooled object counts and what was evaluated;
+- ``summary.json``: the means over images, pooled object counts and error kinds, and what
+  was evaluated;
 - ``worst.png``: the images of lowest AJI as image | truth | prediction.
 """
 
@@ -26,7 +28,7 @@ from mlseg.config import InferenceConfig, Profile, get_profile
 from mlseg.dataset import list_pairs, mask_to_labels
 from mlseg.errors import DatasetError
 from mlseg.io import read_image, read_mask, write_table, write_text
-from mlseg.metrics import count_error, object_metrics, pixel_metrics
+from mlseg.metrics import ERROR_KINDS, count_error, error_kinds, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
 
 WORST_SHOWN = 4
@@ -50,6 +52,7 @@ METRIC_COLUMNS = (
     "n_pred",
     "count_error",
     "count_error_rel",
+    *ERROR_KINDS,
 )
 
 
@@ -81,7 +84,25 @@ def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, 
         {k: obj[k] for k in ("f1", "mean_matched_iou", "aji", "pq", "sq", "rq", "tp", "fp", "fn")}
     )
     row.update(count_error(pred_labels, true_labels))
+    row.update(error_kinds(pred_labels, true_labels, iou_threshold=0.5))
     return row
+
+
+def describe_errors(per_image: pd.DataFrame) -> str:
+    """One sentence on why objects went unmatched, pooled over a per-image table's rows
+    (columns ``n_true``, ``n_pred``, ``fn``, ``fp`` and ERROR_KINDS)."""
+    total = {k: int(per_image[k].sum()) for k in ("n_true", "n_pred", "fn", "fp", *ERROR_KINDS)}
+
+    def kinds(prefix: str) -> str:
+        return ", ".join(
+            f"{total[k]} {k.removeprefix(prefix)}" for k in ERROR_KINDS if k.startswith(prefix)
+        )
+
+    return (
+        f"unmatched at IoU 0.5: {total['fn']} of {total['n_true']} true objects "
+        f"({kinds('fn_')}), {total['fp']} of {total['n_pred']} predicted "
+        f"({kinds('fp_')})"
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -177,6 +198,7 @@ def evaluate(
         "obj_precision": tp / (tp + fp) if tp + fp else float("nan"),
         "obj_recall": tp / (tp + fn) if tp + fn else float("nan"),
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+        **{k: int(df[k].sum()) for k in ("tp", "fp", "fn", *ERROR_KINDS)},
     }
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_table(df, out / "per_image.csv")

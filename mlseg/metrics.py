@@ -10,7 +10,10 @@ table of overlaps, computed once with ``np.bincount``:
 - precision, recall, F1 of matched objects; mean matched IoU (= PQ's SQ);
 - PQ = SQ x RQ, panoptic quality (Kirillov et al. 2019), RQ = F1;
 - AJI, aggregated Jaccard index (Kumar et al. 2017): every true object is paired with the
-  prediction of highest IoU; unpaired predictions add to the union.
+  prediction of highest IoU; unpaired predictions add to the union;
+- error kinds: why each unmatched object is unmatched (missed, merged, split, outline for
+  true objects; spurious, merged, split, outline for predictions), so a count that is off
+  can be traced to its cause.
 
 Conventions for empty images: when neither image has foreground (or objects), every score
 is 1.0 (perfect agreement) and mean matched IoU is NaN (no match to average).
@@ -149,6 +152,79 @@ def _aji(ti, pi, inter, union, t_area, p_area) -> float:
     used_p[pi[best]] = True
     u = union[best].sum() + t_area[~paired_t].sum() + p_area[~used_p].sum()
     return float(c / u) if u > 0 else 1.0
+
+
+ERROR_KINDS = (
+    "fn_missed",
+    "fn_merged",
+    "fn_split",
+    "fn_outline",
+    "fp_spurious",
+    "fp_merged",
+    "fp_split",
+    "fp_outline",
+)
+
+
+def error_kinds(
+    pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
+) -> dict[str, int]:
+    """Why each object left unmatched at ``iou_threshold`` is unmatched: ERROR_KINDS counts.
+
+    A prediction *merges* when it holds the largest overlap of two or more true objects; a
+    true object is *split* when two or more predictions lie mostly (over half their area)
+    inside it. Unmatched true objects, first rule that applies:
+
+    - ``fn_missed``: less than half of it is covered by any prediction;
+    - ``fn_merged``: its largest-overlap prediction merges it with another true object;
+    - ``fn_split``: it is split;
+    - ``fn_outline``: the rest, found once but drawn too small, too large or shifted.
+
+    Unmatched predictions: ``fp_spurious`` (less than half of it on any true object),
+    ``fp_merged`` (it merges), ``fp_split`` (a piece of a split true object),
+    ``fp_outline`` (the rest). ``fn_*`` sum to ``fn`` and ``fp_*`` to ``fp`` of
+    :func:`object_metrics` at the same threshold.
+    """
+    ti, pi, inter, t_area, p_area = contingency(pred_labels, true_labels)
+    n_t, n_p = len(t_area), len(p_area)
+    iou = inter / np.maximum(t_area[ti] + p_area[pi] - inter, 1)
+    keep = _match(ti, pi, iou, n_t, n_p, iou_threshold)
+    t_matched = np.zeros(n_t, bool)
+    t_matched[ti[keep]] = True
+    p_matched = np.zeros(n_p, bool)
+    p_matched[pi[keep]] = True
+    t_cover = np.bincount(ti, weights=inter, minlength=n_t) / np.maximum(t_area, 1)
+    p_cover = np.bincount(pi, weights=inter, minlength=n_p) / np.maximum(p_area, 1)
+    t_major = _major(ti, pi, inter, n_t)
+    p_major = _major(pi, ti, inter, n_p)
+    merging = np.bincount(t_major[t_major >= 0], minlength=n_p) >= 2  # per prediction
+    inside = (inter > 0.5 * p_area[pi]) & (p_major[pi] == ti)  # prediction mostly in t
+    split = np.bincount(ti[inside], minlength=n_t) >= 2  # per true object
+    t_merged = np.zeros(n_t, bool)
+    t_merged[t_major >= 0] = merging[t_major[t_major >= 0]]
+    p_split = np.zeros(n_p, bool)
+    p_split[pi[inside]] = split[ti[inside]]
+
+    def tally(prefix: str, left: np.ndarray, rules: dict[str, np.ndarray]) -> dict[str, int]:
+        out = {}
+        for name, rule in rules.items():  # first rule that applies
+            out[prefix + name] = int(np.count_nonzero(left & rule))
+            left = left & ~rule
+        return {**out, prefix + "outline": int(np.count_nonzero(left))}
+
+    fn = tally("fn_", ~t_matched, {"missed": t_cover < 0.5, "merged": t_merged, "split": split})
+    fp = tally("fp_", ~p_matched, {"spurious": p_cover < 0.5, "merged": merging, "split": p_split})
+    return {**fn, **fp}
+
+
+def _major(a: np.ndarray, b: np.ndarray, inter: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` objects on side ``a`` of the overlap pairs, its partner on side
+    ``b`` of largest overlap (ties: lowest index); -1 where it overlaps nothing."""
+    out = np.full(n, -1, np.int64)
+    order = np.lexsort((-b, inter, a))  # by object, largest overlap (lowest partner) last
+    last = np.r_[a[order][1:] != a[order][:-1], True] if len(order) else order.astype(bool)
+    out[a[order][last]] = b[order][last]
+    return out
 
 
 def count_error(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:

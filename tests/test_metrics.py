@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from mlseg.metrics import contingency, count_error, object_metrics, pixel_metrics
+from mlseg.metrics import (
+    ERROR_KINDS,
+    contingency,
+    count_error,
+    error_kinds,
+    object_metrics,
+    pixel_metrics,
+)
 
 
 def _squares() -> tuple[np.ndarray, np.ndarray]:
@@ -141,3 +148,49 @@ def test_count_error() -> None:
     pred, truth = _squares()
     c = count_error(pred, truth)
     assert c == {"n_true": 2, "n_pred": 3, "count_error": 1, "count_error_rel": 0.5}
+
+
+def test_error_kinds_name_the_cause_of_each_unmatched_object() -> None:
+    from skimage.draw import disk
+
+    truth = np.zeros((100, 200), np.int32)
+    pred = np.zeros_like(truth)
+    truth[disk((20, 20), 8)] = 1  # found exactly
+    pred[disk((20, 20), 8)] = 1
+    truth[disk((20, 60), 8)] = 2  # two touching nuclei drawn as one
+    truth[disk((20, 76), 8)] = 3
+    pred[15:26, 52:85] = 2
+    truth[disk((60, 20), 8)] = 4  # not found at all
+    truth[disk((60, 60), 10)] = 5  # cut in two halves
+    pred[50:71, 50:60] = 3
+    pred[50:71, 60:71] = 4
+    truth[disk((60, 110), 10)] = 6  # found, but drawn shifted (IoU < 0.5, most covered)
+    pred[disk((60, 117), 10)] = 5
+    pred[disk((85, 170), 6)] = 6  # nothing there
+    kinds = error_kinds(pred, truth)
+    assert kinds == {
+        "fn_missed": 1,
+        "fn_merged": 2,
+        "fn_split": 1,
+        "fn_outline": 1,
+        "fp_spurious": 1,
+        "fp_merged": 1,
+        "fp_split": 2,
+        "fp_outline": 1,
+    }
+
+
+def test_error_kinds_add_up_to_the_unmatched_objects() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        truth = rng.integers(0, 8, (24, 24)).astype(np.int32)
+        truth[rng.random((24, 24)) < 0.3] = 0
+        pred = np.roll(truth, rng.integers(0, 3), axis=0)
+        pred[rng.random((24, 24)) < 0.2] = 11
+        kinds, obj = error_kinds(pred, truth), object_metrics(pred, truth)
+        assert set(kinds) == set(ERROR_KINDS)
+        assert sum(v for k, v in kinds.items() if k.startswith("fn_")) == obj["fn"]
+        assert sum(v for k, v in kinds.items() if k.startswith("fp_")) == obj["fp"]
+    empty = np.zeros_like(truth)
+    assert error_kinds(empty, truth)["fn_missed"] == object_metrics(empty, truth)["fn"]
+    assert error_kinds(truth, empty)["fp_spurious"] == object_metrics(truth, empty)["fp"]

@@ -187,7 +187,9 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
     assert main(args) == 0
     assert "trained 1 steps" in capsys.readouterr().out
     assert main(["evaluate", str(out), str(synth_dataset), "--quiet"]) == 0
-    assert "AJI" in capsys.readouterr().out and (out / "eval_test" / "per_image.csv").is_file()
+    printed = capsys.readouterr().out
+    assert "AJI" in printed and "unmatched at IoU 0.5" in printed  # and why
+    assert (out / "eval_test" / "per_image.csv").is_file()
     assert main(["train", str(config), "--out", str(out)]) == 2  # no dataset given
     assert "--data" in capsys.readouterr().err
 

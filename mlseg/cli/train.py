@@ -65,6 +65,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
+    from mlseg.evaluate import describe_errors
     from mlseg.evaluate import evaluate as run_evaluate
     from mlseg.model import load_model
 
@@ -83,6 +84,7 @@ def evaluate(
         f"{len(result.per_image)} images: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  PQ {m['pq']:.4f}  "
         f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f}; tables in {result.out_dir}"
     )
+    typer.echo(describe_errors(result.per_image))
 
 
 def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
