@@ -28,7 +28,7 @@ from mlseg.config import InferenceConfig, Profile, get_profile
 from mlseg.dataset import list_pairs, mask_to_labels
 from mlseg.errors import DatasetError
 from mlseg.io import read_image, read_mask, write_table, write_text
-from mlseg.metrics import ERROR_KINDS, count_error, error_kinds, object_metrics, pixel_metrics
+from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
 
 WORST_SHOWN = 4
@@ -84,7 +84,7 @@ def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, 
         {k: obj[k] for k in ("f1", "mean_matched_iou", "aji", "pq", "sq", "rq", "tp", "fp", "fn")}
     )
     row.update(count_error(pred_labels, true_labels))
-    row.update(error_kinds(pred_labels, true_labels, iou_threshold=0.5))
+    row.update({k: obj[k] for k in ERROR_KINDS})
     return row
 
 
@@ -198,7 +198,10 @@ def evaluate(
         "obj_precision": tp / (tp + fp) if tp + fp else float("nan"),
         "obj_recall": tp / (tp + fn) if tp + fn else float("nan"),
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
-        **{k: int(df[k].sum()) for k in ("tp", "fp", "fn", *ERROR_KINDS)},
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        **{k: int(df[k].sum()) for k in ERROR_KINDS},
     }
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_table(df, out / "per_image.csv")

@@ -101,13 +101,15 @@ def object_metrics(
 ) -> dict[str, float]:
     """Object-level scores of two ``(H, W)`` instance label images (see module docstring).
 
-    Returns ``tp, fp, fn, precision, recall, f1, mean_matched_iou, aji, pq, sq, rq``.
+    Returns ``tp, fp, fn, precision, recall, f1, mean_matched_iou, aji, pq, sq, rq`` and
+    the ERROR_KINDS counts of :func:`error_kinds`.
     """
     ti, pi, inter, t_area, p_area = contingency(pred_labels, true_labels)
     n_t, n_p = len(t_area), len(p_area)
     union = t_area[ti] + p_area[pi] - inter
     iou = inter / np.maximum(union, 1)
-    matched = iou[_match(ti, pi, iou, n_t, n_p, iou_threshold)]
+    keep = _match(ti, pi, iou, n_t, n_p, iou_threshold)
+    matched = iou[keep]
     tp = len(matched)
     fp, fn = n_p - tp, n_t - tp
     empty = n_t == 0 and n_p == 0
@@ -128,6 +130,7 @@ def object_metrics(
         "pq": pq,
         "sq": sq,
         "rq": float(f1),
+        **_error_kinds(ti, pi, inter, t_area, p_area, keep),
     }
 
 
@@ -185,10 +188,13 @@ def error_kinds(
     ``fp_outline`` (the rest). ``fn_*`` sum to ``fn`` and ``fp_*`` to ``fp`` of
     :func:`object_metrics` at the same threshold.
     """
-    ti, pi, inter, t_area, p_area = contingency(pred_labels, true_labels)
+    metrics = object_metrics(pred_labels, true_labels, iou_threshold)
+    return {k: metrics[k] for k in ERROR_KINDS}
+
+
+def _error_kinds(ti, pi, inter, t_area, p_area, keep) -> dict[str, int]:
+    """:func:`error_kinds` from the contingency pairs and the mask of matched pairs."""
     n_t, n_p = len(t_area), len(p_area)
-    iou = inter / np.maximum(t_area[ti] + p_area[pi] - inter, 1)
-    keep = _match(ti, pi, iou, n_t, n_p, iou_threshold)
     t_matched = np.zeros(n_t, bool)
     t_matched[ti[keep]] = True
     p_matched = np.zeros(n_p, bool)
@@ -200,8 +206,9 @@ def error_kinds(
     merging = np.bincount(t_major[t_major >= 0], minlength=n_p) >= 2  # per prediction
     inside = (inter > 0.5 * p_area[pi]) & (p_major[pi] == ti)  # prediction mostly in t
     split = np.bincount(ti[inside], minlength=n_t) >= 2  # per true object
+    has_major = t_major >= 0
     t_merged = np.zeros(n_t, bool)
-    t_merged[t_major >= 0] = merging[t_major[t_major >= 0]]
+    t_merged[has_major] = merging[t_major[has_major]]
     p_split = np.zeros(n_p, bool)
     p_split[pi[inside]] = split[ti[inside]]
 
