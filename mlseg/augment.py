@@ -17,8 +17,9 @@ everything after it is a pure function of the parameters, which keeps it reprodu
   target's class map scaled by a smooth random field, so pale nuclei appear beside dark
   ones; H&E/IHC RGB only), haematoxylin gain (the whole patch's haematoxylin scaled, so
   paler and darker staining labs are seen), HED stain jitter (Tellez et al. 2018), brightness
-  (multiplicative), contrast, gamma (on the patch rescaled to [0, 1]), Gaussian blur and
-  Gaussian noise, each applied to a random subset of the batch.
+  (multiplicative), contrast, gamma (on the patch rescaled to [0, 1]), Gaussian blur,
+  sharpening (unsharp mask: scanners differ in sharpness both ways) and Gaussian noise,
+  each applied to a random subset of the batch.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class AugParams:
     color: Group | None  # brightness, contrast, gamma: (k, 1, 1, 1) factors / exponent
     blur: Group | None  # sigma: (k,) pixels
     noise: Group | None  # noise: (k, C, P, P), already scaled
+    sharpen: Group | None = None  # sigma: (k,) pixels, amount: (k, 1, 1, 1)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -199,6 +201,14 @@ def draw_params(
     if on and cfg.blur_p > 0:
         values = {"sigma": _uniform(batch, *cfg.blur_sigma, gen)}
         blur = _group(chosen(cfg.blur_p), values, {"sigma": 0.0}, subset, device)
+    sharpen = None
+    if on and cfg.sharpen_p > 0:  # drawn only when used: other configs keep their stream
+        values = {
+            "sigma": _uniform(batch, *cfg.blur_sigma, gen),
+            "amount": _uniform((batch, 1, 1, 1), *cfg.sharpen_amount, gen),
+        }
+        identity = {"sigma": 0.0, "amount": 0.0}
+        sharpen = _group(chosen(cfg.sharpen_p), values, identity, subset, device)
     noise = None
     if on and cfg.noise_p > 0 and cfg.noise_std > 0:
         std = _uniform(batch, 0.0, cfg.noise_std, gen)
@@ -209,7 +219,8 @@ def draw_params(
             device_gen = torch.Generator(device=device).manual_seed(seed)
             field = torch.randn((k, channels, patch, patch), generator=device_gen, device=device)
             noise.values = {"noise": field * noise.values["std"][:, None, None, None]}
-    return AugParams(to_device(matrix, device), elastic, fade, gain, hed, color, blur, noise)
+    matrix = to_device(matrix, device)
+    return AugParams(matrix, elastic, fade, gain, hed, color, blur, noise, sharpen)
 
 
 def source_coords(
@@ -253,6 +264,15 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> to
         F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c
     )
     return y.reshape(b, c, h, w)
+
+
+def _sharpen(x: torch.Tensor, v: dict[str, torch.Tensor], max_sigma: float) -> torch.Tensor:
+    """Unsharp mask: ``x + amount * (x - blur(x))``, kept within the patch's own range
+    (amount 0 leaves a sample as is)."""
+    detail = x - _gaussian_blur(x, v["sigma"], max_sigma)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return torch.minimum(torch.maximum(x + v["amount"] * detail, lo), hi)
 
 
 def _apply(x: torch.Tensor, group: Group | None, fn) -> torch.Tensor:
@@ -317,7 +337,7 @@ def photometric(
 ) -> torch.Tensor:
     """Apply the photometric part of ``params`` to ``(B, C, P, P)`` float32 patches:
     nucleus fade (needs the ``(B, P, P)`` class maps ``classes``), haematoxylin gain, HED jitter,
-    brightness/contrast/gamma, blur, noise (each on its drawn samples)."""
+    brightness/contrast/gamma, blur, sharpening, noise (each on its drawn samples)."""
     if params.fade is not None and classes is not None:
         # class 1: the foreground (binary) or the interior (three-class: the rim stays dark)
         nuclei = (classes == 1).to(x.dtype)[:, None]
@@ -328,6 +348,7 @@ def photometric(
     x = _apply(x, params.hed, _hed)
     x = _apply(x, params.color, _color)
     x = _apply(x, params.blur, lambda s, v: _gaussian_blur(s, v["sigma"], cfg.blur_sigma[1]))
+    x = _apply(x, params.sharpen, lambda s, v: _sharpen(s, v, cfg.blur_sigma[1]))
     return _apply(x, params.noise, lambda s, v: s + v["noise"])
 
 

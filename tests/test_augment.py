@@ -277,3 +277,39 @@ def test_log_uniform_ranges_are_checked() -> None:
         AugmentConfig(haematoxylin_gain=(0.0, 2.0))
     with pytest.raises(ValueError, match="0 < low <= high"):
         AugmentConfig(scale_range=(2.0, 0.5))
+
+
+def test_sharpen_adds_detail_within_the_patch_range() -> None:
+    cfg = AugmentConfig(**{**NO_PHOTOMETRY, "sharpen_p": 1.0}, sharpen_amount=(1.0, 1.0))
+    # a soft image (smooth random field), as from a blurrier scanner
+    coarse = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear") * 0.5 + 0.25
+    y = photometric(x, draw_params(4, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu"), cfg)
+
+    def detail(t: torch.Tensor) -> torch.Tensor:  # high-pass share: what a sharper scan has more of
+        return (t[..., 1:, :] - t[..., :-1, :]).std() / t.std()
+
+    assert detail(y) > 1.1 * detail(x)
+    assert (y.amin(dim=(1, 2, 3)) >= x.amin(dim=(1, 2, 3)) - 1e-6).all()
+    assert (y.amax(dim=(1, 2, 3)) <= x.amax(dim=(1, 2, 3)) + 1e-6).all()
+    assert abs(float(y.mean() - x.mean())) < 0.02
+    # amount 0 is the identity; off by default, and then the random stream is untouched
+    none = AugmentConfig(**{**NO_PHOTOMETRY, "sharpen_p": 1.0}, sharpen_amount=(0.0, 0.0))
+    p0 = draw_params(4, 32, 3, none, torch.Generator().manual_seed(0), "cpu")
+    assert torch.allclose(photometric(x, p0, none), x, atol=1e-6)
+    assert draw_params(4, 32, 3, AugmentConfig(), torch.Generator(), "cpu").sharpen is None
+    base = AugmentConfig(noise_p=1.0)
+    a = draw_params(4, 32, 3, base, torch.Generator().manual_seed(2), "cpu")
+    b = draw_params(4, 32, 3, base, torch.Generator().manual_seed(2), "cpu")
+    assert torch.equal(photometric(x, a, base), photometric(x, b, base))
+    with pytest.raises(ValueError, match="0 <= low <= high"):
+        AugmentConfig(sharpen_amount=(1.0, 0.5))
+
+
+def test_sharpen_subset_and_full_batch_forms_agree() -> None:
+    cfg = AugmentConfig(**{**NO_PHOTOMETRY, "sharpen_p": 0.5})
+    x = torch.rand(8, 3, 16, 16)
+    a = photometric(x, draw_params(8, 16, 3, cfg, torch.Generator().manual_seed(3), "cpu"), cfg)
+    full = draw_params(8, 16, 3, cfg, torch.Generator().manual_seed(3), "cpu", subset=False)
+    assert torch.allclose(a, photometric(x, full, cfg), atol=1e-6)
+    assert not torch.equal(a, x)
