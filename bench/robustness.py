@@ -199,6 +199,12 @@ def recall_by_paleness(nuclei, reference: tuple[float, float]) -> dict:
     return out
 
 
+def abs_count_error(df):
+    """|predicted - true| / true object count per row of a per-image table (an image
+    without true objects counts its predictions)."""
+    return (df["n_pred"] - df["n_true"]).abs() / df["n_true"].clip(lower=1)
+
+
 def score(
     model_dir: Path,
     root: Path,
@@ -254,7 +260,7 @@ def score(
     worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
     plot_worst([item for _, item in worst], out_png)
     df = pd.DataFrame(rows)
-    df["count_error_abs_rel"] = (df["n_pred"] - df["n_true"]).abs() / df["n_true"].clip(lower=1)
+    df["count_error_abs_rel"] = abs_count_error(df)
     means = {k: float(df[k].mean()) for k in ("dice", "aji", "pq", "f1")}
     means["median_count_error"] = float(df["count_error_abs_rel"].median())
     return df, means

@@ -51,7 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.robustness import DATA, PIXEL_SIZES, flat_source, ingest_all  # noqa: E402
+from bench.robustness import (  # noqa: E402
+    DATA,
+    PIXEL_SIZES,
+    abs_count_error,
+    flat_source,
+    ingest_all,
+)
 
 MODES = ("given", "auto", "native")
 
@@ -130,39 +136,42 @@ def sweep(loaded, pairs, axis: str, levels, modes, overrides: dict) -> list[dict
         "native": base.model_copy(update={"auto_scale": False}),
     }
     rows = []
-    jobs = [(pair, level) for pair in pairs for level in levels]
-    for pair, level in tqdm(jobs, desc=f"tiles x {axis} levels", unit="copy"):
+    progress = tqdm(total=len(pairs) * len(levels), desc=f"tiles x {axis} levels", unit="copy")
+    for pair in pairs:  # each tile read once, degraded to every level
         image0 = read_image(pair.image)
         truth0 = mask_to_labels(read_mask(pair.mask), "instance")
-        image, truth, px = degrade(image0, truth0, pair.pixel_size_um, axis, level)
-        for mode in modes:
-            t0 = time.perf_counter()
-            pred, _, scale = predict_labels_scaled(
-                loaded,
-                image,
-                profile,
-                configs[mode],
-                pixel_size_um=None if mode == "auto" else px,
-            )
-            seconds = time.perf_counter() - t0
-            row = score_labels(np.asarray(pred, np.int32), truth)
-            row.update(
-                stem=pair.stem,
-                axis=axis,
-                level=level,
-                pixel_size_um=px,
-                mode=mode,
-                needed_factor=px / loaded.pixel_size_um,
-                **scale.as_row(),
-                predict_s=seconds,
-            )
-            rows.append(row)
+        for level in levels:
+            image, truth, px = degrade(image0, truth0, pair.pixel_size_um, axis, level)
+            for mode in modes:
+                t0 = time.perf_counter()
+                pred, _, scale = predict_labels_scaled(
+                    loaded,
+                    image,
+                    profile,
+                    configs[mode],
+                    pixel_size_um=None if mode == "auto" else px,
+                )
+                seconds = time.perf_counter() - t0
+                row = score_labels(np.asarray(pred, np.int32), truth)
+                row.update(
+                    stem=pair.stem,
+                    axis=axis,
+                    level=level,
+                    pixel_size_um=px,
+                    mode=mode,
+                    needed_factor=px / loaded.pixel_size_um,
+                    **scale.as_row(),
+                    predict_s=seconds,
+                )
+                rows.append(row)
+            progress.update()
+    progress.close()
     return rows
 
 
 def summarise(df):
     """Means per (level, mode): Dice, AJI, PQ, median |count error|, median chosen factor."""
-    df = df.assign(count_error_abs_rel=(df.n_pred - df.n_true).abs() / df.n_true.clip(lower=1))
+    df = df.assign(count_error_abs_rel=abs_count_error(df))
     grouped = df.groupby(["level", "mode"], sort=True)
     out = grouped[["dice", "aji", "pq"]].mean()
     out["median_count_error"] = grouped["count_error_abs_rel"].median()
