@@ -104,13 +104,15 @@ def dsb_brightfield_stems(root: Path) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- train / score
-def train(cfg, root: Path, out: Path, budget: str):
+def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
+    """Train ``cfg`` for ``budget`` into ``out``; with ``resume``, continue the run an
+    interrupted call left there (mlseg.train.fit checks its architecture and data)."""
     from bench.quality import with_budget
     from mlseg.train import fit
 
     cfg = with_budget(cfg, budget)
     t0 = time.perf_counter()
-    result = fit(cfg, root, out, resume=False, progress=False)
+    result = fit(cfg, root, out, resume=resume, progress=False)
     seconds = time.perf_counter() - t0
     ensure_reference_diameter(out, cfg, root)
     print(f"trained {result.steps} steps in {seconds:.0f} s ({result.images_per_s:.1f} img/s)")
@@ -341,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-c", type=Path, help="existing checkpoint for scenario c")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the trainings an interrupted run left in --out (give the same --set)",
+    )
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not (args.data / "gbm40_he").is_dir():
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             gbm_root = ingest_all(
                 flat_source(out / "src_gbm", [gbm]), out / "gbm40", [sizes["gbm40"]]
             )
-            result, seconds = train(cfg, gbm_root, out / "model_gbm40", args.budget)
+            result, seconds = train(cfg, gbm_root, out / "model_gbm40", args.budget, args.resume)
             model_dir = result.out_dir
             extra.update(steps=result.steps, train_s=round(seconds, 1))
         reference = training_paleness(gbm)
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         model_c, extra = args.model_c, dict(common)
         if model_c is None:
-            result, seconds = train(cfg, both, out / "model_both", args.budget)
+            result, seconds = train(cfg, both, out / "model_both", args.budget, args.resume)
             model_c = result.out_dir
             extra.update(steps=result.steps, train_s=round(seconds, 1))
         bright = flat_source(out / "src_dsb", [dsb], {dsb: dsb_brightfield_stems(dsb)})
