@@ -111,12 +111,39 @@ def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
     from mlseg.train import fit
 
     cfg = with_budget(cfg, budget)
+    if resume:
+        check_resumable(out, cfg)
     t0 = time.perf_counter()
     result = fit(cfg, root, out, resume=resume, progress=False)
     seconds = time.perf_counter() - t0
     ensure_reference_diameter(out, cfg, root)
     print(f"trained {result.steps} steps in {seconds:.0f} s ({result.images_per_s:.1f} img/s)")
     return result, seconds
+
+
+# where a resumed run may differ from the one it continues
+RESUME_FREE = {"device", "num_threads", "target"}
+
+
+def check_resumable(out: Path, cfg) -> None:
+    """Refuse to resume a run in ``out`` trained with other training or augmentation
+    settings (``fit`` itself checks only the architecture and the data)."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    now = cfg.model_dump(mode="json")
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section in ("train", "augment")
+        for key, value in now[section].items()
+        if key not in RESUME_FREE and saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise SystemExit(
+            f"{out}: cannot resume, its run was trained otherwise ({'; '.join(changed)}); "
+            "give the same --set and --budget, or another --out"
+        )
 
 
 def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
@@ -346,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the trainings an interrupted run left in --out (give the same --set)",
+        help="continue the trainings an interrupted run left in --out (same --set and --budget)",
     )
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
