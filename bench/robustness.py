@@ -117,7 +117,10 @@ def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
     result = fit(cfg, root, out, resume=resume, progress=False)
     seconds = time.perf_counter() - t0
     ensure_reference_diameter(out, cfg, root)
-    print(f"trained {result.steps} steps in {seconds:.0f} s ({result.images_per_s:.1f} img/s)")
+    done = "trained" if not resume else "trained up to"
+    print(
+        f"{done} {result.steps} steps, {seconds:.0f} s this call ({result.images_per_s:.1f} img/s)"
+    )
     return result, seconds
 
 
@@ -134,7 +137,7 @@ def check_resumable(out: Path, cfg) -> None:
     saved = json.loads(path.read_text())
     now = cfg.model_dump(mode="json")
     changed = [
-        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
         for section in ("train", "augment")
         for key, value in now[section].items()
         if key not in RESUME_FREE and saved.get(section, {}).get(key) != value
