@@ -106,7 +106,7 @@ def dsb_brightfield_stems(root: Path) -> set[str]:
 # ----------------------------------------------------------------------------- train / score
 def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
     """Train ``cfg`` for ``budget`` into ``out``; with ``resume``, continue the run an
-    interrupted call left there (mlseg.train.fit checks its architecture and data)."""
+    interrupted call left there (mlseg.train.fit checks it was trained the same way)."""
     from bench.quality import with_budget
     from mlseg.train import fit
 
@@ -124,28 +124,23 @@ def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
     return result, seconds
 
 
-# where a resumed run may differ from the one it continues
-RESUME_FREE = {"device", "num_threads", "target"}
-
-
 def check_resumable(out: Path, cfg) -> None:
-    """Refuse to resume a run in ``out`` trained with other training or augmentation
-    settings (``fit`` itself checks only the architecture and the data)."""
+    """Refuse to resume a run in ``out`` trained for another budget. ``fit`` refuses other
+    model, data and recipe settings itself, but lets a run grow longer; a benchmark's
+    figures are for one budget."""
     path = out / "config.json"
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
-    now = cfg.model_dump(mode="json")
+    saved = json.loads(path.read_text()).get("train", {})
     changed = [
-        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-        for section in ("train", "augment")
-        for key, value in now[section].items()
-        if key not in RESUME_FREE and saved.get(section, {}).get(key) != value
+        f"train.{key}: {saved[key]!r} -> {getattr(cfg.train, key)!r}"
+        for key in ("max_steps", "val_every", "early_stop_patience")
+        if key in saved and saved[key] != getattr(cfg.train, key)
     ]
     if changed:
         raise SystemExit(
-            f"{out}: cannot resume, its run was trained otherwise ({'; '.join(changed)}); "
-            "give the same --set and --budget, or another --out"
+            f"{out}: cannot resume, its run was trained for another budget "
+            f"({'; '.join(changed)}); give the same --budget, or another --out"
         )
 
 

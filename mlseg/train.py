@@ -195,28 +195,63 @@ def _check_finite(value: float, step: int, lr: float) -> None:
 
 
 # ----------------------------------------------------------------------------- state
-def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, fingerprint: str) -> None:
-    meta = json.loads((folder / "meta.json").read_text())
-    saved = json.loads((folder / "config.json").read_text()).get("train", {})
-    problems = [
-        f"{key}: {saved.get(key)!r} -> {getattr(cfg.train, key)!r}"
-        for key in ("arch", "encoder", "encoder_depth")
-        if saved.get(key) != getattr(cfg.train, key)
+# Train settings a resumed run may change: where and how fast it runs, and how long it
+# lasts (a larger max_steps trains on, the learning rate following the longer schedule from
+# the current step: a warm restart when a finished run is extended). Every other train,
+# augment and preprocess setting, and the validation split, decides what is learnt: the
+# config saved beside the weights must be the one that made them.
+RESUME_FREE = frozenset(
+    {
+        "device",
+        "num_threads",
+        "amp",
+        "channels_last",
+        "compile",
+        "num_workers",
+        "max_steps",
+        "val_every",
+        "early_stop_patience",
+        "target",  # compared as resolved, in meta.json
+    }
+)
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any], section: str, keys) -> list[str]:
+    # a key missing from an older checkpoint's config is not a change
+    before = saved.get(section, {})
+    return [
+        f"{section}.{key}: {before[key]!r} -> {now[section][key]!r}"
+        for key in keys
+        if key in before and before[key] != now[section][key]
     ]
-    for key, now in (
+
+
+def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, fingerprint: str) -> None:
+    """Refuse to resume the run in ``folder`` with another model, data or recipe."""
+    meta = json.loads((folder / "meta.json").read_text())
+    saved = json.loads((folder / "config.json").read_text())
+    now = cfg.model_dump(mode="json")
+    problems = [
+        *_changed(saved, now, "train", [k for k in now["train"] if k not in RESUME_FREE]),
+        *_changed(saved, now, "augment", now["augment"]),
+        *_changed(saved, now, "preprocess", now["preprocess"]),
+        *_changed(saved, now, "data", ("val_fraction", "seed")),
+    ]
+    for key, value in (
         ("target", data.target),
         ("classes", classes),
         ("in_channels", data.in_channels),
     ):
-        if meta.get(key) != now:
-            problems.append(f"{key}: {meta.get(key)!r} -> {now!r}")
+        if meta.get(key) != value:
+            problems.append(f"{key}: {meta.get(key)!r} -> {value!r}")
     if meta.get("fingerprint_hash") not in (None, fingerprint):
         problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
     if problems:
         raise ConfigError(
             f"{folder}: holds a run that cannot be resumed with this config/data ("
             + "; ".join(problems)
-            + "); choose another output folder or pass --no-resume to start over"
+            + "); give the settings it was trained with (its config.json), choose another "
+            "output folder, or pass --no-resume to start over"
         )
 
 

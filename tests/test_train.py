@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -96,10 +97,34 @@ def test_ema_checkpoints_hold_the_average_and_resume(synth_dataset, tmp_path) ->
     assert load_model(out).meta["checkpoints"]["last"]["step"] == 3
 
 
-def test_resume_refuses_another_architecture(synth_dataset, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"train": {"encoder": "resnet34"}}, "train.encoder: 'resnet18' -> 'resnet34'"),
+        ({"train": {"lr": 1e-2}}, "train.lr: 0.001 -> 0.01"),
+        ({"augment": {"flips": False}}, "augment.flips: True -> False"),
+        ({"data": {"val_fraction": 0.5}}, "data.val_fraction: 0.15 -> 0.5"),
+    ],
+)
+def test_resume_refuses_another_recipe(synth_dataset, tmp_path, changed, named) -> None:
+    """The config beside the weights must be the one that trained them: a resume with
+    another model, learning setting, augmentation or validation split is refused."""
     fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
-    with pytest.raises(ConfigError, match="--no-resume"):
-        fit(_cfg(max_steps=2, encoder="resnet34"), synth_dataset, tmp_path, progress=False)
+    cfg = load_config(
+        None,
+        train={**TINY, "max_steps": 2, **changed.get("train", {})},
+        **{k: v for k, v in changed.items() if k != "train"},
+    )
+    with pytest.raises(ConfigError, match="--no-resume") as error:
+        fit(cfg, synth_dataset, tmp_path, progress=False)
+    assert named in str(error.value)
+    assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"]["last"]["step"] == 1
+
+
+def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
+    fit(_cfg(max_steps=1, num_threads=2), synth_dataset, tmp_path, progress=False)
+    more = _cfg(max_steps=2, num_threads=1, val_every=1, early_stop_patience=3, device="cpu")
+    assert fit(more, synth_dataset, tmp_path, progress=False).steps == 2
 
 
 def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None:
