@@ -1,7 +1,8 @@
 """Hyperparameter selection: a small grid or random search with short training budgets.
 
 Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in its own
-folder (``trial_NNN``; a re-run resumes or skips finished trials), scored by its best
+folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a folder
+holding the trials of another search), scored by its best
 validation Dice. The ranked table is returned and written as ``tune_results.csv``; the
 best trial's config, with the original step budget, is written as ``best_config.yaml``.
 
@@ -119,7 +120,18 @@ def tune(
     for i, params in iterator:
         trial_cfg = apply_params(cfg, {**params, **short})
         t0 = time.perf_counter()
-        result = fit(trial_cfg, data_root, out / f"trial_{i:03d}", resume=True, progress=False)
+        folder = out / f"trial_{i:03d}"
+        try:
+            result = fit(trial_cfg, data_root, folder, resume=True, progress=False)
+        except ConfigError as error:
+            if not folder.joinpath("meta.json").is_file():
+                raise
+            # a finished trial of another search would otherwise be reported under these params
+            raise ConfigError(
+                f"{out}: holds the trials of another search ({folder.name} was trained with "
+                f"other settings); give another output folder, or the same config, space and "
+                f"seed to resume it. {error}"
+            ) from None
         last_loss = result.history["train_loss"].iloc[-1] if len(result.history) else float("nan")
         rows.append(
             {

@@ -64,3 +64,15 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
     assert best.train.lr == table.loc[0, "train.lr"]
     assert best.train.max_steps == 500 and best.train.encoder == "resnet18"  # budget not kept
     assert "preprocess" not in best.model_fields_set  # the profile's preprocessing still applies
+    # the same folder with another search is refused, not reported as these trials
+    with pytest.raises(ConfigError, match="another search") as error:
+        tune(
+            cfg,
+            synth_dataset,
+            tmp_path,
+            trials=1,
+            budget_steps=1,
+            space={"train.lr": [3e-3]},
+            progress=False,
+        )
+    assert "train.lr: 0.001 -> 0.003" in str(error.value)
