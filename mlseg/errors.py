@@ -17,6 +17,10 @@ class ConfigError(MlsegError):
     """A configuration or profile file has an unknown key or a bad value."""
 
 
+class ResumeError(ConfigError):
+    """An output folder holds a run trained with another model, recipe or data."""
+
+
 class DatasetError(MlsegError):
     """A dataset does not follow the layout contract (see ``mlseg.dataset``)."""
 

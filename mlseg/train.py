@@ -40,7 +40,7 @@ from torch import nn
 
 from mlseg.config import Config, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
-from mlseg.errors import ConfigError, ModelError
+from mlseg.errors import ModelError, ResumeError
 from mlseg.io import write_table, write_text
 from mlseg.model import build_model, load_train_state, resolve_device, save_checkpoint
 from mlseg.targets import num_classes
@@ -247,7 +247,7 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
     if meta.get("fingerprint_hash") not in (None, fingerprint):
         problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
     if problems:
-        raise ConfigError(
+        raise ResumeError(
             f"{folder}: holds a run that cannot be resumed with this config/data ("
             + "; ".join(problems)
             + "); give the settings it was trained with (its config.json), choose another "
@@ -482,7 +482,8 @@ def fit(
 
     ``fingerprint_hash`` identifies the data (e.g. from validation); computed from the files
     when None. See the module docstring for the loop. Raises :class:`DatasetError` (empty or
-    malformed data), :class:`ConfigError` (config does not fit data or resumable run) and
+    malformed data), :class:`ConfigError` (config does not fit the data),
+    :class:`ResumeError` (``out_dir`` holds a run trained otherwise; see ``RESUME_FREE``) and
     :class:`ModelError` (model cannot be built, training diverged).
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from mlseg.config import Config
-from mlseg.errors import ConfigError
+from mlseg.errors import ConfigError, ResumeError
 from mlseg.io import write_table, write_text
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
@@ -123,9 +123,7 @@ def tune(
         folder = out / f"trial_{i:03d}"
         try:
             result = fit(trial_cfg, data_root, folder, resume=True, progress=False)
-        except ConfigError as error:
-            if not folder.joinpath("meta.json").is_file():
-                raise
+        except ResumeError as error:
             # a finished trial of another search would otherwise be reported under these params
             raise ConfigError(
                 f"{out}: holds the trials of another search ({folder.name} was trained with "

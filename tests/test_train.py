@@ -11,7 +11,7 @@ import torch
 from skimage.draw import disk
 
 from mlseg.config import load_config
-from mlseg.errors import ConfigError, DatasetError, ModelError
+from mlseg.errors import ConfigError, DatasetError, ModelError, ResumeError
 from mlseg.io import write_image, write_labels
 from mlseg.train import SegLoss, fit, warmup_cosine
 
@@ -115,7 +115,7 @@ def test_resume_refuses_another_recipe(synth_dataset, tmp_path, changed, named) 
         train={**TINY, "max_steps": 2, **changed.get("train", {})},
         **{k: v for k, v in changed.items() if k != "train"},
     )
-    with pytest.raises(ConfigError, match="--no-resume") as error:
+    with pytest.raises(ResumeError, match="--no-resume") as error:
         fit(cfg, synth_dataset, tmp_path, progress=False)
     assert named in str(error.value)
     assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"]["last"]["step"] == 1
