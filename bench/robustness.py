@@ -108,13 +108,17 @@ def train(cfg, root: Path, out: Path, budget: str, resume: bool = False):
     """Train ``cfg`` for ``budget`` into ``out``; with ``resume``, continue the run an
     interrupted call left there (mlseg.train.fit checks it was trained the same way)."""
     from bench.quality import with_budget
+    from mlseg.errors import ResumeError
     from mlseg.train import fit
 
     cfg = with_budget(cfg, budget)
     if resume:
         check_resumable(out, cfg)
     t0 = time.perf_counter()
-    result = fit(cfg, root, out, resume=resume, progress=False)
+    try:
+        result = fit(cfg, root, out, resume=resume, progress=False)
+    except ResumeError as error:
+        raise SystemExit(f"{error} (here: the same --set, or another --out)") from None
     seconds = time.perf_counter() - t0
     ensure_reference_diameter(out, cfg, root)
     done = "trained" if not resume else "trained up to"
