@@ -132,15 +132,13 @@ def check_resumable(out: Path, cfg) -> None:
     """Refuse to resume a run in ``out`` trained for another budget. ``fit`` refuses other
     model, data and recipe settings itself, but lets a run grow longer; a benchmark's
     figures are for one budget."""
+    from mlseg.train import _changed
+
     path = out / "config.json"
     if not path.is_file():
         return
-    saved = json.loads(path.read_text()).get("train", {})
-    changed = [
-        f"train.{key}: {saved[key]!r} -> {getattr(cfg.train, key)!r}"
-        for key in ("max_steps", "val_every", "early_stop_patience")
-        if key in saved and saved[key] != getattr(cfg.train, key)
-    ]
+    saved, now = json.loads(path.read_text()), cfg.model_dump(mode="json")
+    changed = _changed(saved, now, "train", ("max_steps", "val_every", "early_stop_patience"))
     if changed:
         raise SystemExit(
             f"{out}: cannot resume, its run was trained for another budget "
