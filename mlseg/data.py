@@ -358,6 +358,10 @@ class Batches:
         self.pending = None
         self.pending_state = gen.get_state()
         if self.side is not None:
+            # The side stream reads the images uploaded on the current stream and nothing
+            # written after. Those copies block today; the wait keeps this ordered if the
+            # upload is ever made asynchronous (pinned memory, non_blocking=True).
+            self.side.wait_stream(torch.cuda.current_stream(device))
             self._prefetch()
 
     def _prefetch(self) -> None:

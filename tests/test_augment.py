@@ -8,7 +8,7 @@ import torch
 
 from mlseg.augment import augment_pair, draw_params, photometric, reflect_coords
 from mlseg.config import AugmentConfig
-from mlseg.data import PatchStore, faint_nuclei, nucleus_contrast
+from mlseg.data import Batches, PatchStore, faint_nuclei, nucleus_contrast
 
 # every photometric transform off (the haematoxylin gain is on by default)
 NO_PHOTOMETRY = dict(color_p=0.0, hed_p=0.0, haematoxylin_gain_p=0.0, blur_p=0.0, noise_p=0.0)
@@ -313,3 +313,25 @@ def test_sharpen_subset_and_full_batch_forms_agree() -> None:
     full = draw_params(8, 16, 3, cfg, torch.Generator().manual_seed(3), "cpu", subset=False)
     assert torch.allclose(a, photometric(x, full, cfg), atol=1e-6)
     assert not torch.equal(a, x)
+
+
+@pytest.mark.gpu
+def test_prefetching_on_cuda_hands_out_the_batches_drawn_in_turn() -> None:
+    """The side stream changes when a batch is cut, never what it holds (the first included)."""
+    rng = np.random.default_rng(0)
+    images = [rng.random((1024, 1024, 3), dtype=np.float32) for _ in range(4)]
+    targets = [(rng.random((1024, 1024)) > 0.7).astype(np.uint8) for _ in range(4)]
+    cuda = torch.device("cuda")
+
+    def three(prefetch: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        store = PatchStore(images, targets, cuda)  # a fresh upload, as training starts
+        gen = torch.Generator().manual_seed(0)
+        batches = Batches(
+            lambda: store.sample(8, 64, AugmentConfig(), gen, fg_fraction=0.33),
+            gen,
+            cuda if prefetch else torch.device("cpu"),  # no side stream: drawn when asked
+        )
+        return [tuple(t.cpu() for t in next(batches)) for _ in range(3)]
+
+    for (xa, ya), (xb, yb) in zip(three(prefetch=True), three(prefetch=False), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
