@@ -137,10 +137,13 @@ def save_checkpoint(
     stain: str | None = None,
     nucleus_diameter_px: float | None = None,
     train_state: dict[str, Any] | None = None,
+    trained_on: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
-    ``<name>.state.pt``. Every file is written atomically. Returns the weights' path.
+    ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
+    step it started from (:func:`mlseg.train.machine`). Every file is written atomically.
+    Returns the weights' path.
     """
     from safetensors.torch import save_file
 
@@ -176,6 +179,8 @@ def save_checkpoint(
             "nucleus_diameter_stat": STATISTIC,
         }
     )
+    if trained_on is not None:
+        meta["trained_on"] = trained_on
     meta.setdefault("checkpoints", {})[name] = {
         "file": weights.name,
         "step": int(step),

@@ -6,7 +6,9 @@ every ``train.val_every`` steps (one "epoch") it runs :func:`validate` on the he
 images, appends a row to the history, saves ``best`` (when validation Dice improved) and
 ``last`` checkpoints with the optimiser state, and stops early after
 ``train.early_stop_patience`` epochs without improvement. Run again on the same output
-folder, it resumes from ``last`` and continues the step count. With ``train.ema_decay`` > 0
+folder, it resumes from ``last`` and continues the step count (``meta.json``'s
+``trained_on`` records the machine of each stretch, see :func:`machine`; a resume on
+another warns). With ``train.ema_decay`` > 0
 an exponential moving average of the weights and BatchNorm statistics (timm's
 ``ModelEmaV3``, its decay warmed up from 0 so the random initial weights fade out fast) is
 updated after every step; validation, ``best`` and ``last`` use the average, and the raw
@@ -26,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +259,57 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
         )
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """What decides a training's arithmetic besides its config and data.
+
+    Floating-point sums come out differently on another CPU instruction set, GPU, CUDA
+    build, thread count or PyTorch release, so one seed gives one model only on one of these.
+    """
+    if device.type == "cuda":
+        return {
+            "device": "cuda",
+            "hardware": torch.cuda.get_device_name(device),
+            "kernels": f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}",
+            "torch": torch.__version__,
+        }
+    return {
+        "device": device.type,
+        "hardware": _cpu_name(),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def _trained_on(out: Path, step: int, here: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each stretch of the run in ``out`` trained, this call's from ``step`` on."""
+    if step == 0:
+        return [{"from_step": 0, **here}]
+    stretches = json.loads((out / "meta.json").read_text()).get("trained_on", [])
+    before = {k: v for k, v in stretches[-1].items() if k != "from_step"} if stretches else {}
+    if before == here:
+        return stretches
+    if before:
+        changed = ", ".join(
+            f"{k} {before.get(k)!r} -> {v!r}" for k, v in here.items() if before.get(k) != v
+        )
+        warnings.warn(
+            f"{out}: resuming at step {step} on another machine or setting ({changed}); "
+            "the training goes on correctly, but the model will not equal the one an "
+            "uninterrupted run of this seed gives: compare recipes on runs trained in one place",
+            stacklevel=4,  # fit's caller
+        )
+    return [*stretches, {"from_step": step, **here}]
+
+
 def _clear(folder: Path) -> None:
     for name in (
         "best.safetensors",
@@ -304,6 +359,7 @@ class _Run:
     amp_dtype: torch.dtype | None
     channels_last: bool
     style_rng: np.random.Generator | None = None  # MixStyle's draws (train.mixstyle_p > 0)
+    trained_on: list[dict[str, Any]] = field(default_factory=list)  # see _trained_on
     step: int = 0
     best: float = -math.inf
     bad_epochs: int = 0
@@ -398,6 +454,8 @@ def _start(
         run.step, run.best = int(state["step"]), float(state["best"])
         run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))
         run.history = _read_history(out)
+    if run.step < tc.max_steps and not run.stopped:  # a finished run trains nowhere
+        run.trained_on = _trained_on(out, run.step, machine(device))
     if tc.compile:
         run.net = torch.compile(model)
         data.train.compile()
@@ -437,6 +495,7 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         stain=run.data.stain,
         nucleus_diameter_px=run.data.nucleus_diameter_px,
         train_state=train_state,
+        trained_on=run.trained_on,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -122,9 +123,22 @@ def test_resume_refuses_another_recipe(synth_dataset, tmp_path, changed, named) 
 
 
 def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
+    """Allowed, but the stretches are recorded and the user is told: another thread count
+    or machine sums differently, so the model is not the one an uninterrupted run gives."""
     fit(_cfg(max_steps=1, num_threads=2), synth_dataset, tmp_path, progress=False)
     more = _cfg(max_steps=2, num_threads=1, val_every=1, early_stop_patience=3, device="cpu")
-    assert fit(more, synth_dataset, tmp_path, progress=False).steps == 2
+    with pytest.warns(UserWarning, match=r"resuming at step 1 on another .*threads 2 -> 1"):
+        assert fit(more, synth_dataset, tmp_path, progress=False).steps == 2
+    stretches = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
+    assert [(s["from_step"], s["threads"]) for s in stretches] == [(0, 2), (1, 1)]
+    assert {s["device"] for s in stretches} == {"cpu"} and stretches[0][
+        "torch"
+    ] == torch.__version__
+    # on the same machine and settings a resume adds no stretch and says nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(_cfg(max_steps=3, num_threads=1, val_every=1), synth_dataset, tmp_path, progress=False)
+    assert json.loads((tmp_path / "meta.json").read_text())["trained_on"] == stretches
 
 
 def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None:
@@ -246,3 +260,5 @@ def test_fit_on_cuda_with_bf16_and_resume(synth_dataset, tmp_path) -> None:
         _cfg(max_steps=3, val_every=1, device="cuda"), synth_dataset, tmp_path, progress=False
     )
     assert list(again.history["step"]) == [1, 2, 3]
+    (stretch,) = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
+    assert stretch["device"] == "cuda" and stretch["hardware"] == torch.cuda.get_device_name()
