@@ -131,9 +131,8 @@ def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
         assert fit(more, synth_dataset, tmp_path, progress=False).steps == 2
     stretches = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
     assert [(s["from_step"], s["threads"]) for s in stretches] == [(0, 2), (1, 1)]
-    assert {s["device"] for s in stretches} == {"cpu"} and stretches[0][
-        "torch"
-    ] == torch.__version__
+    assert {s["device"] for s in stretches} == {"cpu"}
+    assert stretches[0]["torch"] == torch.__version__
     # on the same machine and settings a resume adds no stretch and says nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
