@@ -169,6 +169,20 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
     return diameter
 
 
+def trained_on(model_dir: Path) -> list[str] | None:
+    """Where each stretch of the model's training ran (``meta.json``; None for models saved
+    before it was recorded): the same seed trains another model on another machine."""
+    stretches = json.loads((Path(model_dir) / "meta.json").read_text()).get("trained_on")
+    if not stretches:
+        return None
+    return [
+        f"from step {s['from_step']}: {s['device']}, {s['hardware']}, {s['kernels']}"
+        + (f", {s['threads']} threads" if "threads" in s else "")
+        + f", torch {s['torch']}"
+        for s in stretches
+    ]
+
+
 def paleness(image, labels, profile):
     """Mean haematoxylin optical density of each nucleus of ``labels`` (ascending label
     order) after Macenko normalisation: a lab-independent measure of how pale it is.
@@ -428,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 table.to_csv(out / f"per_nucleus_{name}.csv", index=False)
                 bands = recall_by_paleness(table, reference)
                 extra_ab = {**extra, **bands, "model": str(model_dir)}
+                extra_ab["trained_on"] = trained_on(model_dir)
                 note = bands_line(name, bands, len(table))
                 summaries.append(report(name, df, means, extra_ab, note))
     if "c" in scenarios:
@@ -445,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         dsb_root = ingest_all(bright, out / "dsb_bright", None)
         df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c", sets["inference"])
         df.to_csv(out / "per_image_c.csv", index=False)
-        extra["model"] = str(model_c)
+        extra.update(model=str(model_c), trained_on=trained_on(model_c))
         summaries.append(report("c", df, means, extra))
     print(f"\noutputs in {out}")
     return 0
