@@ -248,6 +248,24 @@ def abs_count_error(df):
     return (df["n_pred"] - df["n_true"]).abs() / df["n_true"].clip(lower=1)
 
 
+def probability_mean(models):
+    """One three-class model whose softmax is the mean of the ``models``' softmaxes (an
+    ensemble, nnU-Net's way with its folds): it returns the log of the mean probabilities."""
+    import torch
+    from torch import nn
+
+    class ProbabilityMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(models)
+
+        def forward(self, x):
+            probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+            return probs.clamp_min(1e-12).log()
+
+    return ProbabilityMean().eval()
+
+
 def score(
     model_dir: Path,
     root: Path,
@@ -256,11 +274,13 @@ def score(
     name: str,
     inference: dict | None = None,
     nuclei: list | None = None,
+    ensemble: list[Path] = (),
 ):
     """Per-image scores of every labelled image of ``root``'s train split (as a test set);
     ``inference`` overrides keys of the checkpoint's inference config (e.g. ``tta``).
     ``nuclei``, if given, receives one table per image: each annotated nucleus's paleness
-    and best IoU with the prediction."""
+    and best IoU with the prediction. ``ensemble``: checkpoints of the same recipe (training
+    pixel size, target, preprocessing) whose probabilities are averaged with the model's."""
     import numpy as np
     import pandas as pd
 
@@ -274,6 +294,17 @@ def score(
     from mlseg.segment import predict_labels_scaled
 
     loaded = load_model(model_dir, device="cpu")
+    if ensemble:
+        members = [load_model(d, device="cpu") for d in ensemble]
+        for d, other in zip(ensemble, members, strict=True):
+            same = (other.target, other.pixel_size_um, other.config.preprocess) == (
+                loaded.target,
+                loaded.pixel_size_um,
+                loaded.config.preprocess,
+            )
+            if not same or loaded.target != "three_class":
+                sys.exit(f"{d}: not the recipe of {model_dir}; an ensemble needs one recipe")
+        loaded.model = probability_mean([loaded.model, *(m.model for m in members)])
     reference, statistic = loaded.meta.get(META_KEY), statistic_of(loaded.meta)
     cfg = loaded.config.inference.model_copy(update=inference or {})
     loaded.model.to(resolve_device(cfg.device))
@@ -382,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model", type=Path, help="existing checkpoint for scenarios a/b")
     parser.add_argument("--model-c", type=Path, help="existing checkpoint for scenario c")
+    parser.add_argument(
+        "--ensemble",
+        type=Path,
+        action="append",
+        default=[],
+        help="checkpoint of the same recipe averaged with --model for scenarios a/b (repeatable)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
@@ -436,13 +474,17 @@ def main(argv: list[str] | None = None) -> int:
             if name in scenarios:
                 png = out / f"worst_{name}.png"
                 nuclei: list = []
-                df, means = score(model_dir, cpm_root, given, png, name, sets["inference"], nuclei)
+                df, means = score(
+                    model_dir, cpm_root, given, png, name, sets["inference"], nuclei, args.ensemble
+                )
                 df.to_csv(out / f"per_image_{name}.csv", index=False)
                 table = pd.concat(nuclei, ignore_index=True)
                 table.to_csv(out / f"per_nucleus_{name}.csv", index=False)
                 bands = recall_by_paleness(table, reference)
                 extra_ab = {**extra, **bands, "model": str(model_dir)}
                 extra_ab["trained_on"] = trained_on(model_dir)
+                if args.ensemble:
+                    extra_ab["ensemble"] = [str(d) for d in args.ensemble]
                 note = bands_line(name, bands, len(table))
                 summaries.append(report(name, df, means, extra_ab, note))
     if "c" in scenarios:
