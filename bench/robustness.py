@@ -274,7 +274,7 @@ def score(
     name: str,
     inference: dict | None = None,
     nuclei: list | None = None,
-    ensemble: list[Path] = (),
+    ensemble: list[Path] | None = None,
 ):
     """Per-image scores of every labelled image of ``root``'s train split (as a test set);
     ``inference`` overrides keys of the checkpoint's inference config (e.g. ``tta``).
@@ -302,8 +302,10 @@ def score(
                 loaded.pixel_size_um,
                 loaded.config.preprocess,
             )
-            if not same or loaded.target != "three_class":
+            if not same:
                 sys.exit(f"{d}: not the recipe of {model_dir}; an ensemble needs one recipe")
+        if loaded.target != "three_class":
+            sys.exit(f"{model_dir}: a {loaded.target} model; --ensemble averages three-class ones")
         loaded.model = probability_mean([loaded.model, *(m.model for m in members)])
     reference, statistic = loaded.meta.get(META_KEY), statistic_of(loaded.meta)
     cfg = loaded.config.inference.model_copy(update=inference or {})
