@@ -19,8 +19,9 @@ encoder's early stages mix feature statistics across the batch while training
 Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; loss
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
 logit; three-class: CE with the boundary class weighted by ``boundary_weight`` and Dice
-over interior and boundary). On CUDA: bf16 autocast, channels-last memory and optionally
-``torch.compile``; on CPU the same code in float32.
+over interior and boundary). Channels-last memory and optionally ``torch.compile``; bf16
+autocast on CUDA and on CPUs with bf16 arithmetic in hardware (:func:`cpu_bf16`: AMX or
+AVX512-BF16), float32 on other CPUs, where emulated bf16 is slower than float32.
 """
 
 from __future__ import annotations
@@ -281,6 +282,16 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AMX tiles or AVX512-BF16).
+
+    There bf16 autocast trains 2-4 times faster than float32; elsewhere it is emulated and
+    slower (bench/README.md, "CPU figures, twenty-third session").
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -410,7 +421,7 @@ def _start(
 
         saved = load_file(str(out / "last.safetensors"))
         model.load_state_dict(state.get("model", saved))  # "model": raw weights beside an EMA
-    channels_last = device.type == "cuda" and tc.channels_last
+    channels_last = tc.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if tc.ema_decay > 0:
         from timm.utils import ModelEmaV3
@@ -443,7 +454,7 @@ def _start(
         ),
         loss_fn=SegLoss(data.target, tc.dice_weight, tc.ce_weight, tc.boundary_weight).to(device),
         gen=torch.Generator().manual_seed(tc.seed),
-        amp_dtype=torch.bfloat16 if (device.type == "cuda" and tc.amp) else None,
+        amp_dtype=torch.bfloat16 if tc.amp and (device.type == "cuda" or cpu_bf16()) else None,
         channels_last=channels_last,
         style_rng=style_rng,
     )
@@ -455,7 +466,8 @@ def _start(
         run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))
         run.history = _read_history(out)
     if run.step < tc.max_steps and not run.stopped:  # a finished run trains nowhere
-        run.trained_on = _trained_on(out, run.step, machine(device))
+        precision = {"precision": "bf16 autocast" if run.amp_dtype else "float32"}
+        run.trained_on = _trained_on(out, run.step, machine(device) | precision)
     if tc.compile:
         run.net = torch.compile(model)
         data.train.compile()

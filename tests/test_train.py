@@ -140,6 +140,35 @@ def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
     assert json.loads((tmp_path / "meta.json").read_text())["trained_on"] == stretches
 
 
+def test_cpu_trains_in_bf16_only_where_the_hardware_does(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """bf16 autocast where the CPU has it in hardware (2-4x faster), float32 elsewhere
+    (emulated bf16 is slower); the precision is recorded, a change of it on resume is
+    named, and checkpoints stay float32 so they load on any machine."""
+    import mlseg.train
+
+    monkeypatch.setattr(mlseg.train, "cpu_bf16", lambda: False)
+    fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
+    monkeypatch.setattr(mlseg.train, "cpu_bf16", lambda: True)
+    with pytest.warns(UserWarning, match="precision 'float32' -> 'bf16 autocast'"):
+        fit(
+            _cfg(max_steps=2, val_every=1, early_stop_patience=3),
+            synth_dataset,
+            tmp_path,
+            progress=False,
+        )
+    stretches = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
+    assert [s["precision"] for s in stretches] == ["float32", "bf16 autocast"]
+    assert {w.dtype for w in _weights(tmp_path).values() if w.is_floating_point()} == {
+        torch.float32
+    }
+    # train.amp: false keeps float32 on such a CPU too
+    fit(_cfg(max_steps=1, amp=False), synth_dataset, tmp_path / "fp32", progress=False)
+    meta = json.loads((tmp_path / "fp32" / "meta.json").read_text())
+    assert meta["trained_on"][0]["precision"] == "float32"
+
+
 def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(
         SegLoss, "forward", lambda self, logits, target: logits.mean() * float("nan")
