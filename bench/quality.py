@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.robustness import parse_sets  # noqa: E402
 
 CPU_PRESET = {"encoder": "resnet18", "patch_size": 128}
 
@@ -72,7 +73,7 @@ def seconds_per_step(cfg, in_channels: int, classes: int, n: int = 3) -> float:
     """Time ``n`` training steps on random data (the first is a warm-up and not counted)."""
     import torch
 
-    from mlseg.model import build_model, resolve_device
+    from mlseg.model import autocast_dtype, build_model, resolve_device
     from mlseg.train import SegLoss, train_step, warmup_cosine
 
     tc = cfg.train
@@ -82,8 +83,11 @@ def seconds_per_step(cfg, in_channels: int, classes: int, n: int = 3) -> float:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(1, 10))
     target = "binary" if classes == 1 else "three_class"
     loss_fn = SegLoss(target, 1.0, 1.0, 1.0).to(device)
-    amp = torch.bfloat16 if device.type == "cuda" and tc.amp else None
+    amp = autocast_dtype(device, tc.amp)
+    memory = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
     x = torch.rand(tc.batch_size, in_channels, tc.patch_size, tc.patch_size, device=device)
+    x = x.contiguous(memory_format=memory)
     y = torch.randint(
         0,
         classes if classes > 1 else 2,
@@ -129,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         help="without --config: 'default' trains mlseg's defaults; 'cpu' the same U-Net with "
         "a resnet18 encoder on 128-px patches (CPU-sized); 'auto' picks 'cpu' on a CPU",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="section.key=value, applied last (e.g. train.amp=false)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--n-train", type=int, default=24, help="synthetic training images")
     parser.add_argument("--n-test", type=int, default=8, help="synthetic test images")
@@ -160,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         from mlseg.config import PreprocessConfig
 
         cfg = cfg.model_copy(update={"preprocess": PreprocessConfig()})
+    for section, values in parse_sets(args.set).items():
+        part = getattr(cfg, section)
+        cfg = cfg.model_copy(
+            update={section: type(part).model_validate({**part.model_dump(), **values})}
+        )
     cfg = with_budget(cfg, args.budget)
     t0 = time.perf_counter()
     result = fit(cfg, root, workdir / "model", resume=False, progress=True)

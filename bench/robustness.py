@@ -179,6 +179,7 @@ def trained_on(model_dir: Path) -> list[str] | None:
         f"from step {s['from_step']}: {s['device']}, {s['hardware']}, {s['kernels']}"
         + (f", {s['threads']} threads" if "threads" in s else "")
         + f", torch {s['torch']}"
+        + (f", {s['precision']}" if "precision" in s else "")
         for s in stretches
     ]
 
@@ -288,7 +289,7 @@ def score(
     from mlseg.dataset import list_pairs, mask_to_labels
     from mlseg.evaluate import WORST_SHOWN, score_labels
     from mlseg.io import read_image, read_mask
-    from mlseg.model import load_model, resolve_device
+    from mlseg.model import autocast_dtype, load_model, resolve_device
     from mlseg.plots import plot_worst
     from mlseg.scale import META_KEY, nucleus_diameter_px, statistic_of
     from mlseg.segment import predict_labels_scaled
@@ -310,6 +311,7 @@ def score(
     reference, statistic = loaded.meta.get(META_KEY), statistic_of(loaded.meta)
     cfg = loaded.config.inference.model_copy(update=inference or {})
     loaded.model.to(resolve_device(cfg.device))
+    bf16 = autocast_dtype(resolve_device(cfg.device), cfg.amp) is not None
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
     rows, worst = [], []
     for pair in list_pairs(root, "train", loaded.config.data, strict=False):
@@ -325,7 +327,7 @@ def score(
             od = paleness(image, truth, profile)
             table = pd.DataFrame({"stem": pair.stem, "hematoxylin_od_mean": od})
             nuclei.append(table.assign(best_iou=best_iou(pred, truth)))
-        row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds)
+        row.update(pixel_size_um=px, **scale.as_row(), predict_s=seconds, network_bf16=bf16)
         # the factor the annotated nuclei ask for (training diameter / theirs): where it
         # and scale_factor agree, a poor score is the model's, not the scale's
         truth_px = nucleus_diameter_px(truth, statistic=statistic)
@@ -485,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 bands = recall_by_paleness(table, reference)
                 extra_ab = {**extra, **bands, "model": str(model_dir)}
                 extra_ab["trained_on"] = trained_on(model_dir)
+                extra_ab["inference_bf16"] = bool(df["network_bf16"].all())
                 if args.ensemble:
                     extra_ab["ensemble"] = [str(d) for d in args.ensemble]
                 note = bands_line(name, bands, len(table))
@@ -505,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c", sets["inference"])
         df.to_csv(out / "per_image_c.csv", index=False)
         extra.update(model=str(model_c), trained_on=trained_on(model_c))
+        extra["inference_bf16"] = bool(df["network_bf16"].all())
         summaries.append(report("c", df, means, extra))
     print(f"\noutputs in {out}")
     return 0

@@ -18,6 +18,11 @@ image) instead of the empty output of random weights. Images are real H&E tiles 
 ``--repeats`` is kept (the machine may be shared).
 
     python bench/segment_speed.py [--images 3] [--tile 256] [--encoder resnet18] [--model PATH]
+                                  [--fp32-baseline]
+
+The network runs as ``predict_probs`` runs it: bf16 autocast on a CPU with bf16 in hardware
+(``inference.amp``) and channels-last memory; ``--fp32-baseline`` also times the tiled run in
+float32 without channels-last and prints the ratio (``ratio_vs_fp32``).
 """
 
 from __future__ import annotations
@@ -78,20 +83,32 @@ class ForwardTimer:
 
 
 def raw_forward(model, image: np.ndarray, cfg, target: str) -> float:
-    """Seconds for the forward passes alone over the tiles ``predict_probs`` would run."""
+    """Seconds for the forward passes alone over the tiles ``predict_probs`` would run, in
+    its arithmetic (bf16 autocast where ``cfg.amp`` applies, ``cfg.channels_last``)."""
+    import contextlib
+
     import torch
 
     from mlseg.infer import _Source, tile_grid
+    from mlseg.model import autocast_dtype
+
+    cpu = torch.device("cpu")
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
+    dtype = autocast_dtype(cpu, cfg.amp)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
 
     grid = tile_grid(image.shape[0], image.shape[1], cfg)
     source = _Source(image, grid)
     positions = [(y, x) for y in grid.ys for x in grid.xs]
     batches = [
-        torch.from_numpy(source.batch(positions[i : i + cfg.batch_size]))
+        torch.from_numpy(source.batch(positions[i : i + cfg.batch_size])).contiguous(
+            memory_format=memory
+        )
         for i in range(0, len(positions), cfg.batch_size)
     ]
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for batch in batches:
             model(batch)
     return time.perf_counter() - start
@@ -124,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         "--stain-tta",
         action="store_true",
         help="also time the tiled run with the default stain test-time augmentation",
+    )
+    parser.add_argument(
+        "--fp32-baseline",
+        action="store_true",
+        help="also time the tiled run in float32 without channels-last (ratio_vs_fp32)",
     )
     args = parser.parse_args(argv)
     if not DATA.is_dir():
@@ -161,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     raw_forward(model, images[0][:256, :256], cfg, target)  # warm up (and imports)
     tiled(model, images[0][:256, :256], cfg, target, profile)
     timer = ForwardTimer(model)
-    best_raw = best_tiled = best_stain = float("inf")
+    best_raw = best_tiled = best_stain = best_fp32 = float("inf")
+    fp32 = cfg.model_copy(update={"amp": False, "channels_last": False})
     gains = cfg.stain_tta
     shares = []
     for repeat in range(args.repeats):
@@ -181,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             t_stain = sum(tiled(model, im, cfg, target, profile, gains)[0] for im in images)
             best_stain = min(best_stain, t_stain)
             print(f"  with stain TTA {gains}: {t_stain / t_tiled:.2f}x the tiled run's time")
+        if args.fp32_baseline:
+            t_fp32 = sum(tiled(model, im, fp32, target, profile)[0] for im in images)
+            best_fp32 = min(best_fp32, t_fp32)
+            print(f"  in float32, contiguous: {t_fp32 / t_tiled:.2f}x the tiled run's time")
     print(
         f"segment: tiled inference {megapixels / best_tiled:.3f} MP/s (blending, stitching and "
         f"instance separation included), raw forward {megapixels / best_raw:.3f} MP/s over the "
@@ -204,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.stain_tta:
         result["stain_tta_time_ratio"] = round(best_stain / best_tiled, 3)
+    if args.fp32_baseline:
+        result["fp32_tiled_mp_per_s"] = round(megapixels / best_fp32, 4)
+        result["ratio_vs_fp32"] = round(best_fp32 / best_tiled, 3)
     print(json.dumps(result))
     return 0
 

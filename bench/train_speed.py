@@ -1,6 +1,7 @@
 """Training throughput of mlseg against a plain smp + PyTorch loop, measured in the same run.
 
     python bench/train_speed.py --device cpu --steps 6 --batch 4 --size 128      # CPU
+    python bench/train_speed.py --device cpu --steps 4 --fp32-baseline           # CPU precision
     python bench/train_speed.py --device cuda --batch 64 --steps 60               # GPU, random data
     python bench/train_speed.py --device cuda --batch 64 --data DATASET --compile # GPU, full loop
 
@@ -8,8 +9,11 @@ Mode "random" (default): ``mlseg.train.train_step`` (its loss, AdamW, warm-up/co
 schedule, gradient clipping, and MixStyle in the encoder when ``train.mixstyle_p`` > 0, as
 ``fit`` attaches it) against a plain loop (``smp.create_model``, smp's DiceLoss +
 cross-entropy, AdamW), on the same model configuration, batch and random tensors already
-on the device. Both use the same amp / channels-last / compile settings. Rounds alternate
-the two loops so that load on a shared machine hits both alike; medians are reported.
+on the device. Both use the same amp / channels-last / compile settings (amp: bf16
+autocast on CUDA and on a CPU with bf16 in hardware, as ``fit`` decides). Rounds alternate
+the loops so that load on a shared machine hits all alike; medians are reported. With
+``--fp32-baseline`` a third loop, mlseg in float32 without channels-last (how the CPU
+trained before the twenty-third session), gives ``ratio_vs_fp32``.
 
 Mode "data" (``--data DIR``): the full ``mlseg.train.fit`` loop reading a real dataset from
 disk, decoding it once to the device, cutting and augmenting every batch there, with
@@ -59,20 +63,21 @@ def _train_cfg(args):
     )
 
 
-def mlseg_loop(args, device, classes: int):
-    """A callable running ``n`` mlseg training steps on fixed random data."""
+def mlseg_loop(args, device, classes: int, **settings):
+    """A callable running ``n`` mlseg training steps on fixed random data (``settings``:
+    train config values to override, e.g. ``amp=False``)."""
     import torch
 
-    from mlseg.model import build_model
+    from mlseg.model import autocast_dtype, build_model
     from mlseg.train import SegLoss, train_step, warmup_cosine
 
-    tc = _train_cfg(args)
+    tc = _train_cfg(args).model_copy(update=settings)
     model = build_model(tc, 3, classes).to(device)
     if tc.mixstyle_p > 0:  # as fit() does
         from mlseg.mixstyle import attach
 
         attach(model, tc.encoder, tc.mixstyle_p, tc.mixstyle_alpha, tc.seed)
-    cl = device.type == "cuda" and tc.channels_last
+    cl = tc.channels_last
     if cl:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if tc.compile else model
@@ -82,7 +87,7 @@ def mlseg_loop(args, device, classes: int):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, tc.max_steps))
     target = "binary" if classes == 1 else "three_class"
     loss_fn = SegLoss(target, tc.dice_weight, tc.ce_weight, tc.boundary_weight).to(device)
-    amp = torch.bfloat16 if device.type == "cuda" and tc.amp else None
+    amp = autocast_dtype(device, tc.amp)
     x, y = _random_batch(args, device, classes, cl)
 
     def run(n: int) -> float:
@@ -101,11 +106,13 @@ def plain_loop(args, device, classes: int):
     import segmentation_models_pytorch as smp
     import torch
 
+    from mlseg.model import autocast_dtype
+
     model = smp.create_model(
         args.arch, encoder_name=args.encoder, encoder_weights=None, in_channels=3, classes=classes
     )
     model = model.to(device)
-    cl = device.type == "cuda" and args.channels_last
+    cl = args.channels_last
     if cl:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
@@ -115,7 +122,7 @@ def plain_loop(args, device, classes: int):
     mode = smp.losses.BINARY_MODE if classes == 1 else smp.losses.MULTICLASS_MODE
     dice = smp.losses.DiceLoss(mode, from_logits=True)
     ce = torch.nn.BCEWithLogitsLoss() if classes == 1 else torch.nn.CrossEntropyLoss()
-    use_amp = device.type == "cuda" and args.amp
+    use_amp = autocast_dtype(device, args.amp) is not None
     x, y = _random_batch(args, device, classes, cl)
     y_ce = y[:, None].float() if classes == 1 else y
 
@@ -161,6 +168,8 @@ def random_mode(args, device) -> dict:
         "mlseg": mlseg_loop(args, device, args.classes),
         "plain": plain_loop(args, device, args.classes),
     }
+    if args.fp32_baseline:
+        loops["mlseg_fp32"] = mlseg_loop(args, device, args.classes, amp=False, channels_last=False)
     for name, run in loops.items():
         t0 = time.perf_counter()
         run(args.warmup)
@@ -174,12 +183,16 @@ def random_mode(args, device) -> dict:
             print(f"round {r + 1} {name}: {seen[name][-1]:.2f} img/s", flush=True)
     mid = {name: statistics.median(v) for name, v in seen.items()}
     pair = [m / p for m, p in zip(seen["mlseg"], seen["plain"], strict=True)]
-    return {
+    figures = {
         "mlseg_img_s": mid["mlseg"],
         "plain_img_s": mid["plain"],
         "ratio": mid["mlseg"] / mid["plain"],
         "ratio_per_round": [round(r, 3) for r in pair],
     }
+    if args.fp32_baseline:
+        figures["mlseg_fp32_img_s"] = mid["mlseg_fp32"]
+        figures["ratio_vs_fp32"] = mid["mlseg"] / mid["mlseg_fp32"]
+    return figures
 
 
 def data_mode(args, device) -> dict:
@@ -249,10 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         "--classes", type=int, default=3, choices=(1, 3), help="1 binary, 3 three-class"
     )
     parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA or a CPU with bf16 in hardware",
     )
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="CUDA only"
+        "--fp32-baseline",
+        action="store_true",
+        help="random mode: also time mlseg in float32 without channels-last (ratio_vs_fp32)",
     )
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -264,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mlseg.model import resolve_device
+    from mlseg.model import autocast_dtype, resolve_device
+    from mlseg.train import machine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     figures = data_mode(args, device) if args.data else random_mode(args, device)
+    where = machine(device)
     name = (
-        torch.cuda.get_device_name(device)
+        where["hardware"]
         if device.type == "cuda"
-        else f"cpu x{torch.get_num_threads()} threads"
+        else f"{where['hardware']} ({where['kernels']}), {where['threads']} threads"
     )
     summary = {
         "bench": "train_speed",
@@ -285,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": args.encoder,
         "batch": args.batch,
         "size": args.size,
-        "amp": args.amp and device.type == "cuda",
-        "channels_last": args.channels_last and device.type == "cuda",
+        "amp": autocast_dtype(device, args.amp) is not None,
+        "channels_last": args.channels_last,
         "compile": args.compile,
         "torch": torch.__version__,
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()},

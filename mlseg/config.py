@@ -276,6 +276,10 @@ class InferenceConfig(Strict):
     # models trained without the haematoxylin gain, but lowered it 0.814 -> 0.762 on one
     # trained with it, the default (bench/README.md, fifteenth session).
     adapt_bn: bool = False
+    # bf16 autocast for the network on CUDA and on CPUs with bf16 in hardware (AMX,
+    # AVX512-BF16); float32 elsewhere. Probabilities, blending and watershed stay float32.
+    amp: bool = True
+    channels_last: bool = True  # memory layout of the network and its input tiles
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = Field(0.125, gt=0, le=1)
     stream_min_pixels: int = Field(4096 * 4096, ge=1)

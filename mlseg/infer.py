@@ -223,16 +223,21 @@ def _stain_variants(x, tta: StainTTA):
         yield torch.exp(-torch.einsum("ij,bjhw->bihw", mixing, scaled)).clamp(0.0, 1.0)
 
 
-def _forward(model, x, target: str, tta: bool, stain_tta: StainTTA = NO_STAIN_TTA):
+def _forward(
+    model, x, target: str, tta: bool, stain_tta: StainTTA = NO_STAIN_TTA, amp: bool = False
+):
     """``(B, C, h, w)`` float32 tensor -> ``(B, K, h, w)`` float32 probabilities, same device:
-    the mean over the stain variants (``stain_tta``) and, with ``tta``, the flips."""
+    the mean over the stain variants (``stain_tta``) and, with ``tta``, the flips. ``amp``:
+    the model runs under bf16 autocast (the probabilities are still float32)."""
     import torch
 
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else None
     total, n = None, 0
     for xs in _stain_variants(x, stain_tta):
         for dims in _FLIPS if tta else ((),):
             xi = torch.flip(xs, dims) if dims else xs
-            logits = model(xi)
+            with autocast or contextlib.nullcontext():
+                logits = model(xi)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             logits = logits.float()
@@ -266,10 +271,15 @@ def iter_prob_bands(
     ``probs``: ``(K, rows, W) float32``, final (every tile covering them has been added).
     ``image``: ``(H, W, C)`` array-like, already normalised (cast to float32 per tile).
     ``model``: ``nn.Module`` returning logits ``(N, K, h, w)``; evaluated under
-    ``torch.inference_mode`` on ``device`` ("auto"/None: where its parameters are).
+    ``torch.inference_mode`` on ``device`` ("auto"/None: where its parameters are), in
+    bf16 autocast with ``cfg.amp`` on CUDA or a CPU with bf16 in hardware
+    (:func:`mlseg.model.cpu_bf16`), with its memory layout switched to channels-last or
+    back as ``cfg.channels_last`` says (its values unchanged).
     ``stain_tta``: stain test-time augmentation (:class:`StainTTA`; off by default).
     """
     import torch
+
+    from mlseg.model import autocast_dtype
 
     if device in (None, "auto"):
         params = list(model.parameters()) if hasattr(model, "parameters") else []
@@ -281,6 +291,10 @@ def iter_prob_bands(
     th, tw = grid.tile_h, grid.tile_w
     device = torch.device(device)
     cuda = device.type == "cuda"
+    amp = autocast_dtype(device, cfg.amp) is not None
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if isinstance(model, torch.nn.Module):
+        model.to(memory_format=memory)
     windows: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
 
     def window_at(y: int, x: int) -> torch.Tensor:
@@ -320,7 +334,8 @@ def iter_prob_bands(
                 batch = torch.from_numpy(source.batch(chunk))
                 if cuda:
                     batch = batch.pin_memory().to(device, non_blocking=True)
-                probs = _forward(model, batch.to(device), target, cfg.tta, stain_tta)
+                batch = batch.to(device).contiguous(memory_format=memory)
+                probs = _forward(model, batch, target, cfg.tta, stain_tta, amp)
                 for (y, x), p in zip(chunk, probs, strict=True):
                     if y > base:
                         yield from emit(y)

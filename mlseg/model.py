@@ -50,6 +50,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AMX tiles or AVX512-BF16).
+
+    There bf16 autocast trains and predicts 2-4 times faster than float32; elsewhere it is
+    emulated and slower (bench/README.md, "CPU figures, twenty-third session").
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where autocast pays (``amp`` on, and CUDA or a CPU with bf16 in hardware), else
+    ``None``: float32."""
+    return torch.bfloat16 if amp and (device.type == "cuda" or cpu_bf16()) else None
+
+
 def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
     """``smp.create_model(cfg.arch, cfg.encoder, ...)`` with ``cfg.encoder_depth``.
 

@@ -20,8 +20,8 @@ Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; lo
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
 logit; three-class: CE with the boundary class weighted by ``boundary_weight`` and Dice
 over interior and boundary). Channels-last memory and optionally ``torch.compile``; bf16
-autocast on CUDA and on CPUs with bf16 arithmetic in hardware (:func:`cpu_bf16`: AMX or
-AVX512-BF16), float32 on other CPUs, where emulated bf16 is slower than float32.
+autocast on CUDA and on CPUs with bf16 arithmetic in hardware (AMX or AVX512-BF16, see
+:func:`mlseg.model.cpu_bf16`), float32 on other CPUs, where emulated bf16 is slower.
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ from mlseg.config import Config, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
 from mlseg.errors import ModelError, ResumeError
 from mlseg.io import write_table, write_text
-from mlseg.model import build_model, load_train_state, resolve_device, save_checkpoint
+from mlseg.model import (
+    autocast_dtype,
+    build_model,
+    load_train_state,
+    resolve_device,
+    save_checkpoint,
+)
 from mlseg.targets import num_classes
 
 LOG_EVERY = 25  # steps between loss read-backs (each one waits for the GPU)
@@ -282,16 +288,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
 
 
-def cpu_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (AMX tiles or AVX512-BF16).
-
-    There bf16 autocast trains 2-4 times faster than float32; elsewhere it is emulated and
-    slower (bench/README.md, "CPU figures, twenty-third session").
-    """
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -454,7 +450,7 @@ def _start(
         ),
         loss_fn=SegLoss(data.target, tc.dice_weight, tc.ce_weight, tc.boundary_weight).to(device),
         gen=torch.Generator().manual_seed(tc.seed),
-        amp_dtype=torch.bfloat16 if tc.amp and (device.type == "cuda" or cpu_bf16()) else None,
+        amp_dtype=autocast_dtype(device, tc.amp),
         channels_last=channels_last,
         style_rng=style_rng,
     )

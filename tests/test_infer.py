@@ -22,7 +22,8 @@ from mlseg.instances import probs_to_labels
 from mlseg.preprocess import MACENKO_REF_STAINS
 
 torch.set_num_threads(1)
-CFG = InferenceConfig(tile_size=128, overlap=0.25, batch_size=4)
+# float32 throughout: these tests check the tiling arithmetic to 1e-5 (bf16: see below)
+CFG = InferenceConfig(tile_size=128, overlap=0.25, batch_size=4, amp=False)
 
 
 class Constant(nn.Module):
@@ -217,6 +218,24 @@ def _unet() -> nn.Module:
     ).eval()
 
 
+@pytest.mark.parametrize("in_hardware", [True, False])
+def test_bf16_only_where_the_cpu_has_it_and_close_to_float32(monkeypatch, in_hardware):
+    """``inference.amp`` runs the network in bf16 on a CPU with bf16 in hardware (2-4x
+    faster): probabilities stay float32, sum to 1 and lie close to float32's. Elsewhere it
+    would be emulated and slower, so the CPU keeps float32 exactly."""
+    import mlseg.model
+
+    model, image = _unet(), np.repeat(blob_image(160, 200), 3, axis=2)
+    fp32 = predict_probs(model, image, CFG)
+    monkeypatch.setattr(mlseg.model, "cpu_bf16", lambda: in_hardware)
+    amp = predict_probs(model, image, CFG.model_copy(update={"amp": True}))
+    assert amp.dtype == np.float32 and np.allclose(amp.sum(axis=0), 1.0, atol=1e-5)
+    if in_hardware:
+        assert 0 < np.abs(amp - fp32).max() < 0.05 and np.abs(amp - fp32).mean() < 0.005
+    else:
+        assert np.array_equal(amp, fp32)
+
+
 def test_adaptation_touches_the_encoders_stem_and_first_stage_only():
     model = _unet()
     layers = early_norm_layers(model)
@@ -233,7 +252,7 @@ def test_adapted_batchnorm_cancels_exposure_and_restores_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # values up to 4, so that BatchNorm's eps (1e-5) is small against the variances
     image = np.random.default_rng(0).uniform(0, 4, (96, 80, 3)).astype(np.float32)
-    cfg = InferenceConfig(tile_size=64, overlap=0.25, batch_size=4)
+    cfg = InferenceConfig(tile_size=64, overlap=0.25, batch_size=4, amp=False)
     plain = [predict_probs(model, im, cfg) for im in (image, image * 0.5)]
     adapted = []
     for im in (image, image * 0.5):

@@ -146,11 +146,11 @@ def test_cpu_trains_in_bf16_only_where_the_hardware_does(
     """bf16 autocast where the CPU has it in hardware (2-4x faster), float32 elsewhere
     (emulated bf16 is slower); the precision is recorded, a change of it on resume is
     named, and checkpoints stay float32 so they load on any machine."""
-    import mlseg.train
+    import mlseg.model
 
-    monkeypatch.setattr(mlseg.train, "cpu_bf16", lambda: False)
+    monkeypatch.setattr(mlseg.model, "cpu_bf16", lambda: False)
     fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
-    monkeypatch.setattr(mlseg.train, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(mlseg.model, "cpu_bf16", lambda: True)
     with pytest.warns(UserWarning, match="precision 'float32' -> 'bf16 autocast'"):
         fit(
             _cfg(max_steps=2, val_every=1, early_stop_patience=3),
