@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlseg.config import load_config
     from mlseg.evaluate import evaluate
     from mlseg.train import fit
+    from mlseg.tune import apply_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlseg.config import PreprocessConfig
 
         cfg = cfg.model_copy(update={"preprocess": PreprocessConfig()})
-    for section, values in parse_sets(args.set).items():
-        part = getattr(cfg, section)
-        cfg = cfg.model_copy(
-            update={section: type(part).model_validate({**part.model_dump(), **values})}
-        )
+    sets = parse_sets(args.set)
+    cfg = apply_params(
+        cfg, {f"{s}.{k}": v for s, values in sets.items() for k, v in values.items()}
+    )
     cfg = with_budget(cfg, args.budget)
     t0 = time.perf_counter()
     result = fit(cfg, root, workdir / "model", resume=False, progress=True)

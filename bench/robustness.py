@@ -310,8 +310,9 @@ def score(
         loaded.model = probability_mean([loaded.model, *(m.model for m in members)])
     reference, statistic = loaded.meta.get(META_KEY), statistic_of(loaded.meta)
     cfg = loaded.config.inference.model_copy(update=inference or {})
-    loaded.model.to(resolve_device(cfg.device))
-    bf16 = autocast_dtype(resolve_device(cfg.device), cfg.amp) is not None
+    device = resolve_device(cfg.device)
+    loaded.model.to(device)
+    bf16 = autocast_dtype(device, cfg.amp) is not None
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
     rows, worst = [], []
     for pair in list_pairs(root, "train", loaded.config.data, strict=False):
