@@ -3,7 +3,8 @@
 :func:`prepare_data` reads the ``train`` split of a dataset (contract of
 :mod:`mlseg.dataset`), holds back a seeded validation part, and for every image: decodes
 it, brings it to the target pixel size (``preprocess.target_pixel_size_um``, with the
-manifest's or the profile's pixel size), normalises it with :func:`mlseg.preprocess.normalize`
+manifest's, the TIFF metadata's or the profile's pixel size; unset, the median of the
+training images' sizes when they differ: :func:`training_pixel_size`), normalises it with :func:`mlseg.preprocess.normalize`
 and derives its class map with :func:`mlseg.targets.make_target`. Training images are packed
 into one buffer on the device (:class:`PatchStore`); each batch is then cut, augmented and
 photometrically jittered there in a few tensor operations (:mod:`mlseg.augment`), which keeps
@@ -64,6 +65,47 @@ def effective_preprocess(cfg: Config, profile: Profile) -> PreprocessConfig:
     return profile.preprocess.model_copy(
         update={key: getattr(own, key) for key in own.model_fields_set}
     )
+
+
+#: Pixel sizes within this ratio of each other count as one scale: resampling by a few percent
+#: would only blur the images (two scanners' "40x" differ by that much).
+SAME_SCALE_RATIO = 1.1
+
+
+def training_pixel_size(
+    pairs: list[Pair], pp: PreprocessConfig, profile: Profile
+) -> tuple[float | None, bool]:
+    """``(microns per pixel the model trains at, whether images are resampled to it)``.
+
+    ``preprocess.target_pixel_size_um`` when set. Otherwise, as nnU-Net chooses its target
+    spacing, the median of the training images' known pixel sizes, but only when they span
+    more than :data:`SAME_SCALE_RATIO` (a mix of 20x and 40x tiles): a model trained on two
+    scales at once learns neither. Within that ratio the images keep their own grid and the
+    median is recorded. ``None`` when no size is known. Images without a pixel size (and no
+    profile size) cannot be resampled; a warning names how many when others are.
+    """
+    if pp.target_pixel_size_um is not None:
+        return pp.target_pixel_size_um, True
+    sizes = [
+        p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um for p in pairs
+    ]
+    known = np.array([s for s in sizes if s is not None], np.float64)
+    if known.size == 0:
+        return None, False
+    median = float(np.median(known))
+    if known.max() / known.min() <= SAME_SCALE_RATIO:
+        return (median if known.size == len(sizes) else None), False
+    unknown = [p.image.name for p, s in zip(pairs, sizes, strict=True) if s is None]
+    if unknown:
+        warnings.warn(
+            f"{len(unknown)} of {len(pairs)} training images have no pixel size "
+            f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}) while the others "
+            f"range from {known.min():g} to {known.max():g} um; they stay at their own scale "
+            f"and the rest are resampled to the median, {median:g} um. Give every image a "
+            "pixel size (manifest.csv) or set preprocess.target_pixel_size_um.",
+            stacklevel=3,
+        )
+    return median, True
 
 
 def dataset_fingerprint(pairs: list[Pair]) -> str:
@@ -472,8 +514,11 @@ def prepare_data(
         base = root / cfg.data.train_dir / cfg.data.image_dir
         raise DatasetError(f"{base}: no training images; put images and masks there first")
     pp = effective_preprocess(cfg, profile)
+    pixel_size, resample = training_pixel_size(pairs, pp, profile)
+    if resample:
+        pp = pp.model_copy(update={"target_pixel_size_um": pixel_size})
     channels = in_channels or profile.channels
-    images, masks, sizes = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
+    images, masks, _ = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]
@@ -507,10 +552,6 @@ def prepare_data(
         ValTiles.from_arrays([x for x, _ in val], [t for _, t in val], cfg.train.patch_size, device)
         if val
         else None
-    )
-    known = {s for s in sizes if s is not None}
-    pixel_size = pp.target_pixel_size_um or (
-        known.pop() if len(known) == 1 and None not in sizes else None
     )
     return TrainData(
         train=store,

@@ -10,11 +10,13 @@
 
 Folder names and the mask suffix are configurable (:class:`mlseg.config.DataConfig`);
 the defaults are those of the source paper. ``manifest.csv`` may give the pixel size of each
-image (``pixel_size_um``, microns per pixel); where it is absent the profile's is used.
+image (``pixel_size_um``, microns per pixel); where it is absent a TIFF's own metadata gives
+it (:func:`mlseg.io.tiff_pixel_size_um`), and failing that the profile's is used.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,14 @@ import pandas as pd
 
 from mlseg.config import DataConfig
 from mlseg.errors import DatasetError
-from mlseg.io import IMAGE_EXTENSIONS, write_text
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    PLAUSIBLE_PIXEL_SIZE_UM,
+    implausible_message,
+    plausible_pixel_size,
+    tiff_pixel_size_um,
+    write_text,
+)
 
 MANIFEST = "manifest.csv"
 SPLITS = ("train", "test")
@@ -37,7 +46,8 @@ Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, 
 - Images: PNG, TIFF (8/16-bit), JPEG; RGB or grey.
 - Masks: same width and height as the image; binary (0/1 or 0/255) or instance-labelled
   (8/16-bit, 0 = background, 1..N = one label per nucleus).
-- Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel.
+- Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel
+  ({low:g}-{high:g}); without it a TIFF's metadata (OME, ImageJ, Aperio, resolution tags) does.
 
 Check it with `mlseg validate {root}`.
 """
@@ -87,28 +97,101 @@ def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
             mask_dir=cfg.mask_dir,
             suffix=cfg.mask_suffix,
             root=root,
+            low=PLAUSIBLE_PIXEL_SIZE_UM[0],
+            high=PLAUSIBLE_PIXEL_SIZE_UM[1],
         ),
     )
     return root
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame | None:
+    """The dataset's ``manifest.csv`` (``None`` if it has none); :class:`DatasetError` if it
+    cannot be parsed."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
-    return pd.read_csv(path, dtype={"stem": str, "split": str})
+    try:
+        with warnings.catch_warnings():
+            # A row longer than the header (an unquoted decimal comma: 0,25) would otherwise
+            # shift its values into the wrong columns without a word.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype={"stem": str, "split": str}, index_col=False)
+    except pd.errors.ParserWarning:
+        raise DatasetError(
+            f"{path}: a row has more values than the header has columns; a decimal comma "
+            "(0,25) must be quoted or written with a point (0.25)"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
 
 
-def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
+def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, object]]:
+    """``(split, stem) -> (CSV line, value as written)`` of every non-empty ``pixel_size_um``
+    in the manifest; unchecked (see :func:`check_pixel_size`)."""
     manifest = read_manifest(root)
     if manifest is None or "pixel_size_um" not in manifest.columns:
         return {}
-    sizes = {}
-    for row in manifest.itertuples(index=False):
-        value = row.pixel_size_um
-        if pd.notna(value):
-            sizes[(row.split, row.stem)] = float(value)
-    return sizes
+    missing = [c for c in ("split", "stem") if c not in manifest.columns]
+    if missing:
+        raise DatasetError(
+            f"{Path(root) / MANIFEST}: has pixel_size_um but no {' or '.join(missing)} column; "
+            "each pixel size needs the split and stem of its image"
+        )
+    values = zip(manifest["split"], manifest["stem"], manifest["pixel_size_um"], strict=True)
+    return {
+        (str(split), str(stem)): (line, value)
+        for line, (split, stem, value) in enumerate(values, start=2)
+        if pd.notna(value) and str(value).strip()
+    }
+
+
+def check_pixel_size(value: object, what: str) -> float:
+    """``value`` as microns per pixel, or :class:`DatasetError` naming ``what`` and the fix."""
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    try:
+        um = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DatasetError(f"{what}: {value!r} is not a number of microns per pixel") from None
+    if not plausible_pixel_size(um):
+        hint = ""
+        if high < um <= high * 1000:
+            hint = f" (in nanometres? {um:g} nm is {um / 1000:g} um)"
+        elif low / 1000 <= um < low:
+            hint = f" (in millimetres? {um:g} mm is {um * 1000:g} um)"
+        raise DatasetError(
+            f"{what}: {um:g} um per pixel is outside {low:g}-{high:g}, the range of light "
+            f"microscopy{hint}; give microns per pixel (0.25 at 40x, 0.5 at 20x)"
+        )
+    return um
+
+
+def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
+    return {
+        key: check_pixel_size(value, f"{Path(root) / MANIFEST} line {line} ({'/'.join(key)})")
+        for key, (line, value) in manifest_pixel_sizes(root).items()
+    }
+
+
+def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
+    """Fill unknown pixel sizes from TIFF metadata; warn once about implausible ones."""
+    filled, implausible = [], []
+    for pair in pairs:
+        declared = (
+            tiff_pixel_size_um(pair.image, plausible_only=False)
+            if pair.pixel_size_um is None
+            else None
+        )
+        if plausible_pixel_size(declared):
+            pair = Pair(pair.split, pair.stem, pair.image, pair.mask, declared)
+        elif declared is not None:
+            implausible.append((pair.image, declared))
+        filled.append(pair)
+    if implausible:
+        warnings.warn(
+            implausible_message(implausible, f"; give it in {MANIFEST} (pixel_size_um)"),
+            stacklevel=3,
+        )
+    return filled
 
 
 def list_pairs(
@@ -164,10 +247,12 @@ def list_pairs(
     if problems:
         raise DatasetError(_summarise(problems))
     sizes = _pixel_sizes(root)
-    return [
-        Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))
-        for stem, path in images.items()
-    ]
+    return _with_metadata_sizes(
+        [
+            Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))
+            for stem, path in images.items()
+        ]
+    )
 
 
 def _summarise(problems: list[str], limit: int = 20) -> str:

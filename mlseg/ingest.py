@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +29,23 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlseg.config import DataConfig
-from mlseg.dataset import MANIFEST, _summarise, init_dataset, is_image_file, split_dir
+from mlseg.dataset import (
+    MANIFEST,
+    _summarise,
+    check_pixel_size,
+    init_dataset,
+    is_image_file,
+    split_dir,
+)
 from mlseg.errors import DatasetError, ImageReadError
-from mlseg.io import read_image, read_mask, tiff_pixel_size_um, write_table
+from mlseg.io import (
+    implausible_message,
+    plausible_pixel_size,
+    read_image,
+    read_mask,
+    tiff_pixel_size_um,
+    write_table,
+)
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
@@ -220,15 +235,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     for stem, value in zip(table[stem_col], table[size_col], strict=True):
         if pd.isna(value) or str(value).strip() == "":
             continue
-        try:
-            size = float(value)
-        except ValueError:
-            raise DatasetError(
-                f"{path}: pixel size {value!r} of {stem!r} is not a number"
-            ) from None
-        if size <= 0:
-            raise DatasetError(f"{path}: pixel size of {stem!r} must be positive, got {size}")
-        sizes[Path(str(stem)).stem] = size
+        sizes[Path(str(stem)).stem] = check_pixel_size(value, f"{path}: pixel size of {stem!r}")
     return sizes
 
 
@@ -270,8 +277,10 @@ def ingest(
     """Import ``src`` into a new mlseg dataset at ``dst``; see the module docstring.
 
     ``pixel_sizes`` is an optional CSV (stem + ``pixel_size_um``/``mpp``) giving microns per
-    pixel per image; ``pixel_size_um`` applies to every image without one. TIFF resolution
-    tags are used where neither gives a size.
+    pixel per image; ``pixel_size_um`` applies to every image without one. A TIFF's own
+    metadata (:func:`mlseg.io.tiff_pixel_size_um`) is used where neither gives a size, unless
+    it is implausible (a warning names the files). Sizes outside
+    :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM` in the table or the argument are refused.
     """
     cfg = cfg or DataConfig()
     src, dst = Path(src), Path(dst)
@@ -285,8 +294,8 @@ def ingest(
         raise DatasetError(
             f"{dst}: target lies inside the source {src}; choose a folder outside it"
         )
-    if pixel_size_um is not None and pixel_size_um <= 0:
-        raise DatasetError(f"pixel size must be positive, got {pixel_size_um}")
+    if pixel_size_um is not None:
+        check_pixel_size(pixel_size_um, "--pixel-size")
     layout = detect_layout(src, cfg) if layout == "auto" else layout
     items = scan_source(src, layout, cfg)
     stems = [i.stem for i in items]
@@ -304,7 +313,7 @@ def ingest(
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ingest-", dir=dst.parent))
     try:
         init_dataset(staging, cfg)
-        rows = []
+        rows, implausible = [], []
         for item in tqdm(items, desc="ingesting", unit="pair", disable=not progress, leave=False):
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
@@ -314,7 +323,13 @@ def ingest(
             )
             _place(item.image, image_dst, link)
             _place(item.mask, mask_dst, link)
-            size = sizes.get(item.stem, tiff_pixel_size_um(item.image) or pixel_size_um)
+            size = sizes.get(item.stem, pixel_size_um)
+            if size is None:
+                declared = tiff_pixel_size_um(item.image, plausible_only=False)
+                if plausible_pixel_size(declared):
+                    size = declared
+                elif declared is not None:
+                    implausible.append((item.image, declared))
             rows.append(
                 {
                     "split": split,
@@ -334,5 +349,10 @@ def ingest(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if implausible:
+        warnings.warn(
+            implausible_message(implausible, "; give it with --pixel-sizes or --pixel-size"),
+            stacklevel=2,
+        )
     counts = manifest["split"].value_counts().to_dict()
     return IngestResult(dst, layout, manifest, {k: int(v) for k, v in counts.items()})

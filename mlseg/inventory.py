@@ -21,11 +21,17 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   low = blurred), ``saturated_fraction``, ``dark_fraction``, ``od_hematoxylin_mean``,
   ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per stain by colour deconvolution;
   RGB images only);
+- pixel size (images only): ``metadata_pixel_size_um`` (what the TIFF's own metadata declares,
+  :func:`mlseg.io.tiff_pixel_size_um`), ``pixel_size_um`` and ``pixel_size_source``
+  (``manifest`` or ``metadata``: the size training will use, as :func:`mlseg.dataset.list_pairs`
+  picks it; null = unknown, the profile's applies);
 - contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
   this row (see ``expectations/README.md``): ``location_ok``, ``extension_ok``, ``name_ok``,
   ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
   ``mask_values_ok``, ``unique_in_split``, ``only_in_one_split``, ``channels_consistent``,
-  ``dtype_consistent``; plus ``n_partners`` (files of the other role with the same stem).
+  ``dtype_consistent``, ``pixel_size_ok`` (the manifest's size is a plausible number),
+  ``metadata_pixel_size_ok`` (the metadata's, where the manifest gives none); plus
+  ``n_partners`` (files of the other role with the same stem).
 
 ``splits`` - one row per split: ``split``, ``folder``, ``image_dir_exists``,
 ``mask_dir_exists``, ``n_images``, ``n_masks``, ``n_pairs`` (images with exactly one mask).
@@ -57,9 +63,16 @@ import pandas as pd
 from pydantic import Field
 
 from mlseg.config import DataConfig, Strict
-from mlseg.dataset import SPLITS, split_dir
+from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
 from mlseg.errors import DatasetError, ImageReadError
-from mlseg.io import IMAGE_EXTENSIONS, read_image, write_table, write_text
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    plausible_pixel_size,
+    read_image,
+    tiff_pixel_size_um,
+    write_table,
+    write_text,
+)
 
 INVENTORY_VERSION = "1"
 FINGERPRINT_VERSION = "1"
@@ -97,7 +110,11 @@ CHECK_COLUMNS = (
     "only_in_one_split",
     "channels_consistent",
     "dtype_consistent",
+    "pixel_size_ok",
+    "metadata_pixel_size_ok",
 )
+#: Microns per pixel: as the file's metadata declares it, as training will use it, and whence.
+PIXEL_SIZE_COLUMNS = ("metadata_pixel_size_um", "pixel_size_um", "pixel_size_source")
 FILE_COLUMNS = (
     "split",
     "role",
@@ -114,6 +131,7 @@ FILE_COLUMNS = (
     "content_hash",
     *MASK_COLUMNS,
     *STAT_COLUMNS,
+    *PIXEL_SIZE_COLUMNS,
     "n_partners",
     *CHECK_COLUMNS,
 )
@@ -133,6 +151,7 @@ READ_COLUMNS = (
     *MASK_COLUMNS,
     "mask_values_ok",
     *STAT_COLUMNS,
+    "metadata_pixel_size_um",
 )
 SPLIT_COLUMNS = (
     "split",
@@ -431,6 +450,7 @@ def inspect_file(
         row.update(mask_stats(arr[..., 0], declared_kind))
     else:
         row["content_hash"] = content_hash(arr)
+        row["metadata_pixel_size_um"] = tiff_pixel_size_um(path, plausible_only=False)
         row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
     return row
 
@@ -521,8 +541,9 @@ def build_inventory(
 ) -> Inventory:
     """Inventory every file of the dataset at ``root``; the dataset is only read.
 
-    Raises :class:`DatasetError` only if ``root`` is not a folder: every problem inside the
-    dataset becomes a fact in the tables, for the expectation suites to judge.
+    Raises :class:`DatasetError` only if ``root`` is not a folder or its ``manifest.csv``
+    cannot be parsed: every problem inside the dataset becomes a fact in the tables, for the
+    expectation suites to judge.
     """
     cfg = cfg or ValidateConfig()
     root = Path(root)
@@ -540,7 +561,9 @@ def build_inventory(
     facts_iter = _read_all(items, worker, cfg.workers, progress, cfg.parallel)
     for entry, facts in zip(entries, facts_iter, strict=True):
         rows.append({"split": entry.split, "role": entry.role, "path": entry.rel, **facts})
-    files = add_checks(pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data)
+    files = add_checks(
+        pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, manifest_pixel_sizes(root)
+    )
     return Inventory(root, files, split_summary(files, folders), cfg)
 
 
@@ -557,11 +580,18 @@ def _file_name_parts(path: str) -> tuple[str, str]:
     return (stem, "." + ext.lower()) if dot and stem else (name, "")
 
 
-def add_checks(files: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
-    """Add ``stem``, ``extension``, ``n_partners`` and one column per contract rule (pure).
+def add_checks(
+    files: pd.DataFrame,
+    cfg: DataConfig,
+    manifest_sizes: dict[tuple[str, str], tuple[int, Any]] | None = None,
+) -> pd.DataFrame:
+    """Add ``stem``, ``extension``, ``n_partners``, the pixel sizes and one column per
+    contract rule (pure).
 
     ``files`` holds the facts read from each file (``split``, ``role``, ``path``,
-    ``readable``, sizes, hashes, ...); see the module docstring for the columns added.
+    ``readable``, sizes, hashes, ...); ``manifest_sizes`` the manifest's pixel sizes as
+    written (:func:`mlseg.dataset.manifest_pixel_sizes`). See the module docstring for the
+    columns added.
     """
     df = files.reset_index(drop=True).copy()
     parts = [_file_name_parts(p) for p in df["path"]]
@@ -629,7 +659,40 @@ def add_checks(files: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         counts = values[decoded_image].value_counts()
         common = min(counts.index, key=lambda v: (-counts[v], v)) if len(counts) else None
         df[check] = _rule(values.eq(common), decoded_image)
+
+    _add_pixel_sizes(df, key, is_image, manifest_sizes or {})
     return df.reindex(columns=list(FILE_COLUMNS))
+
+
+def _add_pixel_sizes(
+    df: pd.DataFrame,
+    key: np.ndarray,
+    is_image: np.ndarray,
+    manifest_sizes: dict[tuple[str, str], tuple[int, Any]],
+) -> None:
+    """The pixel size training will use per image (the manifest's, else the plausible one of
+    the file's metadata, as :func:`mlseg.dataset.list_pairs`) and the two rules on it."""
+    written = {f"{split}/{stem}": value for (split, stem), (_, value) in manifest_sizes.items()}
+    declared = pd.to_numeric(
+        df.get("metadata_pixel_size_um", pd.Series(np.nan, index=df.index)), errors="coerce"
+    )
+    rows = []  # (size used, its source, manifest rule, metadata rule)
+    for k, image, meta in zip(key, is_image, declared, strict=True):
+        given = written.get(k) if image else None
+        if given is not None:  # the manifest decides, even where the file declares another
+            um = pd.to_numeric(given, errors="coerce")
+            ok = plausible_pixel_size(um)
+            rows.append((float(um) if ok else None, "manifest" if ok else None, ok, None))
+        elif image and pd.notna(meta):
+            ok = plausible_pixel_size(meta)
+            rows.append((float(meta) if ok else None, "metadata" if ok else None, None, ok))
+        else:
+            rows.append((None, None, None, None))
+    used, source, manifest_ok, metadata_ok = zip(*rows, strict=True) if rows else ([],) * 4
+    df["pixel_size_um"] = pd.array(list(used), dtype="Float64")
+    df["pixel_size_source"] = pd.Series(list(source), dtype=object)
+    df["pixel_size_ok"] = pd.Series(list(manifest_ok), dtype=object)
+    df["metadata_pixel_size_ok"] = pd.Series(list(metadata_ok), dtype=object)
 
 
 def split_summary(files: pd.DataFrame, folders: dict[str, dict[str, Any]]) -> pd.DataFrame:

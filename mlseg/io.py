@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,8 +219,62 @@ def write_table(df, path: str | os.PathLike) -> Path:
     return path
 
 
-def tiff_pixel_size_um(path: str | os.PathLike) -> float | None:
-    """Microns per pixel from TIFF resolution tags (or OME/ImageJ metadata), else ``None``."""
+#: Microns per pixel that light microscopy can produce, from super-resolution renders (10 nm)
+#: to a 1x objective (10 um; nuclei span one or two pixels there). A size outside this range
+#: is a unit error or an image program's print default (72 dpi = 353 um per pixel), never a
+#: microscope's: metadata giving one is ignored, and a table giving one is refused.
+PLAUSIBLE_PIXEL_SIZE_UM = (0.01, 10.0)
+
+#: Length units of OME-XML and ImageJ metadata, in microns (ImageJ escapes the micro sign).
+_UNIT_UM = {
+    "um": 1.0,
+    "µm": 1.0,
+    "μm": 1.0,
+    "\\u00b5m": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "å": 1e-4,
+    "angstrom": 1e-4,
+}
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+
+
+def plausible_pixel_size(um: float | None) -> bool:
+    """Whether ``um`` microns per pixel lies in :data:`PLAUSIBLE_PIXEL_SIZE_UM`."""
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    return um is not None and math.isfinite(um) and low <= um <= high
+
+
+def implausible_message(found: list[tuple[Path, float]], fix: str = "") -> str:
+    """One warning for the files whose metadata declares an implausible pixel size."""
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    listed = ", ".join(f"{path} ({um:.4g} um)" for path, um in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return (
+        f"{len(found)} TIFF file(s) declare a pixel size outside {low:g}-{high:g} um per "
+        f"pixel in their metadata: {listed}{more}. That is a unit error or an image "
+        f"program's print resolution (72 dpi reads as 353 um), so it is ignored"
+        f"{fix or '; give the pixel size yourself (--pixel-size, a manifest or the profile)'}."
+    )
+
+
+def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
+    """Microns per pixel that a TIFF's metadata declares, else ``None``.
+
+    Read in order: OME-XML (``PhysicalSizeX`` in its ``PhysicalSizeXUnit``, microns by
+    default), ImageJ (``unit=`` of the description, including Fiji's escaped ``\\u00B5m``,
+    with the resolution tags as pixels per unit), an Aperio description (``MPP = 0.499``),
+    and last the TIFF resolution tags in centimetres or inches. With ``plausible_only`` a size
+    outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` (a 72-dpi default, a unit error) reads as
+    ``None``; pass ``False`` to see it. Unreadable metadata means "unknown", never an error.
+    """
     path = Path(path)
     if path.suffix.lower() not in TIFF_EXTENSIONS:
         return None
@@ -226,25 +282,51 @@ def tiff_pixel_size_um(path: str | os.PathLike) -> float | None:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if tif.imagej_metadata and tif.imagej_metadata.get("unit") in ("micron", "um", "µm"):
-                res = page.tags.get("XResolution")
-                if res is not None:
-                    num, den = res.value
-                    return float(den) / float(num) if num else None
-            res = page.tags.get("XResolution")
-            unit = page.tags.get("ResolutionUnit")
-            if res is None or unit is None:
-                return None
-            num, den = res.value
-            if not num:
-                return None
-            per_unit = float(den) / float(num)  # units per pixel
-            unit_value = int(unit.value)
-            if unit_value == 2:  # inch
-                return per_unit * 25400.0
-            if unit_value == 3:  # centimetre
-                return per_unit * 10000.0
+            um = _declared_um(tif)
     except Exception:  # metadata is optional: unreadable tags mean "unknown"
         return None
+    if um is None or (plausible_only and not plausible_pixel_size(um)):
+        return None
+    return um
+
+
+def _declared_um(tif) -> float | None:
+    page = tif.pages[0]
+    if tif.is_ome and tif.ome_metadata:
+        um = _ome_um(tif.ome_metadata)
+        if um is not None:
+            return um
+    if tif.imagej_metadata:
+        factor = _UNIT_UM.get(str(tif.imagej_metadata.get("unit", "")).strip().lower())
+        per_unit = _units_per_pixel(page)
+        if factor is not None and per_unit is not None:
+            return per_unit * factor
+    match = _APERIO_MPP.search(page.description or "")
+    if match:
+        with contextlib.suppress(ValueError):
+            return float(match.group(1))
+    per_unit, unit = _units_per_pixel(page), page.tags.get("ResolutionUnit")
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
+    if per_unit is None or um_per_unit is None:  # unit 1 (none): pixels per what is unknown
+        return None
+    return per_unit * um_per_unit
+
+
+def _units_per_pixel(page) -> float | None:
+    res = page.tags.get("XResolution")
+    if res is None:
+        return None
+    num, den = res.value
+    return float(den) / float(num) if num else None
+
+
+def _ome_um(xml: str) -> float | None:
+    import xml.etree.ElementTree as ET
+
+    for element in ET.fromstring(xml).iter():
+        if element.tag.rsplit("}", 1)[-1] != "Pixels" or "PhysicalSizeX" not in element.attrib:
+            continue
+        unit = element.attrib.get("PhysicalSizeXUnit", "µm").strip().lower()
+        factor = _UNIT_UM.get(unit)
+        return float(element.attrib["PhysicalSizeX"]) * factor if factor else None
     return None

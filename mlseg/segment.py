@@ -10,8 +10,10 @@ outputs it lists exist and it records the same profile name and version, model (
 after a crash or with new images does only what is missing; changed settings redo all.
 
 Pixel size of an image, first found: the ``pixel_size_um`` argument (CLI ``--pixel-size``),
-the image's TIFF resolution tags (values outside 0.01-50 um are ignored as bogus, e.g. the
-72 dpi default of many writers), the profile's ``pixel_size_um``. The profile's ``units``
+the image's TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
+:func:`mlseg.io.tiff_pixel_size_um`; values outside :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`
+are ignored with a warning, e.g. the 72 dpi default of many writers), the profile's
+``pixel_size_um``. The profile's ``units``
 decides whether it is used (``auto``), required (``um``) or ignored (``px``).
 
 Scale (``inference.auto_scale``, on by default): with the pixel size of both the image and
@@ -51,12 +53,19 @@ import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.infer import NO_STAIN_TTA, StainTTA
-from mlseg.io import IMAGE_EXTENSIONS, file_digest, read_image, read_mask, tiff_pixel_size_um
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    file_digest,
+    implausible_message,
+    plausible_pixel_size,
+    read_image,
+    read_mask,
+    tiff_pixel_size_um,
+)
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
-SANE_PIXEL_SIZE_UM = (0.01, 50.0)
 
 
 @dataclass
@@ -297,9 +306,11 @@ def image_pixel_size(
     """``(microns per pixel or None, where it came from)`` for one image file."""
     if override is not None:
         return float(override), "argument"
-    from_file = tiff_pixel_size_um(path)
-    if from_file is not None and SANE_PIXEL_SIZE_UM[0] <= from_file <= SANE_PIXEL_SIZE_UM[1]:
+    from_file = tiff_pixel_size_um(path, plausible_only=False)
+    if plausible_pixel_size(from_file):
         return from_file, "image metadata"
+    if from_file is not None:
+        warnings.warn(implausible_message([(path, from_file)]), stacklevel=2)
     if profile.pixel_size_um is not None:
         return profile.pixel_size_um, "profile"
     return None, "unknown"

@@ -111,6 +111,60 @@ def test_pixel_sizes_from_csv(tmp_path):
     assert sizes == {"img0": 0.5, "img1": 0.25, "img2": 1.0}
 
 
+def tiff_source(root, resolutions):
+    """A flat source of TIFF images written with the given resolution tags (pixels per cm)."""
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    for i, res in enumerate(resolutions):
+        img, lab = disk_pair(rng)
+        (root / "original").mkdir(parents=True, exist_ok=True)
+        unit = {"resolution": res, "resolutionunit": "CENTIMETER"} if res else {}
+        tifffile.imwrite(root / "original" / f"img{i}.tif", img, photometric="rgb", **unit)
+        write_image(root / "masks" / f"img{i}_mask.png", lab)
+    return root
+
+
+def test_precedence_table_then_argument_then_tiff_metadata(tmp_path):
+    src = tiff_source(tmp_path / "src", [(40000, 40000), (20000, 20000), None])
+    table = tmp_path / "sizes.csv"
+    table.write_text("stem,pixel_size_um\nimg0,0.3\n")
+    by_metadata = ingest(src, tmp_path / "a", progress=False).manifest
+    assert dict(zip(by_metadata.stem, by_metadata.pixel_size_um, strict=True)) == pytest.approx(
+        {"img0": 0.25, "img1": 0.5, "img2": float("nan")}, nan_ok=True
+    )
+    # What the user says beats what the file says: the table, then --pixel-size for the rest.
+    given = ingest(src, tmp_path / "b", pixel_sizes=table, pixel_size_um=1.0, progress=False)
+    sizes = dict(zip(given.manifest.stem, given.manifest.pixel_size_um, strict=True))
+    assert sizes == {"img0": 0.3, "img1": 1.0, "img2": 1.0}
+
+
+def test_print_resolution_metadata_is_ignored_with_a_warning_naming_the_file(tmp_path):
+    src = tiff_source(tmp_path / "src", [(72 / 2.54, 72 / 2.54), (40000, 40000)])
+    with pytest.warns(UserWarning, match=r"img0.tif \(352.8 um\).*--pixel-sizes"):
+        result = ingest(src, tmp_path / "ds", progress=False)
+    sizes = dict(zip(result.manifest.stem, result.manifest.pixel_size_um, strict=True))
+    assert np.isnan(sizes["img0"]) and sizes["img1"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("250", "in nanometres"),
+        ("0.00025", "in millimetres"),
+        ("0", "outside"),
+        ("0.25um", "not a number"),
+    ],
+)
+def test_a_pixel_size_table_in_the_wrong_unit_is_refused(tmp_path, written, expected):
+    src = flat_source(tmp_path / "src", n=2)
+    table = tmp_path / "sizes.csv"
+    table.write_text(f"stem,pixel_size_um\nimg1,{written}\n")
+    with pytest.raises(DatasetError, match=rf"sizes.csv: pixel size of 'img1'.*{expected}"):
+        ingest(src, tmp_path / "ds", pixel_sizes=table, progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [

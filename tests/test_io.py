@@ -35,6 +35,70 @@ def test_tiff_16bit_and_pixel_size(tmp_path):
     assert tiff_pixel_size_um(tmp_path / "t.tif") == pytest.approx(0.25)
 
 
+ESCAPED_MICRO = "\\u00B5m"  # how ImageJ writes "µm" into a TIFF description
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "um"),
+    [
+        ({"imagej": True, "resolution": (4, 4), "metadata": {"unit": ESCAPED_MICRO}}, 0.25),
+        ({"imagej": True, "resolution": (2, 2), "metadata": {"unit": "micron"}}, 0.5),
+        ({"imagej": True, "resolution": (0.004, 0.004), "metadata": {"unit": "nm"}}, 0.25),
+        ({"imagej": True, "resolution": (4, 4), "metadata": {"unit": "pixel"}}, None),
+        ({"ome": True, "metadata": {"PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm"}}, 0.5),
+        ({"ome": True, "metadata": {"PhysicalSizeX": 0.325}}, 0.325),  # OME's default: microns
+        ({"ome": True, "metadata": {"PhysicalSizeX": 250, "PhysicalSizeXUnit": "nm"}}, 0.25),
+        (
+            {"description": "Aperio Image Library v12.0.15\r\n2220x2967 |AppMag = 20|MPP = 0.499"},
+            0.499,
+        ),
+        ({"resolution": (40000, 40000), "resolutionunit": "CENTIMETER"}, 0.25),
+        ({"resolution": (101600, 101600), "resolutionunit": "INCH"}, 0.25),
+        ({"resolution": (4, 4), "resolutionunit": "NONE"}, None),  # 4 pixels per what?
+        ({"resolution": (72, 72), "resolutionunit": "INCH"}, None),  # a print default
+        ({"resolution": (300, 300), "resolutionunit": "INCH"}, None),
+        ({}, None),
+    ],
+    ids=[
+        "imagej-escaped-micro",
+        "imagej-micron",
+        "imagej-nm",
+        "imagej-pixel",
+        "ome-um",
+        "ome-default-unit",
+        "ome-nm",
+        "aperio-mpp",
+        "tags-cm",
+        "tags-inch",
+        "tags-no-unit",
+        "72-dpi",
+        "300-dpi",
+        "none",
+    ],
+)
+def test_pixel_size_from_tiff_metadata_as_microscopy_software_writes_it(tmp_path, kwargs, um):
+    import tifffile
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    photometric = {} if kwargs.get("imagej") else {"photometric": "rgb"}
+    tifffile.imwrite(tmp_path / "t.tif", image, **photometric, **kwargs)
+    found = tiff_pixel_size_um(tmp_path / "t.tif")
+    assert found == (pytest.approx(um) if um is not None else None)
+    assert np.array_equal(read_image(tmp_path / "t.tif"), image)
+
+
+def test_implausible_metadata_is_seen_only_when_asked(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((8, 8), np.uint8), resolution=(72, 72))
+    assert tiff_pixel_size_um(tmp_path / "t.tif") is None
+    assert tiff_pixel_size_um(tmp_path / "t.tif", plausible_only=False) == pytest.approx(
+        352.78, abs=0.01
+    )
+    write_image(tmp_path / "t.png", np.zeros((8, 8), np.uint8))
+    assert tiff_pixel_size_um(tmp_path / "t.png", plausible_only=False) is None
+
+
 def test_truncated_png_is_refused(tmp_path):
     write_image(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8))
     data = (tmp_path / "a.png").read_bytes()

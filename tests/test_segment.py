@@ -351,6 +351,23 @@ def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     )
 
 
+def test_print_resolution_metadata_is_not_taken_for_a_pixel_size(tmp_path, use_oracle):
+    import tifffile
+
+    image, truth = disc_image(120, 100)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # What an image editor writes by default: 72 dots per inch, which would read as 353 um.
+    tifffile.imwrite(folder / "edited.tif", image, photometric="rgb", resolution=(72, 72))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"edited.tif \(352.8 um\).*ignored"):
+        result = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert result.processed == ["edited"], result.failed
+    summary = json.loads((out / "edited.json").read_text())
+    assert summary["pixel_size_source"] == "unknown" and summary["pixel_size_um"] is None
+    assert summary["count"] == truth.max()
+
+
 def test_tiled_16bit_tiff_with_pixel_size_metadata(tmp_path, use_oracle):
     import tifffile
 

@@ -203,6 +203,62 @@ def test_faint_share_samples_the_faintest_training_nuclei(synth_dataset, tmp_pat
     assert fit(cfg, synth_dataset, tmp_path / "run", progress=False).steps == 2
 
 
+def _magnifications(root, sizes):
+    """One image per entry of ``sizes`` (microns per pixel, None = unknown): the same four
+    nuclei, 2.5 um in radius, on a 24 x 24 um field, drawn at that pixel size."""
+    rows = []
+    for i, um in enumerate(sizes):
+        px = 0.5 if um is None else um
+        side = round(24 / px)
+        image = np.full((side, side, 3), 230, np.uint8)
+        labels = np.zeros((side, side), np.uint16)
+        for n, centre in enumerate([(6, 6), (6, 18), (18, 6), (18, 18)], start=1):
+            rr, cc = disk((centre[0] / px, centre[1] / px), 2.5 / px, shape=labels.shape)
+            image[rr, cc], labels[rr, cc] = (80, 40, 140), n
+        write_image(root / "train" / "original" / f"img{i}.png", image)
+        write_labels(root / "train" / "masks" / f"img{i}_mask.png", labels)
+        rows.append(f"train,img{i},{'' if um is None else um}")
+    (root / "test" / "original").mkdir(parents=True)
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("sizes", "trained_at", "resampled", "sides"),
+    [
+        ([0.5, 0.5, 0.25], 0.5, True, [48, 48, 48]),  # 20x + 40x: all brought to the median
+        ([0.25, 0.25, 0.5], 0.25, True, [96, 96, 96]),
+        ([0.5, 0.52, 0.5], 0.5, False, [48, 46, 48]),  # one scale: no resampling blur
+        ([None, None, None], None, False, [48, 48, 48]),
+    ],
+)
+def test_mixed_magnifications_train_at_their_median_pixel_size(
+    tmp_path, sizes, trained_at, resampled, sides
+) -> None:
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    root = _magnifications(tmp_path / "ds", sizes)
+    data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+    assert data.pixel_size_um == trained_at
+    assert data.preprocess.target_pixel_size_um == (trained_at if resampled else None)
+    assert data.train.height_cpu.tolist() == sides
+    # The model sees every nucleus at one size: 5 um across at the training pixel size.
+    assert data.nucleus_diameter_px == pytest.approx(5 / (trained_at or 0.5), rel=0.15)
+
+
+def test_training_images_without_a_pixel_size_among_others_are_named(tmp_path) -> None:
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    root = _magnifications(tmp_path / "ds", [0.5, 0.25, None])
+    with pytest.warns(UserWarning, match=r"1 of 3 training images have no pixel size \(img2"):
+        data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+    assert data.pixel_size_um == 0.375 and data.train.height_cpu.tolist() == [64, 64, 48]
+
+
 def test_empty_training_set(tmp_path) -> None:
     for sub in ("train/original", "train/masks", "test/original", "test/masks"):
         (tmp_path / "ds" / sub).mkdir(parents=True)

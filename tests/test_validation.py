@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from expectations.runner import (
@@ -18,9 +19,10 @@ from expectations.runner import (
     validate_dataset,
 )
 from mlseg.cli import main
-from mlseg.errors import ConfigError
+from mlseg.dataset import list_pairs
+from mlseg.errors import ConfigError, DatasetError
 from mlseg.inventory import ValidateConfig, build_inventory
-from mlseg.io import read_mask, write_image, write_labels
+from mlseg.io import read_image, read_mask, write_image, write_labels
 
 README = Path(__file__).resolve().parents[1] / "expectations" / "README.md"
 
@@ -85,10 +87,79 @@ def test_an_expectation_that_cannot_run_counts_as_failed(tmp_path, nuclei_datase
 # ------------------------------------------------------------------ broken datasets
 
 
+def with_pixel_sizes(root: Path, manifest: dict[str, object], tiffs: dict[str, dict]) -> Path:
+    """Give ``root`` a manifest (``split/stem -> pixel_size_um`` as written) and turn some
+    images into TIFFs written with ``tifffile.imwrite`` keyword arguments (their metadata)."""
+    import tifffile
+
+    rows = [f"{key.split('/')[0]},{key.split('/')[1]},{value}" for key, value in manifest.items()]
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\n" + "\n".join(rows) + "\n")
+    for key, kwargs in tiffs.items():
+        split, stem = key.split("/")
+        png = root / split / "original" / f"{stem}.png"
+        tifffile.imwrite(png.with_suffix(".tif"), read_image(png), photometric="rgb", **kwargs)
+        png.unlink()
+    return root
+
+
+#: TIFF metadata as OME-TIFF writers store it (0.25 um per pixel).
+OME_025 = {"ome": True, "metadata": {"PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm"}}
+#: What an image program writes by default: 72 dots per inch, i.e. 353 um per pixel.
+DPI_72 = {"resolution": (72, 72), "resolutionunit": "INCH"}
+
+
 def test_a_clean_dataset_passes_every_expectation(nuclei_dataset):
-    report = check(nuclei_dataset())
+    root = with_pixel_sizes(nuclei_dataset(), {"train/train0": 0.5}, {"test/test1": OME_025})
+    inventory = build_inventory(root)
+    report = run_suites(inventory)
     assert report.success and report.failed_rules() == []
     assert all(o.n_checked > 0 for o in report.outcomes)
+    sizes = inventory.files.set_index("path")
+    assert sizes.loc["train/original/train0.png", "pixel_size_um"] == 0.5
+    assert sizes.loc["train/original/train0.png", "pixel_size_source"] == "manifest"
+    assert sizes.loc["test/original/test1.tif", "pixel_size_um"] == pytest.approx(0.25)
+    assert sizes.loc["test/original/test1.tif", "pixel_size_source"] == "metadata"
+    assert pd.isna(sizes.loc["train/original/train1.png", "pixel_size_um"])
+
+
+@pytest.mark.parametrize("written", ["250", '"0,25"', "0.00025", "-0.5"])
+def test_a_manifest_pixel_size_in_the_wrong_unit_stops_training(nuclei_dataset, written):
+    # Nanometres, a decimal comma, millimetres, a sign slip: each would resample the image by a
+    # wrong factor, so validation fails and training refuses the manifest, naming the line.
+    root = with_pixel_sizes(nuclei_dataset(), {"train/train1": written, "test/test0": 0.5}, {})
+    report = check(root)
+    assert report.failed_rules("error") == ["pixel_size_valid"]
+    assert_caught(report, "pixel_size_valid", {"train/original/train1.png"})
+    with pytest.raises(DatasetError, match=r"manifest.csv line 2 \(train/train1\)"):
+        list_pairs(root, "train")
+
+
+def test_an_unquoted_decimal_comma_in_the_manifest_is_refused_not_shifted(nuclei_dataset):
+    root = nuclei_dataset()
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\ntrain,train1,0,25\n")
+    with pytest.raises(DatasetError, match="decimal comma"):
+        list_pairs(root, "train")
+    with pytest.raises(DatasetError, match="decimal comma"):
+        build_inventory(root)
+
+
+def test_print_resolution_in_tiff_metadata_is_ignored_with_a_warning(nuclei_dataset):
+    root = with_pixel_sizes(
+        nuclei_dataset(), {"train/train2": 0.5}, {"train/train1": DPI_72, "train/train2": DPI_72}
+    )
+    inventory = build_inventory(root)
+    report = run_suites(inventory)
+    assert report.success, "an implausible metadata size is ignored, so it cannot stop training"
+    # train2's size comes from the manifest, which overrides its metadata: only train1 is named.
+    assert_caught(report, "metadata_pixel_size_plausible", {"train/original/train1.tif"})
+    sizes = inventory.files.set_index("path")
+    assert sizes.loc["train/original/train1.tif", "metadata_pixel_size_um"] == pytest.approx(
+        25400 / 72
+    )
+    assert pd.isna(sizes.loc["train/original/train1.tif", "pixel_size_um"])
+    with pytest.warns(UserWarning, match=r"1 TIFF file\(s\).*train1.tif \(352.8 um\)"):
+        pairs = {p.stem: p.pixel_size_um for p in list_pairs(root, "train")}
+    assert pairs == {"train0": None, "train1": None, "train2": 0.5}
 
 
 def test_missing_mask(nuclei_dataset):
