@@ -4,8 +4,9 @@
 :mod:`mlseg.dataset`), holds back a seeded validation part, and for every image: decodes
 it, brings it to the target pixel size (``preprocess.target_pixel_size_um``, with the
 manifest's, the TIFF metadata's or the profile's pixel size; unset, the median of the
-training images' sizes when they differ: :func:`training_pixel_size`), normalises it with :func:`mlseg.preprocess.normalize`
-and derives its class map with :func:`mlseg.targets.make_target`. Training images are packed
+training images' sizes when they differ: :func:`training_pixel_size`), normalises it with
+:func:`mlseg.preprocess.normalize` and derives its class map with
+:func:`mlseg.targets.make_target`. Training images are packed
 into one buffer on the device (:class:`PatchStore`); each batch is then cut, augmented and
 photometrically jittered there in a few tensor operations (:mod:`mlseg.augment`), which keeps
 a GPU busy without worker processes; on CUDA the next batch is prepared on a side stream

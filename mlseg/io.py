@@ -321,9 +321,9 @@ def _units_per_pixel(page) -> float | None:
 
 
 def _ome_um(xml: str) -> float | None:
-    import xml.etree.ElementTree as ET
+    from defusedxml.ElementTree import fromstring  # the XML comes from the user's files
 
-    for element in ET.fromstring(xml).iter():
+    for element in fromstring(xml).iter():
         if element.tag.rsplit("}", 1)[-1] != "Pixels" or "PhysicalSizeX" not in element.attrib:
             continue
         unit = element.attrib.get("PhysicalSizeXUnit", "µm").strip().lower()

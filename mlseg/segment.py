@@ -51,6 +51,7 @@ import pandas as pd
 
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
+from mlseg.dataset import check_pixel_size
 from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
@@ -343,7 +344,12 @@ def _load_profile(
 
 
 def _check_units_possible(profile: Profile, override: float | None, files: list[Path]) -> None:
-    """Fail before any work when micron units can never be satisfied."""
+    """Fail before any work when a given pixel size is implausible (nanometres for microns)
+    or micron units can never be satisfied."""
+    if override is not None:
+        check_pixel_size(override, "--pixel-size")
+    if profile.pixel_size_um is not None:
+        check_pixel_size(profile.pixel_size_um, f"profile {profile.name!r}: pixel_size_um")
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
     if not any(p.suffix.lower() in (".tif", ".tiff") for p in files):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mlseg.config import Config, InferenceConfig, PreprocessConfig, get_profile
-from mlseg.errors import ConfigError
+from mlseg.errors import ConfigError, DatasetError
 from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
 from mlseg.segment import predict_labels, quantify_folder, segment_folder, stain_tta_for
@@ -366,6 +366,15 @@ def test_print_resolution_metadata_is_not_taken_for_a_pixel_size(tmp_path, use_o
     summary = json.loads((out / "edited.json").read_text())
     assert summary["pixel_size_source"] == "unknown" and summary["pixel_size_um"] is None
     assert summary["count"] == truth.max()
+
+
+def test_a_pixel_size_in_nanometres_is_refused_before_any_work(tmp_path, use_oracle):
+    image, _ = disc_image(64, 64)
+    folder = tmp_path / "in"
+    write_image(folder / "a.png", image)
+    with pytest.raises(DatasetError, match=r"--pixel-size: 250 um per pixel.*in nanometres"):
+        segment_folder("model", folder, tmp_path / "out", profile_name="he", pixel_size_um=250)
+    assert not (tmp_path / "out").exists()
 
 
 def test_tiled_16bit_tiff_with_pixel_size_metadata(tmp_path, use_oracle):
