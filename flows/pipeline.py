@@ -131,17 +131,6 @@ def _nuclei(out_dir: Path):
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def _manifest_pixel_size(data_root: Path, split: str = "test") -> float | None:
-    """The test split's pixel size when the manifest gives one value for all its images."""
-    from mlseg.dataset import read_manifest
-
-    manifest = read_manifest(data_root)
-    if manifest is None or "pixel_size_um" not in manifest:
-        return None
-    values = manifest.loc[manifest["split"] == split, "pixel_size_um"].dropna().unique()
-    return float(values[0]) if len(values) == 1 else None
-
-
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     data_root: str,
@@ -166,9 +155,11 @@ def pipeline(
     ``config``/``overrides``: the run config (YAML path, section overrides). ``registry``:
     folder or fsspec URL (default ``<work_dir>/registry``). ``promote_metric``: the
     evaluation mean that decides champion/challenger (higher is better). ``profile``
-    defaults to the config's. ``pixel_size_um`` for the measurements defaults to the
-    manifest's value for the test split. Returns the paths of every output.
+    defaults to the config's. ``pixel_size_um`` overrides every test image's pixel size;
+    without it each has the manifest's, else its own metadata's or the profile's. Returns
+    the paths of every output.
     """
+    from mlseg.dataset import split_pixel_sizes
     from mlseg.report import pipeline_report
 
     logger = get_run_logger()
@@ -242,7 +233,8 @@ def pipeline(
         model_version="production",
         profile=prof.name,
         profiles=profiles,
-        pixel_size_um=pixel_size_um or _manifest_pixel_size(root),
+        pixel_size_um=pixel_size_um,
+        pixel_sizes=split_pixel_sizes(root, "test") or None,
         batch_size=batch_size,
         task_runner=task_runner,
         dask_address=dask_address,

@@ -91,6 +91,7 @@ def segment_one(
     inference_cfg,
     expect: dict[str, Any],
     pixel_size_um: float | None = None,
+    pixel_sizes: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Segment, measure and write one image; returns its summary as written and its
     per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`)."""
@@ -99,7 +100,7 @@ def segment_one(
 
     started = time.perf_counter()
     image, labels, table, summary = segment_image(
-        loaded, path, profile, inference_cfg, pixel_size_um=pixel_size_um
+        loaded, path, profile, inference_cfg, pixel_size_um=pixel_size_um, pixel_sizes=pixel_sizes
     )
     summary = {
         "image": path.stem,
@@ -116,7 +117,7 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     from mlseg.io import file_digest
 
     digest = hashlib.sha256()
-    for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um"):
+    for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um", "pixel_sizes"):
         digest.update(json.dumps(parameters.get(name), sort_keys=True, default=str).encode())
     for path in parameters["images"]:
         digest.update(f"{Path(path).name}:{file_digest(path)}".encode())
@@ -142,6 +143,7 @@ def segment_batch(
     pixel_size_um: float | None = None,
     torch_threads: int = 0,
     label: str = "",
+    pixel_sizes: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment a batch; one record per image: ``status`` (processed/skipped/failed), ``image``,
     and ``summary`` (as written in ``<stem>.json``) with ``nuclei`` (the measurement columns
@@ -168,7 +170,9 @@ def segment_batch(
     loaded = None
     for name in images:
         path = Path(name)
-        expect = {**base, "input_digest": file_digest(path)}
+        # what changes this image's result beyond its bytes, the model and the profile
+        settings = _digest([inference, pixel_size_um, (pixel_sizes or {}).get(path.stem)])
+        expect = {**base, "input_digest": file_digest(path), "settings": settings}
         done = image_done(out, path.stem, expect)
         if done is not None:
             records.append({"status": "skipped", "image": name, "summary": done})
@@ -176,7 +180,9 @@ def segment_batch(
         if loaded is None:
             loaded = loaded_model(model, cfg.device)
         try:
-            summary, table = segment_one(loaded, path, out, prof, cfg, expect, pixel_size_um)
+            summary, table = segment_one(
+                loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes
+            )
         except MlsegError as err:
             records.append({"status": "failed", "image": name, "error": str(err)})
             continue
@@ -206,6 +212,14 @@ def _batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _entries(pixel_sizes: dict[str, float] | None, batch: list[str]) -> dict[str, float] | None:
+    """The batch's own pixel sizes: a change for one image refreshes only its batch's cache."""
+    if not pixel_sizes:
+        return None
+    stems = {Path(p).stem for p in batch}
+    return {stem: um for stem, um in pixel_sizes.items() if stem in stems} or None
+
+
 def _complete(batch: list[str], out_dir: Path) -> bool:
     """Whether every image of ``batch`` has its ``<stem>.json`` (else the cache is refreshed)."""
     return all((out_dir / f"{Path(p).stem}.json").is_file() for p in batch)
@@ -221,6 +235,7 @@ def submit_batches(
     inference: dict[str, Any],
     pixel_size_um: float | None,
     torch_threads: int,
+    pixel_sizes: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every batch on ``runner`` (a started task runner); records in input order.
 
@@ -238,6 +253,7 @@ def submit_batches(
             "profile": profile,
             "inference": inference,
             "pixel_size_um": pixel_size_um,
+            "pixel_sizes": _entries(pixel_sizes, batch),
             "torch_threads": torch_threads,
             "label": f"{Path(batch[0]).name} +{len(batch) - 1}",
         }
@@ -270,6 +286,21 @@ def resolve_model(
     return str(reg.fetch(version)), version.tag
 
 
+def per_image_sizes(pixel_sizes: dict[str, float] | str | None) -> dict[str, float] | None:
+    """``pixel_sizes`` as checked microns per pixel by image stem (a CSV path is read)."""
+    from mlseg.dataset import check_pixel_size
+    from mlseg.ingest import read_pixel_sizes
+
+    if pixel_sizes is None:
+        return None
+    if isinstance(pixel_sizes, str):
+        return read_pixel_sizes(data_path(pixel_sizes))
+    return {
+        Path(str(name)).stem: check_pixel_size(um, f"pixel_sizes[{name!r}]")
+        for name, um in pixel_sizes.items()
+    }
+
+
 @flow(name="segment-and-quantify", log_prints=True)
 def segment_and_quantify(
     input_dir: str,
@@ -283,6 +314,7 @@ def segment_and_quantify(
     profile_overrides: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
     pixel_size_um: float | None = None,
+    pixel_sizes: dict[str, float] | str | None = None,
     batch_size: int = 16,
     task_runner: str | None = None,
     dask_address: str | None = None,
@@ -297,7 +329,9 @@ def segment_and_quantify(
     ``model_name``, ``model_version``: ``production``, ``latest`` or a number). Profile:
     the name ``profile`` in ``profiles`` (the content of a profiles.yaml, as deployments pass
     it; default the packaged one), with ``profile_overrides``. ``inference`` overrides the
-    model's inference settings. Scale-out: ``task_runner`` (``thread``/``dask``),
+    model's inference settings. ``pixel_size_um`` gives every image's microns per pixel;
+    ``pixel_sizes`` each image's (image stem -> microns per pixel, or a CSV of stem +
+    ``pixel_size_um``), before the images' own metadata and the profile. Scale-out: ``task_runner`` (``thread``/``dask``),
     ``dask_address`` and ``workers``; each worker uses ``torch_threads`` CPU threads
     (default: the cores divided among the workers). Relative paths are under
     ``MLSEG_DATA_DIR`` if set.
@@ -317,6 +351,7 @@ def segment_and_quantify(
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
     files = [str(p) for p in list_images(src)]
+    sizes = per_image_sizes(pixel_sizes)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
     saved = model_config(checkpoint)
@@ -350,6 +385,7 @@ def segment_and_quantify(
             cfg.model_dump(mode="json"),
             pixel_size_um,
             threads,
+            sizes,
         )
     seconds = time.perf_counter() - started
     summaries = sorted(
@@ -524,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", default="production")
     parser.add_argument("--profile", default="he")
     parser.add_argument("--pixel-size", type=float, default=None, help="microns per pixel")
+    parser.add_argument("--pixel-sizes", default=None, help="CSV of stem + pixel_size_um")
     parser.add_argument("--batch-size", type=int, default=16)
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
@@ -536,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         model_version=args.model_version,
         profile=args.profile,
         pixel_size_um=args.pixel_size,
+        pixel_sizes=args.pixel_sizes,
         batch_size=args.batch_size,
         task_runner=args.task_runner,
         dask_address=args.dask_address,

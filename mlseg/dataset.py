@@ -172,6 +172,11 @@ def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
     }
 
 
+def split_pixel_sizes(root: str | Path, split: str) -> dict[str, float]:
+    """The manifest's pixel sizes of ``split``, checked: image stem -> microns per pixel."""
+    return {stem: um for (s, stem), um in _pixel_sizes(Path(root)).items() if s == split}
+
+
 def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
     """Fill unknown pixel sizes from TIFF metadata; warn once about implausible ones."""
     filled, implausible = [], []

@@ -10,7 +10,8 @@ outputs it lists exist and it records the same profile name and version, model (
 after a crash or with new images does only what is missing; changed settings redo all.
 
 Pixel size of an image, first found: the ``pixel_size_um`` argument (CLI ``--pixel-size``),
-the image's TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
+the image's entry in ``pixel_sizes`` (stem -> microns per pixel; CLI ``--pixel-sizes
+sizes.csv``, the pipeline passes the dataset manifest's), the image's TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
 :func:`mlseg.io.tiff_pixel_size_um`; values outside :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`
 are ignored with a warning, e.g. the 72 dpi default of many writers), the profile's
 ``pixel_size_um``. The profile's ``units``
@@ -42,7 +43,7 @@ import contextlib
 import hashlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,11 +303,14 @@ def quantify_image(
 
 # ----------------------------------------------------------------------------- helpers
 def image_pixel_size(
-    path: Path, override: float | None, profile: Profile
+    path: Path, override: float | None, profile: Profile, listed: float | None = None
 ) -> tuple[float | None, str]:
-    """``(microns per pixel or None, where it came from)`` for one image file."""
+    """``(microns per pixel or None, where it came from)`` for one image file; ``listed`` is
+    its entry in a per-image table (``pixel_sizes``)."""
     if override is not None:
         return float(override), "argument"
+    if listed is not None:
+        return float(listed), "table"
     from_file = tiff_pixel_size_um(path, plausible_only=False)
     if plausible_pixel_size(from_file):
         return from_file, "image metadata"
@@ -343,11 +347,20 @@ def _load_profile(
     return profile
 
 
-def _check_units_possible(profile: Profile, override: float | None, files: list[Path]) -> None:
+def _check_units_possible(
+    profile: Profile,
+    override: float | None,
+    files: list[Path],
+    table: Mapping[str, float] | None = None,
+) -> None:
     """Fail before any work when a given pixel size is implausible (nanometres for microns)
     or micron units can never be satisfied."""
     if override is not None:
         check_pixel_size(override, "--pixel-size")
+    for stem, um in (table or {}).items():
+        check_pixel_size(um, f"pixel size of {stem!r}")
+    if table and all(p.stem in table for p in files):
+        return
     if profile.pixel_size_um is not None:
         check_pixel_size(profile.pixel_size_um, f"profile {profile.name!r}: pixel_size_um")
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
@@ -358,6 +371,18 @@ def _check_units_possible(profile: Profile, override: float | None, files: list[
             "the images carry none; pass --pixel-size, set pixel_size_um in the profile, "
             "or use --units px"
         )
+
+
+def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dict[str, float]:
+    """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted)."""
+    by_stem = {Path(str(k)).stem: float(v) for k, v in (pixel_sizes or {}).items()}
+    return {stem: by_stem[stem] for stem in stems if stem in by_stem}
+
+
+def _listed(sizes: dict[str, float], stem: str) -> list[float]:
+    """An image's table entry as a settings part: none without one, so the digest of an image
+    without an entry is what it was before tables existed and its outputs stay valid."""
+    return [sizes[stem]] if stem in sizes else []
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -401,7 +426,7 @@ def _read_table(out_dir: Path, summary: dict) -> pd.DataFrame:
 def _run_folder(
     items: list[tuple[str, Path]],
     out_dir: Path,
-    expect: dict,
+    expect: Callable[[str], dict],
     work: Callable[[str, Path], tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]],
     run_info: dict,
     progress: bool,
@@ -410,7 +435,7 @@ def _run_folder(
     result = SegmentResult(out_dir=out_dir)
     tables: list[pd.DataFrame] = []
     for stem, path in _progress(items, progress, desc):
-        done = image_done(out_dir, stem, expect)
+        done = image_done(out_dir, stem, expect(stem))
         if done is not None:
             result.skipped.append(stem)
             result.summaries.append(done)
@@ -425,7 +450,7 @@ def _run_folder(
         summary = {
             "image": stem,
             "image_file": str(path),
-            **expect,
+            **expect(stem),
             **summary,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -452,6 +477,7 @@ def segment_image(
     inference_cfg: InferenceConfig,
     *,
     pixel_size_um: float | None = None,
+    pixel_sizes: Mapping[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]:
     """Read, segment and measure one image file (nothing is written).
 
@@ -462,7 +488,8 @@ def segment_image(
     """
     image = read_image(path)
     check_channels(image, profile, path)
-    px, source = image_pixel_size(path, pixel_size_um, profile)
+    listed = (pixel_sizes or {}).get(path.stem)
+    px, source = image_pixel_size(path, pixel_size_um, profile, listed)
     try:
         effective_pixel_size(profile, px)
     except ConfigError as err:
@@ -484,29 +511,33 @@ def segment_folder(
     inference_cfg: InferenceConfig | None = None,
     progress: bool = True,
     pixel_size_um: float | None = None,
+    pixel_sizes: Mapping[str, float] | None = None,
     units: str | None = None,
 ) -> SegmentResult:
     """Segment every image of ``input_dir`` with the model at ``model_path``; write the
-    outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped."""
+    outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped.
+    ``pixel_sizes`` maps image stems to microns per pixel (see the module docstring)."""
     from mlseg.model import load_model, resolve_device
 
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir))
-    _check_units_possible(profile, pixel_size_um, files)
+    sizes = _own_sizes(pixel_sizes, [p.stem for p in files])
+    _check_units_possible(profile, pixel_size_um, files, sizes)
     out_dir = Path(out_dir)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
-    settings = _settings_hash(
-        profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um
-    )
-    expect = {
-        "profile": profile.name,
-        "profile_version": profile.version,
-        "model": model_id,
-        "settings": settings,
-    }
+    settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
+
+    def expect(stem: str) -> dict:
+        return {
+            "profile": profile.name,
+            "profile_version": profile.version,
+            "model": model_id,
+            "settings": _settings_hash(*settings, *_listed(sizes, stem)),
+        }
+
     run_info = {
         "command": "segment",
         "mlseg_version": mlseg.__version__,
@@ -518,10 +549,13 @@ def segment_folder(
         "profile": profile.model_dump(mode="json"),
         "inference": cfg.model_dump(mode="json"),
         "pixel_size_um": pixel_size_um,
+        "pixel_sizes": sizes,
     }
 
     def work(stem: str, path: Path):
-        return segment_image(loaded, path, profile, cfg, pixel_size_um=pixel_size_um)
+        return segment_image(
+            loaded, path, profile, cfg, pixel_size_um=pixel_size_um, pixel_sizes=sizes
+        )
 
     items = [(p.stem, p) for p in files]
     return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
@@ -564,6 +598,7 @@ def quantify_folder(
     profile_name: str,
     profiles_file: str | Path | None = None,
     pixel_size_um: float | None = None,
+    pixel_sizes: Mapping[str, float] | None = None,
     units: str | None = None,
     progress: bool = True,
 ) -> SegmentResult:
@@ -580,14 +615,19 @@ def quantify_folder(
     images_dir = Path(images_dir) if images_dir is not None else None
     pairs = pair_labels(Path(labels_dir), images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
-    _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs])
+    sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs])
+    _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     out_dir = Path(out_dir)
-    expect = {
-        "profile": profile.name,
-        "profile_version": profile.version,
-        "model": None,
-        "settings": _settings_hash(profile.model_dump(mode="json"), pixel_size_um),
-    }
+    settings = (profile.model_dump(mode="json"), pixel_size_um)
+
+    def expect(stem: str) -> dict:
+        return {
+            "profile": profile.name,
+            "profile_version": profile.version,
+            "model": None,
+            "settings": _settings_hash(*settings, *_listed(sizes, stem)),
+        }
+
     run_info = {
         "command": "quantify",
         "mlseg_version": mlseg.__version__,
@@ -596,6 +636,7 @@ def quantify_folder(
         "images_dir": str(images_dir) if images_dir is not None else None,
         "profile": profile.model_dump(mode="json"),
         "pixel_size_um": pixel_size_um,
+        "pixel_sizes": sizes,
     }
     image_of = {stem: img for stem, _, img in pairs}
 
@@ -616,7 +657,7 @@ def quantify_folder(
                     f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but image "
                     f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match"
                 )
-        px, source = image_pixel_size(image_path or path, pixel_size_um, profile)
+        px, source = image_pixel_size(image_path or path, pixel_size_um, profile, sizes.get(stem))
         try:
             effective_pixel_size(profile, px)
         except ConfigError as err:

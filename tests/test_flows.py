@@ -121,6 +121,13 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
     disc_images(tmp_path / "in", 1, seed=99)  # img_000.png: same name, new content
     changed = segment_batch.fn(images, *args)
     assert [r["status"] for r in changed] == ["processed", "skipped"]
+    # A pixel size for one image, or other inference settings: its numbers change, so redone.
+    sized = segment_batch.fn(images, *args, pixel_sizes={"img_001": 0.3})
+    assert [r["status"] for r in sized] == ["skipped", "processed"]
+    assert sized[1]["summary"]["pixel_size_source"] == "table"
+    other = {**args[4], "overlap": 0.5}
+    tiles = segment_batch.fn(images, *args[:4], other, pixel_sizes={"img_001": 0.3})
+    assert [r["status"] for r in tiles] == ["processed", "processed"]
 
 
 def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:

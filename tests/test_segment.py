@@ -251,6 +251,30 @@ def test_units_and_profiles_are_checked_before_work(tmp_path, use_oracle):
     assert result.ok
 
 
+def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_oracle):
+    # The same discs, 3 um in radius, scanned at 20x (0.5 um) and at 40x (0.25 um), as PNGs
+    # that carry no metadata: only the table says which is which.
+    folder = tmp_path / "in"
+    write_image(folder / "x20.png", disc_image(120, 120, spacing=20, radius=6)[0])
+    write_image(folder / "x40.png", disc_image(240, 240, spacing=40, radius=12)[0])
+    sizes = {"x20": 0.5, "x40.png": 0.25}  # file names work too
+    run = dict(profile_name="he", units="um", pixel_sizes=sizes, progress=False)
+    assert segment_folder("model", folder, tmp_path / "o", **run).processed == ["x20", "x40"]
+    areas = {}
+    for stem, um in (("x20", 0.5), ("x40", 0.25)):
+        summary = json.loads((tmp_path / "o" / f"{stem}.json").read_text())
+        assert summary["pixel_size_source"] == "table" and summary["pixel_size_um"] == um
+        areas[stem] = pd.read_csv(tmp_path / "o" / f"{stem}_nuclei.csv")["area_um2"].median()
+    assert areas["x20"] == pytest.approx(np.pi * 3**2, rel=0.15)
+    assert areas["x40"] == pytest.approx(areas["x20"], rel=0.1)
+    # Same table: nothing to redo. Another size for one image: its numbers change, so only
+    # it is redone.
+    assert segment_folder("model", folder, tmp_path / "o", **run).skipped == ["x20", "x40"]
+    run["pixel_sizes"] = {"x20": 0.5, "x40": 0.3}
+    again = segment_folder("model", folder, tmp_path / "o", **run)
+    assert again.processed == ["x40"] and again.skipped == ["x20"]
+
+
 def test_quantify_folder_on_user_masks(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     image, truth = disc_image(80, 100)

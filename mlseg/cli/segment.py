@@ -28,6 +28,13 @@ PixelOpt = Annotated[
         "--pixel-size", help="Microns per pixel for every image (overrides metadata/profile)."
     ),
 ]
+SizesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--pixel-sizes",
+        help="CSV of image stem + pixel_size_um (or mpp) per image (overrides metadata/profile).",
+    ),
+]
 UnitsOpt = Annotated[
     Units | None,
     typer.Option(
@@ -61,6 +68,12 @@ def _stain_gains(on: bool, configured: tuple[float, ...]) -> tuple[float, ...]:
     return STAIN_TTA_GAINS if StainTTA(configured).off else configured
 
 
+def _sizes(path: Path | None) -> dict[str, float] | None:
+    from mlseg.ingest import read_pixel_sizes
+
+    return read_pixel_sizes(path) if path is not None else None
+
+
 def segment(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder or .safetensors file.")],
     input_dir: Annotated[Path, typer.Argument(help="Folder of images (PNG, JPEG, TIFF).")],
@@ -68,6 +81,7 @@ def segment(
     profile: ProfileOpt,
     profiles: ProfilesOpt = None,
     pixel_size: PixelOpt = None,
+    pixel_sizes: SizesOpt = None,
     units: UnitsOpt = None,
     tile: Annotated[
         int | None, typer.Option("--tile", help="Tile size in pixels (a multiple of 32).")
@@ -131,6 +145,7 @@ def segment(
         inference_cfg=cfg,
         progress=progress,
         pixel_size_um=pixel_size,
+        pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
     )
     _report(result, "segmented")
@@ -145,6 +160,7 @@ def quantify(
     profile: ProfileOpt,
     profiles: ProfilesOpt = None,
     pixel_size: PixelOpt = None,
+    pixel_sizes: SizesOpt = None,
     units: UnitsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -158,6 +174,7 @@ def quantify(
         profile_name=profile,
         profiles_file=profiles,
         pixel_size_um=pixel_size,
+        pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
         progress=progress,
     )
