@@ -379,10 +379,23 @@ def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dic
     return {stem: by_stem[stem] for stem in stems if stem in by_stem}
 
 
-def _listed(sizes: dict[str, float], stem: str) -> list[float]:
-    """An image's table entry as a settings part: none without one, so the digest of an image
-    without an entry is what it was before tables existed and its outputs stay valid."""
-    return [sizes[stem]] if stem in sizes else []
+def _expectations(
+    profile: Profile, model_id: str | None, settings: tuple, sizes: dict[str, float]
+) -> Callable[[str], dict]:
+    """What an image's finished outputs must record to be skipped. An image's table entry
+    joins the settings digest only where it has one, so without a table the digest is what
+    it was before tables existed, and earlier outputs stay valid."""
+
+    def expect(stem: str) -> dict:
+        listed = [sizes[stem]] if stem in sizes else []
+        return {
+            "profile": profile.name,
+            "profile_version": profile.version,
+            "model": model_id,
+            "settings": _settings_hash(*settings, *listed),
+        }
+
+    return expect
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -529,14 +542,7 @@ def segment_folder(
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
-
-    def expect(stem: str) -> dict:
-        return {
-            "profile": profile.name,
-            "profile_version": profile.version,
-            "model": model_id,
-            "settings": _settings_hash(*settings, *_listed(sizes, stem)),
-        }
+    expect = _expectations(profile, model_id, settings, sizes)
 
     run_info = {
         "command": "segment",
@@ -619,14 +625,7 @@ def quantify_folder(
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     out_dir = Path(out_dir)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
-
-    def expect(stem: str) -> dict:
-        return {
-            "profile": profile.name,
-            "profile_version": profile.version,
-            "model": None,
-            "settings": _settings_hash(*settings, *_listed(sizes, stem)),
-        }
+    expect = _expectations(profile, None, settings, sizes)
 
     run_info = {
         "command": "quantify",
