@@ -286,11 +286,16 @@ def resolve_model(
     return str(reg.fetch(version)), version.tag
 
 
-def per_image_sizes(pixel_sizes: dict[str, float] | str | None) -> dict[str, float] | None:
-    """``pixel_sizes`` as checked microns per pixel by image stem (a CSV path is read)."""
+def per_image_sizes(
+    pixel_sizes: dict[str, float] | str | None, pixel_size_um: float | None = None
+) -> dict[str, float] | None:
+    """``pixel_sizes`` as checked microns per pixel by image stem (a CSV path is read);
+    ``pixel_size_um``, the size for every image, is checked too."""
     from mlseg.dataset import check_pixel_size
     from mlseg.ingest import read_pixel_sizes
 
+    if pixel_size_um is not None:
+        check_pixel_size(pixel_size_um, "pixel_size_um")
     if pixel_sizes is None:
         return None
     if isinstance(pixel_sizes, str):
@@ -331,8 +336,8 @@ def segment_and_quantify(
     it; default the packaged one), with ``profile_overrides``. ``inference`` overrides the
     model's inference settings. ``pixel_size_um`` gives every image's microns per pixel;
     ``pixel_sizes`` each image's (image stem -> microns per pixel, or a CSV of stem +
-    ``pixel_size_um``), before the images' own metadata and the profile. Scale-out: ``task_runner`` (``thread``/``dask``),
-    ``dask_address`` and ``workers``; each worker uses ``torch_threads`` CPU threads
+    ``pixel_size_um``), before the images' own metadata and the profile. Scale-out:
+    ``task_runner`` (``thread``/``dask``), ``dask_address`` and ``workers``; each worker uses ``torch_threads`` CPU threads
     (default: the cores divided among the workers). Relative paths are under
     ``MLSEG_DATA_DIR`` if set.
     """
@@ -351,7 +356,7 @@ def segment_and_quantify(
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
     files = [str(p) for p in list_images(src)]
-    sizes = per_image_sizes(pixel_sizes)
+    sizes = per_image_sizes(pixel_sizes, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
     saved = model_config(checkpoint)
