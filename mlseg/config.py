@@ -46,10 +46,25 @@ class DataConfig(Strict):
         return value
 
 
+def _microns_per_pixel(value: float | None) -> float | None:
+    """A pixel size within :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`, else a ValueError that
+    names the likely unit slip."""
+    from mlseg.io import PLAUSIBLE_PIXEL_SIZE_UM, plausible_pixel_size
+
+    if value is None or plausible_pixel_size(value):
+        return value
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    raise ValueError(
+        f"{value:g} um per pixel is outside {low:g}-{high:g}, the range of light microscopy; "
+        "give microns per pixel (0.25 at 40x, 0.5 at 20x), not nanometres or millimetres"
+    )
+
+
 class PreprocessConfig(Strict):
     """Intensity and scale normalisation applied identically in training and inference."""
 
     target_pixel_size_um: float | None = Field(None, gt=0)
+    _plausible_target = field_validator("target_pixel_size_um")(_microns_per_pixel)
     # match: to stain_reference. Off: on train gbm40_he -> test cpm15_he (bench/robustness.py,
     # CPU preset, 2,000 steps) CLAHE lowered Dice 0.763/0.782 -> 0.731/0.764 (2 seeds) and
     # global equalisation to 0.703 (1 seed), both by losing pale nuclei (bench/README.md).
@@ -349,6 +364,7 @@ class Profile(Strict):
     stain: Literal["he", "ihc", "fluorescence", "none"] = "he"
     channels: int = Field(3, ge=1, le=4)
     pixel_size_um: float | None = Field(None, gt=0)
+    _plausible_size = field_validator("pixel_size_um")(_microns_per_pixel)
     units: Literal["auto", "um", "px"] = "auto"
     stain_vectors: list[list[float]] | None = None
     stain_names: tuple[str, str, str] = ("hematoxylin", "eosin", "dab")

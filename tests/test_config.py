@@ -103,3 +103,13 @@ def test_profile_errors_name_profile_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_profiles(path)
     assert "mine" in str(err.value) and "pixel_size_um" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["250", "0.00025"])  # nanometres, millimetres
+def test_a_pixel_size_in_the_wrong_unit_is_refused(tmp_path, value):
+    config = write(tmp_path / "c.yaml", f"preprocess:\n  target_pixel_size_um: {value}\n")
+    with pytest.raises(ConfigError, match=r"target_pixel_size_um.*outside 0.01-10"):
+        load_config(config)
+    profiles = write(tmp_path / "p.yaml", f"profiles:\n  mine:\n    pixel_size_um: {value}\n")
+    with pytest.raises(ConfigError, match=r"mine.*pixel_size_um.*outside 0.01-10"):
+        load_profiles(profiles)
