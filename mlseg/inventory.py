@@ -716,6 +716,26 @@ def split_summary(files: pd.DataFrame, folders: dict[str, dict[str, Any]]) -> pd
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
 
 
+def pixel_size_summary(files: pd.DataFrame) -> list[str]:
+    """One line per split: how many images have which pixel size, and from where (pure).
+
+    E.g. ``train: 7 at 0.25 um, 5 at 0.5 um (manifest); 2 unknown (the profile's applies)``.
+    """
+    lines = []
+    images = files[files["role"].eq("image") & files["split"].notna()]
+    for split, part in images.groupby("split", sort=True):
+        known = part[part["pixel_size_um"].notna()]
+        counts = known["pixel_size_um"].round(4).value_counts().sort_index()
+        sources = "/".join(sorted(known["pixel_size_source"].dropna().unique()))
+        sized = ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
+        unknown = int(part["pixel_size_um"].isna().sum())
+        parts = [f"{sized} ({sources})"] if sized else []
+        if unknown:
+            parts.append(f"{unknown} unknown (the profile's applies)")
+        lines.append(f"{split}: " + "; ".join(parts))
+    return lines
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 

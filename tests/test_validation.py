@@ -21,7 +21,7 @@ from expectations.runner import (
 from mlseg.cli import main
 from mlseg.dataset import list_pairs
 from mlseg.errors import ConfigError, DatasetError
-from mlseg.inventory import ValidateConfig, build_inventory
+from mlseg.inventory import ValidateConfig, build_inventory, pixel_size_summary
 from mlseg.io import read_image, read_mask, write_image, write_labels
 
 README = Path(__file__).resolve().parents[1] / "expectations" / "README.md"
@@ -114,6 +114,10 @@ def test_a_clean_dataset_passes_every_expectation(nuclei_dataset):
     report = run_suites(inventory)
     assert report.success and report.failed_rules() == []
     assert all(o.n_checked > 0 for o in report.outcomes)
+    assert pixel_size_summary(inventory.files) == [
+        "test: 1 at 0.25 um (metadata); 1 unknown (the profile's applies)",
+        "train: 1 at 0.5 um (manifest); 2 unknown (the profile's applies)",
+    ]
     sizes = inventory.files.set_index("path")
     assert sizes.loc["train/original/train0.png", "pixel_size_um"] == 0.5
     assert sizes.loc["train/original/train0.png", "pixel_size_source"] == "manifest"
@@ -358,6 +362,7 @@ def test_cli_exit_codes_table_and_default_output_folder(
     assert main(["validate", str(root)]) == 0
     out = capsys.readouterr().out
     assert "passed" in out and "not_blank" in out
+    assert "pixel sizes, train: 3 unknown (the profile's applies)" in out
     assert (tmp_path / "validation" / "ds" / "data_docs" / "index.html").is_file()
 
     (root / "test/masks/test0_mask.png").rename(root / "test/masks/test0-mask.png")

@@ -43,6 +43,18 @@ def print_report(report: Any, console: Any = None) -> None:
             console.print(f"[{colour}]{o.rule}[/{colour}]: {o.fix}")
 
 
+def _print_pixel_sizes(inventory: str | None) -> None:
+    """Which pixel size each split's images will train or be scored at, and from where."""
+    import pandas as pd
+
+    from mlseg.inventory import pixel_size_summary
+
+    if inventory and Path(inventory).is_file():
+        files = pd.read_parquet(inventory)
+        for line in pixel_size_summary(files):
+            typer.echo(f"pixel sizes, {line}")
+
+
 def validate(
     directory: Annotated[
         Path, typer.Argument(help="Dataset folder ({train,test}/{original,masks}).")
@@ -81,6 +93,7 @@ def validate(
     report = validate_dataset(directory, out, cfg, progress=not quiet and sys.stderr.isatty())
     if not quiet:
         print_report(report)
+        _print_pixel_sizes(report.outputs.get("inventory"))
         typer.echo(f"Data Docs: {report.data_docs}")
         typer.echo(
             f"inventory: {report.outputs.get('inventory')}  "
