@@ -161,7 +161,7 @@ def ensure_reference_diameter(model_dir: Path, cfg, root: Path) -> float | None:
         return float(meta[META_KEY])
     profile = get_profile(cfg.profile, cfg.profiles_file)
     pairs = list_pairs(root, "train", cfg.data, strict=True)
-    _, masks, _ = decode_pairs(pairs, effective_preprocess(cfg, profile), profile)
+    _, masks = decode_pairs(pairs, effective_preprocess(cfg, profile), profile)
     diameter = dataset_diameter_px([mask_to_labels(m, "instance") for m in masks])
     meta[META_KEY], meta[META_STAT_KEY] = diameter, STATISTIC
     meta_path.write_text(json.dumps(meta, indent=2))

@@ -135,20 +135,20 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
     if target_um is not None and um is not None:
         image = rescale(image, um, target_um)
         mask = rescale_labels(mask, um, target_um)
-        um = target_um
-    return image, mask, um
+    return image, mask
 
 
 def decode_pairs(
     pairs: list[Pair], pp: PreprocessConfig, profile: Profile, workers: int = 0
-) -> tuple[list[np.ndarray], list[np.ndarray], list[float | None]]:
-    """Decode and rescale every pair (threads); returns raw images, masks, pixel sizes."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Decode every pair and rescale it to ``pp.target_pixel_size_um`` (threads); returns
+    the raw images and the masks."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         out = list(
             pool.map(lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um), pairs)
         )
-    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+    return [o[0] for o in out], [o[1] for o in out]
 
 
 def dataset_mask_kind(configured: str, masks: list[np.ndarray]) -> str:
@@ -519,7 +519,7 @@ def prepare_data(
     if resample:
         pp = pp.model_copy(update={"target_pixel_size_um": pixel_size})
     channels = in_channels or profile.channels
-    images, masks, _ = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
+    images, masks = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]

@@ -357,12 +357,8 @@ def _check_units_possible(
     or micron units can never be satisfied."""
     if override is not None:
         check_pixel_size(override, "--pixel-size")
-    for stem, um in (table or {}).items():
-        check_pixel_size(um, f"pixel size of {stem!r}")
     if table and all(p.stem in table for p in files):
         return
-    if profile.pixel_size_um is not None:
-        check_pixel_size(profile.pixel_size_um, f"profile {profile.name!r}: pixel_size_um")
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
     if not any(p.suffix.lower() in (".tif", ".tiff") for p in files):
@@ -374,9 +370,14 @@ def _check_units_possible(
 
 
 def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dict[str, float]:
-    """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted)."""
-    by_stem = {Path(str(k)).stem: float(v) for k, v in (pixel_sizes or {}).items()}
-    return {stem: by_stem[stem] for stem in stems if stem in by_stem}
+    """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted),
+    each checked (:func:`mlseg.dataset.check_pixel_size`)."""
+    by_stem = {Path(str(k)).stem: v for k, v in (pixel_sizes or {}).items()}
+    return {
+        stem: check_pixel_size(by_stem[stem], f"pixel size of {stem!r}")
+        for stem in stems
+        if stem in by_stem
+    }
 
 
 def _expectations(
