@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     # Before any test imports prefect: no analytics, no writes to the user's ~/.prefect.
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mlseg-prefect-home-"))
+    if "PREFECT_HOME" not in os.environ:
+        home = tempfile.mkdtemp(prefix="mlseg-prefect-home-")
+        os.environ["PREFECT_HOME"] = home
+        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MPLBACKEND", "Agg")
 
