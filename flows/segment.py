@@ -114,13 +114,16 @@ def segment_one(
 
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
-    from mlseg.io import file_digest
+    from mlseg.io import file_digest, sidecar_path
 
     digest = hashlib.sha256()
     for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um", "pixel_sizes"):
         digest.update(json.dumps(parameters.get(name), sort_keys=True, default=str).encode())
     for path in parameters["images"]:
         digest.update(f"{Path(path).name}:{file_digest(path)}".encode())
+        sidecar = sidecar_path(path)
+        if sidecar.is_file():  # the image's pixel size may live there
+            digest.update(f"{sidecar.name}:{file_digest(sidecar)}".encode())
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
@@ -152,6 +155,7 @@ def segment_batch(
     from mlseg.errors import MlsegError
     from mlseg.io import file_digest
     from mlseg.outputs import image_done
+    from mlseg.segment import declared_sizes
 
     if torch_threads:
         import torch
@@ -171,7 +175,11 @@ def segment_batch(
     for name in images:
         path = Path(name)
         # what changes this image's result beyond its bytes, the model and the profile
-        settings = _digest([inference, pixel_size_um, (pixel_sizes or {}).get(path.stem)])
+        listed = (pixel_sizes or {}).get(path.stem)
+        parts = [inference, pixel_size_um, listed]
+        if pixel_size_um is None and listed is None:
+            parts += declared_sizes([path]).values()  # a corrected sidecar redoes its image
+        settings = _digest(parts)
         expect = {**base, "input_digest": file_digest(path), "settings": settings}
         done = image_done(out, path.stem, expect)
         if done is not None:
@@ -346,11 +354,12 @@ def segment_and_quantify(
     from mlseg.config import parse
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import write_run_outputs
-    from mlseg.segment import list_images
+    from mlseg.segment import check_out_dir, list_images
 
     logger = get_run_logger()
     started = time.perf_counter()
     src, out = data_path(input_dir), data_path(out_dir)
+    check_out_dir(out, src)
     if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
         logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")

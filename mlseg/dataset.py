@@ -10,8 +10,9 @@
 
 Folder names and the mask suffix are configurable (:class:`mlseg.config.DataConfig`);
 the defaults are those of the source paper. ``manifest.csv`` may give the pixel size of each
-image (``pixel_size_um``, microns per pixel); where it is absent a TIFF's own metadata gives
-it (:func:`mlseg.io.tiff_pixel_size_um`), and failing that the profile's is used.
+image (``pixel_size_um``, microns per pixel); where it is absent the image's JSON sidecar
+(``<stem>.json`` beside it) or a TIFF's own metadata gives it
+(:func:`mlseg.io.declared_pixel_size_um`), and failing that the profile's is used.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from mlseg.errors import DatasetError
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     PLAUSIBLE_PIXEL_SIZE_UM,
+    declared_pixel_size_um,
     implausible_message,
     plausible_pixel_size,
-    tiff_pixel_size_um,
     write_text,
 )
 
@@ -47,7 +48,9 @@ Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, 
 - Masks: same width and height as the image; binary (0/1 or 0/255) or instance-labelled
   (8/16-bit, 0 = background, 1..N = one label per nucleus).
 - Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel
-  ({low:g}-{high:g}); without it a TIFF's metadata (OME, ImageJ, Aperio, resolution tags) does.
+  ({low:g}-{high:g}); without it a JSON sidecar beside the image (`slide1.json`:
+  `{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}`, as BIDS microscopy writes it) or a
+  TIFF's metadata (OME, ImageJ, Aperio, resolution tags) does.
 
 Check it with `mlseg validate {root}`.
 """
@@ -178,11 +181,11 @@ def split_pixel_sizes(root: str | Path, split: str) -> dict[str, float]:
 
 
 def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
-    """Fill unknown pixel sizes from TIFF metadata; warn once about implausible ones."""
+    """Fill unknown pixel sizes from sidecars or TIFF metadata; warn once about implausible ones."""
     filled, implausible = [], []
     for pair in pairs:
         declared = (
-            tiff_pixel_size_um(pair.image, plausible_only=False)
+            declared_pixel_size_um(pair.image, plausible_only=False)
             if pair.pixel_size_um is None
             else None
         )

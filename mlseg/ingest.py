@@ -39,11 +39,11 @@ from mlseg.dataset import (
 )
 from mlseg.errors import DatasetError, ImageReadError
 from mlseg.io import (
+    declared_pixel_size_um,
     implausible_message,
     plausible_pixel_size,
     read_image,
     read_mask,
-    tiff_pixel_size_um,
     write_table,
 )
 
@@ -277,9 +277,9 @@ def ingest(
     """Import ``src`` into a new mlseg dataset at ``dst``; see the module docstring.
 
     ``pixel_sizes`` is an optional CSV (stem + ``pixel_size_um``/``mpp``) giving microns per
-    pixel per image; ``pixel_size_um`` applies to every image without one. A TIFF's own
-    metadata (:func:`mlseg.io.tiff_pixel_size_um`) is used where neither gives a size, unless
-    it is implausible (a warning names the files). Sizes outside
+    pixel per image; ``pixel_size_um`` applies to every image without one. The image's JSON
+    sidecar or TIFF metadata (:func:`mlseg.io.declared_pixel_size_um`) is used where neither
+    gives a size, unless it is implausible (a warning names the files). Sizes outside
     :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM` in the table or the argument are refused.
     """
     cfg = cfg or DataConfig()
@@ -325,7 +325,7 @@ def ingest(
             _place(item.mask, mask_dst, link)
             size = sizes.get(item.stem, pixel_size_um)
             if size is None:
-                declared = tiff_pixel_size_um(item.image, plausible_only=False)
+                declared = declared_pixel_size_um(item.image, plausible_only=False)
                 if plausible_pixel_size(declared):
                     size = declared
                 elif declared is not None:

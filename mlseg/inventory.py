@@ -7,8 +7,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
 ``files`` - one row per file found under the dataset root (root-level files such as
 ``manifest.csv`` and hidden files excepted):
 
-- identity: ``split`` (``train``/``test``, null outside both), ``role`` (``image``, ``mask`` or
-  ``stray`` = not in an image or mask folder), ``path`` (POSIX, relative to the root), ``stem``
+- identity: ``split`` (``train``/``test``, null outside both), ``role`` (``image``, ``mask``,
+  ``sidecar`` = an image's ``<stem>.json`` beside it, or ``stray`` = not in an image or mask
+  folder), ``path`` (POSIX, relative to the root), ``stem``
   (for a well-named mask: the stem of the image it belongs to), ``extension`` (lower case),
   ``size_bytes``;
 - decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
@@ -21,10 +22,10 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   low = blurred), ``saturated_fraction``, ``dark_fraction``, ``od_hematoxylin_mean``,
   ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per stain by colour deconvolution;
   RGB images only);
-- pixel size (images only): ``metadata_pixel_size_um`` (what the TIFF's own metadata declares,
-  :func:`mlseg.io.tiff_pixel_size_um`), ``pixel_size_um`` and ``pixel_size_source``
-  (``manifest`` or ``metadata``: the size training will use, as :func:`mlseg.dataset.list_pairs`
-  picks it; null = unknown, the profile's applies);
+- pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
+  metadata declares, :func:`mlseg.io.declared_pixel_size_um`), ``pixel_size_um`` and
+  ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
+  :func:`mlseg.dataset.list_pairs` picks it; null = unknown, the profile's applies);
 - contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
   this row (see ``expectations/README.md``): ``location_ok``, ``extension_ok``, ``name_ok``,
   ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
@@ -67,9 +68,10 @@ from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
 from mlseg.errors import DatasetError, ImageReadError
 from mlseg.io import (
     IMAGE_EXTENSIONS,
+    SIDECAR_SUFFIX,
+    declared_pixel_size_um,
     plausible_pixel_size,
     read_image,
-    tiff_pixel_size_um,
     write_table,
     write_text,
 )
@@ -387,10 +389,17 @@ def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, d
         if child.name.startswith(".") or not child.is_dir():
             continue
         split = split_names.get(child.name)
+        image_dir = child / cfg.image_dir
+        image_stems = (
+            {p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+            if split is not None and image_dir.is_dir()
+            else set()
+        )
         for path in _visible_files(child):
             role = "stray"
-            if split is not None and path.parent == child / cfg.image_dir:
-                role = "image"
+            if split is not None and path.parent == image_dir:
+                sidecar = path.suffix == SIDECAR_SUFFIX and path.stem in image_stems
+                role = "sidecar" if sidecar else "image"
             elif split is not None and path.parent == child / cfg.mask_dir:
                 role = "mask"
             entries.append(_Entry(split, role, path.relative_to(root).as_posix(), path))
@@ -450,7 +459,7 @@ def inspect_file(
         row.update(mask_stats(arr[..., 0], declared_kind))
     else:
         row["content_hash"] = content_hash(arr)
-        row["metadata_pixel_size_um"] = tiff_pixel_size_um(path, plausible_only=False)
+        row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
         row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
     return row
 
@@ -600,6 +609,7 @@ def add_checks(
     role = df["role"].to_numpy()
     is_image, is_mask, is_stray = role == "image", role == "mask", role == "stray"
     in_folder = ~is_stray
+    placed = is_image | is_mask  # sidecars are in place and follow their image's name
     suffix = cfg.mask_suffix
     ends = np.array([s.endswith(suffix) for s in raw_stem], dtype=bool)
     df["stem"] = [
@@ -609,8 +619,8 @@ def add_checks(
 
     ext_ok = df["extension"].isin(IMAGE_EXTENSIONS).to_numpy()
     df["location_ok"] = _rule(in_folder, [True] * len(df))
-    df["extension_ok"] = _rule(ext_ok, in_folder)
-    df["name_ok"] = _rule((is_image & ~ends) | (is_mask & ends), in_folder)
+    df["extension_ok"] = _rule(ext_ok, placed)
+    df["name_ok"] = _rule((is_image & ~ends) | (is_mask & ends), placed)
 
     # Pairing counts only files a training run would pick up: right folder, allowed extension,
     # and for masks the right suffix. Unreadable files still pair (the read error is reported).
@@ -722,8 +732,8 @@ def pixel_size_summary(files: pd.DataFrame) -> list[str]:
     E.g. ``train: 7 at 0.25 um, 5 at 0.5 um (manifest); 2 unknown (the profile's applies)``.
     """
     lines = []
-    images = files[files["role"].eq("image") & files["split"].notna()]
-    for split, part in images.groupby("split", sort=True):
+    usable = files["role"].eq("image") & files["split"].notna() & files["extension_ok"].eq(True)
+    for split, part in files[usable].groupby("split", sort=True):
         known = part[part["pixel_size_um"].notna()]
         counts = known["pixel_size_um"].round(4).value_counts().sort_index()
         sources = "/".join(sorted(known["pixel_size_source"].dropna().unique()))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from mlseg.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+#: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
+#: microscopy keeps one per image.
+SIDECAR_SUFFIX = ".json"
 
 
 @functools.cache
@@ -253,16 +258,87 @@ def plausible_pixel_size(um: float | None) -> bool:
 
 
 def implausible_message(found: list[tuple[Path, float]], fix: str = "") -> str:
-    """One warning for the files whose metadata declares an implausible pixel size."""
+    """One warning for the images whose metadata or sidecar declares an implausible size."""
     low, high = PLAUSIBLE_PIXEL_SIZE_UM
     listed = ", ".join(f"{path} ({um:.4g} um)" for path, um in found[:5])
     more = f" and {len(found) - 5} more" if len(found) > 5 else ""
     return (
-        f"{len(found)} TIFF file(s) declare a pixel size outside {low:g}-{high:g} um per "
-        f"pixel in their metadata: {listed}{more}. That is a unit error or an image "
+        f"{len(found)} image(s) declare a pixel size outside {low:g}-{high:g} um per pixel "
+        f"in their metadata or JSON sidecar: {listed}{more}. That is a unit error or an image "
         f"program's print resolution (72 dpi reads as 353 um), so it is ignored"
         f"{fix or '; give the pixel size yourself (--pixel-size, a manifest or the profile)'}."
     )
+
+
+def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
+    """Microns per pixel that an image file declares, else ``None``: its JSON sidecar
+    (:func:`sidecar_pixel_size_um`) where it gives one, else its TIFF metadata
+    (:func:`tiff_pixel_size_um`). The first declaration found decides; with ``plausible_only``
+    a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
+    """
+    um = sidecar_pixel_size_um(path, plausible_only=False)
+    if um is None:
+        um = tiff_pixel_size_um(path, plausible_only=False)
+    if um is None or (plausible_only and not plausible_pixel_size(um)):
+        return None
+    return um
+
+
+def sidecar_path(image: str | os.PathLike) -> Path:
+    """The JSON sidecar of ``image``: beside it, same stem, :data:`SIDECAR_SUFFIX`."""
+    return Path(image).with_suffix(SIDECAR_SUFFIX)
+
+
+def sidecar_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
+    """Microns per pixel that the JSON sidecar of image ``path`` declares, else ``None``.
+
+    Read, as BIDS microscopy writes it, ``PixelSize`` (a number or ``[x, y]``/``[x, y, z]``;
+    x is used) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
+    mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
+    saves its annotations under the same name). One that is not JSON, or whose size is not a
+    number or whose unit is unknown, is ignored with a warning naming the file. With
+    ``plausible_only`` a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
+    """
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        return _ignored_sidecar(sidecar, f"it is not readable as JSON ({err})")
+    if not isinstance(meta, dict):
+        return None
+    if "pixel_size_um" in meta:
+        value, unit = meta["pixel_size_um"], "um"
+    elif "PixelSize" in meta:
+        value, unit = meta["PixelSize"], meta.get("PixelSizeUnits", "um")
+    else:
+        return None
+    if isinstance(value, list) and value:
+        value = value[0]
+    if value is None:  # declared unknown
+        return None
+    factor = _UNIT_UM.get(str(unit).strip().lower())
+    if factor is None:
+        return _ignored_sidecar(sidecar, f"its unit {unit!r} is not one of um, nm, mm")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        um = float(value) * factor
+    except (TypeError, ValueError):
+        return _ignored_sidecar(sidecar, f"its pixel size {value!r} is not a number")
+    if plausible_only and not plausible_pixel_size(um):
+        return None
+    return um
+
+
+def _ignored_sidecar(sidecar: Path, why: str) -> None:
+    warnings.warn(
+        f"{sidecar}: pixel size ignored because {why}; write e.g. "
+        f'{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}',
+        stacklevel=3,
+    )
+    return None
 
 
 def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:

@@ -11,8 +11,9 @@ after a crash or with new images does only what is missing; changed settings red
 
 Pixel size of an image, first found: the ``pixel_size_um`` argument (CLI ``--pixel-size``),
 the image's entry in ``pixel_sizes`` (stem -> microns per pixel; CLI ``--pixel-sizes
-sizes.csv``, the pipeline passes the dataset manifest's), the image's TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
-:func:`mlseg.io.tiff_pixel_size_um`; values outside :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`
+sizes.csv``, the pipeline passes the dataset manifest's), the image's JSON sidecar
+(``<stem>.json``) or TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
+:func:`mlseg.io.declared_pixel_size_um`; values outside :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`
 are ignored with a warning, e.g. the 72 dpi default of many writers), the profile's
 ``pixel_size_um``. The profile's ``units``
 decides whether it is used (``auto``), required (``um``) or ignored (``px``).
@@ -57,12 +58,14 @@ from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
     IMAGE_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    declared_pixel_size_um,
     file_digest,
     implausible_message,
     plausible_pixel_size,
     read_image,
     read_mask,
-    tiff_pixel_size_um,
+    sidecar_path,
 )
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
@@ -311,7 +314,7 @@ def image_pixel_size(
         return float(override), "argument"
     if listed is not None:
         return float(listed), "table"
-    from_file = tiff_pixel_size_um(path, plausible_only=False)
+    from_file = declared_pixel_size_um(path, plausible_only=False)
     if plausible_pixel_size(from_file):
         return from_file, "image metadata"
     if from_file is not None:
@@ -319,6 +322,19 @@ def image_pixel_size(
     if profile.pixel_size_um is not None:
         return profile.pixel_size_um, "profile"
     return None, "unknown"
+
+
+def check_out_dir(out_dir: str | Path, *inputs: str | Path | None) -> Path:
+    """``out_dir``, refused where it is an input folder: its outputs would be read as input
+    images next time, and each ``<stem>.json`` as the pixel-size sidecar of its image."""
+    out_dir = Path(out_dir)
+    for folder in inputs:
+        if folder is not None and out_dir.resolve() == Path(folder).resolve():
+            raise DatasetError(
+                f"{out_dir}: the output folder is the input folder; write the outputs to "
+                f"another folder (e.g. {out_dir / 'mlseg-out'}) so they are never read as inputs"
+            )
+    return out_dir
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -361,11 +377,12 @@ def _check_units_possible(
         return
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
-    if not any(p.suffix.lower() in (".tif", ".tiff") for p in files):
+    may_carry = (p.suffix.lower() in TIFF_EXTENSIONS or sidecar_path(p).is_file() for p in files)
+    if not any(may_carry):
         raise ConfigError(
             f"profile {profile.name!r} asks for micron units but has no pixel_size_um and "
-            "the images carry none; pass --pixel-size, set pixel_size_um in the profile, "
-            "or use --units px"
+            "the images carry none; pass --pixel-size or --pixel-sizes, write a JSON sidecar "
+            "beside each image, set pixel_size_um in the profile, or use --units px"
         )
 
 
@@ -380,15 +397,32 @@ def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dic
     }
 
 
+def declared_sizes(files: list[Path], given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Stem -> the size each image not in ``given`` declares itself (JSON sidecar, TIFF
+    metadata), for skip checks: a corrected sidecar redoes its image. Warnings about these
+    sizes are left to the image's own pass."""
+    given = given or {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = {p.stem: declared_pixel_size_um(p, plausible_only=False) for p in files}
+    return {s: um for s, um in found.items() if um is not None and s not in given}
+
+
 def _expectations(
-    profile: Profile, model_id: str | None, settings: tuple, sizes: dict[str, float]
+    profile: Profile,
+    model_id: str | None,
+    settings: tuple,
+    sizes: dict[str, float],
+    declared: dict[str, float],
 ) -> Callable[[str], dict]:
-    """What an image's finished outputs must record to be skipped. An image's table entry
-    joins the settings digest only where it has one, so without a table the digest is what
-    it was before tables existed, and earlier outputs stay valid."""
+    """What an image's finished outputs must record to be skipped. An image's table entry, or
+    else the size its file declares, joins the settings digest only where there is one, so
+    an image without either keeps the digest it had before tables and sidecars existed."""
 
     def expect(stem: str) -> dict:
         listed = [sizes[stem]] if stem in sizes else []
+        if stem in declared:
+            listed = ["declared", declared[stem]]
         return {
             "profile": profile.name,
             "profile_version": profile.version,
@@ -535,15 +569,16 @@ def segment_folder(
 
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir))
+    out_dir = check_out_dir(out_dir, input_dir)
     sizes = _own_sizes(pixel_sizes, [p.stem for p in files])
     _check_units_possible(profile, pixel_size_um, files, sizes)
-    out_dir = Path(out_dir)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
-    expect = _expectations(profile, model_id, settings, sizes)
+    declared = declared_sizes(files, sizes) if pixel_size_um is None else {}
+    expect = _expectations(profile, model_id, settings, sizes, declared)
 
     run_info = {
         "command": "segment",
@@ -621,12 +656,13 @@ def quantify_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     images_dir = Path(images_dir) if images_dir is not None else None
     pairs = pair_labels(Path(labels_dir), images_dir)
+    out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
     sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs])
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
-    out_dir = Path(out_dir)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
-    expect = _expectations(profile, None, settings, sizes)
+    declared = declared_sizes(image_files, sizes) if pixel_size_um is None else {}
+    expect = _expectations(profile, None, settings, sizes, declared)
 
     run_info = {
         "command": "quantify",

@@ -102,7 +102,7 @@ def test_only_transient_io_errors_are_retried() -> None:
 
 
 def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, checkpoint) -> None:
-    from flows.segment import model_config, model_id, segment_batch
+    from flows.segment import batch_cache_key, model_config, model_id, segment_batch
     from mlseg.config import get_profile
 
     images = [str(p) for p in disc_images(tmp_path / "in", 2)]
@@ -128,6 +128,19 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
     other = {**args[4], "overlap": 0.5}
     tiles = segment_batch.fn(images, *args[:4], other, pixel_sizes={"img_001": 0.3})
     assert [r["status"] for r in tiles] == ["processed", "processed"]
+    # A sidecar written or corrected beside an image redoes it, as a new table entry would.
+    sidecar = tmp_path / "in" / "img_000.json"
+    sidecar.write_text('{"PixelSize": [0.5, 0.5], "PixelSizeUnits": "um"}')
+    redone = segment_batch.fn(images, *args[:4], other, pixel_sizes={"img_001": 0.3})
+    assert [r["status"] for r in redone] == ["processed", "skipped"]
+    assert redone[0]["summary"]["pixel_size_source"] == "image metadata"
+    params = {"images": images, "out_dir": args[0], "model_id": args[2], "inference": other}
+    before = batch_cache_key(None, params)
+    sidecar.write_text('{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}')
+    assert batch_cache_key(None, params) != before, "a cached batch would hide the new size"
+    fixed = segment_batch.fn(images, *args[:4], other, pixel_sizes={"img_001": 0.3})
+    assert [r["status"] for r in fixed] == ["processed", "skipped"]
+    assert fixed[0]["summary"]["pixel_size_um"] == 0.25
 
 
 def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:

@@ -139,6 +139,17 @@ def test_precedence_table_then_argument_then_tiff_metadata(tmp_path):
     assert sizes == {"img0": 0.3, "img1": 1.0, "img2": 1.0}
 
 
+def test_sidecars_beside_the_source_images_are_read_and_beat_tiff_metadata(tmp_path):
+    src = tiff_source(tmp_path / "src", [(40000, 40000), None, None])
+    bids = '{"PixelSize": [%s, %s], "PixelSizeUnits": "nm"}'
+    (src / "original" / "img0.json").write_text(bids % (300, 300))  # the tags say 0.25
+    (src / "original" / "img1.json").write_text(bids % (500, 500))
+    result = ingest(src, tmp_path / "ds", progress=False)
+    sizes = dict(zip(result.manifest.stem, result.manifest.pixel_size_um, strict=True))
+    assert sizes == pytest.approx({"img0": 0.3, "img1": 0.5, "img2": float("nan")}, nan_ok=True)
+    assert sorted(p.name for p in (tmp_path / "ds").rglob("*.json")) == []  # in the manifest
+
+
 def test_print_resolution_metadata_is_ignored_with_a_warning_naming_the_file(tmp_path):
     src = tiff_source(tmp_path / "src", [(72 / 2.54, 72 / 2.54), (40000, 40000)])
     with pytest.warns(UserWarning, match=r"img0.tif \(352.8 um\).*--pixel-sizes"):

@@ -4,6 +4,7 @@ import pytest
 from mlseg.errors import ImageReadError
 from mlseg.io import (
     atomic_path,
+    declared_pixel_size_um,
     read_image,
     read_mask,
     tiff_pixel_size_um,
@@ -97,6 +98,63 @@ def test_implausible_metadata_is_seen_only_when_asked(tmp_path):
     )
     write_image(tmp_path / "t.png", np.zeros((8, 8), np.uint8))
     assert tiff_pixel_size_um(tmp_path / "t.png", plausible_only=False) is None
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "um"),
+    [
+        ('{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}', 0.25),  # BIDS microscopy
+        ('{"PixelSize": [500, 500, 2000], "PixelSizeUnits": "nm"}', 0.5),  # with a z step
+        ('{"PixelSize": [0.00025, 0.00025], "PixelSizeUnits": "mm"}', 0.25),
+        ('{"PixelSize": 0.5, "PixelSizeUnits": "\u00b5m"}', 0.5),
+        ('{"PixelSize": [0.325, 0.325]}', 0.325),  # no unit: microns
+        ('{"pixel_size_um": 0.5, "stain": "H&E"}', 0.5),  # mlseg's own key
+        ('{"pixel_size_um": null}', None),  # declared unknown
+        ('{"shapes": [], "imagePath": "a.png"}', None),  # LabelMe annotations, same name
+        ("[0.25, 0.25]", None),
+    ],
+    ids=[
+        "bids-um",
+        "bids-nm-xyz",
+        "bids-mm",
+        "scalar-micro-sign",
+        "no-unit",
+        "mlseg",
+        "null",
+        "labelme",
+        "not-an-object",
+    ],
+)
+def test_pixel_size_from_a_json_sidecar(tmp_path, sidecar, um):
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "a.json").write_text(sidecar)
+    found = declared_pixel_size_um(tmp_path / "a.png")
+    assert found == (pytest.approx(um) if um is not None else None)
+
+
+def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
+    import tifffile
+
+    # OME says 0.5 um; the lab's sidecar, written on purpose, says 0.25.
+    tifffile.imwrite(
+        tmp_path / "a.ome.tif", np.zeros((8, 8), np.uint8), metadata={"PhysicalSizeX": 0.5}
+    )
+    assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
+    (tmp_path / "a.ome.json").write_text('{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}')
+    assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.25)
+    # Nanometres without their unit: implausible, so ignored unless asked for.
+    (tmp_path / "a.ome.json").write_text('{"PixelSize": [250, 250]}')
+    assert declared_pixel_size_um(tmp_path / "a.ome.tif") is None
+    assert declared_pixel_size_um(tmp_path / "a.ome.tif", plausible_only=False) == 250
+    for broken, why in (
+        ('{"PixelSize": [0.25, 0.25],}', "not readable as JSON"),  # trailing comma
+        ('{"PixelSize": ["0,25"], "PixelSizeUnits": "um"}', "'0,25' is not a number"),
+        ('{"PixelSize": [0.25], "PixelSizeUnits": "inch"}', "'inch' is not one of um, nm"),
+    ):
+        (tmp_path / "a.ome.json").write_text(broken)
+        with pytest.warns(UserWarning, match=rf"a\.ome\.json: pixel size ignored because.*{why}"):
+            # Not a declaration: the OME metadata applies again.
+            assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
 
 
 def test_truncated_png_is_refused(tmp_path):

@@ -275,6 +275,48 @@ def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_ora
     assert again.processed == ["x40"] and again.skipped == ["x20"]
 
 
+def test_json_sidecars_give_each_image_its_pixel_size(tmp_path, use_oracle):
+    # The same discs at 20x and 40x as PNGs, each with the sidecar BIDS microscopy writes.
+    folder = tmp_path / "in"
+    write_image(folder / "x20.png", disc_image(120, 120, spacing=20, radius=6)[0])
+    write_image(folder / "x40.png", disc_image(240, 240, spacing=40, radius=12)[0])
+    bids = '{{"PixelSize": [{0}, {0}], "PixelSizeUnits": "nm"}}'
+    (folder / "x20.json").write_text(bids.format(500))
+    (folder / "x40.json").write_text(bids.format(250))
+    run = dict(profile_name="he", units="um", progress=False)
+    assert segment_folder("model", folder, tmp_path / "o", **run).processed == ["x20", "x40"]
+    areas = {}
+    for stem, um in (("x20", 0.5), ("x40", 0.25)):
+        summary = json.loads((tmp_path / "o" / f"{stem}.json").read_text())
+        assert summary["pixel_size_source"] == "image metadata"
+        assert summary["pixel_size_um"] == pytest.approx(um)
+        areas[stem] = pd.read_csv(tmp_path / "o" / f"{stem}_nuclei.csv")["area_um2"].median()
+    assert areas["x20"] == pytest.approx(np.pi * 3**2, rel=0.15)
+    assert areas["x40"] == pytest.approx(areas["x20"], rel=0.1)
+    # A corrected sidecar redoes its image only; the table, where given, overrides it.
+    assert segment_folder("model", folder, tmp_path / "o", **run).skipped == ["x20", "x40"]
+    (folder / "x40.json").write_text(bids.format(300))
+    again = segment_folder("model", folder, tmp_path / "o", **run)
+    assert again.processed == ["x40"] and again.skipped == ["x20"]
+    summary = json.loads((tmp_path / "o" / "x40.json").read_text())
+    assert summary["pixel_size_um"] == pytest.approx(0.3)
+    table = segment_folder("model", folder, tmp_path / "t", pixel_sizes={"x40": 0.25}, **run)
+    assert table.processed == ["x20", "x40"]
+    summary = json.loads((tmp_path / "t" / "x40.json").read_text())
+    assert summary["pixel_size_source"] == "table" and summary["pixel_size_um"] == 0.25
+
+
+def test_outputs_are_never_written_among_the_inputs(tmp_path, use_oracle):
+    # There, every <stem>.json would be read as the image's sidecar and the overlays as images.
+    folder = tmp_path / "in"
+    write_image(folder / "a.png", disc_image(64, 64)[0])
+    with pytest.raises(DatasetError, match=r"output folder is the input folder"):
+        segment_folder("model", folder, folder, profile_name="he", progress=False)
+    with pytest.raises(DatasetError, match=r"output folder is the input folder"):
+        quantify_folder(folder, None, folder / ".." / "in", profile_name="he", progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]
+
+
 def test_quantify_folder_on_user_masks(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     image, truth = disc_image(80, 100)

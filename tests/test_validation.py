@@ -161,9 +161,31 @@ def test_print_resolution_in_tiff_metadata_is_ignored_with_a_warning(nuclei_data
         25400 / 72
     )
     assert pd.isna(sizes.loc["train/original/train1.tif", "pixel_size_um"])
-    with pytest.warns(UserWarning, match=r"1 TIFF file\(s\).*train1.tif \(352.8 um\)"):
+    with pytest.warns(UserWarning, match=r"1 image\(s\).*train1.tif \(352.8 um\)"):
         pairs = {p.stem: p.pixel_size_um for p in list_pairs(root, "train")}
     assert pairs == {"train0": None, "train1": None, "train2": 0.5}
+
+
+def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
+    # BIDS microscopy keeps a <stem>.json beside each image: not a stray or a bad extension.
+    root = nuclei_dataset()
+    original = root / "train" / "original"
+    (original / "train0.json").write_text('{"PixelSize": [0.5, 0.5], "PixelSizeUnits": "um"}')
+    (original / "train1.json").write_text('{"PixelSize": [250, 250]}')  # nm, unit forgotten
+    (original / "notes.json").write_text("{}")  # beside no image: training would skip it
+    inventory = build_inventory(root)
+    report = run_suites(inventory)
+    assert report.failed_rules("error") == ["allowed_extension"]
+    assert_caught(report, "allowed_extension", {"train/original/notes.json"})
+    assert_caught(report, "metadata_pixel_size_plausible", {"train/original/train1.png"})
+    assert pixel_size_summary(inventory.files)[1] == (
+        "train: 1 at 0.5 um (metadata); 2 unknown (the profile's applies)"
+    )
+    (original / "notes.json").unlink()
+    assert check(root).success
+    with pytest.warns(UserWarning, match=r"train1.png \(250 um\)"):
+        pairs = {p.stem: p.pixel_size_um for p in list_pairs(root, "train")}
+    assert pairs == {"train0": 0.5, "train1": None, "train2": None}
 
 
 def test_missing_mask(nuclei_dataset):
