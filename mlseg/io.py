@@ -30,6 +30,10 @@ TIFF_EXTENSIONS = (".tif", ".tiff")
 #: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
 #: microscopy keeps one per image.
 SIDECAR_SUFFIX = ".json"
+#: The most a decoded image may take in memory. Images are read whole; a whole-slide image's
+#: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
+#: system kills the process.
+MAX_IMAGE_BYTES = 4 * 2**30
 
 
 @functools.cache
@@ -140,7 +144,11 @@ def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        arr = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            _check_fits(path, tif.series[0])
+            arr = tif.series[0].asarray()
+    except ImageReadError:
+        raise
     except Exception as err:  # tifffile raises many types for corrupt files
         raise ImageReadError(f"{path}: cannot be decoded as TIFF ({err})") from err
     arr = np.asarray(arr)
@@ -149,6 +157,24 @@ def _read_tiff(path: Path) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]
     return arr
+
+
+def _check_fits(path: Path, series) -> None:
+    """Refuse, before decoding, an image larger than :data:`MAX_IMAGE_BYTES` (a whole slide's
+    full-resolution level), which would otherwise get the process killed mid-run."""
+    if series.nbytes <= MAX_IMAGE_BYTES:
+        return
+    axes, shape = series.axes, series.shape
+    height = shape[axes.index("Y")] if "Y" in axes else shape[0]
+    width = shape[axes.index("X")] if "X" in axes else shape[1]
+    levels = len(getattr(series, "levels", ()) or ())
+    pyramid = f", level 0 of a {levels}-level pyramid" if levels > 1 else ""
+    raise ImageReadError(
+        f"{path}: {width:,} x {height:,} px{pyramid} would take {series.nbytes / 2**30:.1f} GiB "
+        f"decoded, more than the {MAX_IMAGE_BYTES / 2**30:g} GiB mlseg reads at once; this is "
+        f"a whole-slide image: export the regions to segment as tiles with their pixel size "
+        f"(QuPath: File > Export images, or a tile exporter script) and segment those"
+    )
 
 
 def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:

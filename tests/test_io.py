@@ -157,6 +157,27 @@ def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
             assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
 
 
+def test_a_whole_slide_pyramid_too_large_to_read_is_refused_before_decoding(tmp_path, monkeypatch):
+    import tifffile
+
+    import mlseg.io
+
+    level0 = np.full((512, 384, 3), 200, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "slide.tif") as tif:
+        tif.write(level0, subifds=1, tile=(128, 128), photometric="rgb")
+        tif.write(level0[::4, ::4], subfiletype=1, tile=(128, 128), photometric="rgb")
+    assert read_image(tmp_path / "slide.tif").shape == (512, 384, 3)  # level 0, when it fits
+    # The same file as if it were a 40x slide on a lab workstation: refused, not decoded.
+    monkeypatch.setattr(mlseg.io, "MAX_IMAGE_BYTES", 512 * 384 * 3 - 1)
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", lambda *a, **k: pytest.fail())
+    with pytest.raises(
+        ImageReadError,
+        match=r"slide.tif: 384 x 512 px, level 0 of a 2-level "
+        r"pyramid would take .* GiB decoded.*export the regions",
+    ):
+        read_image(tmp_path / "slide.tif")
+
+
 def test_truncated_png_is_refused(tmp_path):
     write_image(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8))
     data = (tmp_path / "a.png").read_bytes()
