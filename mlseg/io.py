@@ -131,6 +131,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if suffix in TIFF_EXTENSIONS:
         arr = _read_tiff(path)
     else:
+        if suffix == ".png":
+            _check_png_fits(path)
         arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise ImageReadError(f"{path}: cannot be decoded; the file is corrupt or not an image")
@@ -159,6 +161,20 @@ def _read_tiff(path: Path) -> np.ndarray:
     return arr
 
 
+def _check_png_fits(path: Path) -> None:
+    """:func:`_check_fits` for a PNG, from its header (OpenCV would report a PNG over its own
+    pixel limit as undecodable)."""
+    with path.open("rb") as fh:
+        header = fh.read(26)
+    if len(header) < 26 or header[12:16] != b"IHDR":
+        return  # the decoder names what is wrong
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(header[25], 4)
+    nbytes = width * height * channels * max(1, header[24] // 8)
+    if nbytes > MAX_IMAGE_BYTES:
+        raise _too_large(path, width, height, nbytes, "")
+
+
 def _check_fits(path: Path, series) -> None:
     """Refuse, before decoding, an image larger than :data:`MAX_IMAGE_BYTES` (a whole slide's
     full-resolution level), which would otherwise get the process killed mid-run."""
@@ -169,11 +185,15 @@ def _check_fits(path: Path, series) -> None:
     width = shape[axes.index("X")] if "X" in axes else shape[1]
     levels = len(getattr(series, "levels", ()) or ())
     pyramid = f", level 0 of a {levels}-level pyramid" if levels > 1 else ""
-    raise ImageReadError(
-        f"{path}: {width:,} x {height:,} px{pyramid} would take {series.nbytes / 2**30:.1f} GiB "
-        f"decoded, more than the {MAX_IMAGE_BYTES / 2**30:g} GiB mlseg reads at once; this is "
-        f"a whole-slide image: export the regions to segment as tiles with their pixel size "
-        f"(QuPath: File > Export images, or a tile exporter script) and segment those"
+    raise _too_large(path, width, height, series.nbytes, pyramid)
+
+
+def _too_large(path: Path, width: int, height: int, nbytes: int, what: str) -> ImageReadError:
+    return ImageReadError(
+        f"{path}: {width:,} x {height:,} px{what} would take {nbytes / 2**30:.1f} GiB decoded, "
+        f"more than the {MAX_IMAGE_BYTES / 2**30:g} GiB mlseg reads at once, as a whole-slide "
+        f"image would: export the regions to segment as tiles with their pixel size (QuPath: "
+        f"File > Export images, or a tile exporter script) and segment those"
     )
 
 

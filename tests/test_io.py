@@ -178,6 +178,19 @@ def test_a_whole_slide_pyramid_too_large_to_read_is_refused_before_decoding(tmp_
         read_image(tmp_path / "slide.tif")
 
 
+def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp_path):
+    import zlib
+
+    # A PNG header declaring 50,000 x 40,000 RGB pixels (5.6 GiB decoded), then its end.
+    ihdr = (50_000).to_bytes(4, "big") + (40_000).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    png = b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk
+    png += zlib.crc32(chunk).to_bytes(4, "big") + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    (tmp_path / "scan.png").write_bytes(png)
+    with pytest.raises(ImageReadError, match=r"scan.png: 50,000 x 40,000 px would take 5.6 GiB"):
+        read_image(tmp_path / "scan.png")
+
+
 def test_truncated_png_is_refused(tmp_path):
     write_image(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8))
     data = (tmp_path / "a.png").read_bytes()
