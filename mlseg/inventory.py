@@ -398,7 +398,9 @@ def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, d
         for path in _visible_files(child):
             role = "stray"
             if split is not None and path.parent == image_dir:
-                sidecar = path.suffix == SIDECAR_SUFFIX and path.stem in image_stems
+                sidecar = path.suffix == SIDECAR_SUFFIX and bool(
+                    {path.stem, f"{path.stem}.ome"} & image_stems
+                )
                 role = "sidecar" if sidecar else "image"
             elif split is not None and path.parent == child / cfg.mask_dir:
                 role = "mask"

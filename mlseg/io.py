@@ -331,8 +331,17 @@ def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = Tr
 
 
 def sidecar_path(image: str | os.PathLike) -> Path:
-    """The JSON sidecar of ``image``: beside it, same stem, :data:`SIDECAR_SUFFIX`."""
-    return Path(image).with_suffix(SIDECAR_SUFFIX)
+    """The JSON sidecar of ``image``: beside it, same stem, :data:`SIDECAR_SUFFIX`
+    (``slide1.png`` -> ``slide1.json``). BIDS names an OME-TIFF's without ``.ome``
+    (``slide1.ome.tif`` -> ``slide1.json``), which is taken where ``slide1.ome.json`` is absent.
+    """
+    image = Path(image)
+    own = image.with_suffix(SIDECAR_SUFFIX)
+    if not own.is_file() and image.stem.lower().endswith(".ome"):
+        bids = image.with_name(image.stem[:-4] + SIDECAR_SUFFIX)
+        if bids.is_file():
+            return bids
+    return own
 
 
 def sidecar_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:

@@ -140,6 +140,8 @@ def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
         tmp_path / "a.ome.tif", np.zeros((8, 8), np.uint8), metadata={"PhysicalSizeX": 0.5}
     )
     assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
+    (tmp_path / "a.json").write_text('{"PixelSize": [0.3, 0.3], "PixelSizeUnits": "um"}')  # BIDS
+    assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.3)
     (tmp_path / "a.ome.json").write_text('{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}')
     assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.25)
     # Nanometres without their unit: implausible, so ignored unless asked for.

@@ -182,7 +182,18 @@ def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
         "train: 1 at 0.5 um (metadata); 2 unknown (the profile's applies)"
     )
     (original / "notes.json").unlink()
+    # An OME-TIFF's sidecar as BIDS names it, without ".ome": slide.ome.tif + slide.json.
+    import tifffile
+
+    test = root / "test" / "original"
+    tifffile.imwrite(test / "test0.ome.tif", read_image(test / "test0.png"), photometric="rgb")
+    (test / "test0.png").unlink()
+    (root / "test/masks/test0_mask.png").rename(root / "test/masks/test0.ome_mask.png")
+    (test / "test0.json").write_text('{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}')
     assert check(root).success
+    files = build_inventory(root).files.set_index("path")
+    assert files.loc["test/original/test0.json", "role"] == "sidecar"
+    assert files.loc["test/original/test0.ome.tif", "pixel_size_um"] == 0.25
     with pytest.warns(UserWarning, match=r"train1.png \(250 um\)"):
         pairs = {p.stem: p.pixel_size_um for p in list_pairs(root, "train")}
     assert pairs == {"train0": 0.5, "train1": None, "train2": None}
