@@ -14,7 +14,10 @@ Prints a per-image table of both, their means (Dice, AJI, PQ, F1@0.5, median |co
 error|), the ratios model / classical, writes ``per_image.csv`` and ends with one JSON line.
 
     python bench/fluorescence.py --budget 1000steps --device cpu --threads 2 --out DIR
-    python bench/fluorescence.py --model DIR/model --out DIR    # score a trained model again
+    python bench/fluorescence.py --model DIR/model --out DIR2 --set inference.auto_scale=false
+
+``--set section.key=value`` overrides the run config; ``inference.*`` keys also apply when
+scoring, so ``--model`` with them rescores a trained model another way.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from quality import parse_sets, with_budget  # noqa: E402
-from robustness import dsb_brightfield_stems, flat_source  # noqa: E402
+from quality import with_budget  # noqa: E402
+from robustness import dsb_brightfield_stems, flat_source, parse_sets  # noqa: E402
 
 DSB = REPO.parent / "shared" / "data" / "dsb2018_stage1_test"
 DECLUMP_MIN_DISTANCE_PX = 7  # CellProfiler's automatic choice for its default 10-40 px diameter
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlseg.dataset import list_pairs, mask_to_labels
     from mlseg.evaluate import evaluate, score_labels
     from mlseg.io import read_image, read_mask
+    from mlseg.model import load_model
     from mlseg.train import fit
     from mlseg.tune import apply_params
 
@@ -111,16 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dataset = fluorescence_dataset(out)
     model, train_s = args.model, None
+    sets = parse_sets(args.set)
     if model is None:
         overrides = {"train": {"device": args.device}} if args.device else {}
         cfg = load_config(None, profile="fluorescence", **overrides)
-        sets = parse_sets(args.set)
         cfg = apply_params(cfg, {f"{s}.{k}": v for s, kv in sets.items() for k, v in kv.items()})
         cfg = with_budget(cfg, args.budget)
         started = time.perf_counter()
         model = fit(cfg, dataset, out / "model", resume=False, progress=True).out_dir
         train_s = time.perf_counter() - started
-    scores = evaluate(model, dataset, out / "eval", progress=False)
+    saved = load_model(model, device="cpu").config.inference
+    inference = saved.model_copy(update=sets.get("inference", {}))  # also when scoring
+    scores = evaluate(model, dataset, out / "eval", inference_cfg=inference, progress=False)
 
     profile = get_profile("fluorescence")
     rows = []
