@@ -15,9 +15,13 @@ error|), the ratios model / classical, writes ``per_image.csv`` and ends with on
 
     python bench/fluorescence.py --budget 1000steps --device cpu --threads 2 --out DIR
     python bench/fluorescence.py --model DIR/model --out DIR2 --set inference.auto_scale=false
+    python bench/fluorescence.py --model DIR/model --out DIR3 --split validation \
+        --watershed seed_threshold=0.7 --watershed elevation=boundary
 
 ``--set section.key=value`` overrides the run config; ``inference.*`` keys also apply when
-scoring, so ``--model`` with them rescores a trained model another way.
+scoring, so ``--model`` with them rescores a trained model another way. ``--watershed``
+changes the profile's instance separation for scoring; choose it on ``--split validation``
+(the training run's own validation tiles), never on the test split.
 """
 
 from __future__ import annotations
@@ -82,6 +86,23 @@ def fluorescence_dataset(out: Path) -> Path:
     return ingest(source, dataset, test_fraction=0.3, seed=0, link=True, progress=False).root
 
 
+def validation_dataset(dataset: Path, cfg, out: Path) -> Path:
+    """A dataset whose test split links the training run's own validation tiles."""
+    from mlseg.data import split_validation
+    from mlseg.dataset import init_dataset, list_pairs, split_dir
+
+    pairs = list_pairs(dataset, "train", cfg.data)
+    chosen = [pairs[i] for i in split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)]
+    root = out / "validation"
+    if not root.exists():
+        init_dataset(root, cfg.data)
+        base = split_dir(root, cfg.data, "test")
+        for pair in chosen:
+            (base / cfg.data.image_dir / pair.image.name).symlink_to(pair.image.resolve())
+            (base / cfg.data.mask_dir / pair.mask.name).symlink_to(pair.mask.resolve())
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: a temporary folder)")
     parser.add_argument("--model", type=Path, help="score this trained model instead of training")
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
+    parser.add_argument(
+        "--watershed",
+        action="append",
+        default=[],
+        help="key=value of the profile's watershed for scoring, e.g. seed_threshold=0.7",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="score the test split, or the training run's own validation tiles (for choosing)",
+    )
     args = parser.parse_args(argv)
     if not DSB.is_dir():
         print(f"skipped: {DSB} not found (the shared real data)")
@@ -100,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import pandas as pd
     import torch
+    import yaml
 
     from mlseg.config import get_profile, load_config
     from mlseg.dataset import list_pairs, mask_to_labels
@@ -124,13 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         model = fit(cfg, dataset, out / "model", resume=False, progress=True).out_dir
         train_s = time.perf_counter() - started
-    saved = load_model(model, device="cpu").config.inference
-    inference = saved.model_copy(update=sets.get("inference", {}))  # also when scoring
-    scores = evaluate(model, dataset, out / "eval", inference_cfg=inference, progress=False)
-
+    saved = load_model(model, device="cpu").config
+    inference = saved.inference.model_copy(update=sets.get("inference", {}))  # also scoring
     profile = get_profile("fluorescence")
+    changed = {k: v for k, _, v in (w.partition("=") for w in args.watershed)}
+    changed = {k: yaml.safe_load(v) for k, v in changed.items()}
+    profile = profile.model_copy(update={"watershed": profile.watershed.model_copy(update=changed)})
+    scored = dataset if args.split == "test" else validation_dataset(dataset, saved, out)
+    scores = evaluate(
+        model, scored, out / "eval", profile=profile, inference_cfg=inference, progress=False
+    )
+
     rows = []
-    for pair in list_pairs(dataset, "test"):
+    for pair in list_pairs(scored, "test"):
         truth = mask_to_labels(read_mask(pair.mask))
         row = score_labels(classical_labels(read_image(pair.image), profile.min_area_px), truth)
         rows.append({"stem": pair.stem, **row})
@@ -149,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return m
 
     mlseg_m, classical_m = means(""), means("_classical")
-    print(f"\n{len(table)} test tiles ({int(table['n_true'].sum())} nuclei)")
+    print(f"\n{len(table)} {args.split} tiles ({int(table['n_true'].sum())} nuclei)")
     for name, m in (("mlseg", mlseg_m), ("classical", classical_m)):
         print(
             f"{name:>10}: Dice {m['dice']:.3f}  AJI {m['aji']:.3f}  PQ {m['pq']:.3f}  "
@@ -161,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "bench": "fluorescence",
-                "test_tiles": len(table),
+                "split": args.split,
+                "tiles": len(table),
+                "watershed": changed,
                 "train_s": round(train_s, 1) if train_s is not None else None,
                 "mlseg": mlseg_m,
                 "classical": classical_m,
