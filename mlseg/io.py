@@ -322,7 +322,7 @@ def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = Tr
     (:func:`tiff_pixel_size_um`). The first declaration found decides; with ``plausible_only``
     a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
     """
-    um = sidecar_pixel_size_um(path, plausible_only=False)
+    um = sidecar_pixel_size_um(path)
     if um is None:
         um = tiff_pixel_size_um(path, plausible_only=False)
     if um is None or (plausible_only and not plausible_pixel_size(um)):
@@ -344,15 +344,15 @@ def sidecar_path(image: str | os.PathLike) -> Path:
     return own
 
 
-def sidecar_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
-    """Microns per pixel that the JSON sidecar of image ``path`` declares, else ``None``.
+def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
+    """Microns per pixel that the JSON sidecar of image ``path`` declares, as declared (the
+    plausibility check is :func:`declared_pixel_size_um`'s), else ``None``.
 
     Read, as BIDS microscopy writes it, ``PixelSize`` (a number or ``[x, y]``/``[x, y, z]``;
     x is used) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
     mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
     saves its annotations under the same name). One that is not JSON, or whose size is not a
-    number or whose unit is unknown, is ignored with a warning naming the file. With
-    ``plausible_only`` a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
+    number or whose unit is unknown, is ignored with a warning naming the file.
     """
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
@@ -382,8 +382,6 @@ def sidecar_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = Tru
         um = float(value) * factor
     except (TypeError, ValueError):
         return _ignored_sidecar(sidecar, f"its pixel size {value!r} is not a number")
-    if plausible_only and not plausible_pixel_size(um):
-        return None
     return um
 
 
