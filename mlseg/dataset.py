@@ -29,9 +29,9 @@ from mlseg.errors import DatasetError
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     PLAUSIBLE_PIXEL_SIZE_UM,
-    declared_pixel_size_um,
     implausible_message,
     plausible_pixel_size,
+    usable_pixel_size_um,
     write_text,
 )
 
@@ -184,15 +184,10 @@ def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
     """Fill unknown pixel sizes from sidecars or TIFF metadata; warn once about implausible ones."""
     filled, implausible = [], []
     for pair in pairs:
-        declared = (
-            declared_pixel_size_um(pair.image, plausible_only=False)
-            if pair.pixel_size_um is None
-            else None
-        )
-        if plausible_pixel_size(declared):
-            pair = Pair(pair.split, pair.stem, pair.image, pair.mask, declared)
-        elif declared is not None:
-            implausible.append((pair.image, declared))
+        if pair.pixel_size_um is None:
+            declared = usable_pixel_size_um(pair.image, implausible)
+            if declared is not None:
+                pair = Pair(pair.split, pair.stem, pair.image, pair.mask, declared)
         filled.append(pair)
     if implausible:
         warnings.warn(

@@ -39,11 +39,10 @@ from mlseg.dataset import (
 )
 from mlseg.errors import DatasetError, ImageReadError
 from mlseg.io import (
-    declared_pixel_size_um,
     implausible_message,
-    plausible_pixel_size,
     read_image,
     read_mask,
+    usable_pixel_size_um,
     write_table,
 )
 
@@ -325,11 +324,7 @@ def ingest(
             _place(item.mask, mask_dst, link)
             size = sizes.get(item.stem, pixel_size_um)
             if size is None:
-                declared = declared_pixel_size_um(item.image, plausible_only=False)
-                if plausible_pixel_size(declared):
-                    size = declared
-                elif declared is not None:
-                    implausible.append((item.image, declared))
+                size = usable_pixel_size_um(item.image, implausible)
             rows.append(
                 {
                     "split": split,

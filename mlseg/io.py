@@ -330,6 +330,20 @@ def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = Tr
     return um
 
 
+def usable_pixel_size_um(
+    path: str | os.PathLike, implausible: list[tuple[Path, float]]
+) -> float | None:
+    """The plausible size ``path`` declares (:func:`declared_pixel_size_um`), else ``None``;
+    an implausible one is appended to ``implausible`` as ``(path, um)``, so that a caller
+    warns once for all its images (:func:`implausible_message`)."""
+    um = declared_pixel_size_um(path, plausible_only=False)
+    if plausible_pixel_size(um):
+        return um
+    if um is not None:
+        implausible.append((Path(path), um))
+    return None
+
+
 def sidecar_path(image: str | os.PathLike) -> Path:
     """The JSON sidecar of ``image``: beside it, same stem, :data:`SIDECAR_SUFFIX`
     (``slide1.png`` -> ``slide1.json``). BIDS names an OME-TIFF's without ``.ome``

@@ -62,10 +62,10 @@ from mlseg.io import (
     declared_pixel_size_um,
     file_digest,
     implausible_message,
-    plausible_pixel_size,
     read_image,
     read_mask,
     sidecar_path,
+    usable_pixel_size_um,
 )
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
@@ -314,11 +314,12 @@ def image_pixel_size(
         return float(override), "argument"
     if listed is not None:
         return float(listed), "table"
-    from_file = declared_pixel_size_um(path, plausible_only=False)
-    if plausible_pixel_size(from_file):
-        return from_file, "image metadata"
+    implausible: list[tuple[Path, float]] = []
+    from_file = usable_pixel_size_um(path, implausible)
     if from_file is not None:
-        warnings.warn(implausible_message([(path, from_file)]), stacklevel=2)
+        return from_file, "image metadata"
+    if implausible:
+        warnings.warn(implausible_message(implausible), stacklevel=2)
     if profile.pixel_size_um is not None:
         return profile.pixel_size_um, "profile"
     return None, "unknown"

@@ -8,6 +8,7 @@ from mlseg.io import (
     read_image,
     read_mask,
     tiff_pixel_size_um,
+    usable_pixel_size_um,
     write_image,
     write_labels,
 )
@@ -157,6 +158,18 @@ def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
         with pytest.warns(UserWarning, match=rf"a\.ome\.json: pixel size ignored because.*{why}"):
             # Not a declaration: the OME metadata applies again.
             assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
+
+
+def test_usable_size_collects_implausible_declarations_for_one_warning(tmp_path):
+    implausible = []
+    for stem, sidecar in (("ok", '{"pixel_size_um": 0.5}'), ("nm", '{"PixelSize": [250]}')):
+        write_image(tmp_path / f"{stem}.png", np.zeros((8, 8, 3), np.uint8))
+        (tmp_path / f"{stem}.json").write_text(sidecar)
+    write_image(tmp_path / "none.png", np.zeros((8, 8, 3), np.uint8))
+    assert usable_pixel_size_um(tmp_path / "ok.png", implausible) == pytest.approx(0.5)
+    assert usable_pixel_size_um(tmp_path / "none.png", implausible) is None
+    assert usable_pixel_size_um(tmp_path / "nm.png", implausible) is None
+    assert implausible == [(tmp_path / "nm.png", 250)]  # only the one worth a warning
 
 
 def test_a_whole_slide_pyramid_too_large_to_read_is_refused_before_decoding(tmp_path, monkeypatch):
