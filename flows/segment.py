@@ -114,7 +114,8 @@ def segment_one(
 
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
-    from mlseg.io import file_digest, sidecar_path
+    from mlseg.io import file_digest
+    from mlseg.pixel_size import sidecar_path
 
     digest = hashlib.sha256()
     for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um", "pixel_sizes"):

@@ -47,9 +47,9 @@ class DataConfig(Strict):
 
 
 def _microns_per_pixel(value: float | None) -> float | None:
-    """A pixel size within :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`, else a ValueError that
+    """A pixel size within :data:`mlseg.pixel_size.PLAUSIBLE_PIXEL_SIZE_UM`, else a ValueError that
     names the likely unit slip."""
-    from mlseg.io import PLAUSIBLE_PIXEL_SIZE_UM, plausible_pixel_size
+    from mlseg.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, plausible_pixel_size
 
     if value is None or plausible_pixel_size(value):
         return value

@@ -12,7 +12,7 @@ Folder names and the mask suffix are configurable (:class:`mlseg.config.DataConf
 the defaults are those of the source paper. ``manifest.csv`` may give the pixel size of each
 image (``pixel_size_um``, microns per pixel); where it is absent the image's JSON sidecar
 (``<stem>.json`` beside it) or a TIFF's own metadata gives it
-(:func:`mlseg.io.declared_pixel_size_um`), and failing that the profile's is used.
+(:func:`mlseg.pixel_size.declared_pixel_size_um`), and failing that the profile's is used.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import pandas as pd
 
 from mlseg.config import DataConfig
 from mlseg.errors import DatasetError
-from mlseg.io import (
-    IMAGE_EXTENSIONS,
+from mlseg.io import IMAGE_EXTENSIONS, write_text
+from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
     implausible_message,
     plausible_pixel_size,
     usable_pixel_size_um,
-    write_text,
 )
 
 MANIFEST = "manifest.csv"

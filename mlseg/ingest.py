@@ -38,13 +38,8 @@ from mlseg.dataset import (
     split_dir,
 )
 from mlseg.errors import DatasetError, ImageReadError
-from mlseg.io import (
-    implausible_message,
-    read_image,
-    read_mask,
-    usable_pixel_size_um,
-    write_table,
-)
+from mlseg.io import read_image, read_mask, write_table
+from mlseg.pixel_size import implausible_message, usable_pixel_size_um
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
@@ -277,9 +272,9 @@ def ingest(
 
     ``pixel_sizes`` is an optional CSV (stem + ``pixel_size_um``/``mpp``) giving microns per
     pixel per image; ``pixel_size_um`` applies to every image without one. The image's JSON
-    sidecar or TIFF metadata (:func:`mlseg.io.declared_pixel_size_um`) is used where neither
+    sidecar or TIFF metadata (:func:`mlseg.pixel_size.declared_pixel_size_um`) is used where neither
     gives a size, unless it is implausible (a warning names the files). Sizes outside
-    :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM` in the table or the argument are refused.
+    :data:`mlseg.pixel_size.PLAUSIBLE_PIXEL_SIZE_UM` in the table or the argument are refused.
     """
     cfg = cfg or DataConfig()
     src, dst = Path(src), Path(dst)

@@ -23,7 +23,7 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per stain by colour deconvolution;
   RGB images only);
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
-  metadata declares, :func:`mlseg.io.declared_pixel_size_um`), ``pixel_size_um`` and
+  metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``pixel_size_um`` and
   ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
   :func:`mlseg.dataset.list_pairs` picks it; null = unknown, the profile's applies);
 - contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
@@ -66,15 +66,8 @@ from pydantic import Field
 from mlseg.config import DataConfig, Strict
 from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
 from mlseg.errors import DatasetError, ImageReadError
-from mlseg.io import (
-    IMAGE_EXTENSIONS,
-    SIDECAR_SUFFIX,
-    declared_pixel_size_um,
-    plausible_pixel_size,
-    read_image,
-    write_table,
-    write_text,
-)
+from mlseg.io import IMAGE_EXTENSIONS, read_image, write_table, write_text
+from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
 INVENTORY_VERSION = "1"
 FINGERPRINT_VERSION = "1"

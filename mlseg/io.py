@@ -1,4 +1,5 @@
-"""Image, mask and table I/O. The only module that touches image files.
+"""Image, mask and table I/O. The only module that reads or writes pixel data (what a file
+declares about its pixel size is :mod:`mlseg.pixel_size`'s).
 
 Images come back as ``(H, W, C)`` arrays in their stored dtype (``uint8`` or ``uint16``),
 RGB channel order, ``C`` in {1, 3}. Masks come back as ``(H, W) int32`` label images.
@@ -11,12 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
-import math
 import os
-import re
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +24,6 @@ from mlseg.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
-#: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
-#: microscopy keeps one per image.
-SIDECAR_SUFFIX = ".json"
 #: The most a decoded image may take in memory. Images are read whole; a whole-slide image's
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
@@ -268,208 +262,3 @@ def write_table(df, path: str | os.PathLike) -> Path:
         else:
             df.to_csv(tmp, index=False)
     return path
-
-
-#: Microns per pixel that light microscopy can produce, from super-resolution renders (10 nm)
-#: to a 1x objective (10 um; nuclei span one or two pixels there). A size outside this range
-#: is a unit error or an image program's print default (72 dpi = 353 um per pixel), never a
-#: microscope's: metadata giving one is ignored, and a table giving one is refused.
-PLAUSIBLE_PIXEL_SIZE_UM = (0.01, 10.0)
-
-#: Length units of OME-XML and ImageJ metadata, in microns (ImageJ escapes the micro sign).
-_UNIT_UM = {
-    "um": 1.0,
-    "µm": 1.0,
-    "μm": 1.0,
-    "\\u00b5m": 1.0,
-    "micron": 1.0,
-    "microns": 1.0,
-    "micrometer": 1.0,
-    "micrometre": 1.0,
-    "nm": 1e-3,
-    "nanometer": 1e-3,
-    "mm": 1e3,
-    "cm": 1e4,
-    "m": 1e6,
-    "å": 1e-4,
-    "angstrom": 1e-4,
-}
-_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
-
-
-def plausible_pixel_size(um: float | None) -> bool:
-    """Whether ``um`` microns per pixel lies in :data:`PLAUSIBLE_PIXEL_SIZE_UM`."""
-    low, high = PLAUSIBLE_PIXEL_SIZE_UM
-    return um is not None and math.isfinite(um) and low <= um <= high
-
-
-def implausible_message(found: list[tuple[Path, float]], fix: str = "") -> str:
-    """One warning for the images whose metadata or sidecar declares an implausible size."""
-    low, high = PLAUSIBLE_PIXEL_SIZE_UM
-    listed = ", ".join(f"{path} ({um:.4g} um)" for path, um in found[:5])
-    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-    return (
-        f"{len(found)} image(s) declare a pixel size outside {low:g}-{high:g} um per pixel "
-        f"in their metadata or JSON sidecar: {listed}{more}. That is a unit error or an image "
-        f"program's print resolution (72 dpi reads as 353 um), so it is ignored"
-        f"{fix or '; give the pixel size yourself (--pixel-size, a manifest or the profile)'}."
-    )
-
-
-def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
-    """Microns per pixel that an image file declares, else ``None``: its JSON sidecar
-    (:func:`sidecar_pixel_size_um`) where it gives one, else its TIFF metadata
-    (:func:`tiff_pixel_size_um`). The first declaration found decides; with ``plausible_only``
-    a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
-    """
-    um = sidecar_pixel_size_um(path)
-    if um is None:
-        um = tiff_pixel_size_um(path, plausible_only=False)
-    if um is None or (plausible_only and not plausible_pixel_size(um)):
-        return None
-    return um
-
-
-def usable_pixel_size_um(
-    path: str | os.PathLike, implausible: list[tuple[Path, float]]
-) -> float | None:
-    """The plausible size ``path`` declares (:func:`declared_pixel_size_um`), else ``None``;
-    an implausible one is appended to ``implausible`` as ``(path, um)``, so that a caller
-    warns once for all its images (:func:`implausible_message`)."""
-    um = declared_pixel_size_um(path, plausible_only=False)
-    if plausible_pixel_size(um):
-        return um
-    if um is not None:
-        implausible.append((Path(path), um))
-    return None
-
-
-def sidecar_path(image: str | os.PathLike) -> Path:
-    """The JSON sidecar of ``image``: beside it, same stem, :data:`SIDECAR_SUFFIX`
-    (``slide1.png`` -> ``slide1.json``). BIDS names an OME-TIFF's without ``.ome``
-    (``slide1.ome.tif`` -> ``slide1.json``), which is taken where ``slide1.ome.json`` is absent.
-    """
-    image = Path(image)
-    own = image.with_suffix(SIDECAR_SUFFIX)
-    if not own.is_file() and image.stem.lower().endswith(".ome"):
-        bids = image.with_name(image.stem[:-4] + SIDECAR_SUFFIX)
-        if bids.is_file():
-            return bids
-    return own
-
-
-def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
-    """Microns per pixel that the JSON sidecar of image ``path`` declares, as declared (the
-    plausibility check is :func:`declared_pixel_size_um`'s), else ``None``.
-
-    Read, as BIDS microscopy writes it, ``PixelSize`` (a number or ``[x, y]``/``[x, y, z]``;
-    x is used) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
-    mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
-    saves its annotations under the same name). One that is not JSON, or whose size is not a
-    number or whose unit is unknown, is ignored with a warning naming the file.
-    """
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
-        return _ignored_sidecar(sidecar, f"it is not readable as JSON ({err})")
-    if not isinstance(meta, dict):
-        return None
-    if "pixel_size_um" in meta:
-        value, unit = meta["pixel_size_um"], "um"
-    elif "PixelSize" in meta:
-        value, unit = meta["PixelSize"], meta.get("PixelSizeUnits", "um")
-    else:
-        return None
-    if isinstance(value, list) and value:
-        value = value[0]
-    if value is None:  # declared unknown
-        return None
-    factor = _UNIT_UM.get(str(unit).strip().lower())
-    if factor is None:
-        return _ignored_sidecar(sidecar, f"its unit {unit!r} is not one of um, nm, mm")
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        um = float(value) * factor
-    except (TypeError, ValueError):
-        return _ignored_sidecar(sidecar, f"its pixel size {value!r} is not a number")
-    return um
-
-
-def _ignored_sidecar(sidecar: Path, why: str) -> None:
-    warnings.warn(
-        f"{sidecar}: pixel size ignored because {why}; write e.g. "
-        f'{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}',
-        stacklevel=3,
-    )
-    return None
-
-
-def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
-    """Microns per pixel that a TIFF's metadata declares, else ``None``.
-
-    Read in order: OME-XML (``PhysicalSizeX`` in its ``PhysicalSizeXUnit``, microns by
-    default), ImageJ (``unit=`` of the description, including Fiji's escaped ``\\u00B5m``,
-    with the resolution tags as pixels per unit), an Aperio description (``MPP = 0.499``),
-    and last the TIFF resolution tags in centimetres or inches. With ``plausible_only`` a size
-    outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` (a 72-dpi default, a unit error) reads as
-    ``None``; pass ``False`` to see it. Unreadable metadata means "unknown", never an error.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in TIFF_EXTENSIONS:
-        return None
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            um = _declared_um(tif)
-    except Exception:  # metadata is optional: unreadable tags mean "unknown"
-        return None
-    if um is None or (plausible_only and not plausible_pixel_size(um)):
-        return None
-    return um
-
-
-def _declared_um(tif) -> float | None:
-    page = tif.pages[0]
-    if tif.is_ome and tif.ome_metadata:
-        um = _ome_um(tif.ome_metadata)
-        if um is not None:
-            return um
-    if tif.imagej_metadata:
-        factor = _UNIT_UM.get(str(tif.imagej_metadata.get("unit", "")).strip().lower())
-        per_unit = _units_per_pixel(page)
-        if factor is not None and per_unit is not None:
-            return per_unit * factor
-    match = _APERIO_MPP.search(page.description or "")
-    if match:
-        with contextlib.suppress(ValueError):
-            return float(match.group(1))
-    per_unit, unit = _units_per_pixel(page), page.tags.get("ResolutionUnit")
-    um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
-    if per_unit is None or um_per_unit is None:  # unit 1 (none): pixels per what is unknown
-        return None
-    return per_unit * um_per_unit
-
-
-def _units_per_pixel(page) -> float | None:
-    res = page.tags.get("XResolution")
-    if res is None:
-        return None
-    num, den = res.value
-    return float(den) / float(num) if num else None
-
-
-def _ome_um(xml: str) -> float | None:
-    from defusedxml.ElementTree import fromstring  # the XML comes from the user's files
-
-    for element in fromstring(xml).iter():
-        if element.tag.rsplit("}", 1)[-1] != "Pixels" or "PhysicalSizeX" not in element.attrib:
-            continue
-        unit = element.attrib.get("PhysicalSizeXUnit", "µm").strip().lower()
-        factor = _UNIT_UM.get(unit)
-        return float(element.attrib["PhysicalSizeX"]) * factor if factor else None
-    return None

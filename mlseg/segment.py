@@ -9,14 +9,14 @@ outputs it lists exist and it records the same profile name and version, model (
 ``segment``) and settings digest (profile content, inference settings, pixel size). A rerun
 after a crash or with new images does only what is missing; changed settings redo all.
 
-Pixel size of an image, first found: the ``pixel_size_um`` argument (CLI ``--pixel-size``),
-the image's entry in ``pixel_sizes`` (stem -> microns per pixel; CLI ``--pixel-sizes
-sizes.csv``, the pipeline passes the dataset manifest's), the image's JSON sidecar
-(``<stem>.json``) or TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags:
-:func:`mlseg.io.declared_pixel_size_um`; values outside :data:`mlseg.io.PLAUSIBLE_PIXEL_SIZE_UM`
-are ignored with a warning, e.g. the 72 dpi default of many writers), the profile's
-``pixel_size_um``. The profile's ``units``
-decides whether it is used (``auto``), required (``um``) or ignored (``px``).
+Pixel size of an image (:func:`mlseg.pixel_size.image_pixel_size`), first found: the
+``pixel_size_um`` argument (CLI ``--pixel-size``), the image's entry in ``pixel_sizes``
+(stem -> microns per pixel; CLI ``--pixel-sizes sizes.csv``, the pipeline passes the dataset
+manifest's), the image's JSON sidecar (``<stem>.json``) or TIFF metadata (OME-XML, ImageJ,
+Aperio, resolution tags; values outside :data:`mlseg.pixel_size.PLAUSIBLE_PIXEL_SIZE_UM` are
+ignored with a warning, e.g. the 72 dpi default of many writers), the profile's
+``pixel_size_um``. The profile's ``units`` decides whether it is used (``auto``), required
+(``um``) or ignored (``px``).
 
 Scale (``inference.auto_scale``, on by default): with the pixel size of both the image and
 the model known, the image is resampled by their ratio; with either unknown, the scale is
@@ -56,18 +56,9 @@ from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import check_pixel_size
 from mlseg.errors import ConfigError, DatasetError, MlsegError
 from mlseg.infer import NO_STAIN_TTA, StainTTA
-from mlseg.io import (
-    IMAGE_EXTENSIONS,
-    TIFF_EXTENSIONS,
-    declared_pixel_size_um,
-    file_digest,
-    implausible_message,
-    read_image,
-    read_mask,
-    sidecar_path,
-    usable_pixel_size_um,
-)
+from mlseg.io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, file_digest, read_image, read_mask
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
+from mlseg.pixel_size import declared_pixel_size_um, image_pixel_size, sidecar_path
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
@@ -305,26 +296,6 @@ def quantify_image(
 
 
 # ----------------------------------------------------------------------------- helpers
-def image_pixel_size(
-    path: Path, override: float | None, profile: Profile, listed: float | None = None
-) -> tuple[float | None, str]:
-    """``(microns per pixel or None, where it came from)`` for one image file; ``listed`` is
-    its entry in a per-image table (``pixel_sizes``)."""
-    if override is not None:
-        return float(override), "argument"
-    if listed is not None:
-        return float(listed), "table"
-    implausible: list[tuple[Path, float]] = []
-    from_file = usable_pixel_size_um(path, implausible)
-    if from_file is not None:
-        return from_file, "image metadata"
-    if implausible:
-        warnings.warn(implausible_message(implausible), stacklevel=2)
-    if profile.pixel_size_um is not None:
-        return profile.pixel_size_um, "profile"
-    return None, "unknown"
-
-
 def check_out_dir(out_dir: str | Path, *inputs: str | Path | None) -> Path:
     """``out_dir``, refused where it is an input folder: its outputs would be read as input
     images next time, and each ``<stem>.json`` as the pixel-size sidecar of its image."""
