@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mlseg.cli import main
 from mlseg.io import write_image
@@ -37,6 +38,29 @@ def test_unknown_config_key_exit_code(tmp_path, capsys):
     cfg.write_text("data:\n  mask_sufix: _m\n")
     assert main(["init", str(tmp_path / "ds"), "--config", str(cfg)]) == 2
     assert "data.mask_sufix" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "-c", "run.yaml"], "No such option: -c"),
+        (["segment", "--bogus"], "No such option: --bogus"),
+        (["train"], "Missing argument 'config'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["synth", "--n-train", "many", "ds"], "Invalid value for '--n-train'"),
+    ],
+)
+def test_a_usage_error_is_the_usage_and_the_mistake_not_a_traceback(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Try 'mlseg" in err
+    assert "Traceback" not in err
+
+
+def test_no_arguments_shows_the_commands(capsys):
+    main([])
+    captured = capsys.readouterr()
+    assert "segment" in captured.out + captured.err and "Traceback" not in captured.err
 
 
 def test_console_script_entry_point(tmp_path):

@@ -34,7 +34,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="mlseg", standalone_mode=False)
     except MlsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -43,14 +43,34 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
-        raise
+    except Exception as err:
+        if not isinstance(err, _usage_errors()):
+            raise
+        show = getattr(err, "show", None)  # usage line + what is wrong, or the help if no args
+        if show is None:
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            show()
+        return err.exit_code
     return 0
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The exception types of a command-line usage error (unknown option, missing argument).
+
+    Typer 0.2x raises them from its own copy of Click (``typer.TyperException``); earlier
+    releases from Click itself. Usage errors have ``show()`` and ``exit_code`` 2.
+    """
+    kinds: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        kinds.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:  # typer 0.2x does not need it
+        pass
+    else:
+        kinds.append(click.ClickException)
+    return tuple(kinds)
 
 
 if __name__ == "__main__":
