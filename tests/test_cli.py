@@ -92,3 +92,18 @@ def test_stain_tta_flag_keeps_the_models_own_gains():
     assert _stain_gains(True, (1.0,)) == STAIN_TTA_GAINS == InferenceConfig().stain_tta
     assert STAIN_TTA_GAINS != (1.0,)
     assert _stain_gains(False, (1.0, 1.3)) == (1.0,)
+
+
+def test_a_batch_with_a_failed_image_exits_1_and_keeps_the_others(tmp_path, capsys):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 1
+    for stem in ("a", "b"):
+        write_image(tmp_path / "images" / f"{stem}.png", np.full((32, 32, 3), 200, np.uint8))
+    write_image(tmp_path / "labels" / "a_mask.png", mask)
+    (tmp_path / "labels" / "b_mask.png").write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), str(out)]
+    assert main([*argv, "--profile", "he", "--no-progress"]) == 1  # a cron job must notice
+    captured = capsys.readouterr()
+    assert "quantified 1" in captured.out and "b_mask.png" in captured.err
+    assert (out / "a_nuclei.csv").is_file() and not (out / "b_nuclei.csv").exists()

@@ -34,7 +34,9 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
-        app(args=argv, prog_name="mlseg", standalone_mode=False)
+        # Outside standalone mode Click returns the code of a ``typer.Exit`` instead of
+        # raising it (``mlseg segment`` ends with 1 when an image failed).
+        code = app(args=argv, prog_name="mlseg", standalone_mode=False)
     except MlsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             show()
         return err.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
