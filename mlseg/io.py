@@ -121,6 +121,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(
             f"{path}: unsupported extension {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
         )
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes); copy or export it again")
     _check_complete(path)
     if suffix in TIFF_EXTENSIONS:
         arr = _read_tiff(path)
@@ -142,17 +144,59 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             _check_fits(path, tif.series[0])
-            arr = tif.series[0].asarray()
+            arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
     except ImageReadError:
         raise
     except Exception as err:  # tifffile raises many types for corrupt files
         raise ImageReadError(f"{path}: cannot be decoded as TIFF ({err})") from err
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
-    if arr.ndim == 3 and arr.shape[-1] == 4:
-        arr = arr[..., :3]
+    return _tiff_as_hwc(np.asarray(arr), series_axes, path)
+
+
+def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """One 2-D image from a TIFF series with tifffile's axis letters (``YX``, ``YXS`` for
+    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): an RGBA
+    alpha is dropped; a stack or a channel count other than 1 or 3 is refused, as reading
+    the first three planes of one would silently pass them off as RGB."""
+    if len(axes) != arr.ndim or "Y" not in axes or "X" not in axes:
+        return arr  # no usable axis letters: the shape check of _as_hwc decides
+    other = [(axis, n) for axis, n in zip(axes, arr.shape, strict=True) if axis not in "YX"]
+    if len(other) > 1 or (other and other[0][0] not in "SCQ"):
+        raise ImageReadError(
+            f"{path}: a stack of {np.prod([n for _, n in other]):,} 2-D images (TIFF axes "
+            f"{axes}, shape {arr.shape}: {', '.join(_AXIS_NAMES.get(a, a) for a, _ in other)}); "
+            f"mlseg segments one 2-D image per file: save the plane to segment, or a "
+            f"projection (Fiji: Image > Stacks > Z Project), as a file of its own"
+        )
+    if not other:
+        return arr
+    axis, n = other[0]
+    arr = np.moveaxis(arr, axes.index(axis), -1)
+    if axis == "S" and n == 4:
+        return arr[..., :3]  # RGBA
+    if n not in (1, 3):
+        what = "channels" if axis != "Q" else "planes (channels or a stack: the file does not say)"
+        raise ImageReadError(
+            f"{path}: {n} {what}, TIFF axes {axes}; mlseg reads one grey or RGB image per "
+            f"file: save the nuclear channel (e.g. DAPI) alone for fluorescence (Fiji: Image > "
+            f"Color > Split Channels), one plane or a projection of a stack, or the image as RGB"
+        )
     return arr
+
+
+#: tifffile's axis letters other than Y, X, S (samples) and C (channels), as words.
+_AXIS_NAMES = {
+    "Z": "z planes",
+    "T": "time points",
+    "I": "images",
+    "Q": "planes",
+    "R": "tiles",
+    "E": "wavelengths",
+    "L": "lifetimes",
+    "A": "angles",
+    "P": "phases",
+    "V": "views",
+    "M": "mosaic tiles",
+}
 
 
 def _check_png_fits(path: Path) -> None:
@@ -195,7 +239,10 @@ def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
-        raise ImageReadError(f"{path}: expected a grey or RGB image, got shape {arr.shape}")
+        raise ImageReadError(
+            f"{path}: expected a 2-D grey or RGB image, got an array of shape {arr.shape}; "
+            f"save it as one grey or RGB image"
+        )
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     if arr.dtype not in (np.uint8, np.uint16):

@@ -63,6 +63,41 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
         read_image(tmp_path / "scan.png")
 
 
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "refused"),
+    [
+        ((16, 16, 4), {"photometric": "rgb", "extrasamples": ["unassalpha"]}, None),  # RGBA
+        ((3, 16, 16), {"photometric": "rgb", "planarconfig": "separate"}, None),  # planar RGB
+        ((3, 16, 16), {"imagej": True, "metadata": {"axes": "CYX"}}, None),  # 3-channel composite
+        ((4, 16, 16), {"imagej": True, "metadata": {"axes": "CYX"}}, "4 channels"),
+        ((2, 16, 16), {"ome": True, "metadata": {"axes": "CYX"}}, "2 channels"),
+        ((3, 16, 16), {"imagej": True, "metadata": {"axes": "ZYX"}}, "stack of 3 .*z planes"),
+        ((2, 3, 16, 16), {"ome": True, "metadata": {"axes": "ZCYX"}}, "stack of 6"),
+        ((5, 16, 16), {"photometric": "minisblack"}, "5 planes"),
+    ],
+    ids=["rgba", "planar-rgb", "imagej-c3", "imagej-c4", "ome-c2", "z-stack", "ome-zc", "q5"],
+)
+def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
+    tmp_path, shape, kwargs, refused
+):
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", data, **kwargs)
+    if refused is None:
+        assert read_image(tmp_path / "x.tif").shape == (16, 16, 3)
+        return
+    # Before, the first three channels or z planes came back as if they were R, G and B.
+    with pytest.raises(ImageReadError, match=rf"x\.tif: .*{refused}.*(Fiji|one grey)"):
+        read_image(tmp_path / "x.tif")
+
+
+def test_an_empty_file_is_called_empty(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"a\.png: empty file \(0 bytes\)"):
+        read_image(tmp_path / "a.png")
+
+
 def test_truncated_png_is_refused(tmp_path):
     write_image(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8))
     data = (tmp_path / "a.png").read_bytes()
