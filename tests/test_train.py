@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -312,6 +313,9 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
     assert main(["evaluate", str(out), str(synth_dataset), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "AJI" in printed and "unmatched at IoU 0.5" in printed  # and why
+    assert re.search(
+        r"count error [+-][\d.]+ nuclei per image \(median \|relative\| [\d.]+%\)", printed
+    )
     assert (out / "eval_test" / "per_image.csv").is_file()
     assert main(["train", str(config), "--out", str(out)]) == 2  # no dataset given
     assert "--data" in capsys.readouterr().err

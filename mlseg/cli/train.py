@@ -80,9 +80,11 @@ def evaluate(
         model, data, out, split=split, profile=profile, inference_cfg=inference, progress=not quiet
     )
     m = result.means
+    relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
     typer.echo(
         f"{len(result.per_image)} images: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  PQ {m['pq']:.4f}  "
-        f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f}; tables in {result.out_dir}"
+        f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f} nuclei per image "
+        f"(median |relative| {relative:.1%}); tables in {result.out_dir}"
     )
     typer.echo(describe_errors(result.per_image))
 
