@@ -43,7 +43,7 @@ from mlseg.pixel_size import implausible_message, usable_pixel_size_um
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
-STEM_COLUMNS = ("stem", "image_id", "id", "name")
+STEM_COLUMNS = ("stem", "image_id", "id", "name", "image", "file", "filename")
 
 
 @dataclass(frozen=True)
@@ -213,13 +213,20 @@ def assign_splits(stems: list[str], test_fraction: float, seed: int) -> dict[str
 
 
 def read_pixel_sizes(path: Path) -> dict[str, float]:
-    """Per-image pixel sizes from a CSV with a stem column and a pixel-size column."""
+    """Per-image pixel sizes from a CSV with a stem column and a pixel-size column.
+
+    Column names match whatever their case (``Image``, ``MPP``); stems may carry their file
+    extension. A table that a spreadsheet saved with semicolons or tabs between columns is
+    read too, with its decimal commas (``0,25``) as the numbers they are.
+    """
+    delimiter = _delimiter(path)
     try:
-        table = pd.read_csv(path, dtype=str)
-    except (OSError, pd.errors.ParserError) as err:
+        table = pd.read_csv(path, dtype=str, sep=delimiter, skipinitialspace=True)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
-    stem_col = next((c for c in STEM_COLUMNS if c in table.columns), None)
-    size_col = next((c for c in PIXEL_SIZE_COLUMNS if c in table.columns), None)
+    named = {str(c).strip().lower(): c for c in table.columns}
+    stem_col = next((named[c] for c in STEM_COLUMNS if c in named), None)
+    size_col = next((named[c] for c in PIXEL_SIZE_COLUMNS if c in named), None)
     if stem_col is None or size_col is None:
         raise DatasetError(
             f"{path}: a pixel-size table needs a column among {STEM_COLUMNS} and one among "
@@ -229,8 +236,24 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     for stem, value in zip(table[stem_col], table[size_col], strict=True):
         if pd.isna(value) or str(value).strip() == "":
             continue
-        sizes[Path(str(stem)).stem] = check_pixel_size(value, f"{path}: pixel size of {stem!r}")
+        if delimiter != ",":
+            value = str(value).strip().replace(",", ".")  # decimal comma
+        sizes[Path(str(stem).strip()).stem] = check_pixel_size(
+            value, f"{path}: pixel size of {stem!r}"
+        )
     return sizes
+
+
+def _delimiter(path: Path) -> str:
+    """``,``, or ``;`` or a tab where the header line has those and no comma."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return ","  # read_csv names the problem
+    if "," in header:
+        return ","
+    return next((d for d in (";", "\t") if d in header), ",")
 
 
 def _source_pixel_sizes(src: Path, pixel_sizes: Path | None) -> dict[str, float]:
@@ -238,8 +261,8 @@ def _source_pixel_sizes(src: Path, pixel_sizes: Path | None) -> dict[str, float]
         return read_pixel_sizes(Path(pixel_sizes))
     index = src / "index.csv"
     if index.is_file():
-        columns = pd.read_csv(index, nrows=0).columns
-        if any(c in columns for c in PIXEL_SIZE_COLUMNS):
+        columns = pd.read_csv(index, nrows=0, sep=_delimiter(index)).columns
+        if any(str(c).strip().lower() in PIXEL_SIZE_COLUMNS for c in columns):
             return read_pixel_sizes(index)
     return {}
 

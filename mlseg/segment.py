@@ -362,6 +362,14 @@ def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dic
     """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted),
     each checked (:func:`mlseg.dataset.check_pixel_size`)."""
     by_stem = {Path(str(k)).stem: v for k, v in (pixel_sizes or {}).items()}
+    if by_stem and stems and not by_stem.keys() & set(stems):
+        warnings.warn(
+            f"the pixel-size table names none of these {len(stems)} images (it lists "
+            f"{', '.join(sorted(by_stem)[:3])}{', ...' if len(by_stem) > 3 else ''}; the "
+            f"images are {', '.join(sorted(stems)[:3])}{', ...' if len(stems) > 3 else ''}), "
+            f"so it gives no image its size; list each image by its file name or stem",
+            stacklevel=3,
+        )
     return {
         stem: check_pixel_size(by_stem[stem], f"pixel size of {stem!r}")
         for stem in stems

@@ -7,7 +7,7 @@ import pytest
 
 from mlseg.dataset import list_pairs
 from mlseg.errors import DatasetError
-from mlseg.ingest import assign_splits, ingest
+from mlseg.ingest import assign_splits, ingest, read_pixel_sizes
 from mlseg.io import read_mask, write_image
 
 
@@ -109,6 +109,22 @@ def test_pixel_sizes_from_csv(tmp_path):
     result = ingest(src, tmp_path / "ds", pixel_sizes=table, pixel_size_um=1.0, progress=False)
     sizes = dict(zip(result.manifest.stem, result.manifest.pixel_size_um, strict=True))
     assert sizes == {"img0": 0.5, "img1": 0.25, "img2": 1.0}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Image,MPP\nimg0.png,0.5\nimg1.png,0.25\n",  # any case; file names for stems
+        "stem;pixel_size_um\nimg0;0,5\nimg1;0,25\n",  # a spreadsheet's semicolons, commas
+        "stem\tpixel_size_um\nimg0\t0.5\nimg1\t0,25\n",  # tab-separated
+        "\ufeffstem, pixel_size_um\nimg0, 0.5\nimg1, 0.25\n",  # Excel's byte-order mark
+    ],
+    ids=["case-and-extensions", "semicolons", "tabs", "bom-and-spaces"],
+)
+def test_a_pixel_size_table_as_labs_save_them(tmp_path, text):
+    table = tmp_path / "sizes.csv"
+    table.write_text(text, encoding="utf-8")
+    assert read_pixel_sizes(table) == {"img0": 0.5, "img1": 0.25}
 
 
 def tiff_source(root, resolutions):

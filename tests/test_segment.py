@@ -273,6 +273,10 @@ def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_ora
     run["pixel_sizes"] = {"x20": 0.5, "x40": 0.3}
     again = segment_folder("model", folder, tmp_path / "o", **run)
     assert again.processed == ["x40"] and again.skipped == ["x20"]
+    # A table for other images (a typo, another folder's) is said to be, not silently unused.
+    run.update(pixel_sizes={"x_20": 0.5}, units="auto")
+    with pytest.warns(UserWarning, match=r"names none of these 2 images \(it lists x_20;"):
+        segment_folder("model", folder, tmp_path / "p", **run)
 
 
 def test_json_sidecars_give_each_image_its_pixel_size(tmp_path, use_oracle):
