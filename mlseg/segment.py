@@ -680,7 +680,8 @@ def quantify_folder(
             raise ConfigError(f"{path}: {err}") from None
         table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
         display = image if image is not None else np.zeros((*labels.shape, 1), np.uint8)
-        return display, labels, table, {"pixel_size_source": source, **summary}
+        files = {"image_file": str(image_path) if image_path else None, "labels_file": str(path)}
+        return display, labels, table, {**files, "pixel_size_source": source, **summary}
 
     items = [(stem, path) for stem, path, _ in pairs]
     return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")

@@ -339,7 +339,10 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert "must match" in result.failed[str(masks / "d_labels.png")]
     assert "no image named e" in result.failed[str(masks / "e_mask.png")]
     for stem in ("a", "b", "c"):
-        assert json.loads((out / f"{stem}.json").read_text())["count"] == truth.max()
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert summary["count"] == truth.max()
+        assert summary["image_file"] == str(images / f"{stem}.png")  # the image, not its mask
+    assert summary["labels_file"] == str(masks / "c.tif")
 
 
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
