@@ -49,9 +49,9 @@ HISTOGRAM_COLUMNS = (
     "circularity",
     "eccentricity",
     "solidity",
-    "hematoxylin_od_mean",
-    "dab_od_mean",
 )
+#: Stain optical densities left out of the histograms (what the profile's stains do not explain).
+RESIDUAL_STAINS = ("residual",)
 
 
 # ----------------------------------------------------------------------------- overlay
@@ -435,6 +435,22 @@ def write_run_outputs(
     return paths
 
 
+def histogram_columns(columns: list[str]) -> list[str]:
+    """The measurements of a nucleus table that :func:`plot_histograms` draws: those of
+    :data:`HISTOGRAM_COLUMNS` in their units, then the mean optical density of each of the
+    profile's stains in its order, the residual left out."""
+    chosen = []
+    for base in HISTOGRAM_COLUMNS:
+        match = [c for c in columns if c == base or c.startswith(base + "_")]
+        match = [c for c in match if c.split(base, 1)[1] in ("", "_um", "_um2", "_px")]
+        chosen.extend(match[:1])
+    return chosen + [
+        c
+        for c in columns
+        if c.endswith("_od_mean") and c.removesuffix("_od_mean") not in RESIDUAL_STAINS
+    ]
+
+
 def plot_histograms(tables: list[pd.DataFrame], path: str | Path) -> Path:
     """Histograms of the main measurements over all nuclei of ``tables`` (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -442,11 +458,7 @@ def plot_histograms(tables: list[pd.DataFrame], path: str | Path) -> Path:
 
     frames = [t for t in tables if len(t)]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    columns = []
-    for base in HISTOGRAM_COLUMNS:
-        match = [c for c in data.columns if c == base or c.startswith(base + "_")]
-        match = [c for c in match if c.split(base, 1)[1] in ("", "_um", "_um2", "_px")]
-        columns.extend(match[:1])
+    columns = histogram_columns(list(data.columns))
     n = max(1, len(columns))
     ncols = min(3, n)
     nrows = int(math.ceil(n / ncols))

@@ -175,3 +175,20 @@ def test_histograms_with_no_or_few_nuclei(tmp_path, n):
 
     table = pd.DataFrame({"area_px": np.arange(n, dtype=float), "circularity": np.ones(n)})
     assert plot_histograms([table], tmp_path / "h.png").is_file()
+
+
+def test_histograms_show_the_profiles_stains_not_the_residual():
+    from mlseg.outputs import histogram_columns
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[4:12, 4:12] = 1
+    image = np.full((20, 20, 3), 120, np.uint8)
+    drawn = {}
+    for name in ("he", "ihc"):
+        table = measure(labels, image, get_profile(name), pixel_size_um=0.5)
+        drawn[name] = [c for c in histogram_columns(list(table.columns)) if "_od_" in c]
+    assert drawn == {
+        "he": ["hematoxylin_od_mean", "eosin_od_mean"],  # an H&E slide has no DAB
+        "ihc": ["hematoxylin_od_mean", "dab_od_mean"],
+    }
+    assert "area_um2" in histogram_columns(list(table.columns))
