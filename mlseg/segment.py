@@ -321,6 +321,19 @@ def list_images(folder: Path) -> list[Path]:
     )
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
+    first: dict[str, Path] = {}
+    clashes = []
+    for path in files:
+        key = path.stem.casefold()  # outputs may land on a case-insensitive disk
+        if key in first:
+            clashes.append(f"{first[key].name} and {path.name}")
+        first.setdefault(key, path)
+    if clashes:
+        raise DatasetError(
+            f"{folder}: {'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''} differ only "
+            f"in extension or case, but each image's outputs are named after its stem "
+            f"(<stem>_nuclei.csv), so one would be skipped as done; rename one of each"
+        )
     return files
 
 

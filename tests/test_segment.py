@@ -473,3 +473,15 @@ def test_tiled_16bit_tiff_with_pixel_size_metadata(tmp_path, use_oracle):
     assert summary["count"] == truth.max()
     table = pd.read_parquet(out / "big_nuclei.parquet")
     assert "area_um2" in table.columns and table["intensity_mean_r"].max() > 255
+
+
+def test_two_images_with_one_stem_are_refused_not_one_skipped_as_done(tmp_path):
+    import tifffile
+
+    image, truth = disc_image(60, 60)
+    write_image(tmp_path / "img" / "a.png", image)
+    tifffile.imwrite(tmp_path / "img" / "A.tif", image, photometric="rgb")  # another scan
+    write_labels(tmp_path / "lab" / "a_mask.png", truth)
+    with pytest.raises(DatasetError, match=r"img: A\.tif and a\.png differ only in extension"):
+        quantify_folder(tmp_path / "lab", tmp_path / "img", tmp_path / "o", profile_name="he")
+    assert not (tmp_path / "o").exists()
