@@ -6,8 +6,10 @@ write the outputs of :mod:`mlseg.outputs`.
 
 Resuming: an image is finished when ``<stem>.json`` exists (written last, atomically), the
 outputs it lists exist and it records the same profile name and version, model (for
-``segment``) and settings digest (profile content, inference settings, pixel size). A rerun
-after a crash or with new images does only what is missing; changed settings redo all.
+``segment``), input digest (the content of the image, and for ``quantify`` of its label
+file: a file replaced under the same name is redone) and settings digest (profile content,
+inference settings, pixel size). A rerun after a crash or with new images does only what is
+missing; changed settings redo all.
 
 Pixel size of an image (:func:`mlseg.pixel_size.image_pixel_size`), first found: the
 ``pixel_size_um`` argument (CLI ``--pixel-size``), the image's entry in ``pixel_sizes``
@@ -41,10 +43,11 @@ table and a zero count, not an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -407,11 +410,15 @@ def _expectations(
     settings: tuple,
     sizes: dict[str, float],
     declared: dict[str, float],
+    inputs: Mapping[str, Sequence[Path]],
 ) -> Callable[[str], dict]:
-    """What an image's finished outputs must record to be skipped. An image's table entry, or
-    else the size its file declares, joins the settings digest only where there is one, so
-    an image without either keeps the digest it had before tables and sidecars existed."""
+    """What an image's finished outputs must record to be skipped: the content of its input
+    files (``inputs``: stem -> image, or label file and image), so a file replaced under the
+    same name is redone, and the settings. An image's table entry, or else the size its file
+    declares, joins the settings digest only where there is one, so an image without either
+    keeps the digest it had before tables and sidecars existed."""
 
+    @functools.cache
     def expect(stem: str) -> dict:
         listed = [sizes[stem]] if stem in sizes else []
         if stem in declared:
@@ -421,6 +428,7 @@ def _expectations(
             "profile_version": profile.version,
             "model": model_id,
             "settings": _settings_hash(*settings, *listed),
+            "input_digest": "+".join(file_digest(path) for path in inputs[stem]),
         }
 
     return expect
@@ -571,7 +579,9 @@ def segment_folder(
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
     declared = declared_sizes(files, sizes) if pixel_size_um is None else {}
-    expect = _expectations(profile, model_id, settings, sizes, declared)
+    expect = _expectations(
+        profile, model_id, settings, sizes, declared, {p.stem: [p] for p in files}
+    )
 
     run_info = {
         "command": "segment",
@@ -655,7 +665,8 @@ def quantify_folder(
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
     declared = declared_sizes(image_files, sizes) if pixel_size_um is None else {}
-    expect = _expectations(profile, None, settings, sizes, declared)
+    inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
+    expect = _expectations(profile, None, settings, sizes, declared, inputs)
 
     run_info = {
         "command": "quantify",

@@ -209,6 +209,10 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     resumed = segment_folder("model", folder, out, profile_name="he", progress=False)
     assert resumed.processed == ["img1"]
     assert len(pd.read_csv(out / "summary.csv")) == 3
+    # a rescan saved over img2 under the same name is redone, not skipped with stale numbers
+    write_image(folder / "img2.png", disc_image(96, 96, spacing=32, radius=8)[0])
+    rescanned = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert rescanned.processed == ["img2"] and len(rescanned.skipped) == 2
 
 
 def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, use_oracle):
@@ -343,6 +347,11 @@ def test_quantify_folder_on_user_masks(tmp_path):
         assert summary["count"] == truth.max()
         assert summary["image_file"] == str(images / f"{stem}.png")  # the image, not its mask
     assert summary["labels_file"] == str(masks / "c.tif")
+    # a corrected mask is measured again; the others are done
+    write_labels(masks / "a_mask.png", np.where(truth == 1, 0, truth))
+    again = quantify_folder(masks, images, out, profile_name="he", progress=False)
+    assert again.processed == ["a"] and sorted(again.skipped) == ["b", "c"]
+    assert json.loads((out / "a.json").read_text())["count"] == truth.max() - 1
 
 
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
