@@ -19,22 +19,6 @@ from flows import artifacts
 from flows.common import retry_on_transient_io, run_config
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Images directly in ``folder`` (or in its ``original/`` subfolder), sorted by name."""
-    from mlseg.dataset import is_image_file
-    from mlseg.errors import DatasetError
-
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: image folder not found")
-    found = sorted(p for p in folder.iterdir() if is_image_file(p))
-    if not found and (folder / "original").is_dir():
-        found = sorted(p for p in (folder / "original").iterdir() if is_image_file(p))
-    return found
-
-
 def batches(items: list[Any], size: int) -> list[list[Any]]:
     size = max(1, int(size))
     return [items[i : i + size] for i in range(0, len(items), size)]
@@ -72,12 +56,18 @@ def monitor(
     import pandas as pd
 
     from mlseg.io import write_table, write_text
-    from mlseg.monitor import DriftDetected, drift_report, load_fingerprint, read_history
+    from mlseg.monitor import (
+        DriftDetected,
+        drift_report,
+        list_new_images,
+        load_fingerprint,
+        read_history,
+    )
 
     logger = get_run_logger()
     cfg = run_config(config, overrides).monitor
     reference = load_fingerprint(fingerprint)
-    paths = [str(p) for p in list_images(images)]
+    paths = [str(p) for p in list_new_images(images)]
     futures = [image_stats_task.submit(batch) for batch in batches(paths, batch_size)]
     rows = [row for future in futures for row in future.result()]
     report = drift_report(pd.DataFrame(rows), reference, cfg)

@@ -203,9 +203,9 @@ def segment_batch(
 
 def compact(table):
     """The columns of a per-nucleus table that run summaries use (histograms, areas)."""
-    from mlseg.outputs import HISTOGRAM_COLUMNS
+    from mlseg.outputs import histogram_columns
 
-    keep = [c for c in table.columns if c.startswith(HISTOGRAM_COLUMNS)]
+    keep = histogram_columns(list(table.columns))
     return table[keep].copy()
 
 

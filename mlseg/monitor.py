@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from mlseg.config import MonitorConfig
-from mlseg.errors import ConfigError, MlsegError
+from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
@@ -157,6 +158,24 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def list_new_images(folder: str | os.PathLike) -> list[Path]:
+    """The images to compare: ``folder`` itself if it is an image file, else the images
+    directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name."""
+    from mlseg.dataset import is_image_file
+
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found; check the path")
+    found = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not found and (folder / "original").is_dir():
+        found = sorted(p for p in (folder / "original").iterdir() if is_image_file(p))
+    if not found:
+        raise DatasetError(f"{folder}: no images (png, tif, jpg) found")
+    return found
+
+
 def image_stats_table(
     paths: Iterable[str | os.PathLike],
     *,
@@ -164,15 +183,21 @@ def image_stats_table(
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px`` and its statistics.
 
-    ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own).
+    ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own). An
+    unreadable image is left out with one warning naming it: it has no statistics to
+    drift, and the others still do.
     """
     from mlseg.io import read_image
 
     if stats_fn is None:
         from mlseg.inventory import image_stats as stats_fn
-    rows = []
+    rows, unreadable = [], []
     for path in paths:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except ImageReadError as err:
+            unreadable.append(str(err))
+            continue
         rows.append(
             {
                 "image": str(path),
@@ -180,6 +205,13 @@ def image_stats_table(
                 "height_px": int(image.shape[0]),
                 **stats_fn(image),
             }
+        )
+    if unreadable:
+        warnings.warn(
+            f"{len(unreadable)} image(s) left out of the drift check, unreadable: "
+            + "; ".join(unreadable[:5])
+            + (" ..." if len(unreadable) > 5 else ""),
+            stacklevel=2,
         )
     return pd.DataFrame(rows)
 
@@ -197,6 +229,8 @@ def drift_report(
 ) -> DriftReport:
     """Compare the new images' statistics (:func:`image_stats_table`) with the fingerprint."""
     cfg = cfg or MonitorConfig()
+    if new.empty:
+        raise DatasetError("no readable image to compare with the training data")
     stats = fingerprint.get("stats", {})
     names = list(cfg.statistics) or [s for s in stats if s in new.columns]
     unknown = [s for s in names if s not in stats]

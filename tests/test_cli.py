@@ -107,3 +107,23 @@ def test_a_batch_with_a_failed_image_exits_1_and_keeps_the_others(tmp_path, caps
     captured = capsys.readouterr()
     assert "quantified 1" in captured.out and "b_mask.png" in captured.err
     assert (out / "a_nuclei.csv").is_file() and not (out / "b_nuclei.csv").exists()
+
+
+def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
+    import warnings
+
+    for stem in ("a", "b"):
+        write_image(tmp_path / "images" / f"{stem}.png", np.full((16, 16, 3), 200, np.uint8))
+        write_image(tmp_path / "labels" / f"{stem}_mask.png", np.zeros((16, 16), np.uint8))
+    (tmp_path / "sizes.csv").write_text("stem,pixel_size_um\nc,0.5\n")  # names neither image
+    argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), str(tmp_path / "o")]
+    argv += ["-p", "he", "--pixel-sizes", str(tmp_path / "sizes.csv"), "--no-progress"]
+    run = subprocess.run(
+        [sys.executable, "-m", "mlseg.cli", *argv], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("warning: the pixel-size table names none of these 2 images")
+    assert "UserWarning" not in run.stderr and ".py:" not in run.stderr
+    before = warnings.formatwarning
+    assert main(["--help"]) == 0
+    assert warnings.formatwarning is before

@@ -153,6 +153,13 @@ def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsy
     assert main(["monitor", str(tmp_path / "dark"), *args, "--out", str(tmp_path / "d.csv")]) == 1
     assert "error:" in capsys.readouterr().err
     assert (tmp_path / "d.csv").is_file()
+    # an unreadable image is left out and named; the others are still compared
+    (tmp_path / "same" / "broken.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) left out .*broken\.png: empty file"):
+        assert main(["monitor", str(tmp_path / "same"), *args]) == 0
+    assert "OK: no drift in 8 image(s)" in capsys.readouterr().out
+    assert main(["monitor", str(tmp_path / "nothere"), *args]) == 2
+    assert "nothere: image folder not found" in capsys.readouterr().err
 
 
 def test_another_labs_slides_drift_and_more_of_the_training_labs_do_not(shared_data) -> None:

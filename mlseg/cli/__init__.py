@@ -1,12 +1,15 @@
 """The ``mlseg`` command line: parses arguments, builds a config, calls the library.
 
 Each stage registers its commands from its own module (``register(app)``). A user error
-(:class:`~mlseg.errors.MlsegError`) prints one line to stderr and exits non-zero.
+(:class:`~mlseg.errors.MlsegError`) prints one line to stderr and exits non-zero; mlseg's
+own warnings print as ``warning: ...`` lines, without Python's file and source line.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
 import typer
 
@@ -33,6 +36,7 @@ _register_all()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         # Outside standalone mode Click returns the code of a ``typer.Exit`` instead of
         # raising it (``mlseg segment`` ends with 1 when an image failed).
@@ -54,7 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             show()
         return err.exit_code
+    finally:
+        warnings.formatwarning = formatwarning
     return code if isinstance(code, int) else 0
+
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """mlseg's warnings as one ``warning: ...`` line each; others as Python formats them.
+    (Only the display changes: recorded warnings, as in tests, are untouched.)"""
+    if not Path(filename).resolve().is_relative_to(_PACKAGE):
+        return _PYTHON_FORMAT(message, category, filename, lineno, line)
+    return f"warning: {message}\n"
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

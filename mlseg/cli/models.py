@@ -87,18 +87,18 @@ def monitor_cmd(
 ) -> None:
     """Compare new images with the training data; exit 1 on drift above monitor.psi_fail."""
     from mlseg.config import load_config
-    from mlseg.dataset import is_image_file
-    from mlseg.errors import DatasetError
     from mlseg.io import write_table
-    from mlseg.monitor import DriftDetected, drift_report, image_stats_table, load_fingerprint
+    from mlseg.monitor import (
+        DriftDetected,
+        drift_report,
+        image_stats_table,
+        list_new_images,
+        load_fingerprint,
+    )
 
     cfg = load_config(config).monitor
-    paths = (
-        [images] if images.is_file() else sorted(p for p in images.iterdir() if is_image_file(p))
-    )
-    if not paths:
-        raise DatasetError(f"{images}: no images (png, tif, jpg) found")
-    report = drift_report(image_stats_table(paths), load_fingerprint(fingerprint), cfg)
+    reference = load_fingerprint(fingerprint)
+    report = drift_report(image_stats_table(list_new_images(images)), reference, cfg)
     if out is not None:
         write_table(report.table, out)
     shown = report.table[
