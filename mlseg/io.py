@@ -154,8 +154,8 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     """One 2-D image from a TIFF series with tifffile's axis letters (``YX``, ``YXS`` for
-    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): an RGBA
-    alpha is dropped; a stack or a channel count other than 1 or 3 is refused, as reading
+    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): an alpha
+    sample is dropped; a stack or a channel count other than 1 or 3 is refused, as reading
     the first three planes of one would silently pass them off as RGB."""
     if len(axes) != arr.ndim or "Y" not in axes or "X" not in axes:
         return arr  # no usable axis letters: the shape check of _as_hwc decides
@@ -171,8 +171,8 @@ def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
         return arr
     axis, n = other[0]
     arr = np.moveaxis(arr, axes.index(axis), -1)
-    if axis == "S" and n == 4:
-        return arr[..., :3]  # RGBA
+    if axis == "S" and n in (2, 4):
+        return arr[..., : n - 1]  # grey or RGB with an alpha sample
     if n not in (1, 3):
         what = "channels" if axis != "Q" else "planes (channels or a stack: the file does not say)"
         raise ImageReadError(

@@ -67,6 +67,7 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
     ("shape", "kwargs", "refused"),
     [
         ((16, 16, 4), {"photometric": "rgb", "extrasamples": ["unassalpha"]}, None),  # RGBA
+        ((16, 16, 2), {"photometric": "minisblack", "extrasamples": ["unassalpha"]}, None),
         ((3, 16, 16), {"photometric": "rgb", "planarconfig": "separate"}, None),  # planar RGB
         ((3, 16, 16), {"imagej": True, "metadata": {"axes": "CYX"}}, None),  # 3-channel composite
         ((4, 16, 16), {"imagej": True, "metadata": {"axes": "CYX"}}, "4 channels"),
@@ -75,7 +76,17 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
         ((2, 3, 16, 16), {"ome": True, "metadata": {"axes": "ZCYX"}}, "stack of 6"),
         ((5, 16, 16), {"photometric": "minisblack"}, "5 planes"),
     ],
-    ids=["rgba", "planar-rgb", "imagej-c3", "imagej-c4", "ome-c2", "z-stack", "ome-zc", "q5"],
+    ids=[
+        "rgba",
+        "grey-alpha",
+        "planar-rgb",
+        "imagej-c3",
+        "imagej-c4",
+        "ome-c2",
+        "z-stack",
+        "ome-zc",
+        "q5",
+    ],
 )
 def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
     tmp_path, shape, kwargs, refused
@@ -85,7 +96,7 @@ def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
     data = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     tifffile.imwrite(tmp_path / "x.tif", data, **kwargs)
     if refused is None:
-        assert read_image(tmp_path / "x.tif").shape == (16, 16, 3)
+        assert read_image(tmp_path / "x.tif").shape == (16, 16, 1 if shape[-1] == 2 else 3)
         return
     # Before, the first three channels or z planes came back as if they were R, G and B.
     with pytest.raises(ImageReadError, match=rf"x\.tif: .*{refused}.*(Fiji|one grey)"):
