@@ -6,6 +6,9 @@ what to do. The CLI prints ``str(err)`` and exits non-zero; nothing else is show
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class MlsegError(Exception):
     """Base class of errors caused by input a user can fix."""
@@ -23,6 +26,15 @@ class ResumeError(ConfigError):
 
 class DatasetError(MlsegError):
     """A dataset does not follow the layout contract (see ``mlseg.dataset``)."""
+
+
+def not_a_folder(path: str | os.PathLike, what: str) -> DatasetError:
+    """The error for a path given as a ``what`` folder ("dataset", "input") that is none:
+    missing, or a file."""
+    path = Path(path)
+    if path.exists():
+        return DatasetError(f"{path}: a file, not a {what} folder; give the folder it is in")
+    return DatasetError(f"{path}: {what} folder not found; check the path")
 
 
 class ImageReadError(MlsegError):

@@ -37,7 +37,7 @@ from mlseg.dataset import (
     is_image_file,
     split_dir,
 )
-from mlseg.errors import DatasetError, ImageReadError
+from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import read_image, read_mask, write_table
 from mlseg.pixel_size import implausible_message, usable_pixel_size_um
 
@@ -302,7 +302,7 @@ def ingest(
     cfg = cfg or DataConfig()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise DatasetError(f"{src}: source folder not found; check the path")
+        raise not_a_folder(src, "source")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise DatasetError(
             f"{dst}: target is not empty; choose a new folder (ingest never overwrites)"

@@ -65,7 +65,7 @@ from pydantic import Field
 
 from mlseg.config import DataConfig, Strict
 from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
-from mlseg.errors import DatasetError, ImageReadError
+from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import IMAGE_EXTENSIONS, read_image, write_table, write_text
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
@@ -552,7 +552,7 @@ def build_inventory(
     cfg = cfg or ValidateConfig()
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found; check the path")
+        raise not_a_folder(root, "dataset")
     entries, folders = scan_dataset(root, cfg.data)
     worker = partial(
         inspect_file,

@@ -57,7 +57,7 @@ import pandas as pd
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import check_pixel_size
-from mlseg.errors import ConfigError, DatasetError, MlsegError
+from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, file_digest, read_image, read_mask
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
@@ -316,7 +316,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files of ``folder`` (not recursive, no hidden files), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: input folder not found")
+        raise not_a_folder(folder, "input")
     files = sorted(
         p
         for p in folder.iterdir()

@@ -127,3 +127,20 @@ def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
     before = warnings.formatwarning
     assert main(["--help"]) == 0
     assert warnings.formatwarning is before
+
+
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [("validate", "dataset"), ("ingest", "source"), ("segment", "input")],
+)
+def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys, command, what):
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {}\n")
+    argv = {
+        "validate": [str(config)],
+        "ingest": [str(config), str(tmp_path / "ds")],
+        "segment": ["model", str(config), str(tmp_path / "out"), "--profile", "he"],
+    }[command]
+    assert main([command, *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"run.yaml: a file, not a {what} folder" in err
