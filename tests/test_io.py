@@ -103,6 +103,17 @@ def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
         read_image(tmp_path / "x.tif")
 
 
+@pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd", "packbits", "jpeg2000"])
+def test_compressed_tiffs_as_scanners_and_image_programs_write_them(tmp_path, compression):
+    import tifffile
+
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", rgb, photometric="rgb", compression=compression)
+    back = read_image(tmp_path / "x.tif")
+    lossy = compression == "jpeg"
+    assert back.shape == rgb.shape and (lossy or np.array_equal(back, rgb))
+
+
 def test_an_empty_file_is_called_empty(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ImageReadError, match=r"a\.png: empty file \(0 bytes\)"):
