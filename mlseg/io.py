@@ -13,7 +13,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,10 +147,17 @@ def _read_tiff(path: Path) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             _check_fits(path, tif.series[0])
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
+            more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
     except Exception as err:  # tifffile raises many types for corrupt files
         raise ImageReadError(f"{path}: cannot be decoded as TIFF ({err})") from err
+    if more:  # e.g. the fields of a multi-position acquisition, saved as one OME-TIFF
+        warnings.warn(
+            f"{path}: holds {len(more) + 1} images; only the first is read: save each as a "
+            f"file of its own to have them all segmented",
+            stacklevel=3,
+        )
     return _tiff_as_hwc(np.asarray(arr), series_axes, path)
 
 
@@ -161,9 +170,10 @@ def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
         return arr  # no usable axis letters: the shape check of _as_hwc decides
     other = [(axis, n) for axis, n in zip(axes, arr.shape, strict=True) if axis not in "YX"]
     if len(other) > 1 or (other and other[0][0] not in "SCQ"):
+        planes = [(a, n) for a, n in other if a != "S"]  # S: the colour samples of a pixel
         raise ImageReadError(
-            f"{path}: a stack of {np.prod([n for _, n in other]):,} 2-D images (TIFF axes "
-            f"{axes}, shape {arr.shape}: {', '.join(_AXIS_NAMES.get(a, a) for a, _ in other)}); "
+            f"{path}: a stack of {np.prod([n for _, n in planes]):,} 2-D images (TIFF axes "
+            f"{axes}, shape {arr.shape}: {', '.join(_AXIS_NAMES.get(a, a) for a, _ in planes)}); "
             f"mlseg segments one 2-D image per file: save the plane to segment, or a "
             f"projection (Fiji: Image > Stacks > Z Project), as a file of its own"
         )
@@ -183,8 +193,12 @@ def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     return arr
 
 
-#: tifffile's axis letters other than Y, X, S (samples) and C (channels), as words.
+#: Names of the extra images a slide scanner stores beside the slide (SVS, NDPI, Bio-Formats).
+_AUXILIARY = re.compile(r"thumbnail|label|macro|overview|map", re.IGNORECASE)
+
+#: tifffile's axis letters other than Y, X and S (samples), as words.
 _AXIS_NAMES = {
+    "C": "channels",
     "Z": "z planes",
     "T": "time points",
     "I": "images",

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,7 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
         ((3, 16, 16), {"imagej": True, "metadata": {"axes": "ZYX"}}, "stack of 3 .*z planes"),
         ((2, 3, 16, 16), {"ome": True, "metadata": {"axes": "ZCYX"}}, "stack of 6"),
         ((5, 16, 16), {"photometric": "minisblack"}, "5 planes"),
+        ((3, 16, 16, 3), {"photometric": "rgb"}, r"stack of 3 2-D images \(TIFF axes .YXS"),
     ],
     ids=[
         "rgba",
@@ -86,6 +89,7 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
         "z-stack",
         "ome-zc",
         "q5",
+        "rgb-stack",
     ],
 )
 def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
@@ -112,6 +116,24 @@ def test_compressed_tiffs_as_scanners_and_image_programs_write_them(tmp_path, co
     back = read_image(tmp_path / "x.tif")
     lossy = compression == "jpeg"
     assert back.shape == rgb.shape and (lossy or np.array_equal(back, rgb))
+
+
+def test_a_tiff_of_several_images_says_only_the_first_is_read(tmp_path):
+    import tifffile
+
+    fields = [np.full((16, 16, 3), v, np.uint8) for v in (10, 20, 30)]
+    with tifffile.TiffWriter(tmp_path / "plate.ome.tif", ome=True) as tif:
+        for field in fields:
+            tif.write(field, photometric="rgb")
+    with pytest.warns(UserWarning, match=r"plate\.ome\.tif: holds 3 images; only the first"):
+        assert (read_image(tmp_path / "plate.ome.tif") == 10).all()
+    # a scanner's label and macro pictures beside the slide are not images to segment
+    with tifffile.TiffWriter(tmp_path / "slide.ome.tif", ome=True) as tif:
+        for field, name in zip(fields, ("slide", "label image", "macro image"), strict=True):
+            tif.write(field, photometric="rgb", metadata={"Name": name})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(tmp_path / "slide.ome.tif")
 
 
 def test_an_empty_file_is_called_empty(tmp_path):
