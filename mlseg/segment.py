@@ -317,11 +317,24 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise not_a_folder(folder, "input")
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    files = _images_in(folder)
+    nested = sorted(  # an output folder of mlseg inside the input one holds overlays, not input
+        d.name
+        for d in folder.iterdir()
+        if d.is_dir() and not (d / "run.json").is_file() and _images_in(d)
     )
+    if nested:  # a lab's folder per case or per slide
+        listed = ", ".join(nested[:3]) + (" ..." if len(nested) > 3 else "")
+        if not files:
+            raise DatasetError(
+                f"{folder}: no images here, only in its subfolders ({listed}); subfolders are "
+                f"not searched: run once per subfolder, each with its own output folder"
+            )
+        warnings.warn(
+            f"{folder}: the images in its subfolders ({listed}) are not segmented; subfolders "
+            f"are not searched: run once per subfolder",
+            stacklevel=3,
+        )
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
     first: dict[str, Path] = {}
@@ -338,6 +351,18 @@ def list_images(folder: Path) -> list[Path]:
             f"(<stem>_nuclei.csv), so one would be skipped as done; rename one of each"
         )
     return files
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, hidden ones (``._x.png``, ``.ipynb_checkpoints``)
+    left out, sorted by name."""
+    if folder.name.startswith("."):
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
 
 
 def _load_profile(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -494,3 +495,21 @@ def test_two_images_with_one_stem_are_refused_not_one_skipped_as_done(tmp_path):
     with pytest.raises(DatasetError, match=r"img: A\.tif and a\.png differ only in extension"):
         quantify_folder(tmp_path / "lab", tmp_path / "img", tmp_path / "o", profile_name="he")
     assert not (tmp_path / "o").exists()
+
+
+def test_images_in_subfolders_are_named_not_silently_left_out(tmp_path):
+    image, truth = disc_image(40, 40)
+    for case in ("case1", "case2"):
+        write_image(tmp_path / "img" / case / "a.png", image)
+    write_labels(tmp_path / "lab" / "a_mask.png", truth)
+    run = dict(profile_name="he", progress=False)
+    with pytest.raises(DatasetError, match=r"img: no images here, only in its subfolders \(case1"):
+        quantify_folder(tmp_path / "lab", tmp_path / "img", tmp_path / "o", **run)
+    write_image(tmp_path / "img" / "a.png", image)
+    with pytest.warns(UserWarning, match=r"subfolders \(case1, case2\) are not segmented"):
+        assert quantify_folder(tmp_path / "lab", tmp_path / "img", tmp_path / "o", **run).ok
+    # its own output folder inside the input folder is not one of them
+    assert quantify_folder(tmp_path / "lab", None, tmp_path / "lab" / "out", **run).ok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quantify_folder(tmp_path / "lab", None, tmp_path / "lab" / "out", **run).skipped
