@@ -43,9 +43,11 @@ Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, 
 `<image stem>{suffix}.<ext>` (e.g. `{split}/{image_dir}/slide1.png` ->
 `{split}/{mask_dir}/slide1{suffix}.png`), for split in `{train}` and `{test}`.
 
-- Images: PNG, TIFF (8/16-bit), JPEG; RGB or grey.
-- Masks: same width and height as the image; binary (0/1 or 0/255) or instance-labelled
-  (8/16-bit, 0 = background, 1..N = one label per nucleus).
+- Images: PNG, TIFF (8/16-bit, compressed or not), JPEG; RGB or grey; one 2-D image per
+  file (a z-stack or a multi-channel fluorescence file: save the plane or channel to use).
+- Masks: PNG or TIFF (JPEG would change their values along every edge); same width and
+  height as the image; binary (0/1 or 0/255) or instance-labelled (8/16-bit,
+  0 = background, 1..N = one label per nucleus).
 - Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel
   ({low:g}-{high:g}); without it a JSON sidecar beside the image (`slide1.json`:
   `{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}`, as BIDS microscopy writes it) or a

@@ -66,7 +66,7 @@ from pydantic import Field
 from mlseg.config import DataConfig, Strict
 from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
-from mlseg.io import IMAGE_EXTENSIONS, read_image, write_table, write_text
+from mlseg.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_image, write_table, write_text
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
 INVENTORY_VERSION = "1"
@@ -612,7 +612,11 @@ def add_checks(
         for s, m, e in zip(raw_stem, is_mask, ends, strict=True)
     ]
 
-    ext_ok = df["extension"].isin(IMAGE_EXTENSIONS).to_numpy()
+    ext_ok = np.where(
+        is_mask,
+        df["extension"].isin(MASK_EXTENSIONS).to_numpy(),
+        df["extension"].isin(IMAGE_EXTENSIONS).to_numpy(),
+    )
     df["location_ok"] = _rule(in_folder, [True] * len(df))
     df["extension_ok"] = _rule(ext_ok, placed)
     df["name_ok"] = _rule((is_image & ~ends) | (is_mask & ends), placed)

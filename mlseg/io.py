@@ -26,6 +26,8 @@ from mlseg.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+#: Masks are labels: only lossless formats keep them (JPEG changes values along every edge).
+MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: The most a decoded image may take in memory. Images are read whole; a whole-slide image's
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
@@ -272,8 +274,14 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a mask as an ``(H, W) int32`` label image (0 = background).
 
     Binary masks stay 0/1/255-valued here; see :func:`mlseg.dataset.mask_to_labels`.
-    A colour mask is accepted only if its three channels are equal.
+    A colour mask is accepted only if its three channels are equal. A JPEG mask is refused:
+    its compression turns each edge into a ring of new values, read as extra nuclei.
     """
+    if Path(path).suffix.lower() not in MASK_EXTENSIONS:
+        raise ImageReadError(
+            f"{Path(path)}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
+            f"compression changes label values along every edge. Export the mask again as PNG"
+        )
     arr = read_image(path)
     grey = arr.shape[2] == 1 or (
         np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])

@@ -20,7 +20,7 @@ from expectations.runner import (
 )
 from mlseg.cli import main
 from mlseg.dataset import list_pairs
-from mlseg.errors import ConfigError, DatasetError
+from mlseg.errors import ConfigError, DatasetError, ImageReadError
 from mlseg.inventory import ValidateConfig, build_inventory, pixel_size_summary
 from mlseg.io import read_image, read_mask, write_image, write_labels
 
@@ -253,6 +253,20 @@ def test_non_image_file(nuclei_dataset):
     report = check(root)
     assert report.failed_rules("error") == ["allowed_extension"]
     assert_caught(report, "allowed_extension", {"train/original/notes.txt"})
+
+
+def test_a_jpeg_mask_is_refused_before_its_edges_become_nuclei(nuclei_dataset):
+    root = nuclei_dataset()
+    png = root / "train/masks/train1_mask.png"
+    jpeg = png.with_suffix(".jpg")
+    write_image(jpeg, (read_mask(png) > 0).astype(np.uint8) * 255)  # saved as JPEG by a lab
+    png.unlink()
+    assert len(np.unique(read_image(jpeg))) > 2  # the compression's new values along edges
+    report = check(root)
+    assert "allowed_extension" in report.failed_rules("error")
+    assert_caught(report, "allowed_extension", {"train/masks/train1_mask.jpg"})
+    with pytest.raises(ImageReadError, match=r"train1_mask\.jpg: a mask must be lossless"):
+        read_mask(jpeg)
 
 
 def test_mask_values_invalid_for_declared_binary(nuclei_dataset):
