@@ -56,7 +56,7 @@ import pandas as pd
 
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
-from mlseg.dataset import check_pixel_size
+from mlseg.dataset import check_pixel_size, is_image_file
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, file_digest, read_image, read_mask
@@ -358,11 +358,7 @@ def _images_in(folder: Path) -> list[Path]:
     left out, sorted by name."""
     if folder.name.startswith("."):
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _load_profile(
