@@ -66,7 +66,14 @@ from pydantic import Field
 from mlseg.config import DataConfig, Strict
 from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
-from mlseg.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_image, write_table, write_text
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
+    full_scale,
+    read_image,
+    write_table,
+    write_text,
+)
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
 INVENTORY_VERSION = "1"
@@ -219,10 +226,6 @@ class Inventory:
 # --------------------------------------------------------------------------- pure statistics
 
 
-def _full_scale(dtype: np.dtype) -> float:
-    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
-
-
 def _stain_inverse(stain_vectors: Iterable[Iterable[float]] | None) -> np.ndarray:
     key = tuple(tuple(float(v) for v in row) for row in (stain_vectors or RUIFROK_HED))
     return _inverse_of(key)
@@ -245,9 +248,9 @@ def image_stats(
     """Quality statistics of one image; the same numbers the inventory and fingerprint hold.
 
     ``image`` is ``(H, W, C)`` (or ``(H, W)``) ``uint8``/``uint16``, ``C`` in {1, 3}, RGB order.
-    Intensities are fractions of the dtype's full scale (255 or 65535). Every statistic uses
-    every pixel except the stain densities, computed on a copy subsampled to at most
-    ``max_side`` pixels per side (colour deconvolution is the costly step). Returns a
+    Intensities are fractions of the image's full scale (:func:`mlseg.io.full_scale`: 255,
+    or 4095 for a 12-bit camera's 16-bit file). Every statistic uses every pixel except the
+    stain densities, computed on a copy subsampled to at most ``max_side`` pixels per side (colour deconvolution is the costly step). Returns a
     dict with the keys :data:`STAT_COLUMNS` (channels that do not exist and, for grey
     images, stain densities are NaN). Pure: no I/O, the input is not modified.
     """
@@ -258,7 +261,7 @@ def image_stats(
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3) or arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected (H, W, 1|3) uint8/uint16, got {arr.shape} {arr.dtype}")
-    scale = _full_scale(arr.dtype)
+    scale = float(full_scale(arr))
     n_channels = arr.shape[2]
     mean, std = cv2.meanStdDev(arr)
     mean, std = mean.ravel() / scale, std.ravel() / scale

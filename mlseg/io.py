@@ -2,7 +2,8 @@
 declares about its pixel size is :mod:`mlseg.pixel_size`'s).
 
 Images come back as ``(H, W, C)`` arrays in their stored dtype (``uint8`` or ``uint16``),
-RGB channel order, ``C`` in {1, 3}. Masks come back as ``(H, W) int32`` label images.
+RGB channel order, ``C`` in {1, 3}; :func:`full_scale` says which stored value is full
+intensity (a 12-bit camera's image is 0-4095 in a 16-bit file). Masks come back as ``(H, W) int32`` label images.
 Every writer is atomic: it writes a temporary file in the target folder and renames it,
 so a crash never leaves a half-written output behind.
 """
@@ -32,6 +33,8 @@ MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
 MAX_IMAGE_BYTES = 4 * 2**30
+#: Bit depths a 16-bit file holds: cameras save 10-, 12- and 14-bit data in 16-bit TIFF/PNG.
+SIXTEEN_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
 @functools.cache
@@ -268,6 +271,26 @@ def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
             )
         arr = arr.astype(np.uint16) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
     return np.ascontiguousarray(arr)
+
+
+def full_scale(image: np.ndarray) -> int:
+    """The stored value that stands for full intensity (white in bright field): 255 for
+    ``uint8``; for ``uint16`` the full scale ``2**bits - 1`` of the smallest bit depth in
+    :data:`SIXTEEN_BIT_DEPTHS` that holds the image's largest value.
+
+    A 12-bit camera's image saved as a 16-bit file is 0-4095: taken against 65535 its glass
+    would read as optical density 1.2 and every image as nearly black. The depth comes from
+    the values because files rarely say it. Bright field has glass at nearly full scale in
+    almost every field, so its depth is found reliably; a true 16-bit image with nothing above
+    a quarter of full scale (optical density above 0.6 everywhere) would be taken for 14-bit.
+    """
+    if image.dtype == np.uint8:
+        return 255
+    if image.dtype != np.uint16:
+        raise ValueError(f"image must be uint8 or uint16, got {image.dtype}")
+    top = int(image.max(initial=0))
+    bits = next(b for b in SIXTEEN_BIT_DEPTHS if top < 2**b)
+    return 2**bits - 1
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 from mlseg.config import PreprocessConfig
 from mlseg.errors import ConfigError
+from mlseg.io import full_scale, read_image
 
 # Macenko et al. 2009 reference H&E optical-density vectors (columns: H, E) and the 99th
 # percentile concentrations, as published with their reference implementation.
@@ -32,12 +33,11 @@ OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 
 
 # ----------------------------------------------------------------------------- helpers
 def to_float(image: np.ndarray) -> np.ndarray:
-    """``(H, W, C)`` uint8/uint16 (scaled by the dtype's maximum) or float -> float32 [0, 1]."""
+    """``(H, W, C)`` uint8/uint16 (divided by :func:`mlseg.io.full_scale`) or float ->
+    float32 [0, 1]."""
     image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
+    if image.dtype in (np.uint8, np.uint16):
+        return image.astype(np.float32) / np.float32(full_scale(image))
     if np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32, copy=False)
     if np.issubdtype(image.dtype, np.integer) or image.dtype == np.bool_:
@@ -297,8 +297,6 @@ def zscore(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- pipeline
 @functools.lru_cache(maxsize=8)
 def _reference(path: str, mtime: float) -> np.ndarray:
-    from mlseg.io import read_image
-
     return to_float(read_image(path))
 
 

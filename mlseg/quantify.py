@@ -37,9 +37,10 @@ Definitions and agreement with ``skimage.measure.regionprops`` (checked in
   regionprops' ``feret_diameter_max`` takes the hull of the *convex image* (which can add
   pixels along slanted edges), so it is larger than ours by 0 to 1 px.
 - Intensity per channel (``intensity_mean_r``, ``_max_``, ``_integrated_``; channels
-  ``r, g, b``, ``grey`` or ``c0..``) in stored units (0-255 or 0-65535).
+  ``r, g, b``, ``grey`` or ``c0..``) in stored units (0-255, or 0-65535 in a 16-bit file).
 - Bright-field stains (profile ``stain`` he/ihc): optical density OD = -log10(max(I, 1) / I_max)
-  per RGB channel (a 256- or 65536-entry lookup table), unmixed by the inverse of the
+  per RGB channel, ``I_max`` being the image's full scale (:func:`mlseg.io.full_scale`: 255,
+  or 4095 for a 12-bit camera's 16-bit file), by a lookup table; unmixed by the inverse of the
   profile's unit stain vectors and clipped at 0, as ``skimage.color.separate_stains`` with
   the same matrix (whose values are our OD / 6, for I >= 1); ``<stain>_od_mean``, ``_od_max`` and
   ``_od_integrated`` (OD summed over the nucleus's pixels).
@@ -57,6 +58,7 @@ import pandas as pd
 
 from mlseg.config import Profile
 from mlseg.errors import ConfigError
+from mlseg.io import full_scale
 
 MAIN_MEASUREMENTS = (
     "area",
@@ -103,24 +105,17 @@ def channel_names(n_channels: int) -> list[str]:
     return [f"c{i}" for i in range(n_channels)]
 
 
-@lru_cache(maxsize=2)
-def _od_lut(full_scale: int) -> np.ndarray:
-    """``(full_scale + 1,) float32``: optical density -log10(max(I, 1) / full_scale)."""
-    values = np.maximum(np.arange(full_scale + 1, dtype=np.float64), 1.0) / full_scale
+@lru_cache(maxsize=8)
+def _od_lut(white: int) -> np.ndarray:
+    """``(white + 1,) float32``: optical density -log10(max(I, 1) / white)."""
+    values = np.maximum(np.arange(white + 1, dtype=np.float64), 1.0) / white
     return (-np.log10(values)).astype(np.float32)
 
 
-def _full_scale(image: np.ndarray) -> int:
-    if image.dtype == np.uint8:
-        return 255
-    if image.dtype == np.uint16:
-        return 65535
-    raise ValueError(f"image must be uint8 or uint16, got {image.dtype}")
-
-
-def optical_density(pixels: np.ndarray) -> np.ndarray:
-    """RGB optical density of ``(..., 3)`` uint8/uint16 pixels -> same shape float32."""
-    return _od_lut(_full_scale(pixels))[pixels]
+def optical_density(pixels: np.ndarray, white: int | None = None) -> np.ndarray:
+    """Optical density of uint8/uint16 ``pixels`` -> same shape float32. ``white``: the full
+    scale of the image they come from (default: :func:`mlseg.io.full_scale` of ``pixels``)."""
+    return _od_lut(white or full_scale(pixels))[pixels]
 
 
 def unmix(od_rgb: np.ndarray, profile: Profile) -> np.ndarray:
@@ -131,14 +126,15 @@ def unmix(od_rgb: np.ndarray, profile: Profile) -> np.ndarray:
     return stains
 
 
-def _stain_od(pixels: np.ndarray, profile: Profile) -> np.ndarray:
-    """``(N, 3)`` uint8/uint16 RGB -> ``(N, 3) float32`` stain OD, as :func:`unmix`
-    (uint8: OpenCV look-up table and per-pixel 3x3 transform, no log per pixel)."""
+def _stain_od(pixels: np.ndarray, profile: Profile, white: int) -> np.ndarray:
+    """``(N, 3)`` uint8/uint16 RGB of an image whose full scale is ``white`` -> ``(N, 3)
+    float32`` stain OD, as :func:`unmix` (uint8: OpenCV look-up table and per-pixel 3x3
+    transform, no log per pixel)."""
     import cv2
 
     inverse = np.linalg.inv(profile.stain_matrix()).astype(np.float32)
     if pixels.dtype != np.uint8:
-        return unmix(optical_density(pixels), profile)
+        return unmix(optical_density(pixels, white), profile)
     lut = np.repeat(_od_lut(255)[None, :, None], 3, axis=2)  # (1, 256, 3)
     od = cv2.LUT(np.ascontiguousarray(pixels).reshape(-1, 1, 3), lut)
     stains = cv2.transform(od, inverse.T).reshape(-1, 3)
@@ -157,14 +153,14 @@ def tissue_fraction(
 
     Bright field (``he``/``ihc``/``none``): summed RGB optical density above
     ``od_threshold`` (glass is ~0). Fluorescence: brightest channel above
-    ``intensity_threshold`` of full scale. ``image``: ``(H, W, C)`` uint8/uint16.
+    ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`). ``image``: ``(H, W, C)`` uint8/uint16.
     """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     if image.size == 0:
         return 0.0
-    full = _full_scale(image)
+    full = full_scale(image)
     if stain == "fluorescence":
         tissue = image.max(axis=2) > intensity_threshold * full
     else:
@@ -238,7 +234,7 @@ def measure(
             image = image[..., None]
         if image.shape[:2] != labels.shape:
             raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-        _full_scale(image)
+        white = full_scale(image)
     px = effective_pixel_size(profile, pixel_size_um)
     length, area = unit_suffixes(px)
     channels = channel_names(image.shape[2]) if image is not None else []
@@ -335,7 +331,7 @@ def measure(
             out[f"intensity_max_{name}"] = maxima[:, k].astype(np.float64)
             out[f"intensity_integrated_{name}"] = sums[:, k]
         if stains:
-            od = _stain_od(pixels, profile)
+            od = _stain_od(pixels, profile, white)
             od_sums = np.add.reduceat(od, starts, axis=0, dtype=np.float64)
             od_max = np.maximum.reduceat(od, starts, axis=0)
             for k, name in enumerate(stains):

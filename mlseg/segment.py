@@ -59,7 +59,14 @@ from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import check_pixel_size, is_image_file
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder
 from mlseg.infer import NO_STAIN_TTA, StainTTA
-from mlseg.io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, file_digest, read_image, read_mask
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    file_digest,
+    full_scale,
+    read_image,
+    read_mask,
+)
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.pixel_size import declared_pixel_size_um, image_pixel_size, sidecar_path
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
@@ -295,7 +302,10 @@ def quantify_image(
         if image is not None
         else None
     )
-    return table, summarize(table, labels.shape, profile, px, tissue)
+    summary = summarize(table, labels.shape, profile, px, tissue)
+    # The stored value taken as white (255; 4095 for a 12-bit camera's 16-bit file).
+    summary["full_scale"] = full_scale(image) if image is not None else None
+    return table, summary
 
 
 # ----------------------------------------------------------------------------- helpers

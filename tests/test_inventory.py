@@ -43,13 +43,17 @@ def test_image_stats_saturation_and_grey_channels():
     assert np.isnan(stats["mean_c1"]) and np.isnan(stats["od_hematoxylin_mean"])
 
 
-def test_image_stats_are_bit_depth_independent(nuclei_pair):
+@pytest.mark.parametrize("bits", [16, 14, 12, 10])
+def test_image_stats_are_bit_depth_independent(nuclei_pair, bits):
+    """The same picture from a 10-16-bit camera, saved as a 16-bit file, has 8-bit statistics."""
     rng = np.random.default_rng(1)
     image8, _ = nuclei_pair(rng, 64)
-    image16 = image8.astype(np.uint16) * 257  # same picture at 16 bit
+    image8[0, :5] = 255  # a few saturated pixels
+    image16 = np.round(image8 * ((2**bits - 1) / 255)).astype(np.uint16)
     s8, s16 = image_stats(image8), image_stats(image16)
     for key in ("mean_c0", "std_c2", "grey_std", "laplacian_var", "od_hematoxylin_mean"):
         assert s16[key] == pytest.approx(s8[key], rel=0.02, abs=1e-3), key
+    assert s16["saturated_fraction"] == s8["saturated_fraction"] > 0
 
 
 def test_colour_deconvolution_separates_haematoxylin_from_eosin():

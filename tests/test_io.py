@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlseg.errors import ImageReadError
-from mlseg.io import atomic_path, read_image, read_mask, write_image, write_labels
+from mlseg.io import atomic_path, full_scale, read_image, read_mask, write_image, write_labels
 from mlseg.pixel_size import tiff_pixel_size_um
 
 
@@ -18,6 +18,29 @@ def test_png_roundtrip_rgb_grey_16bit(tmp_path):
     assert (
         back.shape == (7, 9, 1) and back.dtype == np.uint16 and np.array_equal(back[..., 0], grey16)
     )
+
+
+@pytest.mark.parametrize(
+    ("largest", "white"),
+    [
+        (0, 255),
+        (255, 255),
+        (256, 1023),
+        (1023, 1023),
+        (4000, 4095),
+        (4095, 4095),
+        (4096, 16383),
+        (16384, 65535),
+        (65535, 65535),
+    ],
+)
+def test_full_scale_of_a_sixteen_bit_image_is_its_camera_bit_depth(largest, white):
+    image = np.zeros((4, 4, 3), np.uint16)
+    image[1, 2, 0] = largest
+    assert full_scale(image) == white
+    assert full_scale(image.astype(np.uint8)) == 255
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        full_scale(image.astype(np.float32))
 
 
 def test_tiff_16bit_and_pixel_size(tmp_path):

@@ -188,6 +188,17 @@ def test_normalize_default_and_channels() -> None:
     assert np.allclose(np.percentile(out, 1, axis=(0, 1)), 0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stain_norm", ["none", "macenko"])
+def test_a_twelve_bit_camera_image_is_the_model_input_of_its_eight_bit_version(
+    nuclei_pair, stain_norm
+) -> None:
+    image8, _ = nuclei_pair(np.random.default_rng(2), 64)
+    image8[0, 0] = 255
+    image12 = np.round(image8 * (4095 / 255)).astype(np.uint16)  # 0-4095 in a 16-bit file
+    cfg = PreprocessConfig(stain_norm=stain_norm)
+    assert np.allclose(normalize(image12, cfg), normalize(image8, cfg), atol=0.01)
+
+
 def test_normalize_with_reference_file(tmp_path) -> None:
     from mlseg.io import write_image
 

@@ -186,6 +186,22 @@ def test_sixteen_bit_and_grey_images():
     assert not any(c.endswith("_od_mean") for c in table.columns)
 
 
+@pytest.mark.parametrize("bits", [12, 14])
+def test_a_camera_image_in_a_sixteen_bit_file_measures_as_its_eight_bit_version(nuclei_pair, bits):
+    """Optical density is taken against the camera's full scale (4095 for 12-bit data), not
+    65535, which would read glass as OD 1.2 and every nucleus as three times too dark."""
+    image8, labels = nuclei_pair(np.random.default_rng(4), 64)
+    image8[0, 0] = 255  # glass at full scale somewhere, as on any bright-field field
+    image16 = np.round(image8 * ((2**bits - 1) / 255)).astype(np.uint16)
+    for profile in (HE, IHC):
+        t8 = measure(labels, image8, profile, pixel_size_um=None)
+        t16 = measure(labels, image16, profile, pixel_size_um=None)
+        for stain in profile.stain_names:
+            assert np.allclose(t16[f"{stain}_od_mean"], t8[f"{stain}_od_mean"], atol=0.01), stain
+        assert np.array_equal(t16.get("ihc_class"), t8.get("ihc_class"))
+    assert tissue_fraction(image16, "he") == pytest.approx(tissue_fraction(image8, "he"), abs=0.01)
+
+
 def test_tissue_fraction():
     image = np.full((40, 40, 3), 250, np.uint8)
     image[:, :10] = (120, 60, 150)  # stained quarter

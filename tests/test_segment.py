@@ -355,6 +355,22 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert json.loads((out / "a.json").read_text())["count"] == truth.max() - 1
 
 
+def test_quantify_a_twelve_bit_camera_file_as_its_eight_bit_picture(tmp_path):
+    """A 12-bit camera's 16-bit file: OD against 4095, recorded as the summary's full_scale."""
+    image, truth = disc_image(60, 60)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write_image(images / "eight.png", image)
+    write_image(images / "twelve.tif", np.round(image * (4095 / 255)).astype(np.uint16))
+    write_labels(masks / "eight_mask.png", truth)
+    write_labels(masks / "twelve_mask.png", truth)
+    out = tmp_path / "out"
+    assert quantify_folder(masks, images, out, profile_name="he", progress=False).ok
+    eight, twelve = (pd.read_csv(out / f"{stem}_nuclei.csv") for stem in ("eight", "twelve"))
+    assert np.allclose(twelve["hematoxylin_od_mean"], eight["hematoxylin_od_mean"], atol=0.01)
+    assert json.loads((out / "eight.json").read_text())["full_scale"] == 255
+    assert json.loads((out / "twelve.json").read_text())["full_scale"] == 4095
+
+
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
     """Counts per image equal the number of labels of the real annotations."""
     root = shared_data / "cpm15_he"
