@@ -1,4 +1,4 @@
-"""Typed user-facing errors.
+"""Typed user-facing errors, and warnings said once.
 
 Every error a person can fix carries a one-line message that names the file (or key) and
 what to do. The CLI prints ``str(err)`` and exits non-zero; nothing else is shown.
@@ -6,7 +6,9 @@ what to do. The CLI prints ``str(err)`` and exits non-zero; nothing else is show
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from pathlib import Path
 
 
@@ -49,3 +51,12 @@ class ValidationFailed(MlsegError):
     """A dataset failed error-level data-validation expectations."""
 
     exit_code = 1
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """Warn with ``message`` the first time only (per process; ``warn_once.cache_clear()``
+    resets): for what holds for a whole run, such as a model's missing record, but is found
+    image by image. Python's own once-per-line rule does not hold it: every change of the
+    warning filters (pandas makes some building each table) shows the warning again."""
+    warnings.warn(message, stacklevel=2)

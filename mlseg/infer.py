@@ -45,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from mlseg.config import InferenceConfig, WatershedConfig
+from mlseg.errors import warn_once
 
 _FLIPS = ((), (3,), (2,), (2, 3))
 
@@ -388,10 +388,9 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
 
     layers = early_norm_layers(model)
     if not layers:
-        warnings.warn(
+        warn_once(
             "inference.adapt_bn: the model's encoder has no stages mlseg knows (ResNet-style "
-            "layer1-layer3, timm 'tu-' encoders); predicting without adaptation",
-            stacklevel=3,
+            "layer1-layer3, timm 'tu-' encoders); predicting without adaptation"
         )
         yield
         return

@@ -57,7 +57,7 @@ import pandas as pd
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import check_pixel_size, is_image_file
-from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder
+from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -162,11 +162,10 @@ def predict_labels_scaled(
         return at(float(pixel_size_um) / float(model_px), "pixel_size")
     reference = loaded.meta.get(META_KEY) if isinstance(loaded.meta, dict) else None
     if not reference:
-        warnings.warn(
+        warn_once(
             f"{loaded.path}: the model records no {META_KEY} (trained before mlseg learnt "
             "it), so the scale of an image without a pixel size cannot be estimated; "
-            "predicting at native scale (retrain, or give the pixel size)",
-            stacklevel=2,
+            "predicting at native scale (retrain, or give the pixel size)"
         )
         return at(1.0, "native")
     probs_at: dict[float, np.ndarray | None] = {}
