@@ -18,8 +18,9 @@ Each copy is segmented in up to three modes:
 - ``native`` (``scale`` only): no rescaling (``inference.auto_scale=false``), the pixel size
   kept only for the physical size limits: what a model without scale handling does.
 
-It prints, per level and mode, the means of Dice, AJI and PQ, the median |count error| and
-the median factor the estimation chose against the one the pixel size gives; then ratios
+It prints, per level and mode, the means of Dice, AJI and PQ, the median |count error|, the
+median area ratio of matched nuclei (predicted / annotated: the size bias every area and
+length in the measurements carries) and the median factor the estimation chose against the one the pixel size gives; then ratios
 against a baseline of the same run: ``auto`` over ``given`` and over ``native`` for
 ``scale``, each mode over the untouched tile for ``blur`` and ``jpeg`` (Dice and PQ). It
 writes ``per_image.csv`` (with the error kinds), ``summary.csv`` and ``<axis>_sweep.png``,
@@ -170,11 +171,13 @@ def sweep(loaded, pairs, axis: str, levels, modes, overrides: dict) -> list[dict
 
 
 def summarise(df):
-    """Means per (level, mode): Dice, AJI, PQ, median |count error|, median chosen factor."""
+    """Means per (level, mode): Dice, AJI, PQ, median |count error|, median area ratio of
+    matched nuclei (the size bias of the measurements), median chosen factor."""
     df = df.assign(count_error_abs_rel=abs_count_error(df))
     grouped = df.groupby(["level", "mode"], sort=True)
     out = grouped[["dice", "aji", "pq"]].mean()
     out["median_count_error"] = grouped["count_error_abs_rel"].median()
+    out["area_ratio"] = grouped["area_ratio"].median()
     out["chosen_factor"] = grouped["scale_factor"].median()
     out["needed_factor"] = grouped["needed_factor"].median()
     out["images"] = grouped.size()
@@ -182,21 +185,24 @@ def summarise(df):
 
 
 def plot(summary, axis: str, path: Path) -> Path:
-    """Dice, PQ and median |count error| against the level, one line per mode."""
+    """Dice, PQ, median |count error| and area ratio against the level, one line per mode."""
     from mlseg.plots import _figure, _save
 
     spec = AXES[axis]
     levels = sorted(summary.level.unique())
-    fig = _figure(15, 4)
-    ax_dice, ax_pq, ax_count = fig.subplots(1, 3)
+    fig = _figure(20, 4)
+    ax_dice, ax_pq, ax_count, ax_area = fig.subplots(1, 4)
     for mode, part in summary.groupby("mode", sort=False):
         ax_dice.plot(part.level, part.dice, marker="o", label=mode)
         ax_pq.plot(part.level, part.pq, marker="o", label=mode)
         ax_count.plot(part.level, 100 * part.median_count_error, marker="o", label=mode)
+        ax_area.plot(part.level, part.area_ratio, marker="o", label=mode)
+    ax_area.axhline(1.0, color="black", lw=1)
     panels = (
         (ax_dice, "Dice (mean)"),
         (ax_pq, "PQ (mean)"),
         (ax_count, "median |count error| (%)"),
+        (ax_area, "matched area / annotated (median)"),
     )
     for ax, label in panels:
         if axis == "scale":

@@ -5,7 +5,8 @@ rescaling, normalisation, tiled prediction, instance separation) and compared wi
 by :mod:`mlseg.metrics`. Outputs in ``out_dir``:
 
 - ``per_image.csv``: one row per image (pixel Dice/IoU/precision/recall, object
-  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, counts, why the
+  precision/recall/F1 at IoU 0.5, mean matched IoU, AJI, PQ/SQ/RQ, the median predicted /
+  true area of matched nuclei (``area_ratio``: the size bias), counts, why the
   unmatched objects are unmatched (:func:`mlseg.metrics.error_kinds`), and the scale
   the image was segmented at: ``scale_factor``, ``scale_source``, ``est_diameter_px``);
 - ``summary.json``: the means over images, pooled object counts and error kinds, and what
@@ -45,6 +46,7 @@ METRIC_COLUMNS = (
     "pq",
     "sq",
     "rq",
+    "area_ratio",
     "tp",
     "fp",
     "fn",
@@ -80,9 +82,8 @@ def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, 
         "obj_precision": obj["precision"],
         "obj_recall": obj["recall"],
     }
-    row.update(
-        {k: obj[k] for k in ("f1", "mean_matched_iou", "aji", "pq", "sq", "rq", "tp", "fp", "fn")}
-    )
+    matched = ("f1", "mean_matched_iou", "aji", "pq", "sq", "rq", "area_ratio", "tp", "fp", "fn")
+    row.update({k: obj[k] for k in matched})
     row.update(count_error(pred_labels, true_labels))
     row.update({k: obj[k] for k in ERROR_KINDS})
     return row

@@ -144,6 +144,23 @@ def test_contingency_areas() -> None:
     ]
 
 
+def test_area_ratio_is_the_size_bias_of_matched_nuclei() -> None:
+    """Nuclei drawn a pixel wider all round: area ratio (r + 1)^2 / r^2, whatever else is
+    unmatched; identical outlines give 1, no match NaN."""
+    from skimage.draw import disk
+
+    truth, wider = np.zeros((60, 100), np.int32), np.zeros((60, 100), np.int32)
+    for label, (cy, cx) in enumerate([(15, 15), (15, 50), (40, 30), (40, 75)], start=1):
+        truth[disk((cy, cx), 8, shape=truth.shape)] = label
+        wider[disk((cy, cx), 9, shape=truth.shape)] = label
+    wider[55:58, 2:5] = 9  # a spurious object does not count
+    m = object_metrics(wider, truth)
+    ratio = np.count_nonzero(wider[:50] == 1) / np.count_nonzero(truth == 1)
+    assert m["tp"] == 4 and m["area_ratio"] == pytest.approx(ratio) and 1.2 < ratio < 1.35
+    assert object_metrics(truth, truth)["area_ratio"] == 1.0
+    assert math.isnan(object_metrics(np.zeros_like(truth), truth)["area_ratio"])
+
+
 def test_count_error() -> None:
     pred, truth = _squares()
     c = count_error(pred, truth)

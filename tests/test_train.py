@@ -314,7 +314,9 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "AJI" in printed and "unmatched at IoU 0.5" in printed  # and why
     assert re.search(
-        r"count error [+-][\d.]+ nuclei per image \(median \|relative\| [\d.]+%\)", printed
+        r"count error [+-][\d.]+ nuclei per image \(median \|relative\| [\d.]+%\); "
+        r"(matched nuclei [\d.]+x their annotated area|none matched)",
+        printed,
     )
     assert (out / "eval_test" / "per_image.csv").is_file()
     assert main(["train", str(config), "--out", str(out)]) == 2  # no dataset given

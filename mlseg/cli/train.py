@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,10 +82,16 @@ def evaluate(
     )
     m = result.means
     relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
+    area = m["area_ratio"]
+    size = (
+        f"matched nuclei {area:.2f}x their annotated area"
+        if math.isfinite(area)
+        else "none matched"
+    )
     typer.echo(
         f"{len(result.per_image)} images: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  PQ {m['pq']:.4f}  "
         f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f} nuclei per image "
-        f"(median |relative| {relative:.1%}); tables in {result.out_dir}"
+        f"(median |relative| {relative:.1%}); {size}; tables in {result.out_dir}"
     )
     typer.echo(describe_errors(result.per_image))
 
