@@ -70,6 +70,7 @@ from mlseg.io import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
     full_scale,
+    mask_labels,
     read_image,
     write_table,
     write_text,
@@ -434,10 +435,7 @@ def inspect_file(
         return row
     try:
         arr = read_image(path)
-        if role == "mask" and arr.shape[2] == 3 and not _grey_rgb(arr):
-            raise ImageReadError(
-                f"{path}: colour mask; save masks as single-channel label or binary images"
-            )
+        labels = mask_labels(path, arr) if role == "mask" else None
     except ImageReadError as err:
         row.update(readable=False, read_error=str(err))
         return row
@@ -453,17 +451,13 @@ def inspect_file(
         channels=int(arr.shape[2]),
         dtype=str(arr.dtype),
     )
-    if role == "mask":
-        row.update(mask_stats(arr[..., 0], declared_kind))
+    if labels is not None:
+        row.update(mask_stats(labels, declared_kind))
     else:
         row["content_hash"] = content_hash(arr)
         row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
         row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
     return row
-
-
-def _grey_rgb(arr: np.ndarray) -> bool:
-    return np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:

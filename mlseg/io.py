@@ -33,6 +33,7 @@ MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
 MAX_IMAGE_BYTES = 4 * 2**30
+PNG_PALETTE = 3  # IHDR colour type of an indexed PNG
 #: Bit depths a 16-bit file holds: cameras save 10-, 12- and 14-bit data in 16-bit TIFF/PNG.
 SIXTEEN_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
@@ -218,16 +219,25 @@ _AXIS_NAMES = {
 }
 
 
-def _check_png_fits(path: Path) -> None:
-    """:func:`_check_fits` for a PNG, from its header (OpenCV would report a PNG over its own
-    pixel limit as undecodable)."""
+def _png_header(path: Path) -> tuple[int, int, int, int] | None:
+    """``(width, height, bit depth, colour type)`` from a PNG's IHDR chunk, or ``None``."""
     with path.open("rb") as fh:
         header = fh.read(26)
     if len(header) < 26 or header[12:16] != b"IHDR":
-        return  # the decoder names what is wrong
+        return None
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(header[25], 4)
-    nbytes = width * height * channels * max(1, header[24] // 8)
+    return width, height, header[24], header[25]
+
+
+def _check_png_fits(path: Path) -> None:
+    """:func:`_check_fits` for a PNG, from its header (OpenCV would report a PNG over its own
+    pixel limit as undecodable)."""
+    header = _png_header(path)
+    if header is None:
+        return  # the decoder names what is wrong
+    width, height, depth, colour = header
+    channels = {0: 1, 2: 3, PNG_PALETTE: 3, 4: 2, 6: 4}.get(colour, 4)
+    nbytes = width * height * channels * max(1, depth // 8)
     if nbytes > MAX_IMAGE_BYTES:
         raise _too_large(path, width, height, nbytes, "")
 
@@ -297,23 +307,40 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a mask as an ``(H, W) int32`` label image (0 = background).
 
     Binary masks stay 0/1/255-valued here; see :func:`mlseg.dataset.mask_to_labels`.
-    A colour mask is accepted only if its three channels are equal. A JPEG mask is refused:
-    its compression turns each edge into a ring of new values, read as extra nuclei.
+    An indexed (palette) PNG, as CVAT, LabelMe and other VOC-style tools save instance masks,
+    gives its indices, whatever colours its palette shows them in. Another colour mask is
+    accepted only if its three channels are equal. A JPEG mask is refused: its compression
+    turns each edge into a ring of new values, read as extra nuclei.
     """
-    if Path(path).suffix.lower() not in MASK_EXTENSIONS:
+    path = Path(path)
+    if path.suffix.lower() not in MASK_EXTENSIONS:
         raise ImageReadError(
-            f"{Path(path)}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
+            f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
             f"compression changes label values along every edge. Export the mask again as PNG"
         )
-    arr = read_image(path)
-    grey = arr.shape[2] == 1 or (
-        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    return mask_labels(path, read_image(path))
+
+
+def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
+    """The ``(H, W) int32`` labels of the mask file ``path`` from its pixels as
+    :func:`read_image` decoded them: an indexed PNG's indices (read again, as OpenCV decodes
+    only its colours), else the grey value. A colour mask raises :class:`ImageReadError`."""
+    path = Path(path)
+    header = _png_header(path) if path.suffix.lower() == ".png" else None
+    if header is not None and header[3] == PNG_PALETTE:
+        from PIL import Image
+
+        with Image.open(path) as indexed:
+            return np.asarray(indexed, dtype=np.int32)
+    grey = decoded.shape[2] == 1 or (
+        np.array_equal(decoded[..., 0], decoded[..., 1])
+        and np.array_equal(decoded[..., 0], decoded[..., 2])
     )
     if not grey:
         raise ImageReadError(
-            f"{Path(path)}: colour mask; save masks as single-channel label or binary images"
+            f"{path}: colour mask; save masks as single-channel label or binary images"
         )
-    return arr[..., 0].astype(np.int32)
+    return decoded[..., 0].astype(np.int32)
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -149,6 +149,27 @@ def test_inventory_rows_columns_and_not_applicable_nulls(tmp_path, nuclei_datase
     assert inv.splits.set_index("split")["n_pairs"].to_dict() == {"train": 3, "test": 2}
 
 
+def test_inventory_reads_an_indexed_mask_by_its_indices(tmp_path, nuclei_dataset):
+    """A palette PNG mask (CVAT, LabelMe) counts its nuclei by index, even where the palette
+    draws them all white; a true colour mask is refused with its name."""
+    from PIL import Image
+
+    from mlseg.io import read_mask
+
+    root = nuclei_dataset("ds")
+    masks = root / "train" / "masks"
+    indexed = Image.fromarray(read_mask(masks / "train0_mask.png").astype(np.uint8))
+    indexed.putpalette([0, 0, 0] + [255, 255, 255] * 255)
+    indexed.save(masks / "train0_mask.png")
+    colour = np.zeros((48, 48, 3), np.uint8)
+    colour[5:10, 5:10] = (255, 0, 0)
+    write_image(masks / "train1_mask.png", colour)
+    by_path = build_inventory(root).files.set_index("path")
+    assert by_path.loc["train/masks/train0_mask.png", "mask_labels"] == 3
+    unreadable = by_path.loc["train/masks/train1_mask.png"]
+    assert not unreadable["readable"] and "colour mask" in unreadable["read_error"]
+
+
 def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair):
     rng = np.random.default_rng(4)
     root = tmp_path / "ds"

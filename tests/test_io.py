@@ -181,6 +181,20 @@ def test_non_image_and_missing(tmp_path):
         read_image(tmp_path / "nope.png")
 
 
+def test_an_indexed_png_mask_gives_its_indices_not_its_colours(tmp_path):
+    """CVAT, LabelMe and VOC-style tools save instance masks as palette PNGs; the colours
+    may repeat (here every nucleus white), the indices are the labels."""
+    from PIL import Image
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[5:15, 5:15], labels[15:30, 10:30], labels[30:38, 40:48] = 1, 2, 3  # 1 and 2 touch
+    for palette in ([0, 0, 0] + [255, 255, 255] * 255, [0, 0, 0, 128, 0, 0, 0, 128, 0]):
+        indexed = Image.fromarray(labels)  # "L"; a palette makes it "P"
+        indexed.putpalette(palette)
+        indexed.save(tmp_path / "m.png")
+        assert np.array_equal(read_mask(tmp_path / "m.png"), labels)
+
+
 def test_labels_roundtrip_16bit(tmp_path):
     labels = np.zeros((5, 5), np.int32)
     labels[1, 1] = 40000
