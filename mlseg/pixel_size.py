@@ -52,6 +52,10 @@ _UNIT_UM = {
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
 
 
+class ImplausiblePixelSizeWarning(UserWarning):
+    """An image declares a pixel size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM`; it is ignored."""
+
+
 def plausible_pixel_size(um: float | None) -> bool:
     """Whether ``um`` microns per pixel lies in :data:`PLAUSIBLE_PIXEL_SIZE_UM`."""
     low, high = PLAUSIBLE_PIXEL_SIZE_UM
@@ -85,7 +89,7 @@ def image_pixel_size(
     if from_file is not None:
         return from_file, "image metadata"
     if implausible:
-        warnings.warn(implausible_message(implausible), stacklevel=2)
+        warnings.warn(implausible_message(implausible), ImplausiblePixelSizeWarning, stacklevel=2)
     if profile.pixel_size_um is not None:
         return profile.pixel_size_um, "profile"
     return None, "unknown"

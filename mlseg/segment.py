@@ -47,7 +47,7 @@ import functools
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +68,14 @@ from mlseg.io import (
     read_mask,
 )
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
-from mlseg.pixel_size import declared_pixel_size_um, image_pixel_size, sidecar_path
+from mlseg.pixel_size import (
+    ImplausiblePixelSizeWarning,
+    declared_pixel_size_um,
+    image_pixel_size,
+    implausible_message,
+    sidecar_path,
+    usable_pixel_size_um,
+)
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
@@ -434,6 +441,28 @@ def declared_sizes(files: list[Path], given: Mapping[str, float] | None = None) 
     return {s: um for s, um in found.items() if um is not None and s not in given}
 
 
+@contextlib.contextmanager
+def _implausible_sizes_said_once(
+    consulted: Mapping[str, Path], override: float | None, given: Mapping[str, float]
+) -> Iterator[None]:
+    """One warning, up front, naming every file of a run whose metadata or sidecar declares an
+    implausible pixel size (``consulted``: stem -> the file whose declaration counts), where
+    neither ``override`` nor ``given`` replaces it; the same warning of each image's own pass
+    is then kept quiet."""
+    found: list[tuple[Path, float]] = []
+    if override is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a broken sidecar is named by its image's pass
+            for stem, path in consulted.items():
+                if stem not in given:
+                    usable_pixel_size_um(path, found)
+    if found:
+        warnings.warn(implausible_message(found), ImplausiblePixelSizeWarning, stacklevel=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImplausiblePixelSizeWarning)
+        yield
+
+
 def _expectations(
     profile: Profile,
     model_id: str | None,
@@ -633,7 +662,8 @@ def segment_folder(
         )
 
     items = [(p.stem, p) for p in files]
-    return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
+    with _implausible_sizes_said_once({p.stem: p for p in files}, pixel_size_um, sizes):
+        return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
 
 
 def label_stem(path: Path) -> str:
@@ -738,4 +768,6 @@ def quantify_folder(
         return display, labels, table, {**files, "pixel_size_source": source, **summary}
 
     items = [(stem, path) for stem, path, _ in pairs]
-    return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")
+    consulted = {stem: image or label for stem, label, image in pairs}
+    with _implausible_sizes_said_once(consulted, pixel_size_um, sizes):
+        return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")

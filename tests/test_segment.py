@@ -407,6 +407,39 @@ def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path
     assert len(said) == 1
 
 
+def test_print_resolutions_are_named_in_one_warning_per_run(tmp_path):
+    """A folder whose TIFFs all say 72 dpi (an image program's default): one warning naming
+    every file, not one per image; a size from the table silences its image's."""
+    import tifffile
+
+    from mlseg.pixel_size import ImplausiblePixelSizeWarning
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    image, truth = disc_image(60, 60)
+    for stem in ("a", "b", "c"):
+        tifffile.imwrite(
+            images / f"{stem}.tif", image, photometric="rgb", resolution=(72, 72),
+            resolutionunit="INCH",
+        )  # fmt: skip
+        write_labels(masks / f"{stem}_mask.png", truth)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = quantify_folder(
+            masks, images, tmp_path / "out", profile_name="he", progress=False,
+            pixel_sizes={"c": 0.5},
+        )  # fmt: skip
+    assert result.ok
+    said = [w for w in caught if issubclass(w.category, ImplausiblePixelSizeWarning)]
+    assert len(said) == 1
+    assert "2 image(s)" in str(said[0].message) and "c.tif" not in str(said[0].message)
+    assert {s["image"]: s["pixel_size_source"] for s in result.summaries} == {
+        "a": "unknown",
+        "b": "unknown",
+        "c": "table",
+    }
+
+
 def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     from mlseg.cli import main
     from mlseg.config import TrainConfig
