@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warn_once() -> None:
+    """Each test starts with ``mlseg.errors.warn_once`` forgetting what it said, so a test
+    that expects a once-per-run warning sees it whatever ran before."""
+    from mlseg.errors import warn_once
+
+    warn_once.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the repository; skips the test where it is absent."""

@@ -387,7 +387,6 @@ def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path
     """The warning is about the model, not about each image (pandas' table building resets
     Python's once-per-line memory, so it used to repeat for every image)."""
     from mlseg.config import TrainConfig
-    from mlseg.errors import warn_once
     from mlseg.model import build_model, save_checkpoint
 
     train = TrainConfig(encoder="resnet18", encoder_depth=3)
@@ -396,7 +395,6 @@ def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path
         ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
         in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
     )  # fmt: skip
-    warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         result = segment_folder(
