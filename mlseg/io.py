@@ -119,7 +119,8 @@ def _check_complete(path: Path) -> None:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
 
-    Alpha channels are dropped. Raises :class:`ImageReadError` naming the file.
+    An RGBA image is laid over white (its transparent parts are outside the scan); a grey
+    TIFF's alpha is dropped. Raises :class:`ImageReadError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,9 +142,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if arr is None:
             raise ImageReadError(f"{path}: cannot be decoded; the file is corrupt or not an image")
         if arr.ndim == 3:
-            code = cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
+            code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
             arr = cv2.cvtColor(arr, code)
+            if arr.shape[2] == 4:  # OpenCV gives grey + alpha as RGBA too
+                arr = _over_white(arr)
     return _as_hwc(arr, path)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """RGB of an RGBA image laid over white, as slide viewers show it: OpenSlide and QuPath
+    export the area outside a scan as transparent black, which read as black would be
+    counted as densely stained tissue (and would skew stain normalisation)."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    opaque = np.iinfo(rgba.dtype).max
+    if alpha.min(initial=opaque) == opaque:
+        return np.ascontiguousarray(rgb)
+    white = full_scale(rgb)
+    weight = alpha.astype(np.float32) / opaque
+    out = rgb * weight + white * (1.0 - weight)
+    return np.round(out).astype(rgba.dtype)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -169,9 +186,10 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     """One 2-D image from a TIFF series with tifffile's axis letters (``YX``, ``YXS`` for
-    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): an alpha
-    sample is dropped; a stack or a channel count other than 1 or 3 is refused, as reading
-    the first three planes of one would silently pass them off as RGB."""
+    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): RGBA is
+    laid over white, grey + alpha keeps the grey; a stack or a channel count other than 1 or
+    3 is refused, as reading the first three planes of one would silently pass them off as
+    RGB."""
     if len(axes) != arr.ndim or "Y" not in axes or "X" not in axes:
         return arr  # no usable axis letters: the shape check of _as_hwc decides
     other = [(axis, n) for axis, n in zip(axes, arr.shape, strict=True) if axis not in "YX"]
@@ -188,7 +206,7 @@ def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     axis, n = other[0]
     arr = np.moveaxis(arr, axes.index(axis), -1)
     if axis == "S" and n in (2, 4):
-        return arr[..., : n - 1]  # grey or RGB with an alpha sample
+        return _over_white(arr) if n == 4 else arr[..., :1]  # RGB or grey with alpha
     if n not in (1, 3):
         what = "channels" if axis != "Q" else "planes (channels or a stack: the file does not say)"
         raise ImageReadError(

@@ -130,6 +130,30 @@ def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
         read_image(tmp_path / "x.tif")
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix):
+    """OpenSlide and QuPath export what lies outside a scan as transparent black; read as
+    black it would count as densely stained tissue."""
+    import tifffile
+
+    from mlseg.quantify import tissue_fraction
+
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[:, :20] = (150, 80, 160, 255)  # stained tissue, opaque
+    rgba[:, 25:, 3] = 128  # half-transparent black: half-way to white
+    if suffix == ".png":
+        import cv2
+
+        cv2.imwrite(str(tmp_path / "t.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    else:
+        tifffile.imwrite(tmp_path / "t.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    image = read_image(tmp_path / f"t{suffix}")
+    assert image.shape == (20, 30, 3)
+    assert (image[:, :20] == (150, 80, 160)).all() and (image[:, 20:25] == 255).all()
+    assert (np.abs(image[:, 25:].astype(int) - 127) <= 1).all()
+    assert tissue_fraction(image, "he") == pytest.approx(25 / 30)  # the white 5 columns: glass
+
+
 @pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd", "packbits", "jpeg2000"])
 def test_compressed_tiffs_as_scanners_and_image_programs_write_them(tmp_path, compression):
     import tifffile
