@@ -251,9 +251,10 @@ def image_stats(
     ``image`` is ``(H, W, C)`` (or ``(H, W)``) ``uint8``/``uint16``, ``C`` in {1, 3}, RGB order.
     Intensities are fractions of the image's full scale (:func:`mlseg.io.full_scale`: 255,
     or 4095 for a 12-bit camera's 16-bit file). Every statistic uses every pixel except the
-    stain densities, computed on a copy subsampled to at most ``max_side`` pixels per side (colour deconvolution is the costly step). Returns a
-    dict with the keys :data:`STAT_COLUMNS` (channels that do not exist and, for grey
-    images, stain densities are NaN). Pure: no I/O, the input is not modified.
+    stain densities, computed on a copy subsampled to at most ``max_side`` pixels per side
+    (colour deconvolution is the costly step). Returns a dict with the keys
+    :data:`STAT_COLUMNS` (channels that do not exist and, for grey images, stain densities
+    are NaN). Pure: no I/O, the input is not modified.
     """
     import cv2
 
@@ -434,7 +435,7 @@ def inspect_file(
     if role == "stray" or path.suffix.lower() not in IMAGE_EXTENSIONS:
         return row
     try:
-        arr = read_image(path)
+        arr = read_image(path, alpha="drop" if role == "mask" else "white")
         labels = mask_labels(path, arr) if role == "mask" else None
     except ImageReadError as err:
         row.update(readable=False, read_error=str(err))

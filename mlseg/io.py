@@ -3,7 +3,8 @@ declares about its pixel size is :mod:`mlseg.pixel_size`'s).
 
 Images come back as ``(H, W, C)`` arrays in their stored dtype (``uint8`` or ``uint16``),
 RGB channel order, ``C`` in {1, 3}; :func:`full_scale` says which stored value is full
-intensity (a 12-bit camera's image is 0-4095 in a 16-bit file). Masks come back as ``(H, W) int32`` label images.
+intensity (a 12-bit camera's image is 0-4095 in a 16-bit file). Masks come back as
+``(H, W) int32`` label images.
 Every writer is atomic: it writes a temporary file in the target folder and renames it,
 so a crash never leaves a half-written output behind.
 """
@@ -19,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -116,11 +118,12 @@ def _check_complete(path: Path) -> None:
             raise ImageReadError(f"{path}: truncated JPEG (no end marker); re-copy or re-export it")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, alpha: Literal["white", "drop"] = "white") -> np.ndarray:
     """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
 
-    An RGBA image is laid over white (its transparent parts are outside the scan); a grey
-    TIFF's alpha is dropped. Raises :class:`ImageReadError` naming the file.
+    An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
+    the scan) or loses its alpha (``"drop"``: a mask, whose transparent background is
+    label 0); a grey TIFF's alpha is dropped. Raises :class:`ImageReadError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,11 +144,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise ImageReadError(f"{path}: cannot be decoded; the file is corrupt or not an image")
-        if arr.ndim == 3:
+        if arr.ndim == 3:  # OpenCV gives grey + alpha as BGRA too
             code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
             arr = cv2.cvtColor(arr, code)
-            if arr.shape[2] == 4:  # OpenCV gives grey + alpha as RGBA too
-                arr = _over_white(arr)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = _over_white(arr) if alpha == "white" else arr[..., :3]
     return _as_hwc(arr, path)
 
 
@@ -186,8 +189,8 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     """One 2-D image from a TIFF series with tifffile's axis letters (``YX``, ``YXS`` for
-    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): RGBA is
-    laid over white, grey + alpha keeps the grey; a stack or a channel count other than 1 or
+    RGB(A) samples, ``CYX`` for channels, ``ZYX`` for a z-stack, ``Q`` for unknown): RGBA
+    stays RGBA, grey + alpha keeps the grey; a stack or a channel count other than 1 or
     3 is refused, as reading the first three planes of one would silently pass them off as
     RGB."""
     if len(axes) != arr.ndim or "Y" not in axes or "X" not in axes:
@@ -206,7 +209,7 @@ def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     axis, n = other[0]
     arr = np.moveaxis(arr, axes.index(axis), -1)
     if axis == "S" and n in (2, 4):
-        return _over_white(arr) if n == 4 else arr[..., :1]  # RGB or grey with alpha
+        return arr if n == 4 else arr[..., :1]  # RGBA (read_image applies it); grey + alpha
     if n not in (1, 3):
         what = "channels" if axis != "Q" else "planes (channels or a stack: the file does not say)"
         raise ImageReadError(
@@ -336,7 +339,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
             f"compression changes label values along every edge. Export the mask again as PNG"
         )
-    return mask_labels(path, read_image(path))
+    return mask_labels(path, read_image(path, alpha="drop"))
 
 
 def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:

@@ -134,6 +134,7 @@ def test_a_tiff_is_one_grey_or_rgb_image_never_a_stack_read_as_colour(
 def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix):
     """OpenSlide and QuPath export what lies outside a scan as transparent black; read as
     black it would count as densely stained tissue."""
+    import cv2
     import tifffile
 
     from mlseg.quantify import tissue_fraction
@@ -142,8 +143,6 @@ def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix
     rgba[:, :20] = (150, 80, 160, 255)  # stained tissue, opaque
     rgba[:, 25:, 3] = 128  # half-transparent black: half-way to white
     if suffix == ".png":
-        import cv2
-
         cv2.imwrite(str(tmp_path / "t.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
     else:
         tifffile.imwrite(tmp_path / "t.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
@@ -152,6 +151,17 @@ def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix
     assert (image[:, :20] == (150, 80, 160)).all() and (image[:, 20:25] == 255).all()
     assert (np.abs(image[:, 25:].astype(int) - 127) <= 1).all()
     assert tissue_fraction(image, "he") == pytest.approx(25 / 30)  # the white 5 columns: glass
+    # a mask's transparent background stays label 0
+    rgba[..., :3] = np.where(rgba[..., 3:] == 255, 1, 0)
+    rgba[..., 3] = np.where(rgba[..., 3] == 255, 255, 0)
+    if suffix == ".png":
+        cv2.imwrite(str(tmp_path / "t_mask.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    else:
+        tifffile.imwrite(
+            tmp_path / "t_mask.tif", rgba, photometric="rgb", extrasamples=["unassalpha"]
+        )
+    mask = read_mask(tmp_path / f"t_mask{suffix}")
+    assert (mask[:, :20] == 1).all() and (mask[:, 20:] == 0).all()
 
 
 @pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd", "packbits", "jpeg2000"])
