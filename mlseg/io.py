@@ -339,20 +339,21 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
             f"compression changes label values along every edge. Export the mask again as PNG"
         )
-    return mask_labels(path, read_image(path, alpha="drop"))
+    return mask_labels(path, read_image(path, alpha="drop")).astype(np.int32, copy=False)
 
 
 def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
-    """The ``(H, W) int32`` labels of the mask file ``path`` from its pixels as
+    """The ``(H, W)`` integer labels of the mask file ``path`` from its pixels as
     :func:`read_image` decoded them: an indexed PNG's indices (read again, as OpenCV decodes
-    only its colours), else the grey value. A colour mask raises :class:`ImageReadError`."""
+    only its colours), else the grey value as stored (no copy). A colour mask raises
+    :class:`ImageReadError`."""
     path = Path(path)
     header = _png_header(path) if path.suffix.lower() == ".png" else None
     if header is not None and header[3] == PNG_PALETTE:
         from PIL import Image
 
         with Image.open(path) as indexed:
-            return np.asarray(indexed, dtype=np.int32)
+            return np.asarray(indexed)
     grey = decoded.shape[2] == 1 or (
         np.array_equal(decoded[..., 0], decoded[..., 1])
         and np.array_equal(decoded[..., 0], decoded[..., 2])
@@ -361,7 +362,7 @@ def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
         raise ImageReadError(
             f"{path}: colour mask; save masks as single-channel label or binary images"
         )
-    return decoded[..., 0].astype(np.int32)
+    return decoded[..., 0]
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
