@@ -179,7 +179,8 @@ def segment_batch(
         listed = (pixel_sizes or {}).get(path.stem)
         parts = [inference, pixel_size_um, listed]
         if pixel_size_um is None and listed is None:
-            parts += declared_sizes([path]).values()  # a corrected sidecar redoes its image
+            # a corrected sidecar redoes its image
+            parts += declared_sizes({path.stem: path}).values()
         settings = _digest(parts)
         expect = {**base, "input_digest": file_digest(path), "settings": settings}
         done = image_done(out, path.stem, expect)

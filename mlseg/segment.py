@@ -73,8 +73,8 @@ from mlseg.pixel_size import (
     declared_pixel_size_um,
     image_pixel_size,
     implausible_message,
+    plausible_pixel_size,
     sidecar_path,
-    usable_pixel_size_um,
 )
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
@@ -430,32 +430,28 @@ def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dic
     }
 
 
-def declared_sizes(files: list[Path], given: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Stem -> the size each image not in ``given`` declares itself (JSON sidecar, TIFF
-    metadata), for skip checks: a corrected sidecar redoes its image. Warnings about these
-    sizes are left to the image's own pass."""
+def declared_sizes(
+    files: Mapping[str, Path], given: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Stem -> the size each image not in ``given`` declares (``files``: stem -> the file
+    whose JSON sidecar or TIFF metadata counts), plausible or not, for skip checks: a
+    corrected sidecar redoes its image. Warnings about these sizes are left to the run
+    (:func:`_implausible_sizes_said_once`) and the image's own pass."""
     given = given or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = {p.stem: declared_pixel_size_um(p, plausible_only=False) for p in files}
+        found = {s: declared_pixel_size_um(p, plausible_only=False) for s, p in files.items()}
     return {s: um for s, um in found.items() if um is not None and s not in given}
 
 
 @contextlib.contextmanager
 def _implausible_sizes_said_once(
-    consulted: Mapping[str, Path], override: float | None, given: Mapping[str, float]
+    declared: Mapping[str, float], files: Mapping[str, Path]
 ) -> Iterator[None]:
-    """One warning, up front, naming every file of a run whose metadata or sidecar declares an
-    implausible pixel size (``consulted``: stem -> the file whose declaration counts), where
-    neither ``override`` nor ``given`` replaces it; the same warning of each image's own pass
-    is then kept quiet."""
-    found: list[tuple[Path, float]] = []
-    if override is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a broken sidecar is named by its image's pass
-            for stem, path in consulted.items():
-                if stem not in given:
-                    usable_pixel_size_um(path, found)
+    """One warning, up front, naming every file whose declared size (``declared``, from
+    :func:`declared_sizes` of ``files``) is implausible; the same warning of each image's
+    own pass is then kept quiet."""
+    found = [(files[s], um) for s, um in declared.items() if not plausible_pixel_size(um)]
     if found:
         warnings.warn(implausible_message(found), ImplausiblePixelSizeWarning, stacklevel=3)
     with warnings.catch_warnings():
@@ -637,7 +633,8 @@ def segment_folder(
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
-    declared = declared_sizes(files, sizes) if pixel_size_um is None else {}
+    by_stem = {p.stem: p for p in files}
+    declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
     expect = _expectations(
         profile, model_id, settings, sizes, declared, {p.stem: [p] for p in files}
     )
@@ -662,7 +659,7 @@ def segment_folder(
         )
 
     items = [(p.stem, p) for p in files]
-    with _implausible_sizes_said_once({p.stem: p for p in files}, pixel_size_um, sizes):
+    with _implausible_sizes_said_once(declared, by_stem):
         return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
 
 
@@ -724,9 +721,14 @@ def quantify_folder(
     sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs])
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
-    declared = declared_sizes(image_files, sizes) if pixel_size_um is None else {}
+    consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
+    declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
+    imaged = {stem for stem, _, image in pairs if image is not None}
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
-    expect = _expectations(profile, None, settings, sizes, declared, inputs)
+    # the skip check holds the sizes images declare, as before label files' counted
+    expect = _expectations(
+        profile, None, settings, sizes, {s: declared[s] for s in declared.keys() & imaged}, inputs
+    )
 
     run_info = {
         "command": "quantify",
@@ -768,6 +770,5 @@ def quantify_folder(
         return display, labels, table, {**files, "pixel_size_source": source, **summary}
 
     items = [(stem, path) for stem, path, _ in pairs]
-    consulted = {stem: image or label for stem, label, image in pairs}
-    with _implausible_sizes_said_once(consulted, pixel_size_um, sizes):
+    with _implausible_sizes_said_once(declared, consulted):
         return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")
