@@ -20,11 +20,11 @@ Each copy is segmented in up to three modes:
 
 It prints, per level and mode, the means of Dice, AJI and PQ, the median |count error|, the
 median area ratio of matched nuclei (predicted / annotated: the size bias every area and
-length in the measurements carries) and the median factor the estimation chose against the one the pixel size gives; then ratios
-against a baseline of the same run: ``auto`` over ``given`` and over ``native`` for
-``scale``, each mode over the untouched tile for ``blur`` and ``jpeg`` (Dice and PQ). It
-writes ``per_image.csv`` (with the error kinds), ``summary.csv`` and ``<axis>_sweep.png``,
-and ends with one JSON line.
+length in the measurements carries) and the median factor the estimation chose against the
+one the pixel size gives; then ratios against a baseline of the same run: ``auto`` over
+``given`` and over ``native`` for ``scale``, each mode over the untouched tile for ``blur``
+and ``jpeg`` (Dice and PQ). It writes ``per_image.csv`` (with the error kinds),
+``summary.csv`` and ``<axis>_sweep.png``, and ends with one JSON line.
 
     python bench/scanner_sweep.py --model DIR                  # scale, cpm15 40x tiles
     python bench/scanner_sweep.py --model DIR --axis blur

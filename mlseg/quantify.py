@@ -153,7 +153,8 @@ def tissue_fraction(
 
     Bright field (``he``/``ihc``/``none``): summed RGB optical density above
     ``od_threshold`` (glass is ~0). Fluorescence: brightest channel above
-    ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`). ``image``: ``(H, W, C)`` uint8/uint16.
+    ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`). ``image``:
+    ``(H, W, C)`` uint8/uint16.
     """
     image = np.asarray(image)
     if image.ndim == 2:
