@@ -15,7 +15,12 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
 - decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
   ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
-  ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``;
+  ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``,
+  ``interior_fraction`` (of the foreground pixels, the share whose four neighbours carry the
+  same label: low = outlines drawn instead of filled nuclei; null under
+  :data:`mlseg.dataset.MIN_FOREGROUND_FOR_SHAPE` pixels), ``edge_to_edge_fraction`` (the share of the mask
+  covered by its largest object that touches all four edges, 0 if none: the background
+  labelled as a nucleus, as an inverted binary mask has it);
 - image quality (:func:`image_stats`, images only): ``mean_c{0,1,2}`` and ``std_c{0,1,2}``
   (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
   ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:
@@ -64,7 +69,7 @@ import pandas as pd
 from pydantic import Field
 
 from mlseg.config import DataConfig, Strict
-from mlseg.dataset import SPLITS, manifest_pixel_sizes, split_dir
+from mlseg.dataset import SPLITS, manifest_pixel_sizes, mask_shape, split_dir
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -99,7 +104,14 @@ STAT_COLUMNS = (
     "od_eosin_mean",
     "od_dab_mean",
 )
-MASK_COLUMNS = ("mask_kind", "mask_labels", "mask_max_value", "foreground_fraction")
+MASK_COLUMNS = (
+    "mask_kind",
+    "mask_labels",
+    "mask_max_value",
+    "foreground_fraction",
+    "interior_fraction",
+    "edge_to_edge_fraction",
+)
 CHECK_COLUMNS = (
     "location_ok",
     "extension_ok",
@@ -319,13 +331,15 @@ def mask_values_valid(values: np.ndarray, declared: str) -> bool:
 
 
 def mask_stats(mask: np.ndarray, declared: str = "auto") -> dict[str, Any]:
-    """Facts about one ``(H, W)`` integer mask: kind, label count, foreground, validity.
+    """Facts about one ``(H, W)`` integer mask: kind, label count, foreground, shape, validity.
 
     Returns ``mask_kind`` (``binary`` if at most one non-zero value, else ``instance``, as
     :func:`mlseg.dataset.mask_kind`), ``mask_labels``, ``mask_max_value``,
-    ``foreground_fraction`` and ``mask_values_ok`` (see :func:`mask_values_valid`).
+    ``foreground_fraction``, ``interior_fraction`` and ``edge_to_edge_fraction`` (see
+    :func:`mlseg.dataset.mask_shape`) and ``mask_values_ok`` (see :func:`mask_values_valid`).
     """
-    flat = np.asarray(mask).ravel()
+    mask = np.asarray(mask)
+    flat = mask.ravel()
     if flat.dtype.kind in "iu" and flat.size and flat.min() >= 0 and flat.max() < 1 << 20:
         foreground = flat[flat != 0]  # nuclei cover a fraction of the image: count only those
         values = np.flatnonzero(np.bincount(foreground)) if foreground.size else foreground[:0]
@@ -339,6 +353,7 @@ def mask_stats(mask: np.ndarray, declared: str = "auto") -> dict[str, Any]:
         "mask_labels": n_labels,
         "mask_max_value": int(values.max()) if values.size else 0,
         "foreground_fraction": 1.0 - background / flat.size if flat.size else 0.0,
+        **mask_shape(mask, binary=n_labels <= 1),
         "mask_values_ok": mask_values_valid(values, declared),
     }
 

@@ -711,7 +711,7 @@ def quantify_folder(
     components (:func:`mlseg.dataset.mask_to_labels`). ``images_dir`` None measures shape
     only.
     """
-    from mlseg.dataset import mask_to_labels
+    from mlseg.dataset import check_mask_shape, mask_to_labels
 
     profile = _load_profile(profile_name, profiles_file, units)
     images_dir = Path(images_dir) if images_dir is not None else None
@@ -749,7 +749,9 @@ def quantify_folder(
                 f"{path}: no image named {stem}.<ext> in {images_dir}; name label files "
                 "<image stem>[_mask|_masks|_cp_masks|_labels].<ext>"
             )
-        labels = mask_to_labels(read_mask(path))
+        mask = read_mask(path)
+        check_mask_shape(mask, path)  # outlines or a labelled background measure nonsense
+        labels = mask_to_labels(mask)
         image = None
         if image_path is not None:
             image = read_image(image_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from mlseg.inventory import (
     content_hash,
     fingerprint,
     image_stats,
+    mask_shape,
     mask_stats,
     mask_values_valid,
 )
@@ -104,6 +106,33 @@ def test_mask_stats_counts_labels_and_foreground():
     assert stats["foreground_fraction"] == pytest.approx(0.2)
     assert stats["mask_values_ok"] is False
     assert mask_stats(np.zeros((4, 4), np.uint8))["mask_kind"] == "binary"
+
+
+def test_mask_shape_tells_filled_nuclei_from_outlines_and_a_labelled_background():
+    from skimage.draw import disk
+
+    filled = np.zeros((64, 64), np.uint8)
+    for i, centre in enumerate([(16, 16), (16, 46), (46, 30)], start=1):
+        filled[disk(centre, 7, shape=filled.shape)] = i
+    outline = filled * (filled != cv2.erode(filled, np.ones((3, 3), np.uint8)))
+    tiny = np.zeros((64, 64), np.uint8)
+    tiny[disk((30, 30), 3)] = 1  # 29 px: too few to tell
+    shape = {
+        name: mask_shape(m, binary=m.max() <= 1)
+        for name, m in [("filled", filled), ("outline", outline), ("tiny", tiny)]
+    }
+    assert shape["filled"]["interior_fraction"] > 0.7
+    assert shape["outline"]["interior_fraction"] < 0.05
+    assert shape["tiny"]["interior_fraction"] is None
+    assert all(s["edge_to_edge_fraction"] == 0 for s in shape.values())
+    inverted = (filled == 0).astype(np.uint8)
+    assert mask_shape(inverted, binary=True)["edge_to_edge_fraction"] == pytest.approx(
+        inverted.mean()
+    )
+    # a nucleus cut by one edge, or a band of nuclei across the tile, touches fewer than four
+    band = np.zeros((64, 64), np.uint8)
+    band[20:40] = 1
+    assert mask_shape(band, binary=True)["edge_to_edge_fraction"] == 0
 
 
 def test_content_hash_depends_on_pixels_not_file_format(tmp_path, nuclei_pair):

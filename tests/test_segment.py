@@ -338,11 +338,20 @@ def test_quantify_folder_on_user_masks(tmp_path):
     write_labels(masks / "c.tif", truth)  # same stem, no suffix
     write_labels(masks / "d_labels.png", truth)  # wrong size
     write_labels(masks / "e_mask.png", truth)  # no image
+    # a QuPath ROI export traced as outlines, and an ImageJ mask with black nuclei on white
+    from skimage.segmentation import find_boundaries
+
+    write_image(images / "f.png", image)
+    write_labels(masks / "f_mask.png", np.where(find_boundaries(truth, mode="inner"), truth, 0))
+    write_image(images / "g.png", image)
+    write_image(masks / "g_mask.png", ((truth == 0) * 255).astype(np.uint8))
     out = tmp_path / "out"
     result = quantify_folder(masks, images, out, profile_name="he", progress=False)
     assert sorted(result.processed) == ["a", "b", "c"]
     assert "must match" in result.failed[str(masks / "d_labels.png")]
     assert "no image named e" in result.failed[str(masks / "e_mask.png")]
+    assert "drawn as outlines, not filled" in result.failed[str(masks / "f_mask.png")]
+    assert "background is labelled" in result.failed[str(masks / "g_mask.png")]
     for stem in ("a", "b", "c"):
         summary = json.loads((out / f"{stem}.json").read_text())
         assert summary["count"] == truth.max()

@@ -283,6 +283,47 @@ def test_mask_values_invalid_for_declared_binary(nuclei_dataset):
     assert check(root).success  # declared "auto": {0, 3, 7} is a valid instance mask
 
 
+def test_nuclei_drawn_as_outlines_stop_training(nuclei_dataset):
+    """A lab that traced each nucleus's outline (an ROI export, a contour tool) instead of
+    filling it would train a model that draws rings."""
+    from skimage.draw import disk
+    from skimage.segmentation import find_boundaries
+
+    root = nuclei_dataset()
+    labels = np.zeros((48, 48), np.uint16)
+    for i, centre in enumerate([(12, 12), (12, 36), (36, 12), (36, 36)], start=1):
+        labels[disk(centre, 9, shape=labels.shape)] = i
+    path = root / "train/masks/train1_mask.png"
+    write_labels(path, np.where(find_boundaries(labels, mode="inner"), labels, 0))
+    report = check(root)
+    assert report.failed_rules("error") == ["mask_filled"]
+    assert_caught(report, "mask_filled", {"train/masks/train1_mask.png"})
+
+
+@pytest.mark.parametrize("background", ["inverted binary", "label 1"])
+def test_a_labelled_background_stops_training(nuclei_dataset, background):
+    """Nuclei cover 10-50 % of a tile, so an inverted mask is 50-90 % foreground: the 90 %
+    foreground warning alone let most of them train a model of the background."""
+    root = nuclei_dataset()
+    path = root / "test/masks/test0_mask.png"
+    labels = read_mask(path)
+    if background == "inverted binary":  # an ImageJ mask saved with black nuclei on white
+        write_image(path, np.where(labels > 0, 0, 255).astype(np.uint8))
+    else:  # a label image whose background is label 1 (a watershed's basin)
+        write_labels(path, np.where(labels > 0, labels + 1, 1))
+    report = check(root)
+    assert report.failed_rules("error") == ["background_not_labelled"]
+    assert_caught(report, "background_not_labelled", {"test/masks/test0_mask.png"})
+
+
+def test_the_mask_shape_rules_hold_the_limits_quantify_refuses_at():
+    from mlseg.dataset import MAX_EDGE_TO_EDGE_FRACTION, MIN_INTERIOR_FRACTION
+
+    rules = {e["meta"]["rule"]: e["kwargs"] for s in load_suites() for e in s["expectations"]}
+    assert rules["mask_filled"]["min_value"] == MIN_INTERIOR_FRACTION
+    assert rules["background_not_labelled"]["max_value"] == MAX_EDGE_TO_EDGE_FRACTION
+
+
 def test_image_copied_into_train_and_test(nuclei_dataset):
     root = nuclei_dataset()
     shutil.copy(root / "train/original/train0.png", root / "test/original/copy.png")
