@@ -257,11 +257,20 @@ def macenko(
     image: np.ndarray,
     ref_stains: np.ndarray = MACENKO_REF_STAINS,
     ref_max_conc: np.ndarray = MACENKO_REF_MAX_CONC,
+    *,
+    nuclear_dab: bool = False,
 ) -> np.ndarray:
     """Macenko stain normalisation to reference stain vectors and concentrations.
 
     ``(H, W, 3)`` RGB -> float32 [0, 1] RGB. Images with too little stained tissue to
     estimate stains (see :func:`macenko_stains`) are returned unchanged (as float).
+
+    On an IHC slide the second stain found is DAB, which takes eosin's place. With
+    ``nuclear_dab`` (a nuclear marker) each pixel's haematoxylin also becomes the stronger of
+    its haematoxylin and its DAB, both normalised alike (99th percentile to the reference
+    haematoxylin's): a strongly positive nucleus, whose DAB hides its counterstain, stays as
+    dark as a nucleus, where as eosin alone it would look like cytoplasm to a model that
+    learnt nuclei from H&E.
     """
     x = _hwc(to_float(image))
     if x.shape[2] != 3:
@@ -272,8 +281,12 @@ def macenko(
     stains, max_conc = est
     od = optical_density(x).reshape(-1, 3)
     conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
-    conc *= (np.asarray(ref_max_conc) / np.maximum(max_conc, 1e-6))[:, None]
-    out = np.exp(-(np.asarray(ref_stains) @ conc)).T.reshape(x.shape)
+    gain = np.asarray(ref_max_conc) / np.maximum(max_conc, 1e-6)
+    out_conc = conc * gain[:, None]
+    if nuclear_dab:
+        dab_as_haematoxylin = np.clip(conc[1], 0, None) * (ref_max_conc[0] / max(max_conc[1], 1e-6))
+        out_conc[0] = np.maximum(out_conc[0], dab_as_haematoxylin)
+    out = np.exp(-(np.asarray(ref_stains) @ out_conc)).T.reshape(x.shape)
     return np.clip(out, 0, 1).astype(np.float32)
 
 
@@ -367,7 +380,8 @@ def normalize(
         if cfg.stain_norm == "reinhard":
             x = reinhard(x, *lab_stats(_needs_reference(cfg, "reinhard")))
         else:
-            x = macenko(x, *macenko_target(cfg))
+            nuclear_dab = stain == "ihc" and cfg.ihc_dab == "nucleus"
+            x = macenko(x, *macenko_target(cfg), nuclear_dab=nuclear_dab)
     if cfg.equalize == "hist":
         x = equalize_hist(x)
     elif cfg.equalize == "clahe":

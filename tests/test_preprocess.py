@@ -160,6 +160,38 @@ def test_macenko_keeps_haematoxylin_on_a_yellowish_background() -> None:
     assert np.corrcoef(before, after)[0, 1] > 0.95
 
 
+def test_a_dab_positive_nucleus_stays_a_nucleus_for_a_nuclear_ihc_marker() -> None:
+    """Ki-67-like IHC: a positive nucleus's DAB hides its counterstain. Put in eosin's place
+    alone it reads as cytoplasm to a model that learnt nuclei as haematoxylin-dark."""
+    from skimage.draw import disk
+
+    haem, dab = np.array([0.650, 0.704, 0.286]), np.array([0.268, 0.570, 0.776])
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0.05, 0.15, (96, 96))  # counterstained background
+    d = np.zeros((96, 96))
+    negative, positive = disk((30, 30), 10), disk((66, 66), 10)
+    h[negative] = rng.uniform(0.8, 1.2, h[negative].shape)
+    h[positive], d[positive] = 0.2, rng.uniform(0.8, 1.2, h[positive].shape)
+    od = h[..., None] * haem / np.linalg.norm(haem) + d[..., None] * dab / np.linalg.norm(dab)
+    image = np.round(255 * np.exp(-od)).astype(np.uint8)
+
+    def haematoxylin(cfg: PreprocessConfig, stain: str) -> np.ndarray:
+        out = normalize(image, cfg, stain)
+        od = -np.log(np.clip(out.reshape(-1, 3), 1e-6, 1)).T
+        return np.linalg.lstsq(MACENKO_REF_STAINS, od, rcond=None)[0][0].reshape(96, 96)
+
+    cfg = PreprocessConfig(stain_norm="macenko")
+    nuclear = haematoxylin(cfg, "ihc")
+    assert nuclear[positive].mean() > 0.8 * nuclear[negative].mean()
+    # a membrane marker's DAB, and any H&E slide's second stain, stay out of haematoxylin
+    for before in (
+        haematoxylin(cfg.model_copy(update={"ihc_dab": "eosin"}), "ihc"),
+        haematoxylin(cfg, "he"),
+    ):
+        assert before[positive].mean() < 0.5 * before[negative].mean()
+        assert np.allclose(before[negative].mean(), nuclear[negative].mean(), rtol=0.05)
+
+
 def test_macenko_leaves_blank_images_alone() -> None:
     blank = np.full((16, 16, 3), 250, np.uint8)
     assert np.allclose(macenko(blank), blank / 255.0)
