@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mlseg.io import read_image, read_mask  # noqa: E402
+from mlseg.metrics import contingency  # noqa: E402
 from mlseg.model import load_model  # noqa: E402
 from mlseg.segment import _load_profile, predict_labels_scaled, quantify_image  # noqa: E402
 
@@ -58,15 +59,13 @@ def pseudo_ihc(rgb: np.ndarray, truth: np.ndarray, positive: np.ndarray, vectors
     return np.clip(np.round(255 * 10.0**-out), 0, 255).astype(np.uint8)
 
 
-def found(truth: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Whether each annotated nucleus in ``labels`` has a prediction at IoU >= 0.5."""
-    t_area, p_area = np.bincount(truth.ravel()), np.bincount(pred.ravel())
-    pairs = pd.DataFrame({"t": truth.ravel(), "p": pred.ravel()})
-    inter = pairs[(pairs.t > 0) & (pairs.p > 0)].value_counts()
-    best = {}
-    for (t, p), n in inter.items():
-        best[t] = max(best.get(t, 0.0), n / (t_area[t] + p_area[p] - n))
-    return np.array([best.get(label, 0.0) >= 0.5 for label in labels])
+def found(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Whether each annotated nucleus (in label order) has a prediction at IoU >= 0.5."""
+    ti, pi, inter, true_area, pred_area = contingency(pred, truth)
+    iou = inter / (true_area[ti] + pred_area[pi] - inter)
+    hit = np.zeros(true_area.size, bool)
+    hit[ti[iou >= 0.5]] = True
+    return hit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("H&E", loaded, rgb, he)] + [(f"IHC {m}", models[m], stained, ihc) for m in MODES]
         for name, model, image, profile in runs:
             pred, _, _ = predict_labels_scaled(model, image, profile, pixel_size_um=px)
-            hit = found(truth, pred, labels)
+            hit = found(truth, pred)
             _, summary = quantify_image(stained, pred, ihc, pixel_size_um=px)
             row = {
                 "image": path.stem,

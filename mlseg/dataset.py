@@ -336,10 +336,11 @@ def mask_shape(mask: np.ndarray, *, binary: bool) -> dict[str, float | None]:
     return {"interior_fraction": interior, "edge_to_edge_fraction": spanning}
 
 
-def check_mask_shape(mask: np.ndarray, path: Path | str) -> None:
-    """Raise :class:`DatasetError` naming ``path`` where :func:`mask_shape` says the mask's
-    nuclei are outlines or its background is labelled: its measurements would be wrong."""
-    shape = mask_shape(mask, binary=mask_kind(mask) == "binary")
+def check_mask_shape(labels: np.ndarray, path: Path | str) -> None:
+    """Raise :class:`DatasetError` naming ``path`` where :func:`mask_shape` says the nuclei of
+    ``labels`` (instance labels, as :func:`mask_to_labels` gives) are outlines or their
+    background is labelled: their measurements would be wrong."""
+    shape = mask_shape(labels, binary=False)  # a binary mask's components are labels already
     interior, spanning = shape["interior_fraction"], shape["edge_to_edge_fraction"]
     if interior is not None and interior < MIN_INTERIOR_FRACTION:
         raise DatasetError(

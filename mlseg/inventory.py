@@ -16,11 +16,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
   ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``,
-  ``interior_fraction`` (of the foreground pixels, the share whose four neighbours carry the
-  same label: low = outlines drawn instead of filled nuclei; null under
-  :data:`mlseg.dataset.MIN_FOREGROUND_FOR_SHAPE` pixels), ``edge_to_edge_fraction`` (the share of the mask
-  covered by its largest object that touches all four edges, 0 if none: the background
-  labelled as a nucleus, as an inverted binary mask has it);
+  ``interior_fraction`` and ``edge_to_edge_fraction`` (:func:`mlseg.dataset.mask_shape`: low
+  = outlines drawn instead of filled nuclei; high = the background labelled as a nucleus,
+  as an inverted binary mask has it);
 - image quality (:func:`image_stats`, images only): ``mean_c{0,1,2}`` and ``std_c{0,1,2}``
   (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
   ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:

@@ -749,9 +749,8 @@ def quantify_folder(
                 f"{path}: no image named {stem}.<ext> in {images_dir}; name label files "
                 "<image stem>[_mask|_masks|_cp_masks|_labels].<ext>"
             )
-        mask = read_mask(path)
-        check_mask_shape(mask, path)  # outlines or a labelled background measure nonsense
-        labels = mask_to_labels(mask)
+        labels = mask_to_labels(read_mask(path))
+        check_mask_shape(labels, path)  # outlines or a labelled background measure nonsense
         image = None
         if image_path is not None:
             image = read_image(image_path)
