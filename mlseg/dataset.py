@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
 from mlseg.errors import DatasetError
 from mlseg.io import IMAGE_EXTENSIONS, write_text
@@ -238,8 +239,11 @@ def list_pairs(
             problems.append(f"{path}: two images share the stem {path.stem!r}; keep one")
         images[path.stem] = path
     masks: dict[str, Path] = {}
+    drawn: dict[str, Path] = {}  # polygon annotations, which ingest draws as masks
     if msk_dir.is_dir():
         for path in sorted(msk_dir.iterdir()):
+            if is_annotation_file(path):
+                drawn[annotation_stem(path, cfg.mask_suffix)] = path
             if not is_image_file(path):
                 continue
             if path.stem.endswith(cfg.mask_suffix):
@@ -253,7 +257,12 @@ def list_pairs(
         problems.append(f"{msk_dir}: mask folder not found; put the masks there")
     if strict:
         for stem, path in images.items():
-            if stem not in masks and msk_dir.is_dir():
+            if stem not in masks and stem in drawn:
+                problems.append(
+                    f"{path}: no mask; {drawn[stem].name} is a polygon annotation: draw it as "
+                    f"a mask with `mlseg ingest <this dataset> <new folder>`"
+                )
+            elif stem not in masks and msk_dir.is_dir():
                 problems.append(
                     f"{path}: no mask; expected {msk_dir / (mask_stem(stem, cfg) + '.png')}"
                 )

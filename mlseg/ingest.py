@@ -8,6 +8,11 @@ Recognised sources (``layout="auto"`` detects them in this order):
 - ``flat``: ``original/<stem>.<ext>`` + ``masks/<stem>_mask.<ext>`` (as ``../shared/data/*``).
 - ``cellpose``: one folder of ``<stem>.tif`` + ``<stem>_masks.tif``.
 
+In ``flat`` and ``contract`` sources a mask may also be a polygon annotation file, QuPath
+GeoJSON or ImageScope XML (:mod:`mlseg.annotations`), named ``<stem>_mask.geojson`` or as
+its image (``<stem>.geojson``, ``<stem>.xml``; ``<stem>.tif.geojson`` as QuPath scripts name
+them): it is drawn at its image's size and written as the dataset's ``<stem>_mask.png``.
+
 The source is only read. Every pair is decoded and checked (readable, same size) before
 anything is written; all problems are reported together. Files are copied (or hard-linked
 with ``link=True``) into a temporary sibling folder that is renamed onto the target at the
@@ -28,6 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mlseg.annotations import Drawn, annotation_labels, annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
 from mlseg.dataset import (
     MANIFEST,
@@ -38,8 +44,8 @@ from mlseg.dataset import (
     split_dir,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
-from mlseg.io import read_image, read_mask, write_table
-from mlseg.pixel_size import implausible_message, usable_pixel_size_um
+from mlseg.io import read_image, read_mask, write_labels, write_table
+from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
@@ -85,6 +91,33 @@ def _by_stem(folder: Path) -> dict[str, Path]:
     )
 
 
+def _masks_by_stem(
+    folder: Path, images: dict[str, Path], suffix: str, problems: list[str]
+) -> dict[str, Path]:
+    """The masks of ``folder`` by image stem: ``<stem><suffix>.<ext>`` images, and polygon
+    annotation files (named as their mask or their image, :func:`annotation_stem`)."""
+    masks: dict[str, Path] = {}
+    if not folder.is_dir():
+        return masks
+    for p in sorted(folder.iterdir()):
+        if is_annotation_file(p):
+            stem = annotation_stem(p, suffix)
+        elif not is_image_file(p):
+            continue
+        elif p.stem.endswith(suffix):
+            stem = p.stem[: -len(suffix)]
+        else:
+            problems.append(
+                f"{p}: mask name must end with {suffix!r} (e.g. {p.stem}{suffix}{p.suffix})"
+            )
+            continue
+        if stem in masks:
+            problems.append(f"{p}: a second mask for {stem!r} (also {masks[stem].name}); keep one")
+            continue
+        masks[stem] = p
+    return masks
+
+
 def _pair(
     images: dict[str, Path],
     masks: dict[str, Path],
@@ -113,24 +146,13 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
         for split in ("train", "test"):
             base = split_dir(src, cfg, split)
             images = _by_stem(base / cfg.image_dir)
-            masks = {
-                s[: -len(suffix)]: p
-                for s, p in _by_stem(base / cfg.mask_dir).items()
-                if s.endswith(suffix)
-            }
+            masks = _masks_by_stem(base / cfg.mask_dir, images, suffix, problems)
             items += _pair(
                 images, masks, split, problems, f"{base / cfg.mask_dir}/{{stem}}{suffix}.png"
             )
     elif layout == "flat":
         images = _by_stem(src / cfg.image_dir)
-        masks = {}
-        for s, p in _by_stem(src / cfg.mask_dir).items():
-            if s.endswith(suffix):
-                masks[s[: -len(suffix)]] = p
-            else:
-                problems.append(
-                    f"{p}: mask name must end with {suffix!r} (e.g. {s}{suffix}{p.suffix})"
-                )
+        masks = _masks_by_stem(src / cfg.mask_dir, images, suffix, problems)
         items += _pair(images, masks, None, problems, f"{src / cfg.mask_dir}/{{stem}}{suffix}.png")
     elif layout == "nnunet":
         for img_dir, lbl_dir, split in (
@@ -173,9 +195,12 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     return items
 
 
-def check_pairs(items: list[SourceItem], progress: bool = True) -> None:
-    """Decode every image and mask; raise one DatasetError listing unreadable or mismatched files."""
+def check_pairs(items: list[SourceItem], progress: bool = True) -> dict[str, Drawn]:
+    """Decode every image and mask; raise one DatasetError listing unreadable or mismatched
+    files. Returns the annotation files drawn as masks, by stem; what drawing them left out
+    is said in one warning."""
     problems: list[str] = []
+    drawn: dict[str, Drawn] = {}
     for item in tqdm(items, desc="checking", unit="pair", disable=not progress, leave=False):
         try:
             image = read_image(item.image)
@@ -183,6 +208,9 @@ def check_pairs(items: list[SourceItem], progress: bool = True) -> None:
             problems.append(str(err))
             continue
         try:
+            if is_annotation_file(item.mask):
+                drawn[item.stem] = annotation_labels(item.mask, image.shape[:2])
+                continue
             mask = read_mask(item.mask)
         except ImageReadError as err:
             problems.append(str(err))
@@ -194,6 +222,11 @@ def check_pairs(items: list[SourceItem], progress: bool = True) -> None:
             )
     if problems:
         raise DatasetError(_summarise(problems))
+    noted = [(item.mask, drawn[item.stem].notes) for item in items if drawn.get(item.stem)]
+    if any(notes for _, notes in noted):
+        listed = "; ".join(f"{path.name}: {', '.join(notes)}" for path, notes in noted if notes)
+        warnings.warn(f"drawing polygon annotations as masks: {listed}", stacklevel=3)
+    return drawn
 
 
 def assign_splits(stems: list[str], test_fraction: float, seed: int) -> dict[str, str]:
@@ -321,7 +354,7 @@ def ingest(
         raise DatasetError(
             f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
         )
-    check_pairs(items, progress=progress)
+    drawn = check_pairs(items, progress=progress)
     sizes = _source_pixel_sizes(src, pixel_sizes)
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
@@ -335,14 +368,24 @@ def ingest(
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
             image_dst = base / cfg.image_dir / f"{item.stem}{item.image.suffix.lower()}"
-            mask_dst = (
-                base / cfg.mask_dir / f"{item.stem}{cfg.mask_suffix}{item.mask.suffix.lower()}"
-            )
+            mask_name = f"{item.stem}{cfg.mask_suffix}{item.mask.suffix.lower()}"
+            if item.stem in drawn:
+                wide = drawn[item.stem].labels.max(initial=0) > np.iinfo(np.uint16).max
+                mask_name = f"{item.stem}{cfg.mask_suffix}{'.tif' if wide else '.png'}"
+            mask_dst = base / cfg.mask_dir / mask_name
             _place(item.image, image_dst, link)
-            _place(item.mask, mask_dst, link)
+            if item.stem in drawn:
+                write_labels(mask_dst, drawn[item.stem].labels)
+            else:
+                _place(item.mask, mask_dst, link)
             size = sizes.get(item.stem, pixel_size_um)
             if size is None:
                 size = usable_pixel_size_um(item.image, implausible)
+            if size is None and item.stem in drawn and (um := drawn[item.stem].pixel_size_um):
+                if plausible_pixel_size(um):
+                    size = um  # ImageScope's MicronsPerPixel
+                else:
+                    implausible.append((item.mask, um))
             rows.append(
                 {
                     "split": split,

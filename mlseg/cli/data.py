@@ -33,7 +33,11 @@ def init(
 
 def ingest(
     src: Annotated[
-        Path, typer.Argument(help="Source: flat original/+masks/, nnU-Net raw, or Cellpose folder.")
+        Path,
+        typer.Argument(
+            help="Source: flat original/+masks/ (masks as images, QuPath GeoJSON or "
+            "ImageScope XML), nnU-Net raw, or Cellpose folder."
+        ),
     ],
     directory: Annotated[
         Path, typer.Argument(help="New dataset folder (must be empty or absent).")

@@ -1,0 +1,358 @@
+"""Nuclei drawn as polygons, read as label masks: QuPath GeoJSON and Aperio ImageScope XML.
+
+Pathologists annotate in QuPath or ImageScope, and the public H&E nuclei sets (MoNuSeg,
+Kumar) come as ImageScope XML: polygons, not masks. :func:`annotation_labels` draws such a
+file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file order), which
+:func:`mlseg.ingest.ingest` writes as the dataset's mask.
+
+- **GeoJSON** (``.geojson``/``.json``), as QuPath's *Export objects as GeoJSON* writes it
+  (``PathObjectTypeAdapters`` in qupath-core): a ``FeatureCollection``, a list of features
+  (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
+  detection's is its geometry; annotations are nuclei only where the file holds neither cells
+  nor detections (else they are the regions analysed). Tiles, TMA cores, points and lines
+  are left out.
+- **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
+  an ellipse (``Type="2"``) is drawn in the box of its two vertices, a negative region
+  (``NegativeROA="1"``) is cut out of what is drawn before it, and ``MicronsPerPixel`` on
+  ``Annotations`` is the image's pixel size.
+
+Coordinates are full-resolution pixels, origin at the image's top-left *corner* (QuPath's
+convention, and that of :func:`mlseg.outputs.to_geojson`): a pixel belongs to a polygon when
+its centre lies inside it (even-odd rule, so holes are holes), so a mask exported as exact
+pixel-edge polygons comes back pixel for pixel. Where polygons overlap, a shared pixel goes to
+the one listed later. A polygon that encloses the centres of two or more others is a region
+drawn around nuclei, not a nucleus, and is left out. What is left out is counted in
+:attr:`Drawn.notes`; a file whose nuclei all lie outside the image (coordinates of the whole
+slide for a tile cut from it) raises :class:`ImageReadError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlseg.errors import ImageReadError
+
+ANNOTATION_EXTENSIONS = (".geojson", ".json", ".xml")
+#: A polygon enclosing the centres of this many other polygons is a region, not a nucleus.
+REGION_MIN_ENCLOSED = 2
+
+#: ``[exterior, hole, ...]``: closed or open rings of ``(x, y)`` float coordinates.
+Polygon = list[np.ndarray]
+
+
+@dataclass
+class Shape:
+    """One nucleus as drawn: polygons (unioned) and ellipses ``(cx, cy, rx, ry)``."""
+
+    polygons: list[Polygon] = field(default_factory=list)
+    ellipses: list[tuple[float, float, float, float]] = field(default_factory=list)
+    negative: bool = False  # ImageScope negative region: erases what is drawn before it
+
+
+@dataclass
+class Annotations:
+    path: Path
+    shapes: list[Shape]
+    pixel_size_um: float | None = None
+    skipped: Counter = field(default_factory=Counter)  # why -> how many objects
+
+
+@dataclass
+class Drawn:
+    labels: np.ndarray  # (H, W) int32
+    pixel_size_um: float | None
+    notes: list[str]  # what was left out or changed, one phrase each
+
+
+def is_annotation_file(path: Path) -> bool:
+    return (
+        path.is_file()
+        and path.suffix.lower() in ANNOTATION_EXTENSIONS
+        and not path.name.startswith(".")
+    )
+
+
+def annotation_stem(path: Path, mask_suffix: str) -> str:
+    """The stem of the image an annotation file is for: ``a.geojson``, ``a_mask.geojson``
+    and ``a.tif.geojson`` (as QuPath scripts name it after the image) are all ``a``'s."""
+    from mlseg.io import IMAGE_EXTENSIONS
+
+    stem = path.stem
+    if Path(stem).suffix.lower() in IMAGE_EXTENSIONS:
+        stem = Path(stem).stem
+    return stem[: -len(mask_suffix)] if mask_suffix and stem.endswith(mask_suffix) else stem
+
+
+# ----------------------------------------------------------------------------- reading
+def read_annotations(path: str | os.PathLike) -> Annotations:
+    """Parse a GeoJSON or ImageScope XML annotation file; :class:`ImageReadError` names the
+    file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.suffix.lower() == ".xml":
+        return _read_imagescope(path)
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _read_geojson(path)
+    raise ImageReadError(
+        f"{path}: not an annotation file; use one of {', '.join(ANNOTATION_EXTENSIONS)}"
+    )
+
+
+def _read_geojson(path: Path) -> Annotations:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ImageReadError(f"{path}: not valid JSON ({err}); export it again") from err
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        features = data
+    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+        found = "LabelMe shapes" if isinstance(data, dict) and "shapes" in data else "other JSON"
+        raise ImageReadError(
+            f"{path}: not GeoJSON features ({found}); give a GeoJSON FeatureCollection as "
+            f"QuPath's File > Export objects as GeoJSON writes it, or the masks as PNG"
+        )
+    kinds = [_object_type(f) for f in features]
+    annotations_are_nuclei = not {"cell", "detection"} & set(kinds)
+    result = Annotations(path, [])
+    for feature, kind in zip(features, kinds, strict=True):
+        if kind == "cell":
+            geometry = feature.get("nucleusGeometry")
+            if geometry is None:
+                result.skipped["cells without a nucleus"] += 1
+                continue
+        elif kind == "detection" or (kind == "annotation" and annotations_are_nuclei):
+            geometry = feature.get("geometry")
+        else:
+            result.skipped[f"{kind} objects" if kind != "annotation" else "region annotations"] += 1
+            continue
+        try:
+            polygons = _geojson_polygons(geometry)
+        except (TypeError, ValueError, IndexError) as err:
+            raise ImageReadError(
+                f"{path}: feature {len(result.shapes) + sum(result.skipped.values()) + 1} has "
+                f"a malformed geometry ({err}); export it again"
+            ) from err
+        if polygons:
+            result.shapes.append(Shape(polygons))
+        else:
+            result.skipped["points and lines"] += 1
+    return result
+
+
+def _object_type(feature: dict) -> str:
+    """QuPath's object type of a feature: ``properties.objectType`` (0.3+), ``object_type``
+    or ``type`` (older), the v0.2 class name in ``id``; annotation where none is given."""
+    props = feature.get("properties") or {}
+    kind = props.get("objectType") or props.get("object_type") or props.get("type")
+    if kind is None and str(feature.get("id", "")).startswith("Path"):
+        kind = str(feature["id"])
+    kind = str(kind or "annotation")
+    legacy = {
+        "PathCellObject": "cell",
+        "PathDetectionObject": "detection",
+        "PathAnnotationObject": "annotation",
+        "PathTileObject": "tile",
+        "TMACoreObject": "tmaCore",
+    }
+    return legacy.get(kind, kind)
+
+
+def _geojson_polygons(geometry: dict | None) -> list[Polygon]:
+    """The polygons of a GeoJSON geometry; points and lines give none."""
+    if not geometry:
+        return []
+    kind = geometry.get("type")
+    if kind == "Polygon":
+        return [_rings(geometry["coordinates"])]
+    if kind == "MultiPolygon":
+        return [_rings(rings) for rings in geometry["coordinates"]]
+    if kind == "GeometryCollection":
+        return [p for g in geometry.get("geometries", []) for p in _geojson_polygons(g)]
+    if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+        return []
+    raise ValueError(f"unknown geometry type {kind!r}")
+
+
+def _rings(rings: list) -> Polygon:
+    out = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in rings]
+    if not out or any(r.ndim != 2 or len(r) < 3 for r in out):
+        raise ValueError("a polygon ring needs three or more [x, y] points")
+    return out
+
+
+def _read_imagescope(path: Path) -> Annotations:
+    from defusedxml import ElementTree
+    from defusedxml.common import DefusedXmlException
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, DefusedXmlException) as err:
+        raise ImageReadError(f"{path}: not valid XML ({err}); export it again") from err
+    if root.tag != "Annotations":
+        raise ImageReadError(
+            f"{path}: not an Aperio ImageScope annotation file (root element <{root.tag}>, "
+            f"expected <Annotations>)"
+        )
+    result = Annotations(path, [], pixel_size_um=_positive(root.get("MicronsPerPixel")))
+    for region in root.iter("Region"):
+        try:
+            xy = np.array(
+                [[float(v.get("X")), float(v.get("Y"))] for v in region.iter("Vertex")],
+                dtype=np.float64,
+            ).reshape(-1, 2)
+        except (TypeError, ValueError) as err:
+            raise ImageReadError(
+                f"{path}: region {region.get('Id')!r} has a vertex without a numeric X or Y"
+            ) from err
+        negative = region.get("NegativeROA", "0").strip() == "1"
+        if region.get("Type", "0").strip() == "2" and len(xy) == 2:
+            (x0, y0), (x1, y1) = xy
+            ellipse = ((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2, abs(y1 - y0) / 2)
+            result.shapes.append(Shape(ellipses=[ellipse], negative=negative))
+        elif len(xy) >= 3:
+            result.shapes.append(Shape(polygons=[[xy]], negative=negative))
+        else:
+            result.skipped["rulers, arrows and points"] += 1
+    return result
+
+
+def _positive(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+# ----------------------------------------------------------------------------- drawing
+def _shape_mask(shape: Shape, height: int, width: int) -> tuple[int, int, np.ndarray] | None:
+    """``(row0, col0, mask)`` of the pixels whose centres lie inside ``shape``, cropped to
+    its box within the image, or ``None`` where it covers no pixel centre of the image."""
+    from skimage.draw import ellipse as draw_ellipse
+    from skimage.draw import polygon as draw_polygon
+
+    points = [ring for poly in shape.polygons for ring in poly]
+    boxes = [(r.min(axis=0), r.max(axis=0)) for r in points]
+    boxes += [
+        (np.array([cx - rx, cy - ry]), np.array([cx + rx, cy + ry]))
+        for cx, cy, rx, ry in shape.ellipses
+    ]
+    low = np.min([b[0] for b in boxes], axis=0)
+    high = np.max([b[1] for b in boxes], axis=0)
+    c0, r0 = max(0, math.floor(low[0] - 0.5)), max(0, math.floor(low[1] - 0.5))
+    c1, r1 = min(width, math.ceil(high[0] + 0.5)), min(height, math.ceil(high[1] + 0.5))
+    if c1 <= c0 or r1 <= r0:
+        return None
+    box = (r1 - r0, c1 - c0)
+    mask = np.zeros(box, dtype=bool)
+    for poly in shape.polygons:
+        part = np.zeros(box, dtype=bool)
+        for ring in poly:  # even-odd: a hole flips what its exterior filled
+            # pixel (r, c) has its centre at (c + 0.5, r + 0.5)
+            rr, cc = draw_polygon(ring[:, 1] - 0.5 - r0, ring[:, 0] - 0.5 - c0, shape=box)
+            part[rr, cc] ^= True
+        mask |= part
+    for cx, cy, rx, ry in shape.ellipses:
+        if rx > 0 and ry > 0:
+            rr, cc = draw_ellipse(cy - 0.5 - r0, cx - 0.5 - c0, ry, rx, shape=box)
+            mask[rr, cc] = True
+    return (r0, c0, mask) if mask.any() else None
+
+
+def draw(annotations: Annotations, shape: tuple[int, int]) -> Drawn:
+    """The label image of ``annotations`` for an image of ``shape`` ``(H, W)``; see the
+    module docstring for the rules."""
+    height, width = shape
+    skipped = Counter(annotations.skipped)
+    masks = [(item.negative, _shape_mask(item, height, width)) for item in annotations.shapes]
+    if outside := sum(m is None for _, m in masks):
+        skipped["outside the image or smaller than a pixel"] += outside
+    drawn = [(negative, m) for negative, m in masks if m is not None]
+    positive = [m for negative, m in drawn if not negative]
+    if not positive:
+        raise ImageReadError(_nothing_inside(annotations, shape))
+    regions = _regions(positive, shape)
+    if regions:
+        skipped["regions around nuclei"] += len(regions)
+    labels = np.zeros(shape, dtype=np.int32)
+    overlapping = label = 0
+    for negative, (r0, c0, mask) in drawn:
+        view = labels[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
+        if negative:
+            view[mask] = 0
+        elif id(mask) not in regions:
+            label += 1
+            overlapping += bool(view[mask].any())
+            view[mask] = label
+    notes = [f"{n} {why} left out" for why, n in sorted(skipped.items())]
+    if overlapping:
+        notes.append(
+            f"{overlapping} nuclei overlap one drawn before (shared pixels go to the later)"
+        )
+    return Drawn(_relabel(labels), annotations.pixel_size_um, notes)
+
+
+def _regions(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> set[int]:
+    """``id`` of each mask that holds the centre pixels of :data:`REGION_MIN_ENCLOSED` or
+    more other masks (counted on a map of centres: linear in the pixels drawn)."""
+    if len(masks) <= REGION_MIN_ENCLOSED:
+        return set()
+    centres = np.array([np.argwhere(m).mean(axis=0) + (r0, c0) for r0, c0, m in masks])
+    centres = np.clip(np.round(centres).astype(np.int64), 0, np.array(shape) - 1)
+    counts = np.zeros(shape, dtype=np.int32)
+    np.add.at(counts, (centres[:, 0], centres[:, 1]), 1)
+    regions = set()
+    for (r0, c0, mask), (r, c) in zip(masks, centres, strict=True):
+        enclosed = int(counts[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask].sum())
+        inside = 0 <= r - r0 < mask.shape[0] and 0 <= c - c0 < mask.shape[1]
+        enclosed -= bool(inside and mask[r - r0, c - c0])  # its own centre
+        if enclosed >= REGION_MIN_ENCLOSED:
+            regions.add(id(mask))
+    return regions
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Labels 1..n in order of first appearance in the file, none missing (a nucleus
+    wholly covered by later ones or cut out by a negative region leaves a gap)."""
+    present = np.unique(labels)
+    present = present[present > 0]
+    if present.size == 0 or present[-1] == present.size:
+        return labels
+    lut = np.zeros(int(present[-1]) + 1, dtype=np.int32)
+    lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _nothing_inside(annotations: Annotations, shape: tuple[int, int]) -> str:
+    path, (height, width) = annotations.path, shape
+    if not annotations.shapes:
+        left = ", ".join(f"{n} {why}" for why, n in sorted(annotations.skipped.items()))
+        return f"{path}: no nucleus polygons found ({left or 'the file is empty'})"
+    points = np.concatenate(
+        [ring for s in annotations.shapes for poly in s.polygons for ring in poly]
+        + [np.array([[cx, cy]]) for s in annotations.shapes for cx, cy, _, _ in s.ellipses]
+    )
+    (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+    return (
+        f"{path}: none of its {len(annotations.shapes)} polygons covers a pixel of the "
+        f"{width}x{height} image (they span x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f}); give "
+        f"coordinates in pixels of this image, origin at its top-left corner (for a tile cut "
+        f"from a slide, export the objects relative to the tile)"
+    )
+
+
+def annotation_labels(path: str | os.PathLike, shape: tuple[int, int]) -> Drawn:
+    """Read ``path`` and draw it for an image of ``shape`` ``(H, W)``."""
+    return draw(read_annotations(path), shape)

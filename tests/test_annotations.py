@@ -1,0 +1,238 @@
+"""Polygon annotations (QuPath GeoJSON, ImageScope XML) drawn as label masks."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.segmentation import relabel_sequential
+
+from mlseg.annotations import annotation_labels, read_annotations
+from mlseg.dataset import list_pairs, mask_to_labels
+from mlseg.errors import DatasetError, ImageReadError
+from mlseg.ingest import ingest
+from mlseg.io import read_mask, write_image
+from mlseg.outputs import to_geojson
+
+
+def square(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def feature(rings, kind=None, nucleus=None, multi=False):
+    geometry = {"type": "MultiPolygon" if multi else "Polygon", "coordinates": rings}
+    out = {"type": "Feature", "geometry": geometry, "properties": {}}
+    if kind:
+        out["properties"]["objectType"] = kind
+    if nucleus is not None:
+        out["nucleusGeometry"] = {"type": "Polygon", "coordinates": [nucleus]}
+    return out
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_pixel_belongs_to_the_polygon_holding_its_centre(tmp_path):
+    """Coordinates are pixels with the origin at the image's corner (QuPath's): a square on
+    pixel edges covers exactly its pixels, and shrinking it past a pixel centre drops it."""
+    cases = {(2, 2, 5, 5): 9, (2.4, 2.4, 4.6, 4.6): 9, (2.6, 2.6, 4.4, 4.4): 1}
+    for box, area in cases.items():
+        path = write_json(tmp_path / "a.geojson", [feature([square(*box)])])
+        labels = annotation_labels(path, (8, 8)).labels
+        assert labels.sum() == area, box
+        assert labels[3, 3] == 1  # pixel (row 3, col 3): centre (3.5, 3.5)
+
+
+@pytest.mark.parametrize("name", ["gbm40_he", "cpm15_he", "dsb2018_stage1_test"])
+def test_masks_exported_as_geojson_come_back_pixel_for_pixel(shared_data, tmp_path, name):
+    """A real mask written as mlseg's own GeoJSON (what QuPath imports, a pathologist
+    corrects and exports again) is drawn back exactly: same pixels, same nuclei."""
+    masks = sorted((shared_data / name / "masks").glob("*_mask.png"))[:3]
+    for mask_path in masks:
+        truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
+        table = pd.DataFrame({"label": np.arange(1, truth.max() + 1)})
+        path = write_json(tmp_path / "nuclei.geojson", to_geojson(truth, table, pixel_size_um=None))
+        drawn = annotation_labels(path, truth.shape)
+        np.testing.assert_array_equal(drawn.labels, truth, err_msg=str(mask_path))
+        assert drawn.notes == []
+
+
+def test_qupath_cells_give_their_nuclei_and_regions_are_left_out(tmp_path):
+    """QuPath cell detection inside an annotated region: the nuclei are the cells'
+    ``nucleusGeometry``, not their cell outlines; the region annotation is not a nucleus."""
+    features = [feature([square(0, 0, 40, 40)], kind="annotation")]
+    for x in (5, 15, 25):
+        features.append(
+            feature([square(x - 3, 5, x + 7, 15)], kind="cell", nucleus=square(x, 8, x + 4, 12))
+        )
+    features.append(feature([square(30, 30, 38, 38)], kind="cell"))  # no nucleus
+    path = write_json(
+        tmp_path / "cells.geojson", {"type": "FeatureCollection", "features": features}
+    )
+    drawn = annotation_labels(path, (40, 40))
+    assert drawn.labels.max() == 3
+    assert [int((drawn.labels == i).sum()) for i in (1, 2, 3)] == [16, 16, 16]
+    assert drawn.labels[8:12, 5:9].min() == 1
+    assert "1 cells without a nucleus left out" in drawn.notes
+    assert "1 region annotations left out" in drawn.notes
+
+
+def test_hand_drawn_nuclei_with_a_region_around_them(tmp_path):
+    """Annotations only (a pathologist's brush strokes, QuPath 0.2's list of features): each
+    is a nucleus, except the polygon drawn around them, which is a region."""
+    nuclei = [square(x, 10, x + 5, 15) for x in (5, 15, 25)]
+    features = [feature([square(2, 2, 38, 38)])] + [feature([n]) for n in nuclei]
+    drawn = annotation_labels(write_json(tmp_path / "a.json", features), (40, 40))
+    assert drawn.labels.max() == 3
+    assert int((drawn.labels > 0).sum()) == 75
+    assert "1 regions around nuclei left out" in drawn.notes
+
+
+def test_holes_overlaps_and_multipolygons(tmp_path):
+    ring = [square(0, 0, 10, 10), square(3, 3, 7, 7)[::-1]]  # a 10x10 nucleus with a hole
+    two_parts = [[square(20, 0, 24, 4)], [square(26, 0, 30, 4)]]  # one nucleus in two pieces
+    later = [square(8, 0, 12, 4)]  # overlaps the first by 2x4 px, listed later
+    features = [feature(ring), feature(two_parts, multi=True), feature(later)]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (12, 32))
+    labels = drawn.labels
+    assert labels[5, 5] == 0  # the hole
+    assert (labels == 1).sum() == 100 - 16 - 8
+    assert (labels == 2).sum() == 32 and labels[2, 22] == labels[2, 28] == 2
+    assert (labels == 3).sum() == 16 and labels[2, 9] == 3
+    assert any("overlap" in note for note in drawn.notes)
+
+
+IMAGESCOPE = """<?xml version="1.0" encoding="UTF-8"?>
+<Annotations MicronsPerPixel="0.252100">
+  <Annotation Id="1" Name="" LineColor="65280">
+    <Regions>
+      <Region Id="1" Type="0" NegativeROA="0">
+        <Vertices>
+          <Vertex X="2" Y="2" Z="0"/><Vertex X="12" Y="2" Z="0"/>
+          <Vertex X="12" Y="12" Z="0"/><Vertex X="2" Y="12" Z="0"/>
+        </Vertices>
+      </Region>
+      <Region Id="2" Type="0" NegativeROA="1">
+        <Vertices>
+          <Vertex X="2" Y="2" Z="0"/><Vertex X="12" Y="2" Z="0"/>
+          <Vertex X="12" Y="4" Z="0"/><Vertex X="2" Y="4" Z="0"/>
+        </Vertices>
+      </Region>
+      <Region Id="3" Type="2" NegativeROA="0">
+        <Vertices><Vertex X="20" Y="2" Z="0"/><Vertex X="30" Y="12" Z="0"/></Vertices>
+      </Region>
+      <Region Id="4" Type="4" NegativeROA="0">
+        <Vertices><Vertex X="1" Y="20" Z="0"/><Vertex X="30" Y="20" Z="0"/></Vertices>
+      </Region>
+    </Regions>
+  </Annotation>
+</Annotations>
+"""
+
+
+def test_imagescope_xml_as_monuseg_ships_it(tmp_path):
+    path = tmp_path / "TCGA-18-5592-01Z-00-DX1.xml"
+    path.write_text(IMAGESCOPE)
+    drawn = annotation_labels(path, (24, 32))
+    assert drawn.pixel_size_um == pytest.approx(0.2521)
+    assert (drawn.labels == 1).sum() == 100 - 20  # the negative region cut its top two rows
+    ellipse = drawn.labels == 2
+    assert 70 <= ellipse.sum() <= 85  # pi * 5 * 5 = 78.5
+    assert ellipse[7, 25] and not ellipse[2, 20]
+    assert drawn.labels.max() == 2
+    assert "1 rulers, arrows and points left out" in drawn.notes
+
+
+def test_unusable_files_name_themselves_and_the_fix(tmp_path):
+    outside = write_json(tmp_path / "slide.geojson", [feature([square(10000, 5000, 10010, 5010)])])
+    with pytest.raises(ImageReadError, match=r"slide\.geojson.*x 10000-10010.*relative to"):
+        annotation_labels(outside, (64, 64))
+    broken = tmp_path / "broken.geojson"
+    broken.write_text('{"type": "FeatureCollection", "features": [')
+    with pytest.raises(ImageReadError, match=r"broken\.geojson: not valid JSON"):
+        read_annotations(broken)
+    labelme = write_json(tmp_path / "labelme.json", {"shapes": [], "imageHeight": 8})
+    with pytest.raises(ImageReadError, match=r"labelme\.json: not GeoJSON features \(LabelMe"):
+        read_annotations(labelme)
+    points = write_json(
+        tmp_path / "points.geojson",
+        [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 3]}}],
+    )
+    with pytest.raises(ImageReadError, match=r"points\.geojson: no nucleus polygons.*points"):
+        annotation_labels(points, (8, 8))
+    html = tmp_path / "page.xml"
+    html.write_text("<html><body/></html>")
+    with pytest.raises(ImageReadError, match=r"page\.xml: not an Aperio ImageScope"):
+        read_annotations(html)
+
+
+def _source(root):
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b", "c", "d"):
+        write_image(root / "original" / f"{stem}.png", rng.integers(0, 255, (24, 32, 3), np.uint8))
+    write_json(
+        root / "masks" / "a.geojson",
+        [feature([square(2, 2, 8, 8)]), feature([square(10, 2, 16, 8)])],
+    )
+    write_json(root / "masks" / "b.png.geojson", [feature([square(4, 4, 9, 9)])])  # QuPath naming
+    (root / "masks" / "c.xml").write_text(IMAGESCOPE)
+    labels = np.zeros((24, 32), np.uint8)
+    labels[3:9, 3:9] = 1
+    write_image(root / "masks" / "d_mask.png", labels)
+    return root
+
+
+def test_ingest_draws_annotation_files_as_masks(tmp_path):
+    src = _source(tmp_path / "src")
+    before = sorted(p.name for p in (src / "masks").iterdir())
+    with pytest.warns(UserWarning, match=r"c\.xml: 1 rulers, arrows and points left out"):
+        result = ingest(src, tmp_path / "ds", test_fraction=0.25, progress=False)
+    manifest = result.manifest.set_index("stem")
+    assert sorted(p.name for p in (src / "masks").iterdir()) == before  # source untouched
+    for stem, n in {"a": 2, "b": 1, "c": 2, "d": 1}.items():
+        mask = tmp_path / "ds" / manifest.loc[stem, "mask"]
+        assert mask.name == f"{stem}_mask.png"
+        assert read_mask(mask).max() == n
+    assert manifest.loc["a", "source_mask"].endswith("a.geojson")
+    assert manifest.loc["c", "pixel_size_um"] == pytest.approx(0.2521)  # MicronsPerPixel
+    assert pd.isna(manifest.loc["a", "pixel_size_um"])
+
+
+def test_ingest_refuses_two_masks_for_one_image_and_bad_annotations(tmp_path):
+    src = _source(tmp_path / "src")
+    write_json(src / "masks" / "d.geojson", [feature([square(2, 2, 8, 8)])])
+    write_json(src / "masks" / "e.geojson", [feature([square(2, 2, 8, 8)])])
+    with pytest.raises(DatasetError) as err:
+        ingest(src, tmp_path / "ds", progress=False)
+    message = str(err.value)
+    assert "d_mask.png: a second mask for 'd' (also d.geojson); keep one" in message
+    assert "e.geojson: mask without image" in message
+    assert not (tmp_path / "ds").exists()
+    src2 = _source(tmp_path / "src2")
+    (src2 / "masks" / "b.png.geojson").write_text("not json")
+    with pytest.raises(DatasetError, match=r"b\.png\.geojson: not valid JSON"):
+        ingest(src2, tmp_path / "ds2", progress=False)
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_a_dataset_holding_annotations_says_to_ingest_it(tmp_path):
+    """Annotation files put straight into a dataset's mask folder are not masks yet: the
+    error says which file and how to draw it, and ingest does."""
+    src = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        write_image(
+            src / split / "original" / f"{split}1.png", rng.integers(0, 255, (16, 16, 3), np.uint8)
+        )
+        write_json(src / split / "masks" / f"{split}1.geojson", [feature([square(2, 2, 8, 8)])])
+    with pytest.raises(
+        DatasetError,
+        match=r"train1\.png: no mask; train1\.geojson is a polygon annotation: draw it as a mask with `mlseg ingest",
+    ):
+        list_pairs(src, "train")
+    result = ingest(src, tmp_path / "drawn", progress=False)
+    assert result.layout == "contract" and result.counts == {"train": 1, "test": 1}
+    assert [p.mask.name for p in list_pairs(tmp_path / "drawn", "test")] == ["test1_mask.png"]
