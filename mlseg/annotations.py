@@ -1,4 +1,5 @@
-"""Nuclei drawn as polygons, read as label masks: QuPath GeoJSON and Aperio ImageScope XML.
+"""Nuclei annotated as polygons (QuPath GeoJSON, Aperio ImageScope XML) or as one mask file
+per nucleus (the Data Science Bowl 2018 layout), read as label masks.
 
 Pathologists annotate in QuPath or ImageScope, and the public H&E nuclei sets (MoNuSeg,
 Kumar) come as ImageScope XML: polygons, not masks. :func:`annotation_labels` draws such a
@@ -15,6 +16,10 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   an ellipse (``Type="2"``) is drawn in the box of its two vertices, a negative region
   (``NegativeROA="1"``) is cut out of what is drawn before it, and ``MicronsPerPixel`` on
   ``Annotations`` is the image's pixel size.
+
+One mask file per nucleus (:func:`object_mask_labels`): every non-zero pixel of
+``masks/<n>.png`` is nucleus ``n``'s; files are taken in name order, and where two overlap the
+later wins.
 
 Coordinates are full-resolution pixels, origin at the image's top-left *corner* (QuPath's
 convention, and that of :func:`mlseg.outputs.to_geojson`): a pixel belongs to a polygon when
@@ -356,3 +361,34 @@ def _nothing_inside(annotations: Annotations, shape: tuple[int, int]) -> str:
 def annotation_labels(path: str | os.PathLike, shape: tuple[int, int]) -> Drawn:
     """Read ``path`` and draw it for an image of ``shape`` ``(H, W)``."""
     return draw(read_annotations(path), shape)
+
+
+def object_mask_labels(folder: str | os.PathLike, shape: tuple[int, int]) -> Drawn:
+    """The label image of a folder of one-nucleus masks (non-zero = the nucleus), for an
+    image of ``shape`` ``(H, W)``: labels 1..n in file-name order; a pixel two masks share
+    goes to the later. A mask of another size raises :class:`ImageReadError` naming it."""
+    from mlseg.dataset import is_image_file
+    from mlseg.io import read_mask
+
+    folder = Path(folder)
+    labels = np.zeros(shape, dtype=np.int32)
+    empty = overlapping = label = 0
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
+        mask = read_mask(path) != 0
+        if mask.shape != tuple(shape):
+            raise ImageReadError(
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{shape[1]}x{shape[0]}; masks must match their image size"
+            )
+        if not mask.any():
+            empty += 1
+            continue
+        label += 1
+        overlapping += bool(labels[mask].any())
+        labels[mask] = label
+    notes = [f"{empty} empty masks left out"] if empty else []
+    if overlapping:
+        notes.append(
+            f"{overlapping} nuclei overlap one read before (shared pixels go to the later)"
+        )
+    return Drawn(_relabel(labels), None, notes)

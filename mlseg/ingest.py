@@ -7,6 +7,8 @@ Recognised sources (``layout="auto"`` detects them in this order):
   (``imagesTs``/``labelsTs`` become the test split when labelled).
 - ``flat``: ``original/<stem>.<ext>`` + ``masks/<stem>_mask.<ext>`` (as ``../shared/data/*``).
 - ``cellpose``: one folder of ``<stem>.tif`` + ``<stem>_masks.tif``.
+- ``dsb``: one folder per image, ``<stem>/images/<stem>.png`` + ``<stem>/masks/*.png`` with one
+  mask per nucleus (Data Science Bowl 2018, BBBC038), drawn into one label mask.
 
 In ``flat`` and ``contract`` sources a mask may also be a polygon annotation file, QuPath
 GeoJSON or ImageScope XML (:mod:`mlseg.annotations`), named ``<stem>_mask.geojson`` or as
@@ -33,7 +35,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mlseg.annotations import Drawn, annotation_labels, annotation_stem, is_annotation_file
+from mlseg.annotations import (
+    Drawn,
+    annotation_labels,
+    annotation_stem,
+    is_annotation_file,
+    object_mask_labels,
+)
 from mlseg.config import DataConfig
 from mlseg.dataset import (
     MANIFEST,
@@ -47,7 +55,7 @@ from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import read_image, read_mask, write_labels, write_table
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
-LAYOUTS = ("auto", "contract", "nnunet", "flat", "cellpose")
+LAYOUTS = ("auto", "contract", "nnunet", "flat", "dsb", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
 STEM_COLUMNS = ("stem", "image_id", "id", "name", "image", "file", "filename")
 
@@ -76,11 +84,14 @@ def detect_layout(src: Path, cfg: DataConfig) -> str:
         return "nnunet"
     if (src / cfg.image_dir).is_dir():
         return "flat"
+    if any((case / "images").is_dir() for case in src.iterdir() if case.is_dir()):
+        return "dsb"
     if any(p.name.endswith(("_masks.tif", "_masks.tiff", "_masks.png")) for p in src.iterdir()):
         return "cellpose"
     raise DatasetError(
         f"{src}: unknown dataset layout; expected {cfg.image_dir}/ + {cfg.mask_dir}/ (flat), "
-        f"imagesTr/ + labelsTr/ (nnU-Net), <name>.tif + <name>_masks.tif (Cellpose), "
+        f"imagesTr/ + labelsTr/ (nnU-Net), <name>/images/ + <name>/masks/ (DSB 2018), "
+        f"<name>.tif + <name>_masks.tif (Cellpose), "
         f"or {cfg.train_dir}/{cfg.image_dir}/ (mlseg)"
     )
 
@@ -179,6 +190,20 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
             items += _pair(
                 images, _by_stem(src / lbl_dir), split, problems, f"{src / lbl_dir}/{{stem}}.png"
             )
+    elif layout == "dsb":
+        for case in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]
+            if len(images) != 1:
+                problems.append(
+                    f"{case / 'images'}: {len(images)} images; the DSB layout has one per folder"
+                )
+            elif not (case / "masks").is_dir():
+                problems.append(
+                    f"{images[0]}: image without mask; add {case / 'masks'}/ with one mask "
+                    f"per nucleus (an empty folder for an image without nuclei)"
+                )
+            else:
+                items.append(SourceItem(case.name, images[0], case / "masks", None))
     elif layout == "cellpose":
         files = _by_stem(src)
         masks = {s[: -len("_masks")]: p for s, p in files.items() if s.endswith("_masks")}
@@ -195,37 +220,52 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     return items
 
 
-def check_pairs(items: list[SourceItem], progress: bool = True) -> dict[str, Drawn]:
+def _drawn(item: SourceItem, shape: tuple[int, int]) -> Drawn | None:
+    """The mask of ``item`` drawn for an image of ``shape``, where its mask is polygons or a
+    folder of one-nucleus masks; ``None`` for a mask image."""
+    if item.mask.is_dir():
+        return object_mask_labels(item.mask, shape)
+    if is_annotation_file(item.mask):
+        return annotation_labels(item.mask, shape)
+    return None
+
+
+def check_pairs(
+    items: list[SourceItem], progress: bool = True
+) -> dict[str, tuple[tuple[int, int], float | None]]:
     """Decode every image and mask; raise one DatasetError listing unreadable or mismatched
-    files. Returns the annotation files drawn as masks, by stem; what drawing them left out
-    is said in one warning."""
+    files. Returns, for each mask to be drawn (polygons, one mask per nucleus), its image's
+    ``(H, W)`` and the pixel size the annotation declares; what drawing left out is said in
+    one warning. Drawn masks are not kept (a dataset's worth would not fit in memory)."""
     problems: list[str] = []
-    drawn: dict[str, Drawn] = {}
+    drawn: dict[str, tuple[tuple[int, int], float | None]] = {}
+    noted: list[str] = []
     for item in tqdm(items, desc="checking", unit="pair", disable=not progress, leave=False):
         try:
             image = read_image(item.image)
         except ImageReadError as err:
             problems.append(str(err))
             continue
+        shape = image.shape[:2]
         try:
-            if is_annotation_file(item.mask):
-                drawn[item.stem] = annotation_labels(item.mask, image.shape[:2])
+            if (labels := _drawn(item, shape)) is not None:
+                drawn[item.stem] = (shape, labels.pixel_size_um)
+                if labels.notes:
+                    noted.append(f"{item.mask.name}: {', '.join(labels.notes)}")
                 continue
             mask = read_mask(item.mask)
         except ImageReadError as err:
             problems.append(str(err))
             continue
-        if mask.shape != image.shape[:2]:
+        if mask.shape != shape:
             problems.append(
                 f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                 f"{image.shape[1]}x{image.shape[0]}; masks must match their image size"
             )
     if problems:
         raise DatasetError(_summarise(problems))
-    noted = [(item.mask, drawn[item.stem].notes) for item in items if drawn.get(item.stem)]
-    if any(notes for _, notes in noted):
-        listed = "; ".join(f"{path.name}: {', '.join(notes)}" for path, notes in noted if notes)
-        warnings.warn(f"drawing polygon annotations as masks: {listed}", stacklevel=3)
+    if noted:
+        warnings.warn(f"drawing annotations as masks: {'; '.join(noted)}", stacklevel=3)
     return drawn
 
 
@@ -368,20 +408,22 @@ def ingest(
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
             image_dst = base / cfg.image_dir / f"{item.stem}{item.image.suffix.lower()}"
-            mask_name = f"{item.stem}{cfg.mask_suffix}{item.mask.suffix.lower()}"
-            if item.stem in drawn:
-                wide = drawn[item.stem].labels.max(initial=0) > np.iinfo(np.uint16).max
-                mask_name = f"{item.stem}{cfg.mask_suffix}{'.tif' if wide else '.png'}"
-            mask_dst = base / cfg.mask_dir / mask_name
+            mask_name = f"{item.stem}{cfg.mask_suffix}"
             _place(item.image, image_dst, link)
+            declared = None
             if item.stem in drawn:
-                write_labels(mask_dst, drawn[item.stem].labels)
+                shape, declared = drawn[item.stem]
+                labels = _drawn(item, shape).labels
+                wide = labels.max(initial=0) > np.iinfo(np.uint16).max
+                mask_dst = base / cfg.mask_dir / f"{mask_name}{'.tif' if wide else '.png'}"
+                write_labels(mask_dst, labels)
             else:
+                mask_dst = base / cfg.mask_dir / f"{mask_name}{item.mask.suffix.lower()}"
                 _place(item.mask, mask_dst, link)
             size = sizes.get(item.stem, pixel_size_um)
             if size is None:
                 size = usable_pixel_size_um(item.image, implausible)
-            if size is None and item.stem in drawn and (um := drawn[item.stem].pixel_size_um):
+            if size is None and (um := declared):
                 if plausible_pixel_size(um):
                     size = um  # ImageScope's MicronsPerPixel
                 else:

@@ -1,6 +1,7 @@
 """Polygon annotations (QuPath GeoJSON, ImageScope XML) drawn as label masks."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -236,3 +237,61 @@ def test_a_dataset_holding_annotations_says_to_ingest_it(tmp_path):
     result = ingest(src, tmp_path / "drawn", progress=False)
     assert result.layout == "contract" and result.counts == {"train": 1, "test": 1}
     assert [p.mask.name for p in list_pairs(tmp_path / "drawn", "test")] == ["test1_mask.png"]
+
+
+def _dsb_case(root, stem, image, nuclei):
+    write_image(root / stem / "images" / f"{stem}.png", image)
+    (root / stem / "masks").mkdir(parents=True)
+    for i, mask in enumerate(nuclei):
+        write_image(root / stem / "masks" / f"{i:04d}.png", mask.astype(np.uint8) * 255)
+
+
+def test_dsb_layout_one_mask_per_nucleus(shared_data, tmp_path):
+    """The Data Science Bowl 2018 layout (BBBC038): a real mask split into one file per
+    nucleus comes back as the same label mask; an empty file is no nucleus, and where two
+    overlap the later file wins."""
+    mask_path = sorted((shared_data / "dsb2018_stage1_test" / "masks").glob("*_mask.png"))[0]
+    truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
+    image = np.zeros((*truth.shape, 3), np.uint8)
+    src = tmp_path / "src"
+    _dsb_case(src, "real.1", image, [truth == i for i in range(1, truth.max() + 1)])
+    blank = np.zeros((16, 16), bool)
+    first, second = blank.copy(), blank.copy()
+    first[2:8, 2:8] = True
+    second[6:12, 6:12] = True
+    _dsb_case(src, "toy", np.zeros((16, 16, 3), np.uint8), [first, blank, second])
+    _dsb_case(src, "no_nuclei", np.zeros((16, 16, 3), np.uint8), [])
+    with pytest.warns(UserWarning, match=r"masks: 1 empty masks left out, 1 nuclei overlap"):
+        result = ingest(src, tmp_path / "ds", test_fraction=0, progress=False)
+    assert result.layout == "dsb"
+    manifest = result.manifest.set_index("stem")
+    masks = {
+        stem: read_mask(tmp_path / "ds" / manifest.loc[stem, "mask"]) for stem in manifest.index
+    }
+    assert manifest.loc["real.1", "mask"].endswith("real.1_mask.png")
+    np.testing.assert_array_equal(masks["real.1"], truth)
+    assert masks["toy"].max() == 2 and masks["toy"][7, 7] == 2 and masks["toy"][3, 3] == 1
+    assert masks["no_nuclei"].max() == 0
+
+
+def test_dsb_layout_problems_are_listed_together(tmp_path):
+    src = tmp_path / "src"
+    ok = np.zeros((16, 16), bool)
+    ok[2:6, 2:6] = True
+    _dsb_case(src, "good", np.zeros((16, 16, 3), np.uint8), [ok])
+    _dsb_case(src, "small", np.zeros((16, 16, 3), np.uint8), [np.ones((8, 8), bool)])
+    write_image(src / "unlabelled" / "images" / "unlabelled.png", np.zeros((16, 16, 3), np.uint8))
+    _dsb_case(src, "two", np.zeros((16, 16, 3), np.uint8), [ok])
+    write_image(src / "two" / "images" / "extra.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        ingest(src, tmp_path / "ds", progress=False)
+    message = str(err.value)
+    assert "unlabelled.png: image without mask" in message
+    assert "two/images: 2 images; the DSB layout has one per folder" in message
+    assert not (tmp_path / "ds").exists()
+    shutil.rmtree(src / "unlabelled")
+    shutil.rmtree(src / "two")
+    with pytest.raises(
+        DatasetError, match=r"small/masks/0000\.png: mask is 8x8 but its image is 16x16"
+    ):
+        ingest(src, tmp_path / "ds", progress=False)

@@ -36,13 +36,15 @@ def ingest(
         Path,
         typer.Argument(
             help="Source: flat original/+masks/ (masks as images, QuPath GeoJSON or "
-            "ImageScope XML), nnU-Net raw, or Cellpose folder."
+            "ImageScope XML), nnU-Net raw, DSB 2018, or Cellpose folder."
         ),
     ],
     directory: Annotated[
         Path, typer.Argument(help="New dataset folder (must be empty or absent).")
     ],
-    layout: Annotated[str, typer.Option(help="auto, contract, flat, nnunet or cellpose.")] = "auto",
+    layout: Annotated[
+        str, typer.Option(help="auto, contract, flat, nnunet, dsb or cellpose.")
+    ] = "auto",
     test_fraction: Annotated[
         float, typer.Option(help="Share of images put in the test split.")
     ] = 0.2,
