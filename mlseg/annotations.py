@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlseg.errors import ImageReadError
+from mlseg.errors import ImageReadError, size_mismatch
 
 ANNOTATION_EXTENSIONS = (".geojson", ".json", ".xml")
 #: A polygon enclosing the centres of this many other polygons is a region, not a nucleus.
@@ -376,10 +376,7 @@ def object_mask_labels(folder: str | os.PathLike, shape: tuple[int, int]) -> Dra
     for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         mask = read_mask(path) != 0
         if mask.shape != tuple(shape):
-            raise ImageReadError(
-                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{shape[1]}x{shape[0]}; masks must match their image size"
-            )
+            raise ImageReadError(size_mismatch(path, mask.shape, shape))
         if not mask.any():
             empty += 1
             continue

@@ -45,7 +45,7 @@ from mlseg.augment import (
 )
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, list_pairs, mask_kind, mask_to_labels
-from mlseg.errors import ConfigError, DatasetError
+from mlseg.errors import ConfigError, DatasetError, size_mismatch
 from mlseg.io import read_image, read_mask
 from mlseg.preprocess import normalize, rescale, rescale_labels
 from mlseg.scale import dataset_diameter_px
@@ -127,10 +127,7 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
         raise DatasetError(f"{pair.image}: no mask; training needs one mask per image")
     mask = read_mask(pair.mask)
     if mask.shape != image.shape[:2]:
-        raise DatasetError(
-            f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image is "
-            f"{image.shape[1]}x{image.shape[0]}; they must be the same size"
-        )
+        raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape))
     um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
     if target_um is not None and um is not None:
         image = rescale(image, um, target_um)

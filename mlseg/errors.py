@@ -39,6 +39,14 @@ def not_a_folder(path: str | os.PathLike, what: str) -> DatasetError:
     return DatasetError(f"{path}: {what} folder not found; check the path")
 
 
+def size_mismatch(mask: str | os.PathLike, mask_shape: tuple, image_shape: tuple) -> str:
+    """The message for a mask whose ``(H, W, ...)`` differs from its image's."""
+    return (
+        f"{mask}: mask is {mask_shape[1]}x{mask_shape[0]} px but its image is "
+        f"{image_shape[1]}x{image_shape[0]}; masks must match their image size"
+    )
+
+
 class ImageReadError(MlsegError):
     """An image or mask cannot be decoded (missing, truncated, unsupported)."""
 

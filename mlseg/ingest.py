@@ -51,7 +51,7 @@ from mlseg.dataset import (
     is_image_file,
     split_dir,
 )
-from mlseg.errors import DatasetError, ImageReadError, not_a_folder
+from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
 from mlseg.io import read_image, read_mask, write_labels, write_table
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
@@ -258,10 +258,7 @@ def check_pairs(
             problems.append(str(err))
             continue
         if mask.shape != shape:
-            problems.append(
-                f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}; masks must match their image size"
-            )
+            problems.append(size_mismatch(item.mask, mask.shape, shape))
     if problems:
         raise DatasetError(_summarise(problems))
     if noted:

@@ -292,6 +292,6 @@ def test_dsb_layout_problems_are_listed_together(tmp_path):
     shutil.rmtree(src / "unlabelled")
     shutil.rmtree(src / "two")
     with pytest.raises(
-        DatasetError, match=r"small/masks/0000\.png: mask is 8x8 but its image is 16x16"
+        DatasetError, match=r"small/masks/0000\.png: mask is 8x8 px but its image is 16x16"
     ):
         ingest(src, tmp_path / "ds", progress=False)

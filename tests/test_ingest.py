@@ -199,7 +199,7 @@ def test_a_pixel_size_table_in_the_wrong_unit_is_refused(tmp_path, written, expe
         ("image_without_mask", "img0.png: image without mask"),
         ("mask_without_image", "ghost_mask.png: mask without image"),
         ("truncated_image", "img1.png: truncated PNG"),
-        ("mask_other_size", "img2_mask.png: mask is 10x10 but its image is 24x24"),
+        ("mask_other_size", "img2_mask.png: mask is 10x10 px but its image is 24x24"),
         ("target_not_empty", "target is not empty"),
     ],
 )
