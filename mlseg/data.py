@@ -127,7 +127,7 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
         raise DatasetError(f"{pair.image}: no mask; training needs one mask per image")
     mask = read_mask(pair.mask)
     if mask.shape != image.shape[:2]:
-        raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape))
+        raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape, pair.image))
     um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
     if target_um is not None and um is not None:
         image = rescale(image, um, target_um)

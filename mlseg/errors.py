@@ -39,12 +39,31 @@ def not_a_folder(path: str | os.PathLike, what: str) -> DatasetError:
     return DatasetError(f"{path}: {what} folder not found; check the path")
 
 
-def size_mismatch(mask: str | os.PathLike, mask_shape: tuple, image_shape: tuple) -> str:
-    """The message for a mask whose ``(H, W, ...)`` differs from its image's."""
-    return (
+def size_mismatch(
+    mask: str | os.PathLike,
+    mask_shape: tuple,
+    image_shape: tuple,
+    image: str | os.PathLike | None = None,
+) -> str:
+    """The message for a mask whose ``(H, W, ...)`` differs from its image's; where the mask
+    is the image turned by 90 degrees and ``image`` declares an EXIF orientation that turns it
+    so when shown, it says that the mask was drawn on the turned view."""
+    message = (
         f"{mask}: mask is {mask_shape[1]}x{mask_shape[0]} px but its image is "
         f"{image_shape[1]}x{image_shape[0]}; masks must match their image size"
     )
+    if image is not None and tuple(mask_shape[:2]) == (image_shape[1], image_shape[0]):
+        from mlseg.io import EXIF_ORIENTATIONS, exif_orientation
+
+        turn = exif_orientation(image)
+        if turn is not None and turn >= 5:
+            message += (
+                f". {Path(image).name} is stored on its side with an EXIF orientation that "
+                f"shows it {EXIF_ORIENTATIONS[turn]}, and the mask was drawn on that view: "
+                f"save the image turned (e.g. `exiftran -ai`, or Pillow's "
+                f"ImageOps.exif_transpose) so its pixels are as shown"
+            )
+    return message
 
 
 class ImageReadError(MlsegError):

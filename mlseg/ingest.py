@@ -258,7 +258,7 @@ def check_pairs(
             problems.append(str(err))
             continue
         if mask.shape != shape:
-            problems.append(size_mismatch(item.mask, mask.shape, shape))
+            problems.append(size_mismatch(item.mask, mask.shape, shape, item.image))
     if problems:
         raise DatasetError(_summarise(problems))
     if noted:

@@ -13,7 +13,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   (for a well-named mask: the stem of the image it belongs to), ``extension`` (lower case),
   ``size_bytes``;
 - decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
-  ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only);
+  ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only),
+  ``exif_orientation`` (2-8 where an image file declares that viewers show it turned or
+  mirrored, :func:`mlseg.io.exif_orientation`; null where it is shown as stored);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
   ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``,
   ``interior_fraction`` and ``edge_to_edge_fraction`` (:func:`mlseg.dataset.mask_shape`: low
@@ -72,6 +74,7 @@ from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
+    exif_orientation,
     full_scale,
     mask_labels,
     read_image,
@@ -142,6 +145,7 @@ FILE_COLUMNS = (
     "channels",
     "dtype",
     "content_hash",
+    "exif_orientation",
     *MASK_COLUMNS,
     *STAT_COLUMNS,
     *PIXEL_SIZE_COLUMNS,
@@ -161,6 +165,7 @@ READ_COLUMNS = (
     "channels",
     "dtype",
     "content_hash",
+    "exif_orientation",
     *MASK_COLUMNS,
     "mask_values_ok",
     *STAT_COLUMNS,
@@ -469,6 +474,7 @@ def inspect_file(
         row.update(mask_stats(labels, declared_kind))
     else:
         row["content_hash"] = content_hash(arr)
+        row["exif_orientation"] = exif_orientation(path)
         row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
         row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
     return row

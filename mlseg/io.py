@@ -304,6 +304,40 @@ def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+#: EXIF orientations, as words: 1 is "as stored"; 5-8 turn the image by 90 degrees.
+EXIF_ORIENTATIONS = {
+    2: "mirrored",
+    3: "turned 180 degrees",
+    4: "flipped upside down",
+    5: "mirrored and turned 90 degrees",
+    6: "turned 90 degrees clockwise",
+    7: "mirrored and turned 90 degrees",
+    8: "turned 90 degrees counter-clockwise",
+}
+
+
+def exif_orientation(path: str | os.PathLike) -> int | None:
+    """The EXIF orientation (2-8) a JPEG file declares, else ``None`` (none, 1 = as stored,
+    unreadable metadata, or not a JPEG).
+
+    mlseg reads pixels as stored, as Fiji and QuPath do; photo viewers, browsers and some
+    annotation tools show the image turned or mirrored by this tag, so a mask drawn there
+    does not line up with the stored pixels.
+    """
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return None  # cameras write it in JPEGs; a PNG's eXIf may follow (and cost) the pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Corrupt EXIF data": reading the pixels says more
+        try:
+            with Image.open(path) as image:
+                value = image.getexif().get(0x0112)
+        except Exception:  # a corrupt file: reading its pixels names the problem
+            return None
+    return int(value) if value in EXIF_ORIENTATIONS else None
+
+
 def full_scale(image: np.ndarray) -> int:
     """The stored value that stands for full intensity (white in bright field): 255 for
     ``uint8``; for ``uint16`` the full scale ``2**bits - 1`` of the smallest bit depth in

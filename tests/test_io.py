@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from mlseg.errors import ImageReadError
-from mlseg.io import atomic_path, full_scale, read_image, read_mask, write_image, write_labels
+from mlseg.io import (
+    atomic_path,
+    exif_orientation,
+    full_scale,
+    read_image,
+    read_mask,
+    write_image,
+    write_labels,
+)
 from mlseg.pixel_size import tiff_pixel_size_um
 
 
@@ -253,3 +261,21 @@ def test_outputs_get_normal_permissions(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_exif_orientation_is_read_and_one_means_as_stored(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((8, 12, 3), np.uint8)
+    for orientation, expected in ((6, 6), (3, 3), (1, None), (None, None)):
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.jpg"
+        Image.fromarray(pixels).save(path, exif=exif.tobytes())
+        assert exif_orientation(path) == expected
+        assert read_image(path).shape == (8, 12, 3)  # pixels as stored, as Fiji and QuPath
+    write_image(tmp_path / "plain.png", pixels)
+    assert exif_orientation(tmp_path / "plain.png") is None
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe1junk")
+    assert exif_orientation(tmp_path / "junk.jpg") is None

@@ -21,6 +21,7 @@ from expectations.runner import (
 from mlseg.cli import main
 from mlseg.dataset import list_pairs
 from mlseg.errors import ConfigError, DatasetError, ImageReadError
+from mlseg.ingest import ingest
 from mlseg.inventory import ValidateConfig, build_inventory, pixel_size_summary
 from mlseg.io import read_image, read_mask, write_image, write_labels
 
@@ -164,6 +165,49 @@ def test_print_resolution_in_tiff_metadata_is_ignored_with_a_warning(nuclei_data
     with pytest.warns(UserWarning, match=r"1 image\(s\).*train1.tif \(352.8 um\)"):
         pairs = {p.stem: p.pixel_size_um for p in list_pairs(root, "train")}
     assert pairs == {"train0": None, "train1": None, "train2": 0.5}
+
+
+def save_jpeg(path: Path, image: np.ndarray, orientation: int | None) -> Path:
+    """``image`` as a JPEG whose EXIF says viewers show it with ``orientation``."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(image).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_an_image_shown_turned_by_its_exif_is_named(nuclei_dataset):
+    """A camera or phone JPEG whose EXIF orientation turns it when shown: a mask drawn on the
+    turned view of a square image lines up with nothing and no size check can tell, so the
+    warnings name the file (mlseg, Fiji and QuPath read the pixels as stored)."""
+    root = nuclei_dataset()
+    for stem, orientation in (("train1", 6), ("train2", 1)):
+        png = root / "train/original" / f"{stem}.png"
+        save_jpeg(png.with_suffix(".jpg"), read_image(png), orientation)
+        png.unlink()
+    report = check(root)
+    assert report.success and report.failed_rules("warning") == ["shown_as_stored"]
+    assert_caught(report, "shown_as_stored", {"train/original/train1.jpg"})
+
+
+def test_a_mask_drawn_on_the_exif_turned_view_is_explained(nuclei_dataset, tmp_path):
+    """A non-square JPEG stored on its side (EXIF orientation 6) whose mask was drawn as a
+    photo viewer shows it: the size error says why and how to fix the image."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    (src / "original").mkdir(parents=True)
+    save_jpeg(src / "original/slide.jpg", rng.integers(0, 255, (40, 64, 3), np.uint8), 6)
+    mask = np.zeros((64, 40), np.uint8)
+    mask[10:20, 10:20] = 1
+    write_image(src / "masks/slide_mask.png", mask)
+    with pytest.raises(
+        DatasetError,
+        match=r"mask is 40x64 px but its image is 64x40.*"
+        r"slide\.jpg is stored on its side.*turned 90 degrees clockwise.*exiftran",
+    ):
+        ingest(src, tmp_path / "ds", progress=False)
 
 
 def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
