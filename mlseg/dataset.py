@@ -60,7 +60,8 @@ Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, 
 - Masks: PNG or TIFF (JPEG would change their values along every edge); same width and
   height as the image; binary (0/1 or 0/255) or instance-labelled (8/16-bit,
   0 = background, 1..N = one label per nucleus; an indexed PNG's indices are its labels,
-  whatever its palette's colours).
+  whatever its palette's colours). Nuclei drawn as polygons (QuPath GeoJSON, ImageScope
+  XML) or as one file per nucleus (DSB 2018) become masks with `mlseg ingest SRC NEW_DIR`.
 - Optional `manifest.csv` with columns `split,stem,pixel_size_um` gives microns per pixel
   ({low:g}-{high:g}); without it a JSON sidecar beside the image (`slide1.json`:
   `{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}`, as BIDS microscopy writes it) or a
