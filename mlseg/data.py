@@ -47,7 +47,7 @@ from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch
 from mlseg.io import read_image, read_mask
-from mlseg.preprocess import normalize, rescale, rescale_labels
+from mlseg.preprocess import normalize, rescale, rescale_labels, to_float
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
 
@@ -130,7 +130,9 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
         raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape, pair.image))
     um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
     if target_um is not None and um is not None:
-        image = rescale(image, um, target_um)
+        # a 16-bit image's full scale is judged on its stored values (io.full_scale), not on
+        # resampled ones whose brightest pixels are averaged down
+        image = rescale(to_float(image) if image.dtype == np.uint16 else image, um, target_um)
         mask = rescale_labels(mask, um, target_um)
     return image, mask
 
@@ -139,7 +141,8 @@ def decode_pairs(
     pairs: list[Pair], pp: PreprocessConfig, profile: Profile, workers: int = 0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Decode every pair and rescale it to ``pp.target_pixel_size_um`` (threads); returns
-    the raw images and the masks."""
+    the images as stored (a resampled 16-bit one as float32 [0, 1] of its own full scale)
+    and the masks."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         out = list(

@@ -348,6 +348,9 @@ def full_scale(image: np.ndarray) -> int:
     the values because files rarely say it. Bright field has glass at nearly full scale in
     almost every field, so its depth is found reliably; a true 16-bit image with nothing above
     a quarter of full scale (optical density above 0.6 everywhere) would be taken for 14-bit.
+    Ask it of the image as stored: resampling averages the brightest pixels down and can
+    drop the image a bit depth (training and segmentation scale a 16-bit image to [0, 1]
+    before resampling it).
     """
     if image.dtype == np.uint8:
         return 255

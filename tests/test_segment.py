@@ -593,3 +593,44 @@ def test_images_in_subfolders_are_named_not_silently_left_out(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert quantify_folder(tmp_path / "lab", None, tmp_path / "lab" / "out", **run).skipped
+
+
+class BrightIsNucleus(nn.Module):
+    """Three-class logits from brightness above 0.15 of full scale (grey fluorescence)."""
+
+    def forward(self, x):
+        interior = 60.0 * (x.mean(1, keepdim=True) - 0.15)
+        return torch.cat([-interior, interior, torch.full_like(interior, -6.0)], dim=1)
+
+
+def test_a_16_bit_image_keeps_its_full_scale_when_resampled(tmp_path):
+    """A dim 12-bit camera image (nuclei at 900 of 4095, one brighter pixel at 1100): the
+    bit depth is judged on the stored values. Judged after resampling to the model's pixel
+    size, the brightest pixel averaged below 1024 made it a 10-bit image, 4x brighter, and
+    its background a nucleus."""
+    rng = np.random.default_rng(0)
+    image = np.full((128, 128, 1), 300, np.uint16)
+    truth = np.zeros((128, 128), np.int32)
+    yy, xx = np.mgrid[:128, :128]
+    for n, (cy, cx) in enumerate(((32, 32), (32, 96), (96, 32), (96, 96)), start=1):
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2] = n
+    image[truth > 0, 0] = 900
+    image[33, 33, 0] = 1100
+    image += rng.integers(0, 20, image.shape, dtype=np.uint16)
+    fluo = get_profile("fluorescence")
+    cfg = InferenceConfig(tile_size=64, batch_size=4)
+    counts = {}
+    for model_um in (0.25, 0.5):  # the image is 0.25 um per pixel: as is, then halved
+        loaded = LoadedModel(
+            model=BrightIsNucleus().eval(),
+            config=Config(),
+            target="three_class",
+            classes=3,
+            in_channels=1,
+            pixel_size_um=model_um,
+            path=tmp_path / "stand-in.safetensors",
+        )
+        labels, _ = predict_labels(loaded, image, fluo, cfg, pixel_size_um=0.25)
+        counts[model_um] = int(labels.max())
+        assert labels[0, 0] == 0, f"background taken for a nucleus at model {model_um} um"
+    assert counts == {0.25: 4, 0.5: 4}

@@ -352,3 +352,29 @@ def test_fit_on_cuda_with_bf16_and_resume(synth_dataset, tmp_path) -> None:
     assert list(again.history["step"]) == [1, 2, 3]
     (stretch,) = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
     assert stretch["device"] == "cuda" and stretch["hardware"] == torch.cuda.get_device_name()
+
+
+def test_a_resampled_16_bit_training_image_keeps_the_full_scale_it_is_stored_with(tmp_path):
+    """Training tiles of a dim 12-bit camera (background 300, one pixel at 1100) resampled to
+    the training pixel size: each is scaled by the bit depth of its stored values, as at
+    inference, not by that of its resampled ones (the bright pixel averaged below 1024 made
+    a 10-bit image, four times brighter than its twin at the training size)."""
+    from mlseg.config import PreprocessConfig, get_profile
+    from mlseg.data import decode_pairs
+    from mlseg.dataset import Pair
+    from mlseg.preprocess import normalize
+
+    pairs = []
+    for stem, um, side in (("native", 0.5, 32), ("fine", 0.25, 64)):
+        image = np.full((side, side, 1), 300, np.uint16)
+        image[3, 3, 0] = 1100
+        write_image(tmp_path / f"{stem}.png", image)
+        write_labels(tmp_path / f"{stem}_mask.png", np.zeros((side, side), np.int32))
+        pairs.append(
+            Pair("train", stem, tmp_path / f"{stem}.png", tmp_path / f"{stem}_mask.png", um)
+        )
+    pre = PreprocessConfig(target_pixel_size_um=0.5)
+    images, _ = decode_pairs(pairs, pre, get_profile("fluorescence"), workers=1)
+    assert [im.shape[:2] for im in images] == [(32, 32), (32, 32)]
+    backgrounds = [normalize(im, pre, "fluorescence")[20, 20, 0] for im in images]
+    assert backgrounds == pytest.approx([300 / 4095] * 2, rel=1e-3)
