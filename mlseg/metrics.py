@@ -64,6 +64,9 @@ def contingency(
     # index 0 = background; objects 1..n in label order (background slot kept if absent)
     p_vals, p_idx = np.unique(p.ravel(), return_inverse=True)
     t_vals, t_idx = np.unique(t.ravel(), return_inverse=True)
+    for name, vals in (("prediction", p_vals), ("truth", t_vals)):
+        if vals.size and vals[0] < 0:  # 0 must sort first: it is the background slot
+            raise ValueError(f"{name} labels must be non-negative (0 = background)")
     p_idx = p_idx.ravel().astype(np.int64) + (0 if p_vals[0] == 0 else 1)
     t_idx = t_idx.ravel().astype(np.int64) + (0 if t_vals[0] == 0 else 1)
     n_p = int(np.count_nonzero(p_vals)) + 1

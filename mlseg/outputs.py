@@ -191,7 +191,7 @@ def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
     pred[succ] = np.arange(succ.size)
     turn = (dx != dx[pred]) | (dy != dy[pred])  # vertex where the direction changes
     out: dict[int, list[list[np.ndarray]]] = {}
-    shells: dict[int, list[np.ndarray]] = {}
+    shells: dict[int, list[tuple[int, np.ndarray]]] = {}  # (twice the area, ring)
     holes: dict[int, list[np.ndarray]] = {}
     for ring in _cycles(succ):
         corners = ring[turn[ring]]
@@ -202,16 +202,21 @@ def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
         xs, ys = closed[:, 0], closed[:, 1]
         area2 = int(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
         label = int(ids[lab[ring[0]]])
-        (shells if area2 > 0 else holes).setdefault(label, []).append(closed)
+        if area2 > 0:
+            shells.setdefault(label, []).append((area2, closed))
+        else:
+            holes.setdefault(label, []).append(closed)
     for label, rings_out in shells.items():
-        polys = [[shell] for shell in rings_out]
+        polys = [[shell] for _, shell in rings_out]
+        # a hole belongs to the innermost piece around it: a piece may lie in another's hole
+        smallest_first = sorted(range(len(polys)), key=lambda i: rings_out[i][0])
         for hole in holes.get(label, []):
             if len(polys) == 1:
                 polys[0].append(hole)
                 continue
-            for poly in polys:
-                if _inside((hole[0] + hole[1]) / 2.0, poly[0]):  # an edge midpoint of the hole
-                    poly.append(hole)
+            for i in smallest_first:
+                if _inside((hole[0] + hole[1]) / 2.0, polys[i][0]):  # an edge midpoint
+                    polys[i].append(hole)
                     break
             else:
                 polys[0].append(hole)

@@ -192,3 +192,23 @@ def test_histograms_show_the_profiles_stains_not_the_residual():
         "ihc": ["hematoxylin_od_mean", "dab_od_mean"],
     }
     assert "area_um2" in histogram_columns(list(table.columns))
+
+
+def test_a_hole_belongs_to_the_piece_it_is_cut_from(tmp_path):
+    """A nucleus in pieces, one inside the other's hole and holed itself: each polygon must
+    describe its own piece (QuPath and every GeoJSON reader draw polygon by polygon), so the
+    inner hole is the inner piece's, not the first piece's around it."""
+    from mlseg.annotations import annotation_labels
+
+    labels = np.zeros((15, 15), np.int32)
+    labels[1:14, 1:14] = 1
+    labels[3:12, 3:12] = 0  # a ring
+    labels[5:10, 5:10] = 1  # a square inside its hole
+    labels[7, 7] = 0  # with a hole of one pixel
+    for poly in polygons(labels)[1]:
+        assert (rasterise(poly, labels.shape) <= (labels == 1)).all()
+    table = pd.DataFrame({"label": [1]})
+    collection = to_geojson(labels, table, pixel_size_um=None)
+    path = tmp_path / "nested.geojson"
+    path.write_text(json.dumps(collection))
+    assert (annotation_labels(path, labels.shape).labels == labels).all()
