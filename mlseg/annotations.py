@@ -10,8 +10,9 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   (``PathObjectTypeAdapters`` in qupath-core): a ``FeatureCollection``, a list of features
   (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
   detection's is its geometry; annotations are nuclei only where the file holds neither cells
-  nor detections (else they are the regions analysed). Tiles, TMA cores, points and lines
-  are left out.
+  nor detections (else they are the regions analysed); a type QuPath does not know is an
+  annotation, as QuPath reads it. Tiles, TMA cores, points, lines and empty geometries are
+  left out.
 - **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
   an ellipse (``Type="2"``) is drawn in the box of its two vertices, a negative region
   (``NegativeROA="1"``) is cut out of what is drawn before it, and ``MicronsPerPixel`` on
@@ -152,7 +153,7 @@ def _read_geojson(path: Path) -> Annotations:
         if polygons:
             result.shapes.append(Shape(polygons))
         else:
-            result.skipped["points and lines"] += 1
+            result.skipped["points, lines and empty geometries"] += 1
     return result
 
 
@@ -170,8 +171,13 @@ def _object_type(feature: dict) -> str:
         "PathAnnotationObject": "annotation",
         "PathTileObject": "tile",
         "TMACoreObject": "tmaCore",
+        "tma_core": "tmaCore",
+        "PathRootObject": "root",
     }
-    return legacy.get(kind, kind)
+    kind = legacy.get(kind, kind)
+    # QuPath reads a type it does not know as an annotation; converters that put a class in
+    # properties.type ("Neoplastic", 1) mean nuclei
+    return kind if kind in ("cell", "detection", "tile", "tmaCore", "root") else "annotation"
 
 
 def _geojson_polygons(geometry: dict | None) -> list[Polygon]:
@@ -179,10 +185,12 @@ def _geojson_polygons(geometry: dict | None) -> list[Polygon]:
     if not geometry:
         return []
     kind = geometry.get("type")
+    if kind in ("Polygon", "MultiPolygon") and not geometry.get("coordinates"):
+        return []  # an empty geometry (as JTS and shapely write one): RFC 7946 reads it as null
     if kind == "Polygon":
         return [_rings(geometry["coordinates"])]
     if kind == "MultiPolygon":
-        return [_rings(rings) for rings in geometry["coordinates"]]
+        return [_rings(rings) for rings in geometry["coordinates"] if rings]
     if kind == "GeometryCollection":
         return [p for g in geometry.get("geometries", []) for p in _geojson_polygons(g)]
     if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
@@ -194,6 +202,8 @@ def _rings(rings: list) -> Polygon:
     out = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in rings]
     if not out or any(r.ndim != 2 or len(r) < 3 for r in out):
         raise ValueError("a polygon ring needs three or more [x, y] points")
+    if not all(np.isfinite(r).all() for r in out):
+        raise ValueError("a coordinate is not a finite number")
     return out
 
 
@@ -221,6 +231,10 @@ def _read_imagescope(path: Path) -> Annotations:
             raise ImageReadError(
                 f"{path}: region {region.get('Id')!r} has a vertex without a numeric X or Y"
             ) from err
+        if not np.isfinite(xy).all():
+            raise ImageReadError(
+                f"{path}: region {region.get('Id')!r} has a vertex at a non-finite X or Y"
+            )
         negative = region.get("NegativeROA", "0").strip() == "1"
         if region.get("Type", "0").strip() == "2" and len(xy) == 2:
             (x0, y0), (x1, y1) = xy

@@ -52,7 +52,7 @@ from mlseg.dataset import (
     split_dir,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
-from mlseg.io import read_image, read_mask, write_labels, write_table
+from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, write_labels, write_table
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "dsb", "cellpose")
@@ -96,10 +96,18 @@ def detect_layout(src: Path, cfg: DataConfig) -> str:
     )
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
-    return (
-        {p.stem: p for p in sorted(folder.iterdir()) if is_image_file(p)} if folder.is_dir() else {}
-    )
+def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
+    """The image files of ``folder`` by stem; two files of one stem (``a.png``, ``a.tif``)
+    are a problem, not one of them kept."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not is_image_file(p):
+            continue
+        if p.stem in found:
+            problems.append(f"{p}: shares its stem with {found[p.stem].name}; keep one")
+            continue
+        found[p.stem] = p
+    return found
 
 
 def _masks_by_stem(
@@ -156,13 +164,13 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     if layout == "contract":
         for split in ("train", "test"):
             base = split_dir(src, cfg, split)
-            images = _by_stem(base / cfg.image_dir)
+            images = _by_stem(base / cfg.image_dir, problems)
             masks = _masks_by_stem(base / cfg.mask_dir, images, suffix, problems)
             items += _pair(
                 images, masks, split, problems, f"{base / cfg.mask_dir}/{{stem}}{suffix}.png"
             )
     elif layout == "flat":
-        images = _by_stem(src / cfg.image_dir)
+        images = _by_stem(src / cfg.image_dir, problems)
         masks = _masks_by_stem(src / cfg.mask_dir, images, suffix, problems)
         items += _pair(images, masks, None, problems, f"{src / cfg.mask_dir}/{{stem}}{suffix}.png")
     elif layout == "nnunet":
@@ -170,7 +178,7 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
             ("imagesTr", "labelsTr", None),
             ("imagesTs", "labelsTs", "test"),
         ):
-            raw = _by_stem(src / img_dir)
+            raw = _by_stem(src / img_dir, problems)
             if not raw:
                 continue
             if split == "test" and not (src / lbl_dir).is_dir():
@@ -188,7 +196,11 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
                         f"{p}: nnU-Net image names end with _0000 (channel index); rename it"
                     )
             items += _pair(
-                images, _by_stem(src / lbl_dir), split, problems, f"{src / lbl_dir}/{{stem}}.png"
+                images,
+                _by_stem(src / lbl_dir, problems),
+                split,
+                problems,
+                f"{src / lbl_dir}/{{stem}}.png",
             )
     elif layout == "dsb":
         for case in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -205,7 +217,7 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
             else:
                 items.append(SourceItem(case.name, images[0], case / "masks", None))
     elif layout == "cellpose":
-        files = _by_stem(src)
+        files = _by_stem(src, problems)
         masks = {s[: -len("_masks")]: p for s, p in files.items() if s.endswith("_masks")}
         images = {
             s: p for s, p in files.items() if not s.endswith(("_masks", "_flows", "_cp_output"))
@@ -292,7 +304,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     delimiter = _delimiter(path)
     try:
         table = pd.read_csv(path, dtype=str, sep=delimiter, skipinitialspace=True)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
     named = {str(c).strip().lower(): c for c in table.columns}
     stem_col = next((named[c] for c in STEM_COLUMNS if c in named), None)
@@ -302,15 +314,22 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
             f"{path}: a pixel-size table needs a column among {STEM_COLUMNS} and one among "
             f"{PIXEL_SIZE_COLUMNS}; found {list(table.columns)}"
         )
-    sizes = {}
+    sizes: dict[str, float] = {}
     for stem, value in zip(table[stem_col], table[size_col], strict=True):
         if pd.isna(value) or str(value).strip() == "":
             continue
         if delimiter != ",":
             value = str(value).strip().replace(",", ".")  # decimal comma
-        sizes[Path(str(stem).strip()).stem] = check_pixel_size(
-            value, f"{path}: pixel size of {stem!r}"
-        )
+        um = check_pixel_size(value, f"{path}: pixel size of {stem!r}")
+        name = str(stem).strip()
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:  # "a.tif", not "TCGA.01"
+            name = Path(name).stem
+        if sizes.get(name, um) != um:
+            raise DatasetError(
+                f"{path}: {name!r} is listed twice, at {sizes[name]:g} and {um:g} um per "
+                f"pixel; keep one row per image"
+            )
+        sizes[name] = um
     return sizes
 
 
@@ -331,7 +350,11 @@ def _source_pixel_sizes(src: Path, pixel_sizes: Path | None) -> dict[str, float]
         return read_pixel_sizes(Path(pixel_sizes))
     index = src / "index.csv"
     if index.is_file():
-        columns = pd.read_csv(index, nrows=0, sep=_delimiter(index)).columns
+        try:
+            columns = pd.read_csv(index, nrows=0, sep=_delimiter(index)).columns
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            warnings.warn(f"{index}: not read for pixel sizes ({err})", stacklevel=3)
+            return {}
         if any(str(c).strip().lower() in PIXEL_SIZE_COLUMNS for c in columns):
             return read_pixel_sizes(index)
     return {}

@@ -453,7 +453,8 @@ def inspect_file(
     if role == "stray" or path.suffix.lower() not in IMAGE_EXTENSIONS:
         return row
     try:
-        arr = read_image(path, alpha="drop" if role == "mask" else "white")
+        mask = role == "mask"
+        arr = read_image(path, alpha="drop" if mask else "white", labels=mask)
         labels = mask_labels(path, arr) if role == "mask" else None
     except ImageReadError as err:
         row.update(readable=False, read_error=str(err))

@@ -118,12 +118,19 @@ def _check_complete(path: Path) -> None:
             raise ImageReadError(f"{path}: truncated JPEG (no end marker); re-copy or re-export it")
 
 
-def read_image(path: str | os.PathLike, *, alpha: Literal["white", "drop"] = "white") -> np.ndarray:
+def read_image(
+    path: str | os.PathLike,
+    *,
+    alpha: Literal["white", "drop"] = "white",
+    labels: bool = False,
+) -> np.ndarray:
     """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
 
     An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
     the scan) or loses its alpha (``"drop"``: a mask, whose transparent background is
-    label 0); a grey TIFF's alpha is dropped. Raises :class:`ImageReadError` naming the file.
+    label 0); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused, or
+    with ``labels`` (a mask) kept as ``int32`` (a label image of over 65,535 nuclei, such as a
+    tile cut from a whole slide's). Raises :class:`ImageReadError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -148,8 +155,8 @@ def read_image(path: str | os.PathLike, *, alpha: Literal["white", "drop"] = "wh
             code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
             arr = cv2.cvtColor(arr, code)
     if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = _over_white(arr) if alpha == "white" else arr[..., :3]
-    return _as_hwc(arr, path)
+        arr = _over_white(arr) if alpha == "white" and not labels else arr[..., :3]
+    return _as_hwc(arr, path, labels)
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:
@@ -285,7 +292,7 @@ def _too_large(path: Path, width: int, height: int, nbytes: int, what: str) -> I
     )
 
 
-def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
+def _as_hwc(arr: np.ndarray, path: Path, labels: bool = False) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
@@ -300,7 +307,18 @@ def _as_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
             raise ImageReadError(
                 f"{path}: floating-point images are not supported; save as 8/16-bit"
             )
-        arr = arr.astype(np.uint16) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
+        low, high = int(arr.min(initial=0)), int(arr.max(initial=0))
+        top = np.iinfo(np.int32).max if labels else np.iinfo(np.uint16).max
+        if low < 0 or high > top:
+            what = "labels" if labels else "values"
+            raise ImageReadError(
+                f"{path}: {arr.dtype} {what} {low}..{high} do not fit 0..{top}; save "
+                + ("labels 0..N (0 = background)" if labels else "the image as 8/16-bit")
+            )
+        if labels and high > np.iinfo(np.uint16).max:
+            arr = arr.astype(np.int32)  # kept: a cast to 16 bits would wrap labels around
+        else:
+            arr = arr.astype(np.uint16) if high > 255 else arr.astype(np.uint8)
     return np.ascontiguousarray(arr)
 
 
@@ -376,7 +394,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
             f"compression changes label values along every edge. Export the mask again as PNG"
         )
-    return mask_labels(path, read_image(path, alpha="drop")).astype(np.int32, copy=False)
+    decoded = read_image(path, alpha="drop", labels=True)
+    return mask_labels(path, decoded).astype(np.int32, copy=False)
 
 
 def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:

@@ -295,3 +295,40 @@ def test_dsb_layout_problems_are_listed_together(tmp_path):
         DatasetError, match=r"small/masks/0000\.png: mask is 8x8 px but its image is 16x16"
     ):
         ingest(src, tmp_path / "ds", progress=False)
+
+
+def test_geojson_as_other_converters_write_it(tmp_path):
+    """An empty polygon (JTS, shapely) is no nucleus, not a broken file; a class written in
+    ``properties.type`` ("Neoplastic", as PanNuke converters do) is read as QuPath reads an
+    unknown type, an annotation, so those nuclei are kept."""
+    features = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": []}},
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square(1, 1, 5, 5)]},
+            "properties": {"type": "Neoplastic"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square(7, 1, 11, 5)]},
+            "properties": {"type": 1},
+        },
+    ]
+    drawn = annotation_labels(write_json(tmp_path / "c.geojson", features), (8, 12))
+    assert drawn.labels.max() == 2
+    assert drawn.notes == ["1 points, lines and empty geometries left out"]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "null"])
+def test_non_finite_coordinates_name_the_file(tmp_path, bad):
+    path = tmp_path / "bad.geojson"
+    path.write_text(
+        '[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+        f"[[[{bad}, 1], [5, 1], [5, 5], [1, 5]]]}}}}]"
+    )
+    with pytest.raises(ImageReadError, match=r"bad\.geojson: feature 1 has a malformed geometry"):
+        annotation_labels(path, (8, 8))
+    xml = tmp_path / "bad.xml"
+    xml.write_text(IMAGESCOPE.replace('X="12" Y="12"', 'X="NaN" Y="12"', 1))
+    with pytest.raises(ImageReadError, match=r"bad\.xml: region '1' has a vertex at a non-finite"):
+        annotation_labels(xml, (24, 32))

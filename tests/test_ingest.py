@@ -237,3 +237,33 @@ def test_shared_sets_ingest(shared_data, tmp_path, name):
     result = ingest(src, tmp_path / name, link=True, progress=False)
     assert sum(result.counts.values()) == n_images
     assert result.counts["test"] == round(n_images * 0.2)
+
+
+def test_two_images_of_one_stem_are_named_not_one_dropped(tmp_path):
+    src = flat_source(tmp_path / "src", n=2)
+    write_image(src / "original" / "img0.tif", np.zeros((24, 24, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"img0\.tif: shares its stem with img0\.png; keep one"):
+        ingest(src, tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_pixel_size_tables_keep_stems_with_dots(tmp_path):
+    """Only an image extension is cut from a listed name: TCGA.01 and TCGA.02 are two
+    images, not two sizes for "TCGA"; a name listed twice at two sizes is refused."""
+    table = tmp_path / "sizes.csv"
+    table.write_text("stem,mpp\nTCGA.01,0.25\nTCGA.02,0.5\nslide.tif,0.3\n")
+    assert read_pixel_sizes(table) == {"TCGA.01": 0.25, "TCGA.02": 0.5, "slide": 0.3}
+    table.write_text("stem,mpp\nslide.tif,0.25\nslide,0.5\n")
+    with pytest.raises(DatasetError, match=r"'slide' is listed twice, at 0.25 and 0.5"):
+        read_pixel_sizes(table)
+    table.write_text("")
+    with pytest.raises(DatasetError, match=r"sizes\.csv: cannot read pixel-size table"):
+        read_pixel_sizes(table)
+
+
+def test_an_unreadable_index_csv_in_the_source_is_skipped_with_a_warning(tmp_path):
+    src = flat_source(tmp_path / "src", n=3)
+    (src / "index.csv").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"index\.csv: not read for pixel sizes"):
+        result = ingest(src, tmp_path / "ds", progress=False)
+    assert len(result.manifest) == 3

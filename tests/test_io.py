@@ -279,3 +279,22 @@ def test_exif_orientation_is_read_and_one_means_as_stored(tmp_path):
     assert exif_orientation(tmp_path / "plain.png") is None
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe1junk")
     assert exif_orientation(tmp_path / "junk.jpg") is None
+
+
+def test_labels_beyond_16_bits_are_kept_and_images_beyond_16_bits_refused(tmp_path):
+    """A label image of over 65,535 nuclei (a tile of a whole slide's keeps its global ids)
+    reads back as written, not wrapped around 16 bits; an image or mask whose values no
+    dtype of mlseg's holds is refused with the file named."""
+    import tifffile
+
+    labels = np.zeros((4, 4), np.uint32)
+    labels[0, 0], labels[1, 1], labels[2, 2] = 70000, 1, 65536
+    write_labels(tmp_path / "many.tif", labels)
+    back = read_mask(tmp_path / "many.tif")
+    assert back.dtype == np.int32 and back[0, 0] == 70000 and back[2, 2] == 65536
+    tifffile.imwrite(tmp_path / "bright.tif", labels)
+    with pytest.raises(ImageReadError, match=r"bright\.tif: uint32 values 0\.\.70000 do not fit"):
+        read_image(tmp_path / "bright.tif")
+    tifffile.imwrite(tmp_path / "negative.tif", -labels.astype(np.int32))
+    with pytest.raises(ImageReadError, match=r"negative\.tif: int32 labels -70000\.\.0"):
+        read_mask(tmp_path / "negative.tif")
