@@ -54,8 +54,12 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     update = {}
     for section, values in by_section.items():
         current = getattr(cfg, section)
+        # only the fields the config set: a preprocess field it leaves to the profile
+        # (stain_norm: macenko for H&E) stays the profile's (mlseg.data.effective_preprocess)
         update[section] = parse(
-            type(current), {**current.model_dump(), **values}, f"search space ({section})"
+            type(current),
+            {**current.model_dump(exclude_unset=True), **values},
+            f"search space ({section})",
         )
     return cfg.model_copy(update=update)
 

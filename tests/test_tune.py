@@ -43,6 +43,22 @@ def test_apply_params_validates() -> None:
         apply_params(cfg, {"train.patch_size": 100})
 
 
+def test_a_searched_preprocess_key_keeps_the_profiles_other_settings() -> None:
+    """Searching one preprocess field must not write every other field as if the config set
+    it: H&E trials trained without the profile's Macenko normalisation."""
+    from mlseg.config import get_profile
+    from mlseg.data import effective_preprocess
+
+    cfg = load_config(None)
+    he = get_profile("he")
+    assert effective_preprocess(cfg, he).stain_norm == "macenko"
+    trial = apply_params(cfg, {"preprocess.intensity_norm": "zscore"})
+    pre = effective_preprocess(trial, he)
+    assert (pre.stain_norm, pre.intensity_norm) == ("macenko", "zscore")
+    dumped = trial.model_dump(mode="json", exclude_unset=True)["preprocess"]
+    assert dumped == {"intensity_norm": "zscore"}  # what best_config.yaml writes
+
+
 def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> None:
     torch.set_num_threads(2)
     cfg = load_config(None, train=TINY)
