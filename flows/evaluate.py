@@ -20,12 +20,11 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Score ``model`` on ``split``; returns means, eval set id and output paths."""
     from mlseg.evaluate import evaluate
-    from mlseg.registry import eval_set_id
 
     result = evaluate(model, data_root, out_dir, split=split, profile=profile, progress=False)
     return {
         "means": {k: float(v) for k, v in result.means.items()},
-        "eval_set_id": eval_set_id(data_root, split),
+        "eval_set_id": result.eval_set_id,
         "n_images": len(result.per_image),
         "per_image_csv": str(result.csv_path),
         "summary_json": str(result.json_path),

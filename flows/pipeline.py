@@ -84,12 +84,15 @@ def register_task(
             eval_set_id=eval_set_id,
             name=model_name,
         )
+    elif version.metrics_on(eval_set_id) is None:  # the same weights, scored on a new set
+        version = reg.record_evaluation(registry, model_name, version.version, eval_set_id, metrics)
     decision = reg.champion_challenger(
         registry,
         version,
         metric=metric,
         min_improvement=min_improvement,
         champion_metrics=champion_metrics,
+        eval_set=eval_set_id,
     )
     production = reg.production(registry, model_name)
     return {

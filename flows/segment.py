@@ -154,9 +154,7 @@ def segment_batch(
     the run summary needs), or ``error``."""
     from mlseg.config import InferenceConfig, Profile
     from mlseg.errors import MlsegError
-    from mlseg.io import file_digest
     from mlseg.outputs import image_done
-    from mlseg.segment import declared_sizes
 
     if torch_threads:
         import torch
@@ -165,24 +163,11 @@ def segment_batch(
     prof = Profile.model_validate(profile)
     cfg = InferenceConfig.model_validate(inference)
     out = Path(out_dir)
-    base = {
-        "profile": prof.name,
-        "profile_version": prof.version,
-        "profile_digest": _digest(profile),
-        "model": model_id,
-    }
     records = []
     loaded = None
     for name in images:
         path = Path(name)
-        # what changes this image's result beyond its bytes, the model and the profile
-        listed = (pixel_sizes or {}).get(path.stem)
-        parts = [inference, pixel_size_um, listed]
-        if pixel_size_um is None and listed is None:
-            # a corrected sidecar redoes its image
-            parts += declared_sizes({path.stem: path}).values()
-        settings = _digest(parts)
-        expect = {**base, "input_digest": file_digest(path), "settings": settings}
+        expect = _expected(path, model_id, profile, inference, pixel_size_um, pixel_sizes)
         done = image_done(out, path.stem, expect)
         if done is not None:
             records.append({"status": "skipped", "image": name, "summary": done})
@@ -200,6 +185,35 @@ def segment_batch(
             {"status": "processed", "image": name, "summary": summary, "nuclei": compact(table)}
         )
     return records
+
+
+def _expected(
+    path: Path,
+    model_id: str,
+    profile: dict[str, Any],
+    inference: dict[str, Any],
+    pixel_size_um: float | None,
+    pixel_sizes: dict[str, float] | None,
+) -> dict[str, Any]:
+    """What ``<stem>.json`` records of the run that made an image's outputs: the image's
+    bytes, the model, the profile and what else changes its result (``image_done``)."""
+    from mlseg.config import Profile
+    from mlseg.io import file_digest
+    from mlseg.segment import declared_sizes
+
+    prof = Profile.model_validate(profile)
+    listed = (pixel_sizes or {}).get(path.stem)
+    parts = [inference, pixel_size_um, listed]
+    if pixel_size_um is None and listed is None:
+        parts += declared_sizes({path.stem: path}).values()  # a corrected sidecar redoes it
+    return {
+        "profile": prof.name,
+        "profile_version": prof.version,
+        "profile_digest": _digest(profile),
+        "model": model_id,
+        "input_digest": file_digest(path),
+        "settings": _digest(parts),
+    }
 
 
 def compact(table):
@@ -230,9 +244,16 @@ def _entries(pixel_sizes: dict[str, float] | None, batch: list[str]) -> dict[str
     return {stem: um for stem, um in pixel_sizes.items() if stem in stems} or None
 
 
-def _complete(batch: list[str], out_dir: Path) -> bool:
-    """Whether every image of ``batch`` has its ``<stem>.json`` (else the cache is refreshed)."""
-    return all((out_dir / f"{Path(p).stem}.json").is_file() for p in batch)
+def _complete(batch: list[str], out_dir: Path, *expected) -> bool:
+    """Whether the outputs on disk of every image of ``batch`` are those this run would
+    make (:func:`_expected` of ``expected``: same model, profile, settings, bytes), else the
+    cache is refreshed: a cached batch's records must describe the files beside them (a run
+    with model A after one with B would report A over B's labels)."""
+    from mlseg.outputs import image_done
+
+    return all(
+        image_done(out_dir, Path(p).stem, _expected(Path(p), *expected)) is not None for p in batch
+    )
 
 
 def submit_batches(
@@ -254,7 +275,10 @@ def submit_batches(
     """
     futures = []
     for batch in batches:
-        task_ = segment_batch.with_options(refresh_cache=not _complete(batch, Path(out_dir)))
+        expected = (model_id, profile, inference, pixel_size_um, _entries(pixel_sizes, batch))
+        task_ = segment_batch.with_options(
+            refresh_cache=not _complete(batch, Path(out_dir), *expected)
+        )
         parameters = {
             "images": batch,
             "out_dir": out_dir,

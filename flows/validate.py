@@ -24,13 +24,13 @@ from expectations.runner import (
 )
 from flows import artifacts
 from flows.common import data_path
+from mlseg.dataset import dataset_fingerprint, list_pairs
 from mlseg.errors import ValidationFailed
 from mlseg.inventory import (
     Inventory,
     ValidateConfig,
     build_inventory,
     check_output_dir,
-    fingerprint,
     load_validate_config,
     write_inventory,
 )
@@ -129,9 +129,12 @@ def validate_dataset_flow(
             f"{root}: {len(report.errors)} error-level expectation(s) failed ({rules}); "
             f"see {report.data_docs}"
         )
+    # the training data as training reads it, images and masks: a corrected mask is new data
+    # (the inventory's image fingerprint is for drift and covers the images only)
+    pairs = list_pairs(root, "train", cfg.data, strict=False)
     return {
         **report.to_dict(),
-        "fingerprint_hash": fingerprint(inventory.files)["content_hash"],
+        "fingerprint_hash": dataset_fingerprint(pairs),
         "outputs": outputs,
     }
 

@@ -23,7 +23,6 @@ Validation images are cut once into fixed tiles (:class:`ValTiles`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +43,7 @@ from mlseg.augment import (
     to_device,
 )
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
-from mlseg.dataset import Pair, list_pairs, mask_kind, mask_to_labels
+from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch
 from mlseg.io import read_image, read_mask
 from mlseg.preprocess import normalize, rescale, rescale_labels, to_float
@@ -107,18 +106,6 @@ def training_pixel_size(
             stacklevel=3,
         )
     return median, True
-
-
-def dataset_fingerprint(pairs: list[Pair]) -> str:
-    """SHA-256 over the names and bytes of every image and mask of ``pairs`` (hex, 16 chars)."""
-    digest = hashlib.sha256()
-    for pair in sorted(pairs, key=lambda p: (p.split, p.stem)):
-        for path in (pair.image, pair.mask):
-            if path is None:
-                continue
-            digest.update(f"{pair.split}/{path.name}\0".encode())
-            digest.update(Path(path).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _decode(pair: Pair, target_um: float | None, default_um: float | None):

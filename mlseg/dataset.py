@@ -18,6 +18,7 @@ image (``pixel_size_um``, microns per pixel); where it is absent the image's JSO
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,19 @@ def list_pairs(
             for stem, path in images.items()
         ]
     )
+
+
+def dataset_fingerprint(pairs: list[Pair]) -> str:
+    """SHA-256 over the names and bytes of every image and mask of ``pairs`` (hex, 16 chars):
+    the training data's identity, which a corrected mask changes."""
+    digest = hashlib.sha256()
+    for pair in sorted(pairs, key=lambda p: (p.split, p.stem)):
+        for path in (pair.image, pair.mask):
+            if path is None:
+                continue
+            digest.update(f"{pair.split}/{path.name}\0".encode())
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _summarise(problems: list[str], limit: int = 20) -> str:

@@ -31,6 +31,7 @@ from mlseg.errors import DatasetError
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
+from mlseg.registry import eval_set_id
 
 WORST_SHOWN = 4
 METRIC_COLUMNS = (
@@ -68,6 +69,7 @@ class EvalResult:
     json_path: Path
     worst_png: Path | None
     out_dir: Path
+    eval_set_id: str  # content hash of the split's images and masks (mlseg.registry)
 
 
 def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
@@ -220,4 +222,7 @@ def evaluate(
     from mlseg.plots import plot_worst
 
     worst_png = plot_worst([item for _, item in worst], out / "worst.png") if worst else None
-    return EvalResult(df, means, csv_path, json_path, worst_png, out)
+    # the set as this model's data config pairs it (mask suffix, folders): the id that makes
+    # two scores comparable must change whenever one of the masks scored here changes
+    set_id = eval_set_id(data_root, split, cfg.data)
+    return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)

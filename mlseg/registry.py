@@ -323,14 +323,16 @@ def fetch(
     """A local folder holding the version's checkpoint files (``mlseg.model.load_model`` reads it).
 
     Local registries return the version folder itself; remote ones are downloaded once into
-    ``cache_dir/<name>/v<N>`` (default ``~/.cache/mlseg/models``) and checked against the
-    recorded sha256 of every file.
+    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default ``~/.cache/mlseg/models``)
+    and checked against the recorded sha256 of every file.
     """
     fs, path = _fs(version.uri, storage_options)
     if _is_local(fs):
         return Path(path)
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "mlseg" / "models"
-    target = cache / version.name / f"v{version.version}"
+    # keyed by where the version lives: v1 of two registries are two models
+    key = hashlib.sha256(version.uri.encode()).hexdigest()[:12]
+    target = cache / version.name / f"v{version.version}-{key}"
     complete = all(
         (target / f).is_file() and _sha256(target / f) == sha for f, sha in version.files.items()
     )
@@ -350,7 +352,9 @@ def fetch(
 
 
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:
-    """The files of a checkpoint worth serving: weights, ``config.json``, ``meta.json``."""
+    """The files of a checkpoint worth serving: weights (``best.safetensors``, else
+    ``last.safetensors``: the names :func:`mlseg.model.load_model` reads), ``config.json``,
+    ``meta.json``."""
     path = Path(checkpoint)
     if path.is_dir():
         for stem in ("best", "last"):
@@ -358,12 +362,16 @@ def checkpoint_files(checkpoint: str | Path) -> list[Path]:
                 path = path / f"{stem}.safetensors"
                 break
         else:
-            found = sorted(path.glob("*.safetensors"))
-            if not found:
-                raise RegistryError(f"{checkpoint}: no .safetensors weights; train a model first")
-            path = found[0]
+            raise RegistryError(
+                f"{checkpoint}: no best.safetensors or last.safetensors; train a model first"
+            )
     if path.suffix != ".safetensors" or not path.is_file():
         raise RegistryError(f"{checkpoint}: not a checkpoint (.safetensors file or its folder)")
+    if path.stem not in ("best", "last"):
+        raise RegistryError(
+            f"{path}: a registered model is loaded from best.safetensors or last.safetensors; "
+            f"copy the weights to {path.parent / 'best.safetensors'} and register that"
+        )
     missing = [n for n in ("config.json", "meta.json") if not (path.parent / n).is_file()]
     if missing:
         raise RegistryError(f"{path.parent}: {', '.join(missing)} missing beside {path.name}")
@@ -400,6 +408,8 @@ def register(
     base = f"{root}/{name}/v{number}"
     if fs.exists(f"{base}/{CARD}"):
         raise RegistryError(f"{_uri(fs, base)}: version exists (another writer?); retry")
+    if fs.exists(base):  # left by a registration that died before its card: start afresh
+        fs.rm(base, recursive=True)
     fs.makedirs(base, exist_ok=True)
     hashes = {}
     for path in files:
@@ -507,22 +517,31 @@ def champion_challenger(
     min_improvement: float = 0.0,
     higher_is_better: bool = True,
     champion_metrics: dict[str, float] | None = None,
+    eval_set: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Decision:
-    """Promote ``challenger`` only if it beats production on the challenger's evaluation set.
+    """Promote ``challenger`` only if it beats production on one evaluation set.
 
-    The champion's score on that set comes from ``champion_metrics`` (measured by the caller)
-    or from what the registry recorded for it on the same ``eval_set_id``; if neither exists,
-    :class:`RegistryError` asks for that evaluation (scores on different sets are never
+    The set is ``eval_set`` (default: the challenger's registration set); both scores are
+    on it. The challenger's comes from its card or a recorded evaluation
+    (:func:`record_evaluation`); the champion's from ``champion_metrics`` (measured by the
+    caller on that set) or what the registry recorded for it there. A missing score raises
+    :class:`RegistryError` asking for that evaluation (scores on different sets are never
     compared). A tie keeps the champion. The decision and its reason are written to the
     registry either way.
     """
-    if not challenger.eval_set_id:
+    eval_set = eval_set or challenger.eval_set_id
+    if not eval_set:
         raise RegistryError(f"{challenger.tag}: registered without an evaluation set id")
+    scores = challenger.metrics_on(eval_set)
+    if scores is None:
+        raise RegistryError(
+            f"{challenger.tag} has no metrics on eval set {eval_set}; evaluate it there and "
+            f"record_evaluation before comparing"
+        )
     fs, root = _fs(registry, storage_options)
-    value = _metric(challenger.metrics, metric, challenger.tag)
+    value = _metric(scores, metric, challenger.tag)
     champion = production(registry, challenger.name, storage_options)
-    eval_set = challenger.eval_set_id
     better = "higher" if higher_is_better else "lower"
     if champion is None:
         promoted, champ_value = True, None

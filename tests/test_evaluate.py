@@ -12,7 +12,7 @@ import torch
 import mlseg.evaluate as ev
 from mlseg.config import Config, TrainConfig
 from mlseg.dataset import list_pairs
-from mlseg.io import read_mask
+from mlseg.io import read_mask, write_labels
 from mlseg.model import build_model, save_checkpoint
 
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
@@ -91,3 +91,43 @@ def test_evaluate_end_to_end_with_real_inference(checkpoint, synth_dataset, tmp_
     for col in ("dice", "aji", "pq", "f1"):
         assert df[col].between(0, 1).all(), col
     assert (df["n_true"] > 0).all()
+
+
+def test_the_eval_set_id_covers_the_masks_the_model_scored(tmp_path, synth_dataset, monkeypatch):
+    """A model whose data config names masks <stem>_label: the id of the set it was scored
+    on must change when one of those masks does (with the default config it saw no masks,
+    so a champion's score on the old masks passed for one on the new)."""
+    import shutil
+
+    from mlseg.config import DataConfig
+
+    root = tmp_path / "labelled"
+    shutil.copytree(synth_dataset, root)
+    for mask in (root / "test" / "masks").iterdir():
+        mask.rename(mask.with_name(mask.name.replace("_mask", "_label")))
+    folder = tmp_path / "model"
+    save_checkpoint(
+        folder,
+        build_model(SMALL, 3, 3),
+        Config(train=SMALL, data=DataConfig(mask_suffix="_label")),
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash=None,
+        metrics={},
+        pixel_size_um=None,
+        name="best",
+    )
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+    before = ev.evaluate(folder, root, tmp_path / "e1", progress=False)
+    assert len(before.per_image) == len(list_pairs(synth_dataset, "test"))
+    mask = sorted((root / "test" / "masks").iterdir())[0]
+    labels = read_mask(mask)
+    labels[labels == labels.max()] = 0
+    write_labels(mask, labels)
+    after = ev.evaluate(folder, root, tmp_path / "e2", progress=False)
+    assert after.eval_set_id != before.eval_set_id

@@ -204,6 +204,22 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, che
     assert result["processed"] == ["img_001"] and result["skipped"] == ["img_000"]
 
 
+def test_a_cached_batch_is_not_reused_over_another_models_outputs(
+    harness, tmp_path, checkpoint
+) -> None:
+    """Model A, then B, then A again (a rollback): A's cached batch records would describe
+    B's labels on disk, so the batch is run again and the files are A's."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
+    first = _segment(inbox, out, checkpoint).result()
+    assert _segment(inbox, out, other).result()["processed"] == first["processed"]
+    back = _segment(inbox, out, checkpoint).result()
+    assert sorted(back["processed"]) == sorted(first["processed"]) and back["from_cache"] == []
+    models = {json.loads((out / f"{stem}.json").read_text())["model"] for stem in back["processed"]}
+    assert models == set(pd.read_csv(out / "summary.csv")["model"])
+
+
 def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 3)

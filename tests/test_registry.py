@@ -67,7 +67,7 @@ def test_register_a_weights_file_and_refuse_a_folder_without_weights(tmp_path: P
     )
     assert sorted(version.files) == ["config.json", "last.safetensors", "meta.json"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(reg.RegistryError, match="no .safetensors weights"):
+    with pytest.raises(reg.RegistryError, match="no best.safetensors or last.safetensors"):
         reg.register(
             tmp_path / "empty",
             tmp_path / "r",
@@ -92,6 +92,79 @@ def test_incomplete_version_without_card_is_ignored(tmp_path: Path) -> None:
     (registry / "nuclei" / "v2").mkdir()  # a crash mid-copy leaves no card.json
     assert [m.version for m in reg.list_models(registry)] == [1]
     assert _register(tmp_path, registry, 0.9, tag="c").version == 2
+
+
+def test_a_registration_that_died_leaves_nothing_the_next_version_serves(tmp_path: Path) -> None:
+    """A crash after the weights were copied, before the card: the folder is incomplete and
+    ignored, and the next registration must not inherit its files (a loader prefers
+    best.safetensors, so v1 would have served the dead registration's weights)."""
+    from mlseg.model import checkpoint_path
+
+    registry = tmp_path / "registry"
+    dead = registry / "nuclei" / "v1"
+    dead.mkdir(parents=True)
+    (dead / "best.safetensors").write_bytes(b"weights of a registration that died")
+    ckpt = tmp_path / "ckpt"
+    _checkpoint(ckpt)
+    (ckpt / "best.safetensors").unlink()  # a run that kept last.safetensors only
+    version = reg.register(
+        ckpt, registry, metrics={"dice": 0.5}, fingerprint_hash=None, config={}, eval_set_id="s"
+    )
+    served = checkpoint_path(reg.fetch(version))
+    assert version.version == 1 and served.read_bytes() == b"last"
+
+
+def test_only_weights_a_loader_reads_are_registered(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    (ckpt / "epoch10.safetensors").write_bytes(b"w")
+    with pytest.raises(reg.RegistryError, match=r"epoch10\.safetensors: a registered model is "):
+        reg.register(
+            ckpt / "epoch10.safetensors",
+            tmp_path / "r",
+            metrics={},
+            fingerprint_hash=None,
+            config={},
+            eval_set_id="s",
+        )
+
+
+def test_remote_versions_of_two_registries_are_cached_apart(tmp_path: Path) -> None:
+    """v1 of registry A (best.safetensors) and v1 of registry B (last.safetensors only):
+    fetched into one cache, B's folder must not hold A's best, which a loader prefers."""
+    from mlseg.model import checkpoint_path
+
+    a = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    b = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    va = _register(tmp_path, a, 0.9, tag="a")
+    only_last = _checkpoint(tmp_path / "only-last")
+    (only_last / "best.safetensors").unlink()
+    vb = reg.register(
+        only_last, b, metrics={"dice": 0.9}, fingerprint_hash=None, config={}, eval_set_id="s"
+    )
+    assert va.version == vb.version == 1
+    cache = tmp_path / "cache"
+    assert checkpoint_path(reg.fetch(va, cache_dir=cache)).read_bytes() == b"w-a"
+    assert checkpoint_path(reg.fetch(vb, cache_dir=cache)).read_bytes() == b"last"
+
+
+def test_the_same_weights_scored_on_a_new_set_are_compared_there(tmp_path: Path) -> None:
+    """The pipeline reruns with the same weights on a new test set: the challenger's score
+    on that set, not its registration score on the old one, meets the champion's there."""
+    from flows.pipeline import register_task
+
+    registry = str(tmp_path / "registry")
+    a = _checkpoint(tmp_path / "a", b"wa") / "best.safetensors"
+    b = _checkpoint(tmp_path / "b", b"wb") / "best.safetensors"
+    register_task.fn(str(a), registry, "nuclei", {"aji": 0.60}, "setA", None, "aji", 0.0)
+    register_task.fn(str(b), registry, "nuclei", {"aji": 0.50}, "setA", None, "aji", 0.0)
+    out = register_task.fn(
+        str(b), registry, "nuclei", {"aji": 0.40}, "setB", None, "aji", 0.0, {"aji": 0.45}
+    )
+    decision = out["decision"]
+    assert not decision["promoted"] and decision["eval_set_id"] == "setB"
+    assert (decision["challenger_value"], decision["champion_value"]) == (0.40, 0.45)
+    assert reg.show(registry, "nuclei", 2).metrics_on("setB") == {"aji": 0.40}
+    assert reg.production(registry).version == 1
 
 
 def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_path: Path) -> None:

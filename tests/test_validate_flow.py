@@ -54,19 +54,29 @@ def test_artifact_key_is_prefect_safe():
 
 def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_dataset, tmp_path):
     from flows.validate import validate_dataset_flow
-    from mlseg.inventory import build_inventory, fingerprint
+    from mlseg.dataset import dataset_fingerprint, list_pairs
+    from mlseg.io import read_mask, write_labels
 
     root = nuclei_dataset("good")
     state = validate_dataset_flow(str(root), str(tmp_path / "out"), return_state=True)
     assert state.is_completed()
     result = state.result()
     assert result["success"] is True
-    assert result["fingerprint_hash"] == fingerprint(build_inventory(root).files)["content_hash"]
+    # the training data as training fingerprints it: images and masks
+    assert result["fingerprint_hash"] == dataset_fingerprint(list_pairs(root, "train"))
     assert Path(result["outputs"]["fingerprint"]).is_file()
     assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
     artifacts = _artifacts(state.state_details.flow_run_id)
     assert {"dataset-validation-good", "dataset-validation-good-summary"} <= set(artifacts)
     assert "passed" in artifacts["dataset-validation-good-summary"].data
+    # a corrected mask is new training data: the registered fingerprint and the resume check
+    # must see it (the inventory's drift fingerprint covers the images only)
+    mask = next((root / "train" / "masks").iterdir())
+    labels = read_mask(mask)
+    labels[labels == labels.max()] = 0
+    write_labels(mask, labels)
+    again = validate_dataset_flow(str(root), str(tmp_path / "out2"))
+    assert again["fingerprint_hash"] != result["fingerprint_hash"]
 
 
 def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp_path):
