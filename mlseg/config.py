@@ -447,15 +447,19 @@ class MonitorConfig(Strict):
     ``psi_warn`` (warning) or ``psi_fail`` (the monitor fails) *and* a permutation test on the
     same bins says the difference is not chance: p below ``p_value`` after Bonferroni
     correction over the statistics compared (small batches give noisy PSI). Fewer than
-    ``min_images`` new images: nothing is judged. ``statistics`` limits the comparison
-    (empty: every statistic of the fingerprint). Image size warns when more than
-    ``size_warn_fraction`` of the new images lie outside the training width/height range.
+    ``min_images`` new images are too few for that test: a statistic then warns only where a
+    value lies beyond the training range widened by ``far_margin`` times its width on each
+    side (an image unlike any trained on: inverted, blank, another stain). ``statistics``
+    limits the comparison (empty: every statistic of the fingerprint). Image size warns when
+    more than ``size_warn_fraction`` of the new images lie outside the training width/height
+    range.
     """
 
     psi_warn: float = Field(0.2, gt=0)
     psi_fail: float = Field(0.5, gt=0)
     p_value: float = Field(0.01, gt=0, lt=1)
     min_images: int = Field(5, ge=1)
+    far_margin: float = Field(0.5, ge=0)
     permutations: int = Field(4999, ge=99)
     statistics: tuple[str, ...] = ()
     size_warn_fraction: float = Field(0.25, ge=0, le=1)
@@ -496,9 +500,9 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); give a YAML config file") from err
 
 
 def parse(model: type[Strict], data: Any, source: str) -> Any:

@@ -150,8 +150,8 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: fingerprint not found; run `mlseg validate` on the dataset")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "stats" not in data:
         raise ConfigError(f"{path}: not an mlseg fingerprint (no 'stats'); run `mlseg validate`")
@@ -264,6 +264,14 @@ def drift_report(
         }
         if values.size < cfg.min_images:
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
+            margin = cfg.far_margin * (ref["max"] - ref["min"])
+            far = (values < ref["min"] - margin) | (values > ref["max"] + margin)
+            if far.any():
+                row["status"] = "warn"
+                row["note"] += (
+                    f"; {int(far.sum())} far outside the training range "
+                    f"{ref['min']:.3g}-{ref['max']:.3g}"
+                )
         else:
             counts = open_bin_counts(values, edges)
             row["psi"] = psi(ref_counts, counts)
@@ -278,7 +286,12 @@ def drift_report(
     worst = max(table["status"], key=lambda s: STATUS_ORDER[s], default="ok")
     status = "ok" if worst == "skipped" else worst
     drifted = table[table["status"].isin(["warn", "fail"])]
-    if drifted.empty:
+    if drifted.empty and not usable:
+        message = (
+            f"{n_images} image(s): too few to test for drift (min_images={cfg.min_images}); "
+            f"none far outside the training range"
+        )
+    elif drifted.empty:
         message = f"no drift in {n_images} image(s) across {len(usable)} statistic(s)"
     else:
         parts = [

@@ -375,6 +375,9 @@ def write_image_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the marker of an earlier run goes first: outputs replaced one by one under it would
+    # pass for that run's if this one stopped half-way (image_done)
+    (out_dir / f"{stem}.json").unlink(missing_ok=True)
     n = int(labels.max(initial=0))
     names = {
         "labels": labels_name(stem, n),

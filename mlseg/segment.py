@@ -323,6 +323,8 @@ def check_out_dir(out_dir: str | Path, *inputs: str | Path | None) -> Path:
     """``out_dir``, refused where it is an input folder: its outputs would be read as input
     images next time, and each ``<stem>.json`` as the pixel-size sidecar of its image."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir}: a file, not an output folder; give a folder")
     for folder in inputs:
         if folder is not None and out_dir.resolve() == Path(folder).resolve():
             raise DatasetError(
@@ -370,7 +372,22 @@ def list_images(folder: Path) -> list[Path]:
             f"in extension or case, but each image's outputs are named after its stem "
             f"(<stem>_nuclei.csv), so one would be skipped as done; rename one of each"
         )
+    for path in files:
+        check_stem(path.stem, path)
     return files
+
+
+#: Stems whose per-image record would be a run file: ``run.json`` is the run's.
+RESERVED_STEMS = ("run",)
+
+
+def check_stem(stem: str, path: Path) -> None:
+    """Refuse an image whose outputs would overwrite the run's own (``run.json``)."""
+    if stem.casefold() in RESERVED_STEMS:
+        raise DatasetError(
+            f"{path}: an image named {stem!r} would have its record <stem>.json overwritten by "
+            f"the run's {stem}.json; rename the file"
+        )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -677,16 +694,29 @@ def label_stem(path: Path) -> str:
 
 
 def pair_labels(labels_dir: Path, images_dir: Path | None) -> list[tuple[str, Path, Path | None]]:
-    """``(stem, label file, image file or None)`` for each label file of ``labels_dir``."""
+    """``(stem, label file, image file or None)`` for each label file of ``labels_dir``.
+
+    Where the labels lie beside their images (one folder, as Cellpose saves ``x_cp_masks.png``
+    next to ``x.png``), only files named with a label suffix (:data:`LABEL_SUFFIXES`) are
+    labels."""
     label_files = list_images(labels_dir)
     images: dict[str, Path] = {}
     if images_dir is not None:
         for path in list_images(images_dir):
             images.setdefault(path.stem, path)
+    if images_dir is not None and Path(images_dir).resolve() == Path(labels_dir).resolve():
+        label_files = [p for p in label_files if label_stem(p) != p.stem]
+        images = {stem: p for stem, p in images.items() if label_stem(p) == stem}
+        if not label_files:
+            raise DatasetError(
+                f"{labels_dir}: labels and images share this folder, but no file is named as "
+                f"a label (<stem>{', <stem>'.join(LABEL_SUFFIXES)})"
+            )
     out = []
     seen: dict[str, Path] = {}
     for path in label_files:
         stem = label_stem(path)
+        check_stem(stem, path)
         if stem in seen:
             raise DatasetError(
                 f"{path}: same image stem {stem!r} as {seen[stem]}; keep one label file per image"

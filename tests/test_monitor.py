@@ -90,11 +90,20 @@ def test_warning_between_the_two_thresholds(he_fingerprint: dict) -> None:
     assert report.status == "warn"
 
 
-def test_too_few_images_are_not_judged(he_fingerprint: dict) -> None:
-    images = [(im * 0.3).astype(np.uint8) for im in _he_images(2, seed=5)]
-    report = monitor.drift_report(_stats(images), he_fingerprint, MonitorConfig(min_images=5))
-    assert report.status == "ok"
-    assert (report.table["status"] == "skipped").sum() >= len(STAT_COLUMNS) - 1
+def test_too_few_images_are_not_tested_but_one_unlike_any_trained_on_warns(
+    he_fingerprint: dict,
+) -> None:
+    """Below min_images the permutation test is skipped, and the verdict says so rather than
+    "no drift"; an image far outside the training range (here 70% darker) still warns."""
+    cfg = MonitorConfig(min_images=5)
+    similar = monitor.drift_report(_stats(_he_images(2, seed=5)), he_fingerprint, cfg)
+    assert similar.status == "ok" and "too few to test" in similar.message
+    assert (similar.table["status"] == "skipped").sum() >= len(STAT_COLUMNS) - 1
+    dark = [(im * 0.3).astype(np.uint8) for im in _he_images(2, seed=5)]
+    report = monitor.drift_report(_stats(dark), he_fingerprint, cfg)
+    assert report.status == "warn" and "mean_c0 (warn" in report.message
+    far = report.table.set_index("statistic").loc["mean_c0"]
+    assert "far outside the training range" in far["note"]
 
 
 def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> None:
@@ -160,6 +169,13 @@ def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsy
     assert "OK: no drift in 8 image(s)" in capsys.readouterr().out
     assert main(["monitor", str(tmp_path / "nothere"), *args]) == 2
     assert "nothere: image folder not found" in capsys.readouterr().err
+    # user mistakes get one line, not a traceback: an image given as the fingerprint, a
+    # folder given as the CSV to write
+    image_file = str(tmp_path / "same" / "0.png")
+    assert main(["monitor", str(tmp_path / "same"), "--fingerprint", image_file]) == 2
+    assert "0.png: not valid JSON" in capsys.readouterr().err
+    assert main(["monitor", str(tmp_path / "same"), *args, "--out", str(tmp_path)]) == 2
+    assert "a folder; --out names the CSV file" in capsys.readouterr().err
 
 
 def test_another_labs_slides_drift_and_more_of_the_training_labs_do_not(shared_data) -> None:

@@ -634,3 +634,60 @@ def test_a_16_bit_image_keeps_its_full_scale_when_resampled(tmp_path):
         counts[model_um] = int(labels.max())
         assert labels[0, 0] == 0, f"background taken for a nucleus at model {model_um} um"
     assert counts == {0.25: 4, 0.5: 4}
+
+
+def test_a_redo_that_stops_half_way_is_redone_not_skipped(tmp_path, monkeypatch):
+    """Run 1 in pixels, run 2 in microns stopped after some outputs were replaced, run 3 in
+    pixels again: run 1's <stem>.json must not pass the mixed outputs off as its own."""
+    import mlseg.outputs
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(80, 100)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    assert quantify_folder(masks, images, out, profile_name="he", progress=False).processed
+    real = mlseg.outputs.write_text
+
+    def stop_at_geojson(path, text):
+        if str(path).endswith(".geojson"):
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(mlseg.outputs, "write_text", stop_at_geojson)
+    with pytest.raises(KeyboardInterrupt):
+        quantify_folder(masks, images, out, profile_name="he", pixel_size_um=0.25, progress=False)
+    monkeypatch.setattr(mlseg.outputs, "write_text", real)
+    again = quantify_folder(masks, images, out, profile_name="he", progress=False)
+    assert again.processed == ["a"] and not again.skipped
+    assert "area_px" in pd.read_csv(out / "a_nuclei.csv").columns
+
+
+def test_run_outputs_and_user_mistakes_get_one_line_errors(tmp_path):
+    """An image named run.* would lose its record to the run's run.json; an output "folder"
+    that is a file, or a config that is not text, is named before any work is done."""
+    from mlseg.cli import main
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image, truth = disc_image(40, 40)
+    write_image(images / "run.png", image)
+    write_labels(masks / "run_mask.png", truth)
+    with pytest.raises(DatasetError, match=r"run\.png: an image named 'run' would have its record"):
+        quantify_folder(masks, images, tmp_path / "out", profile_name="he", progress=False)
+    (images / "run.png").rename(images / "a.png")
+    (masks / "run_mask.png").rename(masks / "a_mask.png")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(DatasetError, match=r"afile: a file, not an output folder"):
+        quantify_folder(masks, images, afile, profile_name="he", progress=False)
+    assert main(["train", str(images / "a.png"), "--data", str(tmp_path)]) == 2
+
+
+def test_quantify_masks_saved_beside_their_images(tmp_path):
+    """Cellpose saves x_cp_masks.png next to x.png: one folder for both."""
+    both = tmp_path / "both"
+    image, truth = disc_image(80, 100)
+    write_image(both / "x.png", image)
+    write_labels(both / "x_cp_masks.png", truth)
+    result = quantify_folder(both, both, tmp_path / "out", profile_name="he", progress=False)
+    assert result.processed == ["x"] and not result.failed
+    assert len(pd.read_csv(tmp_path / "out" / "x_nuclei.csv")) == truth.max()

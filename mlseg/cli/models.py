@@ -87,6 +87,7 @@ def monitor_cmd(
 ) -> None:
     """Compare new images with the training data; exit 1 on drift above monitor.psi_fail."""
     from mlseg.config import load_config
+    from mlseg.errors import ConfigError
     from mlseg.io import write_table
     from mlseg.monitor import (
         DriftDetected,
@@ -96,6 +97,10 @@ def monitor_cmd(
         load_fingerprint,
     )
 
+    if out is not None and out.is_dir():
+        raise ConfigError(
+            f"{out}: a folder; --out names the CSV file to write (e.g. {out / 'drift.csv'})"
+        )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
     report = drift_report(image_stats_table(list_new_images(images)), reference, cfg)
