@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import retry_on_transient_io, run_config
+from flows.common import data_path, retry_on_transient_io, run_config
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -66,6 +66,9 @@ def monitor(
 
     logger = get_run_logger()
     cfg = run_config(config, overrides).monitor
+    # a deployed worker runs in a fresh temporary folder: relative paths are under /data
+    images, fingerprint, out_dir = (str(data_path(p)) for p in (images, fingerprint, out_dir))
+    history = str(data_path(history)) if history else None
     reference = load_fingerprint(fingerprint)
     paths = [str(p) for p in list_new_images(images)]
     futures = [image_stats_task.submit(batch) for batch in batches(paths, batch_size)]
@@ -92,6 +95,8 @@ def monitor(
         table = read_history(history)
         artifacts.table("run-history", table.tail(50), "segmentation runs, latest last")
         result["history"] = history
+    elif history:
+        logger.warning("no run history at %s yet: nothing segmented there", history)
     artifacts.outputs(
         "monitor-outputs", {k: v for k, v in result.items() if k.endswith(("csv", "json"))}
     )

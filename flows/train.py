@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import run_config
+from flows.common import data_path, run_config
 
 
 @task(name="fit", task_run_name="fit {out_dir}")
@@ -63,6 +63,8 @@ def train_model(
     """
     import pandas as pd
 
+    # a deployed worker runs in a fresh temporary folder: relative paths are under /data
+    data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
     result = fit_task(data_root, out_dir, config, overrides, fingerprint_hash, resume, progress)
     dice = result["best_val_dice"]
     get_run_logger().info(

@@ -270,6 +270,40 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_flows_take_relative_paths_under_the_data_folder(
+    harness, tmp_path, checkpoint, synth_dataset, monkeypatch
+) -> None:
+    """A deployed worker runs each flow in a fresh temporary folder with MLSEG_DATA_DIR=/data:
+    relative path parameters (prefect.yaml's defaults) mean paths under the data folder."""
+    import shutil
+
+    from flows.evaluate import evaluate_model
+    from flows.monitor import monitor
+
+    data = tmp_path / "data"
+    (data / "validation").mkdir(parents=True)
+    _fingerprint(data / "validation", disc_images(data / "train", 10, seed=1))
+    disc_images(data / "inbox", 6, seed=2)
+    shutil.copytree(checkpoint, data / "model")
+    shutil.copytree(synth_dataset, data / "dataset")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(data))
+    state = monitor(
+        "inbox",
+        "validation/fingerprint.json",
+        "monitoring",
+        history="runs/none.csv",
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert (data / "monitoring" / "drift.csv").is_file()
+    state = evaluate_model("model", "dataset", "runs/evaluate", return_state=True)
+    assert state.is_completed(), state.message
+    assert (data / "runs" / "evaluate").is_dir() and not any(elsewhere.iterdir())
+
+
 def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path) -> None:
     from flows.pipeline import pipeline
 

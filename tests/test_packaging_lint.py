@@ -289,3 +289,19 @@ def test_bandit_finds_nothing_unjustified():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_data_ships_every_data_file_the_packages_read() -> None:
+    """An installed copy (the CI flows job, `pip install .`) must hold the YAML and JSON the
+    packages read at run time: flows/demo.yaml was left out."""
+    import fnmatch
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = data["package-data"]
+    for package in ("mlseg", "flows", "expectations"):
+        for path in (ROOT / package).rglob("*"):
+            if path.suffix not in (".yaml", ".yml", ".json") or "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(ROOT / package).as_posix()
+            assert any(fnmatch.fnmatch(rel, g) for g in globs.get(package, [])), f"{package}/{rel}"
