@@ -305,3 +305,24 @@ def test_package_data_ships_every_data_file_the_packages_read() -> None:
                 continue
             rel = path.relative_to(ROOT / package).as_posix()
             assert any(fnmatch.fnmatch(rel, g) for g in globs.get(package, [])), f"{package}/{rel}"
+
+
+def test_deployments_read_the_dataset_where_workers_copy_it() -> None:
+    """Workers copy s3://<bucket>/<datasetPrefix> to /data/<datasetPrefix> (infra); each
+    deployment's default data_root must lie under it, as MLSEG_DATA_DIR=/data resolves it
+    (the README's upload command put the dataset at datasets/dataset, the defaults said
+    dataset)."""
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    roots = {
+        d["name"]: d["parameters"]["data_root"]
+        for d in deployments
+        if "data_root" in d.get("parameters", {})
+    }
+    assert roots
+    for stack in ("dev", "prod"):
+        config = yaml.safe_load((ROOT / "infra" / f"Pulumi.{stack}.yaml").read_text())["config"]
+        prefix = config.get("mlseg:datasetPrefix", "datasets")
+        for name, root in roots.items():
+            assert root.split("/")[0] == prefix, (stack, name, root)
+    readme = (ROOT / "README.md").read_text()
+    assert "s3://<bucketName>/datasets/dataset/" in readme

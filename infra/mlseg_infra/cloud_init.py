@@ -30,6 +30,8 @@ from mlseg_infra.settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "cloud-config.yaml"
 SECRETS_ENV = "/etc/mlseg/secrets.env"
+#: The worker image's user (the Dockerfile's ``USER``): it must own the data volume it writes.
+IMAGE_UID = 10001
 DOCKER_CONFIG = "/root/.docker/config.json"
 _BOUNDARY = "==mlseg-user-data=="
 # cloud-init's default merge replaces lists; append keeps the public part's write_files.
@@ -56,6 +58,7 @@ def render_public_config(settings: Settings) -> str:
         "dataset_prefix": settings.dataset_prefix,
         "image": settings.image,
         "docker_gpu_flags": "--gpus all " if settings.gpu else "",
+        "image_uid": str(IMAGE_UID),
     }
     text = _Template(TEMPLATE.read_text()).substitute(values)
     yaml.safe_load(text)  # a template edit that breaks YAML fails here, not on the droplet

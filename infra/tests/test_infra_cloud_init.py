@@ -149,6 +149,29 @@ def test_volume_is_mounted_and_dataset_synced_from_the_bucket():
     assert "rclone" in config["packages"]
 
 
+def test_the_data_volume_belongs_to_the_images_user():
+    """The image runs as the Dockerfile's USER; the volume mounted over /data (and what rclone
+    copies onto it as root) must be that user's, or every flow fails writing under /data."""
+    import re
+
+    from mlseg_infra.cloud_init import IMAGE_UID
+
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\d+)", dockerfile, flags=re.MULTILINE)
+    assert users and int(users[-1]) == IMAGE_UID
+    config = yaml.safe_load(render_public_config(make_settings(bucket_name="my-bucket")))
+    owner = f"{IMAGE_UID}:{IMAGE_UID}"
+    assert ["chown", owner, "/mnt/mlseg-data"] in config["runcmd"]
+    chown = config["runcmd"].index(["chown", owner, "/mnt/mlseg-data"])
+    start = config["runcmd"].index(
+        ["systemctl", "enable", "--now", "--no-block", "mlseg-worker.service"]
+    )
+    assert chown < start
+    files = {f["path"]: f["content"] for f in config["write_files"]}
+    sync = files["/etc/systemd/system/mlseg-dataset-sync.service"]
+    assert f"ExecStartPost=/bin/chown -R {owner} /mnt/mlseg-data/datasets" in sync
+
+
 def test_every_placeholder_is_filled():
     text = render_public_config(make_settings())
     assert "@{" not in text
