@@ -525,9 +525,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
         data = _read_yaml(Path(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    # a section with its keys commented out reads as null: an empty section
+    merged = {
+        k: (dict(v) if isinstance(v, dict) else {} if v is None else v) for k, v in data.items()
+    }
     for section, values in overrides.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and isinstance(merged.get(section, {}), dict):
             merged[section] = {**merged.get(section, {}), **values}
         else:
             merged[section] = values
@@ -547,6 +550,10 @@ def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
         raise ConfigError(f"{path}: expected a top-level 'profiles:' mapping of name -> settings")
     out = {}
     for name, values in profiles.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(
+                f"{path}: profile '{name}' must be a mapping of settings, got {values!r}"
+            )
         values = {**(values or {}), "name": name}
         out[name] = parse(Profile, values, f"{path} (profile '{name}')")
     return out

@@ -94,8 +94,13 @@ def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
         default = params.get("decoder_channels")
         if default is not None and isinstance(default.default, (tuple, list)):
             kwargs["decoder_channels"] = _DECODER_CHANNELS[5 - cfg.encoder_depth :]
+        # FPN's and PSPNet's decoders end at a stride set by the encoder depth and upsample
+        # by a factor made for their default depth: scale it with the depth
+        if model_class.__name__ in ("FPN", "PSPNet"):
+            depth, factor = params["encoder_depth"].default, params["upsampling"].default
+            kwargs["upsampling"] = max(1, int(factor * 2.0 ** (cfg.encoder_depth - depth)))
     try:
-        return smp.create_model(
+        model = smp.create_model(
             cfg.arch,
             encoder_name=cfg.encoder,
             encoder_weights=cfg.encoder_weights,
@@ -116,6 +121,33 @@ def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
             "Set train.encoder_weights: null, or pre-download the weights into the "
             "Hugging Face cache (HF_HOME) on a connected machine"
         ) from None
+    _check_output_size(model, cfg, in_channels)
+    return model
+
+
+def _check_output_size(model: nn.Module, cfg: TrainConfig, in_channels: int) -> None:
+    """Refuse a model whose output is not its input's size (a decoder that upsamples by a
+    factor made for another encoder depth): the loss would fail at the first step, or, in
+    inference, the labels would not cover the image."""
+    side = 128  # a multiple of every depth's stride, and enough for PAN's pyramid pooling
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, side, side))
+    except Exception as err:  # an architecture that cannot run at this depth
+        raise ModelError(
+            f"train: {cfg.arch} with encoder_depth={cfg.encoder_depth} cannot run ({err}); "
+            f"choose another depth or architecture"
+        ) from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape[-2:]) != (side, side):
+        raise ModelError(
+            f"train: {cfg.arch} with encoder_depth={cfg.encoder_depth} gives a "
+            f"{out.shape[-1]}x{out.shape[-2]} output for a {side}x{side} input; choose an "
+            f"encoder_depth its decoder supports (its default) or another architecture"
+        )
 
 
 # ----------------------------------------------------------------------------- saving

@@ -156,14 +156,10 @@ def tune(
     df = df.reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     write_table(df, out / "tune_results.csv")
-    best_params = {k: _plain(df.loc[0, k]) for k in space}
+    # the values as tried, not as the table holds them (None becomes NaN in a float column)
+    best_params = chosen[int(df.loc[0, "trial"])]
     best_cfg = apply_params(cfg, best_params)
     text = "# best of mlseg tune (" + ", ".join(f"{k}={v}" for k, v in best_params.items()) + ")\n"
     text += yaml.safe_dump(best_cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     write_text(out / "best_config.yaml", text)
     return df
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars (for YAML and pydantic)."""
-    return value.item() if isinstance(value, np.generic) else value

@@ -113,3 +113,17 @@ def test_a_pixel_size_in_the_wrong_unit_is_refused(tmp_path, value):
     profiles = write(tmp_path / "p.yaml", f"profiles:\n  mine:\n    pixel_size_um: {value}\n")
     with pytest.raises(ConfigError, match=r"mine.*pixel_size_um.*outside 0.01-10"):
         load_profiles(profiles)
+
+
+def test_a_section_with_every_key_commented_out_is_empty_not_a_crash(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("train:\n  # lr: 1e-3\n")
+    cfg = load_config(path, train={"max_steps": 2})
+    assert cfg.train.max_steps == 2 and cfg.train.lr == Config().train.lr
+
+
+def test_a_profile_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    path.write_text("profiles:\n  he: 3\n")
+    with pytest.raises(ConfigError, match=r"profiles\.yaml: profile 'he' must be a mapping"):
+        load_profiles(path)

@@ -123,3 +123,26 @@ def test_missing_or_damaged_checkpoints(tmp_path) -> None:
     (tmp_path / "meta.json").write_text("{")
     with pytest.raises(ModelError, match="damaged"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(("arch", "depth"), [("FPN", 3), ("FPN", 4), ("PSPNet", 5), ("PSPNet", 4)])
+def test_decoders_that_upsample_at_the_end_fit_the_input_at_any_depth(arch, depth) -> None:
+    """FPN and PSPNet upsample by a factor made for their default depth: at another depth
+    the output was 4x the input (FPN, depth 3) or a quarter of it (PSPNet, depth 5), and
+    training failed at its first loss."""
+    model = build_model(TrainConfig(arch=arch, encoder="resnet18", encoder_depth=depth), 3, 3)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 128, 128)).shape[-2:] == (128, 128)
+
+
+def test_a_model_whose_output_misses_the_input_size_is_refused(monkeypatch) -> None:
+    import segmentation_models_pytorch as smp
+
+    real = smp.create_model
+
+    def shrunk(*args, **kwargs):
+        return torch.nn.Sequential(real(*args, **kwargs), torch.nn.AvgPool2d(2))
+
+    monkeypatch.setattr(smp, "create_model", shrunk)
+    with pytest.raises(ModelError, match=r"gives a 64x64 output for a 128x128 input"):
+        build_model(TrainConfig(encoder="resnet18", encoder_depth=3), 3, 3)

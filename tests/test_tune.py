@@ -92,3 +92,47 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
             progress=False,
         )
     assert "train.lr: 0.001 -> 0.003" in str(error.value)
+
+
+def test_param_values_may_be_lists_and_a_null_winner_is_written_as_null() -> None:
+    from mlseg.cli.train import _parse_space
+
+    space = _parse_space(
+        ["inference.stain_tta=[1.0,1.5],[1.0]", "preprocess.target_pixel_size_um=null,0.5"]
+    )
+    assert space == {
+        "inference.stain_tta": [[1.0, 1.5], [1.0]],
+        "preprocess.target_pixel_size_um": [None, 0.5],
+    }
+    with pytest.raises(ConfigError, match=r"--param 'train.lr=\[1,': values are not YAML"):
+        _parse_space(["train.lr=[1,"])
+
+
+def test_the_best_trial_is_written_with_the_values_it_ran(synth_dataset, tmp_path, monkeypatch):
+    """A winning value of None (no resampling) sat in a float column as NaN, and writing
+    best_config.yaml failed after every trial had run."""
+    import mlseg.train
+
+    dice = iter([0.9, 0.5])
+
+    class Result:
+        def __init__(self, out_dir):
+            import pandas as pd
+
+            self.best_val_dice, self.steps, self.images_per_s = next(dice), 1, 1.0
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(out_dir))
+    space = {"preprocess.target_pixel_size_um": [None, 0.5]}
+    table = tune(
+        load_config(None),
+        synth_dataset,
+        tmp_path,
+        space=space,
+        trials=None,
+        method="grid",
+        progress=False,
+    )
+    assert table.loc[0, "trial"] == 0
+    best = (tmp_path / "best_config.yaml").read_text()
+    assert "target_pixel_size_um: null" in best

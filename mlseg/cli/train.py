@@ -106,7 +106,11 @@ def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
             raise ConfigError(
                 f"--param {item!r}: expected section.field=v1,v2 (e.g. train.lr=1e-4,1e-3)"
             )
-        space[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+        try:  # one YAML flow list, so a value may be a list itself: stain_tta=[1.0,1.5],[1.0]
+            parsed = yaml.safe_load(f"[{values}]")
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--param {item!r}: values are not YAML ({err})") from None
+        space[key.strip()] = parsed
     return space or None
 
 
