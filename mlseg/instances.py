@@ -22,6 +22,10 @@ import numpy as np
 from mlseg.config import Profile, WatershedConfig
 from mlseg.errors import ConfigError
 
+#: How far (px of distance to the background) a binary mask's seed must rise above the pass
+#: to any higher peak; two touching nuclei dip far more at their neck.
+SEED_DYNAMIC_PX = 0.3
+
 
 def area_limits_px(profile: Profile, pixel_size_um: float | None) -> tuple[int, int]:
     """``(min, max)`` object area in pixels: the profile's um2 limits converted when the
@@ -133,6 +137,7 @@ def mask_to_instances(
     smoothed by ``smooth_sigma_px``, that are the largest within ``min_distance`` px.
     """
     import cv2
+    from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed as flood
 
     foreground = np.asarray(foreground, dtype=bool)
@@ -146,7 +151,13 @@ def mask_to_instances(
     md = min_distance_px(watershed, pixel_size_um)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * md + 1, 2 * md + 1))
     peaks = (distance >= cv2.dilate(distance, kernel)) & foreground & (distance > 0)
-    _, markers = _components(peaks, 8)
+    # Peaks joined by a pass less than SEED_DYNAMIC_PX below them are one seed: the flat
+    # ridge of an elongated nucleus holds several maxima min_distance apart that pixel
+    # rounding alone made. Such peaks share one plateau of the h-reconstruction.
+    floor = reconstruction(distance - SEED_DYNAMIC_PX, distance, method="dilation")
+    _, plateaus = _components(local_maxima(floor, connectivity=2) & foreground, 8)
+    seeded = np.unique(plateaus[peaks])
+    markers = np.where(np.isin(plateaus, seeded[seeded > 0]), plateaus, 0)
     labels = flood(-distance, markers, mask=foreground).astype(np.int32)
     return _add_unseeded(labels, foreground)
 

@@ -138,3 +138,23 @@ def test_wrong_channel_count_is_rejected():
         probs_to_labels(
             np.zeros((1, 8, 8)), "three_class", WS, pixel_size_um=None, min_area_px=1, max_area_px=9
         )
+
+
+def test_an_elongated_nucleus_is_one_seed_at_any_angle() -> None:
+    """The distance ridge of an ellipse is flat; pixel rounding left maxima min_distance apart
+    along it that split one nucleus in two or three at some angles (20 of 114 here), while two
+    touching discs stay two."""
+    from skimage.draw import disk, ellipse
+
+    cfg = WatershedConfig()
+    for a, b in ((20, 8), (24, 5), (30, 6), (40, 10)):
+        for rotation in np.linspace(0, np.pi / 2, 19):
+            mask = np.zeros((120, 120), bool)
+            mask[ellipse(60, 60, a, b, rotation=rotation)] = True
+            assert mask_to_instances(mask, cfg, pixel_size_um=None).max() == 1, (a, b, rotation)
+    for radius in (4, 6, 10):
+        for overlap in (0.0, 0.1, 0.2, 0.3):
+            mask = np.zeros((120, 160), bool)
+            mask[disk((60, 40), radius)] = True
+            mask[disk((60, 40 + round(2 * radius * (1 - overlap))), radius)] = True
+            assert mask_to_instances(mask, cfg, pixel_size_um=None).max() == 2, (radius, overlap)
