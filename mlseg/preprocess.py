@@ -162,15 +162,18 @@ def equalize_hist(image: np.ndarray, nbins: int = 4096) -> np.ndarray:
 
 
 def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation (OpenCV, 16-bit); -> float32 [0, 1].
+    """Contrast-limited adaptive histogram equalisation (OpenCV); -> float32 [0, 1].
 
-    ``clip_limit`` is OpenCV's (relative to the mean bin count); ``tile_grid`` tiles per side.
+    ``clip_limit`` is OpenCV's, relative to the mean count of 256 bins; ``tile_grid`` tiles
+    per side. The lightness is equalised at 8 bits: on 16 bits OpenCV spreads a tile over
+    65,536 bins, its clip limit rounds to one count per bin whatever ``clip_limit`` says, and
+    the setting did nothing.
     """
     op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(tile_grid, tile_grid))
 
     def fn(ch: np.ndarray) -> np.ndarray:
-        u16 = np.round(np.clip(ch, 0, 1) * 65535).astype(np.uint16)
-        return op.apply(u16).astype(np.float32) / 65535.0
+        u8 = np.round(np.clip(ch, 0, 1) * 255).astype(np.uint8)
+        return op.apply(u8).astype(np.float32) / 255.0
 
     return _on_lightness(image, fn)
 
@@ -230,6 +233,9 @@ def macenko_stains(
 
     Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
     when fewer than 100 pixels are stained (optical density above ``beta`` in every channel).
+    Both come from the stained pixels alone, so the same tissue is normalised alike however
+    much glass is around it (the reference implementation took the percentile over all
+    pixels, glass included).
     """
     od = optical_density(_hwc(image)).reshape(-1, 3)
     tissue = od[np.all(od > beta, axis=1)]
@@ -249,7 +255,9 @@ def macenko_stains(
     # the background's blue-absorbing vector wins and nuclei come out pink.
     ref_h = MACENKO_REF_STAINS[:, 0] / np.linalg.norm(MACENKO_REF_STAINS[:, 0])
     stains = np.stack([v1, v2], axis=1) if v1 @ ref_h >= v2 @ ref_h else np.stack([v2, v1], axis=1)
-    conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    # over the stained pixels only, as the vectors: on a tile that is mostly glass the 99th
+    # percentile of all pixels is glass's (near 0), and the gain blackened the tissue
+    conc = np.linalg.lstsq(stains, tissue.T, rcond=None)[0]
     return stains, np.percentile(conc, 99, axis=1)
 
 

@@ -278,5 +278,34 @@ def test_clahe_matches_opencv_on_grey_uint8_scale() -> None:
     u8 = rng.integers(100, 140, (64, 64)).astype(np.uint8)
     ours = clahe(u8[..., None], clip_limit=2.0, tile_grid=8)[..., 0]
     ref = cv2.createCLAHE(2.0, (8, 8)).apply(u8) / 255.0
-    # 16-bit vs 8-bit histograms: same transform up to quantisation
-    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.95
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_clahe_clip_limit_changes_the_result(shared_data) -> None:
+    """preprocess.clahe_clip_limit must act: at 16 bits OpenCV's per-bin limit rounded to one
+    count for every clip limit below ~17, and every setting gave the same image."""
+    from mlseg.io import read_image
+
+    image = read_image(shared_data / "cpm15_he" / "original" / "image02.png")
+    low, high = clahe(image, clip_limit=1.0), clahe(image, clip_limit=4.0)
+    assert np.abs(high - low).mean() > 0.01
+    assert high[..., 0].std() > low[..., 0].std()
+
+
+def test_macenko_normalises_the_same_tissue_alike_however_much_glass_surrounds_it() -> None:
+    """A tile at the edge of a section is mostly glass: its concentrations' 99th percentile
+    over all pixels fell on glass (near 0), the gain rose ~1e4-fold and the tissue went black."""
+    rng = np.random.default_rng(0)
+    stains = MACENKO_REF_STAINS / np.linalg.norm(MACENKO_REF_STAINS, axis=0)
+    conc = np.stack([rng.uniform(0, 1.5, 2000), rng.uniform(0, 1.0, 2000)])
+    tissue = np.exp(-(stains @ conc)).T
+    results = []
+    for n_glass in (0, 200_000):
+        pixels = np.concatenate([tissue, np.full((n_glass, 3), 0.94)])
+        image = pixels.reshape(1, -1, 3).astype(np.float32)
+        _, max_conc = macenko_stains(image)
+        results.append((max_conc, macenko(image)[0, :2000]))
+    (alone, out_alone), (edge, out_edge) = results
+    np.testing.assert_allclose(edge, alone, rtol=1e-6)
+    np.testing.assert_allclose(out_edge, out_alone, atol=1e-5)
+    assert out_edge.mean() > 0.3  # not blackened
