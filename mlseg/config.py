@@ -372,6 +372,15 @@ class Profile(Strict):
     name: str = ""
     version: str = "1"
     stain: Literal["he", "ihc", "fluorescence", "none"] = "he"
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        # `version: 2` in YAML is a number; the file says to bump it, so take it as written
+        return (
+            str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        )
+
     channels: int = Field(3, ge=1, le=4)
     pixel_size_um: float | None = Field(None, gt=0)
     _plausible_size = field_validator("pixel_size_um")(_microns_per_pixel)

@@ -295,6 +295,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"{folder / 'meta.json'}: lacks {err}; not an mlseg checkpoint") from None
+    from mlseg.targets import TARGETS, num_classes
+
+    if target not in TARGETS or num_classes(target) != classes:
+        raise ModelError(
+            f"{folder / 'meta.json'}: target {target!r} with {classes} classes is not a "
+            f"model mlseg trains ({', '.join(f'{t}: {num_classes(t)}' for t in TARGETS)})"
+        )
     train_cfg = config.train.model_copy(update={"encoder_weights": None})
     model = build_model(train_cfg, in_channels, classes)
     try:

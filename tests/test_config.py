@@ -127,3 +127,9 @@ def test_a_profile_that_is_not_a_mapping_is_named(tmp_path):
     path.write_text("profiles:\n  he: 3\n")
     with pytest.raises(ConfigError, match=r"profiles\.yaml: profile 'he' must be a mapping"):
         load_profiles(path)
+
+
+def test_a_profile_version_written_as_a_number_is_taken(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    path.write_text("profiles:\n  lab:\n    version: 5\n    pixel_size_um: 0.25\n")
+    assert load_profiles(path)["lab"].version == "5"
