@@ -40,7 +40,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   ``n_partners`` (files of the other role with the same stem).
 
 ``splits`` - one row per split: ``split``, ``folder``, ``image_dir_exists``,
-``mask_dir_exists``, ``n_images``, ``n_masks``, ``n_pairs`` (images with exactly one mask).
+``mask_dir_exists``, ``n_images``, ``n_masks``, ``n_pairs`` (images with exactly one mask),
+``manifest_unmatched`` and ``manifest_unmatched_rows`` (pixel-size rows of ``manifest.csv``
+naming no image of the split).
 
 :func:`fingerprint` summarises the training images' statistics (deciles, histograms) and
 content hashes; drift monitoring compares new images (via :func:`image_stats`) against it.
@@ -179,6 +181,8 @@ SPLIT_COLUMNS = (
     "n_images",
     "n_masks",
     "n_pairs",
+    "manifest_unmatched",
+    "manifest_unmatched_rows",
 )
 #: A pixel darker than this fraction of full scale (grey) counts as dark.
 DARK_LEVEL = 0.02
@@ -319,7 +323,8 @@ def mask_values_valid(values: np.ndarray, declared: str) -> bool:
     """Whether a mask's distinct values (``values``, sorted, from ``np.unique``) fit ``declared``.
 
     ``binary``: values within {0, 1} or within {0, 255}. ``instance``: any non-negative labels
-    except the 0/255 pattern of a binary export (which would make one nucleus of everything).
+    except the 0/255 (or 0/65535) pattern of a binary export (which would make one nucleus of
+    everything).
     ``auto``: any non-negative integer mask.
     """
     values = np.asarray(values)
@@ -329,7 +334,7 @@ def mask_values_valid(values: np.ndarray, declared: str) -> bool:
     if declared == "binary":
         return nonzero <= {1} or nonzero <= {255}
     if declared == "instance":
-        return nonzero != {255}
+        return nonzero not in ({255}, {65535})  # a binary export, 8- or 16-bit
     return True
 
 
@@ -583,10 +588,9 @@ def build_inventory(
     facts_iter = _read_all(items, worker, cfg.workers, progress, cfg.parallel)
     for entry, facts in zip(entries, facts_iter, strict=True):
         rows.append({"split": entry.split, "role": entry.role, "path": entry.rel, **facts})
-    files = add_checks(
-        pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, manifest_pixel_sizes(root)
-    )
-    return Inventory(root, files, split_summary(files, folders), cfg)
+    sizes = manifest_pixel_sizes(root)
+    files = add_checks(pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, sizes)
+    return Inventory(root, files, split_summary(files, folders, sizes), cfg)
 
 
 def _rule(ok: Iterable[Any], applies: Iterable[bool]) -> pd.Series:
@@ -654,7 +658,14 @@ def add_checks(
     has = np.array([bool(p) for p in partners], dtype=bool)
     df["image_has_mask"] = _rule(has, pair_image)
     df["mask_has_image"] = _rule(has, pair_mask)
-    df["partner_unique"] = _rule([p is not None and p <= 1 for p in partners], has)
+    # the files to act on are those sharing a stem with another of their role
+    same_role = [
+        n_images.get(k, 0) if pi else n_masks.get(k, 0) if pm else None
+        for k, pi, pm in zip(key, pair_image, pair_mask, strict=True)
+    ]
+    df["partner_unique"] = _rule(
+        [c is not None and c <= 1 for c in same_role], pair_image | pair_mask
+    )
 
     readable = df["readable"].eq(True).to_numpy()
     width, height = df["width_px"].to_numpy(), df["height_px"].to_numpy()
@@ -669,7 +680,14 @@ def add_checks(
         [image_size.get(k) == (w, h) for k, w, h in zip(key, width, height, strict=True)], applies
     )
     values_ok = df["mask_values_ok"].to_numpy() if "mask_values_ok" in df else [None] * len(df)
-    df["mask_values_ok"] = _rule([v is True for v in values_ok], is_mask & readable)
+    values_ok = np.array([v is True for v in values_ok], dtype=bool)
+    if cfg.mask_kind == "auto" and df["mask_kind"].eq("instance").any():
+        # the dataset trains as instance labels (mlseg.data.dataset_mask_kind): a binary
+        # export among them (0/255, 0/65535) would be one nucleus of all its nuclei
+        top = pd.to_numeric(df["mask_max_value"], errors="coerce")
+        one_value = pd.to_numeric(df["mask_labels"], errors="coerce").eq(1)
+        values_ok &= ~(is_mask & one_value.to_numpy() & top.isin([255, 65535]).to_numpy())
+    df["mask_values_ok"] = _rule(values_ok, is_mask & readable)
 
     # Duplicates within a split and leakage across splits, by decoded-pixel hash.
     hashed = is_image & readable & df["content_hash"].notna().to_numpy()
@@ -722,13 +740,33 @@ def _add_pixel_sizes(
     df["metadata_pixel_size_ok"] = pd.Series(list(metadata_ok), dtype=object)
 
 
-def split_summary(files: pd.DataFrame, folders: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per split: folders present, image/mask counts, pairs (image with one mask)."""
+def split_summary(
+    files: pd.DataFrame,
+    folders: dict[str, dict[str, Any]],
+    manifest_sizes: dict[tuple[str, str], tuple[int, Any]] | None = None,
+) -> pd.DataFrame:
+    """One row per split: folders present, image/mask counts, pairs (image with one mask),
+    and the manifest's pixel-size rows that name no image of the split (a row naming no
+    split of the dataset counts under ``train``)."""
+    images = set(
+        zip(
+            files.loc[files["role"].eq("image"), "split"],
+            files.loc[files["role"].eq("image"), "stem"],
+            strict=True,
+        )
+    )
+    unmatched: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for (split, stem), (line, _) in sorted((manifest_sizes or {}).items(), key=lambda kv: kv[1][0]):
+        if (split, stem) not in images:
+            unmatched[split if split in SPLITS else SPLITS[0]].append(
+                f"line {line}: {split}/{stem}"
+            )
     rows = []
     for split in SPLITS:
         part = files[files["split"].eq(split)]
         usable = part["extension_ok"].eq(True)
-        pairs = part["image_has_mask"].eq(True) & part["partner_unique"].eq(True)
+        pairs = part["image_has_mask"].eq(True) & part["n_partners"].eq(1)
+        pairs &= part["partner_unique"].eq(True)
         rows.append(
             {
                 "split": split,
@@ -738,6 +776,8 @@ def split_summary(files: pd.DataFrame, folders: dict[str, dict[str, Any]]) -> pd
                 "n_images": int((part["role"].eq("image") & usable).sum()),
                 "n_masks": int((part["role"].eq("mask") & usable).sum()),
                 "n_pairs": int(pairs.sum()),
+                "manifest_unmatched": len(unmatched[split]),
+                "manifest_unmatched_rows": "; ".join(unmatched[split][:10]) or None,
             }
         )
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))

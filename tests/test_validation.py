@@ -356,7 +356,9 @@ def test_a_labelled_background_stops_training(nuclei_dataset, background):
     else:  # a label image whose background is label 1 (a watershed's basin)
         write_labels(path, np.where(labels > 0, labels + 1, 1))
     report = check(root)
-    assert report.failed_rules("error") == ["background_not_labelled"]
+    # a 0/255 export among instance masks is also caught as one (mask_values_valid)
+    extra = ["mask_values_valid"] if background == "inverted binary" else []
+    assert report.failed_rules("error") == [*extra, "background_not_labelled"]
     assert_caught(report, "background_not_labelled", {"test/masks/test0_mask.png"})
 
 
@@ -433,7 +435,50 @@ def test_two_masks_for_one_image(nuclei_dataset):
     write_labels(root / "train/masks/train0_mask.tif", labels)
     report = check(root)
     assert report.failed_rules("error") == ["one_mask_per_image"]
-    assert_caught(report, "one_mask_per_image", {"train/original/train0.png"})
+    # the files to act on: the two masks, not the image they both claim
+    masks = {"train/masks/train0_mask.png", "train/masks/train0_mask.tif"}
+    assert_caught(report, "one_mask_per_image", masks)
+
+
+def test_two_images_for_one_mask_name_the_images(nuclei_dataset):
+    root = nuclei_dataset()
+    write_image(root / "train/original/train0.tif", read_image(root / "train/original/train0.png"))
+    report = check(root)
+    assert "one_mask_per_image" in report.failed_rules("error")
+    images = {"train/original/train0.png", "train/original/train0.tif"}
+    assert_caught(report, "one_mask_per_image", images)
+
+
+def test_a_manifest_row_naming_no_image_stops_training(nuclei_dataset):
+    """Training reads every manifest row: a stem written with its extension gave its image
+    no pixel size and a row for a removed image stopped training, yet the gate passed."""
+    root = nuclei_dataset()
+    (root / "manifest.csv").write_text(
+        "split,stem,pixel_size_um\ntrain,train0.png,0.25\ntrain,ghost,250\ntest,test0,0.5\n"
+    )
+    report = check(root)
+    assert report.failed_rules("error") == ["manifest_rows_name_images"]
+    assert_caught(report, "manifest_rows_name_images", {"train"})
+    rows = report_splits(root).set_index("split").loc["train", "manifest_unmatched_rows"]
+    assert "train/train0.png" in rows and "train/ghost" in rows
+
+
+def report_splits(root):
+    return build_inventory(root).splits
+
+
+def test_a_binary_export_among_instance_masks_stops_training(nuclei_dataset):
+    """Masks of mixed kinds train as instance labels: a 0/255 (or 16-bit 0/65535) export
+    among them becomes one nucleus of all its nuclei."""
+    for top, dtype in ((255, np.uint8), (65535, np.uint16)):
+        root = nuclei_dataset(f"mixed{top}")
+        labels = read_mask(root / "train/masks/train1_mask.png")
+        write_image(
+            root / "train/masks/train1_mask.png", np.where(labels > 0, top, 0).astype(dtype)
+        )
+        report = check(root)
+        assert report.failed_rules("error") == ["mask_values_valid"], top
+        assert_caught(report, "mask_values_valid", {"train/masks/train1_mask.png"})
 
 
 def test_grey_image_among_rgb(nuclei_dataset):
