@@ -18,11 +18,22 @@ def evaluate_task(
     out_dir: str,
     split: str = "test",
     profile: str | None = None,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score ``model`` on ``split``; returns means, eval set id and output paths."""
+    """Score ``model`` on ``split``; returns means, eval set id and output paths.
+    ``inference`` overrides keys of the model's own inference settings."""
     from mlseg.evaluate import evaluate
 
-    result = evaluate(model, data_root, out_dir, split=split, profile=profile, progress=False)
+    settings = _inference_settings(model, inference) if inference else None
+    result = evaluate(
+        model,
+        data_root,
+        out_dir,
+        split=split,
+        profile=profile,
+        inference_cfg=settings,
+        progress=False,
+    )
     return {
         "means": {k: float(v) for k, v in result.means.items()},
         "eval_set_id": result.eval_set_id,
@@ -34,6 +45,18 @@ def evaluate_task(
     }
 
 
+def _inference_settings(model: str, inference: dict[str, Any]):
+    """The model's saved inference settings with the keys of ``inference`` on top."""
+    import json
+
+    from mlseg.config import Config, InferenceConfig, parse
+    from mlseg.model import checkpoint_path
+
+    saved = json.loads((checkpoint_path(model).parent / "config.json").read_text())
+    base = parse(Config, saved, str(model)).inference.model_dump(mode="json")
+    return parse(InferenceConfig, {**base, **inference}, "inference overrides")
+
+
 @flow(name="evaluate-model", log_prints=True)
 def evaluate_model(
     model: str,
@@ -41,6 +64,7 @@ def evaluate_model(
     out_dir: str,
     split: str = "test",
     profile: str | None = None,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (folder or ``.safetensors``) on a labelled split.
 
@@ -50,7 +74,7 @@ def evaluate_model(
 
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     model, data_root, out_dir = (str(data_path(p)) for p in (model, data_root, out_dir))
-    result = evaluate_task(model, data_root, out_dir, split, profile)
+    result = evaluate_task(model, data_root, out_dir, split, profile, inference)
     means = result["means"]
     get_run_logger().info(
         "%d images: Dice %.4f AJI %.4f PQ %.4f (eval set %s)",

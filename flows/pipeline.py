@@ -126,12 +126,49 @@ def _validation_table(validation: dict[str, Any]):
     return pd.DataFrame(rows)
 
 
-def _nuclei(out_dir: Path):
+def _nuclei(out_dir: Path, summary_csv: str | Path):
+    """The nuclei of this run's images (those of ``summary.csv``): the folder may also hold
+    outputs of images since removed or renamed."""
     import pandas as pd
 
-    tables = [pd.read_parquet(p) for p in sorted(out_dir.glob("*_nuclei.parquet"))]
+    stems = pd.read_csv(summary_csv)["image"].astype(str)
+    paths = [out_dir / f"{stem}_nuclei.parquet" for stem in stems]
+    tables = [pd.read_parquet(p) for p in paths if p.is_file()]
     tables = [t for t in tables if len(t)]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def _with_profile(
+    overrides: dict[str, Any] | None,
+    profile: str | None,
+    profiles: dict[str, Any] | str | None,
+    work: Path,
+) -> dict[str, Any]:
+    """``overrides`` with the pipeline's profile parameters as run-config keys, so training
+    and evaluation use the profile segmentation uses (a profiles mapping, as a deployment
+    passes it, is written to ``work/profiles.yaml`` for them)."""
+    import yaml
+
+    from mlseg.io import write_text
+
+    out = dict(overrides or {})
+    if profile:
+        out["profile"] = profile
+    if isinstance(profiles, str) and profiles.strip():
+        profiles = json.loads(profiles)
+    if profiles:
+        table = profiles if "profiles" in profiles else {"profiles": profiles}
+        path = write_text(work / "profiles.yaml", yaml.safe_dump(table, sort_keys=False))
+        out["profiles_file"] = str(path)
+    return out
+
+
+def _inference(cfg) -> dict[str, Any] | None:
+    """The run config's inference section where the run sets it, else None (each model's
+    own, as saved with it)."""
+    if "inference" not in cfg.model_fields_set:
+        return None
+    return cfg.inference.model_dump(mode="json", exclude_unset=True) or None
 
 
 @flow(name="pipeline", log_prints=True)
@@ -170,12 +207,16 @@ def pipeline(
     registry = registry or str(work / "registry")
     if "://" not in registry:
         registry = str(data_path(registry))
+    # the profile parameters reach every stage: training and evaluation read the run config
+    overrides = _with_profile(overrides, profile, profiles, work)
     cfg = run_config(config, overrides)
-    prof = resolve_profile(profile or cfg.profile, profiles)
+    prof = resolve_profile(cfg.profile, profiles)
     test_images = root / cfg.data.test_dir / cfg.data.image_dir
 
     # 1. validate: raises ValidationFailed (and the pipeline stops) on error-level failures
-    validation = validate_dataset_flow(str(root), str(work / "validation"), config)
+    validation = validate_dataset_flow(
+        str(root), str(work / "validation"), config, overrides=overrides
+    )
     fingerprint_path = validation["outputs"]["fingerprint"]
 
     # 2. preprocess: fix and record the settings training and inference share
@@ -192,8 +233,10 @@ def pipeline(
         progress,
     )
 
-    # 4. evaluate the new model on the test split
-    evaluated = evaluate_model(trained["checkpoint"], str(root), str(work / "evaluate"))
+    # 4. evaluate the new model on the test split, with this run's inference settings
+    evaluated = evaluate_model(
+        trained["checkpoint"], str(root), str(work / "evaluate"), inference=_inference(cfg)
+    )
 
     # 5. register; champion/challenger on the same evaluation set
     champion = _champion_needs_eval(
@@ -236,6 +279,7 @@ def pipeline(
         model_version="production",
         profile=prof.name,
         profiles=profiles,
+        inference=_inference(cfg),
         pixel_size_um=pixel_size_um,
         pixel_sizes=split_pixel_sizes(root, "test") or None,
         batch_size=batch_size,
@@ -300,7 +344,7 @@ def pipeline(
         worst_png=evaluated["worst_png"],
         decision=decision,
         quantification=pd.read_csv(quantified["summary_csv"]),
-        nuclei=_nuclei(Path(quantified["out_dir"])),
+        nuclei=_nuclei(Path(quantified["out_dir"]), quantified["summary_csv"]),
         drift_status=drift.get("status", "failed"),
         drift_message=drift.get("message", str(monitor_state.message)),
         drift=pd.DataFrame(drift.get("statistics", [])),

@@ -98,6 +98,7 @@ def validate_dataset_flow(
     mask_kind: str | None = None,
     min_images: int | None = None,
     workers: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the dataset at ``data_root``; outputs go to ``out_dir`` (default
     ``./validation/<dataset name>``): Data Docs, inventory, fingerprint, report.
@@ -106,7 +107,11 @@ def validate_dataset_flow(
     the output paths; raises :class:`ValidationFailed` on any error-level failure.
     """
     cfg = load_validate_config(
-        config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
+        config,
+        mask_kind=mask_kind,
+        min_images_per_split=min_images,
+        workers=workers,
+        overrides=overrides,
     )
     root = data_path(data_root)
     out = str(data_path(out_dir) if out_dir else Path("validation") / root.name)

@@ -215,12 +215,15 @@ def load_validate_config(
     mask_kind: str | None = None,
     min_images_per_split: int | None = None,
     workers: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ValidateConfig:
     """The validation config of a run-config YAML (its ``data`` section, or its ``validate``
-    section where the run config has one), with command-line overrides applied."""
+    section where the run config has one), with the run's section ``overrides`` (as the
+    pipeline passes them: the data training reads is the data validated) and command-line
+    options applied."""
     from mlseg.config import load_config, parse
 
-    run = load_config(path)
+    run = load_config(path, **(overrides or {}))
     # pydantic models have a .validate method: test for the field, not the attribute.
     base = run.validate if "validate" in type(run).model_fields else ValidateConfig(data=run.data)
     data = base.model_dump()

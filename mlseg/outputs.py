@@ -436,7 +436,10 @@ def write_run_outputs(
     out_dir = Path(out_dir)
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     paths = {
-        "summary": write_table(pd.DataFrame(rows), out_dir / "summary.csv"),
+        # a run where every image failed still writes a table a reader can open
+        "summary": write_table(
+            pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
+        ),
         "histograms": plot_histograms(list(tables), out_dir / "histograms.png"),
         "run": write_text(out_dir / "run.json", dumps(run_info)),
     }

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import subprocess  # nosec B404: only runs `git` with fixed arguments, see code_version
 from dataclasses import dataclass, field
@@ -542,8 +543,12 @@ def champion_challenger(
     fs, root = _fs(registry, storage_options)
     value = _metric(scores, metric, challenger.tag)
     champion = production(registry, challenger.name, storage_options)
+    unscored = not math.isfinite(value)  # a NaN beats nothing, and nothing would beat it
     better = "higher" if higher_is_better else "lower"
-    if champion is None:
+    if unscored and (champion is None or champion.version != challenger.version):
+        promoted, champ_value = False, None
+        reason = f"{challenger.tag} has no {metric} on eval set {eval_set} ({value}); not promoted"
+    elif champion is None:
         promoted, champ_value = True, None
         reason = (
             f"first production model: {challenger.tag} {metric}={value:.4f} on eval set {eval_set}"
@@ -560,7 +565,7 @@ def champion_challenger(
             )
         champ_value = _metric(measured, metric, champion.tag)
         gain = (value - champ_value) if higher_is_better else (champ_value - value)
-        promoted = gain > min_improvement
+        promoted = gain > min_improvement or not math.isfinite(champ_value)
         verdict = "beats" if promoted else "does not beat"
         reason = (
             f"{challenger.tag} {metric}={value:.4f} {verdict} production {champion.tag} "

@@ -385,3 +385,32 @@ def test_dask_local_cluster_gives_the_same_outputs_as_threads(
     assert threads.is_completed() and dask.is_completed(), dask.message
     for name in ("img_000_labels.png", "img_003_nuclei.csv"):
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
+
+
+def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkpoint) -> None:
+    """The pipeline's profile reaches training and evaluation (they read the run config),
+    the run's data overrides reach validation, its inference settings reach evaluation, and
+    the report counts the nuclei of this run's images only."""
+    from flows.common import run_config
+    from flows.evaluate import _inference_settings
+    from flows.pipeline import _inference, _nuclei, _with_profile
+    from mlseg.config import get_profile
+    from mlseg.inventory import load_validate_config
+
+    profiles = {"profiles": {"lab": {"stain": "fluorescence", "channels": 1, "version": "3"}}}
+    overrides = _with_profile({"train": {"max_steps": 3}}, "lab", json.dumps(profiles), tmp_path)
+    cfg = run_config(None, overrides)
+    assert cfg.profile == "lab" and get_profile(cfg.profile, cfg.profiles_file).channels == 1
+    assert cfg.train.max_steps == 3
+    suffix = load_validate_config(None, overrides={"data": {"mask_suffix": "_lbl"}})
+    assert suffix.data.mask_suffix == "_lbl"
+    run = run_config(None, {"inference": {"tile_size": 96}})
+    assert _inference(run) == {"tile_size": 96} and _inference(run_config(None)) is None
+    merged = _inference_settings(str(checkpoint), {"tile_size": 96})
+    assert merged.tile_size == 96 and merged.auto_scale is False  # the model's own, kept
+    out = tmp_path / "quantify"
+    out.mkdir()
+    for stem, n in (("kept", 2), ("renamed_since", 5)):
+        pd.DataFrame({"label": range(1, n + 1)}).to_parquet(out / f"{stem}_nuclei.parquet")
+    pd.DataFrame({"image": ["kept"]}).to_csv(out / "summary.csv", index=False)
+    assert len(_nuclei(out, out / "summary.csv")) == 2

@@ -212,3 +212,9 @@ def test_a_hole_belongs_to_the_piece_it_is_cut_from(tmp_path):
     path = tmp_path / "nested.geojson"
     path.write_text(json.dumps(collection))
     assert (annotation_labels(path, labels.shape).labels == labels).all()
+
+
+def test_a_run_where_every_image_failed_writes_a_readable_summary(tmp_path):
+    paths = write_run_outputs(tmp_path, [], [], {"command": "segment"})
+    table = pd.read_csv(paths["summary"])
+    assert list(table.columns) == ["image"] and table.empty

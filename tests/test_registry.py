@@ -268,3 +268,15 @@ def test_cli_lists_shows_and_promotes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert card["version"] == 2 and card["production"] and card["promotion_reason"] == "rollback"
     assert main(["models", "show", "nuclei@9", "-r", str(registry)]) != 0
     assert "no such model version" in capsys.readouterr().err
+
+
+def test_a_score_that_is_not_a_number_is_never_promoted_nor_kept(tmp_path: Path) -> None:
+    """NaN compares false: a NaN first model was promoted, and then no model could beat it."""
+    registry = tmp_path / "registry"
+    nan = _register(tmp_path, registry, float("nan"), tag="a")
+    first = reg.champion_challenger(registry, nan)
+    assert not first.promoted and "not promoted" in first.reason
+    assert reg.production(registry) is None
+    reg.promote(registry, "nuclei", nan.version, "by hand, before it was scored")
+    scored = _register(tmp_path, registry, 0.8, tag="b")
+    assert reg.champion_challenger(registry, scored).promoted
