@@ -264,9 +264,10 @@ def drift_report(
         }
         if values.size < cfg.min_images:
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
-            margin = cfg.far_margin * (ref["max"] - ref["min"])
+            width = ref["max"] - ref["min"]
+            margin = cfg.far_margin * width
             far = (values < ref["min"] - margin) | (values > ref["max"] + margin)
-            if far.any():
+            if width > 0 and far.any():  # a constant statistic has no scale to be far on
                 row["status"] = "warn"
                 row["note"] += (
                     f"; {int(far.sum())} far outside the training range "

@@ -93,31 +93,22 @@ def test_evaluate_end_to_end_with_real_inference(checkpoint, synth_dataset, tmp_
     assert (df["n_true"] > 0).all()
 
 
-def test_the_eval_set_id_covers_the_masks_the_model_scored(tmp_path, synth_dataset, monkeypatch):
+def test_the_eval_set_id_covers_the_masks_the_model_scored(
+    checkpoint, tmp_path, synth_dataset, monkeypatch
+):
     """A model whose data config names masks <stem>_label: the id of the set it was scored
     on must change when one of those masks does (with the default config it saw no masks,
     so a champion's score on the old masks passed for one on the new)."""
     import shutil
 
-    from mlseg.config import DataConfig
-
     root = tmp_path / "labelled"
     shutil.copytree(synth_dataset, root)
     for mask in (root / "test" / "masks").iterdir():
         mask.rename(mask.with_name(mask.name.replace("_mask", "_label")))
-    folder = tmp_path / "model"
-    save_checkpoint(
-        folder,
-        build_model(SMALL, 3, 3),
-        Config(train=SMALL, data=DataConfig(mask_suffix="_label")),
-        target="three_class",
-        classes=3,
-        in_channels=3,
-        fingerprint_hash=None,
-        metrics={},
-        pixel_size_um=None,
-        name="best",
-    )
+    folder = shutil.copytree(checkpoint, tmp_path / "label-suffix-model")
+    config = json.loads((folder / "config.json").read_text())
+    config["data"] = {**config.get("data", {}), "mask_suffix": "_label"}
+    (folder / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(
         ev,
         "predict_image",

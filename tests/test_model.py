@@ -149,20 +149,7 @@ def test_a_model_whose_output_misses_the_input_size_is_refused(monkeypatch) -> N
 
 
 def test_a_checkpoint_whose_target_contradicts_its_classes_is_refused(tmp_path) -> None:
-    cfg = Config(train=TrainConfig(encoder="resnet18", encoder_depth=3))
-    folder = tmp_path / "model"
-    save_checkpoint(
-        folder,
-        build_model(cfg.train, 3, 3),
-        cfg,
-        target="three_class",
-        classes=3,
-        in_channels=3,
-        fingerprint_hash=None,
-        metrics={},
-        pixel_size_um=None,
-        name="best",
-    )
+    folder = _save(tmp_path / "model", build_model(SMALL, 3, 3)).parent
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "target": "binary"}))
     with pytest.raises(ModelError, match=r"target 'binary' with 3 classes is not a model"):

@@ -199,3 +199,15 @@ def test_another_labs_slides_drift_and_more_of_the_training_labs_do_not(shared_d
     assert other.status == "fail", other.message
     failed = set(other.table.loc[other.table["status"].eq("fail"), "statistic"])
     assert "od_hematoxylin_mean" in failed, other.message
+
+
+def test_a_statistic_constant_in_training_does_not_warn_a_small_batch(he_fingerprint: dict) -> None:
+    """Far outside a range of zero width is any other value: no scale to judge it on."""
+    import copy
+
+    fingerprint = copy.deepcopy(he_fingerprint)
+    flat = fingerprint["stats"]["saturated_fraction"]
+    flat.update(min=0.0, max=0.0)
+    table = _stats(_he_images(2, seed=5)).assign(saturated_fraction=0.001)
+    report = monitor.drift_report(table, fingerprint, MonitorConfig(min_images=5))
+    assert report.table.set_index("statistic").loc["saturated_fraction", "status"] == "skipped"
