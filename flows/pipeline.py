@@ -131,7 +131,7 @@ def _nuclei(out_dir: Path, summary_csv: str | Path):
     outputs of images since removed or renamed."""
     import pandas as pd
 
-    stems = pd.read_csv(summary_csv)["image"].astype(str)
+    stems = pd.read_csv(summary_csv, dtype={"image": str})["image"]  # "01" is not 1
     paths = [out_dir / f"{stem}_nuclei.parquet" for stem in stems]
     tables = [pd.read_parquet(p) for p in paths if p.is_file()]
     tables = [t for t in tables if len(t)]
@@ -139,27 +139,31 @@ def _nuclei(out_dir: Path, summary_csv: str | Path):
 
 
 def _with_profile(
+    config: str | None,
     overrides: dict[str, Any] | None,
     profile: str | None,
     profiles: dict[str, Any] | str | None,
-    work: Path,
 ) -> dict[str, Any]:
-    """``overrides`` with the pipeline's profile parameters as run-config keys, so training
-    and evaluation use the profile segmentation uses (a profiles mapping, as a deployment
-    passes it, is written to ``work/profiles.yaml`` for them)."""
-    import yaml
-
-    from mlseg.io import write_text
-
+    """``overrides`` with the pipeline's profile as the run config's, so training and
+    evaluation (which read the run config) use the profile segmentation uses. A ``profiles``
+    mapping that defines that profile otherwise than the run config's profiles file is
+    refused: a model keeps its config, and a path to a temporary copy would not travel."""
     out = dict(overrides or {})
     if profile:
         out["profile"] = profile
-    if isinstance(profiles, str) and profiles.strip():
-        profiles = json.loads(profiles)
     if profiles:
-        table = profiles if "profiles" in profiles else {"profiles": profiles}
-        path = write_text(work / "profiles.yaml", yaml.safe_dump(table, sort_keys=False))
-        out["profiles_file"] = str(path)
+        from mlseg.config import get_profile
+        from mlseg.errors import ConfigError
+
+        cfg = run_config(config, out)
+        given = resolve_profile(cfg.profile, profiles)
+        trained = get_profile(cfg.profile, cfg.profiles_file)
+        if given.model_dump(exclude={"name"}) != trained.model_dump(exclude={"name"}):
+            raise ConfigError(
+                f"profiles parameter: profile {cfg.profile!r} differs from the one in "
+                f"{cfg.profiles_file or 'mlseg/profiles.yaml'}, which training and evaluation "
+                f"read; put it in a profiles file and set profiles_file in the run config"
+            )
     return out
 
 
@@ -208,7 +212,7 @@ def pipeline(
     if "://" not in registry:
         registry = str(data_path(registry))
     # the profile parameters reach every stage: training and evaluation read the run config
-    overrides = _with_profile(overrides, profile, profiles, work)
+    overrides = _with_profile(config, overrides, profile, profiles)
     cfg = run_config(config, overrides)
     prof = resolve_profile(cfg.profile, profiles)
     test_images = root / cfg.data.test_dir / cfg.data.image_dir

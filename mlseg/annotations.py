@@ -78,11 +78,16 @@ class Drawn:
 
 
 def is_annotation_file(path: Path) -> bool:
-    return (
-        path.is_file()
-        and path.suffix.lower() in ANNOTATION_EXTENSIONS
-        and not path.name.startswith(".")
-    )
+    """A ``.geojson`` or ``.xml`` file, or a ``.json`` one that holds GeoJSON features (a
+    mask folder may hold other JSON: a class map, a sidecar)."""
+    suffix = path.suffix.lower()
+    if suffix not in ANNOTATION_EXTENSIONS or path.name.startswith(".") or not path.is_file():
+        return False
+    if suffix != ".json":
+        return True
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    return b'"Feature' in head or b'"geometry"' in head
 
 
 def annotation_stem(path: Path, mask_suffix: str) -> str:

@@ -165,14 +165,20 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.
     """Contrast-limited adaptive histogram equalisation (OpenCV); -> float32 [0, 1].
 
     ``clip_limit`` is OpenCV's, relative to the mean count of 256 bins; ``tile_grid`` tiles
-    per side. The lightness is equalised at 8 bits: on 16 bits OpenCV spreads a tile over
-    65,536 bins, its clip limit rounds to one count per bin whatever ``clip_limit`` says, and
-    the setting did nothing.
+    per side. The lightness is equalised at 8 bits (a 16-bit image's stretched to its own
+    range first): on 16 bits OpenCV spreads a tile over 65,536 bins, its clip limit rounds to
+    one count per bin whatever ``clip_limit`` says, and the setting did nothing.
     """
     op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(tile_grid, tile_grid))
 
+    stretch = np.asarray(image).dtype == np.uint16
+
     def fn(ch: np.ndarray) -> np.ndarray:
-        u8 = np.round(np.clip(ch, 0, 1) * 255).astype(np.uint8)
+        ch = np.clip(ch, 0, 1)
+        if stretch:  # a dim 16-bit image quantised as is would keep a few dozen levels
+            lo, hi = float(ch.min()), float(ch.max())
+            ch = (ch - lo) / max(hi - lo, 1e-12)
+        u8 = np.round(ch * 255).astype(np.uint8)
         return op.apply(u8).astype(np.float32) / 255.0
 
     return _on_lightness(image, fn)

@@ -332,3 +332,22 @@ def test_non_finite_coordinates_name_the_file(tmp_path, bad):
     xml.write_text(IMAGESCOPE.replace('X="12" Y="12"', 'X="NaN" Y="12"', 1))
     with pytest.raises(ImageReadError, match=r"bad\.xml: region '1' has a vertex at a non-finite"):
         annotation_labels(xml, (24, 32))
+
+
+def test_other_json_in_a_mask_folder_is_left_alone(tmp_path):
+    """A class map or a sidecar beside the masks is not an annotation file."""
+    src = flat_source(tmp_path / "src")
+    (src / "masks" / "classes.json").write_text('{"1": "tumour", "2": "stroma"}')
+    (src / "masks" / "a.json").write_text('{"PixelSize": [0.25, 0.25]}')
+    result = ingest(src, tmp_path / "ds", test_fraction=0, progress=False)
+    assert len(result.manifest) == 3
+
+
+def flat_source(root):
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b", "c"):
+        write_image(root / "original" / f"{stem}.png", rng.integers(0, 255, (16, 16, 3), np.uint8))
+        labels = np.zeros((16, 16), np.uint8)
+        labels[4:9, 4:9] = 1
+        write_image(root / "masks" / f"{stem}_mask.png", labels)
+    return root

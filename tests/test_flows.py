@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from flow_helpers import disc_images, tiny_checkpoint
 
 from flows.common import is_transient, resolve_profile
@@ -394,14 +395,19 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     from flows.common import run_config
     from flows.evaluate import _inference_settings
     from flows.pipeline import _inference, _nuclei, _with_profile
-    from mlseg.config import get_profile
+    from mlseg.config import default_profiles_path, get_profile
     from mlseg.inventory import load_validate_config
 
-    profiles = {"profiles": {"lab": {"stain": "fluorescence", "channels": 1, "version": "3"}}}
-    overrides = _with_profile({"train": {"max_steps": 3}}, "lab", json.dumps(profiles), tmp_path)
+    packaged = yaml.safe_load(default_profiles_path().read_text())
+    overrides = _with_profile(None, {"train": {"max_steps": 3}}, "fluorescence", packaged)
     cfg = run_config(None, overrides)
-    assert cfg.profile == "lab" and get_profile(cfg.profile, cfg.profiles_file).channels == 1
-    assert cfg.train.max_steps == 3
+    assert cfg.profile == "fluorescence" and cfg.train.max_steps == 3
+    assert get_profile(cfg.profile, cfg.profiles_file).stain == "fluorescence"
+    changed = json.dumps({"profiles": {"fluorescence": {"stain": "fluorescence", "channels": 3}}})
+    with pytest.raises(ConfigError, match="profile 'fluorescence' differs from the one in"):
+        _with_profile(None, None, "fluorescence", changed)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        _with_profile(None, None, "he", "{not json")
     suffix = load_validate_config(None, overrides={"data": {"mask_suffix": "_lbl"}})
     assert suffix.data.mask_suffix == "_lbl"
     run = run_config(None, {"inference": {"tile_size": 96}})
@@ -410,7 +416,7 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     assert merged.tile_size == 96 and merged.auto_scale is False  # the model's own, kept
     out = tmp_path / "quantify"
     out.mkdir()
-    for stem, n in (("kept", 2), ("renamed_since", 5)):
+    for stem, n in (("01", 2), ("renamed_since", 5)):
         pd.DataFrame({"label": range(1, n + 1)}).to_parquet(out / f"{stem}_nuclei.parquet")
-    pd.DataFrame({"image": ["kept"]}).to_csv(out / "summary.csv", index=False)
-    assert len(_nuclei(out, out / "summary.csv")) == 2
+    pd.DataFrame({"image": ["01"]}).to_csv(out / "summary.csv", index=False)
+    assert len(_nuclei(out, out / "summary.csv")) == 2  # "01", as GBM40 names its tiles

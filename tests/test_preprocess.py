@@ -309,3 +309,13 @@ def test_macenko_normalises_the_same_tissue_alike_however_much_glass_surrounds_i
     np.testing.assert_allclose(edge, alone, rtol=1e-6)
     np.testing.assert_allclose(out_edge, out_alone, atol=1e-5)
     assert out_edge.mean() > 0.3  # not blackened
+
+
+def test_clahe_keeps_the_levels_of_a_dim_16_bit_image() -> None:
+    """A 12-bit camera's image reaching a quarter of full scale: quantised to 8 bits as is it
+    kept a few dozen levels."""
+    rng = np.random.default_rng(3)
+    dim = (rng.random((128, 128, 1)) * 1100).astype(np.uint16)  # 0-1100 of 4095
+    dim[0, 0, 0] = 4095 // 4
+    out = clahe(dim, clip_limit=2.0)
+    assert len(np.unique(out)) > 200
