@@ -199,7 +199,9 @@ def pipeline(
     ``config``/``overrides``: the run config (YAML path, section overrides). ``registry``:
     folder or fsspec URL (default ``<work_dir>/registry``). ``promote_metric``: the
     evaluation mean that decides champion/challenger (higher is better). ``profile``
-    defaults to the config's. ``pixel_size_um`` overrides every test image's pixel size;
+    (default: the config's) is every stage's, training's included; ``profiles`` must define
+    it as the config's profiles file does. ``pixel_size_um`` overrides every test image's
+    pixel size;
     without it each has the manifest's, else its own metadata's or the profile's. Returns
     the paths of every output.
     """
