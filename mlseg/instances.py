@@ -137,7 +137,6 @@ def mask_to_instances(
     smoothed by ``smooth_sigma_px``, that are the largest within ``min_distance`` px.
     """
     import cv2
-    from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed as flood
 
     foreground = np.asarray(foreground, dtype=bool)
@@ -154,12 +153,39 @@ def mask_to_instances(
     # Peaks joined by a pass less than SEED_DYNAMIC_PX below them are one seed: the flat
     # ridge of an elongated nucleus holds several maxima min_distance apart that pixel
     # rounding alone made. Such peaks share one plateau of the h-reconstruction.
-    floor = reconstruction(distance - SEED_DYNAMIC_PX, distance, method="dilation")
-    _, plateaus = _components(local_maxima(floor, connectivity=2) & foreground, 8)
-    seeded = np.unique(plateaus[peaks])
-    markers = np.where(np.isin(plateaus, seeded[seeded > 0]), plateaus, 0)
+    markers = _merged_seeds(distance, foreground, peaks)
     labels = flood(-distance, markers, mask=foreground).astype(np.int32)
     return _add_unseeded(labels, foreground)
+
+
+def _merged_seeds(distance: np.ndarray, foreground: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """Markers: the peaks, those joined by a pass under :data:`SEED_DYNAMIC_PX` below them
+    made one (a plateau of the h-reconstruction of ``distance``). Only the foreground
+    pieces holding two or more peaks are reconstructed, each in its own box."""
+    from scipy import ndimage
+    from skimage.morphology import local_maxima, reconstruction
+
+    _, markers = _components(peaks, 8)
+    _, pieces = _components(foreground, 8)
+    pairs = np.unique(np.stack([pieces[peaks], markers[peaks]]), axis=1)
+    several = np.flatnonzero(np.bincount(pairs[0], minlength=int(pieces.max()) + 1) >= 2)
+    if several.size == 0:
+        return markers
+    top = int(markers.max())
+    boxes = ndimage.find_objects(pieces)
+    for piece in several:
+        box = boxes[piece - 1]
+        inside = pieces[box] == piece
+        height = np.where(inside, distance[box], 0.0).astype(np.float64)
+        floor = reconstruction(height - SEED_DYNAMIC_PX, height, method="dilation")
+        n, plateaus = _components(local_maxima(floor, connectivity=2) & inside, 8)
+        seeded = np.unique(plateaus[peaks[box] & inside])
+        keep = np.isin(plateaus, seeded[seeded > 0])
+        region = markers[box]
+        region[inside] = 0
+        region[keep] = plateaus[keep] + top
+        top += n
+    return _consecutive(markers)
 
 
 def _add_unseeded(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
