@@ -22,9 +22,10 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Score ``model`` on ``split``; returns means, eval set id and output paths.
     ``inference`` overrides keys of the model's own inference settings."""
+    from flows.segment import inference_settings
     from mlseg.evaluate import evaluate
 
-    settings = _inference_settings(model, inference) if inference else None
+    settings = inference_settings(model, inference) if inference else None
     result = evaluate(
         model,
         data_root,
@@ -43,18 +44,6 @@ def evaluate_task(
         "worst_png": None if result.worst_png is None else str(result.worst_png),
         "out_dir": str(result.out_dir),
     }
-
-
-def _inference_settings(model: str, inference: dict[str, Any]):
-    """The model's saved inference settings with the keys of ``inference`` on top."""
-    import json
-
-    from mlseg.config import Config, InferenceConfig, parse
-    from mlseg.model import checkpoint_path
-
-    saved = json.loads((checkpoint_path(model).parent / "config.json").read_text())
-    base = parse(Config, saved, str(model)).inference.model_dump(mode="json")
-    return parse(InferenceConfig, {**base, **inference}, "inference overrides")
 
 
 @flow(name="evaluate-model", log_prints=True)

@@ -69,6 +69,15 @@ def model_config(model: str):
     return parse(Config, json.loads(path.read_text()), str(path))
 
 
+def inference_settings(model: str, overrides: dict[str, Any] | None, config=None):
+    """The model's saved inference settings with the keys of ``overrides`` (a deployment
+    parameter) on top; ``config``: its :func:`model_config`, where the caller has read it."""
+    from mlseg.config import parse
+
+    saved = (config or model_config(model)).inference
+    return parse(type(saved), {**saved.model_dump(), **(overrides or {})}, "parameter 'inference'")
+
+
 def model_id(model: str, config=None) -> str:
     """What ``<stem>.json`` records as the model (:func:`mlseg.segment.model_identity`);
     ``config``: its :func:`model_config`, where the caller has read it already."""
@@ -377,7 +386,6 @@ def segment_and_quantify(
     """
     import pandas as pd
 
-    from mlseg.config import parse
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import write_run_outputs
     from mlseg.segment import check_out_dir, list_images
@@ -395,11 +403,7 @@ def segment_and_quantify(
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
     saved = model_config(checkpoint)
-    cfg = parse(
-        type(saved.inference),
-        {**saved.inference.model_dump(), **(inference or {})},
-        "parameter 'inference'",
-    )
+    cfg = inference_settings(checkpoint, inference, saved)
     settings = runner_settings(task_runner, dask_address, workers)
     threads = torch_threads or max(1, (os.cpu_count() or 1) // settings["workers"])
     runner = make_task_runner(**settings)

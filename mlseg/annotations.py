@@ -93,11 +93,9 @@ def is_annotation_file(path: Path) -> bool:
 def annotation_stem(path: Path, mask_suffix: str) -> str:
     """The stem of the image an annotation file is for: ``a.geojson``, ``a_mask.geojson``
     and ``a.tif.geojson`` (as QuPath scripts name it after the image) are all ``a``'s."""
-    from mlseg.io import IMAGE_EXTENSIONS
+    from mlseg.io import without_image_extension
 
-    stem = path.stem
-    if Path(stem).suffix.lower() in IMAGE_EXTENSIONS:
-        stem = Path(stem).stem
+    stem = without_image_extension(path.stem)
     return stem[: -len(mask_suffix)] if mask_suffix and stem.endswith(mask_suffix) else stem
 
 
@@ -348,15 +346,11 @@ def _regions(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Labels 1..n in order of first appearance in the file, none missing (a nucleus
-    wholly covered by later ones or cut out by a negative region leaves a gap)."""
-    present = np.unique(labels)
-    present = present[present > 0]
-    if present.size == 0 or present[-1] == present.size:
-        return labels
-    lut = np.zeros(int(present[-1]) + 1, dtype=np.int32)
-    lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
-    return lut[labels]
+    """Labels 1..n in file order, none missing (a nucleus wholly covered by later ones or
+    cut out by a negative region leaves a gap)."""
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(labels)[0].astype(np.int32, copy=False)
 
 
 def _nothing_inside(annotations: Annotations, shape: tuple[int, int]) -> str:

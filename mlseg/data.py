@@ -46,7 +46,7 @@ from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch
 from mlseg.io import read_image, read_mask
-from mlseg.preprocess import normalize, rescale, rescale_labels, to_float
+from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
 
@@ -117,9 +117,7 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
         raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape, pair.image))
     um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
     if target_um is not None and um is not None:
-        # a 16-bit image's full scale is judged on its stored values (io.full_scale), not on
-        # resampled ones whose brightest pixels are averaged down
-        image = rescale(to_float(image) if image.dtype == np.uint16 else image, um, target_um)
+        image = rescale_image(image, um, target_um)
         mask = rescale_labels(mask, um, target_um)
     return image, mask
 

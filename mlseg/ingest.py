@@ -52,7 +52,14 @@ from mlseg.dataset import (
     split_dir,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
-from mlseg.io import IMAGE_EXTENSIONS, read_image, read_mask, write_labels, write_table
+from mlseg.io import (
+    labels_suffix,
+    read_image,
+    read_mask,
+    without_image_extension,
+    write_labels,
+    write_table,
+)
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "dsb", "cellpose")
@@ -110,9 +117,7 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     return found
 
 
-def _masks_by_stem(
-    folder: Path, images: dict[str, Path], suffix: str, problems: list[str]
-) -> dict[str, Path]:
+def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, Path]:
     """The masks of ``folder`` by image stem: ``<stem><suffix>.<ext>`` images, and polygon
     annotation files (named as their mask or their image, :func:`annotation_stem`)."""
     masks: dict[str, Path] = {}
@@ -165,13 +170,13 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
         for split in ("train", "test"):
             base = split_dir(src, cfg, split)
             images = _by_stem(base / cfg.image_dir, problems)
-            masks = _masks_by_stem(base / cfg.mask_dir, images, suffix, problems)
+            masks = _masks_by_stem(base / cfg.mask_dir, suffix, problems)
             items += _pair(
                 images, masks, split, problems, f"{base / cfg.mask_dir}/{{stem}}{suffix}.png"
             )
     elif layout == "flat":
         images = _by_stem(src / cfg.image_dir, problems)
-        masks = _masks_by_stem(src / cfg.mask_dir, images, suffix, problems)
+        masks = _masks_by_stem(src / cfg.mask_dir, suffix, problems)
         items += _pair(images, masks, None, problems, f"{src / cfg.mask_dir}/{{stem}}{suffix}.png")
     elif layout == "nnunet":
         for img_dir, lbl_dir, split in (
@@ -321,9 +326,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
         if delimiter != ",":
             value = str(value).strip().replace(",", ".")  # decimal comma
         um = check_pixel_size(value, f"{path}: pixel size of {stem!r}")
-        name = str(stem).strip()
-        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:  # "a.tif", not "TCGA.01"
-            name = Path(name).stem
+        name = without_image_extension(str(stem).strip())
         if sizes.get(name, um) != um:
             raise DatasetError(
                 f"{path}: {name!r} is listed twice, at {sizes[name]:g} and {um:g} um per "
@@ -434,8 +437,8 @@ def ingest(
             if item.stem in drawn:
                 shape, declared = drawn[item.stem]
                 labels = _drawn(item, shape).labels
-                wide = labels.max(initial=0) > np.iinfo(np.uint16).max
-                mask_dst = base / cfg.mask_dir / f"{mask_name}{'.tif' if wide else '.png'}"
+                suffix = labels_suffix(int(labels.max(initial=0)))
+                mask_dst = base / cfg.mask_dir / f"{mask_name}{suffix}"
                 write_labels(mask_dst, labels)
             else:
                 mask_dst = base / cfg.mask_dir / f"{mask_name}{item.mask.suffix.lower()}"

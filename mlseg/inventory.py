@@ -322,6 +322,11 @@ def image_stats(
     return stats
 
 
+#: A binary mask exported as 0/255 (8-bit) or 0/65535 (16-bit): read as instance labels, one
+#: nucleus of all its nuclei.
+BINARY_EXPORT_VALUES = (255, 65535)
+
+
 def mask_values_valid(values: np.ndarray, declared: str) -> bool:
     """Whether a mask's distinct values (``values``, sorted, from ``np.unique``) fit ``declared``.
 
@@ -337,7 +342,7 @@ def mask_values_valid(values: np.ndarray, declared: str) -> bool:
     if declared == "binary":
         return nonzero <= {1} or nonzero <= {255}
     if declared == "instance":
-        return nonzero not in ({255}, {65535})  # a binary export, 8- or 16-bit
+        return not (len(nonzero) == 1 and nonzero <= set(BINARY_EXPORT_VALUES))
     return True
 
 
@@ -689,7 +694,7 @@ def add_checks(
         # export among them (0/255, 0/65535) would be one nucleus of all its nuclei
         top = pd.to_numeric(df["mask_max_value"], errors="coerce")
         one_value = pd.to_numeric(df["mask_labels"], errors="coerce").eq(1)
-        values_ok &= ~(is_mask & one_value.to_numpy() & top.isin([255, 65535]).to_numpy())
+        values_ok &= ~(is_mask & one_value.to_numpy() & top.isin(BINARY_EXPORT_VALUES).to_numpy())
     df["mask_values_ok"] = _rule(values_ok, is_mask & readable)
 
     # Duplicates within a split and leakage across splits, by decoded-pixel hash.
@@ -751,13 +756,8 @@ def split_summary(
     """One row per split: folders present, image/mask counts, pairs (image with one mask),
     and the manifest's pixel-size rows that name no image of the split (a row naming no
     split of the dataset counts under ``train``)."""
-    images = set(
-        zip(
-            files.loc[files["role"].eq("image"), "split"],
-            files.loc[files["role"].eq("image"), "stem"],
-            strict=True,
-        )
-    )
+    image_rows = files[files["role"].eq("image")]
+    images = set(zip(image_rows["split"], image_rows["stem"], strict=True))
     unmatched: dict[str, list[str]] = {split: [] for split in SPLITS}
     for (split, stem), (line, _) in sorted((manifest_sizes or {}).items(), key=lambda kv: kv[1][0]):
         if (split, stem) not in images:

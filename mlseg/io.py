@@ -439,6 +439,17 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     return path
 
 
+def without_image_extension(name: str) -> str:
+    """``name`` less a trailing image extension (``a.tif`` -> ``a``), else as it is
+    (``TCGA.01`` keeps its dot)."""
+    return Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
+
+
+def labels_suffix(n_labels: int) -> str:
+    """``.png`` for a label image 16-bit PNG holds, ``.tif`` above 65535 labels."""
+    return ".png" if n_labels <= np.iinfo(np.uint16).max else ".tif"
+
+
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     """Write an instance label image losslessly: 16-bit PNG, or 32-bit TIFF if labels > 65535."""
     labels = np.asarray(labels)

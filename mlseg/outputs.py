@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlseg.io import atomic_path, write_image, write_labels, write_table, write_text
+from mlseg.io import (
+    atomic_path,
+    labels_suffix,
+    write_image,
+    write_labels,
+    write_table,
+    write_text,
+)
 
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
 NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
@@ -326,7 +333,7 @@ def to_geojson(
 
 # ----------------------------------------------------------------------------- writers
 def labels_name(stem: str, n_labels: int) -> str:
-    return f"{stem}_labels.png" if n_labels <= np.iinfo(np.uint16).max else f"{stem}_labels.tif"
+    return f"{stem}_labels{labels_suffix(n_labels)}"
 
 
 def _json_default(value):

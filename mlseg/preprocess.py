@@ -119,6 +119,15 @@ def rescale(
     return out
 
 
+def rescale_image(image: np.ndarray, from_um: float | None, to_um: float | None) -> np.ndarray:
+    """:func:`rescale` for an image on its way to :func:`normalize`: a uint16 one is scaled to
+    float32 [0, 1] of its stored full scale first, since its bit depth is judged on its
+    values (:func:`mlseg.io.full_scale`) and resampling averages the brightest ones down."""
+    if from_um is None or to_um is None or np.isclose(from_um, to_um, rtol=1e-6):
+        return image
+    return rescale(to_float(image) if image.dtype == np.uint16 else image, from_um, to_um)
+
+
 def rescale_labels(labels: np.ndarray, from_um: float | None, to_um: float | None) -> np.ndarray:
     """Nearest-neighbour resampling of an ``(H, W)`` label image (any integer dtype, kept).
 

@@ -211,14 +211,10 @@ def _predict_at(
 
     from mlseg.infer import adapted_batchnorm, predict_labels_banded, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
-    from mlseg.preprocess import normalize, rescale, resize_labels, to_float
+    from mlseg.preprocess import normalize, rescale_image, resize_labels
 
     height, width = image.shape[:2]
-    # A 16-bit image's full scale is read from its values (io.full_scale): scaled to [0, 1]
-    # before resampling, which lowers the brightest values, so it is judged as stored.
-    work = image
-    if factor != 1.0:
-        work = rescale(to_float(image) if image.dtype == np.uint16 else image, factor, 1.0)
+    work = rescale_image(image, factor, 1.0) if factor != 1.0 else image
     x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
     stain_tta = stain_tta_for(cfg, profile, loaded.config.preprocess, loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)

@@ -393,8 +393,8 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     the run's data overrides reach validation, its inference settings reach evaluation, and
     the report counts the nuclei of this run's images only."""
     from flows.common import run_config
-    from flows.evaluate import _inference_settings
     from flows.pipeline import _inference, _nuclei, _with_profile
+    from flows.segment import inference_settings
     from mlseg.config import default_profiles_path, get_profile
     from mlseg.inventory import load_validate_config
 
@@ -412,7 +412,7 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     assert suffix.data.mask_suffix == "_lbl"
     run = run_config(None, {"inference": {"tile_size": 96}})
     assert _inference(run) == {"tile_size": 96} and _inference(run_config(None)) is None
-    merged = _inference_settings(str(checkpoint), {"tile_size": 96})
+    merged = inference_settings(str(checkpoint), {"tile_size": 96})
     assert merged.tile_size == 96 and merged.auto_scale is False  # the model's own, kept
     out = tmp_path / "quantify"
     out.mkdir()
