@@ -31,6 +31,11 @@ SIDECAR_SUFFIX = ".json"
 #: microscope's: metadata giving one is ignored, and a table giving one is refused.
 PLAUSIBLE_PIXEL_SIZE_UM = (0.01, 10.0)
 
+#: Relative difference of the x and y sizes a file may declare and still be read as square
+#: pixels (a scanner's 0.2527 x 0.2528 um). Beyond it every area and length would be off by
+#: the ratio, so the declaration is ignored with a warning.
+SQUARE_TOLERANCE = 0.01
+
 #: Length units of OME-XML and ImageJ metadata, in microns (ImageJ escapes the micro sign).
 _UNIT_UM = {
     "um": 1.0,
@@ -142,10 +147,11 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
     plausibility check is :func:`declared_pixel_size_um`'s), else ``None``.
 
     Read, as BIDS microscopy writes it, ``PixelSize`` (a number or ``[x, y]``/``[x, y, z]``;
-    x is used) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
+    x is used, y must match it) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
     mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
-    saves its annotations under the same name). One that is not JSON, or whose size is not a
-    number or whose unit is unknown, is ignored with a warning naming the file.
+    saves its annotations under the same name). One that is not JSON, whose size is not a
+    number, whose unit is unknown, or whose pixels are not square (x and y differ by more
+    than :data:`SQUARE_TOLERANCE`), is ignored with a warning naming the file.
     """
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
@@ -162,20 +168,38 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
         value, unit = meta["PixelSize"], meta.get("PixelSizeUnits", "um")
     else:
         return None
-    if isinstance(value, list) and value:
-        value = value[0]
-    if value is None:  # declared unknown
+    sizes = (value[:2] or [value]) if isinstance(value, list) else [value]
+    if sizes[1:] == [None]:  # x given, y not: nothing to compare
+        sizes = sizes[:1]
+    if sizes[0] is None:  # declared unknown
         return None
     factor = _UNIT_UM.get(str(unit).strip().lower())
     if factor is None:
         return _ignored_sidecar(sidecar, f"its unit {unit!r} is not one of um, nm, mm")
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        um = float(value) * factor
-    except (TypeError, ValueError):
-        return _ignored_sidecar(sidecar, f"its pixel size {value!r} is not a number")
-    return um
+    um = []
+    for size in sizes:
+        try:
+            if isinstance(size, bool):
+                raise TypeError
+            um.append(float(size) * factor)
+        except (TypeError, ValueError):
+            return _ignored_sidecar(sidecar, f"its pixel size {size!r} is not a number")
+    if not _square(*um):
+        return _ignored_sidecar(sidecar, _not_square(*um))
+    return um[0]
+
+
+def _square(x: float, y: float | None = None) -> bool:
+    """Whether pixels ``x`` by ``y`` microns are square within :data:`SQUARE_TOLERANCE`."""
+    return y is None or abs(x - y) <= SQUARE_TOLERANCE * max(abs(x), abs(y))
+
+
+def _not_square(x: float, y: float) -> str:
+    return (
+        f"its pixels are not square ({x:.4g} um wide, {y:.4g} um high): areas and lengths "
+        "measured with one size would be off by their ratio; resample the image to square "
+        "pixels (Fiji: Image > Scale) and declare that size"
+    )
 
 
 def _ignored_sidecar(sidecar: Path, why: str) -> None:
@@ -195,7 +219,8 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
     with the resolution tags as pixels per unit), an Aperio description (``MPP = 0.499``),
     and last the TIFF resolution tags in centimetres or inches. With ``plausible_only`` a size
     outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` (a 72-dpi default, a unit error) reads as
-    ``None``; pass ``False`` to see it. Unreadable metadata means "unknown", never an error.
+    ``None``; pass ``False`` to see it. Pixels declared not square (OME ``PhysicalSizeY``,
+    ``YResolution``) read as ``None``, with a warning naming the file. Unreadable metadata means "unknown", never an error.
     """
     path = Path(path)
     if path.suffix.lower() not in TIFF_EXTENSIONS:
@@ -204,15 +229,22 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
 
     try:
         with tifffile.TiffFile(path) as tif:
-            um = _declared_um(tif)
+            declared = _declared_um(tif)
     except Exception:  # metadata is optional: unreadable tags mean "unknown"
         return None
-    if um is None or (plausible_only and not plausible_pixel_size(um)):
+    if declared is None:
+        return None
+    um, um_y = declared
+    if not _square(um, um_y):
+        warnings.warn(f"{path}: pixel size ignored because {_not_square(um, um_y)}", stacklevel=2)
+        return None
+    if plausible_only and not plausible_pixel_size(um):
         return None
     return um
 
 
-def _declared_um(tif) -> float | None:
+def _declared_um(tif) -> tuple[float, float | None] | None:
+    """``(x, y)`` microns per pixel the TIFF declares (``y`` None where it gives only x)."""
     page = tif.pages[0]
     if tif.is_ome and tif.ome_metadata:
         um = _ome_um(tif.ome_metadata)
@@ -222,33 +254,51 @@ def _declared_um(tif) -> float | None:
         factor = _UNIT_UM.get(str(tif.imagej_metadata.get("unit", "")).strip().lower())
         per_unit = _units_per_pixel(page)
         if factor is not None and per_unit is not None:
-            return per_unit * factor
+            return per_unit[0] * factor, _times(per_unit[1], factor)
     match = _APERIO_MPP.search(page.description or "")
     if match:
         with contextlib.suppress(ValueError):
-            return float(match.group(1))
+            return float(match.group(1)), None
     per_unit, unit = _units_per_pixel(page), page.tags.get("ResolutionUnit")
     um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
     if per_unit is None or um_per_unit is None:  # unit 1 (none): pixels per what is unknown
         return None
-    return per_unit * um_per_unit
+    return per_unit[0] * um_per_unit, _times(per_unit[1], um_per_unit)
 
 
-def _units_per_pixel(page) -> float | None:
-    res = page.tags.get("XResolution")
-    if res is None:
-        return None
-    num, den = res.value
-    return float(den) / float(num) if num else None
+def _times(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
-def _ome_um(xml: str) -> float | None:
+def _units_per_pixel(page) -> tuple[float, float | None] | None:
+    """``(x, y)`` units per pixel of the resolution tags (``y`` None without YResolution)."""
+
+    def per_pixel(tag: str) -> float | None:
+        res = page.tags.get(tag)
+        if res is None:
+            return None
+        num, den = res.value
+        return float(den) / float(num) if num else None
+
+    x = per_pixel("XResolution")
+    return None if x is None else (x, per_pixel("YResolution"))
+
+
+def _ome_um(xml: str) -> tuple[float, float | None] | None:
     from defusedxml.ElementTree import fromstring  # the XML comes from the user's files
 
     for element in fromstring(xml).iter():
         if element.tag.rsplit("}", 1)[-1] != "Pixels" or "PhysicalSizeX" not in element.attrib:
             continue
-        unit = element.attrib.get("PhysicalSizeXUnit", "µm").strip().lower()
-        factor = _UNIT_UM.get(unit)
-        return float(element.attrib["PhysicalSizeX"]) * factor if factor else None
+        sizes = []
+        for axis in ("X", "Y"):
+            if f"PhysicalSize{axis}" not in element.attrib:
+                sizes.append(None)
+                continue
+            unit = element.attrib.get(f"PhysicalSize{axis}Unit", "µm").strip().lower()
+            factor = _UNIT_UM.get(unit)
+            if factor is None:
+                return None
+            sizes.append(float(element.attrib[f"PhysicalSize{axis}"]) * factor)
+        return sizes[0], sizes[1]
     return None

@@ -133,6 +133,45 @@ def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
             assert declared_pixel_size_um(tmp_path / "a.ome.tif") == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize(
+    "declare",
+    [
+        lambda folder, tifffile: (folder / "a.json").write_text('{"PixelSize": [0.25, 0.5]}'),
+        lambda folder, tifffile: tifffile.imwrite(
+            folder / "a.tif",
+            np.zeros((8, 8), np.uint8),
+            ome=True,
+            metadata={"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5},
+        ),
+        lambda folder, tifffile: tifffile.imwrite(
+            folder / "a.tif",
+            np.zeros((8, 8), np.uint8),
+            imagej=True,
+            resolution=(4, 2),
+            metadata={"unit": "um"},
+        ),
+        lambda folder, tifffile: tifffile.imwrite(
+            folder / "a.tif",
+            np.zeros((8, 8), np.uint8),
+            resolution=(40000, 20000),
+            resolutionunit="CENTIMETER",
+        ),
+    ],
+    ids=["sidecar", "ome", "imagej", "tags"],
+)
+def test_pixels_that_are_not_square_are_named_not_measured_as_square(tmp_path, declare):
+    import tifffile
+
+    # 0.25 x 0.5 um pixels: read as 0.25 um square, every area would be half the truth.
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint8))
+    declare(tmp_path, tifffile)
+    with pytest.warns(UserWarning, match=r"a\.(json|tif): pixel size ignored.*not square"):
+        assert declared_pixel_size_um(tmp_path / "a.tif") is None
+    # A scanner's rounding (0.2527 x 0.2528 um) is square enough.
+    (tmp_path / "a.json").write_text('{"PixelSize": [0.2527, 0.2528, 1.0]}')
+    assert declared_pixel_size_um(tmp_path / "a.tif") == pytest.approx(0.2527)
+
+
 def test_usable_size_collects_implausible_declarations_for_one_warning(tmp_path):
     implausible = []
     for stem, sidecar in (("ok", '{"pixel_size_um": 0.5}'), ("nm", '{"PixelSize": [250]}')):
