@@ -45,8 +45,8 @@ Definitions and agreement with ``skimage.measure.regionprops`` (checked in
   the same matrix (whose values are our OD / 6, for I >= 1); ``<stain>_od_mean``, ``_od_max`` and
   ``_od_integrated`` (OD summed over the nucleus's pixels).
 - ``touches_border``: the object has a pixel on the first/last row or column.
-- ``ihc_class`` (IHC only): 0, 1, 2, 3 for mean DAB OD below / above each of the profile's
-  ``dab_thresholds``.
+- ``ihc_class`` (IHC with its RGB image only): 0, 1, 2, 3 for mean DAB OD below / above
+  each of the profile's ``dab_thresholds``.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ def measure(
         if image is not None and profile.brightfield and image.shape[2] == 3
         else []
     )
-    ihc = profile.stain == "ihc"
+    # without DAB measured (no image) a class would report every nucleus negative
+    ihc = profile.stain == "ihc" and bool(stains)
     columns = _columns(channels, stains, length, area, ihc)
 
     height, width = labels.shape
@@ -261,7 +262,6 @@ def measure(
     starts = np.concatenate(([0], np.flatnonzero(lab[1:] != lab[:-1]) + 1))
     counts = np.diff(np.append(starts, lab.size))
     ids = lab[starts]
-    n = int(ids.size)
     rows = idx // width
     cols = idx - rows * width
 
@@ -344,12 +344,8 @@ def measure(
         (row_min == 0) | (col_min == 0) | (row_max == height - 1) | (col_max == width - 1)
     )
     if ihc:
-        dab = out.get(f"{profile.stain_names[2]}_od_mean")
-        out["ihc_class"] = (
-            ihc_classes(dab, profile.dab_thresholds)
-            if dab is not None
-            else np.zeros(n, dtype=np.int64)
-        )
+        dab = out[f"{profile.stain_names[2]}_od_mean"]
+        out["ihc_class"] = ihc_classes(dab, profile.dab_thresholds)
     return pd.DataFrame({c: out[c] for c in columns})
 
 
@@ -644,7 +640,8 @@ def summarize(
     ``density_per_mm2`` (per image area) and ``density_per_mm2_tissue`` (per tissue area)
     appear only when a pixel size is used (see :func:`effective_pixel_size`). IHC adds the
     count and percentage per class, ``positive_pct`` (1+ or more) and ``h_score``
-    (1 x %1+ + 2 x %2+ + 3 x %3+, 0-300). Statistics of an empty table are ``None``.
+    (1 x %1+ + 2 x %2+ + 3 x %3+, 0-300), both ``None`` where DAB was not measured (no
+    image). Statistics of an empty table are ``None``.
     """
     px = effective_pixel_size(profile, pixel_size_um)
     length, area = unit_suffixes(px)
@@ -690,4 +687,6 @@ def summarize(
             summary[f"pct_{name}"] = pct[k]
         summary["positive_pct"] = pct[1] + pct[2] + pct[3] if count else None
         summary["h_score"] = pct[1] + 2 * pct[2] + 3 * pct[3] if count else None
+    elif profile.stain == "ihc":  # DAB not measured (shape only): not "0 % positive"
+        summary["positive_pct"] = summary["h_score"] = None
     return summary

@@ -108,6 +108,18 @@ def test_empty_labels_give_empty_table_with_columns():
     assert summary["h_score"] is None and summary["area_um2_mean"] is None
 
 
+def test_ihc_shape_only_reports_no_positivity():
+    """Without the image no DAB is measured: no nucleus may be reported negative."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[20:30, 20:30] = 2
+    table = measure(labels, None, IHC, pixel_size_um=0.5)
+    assert "ihc_class" not in table.columns
+    summary = summarize(table, labels.shape, IHC, 0.5, None)
+    assert summary["positive_pct"] is None and summary["h_score"] is None
+    assert "n_negative" not in summary
+
+
 def test_touches_border():
     labels = np.zeros((40, 40), np.int32)
     labels[0:5, 10:15] = 1
