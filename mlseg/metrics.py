@@ -19,7 +19,8 @@ table of overlaps, computed once with ``np.bincount``:
   can be traced to its cause.
 
 Conventions for empty images: when neither image has foreground (or objects), every score
-is 1.0 (perfect agreement) and mean matched IoU is NaN (no match to average).
+is 1.0 (perfect agreement) and mean matched IoU is NaN (no match to average); when only one
+has, precision or recall with nothing to count is 0.0, pixel and object alike.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def pixel_metrics(pred_fg: np.ndarray, true_fg: np.ndarray) -> dict[str, float]:
     tp = float(np.count_nonzero(p & t))
     fp = float(np.count_nonzero(p)) - tp
     fn = float(np.count_nonzero(t)) - tp
+    empty = tp + fp + fn == 0
 
     def ratio(num: float, den: float) -> float:
-        return num / den if den > 0 else 1.0
+        # nothing predicted on a nucleus, or predicted on none: 0, as object_metrics scores
+        # it; a perfect 1.0 would lift the mean precision over images for finding nothing
+        return num / den if den > 0 else (1.0 if empty else 0.0)
 
     return {
         "dice": ratio(2 * tp, 2 * tp + fp + fn),

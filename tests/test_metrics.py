@@ -46,6 +46,12 @@ def test_pixel_metrics_hand_computed() -> None:
 def test_pixel_metrics_empty_is_perfect_and_shape_checked() -> None:
     z = np.zeros((3, 3))
     assert pixel_metrics(z, z) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}
+    one = z.copy()
+    one[1, 1] = 1
+    # nothing found on a nucleus is no perfect precision, as object precision says
+    assert pixel_metrics(z, one) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}
+    assert pixel_metrics(one, z) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}
+    assert object_metrics(z.astype(int), one.astype(int))["precision"] == 0.0
     with pytest.raises(ValueError):
         pixel_metrics(np.zeros((3, 3)), np.zeros((3, 4)))
 
