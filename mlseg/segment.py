@@ -98,9 +98,13 @@ class SegmentResult:
 
 # ----------------------------------------------------------------------------- the step
 def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> None:
-    """The image must have the channel count the profile was made for."""
+    """The image must have the channel count the profile was made for. A grey image also
+    passes a fluorescence profile: a single-channel camera image is fluorescence's usual
+    form, training takes it (repeated to the model's channels by
+    :func:`mlseg.preprocess.match_channels`), and inference repeats it the same way."""
     channels = 1 if image.ndim == 2 else int(image.shape[2])
-    if channels != profile.channels:
+    grey_fluorescence = channels == 1 and profile.stain == "fluorescence"
+    if channels != profile.channels and not grey_fluorescence:
         raise DatasetError(
             f"{path}: image has {channels} channel(s) but profile {profile.name!r} expects "
             f"{profile.channels}; convert the image or use a profile with channels: {channels}"

@@ -380,6 +380,35 @@ def test_quantify_a_twelve_bit_camera_file_as_its_eight_bit_picture(tmp_path):
     assert json.loads((out / "twelve.json").read_text())["full_scale"] == 4095
 
 
+def test_a_grey_fluorescence_image_is_measured_and_segmented_with_the_shipped_profile(
+    tmp_path, use_oracle
+):
+    """A single-channel camera TIFF (DAPI, Hoechst) is fluorescence's usual form: training
+    takes it with the ``fluorescence`` profile, so quantify and segment take it too, and
+    the intensity columns are the nucleus's mean raw counts."""
+    _, truth = disc_image(60, 80)
+    rng = np.random.default_rng(1)
+    image = rng.normal(200, 30, truth.shape)
+    image[truth > 0] = 2500 + rng.normal(0, 100, int((truth > 0).sum()))
+    image = np.clip(image, 0, 4095).astype(np.uint16)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write_image(images / "dapi.tif", image)
+    write_labels(masks / "dapi_mask.tif", truth)
+    out = tmp_path / "q"
+    result = quantify_folder(masks, images, out, profile_name="fluorescence", progress=False)
+    assert result.ok, result.failed
+    table = pd.read_csv(out / "dapi_nuclei.csv").set_index("label")
+    for label in (1, 5):
+        assert table.loc[label, "intensity_mean_grey"] == pytest.approx(
+            image[truth == label].mean()
+        )
+    seg = segment_folder(
+        "model", images, tmp_path / "s", profile_name="fluorescence", progress=False
+    )
+    assert seg.ok, seg.failed
+    assert read_mask(tmp_path / "s" / "dapi_labels.png").shape == truth.shape
+
+
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
     """Counts per image equal the number of labels of the real annotations."""
     root = shared_data / "cpm15_he"
