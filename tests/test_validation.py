@@ -552,6 +552,25 @@ def test_cli_exit_codes_table_and_default_output_folder(
     assert tree_digest(root) == before
 
 
+def test_cli_names_why_each_unreadable_file_is_unreadable(nuclei_dataset, tmp_path, capsys):
+    """A z-stack or a float TIFF is not "truncated or corrupt": its own fix is printed."""
+    import tifffile
+
+    root = nuclei_dataset()
+    (root / "train/original/train1.png").unlink()
+    stack = np.zeros((3, 48, 48), np.uint16)
+    tifffile.imwrite(
+        root / "train/original/train1.tif", stack, imagej=True, metadata={"axes": "ZYX"}
+    )
+    (root / "train/original/train2.png").unlink()
+    tifffile.imwrite(root / "train/original/train2.tif", np.zeros((48, 48), np.float32))
+    assert main(["validate", str(root), "--out", str(tmp_path / "o")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    stack_line = next(line for line in lines if "train1.tif" in line and "Z Project" in line)
+    assert stack_line.startswith("unreadable: ")
+    assert any("train2.tif" in line and "8/16-bit" in line for line in lines)
+
+
 def test_cli_refuses_output_inside_the_dataset(nuclei_dataset, capsys):
     root = nuclei_dataset()
     before = tree_digest(root)
