@@ -366,7 +366,9 @@ class Profile(Strict):
     1+, 2+ and 3+ nuclei. Size limits apply in square microns when the pixel size is known,
     else in pixels. Tissue is where the summed RGB optical density exceeds
     ``tissue_od_threshold`` (bright field) or the brightest channel exceeds
-    ``tissue_intensity_threshold`` of full scale (fluorescence).
+    ``tissue_intensity_threshold`` of full scale (fluorescence). Unset for fluorescence,
+    tissue is not measured: a nuclear stain alone does not show where tissue is, and a
+    fixed share of full scale lands inside a camera's dark offset (200 of 4095 counts).
     """
 
     name: str = ""
@@ -393,7 +395,7 @@ class Profile(Strict):
     min_area_px: int = Field(10, ge=0)
     max_area_px: int = Field(100_000, gt=0)
     tissue_od_threshold: float = Field(0.15, gt=0)
-    tissue_intensity_threshold: float = Field(0.05, gt=0, lt=1)
+    tissue_intensity_threshold: float | None = Field(None, gt=0, lt=1)
     watershed: WatershedConfig = WatershedConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
 

@@ -147,18 +147,20 @@ def tissue_fraction(
     stain: str,
     *,
     od_threshold: float = 0.15,
-    intensity_threshold: float = 0.05,
-) -> float:
+    intensity_threshold: float | None = None,
+) -> float | None:
     """Fraction of pixels that are tissue, in [0, 1].
 
     Bright field (``he``/``ihc``/``none``): summed RGB optical density above
     ``od_threshold`` (glass is ~0). Fluorescence: brightest channel above
-    ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`). ``image``:
-    ``(H, W, C)`` uint8/uint16.
+    ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`), ``None`` (not
+    measured) without one. ``image``: ``(H, W, C)`` uint8/uint16.
     """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
+    if stain == "fluorescence" and intensity_threshold is None:
+        return None
     if image.size == 0:
         return 0.0
     full = full_scale(image)

@@ -220,7 +220,34 @@ def test_tissue_fraction():
     assert tissue_fraction(image, "he") == pytest.approx(0.25)
     fluo = np.zeros((40, 40, 3), np.uint8)
     fluo[:20] = 100
-    assert tissue_fraction(fluo, "fluorescence") == pytest.approx(0.5)
+    assert tissue_fraction(fluo, "fluorescence", intensity_threshold=0.05) == pytest.approx(0.5)
+    assert tissue_fraction(fluo, "fluorescence") is None  # no threshold: not measured
+
+
+def test_fluorescence_tissue_is_not_read_from_a_camera_offset():
+    """A nuclear stain does not show tissue: the same field with a 12-bit camera's dark
+    offset at 150 or 250 counts must not report another tissue area (it gave 0.13 and 0.94
+    of the field, and density per tissue area followed)."""
+    from skimage.draw import disk
+
+    from mlseg.segment import quantify_image
+
+    profile = get_profile("fluorescence")
+    rng = np.random.default_rng(0)
+    labels = np.zeros((128, 160), np.int32)
+    for i, (y, x) in enumerate([(30, 30), (30, 90), (90, 50), (90, 120)], start=1):
+        labels[disk((y, x), 9, shape=labels.shape)] = i
+    summaries = []
+    for offset in (150, 250):
+        image = offset + rng.normal(0, 30, labels.shape)
+        image[labels > 0] += 2000
+        image = np.clip(image, 0, 4095).astype(np.uint16)
+        _, summary = quantify_image(image[..., None], labels, profile, pixel_size_um=0.65)
+        summaries.append(summary)
+    for summary in summaries:
+        assert summary["count"] == 4 and summary["density_per_mm2"] > 0
+        assert summary["tissue_fraction"] is None
+        assert summary["density_per_mm2_tissue"] is None
 
 
 def test_min_feret_against_dense_rotation():
