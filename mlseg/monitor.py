@@ -41,6 +41,10 @@ from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
 QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
+#: The least margin, in share of the image, that makes a ``*_fraction`` statistic "far
+#: outside" its training range: training images with 0-1 dark pixels in 20,000 would
+#: otherwise call a new one with 2 an image unlike any trained on.
+FRACTION_MARGIN = 0.01
 DRIFT_COLUMNS = (
     "statistic",
     "status",
@@ -266,6 +270,8 @@ def drift_report(
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
             width = ref["max"] - ref["min"]
             margin = cfg.far_margin * width
+            if name.endswith("_fraction"):
+                margin = max(margin, FRACTION_MARGIN)
             far = (values < ref["min"] - margin) | (values > ref["max"] + margin)
             if width > 0 and far.any():  # a constant statistic has no scale to be far on
                 row["status"] = "warn"

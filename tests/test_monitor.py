@@ -106,6 +106,23 @@ def test_too_few_images_are_not_tested_but_one_unlike_any_trained_on_warns(
     assert "far outside the training range" in far["note"]
 
 
+def test_a_few_pixels_more_is_not_far_outside_a_fraction_s_training_range(
+    he_fingerprint: dict,
+) -> None:
+    """Training images with 0 or 1 dark pixel in 20,000 give dark_fraction a range of
+    0-5e-5: a new image with 2 such pixels is not "unlike any trained on", one a fifth
+    dark is."""
+    import copy
+
+    fingerprint = copy.deepcopy(he_fingerprint)
+    fingerprint["stats"]["dark_fraction"].update(min=0.0, max=4.9e-5)
+    cfg = MonitorConfig(min_images=5, statistics=("dark_fraction",))
+    table = pd.DataFrame({"dark_fraction": [9.8e-5, 0.0]})
+    assert monitor.drift_report(table, fingerprint, cfg).status == "ok"
+    table = pd.DataFrame({"dark_fraction": [0.2, 0.0]})
+    assert monitor.drift_report(table, fingerprint, cfg).status == "warn"
+
+
 def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> None:
     report = monitor.drift_report(_stats(_he_images(6, seed=6, size=128)), he_fingerprint)
     size = report.table.set_index("statistic").loc["image_size_px"]
