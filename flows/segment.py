@@ -104,6 +104,7 @@ def segment_one(
 ) -> dict[str, Any]:
     """Segment, measure and write one image; returns its summary as written and its
     per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`)."""
+    from mlseg.io import image_stem
     from mlseg.outputs import write_image_outputs
     from mlseg.segment import segment_image
 
@@ -112,13 +113,13 @@ def segment_one(
         loaded, path, profile, inference_cfg, pixel_size_um=pixel_size_um, pixel_sizes=pixel_sizes
     )
     summary = {
-        "image": path.stem,
+        "image": image_stem(path),
         "image_file": str(path),
         **expect,
         **summary,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return write_image_outputs(out_dir, path.stem, image, labels, table, summary), table
+    return write_image_outputs(out_dir, image_stem(path), image, labels, table, summary), table
 
 
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -163,6 +164,7 @@ def segment_batch(
     the run summary needs), or ``error``."""
     from mlseg.config import InferenceConfig, Profile
     from mlseg.errors import MlsegError
+    from mlseg.io import image_stem
     from mlseg.outputs import image_done
 
     if torch_threads:
@@ -177,7 +179,7 @@ def segment_batch(
     for name in images:
         path = Path(name)
         expect = _expected(path, model_id, profile, inference, pixel_size_um, pixel_sizes)
-        done = image_done(out, path.stem, expect)
+        done = image_done(out, image_stem(path), expect)
         if done is not None:
             records.append({"status": "skipped", "image": name, "summary": done})
             continue
@@ -207,14 +209,15 @@ def _expected(
     """What ``<stem>.json`` records of the run that made an image's outputs: the image's
     bytes, the model, the profile and what else changes its result (``image_done``)."""
     from mlseg.config import Profile
-    from mlseg.io import file_digest
+    from mlseg.io import file_digest, image_stem
     from mlseg.segment import declared_sizes
 
     prof = Profile.model_validate(profile)
-    listed = (pixel_sizes or {}).get(path.stem)
+    stem = image_stem(path)
+    listed = (pixel_sizes or {}).get(stem)
     parts = [inference, pixel_size_um, listed]
     if pixel_size_um is None and listed is None:
-        parts += declared_sizes({path.stem: path}).values()  # a corrected sidecar redoes it
+        parts += declared_sizes({stem: path}).values()  # a corrected sidecar redoes it
     return {
         "profile": prof.name,
         "profile_version": prof.version,
@@ -247,9 +250,11 @@ def _batches(items: list[str], size: int) -> list[list[str]]:
 
 def _entries(pixel_sizes: dict[str, float] | None, batch: list[str]) -> dict[str, float] | None:
     """The batch's own pixel sizes: a change for one image refreshes only its batch's cache."""
+    from mlseg.io import image_stem
+
     if not pixel_sizes:
         return None
-    stems = {Path(p).stem for p in batch}
+    stems = {image_stem(p) for p in batch}
     return {stem: um for stem, um in pixel_sizes.items() if stem in stems} or None
 
 
@@ -258,10 +263,11 @@ def _complete(batch: list[str], out_dir: Path, *expected) -> bool:
     make (:func:`_expected` of ``expected``: same model, profile, settings, bytes), else the
     cache is refreshed: a cached batch's records must describe the files beside them (a run
     with model A after one with B would report A over B's labels)."""
+    from mlseg.io import image_stem
     from mlseg.outputs import image_done
 
     return all(
-        image_done(out_dir, Path(p).stem, _expected(Path(p), *expected)) is not None for p in batch
+        image_done(out_dir, image_stem(p), _expected(Path(p), *expected)) is not None for p in batch
     )
 
 
@@ -336,6 +342,7 @@ def per_image_sizes(
     ``pixel_size_um``, the size for every image, is checked too."""
     from mlseg.dataset import check_pixel_size
     from mlseg.ingest import read_pixel_sizes
+    from mlseg.io import match_stem, without_image_extension
 
     if pixel_size_um is not None:
         check_pixel_size(pixel_size_um, "pixel_size_um")
@@ -344,7 +351,9 @@ def per_image_sizes(
     if isinstance(pixel_sizes, str):
         return read_pixel_sizes(data_path(pixel_sizes))
     return {
-        Path(str(name)).stem: check_pixel_size(um, f"pixel_sizes[{name!r}]")
+        match_stem(without_image_extension(str(name))): check_pixel_size(
+            um, f"pixel_sizes[{name!r}]"
+        )
         for name, um in pixel_sizes.items()
     }
 

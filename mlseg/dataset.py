@@ -9,10 +9,12 @@
       manifest.csv                        optional: split, stem, image, mask, pixel_size_um, ...
 
 Folder names and the mask suffix are configurable (:class:`mlseg.config.DataConfig`);
-the defaults are those of the source paper. ``manifest.csv`` may give the pixel size of each
-image (``pixel_size_um``, microns per pixel); where it is absent the image's JSON sidecar
-(``<stem>.json`` beside it) or a TIFF's own metadata gives it
-(:func:`mlseg.pixel_size.declared_pixel_size_um`), and failing that the profile's is used.
+the defaults are those of the source paper. ``.ome.tif``/``.ome.tiff`` is one extension
+(:func:`mlseg.io.image_stem`): ``slide1.ome.tif`` pairs with ``slide1_mask.tif``.
+``manifest.csv`` may give the pixel size of each image (``pixel_size_um``, microns per
+pixel); where it is absent the image's JSON sidecar (``<stem>.json`` beside it) or a TIFF's
+own metadata gives it (:func:`mlseg.pixel_size.declared_pixel_size_um`), and failing that
+the profile's is used.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pandas as pd
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
 from mlseg.errors import DatasetError
-from mlseg.io import IMAGE_EXTENSIONS, write_text
+from mlseg.io import IMAGE_EXTENSIONS, image_extension, image_stem, match_stem, write_text
 from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
     implausible_message,
@@ -158,7 +160,7 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
         )
     values = zip(manifest["split"], manifest["stem"], manifest["pixel_size_um"], strict=True)
     return {
-        (str(split), str(stem)): (line, value)
+        (str(split), match_stem(str(stem))): (line, value)
         for line, (split, stem, value) in enumerate(values, start=2)
         if pd.notna(value) and str(value).strip()
     }
@@ -237,9 +239,10 @@ def list_pairs(
     for path in sorted(img_dir.iterdir()):
         if not is_image_file(path):
             continue
-        if path.stem in images:
-            problems.append(f"{path}: two images share the stem {path.stem!r}; keep one")
-        images[path.stem] = path
+        stem = image_stem(path)
+        if stem in images:
+            problems.append(f"{path}: shares the stem {stem!r} with {images[stem].name}; keep one")
+        images[stem] = path
     masks: dict[str, Path] = {}
     drawn: dict[str, Path] = {}  # polygon annotations, which ingest draws as masks
     if msk_dir.is_dir():
@@ -248,12 +251,18 @@ def list_pairs(
                 drawn[annotation_stem(path, cfg.mask_suffix)] = path
             if not is_image_file(path):
                 continue
-            if path.stem.endswith(cfg.mask_suffix):
-                masks[path.stem[: -len(cfg.mask_suffix)]] = path
+            name = image_stem(path)
+            if name.endswith(cfg.mask_suffix):
+                stem = match_stem(name[: -len(cfg.mask_suffix)], images)
+                if strict and stem in masks:
+                    problems.append(
+                        f"{path}: a second mask for {stem!r} (also {masks[stem].name}); keep one"
+                    )
+                masks[stem] = path
             elif strict:
                 problems.append(
                     f"{path}: mask name must end with {cfg.mask_suffix!r} before the extension "
-                    f"(e.g. {path.stem}{cfg.mask_suffix}{path.suffix})"
+                    f"(e.g. {name}{cfg.mask_suffix}{image_extension(path)})"
                 )
     elif strict:
         problems.append(f"{msk_dir}: mask folder not found; put the masks there")

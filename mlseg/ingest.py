@@ -53,7 +53,10 @@ from mlseg.dataset import (
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
 from mlseg.io import (
+    image_extension,
+    image_stem,
     labels_suffix,
+    match_stem,
     read_image,
     read_mask,
     without_image_extension,
@@ -110,10 +113,11 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not is_image_file(p):
             continue
-        if p.stem in found:
-            problems.append(f"{p}: shares its stem with {found[p.stem].name}; keep one")
+        stem = image_stem(p)
+        if stem in found:
+            problems.append(f"{p}: shares its stem with {found[stem].name}; keep one")
             continue
-        found[p.stem] = p
+        found[stem] = p
     return found
 
 
@@ -128,11 +132,12 @@ def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, 
             stem = annotation_stem(p, suffix)
         elif not is_image_file(p):
             continue
-        elif p.stem.endswith(suffix):
-            stem = p.stem[: -len(suffix)]
+        elif image_stem(p).endswith(suffix):
+            stem = image_stem(p)[: -len(suffix)]
         else:
             problems.append(
-                f"{p}: mask name must end with {suffix!r} (e.g. {p.stem}{suffix}{p.suffix})"
+                f"{p}: mask name must end with {suffix!r} "
+                f"(e.g. {image_stem(p)}{suffix}{image_extension(p)})"
             )
             continue
         if stem in masks:
@@ -149,6 +154,16 @@ def _pair(
     problems: list[str],
     mask_hint: str,
 ) -> list[SourceItem]:
+    masks_of: dict[str, Path] = {}
+    for stem, path in masks.items():
+        stem = match_stem(stem, images)  # x.ome_mask.tif: x.ome.tif's (:func:`match_stem`)
+        if stem in masks_of:
+            problems.append(
+                f"{path}: a second mask for {stem!r} (also {masks_of[stem].name}); keep one"
+            )
+            continue
+        masks_of[stem] = path
+    masks = masks_of
     items = []
     for stem, path in images.items():
         if stem not in masks:
@@ -303,8 +318,9 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     """Per-image pixel sizes from a CSV with a stem column and a pixel-size column.
 
     Column names match whatever their case (``Image``, ``MPP``); stems may carry their file
-    extension. A table that a spreadsheet saved with semicolons or tabs between columns is
-    read too, with its decimal commas (``0,25``) as the numbers they are.
+    extension (``slide1.ome.tif`` is ``slide1``'s, :func:`mlseg.io.image_stem`). A table that
+    a spreadsheet saved with semicolons or tabs between columns is read too, with its decimal
+    commas (``0,25``) as the numbers they are.
     """
     delimiter = _delimiter(path)
     try:
@@ -326,7 +342,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
         if delimiter != ",":
             value = str(value).strip().replace(",", ".")  # decimal comma
         um = check_pixel_size(value, f"{path}: pixel size of {stem!r}")
-        name = without_image_extension(str(stem).strip())
+        name = match_stem(without_image_extension(str(stem).strip()))  # x.ome.tif, x.ome: x
         if sizes.get(name, um) != um:
             raise DatasetError(
                 f"{path}: {name!r} is listed twice, at {sizes[name]:g} and {um:g} um per "
@@ -430,7 +446,7 @@ def ingest(
         for item in tqdm(items, desc="ingesting", unit="pair", disable=not progress, leave=False):
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
-            image_dst = base / cfg.image_dir / f"{item.stem}{item.image.suffix.lower()}"
+            image_dst = base / cfg.image_dir / f"{item.stem}{image_extension(item.image)}"
             mask_name = f"{item.stem}{cfg.mask_suffix}"
             _place(item.image, image_dst, link)
             declared = None
@@ -441,7 +457,7 @@ def ingest(
                 mask_dst = base / cfg.mask_dir / f"{mask_name}{suffix}"
                 write_labels(mask_dst, labels)
             else:
-                mask_dst = base / cfg.mask_dir / f"{mask_name}{item.mask.suffix.lower()}"
+                mask_dst = base / cfg.mask_dir / f"{mask_name}{image_extension(item.mask)}"
                 _place(item.mask, mask_dst, link)
             size = sizes.get(item.stem, pixel_size_um)
             if size is None:

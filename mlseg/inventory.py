@@ -78,7 +78,9 @@ from mlseg.io import (
     MASK_EXTENSIONS,
     exif_orientation,
     full_scale,
+    image_stem,
     mask_labels,
+    match_stem,
     read_image,
     write_table,
     write_text,
@@ -419,17 +421,20 @@ def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, d
             continue
         split = split_names.get(child.name)
         image_dir = child / cfg.image_dir
-        image_stems = (
-            {p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        sidecars = (  # the names sidecar_path looks for (an OME-TIFF's with .ome or without)
+            {
+                name
+                for p in image_dir.iterdir()
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                for name in (p.stem + SIDECAR_SUFFIX, image_stem(p) + SIDECAR_SUFFIX)
+            }
             if split is not None and image_dir.is_dir()
             else set()
         )
         for path in _visible_files(child):
             role = "stray"
             if split is not None and path.parent == image_dir:
-                sidecar = path.suffix == SIDECAR_SUFFIX and bool(
-                    {path.stem, f"{path.stem}.ome"} & image_stems
-                )
+                sidecar = path.suffix == SIDECAR_SUFFIX and path.name in sidecars
                 role = "sidecar" if sidecar else "image"
             elif split is not None and path.parent == child / cfg.mask_dir:
                 role = "mask"
@@ -609,9 +614,11 @@ def _rule(ok: Iterable[Any], applies: Iterable[bool]) -> pd.Series:
 
 
 def _file_name_parts(path: str) -> tuple[str, str]:
+    """``(stem, extension)``: the stem less ``.ome.tif`` whole (:func:`mlseg.io.image_stem`),
+    the extension the last one (``.tif``), which the extension rules check."""
     name = path.rsplit("/", 1)[-1]
     stem, dot, ext = name.rpartition(".")
-    return (stem, "." + ext.lower()) if dot and stem else (name, "")
+    return (image_stem(name), "." + ext.lower()) if dot and stem else (name, "")
 
 
 def add_checks(
@@ -637,9 +644,14 @@ def add_checks(
     placed = is_image | is_mask  # sidecars are in place and follow their image's name
     suffix = cfg.mask_suffix
     ends = np.array([s.endswith(suffix) for s in raw_stem], dtype=bool)
+    split_key = df["split"].astype(str).to_numpy()
+    image_stems: dict[str, set[str]] = {}
+    for sp, s, i in zip(split_key, raw_stem, is_image, strict=True):
+        if i:
+            image_stems.setdefault(sp, set()).add(s)
     df["stem"] = [
-        s[: len(s) - len(suffix)] if m and e else s
-        for s, m, e in zip(raw_stem, is_mask, ends, strict=True)
+        match_stem(s[: len(s) - len(suffix)], image_stems.get(sp, set())) if m and e else s
+        for sp, s, m, e in zip(split_key, raw_stem, is_mask, ends, strict=True)
     ]
 
     ext_ok = np.where(

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +29,8 @@ from mlseg.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+#: One extension, not ``.tif`` after a stem ending in ``.ome`` (:func:`image_stem`).
+OME_TIFF_EXTENSIONS = (".ome.tif", ".ome.tiff")
 #: Masks are labels: only lossless formats keep them (JPEG changes values along every edge).
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: The most a decoded image may take in memory. Images are read whole; a whole-slide image's
@@ -439,10 +441,39 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     return path
 
 
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name of ``path`` less its extension, :data:`OME_TIFF_EXTENSIONS` counting as
+    one, as OME and BIDS name them and Bio-Formats, OMERO, QuPath and Fiji write them
+    (``slide1.ome.tif`` -> ``slide1``, ``a.tif`` -> ``a``, ``a.ome.png`` -> ``a.ome``): the
+    name an image's mask, outputs and pixel-size table row go by."""
+    name = Path(path).name
+    for ext in OME_TIFF_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def image_extension(path: str | os.PathLike) -> str:
+    """What :func:`image_stem` leaves out of the file name, lower case (``.ome.tif``, ``.png``)."""
+    name = Path(path).name
+    return name[len(image_stem(name)) :].lower()
+
+
+def match_stem(stem: str, image_stems: Container[str] = ()) -> str:
+    """The image stem that ``stem`` (of a mask less its suffix, or a table row) names: itself,
+    but ``x.ome`` names the OME-TIFF ``x.ome.tif``'s stem ``x`` unless ``x.ome`` is one of
+    ``image_stems`` (``x.ome.png``). Masks of ``x.ome.tif`` named ``x.ome_mask.tif``, and
+    tables listing ``x.ome``, were matched this way before ``.ome.tif`` was one extension, and
+    still are."""
+    if stem[-4:].lower() == ".ome" and len(stem) > 4 and stem not in image_stems:
+        return stem[:-4]
+    return stem
+
+
 def without_image_extension(name: str) -> str:
-    """``name`` less a trailing image extension (``a.tif`` -> ``a``), else as it is
-    (``TCGA.01`` keeps its dot)."""
-    return Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
+    """``name`` less a trailing image extension (``a.tif`` -> ``a``, ``a.ome.tif`` -> ``a``),
+    else as it is (``TCGA.01`` keeps its dot)."""
+    return image_stem(name) if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
 
 
 def labels_suffix(n_labels: int) -> str:

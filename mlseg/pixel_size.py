@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from mlseg.config import Profile
-from mlseg.io import TIFF_EXTENSIONS
+from mlseg.io import TIFF_EXTENSIONS, image_stem
 
 #: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
 #: microscopy keeps one per image.
@@ -135,11 +135,8 @@ def sidecar_path(image: str | os.PathLike) -> Path:
     """
     image = Path(image)
     own = image.with_suffix(SIDECAR_SUFFIX)
-    if not own.is_file() and image.stem.lower().endswith(".ome"):
-        bids = image.with_name(image.stem[:-4] + SIDECAR_SUFFIX)
-        if bids.is_file():
-            return bids
-    return own
+    bids = image.with_name(image_stem(image) + SIDECAR_SUFFIX)
+    return bids if not own.is_file() and bids.is_file() else own
 
 
 def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:

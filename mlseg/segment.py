@@ -64,8 +64,11 @@ from mlseg.io import (
     TIFF_EXTENSIONS,
     file_digest,
     full_scale,
+    image_stem,
+    match_stem,
     read_image,
     read_mask,
+    without_image_extension,
 )
 from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
 from mlseg.pixel_size import (
@@ -362,7 +365,7 @@ def list_images(folder: Path) -> list[Path]:
     first: dict[str, Path] = {}
     clashes = []
     for path in files:
-        key = path.stem.casefold()  # outputs may land on a case-insensitive disk
+        key = image_stem(path).casefold()  # outputs may land on a case-insensitive disk
         if key in first:
             clashes.append(f"{first[key].name} and {path.name}")
         first.setdefault(key, path)
@@ -373,7 +376,7 @@ def list_images(folder: Path) -> list[Path]:
             f"(<stem>_nuclei.csv), so one would be skipped as done; rename one of each"
         )
     for path in files:
-        check_stem(path.stem, path)
+        check_stem(image_stem(path), path)
     return files
 
 
@@ -419,7 +422,7 @@ def _check_units_possible(
     or micron units can never be satisfied."""
     if override is not None:
         check_pixel_size(override, "--pixel-size")
-    if table and all(p.stem in table for p in files):
+    if table and all(image_stem(p) in table for p in files):
         return
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
@@ -435,7 +438,10 @@ def _check_units_possible(
 def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dict[str, float]:
     """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted),
     each checked (:func:`mlseg.dataset.check_pixel_size`)."""
-    by_stem = {Path(str(k)).stem: v for k, v in (pixel_sizes or {}).items()}
+    by_stem = {
+        match_stem(without_image_extension(str(k)), stems): v
+        for k, v in (pixel_sizes or {}).items()
+    }
     if by_stem and stems and not by_stem.keys() & set(stems):
         warnings.warn(
             f"the pixel-size table names none of these {len(stems)} images (it lists "
@@ -613,7 +619,7 @@ def segment_image(
     """
     image = read_image(path)
     check_channels(image, profile, path)
-    listed = (pixel_sizes or {}).get(path.stem)
+    listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
     try:
         effective_pixel_size(profile, px)
@@ -647,17 +653,17 @@ def segment_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir))
     out_dir = check_out_dir(out_dir, input_dir)
-    sizes = _own_sizes(pixel_sizes, [p.stem for p in files])
+    sizes = _own_sizes(pixel_sizes, [image_stem(p) for p in files])
     _check_units_possible(profile, pixel_size_um, files, sizes)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
-    by_stem = {p.stem: p for p in files}
+    by_stem = {image_stem(p): p for p in files}
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
     expect = _expectations(
-        profile, model_id, settings, sizes, declared, {p.stem: [p] for p in files}
+        profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
     )
 
     run_info = {
@@ -679,14 +685,15 @@ def segment_folder(
             loaded, path, profile, cfg, pixel_size_um=pixel_size_um, pixel_sizes=sizes
         )
 
-    items = [(p.stem, p) for p in files]
+    items = list(by_stem.items())
     with _implausible_sizes_said_once(declared, by_stem):
         return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
 
 
 def label_stem(path: Path) -> str:
-    """Image stem of a label file: ``x_mask.png``, ``x_masks.tif``, ``x_cp_masks.png`` -> ``x``."""
-    stem = path.stem
+    """Image stem of a label file: ``x_mask.png``, ``x_masks.tif``, ``x_cp_masks.png``,
+    ``x_mask.ome.tif`` -> ``x`` (:func:`mlseg.io.image_stem`)."""
+    stem = image_stem(path)
     for suffix in LABEL_SUFFIXES:
         if stem.endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
@@ -703,9 +710,9 @@ def pair_labels(labels_dir: Path, images_dir: Path | None) -> list[tuple[str, Pa
     images: dict[str, Path] = {}
     if images_dir is not None:
         for path in list_images(images_dir):
-            images.setdefault(path.stem, path)
+            images.setdefault(image_stem(path), path)
     if images_dir is not None and Path(images_dir).resolve() == Path(labels_dir).resolve():
-        label_files = [p for p in label_files if label_stem(p) != p.stem]
+        label_files = [p for p in label_files if label_stem(p) != image_stem(p)]
         images = {stem: p for stem, p in images.items() if label_stem(p) == stem}
         if not label_files:
             raise DatasetError(
@@ -715,7 +722,7 @@ def pair_labels(labels_dir: Path, images_dir: Path | None) -> list[tuple[str, Pa
     out = []
     seen: dict[str, Path] = {}
     for path in label_files:
-        stem = label_stem(path)
+        stem = match_stem(label_stem(path), images)  # x.ome_mask.tif is x.ome.tif's
         check_stem(stem, path)
         if stem in seen:
             raise DatasetError(

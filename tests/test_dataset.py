@@ -75,3 +75,37 @@ def test_mask_kinds_and_labels():
     inst[6:9, 6:9] = 7
     assert mask_kind(inst) == "instance"
     assert set(np.unique(mask_to_labels(inst))) == {0, 7, 255}
+
+
+@pytest.mark.parametrize(
+    "mask_name", ["x_mask.tif", "x_mask.ome.tif", "x.ome_mask.tif", "x_mask.OME.TIFF"]
+)
+def test_ome_tiff_pairs_as_one_extension(tmp_path, mask_name):
+    """``x.ome.tif`` (as Bio-Formats, QuPath and Fiji write it) is image ``x``: it pairs with
+    ``x_mask.tif``, an OME-TIFF mask, and the ``x.ome_mask.tif`` that paired before."""
+    root = init_dataset(tmp_path / "ds")
+    write_image(root / "train" / "original" / "x.ome.tif", np.zeros((8, 8, 3), np.uint8))
+    write_image(root / "train" / "masks" / mask_name, np.ones((8, 8), np.uint8))
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\ntrain,x,0.25\n")
+    (pair,) = list_pairs(root, "train")
+    assert (pair.stem, pair.image.name, pair.mask.name) == ("x", "x.ome.tif", mask_name)
+    assert pair.pixel_size_um == 0.25
+
+
+def test_image_and_ome_tiff_of_one_stem_refused_naming_both(tmp_path):
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    write_image(root / "train" / "original" / "a.ome.tif", np.zeros((16, 20, 3), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        list_pairs(root, "train")
+    assert "a.ome.tif" in str(err.value) and "a.png" in str(err.value)
+
+
+def test_second_mask_for_an_ome_tiff_refused_naming_both(tmp_path):
+    root = init_dataset(tmp_path / "ds")
+    write_image(root / "train" / "original" / "x.ome.tif", np.zeros((8, 8, 3), np.uint8))
+    write_image(root / "train" / "masks" / "x_mask.tif", np.ones((8, 8), np.uint8))
+    write_image(root / "train" / "masks" / "x.ome_mask.tif", np.ones((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match="second mask") as err:
+        list_pairs(root, "train")
+    assert "x_mask.tif" in str(err.value) and "x.ome_mask.tif" in str(err.value)

@@ -144,6 +144,36 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
     assert fixed[0]["summary"]["pixel_size_um"] == 0.25
 
 
+def test_batch_task_names_an_ome_tiff_by_its_name_less_ome_tif(tmp_path, checkpoint) -> None:
+    """``x.ome.tif`` (Bio-Formats, QuPath, Fiji) is image ``x``: outputs ``x_...``, table row
+    ``x`` (its file name works too)."""
+    import tifffile
+
+    from flows.segment import _entries, model_config, model_id, per_image_sizes, segment_batch
+    from mlseg.config import get_profile
+    from mlseg.io import read_image
+
+    (png,) = disc_images(tmp_path / "in", 1)
+    ome = tmp_path / "in" / "x.ome.tif"
+    tifffile.imwrite(ome, read_image(png), photometric="rgb")
+    png.unlink()
+    sizes = per_image_sizes({"x.ome.tif": 0.3}, None)
+    assert sizes == {"x": 0.3} and _entries(sizes, [str(ome)]) == sizes
+    args = (
+        str(tmp_path / "out"),
+        str(checkpoint),
+        model_id(str(checkpoint)),
+        get_profile("he").model_dump(mode="json"),
+        model_config(str(checkpoint)).inference.model_dump(mode="json"),
+    )
+    (first,) = segment_batch.fn([str(ome)], *args, pixel_sizes=sizes)
+    assert first["status"] == "processed" and first["summary"]["image"] == "x"
+    assert first["summary"]["pixel_size_source"] == "table"
+    assert (tmp_path / "out" / "x_labels.png").is_file()
+    (again,) = segment_batch.fn([str(ome)], *args, pixel_sizes=sizes)
+    assert again["status"] == "skipped"
+
+
 def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:
     """A model normalising to its own reference image: editing the image in place changes
     the model's identity, so finished images are redone and the batch cache misses."""

@@ -247,6 +247,40 @@ def test_two_images_of_one_stem_are_named_not_one_dropped(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+def test_flat_source_of_ome_tiffs_keeps_their_names(tmp_path):
+    """``x.ome.tif`` (Bio-Formats, QuPath, Fiji) is image ``x``: its mask is ``x_mask.tif``
+    (or, as named before, ``x.ome_mask.tif``), its table row ``x``; it stays an OME-TIFF."""
+    import tifffile
+
+    src = flat_source(tmp_path / "src", n=1)
+    rng = np.random.default_rng(3)
+    for stem, mask in (("x", "x_mask.tif"), ("y", "y.ome_mask.tif")):
+        img, lab = disk_pair(rng)
+        tifffile.imwrite(src / "original" / f"{stem}.ome.tif", img, photometric="rgb")
+        write_image(src / "masks" / mask, lab)
+    table = tmp_path / "sizes.csv"
+    table.write_text("stem,mpp\nx,0.5\ny.ome.tif,0.25\n")
+    result = ingest(src, tmp_path / "ds", pixel_sizes=table, test_fraction=0, progress=False)
+    rows = result.manifest.set_index("stem")
+    assert sorted(rows.index) == ["img0", "x", "y"]
+    assert rows.loc["x", "image"] == "train/original/x.ome.tif"
+    assert rows.loc["x", "mask"] == "train/masks/x_mask.tif"
+    assert rows.loc["y", "mask"] == "train/masks/y_mask.tif"
+    assert (rows.loc["x", "pixel_size_um"], rows.loc["y", "pixel_size_um"]) == (0.5, 0.25)
+    pairs = {p.stem: p.pixel_size_um for p in list_pairs(tmp_path / "ds", "train")}
+    assert pairs == {"img0": None, "x": 0.5, "y": 0.25}
+
+
+def test_an_image_and_an_ome_tiff_of_one_stem_are_both_named(tmp_path):
+    import tifffile
+
+    src = flat_source(tmp_path / "src", n=2)
+    tifffile.imwrite(src / "original" / "img0.ome.tif", np.zeros((24, 24, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"img0\.png: shares its stem with img0\.ome\.tif"):
+        ingest(src, tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 def test_pixel_size_tables_keep_stems_with_dots(tmp_path):
     """Only an image extension is cut from a listed name: TCGA.01 and TCGA.02 are two
     images, not two sizes for "TCGA"; a name listed twice at two sizes is refused."""

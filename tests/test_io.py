@@ -8,8 +8,12 @@ from mlseg.io import (
     atomic_path,
     exif_orientation,
     full_scale,
+    image_extension,
+    image_stem,
+    match_stem,
     read_image,
     read_mask,
+    without_image_extension,
     write_image,
     write_labels,
 )
@@ -298,3 +302,23 @@ def test_labels_beyond_16_bits_are_kept_and_images_beyond_16_bits_refused(tmp_pa
     tifffile.imwrite(tmp_path / "negative.tif", -labels.astype(np.int32))
     with pytest.raises(ImageReadError, match=r"negative\.tif: int32 labels -70000\.\.0"):
         read_mask(tmp_path / "negative.tif")
+
+
+@pytest.mark.parametrize(
+    "name, stem, ext",
+    [
+        ("slide1.ome.tif", "slide1", ".ome.tif"),
+        ("dir/Slide1.OME.TIFF", "Slide1", ".ome.tiff"),
+        ("a.tif", "a", ".tif"),
+        ("a.ome.png", "a.ome", ".png"),  # OME-TIFF only: a PNG has no OME extension
+        ("TCGA.01.png", "TCGA.01", ".png"),
+    ],
+)
+def test_image_stem_counts_ome_tif_as_one_extension(name, stem, ext):
+    assert (image_stem(name), image_extension(name)) == (stem, ext)
+    assert without_image_extension(name) == stem
+
+
+def test_match_stem_reads_an_ome_stem_as_the_ome_tiffs_unless_an_image_has_it():
+    assert match_stem("x.ome") == "x" and match_stem("x.OME", {"x"}) == "x"
+    assert match_stem("x.ome", {"x.ome"}) == "x.ome" and match_stem("TCGA.01") == "TCGA.01"

@@ -606,6 +606,39 @@ def test_two_images_with_one_stem_are_refused_not_one_skipped_as_done(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_ome_tiff_is_named_by_its_name_less_ome_tif(tmp_path, use_oracle):
+    """Bio-Formats, OMERO, QuPath and Fiji write ``x.ome.tif``: its mask is ``x_mask.tif``,
+    its outputs ``x_...`` and its pixel-size table row ``x``."""
+    import tifffile
+
+    image, truth = disc_image(60, 80)
+    (tmp_path / "img").mkdir()
+    tifffile.imwrite(tmp_path / "img" / "x.ome.tif", image, photometric="rgb")
+    tifffile.imwrite(tmp_path / "img" / "y.OME.TIFF", image, photometric="rgb")
+    write_labels(tmp_path / "lab" / "x_mask.tif", truth)
+    write_labels(tmp_path / "lab" / "y.ome_mask.png", truth)  # as it was named before
+    run = dict(profile_name="he", units="um", pixel_sizes={"x": 0.5, "y": 0.25}, progress=False)
+    for result, out in (
+        (quantify_folder(tmp_path / "lab", tmp_path / "img", tmp_path / "q", **run), "q"),
+        (segment_folder("model", tmp_path / "img", tmp_path / "s", **run), "s"),
+    ):
+        assert result.ok and sorted(result.processed) == ["x", "y"]
+        assert (tmp_path / out / "x_labels.png").is_file()
+        for stem, um in (("x", 0.5), ("y", 0.25)):
+            summary = json.loads((tmp_path / out / f"{stem}.json").read_text())
+            assert summary["pixel_size_source"] == "table" and summary["pixel_size_um"] == um
+
+
+def test_an_image_and_an_ome_tiff_of_one_stem_are_refused_naming_both(tmp_path):
+    import tifffile
+
+    image, _ = disc_image(60, 60)
+    write_image(tmp_path / "img" / "a.tif", image)
+    tifffile.imwrite(tmp_path / "img" / "a.ome.tif", image, photometric="rgb")
+    with pytest.raises(DatasetError, match=r"a\.ome\.tif and a\.tif differ only in extension"):
+        segment_folder("model", tmp_path / "img", tmp_path / "o", profile_name="he")
+
+
 def test_images_in_subfolders_are_named_not_silently_left_out(tmp_path):
     image, truth = disc_image(40, 40)
     for case in ("case1", "case2"):

@@ -449,6 +449,38 @@ def test_two_images_for_one_mask_name_the_images(nuclei_dataset):
     assert_caught(report, "one_mask_per_image", images)
 
 
+@pytest.mark.parametrize("mask", ["_mask.tif", "_mask.ome.tif", "_mask.png"])
+def test_an_ome_tiff_pairs_with_its_mask_by_its_name_less_ome_tif(nuclei_dataset, mask):
+    """Bio-Formats, OMERO, QuPath and Fiji write ``x.ome.tif``: its mask is ``x_mask.tif``
+    (or an OME-TIFF ``x_mask.ome.tif``), and its manifest row ``x``."""
+    import tifffile
+
+    root = nuclei_dataset()
+    original, masks = root / "train/original", root / "train/masks"
+    tifffile.imwrite(original / "train0.ome.tif", read_image(original / "train0.png"))
+    (original / "train0.png").unlink()
+    write_labels(masks / f"train0{mask}", read_mask(masks / "train0_mask.png"))
+    if mask != "_mask.png":
+        (masks / "train0_mask.png").unlink()
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\ntrain,train0,0.5\n")
+    inventory = build_inventory(root)
+    assert run_suites(inventory).success
+    files = inventory.files.set_index("path")
+    assert files.loc["train/original/train0.ome.tif", "stem"] == "train0"
+    assert files.loc["train/original/train0.ome.tif", "pixel_size_um"] == 0.5
+    (pair,) = [p for p in list_pairs(root, "train") if p.stem == "train0"]
+    assert pair.mask.name == f"train0{mask}" and pair.pixel_size_um == 0.5
+
+
+def test_an_image_and_an_ome_tiff_of_one_stem_are_both_named(nuclei_dataset):
+    root = nuclei_dataset()
+    image = read_image(root / "train/original/train0.png")
+    write_image(root / "train/original/train0.ome.tif", image)
+    report = check(root)
+    images = {"train/original/train0.png", "train/original/train0.ome.tif"}
+    assert_caught(report, "one_mask_per_image", images)
+
+
 def test_a_manifest_row_naming_no_image_stops_training(nuclei_dataset):
     """Training reads every manifest row: a stem written with its extension gave its image
     no pixel size and a row for a removed image stopped training, yet the gate passed."""
