@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,18 +133,34 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        with warnings.catch_warnings():
-            # A row longer than the header (an unquoted decimal comma: 0,25) would otherwise
-            # shift its values into the wrong columns without a word.
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, dtype={"stem": str, "split": str}, index_col=False)
-    except pd.errors.ParserWarning:
-        raise DatasetError(
-            f"{path}: a row has more values than the header has columns; a decimal comma "
-            "(0,25) must be quoted or written with a point (0.25)"
-        ) from None
+        return read_csv_rows(path, dtype={"stem": str, "split": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
+
+
+def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` of a table a person wrote, refusing a row longer than its header.
+
+    Left alone, pandas makes such a row's first values its index and shifts the others into
+    the wrong columns without a word: ``img1,0,25`` (an unquoted decimal comma) would read
+    as an image ``0`` of 25 um per pixel. Other parse errors are pandas' own.
+    """
+    where = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, index_col=False, **kwargs)
+    except pd.errors.ParserWarning:
+        pass
+    except pd.errors.ParserError as err:  # a later row longer than the first ones
+        found = re.search(r"Expected \d+ fields in (line \d+)", str(err))
+        if found is None:
+            raise
+        where = f" ({found.group(1)})"
+    raise DatasetError(
+        f"{path}: a row has more values than the header has columns{where}; write a decimal "
+        "comma's number with a point (0.25), or separate the columns with semicolons"
+    )
 
 
 def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, object]]:
@@ -172,7 +189,10 @@ def check_pixel_size(value: object, what: str) -> float:
     try:
         um = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DatasetError(f"{what}: {value!r} is not a number of microns per pixel") from None
+        hint = " (a decimal comma? write 0.25 with a point)" if "," in str(value) else ""
+        raise DatasetError(
+            f"{what}: {value!r} is not a number of microns per pixel{hint}"
+        ) from None
     if not plausible_pixel_size(um):
         hint = ""
         if high < um <= high * 1000:

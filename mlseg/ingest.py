@@ -49,6 +49,7 @@ from mlseg.dataset import (
     check_pixel_size,
     init_dataset,
     is_image_file,
+    read_csv_rows,
     split_dir,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
@@ -324,7 +325,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     """
     delimiter = _delimiter(path)
     try:
-        table = pd.read_csv(path, dtype=str, sep=delimiter, skipinitialspace=True)
+        table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
     named = {str(c).strip().lower(): c for c in table.columns}

@@ -1,4 +1,5 @@
 import hashlib
+import re
 import shutil
 
 import numpy as np
@@ -125,6 +126,29 @@ def test_a_pixel_size_table_as_labs_save_them(tmp_path, text):
     table = tmp_path / "sizes.csv"
     table.write_text(text, encoding="utf-8")
     assert read_pixel_sizes(table) == {"img0": 0.5, "img1": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("stem,pixel_size_um\nimg0,0,5\nimg1,0,25\n", ""),  # every row: pandas shifts them
+        ("stem,pixel_size_um\nimg0,0.5\nimg1,0,25\n", " (line 3)"),  # one row
+    ],
+    ids=["every-row", "one-row"],
+)
+def test_an_unquoted_decimal_comma_in_a_pixel_size_table_is_refused_not_shifted(
+    tmp_path, text, where
+):
+    """``img0,0,5`` read as image ``0`` at 5 um: the table named none of the images and
+    segmentation went on without their sizes."""
+    table = tmp_path / "sizes.csv"
+    table.write_text(text)
+    with pytest.raises(
+        DatasetError,
+        match=rf"sizes\.csv: a row has more values than the header has columns{re.escape(where)}; "
+        r"write a decimal comma's number with a point \(0\.25\)",
+    ):
+        read_pixel_sizes(table)
 
 
 def tiff_source(root, resolutions):
