@@ -257,6 +257,11 @@ class LoadedModel:
 def checkpoint_path(path: str | Path) -> Path:
     """A ``.safetensors`` file, or the best (else last) one of a checkpoint folder."""
     path = Path(path)
+    if not path.exists():  # a mistyped run folder: say so, not what the path should have been
+        raise ModelError(
+            f"{path}: not found; give the training run's folder (with best.safetensors) or a "
+            ".safetensors file"
+        )
     if path.is_dir():
         for name in CHECKPOINT_NAMES:
             if (path / f"{name}.safetensors").is_file():

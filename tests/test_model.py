@@ -111,6 +111,9 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
 
 
 def test_missing_or_damaged_checkpoints(tmp_path) -> None:
+    # a mistyped run folder is named as missing, not as a path of the wrong kind
+    with pytest.raises(ModelError, match=r"runs/trian: not found; give the training run's"):
+        load_model(tmp_path / "runs" / "trian")
     with pytest.raises(ModelError, match="no best.safetensors"):
         load_model(tmp_path)
     (tmp_path / "best.safetensors").write_bytes(b"not a tensor file")
