@@ -407,7 +407,7 @@ def segment_and_quantify(
         logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
-    files = [str(p) for p in list_images(src)]
+    files = [str(p) for p in list_images(src, out)]
     sizes = per_image_sizes(pixel_sizes, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)

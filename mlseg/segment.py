@@ -337,16 +337,21 @@ def check_out_dir(out_dir: str | Path, *inputs: str | Path | None) -> Path:
     return out_dir
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files of ``folder`` (not recursive, no hidden files), sorted by name."""
+def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Image files of ``folder`` (not recursive, no hidden files), sorted by name.
+
+    Subfolders holding images are named in a warning, except an output folder of mlseg
+    (``run.json``) and ``out_dir``, this run's own, which a run killed before its first
+    ``run.json`` leaves without one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise not_a_folder(folder, "input")
     files = _images_in(folder)
+    own = Path(out_dir).resolve() if out_dir is not None else None
     nested = sorted(  # an output folder of mlseg inside the input one holds overlays, not input
         d.name
         for d in folder.iterdir()
-        if d.is_dir() and not (d / "run.json").is_file() and _images_in(d)
+        if d.is_dir() and not (d / "run.json").is_file() and d.resolve() != own and _images_in(d)
     )
     if nested:  # a lab's folder per case or per slide
         listed = ", ".join(nested[:3]) + (" ..." if len(nested) > 3 else "")
@@ -651,7 +656,7 @@ def segment_folder(
     from mlseg.model import load_model, resolve_device
 
     profile = _load_profile(profile_name, profiles_file, units)
-    files = list_images(Path(input_dir))
+    files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
     sizes = _own_sizes(pixel_sizes, [image_stem(p) for p in files])
     _check_units_possible(profile, pixel_size_um, files, sizes)
@@ -700,16 +705,19 @@ def label_stem(path: Path) -> str:
     return stem
 
 
-def pair_labels(labels_dir: Path, images_dir: Path | None) -> list[tuple[str, Path, Path | None]]:
-    """``(stem, label file, image file or None)`` for each label file of ``labels_dir``.
+def pair_labels(
+    labels_dir: Path, images_dir: Path | None, out_dir: str | Path | None = None
+) -> list[tuple[str, Path, Path | None]]:
+    """``(stem, label file, image file or None)`` for each label file of ``labels_dir``
+    (``out_dir``: the run's output folder, which may lie in either, see :func:`list_images`).
 
     Where the labels lie beside their images (one folder, as Cellpose saves ``x_cp_masks.png``
     next to ``x.png``), only files named with a label suffix (:data:`LABEL_SUFFIXES`) are
     labels."""
-    label_files = list_images(labels_dir)
+    label_files = list_images(labels_dir, out_dir)
     images: dict[str, Path] = {}
     if images_dir is not None:
-        for path in list_images(images_dir):
+        for path in list_images(images_dir, out_dir):
             images.setdefault(image_stem(path), path)
     if images_dir is not None and Path(images_dir).resolve() == Path(labels_dir).resolve():
         label_files = [p for p in label_files if label_stem(p) != image_stem(p)]
@@ -756,7 +764,7 @@ def quantify_folder(
 
     profile = _load_profile(profile_name, profiles_file, units)
     images_dir = Path(images_dir) if images_dir is not None else None
-    pairs = pair_labels(Path(labels_dir), images_dir)
+    pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
     sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs])

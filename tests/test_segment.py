@@ -655,6 +655,11 @@ def test_images_in_subfolders_are_named_not_silently_left_out(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert quantify_folder(tmp_path / "lab", None, tmp_path / "lab" / "out", **run).skipped
+    # nor is it after a first run into it was killed before writing its run.json
+    (tmp_path / "lab" / "out" / "run.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quantify_folder(tmp_path / "lab", None, tmp_path / "lab" / "out", **run).skipped
 
 
 class BrightIsNucleus(nn.Module):
