@@ -431,12 +431,21 @@ def _check_units_possible(
         return
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
-    may_carry = (p.suffix.lower() in TIFF_EXTENSIONS or sidecar_path(p).is_file() for p in files)
+    unlisted = [p for p in files if image_stem(p) not in (table or {})]
+    may_carry = (p.suffix.lower() in TIFF_EXTENSIONS or sidecar_path(p).is_file() for p in unlisted)
     if not any(may_carry):
+        # with a table given, "pass --pixel-sizes" would not say which images it misses
+        names = ", ".join(p.name for p in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+        which = (
+            f"{len(unlisted)} of the {len(files)} images ({names}) are not in the pixel-size "
+            "table and carry none; list them in it, pass --pixel-size"
+            if table
+            else "the images carry none; pass --pixel-size or --pixel-sizes"
+        )
         raise ConfigError(
             f"profile {profile.name!r} asks for micron units but has no pixel_size_um and "
-            "the images carry none; pass --pixel-size or --pixel-sizes, write a JSON sidecar "
-            "beside each image, set pixel_size_um in the profile, or use --units px"
+            f"{which}, write a JSON sidecar beside each image, set pixel_size_um in the "
+            "profile, or use --units px"
         )
 
 

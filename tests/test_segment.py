@@ -238,6 +238,18 @@ def test_units_and_profiles_are_checked_before_work(tmp_path, use_oracle):
     folder = _folder(tmp_path, 1)
     with pytest.raises(ConfigError, match="micron units"):
         segment_folder("m", folder, tmp_path / "o", profile_name="he", units="um", progress=False)
+    # a table that misses images names them, not "pass --pixel-sizes" to a run that did
+    with pytest.raises(ConfigError, match=r"1 of the 2 images \(img1\.png\) are not in the"):
+        segment_folder(
+            "m",
+            _folder(tmp_path / "two", 2),
+            tmp_path / "o",
+            profile_name="he",
+            units="um",
+            pixel_sizes={"img0": 0.5},
+            progress=False,
+        )
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         segment_folder("m", folder, tmp_path / "o", profile_name="nope", progress=False)
     result = segment_folder(
