@@ -485,6 +485,28 @@ def _log_decision(fs, root: str, name: str, record: dict[str, Any]) -> None:
     _write_json(fs, f"{root}/{name}/decisions/{stamp}-v{record['version']}.json", record)
 
 
+def _check_files(fs, base: str, version: ModelVersion) -> None:
+    """Refuse a version whose files are missing or differ from the sha256 its card recorded:
+    served, it would fail every run, or run weights nobody evaluated."""
+    problems = []
+    for fname, sha in version.files.items():
+        path = f"{base}/{fname}"
+        if not fs.isfile(path):
+            problems.append(f"{fname} missing")
+            continue
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != sha:
+            problems.append(f"{fname} changed since registration (checksum mismatch)")
+    if problems:
+        raise RegistryError(
+            f"{version.uri}: {'; '.join(problems)}; {version.tag} cannot be served: promote "
+            f"another version, or register the checkpoint again"
+        )
+
+
 def promote(
     registry: str | Path,
     name: str,
@@ -492,12 +514,14 @@ def promote(
     reason: str,
     storage_options: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Make ``version`` the production model of ``name``; the reason is recorded."""
+    """Make ``version`` the production model of ``name``; the reason is recorded. Its files
+    are checked against the card's sha256 first (a rollback to deleted weights is refused)."""
     if not reason or not reason.strip():
         raise RegistryError("promote: give a reason (it is recorded in the registry)")
     fs, root = _fs(registry, storage_options)
     number = parse_version(version)
     target = _load(fs, root, _check_name(name), number)
+    _check_files(fs, f"{root}/{name}/v{number}", target)
     previous = production_record(registry, name, storage_options)
     record = {
         "version": number,

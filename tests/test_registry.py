@@ -280,3 +280,23 @@ def test_a_score_that_is_not_a_number_is_never_promoted_nor_kept(tmp_path: Path)
     reg.promote(registry, "nuclei", nan.version, "by hand, before it was scored")
     scored = _register(tmp_path, registry, 0.8, tag="b")
     assert reg.champion_challenger(registry, scored).promoted
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_promote_refuses_a_version_whose_files_are_gone_or_changed(
+    tmp_path: Path, damage: str
+) -> None:
+    """A rollback to a version whose weights were deleted or overwritten was recorded as in
+    production: every scheduled run then failed, or served weights nobody evaluated."""
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.8, tag="a"))
+    v2 = _register(tmp_path, registry, 0.7, tag="b")
+    weights = Path(v2.uri) / "best.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"other weights")
+    with pytest.raises(reg.RegistryError, match=r"best\.safetensors (missing|changed)"):
+        reg.promote(registry, "nuclei", 2, "rollback")
+    assert reg.production(registry).version == 1
+    assert [d["action"] for d in reg.decisions(registry)] == ["compare", "promote"]
