@@ -12,9 +12,10 @@ DigitalOcean Spaces an ``s3://`` URL with the Spaces endpoint in ``storage_optio
     <registry>/<name>/decisions/<time>-v<N>.json  every promotion and champion/challenger
                                                 decision, with its reason (never rewritten)
 
-``card.json`` is written last: a version without it is incomplete and ignored. A registry has
-one writer at a time (the pipeline, or a person running ``mlseg models promote``): version
-numbers are taken as the highest existing one plus one.
+``card.json`` is written last: a version without it is incomplete and ignored. A version is
+assembled in a ``.staging-*`` folder and renamed to the highest existing number plus one, so
+on a local disk or share two registering at once get two versions; on an object store (no
+rename) a registry has one writer at a time.
 
 A challenger is promoted only if it beats the production model on the *same* evaluation set
 (:func:`champion_challenger`); the evaluation set is identified by the content hash of its
@@ -23,11 +24,14 @@ images and masks (:func:`eval_set_id`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess  # nosec B404: only runs `git` with fixed arguments, see code_version
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -404,33 +408,59 @@ def register(
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json")
     fs, root = _fs(registry, storage_options)
-    versions = _versions(fs, root, name)
-    number = (versions[-1] + 1) if versions else 1
-    base = f"{root}/{name}/v{number}"
+    # files go to a folder of this writer's own, then take the next free number whole: two
+    # writers copying into one v<N> left weights that were neither's under one card
+    staging = f"{root}/{name}/.staging-{uuid.uuid4().hex}"
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        hashes = {}
+        for path in files:
+            hashes[path.name] = _sha256(path)
+            fs.put_file(str(path), f"{staging}/{path.name}")
+        while True:
+            versions = _versions(fs, root, name)
+            number = (versions[-1] + 1) if versions else 1
+            base = f"{root}/{name}/v{number}"
+            version = ModelVersion(
+                name=name,
+                version=number,
+                uri=_uri(fs, base),
+                created_at=_now(),
+                code_version=code_version(),
+                fingerprint_hash=fingerprint_hash,
+                eval_set_id=eval_set_id,
+                metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
+                config=json.loads(json.dumps(config, default=str)),
+                files=hashes,
+                source=str(files[0].resolve()),
+            )
+            _write_json(fs, f"{staging}/{CARD}", version.card())
+            if _claim(fs, staging, base):
+                return version
+    finally:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+
+
+def _claim(fs, staging: str, base: str) -> bool:
+    """Move the complete ``staging`` folder (card included) to ``base``; False if another
+    writer holds that number. On a local disk or share the rename is atomic and fails on a
+    folder with files, so two writers never share a version; an object store has no rename,
+    and there the registry needs one writer at a time."""
     if fs.exists(f"{base}/{CARD}"):
-        raise RegistryError(f"{_uri(fs, base)}: version exists (another writer?); retry")
+        return False
     if fs.exists(base):  # left by a registration that died before its card: start afresh
         fs.rm(base, recursive=True)
-    fs.makedirs(base, exist_ok=True)
-    hashes = {}
-    for path in files:
-        hashes[path.name] = _sha256(path)
-        fs.put_file(str(path), f"{base}/{path.name}")
-    version = ModelVersion(
-        name=name,
-        version=number,
-        uri=_uri(fs, base),
-        created_at=_now(),
-        code_version=code_version(),
-        fingerprint_hash=fingerprint_hash,
-        eval_set_id=eval_set_id,
-        metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
-        config=json.loads(json.dumps(config, default=str)),
-        files=hashes,
-        source=str(files[0].resolve()),
-    )
-    _write_json(fs, f"{base}/{CARD}", version.card())
-    return version
+    if not _is_local(fs):
+        fs.mv(staging, base, recursive=True)
+        return True
+    try:
+        os.rename(staging, base)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
 
 
 def _is_number(value: Any) -> bool:

@@ -300,3 +300,32 @@ def test_promote_refuses_a_version_whose_files_are_gone_or_changed(
         reg.promote(registry, "nuclei", 2, "rollback")
     assert reg.production(registry).version == 1
     assert [d["action"] for d in reg.decisions(registry)] == ["compare", "promote"]
+
+
+def test_two_processes_registering_at_once_get_two_intact_versions(tmp_path: Path) -> None:
+    """Two pipelines registering into one folder both took v1, copied their weights into it
+    at once and left weights that were neither's under one card; each must get its own."""
+    import subprocess
+    import sys
+
+    registry = tmp_path / "registry"
+    weights = {tag: bytes([i]) * (8 << 20) for i, tag in enumerate("ab", start=1)}
+    for tag, data in weights.items():
+        _checkpoint(tmp_path / f"ckpt-{tag}", weights=data)
+    script = (
+        "import sys; from mlseg import registry as reg; "
+        "reg.register(sys.argv[1], sys.argv[2], metrics={}, fingerprint_hash=None, "
+        "config={}, eval_set_id='s')"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"ckpt-{t}"), str(registry)])
+        for t in weights
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    versions = reg.list_models(registry)
+    assert sorted(v.version for v in versions) == [1, 2]
+    served = sorted((Path(v.uri) / "best.safetensors").read_bytes() for v in versions)
+    assert served == sorted(weights.values())
+    for v in versions:
+        assert reg._sha256(Path(v.uri) / "best.safetensors") == v.files["best.safetensors"]
+    assert not list((registry / "nuclei").glob(".staging-*"))
