@@ -326,3 +326,20 @@ def test_deployments_read_the_dataset_where_workers_copy_it() -> None:
             assert root.split("/")[0] == prefix, (stack, name, root)
     readme = (ROOT / "README.md").read_text()
     assert "s3://<bucketName>/datasets/dataset/" in readme
+
+
+def test_pipeline_deployment_takes_the_profiles_training_reads() -> None:
+    """A profiles-only change is deployed without a new image (deploy_plan), so the image's
+    mlseg/profiles.yaml, which training reads, stays as it was; the pipeline refuses a
+    `profiles` parameter that differs from it, so `pipeline/full` failed every run until the
+    next image. The segmentation deployments take the profiles parameter; the pipeline not."""
+    planned = _run(
+        [sys.executable, str(ROOT / "infra" / "mlseg_infra" / "deploy_plan.py")],
+        input="mlseg/profiles.yaml\n",
+    ).stdout
+    assert "image=false" in planned and "flows=true" in planned
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    pipelines = [d for d in deployments if d["entrypoint"] == "flows.pipeline.pipeline"]
+    assert pipelines
+    for deployment in pipelines:
+        assert "profiles" not in deployment.get("parameters", {}), deployment["name"]
