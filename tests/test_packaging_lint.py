@@ -343,3 +343,17 @@ def test_pipeline_deployment_takes_the_profiles_training_reads() -> None:
     assert pipelines
     for deployment in pipelines:
         assert "profiles" not in deployment.get("parameters", {}), deployment["name"]
+
+
+def test_readme_deployment_table_matches_prefect_yaml() -> None:
+    """The README's table of deployments said `data_root: dataset` where prefect.yaml (and
+    the workers' copy of the bucket) has datasets/dataset."""
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    params = {d["name"]: d.get("parameters", {}) for d in deployments}
+    rows = re.findall(
+        r"^\| `[\w-]+/([\w-]+)` \|[^|]*\|(.*)\|$", (ROOT / "README.md").read_text(), re.M
+    )
+    assert {name for name, _ in rows} == set(params)
+    for name, cell in rows:
+        for key, value in re.findall(r"`(\w+): ([^`]+)`", cell):
+            assert str(params[name].get(key)) == value, (name, key, value)
