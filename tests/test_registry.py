@@ -329,3 +329,26 @@ def test_two_processes_registering_at_once_get_two_intact_versions(tmp_path: Pat
     for v in versions:
         assert reg._sha256(Path(v.uri) / "best.safetensors") == v.files["best.safetensors"]
     assert not list((registry / "nuclei").glob(".staging-*"))
+
+
+def test_cli_list_shows_the_compared_metrics_and_a_readable_eval_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An evaluation's means start dice, iou, pixel_precision: the list showed those three,
+    and 'pixel_precision=0.798' ran into the eval set id ('0.7985141f61c3c37337c')."""
+    from mlseg.cli import main
+
+    registry = tmp_path / "registry"
+    means = {"dice": 0.8, "iou": 0.7, "pixel_precision": 0.798, "pixel_recall": 0.8, "aji": 0.6}
+    reg.register(
+        _checkpoint(tmp_path / "ckpt"),
+        registry,
+        metrics={**means, "pq": 0.5},
+        fingerprint_hash=None,
+        config={},
+        eval_set_id="5141f61c3c37337c",
+    )
+    assert main(["models", "list", "-r", str(registry)]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[-1] == "5141f61c3c37337c"
+    assert "aji=0.600" in row and "pq=0.500" in row

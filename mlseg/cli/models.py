@@ -17,6 +17,7 @@ RegistryOpt = Annotated[
         help="Registry folder or fsspec URL (s3://bucket/models); env MLSEG_REGISTRY.",
     ),
 ]
+LISTED_METRICS = ("aji", "dice", "pq")
 models_app = typer.Typer(help="Versioned models: list, show, promote.", no_args_is_help=True)
 
 
@@ -36,8 +37,11 @@ def list_cmd(
     typer.echo(f"{'':2}{'model':<20}{'created (UTC)':<27}{'metrics':<36}eval set")
     for v in versions:
         mark = "*" if (live[v.name] or {}).get("version") == v.version else " "
-        metrics = " ".join(f"{k}={val:.3f}" for k, val in list(v.metrics.items())[:3])
-        typer.echo(f"{mark:2}{v.tag:<20}{v.created_at:<27}{metrics:<36}{v.eval_set_id or '-'}")
+        # the means an evaluation writes start with dice, iou, pixel_precision: show the
+        # ones models are compared on, and keep a space before the eval set id
+        shown = [k for k in LISTED_METRICS if k in v.metrics] or list(v.metrics)[:3]
+        metrics = " ".join(f"{k}={v.metrics[k]:.3f}" for k in shown)
+        typer.echo(f"{mark:2}{v.tag:<20}{v.created_at:<27}{metrics:<35} {v.eval_set_id or '-'}")
 
 
 @models_app.command("show")
