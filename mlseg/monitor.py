@@ -185,7 +185,8 @@ def image_stats_table(
     *,
     stats_fn: Callable[[np.ndarray], dict[str, float]] | None = None,
 ) -> pd.DataFrame:
-    """One row per image: ``image`` (path), ``width_px``, ``height_px`` and its statistics.
+    """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels`` and its
+    statistics.
 
     ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own). An
     unreadable image is left out with one warning naming it: it has no statistics to
@@ -207,6 +208,7 @@ def image_stats_table(
                 "image": str(path),
                 "width_px": int(image.shape[1]),
                 "height_px": int(image.shape[0]),
+                "channels": int(image.shape[2]) if image.ndim == 3 else 1,
                 **stats_fn(image),
             }
         )
@@ -289,6 +291,7 @@ def drift_report(
     for i in usable:
         rows[i]["status"] = _status(rows[i]["psi"], rows[i]["p_value"], alpha, cfg)
     rows.append(_size_row(new, fingerprint, cfg))
+    rows.append(_channels_row(new, fingerprint))
     table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
     worst = max(table["status"], key=lambda s: STATUS_ORDER[s], default="ok")
     status = "ok" if worst == "skipped" else worst
@@ -343,6 +346,27 @@ def _size_row(new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig
         f"training {size['width_min']}-{size['width_max']} x "
         f"{size['height_min']}-{size['height_max']} px"
     )
+    return row
+
+
+def _channels_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
+    """Images whose channel count no training image had (grey fluorescence sent to an H&E
+    model) warn: their colour and stain statistics are missing, not far off, so no other
+    row can flag them."""
+    trained = sorted(int(c) for c in (fingerprint.get("channels") or {}))
+    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
+    row.update(statistic="channels", n_reference=int(fingerprint.get("n_images", 0)))
+    row.update(n_new=len(new), status="skipped", note="no channel counts to compare")
+    if not trained or "channels" not in new or new.empty:
+        return row
+    channels = pd.to_numeric(new["channels"], errors="coerce").to_numpy()
+    unseen = ~np.isin(channels, trained)
+    row["out_of_range_fraction"] = float(unseen.mean())
+    row["status"] = "warn" if unseen.any() else "ok"
+    row["note"] = f"training {', '.join(map(str, trained))} channel(s)"
+    if unseen.any():
+        found = ", ".join(str(int(c)) for c in np.unique(channels[unseen]))
+        row["note"] += f"; {int(unseen.sum())} image(s) with {found}"
     return row
 
 

@@ -228,3 +228,24 @@ def test_a_statistic_constant_in_training_does_not_warn_a_small_batch(he_fingerp
     table = _stats(_he_images(2, seed=5)).assign(saturated_fraction=0.001)
     report = monitor.drift_report(table, fingerprint, MonitorConfig(min_images=5))
     assert report.table.set_index("statistic").loc["saturated_fraction", "status"] == "skipped"
+
+
+def test_grey_images_sent_to_a_colour_model_warn_even_in_a_small_batch(
+    he_fingerprint: dict, tmp_path
+) -> None:
+    """Grey images against an RGB training set: their colour and stain statistics are
+    missing, so every row was 'skipped' and two of them passed as 'none far outside the
+    training range'."""
+    from mlseg.io import write_image
+
+    paths = [
+        write_image(tmp_path / f"grey{i}.png", cv2.cvtColor(im, cv2.COLOR_RGB2GRAY))
+        for i, im in enumerate(_he_images(2, seed=5))
+    ]
+    report = monitor.drift_report(monitor.image_stats_table(paths), he_fingerprint)
+    assert report.status == "warn" and "channels (warn" in report.message
+    row = report.table.set_index("statistic").loc["channels"]
+    assert row["out_of_range_fraction"] == 1.0 and "2 image(s) with 1" in row["note"]
+    colour = [write_image(tmp_path / "rgb.png", _he_images(1, seed=6)[0])]
+    same = monitor.drift_report(monitor.image_stats_table(colour), he_fingerprint)
+    assert same.table.set_index("statistic").loc["channels", "status"] == "ok"
