@@ -460,8 +460,9 @@ class MonitorConfig(Strict):
     correction over the statistics compared (small batches give noisy PSI). Fewer than
     ``min_images`` new images are too few for that test: a statistic then warns only where a
     value lies beyond the training range widened by ``far_margin`` times its width on each
-    side, and by at least 1% of the image for a ``*_fraction`` statistic (an image unlike any
-    trained on: inverted, blank, another stain). ``statistics``
+    side (log scale for ``laplacian_var``), and by at least 1% of the image for a
+    ``*_fraction`` statistic (an image unlike any trained on: inverted, blank, blurred,
+    another stain). ``statistics``
     limits the comparison (empty: every statistic of the fingerprint). Image size warns when
     more than ``size_warn_fraction`` of the new images lie outside the training width/height
     range.

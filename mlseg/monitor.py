@@ -40,6 +40,9 @@ from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
+# statistics whose "far outside the training range" is judged on log(1 + x): they span
+# decades (a blurred scan's Laplacian variance is a fraction of a sharp one's)
+LOG_SCALE_STATISTICS = ("laplacian_var",)
 QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
 #: The least margin, in share of the image, that makes a ``*_fraction`` statistic "far
 #: outside" its training range: training images with 0-1 dark pixels in 20,000 would
@@ -270,11 +273,17 @@ def drift_report(
         }
         if values.size < cfg.min_images:
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
-            width = ref["max"] - ref["min"]
+            # a variance spans decades and stops at 0: judged on a linear scale, a blurred
+            # image at a fifth of every training image's could never lie "far" below them
+            scale = np.log1p if name in LOG_SCALE_STATISTICS else np.asarray
+            low, high, seen = (
+                scale(np.asarray(v, np.float64)) for v in (ref["min"], ref["max"], values)
+            )
+            width = high - low
             margin = cfg.far_margin * width
             if name.endswith("_fraction"):
                 margin = max(margin, FRACTION_MARGIN)
-            far = (values < ref["min"] - margin) | (values > ref["max"] + margin)
+            far = (seen < low - margin) | (seen > high + margin)
             if width > 0 and far.any():  # a constant statistic has no scale to be far on
                 row["status"] = "warn"
                 row["note"] += (

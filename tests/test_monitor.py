@@ -249,3 +249,15 @@ def test_grey_images_sent_to_a_colour_model_warn_even_in_a_small_batch(
     colour = [write_image(tmp_path / "rgb.png", _he_images(1, seed=6)[0])]
     same = monitor.drift_report(monitor.image_stats_table(colour), he_fingerprint)
     assert same.table.set_index("statistic").loc["channels", "status"] == "ok"
+
+
+def test_a_small_batch_of_blurred_images_warns_on_blur(he_fingerprint: dict) -> None:
+    """Laplacian variance stops at 0 and spans decades: on a linear scale 'far below' the
+    training range lay below zero, so two out-of-focus scans, each far blurrier than any
+    image trained on, passed as 'none far outside the training range'."""
+    blurred = [cv2.GaussianBlur(im, (0, 0), 2.5) for im in _he_images(2, seed=5)]
+    table = _stats(blurred)
+    reference = he_fingerprint["stats"]["laplacian_var"]
+    assert (table["laplacian_var"] < reference["min"] / 3).all()
+    report = monitor.drift_report(table, he_fingerprint, MonitorConfig(min_images=5))
+    assert report.status == "warn" and "laplacian_var (warn" in report.message
