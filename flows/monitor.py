@@ -4,7 +4,8 @@ Statistics of the new images are computed in batches (parallel tasks, retried on
 I/O errors), compared with the fingerprint by :func:`mlseg.monitor.drift_report`, and
 published as a table artifact. A drifted batch adds a warning artifact; drift above
 ``monitor.psi_fail`` ends the flow ``Failed`` (:class:`mlseg.monitor.DriftDetected`), so a
-scheduled monitor alerts through Prefect's usual failure notifications.
+scheduled monitor alerts through Prefect's usual failure notifications. An existing folder
+without images (a week without new slides) is nothing to compare, not a failure.
 """
 
 from __future__ import annotations
@@ -55,14 +56,9 @@ def monitor(
     """
     import pandas as pd
 
+    from mlseg.errors import DatasetError
     from mlseg.io import write_table, write_text
-    from mlseg.monitor import (
-        DriftDetected,
-        drift_report,
-        list_new_images,
-        load_fingerprint,
-        read_history,
-    )
+    from mlseg.monitor import DriftDetected, drift_report, list_new_images, load_fingerprint
 
     logger = get_run_logger()
     cfg = run_config(config, overrides).monitor
@@ -70,7 +66,18 @@ def monitor(
     images, fingerprint, out_dir = (str(data_path(p)) for p in (images, fingerprint, out_dir))
     history = str(data_path(history)) if history else None
     reference = load_fingerprint(fingerprint)
-    paths = [str(p) for p in list_new_images(images)]
+    try:
+        paths = [str(p) for p in list_new_images(images)]
+    except DatasetError:
+        if not Path(images).is_dir():
+            raise  # a wrong path is an error; a week without new slides is not
+        paths = []
+    if not paths:
+        logger.info("no images in %s: nothing to compare", images)
+        artifacts.markdown("drift-report", f"No images in `{images}`: nothing to compare.")
+        result = {"status": "skipped", "message": "no images", "n_images": 0}
+        _publish_history(history, result, logger)
+        return result
     futures = [image_stats_task.submit(batch) for batch in batches(paths, batch_size)]
     rows = [row for future in futures for row in future.result()]
     report = drift_report(pd.DataFrame(rows), reference, cfg)
@@ -91,12 +98,7 @@ def monitor(
         "drift_csv": str(drift_csv),
         "drift_json": str(drift_json),
     }
-    if history and Path(history).is_file():
-        table = read_history(history)
-        artifacts.table("run-history", table.tail(50), "segmentation runs, latest last")
-        result["history"] = history
-    elif history:
-        logger.warning("no run history at %s yet: nothing segmented there", history)
+    _publish_history(history, result, logger)
     artifacts.outputs(
         "monitor-outputs", {k: v for k, v in result.items() if k.endswith(("csv", "json"))}
     )
@@ -104,3 +106,16 @@ def monitor(
     if report.status == "fail":
         raise DriftDetected(f"{images}: {report.message}")
     return result
+
+
+def _publish_history(history: str | None, result: dict[str, Any], logger) -> None:
+    """The run history as a table artifact (and its path in ``result``), if there is one."""
+    from mlseg.monitor import read_history
+
+    if history and Path(history).is_file():
+        artifacts.table(
+            "run-history", read_history(history).tail(50), "segmentation runs, latest last"
+        )
+        result["history"] = history
+    elif history:
+        logger.warning("no run history at %s yet: nothing segmented there", history)

@@ -301,6 +301,21 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path) -> None:
+    """The weekly monitor ended Failed (an alert) on a week without new slides, where
+    segment-and-quantify finds nothing to do; a folder that does not exist still fails."""
+    from flows.monitor import monitor
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 6, seed=1))
+    (tmp_path / "inbox").mkdir()
+    state = monitor(str(tmp_path / "inbox"), str(reference), str(tmp_path / "m"), return_state=True)
+    assert state.is_completed() and state.result()["status"] == "skipped"
+    missing = monitor(
+        str(tmp_path / "nowhere"), str(reference), str(tmp_path / "m"), return_state=True
+    )
+    assert missing.is_failed() and "not found" in missing.message
+
+
 def test_flows_take_relative_paths_under_the_data_folder(
     harness, tmp_path, checkpoint, synth_dataset, monkeypatch
 ) -> None:
