@@ -273,6 +273,11 @@ def show(
     """One version: a number (``3``/``v3``), ``"latest"`` or ``"production"``."""
     fs, root = _fs(registry, storage_options)
     _check_name(name)
+    if not fs.isdir(root):  # a wrong path, not a model waiting for its first promotion
+        raise RegistryError(
+            f"{_uri(fs, root)}: no registry there; check the path (-r, MLSEG_REGISTRY, or the "
+            f"registry parameter: relative paths are under MLSEG_DATA_DIR on a worker)"
+        )
     if version == "production":
         current = production(registry, name, storage_options)
         if current is None:

@@ -352,3 +352,14 @@ def test_cli_list_shows_the_compared_metrics_and_a_readable_eval_set(
     row = capsys.readouterr().out.splitlines()[1]
     assert row.split()[-1] == "5141f61c3c37337c"
     assert "aji=0.600" in row and "pq=0.500" in row
+
+
+def test_a_registry_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    """A mistyped registry (or one on another worker's volume) said 'model has no production
+    version; promote one', sending the user to promote into an empty folder."""
+    with pytest.raises(reg.RegistryError, match="no registry there"):
+        reg.show(tmp_path / "regsitry", "nuclei", "production")
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.8)
+    with pytest.raises(reg.RegistryError, match="promote one"):
+        reg.show(registry, "nuclei", "production")
