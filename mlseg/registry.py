@@ -117,7 +117,10 @@ def _now() -> str:
 def _fs(registry: str | Path, storage_options: dict[str, Any] | None = None):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(str(registry), **(storage_options or {}))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(registry), **(storage_options or {}))
+    except ImportError as err:  # fsspec names the package its protocol needs
+        raise RegistryError(f"{registry}: {err} (pip install it beside mlseg)") from None
     return fs, root.rstrip("/")
 
 

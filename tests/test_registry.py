@@ -363,3 +363,16 @@ def test_a_registry_path_that_does_not_exist_is_named_as_such(tmp_path: Path) ->
     _register(tmp_path, registry, 0.8)
     with pytest.raises(reg.RegistryError, match="promote one"):
         reg.show(registry, "nuclei", "production")
+
+
+def test_a_url_whose_filesystem_is_not_installed_is_a_registry_error(monkeypatch) -> None:
+    """`-r s3://bucket/models` without s3fs ended in an ImportError traceback; every command
+    prints one line naming the fix."""
+    import fsspec
+
+    def missing(*args, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(reg.RegistryError, match=r"s3://bucket/models: Install s3fs"):
+        reg.list_models("s3://bucket/models")
