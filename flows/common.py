@@ -12,8 +12,9 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
     """The run's :class:`~mlseg.config.Config`: YAML file (or defaults) plus section overrides.
 
     ``overrides`` is what a deployment parameter holds, e.g. ``{"train": {"max_steps": 300}}``.
+    A relative ``config`` is under ``MLSEG_DATA_DIR``, as every path parameter (:func:`data_path`).
     """
-    return load_config(config, **(overrides or {}))
+    return load_config(data_path(config) if config else None, **(overrides or {}))
 
 
 def as_str(path: Path | str | None) -> str | None:

@@ -107,14 +107,14 @@ def validate_dataset_flow(
     the output paths; raises :class:`ValidationFailed` on any error-level failure.
     """
     cfg = load_validate_config(
-        config,
+        data_path(config) if config else None,
         mask_kind=mask_kind,
         min_images_per_split=min_images,
         workers=workers,
         overrides=overrides,
     )
     root = data_path(data_root)
-    out = str(data_path(out_dir) if out_dir else Path("validation") / root.name)
+    out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
     preload_great_expectations()  # the GX import (seconds) overlaps the inventory
     inventory = inventory_task(str(root), cfg)

@@ -350,6 +350,36 @@ def test_flows_take_relative_paths_under_the_data_folder(
     assert (data / "runs" / "evaluate").is_dir() and not any(elsewhere.iterdir())
 
 
+def test_a_relative_config_parameter_is_under_the_data_folder(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """`-p config=configs/run.yaml` was read from the worker's temporary folder ('config file
+    not found') while every other relative path parameter is under MLSEG_DATA_DIR; so was
+    validate-dataset's default output folder."""
+    from flows.monitor import monitor
+    from flows.validate import validate_dataset_flow
+
+    data = tmp_path / "data"
+    (data / "configs").mkdir(parents=True)
+    (data / "configs" / "run.yaml").write_text("monitor: {min_images: 50}\n")
+    _fingerprint(data, disc_images(data / "train", 6, seed=1))
+    disc_images(data / "inbox", 6, seed=2)
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(data))
+    state = monitor(
+        "inbox", "fingerprint.json", "monitoring", config="configs/run.yaml", return_state=True
+    )
+    assert state.is_completed(), state.message
+    notes = pd.read_csv(state.result()["drift_csv"])["note"].astype(str)
+    assert notes.str.contains("min_images=50").any()  # the config was read
+    state = validate_dataset_flow(str(synth_dataset), config="configs/run.yaml", return_state=True)
+    assert state.is_completed(), state.message
+    assert (data / "validation" / synth_dataset.name / "fingerprint.json").is_file()
+    assert not any(elsewhere.iterdir())
+
+
 def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path) -> None:
     from flows.pipeline import pipeline
 
