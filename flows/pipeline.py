@@ -193,6 +193,7 @@ def pipeline(
     dask_address: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Run every stage on ``data_root`` (contract layout); outputs under ``work_dir``.
 
@@ -202,8 +203,10 @@ def pipeline(
     (default: the config's) is every stage's, training's included; ``profiles`` must define
     it as the config's profiles file does. ``pixel_size_um`` overrides every test image's
     pixel size;
-    without it each has the manifest's, else its own metadata's or the profile's. Returns
-    the paths of every output.
+    without it each has the manifest's, else its own metadata's or the profile's.
+    ``resume=False`` trains afresh in ``work_dir``, as a new dataset or recipe needs (a
+    resume refuses them; the models already registered stay). Returns the paths of every
+    output.
     """
     from mlseg.dataset import split_pixel_sizes
     from mlseg.report import pipeline_report
@@ -235,7 +238,7 @@ def pipeline(
         config,
         overrides,
         validation["fingerprint_hash"],
-        True,
+        resume,
         progress,
     )
 
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("work_dir")
     parser.add_argument("--config", default=None)
     parser.add_argument("--registry", default=None)
+    parser.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="train afresh in WORK"
+    )
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
     result = pipeline(
@@ -389,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         dask_address=args.dask_address,
         workers=args.workers,
         progress=True,
+        resume=args.resume,
     )
     print(f"report: {result['report']}\nmodel: {result['model']}")
     print(f"measurements: {result['measurements (per image)']}")

@@ -380,6 +380,28 @@ def test_a_relative_config_parameter_is_under_the_data_folder(
     assert not any(elsewhere.iterdir())
 
 
+def test_pipeline_can_train_afresh_where_a_resume_is_refused(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """New data in the same work_dir (pipeline/full's default) is refused by a resume, and
+    the pipeline always resumed: no run could retrain after the dataset changed, while the
+    error said 'pass --no-resume'. ``resume=False`` reaches training."""
+    import flows.pipeline as module
+
+    seen = {}
+
+    def train_model(data_root, out_dir, config, overrides, fingerprint_hash, resume, progress):
+        seen["resume"] = resume
+        raise RuntimeError("stop after recording the call")
+
+    monkeypatch.setattr(module, "train_model", train_model)
+    state = module.pipeline(
+        str(synth_dataset), str(tmp_path / "work"), overrides=TINY, resume=False, return_state=True
+    )
+    assert state.is_failed() and "stop after recording" in state.message
+    assert seen == {"resume": False}
+
+
 def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path) -> None:
     from flows.pipeline import pipeline
 
