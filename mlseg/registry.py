@@ -24,6 +24,7 @@ images and masks (:func:`eval_set_id`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -455,20 +456,27 @@ def _claim(fs, staging: str, base: str) -> bool:
     writer holds that number. On a local disk or share the rename is atomic and fails on a
     folder with files, so two writers never share a version; an object store has no rename,
     and there the registry needs one writer at a time."""
-    if fs.exists(f"{base}/{CARD}"):
-        return False
-    if fs.exists(base):  # left by a registration that died before its card: start afresh
-        fs.rm(base, recursive=True)
     if not _is_local(fs):
+        if fs.exists(f"{base}/{CARD}"):
+            return False
+        if fs.exists(base):  # left by a registration that died before its card
+            fs.rm(base, recursive=True)
         fs.mv(staging, base, recursive=True)
         return True
     try:
         os.rename(staging, base)
+        return True
     except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            return False
-        raise
-    return True
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    if not fs.exists(f"{base}/{CARD}"):
+        # left by a registration that died before its card: moved aside whole (atomic) and
+        # removed, never removed in place, where another writer may just have claimed it
+        stale = f"{staging}-stale"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(base, stale)
+            fs.rm(stale, recursive=True)
+    return False
 
 
 def _is_number(value: Any) -> bool:
