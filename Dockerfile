@@ -29,7 +29,8 @@ COPY pyproject.toml README.md ./
 COPY mlseg ./mlseg
 COPY flows ./flows
 COPY expectations ./expectations
-RUN pip install .
+# s3fs: a registry in the Spaces bucket, which every worker of a stack sees (README)
+RUN pip install "./[s3]"
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

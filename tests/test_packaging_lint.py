@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -111,8 +112,18 @@ def test_image_is_multi_stage_with_cpu_torch_by_default():
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     runs = [v for k, v in instructions if k == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if '--index-url "${TORCH_INDEX}"' in r)
-    project_at = next(i for i, r in enumerate(runs) if r.rstrip().endswith("pip install ."))
+    project_at = next(i for i, r in enumerate(runs) if re.match(r'pip install "?\.', r))
     assert torch_at < project_at
+
+
+def test_image_reads_a_registry_in_the_bucket():
+    """Each worker has its own volume: a model registered on one is seen by the others only
+    in the stack's bucket (``registry: s3://<bucket>/models``), which needs s3fs in the
+    image; without it every command said "Install s3fs"."""
+    runs = [v for k, v in _instructions() if k == "RUN"]
+    assert any(re.search(r"pip install \./?\[([a-z,]*,)?s3[],]", r.replace('"', "")) for r in runs)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("s3fs") for d in extras["optional-dependencies"]["s3"])
 
 
 def test_no_secret_is_baked_into_the_image():

@@ -131,6 +131,8 @@ def test_worker_service_runs_the_stack_image_for_the_work_pool():
     assert "registry.digitalocean.com/mlseg/mlseg-worker:abc123 worker" in unit
     assert "--env-file /etc/mlseg/secrets.env" in unit
     assert "MLSEG_WORK_POOL=gpu-pool" in files["/etc/mlseg/worker.env"]
+    # fsspec (an s3:// registry) reads the Spaces endpoint from its own variable
+    assert "FSSPEC_S3_ENDPOINT_URL=https://" in files["/etc/mlseg/worker.env"]
     assert "--gpus" not in unit
     assert "[systemctl, enable, --now, --no-block, mlseg-worker.service]" in text
 
