@@ -214,12 +214,12 @@ def _workflow(name: str) -> dict:
 
 
 def _steps_text(job: dict) -> str:
-    return "\n".join(str(s.get("run", "")) + str(s.get("uses", "")) for s in job["steps"])
+    return "\n".join(str(s.get("run", "")) + str(s.get("uses", "")) for s in job.get("steps", []))
 
 
 def test_ci_runs_tests_lint_and_security_checks_on_pull_requests_and_main():
     ci = _workflow("ci.yml")
-    assert "pull_request" in ci["on"] and ci["on"]["push"]["branches"] == ["main"]
+    assert "pull_request" in ci["on"] and "workflow_call" in ci["on"]  # pushes: deploy.yml
     text = "\n".join(_steps_text(job) for job in ci["jobs"].values())
     for needed in (
         "make test",
@@ -248,6 +248,20 @@ def test_deploy_builds_previews_applies_then_deploys_flows():
     assert pulumi["up"]["with"]["command"] == "up"
     assert "github.event_name != 'pull_request'" in jobs["up"]["if"]
     assert "prefect --no-prompt deploy --all" in _steps_text(jobs["flows"])
+
+
+def test_a_push_deploys_nothing_the_tests_did_not_pass():
+    """deploy.yml ran on a push to main or dev beside ci.yml, not after it: a push to dev
+    (no pull request) reached the stack untested. Every job that builds, applies or deploys
+    now waits for the tests, and a failed test run stops it."""
+    deploy = _workflow("deploy.yml")
+    jobs = deploy["jobs"]
+    assert jobs["tests"]["uses"] == "./.github/workflows/ci.yml"
+    assert "github.event_name != 'pull_request'" in jobs["tests"]["if"]
+    for name in ("image", "preview", "up", "flows"):
+        assert "tests" in jobs[name]["needs"], name
+        assert "!contains(needs.*.result, 'failure')" in jobs[name]["if"], name
+    assert set(deploy["on"]["push"]["branches"]) == {"main", "dev"}
 
 
 def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
