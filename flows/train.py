@@ -63,17 +63,14 @@ def train_model(
     """
     import pandas as pd
 
+    from mlseg.train import describe
+
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
     result = fit_task(data_root, out_dir, config, overrides, fingerprint_hash, resume, progress)
     dice = result["best_val_dice"]
-    get_run_logger().info(
-        "trained %d steps (%.1f img/s); best validation Dice %s; checkpoint %s",
-        result["steps"],
-        result["images_per_s"],
-        "n/a" if dice is None else f"{dice:.4f}",
-        result["checkpoint"],
-    )
+    done = describe(result["steps"], result["images_per_s"], dice)
+    get_run_logger().info("%s; checkpoint %s", done, result["checkpoint"])
     history = Path(result["history_csv"])
     if history.is_file():
         artifacts.table(

@@ -82,6 +82,15 @@ class TrainResult:
     out_dir: Path
 
 
+def describe(steps: int, images_per_s: float, best_val_dice: float | None) -> str:
+    """One line on what a :func:`fit` call did, as the CLI and the flow report it; a resume
+    of a finished run trains nothing and says so (not "nan img/s")."""
+    dice = "n/a" if best_val_dice is None else f"{best_val_dice:.4f}"
+    if not math.isfinite(images_per_s):
+        return f"{steps} steps already trained, none this time; best validation Dice {dice}"
+    return f"trained {steps} steps ({images_per_s:.1f} img/s); best validation Dice {dice}"
+
+
 # ----------------------------------------------------------------------------- pieces
 def warmup_cosine(warmup: int, total: int, floor: float = 0.01) -> Callable[[int], float]:
     """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``floor``."""

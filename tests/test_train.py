@@ -310,6 +310,8 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
     ]
     assert main(args) == 0
     assert "trained 1 steps" in capsys.readouterr().out
+    assert main(args) == 0  # a resume of the finished run trains nothing and says so
+    assert "1 steps already trained, none this time" in capsys.readouterr().out
     assert main(["evaluate", str(out), str(synth_dataset), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "AJI" in printed and "unmatched at IoU 0.5" in printed  # and why

@@ -40,16 +40,13 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a model; re-running on the same --out resumes from the last checkpoint."""
-    from mlseg.train import fit
+    from mlseg.train import describe, fit
 
     cfg, root = _load(config, data, max_steps, device)
     out = out or Path("runs") / config.stem
     result = fit(cfg, root, out, resume=resume, progress=not quiet)
-    dice = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
-    typer.echo(
-        f"trained {result.steps} steps ({result.images_per_s:.1f} img/s); best validation Dice {dice}; "
-        f"checkpoints in {result.out_dir}"
-    )
+    done = describe(result.steps, result.images_per_s, result.best_val_dice)
+    typer.echo(f"{done}; checkpoints in {result.out_dir}")
 
 
 def evaluate(
