@@ -449,9 +449,12 @@ def _check_units_possible(
         )
 
 
-def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dict[str, float]:
+def _own_sizes(
+    pixel_sizes: Mapping[str, float] | None, stems: list[str], override: float | None = None
+) -> dict[str, float]:
     """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted),
-    each checked (:func:`mlseg.dataset.check_pixel_size`)."""
+    each checked (:func:`mlseg.dataset.check_pixel_size`). With ``override`` (one size for
+    every image, which beats the table) a table that names these images is said unused."""
     by_stem = {
         match_stem(without_image_extension(str(k)), stems): v
         for k, v in (pixel_sizes or {}).items()
@@ -464,11 +467,20 @@ def _own_sizes(pixel_sizes: Mapping[str, float] | None, stems: list[str]) -> dic
             f"so it gives no image its size; list each image by its file name or stem",
             stacklevel=3,
         )
-    return {
+    sizes = {
         stem: check_pixel_size(by_stem[stem], f"pixel size of {stem!r}")
         for stem in stems
         if stem in by_stem
     }
+    if sizes and override is not None:
+        warnings.warn(
+            f"the pixel size given for every image (--pixel-size, pixel_size_um: {override} um) "
+            f"is used instead of the pixel-size table's sizes for {len(sizes)} of these images; "
+            f"leave it out to use the table (ingest reads the two the other way round: the "
+            f"table first, --pixel-size for the rest)",
+            stacklevel=3,
+        )
+    return sizes
 
 
 def declared_sizes(
@@ -667,7 +679,7 @@ def segment_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
-    sizes = _own_sizes(pixel_sizes, [image_stem(p) for p in files])
+    sizes = _own_sizes(pixel_sizes, [image_stem(p) for p in files], pixel_size_um)
     _check_units_possible(profile, pixel_size_um, files, sizes)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
@@ -776,7 +788,7 @@ def quantify_folder(
     pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
-    sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs])
+    sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts

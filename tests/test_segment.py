@@ -294,6 +294,13 @@ def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_ora
     run.update(pixel_sizes={"x_20": 0.5}, units="auto")
     with pytest.warns(UserWarning, match=r"names none of these 2 images \(it lists x_20;"):
         segment_folder("model", folder, tmp_path / "p", **run)
+    # One size for every image beats the table (ingest reads them the other way round): the
+    # table's sizes are said unused, not dropped without a word.
+    run.update(pixel_sizes={"x20": 0.5, "x40": 0.25}, pixel_size_um=0.4)
+    with pytest.warns(UserWarning, match=r"instead of the pixel-size table's sizes for 2 of"):
+        segment_folder("model", folder, tmp_path / "q", **run)
+    summary = json.loads((tmp_path / "q" / "x40.json").read_text())
+    assert summary["pixel_size_source"] == "argument" and summary["pixel_size_um"] == 0.4
 
 
 def test_json_sidecars_give_each_image_its_pixel_size(tmp_path, use_oracle):
