@@ -153,6 +153,8 @@ def evaluate(
     ``profile`` (name or object) defaults to the model's training profile;
     ``inference_cfg`` to the model config's inference section.
     """
+    from mlseg.segment import check_out_dir
+
     out = Path(out_dir)
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
@@ -165,6 +167,8 @@ def evaluate(
         raise DatasetError(
             f"{data_root}: no labelled images in split {split!r}; nothing to evaluate"
         )
+    # worst.png there would be read as an image without a mask from then on
+    check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
     rows: list[dict[str, Any]] = []
     worst: list[tuple[float, tuple]] = []
     iterator = pairs

@@ -93,6 +93,17 @@ def test_evaluate_end_to_end_with_real_inference(checkpoint, synth_dataset, tmp_
     assert (df["n_true"] > 0).all()
 
 
+def test_evaluate_refuses_to_write_into_the_images_it_scores(checkpoint, synth_dataset) -> None:
+    """worst.png in test/original would be read as an image without a mask from then on."""
+    from mlseg.errors import DatasetError
+
+    images = synth_dataset / "test" / "original"
+    before = sorted(p.name for p in images.iterdir())
+    with pytest.raises(DatasetError, match="the output folder is the input folder"):
+        ev.evaluate(checkpoint, synth_dataset, images, progress=False)
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
 def test_the_eval_set_id_covers_the_masks_the_model_scored(
     checkpoint, tmp_path, synth_dataset, monkeypatch
 ):
