@@ -29,6 +29,10 @@ from mlseg.io import full_scale, read_image
 MACENKO_REF_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], np.float64)
 MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], np.float64)
 OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 8-bit step)
+#: Stain vectors closer than this (degrees) are one colour, not two stains: a field of one
+#: colour (pink, black, a scanner's fill) gives two equal vectors. Real H&E and IHC tiles
+#: give 14-36 degrees (GBM40, CPM15, scikit-image's IHC).
+MIN_STAIN_ANGLE_DEG = 5.0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -247,7 +251,10 @@ def macenko_stains(
     """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009).
 
     Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
-    when fewer than 100 pixels are stained (optical density above ``beta`` in every channel).
+    when fewer than 100 pixels are stained (optical density above ``beta`` in every channel)
+    or the stained pixels hold one colour only (the two vectors within
+    :data:`MIN_STAIN_ANGLE_DEG`): mapped to the reference's two stains at their 99th
+    percentiles, a uniform pink or black field came out the dark purple of a dense nucleus.
     Both come from the stained pixels alone, so the same tissue is normalised alike however
     much glass is around it (the reference implementation took the percentile over all
     pixels, glass included).
@@ -265,6 +272,8 @@ def macenko_stains(
     v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
     v1, v2 = v1 * np.sign(v1.sum() or 1.0), v2 * np.sign(v2.sum() or 1.0)
     v1, v2 = v1 / np.linalg.norm(v1), v2 / np.linalg.norm(v2)
+    if np.degrees(np.arccos(np.clip(v1 @ v2, -1.0, 1.0))) < MIN_STAIN_ANGLE_DEG:
+        return None
     # Haematoxylin is the vector closer to the reference haematoxylin. The usual rule (the
     # larger red component) fails on haematoxylin-only slides with a yellowish background:
     # the background's blue-absorbing vector wins and nuclei come out pink.
@@ -361,8 +370,8 @@ def macenko_target(cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     if target is None:
         raise ConfigError(
             f"{path}: preprocess.stain_reference has too little stained tissue to estimate "
-            "its haematoxylin and eosin (fewer than 100 stained pixels); choose a reference "
-            "image that is mostly tissue"
+            "its haematoxylin and eosin (fewer than 100 stained pixels, or one colour only); "
+            "choose a reference image that is mostly tissue"
         )
     return target
 

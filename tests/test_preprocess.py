@@ -197,6 +197,18 @@ def test_macenko_leaves_blank_images_alone() -> None:
     assert np.allclose(macenko(blank), blank / 255.0)
 
 
+@pytest.mark.parametrize("colour", [(200, 120, 170), (120, 120, 120), (0, 0, 0)])
+def test_macenko_leaves_one_colour_fields_alone(colour) -> None:
+    """A uniform pink, grey or black field has one colour, not two stains: normalising it
+    painted it the dark purple of a dense nucleus."""
+    field = np.tile(np.array(colour, np.uint8), (32, 32, 1))
+    assert macenko_stains(field) is None
+    assert np.allclose(macenko(field), field / 255.0)
+    if max(colour) > 10:  # with a scanner's noise too (black's is clipped away)
+        noisy = field + np.random.default_rng(0).normal(0, 1, field.shape)
+        assert macenko_stains(np.clip(noisy, 0, 255).astype(np.uint8)) is None
+
+
 def test_percentile_and_zscore() -> None:
     x = np.arange(100, dtype=np.float32).reshape(10, 10, 1) / 99.0
     y = percentile_norm(x, 1, 99)
