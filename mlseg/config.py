@@ -458,11 +458,12 @@ class MonitorConfig(Strict):
     ``psi_warn`` (warning) or ``psi_fail`` (the monitor fails) *and* a permutation test on the
     same bins says the difference is not chance: p below ``p_value`` after Bonferroni
     correction over the statistics compared (small batches give noisy PSI). Fewer than
-    ``min_images`` new images are too few for that test: a statistic then warns only where a
-    value lies beyond the training range widened by ``far_margin`` times its width on each
-    side (log scale for ``laplacian_var``), and by at least 1% of the image for a
-    ``*_fraction`` statistic (an image unlike any trained on: inverted, blank, blurred,
-    another stain). ``statistics``
+    ``min_images`` new images are too few for that test. In a batch of any size a statistic
+    also warns, naming the images, where a value lies beyond the training range widened by
+    ``far_margin`` times its width on each side (log scale for ``laplacian_var``), and by at
+    least 1% of the image for a ``*_fraction`` statistic (an image unlike any trained on:
+    inverted, blank, blurred, another stain; one among many moves no batch statistic).
+    ``statistics``
     limits the comparison (empty: every statistic of the fingerprint). Image size warns when
     more than ``size_warn_fraction`` of the new images lie outside the training width/height
     range.

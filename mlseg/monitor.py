@@ -254,7 +254,9 @@ def drift_report(
     rows = []
     for name in names:
         ref = stats[name]
-        values = pd.to_numeric(new.get(name), errors="coerce").dropna().to_numpy(np.float64)
+        column = pd.to_numeric(new.get(name), errors="coerce")
+        column = column.dropna() if isinstance(column, pd.Series) else pd.Series(dtype=float)
+        values = column.to_numpy(np.float64)
         edges = ref["histogram"]["edges"]
         ref_counts = np.asarray(ref["histogram"]["counts"], np.int64)
         row = {
@@ -273,32 +275,29 @@ def drift_report(
         }
         if values.size < cfg.min_images:
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
-            # a variance spans decades and stops at 0: judged on a linear scale, a blurred
-            # image at a fifth of every training image's could never lie "far" below them
-            scale = np.log1p if name in LOG_SCALE_STATISTICS else np.asarray
-            low, high, seen = (
-                scale(np.asarray(v, np.float64)) for v in (ref["min"], ref["max"], values)
-            )
-            width = high - low
-            margin = cfg.far_margin * width
-            if name.endswith("_fraction"):
-                margin = max(margin, FRACTION_MARGIN)
-            far = (seen < low - margin) | (seen > high + margin)
-            if width > 0 and far.any():  # a constant statistic has no scale to be far on
-                row["status"] = "warn"
-                row["note"] += (
-                    f"; {int(far.sum())} far outside the training range "
-                    f"{ref['min']:.3g}-{ref['max']:.3g}"
-                )
         else:
             counts = open_bin_counts(values, edges)
             row["psi"] = psi(ref_counts, counts)
             row["p_value"] = permutation_p_value(ref_counts, counts, cfg.permutations, rng)
             usable.append(len(rows))
+        far = _far_outside(name, ref, values, cfg)
+        if far.any():
+            # in a batch of any size: one black or blank image among many like the
+            # training set's moves no batch statistic, yet is unlike any image trained on
+            named = new.loc[column.index[far], "image"] if "image" in new else pd.Series()
+            names = [Path(str(n)).name for n in named]
+            row["note"] += (
+                f"{'; ' if row['note'] else ''}{int(far.sum())} far outside the training range "
+                f"{ref['min']:.3g}-{ref['max']:.3g}"
+                + (f": {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else "")
+            )
         rows.append(row)
     alpha = cfg.p_value / max(1, len(usable))
     for i in usable:
         rows[i]["status"] = _status(rows[i]["psi"], rows[i]["p_value"], alpha, cfg)
+    for row in rows:
+        if "far outside" in row["note"] and STATUS_ORDER[row["status"]] < STATUS_ORDER["warn"]:
+            row["status"] = "warn"
     rows.append(_size_row(new, fingerprint, cfg))
     rows.append(_channels_row(new, fingerprint))
     table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
@@ -314,13 +313,33 @@ def drift_report(
         message = f"no drift in {n_images} image(s) across {len(usable)} statistic(s)"
     else:
         parts = [
-            f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f})"
+            f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
+            + (f"; {r.note})" if "far outside" in r.note else ")")
             if np.isfinite(r.psi)
             else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range)"
             for r in drifted.itertuples()
         ]
         message = f"drift in {n_images} image(s): " + "; ".join(parts)
     return DriftReport(table, status, n_images, message)
+
+
+def _far_outside(
+    name: str, ref: dict[str, Any], values: np.ndarray, cfg: MonitorConfig
+) -> np.ndarray:
+    """Which of ``values`` lie beyond the training range widened by ``cfg.far_margin`` of
+    its width on each side (and by :data:`FRACTION_MARGIN` for a ``*_fraction``): images
+    unlike any trained on. All False where the range has no width, no scale to judge on."""
+    # a variance spans decades and stops at 0: judged on a linear scale, a blurred
+    # image at a fifth of every training image's could never lie "far" below them
+    scale = np.log1p if name in LOG_SCALE_STATISTICS else np.asarray
+    low, high, seen = (scale(np.asarray(v, np.float64)) for v in (ref["min"], ref["max"], values))
+    width = high - low
+    margin = cfg.far_margin * width
+    if name.endswith("_fraction"):
+        margin = max(margin, FRACTION_MARGIN)
+    if not width > 0:
+        return np.zeros(values.shape, bool)
+    return (seen < low - margin) | (seen > high + margin)
 
 
 def _size_row(new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig) -> dict:

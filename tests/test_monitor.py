@@ -106,6 +106,23 @@ def test_too_few_images_are_not_tested_but_one_unlike_any_trained_on_warns(
     assert "far outside the training range" in far["note"]
 
 
+def test_one_image_unlike_any_trained_on_warns_in_a_large_batch_too(
+    he_fingerprint: dict, tmp_path
+) -> None:
+    """A black image alone warned; with eight images like the training set's beside it the
+    batch passed as 'no drift', the black one unnamed."""
+    from mlseg.io import write_image
+
+    paths = [write_image(tmp_path / f"he{i}.png", im) for i, im in enumerate(_he_images(8, 2))]
+    paths.append(write_image(tmp_path / "black.png", np.zeros((64, 64, 3), np.uint8)))
+    report = monitor.drift_report(monitor.image_stats_table(paths), he_fingerprint)
+    assert report.status == "warn", report.message
+    assert "far outside the training range" in report.message and "black.png" in report.message
+    row = report.table.set_index("statistic").loc["mean_c0"]
+    assert row["status"] == "warn" and np.isfinite(row["psi"]) and "black.png" in row["note"]
+    assert "he0.png" not in report.message
+
+
 def test_a_few_pixels_more_is_not_far_outside_a_fraction_s_training_range(
     he_fingerprint: dict,
 ) -> None:
