@@ -114,6 +114,28 @@ def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> Non
         )
 
 
+def warn_if_not_stain_normalised(
+    image: np.ndarray, preprocess: PreprocessConfig, profile: Profile, path: Path | str
+) -> None:
+    """Macenko normalisation leaves an image with too little stain as it is
+    (:func:`mlseg.preprocess.macenko_stains`: blank glass, a faded slide, one colour): say
+    so, naming the file. The model then sees it unlike every slide it learnt from, and a
+    count of 0 may be a pale slide rather than glass (H&E at a tenth of its optical
+    density: 0 nuclei where a sixth gave 103)."""
+    from mlseg.preprocess import macenko_stains
+
+    rgb = image.ndim == 3 and image.shape[2] == 3
+    if preprocess.stain_norm != "macenko" or profile.stain not in ("he", "ihc") or not rgb:
+        return
+    if macenko_stains(image) is None:
+        warnings.warn(
+            f"{path}: too little stain for Macenko normalisation (fewer than 100 pixels "
+            "stained in every channel, or one colour only), segmented un-normalised: right "
+            "for blank glass, but on a faded or very pale slide the count may be too low",
+            stacklevel=2,
+        )
+
+
 def predict_labels(
     loaded,
     image: np.ndarray,
@@ -645,6 +667,7 @@ def segment_image(
     """
     image = read_image(path)
     check_channels(image, profile, path)
+    warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
     try:

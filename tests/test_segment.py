@@ -216,6 +216,31 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     assert rescanned.processed == ["img2"] and len(rescanned.skipped) == 2
 
 
+def test_an_image_macenko_leaves_alone_is_named_in_a_warning(tmp_path, monkeypatch, oracle):
+    """Blank glass and a slide faded to a tenth of its stain fall back to no normalisation;
+    the faded one then gave 0 nuclei with nothing said."""
+    import mlseg.model
+
+    config = oracle.config.model_copy(update={"preprocess": PreprocessConfig(stain_norm="macenko")})
+    macenko = LoadedModel(**{**oracle.__dict__, "config": config})
+    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": macenko)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image, _ = disc_image(64, 64)
+    od = -np.log((image.astype(float) + 1) / 256)
+    write_image(folder / "tissue.png", image)
+    write_image(folder / "faded.png", (256 * np.exp(-od * 0.1) - 1).round().astype(np.uint8))
+    write_image(folder / "glass.png", np.full((64, 64, 3), 245, np.uint8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segment_folder(
+            "model", folder, tmp_path / "out", profile_name="he", progress=False
+        )
+    assert result.ok
+    said = [str(w.message) for w in caught if "Macenko" in str(w.message)]
+    assert sorted(Path(m.split(":")[0]).name for m in said) == ["faded.png", "glass.png"]
+
+
 def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, use_oracle):
     folder = _folder(tmp_path, 1)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
