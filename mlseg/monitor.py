@@ -285,11 +285,11 @@ def drift_report(
             # in a batch of any size: one black or blank image among many like the
             # training set's moves no batch statistic, yet is unlike any image trained on
             named = new.loc[column.index[far], "image"] if "image" in new else pd.Series()
-            names = [Path(str(n)).name for n in named]
+            files = [Path(str(n)).name for n in named]
             row["note"] += (
                 f"{'; ' if row['note'] else ''}{int(far.sum())} far outside the training range "
                 f"{ref['min']:.3g}-{ref['max']:.3g}"
-                + (f": {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else "")
+                + (f": {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else "")
             )
         rows.append(row)
     alpha = cfg.p_value / max(1, len(usable))
