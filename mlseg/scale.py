@@ -66,6 +66,11 @@ STATISTICS = (STATISTIC, "median")  # "median": checkpoints saved before the sta
 FRAGMENT_RATIO = 0.5  # objects narrower than this x the area-weighted median: fragments
 
 
+#: The factors an estimated scale is clipped to: from a quarter to four times the image's
+#: own size (10x to 160x for a model trained at 40x).
+SCALE_LIMITS = (0.25, 4.0)
+
+
 def statistic_of(meta: dict) -> str:
     """The statistic a checkpoint's reference diameter was computed with: ``trimmed``, or
     ``median`` for models saved before ``nucleus_diameter_stat`` was recorded."""
@@ -125,7 +130,7 @@ def scale_factor(
     estimated_px: float | None,
     reference_px: float | None,
     *,
-    clip: tuple[float, float] = (0.25, 4.0),
+    clip: tuple[float, float] = SCALE_LIMITS,
     tolerance: float = 0.15,
 ) -> float:
     """Resampling factor ``reference / estimated`` that brings nuclei of ``estimated_px``
@@ -179,7 +184,7 @@ def auto_scale(
     *,
     passes: int = 2,
     min_objects: int = MIN_OBJECTS,
-    clip: tuple[float, float] = (0.25, 4.0),
+    clip: tuple[float, float] = SCALE_LIMITS,
     tolerance: float = 0.15,
     min_size_ratio: float = 0.75,
     statistic: str = STATISTIC,

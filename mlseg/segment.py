@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -677,8 +678,31 @@ def segment_image(
     labels, _, scale = predict_labels_scaled(
         loaded, image, profile, inference_cfg, pixel_size_um=px
     )
+    warn_if_scale_at_limit(scale, path)
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
     return image, labels, table, {"pixel_size_source": source, **scale.as_row(), **summary}
+
+
+def warn_if_scale_at_limit(scale, path: Path | str) -> None:
+    """An estimated scale clipped at :data:`mlseg.scale.SCALE_LIMITS` is what a model's
+    first pass gives on an image holding nothing it knows as nuclei (noise, a stain it never
+    saw: the texture is cut into small pieces, read as tiny nuclei) as much as on a scan far
+    from its training magnification: say so, naming the file (noise: 4x, 2,491 'nuclei')."""
+    from mlseg.scale import SCALE_LIMITS
+
+    if scale.source != "estimated" or not any(
+        math.isclose(scale.factor, limit, rel_tol=1e-6) for limit in SCALE_LIMITS
+    ):
+        return
+    found = f"{scale.estimated_px:.1f} px" if scale.estimated_px else "unknown"
+    warnings.warn(
+        f"{path}: its scale estimate stopped at its limit ({scale.factor:g}x; nuclei of "
+        f"{found} on a first pass, the model's are {scale.reference_px or 0:.1f} px): an image "
+        "scanned that far from the training magnification, or one without nuclei the model "
+        "knows (noise, another stain), which is then cut into many small pieces; give its "
+        "pixel size (--pixel-size or --pixel-sizes) where the scan is right",
+        stacklevel=2,
+    )
 
 
 def segment_folder(

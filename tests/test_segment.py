@@ -802,3 +802,20 @@ def test_quantify_masks_saved_beside_their_images(tmp_path):
     result = quantify_folder(both, both, tmp_path / "out", profile_name="he", progress=False)
     assert result.processed == ["x"] and not result.failed
     assert len(pd.read_csv(tmp_path / "out" / "x_nuclei.csv")) == truth.max()
+
+
+def test_a_scale_estimate_stopped_at_its_limit_is_named():
+    """On noise or a stain the model never saw, its first pass cuts texture into small
+    pieces and the estimate asks for the largest enlargement (4x, 2,491 'nuclei' on noise):
+    the image is named, as a scan that far from the training magnification would be."""
+    import warnings
+
+    from mlseg.scale import ScaleEstimate
+    from mlseg.segment import warn_if_scale_at_limit
+
+    with pytest.warns(UserWarning, match=r"noise\.png: its scale estimate stopped at its limit"):
+        warn_if_scale_at_limit(ScaleEstimate(4.0, "estimated", 4.9, 26.0, 3), "noise.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_scale_at_limit(ScaleEstimate(2.0, "estimated", 13.0, 26.0, 2), "x.png")
+        warn_if_scale_at_limit(ScaleEstimate(4.0, "pixel_size"), "y.png")  # declared: trusted
