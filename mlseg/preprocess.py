@@ -15,6 +15,7 @@ are kept.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import cv2
@@ -33,6 +34,12 @@ OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 
 #: colour (pink, black, a scanner's fill) gives two equal vectors. Real H&E and IHC tiles
 #: give 14-36 degrees (GBM40, CPM15, scikit-image's IHC).
 MIN_STAIN_ANGLE_DEG = 5.0
+#: Pixels Macenko estimates stains from: a larger image is sampled on a regular grid (every
+#: 2nd pixel of a 2048 x 2048 tile), as HistomicsTK samples pixels for its stain estimates.
+#: On a 2048 x 2048 mosaic of 16 GBM40 tiles the sampled vectors were within 0.01 degree
+#: and the percentiles within 0.1% of all pixels', in 0.25 s instead of 1.40 s (2-core CPU);
+#: segmentation estimates once per scale an image is predicted at.
+MACENKO_SAMPLE_PIXELS = 2**20
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -251,7 +258,8 @@ def macenko_stains(
     """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009).
 
     Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
-    when fewer than 100 pixels are stained (optical density above ``beta`` in every channel)
+    when fewer than 100 pixels (of at most :data:`MACENKO_SAMPLE_PIXELS`, sampled on a
+    regular grid) are stained (optical density above ``beta`` in every channel)
     or the stained pixels hold one colour only (the two vectors within
     :data:`MIN_STAIN_ANGLE_DEG`): mapped to the reference's two stains at their 99th
     percentiles, a uniform pink or black field came out the dark purple of a dense nucleus.
@@ -259,7 +267,11 @@ def macenko_stains(
     much glass is around it (the reference implementation took the percentile over all
     pixels, glass included).
     """
-    od = optical_density(_hwc(image)).reshape(-1, 3)
+    image = _hwc(image)
+    step = math.ceil(math.sqrt(image.shape[0] * image.shape[1] / MACENKO_SAMPLE_PIXELS))
+    if step > 1:
+        image = image[::step, ::step]
+    od = optical_density(image).reshape(-1, 3)
     tissue = od[np.all(od > beta, axis=1)]
     if len(tissue) < 100:
         return None
