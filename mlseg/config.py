@@ -539,9 +539,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
         data = _read_yaml(Path(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
-    # a section with its keys commented out reads as null: an empty section
+    # a section with its keys commented out reads as null: an empty section; a null
+    # top-level value (profiles_file: null, as every saved config.json holds it) stays null
+    sections = {k for k, f in Config.model_fields.items() if isinstance(f.default, BaseModel)}
     merged = {
-        k: (dict(v) if isinstance(v, dict) else {} if v is None else v) for k, v in data.items()
+        k: (dict(v) if isinstance(v, dict) else {} if v is None and k in sections else v)
+        for k, v in data.items()
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(merged.get(section, {}), dict):

@@ -122,6 +122,16 @@ def test_a_section_with_every_key_commented_out_is_empty_not_a_crash(tmp_path):
     assert cfg.train.max_steps == 2 and cfg.train.lr == Config().train.lr
 
 
+def test_the_config_json_saved_beside_the_weights_loads_as_a_run_config(tmp_path):
+    # a ResumeError says "give the settings it was trained with (its config.json)": that file
+    # holds profiles_file: null, which must stay null, not become an empty section
+    saved = Config().model_copy(update={"train": Config().train.model_copy(update={"lr": 0.01})})
+    path = write(tmp_path / "config.json", saved.model_dump_json(indent=2))
+    assert load_config(path) == saved
+    with pytest.raises(ConfigError, match=r"'profile'"):
+        load_config(write(tmp_path / "c.yaml", "profile:\n"))
+
+
 def test_a_profile_that_is_not_a_mapping_is_named(tmp_path):
     path = tmp_path / "profiles.yaml"
     path.write_text("profiles:\n  he: 3\n")
