@@ -2,9 +2,10 @@
 
 Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in its own
 folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a folder
-holding the trials of another search), scored by its best
-validation Dice. The ranked table is returned and written as ``tune_results.csv``; the
-best trial's config, with the original step budget, is written as ``best_config.yaml``.
+holding the trials of another search), scored by its best validation Dice (a search whose
+trials hold back no validation image is refused). The ranked table is returned and written
+as ``tune_results.csv``; the best trial's config, with the original step budget, is
+written as ``best_config.yaml``.
 
 A search space maps ``"section.field"`` to the values to try, e.g.
 ``{"train.lr": [3e-4, 1e-3], "train.encoder": ["resnet18", "resnet34"]}``.
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mlseg.config import Config
+from mlseg.config import Config, DataConfig
 from mlseg.errors import ConfigError, ResumeError
 from mlseg.io import write_table, write_text
 
@@ -86,6 +87,21 @@ def candidates(
     return [grid[i] for i in order]
 
 
+def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
+    """Refuse a search whose trials would hold back no validation image: they would be
+    ranked by training loss alone, which favours the trial that overfits most."""
+    from mlseg.data import split_validation
+    from mlseg.dataset import list_pairs
+
+    n = len(list_pairs(data_root, "train", data, strict=True))
+    if n and not len(split_validation(n, data.val_fraction, data.seed)):
+        raise ConfigError(
+            f"{data_root}: tune ranks trials by validation Dice, but data.val_fraction "
+            f"{data.val_fraction:g} of {n} training image(s) holds none back; set "
+            "data.val_fraction above 0 with at least 2 training images"
+        )
+
+
 def tune(
     cfg: Config,
     data_root: str | Path,
@@ -115,6 +131,9 @@ def tune(
         "train.val_every": max(1, min(cfg.train.val_every, budget_steps // 4 or 1)),
         "train.warmup_steps": min(cfg.train.warmup_steps, budget_steps // 10),
     }
+    trial_cfgs = [apply_params(cfg, {**params, **short}) for params in chosen]
+    for data in {c.data for c in trial_cfgs}:  # before any trial trains
+        _check_validation_split(data, data_root)
     rows = []
     iterator = enumerate(chosen)
     if progress:
@@ -122,7 +141,7 @@ def tune(
 
         iterator = tqdm(list(iterator), desc="tune", unit="trial")
     for i, params in iterator:
-        trial_cfg = apply_params(cfg, {**params, **short})
+        trial_cfg = trial_cfgs[i]
         t0 = time.perf_counter()
         folder = out / f"trial_{i:03d}"
         try:

@@ -136,3 +136,20 @@ def test_the_best_trial_is_written_with_the_values_it_ran(synth_dataset, tmp_pat
     assert table.loc[0, "trial"] == 0
     best = (tmp_path / "best_config.yaml").read_text()
     assert "target_pixel_size_um: null" in best
+
+
+def test_a_search_without_validation_images_is_refused_before_training(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """With no image held back every trial's validation Dice is missing, and the trials were
+    ranked by training loss: best_config.yaml was the trial that overfitted most."""
+    import mlseg.train
+
+    def fit(*args, **kwargs):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    cfg = load_config(None, train=TINY, data={"val_fraction": 0.0})
+    with pytest.raises(ConfigError, match=r"val_fraction 0 of 6 training image"):
+        tune(cfg, synth_dataset, tmp_path, space={"train.lr": [1e-4, 1e-3]}, progress=False)
+    assert not (tmp_path / "best_config.yaml").exists()
