@@ -144,6 +144,17 @@ def dataset_mask_kind(configured: str, masks: list[np.ndarray]) -> str:
     return "instance" if any(mask_kind(m) == "instance" for m in masks) else "binary"
 
 
+def check_masks(pairs: list[Pair], masks: list[np.ndarray], kind: str, where: Path) -> None:
+    """Refuse training masks no model can learn from: none marks a nucleus (a model of
+    empty masks finds nothing)."""
+    if not any(m.any() for m in masks):
+        raise DatasetError(
+            f"{where}: none of the {len(masks)} training masks marks a nucleus (all are 0); "
+            "training needs annotated nuclei: check that the masks were exported with their "
+            "labels (mlseg validate lists each empty mask under mask_not_empty)"
+        )
+
+
 def resolve_target(requested: str, kind: str, where: Path) -> str:
     """``auto`` -> ``three_class`` for instance masks, ``binary`` for binary masks.
 
@@ -506,6 +517,7 @@ def prepare_data(
     channels = in_channels or profile.channels
     images, masks = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
+    check_masks(pairs, masks, kind, root / cfg.data.train_dir / cfg.data.mask_dir)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]
 

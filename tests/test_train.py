@@ -267,6 +267,16 @@ def test_empty_training_set(tmp_path) -> None:
         fit(_cfg(max_steps=1), tmp_path / "ds", tmp_path / "run", progress=False)
 
 
+def test_training_masks_without_any_nucleus_are_refused(tmp_path) -> None:
+    """Every mask empty (a mis-export) trained a model that finds nothing, silently."""
+    root = _binary_dataset(tmp_path / "ds")
+    for path in (root / "train" / "masks").iterdir():
+        write_labels(path, np.zeros((64, 64), np.uint8))
+    with pytest.raises(DatasetError, match=r"masks: none of the 3 training masks marks a nucleus"):
+        fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup=10, total=110, floor=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
