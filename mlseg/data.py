@@ -145,13 +145,31 @@ def dataset_mask_kind(configured: str, masks: list[np.ndarray]) -> str:
 
 
 def check_masks(pairs: list[Pair], masks: list[np.ndarray], kind: str, where: Path) -> None:
-    """Refuse training masks no model can learn from: none marks a nucleus (a model of
-    empty masks finds nothing)."""
+    """Refuse training masks no model can learn from, as ``mlseg validate`` would: none
+    marks a nucleus (a model of empty masks finds nothing), or, read as instance labels, a
+    binary export among them (0/255 or 0/65535: one nucleus of all its nuclei)."""
+    from mlseg.inventory import BINARY_EXPORT_VALUES
+
     if not any(m.any() for m in masks):
         raise DatasetError(
             f"{where}: none of the {len(masks)} training masks marks a nucleus (all are 0); "
             "training needs annotated nuclei: check that the masks were exported with their "
             "labels (mlseg validate lists each empty mask under mask_not_empty)"
+        )
+    if kind != "instance":
+        return
+    exports = [
+        p.mask.name
+        for p, m in zip(pairs, masks, strict=True)
+        if int(m.max()) in BINARY_EXPORT_VALUES and not ((m != 0) & (m != m.max())).any()
+    ]
+    if exports:
+        raise DatasetError(
+            f"{where}: {len(exports)} mask(s) hold only 0 and {BINARY_EXPORT_VALUES[0]} (or "
+            f"{BINARY_EXPORT_VALUES[1]}), a binary export, among instance-labelled masks "
+            f"({', '.join(exports[:5])}{', ...' if len(exports) > 5 else ''}); read as "
+            "labels each would be one nucleus of all its nuclei: export them as instance "
+            "labels, or set data.mask_kind: binary to train every mask as binary"
         )
 
 

@@ -277,6 +277,19 @@ def test_training_masks_without_any_nucleus_are_refused(tmp_path) -> None:
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
+def test_a_binary_export_among_instance_masks_is_refused(tmp_path) -> None:
+    """mlseg validate fails such a set (mask_values_valid); training read each 0/255 mask as
+    one nucleus made of all its nuclei."""
+    root = _binary_dataset(tmp_path / "ds")
+    labels = np.zeros((64, 64), np.uint16)
+    labels[10:20, 10:20], labels[30:40, 30:40] = 1, 2
+    write_labels(root / "train" / "masks" / "img0_mask.png", labels)
+    with pytest.raises(DatasetError, match=r"2 mask\(s\) hold only 0 and 255.*img1_mask.png"):
+        fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"mask_kind": "binary"})
+    assert fit(cfg, root, tmp_path / "run", progress=False).steps == 1  # the way out it names
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup=10, total=110, floor=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
