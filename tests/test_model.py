@@ -65,6 +65,17 @@ def _save(tmp_path, model, name="best", **extra):
     )
 
 
+@pytest.mark.parametrize("name", ["xpu", "meta", "mps"])
+def test_a_device_torch_names_but_cannot_use_here_is_a_config_error(name) -> None:
+    from mlseg.errors import ConfigError
+    from mlseg.model import resolve_device
+
+    if name == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available on this machine")
+    with pytest.raises(ConfigError, match=rf"'{name}'.*use"):
+        resolve_device(name)
+
+
 def test_checkpoint_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_model(SMALL, 3, 3).eval()
