@@ -588,7 +588,9 @@ def fit(
         )
     running = torch.zeros((), device=run.device)
     epoch_loss, epoch_steps, images, train_seconds = 0.0, 0, 0, 0.0
-    t_start = t_epoch = time.perf_counter()
+    t_epoch = time.perf_counter()
+    # elapsed_s counts the whole run: a resumed one goes on from its last recorded epoch
+    t_start = t_epoch - (float(run.history[-1]["elapsed_s"]) if run.history else 0.0)
     while run.step < tc.max_steps and not run.stopped:
         x, y = next(batches)
         running += train_step(

@@ -69,6 +69,8 @@ def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
     second = fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False)
     assert second.steps == 3
     assert list(second.history["step"]) == [2, 3] and list(second.history["epoch"]) == [1, 2]
+    # the time since the run began, not since the resume: it grows from row to row
+    assert second.history["elapsed_s"].is_monotonic_increasing
     from mlseg.model import load_model
 
     loaded = load_model(out)
