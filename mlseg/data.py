@@ -538,6 +538,16 @@ def prepare_data(
     check_masks(pairs, masks, kind, root / cfg.data.train_dir / cfg.data.mask_dir)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]
+    val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
+    if len(val_idx) and not any(labels[i].any() for i in val_idx):
+        held = [pairs[i].stem for i in val_idx]
+        raise DatasetError(
+            f"{root / cfg.data.train_dir}: the validation images held back "
+            f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) mark no nucleus, so "
+            "validation Dice is 0 for any checkpoint that predicts one there and best.safetensors "
+            "stays the first; draw another split (data.seed), hold back more "
+            "(data.val_fraction), or annotate them"
+        )
 
     def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
         x = normalize(images[i], pp, profile.stain, channels=channels)
@@ -546,7 +556,6 @@ def prepare_data(
     workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         prepared = list(pool.map(prep, range(len(pairs))))
-    val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
     is_val = np.zeros(len(pairs), bool)
     is_val[val_idx] = True
     train_idx = np.flatnonzero(~is_val)

@@ -279,6 +279,18 @@ def test_training_masks_without_any_nucleus_are_refused(tmp_path) -> None:
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
+def test_a_validation_split_without_any_nucleus_is_refused(tmp_path) -> None:
+    """Validation Dice was 0 for every checkpoint that predicted anything there, so
+    best.safetensors, what evaluate and segment load, stayed the first epoch's."""
+    from mlseg.data import split_validation
+
+    root = _binary_dataset(tmp_path / "ds")
+    (held,) = split_validation(3, 0.15, 0)
+    write_labels(root / "train" / "masks" / f"img{held}_mask.png", np.zeros((64, 64), np.uint8))
+    with pytest.raises(DatasetError, match=rf"validation images held back \(img{held}\) mark no"):
+        fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+
+
 def test_a_binary_export_among_instance_masks_is_refused(tmp_path) -> None:
     """mlseg validate fails such a set (mask_values_valid); training read each 0/255 mask as
     one nucleus made of all its nuclei."""
