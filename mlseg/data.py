@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -498,6 +498,9 @@ class TrainData:
     fingerprint: str
     train_stems: list[str]
     val_stems: list[str]
+    # microns per pixel of each training image as read (manifest, metadata, else the
+    # profile's): the fingerprint hashes pixels, not the sizes that decide the resampling
+    image_pixel_sizes: dict[str, float | None] = field(default_factory=dict)
 
 
 def split_validation(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -590,4 +593,8 @@ def prepare_data(
         fingerprint=dataset_fingerprint(pairs),
         train_stems=[p.stem for p, v in zip(pairs, is_val, strict=True) if not v],
         val_stems=[pairs[i].stem for i in val_idx],
+        image_pixel_sizes={
+            p.stem: p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um
+            for p in pairs
+        },
     )

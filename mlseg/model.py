@@ -192,11 +192,13 @@ def save_checkpoint(
     nucleus_diameter_px: float | None = None,
     train_state: dict[str, Any] | None = None,
     trained_on: list[dict[str, Any]] | None = None,
+    image_pixel_sizes: dict[str, float | None] | None = None,
 ) -> Path:
     """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
     ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
-    step it started from (:func:`mlseg.train.machine`). Every file is written atomically.
+    step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
+    image's microns per pixel (``None``: unknown). Every file is written atomically.
     Returns the weights' path.
     """
     from safetensors.torch import save_file
@@ -235,6 +237,8 @@ def save_checkpoint(
     )
     if trained_on is not None:
         meta["trained_on"] = trained_on
+    if image_pixel_sizes is not None:
+        meta["image_pixel_sizes"] = image_pixel_sizes
     meta.setdefault("checkpoints", {})[name] = {
         "file": weights.name,
         "step": int(step),

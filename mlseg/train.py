@@ -266,6 +266,17 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
             problems.append(f"{key}: {meta.get(key)!r} -> {value!r}")
     if meta.get("fingerprint_hash") not in (None, fingerprint):
         problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
+    sizes, now_sizes = meta.get("image_pixel_sizes"), data.image_pixel_sizes
+    if sizes is not None and sizes != now_sizes:  # absent from older checkpoints
+        moved = [
+            f"{stem} {sizes.get(stem)} -> {now_sizes.get(stem)}"
+            for stem in sorted(set(sizes) | set(now_sizes))
+            if sizes.get(stem) != now_sizes.get(stem)
+        ]
+        problems.append(
+            f"pixel sizes (um) of {len(moved)} training image(s): {', '.join(moved[:5])}"
+            + (", ..." if len(moved) > 5 else "")
+        )
     if problems:
         raise ResumeError(
             f"{folder}: holds a run that cannot be resumed with this config/data ("
@@ -513,6 +524,7 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         nucleus_diameter_px=run.data.nucleus_diameter_px,
         train_state=train_state,
         trained_on=run.trained_on,
+        image_pixel_sizes=run.data.image_pixel_sizes,
     )
 
 

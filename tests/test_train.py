@@ -262,6 +262,20 @@ def test_training_images_without_a_pixel_size_among_others_are_named(tmp_path) -
     assert data.pixel_size_um == 0.375 and data.train.height_cpu.tolist() == [64, 64, 48]
 
 
+def test_resume_refuses_training_images_whose_pixel_size_changed(tmp_path) -> None:
+    """Two 20x and one 40x tile swapped in the manifest keep the median, the bytes and the
+    config, but resample other images: the run resumed on data it had not trained on."""
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    root = _magnifications(tmp_path / "ds", [0.5, 0.5, 0.25])
+    fit(cfg, root, tmp_path / "run", progress=False)
+    manifest = root / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("img1,0.5", "img1,0.25"))
+    manifest.write_text(manifest.read_text().replace("img2,0.25", "img2,0.5"))
+    more = load_config(None, train={**TINY, "max_steps": 2}, data={"val_fraction": 0.0})
+    with pytest.raises(ResumeError, match=r"pixel sizes.*img1 0.5 -> 0.25, img2 0.25 -> 0.5"):
+        fit(more, root, tmp_path / "run", progress=False)
+
+
 def test_empty_training_set(tmp_path) -> None:
     for sub in ("train/original", "train/masks", "test/original", "test/masks"):
         (tmp_path / "ds" / sub).mkdir(parents=True)
