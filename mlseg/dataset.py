@@ -71,7 +71,7 @@ Put each image in `{split}/{image_dir}/` and its mask in `{split}/{mask_dir}/`, 
   `{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}`, as BIDS microscopy writes it) or a
   TIFF's metadata (OME, ImageJ, Aperio, resolution tags) does.
 
-Check it with `mlseg validate {root}`.
+Check it with `mlseg validate {root}{config}`.
 """
 
 
@@ -100,6 +100,10 @@ def mask_stem(image_stem: str, cfg: DataConfig) -> str:
     return f"{image_stem}{cfg.mask_suffix}"
 
 
+def _layout(cfg: DataConfig) -> tuple[str, ...]:
+    return (cfg.train_dir, cfg.test_dir, cfg.image_dir, cfg.mask_dir, cfg.mask_suffix)
+
+
 def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
     """Scaffold an empty dataset at ``root`` (which must not exist or be empty)."""
     cfg = cfg or DataConfig()
@@ -119,6 +123,8 @@ def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
             mask_dir=cfg.mask_dir,
             suffix=cfg.mask_suffix,
             root=root,
+            # a layout other than the default is only found with the config that sets it
+            config="" if _layout(cfg) == _layout(DataConfig()) else " --config <your config>",
             low=PLAUSIBLE_PIXEL_SIZE_UM[0],
             high=PLAUSIBLE_PIXEL_SIZE_UM[1],
         ),

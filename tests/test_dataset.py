@@ -21,6 +21,17 @@ def test_init_scaffolds_layout_and_readme(tmp_path):
     assert "_mask" in (root / "README.md").read_text()
 
 
+def test_init_readme_names_the_config_a_custom_layout_needs(tmp_path):
+    """`mlseg validate DIR` alone looks for train/original/ and *_mask: on a layout from the
+    config it failed image_folder_exists and mask_naming on a correctly filled dataset."""
+    from mlseg.config import DataConfig
+
+    assert "validate" in (init_dataset(tmp_path / "a") / "README.md").read_text()
+    assert "--config" not in (tmp_path / "a" / "README.md").read_text()
+    root = init_dataset(tmp_path / "b", DataConfig(image_dir="img", mask_suffix="_seg"))
+    assert f"mlseg validate {root} --config <your config>" in (root / "README.md").read_text()
+
+
 def test_init_refuses_non_empty_folder(tmp_path):
     (tmp_path / "x.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="not empty"):
