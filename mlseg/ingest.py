@@ -2,7 +2,8 @@
 
 Recognised sources (``layout="auto"`` detects them in this order):
 
-- ``contract``: already ``{train,test}/{original,masks}`` - splits are kept.
+- ``contract``: already ``{train,test}/{original,masks}`` - splits are kept, and the
+  pixel sizes of its ``manifest.csv``.
 - ``nnunet``: nnU-Net raw dataset, ``imagesTr/<case>_0000.<ext>`` + ``labelsTr/<case>.<ext>``
   (``imagesTs``/``labelsTs`` become the test split when labelled).
 - ``flat``: ``original/<stem>.<ext>`` + ``masks/<stem>_mask.<ext>`` (as ``../shared/data/*``).
@@ -51,6 +52,7 @@ from mlseg.dataset import (
     is_image_file,
     read_csv_rows,
     split_dir,
+    split_pixel_sizes,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
 from mlseg.io import (
@@ -365,9 +367,13 @@ def _delimiter(path: Path) -> str:
     return next((d for d in (";", "\t") if d in header), ",")
 
 
-def _source_pixel_sizes(src: Path, pixel_sizes: Path | None) -> dict[str, float]:
+def _source_pixel_sizes(src: Path, pixel_sizes: Path | None, layout: str) -> dict[str, float]:
     if pixel_sizes is not None:
         return read_pixel_sizes(Path(pixel_sizes))
+    if layout == "contract":  # an mlseg dataset's own sizes (manifest.csv), as training reads them
+        listed = {**split_pixel_sizes(src, "train"), **split_pixel_sizes(src, "test")}
+        if listed:
+            return listed
     index = src / "index.csv"
     if index.is_file():
         try:
@@ -435,7 +441,7 @@ def ingest(
             f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
         )
     drawn = check_pairs(items, progress=progress)
-    sizes = _source_pixel_sizes(src, pixel_sizes)
+    sizes = _source_pixel_sizes(src, pixel_sizes, layout)
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
 

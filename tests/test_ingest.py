@@ -325,3 +325,17 @@ def test_an_unreadable_index_csv_in_the_source_is_skipped_with_a_warning(tmp_pat
     with pytest.warns(UserWarning, match=r"index\.csv: not read for pixel sizes"):
         result = ingest(src, tmp_path / "ds", progress=False)
     assert len(result.manifest) == 3
+
+
+def test_an_mlseg_source_keeps_the_pixel_sizes_of_its_manifest(tmp_path):
+    """Re-ingesting an mlseg dataset (splits kept) keeps what its manifest.csv says each
+    image's pixel size is: training reads them from there, and ingest used to drop them."""
+    first = ingest(
+        flat_source(tmp_path / "src", n=3), tmp_path / "ds", pixel_size_um=0.5, progress=False
+    )
+    assert set(first.manifest.pixel_size_um) == {0.5}
+    again = ingest(tmp_path / "ds", tmp_path / "ds2", progress=False)
+    assert again.layout == "contract"
+    assert dict(zip(again.manifest.stem, again.manifest.pixel_size_um, strict=True)) == dict(
+        zip(first.manifest.stem, first.manifest.pixel_size_um, strict=True)
+    )
