@@ -144,3 +144,20 @@ def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys, command, w
     assert main([command, *argv]) == 2
     err = capsys.readouterr().err
     assert f"run.yaml: a file, not a {what} folder" in err
+
+
+def test_segment_help_states_the_ranges_the_config_accepts(capsys, monkeypatch):
+    """The help said '0 to 0.9' for --overlap, and --overlap 0.9 was refused (overlap < 0.9)."""
+    from pydantic import ValidationError
+
+    from mlseg.config import InferenceConfig
+
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["segment", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "below 0.9" in next(line for line in lines if "--overlap" in line)
+    assert "at least 64" in next(line for line in lines if "--tile" in line)
+    for bad in ({"overlap": 0.9}, {"tile_size": 32}):
+        with pytest.raises(ValidationError):
+            InferenceConfig(**bad)
+    InferenceConfig(overlap=0.89, tile_size=64)

@@ -84,12 +84,25 @@ def segment(
     pixel_sizes: SizesOpt = None,
     units: UnitsOpt = None,
     tile: Annotated[
-        int | None, typer.Option("--tile", help="Tile size in pixels (a multiple of 32).")
+        int | None,
+        typer.Option(
+            "--tile",
+            help="Tile size in pixels, a multiple of 32, at least 64 (default: the model's).",
+        ),
     ] = None,
-    overlap: Annotated[float | None, typer.Option(help="Tile overlap fraction, 0 to 0.9.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Tiles per forward pass.")] = None,
+    overlap: Annotated[
+        float | None,
+        typer.Option(help="Tile overlap fraction, 0 to below 0.9 (default: the model's)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Tiles per forward pass (default: the model's).")
+    ] = None,
     tta: Annotated[
-        bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation (4x).")
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Flip test-time augmentation, 4x the time (default: the model's setting).",
+        ),
     ] = None,
     stain_tta: Annotated[
         bool | None,
