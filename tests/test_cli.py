@@ -161,3 +161,33 @@ def test_segment_help_states_the_ranges_the_config_accepts(capsys, monkeypatch):
         with pytest.raises(ValidationError):
             InferenceConfig(**bad)
     InferenceConfig(overlap=0.89, tile_size=64)
+
+
+def test_readme_command_lines_use_commands_and_options_that_exist():
+    """Every `mlseg ...` line of the README's shell examples names a command and options
+    that `mlseg COMMAND --help` lists."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from mlseg.cli import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    lines = [
+        line.split("#")[0].split()
+        for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+        for line in block.splitlines()
+        if line.startswith("mlseg ")
+    ]
+    assert len(lines) >= 10
+    root = typer.main.get_command(app)
+    for words in lines:
+        command, rest = root, words[1:]
+        while hasattr(command, "commands"):  # a group: mlseg, mlseg models
+            assert rest and rest[0] in command.commands, f"README: no command {' '.join(words)}"
+            command, rest = command.commands[rest[0]], rest[1:]
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for word in rest:
+            if word.startswith("-"):
+                assert word in known, f"README: {' '.join(words)}: {word} is no option"

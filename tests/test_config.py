@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,25 @@ def test_a_profile_version_written_as_a_number_is_taken(tmp_path):
     path = tmp_path / "profiles.yaml"
     path.write_text("profiles:\n  lab:\n    version: 5\n    pixel_size_um: 0.25\n")
     assert load_profiles(path)["lab"].version == "5"
+
+
+def test_readme_config_examples_load_and_name_real_keys(tmp_path):
+    """Every YAML example of the README (blocks and one-line `section: {...}`) loads, and
+    every `section.key` it names is a key of that section: the README is how users write
+    their run configs."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    sections = {name: field.annotation for name, field in Config.model_fields.items()}
+    examples = re.findall(r"```yaml\n(.*?)```", text, re.S) + re.findall(
+        rf"`((?:{'|'.join(sections)}): \{{[^`]*\}})`", text
+    )
+    assert len(examples) >= 4
+    for i, example in enumerate(examples):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(example)
+        load_config(path)
+    named = set(re.findall(rf"`({'|'.join(sections)})\.(\w+)`", text))
+    assert len(named) >= 20
+    for section, key in named:
+        fields = getattr(sections[section], "model_fields", {})
+        assert key in fields, f"README names {section}.{key}, which the config does not have"
