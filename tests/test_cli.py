@@ -191,3 +191,11 @@ def test_readme_command_lines_use_commands_and_options_that_exist():
         for word in rest:
             if word.startswith("-"):
                 assert word in known, f"README: {' '.join(words)}: {word} is no option"
+
+
+def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
+    """--layout offered 'contract' without saying it is an mlseg dataset (the README's name)."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["ingest", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "contract (an mlseg dataset" in next(line for line in lines if "--layout" in line)

@@ -35,18 +35,25 @@ def ingest(
     src: Annotated[
         Path,
         typer.Argument(
-            help="Source: flat original/+masks/ (masks as images, QuPath GeoJSON or "
-            "ImageScope XML), nnU-Net raw, DSB 2018, or Cellpose folder."
+            help="Source: an mlseg dataset, flat original/+masks/ (masks as images, QuPath "
+            "GeoJSON or ImageScope XML), nnU-Net raw, DSB 2018, or Cellpose folder."
         ),
     ],
     directory: Annotated[
         Path, typer.Argument(help="New dataset folder (must be empty or absent).")
     ],
     layout: Annotated[
-        str, typer.Option(help="auto, contract, flat, nnunet, dsb or cellpose.")
+        str,
+        typer.Option(
+            help="Source layout: auto (detected), contract (an mlseg dataset: train/, test/), "
+            "flat, nnunet, dsb or cellpose."
+        ),
     ] = "auto",
     test_fraction: Annotated[
-        float, typer.Option(help="Share of images put in the test split.")
+        float,
+        typer.Option(
+            help="Share of images put in the test split (an mlseg dataset keeps its own)."
+        ),
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
     link: Annotated[bool, typer.Option(help="Hard-link (or symlink) instead of copying.")] = False,
