@@ -561,6 +561,11 @@ def default_profiles_path() -> Path:
 def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
     """Load every profile of a ``profiles.yaml`` (the packaged one if ``path`` is None)."""
     path = Path(path) if path is not None else default_profiles_path()
+    if not path.is_file():  # not "config file not found": it may come from a model's config.json
+        raise ConfigError(
+            f"{path}: profiles file not found; check --profiles or the run config's "
+            f"profiles_file (a relative path is read from the current folder, {Path.cwd()})"
+        )
     data = _read_yaml(path)
     profiles = data.get("profiles") if isinstance(data, dict) else None
     if not isinstance(profiles, dict) or not profiles:

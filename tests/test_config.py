@@ -166,3 +166,11 @@ def test_readme_config_examples_load_and_name_real_keys(tmp_path):
     for section, key in named:
         fields = getattr(sections[section], "model_fields", {})
         assert key in fields, f"README names {section}.{key}, which the config does not have"
+
+
+def test_a_missing_profiles_file_is_named_as_one(tmp_path, monkeypatch):
+    """A model trained with a relative profiles_file, evaluated from another folder, failed
+    with 'config file not found', naming neither the profiles file nor where it was looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"lab\.yaml: profiles file not found.*profiles_file"):
+        get_profile("lab", "lab.yaml")
