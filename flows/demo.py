@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.demo", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("demo_dir", nargs="?", default="demo-run", type=Path)
+    parser.add_argument(
+        "demo_dir", nargs="?", default="demo-run", type=Path, help="output folder (demo-run)"
+    )
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config (YAML)")
-    parser.add_argument("--n-train", type=int, default=24)
-    parser.add_argument("--n-test", type=int, default=8)
+    parser.add_argument("--n-train", type=int, default=24, help="synthetic training images")
+    parser.add_argument("--n-test", type=int, default=8, help="synthetic test images")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     args = parser.parse_args(argv)
     demo_dir = args.demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)

@@ -377,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
-    parser.add_argument("data_root")
-    parser.add_argument("work_dir")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--registry", default=None)
+    parser.add_argument("data_root", help="dataset folder (train/ and test/)")
+    parser.add_argument("work_dir", help="output folder of every stage; a rerun resumes")
+    parser.add_argument("--config", default=None, help="run config (YAML)")
     parser.add_argument(
-        "--no-resume", dest="resume", action="store_false", help="train afresh in WORK"
+        "--registry", default=None, help="registry folder or URL (default: work_dir/registry)"
+    )
+    parser.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="train afresh in work_dir"
     )
     add_runner_arguments(parser)
     args = parser.parse_args(argv)

@@ -27,9 +27,18 @@ RUNNERS = ("thread", "dask")
 
 def add_runner_arguments(parser) -> None:
     """The task-runner options shared by the flows' command lines (``argparse`` parser)."""
-    parser.add_argument("--task-runner", choices=("thread", "dask"), default=None)
-    parser.add_argument("--dask-address", default=None)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--task-runner",
+        choices=("thread", "dask"),
+        default=None,
+        help="run batches on threads of this machine (default) or on Dask",
+    )
+    parser.add_argument(
+        "--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="threads, or processes of a local Dask cluster"
+    )
 
 
 def runner_settings(

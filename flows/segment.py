@@ -605,16 +605,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.segment", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("input_dir")
-    parser.add_argument("out_dir")
+    parser.add_argument("input_dir", help="folder of images to segment")
+    parser.add_argument("out_dir", help="output folder (created; reruns resume)")
     parser.add_argument("--model", help="checkpoint folder or .safetensors")
     parser.add_argument("--registry", help="registry folder or URL (uses --model-version)")
-    parser.add_argument("--model-name", default="nuclei")
-    parser.add_argument("--model-version", default="production")
-    parser.add_argument("--profile", default="he")
+    parser.add_argument("--model-name", default="nuclei", help="model in the registry")
+    parser.add_argument(
+        "--model-version", default="production", help="production, latest or a number (3, v3)"
+    )
+    parser.add_argument("--profile", default="he", help="image-type profile: he, ihc, ...")
     parser.add_argument("--pixel-size", type=float, default=None, help="microns per pixel")
     parser.add_argument("--pixel-sizes", default=None, help="CSV of stem + pixel_size_um")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per task")
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
     result = segment_and_quantify(

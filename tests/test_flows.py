@@ -517,3 +517,23 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
         pd.DataFrame({"label": range(1, n + 1)}).to_parquet(out / f"{stem}_nuclei.parquet")
     pd.DataFrame({"image": ["01"]}).to_csv(out / "summary.csv", index=False)
     assert len(_nuclei(out, out / "summary.csv")) == 2  # "01", as GBM40 names its tiles
+
+
+@pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])
+def test_flow_command_lines_explain_every_argument(module, monkeypatch):
+    """The README's `python -m flows.segment ... --task-runner dask --workers 4` showed
+    options whose --help said nothing (--workers: threads or Dask processes?)."""
+    import argparse
+    import importlib
+
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main([])
+    unexplained = [a.dest for a in parsers[0]._actions if not a.help]
+    assert not unexplained, f"python -m {module}: no help for {unexplained}"
