@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="images per task")
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
+    if not args.model and not args.registry:  # the flow would fail with a traceback
+        parser.error("give --model (a checkpoint folder or .safetensors) or --registry")
     result = segment_and_quantify(
         args.input_dir,
         args.out_dir,

@@ -537,3 +537,14 @@ def test_flow_command_lines_explain_every_argument(module, monkeypatch):
         importlib.import_module(module).main([])
     unexplained = [a.dest for a in parsers[0]._actions if not a.help]
     assert not unexplained, f"python -m {module}: no help for {unexplained}"
+
+
+def test_segment_command_line_without_a_model_is_a_usage_error(tmp_path, capsys):
+    """Neither --model nor --registry: one usage line, not the flow's traceback."""
+    from flows.segment import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "give --model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
