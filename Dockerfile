@@ -3,10 +3,12 @@
 #
 # CPU build (default):
 #   docker build -t mlseg .
-# CUDA build: a base with Python 3.11 and the CUDA runtime, and the matching PyTorch index:
+# CUDA build: PyTorch's CUDA wheels bring their own CUDA runtime (the host needs only the
+# NVIDIA driver), so the base stays; give an index and a torch/torchvision pair it holds, e.g.
+# the one the GPU benchmarks ran (torch 2.11.0+cu130, bench/README.md):
 #   docker build -t mlseg:cuda \
-#     --build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime \
-#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 \
+#     --build-arg TORCH_VERSION=2.11.0 --build-arg TORCHVISION_VERSION=0.26.0 .
 #
 # The default base is pinned by tag and digest (python:3.11.13-slim-bookworm, multi-arch index).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
