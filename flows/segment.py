@@ -395,9 +395,10 @@ def segment_and_quantify(
     """
     import pandas as pd
 
+    from mlseg.io import image_stem
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import write_run_outputs
-    from mlseg.segment import check_out_dir, list_images
+    from mlseg.segment import check_out_dir, list_images, own_pixel_sizes
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -408,7 +409,9 @@ def segment_and_quantify(
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
     files = [str(p) for p in list_images(src, out)]
-    sizes = per_image_sizes(pixel_sizes, pixel_size_um)
+    # as segment_folder: the table's entries for these images, said unused beside one size
+    stems = [image_stem(p) for p in files]
+    sizes = own_pixel_sizes(per_image_sizes(pixel_sizes, pixel_size_um), stems, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
     saved = model_config(checkpoint)

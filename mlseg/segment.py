@@ -472,7 +472,7 @@ def _check_units_possible(
         )
 
 
-def _own_sizes(
+def own_pixel_sizes(
     pixel_sizes: Mapping[str, float] | None, stems: list[str], override: float | None = None
 ) -> dict[str, float]:
     """The entries of ``pixel_sizes`` for these images (by stem; file names are accepted),
@@ -726,7 +726,7 @@ def segment_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
-    sizes = _own_sizes(pixel_sizes, [image_stem(p) for p in files], pixel_size_um)
+    sizes = own_pixel_sizes(pixel_sizes, [image_stem(p) for p in files], pixel_size_um)
     _check_units_possible(profile, pixel_size_um, files, sizes)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
@@ -835,7 +835,7 @@ def quantify_folder(
     pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
-    sizes = _own_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
+    sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
     _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts

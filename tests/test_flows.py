@@ -425,6 +425,20 @@ def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
     assert missing.is_failed() and "input folder not found" in missing.message
 
 
+def test_one_pixel_size_beside_a_table_warns_as_segment_does(harness, tmp_path, checkpoint) -> None:
+    """pixel_size_um beats the table for every image, as in mlseg segment, which says so."""
+    disc_images(tmp_path / "inbox", 1)
+    with pytest.warns(UserWarning, match="used instead of the pixel-size table's sizes for 1"):
+        state = _segment(
+            tmp_path / "inbox",
+            tmp_path / "out",
+            checkpoint,
+            pixel_size_um=0.5,
+            pixel_sizes={"img_000.png": 0.25},
+        )
+    assert state.is_completed(), state.message
+
+
 TINY = {
     "train": {
         "encoder": "resnet18",
