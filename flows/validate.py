@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,8 +32,12 @@ from mlseg.inventory import (
     build_inventory,
     check_output_dir,
     load_validate_config,
+    read_errors,
     write_inventory,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @task(name="build-inventory", cache_policy=NO_CACHE)
@@ -59,8 +63,9 @@ def artifact_key(root: str) -> str:
     return f"dataset-validation-{slug or 'dataset'}"
 
 
-def summary_markdown(report: ValidationReport) -> str:
-    """Verdict, then each failed expectation with its fix and first files."""
+def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = None) -> str:
+    """Verdict, then each failed expectation with its fix and first files, then why each
+    unreadable file of ``inventory`` (its files table) is unreadable."""
     verdict = "passed" if report.success else "**FAILED**"
     lines = [
         f"# Dataset validation: {verdict}",
@@ -75,19 +80,22 @@ def summary_markdown(report: ValidationReport) -> str:
         lines.append(
             f"- **{o.severity}** `{o.rule}`: {o.n_failed} of {o.n_checked} ({files}). {o.fix}"
         )
+    unreadable = read_errors(inventory) if inventory is not None else []
+    if unreadable:
+        lines += ["", "Unreadable files:", *(f"- {line}" for line in unreadable)]
     versions = ", ".join(f"{k} v{v}" for k, v in sorted(report.suite_versions.items()))
     lines += ["", f"Suites: {versions}."]
     return "\n".join(lines)
 
 
 @task(name="publish-validation", cache_policy=NO_CACHE)
-def publish_task(report: ValidationReport) -> None:
+def publish_task(report: ValidationReport, inventory: pd.DataFrame | None = None) -> None:
     key = artifact_key(report.root)
     rows = report.to_frame()[
         ["severity", "rule", "success", "n_failed", "n_checked", "first_failed"]
     ]
     artifacts.table(key, rows, f"one row per expectation over the inventory of {report.root}")
-    artifacts.markdown(f"{key}-summary", summary_markdown(report), "validation verdict")
+    artifacts.markdown(f"{key}-summary", summary_markdown(report, inventory), "validation verdict")
 
 
 @flow(name="validate-dataset", log_prints=True)
@@ -120,7 +128,7 @@ def validate_dataset_flow(
     inventory = inventory_task(str(root), cfg)
     outputs = write_inventory_task(inventory, out)
     report = suites_task(inventory, out)
-    publish_task(report)
+    publish_task(report, inventory.files)
     get_run_logger().info(
         "validated %s: %d error(s), %d warning(s); Data Docs %s",
         root,

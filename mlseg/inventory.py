@@ -818,6 +818,16 @@ def pixel_size_summary(files: pd.DataFrame) -> list[str]:
     return lines
 
 
+def read_errors(files: pd.DataFrame, limit: int = 10) -> list[str]:
+    """Why each unreadable file could not be read (pure): the readable rule's fix, "re-copy
+    or re-export it", is right for a truncated file but not for a z-stack, a 2-channel or a
+    float image, whose own fix (a projection, the nuclear channel alone, 16 bits) is in the
+    file's ``read_error``."""
+    errors = files.loc[files["readable"].eq(False), "read_error"].dropna().tolist()
+    more = [f"... and {len(errors) - limit} more (read_error in the inventory)"]
+    return errors[:limit] + (more if len(errors) > limit else [])
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 

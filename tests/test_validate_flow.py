@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlseg.errors import ValidationFailed
@@ -44,6 +45,22 @@ def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
     assert report.failed_rules("error") == ["image_has_mask"]
     text = summary_markdown(report)
     assert "FAILED" in text and "`image_has_mask`" in text and "train/original/train1.png" in text
+
+
+def test_summary_names_why_each_unreadable_file_is_unreadable(nuclei_dataset, tmp_path):
+    """As mlseg validate prints it: a float TIFF's fix is 16 bits, not "re-copy it"."""
+    import tifffile
+
+    from flows.validate import inventory_task, suites_task, summary_markdown
+    from mlseg.inventory import ValidateConfig
+
+    root = nuclei_dataset()
+    (root / "train/original/train1.png").unlink()
+    tifffile.imwrite(root / "train/original/train1.tif", np.zeros((48, 48), np.float32))
+    inventory = inventory_task.fn(str(root), ValidateConfig())
+    report = suites_task.fn(inventory, str(tmp_path / "out"))
+    text = summary_markdown(report, inventory.files)
+    assert any("train1.tif" in line and "8/16-bit" in line for line in text.splitlines())
 
 
 def test_artifact_key_is_prefect_safe():

@@ -43,31 +43,17 @@ def print_report(report: Any, console: Any = None) -> None:
             console.print(f"[{colour}]{o.rule}[/{colour}]: {o.fix}")
 
 
-def _print_read_errors(inventory: str | None, limit: int = 10) -> None:
-    """Why each unreadable file could not be read: the rule's fix reads "re-copy or
-    re-export it", right for a truncated file but not for a z-stack, a 2-channel or a
-    float image, whose own fix (a projection, the nuclear channel alone, 16 bits) is in
-    the file's ``read_error``."""
+def _print_inventory(inventory: str | None) -> None:
+    """Why each unreadable file is unreadable, and which pixel size each split's images will
+    train or be scored at, and from where."""
     import pandas as pd
 
-    if not inventory or not Path(inventory).is_file():
-        return
-    files = pd.read_parquet(inventory, columns=["readable", "read_error"])
-    errors = files.loc[files["readable"].eq(False), "read_error"].dropna().tolist()
-    for error in errors[:limit]:
-        typer.echo(f"unreadable: {error}")
-    if len(errors) > limit:
-        typer.echo(f"unreadable: ... and {len(errors) - limit} more (read_error in the inventory)")
-
-
-def _print_pixel_sizes(inventory: str | None) -> None:
-    """Which pixel size each split's images will train or be scored at, and from where."""
-    import pandas as pd
-
-    from mlseg.inventory import pixel_size_summary
+    from mlseg.inventory import pixel_size_summary, read_errors
 
     if inventory and Path(inventory).is_file():
         files = pd.read_parquet(inventory)
+        for line in read_errors(files):
+            typer.echo(f"unreadable: {line}")
         for line in pixel_size_summary(files):
             typer.echo(f"pixel sizes, {line}")
 
@@ -110,8 +96,7 @@ def validate(
     report = validate_dataset(directory, out, cfg, progress=not quiet and sys.stderr.isatty())
     if not quiet:
         print_report(report)
-        _print_read_errors(report.outputs.get("inventory"))
-        _print_pixel_sizes(report.outputs.get("inventory"))
+        _print_inventory(report.outputs.get("inventory"))
         typer.echo(f"Data Docs: {report.data_docs}")
         typer.echo(
             f"inventory: {report.outputs.get('inventory')}  "
