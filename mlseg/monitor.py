@@ -252,6 +252,7 @@ def drift_report(
     n_images = len(new)
     usable = []
     rows = []
+    far_out: set[str] = set()  # statistics with an image far outside the training range
     for name in names:
         ref = stats[name]
         column = pd.to_numeric(new.get(name), errors="coerce")
@@ -282,6 +283,7 @@ def drift_report(
             usable.append(len(rows))
         far = _far_outside(name, ref, values, cfg)
         if far.any():
+            far_out.add(name)
             # in a batch of any size: one black or blank image among many like the
             # training set's moves no batch statistic, yet is unlike any image trained on
             named = new.loc[column.index[far], "image"] if "image" in new else pd.Series()
@@ -296,7 +298,7 @@ def drift_report(
     for i in usable:
         rows[i]["status"] = _status(rows[i]["psi"], rows[i]["p_value"], alpha, cfg)
     for row in rows:
-        if "far outside" in row["note"] and STATUS_ORDER[row["status"]] < STATUS_ORDER["warn"]:
+        if row["statistic"] in far_out and STATUS_ORDER[row["status"]] < STATUS_ORDER["warn"]:
             row["status"] = "warn"
     rows.append(_size_row(new, fingerprint, cfg))
     rows.append(_channels_row(new, fingerprint))
@@ -314,7 +316,7 @@ def drift_report(
     else:
         parts = [
             f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
-            + (f"; {r.note})" if "far outside" in r.note else ")")
+            + (f"; {r.note})" if r.statistic in far_out else ")")
             if np.isfinite(r.psi)
             else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range)"
             for r in drifted.itertuples()

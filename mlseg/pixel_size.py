@@ -144,8 +144,8 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
     plausibility check is :func:`declared_pixel_size_um`'s), else ``None``.
 
     Read, as BIDS microscopy writes it, ``PixelSize`` (a number or ``[x, y]``/``[x, y, z]``;
-    x is used, y must match it) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where absent), or
-    mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
+    x is used, y must match it) in ``PixelSizeUnits`` (``um``, ``nm``, ``mm``; microns where
+    absent), or mlseg's own ``pixel_size_um``. A sidecar without either key means "unknown" (LabelMe
     saves its annotations under the same name). One that is not JSON, whose size is not a
     number, whose unit is unknown, or whose pixels are not square (x and y differ by more
     than :data:`SQUARE_TOLERANCE`), is ignored with a warning naming the file.
@@ -217,7 +217,8 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
     and last the TIFF resolution tags in centimetres or inches. With ``plausible_only`` a size
     outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` (a 72-dpi default, a unit error) reads as
     ``None``; pass ``False`` to see it. Pixels declared not square (OME ``PhysicalSizeY``,
-    ``YResolution``) read as ``None``, with a warning naming the file. Unreadable metadata means "unknown", never an error.
+    ``YResolution``) read as ``None``, with a warning naming the file. Unreadable metadata
+    means "unknown", never an error.
     """
     path = Path(path)
     if path.suffix.lower() not in TIFF_EXTENSIONS:

@@ -450,11 +450,11 @@ def _check_units_possible(
     or micron units can never be satisfied."""
     if override is not None:
         check_pixel_size(override, "--pixel-size")
-    if table and all(image_stem(p) in table for p in files):
+    unlisted = [p for p in files if image_stem(p) not in (table or {})]
+    if table and not unlisted:
         return
     if profile.units != "um" or override is not None or profile.pixel_size_um is not None:
         return
-    unlisted = [p for p in files if image_stem(p) not in (table or {})]
     may_carry = (p.suffix.lower() in TIFF_EXTENSIONS or sidecar_path(p).is_file() for p in unlisted)
     if not any(may_carry):
         # with a table given, "pass --pixel-sizes" would not say which images it misses
@@ -684,23 +684,18 @@ def segment_image(
 
 
 def warn_if_scale_at_limit(scale, path: Path | str) -> None:
-    """An estimated scale clipped at :data:`mlseg.scale.SCALE_LIMITS` is what a model's
-    first pass gives on an image holding nothing it knows as nuclei (noise, a stain it never
-    saw: the texture is cut into small pieces, read as tiny nuclei) as much as on a scan far
-    from its training magnification: say so, naming the file (noise: 4x, 2,491 'nuclei')."""
+    """Name an image whose estimated scale stopped at :data:`mlseg.scale.SCALE_LIMITS`: a
+    first pass cuts noise or an unknown stain into tiny 'nuclei' (noise: 4x, 2,491 of them)."""
     from mlseg.scale import SCALE_LIMITS
 
     if scale.source != "estimated" or not any(
         math.isclose(scale.factor, limit, rel_tol=1e-6) for limit in SCALE_LIMITS
     ):
         return
-    found = f"{scale.estimated_px:.1f} px" if scale.estimated_px else "unknown"
     warnings.warn(
-        f"{path}: its scale estimate stopped at its limit ({scale.factor:g}x; nuclei of "
-        f"{found} on a first pass, the model's are {scale.reference_px or 0:.1f} px): an image "
-        "scanned that far from the training magnification, or one without nuclei the model "
-        "knows (noise, another stain), which is then cut into many small pieces; give its "
-        "pixel size (--pixel-size or --pixel-sizes) where the scan is right",
+        f"{path}: its scale estimate stopped at its limit, {scale.factor:g}x: a scan that far "
+        "from the training magnification, or no nuclei the model knows (noise, another "
+        "stain); give its pixel size to be sure",
         stacklevel=2,
     )
 
