@@ -91,13 +91,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def file_digest(path: str | os.PathLike, chars: int | None = 16) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks: the first ``chars`` hex digits
-    (``None``: all 64)."""
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes: the first ``chars`` hex digits (``None``: all 64)."""
     with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:chars]
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:chars]
 
 
 def _check_complete(path: Path) -> None:

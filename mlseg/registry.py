@@ -540,11 +540,9 @@ def _check_files(fs, base: str, version: ModelVersion) -> None:
         if not fs.isfile(path):
             problems.append(f"{fname} missing")
             continue
-        digest = hashlib.sha256()
         with fs.open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != sha:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if digest != sha:
             problems.append(f"{fname} changed since registration (checksum mismatch)")
     if problems:
         raise RegistryError(
