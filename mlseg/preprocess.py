@@ -37,6 +37,8 @@ MIN_STAIN_ANGLE_DEG = 5.0
 #: Pixels Macenko estimates stains from: a larger image is sampled on a regular grid, as
 #: HistomicsTK samples them (a 2048 x 2048 mosaic: the same stains, 5.6x faster).
 MACENKO_SAMPLE_PIXELS = 2**20
+#: :func:`macenko`'s ``stains`` when the caller has no estimate: the image's are estimated.
+ESTIMATE = "estimate"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -300,6 +302,7 @@ def macenko(
     ref_max_conc: np.ndarray = MACENKO_REF_MAX_CONC,
     *,
     nuclear_dab: bool = False,
+    stains: tuple[np.ndarray, np.ndarray] | None | str = ESTIMATE,
 ) -> np.ndarray:
     """Macenko stain normalisation to reference stain vectors and concentrations.
 
@@ -312,11 +315,15 @@ def macenko(
     haematoxylin's): a strongly positive nucleus, whose DAB hides its counterstain, stays as
     dark as a nucleus, where as eosin alone it would look like cytoplasm to a model that
     learnt nuclei from H&E.
+
+    ``stains``: the image's own :func:`macenko_stains` of ``to_float(image)`` where the
+    caller has made it already (segmentation makes it to warn about unstained images), so
+    it is not made twice; :data:`ESTIMATE` (the default) makes it here.
     """
     x = _hwc(to_float(image))
     if x.shape[2] != 3:
         raise ValueError("Macenko normalisation needs an RGB image")
-    est = macenko_stains(x)
+    est = macenko_stains(x) if isinstance(stains, str) else stains
     if est is None:
         return x.astype(np.float32)
     stains, max_conc = est
@@ -400,6 +407,7 @@ def normalize(
     stain: str = "he",
     *,
     channels: int | None = None,
+    stains: tuple[np.ndarray, np.ndarray] | None | str = ESTIMATE,
 ) -> np.ndarray:
     """The model input for one (already rescaled) image.
 
@@ -407,7 +415,7 @@ def normalize(
     (grey repeated to RGB or RGB averaged to grey first) else ``C``. Steps, in order and
     each only if configured: stain normalisation (``stain`` "he"/"ihc" RGB images only),
     histogram alignment, intensity normalisation. With nothing configured the result is
-    the image scaled to [0, 1].
+    the image scaled to [0, 1]. ``stains``: see :func:`macenko`.
     """
     x = _hwc(to_float(image))
     if channels is not None:
@@ -422,7 +430,7 @@ def normalize(
             x = reinhard(x, *lab_stats(_needs_reference(cfg, "reinhard")))
         else:
             nuclear_dab = stain == "ihc" and cfg.ihc_dab == "nucleus"
-            x = macenko(x, *macenko_target(cfg), nuclear_dab=nuclear_dab)
+            x = macenko(x, *macenko_target(cfg), nuclear_dab=nuclear_dab, stains=stains)
     if cfg.equalize == "hist":
         x = equalize_hist(x)
     elif cfg.equalize == "clahe":

@@ -117,24 +117,31 @@ def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> Non
 
 def warn_if_not_stain_normalised(
     image: np.ndarray, preprocess: PreprocessConfig, profile: Profile, path: Path | str
-) -> None:
+):
     """Macenko normalisation leaves an image with too little stain as it is
     (:func:`mlseg.preprocess.macenko_stains`: blank glass, a faded slide, one colour): say
     so, naming the file. The model then sees it unlike every slide it learnt from, and a
     count of 0 may be a pale slide rather than glass (H&E at a tenth of its optical
-    density: 0 nuclei where a sixth gave 103)."""
-    from mlseg.preprocess import macenko_stains
+    density: 0 nuclei where a sixth gave 103).
+
+    Returns the estimate made (``stains`` of :func:`mlseg.preprocess.macenko`, the one the
+    native-scale pass normalises with, so it is not made twice), or
+    :data:`mlseg.preprocess.ESTIMATE` where none applies."""
+    from mlseg.preprocess import ESTIMATE, macenko_stains, to_float
 
     rgb = image.ndim == 3 and image.shape[2] == 3
     if preprocess.stain_norm != "macenko" or profile.stain not in ("he", "ihc") or not rgb:
-        return
-    if macenko_stains(image) is None:
+        return ESTIMATE
+    # as normalize sees it: a 16-bit image by its full scale, not by its sample's
+    stains = macenko_stains(to_float(image) if image.dtype == np.uint16 else image)
+    if stains is None:
         warnings.warn(
             f"{path}: too little stain for Macenko normalisation (fewer than 100 pixels "
             "stained in every channel, or one colour only), segmented un-normalised: right "
             "for blank glass, but on a faded or very pale slide the count may be too low",
             stacklevel=2,
         )
+    return stains
 
 
 def predict_labels(
@@ -171,12 +178,15 @@ def predict_labels_scaled(
     *,
     pixel_size_um: float | None = None,
     device=None,
+    stains="estimate",
 ):
     """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, scale)``,
     ``scale`` a :class:`mlseg.scale.ScaleEstimate` whose ``source`` says where the factor
     came from: ``pixel_size`` (image and model pixel sizes), ``estimated`` (the nuclei of a
     first pass), ``rejected`` (an estimate was implausible, native scale kept) or
-    ``native`` (auto-scaling off, no reference diameter, or too few nuclei)."""
+    ``native`` (auto-scaling off, no reference diameter, or too few nuclei).
+    ``stains``: the image's Macenko estimate where already made
+    (:func:`warn_if_not_stain_normalised`), used by a pass at native scale."""
     from mlseg.instances import area_limits_px, filter_sizes
     from mlseg.scale import META_KEY, ScaleEstimate, auto_scale, statistic_of
 
@@ -188,7 +198,9 @@ def predict_labels_scaled(
     def run(factor: float) -> tuple[np.ndarray, np.ndarray | None]:
         # zoom acts on every pass: nuclei keep their size on the original grid, so the
         # scale estimate and its plausibility check read the zoomed passes the same way
-        return _predict_at(loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device)
+        return _predict_at(
+            loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device, stains
+        )
 
     def at(factor: float, source: str):
         return (*run(factor), ScaleEstimate(factor, source))
@@ -232,20 +244,26 @@ def _predict_at(
     pixel_size_um: float | None,
     factor: float,
     device,
+    stains="estimate",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample ``image`` by ``factor``, predict and label there (where nuclei have the
     size the model knows), then map labels (nearest) and probabilities (linear) back to the
     original grid. Area limits follow the work grid: microns when the pixel size is known,
-    else the profile's pixel limits, which refer to the original grid, scaled by factor**2."""
+    else the profile's pixel limits, which refer to the original grid, scaled by factor**2.
+    ``stains`` (``image``'s Macenko estimate) serves at factor 1 only: a resampled image has
+    its own."""
     import cv2
 
     from mlseg.infer import adapted_batchnorm, predict_labels_banded, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
-    from mlseg.preprocess import normalize, rescale_image, resize_labels
+    from mlseg.preprocess import ESTIMATE, normalize, rescale_image, resize_labels
 
     height, width = image.shape[:2]
     work = rescale_image(image, factor, 1.0) if factor != 1.0 else image
-    x = normalize(work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels)
+    own = stains if factor == 1.0 else ESTIMATE
+    x = normalize(
+        work, loaded.config.preprocess, profile.stain, channels=loaded.in_channels, stains=own
+    )
     stain_tta = stain_tta_for(cfg, profile, loaded.config.preprocess, loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)
     work_px = px / factor if px is not None else None
@@ -668,7 +686,7 @@ def segment_image(
     """
     image = read_image(path)
     check_channels(image, profile, path)
-    warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
+    stains = warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
     try:
@@ -676,7 +694,7 @@ def segment_image(
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     labels, _, scale = predict_labels_scaled(
-        loaded, image, profile, inference_cfg, pixel_size_um=px
+        loaded, image, profile, inference_cfg, pixel_size_um=px, stains=stains
     )
     warn_if_scale_at_limit(scale, path)
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
