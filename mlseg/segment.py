@@ -51,6 +51,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -178,7 +179,7 @@ def predict_labels_scaled(
     *,
     pixel_size_um: float | None = None,
     device=None,
-    stains="estimate",
+    stains: Any = "estimate",  # mlseg.preprocess.ESTIMATE: made in each pass
 ):
     """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, scale)``,
     ``scale`` a :class:`mlseg.scale.ScaleEstimate` whose ``source`` says where the factor
@@ -244,7 +245,7 @@ def _predict_at(
     pixel_size_um: float | None,
     factor: float,
     device,
-    stains="estimate",
+    stains: Any = "estimate",  # mlseg.preprocess.ESTIMATE: made in each pass
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample ``image`` by ``factor``, predict and label there (where nuclei have the
     size the model knows), then map labels (nearest) and probabilities (linear) back to the
