@@ -102,18 +102,26 @@ def test_only_transient_io_errors_are_retried() -> None:
     assert not is_transient(ValueError("bug"))
 
 
-def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, checkpoint) -> None:
-    from flows.segment import batch_cache_key, model_config, model_id, segment_batch
+def _batch_args(out, checkpoint) -> tuple:
+    """segment_batch's positional arguments after the images: the he profile and the model's
+    own inference settings."""
+    from flows.segment import model_config, model_id
     from mlseg.config import get_profile
 
-    images = [str(p) for p in disc_images(tmp_path / "in", 2)]
-    args = (
-        str(tmp_path / "out"),
+    return (
+        str(out),
         str(checkpoint),
         model_id(str(checkpoint)),
         get_profile("he").model_dump(mode="json"),
         model_config(str(checkpoint)).inference.model_dump(mode="json"),
     )
+
+
+def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, checkpoint) -> None:
+    from flows.segment import batch_cache_key, segment_batch
+
+    images = [str(p) for p in disc_images(tmp_path / "in", 2)]
+    args = _batch_args(tmp_path / "out", checkpoint)
     first = segment_batch.fn(images, *args)
     assert [r["status"] for r in first] == ["processed", "processed"]
     assert first[0]["summary"]["input_digest"]
@@ -149,8 +157,7 @@ def test_batch_task_names_an_ome_tiff_by_its_name_less_ome_tif(tmp_path, checkpo
     ``x`` (its file name works too)."""
     import tifffile
 
-    from flows.segment import _entries, model_config, model_id, per_image_sizes, segment_batch
-    from mlseg.config import get_profile
+    from flows.segment import _entries, per_image_sizes, segment_batch
     from mlseg.io import read_image
 
     (png,) = disc_images(tmp_path / "in", 1)
@@ -159,13 +166,7 @@ def test_batch_task_names_an_ome_tiff_by_its_name_less_ome_tif(tmp_path, checkpo
     png.unlink()
     sizes = per_image_sizes({"x.ome.tif": 0.3}, None)
     assert sizes == {"x": 0.3} and _entries(sizes, [str(ome)]) == sizes
-    args = (
-        str(tmp_path / "out"),
-        str(checkpoint),
-        model_id(str(checkpoint)),
-        get_profile("he").model_dump(mode="json"),
-        model_config(str(checkpoint)).inference.model_dump(mode="json"),
-    )
+    args = _batch_args(tmp_path / "out", checkpoint)
     (first,) = segment_batch.fn([str(ome)], *args, pixel_sizes=sizes)
     assert first["status"] == "processed" and first["summary"]["image"] == "x"
     assert first["summary"]["pixel_size_source"] == "table"
