@@ -432,8 +432,12 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
             tifffile.imwrite(tmp, arr, compression="zlib")
         else:
             out = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr
-            if not cv2.imwrite(str(tmp), out):
+            # encoded in memory, written by Python: cv2.imwrite reports success for a file
+            # cut short by a full disk (its last buffer fails on close, unchecked)
+            ok, encoded = cv2.imencode(path.suffix.lower(), out)
+            if not ok:
                 raise ImageReadError(f"{path}: OpenCV could not write this format/dtype")
+            tmp.write_bytes(encoded.tobytes())
     return path
 
 

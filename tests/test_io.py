@@ -322,3 +322,22 @@ def test_image_stem_counts_ome_tif_as_one_extension(name, stem, ext):
 def test_match_stem_reads_an_ome_stem_as_the_ome_tiffs_unless_an_image_has_it():
     assert match_stem("x.ome") == "x" and match_stem("x.OME", {"x"}) == "x"
     assert match_stem("x.ome", {"x.ome"}) == "x.ome" and match_stem("TCGA.01") == "TCGA.01"
+
+
+def test_write_image_never_leaves_a_short_file_when_the_disk_fills(tmp_path):
+    """A label image cut short by a full disk (here a file size limit) is an error, never a
+    file under its final name: OpenCV's own writer reported such files as written."""
+    resource = pytest.importorskip("resource")
+    labels = np.zeros((256, 256), np.int32)
+    rng = np.random.default_rng(0)
+    for i in range(200):  # about 6 KB as a 16-bit PNG
+        y, x = rng.integers(0, 250, 2)
+        labels[y : y + 6, x : x + 6] = i + 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError):
+            write_labels(tmp_path / "x_labels.png", labels)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
