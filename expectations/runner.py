@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from mlseg.errors import ConfigError
+from mlseg.errors import ConfigError, cannot_write
 from mlseg.inventory import Inventory, ValidateConfig, build_inventory, write_inventory
 from mlseg.io import write_table, write_text
 
@@ -327,7 +327,13 @@ def run_suites(
                 rule = (item.expectation_config.meta or {}).get("rule")
                 outcomes.append(_outcome(item, spec, by_rule[rule]))
         if staging is not None and docs_dir is not None:
-            context.build_data_docs()
+            try:
+                context.build_data_docs()
+            except OSError as err:  # the site is many files, written by Great Expectations
+                said = cannot_write(docs_dir, err)
+                if said is None:
+                    raise
+                raise said from err
             if docs_dir.exists():
                 shutil.rmtree(docs_dir)
             os.replace(staging, docs_dir)

@@ -6,6 +6,7 @@ what to do. The CLI prints ``str(err)`` and exits non-zero; nothing else is show
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import warnings
@@ -72,6 +73,35 @@ class ImageReadError(MlsegError):
 
 class ModelError(MlsegError):
     """A model or checkpoint cannot be built or loaded as asked."""
+
+
+class OutputError(MlsegError):
+    """An output cannot be written: disk full, file size limit, read-only or missing
+    permission, a folder in the way."""
+
+
+#: What to do about the usual reasons a write fails, by errno.
+_WRITE_HINTS = {
+    errno.ENOSPC: "free disk space or write elsewhere, then run again",
+    errno.EDQUOT: "free space within your quota or write elsewhere, then run again",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or write elsewhere, then run again",
+    errno.EACCES: "make the folder writable or write elsewhere",
+    errno.EPERM: "make the folder writable or write elsewhere",
+    errno.EROFS: "write to a writable file system",
+    errno.EISDIR: "a folder of that name is in the way: move it",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: move it",
+    errno.EEXIST: "a file is in the way where a folder is needed: move it",  # from mkdir
+}
+
+
+def cannot_write(path: str | os.PathLike, err: OSError) -> OutputError | None:
+    """The error for ``path`` (the output's final name, not its temporary file) that could
+    not be written because of ``err``; None where the cause is not one a person fixes (an
+    I/O error or time-out of a network file system, which the flows retry as it is)."""
+    hint = _WRITE_HINTS.get(err.errno)
+    if hint is None:
+        return None
+    return OutputError(f"{path}: cannot be written ({(err.strerror or str(err)).lower()}); {hint}")
 
 
 class ValidationFailed(MlsegError):

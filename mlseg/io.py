@@ -25,7 +25,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from mlseg.errors import ImageReadError
+from mlseg.errors import ImageReadError, MlsegError, cannot_write
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -61,13 +61,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the suffix so format-sniffing writers (OpenCV, pandas) work.
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; a write
+    that fails for a reason a person fixes (disk full, file size limit, no permission, a
+    folder in the way) raises :class:`OutputError` naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+        )
+    except OSError as err:
+        said = cannot_write(path, err)
+        if said is None:
+            raise
+        raise said from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -75,9 +83,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
-        raise
+        cause = _os_error(err)
+        said = cannot_write(path, cause) if cause is not None else None
+        if said is None:
+            raise
+        raise said from err
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or one that a writer turned into its own error
+    (torch.save's RuntimeError about a zip position comes from a failed ``write``); never
+    behind mlseg's own errors, which say what they mean."""
+    if not isinstance(err, Exception) or isinstance(err, MlsegError):
+        return None
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -201,18 +201,19 @@ def save_checkpoint(
     image's microns per pixel (``None``: unknown). Every file is written atomically.
     Returns the weights' path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if name not in CHECKPOINT_NAMES:
         raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
+    # written by Python, so a full disk says so (OSError) rather than in the writer's words
     with atomic_path(weights) as tmp:
-        save_file(_clean_state_dict(model), str(tmp), metadata={"format": "pt"})
+        tmp.write_bytes(save(_clean_state_dict(model), metadata={"format": "pt"}))
     if train_state is not None:
-        with atomic_path(directory / f"{name}.state.pt") as tmp:
-            torch.save(train_state, tmp)
+        with atomic_path(directory / f"{name}.state.pt") as tmp, tmp.open("wb") as fh:
+            torch.save(train_state, fh)
     write_text(directory / "config.json", config.model_dump_json(indent=2))
     meta_path = directory / "meta.json"
     meta = _read_json(meta_path) if meta_path.is_file() else {}

@@ -33,6 +33,16 @@ def test_ingest_errors_are_one_line_and_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
 
 
+def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path, capsys):
+    """A file where an output folder must go (or a disk that turned read-only) is named in one
+    line, not shown as Python's traceback."""
+    (tmp_path / "taken").write_text("")
+    assert main(["init", str(tmp_path / "taken" / "ds")]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'taken'}") and "not a directory" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_unknown_config_key_exit_code(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  mask_sufix: _m\n")

@@ -1,9 +1,12 @@
+import contextlib
+import errno
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from mlseg.errors import ImageReadError
+from mlseg.errors import ImageReadError, OutputError
 from mlseg.io import (
     atomic_path,
     exif_orientation,
@@ -16,6 +19,7 @@ from mlseg.io import (
     without_image_extension,
     write_image,
     write_labels,
+    write_table,
 )
 from mlseg.pixel_size import tiff_pixel_size_um
 
@@ -327,17 +331,45 @@ def test_match_stem_reads_an_ome_stem_as_the_ome_tiffs_unless_an_image_has_it():
 def test_write_image_never_leaves_a_short_file_when_the_disk_fills(tmp_path):
     """A label image cut short by a full disk (here a file size limit) is an error, never a
     file under its final name: OpenCV's own writer reported such files as written."""
-    resource = pytest.importorskip("resource")
     labels = np.zeros((256, 256), np.int32)
     rng = np.random.default_rng(0)
     for i in range(200):  # about 6 KB as a 16-bit PNG
         y, x = rng.integers(0, 250, 2)
         labels[y : y + 6, x : x + 6] = i + 1
+    with file_size_limit(4096), pytest.raises(OutputError, match=r"x_labels\.png: .*too large"):
+        write_labels(tmp_path / "x_labels.png", labels)
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes beyond ``limit`` bytes fail (EFBIG), as ``ulimit -f`` makes them: a disk that
+    fills up part-way through a file."""
+    resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
     try:
-        with pytest.raises(OSError):
-            write_labels(tmp_path / "x_labels.png", labels)
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_names_the_output_and_the_cause(tmp_path):
+    """One line a person can act on, naming the output (not its temporary file), and the
+    older file of that name left as it was."""
+    table = pd.DataFrame({"area": np.arange(2000.0)})
+    (tmp_path / "t.csv").write_text("old")
+    with file_size_limit(1024), pytest.raises(OutputError) as caught:
+        write_table(table, tmp_path / "t.csv")
+    assert str(caught.value).startswith(f"{tmp_path / 't.csv'}: cannot be written (file too large)")
+    assert (tmp_path / "t.csv").read_text() == "old"
+    (tmp_path / "in_the_way.png").mkdir()
+    with pytest.raises(OutputError, match=r"in_the_way\.png: .*folder of that name is in the way"):
+        write_image(tmp_path / "in_the_way.png", np.zeros((4, 4), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_the_way.png", "t.csv"]
+    with pytest.raises(OutputError, match=r"t\.csv[/\\]x\.csv: .*a file is in the way"):
+        write_table(table, tmp_path / "t.csv" / "x.csv")
+    # a network file system's I/O error stays itself: the flows retry it
+    with pytest.raises(OSError) as caught, atomic_path(tmp_path / "n.csv"):
+        raise OSError(errno.EIO, "Input/output error")
+    assert not isinstance(caught.value, OutputError)

@@ -112,6 +112,25 @@ def test_last_checkpoint_keeps_train_state_without_pickle(tmp_path) -> None:
     assert set(meta["checkpoints"]) == {"best", "last"}
 
 
+def test_a_checkpoint_the_disk_cannot_hold_names_the_file(tmp_path) -> None:
+    """torch.save says "unexpected pos 80011072 vs 80010960" when the disk fills: the user
+    is told which file could not be written and why."""
+    from mlseg.errors import OutputError
+
+    resource = pytest.importorskip("resource")
+    model = build_model(SMALL, 3, 3)
+    weights = _save(tmp_path, model, name="last")
+    state = {"step": 3, "moments": torch.zeros(weights.stat().st_size // 2)}  # as AdamW's: 2x
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (weights.stat().st_size + (1 << 16), hard))
+    try:
+        with pytest.raises(OutputError, match=r"last\.state\.pt: cannot be written \(file too"):
+            _save(tmp_path, model, name="last", train_state=state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     _save(tmp_path, build_model(SMALL, 3, 3))
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None:  # not about a file: a bug to show whole
+            raise
+        # a file mlseg writes outside the atomic writers (which say OutputError): the disk
+        # filled, the folder turned read-only: one line, as for any other error
+        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        print(f"error: {where}: {(err.strerror or str(err)).lower()}", file=sys.stderr)
+        return 1
     except Exception as err:
         if not isinstance(err, _usage_errors()):
             raise
