@@ -18,6 +18,7 @@ Model output convention: logits ``(N, classes, H, W)``; ``binary`` -> 1 channel 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -30,7 +31,7 @@ from torch import nn
 
 from mlseg.config import Config, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError
-from mlseg.io import atomic_path, write_text
+from mlseg.io import atomic_path
 from mlseg.scale import STATISTIC
 
 CHECKPOINT_NAMES = ("best", "last")
@@ -198,8 +199,8 @@ def save_checkpoint(
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
     ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
     step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
-    image's microns per pixel (``None``: unknown). Every file is written atomically.
-    Returns the weights' path.
+    image's microns per pixel (``None``: unknown). The files are written under temporary
+    names, then renamed together. Returns the weights' path.
     """
     from safetensors.torch import save
 
@@ -208,13 +209,6 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
-    # written by Python, so a full disk says so (OSError) rather than in the writer's words
-    with atomic_path(weights) as tmp:
-        tmp.write_bytes(save(_clean_state_dict(model), metadata={"format": "pt"}))
-    if train_state is not None:
-        with atomic_path(directory / f"{name}.state.pt") as tmp, tmp.open("wb") as fh:
-            torch.save(train_state, fh)
-    write_text(directory / "config.json", config.model_dump_json(indent=2))
     meta_path = directory / "meta.json"
     meta = _read_json(meta_path) if meta_path.is_file() else {}
     import mlseg
@@ -246,7 +240,21 @@ def save_checkpoint(
         "metrics": {k: float(v) for k, v in metrics.items()},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_text(meta_path, json.dumps(meta, indent=2))
+    # Every file is written under a temporary name first and all are renamed together at
+    # the end: a disk that fills on the optimiser state (twice the weights) leaves the last
+    # pair as it was, not new weights beside the old step, which a resume would train on.
+    # Written by Python, so a full disk says so (OSError) rather than in the writer's words.
+    with contextlib.ExitStack() as files:
+        tmp = files.enter_context(atomic_path(weights))
+        tmp.write_bytes(save(_clean_state_dict(model), metadata={"format": "pt"}))
+        if train_state is not None:
+            tmp = files.enter_context(atomic_path(directory / f"{name}.state.pt"))
+            with tmp.open("wb") as fh:
+                torch.save(train_state, fh)
+        tmp = files.enter_context(atomic_path(directory / "config.json"))
+        tmp.write_bytes(config.model_dump_json(indent=2).encode("utf-8"))
+        tmp = files.enter_context(atomic_path(meta_path))
+        tmp.write_bytes(json.dumps(meta, indent=2).encode("utf-8"))
     return weights
 
 

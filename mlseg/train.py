@@ -480,7 +480,8 @@ def _start(
         run.gen.set_state(state["generator"])
         run.step, run.best = int(state["step"]), float(state["best"])
         run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))
-        run.history = _read_history(out)
+        # epochs recorded after the last checkpoint are trained again
+        run.history = [row for row in _read_history(out) if row["step"] <= run.step]
     if run.step < tc.max_steps and not run.stopped:  # a finished run trains nowhere
         precision = {"precision": "bf16 autocast" if run.amp_dtype else "float32"}
         run.trained_on = _trained_on(out, run.step, machine(device) | precision)
@@ -544,6 +545,10 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
             )
         )
     run.history.append(row)
+    # the history before the checkpoint, which is what a resume goes on from: a run stopped
+    # between the two resumes without this epoch's row (_start drops it) and records it
+    # again, where the other order lost it for good
+    _write_history(run.history, run.out)
     score = row["val_dice"] if run.data.val is not None else -row["train_loss"]
     metrics = {k: row[k] for k in ("train_loss", "val_loss", "val_dice")}
     if score > run.best + 1e-4:
@@ -553,7 +558,6 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
         run.bad_epochs += 1
         run.stopped = run.bad_epochs >= tc.early_stop_patience
     _checkpoint(run, "last", metrics, generator_state)
-    _write_history(run.history, run.out)
     return row
 
 

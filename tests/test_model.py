@@ -114,12 +114,16 @@ def test_last_checkpoint_keeps_train_state_without_pickle(tmp_path) -> None:
 
 def test_a_checkpoint_the_disk_cannot_hold_names_the_file(tmp_path) -> None:
     """torch.save says "unexpected pos 80011072 vs 80010960" when the disk fills: the user
-    is told which file could not be written and why."""
+    is told which file could not be written and why, and the weights and optimiser state of
+    the last checkpoint are still each other's."""
     from mlseg.errors import OutputError
 
     resource = pytest.importorskip("resource")
     model = build_model(SMALL, 3, 3)
-    weights = _save(tmp_path, model, name="last")
+    weights = _save(tmp_path, model, name="last", train_state={"step": 2})
+    before = weights.read_bytes()
+    with torch.no_grad():  # the next step's weights
+        next(model.parameters()).add_(1.0)
     state = {"step": 3, "moments": torch.zeros(weights.stat().st_size // 2)}  # as AdamW's: 2x
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (weights.stat().st_size + (1 << 16), hard))
@@ -129,6 +133,8 @@ def test_a_checkpoint_the_disk_cannot_hold_names_the_file(tmp_path) -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    # the last pair stays a pair: a resume must not train step 3's weights from step 2's state
+    assert weights.read_bytes() == before and load_train_state(tmp_path)["step"] == 2
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:

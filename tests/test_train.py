@@ -8,6 +8,7 @@ import re
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from skimage.draw import disk
@@ -431,3 +432,37 @@ def test_a_resampled_16_bit_training_image_keeps_the_full_scale_it_is_stored_wit
     assert [im.shape[:2] for im in images] == [(32, 32), (32, 32)]
     backgrounds = [normalize(im, pre, "fluorescence")[20, 20, 0] for im in images]
     assert backgrounds == pytest.approx([300 / 4095] * 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("stop_in", ["_write_history", "_checkpoint"])
+def test_a_run_stopped_at_the_end_of_an_epoch_resumes_to_the_unbroken_run(
+    synth_dataset, tmp_path, monkeypatch, stop_in
+) -> None:
+    """Killed between its checkpoint and its history (either order), a run resumed to the
+    end has every epoch's row once, and the weights of a run never stopped."""
+    import mlseg.train
+
+    cfg = _cfg(max_steps=6, val_every=2)
+    fit(cfg, synth_dataset, tmp_path / "unbroken", progress=False)
+    real = getattr(mlseg.train, stop_in)
+
+    def stop_at_step_4(run_or_history, *args, **kwargs):
+        step = run_or_history[-1]["step"] if stop_in == "_write_history" else run_or_history.step
+        if step == 4:
+            raise KeyboardInterrupt  # as kill -9 would, at this point
+        return real(run_or_history, *args, **kwargs)
+
+    monkeypatch.setattr(mlseg.train, stop_in, stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, synth_dataset, tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(mlseg.train, stop_in, real)
+    resumed = fit(cfg, synth_dataset, tmp_path / "stopped", progress=False)
+    unbroken = pd.read_csv(tmp_path / "unbroken" / "history.csv")
+    timing = ["images_per_s", "elapsed_s"]
+    assert list(resumed.history["step"]) == [2, 4, 6]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "stopped" / "history.csv").drop(columns=timing),
+        unbroken.drop(columns=timing),
+    )
+    one, two = _weights(tmp_path / "unbroken"), _weights(tmp_path / "stopped")
+    assert all(torch.equal(one[k], two[k]) for k in one)
