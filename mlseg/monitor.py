@@ -545,11 +545,20 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame:
-    """Append one row to the history table at ``path`` (atomic rewrite); return the table."""
+    """Append one row to the history table at ``path`` (atomic rewrite); return the table.
+
+    The read and the rewrite hold a lock (``.<name>.lock`` beside it): two runs into one
+    folder that end together each read the table before the other's row, and one row was
+    lost."""
+    from filelock import FileLock
+
     from mlseg.io import write_table
 
-    history = read_history(path)
-    new = pd.DataFrame([row])
-    table = new if history.empty else pd.concat([history, new], ignore_index=True)
-    write_table(table, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        history = read_history(path)
+        new = pd.DataFrame([row])
+        table = new if history.empty else pd.concat([history, new], ignore_index=True)
+        write_table(table, path)
     return table

@@ -179,6 +179,24 @@ def test_run_history_and_shift_between_runs(tmp_path) -> None:
     assert monitor.run_shift(counts1, areas1, None)["count_psi"] != 0  # NaN: nothing to compare
 
 
+def test_runs_ending_together_keep_every_history_row(tmp_path) -> None:
+    """Two flow runs into one folder append at about the same moment: both rows stay."""
+    import threading
+
+    history = tmp_path / "runs" / "history.csv"
+
+    def append(name: str) -> None:
+        for i in range(60):
+            monitor.append_history(history, {"run_id": f"{name}{i}", "images": 1})
+
+    threads = [threading.Thread(target=append, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(monitor.read_history(history)) == 120
+
+
 def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsys) -> None:
     import json
 
