@@ -422,7 +422,9 @@ def ingest(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise not_a_folder(src, "source")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise DatasetError(f"{dst}: a file, not a folder; give a new folder as the target")
+    if dst.exists() and any(dst.iterdir()):
         raise DatasetError(
             f"{dst}: target is not empty; choose a new folder (ingest never overwrites)"
         )

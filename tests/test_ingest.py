@@ -225,6 +225,7 @@ def test_a_pixel_size_table_in_the_wrong_unit_is_refused(tmp_path, written, expe
         ("truncated_image", "img1.png: truncated PNG"),
         ("mask_other_size", "img2_mask.png: mask is 10x10 px but its image is 24x24"),
         ("target_not_empty", "target is not empty"),
+        ("target_is_a_file", "ds: a file, not a folder"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_written(tmp_path, breakage, expected):
@@ -244,12 +245,16 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, breakage, expected):
     elif breakage == "target_not_empty":
         dst.mkdir()
         (dst / "keep.txt").write_text("mine")
+    elif breakage == "target_is_a_file":
+        dst.write_text("mine")
     with pytest.raises(DatasetError, match=expected):
         ingest(src, dst, progress=False)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("src", "ds")]
     assert leftovers == []
     if breakage == "target_not_empty":
         assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    elif breakage == "target_is_a_file":
+        assert dst.read_text() == "mine"
     else:
         assert not dst.exists()
 
