@@ -354,6 +354,17 @@ def test_cli_list_shows_the_compared_metrics_and_a_readable_eval_set(
     assert "aji=0.600" in row and "pq=0.500" in row
 
 
+def test_models_list_names_a_registry_folder_that_does_not_exist(tmp_path, capsys) -> None:
+    """`models list -r registy` (a typo) said 'no models', as an empty registry would."""
+    from mlseg.cli import main
+
+    assert main(["models", "list", "-r", str(tmp_path / "registy")]) == 0
+    assert "registy: no such folder" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["models", "list", "-r", str(tmp_path / "empty")]) == 0
+    assert "no such folder" not in capsys.readouterr().out
+
+
 def test_a_registry_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
     """A mistyped registry (or one on another worker's volume) said 'model has no production
     version; promote one', sending the user to promote into an empty folder."""

@@ -31,7 +31,12 @@ def list_cmd(
 
     versions = reg.list_models(registry, name)
     if not versions:
-        typer.echo(f"no models in {registry}")
+        # a mistyped path lists as empty: say there is no such folder
+        missing = "://" not in registry and not Path(registry).is_dir()
+        typer.echo(
+            f"no models in {registry}"
+            + (": no such folder; check -r (relative paths are read from here)" if missing else "")
+        )
         return
     live = {n: reg.production_record(registry, n) for n in {v.name for v in versions}}
     typer.echo(f"{'':2}{'model':<20}{'created (UTC)':<27}{'metrics':<36}eval set")
