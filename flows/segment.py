@@ -398,7 +398,12 @@ def segment_and_quantify(
     from mlseg.io import image_stem
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import write_run_outputs
-    from mlseg.segment import check_out_dir, list_images, own_pixel_sizes
+    from mlseg.segment import (
+        check_out_dir,
+        check_units_possible,
+        list_images,
+        own_pixel_sizes,
+    )
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -414,6 +419,8 @@ def segment_and_quantify(
     sizes = own_pixel_sizes(per_image_sizes(pixel_sizes, pixel_size_um), stems, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
+    # micron units no image can have fail the run once, before any work, as segment_folder does
+    check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
     saved = model_config(checkpoint)
     cfg = inference_settings(checkpoint, inference, saved)
     settings = runner_settings(task_runner, dask_address, workers)

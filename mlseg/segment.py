@@ -459,7 +459,7 @@ def _load_profile(
     return profile
 
 
-def _check_units_possible(
+def check_units_possible(
     profile: Profile,
     override: float | None,
     files: list[Path],
@@ -741,7 +741,7 @@ def segment_folder(
     files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
     sizes = own_pixel_sizes(pixel_sizes, [image_stem(p) for p in files], pixel_size_um)
-    _check_units_possible(profile, pixel_size_um, files, sizes)
+    check_units_possible(profile, pixel_size_um, files, sizes)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
@@ -850,7 +850,7 @@ def quantify_folder(
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     image_files = [img for _, _, img in pairs if img is not None]
     sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
-    _check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
+    check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
     settings = (profile.model_dump(mode="json"), pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
     declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}

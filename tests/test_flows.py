@@ -440,6 +440,18 @@ def test_one_pixel_size_beside_a_table_warns_as_segment_does(harness, tmp_path, 
     assert state.is_completed(), state.message
 
 
+def test_micron_units_no_image_can_have_fail_the_flow_before_any_work(
+    harness, tmp_path, checkpoint
+) -> None:
+    """As mlseg segment: one error up front, not the same failure for every image."""
+    disc_images(tmp_path / "inbox", 3)
+    state = _segment(
+        tmp_path / "inbox", tmp_path / "out", checkpoint, profile_overrides={"units": "um"}
+    )
+    assert state.is_failed() and "micron units" in str(state.message)
+    assert not (tmp_path / "out").exists()
+
+
 TINY = {
     "train": {
         "encoder": "resnet18",
