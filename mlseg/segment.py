@@ -81,6 +81,7 @@ from mlseg.pixel_size import (
     plausible_pixel_size,
     sidecar_path,
 )
+from mlseg.preprocess import ESTIMATE
 from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
@@ -128,7 +129,7 @@ def warn_if_not_stain_normalised(
     Returns the estimate made (``stains`` of :func:`mlseg.preprocess.macenko`, the one the
     native-scale pass normalises with, so it is not made twice), or
     :data:`mlseg.preprocess.ESTIMATE` where none applies."""
-    from mlseg.preprocess import ESTIMATE, macenko_stains, to_float
+    from mlseg.preprocess import macenko_stains, to_float
 
     rgb = image.ndim == 3 and image.shape[2] == 3
     if preprocess.stain_norm != "macenko" or profile.stain not in ("he", "ihc") or not rgb:
@@ -179,7 +180,7 @@ def predict_labels_scaled(
     *,
     pixel_size_um: float | None = None,
     device=None,
-    stains: Any = "estimate",  # mlseg.preprocess.ESTIMATE: made in each pass
+    stains: Any = ESTIMATE,
 ):
     """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, scale)``,
     ``scale`` a :class:`mlseg.scale.ScaleEstimate` whose ``source`` says where the factor
@@ -245,7 +246,7 @@ def _predict_at(
     pixel_size_um: float | None,
     factor: float,
     device,
-    stains: Any = "estimate",  # mlseg.preprocess.ESTIMATE: made in each pass
+    stains: Any = ESTIMATE,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample ``image`` by ``factor``, predict and label there (where nuclei have the
     size the model knows), then map labels (nearest) and probabilities (linear) back to the
@@ -257,7 +258,7 @@ def _predict_at(
 
     from mlseg.infer import adapted_batchnorm, predict_labels_banded, predict_probs
     from mlseg.instances import area_limits_px, probs_to_labels
-    from mlseg.preprocess import ESTIMATE, normalize, rescale_image, resize_labels
+    from mlseg.preprocess import normalize, rescale_image, resize_labels
 
     height, width = image.shape[:2]
     work = rescale_image(image, factor, 1.0) if factor != 1.0 else image
