@@ -66,25 +66,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     folder in the way) raises :class:`OutputError` naming ``path`` and the cause.
     """
     path = Path(path)
+    tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
         )
-    except OSError as err:
-        said = cannot_write(path, err)
-        if said is None:
-            raise
-        raise said from err
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException as err:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         cause = _os_error(err)
         said = cannot_write(path, cause) if cause is not None else None
         if said is None:
