@@ -62,7 +62,7 @@ def contingency(
     need not be consecutive. One pass of ``np.bincount`` over the pixels (``np.unique`` for
     very many objects).
     """
-    p, t = np.asarray(pred_labels), np.asarray(true_labels)
+    p, t = _labels(pred_labels, "prediction"), _labels(true_labels, "truth")
     if p.shape != t.shape:
         raise ValueError(f"shapes differ: prediction {p.shape}, truth {t.shape}")
     # index 0 = background; objects 1..n in label order (background slot kept if absent)
@@ -89,6 +89,18 @@ def contingency(
     return ti[both] - 1, pi[both] - 1, counts[both].astype(np.int64), true_area, pred_area
 
 
+def _labels(labels: np.ndarray, name: str) -> np.ndarray:
+    """``labels`` as an array, refused unless of an integer dtype: a boolean mask would be
+    scored as one object holding every nucleus, a float one could hold NaN."""
+    a = np.asarray(labels)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(
+            f"{name} labels must be integers (0 = background), not {a.dtype}; "
+            "label a mask's objects first (e.g. scipy.ndimage.label)"
+        )
+    return a
+
+
 def _match(
     ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, n_t: int, n_p: int, threshold: float
 ) -> np.ndarray:
@@ -109,7 +121,7 @@ def _match(
 def object_metrics(
     pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
 ) -> dict[str, float]:
-    """Object-level scores of two ``(H, W)`` instance label images (see module docstring).
+    """Object-level scores of two ``(H, W)`` integer instance label images (see module docstring).
 
     Returns ``tp, fp, fn, precision, recall, f1, mean_matched_iou, aji, pq, sq, rq``,
     ``area_ratio`` (NaN without a match) and the ERROR_KINDS counts of :func:`error_kinds`.
@@ -248,8 +260,8 @@ def _major(a: np.ndarray, b: np.ndarray, inter: np.ndarray, n: int) -> np.ndarra
 def count_error(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
     """Object counts and their error: ``n_true, n_pred, count_error`` (pred - true) and
     ``count_error_rel`` (relative to the true count; NaN when there is no true object)."""
-    n_p = int(np.count_nonzero(np.unique(pred_labels)))
-    n_t = int(np.count_nonzero(np.unique(true_labels)))
+    n_p = int(np.count_nonzero(np.unique(_labels(pred_labels, "prediction"))))
+    n_t = int(np.count_nonzero(np.unique(_labels(true_labels, "truth"))))
     return {
         "n_true": n_t,
         "n_pred": n_p,

@@ -228,3 +228,15 @@ def test_error_kinds_add_up_to_the_unmatched_objects() -> None:
     empty = np.zeros_like(truth)
     assert error_kinds(empty, truth)["fn_missed"] == object_metrics(empty, truth)["fn"]
     assert error_kinds(truth, empty)["fp_spurious"] == object_metrics(truth, empty)["fp"]
+
+
+def test_masks_that_are_not_labels_are_refused_not_scored() -> None:
+    """A boolean mask of two nuclei scored as one object: F1 0.67 and AJI 0.5 against its
+    own labels, with pixel Dice 1.0; a float one could hold NaN."""
+    _, truth = _squares()
+    for mask in (truth > 0, truth.astype(float)):
+        with pytest.raises(ValueError, match="prediction labels must be integers"):
+            object_metrics(mask, truth)
+        with pytest.raises(ValueError, match="truth labels must be integers"):
+            count_error(truth, mask)
+    assert object_metrics(truth.astype(np.uint8), truth)["f1"] == 1.0
