@@ -466,3 +466,31 @@ def test_a_run_stopped_at_the_end_of_an_epoch_resumes_to_the_unbroken_run(
     )
     one, two = _weights(tmp_path / "unbroken"), _weights(tmp_path / "stopped")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import mlseg.evaluate
+    from mlseg.cli import main
+    from mlseg.evaluate import EvalResult, score_labels
+
+    blank = np.zeros((32, 32), np.int32)
+    one = blank.copy()
+    one[4:12, 4:12] = 1
+    # a model that finds nothing: a blank tile scores 1.0, the other 0, so the mean is 0.5
+    rows = pd.DataFrame(
+        [{"stem": "a", **score_labels(blank, blank)}, {"stem": "b", **score_labels(blank, one)}]
+    )
+    means = rows.drop(columns="stem").mean().to_dict()
+
+    def fake(model, data, out, **_):
+        return EvalResult(rows, means, out / "p.csv", out / "s.json", None, out, "x")
+
+    monkeypatch.setattr(mlseg.evaluate, "evaluate", fake)
+    (tmp_path / "run").mkdir()
+    assert main(["evaluate", str(tmp_path / "run"), str(tmp_path), "--quiet"]) == 0
+    assert (
+        "2 images (1 with no nucleus on either side, each scored 1.0): Dice 0.5000"
+        in capsys.readouterr().out
+    )
