@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mlseg.errors import ConfigError
 
@@ -362,9 +370,9 @@ class Profile(Strict):
     measurement units: ``um`` needs a pixel size (else :class:`ConfigError`), ``px`` ignores
     it, ``auto`` uses microns when a pixel size is known. ``stain_vectors`` are the RGB
     optical-density vectors of the three stains named by ``stain_names`` (rows, normalised
-    to unit length when used). ``dab_thresholds`` are the mean DAB optical densities of
-    1+, 2+ and 3+ nuclei. Size limits apply in square microns when the pixel size is known,
-    else in pixels. Tissue is where the summed RGB optical density exceeds
+    to unit length when used). ``dab_thresholds`` are the mean optical densities of the
+    stain named ``dab`` (an ``ihc`` profile must name one so) of 1+, 2+ and 3+ nuclei. Size
+    limits apply in square microns when the pixel size is known, else in pixels. Tissue is where the summed RGB optical density exceeds
     ``tissue_od_threshold`` (bright field) or the brightest channel exceeds
     ``tissue_intensity_threshold`` of full scale (fluorescence). Unset for fluorescence,
     tissue is not measured: a nuclear stain alone does not show where tissue is, and a
@@ -418,12 +426,19 @@ class Profile(Strict):
 
     @field_validator("stain_names")
     @classmethod
-    def _column_safe(cls, value: tuple[str, str, str]) -> tuple[str, str, str]:
+    def _column_safe(
+        cls, value: tuple[str, str, str], info: ValidationInfo
+    ) -> tuple[str, str, str]:
         for name in value:
             if not name.isidentifier() or name != name.lower():
                 raise ValueError(f"stain name {name!r} must be a lower-case identifier")
         if len(set(value)) != 3:
             raise ValueError("stain names must differ")
+        if info.data.get("stain") == "ihc" and "dab" not in value:
+            raise ValueError(
+                "an ihc profile grades nuclei by the stain named 'dab'; name its DAB vector "
+                f"'dab' (got {', '.join(value)})"
+            )
         return value
 
     @model_validator(mode="after")

@@ -45,8 +45,9 @@ Definitions and agreement with ``skimage.measure.regionprops`` (checked in
   the same matrix (whose values are our OD / 6, for I >= 1); ``<stain>_od_mean``, ``_od_max`` and
   ``_od_integrated`` (OD summed over the nucleus's pixels).
 - ``touches_border``: the object has a pixel on the first/last row or column.
-- ``ihc_class`` (IHC with its RGB image only): 0, 1, 2, 3 for mean DAB OD below / above
-  each of the profile's ``dab_thresholds``.
+- ``ihc_class`` (IHC with its RGB image only): 0, 1, 2, 3 for mean DAB OD (the stain named
+  ``dab``, wherever it stands in ``stain_names``) below / above each of the profile's
+  ``dab_thresholds``.
 """
 
 from __future__ import annotations
@@ -346,7 +347,7 @@ def measure(
         (row_min == 0) | (col_min == 0) | (row_max == height - 1) | (col_max == width - 1)
     )
     if ihc:
-        dab = out[f"{profile.stain_names[2]}_od_mean"]
+        dab = out["dab_od_mean"]
         out["ihc_class"] = ihc_classes(dab, profile.dab_thresholds)
     return pd.DataFrame({c: out[c] for c in columns})
 

@@ -161,6 +161,31 @@ def test_ihc_classes_positive_percentage_and_h_score():
     assert summary["density_per_mm2"] == pytest.approx(10 / area_mm2)
 
 
+def test_ihc_classes_read_the_stain_named_dab_wherever_it_stands():
+    """A profile listing DAB first grades by DAB, not by the third stain (its residual)."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:30, 10:30] = 1
+    image = _beer_lambert(np.full(labels.shape, 0.3), np.full(labels.shape, 0.8), IHC)
+    vectors = IHC.stain_matrix()
+    dab_first = IHC.model_copy(
+        update={
+            "stain_names": ("dab", "hematoxylin", "residual"),
+            "stain_vectors": vectors[[2, 0, 1]].tolist(),
+        }
+    )
+    for profile in (IHC, dab_first):
+        table = measure(labels, image, profile, pixel_size_um=None)
+        assert table["dab_od_mean"][0] == pytest.approx(0.8, abs=0.02)
+        assert table["ihc_class"].tolist() == [3]
+
+
+def test_an_ihc_profile_without_a_stain_named_dab_is_refused(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    path.write_text("profiles:\n  mine:\n    stain: ihc\n    stain_names: [h, brown, residual]\n")
+    with pytest.raises(ConfigError, match=r"mine.*'dab'"):
+        get_profile("mine", path)
+
+
 def test_stain_od_matches_skimage_separate_stains():
     from skimage.color import separate_stains
 
