@@ -1,6 +1,7 @@
 import contextlib
 import errno
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 
 from mlseg.errors import ImageReadError, OutputError
 from mlseg.io import (
+    SIXTEEN_BIT_DEPTHS,
     atomic_path,
     exif_orientation,
     full_scale,
@@ -57,6 +59,13 @@ def test_full_scale_of_a_sixteen_bit_image_is_its_camera_bit_depth(largest, whit
     assert full_scale(image.astype(np.uint8)) == 255
     with pytest.raises(ValueError, match="uint8 or uint16"):
         full_scale(image.astype(np.float32))
+
+
+def test_the_readme_lists_every_full_scale():
+    """The README told that a 16-bit file holding 0-255 was taken against 1023 (OD 0.6 glass)."""
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    scales = ", ".join(str(2**bits - 1) for bits in SIXTEEN_BIT_DEPTHS[:-1])
+    assert f"the smallest of {scales} and {2 ** SIXTEEN_BIT_DEPTHS[-1] - 1} that holds" in readme
 
 
 def test_tiff_16bit_and_pixel_size(tmp_path):
