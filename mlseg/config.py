@@ -481,7 +481,7 @@ class MonitorConfig(Strict):
     ``statistics``
     limits the comparison (empty: every statistic of the fingerprint). Image size warns when
     more than ``size_warn_fraction`` of the new images lie outside the training width/height
-    range.
+    range, either way round (a tile turned a quarter is not another size).
     """
 
     psi_warn: float = Field(0.2, gt=0)

@@ -13,7 +13,7 @@ images it averages ~1 even without drift), so a statistic only counts as drifted
 permutation test on the same bins (Kolmogorov-Smirnov distance; new and training images
 exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
 number of statistics (Bonferroni).
-Image size is checked against the training width/height range.
+Image size is checked against the training width/height range, in either orientation.
 
 Run metrics (:func:`run_metrics`): throughput, nuclei per image and nucleus-area deciles of
 one segmentation run, appended to a history table (:func:`append_history`). Each run also
@@ -363,18 +363,23 @@ def _size_row(new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig
         return row
     w = new["width_px"].to_numpy()
     h = new["height_px"].to_numpy()
-    outside = (
-        (w < size["width_min"])
-        | (w > size["width_max"])
-        | (h < size["height_min"])
-        | (h > size["height_max"])
-    )
+
+    def fits(across: np.ndarray, down: np.ndarray) -> np.ndarray:
+        return (
+            (across >= size["width_min"])
+            & (across <= size["width_max"])
+            & (down >= size["height_min"])
+            & (down <= size["height_max"])
+        )
+
+    # a tile turned a quarter (a camera mounted the other way) is the same size of image
+    outside = ~(fits(w, h) | fits(h, w))
     fraction = float(outside.mean())
     row["out_of_range_fraction"] = fraction
     row["status"] = "warn" if fraction > cfg.size_warn_fraction else "ok"
     row["note"] = (
         f"training {size['width_min']}-{size['width_max']} x "
-        f"{size['height_min']}-{size['height_max']} px"
+        f"{size['height_min']}-{size['height_max']} px, either way round"
     )
     return row
 

@@ -146,6 +146,25 @@ def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> No
     assert size["status"] == "warn" and size["out_of_range_fraction"] == 1.0
 
 
+def test_images_turned_a_quarter_are_not_another_size(he_fingerprint: dict) -> None:
+    """Training tiles all 96 wide and 64 high: the same tiles turned 90 degrees (64 x 96)
+    warned that every image lay outside the training size range, a camera mounted the other
+    way or a rotated export read as drift; a 128-wide tile still warns."""
+    import copy
+
+    fingerprint = copy.deepcopy(he_fingerprint)
+    fingerprint["size_px"] = dict(width_min=96, width_max=96, height_min=64, height_max=64)
+    tiles = [cv2.resize(im, (96, 64)) for im in _he_images(6, seed=6)]
+    turned = _stats([np.ascontiguousarray(np.rot90(tile)) for tile in tiles])
+    assert turned["width_px"].eq(64).all() and turned["height_px"].eq(96).all()
+    size = monitor.drift_report(turned, fingerprint).table.set_index("statistic")
+    assert size.loc["image_size_px", "status"] == "ok", size.loc["image_size_px", "note"]
+    wider = _stats(_he_images(6, seed=6, size=128))
+    size = monitor.drift_report(wider, fingerprint).table.set_index("statistic")
+    assert size.loc["image_size_px", "status"] == "warn"
+    assert size.loc["image_size_px", "out_of_range_fraction"] == 1.0
+
+
 def test_unknown_statistic_in_config_is_a_config_error(he_fingerprint: dict) -> None:
     with pytest.raises(ConfigError, match="not in the fingerprint"):
         monitor.drift_report(
