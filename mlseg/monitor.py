@@ -252,7 +252,7 @@ def drift_report(
     n_images = len(new)
     usable = []
     rows = []
-    far_out: set[str] = set()  # statistics with an image far outside the training range
+    far_out: dict[str, str] = {}  # statistic -> which images lie far outside its range
     for name in names:
         ref = stats[name]
         column = pd.to_numeric(new.get(name), errors="coerce")
@@ -283,16 +283,16 @@ def drift_report(
             usable.append(len(rows))
         far = _far_outside(name, ref, values, cfg)
         if far.any():
-            far_out.add(name)
             # in a batch of any size: one black or blank image among many like the
             # training set's moves no batch statistic, yet is unlike any image trained on
             named = new.loc[column.index[far], "image"] if "image" in new else pd.Series()
             files = [Path(str(n)).name for n in named]
-            row["note"] += (
-                f"{'; ' if row['note'] else ''}{int(far.sum())} far outside the training range "
+            far_out[name] = (
+                f"{int(far.sum())} far outside the training range "
                 f"{ref['min']:.3g}-{ref['max']:.3g}"
                 + (f": {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else "")
             )
+            row["note"] += f"{'; ' if row['note'] else ''}{far_out[name]}"
         rows.append(row)
     alpha = cfg.p_value / max(1, len(usable))
     for i in usable:
@@ -315,10 +315,12 @@ def drift_report(
         message = f"no drift in {n_images} image(s) across {len(usable)} statistic(s)"
     else:
         parts = [
-            f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
-            + (f"; {r.note})" if r.statistic in far_out else ")")
-            if np.isfinite(r.psi)
-            else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range)"
+            (
+                f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
+                if np.isfinite(r.psi)
+                else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range"
+            )
+            + (f"; {far_out[r.statistic]})" if r.statistic in far_out else ")")
             for r in drifted.itertuples()
         ]
         message = f"drift in {n_images} image(s): " + "; ".join(parts)

@@ -123,6 +123,22 @@ def test_one_image_unlike_any_trained_on_warns_in_a_large_batch_too(
     assert "he0.png" not in report.message
 
 
+def test_a_small_batch_names_the_image_unlike_any_trained_on(
+    he_fingerprint: dict, tmp_path
+) -> None:
+    """Below min_images the verdict said only 'mean_c0 (warn, 33% out of range)': which of
+    the three images was black stood in the drift table's note, which `mlseg monitor`
+    does not print; a batch of nine named it in the verdict."""
+    from mlseg.io import write_image
+
+    paths = [write_image(tmp_path / f"he{i}.png", im) for i, im in enumerate(_he_images(2, 2))]
+    paths.append(write_image(tmp_path / "black.png", np.zeros((64, 64, 3), np.uint8)))
+    report = monitor.drift_report(monitor.image_stats_table(paths), he_fingerprint)
+    assert report.status == "warn" and "too few" not in report.message
+    assert "mean_c0 (warn, 33% out of range; 1 far outside the training range" in report.message
+    assert "black.png" in report.message and "he0.png" not in report.message
+
+
 def test_a_few_pixels_more_is_not_far_outside_a_fraction_s_training_range(
     he_fingerprint: dict,
 ) -> None:
