@@ -332,7 +332,8 @@ def _far_outside(
 ) -> np.ndarray:
     """Which of ``values`` lie beyond the training range widened by ``cfg.far_margin`` of
     its width on each side (and by :data:`FRACTION_MARGIN` for a ``*_fraction``): images
-    unlike any trained on. All False where the range has no width, no scale to judge on."""
+    unlike any trained on. All False where the range has no width, no scale to judge on,
+    except a ``*_fraction``'s: no dark pixel in any training image is the usual H&E set."""
     # a variance spans decades and stops at 0: judged on a linear scale, a blurred
     # image at a fifth of every training image's could never lie "far" below them
     scale = np.log1p if name in LOG_SCALE_STATISTICS else np.asarray
@@ -341,7 +342,7 @@ def _far_outside(
     margin = cfg.far_margin * width
     if name.endswith("_fraction"):
         margin = max(margin, FRACTION_MARGIN)
-    if not width > 0:
+    elif not width > 0:
         return np.zeros(values.shape, bool)
     return (seen < low - margin) | (seen > high + margin)
 

@@ -300,6 +300,24 @@ def test_a_statistic_constant_in_training_does_not_warn_a_small_batch(he_fingerp
     assert report.table.set_index("statistic").loc["saturated_fraction", "status"] == "skipped"
 
 
+def test_a_fraction_none_in_training_warns_on_an_image_a_fifth_dark(he_fingerprint: dict) -> None:
+    """No training image had a dark pixel (GBM40's 32 tiles, like most H&E sets): a batch of
+    any size a fifth dark was 'ok' on dark_fraction (one histogram bin, PSI 0, p 1, and no
+    width to be far outside), though 1% of the image is the margin a fraction is judged on."""
+    import copy
+
+    fingerprint = copy.deepcopy(he_fingerprint)
+    fingerprint["stats"]["dark_fraction"].update(min=0.0, max=0.0)
+    fingerprint["stats"]["dark_fraction"]["histogram"] = {"edges": [0.0, 0.0], "counts": [40]}
+    cfg = MonitorConfig(min_images=5, statistics=("dark_fraction",))
+    for n in (1, 8):
+        table = pd.DataFrame({"image": [f"{i}.png" for i in range(n)], "dark_fraction": 0.2})
+        report = monitor.drift_report(table, fingerprint, cfg)
+        assert report.status == "warn" and "0.png" in report.message, report.message
+    table = pd.DataFrame({"dark_fraction": [0.005] * 8})
+    assert monitor.drift_report(table, fingerprint, cfg).status == "ok"
+
+
 def test_grey_images_sent_to_a_colour_model_warn_even_in_a_small_batch(
     he_fingerprint: dict, tmp_path
 ) -> None:
