@@ -62,6 +62,13 @@ DRIFT_COLUMNS = (
 )
 
 
+# what a lab does about drift, said after the statistics that drifted
+DRIFT_ADVICE = (
+    ". Check how these images were made (scanner, magnification, stain batch, focus) before "
+    "trusting their nuclei; if they are the new normal, annotate a few and retrain"
+)
+
+
 class DriftDetected(MlsegError):
     """New images drifted beyond ``monitor.psi_fail``: results on them may not be trusted."""
 
@@ -323,7 +330,7 @@ def drift_report(
             + (f"; {far_out[r.statistic]})" if r.statistic in far_out else ")")
             for r in drifted.itertuples()
         ]
-        message = f"drift in {n_images} image(s): " + "; ".join(parts)
+        message = f"drift in {n_images} image(s): " + "; ".join(parts) + DRIFT_ADVICE
     return DriftReport(table, status, n_images, message)
 
 

@@ -121,6 +121,7 @@ def test_one_image_unlike_any_trained_on_warns_in_a_large_batch_too(
     row = report.table.set_index("statistic").loc["mean_c0"]
     assert row["status"] == "warn" and np.isfinite(row["psi"]) and "black.png" in row["note"]
     assert "he0.png" not in report.message
+    assert report.message.endswith("annotate a few and retrain")  # and what to do about it
 
 
 def test_a_small_batch_names_the_image_unlike_any_trained_on(
