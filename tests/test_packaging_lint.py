@@ -370,6 +370,25 @@ def test_pipeline_deployment_takes_the_profiles_training_reads() -> None:
         assert "profiles" not in deployment.get("parameters", {}), deployment["name"]
 
 
+def test_deployments_leave_the_task_runner_to_the_workers_environment(monkeypatch) -> None:
+    """README: MLSEG_TASK_RUNNER=dask and MLSEG_DASK_ADDRESS on the worker run the batches on
+    Dask. The nightly deployments passed `task_runner: thread`, which comes before the
+    environment: on such a worker every nightly run failed ("dask address ... given with task
+    runner 'thread'"), and with MLSEG_TASK_RUNNER alone it ran on threads."""
+    from flows.runners import runner_settings
+
+    monkeypatch.setenv("MLSEG_TASK_RUNNER", "dask")
+    monkeypatch.setenv("MLSEG_DASK_ADDRESS", "tcp://scheduler:8786")
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    for deployment in deployments:
+        params = deployment.get("parameters", {})
+        settings = runner_settings(
+            params.get("task_runner"), params.get("dask_address"), params.get("workers")
+        )
+        assert settings["kind"] == "dask", deployment["name"]
+        assert settings["address"] == "tcp://scheduler:8786", deployment["name"]
+
+
 def test_readme_deployment_table_matches_prefect_yaml() -> None:
     """The README's table of deployments said `data_root: dataset` where prefect.yaml (and
     the workers' copy of the bucket) has datasets/dataset."""
