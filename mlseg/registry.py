@@ -461,7 +461,11 @@ def _claim(fs, staging: str, base: str) -> bool:
             return False
         if fs.exists(base):  # left by a registration that died before its card
             fs.rm(base, recursive=True)
-        fs.mv(staging, base, recursive=True)
+        # file by file, card last: a recursive move also copies the folder itself, which an
+        # object store holds no object for (s3fs: "The specified key does not exist")
+        names = sorted(fs.ls(staging, detail=False), key=lambda p: p.endswith(f"/{CARD}"))
+        for path in names:
+            fs.mv(path, f"{base}/{path.rsplit('/', 1)[-1]}")
         return True
     try:
         os.rename(staging, base)

@@ -235,6 +235,31 @@ def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
     assert local.is_relative_to(tmp_path / "cache")
 
 
+def test_object_store_registry_has_no_folder_objects(tmp_path: Path, monkeypatch) -> None:
+    """S3 (and DigitalOcean Spaces) holds no object for a folder, so s3fs cannot copy one:
+    moving the staging folder recursively copied its files into v1 and then raised
+    FileNotFoundError ('The specified key does not exist') for the folder itself, so every
+    registration into s3://bucket/models failed. The card is copied last, once the files are
+    there."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    copied: list[str] = []
+    memory_copy = MemoryFileSystem.cp_file
+
+    def object_store_copy(self, path1, path2, **kwargs):
+        if not self.isfile(path1):
+            raise FileNotFoundError(f"{path1}: The specified key does not exist.")
+        copied.append(self._strip_protocol(path2))
+        return memory_copy(self, path1, path2, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "cp_file", object_store_copy)
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    version = _register(tmp_path, url, 0.9)
+    assert version.version == 1 and reg.list_models(url)[0].version == 1
+    assert copied[-1].endswith("/v1/card.json")
+    assert sorted(p.rsplit("/", 1)[-1] for p in copied) == sorted([*version.files, "card.json"])
+
+
 def test_eval_set_id_follows_content_not_names(tmp_path: Path) -> None:
     def dataset(root: Path, stem: str, value: int) -> Path:
         image = np.full((16, 16, 3), value, np.uint8)
