@@ -47,6 +47,10 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=mlseg:mlseg /app /app
 COPY --chmod=0755 infra/docker-entrypoint.sh /usr/local/bin/mlseg-entrypoint
 WORKDIR /app
+# The commit the image is built from, for the model cards' code version: the image holds no
+# .git to ask (deploy.yml passes github.sha).
+ARG MLSEG_GIT_COMMIT=""
+ENV MLSEG_GIT_COMMIT=${MLSEG_GIT_COMMIT}
 USER 10001:10001
 ENTRYPOINT ["/usr/local/bin/mlseg-entrypoint"]
 CMD ["worker"]

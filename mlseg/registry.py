@@ -174,7 +174,11 @@ def _sha256(path: Path) -> str:
 
 
 def code_version() -> str:
-    """``mlseg`` version plus the git commit of its source tree (``+dirty`` if modified)."""
+    """``mlseg`` version plus the git commit of its source tree (``+dirty`` if modified).
+
+    An installed copy outside a checkout (the worker image) has no tree to ask: there the
+    commit is ``MLSEG_GIT_COMMIT``, which the image is built with.
+    """
     import mlseg
 
     version = mlseg.__version__
@@ -191,7 +195,8 @@ def code_version() -> str:
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return version
+        built = os.environ.get("MLSEG_GIT_COMMIT", "").strip()
+        return f"{version}+g{built[:12]}" if built else version
     return f"{version}+g{commit}{'.dirty' if dirty else ''}" if commit else version
 
 

@@ -126,6 +126,19 @@ def test_image_reads_a_registry_in_the_bucket():
     assert any(d.startswith("s3fs") for d in extras["optional-dependencies"]["s3"])
 
 
+def test_image_knows_the_commit_it_was_built_from():
+    """The model cards' code version names the git commit; the image has no .git, so the
+    commit is a build argument of the final stage, which deploy.yml sets to github.sha."""
+    final = []
+    for keyword, value in _instructions():
+        final = [] if keyword == "FROM" else [*final, (keyword, value)]
+    assert ("ARG", 'MLSEG_GIT_COMMIT=""') in final
+    assert ("ENV", "MLSEG_GIT_COMMIT=${MLSEG_GIT_COMMIT}") in final
+    image = _workflow("deploy.yml")["jobs"]["image"]
+    build = next(s for s in image["steps"] if "build-push-action" in str(s.get("uses")))
+    assert build["with"]["build-args"] == "MLSEG_GIT_COMMIT=${{ github.sha }}"
+
+
 def test_no_secret_is_baked_into_the_image():
     for keyword, value in _instructions():
         if keyword in {"ENV", "ARG"}:

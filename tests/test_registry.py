@@ -260,6 +260,25 @@ def test_object_store_registry_has_no_folder_objects(tmp_path: Path, monkeypatch
     assert sorted(p.rsplit("/", 1)[-1] for p in copied) == sorted([*version.files, "card.json"])
 
 
+def test_code_version_outside_a_checkout_is_the_commit_the_image_was_built_from(
+    monkeypatch,
+) -> None:
+    """The worker image installs mlseg without .git (and without git): its model cards said
+    "0.1.0", no commit, though the README says the card records the git commit."""
+    import subprocess
+
+    import mlseg
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("MLSEG_GIT_COMMIT", raising=False)
+    assert reg.code_version() == mlseg.__version__
+    monkeypatch.setenv("MLSEG_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert reg.code_version() == f"{mlseg.__version__}+g0123456789ab"
+
+
 def test_eval_set_id_follows_content_not_names(tmp_path: Path) -> None:
     def dataset(root: Path, stem: str, value: int) -> Path:
         image = np.full((16, 16, 3), value, np.uint8)
