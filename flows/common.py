@@ -52,9 +52,19 @@ def retry_on_transient_io(task, task_run, state) -> bool:
 def data_path(path: str | Path) -> Path:
     """A path parameter as the flow sees it: absolute as given; relative ones under
     ``MLSEG_DATA_DIR`` when that is set (deployed workers: ``/data``), else the current folder.
+
+    Only a registry is read from a URL (the flows check for one before calling this); any
+    other URL is refused by name, not read as a folder ``s3:/...`` under ``MLSEG_DATA_DIR``.
     """
     import os
 
+    from mlseg.errors import ConfigError
+
+    if "://" in str(path):
+        raise ConfigError(
+            f"{path}: only a registry is read from a URL; give this as a path on the worker "
+            "(relative paths are under MLSEG_DATA_DIR)"
+        )
     path = Path(os.path.expanduser(str(path)))
     if path.is_absolute():
         return path

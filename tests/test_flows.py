@@ -381,6 +381,21 @@ def test_a_relative_config_parameter_is_under_the_data_folder(
     assert not any(elsewhere.iterdir())
 
 
+def test_a_url_where_a_file_is_read_is_named_as_a_url(harness, tmp_path, monkeypatch) -> None:
+    """Only a registry is read from a URL. `-p fingerprint=s3://bucket/fingerprint.json` failed
+    with '<MLSEG_DATA_DIR>/s3:/bucket/fingerprint.json: fingerprint not found', a path no one
+    gave, and the README said URLs in parameters are used as given."""
+    from flows.common import data_path
+    from flows.monitor import monitor
+
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="^s3://bucket/inbox: only a registry is read from a URL"):
+        data_path("s3://bucket/inbox")
+    state = monitor("inbox", "s3://bucket/fingerprint.json", "monitoring", return_state=True)
+    assert state.is_failed()
+    assert "s3://bucket/fingerprint.json: only a registry is read from a URL" in state.message
+
+
 def test_pipeline_can_train_afresh_where_a_resume_is_refused(
     harness, tmp_path, synth_dataset, monkeypatch
 ) -> None:
