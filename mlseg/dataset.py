@@ -104,8 +104,13 @@ def _layout(cfg: DataConfig) -> tuple[str, ...]:
     return (cfg.train_dir, cfg.test_dir, cfg.image_dir, cfg.mask_dir, cfg.mask_suffix)
 
 
-def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
-    """Scaffold an empty dataset at ``root`` (which must not exist or be empty)."""
+def init_dataset(
+    root: str | Path, cfg: DataConfig | None = None, *, final: str | Path | None = None
+) -> Path:
+    """Scaffold an empty dataset at ``root`` (which must not exist or be empty).
+
+    ``final`` is the folder its README names (default ``root``): a dataset assembled in a
+    staging folder and renamed into place names the place, not the staging folder."""
     cfg = cfg or DataConfig()
     root = Path(root)
     if root.exists() and any(root.iterdir()):
@@ -122,7 +127,7 @@ def init_dataset(root: str | Path, cfg: DataConfig | None = None) -> Path:
             image_dir=cfg.image_dir,
             mask_dir=cfg.mask_dir,
             suffix=cfg.mask_suffix,
-            root=root,
+            root=root if final is None else final,
             # a layout other than the default is only found with the config that sets it
             config="" if _layout(cfg) == _layout(DataConfig()) else " --config <your config>",
             low=PLAUSIBLE_PIXEL_SIZE_UM[0],

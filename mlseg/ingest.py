@@ -450,7 +450,7 @@ def ingest(
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ingest-", dir=dst.parent))
     try:
-        init_dataset(staging, cfg)
+        init_dataset(staging, cfg, final=dst)
         rows, implausible = [], []
         for item in tqdm(items, desc="ingesting", unit="pair", disable=not progress, leave=False):
             split = item.split or splits[item.stem]

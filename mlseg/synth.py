@@ -658,7 +658,7 @@ def make_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        init_dataset(tmp, cfg)
+        init_dataset(tmp, cfg, final=out)
         numbers = dict.fromkeys(kinds, 0)  # stems number on across splits: no stem repeats
         rows = []
         plan = [("train", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]

@@ -61,6 +61,8 @@ def test_flat_ingest_layout_manifest_and_source_untouched(tmp_path):
     test = list_pairs(tmp_path / "ds", "test")
     assert len(train) + len(test) == 5
     assert not {p.stem for p in train} & {p.stem for p in test}
+    # its README names the dataset, not the staging folder it was assembled in
+    assert f"mlseg validate {tmp_path / 'ds'}`" in (tmp_path / "ds" / "README.md").read_text()
 
 
 def test_split_is_deterministic_and_seeded():

@@ -146,6 +146,9 @@ def test_make_dataset_is_deterministic(tmp_path):
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert len(files) == 6
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    # the README names its own folder, not the temporary one it was written in
+    assert f"mlseg validate {a}`" in (a / "README.md").read_text()
+    assert (a / "README.md").read_text().replace(str(a), str(b)) == (b / "README.md").read_text()
     # more training images leave the test image's pixels as they were (its stem numbers on)
     c = make_dataset(tmp_path / "c", n_train=4, n_test=1, size=48, seed=1)
     assert (c / "test/original/he_002.png").read_bytes() == (
