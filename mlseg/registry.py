@@ -192,6 +192,9 @@ def code_version() -> str:
         ).stdout.strip()
 
     try:
+        # the package's own files must be tracked: mlseg installed into a virtualenv inside
+        # another project's repository would otherwise be labelled with that project's commit
+        git("ls-files", "--error-unmatch", "--", "__init__.py")
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import mlseg
 from mlseg import registry as reg
 from mlseg.io import write_image, write_labels
 
@@ -53,6 +56,25 @@ def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> N
     assert [m.tag for m in listed] == ["nuclei@v1", "nuclei@v2"]
     assert reg.show(registry, "nuclei", "v2") == v2
     assert reg.show(registry, "nuclei", "latest").version == 2
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_names_no_commit_of_a_repository_mlseg_is_not_tracked_in(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # mlseg installed into a virtualenv inside the user's own (git) project
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "notes.txt").write_text("the user's project")
+    git("add", "notes.txt")
+    git("-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "project")
+    package = tmp_path / ".venv" / "site-packages" / "mlseg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "0.1.0"\n')
+    monkeypatch.setattr(mlseg, "__file__", str(package / "__init__.py"))
+    assert reg.code_version() == mlseg.__version__
 
 
 def test_register_a_weights_file_and_refuse_a_folder_without_weights(tmp_path: Path) -> None:
