@@ -69,7 +69,7 @@ class EvalResult:
     json_path: Path
     worst_png: Path | None
     out_dir: Path
-    eval_set_id: str  # content hash of the split's images and masks (mlseg.registry)
+    eval_set_id: str  # content hash of the split's images, masks, pixel sizes (mlseg.registry)
 
 
 def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:

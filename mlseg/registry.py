@@ -19,7 +19,7 @@ rename) a registry has one writer at a time.
 
 A challenger is promoted only if it beats the production model on the *same* evaluation set
 (:func:`champion_challenger`); the evaluation set is identified by the content hash of its
-images and masks (:func:`eval_set_id`).
+images, masks and pixel sizes (:func:`eval_set_id`).
 """
 
 from __future__ import annotations
@@ -204,17 +204,23 @@ def code_version() -> str:
 
 
 def eval_set_id(root: str | Path, split: str = "test", cfg=None) -> str:
-    """Content hash (16 hex) of a dataset split's images and masks, independent of file names.
+    """Content hash (16 hex) of a dataset split's images, masks and known pixel sizes,
+    independent of file names.
 
-    Two evaluations are comparable only when this id is equal: same pixels, same masks.
+    Two evaluations are comparable only when this id is equal: same pixels, same masks, and
+    each image segmented at the same scale (a corrected ``manifest.csv`` resamples the
+    images differently, and the scores move with it).
     """
     from mlseg.dataset import list_pairs
 
     pairs = list_pairs(root, split, cfg, strict=False)
     if not pairs:
         raise RegistryError(f"{root}: split {split!r} has no images to evaluate on")
+    # a size only when one is known, so a set without pixel sizes keeps its earlier id
     items = sorted(
-        f"{_sha256(p.image)}:{_sha256(p.mask) if p.mask is not None else '-'}" for p in pairs
+        f"{_sha256(p.image)}:{_sha256(p.mask) if p.mask is not None else '-'}"
+        + (f":{float(p.pixel_size_um)!r}" if p.pixel_size_um is not None else "")
+        for p in pairs
     )
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 

@@ -314,6 +314,12 @@ def test_eval_set_id_follows_content_not_names(tmp_path: Path) -> None:
     b = reg.eval_set_id(dataset(tmp_path / "b", "renamed", 10))
     c = reg.eval_set_id(dataset(tmp_path / "c", "x", 11))
     assert a == b != c
+    # the pixel sizes evaluation resamples by are part of the set: the same tiles scored
+    # at another size score otherwise
+    (tmp_path / "b" / "manifest.csv").write_text("split,stem,pixel_size_um\ntest,renamed,0.5\n")
+    sized = reg.eval_set_id(tmp_path / "b")
+    (tmp_path / "b" / "manifest.csv").write_text("split,stem,pixel_size_um\ntest,renamed,0.25\n")
+    assert len({a, sized, reg.eval_set_id(tmp_path / "b")}) == 3
 
 
 def test_cli_lists_shows_and_promotes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
