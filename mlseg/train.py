@@ -477,6 +477,13 @@ def _start(
     if state is not None:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        # the optimiser kept the rate of the schedule it was saved under; an extended run
+        # (larger max_steps) takes its next step at the longer schedule's rate, not that one
+        sched = run.scheduler
+        for group, base, factor in zip(
+            run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(sched.last_epoch)
         run.gen.set_state(state["generator"])
         run.step, run.best = int(state["step"]), float(state["best"])
         run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))

@@ -144,6 +144,25 @@ def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
     assert json.loads((tmp_path / "meta.json").read_text())["trained_on"] == stretches
 
 
+def test_an_extended_run_takes_its_next_step_at_the_longer_schedules_rate(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    import mlseg.train
+
+    fit(_cfg(max_steps=2, val_every=2), synth_dataset, tmp_path, progress=False)
+    used, step = [], mlseg.train.train_step
+
+    def recording(model, optimizer, *args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        return step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(mlseg.train, "train_step", recording)
+    cfg = _cfg(max_steps=4, val_every=2)
+    fit(cfg, synth_dataset, tmp_path, progress=False)
+    schedule = warmup_cosine(cfg.train.warmup_steps, 4)
+    assert used == pytest.approx([cfg.train.lr * schedule(2), cfg.train.lr * schedule(3)])
+
+
 def test_cpu_trains_in_bf16_only_where_the_hardware_does(
     synth_dataset, tmp_path, monkeypatch
 ) -> None:
