@@ -131,8 +131,11 @@ def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
     Returns ``{label: [polygon, ...]}``, each polygon ``[exterior, hole, ...]`` of
     ``(N, 2) int64`` closed rings of ``(x, y)`` pixel-corner coordinates (first vertex
     repeated last; only corners kept). Pixels of one label that touch only diagonally are
-    separate polygons (4-connectivity), so every ring is simple. Exteriors run clockwise on
-    screen (y down), holes the other way.
+    separate polygons (4-connectivity), and background that touches the outside only
+    diagonally is a hole meeting the exterior at that corner, so every ring is simple and
+    every polygon valid as GEOS/JTS (shapely, QuPath) define it. Exteriors run clockwise on
+    screen (y down), counter-clockwise in the x/y frame of the coordinates (RFC 7946's
+    right-hand rule), holes the other way.
 
     All boundary edges are found with array operations; rings are then read off the
     successor permutation (one integer step per edge).
@@ -200,19 +203,24 @@ def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
     out: dict[int, list[list[np.ndarray]]] = {}
     shells: dict[int, list[tuple[int, np.ndarray]]] = {}  # (twice the area, ring)
     holes: dict[int, list[np.ndarray]] = {}
+    any_pinch = bool(pinch.any())
     for ring in _cycles(succ):
         corners = ring[turn[ring]]
-        closed = np.empty((corners.size + 1, 2), dtype=np.int64)
-        closed[:-1, 0] = sx[corners]
-        closed[:-1, 1] = sy[corners]
-        closed[-1] = closed[0]
-        xs, ys = closed[:, 0], closed[:, 1]
-        area2 = int(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
+        traced = np.empty((corners.size + 1, 2), dtype=np.int64)
+        traced[:-1, 0] = sx[corners]
+        traced[:-1, 1] = sy[corners]
+        traced[-1] = traced[0]
         label = int(ids[lab[ring[0]]])
-        if area2 > 0:
-            shells.setdefault(label, []).append((area2, closed))
-        else:
-            holes.setdefault(label, []).append(closed)
+        # a ring through a pinch twice goes round a pocket of background open to the outside
+        # only diagonally: two rings, one of them a hole (one ring touching itself is invalid)
+        split = any_pinch and bool(pinch[ring].any())
+        for closed in _split_at_pinches(traced) if split else (traced,):
+            xs, ys = closed[:, 0], closed[:, 1]
+            area2 = int(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
+            if area2 > 0:
+                shells.setdefault(label, []).append((area2, closed))
+            else:
+                holes.setdefault(label, []).append(closed)
     for label, rings_out in shells.items():
         polys = [[shell] for _, shell in rings_out]
         # a hole belongs to the innermost piece around it: a piece may lie in another's hole
@@ -229,6 +237,33 @@ def polygons(labels: np.ndarray) -> dict[int, list[list[np.ndarray]]]:
                 polys[0].append(hole)
         out[label] = polys
     return dict(sorted(out.items()))
+
+
+def _close(points: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` ring vertices -> ``(N + 1, 2)``, the first repeated last."""
+    return np.concatenate([points, points[:1]])
+
+
+def _split_at_pinches(closed: np.ndarray) -> list[np.ndarray]:
+    """The closed ring ``closed`` (``(N + 1, 2)``) cut into closed rings wherever it passes a
+    vertex a second time, so none touches itself."""
+    points = closed[:-1]
+    rings = []
+    path: list[int] = []
+    where: dict[tuple[int, int], int] = {}
+    for i, vertex in enumerate(map(tuple, points.tolist())):
+        if vertex not in where:
+            where[vertex] = len(path)
+            path.append(i)
+            continue
+        start = where[vertex]
+        loop = path[start:]
+        rings.append(_close(points[loop]))
+        for j in loop[1:]:
+            del where[tuple(points[j].tolist())]
+        del path[start + 1 :]
+    rings.append(_close(points[path]))
+    return rings
 
 
 def _cycles(succ: np.ndarray) -> list[np.ndarray]:

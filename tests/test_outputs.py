@@ -61,6 +61,28 @@ def test_polygons_follow_pixel_edges_exactly():
         assert (rasterise(rings, labels.shape) == (labels == label)).all(), label
 
 
+def test_polygons_are_simple_rings_where_background_cuts_in_diagonally():
+    """A background pixel open to the outside only at a corner (cpm15 image01, nucleus 100)
+    is a hole touching the exterior there: a ring through that corner twice is a
+    self-intersection to GEOS/JTS (shapely's is_valid, QuPath), and so is a hole ring through
+    two diagonal pixels."""
+    labels = np.zeros((10, 20), np.int32)
+    labels[2:8, 2:8] = 1
+    labels[4, 7] = 0  # notch on the right edge: open to the outside
+    labels[5, 6] = 0  # below-left of the notch: open to it only at their shared corner
+    labels[2:8, 11:17] = 2
+    labels[4, 13] = labels[5, 14] = 0  # a hole of two pixels touching diagonally
+    outlines = polygons(labels)
+    for label, polys in outlines.items():
+        rings = [ring for poly in polys for ring in poly]
+        for ring in rings:
+            corners = [tuple(v) for v in ring[:-1].tolist()]
+            assert len(set(corners)) == len(corners), (label, ring.tolist())
+        assert (rasterise(rings, labels.shape) == (labels == label)).all(), label
+    assert [len(poly) for poly in outlines[1]] == [2]  # one exterior, the pocket a hole
+    assert [len(poly) for poly in outlines[2]] == [3]  # the hole is two holes
+
+
 def test_polygons_on_real_masks(shared_data):
     from mlseg.io import read_mask
 
