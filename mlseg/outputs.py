@@ -94,13 +94,12 @@ def outline_mask(labels: np.ndarray) -> np.ndarray:
 def overlay(
     image: np.ndarray,
     labels: np.ndarray,
-    classes: np.ndarray | None = None,
+    classes: pd.Series | None = None,
 ) -> np.ndarray:
     """Outlines of ``labels`` drawn on ``image``: ``(H, W, 3) uint8``.
 
-    ``classes``: optional IHC class (0-3) per label, indexed by label value (``classes[l]``
-    for label ``l``; length ``max label + 1``); outlines then take QuPath's class colours,
-    else green.
+    ``classes``: optional IHC class (0-3) per label, indexed by label value (a label it
+    lacks counts as 0); outlines then take QuPath's class colours, else green.
     """
     rgb = display_rgb(image).copy()
     labels = np.asarray(labels)
@@ -109,19 +108,17 @@ def overlay(
         rgb[edge] = NUCLEUS_CLASS[1]
         return rgb
     palette = np.array([c for _, c in IHC_CLASSES], dtype=np.uint8)
-    classes = np.clip(np.asarray(classes, dtype=np.int64), 0, 3)
-    rgb[edge] = palette[classes[labels[edge]]]
+    of_edge = classes.reindex(labels[edge]).fillna(0).to_numpy(dtype=np.int64)
+    rgb[edge] = palette[np.clip(of_edge, 0, 3)]
     return rgb
 
 
-def class_lookup(labels_max: int, table: pd.DataFrame) -> np.ndarray | None:
-    """``ihc_class`` per label value (length ``labels_max + 1``), or None without IHC."""
+def class_lookup(table: pd.DataFrame) -> pd.Series | None:
+    """``ihc_class`` indexed by label value, or None without IHC. Not an array indexed by
+    label value: a tile of a slide's label image keeps ids up to 2**31 - 1."""
     if "ihc_class" not in table.columns:
         return None
-    lut = np.zeros(labels_max + 1, dtype=np.int64)
-    if len(table):
-        lut[table["label"].to_numpy()] = table["ihc_class"].to_numpy()
-    return lut
+    return pd.Series(table["ihc_class"].to_numpy(), index=table["label"].to_numpy())
 
 
 # ----------------------------------------------------------------------------- polygons
@@ -429,7 +426,7 @@ def write_image_outputs(
         "geojson": f"{stem}_nuclei.geojson",
     }
     write_labels(out_dir / names["labels"], labels)
-    write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(n, table)))
+    write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(table)))
     tagged = tag_table(table, summary)
     write_table(tagged, out_dir / names["csv"])
     write_table(tagged, out_dir / names["parquet"])

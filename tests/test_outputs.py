@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from mlseg.config import get_profile
+from mlseg.io import read_image
 from mlseg.outputs import (
     IHC_CLASSES,
     image_done,
@@ -132,10 +133,10 @@ def test_overlay_outlines_and_ihc_colours():
     edge = outline_mask(labels)
     assert (plain[edge] == (0, 200, 0)).all()
     assert (plain[~edge] == 200).all()
-    classes = np.zeros(labels.max() + 1, np.int64)
-    classes[7] = 3
+    classes = pd.Series([0, 3], index=[1, 7])  # labels not listed count as negative
     coloured = overlay(image, labels, classes)
     assert (coloured[edge & (labels == 7)] == IHC_CLASSES[3][1]).all()
+    assert (coloured[edge & (labels == 8)] == IHC_CLASSES[0][1]).all()
     grey16 = np.full((*labels.shape, 1), 40000, np.uint16)
     assert overlay(grey16, labels).shape == (*labels.shape, 3)
 
@@ -169,6 +170,30 @@ def test_write_image_outputs_and_done_marker(tmp_path):
     (tmp_path / names["geojson"]).unlink()
     assert image_done(tmp_path, "img1") is None
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_ihc_overlay_of_a_tile_with_a_slides_ids_needs_no_table_of_every_id(tmp_path):
+    """A tile cut from a slide's label image keeps its global ids (up to 2**31 - 1 read): the
+    overlay's classes were an array indexed by label value, 16 GiB for ids near 2**31, here
+    0.8 GB for ids near 5e7, allocated twice."""
+    import tracemalloc
+
+    labels = tricky_labels().astype(np.int64)
+    labels[labels > 0] += 50_000_000
+    image = np.full((*labels.shape, 3), 230, np.uint8)
+    image[labels == 50_000_007] = (120, 80, 40)  # brown: DAB positive
+    tracemalloc.start()
+    try:
+        written, table = _outputs(tmp_path, labels, image, profile_name="ihc")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6
+    shown = read_image(tmp_path / written["outputs"]["overlay"])
+    positive = table.loc[table["label"] == 50_000_007, "ihc_class"].item()
+    assert positive > 0
+    edge = outline_mask(labels)
+    assert (shown[edge & (labels == 50_000_007)] == IHC_CLASSES[positive][1]).all()
 
 
 def test_empty_image_outputs(tmp_path):
