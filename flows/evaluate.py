@@ -78,7 +78,7 @@ def evaluate_model(
         {k: f"{v:.4f}" for k, v in means.items()},
         f"means over {result['n_images']} {split} images (eval set {result['eval_set_id']})",
     )
-    per_image = pd.read_csv(result["per_image_csv"])
+    per_image = pd.read_csv(result["per_image_csv"], dtype={"stem": str})  # "01" is not 1
     if "aji" in per_image:
         per_image = per_image.sort_values("aji")
     artifacts.table("evaluation-per-image", per_image, "one row per image, lowest AJI first")

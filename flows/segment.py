@@ -502,7 +502,11 @@ def segment_and_quantify(
         metrics["distributions"] = str(dist_path)
         append_history(history_path, metrics)
 
-    summary_table = pd.read_csv(paths["summary"]) if Path(paths["summary"]).is_file() else None
+    summary_table = (
+        pd.read_csv(paths["summary"], dtype={"image": str})  # "01" is not 1
+        if Path(paths["summary"]).is_file()
+        else None
+    )
     if summary_table is not None and len(summary_table):
         keep = [c for c in summary_table.columns if c not in TIMING_KEYS]
         artifacts.table(

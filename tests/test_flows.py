@@ -227,6 +227,58 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert len(pd.read_csv(out / "runs" / "history.csv")) == 1  # nothing new to record
 
 
+def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
+    harness, tmp_path, checkpoint
+) -> None:
+    """GBM40's tiles are 01.png, 02.png ...: summary.csv read back without a type named
+    them 1, 2 in the artifact (and in the pipeline's report)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    for path in disc_images(inbox, 2):
+        path.rename(inbox / f"0{int(path.stem[-1]) + 1}.png")
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (summary,) = [a for a in found if a.key == "segment-summary"]
+    data = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    assert [row["image"] for row in data] == ["01", "02"]
+
+
+def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
+    harness, tmp_path, checkpoint, nuclei_dataset
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.evaluate import evaluate_model
+
+    root = nuclei_dataset(n_train=1, n_test=2)
+    for i in range(2):
+        (root / "test" / "original" / f"test{i}.png").rename(
+            root / "test" / "original" / f"0{i}.png"
+        )
+        masks = root / "test" / "masks"
+        (masks / f"test{i}_mask.png").rename(masks / f"0{i}_mask.png")
+    state = evaluate_model(str(checkpoint), str(root), str(tmp_path / "eval"), return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (table,) = [a for a in found if a.key == "evaluation-per-image"]
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sorted(row["stem"] for row in data) == ["00", "01"]
+
+
 def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, checkpoint) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 2)
