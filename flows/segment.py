@@ -61,12 +61,11 @@ def loaded_model(model: str, device: str = "auto"):
 
 
 def model_config(model: str):
-    """The run :class:`~mlseg.config.Config` saved beside a checkpoint (no weights loaded)."""
-    from mlseg.config import Config, parse
-    from mlseg.model import checkpoint_path
+    """The run :class:`~mlseg.config.Config` saved beside a checkpoint (no weights loaded),
+    as :func:`mlseg.model.saved_config` reads it."""
+    from mlseg.model import checkpoint_path, saved_config
 
-    path = checkpoint_path(model).parent / "config.json"
-    return parse(Config, json.loads(path.read_text()), str(path))
+    return saved_config(checkpoint_path(model).parent)
 
 
 def inference_settings(model: str, overrides: dict[str, Any] | None, config=None):

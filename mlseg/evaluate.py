@@ -150,8 +150,9 @@ def evaluate(
 ) -> EvalResult:
     """Segment every image of ``split`` with the model and score it against its mask.
 
-    ``profile`` (name or object) defaults to the model's training profile;
-    ``inference_cfg`` to the model config's inference section.
+    ``profile`` (name or object) defaults to the model's training profile, as saved with
+    it (older runs: read again from the run config's ``profiles_file``); another name is
+    read from that file. ``inference_cfg`` defaults to the model config's inference section.
     """
     from mlseg.segment import check_out_dir
 
@@ -161,7 +162,11 @@ def evaluate(
     inference_cfg = inference_cfg or cfg.inference
     loaded.model.to(resolve_device(inference_cfg.device))
     if profile is None or isinstance(profile, str):
-        profile = get_profile(profile or cfg.profile, cfg.profiles_file)
+        trained = loaded.profile  # as saved with the run: its profiles_file may be elsewhere
+        if trained is not None and profile in (None, trained.name):
+            profile = trained
+        else:
+            profile = get_profile(profile or cfg.profile, cfg.profiles_file)
     pairs = [p for p in list_pairs(data_root, split, cfg.data, strict=False) if p.mask is not None]
     if not pairs:
         raise DatasetError(

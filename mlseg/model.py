@@ -6,10 +6,13 @@ A checkpoint folder holds::
     last.safetensors     weights at the end of the latest epoch (resume point)
     last.state.pt        optimiser, scheduler, step and sampler state (tensors and numbers
                          only; read with ``torch.load(weights_only=True)``)
-    config.json          the whole run :class:`~mlseg.config.Config`
+    config.json          the whole run :class:`~mlseg.config.Config`, paths as given
     meta.json            target, classes, input channels, pixel size, median nucleus
-                         diameter of the training masks (px), data fingerprint, and per
-                         checkpoint its step and metrics
+                         diameter of the training masks (px), data fingerprint, the
+                         training profile's settings, and per checkpoint its step and metrics
+    stain_reference.<ext>  a copy of ``preprocess.stain_reference``, where the run has one:
+                         :func:`load_model` normalises to it, so the folder (or a registry
+                         version of it) predicts alike wherever it is moved
 
 Model output convention: logits ``(N, classes, H, W)``; ``binary`` -> 1 channel (sigmoid
 = foreground probability); ``three_class`` -> 3 channels (softmax: 0 background,
@@ -29,12 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlseg.config import Config, TrainConfig, parse
+from mlseg.config import Config, Profile, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError
 from mlseg.io import atomic_path
 from mlseg.scale import STATISTIC
 
 CHECKPOINT_NAMES = ("best", "last")
+#: meta.json's key naming the run's copy of its stain reference image (see the module docstring)
+REFERENCE_KEY = "stain_reference_file"
 _DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
@@ -194,13 +199,17 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     trained_on: list[dict[str, Any]] | None = None,
     image_pixel_sizes: dict[str, float | None] | None = None,
+    profile: Profile | None = None,
 ) -> Path:
     """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
     ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
     step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
-    image's microns per pixel (``None``: unknown). The files are written under temporary
-    names, then renamed together. Returns the weights' path.
+    image's microns per pixel (``None``: unknown); ``profile`` the training profile, kept in
+    meta.json whole. ``config.preprocess.stain_reference``, where it names a file, is copied
+    in as ``stain_reference.<ext>``: a path given relative to where training ran, or to a
+    file edited later, would not travel with the weights. The files are written under
+    temporary names, then renamed together. Returns the weights' path.
     """
     from safetensors.torch import save
 
@@ -234,6 +243,14 @@ def save_checkpoint(
         meta["trained_on"] = trained_on
     if image_pixel_sizes is not None:
         meta["image_pixel_sizes"] = image_pixel_sizes
+    if profile is not None:
+        meta["profile_settings"] = profile.model_dump(mode="json")
+    reference = config.preprocess.stain_reference
+    # absent or unused: a missing reference that normalisation needs failed training already
+    reference = Path(reference) if reference is not None and Path(reference).is_file() else None
+    meta.pop(REFERENCE_KEY, None)
+    if reference is not None:
+        meta[REFERENCE_KEY] = f"stain_reference{reference.suffix.lower()}"
     meta.setdefault("checkpoints", {})[name] = {
         "file": weights.name,
         "step": int(step),
@@ -251,6 +268,9 @@ def save_checkpoint(
             tmp = files.enter_context(atomic_path(directory / f"{name}.state.pt"))
             with tmp.open("wb") as fh:
                 torch.save(train_state, fh)
+        if reference is not None:
+            tmp = files.enter_context(atomic_path(directory / meta[REFERENCE_KEY]))
+            tmp.write_bytes(reference.read_bytes())
         tmp = files.enter_context(atomic_path(directory / "config.json"))
         tmp.write_bytes(config.model_dump_json(indent=2).encode("utf-8"))
         tmp = files.enter_context(atomic_path(meta_path))
@@ -271,6 +291,13 @@ class LoadedModel:
     pixel_size_um: float | None  # microns per pixel of the training images, None if unknown
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the .safetensors file loaded
+
+    @property
+    def profile(self) -> Profile | None:
+        """The profile the model was trained with, as saved with it; ``None`` for a run
+        saved before profiles were kept (read its ``config.profile`` again instead)."""
+        saved = self.meta.get("profile_settings")
+        return None if saved is None else parse(Profile, saved, "meta.json (profile_settings)")
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -293,11 +320,31 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def _own_files(config: Config, meta: dict[str, Any], folder: Path) -> Config:
+    """``config`` with its stain reference the folder's own copy, where the run saved one."""
+    name = meta.get(REFERENCE_KEY)
+    if not name:  # saved before runs kept a copy: the path as given
+        return config
+    own = config.preprocess.model_copy(update={"stain_reference": (folder / name).absolute()})
+    return config.model_copy(update={"preprocess": own})
+
+
+def saved_config(folder: str | Path) -> Config:
+    """The run :class:`~mlseg.config.Config` of a checkpoint folder as :func:`load_model`
+    sees it (no weights read): ``preprocess.stain_reference`` is the folder's own copy where
+    it holds one, wherever the folder now is."""
+    folder = Path(folder)
+    config = parse(Config, _read_json(folder / "config.json"), str(folder / "config.json"))
+    meta_path = folder / "meta.json"
+    return _own_files(config, _read_json(meta_path) if meta_path.is_file() else {}, folder)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint (folder or ``.safetensors``); no pickle is involved.
 
     The architecture is rebuilt from ``config.json`` (without downloading encoder weights)
-    and the weights must fit it exactly, else :class:`ModelError` names the file.
+    and the weights must fit it exactly, else :class:`ModelError` names the file. The
+    config's stain reference is the folder's own copy where it holds one (:func:`saved_config`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -309,7 +356,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             raise ModelError(
                 f"{folder / needed}: missing beside {weights.name}; not an mlseg checkpoint"
             )
-    config = parse(Config, _read_json(folder / "config.json"), str(folder / "config.json"))
+    config = saved_config(folder)
     meta = _read_json(folder / "meta.json")
     try:
         target, classes, in_channels = (

@@ -4,7 +4,8 @@ A registry is a local path or any fsspec URL (``s3://bucket/models``, ``memory:/
 DigitalOcean Spaces an ``s3://`` URL with the Spaces endpoint in ``storage_options``)::
 
     <registry>/<name>/v<N>/                     one immutable version
-        <checkpoint files>                      weights, config.json, meta.json (as saved)
+        <checkpoint files>                      weights, config.json, meta.json (as saved),
+                                                the stain reference copy (where the run has one)
         card.json                               ModelVersion: metrics, data fingerprint hash,
                                                 evaluation set id, code version, creation time
         evaluations/<eval_set_id>.json          metrics measured later on other sets
@@ -382,7 +383,7 @@ def fetch(
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:
     """The files of a checkpoint worth serving: weights (``best.safetensors``, else
     ``last.safetensors``: the names :func:`mlseg.model.load_model` reads), ``config.json``,
-    ``meta.json``."""
+    ``meta.json``, and the run's copy of its stain reference image where it has one."""
     path = Path(checkpoint)
     if path.is_dir():
         for stem in ("best", "last"):
@@ -403,7 +404,22 @@ def checkpoint_files(checkpoint: str | Path) -> list[Path]:
     missing = [n for n in ("config.json", "meta.json") if not (path.parent / n).is_file()]
     if missing:
         raise RegistryError(f"{path.parent}: {', '.join(missing)} missing beside {path.name}")
-    return [path, path.parent / "config.json", path.parent / "meta.json"]
+    files = [path, path.parent / "config.json", path.parent / "meta.json"]
+    # the run's copy of its stain reference (mlseg.model.REFERENCE_KEY): every prediction
+    # is normalised to it
+    try:
+        meta = json.loads(files[2].read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RegistryError(f"{files[2]}: cannot be read as JSON ({err})") from None
+    reference = meta.get("stain_reference_file") if isinstance(meta, dict) else None
+    if reference:
+        if not (path.parent / reference).is_file():
+            raise RegistryError(
+                f"{path.parent}: {reference} missing beside {path.name}; meta.json names it "
+                "as the stain reference the model normalises to"
+            )
+        files.append(path.parent / reference)
+    return files
 
 
 def register(
@@ -421,7 +437,8 @@ def register(
 
     ``checkpoint`` is a ``.safetensors`` weights file or a checkpoint folder (its
     ``best.safetensors``, else ``last.safetensors``); the weights are copied with the
-    ``config.json`` and ``meta.json`` beside them (not the optimiser state). ``metrics`` are
+    ``config.json``, ``meta.json`` and stain reference copy beside them (not the optimiser
+    state), each hashed on the card. ``metrics`` are
     the evaluation means on the set ``eval_set_id``; ``config`` is the run's config (a
     pydantic model or a dict); ``fingerprint_hash`` identifies the training data. The version
     is not promoted: see :func:`champion_challenger` and :func:`promote`.

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlseg.config import Config, get_profile
+from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
 from mlseg.errors import ModelError, ResumeError
 from mlseg.io import write_table, write_text
@@ -346,6 +346,8 @@ def _clear(folder: Path) -> None:
         "meta.json",
     ):
         (folder / name).unlink(missing_ok=True)
+    for copy in folder.glob("stain_reference.*"):  # the earlier run's (mlseg.model)
+        copy.unlink(missing_ok=True)
 
 
 def _write_history(history: list[dict[str, Any]], folder: Path) -> pd.DataFrame:
@@ -372,6 +374,7 @@ class _Run:
     """Everything one training run holds between steps."""
 
     cfg: Config
+    profile: Profile  # saved with the run: its profiles_file may not travel with it
     data: TrainData
     out: Path
     device: torch.device
@@ -412,7 +415,8 @@ def _start(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)
-    data = prepare_data(cfg, data_root, get_profile(cfg.profile, cfg.profiles_file), device)
+    profile = get_profile(cfg.profile, cfg.profiles_file)
+    data = prepare_data(cfg, data_root, profile, device)
     fingerprint = fingerprint_hash or data.fingerprint
     classes = num_classes(data.target)
     # the config saved beside the weights says what was actually done
@@ -457,6 +461,7 @@ def _start(
     )
     run = _Run(
         cfg=cfg,
+        profile=profile,
         data=data,
         out=out,
         device=device,
@@ -533,6 +538,7 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         train_state=train_state,
         trained_on=run.trained_on,
         image_pixel_sizes=run.data.image_pixel_sizes,
+        profile=run.profile,
     )
 
 

@@ -459,3 +459,83 @@ def test_a_url_whose_filesystem_is_not_installed_is_a_registry_error(monkeypatch
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
     with pytest.raises(reg.RegistryError, match=r"s3://bucket/models: Install s3fs"):
         reg.list_models("s3://bucket/models")
+
+
+def test_a_registered_model_carries_its_stain_reference_and_profile(tmp_path, monkeypatch):
+    """A run trained with a relative preprocess.stain_reference and profiles_file, registered,
+    then used from another folder with both originals gone, segments and evaluates as its
+    run folder did. The registry copied only the weights, config.json and meta.json: every
+    image failed with 'refs/ref.png: preprocess.stain_reference image not found', and
+    evaluate with 'lab.yaml: profiles file not found'."""
+    import pandas as pd
+    import torch
+
+    from mlseg.config import get_profile, load_config
+    from mlseg.evaluate import METRIC_COLUMNS, evaluate
+    from mlseg.io import read_image
+    from mlseg.model import load_model
+    from mlseg.segment import model_identity, predict_labels, segment_folder
+    from mlseg.synth import make_dataset
+    from mlseg.train import fit
+
+    torch.set_num_threads(2)
+    lab = tmp_path / "lab"
+    make_dataset(lab / "ds", n_train=4, n_test=2, size=96, kinds=("he",), seed=0)
+    (lab / "refs").mkdir()
+    shutil.copy(sorted((lab / "ds" / "train" / "original").iterdir())[0], lab / "refs/ref.png")
+    (lab / "lab.yaml").write_text(
+        "profiles:\n  lab:\n    stain: he\n    min_area_px: 4\n"
+        "    preprocess: {stain_norm: macenko}\n"
+    )
+    monkeypatch.chdir(lab)
+    tiny = {"encoder": "resnet18", "encoder_depth": 3, "patch_size": 64, "batch_size": 2}
+    cfg = load_config(
+        None,
+        profile="lab",
+        profiles_file="lab.yaml",
+        preprocess={"stain_reference": "refs/ref.png"},
+        train={**tiny, "warmup_steps": 1, "max_steps": 2, "val_every": 2},
+    )
+    fit(cfg, "ds", "run", progress=False)
+    # its saved config still resumes it, as a run config: the paths in it are as given
+    resumed = load_config("run/config.json", train={"max_steps": 3})
+    assert fit(resumed, "ds", "run", progress=False).steps == 3
+    version = reg.register(
+        "run", tmp_path / "registry", metrics={}, fingerprint_hash=None, config=cfg, eval_set_id="s"
+    )
+    kept = {"best.safetensors", "config.json", "meta.json", "stain_reference.png"}
+    assert set(version.files) == kept
+    image = read_image(sorted((lab / "ds" / "test" / "original").iterdir())[0])
+    he = get_profile("he")
+    _, probs = predict_labels(load_model("run"), image, he)
+    segment_folder("run", "ds/test/original", "seg", profile_name="he", progress=False)
+    scores = evaluate("run", "ds", "eval", progress=False).per_image
+
+    shutil.rmtree(lab / "refs")
+    (lab / "lab.yaml").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = reg.fetch(version)
+    loaded = load_model(model)
+    assert (loaded.profile.name, loaded.profile.min_area_px) == ("lab", 4)
+    _, moved = predict_labels(loaded, image, he)
+    assert np.array_equal(moved, probs)
+    # the copy is what the model normalises to: the published reference predicts otherwise
+    plain = loaded.config.preprocess.model_copy(update={"stain_reference": None})
+    config = loaded.config.model_copy(update={"preprocess": plain})
+    default = type(loaded)(**{**loaded.__dict__, "config": config})
+    assert not np.array_equal(predict_labels(default, image, he)[1], probs)
+    result = segment_folder(
+        model, lab / "ds/test/original", "seg", profile_name="he", progress=False
+    )
+    assert not result.failed and len(result.processed) == 2
+    for labels in (lab / "seg").glob("*_labels.png"):
+        assert (elsewhere / "seg" / labels.name).read_bytes() == labels.read_bytes()
+    moved_scores = evaluate(model, lab / "ds", "eval", progress=False).per_image
+    assert moved_scores["stem"].tolist() == scores["stem"].tolist()
+    pd.testing.assert_frame_equal(moved_scores[list(METRIC_COLUMNS)], scores[list(METRIC_COLUMNS)])
+    # an edited reference is another model: finished images are redone
+    before = model_identity(loaded.path, loaded.config.preprocess)
+    (model / "stain_reference.png").write_bytes(b"edited")
+    assert model_identity(loaded.path, loaded.config.preprocess) != before
