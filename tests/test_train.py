@@ -392,6 +392,13 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
         printed,
     )
     assert (out / "eval_test" / "per_image.csv").is_file()
+    # a profile from a lab's own file, which the run config does not name
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("profiles:\n  mine:\n    stain: he\n    min_area_px: 4\n")
+    mine = ["evaluate", str(out), str(synth_dataset), "--quiet", "--profile", "mine"]
+    assert main(mine) == 2 and "mine" in capsys.readouterr().err
+    assert main([*mine, "--profiles", str(lab), "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "per_image.csv").is_file()
     assert main(["train", str(config), "--out", str(out)]) == 2  # no dataset given
     assert "--data" in capsys.readouterr().err
 

@@ -59,13 +59,18 @@ def evaluate(
     profile: Annotated[
         str | None, typer.Option(help="Profile name (default: the model's).")
     ] = None,
+    profiles: Annotated[
+        Path | None,
+        typer.Option(help="profiles.yaml to read --profile from (default: the run config's)."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
+    from mlseg.config import get_profile
     from mlseg.evaluate import describe_errors
     from mlseg.evaluate import evaluate as run_evaluate
-    from mlseg.model import load_model
+    from mlseg.model import load_model, saved_config
 
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test, got {split!r}")
@@ -73,6 +78,8 @@ def evaluate(
     if device is not None:
         inference = load_model(model).config.inference.model_copy(update={"device": device})
     folder = model if model.is_dir() else model.parent
+    if profiles is not None:  # the run's profiles_file may not be where it was trained
+        profile = get_profile(profile or saved_config(folder).profile, profiles)
     out = out or folder / f"eval_{split}"
     result = run_evaluate(
         model, data, out, split=split, profile=profile, inference_cfg=inference, progress=not quiet
