@@ -37,6 +37,8 @@ MIN_STAIN_ANGLE_DEG = 5.0
 #: Pixels Macenko estimates stains from: a larger image is sampled on a regular grid, as
 #: HistomicsTK samples them (a 2048 x 2048 mosaic: the same stains, 5.6x faster).
 MACENKO_SAMPLE_PIXELS = 2**20
+#: Pixels :func:`macenko` converts at a time (float64 temporaries of about 130 bytes each).
+MACENKO_CHUNK_PIXELS = 2**18
 #: :func:`macenko`'s ``stains`` when the caller has no estimate: the image's are estimated.
 ESTIMATE = "estimate"
 
@@ -327,15 +329,19 @@ def macenko(
     if est is None:
         return x.astype(np.float32)
     stains, max_conc = est
-    od = optical_density(x).reshape(-1, 3)
-    conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
     gain = np.asarray(ref_max_conc) / np.maximum(max_conc, 1e-6)
-    out_conc = conc * gain[:, None]
-    if nuclear_dab:
-        dab_as_haematoxylin = np.clip(conc[1], 0, None) * (ref_max_conc[0] / max(max_conc[1], 1e-6))
-        out_conc[0] = np.maximum(out_conc[0], dab_as_haematoxylin)
-    out = np.exp(-(np.asarray(ref_stains) @ out_conc)).T.reshape(x.shape)
-    return np.clip(out, 0, 1).astype(np.float32)
+    pixels = x.reshape(-1, 3)
+    out = np.empty(pixels.shape, np.float32)
+    # in runs of pixels: the float64 temporaries of a whole 6000 x 6000 image took 4.4 GB
+    for start in range(0, len(pixels), MACENKO_CHUNK_PIXELS):
+        run = slice(start, start + MACENKO_CHUNK_PIXELS)
+        conc = np.linalg.lstsq(stains, optical_density(pixels[run]).T, rcond=None)[0]
+        out_conc = conc * gain[:, None]
+        if nuclear_dab:
+            dab = np.clip(conc[1], 0, None) * (ref_max_conc[0] / max(max_conc[1], 1e-6))
+            out_conc[0] = np.maximum(out_conc[0], dab)
+        out[run] = np.clip(np.exp(-(np.asarray(ref_stains) @ out_conc)).T, 0, 1)
+    return out.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- intensity
