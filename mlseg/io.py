@@ -38,6 +38,7 @@ MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: system kills the process.
 MAX_IMAGE_BYTES = 4 * 2**30
 PNG_PALETTE = 3  # IHDR colour type of an indexed PNG
+PNG_GREY_ALPHA = 4  # IHDR colour type of a grey PNG with an alpha channel
 #: Bit depths a 16-bit file holds: cameras save 10-, 12- and 14-bit data in 16-bit TIFF/PNG.
 SIXTEEN_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
@@ -148,9 +149,10 @@ def read_image(
 
     An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
     the scan) or loses its alpha (``"drop"``: a mask, whose transparent background is
-    label 0); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused, or
-    with ``labels`` (a mask) kept as ``int32`` (a label image of over 65,535 nuclei, such as a
-    tile cut from a whole slide's). Raises :class:`ImageReadError` naming the file.
+    label 0); so is a grey PNG's alpha, and it stays grey (C=1); a grey TIFF's alpha is
+    dropped. Integer values beyond 16 bits are refused, or with ``labels`` (a mask) kept as
+    ``int32`` (a label image of over 65,535 nuclei, such as a tile cut from a whole
+    slide's). Raises :class:`ImageReadError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -176,6 +178,8 @@ def read_image(
             arr = cv2.cvtColor(arr, code)
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = _over_white(arr) if alpha == "white" and not labels else arr[..., :3]
+        if suffix == ".png" and (_png_header(path) or (0, 0, 0, 0))[3] == PNG_GREY_ALPHA:
+            arr = arr[..., :1]  # grey, as the same picture without alpha or as a TIFF
     return _as_hwc(arr, path, labels)
 
 

@@ -189,6 +189,22 @@ def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix
     assert (mask[:, :20] == 1).all() and (mask[:, 20:] == 0).all()
 
 
+def test_a_grey_png_with_alpha_stays_grey(tmp_path):
+    """As the same picture without alpha, or as a TIFF: OpenCV decodes it as BGRA, and it
+    came back RGB, so an H&E profile segmented it as a colourless slide (0 nuclei) where
+    the grey file is refused for its channel count."""
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    opacity = np.full_like(grey, 255)
+    opacity[:, 25:] = 0  # outside the scan: white glass
+    Image.fromarray(np.stack([grey, opacity], axis=-1), "LA").save(tmp_path / "g.png")
+    image = read_image(tmp_path / "g.png")
+    assert image.shape == (20, 30, 1) and image.dtype == np.uint8
+    assert np.array_equal(image[:, :25, 0], grey[:, :25]) and (image[:, 25:] == 255).all()
+    assert np.array_equal(read_mask(tmp_path / "g.png"), grey)  # a mask's alpha is dropped
+
+
 @pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd", "packbits", "jpeg2000"])
 def test_compressed_tiffs_as_scanners_and_image_programs_write_them(tmp_path, compression):
     import tifffile
