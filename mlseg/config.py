@@ -268,7 +268,8 @@ class InferenceConfig(Strict):
     """Tiled sliding-window prediction (see :mod:`mlseg.infer`).
 
     Tiles of ``tile_size`` (a multiple of 32) overlap by ``overlap`` and are blended with a
-    Gaussian window (``sigma_scale * tile_size``), so there are no seams. Images smaller than
+    Gaussian window (``sigma_scale * tile_size``), so there are no seams (with ``overlap``
+    0 there is nothing to blend: tile edges show in the probabilities). Images smaller than
     one tile are reflect-padded up to the next multiple of 32 and run as a single tile.
     Images with more than ``stream_min_pixels`` pixels are labelled in row bands of
     ``band_rows`` rows plus ``halo_px`` context rows above and below, so memory stays bounded
