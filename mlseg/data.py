@@ -44,7 +44,7 @@ from mlseg.augment import (
 )
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
-from mlseg.errors import ConfigError, DatasetError, size_mismatch
+from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
 from mlseg.io import read_image, read_mask
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
@@ -99,7 +99,7 @@ def training_pixel_size(
     if unknown:
         warnings.warn(
             f"{len(unknown)} of {len(pairs)} training images have no pixel size "
-            f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}) while the others "
+            f"({some_of(unknown)}) while the others "
             f"range from {known.min():g} to {known.max():g} um; they stay at their own scale "
             f"and the rest are resampled to the median, {median:g} um. Give every image a "
             "pixel size (manifest.csv) or set preprocess.target_pixel_size_um.",
@@ -167,7 +167,7 @@ def check_masks(pairs: list[Pair], masks: list[np.ndarray], kind: str, where: Pa
         raise DatasetError(
             f"{where}: {len(exports)} mask(s) hold only 0 and {BINARY_EXPORT_VALUES[0]} (or "
             f"{BINARY_EXPORT_VALUES[1]}), a binary export, among instance-labelled masks "
-            f"({', '.join(exports[:5])}{', ...' if len(exports) > 5 else ''}); read as "
+            f"({some_of(exports)}); read as "
             "labels each would be one nucleus of all its nuclei: export them as instance "
             "labels, or set data.mask_kind: binary to train every mask as binary"
         )
@@ -546,7 +546,7 @@ def prepare_data(
         held = [pairs[i].stem for i in val_idx]
         raise DatasetError(
             f"{root / cfg.data.train_dir}: the validation images held back "
-            f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) mark no nucleus, so "
+            f"({some_of(held)}) mark no nucleus, so "
             "validation Dice is 0 for any checkpoint that predicts one there and best.safetensors "
             "stays the first; draw another split (data.seed), hold back more "
             "(data.val_fraction), or annotate them"

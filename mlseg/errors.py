@@ -110,6 +110,13 @@ class ValidationFailed(MlsegError):
     exit_code = 1
 
 
+def some_of(names, limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` of ``names`` joined by ``sep``, with ``sep + "..."`` when there
+    are more: how a message names the files it is about without listing a thousand."""
+    names = [str(n) for n in names]
+    return sep.join(names[:limit]) + (f"{sep}..." if len(names) > limit else "")
+
+
 @functools.cache
 def warn_once(message: str) -> None:
     """Warn with ``message`` the first time only (per process; ``warn_once.cache_clear()``

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from mlseg.config import MonitorConfig
-from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError
+from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError, some_of
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
@@ -225,8 +225,7 @@ def image_stats_table(
     if unreadable:
         warnings.warn(
             f"{len(unreadable)} image(s) left out of the drift check, unreadable: "
-            + "; ".join(unreadable[:5])
-            + (" ..." if len(unreadable) > 5 else ""),
+            + some_of(unreadable, sep="; "),
             stacklevel=2,
         )
     return pd.DataFrame(rows)
@@ -296,8 +295,7 @@ def drift_report(
             files = [Path(str(n)).name for n in named]
             far_out[name] = (
                 f"{int(far.sum())} far outside the training range "
-                f"{ref['min']:.3g}-{ref['max']:.3g}"
-                + (f": {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else "")
+                f"{ref['min']:.3g}-{ref['max']:.3g}" + (f": {some_of(files)}" if files else "")
             )
             row["note"] += f"{'; ' if row['note'] else ''}{far_out[name]}"
         rows.append(row)

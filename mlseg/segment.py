@@ -59,7 +59,7 @@ import pandas as pd
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import check_pixel_size, is_image_file
-from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, warn_once
+from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -397,7 +397,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
         if d.is_dir() and not (d / "run.json").is_file() and d.resolve() != own and _images_in(d)
     )
     if nested:  # a lab's folder per case or per slide
-        listed = ", ".join(nested[:3]) + (" ..." if len(nested) > 3 else "")
+        listed = some_of(nested, 3)
         if not files:
             raise DatasetError(
                 f"{folder}: no images here, only in its subfolders ({listed}); subfolders are "
@@ -419,7 +419,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
         first.setdefault(key, path)
     if clashes:
         raise DatasetError(
-            f"{folder}: {'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''} differ only "
+            f"{folder}: {some_of(clashes, sep='; ')} differ only "
             f"in extension or case, but each image's outputs are named after its stem "
             f"(<stem>_nuclei.csv), so one would be skipped as done; rename one of each"
         )
@@ -478,7 +478,7 @@ def check_units_possible(
     may_carry = (p.suffix.lower() in TIFF_EXTENSIONS or sidecar_path(p).is_file() for p in unlisted)
     if not any(may_carry):
         # with a table given, "pass --pixel-sizes" would not say which images it misses
-        names = ", ".join(p.name for p in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+        names = some_of((p.name for p in unlisted), 3)
         which = (
             f"{len(unlisted)} of the {len(files)} images ({names}) are not in the pixel-size "
             "table and carry none; list them in it, pass --pixel-size"
@@ -505,8 +505,7 @@ def own_pixel_sizes(
     if by_stem and stems and not by_stem.keys() & set(stems):
         warnings.warn(
             f"the pixel-size table names none of these {len(stems)} images (it lists "
-            f"{', '.join(sorted(by_stem)[:3])}{', ...' if len(by_stem) > 3 else ''}; the "
-            f"images are {', '.join(sorted(stems)[:3])}{', ...' if len(stems) > 3 else ''}), "
+            f"{some_of(sorted(by_stem), 3)}; the images are {some_of(sorted(stems), 3)}), "
             f"so it gives no image its size; list each image by its file name or stem",
             stacklevel=3,
         )

@@ -45,7 +45,7 @@ from torch import nn
 
 from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
-from mlseg.errors import ModelError, ResumeError
+from mlseg.errors import ModelError, ResumeError, some_of
 from mlseg.io import write_table, write_text
 from mlseg.model import (
     autocast_dtype,
@@ -273,10 +273,7 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
             for stem in sorted(set(sizes) | set(now_sizes))
             if sizes.get(stem) != now_sizes.get(stem)
         ]
-        problems.append(
-            f"pixel sizes (um) of {len(moved)} training image(s): {', '.join(moved[:5])}"
-            + (", ..." if len(moved) > 5 else "")
-        )
+        problems.append(f"pixel sizes (um) of {len(moved)} training image(s): {some_of(moved)}")
     if problems:
         raise ResumeError(
             f"{folder}: holds a run that cannot be resumed with this config/data ("
