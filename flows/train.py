@@ -58,7 +58,8 @@ def train_model(
     """Train a U-Net on ``data_root``'s train split into ``out_dir`` (resumable).
 
     ``config`` is a YAML run config (defaults if empty); ``overrides`` section dicts such as
-    ``{"train": {"max_steps": 300}}``; ``progress`` shows a progress bar on stderr.
+    ``{"train": {"max_steps": 300}}``; ``fingerprint_hash`` the one ``validate-dataset``
+    returned (data changed since is refused); ``progress`` shows a progress bar on stderr.
     Publishes the training history table, a link to the curves and the output paths.
     """
     import pandas as pd

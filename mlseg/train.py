@@ -45,7 +45,7 @@ from torch import nn
 
 from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
-from mlseg.errors import ModelError, ResumeError, some_of
+from mlseg.errors import DatasetError, ModelError, ResumeError, some_of
 from mlseg.io import write_table, write_text
 from mlseg.model import (
     autocast_dtype,
@@ -414,7 +414,13 @@ def _start(
     torch.manual_seed(tc.seed)
     profile = get_profile(cfg.profile, cfg.profiles_file)
     data = prepare_data(cfg, data_root, profile, device)
-    fingerprint = fingerprint_hash or data.fingerprint
+    if fingerprint_hash is not None and fingerprint_hash != data.fingerprint:
+        # the hash is the validation's: training must not run on data no one validated
+        raise DatasetError(
+            f"{data_root}: the training data changed since it was validated (fingerprint "
+            f"{fingerprint_hash} validated, {data.fingerprint} now); validate it again"
+        )
+    fingerprint = data.fingerprint
     classes = num_classes(data.target)
     # the config saved beside the weights says what was actually done
     cfg = cfg.model_copy(
@@ -582,10 +588,11 @@ def fit(
 ) -> TrainResult:
     """Train ``cfg.train`` on the ``train`` split of ``data_root``; checkpoints in ``out_dir``.
 
-    ``fingerprint_hash`` identifies the data (e.g. from validation); computed from the files
-    when None. See the module docstring for the loop. Raises :class:`DatasetError` (empty or
-    malformed data), :class:`ConfigError` (config does not fit the data),
-    :class:`ResumeError` (``out_dir`` holds a run trained otherwise; see ``RESUME_FREE``) and
+    ``fingerprint_hash`` is the fingerprint of the data as validated (the ``validate-dataset``
+    flow returns it); the files' own is recorded either way, and training on files that no
+    longer match it is refused. See the module docstring for the loop. Raises
+    :class:`DatasetError` (empty or malformed data, or changed since validation),
+    :class:`ConfigError` (config does not fit the data), :class:`ResumeError` (``out_dir`` holds a run trained otherwise; see ``RESUME_FREE``) and
     :class:`ModelError` (model cannot be built, training diverged).
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)

@@ -338,6 +338,27 @@ def test_a_binary_export_among_instance_masks_is_refused(tmp_path) -> None:
     assert fit(cfg, root, tmp_path / "run", progress=False).steps == 1  # the way out it names
 
 
+def test_data_changed_since_validation_is_refused(tmp_path) -> None:
+    """train-model trusted the hash validate-dataset returned: an image copied in after a
+    passing validation (a duplicate, which validation fails) trained, and meta.json recorded
+    the validated fingerprint as the data it trained on."""
+    import shutil
+
+    from mlseg.dataset import dataset_fingerprint, list_pairs
+
+    root = _binary_dataset(tmp_path / "ds")
+    validated = dataset_fingerprint(list_pairs(root, "train"))
+    for sub, name in (("original", "img{}.png"), ("masks", "img{}_mask.png")):
+        shutil.copy(root / "train" / sub / name.format(0), root / "train" / sub / name.format(3))
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match="changed since it was validated.*validate it again"):
+        fit(_cfg(max_steps=1), root, run, fingerprint_hash=validated, progress=False)
+    assert not (run / "last.safetensors").exists()
+    current = dataset_fingerprint(list_pairs(root, "train"))
+    fit(_cfg(max_steps=1), root, run, fingerprint_hash=current, progress=False)
+    assert json.loads((run / "meta.json").read_text())["fingerprint_hash"] == current
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup=10, total=110, floor=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
