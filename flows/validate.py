@@ -25,7 +25,7 @@ from expectations.runner import (
 from flows import artifacts
 from flows.common import data_path
 from mlseg.dataset import dataset_fingerprint, list_pairs
-from mlseg.errors import ValidationFailed
+from mlseg.errors import DatasetError, ValidationFailed
 from mlseg.inventory import (
     Inventory,
     ValidateConfig,
@@ -38,6 +38,16 @@ from mlseg.inventory import (
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def training_fingerprint(root: Path, cfg: ValidateConfig) -> str | None:
+    """The training data as training reads and fingerprints it, images and masks (a corrected
+    mask is new data; the inventory's image fingerprint is for drift and covers the images
+    only); None where the layout is too broken to pair, which the suites then report."""
+    try:
+        return dataset_fingerprint(list_pairs(root, "train", cfg.data, strict=False))
+    except DatasetError:
+        return None
 
 
 @task(name="build-inventory", cache_policy=NO_CACHE)
@@ -111,8 +121,10 @@ def validate_dataset_flow(
     """Validate the dataset at ``data_root``; outputs go to ``out_dir`` (default
     ``./validation/<dataset name>``): Data Docs, inventory, fingerprint, report.
 
-    Returns the report as a dict with ``fingerprint_hash`` (pass it to ``train-model``) and
-    the output paths; raises :class:`ValidationFailed` on any error-level failure.
+    Returns the report as a dict with ``fingerprint_hash`` (pass it to ``train-model``, which
+    then refuses training data changed since) and the output paths; raises
+    :class:`ValidationFailed` on any error-level failure, or when the training images or masks
+    changed while they were checked.
     """
     cfg = load_validate_config(
         data_path(config) if config else None,
@@ -124,6 +136,7 @@ def validate_dataset_flow(
     root = data_path(data_root)
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
+    before = training_fingerprint(root, cfg)  # what the inventory is about to read
     preload_great_expectations()  # the GX import (seconds) overlaps the inventory
     inventory = inventory_task(str(root), cfg)
     outputs = write_inventory_task(inventory, out)
@@ -142,12 +155,15 @@ def validate_dataset_flow(
             f"{root}: {len(report.errors)} error-level expectation(s) failed ({rules}); "
             f"see {report.data_docs}"
         )
-    # the training data as training reads it, images and masks: a corrected mask is new data
-    # (the inventory's image fingerprint is for drift and covers the images only)
-    pairs = list_pairs(root, "train", cfg.data, strict=False)
+    fingerprint_hash = training_fingerprint(root, cfg)
+    if fingerprint_hash != before:  # the verdict is on files some of which are gone now
+        raise ValidationFailed(
+            f"{root}: training images or masks changed while they were validated; "
+            f"validate again once they are in place"
+        )
     return {
         **report.to_dict(),
-        "fingerprint_hash": dataset_fingerprint(pairs),
+        "fingerprint_hash": fingerprint_hash,
         "outputs": outputs,
     }
 

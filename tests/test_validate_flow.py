@@ -96,6 +96,30 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     assert again["fingerprint_hash"] != result["fingerprint_hash"]
 
 
+def test_a_mask_changed_while_validating_fails_the_flow(
+    harness, nuclei_dataset, tmp_path, monkeypatch
+):
+    """The fingerprint was taken after the suites: a mask replaced while they ran (here by a
+    0/255 export, which mask_values_valid fails) was in the hash that train-model trusts,
+    beside the verdict on the mask it replaced."""
+    import flows.validate as module
+    from flows.validate import validate_dataset_flow
+    from mlseg.io import read_mask, write_labels
+
+    root = nuclei_dataset()
+    mask = root / "train" / "masks" / "train0_mask.png"
+    real = module.run_suites
+
+    def suites_then_a_new_mask(*args, **kwargs):
+        report = real(*args, **kwargs)
+        write_labels(mask, ((read_mask(mask) > 0) * 255).astype(np.uint8))
+        return report
+
+    monkeypatch.setattr(module, "run_suites", suites_then_a_new_mask)
+    with pytest.raises(ValidationFailed, match="changed while they were validated"):
+        validate_dataset_flow(str(root), str(tmp_path / "out"))
+
+
 def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp_path):
     from flows.validate import validate_dataset_flow
 
