@@ -133,18 +133,31 @@ def load_suites(suites_dir: str | os.PathLike = SUITES_DIR) -> list[dict[str, An
             spec = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{path}: bad expectation suite: not a JSON object")
         meta = spec.get("meta") or {}
+        expectations = spec.get("expectations") or []
         problems = []
         if not spec.get("name"):
             problems.append("missing 'name'")
+        if not isinstance(meta, dict):
+            problems.append("meta must be an object")
+            meta = {}
         if not meta.get("version"):
             problems.append("missing meta.version")
         if meta.get("severity") not in SEVERITIES:
             problems.append(f"meta.severity must be one of {', '.join(SEVERITIES)}")
         if meta.get("table") not in TABLES:
             problems.append(f"meta.table must be one of {', '.join(TABLES)}")
-        for i, exp in enumerate(spec.get("expectations") or []):
-            if not (exp.get("meta") or {}).get("rule"):
+        if not isinstance(expectations, list):
+            problems.append("expectations must be a list")
+            expectations = []
+        for i, exp in enumerate(expectations):
+            if not isinstance(exp, dict) or not (
+                isinstance(exp.get("type"), str) and isinstance(exp.get("kwargs"), dict)
+            ):
+                problems.append(f"expectation {i} needs a 'type' and its 'kwargs' (an object)")
+            elif not isinstance(exp.get("meta"), dict) or not exp["meta"].get("rule"):
                 problems.append(f"expectation {i} has no meta.rule")
         if problems:
             raise ConfigError(f"{path}: bad expectation suite: {'; '.join(problems)}")
@@ -154,6 +167,43 @@ def load_suites(suites_dir: str | os.PathLike = SUITES_DIR) -> list[dict[str, An
     if dupes:
         raise ConfigError(f"{suites_dir}: rule names used twice: {', '.join(dupes)}")
     return suites
+
+
+def _expectations(
+    spec: dict[str, Any], suites_dir: str | os.PathLike, params: dict[str, Any]
+) -> list[Any]:
+    """The suite's expectations as Great Expectations objects, each checked: GX logs an
+    expectation it cannot build and leaves it out of the suite, so a misspelt type or
+    argument would drop its rule from the gate without failing it."""
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
+
+    built = []
+    for i, exp in enumerate(spec["expectations"]):
+        where = f"{suites_dir}: suite {spec['name']}, expectation {i} ({exp['meta']['rule']})"
+        unknown = [
+            value["$PARAMETER"]
+            for value in exp["kwargs"].values()
+            if isinstance(value, dict) and value.get("$PARAMETER") not in (None, *params)
+        ]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown parameter {unknown[0]!r}; known: {', '.join(sorted(params))}"
+            )
+        try:
+            built.append(ExpectationConfiguration(**exp).to_domain_obj())
+        except Exception as err:  # unknown type, missing or misspelt argument, wrong value
+            details = getattr(err, "errors", None)
+            said = (
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in details())
+                if callable(details)
+                else " ".join(str(getattr(err, "message", err)).split())
+            )
+            raise ConfigError(
+                f"{where}: not a valid Great Expectations expectation {exp.get('type')!r}: {said}"
+            ) from err
+    return built
 
 
 def preload_great_expectations() -> threading.Thread:
@@ -305,7 +355,9 @@ def run_suites(
             table = spec["meta"]["table"]
             suite = context.suites.add(
                 gx.ExpectationSuite(
-                    name=spec["name"], expectations=spec.get("expectations", []), meta=spec["meta"]
+                    name=spec["name"],
+                    expectations=_expectations(spec, suites_dir, params),
+                    meta=spec["meta"],
                 )
             )
             definition = context.validation_definitions.add(

@@ -85,6 +85,34 @@ def test_an_expectation_that_cannot_run_counts_as_failed(tmp_path, nuclei_datase
     assert not report.success and not outcome.success and "no_such_column" in outcome.error
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"type": "expect_column_values_to_be_in_sett"}, "in_sett not found"),
+        ({"kwargs": {"column": "only_in_one_split", "valu_set": [True]}}, "valu_set: extra"),
+        ({"kwargs": {"column": "only_in_one_split", "value_set": {"$PARAMETER": "x"}}}, "'x'"),
+    ],
+)
+def test_a_misspelt_expectation_is_a_config_error(tmp_path, nuclei_dataset, edit, said):
+    """Great Expectations logged an expectation it could not build and left it out: a
+    misspelt type dropped no_train_test_leakage from the gate, and a test image copied into
+    the training split passed."""
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    spec = json.loads((suites / "dataset_errors.json").read_text())
+    (leakage,) = (e for e in spec["expectations"] if e["meta"]["rule"] == "no_train_test_leakage")
+    leakage.update(edit)
+    (suites / "dataset_errors.json").write_text(json.dumps(spec))
+    root = nuclei_dataset()
+    for sub, name in (("original", "test0.png"), ("masks", "test0_mask.png")):
+        shutil.copy(root / "test" / sub / name, root / "train" / sub / name)
+    inventory = build_inventory(root)
+    with pytest.raises(
+        ConfigError, match=rf"suite dataset_errors, .*no_train_test_leakage.*{said}"
+    ):
+        run_suites(inventory, suites_dir=suites)
+
+
 # ------------------------------------------------------------------ broken datasets
 
 
