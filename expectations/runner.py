@@ -84,6 +84,17 @@ class ValidationReport:
     def success(self) -> bool:
         return not self.errors
 
+    def check(self, root: str | os.PathLike) -> None:
+        """Raise :class:`~mlseg.errors.ValidationFailed` naming the failed error-level rules
+        and the Data Docs, if there are any: the data must not be trained on."""
+        from mlseg.errors import ValidationFailed
+
+        if self.errors:
+            raise ValidationFailed(
+                f"{root}: {len(self.errors)} error-level expectation(s) failed "
+                f"({', '.join(o.rule for o in self.errors)}); see {self.data_docs}"
+            )
+
     def failed_rules(self, severity: str | None = None) -> list[str]:
         """Names of the failed rules (of one severity, or all), in suite order."""
         return [

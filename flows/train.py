@@ -54,12 +54,14 @@ def train_model(
     fingerprint_hash: str | None = None,
     resume: bool = True,
     progress: bool = False,
+    validate_data: bool = True,
 ) -> dict[str, Any]:
     """Train a U-Net on ``data_root``'s train split into ``out_dir`` (resumable).
 
     ``config`` is a YAML run config (defaults if empty); ``overrides`` section dicts such as
     ``{"train": {"max_steps": 300}}``; ``fingerprint_hash`` the one ``validate-dataset``
-    returned (data changed since is refused); ``progress`` shows a progress bar on stderr.
+    returned (data changed since is refused); without one, ``validate_data`` runs that flow
+    first, whose failure stops training. ``progress`` shows a progress bar on stderr.
     Publishes the training history table, a link to the curves and the output paths.
     """
     import pandas as pd
@@ -68,6 +70,13 @@ def train_model(
 
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
+    if fingerprint_hash is None and validate_data:
+        from flows.validate import validate_dataset_flow
+
+        checked = validate_dataset_flow(
+            data_root, str(Path(out_dir) / "validation"), config, overrides=overrides
+        )
+        fingerprint_hash = checked["fingerprint_hash"]
     result = fit_task(data_root, out_dir, config, overrides, fingerprint_hash, resume, progress)
     dice = result["best_val_dice"]
     done = describe(result["steps"], result["images_per_s"], dice)

@@ -335,6 +335,16 @@ def dataset_fingerprint(pairs: list[Pair]) -> str:
     return digest.hexdigest()[:16]
 
 
+def train_fingerprint(root: str | Path, cfg: DataConfig | None = None) -> str | None:
+    """:func:`dataset_fingerprint` of ``root``'s training pairs, as training reads and
+    fingerprints them; None where the layout is too broken to pair (validation reports it).
+    Taken before validating, it is what the verdict is about: training refuses other data."""
+    try:
+        return dataset_fingerprint(list_pairs(root, "train", cfg, strict=False))
+    except DatasetError:
+        return None
+
+
 def _summarise(problems: list[str], limit: int = 20) -> str:
     head = problems[:limit]
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""

@@ -541,3 +541,36 @@ def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
         "2 images (1 with no nucleus on either side, each scored 1.0): Dice 0.5000"
         in capsys.readouterr().out
     )
+
+
+def _leaked(synth_dataset, tmp_path):
+    """The synthetic set with a test image copied into train under another name: training
+    alone takes it, validation fails it (no_train_test_leakage)."""
+    import shutil
+
+    data = tmp_path / "leaked"
+    shutil.copytree(synth_dataset, data)
+    image = sorted((data / "test" / "original").iterdir())[0]
+    shutil.copy(image, data / "train" / "original" / f"again{image.suffix}")
+    shutil.copy(
+        data / "test" / "masks" / f"{image.stem}_mask.png",
+        data / "train" / "masks" / "again_mask.png",
+    )
+    return data
+
+
+def test_cli_train_refuses_data_that_fails_validation(synth_dataset, tmp_path, capsys) -> None:
+    """README: 'a failed check stops training'; mlseg train trained on anything."""
+    import yaml
+
+    from mlseg.cli import main
+
+    data = _leaked(synth_dataset, tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": TINY}))
+    args = ["train", str(config), "--data", str(data), "--max-steps", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 1
+    assert "no_train_test_leakage" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+    assert (tmp_path / "run" / "validation" / "data_docs" / "index.html").is_file()
+    assert main([*args, "--out", str(tmp_path / "anyway"), "--no-validate"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,33 @@ def _load(config: Path, data: Path | None, max_steps: int | None, device: str | 
     return cfg, Path(root)
 
 
+ValidateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--validate/--no-validate",
+        help="Check the data contract first, as mlseg validate does (Data Docs in "
+        "<out>/validation); a failed check stops training.",
+    ),
+]
+
+
+def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
+    """Validate ``root`` as ``mlseg validate`` would, into ``out``, or raise
+    ``ValidationFailed``; returns the training data's fingerprint as validated (training
+    refuses files changed since)."""
+    from expectations import validate_dataset
+    from mlseg.dataset import train_fingerprint
+    from mlseg.inventory import load_validate_config
+
+    cfg = load_validate_config(config)
+    before = train_fingerprint(root, cfg.data)
+    report = validate_dataset(root, out, cfg, progress=not quiet and sys.stderr.isatty())
+    report.check(root)
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    typer.echo(f"{root}: validated{warned}; Data Docs {report.data_docs}")
+    return before
+
+
 def train(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder (default: data.root).")] = None,
@@ -38,13 +66,15 @@ def train(
         bool, typer.Option("--resume/--no-resume", help="Continue from last checkpoint.")
     ] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    validate: ValidateOpt = True,
 ) -> None:
     """Train a model; re-running on the same --out resumes from the last checkpoint."""
     from mlseg.train import describe, fit
 
     cfg, root = _load(config, data, max_steps, device)
     out = out or Path("runs") / config.stem
-    result = fit(cfg, root, out, resume=resume, progress=not quiet)
+    fingerprint = _validated(config, root, out / "validation", quiet) if validate else None
+    result = fit(cfg, root, out, resume=resume, fingerprint_hash=fingerprint, progress=not quiet)
     done = describe(result.steps, result.images_per_s, result.best_val_dice)
     typer.echo(f"{done}; checkpoints in {result.out_dir}")
 
@@ -139,12 +169,15 @@ def tune(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random search.")] = 0,
+    validate: ValidateOpt = True,
 ) -> None:
     """Small hyperparameter search; prints the ranked table, writes best_config.yaml."""
     from mlseg.tune import tune as run_tune
 
     cfg, root = _load(config, data, None, device)
     out = out or Path("runs") / f"{config.stem}_tune"
+    if validate:
+        _validated(config, root, out / "validation", quiet=False)
     table = run_tune(
         cfg,
         root,

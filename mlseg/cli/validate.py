@@ -86,7 +86,6 @@ def validate(
     warnings are reported. The dataset is only read.
     """
     from expectations import validate_dataset
-    from mlseg.errors import ValidationFailed
     from mlseg.inventory import load_validate_config
 
     cfg = load_validate_config(
@@ -102,12 +101,7 @@ def validate(
             f"inventory: {report.outputs.get('inventory')}  "
             f"fingerprint: {report.outputs.get('fingerprint')}"
         )
-    if not report.success:
-        rules = ", ".join(o.rule for o in report.errors)
-        raise ValidationFailed(
-            f"{directory}: {len(report.errors)} error-level expectation(s) failed ({rules}); "
-            f"see {report.data_docs}"
-        )
+    report.check(directory)
     warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
     typer.echo(f"{directory}: passed{warned}; outputs in {out}")
 
