@@ -428,6 +428,16 @@ def write_report(report: ValidationReport, out: str | os.PathLike) -> dict[str, 
     }
 
 
+def drop_verdict(out: str | os.PathLike) -> None:
+    """Remove an earlier run's verdict from ``out`` (``validation.json``/``.csv``, Data Docs)
+    before its inventory and fingerprint are replaced: a run stopped part-way must not
+    leave the new data's fingerprint beside the old data's 'passed'."""
+    out = Path(out)
+    for name in ("validation.json", "validation.csv"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "data_docs", ignore_errors=True)
+
+
 def validate_dataset(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -448,6 +458,7 @@ def validate_dataset(
     out = check_output_dir(root, out)
     preload_great_expectations()  # its import (seconds) overlaps the I/O-bound inventory
     inventory = build_inventory(root, cfg, progress=progress)
+    drop_verdict(out)
     outputs = write_inventory(inventory, out)
     report = run_suites(inventory, data_docs_dir=out / "data_docs", suites_dir=suites_dir)
     outputs.update(write_report(report, out))

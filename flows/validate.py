@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from expectations.runner import (
     ValidationReport,
+    drop_verdict,
     preload_great_expectations,
     run_suites,
     write_report,
@@ -47,6 +48,7 @@ def inventory_task(root: str, cfg: ValidateConfig) -> Inventory:
 
 @task(name="write-inventory", cache_policy=NO_CACHE)
 def write_inventory_task(inventory: Inventory, out: str) -> dict[str, str]:
+    drop_verdict(out)  # an earlier run's verdict is not about this inventory
     return {k: str(v) for k, v in write_inventory(inventory, out).items()}
 
 

@@ -562,6 +562,28 @@ def test_stray_file_is_only_a_warning(nuclei_dataset, nuclei_pair):
 # ------------------------------------------------------------------ outputs, CLI, read-only
 
 
+def test_a_validate_stopped_part_way_leaves_no_verdict_beside_the_new_fingerprint(
+    nuclei_dataset, tmp_path, monkeypatch
+) -> None:
+    """The old 'passed' stayed beside the new data's inventory and fingerprint."""
+    import expectations.runner as runner
+
+    root = nuclei_dataset()
+    out = tmp_path / "out"
+    assert validate_dataset(root, out).success and (out / "validation.json").is_file()
+    (root / "train/masks/train0_mask.png").unlink()  # the data changes
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_suites", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        validate_dataset(root, out)
+    assert (out / "fingerprint.json").is_file()  # the new data's
+    assert not (out / "validation.json").exists() and not (out / "validation.csv").exists()
+    assert not (out / "data_docs").exists()
+
+
 def test_validate_dataset_writes_outputs_and_never_touches_the_dataset(nuclei_dataset, tmp_path):
     root = nuclei_dataset()
     (root / "train/masks/train0_mask.png").unlink()
