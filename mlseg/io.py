@@ -170,7 +170,10 @@ def read_image(
     else:
         if suffix == ".png":
             _check_png_fits(path)
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        try:
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        except cv2.error as err:  # OpenCV 5 raises where 4 returned None
+            raise _opencv_error(path, err) from None
         if arr is None:
             raise ImageReadError(f"{path}: cannot be decoded; the file is corrupt or not an image")
         if arr.ndim == 3:  # OpenCV gives grey + alpha as BGRA too
@@ -292,6 +295,41 @@ def _check_png_fits(path: Path) -> None:
     nbytes = width * height * channels * max(1, depth // 8)
     if nbytes > MAX_IMAGE_BYTES:
         raise _too_large(path, width, height, nbytes, "")
+    if width * height > _opencv_max_pixels():
+        raise _too_many_pixels(path, f"{width:,} x {height:,} px, ")
+
+
+def _opencv_max_pixels() -> int:
+    """The most pixels OpenCV decodes from one file: ``OPENCV_IO_MAX_IMAGE_PIXELS``, 2**30
+    unless set."""
+    try:
+        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 2**30))
+    except ValueError:
+        return 2**30
+
+
+def _opencv_error(path: Path, err: Exception) -> ImageReadError:
+    """The error for an image OpenCV refused: over its pixel limit (a grey PNG or a JPEG of
+    a whole slide, under :data:`MAX_IMAGE_BYTES`), out of memory, or a decoder failure."""
+    text = str(err)
+    if "CV_IO_MAX_IMAGE_PIXELS" in text:
+        return _too_many_pixels(path, "")
+    if "Insufficient memory" in text:
+        return ImageReadError(
+            f"{path}: not enough memory to decode it; close other programs, or export the "
+            f"image as smaller tiles and segment those"
+        )
+    reason = text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+    return ImageReadError(f"{path}: cannot be decoded ({reason}); re-copy or re-export it")
+
+
+def _too_many_pixels(path: Path, size: str) -> ImageReadError:
+    return ImageReadError(
+        f"{path}: {size}more than the {_opencv_max_pixels():,} pixels OpenCV decodes "
+        f"from one file (OPENCV_IO_MAX_IMAGE_PIXELS), as a whole-slide image would be: export "
+        f"the regions to segment as tiles with their pixel size (QuPath: File > Export images) "
+        f"and segment those"
+    )
 
 
 def _check_fits(path: Path, series) -> None:

@@ -113,6 +113,31 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
         read_image(tmp_path / "scan.png")
 
 
+def test_a_png_or_jpeg_over_opencvs_pixel_limit_is_refused_by_name_not_with_its_traceback(
+    tmp_path,
+):
+    import zlib
+
+    import cv2
+
+    # A grey PNG declaring 40,000 x 30,000 px: 1.1 GiB decoded, under MAX_IMAGE_BYTES, but
+    # over the 2**30 pixels OpenCV decodes (OpenCV 5 raises cv2.error there).
+    ihdr = (40_000).to_bytes(4, "big") + (30_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    png = b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk
+    png += zlib.crc32(chunk).to_bytes(4, "big") + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    (tmp_path / "scan.png").write_bytes(png)
+    with pytest.raises(ImageReadError, match=r"scan.png: 40,000 x 30,000 px, more than the"):
+        read_image(tmp_path / "scan.png")
+    # A JPEG whose frame header declares 40,000 x 40,000 px (a whole slide saved as JPEG).
+    jpeg = bytearray(cv2.imencode(".jpg", np.full((16, 16, 3), 180, np.uint8))[1].tobytes())
+    frame = jpeg.index(b"\xff\xc0")
+    jpeg[frame + 5 : frame + 9] = (40_000).to_bytes(2, "big") * 2
+    (tmp_path / "scan.jpg").write_bytes(bytes(jpeg))
+    with pytest.raises(ImageReadError, match=r"scan.jpg: more than the .* pixels OpenCV"):
+        read_image(tmp_path / "scan.jpg")
+
+
 @pytest.mark.parametrize(
     ("shape", "kwargs", "refused"),
     [
