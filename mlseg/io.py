@@ -37,6 +37,8 @@ MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
 MAX_IMAGE_BYTES = 4 * 2**30
+#: How much of an output's stem its temporary file's name keeps (:func:`atomic_path`).
+TMP_STEM_CHARS = 64
 PNG_PALETTE = 3  # IHDR colour type of an indexed PNG
 PNG_GREY_ALPHA = 4  # IHDR colour type of a grey PNG with an alpha channel
 #: Bit depths a 16-bit file holds: cameras save 10-, 12- and 14-bit data in 16-bit TIFF/PNG.
@@ -70,8 +72,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the stem shortened: a name that fits the file system must not fail for its tmp's
         fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+            prefix=f".{path.stem[:TMP_STEM_CHARS]}.", suffix=f".tmp{path.suffix}", dir=path.parent
         )
         os.close(fd)
         tmp_path = Path(tmp)

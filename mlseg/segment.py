@@ -430,6 +430,10 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
 
 #: Stems whose per-image record would be a run file: ``run.json`` is the run's.
 RESERVED_STEMS = ("run",)
+#: The longest name an output of an image gets after its stem (:func:`write_image_outputs`).
+LONGEST_OUTPUT_SUFFIX = "_nuclei.geojson"
+#: Bytes in a file name on ext4, XFS, APFS and NTFS alike.
+NAME_MAX = 255
 
 
 def check_stem(stem: str, path: Path) -> None:
@@ -438,6 +442,18 @@ def check_stem(stem: str, path: Path) -> None:
         raise DatasetError(
             f"{path}: an image named {stem!r} would have its record <stem>.json overwritten by "
             f"the run's {stem}.json; rename the file"
+        )
+
+
+def check_output_names(stem: str, path: Path) -> None:
+    """Refuse, before any work, an image whose outputs' names would be longer than a file
+    name may be (its writes would fail halfway through the run)."""
+    longest = len(f"{stem}{LONGEST_OUTPUT_SUFFIX}".encode())
+    if longest > NAME_MAX:
+        raise DatasetError(
+            f"{path}: its outputs' names (<stem>{LONGEST_OUTPUT_SUFFIX}) would be {longest} "
+            f"bytes, more than the {NAME_MAX} a file name may have; rename the image to a stem "
+            f"of at most {NAME_MAX - len(LONGEST_OUTPUT_SUFFIX)} bytes"
         )
 
 
@@ -748,6 +764,8 @@ def segment_folder(
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
     by_stem = {image_stem(p): p for p in files}
+    for stem, path in by_stem.items():
+        check_output_names(stem, path)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
     expect = _expectations(
         profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
@@ -814,6 +832,7 @@ def pair_labels(
     for path in label_files:
         stem = match_stem(label_stem(path), images)  # x.ome_mask.tif is x.ome.tif's
         check_stem(stem, path)
+        check_output_names(stem, path)
         if stem in seen:
             raise DatasetError(
                 f"{path}: same image stem {stem!r} as {seen[stem]}; keep one label file per image"

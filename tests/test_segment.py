@@ -793,6 +793,24 @@ def test_run_outputs_and_user_mistakes_get_one_line_errors(tmp_path):
     assert main(["train", str(images / "a.png"), "--data", str(tmp_path)]) == 2
 
 
+def test_a_long_image_name_is_measured_while_its_outputs_fit_and_refused_by_name_beyond(tmp_path):
+    """A 240-character stem gives 255-byte outputs (<stem>_nuclei.geojson), as long as a file
+    name may be: they are written (their temporary files' names too); a longer stem is refused
+    before any output is written, not halfway through the run."""
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(40, 40)
+    stem = "s" * 240
+    write_image(images / f"{stem}.png", image)
+    write_labels(masks / f"{stem}_mask.png", truth)
+    result = quantify_folder(masks, images, out, profile_name="he", progress=False)
+    assert result.processed == [stem] and (out / f"{stem}_nuclei.geojson").is_file()
+    write_image(images / f"{stem}xx.png", image)
+    write_labels(masks / f"{stem}xx_mask.png", truth)
+    with pytest.raises(DatasetError, match=r"would be 257 bytes, more than the 255"):
+        quantify_folder(masks, images, tmp_path / "out2", profile_name="he", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_quantify_masks_saved_beside_their_images(tmp_path):
     """Cellpose saves x_cp_masks.png next to x.png: one folder for both."""
     both = tmp_path / "both"
