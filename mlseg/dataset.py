@@ -138,15 +138,18 @@ def init_dataset(
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame | None:
-    """The dataset's ``manifest.csv`` (``None`` if it has none); :class:`DatasetError` if it
-    cannot be parsed."""
+    """The dataset's ``manifest.csv`` as text (``None`` if it has none); :class:`DatasetError`
+    if it cannot be parsed. Column names match whatever their case, and spaces after the
+    commas are left out (``split, stem, pixel_size_um``, as the contract is written)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return read_csv_rows(path, dtype={"stem": str, "split": str})
+        table = read_csv_rows(path, dtype=str, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    return table
 
 
 def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
@@ -188,7 +191,7 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
         )
     values = zip(manifest["split"], manifest["stem"], manifest["pixel_size_um"], strict=True)
     return {
-        (str(split), match_stem(str(stem))): (line, value)
+        (str(split).strip(), match_stem(str(stem).strip())): (line, value)
         for line, (split, stem, value) in enumerate(values, start=2)
         if pd.notna(value) and str(value).strip()
     }

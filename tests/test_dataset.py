@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from mlseg.dataset import init_dataset, list_pairs, mask_kind, mask_to_labels
+from mlseg.dataset import (
+    init_dataset,
+    list_pairs,
+    mask_kind,
+    mask_to_labels,
+    split_pixel_sizes,
+)
 from mlseg.errors import DatasetError
 from mlseg.io import write_image
 
@@ -47,6 +53,22 @@ def test_pairs_sorted_with_pixel_size_from_manifest(tmp_path):
     pairs = list_pairs(root, "train")
     assert [p.stem for p in pairs] == ["a", "b"]
     assert pairs[0].pixel_size_um == 0.25 and pairs[1].pixel_size_um is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["split, stem, pixel_size_um", "Split,Stem,Pixel_Size_um", "\ufeffsplit,stem,pixel_size_um"],
+)
+def test_a_manifest_written_with_spaces_or_capitals_keeps_its_pixel_sizes(tmp_path, header):
+    """The README writes the manifest's columns as ``split, stem, pixel_size_um``: a lab that
+    wrote the header so (or with capitals, as a spreadsheet does) had every size ignored."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "007")
+    sep = ", " if ", " in header else ","
+    rows = [header, sep.join(["train", "007", "0.25"]), sep.join(["train ", " 008 ", " 0.5 "])]
+    (root / "manifest.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
+    assert list_pairs(root, "train")[0].pixel_size_um == 0.25
+    assert split_pixel_sizes(root, "train") == {"007": 0.25, "008": 0.5}
 
 
 def test_every_problem_reported_with_file_names(tmp_path):
