@@ -190,11 +190,27 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
             "each pixel size needs the split and stem of its image"
         )
     values = zip(manifest["split"], manifest["stem"], manifest["pixel_size_um"], strict=True)
-    return {
-        (str(split).strip(), match_stem(str(stem).strip())): (line, value)
-        for line, (split, stem, value) in enumerate(values, start=2)
-        if pd.notna(value) and str(value).strip()
-    }
+    sizes: dict[tuple[str, str], tuple[int, object]] = {}
+    for line, (split, stem, value) in enumerate(values, start=2):
+        if pd.isna(value) or not str(value).strip():
+            continue
+        key = (str(split).strip(), match_stem(str(stem).strip()))
+        if key in sizes and not _same_size(sizes[key][1], value):
+            first, before = sizes[key]
+            raise DatasetError(
+                f"{Path(root) / MANIFEST}: {'/'.join(key)} is listed twice, at {before} (line "
+                f"{first}) and {value} (line {line}) um per pixel; keep one row per image"
+            )
+        sizes.setdefault(key, (line, value))
+    return sizes
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Whether two pixel sizes as written are one number (``0.5`` and ``0.50``)."""
+    try:
+        return float(a) == float(b)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(a).strip() == str(b).strip()
 
 
 def check_pixel_size(value: object, what: str) -> float:

@@ -71,6 +71,21 @@ def test_a_manifest_written_with_spaces_or_capitals_keeps_its_pixel_sizes(tmp_pa
     assert split_pixel_sizes(root, "train") == {"007": 0.25, "008": 0.5}
 
 
+def test_a_manifest_giving_one_image_two_pixel_sizes_is_refused_naming_both_lines(tmp_path):
+    """The later row won without a word (and mlseg validate passed); the ingest tables refuse
+    the same. One size written twice is one size."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    rows = "split,stem,pixel_size_um\ntrain,a,0.5\ntest,a,0.25\ntrain,a,0.50\n"
+    (root / "manifest.csv").write_text(rows)
+    assert list_pairs(root, "train")[0].pixel_size_um == 0.5
+    (root / "manifest.csv").write_text(rows + "train,a,0.25\n")
+    with pytest.raises(
+        DatasetError, match=r"train/a is listed twice, at 0.5 \(line 2\) and 0.25 \(line 5\)"
+    ):
+        list_pairs(root, "train")
+
+
 def test_every_problem_reported_with_file_names(tmp_path):
     root = init_dataset(tmp_path / "ds")
     make_pair(root, "train", "ok")
