@@ -19,8 +19,10 @@ the profile's is used.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -94,6 +96,34 @@ def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
     )
+
+
+#: What becomes of the entries :func:`named_as_images_but_not_files` names, and the fix.
+NOT_FILES_LEFT_OUT = (
+    "named as images but no image files, so left out; restore what they stand for (mount the "
+    "share a link points to, copy the image in) or move them out of the folder"
+)
+
+
+def named_as_images_but_not_files(folder: Path) -> list[str]:
+    """``"<path>: <what it is>"`` for each entry of ``folder`` named as an image (not hidden)
+    that :func:`is_image_file` leaves out as no file: a broken link (an image on a share that
+    is not mounted), a link loop, a folder or a pipe named ``x.png``."""
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.is_file():
+            continue
+        try:
+            os.stat(path)
+        except OSError as err:
+            loop = err.errno == errno.ELOOP or not path.is_symlink()
+            what = "a link loop" if loop else f"a link to {os.readlink(path)}, which is missing"
+        else:
+            what = "a folder" if path.is_dir() else "not a regular file (a pipe or a device)"
+        found.append(f"{path}: {what}")
+    return found
 
 
 def mask_stem(image_stem: str, cfg: DataConfig) -> str:

@@ -50,6 +50,7 @@ from mlseg.dataset import (
     check_pixel_size,
     init_dataset,
     is_image_file,
+    named_as_images_but_not_files,
     read_csv_rows,
     split_dir,
     split_pixel_sizes,
@@ -113,6 +114,10 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     """The image files of ``folder`` by stem; two files of one stem (``a.png``, ``a.tif``)
     are a problem, not one of them kept."""
     found: dict[str, Path] = {}
+    if folder.is_dir():
+        problems.extend(
+            f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)
+        )
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not is_image_file(p):
             continue
@@ -130,6 +135,9 @@ def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, 
     masks: dict[str, Path] = {}
     if not folder.is_dir():
         return masks
+    problems.extend(
+        f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)
+    )
     for p in sorted(folder.iterdir()):
         if is_annotation_file(p):
             stem = annotation_stem(p, suffix)
@@ -228,6 +236,12 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     elif layout == "dsb":
         for case in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
             images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]
+            for sub in (case / "images", case / "masks"):  # a nucleus' link lost: a nucleus less
+                if sub.is_dir():
+                    problems.extend(
+                        f"{entry}; restore it or remove it"
+                        for entry in named_as_images_but_not_files(sub)
+                    )
             if len(images) != 1:
                 problems.append(
                     f"{case / 'images'}: {len(images)} images; the DSB layout has one per folder"

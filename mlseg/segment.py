@@ -58,7 +58,12 @@ import pandas as pd
 
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
-from mlseg.dataset import check_pixel_size, is_image_file
+from mlseg.dataset import (
+    NOT_FILES_LEFT_OUT,
+    check_pixel_size,
+    is_image_file,
+    named_as_images_but_not_files,
+)
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
@@ -408,6 +413,9 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
             f"are not searched: run once per subfolder",
             stacklevel=3,
         )
+    not_files = named_as_images_but_not_files(folder)
+    if not_files:
+        warnings.warn(f"{'; '.join(not_files)}: {NOT_FILES_LEFT_OUT}", stacklevel=3)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
     first: dict[str, Path] = {}

@@ -33,6 +33,22 @@ def flat_source(root, n=5, seed=0):
     return root
 
 
+def test_an_image_named_entry_that_is_no_file_is_refused_by_name_not_left_out(tmp_path):
+    """A link to an image on a share that is not mounted, a link loop, a folder or a pipe named
+    x.png were left out without a word: the dataset came out an image short."""
+    src = flat_source(tmp_path / "src", n=3)
+    (src / "original" / "img9.png").symlink_to(tmp_path / "unmounted" / "img9.png")
+    (src / "masks" / "img0_mask.png").unlink()
+    (src / "masks" / "img0_mask.png").mkdir()
+    with pytest.raises(DatasetError) as caught:
+        ingest(src, tmp_path / "ds", progress=False)
+    assert re.search(
+        r"img9.png: a link to .*unmounted/img9.png, which is missing", str(caught.value)
+    )
+    assert "img0_mask.png: a folder" in str(caught.value)
+    assert not (tmp_path / "ds").exists()
+
+
 def tree_digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):

@@ -16,7 +16,13 @@ from mlseg.config import Config, InferenceConfig, PreprocessConfig, get_profile
 from mlseg.errors import ConfigError, DatasetError
 from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
-from mlseg.segment import predict_labels, quantify_folder, segment_folder, stain_tta_for
+from mlseg.segment import (
+    list_images,
+    predict_labels,
+    quantify_folder,
+    segment_folder,
+    stain_tta_for,
+)
 
 torch.set_num_threads(1)
 HE = get_profile("he")
@@ -809,6 +815,24 @@ def test_a_long_image_name_is_measured_while_its_outputs_fit_and_refused_by_name
     with pytest.raises(DatasetError, match=r"would be 257 bytes, more than the 255"):
         quantify_folder(masks, images, tmp_path / "out2", profile_name="he", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_an_image_named_entry_that_is_no_file_is_named_in_a_warning(tmp_path):
+    """A link to an image on a share that is not mounted was left out without a word: the
+    run said 'segmented 1' as if the folder held one image."""
+    import os
+
+    images = tmp_path / "images"
+    image, _ = disc_image(40, 40)
+    write_image(images / "a.png", image)
+    (images / "b.png").symlink_to(tmp_path / "unmounted" / "b.png")
+    (images / "c.png").symlink_to("c.png")
+    os.mkfifo(images / "d.png")
+    with pytest.warns(UserWarning) as caught:
+        assert [p.name for p in list_images(images)] == ["a.png"]
+    said = " ".join(str(w.message) for w in caught)
+    assert "b.png: a link to" in said and "which is missing" in said
+    assert "c.png: a link loop" in said and "d.png: not a regular file" in said
 
 
 def test_quantify_masks_saved_beside_their_images(tmp_path):
