@@ -471,9 +471,11 @@ def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
     path = Path(path)
     header = _png_header(path) if path.suffix.lower() == ".png" else None
     if header is not None and header[3] == PNG_PALETTE:
-        from PIL import Image
+        from PIL import PngImagePlugin
 
-        with Image.open(path) as indexed:
+        # Not Image.open: its decompression-bomb limit (179 million pixels, a warning from 89)
+        # refused a 20,000 x 20,000 px mask that OpenCV had just decoded within MAX_IMAGE_BYTES.
+        with PngImagePlugin.PngImageFile(path) as indexed:
             return np.asarray(indexed)
     grey = decoded.shape[2] == 1 or (
         np.array_equal(decoded[..., 0], decoded[..., 1])

@@ -295,6 +295,25 @@ def test_an_indexed_png_mask_gives_its_indices_not_its_colours(tmp_path):
         assert np.array_equal(read_mask(tmp_path / "m.png"), labels)
 
 
+def test_an_indexed_png_mask_is_read_whatever_pillows_decompression_bomb_limit(
+    tmp_path, monkeypatch
+):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS (179 million pixels): a
+    20,000 x 20,000 px indexed mask, within what mlseg reads, failed with its
+    DecompressionBombError traceback. Here the limit is lowered to a 40 x 50 px mask's size."""
+    from PIL import Image
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[5:15, 5:15] = 2
+    indexed = Image.fromarray(labels)
+    indexed.putpalette([0, 0, 0] + [255, 255, 255] * 255)
+    indexed.save(tmp_path / "m.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 50 // 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(read_mask(tmp_path / "m.png"), labels)
+
+
 def test_labels_roundtrip_16bit(tmp_path):
     labels = np.zeros((5, 5), np.int32)
     labels[1, 1] = 40000
