@@ -176,8 +176,8 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
     um = []
     for size in sizes:
         try:
-            if isinstance(size, bool):
-                raise TypeError
+            if isinstance(size, bool) or not math.isfinite(float(size)):
+                raise TypeError  # JSON's NaN and Infinity, as a script writes an unknown size
             um.append(float(size) * factor)
         except (TypeError, ValueError):
             return _ignored_sidecar(sidecar, f"its pixel size {size!r} is not a number")

@@ -106,6 +106,16 @@ def test_pixel_size_from_a_json_sidecar(tmp_path, sidecar, um):
     assert found == (pytest.approx(um) if um is not None else None)
 
 
+@pytest.mark.parametrize("size", ["NaN", "[NaN, NaN]", "[Infinity, Infinity]"])
+def test_a_sidecar_size_of_nan_is_named_as_no_number(tmp_path, size):
+    """json.dump writes a script's unknown (NaN) size as NaN: it was called pixels not
+    square ('resample the image to square pixels') or a unit error, the wrong fixes."""
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "a.json").write_text(f'{{"PixelSize": {size}, "PixelSizeUnits": "um"}}')
+    with pytest.warns(UserWarning, match=r"a\.json: pixel size ignored because .* is not a number"):
+        assert declared_pixel_size_um(tmp_path / "a.png", plausible_only=False) is None
+
+
 def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
     import tifffile
 
