@@ -84,7 +84,8 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def _rgb(lab: np.ndarray) -> np.ndarray:
-    return np.clip(cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB), 0.0, 1.0)
+    rgb = cv2.cvtColor(lab.astype(np.float32, copy=False), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb, 0.0, 1.0, out=rgb)
 
 
 def _on_lightness(image: np.ndarray, fn) -> np.ndarray:
@@ -241,9 +242,14 @@ def reinhard(image: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray)
     x = _hwc(to_float(image))
     if x.shape[2] != 3:
         raise ValueError("Reinhard normalisation needs an RGB image")
-    lab = _lab(x).astype(np.float64)
-    mean, std = lab.reshape(-1, 3).mean(axis=0), lab.reshape(-1, 3).std(axis=0)
-    lab = (lab - mean) / np.maximum(std, 1e-6) * np.asarray(target_std) + np.asarray(target_mean)
+    lab = _lab(x)
+    # statistics in float64, the transfer in place in float32: float64 copies of a large
+    # image took 84 bytes a pixel
+    pixels = lab.reshape(-1, 3)
+    mean, std = pixels.mean(axis=0, dtype=np.float64), pixels.std(axis=0, dtype=np.float64)
+    gain = np.asarray(target_std) / np.maximum(std, 1e-6)
+    lab *= gain.astype(np.float32)
+    lab += (np.asarray(target_mean) - mean * gain).astype(np.float32)
     return _rgb(lab)
 
 
