@@ -399,6 +399,7 @@ def segment_and_quantify(
     from mlseg.outputs import write_run_outputs
     from mlseg.segment import (
         check_out_dir,
+        check_output_names,
         check_units_possible,
         list_images,
         own_pixel_sizes,
@@ -415,6 +416,8 @@ def segment_and_quantify(
     files = [str(p) for p in list_images(src, out)]
     # as segment_folder: the table's entries for these images, said unused beside one size
     stems = [image_stem(p) for p in files]
+    for stem, path in zip(stems, files, strict=True):  # before any work, as segment_folder
+        check_output_names(stem, Path(path))
     sizes = own_pixel_sizes(per_image_sizes(pixel_sizes, pixel_size_um), stems, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
