@@ -113,8 +113,12 @@ def tune(
     method: str = "random",
     seed: int = 0,
     progress: bool = True,
+    fingerprint_hash: str | None = None,
 ) -> pd.DataFrame:
     """Run the search; returns the trials ranked by best validation Dice (best first).
+
+    ``fingerprint_hash`` is the training data's as validated: every trial refuses files
+    changed since (:func:`mlseg.train.fit`).
 
     Columns: ``rank, trial``, one per searched parameter, ``best_val_dice,
     final_train_loss, steps, images_per_s, seconds, out_dir``.
@@ -145,7 +149,14 @@ def tune(
         t0 = time.perf_counter()
         folder = out / f"trial_{i:03d}"
         try:
-            result = fit(trial_cfg, data_root, folder, resume=True, progress=False)
+            result = fit(
+                trial_cfg,
+                data_root,
+                folder,
+                resume=True,
+                fingerprint_hash=fingerprint_hash,
+                progress=False,
+            )
         except ResumeError as error:
             # a finished trial of another search would otherwise be reported under these params
             raise ConfigError(

@@ -574,3 +574,34 @@ def test_cli_train_refuses_data_that_fails_validation(synth_dataset, tmp_path, c
     assert not (tmp_path / "run" / "last.safetensors").exists()
     assert (tmp_path / "run" / "validation" / "data_docs" / "index.html").is_file()
     assert main([*args, "--out", str(tmp_path / "anyway"), "--no-validate"]) == 0
+
+
+def test_cli_tune_refuses_data_changed_after_validation(
+    synth_dataset, tmp_path, monkeypatch, capsys
+) -> None:
+    """README: training refuses files changed after they passed; mlseg tune validated, then
+    dropped the fingerprint, and its trials trained on whatever was there."""
+    import shutil
+
+    import yaml
+
+    import expectations
+    from mlseg.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    validate = expectations.validate_dataset
+
+    def validate_then_change(root, out, cfg, **kwargs):
+        report = validate(root, out, cfg, **kwargs)
+        first, second = sorted((data / "train" / "masks").iterdir())[:2]
+        shutil.copy(second, first)  # a mask replaced after it passed
+        return report
+
+    monkeypatch.setattr(expectations, "validate_dataset", validate_then_change)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": TINY}))
+    args = ["tune", str(config), "--data", str(data), "--out", str(tmp_path / "tune")]
+    assert main([*args, "--trials", "1", "--budget-steps", "1", "--param", "train.lr=1e-3"]) == 2
+    assert "changed since it was validated" in capsys.readouterr().err
+    assert not (tmp_path / "tune" / "trial_000" / "last.safetensors").exists()

@@ -176,8 +176,7 @@ def tune(
 
     cfg, root = _load(config, data, None, device)
     out = out or Path("runs") / f"{config.stem}_tune"
-    if validate:
-        _validated(config, root, out / "validation", quiet=False)
+    fingerprint = _validated(config, root, out / "validation", quiet=False) if validate else None
     table = run_tune(
         cfg,
         root,
@@ -187,6 +186,7 @@ def tune(
         space=_parse_space(param or []),
         method=method,
         seed=seed,
+        fingerprint_hash=fingerprint,
     )
     typer.echo(table.drop(columns=["out_dir"]).to_string(index=False))
     typer.echo(f"best config: {out / 'best_config.yaml'}")
