@@ -73,6 +73,23 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(root, n_train=6, n_test=3, size=96, seed=0)
 
 
+@pytest.fixture
+def leaked_dataset(synth_dataset: Path, tmp_path: Path) -> Path:
+    """A copy of ``synth_dataset`` with a test image and its mask copied into train under
+    another name: training alone takes it, validation fails it (no_train_test_leakage)."""
+    import shutil
+
+    data = tmp_path / "leaked"
+    shutil.copytree(synth_dataset, data)
+    image = sorted((data / "test" / "original").iterdir())[0]
+    shutil.copy(image, data / "train" / "original" / f"again{image.suffix}")
+    shutil.copy(
+        data / "test" / "masks" / f"{image.stem}_mask.png",
+        data / "train" / "masks" / "again_mask.png",
+    )
+    return data
+
+
 # --------------------------------------------------------------------------------------------
 # Data validation (inventory, expectation suites, validate flow): tiny nuclei datasets.
 

@@ -485,22 +485,14 @@ def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path)
     assert not (tmp_path / "work" / "train").exists()
 
 
-def test_the_train_flow_alone_validates_before_training(harness, tmp_path, synth_dataset) -> None:
+def test_the_train_flow_alone_validates_before_training(harness, tmp_path, leaked_dataset) -> None:
     """The train deployment (no fingerprint from a validate run) trained on anything; now it
     validates first, and a failed check stops it before any step."""
-    import shutil
-
     from flows.train import train_model
 
-    data = tmp_path / "leaked"
-    shutil.copytree(synth_dataset, data)
-    image = sorted((data / "test" / "original").iterdir())[0]
-    shutil.copy(image, data / "train" / "original" / f"again{image.suffix}")
-    shutil.copy(
-        data / "test" / "masks" / f"{image.stem}_mask.png",
-        data / "train" / "masks" / "again_mask.png",
+    state = train_model(
+        str(leaked_dataset), str(tmp_path / "run"), overrides=TINY, return_state=True
     )
-    state = train_model(str(data), str(tmp_path / "run"), overrides=TINY, return_state=True)
     assert state.is_failed() and "no_train_test_leakage" in state.message
     assert not (tmp_path / "run" / "last.safetensors").exists()
 

@@ -543,29 +543,13 @@ def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
     )
 
 
-def _leaked(synth_dataset, tmp_path):
-    """The synthetic set with a test image copied into train under another name: training
-    alone takes it, validation fails it (no_train_test_leakage)."""
-    import shutil
-
-    data = tmp_path / "leaked"
-    shutil.copytree(synth_dataset, data)
-    image = sorted((data / "test" / "original").iterdir())[0]
-    shutil.copy(image, data / "train" / "original" / f"again{image.suffix}")
-    shutil.copy(
-        data / "test" / "masks" / f"{image.stem}_mask.png",
-        data / "train" / "masks" / "again_mask.png",
-    )
-    return data
-
-
-def test_cli_train_refuses_data_that_fails_validation(synth_dataset, tmp_path, capsys) -> None:
+def test_cli_train_refuses_data_that_fails_validation(leaked_dataset, tmp_path, capsys) -> None:
     """README: 'a failed check stops training'; mlseg train trained on anything."""
     import yaml
 
     from mlseg.cli import main
 
-    data = _leaked(synth_dataset, tmp_path)
+    data = leaked_dataset
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"train": TINY}))
     args = ["train", str(config), "--data", str(data), "--max-steps", "1", "--quiet"]
