@@ -554,7 +554,8 @@ def test_cli_train_refuses_data_that_fails_validation(leaked_dataset, tmp_path, 
     config.write_text(yaml.safe_dump({"train": TINY}))
     args = ["train", str(config), "--data", str(data), "--max-steps", "1", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "run")]) == 1
-    assert "no_train_test_leakage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no_train_test_leakage" in err and "--no-validate" in err  # the way out, too
     assert not (tmp_path / "run" / "last.safetensors").exists()
     assert (tmp_path / "run" / "validation" / "data_docs" / "index.html").is_file()
     assert main([*args, "--out", str(tmp_path / "anyway"), "--no-validate"]) == 0

@@ -43,12 +43,16 @@ def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
     refuses files changed since)."""
     from expectations import validate_dataset
     from mlseg.dataset import train_fingerprint
+    from mlseg.errors import ValidationFailed
     from mlseg.inventory import load_validate_config
 
     cfg = load_validate_config(config)
     before = train_fingerprint(root, cfg.data)
     report = validate_dataset(root, out, cfg, progress=not quiet and sys.stderr.isatty())
-    report.check(root)
+    try:
+        report.check(root)
+    except ValidationFailed as err:  # e.g. a set with no test images, on purpose
+        raise ValidationFailed(f"{err}; --no-validate trains on it anyway") from None
     warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
     typer.echo(f"{root}: validated{warned}; Data Docs {report.data_docs}")
     return before
