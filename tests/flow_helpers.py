@@ -57,3 +57,23 @@ def disc_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Pat
         image = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
         paths.append(write_image(folder / f"img_{i:03d}.png", image))
     return paths
+
+
+def flow_artifacts(flow_run_id) -> dict[str, object]:
+    """The artifacts one flow run published, by key, read back from the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def artifact_rows(flow_run_id, key: str) -> list[dict]:
+    """The rows of the table artifact ``key`` of one flow run."""
+    import json
+
+    data = flow_artifacts(flow_run_id)[key].data
+    return json.loads(data) if isinstance(data, str) else data

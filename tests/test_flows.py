@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flow_helpers import disc_images, tiny_checkpoint
+from flow_helpers import artifact_rows, disc_images, flow_artifacts, tiny_checkpoint
 
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
@@ -38,17 +38,6 @@ def checkpoint(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     return tiny_checkpoint(tmp_path_factory.mktemp("model"))
-
-
-def _artifact_keys(flow_run_id) -> set[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key for a in found if a.key}
 
 
 def _segment(inbox: Path, out: Path, checkpoint: Path, **kwargs):
@@ -214,7 +203,7 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
         assert (out / f"{stem}_nuclei.csv").is_file() and (out / f"{stem}_overlay.png").is_file()
     history = pd.read_csv(out / "runs" / "history.csv")
     assert history["n_images"].tolist() == [5] and history["images_per_s"].iloc[0] > 0
-    keys = _artifact_keys(state.state_details.flow_run_id)
+    keys = set(flow_artifacts(state.state_details.flow_run_id))
     assert {"segment-summary", "segment-run-metrics", "segment-outputs"} <= keys
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")}
@@ -232,31 +221,18 @@ def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
 ) -> None:
     """GBM40's tiles are 01.png, 02.png ...: summary.csv read back without a type named
     them 1, 2 in the artifact (and in the pipeline's report)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     for path in disc_images(inbox, 2):
         path.rename(inbox / f"0{int(path.stem[-1]) + 1}.png")
     state = _segment(inbox, out, checkpoint)
     assert state.is_completed(), state.message
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
-    (summary,) = [a for a in found if a.key == "segment-summary"]
-    data = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
-    assert [row["image"] for row in data] == ["01", "02"]
+    rows = artifact_rows(state.state_details.flow_run_id, "segment-summary")
+    assert [row["image"] for row in rows] == ["01", "02"]
 
 
 def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
     harness, tmp_path, checkpoint, nuclei_dataset
 ) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
     from flows.evaluate import evaluate_model
 
     root = nuclei_dataset(n_train=1, n_test=2)
@@ -268,15 +244,8 @@ def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
         (masks / f"test{i}_mask.png").rename(masks / f"0{i}_mask.png")
     state = evaluate_model(str(checkpoint), str(root), str(tmp_path / "eval"), return_state=True)
     assert state.is_completed(), state.message
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
-    (table,) = [a for a in found if a.key == "evaluation-per-image"]
-    data = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert sorted(row["stem"] for row in data) == ["00", "01"]
+    rows = artifact_rows(state.state_details.flow_run_id, "evaluation-per-image")
+    assert sorted(row["stem"] for row in rows) == ["00", "01"]
 
 
 def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, checkpoint) -> None:
@@ -313,7 +282,7 @@ def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, che
     assert state.is_failed()
     assert "img_001.png" in state.message and "1 of 3" in state.message
     assert (out / "img_000.json").is_file() and (out / "img_002.json").is_file()
-    assert "segment-failed-images" in _artifact_keys(state.state_details.flow_run_id)
+    assert "segment-failed-images" in set(flow_artifacts(state.state_details.flow_run_id))
 
 
 def _fingerprint(tmp_path: Path, images: list[Path]) -> Path:
@@ -350,7 +319,7 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     state = monitor(str(dark), str(reference), str(tmp_path / "m2"), return_state=True)
     assert state.is_failed() and "mean_c0" in state.message
     assert (tmp_path / "m2" / "drift.csv").is_file()
-    keys = _artifact_keys(state.state_details.flow_run_id)
+    keys = set(flow_artifacts(state.state_details.flow_run_id))
     assert {"drift-report", "drift-warning"} <= keys
 
 

@@ -100,15 +100,19 @@ def test_a_whole_slide_pyramid_too_large_to_read_is_refused_before_decoding(tmp_
         read_image(tmp_path / "slide.tif")
 
 
-def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp_path):
+def _png_claiming(path, width: int, height: int, colour_type: int) -> None:
+    """A PNG of only a header declaring ``width`` x ``height`` 8-bit pixels, then its end."""
     import zlib
 
-    # A PNG header declaring 50,000 x 40,000 RGB pixels (5.6 GiB decoded), then its end.
-    ihdr = (50_000).to_bytes(4, "big") + (40_000).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, colour_type, 0, 0, 0])
     chunk = b"IHDR" + ihdr
     png = b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk
     png += zlib.crc32(chunk).to_bytes(4, "big") + b"\x00\x00\x00\x00IEND\xaeB`\x82"
-    (tmp_path / "scan.png").write_bytes(png)
+    path.write_bytes(png)
+
+
+def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp_path):
+    _png_claiming(tmp_path / "scan.png", 50_000, 40_000, 2)  # RGB: 5.6 GiB decoded
     with pytest.raises(ImageReadError, match=r"scan.png: 50,000 x 40,000 px would take 5.6 GiB"):
         read_image(tmp_path / "scan.png")
 
@@ -116,17 +120,11 @@ def test_a_png_too_large_to_read_is_refused_with_its_size_not_called_corrupt(tmp
 def test_a_png_or_jpeg_over_opencvs_pixel_limit_is_refused_by_name_not_with_its_traceback(
     tmp_path,
 ):
-    import zlib
-
     import cv2
 
     # A grey PNG declaring 40,000 x 30,000 px: 1.1 GiB decoded, under MAX_IMAGE_BYTES, but
     # over the 2**30 pixels OpenCV decodes (OpenCV 5 raises cv2.error there).
-    ihdr = (40_000).to_bytes(4, "big") + (30_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    chunk = b"IHDR" + ihdr
-    png = b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk
-    png += zlib.crc32(chunk).to_bytes(4, "big") + b"\x00\x00\x00\x00IEND\xaeB`\x82"
-    (tmp_path / "scan.png").write_bytes(png)
+    _png_claiming(tmp_path / "scan.png", 40_000, 30_000, 0)
     with pytest.raises(ImageReadError, match=r"scan.png: 40,000 x 30,000 px, more than the"):
         read_image(tmp_path / "scan.png")
     # A JPEG whose frame header declares 40,000 x 40,000 px (a whole slide saved as JPEG).

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_helpers import flow_artifacts
 
 from mlseg.errors import ValidationFailed
 
@@ -21,17 +22,6 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-def _artifacts(flow_run_id) -> dict[str, object]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key: a for a in found if a.key}
 
 
 def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
@@ -83,7 +73,7 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     assert result["fingerprint_hash"] == dataset_fingerprint(list_pairs(root, "train"))
     assert Path(result["outputs"]["fingerprint"]).is_file()
     assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
     assert {"dataset-validation-good", "dataset-validation-good-summary"} <= set(artifacts)
     assert "passed" in artifacts["dataset-validation-good-summary"].data
     # a corrected mask is new training data: the registered fingerprint and the resume check
@@ -131,7 +121,7 @@ def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp
     assert state.is_failed()
     with pytest.raises(ValidationFailed, match="no_train_test_leakage"):
         state.result()
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
     summary = artifacts["dataset-validation-leaky-summary"].data
     assert "FAILED" in summary and "test/original/test0.png" in summary
     assert "no_train_test_leakage" in str(artifacts["dataset-validation-leaky"].data)
