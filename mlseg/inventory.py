@@ -14,6 +14,8 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   ``size_bytes``;
 - decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
   ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only),
+  ``turn_free_hash`` (the same of whichever of its 8 mirrored/turned views
+  :func:`turn_free_hash` picks: equal for a flipped or rotated copy),
   ``exif_orientation`` (2-8 where an image file declares that viewers show it turned or
   mirrored, :func:`mlseg.io.exif_orientation`; null where it is shown as stored);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
@@ -149,6 +151,7 @@ FILE_COLUMNS = (
     "channels",
     "dtype",
     "content_hash",
+    "turn_free_hash",
     "exif_orientation",
     *MASK_COLUMNS,
     *STAT_COLUMNS,
@@ -169,6 +172,7 @@ READ_COLUMNS = (
     "channels",
     "dtype",
     "content_hash",
+    "turn_free_hash",
     "exif_orientation",
     *MASK_COLUMNS,
     "mask_values_ok",
@@ -385,6 +389,36 @@ def content_hash(array: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
+def _turns(arr: np.ndarray) -> list[np.ndarray]:
+    """The 8 views of ``arr`` flipped and turned by quarters (the dihedral group D4)."""
+    return [np.rot90(a, r) for a in (arr, arr[:, ::-1]) for r in range(4)]
+
+
+def turn_free_hash(array: np.ndarray) -> str:
+    """:func:`content_hash` of ``array`` as it is, mirrored or turned by quarters, the same
+    for all 8: a tile and its flipped or rotated copy (an augmented copy saved beside it,
+    then split into test) hash alike.
+
+    The turn hashed is the one that puts the brightest of the four corner blocks top left
+    and the brighter of its neighbours top right (their sums move with the turn as the
+    corners of a 2 x 2 array do, so every copy picks the same view); only a tie, as in a
+    blank or symmetric image, hashes each tied view and keeps the least. One extra hash
+    for most images, where trying all eight took eight.
+    """
+    arr = np.asarray(array)
+    k = max(1, min(arr.shape[:2]) // 4)
+    corners = np.array(
+        [
+            [arr[:k, :k].sum(dtype=np.int64), arr[:k, -k:].sum(dtype=np.int64)],
+            [arr[-k:, :k].sum(dtype=np.int64), arr[-k:, -k:].sum(dtype=np.int64)],
+        ]
+    )
+    keys = [tuple(view.ravel().tolist()) for view in _turns(corners)]
+    best = max(keys)
+    views = _turns(arr)
+    return min(content_hash(views[i]) for i, key in enumerate(keys) if key == best)
+
+
 # --------------------------------------------------------------------------- scanning
 
 
@@ -493,6 +527,7 @@ def inspect_file(
         row.update(mask_stats(labels, declared_kind))
     else:
         row["content_hash"] = content_hash(arr)
+        row["turn_free_hash"] = turn_free_hash(arr)
         row["exif_orientation"] = exif_orientation(path)
         row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
         row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
@@ -709,11 +744,12 @@ def add_checks(
         values_ok &= ~(is_mask & one_value.to_numpy() & top.isin(BINARY_EXPORT_VALUES).to_numpy())
     df["mask_values_ok"] = _rule(values_ok, is_mask & readable)
 
-    # Duplicates within a split and leakage across splits, by decoded-pixel hash.
+    # Duplicates within a split, by decoded-pixel hash; leakage across splits also of a
+    # mirrored or turned copy (an augmented copy saved as a tile of its own)
     hashed = is_image & readable & df["content_hash"].notna().to_numpy()
-    sub = df.loc[hashed, ["split", "content_hash"]].astype(str)
+    sub = df.loc[hashed, ["split", "content_hash", "turn_free_hash"]].astype(str)
     per_split = sub.groupby(["split", "content_hash"])["split"].transform("size")
-    n_splits = sub.groupby("content_hash")["split"].transform("nunique")
+    n_splits = sub.groupby("turn_free_hash")["split"].transform("nunique")
     df["unique_in_split"] = _rule((per_split == 1).reindex(df.index, fill_value=True), hashed)
     df["only_in_one_split"] = _rule((n_splits == 1).reindex(df.index, fill_value=True), hashed)
 

@@ -295,3 +295,20 @@ def test_reading_streams_with_a_bounded_number_of_files_in_flight():
             assert value == 2 * i  # in order
             in_flight.append(len(submitted) - i)
     assert max(in_flight) <= 8 and len(submitted) == 100
+
+
+def test_turn_free_hash_is_the_same_for_every_flip_and_quarter_turn(nuclei_pair) -> None:
+    from mlseg.inventory import _turns, turn_free_hash
+
+    rng = np.random.default_rng(0)
+    image, _ = nuclei_pair(rng, size=48)
+    wide = image[:, :40]  # not square: a turned copy changes shape
+    blank = np.full((32, 32, 3), 200, np.uint8)  # every corner ties: all views are hashed
+    ring = np.pad(np.zeros((8, 8, 1), np.uint16), 4, constant_values=9)[..., 4:5]  # symmetric
+    for arr in (image, wide, blank, ring):
+        hashes = {turn_free_hash(np.ascontiguousarray(view)) for view in _turns(arr)}
+        assert len(hashes) == 1
+    assert turn_free_hash(wide) != turn_free_hash(image)
+    changed = image.copy()
+    changed[20, 20, 0] ^= 1
+    assert turn_free_hash(changed) != turn_free_hash(image)

@@ -409,6 +409,22 @@ def test_image_copied_into_train_and_test(nuclei_dataset):
     )
 
 
+@pytest.mark.parametrize("turn", [np.fliplr, np.rot90], ids=["mirrored", "turned"])
+def test_a_mirrored_or_turned_copy_across_splits_is_leakage(nuclei_dataset, turn):
+    """An augmented copy of a training tile saved into test passed: only identical pixels
+    were compared."""
+    root = nuclei_dataset()
+    image = read_image(root / "train/original/train0.png")
+    write_image(root / "test/original/copy.png", np.ascontiguousarray(turn(image)))
+    mask = read_image(root / "train/masks/train0_mask.png", labels=True)
+    write_labels(root / "test/masks/copy_mask.png", np.ascontiguousarray(turn(mask[..., 0])))
+    report = check(root)
+    assert report.failed_rules("error") == ["no_train_test_leakage"]
+    assert_caught(
+        report, "no_train_test_leakage", {"train/original/train0.png", "test/original/copy.png"}
+    )
+
+
 def test_same_image_twice_in_one_split(nuclei_dataset):
     root = nuclei_dataset()
     shutil.copy(root / "train/original/train0.png", root / "train/original/again.png")
