@@ -199,13 +199,14 @@ def image_stats_table(
     *,
     stats_fn: Callable[[np.ndarray], dict[str, float]] | None = None,
 ) -> pd.DataFrame:
-    """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels`` and its
-    statistics.
+    """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
+    ``content_hash`` (:func:`mlseg.inventory.content_hash`) and its statistics.
 
     ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own). An
     unreadable image is left out with one warning naming it: it has no statistics to
     drift, and the others still do.
     """
+    from mlseg.inventory import content_hash
     from mlseg.io import read_image
 
     if stats_fn is None:
@@ -223,6 +224,7 @@ def image_stats_table(
                 "width_px": int(image.shape[1]),
                 "height_px": int(image.shape[0]),
                 "channels": int(image.shape[2]) if image.ndim == 3 else 1,
+                "content_hash": content_hash(image),
                 **stats_fn(image),
             }
         )
@@ -246,10 +248,19 @@ def _status(value: float, p: float, alpha: float, cfg: MonitorConfig) -> str:
 def drift_report(
     new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig | None = None
 ) -> DriftReport:
-    """Compare the new images' statistics (:func:`image_stats_table`) with the fingerprint."""
+    """Compare the new images' statistics (:func:`image_stats_table`) with the fingerprint.
+
+    Copies of one image (same ``content_hash``: a slide resubmitted under another name)
+    count once: as many rows of it would be taken for that many images agreeing."""
     cfg = cfg or MonitorConfig()
     if new.empty:
         raise DatasetError("no readable image to compare with the training data")
+    copies = new.duplicated("content_hash") if "content_hash" in new else np.zeros(len(new), bool)
+    new = new[~np.asarray(copies)]
+    n_images = len(new)
+    images = f"{n_images} image(s)" + (
+        f" ({int(copies.sum())} copies of them counted once)" if copies.any() else ""
+    )
     stats = fingerprint.get("stats", {})
     names = list(cfg.statistics) or [s for s in stats if s in new.columns]
     unknown = [s for s in names if s not in stats]
@@ -259,7 +270,6 @@ def drift_report(
             f"(it has {', '.join(stats)})"
         )
     rng = np.random.default_rng(cfg.seed)
-    n_images = len(new)
     usable = []
     rows = []
     far_out: dict[str, str] = {}  # statistic -> which images lie far outside its range
@@ -317,11 +327,11 @@ def drift_report(
     drifted = table[table["status"].isin(["warn", "fail"])]
     if drifted.empty and not usable:
         message = (
-            f"{n_images} image(s): too few to test for drift (min_images={cfg.min_images}); "
+            f"{images}: too few to test for drift (min_images={cfg.min_images}); "
             f"none far outside the training range"
         )
     elif drifted.empty:
-        message = f"no drift in {n_images} image(s) across {len(usable)} statistic(s)"
+        message = f"no drift in {images} across {len(usable)} statistic(s)"
     else:
         parts = [
             (
@@ -332,7 +342,7 @@ def drift_report(
             + (f"; {far_out[r.statistic]})" if r.statistic in far_out else ")")
             for r in drifted.itertuples()
         ]
-        message = f"drift in {n_images} image(s): " + "; ".join(parts) + DRIFT_ADVICE
+        message = f"drift in {images}: " + "; ".join(parts) + DRIFT_ADVICE
     return DriftReport(table, status, n_images, message)
 
 

@@ -66,6 +66,22 @@ def test_new_images_like_the_training_images_are_not_flagged(he_fingerprint: dic
     assert judged["psi"].notna().sum() >= 10  # the stats of RGB images were compared
 
 
+def test_copies_of_an_image_count_once(he_fingerprint: dict, tmp_path) -> None:
+    """The same 8 slides resubmitted 25 times were 200 images agreeing with each other:
+    enough for the permutation test to call same-lab tiles drift."""
+    import shutil
+
+    from mlseg.io import write_image
+
+    paths = [write_image(tmp_path / f"he{i}.png", im) for i, im in enumerate(_he_images(8, 2))]
+    alone = monitor.drift_report(monitor.image_stats_table(paths), he_fingerprint)
+    for i, path in enumerate(list(paths) * 24):
+        paths.append(shutil.copy(path, tmp_path / f"again{i}.png"))
+    report = monitor.drift_report(monitor.image_stats_table(paths), he_fingerprint)
+    assert report.status == alone.status == "ok", report.message
+    assert report.n_images == 8 and "(192 copies of them counted once)" in report.message
+
+
 def test_darker_blurred_images_fail_and_name_the_statistics(he_fingerprint: dict) -> None:
     images = [
         cv2.GaussianBlur((im * 0.55).astype(np.uint8), (0, 0), 2.5) for im in _he_images(12, seed=3)
