@@ -353,9 +353,15 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
             f"{PIXEL_SIZE_COLUMNS}; found {list(table.columns)}"
         )
     sizes: dict[str, float] = {}
-    for stem, value in zip(table[stem_col], table[size_col], strict=True):
+    rows = zip(table[stem_col], table[size_col], strict=True)
+    for line, (stem, value) in enumerate(rows, start=2):
         if pd.isna(value) or str(value).strip() == "":
             continue
+        if pd.isna(stem) or str(stem).strip() == "":  # it was kept for an image named 'nan'
+            raise DatasetError(
+                f"{path}: line {line} gives a pixel size ({str(value).strip()}) but no image in "
+                f"its {stem_col!r} column; name the image or delete the line"
+            )
         if delimiter != ",":
             value = str(value).strip().replace(",", ".")  # decimal comma
         um = check_pixel_size(value, f"{path}: pixel size of {stem!r}")

@@ -169,6 +169,14 @@ def test_an_unquoted_decimal_comma_in_a_pixel_size_table_is_refused_not_shifted(
         read_pixel_sizes(table)
 
 
+def test_a_pixel_size_without_its_image_is_refused_naming_the_line(tmp_path) -> None:
+    """A row with a size and an empty stem was kept as the size of an image named 'nan'."""
+    table = tmp_path / "sizes.csv"
+    table.write_text("stem,pixel_size_um\nimg0,0.5\n,0.25\nimg2,\n")
+    with pytest.raises(DatasetError, match=r"sizes\.csv: line 3 gives a pixel size \(0\.25\)"):
+        read_pixel_sizes(table)
+
+
 def tiff_source(root, resolutions):
     """A flat source of TIFF images written with the given resolution tags (pixels per cm)."""
     import tifffile
