@@ -126,6 +126,14 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
     return found
 
 
+def warn_of_non_files(folder: Path, stacklevel: int = 2) -> None:
+    """Warn, naming each, of the entries :func:`named_as_images_but_not_files` finds in
+    ``folder``: a run over its images leaves them out."""
+    not_files = named_as_images_but_not_files(folder)
+    if not_files:
+        warnings.warn(f"{'; '.join(not_files)}: {NOT_FILES_LEFT_OUT}", stacklevel=stacklevel + 1)
+
+
 def mask_stem(image_stem: str, cfg: DataConfig) -> str:
     return f"{image_stem}{cfg.mask_suffix}"
 

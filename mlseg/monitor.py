@@ -175,7 +175,7 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 def list_new_images(folder: str | os.PathLike) -> list[Path]:
     """The images to compare: ``folder`` itself if it is an image file, else the images
     directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name."""
-    from mlseg.dataset import NOT_FILES_LEFT_OUT, is_image_file, named_as_images_but_not_files
+    from mlseg.dataset import is_image_file, warn_of_non_files
 
     folder = Path(folder)
     if folder.is_file():
@@ -186,9 +186,7 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     if not found and (folder / "original").is_dir():
         folder = folder / "original"
         found = sorted(p for p in folder.iterdir() if is_image_file(p))
-    not_files = named_as_images_but_not_files(folder)
-    if not_files:
-        warnings.warn(f"{'; '.join(not_files)}: {NOT_FILES_LEFT_OUT}", stacklevel=2)
+    warn_of_non_files(folder)
     if not found:
         raise DatasetError(f"{folder}: no images (png, tif, jpg) found")
     return found

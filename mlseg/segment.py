@@ -58,12 +58,7 @@ import pandas as pd
 
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
-from mlseg.dataset import (
-    NOT_FILES_LEFT_OUT,
-    check_pixel_size,
-    is_image_file,
-    named_as_images_but_not_files,
-)
+from mlseg.dataset import check_pixel_size, is_image_file, warn_of_non_files
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
@@ -77,7 +72,7 @@ from mlseg.io import (
     read_mask,
     without_image_extension,
 )
-from mlseg.outputs import image_done, write_image_outputs, write_run_outputs
+from mlseg.outputs import OUTPUT_SUFFIXES, image_done, write_image_outputs, write_run_outputs
 from mlseg.pixel_size import (
     ImplausiblePixelSizeWarning,
     declared_pixel_size_um,
@@ -413,9 +408,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
             f"are not searched: run once per subfolder",
             stacklevel=3,
         )
-    not_files = named_as_images_but_not_files(folder)
-    if not_files:
-        warnings.warn(f"{'; '.join(not_files)}: {NOT_FILES_LEFT_OUT}", stacklevel=3)
+    warn_of_non_files(folder, stacklevel=3)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
     first: dict[str, Path] = {}
@@ -439,7 +432,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
 #: Stems whose per-image record would be a run file: ``run.json`` is the run's.
 RESERVED_STEMS = ("run",)
 #: The longest name an output of an image gets after its stem (:func:`write_image_outputs`).
-LONGEST_OUTPUT_SUFFIX = "_nuclei.geojson"
+LONGEST_OUTPUT_SUFFIX = max(OUTPUT_SUFFIXES, key=len)
 #: Bytes in a file name on ext4, XFS, APFS and NTFS alike.
 NAME_MAX = 255
 
