@@ -10,8 +10,8 @@ a temporary folder with a seeded 80/20 train/test split. Without ``--data`` the 
 demo set (:func:`mlseg.synth.make_dataset`) is generated. ``--budget`` is ``<N>steps`` or
 ``<M>min``; a time budget is turned into steps by timing a few training steps first.
 Prints the per-image table, the means of Dice, AJI, PQ, F1 and count error and the median
-|relative| count error, writes the worst-cases PNG, and ends with one JSON line. Goal on the synthetic set: Dice >= 0.90
-within a few CPU minutes.
+|relative| count error, writes the worst-cases PNG, and ends with one JSON line. Goal on
+the synthetic set: Dice >= 0.90 within a few CPU minutes.
 """
 
 from __future__ import annotations

@@ -373,11 +373,12 @@ class Profile(Strict):
     optical-density vectors of the three stains named by ``stain_names`` (rows, normalised
     to unit length when used). ``dab_thresholds`` are the mean optical densities of the
     stain named ``dab`` (an ``ihc`` profile must name one so) of 1+, 2+ and 3+ nuclei. Size
-    limits apply in square microns when the pixel size is known, else in pixels. Tissue is where the summed RGB optical density exceeds
-    ``tissue_od_threshold`` (bright field) or the brightest channel exceeds
-    ``tissue_intensity_threshold`` of full scale (fluorescence). Unset for fluorescence,
-    tissue is not measured: a nuclear stain alone does not show where tissue is, and a
-    fixed share of full scale lands inside a camera's dark offset (200 of 4095 counts).
+    limits apply in square microns when the pixel size is known, else in pixels. Tissue is
+    where the summed RGB optical density exceeds ``tissue_od_threshold`` (bright field) or
+    the brightest channel exceeds ``tissue_intensity_threshold`` of full scale
+    (fluorescence). Unset for fluorescence, tissue is not measured: a nuclear stain alone
+    does not show where tissue is, and a fixed share of full scale lands inside a camera's
+    dark offset (200 of 4095 counts).
     """
 
     name: str = ""

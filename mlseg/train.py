@@ -592,8 +592,9 @@ def fit(
     flow returns it); the files' own is recorded either way, and training on files that no
     longer match it is refused. See the module docstring for the loop. Raises
     :class:`DatasetError` (empty or malformed data, or changed since validation),
-    :class:`ConfigError` (config does not fit the data), :class:`ResumeError` (``out_dir`` holds a run trained otherwise; see ``RESUME_FREE``) and
-    :class:`ModelError` (model cannot be built, training diverged).
+    :class:`ConfigError` (config does not fit the data), :class:`ResumeError` (``out_dir``
+    holds a run trained otherwise; see ``RESUME_FREE``) and :class:`ModelError` (model
+    cannot be built, training diverged).
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
     tc, data = run.cfg.train, run.data

@@ -131,7 +131,8 @@ def evaluate(
     # Such images score 1.0 on everything and lift the means: say how many there are.
     blanks = f" ({blank} with no nucleus on either side, each scored 1.0)" if blank else ""
     typer.echo(
-        f"{len(result.per_image)} images{blanks}: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  PQ {m['pq']:.4f}  "
+        f"{len(result.per_image)} images{blanks}: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  "
+        f"PQ {m['pq']:.4f}  "
         f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f} nuclei per image "
         f"(median |relative| {relative:.1%}); {size}; tables in {result.out_dir}"
     )
