@@ -394,13 +394,12 @@ def segment_and_quantify(
     """
     import pandas as pd
 
-    from mlseg.io import image_stem
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import write_run_outputs
     from mlseg.segment import (
         check_out_dir,
-        check_output_names,
         check_units_possible,
+        images_by_stem,
         list_images,
         own_pixel_sizes,
     )
@@ -414,10 +413,8 @@ def segment_and_quantify(
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
     files = [str(p) for p in list_images(src, out)]
+    stems = list(images_by_stem([Path(p) for p in files]))  # names checked, as segment_folder
     # as segment_folder: the table's entries for these images, said unused beside one size
-    stems = [image_stem(p) for p in files]
-    for stem, path in zip(stems, files, strict=True):  # before any work, as segment_folder
-        check_output_names(stem, Path(path))
     sizes = own_pixel_sizes(per_image_sizes(pixel_sizes, pixel_size_um), stems, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)

@@ -458,6 +458,15 @@ def check_output_names(stem: str, path: Path) -> None:
         )
 
 
+def images_by_stem(files: Sequence[Path]) -> dict[str, Path]:
+    """``{stem: image}`` of the images to segment, each stem checked before any work
+    (:func:`check_output_names`)."""
+    by_stem = {image_stem(p): Path(p) for p in files}
+    for stem, path in by_stem.items():
+        check_output_names(stem, path)
+    return by_stem
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, hidden ones (``._x.png``, ``.ipynb_checkpoints``)
     left out, sorted by name."""
@@ -757,16 +766,14 @@ def segment_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
-    sizes = own_pixel_sizes(pixel_sizes, [image_stem(p) for p in files], pixel_size_um)
+    by_stem = images_by_stem(files)
+    sizes = own_pixel_sizes(pixel_sizes, list(by_stem), pixel_size_um)
     check_units_possible(profile, pixel_size_um, files, sizes)
     probe = inference_cfg or InferenceConfig()
     loaded = load_model(model_path, device=resolve_device(probe.device))
     cfg = inference_cfg or loaded.config.inference
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
-    by_stem = {image_stem(p): p for p in files}
-    for stem, path in by_stem.items():
-        check_output_names(stem, path)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
     expect = _expectations(
         profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
