@@ -110,14 +110,18 @@ def detect_layout(src: Path, cfg: DataConfig) -> str:
     )
 
 
+def _not_files(folder: Path) -> list[str]:
+    """A problem for each entry of ``folder`` named as an image that is no file (a broken
+    link, a link loop, a folder or a pipe): ingesting without it would lose an image."""
+    return [f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)]
+
+
 def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     """The image files of ``folder`` by stem; two files of one stem (``a.png``, ``a.tif``)
     are a problem, not one of them kept."""
     found: dict[str, Path] = {}
     if folder.is_dir():
-        problems.extend(
-            f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)
-        )
+        problems.extend(_not_files(folder))
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not is_image_file(p):
             continue
@@ -135,9 +139,7 @@ def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, 
     masks: dict[str, Path] = {}
     if not folder.is_dir():
         return masks
-    problems.extend(
-        f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)
-    )
+    problems.extend(_not_files(folder))
     for p in sorted(folder.iterdir()):
         if is_annotation_file(p):
             stem = annotation_stem(p, suffix)
@@ -238,10 +240,7 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
             images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]
             for sub in (case / "images", case / "masks"):  # a nucleus' link lost: a nucleus less
                 if sub.is_dir():
-                    problems.extend(
-                        f"{entry}; restore it or remove it"
-                        for entry in named_as_images_but_not_files(sub)
-                    )
+                    problems.extend(_not_files(sub))
             if len(images) != 1:
                 problems.append(
                     f"{case / 'images'}: {len(images)} images; the DSB layout has one per folder"
