@@ -256,7 +256,23 @@ def _load(fs, root: str, name: str, version: int) -> ModelVersion:
                 record = _read_json(fs, entry)
                 evaluations[record["eval_set_id"]] = record["metrics"]
     card["uri"] = _uri(fs, base)
+    _check_card(card, name, version)
     return ModelVersion(**card, evaluations=evaluations)
+
+
+def _check_card(card: dict[str, Any], name: str, version: int) -> None:
+    """Refuse a card that names another model or version than the folder it lives in, or a
+    file that is not a plain name in that folder: :func:`fetch` copies each file to
+    ``<cache>/<name>/v<N>-<key>/<file>``, so a card edited in a shared bucket (a file
+    ``../../../.bashrc``, a name ``../x``) wrote wherever it said on every worker."""
+    files = card.get("files")
+    odd = [f for f in files if Path(f).name != f or f in (".", "..")] if files else []
+    if card.get("name") != name or card.get("version") != version or odd:
+        what = ", ".join(map(repr, odd)) if odd else f"{card.get('name')!r} v{card.get('version')}"
+        raise RegistryError(
+            f"{card['uri']}/{CARD}: names {what}, not a file of {name}/v{version}; the card was "
+            "edited by hand or by someone else: register the checkpoint again"
+        )
 
 
 def model_names(registry: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -257,6 +257,36 @@ def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
     assert local.is_relative_to(tmp_path / "cache")
 
 
+@pytest.mark.parametrize("edit", ["file-up", "file-absolute", "name-up"])
+def test_a_card_edited_to_name_files_outside_its_version_writes_nothing_there(
+    tmp_path: Path, edit: str
+) -> None:
+    """A shared bucket's card.json edited to name a file '../../x' (with that file and its
+    sha256 beside it) or another model name: fetching it wrote outside the cache."""
+    import hashlib
+
+    import fsspec
+
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    _register(tmp_path, url, 0.9)
+    fs, root = fsspec.core.url_to_fs(url)
+    base = f"{root}/nuclei/v1"
+    card = json.loads(fs.cat_file(f"{base}/{reg.CARD}"))
+    payload = b"echo pwned"
+    outside = {"file-up": "../../../outside/evil.sh", "file-absolute": str(tmp_path / "evil.sh")}
+    if edit in outside:
+        fs.pipe_file(f"{base}/{outside[edit]}", payload)
+        card["files"][outside[edit]] = hashlib.sha256(payload).hexdigest()
+    else:
+        card["name"] = "../../outside"
+    fs.pipe_file(f"{base}/{reg.CARD}", json.dumps(card).encode())
+    cache = tmp_path / "a" / "b" / "c" / "cache"
+    with pytest.raises(reg.RegistryError, match="card.json: names .*not a file of nuclei/v1"):
+        reg.fetch(reg.show(url, "nuclei", "latest"), cache_dir=cache)
+    assert not (tmp_path / "a" / "outside").exists()
+    assert not list(tmp_path.rglob("evil.sh"))
+
+
 def test_object_store_registry_has_no_folder_objects(tmp_path: Path, monkeypatch) -> None:
     """S3 (and DigitalOcean Spaces) holds no object for a folder, so s3fs cannot copy one:
     moving the staging folder recursively copied its files into v1 and then raised
