@@ -429,6 +429,13 @@ def checkpoint_files(checkpoint: str | Path) -> list[Path]:
         raise RegistryError(f"{files[2]}: cannot be read as JSON ({err})") from None
     reference = meta.get("stain_reference_file") if isinstance(meta, dict) else None
     if reference:
+        # the run's own copy is a file beside the weights; a name reaching outside the folder
+        # ('/home/me/.aws/credentials', '../x') copied that file into the registry
+        if not isinstance(reference, str) or Path(reference).name != reference:
+            raise RegistryError(
+                f"{files[2]}: stain reference {reference!r} is not a file name beside "
+                f"{path.name}; mlseg saves its copy as stain_reference.<ext> in the folder"
+            )
         if not (path.parent / reference).is_file():
             raise RegistryError(
                 f"{path.parent}: {reference} missing beside {path.name}; meta.json names it "

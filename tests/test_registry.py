@@ -287,6 +287,30 @@ def test_a_card_edited_to_name_files_outside_its_version_writes_nothing_there(
     assert not list(tmp_path.rglob("evil.sh"))
 
 
+@pytest.mark.parametrize("named", ["absolute", "up"])
+def test_a_stain_reference_named_outside_the_checkpoint_is_not_copied_into_the_registry(
+    tmp_path: Path, named: str
+) -> None:
+    """A checkpoint folder someone sent, its meta.json naming a file elsewhere as the stain
+    reference: registering it copied that file (a credentials file) into the registry."""
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("aws_secret_access_key=not-for-the-registry")
+    ckpt = _checkpoint(tmp_path / "sent")
+    reference = str(secret) if named == "absolute" else "../home/.aws/credentials"
+    (ckpt / "meta.json").write_text(json.dumps({"stain_reference_file": reference}))
+    with pytest.raises(reg.RegistryError, match="is not a file name beside best.safetensors"):
+        reg.register(
+            ckpt,
+            tmp_path / "registry",
+            metrics={},
+            fingerprint_hash=None,
+            config={},
+            eval_set_id="s",
+        )
+    assert not list((tmp_path / "registry").rglob("credentials"))
+
+
 def test_object_store_registry_has_no_folder_objects(tmp_path: Path, monkeypatch) -> None:
     """S3 (and DigitalOcean Spaces) holds no object for a folder, so s3fs cannot copy one:
     moving the staging folder recursively copied its files into v1 and then raised
