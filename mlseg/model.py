@@ -206,8 +206,9 @@ def save_checkpoint(
     ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
     step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
     image's microns per pixel (``None``: unknown); ``profile`` the training profile, kept in
-    meta.json whole. ``config.preprocess.stain_reference``, where it names a file, is copied
-    in as ``stain_reference.<ext>``: a path given relative to where training ran, or to a
+    meta.json whole. ``config.preprocess.stain_reference``, where it names a file the
+    preprocessing reads (stain normalisation, ``equalize: match``), is copied in as
+    ``stain_reference.<ext>``: a path given relative to where training ran, or to a
     file edited later, would not travel with the weights. The files are written under
     temporary names, then renamed together. Returns the weights' path.
     """
@@ -245,9 +246,15 @@ def save_checkpoint(
         meta["image_pixel_sizes"] = image_pixel_sizes
     if profile is not None:
         meta["profile_settings"] = profile.model_dump(mode="json")
+    from mlseg.data import effective_preprocess
+
+    pre = effective_preprocess(config, profile) if profile is not None else config.preprocess
     reference = config.preprocess.stain_reference
-    # absent or unused: a missing reference that normalisation needs failed training already
-    reference = Path(reference) if reference is not None and Path(reference).is_file() else None
+    # absent or unused: a missing reference that normalisation needs failed training already;
+    # one no step reads was copied all the same, so a config naming /proc/self/environ (or a
+    # key file) beside stain_norm: none put the worker's keys in the checkpoint and registry
+    used = pre.stain_norm != "none" or pre.equalize == "match"
+    reference = Path(reference) if used and reference and Path(reference).is_file() else None
     meta.pop(REFERENCE_KEY, None)
     if reference is not None:
         meta[REFERENCE_KEY] = f"stain_reference{reference.suffix.lower()}"

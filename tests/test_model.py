@@ -137,6 +137,30 @@ def test_a_checkpoint_the_disk_cannot_hold_names_the_file(tmp_path) -> None:
     assert weights.read_bytes() == before and load_train_state(tmp_path)["step"] == 2
 
 
+@pytest.mark.parametrize("stain_norm", ["none", "macenko"])
+def test_only_a_stain_reference_the_preprocessing_reads_is_copied_in(tmp_path, stain_norm) -> None:
+    """A run config naming a file as preprocess.stain_reference beside stain_norm: none (a
+    key file, /proc/self/environ): it was copied into the checkpoint all the same, and the
+    registry copied it on."""
+    from mlseg.config import PreprocessConfig, get_profile
+
+    secret = tmp_path / "secrets.env"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=not-for-the-checkpoint")
+    pre = PreprocessConfig(stain_norm=stain_norm, stain_reference=secret)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(
+        ckpt, build_model(SMALL, 3, 3), Config(train=SMALL, preprocess=pre), target="three_class",
+        classes=3, in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None,
+        name="best", profile=get_profile("he"),
+    )  # fmt: skip
+    meta = json.loads((ckpt / "meta.json").read_text())
+    copies = sorted(p.name for p in ckpt.glob("stain_reference*"))
+    if stain_norm == "none":
+        assert copies == [] and "stain_reference_file" not in meta
+    else:  # normalisation reads it (training would have failed on a file that is no image)
+        assert copies == ["stain_reference.env"] == [meta["stain_reference_file"]]
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     _save(tmp_path, build_model(SMALL, 3, 3))
     cfg = json.loads((tmp_path / "config.json").read_text())
