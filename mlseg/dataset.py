@@ -178,16 +178,33 @@ def init_dataset(
 def read_manifest(root: str | Path) -> pd.DataFrame | None:
     """The dataset's ``manifest.csv`` as text (``None`` if it has none); :class:`DatasetError`
     if it cannot be parsed. Column names match whatever their case, and spaces after the
-    commas are left out (``split, stem, pixel_size_um``, as the contract is written)."""
+    commas are left out (``split, stem, pixel_size_um``, as the contract is written). One
+    that a spreadsheet saved with semicolons or tabs between columns is read too, its
+    ``pixel_size_um`` decimal commas (``0,25``) as the numbers they are."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
+    delimiter = csv_delimiter(path)
     try:
-        table = read_csv_rows(path, dtype=str, skipinitialspace=True)
+        table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
+    if delimiter != "," and "pixel_size_um" in table.columns:
+        table["pixel_size_um"] = table["pixel_size_um"].str.replace(",", ".")  # decimal comma
     return table
+
+
+def csv_delimiter(path: Path) -> str:
+    """``,``, or ``;`` or a tab where the header line has those and no comma."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return ","  # read_csv names the problem
+    if "," in header:
+        return ","
+    return next((d for d in (";", "\t") if d in header), ",")
 
 
 def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:

@@ -48,6 +48,7 @@ from mlseg.dataset import (
     MANIFEST,
     _summarise,
     check_pixel_size,
+    csv_delimiter,
     init_dataset,
     is_image_file,
     named_as_images_but_not_files,
@@ -338,7 +339,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     a spreadsheet saved with semicolons or tabs between columns is read too, with its decimal
     commas (``0,25``) as the numbers they are.
     """
-    delimiter = _delimiter(path)
+    delimiter = csv_delimiter(path)
     try:
         table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -374,18 +375,6 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     return sizes
 
 
-def _delimiter(path: Path) -> str:
-    """``,``, or ``;`` or a tab where the header line has those and no comma."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            header = fh.readline()
-    except OSError:
-        return ","  # read_csv names the problem
-    if "," in header:
-        return ","
-    return next((d for d in (";", "\t") if d in header), ",")
-
-
 def _source_pixel_sizes(src: Path, pixel_sizes: Path | None, layout: str) -> dict[str, float]:
     if pixel_sizes is not None:
         return read_pixel_sizes(Path(pixel_sizes))
@@ -396,7 +385,7 @@ def _source_pixel_sizes(src: Path, pixel_sizes: Path | None, layout: str) -> dic
     index = src / "index.csv"
     if index.is_file():
         try:
-            columns = pd.read_csv(index, nrows=0, sep=_delimiter(index)).columns
+            columns = pd.read_csv(index, nrows=0, sep=csv_delimiter(index)).columns
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             warnings.warn(f"{index}: not read for pixel sizes ({err})", stacklevel=3)
             return {}

@@ -71,6 +71,19 @@ def test_a_manifest_written_with_spaces_or_capitals_keeps_its_pixel_sizes(tmp_pa
     assert split_pixel_sizes(root, "train") == {"007": 0.25, "008": 0.5}
 
 
+@pytest.mark.parametrize("size", ["0.25", "0,25"])
+def test_a_manifest_saved_by_a_spreadsheet_with_semicolons_keeps_its_pixel_sizes(tmp_path, size):
+    """European Excel saves CSV with semicolons and decimal commas: the sizes were all ignored
+    (validate passed, every image 'unknown'), or with ``0,25`` refused with the advice to
+    separate the columns with semicolons, which they were."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    rows = ["\ufeffsplit;stem;pixel_size_um", f"train;a;{size}", "test;b;0,5"]
+    (root / "manifest.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
+    assert list_pairs(root, "train")[0].pixel_size_um == 0.25
+    assert split_pixel_sizes(root, "test") == {"b": 0.5}
+
+
 def test_a_manifest_giving_one_image_two_pixel_sizes_is_refused_naming_both_lines(tmp_path):
     """The later row won without a word (and mlseg validate passed); the ingest tables refuse
     the same. One size written twice is one size."""
