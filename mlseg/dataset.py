@@ -92,6 +92,16 @@ def split_dir(root: Path, cfg: DataConfig, split: str) -> Path:
     return Path(root) / (cfg.train_dir if split == "train" else cfg.test_dir)
 
 
+#: Files Windows Explorer writes into the folders it shows (thumbnail caches, folder
+#: settings), hidden from its user as macOS's dot files (``.DS_Store``, ``._x.png``) are.
+WINDOWS_HIDDEN_FILES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini")
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a file named ``name`` is one a file browser hides: no part of a dataset."""
+    return name.startswith(".") or name.lower() in WINDOWS_HIDDEN_FILES
+
+
 def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")

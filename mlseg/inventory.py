@@ -73,7 +73,7 @@ import pandas as pd
 from pydantic import Field
 
 from mlseg.config import DataConfig, Strict
-from mlseg.dataset import SPLITS, manifest_pixel_sizes, mask_shape, split_dir
+from mlseg.dataset import SPLITS, is_hidden, manifest_pixel_sizes, mask_shape, split_dir
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -431,7 +431,8 @@ class _Entry:
 
 
 def _visible_files(folder: Path) -> Iterator[Path]:
-    """Non-hidden files below ``folder``, sorted; symlinked folders followed once (no loops)."""
+    """Files below ``folder`` not hidden (:func:`mlseg.dataset.is_hidden`), sorted; symlinked
+    folders followed once (no loops)."""
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -441,7 +442,7 @@ def _visible_files(folder: Path) -> Iterator[Path]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith("."):
+            if not is_hidden(name):
                 yield Path(dirpath) / name
 
 

@@ -327,6 +327,18 @@ def test_non_image_file(nuclei_dataset):
     assert_caught(report, "allowed_extension", {"train/original/notes.txt"})
 
 
+def test_files_the_file_browser_hides_are_no_part_of_the_dataset(nuclei_dataset):
+    """Windows Explorer writes Thumbs.db and desktop.ini, hidden, into a folder of images as
+    macOS writes .DS_Store and ._x.png: those were skipped, these failed allowed_extension
+    and mask_naming ('rename the file'), stopping training on files the lab cannot see."""
+    root = nuclei_dataset()
+    for folder in ("train/original", "train/masks"):
+        for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._train0.png"):
+            (root / folder / name).write_bytes(b"\x00\x05\x16\x07 not an image")
+    report = check(root)
+    assert report.success, report.failed_rules()
+
+
 def test_a_jpeg_mask_is_refused_before_its_edges_become_nuclei(nuclei_dataset):
     root = nuclei_dataset()
     png = root / "train/masks/train1_mask.png"
