@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import pandas as pd
 
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
-from mlseg.errors import DatasetError
+from mlseg.errors import DatasetError, some_of
 from mlseg.io import IMAGE_EXTENSIONS, image_extension, image_stem, match_stem, write_text
 from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
@@ -276,6 +277,28 @@ def _same_size(a: object, b: object) -> bool:
         return float(a) == float(b)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return str(a).strip() == str(b).strip()
+
+
+def warn_of_case_only_names(listed: Iterable[str], stems: Iterable[str], table: str) -> list[str]:
+    """Warn, naming them, of the rows of ``table`` that name an image only in another case
+    (``HE_000.png`` for ``he_000.png``): one file on macOS and Windows, where the table was
+    likely typed, but no image here, so the row's value would go unused without a word.
+    Returns the rows named."""
+    stems = set(stems)
+    by_case = {s.casefold(): s for s in stems}
+    near = sorted(
+        f"{name} for {by_case[name.casefold()]}"
+        for name in set(listed) - stems
+        if name.casefold() in by_case
+    )
+    if near:
+        warnings.warn(
+            f"{table} names {len(near)} image(s) in another case than their files "
+            f"({some_of(near, 3)}), so their rows are not used; names match as written "
+            "(macOS and Windows ignore case, mlseg does not): write each as its file is named",
+            stacklevel=3,
+        )
+    return near
 
 
 def check_pixel_size(value: object, what: str) -> float:

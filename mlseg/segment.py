@@ -58,7 +58,12 @@ import pandas as pd
 
 import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
-from mlseg.dataset import check_pixel_size, is_image_file, warn_of_non_files
+from mlseg.dataset import (
+    check_pixel_size,
+    is_image_file,
+    warn_of_case_only_names,
+    warn_of_non_files,
+)
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
@@ -528,7 +533,8 @@ def own_pixel_sizes(
         match_stem(without_image_extension(str(k)), stems): v
         for k, v in (pixel_sizes or {}).items()
     }
-    if by_stem and stems and not by_stem.keys() & set(stems):
+    near = warn_of_case_only_names(by_stem, stems, "the pixel-size table")
+    if by_stem and stems and not near and not by_stem.keys() & set(stems):
         warnings.warn(
             f"the pixel-size table names none of these {len(stems)} images (it lists "
             f"{some_of(sorted(by_stem), 3)}; the images are {some_of(sorted(stems), 3)}), "

@@ -130,6 +130,18 @@ def test_pixel_sizes_from_csv(tmp_path):
     assert sizes == {"img0": 0.5, "img1": 0.25, "img2": 1.0}
 
 
+def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped(tmp_path):
+    """A row written HE_000.png for he_000.png (one file on Windows and macOS, where the
+    table was typed) was dropped without a word, and its image ingested with no pixel size.
+    A row for an image not in the source (a lab's master table) is no mistake."""
+    src = flat_source(tmp_path / "src", n=2)
+    table = tmp_path / "sizes.csv"
+    table.write_text("image;mpp\nIMG0.png;0,5\nimg1.png;0,25\nimg7;0,25\n")
+    with pytest.warns(UserWarning, match=r"names 1 image\(s\) in another case .*\(IMG0 for img0\)"):
+        result = ingest(src, tmp_path / "ds", pixel_sizes=table, progress=False)
+    assert result.manifest.set_index("stem").loc["img1", "pixel_size_um"] == 0.25
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -18,6 +18,7 @@ from mlseg.io import read_mask, write_image, write_labels
 from mlseg.model import LoadedModel
 from mlseg.segment import (
     list_images,
+    own_pixel_sizes,
     predict_labels,
     quantify_folder,
     segment_folder,
@@ -332,6 +333,13 @@ def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_ora
         segment_folder("model", folder, tmp_path / "q", **run)
     summary = json.loads((tmp_path / "q" / "x40.json").read_text())
     assert summary["pixel_size_source"] == "argument" and summary["pixel_size_um"] == 0.4
+
+
+def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped() -> None:
+    """HE_000.png for he_000.png is one file on macOS and Windows, where a table is typed; it
+    is no image here, and the row was dropped without a word unless no row matched."""
+    with pytest.warns(UserWarning, match=r"names 1 image\(s\) in another case .*\(X20 for x20\)"):
+        assert own_pixel_sizes({"X20.png": 0.5, "x40": 0.25}, ["x20", "x40"]) == {"x40": 0.25}
 
 
 def test_json_sidecars_give_each_image_its_pixel_size(tmp_path, use_oracle):
