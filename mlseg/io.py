@@ -541,7 +541,9 @@ def match_stem(stem: str, image_stems: Container[str] = ()) -> str:
 
 def without_image_extension(name: str) -> str:
     """``name`` less a trailing image extension (``a.tif`` -> ``a``, ``a.ome.tif`` -> ``a``),
-    else as it is (``TCGA.01`` keeps its dot)."""
+    else as it is (``TCGA.01`` keeps its dot); of a path, POSIX or Windows
+    (``C:\\scans\\a.tif``, as a table typed on Windows holds it), the file's."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
     return image_stem(name) if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
 
 

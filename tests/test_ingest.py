@@ -149,8 +149,9 @@ def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped(t
         "stem;pixel_size_um\nimg0;0,5\nimg1;0,25\n",  # a spreadsheet's semicolons, commas
         "stem\tpixel_size_um\nimg0\t0.5\nimg1\t0,25\n",  # tab-separated
         "\ufeffstem, pixel_size_um\nimg0, 0.5\nimg1, 0.25\n",  # Excel's byte-order mark
+        "image,mpp\r\nC:\\scans\\img0.png,0.5\r\nD:\\lab\\img1.tif,0.25\r\n",  # Windows paths
     ],
-    ids=["case-and-extensions", "semicolons", "tabs", "bom-and-spaces"],
+    ids=["case-and-extensions", "semicolons", "tabs", "bom-and-spaces", "windows-paths"],
 )
 def test_a_pixel_size_table_as_labs_save_them(tmp_path, text):
     table = tmp_path / "sizes.csv"
