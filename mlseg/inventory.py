@@ -80,6 +80,7 @@ from mlseg.io import (
     MASK_EXTENSIONS,
     exif_orientation,
     full_scale,
+    image_extension,
     image_stem,
     mask_labels,
     match_stem,
@@ -458,10 +459,10 @@ def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, d
         image_dir = child / cfg.image_dir
         sidecars = (  # the names sidecar_path looks for (an OME-TIFF's with .ome or without)
             {
-                name
+                stem + SIDECAR_SUFFIX
                 for p in image_dir.iterdir()
                 if p.suffix.lower() in IMAGE_EXTENSIONS
-                for name in (p.stem + SIDECAR_SUFFIX, image_stem(p) + SIDECAR_SUFFIX)
+                for stem in (p.stem, p.name[: len(p.name) - len(image_extension(p))])
             }
             if split is not None and image_dir.is_dir()
             else set()

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import tempfile
+import unicodedata
 import warnings
 from collections.abc import Container, Iterator
 from pathlib import Path
@@ -514,8 +515,13 @@ def image_stem(path: str | os.PathLike) -> str:
     """The file name of ``path`` less its extension, :data:`OME_TIFF_EXTENSIONS` counting as
     one, as OME and BIDS name them and Bio-Formats, OMERO, QuPath and Fiji write them
     (``slide1.ome.tif`` -> ``slide1``, ``a.tif`` -> ``a``, ``a.ome.png`` -> ``a.ome``): the
-    name an image's mask, outputs and pixel-size table row go by."""
-    name = Path(path).name
+    name an image's mask, outputs and pixel-size table row go by. Its accents are composed
+    (Unicode NFC): macOS may write ``é`` as ``e`` and an accent, Windows and Linux as one
+    letter, and the names are one on a Mac's disk; composed, they are one here too."""
+    return unicodedata.normalize("NFC", _stem_as_written(Path(path).name))
+
+
+def _stem_as_written(name: str) -> str:
     for ext in OME_TIFF_EXTENSIONS:
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
@@ -525,7 +531,7 @@ def image_stem(path: str | os.PathLike) -> str:
 def image_extension(path: str | os.PathLike) -> str:
     """What :func:`image_stem` leaves out of the file name, lower case (``.ome.tif``, ``.png``)."""
     name = Path(path).name
-    return name[len(image_stem(name)) :].lower()
+    return name[len(_stem_as_written(name)) :].lower()
 
 
 def match_stem(stem: str, image_stems: Container[str] = ()) -> str:
@@ -533,7 +539,8 @@ def match_stem(stem: str, image_stems: Container[str] = ()) -> str:
     but ``x.ome`` names the OME-TIFF ``x.ome.tif``'s stem ``x`` unless ``x.ome`` is one of
     ``image_stems`` (``x.ome.png``). Masks of ``x.ome.tif`` named ``x.ome_mask.tif``, and
     tables listing ``x.ome``, were matched this way before ``.ome.tif`` was one extension, and
-    still are."""
+    still are. Accents are composed, as :func:`image_stem` composes them."""
+    stem = unicodedata.normalize("NFC", stem)
     if stem[-4:].lower() == ".ome" and len(stem) > 4 and stem not in image_stems:
         return stem[:-4]
     return stem
@@ -544,7 +551,8 @@ def without_image_extension(name: str) -> str:
     else as it is (``TCGA.01`` keeps its dot); of a path, POSIX or Windows
     (``C:\\scans\\a.tif``, as a table typed on Windows holds it), the file's."""
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    return image_stem(name) if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
+    has_extension = Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return image_stem(name) if has_extension else unicodedata.normalize("NFC", name)
 
 
 def labels_suffix(n_labels: int) -> str:

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from mlseg.config import Profile
-from mlseg.io import TIFF_EXTENSIONS, image_stem
+from mlseg.io import TIFF_EXTENSIONS, image_extension
 
 #: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
 #: microscopy keeps one per image.
@@ -135,7 +135,8 @@ def sidecar_path(image: str | os.PathLike) -> Path:
     """
     image = Path(image)
     own = image.with_suffix(SIDECAR_SUFFIX)
-    bids = image.with_name(image_stem(image) + SIDECAR_SUFFIX)
+    as_written = image.name[: len(image.name) - len(image_extension(image))]
+    bids = image.with_name(as_written + SIDECAR_SUFFIX)
     return bids if not own.is_file() and bids.is_file() else own
 
 

@@ -84,6 +84,21 @@ def test_a_manifest_saved_by_a_spreadsheet_with_semicolons_keeps_its_pixel_sizes
     assert split_pixel_sizes(root, "test") == {"b": 0.5}
 
 
+def test_names_with_accents_composed_or_not_are_one_name(tmp_path):
+    """macOS may write an accent apart from its letter (NFD), Windows and Linux as one (NFC):
+    on a Mac's disk the two are one name, but here the mask and the manifest row of an image
+    so named on another machine matched nothing ('no mask', 'mask without image')."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Zürich_é") for form in ("NFC", "NFD"))
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", nfc, mask_name=f"{nfd}_mask.png")
+    (root / "manifest.csv").write_text(f"split,stem,pixel_size_um\ntrain,{nfd},0.25\n")
+    (pair,) = list_pairs(root, "train")
+    assert (pair.stem, pair.image.name, pair.mask.name) == (nfc, f"{nfc}.png", f"{nfd}_mask.png")
+    assert pair.pixel_size_um == 0.25
+
+
 def test_a_manifest_giving_one_image_two_pixel_sizes_is_refused_naming_both_lines(tmp_path):
     """The later row won without a word (and mlseg validate passed); the ingest tables refuse
     the same. One size written twice is one size."""

@@ -339,6 +339,22 @@ def test_files_the_file_browser_hides_are_no_part_of_the_dataset(nuclei_dataset)
     assert report.success, report.failed_rules()
 
 
+def test_a_mask_named_with_accents_decomposed_pairs_with_its_image(nuclei_dataset):
+    """An image named on Windows (é composed, NFC) and its mask on a Mac (e and an accent,
+    NFD) are one name on a Mac's disk; they failed image_has_mask and mask_has_image."""
+    import unicodedata
+
+    root = nuclei_dataset()
+    for folder, name, form in (
+        ("original", "train0.png", "NFC"),
+        ("masks", "train0_mask.png", "NFD"),
+    ):
+        path = root / "train" / folder / name
+        path.rename(path.with_name(unicodedata.normalize(form, "café_") + name))
+    report = check(root)
+    assert report.success, report.failed_rules()
+
+
 def test_a_jpeg_mask_is_refused_before_its_edges_become_nuclei(nuclei_dataset):
     root = nuclei_dataset()
     png = root / "train/masks/train1_mask.png"
