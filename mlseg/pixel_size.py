@@ -155,7 +155,7 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
     if not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # Notepad writes a BOM
     except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
         return _ignored_sidecar(sidecar, f"it is not readable as JSON ({err})")
     if not isinstance(meta, dict):

@@ -86,6 +86,7 @@ def test_implausible_metadata_is_seen_only_when_asked(tmp_path):
         ('{"pixel_size_um": null}', None),  # declared unknown
         ('{"shapes": [], "imagePath": "a.png"}', None),  # LabelMe annotations, same name
         ("[0.25, 0.25]", None),
+        ('\ufeff{"PixelSize": [0.25, 0.25]}\r\n', 0.25),  # Notepad's UTF-8: a BOM, CRLF
     ],
     ids=[
         "bids-um",
@@ -97,6 +98,7 @@ def test_implausible_metadata_is_seen_only_when_asked(tmp_path):
         "null",
         "labelme",
         "not-an-object",
+        "bom",
     ],
 )
 def test_pixel_size_from_a_json_sidecar(tmp_path, sidecar, um):
