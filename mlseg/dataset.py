@@ -96,11 +96,14 @@ def split_dir(root: Path, cfg: DataConfig, split: str) -> Path:
 #: Files Windows Explorer writes into the folders it shows (thumbnail caches, folder
 #: settings), hidden from its user as macOS's dot files (``.DS_Store``, ``._x.png``) are.
 WINDOWS_HIDDEN_FILES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini")
+#: The folder of those dot files that a zip made on a Mac unpacks to on Linux or Windows.
+MAC_ZIP_FOLDER = "__MACOSX"
 
 
 def is_hidden(name: str) -> bool:
-    """Whether a file named ``name`` is one a file browser hides: no part of a dataset."""
-    return name.startswith(".") or name.lower() in WINDOWS_HIDDEN_FILES
+    """Whether a file or folder named ``name`` is one a file browser hides or a Mac's zip
+    leaves: no part of a dataset."""
+    return name.startswith(".") or name.lower() in WINDOWS_HIDDEN_FILES or name == MAC_ZIP_FOLDER
 
 
 def is_image_file(path: Path) -> bool:

@@ -50,6 +50,7 @@ from mlseg.dataset import (
     check_pixel_size,
     csv_delimiter,
     init_dataset,
+    is_hidden,
     is_image_file,
     named_as_images_but_not_files,
     read_csv_rows,
@@ -238,7 +239,7 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
                 f"{src / lbl_dir}/{{stem}}.png",
             )
     elif layout == "dsb":
-        for case in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for case in sorted(p for p in src.iterdir() if p.is_dir() and not is_hidden(p.name)):
             images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]
             for sub in (case / "images", case / "masks"):  # a nucleus' link lost: a nucleus less
                 if sub.is_dir():

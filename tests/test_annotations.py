@@ -297,6 +297,20 @@ def test_dsb_layout_problems_are_listed_together(tmp_path):
         ingest(src, tmp_path / "ds", progress=False)
 
 
+def test_a_dsb_source_unzipped_from_a_mac_is_ingested(tmp_path):
+    """A zip made on a Mac unpacks on Linux or Windows with __MACOSX/<case>/images/._x.png
+    beside the cases: ingest refused it as a case holding 0 images."""
+    src = tmp_path / "src"
+    ok = np.zeros((16, 16), bool)
+    ok[2:6, 2:6] = True
+    _dsb_case(src, "good", np.zeros((16, 16, 3), np.uint8), [ok])
+    for sub in ("images", "masks"):
+        (src / "__MACOSX" / "good" / sub).mkdir(parents=True)
+        (src / "__MACOSX" / "good" / sub / "._good.png").write_bytes(b"\x00\x05\x16\x07")
+    result = ingest(src, tmp_path / "ds", test_fraction=0, progress=False)
+    assert result.layout == "dsb" and list(result.manifest["stem"]) == ["good"]
+
+
 def test_geojson_as_other_converters_write_it(tmp_path):
     """An empty polygon (JTS, shapely) is no nucleus, not a broken file; a class written in
     ``properties.type`` ("Neoplastic", as PanNuke converters do) is read as QuPath reads an
