@@ -1,0 +1,30 @@
+"""Figures: training curves and worst-case panels."""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.draw import disk
+
+from mlseg.io import read_image
+from mlseg.plots import plot_worst
+
+
+def test_worst_cases_of_a_tile_with_a_slides_ids_need_no_colour_for_every_id(tmp_path):
+    """A tile cut from a slide's label image keeps its global ids (up to 2**31 - 1 read):
+    the panel's palette had a colour per label value, 45 GiB for ids near 2**31 (mlseg
+    evaluate ended in a MemoryError after scoring), here 1.2 GB for ids near 5e7."""
+    import tracemalloc
+
+    truth = np.zeros((64, 64), np.int32)
+    for i, centre in enumerate(((16, 16), (40, 44))):
+        truth[disk(centre, 8, shape=truth.shape)] = 50_000_000 + i
+    image = np.full((64, 64, 3), 230, np.uint8)
+    tracemalloc.start()
+    try:
+        path = plot_worst([("tile", image, truth, truth, "Dice 1.00")], tmp_path / "worst.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6
+    shown = read_image(path)
+    assert shown.shape[2] == 3 and shown.std() > 0
