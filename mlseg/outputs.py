@@ -487,13 +487,13 @@ def write_run_outputs(
 
 def histogram_columns(columns: list[str]) -> list[str]:
     """The measurements of a nucleus table that :func:`plot_histograms` draws: those of
-    :data:`HISTOGRAM_COLUMNS` in their units, then the mean optical density of each of the
-    profile's stains in its order, the residual left out."""
+    :data:`HISTOGRAM_COLUMNS` in their units (both, microns and pixels, in a run where only
+    some images have a pixel size), then the mean optical density of each of the profile's
+    stains in its order, the residual left out."""
     chosen = []
     for base in HISTOGRAM_COLUMNS:
         match = [c for c in columns if c == base or c.startswith(base + "_")]
-        match = [c for c in match if c.split(base, 1)[1] in ("", "_um", "_um2", "_px")]
-        chosen.extend(match[:1])
+        chosen.extend(c for c in match if c.split(base, 1)[1] in ("", "_um", "_um2", "_px"))
     return chosen + [
         c
         for c in columns

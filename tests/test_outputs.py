@@ -241,6 +241,20 @@ def test_histograms_show_the_profiles_stains_not_the_residual():
     assert "area_um2" in histogram_columns(list(table.columns))
 
 
+def test_histograms_of_a_run_with_and_without_pixel_sizes_show_every_nucleus_size():
+    """Images without a pixel size are measured in pixels beside others in microns: the
+    run's histograms drew area_um2 alone, and the other images' nuclei were in no size
+    histogram while their circularity was."""
+    from mlseg.outputs import histogram_columns
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[4:12, 4:12] = 1
+    image = np.full((20, 20, 3), 120, np.uint8)
+    tables = [measure(labels, image, get_profile("he"), pixel_size_um=px) for px in (0.5, None)]
+    drawn = histogram_columns(list(pd.concat(tables).columns))
+    assert {"area_um2", "area_px", "perimeter_um", "perimeter_px"} <= set(drawn)
+
+
 def test_a_hole_belongs_to_the_piece_it_is_cut_from(tmp_path):
     """A nucleus in pieces, one inside the other's hole and holed itself: each polygon must
     describe its own piece (QuPath and every GeoJSON reader draw polygon by polygon), so the
