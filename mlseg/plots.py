@@ -75,10 +75,14 @@ def _label_rgb(labels: np.ndarray) -> np.ndarray:
     return palette[rank.reshape(labels.shape)]
 
 
-def plot_worst(
-    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path
-) -> Path:
-    """One row per case: image | truth | prediction, titled with its name and score text.
+def _count(labels: np.ndarray) -> str:
+    n = len(np.unique(labels)) - int((labels == 0).any())
+    return f"{n} nucleus" if n == 1 else f"{n} nuclei"
+
+
+def worst_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]]):
+    """One row per case: image | truth | prediction, titled with its name, the counts and
+    the score text (a ``Figure``).
 
     Each row is ``(name, image (H, W, C), true_labels (H, W), pred_labels (H, W), caption)``.
     """
@@ -90,11 +94,16 @@ def plot_worst(
         axes[i, 0].imshow(_display(image), cmap=cmap)
         axes[i, 0].set_title(f"{name}", fontsize=9)
         axes[i, 1].imshow(_label_rgb(truth), interpolation="nearest")
-        axes[i, 1].set_title(
-            f"truth ({len(np.unique(truth)) - (truth == 0).any()} nuclei)", fontsize=9
-        )
+        axes[i, 1].set_title(f"truth ({_count(truth)})", fontsize=9)
         axes[i, 2].imshow(_label_rgb(pred), interpolation="nearest")
-        axes[i, 2].set_title(f"prediction: {caption}", fontsize=9)
+        axes[i, 2].set_title(f"prediction ({_count(pred)})\n{caption}", fontsize=9)
     for ax in axes.ravel():
         ax.set_axis_off()
-    return _save(fig, path)
+    return fig
+
+
+def plot_worst(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path
+) -> Path:
+    """:func:`worst_figure` as a PNG."""
+    return _save(worst_figure(rows), path)

@@ -28,3 +28,16 @@ def test_worst_cases_of_a_tile_with_a_slides_ids_need_no_colour_for_every_id(tmp
     assert peak < 50e6
     shown = read_image(path)
     assert shown.shape[2] == 3 and shown.std() > 0
+
+
+def test_worst_cases_count_the_nuclei_of_the_prediction_too():
+    """A prediction without nuclei is a black panel: its title says so, as the truth's
+    says how many were annotated; it gave the scores alone."""
+    from mlseg.plots import worst_figure
+
+    truth = np.zeros((32, 32), np.int32)
+    truth[disk((16, 16), 6, shape=truth.shape)] = 1
+    image = np.full((32, 32, 3), 230, np.uint8)
+    fig = worst_figure([("x", image, truth, np.zeros_like(truth), "Dice 0.00")])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["x", "truth (1 nucleus)", "prediction (0 nuclei)\nDice 0.00"]
