@@ -326,6 +326,14 @@ def pipeline_report(
     return rep
 
 
+def _rounded(value: float, digits: int) -> float:
+    """``value`` to ``digits`` decimals, or to ``digits`` significant digits where that
+    keeps more: a learning rate of 3e-05 or a fraction of 2.3e-05 is not 0.0."""
+    if value == 0:
+        return value
+    return round(value, max(digits, digits - 1 - math.floor(math.log10(abs(value)))))
+
+
 def frame_records(table: pd.DataFrame, digits: int = 4) -> list[dict[str, Any]]:
     """Rows of ``table`` as JSON-ready dicts with rounded floats (for dashboards)."""
     out = []
@@ -333,7 +341,7 @@ def frame_records(table: pd.DataFrame, digits: int = 4) -> list[dict[str, Any]]:
         clean = {}
         for key, value in record.items():
             if isinstance(value, float | np.floating):
-                value = None if not np.isfinite(value) else round(float(value), digits)
+                value = None if not np.isfinite(value) else _rounded(float(value), digits)
             elif isinstance(value, np.integer):
                 value = int(value)
             elif isinstance(value, np.bool_):

@@ -90,3 +90,11 @@ def test_image_file_embeds_existing_png_and_skips_missing(tmp_path: Path) -> Non
 def test_frame_records_are_json_ready() -> None:
     records = frame_records(pd.DataFrame({"a": [1.23456789, np.nan], "b": [np.int64(2), 3]}))
     assert records == [{"a": 1.2346, "b": 2}, {"a": None, "b": 3}]
+
+
+def test_frame_records_keep_small_values():
+    """The training history's last learning rate (3e-05, cosine decay to 1% of 3e-3) read
+    0.0 in the dashboard, and the drift table's reference dark_fraction 2.3e-05 read 0.0,
+    beside the CSVs they came from."""
+    records = frame_records(pd.DataFrame({"lr": [3e-05], "dark": [2.288818e-05], "z": [0.0]}))
+    assert records == [{"lr": 3e-05, "dark": 2.289e-05, "z": 0.0}]
