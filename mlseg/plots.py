@@ -31,8 +31,8 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
-    """Loss (train, validation) and validation Dice against training step, as a PNG.
+def history_figure(history: pd.DataFrame):
+    """Loss (train, validation) and validation Dice against training step (a ``Figure``).
 
     ``history`` has a ``step`` column and any of ``train_loss``, ``val_loss``, ``val_dice``.
     """
@@ -48,10 +48,17 @@ def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
         best = history["val_dice"].idxmax()
         ax_dice.axvline(history.loc[best, "step"], color="grey", ls="--", lw=1, label="best")
         ax_dice.legend(loc="lower right")
+    else:  # data.val_fraction 0: the checkpoint kept is the lowest training loss
+        ax_dice.text(0.5, 0.5, "no validation images", ha="center", va="center", color="grey")
     ax_dice.set(xlabel="step", ylabel="Dice", title="Validation Dice (foreground)", ylim=(0, 1))
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
+    """:func:`history_figure` as a PNG."""
+    return _save(history_figure(history), path)
 
 
 def _display(image: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from skimage.draw import disk
 
 from mlseg.io import read_image
@@ -41,3 +42,20 @@ def test_worst_cases_count_the_nuclei_of_the_prediction_too():
     fig = worst_figure([("x", image, truth, np.zeros_like(truth), "Dice 0.00")])
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["x", "truth (1 nucleus)", "prediction (0 nuclei)\nDice 0.00"]
+
+
+def test_training_curves_without_validation_images_say_so():
+    """With data.val_fraction 0 the history has no validation Dice: the right panel was
+    an empty 'Validation Dice' frame, as if the curve had failed to draw."""
+    from mlseg.plots import history_figure
+
+    history = pd.DataFrame(
+        {
+            "step": [30, 60],
+            "train_loss": [1.4, 0.9],
+            "val_loss": [np.nan] * 2,
+            "val_dice": [np.nan] * 2,
+        }
+    )
+    _, ax_dice = history_figure(history).axes
+    assert [t.get_text() for t in ax_dice.texts] == ["no validation images"]
