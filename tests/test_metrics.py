@@ -86,10 +86,48 @@ def test_identical_and_relabelled_is_perfect() -> None:
 def test_empty_images() -> None:
     z = np.zeros((5, 5), np.int32)
     m = object_metrics(z, z)
-    assert m["f1"] == m["aji"] == m["pq"] == 1.0 and math.isnan(m["mean_matched_iou"])
+    assert m["precision"] == m["recall"] == m["f1"] == m["aji"] == m["pq"] == 1.0
+    assert math.isnan(m["mean_matched_iou"])
     _, truth = _squares()
     m = object_metrics(np.zeros_like(truth), truth)
     assert (m["tp"], m["fn"]) == (0, 2) and m["f1"] == m["aji"] == m["pq"] == 0.0
+
+
+def test_one_object_on_one_side_only_scores_zero() -> None:
+    """One nucleus missed on an otherwise empty image, or one predicted where there is none:
+    nothing is right, AJI included."""
+    one = np.zeros((10, 10), np.int32)
+    one[2:5, 2:5] = 1
+    for pred, truth in ((np.zeros_like(one), one), (one, np.zeros_like(one))):
+        m = object_metrics(pred, truth)
+        assert m["tp"] == 0 and m["fp"] + m["fn"] == 1
+        assert m["precision"] == m["recall"] == m["f1"] == m["aji"] == m["pq"] == 0.0
+
+
+def test_an_image_covered_by_nuclei_is_scored_without_a_background() -> None:
+    """A tile cut inside tissue where every pixel is some nucleus's: two halves of 16 px,
+    predicted with their border one column to the right (IoU 16/20 and 12/16)."""
+    truth = np.zeros((4, 8), np.int32)
+    truth[:, :4], truth[:, 4:] = 1, 2
+    assert object_metrics(truth, truth)["aji"] == 1.0
+    pred = np.zeros_like(truth)
+    pred[:, :5], pred[:, 5:] = 3, 4
+    m = object_metrics(pred, truth)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
+    assert m["mean_matched_iou"] == pytest.approx((16 / 20 + 12 / 16) / 2)
+    assert m["aji"] == pytest.approx((16 + 12) / (20 + 16))
+
+
+def test_many_objects_score_as_few() -> None:
+    """10,000 nuclei on each side (a table too large for one bincount): 2 x 2 squares, found
+    exactly, then drawn one column to the right (IoU 2/6 each, no match, AJI 1/3)."""
+    truth = np.zeros((300, 300), np.int32)
+    truth.reshape(100, 3, 100, 3)[:, :2, :, :2] = np.arange(1, 10_001).reshape(100, 1, 100, 1)
+    m = object_metrics(truth * 3, truth)
+    assert (m["tp"], m["fp"], m["fn"]) == (10_000, 0, 0) and m["aji"] == 1.0
+    m = object_metrics(np.roll(truth, 1, axis=1), truth)
+    assert (m["tp"], m["fp"], m["fn"]) == (0, 10_000, 10_000)
+    assert m["aji"] == pytest.approx(1 / 3)
 
 
 def test_negative_labels_are_refused_not_scored() -> None:
