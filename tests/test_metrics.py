@@ -252,6 +252,37 @@ def test_error_kinds_name_the_cause_of_each_unmatched_object() -> None:
     }
 
 
+def test_error_kinds_of_a_barely_touched_nucleus_and_of_the_first_prediction() -> None:
+    """The rules hold for the lowest-labelled prediction as for any other, and a nucleus of
+    which a prediction covers a few pixels is missed, not found with a bad outline."""
+    from skimage.draw import disk
+
+    truth = np.zeros((80, 80), np.int32)
+    pred = np.zeros_like(truth)
+    truth[disk((20, 20), 8)] = 1  # two touching nuclei drawn as one, by prediction 1
+    truth[disk((20, 37), 8)] = 2
+    pred[11:30, 11:47] = 1
+    truth[disk((60, 60), 8)] = 3  # 9 of its 197 px found
+    pred[58:61, 58:61] = 2
+    kinds = error_kinds(pred, truth)
+    assert kinds == {k: 0 for k in ERROR_KINDS} | {
+        "fn_missed": 1,
+        "fn_merged": 2,
+        "fp_merged": 1,
+        "fp_outline": 1,
+    }
+    truth = np.zeros((80, 80), np.int32)
+    pred = np.zeros_like(truth)
+    truth[disk((20, 20), 8)] = 1  # drawn shifted by prediction 1
+    pred[disk((20, 25), 8)] = 1
+    truth[disk((60, 60), 8)] = 2  # not found
+    assert error_kinds(pred, truth) == {k: 0 for k in ERROR_KINDS} | {
+        "fn_missed": 1,
+        "fn_outline": 1,
+        "fp_outline": 1,
+    }
+
+
 def test_error_kinds_add_up_to_the_unmatched_objects() -> None:
     rng = np.random.default_rng(1)
     for _ in range(10):
