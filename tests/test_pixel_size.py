@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,34 @@ def test_pixel_size_from_a_json_sidecar(tmp_path, sidecar, um):
     (tmp_path / "a.json").write_text(sidecar)
     found = declared_pixel_size_um(tmp_path / "a.png")
     assert found == (pytest.approx(um) if um is not None else None)
+
+
+@pytest.mark.parametrize(
+    ("unit", "size"),
+    [
+        ("um", 0.25),
+        ("UM", 0.25),
+        ("\u00b5m", 0.25),  # micro sign
+        ("\u03bcm", 0.25),  # Greek mu, as some programs write it
+        ("micron", 0.25),
+        ("Microns", 0.25),
+        ("micrometer", 0.25),
+        ("micrometre", 0.25),
+        ("nm", 250),
+        ("nanometer", 250),
+        ("mm", 0.00025),
+        ("cm", 0.000025),
+        ("m", 2.5e-7),
+        ("\u00e5", 2500),  # angstrom
+        ("angstrom", 2500),
+    ],
+)
+def test_every_unit_a_sidecar_may_name_gives_the_size_in_microns(tmp_path, unit, size):
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"PixelSize": [size, size], "PixelSizeUnits": unit})
+    )
+    assert declared_pixel_size_um(tmp_path / "a.png") == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("size", ["NaN", "[NaN, NaN]", "[Infinity, Infinity]"])
