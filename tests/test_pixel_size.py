@@ -72,6 +72,11 @@ def test_implausible_metadata_is_seen_only_when_asked(tmp_path):
     assert tiff_pixel_size_um(tmp_path / "t.tif", plausible_only=False) == pytest.approx(
         352.78, abs=0.01
     )
+    # what the image declares, as usable_pixel_size_um sees it to warn of it
+    assert declared_pixel_size_um(tmp_path / "t.tif") is None
+    assert declared_pixel_size_um(tmp_path / "t.tif", plausible_only=False) == pytest.approx(
+        352.78, abs=0.01
+    )
     write_image(tmp_path / "t.png", np.zeros((8, 8), np.uint8))
     assert tiff_pixel_size_um(tmp_path / "t.png", plausible_only=False) is None
 
