@@ -48,9 +48,15 @@ def test_score_labels_columns_and_values() -> None:
     row = ev.score_labels(pred, truth)
     assert set(row) == set(ev.METRIC_COLUMNS)
     assert row["dice"] == pytest.approx(2 * 9 / (9 + 18))
+    assert row["pixel_precision"] == row["obj_precision"] == 1.0  # nothing found wrongly
+    assert row["pixel_recall"] == row["obj_recall"] == 0.5  # half of it found
     assert (row["tp"], row["fp"], row["fn"]) == (1, 0, 1)
     assert row["f1"] == pytest.approx(2 / 3) and row["aji"] == pytest.approx(9 / 18)
     assert row["count_error"] == -1
+    off = np.zeros_like(truth)
+    off[1:4, 2:5] = 1  # drawn one column off: IoU 6 / 12, no match at IoU 0.5
+    row = ev.score_labels(off, truth)
+    assert (row["tp"], row["fp"], row["fn"]) == (0, 1, 2)
 
 
 def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, monkeypatch) -> None:
