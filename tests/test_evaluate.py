@@ -87,6 +87,14 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     assert summary["n_images"] == len(pairs) and summary["means"]["dice"] == pytest.approx(
         1 / len(pairs)
     )
+    # pooled over images: every true nucleus of the perfect image found, all others missed
+    found, missed = int(row["n_true"]), int(others["n_true"].sum())
+    pooled = summary["pooled"]
+    assert (pooled["tp"], pooled["fp"], pooled["fn"]) == (found, 0, missed)
+    assert pooled["obj_precision"] == 1.0
+    assert pooled["obj_recall"] == pytest.approx(found / (found + missed))
+    assert pooled["f1"] == pytest.approx(2 * found / (2 * found + missed))
+    assert pooled["fn_missed"] == missed
     assert result.worst_png is not None and result.worst_png.stat().st_size > 1000
 
 
