@@ -55,6 +55,10 @@ def test_ellipse_known_answers(theta):
     row = measure(labels, None, HE, pixel_size_um=None).iloc[0]
     assert row["area_px"] == pytest.approx(np.pi * a * b, rel=0.01)
     assert row["perimeter_px"] == pytest.approx(ramanujan(a, b), rel=0.03)
+    # 4 pi area / perimeter^2 of a 2:1 ellipse, 0.84: below the cap of 1, so it is measured
+    assert row["circularity"] == pytest.approx(
+        4 * np.pi**2 * a * b / ramanujan(a, b) ** 2, rel=0.06
+    )
     assert row["eccentricity"] == pytest.approx(np.sqrt(1 - (b / a) ** 2), abs=0.01)
     assert row["major_axis_length_px"] == pytest.approx(2 * a, rel=0.02)
     assert row["minor_axis_length_px"] == pytest.approx(2 * b, rel=0.03)
@@ -125,8 +129,12 @@ def test_touches_border():
     labels[0:5, 10:15] = 1
     labels[20:25, 20:25] = 2
     labels[35:40, 35:40] = 3
+    labels[10:15, 0:3] = 4  # left edge only
+    labels[20:25, 37:40] = 5  # right edge only
+    labels[37:40, 10:15] = 6  # bottom edge only
     table = measure(labels, None, HE, pixel_size_um=None)
-    assert table["touches_border"].tolist() == [True, False, True]
+    assert table["touches_border"].tolist() == [True, False, True, True, True, True]
+    assert summarize(table, labels.shape, HE, None, None)["border_count"] == 5
 
 
 def _beer_lambert(conc_h: np.ndarray, conc_dab: np.ndarray, profile: Profile) -> np.ndarray:
@@ -194,15 +202,17 @@ def test_stain_od_matches_skimage_separate_stains():
     labels = np.zeros((40, 50), np.int32)
     labels[5:20, 5:25] = 1
     labels[22:38, 10:45] = 2
-    table = measure(labels, image, HE, pixel_size_um=None)
     ref = separate_stains(image, np.linalg.inv(HE.stain_matrix())) * 6.0
-    for k, stain in enumerate(HE.stain_names):
-        for label in (1, 2):
-            values = ref[..., k][labels == label]
-            row = table[table["label"] == label].iloc[0]
-            assert row[f"{stain}_od_mean"] == pytest.approx(values.mean(), rel=1e-4)
-            assert row[f"{stain}_od_max"] == pytest.approx(values.max(), rel=1e-4)
-            assert row[f"{stain}_od_integrated"] == pytest.approx(values.sum(), rel=1e-4)
+    # the same picture in a 16-bit file (I * 257 of 65535) has the same densities
+    for pixels in (image, image.astype(np.uint16) * 257):
+        table = measure(labels, pixels, HE, pixel_size_um=None)
+        for k, stain in enumerate(HE.stain_names):
+            for label in (1, 2):
+                values = ref[..., k][labels == label]
+                row = table[table["label"] == label].iloc[0]
+                assert row[f"{stain}_od_mean"] == pytest.approx(values.mean(), rel=1e-4)
+                assert row[f"{stain}_od_max"] == pytest.approx(values.max(), rel=1e-4)
+                assert row[f"{stain}_od_integrated"] == pytest.approx(values.sum(), rel=1e-4)
 
 
 def test_sixteen_bit_and_grey_images():
