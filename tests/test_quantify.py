@@ -253,6 +253,12 @@ def test_tissue_fraction():
     image = np.full((40, 40, 3), 250, np.uint8)
     image[:, :10] = (120, 60, 150)  # stained quarter
     assert tissue_fraction(image, "he") == pytest.approx(0.25)
+    image[:, 30:] = (225, 190, 225)  # pale stroma (summed OD 0.24) is tissue too
+    assert tissue_fraction(image, "he") == pytest.approx(0.5)
+    # a grey image is one with the same value in every channel
+    grey = np.tile(np.linspace(120, 255, 40).astype(np.uint8), (40, 1))
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    assert 0.2 < tissue_fraction(grey, "he") == tissue_fraction(rgb, "he") < 0.9
     fluo = np.zeros((40, 40, 3), np.uint8)
     fluo[:20] = 100
     assert tissue_fraction(fluo, "fluorescence", intensity_threshold=0.05) == pytest.approx(0.5)
