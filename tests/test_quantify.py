@@ -398,3 +398,19 @@ def test_ihc_synthetic_images_with_known_positive_nuclei():
         assert np.all(np.diff(means) > 0)
         summary = summarize(table, labels.shape, IHC, None, None)
         assert summary["positive_pct"] == pytest.approx(100.0 * np.mean(truth > 0), abs=5.0)
+
+
+def test_summary_of_one_nucleus_and_density_per_tissue_area():
+    """One nucleus: its values are the mean and median, with no spread to give (two give
+    one); half of the image being tissue, twice as many nuclei per mm2 of tissue as of image."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:20, 10:20] = 1
+    table = measure(labels, None, HE, pixel_size_um=0.5)
+    summary = summarize(table, labels.shape, HE, 0.5, 0.5)
+    assert summary["area_um2_mean"] == summary["area_um2_median"] == pytest.approx(25.0)
+    assert summary["area_um2_std"] is None
+    assert summary["density_per_mm2"] == pytest.approx(1 / (40 * 40 * 0.5**2 / 1e6))
+    assert summary["density_per_mm2_tissue"] == pytest.approx(2 * summary["density_per_mm2"])
+    labels[25:31, 25:31] = 2  # and two: 25 and 9 um2
+    summary = summarize(measure(labels, None, HE, pixel_size_um=0.5), labels.shape, HE, 0.5, 0.5)
+    assert summary["area_um2_std"] == pytest.approx(np.std([25.0, 9.0], ddof=1))
