@@ -158,3 +158,17 @@ def test_an_elongated_nucleus_is_one_seed_at_any_angle() -> None:
             mask[disk((60, 40), radius)] = True
             mask[disk((60, 40 + round(2 * radius * (1 - overlap))), radius)] = True
             assert mask_to_instances(mask, cfg, pixel_size_um=None).max() == 2, (radius, overlap)
+
+
+def test_clumps_of_two_and_three_nuclei_give_one_label_each() -> None:
+    """Each clump's seeds are merged on their own and numbered after all others: the five
+    nuclei of a clump of two above a clump of three are five labels, none shared."""
+    from skimage.draw import disk
+
+    mask = np.zeros((100, 140), bool)
+    for cy, cx in ((25, 40), (25, 58), (70, 30), (70, 48), (70, 66)):
+        mask[disk((cy, cx), 10)] = True
+    labels = mask_to_instances(mask, WatershedConfig(), pixel_size_um=None)
+    assert labels.max() == 5 and len(np.unique(labels[labels > 0])) == 5
+    for cy, cx in ((25, 40), (25, 58), (70, 30), (70, 48), (70, 66)):
+        assert np.count_nonzero(labels == labels[cy, cx]) < 400  # one nucleus, not two
