@@ -172,3 +172,15 @@ def test_clumps_of_two_and_three_nuclei_give_one_label_each() -> None:
     assert labels.max() == 5 and len(np.unique(labels[labels > 0])) == 5
     for cy, cx in ((25, 40), (25, 58), (70, 30), (70, 48), (70, 66)):
         assert np.count_nonzero(labels == labels[cy, cx]) < 400  # one nucleus, not two
+
+
+def test_a_hole_closed_by_a_second_object_stays_empty_from_every_side() -> None:
+    """A nucleus cupped around a gap that a neighbour closes: the gap is no hole of either,
+    whichever side the neighbour closes it from."""
+    labels = np.zeros((20, 20), np.int32)
+    labels[8:14, 5:14] = 1
+    labels[8:11, 8:11] = 0  # open at the top ...
+    labels[7, 5:14] = 2  # ... where nucleus 2 closes it
+    for k in range(4):
+        turned = np.rot90(labels, k)
+        assert np.array_equal(fill_holes(turned), turned), k
