@@ -184,3 +184,20 @@ def test_a_hole_closed_by_a_second_object_stays_empty_from_every_side() -> None:
     for k in range(4):
         turned = np.rot90(labels, k)
         assert np.array_equal(fill_holes(turned), turned), k
+
+
+def test_a_foreground_piece_without_a_seed_is_an_object_of_its_own() -> None:
+    """Three-class output: a nucleus with a clear interior, and one seen as boundary only
+    but for a 2-px interior speck (under seed_min_area_px, so no seed): two objects."""
+    yy, xx = np.mgrid[:40, :60]
+    probs = np.zeros((3, 40, 60), np.float32)
+    probs[0] = 1.0
+    for cx, interior in ((15, 0.9), (45, 0.0)):
+        disc = (yy - 20) ** 2 + (xx - cx) ** 2 <= 36
+        probs[:, disc] = np.array([0.05, interior, 0.95 - interior])[:, None]
+    probs[:, 20, 45:47] = np.array([0.05, 0.9, 0.05])[:, None]
+    labels = probs_to_labels(
+        probs, "three_class", WS, pixel_size_um=None, min_area_px=5, max_area_px=10_000
+    )
+    assert labels.max() == 2
+    assert len(np.unique(labels[:, :30])) == len(np.unique(labels[:, 30:])) == 2
