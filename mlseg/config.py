@@ -94,6 +94,13 @@ class PreprocessConfig(Strict):
     intensity_norm: Literal["none", "percentile", "zscore"] = "none"
     percentiles: tuple[float, float] = (1.0, 99.0)
 
+    @field_validator("percentiles")
+    @classmethod
+    def _low_below_high(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("must be (low, high) percentiles with 0 <= low < high <= 100")
+        return value
+
 
 class AugmentConfig(Strict):
     """Training-time augmentation; every probability in [0, 1]."""

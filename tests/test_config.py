@@ -174,3 +174,12 @@ def test_a_missing_profiles_file_is_named_as_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"lab\.yaml: profiles file not found.*profiles_file"):
         get_profile("lab", "lab.yaml")
+
+
+@pytest.mark.parametrize("percentiles", ["[99, 1]", "[5, 5]", "[1, 199]", "[-1, 99]"])
+def test_intensity_percentiles_out_of_order_or_range_are_refused(tmp_path, percentiles):
+    """(99, 1) divided by the 1e-6 floor of a negative spread (values of -1e6) and (1, 199)
+    was numpy's traceback in the middle of training."""
+    path = write(tmp_path / "c.yaml", f"preprocess: {{percentiles: {percentiles}}}\n")
+    with pytest.raises(ConfigError, match=r"preprocess\.percentiles.*0 <= low < high <= 100"):
+        load_config(path)
