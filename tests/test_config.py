@@ -183,3 +183,20 @@ def test_intensity_percentiles_out_of_order_or_range_are_refused(tmp_path, perce
     path = write(tmp_path / "c.yaml", f"preprocess: {{percentiles: {percentiles}}}\n")
     with pytest.raises(ConfigError, match=r"preprocess\.percentiles.*0 <= low < high <= 100"):
         load_config(path)
+
+
+def test_a_key_written_twice_is_refused_not_the_last_kept(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section dropped the lr of
+    the first, and a lab's profile written twice lost its pixel size, without a word."""
+    path = write(tmp_path / "c.yaml", "train:\n  lr: 0.01\ndata: {}\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: 'train' is written twice \(lines 1 and 4\)"):
+        load_config(path)
+    path = write(tmp_path / "p.yaml", "profiles:\n  lab: {pixel_size_um: 0.25}\n  lab: {}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: 'lab' is written twice"):
+        load_profiles(path)
+    # a key of a merged profile (`<<: *he`) may still be set again
+    path = write(
+        tmp_path / "m.yaml",
+        "profiles:\n  he: &he {min_area_px: 5}\n  lab: {<<: *he, min_area_px: 7}\n",
+    )
+    assert load_profiles(path)["lab"].min_area_px == 7
