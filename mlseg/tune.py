@@ -72,6 +72,8 @@ def candidates(
     sample of it without repetition."""
     if method not in METHODS:
         raise ConfigError(f"tune method must be one of {', '.join(METHODS)}, got {method!r}")
+    if trials is not None and trials < 0:  # [:-1] would run all of the grid but the last
+        raise ConfigError(f"trials must be at least 0 (0: the whole grid), got {trials}")
     keys = list(space)
     for key in keys:
         if not isinstance(space[key], (list, tuple)) or not space[key]:

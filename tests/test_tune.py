@@ -29,6 +29,9 @@ def test_candidates_grid_and_random() -> None:
         candidates(space, 2, "bayes", 0)
     with pytest.raises(ConfigError):
         candidates({"train.lr": []}, 2, "grid", 0)
+    # mlseg tune --trials -1 ran every trial of the grid but one
+    with pytest.raises(ConfigError, match="trials must be at least 0"):
+        candidates(space, -1, "random", 0)
 
 
 def test_apply_params_validates() -> None:
