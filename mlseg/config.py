@@ -605,6 +605,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             merged[section] = {**merged.get(section, {}), **values}
         else:
             merged[section] = values
+    if overrides:  # a bad value or unknown key may be the override's (--max-steps 0)
+        source += " with overrides"
     return parse(Config, merged, source)
 
 

@@ -31,6 +31,16 @@ def test_yaml_values_and_overrides_merge(tmp_path):
     assert cfg.data.mask_suffix == "_seg"
 
 
+def test_a_bad_override_is_not_blamed_on_the_file(tmp_path):
+    """mlseg train --max-steps 0 and a flow's overrides {"train": {"max_stesp": 3}} said the
+    config file held the bad value or unknown key, which the file did not have."""
+    path = write(tmp_path / "c.yaml", "train:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml with overrides: bad value for 'train\.max"):
+        load_config(path, train={"max_steps": 0})
+    with pytest.raises(ConfigError, match=r"c\.yaml with overrides: unknown key 'train\.max_"):
+        load_config(path, train={"max_stesp": 3})
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path / "bad.yaml", "train:\n  lrr: 0.01\n")
     with pytest.raises(ConfigError) as err:
