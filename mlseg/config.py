@@ -538,13 +538,23 @@ class _DuplicateKey(yaml.YAMLError):
     pass
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` refusing a key written twice in one mapping: PyYAML keeps the last
-    without a word, so a second ``train:`` section dropped every setting of the first."""
+    without a word, so a second ``train:`` section dropped every setting of the first. A
+    profile's ``version`` written as a number is read as written (YAML makes 1.10 1.1)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if (
+                key_node.value == "version"
+                and isinstance(value_node, yaml.ScalarNode)
+                and value_node.tag in _NUMBER_TAGS
+            ):
+                value_node.tag = "tag:yaml.org,2002:str"
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
@@ -566,7 +576,7 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:

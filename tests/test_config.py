@@ -156,6 +156,14 @@ def test_a_profile_version_written_as_a_number_is_taken(tmp_path):
     assert load_profiles(path)["lab"].version == "5"
 
 
+@pytest.mark.parametrize("written", ["1.10", "010", "2.0"])
+def test_a_profile_version_written_as_a_number_is_kept_as_written(tmp_path, written):
+    """YAML read `version: 1.10` as the float 1.1 and 010 as the octal 8: every run
+    recorded another version than the profile's file says."""
+    path = write(tmp_path / "p.yaml", f"profiles:\n  lab: {{version: {written}}}\n")
+    assert load_profiles(path)["lab"].version == written
+
+
 def test_readme_config_examples_load_and_name_real_keys(tmp_path):
     """Every YAML example of the README (blocks and one-line `section: {...}`) loads, and
     every `section.key` it names is a key of that section: the README is how users write
