@@ -32,6 +32,17 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_or_no(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1.0: `elastic_p: on` was an elastic warp of every patch
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(
+                f"got {str(value).lower()}, and this key takes no true/false; YAML reads an "
+                "unquoted yes, no, on or off as true or false (quote a name)"
+            )
+        return value
+
 
 class DataConfig(Strict):
     """Where a dataset lives and how it is laid out (see :mod:`mlseg.dataset`)."""

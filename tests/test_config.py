@@ -218,3 +218,18 @@ def test_a_key_written_twice_is_refused_not_the_last_kept(tmp_path):
         "profiles:\n  he: &he {min_area_px: 5}\n  lab: {<<: *he, min_area_px: 7}\n",
     )
     assert load_profiles(path)["lab"].min_area_px == 7
+
+
+def test_yes_no_on_off_are_refused_where_a_key_takes_no_true_or_false(tmp_path):
+    """YAML 1.1 reads an unquoted on/off/yes/no as true/false, and pydantic took true as 1.0:
+    `elastic_p: on` warped every patch without a word; `mask_suffix: no` said only 'Input
+    should be a valid string' of a value the user wrote as a string."""
+    path = write(tmp_path / "c.yaml", "augment: {elastic_p: on}\n")
+    with pytest.raises(ConfigError, match=r"augment\.elastic_p': .*got true.*unquoted yes, no"):
+        load_config(path)
+    path = write(tmp_path / "c.yaml", "data: {mask_suffix: no}\n")
+    with pytest.raises(ConfigError, match=r"data\.mask_suffix': .*got false"):
+        load_config(path)
+    path = write(tmp_path / "c.yaml", "train: {amp: off}\ninference: {tta: yes}\n")
+    cfg = load_config(path)
+    assert cfg.train.amp is False and cfg.inference.tta is True
