@@ -545,8 +545,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-class _DuplicateKey(yaml.YAMLError):
-    pass
+class _Refused(yaml.YAMLError):
+    """What YAML would read otherwise than it is written."""
 
 
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
@@ -555,7 +555,8 @@ _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` refusing a key written twice in one mapping: PyYAML keeps the last
     without a word, so a second ``train:`` section dropped every setting of the first. A
-    profile's ``version`` written as a number is read as written (YAML makes 1.10 1.1)."""
+    profile's ``version`` written as a number is read as written (YAML makes 1.10 1.1), and
+    a number with a leading zero is refused (YAML reads 0640 as the octal 416)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         lines: dict[Any, int] = {}
@@ -575,12 +576,24 @@ class _Loader(yaml.SafeLoader):
             except TypeError:  # unhashable: construct_mapping says so
                 continue
             if first is not None:
-                raise _DuplicateKey(
+                raise _Refused(
                     f"'{key}' is written twice (lines {first} and {line}) and only the last "
                     "would count; merge them into one"
                 )
             lines[key] = line
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = node.value.replace("_", "").lstrip("+-")
+        if len(text) > 1 and text[0] == "0" and text[1].isdigit():
+            raise _Refused(
+                f"line {node.start_mark.line + 1}: YAML reads {node.value} as the octal number "
+                f"{super().construct_yaml_int(node)}; leave out the leading zero, or quote a name"
+            )
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -588,7 +601,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: config file not found")
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
-    except _DuplicateKey as err:
+    except _Refused as err:
         raise ConfigError(f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); give a YAML config file") from err

@@ -233,3 +233,10 @@ def test_yes_no_on_off_are_refused_where_a_key_takes_no_true_or_false(tmp_path):
     path = write(tmp_path / "c.yaml", "train: {amp: off}\ninference: {tta: yes}\n")
     cfg = load_config(path)
     assert cfg.train.amp is False and cfg.inference.tta is True
+
+
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
+    """YAML 1.1 reads 0640 as the octal 416: `tile_size: 0640` predicted on 416 px tiles."""
+    path = write(tmp_path / "c.yaml", "train: {seed: 7}\ninference:\n  tile_size: 0640\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 3: YAML reads 0640 as the octal number"):
+        load_config(path)
