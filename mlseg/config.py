@@ -359,7 +359,8 @@ class WatershedConfig(Strict):
     Three-class output: seeds are connected components (4-connectivity) of
     ``interior > seed_threshold`` with at least ``seed_min_area_px`` pixels, flooded over
     ``1 - interior`` (``elevation: interior``) or the boundary probability
-    (``elevation: boundary``) within ``interior + boundary > fg_threshold``.
+    (``elevation: boundary``) within ``interior + boundary > fg_threshold``; ``compactness``
+    above 0 floods compactly (scikit-image's compact watershed: rounder, more even nuclei).
     Binary output: seeds are maxima of the (``smooth_sigma_px``-smoothed) distance transform
     at least ``min_distance_um`` apart (``min_distance_px`` when the pixel size is unknown).
     """
