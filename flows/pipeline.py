@@ -209,6 +209,8 @@ def pipeline(
     output.
     """
     from mlseg.dataset import split_pixel_sizes
+    from mlseg.errors import ConfigError
+    from mlseg.evaluate import SCORES
     from mlseg.report import pipeline_report
 
     logger = get_run_logger()
@@ -220,6 +222,11 @@ def pipeline(
     overrides = _with_profile(config, overrides, profile, profiles)
     cfg = run_config(config, overrides)
     prof = resolve_profile(cfg.profile, profiles)
+    if promote_metric not in SCORES:  # not after training, evaluation and registration
+        raise ConfigError(
+            f"promote_metric {promote_metric!r}: choose a score that is better higher, one of "
+            + ", ".join(SCORES)
+        )
     test_images = root / cfg.data.test_dir / cfg.data.image_dir
 
     # 1. validate: raises ValidationFailed (and the pipeline stops) on error-level failures

@@ -34,7 +34,8 @@ from mlseg.model import LoadedModel, load_model, resolve_device
 from mlseg.registry import eval_set_id
 
 WORST_SHOWN = 4
-METRIC_COLUMNS = (
+#: The metrics that are better higher: what champion/challenger may compare
+SCORES = (
     "dice",
     "iou",
     "pixel_precision",
@@ -47,6 +48,9 @@ METRIC_COLUMNS = (
     "pq",
     "sq",
     "rq",
+)
+METRIC_COLUMNS = (
+    *SCORES,
     "area_ratio",
     "tp",
     "fp",

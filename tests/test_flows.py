@@ -489,6 +489,22 @@ def test_the_train_flow_alone_validates_before_training(harness, tmp_path, leake
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
+def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
+    harness, tmp_path, synth_dataset
+) -> None:
+    """promote_metric 'AJI' validated, trained, evaluated and registered, then failed on
+    'no metric recorded'; count_error would promote the model that counts most."""
+    from flows.pipeline import pipeline
+
+    for metric in ("AJI", "count_error"):
+        work = tmp_path / metric
+        state = pipeline(
+            str(synth_dataset), str(work), overrides=TINY, promote_metric=metric, return_state=True
+        )
+        assert state.is_failed() and f"promote_metric {metric!r}: choose a" in state.message
+        assert not work.exists()
+
+
 def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
     (tmp_path / "inbox").mkdir()
     state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint)
