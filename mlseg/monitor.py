@@ -196,19 +196,25 @@ def image_stats_table(
     paths: Iterable[str | os.PathLike],
     *,
     stats_fn: Callable[[np.ndarray], dict[str, float]] | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
     ``content_hash`` (:func:`mlseg.inventory.content_hash`) and its statistics.
 
     ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own). An
     unreadable image is left out with one warning naming it: it has no statistics to
-    drift, and the others still do.
+    drift, and the others still do. ``progress`` shows a bar (a folder of large images
+    takes minutes).
     """
     from mlseg.inventory import content_hash
     from mlseg.io import read_image
 
     if stats_fn is None:
         from mlseg.inventory import image_stats as stats_fn
+    if progress:
+        from tqdm.auto import tqdm
+
+        paths = tqdm(paths, desc="reading", unit="image", leave=False)
     rows, unreadable = [], []
     for path in paths:
         try:

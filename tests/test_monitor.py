@@ -262,7 +262,9 @@ def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsy
         write_image(tmp_path / "dark" / f"{i}.png", (image * 0.4).astype(np.uint8))
     args = ["--fingerprint", str(fingerprint_file)]
     assert main(["monitor", str(tmp_path / "same"), *args]) == 0
-    assert "OK: no drift" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "OK: no drift" in shown.out
+    assert "reading:" in shown.err and "/8 " in shown.err  # a bar: large images take minutes
     assert main(["monitor", str(tmp_path / "dark"), *args, "--out", str(tmp_path / "d.csv")]) == 1
     assert "error:" in capsys.readouterr().err
     assert (tmp_path / "d.csv").is_file()

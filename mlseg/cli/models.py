@@ -112,7 +112,8 @@ def monitor_cmd(
         )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
-    report = drift_report(image_stats_table(list_new_images(images)), reference, cfg)
+    new = image_stats_table(list_new_images(images), progress=True)
+    report = drift_report(new, reference, cfg)
     if out is not None:
         write_table(report.table, out)
     shown = report.table[
