@@ -601,7 +601,8 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        text = path.read_text(encoding="utf-8")
+        return yaml.load(text, Loader=_Loader) or {}  # nosec B506: _Loader is a SafeLoader
     except _Refused as err:
         raise ConfigError(f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
