@@ -126,18 +126,6 @@ def _validation_table(validation: dict[str, Any]):
     return pd.DataFrame(rows)
 
 
-def _nuclei(out_dir: Path, summary_csv: str | Path):
-    """The nuclei of this run's images (those of ``summary.csv``): the folder may also hold
-    outputs of images since removed or renamed."""
-    import pandas as pd
-
-    stems = pd.read_csv(summary_csv, dtype={"image": str})["image"]  # "01" is not 1
-    paths = [out_dir / f"{stem}_nuclei.parquet" for stem in stems]
-    tables = [pd.read_parquet(p) for p in paths if p.is_file()]
-    tables = [t for t in tables if len(t)]
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-
-
 def _with_profile(
     config: str | None,
     overrides: dict[str, Any] | None,
@@ -323,7 +311,7 @@ def pipeline(
         "report": str(work / "report.html"),
         "model": registered["production_uri"],
         "measurements (per image)": quantified["summary_csv"],
-        "measurements (per nucleus)": str(Path(quantified["out_dir"]) / "<image>_nuclei.csv"),
+        "measurements (per nucleus)": quantified["nuclei_parquet"],
         "histograms": quantified["histograms_png"],
         "evaluation": evaluated["per_image_csv"],
         "training checkpoint": trained["checkpoint"],
@@ -360,7 +348,7 @@ def pipeline(
         worst_png=evaluated["worst_png"],
         decision=decision,
         quantification=pd.read_csv(quantified["summary_csv"], dtype={"image": str}),
-        nuclei=_nuclei(Path(quantified["out_dir"]), quantified["summary_csv"]),
+        nuclei=pd.read_parquet(quantified["nuclei_parquet"]),  # this run's images only
         drift_status=drift.get("status", "failed"),
         drift_message=drift.get("message", str(monitor_state.message)),
         drift=pd.DataFrame(drift.get("statistics", [])),

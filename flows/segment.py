@@ -159,8 +159,8 @@ def segment_batch(
     pixel_sizes: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment a batch; one record per image: ``status`` (processed/skipped/failed), ``image``,
-    and ``summary`` (as written in ``<stem>.json``) with ``nuclei`` (the measurement columns
-    the run summary needs), or ``error``."""
+    and ``summary`` (as written in ``<stem>.json``) or ``error``. Its nuclei stay in its files
+    (the flow reads every image's table once, at the end)."""
     from mlseg.config import InferenceConfig, Profile
     from mlseg.errors import MlsegError
     from mlseg.io import image_stem
@@ -185,15 +185,13 @@ def segment_batch(
         if loaded is None:
             loaded = loaded_model(model, cfg.device)
         try:
-            summary, table = segment_one(
+            summary, _ = segment_one(
                 loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes
             )
         except MlsegError as err:
             records.append({"status": "failed", "image": name, "error": str(err)})
             continue
-        records.append(
-            {"status": "processed", "image": name, "summary": summary, "nuclei": compact(table)}
-        )
+        records.append({"status": "processed", "image": name, "summary": summary})
     return records
 
 
@@ -225,14 +223,6 @@ def _expected(
         "input_digest": file_digest(path),
         "settings": _digest(parts),
     }
-
-
-def compact(table):
-    """The columns of a per-nucleus table that run summaries use (histograms, areas)."""
-    from mlseg.outputs import histogram_columns
-
-    keep = histogram_columns(list(table.columns))
-    return table[keep].copy()
 
 
 def _digest(data: Any) -> str:
@@ -397,7 +387,7 @@ def segment_and_quantify(
     import pandas as pd
 
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
-    from mlseg.outputs import write_run_outputs
+    from mlseg.outputs import read_nuclei, write_run_outputs
     from mlseg.segment import (
         check_out_dir,
         check_units_possible,
@@ -459,10 +449,8 @@ def segment_and_quantify(
     processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
     skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
     from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
-    fresh = {r["summary"]["image"]: r["nuclei"] for r in records if "nuclei" in r}
-    tables = [
-        fresh[s["image"]] if s["image"] in fresh else _nuclei_table(out, s) for s in summaries
-    ]
+    # each image's table read once, for nuclei.parquet, the histograms and the run metrics
+    tables = [read_nuclei(out, s) for s in summaries]
     run_id = _run_id()
     paths = write_run_outputs(
         out,
@@ -532,6 +520,7 @@ def segment_and_quantify(
     result = {
         "out_dir": str(out),
         "summary_csv": str(paths["summary"]),
+        "nuclei_parquet": str(paths["nuclei"]),
         "histograms_png": str(paths["histograms"]),
         "run_json": str(paths["run"]),
         "history_csv": str(history_path),
@@ -548,7 +537,14 @@ def segment_and_quantify(
         "segment-outputs",
         {
             k: result[k]
-            for k in ("out_dir", "summary_csv", "histograms_png", "run_json", "history_csv")
+            for k in (
+                "out_dir",
+                "summary_csv",
+                "nuclei_parquet",
+                "histograms_png",
+                "run_json",
+                "history_csv",
+            )
         },
     )
     logger.info(
@@ -570,15 +566,6 @@ def _is_image(path: Path) -> bool:
     from mlseg.dataset import is_image_file
 
     return is_image_file(path)
-
-
-def _nuclei_table(out: Path, summary: dict[str, Any]):
-    import pandas as pd
-
-    name = (summary.get("outputs") or {}).get("parquet")
-    if not name or not (out / name).is_file():
-        return pd.DataFrame()
-    return compact(pd.read_parquet(out / name))
 
 
 def _areas(tables: list) -> tuple[str | None, list[float] | None]:
@@ -652,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         dask_address=args.dask_address,
         workers=args.workers,
     )
-    print(f"measurements: {result['summary_csv']}")
+    print(f"per image: {result['summary_csv']}; per nucleus: {result['nuclei_parquet']}")
     return 0
 
 

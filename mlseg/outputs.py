@@ -7,7 +7,8 @@ detections), and last ``<stem>.json``: the summary, the profile name and version
 of outputs. Every file is written atomically, so the presence of ``<stem>.json`` means the
 image is complete (:func:`image_done`).
 
-Per run: ``summary.csv`` (one row per image), ``histograms.png`` (main measurements over
+Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus of those
+images, ``image`` first: :func:`nuclei_table`), ``histograms.png`` (main measurements over
 all nuclei of the run) and ``run.json`` (profile, model, inference settings).
 
 GeoJSON follows QuPath's own reader (``PathObjectTypeAdapters`` in qupath-core, 0.4+):
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +42,8 @@ from mlseg.io import (
 )
 
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
+#: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
+NUCLEI_TABLE = "nuclei.parquet"
 NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
 # QuPath's intensity classes and colours (Negative, 1+, 2+, 3+)
 IHC_CLASSES = (
@@ -465,21 +469,53 @@ def image_done(out_dir: str | Path, stem: str, expect: dict | None = None) -> di
     return summary
 
 
+def read_nuclei(out_dir: str | Path, summary: dict) -> pd.DataFrame:
+    """The per-nucleus table that an image's ``summary`` (its ``<stem>.json``) lists. One that
+    cannot be read is named in a warning and counts as no nuclei."""
+    name = (summary.get("outputs") or {}).get("parquet")
+    if not name:
+        return pd.DataFrame()
+    path = Path(out_dir) / name
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # one damaged file must not cost the run its tables
+        warnings.warn(
+            f"{path}: unreadable ({err}); its nuclei are left out of the run's {NUCLEI_TABLE} and "
+            f"histograms; delete {summary.get('image')}.json there to measure the image again",
+            stacklevel=2,
+        )
+        return pd.DataFrame()
+
+
+def nuclei_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Every nucleus of a run: the per-image ``tables`` (as :func:`tag_table` makes them,
+    ``image`` first) one after the other. The columns are all of theirs: a run with and
+    without pixel sizes keeps ``area_um2`` and ``area_px``, each empty in the others' rows.
+    An image without nuclei adds its columns, no rows; no table at all gives ``image`` alone."""
+    tables = [t for t in tables if len(t.columns)]  # not those that could not be read
+    if not tables:
+        return pd.DataFrame({"image": pd.Series(dtype="string")})
+    return pd.concat(tables, ignore_index=True)
+
+
 def write_run_outputs(
     out_dir: str | Path,
     summaries: Sequence[dict],
     tables: Iterable[pd.DataFrame],
     run_info: dict,
 ) -> dict[str, Path]:
-    """``summary.csv`` (one row per image), ``histograms.png`` and ``run.json``."""
+    """``summary.csv`` (one row per image), ``nuclei.parquet`` (:func:`nuclei_table` of
+    ``tables``, one per image of ``summaries``), ``histograms.png`` and ``run.json``."""
     out_dir = Path(out_dir)
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
+    nuclei = nuclei_table(tables)
     paths = {
         # a run where every image failed still writes a table a reader can open
         "summary": write_table(
             pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
         ),
-        "histograms": plot_histograms(list(tables), out_dir / "histograms.png"),
+        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE),
+        "histograms": plot_histograms([nuclei], out_dir / "histograms.png"),
         "run": write_text(out_dir / "run.json", dumps(run_info)),
     }
     return paths
@@ -507,7 +543,9 @@ def plot_histograms(tables: list[pd.DataFrame], path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     frames = [t for t in tables if len(t)]
-    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    data = pd.DataFrame()
+    if frames:  # one table (a run's) drawn as it is, not copied
+        data = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     columns = histogram_columns(list(data.columns))
     n = max(1, len(columns))
     ncols = min(3, n)

@@ -77,7 +77,14 @@ from mlseg.io import (
     read_mask,
     without_image_extension,
 )
-from mlseg.outputs import OUTPUT_SUFFIXES, image_done, write_image_outputs, write_run_outputs
+from mlseg.outputs import (
+    OUTPUT_SUFFIXES,
+    image_done,
+    read_nuclei,
+    tag_table,
+    write_image_outputs,
+    write_run_outputs,
+)
 from mlseg.pixel_size import (
     ImplausiblePixelSizeWarning,
     declared_pixel_size_um,
@@ -646,14 +653,6 @@ def model_identity(weights: Path, preprocess: PreprocessConfig) -> str:
     return ident
 
 
-def _read_table(out_dir: Path, summary: dict) -> pd.DataFrame:
-    name = (summary.get("outputs") or {}).get("parquet")
-    try:
-        return pd.read_parquet(out_dir / name) if name else pd.DataFrame()
-    except Exception:  # an unreadable old table only costs its histogram rows
-        return pd.DataFrame()
-
-
 def _run_folder(
     items: list[tuple[str, Path]],
     out_dir: Path,
@@ -670,7 +669,7 @@ def _run_folder(
         if done is not None:
             result.skipped.append(stem)
             result.summaries.append(done)
-            tables.append(_read_table(out_dir, done))
+            tables.append(read_nuclei(out_dir, done))  # read once: nuclei.parquet, histograms
             continue
         started = time.perf_counter()
         try:
@@ -688,7 +687,7 @@ def _run_folder(
         written = write_image_outputs(out_dir, stem, image, labels, table, summary)
         result.processed.append(stem)
         result.summaries.append(written)
-        tables.append(table)
+        tables.append(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
     run_info = {
         **run_info,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

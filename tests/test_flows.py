@@ -228,6 +228,10 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert history["n_images"].tolist() == [5] and history["images_per_s"].iloc[0] > 0
     keys = set(flow_artifacts(state.state_details.flow_run_id))
     assert {"segment-summary", "segment-run-metrics", "segment-outputs"} <= keys
+    nuclei = pd.read_parquet(result["nuclei_parquet"])
+    assert nuclei["image"].value_counts().reindex(summary["image"], fill_value=0).tolist() == (
+        summary["count"].tolist()
+    )
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")}
     rerun = _segment(inbox, out, checkpoint)
@@ -237,6 +241,7 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert sorted(again["from_cache"]) == sorted(result["processed"])  # Prefect cache hits
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")} == mtimes
     assert len(pd.read_csv(out / "runs" / "history.csv")) == 1  # nothing new to record
+    pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
 
 
 def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
@@ -251,6 +256,7 @@ def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
     assert state.is_completed(), state.message
     rows = artifact_rows(state.state_details.flow_run_id, "segment-summary")
     assert [row["image"] for row in rows] == ["01", "02"]
+    assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) <= {"01", "02"}
 
 
 def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
@@ -278,6 +284,11 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, che
     (out / "img_001.json").unlink()
     result = _segment(inbox, out, checkpoint).result()
     assert result["processed"] == ["img_001"] and result["skipped"] == ["img_000"]
+    # one table of both images' nuclei, the one skipped as done and the one redone
+    tables = [pd.read_parquet(out / f"img_00{i}_nuclei.parquet") for i in range(2)]
+    nuclei = pd.read_parquet(result["nuclei_parquet"])
+    pd.testing.assert_frame_equal(nuclei, pd.concat(tables, ignore_index=True))
+    assert nuclei.columns[0] == "image"
 
 
 def test_a_cached_batch_is_not_reused_over_another_models_outputs(
@@ -601,10 +612,9 @@ def test_dask_local_cluster_gives_the_same_outputs_as_threads(
 
 def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkpoint) -> None:
     """The pipeline's profile reaches training and evaluation (they read the run config),
-    the run's data overrides reach validation, its inference settings reach evaluation, and
-    the report counts the nuclei of this run's images only."""
+    the run's data overrides reach validation and its inference settings reach evaluation."""
     from flows.common import run_config
-    from flows.pipeline import _inference, _nuclei, _with_profile
+    from flows.pipeline import _inference, _with_profile
     from flows.segment import inference_settings
     from mlseg.config import default_profiles_path, get_profile
     from mlseg.inventory import load_validate_config
@@ -625,12 +635,6 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     assert _inference(run) == {"tile_size": 96} and _inference(run_config(None)) is None
     merged = inference_settings(str(checkpoint), {"tile_size": 96})
     assert merged.tile_size == 96 and merged.auto_scale is False  # the model's own, kept
-    out = tmp_path / "quantify"
-    out.mkdir()
-    for stem, n in (("01", 2), ("renamed_since", 5)):
-        pd.DataFrame({"label": range(1, n + 1)}).to_parquet(out / f"{stem}_nuclei.parquet")
-    pd.DataFrame({"image": ["01"]}).to_csv(out / "summary.csv", index=False)
-    assert len(_nuclei(out, out / "summary.csv")) == 2  # "01", as GBM40 names its tiles
 
 
 @pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])

@@ -16,6 +16,7 @@ from mlseg.outputs import (
     outline_mask,
     overlay,
     polygons,
+    read_nuclei,
     to_geojson,
     write_image_outputs,
     write_run_outputs,
@@ -279,3 +280,14 @@ def test_a_run_where_every_image_failed_writes_a_readable_summary(tmp_path):
     paths = write_run_outputs(tmp_path, [], [], {"command": "segment"})
     table = pd.read_csv(paths["summary"])
     assert list(table.columns) == ["image"] and table.empty
+    nuclei = pd.read_parquet(paths["nuclei"])  # no image measured: no columns but the image's
+    assert list(nuclei.columns) == ["image"] and nuclei.empty
+
+
+def test_an_unreadable_image_table_is_named_not_silently_left_out(tmp_path):
+    labels = tricky_labels()
+    written, _ = _outputs(tmp_path, labels, np.full((*labels.shape, 3), 200, np.uint8))
+    (tmp_path / "img1_nuclei.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.warns(UserWarning, match=r"img1_nuclei.parquet: unreadable .* delete img1.json"):
+        table = read_nuclei(tmp_path, written)
+    assert table.empty

@@ -422,6 +422,45 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert json.loads((out / "a.json").read_text())["count"] == truth.max() - 1
 
 
+def _per_image_tables(out: Path) -> pd.DataFrame:
+    """The per-image tables of the images in ``summary.csv``, one after the other."""
+    stems = pd.read_csv(out / "summary.csv", dtype={"image": str})["image"]
+    tables = [pd.read_parquet(out / f"{stem}_nuclei.parquet") for stem in stems]
+    return pd.concat(tables, ignore_index=True)
+
+
+def test_one_table_holds_every_nucleus_of_the_folder(tmp_path):
+    """nuclei.parquet: the per-image tables of summary.csv's images, those skipped as done
+    included; microns and pixels both kept; an image without nuclei adds columns, no rows."""
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(80, 100)
+    for stem, labels in (("01", truth), ("b", truth), ("empty", np.zeros_like(truth))):
+        write_image(images / f"{stem}.png", image)
+        write_labels(masks / f"{stem}_mask.png", labels)
+    run = dict(profile_name="he", pixel_sizes={"01": 0.5}, progress=False)
+    assert len(quantify_folder(masks, images, out, **run).processed) == 3
+    write_labels(masks / "b_mask.png", np.where(truth == 1, 0, truth))  # a corrected mask
+    again = quantify_folder(masks, images, out, **run)
+    assert again.processed == ["b"] and again.skipped == ["01", "empty"]
+    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    pd.testing.assert_frame_equal(nuclei, _per_image_tables(out))
+    assert nuclei.columns[0] == "image" and set(nuclei["image"]) == {"01", "b"}  # "01" as text
+    assert (nuclei["image"] == "b").sum() == truth.max() - 1
+    in_microns = nuclei["image"] == "01"
+    assert nuclei["area_um2"].notna().eq(in_microns).all()
+    assert nuclei["area_px"].notna().eq(~in_microns).all()
+    # a rerun writes the same table; an image removed from the folder leaves it
+    quantify_folder(masks, images, out, **run)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "nuclei.parquet"), nuclei)
+    (images / "01.png").unlink()
+    (masks / "01_mask.png").unlink()
+    (images / "b.png").unlink()
+    (masks / "b_mask.png").unlink()
+    assert quantify_folder(masks, images, out, **{**run, "pixel_sizes": None}).skipped == ["empty"]
+    alone = pd.read_parquet(out / "nuclei.parquet")
+    assert alone.empty and {"image", "label", "area_px", "circularity"} <= set(alone.columns)
+
+
 def test_quantify_a_twelve_bit_camera_file_as_its_eight_bit_picture(tmp_path):
     """A 12-bit camera's 16-bit file: OD against 4095, recorded as the summary's full_scale."""
     image, truth = disc_image(60, 60)
