@@ -63,7 +63,8 @@ def test_unknown_config_key_exit_code(tmp_path, capsys):
 def test_a_usage_error_is_the_usage_and_the_mistake_not_a_traceback(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert says in err and "Try 'mlseg" in err
+    # click 8.1 names a missing argument by its metavar ('CONFIG'), later ones by its name
+    assert says.lower() in err.lower() and "Try 'mlseg" in err
     assert "Traceback" not in err
 
 
