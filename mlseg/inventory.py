@@ -91,7 +91,9 @@ from mlseg.io import (
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
 INVENTORY_VERSION = "1"
-FINGERPRINT_VERSION = "1"
+#: "2": a 16-bit image's intensities are fractions of its camera's full scale
+#: (:func:`mlseg.io.full_scale`), not of 65535; "1" may hold either.
+FINGERPRINT_VERSION = "2"
 
 #: Ruifrok & Johnston optical-density vectors (rows: haematoxylin, eosin, DAB), as skimage.
 RUIFROK_HED = ((0.650, 0.704, 0.286), (0.072, 0.990, 0.105), (0.268, 0.570, 0.776))

@@ -169,6 +169,14 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "stats" not in data:
         raise ConfigError(f"{path}: not an mlseg fingerprint (no 'stats'); run `mlseg validate`")
+    if data.get("version") == "1" and (data.get("dtype") or {}).get("uint16"):
+        # before version 2, mlseg took a 12-bit camera's 16-bit image as a 16-bit one: the
+        # same images then read 16x brighter than the fingerprint and drift everywhere
+        raise ConfigError(
+            f"{path}: a fingerprint of 16-bit images written by an older mlseg (version 1), "
+            "which may have measured their intensities against 65535 rather than their "
+            "camera's full scale; run `mlseg validate` on the training data again to rewrite it"
+        )
     return data
 
 

@@ -368,3 +368,21 @@ def test_a_small_batch_of_blurred_images_warns_on_blur(he_fingerprint: dict) -> 
     assert (table["laplacian_var"] < reference["min"] / 3).all()
     report = monitor.drift_report(table, he_fingerprint, MonitorConfig(min_images=5))
     assert report.status == "warn" and "laplacian_var (warn" in report.message
+
+
+def test_a_version_1_fingerprint_of_16_bit_images_is_refused(tmp_path, he_fingerprint) -> None:
+    """A fingerprint written before a 12-bit camera's 16-bit file was read against its full
+    scale (4095) measured its intensities against 65535: monitored by this version, the
+    very images it was taken from drifted on every statistic (PSI 1.5, mean_c0 0.67
+    against 0.042). It is refused, naming the fix; an 8-bit one still serves."""
+    import json
+
+    old = {**he_fingerprint, "version": "1", "dtype": {"uint16": 8}}
+    path = tmp_path / "fingerprint.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"fingerprint.json: .*older mlseg.*mlseg validate"):
+        monitor.load_fingerprint(path)
+    path.write_text(json.dumps({**old, "dtype": {"uint8": 8}}))
+    assert monitor.load_fingerprint(path)["version"] == "1"
+    path.write_text(json.dumps({**old, "version": he_fingerprint["version"]}))
+    assert monitor.load_fingerprint(path)["dtype"] == {"uint16": 8}
