@@ -89,6 +89,22 @@ def candidates(
     return [grid[i] for i in order]
 
 
+def _earlier_runs(path: Path) -> dict[int, dict[str, float]]:
+    """``{trial: {"images_per_s", "seconds"}}`` of the trials an earlier run of the search
+    in this folder trained (its ``tune_results.csv``): a rerun finds them finished and
+    trains nothing, and would record no throughput and the time of its check instead."""
+    if not path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(path, usecols=["trial", "images_per_s", "seconds"])
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}
+    return {
+        int(row.trial): {"images_per_s": row.images_per_s, "seconds": row.seconds}
+        for row in table.itertuples()
+    }
+
+
 def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
     """Refuse a search whose trials would hold back no validation image: they would be
     ranked by training loss alone, which favours the trial that overfits most."""
@@ -141,6 +157,7 @@ def tune(
     for data in {c.data for c in trial_cfgs}:  # before any trial trains
         _check_validation_split(data, data_root)
     rows = []
+    before = _earlier_runs(out / "tune_results.csv")
     iterator = enumerate(chosen)
     if progress:
         from tqdm.auto import tqdm
@@ -167,6 +184,9 @@ def tune(
                 f"seed to resume it. {error}"
             ) from None
         last_loss = result.history["train_loss"].iloc[-1] if len(result.history) else float("nan")
+        timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
+        if not np.isfinite(result.images_per_s):  # finished before: trained nothing this time
+            timing = before.get(i, timing)
         rows.append(
             {
                 "trial": i,
@@ -174,8 +194,7 @@ def tune(
                 "best_val_dice": result.best_val_dice,
                 "final_train_loss": float(last_loss),
                 "steps": result.steps,
-                "images_per_s": result.images_per_s,
-                "seconds": time.perf_counter() - t0,
+                **timing,
                 "out_dir": str(result.out_dir),
             }
         )

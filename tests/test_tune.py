@@ -83,6 +83,21 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
     assert best.train.lr == table.loc[0, "train.lr"]
     assert best.train.max_steps == 500 and best.train.encoder == "resnet18"  # budget not kept
     assert "preprocess" not in best.model_fields_set  # the profile's preprocessing still applies
+    # run again, the finished trials keep their throughput and time (were NaN and the check's)
+    again = tune(
+        cfg,
+        synth_dataset,
+        tmp_path,
+        trials=2,
+        budget_steps=1,
+        space=space,
+        method="grid",
+        progress=False,
+    )
+    for column in ("images_per_s", "seconds"):
+        assert again.set_index("trial")[column].to_dict() == pytest.approx(
+            table.set_index("trial")[column].to_dict()
+        )
     # the same folder with another search is refused, not reported as these trials
     with pytest.raises(ConfigError, match="another search") as error:
         tune(
