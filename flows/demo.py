@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=8, help="synthetic test images")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="train afresh in DIR/pipeline (a resume refuses another recipe or dataset)",
+    )
     args = parser.parse_args(argv)
     demo_dir = args.demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             config=str(args.config),
             registry=str(demo_dir / "registry"),
             progress=True,
+            resume=args.resume,
         )
     except MlsegError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -657,6 +657,28 @@ def test_flow_command_lines_explain_every_argument(module, monkeypatch):
     assert not unexplained, f"python -m {module}: no help for {unexplained}"
 
 
+def test_demo_command_line_trains_afresh_with_no_resume(tmp_path, monkeypatch, capsys):
+    """A demo folder of an older mlseg, whose flows/demo.yaml differed, is refused with
+    'pass --no-resume (the flows' parameter resume=false)', which python -m flows.demo
+    did not take."""
+    import flows.demo
+    import flows.pipeline
+    from mlseg.errors import ResumeError
+
+    (tmp_path / "dataset" / "train").mkdir(parents=True)
+    seen = []
+
+    def pipeline(*args, **kwargs):
+        seen.append(kwargs.get("resume", True))
+        raise ResumeError("refused")
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
+    monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
+    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
+    assert flows.demo.main([str(tmp_path)]) == flows.demo.main([str(tmp_path), "--no-resume"])
+    assert seen == [True, False]
+
+
 def test_segment_command_line_without_a_model_is_a_usage_error(tmp_path, capsys):
     """Neither --model nor --registry: one usage line, not the flow's traceback."""
     from flows.segment import main
