@@ -66,16 +66,8 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
     torch.set_num_threads(2)
     cfg = load_config(None, train=TINY)
     space = {"train.lr": [1e-3, 1e-12]}  # ranked by validation Dice
-    table = tune(
-        cfg,
-        synth_dataset,
-        tmp_path,
-        trials=2,
-        budget_steps=1,
-        space=space,
-        method="grid",
-        progress=False,
-    )
+    search = {"trials": 2, "budget_steps": 1, "space": space, "method": "grid", "progress": False}
+    table = tune(cfg, synth_dataset, tmp_path, **search)
     assert list(table["rank"]) == [1, 2] and set(table["train.lr"]) == {1e-3, 1e-12}
     assert table["best_val_dice"].is_monotonic_decreasing
     assert (tmp_path / "tune_results.csv").is_file()
@@ -84,16 +76,7 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
     assert best.train.max_steps == 500 and best.train.encoder == "resnet18"  # budget not kept
     assert "preprocess" not in best.model_fields_set  # the profile's preprocessing still applies
     # run again, the finished trials keep their throughput and time (were NaN and the check's)
-    again = tune(
-        cfg,
-        synth_dataset,
-        tmp_path,
-        trials=2,
-        budget_steps=1,
-        space=space,
-        method="grid",
-        progress=False,
-    )
+    again = tune(cfg, synth_dataset, tmp_path, **search)
     for column in ("images_per_s", "seconds"):
         assert again.set_index("trial")[column].to_dict() == pytest.approx(
             table.set_index("trial")[column].to_dict()
