@@ -86,11 +86,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as err:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+        interrupt = _interrupt(err)
+        if interrupt is not None and interrupt is not err:
+            # torch.save's zip writer, interrupted, raises its own RuntimeError on the way out
+            # ('unexpected pos'): Ctrl-C while a checkpoint was saved ended in its traceback
+            raise interrupt from None
         cause = _os_error(err)
         said = cannot_write(path, cause) if cause is not None else None
         if said is None:
             raise
         raise said from err
+
+
+def _interrupt(err: BaseException | None) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit behind ``err`` (itself or its context), if any."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _os_error(err: BaseException) -> OSError | None:

@@ -329,6 +329,19 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
+def test_atomic_path_ctrl_c_stays_an_interrupt_behind_a_writer_error(tmp_path):
+    # torch.save interrupted while writing last.state.pt raises RuntimeError('unexpected
+    # pos') on its way out: Ctrl-C during a checkpoint was a traceback and exit code 1
+    target = tmp_path / "last.state.pt"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        try:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_outputs_get_normal_permissions(tmp_path):
     import os
 
