@@ -210,3 +210,33 @@ def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
     assert main(["ingest", "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "contract (an mlseg dataset" in next(line for line in lines if "--layout" in line)
+
+
+def test_sigterm_removes_the_file_being_written_and_exits_143(tmp_path, monkeypatch, capsys):
+    """scancel and a SLURM job's time limit send SIGTERM: the file being written is removed,
+    as on Ctrl-C, not left as a temporary beside the outputs."""
+    import os
+    import signal
+    import time
+
+    import mlseg.dataset
+    from mlseg.io import atomic_path
+
+    def init_dataset(directory, cfg):
+        with atomic_path(directory / "README.md") as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once; a test that waits has failed
+
+    def default(signum, frame):  # Python's own would end pytest too
+        raise AssertionError("SIGTERM left to the default handler: the process ends at once")
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
+    before = signal.signal(signal.SIGTERM, default)
+    try:
+        assert main(["init", str(tmp_path / "ds")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is default
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "terminated\n"
+    assert list((tmp_path / "ds").iterdir()) == []

@@ -7,7 +7,9 @@ own warnings print as ``warning: ...`` lines, without Python's file and source l
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -37,6 +39,9 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         # Outside standalone mode Click returns the code of a ``typer.Exit`` instead of
         # raising it (``mlseg segment`` ends with 1 when an image failed).
@@ -49,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except OSError as err:
         if err.filename is None:  # not about a file: a bug to show whole
             raise
@@ -68,7 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     finally:
         warnings.formatwarning = formatwarning
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     return code if isinstance(code, int) else 0
+
+
+class _Terminated(SystemExit):
+    """SIGTERM (scancel, a SLURM job's time limit, docker stop) raised in the main thread,
+    so that the file being written is removed as on Ctrl-C; Python's default ended the
+    process at once and left its temporary (57 MB of a checkpoint's) in the output folder."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated(128 + signum)
 
 
 _PACKAGE = Path(__file__).resolve().parent.parent
