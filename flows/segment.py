@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -386,6 +385,7 @@ def segment_and_quantify(
     """
     import pandas as pd
 
+    from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import read_nuclei, write_run_outputs
     from mlseg.segment import (
@@ -415,7 +415,7 @@ def segment_and_quantify(
     saved = model_config(checkpoint)
     cfg = inference_settings(checkpoint, inference, saved)
     settings = runner_settings(task_runner, dask_address, workers)
-    threads = torch_threads or max(1, (os.cpu_count() or 1) // settings["workers"])
+    threads = torch_threads or max(1, usable_cpus() // settings["workers"])
     runner = make_task_runner(**settings)
     logger.info(
         "%d images from %s with %s, profile %s v%s, %s runner x%d, batches of %d",

@@ -553,8 +553,9 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
 
 
-def _cpu_count() -> int:
-    """Cores this process may use (the affinity mask in containers), at least 1."""
+def usable_cpus() -> int:
+    """Cores this process may use (the affinity mask of a container, ``taskset`` or a SLURM
+    job's allocation, not the node's count), at least 1."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
@@ -585,7 +586,7 @@ def _read_all(
     Items go to the workers in chunks; each worker holds one decoded file at a time and
     sends back only its small row, so memory does not grow with the dataset.
     """
-    n_workers = min(workers or _cpu_count(), max(1, len(items)))
+    n_workers = min(workers or usable_cpus(), max(1, len(items)))
     pool: Executor | None = None
     if n_workers == 1 or len(items) < MIN_FILES_FOR_WORKERS:
         results: Iterable[dict[str, Any]] = map(worker, items)

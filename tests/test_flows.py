@@ -244,6 +244,25 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
 
 
+def test_segment_flow_torch_threads_count_the_cpus_the_job_may_use(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A job allowed 2 of a node's 64 cores (taskset, a SLURM allocation) runs its 2 workers
+    on 1 torch thread each, not 32 each on those 2 cores."""
+    import os
+
+    import torch
+
+    threads = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    disc_images(tmp_path / "inbox", 2)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint, batch_size=1)
+    assert state.is_completed(), state.message
+    assert threads == [1, 1]
+
+
 def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
     harness, tmp_path, checkpoint
 ) -> None:
