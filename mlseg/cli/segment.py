@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -41,7 +42,13 @@ UnitsOpt = Annotated[
         "--units", help="auto: microns when a pixel size is known; um: require one; px: pixels."
     ),
 ]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show a progress bar (default: when stderr is a terminal, not a job's log file).",
+    ),
+]
 
 
 def _report(result, verb: str) -> None:
@@ -123,7 +130,7 @@ def segment(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Segment nuclei in every image, measure each one, write tables, overlays and GeoJSON."""
     from mlseg.config import InferenceConfig, parse
@@ -156,7 +163,7 @@ def segment(
         profile_name=profile,
         profiles_file=profiles,
         inference_cfg=cfg,
-        progress=progress,
+        progress=sys.stderr.isatty() if progress is None else progress,
         pixel_size_um=pixel_size,
         pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
@@ -175,7 +182,7 @@ def quantify(
     pixel_size: PixelOpt = None,
     pixel_sizes: SizesOpt = None,
     units: UnitsOpt = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Measure nuclei of existing masks (no model): tables, overlays, GeoJSON, summary."""
     from mlseg.segment import quantify_folder
@@ -189,7 +196,7 @@ def quantify(
         pixel_size_um=pixel_size,
         pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
-        progress=progress,
+        progress=sys.stderr.isatty() if progress is None else progress,
     )
     _report(result, "quantified")
 

@@ -115,8 +115,9 @@ def evaluate(
     if profiles is not None:  # the run's profiles_file may not be where it was trained
         profile = get_profile(profile or saved_config(folder).profile, profiles)
     out = out or folder / f"eval_{split}"
+    progress = not quiet and sys.stderr.isatty()  # a bar per image fills a job's log
     result = run_evaluate(
-        model, data, out, split=split, profile=profile, inference_cfg=inference, progress=not quiet
+        model, data, out, split=split, profile=profile, inference_cfg=inference, progress=progress
     )
     m = result.means
     relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
