@@ -249,8 +249,11 @@ def test_runs_ending_together_keep_every_history_row(tmp_path) -> None:
     assert len(monitor.read_history(history)) == 120
 
 
-def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsys) -> None:
+def test_monitor_command_exit_code_follows_drift(
+    tmp_path, he_fingerprint, capsys, monkeypatch
+) -> None:
     import json
+    import sys
 
     from mlseg.cli import main
     from mlseg.io import write_image
@@ -262,9 +265,11 @@ def test_monitor_command_exit_code_follows_drift(tmp_path, he_fingerprint, capsy
         write_image(tmp_path / "dark" / f"{i}.png", (image * 0.4).astype(np.uint8))
     args = ["--fingerprint", str(fingerprint_file)]
     assert main(["monitor", str(tmp_path / "same"), *args]) == 0
-    shown = capsys.readouterr()
-    assert "OK: no drift" in shown.out
-    assert "reading:" in shown.err and "/8 " in shown.err  # a bar: large images take minutes
+    assert "OK: no drift" in capsys.readouterr().out
+    with monkeypatch.context() as terminal:  # a bar on a terminal: large images take minutes
+        terminal.setattr(sys.stderr, "isatty", lambda: True)
+        assert main(["monitor", str(tmp_path / "same"), *args]) == 0
+        assert "reading:" in capsys.readouterr().err
     assert main(["monitor", str(tmp_path / "dark"), *args, "--out", str(tmp_path / "d.csv")]) == 1
     assert "error:" in capsys.readouterr().err
     assert (tmp_path / "d.csv").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -112,7 +113,7 @@ def monitor_cmd(
         )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
-    new = image_stats_table(list_new_images(images), progress=True)
+    new = image_stats_table(list_new_images(images), progress=sys.stderr.isatty())
     report = drift_report(new, reference, cfg)
     if out is not None:
         write_table(report.table, out)
