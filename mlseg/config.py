@@ -9,6 +9,7 @@ with the config that made it (``model_dump_json``), so any output can be reprodu
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -535,12 +536,30 @@ class Config(Strict):
     profiles_file: Path | None = None
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _keys_beside(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys ``model`` takes where ``loc`` (a key's path) ends; none past a free-form part
+    (a profile's name, a list)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'; remove it or check its spelling")
+            near = difflib.get_close_matches(str(item["loc"][-1]), _keys_beside(model, item["loc"]))
+            meant = (
+                f"did you mean '{'.'.join([*map(str, item['loc'][:-1]), near[0]])}'? "
+                if near
+                else ""
+            )
+            lines.append(f"{source}: unknown key '{key}'; {meant}remove it or check its spelling")
         else:
             lines.append(f"{source}: bad value for '{key}': {item['msg']}")
     return "\n".join(lines)
@@ -614,7 +633,7 @@ def parse(model: type[Strict], data: Any, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, model)) from None
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:

@@ -72,8 +72,22 @@ def test_patch_shares_over_one_are_refused(tmp_path):
 
 def test_unknown_top_level_section(tmp_path):
     path = write(tmp_path / "bad.yaml", "trainer: {}\n")
-    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+    with pytest.raises(ConfigError, match="unknown key 'trainer'; did you mean 'train'?"):
         load_config(path)
+
+
+def test_a_misspelt_key_is_refused_with_the_nearest_one(tmp_path):
+    """A misspelt key was refused by name alone, leaving the user to look the spelling up."""
+    path = write(tmp_path / "bad.yaml", "train:\n  max_stpes: 5\n  zzz: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    said = str(err.value).splitlines()
+    assert "unknown key 'train.max_stpes'; did you mean 'train.max_steps'?" in said[0]
+    assert said[1].endswith("unknown key 'train.zzz'; remove it or check its spelling")
+    with pytest.raises(
+        ConfigError, match=r"'lab'\): unknown key 'pixel_size_mu'; did you mean 'pi"
+    ):
+        load_profiles(write(tmp_path / "p.yaml", "profiles:\n  lab: {pixel_size_mu: 0.5}\n"))
 
 
 def test_missing_and_malformed_files(tmp_path):
