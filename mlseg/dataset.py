@@ -107,9 +107,7 @@ def is_hidden(name: str) -> bool:
 
 
 def is_image_file(path: Path) -> bool:
-    return (
-        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    )
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
 #: What becomes of the entries :func:`named_as_images_but_not_files` names, and the fix.
@@ -125,7 +123,7 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
     is not mounted), a link loop, a folder or a pipe named ``x.png``."""
     found = []
     for path in sorted(Path(folder).iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if is_hidden(path.name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         if path.is_file():
             continue

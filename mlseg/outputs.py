@@ -515,7 +515,7 @@ def write_run_outputs(
             pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
         ),
         "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE),
-        "histograms": plot_histograms([nuclei], out_dir / "histograms.png"),
+        "histograms": plot_histograms(nuclei, out_dir / "histograms.png"),
         "run": write_text(out_dir / "run.json", dumps(run_info)),
     }
     return paths
@@ -537,15 +537,12 @@ def histogram_columns(columns: list[str]) -> list[str]:
     ]
 
 
-def plot_histograms(tables: list[pd.DataFrame], path: str | Path) -> Path:
-    """Histograms of the main measurements over all nuclei of ``tables`` (PNG)."""
+def plot_histograms(nuclei: pd.DataFrame, path: str | Path) -> Path:
+    """Histograms of the main measurements over all ``nuclei`` of a run (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    frames = [t for t in tables if len(t)]
-    data = pd.DataFrame()
-    if frames:  # one table (a run's) drawn as it is, not copied
-        data = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    data = nuclei if len(nuclei) else pd.DataFrame()  # no rows: "no nuclei"
     columns = histogram_columns(list(data.columns))
     n = max(1, len(columns))
     ncols = min(3, n)

@@ -222,7 +222,7 @@ def test_histograms_with_no_or_few_nuclei(tmp_path, n):
     from mlseg.outputs import plot_histograms
 
     table = pd.DataFrame({"area_px": np.arange(n, dtype=float), "circularity": np.ones(n)})
-    assert plot_histograms([table], tmp_path / "h.png").is_file()
+    assert plot_histograms(table, tmp_path / "h.png").is_file()
 
 
 def test_histograms_show_the_profiles_stains_not_the_residual():
