@@ -469,14 +469,24 @@ def mask_to_labels(mask: np.ndarray, kind: str = "auto") -> np.ndarray:
     """Turn a binary or instance mask into ``(H, W) int32`` instance labels.
 
     Binary masks are split into connected components (8-connectivity), which is the best
-    available guess; touching nuclei in a binary mask stay merged.
+    available guess; touching nuclei in a binary mask stay merged. A mask of one value in
+    one piece keeps that value as its id unless it is a binary export's (255, 65535): one
+    nucleus of an instance mask (a tile cut from a slide's label image) keeps its id, as
+    it does beside another nucleus.
     """
     from skimage.measure import label
+
+    from mlseg.inventory import BINARY_EXPORT_VALUES
 
     if kind == "auto":
         kind = mask_kind(mask)
     if kind == "binary":
-        return label(mask > 0, connectivity=2).astype(np.int32)
+        labels = label(mask > 0, connectivity=2).astype(np.int32)
+        top = int(mask.max(initial=0))
+        one_id = labels.max() == 1 and not ((mask != 0) & (mask != top)).any()
+        if one_id and top not in BINARY_EXPORT_VALUES:
+            return mask.astype(np.int32)
+        return labels
     return mask.astype(np.int32)
 
 

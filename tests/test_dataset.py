@@ -153,6 +153,19 @@ def test_mask_kinds_and_labels():
     assert set(np.unique(mask_to_labels(inst))) == {0, 7, 255}
 
 
+def test_one_nucleus_keeps_its_id():
+    """A tile of a slide's label image (global ids) holding one nucleus is measured under
+    that nucleus's id, as a tile holding two is; a binary export's one blob is nucleus 1."""
+    one = np.zeros((10, 10), np.uint32)
+    one[2:6, 2:6] = 123458
+    assert set(np.unique(mask_to_labels(one))) == {0, 123458}
+    for export in (255, 65535):
+        assert set(np.unique(mask_to_labels(np.where(one > 0, export, 0)))) == {0, 1}
+    two_pieces = one.copy()
+    two_pieces[8:, 8:] = 123458  # one value in two pieces: a binary mask's two nuclei
+    assert set(np.unique(mask_to_labels(two_pieces))) == {0, 1, 2}
+
+
 @pytest.mark.parametrize(
     "mask_name", ["x_mask.tif", "x_mask.ome.tif", "x.ome_mask.tif", "x_mask.OME.TIFF"]
 )
