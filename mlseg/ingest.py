@@ -5,7 +5,8 @@ Recognised sources (``layout="auto"`` detects them in this order):
 - ``contract``: already ``{train,test}/{original,masks}`` - splits are kept, and the
   pixel sizes of its ``manifest.csv``.
 - ``nnunet``: nnU-Net raw dataset, ``imagesTr/<case>_0000.<ext>`` + ``labelsTr/<case>.<ext>``
-  (``imagesTs``/``labelsTs`` become the test split when labelled).
+  (labelled ``imagesTs``/``labelsTs`` become the test split and ``imagesTr`` the training
+  split, whatever the test fraction).
 - ``flat``: ``original/<stem>.<ext>`` + ``masks/<stem>_mask.<ext>`` (as ``../shared/data/*``).
 - ``cellpose``: one folder of ``<stem>.tif`` + ``<stem>_masks.tif``.
 - ``dsb``: one folder per image, ``<stem>/images/<stem>.png`` + ``<stem>/masks/*.png`` with one
@@ -29,7 +30,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,8 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
                 problems,
                 f"{src / lbl_dir}/{{stem}}.png",
             )
+        if any(item.split == "test" for item in items):  # nnU-Net's own split, kept
+            items = [replace(item, split=item.split or "train") for item in items]
     elif layout == "dsb":
         for case in sorted(p for p in src.iterdir() if p.is_dir() and not is_hidden(p.name)):
             images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]

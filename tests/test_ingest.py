@@ -92,17 +92,23 @@ def test_split_is_deterministic_and_seeded():
 def test_nnunet_layout(tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "Dataset001_Nuclei"
-    for i in range(3):
+    for i in range(5):
         img, lab = disk_pair(rng)
         write_image(src / "imagesTr" / f"case{i}_0000.png", img)
         write_image(src / "labelsTr" / f"case{i}.png", lab)
     img, lab = disk_pair(rng)
     write_image(src / "imagesTs" / "held_0000.png", img)
     write_image(src / "labelsTs" / "held.png", lab)
-    result = ingest(src, tmp_path / "ds", test_fraction=0.0, progress=False)
+    # the default test fraction: a labelled imagesTs is the test split, imagesTr all train
+    result = ingest(src, tmp_path / "ds", progress=False)
     assert result.layout == "nnunet"
     assert [p.stem for p in list_pairs(tmp_path / "ds", "test")] == ["held"]
-    assert len(list_pairs(tmp_path / "ds", "train")) == 3
+    assert len(list_pairs(tmp_path / "ds", "train")) == 5
+    # without labels for imagesTs the training cases are split as any unsplit source
+    shutil.rmtree(src / "labelsTs")
+    ingest(src, tmp_path / "ds2", progress=False)
+    assert [p.stem for p in list_pairs(tmp_path / "ds2", "test")] != ["held"]
+    assert len(list_pairs(tmp_path / "ds2", "train")) == 4
 
 
 def test_cellpose_layout_with_tiff(tmp_path):

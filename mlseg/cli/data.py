@@ -52,7 +52,8 @@ def ingest(
     test_fraction: Annotated[
         float,
         typer.Option(
-            help="Share of images put in the test split (an mlseg dataset keeps its own)."
+            help="Share of images put in the test split (an mlseg dataset, or nnU-Net's with "
+            "labelled imagesTs, keeps its own)."
         ),
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
