@@ -12,6 +12,7 @@ from mlseg.config import get_profile
 from mlseg.io import read_image
 from mlseg.outputs import (
     IHC_CLASSES,
+    geojson_text,
     image_done,
     outline_mask,
     overlay,
@@ -125,6 +126,38 @@ def test_geojson_matches_qupath_reader():
     assert by_label[7]["properties"]["classification"]["name"] != "Negative"
     assert by_label[1]["properties"]["classification"]["name"] == "Negative"
     assert "area_um2" in by_label[1]["properties"]["measurements"]
+
+
+def test_geojson_measurements_are_every_numeric_value_of_the_row():
+    """Read column by column, each feature holds what its row holds: integers and booleans
+    as ints, finite floats as floats, no NaN, inf or missing value, no text; and the text
+    written is the collection's, byte for byte."""
+    labels = tricky_labels()
+    table = measure(labels, None, get_profile("ihc"), pixel_size_um=None)
+    n = len(table)
+    table["ihc_class"] = np.arange(n) % 5  # 4 is clipped to 3+
+    table["flag"] = np.arange(n) % 2 == 0
+    table["odd"] = [(0.5 * i, np.nan, -np.inf)[i % 3] for i in range(n)]
+    table["count"] = pd.array([None, *range(1, n)], dtype="Int64")
+    table["note"] = "x"
+    meta = {"profile": "ihc"}
+    collection = to_geojson(labels, table, pixel_size_um=0.5, properties=meta)
+    by_label = {f["properties"]["name"]: f["properties"] for f in collection["features"]}
+    for record in table.to_dict(orient="records"):
+        props = by_label[f"nucleus {record['label']}"]
+        expected = {}
+        for key, value in record.items():
+            if key == "note" or pd.isna(value) or not np.isfinite(float(value)):
+                continue
+            expected[key] = int(value) if isinstance(value, (bool, int)) else float(value)
+        assert props["measurements"] == expected
+        assert list(props["measurements"]) == list(expected)  # in the table's order
+        for value in props["measurements"].values():
+            assert type(value) in (int, float)
+        name = IHC_CLASSES[min(int(record["ihc_class"]), 3)][0]
+        assert props["classification"]["name"] == name
+    text = geojson_text(labels, table, pixel_size_um=0.5, properties=meta)
+    assert text == json.dumps(collection, separators=(",", ":"))
 
 
 def test_overlay_outlines_and_ihc_colours():
