@@ -129,6 +129,40 @@ def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> Non
         )
 
 
+def image_array(image: Any) -> np.ndarray:
+    """``image`` as :func:`predict_labels` takes it, or :class:`ValueError` saying what it is
+    and the fix: one ``(H, W)`` or ``(H, W, C)`` array, channels last, uint8/uint16 as stored
+    or float in [0, 1]. A PIL image or a CPU tensor is taken as its array. A float image of
+    0-255 or an int64 one reached the network far outside the [0, 1] it learnt on and gave
+    one 'nucleus' where the same image in uint8 gave 17, with no error."""
+    array = np.asarray(image)
+    shape = tuple(array.shape)
+    if array.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] > 4:
+        raise ValueError(
+            f"expected an (H, W) or (H, W, C) image, got shape {shape}: channels first? "
+            "use np.moveaxis(image, 0, -1)"
+        )
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"expected one (H, W) or (H, W, C) image, got shape {shape}; segment a stack "
+            "plane by plane"
+        )
+    if array.dtype in (np.uint8, np.uint16):
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low >= 0.0 and high <= 1.0:  # NaN fails both
+            return array
+        raise ValueError(
+            f"a float image must hold values in [0, 1], got {low:g} to {high:g}; divide an "
+            "8-bit image's values by 255"
+        )
+    raise ValueError(
+        f"expected a uint8 or uint16 image (or float in [0, 1]), got {array.dtype}; convert "
+        "it, e.g. image.astype(np.uint8) where it holds 0-255"
+    )
+
+
 def warn_if_not_stain_normalised(
     image: np.ndarray, preprocess: PreprocessConfig, profile: Profile, path: Path | str
 ):
@@ -169,6 +203,11 @@ def predict_labels(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one image: ``(H, W, C)`` uint8/uint16 -> ``((H, W) int32 labels, probs)``.
 
+    ``image`` as :func:`mlseg.io.read_image` gives it (:func:`image_array` says what else is
+    taken): channels last, in RGB order. OpenCV's ``cv2.imread`` gives BGR; convert it with
+    ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``, since nothing in the pixels tells the two apart
+    and an H&E tile in BGR gave 9 nuclei, none of them on one of its 20.
+
     ``loaded``: a :class:`mlseg.model.LoadedModel`. With ``auto_scale`` (the default) the
     image is brought to the model's scale first: when both the image's and the model's
     pixel sizes are known, by their ratio; otherwise, when the model records the nucleus
@@ -204,6 +243,7 @@ def predict_labels_scaled(
     from mlseg.instances import area_limits_px, filter_sizes
     from mlseg.scale import META_KEY, ScaleEstimate, auto_scale, statistic_of
 
+    image = image_array(image)
     cfg = inference_cfg or loaded.config.inference
     if device is None:
         device = _model_device(loaded.model)

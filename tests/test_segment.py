@@ -89,6 +89,28 @@ def test_predict_labels_counts_every_disc(oracle):
     assert labels.max() == truth.max()
 
 
+def test_an_array_in_another_convention_is_refused_not_segmented_to_nothing(oracle):
+    """A notebook's arrays: float 0-255, int64, channels first or a stack are refused with
+    the fix named; float in [0, 1], a PIL image and a tensor give the uint8 image's labels."""
+    from PIL import Image
+
+    image, truth = disc_image(64, 64)
+    cfg = oracle.config.inference
+    refused = {
+        "divide": image.astype(np.float32),
+        "astype": image.astype(np.int64),
+        "moveaxis": np.moveaxis(image, -1, 0),
+        "plane by plane": np.stack([image, image]),
+    }
+    for fix, array in refused.items():
+        with pytest.raises(ValueError, match=fix):
+            predict_labels(oracle, array, HE, cfg)
+    expected = predict_labels(oracle, image, HE, cfg)[0]
+    assert expected.max() == truth.max()
+    for taken in (image / 255.0, Image.fromarray(image), torch.from_numpy(image)):
+        assert np.array_equal(predict_labels(oracle, taken, HE, cfg)[0], expected)
+
+
 def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
     """On by default for Macenko-normalised H&E and IHC, in the stains they were normalised
     to; off for fluorescence, without stain normalisation (the haematoxylin direction is
