@@ -75,16 +75,32 @@ MAIN_MEASUREMENTS = (
 )
 
 
+def microns_per_pixel(pixel_size_um: object) -> float | None:
+    """``pixel_size_um`` as a float (``None``: unknown), or :class:`ConfigError` unless it is
+    one positive, finite number (``"0.25"`` is taken, as a table or sidecar gives it)."""
+    if pixel_size_um is None:
+        return None
+    try:
+        um = float(pixel_size_um)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        um = float("nan")
+    if not (um > 0 and np.isfinite(um)):
+        hint = "; pixels are square: give one number" if isinstance(pixel_size_um, tuple) else ""
+        raise ConfigError(
+            f"pixel size must be a positive number of microns, got {pixel_size_um!r}{hint}"
+        )
+    return um
+
+
 def effective_pixel_size(profile: Profile, pixel_size_um: float | None) -> float | None:
     """The pixel size measurements use: ``None`` means pixel units.
 
     ``units: px`` ignores any pixel size; ``units: um`` without one raises
-    :class:`ConfigError`.
+    :class:`ConfigError`, and so does a pixel size that is no positive number.
     """
     if profile.units == "px":
         return None
-    if pixel_size_um is not None and not (pixel_size_um > 0 and np.isfinite(pixel_size_um)):
-        raise ConfigError(f"pixel size must be a positive number of microns, got {pixel_size_um}")
+    pixel_size_um = microns_per_pixel(pixel_size_um)
     if profile.units == "um" and pixel_size_um is None:
         raise ConfigError(
             f"profile {profile.name!r} asks for micron units but no pixel size is known; set "

@@ -94,7 +94,13 @@ from mlseg.pixel_size import (
     sidecar_path,
 )
 from mlseg.preprocess import ESTIMATE
-from mlseg.quantify import effective_pixel_size, measure, summarize, tissue_fraction
+from mlseg.quantify import (
+    effective_pixel_size,
+    measure,
+    microns_per_pixel,
+    summarize,
+    tissue_fraction,
+)
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 
@@ -244,6 +250,7 @@ def predict_labels_scaled(
     from mlseg.scale import META_KEY, ScaleEstimate, auto_scale, statistic_of
 
     image = image_array(image)
+    pixel_size_um = microns_per_pixel(pixel_size_um)
     cfg = inference_cfg or loaded.config.inference
     if device is None:
         device = _model_device(loaded.model)

@@ -111,6 +111,22 @@ def test_an_array_in_another_convention_is_refused_not_segmented_to_nothing(orac
         assert np.array_equal(predict_labels(oracle, taken, HE, cfg)[0], expected)
 
 
+def test_a_pixel_size_that_is_no_number_is_refused_by_name(oracle):
+    """NaN, a tuple or a word failed deep inside (cannot convert float NaN to integer, '>'
+    not supported between str and int); a number written as text is taken."""
+    from mlseg.segment import quantify_image
+
+    image, truth = disc_image(64, 64)
+    cfg = oracle.config.inference
+    for bad in (float("nan"), (0.5, 0.5), "half", 0):
+        with pytest.raises(ConfigError, match="positive number of microns"):
+            predict_labels(oracle, image, HE, cfg, pixel_size_um=bad)
+        with pytest.raises(ConfigError, match="positive number of microns"):
+            quantify_image(image, truth, HE, pixel_size_um=bad)
+    as_text = quantify_image(image, truth, HE, pixel_size_um="0.5")[1]
+    assert as_text == quantify_image(image, truth, HE, pixel_size_um=0.5)[1]
+
+
 def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
     """On by default for Macenko-normalised H&E and IHC, in the stains they were normalised
     to; off for fluorescence, without stain normalisation (the haematoxylin direction is
