@@ -49,6 +49,33 @@ def retry_on_transient_io(task, task_run, state) -> bool:
     return is_transient(exc if isinstance(exc, BaseException) else None)
 
 
+def log_warnings() -> None:
+    """Python warnings raised in a flow or task run go to its Prefect log too, at WARNING.
+
+    mlseg says what a person should know (a pixel size ignored, a table that names none of
+    the images) with :func:`warnings.warn`, which Prefect does not record: a deployed run's
+    warnings reached only the worker's stderr, never the run's logs in the dashboard. Call it
+    at the start of each flow and of each task that may run in another process (Dask);
+    once per process is enough.
+    """
+    import warnings
+
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_run_logger
+
+    shown = warnings.showwarning
+    if getattr(shown, "to_run_log", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        shown(message, category, filename, lineno, file, line)
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            get_run_logger().warning("%s: %s", category.__name__, message)
+
+    showwarning.to_run_log = True
+    warnings.showwarning = showwarning
+
+
 def data_path(path: str | Path) -> Path:
     """A path parameter as the flow sees it: absolute as given; relative ones under
     ``MLSEG_DATA_DIR`` when that is set (deployed workers: ``/data``), else the current folder.

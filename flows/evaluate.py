@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path
+from flows.common import data_path, log_warnings
 
 
 @task(name="evaluate", task_run_name="evaluate {split}")
@@ -61,6 +61,7 @@ def evaluate_model(
     """
     import pandas as pd
 
+    log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     model, data_root, out_dir = (str(data_path(p)) for p in (model, data_root, out_dir))
     result = evaluate_task(model, data_root, out_dir, split, profile, inference)

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, retry_on_transient_io, run_config
+from flows.common import data_path, log_warnings, retry_on_transient_io, run_config
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -35,6 +35,7 @@ def image_stats_task(paths: list[str]) -> list[dict[str, Any]]:
     """Statistics of a batch of images (one dict per image)."""
     from mlseg.monitor import image_stats_table
 
+    log_warnings()  # on a Dask worker too
     return image_stats_table(paths).to_dict(orient="records")
 
 
@@ -60,6 +61,7 @@ def monitor(
     from mlseg.io import write_table, write_text
     from mlseg.monitor import DriftDetected, drift_report, list_new_images, load_fingerprint
 
+    log_warnings()
     logger = get_run_logger()
     cfg = run_config(config, overrides).monitor
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data

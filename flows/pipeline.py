@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts
-from flows.common import data_path, resolve_profile, run_config
+from flows.common import data_path, log_warnings, resolve_profile, run_config
 from flows.evaluate import evaluate_model, evaluate_task
 from flows.monitor import monitor
 from flows.runners import add_runner_arguments
@@ -201,6 +201,7 @@ def pipeline(
     from mlseg.evaluate import SCORES
     from mlseg.report import pipeline_report
 
+    log_warnings()
     logger = get_run_logger()
     root, work = data_path(data_root), data_path(work_dir)
     registry = registry or str(work / "registry")

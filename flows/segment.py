@@ -31,7 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, resolve_profile, retry_on_transient_io
+from flows.common import data_path, log_warnings, resolve_profile, retry_on_transient_io
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 
 TIMING_KEYS = ("seconds",)
@@ -165,6 +165,7 @@ def segment_batch(
     from mlseg.io import image_stem
     from mlseg.outputs import image_done
 
+    log_warnings()  # on a Dask worker too
     if torch_threads:
         import torch
 
@@ -396,6 +397,7 @@ def segment_and_quantify(
         own_pixel_sizes,
     )
 
+    log_warnings()
     logger = get_run_logger()
     started = time.perf_counter()
     src, out = data_path(input_dir), data_path(out_dir)

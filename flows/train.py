@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, run_config
+from flows.common import data_path, log_warnings, run_config
 
 
 @task(name="fit", task_run_name="fit {out_dir}")
@@ -68,6 +68,7 @@ def train_model(
 
     from mlseg.train import describe
 
+    log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
     if fingerprint_hash is None and validate_data:

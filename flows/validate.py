@@ -24,7 +24,7 @@ from expectations.runner import (
     write_report,
 )
 from flows import artifacts
-from flows.common import data_path
+from flows.common import data_path, log_warnings
 from mlseg.dataset import train_fingerprint
 from mlseg.errors import ValidationFailed
 from mlseg.inventory import (
@@ -118,6 +118,7 @@ def validate_dataset_flow(
     :class:`ValidationFailed` on any error-level failure, or when the training images or masks
     changed while they were checked.
     """
+    log_warnings()
     cfg = load_validate_config(
         data_path(config) if config else None,
         mask_kind=mask_kind,

@@ -77,3 +77,21 @@ def artifact_rows(flow_run_id, key: str) -> list[dict]:
 
     data = flow_artifacts(flow_run_id)[key].data
     return json.loads(data) if isinstance(data, str) else data
+
+
+def flow_logs(flow_run_id, level: int = 0) -> list[str]:
+    """The messages one flow run (its tasks included) logged at ``level`` or above, as the
+    dashboard shows them, read back from the Prefect server once every log is sent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                level=LogFilterLevel(ge_=level),
+            )
+        )
+    return [log.message for log in found]

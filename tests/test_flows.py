@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flow_helpers import artifact_rows, disc_images, flow_artifacts, tiny_checkpoint
+from flow_helpers import artifact_rows, disc_images, flow_artifacts, flow_logs, tiny_checkpoint
 
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
@@ -555,6 +555,24 @@ def test_one_pixel_size_beside_a_table_warns_as_segment_does(harness, tmp_path, 
             pixel_sizes={"img_000.png": 0.25},
         )
     assert state.is_completed(), state.message
+
+
+def test_mlseg_warnings_are_in_the_run_log(harness, tmp_path, checkpoint) -> None:
+    """What mlseg warns of reaches the run's logs, which the dashboard shows, from the flow
+    (a pixel-size table naming none of the images) and from a batch task (a sidecar's
+    implausible size, ignored); a deployed run's warnings went to the worker's stderr only."""
+    import logging
+
+    disc_images(tmp_path / "inbox", 1)
+    (tmp_path / "inbox" / "img_000.json").write_text(json.dumps({"pixel_size_um": 50}))
+    with pytest.warns(UserWarning):
+        state = _segment(
+            tmp_path / "inbox", tmp_path / "out", checkpoint, pixel_sizes={"other": 0.5}
+        )
+    assert state.is_completed(), state.message
+    warned = flow_logs(state.state_details.flow_run_id, logging.WARNING)
+    assert any("names none of these 1 images" in m for m in warned), warned
+    assert any("img_000.png (50 um)" in m for m in warned), warned
 
 
 def test_micron_units_no_image_can_have_fail_the_flow_before_any_work(
