@@ -39,7 +39,10 @@ def table(key: str, data: pd.DataFrame | Mapping[str, Any], description: str = "
     if not _in_run():
         return
     if isinstance(data, Mapping):
-        frame = pd.DataFrame({"name": list(data.keys()), "value": [str(v) for v in data.values()]})
+        # a number stays one, rounded and blank where missing as in every other table (as
+        # text it read 1.5079083829987212 s and 'nan'); other values as text
+        values = [v if isinstance(v, float) else str(v) for v in data.values()]
+        frame = pd.DataFrame({"name": list(data.keys()), "value": values}, dtype=object)
     else:
         frame = data
     if len(frame) > MAX_TABLE_ROWS:

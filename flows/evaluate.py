@@ -76,7 +76,7 @@ def evaluate_model(
     )
     artifacts.table(
         "evaluation-means",
-        {k: f"{v:.4f}" for k, v in means.items()},
+        means,
         f"means over {result['n_images']} {split} images (eval set {result['eval_set_id']})",
     )
     per_image = pd.read_csv(result["per_image_csv"], dtype={"stem": str})  # "01" is not 1

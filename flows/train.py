@@ -87,7 +87,7 @@ def train_model(
         artifacts.table(
             "training-history",
             pd.read_csv(history),
-            f"one row per validation epoch; best validation Dice {dice}",
+            f"one row per validation epoch; {done}",
         )
     if Path(result["curves_png"]).is_file():
         artifacts.link("training-curves", result["curves_png"], "training curves (PNG)")

@@ -575,6 +575,49 @@ def test_mlseg_warnings_are_in_the_run_log(harness, tmp_path, checkpoint) -> Non
     assert any("img_000.png (50 um)" in m for m in warned), warned
 
 
+def test_name_value_artifacts_show_numbers_rounded_and_a_missing_one_blank(harness) -> None:
+    """The run metrics, evaluation means and model decision read 1.5079083829987212 and
+    'nan' in the dashboard, where every other table rounds and leaves a missing number blank."""
+    from prefect import flow
+
+    from flows import artifacts
+
+    @flow
+    def publish() -> None:
+        values = {"seconds": 1.5079083829987212, "psi": float("nan"), "lr": 3e-05}
+        artifacts.table("numbers", {**values, "images": 3, "champion": None})
+
+    state = publish(return_state=True)
+    rows = artifact_rows(state.state_details.flow_run_id, "numbers")
+    shown = {row["name"]: row["value"] for row in rows}
+    assert shown == {"seconds": 1.5079, "psi": None, "lr": 3e-05, "images": "3", "champion": "None"}
+
+
+def test_training_history_artifact_gives_the_best_dice_rounded(
+    harness, tmp_path, monkeypatch
+) -> None:
+    import flows.train as module
+
+    history = tmp_path / "history.csv"
+    pd.DataFrame({"step": [2], "val_dice": [0.3533]}).to_csv(history, index=False)
+    result = {
+        "checkpoint": str(tmp_path / "best.safetensors"),
+        "checkpoint_dir": str(tmp_path),
+        "best_val_dice": 0.3533359652585867,
+        "steps": 2,
+        "images_per_s": 8.7,
+        "history_csv": str(history),
+        "curves_png": str(tmp_path / "training_curves.png"),
+        "out_dir": str(tmp_path),
+    }
+    monkeypatch.setattr(module, "fit_task", lambda *args: result)
+    state = module.train_model(
+        str(tmp_path), str(tmp_path / "run"), fingerprint_hash="x", return_state=True
+    )
+    found = flow_artifacts(state.state_details.flow_run_id)
+    assert found["training-history"].description.endswith("best validation Dice 0.3533")
+
+
 def test_micron_units_no_image_can_have_fail_the_flow_before_any_work(
     harness, tmp_path, checkpoint
 ) -> None:
