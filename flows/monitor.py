@@ -11,6 +11,7 @@ without images (a week without new slides) is nothing to compare, not a failure.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,10 @@ def monitor(
     artifacts.outputs(
         "monitor-outputs", {k: v for k, v in result.items() if k.endswith(("csv", "json"))}
     )
-    logger.info("drift %s: %s", report.status, report.message)
+    alarm = report.status in ("warn", "fail")  # seen by whoever filters the logs by level
+    logger.log(
+        logging.WARNING if alarm else logging.INFO, "drift %s: %s", report.status, report.message
+    )
     if report.status == "fail":
         raise DriftDetected(f"{images}: {report.message}")
     return result

@@ -376,6 +376,30 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_a_drift_warning_is_logged_at_warning_level(harness, tmp_path) -> None:
+    """A drifted batch below psi_fail ends Completed; its 'drift warn' line was logged at
+    INFO, under a dashboard or alert that filters the logs for warnings."""
+    import logging
+
+    from flows.monitor import monitor
+    from mlseg.io import read_image, write_image
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 30, seed=1))
+    dark = tmp_path / "dark"
+    for path in disc_images(tmp_path / "src", 12, seed=3):
+        write_image(dark / path.name, (read_image(path) * 0.4).astype(np.uint8))
+    state = monitor(
+        str(dark),
+        str(reference),
+        str(tmp_path / "m"),
+        overrides={"monitor": {"psi_fail": 1000}},
+        return_state=True,
+    )
+    assert state.is_completed() and state.result()["status"] == "warn"
+    warned = flow_logs(state.state_details.flow_run_id, logging.WARNING)
+    assert any(m.startswith("drift warn: ") and "mean_c0" in m for m in warned), warned
+
+
 def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path) -> None:
     """The weekly monitor ended Failed (an alert) on a week without new slides, where
     segment-and-quantify finds nothing to do; a folder that does not exist still fails."""
