@@ -517,7 +517,7 @@ def segment_and_quantify(
         artifacts.warning(
             "segment-failed-images",
             f"{len(failed)} image(s) could not be segmented",
-            "\n".join(f"- `{k}`: {v}" for k, v in failed.items()),
+            "\n".join(f"- {_named(k, v)}" for k, v in failed.items()),
         )
     result = {
         "out_dir": str(out),
@@ -559,9 +559,15 @@ def segment_and_quantify(
         out,
     )
     if failed and fail_on_error:
-        first = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
+        first = "; ".join(_named(k, v) for k, v in list(failed.items())[:3])
         raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
     return result
+
+
+def _named(image: str, error: str) -> str:
+    """``image: error``, or the error alone where it names the image already (mlseg's errors
+    name their file), as ``mlseg segment`` prints it."""
+    return error if image in error else f"{image}: {error}"
 
 
 def _is_image(path: Path) -> bool:

@@ -333,7 +333,8 @@ def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, che
     broken.write_bytes(broken.read_bytes()[:200])  # truncated, as a copy in progress
     state = _segment(inbox, out, checkpoint)
     assert state.is_failed()
-    assert "img_001.png" in state.message and "1 of 3" in state.message
+    assert "1 of 3" in state.message
+    assert state.message.count("img_001.png") == 1, state.message  # named once, not twice
     assert (out / "img_000.json").is_file() and (out / "img_002.json").is_file()
     assert "segment-failed-images" in set(flow_artifacts(state.state_details.flow_run_id))
 
