@@ -11,7 +11,7 @@ from flows import artifacts
 from flows.common import data_path, log_warnings
 
 
-@task(name="evaluate", task_run_name="evaluate {split}")
+@task(name="evaluate", task_run_name="evaluate {model} on {split}")
 def evaluate_task(
     model: str,
     data_root: str,
@@ -46,7 +46,9 @@ def evaluate_task(
     }
 
 
-@flow(name="evaluate-model", log_prints=True)
+@flow(
+    name="evaluate-model", flow_run_name="evaluate {model} on {data_root} {split}", log_prints=True
+)
 def evaluate_model(
     model: str,
     data_root: str,

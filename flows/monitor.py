@@ -40,7 +40,7 @@ def image_stats_task(paths: list[str]) -> list[dict[str, Any]]:
     return image_stats_table(paths).to_dict(orient="records")
 
 
-@flow(name="monitor", log_prints=True)
+@flow(name="monitor", flow_run_name="monitor {images}", log_prints=True)
 def monitor(
     images: str,
     fingerprint: str,

@@ -163,7 +163,7 @@ def _inference(cfg) -> dict[str, Any] | None:
     return cfg.inference.model_dump(mode="json", exclude_unset=True) or None
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name="pipeline {data_root}", log_prints=True)
 def pipeline(
     data_root: str,
     work_dir: str,

@@ -349,7 +349,7 @@ def per_image_sizes(
     }
 
 
-@flow(name="segment-and-quantify", log_prints=True)
+@flow(name="segment-and-quantify", flow_run_name="segment {input_dir}", log_prints=True)
 def segment_and_quantify(
     input_dir: str,
     out_dir: str,

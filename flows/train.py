@@ -45,7 +45,7 @@ def fit_task(
     }
 
 
-@flow(name="train-model", log_prints=True)
+@flow(name="train-model", flow_run_name="train {data_root}", log_prints=True)
 def train_model(
     data_root: str,
     out_dir: str,

@@ -100,7 +100,7 @@ def publish_task(report: ValidationReport, inventory: pd.DataFrame | None = None
     artifacts.markdown(f"{key}-summary", summary_markdown(report, inventory), "validation verdict")
 
 
-@flow(name="validate-dataset", log_prints=True)
+@flow(name="validate-dataset", flow_run_name="validate {data_root}", log_prints=True)
 def validate_dataset_flow(
     data_root: str,
     out_dir: str | None = None,

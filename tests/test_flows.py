@@ -7,6 +7,7 @@ predictions are meaningless, but deterministic, which is what reruns are compare
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -793,3 +794,24 @@ def test_segment_command_line_without_a_model_is_a_usage_error(tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "give --model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_flow_run_is_named_after_the_data_it_works_on():
+    """Runs in the dashboard read 'segment inbox/he', not Prefect's 'fragrant-jaguar'; a
+    name naming no parameter of its flow would fail each run as it starts."""
+    import string
+
+    from flows.evaluate import evaluate_model, evaluate_task
+    from flows.monitor import monitor
+    from flows.pipeline import pipeline
+    from flows.segment import segment_and_quantify
+    from flows.train import train_model
+    from flows.validate import validate_dataset_flow
+
+    flows = (evaluate_model, monitor, pipeline, segment_and_quantify, train_model)
+    named = [(f, f.flow_run_name) for f in (*flows, validate_dataset_flow)]
+    named.append((evaluate_task, evaluate_task.task_run_name))
+    for runnable, template in named:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template or "") if field}
+        assert fields, runnable.name
+        assert fields <= set(inspect.signature(runnable.fn).parameters), runnable.name

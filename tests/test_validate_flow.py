@@ -60,6 +60,8 @@ def test_artifact_key_is_prefect_safe():
 
 
 def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_dataset, tmp_path):
+    from prefect.client.orchestration import get_client
+
     from flows.validate import validate_dataset_flow
     from mlseg.dataset import dataset_fingerprint, list_pairs
     from mlseg.io import read_mask, write_labels
@@ -75,6 +77,8 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
     artifacts = flow_artifacts(state.state_details.flow_run_id)
     assert {"dataset-validation-good", "dataset-validation-good-summary"} <= set(artifacts)
+    with get_client(sync_client=True) as client:  # the dashboard names the run by its data
+        assert client.read_flow_run(state.state_details.flow_run_id).name == f"validate {root}"
     assert "passed" in artifacts["dataset-validation-good-summary"].data
     # a corrected mask is new training data: the registered fingerprint and the resume check
     # must see it (the inventory's drift fingerprint covers the images only)
