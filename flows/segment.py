@@ -122,14 +122,14 @@ def segment_one(
 
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
-    from mlseg.io import file_digest
+    from mlseg.io import file_digest, input_digest
     from mlseg.pixel_size import sidecar_path
 
     digest = hashlib.sha256()
     for name in ("out_dir", "model_id", "profile", "inference", "pixel_size_um", "pixel_sizes"):
         digest.update(json.dumps(parameters.get(name), sort_keys=True, default=str).encode())
     for path in parameters["images"]:
-        digest.update(f"{Path(path).name}:{file_digest(path)}".encode())
+        digest.update(f"{Path(path).name}:{input_digest(path)}".encode())
         sidecar = sidecar_path(path)
         if sidecar.is_file():  # the image's pixel size may live there
             digest.update(f"{sidecar.name}:{file_digest(sidecar)}".encode())
@@ -206,7 +206,7 @@ def _expected(
     """What ``<stem>.json`` records of the run that made an image's outputs: the image's
     bytes, the model, the profile and what else changes its result (``image_done``)."""
     from mlseg.config import Profile
-    from mlseg.io import file_digest, image_stem
+    from mlseg.io import image_stem, input_digest
     from mlseg.segment import declared_sizes
 
     prof = Profile.model_validate(profile)
@@ -220,7 +220,7 @@ def _expected(
         "profile_version": prof.version,
         "profile_digest": _digest(profile),
         "model": model_id,
-        "input_digest": file_digest(path),
+        "input_digest": input_digest(path),
         "settings": _digest(parts),
     }
 

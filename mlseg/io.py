@@ -138,6 +138,20 @@ def file_digest(path: str | os.PathLike, chars: int | None = 16) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()[:chars]
 
 
+#: :func:`input_digest` of an input file that may not be read: no output records it.
+UNREADABLE = "unreadable"
+
+
+def input_digest(path: str | os.PathLike) -> str:
+    """:func:`file_digest` of an input image or label file, for the skip checks, or
+    :data:`UNREADABLE` where its permissions forbid reading it: that image is then not done,
+    and :func:`read_image` reports it by name while the others of its folder go on."""
+    try:
+        return file_digest(path)
+    except PermissionError:
+        return UNREADABLE
+
+
 def _check_complete(path: Path) -> None:
     """Refuse files whose trailer is missing: OpenCV decodes truncated PNG/JPEG silently."""
     suffix = path.suffix.lower()
@@ -183,7 +197,13 @@ def read_image(
         )
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes); copy or export it again")
-    _check_complete(path)
+    try:
+        _check_complete(path)  # the first read of the file
+    except PermissionError:
+        raise ImageReadError(
+            f"{path}: cannot be read (permission denied); make it readable (chmod a+r) "
+            "or move it out of the folder"
+        ) from None
     if suffix in TIFF_EXTENSIONS:
         arr = _read_tiff(path)
     else:

@@ -72,6 +72,7 @@ from mlseg.io import (
     file_digest,
     full_scale,
     image_stem,
+    input_digest,
     match_stem,
     read_image,
     read_mask,
@@ -664,7 +665,7 @@ def _expectations(
             "profile_version": profile.version,
             "model": model_id,
             "settings": _settings_hash(*settings, *listed),
-            "input_digest": "+".join(file_digest(path) for path in inputs[stem]),
+            "input_digest": "+".join(input_digest(path) for path in inputs[stem]),
         }
 
     return expect

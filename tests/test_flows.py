@@ -142,6 +142,28 @@ def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, chec
     assert fixed[0]["summary"]["pixel_size_um"] == 0.25
 
 
+def test_batch_task_reports_an_image_that_may_not_be_read_and_does_the_others(
+    tmp_path, monkeypatch, checkpoint
+) -> None:
+    """A chmod 000 image failed its whole batch (and the flow with it) at the skip check's
+    hash of its bytes, where a corrupt one is reported alone."""
+    from flows.segment import batch_cache_key, segment_batch
+
+    images = [str(p) for p in disc_images(tmp_path / "in", 3)]
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):  # what a user without read permission sees (not root)
+        if self.name == "img_001.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert batch_cache_key(None, {"images": images})  # Prefect computes it before the batch
+    records = segment_batch.fn(images, *_batch_args(tmp_path / "out", checkpoint))
+    assert [r["status"] for r in records] == ["processed", "failed", "processed"]
+    assert "img_001.png" in records[1]["error"] and "permission denied" in records[1]["error"]
+
+
 def test_batch_task_names_an_ome_tiff_by_its_name_less_ome_tif(tmp_path, checkpoint) -> None:
     """``x.ome.tif`` (Bio-Formats, QuPath, Fiji) is image ``x``: outputs ``x_...``, table row
     ``x`` (its file name works too)."""

@@ -304,6 +304,31 @@ def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, use_oracle):
     assert len(pd.read_parquet(out / "blank_nuclei.parquet")) == 0
 
 
+def test_an_image_that_may_not_be_read_is_reported_and_the_run_goes_on(
+    tmp_path, monkeypatch, use_oracle
+):
+    """A file copied in with the wrong owner or mode (chmod 000) stopped the whole run at the
+    skip check's hash of it: no later image was segmented and no summary.csv was written."""
+    folder = _folder(tmp_path)
+    locked = folder / "img1.png"
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):  # what a user without read permission sees (not root)
+        if self.name == locked.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    out = tmp_path / "out"
+    result = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert result.processed == ["img0", "img2"]
+    assert "permission denied" in result.failed[str(locked)]
+    assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["img0", "img2"]
+    monkeypatch.setattr(Path, "open", real_open)  # made readable: done on the next run
+    again = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert again.processed == ["img1"] and again.skipped == ["img0", "img2"]
+
+
 def test_units_and_profiles_are_checked_before_work(tmp_path, use_oracle):
     folder = _folder(tmp_path, 1)
     with pytest.raises(ConfigError, match="micron units"):
