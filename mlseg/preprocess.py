@@ -425,9 +425,11 @@ def normalize(
 
     ``(H, W, C)`` uint8/uint16 -> ``(H, W, C')`` float32, where ``C' = channels`` if given
     (grey repeated to RGB or RGB averaged to grey first) else ``C``. Steps, in order and
-    each only if configured: stain normalisation (``stain`` "he"/"ihc" RGB images only),
-    histogram alignment, intensity normalisation. With nothing configured the result is
-    the image scaled to [0, 1]. ``stains``: see :func:`macenko`.
+    each only if configured: stain normalisation (``stain`` "he"/"ihc" RGB images only; an
+    image with too little stain for :func:`macenko_stains`, such as blank glass, is left
+    as it is by Reinhard's as by Macenko's), histogram alignment, intensity normalisation.
+    With nothing configured the result is the image scaled to [0, 1]. ``stains``: see
+    :func:`macenko`.
     """
     x = _hwc(to_float(image))
     if channels is not None:
@@ -439,7 +441,12 @@ def normalize(
                 f"(got {x.shape[2]} channel(s), stain {stain!r}); set it to 'none'"
             )
         if cfg.stain_norm == "reinhard":
-            x = reinhard(x, *lab_stats(_needs_reference(cfg, "reinhard")))
+            # as Macenko, an image with too little stain is left as it is: matched to the
+            # reference's spread, glass's noise came out as tissue and a blank field as the
+            # dark purple of a nucleus
+            target = lab_stats(_needs_reference(cfg, "reinhard"))
+            if (macenko_stains(x) if isinstance(stains, str) else stains) is not None:
+                x = reinhard(x, *target)
         else:
             nuclear_dab = stain == "ihc" and cfg.ihc_dab == "nucleus"
             x = macenko(x, *macenko_target(cfg), nuclear_dab=nuclear_dab, stains=stains)

@@ -173,27 +173,28 @@ def image_array(image: Any) -> np.ndarray:
 def warn_if_not_stain_normalised(
     image: np.ndarray, preprocess: PreprocessConfig, profile: Profile, path: Path | str
 ):
-    """Macenko normalisation leaves an image with too little stain as it is
-    (:func:`mlseg.preprocess.macenko_stains`: blank glass, a faded slide, one colour): say
+    """Stain normalisation (Macenko or Reinhard) leaves an image with too little stain as
+    it is (:func:`mlseg.preprocess.macenko_stains`: blank glass, a faded slide, one colour): say
     so, naming the file. The model then sees it unlike every slide it learnt from, and a
     count of 0 may be a pale slide rather than glass (H&E at a tenth of its optical
     density: 0 nuclei where a sixth gave 103).
 
-    Returns the estimate made (``stains`` of :func:`mlseg.preprocess.macenko`, the one the
+    Returns the estimate made (``stains`` of :func:`mlseg.preprocess.normalize`, the one the
     native-scale pass normalises with, so it is not made twice), or
     :data:`mlseg.preprocess.ESTIMATE` where none applies."""
     from mlseg.preprocess import macenko_stains, to_float
 
     rgb = image.ndim == 3 and image.shape[2] == 3
-    if preprocess.stain_norm != "macenko" or profile.stain not in ("he", "ihc") or not rgb:
+    if preprocess.stain_norm == "none" or profile.stain not in ("he", "ihc") or not rgb:
         return ESTIMATE
     # as normalize sees it: a 16-bit image by its full scale, not by its sample's
     stains = macenko_stains(to_float(image) if image.dtype == np.uint16 else image)
     if stains is None:
         warnings.warn(
-            f"{path}: too little stain for Macenko normalisation (fewer than 100 pixels "
-            "stained in every channel, or one colour only), segmented un-normalised: right "
-            "for blank glass, but on a faded or very pale slide the count may be too low",
+            f"{path}: too little stain for {preprocess.stain_norm.capitalize()} normalisation "
+            "(fewer than 100 pixels stained in every channel, or one colour only), segmented "
+            "un-normalised: right for blank glass, but on a faded or very pale slide the count "
+            "may be too low",
             stacklevel=2,
         )
     return stains

@@ -391,3 +391,24 @@ def test_macenko_estimates_a_large_image_from_a_sample_as_from_all_its_pixels(mo
     cosines = np.clip(np.sum(stains * sampled_stains, axis=0), -1.0, 1.0)
     assert np.degrees(np.arccos(cosines)).max() < 0.5
     assert np.allclose(sampled_conc, conc, rtol=0.01)
+
+
+def test_reinhard_leaves_glass_and_a_blank_field_as_they_are(tmp_path) -> None:
+    """Matched to the reference's spread, a tile of glass came out as tissue: its scanner
+    noise stretched to tissue's contrast, and a field of one colour the dark purple of a
+    nucleus. As Macenko does, Reinhard now leaves an image with too little stain alone."""
+    from mlseg.io import write_image
+
+    ref = (_he_image(MACENKO_REF_STAINS, seed=5) * 255).astype(np.uint8)
+    cfg = PreprocessConfig(
+        stain_norm="reinhard", stain_reference=write_image(tmp_path / "r.png", ref)
+    )
+    noise = np.random.default_rng(0).normal(0, 2, (64, 64, 3))
+    glass = np.clip(243 + noise, 0, 255).astype(np.uint8)
+    blank = np.full((64, 64, 3), 245, np.uint8)
+    for image in (glass, blank):
+        assert np.allclose(normalize(image, cfg), image / 255.0, atol=1e-6)
+    tissue = (_he_image(MACENKO_REF_STAINS, seed=6) * np.array([0.9, 0.8, 1.0]) * 255).astype(
+        np.uint8
+    )
+    assert np.allclose(lab_stats(normalize(tissue, cfg))[0], lab_stats(ref)[0], atol=2.0)

@@ -261,17 +261,22 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     assert rescanned.processed == ["img2"] and len(rescanned.skipped) == 2
 
 
-def test_an_image_macenko_leaves_alone_is_named_in_a_warning(tmp_path, monkeypatch, oracle):
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
+    tmp_path, monkeypatch, oracle, method
+):
     """Blank glass and a slide faded to a tenth of its stain fall back to no normalisation;
     the faded one then gave 0 nuclei with nothing said."""
     import mlseg.model
 
-    config = oracle.config.model_copy(update={"preprocess": PreprocessConfig(stain_norm="macenko")})
-    macenko = LoadedModel(**{**oracle.__dict__, "config": config})
-    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": macenko)
+    image, _ = disc_image(64, 64)
+    reference = write_image(tmp_path / "ref.png", image) if method == "reinhard" else None
+    preprocess = PreprocessConfig(stain_norm=method, stain_reference=reference)
+    config = oracle.config.model_copy(update={"preprocess": preprocess})
+    normalising = LoadedModel(**{**oracle.__dict__, "config": config})
+    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": normalising)
     folder = tmp_path / "in"
     folder.mkdir()
-    image, _ = disc_image(64, 64)
     od = -np.log((image.astype(float) + 1) / 256)
     write_image(folder / "tissue.png", image)
     write_image(folder / "faded.png", (256 * np.exp(-od * 0.1) - 1).round().astype(np.uint8))
@@ -282,7 +287,7 @@ def test_an_image_macenko_leaves_alone_is_named_in_a_warning(tmp_path, monkeypat
             "model", folder, tmp_path / "out", profile_name="he", progress=False
         )
     assert result.ok
-    said = [str(w.message) for w in caught if "Macenko" in str(w.message)]
+    said = [str(w.message) for w in caught if method.capitalize() in str(w.message)]
     assert sorted(Path(m.split(":")[0]).name for m in said) == ["faded.png", "glass.png"]
 
 
