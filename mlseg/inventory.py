@@ -78,6 +78,7 @@ from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
+    check_utf8_path,
     exif_orientation,
     full_scale,
     image_extension,
@@ -470,6 +471,7 @@ def scan_dataset(root: Path, cfg: DataConfig) -> tuple[list[_Entry], dict[str, d
             else set()
         )
         for path in _visible_files(child):
+            check_utf8_path(path)  # its name goes into the inventory table
             role = "stray"
             if split is not None and path.parent == image_dir:
                 sidecar = path.suffix == SIDECAR_SUFFIX and path.name in sidecars

@@ -210,7 +210,9 @@ def read_image(
         if suffix == ".png":
             _check_png_fits(path)
         try:
-            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            # decoded from bytes Python read: cv2.imread takes the name as UTF-8 and crashed
+            # the process (segfault) on a name that is not (a Latin-1 name from an old zip)
+            arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
         except cv2.error as err:  # OpenCV 5 raises where 4 returned None
             raise _opencv_error(path, err) from None
         if arr is None:
@@ -552,8 +554,27 @@ def image_stem(path: str | os.PathLike) -> str:
     (``slide1.ome.tif`` -> ``slide1``, ``a.tif`` -> ``a``, ``a.ome.png`` -> ``a.ome``): the
     name an image's mask, outputs and pixel-size table row go by. Its accents are composed
     (Unicode NFC): macOS may write ``é`` as ``e`` and an accent, Windows and Linux as one
-    letter, and the names are one on a Mac's disk; composed, they are one here too."""
+    letter, and the names are one on a Mac's disk; composed, they are one here too.
+    A path that is not UTF-8 is refused (:func:`check_utf8_path`)."""
+    check_utf8_path(path)
     return unicodedata.normalize("NFC", _stem_as_written(Path(path).name))
+
+
+def check_utf8_path(path: str | os.PathLike) -> None:
+    """Refuse a path whose bytes are not UTF-8 (a Latin-1 name from an old zip or a
+    Windows share; any accent under a C locale with ``PYTHONUTF8=0``): Python holds its
+    bytes as lone surrogates, which no table, JSON or GeoJSON can store, and OpenCV crashed
+    the process (segfault) on such a name."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ImageReadError(
+            f"{shown}: the name is not UTF-8; rename it (e.g. `convmv -f latin1 -t utf8 "
+            f"--notest -r FOLDER`), or, if it shows accents in `ls`, run mlseg under a UTF-8 "
+            f"locale (LANG=C.UTF-8)"
+        ) from None
 
 
 def _stem_as_written(name: str) -> str:

@@ -184,6 +184,7 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     """The images to compare: ``folder`` itself if it is an image file, else the images
     directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name."""
     from mlseg.dataset import is_image_file, warn_of_non_files
+    from mlseg.io import check_utf8_path
 
     folder = Path(folder)
     if folder.is_file():
@@ -197,6 +198,8 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     warn_of_non_files(folder)
     if not found:
         raise DatasetError(f"{folder}: no images (png, tif, jpg) found")
+    for path in found:
+        check_utf8_path(path)  # its name goes into the table of statistics
     return found
 
 

@@ -1,3 +1,5 @@
+import os
+import shutil
 import subprocess
 import sys
 
@@ -254,3 +256,32 @@ def test_sigterm_removes_the_file_being_written_and_exits_143(tmp_path, monkeypa
         signal.signal(signal.SIGTERM, before)
     assert capsys.readouterr().err == "terminated\n"
     assert list((tmp_path / "ds").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["validate", "quantify", "ingest"])
+def test_a_file_name_that_is_not_utf8_is_named_not_a_crash(command, nuclei_dataset, tmp_path):
+    """A Latin-1 name (from an old zip or a Windows share) is refused in one line with the fix;
+    OpenCV crashed the process on it (segfault), and tables failed with UnicodeEncodeError."""
+    root = nuclei_dataset(n_train=2, n_test=1)
+    for folder, suffix in (("original", ""), ("masks", "_mask")):
+        name = os.fsdecode(f"caf\xe9{suffix}.png".encode("latin-1"))
+        shutil.copy(root / "train" / folder / f"train0{suffix}.png", root / "train" / folder / name)
+    train = root / "train"
+    argv = {
+        "validate": ["validate", str(root), "--out", str(tmp_path / "v")],
+        "quantify": [
+            "quantify",
+            str(train / "masks"),
+            str(train / "original"),
+            str(tmp_path / "q"),
+            "-p",
+            "he",
+        ],
+        "ingest": ["ingest", str(root), str(tmp_path / "ing")],
+    }[command]
+    out = subprocess.run(
+        [sys.executable, "-m", "mlseg.cli", *argv], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: {train}/") and "caf\\xe9" in out.stderr
+    assert "not UTF-8" in out.stderr and len(out.stderr.strip().splitlines()) == 1
