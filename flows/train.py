@@ -30,7 +30,13 @@ def fit_task(
 
     cfg = run_config(config, overrides)
     result = fit(
-        cfg, data_root, out_dir, resume=resume, fingerprint_hash=fingerprint_hash, progress=progress
+        cfg,
+        data_root,
+        out_dir,
+        resume=resume,
+        fingerprint_hash=fingerprint_hash,
+        progress=progress,
+        log=get_run_logger().info,  # each epoch in the dashboard as it ends
     )
     best = result.best_checkpoint or result.last_checkpoint
     return {

@@ -662,7 +662,8 @@ def make_dataset(
         numbers = dict.fromkeys(kinds, 0)  # stems number on across splits: no stem repeats
         rows = []
         plan = [("train", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]
-        for split, i in tqdm(plan, desc=f"synth {out.name}", unit="img"):
+        # disable=None: a bar on a terminal, none in a log file
+        for split, i in tqdm(plan, desc=f"synth {out.name}", unit="img", disable=None):
             kind = kinds[i % len(kinds)]
             stem = f"{kind}_{numbers[kind]:03d}"
             numbers[kind] += 1

@@ -585,8 +585,12 @@ def fit(
     resume: bool = True,
     fingerprint_hash: str | None = None,
     progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> TrainResult:
     """Train ``cfg.train`` on the ``train`` split of ``data_root``; checkpoints in ``out_dir``.
+
+    Each epoch's line (step, loss, validation Dice) is written under the progress bar, or
+    without one given to ``log`` (a job's log file, a Prefect run's logger).
 
     ``fingerprint_hash`` is the fingerprint of the data as validated (the ``validate-dataset``
     flow returns it); the files' own is recorded either way, and training on files that no
@@ -669,9 +673,12 @@ def fit(
             "elapsed_s": time.perf_counter() - t_start,
         }
         row = _end_epoch(run, row, batches.generator_state())
+        dice = "" if data.val is None else f" val_dice={row['val_dice']:.4f}"
+        line = f"epoch {row['epoch']} step {run.step}: loss={row['train_loss']:.4f}{dice}"
         if bar is not None:
-            dice = "" if data.val is None else f" val_dice={row['val_dice']:.4f}"
-            bar.write(f"epoch {row['epoch']} step {run.step}: loss={row['train_loss']:.4f}{dice}")
+            bar.write(line)
+        elif log is not None:
+            log(line)
         epoch_loss, epoch_steps = 0.0, 0
         t_epoch = time.perf_counter()
     if bar is not None:

@@ -134,6 +134,10 @@ def test_no_progress_bar_in_a_log_file_unless_asked(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert main([*argv, str(tmp_path / "again"), "--progress"]) == 0
     assert "quantify: 100%" in capsys.readouterr().err
+    synth = ["synth", str(tmp_path / "syn"), "--n-train", "2", "--n-test", "1", "--size", "48"]
+    assert main(synth) == 0
+    assert main(["ingest", str(tmp_path / "syn"), str(tmp_path / "ing")]) == 0
+    assert "\r" not in capsys.readouterr().err
 
 
 def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -403,7 +404,6 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
 def test_a_drift_warning_is_logged_at_warning_level(harness, tmp_path) -> None:
     """A drifted batch below psi_fail ends Completed; its 'drift warn' line was logged at
     INFO, under a dashboard or alert that filters the logs for warnings."""
-    import logging
 
     from flows.monitor import monitor
     from mlseg.io import read_image, write_image
@@ -567,6 +567,22 @@ def test_the_train_flow_alone_validates_before_training(harness, tmp_path, leake
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
+def test_the_train_flow_logs_each_epoch_to_the_dashboard(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """A long training run logged nothing between its start and its end."""
+    from flows.train import train_model
+
+    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
+    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
+    state = train_model(
+        str(synth_dataset), str(tmp_path / "run"), overrides=TINY, return_state=True
+    )
+    assert state.is_completed()
+    logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
+    assert any(line.startswith("epoch 2 step 4: loss=") for line in logs), logs
+
+
 def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
     harness, tmp_path, synth_dataset
 ) -> None:
@@ -609,7 +625,6 @@ def test_mlseg_warnings_are_in_the_run_log(harness, tmp_path, checkpoint) -> Non
     """What mlseg warns of reaches the run's logs, which the dashboard shows, from the flow
     (a pixel-size table naming none of the images) and from a batch task (a sidecar's
     implausible size, ignored); a deployed run's warnings went to the worker's stderr only."""
-    import logging
 
     disc_images(tmp_path / "inbox", 1)
     (tmp_path / "inbox" / "img_000.json").write_text(json.dumps({"pixel_size_um": 50}))

@@ -398,10 +398,12 @@ def test_cli_train_then_evaluate(synth_dataset, tmp_path, capsys) -> None:
         str(out),
         "--max-steps",
         "1",
-        "--quiet",
     ]
     assert main(args) == 0
-    assert "trained 1 steps" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "trained 1 steps" in printed.out
+    # stderr is a job's log file here: a line per epoch, no bar redrawn with carriage returns
+    assert "epoch 1 step 1: loss=" in printed.err and "\r" not in printed.err
     assert main(args) == 0  # a resume of the finished run trains nothing and says so
     assert "1 steps already trained, none this time" in capsys.readouterr().out
     assert main(["evaluate", str(out), str(synth_dataset), "--quiet"]) == 0

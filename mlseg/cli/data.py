@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -82,6 +83,7 @@ def ingest(
         cfg=_data_cfg(config, mask_suffix),
         pixel_sizes=pixel_sizes,
         pixel_size_um=pixel_size,
+        progress=sys.stderr.isatty(),
     )
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts.items()))
     typer.echo(

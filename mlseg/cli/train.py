@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,7 +70,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue from last checkpoint.")
     ] = True,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar, no line per epoch.")] = False,
     validate: ValidateOpt = True,
 ) -> None:
     """Train a model; re-running on the same --out resumes from the last checkpoint."""
@@ -78,7 +79,11 @@ def train(
     cfg, root = _load(config, data, max_steps, device)
     out = out or Path("runs") / config.stem
     fingerprint = _validated(config, root, out / "validation", quiet) if validate else None
-    result = fit(cfg, root, out, resume=resume, fingerprint_hash=fingerprint, progress=not quiet)
+    bar = not quiet and sys.stderr.isatty()  # in a job's log file, a line per epoch instead
+    echo = None if quiet else partial(typer.echo, err=True)
+    result = fit(
+        cfg, root, out, resume=resume, fingerprint_hash=fingerprint, progress=bar, log=echo
+    )
     done = describe(result.steps, result.images_per_s, result.best_val_dice)
     typer.echo(f"{done}; checkpoints in {result.out_dir}")
 
@@ -193,6 +198,7 @@ def tune(
         method=method,
         seed=seed,
         fingerprint_hash=fingerprint,
+        progress=sys.stderr.isatty(),
     )
     typer.echo(table.drop(columns=["out_dir"]).to_string(index=False))
     typer.echo(f"best config: {out / 'best_config.yaml'}")
