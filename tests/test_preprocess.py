@@ -275,6 +275,28 @@ def test_normalize_default_and_channels() -> None:
     assert np.allclose(np.percentile(out, 1, axis=(0, 1)), 0, atol=1e-5)
 
 
+@pytest.mark.parametrize("colour", [(0, 0, 1), (0, 1, 1), (1, 1, 1)], ids=["blue", "cyan", "grey"])
+@pytest.mark.parametrize("intensity_norm", ["none", "percentile"])
+def test_a_dapi_image_shown_in_a_colour_is_the_model_input_of_its_grey_file(
+    colour, intensity_norm
+) -> None:
+    """DAPI exported as blue (or cyan) RGB, as microscope software and Fiji save a channel
+    with its colour, is the picture of the 12-bit camera file: the model sees the same."""
+    rng = np.random.default_rng(3)
+    grey = rng.normal(100, 10, (32, 48, 1))
+    grey[8:20, 10:22] = 2500
+    grey = np.clip(grey, 0, 4095).astype(np.uint16)
+    shown = grey * np.array(colour, np.uint16)
+    cfg = PreprocessConfig(intensity_norm=intensity_norm)
+    want = normalize(grey, cfg, "fluorescence", channels=3)
+    assert np.array_equal(normalize(shown, cfg, "fluorescence", channels=3), want)
+    assert np.array_equal(normalize(shown, cfg, "fluorescence", channels=1), want[..., :1])
+    composite = shown.copy()
+    composite[..., 0] = grey[..., 0] // 2  # a second stain in red: colour is information
+    out = normalize(composite, cfg, "fluorescence", channels=3)
+    assert not np.array_equal(out[..., 0], out[..., 2])
+
+
 @pytest.mark.parametrize("stain_norm", ["none", "macenko"])
 def test_a_twelve_bit_camera_image_is_the_model_input_of_its_eight_bit_version(
     nuclei_pair, stain_norm
