@@ -45,6 +45,8 @@ OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.ge
 #: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
 NUCLEI_TABLE = "nuclei.parquet"
 NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
+#: Outlines on nuclei that are green themselves (SYTOX Green, GFP-H2B), where green vanishes.
+OUTLINE_ON_GREEN = (255, 0, 255)
 # QuPath's intensity classes and colours (Negative, 1+, 2+, 3+)
 IHC_CLASSES = (
     ("Negative", (112, 112, 225)),
@@ -103,13 +105,15 @@ def overlay(
     """Outlines of ``labels`` drawn on ``image``: ``(H, W, 3) uint8``.
 
     ``classes``: optional IHC class (0-3) per label, indexed by label value (a label it
-    lacks counts as 0); outlines then take QuPath's class colours, else green.
+    lacks counts as 0); outlines then take QuPath's class colours, else green, or magenta
+    where the outlined pixels are mostly green (a green nuclear stain).
     """
     rgb = display_rgb(image).copy()
     labels = np.asarray(labels)
     edge = outline_mask(labels)
     if classes is None:
-        rgb[edge] = NUCLEUS_CLASS[1]
+        red, green, blue = rgb[edge].mean(axis=0) if edge.any() else (0, 0, 0)
+        rgb[edge] = OUTLINE_ON_GREEN if green > red + blue else NUCLEUS_CLASS[1]
         return rgb
     palette = np.array([c for _, c in IHC_CLASSES], dtype=np.uint8)
     of_edge = classes.reindex(labels[edge]).fillna(0).to_numpy(dtype=np.int64)

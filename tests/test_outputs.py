@@ -175,6 +175,19 @@ def test_overlay_outlines_and_ihc_colours():
     assert overlay(grey16, labels).shape == (*labels.shape, 3)
 
 
+@pytest.mark.parametrize(
+    "nucleus", [(0, 200, 0), (20, 230, 40), (0, 0, 200), (180, 180, 180), (90, 50, 130)]
+)
+def test_overlay_outlines_stand_out_from_the_nuclei_they_outline(nucleus):
+    """Green outlines vanished on a green nuclear stain (SYTOX Green, GFP-H2B)."""
+    labels = tricky_labels()
+    image = np.zeros((*labels.shape, 3), np.uint8)
+    image[labels > 0] = nucleus
+    edge = outline_mask(labels)
+    drawn = overlay(image, labels)[edge].astype(int)
+    assert np.abs(drawn - np.array(nucleus)).sum(axis=1).min() >= 200
+
+
 def _outputs(tmp_path, labels, image, profile_name="he"):
     profile = get_profile(profile_name)
     table = measure(labels, image, profile, pixel_size_um=None)
