@@ -767,6 +767,7 @@ def segment_image(
     """
     image = read_image(path)
     check_channels(image, profile, path)
+    warn_if_other_modality(loaded, profile)
     stains = warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
@@ -780,6 +781,25 @@ def segment_image(
     warn_if_scale_at_limit(scale, path)
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
     return image, labels, table, {"pixel_size_source": source, **scale.as_row(), **summary}
+
+
+def warn_if_other_modality(loaded, profile: Profile) -> None:
+    """Name a profile of the other modality than the model's training profile (once):
+    bright field measured on a fluorescence model's images reads optical density off
+    them (a DAPI field: haematoxylin OD 3.97 in every nucleus, all of it "tissue"), and
+    fluorescence on bright-field images measures no stain. H&E and IHC go together: an
+    H&E model grades IHC slides."""
+    trained = loaded.profile
+    if trained is None or {trained.stain, profile.stain} not in (
+        {"fluorescence", "he"},
+        {"fluorescence", "ihc"},
+    ):
+        return
+    warn_once(
+        f"{loaded.path}: trained with profile {trained.name!r} ({trained.stain}), but the "
+        f"images are measured with profile {profile.name!r} ({profile.stain}); segment with "
+        f"profile {trained.name!r} unless they are {profile.stain}"
+    )
 
 
 def warn_if_scale_at_limit(scale, path: Path | str) -> None:

@@ -574,6 +574,24 @@ def test_a_grey_fluorescence_image_is_measured_and_segmented_with_the_shipped_pr
     assert read_mask(tmp_path / "s" / "dapi_labels.png").shape == truth.shape
 
 
+def test_a_fluorescence_model_measured_as_bright_field_is_named(tmp_path, use_oracle):
+    """A DAPI field segmented by a fluorescence model with the he profile (the README's
+    example line) got haematoxylin optical densities and all of it as tissue, silently."""
+    use_oracle.meta = {"profile_settings": get_profile("fluorescence").model_dump(mode="json")}
+    image, _ = disc_image(60, 60)
+    images = tmp_path / "images"
+    write_image(images / "dapi.png", 255 - image)  # bright nuclei on a dark field
+    for name, named in (("fluorescence", False), ("ihc", True), ("he", True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = segment_folder(
+                "model", images, tmp_path / name, profile_name=name, progress=False
+            )
+        assert result.ok, result.failed
+        said = [str(w.message) for w in caught if "trained with profile" in str(w.message)]
+        assert len(said) == named and all("'fluorescence'" in text for text in said)
+
+
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
     """Counts per image equal the number of labels of the real annotations."""
     root = shared_data / "cpm15_he"
