@@ -26,9 +26,10 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
 - image quality (:func:`image_stats`, images only): ``mean_c{0,1,2}`` and ``std_c{0,1,2}``
   (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
   ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:
-  low = blurred), ``saturated_fraction``, ``dark_fraction``, ``od_hematoxylin_mean``,
-  ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per stain by colour deconvolution;
-  RGB images only);
+  low = blurred; grey is luminance, or the one channel of an image that shows one channel
+  in a colour, as DAPI saved blue), ``saturated_fraction``, ``dark_fraction``,
+  ``od_hematoxylin_mean``, ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per
+  stain by colour deconvolution; RGB images only);
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
   metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``pixel_size_um`` and
   ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
@@ -290,6 +291,8 @@ def image_stats(
     """
     import cv2
 
+    from mlseg.preprocess import one_channel_as_grey
+
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -299,7 +302,10 @@ def image_stats(
     n_channels = arr.shape[2]
     mean, std = cv2.meanStdDev(arr)
     mean, std = mean.ravel() / scale, std.ravel() / scale
-    grey = arr[..., 0] if n_channels == 1 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    # one channel shown in a colour (DAPI saved blue) is that channel: as luminance, 0.114
+    # of it, 42 of DSB 2018's 53 sharp fluorescence tiles read as blurred
+    one = one_channel_as_grey(arr)
+    grey = one[..., 0] if one.shape[2] == 1 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
     _, grey_std = cv2.meanStdDev(grey)
     depth = cv2.CV_16S if arr.dtype == np.uint8 else cv2.CV_32F  # 16S holds 8-bit exactly
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, depth))
