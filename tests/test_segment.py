@@ -23,6 +23,7 @@ from mlseg.segment import (
     quantify_folder,
     segment_folder,
     stain_tta_for,
+    warn_if_unlit,
 )
 
 torch.set_num_threads(1)
@@ -289,6 +290,36 @@ def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
     assert result.ok
     said = [str(w.message) for w in caught if method.capitalize() in str(w.message)]
     assert sorted(Path(m.split(":")[0]).name for m in said) == ["faded.png", "glass.png"]
+
+
+def test_a_black_tile_is_named_not_counted_silently(tmp_path, use_oracle):
+    """A scanner's border tile of sensor noise gave 400 'nuclei' and tissue fraction 1 with
+    nothing said; a tile with a thin black edge is tissue and is not named."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    black = np.clip(rng.normal(8, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
+    write_image(folder / "border.png", black)
+    edged, _ = disc_image(64, 64)
+    edged[:, :6] = black[:, :6]  # a tenth of it
+    write_image(folder / "edged.png", edged)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = segment_folder(
+            "model", folder, tmp_path / "out", profile_name="he", progress=False
+        )
+    assert result.ok
+    named = [str(w.message) for w in caught if "black in every channel" in str(w.message)]
+    assert len(named) == 1 and named[0].startswith(f"{folder / 'border.png'}: 100% of it")
+
+
+def test_no_real_tissue_tile_is_taken_for_black(shared_data):
+    from mlseg.io import read_image
+
+    for lab in ("gbm40_he", "cpm15_he"):
+        for path in sorted((shared_data / lab / "original").iterdir()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                warn_if_unlit(read_image(path), HE, path)
 
 
 def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, use_oracle):
