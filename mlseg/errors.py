@@ -36,7 +36,10 @@ def not_a_folder(path: str | os.PathLike, what: str) -> DatasetError:
     missing, or a file."""
     path = Path(path)
     if path.exists():
-        return DatasetError(f"{path}: a file, not a {what} folder; give the folder it is in")
+        article = "an" if what[:1] in "aeiou" else "a"
+        return DatasetError(
+            f"{path}: a file, not {article} {what} folder; give the folder it is in"
+        )
     return DatasetError(f"{path}: {what} folder not found; check the path")
 
 

@@ -162,7 +162,7 @@ def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
 
 @pytest.mark.parametrize(
     ("command", "what"),
-    [("validate", "dataset"), ("ingest", "source"), ("segment", "input")],
+    [("validate", "a dataset"), ("ingest", "a source"), ("segment", "an input")],
 )
 def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys, command, what):
     config = tmp_path / "run.yaml"
@@ -174,7 +174,7 @@ def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys, command, w
     }[command]
     assert main([command, *argv]) == 2
     err = capsys.readouterr().err
-    assert f"run.yaml: a file, not a {what} folder" in err
+    assert f"run.yaml: a file, not {what} folder" in err
 
 
 def test_segment_help_states_the_ranges_the_config_accepts(capsys, monkeypatch):
