@@ -866,6 +866,7 @@ def segment_folder(
     from mlseg.model import load_model, resolve_device
 
     profile = _load_profile(profile_name, profiles_file, units)
+    pixel_size_um = microns_per_pixel(pixel_size_um)  # "0.5" as a table gives it: 0.5
     files = list_images(Path(input_dir), out_dir)
     out_dir = check_out_dir(out_dir, input_dir)
     by_stem = images_by_stem(files)
@@ -974,6 +975,7 @@ def quantify_folder(
     from mlseg.dataset import check_mask_shape, mask_to_labels
 
     profile = _load_profile(profile_name, profiles_file, units)
+    pixel_size_um = microns_per_pixel(pixel_size_um)
     images_dir = Path(images_dir) if images_dir is not None else None
     pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)

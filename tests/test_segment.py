@@ -128,6 +128,20 @@ def test_a_pixel_size_that_is_no_number_is_refused_by_name(oracle):
     assert as_text == quantify_image(image, truth, HE, pixel_size_um=0.5)[1]
 
 
+def test_a_folder_run_records_a_pixel_size_given_as_text_as_a_number(tmp_path):
+    """run.json kept "0.5" as text, and a rerun given 0.5 redid every image."""
+    from mlseg.io import write_image, write_labels
+
+    image, truth = disc_image(64, 64)
+    write_image(tmp_path / "images" / "a.png", image)
+    write_labels(tmp_path / "labels" / "a_mask.png", truth)
+    args = (tmp_path / "labels", tmp_path / "images", tmp_path / "out")
+    quantify_folder(*args, profile_name="he", pixel_size_um="0.5", progress=False)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["pixel_size_um"] == 0.5
+    again = quantify_folder(*args, profile_name="he", pixel_size_um=0.5, progress=False)
+    assert again.skipped == ["a"]
+
+
 def test_stain_tta_applies_to_brightfield_rgb_input_only(oracle, tmp_path):
     """On by default for Macenko-normalised H&E and IHC, in the stains they were normalised
     to; off for fluorescence, without stain normalisation (the haematoxylin direction is
