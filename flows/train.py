@@ -45,6 +45,8 @@ def fit_task(
         "best_val_dice": result.best_val_dice,
         "steps": int(result.steps),
         "images_per_s": float(result.images_per_s),
+        "train_images": result.train_images,
+        "val_images": result.val_images,
         "history_csv": str(Path(result.out_dir) / "history.csv"),
         "curves_png": str(Path(result.out_dir) / "training_curves.png"),
         "out_dir": str(result.out_dir),
@@ -86,7 +88,13 @@ def train_model(
         fingerprint_hash = checked["fingerprint_hash"]
     result = fit_task(data_root, out_dir, config, overrides, fingerprint_hash, resume, progress)
     dice = result["best_val_dice"]
-    done = describe(result["steps"], result["images_per_s"], dice)
+    done = describe(
+        result["steps"],
+        result["images_per_s"],
+        dice,
+        result.get("train_images"),  # absent from a result cached by an older release
+        result.get("val_images"),
+    )
     get_run_logger().info("%s; checkpoint %s", done, result["checkpoint"])
     history = Path(result["history_csv"])
     if history.is_file():

@@ -542,6 +542,14 @@ def prepare_data(
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]
     val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
+    if cfg.data.val_fraction > 0 and not len(val_idx):
+        warnings.warn(
+            f"{root / cfg.data.train_dir}: one training image, so none is held back for "
+            f"validation (data.val_fraction {cfg.data.val_fraction:g}): best.safetensors will be "
+            "the checkpoint of lowest training loss, which says nothing of other images; "
+            "add annotated images to validate on",
+            stacklevel=2,
+        )
     if len(val_idx) and not any(labels[i].any() for i in val_idx):
         held = [pairs[i].stem for i in val_idx]
         raise DatasetError(

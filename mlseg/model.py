@@ -200,13 +200,15 @@ def save_checkpoint(
     trained_on: list[dict[str, Any]] | None = None,
     image_pixel_sizes: dict[str, float | None] | None = None,
     profile: Profile | None = None,
+    split: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
     ``<name>.state.pt``. ``trained_on`` lists the machines the run trained on, each with the
     step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
     image's microns per pixel (``None``: unknown); ``profile`` the training profile, kept in
-    meta.json whole. ``config.preprocess.stain_reference``, where it names a file the
+    meta.json whole; ``split`` the stems of the images trained on (``train``) and held back
+    (``validation``). ``config.preprocess.stain_reference``, where it names a file the
     preprocessing reads (stain normalisation, ``equalize: match``), is copied in as
     ``stain_reference.<ext>``: a path given relative to where training ran, or to a
     file edited later, would not travel with the weights. The files are written under
@@ -246,6 +248,8 @@ def save_checkpoint(
         meta["image_pixel_sizes"] = image_pixel_sizes
     if profile is not None:
         meta["profile_settings"] = profile.model_dump(mode="json")
+    if split is not None:
+        meta["split"] = split
     from mlseg.data import effective_preprocess
 
     pre = effective_preprocess(config, profile) if profile is not None else config.preprocess

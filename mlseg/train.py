@@ -80,15 +80,32 @@ class TrainResult:
     steps: int
     images_per_s: float  # training throughput of this call (validation excluded)
     out_dir: Path
+    train_images: int = 0  # images patches were drawn from
+    val_images: int = 0  # images held back for validation (data.val_fraction)
 
 
-def describe(steps: int, images_per_s: float, best_val_dice: float | None) -> str:
-    """One line on what a :func:`fit` call did, as the CLI and the flow report it; a resume
-    of a finished run trains nothing and says so (not "nan img/s")."""
-    dice = "n/a" if best_val_dice is None else f"{best_val_dice:.4f}"
+def describe(
+    steps: int,
+    images_per_s: float,
+    best_val_dice: float | None,
+    train_images: int | None = None,
+    val_images: int | None = None,
+) -> str:
+    """One line on what a :func:`fit` call did, as the CLI and the flow report it: the
+    steps, on how many training images with how many held back, and the best validation
+    Dice. A resume of a finished run trains nothing and says so (not "nan img/s"); a run
+    with no validation image says its best checkpoint is the one of lowest training loss."""
     if not math.isfinite(images_per_s):
-        return f"{steps} steps already trained, none this time; best validation Dice {dice}"
-    return f"trained {steps} steps ({images_per_s:.1f} img/s); best validation Dice {dice}"
+        done = f"{steps} steps already trained, none this time"
+    else:
+        done = f"trained {steps} steps ({images_per_s:.1f} img/s)"
+    if train_images is not None:
+        held = f"{val_images} held back for validation" if val_images else "none held back"
+        done += f" on {train_images} training image(s), {held}"
+    if best_val_dice is None and not val_images and train_images is not None:
+        return f"{done}; no validation Dice: best.safetensors has the lowest training loss"
+    dice = "n/a" if best_val_dice is None else f"{best_val_dice:.4f}"
+    return f"{done}; best validation Dice {dice}"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -542,6 +559,7 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         trained_on=run.trained_on,
         image_pixel_sizes=run.data.image_pixel_sizes,
         profile=run.profile,
+        split={"train": run.data.train_stems, "validation": run.data.val_stems},
     )
 
 
@@ -698,4 +716,6 @@ def _result(run: _Run, images_per_s: float) -> TrainResult:
         steps=run.step,
         images_per_s=images_per_s,
         out_dir=run.out,
+        train_images=len(run.data.train_stems),
+        val_images=len(run.data.val_stems),
     )

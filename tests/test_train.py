@@ -592,3 +592,39 @@ def test_cli_tune_refuses_data_changed_after_validation(
     assert main([*args, "--trials", "1", "--budget-steps", "1", "--param", "train.lr=1e-3"]) == 2
     assert "changed since it was validated" in capsys.readouterr().err
     assert not (tmp_path / "tune" / "trial_000" / "last.safetensors").exists()
+
+
+def test_a_run_records_and_reports_which_images_it_trained_and_validated_on(tmp_path) -> None:
+    """Three images with the default val_fraction hold one back (a third of the data, more
+    than the 15 % asked): the summary line says how many, and meta.json which."""
+    from mlseg.train import describe
+
+    root = _binary_dataset(tmp_path / "ds", n=3)
+    result = fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+    assert (result.train_images, result.val_images) == (2, 1)
+    split = json.loads((tmp_path / "run" / "meta.json").read_text())["split"]
+    assert sorted(split["train"] + split["validation"]) == ["img0", "img1", "img2"]
+    assert len(split["validation"]) == 1
+    line = describe(result.steps, result.images_per_s, result.best_val_dice, 2, 1)
+    assert "on 2 training image(s), 1 held back for validation; best validation Dice" in line
+
+
+def test_one_training_image_warns_that_nothing_is_validated(tmp_path) -> None:
+    """With one image no validation image can be held back: the best checkpoint is the one of
+    lowest training loss, which the run says up front and in its summary, not 'Dice n/a'."""
+    from mlseg.train import describe
+
+    root = _binary_dataset(tmp_path / "ds", n=1)
+    with pytest.warns(UserWarning, match=r"one training image, so none is held back"):
+        result = fit(_cfg(max_steps=1), root, tmp_path / "run", progress=False)
+    assert (result.train_images, result.val_images) == (1, 0)
+    line = describe(result.steps, result.images_per_s, result.best_val_dice, 1, 0)
+    assert line.endswith(
+        "none held back; no validation Dice: best.safetensors has the lowest training loss"
+    )
+    # val_fraction 0 asks for no validation: no warning about it
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(cfg, root, tmp_path / "run0", progress=False)
+    assert not [w for w in caught if "held back" in str(w.message)]

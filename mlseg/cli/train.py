@@ -84,7 +84,13 @@ def train(
     result = fit(
         cfg, root, out, resume=resume, fingerprint_hash=fingerprint, progress=bar, log=echo
     )
-    done = describe(result.steps, result.images_per_s, result.best_val_dice)
+    done = describe(
+        result.steps,
+        result.images_per_s,
+        result.best_val_dice,
+        result.train_images,
+        result.val_images,
+    )
     typer.echo(f"{done}; checkpoints in {result.out_dir}")
 
 
