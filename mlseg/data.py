@@ -559,6 +559,16 @@ def prepare_data(
             "stays the first; draw another split (data.seed), hold back more "
             "(data.val_fraction), or annotate them"
         )
+    trained = sorted(set(range(len(pairs))) - set(val_idx.tolist()))
+    if not any(labels[i].any() for i in trained):  # with none held back, check_masks said so
+        held = [pairs[i].stem for i in val_idx]
+        raise DatasetError(
+            f"{root / cfg.data.train_dir}: the training images "
+            f"({some_of([pairs[i].stem for i in trained])}) mark no nucleus once the "
+            f"validation images ({some_of(held)}) are held back, so the model would learn to "
+            "find none; annotate them, or draw another split (data.seed) or hold back fewer "
+            "(data.val_fraction)"
+        )
 
     def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
         x = normalize(images[i], pp, profile.stain, channels=channels)

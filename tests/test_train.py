@@ -628,3 +628,18 @@ def test_one_training_image_warns_that_nothing_is_validated(tmp_path) -> None:
         warnings.simplefilter("always")
         fit(cfg, root, tmp_path / "run0", progress=False)
     assert not [w for w in caught if "held back" in str(w.message)]
+
+
+def test_training_images_that_mark_no_nucleus_are_refused_before_training(tmp_path) -> None:
+    """Two images, the annotated one held back for validation: the one left to train on
+    marks no nucleus, and a model trained on it learns to find none."""
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data, split_validation
+
+    root = _binary_dataset(tmp_path / "ds", n=2)
+    held = int(split_validation(2, 0.15, 0)[0])
+    blank = root / "train" / "masks" / f"img{1 - held}_mask.png"
+    write_labels(blank, np.zeros((64, 64), np.uint8))
+    cfg = load_config(None, train={**TINY, "max_steps": 1})
+    with pytest.raises(DatasetError, match=rf"\(img{1 - held}\) mark no nucleus once .*img{held}"):
+        prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
