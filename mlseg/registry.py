@@ -368,11 +368,13 @@ def fetch(
     """A local folder holding the version's checkpoint files (``mlseg.model.load_model`` reads it).
 
     Local registries return the version folder itself; remote ones are downloaded once into
-    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default ``~/.cache/mlseg/models``)
-    and checked against the recorded sha256 of every file.
+    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default ``~/.cache/mlseg/models``).
+    Either way every file is checked against the sha256 its card recorded.
     """
     fs, path = _fs(version.uri, storage_options)
     if _is_local(fs):
+        # weights overwritten in the version folder after promotion were served under its tag
+        _check_files(fs, path, version)
         return Path(path)
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "mlseg" / "models"
     # keyed by where the version lives: v1 of two registries are two models

@@ -428,6 +428,16 @@ def test_promote_refuses_a_version_whose_files_are_gone_or_changed(
     assert [d["action"] for d in reg.decisions(registry)] == ["compare", "promote"]
 
 
+def test_weights_changed_in_production_after_promotion_are_not_served(tmp_path: Path) -> None:
+    """A local registry served its version folder as it was: weights overwritten there after
+    promotion (a sync, a copy over the wrong folder) ran under the promoted version's tag."""
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.8, tag="a"))
+    (tmp_path / "registry" / "nuclei" / "v1" / "best.safetensors").write_bytes(b"w-other")
+    with pytest.raises(reg.RegistryError, match=r"v1: best\.safetensors changed"):
+        reg.fetch(reg.production(registry))
+
+
 def test_two_processes_registering_at_once_get_two_intact_versions(tmp_path: Path) -> None:
     """Two pipelines registering into one folder both took v1, copied their weights into it
     at once and left weights that were neither's under one card; each must get its own."""
