@@ -14,7 +14,7 @@ DigitalOcean Spaces an ``s3://`` URL with the Spaces endpoint in ``storage_optio
                                                 decision, with its reason (never rewritten)
 
 ``card.json`` is written last: a version without it is incomplete and ignored. A version is
-assembled in a ``.staging-*`` folder and renamed to the highest existing number plus one, so
+assembled in a ``.staging-*`` folder and renamed to the highest number used plus one, so
 on a local disk or share two registering at once get two versions; on an object store (no
 rename) a registry has one writer at a time.
 
@@ -483,8 +483,7 @@ def register(
             hashes[path.name] = _sha256(path)
             fs.put_file(str(path), f"{staging}/{path.name}")
         while True:
-            versions = _versions(fs, root, name)
-            number = (versions[-1] + 1) if versions else 1
+            number = _next_number(fs, root, name)
             base = f"{root}/{name}/v{number}"
             version = ModelVersion(
                 name=name,
@@ -505,6 +504,22 @@ def register(
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+
+
+def _next_number(fs, root: str, name: str) -> int:
+    """One above every number ``name`` has used: its complete versions, and the versions its
+    production pointer and decisions name. A deleted version's number passed to the next
+    registration, which the production pointer still naming it then served, unpromoted."""
+    used = _versions(fs, root, name)
+    pointer = f"{root}/{name}/{PRODUCTION}"
+    if fs.isfile(pointer):
+        used.append(int(_read_json(fs, pointer)["version"]))
+    if fs.isdir(f"{root}/{name}/decisions"):
+        for path in fs.ls(f"{root}/{name}/decisions", detail=False):
+            match = re.search(r"-v(\d+)\.json$", path)
+            if match:
+                used.append(int(match.group(1)))
+    return max(used, default=0) + 1
 
 
 def _claim(fs, staging: str, base: str) -> bool:

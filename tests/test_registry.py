@@ -438,6 +438,18 @@ def test_weights_changed_in_production_after_promotion_are_not_served(tmp_path: 
         reg.fetch(reg.production(registry))
 
 
+def test_a_deleted_versions_number_is_not_given_to_new_weights(tmp_path: Path) -> None:
+    """With the production version's folder deleted, the next registration took its number,
+    and the production pointer served the new, never compared weights."""
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.8, tag="a"))
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.9, tag="b"))
+    shutil.rmtree(registry / "nuclei" / "v2")
+    assert _register(tmp_path, registry, 0.1, tag="c").version == 3
+    with pytest.raises(reg.RegistryError):
+        reg.production(registry)
+
+
 def test_two_processes_registering_at_once_get_two_intact_versions(tmp_path: Path) -> None:
     """Two pipelines registering into one folder both took v1, copied their weights into it
     at once and left weights that were neither's under one card; each must get its own."""
