@@ -313,6 +313,9 @@ def show(
             f"{_uri(fs, root)}: no registry there; check the path (-r, MLSEG_REGISTRY, or the "
             f"registry parameter: relative paths are under MLSEG_DATA_DIR on a worker)"
         )
+    if not _versions(fs, root, name):  # a mistyped name, not a model waiting for a promotion
+        known = ", ".join(model_names(registry, storage_options)) or "none"
+        raise RegistryError(f"{_uri(fs, root)}: no model {name!r} there (models: {known})")
     if version == "production":
         current = production(registry, name, storage_options)
         if current is None:
@@ -322,10 +325,7 @@ def show(
             )
         return current
     if version == "latest":
-        versions = _versions(fs, root, name)
-        if not versions:
-            raise RegistryError(f"{_uri(fs, root)}: no versions of model {name!r}")
-        return _load(fs, root, name, versions[-1])
+        return _load(fs, root, name, _versions(fs, root, name)[-1])
     return _load(fs, root, name, parse_version(version))
 
 
@@ -337,7 +337,13 @@ def production(
     pointer = f"{root}/{_check_name(name)}/{PRODUCTION}"
     if not fs.isfile(pointer):
         return None
-    return _load(fs, root, name, int(_read_json(fs, pointer)["version"]))
+    number = int(_read_json(fs, pointer)["version"])
+    if not fs.isfile(f"{root}/{name}/v{number}/{CARD}"):
+        raise RegistryError(
+            f"{_uri(fs, pointer)}: production is {name}@v{number}, which is no longer in the "
+            f"registry; promote another with `mlseg models promote {name} VERSION --reason ...`"
+        )
+    return _load(fs, root, name, number)
 
 
 def production_record(

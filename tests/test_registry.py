@@ -450,6 +450,21 @@ def test_a_deleted_versions_number_is_not_given_to_new_weights(tmp_path: Path) -
         reg.production(registry)
 
 
+def test_a_mistyped_name_or_a_deleted_production_version_is_named_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    """A mistyped model name was told to promote a version of it, and a production pointer
+    to a deleted version said only 'v2: no such model version'."""
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.8, tag="a"))
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.9, tag="b"))
+    with pytest.raises(reg.RegistryError, match=r"no model 'nucleus' there \(models: nuclei\)"):
+        reg.show(registry, "nucleus")
+    shutil.rmtree(registry / "nuclei" / "v2")
+    with pytest.raises(reg.RegistryError, match=r"production is nuclei@v2, which is no longer"):
+        reg.show(registry, "nuclei", "production")
+
+
 def test_two_processes_registering_at_once_get_two_intact_versions(tmp_path: Path) -> None:
     """Two pipelines registering into one folder both took v1, copied their weights into it
     at once and left weights that were neither's under one card; each must get its own."""
