@@ -78,6 +78,10 @@ class ModelError(MlsegError):
     """A model or checkpoint cannot be built or loaded as asked."""
 
 
+class TrainingDiverged(ModelError):
+    """Training's loss became NaN or infinite (a learning rate too high for the data)."""
+
+
 class OutputError(MlsegError):
     """An output cannot be written: disk full, file size limit, read-only or missing
     permission, a folder in the way."""

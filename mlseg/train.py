@@ -45,7 +45,7 @@ from torch import nn
 
 from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
-from mlseg.errors import DatasetError, ModelError, ResumeError, some_of
+from mlseg.errors import DatasetError, ResumeError, TrainingDiverged, some_of
 from mlseg.io import write_table, write_text
 from mlseg.model import (
     autocast_dtype,
@@ -225,7 +225,7 @@ def validate(
 
 def _check_finite(value: float, step: int, lr: float) -> None:
     if not math.isfinite(value):
-        raise ModelError(
+        raise TrainingDiverged(
             f"training diverged: the loss became {value} by step {step}; lower train.lr "
             f"(now {lr:g}), raise train.warmup_steps, or check the images for NaN/constant values"
         )
@@ -615,8 +615,8 @@ def fit(
     longer match it is refused. See the module docstring for the loop. Raises
     :class:`DatasetError` (empty or malformed data, or changed since validation),
     :class:`ConfigError` (config does not fit the data), :class:`ResumeError` (``out_dir``
-    holds a run trained otherwise; see ``RESUME_FREE``) and :class:`ModelError` (model
-    cannot be built, training diverged).
+    holds a run trained otherwise; see ``RESUME_FREE``), :class:`ModelError` (model
+    cannot be built) and its :class:`TrainingDiverged` (the loss became NaN or infinite).
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
     tc, data = run.cfg.train, run.data

@@ -3,7 +3,8 @@
 Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in its own
 folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a folder
 holding the trials of another search), scored by its best validation Dice (a search whose
-trials hold back no validation image is refused). The ranked table is returned and written
+trials hold back no validation image is refused; a trial whose training diverged scores NaN
+and ranks last, and is named in a warning). The ranked table is returned and written
 as ``tune_results.csv``; the best trial's config, with the original step budget, is
 written as ``best_config.yaml``.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import pandas as pd
 import yaml
 
 from mlseg.config import Config, DataConfig
-from mlseg.errors import ConfigError, ResumeError
+from mlseg.errors import ConfigError, ResumeError, TrainingDiverged
 from mlseg.io import write_table, write_text
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
@@ -183,6 +185,21 @@ def tune(
                 f"other settings); give another output folder, or the same config, space and "
                 f"seed to resume it. {error}"
             ) from None
+        except TrainingDiverged as error:  # a learning rate too high: a result, not a stop
+            warnings.warn(f"{folder.name} ({params}): {error}", stacklevel=2)
+            rows.append(
+                {
+                    "trial": i,
+                    **params,
+                    "best_val_dice": float("nan"),
+                    "final_train_loss": float("nan"),
+                    "steps": 0,
+                    "images_per_s": float("nan"),
+                    "seconds": time.perf_counter() - t0,
+                    "out_dir": str(folder),
+                }
+            )
+            continue
         last_loss = result.history["train_loss"].iloc[-1] if len(result.history) else float("nan")
         timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
         if not np.isfinite(result.images_per_s):  # finished before: trained nothing this time
@@ -208,6 +225,11 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     write_table(df, out / "tune_results.csv")
     # the values as tried, not as the table holds them (None becomes NaN in a float column)
+    if not np.isfinite(df.loc[0, "best_val_dice"]):
+        raise ConfigError(
+            f"{out}: every trial's training diverged (tune_results.csv); lower the "
+            "learning rates searched (train.lr) or raise train.warmup_steps"
+        )
     best_params = chosen[int(df.loc[0, "trial"])]
     best_cfg = apply_params(cfg, best_params)
     text = "# best of mlseg tune (" + ", ".join(f"{k}={v}" for k, v in best_params.items()) + ")\n"

@@ -154,3 +154,40 @@ def test_a_search_without_validation_images_is_refused_before_training(
     with pytest.raises(ConfigError, match=r"val_fraction 0 of 6 training image"):
         tune(cfg, synth_dataset, tmp_path, space={"train.lr": [1e-4, 1e-3]}, progress=False)
     assert not (tmp_path / "best_config.yaml").exists()
+
+
+def test_a_diverged_trial_ranks_last_and_the_search_goes_on(synth_dataset, tmp_path, monkeypatch):
+    """One learning rate too high stopped the whole search: no table, no best_config.yaml,
+    the later trials never ran, and a rerun stopped at the same trial again."""
+    import pandas as pd
+
+    import mlseg.train
+    from mlseg.errors import TrainingDiverged
+
+    class Result:
+        def __init__(self, out_dir):
+            self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    def fit(cfg, data, out_dir, **kw):
+        if cfg.train.lr > 1:
+            raise TrainingDiverged("training diverged: the loss became nan by step 1")
+        return Result(out_dir)
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    search = {"trials": None, "method": "grid", "progress": False}
+    with pytest.warns(UserWarning, match="trial_000.*diverged"):
+        table = tune(
+            load_config(None), synth_dataset, tmp_path, space={"train.lr": [1e3, 1e-3]}, **search
+        )
+    assert list(table["train.lr"]) == [1e-3, 1e3]  # the diverged trial last, not first
+    assert table["best_val_dice"].isna().tolist() == [False, True]
+    assert load_config(tmp_path / "best_config.yaml").train.lr == 1e-3
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ConfigError, match="every trial's training diverged"),
+    ):
+        tune(
+            load_config(None), synth_dataset, tmp_path / "all", space={"train.lr": [1e3]}, **search
+        )
+    assert not (tmp_path / "all" / "best_config.yaml").exists()
