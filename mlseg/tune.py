@@ -15,6 +15,7 @@ A search space maps ``"section.field"`` to the values to try, e.g.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -107,6 +108,22 @@ def _earlier_runs(path: Path) -> dict[int, dict[str, float]]:
     }
 
 
+def _check_budget(out: Path, n: int, budget_steps: int) -> None:
+    """Refuse a folder whose trials were trained with another step budget: a rerun would
+    rank them (finished, or extended by a warm restart) beside trials of this budget."""
+    for i in range(n):
+        saved = out / f"trial_{i:03d}" / "config.json"
+        if not saved.is_file():
+            continue
+        steps = json.loads(saved.read_text()).get("train", {}).get("max_steps")
+        if steps is not None and steps != budget_steps:
+            raise ConfigError(
+                f"{out}: holds the trials of another search ({saved.parent.name} had a budget "
+                f"of {steps} steps, this search {budget_steps}); give another output folder, "
+                f"or --budget-steps {steps} to resume it"
+            )
+
+
 def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
     """Refuse a search whose trials would hold back no validation image: they would be
     ranked by training loss alone, which favours the trial that overfits most."""
@@ -158,6 +175,7 @@ def tune(
     trial_cfgs = [apply_params(cfg, {**params, **short}) for params in chosen]
     for data in {c.data for c in trial_cfgs}:  # before any trial trains
         _check_validation_split(data, data_root)
+    _check_budget(out, len(chosen), budget_steps)
     rows = []
     before = _earlier_runs(out / "tune_results.csv")
     iterator = enumerate(chosen)

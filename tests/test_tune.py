@@ -191,3 +191,17 @@ def test_a_diverged_trial_ranks_last_and_the_search_goes_on(synth_dataset, tmp_p
             load_config(None), synth_dataset, tmp_path / "all", space={"train.lr": [1e3]}, **search
         )
     assert not (tmp_path / "all" / "best_config.yaml").exists()
+
+
+def test_a_rerun_with_another_budget_is_refused(synth_dataset, tmp_path) -> None:
+    """A rerun with a smaller --budget-steps ranked the finished 3-step trial beside new
+    1-step trials, and a larger one warm-restarted it: one table of unlike trials."""
+    torch.set_num_threads(2)
+    cfg = load_config(None, train=TINY)
+    search = {"space": {"train.lr": [1e-3, 3e-4]}, "method": "grid", "progress": False}
+    tune(cfg, synth_dataset, tmp_path, trials=1, budget_steps=2, **search)
+    for budget in (1, 3):
+        with pytest.raises(ConfigError, match="trial_000 had a budget of 2 steps, this search"):
+            tune(cfg, synth_dataset, tmp_path, trials=2, budget_steps=budget, **search)
+    assert not (tmp_path / "trial_001").exists()  # refused before any trial trained
+    assert len(tune(cfg, synth_dataset, tmp_path, trials=2, budget_steps=2, **search)) == 2
