@@ -205,3 +205,11 @@ def test_a_rerun_with_another_budget_is_refused(synth_dataset, tmp_path) -> None
             tune(cfg, synth_dataset, tmp_path, trials=2, budget_steps=budget, **search)
     assert not (tmp_path / "trial_001").exists()  # refused before any trial trained
     assert len(tune(cfg, synth_dataset, tmp_path, trials=2, budget_steps=2, **search)) == 2
+
+
+def test_a_param_given_twice_is_refused() -> None:
+    """--param train.lr=1e-3,3e-4 --param train.lr=0.01 searched 0.01 alone."""
+    from mlseg.cli.train import _parse_space
+
+    with pytest.raises(ConfigError, match="--param train.lr is given twice"):
+        _parse_space(["train.lr=1e-3,3e-4", "train.lr=0.01"])

@@ -165,6 +165,11 @@ def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
             parsed = yaml.safe_load(f"[{values}]")
         except yaml.YAMLError as err:
             raise ConfigError(f"--param {item!r}: values are not YAML ({err})") from None
+        if key.strip() in space:  # the first list would be dropped without a word
+            raise ConfigError(
+                f"--param {key.strip()} is given twice; list all its values in one: "
+                f"{key.strip()}=v1,v2,v3"
+            )
         space[key.strip()] = parsed
     return space or None
 
