@@ -4,7 +4,8 @@ Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in i
 folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a folder
 holding the trials of another search), scored by its best validation Dice (a search whose
 trials hold back no validation image is refused; a trial whose training diverged scores NaN
-and ranks last, and is named in a warning). The ranked table is returned and written
+and ranks last, and is named in a warning; ``data.*`` settings are not searched, as each
+trial would be scored on other validation images). The ranked table is returned and written
 as ``tune_results.csv``; the best trial's config, with the original step budget, is
 written as ``best_config.yaml``.
 
@@ -165,6 +166,12 @@ def tune(
     if budget_steps < 1:
         raise ConfigError(f"budget_steps must be at least 1, got {budget_steps}")
     space = dict(space or DEFAULT_SPACE)
+    if searched_data := sorted(key for key in space if key.startswith("data.")):
+        raise ConfigError(
+            f"{', '.join(searched_data)}: a data setting searched scores each trial on other "
+            "validation images (data.seed, data.val_fraction: another split), and the easiest "
+            "would win; set data in the config and search train, augment or preprocess settings"
+        )
     out = Path(out_dir)
     chosen = candidates(space, trials, method, seed)
     short = {

@@ -213,3 +213,13 @@ def test_a_param_given_twice_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="--param train.lr is given twice"):
         _parse_space(["train.lr=1e-3,3e-4", "train.lr=0.01"])
+
+
+def test_a_searched_data_setting_is_refused_before_training(synth_dataset, tmp_path):
+    """data.seed searched scored each trial on another validation split: the ranking chose
+    the easiest split, not the best settings."""
+    cfg = load_config(None, train=TINY)
+    for key, values in (("data.seed", [0, 1]), ("data.val_fraction", [0.2, 0.5])):
+        with pytest.raises(ConfigError, match=rf"^{key}: a data setting searched"):
+            tune(cfg, synth_dataset, tmp_path, space={key: values}, progress=False)
+    assert not any(tmp_path.iterdir())
