@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlseg.config import InferenceConfig, Profile, get_profile
-from mlseg.dataset import list_pairs, mask_to_labels
-from mlseg.errors import DatasetError
+from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
+from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
+from mlseg.errors import DatasetError, some_of
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
@@ -121,6 +122,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def warn_unlabelled(unlabelled: list[Pair], total: int, data: DataConfig) -> None:
+    """Name the images of the split that have no mask: they are not scored, and a misnamed
+    mask (``a-mask.png`` for ``a_mask.png``) would otherwise shrink the set without a word."""
+    if not unlabelled:
+        return
+    masks = unlabelled[0].image.parent.parent / data.mask_dir
+    shown = some_of(f"{p.image.name} (expected {mask_stem(p.stem, data)}.png)" for p in unlabelled)
+    warnings.warn(
+        f"{len(unlabelled)} of {total} images have no mask in {masks} and are not scored: "
+        f"{shown}; name each mask as expected, or move the image out of the split",
+        stacklevel=3,
+    )
+
+
 def predict_image(
     loaded: LoadedModel,
     image: np.ndarray,
@@ -171,11 +186,13 @@ def evaluate(
             profile = trained
         else:
             profile = get_profile(profile or cfg.profile, cfg.profiles_file)
-    pairs = [p for p in list_pairs(data_root, split, cfg.data, strict=False) if p.mask is not None]
+    listed = list_pairs(data_root, split, cfg.data, strict=False)
+    pairs = [p for p in listed if p.mask is not None]
     if not pairs:
         raise DatasetError(
             f"{data_root}: no labelled images in split {split!r}; nothing to evaluate"
         )
+    warn_unlabelled([p for p in listed if p.mask is None], len(listed), cfg.data)
     # worst.png there would be read as an image without a mask from then on
     check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
     rows: list[dict[str, Any]] = []

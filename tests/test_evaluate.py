@@ -147,3 +147,24 @@ def test_the_eval_set_id_covers_the_masks_the_model_scored(
     write_labels(mask, labels)
     after = ev.evaluate(folder, root, tmp_path / "e2", progress=False)
     assert after.eval_set_id != before.eval_set_id
+
+
+def test_evaluate_names_the_images_it_cannot_score(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+):
+    """A test image whose mask is misnamed (a-mask.png for a_mask.png) is not scored: the
+    evaluation says so, naming the image, instead of reporting a smaller set without a word."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    mask = sorted((root / "test" / "masks").iterdir())[0]
+    mask.rename(mask.with_name(mask.name.replace("_mask", "-mask")))
+    stem = mask.name.replace("_mask.png", "")
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+    with pytest.warns(UserWarning, match=f"1 of 3 images have no mask.*{stem}"):
+        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    assert stem not in set(result.per_image["stem"]) and len(result.per_image) == 2
