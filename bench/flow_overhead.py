@@ -15,6 +15,7 @@ Prints the wall times and the ratio flow / loop (goal: at most 1.15).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -137,6 +138,10 @@ def main() -> None:
         ratio = statistics.median(times["flow x1"]) / loop_s
         verdict = "within" if ratio <= 1.15 else "ABOVE"
         print(f"Prefect overhead (flow x1 / loop): {ratio:.3f} -> {verdict} the 1.15 goal")
+        medians = {name.replace(" ", "_"): statistics.median(v) for name, v in times.items()}
+        result = {"bench": "flow_overhead", "images": args.images, "repeats": args.repeats}
+        result |= {f"{name}_s": round(seconds, 3) for name, seconds in medians.items()}
+        print(json.dumps(result | {"ratio": round(ratio, 3), "goal": 1.15}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -99,6 +99,7 @@ def main() -> None:
         n_nuclei = sum(int(t.max()) for t in truths.values())
         print(f"{len(truths)} masks, {n_nuclei:,} nuclei from {args.sets}")
         baseline = None
+        formats = {}
         for layout in ("flat", "geojson", "xml", "dsb"):
             start = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
@@ -122,6 +123,15 @@ def main() -> None:
                 f"{len(truths)}, {pieces:+d} objects  {seconds:6.2f} s  "
                 f"x{seconds / baseline:5.1f} of flat PNG masks{notes}"
             )
+            formats[layout] = {
+                "exact": exact,
+                "same_pixels": same_pixels,
+                "objects_gained": pieces,
+                "seconds": round(seconds, 2),
+                "ratio_to_flat": round(seconds / baseline, 2),
+            }
+        result = {"bench": "ingest_formats", "sets": args.sets, "masks": len(truths)}
+        print(json.dumps(result | {"nuclei": n_nuclei, "formats": formats}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Prints pairs/s for each and the ratio validate/decode (goal: >= 100 pairs/s, >= 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -145,6 +146,16 @@ def main() -> None:
         print(f"ratio inventory / decode (wall): {t_decode / t_inventory:.2f}")
         ms = 1000 / n
         print(f"CPU per pair: decode {cpu_decode * ms:.1f} ms, validate {cpu_validate * ms:.1f} ms")
+        result = {
+            "bench": "validate_speed",
+            "pairs": n,
+            "decode_pairs_per_s": round(n / t_decode, 1),
+            "validate_pairs_per_s": round(n / t_validate, 1),
+            "inventory_pairs_per_s": round(n / t_inventory, 1),
+            "ratio": round(t_decode / t_validate, 3),
+            "goal": 0.7,
+        }
+        print(json.dumps(result))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a --keep dataset lies outside tmp
 
