@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
         print(f"CPU preset: {update}")
     device = str(resolve_device(cfg.train.device))
-    common = {"device": device, "budget": args.budget, "sets": args.set}
+    common = {"device": device, "sets": args.set}  # the budget only where this run trained
     gbm, cpm, dsb = (args.data / n for n in ("gbm40_he", "cpm15_he", "dsb2018_stage1_test"))
     sizes = {"gbm40": PIXEL_SIZES / "gbm40_he_pixel_sizes.csv"}
     sizes["cpm15"] = PIXEL_SIZES / "cpm15_he_pixel_sizes.csv"
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             result, seconds = train(cfg, gbm_root, out / "model_gbm40", args.budget, args.resume)
             model_dir = result.out_dir
-            extra.update(steps=result.steps, train_s=round(seconds, 1))
+            extra.update(budget=args.budget, steps=result.steps, train_s=round(seconds, 1))
         reference = training_paleness(gbm)
         for name, given in (("a", True), ("b", False)):
             if name in scenarios:
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         if model_c is None:
             result, seconds = train(cfg, both, out / "model_both", args.budget, args.resume)
             model_c = result.out_dir
-            extra.update(steps=result.steps, train_s=round(seconds, 1))
+            extra.update(budget=args.budget, steps=result.steps, train_s=round(seconds, 1))
         bright = flat_source(out / "src_dsb", [dsb], {dsb: dsb_brightfield_stems(dsb)})
         dsb_root = ingest_all(bright, out / "dsb_bright", None)
         df, means = score(model_c, dsb_root, False, out / "worst_c.png", "c", sets["inference"])
