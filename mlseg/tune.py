@@ -212,34 +212,19 @@ def tune(
             ) from None
         except TrainingDiverged as error:  # a learning rate too high: a result, not a stop
             warnings.warn(f"{folder.name} ({params}): {error}", stacklevel=2)
-            rows.append(
-                {
-                    "trial": i,
-                    **params,
-                    "best_val_dice": float("nan"),
-                    "final_train_loss": float("nan"),
-                    "steps": 0,
-                    "images_per_s": float("nan"),
-                    "seconds": time.perf_counter() - t0,
-                    "out_dir": str(folder),
-                }
-            )
-            continue
-        last_loss = result.history["train_loss"].iloc[-1] if len(result.history) else float("nan")
-        timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
-        if not np.isfinite(result.images_per_s):  # finished before: trained nothing this time
-            timing = before.get(i, timing)
-        rows.append(
-            {
-                "trial": i,
-                **params,
+            scores = {"best_val_dice": np.nan, "final_train_loss": np.nan, "steps": 0}
+            timing = {"images_per_s": np.nan, "seconds": time.perf_counter() - t0}
+        else:
+            history = result.history["train_loss"]
+            scores = {
                 "best_val_dice": result.best_val_dice,
-                "final_train_loss": float(last_loss),
+                "final_train_loss": float(history.iloc[-1]) if len(history) else np.nan,
                 "steps": result.steps,
-                **timing,
-                "out_dir": str(result.out_dir),
             }
-        )
+            timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
+            if not np.isfinite(result.images_per_s):  # finished before: trained nothing now
+                timing = before.get(i, timing)
+        rows.append({"trial": i, **params, **scores, **timing, "out_dir": str(folder)})
     df = pd.DataFrame(rows)
     df["best_val_dice"] = df["best_val_dice"].astype(float)
     df = df.sort_values(
