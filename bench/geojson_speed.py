@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,23 +42,11 @@ def load(sets: list[str]) -> list[tuple[np.ndarray, object]]:
     return items
 
 
-def _number(value):
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def baseline(labels, table, pixel_size_um, properties) -> str:
     """mlseg's GeoJSON as ``to_geojson`` built it and ``write_image_outputs`` wrote it."""
     import pandas as pd
 
-    from mlseg.outputs import IHC_CLASSES, NUCLEUS_CLASS, polygons
+    from mlseg.outputs import IHC_CLASSES, NUCLEUS_CLASS, _number, polygons
 
     outlines = polygons(labels)
     columns = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
