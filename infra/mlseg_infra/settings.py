@@ -114,8 +114,13 @@ def _problems(s: Settings) -> list[str]:
         problems.append("sshPublicKey must be an OpenSSH public key ('ssh-ed25519 AAAA...')")
     if not _BUCKET.match(s.bucket_name):
         problems.append(f"bucketName {s.bucket_name!r} must be 3-63 lowercase letters, digits, '-'")
-    if not _PREFIX.match(s.dataset_prefix):
-        problems.append(f"datasetPrefix {s.dataset_prefix!r} must be a relative object path")
+    # the droplet copies the datasets to, and chowns as root, /mnt/mlseg-data/<prefix>: a '..'
+    # there reaches outside the volume ('../..' is the whole disk)
+    if not _PREFIX.match(s.dataset_prefix) or {".", ".."} & set(s.dataset_prefix.split("/")):
+        problems.append(
+            f"datasetPrefix {s.dataset_prefix!r} must be a relative object path without "
+            "'.' or '..' parts"
+        )
     if s.volume_size_gb < 1:
         problems.append(f"volumeSizeGb is {s.volume_size_gb}; it must be at least 1")
     if not _NAME.match(s.registry_name):

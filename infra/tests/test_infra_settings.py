@@ -70,6 +70,18 @@ def test_gpu_flag_and_size_must_agree():
     assert make_settings(gpu=True, droplet_size="gpu-h100x1-80gb").gpu
 
 
+@pytest.mark.parametrize("prefix", ["..", "../..", "datasets/../../etc", "./datasets", "/data"])
+def test_dataset_prefix_leaving_the_data_volume_is_refused(prefix):
+    # rendered into `chown -R` and `rclone copy` targets under /mnt/mlseg-data, run as root
+    with pytest.raises(SettingsError, match="datasetPrefix"):
+        make_settings(dataset_prefix=prefix)
+
+
+@pytest.mark.parametrize("prefix", ["datasets", "lab-a/datasets_v2", "v1.2/data"])
+def test_dataset_prefixes_inside_the_volume_are_accepted(prefix):
+    assert make_settings(dataset_prefix=prefix).dataset_prefix == prefix
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(SettingsError) as err:
         make_settings(worker_count=0, droplet_size="s-1vcpu-1gb", bucket_name="Bad_Bucket")
