@@ -174,11 +174,17 @@ def _clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    # ValueError: not JSON, or not UTF-8; RecursionError: nested too deep to be one of ours
+    except (OSError, ValueError, RecursionError) as err:
         raise ModelError(
             f"{path}: cannot be read as JSON ({err}); the checkpoint is damaged"
-        ) from err
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelError(
+            f"{path}: holds a JSON {type(data).__name__}, not an object; the checkpoint is damaged"
+        )
+    return data
 
 
 def save_checkpoint(

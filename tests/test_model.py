@@ -188,6 +188,23 @@ def test_missing_or_damaged_checkpoints(tmp_path) -> None:
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe{}", b"[" * 100_000, b"[1, 2]", b"null"],
+    ids=["not-utf8", "nested-too-deep", "a-list", "null"],
+)
+@pytest.mark.parametrize("name", ["meta.json", "config.json"])
+def test_a_checkpoint_with_an_unreadable_json_file_is_named_as_damaged(
+    tmp_path, name, content
+) -> None:
+    """A checkpoint from someone else whose JSON is cut, re-encoded or crafted: one line
+    naming the file, not a traceback from deep in the loader."""
+    folder = _save(tmp_path / "model", build_model(SMALL, 3, 3)).parent
+    (folder / name).write_bytes(content)
+    with pytest.raises(ModelError, match=rf"{name}: .*the checkpoint is damaged"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize(("arch", "depth"), [("FPN", 3), ("FPN", 4), ("PSPNet", 5), ("PSPNet", 4)])
 def test_decoders_that_upsample_at_the_end_fit_the_input_at_any_depth(arch, depth) -> None:
     """FPN and PSPNet upsample by a factor made for their default depth: at another depth
