@@ -46,6 +46,7 @@ VERSION_RE = re.compile(r"^v(\d+)$")
 CARD = "card.json"
 PRODUCTION = "production.json"
 DEFAULT_NAME = "nuclei"
+_EDITED = "the card was edited by hand or by someone else: register the checkpoint again"
 
 
 class RegistryError(ModelError):
@@ -155,7 +156,15 @@ def parse_version(version: int | str) -> int:
 
 def _read_json(fs, path: str) -> Any:
     with fs.open(path, "rb") as fh:
-        return json.loads(fh.read().decode("utf-8"))
+        data = fh.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    # ValueError: not JSON, or not UTF-8; RecursionError: nested too deep to be one of ours
+    except (ValueError, RecursionError) as err:
+        raise RegistryError(
+            f"{_uri(fs, path)}: cannot be read as JSON ({err}); the file was damaged or edited "
+            "by hand"
+        ) from None
 
 
 def _write_json(fs, path: str, data: Any) -> None:
@@ -255,23 +264,28 @@ def _load(fs, root: str, name: str, version: int) -> ModelVersion:
             if entry.endswith(".json"):
                 record = _read_json(fs, entry)
                 evaluations[record["eval_set_id"]] = record["metrics"]
+    _check_card(card, name, version, _uri(fs, base))
     card["uri"] = _uri(fs, base)
-    _check_card(card, name, version)
-    return ModelVersion(**card, evaluations=evaluations)
+    try:
+        return ModelVersion(**card, evaluations=evaluations)
+    except TypeError as err:  # a key missing or unknown
+        raise RegistryError(f"{card['uri']}/{CARD}: not a model card ({err}); {_EDITED}") from None
 
 
-def _check_card(card: dict[str, Any], name: str, version: int) -> None:
-    """Refuse a card that names another model or version than the folder it lives in, or a
-    file that is not a plain name in that folder: :func:`fetch` copies each file to
-    ``<cache>/<name>/v<N>-<key>/<file>``, so a card edited in a shared bucket (a file
-    ``../../../.bashrc``, a name ``../x``) wrote wherever it said on every worker."""
+def _check_card(card: Any, name: str, version: int, uri: str) -> None:
+    """Refuse a card that is no JSON object, names another model or version than the folder
+    it lives in (``uri``), or a file that is not a plain name in that folder: :func:`fetch`
+    copies each file to ``<cache>/<name>/v<N>-<key>/<file>``, so a card edited in a shared
+    bucket (a file ``../../../.bashrc``, a name ``../x``) wrote wherever it said on every
+    worker."""
+    if not isinstance(card, dict) or not isinstance(card.get("files", {}), dict):
+        raise RegistryError(f"{uri}/{CARD}: not a model card (a JSON object); {_EDITED}")
     files = card.get("files")
     odd = [f for f in files if Path(f).name != f or f in (".", "..")] if files else []
     if card.get("name") != name or card.get("version") != version or odd:
         what = ", ".join(map(repr, odd)) if odd else f"{card.get('name')!r} v{card.get('version')}"
         raise RegistryError(
-            f"{card['uri']}/{CARD}: names {what}, not a file of {name}/v{version}; the card was "
-            "edited by hand or by someone else: register the checkpoint again"
+            f"{uri}/{CARD}: names {what}, not a file of {name}/v{version}; {_EDITED}"
         )
 
 

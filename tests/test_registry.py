@@ -287,6 +287,27 @@ def test_a_card_edited_to_name_files_outside_its_version_writes_nothing_there(
     assert not list(tmp_path.rglob("evil.sh"))
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe{}", b"[" * 100_000, b"[]", b'{"name": "nuclei", "version": 2}', b"SAME+"],
+    ids=["not-utf8", "nested-too-deep", "a-list", "keys-missing", "unknown-key"],
+)
+def test_a_damaged_card_is_named_in_one_line_not_a_traceback(tmp_path: Path, content) -> None:
+    """A registry shared by a team, or copied from another lab, with one card damaged or
+    written by another tool: listing the models or showing that version names the card."""
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.8, tag="a")
+    v2 = _register(tmp_path, registry, 0.9, tag="b")
+    card = Path(v2.uri) / reg.CARD
+    if content == b"SAME+":
+        content = json.dumps({**json.loads(card.read_text()), "signed_by": "x"}).encode()
+    card.write_bytes(content)
+    for call in (lambda: reg.list_models(registry), lambda: reg.show(registry, "nuclei", 2)):
+        with pytest.raises(reg.RegistryError, match=r"nuclei/v2/card\.json: .*(JSON|card)"):
+            call()
+    assert reg.show(registry, "nuclei", 1).version == 1  # the other versions still serve
+
+
 @pytest.mark.parametrize("named", ["absolute", "up"])
 def test_a_stain_reference_named_outside_the_checkpoint_is_not_copied_into_the_registry(
     tmp_path: Path, named: str
