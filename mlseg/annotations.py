@@ -118,7 +118,7 @@ def read_annotations(path: str | os.PathLike) -> Annotations:
 def _read_geojson(path: Path) -> Annotations:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ImageReadError(f"{path}: not valid JSON ({err}); export it again") from err
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")

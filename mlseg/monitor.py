@@ -165,7 +165,7 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: fingerprint not found; run `mlseg validate` on the dataset")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "stats" not in data:
         raise ConfigError(f"{path}: not an mlseg fingerprint (no 'stats'); run `mlseg validate`")

@@ -156,7 +156,8 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
         return None
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # Notepad writes a BOM
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+    # ValueError: UnicodeDecodeError and JSONDecodeError; RecursionError: nested too deep
+    except (OSError, ValueError, RecursionError) as err:
         return _ignored_sidecar(sidecar, f"it is not readable as JSON ({err})")
     if not isinstance(meta, dict):
         return None

@@ -155,6 +155,9 @@ def test_unusable_files_name_themselves_and_the_fix(tmp_path):
     broken.write_text('{"type": "FeatureCollection", "features": [')
     with pytest.raises(ImageReadError, match=r"broken\.geojson: not valid JSON"):
         read_annotations(broken)
+    broken.write_text("[" * 100_000)  # crafted: nested beyond Python's recursion
+    with pytest.raises(ImageReadError, match=r"broken\.geojson: not valid JSON"):
+        read_annotations(broken)
     labelme = write_json(tmp_path / "labelme.json", {"shapes": [], "imageHeight": 8})
     with pytest.raises(ImageReadError, match=r"labelme\.json: not GeoJSON features \(LabelMe"):
         read_annotations(labelme)

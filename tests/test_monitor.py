@@ -391,3 +391,12 @@ def test_a_version_1_fingerprint_of_16_bit_images_is_refused(tmp_path, he_finger
     assert monitor.load_fingerprint(path)["version"] == "1"
     path.write_text(json.dumps({**old, "version": he_fingerprint["version"]}))
     assert monitor.load_fingerprint(path)["dtype"] == {"uint16": 8}
+
+
+def test_a_fingerprint_nested_too_deep_is_named_as_not_json(tmp_path) -> None:
+    """A fingerprint.json from someone else, crafted to nest beyond Python's recursion
+    limit (100 KB): one line naming the file, not a RecursionError traceback."""
+    path = tmp_path / "fingerprint.json"
+    path.write_text('{"stats": ' * 100_000)
+    with pytest.raises(ConfigError, match=r"fingerprint\.json: not valid JSON"):
+        monitor.load_fingerprint(path)

@@ -171,6 +171,7 @@ def test_a_sidecar_beats_tiff_metadata_and_a_broken_one_is_named(tmp_path):
     assert declared_pixel_size_um(tmp_path / "a.ome.tif", plausible_only=False) == 250
     for broken, why in (
         ('{"PixelSize": [0.25, 0.25],}', "not readable as JSON"),  # trailing comma
+        ("[" * 100_000, "not readable as JSON"),  # crafted: nested beyond Python's recursion
         ('{"PixelSize": ["0,25"], "PixelSizeUnits": "um"}', "'0,25' is not a number"),
         ('{"PixelSize": [0.25], "PixelSizeUnits": "inch"}', "'inch' is not one of um, nm"),
     ):
