@@ -872,9 +872,9 @@ def segment_folder(
     by_stem = images_by_stem(files)
     sizes = own_pixel_sizes(pixel_sizes, list(by_stem), pixel_size_um)
     check_units_possible(profile, pixel_size_um, files, sizes)
-    probe = inference_cfg or InferenceConfig()
-    loaded = load_model(model_path, device=resolve_device(probe.device))
+    loaded = load_model(model_path)
     cfg = inference_cfg or loaded.config.inference
+    loaded.model.to(resolve_device(cfg.device))  # the model's own, unless the caller's cfg
     model_id = model_identity(loaded.path, loaded.config.preprocess)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}

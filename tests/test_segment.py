@@ -276,6 +276,26 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     assert rescanned.processed == ["img2"] and len(rescanned.skipped) == 2
 
 
+def test_segment_folder_runs_the_model_on_the_device_its_config_names(
+    tmp_path, monkeypatch, use_oracle
+):
+    # a model saved with inference.device: cpu (the GPU kept for training) ran on "auto"
+    # unless an option (--tile) was given, and then on its own device
+    import mlseg.model
+
+    use_oracle.config = Config(inference=InferenceConfig(tile_size=64, device="cpu"))
+    asked = []
+    resolve = mlseg.model.resolve_device
+    monkeypatch.setattr(
+        mlseg.model, "resolve_device", lambda name="auto": asked.append(name) or resolve(name)
+    )
+    folder = _folder(tmp_path, 1)
+    segment_folder("model", folder, tmp_path / "out", profile_name="he", progress=False)
+    assert asked == ["cpu"]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["inference"]["device"] == "cpu"
+
+
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
     tmp_path, monkeypatch, oracle, method
