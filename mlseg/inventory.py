@@ -228,16 +228,13 @@ def load_validate_config(
     workers: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> ValidateConfig:
-    """The validation config of a run-config YAML (its ``data`` section, or its ``validate``
-    section where the run config has one), with the run's section ``overrides`` (as the
-    pipeline passes them: the data training reads is the data validated) and command-line
-    options applied."""
+    """The validation config of a run-config YAML (its ``data`` section), with the run's
+    section ``overrides`` (as the pipeline passes them: the data training reads is the data
+    validated) and command-line options applied."""
     from mlseg.config import load_config, parse
 
     run = load_config(path, **(overrides or {}))
-    # pydantic models have a .validate method: test for the field, not the attribute.
-    base = run.validate if "validate" in type(run).model_fields else ValidateConfig(data=run.data)
-    data = base.model_dump()
+    data = ValidateConfig(data=run.data).model_dump()
     if mask_kind is not None:
         data["data"] = {**data["data"], "mask_kind": mask_kind}
     if min_images_per_split is not None:
