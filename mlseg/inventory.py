@@ -92,7 +92,6 @@ from mlseg.io import (
 )
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
-INVENTORY_VERSION = "1"
 #: "2": a 16-bit image's intensities are fractions of its camera's full scale
 #: (:func:`mlseg.io.full_scale`), not of 65535; "1" may hold either.
 FINGERPRINT_VERSION = "2"
