@@ -17,10 +17,6 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
     return load_config(data_path(config) if config else None, **(overrides or {}))
 
 
-def as_str(path: Path | str | None) -> str | None:
-    return None if path is None else str(path)
-
-
 def is_transient(exc: BaseException | None) -> bool:
     """I/O errors worth retrying (network file systems, object stores, busy files).
 
