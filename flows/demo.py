@@ -1,6 +1,7 @@
 """``python -m flows.demo [DIR]``: the whole pipeline on a synthetic dataset, no account needed.
 
-Generates ``DIR/dataset`` (skipped when present), then runs the ``pipeline`` flow with the
+Generates ``DIR/dataset`` (reused when present; ``--n-train``, ``--n-test``, ``--size`` or
+``--seed`` other than it was made with are then refused), then runs the ``pipeline`` flow with the
 small CPU budget of ``flows/demo.yaml`` and prints where the report, the model and the
 measurements are. Everything stays inside ``DIR`` (default ``demo-run``), Prefect's state
 included: with no ``PREFECT_API_URL`` set, Prefect starts a temporary local server backed by
@@ -33,6 +34,39 @@ def _prefect_environment(demo_dir: Path) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+SYNTH_DEFAULTS = {"n_train": 24, "n_test": 8, "size": 256, "seed": 0}
+
+
+def _check_made_with(dataset: Path, given: dict[str, int]) -> None:
+    """Refuse options of the synthetic dataset that the one already in ``dataset`` was not
+    made with: it is reused as it is, and a rerun with ``--n-train 48`` trained on the 24
+    images of the first run without a word."""
+    import pandas as pd
+
+    from mlseg.errors import ConfigError
+    from mlseg.io import read_image
+
+    made: dict[str, int] = {}
+    manifest = dataset / "manifest.csv"
+    if manifest.is_file():
+        rows = pd.read_csv(manifest)
+        made = {
+            "n_train": int((rows["split"] == "train").sum()),
+            "n_test": int((rows["split"] == "test").sum()),
+            "size": read_image(dataset / rows["image"].iloc[0]).shape[0] if len(rows) else 0,
+            "seed": int(rows["seed"].iloc[0]) if len(rows) else 0,
+        }
+    if all(made.get(k) == v for k, v in given.items()):
+        return
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+    had = " ".join(f"--{k.replace('_', '-')} {made[k]}" for k in given if k in made)
+    raise ConfigError(
+        f"{dataset} holds a synthetic dataset{f' made with {had}' if had else ''}, which the "
+        f"demo reuses as it is: {options} would be ignored; delete it or give another folder "
+        "to generate one with them"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.demo", description=__doc__.split("\n")[0]
@@ -41,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         "demo_dir", nargs="?", default="demo-run", type=Path, help="output folder (demo-run)"
     )
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config (YAML)")
-    parser.add_argument("--n-train", type=int, default=24, help="synthetic training images")
-    parser.add_argument("--n-test", type=int, default=8, help="synthetic test images")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    # None: not given; a dataset already in DIR is checked against the options given only
+    parser.add_argument("--n-train", type=int, help="synthetic training images (24)")
+    parser.add_argument("--n-test", type=int, help="synthetic test images (8)")
+    parser.add_argument("--size", type=int, help="image side in pixels (256)")
+    parser.add_argument("--seed", type=int, help="seed of the synthetic dataset (0)")
     parser.add_argument(
         "--no-resume",
         dest="resume",
@@ -62,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     from mlseg.synth import make_dataset
 
     dataset = demo_dir / "dataset"
-    if not (dataset / "train").is_dir():
-        print(f"generating the synthetic dataset in {dataset}", flush=True)
-        make_dataset(
-            dataset, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed
-        )
-    from flows.pipeline import pipeline
-
+    given = {k: getattr(args, k) for k in SYNTH_DEFAULTS if getattr(args, k) is not None}
     try:
+        if not (dataset / "train").is_dir():
+            print(f"generating the synthetic dataset in {dataset}", flush=True)
+            make_dataset(dataset, **{**SYNTH_DEFAULTS, **given})
+        elif given:
+            _check_made_with(dataset, given)
+        from flows.pipeline import pipeline
+
         result = pipeline(
             str(dataset),
             str(demo_dir / "pipeline"),

@@ -822,6 +822,32 @@ def test_demo_command_line_trains_afresh_with_no_resume(tmp_path, monkeypatch, c
     assert seen == [True, False]
 
 
+def test_demo_options_a_dataset_already_made_ignores_are_refused(tmp_path, monkeypatch, capsys):
+    """A rerun asking for more images (--n-train 4) trained on the dataset of the first run
+    without a word: it is reused as it is. Options it was made with are taken."""
+    import flows.demo
+    import flows.pipeline
+
+    runs = []
+
+    def pipeline(data_root, *args, **kwargs):
+        runs.append(pd.read_csv(Path(data_root) / "manifest.csv")["split"].tolist())
+        raise ValidationFailed("stop here")
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
+    monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
+    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
+    first = ["--n-train", "2", "--n-test", "1", "--size", "32"]
+    assert flows.demo.main([str(tmp_path), *first]) == 1
+    assert flows.demo.main([str(tmp_path), "--n-train", "2", "--size", "32"]) == 1
+    assert runs == [["train", "train", "test"]] * 2
+    capsys.readouterr()
+    assert flows.demo.main([str(tmp_path), "--n-train", "4"]) == 2
+    assert runs == [["train", "train", "test"]] * 2
+    error = capsys.readouterr().err
+    assert "made with --n-train 2" in error and "--n-train 4 would be ignored" in error
+
+
 def test_segment_command_line_without_a_model_is_a_usage_error(tmp_path, capsys):
     """Neither --model nor --registry: one usage line, not the flow's traceback."""
     from flows.segment import main
