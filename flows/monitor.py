@@ -32,12 +32,15 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     retry_delay_seconds=[1, 5],
     retry_condition_fn=retry_on_transient_io,
 )
-def image_stats_task(paths: list[str]) -> list[dict[str, Any]]:
-    """Statistics of a batch of images (one dict per image)."""
+def image_stats_task(
+    paths: list[str], params: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Statistics of a batch of images (one dict per image), computed with ``params`` (the
+    fingerprint's ``image_stats_params``)."""
     from mlseg.monitor import image_stats_table
 
     log_warnings()  # on a Dask worker too
-    return image_stats_table(paths).to_dict(orient="records")
+    return image_stats_table(paths, params=params).to_dict(orient="records")
 
 
 @flow(name="monitor", flow_run_name="monitor {images}", log_prints=True)
@@ -81,7 +84,8 @@ def monitor(
         result = {"status": "skipped", "message": "no images", "n_images": 0}
         _publish_history(history, result, logger)
         return result
-    futures = [image_stats_task.submit(batch) for batch in batches(paths, batch_size)]
+    params = reference.get("image_stats_params")
+    futures = [image_stats_task.submit(batch, params) for batch in batches(paths, batch_size)]
     rows = [row for future in futures for row in future.result()]
     report = drift_report(pd.DataFrame(rows), reference, cfg)
     out = Path(out_dir)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,22 +206,20 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
 def image_stats_table(
     paths: Iterable[str | os.PathLike],
     *,
-    stats_fn: Callable[[np.ndarray], dict[str, float]] | None = None,
+    params: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
-    ``content_hash`` (:func:`mlseg.inventory.content_hash`) and its statistics.
-
-    ``stats_fn`` defaults to :func:`mlseg.inventory.image_stats` (the fingerprint's own). An
-    unreadable image is left out with one warning naming it: it has no statistics to
-    drift, and the others still do. ``progress`` shows a bar (a folder of large images
+    ``content_hash`` (:func:`mlseg.inventory.content_hash`) and its statistics
+    (:func:`mlseg.inventory.image_stats`, with the keyword arguments ``params``: give a
+    fingerprint's ``image_stats_params``, so new images are measured as the training images
+    were). An unreadable image is left out with one warning naming it: it has no statistics
+    to drift, and the others still do. ``progress`` shows a bar (a folder of large images
     takes minutes).
     """
-    from mlseg.inventory import content_hash
+    from mlseg.inventory import content_hash, image_stats
     from mlseg.io import read_image
 
-    if stats_fn is None:
-        from mlseg.inventory import image_stats as stats_fn
     if progress:
         from tqdm.auto import tqdm
 
@@ -240,7 +238,7 @@ def image_stats_table(
                 "height_px": int(image.shape[0]),
                 "channels": int(image.shape[2]) if image.ndim == 3 else 1,
                 "content_hash": content_hash(image),
-                **stats_fn(image),
+                **image_stats(image, **(params or {})),
             }
         )
     if unreadable:

@@ -363,11 +363,11 @@ def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, che
     assert "segment-failed-images" in set(flow_artifacts(state.state_details.flow_run_id))
 
 
-def _fingerprint(tmp_path: Path, images: list[Path]) -> Path:
+def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:
     from mlseg.inventory import fingerprint
     from mlseg.monitor import image_stats_table
 
-    stats = image_stats_table(images)
+    stats = image_stats_table(images, params=params)
     files = stats.assign(
         role="image",
         readable=True,
@@ -377,8 +377,20 @@ def _fingerprint(tmp_path: Path, images: list[Path]) -> Path:
         content_hash=[f"h{i}" for i in range(len(stats))],
     )
     path = tmp_path / "fingerprint.json"
-    path.write_text(json.dumps(fingerprint(files)))
+    path.write_text(json.dumps(fingerprint(files, image_stats_params=params)))
     return path
+
+
+def test_monitor_flow_measures_images_as_the_fingerprint_s_were(harness, tmp_path) -> None:
+    """The training images failed against their own fingerprint when it recorded other
+    stain vectors than the default: the flow measured them with the default ones."""
+    from flows.monitor import monitor
+
+    vectors = [[0.49, 0.80, 0.33], [0.30, 0.90, 0.31], [0.27, 0.57, 0.78]]
+    train = disc_images(tmp_path / "train", 12, seed=1)
+    reference = _fingerprint(tmp_path, train, {"stain_vectors": vectors})
+    state = monitor(str(tmp_path / "train"), str(reference), str(tmp_path / "m"), return_state=True)
+    assert state.is_completed() and state.result()["status"] == "ok"
 
 
 def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path) -> None:

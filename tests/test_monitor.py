@@ -289,6 +289,32 @@ def test_monitor_command_exit_code_follows_drift(
     assert "a folder; --out names the CSV file" in capsys.readouterr().err
 
 
+def test_new_images_are_measured_as_the_fingerprint_s_were(tmp_path, capsys) -> None:
+    """A fingerprint records the stain vectors its statistics were computed with; mlseg
+    monitor measured new images with the default ones, and the training images themselves
+    failed against their own fingerprint (od_dab_mean, PSI 1.65)."""
+    import json
+
+    from mlseg.cli import main
+    from mlseg.io import write_image
+
+    vectors = [[0.49, 0.80, 0.33], [0.30, 0.90, 0.31], [0.27, 0.57, 0.78]]
+    images = _he_images(12, seed=3)
+    stats = [
+        {"width_px": 64, "height_px": 64, **image_stats(im, stain_vectors=vectors)} for im in images
+    ]
+    made = {
+        **_fingerprint_of(pd.DataFrame(stats)),
+        "image_stats_params": {"stain_vectors": vectors},
+    }
+    (tmp_path / "fingerprint.json").write_text(json.dumps(made))
+    for i, image in enumerate(images):
+        write_image(tmp_path / "train" / f"{i}.png", image)
+    args = ["monitor", str(tmp_path / "train"), "--fingerprint", str(tmp_path / "fingerprint.json")]
+    assert main(args) == 0
+    assert "OK: no drift" in capsys.readouterr().out
+
+
 def test_another_labs_slides_drift_and_more_of_the_training_labs_do_not(shared_data) -> None:
     """Real H&E: a fingerprint of 30 GBM40 tiles passes the other 10 and fails CPM15.
 

@@ -113,7 +113,11 @@ def monitor_cmd(
         )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
-    new = image_stats_table(list_new_images(images), progress=sys.stderr.isatty())
+    new = image_stats_table(
+        list_new_images(images),
+        params=reference.get("image_stats_params"),
+        progress=sys.stderr.isatty(),
+    )
     report = drift_report(new, reference, cfg)
     if out is not None:
         write_table(report.table, out)
