@@ -99,7 +99,7 @@ def resolve_profile(
     name: str,
     profiles: dict[str, Any] | str | None = None,
     overrides: dict[str, Any] | None = None,
-    profiles_file: str | None = None,
+    profiles_file: str | Path | None = None,
 ):
     """The :class:`~mlseg.config.Profile` a run uses.
 

@@ -210,7 +210,7 @@ def pipeline(
     # the profile parameters reach every stage: training and evaluation read the run config
     overrides = _with_profile(config, overrides, profile, profiles)
     cfg = run_config(config, overrides)
-    prof = resolve_profile(cfg.profile, profiles)
+    prof = resolve_profile(cfg.profile, profiles, profiles_file=cfg.profiles_file)
     if promote_metric not in SCORES:  # not after training, evaluation and registration
         raise ConfigError(
             f"promote_metric {promote_metric!r}: choose a score that is better higher, one of "
@@ -283,7 +283,7 @@ def pipeline(
         model_name=model_name,
         model_version="production",
         profile=prof.name,
-        profiles=profiles,
+        profiles=profiles or {prof.name: prof.model_dump(mode="json")},  # profiles_file's
         inference=_inference(cfg),
         pixel_size_um=pixel_size_um,
         pixel_sizes=split_pixel_sizes(root, "test") or None,

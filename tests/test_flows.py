@@ -792,6 +792,48 @@ def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkp
     assert merged.tile_size == 96 and merged.auto_scale is False  # the model's own, kept
 
 
+def test_pipeline_measures_with_the_run_config_s_profiles_file(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """A run config's profiles_file, which mlseg train reads, was not the pipeline's: a
+    profile of its own stopped the run before any work ('unknown profile'), and one named
+    as a packaged profile was measured and preprocessed as the packaged one."""
+    import flows.pipeline as module
+    from flows.common import resolve_profile
+    from mlseg.config import default_profiles_path
+
+    lab = yaml.safe_load(default_profiles_path().read_text())["profiles"]["he"]
+    lab["preprocess"] = {"stain_norm": "none"}  # the packaged he: macenko
+    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"profiles": {"lab": lab}}))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({"profile": "lab", "profiles_file": str(tmp_path / "lab.yaml")})
+    )
+    seen = {}
+
+    def segment_and_quantify(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after recording the call")
+
+    validated = {"outputs": {"fingerprint": "f"}, "fingerprint_hash": "h"}
+    stages = {
+        "validate_dataset_flow": lambda *args, **kwargs: validated,
+        "train_model": lambda *args: {"checkpoint": "c"},
+        "evaluate_model": lambda *args, **kwargs: {"eval_set_id": "e", "means": {}},
+        "_champion_needs_eval": lambda *args: None,
+        "register_task": lambda *args: {"decision": {"reason": "r"}},
+        "segment_and_quantify": segment_and_quantify,
+    }
+    for name, stub in stages.items():
+        monkeypatch.setattr(module, name, stub)
+    work = tmp_path / "work"
+    state = module.pipeline(str(synth_dataset), str(work), config=str(config), return_state=True)
+    assert state.is_failed() and "stop after recording" in state.message, state.message
+    measured = resolve_profile(seen["profile"], seen["profiles"])
+    assert measured.name == "lab" and measured.preprocess.stain_norm == "none"
+    assert json.loads((work / "preprocess.json").read_text())["stain_norm"] == "none"
+
+
 @pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])
 def test_flow_command_lines_explain_every_argument(module, monkeypatch):
     """The README's `python -m flows.segment ... --task-runner dask --workers 4` showed
