@@ -627,11 +627,25 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     return write_image(path, labels.astype(np.uint16))
 
 
-def write_table(df, path: str | os.PathLike) -> Path:
-    """Write a DataFrame atomically as CSV or Parquet, chosen by the suffix."""
+def write_table(df, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a DataFrame atomically as CSV or Parquet, chosen by the suffix.
+
+    ``metadata``: key-value pairs added to a Parquet file's footer (read back with
+    ``pyarrow.parquet.read_schema(path).metadata``), so a table copied out of its folder
+    still says what made it; a CSV has no place for them."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".parquet":
+        if path.suffix.lower() == ".parquet" and metadata:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            footer = {
+                **(table.schema.metadata or {}),
+                **{k.encode(): v.encode() for k, v in metadata.items()},
+            }
+            pq.write_table(table.replace_schema_metadata(footer), tmp)
+        elif path.suffix.lower() == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False)

@@ -11,6 +11,9 @@ Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus 
 images, ``image`` first: :func:`nuclei_table`), ``histograms.png`` (main measurements over
 all nuclei of the run) and ``run.json`` (profile, model, inference settings).
 
+Each Parquet file carries its record in its footer, under :data:`PROVENANCE_KEY`: an
+image's table its ``<stem>.json``, ``nuclei.parquet`` the ``run.json``.
+
 GeoJSON follows QuPath's own reader (``PathObjectTypeAdapters`` in qupath-core, 0.4+):
 a ``FeatureCollection`` of ``Feature`` s whose ``properties`` hold ``objectType:
 "detection"``, ``classification: {"name", "color": [r, g, b]}`` and ``measurements`` as a
@@ -44,6 +47,9 @@ from mlseg.io import (
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
 #: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
 NUCLEI_TABLE = "nuclei.parquet"
+#: Key of the Parquet footer entry that holds, as JSON, the ``<stem>.json`` of an image's table
+#: and the ``run.json`` of the run's :data:`NUCLEI_TABLE`.
+PROVENANCE_KEY = "mlseg"
 NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
 #: Outlines on nuclei that are green themselves (SYTOX Green, GFP-H2B), where green vanishes.
 OUTLINE_ON_GREEN = (255, 0, 255)
@@ -471,16 +477,19 @@ def write_image_outputs(
     }
     write_labels(out_dir / names["labels"], labels)
     write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(table)))
+    written = {**summary, "outputs": names}
+    record = dumps(written)
     tagged = tag_table(table, summary)
     write_table(tagged, out_dir / names["csv"])
-    write_table(tagged, out_dir / names["parquet"])
+    # its <stem>.json in the footer: copied out alone, the table still names its image's
+    # bytes, the model, the settings and the mlseg that made it
+    write_table(tagged, out_dir / names["parquet"], metadata={PROVENANCE_KEY: record})
     provenance = {k: summary.get(k) for k in ("image", "profile", "profile_version")}
     geojson = geojson_text(
         labels, table, pixel_size_um=summary.get("pixel_size_um"), properties=provenance
     )
     write_text(out_dir / names["geojson"], geojson)
-    written = {**summary, "outputs": names}
-    write_text(out_dir / f"{stem}.json", dumps(written))
+    write_text(out_dir / f"{stem}.json", record)
     return written
 
 
@@ -547,6 +556,7 @@ def write_run_outputs(
     """``summary.csv`` (one row per image), ``nuclei.parquet`` (:func:`nuclei_table` of
     ``tables``, one per image of ``summaries``), ``histograms.png`` and ``run.json``."""
     out_dir = Path(out_dir)
+    record = dumps(run_info)
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     nuclei = nuclei_table(tables)
     paths = {
@@ -554,9 +564,9 @@ def write_run_outputs(
         "summary": write_table(
             pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
         ),
-        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE),
+        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE, metadata={PROVENANCE_KEY: record}),
         "histograms": plot_histograms(nuclei, out_dir / "histograms.png"),
-        "run": write_text(out_dir / "run.json", dumps(run_info)),
+        "run": write_text(out_dir / "run.json", record),
     }
     return paths
 

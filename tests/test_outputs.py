@@ -18,6 +18,7 @@ from mlseg.outputs import (
     overlay,
     polygons,
     read_nuclei,
+    tag_table,
     to_geojson,
     write_image_outputs,
     write_run_outputs,
@@ -337,3 +338,21 @@ def test_an_unreadable_image_table_is_named_not_silently_left_out(tmp_path):
     with pytest.warns(UserWarning, match=r"img1_nuclei.parquet: unreadable .* delete img1.json"):
         table = read_nuclei(tmp_path, written)
     assert table.empty
+
+
+def test_parquet_tables_copied_out_alone_say_what_made_them(tmp_path):
+    """A per-image or run Parquet file copied out of its folder named its image and
+    profile, but not the model, the input's digest, the settings or the run: its footer
+    now holds its <stem>.json, and nuclei.parquet's the run.json."""
+    import pyarrow.parquet as pq
+
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    written, table = _outputs(tmp_path, labels, image)
+    record = pq.read_schema(tmp_path / written["outputs"]["parquet"]).metadata[b"mlseg"]
+    assert json.loads(record) == json.loads((tmp_path / "img1.json").read_text())
+    assert len(pd.read_parquet(tmp_path / written["outputs"]["parquet"])) == len(table)
+    run_info = {"command": "segment", "model": "best.safetensors@0123", "processed": ["img1"]}
+    paths = write_run_outputs(tmp_path, [written], [tag_table(table, written)], run_info)
+    assert json.loads(pq.read_schema(paths["nuclei"]).metadata[b"mlseg"]) == run_info
+    assert pd.read_parquet(paths["nuclei"])["image"].tolist() == ["img1"] * len(table)
