@@ -386,6 +386,7 @@ def segment_and_quantify(
     """
     import pandas as pd
 
+    import mlseg
     from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import read_nuclei, write_run_outputs
@@ -400,6 +401,7 @@ def segment_and_quantify(
     log_warnings()
     logger = get_run_logger()
     started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     src, out = data_path(input_dir), data_path(out_dir)
     check_out_dir(out, src)
     if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
@@ -415,6 +417,7 @@ def segment_and_quantify(
     # micron units no image can have fail the run once, before any work, as segment_folder does
     check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
     saved = model_config(checkpoint)
+    weights = model_id(checkpoint, saved)
     cfg = inference_settings(checkpoint, inference, saved)
     settings = runner_settings(task_runner, dask_address, workers)
     threads = torch_threads or max(1, usable_cpus() // settings["workers"])
@@ -436,7 +439,7 @@ def segment_and_quantify(
             _batches(files, batch_size),
             str(out),
             checkpoint,
-            model_id(checkpoint, saved),
+            weights,
             prof.model_dump(mode="json"),
             cfg.model_dump(mode="json"),
             pixel_size_um,
@@ -461,11 +464,18 @@ def segment_and_quantify(
         {
             "command": "segment-and-quantify",
             "flow_run": run_id,
+            "mlseg_version": mlseg.__version__,
+            "started_at": started_at,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "input_dir": str(src),
-            "model": model_desc,
+            # as mlseg segment's run.json and every <stem>.json: the weights' content hash
+            "model": weights,
+            "model_source": model_desc,  # the registry version (nuclei@v3) or the path given
             "model_path": checkpoint,
             "profile": prof.model_dump(mode="json"),
             "inference": cfg.model_dump(mode="json"),
+            "pixel_size_um": pixel_size_um,
+            "pixel_sizes": sizes,
             "processed": processed,
             "skipped": skipped,
             "failed": failed,

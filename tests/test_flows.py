@@ -19,6 +19,7 @@ import pytest
 import yaml
 from flow_helpers import artifact_rows, disc_images, flow_artifacts, flow_logs, tiny_checkpoint
 
+import mlseg
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
 from mlseg.errors import ConfigError, ImageReadError, ValidationFailed
@@ -256,6 +257,13 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert nuclei["image"].value_counts().reindex(summary["image"], fill_value=0).tolist() == (
         summary["count"].tolist()
     )
+    # run.json says, as mlseg segment's does, which weights, mlseg and pixel size, and when:
+    # it named the model only by the path given and left out the rest
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["model"] == summary["model"].iloc[0] and "@" in run_info["model"]
+    assert run_info["mlseg_version"] == mlseg.__version__
+    assert run_info["started_at"] <= run_info["finished_at"]
+    assert run_info["model_source"] == str(checkpoint) and run_info["pixel_size_um"] is None
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")}
     rerun = _segment(inbox, out, checkpoint)
