@@ -99,9 +99,11 @@ def segment_one(
     expect: dict[str, Any],
     pixel_size_um: float | None = None,
     pixel_sizes: dict[str, float] | None = None,
+    mlseg_version: str | None = None,
 ) -> dict[str, Any]:
     """Segment, measure and write one image; returns its summary as written and its
-    per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`)."""
+    per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`);
+    ``mlseg_version``: :func:`mlseg.registry.code_version`, asked once per batch."""
     from mlseg.io import image_stem
     from mlseg.outputs import write_image_outputs
     from mlseg.segment import segment_image
@@ -115,6 +117,7 @@ def segment_one(
         "image_file": str(path),
         **expect,
         **summary,
+        "mlseg_version": mlseg_version,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return write_image_outputs(out_dir, image_stem(path), image, labels, table, summary), table
@@ -164,6 +167,7 @@ def segment_batch(
     from mlseg.errors import MlsegError
     from mlseg.io import image_stem
     from mlseg.outputs import image_done
+    from mlseg.registry import code_version
 
     log_warnings()  # on a Dask worker too
     if torch_threads:
@@ -184,9 +188,10 @@ def segment_batch(
             continue
         if loaded is None:
             loaded = loaded_model(model, cfg.device)
+            version = code_version()  # this worker's, on Dask too
         try:
             summary, _ = segment_one(
-                loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes
+                loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes, version
             )
         except MlsegError as err:
             records.append({"status": "failed", "image": name, "error": str(err)})
@@ -386,10 +391,10 @@ def segment_and_quantify(
     """
     import pandas as pd
 
-    import mlseg
     from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import read_nuclei, write_run_outputs
+    from mlseg.registry import code_version
     from mlseg.segment import (
         check_out_dir,
         check_units_possible,
@@ -464,7 +469,7 @@ def segment_and_quantify(
         {
             "command": "segment-and-quantify",
             "flow_run": run_id,
-            "mlseg_version": mlseg.__version__,
+            "mlseg_version": code_version(),
             "started_at": started_at,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "input_dir": str(src),

@@ -56,7 +56,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import mlseg
 from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import (
     check_pixel_size,
@@ -102,6 +101,7 @@ from mlseg.quantify import (
     summarize,
     tissue_fraction,
 )
+from mlseg.registry import code_version
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 
@@ -731,6 +731,8 @@ def _run_folder(
             "image_file": str(path),
             **expect(stem),
             **summary,
+            # the image's own: a later run that skips it may be another mlseg's
+            "mlseg_version": run_info["mlseg_version"],
             "seconds": round(time.perf_counter() - started, 3),
         }
         written = write_image_outputs(out_dir, stem, image, labels, table, summary)
@@ -781,7 +783,13 @@ def segment_image(
     )
     warn_if_scale_at_limit(scale, path)
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
-    return image, labels, table, {"pixel_size_source": source, **scale.as_row(), **summary}
+    device = str(_model_device(loaded.model))  # where it ran: cpu or cuda:0
+    return (
+        image,
+        labels,
+        table,
+        {"pixel_size_source": source, **scale.as_row(), **summary, "device": device},
+    )
 
 
 def warn_if_other_modality(loaded, profile: Profile) -> None:
@@ -884,7 +892,7 @@ def segment_folder(
 
     run_info = {
         "command": "segment",
-        "mlseg_version": mlseg.__version__,
+        "mlseg_version": code_version(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input_dir": str(input_dir),
         "model_path": str(loaded.path),
@@ -994,7 +1002,7 @@ def quantify_folder(
 
     run_info = {
         "command": "quantify",
-        "mlseg_version": mlseg.__version__,
+        "mlseg_version": code_version(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels_dir": str(labels_dir),
         "images_dir": str(images_dir) if images_dir is not None else None,

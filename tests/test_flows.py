@@ -19,10 +19,10 @@ import pytest
 import yaml
 from flow_helpers import artifact_rows, disc_images, flow_artifacts, flow_logs, tiny_checkpoint
 
-import mlseg
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
 from mlseg.errors import ConfigError, ImageReadError, ValidationFailed
+from mlseg.registry import code_version
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -261,7 +261,8 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     # it named the model only by the path given and left out the rest
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["model"] == summary["model"].iloc[0] and "@" in run_info["model"]
-    assert run_info["mlseg_version"] == mlseg.__version__
+    assert run_info["mlseg_version"] == code_version()  # with the commit: 0.1.0 is every build
+    assert (summary["mlseg_version"] == code_version()).all() and set(summary["device"]) == {"cpu"}
     assert run_info["started_at"] <= run_info["finished_at"]
     assert run_info["model_source"] == str(checkpoint) and run_info["pixel_size_um"] is None
 

@@ -245,6 +245,30 @@ def _folder(tmp_path: Path, n: int = 3) -> Path:
     return folder
 
 
+def test_each_image_records_the_mlseg_and_device_that_made_it_through_reruns(
+    tmp_path, use_oracle, monkeypatch
+):
+    """Six months on, an image's record says which mlseg (with its commit: the version alone
+    is 0.1.0 in every build) and which device made its outputs. A rerun by another mlseg skips
+    the finished images; its run.json is its own, and the images' records stay theirs."""
+    import mlseg.segment
+    from mlseg.registry import code_version
+
+    folder = _folder(tmp_path, 2)
+    out = tmp_path / "out"
+    segment_folder("model", folder, out, profile_name="he", progress=False)
+    made_by = code_version()
+    assert json.loads((out / "run.json").read_text())["mlseg_version"] == made_by
+    (out / "img1.json").unlink()  # its outputs are made again by the new version
+    monkeypatch.setattr(mlseg.segment, "code_version", lambda: "9.9.9+gfeedbeef")
+    rerun = segment_folder("model", folder, out, profile_name="he", progress=False)
+    assert rerun.skipped == ["img0"] and rerun.processed == ["img1"]
+    assert json.loads((out / "run.json").read_text())["mlseg_version"] == "9.9.9+gfeedbeef"
+    table = pd.read_csv(out / "summary.csv").set_index("image")
+    assert table["mlseg_version"].to_dict() == {"img0": made_by, "img1": "9.9.9+gfeedbeef"}
+    assert set(table["device"]) == {"cpu"}
+
+
 def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     folder = _folder(tmp_path)
     out = tmp_path / "out"
