@@ -32,7 +32,7 @@ from mlseg.errors import DatasetError, some_of
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
-from mlseg.registry import eval_set_id
+from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
 #: The metrics that are better higher: what champion/challenger may compare
@@ -173,13 +173,14 @@ def evaluate(
     it (older runs: read again from the run config's ``profiles_file``); another name is
     read from that file. ``inference_cfg`` defaults to the model config's inference section.
     """
-    from mlseg.segment import check_out_dir
+    from mlseg.segment import check_out_dir, model_identity
 
     out = Path(out_dir)
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
     inference_cfg = inference_cfg or cfg.inference
-    loaded.model.to(resolve_device(inference_cfg.device))
+    device = resolve_device(inference_cfg.device)
+    loaded.model.to(device)
     if profile is None or isinstance(profile, str):
         trained = loaded.profile  # as saved with the run: its profiles_file may be elsewhere
         if trained is not None and profile in (None, trained.name):
@@ -238,11 +239,21 @@ def evaluate(
     }
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_table(df, out / "per_image.csv")
+    # the set as this model's data config pairs it (mask suffix, folders): the id that makes
+    # two scores comparable must change whenever one of the masks scored here changes
+    set_id = eval_set_id(data_root, split, cfg.data)
     summary = {
         "model": str(loaded.path),
+        # what the scores belong to, where paths are only names: the weights (and stain
+        # reference) by content, as mlseg segment records them, and the scored set's content
+        "model_id": model_identity(loaded.path, cfg.preprocess),
         "data": str(data_root),
         "split": split,
+        "eval_set_id": set_id,
         "profile": profile.name,
+        "profile_version": profile.version,
+        "mlseg_version": code_version(),
+        "device": str(device),
         "n_images": len(df),
         "means": means,
         "pooled": pooled,
@@ -252,7 +263,4 @@ def evaluate(
     from mlseg.plots import plot_worst
 
     worst_png = plot_worst([item for _, item in worst], out / "worst.png") if worst else None
-    # the set as this model's data config pairs it (mask suffix, folders): the id that makes
-    # two scores comparable must change whenever one of the masks scored here changes
-    set_id = eval_set_id(data_root, split, cfg.data)
     return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)

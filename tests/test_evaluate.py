@@ -14,6 +14,7 @@ from mlseg.config import Config, TrainConfig
 from mlseg.dataset import list_pairs
 from mlseg.io import read_mask, write_labels
 from mlseg.model import build_model, save_checkpoint
+from mlseg.registry import code_version
 
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
 
@@ -87,6 +88,11 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     assert summary["n_images"] == len(pairs) and summary["means"]["dice"] == pytest.approx(
         1 / len(pairs)
     )
+    # the report alone says which weights scored which set, as the registry compares them:
+    # it named only the model's path and the data's folder
+    assert summary["eval_set_id"] == result.eval_set_id
+    assert summary["model_id"].startswith("best.safetensors@")
+    assert summary["mlseg_version"] == code_version() and summary["device"] == "cpu"
     # pooled over images: every true nucleus of the perfect image found, all others missed
     found, missed = int(row["n_true"]), int(others["n_true"].sum())
     pooled = summary["pooled"]
