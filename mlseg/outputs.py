@@ -47,6 +47,19 @@ from mlseg.io import (
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
 #: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
 NUCLEI_TABLE = "nuclei.parquet"
+#: What an image's GeoJSON records of its making (beside its pixel size), where the summary
+#: has it: a file moved into a QuPath project still names its image's bytes and the model.
+GEOJSON_PROVENANCE = (
+    "image",
+    "image_file",
+    "labels_file",
+    "input_digest",
+    "model",
+    "profile",
+    "profile_version",
+    "settings",
+    "mlseg_version",
+)
 #: Key of the Parquet footer entry that holds, as JSON, the ``<stem>.json`` of an image's table
 #: and the ``run.json`` of the run's :data:`NUCLEI_TABLE`.
 PROVENANCE_KEY = "mlseg"
@@ -484,7 +497,7 @@ def write_image_outputs(
     # its <stem>.json in the footer: copied out alone, the table still names its image's
     # bytes, the model, the settings and the mlseg that made it
     write_table(tagged, out_dir / names["parquet"], metadata={PROVENANCE_KEY: record})
-    provenance = {k: summary.get(k) for k in ("image", "profile", "profile_version")}
+    provenance = {k: summary[k] for k in GEOJSON_PROVENANCE if k in summary}
     geojson = geojson_text(
         labels, table, pixel_size_um=summary.get("pixel_size_um"), properties=provenance
     )

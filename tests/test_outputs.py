@@ -194,6 +194,11 @@ def _outputs(tmp_path, labels, image, profile_name="he"):
     table = measure(labels, image, profile, pixel_size_um=None)
     summary = summarize(table, labels.shape, profile, None, 0.5)
     summary.update(image="img1", profile=profile.name, profile_version=profile.version)
+    summary.update(
+        model="best.safetensors@0123456789abcdef",
+        input_digest="fedcba9876543210",
+        mlseg_version="0.1.0+g0123456789ab",
+    )
     return write_image_outputs(tmp_path, "img1", image, labels, table, summary), table
 
 
@@ -213,6 +218,13 @@ def test_write_image_outputs_and_done_marker(tmp_path):
     assert (parquet["profile"] == "he").all() and "profile_version" in csv.columns
     geo = json.loads((tmp_path / names["geojson"]).read_text())
     assert geo["mlseg"]["profile"] == "he"
+    # a GeoJSON moved into a QuPath project named its image and profile but not the model
+    # or the image's bytes: the record's identifying keys come along
+    assert {k: geo["mlseg"][k] for k in ("model", "input_digest", "mlseg_version")} == {
+        "model": "best.safetensors@0123456789abcdef",
+        "input_digest": "fedcba9876543210",
+        "mlseg_version": "0.1.0+g0123456789ab",
+    }
     assert image_done(tmp_path, "img1", {"profile_version": written["profile_version"]})
     assert image_done(tmp_path, "img1", {"profile_version": "other"}) is None
     (tmp_path / names["geojson"]).unlink()
