@@ -394,7 +394,7 @@ def segment_and_quantify(
     from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import read_nuclei, write_run_outputs
-    from mlseg.registry import code_version
+    from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,
         check_units_possible,
@@ -470,6 +470,7 @@ def segment_and_quantify(
             "command": "segment-and-quantify",
             "flow_run": run_id,
             "mlseg_version": code_version(),
+            "packages": package_versions(),
             "started_at": started_at,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "input_dir": str(src),
@@ -477,6 +478,7 @@ def segment_and_quantify(
             "model": weights,
             "model_source": model_desc,  # the registry version (nuclei@v3) or the path given
             "model_path": checkpoint,
+            "preprocess": saved.preprocess.model_dump(mode="json"),
             "profile": prof.model_dump(mode="json"),
             "inference": cfg.model_dump(mode="json"),
             "pixel_size_um": pixel_size_um,

@@ -9,7 +9,8 @@ image is complete (:func:`image_done`).
 
 Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus of those
 images, ``image`` first: :func:`nuclei_table`), ``histograms.png`` (main measurements over
-all nuclei of the run) and ``run.json`` (profile, model, inference settings).
+all nuclei of the run) and ``run.json`` (versions, machine, model, preprocessing, profile,
+inference settings).
 
 Each Parquet file carries its record in its footer, under :data:`PROVENANCE_KEY`: an
 image's table its ``<stem>.json``, ``nuclei.parquet`` the ``run.json``.

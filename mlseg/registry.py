@@ -213,6 +213,38 @@ def code_version() -> str:
     return f"{version}+g{commit}{'.dirty' if dirty else ''}" if commit else version
 
 
+#: The distributions whose releases change a segmentation's numbers: the network's
+#: arithmetic, resampling and stain separation, watershed and labelling, measurements, reading.
+NUMERIC_PACKAGES = (
+    "torch",
+    "segmentation-models-pytorch",
+    "timm",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "opencv-python-headless",
+    "pandas",
+    "tifffile",
+    "imagecodecs",
+    "pillow",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python's and each of :data:`NUMERIC_PACKAGES`' installed version (None: not
+    installed), as a run records them beside :func:`code_version`."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{n: installed(n) for n in NUMERIC_PACKAGES}}
+
+
 def eval_set_id(root: str | Path, split: str = "test", cfg=None) -> str:
     """Content hash (16 hex) of a dataset split's images, masks and known pixel sizes,
     independent of file names.

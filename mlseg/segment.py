@@ -101,7 +101,7 @@ from mlseg.quantify import (
     summarize,
     tissue_fraction,
 )
-from mlseg.registry import code_version
+from mlseg.registry import code_version, package_versions
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 
@@ -872,6 +872,7 @@ def segment_folder(
     outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped.
     ``pixel_sizes`` maps image stems to microns per pixel (see the module docstring)."""
     from mlseg.model import load_model, resolve_device
+    from mlseg.train import machine
 
     profile = _load_profile(profile_name, profiles_file, units)
     pixel_size_um = microns_per_pixel(pixel_size_um)  # "0.5" as a table gives it: 0.5
@@ -893,11 +894,15 @@ def segment_folder(
     run_info = {
         "command": "segment",
         "mlseg_version": code_version(),
+        "packages": package_versions(),
+        "machine": machine(_model_device(loaded.model)),  # the device, its make and kernels
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input_dir": str(input_dir),
         "model_path": str(loaded.path),
         "model": model_id,
         "model_meta": {k: v for k, v in loaded.meta.items() if k != "checkpoints"},
+        # the model's config.json, not its weights: stain normalisation and its reference
+        "preprocess": loaded.config.preprocess.model_dump(mode="json"),
         "profile": profile.model_dump(mode="json"),
         "inference": cfg.model_dump(mode="json"),
         "pixel_size_um": pixel_size_um,
@@ -1003,6 +1008,7 @@ def quantify_folder(
     run_info = {
         "command": "quantify",
         "mlseg_version": code_version(),
+        "packages": package_versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels_dir": str(labels_dir),
         "images_dir": str(images_dir) if images_dir is not None else None,

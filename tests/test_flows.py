@@ -21,8 +21,9 @@ from flow_helpers import artifact_rows, disc_images, flow_artifacts, flow_logs, 
 
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
+from flows.segment import model_config
 from mlseg.errors import ConfigError, ImageReadError, ValidationFailed
-from mlseg.registry import code_version
+from mlseg.registry import code_version, package_versions
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -265,6 +266,10 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert (summary["mlseg_version"] == code_version()).all() and set(summary["device"]) == {"cpu"}
     assert run_info["started_at"] <= run_info["finished_at"]
     assert run_info["model_source"] == str(checkpoint) and run_info["pixel_size_um"] is None
+    assert run_info["packages"]["torch"] == package_versions()["torch"]
+    assert (
+        run_info["preprocess"]["stain_norm"] == model_config(str(checkpoint)).preprocess.stain_norm
+    )
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")}
     rerun = _segment(inbox, out, checkpoint)

@@ -269,6 +269,31 @@ def test_each_image_records_the_mlseg_and_device_that_made_it_through_reruns(
     assert set(table["device"]) == {"cpu"}
 
 
+def test_run_json_names_the_library_releases_and_hardware_that_made_the_numbers(
+    tmp_path, use_oracle
+):
+    """run.json named mlseg's version only: another torch, OpenCV or scikit-image release,
+    or a GPU in place of a CPU, changes the labels and the measurements."""
+    from importlib.metadata import version
+
+    import torch
+
+    folder = _folder(tmp_path, 1)
+    segment_folder("model", folder, tmp_path / "out", profile_name="he", progress=False)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["packages"]["torch"] == version("torch")
+    assert run["packages"]["scikit-image"] == version("scikit-image")
+    assert run["machine"]["device"] == "cpu" and run["machine"]["torch"] == torch.__version__
+    # and how the model's inputs were prepared (its config.json, which the weights' hash
+    # does not cover): whether stains were normalised, to what
+    assert run["preprocess"] == use_oracle.config.preprocess.model_dump(mode="json")
+    labels = tmp_path / "labels"
+    write_labels(labels / "img0_mask.png", disc_image(90, 110)[1])
+    quantify_folder(labels, folder, tmp_path / "q", profile_name="he", progress=False)
+    measured = json.loads((tmp_path / "q" / "run.json").read_text())
+    assert measured["packages"]["numpy"] == version("numpy")
+
+
 def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     folder = _folder(tmp_path)
     out = tmp_path / "out"
