@@ -210,14 +210,16 @@ def evaluate(
             raise DatasetError(
                 f"{pair.mask}: mask size {truth.shape} differs from its image {image.shape[:2]}"
             )
+        # the profile's size for an image without its own, as training and segment take it
+        um = pair.pixel_size_um if pair.pixel_size_um is not None else profile.pixel_size_um
         t0 = time.perf_counter()
-        pred, scale = predict_image(loaded, image, profile, inference_cfg, pair.pixel_size_um)
+        pred, scale = predict_image(loaded, image, profile, inference_cfg, um)
         seconds = time.perf_counter() - t0
         row = {"stem": pair.stem, **score_labels(pred, truth)}
         row.update(
             height_px=image.shape[0],
             width_px=image.shape[1],
-            pixel_size_um=pair.pixel_size_um,
+            pixel_size_um=um,
             **scale,
             predict_s=seconds,
         )

@@ -174,3 +174,32 @@ def test_evaluate_names_the_images_it_cannot_score(
     with pytest.warns(UserWarning, match=f"1 of 3 images have no mask.*{stem}"):
         result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
     assert stem not in set(result.per_image["stem"]) and len(result.per_image) == 2
+
+
+def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, tmp_path) -> None:
+    """Images without a size of their own are at the profile's, as training resampled them
+    and ``mlseg segment`` takes them: scored at the model's scale by that ratio, not at a
+    scale estimated from the nuclei."""
+    from mlseg.config import get_profile
+
+    folder = tmp_path / "model"
+    save_checkpoint(
+        folder,
+        build_model(SMALL, 3, 3),
+        Config(train=SMALL),
+        target="three_class",
+        classes=3,
+        in_channels=3,
+        fingerprint_hash=None,
+        metrics={},
+        pixel_size_um=0.5,
+        name="best",
+        nucleus_diameter_px=12.0,
+    )
+    profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
+    data = nuclei_dataset(n_train=0, n_test=2, size=64)
+    result = ev.evaluate(folder, data, tmp_path / "eval", profile=profile, progress=False)
+    df = result.per_image
+    assert (df["scale_source"] == "pixel_size").all()
+    assert df["scale_factor"].tolist() == [0.5, 0.5]
+    assert df["pixel_size_um"].tolist() == [0.25, 0.25]
