@@ -503,7 +503,7 @@ def segment_and_quantify(
     metrics["n_skipped"] = len(skipped)
     if done_now:
         previous = _previous_distributions(history_path)
-        metrics.update(run_shift(counts, areas, previous))
+        metrics.update(run_shift(counts, areas, previous, unit))
         dist_path = runs_dir / f"{run_id}_distributions.parquet"
         from mlseg.io import write_table
 

@@ -516,13 +516,16 @@ def run_shift(
     counts: Sequence[float] | np.ndarray,
     areas: Sequence[float] | np.ndarray | None,
     previous: pd.DataFrame | None,
+    area_unit: str = "um2",
 ) -> dict[str, float]:
     """Distribution shift of this run's nuclei counts and areas vs the previous run.
 
-    ``previous`` is the previous run's distributions table (:func:`distributions`). Returns
-    ``count_psi``/``area_psi`` (:func:`sample_psi`, previous run as reference),
-    ``count_ks_p``/``area_ks_p`` (two-sample Kolmogorov-Smirnov p-values) and the relative
-    change of the medians in %; NaN where there is nothing to compare.
+    ``previous`` is the previous run's distributions table (:func:`distributions`);
+    ``areas`` are in ``area_unit`` (``um2`` or ``px``) and compared only with the previous
+    run's areas in that unit. Returns ``count_psi``/``area_psi`` (:func:`sample_psi`,
+    previous run as reference), ``count_ks_p``/``area_ks_p`` (two-sample
+    Kolmogorov-Smirnov p-values) and the relative change of the medians in %; NaN where
+    there is nothing to compare (no previous run, or one measured in the other unit).
     """
     from scipy.stats import ks_2samp
 
@@ -533,9 +536,7 @@ def run_shift(
             out[f"{key}_{name}"] = np.nan
         if previous is None or previous.empty or values is None:
             continue
-        quantity = "nuclei_per_image" if key == "count" else _area_quantity(previous)
-        if quantity is None:
-            continue
+        quantity = "nuclei_per_image" if key == "count" else f"area_{area_unit}"
         before = previous.loc[previous["quantity"] == quantity, "value"].to_numpy(np.float64)
         now = np.asarray(values, np.float64)
         if before.size == 0 or now.size == 0:
@@ -544,11 +545,6 @@ def run_shift(
         out[f"{key}_ks_p"] = float(ks_2samp(before, now).pvalue)
         out[f"{key}_median_change_pct"] = _change(float(np.median(now)), np.median(before))
     return out
-
-
-def _area_quantity(table: pd.DataFrame) -> str | None:
-    names = [q for q in table["quantity"].unique() if str(q).startswith("area_")]
-    return names[0] if names else None
 
 
 def distributions(

@@ -231,6 +231,19 @@ def test_run_history_and_shift_between_runs(tmp_path) -> None:
     assert monitor.run_shift(counts1, areas1, None)["count_psi"] != 0  # NaN: nothing to compare
 
 
+def test_areas_in_another_unit_are_not_read_as_a_shift() -> None:
+    """The same nuclei measured in um2 by one run (0.5 um pixels) and in pixels by the next
+    (no pixel size given) are no 300% growth: areas compare only within one unit."""
+    rng = np.random.default_rng(0)
+    counts, um2 = rng.poisson(40, 50), rng.lognormal(np.log(40), 0.3, 2000)
+    previous = monitor.distributions(counts, um2, "um2")
+    shift = monitor.run_shift(counts, um2 / 0.25, previous, "px")
+    assert np.isnan(shift["area_psi"]) and np.isnan(shift["area_median_change_pct"])
+    assert shift["count_psi"] == 0.0
+    same_unit = monitor.run_shift(counts, um2, previous, "um2")
+    assert same_unit["area_psi"] == 0.0 and same_unit["area_median_change_pct"] == 0.0
+
+
 def test_runs_ending_together_keep_every_history_row(tmp_path) -> None:
     """Two flow runs into one folder append at about the same moment: both rows stay."""
     import threading
