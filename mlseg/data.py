@@ -81,31 +81,43 @@ def training_pixel_size(
     spacing, the median of the training images' known pixel sizes, but only when they span
     more than :data:`SAME_SCALE_RATIO` (a mix of 20x and 40x tiles): a model trained on two
     scales at once learns neither. Within that ratio the images keep their own grid and the
-    median is recorded. ``None`` when no size is known. Images without a pixel size (and no
-    profile size) cannot be resampled; a warning names how many when others are.
+    median is recorded. ``None`` when no size is known, the target's too: no image could be
+    resampled to it, so the model's scale is unknown (a warning says so). Images without a
+    pixel size (and no profile size) cannot be resampled; a warning names how many when
+    others are.
     """
-    if pp.target_pixel_size_um is not None:
-        return pp.target_pixel_size_um, True
     sizes = [
         p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um for p in pairs
     ]
     known = np.array([s for s in sizes if s is not None], np.float64)
+    target = pp.target_pixel_size_um
     if known.size == 0:
+        if target is not None:
+            warnings.warn(
+                f"preprocess.target_pixel_size_um is {target:g} um but none of the "
+                f"{len(pairs)} training images has a pixel size, so none is resampled to it "
+                "and the model's pixel size is recorded as unknown (images it segments are "
+                "then scaled by their nuclei); give each image its pixel size (manifest.csv, "
+                "a JSON sidecar, TIFF metadata or the profile's pixel_size_um)",
+                stacklevel=3,
+            )
         return None, False
     median = float(np.median(known))
-    if known.max() / known.min() <= SAME_SCALE_RATIO:
+    if target is None and known.max() / known.min() <= SAME_SCALE_RATIO:
         return (median if known.size == len(sizes) else None), False
     unknown = [p.image.name for p, s in zip(pairs, sizes, strict=True) if s is None]
     if unknown:
+        to = f"{target:g} um" if target is not None else f"the median, {median:g} um"
+        advice = "" if target is not None else " or set preprocess.target_pixel_size_um"
         warnings.warn(
             f"{len(unknown)} of {len(pairs)} training images have no pixel size "
             f"({some_of(unknown)}) while the others "
             f"range from {known.min():g} to {known.max():g} um; they stay at their own scale "
-            f"and the rest are resampled to the median, {median:g} um. Give every image a "
-            "pixel size (manifest.csv) or set preprocess.target_pixel_size_um.",
+            f"and the rest are resampled to {to}. Give every image a "
+            f"pixel size (manifest.csv){advice}.",
             stacklevel=3,
         )
-    return median, True
+    return (median if target is None else target), True
 
 
 def _decode(pair: Pair, target_um: float | None, default_um: float | None):

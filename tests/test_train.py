@@ -282,6 +282,32 @@ def test_training_images_without_a_pixel_size_among_others_are_named(tmp_path) -
     assert data.pixel_size_um == 0.375 and data.train.height_cpu.tolist() == [64, 64, 48]
 
 
+def test_a_target_pixel_size_no_training_image_was_resampled_to_is_not_recorded(
+    tmp_path,
+) -> None:
+    """preprocess.target_pixel_size_um with no image of known size: nothing is resampled,
+    so the model's scale is unknown, not the target's (segment would resample every image
+    of known size by its ratio to a scale the model never saw); with some sizes known, the
+    images left at their own scale are named."""
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    cfg = load_config(
+        None,
+        train={**TINY, "max_steps": 1},
+        data={"val_fraction": 0.0},
+        preprocess={"target_pixel_size_um": 0.25},
+    )
+    root = _magnifications(tmp_path / "none", [None, None, None])
+    with pytest.warns(UserWarning, match="none of the 3 training images has a pixel size"):
+        data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+    assert data.pixel_size_um is None and data.train.height_cpu.tolist() == [48, 48, 48]
+    root = _magnifications(tmp_path / "some", [0.5, 0.5, None])
+    with pytest.warns(UserWarning, match=r"1 of 3 training images .* resampled to 0.25 um"):
+        data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+    assert data.pixel_size_um == 0.25 and data.train.height_cpu.tolist() == [96, 96, 48]
+
+
 def test_resume_refuses_training_images_whose_pixel_size_changed(tmp_path) -> None:
     """Two 20x and one 40x tile swapped in the manifest keep the median, the bytes and the
     config, but resample other images: the run resumed on data it had not trained on."""
