@@ -998,12 +998,8 @@ def quantify_folder(
     settings = (profile.model_dump(mode="json"), pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
     declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
-    imaged = {stem for stem, _, image in pairs if image is not None}
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
-    # the skip check holds the sizes images declare, as before label files' counted
-    expect = _expectations(
-        profile, None, settings, sizes, {s: declared[s] for s in declared.keys() & imaged}, inputs
-    )
+    expect = _expectations(profile, None, settings, sizes, declared, inputs)
 
     run_info = {
         "command": "quantify",

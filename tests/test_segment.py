@@ -604,6 +604,22 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert json.loads((out / "a.json").read_text())["count"] == truth.max() - 1
 
 
+def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
+    """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
+    it was corrected measures them again, in the new microns."""
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    write_labels(masks / "a_mask.png", disc_image(80, 100)[1])
+    write_labels(masks / "b_mask.png", disc_image(80, 100)[1])
+    (masks / "a_mask.json").write_text(json.dumps({"pixel_size_um": 0.5}))
+    run = dict(profile_name="he", progress=False)
+    assert sorted(quantify_folder(masks, None, out, **run).processed) == ["a", "b"]
+    (masks / "a_mask.json").write_text(json.dumps({"pixel_size_um": 0.25}))
+    again = quantify_folder(masks, None, out, **run)
+    assert again.processed == ["a"] and again.skipped == ["b"]
+    summary = json.loads((out / "a.json").read_text())
+    assert summary["pixel_size_um"] == 0.25 and summary["pixel_size_source"] == "image metadata"
+
+
 def _per_image_tables(out: Path) -> pd.DataFrame:
     """The per-image tables of the images in ``summary.csv``, one after the other."""
     stems = pd.read_csv(out / "summary.csv", dtype={"image": str})["image"]
