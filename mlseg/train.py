@@ -46,8 +46,9 @@ from torch import nn
 from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
 from mlseg.errors import DatasetError, ResumeError, TrainingDiverged, some_of
-from mlseg.io import write_table, write_text
+from mlseg.io import file_digest, write_table, write_text
 from mlseg.model import (
+    REFERENCE_KEY,
     autocast_dtype,
     build_model,
     load_train_state,
@@ -283,6 +284,14 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
             problems.append(f"{key}: {meta.get(key)!r} -> {value!r}")
     if meta.get("fingerprint_hash") not in (None, fingerprint):
         problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
+    # the same path may hold another lab's slide now: every image is normalised to it
+    copy, reference = meta.get(REFERENCE_KEY), cfg.preprocess.stain_reference
+    both = copy and reference is not None and (folder / copy).is_file() and reference.is_file()
+    if both and file_digest(folder / copy) != file_digest(reference):
+        problems.append(
+            f"preprocess.stain_reference: {reference} differs from the image the run "
+            f"trained with ({folder / copy})"
+        )
     sizes, now_sizes = meta.get("image_pixel_sizes"), data.image_pixel_sizes
     if sizes is not None and sizes != now_sizes:  # absent from older checkpoints
         moved = [

@@ -15,7 +15,7 @@ from skimage.draw import disk
 
 from mlseg.config import load_config
 from mlseg.errors import ConfigError, DatasetError, ModelError, ResumeError
-from mlseg.io import write_image, write_labels
+from mlseg.io import read_image, write_image, write_labels
 from mlseg.train import SegLoss, fit, warmup_cosine
 
 TINY = {
@@ -320,6 +320,26 @@ def test_resume_refuses_training_images_whose_pixel_size_changed(tmp_path) -> No
     more = load_config(None, train={**TINY, "max_steps": 2}, data={"val_fraction": 0.0})
     with pytest.raises(ResumeError, match=r"pixel sizes.*img1 0.5 -> 0.25, img2 0.25 -> 0.5"):
         fit(more, root, tmp_path / "run", progress=False)
+
+
+def test_resume_refuses_a_stain_reference_replaced_under_its_name(tmp_path) -> None:
+    """Every training image is normalised to the reference: the same path holding another
+    lab's slide trained the later steps to other colours than the earlier ones."""
+    from mlseg.synth import make_dataset
+
+    root = make_dataset(tmp_path / "ds", n_train=3, n_test=1, size=64, kinds=["he"])
+    reference = tmp_path / "reference.png"
+    write_image(reference, read_image(root / "train" / "original" / "he_000.png"))
+
+    def cfg(steps):
+        stains = {"stain_norm": "macenko", "stain_reference": str(reference)}
+        return load_config(None, train={**TINY, "max_steps": steps}, preprocess=stains)
+
+    fit(cfg(1), root, tmp_path / "run", progress=False)
+    assert fit(cfg(2), root, tmp_path / "run", progress=False).steps == 2  # the same image
+    write_image(reference, read_image(reference)[..., ::-1].copy())
+    with pytest.raises(ResumeError, match=r"stain_reference: .*reference.png differs"):
+        fit(cfg(3), root, tmp_path / "run", progress=False)
 
 
 def test_empty_training_set(tmp_path) -> None:
