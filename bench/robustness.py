@@ -69,19 +69,27 @@ def flat_source(out: Path, sources: list[Path], stems: dict[Path, set[str]] | No
 
 def ingest_all(src: Path, dst: Path, pixel_sizes: list[Path] | None) -> Path:
     """Ingest every pair of ``src`` into the ``train`` split of a new dataset at ``dst``
-    (``test_fraction=0``), with per-image pixel sizes from the CSV files given."""
-    from mlseg.ingest import ingest
+    (``test_fraction=0``), with per-image pixel sizes from the CSV files given; one there
+    already (a rerun into the same --out) is kept where it holds these sizes."""
+    import shutil
 
-    if (dst / "manifest.csv").is_file():  # a rerun into the same --out: ingested already
-        return dst
+    import pandas as pd
+
+    from mlseg.ingest import ingest, read_pixel_sizes
+
     table = None
     if pixel_sizes:
-        import pandas as pd
-
         table = dst.parent / f"{dst.name}_pixel_sizes.csv"
         pd.concat([pd.read_csv(p, dtype={"stem": str}) for p in pixel_sizes]).to_csv(
             table, index=False
         )
+    if (dst / "manifest.csv").is_file():  # a rerun into the same --out: ingested already
+        manifest = pd.read_csv(dst / "manifest.csv", dtype={"stem": str})
+        held = dict(zip(manifest["stem"], manifest["pixel_size_um"], strict=True))
+        given = read_pixel_sizes(table) if table is not None else {}
+        if all(held.get(stem) == um for stem, um in given.items()):
+            return dst
+        shutil.rmtree(dst)  # a corrected size table: ingested again with its sizes
     return ingest(
         src, dst, test_fraction=0.0, seed=0, link=True, pixel_sizes=table, progress=False
     ).root
