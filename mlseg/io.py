@@ -181,9 +181,9 @@ def read_image(
     """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
 
     An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
-    the scan) or loses its alpha (``"drop"``: a mask, whose transparent background is
-    label 0); so is a grey PNG's alpha, and it stays grey (C=1); a grey TIFF's alpha is
-    dropped. Integer values beyond 16 bits are refused, or with ``labels`` (a mask) kept as
+    the scan) or loses its alpha (``"drop"``: a mask, whose fully transparent pixels become
+    0, its background, whatever colour they hold); so is a grey PNG's alpha, and it stays
+    grey (C=1); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused, or with ``labels`` (a mask) kept as
     ``int32`` (a label image of over 65,535 nuclei, such as a tile cut from a whole
     slide's). Raises :class:`ImageReadError` naming the file.
     """
@@ -221,7 +221,12 @@ def read_image(
             code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
             arr = cv2.cvtColor(arr, code)
     if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = _over_white(arr) if alpha == "white" and not labels else arr[..., :3]
+        if alpha == "white" and not labels:
+            arr = _over_white(arr)
+        else:
+            # a mask's transparent pixels are background whatever colour they hold: image
+            # editors keep the white (or any) colour under a transparent background
+            arr = np.where(arr[..., 3:] == 0, 0, arr[..., :3]).astype(arr.dtype)
         if suffix == ".png" and (_png_header(path) or (0, 0, 0, 0))[3] == PNG_GREY_ALPHA:
             arr = arr[..., :1]  # grey, as the same picture without alpha or as a TIFF
     return _as_hwc(arr, path, labels)

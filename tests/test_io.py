@@ -225,7 +225,25 @@ def test_a_grey_png_with_alpha_stays_grey(tmp_path):
     image = read_image(tmp_path / "g.png")
     assert image.shape == (20, 30, 1) and image.dtype == np.uint8
     assert np.array_equal(image[:, :25, 0], grey[:, :25]) and (image[:, 25:] == 255).all()
-    assert np.array_equal(read_mask(tmp_path / "g.png"), grey)  # a mask's alpha is dropped
+    # a mask's transparent pixels are its background
+    assert np.array_equal(read_mask(tmp_path / "g.png"), np.where(opacity == 0, 0, grey))
+
+
+def test_a_masks_transparent_background_is_background_whatever_its_colour(tmp_path):
+    """GIMP and Photoshop keep the colour under a transparent background, often white: read
+    as that colour, the background was one object spanning the tile, which validate took for
+    an inverted mask and told the user to invert (leaving nothing)."""
+    from PIL import Image
+
+    from mlseg.dataset import mask_to_labels
+
+    rgba = np.full((40, 40, 4), 255, np.uint8)  # white everywhere
+    rgba[..., 3] = 0  # the background transparent
+    rgba[5:15, 5:15, 3] = rgba[25:35, 20:30, 3] = 255  # two opaque white nuclei
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a_mask.png")
+    mask = read_mask(tmp_path / "a_mask.png")
+    assert np.array_equal(mask != 0, rgba[..., 3] == 255)
+    assert mask_to_labels(mask).max() == 2
 
 
 @pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd", "packbits", "jpeg2000"])
