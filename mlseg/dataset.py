@@ -55,6 +55,9 @@ MIN_INTERIOR_FRACTION = 0.2
 #: Above this ``edge_to_edge_fraction`` a mask's background is labelled as a nucleus (rule
 #: ``background_not_labelled``).
 MAX_EDGE_TO_EDGE_FRACTION = 0.5
+#: Above this ``split_label_fraction`` a mask's values are not one per nucleus (rule
+#: ``one_label_per_nucleus``).
+MAX_SPLIT_LABEL_FRACTION = 0.5
 
 DATASET_README = """# mlseg dataset
 
@@ -491,7 +494,8 @@ def mask_to_labels(mask: np.ndarray, kind: str = "auto") -> np.ndarray:
 
 
 def mask_shape(mask: np.ndarray, *, binary: bool) -> dict[str, float | None]:
-    """Two signs that a mask does not mark nuclei as filled objects on a zero background.
+    """Three signs that a mask does not mark nuclei as filled objects, one label each, on a
+    zero background.
 
     ``interior_fraction``: of the foreground pixels, the share whose four neighbours carry the
     same label. A filled nucleus keeps its interior (0.64-0.86 per mask over the shared
@@ -504,6 +508,13 @@ def mask_shape(mask: np.ndarray, *, binary: bool) -> dict[str, float | None]:
     or a connected component of a binary mask, 8-connected as training reads it) that touches
     all four edges; 0 if none does. Nuclei are islands: no annotated nucleus spans a tile, while
     the background does (0.83-0.86 for four inverted CPM15 masks).
+
+    ``split_label_fraction``: the share of the foreground in labels made of two or more
+    separate (8-connected) pieces; ``None`` for a binary mask, whose one value covers every
+    nucleus. A nucleus is one piece: at most 0.01 per mask over the shared masks (a label cut
+    by an overlapping contour). A class mask (1 = tumour nuclei, 2 = lymphocytes: one value
+    for many nuclei) or a JPEG-compressed binary mask saved again as PNG (one value for every
+    nucleus's inside, others in rings along the edges) is near 1.
     """
     fg = mask != 0
     n_fg = int(fg.sum())
@@ -525,15 +536,35 @@ def mask_shape(mask: np.ndarray, *, binary: bool) -> dict[str, float | None]:
         common = common[common != 0]
         if common.size:
             spanning = max(int((labels == value).sum()) for value in common) / mask.size
-    return {"interior_fraction": interior, "edge_to_edge_fraction": spanning}
+    return {
+        "interior_fraction": interior,
+        "edge_to_edge_fraction": spanning,
+        "split_label_fraction": None if binary else _split_label_fraction(mask, n_fg),
+    }
+
+
+def _split_label_fraction(mask: np.ndarray, n_fg: int) -> float:
+    """``split_label_fraction`` of :func:`mask_shape` (``n_fg``: its foreground pixels)."""
+    from skimage.measure import label
+
+    if not n_fg:
+        return 0.0
+    pieces = label(mask, background=0, connectivity=2)  # one id per piece of one value
+    value = np.zeros(int(pieces.max()) + 1, mask.dtype)
+    value[pieces.ravel()] = mask.ravel()
+    _, of_value, n_pieces = np.unique(value[1:], return_inverse=True, return_counts=True)
+    area = np.bincount(pieces.ravel())[1:]
+    return float(area[n_pieces[of_value] >= 2].sum() / n_fg)
 
 
 def check_mask_shape(labels: np.ndarray, path: Path | str) -> None:
     """Raise :class:`DatasetError` naming ``path`` where :func:`mask_shape` says the nuclei of
     ``labels`` (instance labels, as :func:`mask_to_labels` gives) are outlines or their
-    background is labelled: their measurements would be wrong."""
+    background is labelled or its labels are not one per nucleus: their measurements would
+    be wrong."""
     shape = mask_shape(labels, binary=False)  # a binary mask's components are labels already
     interior, spanning = shape["interior_fraction"], shape["edge_to_edge_fraction"]
+    split = shape["split_label_fraction"]
     if interior is not None and interior < MIN_INTERIOR_FRACTION:
         raise DatasetError(
             f"{path}: the nuclei are drawn as outlines, not filled ({interior:.0%} of the "
@@ -546,4 +577,12 @@ def check_mask_shape(labels: np.ndarray, path: Path | str) -> None:
             f"mask: the background is labelled as a nucleus (an inverted binary mask, or "
             f"background label 1); invert the mask (Fiji: Edit > Invert) or set the "
             f"background to 0"
+        )
+    if split > MAX_SPLIT_LABEL_FRACTION:
+        raise DatasetError(
+            f"{path}: {split:.0%} of the foreground lies in labels that each cover several "
+            f"separate objects: its values are not one per nucleus (a class mask, such as "
+            f"1 = tumour, 2 = lymphocyte, or a JPEG mask saved again as PNG, whose edges "
+            f"became new values); export instance labels, one per nucleus, or a binary mask "
+            f"(0 and 255 only) from the annotations"
         )

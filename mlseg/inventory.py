@@ -20,9 +20,10 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   mirrored, :func:`mlseg.io.exif_orientation`; null where it is shown as stored);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
   ``mask_labels`` (distinct non-zero values), ``mask_max_value``, ``foreground_fraction``,
-  ``interior_fraction`` and ``edge_to_edge_fraction`` (:func:`mlseg.dataset.mask_shape`: low
-  = outlines drawn instead of filled nuclei; high = the background labelled as a nucleus,
-  as an inverted binary mask has it);
+  ``interior_fraction``, ``edge_to_edge_fraction`` and ``split_label_fraction``
+  (:func:`mlseg.dataset.mask_shape`: low = outlines drawn instead of filled nuclei; high =
+  the background labelled as a nucleus, as an inverted binary mask has it; high = values
+  that each cover many nuclei, as a class mask's do);
 - image quality (:func:`image_stats`, images only): ``mean_c{0,1,2}`` and ``std_c{0,1,2}``
   (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
   ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:
@@ -122,6 +123,7 @@ MASK_COLUMNS = (
     "foreground_fraction",
     "interior_fraction",
     "edge_to_edge_fraction",
+    "split_label_fraction",
 )
 CHECK_COLUMNS = (
     "location_ok",
@@ -363,8 +365,8 @@ def mask_stats(mask: np.ndarray, declared: str = "auto") -> dict[str, Any]:
 
     Returns ``mask_kind`` (``binary`` if at most one non-zero value, else ``instance``, as
     :func:`mlseg.dataset.mask_kind`), ``mask_labels``, ``mask_max_value``,
-    ``foreground_fraction``, ``interior_fraction`` and ``edge_to_edge_fraction`` (see
-    :func:`mlseg.dataset.mask_shape`) and ``mask_values_ok`` (see :func:`mask_values_valid`).
+    ``foreground_fraction``, ``interior_fraction``, ``edge_to_edge_fraction`` and
+    ``split_label_fraction`` (see :func:`mlseg.dataset.mask_shape`) and ``mask_values_ok`` (see :func:`mask_values_valid`).
     """
     mask = np.asarray(mask)
     flat = mask.ravel()

@@ -149,6 +149,14 @@ def test_mask_shape_tells_filled_nuclei_from_outlines_and_a_labelled_background(
     band = np.zeros((64, 64), np.uint8)
     band[20:40] = 1
     assert mask_shape(band, binary=True)["edge_to_edge_fraction"] == 0
+    # one label per nucleus; a class mask's values each cover several nuclei
+    assert shape["filled"]["split_label_fraction"] == 0
+    assert shape["tiny"]["split_label_fraction"] is None  # binary: one value for all nuclei
+    classes = np.where(filled == 3, 2, filled > 0).astype(np.uint8)  # 1, 2: class 1
+    two_of_three = (filled == 1).sum() + (filled == 2).sum()
+    assert mask_shape(classes, binary=False)["split_label_fraction"] == pytest.approx(
+        two_of_three / (filled > 0).sum()
+    )
 
 
 def test_content_hash_depends_on_pixels_not_file_format(tmp_path, nuclei_pair):

@@ -585,6 +585,9 @@ def test_quantify_folder_on_user_masks(tmp_path):
     write_labels(masks / "f_mask.png", np.where(find_boundaries(truth, mode="inner"), truth, 0))
     write_image(images / "g.png", image)
     write_image(masks / "g_mask.png", ((truth == 0) * 255).astype(np.uint8))
+    # a class mask: every nucleus labelled 1 or 2 (its class), many nuclei per value
+    write_image(images / "h.png", image)
+    write_image(masks / "h_mask.png", np.where(truth > 0, truth % 2 + 1, 0).astype(np.uint8))
     out = tmp_path / "out"
     result = quantify_folder(masks, images, out, profile_name="he", progress=False)
     assert sorted(result.processed) == ["a", "b", "c"]
@@ -592,6 +595,7 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert "no image named e" in result.failed[str(masks / "e_mask.png")]
     assert "drawn as outlines, not filled" in result.failed[str(masks / "f_mask.png")]
     assert "background is labelled" in result.failed[str(masks / "g_mask.png")]
+    assert "not one per nucleus" in result.failed[str(masks / "h_mask.png")]
     for stem in ("a", "b", "c"):
         summary = json.loads((out / f"{stem}.json").read_text())
         assert summary["count"] == truth.max()

@@ -418,12 +418,40 @@ def test_a_labelled_background_stops_training(nuclei_dataset, background):
     assert_caught(report, "background_not_labelled", {"test/masks/test0_mask.png"})
 
 
+@pytest.mark.parametrize("mask", ["classes", "JPEG saved as PNG"])
+def test_masks_whose_values_are_not_one_per_nucleus_stop_training(nuclei_dataset, mask):
+    """A class mask (1 = tumour, 2 = lymphocyte) passed as instance labels trained every
+    nucleus of a class as one object and scored a perfect prediction PQ 0; a JPEG mask
+    converted to PNG, to pass allowed_extension, kept its compression's values: one label
+    for the inside of every nucleus, others in rings along their edges."""
+    import cv2
+    from skimage.draw import disk
+
+    root = nuclei_dataset()
+    labels = np.zeros((48, 48), np.uint8)
+    for i, centre in enumerate([(12, 12), (12, 36), (36, 12), (36, 36)], start=1):
+        labels[disk(centre, 9, shape=labels.shape)] = i
+    path = root / "train/masks/train1_mask.png"
+    if mask == "classes":
+        write_image(path, (labels + 1) // 2)  # nuclei 1, 2: tumour; 3, 4: lymphocytes
+    else:
+        _, jpeg = cv2.imencode(".jpg", np.where(labels > 0, 255, 0).astype(np.uint8))
+        write_image(path, cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE))
+    report = check(root)
+    assert_caught(report, "one_label_per_nucleus", {"train/masks/train1_mask.png"})
+
+
 def test_the_mask_shape_rules_hold_the_limits_quantify_refuses_at():
-    from mlseg.dataset import MAX_EDGE_TO_EDGE_FRACTION, MIN_INTERIOR_FRACTION
+    from mlseg.dataset import (
+        MAX_EDGE_TO_EDGE_FRACTION,
+        MAX_SPLIT_LABEL_FRACTION,
+        MIN_INTERIOR_FRACTION,
+    )
 
     rules = {e["meta"]["rule"]: e["kwargs"] for s in load_suites() for e in s["expectations"]}
     assert rules["mask_filled"]["min_value"] == MIN_INTERIOR_FRACTION
     assert rules["background_not_labelled"]["max_value"] == MAX_EDGE_TO_EDGE_FRACTION
+    assert rules["one_label_per_nucleus"]["max_value"] == MAX_SPLIT_LABEL_FRACTION
 
 
 def test_image_copied_into_train_and_test(nuclei_dataset):
