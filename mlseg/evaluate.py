@@ -28,7 +28,7 @@ import pandas as pd
 
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
-from mlseg.errors import DatasetError, some_of
+from mlseg.errors import DatasetError, size_mismatch, some_of
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
@@ -207,9 +207,7 @@ def evaluate(
         image = read_image(pair.image)
         truth = mask_to_labels(read_mask(pair.mask), cfg.data.mask_kind)
         if truth.shape != image.shape[:2]:
-            raise DatasetError(
-                f"{pair.mask}: mask size {truth.shape} differs from its image {image.shape[:2]}"
-            )
+            raise DatasetError(size_mismatch(pair.mask, truth.shape, image.shape, pair.image))
         # the profile's size for an image without its own, as training and segment take it
         um = pair.pixel_size_um if pair.pixel_size_um is not None else profile.pixel_size_um
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 import mlseg.evaluate as ev
 from mlseg.config import Config, TrainConfig
 from mlseg.dataset import list_pairs
+from mlseg.errors import DatasetError
 from mlseg.io import read_mask, write_labels
 from mlseg.model import build_model, save_checkpoint
 from mlseg.registry import code_version
@@ -203,3 +204,19 @@ def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, t
     assert (df["scale_source"] == "pixel_size").all()
     assert df["scale_factor"].tolist() == [0.5, 0.5]
     assert df["pixel_size_um"].tolist() == [0.25, 0.25]
+
+
+def test_evaluate_says_a_mask_of_another_size_as_training_does(
+    checkpoint, synth_dataset, tmp_path
+) -> None:
+    """Width by height and what to do, as train, ingest and validate say it: evaluate gave
+    numpy's (height, width) and no fix."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    mask = sorted((root / "test" / "masks").iterdir())[0]
+    labels = read_mask(mask)
+    write_labels(mask, labels[:-1])
+    height, width = labels.shape
+    with pytest.raises(DatasetError, match=f"{width}x{height - 1} px but its image is {width}x"):
+        ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
