@@ -183,9 +183,9 @@ def read_image(
     An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
     the scan) or loses its alpha (``"drop"``: a mask, whose fully transparent pixels become
     0, its background, whatever colour they hold); so is a grey PNG's alpha, and it stays
-    grey (C=1); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused, or with ``labels`` (a mask) kept as
-    ``int32`` (a label image of over 65,535 nuclei, such as a tile cut from a whole
-    slide's). Raises :class:`ImageReadError` naming the file.
+    grey (C=1); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused,
+    or with ``labels`` (a mask) kept as ``int32`` (a label image of over 65,535 nuclei, such
+    as a tile cut from a whole slide's). Raises :class:`ImageReadError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
