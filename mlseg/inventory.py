@@ -365,8 +365,9 @@ def mask_stats(mask: np.ndarray, declared: str = "auto") -> dict[str, Any]:
 
     Returns ``mask_kind`` (``binary`` if at most one non-zero value, else ``instance``, as
     :func:`mlseg.dataset.mask_kind`), ``mask_labels``, ``mask_max_value``,
-    ``foreground_fraction``, ``interior_fraction``, ``edge_to_edge_fraction`` and
-    ``split_label_fraction`` (see :func:`mlseg.dataset.mask_shape`) and ``mask_values_ok`` (see :func:`mask_values_valid`).
+    ``foreground_fraction``, ``interior_fraction``, ``edge_to_edge_fraction``,
+    ``split_label_fraction`` (see :func:`mlseg.dataset.mask_shape`) and ``mask_values_ok``
+    (see :func:`mask_values_valid`).
     """
     mask = np.asarray(mask)
     flat = mask.ravel()
