@@ -50,7 +50,7 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
         if (
             not name
             or section not in Config.model_fields
-            or not hasattr(getattr(cfg, section), "model_fields")
+            or not hasattr(type(getattr(cfg, section)), "model_fields")
         ):
             raise ConfigError(f"search space: {key!r} is not 'section.field' (e.g. train.lr)")
         if name not in type(getattr(cfg, section)).model_fields:
