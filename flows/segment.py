@@ -34,8 +34,6 @@ from flows import artifacts
 from flows.common import data_path, log_warnings, resolve_profile, retry_on_transient_io
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 
-TIMING_KEYS = ("seconds",)
-
 
 class SegmentFailed(Exception):
     """Some images could not be segmented (each is named in the message)."""
@@ -393,7 +391,7 @@ def segment_and_quantify(
 
     from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
-    from mlseg.outputs import read_nuclei, write_run_outputs
+    from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,

@@ -13,7 +13,8 @@ all nuclei of the run) and ``run.json`` (versions, machine, model, preprocessing
 inference settings).
 
 Each Parquet file carries its record in its footer, under :data:`PROVENANCE_KEY`: an
-image's table its ``<stem>.json``, ``nuclei.parquet`` the ``run.json``.
+image's table its ``<stem>.json``, ``nuclei.parquet`` the ``run.json``, without the times
+(:data:`TIMING_KEYS`): the same numbers make the same bytes.
 
 GeoJSON follows QuPath's own reader (``PathObjectTypeAdapters`` in qupath-core, 0.4+):
 a ``FeatureCollection`` of ``Feature`` s whose ``properties`` hold ``objectType:
@@ -64,6 +65,9 @@ GEOJSON_PROVENANCE = (
 #: Key of the Parquet footer entry that holds, as JSON, the ``<stem>.json`` of an image's table
 #: and the ``run.json`` of the run's :data:`NUCLEI_TABLE`.
 PROVENANCE_KEY = "mlseg"
+#: Keys of a record that say when and how fast, not what: left out of the Parquet footers,
+#: so a rerun that makes the same numbers writes the same bytes.
+TIMING_KEYS = ("seconds", "started_at", "finished_at")
 NUCLEUS_CLASS = ("Nucleus", (0, 200, 0))
 #: Outlines on nuclei that are green themselves (SYTOX Green, GFP-H2B), where green vanishes.
 OUTLINE_ON_GREEN = (255, 0, 255)
@@ -509,18 +513,17 @@ def write_image_outputs(
     write_labels(out_dir / names["labels"], labels)
     write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(table)))
     written = {**summary, "outputs": names}
-    record = dumps(written)
     tagged = tag_table(table, summary)
     write_table(tagged, out_dir / names["csv"])
     # its <stem>.json in the footer: copied out alone, the table still names its image's
     # bytes, the model, the settings and the mlseg that made it
-    write_table(tagged, out_dir / names["parquet"], metadata={PROVENANCE_KEY: record})
+    write_table(tagged, out_dir / names["parquet"], metadata=_footer(written))
     provenance = {k: summary[k] for k in GEOJSON_PROVENANCE if k in summary}
     geojson = geojson_text(
         labels, table, pixel_size_um=summary.get("pixel_size_um"), properties=provenance
     )
     write_text(out_dir / names["geojson"], geojson)
-    write_text(out_dir / f"{stem}.json", record)
+    write_text(out_dir / f"{stem}.json", dumps(written))
     return written
 
 
@@ -578,6 +581,11 @@ def nuclei_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def _footer(record: dict) -> dict[str, str]:
+    """A Parquet table's footer: the record of what made it, its times left out."""
+    return {PROVENANCE_KEY: dumps({k: v for k, v in record.items() if k not in TIMING_KEYS})}
+
+
 def write_run_outputs(
     out_dir: str | Path,
     summaries: Sequence[dict],
@@ -587,7 +595,6 @@ def write_run_outputs(
     """``summary.csv`` (one row per image), ``nuclei.parquet`` (:func:`nuclei_table` of
     ``tables``, one per image of ``summaries``), ``histograms.png`` and ``run.json``."""
     out_dir = Path(out_dir)
-    record = dumps(run_info)
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     nuclei = nuclei_table(tables)
     paths = {
@@ -595,9 +602,9 @@ def write_run_outputs(
         "summary": write_table(
             pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
         ),
-        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE, metadata={PROVENANCE_KEY: record}),
+        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE, metadata=_footer(run_info)),
         "histograms": plot_histograms(nuclei, out_dir / "histograms.png"),
-        "run": write_text(out_dir / "run.json", record),
+        "run": write_text(out_dir / "run.json", dumps(run_info)),
     }
     return paths
 

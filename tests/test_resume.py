@@ -63,18 +63,21 @@ def test_killed_run_resumes_to_the_same_outputs(api_url, tmp_path) -> None:
     }
     command = [sys.executable, "-m", "flows.segment", str(inbox), str(out)]
     command += ["--model", str(model), "--batch-size", "2", "--workers", "1"]
-    proc = subprocess.Popen(
-        command,
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    # stderr to a file: a pipe nobody reads stalls a chatty child once 64 KiB are waiting
+    log = tmp_path / "flow.stderr"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            command,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("img_*.json"))) < KILL_AFTER:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the flow did not get going in 120 s"
             time.sleep(0.05)
     finally:
