@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +66,7 @@ from mlseg.io import (
     match_stem,
     read_image,
     read_mask,
+    staging_dir,
     without_image_extension,
     write_labels,
     write_table,
@@ -461,8 +461,7 @@ def ingest(
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ingest-", dir=dst.parent))
+    staging = staging_dir(dst)
     try:
         init_dataset(staging, cfg, final=dst)
         rows, implausible = [], []

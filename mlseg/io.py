@@ -60,6 +60,17 @@ def _umask() -> int:
     return mask
 
 
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A new empty folder beside ``final`` to build it in, then rename onto it: with the
+    permissions ``mkdir`` gives. ``mkdtemp``'s are 0700, so a dataset built in one was closed
+    to everyone but its maker, on a server the lab shares."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.

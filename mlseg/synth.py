@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -631,7 +630,7 @@ def make_dataset(
     from tqdm.auto import tqdm
 
     from mlseg.dataset import init_dataset, split_dir
-    from mlseg.io import write_image, write_labels, write_table
+    from mlseg.io import staging_dir, write_image, write_labels, write_table
 
     cfg = cfg or DataConfig()
     out = Path(out_dir)
@@ -655,8 +654,7 @@ def make_dataset(
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: folder is not empty; choose a new folder or empty this one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         init_dataset(tmp, cfg, final=out)
         numbers = dict.fromkeys(kinds, 0)  # stems number on across splits: no stem repeats

@@ -10,6 +10,7 @@ from mlseg.dataset import list_pairs
 from mlseg.errors import DatasetError
 from mlseg.ingest import assign_splits, ingest, read_pixel_sizes
 from mlseg.io import read_mask, write_image
+from mlseg.synth import make_dataset
 
 
 def disk_pair(rng, size=24):
@@ -389,3 +390,17 @@ def test_an_mlseg_source_keeps_the_pixel_sizes_of_its_manifest(tmp_path):
     assert dict(zip(again.manifest.stem, again.manifest.pixel_size_um, strict=True)) == dict(
         zip(first.manifest.stem, first.manifest.pixel_size_um, strict=True)
     )
+
+
+@pytest.mark.parametrize("make", ["ingest", "synth"])
+def test_a_new_dataset_is_open_to_the_lab_as_a_folder_made_by_mkdir(tmp_path, make):
+    """Both build the dataset in a temporary folder and rename it into place; mkdtemp's
+    folders are 0700, so a dataset made on a server the lab shares was closed to the group
+    (umask 022 and 002 alike) while every file and folder inside it was open."""
+    dst = tmp_path / "ds"
+    if make == "ingest":
+        ingest(flat_source(tmp_path / "src"), dst, progress=False)
+    else:
+        make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
+    (tmp_path / "by_mkdir").mkdir()
+    assert dst.stat().st_mode & 0o777 == (tmp_path / "by_mkdir").stat().st_mode & 0o777
