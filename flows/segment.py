@@ -43,18 +43,21 @@ class SegmentFailed(Exception):
 
 
 @functools.lru_cache(maxsize=4)
-def _load(weights: str, device: str, mtime: float):
+def _load(weights: str, device: str, stamps: tuple[int, ...]):
     from mlseg.model import load_model
 
     return load_model(weights, device=device)
 
 
 def loaded_model(model: str, device: str = "auto"):
-    """The model at ``model``, loaded once per process (and again if the file changes)."""
+    """The model at ``model``, loaded once per process (and again if its weights, config.json
+    or meta.json change: the two shape its predictions, :func:`model_id`)."""
     from mlseg.model import checkpoint_path, resolve_device
 
     weights = checkpoint_path(model)
-    return _load(str(weights), str(resolve_device(device)), weights.stat().st_mtime)
+    files = (weights, weights.parent / "config.json", weights.parent / "meta.json")
+    stamps = tuple(path.stat().st_mtime_ns for path in files if path.is_file())  # else load says
+    return _load(str(weights), str(resolve_device(device)), stamps)
 
 
 def model_config(model: str):
@@ -77,12 +80,13 @@ def inference_settings(model: str, overrides: dict[str, Any] | None, config=None
 def model_id(model: str, config=None) -> str:
     """What ``<stem>.json`` records as the model (:func:`mlseg.segment.model_identity`);
     ``config``: its :func:`model_config`, where the caller has read it already."""
-    from mlseg.model import checkpoint_path
+    from mlseg.model import checkpoint_path, saved_meta
     from mlseg.segment import model_identity
 
+    weights = checkpoint_path(model)
     if config is None:
         config = model_config(model)
-    return model_identity(checkpoint_path(model), config.preprocess)
+    return model_identity(weights, config, saved_meta(weights.parent))
 
 
 # ----------------------------------------------------------------------------- one batch

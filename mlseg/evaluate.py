@@ -244,9 +244,10 @@ def evaluate(
     set_id = eval_set_id(data_root, split, cfg.data)
     summary = {
         "model": str(loaded.path),
-        # what the scores belong to, where paths are only names: the weights (and stain
-        # reference) by content, as mlseg segment records them, and the scored set's content
-        "model_id": model_identity(loaded.path, cfg.preprocess),
+        # what the scores belong to, where paths are only names: the model (weights, stain
+        # reference, what of config.json and meta.json shapes predictions) by content, as
+        # mlseg segment records it, and the scored set's content
+        "model_id": model_identity(loaded.path, cfg, loaded.meta),
         "data": str(data_root),
         "split": split,
         "eval_set_id": set_id,

@@ -352,8 +352,13 @@ def saved_config(folder: str | Path) -> Config:
     it holds one, wherever the folder now is."""
     folder = Path(folder)
     config = parse(Config, _read_json(folder / "config.json"), str(folder / "config.json"))
-    meta_path = folder / "meta.json"
-    return _own_files(config, _read_json(meta_path) if meta_path.is_file() else {}, folder)
+    return _own_files(config, saved_meta(folder), folder)
+
+
+def saved_meta(folder: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint folder; ``{}`` where it has none."""
+    meta_path = Path(folder) / "meta.json"
+    return _read_json(meta_path) if meta_path.is_file() else {}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

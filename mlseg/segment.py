@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlseg.config import InferenceConfig, PreprocessConfig, Profile, get_profile
+from mlseg.config import Config, InferenceConfig, PreprocessConfig, Profile, get_profile
 from mlseg.dataset import (
     check_pixel_size,
     is_image_file,
@@ -102,6 +102,7 @@ from mlseg.quantify import (
     tissue_fraction,
 )
 from mlseg.registry import code_version, package_versions
+from mlseg.scale import META_KEY, META_STAT_KEY
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 
@@ -249,7 +250,7 @@ def predict_labels_scaled(
     ``stains``: the image's Macenko estimate where already made
     (:func:`warn_if_not_stain_normalised`), used by a pass at native scale."""
     from mlseg.instances import area_limits_px, filter_sizes
-    from mlseg.scale import META_KEY, ScaleEstimate, auto_scale, statistic_of
+    from mlseg.scale import ScaleEstimate, auto_scale, statistic_of
 
     image = image_array(image)
     pixel_size_um = microns_per_pixel(pixel_size_um)
@@ -688,15 +689,31 @@ def _settings_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def model_identity(weights: Path, preprocess: PreprocessConfig) -> str:
-    """``<weights file name>@<content hash>``: what ``<stem>.json`` records as the model.
+#: meta.json's keys that shape predictions (:func:`model_identity`); the rest (metrics, times,
+#: the data fingerprint, the split, the training profile, which only names a mismatch) do not
+SHAPING_META_KEYS = ("target", "classes", "in_channels", "pixel_size_um", META_KEY, META_STAT_KEY)
 
+
+def model_identity(weights: Path, config: Config, meta: Mapping[str, Any]) -> str:
+    """``<weights file name>@<content hash>+config@<hash>``: what ``<stem>.json`` records as
+    the model (``config``, ``meta``: the checkpoint's config.json and meta.json).
+
+    ``config@`` digests what of the two files shapes predictions as much as the weights do:
+    the preprocessing, the architecture, and meta.json's :data:`SHAPING_META_KEYS`, so a
+    checkpoint whose ``stain_norm`` or pixel size is edited redoes the images like a new
+    model would, while its metrics and times, which training rewrites, leave it alone. The
+    inference section is left to the run's settings: the run may not take the model's own.
     A model that normalises stains to its own reference image (``preprocess.stain_reference``)
-    adds ``+<reference name>@<content hash>``: the reference shapes every prediction, so an
-    edited reference redoes the images like a new model would.
+    adds ``+<reference name>@<content hash>``, for the same reason.
     """
-    ident = f"{Path(weights).name}@{file_digest(weights)}"
-    reference = preprocess.stain_reference
+    shaping = (
+        # the reference's path: wherever the folder now is; its content is named below
+        config.preprocess.model_dump(mode="json", exclude={"stain_reference"}),
+        config.train.model_dump(mode="json", include={"arch", "encoder", "encoder_depth"}),
+        {key: meta.get(key) for key in SHAPING_META_KEYS},
+    )
+    ident = f"{Path(weights).name}@{file_digest(weights)}+config@{_settings_hash(*shaping)}"
+    reference = config.preprocess.stain_reference
     if reference is not None and Path(reference).is_file():  # missing: segmenting says so
         ident += f"+{Path(reference).name}@{file_digest(reference)}"
     return ident
@@ -884,7 +901,7 @@ def segment_folder(
     loaded = load_model(model_path)
     cfg = inference_cfg or loaded.config.inference
     loaded.model.to(resolve_device(cfg.device))  # the model's own, unless the caller's cfg
-    model_id = model_identity(loaded.path, loaded.config.preprocess)
+    model_id = model_identity(loaded.path, loaded.config, loaded.meta)
     settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
     expect = _expectations(

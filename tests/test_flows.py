@@ -233,6 +233,38 @@ def test_model_id_sees_an_edited_stain_reference(tmp_path) -> None:
     assert model_id(str(model)) not in (plain, first)
 
 
+def test_an_edited_model_config_redoes_a_batch_with_the_config_as_edited(tmp_path) -> None:
+    """The model's identity was its weights (and stain reference): after its config.json's
+    stain_norm was edited, a batch skipped its finished images under the same cache key,
+    and a worker that had loaded the model kept the old config.json (it loaded again only
+    for new weights). What training rewrites (metrics, times) changes neither."""
+    from flows.segment import batch_cache_key, loaded_model, segment_batch
+
+    model = tiny_checkpoint(tmp_path / "model")
+    images = [str(p) for p in disc_images(tmp_path / "in", 2)]
+
+    def batch() -> tuple[list[str], str]:
+        args = _batch_args(tmp_path / "out", model)
+        records = segment_batch.fn(images, *args)
+        key = batch_cache_key(None, {"images": images, "out_dir": args[0], "model_id": args[2]})
+        return [r["status"] for r in records], key
+
+    def edit(name: str, change) -> None:
+        data = json.loads((model / name).read_text())
+        change(data)
+        (model / name).write_text(json.dumps(data))
+
+    status, key = batch()
+    assert status == ["processed", "processed"]
+    edit("meta.json", lambda m: m["checkpoints"]["best"].update(metrics={"val_dice": 0.9}))
+    assert batch() == (["skipped", "skipped"], key)
+    assert loaded_model(str(model), "cpu").config.preprocess.stain_norm == "none"
+    edit("config.json", lambda c: c["preprocess"].update(stain_norm="macenko"))
+    status, edited = batch()
+    assert status == ["processed", "processed"] and edited != key
+    assert loaded_model(str(model), "cpu").config.preprocess.stain_norm == "macenko"
+
+
 # ----------------------------------------------------------------------------- flows
 
 

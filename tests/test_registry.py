@@ -644,10 +644,15 @@ def test_a_registered_model_carries_its_stain_reference_and_profile(tmp_path, mo
     assert not result.failed and len(result.processed) == 2
     for labels in (lab / "seg").glob("*_labels.png"):
         assert (elsewhere / "seg" / labels.name).read_bytes() == labels.read_bytes()
+    # and records the same model: its config names the reference where the folder now is
+    models = [
+        set(pd.read_csv(folder / "seg" / "summary.csv")["model"]) for folder in (lab, elsewhere)
+    ]
+    assert models[0] == models[1] and len(models[0]) == 1
     moved_scores = evaluate(model, lab / "ds", "eval", progress=False).per_image
     assert moved_scores["stem"].tolist() == scores["stem"].tolist()
     pd.testing.assert_frame_equal(moved_scores[list(METRIC_COLUMNS)], scores[list(METRIC_COLUMNS)])
     # an edited reference is another model: finished images are redone
-    before = model_identity(loaded.path, loaded.config.preprocess)
+    before = model_identity(loaded.path, loaded.config, loaded.meta)
     (model / "stain_reference.png").write_bytes(b"edited")
-    assert model_identity(loaded.path, loaded.config.preprocess) != before
+    assert model_identity(loaded.path, loaded.config, loaded.meta) != before

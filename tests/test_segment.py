@@ -793,6 +793,46 @@ def test_print_resolutions_are_named_in_one_warning_per_run(tmp_path):
     }
 
 
+def test_cli_segment_redoes_images_when_the_model_config_or_meta_is_edited(tmp_path, capsys):
+    """The skip check knew a model by its weights: after its config.json's stain_norm was
+    edited, or its meta.json's nucleus diameter (bench/robustness.py sets it), a rerun
+    printed 'segmented 0, skipped 3' and kept the outputs of the model as it was. What
+    shapes predictions redoes the images; what training rewrites (metrics, times, its
+    learning rate) still skips them."""
+    from mlseg.cli import main
+    from mlseg.config import TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(
+        ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
+        in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
+        nucleus_diameter_px=12.0,
+    )  # fmt: skip
+    folder = _folder(tmp_path, 2)
+    args = ["segment", str(ckpt), str(folder), str(tmp_path / "seg"), "--profile", "he"]
+
+    def rerun() -> str:
+        assert main([*args, "--tile", "64", "--no-progress"]) == 0
+        return capsys.readouterr().out
+
+    def edit(name: str, change) -> None:
+        data = json.loads((ckpt / name).read_text())
+        change(data)
+        (ckpt / name).write_text(json.dumps(data))
+
+    assert "segmented 2, skipped 0" in rerun()
+    edit("meta.json", lambda m: m["checkpoints"]["best"].update(metrics={"val_dice": 0.9}))
+    edit("config.json", lambda c: c["train"].update(lr=0.5))
+    assert "segmented 0, skipped 2" in rerun()
+    edit("config.json", lambda c: c["preprocess"].update(stain_norm="macenko"))
+    assert "segmented 2, skipped 0" in rerun()
+    edit("meta.json", lambda m: m.update(nucleus_diameter_px=16.0))
+    assert "segmented 2, skipped 0" in rerun()
+    assert "segmented 0, skipped 2" in rerun()
+
+
 def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     from mlseg.cli import main
     from mlseg.config import TrainConfig
