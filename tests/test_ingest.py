@@ -1,6 +1,9 @@
+import errno
 import hashlib
+import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -404,3 +407,31 @@ def test_a_new_dataset_is_open_to_the_lab_as_a_folder_made_by_mkdir(tmp_path, ma
         make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
     (tmp_path / "by_mkdir").mkdir()
     assert dst.stat().st_mode & 0o777 == (tmp_path / "by_mkdir").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("make", ["ingest", "synth"])
+def test_a_dataset_in_a_folder_one_cannot_write_is_named_not_its_temporary(
+    tmp_path, make, monkeypatch, capsys
+):
+    """A dataset asked for in a read-only or colleague's folder failed as 'error:
+    shared/.ds.zfatxe87.tmp: permission denied': a name the user never gave, and no word of
+    what to do."""
+    from mlseg.cli import main
+
+    src = flat_source(tmp_path / "src")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    mkdir = os.mkdir
+
+    def denied(path, *args, **kwargs):  # as for a user without write access (tests run as root)
+        if Path(path).parent == shared:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    dst = shared / "ds"
+    argv = ["ingest", str(src), str(dst)] if make == "ingest" else ["synth", str(dst)]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {dst}: cannot be written (permission denied); "), err
+    assert ".tmp" not in err and "write elsewhere" in err
