@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import ModelError
+from mlseg.errors import ModelError, cannot_write
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -528,7 +528,15 @@ def register(
     # files go to a folder of this writer's own, then take the next free number whole: two
     # writers copying into one v<N> left weights that were neither's under one card
     staging = f"{root}/{name}/.staging-{uuid.uuid4().hex}"
-    fs.makedirs(staging, exist_ok=True)
+    try:
+        fs.makedirs(staging, exist_ok=True)
+    except OSError as err:
+        # named as the model's folder: a registry one may only read (a colleague's, under
+        # umask 022) failed with '.staging-<hex>: permission denied', a name nobody gave
+        said = cannot_write(f"{root}/{name}", err)
+        if said is None:
+            raise
+        raise said from err
     try:
         hashes = {}
         for path in files:

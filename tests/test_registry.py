@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -59,6 +61,27 @@ def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_registry_one_cannot_write_is_named_not_a_staging_folder(tmp_path, monkeypatch):
+    """Registering into a colleague's registry (umask 022) or a read-only one failed with
+    Python's PermissionError on 'nuclei/.staging-<hex>', a folder nobody asked for."""
+    from mlseg.errors import OutputError
+
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.80, tag="a")
+    mkdir = os.mkdir
+
+    def denied(path, *args, **kwargs):  # as for a user without write access (tests run as root)
+        if Path(path).parent == registry / "nuclei":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    with pytest.raises(OutputError, match="write elsewhere") as caught:
+        _register(tmp_path, registry, 0.82, tag="b")
+    assert str(caught.value).startswith(f"{registry / 'nuclei'}: cannot be written")
+    assert ".staging" not in str(caught.value)
+
+
 def test_code_version_names_no_commit_of_a_repository_mlseg_is_not_tracked_in(
     tmp_path: Path, monkeypatch
 ) -> None:
