@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import ModelError, cannot_write
+from mlseg.errors import ModelError, OutputError, cannot_write
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -420,7 +420,8 @@ def fetch(
     """A local folder holding the version's checkpoint files (``mlseg.model.load_model`` reads it).
 
     Local registries return the version folder itself; remote ones are downloaded once into
-    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default ``~/.cache/mlseg/models``).
+    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default
+    ``$XDG_CACHE_HOME/mlseg/models``, ``~/.cache/mlseg/models`` where it is not set).
     Either way every file is checked against the sha256 its card recorded.
     """
     fs, path = _fs(version.uri, storage_options)
@@ -428,7 +429,12 @@ def fetch(
         # weights overwritten in the version folder after promotion were served under its tag
         _check_files(fs, path, version)
         return Path(path)
-    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "mlseg" / "models"
+    if cache_dir is None:
+        # where pip, torch hub and matplotlib cache too: a worker whose home is read-only
+        # (a service account, a container) points them all elsewhere with one variable
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlseg"
+        cache_dir = cache_dir / "models"
+    cache = Path(cache_dir)
     # keyed by where the version lives: v1 of two registries are two models
     key = hashlib.sha256(version.uri.encode()).hexdigest()[:12]
     target = cache / version.name / f"v{version.version}-{key}"
@@ -436,7 +442,15 @@ def fetch(
         (target / f).is_file() and _sha256(target / f) == sha for f, sha in version.files.items()
     )
     if not complete:
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if cannot_write(target, err) is None:
+                raise
+            raise OutputError(
+                f"{target}: cannot be written ({(err.strerror or str(err)).lower()}); the "
+                "model cache goes under XDG_CACHE_HOME: set it to a writable folder"
+            ) from err
         for fname, sha in version.files.items():
             from mlseg.io import atomic_path
 

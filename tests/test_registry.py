@@ -192,6 +192,34 @@ def test_remote_versions_of_two_registries_are_cached_apart(tmp_path: Path) -> N
     assert checkpoint_path(reg.fetch(vb, cache_dir=cache)).read_bytes() == b"last"
 
 
+def test_a_remote_version_is_cached_where_xdg_cache_home_says(tmp_path, monkeypatch) -> None:
+    """The flows fetch a remote registry's version into ~/.cache whatever the environment
+    said: on a worker whose home is read-only they failed with Python's PermissionError on
+    ~/.cache, and no setting moved the cache."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mkdir = os.mkdir
+
+    def denied(path, *args, **kwargs):  # a read-only home (tests run as root)
+        if Path(path).is_relative_to(home):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    version = _register(tmp_path, f"memory://mlseg-test-{uuid.uuid4().hex}/models", 0.9)
+    fetched = reg.fetch(version)
+    assert fetched.is_relative_to(tmp_path / "cache" / "mlseg" / "models")
+    assert (fetched / "best.safetensors").read_bytes() == b"w-a"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    from mlseg.errors import OutputError
+
+    with pytest.raises(OutputError, match="set it to a writable folder") as caught:
+        reg.fetch(version)
+    assert str(caught.value).startswith(str(home / ".cache" / "mlseg" / "models"))
+
+
 def test_the_same_weights_scored_on_a_new_set_are_compared_there(tmp_path: Path) -> None:
     """The pipeline reruns with the same weights on a new test set: the challenger's score
     on that set, not its registration score on the old one, meets the champion's there."""
