@@ -656,10 +656,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
         for k, v in data.items()
     }
     for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(merged.get(section, {}), dict):
-            merged[section] = {**merged.get(section, {}), **values}
-        else:
+        current = merged.get(section, {})
+        if isinstance(values, dict) and isinstance(current, dict):
+            merged[section] = {**current, **values}
+        elif not isinstance(values, dict):
             merged[section] = values
+        # else the file's section is no mapping (train: 5): kept for the error below to name;
+        # replacing it with the override trained on defaults without a word
     if overrides:  # a bad value or unknown key may be the override's (--max-steps 0)
         source += " with overrides"
     return parse(Config, merged, source)

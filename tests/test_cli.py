@@ -289,3 +289,13 @@ def test_a_file_name_that_is_not_utf8_is_named_not_a_crash(command, nuclei_datas
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith(f"error: {train}/") and "caf\\xe9" in out.stderr
     assert "not UTF-8" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_section_that_is_no_mapping_is_refused_with_an_override(tmp_path, capsys):
+    """`train: 5` with --device cpu (or --max-steps) trained 1000 steps of the defaults: the
+    override took the bad section's place instead of the error naming it."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train: 5\n")
+    code = main(["train", str(config), "--data", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run.yaml with overrides: bad value for 'train'" in err
