@@ -35,7 +35,7 @@ import pandas as pd
 
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
-from mlseg.errors import DatasetError, some_of
+from mlseg.errors import DatasetError, not_a_folder, some_of
 from mlseg.io import IMAGE_EXTENSIONS, image_extension, image_stem, match_stem, write_text
 from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
@@ -369,6 +369,8 @@ def list_pairs(
     """
     cfg = cfg or DataConfig()
     root = Path(root)
+    if not root.is_dir():  # not "<root>/train/original: folder not found"
+        raise not_a_folder(root, "dataset")
     base = split_dir(root, cfg, split)
     img_dir, msk_dir = base / cfg.image_dir, base / cfg.mask_dir
     if not img_dir.is_dir():

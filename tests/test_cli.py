@@ -299,3 +299,20 @@ def test_a_section_that_is_no_mapping_is_refused_with_an_override(tmp_path, caps
     code = main(["train", str(config), "--data", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "run.yaml with overrides: bad value for 'train'" in err
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_dataset_that_is_a_file_or_missing_is_named_so_without_validation(
+    tmp_path, capsys, command
+):
+    """With --no-validate, a mistyped --data said '<it>/train/original: folder not found;
+    a dataset needs train/original/', and a file given there the same."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {}\n")
+    for data, said in [
+        (config, "run.yaml: a file, not a dataset folder"),
+        (tmp_path / "nope", "nope: dataset folder not found"),
+    ]:
+        argv = [command, str(config), "--data", str(data), "--no-validate", "--device", "cpu"]
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
