@@ -617,6 +617,8 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file; give a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -675,6 +677,8 @@ def default_profiles_path() -> Path:
 def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
     """Load every profile of a ``profiles.yaml`` (the packaged one if ``path`` is None)."""
     path = Path(path) if path is not None else default_profiles_path()
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a profiles file; give a profiles.yaml")
     if not path.is_file():  # not "config file not found": it may come from a model's config.json
         raise ConfigError(
             f"{path}: profiles file not found; check --profiles or the run config's "

@@ -166,6 +166,8 @@ def init_dataset(
     staging folder and renamed into place names the place, not the staging folder."""
     cfg = cfg or DataConfig()
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"{root}: a file, not a folder; give a new folder for the dataset")
     if root.exists() and any(root.iterdir()):
         raise DatasetError(f"{root}: folder is not empty; choose a new folder or empty this one")
     for split in SPLITS:

@@ -161,6 +161,11 @@ def permutation_p_value(
 def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training fingerprint (``fingerprint.json`` written by ``mlseg validate``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"{path}: a folder, not a fingerprint; give the fingerprint.json that "
+            f"`mlseg validate` wrote (e.g. {path / 'fingerprint.json'})"
+        )
     if not path.is_file():
         raise ConfigError(f"{path}: fingerprint not found; run `mlseg validate` on the dataset")
     try:

@@ -316,3 +316,25 @@ def test_a_dataset_that_is_a_file_or_missing_is_named_so_without_validation(
         argv = [command, str(config), "--data", str(data), "--no-validate", "--device", "cpu"]
         assert main(argv) == 2
         assert said in capsys.readouterr().err
+
+
+def test_a_folder_given_for_a_file_and_a_file_for_a_new_folder_are_called_so(tmp_path, capsys):
+    """A folder given as the config, the profiles or the fingerprint said 'config file not
+    found' (or 'profiles file', 'fingerprint'), though it was there; mlseg init on a file
+    printed 'not a directory' and exited 1."""
+    data, out = tmp_path / "ds", tmp_path / "out"
+    assert main(["init", str(data)]) == 0
+    capsys.readouterr()
+    cases = [
+        (["validate", str(data), "--config", str(data)], "ds: a folder, not a config file"),
+        (
+            ["quantify", str(data), str(data), str(out), "-p", "he", "--profiles", str(data)],
+            "ds: a folder, not a profiles file",
+        ),
+        (["monitor", str(data), "--fingerprint", str(data)], "ds: a folder, not a fingerprint"),
+        (["init", str(data / "README.md")], "README.md: a file, not a folder"),
+    ]
+    for argv, said in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
