@@ -15,6 +15,7 @@ reuses the registry version of unchanged weights.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -384,17 +385,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
-    result = pipeline(
-        args.data_root,
-        args.work_dir,
-        config=args.config,
-        registry=args.registry,
-        task_runner=args.task_runner,
-        dask_address=args.dask_address,
-        workers=args.workers,
-        progress=True,
-        resume=args.resume,
-    )
+    from mlseg.errors import MlsegError
+
+    try:
+        result = pipeline(
+            args.data_root,
+            args.work_dir,
+            config=args.config,
+            registry=args.registry,
+            task_runner=args.task_runner,
+            dask_address=args.dask_address,
+            workers=args.workers,
+            progress=True,
+            resume=args.resume,
+        )
+    except MlsegError as err:  # as mlseg and flows.demo: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     print(f"report: {result['report']}\nmodel: {result['model']}")
     print(f"measurements: {result['measurements (per image)']}")
     return 0

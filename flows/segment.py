@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -651,21 +652,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.model and not args.registry:  # the flow would fail with a traceback
         parser.error("give --model (a checkpoint folder or .safetensors) or --registry")
-    result = segment_and_quantify(
-        args.input_dir,
-        args.out_dir,
-        model=args.model,
-        registry=args.registry,
-        model_name=args.model_name,
-        model_version=args.model_version,
-        profile=args.profile,
-        pixel_size_um=args.pixel_size,
-        pixel_sizes=args.pixel_sizes,
-        batch_size=args.batch_size,
-        task_runner=args.task_runner,
-        dask_address=args.dask_address,
-        workers=args.workers,
-    )
+    from mlseg.errors import MlsegError
+
+    try:
+        result = segment_and_quantify(
+            args.input_dir,
+            args.out_dir,
+            model=args.model,
+            registry=args.registry,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            profile=args.profile,
+            pixel_size_um=args.pixel_size,
+            pixel_sizes=args.pixel_sizes,
+            batch_size=args.batch_size,
+            task_runner=args.task_runner,
+            dask_address=args.dask_address,
+            workers=args.workers,
+        )
+    except MlsegError as err:  # as mlseg and flows.demo: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     print(f"per image: {result['summary_csv']}; per nucleus: {result['nuclei_parquet']}")
     return 0
 

@@ -978,3 +978,28 @@ def test_every_flow_run_is_named_after_the_data_it_works_on():
         fields = {field for _, field, _, _ in string.Formatter().parse(template or "") if field}
         assert fields, runnable.name
         assert fields <= set(inspect.signature(runnable.fn).parameters), runnable.name
+
+
+@pytest.mark.parametrize(
+    ("module", "flow", "args"),
+    [
+        ("flows.pipeline", "pipeline", []),
+        ("flows.segment", "segment_and_quantify", ["--model", "m"]),
+    ],
+)
+def test_flow_command_lines_say_a_user_error_in_one_line(
+    tmp_path, monkeypatch, capsys, module, flow, args
+):
+    """python -m flows.pipeline with a mistyped dataset path ended in Python's traceback
+    and exit 1 (flows.demo and mlseg print 'error: ...' and exit 2)."""
+    import importlib
+
+    from mlseg.errors import DatasetError
+
+    def failing(*args, **kwargs):
+        raise DatasetError("nope: dataset folder not found; check the path")
+
+    command = importlib.import_module(module)
+    monkeypatch.setattr(command, flow, failing)
+    assert command.main([str(tmp_path / "nope"), str(tmp_path / "out"), *args]) == 2
+    assert capsys.readouterr().err == "error: nope: dataset folder not found; check the path\n"
