@@ -32,7 +32,7 @@ import math
 import platform
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,6 +425,27 @@ class _Run:
         return self.model if self.ema is None else self.ema.module
 
 
+@contextlib.contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """Torch's process-wide settings (CPU threads, cuDNN autotuning, TF32) as they were on
+    entry, whatever the block set for itself (:func:`_start`): a notebook or worker process
+    that trains and then segments, or trains again with ``num_threads: 0``, must not go on
+    at the last run's thread count or with TF32 matmuls it did not ask for."""
+    kept = (
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        yield
+    finally:
+        torch.set_num_threads(kept[0])
+        torch.backends.cudnn.benchmark = kept[1]
+        torch.backends.cuda.matmul.allow_tf32 = kept[2]
+        torch.backends.cudnn.allow_tf32 = kept[3]
+
+
 def _start(
     cfg: Config, data_root: str | Path, out: Path, resume: bool, fingerprint_hash: str | None
 ) -> _Run:
@@ -604,6 +625,7 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
     return row
 
 
+@_torch_settings_kept()
 def fit(
     cfg: Config,
     data_root: str | Path,
@@ -626,6 +648,7 @@ def fit(
     :class:`ConfigError` (config does not fit the data), :class:`ResumeError` (``out_dir``
     holds a run trained otherwise; see ``RESUME_FREE``), :class:`ModelError` (model
     cannot be built) and its :class:`TrainingDiverged` (the loss became NaN or infinite).
+    Torch's thread count and cuDNN/TF32 flags, set for the run, are restored on return.
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
     tc, data = run.cfg.train, run.data

@@ -126,6 +126,16 @@ def test_resume_refuses_another_recipe(synth_dataset, tmp_path, changed, named) 
     assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"]["last"]["step"] == 1
 
 
+def test_fit_leaves_the_process_thread_count_as_it_found_it(synth_dataset, tmp_path) -> None:
+    """A notebook or worker that trains with ``num_threads: 1`` and then segments, or trains
+    again with ``num_threads: 0`` (torch's default), must not go on single-threaded."""
+    fit(_cfg(max_steps=1, num_threads=1), synth_dataset, tmp_path / "one", progress=False)
+    assert torch.get_num_threads() == 2  # as _few_threads set it
+    fit(_cfg(max_steps=1), synth_dataset, tmp_path / "default", progress=False)
+    stretches = json.loads((tmp_path / "default" / "meta.json").read_text())["trained_on"]
+    assert stretches[0]["threads"] == 2
+
+
 def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
     """Allowed, but the stretches are recorded and the user is told: another thread count
     or machine sums differently, so the model is not the one an uninterrupted run gives."""
