@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -373,6 +374,11 @@ def early_norm_layers(model) -> list:
     return layers
 
 
+# held while a model is adapted and predicts: the batches of a flow's thread runner share
+# one cached model, and another image's statistics must not replace this one's mid-way
+_ADAPTING = threading.Lock()
+
+
 @contextlib.contextmanager
 def adapted_batchnorm(model, image, cfg: InferenceConfig):
     """Within the block, the encoder's early BatchNorm layers (:func:`early_norm_layers`)
@@ -382,7 +388,8 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
 
     ``image``: ``(H, W, C)``, normalised as for :func:`predict_probs`; the statistics are
     averaged over its tiles as inference cuts them (``cfg``), one encoder pass each. A
-    model whose encoder has no known stages is left as it is, with a warning.
+    model whose encoder has no known stages is left as it is, with a warning. Threads that
+    share a model (a flow's batches) take turns inside the block, each with its image's own.
     """
     import torch
 
@@ -394,33 +401,39 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
         )
         yield
         return
-    saved = [
-        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-        for m in layers
-    ]
-    device = next(model.parameters()).device
-    grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
-    source = _Source(image, grid)
-    was_training = model.training
-    try:
-        model.eval()
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batches
-            m.train()
-        with torch.no_grad():
-            for chunk in grid.chunks(cfg.batch_size):
-                model.encoder(torch.from_numpy(source.batch(chunk)).to(device))
-        for m in layers:
-            m.eval()
-        yield
-    finally:
-        for m, (mean, var, count, momentum) in zip(layers, saved, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
-            m.momentum = momentum
-        model.train(was_training)
+    with _ADAPTING:
+        saved = [
+            (
+                m.running_mean.clone(),
+                m.running_var.clone(),
+                m.num_batches_tracked.clone(),
+                m.momentum,
+            )
+            for m in layers
+        ]
+        device = next(model.parameters()).device
+        grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
+        source = _Source(image, grid)
+        was_training = model.training
+        try:
+            model.eval()
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batches
+                m.train()
+            with torch.no_grad():
+                for chunk in grid.chunks(cfg.batch_size):
+                    model.encoder(torch.from_numpy(source.batch(chunk)).to(device))
+            for m in layers:
+                m.eval()
+            yield
+        finally:
+            for m, (mean, var, count, momentum) in zip(layers, saved, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+                m.momentum = momentum
+            model.train(was_training)
 
 
 def predict_probs(

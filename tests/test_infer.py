@@ -265,6 +265,31 @@ def test_adapted_batchnorm_cancels_exposure_and_restores_the_model():
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
 
 
+def test_a_shared_model_is_adapted_to_one_image_at_a_time():
+    """A flow's thread runner gives its batches one cached model: while one image's
+    statistics are in it, another thread's image must wait, not replace them mid-way
+    (each image was segmented with a mix of its neighbours' statistics)."""
+    import threading
+
+    model = _unet()
+    cfg = InferenceConfig(tile_size=64, overlap=0.25, batch_size=4, amp=False)
+    image = np.random.default_rng(0).uniform(0, 4, (64, 64, 3)).astype(np.float32)
+    inside = threading.Event()
+
+    def other_image() -> None:
+        with adapted_batchnorm(model, image * 0.5, cfg):
+            inside.set()
+
+    with adapted_batchnorm(model, image, cfg):
+        mine = model.encoder.bn1.running_mean.clone()
+        other = threading.Thread(target=other_image)
+        other.start()
+        assert not inside.wait(timeout=2)  # the other image waits for this one
+        assert torch.equal(model.encoder.bn1.running_mean, mine)
+    other.join()
+    assert inside.is_set()
+
+
 def test_adaptation_of_a_model_without_known_stages_warns_and_changes_nothing():
     model = conv_model(3)
     image = smooth_image(64, 64)
