@@ -415,6 +415,10 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
         grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
         source = _Source(image, grid)
         was_training = model.training
+        # in the layout predict_probs will use: the model's first prediction turns it to
+        # channels_last, and statistics gathered before that differed from all later ones
+        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(memory_format=memory)
         try:
             model.eval()
             for m in layers:
@@ -423,7 +427,8 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
                 m.train()
             with torch.no_grad():
                 for chunk in grid.chunks(cfg.batch_size):
-                    model.encoder(torch.from_numpy(source.batch(chunk)).to(device))
+                    batch = torch.from_numpy(source.batch(chunk)).to(device)
+                    model.encoder(batch.contiguous(memory_format=memory))
             for m in layers:
                 m.eval()
             yield

@@ -265,6 +265,19 @@ def test_adapted_batchnorm_cancels_exposure_and_restores_the_model():
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
 
 
+def test_adaptation_gives_the_same_probabilities_on_a_models_first_image():
+    """The same image, adapted and predicted twice with one model (a flow's cached model,
+    a folder in which it comes first or later), gives the same probabilities both times."""
+    model = _unet()
+    cfg = InferenceConfig(tile_size=64, overlap=0.25, batch_size=4, amp=False)
+    image = np.random.default_rng(0).uniform(0, 4, (96, 80, 3)).astype(np.float32)
+    probs = []
+    for _ in range(2):
+        with adapted_batchnorm(model, image, cfg):
+            probs.append(predict_probs(model, image, cfg))
+    np.testing.assert_array_equal(probs[0], probs[1])
+
+
 def test_a_shared_model_is_adapted_to_one_image_at_a_time():
     """A flow's thread runner gives its batches one cached model: while one image's
     statistics are in it, another thread's image must wait, not replace them mid-way
