@@ -394,6 +394,7 @@ def segment_and_quantify(
     """
     import pandas as pd
 
+    from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
     from mlseg.monitor import append_history, distributions, run_metrics, run_shift
     from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs
@@ -407,6 +408,7 @@ def segment_and_quantify(
     )
 
     log_warnings()
+    warn_once.cache_clear()  # once per run, not per worker process (thread runner)
     logger = get_run_logger()
     started = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -126,8 +126,9 @@ def some_of(names, limit: int = 5, sep: str = ", ") -> str:
 
 @functools.cache
 def warn_once(message: str) -> None:
-    """Warn with ``message`` the first time only (per process; ``warn_once.cache_clear()``
-    resets): for what holds for a whole run, such as a model's missing record, but is found
-    image by image. Python's own once-per-line rule does not hold it: every change of the
-    warning filters (pandas makes some building each table) shows the warning again."""
+    """Warn with ``message`` the first time only (per process; ``warn_once.cache_clear()``,
+    called at the start of each segment or evaluate run, resets): for what holds for a whole
+    run, such as a model's missing record, but is found image by image. Python's own
+    once-per-line rule does not hold it: every change of the warning filters (pandas makes
+    some building each table) shows the warning again."""
     warnings.warn(message, stacklevel=2)

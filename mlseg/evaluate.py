@@ -28,7 +28,7 @@ import pandas as pd
 
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
-from mlseg.errors import DatasetError, size_mismatch, some_of
+from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
@@ -175,6 +175,7 @@ def evaluate(
     """
     from mlseg.segment import check_out_dir, model_identity
 
+    warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
     out = Path(out_dir)
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config

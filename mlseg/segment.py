@@ -891,6 +891,7 @@ def segment_folder(
     from mlseg.model import load_model, resolve_device
     from mlseg.train import machine
 
+    warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
     profile = _load_profile(profile_name, profiles_file, units)
     pixel_size_um = microns_per_pixel(pixel_size_um)  # "0.5" as a table gives it: 0.5
     files = list_images(Path(input_dir), out_dir)
