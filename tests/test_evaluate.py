@@ -20,11 +20,7 @@ from mlseg.registry import code_version
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    folder = tmp_path / "model"
+def _small_checkpoint(folder, pixel_size_um: float | None = None):
     save_checkpoint(
         folder,
         build_model(SMALL, 3, 3),
@@ -34,11 +30,18 @@ def checkpoint(tmp_path):
         in_channels=3,
         fingerprint_hash=None,
         metrics={},
-        pixel_size_um=None,
+        pixel_size_um=pixel_size_um,
         name="best",
         nucleus_diameter_px=12.0,
     )
     return folder
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return _small_checkpoint(tmp_path / "model")
 
 
 def test_score_labels_columns_and_values() -> None:
@@ -183,20 +186,7 @@ def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, t
     scale estimated from the nuclei."""
     from mlseg.config import get_profile
 
-    folder = tmp_path / "model"
-    save_checkpoint(
-        folder,
-        build_model(SMALL, 3, 3),
-        Config(train=SMALL),
-        target="three_class",
-        classes=3,
-        in_channels=3,
-        fingerprint_hash=None,
-        metrics={},
-        pixel_size_um=0.5,
-        name="best",
-        nucleus_diameter_px=12.0,
-    )
+    folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.5)
     profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
     data = nuclei_dataset(n_train=0, n_test=2, size=64)
     result = ev.evaluate(folder, data, tmp_path / "eval", profile=profile, progress=False)
