@@ -101,14 +101,19 @@ _WRITE_HINTS = {
 }
 
 
-def cannot_write(path: str | os.PathLike, err: OSError) -> OutputError | None:
+def cannot_write(
+    path: str | os.PathLike, err: OSError, hint: str | None = None
+) -> OutputError | None:
     """The error for ``path`` (the output's final name, not its temporary file) that could
     not be written because of ``err``; None where the cause is not one a person fixes (an
-    I/O error or time-out of a network file system, which the flows retry as it is)."""
-    hint = _WRITE_HINTS.get(err.errno)
-    if hint is None:
+    I/O error or time-out of a network file system, which the flows retry as it is).
+    ``hint``: what to do, where the caller knows better than the cause's usual advice."""
+    usual = _WRITE_HINTS.get(err.errno)
+    if usual is None:
         return None
-    return OutputError(f"{path}: cannot be written ({(err.strerror or str(err)).lower()}); {hint}")
+    return OutputError(
+        f"{path}: cannot be written ({(err.strerror or str(err)).lower()}); {hint or usual}"
+    )
 
 
 class ValidationFailed(MlsegError):

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import ModelError, OutputError, cannot_write
+from mlseg.errors import ModelError, cannot_write
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -432,8 +432,8 @@ def fetch(
     if cache_dir is None:
         # where pip, torch hub and matplotlib cache too: a worker whose home is read-only
         # (a service account, a container) points them all elsewhere with one variable
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlseg"
-        cache_dir = cache_dir / "models"
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache_dir = cache_dir / "mlseg" / "models"
     cache = Path(cache_dir)
     # keyed by where the version lives: v1 of two registries are two models
     key = hashlib.sha256(version.uri.encode()).hexdigest()[:12]
@@ -445,12 +445,11 @@ def fetch(
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            if cannot_write(target, err) is None:
+            hint = "the model cache goes under XDG_CACHE_HOME: set it to a writable folder"
+            said = cannot_write(target, err, hint)
+            if said is None:
                 raise
-            raise OutputError(
-                f"{target}: cannot be written ({(err.strerror or str(err)).lower()}); the "
-                "model cache goes under XDG_CACHE_HOME: set it to a writable folder"
-            ) from err
+            raise said from err
         for fname, sha in version.files.items():
             from mlseg.io import atomic_path
 
