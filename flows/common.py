@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlseg.config import Config, load_config
+from mlseg.errors import MlsegError
 
 
 def run_config(config: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -15,6 +19,22 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
     A relative ``config`` is under ``MLSEG_DATA_DIR``, as every path parameter (:func:`data_path`).
     """
     return load_config(data_path(config) if config else None, **(overrides or {}))
+
+
+def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
+    (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
+    ``mlseg`` ends it, not in a traceback."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except MlsegError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+
+    return run
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+from flows.common import user_errors_exit
+
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
 
@@ -67,6 +69,7 @@ def _check_made_with(dataset: Path, given: dict[str, int]) -> None:
     )
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.demo", description=__doc__.split("\n")[0]
@@ -93,30 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     # exit cleanly on SIGTERM too, so Prefect's exit handler stops its temporary server
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from mlseg.errors import MlsegError
     from mlseg.synth import make_dataset
 
     dataset = demo_dir / "dataset"
     given = {k: getattr(args, k) for k in SYNTH_DEFAULTS if getattr(args, k) is not None}
-    try:
-        if not (dataset / "train").is_dir():
-            print(f"generating the synthetic dataset in {dataset}", flush=True)
-            make_dataset(dataset, **{**SYNTH_DEFAULTS, **given})
-        elif given:
-            _check_made_with(dataset, given)
-        from flows.pipeline import pipeline
+    if not (dataset / "train").is_dir():
+        print(f"generating the synthetic dataset in {dataset}", flush=True)
+        make_dataset(dataset, **{**SYNTH_DEFAULTS, **given})
+    elif given:
+        _check_made_with(dataset, given)
+    from flows.pipeline import pipeline
 
-        result = pipeline(
-            str(dataset),
-            str(demo_dir / "pipeline"),
-            config=str(args.config),
-            registry=str(demo_dir / "registry"),
-            progress=True,
-            resume=args.resume,
-        )
-    except MlsegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    result = pipeline(
+        str(dataset),
+        str(demo_dir / "pipeline"),
+        config=str(args.config),
+        registry=str(demo_dir / "registry"),
+        progress=True,
+        resume=args.resume,
+    )
     means = result["means"]
     print(
         "\n".join(

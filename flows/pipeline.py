@@ -15,7 +15,6 @@ reuses the registry version of unchanged weights.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts
-from flows.common import data_path, log_warnings, resolve_profile, run_config
+from flows.common import (
+    data_path,
+    log_warnings,
+    resolve_profile,
+    run_config,
+    user_errors_exit,
+)
 from flows.evaluate import evaluate_model, evaluate_task
 from flows.monitor import monitor
 from flows.runners import add_runner_arguments
@@ -369,6 +374,7 @@ def _drift(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.pipeline DATA WORK [--config C] [--registry R]``."""
     import argparse
@@ -385,23 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
-    from mlseg.errors import MlsegError
-
-    try:
-        result = pipeline(
-            args.data_root,
-            args.work_dir,
-            config=args.config,
-            registry=args.registry,
-            task_runner=args.task_runner,
-            dask_address=args.dask_address,
-            workers=args.workers,
-            progress=True,
-            resume=args.resume,
-        )
-    except MlsegError as err:  # as mlseg and flows.demo: one line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    result = pipeline(
+        args.data_root,
+        args.work_dir,
+        config=args.config,
+        registry=args.registry,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        workers=args.workers,
+        progress=True,
+        resume=args.resume,
+    )
     print(f"report: {result['report']}\nmodel: {result['model']}")
     print(f"measurements: {result['measurements (per image)']}")
     return 0

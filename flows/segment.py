@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, log_warnings, resolve_profile, retry_on_transient_io
+from flows.common import (
+    data_path,
+    log_warnings,
+    resolve_profile,
+    retry_on_transient_io,
+    user_errors_exit,
+)
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 
 
@@ -631,6 +636,7 @@ def _run_id() -> str:
     return f"{stamp}-{str(rid)[:8]}" if rid else stamp
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.segment INPUT OUT --model CKPT`` (or ``--registry R``)."""
     import argparse
@@ -654,27 +660,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.model and not args.registry:  # the flow would fail with a traceback
         parser.error("give --model (a checkpoint folder or .safetensors) or --registry")
-    from mlseg.errors import MlsegError
-
-    try:
-        result = segment_and_quantify(
-            args.input_dir,
-            args.out_dir,
-            model=args.model,
-            registry=args.registry,
-            model_name=args.model_name,
-            model_version=args.model_version,
-            profile=args.profile,
-            pixel_size_um=args.pixel_size,
-            pixel_sizes=args.pixel_sizes,
-            batch_size=args.batch_size,
-            task_runner=args.task_runner,
-            dask_address=args.dask_address,
-            workers=args.workers,
-        )
-    except MlsegError as err:  # as mlseg and flows.demo: one line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    result = segment_and_quantify(
+        args.input_dir,
+        args.out_dir,
+        model=args.model,
+        registry=args.registry,
+        model_name=args.model_name,
+        model_version=args.model_version,
+        profile=args.profile,
+        pixel_size_um=args.pixel_size,
+        pixel_sizes=args.pixel_sizes,
+        batch_size=args.batch_size,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        workers=args.workers,
+    )
     print(f"per image: {result['summary_csv']}; per nucleus: {result['nuclei_parquet']}")
     return 0
 
