@@ -87,25 +87,49 @@ def _count(labels: np.ndarray) -> str:
     return f"{n} nucleus" if n == 1 else f"{n} nuclei"
 
 
+#: Longest side, in pixels, of a worst case's panels: a tile up to this size is drawn pixel
+#: for pixel, a larger one shrunk to it (a 1,000-pixel tile to half), a smaller one enlarged
+#: to :data:`PANEL_MIN_PX`. Three panels to a fixed 9-inch figure drew a 512-pixel tile at
+#: about 200 pixels, where touching nuclei merged.
+PANEL_MAX_PX = 512
+PANEL_MIN_PX = 256
+
+
+def _panel_px(shape: tuple[int, ...]) -> tuple[float, float]:
+    """``(width, height)`` in pixels of the panels of an image of ``shape`` (H, W, ...)."""
+    height, width = shape[:2]
+    longest = max(height, width, 1)
+    zoom = min(max(longest, PANEL_MIN_PX), PANEL_MAX_PX) / longest
+    return width * zoom, height * zoom
+
+
 def worst_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]]):
     """One row per case: image | truth | prediction, titled with its name, the counts and
-    the score text (a ``Figure``).
+    the score text (a ``Figure``). Each panel is :func:`_panel_px` figure pixels (100 dpi).
 
     Each row is ``(name, image (H, W, C), true_labels (H, W), pred_labels (H, W), caption)``.
     """
-    n = max(len(rows), 1)
-    fig = _figure(9, 3 * n)
-    axes = np.atleast_2d(fig.subplots(n, 3, squeeze=False))
-    for i, (name, image, truth, pred, caption) in enumerate(rows):
+    dpi, gap, title = 100.0, 12.0, 48.0  # pixels: between panels, above each row (2 lines)
+    sizes = [_panel_px(np.shape(truth)) for _, _, truth, _, _ in rows] or [(256.0, 256.0)]
+    column = max(w for w, _ in sizes)
+    width = 3 * column + 4 * gap
+    height = sum(h + title for _, h in sizes) + gap
+    fig = _figure(width / dpi, height / dpi)
+    top = height
+    for (name, image, truth, pred, caption), (w, h) in zip(rows, sizes, strict=False):
+        top -= title + h
         cmap = "gray" if image.ndim == 2 or image.shape[-1] == 1 else None
-        axes[i, 0].imshow(_display(image), cmap=cmap)
-        axes[i, 0].set_title(f"{name}", fontsize=9)
-        axes[i, 1].imshow(_label_rgb(truth), interpolation="nearest")
-        axes[i, 1].set_title(f"truth ({_count(truth)})", fontsize=9)
-        axes[i, 2].imshow(_label_rgb(pred), interpolation="nearest")
-        axes[i, 2].set_title(f"prediction ({_count(pred)})\n{caption}", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_axis_off()
+        panels = (
+            (_display(image), cmap, "antialiased", name),
+            (_label_rgb(truth), None, "nearest", f"truth ({_count(truth)})"),
+            (_label_rgb(pred), None, "nearest", f"prediction ({_count(pred)})\n{caption}"),
+        )
+        for j, (shown, colours, interpolation, text) in enumerate(panels):
+            left = gap + j * (column + gap) + (column - w) / 2
+            ax = fig.add_axes((left / width, top / height, w / width, h / height))
+            ax.imshow(shown, cmap=colours, interpolation=interpolation)
+            ax.set_title(text, fontsize=9)
+            ax.set_axis_off()
     return fig
 
 

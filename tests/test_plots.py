@@ -59,3 +59,30 @@ def test_training_curves_without_validation_images_say_so():
     )
     _, ax_dice = history_figure(history).axes
     assert [t.get_text() for t in ax_dice.texts] == ["no validation images"]
+
+
+def test_worst_cases_show_nuclei_one_pixel_apart_as_two(tmp_path):
+    """A 512-pixel tile's panels were drawn about 200 pixels wide (three to a 9-inch figure
+    at 100 dpi): nuclei a few pixels across, and touching ones, merged into one blob, so the
+    figure could not show the split or merged nuclei it is there to show."""
+    from scipy import ndimage
+
+    truth = np.zeros((512, 512), np.int32)
+    n = 0
+    for top in range(20, 480, 40):
+        for left in range(20, 480, 40):
+            truth[top : top + 6, left : left + 6] = n + 1  # two 6-pixel nuclei, 1 pixel apart
+            truth[top : top + 6, left + 7 : left + 13] = n + 2
+            n += 2
+    image = np.zeros((512, 512, 3), np.uint8)
+    path = plot_worst([("tile", image, truth, np.zeros_like(truth), "")], tmp_path / "w.png")
+    shown = read_image(path).astype(int)
+    black = shown.max(axis=2) < 8
+    cols = np.flatnonzero(black.sum(axis=0) > 100)  # the three black panels' columns
+    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+    assert len(runs) == 3
+    truth_cols = runs[1]
+    rows = np.flatnonzero(black[:, truth_cols].sum(axis=1) > 100)  # not the title's text
+    panel = shown[rows[0] : rows[-1] + 1, truth_cols[0] : truth_cols[-1] + 1]
+    _, count = ndimage.label(panel.max(axis=2) > 40)
+    assert count == n
