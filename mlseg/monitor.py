@@ -578,11 +578,25 @@ def _change(now: float, before: Any) -> float:
 
 
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
-    """The run history table (CSV or Parquet by suffix); empty if it does not exist yet."""
+    """The run history table (CSV or Parquet by suffix); empty if it does not exist yet.
+
+    A CSV that a spreadsheet saved again with semicolons or tabs between columns (Excel in
+    much of Europe) is read with its decimal commas; read as commas, its rows became one
+    column, and the next run's append rewrote the history garbled."""
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame()
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    from mlseg.dataset import csv_delimiter
+
+    delimiter = csv_delimiter(path)
+    try:
+        return pd.read_csv(path, sep=delimiter, decimal="." if delimiter == "," else ",")
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DatasetError(
+            f"{path}: cannot be read as a run history ({err}); fix or remove it"
+        ) from err
 
 
 def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame:

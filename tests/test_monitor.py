@@ -439,3 +439,18 @@ def test_a_fingerprint_nested_too_deep_is_named_as_not_json(tmp_path) -> None:
     path.write_text('{"stats": ' * 100_000)
     with pytest.raises(ConfigError, match=r"fingerprint\.json: not valid JSON"):
         monitor.load_fingerprint(path)
+
+
+def test_history_saved_again_by_a_european_spreadsheet_keeps_its_rows(tmp_path) -> None:
+    """history.csv opened and saved in Excel with a German or French locale has semicolons
+    between columns and decimal commas: the next run appends a row to the same table."""
+    history = tmp_path / "history.csv"
+    row1 = monitor.run_metrics([3, 4], [10.5, 20.25, 30.0], seconds=2.0, run_id="r1")
+    monitor.append_history(history, row1)
+    pd.read_csv(history).to_csv(history, sep=";", decimal=",", index=False)
+
+    table = monitor.append_history(history, monitor.run_metrics([5], [11.0], 1.0, run_id="r2"))
+    assert list(table.columns) == list(row1)
+    assert list(table["run_id"]) == ["r1", "r2"]
+    assert table["images_per_s"].tolist() == [1.0, 1.0]
+    assert monitor.read_history(history)["area_um2_q50"].tolist() == [20.25, 11.0]
