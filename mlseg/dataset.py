@@ -204,7 +204,7 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
     delimiter = csv_delimiter(path)
     try:
         table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
     if delimiter != "," and "pixel_size_um" in table.columns:
@@ -229,7 +229,8 @@ def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
 
     Left alone, pandas makes such a row's first values its index and shifts the others into
     the wrong columns without a word: ``img1,0,25`` (an unquoted decimal comma) would read
-    as an image ``0`` of 25 um per pixel. Other parse errors are pandas' own.
+    as an image ``0`` of 25 um per pixel. A file not in UTF-8 is refused naming its first
+    such line (:func:`not_utf8`). Other parse errors are pandas' own.
     """
     where = ""
     try:
@@ -238,6 +239,8 @@ def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
             return pd.read_csv(path, index_col=False, **kwargs)
     except pd.errors.ParserWarning:
         pass
+    except UnicodeDecodeError as err:
+        raise DatasetError(not_utf8(Path(path))) from err
     except pd.errors.ParserError as err:  # a later row longer than the first ones
         found = re.search(r"Expected \d+ fields in (line \d+)", str(err))
         if found is None:
@@ -247,6 +250,27 @@ def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
         f"{path}: a row has more values than the header has columns{where}; write a decimal "
         "comma's number with a point (0.25), or separate the columns with semicolons"
     )
+
+
+def not_utf8(path: Path) -> str:
+    """Why ``path`` cannot be read as UTF-8 text, with its first undecodable line and the fix.
+
+    Excel's plain "CSV" (the default, not "CSV UTF-8") saves in the computer's legacy code
+    page, Windows-1252 in Western Europe, so a ``µm`` or an accented file name is one byte
+    that UTF-8 cannot read; pandas' error gives that byte's offset within a buffer."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        byte = data[err.start : err.start + 1]
+        line = data[: err.start].count(b"\n") + 1
+        legacy = byte.decode("cp1252", errors="replace")
+        return (
+            f"{path}: line {line} is not UTF-8 text (byte 0x{byte.hex()}, {legacy!r} in "
+            "Windows-1252); save it as 'CSV UTF-8' (Excel) or with the UTF-8 character set "
+            "(LibreOffice)"
+        )
+    return f"{path}: is not UTF-8 text; save it as 'CSV UTF-8'"
 
 
 def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, object]]:

@@ -347,7 +347,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     delimiter = csv_delimiter(path)
     try:
         table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
     named = {str(c).strip().lower(): c for c in table.columns}
     stem_col = next((named[c] for c in STEM_COLUMNS if c in named), None)

@@ -198,3 +198,18 @@ def test_second_mask_for_an_ome_tiff_refused_naming_both(tmp_path):
     with pytest.raises(DatasetError, match="second mask") as err:
         list_pairs(root, "train")
     assert "x_mask.tif" in str(err.value) and "x.ome_mask.tif" in str(err.value)
+
+
+def test_a_manifest_saved_in_a_legacy_code_page_names_its_line_and_the_fix(tmp_path):
+    """A ``µm`` note in a manifest that Excel saved as plain "CSV" (Windows-1252) was refused
+    with pandas' byte offset ("position 0"), not the line or how to save it."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    rows = ["split,stem,pixel_size_um,note", "train,a,0.25,1 px = 0.25 µm"]
+    (root / "manifest.csv").write_bytes("\r\n".join(rows).encode("cp1252"))
+    with pytest.raises(
+        DatasetError,
+        match=r"manifest\.csv: line 2 is not UTF-8 text \(byte 0xb5, 'µ' in Windows-1252\); "
+        r"save it as 'CSV UTF-8'",
+    ):
+        list_pairs(root, "train")

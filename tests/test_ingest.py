@@ -435,3 +435,16 @@ def test_a_dataset_in_a_folder_one_cannot_write_is_named_not_its_temporary(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {dst}: cannot be written (permission denied); "), err
     assert ".tmp" not in err and "write elsewhere" in err
+
+
+def test_a_pixel_size_table_saved_in_a_legacy_code_page_names_its_line_and_the_fix(tmp_path):
+    """Excel's default "CSV" in Western Europe is Windows-1252: an image named ``Müller`` gave
+    pandas' "'utf-8' codec can't decode byte 0xfc in position 23", with no line or remedy."""
+    table = tmp_path / "sizes.csv"
+    table.write_bytes("stem;pixel_size_um\r\nimg0;0,5\r\nMüller;0,25\r\n".encode("cp1252"))
+    with pytest.raises(
+        DatasetError,
+        match=r"sizes\.csv: line 3 is not UTF-8 text \(byte 0xfc, 'ü' in Windows-1252\); "
+        r"save it as 'CSV UTF-8'",
+    ):
+        read_pixel_sizes(table)
