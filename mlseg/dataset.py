@@ -252,6 +252,20 @@ def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
     )
 
 
+def read_resaved_csv(path: Path) -> pd.DataFrame:
+    """A table that mlseg wrote as CSV, read back as written or as a spreadsheet saved it
+    again: Excel in much of Europe writes semicolons or tabs between columns and decimal
+    commas, which read as commas made each row one column. :class:`DatasetError` naming
+    the file where it cannot be read."""
+    delimiter = csv_delimiter(path)
+    try:
+        return pd.read_csv(path, sep=delimiter, decimal="." if delimiter == "," else ",")
+    except UnicodeDecodeError as err:
+        raise DatasetError(not_utf8(path)) from err
+    except pd.errors.ParserError as err:
+        raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
+
+
 def not_utf8(path: Path) -> str:
     """Why ``path`` cannot be read as UTF-8 text, with its first undecodable line and the fix.
 

@@ -580,23 +580,17 @@ def _change(now: float, before: Any) -> float:
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
     """The run history table (CSV or Parquet by suffix); empty if it does not exist yet.
 
-    A CSV that a spreadsheet saved again with semicolons or tabs between columns (Excel in
-    much of Europe) is read with its decimal commas; read as commas, its rows became one
-    column, and the next run's append rewrote the history garbled."""
+    A CSV that a spreadsheet saved again is read as such (:func:`mlseg.dataset.read_resaved_csv`):
+    read as commas, its rows became one column, and the next run's append rewrote the
+    history garbled."""
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame()
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
-    from mlseg.dataset import csv_delimiter
+    from mlseg.dataset import read_resaved_csv
 
-    delimiter = csv_delimiter(path)
-    try:
-        return pd.read_csv(path, sep=delimiter, decimal="." if delimiter == "," else ",")
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DatasetError(
-            f"{path}: cannot be read as a run history ({err}); fix or remove it"
-        ) from err
+    return read_resaved_csv(path)
 
 
 def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame:

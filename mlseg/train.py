@@ -45,6 +45,7 @@ from torch import nn
 
 from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
+from mlseg.dataset import read_resaved_csv
 from mlseg.errors import DatasetError, ResumeError, TrainingDiverged, some_of
 from mlseg.io import file_digest, write_table, write_text
 from mlseg.model import (
@@ -388,7 +389,7 @@ def _read_history(folder: Path) -> list[dict[str, Any]]:
     path = folder / "history.csv"
     if not path.is_file():
         return []
-    return pd.read_csv(path).to_dict("records")
+    return read_resaved_csv(path).to_dict("records")  # looked at in Excel, and saved
 
 
 # ----------------------------------------------------------------------------- fit

@@ -84,6 +84,17 @@ def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
     assert fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False).steps == 3
 
 
+def test_a_history_saved_again_by_a_european_spreadsheet_resumes(synth_dataset, tmp_path):
+    """history.csv looked at in Excel with a German locale, and saved on closing, has
+    semicolons and decimal commas: the resume ended in a traceback (KeyError: 'step')."""
+    out = tmp_path / "run"
+    first = fit(_cfg(max_steps=2, val_every=1), synth_dataset, out, progress=False)
+    first.history.to_csv(out / "history.csv", sep=";", decimal=",", index=False)
+    second = fit(_cfg(max_steps=3, val_every=1), synth_dataset, out, progress=False)
+    assert list(second.history["step"]) == [1, 2, 3]
+    assert second.history["train_loss"][:2].tolist() == first.history["train_loss"].tolist()
+
+
 def test_ema_checkpoints_hold_the_average_and_resume(synth_dataset, tmp_path) -> None:
     from safetensors.torch import load_file
 
