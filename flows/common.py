@@ -16,9 +16,24 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
     """The run's :class:`~mlseg.config.Config`: YAML file (or defaults) plus section overrides.
 
     ``overrides`` is what a deployment parameter holds, e.g. ``{"train": {"max_steps": 300}}``.
-    A relative ``config`` is under ``MLSEG_DATA_DIR``, as every path parameter (:func:`data_path`).
+    A relative ``config`` is under ``MLSEG_DATA_DIR``, as every path parameter (:func:`data_path`),
+    and so, where that is set, are the relative paths it holds (``profiles_file``,
+    ``preprocess.stain_reference``): a deployed worker runs each flow in a temporary folder.
     """
-    return load_config(data_path(config) if config else None, **(overrides or {}))
+    import os
+
+    cfg = load_config(data_path(config) if config else None, **(overrides or {}))
+    if not os.environ.get("MLSEG_DATA_DIR"):  # a local run: the current folder, as mlseg train
+        return cfg
+    pre = cfg.preprocess
+    return cfg.model_copy(
+        update={
+            "profiles_file": cfg.profiles_file and data_path(cfg.profiles_file),
+            "preprocess": pre.model_copy(
+                update={"stain_reference": pre.stain_reference and data_path(pre.stain_reference)}
+            ),
+        }
+    )
 
 
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:

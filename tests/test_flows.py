@@ -561,6 +561,35 @@ def test_a_relative_config_parameter_is_under_the_data_folder(
     assert not any(elsewhere.iterdir())
 
 
+def test_paths_inside_a_run_config_are_under_the_data_folder(tmp_path, monkeypatch) -> None:
+    """A deployed run config (`-p config=configs/run.yaml`, read under MLSEG_DATA_DIR) naming
+    `profiles_file: lab.yaml` or a `preprocess.stain_reference` had them read from the
+    worker's temporary folder: 'not found', or another file of that name there. They are
+    under MLSEG_DATA_DIR, as every relative path parameter and the config itself."""
+    from flows.common import run_config
+    from mlseg.config import get_profile
+
+    data, elsewhere = tmp_path / "data", tmp_path / "worker-cwd"
+    for folder, size in ((data, 0.25), (elsewhere, 0.5)):
+        (folder / "configs").mkdir(parents=True)
+        profiles = {"profiles": {"lab": {"stain": "he", "pixel_size_um": size}}}
+        (folder / "lab.yaml").write_text(yaml.safe_dump(profiles))
+    (data / "configs" / "run.yaml").write_text(
+        "profile: lab\nprofiles_file: lab.yaml\n"
+        "preprocess: {stain_norm: macenko, stain_reference: refs/ref.png}\n"
+    )
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(data))
+    cfg = run_config("configs/run.yaml")
+    assert cfg.profiles_file == data / "lab.yaml"
+    assert get_profile(cfg.profile, cfg.profiles_file).pixel_size_um == 0.25  # not the cwd's
+    assert cfg.preprocess.stain_reference == data / "refs" / "ref.png"
+    given = run_config(None, {"preprocess": {"stain_reference": "/abs/ref.png"}})
+    assert given.preprocess.stain_reference == Path("/abs/ref.png")  # absolute: as given
+    monkeypatch.delenv("MLSEG_DATA_DIR")  # a local run: the current folder, as mlseg train
+    assert run_config(str(data / "configs" / "run.yaml")).profiles_file == Path("lab.yaml")
+
+
 def test_a_url_where_a_file_is_read_is_named_as_a_url(harness, tmp_path, monkeypatch) -> None:
     """Only a registry is read from a URL. `-p fingerprint=s3://bucket/fingerprint.json` failed
     with '<MLSEG_DATA_DIR>/s3:/bucket/fingerprint.json: fingerprint not found', a path no one
