@@ -345,6 +345,34 @@ def warn_of_case_only_names(listed: Iterable[str], stems: Iterable[str], table: 
     return near
 
 
+def warn_of_unused_rows(listed: Iterable[str], stems: Iterable[str], table: str) -> None:
+    """Warn, naming them, of the rows of ``table`` (a pixel-size table, by stem) that name no
+    image of ``stems`` while some of these images have no row: a misspelt stem, or a path in
+    a stem's place, whose image would get no size from the table without a word. Rows for
+    other images (a lab's master table) are no mistake where every image has its row. Rows
+    naming an image in another case are said by :func:`warn_of_case_only_names`."""
+    listed, stems = set(listed), set(stems)
+    near = {n.casefold() for n in warn_of_case_only_names(listed, stems, table)}
+    unused = sorted(n for n in listed - stems if n.casefold() not in near)
+    without = sorted(s for s in stems - listed if s.casefold() not in near)
+    if not unused or not without:
+        return
+    if not listed & stems and not near:
+        warnings.warn(
+            f"{table} names none of these {len(stems)} images (it lists "
+            f"{some_of(sorted(listed), 3)}; the images are {some_of(sorted(stems), 3)}), "
+            f"so it gives no image its size; list each image by its file name or stem",
+            stacklevel=3,
+        )
+        return
+    warnings.warn(
+        f"{table} has {len(unused)} row(s) naming no image here ({some_of(unused, 3)}) and "
+        f"{len(without)} of these images have no row ({some_of(without, 3)}), so it gives "
+        f"those no size; list each image by its file name or stem",
+        stacklevel=3,
+    )
+
+
 def check_pixel_size(value: object, what: str) -> float:
     """``value`` as microns per pixel, or :class:`DatasetError` naming ``what`` and the fix."""
     low, high = PLAUSIBLE_PIXEL_SIZE_UM

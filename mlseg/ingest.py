@@ -56,7 +56,7 @@ from mlseg.dataset import (
     read_csv_rows,
     split_dir,
     split_pixel_sizes,
-    warn_of_case_only_names,
+    warn_of_unused_rows,
 )
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
 from mlseg.io import (
@@ -457,7 +457,7 @@ def ingest(
         )
     drawn = check_pairs(items, progress=progress)
     sizes = _source_pixel_sizes(src, pixel_sizes, layout)
-    warn_of_case_only_names(sizes, stems, "the pixel-size table")
+    warn_of_unused_rows(sizes, stems, "the pixel-size table")
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
 

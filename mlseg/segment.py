@@ -60,8 +60,8 @@ from mlseg.config import Config, InferenceConfig, PreprocessConfig, Profile, get
 from mlseg.dataset import (
     check_pixel_size,
     is_image_file,
-    warn_of_case_only_names,
     warn_of_non_files,
+    warn_of_unused_rows,
 )
 from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
 from mlseg.infer import NO_STAIN_TTA, StainTTA
@@ -590,14 +590,7 @@ def own_pixel_sizes(
         match_stem(without_image_extension(str(k)), stems): v
         for k, v in (pixel_sizes or {}).items()
     }
-    near = warn_of_case_only_names(by_stem, stems, "the pixel-size table")
-    if by_stem and stems and not near and not by_stem.keys() & set(stems):
-        warnings.warn(
-            f"the pixel-size table names none of these {len(stems)} images (it lists "
-            f"{some_of(sorted(by_stem), 3)}; the images are {some_of(sorted(stems), 3)}), "
-            f"so it gives no image its size; list each image by its file name or stem",
-            stacklevel=3,
-        )
+    warn_of_unused_rows(by_stem, stems, "the pixel-size table")
     sizes = {
         stem: check_pixel_size(by_stem[stem], f"pixel size of {stem!r}")
         for stem in stems

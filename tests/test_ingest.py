@@ -3,6 +3,7 @@ import hashlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,29 @@ def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped(t
     with pytest.warns(UserWarning, match=r"names 1 image\(s\) in another case .*\(IMG0 for img0\)"):
         result = ingest(src, tmp_path / "ds", pixel_sizes=table, progress=False)
     assert result.manifest.set_index("stem").loc["img1", "pixel_size_um"] == 0.25
+
+
+def test_pixel_size_rows_naming_no_image_are_named_where_images_have_none(tmp_path):
+    """A table whose rows name no image of the source (a typo, a folder's path for a stem's
+    place in an mlseg manifest) was dropped without a word, even when no row matched, and its
+    images ingested with no pixel size. Rows for other images of a lab's master table, where
+    every image here has its row, are still no mistake."""
+    src = flat_source(tmp_path / "src", n=3)
+    table = tmp_path / "sizes.csv"
+    table.write_text("image,mpp\nimg0,0.5\nimg01.png,0.25\nimg7,0.25\n")
+    with pytest.warns(UserWarning, match=r"has 2 row\(s\) naming no image here \(img01, img7\)"):
+        result = ingest(src, tmp_path / "a", pixel_sizes=table, progress=False)
+    assert result.manifest.set_index("stem").loc["img0", "pixel_size_um"] == 0.5
+    table.write_text("image,mpp\nimg0,0.5\nimg1,0.25\nimg2,0.25\nimg7,0.25\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ingest(src, tmp_path / "b", pixel_sizes=table, progress=False)
+    mlseg_source = tmp_path / "b"
+    manifest = pd.read_csv(mlseg_source / "manifest.csv")
+    manifest["stem"] = manifest["image"]  # train/original/img0.png: a path, not a stem
+    manifest.to_csv(mlseg_source / "manifest.csv", index=False)
+    with pytest.warns(UserWarning, match=r"names none of these 3 images"):
+        ingest(mlseg_source, tmp_path / "c", progress=False)
 
 
 @pytest.mark.parametrize(

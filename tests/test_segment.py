@@ -524,6 +524,16 @@ def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped()
         assert own_pixel_sizes({"X20.png": 0.5, "x40": 0.25}, ["x20", "x40"]) == {"x40": 0.25}
 
 
+def test_a_pixel_size_row_naming_no_image_is_named_where_an_image_has_none() -> None:
+    """A misspelt row (x_40 for x40) left its image at the profile's size without a word
+    unless no row matched; rows for images of other folders, beside these, are no mistake."""
+    with pytest.warns(UserWarning, match=r"has 1 row\(s\) naming no image here \(x_40\).*\(x40\)"):
+        assert own_pixel_sizes({"x20": 0.5, "x_40": 0.25}, ["x20", "x40"]) == {"x20": 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        own_pixel_sizes({"x20": 0.5, "x40": 0.25, "y1": 0.3}, ["x20", "x40"])
+
+
 def test_json_sidecars_give_each_image_its_pixel_size(tmp_path, use_oracle):
     # The same discs at 20x and 40x as PNGs, each with the sidecar BIDS microscopy writes.
     folder = tmp_path / "in"
