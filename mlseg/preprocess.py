@@ -399,8 +399,13 @@ def _reference(path: str, mtime: float) -> np.ndarray:
 def reference_image(path: Path) -> np.ndarray:
     """The reference image of ``preprocess.stain_reference`` as float32 [0, 1], cached."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: preprocess.stain_reference image not found")
+    if not path.is_file():  # a config's relative path is not read from its own folder
+        where = (
+            ""
+            if path.is_absolute()
+            else f" (a relative path is read from the current folder, {Path.cwd()})"
+        )
+        raise ConfigError(f"{path}: preprocess.stain_reference image not found{where}")
     return _reference(str(path), path.stat().st_mtime)
 
 

@@ -335,6 +335,18 @@ def test_macenko_to_a_reference_file_takes_its_stains(tmp_path) -> None:
     assert macenko_target(PreprocessConfig(stain_norm="macenko"))[0] is MACENKO_REF_STAINS
 
 
+def test_a_relative_stain_reference_not_found_says_where_it_was_looked_for(
+    tmp_path, monkeypatch
+) -> None:
+    """`stain_reference: ref.png` in configs/run.yaml, beside the config, failed 'ref.png:
+    preprocess.stain_reference image not found' from the repository root, without a word
+    that a relative path is read from the current folder, not the config's."""
+    monkeypatch.chdir(tmp_path)
+    cfg = PreprocessConfig(stain_norm="macenko", stain_reference="ref.png")
+    with pytest.raises(ConfigError, match=f"read from the current folder, {tmp_path}"):
+        macenko_target(cfg)
+
+
 def test_normalize_bad_requests_are_config_errors(tmp_path) -> None:
     from mlseg.io import write_image
 
