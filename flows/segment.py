@@ -401,7 +401,13 @@ def segment_and_quantify(
 
     from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
-    from mlseg.monitor import append_history, distributions, run_metrics, run_shift
+    from mlseg.monitor import (
+        append_history,
+        distributions,
+        run_areas,
+        run_metrics,
+        run_shift,
+    )
     from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
@@ -503,8 +509,7 @@ def segment_and_quantify(
     done_now = [s for s in summaries if s["image"] in done]
     counts = [s.get("count", 0) for s in done_now]
     new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done]
-    area_col, areas = _areas(new_tables)
-    unit = "um2" if area_col == "area_um2" else "px"
+    unit, areas = run_areas(new_tables)
     runs_dir = out / "runs"
     history_path = data_path(history) if history else runs_dir / "history.csv"
     metrics = run_metrics(
@@ -601,17 +606,6 @@ def _is_image(path: Path) -> bool:
     from mlseg.dataset import is_image_file
 
     return is_image_file(path)
-
-
-def _areas(tables: list) -> tuple[str | None, list[float] | None]:
-    from mlseg.monitor import area_column
-
-    for table in tables:
-        column = area_column(table.columns)
-        if column:
-            values = [v for t in tables if column in t for v in t[column].tolist()]
-            return column, values
-    return None, None
 
 
 def _previous_distributions(history_path: Path):

@@ -457,6 +457,35 @@ def area_column(columns: Iterable[str]) -> str | None:
     return None
 
 
+def run_areas(tables: Iterable[pd.DataFrame]) -> tuple[str, list[float] | None]:
+    """``(area_unit, areas)`` of a run's nucleus tables, for :func:`run_metrics`: the unit
+    (``um2`` or ``px``) most of the run's nuclei were measured in, ``um2`` on a tie, and
+    every area in it. Areas in the other unit, of images without a pixel size in a run
+    where others have one, share no distribution with these and are left out. ``None``
+    areas: no table has an area column."""
+    tables = list(tables)
+    units = [
+        None if column is None else "um2" if column == "area_um2" else "px"
+        for column in map(area_column, (t.columns for t in tables))
+    ]
+    if not any(units):
+        return "px", None
+    nuclei = {"um2": 0, "px": 0}
+    for table, unit in zip(tables, units, strict=True):
+        if unit:
+            nuclei[unit] += len(table)
+    # not the first table's unit: an image without nuclei or pixel size, sorted first,
+    # made a run's areas pixels, of which it had none, and left out every nucleus in um2
+    chosen = max(nuclei, key=nuclei.get)  # um2 on a tie
+    areas = [
+        v
+        for table, unit in zip(tables, units, strict=True)
+        if unit == chosen
+        for v in table[area_column(table.columns)].tolist()
+    ]
+    return chosen, areas
+
+
 def _deciles(values: np.ndarray) -> list[float]:
     values = np.asarray(values, np.float64)
     values = values[np.isfinite(values)]

@@ -244,6 +244,31 @@ def test_areas_in_another_unit_are_not_read_as_a_shift() -> None:
     assert same_unit["area_psi"] == 0.0 and same_unit["area_median_change_pct"] == 0.0
 
 
+def test_a_run_records_the_areas_of_its_nuclei_whichever_image_sorts_first() -> None:
+    """A run of images with a pixel size and one blank tile without, sorted first: the
+    flow's history took the blank tile's unit (pixels) for the run, and with it no area at
+    all. The unit is that of most nuclei; the other unit's areas are left out, not mixed."""
+    from skimage.draw import disk
+
+    from mlseg.config import get_profile
+    from mlseg.quantify import measure
+
+    he = get_profile("he")
+    labels = np.zeros((48, 48), np.int32)
+    for i, centre in enumerate(((12, 12), (30, 34)), start=1):
+        labels[disk(centre, 5)] = i
+    blank = measure(np.zeros_like(labels), None, he, pixel_size_um=None)
+    microns = [measure(labels, None, he, pixel_size_um=0.5) for _ in range(2)]
+    pixels = measure(labels[:, :24], None, he, pixel_size_um=None)  # one nucleus
+
+    unit, areas = monitor.run_areas([blank, *microns])
+    assert unit == "um2" and areas == pytest.approx([*microns[0]["area_um2"]] * 2)
+    unit, areas = monitor.run_areas([pixels, *microns])
+    assert unit == "um2" and len(areas) == 4  # the one nucleus in pixels left out
+    assert monitor.run_areas([pixels, blank]) == ("px", pixels["area_px"].tolist())
+    assert monitor.run_areas([]) == ("px", None)
+
+
 def test_runs_ending_together_keep_every_history_row(tmp_path) -> None:
     """Two flow runs into one folder append at about the same moment: both rows stay."""
     import threading
