@@ -660,7 +660,7 @@ def summarize(
     appear only when a pixel size is used (see :func:`effective_pixel_size`). IHC adds the
     count and percentage per class, ``positive_pct`` (1+ or more) and ``h_score``
     (1 x %1+ + 2 x %2+ + 3 x %3+, 0-300), both ``None`` where DAB was not measured (no
-    image). Statistics of an empty table are ``None``.
+    image). Statistics of an empty table, its class percentages included, are ``None``.
     """
     px = effective_pixel_size(profile, pixel_size_um)
     length, area = unit_suffixes(px)
@@ -700,7 +700,9 @@ def summarize(
         summary[f"{name}_std"] = float(values.std(ddof=1)) if values.size > 1 else None
     if profile.stain == "ihc" and "ihc_class" in table.columns:
         classes = table["ihc_class"].to_numpy()
-        pct = [100.0 * np.count_nonzero(classes == k) / count if count else 0.0 for k in range(4)]
+        # no nuclei, no shares: 0 % negative beside a None positive_pct pulled a run's mean
+        # of pct_negative down while its mean of positive_pct left the image out
+        pct = [100.0 * np.count_nonzero(classes == k) / count if count else None for k in range(4)]
         for k, name in enumerate(("negative", "1plus", "2plus", "3plus")):
             summary[f"n_{name}"] = int(np.count_nonzero(classes == k))
             summary[f"pct_{name}"] = pct[k]

@@ -112,6 +112,25 @@ def test_empty_labels_give_empty_table_with_columns():
     assert summary["h_score"] is None and summary["area_um2_mean"] is None
 
 
+def test_an_image_without_nuclei_has_no_class_percentages():
+    """summary.csv's row of an IHC tile without nuclei said 0 % negative, 0 % 1+... beside an
+    empty positive_pct: a run's mean pct_negative counted the tile as 0 % while its mean
+    positive_pct left it out, and the two no longer added up to 100."""
+    image = np.full((40, 40, 3), 255, np.uint8)
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    rows = pd.DataFrame(
+        [
+            summarize(measure(lab, image, IHC, pixel_size_um=0.5), lab.shape, IHC, 0.5, None)
+            for lab in (labels, np.zeros_like(labels))
+        ]
+    )
+    pct = ["pct_negative", "pct_1plus", "pct_2plus", "pct_3plus"]
+    assert rows.loc[1, [*pct, "positive_pct", "h_score"]].isna().all()
+    assert rows["pct_negative"].mean() + rows["positive_pct"].mean() == pytest.approx(100.0)
+    assert rows.loc[1, "n_negative"] == 0
+
+
 def test_ihc_shape_only_reports_no_positivity():
     """Without the image no DAB is measured: no nucleus may be reported negative."""
     labels = np.zeros((40, 40), np.int32)
