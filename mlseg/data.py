@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from mlseg.augment import (
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
+from mlseg.inventory import turn_free_hash
 from mlseg.io import read_image, read_mask
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
@@ -127,11 +129,25 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None):
     mask = read_mask(pair.mask)
     if mask.shape != image.shape[:2]:
         raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape, pair.image))
+    # as read: resampling a flipped or turned copy need not give the flipped resample
+    key = turn_free_hash(image)
     um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
     if target_um is not None and um is not None:
         image = rescale_image(image, um, target_um)
         mask = rescale_labels(mask, um, target_um)
-    return image, mask
+    return image, mask, key
+
+
+def _decode_all(
+    pairs: list[Pair], pp: PreprocessConfig, profile: Profile, workers: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """:func:`decode_pairs`, and each image's :func:`mlseg.inventory.turn_free_hash` as read."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        out = list(
+            pool.map(lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um), pairs)
+        )
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
 
 def decode_pairs(
@@ -140,12 +156,8 @@ def decode_pairs(
     """Decode every pair and rescale it to ``pp.target_pixel_size_um`` (threads); returns
     the images as stored (a resampled 16-bit one as float32 [0, 1] of its own full scale)
     and the masks."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        out = list(
-            pool.map(lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um), pairs)
-        )
-    return [o[0] for o in out], [o[1] for o in out]
+    images, masks, _ = _decode_all(pairs, pp, profile, workers)
+    return images, masks
 
 
 def dataset_mask_kind(configured: str, masks: list[np.ndarray]) -> str:
@@ -515,13 +527,32 @@ class TrainData:
     image_pixel_sizes: dict[str, float | None] = field(default_factory=dict)
 
 
-def split_validation(n: int, fraction: float, seed: int) -> np.ndarray:
+def split_validation(
+    n: int, fraction: float, seed: int, groups: Sequence[Hashable] | None = None
+) -> np.ndarray:
     """Indices of the held-back validation images: ``round(n * fraction)``, at least one
-    when ``fraction > 0`` and ``n >= 2``, always leaving one for training; seeded."""
+    when ``fraction > 0`` and ``n >= 2``, always leaving one for training; seeded.
+
+    ``groups`` (one key per image) holds back the images of one key together: a mirrored
+    or turned copy saved beside a tile (:func:`mlseg.inventory.turn_free_hash`) is never
+    trained on while the tile validates. Groups are drawn in the seed's order until ``k``
+    images are held back, so with every key distinct the split is the one without groups.
+    """
     if fraction <= 0 or n < 2:
         return np.empty(0, np.int64)
     k = int(min(max(1, round(n * fraction)), n - 1))
-    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(range(n) if groups is None else groups):
+        members.setdefault(key, []).append(i)
+    grouped = list(members.values())
+    if len(grouped) < 2:  # one image and its copies: none left to train on
+        return np.empty(0, np.int64)
+    held: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(grouped))[: len(grouped) - 1]:
+        if len(held) >= k:
+            break
+        held += grouped[g]
+    return np.sort(np.array(held, np.int64))
 
 
 def prepare_data(
@@ -548,15 +579,16 @@ def prepare_data(
     if resample:
         pp = pp.model_copy(update={"target_pixel_size_um": pixel_size})
     channels = in_channels or profile.channels
-    images, masks = decode_pairs(pairs, pp, profile, cfg.train.num_workers)
+    images, masks, copies = _decode_all(pairs, pp, profile, cfg.train.num_workers)
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
     check_masks(pairs, masks, kind, root / cfg.data.train_dir / cfg.data.mask_dir)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
     labels = [mask_to_labels(m, kind) for m in masks]
-    val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)
+    val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed, copies)
     if cfg.data.val_fraction > 0 and not len(val_idx):
+        one = "one training image" if len(pairs) == 1 else "one training image and its copies"
         warnings.warn(
-            f"{root / cfg.data.train_dir}: one training image, so none is held back for "
+            f"{root / cfg.data.train_dir}: {one}, so none is held back for "
             f"validation (data.val_fraction {cfg.data.val_fraction:g}): best.safetensors will be "
             "the checkpoint of lowest training loss, which says nothing of other images; "
             "add annotated images to validate on",

@@ -15,7 +15,7 @@ from skimage.draw import disk
 
 from mlseg.config import load_config
 from mlseg.errors import ConfigError, DatasetError, ModelError, ResumeError
-from mlseg.io import read_image, write_image, write_labels
+from mlseg.io import read_image, read_mask, write_image, write_labels
 from mlseg.train import SegLoss, fit, warmup_cosine
 
 TINY = {
@@ -710,3 +710,35 @@ def test_training_images_that_mark_no_nucleus_are_refused_before_training(tmp_pa
     cfg = load_config(None, train={**TINY, "max_steps": 1})
     with pytest.raises(DatasetError, match=rf"\(img{1 - held}\) mark no nucleus once .*img{held}"):
         prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+
+
+def test_a_mirrored_or_turned_copy_stays_on_its_image_side_of_the_validation_split(
+    tmp_path,
+) -> None:
+    """Tiles saved with their flipped and turned copies (offline augmentation) pass
+    validation, which only fails such copies across train and test; the validation split
+    then held back a tile whose mirror image was trained on, and the augmentation's own
+    flips trained on the held-back tile itself: validation Dice, which picks
+    best.safetensors, stops early and ranks mlseg tune, was inflated."""
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    root = _binary_dataset(tmp_path / "ds", n=6)
+    images, masks = root / "train" / "original", root / "train" / "masks"
+    for i in range(6):
+        image, mask = read_image(images / f"img{i}.png"), read_mask(masks / f"img{i}_mask.png")
+        write_image(images / f"img{i}_flip.png", image[:, ::-1])
+        write_labels(masks / f"img{i}_flip_mask.png", mask[:, ::-1])
+        write_image(images / f"img{i}_turn.png", np.rot90(image))
+        write_labels(masks / f"img{i}_turn_mask.png", np.rot90(mask))
+    cfg = load_config(None, train={**TINY, "max_steps": 1})
+    for seed in range(4):
+        data = prepare_data(
+            cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": seed})}),
+            root,
+            get_profile("he"),
+            torch.device("cpu"),
+        )
+        held = {stem.split("_")[0] for stem in data.val_stems}
+        trained = {stem.split("_")[0] for stem in data.train_stems}
+        assert held and not held & trained, (seed, data.val_stems, data.train_stems)
