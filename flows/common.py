@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,6 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
     and so, where that is set, are the relative paths it holds (``profiles_file``,
     ``preprocess.stain_reference``): a deployed worker runs each flow in a temporary folder.
     """
-    import os
-
     cfg = load_config(data_path(config) if config else None, **(overrides or {}))
     if not os.environ.get("MLSEG_DATA_DIR"):  # a local run: the current folder, as mlseg train
         return cfg
