@@ -525,6 +525,9 @@ class TrainData:
     # microns per pixel of each training image as read (manifest, metadata, else the
     # profile's): the fingerprint hashes pixels, not the sizes that decide the resampling
     image_pixel_sizes: dict[str, float | None] = field(default_factory=dict)
+    # each image's turn_free_hash as read, by role: evaluate tells a trained-on image by
+    # its pixels, whatever its name or format in the set it scores
+    image_hashes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def split_validation(
@@ -655,6 +658,10 @@ def prepare_data(
         fingerprint=dataset_fingerprint(pairs),
         train_stems=[p.stem for p, v in zip(pairs, is_val, strict=True) if not v],
         val_stems=[pairs[i].stem for i in val_idx],
+        image_hashes={
+            "train": sorted({h for h, v in zip(copies, is_val, strict=True) if not v}),
+            "validation": sorted({copies[i] for i in val_idx}),
+        },
         image_pixel_sizes={
             p.stem: p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um
             for p in pairs

@@ -29,6 +29,7 @@ import pandas as pd
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
+from mlseg.inventory import turn_free_hash
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_device
@@ -199,6 +200,8 @@ def evaluate(
     check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
     rows: list[dict[str, Any]] = []
     worst: list[tuple[float, tuple]] = []
+    trained = trained_images(loaded.meta)
+    seen: dict[str, list[str]] = {"train": [], "validation": []}
     iterator = pairs
     if progress:
         from tqdm.auto import tqdm
@@ -206,6 +209,8 @@ def evaluate(
         iterator = tqdm(pairs, desc=f"evaluate {split}", unit="img")
     for pair in iterator:
         image = read_image(pair.image)
+        if trained and (role := trained.get(turn_free_hash(image))):
+            seen[role].append(pair.stem)
         truth = mask_to_labels(read_mask(pair.mask), cfg.data.mask_kind)
         if truth.shape != image.shape[:2]:
             raise DatasetError(size_mismatch(pair.mask, truth.shape, image.shape, pair.image))
@@ -226,6 +231,8 @@ def evaluate(
         caption = f"Dice {row['dice']:.2f}  AJI {row['aji']:.2f}  PQ {row['pq']:.2f}"
         worst.append((row["aji"], (pair.stem, image, truth, pred, caption)))
         worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
+    if split != cfg.data.train_dir and any(seen.values()):
+        warnings.warn(seen_in_training(data_root, split, len(pairs), seen), stacklevel=2)
     df = pd.DataFrame(rows)
     means = {k: float(df[k].astype(float).mean()) for k in METRIC_COLUMNS}  # NaN skipped
     tp, fp, fn = (int(df[k].sum()) for k in ("tp", "fp", "fn"))
@@ -257,6 +264,7 @@ def evaluate(
         "mlseg_version": code_version(),
         "device": str(device),
         "n_images": len(df),
+        "seen_in_training": seen,
         "means": means,
         "pooled": pooled,
         "inference": inference_cfg.model_dump(mode="json"),
@@ -266,3 +274,28 @@ def evaluate(
 
     worst_png = plot_worst([item for _, item in worst], out / "worst.png") if worst else None
     return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)
+
+
+def trained_images(meta: dict[str, Any]) -> dict[str, str]:
+    """``turn_free_hash -> "train" | "validation"`` of the images a model trained and chose
+    its checkpoint on, as its ``meta.json`` records them; empty for a model saved before
+    mlseg recorded them."""
+    hashes = meta.get("image_hashes") or {}
+    return {h: role for role in ("validation", "train") for h in hashes.get(role, [])}
+
+
+def seen_in_training(data_root: str | Path, split: str, n: int, seen: dict[str, list[str]]) -> str:
+    """The warning for scored images that the model trained on or validated on, found by
+    their pixels (a copy renamed, converted, mirrored or turned too): an evaluation set
+    ingested again with more images, or a test split holding a training image's copy."""
+    parts = []
+    if seen["train"]:
+        parts.append(f"{len(seen['train'])} are images it trained on ({some_of(seen['train'], 3)})")
+    if seen["validation"]:
+        held = seen["validation"]
+        parts.append(f"{len(held)} are images it chose its checkpoint on ({some_of(held, 3)})")
+    return (
+        f"{data_root}: of the {n} images of split {split!r}, {' and '.join(parts)}, as their "
+        "pixels show; their scores are not held out and overstate how the model segments "
+        "new images: score it on images it has not seen"
+    )

@@ -207,6 +207,7 @@ def save_checkpoint(
     image_pixel_sizes: dict[str, float | None] | None = None,
     profile: Profile | None = None,
     split: dict[str, list[str]] | None = None,
+    image_hashes: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write ``<name>.safetensors``, ``config.json`` and ``meta.json`` (updating ``name``'s
     entry); with ``train_state`` (optimiser/scheduler/step, tensors and numbers only) also
@@ -214,7 +215,8 @@ def save_checkpoint(
     step it started from (:func:`mlseg.train.machine`); ``image_pixel_sizes`` each training
     image's microns per pixel (``None``: unknown); ``profile`` the training profile, kept in
     meta.json whole; ``split`` the stems of the images trained on (``train``) and held back
-    (``validation``). ``config.preprocess.stain_reference``, where it names a file the
+    (``validation``), and ``image_hashes`` their pixels' hashes by the same roles
+    (:func:`mlseg.inventory.turn_free_hash`). ``config.preprocess.stain_reference``, where it names a file the
     preprocessing reads (stain normalisation, ``equalize: match``), is copied in as
     ``stain_reference.<ext>``: a path given relative to where training ran, or to a
     file edited later, would not travel with the weights. The files are written under
@@ -256,6 +258,8 @@ def save_checkpoint(
         meta["profile_settings"] = profile.model_dump(mode="json")
     if split is not None:
         meta["split"] = split
+    if image_hashes is not None:
+        meta["image_hashes"] = image_hashes
     from mlseg.data import effective_preprocess
 
     pre = effective_preprocess(config, profile) if profile is not None else config.preprocess

@@ -591,6 +591,7 @@ def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state
         image_pixel_sizes=run.data.image_pixel_sizes,
         profile=run.profile,
         split={"train": run.data.train_stems, "validation": run.data.val_stems},
+        image_hashes=run.data.image_hashes,
     )
 
 

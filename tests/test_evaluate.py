@@ -210,3 +210,43 @@ def test_evaluate_says_a_mask_of_another_size_as_training_does(
     height, width = labels.shape
     with pytest.raises(DatasetError, match=f"{width}x{height - 1} px but its image is {width}x"):
         ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+
+
+def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
+    synth_dataset, tmp_path
+) -> None:
+    """An evaluation set ingested again with more images, or a test split holding a renamed
+    copy of a training image, scored the model on images it had learnt without a word, and
+    a champion then looked better than it is on new slides."""
+    from mlseg.config import load_config
+    from mlseg.io import read_image, write_image
+    from mlseg.train import fit
+
+    torch.set_num_threads(2)
+    cfg = load_config(None, train={**SMALL.model_dump(), "max_steps": 1, "batch_size": 2})
+    model = fit(cfg, synth_dataset, tmp_path / "model", progress=False).last_checkpoint
+    meta = json.loads((model.parent / "meta.json").read_text())
+    trained = meta["split"]["train"][0]
+    held = meta["split"]["validation"][0]
+    new_set = tmp_path / "again" / "test"
+    for folder in ("original", "masks"):
+        (new_set / folder).mkdir(parents=True)
+    train_dir = synth_dataset / "train"
+    for stem, name, turn in ((trained, "slide7_a", True), (held, "slide7_b", False)):
+        image = read_image(next((train_dir / "original").glob(f"{stem}.*")))
+        mask = read_mask(train_dir / "masks" / f"{stem}_mask.png")
+        if turn:  # a mirrored copy, as an augmented copy saved beside its tile
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        write_image(new_set / "original" / f"{name}.png", image)
+        write_labels(new_set / "masks" / f"{name}_mask.png", mask)
+    unseen = next((synth_dataset / "test" / "original").iterdir())
+    write_image(new_set / "original" / unseen.name, read_image(unseen))
+    write_labels(
+        new_set / "masks" / f"{unseen.stem}_mask.png",
+        read_mask(synth_dataset / "test" / "masks" / f"{unseen.stem}_mask.png"),
+    )
+
+    with pytest.warns(UserWarning, match="trained on .slide7_a.*checkpoint on .slide7_b"):
+        result = ev.evaluate(model, tmp_path / "again", tmp_path / "eval", progress=False)
+    summary = json.loads(result.json_path.read_text())
+    assert summary["seen_in_training"] == {"train": ["slide7_a"], "validation": ["slide7_b"]}
