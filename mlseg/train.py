@@ -640,8 +640,9 @@ def fit(
 ) -> TrainResult:
     """Train ``cfg.train`` on the ``train`` split of ``data_root``; checkpoints in ``out_dir``.
 
-    Each epoch's line (step, loss, validation Dice) is written under the progress bar, or
-    without one given to ``log`` (a job's log file, a Prefect run's logger).
+    Each epoch's line (step, loss, validation Dice) is given to ``log`` (stderr, a Prefect
+    run's logger), above the progress bar if there is one; without ``log`` it is written
+    above the bar (on stdout, as ``tqdm.write``).
 
     ``fingerprint_hash`` is the fingerprint of the data as validated (the ``validate-dataset``
     flow returns it); the files' own is recorded either way, and training on files that no
@@ -727,10 +728,11 @@ def fit(
         row = _end_epoch(run, row, batches.generator_state())
         dice = "" if data.val is None else f" val_dice={row['val_dice']:.4f}"
         line = f"epoch {row['epoch']} step {run.step}: loss={row['train_loss']:.4f}{dice}"
-        if bar is not None:
+        if log is not None:  # the bar, if any, cleared while it writes (Prefect's log too)
+            with bar.external_write_mode() if bar is not None else contextlib.nullcontext():
+                log(line)
+        elif bar is not None:
             bar.write(line)
-        elif log is not None:
-            log(line)
         epoch_loss, epoch_steps = 0.0, 0
         t_epoch = time.perf_counter()
     if bar is not None:

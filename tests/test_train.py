@@ -95,6 +95,16 @@ def test_a_history_saved_again_by_a_european_spreadsheet_resumes(synth_dataset, 
     assert second.history["train_loss"][:2].tolist() == first.history["train_loss"].tolist()
 
 
+def test_each_epoch_goes_to_log_with_a_progress_bar_too(synth_dataset, tmp_path, capsys) -> None:
+    """With a bar, the epoch lines went to stdout and not to ``log``: a Prefect run started
+    with a bar (python -m flows.pipeline) logged no epoch to its dashboard, and `mlseg train`
+    in a terminal mixed them into its output (`> result.txt`) instead of stderr."""
+    lines: list[str] = []
+    fit(_cfg(max_steps=2, val_every=1), synth_dataset, tmp_path / "run", log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["epoch 1 step 1", "epoch 2 step 2"]
+    assert "epoch" not in capsys.readouterr().out
+
+
 def test_ema_checkpoints_hold_the_average_and_resume(synth_dataset, tmp_path) -> None:
     from safetensors.torch import load_file
 
