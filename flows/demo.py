@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         str(demo_dir / "pipeline"),
         config=str(args.config),
         registry=str(demo_dir / "registry"),
-        progress=True,
+        progress=sys.stderr.isatty(),  # in a job's log file, a line per epoch instead
         resume=args.resume,
     )
     means = result["means"]

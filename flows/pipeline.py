@@ -15,6 +15,7 @@ reuses the registry version of unchanged weights.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         task_runner=args.task_runner,
         dask_address=args.dask_address,
         workers=args.workers,
-        progress=True,
+        progress=sys.stderr.isatty(),  # in a job's log file, a line per epoch instead
         resume=args.resume,
     )
     print(f"report: {result['report']}\nmodel: {result['model']}")

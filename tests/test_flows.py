@@ -951,6 +951,35 @@ def test_demo_command_line_trains_afresh_with_no_resume(tmp_path, monkeypatch, c
     assert seen == [True, False]
 
 
+@pytest.mark.parametrize("module", ["flows.pipeline", "flows.demo"])
+def test_flow_command_lines_show_no_bar_in_a_log_file(tmp_path, monkeypatch, module):
+    """`nohup python -m flows.pipeline ... > log 2>&1` (or make demo in CI) wrote the training
+    bar, redrawn with carriage returns, into the log: a bar only where stderr is a terminal,
+    as mlseg train shows it (the epoch lines are logged either way)."""
+    import importlib
+    import sys
+
+    import flows.demo
+    import flows.pipeline
+
+    (tmp_path / "dataset" / "train").mkdir(parents=True)
+    shown = []
+
+    def pipeline(*args, **kwargs):
+        shown.append(kwargs["progress"])
+        raise ValidationFailed("stop here")
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
+    monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
+    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
+    command = importlib.import_module(module)
+    argv = [str(tmp_path / "dataset"), str(tmp_path / "work")]
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty, raising=False)
+        assert command.main(argv if module == "flows.pipeline" else [str(tmp_path)]) == 1
+    assert shown == [False, True]
+
+
 def test_demo_options_a_dataset_already_made_ignores_are_refused(tmp_path, monkeypatch, capsys):
     """A rerun asking for more images (--n-train 4) trained on the dataset of the first run
     without a word: it is reused as it is. Options it was made with are taken."""
