@@ -39,10 +39,14 @@ from flows.common import (
     user_errors_exit,
 )
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
+from mlseg.errors import MlsegError
 
 
-class SegmentFailed(Exception):
-    """Some images could not be segmented (each is named in the message)."""
+class SegmentFailed(MlsegError):
+    """Some images could not be segmented (each is named in the message); the others were.
+    ``python -m flows.segment`` ends with its message and exit code 1, as ``mlseg segment``."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------- model
@@ -172,7 +176,6 @@ def segment_batch(
     and ``summary`` (as written in ``<stem>.json``) or ``error``. Its nuclei stay in its files
     (the flow reads every image's table once, at the end)."""
     from mlseg.config import InferenceConfig, Profile
-    from mlseg.errors import MlsegError
     from mlseg.io import image_stem
     from mlseg.outputs import image_done
     from mlseg.registry import code_version

@@ -1006,6 +1006,22 @@ def test_demo_options_a_dataset_already_made_ignores_are_refused(tmp_path, monke
     assert "made with --n-train 2" in error and "--n-train 4 would be ignored" in error
 
 
+def test_segment_command_line_ends_a_failed_image_in_one_line_and_exit_1(
+    tmp_path, monkeypatch, capsys
+):
+    """python -m flows.segment on a folder with one broken image ended, after Prefect's own
+    report, in a second full traceback of SegmentFailed; mlseg segment says 'failed: ...'
+    and exits 1, which cron and CI see."""
+    import flows.segment
+
+    def failing(*args, **kwargs):
+        raise flows.segment.SegmentFailed("1 of 3 image(s) failed: x.png: not a PNG file")
+
+    monkeypatch.setattr(flows.segment, "segment_and_quantify", failing)
+    assert flows.segment.main([str(tmp_path), str(tmp_path / "out"), "--model", "m"]) == 1
+    assert capsys.readouterr().err == "error: 1 of 3 image(s) failed: x.png: not a PNG file\n"
+
+
 def test_segment_command_line_without_a_model_is_a_usage_error(tmp_path, capsys):
     """Neither --model nor --registry: one usage line, not the flow's traceback."""
     from flows.segment import main
