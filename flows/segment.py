@@ -411,7 +411,7 @@ def segment_and_quantify(
         run_metrics,
         run_shift,
     )
-    from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs
+    from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs, writing_to
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,
@@ -457,56 +457,57 @@ def segment_and_quantify(
         settings["workers"],
         batch_size,
     )
-    with runner:
-        records = submit_batches(
-            runner,
-            _batches(files, batch_size),
-            str(out),
-            checkpoint,
-            weights,
-            prof.model_dump(mode="json"),
-            cfg.model_dump(mode="json"),
-            pixel_size_um,
-            threads,
-            sizes,
+    with writing_to(out):  # one run at a time: its images' files are all its own
+        with runner:
+            records = submit_batches(
+                runner,
+                _batches(files, batch_size),
+                str(out),
+                checkpoint,
+                weights,
+                prof.model_dump(mode="json"),
+                cfg.model_dump(mode="json"),
+                pixel_size_um,
+                threads,
+                sizes,
+            )
+        seconds = time.perf_counter() - started
+        summaries = sorted(
+            (r["summary"] for r in records if r["status"] != "failed"), key=lambda s: s["image"]
         )
-    seconds = time.perf_counter() - started
-    summaries = sorted(
-        (r["summary"] for r in records if r["status"] != "failed"), key=lambda s: s["image"]
-    )
-    failed = {r["image"]: r["error"] for r in records if r["status"] == "failed"}
-    processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
-    skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
-    from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
-    # each image's table read once, for nuclei.parquet, the histograms and the run metrics
-    tables = [read_nuclei(out, s) for s in summaries]
-    run_id = _run_id()
-    paths = write_run_outputs(
-        out,
-        summaries,
-        tables,
-        {
-            "command": "segment-and-quantify",
-            "flow_run": run_id,
-            "mlseg_version": code_version(),
-            "packages": package_versions(),
-            "started_at": started_at,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "input_dir": str(src),
-            # as mlseg segment's run.json and every <stem>.json: the weights' content hash
-            "model": weights,
-            "model_source": model_desc,  # the registry version (nuclei@v3) or the path given
-            "model_path": checkpoint,
-            "preprocess": saved.preprocess.model_dump(mode="json"),
-            "profile": prof.model_dump(mode="json"),
-            "inference": cfg.model_dump(mode="json"),
-            "pixel_size_um": pixel_size_um,
-            "pixel_sizes": sizes,
-            "processed": processed,
-            "skipped": skipped,
-            "failed": failed,
-        },
-    )
+        failed = {r["image"]: r["error"] for r in records if r["status"] == "failed"}
+        processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
+        skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
+        from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
+        # each image's table read once, for nuclei.parquet, the histograms and the run metrics
+        tables = [read_nuclei(out, s) for s in summaries]
+        run_id = _run_id()
+        paths = write_run_outputs(
+            out,
+            summaries,
+            tables,
+            {
+                "command": "segment-and-quantify",
+                "flow_run": run_id,
+                "mlseg_version": code_version(),
+                "packages": package_versions(),
+                "started_at": started_at,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "input_dir": str(src),
+                # as mlseg segment's run.json and every <stem>.json: the weights' content hash
+                "model": weights,
+                "model_source": model_desc,  # the registry version (nuclei@v3) or the path given
+                "model_path": checkpoint,
+                "preprocess": saved.preprocess.model_dump(mode="json"),
+                "profile": prof.model_dump(mode="json"),
+                "inference": cfg.model_dump(mode="json"),
+                "pixel_size_um": pixel_size_um,
+                "pixel_sizes": sizes,
+                "processed": processed,
+                "skipped": skipped,
+                "failed": failed,
+            },
+        )
     # run metrics over the images processed in this run (skipped ones were measured before)
     done = set(processed)  # built once: per summary, 20,000 images cost 180 s
     done_now = [s for s in summaries if s["image"] in done]

@@ -28,6 +28,7 @@ from file* or by dragging the file onto the image.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlseg.errors import cannot_write
 from mlseg.io import (
     atomic_path,
     labels_suffix,
@@ -482,6 +484,45 @@ def tag_table(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
     for position, key in enumerate(("image", "profile", "profile_version")):
         tagged.insert(position, key, pd.Series([summary.get(key)] * len(table), dtype="string"))
     return tagged
+
+
+#: Held in an output folder by the run writing into it (:func:`writing_to`); hidden, so never
+#: read as an image.
+RUN_LOCK = ".mlseg.lock"
+
+
+@contextlib.contextmanager
+def writing_to(out_dir: str | Path) -> Iterator[Path]:
+    """Hold ``out_dir`` (created) for one run at a time, by a lock file in it (:data:`RUN_LOCK`).
+
+    A second run into the folder waits, saying so, for the first to end, then skips or redoes
+    each image as a rerun would. Two runs at once at different settings (another model,
+    another pixel size) wrote one image's files in turn, and left ``<stem>.json`` naming one
+    run's settings beside tables measured at the other's, which every rerun then skipped as
+    done. The lock ends with its process, so a killed run holds nothing."""
+    from filelock import FileLock, Timeout
+
+    out_dir = Path(out_dir)
+    lock = FileLock(out_dir / RUN_LOCK)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            warnings.warn(
+                f"{out_dir}: another mlseg run is writing to this folder; waiting for it to end",
+                stacklevel=3,
+            )
+            lock.acquire()
+    except OSError as err:
+        said = cannot_write(out_dir, err)
+        if said is None:
+            raise
+        raise said from err
+    try:
+        yield out_dir
+    finally:
+        lock.release()
 
 
 def write_image_outputs(

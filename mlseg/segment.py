@@ -84,6 +84,7 @@ from mlseg.outputs import (
     tag_table,
     write_image_outputs,
     write_run_outputs,
+    writing_to,
 )
 from mlseg.pixel_size import (
     ImplausiblePixelSizeWarning,
@@ -723,40 +724,41 @@ def _run_folder(
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
     tables: list[pd.DataFrame] = []
-    for stem, path in _progress(items, progress, desc):
-        done = image_done(out_dir, stem, expect(stem))
-        if done is not None:
-            result.skipped.append(stem)
-            result.summaries.append(done)
-            tables.append(read_nuclei(out_dir, done))  # read once: nuclei.parquet, histograms
-            continue
-        started = time.perf_counter()
-        try:
-            image, labels, table, summary = work(stem, path)
-        except MlsegError as err:
-            result.failed[str(path)] = str(err)
-            continue
-        summary = {
-            "image": stem,
-            "image_file": str(path),
-            **expect(stem),
-            **summary,
-            # the image's own: a later run that skips it may be another mlseg's
-            "mlseg_version": run_info["mlseg_version"],
-            "seconds": round(time.perf_counter() - started, 3),
+    with writing_to(out_dir):  # one run at a time: its images' files are all its own
+        for stem, path in _progress(items, progress, desc):
+            done = image_done(out_dir, stem, expect(stem))
+            if done is not None:
+                result.skipped.append(stem)
+                result.summaries.append(done)
+                tables.append(read_nuclei(out_dir, done))  # read once: nuclei.parquet, histograms
+                continue
+            started = time.perf_counter()
+            try:
+                image, labels, table, summary = work(stem, path)
+            except MlsegError as err:
+                result.failed[str(path)] = str(err)
+                continue
+            summary = {
+                "image": stem,
+                "image_file": str(path),
+                **expect(stem),
+                **summary,
+                # the image's own: a later run that skips it may be another mlseg's
+                "mlseg_version": run_info["mlseg_version"],
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            written = write_image_outputs(out_dir, stem, image, labels, table, summary)
+            result.processed.append(stem)
+            result.summaries.append(written)
+            tables.append(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
+        run_info = {
+            **run_info,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "processed": result.processed,
+            "skipped": result.skipped,
+            "failed": result.failed,
         }
-        written = write_image_outputs(out_dir, stem, image, labels, table, summary)
-        result.processed.append(stem)
-        result.summaries.append(written)
-        tables.append(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
-    run_info = {
-        **run_info,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "processed": result.processed,
-        "skipped": result.skipped,
-        "failed": result.failed,
-    }
-    write_run_outputs(out_dir, result.summaries, tables, run_info)
+        write_run_outputs(out_dir, result.summaries, tables, run_info)
     return result
 
 

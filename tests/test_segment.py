@@ -618,6 +618,48 @@ def test_quantify_folder_on_user_masks(tmp_path):
     assert json.loads((out / "a.json").read_text())["count"] == truth.max() - 1
 
 
+def test_two_runs_into_one_folder_leave_each_image_measured_at_one_setting(tmp_path, monkeypatch):
+    """A run that starts while another writes into the same folder (a person and a cron
+    job, at two pixel sizes) waits for it: each image's ``<stem>.json``, which a rerun trusts
+    as done, names the pixel size its tables were measured at."""
+    import threading
+
+    import mlseg.outputs
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(64, 64)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    second_done = threading.Event()
+    geojson_text = mlseg.outputs.geojson_text
+
+    def slow_first(*args, **kwargs):  # the first run stops between its tables and its JSON
+        if threading.current_thread().name == "first":
+            # a second run that does not wait rewrites the image meanwhile
+            second_done.wait(timeout=3)
+        return geojson_text(*args, **kwargs)
+
+    monkeypatch.setattr(mlseg.outputs, "geojson_text", slow_first)
+
+    def run(px: float) -> None:
+        quantify_folder(masks, images, out, profile_name="he", pixel_size_um=px, progress=False)
+
+    first = threading.Thread(target=run, args=(0.25,), name="first")
+    first.start()
+    while first.is_alive() and not (out / "a_nuclei.csv").is_file():
+        first.join(0.01)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run(0.5)
+        second_done.set()
+    first.join()
+    summary = json.loads((out / "a.json").read_text())
+    table = pd.read_csv(out / "a_nuclei.csv")
+    assert summary["pixel_size_um"] == 0.5  # the later run's, whole
+    assert table["area_um2"].sum() == pytest.approx((truth > 0).sum() * 0.5**2)
+    assert any("another mlseg run is writing" in str(w.message) for w in said)
+
+
 def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
     """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
     it was corrected measures them again, in the new microns."""
