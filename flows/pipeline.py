@@ -32,7 +32,7 @@ from flows.common import (
 )
 from flows.evaluate import evaluate_model, evaluate_task
 from flows.monitor import monitor
-from flows.runners import add_runner_arguments
+from flows.runners import add_runner_arguments, runner_settings
 from flows.segment import segment_and_quantify
 from flows.train import train_model
 from flows.validate import validate_dataset_flow
@@ -203,9 +203,10 @@ def pipeline(
     resume refuses them; the models already registered stay). Returns the paths of every
     output.
     """
-    from mlseg.dataset import split_pixel_sizes
+    from mlseg.dataset import check_pixel_size, split_pixel_sizes
     from mlseg.errors import ConfigError
     from mlseg.evaluate import SCORES
+    from mlseg.registry import check_name
     from mlseg.report import pipeline_report
 
     log_warnings()
@@ -223,6 +224,12 @@ def pipeline(
             f"promote_metric {promote_metric!r}: choose a score that is better higher, one of "
             + ", ".join(SCORES)
         )
+    # the later stages' parameters too: a typo there failed the run only after training,
+    # with the new model registered and promoted
+    check_name(model_name)
+    runner_settings(task_runner, dask_address, workers)
+    if pixel_size_um is not None:
+        check_pixel_size(pixel_size_um, "pixel_size_um")
     test_images = root / cfg.data.test_dir / cfg.data.image_dir
 
     # 1. validate: raises ValidationFailed (and the pipeline stops) on error-level failures

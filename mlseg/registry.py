@@ -135,7 +135,8 @@ def _uri(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it may name a model in a registry, else :class:`RegistryError` saying why."""
     if not NAME_RE.match(name):
         raise RegistryError(
             f"model name {name!r}: use lower-case letters, digits, '-' and '_' (at most 64)"
@@ -341,7 +342,7 @@ def list_models(
 ) -> list[ModelVersion]:
     """Every complete version (of ``name``, or of all models), oldest first per name."""
     fs, root = _fs(registry, storage_options)
-    names = [_check_name(name)] if name else model_names(registry, storage_options)
+    names = [check_name(name)] if name else model_names(registry, storage_options)
     return [_load(fs, root, n, v) for n in names for v in _versions(fs, root, n)]
 
 
@@ -353,7 +354,7 @@ def show(
 ) -> ModelVersion:
     """One version: a number (``3``/``v3``), ``"latest"`` or ``"production"``."""
     fs, root = _fs(registry, storage_options)
-    _check_name(name)
+    check_name(name)
     if not fs.isdir(root):  # a wrong path, not a model waiting for its first promotion
         raise RegistryError(
             f"{_uri(fs, root)}: no registry there; check the path (-r, MLSEG_REGISTRY, or the "
@@ -380,7 +381,7 @@ def production(
 ) -> ModelVersion | None:
     """The version currently in production, or ``None`` if none was promoted yet."""
     fs, root = _fs(registry, storage_options)
-    pointer = f"{root}/{_check_name(name)}/{PRODUCTION}"
+    pointer = f"{root}/{check_name(name)}/{PRODUCTION}"
     if not fs.isfile(pointer):
         return None
     number = int(_read_json(fs, pointer)["version"])
@@ -397,7 +398,7 @@ def production_record(
 ) -> dict[str, Any] | None:
     """The production pointer: ``version``, ``promoted_at``, ``reason``, ``previous``."""
     fs, root = _fs(registry, storage_options)
-    pointer = f"{root}/{_check_name(name)}/{PRODUCTION}"
+    pointer = f"{root}/{check_name(name)}/{PRODUCTION}"
     return _read_json(fs, pointer) if fs.isfile(pointer) else None
 
 
@@ -406,7 +407,7 @@ def decisions(
 ) -> list[dict[str, Any]]:
     """Every recorded decision about ``name``, oldest first."""
     fs, root = _fs(registry, storage_options)
-    base = f"{root}/{_check_name(name)}/decisions"
+    base = f"{root}/{check_name(name)}/decisions"
     if not fs.isdir(base):
         return []
     return [_read_json(fs, p) for p in sorted(fs.ls(base, detail=False)) if p.endswith(".json")]
@@ -533,7 +534,7 @@ def register(
     pydantic model or a dict); ``fingerprint_hash`` identifies the training data. The version
     is not promoted: see :func:`champion_challenger` and :func:`promote`.
     """
-    _check_name(name)
+    check_name(name)
     files = checkpoint_files(checkpoint)
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json")
@@ -664,7 +665,7 @@ def record_evaluation(
     """Record metrics of an existing version measured on another evaluation set."""
     fs, root = _fs(registry, storage_options)
     number = parse_version(version)
-    _load(fs, root, _check_name(name), number)  # must exist
+    _load(fs, root, check_name(name), number)  # must exist
     record = {
         "eval_set_id": eval_set,
         "metrics": {k: float(v) for k, v in metrics.items() if _is_number(v)},
@@ -712,7 +713,7 @@ def promote(
         raise RegistryError("promote: give a reason (it is recorded in the registry)")
     fs, root = _fs(registry, storage_options)
     number = parse_version(version)
-    target = _load(fs, root, _check_name(name), number)
+    target = _load(fs, root, check_name(name), number)
     _check_files(fs, f"{root}/{name}/v{number}", target)
     previous = production_record(registry, name, storage_options)
     record = {

@@ -686,6 +686,35 @@ def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
         assert not work.exists()
 
 
+@pytest.mark.parametrize(
+    ("parameters", "said"),
+    [
+        ({"task_runner": "threads"}, "task runner 'threads': choose one of thread, dask"),
+        ({"workers": -2}, "workers must be at least 1"),
+        ({"pixel_size_um": 250}, "pixel_size_um: 250 um per pixel is outside"),
+        ({"model_name": "Nuclei"}, "model name 'Nuclei': use lower-case"),
+    ],
+)
+def test_a_later_stage_s_bad_parameter_stops_the_pipeline_before_any_work(
+    harness, tmp_path, synth_dataset, monkeypatch, parameters, said
+) -> None:
+    """A typo in a parameter of segmentation or registration (task_runner 'threads', a pixel
+    size in nanometres) validated, trained, evaluated, registered and promoted the model,
+    then failed the run at the segment stage."""
+    import flows.pipeline as module
+
+    def validate_dataset_flow(*args, **kwargs):
+        raise RuntimeError("the pipeline started its work")
+
+    monkeypatch.setattr(module, "validate_dataset_flow", validate_dataset_flow)
+    work = tmp_path / "work"
+    state = module.pipeline(
+        str(synth_dataset), str(work), overrides=TINY, return_state=True, **parameters
+    )
+    assert state.is_failed() and said in state.message, state.message
+    assert not work.exists()
+
+
 def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
     (tmp_path / "inbox").mkdir()
     state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint)
