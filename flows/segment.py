@@ -326,7 +326,7 @@ def submit_batches(
 
 
 def resolve_model(
-    model: str | None, registry: str | None, model_name: str, model_version: str
+    model: str | None, registry: str | None, model_name: str, model_version: str | int
 ) -> tuple[str, str]:
     """``(local checkpoint path, description)`` from a path or a registry version."""
     from mlseg.errors import ConfigError
@@ -372,7 +372,7 @@ def segment_and_quantify(
     model: str | None = None,
     registry: str | None = None,
     model_name: str = "nuclei",
-    model_version: str = "production",
+    model_version: str | int = "production",  # `-p model_version=3` sends a number
     profile: str = "he",
     profiles: dict[str, Any] | str | None = None,
     profile_overrides: dict[str, Any] | None = None,

@@ -48,9 +48,8 @@ def _segment(inbox: Path, out: Path, checkpoint: Path, **kwargs):
     from flows.segment import segment_and_quantify
 
     params = {"batch_size": 2, "workers": 2, **kwargs}
-    return segment_and_quantify(
-        str(inbox), str(out), model=str(checkpoint), return_state=True, **params
-    )
+    model = None if checkpoint is None else str(checkpoint)
+    return segment_and_quantify(str(inbox), str(out), model=model, return_state=True, **params)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -713,6 +712,44 @@ def test_a_later_stage_s_bad_parameter_stops_the_pipeline_before_any_work(
     )
     assert state.is_failed() and said in state.message, state.message
     assert not work.exists()
+
+
+def test_a_registry_version_given_as_a_number_on_the_command_line_is_taken(
+    harness, tmp_path, checkpoint
+) -> None:
+    """`prefect deployment run segment-and-quantify/nightly-he -p model_version=3` (a roll
+    back to version 3) sends the number 3, which the parameter schema (a string) refused:
+    'Validation failed for field 'model_version'. Failure reason: 3 is not of type 'string''."""
+    import json as _json
+
+    from prefect.cli._utilities import load_json_key_values
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from flows.segment import segment_and_quantify
+    from mlseg import registry as reg
+
+    registry = tmp_path / "registry"
+    config = _json.loads((checkpoint / "config.json").read_text())
+    for _ in range(2):  # v1 and v2 hold the same weights; v2 is in production
+        version = reg.register(
+            checkpoint,
+            registry,
+            metrics={"aji": 0.5},
+            fingerprint_hash=None,
+            config=config,
+            eval_set_id="set",
+        )
+    reg.promote(registry, version.name, version.version, "test")
+    given = load_json_key_values(["model_version=1"], "parameter")
+    assert given == {"model_version": 1}
+    schema = parameter_schema(segment_and_quantify.fn).model_dump_for_openapi()
+    # as the server checks a deployment's run: its parameters with those given on top
+    validate({"input_dir": "in", "out_dir": "out", **given}, schema, raise_on_error=True)
+    disc_images(tmp_path / "inbox", 1)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", None, registry=str(registry), **given)
+    assert state.is_completed(), state.message
+    assert state.result()["model"] == "nuclei@v1"
 
 
 def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
