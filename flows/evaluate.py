@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 
@@ -16,7 +16,7 @@ def evaluate_task(
     model: str,
     data_root: str,
     out_dir: str,
-    split: str = "test",
+    split: Literal["train", "test"] = "test",
     profile: str | None = None,
     inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def evaluate_model(
     model: str,
     data_root: str,
     out_dir: str,
-    split: str = "test",
+    split: Literal["train", "test"] = "test",
     profile: str | None = None,
     inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:

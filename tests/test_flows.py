@@ -752,6 +752,27 @@ def test_a_registry_version_given_as_a_number_on_the_command_line_is_taken(
     assert state.result()["model"] == "nuclei@v1"
 
 
+def test_the_evaluate_flow_names_a_split_that_is_neither_train_nor_test(
+    harness, tmp_path, checkpoint, synth_dataset
+) -> None:
+    """split 'val' (or 'Train') scored the test images and published 'means over 3 val
+    images'; the dashboard's form now offers train and test, and another value fails the
+    run naming the parameter, before any work."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.evaluate import evaluate_model
+
+    schema = parameter_schema(evaluate_model.fn).model_dump_for_openapi()
+    assert schema["properties"]["split"]["enum"] == ["train", "test"]
+    for split in ("val", "Train"):
+        out = tmp_path / split
+        state = evaluate_model(
+            str(checkpoint), str(synth_dataset), str(out), split=split, return_state=True
+        )
+        assert state.is_failed() and "split" in state.message, state.message
+        assert not out.exists()
+
+
 def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
     (tmp_path / "inbox").mkdir()
     state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint)
