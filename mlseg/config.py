@@ -382,6 +382,18 @@ DEFAULT_STAIN_VECTORS = (
     (0.072, 0.990, 0.105),  # eosin
     (0.268, 0.570, 0.776),  # DAB
 )
+#: The stain names that take their own row of :data:`DEFAULT_STAIN_VECTORS`.
+DEFAULT_STAIN_NAMES = ("hematoxylin", "eosin", "dab")
+
+
+def default_stain_vectors(names: tuple[str, str, str]) -> list[tuple[float, float, float]]:
+    """Rows of :data:`DEFAULT_STAIN_VECTORS` for ``names``, matched by name: ``hematoxylin``,
+    ``eosin`` and ``dab`` take their own vector, any other name (``residual``) one of those
+    no name takes, in order. Matched by position, ``[dab, hematoxylin, residual]`` measured
+    haematoxylin as DAB and graded a negative nucleus 2+."""
+    own = dict(zip(DEFAULT_STAIN_NAMES, DEFAULT_STAIN_VECTORS, strict=True))
+    spare = [vector for name, vector in own.items() if name not in names]
+    return [own[name] if name in own else spare.pop(0) for name in names]
 
 
 class Profile(Strict):
@@ -391,7 +403,8 @@ class Profile(Strict):
     measurement units: ``um`` needs a pixel size (else :class:`ConfigError`), ``px`` ignores
     it, ``auto`` uses microns when a pixel size is known. ``stain_vectors`` are the RGB
     optical-density vectors of the three stains named by ``stain_names`` (rows, normalised
-    to unit length when used). ``dab_thresholds`` are the mean optical densities of the
+    to unit length when used; unset, Ruifrok & Johnston's matched by name, see
+    :func:`default_stain_vectors`). ``dab_thresholds`` are the mean optical densities of the
     stain named ``dab`` (an ``ihc`` profile must name one so) of 1+, 2+ and 3+ nuclei. Size
     limits apply in square microns when the pixel size is known, else in pixels. Tissue is
     where the summed RGB optical density exceeds ``tissue_od_threshold`` (bright field) or
@@ -483,7 +496,8 @@ class Profile(Strict):
         """``(3, 3) float64``: rows are the unit-length RGB OD vectors of ``stain_names``."""
         import numpy as np
 
-        matrix = np.asarray(self.stain_vectors or DEFAULT_STAIN_VECTORS, dtype=np.float64)
+        rows = self.stain_vectors or default_stain_vectors(self.stain_names)
+        matrix = np.asarray(rows, dtype=np.float64)
         return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 

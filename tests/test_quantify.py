@@ -206,6 +206,29 @@ def test_ihc_classes_read_the_stain_named_dab_wherever_it_stands():
         assert table["ihc_class"].tolist() == [3]
 
 
+def test_default_stain_vectors_follow_the_stain_names(tmp_path):
+    """A profile that names its stains in another order and gives no vectors measures each
+    stain by its own vector: a haematoxylin-only nucleus is negative, a brown one 3+ (with
+    the vectors taken by position, DAB first read haematoxylin as DAB: 2+ for the first)."""
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "profiles:\n"
+        "  dab_first:\n    stain: ihc\n    stain_names: [dab, hematoxylin, residual]\n"
+        "  dab_second:\n    stain: ihc\n    stain_names: [hematoxylin, dab, residual]\n"
+    )
+    labels = np.zeros((40, 80), np.int32)
+    labels[10:30, 10:30] = 1
+    labels[10:30, 50:70] = 2
+    conc_h = np.full(labels.shape, 0.5)
+    conc_dab = np.where(labels == 2, 0.8, 0.0)
+    image = _beer_lambert(conc_h, conc_dab, IHC)
+    for name in ("dab_first", "dab_second"):
+        table = measure(labels, image, get_profile(name, path), pixel_size_um=None)
+        assert np.allclose(table["dab_od_mean"], [0.0, 0.8], atol=0.02), name
+        assert np.allclose(table["hematoxylin_od_mean"], 0.5, atol=0.02), name
+        assert table["ihc_class"].tolist() == [0, 3], name
+
+
 def test_an_ihc_profile_without_a_stain_named_dab_is_refused(tmp_path):
     path = tmp_path / "profiles.yaml"
     path.write_text("profiles:\n  mine:\n    stain: ihc\n    stain_names: [h, brown, residual]\n")
