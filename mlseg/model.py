@@ -10,7 +10,7 @@ A checkpoint folder holds::
     meta.json            target, classes, input channels, pixel size, median nucleus
                          diameter of the training masks (px), data fingerprint, the
                          training profile's settings, and per checkpoint its step and metrics
-    stain_reference.<ext>  a copy of ``preprocess.stain_reference``, where the run has one:
+    stain_reference.png  the pixels of ``preprocess.stain_reference``, where the run has one:
                          :func:`load_model` normalises to it, so the folder (or a registry
                          version of it) predicts alike wherever it is moved
 
@@ -34,12 +34,14 @@ from torch import nn
 
 from mlseg.config import Config, Profile, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError
-from mlseg.io import atomic_path
+from mlseg.io import atomic_path, read_image, write_image
 from mlseg.scale import STATISTIC
 
 CHECKPOINT_NAMES = ("best", "last")
 #: meta.json's key naming the run's copy of its stain reference image (see the module docstring)
 REFERENCE_KEY = "stain_reference_file"
+#: the name of that copy in runs saved since it holds the reference's pixels only
+REFERENCE_COPY = "stain_reference.png"
 _DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
@@ -218,7 +220,8 @@ def save_checkpoint(
     (``validation``), and ``image_hashes`` their pixels' hashes by the same roles
     (:func:`mlseg.inventory.turn_free_hash`). ``config.preprocess.stain_reference``, where it names a file the
     preprocessing reads (stain normalisation, ``equalize: match``), is copied in as
-    ``stain_reference.<ext>``: a path given relative to where training ran, or to a
+    ``stain_reference.png`` (its pixels, not the file's metadata): a path given relative to
+    where training ran, or to a
     file edited later, would not travel with the weights. The files are written under
     temporary names, then renamed together. Returns the weights' path.
     """
@@ -271,7 +274,10 @@ def save_checkpoint(
     reference = Path(reference) if used and reference and Path(reference).is_file() else None
     meta.pop(REFERENCE_KEY, None)
     if reference is not None:
-        meta[REFERENCE_KEY] = f"stain_reference{reference.suffix.lower()}"
+        # its pixels alone, as PNG: a byte copy carried the file's own metadata (a slide's
+        # TIFF description, a camera's EXIF: patient, user, scanner) into every shared model
+        pixels = read_image(reference)
+        meta[REFERENCE_KEY] = REFERENCE_COPY
     meta.setdefault("checkpoints", {})[name] = {
         "file": weights.name,
         "step": int(step),
@@ -290,8 +296,8 @@ def save_checkpoint(
             with tmp.open("wb") as fh:
                 torch.save(train_state, fh)
         if reference is not None:
-            tmp = files.enter_context(atomic_path(directory / meta[REFERENCE_KEY]))
-            tmp.write_bytes(reference.read_bytes())
+            tmp = files.enter_context(atomic_path(directory / REFERENCE_COPY))
+            write_image(tmp, pixels)  # tmp ends in .png: the format
         tmp = files.enter_context(atomic_path(directory / "config.json"))
         tmp.write_bytes(config.model_dump_json(indent=2).encode("utf-8"))
         tmp = files.enter_context(atomic_path(meta_path))

@@ -47,7 +47,7 @@ from mlseg.config import Config, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, prepare_data
 from mlseg.dataset import read_resaved_csv
 from mlseg.errors import DatasetError, ResumeError, TrainingDiverged, some_of
-from mlseg.io import file_digest, write_table, write_text
+from mlseg.io import read_image, write_table, write_text
 from mlseg.model import (
     REFERENCE_KEY,
     autocast_dtype,
@@ -288,7 +288,8 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
     # the same path may hold another lab's slide now: every image is normalised to it
     copy, reference = meta.get(REFERENCE_KEY), cfg.preprocess.stain_reference
     both = copy and reference is not None and (folder / copy).is_file() and reference.is_file()
-    if both and file_digest(folder / copy) != file_digest(reference):
+    # by pixels: the copy is the reference's pixels alone, re-encoded (mlseg.model)
+    if both and not np.array_equal(read_image(folder / copy), read_image(reference)):
         problems.append(
             f"preprocess.stain_reference: {reference} differs from the image the run "
             f"trained with ({folder / copy})"
