@@ -218,12 +218,12 @@ def save_checkpoint(
     image's microns per pixel (``None``: unknown); ``profile`` the training profile, kept in
     meta.json whole; ``split`` the stems of the images trained on (``train``) and held back
     (``validation``), and ``image_hashes`` their pixels' hashes by the same roles
-    (:func:`mlseg.inventory.turn_free_hash`). ``config.preprocess.stain_reference``, where it names a file the
-    preprocessing reads (stain normalisation, ``equalize: match``), is copied in as
-    ``stain_reference.png`` (its pixels, not the file's metadata): a path given relative to
-    where training ran, or to a
-    file edited later, would not travel with the weights. The files are written under
-    temporary names, then renamed together. Returns the weights' path.
+    (:func:`mlseg.inventory.turn_free_hash`). ``config.preprocess.stain_reference``, where
+    it names a file the preprocessing reads (stain normalisation, ``equalize: match``), is
+    copied in as ``stain_reference.png`` (its pixels, not the file's metadata): a path given
+    relative to where training ran, or to a file edited later, would not travel with the
+    weights. The files are written under temporary names, then renamed together. Returns the
+    weights' path.
     """
     from safetensors.torch import save
 
