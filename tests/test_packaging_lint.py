@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -343,6 +344,26 @@ def test_package_data_ships_every_data_file_the_packages_read() -> None:
                 continue
             rel = path.relative_to(ROOT / package).as_posix()
             assert any(fnmatch.fnmatch(rel, g) for g in globs.get(package, [])), f"{package}/{rel}"
+
+
+def test_sdist_holds_the_tests_and_every_file_they_read(tmp_path) -> None:
+    """A packager builds and tests from the sdist: it held tests/test_*.py but not conftest.py,
+    flow_helpers.py or the repository files tests read, so its tests failed to collect.
+    Every tracked file but the benchmark records must be in it."""
+    listed = _run(["git", "ls-files", "-z"], cwd=ROOT)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout (an unpacked sdist): nothing to compare with")
+    tracked = {f for f in listed.stdout.split("\0") if f and not f.startswith("bench/results/")}
+    source = tmp_path / "src"
+    for name in tracked:  # a copy, so that building leaves the checkout untouched
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    build = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    built = _run([sys.executable, "-c", build, str(tmp_path)], cwd=source)
+    assert built.returncode == 0, built.stderr
+    with tarfile.open(tmp_path / built.stdout.split()[-1]) as sdist:
+        shipped = {n.partition("/")[2] for n in sdist.getnames()}
+    assert not tracked - shipped, f"missing from the sdist: {sorted(tracked - shipped)}"
 
 
 def test_deployments_read_the_dataset_where_workers_copy_it() -> None:
