@@ -24,7 +24,7 @@ from expectations.runner import (
     write_report,
 )
 from flows import artifacts
-from flows.common import data_path, log_warnings
+from flows.common import data_path, log_warnings, user_errors_exit
 from mlseg.dataset import train_fingerprint
 from mlseg.errors import ValidationFailed
 from mlseg.inventory import (
@@ -158,7 +158,22 @@ def validate_dataset_flow(
     }
 
 
-if __name__ == "__main__":
-    import sys
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.validate DATA [OUT]``: exit 0 when the dataset passes, 1 when it fails."""
+    import argparse
 
-    validate_dataset_flow(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.validate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("data_root", help="dataset folder (train/ and test/)")
+    parser.add_argument("out_dir", nargs="?", help="output folder (default validation/<name>)")
+    parser.add_argument("--config", help="run config YAML (its data section)")
+    args = parser.parse_args(argv)
+    result = validate_dataset_flow(args.data_root, args.out_dir, config=args.config)
+    print(f"passed, {result['n_warnings']} warning(s); Data Docs: {result['data_docs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -338,3 +338,16 @@ def test_a_folder_given_for_a_file_and_a_file_for_a_new_folder_are_called_so(tmp
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_mlseg_runs_the_command_and_says_its_version() -> None:
+    """A lab whose venv's bin is not on PATH types `python -m mlseg` (it said 'mlseg is a
+    package and cannot be directly executed'), and `mlseg --version` (it said 'No such
+    option') is how a user tells which mlseg made a result folder."""
+    import mlseg
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mlseg", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"mlseg {mlseg.__version__}")

@@ -129,3 +129,14 @@ def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp
     summary = artifacts["dataset-validation-leaky-summary"].data
     assert "FAILED" in summary and "test/original/test0.png" in summary
     assert "no_train_test_leakage" in str(artifacts["dataset-validation-leaky"].data)
+
+
+def test_python_m_flows_validate_help_prints_usage_and_runs_nothing(capsys) -> None:
+    """`python -m flows.validate --help` started a Prefect server and validated a dataset
+    named --help, ending in a traceback; it prints the usage now, as the other flows do."""
+    from flows.validate import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--help"])
+    assert ended.value.code == 0
+    assert "usage: python -m flows.validate" in capsys.readouterr().out

@@ -26,6 +26,27 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mlseg.registry import code_version
+
+        typer.echo(f"mlseg {code_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print mlseg's version (and its git commit) and exit.",
+    ),
+) -> None:
+    pass
+
+
 def _register_all() -> None:
     from mlseg.cli import data, models, segment, train, validate
 
