@@ -109,13 +109,31 @@ def _match(
     if threshold >= 0.5 or not keep.any():
         return keep  # IoU > 0.5 pairs are unique by construction
     from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    dense = np.zeros((n_t, n_p))
-    dense[ti[keep], pi[keep]] = iou[keep]
-    rows, cols = linear_sum_assignment(-dense)
-    chosen = np.zeros((n_t, n_p), bool)
-    chosen[rows, cols] = dense[rows, cols] > threshold
-    return chosen[ti, pi]
+    # The best total IoU is the sum of each group of overlapping objects' best: matched
+    # group by group. One dense table of every object took n_t x n_p floats (1.6 GB and
+    # 23 s for 10,000 nuclei a side; 466 GiB for 250,000).
+    pairs = np.flatnonzero(keep)
+    t, p = ti[pairs], pi[pairs]
+    graph = coo_matrix((np.ones(pairs.size), (t, p + n_t)), shape=(n_t + n_p, n_t + n_p))
+    group = connected_components(graph, directed=False)[1][t]
+    alone = np.bincount(group)[group] == 1
+    matched = np.zeros(len(iou), bool)
+    matched[pairs[alone]] = True  # the only pair of its group: its objects meet no other
+    rest = pairs[~alone][np.argsort(group[~alone], kind="stable")]
+    cuts = np.flatnonzero(np.diff(np.sort(group[~alone]))) + 1
+    for chunk in np.split(rest, cuts) if rest.size else ():
+        rows, row_of = np.unique(ti[chunk], return_inverse=True)
+        cols, col_of = np.unique(pi[chunk], return_inverse=True)
+        dense = np.zeros((rows.size, cols.size))
+        dense[row_of, col_of] = iou[chunk]
+        pair_at = np.full(dense.shape, -1)
+        pair_at[row_of, col_of] = chunk
+        chosen = pair_at[linear_sum_assignment(-dense)]
+        matched[chosen[chosen >= 0]] = True
+    return matched
 
 
 def object_metrics(
