@@ -641,10 +641,15 @@ def labels_suffix(n_labels: int) -> str:
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write an instance label image losslessly: 16-bit PNG, or 32-bit TIFF if labels > 65535."""
+    """Write an instance label image losslessly: 16-bit PNG, or 32-bit TIFF if labels > 65535.
+    Labels outside 0..2**31 - 1, which :func:`read_mask` reads, raise ``ValueError``: cast to
+    the file's dtype, -1 was written as 65535 and 2**32 + 5 as 5."""
     labels = np.asarray(labels)
     path = Path(path)
-    if labels.max(initial=0) > np.iinfo(np.uint16).max:
+    low, high = labels.min(initial=0), labels.max(initial=0)
+    if low < 0 or high > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: labels {low}..{high} do not fit 0..{np.iinfo(np.int32).max}")
+    if high > np.iinfo(np.uint16).max:
         if path.suffix.lower() not in TIFF_EXTENSIONS:
             raise ValueError(f"{path}: more than 65535 labels need a .tif output")
         return write_image(path, labels.astype(np.uint32))

@@ -406,6 +406,21 @@ def test_labels_beyond_16_bits_are_kept_and_images_beyond_16_bits_refused(tmp_pa
         read_mask(tmp_path / "negative.tif")
 
 
+def test_labels_that_no_label_file_holds_are_refused_not_wrapped(tmp_path):
+    """A label outside 0..2**31 - 1 (what read_mask reads) is an error naming the file, not
+    a nucleus written under another id: 2**32 + 5 was saved as 5, -1 as 65535."""
+    for value in (2**32 + 5, 2**31, -1):
+        labels = np.array([[0, 1], [value, 2]], np.int64)
+        with pytest.raises(
+            ValueError, match=rf"l\.tif: labels {min(value, 0)}\.\.{max(value, 2)} "
+        ):
+            write_labels(tmp_path / "l.tif", labels)
+    assert list(tmp_path.iterdir()) == []
+    top = np.array([[0, 2**31 - 1]], np.int64)
+    write_labels(tmp_path / "top.tif", top)
+    assert np.array_equal(read_mask(tmp_path / "top.tif"), top)
+
+
 @pytest.mark.parametrize(
     "name, stem, ext",
     [
