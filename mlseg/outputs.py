@@ -552,6 +552,10 @@ def write_image_outputs(
         "geojson": f"{stem}_nuclei.geojson",
     }
     write_labels(out_dir / names["labels"], labels)
+    # an earlier run's labels in the other format (its count on the other side of 65535)
+    # would lie beside this run's tables as this image's
+    for stale in {labels_name(stem, 0), labels_name(stem, 1 << 16)} - {names["labels"]}:
+        (out_dir / stale).unlink(missing_ok=True)
     write_image(out_dir / names["overlay"], overlay(image, labels, class_lookup(table)))
     written = {**summary, "outputs": names}
     tagged = tag_table(table, summary)

@@ -256,6 +256,20 @@ def test_write_image_outputs_and_done_marker(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_a_rerun_past_65535_nuclei_leaves_one_label_file(tmp_path):
+    """Redone with ids past 65535 (a new mask, another model), an image's labels go to
+    img1_labels.tif: the first run's img1_labels.png, with other nuclei than the tables,
+    stayed beside them; and the other way round."""
+    from mlseg.io import read_mask
+
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    for ids in (labels, np.where(labels > 0, labels + 70_000, 0), labels):
+        written, _ = _outputs(tmp_path, ids, image)
+        assert [p.name for p in tmp_path.glob("img1_labels.*")] == [written["outputs"]["labels"]]
+        assert np.array_equal(read_mask(tmp_path / written["outputs"]["labels"]), ids)
+
+
 def test_ihc_overlay_of_a_tile_with_a_slides_ids_needs_no_table_of_every_id(tmp_path):
     """A tile cut from a slide's label image keeps its global ids (up to 2**31 - 1 read): the
     overlay's classes were an array indexed by label value, 16 GiB for ids near 2**31, here
