@@ -129,6 +129,23 @@ def test_the_nucleus_nearest_its_background_is_the_faint_one(background: float) 
     assert np.array_equal(np.divmod(faint, 96), ([[46], [46]]))  # nucleus 2's centre
 
 
+def test_faint_nuclei_of_a_tile_with_a_slides_ids_need_no_table_of_every_id() -> None:
+    """A training mask cut from a slide's label image keeps its global ids (up to
+    2**31 - 1): the contrast table ran to the largest id, 22 s and 2.9 GB for 100 nuclei with
+    ids near 5e7, 16 GiB and more near 2**31."""
+    import tracemalloc
+
+    image, labels = _three_nuclei(0.9)
+    tracemalloc.start()
+    try:
+        (faint,) = faint_nuclei([image], [np.where(labels > 0, labels + 10_000_000, 0)], 0.3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.divmod(faint, 96), ([[46], [46]]))  # nucleus 2's centre
+    assert peak < 20e6
+
+
 def test_faint_oversampling_centres_patches_on_faint_nuclei() -> None:
     image, labels = _three_nuclei(0.9)
     store = PatchStore(
