@@ -151,6 +151,12 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
+# The images each batch task run has written, by task run id, while it may be retried: a
+# retried attempt finds those its failed attempt finished done on disk, and they are this
+# run's work, not skipped (a run's metrics and history row left them out: in no run's).
+_written_by_task_run: dict[str, set[str]] = {}
+
+
 @task(
     name="segment-batch",
     task_run_name="segment {label}",
@@ -175,12 +181,17 @@ def segment_batch(
     """Segment a batch; one record per image: ``status`` (processed/skipped/failed), ``image``,
     and ``summary`` (as written in ``<stem>.json``) or ``error``. Its nuclei stay in its files
     (the flow reads every image's table once, at the end)."""
+    from prefect.context import TaskRunContext
+
     from mlseg.config import InferenceConfig, Profile
     from mlseg.io import image_stem
     from mlseg.outputs import image_done
     from mlseg.registry import code_version
 
     log_warnings()  # on a Dask worker too
+    context = TaskRunContext.get()
+    attempt = str(context.task_run.id) if context is not None else None
+    written = _written_by_task_run.setdefault(attempt, set()) if attempt else set()
     if torch_threads:
         import torch
 
@@ -195,7 +206,8 @@ def segment_batch(
         expect = _expected(path, model_id, profile, inference, pixel_size_um, pixel_sizes)
         done = image_done(out, image_stem(path), expect)
         if done is not None:
-            records.append({"status": "skipped", "image": name, "summary": done})
+            status = "processed" if name in written else "skipped"
+            records.append({"status": status, "image": name, "summary": done})
             continue
         if loaded is None:
             loaded = loaded_model(model, cfg.device)
@@ -207,7 +219,9 @@ def segment_batch(
         except MlsegError as err:
             records.append({"status": "failed", "image": name, "error": str(err)})
             continue
+        written.add(name)
         records.append({"status": "processed", "image": name, "summary": summary})
+    _written_by_task_run.pop(attempt, None)
     return records
 
 

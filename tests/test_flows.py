@@ -395,6 +395,38 @@ def test_a_cached_batch_is_not_reused_over_another_models_outputs(
     assert models == set(pd.read_csv(out / "summary.csv")["model"])
 
 
+def test_a_retried_batch_counts_the_images_its_failed_attempt_finished(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A transient I/O error on a batch's second image retries the batch: the first image,
+    written by the failed attempt, is this run's work as in a run without the error. It was
+    reported skipped, and the run's metrics and history row left it out (in no run's)."""
+    import flows.segment as segment_flow
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 4)
+    segment_one, failures = segment_flow.segment_one, []
+
+    def flaky(loaded, path, *args, **kwargs):
+        if path.stem == "img_001" and not failures:
+            failures.append(path.stem)
+            raise OSError(5, "Input/output error")  # an NFS hiccup: the batch is retried
+        return segment_one(loaded, path, *args, **kwargs)
+
+    monkeypatch.setattr(segment_flow, "segment_one", flaky)
+    fast = segment_flow.segment_batch.with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(segment_flow, "segment_batch", fast)
+    result = _segment(inbox, out, checkpoint).result()
+    assert failures == ["img_001"]  # the batch was retried, not failed
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(4)]
+    assert result["skipped"] == []
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [4] and history["n_skipped"].tolist() == [0]
+    assert sorted(json.loads((out / "run.json").read_text())["processed"]) == sorted(
+        result["processed"]
+    )
+
+
 def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 3)
