@@ -706,9 +706,12 @@ def promote(
     version: int | str,
     reason: str,
     storage_options: dict[str, Any] | None = None,
+    *,
+    automatic: bool = False,
 ) -> ModelVersion:
-    """Make ``version`` the production model of ``name``; the reason is recorded. Its files
-    are checked against the card's sha256 first (a rollback to deleted weights is refused)."""
+    """Make ``version`` the production model of ``name``; the reason is recorded, and whether
+    a person chose it or :func:`champion_challenger` did (``automatic``). Its files are
+    checked against the card's sha256 first (a rollback to deleted weights is refused)."""
     if not reason or not reason.strip():
         raise RegistryError("promote: give a reason (it is recorded in the registry)")
     fs, root = _fs(registry, storage_options)
@@ -721,6 +724,7 @@ def promote(
         "promoted_at": _now(),
         "reason": reason.strip(),
         "previous": previous["version"] if previous else None,
+        "automatic": automatic,
     }
     _log_decision(fs, root, name, {"action": "promote", **record})
     _write_json(fs, f"{root}/{name}/{PRODUCTION}", record)
@@ -745,8 +749,10 @@ def champion_challenger(
     (:func:`record_evaluation`); the champion's from ``champion_metrics`` (measured by the
     caller on that set) or what the registry recorded for it there. A missing score raises
     :class:`RegistryError` asking for that evaluation (scores on different sets are never
-    compared). A tie keeps the champion. The decision and its reason are written to the
-    registry either way.
+    compared). A tie keeps the champion. A version that a person took out of production
+    (``mlseg models promote`` of another: a rollback) is not promoted again by a comparison,
+    or a pipeline rerun that registers the same weights would undo the rollback. The
+    decision and its reason are written to the registry either way.
     """
     eval_set = eval_set or challenger.eval_set_id
     if not eval_set:
@@ -773,6 +779,15 @@ def champion_challenger(
     elif champion.version == challenger.version:
         promoted, champ_value = False, value
         reason = f"{challenger.tag} is already in production"
+    elif rollback := replaced_by_hand(
+        registry, challenger.name, challenger.version, storage_options
+    ):
+        promoted, champ_value = False, None
+        reason = (
+            f"{challenger.tag} was taken out of production by hand on {rollback['promoted_at']} "
+            f"(v{rollback['version']}: {rollback['reason']}); not promoted again by a "
+            f"comparison: promote it by hand to serve it again"
+        )
     else:
         measured = champion_metrics or champion.metrics_on(eval_set)
         if measured is None:
@@ -808,8 +823,27 @@ def champion_challenger(
         {"action": "compare", "version": challenger.version, **decision.as_dict()},
     )
     if promoted:
-        promote(registry, challenger.name, challenger.version, reason, storage_options)
+        promote(
+            registry, challenger.name, challenger.version, reason, storage_options, automatic=True
+        )
     return decision
+
+
+def replaced_by_hand(
+    registry: str | Path, name: str, version: int, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The promotion record by which a person last took ``version`` out of production (a
+    rollback), or ``None``: never served, still served, served again since, or replaced by
+    a comparison. Records from before promotions said who chose them count as a person's."""
+    last = None
+    for record in decisions(registry, name, storage_options):
+        if record.get("action") != "promote":
+            continue
+        if record.get("version") == version:
+            last = None  # served again
+        elif record.get("previous") == version:
+            last = None if record.get("automatic") else record
+    return last
 
 
 def _metric(metrics: dict[str, float], metric: str, tag: str) -> float:

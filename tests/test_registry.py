@@ -267,6 +267,28 @@ def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_pa
     assert all(d["reason"] for d in log)
 
 
+def test_a_rollback_by_hand_is_not_undone_by_the_next_comparison(tmp_path: Path) -> None:
+    """An operator rolled production back from v2 to v1; the scheduled pipeline ran again,
+    found the same weights (v2) still beating v1 and promoted it again, replacing the
+    rollback and its reason without a word."""
+    registry = tmp_path / "registry"
+    first = _register(tmp_path, registry, 0.80, tag="a")
+    reg.champion_challenger(registry, first)
+    second = _register(tmp_path, registry, 0.85, tag="b")
+    assert reg.champion_challenger(registry, second).promoted
+    reg.promote(registry, "nuclei", 1, "rollback: v2 misses small nuclei on the new scanner")
+
+    again = reg.champion_challenger(registry, second)
+    assert not again.promoted and "by hand" in again.reason and "rollback" in again.reason
+    record = reg.production_record(registry)
+    assert record["version"] == 1 and record["reason"].startswith("rollback")
+    # served again by hand, then replaced by a better model: compared as any other
+    reg.promote(registry, "nuclei", 2, "fixed upstream: the scanner profile was wrong")
+    third = _register(tmp_path, registry, 0.90, tag="c")
+    assert reg.champion_challenger(registry, third).promoted
+    assert "does not beat" in reg.champion_challenger(registry, second).reason
+
+
 def test_scores_on_different_eval_sets_are_never_compared(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     champion = _register(tmp_path, registry, 0.95, eval_set="old-set", tag="a")
