@@ -60,6 +60,19 @@ def evaluate_model(
     """Evaluate a checkpoint (folder or ``.safetensors``) on a labelled split.
 
     Publishes the means, the per-image table (worst first) and the worst-cases figure link.
+
+    Args:
+        model: Checkpoint folder (as ``train-model`` writes it) or its ``.safetensors`` file.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        data_root: Dataset folder holding the labelled split. Relative: under ``MLSEG_DATA_DIR`` if
+            set.
+        out_dir: Output folder: per-image CSV, summary JSON, worst-cases PNG. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        split: Which split to score: ``test`` or ``train``.
+        profile: Image-type profile by name, from the model config's profiles file (packaged:
+            ``he``, ``ihc``, ``fluorescence``); empty: the one the model was trained with.
+        inference: Keys of the model's saved inference settings to change, e.g.
+            ``{"tta": true, "device": "cpu"}``; empty: the model's own.
     """
     import pandas as pd
 

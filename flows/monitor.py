@@ -58,6 +58,21 @@ def monitor(
     Writes ``drift.csv`` and ``drift.json`` to ``out_dir``; publishes the drift table, a
     warning on drift, and the run history (``history``, as appended by
     ``segment-and-quantify``) if given. Fails on drift above ``monitor.psi_fail``.
+
+    Args:
+        images: Folder of new images (or its ``original/`` subfolder), or one image file. Relative:
+            under ``MLSEG_DATA_DIR`` if set.
+        fingerprint: ``fingerprint.json`` that ``validate-dataset`` wrote for the training data.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        out_dir: Output folder for ``drift.csv`` and ``drift.json``. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        config: Run config YAML whose ``monitor`` section sets the drift thresholds; empty:
+            defaults. Relative: under ``MLSEG_DATA_DIR`` if set.
+        overrides: Run config sections to change, e.g. ``{"monitor": {"psi_fail": 0.8}}``.
+        history: Run history CSV that ``segment-and-quantify`` appends to (by default
+            ``runs/history.csv`` in its ``out_dir``), published as a table; empty: none. Relative:
+            under ``MLSEG_DATA_DIR`` if set.
+        batch_size: Images per statistics task (tasks run in parallel).
     """
     import pandas as pd
 

@@ -197,11 +197,42 @@ def pipeline(
     evaluation mean that decides champion/challenger (higher is better). ``profile``
     (default: the config's) is every stage's, training's included; ``profiles`` must define
     it as the config's profiles file does. ``pixel_size_um`` overrides every test image's
-    pixel size;
-    without it each has the manifest's, else its own metadata's or the profile's.
+    pixel size; without it each has the manifest's, else its own metadata's or the profile's.
     ``resume=False`` trains afresh in ``work_dir``, as a new dataset or recipe needs (a
     resume refuses them; the models already registered stay). Returns the paths of every
     output.
+
+    Args:
+        data_root: Dataset folder: ``train/`` and ``test/`` splits, each of ``original/`` images and
+            ``masks/``. Relative: under ``MLSEG_DATA_DIR`` if set.
+        work_dir: Output folder of every stage and of ``report.html``; a rerun resumes. Relative:
+            under ``MLSEG_DATA_DIR`` if set.
+        config: Run config YAML (data layout, model, training, inference, monitor); empty: defaults.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        overrides: Run config sections to change, e.g. ``{"train": {"max_steps": 300}}``.
+        registry: Model registry folder or URL (``s3://bucket/models``); empty:
+            ``<work_dir>/registry``. Relative: under ``MLSEG_DATA_DIR`` if set.
+        model_name: Model name in the registry: lower-case letters, digits, ``-`` and ``_``.
+        promote_metric: Evaluation mean that decides promotion, one that is better higher: ``aji``,
+            ``dice``, ``pq``, ``f1``, ``iou``...
+        min_improvement: Promote the new model only where its ``promote_metric`` exceeds the
+            production model's by more than this (``0``: any gain; the scores are 0-1).
+        profile: Image-type profile of every stage, training's included; empty: the config's.
+        profiles: Content of a profiles.yaml (a mapping or its JSON text); it must define the
+            profile as the config's profiles file does. Empty: that file.
+        pixel_size_um: Microns per pixel of every test image; empty: each image's from the dataset's
+            manifest, else its own metadata, else the profile's.
+        batch_size: Images per segmentation task.
+        task_runner: Segmentation task runner: ``thread`` or ``dask``; empty: ``MLSEG_TASK_RUNNER``,
+            else ``dask`` if a Dask address is set, else ``thread``.
+        dask_address: Existing Dask scheduler (``tcp://host:8786``); empty: ``MLSEG_DASK_ADDRESS``,
+            else a local cluster when ``task_runner`` is ``dask``.
+        workers: Segmentation threads, or processes of a local Dask cluster; empty: CPU cores, at
+            most 4.
+        progress: Show a training progress bar on the worker's stderr (epochs are logged either
+            way).
+        resume: Resume training from the last checkpoint in ``<work_dir>/train``; false deletes its
+            checkpoints and trains afresh (registered models stay).
     """
     from mlseg.dataset import check_pixel_size, split_pixel_sizes
     from mlseg.errors import ConfigError

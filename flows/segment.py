@@ -410,9 +410,47 @@ def segment_and_quantify(
     model's inference settings. ``pixel_size_um`` gives every image's microns per pixel;
     ``pixel_sizes`` each image's (image stem -> microns per pixel, or a CSV of stem +
     ``pixel_size_um``), before the images' own metadata and the profile. Scale-out:
-    ``task_runner`` (``thread``/``dask``), ``dask_address`` and ``workers``; each worker uses ``torch_threads`` CPU threads
-    (default: the cores divided among the workers). Relative paths are under
-    ``MLSEG_DATA_DIR`` if set.
+    ``task_runner`` (``thread``/``dask``), ``dask_address`` and ``workers``; each worker uses
+    ``torch_threads`` CPU threads (default: the cores divided among the workers). Relative
+    paths are under ``MLSEG_DATA_DIR`` if set.
+
+    Args:
+        input_dir: Folder of images to segment; an empty folder is nothing to do. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        out_dir: Output folder: per-image labels, overlays, nuclei tables and GeoJSON, and
+            ``summary.csv``, ``nuclei.parquet``, ``run.json``; a rerun skips the images already done
+            with the same model and profile. Relative: under ``MLSEG_DATA_DIR`` if set.
+        model: Checkpoint folder or ``.safetensors`` file; empty: use ``registry``. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        registry: Model registry folder or URL (``s3://bucket/models``), used when ``model`` is
+            empty. Relative: under ``MLSEG_DATA_DIR`` if set.
+        model_name: Model name in the registry.
+        model_version: Registry version: ``production``, ``latest`` or a number (``3``).
+        profile: Image-type profile name (packaged: ``he``, ``ihc``, ``fluorescence``).
+        profiles: Content of a profiles.yaml (a mapping, or its JSON text as deployments pass it)
+            that defines ``profile``; empty: the packaged ``mlseg/profiles.yaml``.
+        profile_overrides: Profile keys to change (nested sections merged), e.g.
+            ``{"pixel_size_um": 0.25}``.
+        inference: Keys of the model's saved inference settings to change, e.g.
+            ``{"tile_size": 1024, "device": "cpu"}``; empty: the model's own.
+        pixel_size_um: Microns per pixel of every image, used instead of ``pixel_sizes``, the
+            images' own metadata and the profile's.
+        pixel_sizes: Microns per pixel by image stem (``{"slide1": 0.25}``), or the path of a CSV
+            with columns such as ``stem`` and ``pixel_size_um`` (relative: under ``MLSEG_DATA_DIR``
+            if set); used before the images' own metadata and the profile's.
+        batch_size: Images per task; a task loads the model once and is retried as a whole on
+            transient I/O errors.
+        task_runner: ``thread`` (this worker) or ``dask``; empty: ``MLSEG_TASK_RUNNER``, else
+            ``dask`` if a Dask address is set, else ``thread``.
+        dask_address: Existing Dask scheduler (``tcp://host:8786``); empty: ``MLSEG_DASK_ADDRESS``,
+            else a local cluster when ``task_runner`` is ``dask``.
+        workers: Threads, or processes of a local Dask cluster; empty: CPU cores, at most 4.
+        history: Run history CSV this run appends its metrics to; empty:
+            ``<out_dir>/runs/history.csv``. Relative: under ``MLSEG_DATA_DIR`` if set.
+        fail_on_error: End the run ``Failed`` when any image could not be segmented (the other
+            images' outputs are written either way); false: it completes and lists them.
+        torch_threads: PyTorch CPU threads per worker; empty: the usable cores divided among the
+            workers.
     """
     import pandas as pd
 

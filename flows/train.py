@@ -71,6 +71,22 @@ def train_model(
     returned (data changed since is refused); without one, ``validate_data`` runs that flow
     first, whose failure stops training. ``progress`` shows a progress bar on stderr.
     Publishes the training history table, a link to the curves and the output paths.
+
+    Args:
+        data_root: Dataset folder; its ``train/`` split is trained on, part of it held out for
+            validation. Relative: under ``MLSEG_DATA_DIR`` if set.
+        out_dir: Run folder: checkpoints, ``history.csv``, training curves; a rerun resumes.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        config: Run config YAML (model, training recipe, profile); empty: defaults. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        overrides: Run config sections to change, e.g. ``{"train": {"max_steps": 300}}``.
+        fingerprint_hash: ``fingerprint_hash`` returned by ``validate-dataset``; training data
+            changed since is refused. Empty: see ``validate_data``.
+        resume: Continue from the last checkpoint in ``out_dir``; false deletes its checkpoints and
+            trains afresh (a resume refuses other data or another recipe).
+        progress: Show a progress bar on the worker's stderr (epochs are logged either way).
+        validate_data: Without ``fingerprint_hash``, run ``validate-dataset`` first (into
+            ``<out_dir>/validation``); its failure stops training. False skips the check.
     """
     import pandas as pd
 

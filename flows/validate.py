@@ -117,6 +117,19 @@ def validate_dataset_flow(
     then refuses training data changed since) and the output paths; raises
     :class:`ValidationFailed` on any error-level failure, or when the training images or masks
     changed while they were checked.
+
+    Args:
+        data_root: Dataset folder: ``train/`` and ``test/`` splits, each of ``original/`` images and
+            ``masks/``. Relative: under ``MLSEG_DATA_DIR`` if set.
+        out_dir: Output folder; empty: ``validation/<dataset folder name>``. Relative: under
+            ``MLSEG_DATA_DIR`` if set.
+        config: Run config YAML whose ``data`` section describes the layout; empty: defaults.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        mask_kind: ``auto``, ``binary`` (foreground/background) or ``instance`` (one id per
+            nucleus); empty: the config's (default ``auto``).
+        min_images: Fewest images each split must hold; empty: the config's (default 1).
+        workers: Parallel file readers, ``0`` = one per CPU core; empty: the config's (default 0).
+        overrides: Run config sections to change, e.g. ``{"data": {"mask_suffix": "_seg"}}``.
     """
     log_warnings()
     cfg = load_validate_config(

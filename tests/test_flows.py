@@ -94,6 +94,44 @@ def test_only_transient_io_errors_are_retried() -> None:
     assert not is_transient(ValueError("bug"))
 
 
+def test_every_flow_parameter_has_a_description_in_the_run_form() -> None:
+    """The dashboard's run form (and `prefect deployment inspect`) showed every parameter as a
+    bare name, `min_improvement`, `task_runner`, `profile_overrides`, with no word of what it
+    takes: Prefect reads a parameter's description only from the `Args:` section of the flow
+    function's docstring, both when it loads the flow and from the entrypoint's source."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import (
+        parameter_docstrings,
+        parameter_schema,
+        parameter_schema_from_entrypoint,
+    )
+
+    root = Path(__file__).resolve().parents[1]
+    deployed = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+    entrypoints = {d["entrypoint"] for d in deployed} | {
+        "flows.validate.validate_dataset_flow",
+        "flows.train.train_model",
+        "flows.evaluate.evaluate_model",
+        "flows.segment.segment_and_quantify",
+        "flows.monitor.monitor",
+        "flows.pipeline.pipeline",
+    }
+    undescribed, stale = {}, {}
+    for entrypoint in sorted(entrypoints):
+        flow = load_flow_from_entrypoint(entrypoint)
+        for schema in (parameter_schema(flow), parameter_schema_from_entrypoint(entrypoint)):
+            properties = schema.model_dump_for_openapi()["properties"]
+            missing = [k for k, v in properties.items() if not v.get("description", "").strip()]
+            if missing:
+                undescribed[entrypoint] = missing
+        # an Args entry left behind by a renamed parameter describes nothing in the form
+        documented = set(parameter_docstrings(inspect.getdoc(flow.fn)))
+        if documented - set(properties):
+            stale[entrypoint] = sorted(documented - set(properties))
+    assert not undescribed, f"parameters without a description: {undescribed}"
+    assert not stale, f"Args entries naming no parameter: {stale}"
+
+
 def _batch_args(out, checkpoint) -> tuple:
     """segment_batch's positional arguments after the images: the he profile and the model's
     own inference settings."""
