@@ -352,12 +352,14 @@ def warn_of_unused_rows(listed: Iterable[str], stems: Iterable[str], table: str)
     other images (a lab's master table) are no mistake where every image has its row. Rows
     naming an image in another case are said by :func:`warn_of_case_only_names`."""
     listed, stems = set(listed), set(stems)
-    near = {n.casefold() for n in warn_of_case_only_names(listed, stems, table)}
-    unused = sorted(n for n in listed - stems if n.casefold() not in near)
-    without = sorted(s for s in stems - listed if s.casefold() not in near)
+    cased = warn_of_case_only_names(listed, stems, table)
+    # by folded case: those rows and their images are said above, once
+    folded_rows, folded_stems = {n.casefold() for n in listed}, {s.casefold() for s in stems}
+    unused = sorted(n for n in listed - stems if n.casefold() not in folded_stems)
+    without = sorted(s for s in stems - listed if s.casefold() not in folded_rows)
     if not unused or not without:
         return
-    if not listed & stems and not near:
+    if not listed & stems and not cased:
         warnings.warn(
             f"{table} names none of these {len(stems)} images (it lists "
             f"{some_of(sorted(listed), 3)}; the images are {some_of(sorted(stems), 3)}), "
