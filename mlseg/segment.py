@@ -913,7 +913,10 @@ def segment_folder(
         "input_dir": str(input_dir),
         "model_path": str(loaded.path),
         "model": model_id,
-        "model_meta": {k: v for k, v in loaded.meta.items() if k != "checkpoints"},
+        # not the training images' hashes (mlseg.evaluate's, a line of 32 characters each)
+        "model_meta": {
+            k: v for k, v in loaded.meta.items() if k not in ("checkpoints", "image_hashes")
+        },
         # the model's config.json, not its weights: stain normalisation and its reference
         "preprocess": loaded.config.preprocess.model_dump(mode="json"),
         "profile": profile.model_dump(mode="json"),

@@ -250,3 +250,9 @@ def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
         result = ev.evaluate(model, tmp_path / "again", tmp_path / "eval", progress=False)
     summary = json.loads(result.json_path.read_text())
     assert summary["seen_in_training"] == {"train": ["slide7_a"], "validation": ["slide7_b"]}
+    # a segment run's record names the model, not every training image's hash
+    from mlseg.segment import segment_folder
+
+    segment_folder(model, new_set / "original", tmp_path / "seg", profile_name="he", progress=False)
+    run = json.loads((tmp_path / "seg" / "run.json").read_text())
+    assert "image_hashes" not in run["model_meta"] and run["model_meta"]["split"]
