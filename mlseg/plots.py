@@ -111,7 +111,9 @@ def worst_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, s
     """
     dpi, gap, title = 100.0, 12.0, 48.0  # pixels: between panels, above each row (2 lines)
     sizes = [_panel_px(np.shape(truth)) for _, _, truth, _, _ in rows] or [(256.0, 256.0)]
-    column = max(w for w, _ in sizes)
+    # a column as wide as the narrowest panel holds its titles: a tall, narrow tile's
+    # (512 x 96) ran into each other and off the figure
+    column = max(PANEL_MIN_PX, *(w for w, _ in sizes))
     width = 3 * column + 4 * gap
     height = sum(h + title for _, h in sizes) + gap
     fig = _figure(width / dpi, height / dpi)

@@ -86,3 +86,19 @@ def test_worst_cases_show_nuclei_one_pixel_apart_as_two(tmp_path):
     panel = shown[rows[0] : rows[-1] + 1, truth_cols[0] : truth_cols[-1] + 1]
     _, count = ndimage.label(panel.max(axis=2) > 40)
     assert count == n
+
+
+def test_worst_cases_of_a_narrow_tile_keep_their_titles_apart():
+    """A tall, narrow tile (512 x 96 pixels) had columns as narrow as its panels: the
+    prediction's caption ran into the truth's title and off the figure's edge."""
+    from mlseg.plots import worst_figure
+
+    truth = np.zeros((512, 96), np.int32)
+    truth[disk((40, 40), 6, shape=truth.shape)] = 1
+    image = np.full((512, 96, 3), 230, np.uint8)
+    fig = worst_figure([("tile_0001", image, truth, truth, "Dice 0.62  AJI 0.41  PQ 0.38")])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert all(box.x0 >= 0 and box.x1 <= fig.bbox.width for box in boxes)
