@@ -262,7 +262,7 @@ def read_resaved_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, sep=delimiter, decimal="." if delimiter == "," else ",")
     except UnicodeDecodeError as err:
         raise DatasetError(not_utf8(path)) from err
-    except pd.errors.ParserError as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:  # EmptyData: no header
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
 
 

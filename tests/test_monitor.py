@@ -479,3 +479,15 @@ def test_history_saved_again_by_a_european_spreadsheet_keeps_its_rows(tmp_path) 
     assert list(table["run_id"]) == ["r1", "r2"]
     assert table["images_per_s"].tolist() == [1.0, 1.0]
     assert monitor.read_history(history)["area_um2_q50"].tolist() == [20.25, 11.0]
+
+
+def test_an_emptied_history_is_named_not_a_traceback(tmp_path) -> None:
+    """A history.csv left empty (0 bytes: emptied in an editor) ended the next segment run,
+    after every image was written, in pandas' 'EmptyDataError: No columns to parse from
+    file' traceback, which names no file; it is a DatasetError naming it."""
+    from mlseg.errors import DatasetError
+
+    history = tmp_path / "history.csv"
+    history.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"history\.csv: cannot be read as CSV"):
+        monitor.append_history(history, monitor.run_metrics([5], [11.0], 1.0, run_id="r2"))
