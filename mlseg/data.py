@@ -543,8 +543,11 @@ def split_validation(
 
     ``groups`` (one key per image) holds back the images of one key together: a mirrored
     or turned copy saved beside a tile (:func:`mlseg.inventory.turn_free_hash`) is never
-    trained on while the tile validates. Groups are drawn in the seed's order until ``k``
-    images are held back, so with every key distinct the split is the one without groups.
+    trained on while the tile validates. Groups are drawn in the seed's order, each taken
+    where it fits in the ``k`` images still to hold back, so with every key distinct the
+    split is the one without groups; where none fits (every group larger than ``k``), the
+    smallest is held back. A group of ten identical blank tiles taken whole held back 13
+    images of 20 for ``k`` 4, and could leave no nucleus to validate on.
     """
     if fraction <= 0 or n < 2:
         return np.empty(0, np.int64)
@@ -556,10 +559,12 @@ def split_validation(
     if len(grouped) < 2:  # one image and its copies: none left to train on
         return np.empty(0, np.int64)
     held: list[int] = []
-    for g in np.random.default_rng(seed).permutation(len(grouped))[: len(grouped) - 1]:
-        if len(held) >= k:
-            break
-        held += grouped[g]
+    order = [grouped[g] for g in np.random.default_rng(seed).permutation(len(grouped))]
+    for group in order:
+        if len(held) + len(group) <= k:  # at most k <= n - 1: some group is left to train
+            held += group
+    if not held:
+        held = min(order, key=len)  # the first of the smallest, in the seed's order
     return np.sort(np.array(held, np.int64))
 
 

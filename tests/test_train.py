@@ -752,3 +752,20 @@ def test_a_mirrored_or_turned_copy_stays_on_its_image_side_of_the_validation_spl
         held = {stem.split("_")[0] for stem in data.val_stems}
         trained = {stem.split("_")[0] for stem in data.train_stems}
         assert held and not held & trained, (seed, data.val_stems, data.train_stems)
+
+
+def test_a_group_of_identical_tiles_does_not_overfill_the_validation_split() -> None:
+    """Ten identical blank tiles beside ten distinct ones: held back whole, the blank group
+    made the validation split 10 to 13 of 20 images for a quota of 4 (70 of 200 seeds), and
+    where it alone was held back, training stopped: no nucleus to validate on."""
+    from mlseg.data import split_validation
+
+    groups = [f"tile{i}" for i in range(10)] + ["blank"] * 10
+    for seed in range(50):
+        held = split_validation(20, 0.2, seed, groups)
+        assert len(held) == 4 and held.max() < 10, (seed, held)
+        # images all distinct: the split without groups
+        distinct = split_validation(20, 0.2, seed, [str(i) for i in range(20)])
+        assert distinct.tolist() == split_validation(20, 0.2, seed).tolist()
+    # every group larger than the quota: the smallest is held back, whole
+    assert split_validation(9, 0.2, 0, ["a"] * 4 + ["b"] * 3 + ["c"] * 2).tolist() == [7, 8]
