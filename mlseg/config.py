@@ -487,6 +487,18 @@ class Profile(Strict):
             raise ValueError("min_area_px must be below max_area_px")
         return self
 
+    @model_validator(mode="after")
+    def _fits_modality(self) -> Profile:
+        # stain is "he" when a profile leaves it out: a DAPI profile of channels: 1 was
+        # measured as bright field, its dark background's optical density all "tissue"
+        if self.brightfield and self.channels != 3:
+            raise ValueError(
+                f"stain {self.stain!r} (the default where a profile leaves out stain) is a "
+                f"bright-field colour stain and needs channels: 3, got {self.channels}; set "
+                "stain: fluorescence for fluorescence, stain: none for grey bright field"
+            )
+        return self
+
     @property
     def brightfield(self) -> bool:
         """True for transmitted-light stains measured as optical density (H&E, IHC)."""

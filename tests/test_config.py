@@ -254,3 +254,16 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     path = write(tmp_path / "c.yaml", "train: {seed: 7}\ninference:\n  tile_size: 0640\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: line 3: YAML reads 0640 as the octal number"):
         load_config(path)
+
+
+@pytest.mark.parametrize("stain", ["", "stain: he, ", "stain: ihc, "])
+def test_a_bright_field_profile_of_other_than_three_channels_is_refused(tmp_path, stain):
+    """A lab's DAPI profile of channels: 1 that left out `stain` was taken as H&E: its images
+    were measured as bright field, the dark background's optical density all "tissue"
+    (tissue_fraction 0.97 of a DAPI field) and density_per_mm2_tissue reported from it."""
+    path = write(tmp_path / "p.yaml", f"profiles:\n  dapi_20x: {{{stain}channels: 1}}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml \(profile 'dapi_20x'\).*channels: 3"):
+        load_profiles(path)
+    for ok in ("stain: fluorescence", "stain: none"):
+        path = write(tmp_path / "p.yaml", f"profiles:\n  dapi_20x: {{{ok}, channels: 1}}\n")
+        assert load_profiles(path)["dapi_20x"].channels == 1
