@@ -497,6 +497,11 @@ class Profile(Strict):
                 f"bright-field colour stain and needs channels: 3, got {self.channels}; set "
                 "stain: fluorescence for fluorescence, stain: none for grey bright field"
             )
+        if self.stain != "fluorescence" and self.tissue_intensity_threshold is not None:
+            raise ValueError(
+                f"tissue_intensity_threshold is for fluorescence and a {self.stain!r} profile "
+                "measures tissue by optical density; set tissue_od_threshold instead"
+            )
         return self
 
     @property

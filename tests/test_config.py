@@ -267,3 +267,16 @@ def test_a_bright_field_profile_of_other_than_three_channels_is_refused(tmp_path
     for ok in ("stain: fluorescence", "stain: none"):
         path = write(tmp_path / "p.yaml", f"profiles:\n  dapi_20x: {{{ok}, channels: 1}}\n")
         assert load_profiles(path)["dapi_20x"].channels == 1
+
+
+def test_a_fluorescence_tissue_threshold_on_a_bright_field_profile_is_refused(tmp_path):
+    """`tissue_intensity_threshold: 0.99` in an H&E profile was ignored without a word: its
+    tissue was measured by optical density (0.94 of an H&E tile) as without it."""
+    path = write(tmp_path / "p.yaml", "profiles:\n  he_40x: {tissue_intensity_threshold: 0.99}\n")
+    with pytest.raises(ConfigError, match=r"he_40x.*tissue_intensity_threshold.*tissue_od_thr"):
+        load_profiles(path)
+    path = write(
+        tmp_path / "p.yaml",
+        "profiles:\n  dapi: {stain: fluorescence, tissue_intensity_threshold: 0.2}\n",
+    )
+    assert load_profiles(path)["dapi"].tissue_intensity_threshold == 0.2
