@@ -159,6 +159,10 @@ def resolve_profile(
         if not isinstance(table, dict) or name not in table:
             known = ", ".join(sorted(table)) if isinstance(table, dict) else "none"
             raise ConfigError(f"{source}: unknown profile {name!r}; choose one of {known}")
+        if table[name] is not None and not isinstance(table[name], dict):
+            raise ConfigError(
+                f"{source}: profile {name!r} must be a mapping of settings, got {table[name]!r}"
+            )
         values = {**(table[name] or {}), "name": name}
     else:
         values = get_profile(name, profiles_file).model_dump(mode="json")

@@ -70,6 +70,14 @@ def test_profile_parameter_from_deployment_json_with_overrides() -> None:
         resolve_profile("he", shipped, {"min_area_um2": 5000})
 
 
+@pytest.mark.parametrize("settings", ["he", [0.25]])
+def test_a_profile_parameter_that_is_not_a_mapping_is_named(settings) -> None:
+    """A deployment's profiles parameter holding `he_40x: he` failed the flow run with
+    Python's "TypeError: 'str' object is not a mapping", naming neither profile nor key."""
+    with pytest.raises(ConfigError, match=r"'profiles'.*profile 'he_40x' must be a mapping"):
+        resolve_profile("he_40x", {"profiles": {"he_40x": settings}})
+
+
 def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
     monkeypatch.delenv("MLSEG_TASK_RUNNER", raising=False)
     monkeypatch.delenv("MLSEG_DASK_ADDRESS", raising=False)
