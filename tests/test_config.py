@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mlseg.config import Config, get_profile, load_config, load_profiles
+from mlseg.config import (
+    Config,
+    Profile,
+    default_profiles_path,
+    get_profile,
+    load_config,
+    load_profiles,
+)
 from mlseg.errors import ConfigError
 
 
@@ -280,3 +287,17 @@ def test_a_fluorescence_tissue_threshold_on_a_bright_field_profile_is_refused(tm
         "profiles:\n  dapi: {stain: fluorescence, tissue_intensity_threshold: 0.2}\n",
     )
     assert load_profiles(path)["dapi"].tissue_intensity_threshold == 0.2
+
+
+def test_the_packaged_profiles_file_describes_every_profile_key_and_the_defaults():
+    """A lab writes its own profile from profiles.yaml's comments: they named neither
+    `stain`, `channels` nor `preprocess`, nor what a key left out gets (stain he, size limits
+    other than the shipped profiles'), so a DAPI profile without `stain` was H&E."""
+    text = default_profiles_path().read_text(encoding="utf-8")
+    header = text[: text.index("\nprofiles:")]
+    for key in set(Profile.model_fields) - {"name"}:
+        assert re.search(rf"\b{key}\b", header), f"profiles.yaml does not describe {key}"
+    default = Profile()
+    for key in ("min_area_um2", "max_area_um2", "min_area_px", "max_area_px"):
+        assert re.search(rf"{key} {getattr(default, key):g}\b", header), key
+    assert f"stain {default.stain}, channels {default.channels}" in header
