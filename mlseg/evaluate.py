@@ -231,7 +231,7 @@ def evaluate(
         caption = f"Dice {row['dice']:.2f}  AJI {row['aji']:.2f}  PQ {row['pq']:.2f}"
         worst.append((row["aji"], (pair.stem, image, truth, pred, caption)))
         worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
-    if split != cfg.data.train_dir and any(seen.values()):
+    if split != "train" and any(seen.values()):  # the split's name, whatever its folder
         warnings.warn(seen_in_training(data_root, split, len(pairs), seen), stacklevel=2)
     df = pd.DataFrame(rows)
     means = {k: float(df[k].astype(float).mean()) for k in METRIC_COLUMNS}  # NaN skipped

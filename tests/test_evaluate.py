@@ -256,3 +256,32 @@ def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
     segment_folder(model, new_set / "original", tmp_path / "seg", profile_name="he", progress=False)
     run = json.loads((tmp_path / "seg" / "run.json").read_text())
     assert "image_hashes" not in run["model_meta"] and run["model_meta"]["split"]
+
+
+def test_scoring_the_training_split_under_another_folder_name_is_no_leak(
+    synth_dataset, tmp_path
+) -> None:
+    """A dataset whose training split lives in ``training/`` (data.train_dir): evaluating
+    its train split on purpose warned that every image was one the model trained on, and
+    listed them under seen_in_training, as if they had leaked into a held-out set."""
+    import shutil
+    import warnings
+
+    from mlseg.config import load_config
+    from mlseg.train import fit
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_dataset / "train", root / "training")
+    shutil.copytree(synth_dataset / "test", root / "test")
+    torch.set_num_threads(2)
+    cfg = load_config(
+        None,
+        data={"train_dir": "training"},
+        train={**SMALL.model_dump(), "max_steps": 1, "batch_size": 2},
+    )
+    model = fit(cfg, root, tmp_path / "model", progress=False).last_checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = ev.evaluate(model, root, tmp_path / "eval", split="train", progress=False)
+    summary = json.loads(result.json_path.read_text())
+    assert summary["n_images"] == 6
