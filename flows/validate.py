@@ -127,8 +127,9 @@ def validate_dataset_flow(
             Relative: under ``MLSEG_DATA_DIR`` if set.
         mask_kind: ``auto``, ``binary`` (foreground/background) or ``instance`` (one id per
             nucleus); empty: the config's (default ``auto``).
-        min_images: Fewest images each split must hold; empty: the config's (default 1).
-        workers: Parallel file readers, ``0`` = one per CPU core; empty: the config's (default 0).
+        min_images: Fewest images each split must hold; empty: 1 (the run config has no such
+            key: ``monitor.min_images`` is drift's).
+        workers: Parallel file readers, ``0`` = one per CPU core; empty: ``0``.
         overrides: Run config sections to change, e.g. ``{"data": {"mask_suffix": "_seg"}}``.
     """
     log_warnings()
