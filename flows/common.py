@@ -38,15 +38,27 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
     """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
-    ``mlseg`` ends it, not in a traceback."""
+    ``mlseg`` ends it, not in a traceback. SIGTERM (``timeout``, ``docker stop``, ``scancel``)
+    ends it with 143 through Python's exit handlers, among them Prefect's that stops the
+    temporary server it started (the default ended the process past them, the server left
+    running)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
+        import signal
+        import threading
+
+        on_term = None
+        if threading.current_thread() is threading.main_thread():
+            on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         try:
             return main(argv)
         except MlsegError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
+        finally:
+            if on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)
 
     return run
 

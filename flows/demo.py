@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -93,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     demo_dir = args.demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
     _prefect_environment(demo_dir)
-    # exit cleanly on SIGTERM too, so Prefect's exit handler stops its temporary server
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from mlseg.synth import make_dataset
 

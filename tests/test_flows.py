@@ -1111,7 +1111,6 @@ def test_demo_command_line_trains_afresh_with_no_resume(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
     monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
-    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
     assert flows.demo.main([str(tmp_path)]) == flows.demo.main([str(tmp_path), "--no-resume"])
     assert seen == [True, False]
 
@@ -1136,7 +1135,6 @@ def test_flow_command_lines_show_no_bar_in_a_log_file(tmp_path, monkeypatch, mod
 
     monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
     monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
-    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
     command = importlib.import_module(module)
     argv = [str(tmp_path / "dataset"), str(tmp_path / "work")]
     for tty in (False, True):
@@ -1159,7 +1157,6 @@ def test_demo_options_a_dataset_already_made_ignores_are_refused(tmp_path, monke
 
     monkeypatch.setattr(flows.pipeline, "pipeline", pipeline)
     monkeypatch.setattr(flows.demo, "_prefect_environment", lambda demo_dir: None)
-    monkeypatch.setattr(flows.demo.signal, "signal", lambda *args: None)
     first = ["--n-train", "2", "--n-test", "1", "--size", "32"]
     assert flows.demo.main([str(tmp_path), *first]) == 1
     assert flows.demo.main([str(tmp_path), "--n-train", "2", "--size", "32"]) == 1
@@ -1242,3 +1239,44 @@ def test_flow_command_lines_say_a_user_error_in_one_line(
     monkeypatch.setattr(command, flow, failing)
     assert command.main([str(tmp_path / "nope"), str(tmp_path / "out"), *args]) == 2
     assert capsys.readouterr().err == "error: nope: dataset folder not found; check the path\n"
+
+
+def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path) -> None:
+    """`timeout 1h python -m flows.segment ...` in cron, docker stop or scancel: SIGTERM
+    ended python -m flows.validate, flows.segment and flows.pipeline at once, past Python's
+    exit handlers, among them Prefect's that stops the temporary server it started, which
+    then ran on, orphaned, after every stopped job; they end with exit code 143 as mlseg
+    does, the handlers run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import atexit, os, signal, sys, time
+            from flows.common import user_errors_exit
+
+            atexit.register(lambda: print("exit handlers ran", flush=True))
+
+            @user_errors_exit
+            def main(argv=None):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+                return 0
+
+            sys.exit(main())
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 143, done.stderr
+    assert "exit handlers ran" in done.stdout
