@@ -38,7 +38,7 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
     """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
-    ``mlseg`` ends it, not in a traceback. SIGTERM (``timeout``, ``docker stop``, ``scancel``)
+    ``mlseg`` ends it, not in a traceback; Ctrl-C in ``aborted`` and 130. SIGTERM (``timeout``, ``docker stop``, ``scancel``)
     ends it with 143 through Python's exit handlers, among them Prefect's that stops the
     temporary server it started (the default ended the process past them, the server left
     running)."""
@@ -56,6 +56,9 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
         except MlsegError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
+        except KeyboardInterrupt:  # after Prefect's crash report, not a second traceback
+            print("aborted", file=sys.stderr)
+            return 130
         finally:
             if on_term is not None:
                 signal.signal(signal.SIGTERM, on_term)

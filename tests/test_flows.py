@@ -1280,3 +1280,17 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path) ->
     )
     assert done.returncode == 143, done.stderr
     assert "exit handlers ran" in done.stdout
+
+
+def test_a_flow_command_stopped_with_ctrl_c_exits_130(capsys) -> None:
+    """Ctrl-C in python -m flows.validate during its inventory printed a 60-line traceback
+    after Prefect's crash report and exited 1, the code of a failed validation, where the
+    README (and mlseg) say 130."""
+    from flows.common import user_errors_exit
+
+    @user_errors_exit
+    def main(argv=None) -> int:
+        raise KeyboardInterrupt
+
+    assert main([]) == 130
+    assert capsys.readouterr().err.strip() == "aborted"
