@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,16 +40,13 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
     """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
-    ``mlseg`` ends it, not in a traceback; Ctrl-C in ``aborted`` and 130. SIGTERM (``timeout``, ``docker stop``, ``scancel``)
-    ends it with 143 through Python's exit handlers, among them Prefect's that stops the
-    temporary server it started (the default ended the process past them, the server left
-    running)."""
+    ``mlseg`` ends it, not in a traceback; Ctrl-C in ``aborted`` and 130. SIGTERM
+    (``timeout``, ``docker stop``, ``scancel``) ends it with 143 through Python's exit
+    handlers, among them Prefect's that stops the temporary server it started (the default
+    ended the process past them, the server left running)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        import signal
-        import threading
-
         on_term = None
         if threading.current_thread() is threading.main_thread():
             on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
