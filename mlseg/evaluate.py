@@ -184,9 +184,9 @@ def evaluate(
     device = resolve_device(inference_cfg.device)
     loaded.model.to(device)
     if profile is None or isinstance(profile, str):
-        trained = loaded.profile  # as saved with the run: its profiles_file may be elsewhere
-        if trained is not None and profile in (None, trained.name):
-            profile = trained
+        saved = loaded.meta.get("profile_settings") or {}
+        if saved and profile in (None, saved.get("name")):
+            profile = loaded.profile  # as saved with the run: its profiles_file may be elsewhere
         else:
             profile = get_profile(profile or cfg.profile, cfg.profiles_file)
     listed = list_pairs(data_root, split, cfg.data, strict=False)

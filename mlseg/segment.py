@@ -810,16 +810,18 @@ def warn_if_other_modality(loaded, profile: Profile) -> None:
     them (a DAPI field: haematoxylin OD 3.97 in every nucleus, all of it "tissue"), and
     fluorescence on bright-field images measures no stain. H&E and IHC go together: an
     H&E model grades IHC slides."""
-    trained = loaded.profile
-    if trained is None or {trained.stain, profile.stain} not in (
+    # its stain and name only, as saved: a saved profile that a later mlseg refuses (a
+    # tissue_intensity_threshold in an he profile) failed every image of the run
+    trained = loaded.meta.get("profile_settings") or {}
+    if {trained.get("stain"), profile.stain} not in (
         {"fluorescence", "he"},
         {"fluorescence", "ihc"},
     ):
         return
     warn_once(
-        f"{loaded.path}: trained with profile {trained.name!r} ({trained.stain}), but the "
-        f"images are measured with profile {profile.name!r} ({profile.stain}); segment with "
-        f"profile {trained.name!r} unless they are {profile.stain}"
+        f"{loaded.path}: trained with profile {trained.get('name')!r} ({trained['stain']}), "
+        f"but the images are measured with profile {profile.name!r} ({profile.stain}); "
+        f"segment with profile {trained.get('name')!r} unless they are {profile.stain}"
     )
 
 

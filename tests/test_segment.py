@@ -817,6 +817,31 @@ def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path
         assert len(said) == 1, run
 
 
+def test_a_model_whose_saved_profile_a_later_mlseg_refuses_still_segments(tmp_path):
+    """A model trained before tissue_intensity_threshold in an he profile was refused keeps
+    that profile in meta.json: segment, given a valid profile, failed every image with
+    'meta.json (profile_settings): bad value', from the check that only compares stains."""
+    import json
+
+    from mlseg.config import TrainConfig, get_profile
+    from mlseg.model import build_model, save_checkpoint
+
+    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    ckpt = tmp_path / "model"
+    save_checkpoint(
+        ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
+        in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
+        profile=get_profile("he"),
+    )  # fmt: skip
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["profile_settings"] |= {"name": "he_lab", "tissue_intensity_threshold": 0.1}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    result = segment_folder(
+        ckpt, _folder(tmp_path, 2), tmp_path / "out", profile_name="he", progress=False
+    )
+    assert len(result.processed) == 2 and not result.failed
+
+
 def test_print_resolutions_are_named_in_one_warning_per_run(tmp_path):
     """A folder whose TIFFs all say 72 dpi (an image program's default): one warning naming
     every file, not one per image; a size from the table silences its image's."""
