@@ -834,15 +834,21 @@ def replaced_by_hand(
 ) -> dict[str, Any] | None:
     """The promotion record by which a person last took ``version`` out of production (a
     rollback), or ``None``: never served, still served, served again since, or replaced by
-    a comparison. Records from before promotions said who chose them count as a person's."""
-    last = None
+    a comparison. A record from before promotions said who chose them is a comparison's
+    where a comparison that promoted with its reason was logged before it, else a person's."""
+    last, compared = None, set()
     for record in decisions(registry, name, storage_options):
+        if record.get("action") == "compare" and record.get("promoted"):
+            compared.add((record.get("version"), record.get("reason")))
         if record.get("action") != "promote":
             continue
+        automatic = record.get(
+            "automatic", (record.get("version"), record.get("reason")) in compared
+        )
         if record.get("version") == version:
             last = None  # served again
         elif record.get("previous") == version:
-            last = None if record.get("automatic") else record
+            last = None if automatic else record
     return last
 
 

@@ -289,6 +289,37 @@ def test_a_rollback_by_hand_is_not_undone_by_the_next_comparison(tmp_path: Path)
     assert "does not beat" in reg.champion_challenger(registry, second).reason
 
 
+def test_a_comparison_logged_before_promotions_said_who_chose_them_is_no_rollback(
+    tmp_path: Path,
+) -> None:
+    """A registry written before promotions recorded ``automatic``: v2 had replaced v1 by a
+    comparison, yet v1, scored again on a new set and beating v2 there, was refused as
+    'taken out of production by hand', quoting v2's 'beats production' reason."""
+    import json
+
+    registry = tmp_path / "registry"
+    _register(tmp_path, registry, 0.80, tag="a")
+    reg.promote(registry, "nuclei", 1, "first by hand")
+    second = _register(tmp_path, registry, 0.85, tag="b")
+    assert reg.champion_challenger(registry, second).promoted
+    for path in (registry / "nuclei" / "decisions").glob("*.json"):  # as mlseg wrote them
+        record = json.loads(path.read_text())
+        record.pop("automatic", None)
+        path.write_text(json.dumps(record))
+    reg.record_evaluation(registry, "nuclei", 1, "new-set", {"dice": 0.9})
+    reg.record_evaluation(registry, "nuclei", 2, "new-set", {"dice": 0.7})
+    first = reg.show(registry, "nuclei", 1)  # with its score on the new set
+    decision = reg.champion_challenger(registry, first, eval_set="new-set")
+    assert decision.promoted and "by hand" not in decision.reason
+    # an old rollback by hand (no compare before it) still holds
+    reg.promote(registry, "nuclei", 2, "rollback: v1 misses small nuclei")
+    for path in (registry / "nuclei" / "decisions").glob("*.json"):
+        record = json.loads(path.read_text())
+        record.pop("automatic", None)
+        path.write_text(json.dumps(record))
+    assert "by hand" in reg.champion_challenger(registry, first, eval_set="new-set").reason
+
+
 def test_scores_on_different_eval_sets_are_never_compared(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     champion = _register(tmp_path, registry, 0.95, eval_set="old-set", tag="a")
