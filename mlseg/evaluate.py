@@ -264,7 +264,8 @@ def evaluate(
         "mlseg_version": code_version(),
         "device": str(device),
         "n_images": len(df),
-        "seen_in_training": seen,
+        # null: a model saved before mlseg recorded its images' hashes, so nothing checked
+        "seen_in_training": seen if trained else None,
         "means": means,
         "pooled": pooled,
         "inference": inference_cfg.model_dump(mode="json"),

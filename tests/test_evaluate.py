@@ -97,6 +97,8 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     assert summary["eval_set_id"] == result.eval_set_id
     assert summary["model_id"].startswith("best.safetensors@")
     assert summary["mlseg_version"] == code_version() and summary["device"] == "cpu"
+    # a model that records no image hashes: nothing was checked, not "none seen"
+    assert summary["seen_in_training"] is None
     # pooled over images: every true nucleus of the perfect image found, all others missed
     found, missed = int(row["n_true"]), int(others["n_true"].sum())
     pooled = summary["pooled"]
