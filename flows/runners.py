@@ -52,10 +52,25 @@ def runner_settings(
         raise ConfigError(f"task runner {kind!r}: choose one of {', '.join(RUNNERS)}")
     if address and kind != "dask":
         raise ConfigError(f"dask address {address!r} given with task runner {kind!r}; use dask")
+    if kind == "dask":  # before any work: the pipeline builds its runner only after training
+        _dask_runner_class()
     workers = int(workers) if workers else max(1, min(4, os.cpu_count() or 1))
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     return {"kind": kind, "address": address, "workers": workers}
+
+
+def _dask_runner_class():
+    """:class:`prefect_dask.DaskTaskRunner`, or :class:`ConfigError` naming what to install
+    where it (or Dask under it) cannot be imported (an install without its dependencies)."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise ConfigError(
+            f"task runner 'dask' needs prefect-dask and dask.distributed ({err}); "
+            "pip install prefect-dask, or use --task-runner thread"
+        ) from None
+    return DaskTaskRunner
 
 
 def make_task_runner(
@@ -65,8 +80,7 @@ def make_task_runner(
     settings = runner_settings(kind, address, workers)
     if settings["kind"] == "thread":
         return ThreadPoolTaskRunner(max_workers=settings["workers"])
-    from prefect_dask import DaskTaskRunner
-
+    DaskTaskRunner = _dask_runner_class()
     if settings["address"]:
         return DaskTaskRunner(address=settings["address"])
     return DaskTaskRunner(

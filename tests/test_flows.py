@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,20 @@ def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
         runner_settings("ray")
     with pytest.raises(ConfigError, match="use dask"):
         runner_settings("thread", "tcp://x:1")
+
+
+def test_dask_runner_without_dask_installed_names_the_package(monkeypatch) -> None:
+    """`--task-runner dask` where prefect-dask or dask.distributed cannot be imported (an
+    install without its dependencies) ended the flow in a ModuleNotFoundError traceback, and
+    the pipeline's check of its parameters passed it, failing only after training."""
+    monkeypatch.delenv("MLSEG_TASK_RUNNER", raising=False)
+    monkeypatch.delenv("MLSEG_DASK_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)
+    with pytest.raises(ConfigError, match="pip install prefect-dask.*--task-runner thread"):
+        runner_settings("dask")
+    with pytest.raises(ConfigError, match="pip install prefect-dask"):
+        make_task_runner("dask", "tcp://10.0.0.5:8786")
+    assert runner_settings("thread", workers=2)["kind"] == "thread"  # threads need no Dask
 
 
 def test_only_transient_io_errors_are_retried() -> None:
