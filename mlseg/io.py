@@ -268,14 +268,23 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
+    compression = None
     try:
         with tifffile.TiffFile(path) as tif:
+            compression = tif.pages[0].compression
             _check_fits(path, tif.series[0])
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
     except Exception as err:  # tifffile raises many types for corrupt files
+        # a codec missing from this install (ZSTD named Python's own 'compression' module)
+        if isinstance(err, ImportError) or "imagecodecs" in str(err):
+            name = getattr(compression, "name", compression)
+            raise ImageReadError(
+                f"{path}: its {name} compression needs the imagecodecs package, which this "
+                f"Python cannot import ({err}); pip install imagecodecs"
+            ) from err
         raise ImageReadError(f"{path}: cannot be decoded as TIFF ({err})") from err
     if more:  # e.g. the fields of a multi-position acquisition, saved as one OME-TIFF
         warnings.warn(

@@ -257,6 +257,31 @@ def test_compressed_tiffs_as_scanners_and_image_programs_write_them(tmp_path, co
     assert back.shape == rgb.shape and (lossy or np.array_equal(back, rgb))
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zstd"])
+def test_a_compressed_tiff_without_imagecodecs_names_the_package(tmp_path, compression):
+    """Where imagecodecs cannot be imported (an install without its dependencies), a ZSTD
+    TIFF failed as 'cannot be decoded as TIFF (No module named 'compression')', which reads
+    as a corrupt file; now the message names the compression and the package to install."""
+    import subprocess
+    import sys
+
+    import tifffile
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", rgb, photometric="rgb", compression=compression)
+    code = (
+        "import sys; sys.modules['imagecodecs'] = None\n"
+        "from mlseg.io import read_image\n"
+        f"read_image({str(tmp_path / 'x.tif')!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "ImageReadError" in last and "x.tif" in last
+    assert f"{compression.upper()} compression needs the imagecodecs package" in last
+    assert "pip install imagecodecs" in last
+
+
 def test_a_tiff_of_several_images_says_only_the_first_is_read(tmp_path):
     import tifffile
 
