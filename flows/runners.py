@@ -54,7 +54,9 @@ def runner_settings(
         raise ConfigError(f"dask address {address!r} given with task runner {kind!r}; use dask")
     if kind == "dask":  # before any work: the pipeline builds its runner only after training
         _dask_runner_class()
-    workers = int(workers) if workers else max(1, min(4, os.cpu_count() or 1))
+    from mlseg.inventory import usable_cpus  # a container's CPU quota, not the host's cores
+
+    workers = int(workers) if workers else min(4, usable_cpus())
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     return {"kind": kind, "address": address, "workers": workers}

@@ -560,12 +560,33 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
 
 
+#: cgroup v2's CPU limit (``docker run --cpus``, a Kubernetes CPU limit): "<quota> <period>"
+#: in microseconds, or "max <period>" for none.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """Whole cores the cgroup quota allows (rounded up), ``None`` where there is none."""
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        cores = int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2, "max", unreadable
+        return None
+    return max(1, math.ceil(cores)) if cores > 0 else None
+
+
 def usable_cpus() -> int:
     """Cores this process may use (the affinity mask of a container, ``taskset`` or a SLURM
-    job's allocation, not the node's count), at least 1."""
+    job's allocation, and a container's CPU quota, not the node's count), at least 1.
+
+    A quota (``--cpus 2`` on a 64-core host) leaves the affinity mask whole: sized by the
+    mask alone, 64 threads shared two cores' time and were throttled."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_limit()
+    return min(cores, quota) if quota else cores
 
 
 def _bounded_map(

@@ -336,3 +336,27 @@ def test_turn_free_hash_is_the_same_for_every_flip_and_quarter_turn(nuclei_pair)
     changed = image.copy()
     changed[20, 20, 0] ^= 1
     assert turn_free_hash(changed) != turn_free_hash(image)
+
+
+def test_usable_cpus_follows_a_container_cpu_quota(tmp_path, monkeypatch) -> None:
+    """In a container limited by a CPU quota (`docker run --cpus 0.5`, a Kubernetes CPU
+    limit: cgroup v2's cpu.max "50000 100000"), the affinity mask still lists every core of
+    the host, and readers and torch threads were sized by the host's count."""
+    import os
+
+    import mlseg.inventory as inventory
+    from flows.runners import runner_settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(inventory, "CGROUP_CPU_MAX", cpu_max)
+    assert inventory.usable_cpus() == 16  # no cgroup v2 file: the affinity mask
+    cpu_max.write_text("max 100000\n")
+    assert inventory.usable_cpus() == 16
+    cpu_max.write_text("50000 100000\n")
+    assert inventory.usable_cpus() == 1
+    assert runner_settings("thread")["workers"] == 1
+    cpu_max.write_text("250000 100000\n")  # 2.5 cores: three threads may share them
+    assert inventory.usable_cpus() == 3
+    cpu_max.write_text("6400000 100000\n")  # a quota above the mask: the mask
+    assert inventory.usable_cpus() == 16
