@@ -6,6 +6,7 @@ what to do. The CLI prints ``str(err)`` and exits non-zero; nothing else is show
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -114,6 +115,20 @@ def cannot_write(
     return OutputError(
         f"{path}: cannot be written ({(err.strerror or str(err)).lower()}); {hint or usual}"
     )
+
+
+@contextlib.contextmanager
+def writes_named(path: str | os.PathLike, hint: str | None = None):
+    """Raise an ``OSError`` from the block as :func:`cannot_write`'s error for ``path`` (the
+    folder the user asked for, not a temporary or lock file inside it) where a person can fix
+    its cause; any other ``OSError`` goes on as it is."""
+    try:
+        yield
+    except OSError as err:
+        said = cannot_write(path, err, hint)
+        if said is None:
+            raise
+        raise said from err
 
 
 class ValidationFailed(MlsegError):

@@ -26,7 +26,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from mlseg.errors import ImageReadError, MlsegError, cannot_write
+from mlseg.errors import ImageReadError, MlsegError, cannot_write, writes_named
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -65,16 +65,11 @@ def staging_dir(final: str | os.PathLike) -> Path:
     permissions ``mkdir`` gives. ``mkdtemp``'s are 0700, so a dataset built in one was closed
     to everyone but its maker, on a server the lab shares."""
     final = Path(final)
-    try:
+    # named as the folder asked for: the temporary's random name ('.ds.zfatxe87.tmp:
+    # permission denied') was one the user never gave and never sees
+    with writes_named(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as err:
-        # named as the folder asked for: the temporary's random name ('.ds.zfatxe87.tmp:
-        # permission denied') was one the user never gave and never sees
-        said = cannot_write(final, err)
-        if said is None:
-            raise
-        raise said from err
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 

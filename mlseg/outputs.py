@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlseg.errors import cannot_write
+from mlseg.errors import writes_named
 from mlseg.io import (
     atomic_path,
     labels_suffix,
@@ -504,7 +504,7 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
 
     out_dir = Path(out_dir)
     lock = FileLock(out_dir / RUN_LOCK)
-    try:
+    with writes_named(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock.acquire(timeout=0)
@@ -514,11 +514,6 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
                 stacklevel=3,
             )
             lock.acquire()
-    except OSError as err:
-        said = cannot_write(out_dir, err)
-        if said is None:
-            raise
-        raise said from err
     try:
         yield out_dir
     finally:

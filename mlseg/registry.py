@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import ModelError, cannot_write
+from mlseg.errors import ModelError, writes_named
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -443,14 +443,9 @@ def fetch(
         (target / f).is_file() and _sha256(target / f) == sha for f, sha in version.files.items()
     )
     if not complete:
-        try:
+        hint = "the model cache goes under XDG_CACHE_HOME: set it to a writable folder"
+        with writes_named(target, hint):
             target.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            hint = "the model cache goes under XDG_CACHE_HOME: set it to a writable folder"
-            said = cannot_write(target, err, hint)
-            if said is None:
-                raise
-            raise said from err
         for fname, sha in version.files.items():
             from mlseg.io import atomic_path
 
@@ -542,15 +537,10 @@ def register(
     # files go to a folder of this writer's own, then take the next free number whole: two
     # writers copying into one v<N> left weights that were neither's under one card
     staging = f"{root}/{name}/.staging-{uuid.uuid4().hex}"
-    try:
+    # named as the model's folder: a registry one may only read (a colleague's, under
+    # umask 022) failed with '.staging-<hex>: permission denied', a name nobody gave
+    with writes_named(f"{root}/{name}"):
         fs.makedirs(staging, exist_ok=True)
-    except OSError as err:
-        # named as the model's folder: a registry one may only read (a colleague's, under
-        # umask 022) failed with '.staging-<hex>: permission denied', a name nobody gave
-        said = cannot_write(f"{root}/{name}", err)
-        if said is None:
-            raise
-        raise said from err
     try:
         hashes = {}
         for path in files:
