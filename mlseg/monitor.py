@@ -464,24 +464,22 @@ def run_areas(tables: Iterable[pd.DataFrame]) -> tuple[str, list[float] | None]:
     where others have one, share no distribution with these and are left out. ``None``
     areas: no table has an area column."""
     tables = list(tables)
-    units = [
-        None if column is None else "um2" if column == "area_um2" else "px"
-        for column in map(area_column, (t.columns for t in tables))
-    ]
+    columns = [area_column(t.columns) for t in tables]
+    units = [None if c is None else "um2" if c == "area_um2" else "px" for c in columns]
     if not any(units):
         return "px", None
     nuclei = {"um2": 0, "px": 0}
-    for table, unit in zip(tables, units, strict=True):
-        if unit:
-            nuclei[unit] += len(table)
+    for table, u in zip(tables, units, strict=True):
+        if u:
+            nuclei[u] += len(table)
     # not the first table's unit: an image without nuclei or pixel size, sorted first,
     # made a run's areas pixels, of which it had none, and left out every nucleus in um2
     chosen = max(nuclei, key=nuclei.get)  # um2 on a tie
     areas = [
         v
-        for table, unit in zip(tables, units, strict=True)
-        if unit == chosen
-        for v in table[area_column(table.columns)].tolist()
+        for table, column, u in zip(tables, columns, units, strict=True)
+        if u == chosen
+        for v in table[column].tolist()
     ]
     return chosen, areas
 
