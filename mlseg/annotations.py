@@ -187,6 +187,8 @@ def _geojson_polygons(geometry: dict | None) -> list[Polygon]:
     """The polygons of a GeoJSON geometry; points and lines give none."""
     if not geometry:
         return []
+    if not isinstance(geometry, dict):  # bare coordinates where a geometry object belongs
+        raise TypeError(f"a geometry is a JSON object with a type, got {type(geometry).__name__}")
     kind = geometry.get("type")
     if kind in ("Polygon", "MultiPolygon") and not geometry.get("coordinates"):
         return []  # an empty geometry (as JTS and shapely write one): RFC 7946 reads it as null

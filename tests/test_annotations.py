@@ -351,6 +351,21 @@ def test_non_finite_coordinates_name_the_file(tmp_path, bad):
         annotation_labels(xml, (24, 32))
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        square(1, 1, 5, 5),  # the coordinates alone, where the geometry object belongs
+        {"type": "GeometryCollection", "geometries": [square(1, 1, 5, 5)]},
+    ],
+)
+def test_a_geometry_that_is_no_object_names_the_file(tmp_path, geometry):
+    """Bare coordinates as a geometry ended ingest in AttributeError ('list' object has no
+    attribute 'get'), a traceback, not the file's name among the dataset's problems."""
+    path = write_json(tmp_path / "bad.geojson", [{"type": "Feature", "geometry": geometry}])
+    with pytest.raises(ImageReadError, match=r"bad\.geojson: feature 1 has a malformed geometry"):
+        annotation_labels(path, (8, 8))
+
+
 def test_other_json_in_a_mask_folder_is_left_alone(tmp_path):
     """A class map or a sidecar beside the masks is not an annotation file."""
     src = flat_source(tmp_path / "src")
