@@ -71,7 +71,7 @@ def _check_made_with(dataset: Path, given: dict[str, int]) -> None:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.demo", description=__doc__.split("\n")[0]
+        prog="python -m flows.demo", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument(
         "demo_dir", nargs="?", default="demo-run", type=Path, help="output folder (demo-run)"

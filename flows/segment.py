@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m flows.segment", description=__doc__.split("\n")[0]
+        prog="python -m flows.segment", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("input_dir", help="folder of images to segment")
     parser.add_argument("out_dir", help="output folder (created; reruns resume)")

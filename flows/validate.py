@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m flows.validate", description=__doc__.split("\n")[0]
+        prog="python -m flows.validate", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("data_root", help="dataset folder (train/ and test/)")
     parser.add_argument("out_dir", nargs="?", help="output folder (default validation/<name>)")

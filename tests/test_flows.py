@@ -1309,3 +1309,18 @@ def test_a_flow_command_stopped_with_ctrl_c_exits_130(capsys) -> None:
 
     assert main([]) == 130
     assert capsys.readouterr().err.strip() == "aborted"
+
+
+@pytest.mark.parametrize("name", ["validate", "segment", "demo"])
+def test_flow_commands_run_without_docstrings(monkeypatch, capsys, name) -> None:
+    """Under python -OO (PYTHONOPTIMIZE=2, as some images set it) a module has no docstring:
+    python -m flows.validate, flows.segment and flows.demo failed on any arguments with
+    AttributeError: 'NoneType' object has no attribute 'split', as mlseg itself did not."""
+    import importlib
+
+    module = importlib.import_module(f"flows.{name}")
+    monkeypatch.setattr(module, "__doc__", None)
+    with pytest.raises(SystemExit) as ended:
+        module.main(["--help"])
+    assert ended.value.code == 0
+    assert f"usage: python -m flows.{name}" in capsys.readouterr().out
