@@ -81,7 +81,13 @@ def statistic_of(meta: dict) -> str:
 def _diameters(labels: np.ndarray) -> np.ndarray:
     """Equivalent diameters ``sqrt(4 area / pi)`` of the objects of 3 or more pixels."""
     flat = np.asarray(labels).ravel()
-    areas = np.bincount(flat[flat > 0])
+    nuclei = flat[flat > 0]
+    # counted by id, a table as long as the largest: a tile of a slide's label image keeps
+    # ids up to 2**31 - 1 (17 GB for one 256 x 256 mask); there only the ids present count
+    if nuclei.size and nuclei.max() > flat.size:
+        areas = np.unique(nuclei, return_counts=True)[1]
+    else:
+        areas = np.bincount(nuclei)
     return np.sqrt(4.0 * areas[areas >= 3] / math.pi)
 
 
