@@ -854,9 +854,20 @@ def warn_if_unlit(image: np.ndarray, profile: Profile, path: Path | str) -> None
 
 def warn_if_scale_at_limit(scale, path: Path | str) -> None:
     """Name an image whose estimated scale stopped at :data:`mlseg.scale.SCALE_LIMITS`: a
-    first pass cuts noise or an unknown stain into tiny 'nuclei' (noise: 4x, 2,491 of them)."""
+    first pass cuts noise or an unknown stain into tiny 'nuclei' (noise: 4x, 2,491 of them).
+    Also name one whose given pixel size puts it beyond those limits from the model's: a
+    slip of a decimal point (2.5 um for 0.25) resampled a tile 10x and found no nucleus."""
     from mlseg.scale import SCALE_LIMITS
 
+    low, high = SCALE_LIMITS
+    if scale.source == "pixel_size" and not low <= scale.factor <= high:
+        warnings.warn(
+            f"{path}: its pixel size is {scale.factor:g}x the model's, so it was resampled by "
+            f"{scale.factor:g}x, beyond the {low:g}-{high:g}x a scale estimate reaches; check "
+            "its pixel size (a slip of a decimal point or of the unit)",
+            stacklevel=2,
+        )
+        return
     if scale.source != "estimated" or not any(
         math.isclose(scale.factor, limit, rel_tol=1e-6) for limit in SCALE_LIMITS
     ):

@@ -1250,3 +1250,19 @@ def test_a_scale_estimate_stopped_at_its_limit_is_named():
         warnings.simplefilter("error")
         warn_if_scale_at_limit(ScaleEstimate(2.0, "estimated", 13.0, 26.0, 2), "x.png")
         warn_if_scale_at_limit(ScaleEstimate(4.0, "pixel_size"), "y.png")  # declared: trusted
+
+
+def test_a_given_pixel_size_beyond_the_scale_limits_is_named():
+    """2.5 um given for a 0.25 um tile (a decimal point slipped) resampled it 10x, where a
+    40x model found no nucleus, without a word: the image is named, with the factor."""
+    import warnings
+
+    from mlseg.scale import ScaleEstimate
+    from mlseg.segment import warn_if_scale_at_limit
+
+    for factor in (10.0, 0.1):
+        with pytest.warns(UserWarning, match=rf"y\.png: its pixel size is {factor:g}x the model"):
+            warn_if_scale_at_limit(ScaleEstimate(factor, "pixel_size"), "y.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_scale_at_limit(ScaleEstimate(0.25, "pixel_size"), "z.png")  # a 10x scan
