@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlseg.config import Config, load_config
-from mlseg.errors import MlsegError
+from mlseg.errors import MlsegError, missing_package
 
 
 def run_config(config: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -40,10 +40,10 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
     """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
-    ``mlseg`` ends it, not in a traceback; Ctrl-C in ``aborted`` and 130. SIGTERM
-    (``timeout``, ``docker stop``, ``scancel``) ends it with 143 through Python's exit
-    handlers, among them Prefect's that stops the temporary server it started (the default
-    ended the process past them, the server left running)."""
+    ``mlseg`` ends it, not in a traceback, and so does a dependency this Python cannot import;
+    Ctrl-C in ``aborted`` and 130. SIGTERM (``timeout``, ``docker stop``, ``scancel``) ends it
+    with 143 through Python's exit handlers, among them Prefect's that stops the temporary
+    server it started (the default ended the process past them, the server left running)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -55,6 +55,12 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
         except MlsegError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
+        except ModuleNotFoundError as err:
+            said = missing_package(err)
+            if said is None:
+                raise
+            print(f"error: {said}", file=sys.stderr)
+            return said.exit_code
         except KeyboardInterrupt:  # after Prefect's crash report, not a second traceback
             print("aborted", file=sys.stderr)
             return 130

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -129,6 +131,54 @@ def writes_named(path: str | os.PathLike, hint: str | None = None):
         if said is None:
             raise
         raise said from err
+
+
+#: The modules mlseg imports from its dependencies (pyproject.toml), by the distribution that
+#: installs each: ``pip install`` takes the distribution's name, not the module's.
+DISTRIBUTIONS = {
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "pyarrow": "pyarrow",
+    "pydantic": "pydantic",
+    "yaml": "pyyaml",
+    "typer": "typer",
+    "rich": "rich",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "cv2": "opencv-python-headless",
+    "skimage": "scikit-image",
+    "scipy": "scipy",
+    "PIL": "pillow",
+    "tifffile": "tifffile",
+    "imagecodecs": "imagecodecs",
+    "defusedxml": "defusedxml",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "segmentation_models_pytorch": "segmentation-models-pytorch",
+    "timm": "timm",
+    "safetensors": "safetensors",
+    "filelock": "filelock",
+    "fsspec": "fsspec",
+    "great_expectations": "great-expectations",
+    "prefect": "prefect",
+    "prefect_dask": "prefect-dask",
+    "s3fs": "s3fs",
+}
+
+
+def missing_package(err: ModuleNotFoundError) -> MlsegError | None:
+    """The error for ``err`` where it says that one of mlseg's dependencies is not installed
+    (an install broken or made without them): the module and the distribution to install.
+    None for any other module, mlseg's own among them (a bug, to be shown whole), and for a
+    submodule missing from a package that is there (a version mismatch, not a missing one)."""
+    module = (err.name or "").partition(".")[0]
+    distribution = DISTRIBUTIONS.get(module)
+    if distribution is None or importlib.util.find_spec(module) is not None:
+        return None
+    return MlsegError(
+        f"this Python ({sys.executable}) cannot import {module}, which mlseg needs: "
+        f"pip install {distribution} (or reinstall mlseg with its dependencies)"
+    )
 
 
 class ValidationFailed(MlsegError):

@@ -353,3 +353,53 @@ def test_python_m_mlseg_runs_the_command_and_says_its_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"mlseg {mlseg.__version__}")
+
+
+@pytest.mark.parametrize(
+    ("module", "distribution"), [("cv2", "opencv-python-headless"), ("skimage", "scikit-image")]
+)
+def test_a_dependency_that_cannot_be_imported_is_named_with_what_to_install(
+    module, distribution, tmp_path
+):
+    """An install without one of mlseg's dependencies ended mlseg in a ModuleNotFoundError
+    traceback; it is one line naming the module and the distribution pip installs."""
+    blocked = f"import sys; sys.modules[{module!r}] = None; from mlseg.cli import main; "
+    done = subprocess.run(
+        [sys.executable, "-c", blocked + f"sys.exit(main(['synth', {str(tmp_path / 'ds')!r}]))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert f"cannot import {module}," in err and f"pip install {distribution} " in err
+
+
+def test_a_missing_module_of_mlseg_itself_is_a_bug_shown_whole(monkeypatch):
+    """Only a dependency is a package to install: mlseg's own missing module (a bug) and a
+    submodule missing from an installed package (a version mismatch) keep their traceback."""
+    import mlseg.synth
+
+    for name in ("mlseg.nosuch", "torch.nosuch"):
+
+        def broken(*args, name=name, **kwargs):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        monkeypatch.setattr(mlseg.synth, "make_dataset", broken)
+        with pytest.raises(ModuleNotFoundError):
+            main(["synth", "never-written"])
+
+
+def test_every_dependency_is_named_by_its_distribution():
+    """The module-to-distribution table covers every dependency in pyproject.toml."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from mlseg.errors import DISTRIBUTIONS
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["s3"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", spec).group().lower() for spec in wanted}
+    assert names == set(DISTRIBUTIONS.values())

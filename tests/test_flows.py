@@ -1324,3 +1324,21 @@ def test_flow_commands_run_without_docstrings(monkeypatch, capsys, name) -> None
         module.main(["--help"])
     assert ended.value.code == 0
     assert f"usage: python -m flows.{name}" in capsys.readouterr().out
+
+
+def test_a_flow_command_without_a_dependency_names_what_to_install(monkeypatch, capsys) -> None:
+    """A flow command in an install without one of mlseg's dependencies ended in a
+    ModuleNotFoundError traceback; it says, as mlseg does, what to pip install, and exits 2."""
+    from flows.common import user_errors_exit
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+
+    @user_errors_exit
+    def main(argv=None) -> int:
+        import skimage  # noqa: F401
+
+        return 0
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot import skimage," in err and "pip install scikit-image " in err

@@ -1,8 +1,9 @@
 """The ``mlseg`` command line: parses arguments, builds a config, calls the library.
 
 Each stage registers its commands from its own module (``register(app)``). A user error
-(:class:`~mlseg.errors.MlsegError`) prints one line to stderr and exits non-zero; mlseg's
-own warnings print as ``warning: ...`` lines, without Python's file and source line.
+(:class:`~mlseg.errors.MlsegError`), and a dependency that this Python cannot import, print
+one line to stderr and exit non-zero; mlseg's own warnings print as ``warning: ...`` lines,
+without Python's file and source line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from mlseg.errors import MlsegError
+from mlseg.errors import MlsegError, missing_package
 
 app = typer.Typer(
     name="mlseg",
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except ModuleNotFoundError as err:
+        said = missing_package(err)
+        if said is None:  # mlseg's own module, or another's: a bug to show whole
+            raise
+        print(f"error: {said}", file=sys.stderr)
+        return said.exit_code
     except OSError as err:
         if err.filename is None:  # not about a file: a bug to show whole
             raise
