@@ -254,8 +254,8 @@ class TrainConfig(Strict):
     mixstyle_alpha: float = Field(0.1, gt=0)
     num_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 leaves torch's default
     device: str = "auto"
-    # bf16 autocast on CUDA and on CPUs with bf16 in hardware (AMX, AVX512-BF16: 2-4x
-    # faster); other CPUs train in float32, where emulated bf16 would be slower
+    # bf16 autocast on GPUs and CPUs with bf16 in hardware (Ampere or later; AMX,
+    # AVX512-BF16: 2-4x faster); others train in float32, where emulated bf16 would be slower
     amp: bool = True
     channels_last: bool = True  # memory layout of the model and batches (CPU too: 1.2-1.4x)
     compile: bool = False  # torch.compile the model and the patch sampler
@@ -329,8 +329,8 @@ class InferenceConfig(Strict):
     # models trained without the haematoxylin gain, but lowered it 0.814 -> 0.762 on one
     # trained with it, the default (bench/README.md, fifteenth session).
     adapt_bn: bool = False
-    # bf16 autocast for the network on CUDA and on CPUs with bf16 in hardware (AMX,
-    # AVX512-BF16); float32 elsewhere. Probabilities, blending and watershed stay float32.
+    # bf16 autocast for the network on GPUs and CPUs with bf16 in hardware (Ampere or
+    # later; AMX, AVX512-BF16); float32 elsewhere. Probabilities, blending and watershed stay float32.
     amp: bool = True
     channels_last: bool = True  # memory layout of the network and its input tiles
     blend: Literal["gaussian", "constant"] = "gaussian"

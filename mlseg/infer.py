@@ -273,8 +273,8 @@ def iter_prob_bands(
     ``image``: ``(H, W, C)`` array-like, already normalised (cast to float32 per tile).
     ``model``: ``nn.Module`` returning logits ``(N, K, h, w)``; evaluated under
     ``torch.inference_mode`` on ``device`` ("auto"/None: where its parameters are), in
-    bf16 autocast with ``cfg.amp`` on CUDA or a CPU with bf16 in hardware
-    (:func:`mlseg.model.cpu_bf16`), with its memory layout switched to channels-last or
+    bf16 autocast with ``cfg.amp`` on a GPU or CPU with bf16 in hardware
+    (:func:`mlseg.model.autocast_dtype`), with its memory layout switched to channels-last or
     back as ``cfg.channels_last`` says (its values unchanged).
     ``stain_tta``: stain test-time augmentation (:class:`StainTTA`; off by default).
     """

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mlseg.config import Config, Profile, TrainConfig, parse
-from mlseg.errors import ConfigError, ModelError
+from mlseg.errors import ConfigError, ModelError, warn_once
 from mlseg.io import atomic_path, read_image, write_image
 from mlseg.scale import STATISTIC
 
@@ -74,10 +74,28 @@ def cpu_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether this GPU does bf16 arithmetic in hardware: compute capability 8.0 (Ampere) or
+    later, or ROCm. Before (T4, V100) torch emulates it, slower than float32, and cuDNN has
+    no bf16 convolutions; ``torch.cuda.is_bf16_supported()`` says True there by default."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where autocast pays (``amp`` on, and CUDA or a CPU with bf16 in hardware), else
-    ``None``: float32."""
-    return torch.bfloat16 if amp and (device.type == "cuda" or cpu_bf16()) else None
+    """bf16 where autocast pays (``amp`` on, and a GPU or a CPU with bf16 in hardware), else
+    ``None``: float32, with a warning on a GPU without it."""
+    if not amp:
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16 if cpu_bf16() else None
+    if cuda_bf16(device):
+        return torch.bfloat16
+    major, minor = torch.cuda.get_device_capability(device)
+    warn_once(
+        f"{device} has no bf16 arithmetic (compute capability {major}.{minor}, before 8.0): "
+        "the network runs in float32, as with amp: false"
+    )
+    return None
 
 
 def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:

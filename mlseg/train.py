@@ -20,8 +20,9 @@ Optimisation: AdamW, linear warm-up then cosine decay to 1 % of ``train.lr``; lo
 ``dice_weight * soft Dice + ce_weight * cross-entropy`` (binary: BCE on the foreground
 logit; three-class: CE with the boundary class weighted by ``boundary_weight`` and Dice
 over interior and boundary). Channels-last memory and optionally ``torch.compile``; bf16
-autocast on CUDA and on CPUs with bf16 arithmetic in hardware (AMX or AVX512-BF16, see
-:func:`mlseg.model.cpu_bf16`), float32 on other CPUs, where emulated bf16 is slower.
+autocast on GPUs and CPUs with bf16 arithmetic in hardware (Ampere or later, AMX or
+AVX512-BF16, see :func:`mlseg.model.autocast_dtype`), float32 on others, where emulated bf16
+is slower.
 """
 
 from __future__ import annotations

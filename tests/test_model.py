@@ -282,3 +282,32 @@ def test_a_checkpoint_whose_target_contradicts_its_classes_is_refused(tmp_path) 
     (folder / "meta.json").write_text(json.dumps({**meta, "target": "binary"}))
     with pytest.raises(ModelError, match=r"target 'binary' with 3 classes is not a model"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), None), ((8, 0), torch.bfloat16)])
+def test_a_gpu_without_bf16_in_hardware_runs_in_float32_and_says_so(
+    monkeypatch, capability, dtype
+) -> None:
+    """On a GPU before Ampere (T4 7.5, V100 7.0) bf16 autocast is emulated, slower than
+    float32, and cuDNN has no bf16 convolutions for it: float32 there, with one warning;
+    Ampere and later keep bf16."""
+    import warnings
+
+    from mlseg.errors import warn_once
+    from mlseg.model import autocast_dtype
+
+    warn_once.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = torch.device("cuda")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert autocast_dtype(cuda, True) is dtype
+        assert autocast_dtype(cuda, True) is dtype  # once per run, not once per image
+        assert autocast_dtype(cuda, False) is None
+    messages = [str(w.message) for w in said]
+    if dtype is None:
+        assert len(messages) == 1 and "compute capability 7.5" in messages[0], messages
+        assert "float32" in messages[0]
+    else:
+        assert messages == []
