@@ -151,10 +151,11 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
-# The images each batch task run has written, by task run id, while it may be retried: a
-# retried attempt finds those its failed attempt finished done on disk, and they are this
-# run's work, not skipped (a run's metrics and history row left them out: in no run's).
-_written_by_task_run: dict[str, set[str]] = {}
+# The images each batch has written, by flow run and batch, while it may be retried: a
+# retried attempt (of the task, or of the whole flow run, which gives the task a new run id)
+# finds those its failed attempt finished done on disk, and they are this run's work, not
+# skipped (a run's metrics and history row left them out: in no run's).
+_written_by_batch: dict[tuple[str, tuple[str, ...]], set[str]] = {}
 
 
 @task(
@@ -179,8 +180,9 @@ def segment_batch(
     pixel_sizes: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment a batch; one record per image: ``status`` (processed/skipped/failed), ``image``,
-    and ``summary`` (as written in ``<stem>.json``) or ``error``. Its nuclei stay in its files
-    (the flow reads every image's table once, at the end)."""
+    ``flow_run`` (the id of the flow run that made the record) and ``summary`` (as written in
+    ``<stem>.json``) or ``error``. Its nuclei stay in its files (the flow reads every image's
+    table once, at the end)."""
     from prefect.context import TaskRunContext
 
     from mlseg.config import InferenceConfig, Profile
@@ -190,8 +192,9 @@ def segment_batch(
 
     log_warnings()  # on a Dask worker too
     context = TaskRunContext.get()
-    attempt = str(context.task_run.id) if context is not None else None
-    written = _written_by_task_run.setdefault(attempt, set()) if attempt else set()
+    flow_run = str(context.task_run.flow_run_id) if context is not None else None
+    attempt = (flow_run, tuple(images)) if flow_run else None
+    written = _written_by_batch.setdefault(attempt, set()) if attempt else set()
     if torch_threads:
         import torch
 
@@ -221,8 +224,8 @@ def segment_batch(
             continue
         written.add(name)
         records.append({"status": "processed", "image": name, "summary": summary})
-    _written_by_task_run.pop(attempt, None)
-    return records
+    _written_by_batch.pop(attempt, None)
+    return [{**record, "flow_run": flow_run} for record in records]
 
 
 def _expected(
@@ -307,8 +310,14 @@ def submit_batches(
     """Run every batch on ``runner`` (a started task runner); records in input order.
 
     A batch whose images all have their ``<stem>.json`` may come from Prefect's cache;
-    otherwise the cache is refreshed (outputs deleted since the cached run are redone).
+    otherwise the cache is refreshed (outputs deleted since the cached run are redone). A
+    cached batch's images are skipped, unless an earlier attempt of this flow run (retried)
+    processed them: then they are this run's work.
     """
+    from prefect.runtime import flow_run
+
+    rid = flow_run.get_id()
+    this_run = str(rid) if rid else None
     futures = []
     for batch in batches:
         expected = (model_id, profile, inference, pixel_size_um, _entries(pixel_sizes, batch))
@@ -333,9 +342,10 @@ def submit_batches(
         batch_records = future.result()
         cached = future.state.name == "Cached"  # the records of the run that computed it
         for record in batch_records:
-            if cached and record["status"] == "processed":
+            earlier = cached and (this_run is None or record.get("flow_run") != this_run)
+            if earlier and record["status"] == "processed":
                 record = {**record, "status": "skipped"}
-            records.append({**record, "cached": cached})
+            records.append({**record, "cached": earlier})
     return records
 
 
@@ -476,8 +486,7 @@ def segment_and_quantify(
     log_warnings()
     warn_once.cache_clear()  # once per run, not per worker process (thread runner)
     logger = get_run_logger()
-    started = time.perf_counter()
-    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started, started_at = _run_start()  # a retried flow run's first attempt's
     src, out = data_path(input_dir), data_path(out_dir)
     check_out_dir(out, src)
     if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
@@ -573,7 +582,7 @@ def segment_and_quantify(
     )
     metrics["n_skipped"] = len(skipped)
     if done_now:
-        previous = _previous_distributions(history_path)
+        previous = _previous_distributions(history_path, run_id)
         metrics.update(run_shift(counts, areas, previous, unit))
         dist_path = runs_dir / f"{run_id}_distributions.parquet"
         from mlseg.io import write_table
@@ -664,7 +673,9 @@ def _is_image(path: Path) -> bool:
     return is_image_file(path)
 
 
-def _previous_distributions(history_path: Path):
+def _previous_distributions(history_path: Path, run_id: str):
+    """The distributions of the last run in the history before ``run_id`` (a retried flow
+    run's first attempt may have written its row already)."""
     import pandas as pd
 
     from mlseg.monitor import read_history
@@ -672,18 +683,46 @@ def _previous_distributions(history_path: Path):
     table = read_history(history_path)
     if table.empty or "distributions" not in table:
         return None
+    if "run_id" in table:
+        table = table[table["run_id"].astype(str) != run_id]
     last = table["distributions"].dropna()
     if last.empty or not Path(last.iloc[-1]).is_file():
         return None
     return pd.read_parquet(last.iloc[-1])
 
 
-def _run_id() -> str:
+def _run_start() -> tuple[float, str]:
+    """``(perf_counter, local time)`` of the flow run's start: its first attempt's where
+    Prefect retries it (in the same process), so that run.json and the throughput in its
+    history row are the whole run's."""
     from prefect.runtime import flow_run
 
     rid = flow_run.get_id()
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    return f"{stamp}-{str(rid)[:8]}" if rid else stamp
+    return _first_start(str(rid)) if rid else (time.perf_counter(), _local_time())
+
+
+@functools.lru_cache(maxsize=64)
+def _first_start(flow_run_id: str) -> tuple[float, str]:
+    return time.perf_counter(), _local_time()
+
+
+def _local_time() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _run_id() -> str:
+    """The run's id in its history row, run.json and distributions file: the same for every
+    attempt of a flow run Prefect retries, so that the row of a completed retry replaces one
+    its failed attempt wrote."""
+    from prefect.runtime import flow_run
+
+    rid = flow_run.get_id()
+    return _first_run_id(str(rid)) if rid else time.strftime("%Y%m%dT%H%M%S")
+
+
+@functools.lru_cache(maxsize=64)
+def _first_run_id(flow_run_id: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{flow_run_id[:8]}"
 
 
 @user_errors_exit

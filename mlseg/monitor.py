@@ -622,6 +622,8 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
 
 def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame:
     """Append one row to the history table at ``path`` (atomic rewrite); return the table.
+    A row with the ``run_id`` of one in the table replaces it: a retried run's, whose failed
+    attempt wrote it, is still one run.
 
     The read and the rewrite hold a lock (``.<name>.lock`` beside it): two runs into one
     folder that end together each read the table before the other's row, and one row was
@@ -634,6 +636,8 @@ def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_name(f".{path.name}.lock")):
         history = read_history(path)
+        if row.get("run_id") and "run_id" in history:
+            history = history[history["run_id"].astype(str) != str(row["run_id"])]
         new = pd.DataFrame([row])
         table = new if history.empty else pd.concat([history, new], ignore_index=True)
         write_table(table, path)

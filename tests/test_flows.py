@@ -488,6 +488,58 @@ def test_a_retried_batch_counts_the_images_its_failed_attempt_finished(
     )
 
 
+@pytest.mark.parametrize("fails", ["in a batch", "writing the run outputs", "publishing"])
+def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
+    harness, tmp_path, checkpoint, monkeypatch, fails
+) -> None:
+    """A flow run retried (``retries`` on the flow, PREFECT_FLOWS_DEFAULT_RETRIES) after its
+    first attempt failed part way is one run: the images that attempt wrote are its work. The
+    retry took the finished batches from Prefect's cache as another run's and called them
+    skipped: its history row counted only the rest, or was not written at all where every
+    batch had finished; and an attempt that failed after writing its row must not leave a
+    second one."""
+    import flows.artifacts
+    import flows.segment as segment_flow
+    import mlseg.outputs
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 4)
+    failures: list[str] = []
+
+    def once(function, when=lambda *args, **kwargs: True):
+        def flaky(*args, **kwargs):
+            if not failures and when(*args, **kwargs):
+                failures.append(fails)
+                raise RuntimeError("CUDA out of memory")  # no task retry: the flow fails
+            return function(*args, **kwargs)
+
+        return flaky
+
+    if fails == "in a batch":  # the second batch, after its first image
+        last = lambda loaded, path, *args, **kwargs: path.stem == "img_003"  # noqa: E731
+        monkeypatch.setattr(segment_flow, "segment_one", once(segment_flow.segment_one, last))
+    elif fails == "writing the run outputs":  # every batch finished
+        monkeypatch.setattr(
+            mlseg.outputs, "write_run_outputs", once(mlseg.outputs.write_run_outputs)
+        )
+    else:  # after the history row
+        metrics = lambda key, *args, **kwargs: key == "segment-run-metrics"  # noqa: E731
+        monkeypatch.setattr(flows.artifacts, "table", once(flows.artifacts.table, metrics))
+    retried = segment_flow.segment_and_quantify.with_options(retries=1, retry_delay_seconds=0)
+    state = retried(str(inbox), str(out), model=str(checkpoint), batch_size=2, return_state=True)
+    assert state.is_completed(), state.message
+    assert failures == [fails]  # the first attempt failed, the retry completed
+    result = state.result()
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(4)]
+    assert result["skipped"] == []
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [4] and history["n_skipped"].tolist() == [0]
+    assert history["count_psi"].isna().all()  # not compared with its own first attempt
+    assert sorted(json.loads((out / "run.json").read_text())["processed"]) == sorted(
+        result["processed"]
+    )
+
+
 def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 3)

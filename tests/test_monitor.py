@@ -491,3 +491,12 @@ def test_an_emptied_history_is_named_not_a_traceback(tmp_path) -> None:
     history.write_bytes(b"")
     with pytest.raises(DatasetError, match=r"history\.csv: cannot be read as CSV"):
         monitor.append_history(history, monitor.run_metrics([5], [11.0], 1.0, run_id="r2"))
+
+
+def test_a_row_of_a_run_already_in_the_history_replaces_it(tmp_path) -> None:
+    """A retried run whose failed attempt wrote its row is one run: one row, the last."""
+    history = tmp_path / "history.csv"
+    monitor.append_history(history, monitor.run_metrics([3], [10.0], 1.0, run_id="r1"))
+    monitor.append_history(history, monitor.run_metrics([4], [10.0], 1.0, run_id="r2"))
+    table = monitor.append_history(history, monitor.run_metrics([4, 5], [9.0], 2.0, run_id="r2"))
+    assert list(table["run_id"]) == ["r1", "r2"] and table["n_images"].tolist() == [1, 2]
