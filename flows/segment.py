@@ -221,6 +221,8 @@ def segment_batch(
             )
         except MlsegError as err:
             records.append({"status": "failed", "image": name, "error": str(err)})
+            if context is not None:  # as mlseg segment prints it, whether the run goes on
+                get_run_logger().error("failed: %s", _named(name, str(err)))
             continue
         written.add(name)
         records.append({"status": "processed", "image": name, "summary": summary})

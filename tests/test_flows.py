@@ -553,6 +553,24 @@ def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, che
     assert "segment-failed-images" in set(flow_artifacts(state.state_details.flow_run_id))
 
 
+def test_an_image_that_failed_is_logged_as_an_error_where_the_run_goes_on(
+    harness, tmp_path, checkpoint
+) -> None:
+    """With fail_on_error false the run ends Completed and its failed images were named in
+    an artifact only: its logs, filtered for errors (or read by an alert), held no word of
+    them, where mlseg segment prints each."""
+    inbox = tmp_path / "inbox"
+    disc_images(inbox, 3)
+    broken = inbox / "img_001.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    state = _segment(inbox, tmp_path / "out", checkpoint, fail_on_error=False)
+    assert state.is_completed(), state.message
+    errors = flow_logs(state.state_details.flow_run_id, logging.ERROR)
+    assert [m for m in errors if "img_001.png" in m] == [
+        f"failed: {broken}: truncated PNG (no IEND chunk); re-copy or re-export it"
+    ], errors
+
+
 def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:
     from mlseg.inventory import fingerprint
     from mlseg.monitor import image_stats_table
