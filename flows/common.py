@@ -71,6 +71,12 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
     return run
 
 
+def batch_label(paths: list[str]) -> str:
+    """What names a batch's task run in the dashboard: its first file, and how many more."""
+    first = Path(paths[0]).name
+    return first if len(paths) == 1 else f"{first} +{len(paths) - 1}"
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """I/O errors worth retrying (network file systems, object stores, busy files).
 

@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import artifacts
 from flows.common import (
+    batch_label,
     data_path,
     log_warnings,
     resolve_profile,
@@ -336,7 +337,7 @@ def submit_batches(
             "pixel_size_um": pixel_size_um,
             "pixel_sizes": _entries(pixel_sizes, batch),
             "torch_threads": torch_threads,
-            "label": f"{Path(batch[0]).name} +{len(batch) - 1}",
+            "label": batch_label(batch),
         }
         futures.append(runner.submit(task_, parameters))
     records = []

@@ -95,3 +95,15 @@ def flow_logs(flow_run_id, level: int = 0) -> list[str]:
             )
         )
     return [log.message for log in found]
+
+
+def task_run_names(flow_run_id) -> list[str]:
+    """The names of one flow run's task runs, as the dashboard lists them, sorted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return sorted(run.name for run in found)

@@ -18,7 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flow_helpers import artifact_rows, disc_images, flow_artifacts, flow_logs, tiny_checkpoint
+from flow_helpers import (
+    artifact_rows,
+    disc_images,
+    flow_artifacts,
+    flow_logs,
+    task_run_names,
+    tiny_checkpoint,
+)
 
 from flows.common import is_transient, resolve_profile
 from flows.runners import make_task_runner, runner_settings
@@ -391,6 +398,18 @@ def test_segment_flow_torch_threads_count_the_cpus_the_job_may_use(
     state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint, batch_size=1)
     assert state.is_completed(), state.message
     assert threads == [1, 1]
+
+
+def test_each_batch_task_run_is_named_after_its_images(harness, tmp_path, checkpoint) -> None:
+    """A batch of one image was listed as 'segment img_004.png +0' in the dashboard."""
+    disc_images(tmp_path / "inbox", 5)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint, batch_size=2)
+    assert state.is_completed(), state.message
+    assert task_run_names(state.state_details.flow_run_id) == [
+        "segment img_000.png +1",
+        "segment img_002.png +1",
+        "segment img_004.png",
+    ]
 
 
 def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
