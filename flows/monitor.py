@@ -18,7 +18,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, log_warnings, retry_on_transient_io, run_config
+from flows.common import (
+    batch_label,
+    data_path,
+    log_warnings,
+    retry_on_transient_io,
+    run_config,
+)
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -26,8 +32,17 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _stats_run_name() -> str:
+    """``stats img_000.png +31``: which images a batch holds, as segment's batches are named
+    (the default, ``image-stats-3f1``, told a failed or slow batch from no other)."""
+    from prefect.runtime import task_run
+
+    return f"stats {batch_label(task_run.parameters['paths'])}"
+
+
 @task(
     name="image-stats",
+    task_run_name=_stats_run_name,
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=retry_on_transient_io,

@@ -640,6 +640,23 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_each_image_statistics_task_run_is_named_after_its_images(harness, tmp_path) -> None:
+    """The monitor's batches were all listed as image-stats-<3 random characters>."""
+    from flows.monitor import monitor
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 6, seed=1))
+    disc_images(tmp_path / "new", 5, seed=2)
+    state = monitor(
+        str(tmp_path / "new"), str(reference), str(tmp_path / "m"), batch_size=2, return_state=True
+    )
+    assert state.is_completed(), state.message
+    assert task_run_names(state.state_details.flow_run_id) == [
+        "stats img_000.png +1",
+        "stats img_002.png +1",
+        "stats img_004.png",
+    ]
+
+
 def test_a_drift_warning_is_logged_at_warning_level(harness, tmp_path) -> None:
     """A drifted batch below psi_fail ends Completed; its 'drift warn' line was logged at
     INFO, under a dashboard or alert that filters the logs for warnings."""
