@@ -22,6 +22,7 @@ Model output convention: logits ``(N, classes, H, W)``; ``binary`` -> 1 channel 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import json
 import time
@@ -98,6 +99,41 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return None
 
 
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Raise :class:`ModelError` where ``cfg.arch`` or ``cfg.encoder`` names nothing smp (or,
+    for ``tu-<name>``, timm) can build; nothing is built or downloaded."""
+    import segmentation_models_pytorch as smp
+
+    archs = smp.MODEL_ARCHITECTURES_MAPPING
+    if cfg.arch.lower() not in archs:
+        raise ModelError(
+            f"train.arch: unknown architecture {cfg.arch!r}; choose one of "
+            + ", ".join(a.__name__ for a in archs.values())
+        )
+    if cfg.encoder.startswith("tu-"):
+        import timm
+
+        # timm's own error came mid-run as a RuntimeError traceback: 'Unknown model (...)'
+        name = cfg.encoder.removeprefix("tu-")
+        if not timm.is_model(name):
+            raise ModelError(
+                f"train.encoder: timm has no model {name!r}{_did_you_mean(name, timm.list_models())}; "
+                "see timm.list_models() for the names 'tu-<name>' takes"
+            )
+    elif cfg.encoder not in smp.encoders.get_encoder_names():
+        names = smp.encoders.get_encoder_names()
+        raise ModelError(
+            f"train.encoder: unknown encoder {cfg.encoder!r}{_did_you_mean(cfg.encoder, names)}; "
+            "see segmentation_models_pytorch.encoders.get_encoder_names() (e.g. resnet34, "
+            "efficientnet-b0) or a timm name as 'tu-<name>'"
+        )
+
+
 def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
     """``smp.create_model(cfg.arch, cfg.encoder, ...)`` with ``cfg.encoder_depth``.
 
@@ -106,19 +142,8 @@ def build_model(cfg: TrainConfig, in_channels: int, classes: int) -> nn.Module:
     """
     import segmentation_models_pytorch as smp
 
-    archs = smp.MODEL_ARCHITECTURES_MAPPING
-    model_class = archs.get(cfg.arch.lower())
-    if model_class is None:
-        raise ModelError(
-            f"train.arch: unknown architecture {cfg.arch!r}; choose one of "
-            + ", ".join(a.__name__ for a in archs.values())
-        )
-    if not cfg.encoder.startswith("tu-") and cfg.encoder not in smp.encoders.get_encoder_names():
-        raise ModelError(
-            f"train.encoder: unknown encoder {cfg.encoder!r}; see "
-            "segmentation_models_pytorch.encoders.get_encoder_names() (e.g. resnet34, "
-            "efficientnet-b0) or a timm name as 'tu-<name>'"
-        )
+    check_names(cfg)
+    model_class = smp.MODEL_ARCHITECTURES_MAPPING[cfg.arch.lower()]
     params = inspect.signature(model_class).parameters
     kwargs: dict[str, Any] = {}
     if "encoder_depth" in params:

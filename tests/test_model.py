@@ -36,6 +36,15 @@ def test_unknown_names_are_model_errors() -> None:
         build_model(SMALL.model_copy(update={"encoder_weights": "no-such-weights"}), 3, 1)
 
 
+def test_an_unknown_timm_encoder_is_a_model_error_with_a_hint() -> None:
+    """A misspelt 'tu-' name reached timm, whose RuntimeError ('Unknown model') came as a
+    traceback after the data had been prepared."""
+    with pytest.raises(ModelError, match=r"train.encoder: timm has no model 'resnet35'.*resnet34"):
+        build_model(SMALL.model_copy(update={"encoder": "tu-resnet35"}), 3, 1)
+    with pytest.raises(ModelError, match=r"did you mean resnet18"):
+        build_model(SMALL.model_copy(update={"encoder": "resnet81"}), 3, 1)
+
+
 def test_offline_encoder_weights_give_a_clear_error(monkeypatch) -> None:
     import segmentation_models_pytorch.encoders as encoders
 
