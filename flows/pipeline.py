@@ -237,6 +237,7 @@ def pipeline(
     from mlseg.dataset import check_pixel_size, split_pixel_sizes
     from mlseg.errors import ConfigError
     from mlseg.evaluate import SCORES
+    from mlseg.model import check_names
     from mlseg.registry import check_name
     from mlseg.report import pipeline_report
 
@@ -258,6 +259,7 @@ def pipeline(
     # the later stages' parameters too: a typo there failed the run only after training,
     # with the new model registered and promoted
     check_name(model_name)
+    check_names(cfg.train)
     runner_settings(task_runner, dask_address, workers)
     if pixel_size_um is not None:
         check_pixel_size(pixel_size_um, "pixel_size_um")

@@ -96,6 +96,9 @@ def train_model(
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
     if fingerprint_hash is None and validate_data:
+        from mlseg.model import check_names
+
+        check_names(run_config(config, overrides).train)  # not after the validation
         from flows.validate import validate_dataset_flow
 
         checked = validate_dataset_flow(

@@ -53,6 +53,7 @@ from mlseg.model import (
     REFERENCE_KEY,
     autocast_dtype,
     build_model,
+    check_names,
     load_train_state,
     resolve_device,
     save_checkpoint,
@@ -462,6 +463,7 @@ def _start(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)
+    check_names(tc)  # before the data are read: a misspelt name is known now
     profile = get_profile(cfg.profile, cfg.profiles_file)
     data = prepare_data(cfg, data_root, profile, device)
     if fingerprint_hash is not None and fingerprint_hash != data.fingerprint:
@@ -484,10 +486,11 @@ def _start(
     if resume and (out / "last.safetensors").is_file() and (out / "meta.json").is_file():
         _compatible(out, cfg, data, classes, fingerprint)
         state = load_train_state(out, "last")
-    elif not resume:
-        _clear(out)
-
+    # built before --no-resume clears the earlier run: a model that cannot be built (a
+    # depth its decoder lacks, weights this machine cannot fetch) must not cost that run
     model = build_model(tc, data.in_channels, classes)
+    if not resume:
+        _clear(out)
     ema = None
     if state is not None:
         from safetensors.torch import load_file

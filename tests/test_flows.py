@@ -891,6 +891,10 @@ def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
         ({"workers": -2}, "workers must be at least 1"),
         ({"pixel_size_um": 250}, "pixel_size_um: 250 um per pixel is outside"),
         ({"model_name": "Nuclei"}, "model name 'Nuclei': use lower-case"),
+        (
+            {"overrides": {"train": {"arch": "Unett"}}},
+            "train.arch: unknown architecture 'Unett'",
+        ),
     ],
 )
 def test_a_later_stage_s_bad_parameter_stops_the_pipeline_before_any_work(
@@ -906,9 +910,8 @@ def test_a_later_stage_s_bad_parameter_stops_the_pipeline_before_any_work(
 
     monkeypatch.setattr(module, "validate_dataset_flow", validate_dataset_flow)
     work = tmp_path / "work"
-    state = module.pipeline(
-        str(synth_dataset), str(work), overrides=TINY, return_state=True, **parameters
-    )
+    parameters = {"overrides": TINY, **parameters}
+    state = module.pipeline(str(synth_dataset), str(work), return_state=True, **parameters)
     assert state.is_failed() and said in state.message, state.message
     assert not work.exists()
 

@@ -231,6 +231,48 @@ def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None
         fit(_cfg(max_steps=2), synth_dataset, tmp_path, progress=False)
 
 
+def test_a_model_that_cannot_be_built_leaves_the_run_no_resume_would_replace(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """--no-resume deleted the earlier run's checkpoints, then failed to build the model."""
+    import segmentation_models_pytorch.encoders as encoders
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best.safetensors", "last.safetensors", "last.state.pt", "meta.json"):
+        (out / name).write_bytes(b"the earlier run")
+    with pytest.raises(ModelError, match="offline"):
+        fit(_cfg(encoder_weights="imagenet"), synth_dataset, out, resume=False, progress=False)
+    assert (out / "best.safetensors").read_bytes() == b"the earlier run"
+    assert (out / "meta.json").read_bytes() == b"the earlier run"
+
+
+def test_a_misspelt_architecture_is_refused_before_the_data_are_read(
+    synth_dataset, tmp_path, monkeypatch, capsys
+) -> None:
+    import yaml
+
+    import mlseg.train
+    from mlseg.cli import main
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data were read")
+
+    monkeypatch.setattr(mlseg.train, "prepare_data", unread)
+    with pytest.raises(ModelError, match="train.arch: unknown architecture 'Unett'"):
+        fit(_cfg(arch="Unett"), synth_dataset, tmp_path / "run", progress=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": {**TINY, "encoder": "tu-resnet35"}}))
+    out = tmp_path / "cli"
+    assert main(["train", str(config), "--data", str(synth_dataset), "--out", str(out)]) == 2
+    assert "train.encoder: timm has no model 'resnet35'" in capsys.readouterr().err
+    assert not (out / "validation").exists()  # not after validating the dataset
+
+
 def test_three_class_on_binary_masks_is_refused(tmp_path) -> None:
     root = _binary_dataset(tmp_path / "ds")
     with pytest.raises(ConfigError, match="three_class needs instance-labelled masks"):

@@ -74,9 +74,11 @@ def train(
     validate: ValidateOpt = True,
 ) -> None:
     """Train a model; re-running on the same --out resumes from the last checkpoint."""
+    from mlseg.model import check_names
     from mlseg.train import describe, fit
 
     cfg, root = _load(config, data, max_steps, device)
+    check_names(cfg.train)  # not after the validation
     out = out or Path("runs") / config.stem
     fingerprint = _validated(config, root, out / "validation", quiet) if validate else None
     bar = not quiet and sys.stderr.isatty()  # in a job's log file, a line per epoch instead
