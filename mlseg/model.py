@@ -22,6 +22,7 @@ Model output convention: logits ``(N, classes, H, W)``; ``binary`` -> 1 channel 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import inspect
 import json
@@ -205,6 +206,32 @@ def _check_output_size(model: nn.Module, cfg: TrainConfig, in_channels: int) -> 
             f"{out.shape[-1]}x{out.shape[-2]} output for a {side}x{side} input; choose an "
             f"encoder_depth its decoder supports (its default) or another architecture"
         )
+
+
+def check_trainable(model: nn.Module, cfg: TrainConfig, in_channels: int) -> None:
+    """Refuse ``train.patch_size`` or ``train.batch_size`` where ``model`` cannot take a
+    training step on them: PAN's pyramid pooling needs 128 px patches, and the BatchNorm
+    after a global pooling (DeepLabV3, PAN, UPerNet) or a 1x1 bottleneck needs two patches a
+    batch. Both failed at the first step, after the data were loaded, with torch's words.
+    Only those settings are tried, on a copy: a training-mode pass moves its statistics."""
+    if cfg.patch_size >= 128 and cfg.batch_size > 1:
+        return
+    probe, side = copy.deepcopy(model), cfg.patch_size
+    for training, key, fix in (
+        (False, f"patch_size={side}", "a larger train.patch_size (128 runs every architecture)"),
+        (True, "batch_size=1", "train.batch_size: 2 or more"),
+    ):
+        if training and cfg.batch_size > 1:
+            continue
+        try:
+            with torch.no_grad():
+                probe.train(training)(torch.zeros(1, in_channels, side, side))
+        except (RuntimeError, ValueError) as err:
+            raise ModelError(
+                f"train.{key}: {cfg.arch}/{cfg.encoder} with encoder_depth="
+                f"{cfg.encoder_depth} cannot train on {cfg.batch_size} patch(es) of "
+                f"{side}x{side} px ({str(err).splitlines()[0]}); set {fix}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- saving

@@ -54,6 +54,7 @@ from mlseg.model import (
     autocast_dtype,
     build_model,
     check_names,
+    check_trainable,
     load_train_state,
     resolve_device,
     save_checkpoint,
@@ -489,6 +490,7 @@ def _start(
     # built before --no-resume clears the earlier run: a model that cannot be built (a
     # depth its decoder lacks, weights this machine cannot fetch) must not cost that run
     model = build_model(tc, data.in_channels, classes)
+    check_trainable(model, tc, data.in_channels)
     if not resume:
         _clear(out)
     ema = None

@@ -9,7 +9,7 @@ import torch
 
 from mlseg.config import Config, TrainConfig
 from mlseg.errors import ModelError
-from mlseg.model import build_model, load_model, load_train_state, save_checkpoint
+from mlseg.model import build_model, check_trainable, load_model, load_train_state, save_checkpoint
 
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
 
@@ -270,6 +270,26 @@ def test_decoders_that_upsample_at_the_end_fit_the_input_at_any_depth(arch, dept
     model = build_model(TrainConfig(arch=arch, encoder="resnet18", encoder_depth=depth), 3, 3)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 128, 128)).shape[-2:] == (128, 128)
+
+
+@pytest.mark.parametrize(
+    ("train", "said"),
+    [
+        ({"arch": "PAN", "patch_size": 64}, r"train.patch_size=64: PAN/resnet18 .*\(128 runs"),
+        ({"arch": "DeepLabV3Plus", "batch_size": 1}, r"train.batch_size=1: .*2 or more"),
+        ({"patch_size": 32, "batch_size": 1}, r"train.batch_size=1: Unet/resnet18"),
+    ],
+)
+def test_patches_or_batches_a_model_cannot_train_on_are_refused(train, said) -> None:
+    """They failed at the first training step with torch's 'Output size is too small' or
+    'Expected more than 1 value per channel when training'."""
+    cfg = TrainConfig(encoder="resnet18", **train)
+    model = build_model(cfg, 3, 3)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match=said):
+        check_trainable(model, cfg, 3)
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+    check_trainable(model, cfg.model_copy(update={"patch_size": 128, "batch_size": 2}), 3)
 
 
 def test_a_model_whose_output_misses_the_input_size_is_refused(monkeypatch) -> None:

@@ -273,6 +273,14 @@ def test_a_misspelt_architecture_is_refused_before_the_data_are_read(
     assert not (out / "validation").exists()  # not after validating the dataset
 
 
+def test_a_batch_the_model_cannot_train_on_is_refused_before_training(
+    synth_dataset, tmp_path
+) -> None:
+    """DeepLabV3Plus with batch_size 1 failed at its first step with torch's ValueError."""
+    with pytest.raises(ModelError, match="train.batch_size=1: DeepLabV3Plus"):
+        fit(_cfg(arch="DeepLabV3Plus", batch_size=1), synth_dataset, tmp_path, progress=False)
+
+
 def test_three_class_on_binary_masks_is_refused(tmp_path) -> None:
     root = _binary_dataset(tmp_path / "ds")
     with pytest.raises(ConfigError, match="three_class needs instance-labelled masks"):
