@@ -446,3 +446,19 @@ def test_reinhard_leaves_glass_and_a_blank_field_as_they_are(tmp_path) -> None:
         np.uint8
     )
     assert np.allclose(lab_stats(normalize(tissue, cfg))[0], lab_stats(ref)[0], atol=2.0)
+
+
+def test_macenko_normalises_the_same_tissue_alike_beside_a_black_border() -> None:
+    """A tile padded with zeros at the slide's edge, or a scanner's black fill: black is
+    clipped in every channel, grey, and taken as stained it became the eosin vector (its 99th
+    percentile 7x), so the eosin of the tissue beside it all but vanished."""
+    tissue = (_he_image(MACENKO_REF_STAINS, seed=7, size=100) * 255).astype(np.uint8)
+    padded = np.zeros((100, 110, 3), np.uint8)
+    padded[:, 10:] = tissue
+    (stains, max_conc), (padded_stains, padded_max_conc) = (
+        macenko_stains(tissue),
+        macenko_stains(padded),
+    )
+    np.testing.assert_allclose(padded_stains, stains, rtol=1e-9)
+    np.testing.assert_allclose(padded_max_conc, max_conc, rtol=1e-9)
+    np.testing.assert_allclose(macenko(padded)[:, 10:], macenko(tissue), atol=1e-6)
