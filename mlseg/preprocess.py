@@ -426,7 +426,12 @@ def macenko_target(cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     file), or the published reference without one."""
     if cfg.stain_reference is None:
         return MACENKO_REF_STAINS, MACENKO_REF_MAX_CONC
-    path = Path(cfg.stain_reference)
+    return _stained_reference(Path(cfg.stain_reference))
+
+
+def _stained_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The stains of a stain reference image, or a ConfigError naming it where it has too
+    little stain (blank glass, one colour) to normalise any image to."""
     reference_image(path)  # a missing file is a ConfigError naming it
     target = _reference_stains(str(path), path.stat().st_mtime)
     if target is None:
@@ -482,6 +487,8 @@ def normalize(
             # reference's spread, glass's noise came out as tissue and a blank field as the
             # dark purple of a nucleus
             target = lab_stats(_needs_reference(cfg, "reinhard"))
+            # a reference of glass has glass's spread: every image came out one flat colour
+            _stained_reference(Path(cfg.stain_reference))
             if (macenko_stains(x) if isinstance(stains, str) else stains) is not None:
                 x = reinhard(x, *target)
         else:

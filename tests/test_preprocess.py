@@ -462,3 +462,15 @@ def test_macenko_normalises_the_same_tissue_alike_beside_a_black_border() -> Non
     np.testing.assert_allclose(padded_stains, stains, rtol=1e-9)
     np.testing.assert_allclose(padded_max_conc, max_conc, rtol=1e-9)
     np.testing.assert_allclose(macenko(padded)[:, 10:], macenko(tissue), atol=1e-6)
+
+
+def test_a_reinhard_reference_of_blank_glass_is_refused(tmp_path) -> None:
+    """Matched to the spread of a reference of glass, every image came out one flat colour
+    (its standard deviation 0.002), the model shown nothing; Macenko refused such a
+    reference, Reinhard now does too, naming the file."""
+    from mlseg.io import write_image
+
+    glass = write_image(tmp_path / "glass.png", np.full((256, 256, 3), 245, np.uint8))
+    tissue = (_he_image(MACENKO_REF_STAINS, seed=6) * 255).astype(np.uint8)
+    with pytest.raises(ConfigError, match="glass.png.*too little stained tissue"):
+        normalize(tissue, PreprocessConfig(stain_norm="reinhard", stain_reference=glass))
