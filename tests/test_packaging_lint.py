@@ -227,6 +227,31 @@ def _workflow(name: str) -> dict:
     return document
 
 
+class _Context(dict):
+    """A GitHub expression context: a missing property is null, as GitHub reads it."""
+
+    def __getattr__(self, name: str) -> object:
+        value = self.get(name)
+        return _Context(value) if isinstance(value, dict) else value
+
+
+def _expression(text: str, github: dict) -> str:
+    """`text` with each `${{ }}` evaluated over `github`, for the subset of GitHub's expression
+    language the workflows use (&&, ||, !, ==, !=, format): && and || return an operand, as
+    Python's `and` and `or` do, and null reads as ''."""
+
+    def evaluate(match: re.Match) -> str:
+        source = match.group(1).replace("&&", " and ").replace("||", " or ")
+        source = re.sub(r"!(?!=)", " not ", source)
+        names = {"github": _Context(github), "format": lambda f, *a: f.format(*a)}
+        value = eval(source, {"__builtins__": {}}, names)  # nosec B307: our own workflow's text
+        if isinstance(value, bool):
+            return str(value).lower()
+        return "" if value is None else str(value)
+
+    return re.sub(r"\$\{\{(.*?)\}\}", evaluate, text)
+
+
 def _steps_text(job: dict) -> str:
     return "\n".join(str(s.get("run", "")) + str(s.get("uses", "")) for s in job.get("steps", []))
 
@@ -276,6 +301,37 @@ def test_a_push_deploys_nothing_the_tests_did_not_pass():
         assert "tests" in jobs[name]["needs"], name
         assert "!contains(needs.*.result, 'failure')" in jobs[name]["if"], name
     assert set(deploy["on"]["push"]["branches"]) == {"main", "dev"}
+
+
+def test_a_pull_request_never_cancels_a_deploy():
+    """deploy.yml's concurrency group of a pull request was its head branch: a pull request
+    from dev into main (or a fork's from its own main) shared the group of dev's (prod's)
+    deploy and, cancelling in progress, stopped the deploy running for the same push midway,
+    `pulumi up` included. A pull request now has a group of its own, which its next commit
+    shares (an outdated preview is still cancelled)."""
+    concurrency = _workflow("deploy.yml")["concurrency"]
+
+    def group(trigger: str, **github: object) -> tuple[str, str]:
+        github["event_name"] = trigger
+        return (
+            _expression(concurrency["group"], github),
+            _expression(str(concurrency["cancel-in-progress"]), github),
+        )
+
+    pushes = {
+        group(e, ref_name=b)[0] for e in ("push", "workflow_dispatch") for b in ("main", "dev")
+    }
+    assert all(group(e, ref_name="main")[1] == "false" for e in ("push", "workflow_dispatch"))
+    release = dict(head_ref="dev", base_ref="main", ref_name="7/merge")
+    fork = dict(head_ref="main", base_ref="main", ref_name="8/merge")
+    for number, pull in ((7, release), (8, fork)):
+        name, cancels = group("pull_request", event={"pull_request": {"number": number}}, **pull)
+        assert cancels == "true"
+        assert name not in pushes, (name, pushes)
+        again = group("pull_request", event={"pull_request": {"number": number}}, **pull)[0]
+        assert again == name
+    seven = group("pull_request", event={"pull_request": {"number": 7}}, **release)[0]
+    assert seven != group("pull_request", event={"pull_request": {"number": 8}}, **fork)[0]
 
 
 def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
