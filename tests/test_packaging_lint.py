@@ -228,10 +228,11 @@ def _workflow(name: str) -> dict:
 
 
 class _Context(dict):
-    """A GitHub expression context: a missing property is null, as GitHub reads it."""
+    """A GitHub expression context: a missing property is null, as GitHub reads it, and so
+    is any property of null (an empty context here)."""
 
     def __getattr__(self, name: str) -> object:
-        value = self.get(name)
+        value = self.get(name, {})
         return _Context(value) if isinstance(value, dict) else value
 
 
@@ -247,7 +248,7 @@ def _expression(text: str, github: dict) -> str:
         value = eval(source, {"__builtins__": {}}, names)  # nosec B307: our own workflow's text
         if isinstance(value, bool):
             return str(value).lower()
-        return "" if value is None else str(value)
+        return "" if value in (None, {}) else str(value)
 
     return re.sub(r"\$\{\{(.*?)\}\}", evaluate, text)
 
@@ -332,6 +333,69 @@ def test_a_pull_request_never_cancels_a_deploy():
         assert again == name
     seven = group("pull_request", event={"pull_request": {"number": 7}}, **release)[0]
     assert seven != group("pull_request", event={"pull_request": {"number": 8}}, **fork)[0]
+
+
+def test_a_push_deploys_what_a_failed_or_cancelled_deploy_left_out(tmp_path):
+    """The plan compared a push with the push before it (github.event.before): when that
+    push's deploy failed, or was cancelled waiting behind another deploy (a third push
+    replaces a pending run), its changes were never deployed: a code change followed by a
+    push of tests only left the workers on the old image. A push is now compared with the
+    last push whose deploy succeeded."""
+    step = next(
+        s for s in _workflow("deploy.yml")["jobs"]["plan"]["steps"] if s.get("id") == "changes"
+    )
+    repo = tmp_path / "repo"
+    (repo / "infra" / "mlseg_infra").mkdir(parents=True)
+    shutil.copy2(ROOT / "infra" / "mlseg_infra" / "deploy_plan.py", repo / "infra" / "mlseg_infra")
+    git_env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        **{
+            f"GIT_{w}_{k}": v
+            for w in ("AUTHOR", "COMMITTER")
+            for k, v in (("NAME", "t"), ("EMAIL", "t@t"))
+        },
+    }
+
+    def commit(path: str, text: str) -> str:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+        for argv in (["add", "-A"], ["commit", "-qm", path]):
+            assert _run(["git", *argv], cwd=repo, env=git_env).returncode == 0
+        return _run(["git", "rev-parse", "HEAD"], cwd=repo, env=git_env).stdout.strip()
+
+    assert _run(["git", "init", "-q"], cwd=repo, env=git_env).returncode == 0
+    deployed = commit("mlseg/segment.py", "v1\n")  # its deploy succeeded
+    failed = commit("mlseg/segment.py", "v2\n")  # its deploy failed or was cancelled
+    head = commit("tests/test_segment.py", "test\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gh = fake_bin / "gh"  # the GitHub API: the last successful push deploy of the branch
+    gh.write_text(f'#!/bin/sh\ncase "$*" in *"--status success"*) echo {deployed};; esac\n')
+    gh.chmod(0o755)
+
+    def planned(trigger: str, **github: object) -> dict[str, str]:
+        github = {"event_name": trigger, "sha": head, "ref_name": "main", **github}
+        outputs = tmp_path / "outputs"
+        outputs.write_text("")
+        env = {k: _expression(str(v), github) for k, v in step.get("env", {}).items()}
+        env |= git_env | {
+            "PATH": f"{fake_bin}:{os.environ['PATH']}",
+            "GITHUB_OUTPUT": str(outputs),
+            "GITHUB_SHA": head,
+            "GITHUB_REF_NAME": "main",
+            "GITHUB_REPOSITORY": "lab/mlseg",
+        }
+        ran = _run(["bash", "-e", "-c", _expression(step["run"], github)], cwd=repo, env=env)
+        assert ran.returncode == 0, ran.stderr
+        return dict(line.split("=", 1) for line in outputs.read_text().split())
+
+    push = planned("push", event={"before": failed})
+    assert push["image"] == "true" and push["flows"] == "true", push
+    pull = planned("pull_request", event={"pull_request": {"base": {"sha": failed}}})
+    assert pull["image"] == "false", pull  # a preview shows the pull request's own changes
+    gh.write_text("#!/bin/sh\n")  # no deploy has succeeded yet: everything
+    assert set(planned("push", event={"before": failed}).values()) == {"true"}
 
 
 def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
