@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
 import tarfile
@@ -236,7 +237,7 @@ class _Context(dict):
         return _Context(value) if isinstance(value, dict) else value
 
 
-def _expression(text: str, github: dict) -> str:
+def _expression(text: str, github: dict, **contexts: dict) -> str:
     """`text` with each `${{ }}` evaluated over `github`, for the subset of GitHub's expression
     language the workflows use (&&, ||, !, ==, !=, format): && and || return an operand, as
     Python's `and` and `or` do, and null reads as ''."""
@@ -244,7 +245,8 @@ def _expression(text: str, github: dict) -> str:
     def evaluate(match: re.Match) -> str:
         source = match.group(1).replace("&&", " and ").replace("||", " or ")
         source = re.sub(r"!(?!=)", " not ", source)
-        names = {"github": _Context(github), "format": lambda f, *a: f.format(*a)}
+        names = {name: _Context(c) for name, c in {"github": github, **contexts}.items()}
+        names["format"] = lambda f, *a: f.format(*a)
         value = eval(source, {"__builtins__": {}}, names)  # nosec B307: our own workflow's text
         if isinstance(value, bool):
             return str(value).lower()
@@ -396,6 +398,36 @@ def test_a_push_deploys_what_a_failed_or_cancelled_deploy_left_out(tmp_path):
     assert pull["image"] == "false", pull  # a preview shows the pull request's own changes
     gh.write_text("#!/bin/sh\n")  # no deploy has succeeded yet: everything
     assert set(planned("push", event={"before": failed}).values()) == {"true"}
+
+
+def test_the_workers_image_moves_only_in_the_stacks_environment():
+    """The workers pull their stack's tag (:prod) every 5 minutes. The image job pushed it from a
+    job with no environment, so with a required reviewer on `prod` (README) the code reached
+    the prod workers minutes after the push, before anyone approved, and ahead of `up` and the
+    flows. Only a job of the stack's environment now moves that tag."""
+    deploy = _workflow("deploy.yml")
+    github = {"event_name": "push", "ref_name": "main", "sha": "0123abc"}
+    contexts = {"needs": {"plan": {"outputs": {"stack": "prod"}}}, "secrets": {}}
+    contexts["env"] = {k: _expression(v, github, **contexts) for k, v in deploy["env"].items()}
+    movers = []
+    for name, job in deploy["jobs"].items():
+        environment = _expression(str(job.get("environment", "")), github, **contexts)
+        for step in job.get("steps", []):
+            env = contexts["env"] | {
+                k: _expression(str(v), github, **contexts) for k, v in step.get("env", {}).items()
+            }
+            env["GITHUB_SHA"] = github["sha"]
+            written = re.findall(r'--tag\s+"?([^"\s]+)', step.get("run", ""))
+            options = step.get("with", {})
+            if _expression(str(options.get("push", "false")), github, **contexts) == "true":
+                written += _expression(str(options.get("tags", "")), github, **contexts).split()
+            for tag in written:
+                tag = _expression(tag, github, **contexts)
+                tag = string.Template(tag).safe_substitute(env)
+                if tag.endswith(":prod"):
+                    movers.append(name)
+                    assert environment == "prod", (name, tag, environment or "no environment")
+    assert movers, "no job moves the workers' tag"
 
 
 def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
