@@ -725,7 +725,9 @@ def _run_id() -> str:
 
 @functools.lru_cache(maxsize=64)
 def _first_run_id(flow_run_id: str) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{flow_run_id[:8]}"
+    # the id's last digits, random: its first are a time (UUIDv7), alike for runs started
+    # within a minute, whose rows would replace each other
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{flow_run_id[-8:]}"
 
 
 @user_errors_exit

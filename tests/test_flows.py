@@ -559,6 +559,19 @@ def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     )
 
 
+def test_two_flow_runs_started_together_keep_history_rows_of_their_own() -> None:
+    """A run's history row replaces one of its own run id (a retried run's). The id took the
+    flow run id's first 8 digits, a time in Prefect's UUIDv7 ids: two runs started within a
+    minute, in one second, had one run id, and the second's row replaced the first's."""
+    from prefect._internal.uuid7 import uuid7
+
+    import flows.segment as segment_flow
+
+    first, second = str(uuid7()), str(uuid7())
+    assert segment_flow._first_run_id(first) != segment_flow._first_run_id(second)
+    assert segment_flow._first_run_id(first) == segment_flow._first_run_id(first)  # a retry's
+
+
 def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 3)
