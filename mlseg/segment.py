@@ -103,7 +103,7 @@ from mlseg.quantify import (
     tissue_fraction,
 )
 from mlseg.registry import code_version, package_versions
-from mlseg.scale import META_KEY, META_STAT_KEY
+from mlseg.scale import META_KEY, META_STAT_KEY, MIN_OBJECTS
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 
@@ -274,12 +274,18 @@ def predict_labels_scaled(
         return at(1.0, "native")
     if pixel_size_um is not None and model_px is not None:
         return at(float(pixel_size_um) / float(model_px), "pixel_size")
-    reference = loaded.meta.get(META_KEY) if isinstance(loaded.meta, dict) else None
+    meta = loaded.meta if isinstance(loaded.meta, dict) else {}
+    reference = meta.get(META_KEY)
     if not reference:
+        why = (
+            f"its training masks held fewer than {MIN_OBJECTS} nuclei to measure"
+            if META_KEY in meta  # recorded as unknown
+            else "trained before mlseg learnt it"
+        )
         warn_once(
-            f"{loaded.path}: the model records no {META_KEY} (trained before mlseg learnt "
-            "it), so the scale of an image without a pixel size cannot be estimated; "
-            "predicting at native scale (retrain, or give the pixel size)"
+            f"{loaded.path}: the model records no {META_KEY} ({why}), so the scale of an "
+            "image without a pixel size cannot be estimated; predicting at native scale "
+            "(retrain, or give the pixel size)"
         )
         return at(1.0, "native")
     probs_at: dict[float, np.ndarray | None] = {}

@@ -817,6 +817,36 @@ def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path
         assert len(said) == 1, run
 
 
+def test_a_model_without_a_diameter_says_why(tmp_path):
+    """A model whose training masks held too few nuclei records its diameter as unknown; the
+    warning said it was 'trained before mlseg learnt it', sending a lab to retrain with a
+    newer mlseg instead of giving masks with more nuclei or the pixel size."""
+    import json
+
+    from mlseg.config import TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    ckpt = tmp_path / "model"
+    save_checkpoint(
+        ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
+        in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
+    )  # fmt: skip
+    images = _folder(tmp_path, 1)
+
+    def said(run: str) -> str:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            segment_folder(ckpt, images, tmp_path / run, profile_name="he", progress=False)
+        return next(str(w.message) for w in caught if "nucleus_diameter_px" in str(w.message))
+
+    assert "fewer than 5 nuclei" in said("unknown")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["nucleus_diameter_px"]  # as a model saved before mlseg recorded it
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert "trained before mlseg learnt it" in said("old")
+
+
 def test_a_model_whose_saved_profile_a_later_mlseg_refuses_still_segments(tmp_path):
     """A model trained before tissue_intensity_threshold in an he profile was refused keeps
     that profile in meta.json: segment, given a valid profile, failed every image with
