@@ -132,6 +132,13 @@ def _read_geojson(path: Path) -> Annotations:
             f"{path}: not GeoJSON features ({found}); give a GeoJSON FeatureCollection as "
             f"QuPath's File > Export objects as GeoJSON writes it, or the masks as PNG"
         )
+    for number, feature in enumerate(features, 1):
+        props = feature.get("properties")
+        if props is not None and not isinstance(props, dict):  # GeoJSON: an object or null
+            raise ImageReadError(
+                f"{path}: feature {number} has properties that are no JSON object (a "
+                f"{type(props).__name__}); export it again"
+            )
     kinds = [_object_type(f) for f in features]
     annotations_are_nuclei = not {"cell", "detection"} & set(kinds)
     result = Annotations(path, [])

@@ -383,3 +383,14 @@ def flat_source(root):
         labels[4:9, 4:9] = 1
         write_image(root / "masks" / f"{stem}_mask.png", labels)
     return root
+
+
+@pytest.mark.parametrize("properties", [["Tumor"], "Tumor", 3])
+def test_properties_that_are_no_object_name_the_file(tmp_path, properties):
+    """A feature's properties other than an object or null (GeoJSON allows no more) ended
+    ingest in AttributeError ("'list' object has no attribute 'get'"), a traceback naming no
+    file, not one of the dataset's listed problems."""
+    bad = {**feature([square(1, 1, 5, 5)]), "properties": properties}
+    path = write_json(tmp_path / "bad.geojson", [feature([square(1, 1, 3, 3)]), bad])
+    with pytest.raises(ImageReadError, match=r"bad\.geojson: feature 2 has properties that"):
+        annotation_labels(path, (8, 8))
