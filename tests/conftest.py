@@ -56,6 +56,25 @@ def _fresh_warn_once() -> None:
     warn_once.cache_clear()
 
 
+#: Environment variables mlseg and the flows read: a worker's or a deploy job's settings
+#: (MLSEG_GIT_COMMIT is set in the image) must not change what a test sees.
+MLSEG_ENVIRONMENT = (
+    "MLSEG_DASK_ADDRESS",
+    "MLSEG_DATA_DIR",
+    "MLSEG_GIT_COMMIT",
+    "MLSEG_REGISTRY",
+    "MLSEG_TASK_RUNNER",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_mlseg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the caller's ``MLSEG_*`` settings; a test that needs one
+    sets it with ``monkeypatch.setenv``."""
+    for name in MLSEG_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the repository; skips the test where it is absent."""
