@@ -51,7 +51,11 @@ def test_a_pixel_belongs_to_the_polygon_holding_its_centre(tmp_path):
 def test_masks_exported_as_geojson_come_back_pixel_for_pixel(shared_data, tmp_path, name):
     """A real mask written as mlseg's own GeoJSON (what QuPath imports, a pathologist
     corrects and exports again) is drawn back exactly: same pixels, same nuclei."""
-    masks = sorted((shared_data / name / "masks").glob("*_mask.png"))[:3]
+    folder = shared_data / name / "masks"
+    if not folder.is_dir():
+        pytest.skip(f"{name} not found in {shared_data}")
+    masks = sorted(folder.glob("*_mask.png"))[:3]
+    assert masks, f"{folder}: no *_mask.png to compare"  # else nothing is checked
     for mask_path in masks:
         truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
         table = pd.DataFrame({"label": np.arange(1, truth.max() + 1)})
