@@ -18,12 +18,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Before any test imports prefect: no analytics, no writes to the user's ~/.prefect.
+    # Before any test imports prefect: no analytics, no writes to the user's Prefect home,
+    # ~/.prefect or the one PREFECT_HOME names (the demo's: task results, memo_store.toml).
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    if "PREFECT_HOME" not in os.environ:
-        home = tempfile.mkdtemp(prefix="mlseg-prefect-home-")
-        os.environ["PREFECT_HOME"] = home
-        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    home = tempfile.mkdtemp(prefix="mlseg-prefect-home-")
+    os.environ["PREFECT_HOME"] = home
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MPLBACKEND", "Agg")
 
