@@ -7,6 +7,7 @@ these functions do nothing, so flow code can be unit-tested with ``.fn``.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +52,12 @@ def table(key: str, data: pd.DataFrame | Mapping[str, Any], description: str = "
     create_table_artifact(frame_records(frame), key=_key(key), description=description or None)
 
 
+def plain(text: str) -> str:
+    """``text`` (a message, a fix) for markdown outside code spans: the dashboard's renderer
+    takes ``<stem>`` for an HTML tag and drops it ("Add _mask.png")."""
+    return html.escape(text, quote=False)
+
+
 def markdown(key: str, text: str, description: str = "") -> None:
     if _in_run():
         create_markdown_artifact(text, key=_key(key), description=description or None)
@@ -78,4 +85,4 @@ def link(key: str, path: str | Path, text: str, description: str = "") -> None:
 
 def warning(key: str, title: str, message: str) -> None:
     """A markdown artifact that stands out in the dashboard."""
-    markdown(key, f"## :warning: {title}\n\n{message}\n", description=title)
+    markdown(key, f"## :warning: {plain(title)}\n\n{plain(message)}\n", description=title)

@@ -80,11 +80,12 @@ def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = 
     for o in (*report.errors, *report.warnings):
         files = ", ".join(f"`{f}`" for f in o.first_failed)
         lines.append(
-            f"- **{o.severity}** `{o.rule}`: {o.n_failed} of {o.n_checked} ({files}). {o.fix}"
+            f"- **{o.severity}** `{o.rule}`: {o.n_failed} of {o.n_checked} ({files}). "
+            f"{artifacts.plain(o.fix)}"
         )
     unreadable = read_errors(inventory) if inventory is not None else []
     if unreadable:
-        lines += ["", "Unreadable files:", *(f"- {line}" for line in unreadable)]
+        lines += ["", "Unreadable files:", *(f"- {artifacts.plain(line)}" for line in unreadable)]
     versions = ", ".join(f"{k} v{v}" for k, v in sorted(report.suite_versions.items()))
     lines += ["", f"Suites: {versions}."]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ temporary server for this module; module scope so it never overlaps another modu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
     assert report.failed_rules("error") == ["image_has_mask"]
     text = summary_markdown(report)
     assert "FAILED" in text and "`image_has_mask`" in text and "train/original/train1.png" in text
+    # the fix names <stem>_mask.png: as raw HTML the dashboard's markdown renderer drops it
+    outside_code = re.sub(r"`[^`]*`", "", text)
+    assert "&lt;stem&gt;_mask.png" in outside_code and not re.search(r"<\w", outside_code)
 
 
 def test_summary_names_why_each_unreadable_file_is_unreadable(nuclei_dataset, tmp_path):
