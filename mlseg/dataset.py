@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,7 +203,9 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
         return None
     delimiter = csv_delimiter(path)
     try:
-        table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
+        table = read_csv_rows(
+            path, as_written=("stem",), dtype=str, sep=delimiter, skipinitialspace=True
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
@@ -224,14 +226,27 @@ def csv_delimiter(path: Path) -> str:
     return next((d for d in (";", "\t") if d in header), ",")
 
 
-def read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
+def read_csv_rows(path: str | Path, as_written: Container[str] = (), **kwargs) -> pd.DataFrame:
     """``pd.read_csv`` of a table a person wrote, refusing a row longer than its header.
 
     Left alone, pandas makes such a row's first values its index and shifts the others into
     the wrong columns without a word: ``img1,0,25`` (an unquoted decimal comma) would read
     as an image ``0`` of 25 um per pixel. A file not in UTF-8 is refused naming its first
     such line (:func:`not_utf8`). Other parse errors are pandas' own.
+
+    The columns ``as_written`` names (lower case; a header in any case) keep their cells as
+    written, an empty one as ``""``: an image named ``NA``, ``NaN`` or ``None`` is no missing
+    value, which pandas reads those words as in the other columns (a pixel size left ``NA``,
+    as R writes it).
     """
+    table = _read_csv_rows(path, **kwargs)
+    names = [c for c in table.columns if str(c).strip().lower() in as_written]
+    if names:
+        table[names] = _read_csv_rows(path, keep_default_na=False, **kwargs)[names]
+    return table
+
+
+def _read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
     where = ""
     try:
         with warnings.catch_warnings():

@@ -346,7 +346,9 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     """
     delimiter = csv_delimiter(path)
     try:
-        table = read_csv_rows(path, dtype=str, sep=delimiter, skipinitialspace=True)
+        table = read_csv_rows(
+            path, as_written=STEM_COLUMNS, dtype=str, sep=delimiter, skipinitialspace=True
+        )
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
     named = {str(c).strip().lower(): c for c in table.columns}
@@ -362,7 +364,7 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     for line, (stem, value) in enumerate(rows, start=2):
         if pd.isna(value) or str(value).strip() == "":
             continue
-        if pd.isna(stem) or str(stem).strip() == "":  # it was kept for an image named 'nan'
+        if str(stem).strip() == "":
             raise DatasetError(
                 f"{path}: line {line} gives a pixel size ({str(value).strip()}) but no image in "
                 f"its {stem_col!r} column; name the image or delete the line"

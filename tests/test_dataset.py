@@ -71,6 +71,20 @@ def test_a_manifest_written_with_spaces_or_capitals_keeps_its_pixel_sizes(tmp_pa
     assert split_pixel_sizes(root, "train") == {"007": 0.25, "008": 0.5}
 
 
+def test_a_manifest_keeps_the_sizes_of_images_named_as_pandas_missing_values(tmp_path):
+    """A manifest row for an image named NA or None named no image (pandas read the stem as
+    a missing value): the image had no pixel size and validation stopped training."""
+    root = init_dataset(tmp_path / "ds")
+    for stem in ("NA", "None"):
+        make_pair(root, "train", stem)
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\ntrain,NA,0.25\ntrain,None,NA\n")
+    assert split_pixel_sizes(root, "train") == {"NA": 0.25}
+    assert [(p.stem, p.pixel_size_um) for p in list_pairs(root, "train")] == [
+        ("NA", 0.25),
+        ("None", None),
+    ]
+
+
 @pytest.mark.parametrize("size", ["0.25", "0,25"])
 def test_a_manifest_saved_by_a_spreadsheet_with_semicolons_keeps_its_pixel_sizes(tmp_path, size):
     """European Excel saves CSV with semicolons and decimal commas: the sizes were all ignored

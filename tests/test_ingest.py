@@ -224,6 +224,14 @@ def test_a_pixel_size_without_its_image_is_refused_naming_the_line(tmp_path) -> 
         read_pixel_sizes(table)
 
 
+def test_pixel_size_tables_keep_images_named_as_pandas_missing_values(tmp_path) -> None:
+    """An image named NA, NaN or None was read as a row without its image ('line 2 gives a
+    pixel size but no image'); a size left NA, as R writes one, is still no size."""
+    table = tmp_path / "sizes.csv"
+    table.write_text("stem,pixel_size_um\nNA,0.5\nNaN.png,0.25\nNone,0.3\nimg3,NA\n")
+    assert read_pixel_sizes(table) == {"NA": 0.5, "NaN": 0.25, "None": 0.3}
+
+
 def tiff_source(root, resolutions):
     """A flat source of TIFF images written with the given resolution tags (pixels per cm)."""
     import tifffile
