@@ -267,6 +267,12 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
         items += _pair(images, masks, None, problems, f"{src}/{{stem}}_masks.tif")
     else:
         raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    for item in items:  # in the dataset it would pass for a mask (mlseg validate: mask_naming)
+        if item.stem.endswith(suffix):
+            problems.append(
+                f"{item.image}: an image named <stem>{suffix} reads as a mask in an mlseg "
+                f"dataset; rename it and its mask so that its name does not end with {suffix!r}"
+            )
     if problems:
         raise DatasetError(_summarise(problems))
     if not items:

@@ -38,6 +38,18 @@ def flat_source(root, n=5, seed=0):
     return root
 
 
+def test_an_image_named_as_a_mask_is_refused_before_the_dataset_is_made(tmp_path):
+    """original/x_mask.png with masks/x_mask_mask.png was ingested into a dataset that mlseg
+    validate then failed (mask_naming: an image name must not end with the mask suffix), so
+    training refused what ingest had made."""
+    src = flat_source(tmp_path / "src", n=3)
+    (src / "original" / "img0.png").rename(src / "original" / "img0_mask.png")
+    (src / "masks" / "img0_mask.png").rename(src / "masks" / "img0_mask_mask.png")
+    with pytest.raises(DatasetError, match=r"original/img0_mask\.png: an image named <stem>_mask"):
+        ingest(src, tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 def test_an_image_named_entry_that_is_no_file_is_refused_by_name_not_left_out(tmp_path):
     """A link to an image on a share that is not mounted, a link loop, a folder or a pipe named
     x.png were left out without a word: the dataset came out an image short."""
