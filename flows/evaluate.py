@@ -74,7 +74,7 @@ def evaluate_model(
         inference: Keys of the model's saved inference settings to change, e.g.
             ``{"tta": true, "device": "cpu"}``; empty: the model's own.
     """
-    import pandas as pd
+    from mlseg.io import read_written_csv
 
     log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
@@ -94,7 +94,7 @@ def evaluate_model(
         means,
         f"means over {result['n_images']} {split} images (eval set {result['eval_set_id']})",
     )
-    per_image = pd.read_csv(result["per_image_csv"], dtype={"stem": str})  # "01" is not 1
+    per_image = read_written_csv(result["per_image_csv"], "stem")  # "01" is not 1
     if "aji" in per_image:
         per_image = per_image.sort_values("aji")
     artifacts.table("evaluation-per-image", per_image, "one row per image, lowest AJI first")

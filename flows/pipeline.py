@@ -355,6 +355,8 @@ def pipeline(
     # 8. the report for people who do not open the dashboard
     import pandas as pd
 
+    from mlseg.io import read_written_csv
+
     outputs = {
         "report": str(work / "report.html"),
         "model": registered["production_uri"],
@@ -390,12 +392,12 @@ def pipeline(
             "training images/s": trained["images_per_s"],
             "preprocess": json.dumps(preprocess["settings"]),
         },
-        evaluation=pd.read_csv(evaluated["per_image_csv"], dtype={"stem": str}),
+        evaluation=read_written_csv(evaluated["per_image_csv"], "stem"),
         evaluation_means=evaluated["means"],
         worst_metric="aji",
         worst_png=evaluated["worst_png"],
         decision=decision,
-        quantification=pd.read_csv(quantified["summary_csv"], dtype={"image": str}),
+        quantification=read_written_csv(quantified["summary_csv"], "image"),
         nuclei=pd.read_parquet(quantified["nuclei_parquet"]),  # this run's images only
         drift_status=drift.get("status", "failed"),
         drift_message=drift.get("message", str(monitor_state.message)),

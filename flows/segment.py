@@ -469,6 +469,7 @@ def segment_and_quantify(
 
     from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
+    from mlseg.io import read_written_csv
     from mlseg.monitor import (
         append_history,
         distributions,
@@ -595,7 +596,7 @@ def segment_and_quantify(
         append_history(history_path, metrics)
 
     summary_table = (
-        pd.read_csv(paths["summary"], dtype={"image": str})  # "01" is not 1
+        read_written_csv(paths["summary"], "image")  # "01" is not 1, "NA" no NaN
         if Path(paths["summary"]).is_file()
         else None
     )

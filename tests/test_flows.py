@@ -416,15 +416,15 @@ def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
     harness, tmp_path, checkpoint
 ) -> None:
     """GBM40's tiles are 01.png, 02.png ...: summary.csv read back without a type named
-    them 1, 2 in the artifact (and in the pipeline's report)."""
+    them 1, 2 in the artifact (and in the pipeline's report); an image named NA was a blank."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    for path in disc_images(inbox, 2):
-        path.rename(inbox / f"0{int(path.stem[-1]) + 1}.png")
+    for path, name in zip(disc_images(inbox, 2), ("01", "NA"), strict=True):
+        path.rename(inbox / f"{name}.png")
     state = _segment(inbox, out, checkpoint)
     assert state.is_completed(), state.message
     rows = artifact_rows(state.state_details.flow_run_id, "segment-summary")
-    assert [row["image"] for row in rows] == ["01", "02"]
-    assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) <= {"01", "02"}
+    assert [row["image"] for row in rows] == ["01", "NA"]
+    assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) <= {"01", "NA"}
 
 
 def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
@@ -433,16 +433,16 @@ def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
     from flows.evaluate import evaluate_model
 
     root = nuclei_dataset(n_train=1, n_test=2)
-    for i in range(2):
+    for i, name in enumerate(("00", "None")):
         (root / "test" / "original" / f"test{i}.png").rename(
-            root / "test" / "original" / f"0{i}.png"
+            root / "test" / "original" / f"{name}.png"
         )
         masks = root / "test" / "masks"
-        (masks / f"test{i}_mask.png").rename(masks / f"0{i}_mask.png")
+        (masks / f"test{i}_mask.png").rename(masks / f"{name}_mask.png")
     state = evaluate_model(str(checkpoint), str(root), str(tmp_path / "eval"), return_state=True)
     assert state.is_completed(), state.message
     rows = artifact_rows(state.state_details.flow_run_id, "evaluation-per-image")
-    assert sorted(row["stem"] for row in rows) == ["00", "01"]
+    assert sorted(row["stem"] for row in rows) == ["00", "None"]
 
 
 def test_deleted_outputs_are_recomputed_despite_the_cache(harness, tmp_path, checkpoint) -> None:
