@@ -427,6 +427,27 @@ def test_segment_summary_artifact_keeps_image_names_that_read_as_numbers(
     assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) <= {"01", "NA"}
 
 
+def test_segment_summary_artifact_lists_the_images_of_its_own_run_first(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """An inbox that keeps its images (the weekly monitor reads them there) holds more
+    than an artifact's 200 rows within months: the table, cut to its first rows by name,
+    showed the same oldest images every night and never the night's own."""
+    import flows.artifacts
+
+    monkeypatch.setattr(flows.artifacts, "MAX_TABLE_ROWS", 2)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    new = disc_images(inbox, 3)[-1]
+    new.rename(tmp_path / new.name)  # tonight's image, not there last night
+    assert _segment(inbox, out, checkpoint).is_completed()
+    (tmp_path / new.name).rename(new)
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    assert state.result()["processed"] == ["img_002"]
+    rows = artifact_rows(state.state_details.flow_run_id, "segment-summary")
+    assert [row["image"] for row in rows] == ["img_002", "img_000"]
+
+
 def test_evaluation_artifact_keeps_image_names_that_read_as_numbers(
     harness, tmp_path, checkpoint, nuclei_dataset
 ) -> None:
