@@ -289,7 +289,8 @@ class InferenceConfig(Strict):
     Tiles of ``tile_size`` (a multiple of 32) overlap by ``overlap`` and are blended with a
     Gaussian window (``sigma_scale * tile_size``), so there are no seams (with ``overlap``
     0 there is nothing to blend: tile edges show in the probabilities). Images smaller than
-    one tile are reflect-padded up to the next multiple of 32 and run as a single tile.
+    one tile are reflect-padded up to the next multiple of 32 and run as a single tile; a
+    model that takes no smaller input (PAN: 128 px) gets tiles and padding of that size.
     Images with more than ``stream_min_pixels`` pixels are labelled in row bands of
     ``band_rows`` rows plus ``halo_px`` context rows above and below, so memory stays bounded
     (objects taller than ``halo_px`` may be cut at a band edge).

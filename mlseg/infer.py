@@ -10,7 +10,9 @@ accumulated with the weights; the sum of weights divides them out. A point seen 
 tiles thus gets a smooth average dominated by the tile whose centre is nearest: no seams.
 
 An image smaller than one tile (in either direction) is not an error: that direction is
-reflect-padded up to the next multiple of 32 and run as one tile, then cropped back.
+reflect-padded up to the next multiple of 32 and run as one tile, then cropped back. A model
+that takes no input under ``min_side`` px (PAN: 128, :func:`mlseg.model.min_input_side`)
+gets tiles of at least that size, padded the same way.
 
 Tiles are streamed: batches of ``batch_size`` are cut from the input as needed (any array
 supporting ``image[y0:y1, x0:x1]``, e.g. a ``numpy.memmap``, converted to float32 per tile)
@@ -113,12 +115,19 @@ def _starts(length: int, tile: int, overlap: float) -> tuple[int, ...]:
     return tuple(sorted(set(starts)))
 
 
-def tile_grid(height: int, width: int, cfg: InferenceConfig) -> TileGrid:
-    """The tiling of an ``height`` x ``width`` image under ``cfg``."""
+def tile_grid(height: int, width: int, cfg: InferenceConfig, min_side: int = 32) -> TileGrid:
+    """The tiling of an ``height`` x ``width`` image under ``cfg``, for a model taking inputs
+    of ``min_side`` px or more (a multiple of 32): tiles and padding are at least that."""
     if height < 1 or width < 1:
         raise ValueError(f"image must have at least one pixel, got {height} x {width}")
-    tile_h = min(cfg.tile_size, _ceil32(height))
-    tile_w = min(cfg.tile_size, _ceil32(width))
+    if cfg.tile_size < min_side:
+        warn_once(
+            f"inference.tile_size={cfg.tile_size} is under the {min_side} px this model "
+            f"takes: tiles of {min_side} px are used (set inference.tile_size: {min_side} "
+            "or more)"
+        )
+    tile_h = max(min_side, min(cfg.tile_size, _ceil32(height)))
+    tile_w = max(min_side, min(cfg.tile_size, _ceil32(width)))
     pad_h, pad_w = max(height, tile_h), max(width, tile_w)
     return TileGrid(
         height,
@@ -266,6 +275,7 @@ def iter_prob_bands(
     target: str = "three_class",
     device="cpu",
     stain_tta: StainTTA = NO_STAIN_TTA,
+    min_side: int = 32,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(y0, probs)`` bands covering the image top to bottom in order.
 
@@ -277,6 +287,7 @@ def iter_prob_bands(
     (:func:`mlseg.model.autocast_dtype`), with its memory layout switched to channels-last or
     back as ``cfg.channels_last`` says (its values unchanged).
     ``stain_tta``: stain test-time augmentation (:class:`StainTTA`; off by default).
+    ``min_side``: the model's smallest input (:attr:`mlseg.model.LoadedModel.min_side`).
     """
     import torch
 
@@ -286,7 +297,7 @@ def iter_prob_bands(
         params = list(model.parameters()) if hasattr(model, "parameters") else []
         device = params[0].device if params else "cpu"
     image_h, image_w = int(image.shape[0]), int(image.shape[1])
-    grid = tile_grid(image_h, image_w, cfg)
+    grid = tile_grid(image_h, image_w, cfg, min_side)
     k = _channels(target)
     source = _Source(image, grid)
     th, tw = grid.tile_h, grid.tile_w
@@ -380,14 +391,15 @@ _ADAPTING = threading.Lock()
 
 
 @contextlib.contextmanager
-def adapted_batchnorm(model, image, cfg: InferenceConfig):
+def adapted_batchnorm(model, image, cfg: InferenceConfig, min_side: int = 32):
     """Within the block, the encoder's early BatchNorm layers (:func:`early_norm_layers`)
     normalise with the statistics of ``image`` itself, not of the training set (AdaBN, Li
     et al. 2016, restricted to the layers where feature statistics carry an image's stain
     and brightness rather than its content); restored on leaving.
 
     ``image``: ``(H, W, C)``, normalised as for :func:`predict_probs`; the statistics are
-    averaged over its tiles as inference cuts them (``cfg``), one encoder pass each. A
+    averaged over its tiles as inference cuts them (``cfg``, ``min_side`` as for
+    :func:`iter_prob_bands`), one encoder pass each. A
     model whose encoder has no known stages is left as it is, with a warning. Threads that
     share a model (a flow's batches) take turns inside the block, each with its image's own.
     """
@@ -412,7 +424,7 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig):
             for m in layers
         ]
         device = next(model.parameters()).device
-        grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg)
+        grid = tile_grid(int(image.shape[0]), int(image.shape[1]), cfg, min_side)
         source = _Source(image, grid)
         was_training = model.training
         # in the layout predict_probs will use: the model's first prediction turns it to
@@ -449,17 +461,18 @@ def predict_probs(
     target: str = "three_class",
     device="cpu",
     stain_tta: StainTTA = NO_STAIN_TTA,
+    min_side: int = 32,
 ) -> np.ndarray:
     """Tiled prediction of a whole image: ``(H, W, C)`` float32 -> ``(K, H, W) float32``.
 
     K = 1 (sigmoid foreground) for ``binary``, 3 (softmax: background, interior,
     boundary) for ``three_class``. See the module docstring for tiling, blending, padding,
-    memory and ``stain_tta``.
+    memory and ``stain_tta``; ``min_side`` as for :func:`iter_prob_bands`.
     """
     height, width = int(image.shape[0]), int(image.shape[1])
     out = np.empty((_channels(target), height, width), dtype=np.float32)
     for y0, band in iter_prob_bands(
-        model, image, cfg, target=target, device=device, stain_tta=stain_tta
+        model, image, cfg, target=target, device=device, stain_tta=stain_tta, min_side=min_side
     ):
         out[:, y0 : y0 + band.shape[1]] = band
     return out
@@ -478,6 +491,7 @@ def predict_labels_banded(
     device="cpu",
     out: np.ndarray | None = None,
     stain_tta: StainTTA = NO_STAIN_TTA,
+    min_side: int = 32,
 ) -> np.ndarray:
     """Labels of a large image without holding its full probability map.
 
@@ -487,7 +501,7 @@ def predict_labels_banded(
     are written to ``out`` where it is still 0 (an object seen by two windows is written
     once). Objects taller than ``halo_px`` may be cut at the bottom of a window.
     ``out``: optional ``(H, W) int32`` array (e.g. a ``numpy.memmap``) to fill; returned.
-    ``stain_tta``: as in :func:`iter_prob_bands`.
+    ``stain_tta``, ``min_side``: as in :func:`iter_prob_bands`.
     """
     from mlseg.instances import probs_to_labels
 
@@ -536,7 +550,7 @@ def predict_labels_banded(
         target_rows[free] = mapped[free]
 
     for _, band in iter_prob_bands(
-        model, image, cfg, target=target, device=device, stain_tta=stain_tta
+        model, image, cfg, target=target, device=device, stain_tta=stain_tta, min_side=min_side
     ):
         rows = band.shape[1]
         offset = 0

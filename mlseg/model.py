@@ -208,6 +208,29 @@ def _check_output_size(model: nn.Module, cfg: TrainConfig, in_channels: int) -> 
         )
 
 
+def min_input_side(model: nn.Module, in_channels: int) -> int:
+    """The smallest side, a multiple of 32 up to 128, of a square input ``model`` maps to an
+    output of its size: 32 for most decoders, 128 for PAN (its pyramid pooling at stride 32;
+    64 at encoder_depth 3). Inference pads smaller tiles up to it (:func:`mlseg.infer.tile_grid`).
+    One forward pass of zeros per side tried, in eval mode, on the model's device."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        for side in (32, 64, 96):
+            try:
+                with torch.no_grad():
+                    out = model(torch.zeros(1, in_channels, side, side, device=device))
+            except (RuntimeError, ValueError):
+                continue
+            if tuple(out.shape[-2:]) == (side, side):
+                return side
+    finally:
+        model.train(was_training)
+    return 128  # _check_output_size ran every model mlseg builds at 128
+
+
 def check_trainable(model: nn.Module, cfg: TrainConfig, in_channels: int) -> None:
     """Refuse ``train.patch_size`` or ``train.batch_size`` where ``model`` cannot take a
     training step on them: PAN's pyramid pooling needs 128 px patches, and the BatchNorm
@@ -388,6 +411,7 @@ class LoadedModel:
     pixel_size_um: float | None  # microns per pixel of the training images, None if unknown
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the .safetensors file loaded
+    min_side: int = 32  # smallest tile side the model takes (:func:`min_input_side`)
 
     @property
     def profile(self) -> Profile | None:
@@ -490,6 +514,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"{in_channels} input channel(s) and {classes} class(es) ({first[0].strip()}); "
             "the file comes from another architecture or was edited"
         ) from None
+    min_side = min_input_side(model, in_channels)  # on the CPU, before the move
     model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
     return LoadedModel(
         model=model,
@@ -500,6 +525,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         pixel_size_um=meta.get("pixel_size_um"),
         meta=meta,
         path=weights,
+        min_side=min_side,
     )
 
 

@@ -341,7 +341,10 @@ def _predict_at(
     lo, hi = area_limits_px(profile, work_px)
     if px is None and factor != 1.0:
         lo, hi = int(round(lo * factor**2)), max(1, int(round(hi * factor**2)))
-    adapted = adapted_batchnorm(loaded.model, x, cfg) if cfg.adapt_bn else contextlib.nullcontext()
+    side = loaded.min_side
+    adapted = (
+        adapted_batchnorm(loaded.model, x, cfg, side) if cfg.adapt_bn else contextlib.nullcontext()
+    )
     with adapted:
         if work.shape[0] * work.shape[1] > cfg.stream_min_pixels:
             labels = predict_labels_banded(
@@ -355,12 +358,19 @@ def _predict_at(
                 max_area_px=hi,
                 device=device,
                 stain_tta=stain_tta,
+                min_side=side,
             )
             if labels.shape != (height, width):
                 labels = resize_labels(labels, (height, width))
             return labels, None
         probs = predict_probs(
-            loaded.model, x, cfg, target=loaded.target, device=device, stain_tta=stain_tta
+            loaded.model,
+            x,
+            cfg,
+            target=loaded.target,
+            device=device,
+            stain_tta=stain_tta,
+            min_side=side,
         )
     labels = probs_to_labels(
         probs,

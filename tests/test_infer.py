@@ -103,6 +103,42 @@ def test_image_smaller_than_a_tile_and_odd_sizes():
         assert np.abs(probs - untiled(model, image, "binary")).max() < 1e-5
 
 
+class NeedsSide(nn.Module):
+    """A pointwise model that, as PAN's pyramid pooling, fails on inputs under 128 px."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_model(1, out=1)
+
+    def forward(self, x):
+        if min(x.shape[-2:]) < 128:
+            raise RuntimeError("Output size is too small")
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_model_with_a_minimum_input_gets_tiles_padded_up_to_it(tta):
+    """A PAN model failed every image with a RuntimeError traceback at tile_size 64, and
+    images under 97 px at the default tiles (padded to the next multiple of 32 only)."""
+    from mlseg.errors import warn_once
+
+    model = NeedsSide()
+    small = CFG.model_copy(update={"tile_size": 64, "tta": tta})
+    warn_once.cache_clear()
+    with pytest.warns(UserWarning, match=r"inference.tile_size=64 is under the 128 px"):
+        grid = tile_grid(20, 150, small, min_side=128)
+    assert (grid.tile_h, grid.tile_w, grid.pad_h, grid.pad_w) == (128, 128, 128, 150)
+    for h, w in [(1, 1), (20, 150), (96, 97), (300, 200)]:
+        image = smooth_image(h, w)
+        for cfg in (small, CFG.model_copy(update={"tta": tta})):
+            probs = predict_probs(model, image, cfg, target="binary", min_side=128)
+            assert probs.shape == (1, h, w)
+            assert np.abs(probs - untiled(model.conv, image, "binary")).max() < 1e-5
+    # the default minimum leaves every grid as it was
+    assert tile_grid(20, 150, CFG, min_side=32) == tile_grid(20, 150, CFG)
+    assert (tile_grid(20, 150, CFG).tile_h, tile_grid(20, 150, CFG).tile_w) == (32, 128)
+
+
 def test_flip_tta_averages_flips():
     image = smooth_image(200, 150, seed=4)
     model = conv_model(3, seed=4)

@@ -1012,6 +1012,42 @@ def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     )
 
 
+def test_a_pan_model_segments_small_images_and_small_tiles(tmp_path):
+    """PAN (trainable on 128 px patches) failed every image with a RuntimeError traceback
+    ('Output size is too small') at inference.tile_size 64, and images under 97 px at the
+    default 512: its pyramid pooling needs 128 px, small images were padded to 32's."""
+    from mlseg.config import TrainConfig
+    from mlseg.model import build_model, load_model, save_checkpoint
+
+    def saved(arch: str) -> Path:
+        train = TrainConfig(arch=arch, encoder="resnet18", patch_size=128)
+        infer = InferenceConfig(tile_size=64, batch_size=4, device="cpu", auto_scale=False)
+        return save_checkpoint(
+            tmp_path / arch,
+            build_model(train, 3, 3),
+            Config(train=train, inference=infer),
+            target="three_class",
+            classes=3,
+            in_channels=3,
+            fingerprint_hash=None,
+            metrics={},
+            pixel_size_um=None,
+            name="best",
+        ).parent
+
+    loaded = load_model(saved("PAN"))
+    for tile, tta in [(64, False), (512, True)]:
+        cfg = loaded.config.inference.model_copy(update={"tile_size": tile, "tta": tta})
+        for h, w in [(20, 150), (80, 80)]:
+            image, _ = disc_image(h, w)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                labels, probs = predict_labels(loaded, image, HE, cfg)
+            assert labels.shape == (h, w) and probs.shape == (3, h, w)
+    assert loaded.min_side == 128
+    assert load_model(saved("Unet")).min_side == 32  # its tiles as before
+
+
 def test_print_resolution_metadata_is_not_taken_for_a_pixel_size(tmp_path, use_oracle):
     import tifffile
 
