@@ -370,6 +370,29 @@ def test_a_pull_request_never_cancels_a_deploy():
     assert seven != group("pull_request", event={"pull_request": {"number": 8}}, **fork)[0]
 
 
+def test_a_manual_run_waits_for_the_deploy_of_the_stack_it_deploys(tmp_path):
+    """A manual run (workflow_dispatch) from any branch but main deploys the dev stack, but its
+    concurrency group was its branch's: run from a feature branch, it ran `pulumi up` and moved
+    :dev alongside a push's deploy of dev. Deploys of one stack now share one group."""
+    deploy = _workflow("deploy.yml")
+    step = next(s for s in deploy["jobs"]["plan"]["steps"] if s.get("id") == "stack")
+
+    def stack(branch: str) -> str:  # the plan's own choice of stack
+        outputs = tmp_path / "outputs"
+        env = {"PATH": os.environ["PATH"], "BRANCH": branch, "GITHUB_OUTPUT": str(outputs)}
+        assert _run(["bash", "-e", "-c", step["run"]], env=env).returncode == 0
+        return outputs.read_text().strip().removeprefix("stack=")
+
+    def group(trigger: str, branch: str) -> str:
+        github = {"event_name": trigger, "ref_name": branch}
+        return _expression(deploy["concurrency"]["group"], github)
+
+    for branch in ("main", "dev", "feature/x"):
+        pushed = "main" if stack(branch) == "prod" else "dev"
+        assert group("workflow_dispatch", branch) == group("push", pushed), branch
+    assert group("push", "main") != group("push", "dev")
+
+
 def test_a_push_deploys_what_a_failed_or_cancelled_deploy_left_out(tmp_path):
     """The plan compared a push with the push before it (github.event.before): when that
     push's deploy failed, or was cancelled waiting behind another deploy (a third push
