@@ -21,6 +21,7 @@ Each run appends its throughput and nuclei statistics to ``<out_dir>/runs/histor
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import json
@@ -721,19 +722,24 @@ def _local_time() -> str:
 
 def _run_id() -> str:
     """The run's id in its history row, run.json and distributions file: the same for every
-    attempt of a flow run Prefect retries, so that the row of a completed retry replaces one
-    its failed attempt wrote."""
-    from prefect.runtime import flow_run
+    attempt of a flow run Prefect retries, in this process or another (a retry from the
+    dashboard, a run rescheduled after its worker restarted), so that the row of a completed
+    retry replaces one its failed attempt wrote."""
+    from prefect.context import FlowRunContext
 
-    rid = flow_run.get_id()
-    return _first_run_id(str(rid)) if rid else time.strftime("%Y%m%dT%H%M%S")
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None:
+        return time.strftime("%Y%m%dT%H%M%S")
+    # the first attempt's start, as Prefect records it
+    started = run.start_time or datetime.datetime.now(datetime.UTC)
+    return _flow_run_id(str(run.id), started)
 
 
-@functools.lru_cache(maxsize=64)
-def _first_run_id(flow_run_id: str) -> str:
-    # the id's last digits, random: its first are a time (UUIDv7), alike for runs started
+def _flow_run_id(flow_run_id: str, started: datetime.datetime) -> str:
+    # the id's last digits, random: its first may be a time (UUIDv7), alike for runs started
     # within a minute, whose rows would replace each other
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{flow_run_id[-8:]}"
+    return f"{started.astimezone():%Y%m%dT%H%M%S}-{flow_run_id[-8:]}"
 
 
 @user_errors_exit

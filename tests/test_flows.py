@@ -7,6 +7,7 @@ predictions are meaningless, but deterministic, which is what reruns are compare
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 import logging
@@ -580,6 +581,53 @@ def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     )
 
 
+def test_a_flow_run_retried_in_another_process_keeps_one_history_row(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A failed deployment run retried from the dashboard (or rescheduled after its worker
+    restarted) runs again in a new worker process under the same flow run id. Its run id
+    was remembered only by the process of its first attempt: the retry wrote a second row,
+    and measured its shift against its own first attempt's row."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import AwaitingRetry
+
+    import flows.segment as segment_flow
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 4)
+    segment_one = segment_flow.segment_one
+
+    def unreadable(loaded, path, *args, **kwargs):
+        if path.stem == "img_003":
+            raise ImageReadError(f"{path}: truncated PNG")
+        return segment_one(loaded, path, *args, **kwargs)
+
+    monkeypatch.setattr(segment_flow, "segment_one", unreadable)
+    parameters = {"input_dir": str(inbox), "out_dir": str(out), "model": str(checkpoint)}
+    first = segment_flow.segment_and_quantify(**parameters, batch_size=2, return_state=True)
+    assert first.is_failed()  # after its history row
+    monkeypatch.setattr(segment_flow, "segment_one", segment_one)  # the image is fixed
+    segment_flow._first_start.cache_clear()  # a new process
+    time.sleep(1.1)  # a retry starts later
+    with get_client(sync_client=True) as client:
+        run_id = first.state_details.flow_run_id
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        flow_run = client.read_flow_run(run_id)
+    retried = run_flow(
+        segment_flow.segment_and_quantify,
+        flow_run=flow_run,
+        parameters={**parameters, "batch_size": 2},
+        return_type="state",
+    )
+    assert retried.is_completed(), retried.message
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert len(history) == 1, history[["run_id", "n_images"]]
+    assert history["count_psi"].isna().all()  # not compared with its own first attempt
+
+
 def test_two_flow_runs_started_together_keep_history_rows_of_their_own() -> None:
     """A run's history row replaces one of its own run id (a retried run's). The id took the
     flow run id's first 8 digits, a time in Prefect's UUIDv7 ids: two runs started within a
@@ -588,9 +636,9 @@ def test_two_flow_runs_started_together_keep_history_rows_of_their_own() -> None
 
     import flows.segment as segment_flow
 
+    started = datetime.datetime.now(datetime.UTC)
     first, second = str(uuid7()), str(uuid7())
-    assert segment_flow._first_run_id(first) != segment_flow._first_run_id(second)
-    assert segment_flow._first_run_id(first) == segment_flow._first_run_id(first)  # a retry's
+    assert segment_flow._flow_run_id(first, started) != segment_flow._flow_run_id(second, started)
 
 
 def test_unreadable_image_fails_the_flow_after_the_others(harness, tmp_path, checkpoint) -> None:
