@@ -153,10 +153,11 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
-# The images each batch has written, by flow run and batch, while it may be retried: a
-# retried attempt (of the task, or of the whole flow run, which gives the task a new run id)
-# finds those its failed attempt finished done on disk, and they are this run's work, not
-# skipped (a run's metrics and history row left them out: in no run's).
+# The images each batch has written, by flow run and batch, until the flow run completes: a
+# retried attempt (of the task, or of the whole flow run, which gives the task a new run id,
+# also where the batch ended but an image in it failed) finds those its failed attempt
+# finished done on disk, and they are this run's work, not skipped (a run's metrics and
+# history row left them out: in no run's).
 _written_by_batch: dict[tuple[str, tuple[str, ...]], set[str]] = {}
 
 
@@ -228,7 +229,6 @@ def segment_batch(
             continue
         written.add(name)
         records.append({"status": "processed", "image": name, "summary": summary})
-    _written_by_batch.pop(attempt, None)
     return [{**record, "flow_run": flow_run} for record in records]
 
 
@@ -668,7 +668,17 @@ def segment_and_quantify(
     if failed and fail_on_error:
         first = "; ".join(_named(k, v) for k, v in list(failed.items())[:3])
         raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
+    _forget_written()  # this process's batches; a Dask worker keeps its own
     return result
+
+
+def _forget_written() -> None:
+    """Drop the completed flow run's entries of :data:`_written_by_batch`."""
+    from prefect.runtime import flow_run
+
+    run = str(flow_run.get_id())
+    for key in [k for k in _written_by_batch if k[0] == run]:
+        del _written_by_batch[key]
 
 
 def _named(image: str, error: str) -> str:

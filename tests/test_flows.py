@@ -529,7 +529,9 @@ def test_a_retried_batch_counts_the_images_its_failed_attempt_finished(
     )
 
 
-@pytest.mark.parametrize("fails", ["in a batch", "writing the run outputs", "publishing"])
+@pytest.mark.parametrize(
+    "fails", ["in a batch", "an image", "writing the run outputs", "publishing"]
+)
 def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     harness, tmp_path, checkpoint, monkeypatch, fails
 ) -> None:
@@ -547,11 +549,12 @@ def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     disc_images(inbox, 4)
     failures: list[str] = []
 
-    def once(function, when=lambda *args, **kwargs: True):
+    def once(function, when=lambda *args, **kwargs: True, error=None):
         def flaky(*args, **kwargs):
             if not failures and when(*args, **kwargs):
                 failures.append(fails)
-                raise RuntimeError("CUDA out of memory")  # no task retry: the flow fails
+                # no task retry: the flow fails
+                raise error or RuntimeError("CUDA out of memory")
             return function(*args, **kwargs)
 
         return flaky
@@ -559,6 +562,12 @@ def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     if fails == "in a batch":  # the second batch, after its first image
         last = lambda loaded, path, *args, **kwargs: path.stem == "img_003"  # noqa: E731
         monkeypatch.setattr(segment_flow, "segment_one", once(segment_flow.segment_one, last))
+    elif fails == "an image":  # the first batch's second: the batch ends, the flow fails
+        unread = ImageReadError("img_001.png: truncated PNG; re-copy it")
+        second = lambda loaded, path, *args, **kwargs: path.stem == "img_001"  # noqa: E731
+        monkeypatch.setattr(
+            segment_flow, "segment_one", once(segment_flow.segment_one, second, unread)
+        )
     elif fails == "writing the run outputs":  # every batch finished
         monkeypatch.setattr(
             mlseg.outputs, "write_run_outputs", once(mlseg.outputs.write_run_outputs)
