@@ -107,7 +107,8 @@ def _did_you_mean(name: str, names: list[str]) -> str:
 
 def check_names(cfg: TrainConfig) -> None:
     """Raise :class:`ModelError` where ``cfg.arch`` or ``cfg.encoder`` names nothing smp (or,
-    for ``tu-<name>``, timm) can build; nothing is built or downloaded."""
+    for ``tu-<name>``, timm's registry) can build; nothing is built or downloaded. A timm
+    name with a source (``tu-local-dir:/folder``, ``tu-hf-hub:org/model``) is not checked."""
     import segmentation_models_pytorch as smp
 
     archs = smp.MODEL_ARCHITECTURES_MAPPING
@@ -119,9 +120,10 @@ def check_names(cfg: TrainConfig) -> None:
     if cfg.encoder.startswith("tu-"):
         import timm
 
-        # timm's own error came mid-run as a RuntimeError traceback: 'Unknown model (...)'
+        # timm's own error came mid-run as a RuntimeError traceback: 'Unknown model (...)'.
+        # A name with a source (local-dir:/folder, hf-hub:org/model) is timm's to resolve
         name = cfg.encoder.removeprefix("tu-")
-        if not timm.is_model(name):
+        if ":" not in name and not timm.is_model(name):
             raise ModelError(
                 f"train.encoder: timm has no model {name!r}{_did_you_mean(name, timm.list_models())}; "
                 "see timm.list_models() for the names 'tu-<name>' takes"

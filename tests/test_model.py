@@ -45,6 +45,23 @@ def test_an_unknown_timm_encoder_is_a_model_error_with_a_hint() -> None:
         build_model(SMALL.model_copy(update={"encoder": "resnet81"}), 3, 1)
 
 
+def test_a_timm_encoder_from_a_local_folder_builds(tmp_path) -> None:
+    """tu-local-dir:<folder> (timm's offline source, as tu-hf-hub:<repo> its hub's) was
+    refused as a misspelt name, 'timm has no model', where smp builds it."""
+    import timm
+
+    try:
+        timm_reads_folders = timm.models.parse_model_name("local-dir:x")[0] == "local-dir"
+    except (AssertionError, ValueError):  # an older timm
+        timm_reads_folders = False
+    if not timm_reads_folders:
+        pytest.skip(f"timm {timm.__version__} reads no local-dir: names")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+    cfg = SMALL.model_copy(update={"encoder": f"tu-local-dir:{tmp_path}", "encoder_weights": None})
+    model = build_model(cfg, 3, 1)
+    assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
 def test_offline_encoder_weights_give_a_clear_error(monkeypatch) -> None:
     import segmentation_models_pytorch.encoders as encoders
 
