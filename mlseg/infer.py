@@ -80,7 +80,8 @@ NO_STAIN_TTA = StainTTA()
 @dataclass(frozen=True)
 class TileGrid:
     """Where the tiles go. ``tile_h``/``tile_w``: tile size actually used (a multiple of 32,
-    at most ``tile_size``); ``pad_h``/``pad_w``: padded image size (>= the image)."""
+    at most ``tile_size`` unless the model's ``min_side`` is more); ``pad_h``/``pad_w``:
+    padded image size (>= the image)."""
 
     height: int
     width: int
