@@ -30,8 +30,10 @@ from mlseg.io import full_scale, read_image
 MACENKO_REF_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], np.float64)
 MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], np.float64)
 OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 8-bit step)
-#: The optical density of a pixel at or below :data:`OD_EPS`: not measured, clipped.
-OD_MAX = float(-np.log(OD_EPS))
+#: The optical density of a pixel at or below 8 of 255 in every channel: black, not stain
+#: (H&E tissue is never that dark: no such pixel in GBM40's or CPM15's 55 tiles). A JPEG's
+#: black fill is not all 0s: its blocks beside tissue ring a few steps above.
+BLACK_OD = float(-np.log(8.0 / 255.0))
 #: Stain vectors closer than this (degrees) are one colour, not two stains: a field of one
 #: colour (pink, black, a scanner's fill) gives two equal vectors. Real H&E and IHC tiles
 #: give 14-36 degrees (GBM40, CPM15, scikit-image's IHC).
@@ -292,7 +294,7 @@ def macenko_stains(
     Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
     when fewer than 100 pixels (of at most :data:`MACENKO_SAMPLE_PIXELS`, sampled on a
     regular grid) are stained (optical density above ``beta`` in every channel, and not
-    black: :data:`OD_MAX` in every channel)
+    black: :data:`BLACK_OD` or more in every channel)
     or the stained pixels hold one colour only (the two vectors within
     :data:`MIN_STAIN_ANGLE_DEG`): mapped to the reference's two stains at their 99th
     percentiles, a uniform pink or black field came out the dark purple of a dense nucleus.
@@ -306,9 +308,9 @@ def macenko_stains(
         image = image[::step, ::step]
     od = optical_density(image).reshape(-1, 3)
     # black in every channel (a scanner's fill, a tile padded with zeros at the slide's edge)
-    # is clipped to OD_MAX, grey, no stain: a strip of 2% of a GBM40 tile, taken as stained,
-    # turned eosin's vector grey and its 99th percentile 7x, and the tissue lost its eosin
-    tissue = od[np.all(od > beta, axis=1) & np.any(od < OD_MAX, axis=1)]
+    # is grey, no stain: a strip of 2% of a GBM40 tile, taken as stained, turned eosin's
+    # vector grey and its 99th percentile 7x, and the tissue lost its eosin
+    tissue = od[np.all(od > beta, axis=1) & np.any(od < BLACK_OD, axis=1)]
     if len(tissue) < 100:
         return None
     _, vecs = np.linalg.eigh(np.cov(tissue.T))
