@@ -639,8 +639,9 @@ def test_a_flow_run_retried_in_another_process_keeps_one_history_row(
 
 def test_two_flow_runs_started_together_keep_history_rows_of_their_own() -> None:
     """A run's history row replaces one of its own run id (a retried run's). The id took the
-    flow run id's first 8 digits, a time in Prefect's UUIDv7 ids: two runs started within a
-    minute, in one second, had one run id, and the second's row replaced the first's."""
+    flow run id's first 8 digits, a time in a UUIDv7 (this server draws UUIDv4 for flow
+    runs, prefect._internal.uuid7 the others): two such runs started in one second would
+    share a run id, and the second's row would replace the first's."""
     from prefect._internal.uuid7 import uuid7
 
     import flows.segment as segment_flow
