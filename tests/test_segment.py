@@ -794,19 +794,25 @@ def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
         assert summary["count"] == len(np.unique(labels)) - 1
 
 
-def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path):
-    """The warning is about the model, not about each image (pandas' table building resets
-    Python's once-per-line memory, so it used to repeat for every image); and it is said in
-    every run, not only in a notebook's or a worker's first."""
+def _untrained_checkpoint(folder: Path) -> Path:
+    """A small untrained three-class U-Net saved as training saves one, without a pixel size
+    or a nucleus diameter."""
     from mlseg.config import TrainConfig
     from mlseg.model import build_model, save_checkpoint
 
     train = TrainConfig(encoder="resnet18", encoder_depth=3)
-    ckpt = tmp_path / "old_model"
     save_checkpoint(
-        ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
+        folder, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
         in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
     )  # fmt: skip
+    return folder
+
+
+def test_a_model_without_a_diameter_record_is_warned_about_once_per_run(tmp_path):
+    """The warning is about the model, not about each image (pandas' table building resets
+    Python's once-per-line memory, so it used to repeat for every image); and it is said in
+    every run, not only in a notebook's or a worker's first."""
+    ckpt = _untrained_checkpoint(tmp_path / "old_model")
     images = _folder(tmp_path, 3)
     for run in ("first", "second"):
         with warnings.catch_warnings(record=True) as caught:
@@ -821,17 +827,7 @@ def test_a_model_without_a_diameter_says_why(tmp_path):
     """A model whose training masks held too few nuclei records its diameter as unknown; the
     warning said it was 'trained before mlseg learnt it', sending a lab to retrain with a
     newer mlseg instead of giving masks with more nuclei or the pixel size."""
-    import json
-
-    from mlseg.config import TrainConfig
-    from mlseg.model import build_model, save_checkpoint
-
-    train = TrainConfig(encoder="resnet18", encoder_depth=3)
-    ckpt = tmp_path / "model"
-    save_checkpoint(
-        ckpt, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
-        in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
-    )  # fmt: skip
+    ckpt = _untrained_checkpoint(tmp_path / "model")  # its diameter recorded as unknown
     images = _folder(tmp_path, 1)
 
     def said(run: str) -> str:
