@@ -331,7 +331,8 @@ class InferenceConfig(Strict):
     # trained with it, the default (bench/README.md, fifteenth session).
     adapt_bn: bool = False
     # bf16 autocast for the network on GPUs and CPUs with bf16 in hardware (Ampere or
-    # later; AMX, AVX512-BF16); float32 elsewhere. Probabilities, blending and watershed stay float32.
+    # later; AMX, AVX512-BF16); float32 elsewhere. Probabilities, blending and watershed
+    # stay float32.
     amp: bool = True
     channels_last: bool = True  # memory layout of the network and its input tiles
     blend: Literal["gaussian", "constant"] = "gaussian"

@@ -400,9 +400,9 @@ def adapted_batchnorm(model, image, cfg: InferenceConfig, min_side: int = 32):
 
     ``image``: ``(H, W, C)``, normalised as for :func:`predict_probs`; the statistics are
     averaged over its tiles as inference cuts them (``cfg``, ``min_side`` as for
-    :func:`iter_prob_bands`), one encoder pass each. A
-    model whose encoder has no known stages is left as it is, with a warning. Threads that
-    share a model (a flow's batches) take turns inside the block, each with its image's own.
+    :func:`iter_prob_bands`), one encoder pass each. A model whose encoder has no known
+    stages is left as it is, with a warning. Threads that share a model (a flow's batches)
+    take turns inside the block, each with its image's own.
     """
     import torch
 

@@ -124,12 +124,12 @@ def check_names(cfg: TrainConfig) -> None:
         # A name with a source (local-dir:/folder, hf-hub:org/model) is timm's to resolve
         name = cfg.encoder.removeprefix("tu-")
         if ":" not in name and not timm.is_model(name):
+            hint = _did_you_mean(name, timm.list_models())
             raise ModelError(
-                f"train.encoder: timm has no model {name!r}{_did_you_mean(name, timm.list_models())}; "
+                f"train.encoder: timm has no model {name!r}{hint}; "
                 "see timm.list_models() for the names 'tu-<name>' takes"
             )
-    elif cfg.encoder not in smp.encoders.get_encoder_names():
-        names = smp.encoders.get_encoder_names()
+    elif cfg.encoder not in (names := smp.encoders.get_encoder_names()):
         raise ModelError(
             f"train.encoder: unknown encoder {cfg.encoder!r}{_did_you_mean(cfg.encoder, names)}; "
             "see segmentation_models_pytorch.encoders.get_encoder_names() (e.g. resnet34, "
