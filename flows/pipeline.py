@@ -237,6 +237,7 @@ def pipeline(
     from mlseg.dataset import check_pixel_size, split_pixel_sizes
     from mlseg.errors import ConfigError
     from mlseg.evaluate import SCORES
+    from mlseg.io import read_written_csv
     from mlseg.model import check_names
     from mlseg.registry import check_name
     from mlseg.report import pipeline_report
@@ -354,8 +355,6 @@ def pipeline(
 
     # 8. the report for people who do not open the dashboard
     import pandas as pd
-
-    from mlseg.io import read_written_csv
 
     outputs = {
         "report": str(work / "report.html"),

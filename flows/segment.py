@@ -153,11 +153,10 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
-# The images each batch has written, by flow run and batch, until the flow run completes: a
-# retried attempt (of the task, or of the whole flow run, which gives the task a new run id,
-# also where the batch ended but an image in it failed) finds those its failed attempt
-# finished done on disk, and they are this run's work, not skipped (a run's metrics and
-# history row left them out: in no run's).
+# The images each batch has written, by flow run id and batch, until the flow run completes:
+# a retried attempt (of the task, or of the whole flow run, which gives the task a new run
+# id) finds those its failed attempt finished done on disk; they are this run's work, not
+# skipped, also where the batch ended but an image in it failed.
 _written_by_batch: dict[tuple[str, tuple[str, ...]], set[str]] = {}
 
 
@@ -196,8 +195,8 @@ def segment_batch(
     log_warnings()  # on a Dask worker too
     context = TaskRunContext.get()
     flow_run = str(context.task_run.flow_run_id) if context is not None else None
-    attempt = (flow_run, tuple(images)) if flow_run else None
-    written = _written_by_batch.setdefault(attempt, set()) if attempt else set()
+    batch = (flow_run, tuple(images))
+    written = _written_by_batch.setdefault(batch, set()) if flow_run else set()
     if torch_threads:
         import torch
 
