@@ -347,27 +347,25 @@ def test_a_pull_request_never_cancels_a_deploy():
     shares (an outdated preview is still cancelled)."""
     concurrency = _workflow("deploy.yml")["concurrency"]
 
-    def group(trigger: str, **github: object) -> tuple[str, str]:
-        github["event_name"] = trigger
-        return (
-            _expression(concurrency["group"], github),
-            _expression(str(concurrency["cancel-in-progress"]), github),
+    def run(trigger: str, ref_name: str, **github: object) -> tuple[str, str]:
+        """(concurrency group, cancel-in-progress) of a run."""
+        github |= {"event_name": trigger, "ref_name": ref_name}
+        return tuple(
+            _expression(str(concurrency[k]), github) for k in ("group", "cancel-in-progress")
         )
 
-    pushes = {
-        group(e, ref_name=b)[0] for e in ("push", "workflow_dispatch") for b in ("main", "dev")
-    }
-    assert all(group(e, ref_name="main")[1] == "false" for e in ("push", "workflow_dispatch"))
-    release = dict(head_ref="dev", base_ref="main", ref_name="7/merge")
-    fork = dict(head_ref="main", base_ref="main", ref_name="8/merge")
-    for number, pull in ((7, release), (8, fork)):
-        name, cancels = group("pull_request", event={"pull_request": {"number": number}}, **pull)
+    def pull(number: int, head_ref: str, sha: str = "a1") -> tuple[str, str]:
+        pr = {"pull_request": {"number": number}}
+        return run("pull_request", f"{number}/merge", head_ref=head_ref, sha=sha, event=pr)
+
+    deploys = [run(e, b) for e in ("push", "workflow_dispatch") for b in ("main", "dev")]
+    assert {cancels for _, cancels in deploys} == {"false"}
+    release, fork = pull(7, head_ref="dev"), pull(8, head_ref="main")  # both into main
+    for group, cancels in (release, fork):
         assert cancels == "true"
-        assert name not in pushes, (name, pushes)
-        again = group("pull_request", event={"pull_request": {"number": number}}, **pull)[0]
-        assert again == name
-    seven = group("pull_request", event={"pull_request": {"number": 7}}, **release)[0]
-    assert seven != group("pull_request", event={"pull_request": {"number": 8}}, **fork)[0]
+        assert group not in {g for g, _ in deploys}, (group, deploys)
+    assert release[0] != fork[0]
+    assert pull(7, head_ref="dev", sha="b2") == release  # its next commit
 
 
 def test_a_manual_run_waits_for_the_deploy_of_the_stack_it_deploys(tmp_path):
@@ -408,11 +406,10 @@ def test_a_push_deploys_what_a_failed_or_cancelled_deploy_left_out(tmp_path):
     git_env = {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path),
-        **{
-            f"GIT_{w}_{k}": v
-            for w in ("AUTHOR", "COMMITTER")
-            for k, v in (("NAME", "t"), ("EMAIL", "t@t"))
-        },
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
     }
 
     def commit(path: str, text: str) -> str:
