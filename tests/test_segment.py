@@ -794,15 +794,15 @@ def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
         assert summary["count"] == len(np.unique(labels)) - 1
 
 
-def _untrained_checkpoint(folder: Path) -> Path:
-    """A small untrained three-class U-Net saved as training saves one, without a pixel size
-    or a nucleus diameter."""
+def _untrained_checkpoint(folder: Path, cfg: Config | None = None) -> Path:
+    """A small untrained three-class model (``cfg.train``'s; by default a U-Net) saved as
+    training saves one, without a pixel size or a nucleus diameter."""
     from mlseg.config import TrainConfig
     from mlseg.model import build_model, save_checkpoint
 
-    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    cfg = cfg or Config(train=TrainConfig(encoder="resnet18", encoder_depth=3))
     save_checkpoint(
-        folder, build_model(train, 3, 3), Config(train=train), target="three_class", classes=3,
+        folder, build_model(cfg.train, 3, 3), cfg, target="three_class", classes=3,
         in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
     )  # fmt: skip
     return folder
@@ -1013,23 +1013,12 @@ def test_a_pan_model_segments_small_images_and_small_tiles(tmp_path):
     ('Output size is too small') at inference.tile_size 64, and images under 97 px at the
     default 512: its pyramid pooling needs 128 px, small images were padded to 32's."""
     from mlseg.config import TrainConfig
-    from mlseg.model import build_model, load_model, save_checkpoint
+    from mlseg.model import load_model
 
     def saved(arch: str) -> Path:
         train = TrainConfig(arch=arch, encoder="resnet18", patch_size=128)
         infer = InferenceConfig(tile_size=64, batch_size=4, device="cpu", auto_scale=False)
-        return save_checkpoint(
-            tmp_path / arch,
-            build_model(train, 3, 3),
-            Config(train=train, inference=infer),
-            target="three_class",
-            classes=3,
-            in_channels=3,
-            fingerprint_hash=None,
-            metrics={},
-            pixel_size_um=None,
-            name="best",
-        ).parent
+        return _untrained_checkpoint(tmp_path / arch, Config(train=train, inference=infer))
 
     loaded = load_model(saved("PAN"))
     for tile, tta in [(64, False), (512, True)]:
@@ -1301,8 +1290,6 @@ def test_a_scale_estimate_stopped_at_its_limit_is_named():
     """On noise or a stain the model never saw, its first pass cuts texture into small
     pieces and the estimate asks for the largest enlargement (4x, 2,491 'nuclei' on noise):
     the image is named, as a scan that far from the training magnification would be."""
-    import warnings
-
     from mlseg.scale import ScaleEstimate
     from mlseg.segment import warn_if_scale_at_limit
 
@@ -1317,8 +1304,6 @@ def test_a_scale_estimate_stopped_at_its_limit_is_named():
 def test_a_given_pixel_size_beyond_the_scale_limits_is_named():
     """2.5 um given for a 0.25 um tile (a decimal point slipped) resampled it 10x, where a
     40x model found no nucleus, without a word: the image is named, with the factor."""
-    import warnings
-
     from mlseg.scale import ScaleEstimate
     from mlseg.segment import warn_if_scale_at_limit
 
