@@ -660,13 +660,13 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     return write_image(path, labels.astype(np.uint16))
 
 
-def read_written_csv(path: str | os.PathLike, names: str):
-    """A CSV :func:`write_table` wrote, its ``names`` column as text: an image named ``01``,
-    ``NA`` or ``None`` keeps its name, which pandas reads as 1 or as a missing value. An
-    empty cell, as a missing value is written, is one in every column."""
+def read_written_csv(path: str | os.PathLike, column: str):
+    """A CSV :func:`write_table` wrote, its ``column`` (of names) as text: an image named
+    ``01``, ``NA`` or ``None`` keeps its name, which pandas reads as 1 or as a missing value.
+    An empty cell, as a missing value is written, is one in every column."""
     import pandas as pd
 
-    return pd.read_csv(path, dtype={names: str}, keep_default_na=False, na_values=[""])
+    return pd.read_csv(path, dtype={column: str}, keep_default_na=False, na_values=[""])
 
 
 def write_table(df, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
