@@ -74,6 +74,20 @@ def staging_dir(final: str | os.PathLike) -> Path:
     return tmp
 
 
+#: The name :func:`atomic_path` gives its temporary: ``.<stem>.<8 of mkstemp's>.tmp<suffix>``.
+ATOMIC_TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?")
+
+
+def atomic_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """The temporaries of :func:`atomic_path` in ``folder``: those a process killed while
+    writing (SIGKILL, out of memory) left behind; removing them is for whoever holds the
+    folder, as no other writer may be at work in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob(".*.tmp*") if ATOMIC_TMP_NAME.fullmatch(p.name) and p.is_file()]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ import pandas as pd
 
 from mlseg.errors import writes_named
 from mlseg.io import (
+    atomic_leftovers,
     atomic_path,
     labels_suffix,
     write_image,
@@ -489,6 +491,8 @@ def tag_table(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
 #: Held in an output folder by the run writing into it (:func:`writing_to`); hidden, so never
 #: read as an image.
 RUN_LOCK = ".mlseg.lock"
+#: Seconds after its last write that a temporary in an output folder counts as a killed run's.
+LEFTOVER_AGE_S = 600
 
 
 @contextlib.contextmanager
@@ -499,7 +503,10 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
     each image as a rerun would. Two runs at once at different settings (another model,
     another pixel size) wrote one image's files in turn, and left ``<stem>.json`` naming one
     run's settings beside tables measured at the other's, which every rerun then skipped as
-    done. The lock ends with its process, so a killed run holds nothing."""
+    done. The lock ends with its process, so a killed run holds nothing; the temporaries of
+    the files it was writing (:func:`mlseg.io.atomic_leftovers`), a table of a large image's
+    nuclei among them, are removed as a later run takes the folder, once
+    :data:`LEFTOVER_AGE_S` old."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
@@ -515,6 +522,12 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
             )
             lock.acquire()
     try:
+        for leftover in atomic_leftovers(out_dir):
+            # untouched for 10 minutes: no writer's, even one outside the lock (a flow's
+            # history.csv given in the folder is written after the run lets it go)
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - leftover.stat().st_mtime > LEFTOVER_AGE_S:
+                    leftover.unlink()
         yield out_dir
     finally:
         lock.release()

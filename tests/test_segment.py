@@ -664,6 +664,32 @@ def test_two_runs_into_one_folder_leave_each_image_measured_at_one_setting(tmp_p
     assert any("another mlseg run is writing" in str(w.message) for w in said)
 
 
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path):
+    """A run killed while writing (SIGKILL, out of memory) leaves its atomic writes'
+    temporaries, a large image's nuclei table among them; nightly runs into one folder piled
+    them up. The next run removes those of its own naming, not a person's files, and not one
+    written in the last minutes (a history.csv given in the folder is written outside the
+    run's lock)."""
+    import os
+    import time
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(64, 64)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    out.mkdir()
+    killed = [out / ".nuclei.k3x_9a0q.tmp.parquet", out / ".a_overlay.abcd1234.tmp.png"]
+    kept = [out / ".notes.tmp", out / "a.tmp.png", out / ".history.q1w2e3r4.tmp.csv"]
+    for path in killed + kept:
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    for path in (*killed, kept[0], kept[1]):
+        os.utime(path, (hour_ago, hour_ago))
+    quantify_folder(masks, images, out, profile_name="he", pixel_size_um=0.5, progress=False)
+    assert not any(p.exists() for p in killed)
+    assert all(p.exists() for p in kept)
+
+
 def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
     """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
     it was corrected measures them again, in the new microns."""
