@@ -235,28 +235,30 @@ def min_input_side(model: nn.Module, in_channels: int) -> int:
 
 def check_trainable(model: nn.Module, cfg: TrainConfig, in_channels: int) -> None:
     """Refuse ``train.patch_size`` or ``train.batch_size`` where ``model`` cannot take a
-    training step on them: PAN's pyramid pooling needs 128 px patches, and the BatchNorm
-    after a global pooling (DeepLabV3, PAN, UPerNet) or a 1x1 bottleneck needs two patches a
-    batch. Both failed at the first step, after the data were loaded, with torch's words.
-    Only those settings are tried, on a copy: a training-mode pass moves its statistics."""
-    if cfg.patch_size >= 128 and cfg.batch_size > 1:
+    training step on them: PAN's pyramid pooling needs 128 px patches
+    (:func:`min_input_side`), and the BatchNorm after a global pooling (DeepLabV3, PAN,
+    UPerNet) or a 1x1 bottleneck needs two patches a batch. Both failed at the first step,
+    after the data were loaded, with torch's words. Patches of 128 px or more in batches of
+    two or more are not tried; a batch of one is tried on a copy, as a training-mode pass
+    moves its statistics."""
+    side = cfg.patch_size
+    named = f"{cfg.arch}/{cfg.encoder} with encoder_depth={cfg.encoder_depth}"
+    if side < 128 and side < (smallest := min_input_side(model, in_channels)):
+        raise ModelError(
+            f"train.patch_size={side}: {named} cannot train on patches of {side}x{side} px "
+            f"(it takes {smallest} px or more); set a larger train.patch_size (128 runs every "
+            "architecture)"
+        )
+    if cfg.batch_size > 1:
         return
-    probe, side = copy.deepcopy(model), cfg.patch_size
-    for training, key, fix in (
-        (False, f"patch_size={side}", "a larger train.patch_size (128 runs every architecture)"),
-        (True, "batch_size=1", "train.batch_size: 2 or more"),
-    ):
-        if training and cfg.batch_size > 1:
-            continue
-        try:
-            with torch.no_grad():
-                probe.train(training)(torch.zeros(1, in_channels, side, side))
-        except (RuntimeError, ValueError) as err:
-            raise ModelError(
-                f"train.{key}: {cfg.arch}/{cfg.encoder} with encoder_depth="
-                f"{cfg.encoder_depth} cannot train on {cfg.batch_size} patch(es) of "
-                f"{side}x{side} px ({str(err).splitlines()[0]}); set {fix}"
-            ) from None
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(torch.zeros(1, in_channels, side, side))
+    except (RuntimeError, ValueError) as err:
+        raise ModelError(
+            f"train.batch_size=1: {named} cannot train on 1 patch of {side}x{side} px "
+            f"({str(err).splitlines()[0]}); set train.batch_size: 2 or more"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- saving
