@@ -31,8 +31,8 @@ MACENKO_REF_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.55
 MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], np.float64)
 OD_EPS = 1.0 / 255.0  # the smallest intensity optical density is taken of (one 8-bit step)
 #: The optical density of a pixel at or below 8 of 255 in every channel: black, not stain
-#: (H&E tissue is never that dark: no such pixel in GBM40's or CPM15's 55 tiles). A JPEG's
-#: black fill is not all 0s: its blocks beside tissue ring a few steps above.
+#: (H&E tissue is never that dark: in GBM40's and CPM15's 55 tiles, one dead pixel is). A
+#: JPEG's black fill is not all 0s: its blocks beside tissue ring a few steps above.
 BLACK_OD = float(-np.log(8.0 / 255.0))
 #: Stain vectors closer than this (degrees) are one colour, not two stains: a field of one
 #: colour (pink, black, a scanner's fill) gives two equal vectors. Real H&E and IHC tiles
