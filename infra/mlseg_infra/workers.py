@@ -39,8 +39,14 @@ def build_workers(
             user_data=user_data,
             monitoring=True,
             ipv6=True,
-            # A droplet without a firewall is open on every port: never boot one before it.
-            opts=pulumi.ResourceOptions(depends_on=[network.firewall]),
+            opts=pulumi.ResourceOptions(
+                # A droplet without a firewall is open on every port: never boot one before it.
+                depends_on=[network.firewall],
+                # New user data (a rotated key), image or region replaces the droplet, and its
+                # replacement attaches the same volume, which DigitalOcean attaches to one
+                # droplet at a time: the old one has to go first (Pulumi creates the new first).
+                delete_before_replace=True,
+            ),
         )
         workers.append((droplet, volume))
     return workers

@@ -40,6 +40,7 @@ class Resource:
     name: str
     inputs: dict[str, Any]  # secrets unwrapped
     secret_inputs: set[str] = field(default_factory=set)
+    opts: pulumi.ResourceOptions | None = None  # as the program passed them
 
     @property
     def kind(self) -> str:
@@ -76,6 +77,11 @@ class _Recorder(pulumi.runtime.Mocks):
 
     def __init__(self) -> None:
         self.resources: list[Resource] = []
+        self.opts: dict[str, pulumi.ResourceOptions] = {}
+
+    def record_opts(self, args: pulumi.ResourceTransformationArgs) -> None:
+        """A stack transformation: the mocks see inputs only, not the resource options."""
+        self.opts[args.name] = args.opts
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         inputs = dict(args.inputs)
@@ -85,6 +91,7 @@ class _Recorder(pulumi.runtime.Mocks):
                 name=args.name,
                 inputs=_unwrap(inputs),
                 secret_inputs={k for k, v in inputs.items() if rpc.is_rpc_secret(v)},
+                opts=self.opts.get(args.name),
             )
         )
         state = _unwrap(inputs)
@@ -153,6 +160,7 @@ def run_stack(
 
     @pulumi.runtime.test
     def program():
+        pulumi.runtime.register_stack_transformation(recorder.record_opts)
         original, pulumi.export = pulumi.export, export
         try:
             runpy.run_path(str(INFRA / "__main__.py"), run_name="__main__")

@@ -166,3 +166,12 @@ def test_exports_name_what_operators_need(run):
 def test_work_pool_is_configurable_and_exported():
     result = run_stack("dev", stack_config("dev", workPool="gpu-pool"))
     assert result.exports["work_pool"] == "gpu-pool"
+
+
+def test_a_replaced_worker_releases_its_volume_first(run):
+    """New user data (a rotated key), image or region replaces a droplet; DigitalOcean attaches
+    a volume to one droplet at a time, so the replacement, which attaches the same volume,
+    can only be created once the old droplet is gone (Pulumi's default creates it first)."""
+    _, result = run
+    for droplet in result.of("Droplet"):
+        assert droplet.opts is not None and droplet.opts.delete_before_replace is True
