@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pulumi
 import pulumi_digitalocean as do
 
 from mlseg_infra.settings import Settings
@@ -44,7 +45,12 @@ def build_storage(settings: Settings) -> Storage:
 
 
 def build_data_volume(settings: Settings, index: int) -> do.Volume:
-    """One block-storage volume per worker: a DigitalOcean volume attaches to one droplet."""
+    """One block-storage volume per worker: a DigitalOcean volume attaches to one droplet.
+
+    Protected: the worker keeps runs, the model registry, results and the inbox there, so a
+    `pulumi destroy`, a lower `workerCount` or another region (which replaces it) stops with
+    Pulumi's "protected" error until a person unprotects it.
+    """
     return do.Volume(
         f"data-volume-{index}",
         name=f"{settings.prefix}-data-{index}",
@@ -53,4 +59,5 @@ def build_data_volume(settings: Settings, index: int) -> do.Volume:
         initial_filesystem_type="ext4",
         initial_filesystem_label=VOLUME_LABEL,
         description=f"mlseg {settings.stack} datasets and scratch for worker {index}",
+        opts=pulumi.ResourceOptions(protect=True),
     )

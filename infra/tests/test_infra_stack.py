@@ -175,3 +175,11 @@ def test_a_replaced_worker_releases_its_volume_first(run):
     _, result = run
     for droplet in result.of("Droplet"):
         assert droplet.opts is not None and droplet.opts.delete_before_replace is True
+
+
+def test_data_volumes_survive_destroy_scale_down_and_region_change(run):
+    """The workers keep runs, the model registry, results and the inbox on their volumes: a
+    `pulumi destroy`, a lower workerCount or another region must not delete them unasked."""
+    _, result = run
+    for volume in result.of("Volume"):
+        assert volume.opts is not None and volume.opts.protect is True
