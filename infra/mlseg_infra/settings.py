@@ -6,12 +6,14 @@ program starts, so `pulumi preview` refuses a bad stack before anything is creat
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
 
 import pulumi
+import pulumi.runtime.config
 
 from mlseg_infra.sizes import SizeError, require_minimum
 
@@ -20,6 +22,27 @@ DEFAULT_WORK_POOL = "mlseg-pool"
 DEFAULT_IMAGE = "ubuntu-24-04-x64"  # Ubuntu 24.04 LTS
 DEFAULT_GPU_IMAGE = "gpu-h100x1-base"  # DigitalOcean's AI/ML-ready image, NVIDIA drivers installed
 MAX_WORKERS = 20
+# Every key this program reads (read_settings, read_secrets): any other `mlseg:` key is a typo.
+KEYS = (
+    "region",
+    "workerCount",
+    "dropletSize",
+    "dropletImage",
+    "gpu",
+    "adminCidrs",
+    "sshPublicKey",
+    "bucketName",
+    "datasetPrefix",
+    "volumeSizeGb",
+    "registryName",
+    "registryCreate",
+    "registryTier",
+    "imageName",
+    "imageTag",
+    "workPool",
+    "prefectApiUrl",
+    "prefectApiKey",
+)
 # Narrowest networks still accepted for SSH: wider ones are the internet in all but name.
 _MIN_PREFIX = {4: 8, 6: 32}
 
@@ -153,8 +176,33 @@ def _cidr_problems(cidrs: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def _unknown_keys(stack: str) -> list[str]:
+    """A line per `mlseg:` key set in the stack that this program does not read.
+
+    Pulumi passes a stack's whole config to the program and never says a key is unused, so
+    without this a misspelt `workercount: 3` would leave its default of one worker.
+    """
+    prefix = f"{CONFIG_NAMESPACE}:"
+    names = set(pulumi.runtime.config.CONFIG.get()) | set(pulumi.runtime.config.get_config_env())
+    by_lower = {key.lower(): key for key in KEYS}
+    lines = []
+    for name in sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix)):
+        if name in KEYS:
+            continue
+        close = difflib.get_close_matches(name.lower(), by_lower, n=1)
+        hint = f"did you mean {by_lower[close[0]]}? " if close else ""
+        lines.append(
+            f"Pulumi.{stack}.yaml sets {prefix}{name}, which this program does not read; "
+            f"{hint}(`pulumi config rm {name}` removes it)"
+        )
+    return lines
+
+
 def read_settings(config: pulumi.Config, stack: str) -> Settings:
     """Settings of `stack` from its `Pulumi.<stack>.yaml` (keys in the `mlseg:` namespace)."""
+    unknown = _unknown_keys(stack)
+    if unknown:
+        raise SettingsError(f"stack {stack!r} has unknown settings:\n  - " + "\n  - ".join(unknown))
     gpu = config.get_bool("gpu", False)
     default_tag = stack  # CI pushes a moving tag per stack (":dev", ":prod") besides the SHA
     return Settings(

@@ -143,3 +143,26 @@ def test_prefect_key_comes_from_pulumi_secret_or_environment(monkeypatch):
     finally:
         set_config({})
     assert (value, secret) == ("key-from-config", True)
+
+
+@pytest.mark.parametrize(
+    ("typo", "key"),
+    [("workercount", "workerCount"), ("dropletsize", "dropletSize"), ("adminCidr", "adminCidrs")],
+)
+def test_a_misspelt_key_is_refused_not_ignored(typo, key):
+    # `pulumi config set workercount 3` would otherwise leave one worker, silently
+    config = stack_config("dev")
+    config[typo] = config.pop(key)
+    with pytest.raises(SettingsError, match=f"mlseg:{typo}.*did you mean {key}") as err:
+        _read("dev", config)
+    assert "Pulumi.dev.yaml" in str(err.value) and f"pulumi config rm {typo}" in str(err.value)
+
+
+def test_keys_of_other_namespaces_are_left_to_their_owners():
+    flat = {f"mlseg:{k}": v for k, v in USER_CONFIG.items()}
+    flat |= {"mlseg:bucketName": "mlseg-dev-data", "digitalocean:token": "not-read-here"}
+    pulumi.runtime.set_all_config(flat)
+    try:
+        assert read_settings(pulumi.Config(CONFIG_NAMESPACE), "dev").bucket_name == "mlseg-dev-data"
+    finally:
+        set_config({})
