@@ -70,16 +70,54 @@ def _display(image: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
-def _label_rgb(labels: np.ndarray) -> np.ndarray:
-    """Instance labels -> RGB with a pseudo-random colour per label, black background.
+#: Colours of the nuclei in the worst cases' truth and prediction panels, on black: green,
+#: magenta, white, brown, dark blue, grey. Any two, and each and black, are 25 or more apart
+#: (CIEDE2000) in normal vision and, by Machado et al.'s 2009 simulation, with protanopia,
+#: deuteranopia and tritanopia.
+LABEL_COLOURS = (
+    (64, 192, 64),
+    (255, 64, 255),
+    (255, 255, 255),
+    (128, 64, 0),
+    (0, 64, 128),
+    (128, 128, 128),
+)
 
-    Colours go by rank among the labels present, not by label value: a tile of a slide's
-    label image keeps ids up to 2**31 - 1, and a palette indexed by value took 45 GiB."""
+
+def _touching(rank: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
+    """``(P, 2)`` pairs of ranks of labels that are 4-neighbours somewhere, each once;
+    ``nucleus`` says which ranks are nuclei (not the background)."""
+    pairs = []
+    for a, b in ((rank[:, :-1], rank[:, 1:]), (rank[:-1], rank[1:])):
+        apart = (a != b) & nucleus[a] & nucleus[b]
+        pairs.append(np.stack([a[apart], b[apart]], 1))
+    pairs = np.concatenate(pairs)
+    return np.unique(np.sort(pairs, axis=1), axis=0)
+
+
+def _label_rgb(labels: np.ndarray) -> np.ndarray:
+    """Instance labels -> ``(H, W, 3) float`` RGB in [0, 1], black background, each nucleus
+    in one of :data:`LABEL_COLOURS` and none in its touching neighbours' (first fit).
+
+    Colours went at random: touching nuclei in near-equal colours read as one, a split
+    nucleus as merged, for 6% of touching pairs in normal vision and 10-15% for colour-blind
+    viewers (CIEDE2000 under 10). Colours go by rank among the labels present, not by label
+    value: a tile of a slide's label image keeps ids up to 2**31 - 1, and a palette indexed
+    by value took 45 GiB."""
     ids, rank = np.unique(labels, return_inverse=True)
-    rng = np.random.default_rng(12345)
-    palette = rng.uniform(0.25, 1.0, size=(ids.size, 3))
-    palette[ids == 0] = 0
-    return palette[rank.reshape(labels.shape)]
+    rank = rank.reshape(labels.shape)
+    pairs = _touching(rank, ids != 0)
+    pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    starts = np.searchsorted(pairs[:, 0], np.arange(ids.size + 1))
+    colour = np.full(ids.size, -1)
+    for r in np.flatnonzero(ids != 0):
+        used = np.bincount(
+            colour[pairs[starts[r] : starts[r + 1], 1]] + 1, minlength=len(LABEL_COLOURS) + 1
+        )[1:]
+        colour[r] = int(np.argmin(used))  # the first unused, else the least used (rare)
+    palette = np.vstack([np.array(LABEL_COLOURS) / 255.0, np.zeros((1, 3))])
+    return palette[colour][rank]  # colour -1 (the background) is the last row, black
 
 
 def _count(labels: np.ndarray) -> str:
