@@ -314,6 +314,8 @@ def measure(
     ecc = np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0))
     ecc[l1 == 0] = 0.0
     orientation = np.degrees(0.5 * np.arctan2(-2.0 * cov_rc, var_c - var_r)) % 180.0
+    # a horizontal nucleus's covariance can round to -1e-17, whose angle % 180 is 180.0
+    orientation[orientation >= 180.0] = 0.0
 
     perimeter, border_pts, border_starts = _perimeter(labels.shape, idx, lab, rows, cols, starts)
     convex_px, feret_max, feret_min = _hull_features(

@@ -85,6 +85,16 @@ def test_bars_and_single_pixels():
     assert box["solidity"] == 1.0
 
 
+def test_orientation_of_a_horizontal_nucleus_is_0_not_180():
+    """A nucleus mirror-symmetric about a vertical line lies along x: orientation_deg is in
+    [0, 180) and 0 for it; its covariance rounded to -8e-17 once read as 180.0."""
+    labels = np.zeros((12, 82), np.int32)
+    labels[4, 18:63] = labels[5, 5:76] = labels[6, 4:77] = labels[7, 14:67] = 1
+    assert measure(labels, None, HE, pixel_size_um=None)["orientation_deg"].iloc[0] == (
+        pytest.approx(0.0, abs=1e-9)
+    )
+
+
 def test_microns_and_pixels_columns():
     labels = ellipse_mask((60, 60), 30, 30, 10, 6).astype(np.int32)
     in_px = measure(labels, None, HE, pixel_size_um=None)
