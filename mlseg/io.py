@@ -283,6 +283,7 @@ def _read_tiff(path: Path) -> np.ndarray:
             compression = tif.pages[0].compression
             _check_fits(path, tif.series[0])
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
+            photometric = tif.series[0].keyframe.photometric
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
@@ -301,7 +302,26 @@ def _read_tiff(path: Path) -> np.ndarray:
             f"file of its own to have them all segmented",
             stacklevel=3,
         )
-    return _tiff_as_hwc(np.asarray(arr), series_axes, path)
+    arr = _tiff_as_hwc(np.asarray(arr), series_axes, path)
+    if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        arr = _cmyk_as_rgb(arr, path)
+    return arr
+
+
+def _cmyk_as_rgb(cmyk: np.ndarray, path: Path) -> np.ndarray:
+    """RGB of a CMYK TIFF's ``(H, W, 4)`` inks, as Pillow and OpenCV (a CMYK JPEG's) convert
+    them without a colour profile: each colour ``(1 - ink) * (1 - black)``. Its black read
+    as alpha laid the image over white, the dark parts of a stain lightest."""
+    if cmyk.ndim != 3 or cmyk.shape[2] != 4 or cmyk.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(
+            f"{path}: a colour separation (TIFF photometric SEPARATED) other than 8- or 16-bit "
+            f"CMYK ({cmyk.shape[2] if cmyk.ndim == 3 else 1} inks, {cmyk.dtype}); save the "
+            f"image as RGB"
+        )
+    full = np.iinfo(cmyk.dtype).max
+    clear = full - cmyk.astype(np.float64)  # how much of each colour the inks let through
+    rgb = clear[..., :3] * clear[..., 3:] / full
+    return np.round(rgb).astype(cmyk.dtype)
 
 
 def _tiff_as_hwc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:

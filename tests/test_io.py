@@ -511,3 +511,20 @@ def test_a_failed_write_names_the_output_and_the_cause(tmp_path):
     with pytest.raises(OSError) as caught, atomic_path(tmp_path / "n.csv"):
         raise OSError(errno.EIO, "Input/output error")
     assert not isinstance(caught.value, OutputError)
+
+
+def test_a_cmyk_tiff_reads_in_the_colours_it_shows(tmp_path):
+    """A CMYK TIFF (a publication or print workflow's export) came back as RGBA, its black
+    ink taken for transparency: the image laid over white, its darkest stain lightest."""
+    from PIL import Image
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :10] = (60, 20, 90)  # hematoxylin-dark nuclei
+    rgb[:, 10:20] = (230, 150, 200)  # eosin
+    rgb[:, 20:] = 245  # glass
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "x.tif")
+    shown = np.asarray(Image.open(tmp_path / "x.tif").convert("RGB"))
+    image = read_image(tmp_path / "x.tif")
+    assert image.shape == (20, 30, 3)
+    assert np.abs(image.astype(int) - shown).max() <= 1
+    assert np.abs(image.astype(int) - rgb).max() <= 1
