@@ -233,7 +233,7 @@ def read_image(
             "or move it out of the folder"
         ) from None
     if suffix in TIFF_EXTENSIONS:
-        arr = _read_tiff(path)
+        arr = _read_tiff(path, labels)
     else:
         if suffix == ".png":
             _check_png_fits(path)
@@ -274,7 +274,9 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
     return np.round(out).astype(rgba.dtype)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
+    """The first image of a TIFF as stored; a palette image's colours, or with ``labels`` (a
+    mask) its indices, as an indexed PNG mask's."""
     import tifffile
 
     compression = None
@@ -284,6 +286,7 @@ def _read_tiff(path: Path) -> np.ndarray:
             _check_fits(path, tif.series[0])
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
             photometric = tif.series[0].keyframe.photometric
+            colormap = tif.series[0].keyframe.colormap
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
@@ -305,7 +308,35 @@ def _read_tiff(path: Path) -> np.ndarray:
     arr = _tiff_as_hwc(np.asarray(arr), series_axes, path)
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         arr = _cmyk_as_rgb(arr, path)
+    elif photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and not labels:
+        arr = arr if _is_lookup_table(colormap) else _palette_colours(arr, colormap)
     return arr
+
+
+#: The largest step (of 65535) between neighbouring entries of a TIFF colour map that is a
+#: lookup table over intensities: ImageJ's Fire steps by 10 of 255, a palette by hundreds.
+LOOKUP_TABLE_STEP = 32 * 257
+
+
+def _is_lookup_table(colormap: np.ndarray) -> bool:
+    """Whether a TIFF's ``(3, N)`` colour map is a smooth ramp of colours (ImageJ's Fire,
+    Green, an inverted grey): a lookup table that shows intensities, as ImageJ saves an 8-bit
+    image with a LUT. Its indices are the measured data, as Fiji reads them, and stay as
+    stored; a palette of colours (Pillow's, ImageJ's 8-bit Color) jumps between them."""
+    steps = np.abs(np.diff(colormap.astype(np.int64), axis=1))
+    return colormap.shape[1] > 2 and int(steps.max(initial=0)) <= LOOKUP_TABLE_STEP
+
+
+def _palette_colours(indices: np.ndarray, colormap: np.ndarray) -> np.ndarray:
+    """The colours an indexed TIFF's ``(H, W)`` indices show through its ``(3, N)`` 16-bit
+    colour map: 8-bit where the map holds 8-bit colours scaled up (by 256 or 257, as Pillow
+    and ImageJ write them); grey (C=1) where the map is."""
+    if (colormap % 256 == 0).all() or (colormap % 257 == 0).all():
+        colormap = (colormap // 256).astype(np.uint8)
+    if (colormap == colormap[:1]).all():
+        colormap = colormap[:1]
+    table = np.ascontiguousarray(colormap.T)
+    return table[np.clip(indices.reshape(indices.shape[:2]), 0, len(table) - 1)]
 
 
 def _cmyk_as_rgb(cmyk: np.ndarray, path: Path) -> np.ndarray:

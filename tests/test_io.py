@@ -528,3 +528,36 @@ def test_a_cmyk_tiff_reads_in_the_colours_it_shows(tmp_path):
     assert image.shape == (20, 30, 3)
     assert np.abs(image.astype(int) - shown).max() <= 1
     assert np.abs(image.astype(int) - rgb).max() <= 1
+
+
+def test_an_indexed_tiff_image_reads_in_its_colours_and_its_mask_by_its_indices(tmp_path):
+    """An indexed TIFF (Pillow's, or ImageJ's with a colour LUT) came back as its indices,
+    a grey image of 0..N that no viewer shows; its mask, like an indexed PNG's, is read by
+    its indices."""
+    from PIL import Image
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :10] = (60, 20, 90)
+    rgb[:, 10:20] = (230, 150, 200)
+    rgb[:, 20:] = 245
+    indexed = Image.fromarray(rgb).quantize(4)
+    indexed.save(tmp_path / "x.tif")
+    image = read_image(tmp_path / "x.tif")
+    assert np.array_equal(image, np.asarray(indexed.convert("RGB")))
+    assert np.abs(image.astype(int) - rgb).max() <= 2
+    indexed.save(tmp_path / "x_mask.tif")
+    assert np.array_equal(read_mask(tmp_path / "x_mask.tif"), np.asarray(indexed))
+
+
+def test_an_image_saved_with_a_lookup_table_keeps_its_intensities(tmp_path):
+    """ImageJ saves an 8-bit image shown with a LUT (Fire, Green) as an indexed TIFF whose
+    indices are the measured intensities, as Fiji reads them; its colours are only a view."""
+    import tifffile
+
+    dapi = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    ramp = np.arange(256)
+    fire = np.stack([np.minimum(ramp * 3, 255), np.clip(ramp * 2 - 255, 0, 255), ramp // 2])
+    tifffile.imwrite(
+        tmp_path / "x.tif", dapi, photometric="palette", colormap=(fire * 257).astype(np.uint16)
+    )
+    assert np.array_equal(read_image(tmp_path / "x.tif")[..., 0], dapi)
