@@ -287,6 +287,7 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
             photometric = tif.series[0].keyframe.photometric
             colormap = tif.series[0].keyframe.colormap
+            extrasamples = tif.series[0].keyframe.extrasamples
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
@@ -310,7 +311,25 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
         arr = _cmyk_as_rgb(arr, path)
     elif photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and not labels:
         arr = arr if _is_lookup_table(colormap) else _palette_colours(arr, colormap)
+    elif arr.ndim == 3 and arr.shape[2] == 4 and extrasamples[:1] == (_ASSOCIATED_ALPHA,):
+        arr = _unpremultiplied(arr)
     return arr
+
+
+#: TIFF ExtraSamples 1, associated alpha: the colours are premultiplied by it.
+_ASSOCIATED_ALPHA = 1
+
+
+def _unpremultiplied(rgba: np.ndarray) -> np.ndarray:
+    """Straight RGBA of an ``(H, W, 4)`` uint8/uint16 TIFF whose colours are premultiplied by
+    alpha: taken as straight, its half-transparent edge was laid over white darkened by
+    its alpha twice. A fully transparent pixel keeps colour 0."""
+    if rgba.dtype not in (np.uint8, np.uint16):
+        return rgba  # _as_hwc refuses it
+    full = np.iinfo(rgba.dtype).max
+    alpha = rgba[..., 3:].astype(np.float64)
+    rgb = rgba[..., :3] * (full / np.maximum(alpha, 1)) * (alpha > 0)
+    return np.concatenate([np.round(rgb).clip(0, full), alpha], axis=-1).astype(rgba.dtype)
 
 
 #: The largest step (of 65535) between neighbouring entries of a TIFF colour map that is a

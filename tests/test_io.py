@@ -561,3 +561,26 @@ def test_an_image_saved_with_a_lookup_table_keeps_its_intensities(tmp_path):
         tmp_path / "x.tif", dapi, photometric="palette", colormap=(fire * 257).astype(np.uint16)
     )
     assert np.array_equal(read_image(tmp_path / "x.tif")[..., 0], dapi)
+
+
+def test_a_tiff_with_premultiplied_alpha_reads_as_its_viewer_shows_it(tmp_path):
+    """A TIFF whose colours are premultiplied by alpha (associated alpha, ExtraSamples 1)
+    was laid over white as if they were not: its half-transparent edge of a scan came out
+    darker than viewers show it."""
+    import tifffile
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:] = (60, 20, 90)
+    alpha = np.full((20, 30, 1), 255, np.uint8)
+    alpha[:, 10:20], alpha[:, 20:] = 128, 0
+    premultiplied = np.round(rgb * (alpha / 255)).astype(np.uint8)
+    tifffile.imwrite(
+        tmp_path / "x.tif",
+        np.concatenate([premultiplied, alpha], axis=-1),
+        photometric="rgb",
+        extrasamples=["assocalpha"],
+    )
+    shown = premultiplied + 255 * (1 - alpha / 255)  # over white, as viewers composite it
+    image = read_image(tmp_path / "x.tif")
+    assert np.abs(image - shown).max() <= 1.5
+    assert (image[:, 20:] == 255).all()
