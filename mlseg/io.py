@@ -284,6 +284,7 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             compression = tif.pages[0].compression
             _check_fits(path, tif.series[0])
+            _check_photometric(path, tif.series[0].keyframe)
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes
             photometric = tif.series[0].keyframe.photometric
             colormap = tif.series[0].keyframe.colormap
@@ -356,6 +357,31 @@ def _palette_colours(indices: np.ndarray, colormap: np.ndarray) -> np.ndarray:
         colormap = colormap[:1]
     table = np.ascontiguousarray(colormap.T)
     return table[np.clip(indices.reshape(indices.shape[:2]), 0, len(table) - 1)]
+
+
+#: TIFF colour spaces mlseg reads (CMYK and palette converted to RGB after reading). tifffile
+#: gives CIELab, a raw Bayer mosaic (CFA) and the others as stored, which read as RGB or grey
+#: show colours no viewer shows; YCbCr too, but where an image codec (JPEG, as slide
+#: scanners write it) decodes it to RGB.
+_TIFF_PHOTOMETRICS = ("MINISWHITE", "MINISBLACK", "RGB", "PALETTE", "SEPARATED")
+#: Compressions of bytes, not of images: YCbCr under them reaches mlseg as stored.
+_BYTE_CODECS = ("NONE", "LZW", "PACKBITS", "ADOBE_DEFLATE", "DEFLATE", "LZMA", "ZSTD")
+
+
+def _check_photometric(path: Path, page) -> None:
+    """Refuse a TIFF whose colour space tifffile returns undecoded."""
+    photometric = getattr(page.photometric, "name", str(page.photometric))
+    compression = getattr(page.compression, "name", str(page.compression))
+    if photometric in _TIFF_PHOTOMETRICS or (
+        photometric == "YCBCR" and compression not in _BYTE_CODECS
+    ):
+        return
+    raise ImageReadError(
+        f"{path}: stored in the {photometric} colour space (TIFF photometric"
+        f"{'' if compression == 'NONE' else ', ' + compression + ' compressed'}), which "
+        f"mlseg does not convert; save the image as RGB (ImageMagick: `magick IN -colorspace "
+        f"sRGB OUT.tif`)"
+    )
 
 
 def _cmyk_as_rgb(cmyk: np.ndarray, path: Path) -> np.ndarray:

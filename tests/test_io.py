@@ -584,3 +584,36 @@ def test_a_tiff_with_premultiplied_alpha_reads_as_its_viewer_shows_it(tmp_path):
     image = read_image(tmp_path / "x.tif")
     assert np.abs(image - shown).max() <= 1.5
     assert (image[:, 20:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("photometric", "compression"), [("cielab", None), ("ycbcr", None), ("ycbcr", "lzw")]
+)
+def test_a_tiff_in_a_colour_space_mlseg_does_not_convert_is_refused_by_name(
+    tmp_path, photometric, compression
+):
+    """tifffile gives CIELab, and YCbCr that no JPEG codec decoded, as stored: read as RGB,
+    they came back in colours no viewer shows them in (a YCbCr brown as blue), with no
+    error."""
+    import tifffile
+
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:] = (29, 68, 143)
+    kwargs = {"subsampling": (1, 1)} if photometric == "ycbcr" else {}
+    tifffile.imwrite(
+        tmp_path / "x.tif", stored, photometric=photometric, compression=compression, **kwargs
+    )
+    with pytest.raises(ImageReadError, match=rf"x\.tif: .*{photometric.upper()}.*save .* RGB"):
+        read_image(tmp_path / "x.tif")
+
+
+def test_a_tiff_whose_jpeg_tiles_hold_ycbcr_reads_as_rgb(tmp_path):
+    """As slide scanners (Aperio) write their tiles: the JPEG codec gives RGB."""
+    import tifffile
+    from PIL import Image
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:] = (230, 150, 200)
+    tifffile.imwrite(tmp_path / "x.tif", rgb, photometric="ycbcr", compression="jpeg")
+    shown = np.asarray(Image.open(tmp_path / "x.tif").convert("RGB"))
+    assert np.abs(read_image(tmp_path / "x.tif").astype(int) - shown).max() <= 2
