@@ -141,12 +141,42 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
     return found
 
 
+#: Extensions of the image files microscopes, slide scanners, cameras and image programs
+#: write that mlseg does not read (:data:`IMAGE_EXTENSIONS` are those it does).
+OTHER_IMAGE_EXTENSIONS = (
+    *(".bmp", ".dib", ".gif", ".webp", ".jp2", ".j2k", ".jpf", ".jxl", ".jfif", ".jpe"),
+    *(".heic", ".heif", ".avif", ".pgm", ".ppm", ".pnm", ".psd", ".dng", ".exr"),
+    *(".svs", ".ndpi", ".scn", ".mrxs", ".vsi", ".czi", ".lif", ".nd2", ".oib", ".oir"),
+    *(".ims", ".bif", ".qptiff", ".btf", ".lsm", ".zvi", ".dcm"),
+)
+#: What becomes of the files :func:`in_formats_not_read` names, and the fix.
+OTHER_FORMATS_LEFT_OUT = (
+    "images in a format mlseg does not read, so left out; save them as PNG or TIFF (a whole "
+    "slide: export the regions to segment as tiles, QuPath: File > Export images)"
+)
+
+
+def in_formats_not_read(folder: Path) -> list[str]:
+    """The files of ``folder`` (not hidden) with an :data:`OTHER_IMAGE_EXTENSIONS` name: a
+    run over its images would leave them out unsaid (a BMP among PNGs never segmented)."""
+    return [
+        str(path)
+        for path in sorted(Path(folder).iterdir())
+        if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS
+        and not is_hidden(path.name)
+        and path.is_file()
+    ]
+
+
 def warn_of_non_files(folder: Path, stacklevel: int = 2) -> None:
-    """Warn, naming each, of the entries :func:`named_as_images_but_not_files` finds in
-    ``folder``: a run over its images leaves them out."""
+    """Warn, naming each, of the entries :func:`named_as_images_but_not_files` and
+    :func:`in_formats_not_read` find in ``folder``: a run over its images leaves them out."""
     not_files = named_as_images_but_not_files(folder)
     if not_files:
         warnings.warn(f"{'; '.join(not_files)}: {NOT_FILES_LEFT_OUT}", stacklevel=stacklevel + 1)
+    other = in_formats_not_read(folder)
+    if other:
+        warnings.warn(f"{'; '.join(other)}: {OTHER_FORMATS_LEFT_OUT}", stacklevel=stacklevel + 1)
 
 
 def mask_stem(image_stem: str, cfg: DataConfig) -> str:

@@ -49,6 +49,7 @@ from mlseg.dataset import (
     _summarise,
     check_pixel_size,
     csv_delimiter,
+    in_formats_not_read,
     init_dataset,
     is_hidden,
     is_image_file,
@@ -116,8 +117,14 @@ def detect_layout(src: Path, cfg: DataConfig) -> str:
 
 def _not_files(folder: Path) -> list[str]:
     """A problem for each entry of ``folder`` named as an image that is no file (a broken
-    link, a link loop, a folder or a pipe): ingesting without it would lose an image."""
-    return [f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)]
+    link, a link loop, a folder or a pipe) or is one in a format mlseg does not read (its
+    mask was reported as a mask without image): ingesting without it would lose an image."""
+    return [
+        f"{entry}; restore it or remove it" for entry in named_as_images_but_not_files(folder)
+    ] + [
+        f"{path}: an image in a format mlseg does not read; save it as PNG or TIFF"
+        for path in in_formats_not_read(folder)
+    ]
 
 
 def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:

@@ -66,6 +66,20 @@ def test_an_image_named_entry_that_is_no_file_is_refused_by_name_not_left_out(tm
     assert not (tmp_path / "ds").exists()
 
 
+def test_an_image_in_a_format_mlseg_does_not_read_is_named_not_its_mask_orphaned(tmp_path):
+    """A BMP image (Windows software's export) was left out and its mask reported as 'mask
+    without image; add the image', though the image was there."""
+    import cv2
+
+    src = flat_source(tmp_path / "src", n=3)
+    image = cv2.imread(str(src / "original" / "img0.png"))
+    (src / "original" / "img0.png").unlink()
+    cv2.imwrite(str(src / "original" / "img0.bmp"), image)
+    with pytest.raises(DatasetError, match=r"original/img0\.bmp: an image in a format .*PNG"):
+        ingest(src, tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 def tree_digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):

@@ -1301,6 +1301,20 @@ def test_an_image_named_entry_that_is_no_file_is_named_in_a_warning(tmp_path):
     assert "c.png: a link loop" in said and "d.png: not a regular file" in said
 
 
+def test_an_image_in_a_format_mlseg_does_not_read_is_named_in_a_warning(tmp_path):
+    """A BMP or a WebP among the PNGs of an inbox was left out without a word, run after
+    run: the summary said 'segmented 1' as if the folder held one image."""
+    import cv2
+
+    images = tmp_path / "images"
+    image, _ = disc_image(40, 40)
+    write_image(images / "a.png", image)
+    for name in ("b.bmp", "c.webp"):
+        cv2.imwrite(str(images / name), image)
+    with pytest.warns(UserWarning, match=r"b\.bmp.*c\.webp: images in a format .*PNG or TIFF"):
+        assert [p.name for p in list_images(images)] == ["a.png"]
+
+
 def test_quantify_masks_saved_beside_their_images(tmp_path):
     """Cellpose saves x_cp_masks.png next to x.png: one folder for both."""
     both = tmp_path / "both"
