@@ -314,11 +314,15 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
         arr = arr if _is_lookup_table(colormap) else _palette_colours(arr, colormap)
     elif arr.ndim == 3 and arr.shape[2] == 4 and extrasamples[:1] == (_ASSOCIATED_ALPHA,):
         arr = _unpremultiplied(arr)
+    elif arr.ndim == 3 and arr.shape[2] == 4 and extrasamples[:1] == (_UNSPECIFIED_SAMPLE,):
+        arr = arr[..., :3]  # not alpha, by the TIFF spec: data of its own (padding, RGBX)
     return arr
 
 
 #: TIFF ExtraSamples 1, associated alpha: the colours are premultiplied by it.
 _ASSOCIATED_ALPHA = 1
+#: TIFF ExtraSamples 0: a sample of unspecified meaning, not opacity.
+_UNSPECIFIED_SAMPLE = 0
 
 
 def _unpremultiplied(rgba: np.ndarray) -> np.ndarray:

@@ -617,3 +617,18 @@ def test_a_tiff_whose_jpeg_tiles_hold_ycbcr_reads_as_rgb(tmp_path):
     tifffile.imwrite(tmp_path / "x.tif", rgb, photometric="ycbcr", compression="jpeg")
     shown = np.asarray(Image.open(tmp_path / "x.tif").convert("RGB"))
     assert np.abs(read_image(tmp_path / "x.tif").astype(int) - shown).max() <= 2
+
+
+def test_an_rgb_tiff_with_an_unspecified_extra_sample_reads_as_its_rgb(tmp_path):
+    """A fourth sample the file declares unspecified (ExtraSamples 0: padding, RGBX) is no
+    opacity: taken for alpha, a TIFF padded with 0 read as a blank white tile."""
+    import tifffile
+    from PIL import Image
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:] = (60, 20, 90)
+    padded = np.concatenate([rgb, np.zeros((16, 16, 1), np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "x.tif", padded, photometric="rgb", extrasamples=["unspecified"])
+    image = read_image(tmp_path / "x.tif")
+    assert np.array_equal(image, rgb)
+    assert np.array_equal(image, np.asarray(Image.open(tmp_path / "x.tif").convert("RGB")))
