@@ -228,10 +228,10 @@ def validate(
     return {"val_loss": float(loss_sum) / max(n, 1), "val_dice": dice}
 
 
-def _check_finite(value: float, step: int, lr: float) -> None:
+def _check_finite(value: float, step: int, lr: float, what: str = "the loss") -> None:
     if not math.isfinite(value):
         raise TrainingDiverged(
-            f"training diverged: the loss became {value} by step {step}; lower train.lr "
+            f"training diverged: {what} became {value} by step {step}; lower train.lr "
             f"(now {lr:g}), raise train.warmup_steps, or check the images for NaN/constant values"
         )
 
@@ -617,6 +617,14 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
                 channels_last=run.channels_last,
             )
         )
+    # the training loss of a diverging run may stay finite for epochs after its weights
+    # overflowed: such a model outputs NaN, scores Dice 0 (better than none) and was saved
+    # as best and last
+    if run.data.val is not None:
+        _check_finite(row["val_loss"], run.step, tc.lr, "the validation loss")
+    tensors = run.evaluated.state_dict().values()
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        _check_finite(math.nan, run.step, tc.lr, "the model's weights or BatchNorm statistics")
     run.history.append(row)
     # the history before the checkpoint, which is what a resume goes on from: a run stopped
     # between the two resumes without this epoch's row (_start drops it) and records it

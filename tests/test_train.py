@@ -231,6 +231,36 @@ def test_nan_loss_is_a_clear_error(synth_dataset, tmp_path, monkeypatch) -> None
         fit(_cfg(max_steps=2), synth_dataset, tmp_path, progress=False)
 
 
+def test_a_diverged_model_whose_training_loss_is_still_finite_is_never_saved(
+    synth_dataset, tmp_path
+) -> None:
+    # lr 1e6: by the first epoch's end the weights have overflowed and the model outputs NaN
+    # (Dice 0), while the training loss is still a finite 1e12
+    with pytest.raises(ModelError, match="diverged: the validation loss became nan by step 2"):
+        fit(_cfg(max_steps=4, val_every=2, lr=1e6), synth_dataset, tmp_path, progress=False)
+    assert not (tmp_path / "best.safetensors").exists()
+    assert not (tmp_path / "last.safetensors").exists()
+
+
+def test_nan_weights_after_a_finite_loss_are_never_saved_without_validation(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    import mlseg.train
+
+    def step_to_nan(model, *args, **kwargs):  # the last update overflows, its loss did not
+        loss = train_step(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("inf"))
+        return loss
+
+    train_step = mlseg.train.train_step
+    monkeypatch.setattr(mlseg.train, "train_step", step_to_nan)
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0})
+    with pytest.raises(ModelError, match="diverged: the model's weights .* became nan by step 1"):
+        fit(cfg, synth_dataset, tmp_path, progress=False)
+    assert not (tmp_path / "best.safetensors").exists()
+
+
 def test_a_model_that_cannot_be_built_leaves_the_run_no_resume_would_replace(
     synth_dataset, tmp_path, monkeypatch
 ) -> None:
