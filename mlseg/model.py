@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mlseg.config import Config, Profile, TrainConfig, parse
-from mlseg.errors import ConfigError, ModelError, warn_once
+from mlseg.errors import ConfigError, ModelError, some_of, warn_once
 from mlseg.io import atomic_path, read_image, write_image
 from mlseg.scale import STATISTIC
 
@@ -509,6 +509,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
         raise ModelError(f"{weights}: not a readable safetensors file ({err})") from None
+    broken = [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:  # such a model finds no nucleus anywhere, and says nothing
+        raise ModelError(
+            f"{weights}: {len(broken)} of its {len(state)} tensors hold NaN or infinite values "
+            f"({some_of(broken)}), as a diverged training leaves them; train it again with a "
+            "lower train.lr, or use another checkpoint"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -124,6 +124,18 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     assert load_model(path).path == path  # a .safetensors file works too
 
 
+def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path) -> None:
+    # a diverged training's weights: segment and evaluate found no nucleus with them, silently
+    model = build_model(SMALL, 3, 3).eval()
+    with torch.no_grad():
+        model.segmentation_head[0].bias[1] = float("nan")
+    path = _save(tmp_path, model, name="last")
+    with pytest.raises(
+        ModelError, match=r"last\.safetensors: 1 of its .* NaN .*segmentation_head\.0\.bias"
+    ):
+        load_model(path)
+
+
 def test_last_checkpoint_keeps_train_state_without_pickle(tmp_path) -> None:
     model = build_model(SMALL, 3, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
