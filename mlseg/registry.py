@@ -739,7 +739,9 @@ def champion_challenger(
     (:func:`record_evaluation`); the champion's from ``champion_metrics`` (measured by the
     caller on that set) or what the registry recorded for it there. A missing score raises
     :class:`RegistryError` asking for that evaluation (scores on different sets are never
-    compared). A tie keeps the champion. A version that a person took out of production
+    compared). A tie keeps the champion. A challenger that found no nucleus in any image of
+    the set (``n_pred`` 0 where ``n_true`` is not) is not promoted, not even as the first
+    production model. A version that a person took out of production
     (``mlseg models promote`` of another: a rollback) is not promoted again by a comparison,
     or a pipeline rerun that registers the same weights would undo the rollback. The
     decision and its reason are written to the registry either way.
@@ -758,9 +760,16 @@ def champion_challenger(
     champion = production(registry, challenger.name, storage_options)
     unscored = not math.isfinite(value)  # a NaN beats nothing, and nothing would beat it
     better = "higher" if higher_is_better else "lower"
-    if unscored and (champion is None or champion.version != challenger.version):
+    # a model that finds nothing scores 0, which is a first production model's only bar
+    blind = scores.get("n_pred") == 0 and scores.get("n_true", 0) > 0
+    if (unscored or blind) and (champion is None or champion.version != challenger.version):
         promoted, champ_value = False, None
         reason = f"{challenger.tag} has no {metric} on eval set {eval_set} ({value}); not promoted"
+        if blind:
+            reason = (
+                f"{challenger.tag} found no nucleus in any image of eval set {eval_set}, which "
+                f"holds {scores['n_true']:g} per image; not promoted"
+            )
     elif champion is None:
         promoted, champ_value = True, None
         reason = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -265,6 +266,29 @@ def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_pa
     compares = [d for d in log if d["action"] == "compare"]
     assert [d["promoted"] for d in compares] == [True, False, False, True]
     assert all(d["reason"] for d in log)
+
+
+def test_a_model_that_found_no_nucleus_on_the_evaluation_set_is_never_promoted(
+    tmp_path: Path,
+) -> None:
+    """A training collapsed to all background scores 0 everywhere: the pipeline promoted it
+    as the first production model, and segmented every image with it (0 nuclei)."""
+    registry = tmp_path / "registry"
+    blind = {"dice": 0.0, "aji": 0.0, "n_pred": 0.0, "n_true": 11.0}
+    checkpoint = _checkpoint(tmp_path / "blind", weights=b"w-blind")
+    version = reg.register(
+        checkpoint, registry, metrics=blind, fingerprint_hash=None, config={}, eval_set_id="setA"
+    )
+    decision = reg.champion_challenger(registry, version, metric="aji")
+    assert not decision.promoted and reg.production(registry) is None
+    assert "found no nucleus in any image of eval set setA" in decision.reason
+    # nor over a champion whose score is missing (NaN), which any other challenger beats
+    champion = _register(tmp_path, registry, 0.8, tag="a")
+    reg.promote(registry, "nuclei", champion.version, "first")
+    decision = reg.champion_challenger(
+        registry, version, metric="aji", champion_metrics={"aji": math.nan}
+    )
+    assert not decision.promoted and reg.production(registry).version == champion.version
 
 
 def test_a_rollback_by_hand_is_not_undone_by_the_next_comparison(tmp_path: Path) -> None:
