@@ -619,6 +619,15 @@ def segment_and_quantify(
         f"{len(processed)} processed, {len(skipped)} skipped, {len(failed)} failed",
     )
     artifacts.link("segment-histograms", paths["histograms"], "nucleus measurement histograms")
+    if done_now and not any(counts):  # a collapsed model, or the wrong one, finds nothing
+        nothing = (
+            f"{model_desc} found no nucleus in any of the {len(done_now)} image(s) segmented "
+            f"in this run; check the model (mlseg evaluate on labelled images: one trained "
+            f"into predicting only background finds nothing anywhere), the profile "
+            f"({prof.name}) and the images' pixel sizes"
+        )
+        logger.warning(nothing)
+        artifacts.warning("segment-no-nuclei", "no nucleus found in any image", nothing)
     if failed:
         artifacts.warning(
             "segment-failed-images",

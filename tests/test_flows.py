@@ -354,6 +354,7 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert history["n_images"].tolist() == [5] and history["images_per_s"].iloc[0] > 0
     keys = set(flow_artifacts(state.state_details.flow_run_id))
     assert {"segment-summary", "segment-run-metrics", "segment-outputs"} <= keys
+    assert "segment-no-nuclei" not in keys  # it found some
     nuclei = pd.read_parquet(result["nuclei_parquet"])
     assert nuclei["image"].value_counts().reindex(summary["image"], fill_value=0).tolist() == (
         summary["count"].tolist()
@@ -380,6 +381,26 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")} == mtimes
     assert len(pd.read_csv(out / "runs" / "history.csv")) == 1  # nothing new to record
     pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
+
+
+def test_a_model_that_finds_no_nucleus_in_any_image_is_warned_of(harness, tmp_path) -> None:
+    """A training collapsed to all background (or a model for other images) found 0 nuclei
+    in every image of a nightly run, and the run ended Completed with nothing said."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    blind = tiny_checkpoint(tmp_path / "blind")
+    weights = load_file(blind / "best.safetensors")
+    weights["segmentation_head.0.bias"][0] = 1000.0  # background, whatever the image
+    save_file(weights, blind / "best.safetensors")
+    disc_images(tmp_path / "inbox", 3)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", blind)
+    assert state.is_completed(), state.message
+    run = state.state_details.flow_run_id
+    said = [m for m in flow_logs(run, logging.WARNING) if "found no nucleus in any" in m]
+    assert said and "of the 3 image(s)" in said[0] and str(blind) in said[0]
+    assert "segment-no-nuclei" in flow_artifacts(run)
 
 
 def test_segment_flow_torch_threads_count_the_cpus_the_job_may_use(
