@@ -982,8 +982,12 @@ def pair_labels(
 
     Where the labels lie beside their images (one folder, as Cellpose saves ``x_cp_masks.png``
     next to ``x.png``), only files named with a label suffix (:data:`LABEL_SUFFIXES`) are
-    labels."""
+    labels; in an output folder of mlseg (``run.json``), only its ``<stem>_labels.*``."""
     label_files = list_images(labels_dir, out_dir)
+    if (Path(labels_dir) / "run.json").is_file():
+        # mlseg segment's or quantify's output folder, measured again (another profile or
+        # pixel size): its labels are <stem>_labels.*, its overlays and histograms.png are not
+        label_files = [p for p in label_files if image_stem(p).endswith("_labels")]
     images: dict[str, Path] = {}
     if images_dir is not None:
         for path in list_images(images_dir, out_dir):

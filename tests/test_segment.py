@@ -325,6 +325,23 @@ def test_segment_folder_writes_outputs_and_resumes(tmp_path, use_oracle):
     assert rescanned.processed == ["img2"] and len(rescanned.skipped) == 2
 
 
+def test_quantify_measures_segment_outputs_as_segment_did(tmp_path, use_oracle):
+    """mlseg quantify on mlseg segment's output folder (to measure again with another
+    profile) takes its labels only: its overlays and histograms.png are no label files, and
+    each image's table is the one segment wrote."""
+    folder = _folder(tmp_path, 2)
+    segmented = segment_folder("model", folder, tmp_path / "out", profile_name="he", progress=False)
+    result = quantify_folder(
+        tmp_path / "out", folder, tmp_path / "q", profile_name="he", progress=False
+    )
+    assert result.ok and result.processed == segmented.processed == ["img0", "img1"]
+    for stem in result.processed:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "q" / f"{stem}_nuclei.parquet"),
+            pd.read_parquet(tmp_path / "out" / f"{stem}_nuclei.parquet"),
+        )
+
+
 def test_segment_folder_runs_the_model_on_the_device_its_config_names(
     tmp_path, monkeypatch, use_oracle
 ):
