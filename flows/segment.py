@@ -240,29 +240,20 @@ def _expected(
     pixel_sizes: dict[str, float] | None,
 ) -> dict[str, Any]:
     """What ``<stem>.json`` records of the run that made an image's outputs: the image's
-    bytes, the model, the profile and what else changes its result (``image_done``)."""
-    from mlseg.config import Profile
-    from mlseg.io import image_stem, input_digest
-    from mlseg.segment import declared_sizes
+    bytes, the model, the profile and what else changes its result (``image_done``), as
+    :func:`mlseg.segment.segment_folder` expects it: an image ``mlseg segment`` finished with
+    the same model and settings is done here too, and the other way round."""
+    from mlseg.config import InferenceConfig, Profile
+    from mlseg.io import image_stem
+    from mlseg.segment import declared_sizes, expectations, segment_settings
 
     prof = Profile.model_validate(profile)
     stem = image_stem(path)
-    listed = (pixel_sizes or {}).get(stem)
-    parts = [inference, pixel_size_um, listed]
-    if pixel_size_um is None and listed is None:
-        parts += declared_sizes({stem: path}).values()  # a corrected sidecar redoes it
-    return {
-        "profile": prof.name,
-        "profile_version": prof.version,
-        "profile_digest": _digest(profile),
-        "model": model_id,
-        "input_digest": input_digest(path),
-        "settings": _digest(parts),
-    }
-
-
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    sizes = {stem: pixel_sizes[stem]} if stem in (pixel_sizes or {}) else {}
+    # a corrected sidecar redoes it
+    declared = declared_sizes({stem: path}, sizes) if pixel_size_um is None else {}
+    settings = segment_settings(prof, InferenceConfig.model_validate(inference), pixel_size_um)
+    return expectations(prof, model_id, settings, sizes, declared, {stem: [path]})(stem)
 
 
 # ----------------------------------------------------------------------------- the flow

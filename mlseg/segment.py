@@ -653,7 +653,7 @@ def _implausible_sizes_said_once(
         yield
 
 
-def _expectations(
+def expectations(
     profile: Profile,
     model_id: str | None,
     settings: tuple,
@@ -665,7 +665,10 @@ def _expectations(
     files (``inputs``: stem -> image, or label file and image), so a file replaced under the
     same name is redone, and the settings. An image's table entry, or else the size its file
     declares, joins the settings digest only where there is one, so an image without either
-    keeps the digest it had before tables and sidecars existed."""
+    keeps the digest it had before tables and sidecars existed. ``settings``: what else
+    changes results (:func:`segment_settings`; for ``quantify`` the profile and pixel size),
+    so that an image that ``mlseg segment`` finished is done for the segment-and-quantify flow
+    with the same settings, and the other way round."""
 
     @functools.cache
     def expect(stem: str) -> dict:
@@ -681,6 +684,14 @@ def _expectations(
         }
 
     return expect
+
+
+def segment_settings(
+    profile: Profile, inference_cfg: InferenceConfig, pixel_size_um: float | None
+) -> tuple:
+    """The settings of a segment run that change its results, as :func:`expectations`
+    digests them: the profile, the inference settings, the pixel size given for every image."""
+    return (profile.model_dump(mode="json"), inference_cfg.model_dump(mode="json"), pixel_size_um)
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -927,9 +938,9 @@ def segment_folder(
     cfg = inference_cfg or loaded.config.inference
     loaded.model.to(resolve_device(cfg.device))  # the model's own, unless the caller's cfg
     model_id = model_identity(loaded.path, loaded.config, loaded.meta)
-    settings = (profile.model_dump(mode="json"), cfg.model_dump(mode="json"), pixel_size_um)
+    settings = segment_settings(profile, cfg, pixel_size_um)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
-    expect = _expectations(
+    expect = expectations(
         profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
     )
 
@@ -1048,7 +1059,7 @@ def quantify_folder(
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
     declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
-    expect = _expectations(profile, None, settings, sizes, declared, inputs)
+    expect = expectations(profile, None, settings, sizes, declared, inputs)
 
     run_info = {
         "command": "quantify",

@@ -178,6 +178,26 @@ def _batch_args(out, checkpoint) -> tuple:
     )
 
 
+def test_batch_task_and_segment_command_skip_each_others_finished_images(
+    tmp_path, checkpoint
+) -> None:
+    """A person's mlseg segment and the nightly flow into one folder, with the same model,
+    profile and settings: each skips the images the other finished, rather than redoing all."""
+    from flows.segment import segment_batch
+    from mlseg.segment import segment_folder
+
+    images = [str(p) for p in disc_images(tmp_path / "in", 2)]
+    sizes = {"img_001": 0.3}
+    by_hand = tmp_path / "by-hand"
+    run = {"profile_name": "he", "pixel_sizes": sizes, "progress": False}
+    assert len(segment_folder(checkpoint, tmp_path / "in", by_hand, **run).processed) == 2
+    records = segment_batch.fn(images, *_batch_args(by_hand, checkpoint), pixel_sizes=sizes)
+    assert [r["status"] for r in records] == ["skipped", "skipped"]
+    nightly = tmp_path / "nightly"
+    segment_batch.fn(images, *_batch_args(nightly, checkpoint), pixel_sizes=sizes)
+    assert segment_folder(checkpoint, tmp_path / "in", nightly, **run).processed == []
+
+
 def test_batch_task_skips_finished_images_and_redoes_changed_ones(tmp_path, checkpoint) -> None:
     from flows.segment import batch_cache_key, segment_batch
 
