@@ -21,6 +21,7 @@ Each run appends its throughput and nuclei statistics to ``<out_dir>/runs/histor
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -153,11 +154,11 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     return f"mlseg-segment-{digest.hexdigest()[:32]}"
 
 
-# The images each batch has written, by flow run id and batch, until the flow run completes:
-# a retried attempt (of the task, or of the whole flow run, which gives the task a new run
-# id) finds those its failed attempt finished done on disk; they are this run's work, not
-# skipped, also where the batch ended but an image in it failed.
-_written_by_batch: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+#: Hidden folder of an output folder where a flow run marks each image it sets out to write,
+#: ``<WRITTEN_DIR>/<flow run id>/<stem>``, until the run completes: a retried attempt (of a
+#: task, or of the whole flow run, in this process or another, on any Dask worker) finds
+#: those its failed attempt finished done on disk; they are this run's work, not skipped.
+WRITTEN_DIR = ".mlseg-written"
 
 
 @task(
@@ -195,8 +196,7 @@ def segment_batch(
     log_warnings()  # on a Dask worker too
     context = TaskRunContext.get()
     flow_run = str(context.task_run.flow_run_id) if context is not None else None
-    batch = (flow_run, tuple(images))
-    written = _written_by_batch.setdefault(batch, set()) if flow_run else set()
+    marks = Path(out_dir) / WRITTEN_DIR / flow_run if flow_run else None
     if torch_threads:
         import torch
 
@@ -211,12 +211,16 @@ def segment_batch(
         expect = _expected(path, model_id, profile, inference, pixel_size_um, pixel_sizes)
         done = image_done(out, image_stem(path), expect)
         if done is not None:
-            status = "processed" if name in written else "skipped"
+            mine = marks is not None and (marks / image_stem(path)).is_file()
+            status = "processed" if mine else "skipped"
             records.append({"status": status, "image": name, "summary": done})
             continue
         if loaded is None:
             loaded = loaded_model(model, cfg.device)
             version = code_version()  # this worker's, on Dask too
+        if marks is not None:  # before: an image done on disk after this is this run's
+            marks.mkdir(parents=True, exist_ok=True)
+            (marks / image_stem(path)).touch()
         try:
             summary, _ = segment_one(
                 loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes, version
@@ -226,7 +230,6 @@ def segment_batch(
             if context is not None:  # as mlseg segment prints it, whether the run goes on
                 get_run_logger().error("failed: %s", _named(name, str(err)))
             continue
-        written.add(name)
         records.append({"status": "processed", "image": name, "summary": summary})
     return [{**record, "flow_run": flow_run} for record in records]
 
@@ -667,17 +670,21 @@ def segment_and_quantify(
     if failed and fail_on_error:
         first = "; ".join(_named(k, v) for k, v in list(failed.items())[:3])
         raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
-    _forget_written()  # this process's batches; a Dask worker keeps its own
+    _forget_written(out)
     return result
 
 
-def _forget_written() -> None:
-    """Drop the completed flow run's entries of :data:`_written_by_batch`."""
+def _forget_written(out: Path) -> None:
+    """Remove the completed flow run's marks of :data:`WRITTEN_DIR` (and the folder, empty)."""
+    import shutil
+
     from prefect.runtime import flow_run
 
-    run = str(flow_run.get_id())
-    for key in [k for k in _written_by_batch if k[0] == run]:
-        del _written_by_batch[key]
+    run = flow_run.get_id()
+    if run:
+        shutil.rmtree(out / WRITTEN_DIR / str(run), ignore_errors=True)
+    with contextlib.suppress(OSError):  # another run's marks (failed, not yet retried) stay
+        (out / WRITTEN_DIR).rmdir()
 
 
 def _named(image: str, error: str) -> str:

@@ -1584,3 +1584,52 @@ def test_a_flow_command_without_a_dependency_names_what_to_install(monkeypatch, 
     assert main([]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot import skimage," in err and "pip install scikit-image " in err
+
+
+@pytest.mark.slow
+def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
+    harness, tmp_path, checkpoint
+) -> None:
+    """A flow run on Dask failed by an unreadable image and retried once it is fixed (from
+    the dashboard, or a flow's retries): the images its first attempt wrote are its work. Its
+    batches kept what they wrote in the memory of a worker process, gone with the attempt's
+    local cluster (or on another worker of a shared one): the retry called the failed batch's
+    finished image skipped, and its history row counted 3 of the run's 4 images."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import AwaitingRetry
+
+    import flows.segment as segment_flow
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    images = disc_images(inbox, 4)
+    good = images[3].read_bytes()
+    images[3].write_bytes(good[: len(good) // 2])  # a copy cut short
+    parameters = {
+        "input_dir": str(inbox),
+        "out_dir": str(out),
+        "model": str(checkpoint),
+        "batch_size": 2,
+        "task_runner": "dask",
+        "workers": 2,
+    }
+    first = segment_flow.segment_and_quantify(**parameters, return_state=True)
+    assert first.is_failed() and "img_003" in str(first.message), first.message
+    images[3].write_bytes(good)  # copied again
+    with get_client(sync_client=True) as client:
+        run_id = first.state_details.flow_run_id
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        flow_run = client.read_flow_run(run_id)
+    retried = run_flow(
+        segment_flow.segment_and_quantify,
+        flow_run=flow_run,
+        parameters=parameters,
+        return_type="state",
+    )
+    assert retried.is_completed(), retried.message
+    result = retried.result()
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(4)]
+    assert result["skipped"] == []
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [4] and history["n_skipped"].tolist() == [0]
+    assert not [p for p in out.rglob("*") if "written" in p.name]  # nothing left behind
