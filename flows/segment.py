@@ -70,7 +70,9 @@ def loaded_model(model: str, device: str = "auto"):
     weights = checkpoint_path(model)
     files = (weights, weights.parent / "config.json", weights.parent / "meta.json")
     stamps = tuple(path.stat().st_mtime_ns for path in files if path.is_file())  # else load says
-    return _load(str(weights), str(resolve_device(device)), stamps)
+    own = device == model_config(model).inference.device
+    device = resolve_device(device, weights.parent / "config.json" if own else None)
+    return _load(str(weights), str(device), stamps)
 
 
 def model_config(model: str):

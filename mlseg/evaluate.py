@@ -181,7 +181,10 @@ def evaluate(
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
     inference_cfg = inference_cfg or cfg.inference
-    device = resolve_device(inference_cfg.device)
+    own = inference_cfg.device == cfg.inference.device
+    device = resolve_device(
+        inference_cfg.device, loaded.path.parent / "config.json" if own else None
+    )
     loaded.model.to(device)
     if profile is None or isinstance(profile, str):
         saved = loaded.meta.get("profile_settings") or {}

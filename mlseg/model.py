@@ -47,8 +47,25 @@ REFERENCE_COPY = "stain_reference.png"
 _DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names as torch spells them."""
+def resolve_device(name: str = "auto", saved_in: Path | None = None) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names as torch spells them.
+    ``saved_in``: the model's config.json where ``name`` is its own ``inference.device``,
+    which an error names: a model trained and saved with ``cuda`` is moved to machines
+    without one, where nobody asked for that device."""
+    try:
+        return _device(name)
+    except ConfigError as err:
+        if saved_in is None:
+            raise
+        raise ConfigError(
+            f"{saved_in}: the model's inference.device, {name!r}, cannot run here "
+            f"({str(err).split(';')[0]}); give the device to run on: --device auto (a GPU "
+            "where there is one, else the CPU), or a flow's inference parameter "
+            '{"device": "auto"}'
+        ) from None
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -936,7 +936,8 @@ def segment_folder(
     check_units_possible(profile, pixel_size_um, files, sizes)
     loaded = load_model(model_path)
     cfg = inference_cfg or loaded.config.inference
-    loaded.model.to(resolve_device(cfg.device))  # the model's own, unless the caller's cfg
+    own = cfg.device == loaded.config.inference.device  # the model's, unless the caller's cfg
+    loaded.model.to(resolve_device(cfg.device, loaded.path.parent / "config.json" if own else None))
     model_id = model_identity(loaded.path, loaded.config, loaded.meta)
     settings = segment_settings(profile, cfg, pixel_size_um)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}

@@ -353,13 +353,39 @@ def test_segment_folder_runs_the_model_on_the_device_its_config_names(
     asked = []
     resolve = mlseg.model.resolve_device
     monkeypatch.setattr(
-        mlseg.model, "resolve_device", lambda name="auto": asked.append(name) or resolve(name)
+        mlseg.model,
+        "resolve_device",
+        lambda name="auto", saved_in=None: asked.append(name) or resolve(name),
     )
     folder = _folder(tmp_path, 1)
     segment_folder("model", folder, tmp_path / "out", profile_name="he", progress=False)
     assert asked == ["cpu"]
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["inference"]["device"] == "cpu"
+
+
+def test_a_model_saved_with_a_gpu_on_a_machine_without_one_names_its_config_and_the_fix(
+    tmp_path, monkeypatch
+):
+    # a model trained with inference.device: cuda, moved to a CPU machine, said only "device
+    # 'cuda' asked for but CUDA is not available here": nobody there had asked for it
+    from mlseg.config import TrainConfig
+
+    ckpt = _untrained_checkpoint(
+        tmp_path / "gpu_model",
+        Config(train=TrainConfig(encoder="resnet18", encoder_depth=3),
+               inference=InferenceConfig(tile_size=64, device="cuda")),
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = _folder(tmp_path, 1)
+    with pytest.raises(ConfigError) as err:
+        segment_folder(ckpt, folder, tmp_path / "out", profile_name="he", progress=False)
+    assert str(ckpt / "config.json") in str(err.value) and "--device auto" in str(err.value)
+    cpu = InferenceConfig(tile_size=64, device="cpu")  # the caller's device: as asked, no file
+    result = segment_folder(
+        ckpt, folder, tmp_path / "out", profile_name="he", progress=False, inference_cfg=cpu
+    )
+    assert result.processed == ["img0"]
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
