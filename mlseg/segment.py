@@ -63,7 +63,15 @@ from mlseg.dataset import (
     warn_of_non_files,
     warn_of_unused_rows,
 )
-from mlseg.errors import ConfigError, DatasetError, MlsegError, not_a_folder, some_of, warn_once
+from mlseg.errors import (
+    ConfigError,
+    DatasetError,
+    MlsegError,
+    ModelError,
+    not_a_folder,
+    some_of,
+    warn_once,
+)
 from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -136,6 +144,26 @@ def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> Non
             f"{path}: image has {channels} channel(s) but profile {profile.name!r} expects "
             f"{profile.channels}; convert the image or use a profile with channels: {channels}"
         )
+
+
+def check_model_channels(image: np.ndarray, loaded, profile: Profile) -> None:
+    """The model must take the image's channels: as they are, or by grey repeated to its
+    channels or RGB averaged to its grey (:func:`mlseg.preprocess.match_channels`; a
+    fluorescence image of one colour is grey, :func:`~mlseg.preprocess.one_channel_as_grey`).
+    A model of two channels (DAPI and a membrane marker) given an RGB image ended the whole
+    run with a ValueError traceback that named neither the model nor the image."""
+    from mlseg.preprocess import one_channel_as_grey
+
+    channels, wanted = 1 if image.ndim == 2 else int(image.shape[2]), loaded.in_channels
+    if channels == wanted or 1 in (channels, wanted):
+        return
+    if profile.stain == "fluorescence" and one_channel_as_grey(image).shape[2] == 1:
+        return
+    raise ModelError(
+        f"the image has {channels} channels and the model {loaded.path} takes {wanted}; "
+        f"segment {wanted}-channel images with it (a profile of channels: {wanted}), or "
+        f"use a model trained on {channels}-channel images"
+    )
 
 
 def image_array(image: Any) -> np.ndarray:
@@ -254,6 +282,7 @@ def predict_labels_scaled(
     from mlseg.scale import ScaleEstimate, auto_scale, statistic_of
 
     image = image_array(image)
+    check_model_channels(image, loaded, profile)
     pixel_size_um = microns_per_pixel(pixel_size_um)
     cfg = inference_cfg or loaded.config.inference
     if device is None:

@@ -388,6 +388,27 @@ def test_a_model_saved_with_a_gpu_on_a_machine_without_one_names_its_config_and_
     assert result.processed == ["img0"]
 
 
+def test_a_model_of_other_channels_than_the_images_fails_each_naming_the_model(tmp_path):
+    # a two-channel model (DAPI and a membrane marker) given RGB images ended the run with
+    # "ValueError: cannot convert a 3-channel image to 2 channels", no model or image named
+    from mlseg.config import TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    cfg = Config(train=TrainConfig(encoder="resnet18", encoder_depth=3))
+    save_checkpoint(
+        tmp_path / "two", build_model(cfg.train, 2, 3), cfg, target="three_class", classes=3,
+        in_channels=2, fingerprint_hash=None, metrics={}, pixel_size_um=None, name="best",
+    )  # fmt: skip
+    folder = _folder(tmp_path, 2)
+    result = segment_folder(
+        tmp_path / "two", folder, tmp_path / "out", profile_name="he", progress=False
+    )
+    assert result.processed == [] and len(result.failed) == 2
+    reason = result.failed[str(folder / "img0.png")]
+    assert str(tmp_path / "two" / "best.safetensors") in reason and "takes 2" in reason
+    assert "trained on 3-channel images" in reason
+
+
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
     tmp_path, monkeypatch, oracle, method
