@@ -535,11 +535,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)[:200]]
+    except RuntimeError:
         raise ModelError(
             f"{weights}: weights do not fit {config.train.arch}/{config.train.encoder} with "
-            f"{in_channels} input channel(s) and {classes} class(es) ({first[0].strip()}); "
+            f"{in_channels} input channel(s) and {classes} class(es) ({_misfit(model, state)}); "
             "the file comes from another architecture or was edited"
         ) from None
     min_side = min_input_side(model, in_channels)  # on the CPU, before the move
@@ -554,6 +553,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         meta=meta,
         path=weights,
         min_side=min_side,
+    )
+
+
+def _misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` (as the model's ``load_state_dict`` left it: smp renames old keys in
+    place) misses ``model``, a few names of each kind: torch's message lists every key
+    (a resnet18 file under a resnet34 config: 2,900 characters of them)."""
+    own = model.state_dict()
+    kinds = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "of another shape": [
+            f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],
+    }
+    return "; ".join(
+        f"{len(keys)} key(s) {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for kind, keys in kinds.items()
+        if keys
     )
 
 

@@ -256,6 +256,21 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
         load_model(tmp_path)
 
 
+def test_weights_of_another_encoder_are_refused_in_a_few_lines(tmp_path) -> None:
+    # torch's message lists every key: a resnet18 file under a resnet34 config was refused
+    # in 2,900 characters of key names
+    _save(tmp_path, build_model(SMALL, 3, 3))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["train"]["encoder"] = "resnet34"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError) as err:
+        load_model(tmp_path)
+    said = str(err.value)
+    assert len(said) < 600, said
+    assert "key(s) missing: encoder.layer1.2.conv1.weight" in said
+    assert "another architecture or was edited" in said
+
+
 def test_missing_or_damaged_checkpoints(tmp_path) -> None:
     # a mistyped run folder is named as missing, not as a path of the wrong kind
     with pytest.raises(ModelError, match=r"runs/trian: not found; give the training run's"):
