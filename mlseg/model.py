@@ -533,6 +533,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"({some_of(broken)}), as a diverged training leaves them; train it again with a "
             "lower train.lr, or use another checkpoint"
         )
+    # a torch.compile'd model's own state_dict, saved by hand, names each key under its
+    # _orig_mod: the same weights, which save_checkpoint writes without it
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:

@@ -247,6 +247,22 @@ def test_the_stain_reference_copy_keeps_its_pixels_not_its_metadata(tmp_path) ->
     assert np.array_equal(read_image(copy), read_image(reference))
 
 
+def test_weights_saved_from_a_compiled_model_load_and_predict_as_eager(tmp_path) -> None:
+    # torch.compile's wrapper names every key _orig_mod.<key>: a GPU run's compiled model
+    # saved by hand was refused as weights "of another architecture or edited"
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_model(SMALL, 3, 3).eval()
+    _save(tmp_path, model)
+    compiled = torch.compile(model)  # its state_dict only: nothing is compiled
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    save_file(compiled.state_dict(), str(tmp_path / "best.safetensors"))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path).model(x), model(x))
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     _save(tmp_path, build_model(SMALL, 3, 3))
     cfg = json.loads((tmp_path / "config.json").read_text())
