@@ -439,7 +439,8 @@ class LoadedModel:
         """The profile the model was trained with, as saved with it; ``None`` for a run
         saved before profiles were kept (read its ``config.profile`` again instead)."""
         saved = self.meta.get("profile_settings")
-        return None if saved is None else parse(Profile, saved, "meta.json (profile_settings)")
+        meta = self.path.parent / "meta.json" if self.path is not None else "meta.json"
+        return None if saved is None else parse(Profile, saved, f"{meta} (profile_settings)")
 
 
 def checkpoint_path(path: str | Path) -> Path:

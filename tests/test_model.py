@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -261,6 +262,21 @@ def test_weights_saved_from_a_compiled_model_load_and_predict_as_eager(tmp_path)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path).model(x), model(x))
+
+
+def test_a_saved_profile_this_mlseg_cannot_read_names_the_models_meta_json(tmp_path) -> None:
+    # a model from an mlseg whose profiles have a setting this one lacks said only
+    # "meta.json (profile_settings): unknown key ...", not which model's
+    from mlseg.config import get_profile
+    from mlseg.errors import ConfigError
+
+    _save(tmp_path, build_model(SMALL, 3, 3), profile=get_profile("he"))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["profile_settings"]["newer_setting"] = 1
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)  # its weights and config are read as they were
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'meta.json'} (profile_")):
+        _ = loaded.profile
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
