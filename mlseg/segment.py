@@ -166,6 +166,22 @@ def check_model_channels(image: np.ndarray, loaded, profile: Profile) -> None:
     )
 
 
+def check_model_stain(loaded, profile: Profile) -> None:
+    """A model that normalises H&E/IHC stains (its ``preprocess.stain_norm``) takes only
+    images of a bright-field stain: an H&E model given fluorescence images failed each with
+    "preprocess.stain_norm='macenko' applies to RGB H&E/IHC images only; set it to 'none'",
+    a setting of the model's own config.json, where it would feed the network pictures it
+    never learnt on."""
+    method = loaded.config.preprocess.stain_norm
+    if method != "none" and profile.stain not in ("he", "ihc"):
+        raise ModelError(
+            f"the model {loaded.path} was trained on {method}-normalised H&E/IHC images "
+            f"(its preprocess.stain_norm) and profile {profile.name!r} measures "
+            f"{profile.stain}; segment bright-field images with it (a profile of stain he or "
+            f"ihc), or use a model trained on {profile.stain} images"
+        )
+
+
 def image_array(image: Any) -> np.ndarray:
     """``image`` as :func:`predict_labels` takes it, or :class:`ValueError` saying what it is
     and the fix: one ``(H, W)`` or ``(H, W, C)`` array, channels last, uint8/uint16 as stored
@@ -283,6 +299,7 @@ def predict_labels_scaled(
 
     image = image_array(image)
     check_model_channels(image, loaded, profile)
+    check_model_stain(loaded, profile)
     pixel_size_um = microns_per_pixel(pixel_size_um)
     cfg = inference_cfg or loaded.config.inference
     if device is None:

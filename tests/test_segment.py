@@ -409,6 +409,25 @@ def test_a_model_of_other_channels_than_the_images_fails_each_naming_the_model(t
     assert "trained on 3-channel images" in reason
 
 
+def test_a_stain_normalising_model_on_fluorescence_names_the_model_and_profile(tmp_path):
+    # each image failed with "preprocess.stain_norm='macenko' applies to RGB H&E/IHC images
+    # only ...; set it to 'none'": a setting of the model's config.json, not the fix
+    from mlseg.config import TrainConfig
+
+    cfg = Config(
+        train=TrainConfig(encoder="resnet18", encoder_depth=3),
+        preprocess=PreprocessConfig(stain_norm="macenko"),
+    )
+    ckpt = _untrained_checkpoint(tmp_path / "he_model", cfg)
+    folder = _folder(tmp_path, 1)
+    result = segment_folder(
+        ckpt, folder, tmp_path / "out", profile_name="fluorescence", progress=False
+    )
+    reason = result.failed[str(folder / "img0.png")]
+    assert str(ckpt / "best.safetensors") in reason and "'fluorescence'" in reason
+    assert "set it to 'none'" not in reason
+
+
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
     tmp_path, monkeypatch, oracle, method
