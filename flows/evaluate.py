@@ -19,9 +19,11 @@ def evaluate_task(
     split: Literal["train", "test"] = "test",
     profile: str | None = None,
     inference: dict[str, Any] | None = None,
+    pixel_size_um: float | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``split``; returns means, eval set id and output paths.
-    ``inference`` overrides keys of the model's own inference settings."""
+    ``inference`` overrides keys of the model's own inference settings; ``pixel_size_um``
+    the dataset's pixel sizes (:func:`mlseg.evaluate.evaluate`)."""
     from flows.segment import inference_settings
     from mlseg.evaluate import evaluate
 
@@ -33,6 +35,7 @@ def evaluate_task(
         split=split,
         profile=profile,
         inference_cfg=settings,
+        pixel_size_um=pixel_size_um,
         progress=False,
     )
     return {
@@ -56,6 +59,7 @@ def evaluate_model(
     split: Literal["train", "test"] = "test",
     profile: str | None = None,
     inference: dict[str, Any] | None = None,
+    pixel_size_um: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (folder or ``.safetensors``) on a labelled split.
 
@@ -73,13 +77,15 @@ def evaluate_model(
             ``he``, ``ihc``, ``fluorescence``); empty: the one the model was trained with.
         inference: Keys of the model's saved inference settings to change, e.g.
             ``{"tta": true, "device": "cpu"}``; empty: the model's own.
+        pixel_size_um: Microns per pixel of every image of the split; empty: each image's from
+            the dataset's manifest, else its own metadata, else the profile's.
     """
     from mlseg.io import read_written_csv
 
     log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     model, data_root, out_dir = (str(data_path(p)) for p in (model, data_root, out_dir))
-    result = evaluate_task(model, data_root, out_dir, split, profile, inference)
+    result = evaluate_task(model, data_root, out_dir, split, profile, inference, pixel_size_um)
     means = result["means"]
     get_run_logger().info(
         "%d images: Dice %.4f AJI %.4f PQ %.4f (eval set %s)",

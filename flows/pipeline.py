@@ -197,7 +197,9 @@ def pipeline(
     evaluation mean that decides champion/challenger (higher is better). ``profile``
     (default: the config's) is every stage's, training's included; ``profiles`` must define
     it as the config's profiles file does. ``pixel_size_um`` overrides every test image's
-    pixel size; without it each has the manifest's, else its own metadata's or the profile's.
+    pixel size, where the new and the production model are scored and where the test images
+    are segmented; without it each has the manifest's, else its own metadata's or the
+    profile's.
     ``resume=False`` trains afresh in ``work_dir``, as a new dataset or recipe needs (a
     resume refuses them; the models already registered stay). Returns the paths of every
     output.
@@ -288,7 +290,11 @@ def pipeline(
 
     # 4. evaluate the new model on the test split, with this run's inference settings
     evaluated = evaluate_model(
-        trained["checkpoint"], str(root), str(work / "evaluate"), inference=_inference(cfg)
+        trained["checkpoint"],
+        str(root),
+        str(work / "evaluate"),
+        inference=_inference(cfg),
+        pixel_size_um=pixel_size_um,
     )
 
     # 5. register; champion/challenger on the same evaluation set
@@ -303,6 +309,7 @@ def pipeline(
             str(reg.fetch(champion)),
             str(root),
             str(work / f"evaluate-{champion.name}-v{champion.version}"),
+            pixel_size_um=pixel_size_um,
         )
         reg.record_evaluation(
             registry, champion.name, champion.version, scored["eval_set_id"], scored["means"]

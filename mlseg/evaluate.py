@@ -166,6 +166,7 @@ def evaluate(
     split: str = "test",
     profile: str | Profile | None = None,
     inference_cfg: InferenceConfig | None = None,
+    pixel_size_um: float | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Segment every image of ``split`` with the model and score it against its mask.
@@ -173,11 +174,16 @@ def evaluate(
     ``profile`` (name or object) defaults to the model's training profile, as saved with
     it (older runs: read again from the run config's ``profiles_file``); another name is
     read from that file. ``inference_cfg`` defaults to the model config's inference section.
+    ``pixel_size_um``: microns per pixel of every image, in place of the dataset's manifest,
+    the images' metadata and the profile; the evaluation set id records it, so scores at
+    another scale are never compared.
     """
+    from mlseg.quantify import microns_per_pixel
     from mlseg.segment import check_out_dir, model_identity
 
     warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
     out = Path(out_dir)
+    pixel_size_um = microns_per_pixel(pixel_size_um)
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
     inference_cfg = inference_cfg or cfg.inference
@@ -218,7 +224,10 @@ def evaluate(
         if truth.shape != image.shape[:2]:
             raise DatasetError(size_mismatch(pair.mask, truth.shape, image.shape, pair.image))
         # the profile's size for an image without its own, as training and segment take it
-        um = pair.pixel_size_um if pair.pixel_size_um is not None else profile.pixel_size_um
+        um = next(
+            (u for u in (pixel_size_um, pair.pixel_size_um) if u is not None),
+            profile.pixel_size_um,
+        )
         t0 = time.perf_counter()
         pred, scale = predict_image(loaded, image, profile, inference_cfg, um)
         seconds = time.perf_counter() - t0
@@ -252,7 +261,7 @@ def evaluate(
     csv_path = write_table(df, out / "per_image.csv")
     # the set as this model's data config pairs it (mask suffix, folders): the id that makes
     # two scores comparable must change whenever one of the masks scored here changes
-    set_id = eval_set_id(data_root, split, cfg.data)
+    set_id = eval_set_id(data_root, split, cfg.data, pixel_size_um)
     summary = {
         "model": str(loaded.path),
         # what the scores belong to, where paths are only names: the model (weights, stain

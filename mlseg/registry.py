@@ -246,9 +246,11 @@ def package_versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{n: installed(n) for n in NUMERIC_PACKAGES}}
 
 
-def eval_set_id(root: str | Path, split: str = "test", cfg=None) -> str:
+def eval_set_id(
+    root: str | Path, split: str = "test", cfg=None, pixel_size_um: float | None = None
+) -> str:
     """Content hash (16 hex) of a dataset split's images, masks and known pixel sizes,
-    independent of file names.
+    independent of file names; ``pixel_size_um``: every image's, in place of its own.
 
     Two evaluations are comparable only when this id is equal: same pixels, same masks, and
     each image segmented at the same scale (a corrected ``manifest.csv`` resamples the
@@ -260,10 +262,11 @@ def eval_set_id(root: str | Path, split: str = "test", cfg=None) -> str:
     if not pairs:
         raise RegistryError(f"{root}: split {split!r} has no images to evaluate on")
     # a size only when one is known, so a set without pixel sizes keeps its earlier id
+    sizes = [p.pixel_size_um if pixel_size_um is None else pixel_size_um for p in pairs]
     items = sorted(
         f"{_sha256(p.image)}:{_sha256(p.mask) if p.mask is not None else '-'}"
-        + (f":{float(p.pixel_size_um)!r}" if p.pixel_size_um is not None else "")
-        for p in pairs
+        + (f":{float(um)!r}" if um is not None else "")
+        for p, um in zip(pairs, sizes, strict=True)
     )
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 

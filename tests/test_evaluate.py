@@ -198,6 +198,25 @@ def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, t
     assert df["pixel_size_um"].tolist() == [0.25, 0.25]
 
 
+def test_a_pixel_size_given_for_every_image_is_the_one_scored_and_in_the_set_id(
+    nuclei_dataset, tmp_path
+) -> None:
+    """The pipeline's ``pixel_size_um`` (every test image's) was given to its segment step
+    only: its evaluation scored the same test images at the dataset's sizes, so the report
+    held two segmentations of them. Given to evaluate, it is each image's size, and the
+    evaluation set id records it, so a score at another scale is never compared."""
+    from mlseg.registry import eval_set_id
+
+    folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.5)
+    data = nuclei_dataset(n_train=0, n_test=2, size=64)
+    own = ev.evaluate(folder, data, tmp_path / "own", progress=False)
+    given = ev.evaluate(folder, data, tmp_path / "given", pixel_size_um=0.25, progress=False)
+    assert given.per_image["pixel_size_um"].tolist() == [0.25, 0.25]
+    assert given.per_image["scale_factor"].tolist() == [0.5, 0.5]
+    assert own.eval_set_id == eval_set_id(data)
+    assert given.eval_set_id == eval_set_id(data, pixel_size_um=0.25) != own.eval_set_id
+
+
 def test_evaluate_says_a_mask_of_another_size_as_training_does(
     checkpoint, synth_dataset, tmp_path
 ) -> None:

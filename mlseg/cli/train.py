@@ -111,6 +111,13 @@ def evaluate(
         typer.Option(help="profiles.yaml to read --profile from (default: the run config's)."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(
+            "--pixel-size",
+            help="Microns per pixel for every image (overrides the manifest, metadata, profile).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
@@ -130,7 +137,14 @@ def evaluate(
     out = out or folder / f"eval_{split}"
     progress = not quiet and sys.stderr.isatty()  # a bar per image fills a job's log
     result = run_evaluate(
-        model, data, out, split=split, profile=profile, inference_cfg=inference, progress=progress
+        model,
+        data,
+        out,
+        split=split,
+        profile=profile,
+        inference_cfg=inference,
+        pixel_size_um=pixel_size,
+        progress=progress,
     )
     m = result.means
     relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
