@@ -143,18 +143,21 @@ def predict_image(
     profile: Profile,
     inference_cfg: InferenceConfig,
     pixel_size_um: float | None,
+    path: Path | str = "image",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Instance labels ``(H, W) int32`` of one ``(H, W, C)`` uint image, at its own size,
     exactly as ``mlseg segment`` makes them (:func:`mlseg.segment.predict_labels_scaled`),
     and how its scale was chosen (:meth:`mlseg.scale.ScaleEstimate.as_row`):
     ``scale_factor`` (the image was resampled by it), ``scale_source`` (``pixel_size``,
     ``estimated``, ``rejected`` or ``native``) and ``est_diameter_px`` (nucleus diameter
-    of the first pass when estimated)."""
-    from mlseg.segment import predict_labels_scaled
+    of the first pass when estimated). A scale at its limits is named by ``path``, as
+    ``mlseg segment`` names it (:func:`mlseg.segment.warn_if_scale_at_limit`)."""
+    from mlseg.segment import predict_labels_scaled, warn_if_scale_at_limit
 
     labels, _, scale = predict_labels_scaled(
         loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um
     )
+    warn_if_scale_at_limit(scale, path)
     return np.asarray(labels, dtype=np.int32), scale.as_row()
 
 
@@ -229,7 +232,7 @@ def evaluate(
             profile.pixel_size_um,
         )
         t0 = time.perf_counter()
-        pred, scale = predict_image(loaded, image, profile, inference_cfg, um)
+        pred, scale = predict_image(loaded, image, profile, inference_cfg, um, pair.image)
         seconds = time.perf_counter() - t0
         row = {"stem": pair.stem, **score_labels(pred, truth)}
         row.update(

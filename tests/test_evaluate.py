@@ -71,7 +71,7 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
 
     order = [p.stem for p in pairs]
 
-    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um):
+    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
         stem = order.pop(0)  # images come in pair order
         labels = truths[stem] if stem == perfect else np.zeros(image.shape[:2], np.int32)
         return labels, {"scale_factor": 2.0, "scale_source": "estimated", "est_diameter_px": 9.0}
@@ -215,6 +215,9 @@ def test_a_pixel_size_given_for_every_image_is_the_one_scored_and_in_the_set_id(
     assert given.per_image["scale_factor"].tolist() == [0.5, 0.5]
     assert own.eval_set_id == eval_set_id(data)
     assert given.eval_set_id == eval_set_id(data, pixel_size_um=0.25) != own.eval_set_id
+    # a slip of the decimal point is named, as mlseg segment names it
+    with pytest.warns(UserWarning, match=r"its pixel size is 10x the model's"):
+        ev.evaluate(folder, data, tmp_path / "slip", pixel_size_um=5.0, progress=False)
 
 
 def test_evaluate_says_a_mask_of_another_size_as_training_does(
