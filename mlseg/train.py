@@ -56,6 +56,7 @@ from mlseg.model import (
     check_names,
     check_trainable,
     load_train_state,
+    nonfinite_tensors,
     resolve_device,
     save_checkpoint,
 )
@@ -622,8 +623,7 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
     # as best and last
     if run.data.val is not None:
         _check_finite(row["val_loss"], run.step, tc.lr, "the validation loss")
-    tensors = run.evaluated.state_dict().values()
-    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+    if nonfinite_tensors(run.evaluated.state_dict()):
         _check_finite(math.nan, run.step, tc.lr, "the model's weights or BatchNorm statistics")
     run.history.append(row)
     # the history before the checkpoint, which is what a resume goes on from: a run stopped

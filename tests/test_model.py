@@ -10,7 +10,14 @@ import torch
 
 from mlseg.config import Config, TrainConfig
 from mlseg.errors import ModelError
-from mlseg.model import build_model, check_trainable, load_model, load_train_state, save_checkpoint
+from mlseg.model import (
+    build_model,
+    check_trainable,
+    load_model,
+    load_train_state,
+    nonfinite_tensors,
+    save_checkpoint,
+)
 
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
 
@@ -135,6 +142,20 @@ def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path) ->
         ModelError, match=r"last\.safetensors: 1 of its .* NaN .*segmentation_head\.0\.bias"
     ):
         load_model(path)
+
+
+def test_nonfinite_tensors_names_nan_and_infinities_in_any_float_dtype_only() -> None:
+    # read off each tensor's extremes: a sum would overflow a half tensor of finite weights
+    # (1e5 x 1.0 in float16) and call it infinite; integer buffers and empty tensors pass
+    state = {
+        "half": torch.ones(100_000, dtype=torch.float16),
+        "nan": torch.tensor([1.0, float("nan"), 2.0]),
+        "inf": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+        "minus_inf": torch.tensor([float("-inf"), 0.0], dtype=torch.float64),
+        "empty": torch.zeros(0),
+        "num_batches_tracked": torch.tensor(7),
+    }
+    assert nonfinite_tensors(state) == ["nan", "inf", "minus_inf"]
 
 
 def test_last_checkpoint_keeps_train_state_without_pickle(tmp_path) -> None:
