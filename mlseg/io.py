@@ -275,8 +275,9 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
-    """The first image of a TIFF as stored; a palette image's colours, or with ``labels`` (a
-    mask) its indices, as an indexed PNG mask's."""
+    """The first image of a TIFF as stored; a palette image's colours (an ImageJ image's
+    lookup table aside: :func:`_is_lookup_table`), or with ``labels`` (a mask) its indices,
+    as an indexed PNG mask's."""
     import tifffile
 
     compression = None
@@ -289,6 +290,7 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
             photometric = tif.series[0].keyframe.photometric
             colormap = tif.series[0].keyframe.colormap
             extrasamples = tif.series[0].keyframe.extrasamples
+            imagej = tif.is_imagej
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
         raise
@@ -311,7 +313,7 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         arr = _cmyk_as_rgb(arr, path)
     elif photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and not labels:
-        arr = arr if _is_lookup_table(colormap) else _palette_colours(arr, colormap)
+        arr = arr if imagej and _is_lookup_table(colormap) else _palette_colours(arr, colormap)
     elif arr.ndim == 3 and arr.shape[2] == 4 and extrasamples[:1] == (_ASSOCIATED_ALPHA,):
         arr = _unpremultiplied(arr)
     elif arr.ndim == 3 and arr.shape[2] == 4 and extrasamples[:1] == (_UNSPECIFIED_SAMPLE,):
@@ -343,10 +345,12 @@ LOOKUP_TABLE_STEP = 32 * 257
 
 
 def _is_lookup_table(colormap: np.ndarray) -> bool:
-    """Whether a TIFF's ``(3, N)`` colour map is a smooth ramp of colours (ImageJ's Fire,
-    Green, an inverted grey): a lookup table that shows intensities, as ImageJ saves an 8-bit
-    image with a LUT. Its indices are the measured data, as Fiji reads them, and stay as
-    stored; a palette of colours (Pillow's, ImageJ's 8-bit Color) jumps between them."""
+    """Whether an ImageJ TIFF's ``(3, N)`` colour map is a smooth ramp of colours (ImageJ's
+    Fire, Green, an inverted grey): a lookup table that shows intensities, as ImageJ saves an
+    8-bit image with a LUT. Its indices are the measured data, as Fiji reads them, and stay
+    as stored; a palette of colours (ImageJ's 8-bit Color) jumps between them. Another
+    program's palette may be as smooth: Pillow's of a grey fluorescence image, darkest last,
+    whose indices read as the image inverted."""
     steps = np.abs(np.diff(colormap.astype(np.int64), axis=1))
     return colormap.shape[1] > 2 and int(steps.max(initial=0)) <= LOOKUP_TABLE_STEP
 

@@ -558,9 +558,29 @@ def test_an_image_saved_with_a_lookup_table_keeps_its_intensities(tmp_path):
     ramp = np.arange(256)
     fire = np.stack([np.minimum(ramp * 3, 255), np.clip(ramp * 2 - 255, 0, 255), ramp // 2])
     tifffile.imwrite(
-        tmp_path / "x.tif", dapi, photometric="palette", colormap=(fire * 257).astype(np.uint16)
+        tmp_path / "x.tif",
+        dapi,
+        imagej=True,
+        photometric="palette",
+        colormap=(fire * 257).astype(np.uint16),
     )
     assert np.array_equal(read_image(tmp_path / "x.tif")[..., 0], dapi)
+
+
+def test_a_grey_image_quantised_by_pillow_reads_in_its_greys_not_inverted(tmp_path):
+    """Pillow's palette of a grey fluorescence image is a smooth ramp of greys, brightest
+    first: taken for an ImageJ lookup table, its indices were kept, and a dark field of
+    bright nuclei read as a bright field of dark ones."""
+    from PIL import Image
+
+    grey = np.zeros((32, 32), np.uint8)
+    grey[8:24, 8:24] = np.arange(16 * 16).reshape(16, 16) // 3  # a nucleus of 0..85 on black
+    indexed = Image.fromarray(np.dstack([grey] * 3)).quantize(256)
+    indexed.save(tmp_path / "dapi.tif")
+    image = read_image(tmp_path / "dapi.tif")
+    assert image.shape == (32, 32, 1)
+    assert np.array_equal(image[..., 0], np.asarray(indexed.convert("L")))
+    assert image[0, 0, 0] == 0  # the background stays black
 
 
 def test_a_tiff_with_premultiplied_alpha_reads_as_its_viewer_shows_it(tmp_path):
