@@ -309,6 +309,11 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
             f"file of its own to have them all segmented",
             stacklevel=3,
         )
+    grey = photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+    if grey and len(extrasamples) > 1 and set(extrasamples) == {_UNSPECIFIED_SAMPLE}:
+        # a grey image's samples, none of them alpha, are channels (tifffile writes a
+        # 4-channel image so): read as RGB + padding, three were passed for a colour image
+        series_axes = series_axes.replace("S", "C")
     arr = _tiff_as_hwc(np.asarray(arr), series_axes, path)
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         arr = _cmyk_as_rgb(arr, path)

@@ -652,3 +652,17 @@ def test_an_rgb_tiff_with_an_unspecified_extra_sample_reads_as_its_rgb(tmp_path)
     image = read_image(tmp_path / "x.tif")
     assert np.array_equal(image, rgb)
     assert np.array_equal(image, np.asarray(Image.open(tmp_path / "x.tif").convert("RGB")))
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_a_grey_tiff_of_four_samples_is_refused_as_four_channels(tmp_path, planar):
+    """tifffile writes a 4-channel fluorescence image as grey with three extra samples of
+    unspecified meaning: read as RGB + padding, its first three channels passed for a
+    colour image and the fourth was dropped, without a word."""
+    import tifffile
+
+    channels = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    data = channels if planar == "separate" else channels.transpose(1, 2, 0)
+    tifffile.imwrite(tmp_path / "x.tif", data, photometric="minisblack", planarconfig=planar)
+    with pytest.raises(ImageReadError, match=r"x\.tif: 4 channels.*Split Channels"):
+        read_image(tmp_path / "x.tif")
