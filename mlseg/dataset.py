@@ -36,7 +36,14 @@ import pandas as pd
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
 from mlseg.errors import DatasetError, not_a_folder, some_of
-from mlseg.io import IMAGE_EXTENSIONS, image_extension, image_stem, match_stem, write_text
+from mlseg.io import (
+    IMAGE_EXTENSIONS,
+    OTHER_IMAGE_EXTENSIONS,
+    image_extension,
+    image_stem,
+    match_stem,
+    write_text,
+)
 from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
     implausible_message,
@@ -141,14 +148,6 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
     return found
 
 
-#: Extensions of the image files microscopes, slide scanners, cameras and image programs
-#: write that mlseg does not read (:data:`IMAGE_EXTENSIONS` are those it does).
-OTHER_IMAGE_EXTENSIONS = (
-    *(".bmp", ".dib", ".gif", ".webp", ".jp2", ".j2k", ".jpf", ".jxl", ".jfif", ".jpe"),
-    *(".heic", ".heif", ".avif", ".pgm", ".ppm", ".pnm", ".psd", ".dng", ".exr"),
-    *(".svs", ".ndpi", ".scn", ".mrxs", ".vsi", ".czi", ".lif", ".nd2", ".oib", ".oir"),
-    *(".ims", ".bif", ".qptiff", ".btf", ".lsm", ".zvi", ".dcm"),
-)
 #: What becomes of the files :func:`in_formats_not_read` names, and the fix.
 OTHER_FORMATS_LEFT_OUT = (
     "images in a format mlseg does not read, so left out; save them as PNG or TIFF (a whole "

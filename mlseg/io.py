@@ -30,6 +30,15 @@ from mlseg.errors import ImageReadError, MlsegError, cannot_write, writes_named
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+#: Extensions of the image files microscopes, slide scanners, cameras and image programs
+#: write that mlseg does not read (:data:`IMAGE_EXTENSIONS` are those it does):
+#: named where a run leaves them out (:func:`mlseg.dataset.in_formats_not_read`).
+OTHER_IMAGE_EXTENSIONS = (
+    *(".bmp", ".dib", ".gif", ".webp", ".jp2", ".j2k", ".jpf", ".jxl", ".jfif", ".jpe"),
+    *(".heic", ".heif", ".avif", ".pgm", ".ppm", ".pnm", ".psd", ".dng", ".exr"),
+    *(".svs", ".ndpi", ".scn", ".mrxs", ".vsi", ".czi", ".lif", ".nd2", ".oib", ".oir"),
+    *(".ims", ".bif", ".qptiff", ".btf", ".lsm", ".zvi", ".dcm"),
+)
 #: One extension, not ``.tif`` after a stem ending in ``.ome`` (:func:`image_stem`).
 OME_TIFF_EXTENSIONS = (".ome.tif", ".ome.tiff")
 #: Masks are labels: only lossless formats keep them (JPEG changes values along every edge).
