@@ -618,10 +618,9 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
                 channels_last=run.channels_last,
             )
         )
-    # the training loss of a diverging run may stay finite for epochs after its weights
-    # overflowed: such a model outputs NaN, scores Dice 0 (better than none) and was saved
-    # as best and last
-    if run.data.val is not None:
+        # the training loss of a diverging run may stay finite for epochs after its weights
+        # overflowed: such a model outputs NaN, scores Dice 0 (better than none) and was
+        # saved as best and last
         _check_finite(row["val_loss"], run.step, tc.lr, "the validation loss")
     if nonfinite_tensors(run.evaluated.state_dict()):
         _check_finite(math.nan, run.step, tc.lr, "the model's weights or BatchNorm statistics")
