@@ -65,13 +65,12 @@ def _load(weights: str, device: str, stamps: tuple[int, ...]):
 def loaded_model(model: str, device: str = "auto"):
     """The model at ``model``, loaded once per process (and again if its weights, config.json
     or meta.json change: the two shape its predictions, :func:`model_id`)."""
-    from mlseg.model import checkpoint_path, resolve_device
+    from mlseg.model import checkpoint_path, resolve_model_device
 
     weights = checkpoint_path(model)
     files = (weights, weights.parent / "config.json", weights.parent / "meta.json")
     stamps = tuple(path.stat().st_mtime_ns for path in files if path.is_file())  # else load says
-    own = device == model_config(model).inference.device
-    device = resolve_device(device, weights.parent / "config.json" if own else None)
+    device = resolve_model_device(device, model_config(model), weights.parent)
     return _load(str(weights), str(device), stamps)
 
 

@@ -32,7 +32,7 @@ from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
 from mlseg.io import read_image, read_mask, write_table, write_text
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
-from mlseg.model import LoadedModel, load_model, resolve_device
+from mlseg.model import LoadedModel, load_model, resolve_model_device
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
@@ -190,10 +190,7 @@ def evaluate(
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
     inference_cfg = inference_cfg or cfg.inference
-    own = inference_cfg.device == cfg.inference.device
-    device = resolve_device(
-        inference_cfg.device, loaded.path.parent / "config.json" if own else None
-    )
+    device = resolve_model_device(inference_cfg.device, cfg, loaded.path.parent)
     loaded.model.to(device)
     if profile is None or isinstance(profile, str):
         saved = loaded.meta.get("profile_settings") or {}

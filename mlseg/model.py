@@ -66,6 +66,14 @@ def resolve_device(name: str = "auto", saved_in: Path | None = None) -> torch.de
         ) from None
 
 
+def resolve_model_device(name: str, config: Config, folder: Path) -> torch.device:
+    """:func:`resolve_device` of ``name`` for the model saved in ``folder`` with ``config``:
+    where ``name`` is the model's own ``inference.device``, not the caller's, an error names
+    its config.json and the fix."""
+    own = name == config.inference.device
+    return resolve_device(name, folder / "config.json" if own else None)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -969,7 +969,7 @@ def segment_folder(
     """Segment every image of ``input_dir`` with the model at ``model_path``; write the
     outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped.
     ``pixel_sizes`` maps image stems to microns per pixel (see the module docstring)."""
-    from mlseg.model import load_model, resolve_device
+    from mlseg.model import load_model, resolve_model_device
     from mlseg.train import machine
 
     warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
@@ -982,8 +982,8 @@ def segment_folder(
     check_units_possible(profile, pixel_size_um, files, sizes)
     loaded = load_model(model_path)
     cfg = inference_cfg or loaded.config.inference
-    own = cfg.device == loaded.config.inference.device  # the model's, unless the caller's cfg
-    loaded.model.to(resolve_device(cfg.device, loaded.path.parent / "config.json" if own else None))
+    # the model's own device, unless the caller's cfg
+    loaded.model.to(resolve_model_device(cfg.device, loaded.config, loaded.path.parent))
     model_id = model_identity(loaded.path, loaded.config, loaded.meta)
     settings = segment_settings(profile, cfg, pixel_size_um)
     declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
