@@ -61,6 +61,24 @@ def _segment(inbox: Path, out: Path, checkpoint: Path, **kwargs):
     return segment_and_quantify(str(inbox), str(out), model=model, return_state=True, **params)
 
 
+def _retry(failed, parameters: dict):
+    """Run the failed flow run ``failed`` (its final state) again under its flow run id, as
+    the dashboard's Retry does; returns the retry's final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import AwaitingRetry
+
+    from flows.segment import segment_and_quantify
+
+    with get_client(sync_client=True) as client:
+        run_id = failed.state_details.flow_run_id
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        flow_run = client.read_flow_run(run_id)
+    return run_flow(
+        segment_and_quantify, flow_run=flow_run, parameters=parameters, return_type="state"
+    )
+
+
 # ----------------------------------------------------------------------------- pure helpers
 
 
@@ -640,10 +658,6 @@ def test_a_flow_run_retried_in_another_process_keeps_one_history_row(
     and measured its shift against its own first attempt's row."""
     import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.flow_engine import run_flow
-    from prefect.states import AwaitingRetry
-
     import flows.segment as segment_flow
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
@@ -662,16 +676,7 @@ def test_a_flow_run_retried_in_another_process_keeps_one_history_row(
     monkeypatch.setattr(segment_flow, "segment_one", segment_one)  # the image is fixed
     segment_flow._first_start.cache_clear()  # a new process
     time.sleep(1.1)  # a retry starts later
-    with get_client(sync_client=True) as client:
-        run_id = first.state_details.flow_run_id
-        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
-        flow_run = client.read_flow_run(run_id)
-    retried = run_flow(
-        segment_flow.segment_and_quantify,
-        flow_run=flow_run,
-        parameters={**parameters, "batch_size": 2},
-        return_type="state",
-    )
+    retried = _retry(first, {**parameters, "batch_size": 2})
     assert retried.is_completed(), retried.message
     history = pd.read_csv(out / "runs" / "history.csv")
     assert len(history) == 1, history[["run_id", "n_images"]]
@@ -1595,10 +1600,6 @@ def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
     batches kept what they wrote in the memory of a worker process, gone with the attempt's
     local cluster (or on another worker of a shared one): the retry called the failed batch's
     finished image skipped, and its history row counted 3 of the run's 4 images."""
-    from prefect.client.orchestration import get_client
-    from prefect.flow_engine import run_flow
-    from prefect.states import AwaitingRetry
-
     import flows.segment as segment_flow
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
@@ -1616,16 +1617,7 @@ def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
     first = segment_flow.segment_and_quantify(**parameters, return_state=True)
     assert first.is_failed() and "img_003" in str(first.message), first.message
     images[3].write_bytes(good)  # copied again
-    with get_client(sync_client=True) as client:
-        run_id = first.state_details.flow_run_id
-        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
-        flow_run = client.read_flow_run(run_id)
-    retried = run_flow(
-        segment_flow.segment_and_quantify,
-        flow_run=flow_run,
-        parameters=parameters,
-        return_type="state",
-    )
+    retried = _retry(first, parameters)
     assert retried.is_completed(), retried.message
     result = retried.result()
     assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(4)]
