@@ -2,9 +2,9 @@
 
 Per image ``<stem>``: ``<stem>_labels.png`` (16-bit; ``.tif`` above 65535 nuclei),
 ``<stem>_overlay.png`` (outlines; IHC classes in :data:`IHC_OVERLAY_COLOURS`),
-``<stem>_nuclei.csv`` and ``<stem>_nuclei.parquet`` (one row per nucleus), ``<stem>_nuclei.geojson`` (QuPath
-detections), and last ``<stem>.json``: the summary, the profile name and version and the list
-of outputs. Every file is written atomically, so the presence of ``<stem>.json`` means the
+``<stem>_nuclei.csv`` and ``<stem>_nuclei.parquet`` (one row per nucleus),
+``<stem>_nuclei.geojson`` (QuPath detections), and last ``<stem>.json``: the summary, the
+profile name and version and the list of outputs. Every file is written atomically, so the presence of ``<stem>.json`` means the
 image is complete (:func:`image_done`).
 
 Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus of those
