@@ -167,7 +167,7 @@ def in_formats_not_read(folder: Path) -> list[str]:
     ]
 
 
-def warn_of_non_files(folder: Path, stacklevel: int = 2) -> None:
+def warn_of_images_left_out(folder: Path, stacklevel: int = 2) -> None:
     """Warn, naming each, of the entries :func:`named_as_images_but_not_files` and
     :func:`in_formats_not_read` find in ``folder``: a run over its images leaves them out."""
     not_files = named_as_images_but_not_files(folder)

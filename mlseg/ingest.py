@@ -115,7 +115,7 @@ def detect_layout(src: Path, cfg: DataConfig) -> str:
     )
 
 
-def _not_files(folder: Path) -> list[str]:
+def _images_left_out(folder: Path) -> list[str]:
     """A problem for each entry of ``folder`` named as an image that is no file (a broken
     link, a link loop, a folder or a pipe) or is one in a format mlseg does not read (its
     mask was reported as a mask without image): ingesting without it would lose an image."""
@@ -132,7 +132,7 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     are a problem, not one of them kept."""
     found: dict[str, Path] = {}
     if folder.is_dir():
-        problems.extend(_not_files(folder))
+        problems.extend(_images_left_out(folder))
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not is_image_file(p):
             continue
@@ -150,7 +150,7 @@ def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, 
     masks: dict[str, Path] = {}
     if not folder.is_dir():
         return masks
-    problems.extend(_not_files(folder))
+    problems.extend(_images_left_out(folder))
     for p in sorted(folder.iterdir()):
         if is_annotation_file(p):
             stem = annotation_stem(p, suffix)
@@ -253,7 +253,7 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
             images = [p for p in sorted((case / "images").glob("*")) if is_image_file(p)]
             for sub in (case / "images", case / "masks"):  # a nucleus' link lost: a nucleus less
                 if sub.is_dir():
-                    problems.extend(_not_files(sub))
+                    problems.extend(_images_left_out(sub))
             if len(images) != 1:
                 problems.append(
                     f"{case / 'images'}: {len(images)} images; the DSB layout has one per folder"

@@ -188,7 +188,7 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 def list_new_images(folder: str | os.PathLike) -> list[Path]:
     """The images to compare: ``folder`` itself if it is an image file, else the images
     directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name."""
-    from mlseg.dataset import is_image_file, warn_of_non_files
+    from mlseg.dataset import is_image_file, warn_of_images_left_out
     from mlseg.io import check_utf8_path
 
     folder = Path(folder)
@@ -200,7 +200,7 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     if not found and (folder / "original").is_dir():
         folder = folder / "original"
         found = sorted(p for p in folder.iterdir() if is_image_file(p))
-    warn_of_non_files(folder)
+    warn_of_images_left_out(folder)
     if not found:
         raise DatasetError(f"{folder}: no images (png, tif, jpg) found")
     for path in found:

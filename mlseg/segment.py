@@ -60,7 +60,7 @@ from mlseg.config import Config, InferenceConfig, PreprocessConfig, Profile, get
 from mlseg.dataset import (
     check_pixel_size,
     is_image_file,
-    warn_of_non_files,
+    warn_of_images_left_out,
     warn_of_unused_rows,
 )
 from mlseg.errors import (
@@ -533,7 +533,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
             f"are not searched: run once per subfolder",
             stacklevel=3,
         )
-    warn_of_non_files(folder, stacklevel=3)
+    warn_of_images_left_out(folder, stacklevel=3)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder")
     first: dict[str, Path] = {}
