@@ -391,9 +391,16 @@ _BYTE_CODECS = ("NONE", "LZW", "PACKBITS", "ADOBE_DEFLATE", "DEFLATE", "LZMA", "
 
 
 def _check_photometric(path: Path, page) -> None:
-    """Refuse a TIFF whose colour space tifffile returns undecoded."""
+    """Refuse a TIFF whose colour space tifffile returns undecoded, and a colour separation
+    of other inks than CMYK (InkSet 2: spot colours), which no conversion of CMYK's fits."""
     photometric = getattr(page.photometric, "name", str(page.photometric))
     compression = getattr(page.compression, "name", str(page.compression))
+    if photometric == "SEPARATED" and page.tags.valueof("InkSet", 1) != 1:
+        raise ImageReadError(
+            f"{path}: a colour separation of other inks than CMYK (TIFF InkSet "
+            f"{page.tags.valueof('InkSet')}), which mlseg does not convert; save the image "
+            f"as RGB (ImageMagick: `magick IN -colorspace sRGB OUT.tif`)"
+        )
     if photometric in _TIFF_PHOTOMETRICS or (
         photometric == "YCBCR" and compression not in _BYTE_CODECS
     ):

@@ -530,6 +530,21 @@ def test_a_cmyk_tiff_reads_in_the_colours_it_shows(tmp_path):
     assert np.abs(image.astype(int) - rgb).max() <= 1
 
 
+def test_a_colour_separation_of_other_inks_than_cmyk_is_refused(tmp_path):
+    """Four inks declared other than CMYK (InkSet 2) were converted as if they were CMYK,
+    in colours no viewer shows; such a file is refused, naming it and the fix."""
+    import tifffile
+
+    inks = np.zeros((20, 30, 4), np.uint8)
+    tifffile.imwrite(tmp_path / "cmyk.tif", inks, photometric="separated")
+    assert read_image(tmp_path / "cmyk.tif").shape == (20, 30, 3)
+    tifffile.imwrite(
+        tmp_path / "spot.tif", inks, photometric="separated", extratags=[(332, "H", 1, 2, True)]
+    )
+    with pytest.raises(ImageReadError, match=r"spot\.tif: .*other inks than CMYK.*as RGB"):
+        read_image(tmp_path / "spot.tif")
+
+
 def test_an_indexed_tiff_image_reads_in_its_colours_and_its_mask_by_its_indices(tmp_path):
     """An indexed TIFF (Pillow's, or ImageJ's with a colour LUT) came back as its indices,
     a grey image of 0..N that no viewer shows; its mask, like an indexed PNG's, is read by
