@@ -173,12 +173,13 @@ def check_model_stain(loaded, profile: Profile) -> None:
     a setting of the model's own config.json, where it would feed the network pictures it
     never learnt on."""
     method = loaded.config.preprocess.stain_norm
-    if method != "none" and profile.stain not in ("he", "ihc"):
+    if method != "none" and not profile.brightfield:
+        images = "fluorescence" if profile.stain == "fluorescence" else "unstained"
         raise ModelError(
             f"the model {loaded.path} was trained on {method}-normalised H&E/IHC images "
-            f"(its preprocess.stain_norm) and profile {profile.name!r} measures "
-            f"{profile.stain}; segment bright-field images with it (a profile of stain he or "
-            f"ihc), or use a model trained on {profile.stain} images"
+            f"(its preprocess.stain_norm) and profile {profile.name!r} is for {images} "
+            f"images (stain: {profile.stain}); segment H&E or IHC images with it (a profile "
+            f"of stain he or ihc), or use a model trained on {images} images"
         )
 
 
