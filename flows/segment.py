@@ -156,9 +156,10 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
 
 
 #: Hidden folder of an output folder where a flow run marks each image it sets out to write,
-#: ``<WRITTEN_DIR>/<flow run id>/<stem>``, until the run completes: a retried attempt (of a
-#: task, or of the whole flow run, in this process or another, on any Dask worker) finds
-#: those its failed attempt finished done on disk; they are this run's work, not skipped.
+#: ``<WRITTEN_DIR>/<flow run id>/<stem>``, until the run completes (failed: until another run
+#: takes the folder, :func:`_forget_written`): a retried attempt (of a task, or of the whole
+#: flow run, in this process or another, on any Dask worker) finds those its failed attempt
+#: finished done on disk; they are this run's work, not skipped.
 WRITTEN_DIR = ".mlseg-written"
 
 
@@ -518,6 +519,7 @@ def segment_and_quantify(
         batch_size,
     )
     with writing_to(out):  # one run at a time: its images' files are all its own
+        _forget_written(out, others=True)  # a failed run's: this one redoes or skips
         with runner:
             records = submit_batches(
                 runner,
@@ -675,17 +677,26 @@ def segment_and_quantify(
     return result
 
 
-def _forget_written(out: Path) -> None:
-    """Remove the completed flow run's marks of :data:`WRITTEN_DIR` (and the folder, empty)."""
+def _forget_written(out: Path, others: bool = False) -> None:
+    """Remove the completed flow run's marks of :data:`WRITTEN_DIR` (and the folder, empty);
+    ``others``: every other run's instead, as a run takes the folder. A run that failed and
+    was not retried before another took its folder left its marks for good (one folder of
+    them a night, where an image keeps failing), though no retry after that run, which
+    redid or skipped its images, can count them as its own."""
     import shutil
 
     from prefect.runtime import flow_run
 
-    run = flow_run.get_id()
-    if run:
-        shutil.rmtree(out / WRITTEN_DIR / str(run), ignore_errors=True)
-    with contextlib.suppress(OSError):  # another run's marks (failed, not yet retried) stay
-        (out / WRITTEN_DIR).rmdir()
+    run = str(flow_run.get_id() or "")
+    marks = out / WRITTEN_DIR
+    if others:
+        gone = [d for d in marks.iterdir() if d.name != run] if marks.is_dir() else []
+    else:
+        gone = [marks / run] if run else []
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # a later run's marks stay
+        marks.rmdir()
 
 
 def _named(image: str, error: str) -> str:

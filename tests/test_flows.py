@@ -728,6 +728,30 @@ def test_an_image_that_failed_is_logged_as_an_error_where_the_run_goes_on(
     ], errors
 
 
+def test_a_failed_run_not_retried_leaves_no_marks_once_another_run_takes_its_folder(
+    harness, tmp_path, checkpoint
+) -> None:
+    """A nightly run failed by one image marks each image it sets out to write, for a retry
+    of it to count them; the next night's run, with the image fixed, completed, and the
+    failed run's marks stayed in the output folder for good: one folder of them a night."""
+    from flows.segment import WRITTEN_DIR
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    broken = disc_images(inbox, 3)[2]
+    good = broken.read_bytes()
+    broken.write_bytes(good[:200])
+    assert _segment(inbox, out, checkpoint).is_failed()
+    assert (out / WRITTEN_DIR).is_dir()  # kept for a retry of that run
+    broken.write_bytes(good)  # fixed; not retried, the next night's run picks it up
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    assert (state.result()["processed"], state.result()["skipped"]) == (
+        ["img_002"],
+        ["img_000", "img_001"],
+    )
+    assert not (out / WRITTEN_DIR).exists()
+
+
 def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:
     from mlseg.inventory import fingerprint
     from mlseg.monitor import image_stats_table
