@@ -563,6 +563,37 @@ def _start(
     return run
 
 
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`train_step` on ``run.net``; the eager model from then on where it is compiled
+    and compiling fails (no Triton for the GPU, no C++ compiler), as the patch sampler does."""
+
+    def step(net: nn.Module) -> torch.Tensor:
+        return train_step(
+            net,
+            run.optimizer,
+            run.scheduler,
+            run.loss_fn,
+            x,
+            y,
+            amp_dtype=run.amp_dtype,
+            grad_clip=run.cfg.train.grad_clip,
+        )
+
+    try:
+        return step(run.net)
+    except Exception as err:  # compiling happens in the forward and backward, before the update
+        if run.net is run.model or isinstance(err, torch.OutOfMemoryError):
+            raise
+        cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed's
+        warnings.warn(
+            f"torch.compile of the model failed ({type(cause).__name__}: {cause}); training "
+            "it eagerly (set train.compile: false to skip compiling)",
+            stacklevel=2,
+        )
+        run.net = run.model
+        return step(run.model)
+
+
 def _checkpoint(run: _Run, name: str, metrics: dict[str, float], generator_state=None) -> Path:
     """Save ``best`` or ``last`` (with what resuming needs) beside the config and meta."""
     train_state = None
@@ -698,16 +729,7 @@ def fit(
     t_start = t_epoch - (float(run.history[-1]["elapsed_s"]) if run.history else 0.0)
     while run.step < tc.max_steps and not run.stopped:
         x, y = next(batches)
-        running += train_step(
-            run.net,
-            run.optimizer,
-            run.scheduler,
-            run.loss_fn,
-            x,
-            y,
-            amp_dtype=run.amp_dtype,
-            grad_clip=tc.grad_clip,
-        )
+        running += _step(run, x, y)
         run.step += 1
         if run.ema is not None:
             run.ema.update(run.model, step=run.step)

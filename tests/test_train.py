@@ -601,6 +601,27 @@ def test_one_seed_trains_one_model_on_the_cpu(synth_dataset, tmp_path) -> None:
     assert not all(torch.equal(one[k], other[k]) for k in one)
 
 
+def test_fit_trains_eagerly_where_compiling_the_model_fails(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    # train.compile on a GPU Triton does not support (compute capability under 7.0) or a
+    # machine without a C++ compiler: the patch sampler went on eagerly, but the model's
+    # first step raised BackendCompilerFailed and the training ended there
+    def no_compiler(graph, inputs):
+        raise RuntimeError("Found Tesla P100-PCIE-16GB which is too old for Triton")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=no_compiler))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="torch.compile of the model failed .*too old"):
+        result = fit(
+            _cfg(max_steps=2, val_every=2, compile=True), synth_dataset, tmp_path, progress=False
+        )
+    torch._dynamo.reset()
+    assert result.steps == 2 and result.best_checkpoint.is_file()
+    assert math.isfinite(result.history["train_loss"].iloc[-1])
+
+
 @pytest.mark.gpu
 def test_fit_on_cuda_with_bf16_and_resume(synth_dataset, tmp_path) -> None:
     cfg = _cfg(max_steps=2, val_every=1, device="cuda", amp=True, channels_last=True)
