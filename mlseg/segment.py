@@ -294,7 +294,10 @@ def predict_labels_scaled(
     first pass), ``rejected`` (an estimate was implausible, native scale kept) or
     ``native`` (auto-scaling off, no reference diameter, or too few nuclei).
     ``stains``: the image's Macenko estimate where already made
-    (:func:`warn_if_not_stain_normalised`), used by a pass at native scale."""
+    (:func:`warn_if_not_stain_normalised`), used by a pass at native scale. A GPU out of
+    memory raises :class:`ConfigError` naming the settings to lower, its cache emptied."""
+    import torch
+
     from mlseg.instances import area_limits_px, filter_sizes
     from mlseg.scale import ScaleEstimate, auto_scale, statistic_of
 
@@ -310,8 +313,23 @@ def predict_labels_scaled(
     def run(factor: float) -> tuple[np.ndarray, np.ndarray | None]:
         # zoom acts on every pass: nuclei keep their size on the original grid, so the
         # scale estimate and its plausibility check read the zoomed passes the same way
-        return _predict_at(
-            loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device, stains
+        try:
+            return _predict_at(
+                loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device, stains
+            )
+        except torch.OutOfMemoryError as err:
+            said = ". ".join(str(err).split(". ")[:2])
+        # out of the except block the failed pass's tensors are freed: the card's cache goes
+        # back to the next image and to other processes on the card
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        smaller = [f"--batch-size {cfg.batch_size // 2}"] if cfg.batch_size > 1 else []
+        if cfg.tile_size >= 128:
+            smaller.append(f"--tile {cfg.tile_size // 64 * 32}")
+        raise ConfigError(
+            f"out of memory on {device} with tiles of {cfg.tile_size} px in batches of "
+            f"{cfg.batch_size} ({said}); lower inference.batch_size or tile_size (mlseg "
+            f"segment {' '.join(smaller) or '--device cpu'}), or free the GPU of other processes"
         )
 
     def at(factor: float, source: str):

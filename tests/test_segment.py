@@ -364,6 +364,32 @@ def test_segment_folder_runs_the_model_on_the_device_its_config_names(
     assert run["inference"]["device"] == "cpu"
 
 
+def test_an_image_the_gpu_runs_out_of_memory_on_fails_alone_naming_the_fix(
+    tmp_path, use_oracle, monkeypatch
+):
+    # one image the card had too little free memory for ended the whole run with torch's
+    # OutOfMemoryError: the images after it were not segmented and no run.json was written
+    forward, calls = use_oracle.model.forward, []
+
+    def out_of_memory_once(x):
+        calls.append(x.shape)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                "of 7.79 GiB of which 1.12 GiB is free."
+            )
+        return forward(x)
+
+    monkeypatch.setattr(use_oracle.model, "forward", out_of_memory_once)
+    folder = _folder(tmp_path, 2)
+    result = segment_folder("model", folder, tmp_path / "out", profile_name="he", progress=False)
+    assert result.processed == ["img1"] and list(result.failed) == [str(folder / "img0.png")]
+    error = result.failed[str(folder / "img0.png")]
+    assert "out of memory" in error and "Tried to allocate 2.00 GiB" in error
+    assert "--batch-size 2" in error  # half the model's 4 tiles per pass
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["failed"] == result.failed
+
+
 def test_a_model_saved_with_a_gpu_on_a_machine_without_one_names_its_config_and_the_fix(
     tmp_path, monkeypatch
 ):
