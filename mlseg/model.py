@@ -83,6 +83,14 @@ def _device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use cpu")
+    # a GPU beyond the count failed at the first upload with torch's "invalid device ordinal"
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.type == "cuda" and device.index >= count:
+        gpus = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ConfigError(
+            f"device {name!r} asked for but this machine shows {count} GPU{'s' * (count > 1)} "
+            f"(CUDA_VISIBLE_DEVICES counts too); use {gpus}, or auto"
+        )
     # torch names more device types than this build or machine may have: a name it knows
     # but cannot use (mps off a Mac, xpu, meta) failed mid-run with a traceback
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -110,6 +110,22 @@ def test_a_device_torch_names_but_cannot_use_here_is_a_config_error(name) -> Non
         resolve_device(name)
 
 
+def test_a_gpu_beyond_the_machines_count_is_a_config_error(tmp_path, monkeypatch) -> None:
+    # cuda:1 on a one-GPU machine (a config.json from a two-GPU training box) was taken, and
+    # the first upload failed with torch's "CUDA error: invalid device ordinal" traceback
+    from mlseg.errors import ConfigError
+    from mlseg.model import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"'cuda:1'.*shows 1 GPU .*use cuda:0, or auto"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"config.json: the model's inference.device, 'cuda:1'"):
+        resolve_device("cuda:1", saved_in=tmp_path / "config.json")
+
+
 def test_checkpoint_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_model(SMALL, 3, 3).eval()
