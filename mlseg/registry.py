@@ -771,7 +771,7 @@ def champion_challenger(
         if blind:
             reason = (
                 f"{challenger.tag} found no nucleus in any image of eval set {eval_set}, which "
-                f"holds {scores['n_true']:g} per image; not promoted"
+                f"holds {scores['n_true']:g} nuclei per image; not promoted"
             )
     elif champion is None:
         promoted, champ_value = True, None
