@@ -640,9 +640,10 @@ def full_scale(image: np.ndarray) -> int:
     drop the image a bit depth (training and segmentation scale a 16-bit image to [0, 1]
     before resampling it).
     """
-    if image.dtype == np.uint8:
+    kind = image.dtype.type  # of either byte order: a raw camera file read as ">u2" too
+    if kind is np.uint8:
         return 255
-    if image.dtype != np.uint16:
+    if kind is not np.uint16:
         raise ValueError(f"image must be uint8 or uint16, got {image.dtype}")
     top = int(image.max(initial=0))
     bits = next(b for b in SIXTEEN_BIT_DEPTHS if top < 2**b)

@@ -52,7 +52,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
     """``(H, W, C)`` uint8/uint16 (divided by :func:`mlseg.io.full_scale`) or float ->
     float32 [0, 1]."""
     image = np.asarray(image)
-    if image.dtype in (np.uint8, np.uint16):
+    if image.dtype.type in (np.uint8, np.uint16):  # big-endian (">u2") too, not taken as 0-65535
         return image.astype(np.float32) / np.float32(full_scale(image))
     if np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32, copy=False)

@@ -201,8 +201,8 @@ def image_array(image: Any) -> np.ndarray:
             f"expected one (H, W) or (H, W, C) image, got shape {shape}; segment a stack "
             "plane by plane"
         )
-    if array.dtype in (np.uint8, np.uint16):
-        return array
+    if array.dtype.type in (np.uint8, np.uint16):
+        return array.astype(array.dtype.newbyteorder("="), copy=False)  # ">u2" of a raw file
     if np.issubdtype(array.dtype, np.floating):
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if low >= 0.0 and high <= 1.0:  # NaN fails both

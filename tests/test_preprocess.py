@@ -35,6 +35,16 @@ def _he_image(stains: np.ndarray, seed: int = 0, size: int = 64) -> np.ndarray:
     return np.exp(-od).T.reshape(size, size, 3).astype(np.float32)
 
 
+def test_a_big_endian_sixteen_bit_image_is_scaled_to_0_1_as_its_native_copy() -> None:
+    """A ``>u2`` array (a raw camera file) came out of normalize as 0-4095, not [0, 1]:
+    the model saw it thousands of times too bright."""
+    img = np.random.default_rng(0).integers(0, 4096, (32, 32, 3)).astype(np.uint16)
+    for cfg in (PreprocessConfig(), PreprocessConfig(stain_norm="macenko")):
+        out = normalize(img.astype(">u2"), cfg)
+        assert out.max() <= 1.0
+        assert np.array_equal(out, normalize(img, cfg))
+
+
 def test_rescale_size_dtype_and_identity() -> None:
     img = np.random.default_rng(0).integers(0, 65535, (60, 100, 3)).astype(np.uint16)
     up = rescale(img, 0.5, 0.25)

@@ -301,6 +301,17 @@ def test_a_camera_image_in_a_sixteen_bit_file_measures_as_its_eight_bit_version(
     assert tissue_fraction(image16, "he") == pytest.approx(tissue_fraction(image8, "he"), abs=0.01)
 
 
+def test_a_big_endian_sixteen_bit_image_measures_as_its_native_copy(nuclei_pair):
+    """Intensities and optical densities of a ``>u2`` array (a raw camera file) are its
+    native copy's; it was refused as 'image must be uint8 or uint16, got >u2'."""
+    image8, labels = nuclei_pair(np.random.default_rng(4), 64)
+    image16 = image8.astype(np.uint16) * 16
+    native = measure(labels, image16, HE, pixel_size_um=None)
+    pd.testing.assert_frame_equal(
+        measure(labels, image16.astype(">u2"), HE, pixel_size_um=None), native
+    )
+
+
 def test_tissue_fraction():
     image = np.full((40, 40, 3), 250, np.uint8)
     image[:, :10] = (120, 60, 150)  # stained quarter

@@ -112,6 +112,17 @@ def test_an_array_in_another_convention_is_refused_not_segmented_to_nothing(orac
         assert np.array_equal(predict_labels(oracle, taken, HE, cfg)[0], expected)
 
 
+def test_a_big_endian_sixteen_bit_image_is_segmented_as_its_native_copy(oracle):
+    """A raw camera file read with ``np.fromfile(path, ">u2")`` holds the same image as its
+    native copy: it was refused as not 'uint8 or uint16'."""
+    image, truth = disc_image(64, 64)
+    image16 = image.astype(np.uint16) * 257
+    cfg = oracle.config.inference
+    expected = predict_labels(oracle, image16, HE, cfg)[0]
+    assert expected.max() == truth.max()
+    assert np.array_equal(predict_labels(oracle, image16.astype(">u2"), HE, cfg)[0], expected)
+
+
 def test_a_pixel_size_that_is_no_number_is_refused_by_name(oracle):
     """NaN, a tuple or a word failed deep inside (cannot convert float NaN to integer, '>'
     not supported between str and int); a number written as text is taken."""
