@@ -787,9 +787,21 @@ def labels_suffix(n_labels: int) -> str:
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     """Write an instance label image losslessly: 16-bit PNG, or 32-bit TIFF if labels > 65535.
     Labels outside 0..2**31 - 1, which :func:`read_mask` reads, raise ``ValueError``: cast to
-    the file's dtype, -1 was written as 65535 and 2**32 + 5 as 5."""
+    the file's dtype, -1 was written as 65535 and 2**32 + 5 as 5. So do labels that are not
+    integers (1.7 was written as 1, NaN as 0) and a file :func:`read_mask` refuses (a JPEG
+    turned 300 into 255 and every edge into new labels)."""
     labels = np.asarray(labels)
     path = Path(path)
+    if path.suffix.lower() not in MASK_EXTENSIONS:
+        raise ValueError(
+            f"{path}: labels are written as {', '.join(MASK_EXTENSIONS)} only (lossless, read "
+            f"back by read_mask); name the file {path.stem}.png"
+        )
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise ValueError(
+            f"{path}: labels must be integers (0 = background), not {labels.dtype}; label a "
+            "mask's objects first (e.g. scipy.ndimage.label)"
+        )
     low, high = labels.min(initial=0), labels.max(initial=0)
     if low < 0 or high > np.iinfo(np.int32).max:
         raise ValueError(f"{path}: labels {low}..{high} do not fit 0..{np.iinfo(np.int32).max}")

@@ -681,3 +681,19 @@ def test_a_grey_tiff_of_four_samples_is_refused_as_four_channels(tmp_path, plana
     tifffile.imwrite(tmp_path / "x.tif", data, photometric="minisblack", planarconfig=planar)
     with pytest.raises(ImageReadError, match=r"x\.tif: 4 channels.*Split Channels"):
         read_image(tmp_path / "x.tif")
+
+
+def test_labels_that_would_not_read_back_as_written_are_refused(tmp_path):
+    """Float labels were cast (1.7 written as 1, NaN as 0) and a JPEG written lossy (300 read
+    as 255, edges as new labels) where read_mask refuses it; both are errors naming the file,
+    and nothing is written."""
+    with pytest.raises(ValueError, match=r"l\.png: labels must be integers"):
+        write_labels(tmp_path / "l.png", np.array([[0.0, 1.7], [np.nan, 2.2]]))
+    labels = np.zeros((16, 16), np.int32)
+    labels[4:12, 4:12] = 300
+    for name in ("l.jpg", "l.bmp"):
+        with pytest.raises(ValueError, match=rf"{name}: labels are written as .*l\.png"):
+            write_labels(tmp_path / name, labels)
+    assert list(tmp_path.iterdir()) == []
+    write_labels(tmp_path / "mask.png", labels > 0)  # a binary mask: 0/1
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), labels > 0)
