@@ -71,8 +71,9 @@ def contingency(
     for name, vals in (("prediction", p_vals), ("truth", t_vals)):
         if vals.size and vals[0] < 0:  # 0 must sort first: it is the background slot
             raise ValueError(f"{name} labels must be non-negative (0 = background)")
-    p_idx = p_idx.ravel().astype(np.int64) + (0 if p_vals[0] == 0 else 1)
-    t_idx = t_idx.ravel().astype(np.int64) + (0 if t_vals[0] == 0 else 1)
+    # an image without pixels has no value at all, not even background
+    p_idx = p_idx.ravel().astype(np.int64) + (0 if p_vals[:1].tolist() == [0] else 1)
+    t_idx = t_idx.ravel().astype(np.int64) + (0 if t_vals[:1].tolist() == [0] else 1)
     n_p = int(np.count_nonzero(p_vals)) + 1
     n_t = int(np.count_nonzero(t_vals)) + 1
     key = t_idx * n_p + p_idx

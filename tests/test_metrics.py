@@ -132,6 +132,18 @@ def test_empty_images() -> None:
     assert (m["tp"], m["fn"]) == (0, 2) and m["f1"] == m["aji"] == m["pq"] == 0.0
 
 
+def test_a_crop_without_pixels_scores_as_an_empty_image() -> None:
+    """A crop past an image's edge (``labels[500:600]`` of a 400-row image) holds no pixel:
+    object_metrics and error_kinds raised IndexError where pixel_metrics and count_error
+    score it as two empty images agreeing."""
+    none = np.zeros((0, 5), np.int32)
+    m = object_metrics(none, none)
+    assert m["tp"] == m["fp"] == m["fn"] == 0
+    assert m["precision"] == m["recall"] == m["f1"] == m["aji"] == m["pq"] == 1.0
+    assert error_kinds(none, none) == dict.fromkeys(ERROR_KINDS, 0)
+    assert [len(a) for a in contingency(none, none)] == [0] * 5
+
+
 def test_one_object_on_one_side_only_scores_zero() -> None:
     """One nucleus missed on an otherwise empty image, or one predicted where there is none:
     nothing is right, AJI included."""
