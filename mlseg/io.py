@@ -695,13 +695,25 @@ def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` RGB uint8/uint16 atomically (PNG/TIFF/JPEG)."""
+    """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` RGB uint8/uint16 atomically (PNG/TIFF/JPEG).
+    An array a PNG or JPEG would not hold as given (float, or integers outside 0-255 of
+    another dtype) raises ``ValueError``."""
     path = Path(path)
     arr = np.asarray(array)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
+    tiff = path.suffix.lower() in TIFF_EXTENSIONS
+    if not tiff and arr.dtype.type not in (np.uint8, np.uint16, np.bool_):
+        # OpenCV writes any other dtype as 8-bit, clipping without an error: 300 as 255
+        low, high = (arr.min(), arr.max()) if arr.size else (0, 0)
+        if not np.issubdtype(arr.dtype, np.integer) or low < 0 or high > 255:
+            raise ValueError(
+                f"{path}: {arr.dtype} values {low}..{high} do not fit the 8-bit file OpenCV "
+                "writes of them; convert the array to uint8 (0-255) or uint16 (0-65535), or "
+                "write labels with write_labels"
+            )
     with atomic_path(path) as tmp:
-        if path.suffix.lower() in TIFF_EXTENSIONS:
+        if tiff:
             import tifffile
 
             tifffile.imwrite(tmp, arr, compression="zlib")

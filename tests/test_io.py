@@ -697,3 +697,16 @@ def test_labels_that_would_not_read_back_as_written_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_labels(tmp_path / "mask.png", labels > 0)  # a binary mask: 0/1
     assert np.array_equal(read_mask(tmp_path / "mask.png"), labels > 0)
+
+
+def test_an_array_that_a_png_would_not_hold_as_given_is_refused_not_clipped(tmp_path):
+    """OpenCV wrote int32 300 and 70,000 as 255, and float [0, 1] as 0 or 1, in an 8-bit
+    PNG, with no error; such arrays are refused naming the file. Integers of 0-255 are
+    written as their uint8 copy, as before."""
+    for array in (np.array([[0, 300], [70000, 5]], np.int32), np.full((2, 2), 0.5, np.float32)):
+        with pytest.raises(ValueError, match=r"w\.png: .* convert the array to uint8"):
+            write_image(tmp_path / "w.png", array)
+    assert list(tmp_path.iterdir()) == []
+    small = np.array([[0, 200], [17, 5]], np.int64)
+    write_image(tmp_path / "w.png", small)
+    assert np.array_equal(read_image(tmp_path / "w.png")[..., 0], small)
