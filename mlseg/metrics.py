@@ -144,7 +144,12 @@ def object_metrics(
 
     Returns ``tp, fp, fn, precision, recall, f1, mean_matched_iou, aji, pq, sq, rq``,
     ``area_ratio`` (NaN without a match) and the ERROR_KINDS counts of :func:`error_kinds`.
+    ``iou_threshold`` is a fraction in [0, 1); anything else raises ``ValueError``.
     """
+    if not 0.0 <= iou_threshold < 1.0:  # 50 for 50 %, 1.0 or NaN: nothing matched, F1 0
+        raise ValueError(
+            f"iou_threshold must be a fraction in [0, 1), got {iou_threshold!r}; e.g. 0.5"
+        )
     ti, pi, inter, t_area, p_area = contingency(pred_labels, true_labels)
     n_t, n_p = len(t_area), len(p_area)
     union = t_area[ti] + p_area[pi] - inter

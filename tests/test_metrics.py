@@ -144,6 +144,18 @@ def test_a_crop_without_pixels_scores_as_an_empty_image() -> None:
     assert [len(a) for a in contingency(none, none)] == [0] * 5
 
 
+def test_an_iou_threshold_no_match_can_pass_is_refused() -> None:
+    """A threshold given in percent (50), 1.0 or NaN matched nothing: F1 0 for a perfect
+    prediction, with no error."""
+    _, truth = _squares()
+    for threshold in (50, 1.0, float("nan"), -0.1):
+        with pytest.raises(ValueError, match="iou_threshold must be a fraction"):
+            object_metrics(truth, truth, iou_threshold=threshold)
+        with pytest.raises(ValueError, match="iou_threshold must be a fraction"):
+            error_kinds(truth, truth, iou_threshold=threshold)
+    assert object_metrics(truth, truth, iou_threshold=0.0)["f1"] == 1.0
+
+
 def test_one_object_on_one_side_only_scores_zero() -> None:
     """One nucleus missed on an otherwise empty image, or one predicted where there is none:
     nothing is right, AJI included."""
