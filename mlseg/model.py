@@ -529,8 +529,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             int(meta["classes"]),
             int(meta["in_channels"]),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except KeyError as err:
         raise ModelError(f"{folder / 'meta.json'}: lacks {err}; not an mlseg checkpoint") from None
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"{folder / 'meta.json'}: classes {meta['classes']!r} and in_channels "
+            f"{meta['in_channels']!r} must be whole numbers; the checkpoint was damaged or "
+            "edited by hand"
+        ) from None
     from mlseg.targets import TARGETS, num_classes
 
     if target not in TARGETS or num_classes(target) != classes:

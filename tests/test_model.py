@@ -426,6 +426,17 @@ def test_a_checkpoint_whose_target_contradicts_its_classes_is_refused(tmp_path) 
         load_model(folder)
 
 
+def test_a_meta_json_count_that_is_no_number_is_named_as_such(tmp_path) -> None:
+    """``"classes": "three"`` was reported as 'lacks invalid literal for int() with base
+    10: 'three''; the error now names both counts and says the file was edited."""
+    folder = _save(tmp_path / "model", build_model(SMALL, 3, 3)).parent
+    meta = json.loads((folder / "meta.json").read_text())
+    for edit in ({"classes": "three"}, {"in_channels": None}):
+        (folder / "meta.json").write_text(json.dumps({**meta, **edit}))
+        with pytest.raises(ModelError, match=r"meta\.json: classes .* must be whole numbers"):
+            load_model(folder)
+
+
 @pytest.mark.parametrize(("capability", "dtype"), [((7, 5), None), ((8, 0), torch.bfloat16)])
 def test_a_gpu_without_bf16_in_hardware_runs_in_float32_and_says_so(
     monkeypatch, capability, dtype
