@@ -41,11 +41,18 @@ COPY expectations ./expectations
 RUN pip install --no-deps .
 
 FROM ${BASE_IMAGE} AS runtime
+# Caches and settings under /tmp, not the home: a lab runs the image as itself
+# (`--user $(id -u):$(id -g)`, whose home is / and not writable) or `--read-only --tmpfs /tmp`,
+# where ~/.prefect (task results, the temporary server's database), the model cache of a
+# registry in the bucket, torch hub's and matplotlib's folders could not be written.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MLSEG_DATA_DIR=/data \
-    MLSEG_WORK_POOL=mlseg-pool
+    MLSEG_WORK_POOL=mlseg-pool \
+    XDG_CACHE_HOME=/tmp/.cache \
+    XDG_CONFIG_HOME=/tmp/.config \
+    PREFECT_HOME=/tmp/.prefect
 RUN useradd --create-home --uid 10001 --user-group mlseg \
     && mkdir -p /data \
     && chown mlseg:mlseg /data

@@ -213,6 +213,69 @@ def test_entrypoint_starts_a_worker_or_runs_any_command(tmp_path):
     assert any(k == "COPY" and "infra/docker-entrypoint.sh" in v for k, v in _instructions())
 
 
+def _final_stage_env() -> dict[str, str]:
+    """The variables the final stage's ENV sets, as written (``$PATH`` and the like kept)."""
+    env: dict[str, str] = {}
+    for keyword, value in _instructions():
+        if keyword == "FROM":
+            env = {}
+        elif keyword == "ENV":
+            env |= dict(pair.split("=", 1) for pair in value.split())
+    return env
+
+
+_WRITES_BESIDE_HOME = """
+import hashlib, logging, pathlib
+import fsspec, matplotlib, torch.hub
+from prefect.settings import get_current_settings
+from mlseg.registry import ModelVersion, fetch
+
+logging.basicConfig()  # matplotlib says where it could not write in a log record
+prefect_home = get_current_settings().home
+prefect_home.mkdir(parents=True, exist_ok=True)
+(prefect_home / "storage").mkdir(exist_ok=True)
+hub = pathlib.Path(torch.hub.get_dir())
+hub.mkdir(parents=True, exist_ok=True)
+# a registry in the bucket: its versions are fetched into the model cache
+fsspec.filesystem("memory").pipe("/registry/nuclei/v1/best.safetensors", b"weights")
+sha = hashlib.sha256(b"weights").hexdigest()
+version = ModelVersion("nuclei", 1, "memory://registry/nuclei/v1", "", "", None, None, {}, {},
+                       {"best.safetensors": sha})
+for name, folder in [("matplotlib config", matplotlib.get_configdir()),
+                     ("matplotlib cache", matplotlib.get_cachedir()),
+                     ("prefect home", prefect_home), ("torch hub", hub),
+                     ("model cache", fetch(version))]:
+    print(name, folder, sep="\t")
+"""
+
+
+def test_image_runs_where_its_home_cannot_be_written(tmp_path):
+    """A lab runs the image as itself (`docker run --user $(id -u):$(id -g)`: no passwd entry,
+    HOME=/) or with `--read-only --tmpfs /tmp`: the home was not writable, so a registry in
+    the bucket failed every run ('the model cache goes under XDG_CACHE_HOME'), Prefect could
+    write neither task results nor its temporary server's database (python -m flows.segment:
+    'Timed out while attempting to connect to ephemeral Prefect API server'), and matplotlib
+    warned in every command. The image keeps them under /tmp (here rebased to tmp_path)."""
+    tmp = tmp_path / "tmp"
+    image = {k: v.replace("/tmp/", f"{tmp}/") for k, v in _final_stage_env().items()}
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    moved = {"PREFECT_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR", "TORCH_HOME"}
+    env = {k: v for k, v in os.environ.items() if k not in moved}
+    env |= {k: v for k, v in image.items() if "$" not in v}
+    env |= {
+        "HOME": str(not_a_folder / "home"),  # nothing can be made below a file, even by root
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = _run([sys.executable, "-c", _WRITES_BESIDE_HOME], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed" not in result.stderr.lower(), result.stderr
+    folders = dict(line.split("\t") for line in result.stdout.splitlines())
+    assert len(folders) == 5, result.stdout
+    for name, folder in folders.items():
+        assert Path(folder).is_relative_to(tmp), (name, folder)
+
+
 # --- GitHub workflows -------------------------------------------------------------------------
 
 
