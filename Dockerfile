@@ -59,7 +59,9 @@ RUN useradd --create-home --uid 10001 --user-group mlseg \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=mlseg:mlseg /app /app
 COPY --chmod=0755 infra/docker-entrypoint.sh /usr/local/bin/mlseg-entrypoint
-WORKDIR /app
+# Relative paths are read and written in the mounted volume, as the flows' are (MLSEG_DATA_DIR):
+# `docker run --rm -v "$PWD":/data IMAGE mlseg train my.yaml` keeps runs/my in the lab's folder.
+WORKDIR /data
 # The commit the image is built from, for the model cards' code version: the image holds no
 # .git to ask (deploy.yml passes github.sha).
 ARG MLSEG_GIT_COMMIT=""

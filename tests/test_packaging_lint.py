@@ -276,6 +276,19 @@ def test_image_runs_where_its_home_cannot_be_written(tmp_path):
         assert Path(folder).is_relative_to(tmp), (name, folder)
 
 
+def test_relative_paths_of_a_command_land_in_the_data_volume():
+    """`docker run --rm -v "$PWD":/data IMAGE mlseg validate /data/ds` wrote its report to
+    validation/ds under the image's WORKDIR /app, gone with the container ('outputs in
+    validation/ds', and nothing there in the lab's folder), and `mlseg train /data/my.yaml`
+    its checkpoints to /app/runs/my likewise. Commands now run in the volume, where the flows
+    resolve relative paths too (MLSEG_DATA_DIR)."""
+    final = []
+    for keyword, value in _instructions():
+        final = [] if keyword == "FROM" else [*final, (keyword, value)]
+    workdir = [v for k, v in final if k == "WORKDIR"][-1]
+    assert workdir == _final_stage_env()["MLSEG_DATA_DIR"] == "/data"
+
+
 # --- GitHub workflows -------------------------------------------------------------------------
 
 
