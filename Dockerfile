@@ -44,7 +44,9 @@ FROM ${BASE_IMAGE} AS runtime
 # Caches and settings under /tmp, not the home: a lab runs the image as itself
 # (`--user $(id -u):$(id -g)`, whose home is / and not writable) or `--read-only --tmpfs /tmp`,
 # where ~/.prefect (task results, the temporary server's database), the model cache of a
-# registry in the bucket, torch hub's and matplotlib's folders could not be written.
+# registry in the bucket, torch hub's and matplotlib's folders could not be written. Each
+# `docker run --rm` starts a fresh Prefect home, whose temporary server (python -m flows.*) took
+# 21-31 s to start on a busy 2-core machine, past Prefect's default 20 s: flows.demo's 180 s.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -52,7 +54,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MLSEG_WORK_POOL=mlseg-pool \
     XDG_CACHE_HOME=/tmp/.cache \
     XDG_CONFIG_HOME=/tmp/.config \
-    PREFECT_HOME=/tmp/.prefect
+    PREFECT_HOME=/tmp/.prefect \
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180
 RUN useradd --create-home --uid 10001 --user-group mlseg \
     && mkdir -p /data \
     && chown mlseg:mlseg /data

@@ -276,6 +276,18 @@ def test_image_runs_where_its_home_cannot_be_written(tmp_path):
         assert Path(folder).is_relative_to(tmp), (name, folder)
 
 
+def test_a_fresh_prefect_home_in_the_image_gets_the_demo_s_server_start_time():
+    """Every `docker run --rm` starts a fresh Prefect home, whose temporary server took 21-31 s
+    to start on a busy 2-core machine, past Prefect's default 20 s: `python -m flows.segment`
+    then failed with 'Timed out while attempting to connect to ephemeral Prefect API server'.
+    Prefect reads it at import, so the image sets what flows.demo sets before importing it."""
+    demo = Path(ROOT / "flows" / "demo.py").read_text()
+    wanted = re.search(r'"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "(\d+)"', demo)
+    assert wanted is not None
+    image = _final_stage_env().get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    assert image is not None and int(image) >= int(wanted.group(1))
+
+
 def test_relative_paths_of_a_command_land_in_the_data_volume():
     """`docker run --rm -v "$PWD":/data IMAGE mlseg validate /data/ds` wrote its report to
     validation/ds under the image's WORKDIR /app, gone with the container ('outputs in
