@@ -550,7 +550,10 @@ def _start(
             group["lr"] = base * factor(sched.last_epoch)
         run.gen.set_state(state["generator"])
         run.step, run.best = int(state["step"]), float(state["best"])
-        run.bad_epochs, run.stopped = int(state["bad_epochs"]), bool(state.get("stopped", False))
+        # early stopping by this call's patience (a resume may change it): a run stopped
+        # after 1 epoch without improvement trains on when given a patience of 5
+        run.bad_epochs = int(state["bad_epochs"])
+        run.stopped = run.bad_epochs >= tc.early_stop_patience
         # epochs recorded after the last checkpoint are trained again
         run.history = [row for row in _read_history(out) if row["step"] <= run.step]
     if run.step < tc.max_steps and not run.stopped:  # a finished run trains nowhere

@@ -175,6 +175,20 @@ def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
     assert json.loads((tmp_path / "meta.json").read_text())["trained_on"] == stretches
 
 
+def test_an_early_stopped_run_trains_on_when_resumed_with_more_patience(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """early_stop_patience is a setting a resume may change: a run stopped after one epoch
+    without improvement goes on, given a patience of 3, until three epochs pass without."""
+    import mlseg.train
+
+    monkeypatch.setattr(mlseg.train, "validate", lambda *a, **k: {"val_loss": 1.0, "val_dice": 0.5})
+    first = fit(_cfg(max_steps=8, val_every=1, early_stop_patience=1), synth_dataset, tmp_path)
+    assert first.steps == 2  # epoch 1 is the best, epoch 2 no better: stopped
+    again = fit(_cfg(max_steps=8, val_every=1, early_stop_patience=3), synth_dataset, tmp_path)
+    assert again.steps == 4 and list(again.history["step"]) == [1, 2, 3, 4]
+
+
 def test_an_extended_run_takes_its_next_step_at_the_longer_schedules_rate(
     synth_dataset, tmp_path, monkeypatch
 ) -> None:
