@@ -278,6 +278,17 @@ class TrainConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _mixstyle_needs_a_batch(self) -> TrainConfig:
+        # MixStyle mixes one patch's feature statistics with another's of its batch
+        if self.mixstyle_p > 0 and self.batch_size < 2:
+            raise ValueError(
+                f"mixstyle_p ({self.mixstyle_p}) mixes the styles of the patches of a batch, "
+                "and a batch_size of 1 has no other patch: it would train without MixStyle; "
+                "set batch_size to 2 or more, or mixstyle_p to 0"
+            )
+        return self
+
 
 # inference.stain_tta's gains, the default (and what mlseg segment --stain-tta restores)
 STAIN_TTA_GAINS: tuple[float, ...] = (1.0, 1.5)

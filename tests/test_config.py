@@ -77,6 +77,18 @@ def test_patch_shares_over_one_are_refused(tmp_path):
     assert "faint_oversample" in str(err.value) and "bad.yaml" in str(err.value)
 
 
+def test_mixstyle_on_batches_of_one_patch_is_refused(tmp_path):
+    """MixStyle mixes a patch's style with another's of its batch: at batch_size 1 it never
+    acted, and the run trained without it, without a word."""
+    path = write(tmp_path / "bad.yaml", "train:\n  mixstyle_p: 0.5\n  batch_size: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "mixstyle_p" in str(err.value) and "batch_size" in str(err.value)
+    assert "bad.yaml" in str(err.value)
+    assert load_config(None, train={"mixstyle_p": 0.5, "batch_size": 2}).train.batch_size == 2
+    assert load_config(None, train={"batch_size": 1}).train.mixstyle_p == 0
+
+
 def test_unknown_top_level_section(tmp_path):
     path = write(tmp_path / "bad.yaml", "trainer: {}\n")
     with pytest.raises(ConfigError, match="unknown key 'trainer'; did you mean 'train'?"):
