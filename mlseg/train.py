@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlseg.config import Config, Profile, get_profile
-from mlseg.data import Batches, TrainData, ValTiles, prepare_data
+from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile, get_profile
+from mlseg.data import Batches, TrainData, ValTiles, effective_preprocess, prepare_data
 from mlseg.dataset import read_resaved_csv
-from mlseg.errors import DatasetError, ResumeError, TrainingDiverged, some_of
+from mlseg.errors import ConfigError, DatasetError, ResumeError, TrainingDiverged, some_of
 from mlseg.io import read_image, write_table, write_text
 from mlseg.model import (
     REFERENCE_KEY,
@@ -234,6 +234,48 @@ def _check_finite(value: float, step: int, lr: float, what: str = "the loss") ->
         raise TrainingDiverged(
             f"training diverged: {what} became {value} by step {step}; lower train.lr "
             f"(now {lr:g}), raise train.warmup_steps, or check the images for NaN/constant values"
+        )
+
+
+# Stain augmentations, each with the settings that shape it: they act on the haematoxylin
+# of H&E/IHC RGB in [0, 1] (mlseg.augment.draw_params), so nowhere else.
+STAIN_AUGMENTATIONS = {
+    "nucleus_fade_p": ("nucleus_fade_p", "nucleus_fade_min"),
+    "haematoxylin_gain_p": ("haematoxylin_gain_p", "haematoxylin_gain"),
+    "hed_p": ("hed_p", "hed_jitter"),
+}
+
+
+def stain_jitter_applies(stain: str, pp: PreprocessConfig) -> bool:
+    """Whether the stain augmentations act: on H&E/IHC images not intensity-normalised."""
+    return stain in ("he", "ihc") and pp.intensity_norm == "none"
+
+
+def check_stain_augment(augment: AugmentConfig, stain: str, pp: PreprocessConfig) -> None:
+    """A ConfigError where the config sets a stain augmentation away from its default that
+    this profile and preprocessing leave without effect (the defaults pass: they are the
+    H&E recipe's, and do nothing on fluorescence)."""
+    if not augment.enabled or stain_jitter_applies(stain, pp):
+        return
+    defaults = AugmentConfig()
+    asked = [
+        f"augment.{key} {getattr(augment, key)}"
+        for p, keys in STAIN_AUGMENTATIONS.items()
+        for key in keys
+        if getattr(augment, p) > 0
+        and (p != "hed_p" or augment.hed_jitter > 0)
+        and getattr(augment, key) != getattr(defaults, key)
+    ]
+    if asked:
+        why = (
+            f"preprocess.intensity_norm is {pp.intensity_norm}"
+            if pp.intensity_norm != "none"
+            else f"the profile's stain is {stain}"
+        )
+        raise ConfigError(
+            f"{', '.join(asked)}: the stain augmentations act on the haematoxylin of H&E/IHC "
+            f"images in [0, 1], and {why}, so they would do nothing; leave them out, or set "
+            "preprocess.intensity_norm: none on H&E/IHC images"
         )
 
 
@@ -467,6 +509,7 @@ def _start(
     torch.manual_seed(tc.seed)
     check_names(tc)  # before the data are read: a misspelt name is known now
     profile = get_profile(cfg.profile, cfg.profiles_file)
+    check_stain_augment(cfg.augment, profile.stain, effective_preprocess(cfg, profile))
     data = prepare_data(cfg, data_root, profile, device)
     if fingerprint_hash is not None and fingerprint_hash != data.fingerprint:
         # the hash is the validation's: training must not run on data no one validated
@@ -703,7 +746,7 @@ def fit(
     """
     run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
     tc, data = run.cfg.train, run.data
-    stain_jitter = data.stain in ("he", "ihc") and data.preprocess.intensity_norm == "none"
+    stain_jitter = stain_jitter_applies(data.stain, data.preprocess)
     batches = Batches(
         lambda: data.train.sample(
             tc.batch_size,

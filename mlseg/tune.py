@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mlseg.config import Config, DataConfig
+from mlseg.config import Config, DataConfig, get_profile
 from mlseg.errors import ConfigError, ResumeError, TrainingDiverged
 from mlseg.io import write_table, write_text
 
@@ -161,7 +161,8 @@ def tune(
     Columns: ``rank, trial``, one per searched parameter, ``best_val_dice,
     final_train_loss, steps, images_per_s, seconds, out_dir``.
     """
-    from mlseg.train import fit
+    from mlseg.data import effective_preprocess
+    from mlseg.train import check_stain_augment, fit
 
     if budget_steps < 1:
         raise ConfigError(f"budget_steps must be at least 1, got {budget_steps}")
@@ -182,6 +183,10 @@ def tune(
     trial_cfgs = [apply_params(cfg, {**params, **short}) for params in chosen]
     for data in {c.data for c in trial_cfgs}:  # before any trial trains
         _check_validation_split(data, data_root)
+    for trial_cfg in trial_cfgs:  # a stain augmentation the trial's preprocessing voids
+        profile = get_profile(trial_cfg.profile, trial_cfg.profiles_file)
+        pp = effective_preprocess(trial_cfg, profile)
+        check_stain_augment(trial_cfg.augment, profile.stain, pp)
     _check_budget(out, len(chosen), budget_steps)
     rows = []
     before = _earlier_runs(out / "tune_results.csv")

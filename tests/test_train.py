@@ -467,6 +467,29 @@ def test_resume_refuses_a_stain_reference_replaced_under_its_name(tmp_path) -> N
         fit(cfg(3), root, tmp_path / "run", progress=False)
 
 
+def test_a_stain_augmentation_that_would_do_nothing_is_refused(synth_dataset, tmp_path) -> None:
+    """Nucleus fade and HED jitter act on H&E haematoxylin in [0, 1]: with z-scored images
+    they were skipped without a word, and the run trained as if they were off."""
+    cfg = load_config(
+        None,
+        train={**TINY, "max_steps": 1},
+        augment={"nucleus_fade_p": 1.0, "hed_p": 1.0},
+        preprocess={"intensity_norm": "zscore"},
+    )
+    with pytest.raises(ConfigError, match=r"nucleus_fade_p 1.0, augment.hed_p 1.0.*zscore"):
+        fit(cfg, synth_dataset, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    from mlseg.config import AugmentConfig, PreprocessConfig
+    from mlseg.train import check_stain_augment
+
+    # the H&E defaults pass where they do nothing, and so does switching one off
+    zscore = PreprocessConfig(intensity_norm="zscore")
+    check_stain_augment(AugmentConfig(), "he", zscore)
+    check_stain_augment(AugmentConfig(hed_p=0.0, nucleus_fade_p=0.0), "fluorescence", zscore)
+    with pytest.raises(ConfigError, match="stain is fluorescence"):
+        check_stain_augment(AugmentConfig(hed_jitter=0.3), "fluorescence", PreprocessConfig())
+
+
 def test_empty_training_set(tmp_path) -> None:
     for sub in ("train/original", "train/masks", "test/original", "test/masks"):
         (tmp_path / "ds" / sub).mkdir(parents=True)

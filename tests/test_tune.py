@@ -156,6 +156,23 @@ def test_a_search_without_validation_images_is_refused_before_training(
     assert not (tmp_path / "best_config.yaml").exists()
 
 
+def test_a_trial_whose_stain_augmentation_would_do_nothing_is_refused_before_training(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """hed_p searched beside intensity_norm: the z-scored trials would train without HED
+    jitter, scored as if they had it; refused before the first trial trains."""
+    import mlseg.train
+
+    def fit(*args, **kwargs):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    space = {"preprocess.intensity_norm": ["none", "zscore"], "augment.hed_p": [1.0]}
+    cfg = load_config(None, train=TINY)
+    with pytest.raises(ConfigError, match=r"augment.hed_p 1.0.*intensity_norm is zscore"):
+        tune(cfg, synth_dataset, tmp_path, space=space, method="grid", progress=False)
+
+
 def test_a_diverged_trial_ranks_last_and_the_search_goes_on(synth_dataset, tmp_path, monkeypatch):
     """One learning rate too high stopped the whole search: no table, no best_config.yaml,
     the later trials never ran, and a rerun stopped at the same trial again."""
