@@ -384,14 +384,15 @@ def _predict_at(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample ``image`` by ``factor``, predict and label there (where nuclei have the
     size the model knows), then map labels (nearest) and probabilities (linear) back to the
-    original grid. Area limits follow the work grid: microns when the pixel size is known,
-    else the profile's pixel limits, which refer to the original grid, scaled by factor**2.
-    ``stains`` (``image``'s Macenko estimate) serves at factor 1 only: a resampled image has
-    its own."""
+    original grid. Area limits apply there, after the mapping back, where the table measures
+    (microns when the pixel size is known, else the profile's pixel limits): mapped back, a
+    nucleus's area is not its work-grid area over factor**2, and limits applied on the work
+    grid kept nuclei under ``min_area`` and dropped some within the limits. ``stains``
+    (``image``'s Macenko estimate) serves at factor 1 only: a resampled image has its own."""
     import cv2
 
     from mlseg.infer import adapted_batchnorm, predict_labels_banded, predict_probs
-    from mlseg.instances import area_limits_px, probs_to_labels
+    from mlseg.instances import area_limits_px, filter_sizes, probs_to_labels
     from mlseg.preprocess import normalize, rescale_image, resize_labels
 
     height, width = image.shape[:2]
@@ -403,9 +404,9 @@ def _predict_at(
     stain_tta = stain_tta_for(cfg, profile, loaded.config.preprocess, loaded.in_channels)
     px = effective_pixel_size(profile, pixel_size_um)
     work_px = px / factor if px is not None else None
-    lo, hi = area_limits_px(profile, work_px)
-    if px is None and factor != 1.0:
-        lo, hi = int(round(lo * factor**2)), max(1, int(round(hi * factor**2)))
+    lo, hi = area_limits_px(profile, px)
+    # resampled, every object is kept on the work grid and the limits apply once mapped back
+    work_lo, work_hi = (lo, hi) if factor == 1.0 else (0, work.shape[0] * work.shape[1])
     side = loaded.min_side
     adapted = (
         adapted_batchnorm(loaded.model, x, cfg, side) if cfg.adapt_bn else contextlib.nullcontext()
@@ -419,14 +420,14 @@ def _predict_at(
                 target=loaded.target,
                 watershed=profile.watershed,
                 pixel_size_um=work_px,
-                min_area_px=lo,
-                max_area_px=hi,
+                min_area_px=work_lo,
+                max_area_px=work_hi,
                 device=device,
                 stain_tta=stain_tta,
                 min_side=side,
             )
-            if labels.shape != (height, width):
-                labels = resize_labels(labels, (height, width))
+            if factor != 1.0:
+                labels = filter_sizes(resize_labels(labels, (height, width)), lo, hi)
             return labels, None
         probs = predict_probs(
             loaded.model,
@@ -442,11 +443,12 @@ def _predict_at(
         loaded.target,
         profile.watershed,
         pixel_size_um=work_px,
-        min_area_px=lo,
-        max_area_px=hi,
+        min_area_px=work_lo,
+        max_area_px=work_hi,
     )
-    if labels.shape != (height, width):
-        labels = resize_labels(labels, (height, width))
+    if factor != 1.0:
+        labels = filter_sizes(resize_labels(labels, (height, width)), lo, hi)
+    if probs.shape[1:] != (height, width):
         probs = np.stack(
             [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs]
         )
