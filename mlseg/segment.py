@@ -477,6 +477,32 @@ def stain_tta_for(
     return StainTTA(tta.gains, tuple(tuple(float(v) for v in col) for col in stains.T))
 
 
+def check_stain_tta(loaded, profile: Profile) -> None:
+    """Stain test-time augmentation asked for (``mlseg segment --stain-tta``) where
+    :func:`stain_tta_for` turns it off raises :class:`ConfigError` saying why: the flag
+    changed nothing and ``run.json`` still recorded its gains as used."""
+    pre = loaded.config.preprocess
+    why = [
+        f"profile {profile.name!r} is for {profile.stain} images"
+        if profile.stain not in ("he", "ihc")
+        else "",
+        f"the model takes {loaded.in_channels} channels" if loaded.in_channels != 3 else "",
+        f"the model was trained without Macenko normalisation "
+        f"(preprocess.stain_norm: {pre.stain_norm})"
+        if pre.stain_norm != "macenko"
+        else "",
+        f"the model normalises intensities (preprocess.intensity_norm: {pre.intensity_norm})"
+        if pre.intensity_norm != "none"
+        else "",
+    ]
+    if any(why):
+        raise ConfigError(
+            "--stain-tta acts on Macenko-normalised H&E/IHC images only and "
+            f"{'; '.join(w for w in why if w)}, so it would change nothing; leave it out "
+            f"(model {loaded.path})"
+        )
+
+
 def _model_device(model):
     try:
         return next(model.parameters()).device

@@ -1491,3 +1491,36 @@ def test_a_given_pixel_size_beyond_the_scale_limits_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_scale_at_limit(ScaleEstimate(0.25, "pixel_size"), "z.png")  # a 10x scan
+
+
+def test_cli_stain_tta_is_refused_where_it_would_change_nothing(tmp_path, capsys):
+    """``--stain-tta`` acts on Macenko-normalised H&E/IHC input only: given a fluorescence
+    profile, or a model trained without Macenko, it ran as if left out, said nothing and
+    ``run.json`` recorded its gains as used. It is refused up front, saying why; with a
+    Macenko model on H&E it runs."""
+    from mlseg.cli import main
+    from mlseg.config import PreprocessConfig, TrainConfig
+    from mlseg.model import build_model, save_checkpoint
+
+    train = TrainConfig(encoder="resnet18", encoder_depth=3)
+    for name, stain_norm in (("plain", "none"), ("macenko", "macenko")):
+        save_checkpoint(
+            tmp_path / name, build_model(train, 3, 3),
+            Config(train=train, preprocess=PreprocessConfig(stain_norm=stain_norm)),
+            target="three_class", classes=3, in_channels=3, fingerprint_hash=None, metrics={},
+            pixel_size_um=None, name="best", nucleus_diameter_px=12.0,
+        )  # fmt: skip
+    folder = _folder(tmp_path, 1)
+
+    def segment(model: str, profile: str) -> int:
+        out = tmp_path / f"seg-{model}-{profile}"
+        args = [str(tmp_path / model), str(folder), str(out), "--profile", profile]
+        return main(["segment", *args, "--tile", "64", "--stain-tta", "--no-progress"])
+
+    assert segment("plain", "he") != 0
+    err = capsys.readouterr().err
+    assert "--stain-tta" in err and "preprocess.stain_norm: none" in err
+    assert segment("plain", "fluorescence") != 0
+    assert "profile 'fluorescence' is for fluorescence images" in capsys.readouterr().err
+    assert not (tmp_path / "seg-plain-he").exists()
+    assert segment("macenko", "he") == 0

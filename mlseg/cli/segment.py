@@ -133,9 +133,9 @@ def segment(
     progress: ProgressOpt = None,
 ) -> None:
     """Segment nuclei in every image, measure each one, write tables, overlays and GeoJSON."""
-    from mlseg.config import InferenceConfig, parse
+    from mlseg.config import InferenceConfig, get_profile, parse
     from mlseg.model import load_model
-    from mlseg.segment import segment_folder
+    from mlseg.segment import check_stain_tta, segment_folder
 
     overrides = {
         k: v
@@ -152,7 +152,10 @@ def segment(
     }
     cfg = None
     if overrides:
-        base = load_model(model, device="cpu").config.inference
+        loaded = load_model(model, device="cpu")
+        base = loaded.config.inference
+        if stain_tta:
+            check_stain_tta(loaded, get_profile(profile, profiles))
         if stain_tta is not None:
             overrides["stain_tta"] = _stain_gains(stain_tta, base.stain_tta)
         cfg = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
