@@ -123,6 +123,22 @@ def _champion_needs_eval(registry: str, model_name: str, checkpoint: str, eval_s
     return None if same is not None and same.version == champion.version else champion
 
 
+def _check_production(registry: str, model_name: str, decision: dict[str, Any]) -> None:
+    """Stop where no production model is left to segment the test images with: the first
+    model was not promoted (it found no nucleus in any test image, or has no score), and
+    the segment step failed with "no production version; promote one", not saying why."""
+    from mlseg import registry as reg
+    from mlseg.registry import RegistryError
+
+    if decision.get("promoted") or reg.production(registry, model_name) is not None:
+        return
+    raise RegistryError(
+        f"no production model {model_name!r} to segment the test images with: "
+        f"{decision['reason']}; train longer or check the data and rerun, or promote a "
+        f"version by hand (mlseg models promote {model_name} VERSION --reason ...)"
+    )
+
+
 def _validation_table(validation: dict[str, Any]):
     import pandas as pd
 
@@ -329,6 +345,7 @@ def pipeline(
     decision = registered["decision"]
     artifacts.table("model-decision", decision, decision["reason"])
     logger.info("registry: %s", decision["reason"])
+    _check_production(registry, model_name, decision)
 
     # 6. segment and quantify the test images with the production model
     quantified = segment_and_quantify(

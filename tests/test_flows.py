@@ -1252,22 +1252,24 @@ def test_pipeline_end_to_end_then_a_challenger(harness, tmp_path, synth_dataset)
     from mlseg import registry as reg
 
     registry = tmp_path / "registry"
+    # a first model that finds no nucleus is never promoted: 12 steps at a higher rate find
+    # some (4 at the default rate find none)
+    seeing = {**TINY, "train": {**TINY["train"], "max_steps": 12, "lr": 3e-3}}
     first = pipeline(
-        str(synth_dataset), str(tmp_path / "w1"), overrides=TINY, registry=str(registry)
+        str(synth_dataset), str(tmp_path / "w1"), overrides=seeing, registry=str(registry)
     )
     report = Path(first["report"]).read_text()
-    # training curves and worst cases (4 training steps find no nuclei: no histograms)
     assert "Worst" in report and report.count("data:image/png;base64,") >= 2
     assert pd.read_csv(first["measurements (per image)"])["count"].notna().all()
     assert reg.production(registry).version == 1
     assert first["decision"]["promoted"]
 
     again = pipeline(
-        str(synth_dataset), str(tmp_path / "w1"), overrides=TINY, registry=str(registry)
+        str(synth_dataset), str(tmp_path / "w1"), overrides=seeing, registry=str(registry)
     )
     assert len(reg.list_models(registry)) == 1  # same weights: no second version
 
-    other = {**TINY, "train": {**TINY["train"], "seed": 1}}
+    other = {**seeing, "train": {**seeing["train"], "seed": 1}}
     second = pipeline(
         str(synth_dataset), str(tmp_path / "w2"), overrides=other, registry=str(registry)
     )
@@ -1289,6 +1291,19 @@ def test_dask_local_cluster_gives_the_same_outputs_as_threads(
     assert threads.is_completed() and dask.is_completed(), dask.message
     for name in ("img_000_labels.png", "img_003_nuclei.csv"):
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
+
+
+def test_a_pipeline_left_without_a_production_model_says_why(tmp_path) -> None:
+    """A first model that found no nucleus in any test image is not promoted, and the
+    pipeline's segment step then failed with "no production version; promote one", not
+    saying why; it now stops after the decision, naming it."""
+    from flows.pipeline import _check_production
+    from mlseg.registry import RegistryError
+
+    blind = {"promoted": False, "reason": "nuclei@v1 found no nucleus in any image of eval set x"}
+    with pytest.raises(RegistryError, match=r"no production model 'nuclei'.*found no nucleus"):
+        _check_production(str(tmp_path / "registry"), "nuclei", blind)
+    _check_production(str(tmp_path / "registry"), "nuclei", {**blind, "promoted": True})
 
 
 def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkpoint) -> None:
@@ -1347,7 +1362,7 @@ def test_pipeline_measures_with_the_run_config_s_profiles_file(
         "train_model": lambda *args: {"checkpoint": "c"},
         "evaluate_model": lambda *args, **kwargs: {"eval_set_id": "e", "means": {}},
         "_champion_needs_eval": lambda *args: None,
-        "register_task": lambda *args: {"decision": {"reason": "r"}},
+        "register_task": lambda *args: {"decision": {"reason": "r", "promoted": True}},
         "segment_and_quantify": segment_and_quantify,
     }
     for name, stub in stages.items():
