@@ -468,38 +468,43 @@ def stain_tta_for(
     IHC and fluorescence images) it cost 0.01-0.02 Dice on the H&E tiles."""
     from mlseg.preprocess import macenko_target
 
-    brightfield = profile.stain in ("he", "ihc") and channels == 3
-    normalised = preprocess.stain_norm == "macenko" and preprocess.intensity_norm == "none"
     tta = StainTTA(tuple(cfg.stain_tta))
-    if not (brightfield and normalised) or tta.off:
+    if _stain_tta_blockers(profile, preprocess, channels) or tta.off:
         return NO_STAIN_TTA
     stains = macenko_target(preprocess)[0]
     return StainTTA(tta.gains, tuple(tuple(float(v) for v in col) for col in stains.T))
+
+
+def _stain_tta_blockers(profile: Profile, preprocess: PreprocessConfig, channels: int) -> list[str]:
+    """Why stain test-time augmentation cannot act here (:func:`stain_tta_for`), one
+    phrase each; empty where it acts."""
+    why = []
+    if not profile.brightfield:
+        why.append(f"profile {profile.name!r} is for {profile.stain} images")
+    if channels != 3:
+        why.append(f"the model takes {channels} channels")
+    if preprocess.stain_norm != "macenko":
+        why.append(
+            f"the model was trained without Macenko normalisation "
+            f"(preprocess.stain_norm: {preprocess.stain_norm})"
+        )
+    if preprocess.intensity_norm != "none":
+        why.append(
+            f"the model normalises intensities (preprocess.intensity_norm: "
+            f"{preprocess.intensity_norm})"
+        )
+    return why
 
 
 def check_stain_tta(loaded, profile: Profile) -> None:
     """Stain test-time augmentation asked for (``mlseg segment --stain-tta``) where
     :func:`stain_tta_for` turns it off raises :class:`ConfigError` saying why: the flag
     changed nothing and ``run.json`` still recorded its gains as used."""
-    pre = loaded.config.preprocess
-    why = [
-        f"profile {profile.name!r} is for {profile.stain} images"
-        if profile.stain not in ("he", "ihc")
-        else "",
-        f"the model takes {loaded.in_channels} channels" if loaded.in_channels != 3 else "",
-        f"the model was trained without Macenko normalisation "
-        f"(preprocess.stain_norm: {pre.stain_norm})"
-        if pre.stain_norm != "macenko"
-        else "",
-        f"the model normalises intensities (preprocess.intensity_norm: {pre.intensity_norm})"
-        if pre.intensity_norm != "none"
-        else "",
-    ]
-    if any(why):
+    why = _stain_tta_blockers(profile, loaded.config.preprocess, loaded.in_channels)
+    if why:
         raise ConfigError(
             "--stain-tta acts on Macenko-normalised H&E/IHC images only and "
-            f"{'; '.join(w for w in why if w)}, so it would change nothing; leave it out "
-            f"(model {loaded.path})"
+            f"{'; '.join(why)}, so it would change nothing; leave it out (model {loaded.path})"
         )
 
 
