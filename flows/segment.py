@@ -28,7 +28,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 
@@ -43,6 +43,11 @@ from flows.common import (
 )
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
 from mlseg.errors import MlsegError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mlseg.config import Profile
 
 
 class SegmentFailed(MlsegError):
@@ -461,19 +466,9 @@ def segment_and_quantify(
         torch_threads: PyTorch CPU threads per worker; empty: the usable cores divided among the
             workers.
     """
-    import pandas as pd
-
     from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
-    from mlseg.io import read_written_csv
-    from mlseg.monitor import (
-        append_history,
-        distributions,
-        run_areas,
-        run_metrics,
-        run_shift,
-    )
-    from mlseg.outputs import TIMING_KEYS, read_nuclei, write_run_outputs, writing_to
+    from mlseg.outputs import read_nuclei, write_run_outputs, writing_to
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,
@@ -570,67 +565,11 @@ def segment_and_quantify(
                 "failed": failed,
             },
         )
-    # run metrics over the images processed in this run (skipped ones were measured before)
-    done = set(processed)  # built once: per summary, 20,000 images cost 180 s
-    done_now = [s for s in summaries if s["image"] in done]
-    counts = [s.get("count", 0) for s in done_now]
-    new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done]
-    unit, areas = run_areas(new_tables)
-    runs_dir = out / "runs"
-    history_path = data_path(history) if history else runs_dir / "history.csv"
-    metrics = run_metrics(
-        counts, areas, seconds, area_unit=unit, run_id=run_id, n_failed=len(failed)
+    history_path = data_path(history) if history else out / "runs" / "history.csv"
+    metrics, counts = _run_metrics(
+        out, history_path, run_id, summaries, tables, set(processed), len(skipped), failed, seconds
     )
-    metrics["n_skipped"] = len(skipped)
-    if done_now:
-        previous = _previous_distributions(history_path, run_id)
-        metrics.update(run_shift(counts, areas, previous, unit))
-        dist_path = runs_dir / f"{run_id}_distributions.parquet"
-        from mlseg.io import write_table
-
-        write_table(distributions(counts, areas, unit), dist_path)
-        metrics["distributions"] = str(dist_path)
-        append_history(history_path, metrics)
-
-    summary_table = (
-        read_written_csv(paths["summary"], "image")  # "01" is not 1, "NA" no NaN
-        if Path(paths["summary"]).is_file()
-        else None
-    )
-    if summary_table is not None and len(summary_table):
-        keep = [c for c in summary_table.columns if c not in TIMING_KEYS]
-        # this run's images first, each part by name: a long table is cut to its first rows,
-        # and an inbox that keeps its images showed the same oldest ones every night
-        earlier = ~summary_table["image"].isin(done)  # False, this run's, sorts first
-        shown = summary_table.loc[earlier.sort_values(kind="stable").index, keep]
-        artifacts.table(
-            "segment-summary",
-            shown,
-            f"{len(summary_table)} images, {int(summary_table.get('count', pd.Series()).sum())} "
-            f"nuclei; profile {prof.name} v{prof.version}; model {model_desc}; "
-            f"the {len(done)} processed in this run first",
-        )
-    artifacts.table(
-        "segment-run-metrics",
-        {k: v for k, v in metrics.items() if not k.startswith(("count_q", "area_"))},
-        f"{len(processed)} processed, {len(skipped)} skipped, {len(failed)} failed",
-    )
-    artifacts.link("segment-histograms", paths["histograms"], "nucleus measurement histograms")
-    if done_now and not any(counts):  # a collapsed model, or the wrong one, finds nothing
-        nothing = (
-            f"{model_desc} found no nucleus in any of the {len(done_now)} image(s) segmented "
-            f"in this run; check the model (mlseg evaluate on labelled images: one trained "
-            f"into predicting only background finds nothing anywhere), the profile "
-            f"({prof.name}) and the images' pixel sizes"
-        )
-        logger.warning(nothing)
-        artifacts.warning("segment-no-nuclei", "no nucleus found in any image", nothing)
-    if failed:
-        artifacts.warning(
-            "segment-failed-images",
-            f"{len(failed)} image(s) could not be segmented",
-            "\n".join(f"- {_named(k, v)}" for k, v in failed.items()),
-        )
+    _publish(out, paths, metrics, counts, model_desc, prof, processed, skipped, failed)
     result = {
         "out_dir": str(out),
         "summary_csv": str(paths["summary"]),
@@ -675,6 +614,102 @@ def segment_and_quantify(
         raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
     _forget_written(out)
     return result
+
+
+def _run_metrics(
+    out: Path,
+    history_path: Path,
+    run_id: str,
+    summaries: list[dict[str, Any]],
+    tables: list[pd.DataFrame],
+    done: set[str],
+    n_skipped: int,
+    failed: dict[str, str],
+    seconds: float,
+) -> tuple[dict[str, Any], list[int]]:
+    """The run's metrics over the images processed in it (skipped ones were measured before),
+    with their shift from the previous run, appended to ``history_path`` when any image was
+    processed; also each processed image's nucleus count."""
+    from mlseg.io import write_table
+    from mlseg.monitor import append_history, distributions, run_areas, run_metrics, run_shift
+
+    # ``done`` is a set: a membership test per summary in a list cost 180 s at 20,000 images
+    done_now = [s for s in summaries if s["image"] in done]
+    counts = [s.get("count", 0) for s in done_now]
+    new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done]
+    unit, areas = run_areas(new_tables)
+    metrics = run_metrics(
+        counts, areas, seconds, area_unit=unit, run_id=run_id, n_failed=len(failed)
+    )
+    metrics["n_skipped"] = n_skipped
+    if done_now:
+        previous = _previous_distributions(history_path, run_id)
+        metrics.update(run_shift(counts, areas, previous, unit))
+        dist_path = out / "runs" / f"{run_id}_distributions.parquet"
+        write_table(distributions(counts, areas, unit), dist_path)
+        metrics["distributions"] = str(dist_path)
+        append_history(history_path, metrics)
+    return metrics, counts
+
+
+def _publish(
+    out: Path,
+    paths: dict[str, Path],
+    metrics: dict[str, Any],
+    counts: list[int],
+    model_desc: str,
+    prof: Profile,
+    processed: list[str],
+    skipped: list[str],
+    failed: dict[str, str],
+) -> None:
+    """The run's artifacts: the summary table (this run's images first), its metrics, the
+    histograms, and a warning where no image had a nucleus or some image failed."""
+    import pandas as pd
+
+    from mlseg.io import read_written_csv
+    from mlseg.outputs import TIMING_KEYS
+
+    done = set(processed)
+    summary_table = (
+        read_written_csv(paths["summary"], "image")  # "01" is not 1, "NA" no NaN
+        if Path(paths["summary"]).is_file()
+        else None
+    )
+    if summary_table is not None and len(summary_table):
+        keep = [c for c in summary_table.columns if c not in TIMING_KEYS]
+        # this run's images first, each part by name: a long table is cut to its first rows,
+        # and an inbox that keeps its images showed the same oldest ones every night
+        earlier = ~summary_table["image"].isin(done)  # False, this run's, sorts first
+        shown = summary_table.loc[earlier.sort_values(kind="stable").index, keep]
+        artifacts.table(
+            "segment-summary",
+            shown,
+            f"{len(summary_table)} images, {int(summary_table.get('count', pd.Series()).sum())} "
+            f"nuclei; profile {prof.name} v{prof.version}; model {model_desc}; "
+            f"the {len(done)} processed in this run first",
+        )
+    artifacts.table(
+        "segment-run-metrics",
+        {k: v for k, v in metrics.items() if not k.startswith(("count_q", "area_"))},
+        f"{len(processed)} processed, {len(skipped)} skipped, {len(failed)} failed",
+    )
+    artifacts.link("segment-histograms", paths["histograms"], "nucleus measurement histograms")
+    if counts and not any(counts):  # a collapsed model, or the wrong one, finds nothing
+        nothing = (
+            f"{model_desc} found no nucleus in any of the {len(counts)} image(s) segmented "
+            f"in this run; check the model (mlseg evaluate on labelled images: one trained "
+            f"into predicting only background finds nothing anywhere), the profile "
+            f"({prof.name}) and the images' pixel sizes"
+        )
+        get_run_logger().warning(nothing)
+        artifacts.warning("segment-no-nuclei", "no nucleus found in any image", nothing)
+    if failed:
+        artifacts.warning(
+            "segment-failed-images",
+            f"{len(failed)} image(s) could not be segmented",
+            "\n".join(f"- {_named(k, v)}" for k, v in failed.items()),
+        )
 
 
 def _forget_written(out: Path, others: bool = False) -> None:
