@@ -9,10 +9,11 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
 - **GeoJSON** (``.geojson``/``.json``), as QuPath's *Export objects as GeoJSON* writes it
   (``PathObjectTypeAdapters`` in qupath-core): a ``FeatureCollection``, a list of features
   (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
-  detection's is its geometry; annotations are nuclei only where the file holds neither cells
-  nor detections (else they are the regions analysed); a type QuPath does not know is an
-  annotation, as QuPath reads it. Tiles, TMA cores, points, lines and empty geometries are
-  left out.
+  detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew among
+  mlseg's detections in QuPath), but beside cells or detections an annotation that holds the
+  centre of another object, or is more than :data:`REGION_AREA_FACTOR` times the largest of
+  them, is the region analysed; a type QuPath does not know is an annotation, as QuPath reads
+  it. Tiles, TMA cores, points, lines and empty geometries are left out.
 - **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
   an ellipse (``Type="2"``) is drawn in the box of its two vertices, a negative region
   (``NegativeROA="1"``) is cut out of what is drawn before it, and ``MicronsPerPixel`` on
@@ -48,6 +49,9 @@ from mlseg.errors import ImageReadError, size_mismatch
 ANNOTATION_EXTENSIONS = (".geojson", ".json", ".xml")
 #: A polygon enclosing the centres of this many other polygons is a region, not a nucleus.
 REGION_MIN_ENCLOSED = 2
+#: Beside cells or detections, an annotation this many times the area of the largest of them
+#: is a region analysed (one holding no nucleus), not a nucleus drawn by hand.
+REGION_AREA_FACTOR = 4
 
 #: ``[exterior, hole, ...]``: closed or open rings of ``(x, y)`` float coordinates.
 Polygon = list[np.ndarray]
@@ -60,6 +64,7 @@ class Shape:
     polygons: list[Polygon] = field(default_factory=list)
     ellipses: list[tuple[float, float, float, float]] = field(default_factory=list)
     negative: bool = False  # ImageScope negative region: erases what is drawn before it
+    among_detections: bool = False  # a GeoJSON annotation beside cells or detections
 
 
 @dataclass
@@ -140,7 +145,7 @@ def _read_geojson(path: Path) -> Annotations:
                 f"{type(props).__name__}); export it again"
             )
     kinds = [_object_type(f) for f in features]
-    annotations_are_nuclei = not {"cell", "detection"} & set(kinds)
+    among_detections = bool({"cell", "detection"} & set(kinds))
     result = Annotations(path, [])
     for feature, kind in zip(features, kinds, strict=True):
         if kind == "cell":
@@ -148,10 +153,10 @@ def _read_geojson(path: Path) -> Annotations:
             if geometry is None:
                 result.skipped["cells without a nucleus"] += 1
                 continue
-        elif kind == "detection" or (kind == "annotation" and annotations_are_nuclei):
+        elif kind in ("detection", "annotation"):
             geometry = feature.get("geometry")
         else:
-            result.skipped[f"{kind} objects" if kind != "annotation" else "region annotations"] += 1
+            result.skipped[f"{kind} objects"] += 1
             continue
         try:
             polygons = _geojson_polygons(geometry)
@@ -161,7 +166,9 @@ def _read_geojson(path: Path) -> Annotations:
                 f"a malformed geometry ({err}); export it again"
             ) from err
         if polygons:
-            result.shapes.append(Shape(polygons))
+            result.shapes.append(
+                Shape(polygons, among_detections=among_detections and kind == "annotation")
+            )
         else:
             result.skipped["points, lines and empty geometries"] += 1
     return result
@@ -307,16 +314,21 @@ def draw(annotations: Annotations, shape: tuple[int, int]) -> Drawn:
     module docstring for the rules."""
     height, width = shape
     skipped = Counter(annotations.skipped)
-    masks = [(item.negative, _shape_mask(item, height, width)) for item in annotations.shapes]
+    masks = [(item, _shape_mask(item, height, width)) for item in annotations.shapes]
     if outside := sum(m is None for _, m in masks):
         skipped["outside the image or smaller than a pixel"] += outside
-    drawn = [(negative, m) for negative, m in masks if m is not None]
+    drawn = [(item.negative, m) for item, m in masks if m is not None]
     positive = [m for negative, m in drawn if not negative]
     if not positive:
         raise ImageReadError(_nothing_inside(annotations, shape))
-    regions = _regions(positive, shape)
-    if regions:
-        skipped["regions around nuclei"] += len(regions)
+    enclosed = _enclosed(positive, shape)
+    regions = {key for key, n in enclosed.items() if n >= REGION_MIN_ENCLOSED}
+    analysed = _regions_analysed(masks, enclosed)
+    if regions - analysed:
+        skipped["regions around nuclei"] += len(regions - analysed)
+    if analysed:
+        skipped["region annotations"] += len(analysed)
+    regions |= analysed
     labels = np.zeros(shape, dtype=np.int32)
     overlapping = label = 0
     for negative, (r0, c0, mask) in drawn:
@@ -335,23 +347,43 @@ def draw(annotations: Annotations, shape: tuple[int, int]) -> Drawn:
     return Drawn(_relabel(labels), annotations.pixel_size_um, notes)
 
 
-def _regions(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> set[int]:
-    """``id`` of each mask that holds the centre pixels of :data:`REGION_MIN_ENCLOSED` or
-    more other masks (counted on a map of centres: linear in the pixels drawn)."""
-    if len(masks) <= REGION_MIN_ENCLOSED:
-        return set()
+def _regions_analysed(
+    masks: list[tuple[Shape, tuple | None]], enclosed: dict[int, int]
+) -> set[int]:
+    """``id`` of the mask of each annotation beside cells or detections that is the region
+    they were found in: it holds the centre of another object, or is more than
+    :data:`REGION_AREA_FACTOR` times the area of the largest cell or detection."""
+    largest = max(
+        (int(m.sum()) for shape, (_, _, m) in _drawn(masks) if not shape.among_detections),
+        default=0,
+    )
+    return {
+        id(m)
+        for shape, (_, _, m) in _drawn(masks)
+        if shape.among_detections
+        and (enclosed.get(id(m), 0) >= 1 or 0 < largest * REGION_AREA_FACTOR < int(m.sum()))
+    }
+
+
+def _drawn(masks: list[tuple[Shape, tuple | None]]) -> list[tuple[Shape, tuple]]:
+    return [(shape, m) for shape, m in masks if m is not None and not shape.negative]
+
+
+def _enclosed(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> dict[int, int]:
+    """How many other masks' centre pixels each mask holds, by the ``id`` of its mask
+    (counted on a map of centres: linear in the pixels drawn)."""
+    if len(masks) < 2:
+        return {id(m): 0 for _, _, m in masks}
     centres = np.array([np.argwhere(m).mean(axis=0) + (r0, c0) for r0, c0, m in masks])
     centres = np.clip(np.round(centres).astype(np.int64), 0, np.array(shape) - 1)
     counts = np.zeros(shape, dtype=np.int32)
     np.add.at(counts, (centres[:, 0], centres[:, 1]), 1)
-    regions = set()
+    out = {}
     for (r0, c0, mask), (r, c) in zip(masks, centres, strict=True):
         enclosed = int(counts[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask].sum())
         inside = 0 <= r - r0 < mask.shape[0] and 0 <= c - c0 < mask.shape[1]
-        enclosed -= bool(inside and mask[r - r0, c - c0])  # its own centre
-        if enclosed >= REGION_MIN_ENCLOSED:
-            regions.add(id(mask))
-    return regions
+        out[id(mask)] = enclosed - bool(inside and mask[r - r0, c - c0])  # less its own centre
+    return out
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

@@ -85,6 +85,53 @@ def test_qupath_cells_give_their_nuclei_and_regions_are_left_out(tmp_path):
     assert "1 region annotations left out" in drawn.notes
 
 
+def test_nuclei_drawn_in_qupath_among_mlseg_detections_are_kept(shared_data, tmp_path):
+    """The correction loop: mlseg's GeoJSON imported into QuPath, a pathologist deletes wrong
+    detections, draws the nuclei missed as annotations (QuPath's properties on them) beside a
+    full-image region annotation, and exports. The drawn nuclei are nuclei (they were left out
+    as regions: 97 of 100), the region is not."""
+    mask_path = shared_data / "gbm40_he" / "masks" / "01_mask.png"
+    if not mask_path.is_file():
+        pytest.skip(f"{mask_path} not found")
+    truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
+    table = pd.DataFrame({"label": np.arange(1, truth.max() + 1)})
+    detections = to_geojson(truth, table, pixel_size_um=None)["features"]
+    drawn_by_hand = [
+        {
+            "type": "Feature",
+            "id": f"6f1c0d2e-0000-4000-8000-00000000000{i}",
+            "geometry": f["geometry"],
+            "properties": {
+                "objectType": "annotation",
+                "isLocked": False,
+                "classification": {"name": "Tumor", "color": [200, 0, 0]},
+            },
+        }
+        for i, f in enumerate(detections[10:13])
+    ]
+    height, width = truth.shape
+    region = feature([square(0, 0, width, height)], kind="annotation")
+    region["properties"]["isLocked"] = True
+    features = [region, *detections[:10], *detections[15:], *drawn_by_hand]
+    path = write_json(tmp_path / "01.geojson", {"type": "FeatureCollection", "features": features})
+    drawn = annotation_labels(path, truth.shape)
+    kept = np.isin(truth, np.r_[1:14, 16 : truth.max() + 1])  # labels 14 and 15 deleted
+    assert drawn.labels.max() == truth.max() - 2
+    np.testing.assert_array_equal(drawn.labels > 0, kept)
+    assert drawn.notes == ["1 region annotations left out"]
+
+
+def test_an_empty_region_beside_detections_is_no_nucleus(tmp_path):
+    """A region annotation in which no nucleus was found is still a region, not a nucleus."""
+    features = [feature([square(x, 5, x + 4, 9)], kind="detection") for x in (5, 15)]
+    features.append(feature([square(20, 20, 40, 40)], kind="annotation"))  # 400 px, empty
+    features.append(feature([square(30, 5, 35, 10)], kind="annotation"))  # a nucleus, 25 px
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (40, 40))
+    assert drawn.labels.max() == 3
+    assert drawn.labels[20:40, 20:40].max() == 0
+    assert drawn.notes == ["1 region annotations left out"]
+
+
 def test_hand_drawn_nuclei_with_a_region_around_them(tmp_path):
     """Annotations only (a pathologist's brush strokes, QuPath 0.2's list of features): each
     is a nucleus, except the polygon drawn around them, which is a region."""
