@@ -15,7 +15,7 @@ Recognised sources (``layout="auto"`` detects them in this order):
 In ``flat`` and ``contract`` sources a mask may also be a polygon annotation file, QuPath
 GeoJSON or ImageScope XML (:mod:`mlseg.annotations`), named ``<stem>_mask.geojson`` or as
 its image (``<stem>.geojson``, ``<stem>.xml``; ``<stem>.tif.geojson`` as QuPath scripts name
-them): it is drawn at its image's size and written as the dataset's ``<stem>_mask.png``.
+them; ``<stem>_nuclei.geojson`` as mlseg segment does): it is drawn at its image's size and written as the dataset's ``<stem>_mask.png``.
 
 The source is only read. Every pair is decoded and checked (readable, same size) before
 anything is written; all problems are reported together. Files are copied (or hard-linked
@@ -74,6 +74,8 @@ from mlseg.io import (
 )
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
 
+#: What mlseg segment names an image's GeoJSON (``x_nuclei.geojson``): a mask for ``x``.
+GEOJSON_SUFFIX = "_nuclei"
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "dsb", "cellpose")
 PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
 STEM_COLUMNS = ("stem", "image_id", "id", "name", "image", "file", "filename")
@@ -181,6 +183,9 @@ def _pair(
     masks_of: dict[str, Path] = {}
     for stem, path in masks.items():
         stem = match_stem(stem, images)  # x.ome_mask.tif: x.ome.tif's (:func:`match_stem`)
+        own = stem.removesuffix(GEOJSON_SUFFIX)
+        if stem not in images and own in images and path.name.endswith(".geojson"):
+            stem = own  # mlseg segment's own x_nuclei.geojson, corrected in QuPath
         if stem in masks_of:
             problems.append(
                 f"{path}: a second mask for {stem!r} (also {masks_of[stem].name}); keep one"

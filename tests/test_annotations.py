@@ -256,6 +256,27 @@ def test_ingest_draws_annotation_files_as_masks(tmp_path):
     assert pd.isna(manifest.loc["a", "pixel_size_um"])
 
 
+def test_ingest_takes_mlsegs_own_nuclei_geojson_as_its_images_mask(shared_data, tmp_path):
+    """The GeoJSON mlseg segment writes beside its labels, ``<stem>_nuclei.geojson``, put back
+    among the masks after a correction, is its image's mask (it was 'mask without image' and
+    the image 'without mask'); an image named ``x_nuclei`` keeps its own."""
+    mask_path = shared_data / "gbm40_he" / "masks" / "02_mask.png"
+    if not mask_path.is_file():
+        pytest.skip(f"{mask_path} not found")
+    truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
+    src = tmp_path / "src"
+    geojson = to_geojson(
+        truth, pd.DataFrame({"label": np.arange(1, truth.max() + 1)}), pixel_size_um=None
+    )
+    for stem, mask_name in (("02", "02_nuclei.geojson"), ("x_nuclei", "x_nuclei.geojson")):
+        write_image(src / "original" / f"{stem}.png", np.full((*truth.shape, 3), 200, np.uint8))
+        write_json(src / "masks" / mask_name, geojson)
+    result = ingest(src, tmp_path / "ds", test_fraction=0, progress=False)
+    manifest = result.manifest.set_index("stem")
+    assert sorted(manifest.index) == ["02", "x_nuclei"]
+    np.testing.assert_array_equal(read_mask(tmp_path / "ds" / manifest.loc["02", "mask"]), truth)
+
+
 def test_ingest_refuses_two_masks_for_one_image_and_bad_annotations(tmp_path):
     src = _source(tmp_path / "src")
     write_json(src / "masks" / "d.geojson", [feature([square(2, 2, 8, 8)])])
