@@ -566,7 +566,7 @@ def register(
                 source=str(files[0].resolve()),
             )
             _write_json(fs, f"{staging}/{CARD}", version.card())
-            if _claim(fs, staging, base):
+            if _claim(fs, staging, base, [*hashes, CARD]):
                 return version
     finally:
         if fs.exists(staging):
@@ -589,21 +589,22 @@ def _next_number(fs, root: str, name: str) -> int:
     return max(used, default=0) + 1
 
 
-def _claim(fs, staging: str, base: str) -> bool:
-    """Move the complete ``staging`` folder (card included) to ``base``; False if another
-    writer holds that number. On a local disk or share the rename is atomic and fails on a
-    folder with files, so two writers never share a version; an object store has no rename,
-    and there the registry needs one writer at a time."""
+def _claim(fs, staging: str, base: str, names: list[str]) -> bool:
+    """Move the complete ``staging`` folder (its files ``names``, the card last) to ``base``;
+    False if another writer holds that number. On a local disk or share the rename is atomic
+    and fails on a folder with files, so two writers never share a version; an object store
+    has no rename, and there the registry needs one writer at a time."""
     if not _is_local(fs):
         if fs.exists(f"{base}/{CARD}"):
             return False
         if fs.exists(base):  # left by a registration that died before its card
             fs.rm(base, recursive=True)
         # file by file, card last: a recursive move also copies the folder itself, which an
-        # object store holds no object for (s3fs: "The specified key does not exist")
-        names = sorted(fs.ls(staging, detail=False), key=lambda p: p.endswith(f"/{CARD}"))
-        for path in names:
-            fs.mv(path, f"{base}/{path.rsplit('/', 1)[-1]}")
+        # object store holds no object for (s3fs: "The specified key does not exist"). The
+        # names written, not a listing of the folder: one that lagged behind the uploads
+        # moved the card without the weights, which the staging folder's removal then lost
+        for fname in sorted(names, key=lambda n: n == CARD):
+            fs.mv(f"{staging}/{fname}", f"{base}/{fname}")
         return True
     try:
         os.rename(staging, base)

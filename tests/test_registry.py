@@ -485,6 +485,34 @@ def test_object_store_registry_has_no_folder_objects(tmp_path: Path, monkeypatch
     assert sorted(p.rsplit("/", 1)[-1] for p in copied) == sorted([*version.files, "card.json"])
 
 
+def test_a_listing_that_lags_behind_the_uploads_loses_no_weights(tmp_path, monkeypatch) -> None:
+    """An object store's listing may lag behind its writes: the staging folder listed with
+    its card but not the weights uploaded before it moved only the card and the JSON files
+    into v1, the staging folder (weights in it) was removed, and register reported v1, a
+    version every promotion then refused ('best.safetensors missing')."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    memory_ls = MemoryFileSystem.ls
+
+    def lagging_ls(self, path, detail=True, **kwargs):
+        found = memory_ls(self, path, detail=detail, **kwargs)
+        if ".staging-" not in path:
+            return found
+        return [
+            e
+            for e in found
+            if not (e if isinstance(e, str) else e["name"]).endswith(".safetensors")
+        ]
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", lagging_ls)
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    version = _register(tmp_path, url, 0.9)
+    monkeypatch.setattr(MemoryFileSystem, "ls", memory_ls)
+    reg.promote(url, "nuclei", version.version, "first")  # checks every file of the card
+    fetched = reg.fetch(reg.production(url), cache_dir=tmp_path / "cache")
+    assert (fetched / "best.safetensors").read_bytes() == b"w-a"
+
+
 def test_code_version_outside_a_checkout_is_the_commit_the_image_was_built_from(
     monkeypatch,
 ) -> None:
