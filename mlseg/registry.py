@@ -424,7 +424,7 @@ def fetch(
     """A local folder holding the version's checkpoint files (``mlseg.model.load_model`` reads it).
 
     Local registries return the version folder itself; remote ones are downloaded once into
-    ``cache_dir/<name>/v<N>-<hash of the version's URI>`` (default
+    ``cache_dir/<name>/v<N>-<hash of the version's URI and files>`` (default
     ``$XDG_CACHE_HOME/mlseg/models``, ``~/.cache/mlseg/models`` where it is not set).
     Either way every file is checked against the sha256 its card recorded.
     """
@@ -439,8 +439,12 @@ def fetch(
         cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         cache_dir = cache_dir / "mlseg" / "models"
     cache = Path(cache_dir)
-    # keyed by where the version lives: v1 of two registries are two models
-    key = hashlib.sha256(version.uri.encode()).hexdigest()[:12]
+    # keyed by where the version lives (v1 of two registries are two models) and by the
+    # files its card names: a model registered again from scratch at the same URL left the
+    # first v1's best.safetensors beside the new v1's last.safetensors, and the loader,
+    # preferring best, served the old weights under the new card
+    files = json.dumps(sorted(version.files.items()))
+    key = hashlib.sha256(f"{version.uri}\n{files}".encode()).hexdigest()[:12]
     target = cache / version.name / f"v{version.version}-{key}"
     complete = all(
         (target / f).is_file() and _sha256(target / f) == sha for f, sha in version.files.items()

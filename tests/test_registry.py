@@ -193,6 +193,31 @@ def test_remote_versions_of_two_registries_are_cached_apart(tmp_path: Path) -> N
     assert checkpoint_path(reg.fetch(vb, cache_dir=cache)).read_bytes() == b"last"
 
 
+def test_a_model_registered_again_at_the_same_url_is_not_served_from_the_old_cache(
+    tmp_path: Path,
+) -> None:
+    """The model's folder in the bucket removed and its training registered again as v1
+    (last.safetensors only): the worker's cache of the first v1 kept its best.safetensors
+    beside the new files, and the loader, preferring best, served the old weights as the
+    new nuclei@v1."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from mlseg.model import checkpoint_path
+
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    cache = tmp_path / "cache"
+    first = _register(tmp_path, url, 0.9, tag="old")
+    assert checkpoint_path(reg.fetch(first, cache_dir=cache)).read_bytes() == b"w-old"
+    MemoryFileSystem().rm(f"{url.removeprefix('memory://')}/nuclei", recursive=True)
+    only_last = _checkpoint(tmp_path / "only-last")
+    (only_last / "best.safetensors").unlink()
+    again = reg.register(
+        only_last, url, metrics={"dice": 0.9}, fingerprint_hash=None, config={}, eval_set_id="s"
+    )
+    assert again.version == first.version == 1
+    assert checkpoint_path(reg.fetch(again, cache_dir=cache)).read_bytes() == b"last"
+
+
 def test_a_remote_version_is_cached_where_xdg_cache_home_says(tmp_path, monkeypatch) -> None:
     """The flows fetch a remote registry's version into ~/.cache whatever the environment
     said: on a worker whose home is read-only they failed with Python's PermissionError on
