@@ -15,7 +15,8 @@ Recognised sources (``layout="auto"`` detects them in this order):
 In ``flat`` and ``contract`` sources a mask may also be a polygon annotation file, QuPath
 GeoJSON or ImageScope XML (:mod:`mlseg.annotations`), named ``<stem>_mask.geojson`` or as
 its image (``<stem>.geojson``, ``<stem>.xml``; ``<stem>.tif.geojson`` as QuPath scripts name
-them; ``<stem>_nuclei.geojson`` as mlseg segment does): it is drawn at its image's size and written as the dataset's ``<stem>_mask.png``.
+them; ``<stem>_nuclei.geojson`` as mlseg segment does): it is drawn at its image's size and
+written as the dataset's ``<stem>_mask.png``.
 
 The source is only read. Every pair is decoded and checked (readable, same size) before
 anything is written; all problems are reported together. Files are copied (or hard-linked

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -39,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import ModelError, writes_named
+from mlseg.errors import MlsegError, ModelError, writes_named
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -133,6 +135,49 @@ def _is_local(fs) -> bool:
 
 def _uri(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+#: What a store that refuses or cannot find the keys is told to check (s3fs's variables).
+_KEYS_HINT = (
+    "check the keys (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or storage_options), that "
+    "they may read and write the bucket and have not expired, and the endpoint "
+    "(FSSPEC_S3_ENDPOINT_URL for DigitalOcean Spaces)"
+)
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether ``err`` is a store refusing the keys or finding none, not mlseg's own error:
+    s3fs raises a PermissionError naming no file for a denied, expired or unknown key, and
+    botocore's own errors (no keys found, endpoint unreachable) as they are."""
+    if isinstance(err, PermissionError):
+        return err.filename is None
+    return not isinstance(err, MlsegError) and any(
+        c.__module__.startswith("botocore.") for c in type(err).__mro__
+    )
+
+
+def _names_the_store(func):
+    """Raise a store's refusal inside ``func`` as a :class:`RegistryError` naming the
+    registry (its ``registry`` argument, or the ``version``'s URI) and what to check: with
+    no keys or expired ones, `mlseg models list -r s3://...` ended in botocore's
+    traceback ('Unable to locate credentials'), naming neither the bucket nor the fix."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as err:
+            given = signature.bind_partial(*args, **kwargs).arguments
+            where = given.get("registry") or getattr(given.get("version"), "uri", "registry")
+            if "://" not in str(where) or not _refused(err):  # a folder's error is its own
+                raise
+            raise RegistryError(
+                f"{where}: the store could not be reached or refused access "
+                f"({type(err).__name__}: {err}); {_KEYS_HINT}"
+            ) from err
+
+    return run
 
 
 def check_name(name: str) -> str:
@@ -325,6 +370,7 @@ def _check_card(card: Any, name: str, version: int, uri: str) -> None:
         )
 
 
+@_names_the_store
 def model_names(registry: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names of the models in ``registry`` that have at least one complete version."""
     fs, root = _fs(registry, storage_options)
@@ -338,6 +384,7 @@ def model_names(registry: str | Path, storage_options: dict[str, Any] | None = N
     return sorted(names)
 
 
+@_names_the_store
 def list_models(
     registry: str | Path,
     name: str | None = None,
@@ -349,6 +396,7 @@ def list_models(
     return [_load(fs, root, n, v) for n in names for v in _versions(fs, root, n)]
 
 
+@_names_the_store
 def show(
     registry: str | Path,
     name: str,
@@ -379,6 +427,7 @@ def show(
     return _load(fs, root, name, parse_version(version))
 
 
+@_names_the_store
 def production(
     registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
 ) -> ModelVersion | None:
@@ -396,6 +445,7 @@ def production(
     return _load(fs, root, name, number)
 
 
+@_names_the_store
 def production_record(
     registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -405,6 +455,7 @@ def production_record(
     return _read_json(fs, pointer) if fs.isfile(pointer) else None
 
 
+@_names_the_store
 def decisions(
     registry: str | Path, name: str = DEFAULT_NAME, storage_options: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -416,6 +467,7 @@ def decisions(
     return [_read_json(fs, p) for p in sorted(fs.ls(base, detail=False)) if p.endswith(".json")]
 
 
+@_names_the_store
 def fetch(
     version: ModelVersion,
     cache_dir: str | Path | None = None,
@@ -515,6 +567,7 @@ def checkpoint_files(checkpoint: str | Path) -> list[Path]:
     return files
 
 
+@_names_the_store
 def register(
     checkpoint: str | Path,
     registry: str | Path,
@@ -634,6 +687,7 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+@_names_the_store
 def find_version(
     registry: str | Path,
     checkpoint: str | Path,
@@ -652,6 +706,7 @@ def find_version(
     return None
 
 
+@_names_the_store
 def record_evaluation(
     registry: str | Path,
     name: str,
@@ -698,6 +753,7 @@ def _check_files(fs, base: str, version: ModelVersion) -> None:
         )
 
 
+@_names_the_store
 def promote(
     registry: str | Path,
     name: str,
@@ -729,6 +785,7 @@ def promote(
     return target
 
 
+@_names_the_store
 def champion_challenger(
     registry: str | Path,
     challenger: ModelVersion,
@@ -836,6 +893,7 @@ def champion_challenger(
     return decision
 
 
+@_names_the_store
 def replaced_by_hand(
     registry: str | Path, name: str, version: int, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:

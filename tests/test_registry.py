@@ -719,6 +719,51 @@ def test_cli_list_shows_the_compared_metrics_and_a_readable_eval_set(
     assert "aji=0.600" in row and "pq=0.500" in row
 
 
+class NoCredentialsError(Exception):
+    """As botocore raises it through s3fs where no keys are set (botocore is not installed
+    for the tests)."""
+
+    __module__ = "botocore.exceptions"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        NoCredentialsError("Unable to locate credentials"),
+        PermissionError("The provided token has expired."),  # s3fs's ExpiredToken
+    ],
+)
+def test_a_store_refusing_the_keys_is_named_with_what_to_check(
+    tmp_path: Path, capsys, monkeypatch, fault
+) -> None:
+    """No keys, or keys that expired between two calls: `mlseg models list -r s3://...`
+    ended in botocore's traceback, or in a PermissionError naming no file, and a worker
+    fetching the production model in Python's, none naming the bucket or what to check."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from mlseg.cli import main
+
+    url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
+    version = _register(tmp_path, url, 0.9)
+    reg.promote(url, "nuclei", 1, "first")
+
+    def refuse(self, *args, **kwargs):
+        raise fault
+
+    # every call, as s3fs raises it (fsspec's isdir and isfile would say False)
+    for method in ("ls", "info", "isdir", "isfile", "exists", "_open", "get_file", "put_file"):
+        monkeypatch.setattr(MemoryFileSystem, method, refuse)
+    assert main(["models", "list", "-r", url]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: {url}: ") and "AWS_ACCESS_KEY_ID" in said
+    assert len(said.splitlines()) == 1
+    with pytest.raises(reg.RegistryError, match="AWS_SECRET_ACCESS_KEY") as caught:
+        reg.fetch(version, cache_dir=tmp_path / "cache")
+    assert str(caught.value).startswith(version.uri)
+    with pytest.raises(reg.RegistryError, match="have not expired"):
+        _register(tmp_path, url, 0.95, tag="b")
+
+
 def test_models_list_names_a_registry_folder_that_does_not_exist(tmp_path, capsys) -> None:
     """`models list -r registy` (a typo) said 'no models', as an empty registry would."""
     from mlseg.cli import main
