@@ -252,13 +252,7 @@ def pipeline(
         resume: Resume training from the last checkpoint in ``<work_dir>/train``; false deletes its
             checkpoints and trains afresh (registered models stay).
     """
-    from mlseg.dataset import check_pixel_size, split_pixel_sizes
-    from mlseg.errors import ConfigError
-    from mlseg.evaluate import SCORES
-    from mlseg.io import read_written_csv
-    from mlseg.model import check_names
-    from mlseg.registry import check_name
-    from mlseg.report import pipeline_report
+    from mlseg.dataset import split_pixel_sizes
 
     log_warnings()
     logger = get_run_logger()
@@ -270,18 +264,8 @@ def pipeline(
     overrides = _with_profile(config, overrides, profile, profiles)
     cfg = run_config(config, overrides)
     prof = resolve_profile(cfg.profile, profiles, profiles_file=cfg.profiles_file)
-    if promote_metric not in SCORES:  # not after training, evaluation and registration
-        raise ConfigError(
-            f"promote_metric {promote_metric!r}: choose a score that is better higher, one of "
-            + ", ".join(SCORES)
-        )
-    # the later stages' parameters too: a typo there failed the run only after training,
-    # with the new model registered and promoted
-    check_name(model_name)
-    check_names(cfg.train)
+    _check_later_stages(cfg, promote_metric, model_name, pixel_size_um)
     runner_settings(task_runner, dask_address, workers)
-    if pixel_size_um is not None:
-        check_pixel_size(pixel_size_um, "pixel_size_um")
     test_images = root / cfg.data.test_dir / cfg.data.image_dir
 
     # 1. validate: raises ValidationFailed (and the pipeline stops) on error-level failures
@@ -319,18 +303,7 @@ def pipeline(
     )
     champion_metrics = None
     if champion is not None:
-        from mlseg import registry as reg
-
-        scored = evaluate_task(
-            str(reg.fetch(champion)),
-            str(root),
-            str(work / f"evaluate-{champion.name}-v{champion.version}"),
-            pixel_size_um=pixel_size_um,
-        )
-        reg.record_evaluation(
-            registry, champion.name, champion.version, scored["eval_set_id"], scored["means"]
-        )
-        champion_metrics = scored["means"]
+        champion_metrics = _score_champion(registry, champion, root, work, pixel_size_um)
     registered = register_task(
         trained["checkpoint"],
         registry,
@@ -378,8 +351,6 @@ def pipeline(
     drift = _drift(work / "monitor" / "drift.json")
 
     # 8. the report for people who do not open the dashboard
-    import pandas as pd
-
     outputs = {
         "report": str(work / "report.html"),
         "model": registered["production_uri"],
@@ -393,10 +364,93 @@ def pipeline(
         "run history": quantified["history_csv"],
         "registry": registry,
     }
+    report = _report(
+        root,
+        work,
+        prof,
+        validation,
+        preprocess,
+        trained,
+        evaluated,
+        registered,
+        quantified,
+        drift,
+        str(monitor_state.message),
+        outputs,
+    )
+    report.write(outputs["report"])
+    artifacts.link("pipeline-report", outputs["report"], "HTML report of this run")
+    artifacts.outputs("pipeline-outputs", outputs)
+    if monitor_state.is_failed():
+        monitor_state.result()  # re-raises DriftDetected: the pipeline ends Failed
+    return {**outputs, "decision": decision, "means": evaluated["means"]}
+
+
+def _check_later_stages(
+    cfg, promote_metric: str, model_name: str, pixel_size_um: float | None
+) -> None:
+    """The parameters of the stages after training, checked before it: a typo there failed
+    the run only after training, with the new model registered and promoted."""
+    from mlseg.dataset import check_pixel_size
+    from mlseg.errors import ConfigError
+    from mlseg.evaluate import SCORES
+    from mlseg.model import check_names
+    from mlseg.registry import check_name
+
+    if promote_metric not in SCORES:
+        raise ConfigError(
+            f"promote_metric {promote_metric!r}: choose a score that is better higher, one of "
+            + ", ".join(SCORES)
+        )
+    check_name(model_name)
+    check_names(cfg.train)
+    if pixel_size_um is not None:
+        check_pixel_size(pixel_size_um, "pixel_size_um")
+
+
+def _score_champion(
+    registry: str, champion, root: Path, work: Path, pixel_size_um: float | None
+) -> dict[str, float]:
+    """The production model's means on this run's evaluation set, recorded on its card."""
+    from mlseg import registry as reg
+
+    scored = evaluate_task(
+        str(reg.fetch(champion)),
+        str(root),
+        str(work / f"evaluate-{champion.name}-v{champion.version}"),
+        pixel_size_um=pixel_size_um,
+    )
+    reg.record_evaluation(
+        registry, champion.name, champion.version, scored["eval_set_id"], scored["means"]
+    )
+    return scored["means"]
+
+
+def _report(
+    root: Path,
+    work: Path,
+    prof,
+    validation: dict[str, Any],
+    preprocess: dict[str, Any],
+    trained: dict[str, Any],
+    evaluated: dict[str, Any],
+    registered: dict[str, Any],
+    quantified: dict[str, Any],
+    drift: dict[str, Any],
+    monitor_message: str,
+    outputs: dict[str, str],
+):
+    """The run's HTML report (:func:`mlseg.report.pipeline_report`), for people who do not
+    open the dashboard."""
+    import pandas as pd
+
+    from mlseg.io import read_written_csv
+    from mlseg.report import pipeline_report
+
     history = (
         pd.read_csv(trained["history_csv"]) if Path(trained["history_csv"]).is_file() else None
     )
-    report = pipeline_report(
+    return pipeline_report(
         title=f"mlseg pipeline: {root.name}",
         run={
             "dataset": str(root),
@@ -419,21 +473,15 @@ def pipeline(
         evaluation_means=evaluated["means"],
         worst_metric="aji",
         worst_png=evaluated["worst_png"],
-        decision=decision,
+        decision=registered["decision"],
         quantification=read_written_csv(quantified["summary_csv"], "image"),
         nuclei=pd.read_parquet(quantified["nuclei_parquet"]),  # this run's images only
         drift_status=drift.get("status", "failed"),
-        drift_message=drift.get("message", str(monitor_state.message)),
+        drift_message=drift.get("message", monitor_message),
         drift=pd.DataFrame(drift.get("statistics", [])),
         run_metrics={"seconds": quantified["seconds"], "images/s": quantified["images_per_s"]},
         paths=outputs,
     )
-    report.write(outputs["report"])
-    artifacts.link("pipeline-report", outputs["report"], "HTML report of this run")
-    artifacts.outputs("pipeline-outputs", outputs)
-    if monitor_state.is_failed():
-        monitor_state.result()  # re-raises DriftDetected: the pipeline ends Failed
-    return {**outputs, "decision": decision, "means": evaluated["means"]}
 
 
 def _drift(path: Path) -> dict[str, Any]:
