@@ -87,7 +87,11 @@ class TrainingDiverged(ModelError):
 
 class OutputError(MlsegError):
     """An output cannot be written: disk full, file size limit, read-only or missing
-    permission, a folder in the way."""
+    permission, a folder in the way. ``path``: the output named, and ``cause`` the
+    ``OSError``, where :func:`cannot_write` made it."""
+
+    path: str | None = None
+    cause: OSError | None = None
 
 
 #: What to do about the usual reasons a write fails, by errno.
@@ -114,9 +118,11 @@ def cannot_write(
     usual = _WRITE_HINTS.get(err.errno)
     if usual is None:
         return None
-    return OutputError(
+    said = OutputError(
         f"{path}: cannot be written ({(err.strerror or str(err)).lower()}); {hint or usual}"
     )
+    said.path, said.cause = os.fspath(path), err
+    return said
 
 
 @contextlib.contextmanager
@@ -131,6 +137,30 @@ def writes_named(path: str | os.PathLike, hint: str | None = None):
         if said is None:
             raise
         raise said from err
+
+
+def staged_write_error(
+    err: BaseException, staging: str | os.PathLike, final: str | os.PathLike
+) -> OutputError | None:
+    """:func:`cannot_write`'s error for ``final`` where ``err`` is a write into ``staging``
+    (the temporary folder ``final`` is built in, then renamed onto it) that failed for a
+    reason a person fixes; None for any other error (a source one cannot read). A full disk
+    while a dataset or a registered version was built named the staging folder's file
+    ('.ds.7mm580ac.tmp/train/...', '.staging-<hex>/best.safetensors'), a name the user
+    never gave, and, raised by a copy, said nothing of what to do."""
+    if isinstance(err, OutputError):
+        named, cause = [err.path], err.cause
+    elif isinstance(err, OSError):
+        named, cause = [err.filename, err.filename2], err
+    else:
+        return None
+    if cause is None:
+        return None
+    inside = os.fspath(staging).rstrip("/") + "/"
+    ours = any(isinstance(n, str | os.PathLike) and os.fspath(n).startswith(inside) for n in named)
+    # a write's ENOSPC may name no file; reading never runs out of space
+    spent = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return cannot_write(final, cause) if ours or spent else None
 
 
 #: The modules mlseg imports from its dependencies (pyproject.toml), by the distribution that

@@ -60,7 +60,13 @@ from mlseg.dataset import (
     split_pixel_sizes,
     warn_of_unused_rows,
 )
-from mlseg.errors import DatasetError, ImageReadError, not_a_folder, size_mismatch
+from mlseg.errors import (
+    DatasetError,
+    ImageReadError,
+    not_a_folder,
+    size_mismatch,
+    staged_write_error,
+)
 from mlseg.io import (
     image_extension,
     image_stem,
@@ -526,9 +532,12 @@ def ingest(
         if dst.exists():
             dst.rmdir()
         os.replace(staging, dst)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        said = staged_write_error(err, staging, dst)
+        if said is None:
+            raise
+        raise said from err
     if implausible:
         warnings.warn(
             implausible_message(implausible, "; give it with --pixel-sizes or --pixel-size"),

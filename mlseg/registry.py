@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import MlsegError, ModelError, writes_named
+from mlseg.errors import MlsegError, ModelError, OutputError, staged_write_error, writes_named
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -625,6 +625,11 @@ def register(
             _write_json(fs, f"{staging}/{CARD}", version.card())
             if _claim(fs, staging, base, [*hashes, CARD]):
                 return version
+    except (OSError, OutputError) as err:
+        said = staged_write_error(err, staging, f"{root}/{name}")
+        if said is None:
+            raise
+        raise said from err
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)

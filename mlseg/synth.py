@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from mlseg.config import DataConfig
-from mlseg.errors import ConfigError, DatasetError
+from mlseg.errors import ConfigError, DatasetError, staged_write_error
 
 KINDS = ("he", "ihc", "fluorescence")
 
@@ -686,7 +686,10 @@ def make_dataset(
         if out.exists():
             out.rmdir()  # empty (checked above); a directory cannot be renamed over another
         tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        said = staged_write_error(err, tmp, out)
+        if said is None:
+            raise
+        raise said from err
     return out

@@ -506,3 +506,39 @@ def test_a_pixel_size_table_saved_in_a_legacy_code_page_names_its_line_and_the_f
         r"save it as 'CSV UTF-8'",
     ):
         read_pixel_sizes(table)
+
+
+@pytest.mark.parametrize("make", ["ingest", "synth"])
+def test_a_disk_that_fills_while_a_dataset_is_made_names_the_dataset_and_leaves_nothing(
+    tmp_path, make, monkeypatch, capsys
+):
+    """A full disk part-way through ingest said 'error: src/img2.png -> .ds.7mm580ac.tmp/
+    train/original/img2.png: no space left on device' (synth: '.raw.e796obha.tmp/...: cannot
+    be written'): the staging folder's name, which the user never gave, and ingest no word of
+    what to do. A rerun once there is space makes the whole dataset."""
+    from mlseg.cli import main
+
+    src = flat_source(tmp_path / "src")
+    dst = tmp_path / "out" / "ds"
+    calls = {"n": 0}
+    sendfile, write_bytes = os.sendfile, Path.write_bytes
+
+    def full(*args):  # the third file copied or written finds the disk full
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return (sendfile if make == "ingest" else write_bytes)(*args)
+
+    if make == "ingest":
+        monkeypatch.setattr(os, "sendfile", full)
+    else:
+        monkeypatch.setattr(Path, "write_bytes", full)
+    argv = ["ingest", str(src), str(dst)] if make == "ingest" else ["synth", str(dst)]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {dst}: cannot be written (no space left on device); "), err
+    assert ".tmp" not in err and "free disk space or write elsewhere" in err
+    assert not dst.exists() and list(dst.parent.iterdir()) == []  # nothing half-made left
+    monkeypatch.undo()  # space freed
+    assert main(argv) == 0
+    assert len(list((dst / "train" / "original").iterdir())) > 0

@@ -882,3 +882,27 @@ def test_a_registered_model_carries_its_stain_reference_and_profile(tmp_path, mo
     before = model_identity(loaded.path, loaded.config, loaded.meta)
     (model / "stain_reference.png").write_bytes(b"edited")
     assert model_identity(loaded.path, loaded.config, loaded.meta) != before
+
+
+def test_a_registry_whose_disk_fills_is_named_not_a_staging_folder(tmp_path, monkeypatch):
+    """A full disk while a version's files were copied raised Python's OSError naming
+    'best.safetensors -> nuclei/.staging-<hex>/best.safetensors', a folder nobody asked for,
+    with no word of what to do; the versions already there are kept, none half-made is."""
+    from mlseg.errors import OutputError
+
+    registry = tmp_path / "registry"
+    v1 = _register(tmp_path, registry, 0.80, tag="a")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "sendfile", full)
+    with pytest.raises(OutputError, match="free disk space or write elsewhere") as caught:
+        _register(tmp_path, registry, 0.82, tag="b")
+    said = str(caught.value)
+    assert said.startswith(f"{registry / 'nuclei'}: cannot be written (no space left"), said
+    assert ".staging" not in said
+    assert sorted(p.name for p in (registry / "nuclei").iterdir()) == ["v1"]
+    assert reg.show(registry, "nuclei", "latest") == v1
+    monkeypatch.undo()
+    assert _register(tmp_path, registry, 0.82, tag="b").version == 2
