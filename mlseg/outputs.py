@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlseg.errors import writes_named
+from mlseg.errors import OutputError, staged_write_error, writes_named
 from mlseg.io import (
     atomic_leftovers,
     atomic_path,
     labels_suffix,
+    staging_dir,
     write_image,
     write_labels,
     write_table,
@@ -657,15 +659,32 @@ def write_run_outputs(
     out_dir = Path(out_dir)
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     nuclei = nuclei_table(tables)
-    paths = {
-        # a run where every image failed still writes a table a reader can open
-        "summary": write_table(
-            pd.DataFrame(rows or None, columns=None if rows else ["image"]), out_dir / "summary.csv"
-        ),
-        "nuclei": write_table(nuclei, out_dir / NUCLEI_TABLE, metadata=_footer(run_info)),
-        "histograms": plot_histograms(nuclei, out_dir / "histograms.png"),
-        "run": write_text(out_dir / "run.json", dumps(run_info)),
-    }
+    # all four or none: a disk that filled at the second left this run's summary.csv beside
+    # the previous run's nuclei.parquet and run.json; they are written in a folder of their
+    # own, then renamed into place
+    staging = staging_dir(out_dir / "run")
+    try:
+        written = {
+            # a run where every image failed still writes a table a reader can open
+            "summary": write_table(
+                pd.DataFrame(rows or None, columns=None if rows else ["image"]),
+                staging / "summary.csv",
+            ),
+            "nuclei": write_table(nuclei, staging / NUCLEI_TABLE, metadata=_footer(run_info)),
+            "histograms": plot_histograms(nuclei, staging / "histograms.png"),
+            "run": write_text(staging / "run.json", dumps(run_info)),
+        }
+        paths = {}
+        for key, path in written.items():
+            paths[key] = out_dir / path.name
+            path.replace(paths[key])
+    except (OSError, OutputError) as err:
+        said = staged_write_error(err, staging, out_dir)
+        if said is None:
+            raise
+        raise said from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return paths
 
 

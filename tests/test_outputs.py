@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -413,6 +414,35 @@ def test_a_run_where_every_image_failed_writes_a_readable_summary(tmp_path):
     assert list(table.columns) == ["image"] and table.empty
     nuclei = pd.read_parquet(paths["nuclei"])  # no image measured: no columns but the image's
     assert list(nuclei.columns) == ["image"] and nuclei.empty
+
+
+def test_a_disk_that_fills_while_a_run_is_recorded_leaves_the_previous_record_whole(
+    tmp_path, monkeypatch
+):
+    """The run's four files are one record: a disk that filled at nuclei.parquet left this
+    run's summary.csv beside the previous run's nuclei.parquet and run.json. Now the error
+    names the output folder and the previous four files stay as they were, none beside them."""
+    import errno
+
+    import mlseg.outputs
+    from mlseg.errors import OutputError
+
+    first = write_run_outputs(tmp_path, [], [], {"command": "segment", "run": 1})
+    before = {key: path.read_bytes() for key, path in first.items()}
+    real_write_table = mlseg.outputs.write_table
+
+    def full_disk(table, path, **kwargs):
+        if Path(path).suffix == ".parquet":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_table(table, path, **kwargs)
+
+    monkeypatch.setattr(mlseg.outputs, "write_table", full_disk)
+    summary = {"image": "a", "count": 3}
+    with pytest.raises(OutputError, match="no space left on device") as caught:
+        write_run_outputs(tmp_path, [summary], [pd.DataFrame()], {"command": "segment", "run": 2})
+    assert str(caught.value).startswith(f"{tmp_path}: cannot be written")
+    assert {key: path.read_bytes() for key, path in first.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in first.values())
 
 
 def test_an_unreadable_image_table_is_named_not_silently_left_out(tmp_path):
