@@ -286,6 +286,15 @@ def optical_density(image: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(x, OD_EPS, 1.0))
 
 
+def stain_concentrations(stains: np.ndarray, od: np.ndarray) -> np.ndarray:
+    """Least-squares concentrations ``(2, N)`` of ``stains`` ``(3, 2)`` (two independent
+    columns) in optical densities ``od`` ``(N, 3)``: one product with their pseudo-inverse.
+    ``np.linalg.lstsq`` gives the same image but took 0.13-0.45 s of CPU a megapixel, 20-30x
+    longer (a 2048 x 2048 tile's Macenko 3.2 s against 1.3-1.7 s; a 64 x 64 tile's 17 ms
+    against 4)."""
+    return np.linalg.pinv(stains) @ od.T
+
+
 def macenko_stains(
     image: np.ndarray, beta: float = 0.15, alpha: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -331,7 +340,7 @@ def macenko_stains(
     stains = np.stack([v1, v2], axis=1) if v1 @ ref_h >= v2 @ ref_h else np.stack([v2, v1], axis=1)
     # over the stained pixels only, as the vectors: on a tile that is mostly glass the 99th
     # percentile of all pixels is glass's (near 0), and the gain blackened the tissue
-    conc = np.linalg.lstsq(stains, tissue.T, rcond=None)[0]
+    conc = stain_concentrations(stains, tissue)
     return stains, np.percentile(conc, 99, axis=1)
 
 
@@ -372,7 +381,7 @@ def macenko(
     # in runs of pixels: the float64 temporaries of a whole 6000 x 6000 image took 4.4 GB
     for start in range(0, len(pixels), MACENKO_CHUNK_PIXELS):
         run = slice(start, start + MACENKO_CHUNK_PIXELS)
-        conc = np.linalg.lstsq(stains, optical_density(pixels[run]).T, rcond=None)[0]
+        conc = stain_concentrations(stains, optical_density(pixels[run]))
         out_conc = conc * gain[:, None]
         if nuclear_dab:
             dab = np.clip(conc[1], 0, None) * (ref_max_conc[0] / max(max_conc[1], 1e-6))

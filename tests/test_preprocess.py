@@ -190,6 +190,29 @@ def test_macenko_of_a_large_image_holds_no_float64_copies_of_it(monkeypatch, nuc
     assert out.dtype == np.float32 and np.array_equal(out, whole)
 
 
+@pytest.mark.parametrize("nuclear_dab", [False, True])
+def test_macenko_fits_the_pixels_without_a_least_squares_solver(monkeypatch, nuclear_dab) -> None:
+    """Each pixel's two concentrations are the least-squares fit of its three optical
+    densities. ``np.linalg.lstsq`` over the pixels took 0.13-0.45 s of CPU a megapixel and
+    made normalising a 64 x 64 tile 4x slower (17 vs 4 ms: 2,000 tiles, half a minute more
+    before training); one product with the stains' pseudo-inverse gives the same image."""
+    from mlseg import preprocess
+
+    img = np.tile(_he_image(MACENKO_REF_STAINS, seed=2), (4, 4, 1))
+    lstsq, solved = np.linalg.lstsq, []
+
+    def counted(a, b, **kw):
+        solved.append(np.shape(b))
+        return lstsq(a, b, **kw)
+
+    monkeypatch.setattr(np.linalg, "lstsq", counted)
+    out = macenko(img, nuclear_dab=nuclear_dab)
+    assert not solved, f"lstsq over right-hand sides {solved}"
+    per_pixel = lambda stains, od: lstsq(stains, od.T, rcond=None)[0]  # noqa: E731
+    monkeypatch.setattr(preprocess, "stain_concentrations", per_pixel, raising=False)
+    assert np.abs(macenko(img, nuclear_dab=nuclear_dab) - out).max() < 1e-6
+
+
 def test_macenko_keeps_haematoxylin_on_a_yellowish_background() -> None:
     # stain vectors measured on a haematoxylin-only brightfield tile (dsb2018): purple
     # nuclei, and a yellowish background that absorbs blue and, a little, red
