@@ -479,7 +479,7 @@ class ValTiles:
     """Validation images cut into ``P x P`` tiles (reflect-padded), on the device."""
 
     images: torch.Tensor  # (T, C, P, P) float16/float32
-    classes: torch.Tensor  # (T, P, P) int64
+    classes: torch.Tensor  # (T, P, P) uint8: int64 took 8 bytes a pixel, 302 MB for 6000 x 6000
     valid: torch.Tensor  # (T, P, P) bool, False on padding
     n_images: int
 
@@ -505,7 +505,7 @@ class ValTiles:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         return cls(
             images=torch.from_numpy(np.stack(xs)).to(device=device, dtype=dtype),
-            classes=torch.from_numpy(np.stack(ys).astype(np.int64)).to(device),
+            classes=torch.from_numpy(np.stack(ys).astype(np.uint8, copy=False)).to(device),
             valid=torch.from_numpy(np.stack(vs)).to(device),
             n_images=len(images),
         )

@@ -210,7 +210,7 @@ def validate(
     memory = torch.channels_last if channels_last else torch.contiguous_format
     for i in range(0, n, batch_size):
         x = tiles.images[i : i + batch_size].float().contiguous(memory_format=memory)
-        y, valid = tiles.classes[i : i + batch_size], tiles.valid[i : i + batch_size]
+        y, valid = tiles.classes[i : i + batch_size].long(), tiles.valid[i : i + batch_size]
         with _autocast(dev, amp_dtype):
             logits = model(x)
         loss_sum += loss_fn(logits, y) * x.shape[0]
