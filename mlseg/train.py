@@ -200,7 +200,8 @@ def validate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """Mean loss and foreground Dice over all validation pixels (padding excluded)."""
+    """Mean loss over the validation tiles (padding included: it is recorded and checked for
+    divergence) and foreground Dice over their real pixels (padding excluded: it picks best)."""
     was_training = model.training
     model.eval()
     dev = tiles.images.device
