@@ -2,14 +2,16 @@
 
 Artifact keys are stable per flow (``segment-summary``, ``drift-report``...), so the
 dashboard's Artifacts page shows each one's history across runs. Outside a flow or task run
-these functions do nothing, so flow code can be unit-tested with ``.fn``.
+these functions do nothing, so flow code can be unit-tested with ``.fn``. One the Prefect API
+does not take (down past its client's retries, refusing it) is a warning in the run's log, not
+a failed run: a run publishes them once its outputs are on disk.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_run_logger
 
 from mlseg.report import frame_records
 
@@ -33,6 +36,26 @@ def _in_run() -> bool:
 def _key(key: str) -> str:
     """Prefect keys: lower-case letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")
+
+
+def _publish(create: Callable[..., Any], key: str, *args: Any, **kwargs: Any) -> None:
+    """``create(*args, key=key, **kwargs)``; an API error is logged, not raised. A server
+    restarted for over a minute as a segment run published its summary failed that run,
+    its images, run.json and history row all written, and its marks left behind."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        create(*args, key=_key(key), **kwargs)
+    except httpx.HTTPError as err:
+        get_run_logger().warning(
+            "artifact %s not published (the run goes on; its outputs are on disk): the "
+            "Prefect API at %s (PREFECT_API_URL) answered %s: %s",
+            _key(key),
+            PREFECT_API_URL.value() or "(a temporary local server)",
+            type(err).__name__,
+            err,
+        )
 
 
 def table(key: str, data: pd.DataFrame | Mapping[str, Any], description: str = "") -> None:
@@ -49,7 +72,7 @@ def table(key: str, data: pd.DataFrame | Mapping[str, Any], description: str = "
     if len(frame) > MAX_TABLE_ROWS:
         description += f" (first {MAX_TABLE_ROWS} of {len(frame)} rows)"
         frame = frame.head(MAX_TABLE_ROWS)
-    create_table_artifact(frame_records(frame), key=_key(key), description=description or None)
+    _publish(create_table_artifact, key, frame_records(frame), description=description or None)
 
 
 def plain(text: str) -> str:
@@ -60,7 +83,7 @@ def plain(text: str) -> str:
 
 def markdown(key: str, text: str, description: str = "") -> None:
     if _in_run():
-        create_markdown_artifact(text, key=_key(key), description=description or None)
+        _publish(create_markdown_artifact, key, text, description=description or None)
 
 
 def outputs(key: str, paths: Mapping[str, Any], description: str = "Outputs of this run") -> None:
@@ -68,8 +91,8 @@ def outputs(key: str, paths: Mapping[str, Any], description: str = "Outputs of t
     if not _in_run():
         return
     lines = [f"- **{name}**: `{value}`" for name, value in paths.items() if value is not None]
-    create_markdown_artifact(
-        "\n".join(lines) or "_no outputs_", key=_key(key), description=description
+    _publish(
+        create_markdown_artifact, key, "\n".join(lines) or "_no outputs_", description=description
     )
 
 
@@ -80,7 +103,7 @@ def link(key: str, path: str | Path, text: str, description: str = "") -> None:
     target = str(path)
     if "://" not in target:
         target = Path(target).resolve().as_uri()
-    create_link_artifact(target, link_text=text, key=_key(key), description=description or None)
+    _publish(create_link_artifact, key, target, link_text=text, description=description or None)
 
 
 def warning(key: str, title: str, message: str) -> None:

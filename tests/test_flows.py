@@ -649,6 +649,38 @@ def test_a_retried_flow_run_writes_its_history_row_once_with_all_its_images(
     )
 
 
+def test_a_run_whose_artifacts_the_api_refuses_completes_with_its_outputs(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """The Prefect API down past its client's retries (a server restarted for over a
+    minute) as a segment run publishes: the run had written every image, run.json and its
+    history row, then failed on its first artifact, leaving its marks for a retry that had
+    nothing to do. Artifacts are the dashboard's copy: the run completes and says so."""
+    import httpx
+
+    import flows.artifacts
+
+    def refused(*args, **kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    for create in ("create_table_artifact", "create_markdown_artifact", "create_link_artifact"):
+        monkeypatch.setattr(flows.artifacts, create, refused)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 3)
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(3)]
+    assert sorted(json.loads((out / "run.json").read_text())["processed"]) == sorted(
+        result["processed"]
+    )
+    assert pd.read_csv(out / "runs" / "history.csv")["n_images"].tolist() == [3]
+    assert not (out / ".mlseg-written").exists()  # a completed run's marks are gone
+    logged = "\n".join(flow_logs(state.state_details.flow_run_id, logging.WARNING))
+    assert "artifact segment-summary not published" in logged
+    assert "PREFECT_API_URL" in logged and "ConnectError" in logged
+
+
 def test_a_flow_run_retried_in_another_process_keeps_one_history_row(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:
