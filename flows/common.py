@@ -40,10 +40,11 @@ def run_config(config: str | None = None, overrides: dict[str, Any] | None = Non
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
     """Decorate the ``main`` of a ``python -m flows.X`` entry point: a user error
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
-    ``mlseg`` ends it, not in a traceback, and so does a dependency this Python cannot import;
-    Ctrl-C in ``aborted`` and 130. SIGTERM (``timeout``, ``docker stop``, ``scancel``) ends it
-    with 143 through Python's exit handlers, among them Prefect's that stops the temporary
-    server it started (the default ended the process past them, the server left running)."""
+    ``mlseg`` ends it, not in a traceback, and so does a dependency this Python cannot import
+    and a Prefect API that does not answer (exit code 1); Ctrl-C in ``aborted`` and 130.
+    SIGTERM (``timeout``, ``docker stop``, ``scancel``) ends it with 143 through Python's exit
+    handlers, among them Prefect's that stops the temporary server it started (the default
+    ended the process past them, the server left running)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -61,6 +62,12 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
                 raise
             print(f"error: {said}", file=sys.stderr)
             return said.exit_code
+        except RuntimeError as err:
+            said = unreachable_api(err)
+            if said is None:
+                raise
+            print(f"error: {said}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:  # after Prefect's crash report, not a second traceback
             print("aborted", file=sys.stderr)
             return 130
@@ -69,6 +76,23 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
                 signal.signal(signal.SIGTERM, on_term)
 
     return run
+
+
+def unreachable_api(err: RuntimeError) -> str | None:
+    """What to do where a flow could not start because the Prefect API that
+    ``PREFECT_API_URL`` names did not answer (Prefect's "Failed to reach API at URL", the end
+    of a 110-line traceback that never named the setting); None for any other error."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url or not isinstance(err.__cause__, httpx.TransportError):
+        return None
+    return (
+        f"cannot reach the Prefect API at {url} (PREFECT_API_URL): {err.__cause__}; start "
+        "the server it names (prefect server start) or correct it, or unset PREFECT_API_URL "
+        "to run on a temporary local server"
+    )
 
 
 def batch_label(paths: list[str]) -> str:

@@ -1662,6 +1662,31 @@ def test_a_flow_command_without_a_dependency_names_what_to_install(monkeypatch, 
     assert "cannot import skimage," in err and "pip install scikit-image " in err
 
 
+def test_a_flow_command_with_no_prefect_api_at_its_url_names_the_setting(
+    tmp_path, checkpoint, capsys
+) -> None:
+    """PREFECT_API_URL naming a server that is not running (not started yet, restarting,
+    a port mistyped): python -m flows.segment ended in a 110-line traceback whose last line
+    said "Failed to reach API at ..." and never which setting to fix, or how; it says so in
+    one line and exits 1, before touching the output folder."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.segment
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/api"
+    disc_images(tmp_path / "inbox", 1)
+    argv = [str(tmp_path / "inbox"), str(tmp_path / "out"), "--model", str(checkpoint)]
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        assert flows.segment.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot reach the Prefect API at {url} (PREFECT_API_URL)")
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
     harness, tmp_path, checkpoint
