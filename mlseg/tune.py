@@ -5,7 +5,8 @@ folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a 
 holding the trials of another search), scored by its best validation Dice (a search whose
 trials hold back no validation image is refused; a trial whose training diverged scores NaN
 and ranks last, and is named in a warning; ``data.*`` settings are not searched, as each
-trial would be scored on other validation images). The ranked table is returned and written
+trial would be scored on other validation images; nor are ``inference.*``, ``monitor.*``
+and the keys the budget sets, which no trial would see). The ranked table is returned and written
 as ``tune_results.csv``; the best trial's config, with the original step budget, is
 written as ``best_config.yaml``.
 
@@ -38,6 +39,10 @@ DEFAULT_SPACE: dict[str, list[Any]] = {
     "train.patch_size": [128, 256],
 }
 METHODS = ("random", "grid")
+# keys each trial takes from the budget, and sections no trial trains or is scored with:
+# searched, every value would give the same trial, and the first would be written as best
+BUDGET_KEYS = ("train.max_steps", "train.val_every", "train.warmup_steps")
+UNSCORED_SECTIONS = ("inference", "monitor")
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
@@ -172,6 +177,19 @@ def tune(
             f"{', '.join(searched_data)}: a data setting searched scores each trial on other "
             "validation images (data.seed, data.val_fraction: another split), and the easiest "
             "would win; set data in the config and search train, augment or preprocess settings"
+        )
+    if unseen := sorted(key for key in space if key in BUDGET_KEYS):
+        raise ConfigError(
+            f"{', '.join(unseen)}: set for every trial by the step budget (budget_steps, "
+            "--budget-steps; val_every and warmup_steps shortened to fit it), so each value "
+            "searched would train the same trial; search other train settings"
+        )
+    if unseen := sorted(key for key in space if key.partition(".")[0] in UNSCORED_SECTIONS):
+        raise ConfigError(
+            f"{', '.join(unseen)}: trials are scored by the validation Dice of the network's "
+            "output, which inference and monitor settings do not change, so each value searched "
+            "would score the same; set them in the config and search train, augment or "
+            "preprocess settings"
         )
     out = Path(out_dir)
     chosen = candidates(space, trials, method, seed)

@@ -240,3 +240,30 @@ def test_a_searched_data_setting_is_refused_before_training(synth_dataset, tmp_p
         with pytest.raises(ConfigError, match=rf"^{key}: a data setting searched"):
             tune(cfg, synth_dataset, tmp_path, space={key: values}, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_searched_key_no_trial_sees_is_refused_before_training(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """train.max_steps and warmup_steps searched were overwritten by the budget, and
+    inference.tta never reaches the validation Dice: four identical trials tied, and the
+    first was written as best (max_steps 50 in best_config.yaml, for a config of 500)."""
+    import mlseg.train
+
+    def fit(*args, **kwargs):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    cfg = load_config(None, train=TINY)
+    for key, values in (
+        ("train.max_steps", [50, 2000]),
+        ("train.warmup_steps", [0, 40]),
+        ("train.val_every", [1, 5]),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{key}: set for every trial by the step budget"):
+            tune(cfg, synth_dataset, tmp_path, space={key: values}, progress=False)
+    for key, values in (("inference.tta", [False, True]), ("monitor.psi_warn", [0.1, 0.2])):
+        space = {"train.lr": [1e-3], key: values}
+        with pytest.raises(ConfigError, match=rf"^{key}: trials are scored by the validation"):
+            tune(cfg, synth_dataset, tmp_path, space=space, progress=False)
+    assert not any(tmp_path.iterdir())
