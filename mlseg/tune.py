@@ -114,20 +114,36 @@ def _earlier_runs(path: Path) -> dict[int, dict[str, float]]:
     }
 
 
-def _check_budget(out: Path, n: int, budget_steps: int) -> None:
-    """Refuse a folder whose trials were trained with another step budget: a rerun would
-    rank them (finished, or extended by a warm restart) beside trials of this budget."""
-    for i in range(n):
+def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> None:
+    """Refuse a folder whose trials were trained with another step budget or other values
+    of the searched ``keys``: a rerun would rank them (finished, or extended by a warm
+    restart) beside trials of this budget, or under this search's values where a resume may
+    change them (``mlseg.train.RESUME_FREE``: early_stop_patience, amp ...; a change of
+    any other setting fit refuses to resume with)."""
+    from mlseg.train import RESUME_FREE
+
+    keys = [k for k in keys if k.startswith("train.") and k.partition(".")[2] in RESUME_FREE]
+    for i, trial_cfg in enumerate(trial_cfgs):
         saved = out / f"trial_{i:03d}" / "config.json"
         if not saved.is_file():
             continue
-        steps = json.loads(saved.read_text()).get("train", {}).get("max_steps")
-        if steps is not None and steps != budget_steps:
+        before, now = json.loads(saved.read_text()), trial_cfg.model_dump(mode="json")
+        steps, budget = before.get("train", {}).get("max_steps"), now["train"]["max_steps"]
+        if steps is not None and steps != budget:
             raise ConfigError(
                 f"{out}: holds the trials of another search ({saved.parent.name} had a budget "
-                f"of {steps} steps, this search {budget_steps}); give another output folder, "
+                f"of {steps} steps, this search {budget}); give another output folder, "
                 f"or --budget-steps {steps} to resume it"
             )
+        for key in keys:
+            section, _, name = key.partition(".")
+            was = before.get(section, {}).get(name, now[section][name])  # older: not saved
+            if was != now[section][name]:
+                raise ConfigError(
+                    f"{out}: holds the trials of another search ({saved.parent.name} was "
+                    f"trained with {key} {was!r}, this search gives it {now[section][name]!r}); "
+                    "give another output folder, or the same config, space and seed to resume it"
+                )
 
 
 def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
@@ -205,7 +221,7 @@ def tune(
         profile = get_profile(trial_cfg.profile, trial_cfg.profiles_file)
         pp = effective_preprocess(trial_cfg, profile)
         check_stain_augment(trial_cfg.augment, profile.stain, pp)
-    _check_budget(out, len(chosen), budget_steps)
+    _check_trials(out, trial_cfgs, list(space))
     rows = []
     before = _earlier_runs(out / "tune_results.csv")
     iterator = enumerate(chosen)

@@ -267,3 +267,21 @@ def test_a_searched_key_no_trial_sees_is_refused_before_training(
         with pytest.raises(ConfigError, match=rf"^{key}: trials are scored by the validation"):
             tune(cfg, synth_dataset, tmp_path, space=space, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_rerun_with_other_values_of_a_resumable_setting_is_refused(synth_dataset, tmp_path):
+    """A setting a resume may change (early_stop_patience) searched with other values in
+    the same folder: the trial trained with patience 10 was reported, and written to
+    best_config.yaml, as patience 1, without a step trained."""
+    torch.set_num_threads(2)
+    cfg = load_config(None, train=TINY)
+    search = {"trials": None, "budget_steps": 1, "method": "grid", "progress": False}
+    tune(cfg, synth_dataset, tmp_path, space={"train.early_stop_patience": [10]}, **search)
+    with pytest.raises(
+        ConfigError, match=r"trial_000 was trained with train.early_stop_patience 10, this "
+    ):
+        tune(cfg, synth_dataset, tmp_path, space={"train.early_stop_patience": [1]}, **search)
+    best = load_config(tmp_path / "best_config.yaml")
+    assert best.train.early_stop_patience == 10
+    again = tune(cfg, synth_dataset, tmp_path, space={"train.early_stop_patience": [10]}, **search)
+    assert list(again["train.early_stop_patience"]) == [10]
