@@ -183,6 +183,7 @@ def tune(
     final_train_loss, steps, images_per_s, seconds, out_dir``.
     """
     from mlseg.data import effective_preprocess
+    from mlseg.model import check_names
     from mlseg.train import check_stain_augment, fit
 
     if budget_steps < 1:
@@ -218,6 +219,7 @@ def tune(
     for data in {c.data for c in trial_cfgs}:  # before any trial trains
         _check_validation_split(data, data_root)
     for trial_cfg in trial_cfgs:  # a stain augmentation the trial's preprocessing voids
+        check_names(trial_cfg.train)  # a misspelt encoder stopped the search at its trial
         profile = get_profile(trial_cfg.profile, trial_cfg.profiles_file)
         pp = effective_preprocess(trial_cfg, profile)
         check_stain_augment(trial_cfg.augment, profile.stain, pp)

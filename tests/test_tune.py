@@ -285,3 +285,28 @@ def test_a_rerun_with_other_values_of_a_resumable_setting_is_refused(synth_datas
     assert best.train.early_stop_patience == 10
     again = tune(cfg, synth_dataset, tmp_path, space={"train.early_stop_patience": [10]}, **search)
     assert list(again["train.early_stop_patience"]) == [10]
+
+
+def test_a_misspelt_encoder_is_refused_before_any_trial_trains(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """train.encoder=resnet18,resnet3: the resnet18 trials trained their whole budget, then
+    the search stopped at the misspelt one, with no table written."""
+    import mlseg.train
+    from mlseg.errors import ModelError
+
+    def fit(*args, **kwargs):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    space = {"train.encoder": ["resnet18", "resnet3"]}
+    with pytest.raises(ModelError, match="unknown encoder 'resnet3'"):
+        tune(
+            load_config(None, train=TINY),
+            synth_dataset,
+            tmp_path,
+            space=space,
+            method="grid",
+            progress=False,
+        )
+    assert not any(tmp_path.iterdir())
