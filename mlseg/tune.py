@@ -256,6 +256,13 @@ def tune(
             scores = {"best_val_dice": np.nan, "final_train_loss": np.nan, "steps": 0}
             timing = {"images_per_s": np.nan, "seconds": time.perf_counter() - t0}
         else:
+            if not result.val_images:  # every image a copy of one other: held back together
+                raise ConfigError(
+                    f"{data_root}: tune ranks trials by validation Dice, but {folder.name} held "
+                    f"back no validation image: its {result.train_images} training images are "
+                    "copies (mirrored or turned) of one image, which are held back together; "
+                    "add annotated images of other fields"
+                )
             history = result.history["train_loss"]
             scores = {
                 "best_val_dice": result.best_val_dice,

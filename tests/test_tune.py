@@ -121,6 +121,7 @@ def test_the_best_trial_is_written_with_the_values_it_ran(synth_dataset, tmp_pat
             import pandas as pd
 
             self.best_val_dice, self.steps, self.images_per_s = next(dice), 1, 1.0
+            self.train_images, self.val_images = 5, 1
             self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
 
     monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(out_dir))
@@ -184,6 +185,7 @@ def test_a_diverged_trial_ranks_last_and_the_search_goes_on(synth_dataset, tmp_p
     class Result:
         def __init__(self, out_dir):
             self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.train_images, self.val_images = 5, 1
             self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
 
     def fit(cfg, data, out_dir, **kw):
@@ -310,3 +312,27 @@ def test_a_misspelt_encoder_is_refused_before_any_trial_trains(
             progress=False,
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_training_set_of_one_image_and_its_copies_is_not_called_diverged(tmp_path) -> None:
+    """One tile and its mirror image: the copies are held back together, so no trial had a
+    validation image; every trial trained its budget, scored NaN, and the search ended
+    with 'every trial's training diverged'. It now stops at the first, saying why."""
+    from mlseg.io import read_image, read_mask, write_image, write_labels
+    from mlseg.synth import make_dataset
+
+    torch.set_num_threads(2)
+    root = make_dataset(tmp_path / "ds", n_train=1, n_test=1, size=96, seed=0)
+    images, masks = root / "train" / "original", root / "train" / "masks"
+    image = next(images.iterdir())
+    mask = masks / f"{image.stem}_mask.png"
+    write_image(images / f"flip{image.suffix}", read_image(image)[:, ::-1].copy())
+    write_labels(masks / "flip_mask.png", read_mask(mask)[:, ::-1].copy())
+    cfg = load_config(None, train=TINY)
+    space = {"train.lr": [1e-3, 3e-4]}
+    with (
+        pytest.warns(UserWarning, match="none is held back"),
+        pytest.raises(ConfigError, match="trial_000 held back no validation image"),
+    ):
+        tune(cfg, root, tmp_path / "out", budget_steps=1, space=space, progress=False)
+    assert not (tmp_path / "out" / "trial_001").exists()
