@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -27,7 +28,12 @@ class ConfigError(MlsegError):
 
 
 class ResumeError(ConfigError):
-    """An output folder holds a run trained with another model, recipe or data."""
+    """An output folder holds a run trained with another model, recipe or data; ``problems``
+    names each difference (``"train.lr: 0.001 -> 0.003"``)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class DatasetError(MlsegError):

@@ -354,7 +354,8 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
             f"{folder}: holds a run that cannot be resumed with this config/data ("
             + "; ".join(problems)
             + "); give the settings it was trained with (its config.json), choose another "
-            "output folder, or pass --no-resume (the flows' parameter resume=false) to start over"
+            "output folder, or pass --no-resume (the flows' parameter resume=false) to start over",
+            problems,
         )
 
 

@@ -246,10 +246,11 @@ def tune(
             )
         except ResumeError as error:
             # a finished trial of another search would otherwise be reported under these params
+            # its differences, not fit's remedy: tune has no --no-resume
             raise ConfigError(
                 f"{out}: holds the trials of another search ({folder.name} was trained with "
-                f"other settings); give another output folder, or the same config, space and "
-                f"seed to resume it. {error}"
+                f"other settings: {'; '.join(error.problems) or error}); give another output "
+                "folder, or the same config, space and seed to resume it"
             ) from None
         except TrainingDiverged as error:  # a learning rate too high: a result, not a stop
             warnings.warn(f"{folder.name} ({params}): {error}", stacklevel=2)

@@ -93,6 +93,7 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
             progress=False,
         )
     assert "train.lr: 0.001 -> 0.003" in str(error.value)
+    assert "--no-resume" not in str(error.value)  # fit's remedy: mlseg tune has no such option
 
 
 def test_param_values_may_be_lists_and_a_null_winner_is_written_as_null() -> None:
