@@ -16,6 +16,7 @@ A search space maps ``"section.field"`` to the values to try, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -72,6 +73,26 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
             f"search space ({section})",
         )
     return cfg.model_copy(update=update)
+
+
+def _as_read(cfg: Config, space: dict[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
+    """Each searched value as its config field reads it, repeats dropped: YAML, as the CLI's
+    ``--param`` uses it, reads ``train.lr=1e-4,1e-3`` as two strings (its floats need a dot),
+    which the table held as text, and ``0.001,1e-3`` trained one trial twice."""
+    read = {}
+    for key, values in space.items():
+        if not isinstance(values, (list, tuple)):
+            read[key] = values  # candidates names it
+            continue
+        section, _, name = key.partition(".")
+        kept: list[Any] = []
+        for value in values:
+            with contextlib.suppress(ConfigError):  # valid only beside another searched value
+                value = getattr(getattr(apply_params(cfg, {key: value}), section), name)
+            if value not in kept:
+                kept.append(value)
+        read[key] = kept
+    return read
 
 
 def candidates(
@@ -209,7 +230,7 @@ def tune(
             "preprocess settings"
         )
     out = Path(out_dir)
-    chosen = candidates(space, trials, method, seed)
+    chosen = candidates(_as_read(cfg, space), trials, method, seed)
     short = {
         "train.max_steps": budget_steps,
         "train.val_every": max(1, min(cfg.train.val_every, budget_steps // 4 or 1)),

@@ -110,6 +110,36 @@ def test_param_values_may_be_lists_and_a_null_winner_is_written_as_null() -> Non
         _parse_space(["train.lr=[1,"])
 
 
+def test_values_typed_on_the_command_line_are_searched_as_the_config_reads_them(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """--param train.lr=1e-3,0.001,3e-4 (the CLI's help shows the form): YAML read 1e-3 as
+    the string '1e-3', which the table held as text, and 1e-3 and 0.001 trained one trial
+    twice. Each value is now the float the config reads, and a repeat is one trial."""
+    import mlseg.train
+    from mlseg.cli.train import _parse_space
+
+    trained = []
+
+    class Result:
+        def __init__(self, cfg, out_dir):
+            import pandas as pd
+
+            trained.append(cfg.train.lr)
+            self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.train_images, self.val_images = 5, 1
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
+    space = _parse_space(["train.lr=1e-3,0.001,3e-4"])
+    table = tune(
+        load_config(None), synth_dataset, tmp_path, space=space, trials=None, progress=False
+    )
+    assert sorted(trained) == [3e-4, 1e-3]
+    assert sorted(table["train.lr"]) == [3e-4, 1e-3]
+    assert all(isinstance(v, float) for v in table["train.lr"])
+
+
 def test_the_best_trial_is_written_with_the_values_it_ran(synth_dataset, tmp_path, monkeypatch):
     """A winning value of None (no resampling) sat in a float column as NaN, and writing
     best_config.yaml failed after every trial had run."""
