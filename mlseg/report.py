@@ -36,7 +36,9 @@ figcaption{color:#555;font-size:.9em}.badge{display:inline-block;padding:.1em .6
 border-radius:.8em;font-weight:600;font-size:.85em;color:#fff}
 .ok{background:#2e7d32}.warn{background:#ed6c02}.fail{background:#c62828}
 .info{background:#546e7a}code{background:#f4f4f6;padding:0 .25em;border-radius:3px}
-ul.paths{font-size:.9em}
+ul.paths{font-size:.9em}div.wide{overflow-x:auto}
+@media print{body{margin:0;max-width:none}table{font-size:.65em}th,td{padding:.15em .3em}
+div.wide{overflow:visible}h2,h3{break-after:avoid}figure{break-inside:avoid}}
 """
 STATUS_CLASS = {"ok": "ok", "passed": "ok", "warn": "warn", "fail": "fail", "failed": "fail"}
 
@@ -111,7 +113,10 @@ class Report:
         else:
             df = pd.DataFrame(data)
         shown = df.head(max_rows)
-        head = "".join(f'<th class="t">{_esc(c)}</th>' for c in shown.columns)
+        # a long column name (density_per_mm2_tissue) may wrap at its underscores
+        head = "".join(
+            f'<th class="t">{_esc(c).replace("_", "_<wbr>")}</th>' for c in shown.columns
+        )
         rows = []
         for record in shown.itertuples(index=False):
             cells = []
@@ -122,8 +127,10 @@ class Report:
         more = len(df) - len(shown)
         note = f" (first {len(shown)} of {len(df)} rows)" if more > 0 else ""
         cap = f"<caption>{_esc(caption)}{_esc(note)}</caption>" if caption or note else ""
+        # a table wider than the page scrolls in its box, not the whole page sideways
         self.blocks.append(
-            f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f'<div class="wide"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
         )
         return self
 
@@ -224,6 +231,28 @@ def histograms_figure(nuclei: pd.DataFrame, columns: Sequence[str] | None = None
 
 # ----------------------------------------------------------------------------- the run report
 
+#: Columns of the per-test-image evaluation shown in the report (every one is in its CSV)
+EVALUATION_SHOWN = (
+    "stem", "image", "dice", "aji", "pq", "f1", "obj_precision", "obj_recall",
+    "n_true", "n_pred", "count_error",
+)  # fmt: skip
+#: Per-image measurements shown in the report: those drawn in :func:`histograms_figure`,
+#: counts, densities and IHC scores (every one is in ``summary.csv``)
+QUANTIFICATION_SHOWN = (
+    "image", "count", "density_per_mm2", "density_per_mm2_tissue", "tissue_fraction",
+    "area_um2_mean", "area_px_mean",
+    "circularity_mean", "solidity_mean", "eccentricity_mean", "positive_pct", "h_score",
+)  # fmt: skip
+
+
+def _main_columns(table: pd.DataFrame, wanted: Sequence[str]) -> pd.DataFrame:
+    """``table``'s columns among ``wanted`` (and the first stain's mean optical density),
+    for a page a person reads and prints: the per-image summary has some 70 columns, 12,500
+    px wide, and a printout kept only the first five (file, profile, model), not the count."""
+    names = [c for c in dict.fromkeys(wanted) if c in table.columns]
+    names += [c for c in table.columns if c.endswith("_od_mean_mean")][:1]
+    return table[names] if len(names) > 1 else table
+
 
 def _as_frame(data: Any) -> pd.DataFrame | None:
     if data is None:
@@ -264,7 +293,9 @@ def pipeline_report(
     ``validation`` is a summary table (or key/value mapping), ``history`` the training history
     (``step`` + loss/metric columns; drawn unless ``curves_png`` gives the figure), ``evaluation`` one row per test image, ``quantification``
     one row per segmented image (``count`` etc.), ``nuclei`` one row per nucleus, ``drift``
-    the table of :func:`mlseg.monitor.drift_report`.
+    the table of :func:`mlseg.monitor.drift_report`. Of ``evaluation`` and ``quantification``
+    the page shows the main columns (:data:`EVALUATION_SHOWN`, :data:`QUANTIFICATION_SHOWN`);
+    their CSVs hold them all.
     """
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rep = Report(title, subtitle=f"generated {stamp}")
@@ -290,11 +321,13 @@ def pipeline_report(
         if evaluation_means:
             rep.table(dict(evaluation_means), caption="means over test images")
         if evaluation is not None and not evaluation.empty:
-            rep.table(evaluation, caption="per test image", max_rows=60)
+            shown = _main_columns(evaluation, EVALUATION_SHOWN)
+            rep.table(shown, caption=f"per test image{_more(shown, evaluation)}", max_rows=60)
             metric = worst_metric if worst_metric in evaluation else None
             if metric:
                 worst = evaluation.nsmallest(worst_n, metric)
-                rep.heading(f"Worst {len(worst)} cases by {metric}", 3).table(worst)
+                shown = _main_columns(worst, (*EVALUATION_SHOWN, metric))
+                rep.heading(f"Worst {len(worst)} cases by {metric}", 3).table(shown)
         if worst_png:
             rep.image_file(worst_png, caption="worst cases: image | truth | prediction")
     if decision:
@@ -310,7 +343,9 @@ def pipeline_report(
     if quantification is not None or nuclei is not None:
         rep.heading("5. Segmentation and quantification")
         if quantification is not None and not quantification.empty:
-            rep.table(quantification, caption="per image", max_rows=60)
+            shown = _main_columns(quantification, QUANTIFICATION_SHOWN)
+            caption = f"per image{_more(shown, quantification)}"
+            rep.table(shown, caption=caption, max_rows=60)
         if nuclei is not None and not nuclei.empty:
             rep.figure(histograms_figure(nuclei), caption=f"{len(nuclei):,} nuclei")
     if drift_status is not None or drift is not None or run_metrics:
@@ -324,6 +359,11 @@ def pipeline_report(
     if paths:
         rep.heading("Outputs").paths(dict(paths))
     return rep
+
+
+def _more(shown: pd.DataFrame, table: pd.DataFrame) -> str:
+    left = len(table.columns) - len(shown.columns)
+    return f", main columns ({left} more in the CSV)" if left else ""
 
 
 def _rounded(value: float, digits: int) -> float:

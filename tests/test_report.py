@@ -98,3 +98,43 @@ def test_frame_records_keep_small_values():
     beside the CSVs they came from."""
     records = frame_records(pd.DataFrame({"lr": [3e-05], "dark": [2.288818e-05], "z": [0.0]}))
     assert records == [{"lr": 3e-05, "dark": 2.289e-05, "z": 0.0}]
+
+
+def _header(html: str, caption: str) -> list[str]:
+    table = html.split(caption, 1)[1].split("</thead>", 1)[0]
+    return [re.sub(r"<[^>]+>", "", th) for th in re.findall(r"<th[^>]*>(.*?)</th>", table)]
+
+
+def test_wide_run_tables_show_their_main_columns(tmp_path: Path) -> None:
+    """The per-image summary's 73 columns made a table 12,538 px wide on a 1,366 px
+    laptop, and a printout kept only image, image_file, profile, profile_version and model:
+    no count, no density. The report shows the main columns; the CSV keeps them all."""
+    provenance = ["image_file", "profile", "profile_version", "model", "settings", "input_digest"]
+    stats = [f"{m}_{s}" for m in ("area_um2", "perimeter_um", "circularity", "solidity",
+             "eccentricity", "hematoxylin_od_mean", "eosin_od_mean") for s in ("mean", "median", "std")]  # fmt: skip
+    quantification = pd.DataFrame(
+        [{"image": "a", **dict.fromkeys(provenance, "x"), "count": 812,
+          "density_per_mm2": 3038.2, "tissue_fraction": 0.93, **dict.fromkeys(stats, 1.5)}]
+    )  # fmt: skip
+    evaluation = pd.DataFrame(
+        [{"stem": "a", **{m: 0.5 for m in ("dice", "iou", "aji", "pq", "sq", "rq", "f1")},
+          **{m: 3 for m in ("tp", "fp", "fn", "fn_missed", "fn_merged", "fp_split")}}]
+    )  # fmt: skip
+    html = pipeline_report(
+        quantification=quantification, evaluation=evaluation, worst_metric="aji"
+    ).to_html()
+
+    shown = _header(html, "per image")
+    assert shown[:3] == ["image", "count", "density_per_mm2"]
+    assert "area_um2_mean" in shown and "hematoxylin_od_mean_mean" in shown
+    assert "image_file" not in shown and "area_um2_std" not in shown
+    assert f"{len(quantification.columns) - len(shown)} more in the CSV" in html
+    per_test_image = _header(html, "per test image")
+    assert "aji" in per_test_image and "fp_split" not in per_test_image
+    worst = _header(html, "Worst 1 cases by aji")
+    assert worst.count("aji") == 1 and "dice" in worst
+    # anything wider than the page scrolls in its own box
+    assert html.count('<div class="wide"><table>') == html.count("<table>")
+    # ... on screen; on paper it may not scroll, so the box lets it show and tables shrink
+    printed = html.split("@media print{", 1)[1]
+    assert "div.wide{overflow:visible}" in printed and "table{font-size:" in printed
