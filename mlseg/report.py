@@ -56,6 +56,8 @@ def _cell(value: Any, float_digits: int) -> tuple[str, bool]:
     if isinstance(value, int | np.integer):
         return f"{int(value):,}", True
     if isinstance(value, float | np.floating):
+        if abs(value) >= 10 ** (float_digits - 1):  # 12,346 nuclei/mm2 or s, not 1.235e+04
+            return f"{float(value):,.0f}", True
         return f"{float(value):.{float_digits}g}", True
     return _esc(value), False
 

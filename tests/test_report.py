@@ -138,3 +138,14 @@ def test_wide_run_tables_show_their_main_columns(tmp_path: Path) -> None:
     # ... on screen; on paper it may not scroll, so the box lets it show and tables shrink
     printed = html.split("@media print{", 1)[1]
     assert "div.wide{overflow:visible}" in printed and "table{font-size:" in printed
+
+
+def test_large_numbers_are_not_in_scientific_notation() -> None:
+    """A tumour's 15,873.9 nuclei per mm2 read 1.587e+04 in the report, a 2,000-image
+    run's 12,345.6 seconds 1.235e+04; small and fractional values keep 4 significant digits."""
+    html = Report("t").table(
+        {"density_per_mm2": 15873.9, "seconds": 12345.6, "ratio": np.inf, "aji": 0.04219,
+         "lr": 3e-05, "area_um2_mean": 279.32, "density": 3038.2, "count": 12000}
+    ).to_html()  # fmt: skip
+    cells = re.findall(r"<td>([^<]*)</td>", html)
+    assert cells == ["15,874", "12,346", "inf", "0.04219", "3e-05", "279.3", "3,038", "12,000"]
