@@ -3,8 +3,10 @@
 Sources, first found wins: a size given for every image (``--pixel-size``), a per-image
 table (``--pixel-sizes``, a dataset's ``manifest.csv``), the image's JSON sidecar
 (``<stem>.json``, BIDS microscopy's ``PixelSize`` + ``PixelSizeUnits``, or
-``pixel_size_um``), its TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags), and last
-the profile's. What a file declares is used only within :data:`PLAUSIBLE_PIXEL_SIZE_UM`;
+``pixel_size_um``), its TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags), for
+label images measured again the size their folder records (:func:`labels_pixel_size_um`:
+``<stem>.json`` beside ``<stem>_labels.png``, as ``mlseg segment`` writes it), and last the
+profile's. What a file declares is used only within :data:`PLAUSIBLE_PIXEL_SIZE_UM`;
 outside it, it is ignored with one warning naming the files.
 """
 
@@ -81,10 +83,15 @@ def implausible_message(found: list[tuple[Path, float]], fix: str = "") -> str:
 
 
 def image_pixel_size(
-    path: Path, override: float | None, profile: Profile, listed: float | None = None
+    path: Path,
+    override: float | None,
+    profile: Profile,
+    listed: float | None = None,
+    carried: float | None = None,
 ) -> tuple[float | None, str]:
     """``(microns per pixel or None, where it came from)`` for one image file; ``listed`` is
-    its entry in a per-image table (``pixel_sizes``)."""
+    its entry in a per-image table (``pixel_sizes``), ``carried`` the plausible size its label
+    image's folder records (:func:`labels_pixel_size_um`), used where the image declares none."""
     if override is not None:
         return float(override), "argument"
     if listed is not None:
@@ -95,6 +102,8 @@ def image_pixel_size(
         return from_file, "image metadata"
     if implausible:
         warnings.warn(implausible_message(implausible), ImplausiblePixelSizeWarning, stacklevel=2)
+    if carried is not None:
+        return float(carried), "labels metadata"
     if profile.pixel_size_um is not None:
         return profile.pixel_size_um, "profile"
     return None, "unknown"
@@ -151,7 +160,24 @@ def sidecar_pixel_size_um(path: str | os.PathLike) -> float | None:
     number, whose unit is unknown, or whose pixels are not square (x and y differ by more
     than :data:`SQUARE_TOLERANCE`), is ignored with a warning naming the file.
     """
-    sidecar = sidecar_path(path)
+    return _sidecar_um(sidecar_path(path))
+
+
+def labels_sidecar(labels: str | os.PathLike, stem: str) -> Path:
+    """The JSON named after the image beside its label file (``out/x_labels.png`` ->
+    ``out/x.json``): in a ``mlseg segment`` or ``quantify`` output folder the image's record,
+    which keeps the pixel size its labels were measured with (``pixel_size_um``)."""
+    return Path(labels).with_name(stem + SIDECAR_SUFFIX)
+
+
+def labels_pixel_size_um(labels: str | os.PathLike, stem: str) -> float | None:
+    """Microns per pixel that :func:`labels_sidecar` declares, read as a sidecar
+    (:func:`sidecar_pixel_size_um`: mlseg's ``pixel_size_um``, or BIDS ``PixelSize``), else
+    ``None``; unchecked for plausibility, as :func:`sidecar_pixel_size_um`."""
+    return _sidecar_um(labels_sidecar(labels, stem))
+
+
+def _sidecar_um(sidecar: Path) -> float | None:
     if not sidecar.is_file():
         return None
     try:

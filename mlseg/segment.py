@@ -99,6 +99,8 @@ from mlseg.pixel_size import (
     declared_pixel_size_um,
     image_pixel_size,
     implausible_message,
+    labels_pixel_size_um,
+    labels_sidecar,
     plausible_pixel_size,
     sidecar_path,
 )
@@ -736,6 +738,21 @@ def declared_sizes(
     return {s: um for s, um in found.items() if um is not None and s not in given}
 
 
+def carried_sizes(
+    pairs: Sequence[tuple[str, Path, Path | None]], consulted: Mapping[str, Path]
+) -> dict[str, float]:
+    """Stem -> the size the record beside each label file declares
+    (:func:`mlseg.pixel_size.labels_pixel_size_um`: ``<stem>.json`` in a segment output
+    folder), plausible or not; a record that is also the image's sidecar (``consulted``:
+    stem -> the file whose own size counts) is that image's, not read twice."""
+    found = {
+        stem: labels_pixel_size_um(label, stem)
+        for stem, label, _ in pairs
+        if labels_sidecar(label, stem) != sidecar_path(consulted[stem])
+    }
+    return {stem: um for stem, um in found.items() if um is not None}
+
+
 @contextlib.contextmanager
 def _implausible_sizes_said_once(
     declared: Mapping[str, float], files: Mapping[str, Path]
@@ -1142,7 +1159,9 @@ def quantify_folder(
     Label files are matched to images by stem, with or without a ``_mask``, ``_masks``,
     ``_cp_masks``, ``_labels`` or ``_label`` suffix. Binary masks are split into connected
     components (:func:`mlseg.dataset.mask_to_labels`). ``images_dir`` None measures shape
-    only.
+    only. An image that declares no pixel size, given none, is measured at the size the
+    ``<stem>.json`` beside its labels records (an mlseg output folder's record; source
+    ``labels metadata``).
     """
     from mlseg.dataset import check_mask_shape, mask_to_labels
 
@@ -1151,12 +1170,21 @@ def quantify_folder(
     images_dir = Path(images_dir) if images_dir is not None else None
     pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
-    image_files = [img for _, _, img in pairs if img is not None]
     sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
-    check_units_possible(profile, pixel_size_um, image_files or [p for _, p, _ in pairs], sizes)
-    settings = (profile.model_dump(mode="json"), pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
+    carried = {} if pixel_size_um is not None else carried_sizes(pairs, consulted)
+    uncarried = [p for s, p in consulted.items() if not plausible_pixel_size(carried.get(s))]
+    if uncarried or not carried:
+        check_units_possible(profile, pixel_size_um, uncarried, sizes)
+    settings = (profile.model_dump(mode="json"), pixel_size_um)
     declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
+    # a size the labels' record carries redoes its image when it changes, as a sidecar's does
+    by_labels = {s: um for s, um in carried.items() if s not in declared and s not in sizes}
+    declared |= by_labels
+    named = {
+        **consulted,
+        **{s: labels_sidecar(label, s) for s, label, _ in pairs if s in by_labels},
+    }
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
     expect = expectations(profile, None, settings, sizes, declared, inputs)
 
@@ -1191,7 +1219,22 @@ def quantify_folder(
                     f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but image "
                     f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match"
                 )
-        px, source = image_pixel_size(image_path or path, pixel_size_um, profile, sizes.get(stem))
+        um = carried.get(stem)
+        usable = um if plausible_pixel_size(um) else None
+        px, source = image_pixel_size(
+            image_path or path, pixel_size_um, profile, sizes.get(stem), usable
+        )
+        if (
+            source == "image metadata"
+            and usable is not None
+            and not math.isclose(px, um, rel_tol=0.01)
+        ):
+            warnings.warn(
+                f"{image_path or path}: measured at the {px:.4g} um per pixel its metadata "
+                f"declares, not the {um:.4g} um that {labels_sidecar(path, stem)} records for "
+                f"its labels; pass --pixel-size or --pixel-sizes to measure at the other",
+                stacklevel=2,
+            )
         try:
             effective_pixel_size(profile, px)
         except ConfigError as err:
@@ -1202,5 +1245,5 @@ def quantify_folder(
         return display, labels, table, {**files, "pixel_size_source": source, **summary}
 
     items = [(stem, path) for stem, path, _ in pairs]
-    with _implausible_sizes_said_once(declared, consulted):
+    with _implausible_sizes_said_once(declared, named):
         return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")

@@ -241,6 +241,12 @@ def test_the_first_source_found_decides_and_is_named(tmp_path):
     assert image_pixel_size(path, 0.1, profile, listed=0.2) == (0.1, "argument")
     assert image_pixel_size(path, None, profile, listed=0.2) == (0.2, "table")
     assert image_pixel_size(path, None, profile) == (pytest.approx(0.5), "image metadata")
+    # the size the labels' folder records comes after the image's own, before the profile's
+    assert image_pixel_size(path, None, profile, carried=0.4)[1] == "image metadata"
+    assert image_pixel_size(tmp_path / "b.png", None, profile, carried=0.4) == (
+        0.4,
+        "labels metadata",
+    )
     (tmp_path / "a.json").write_text('{"pixel_size_um": 0.25}')
     assert image_pixel_size(path, None, profile) == (pytest.approx(0.25), "image metadata")
     (tmp_path / "a.json").write_text('{"PixelSize": [250]}')  # nanometres, unit forgotten

@@ -371,6 +371,60 @@ def test_quantify_measures_segment_outputs_as_segment_did(tmp_path, use_oracle):
         )
 
 
+def test_quantify_of_an_output_folder_measures_at_the_size_its_records_carry(tmp_path):
+    """Labels measured again from an mlseg output folder keep the pixel size their image's
+    record (<stem>.json) gives, after the image's own metadata and a size given to the run;
+    a record that gained a size since redoes its image in microns."""
+    import tifffile
+
+    images, masks, first, again = (tmp_path / n for n in ("images", "masks", "first", "again"))
+    image, truth = disc_image(80, 100)
+    write_image(images / "a.png", image)  # a PNG declares no size
+    tifffile.imwrite(
+        images / "b.tif",
+        image,
+        photometric="rgb",
+        resolution=(40000, 40000),
+        resolutionunit="CENTIMETER",
+    )  # 0.25 um per pixel
+    for stem in "ab":
+        write_labels(masks / f"{stem}_mask.png", truth)
+    run = dict(profile_name="he", progress=False)
+    quantify_folder(masks, images, first, **run)  # a: px, b: its metadata's 0.25 um
+    quantify_folder(first, images, again, **run)
+    assert json.loads((again / "a.json").read_text())["pixel_size_source"] == "unknown"
+    quantify_folder(masks, images, first, pixel_size_um=0.5, **run)  # the size is given now
+    result = quantify_folder(first, images, again, **run)
+    assert result.processed == ["a"] and result.skipped == ["b"]  # b: measured as before
+    with pytest.warns(UserWarning, match=r"b\.tif: measured at the 0\.25 um.*not the 0\.5 um"):
+        quantify_folder(first, images, tmp_path / "fresh", **run)
+    a, b = (json.loads((again / f"{stem}.json").read_text()) for stem in "ab")
+    assert (a["pixel_size_um"], a["pixel_size_source"]) == (0.5, "labels metadata")
+    assert b["pixel_size_um"] == pytest.approx(0.25) and b["pixel_size_source"] == "image metadata"
+    table = pd.read_parquet(again / "a_nuclei.parquet")
+    assert table["area_um2"].tolist() == pytest.approx(
+        (pd.read_parquet(first / "a_nuclei.parquet")["area_um2"]).tolist()
+    )
+    given = quantify_folder(first, images, tmp_path / "given", pixel_sizes={"a": 0.4}, **run)
+    assert {s["image"]: s["pixel_size_source"] for s in given.summaries} == {
+        "a": "table",
+        "b": "image metadata",
+    }
+
+
+def test_quantify_in_microns_takes_the_size_an_output_folder_carries(tmp_path):
+    """units: um is satisfied by labels whose record gives the size, image PNGs without any."""
+    images, masks, first = tmp_path / "images", tmp_path / "masks", tmp_path / "first"
+    image, truth = disc_image(60, 60)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    quantify_folder(masks, images, first, profile_name="he", pixel_size_um=0.5, progress=False)
+    result = quantify_folder(
+        first, images, tmp_path / "um", profile_name="he", units="um", progress=False
+    )
+    assert result.processed == ["a"] and result.summaries[0]["pixel_size_um"] == 0.5
+
+
 def test_segment_folder_runs_the_model_on_the_device_its_config_names(
     tmp_path, monkeypatch, use_oracle
 ):
