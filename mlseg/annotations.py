@@ -14,6 +14,8 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   centre of another object, or is more than :data:`REGION_AREA_FACTOR` times the largest of
   them, is the region analysed; a type QuPath does not know is an annotation, as QuPath reads
   it. Tiles, TMA cores, points, lines and empty geometries are left out.
+  The ``mlseg.pixel_size_um`` of a file mlseg wrote (:func:`mlseg.outputs.to_geojson`) is
+  the image's pixel size.
 - **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
   an ellipse (``Type="2"``) is drawn in the box of its two vertices, a negative region
   (``NegativeROA="1"``) is cut out of what is drawn before it, and ``MicronsPerPixel`` on
@@ -146,7 +148,7 @@ def _read_geojson(path: Path) -> Annotations:
             )
     kinds = [_object_type(f) for f in features]
     among_detections = bool({"cell", "detection"} & set(kinds))
-    result = Annotations(path, [])
+    result = Annotations(path, [], pixel_size_um=_mlseg_pixel_size(data))
     for feature, kind in zip(features, kinds, strict=True):
         if kind == "cell":
             geometry = feature.get("nucleusGeometry")
@@ -266,10 +268,18 @@ def _read_imagescope(path: Path) -> Annotations:
     return result
 
 
-def _positive(value: str | None) -> float | None:
+def _mlseg_pixel_size(data: object) -> float | None:
+    """The ``mlseg.pixel_size_um`` of a FeatureCollection mlseg wrote
+    (:func:`mlseg.outputs.to_geojson`), its labels' microns per pixel, else ``None``."""
+    meta = data.get("mlseg") if isinstance(data, dict) else None
+    um = meta.get("pixel_size_um") if isinstance(meta, dict) else None
+    return None if isinstance(um, bool) else _positive(um)
+
+
+def _positive(value: str | float | None) -> float | None:
     try:
         number = float(value) if value is not None else math.nan
-    except ValueError:
+    except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) and number > 0 else None
 

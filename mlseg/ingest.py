@@ -513,7 +513,7 @@ def ingest(
                 size = usable_pixel_size_um(item.image, implausible)
             if size is None and (um := declared):
                 if plausible_pixel_size(um):
-                    size = um  # ImageScope's MicronsPerPixel
+                    size = um  # ImageScope's MicronsPerPixel, mlseg's GeoJSON's pixel_size_um
                 else:
                     implausible.append((item.mask, um))
             rows.append(

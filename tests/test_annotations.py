@@ -277,6 +277,30 @@ def test_ingest_takes_mlsegs_own_nuclei_geojson_as_its_images_mask(shared_data, 
     np.testing.assert_array_equal(read_mask(tmp_path / "ds" / manifest.loc["02", "mask"]), truth)
 
 
+def test_ingest_keeps_the_pixel_size_mlsegs_own_geojson_records(tmp_path):
+    """mlseg's <stem>_nuclei.geojson put back as a mask brings its labels' microns per pixel
+    (mlseg.pixel_size_um) into the manifest, after the image's own metadata and the sizes
+    given to ingest, as ImageScope's MicronsPerPixel."""
+    labels = np.zeros((24, 32), np.int32)
+    labels[3:9, 3:9], labels[12:20, 14:22] = 1, 2
+    table = pd.DataFrame({"label": [1, 2]})
+    src = tmp_path / "src"
+    for stem in ("a", "b"):
+        write_image(src / "original" / f"{stem}.png", np.full((24, 32, 3), 200, np.uint8))
+        write_json(
+            src / "masks" / f"{stem}_nuclei.geojson", to_geojson(labels, table, pixel_size_um=0.5)
+        )
+    write_json(src / "original" / "b.json", {"pixel_size_um": 0.25})  # b's own sidecar
+    manifest = ingest(src, tmp_path / "ds", test_fraction=0, progress=False).manifest
+    assert manifest.set_index("stem")["pixel_size_um"].to_dict() == {"a": 0.5, "b": 0.25}
+    given = ingest(src, tmp_path / "ds2", test_fraction=0, pixel_size_um=0.3, progress=False)
+    assert given.manifest["pixel_size_um"].tolist() == [0.3, 0.3]
+    unknown = to_geojson(labels, table, pixel_size_um=None)
+    write_json(src / "masks" / "a_nuclei.geojson", {**unknown, "mlseg": {"pixel_size_um": True}})
+    manifest = ingest(src, tmp_path / "ds3", test_fraction=0, progress=False).manifest
+    assert pd.isna(manifest.set_index("stem").loc["a", "pixel_size_um"])
+
+
 def test_ingest_refuses_two_masks_for_one_image_and_bad_annotations(tmp_path):
     src = _source(tmp_path / "src")
     write_json(src / "masks" / "d.geojson", [feature([square(2, 2, 8, 8)])])
