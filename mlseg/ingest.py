@@ -22,7 +22,8 @@ The source is only read. Every pair is decoded and checked (readable, same size)
 anything is written; all problems are reported together. Files are copied (or hard-linked
 with ``link=True``) into a temporary sibling folder that is renamed onto the target at the
 end, so a failure leaves nothing behind. A ``manifest.csv`` records where each file came
-from and its pixel size when known.
+from and its pixel size when known, with where that came from (``pixel_size_source``:
+``table``, ``argument``, ``image metadata``, ``annotation`` or ``unknown``).
 """
 
 from __future__ import annotations
@@ -426,6 +427,30 @@ def _source_pixel_sizes(src: Path, pixel_sizes: Path | None, layout: str) -> dic
     return {}
 
 
+def _pixel_size(
+    item: SourceItem,
+    sizes: dict[str, float],
+    pixel_size_um: float | None,
+    declared: float | None,
+    implausible: list[tuple[Path, float]],
+) -> tuple[float | None, str]:
+    """``(microns per pixel or None, where it came from)`` for one pair: its row of the
+    table, ``--pixel-size``, the image's sidecar or TIFF metadata, then the size its drawn
+    annotation ``declared`` (ImageScope's MicronsPerPixel, mlseg GeoJSON's pixel_size_um).
+    Implausible sizes a file declares are appended to ``implausible`` as ``(path, um)``."""
+    if (size := sizes.get(item.stem)) is not None:
+        return size, "table"
+    if pixel_size_um is not None:
+        return pixel_size_um, "argument"
+    if (size := usable_pixel_size_um(item.image, implausible)) is not None:
+        return size, "image metadata"
+    if declared is not None:
+        if plausible_pixel_size(declared):
+            return declared, "annotation"
+        implausible.append((item.mask, declared))
+    return None, "unknown"
+
+
 def _place(src: Path, dst: Path, link: bool) -> None:
     if link:
         try:
@@ -508,14 +533,7 @@ def ingest(
             else:
                 mask_dst = base / cfg.mask_dir / f"{mask_name}{image_extension(item.mask)}"
                 _place(item.mask, mask_dst, link)
-            size = sizes.get(item.stem, pixel_size_um)
-            if size is None:
-                size = usable_pixel_size_um(item.image, implausible)
-            if size is None and (um := declared):
-                if plausible_pixel_size(um):
-                    size = um  # ImageScope's MicronsPerPixel, mlseg's GeoJSON's pixel_size_um
-                else:
-                    implausible.append((item.mask, um))
+            size, source = _pixel_size(item, sizes, pixel_size_um, declared, implausible)
             rows.append(
                 {
                     "split": split,
@@ -525,6 +543,7 @@ def ingest(
                     "source_image": str(item.image),
                     "source_mask": str(item.mask),
                     "pixel_size_um": size,
+                    "pixel_size_source": source,
                 }
             )
         manifest = pd.DataFrame(rows).sort_values(["split", "stem"], ignore_index=True)

@@ -293,6 +293,7 @@ def test_ingest_keeps_the_pixel_size_mlsegs_own_geojson_records(tmp_path):
     write_json(src / "original" / "b.json", {"pixel_size_um": 0.25})  # b's own sidecar
     manifest = ingest(src, tmp_path / "ds", test_fraction=0, progress=False).manifest
     assert manifest.set_index("stem")["pixel_size_um"].to_dict() == {"a": 0.5, "b": 0.25}
+    assert manifest["pixel_size_source"].tolist() == ["annotation", "image metadata"]
     given = ingest(src, tmp_path / "ds2", test_fraction=0, pixel_size_um=0.3, progress=False)
     assert given.manifest["pixel_size_um"].tolist() == [0.3, 0.3]
     unknown = to_geojson(labels, table, pixel_size_um=None)

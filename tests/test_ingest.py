@@ -167,6 +167,38 @@ def test_pixel_sizes_from_csv(tmp_path):
     assert sizes == {"img0": 0.5, "img1": 0.25, "img2": 1.0}
 
 
+def test_the_manifest_names_where_each_pixel_size_came_from(tmp_path):
+    """Each manifest row says which source gave its size, as mlseg segment's summaries do:
+    a size from a table, --pixel-size, the image's sidecar, or none at all."""
+    src = flat_source(tmp_path / "src", n=4)
+    (src / "original" / "img2.json").write_text('{"pixel_size_um": 0.3}')
+    table = tmp_path / "sizes.csv"
+    table.write_text("image_id,mpp\nimg0,0.5\n")
+    sources = {}
+    for name, given in (("ds", 1.0), ("ds2", None)):
+        manifest = ingest(
+            src, tmp_path / name, pixel_sizes=table, pixel_size_um=given, progress=False
+        ).manifest.set_index("stem")
+        sources[name] = manifest["pixel_size_source"].to_dict()
+    assert sources["ds"] == {
+        "img0": "table",
+        "img1": "argument",
+        "img2": "argument",
+        "img3": "argument",
+    }
+    assert sources["ds2"] == {
+        "img0": "table",
+        "img1": "unknown",
+        "img2": "image metadata",
+        "img3": "unknown",
+    }
+    on_disk = pd.read_csv(tmp_path / "ds2" / "manifest.csv").set_index("stem")
+    assert on_disk.loc["img2", ["pixel_size_um", "pixel_size_source"]].tolist() == [
+        0.3,
+        "image metadata",
+    ]
+
+
 def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped(tmp_path):
     """A row written HE_000.png for he_000.png (one file on Windows and macOS, where the
     table was typed) was dropped without a word, and its image ingested with no pixel size.
