@@ -7,7 +7,10 @@ manifest's, the TIFF metadata's or the profile's pixel size; unset, the median o
 training images' sizes when they differ: :func:`training_pixel_size`), normalises it with
 :func:`mlseg.preprocess.normalize` and derives its class map with
 :func:`mlseg.targets.make_target`. Training images are packed
-into one buffer on the device (:class:`PatchStore`); each batch is then cut, augmented and
+into one buffer on the device (:class:`PatchStore`), one image at a time, each normalised
+image written into the buffer and its decoded image and labels freed before the next is
+normalised: the peak is the packed 13 bytes a pixel, 7 for the images still to come and one
+image's work (normalising every image before packing any held 40-49); each batch is then cut, augmented and
 photometrically jittered there in a few tensor operations (:mod:`mlseg.augment`), which keeps
 a GPU busy without worker processes; on CUDA the next batch is prepared on a side stream
 while the current one trains (:class:`Batches`). Every random choice is drawn from one
@@ -23,9 +26,10 @@ Validation images are cut once into fixed tiles (:class:`ValTiles`).
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +226,8 @@ def nucleus_contrast(image: np.ndarray, labels: np.ndarray, ring_px: int = 3) ->
     n = int(labels.max())
     if n == 0:
         return np.zeros(0)
-    gray = image.astype(np.float64).reshape(*labels.shape, -1).mean(axis=2)
+    # summed in float64 as it is read: a float64 copy of the image took 24 bytes a pixel
+    gray = image.reshape(*labels.shape, -1).mean(axis=2, dtype=np.float64)
     ring = np.where(labels == 0, expand_labels(labels, ring_px), 0)
     index = np.arange(1, n + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -231,31 +236,42 @@ def nucleus_contrast(image: np.ndarray, labels: np.ndarray, ring_px: int = 3) ->
     return np.abs(inside - around)
 
 
+def faint_candidates(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per nucleus of one image, its :func:`nucleus_contrast` and the flat position of its
+    centroid, both ``(n,)``: what :func:`faintest` chooses from."""
+    from skimage.segmentation import relabel_sequential
+
+    # ids 1..n: a tile of a slide's label image keeps ids up to 2**31 - 1, and the contrast
+    # table runs to the largest (22 s and 2.9 GB for 100 nuclei with ids near 5e7)
+    labels = relabel_sequential(labels)[0]
+    contrast = nucleus_contrast(image, labels)
+    if not len(contrast):
+        return contrast, np.zeros(0, np.int64)
+    ids = np.arange(1, len(contrast) + 1)
+    cy, cx = np.asarray(ndimage.center_of_mass(np.ones(labels.shape), labels, ids)).T
+    width = labels.shape[1]
+    return contrast, np.round(cy).astype(np.int64) * width + np.round(cx).astype(np.int64)
+
+
+def faintest(candidates: list[tuple[np.ndarray, np.ndarray]], quantile: float) -> list[np.ndarray]:
+    """Per image, the flat positions of the centroids of its faint nuclei: those whose
+    contrast is at or below the ``quantile`` of all nuclei of ``candidates``
+    (:func:`faint_candidates` of each image)."""
+    every = np.concatenate([c for c, _ in candidates]) if candidates else np.zeros(0)
+    every = every[np.isfinite(every)]
+    if not len(every):
+        return [np.zeros(0, np.int64) for _ in candidates]
+    limit = np.quantile(every, quantile)
+    return [pos[np.isfinite(c) & (c <= limit)] for c, pos in candidates]
+
+
 def faint_nuclei(
     images: list[np.ndarray], labels: list[np.ndarray], quantile: float
 ) -> list[np.ndarray]:
     """Per image, the flat positions of the centroids of its faint nuclei: those whose
     :func:`nucleus_contrast` is at or below the ``quantile`` of all nuclei of ``images``."""
-    from skimage.segmentation import relabel_sequential
-
-    # ids 1..n: a tile of a slide's label image keeps ids up to 2**31 - 1, and the contrast
-    # table runs to the largest (22 s and 2.9 GB for 100 nuclei with ids near 5e7)
-    labels = [relabel_sequential(lab)[0] for lab in labels]
-    contrast = [nucleus_contrast(x, lab) for x, lab in zip(images, labels, strict=True)]
-    every = np.concatenate(contrast) if contrast else np.zeros(0)
-    every = every[np.isfinite(every)]
-    if not len(every):
-        return [np.zeros(0, np.int64) for _ in images]
-    limit = np.quantile(every, quantile)
-    out = []
-    for lab, c in zip(labels, contrast, strict=True):
-        ids = np.flatnonzero(np.isfinite(c) & (c <= limit)) + 1
-        if not len(ids):
-            out.append(np.zeros(0, np.int64))
-            continue
-        cy, cx = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, ids)).T
-        out.append(np.round(cy).astype(np.int64) * lab.shape[1] + np.round(cx).astype(np.int64))
-    return out
+    pairs = zip(images, labels, strict=True)
+    return faintest([faint_candidates(x, lab) for x, lab in pairs], quantile)
 
 
 # ----------------------------------------------------------------------------- patch store
@@ -274,21 +290,60 @@ class PatchStore:
         seed: int = 0,
         faint: list[np.ndarray] | None = None,
     ) -> None:
-        if not images:
+        self._pack([im.shape[:2] for im in images], zip(images, targets, strict=True), device, seed)
+        self.set_faint(faint)
+
+    @classmethod
+    def packed(
+        cls,
+        shapes: list[tuple[int, int]],
+        prepared: Iterable[tuple[np.ndarray, np.ndarray]],
+        device: torch.device,
+        seed: int = 0,
+    ) -> PatchStore:
+        """The store of images of ``shapes`` ``(H, W)`` that ``prepared`` yields one by one,
+        each as ``((H, W, C) image, (H, W) classes)``: each is copied into the buffer as it
+        comes, so only one is held beside it. Faint nuclei are set with :meth:`set_faint`."""
+        store = cls.__new__(cls)
+        store._pack(shapes, prepared, device, seed)
+        store.set_faint(None)
+        return store
+
+    def _pack(
+        self,
+        shapes: list[tuple[int, int]],
+        prepared: Iterable[tuple[np.ndarray, np.ndarray]],
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        if not shapes:
             raise DatasetError("no training images left after holding back validation images")
         self.device = device
-        self.channels = images[0].shape[2]
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        heights = [im.shape[0] for im in images]
-        widths = [im.shape[1] for im in images]
-        sizes = [h * w for h, w in zip(heights, widths, strict=True)]
+        heights = [h for h, _ in shapes]
+        widths = [w for _, w in shapes]
+        sizes = [h * w for h, w in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.pixels = torch.from_numpy(
-            np.concatenate([im.reshape(-1, self.channels) for im in images])
-        ).to(device=device, dtype=dtype)
-        self.classes = torch.from_numpy(
-            np.concatenate([t.reshape(-1) for t in targets]).astype(np.uint8)
-        ).to(device)
+        # written in place: images gathered in a list and concatenated were held twice
+        pixels, classes = None, np.empty(sum(sizes), np.uint8)
+        rng = np.random.default_rng(seed)
+        fg, counts = [], []
+        for (image, t), start, size in zip(prepared, offsets, sizes, strict=True):
+            if image.shape[:2] != t.shape or t.size != size:
+                raise ValueError(f"image {image.shape} and classes {t.shape} of another size")
+            if pixels is None:
+                self.channels = image.shape[2]
+                pixels = np.empty((sum(sizes), self.channels), image.dtype)
+            pixels[start : start + size] = image.reshape(-1, self.channels)
+            classes[start : start + size] = t.reshape(-1)
+            pos = np.flatnonzero(t.reshape(-1) > 0)
+            if len(pos) > _MAX_FG_PER_IMAGE:
+                pos = np.sort(rng.choice(pos, _MAX_FG_PER_IMAGE, replace=False))
+            fg.append(pos)
+            counts.append(len(pos))
+            del image, t, pos  # before the next image is prepared
+        self.pixels = torch.from_numpy(pixels).to(device=device, dtype=dtype)
+        self.classes = torch.from_numpy(classes).to(device)
         self.offset = torch.tensor(offsets, device=device)
         self.height = torch.tensor(heights, device=device)
         self.width = torch.tensor(widths, device=device)
@@ -296,22 +351,17 @@ class PatchStore:
         # where patch centres are drawn
         self.height_cpu = torch.tensor(heights)
         self.width_cpu = torch.tensor(widths)
-        rng = np.random.default_rng(seed)
-        fg, counts = [], []
-        for t in targets:
-            pos = np.flatnonzero(t.reshape(-1) > 0)
-            if len(pos) > _MAX_FG_PER_IMAGE:
-                pos = np.sort(rng.choice(pos, _MAX_FG_PER_IMAGE, replace=False))
-            fg.append(pos)
-            counts.append(len(pos))
         self.fg = torch.from_numpy(np.concatenate(fg).astype(np.int64))
         self.fg_count = torch.tensor(counts)
         self.fg_start = torch.tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
         # every pixel equally likely: images weighted by area
         self.weights = torch.tensor(sizes, dtype=torch.float64)
-        self.n_images = len(images)
-        # faint nuclei: (image, image-local flat index of the centroid), all images together
-        faint = faint or [np.zeros(0, np.int64)] * len(images)
+        self.n_images = len(shapes)
+
+    def set_faint(self, faint: list[np.ndarray] | None) -> None:
+        """Per image, the flat positions of its faint nuclei (:func:`faint_nuclei`)."""
+        # (image, image-local flat index of the centroid), all images together
+        faint = faint or [np.zeros(0, np.int64)] * self.n_images
         self.faint_img = torch.from_numpy(
             np.concatenate([np.full(len(f), i, np.int64) for i, f in enumerate(faint)])
         )
@@ -487,39 +537,65 @@ class ValTiles:
     def from_arrays(
         cls, images: list[np.ndarray], targets: list[np.ndarray], patch: int, device: torch.device
     ) -> ValTiles:
+        return cls.cut([t.shape for t in targets], zip(images, targets, strict=True), patch, device)
+
+    @classmethod
+    def cut(
+        cls,
+        shapes: list[tuple[int, int]],
+        prepared: Iterable[tuple[np.ndarray, np.ndarray]],
+        patch: int,
+        device: torch.device,
+    ) -> ValTiles:
+        """The tiles of the images of ``shapes`` ``(H, W)`` that ``prepared`` yields one by
+        one, each as ``((H, W, C) image, (H, W) classes)``: only one is held while cut."""
         # filled in place: a list of tiles stacked at the end held them twice (300 held-back
         # 64 x 64 tiles padded to 256: 236 MB more)
-        grid = [(-(-t.shape[0] // patch), -(-t.shape[1] // patch)) for t in targets]
+        grid = [(-(-h // patch), -(-w // patch)) for h, w in shapes]
         n = sum(rows * cols for rows, cols in grid)
-        channels = images[0].shape[2] if images else 1
-        xs = np.empty((n, channels, patch, patch), np.float32)
+        xs = None
         ys = np.empty((n, patch, patch), np.uint8)
         vs = np.zeros((n, patch, patch), bool)
         k = 0
-        for im, t, (rows, cols) in zip(images, targets, grid, strict=True):
-            h, w = t.shape
-            ph, pw = rows * patch - h, cols * patch - w
-            mode = "reflect" if min(h, w) > 1 else "edge"
-            im_p = np.pad(im, ((0, ph), (0, pw), (0, 0)), mode=mode)
-            t_p = np.pad(t, ((0, ph), (0, pw)), mode=mode)
-            valid = np.zeros(t_p.shape, bool)
-            valid[:h, :w] = True
-            m = rows * cols
-            xs[k : k + m].reshape(rows, cols, channels, patch, patch)[:] = im_p.reshape(
-                rows, patch, cols, patch, channels
-            ).transpose(0, 2, 4, 1, 3)
-            for out, a in ((ys, t_p), (vs, valid)):
-                out[k : k + m].reshape(rows, cols, patch, patch)[:] = a.reshape(
-                    rows, patch, cols, patch
-                ).transpose(0, 2, 1, 3)
-            k += m
+        for (im, t), (rows, cols) in zip(prepared, grid, strict=True):
+            if xs is None:
+                xs = np.empty((n, im.shape[2], patch, patch), np.float32)
+            _cut_tiles(im, t, patch, xs[k : k + rows * cols], ys[k:], vs[k:])
+            k += rows * cols
+            del im, t  # before the next image is prepared
+        if xs is None:
+            xs = np.empty((0, 1, patch, patch), np.float32)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         return cls(
             images=torch.from_numpy(xs).to(device=device, dtype=dtype),
             classes=torch.from_numpy(ys).to(device),
             valid=torch.from_numpy(vs).to(device),
-            n_images=len(images),
+            n_images=len(shapes),
         )
+
+
+def _cut_tiles(
+    im: np.ndarray, t: np.ndarray, patch: int, xs: np.ndarray, ys: np.ndarray, vs: np.ndarray
+) -> None:
+    """Write the reflect-padded ``patch`` tiles of one image, row by row, to the first of
+    ``xs`` ``(T, C, P, P)``, ``ys`` and ``vs`` ``(T, P, P)``."""
+    h, w = t.shape
+    rows, cols = -(-h // patch), -(-w // patch)
+    ph, pw = rows * patch - h, cols * patch - w
+    channels = im.shape[2]
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    im_p = np.pad(im, ((0, ph), (0, pw), (0, 0)), mode=mode)
+    t_p = np.pad(t, ((0, ph), (0, pw)), mode=mode)
+    valid = np.zeros(t_p.shape, bool)
+    valid[:h, :w] = True
+    m = rows * cols
+    xs[:m].reshape(rows, cols, channels, patch, patch)[:] = im_p.reshape(
+        rows, patch, cols, patch, channels
+    ).transpose(0, 2, 4, 1, 3)
+    for out, a in ((ys, t_p), (vs, valid)):
+        out[:m].reshape(rows, cols, patch, patch)[:] = a.reshape(
+            rows, patch, cols, patch
+        ).transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------- all of it
@@ -607,7 +683,11 @@ def prepare_data(
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
     check_masks(pairs, masks, kind, root / cfg.data.train_dir / cfg.data.mask_dir)
     target = resolve_target(cfg.train.target, kind, root / cfg.data.train_dir)
-    labels = [mask_to_labels(m, kind) for m in masks]
+    # in place: every mask and its int32 labels were held together
+    labels, masks = masks, None
+    for i in range(len(labels)):
+        labels[i] = mask_to_labels(labels[i], kind)
+    diameter = dataset_diameter_px(labels)
     val_idx = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed, copies)
     if cfg.data.val_fraction > 0 and not len(val_idx):
         one = "one training image" if len(pairs) == 1 else "one training image and its copies"
@@ -638,33 +718,44 @@ def prepare_data(
             "(data.val_fraction)"
         )
 
-    def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
-        x = normalize(images[i], pp, profile.stain, channels=channels)
-        return x, make_target(labels[i], target, cfg.train.boundary_px).astype(np.uint8)
-
-    workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        prepared = list(pool.map(prep, range(len(pairs))))
     is_val = np.zeros(len(pairs), bool)
     is_val[val_idx] = True
     train_idx = np.flatnonzero(~is_val)
-    train = [prepared[i] for i in train_idx]
-    val = [prepared[i] for i in val_idx]
-    faint = (
-        faint_nuclei(
-            [x for x, _ in train],
-            [labels[i] for i in train_idx],
-            cfg.train.faint_quantile,
-        )
-        if cfg.train.faint_oversample > 0
-        else None
-    )
-    store = PatchStore(
-        [x for x, _ in train], [t for _, t in train], device, seed=cfg.data.seed, faint=faint
-    )
+    faint = {} if cfg.train.faint_oversample > 0 else None  # image -> faint_candidates
+    workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
+
+    # A few images at a time (one per worker) from decoded to packed, each decoded image and
+    # its labels freed as it goes: every image normalised before any was packed held 40-49
+    # bytes a pixel.
+    def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
+        x = normalize(images[i], pp, profile.stain, channels=channels)
+        t = make_target(labels[i], target, cfg.train.boundary_px).astype(np.uint8)
+        if faint is not None and not is_val[i]:
+            faint[i] = faint_candidates(x, labels[i])
+        images[i] = labels[i] = None
+        return x, t
+
+    def prepared(indices: np.ndarray):
+        # in order, at most ``workers`` in flight; this frame keeps no reference to what it
+        # yields, so an image packed is freed
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: collections.deque = collections.deque()
+            for i in indices:
+                pending.append(pool.submit(prep, i))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    shapes = [labels[i].shape for i in train_idx]
+    store = PatchStore.packed(shapes, prepared(train_idx), device, seed=cfg.data.seed)
+    if faint is not None:
+        store.set_faint(faintest([faint[i] for i in train_idx], cfg.train.faint_quantile))
     tiles = (
-        ValTiles.from_arrays([x for x, _ in val], [t for _, t in val], cfg.train.patch_size, device)
-        if val
+        ValTiles.cut(
+            [labels[i].shape for i in val_idx], prepared(val_idx), cfg.train.patch_size, device
+        )
+        if len(val_idx)
         else None
     )
     return TrainData(
@@ -673,7 +764,7 @@ def prepare_data(
         target=target,
         in_channels=channels,
         pixel_size_um=pixel_size,
-        nucleus_diameter_px=dataset_diameter_px(labels),
+        nucleus_diameter_px=diameter,
         preprocess=pp,
         stain=profile.stain,
         fingerprint=dataset_fingerprint(pairs),
