@@ -9,7 +9,8 @@ its ``version`` and the ``index_column`` that names a failing row. Every expecta
 
 :func:`run_suites` validates each table once per suite in an ephemeral GX context (nothing is
 written but the Data Docs site, if asked) and returns a :class:`ValidationReport`;
-:func:`validate_dataset` is the whole gate: inventory, suites, Data Docs, output files.
+:func:`validate_dataset` is the whole gate: inventory, suites, Data Docs, output files
+(``validation.html``, :mod:`expectations.page`, is the verdict readable offline).
 Great Expectations is imported only inside :func:`run_suites` (the import takes seconds).
 """
 
@@ -84,15 +85,36 @@ class ValidationReport:
     def success(self) -> bool:
         return not self.errors
 
+    @property
+    def page(self) -> Path | None:
+        """``validation.html``, the verdict readable offline, once :func:`write_report` wrote it."""
+        return Path(self.outputs["page"]) if "page" in self.outputs else None
+
+    def where(self) -> str:
+        """Where to read the verdict: ``validation.html`` first, then the Data Docs (their
+        pages load their styles and scripts from CDNs and show nothing offline)."""
+        docs = f"Data Docs (needs an internet connection): {self.data_docs}"
+        if self.page is None:
+            return docs if self.data_docs is not None else ""
+        return f"{self.page}" + (f"; {docs}" if self.data_docs is not None else "")
+
+    def with_outputs(self, outputs: dict[str, Any]) -> ValidationReport:
+        """A copy with ``outputs`` (name -> path) added to the report's."""
+        from dataclasses import replace
+
+        return replace(self, outputs={**self.outputs, **{k: str(v) for k, v in outputs.items()}})
+
     def check(self, root: str | os.PathLike) -> None:
         """Raise :class:`~mlseg.errors.ValidationFailed` naming the failed error-level rules
-        and the Data Docs, if there are any: the data must not be trained on."""
+        and where to read why (:meth:`where`), if there are any: the data must not be
+        trained on."""
         from mlseg.errors import ValidationFailed
 
         if self.errors:
+            where = self.where()
             raise ValidationFailed(
                 f"{root}: {len(self.errors)} error-level expectation(s) failed "
-                f"({', '.join(o.rule for o in self.errors)}); see {self.data_docs}"
+                f"({', '.join(o.rule for o in self.errors)})" + (f"; see {where}" if where else "")
             )
 
     def failed_rules(self, severity: str | None = None) -> list[str]:
@@ -418,22 +440,26 @@ def run_suites(
 
 
 def write_report(report: ValidationReport, out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``validation.json`` (every outcome, all failing names) and ``validation.csv``."""
+    """Write ``validation.json`` (every outcome, all failing names), ``validation.csv`` and
+    ``validation.html`` (the verdict as a self-contained page, readable offline)."""
+    from expectations.page import validation_page
+
     out = Path(out)
     return {
         "report": write_text(
             out / "validation.json", json.dumps(report.to_dict(), indent=2) + "\n"
         ),
         "summary": write_table(report.to_frame(), out / "validation.csv"),
+        "page": validation_page(report, out / "validation.html").write(out / "validation.html"),
     }
 
 
 def drop_verdict(out: str | os.PathLike) -> None:
-    """Remove an earlier run's verdict from ``out`` (``validation.json``/``.csv``, Data Docs)
-    before its inventory and fingerprint are replaced: a run stopped part-way must not
-    leave the new data's fingerprint beside the old data's 'passed'."""
+    """Remove an earlier run's verdict from ``out`` (``validation.json``/``.csv``/``.html``,
+    Data Docs) before its inventory and fingerprint are replaced: a run stopped part-way must
+    not leave the new data's fingerprint beside the old data's 'passed'."""
     out = Path(out)
-    for name in ("validation.json", "validation.csv"):
+    for name in ("validation.json", "validation.csv", "validation.html"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "data_docs", ignore_errors=True)
 
@@ -449,7 +475,8 @@ def validate_dataset(
     """The whole gate: inventory ``root``, run the suites, write everything into ``out``.
 
     ``out`` receives ``inventory.parquet``/``.csv``, ``splits.csv``, ``fingerprint.json``,
-    ``validate_config.json``, ``validation.json``/``.csv`` and ``data_docs/index.html``. It
+    ``validate_config.json``, ``validation.json``/``.csv``/``.html`` and
+    ``data_docs/index.html``. It
     must lie outside the dataset, which is only read. Returns the report; raising on failure
     is left to the caller (the CLI and the flow raise :class:`~mlseg.errors.ValidationFailed`).
     """
@@ -462,10 +489,4 @@ def validate_dataset(
     outputs = write_inventory(inventory, out)
     report = run_suites(inventory, data_docs_dir=out / "data_docs", suites_dir=suites_dir)
     outputs.update(write_report(report, out))
-    return _with_outputs(report, outputs)
-
-
-def _with_outputs(report: ValidationReport, outputs: dict[str, Path]) -> ValidationReport:
-    from dataclasses import replace
-
-    return replace(report, outputs={k: str(v) for k, v in outputs.items()})
+    return report.with_outputs(outputs)

@@ -2,9 +2,9 @@
 
 Thin: each task calls one function of :mod:`mlseg.inventory` or :mod:`expectations.runner`.
 The flow publishes the result as a table artifact (one row per expectation) and a markdown
-artifact (verdict, failures with their first files, where the Data Docs are), then raises
-:class:`~mlseg.errors.ValidationFailed` on any error-level failure so that nothing downstream
-(training) starts.
+artifact (verdict, failures with their first files, where ``validation.html`` and the Data
+Docs are), then raises :class:`~mlseg.errors.ValidationFailed` on any error-level failure so
+that nothing downstream (training) starts.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ def write_inventory_task(inventory: Inventory, out: str) -> dict[str, str]:
 @task(name="run-expectation-suites", cache_policy=NO_CACHE)
 def suites_task(inventory: Inventory, out: str) -> ValidationReport:
     report = run_suites(inventory, data_docs_dir=Path(out) / "data_docs")
-    write_report(report, out)
-    return report
+    return report.with_outputs(write_report(report, out))
 
 
 def artifact_key(root: str) -> str:
@@ -74,7 +73,8 @@ def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = 
         "",
         f"Dataset `{report.root}`: {len(report.errors)} error(s), "
         f"{len(report.warnings)} warning(s).",
-        f"Data Docs: `{report.data_docs}`",
+        *([f"Report (readable offline): `{report.page}`"] if report.page else []),
+        f"Data Docs (needs an internet connection): `{report.data_docs}`",
         "",
     ]
     for o in (*report.errors, *report.warnings):
@@ -112,7 +112,8 @@ def validate_dataset_flow(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the dataset at ``data_root``; outputs go to ``out_dir`` (default
-    ``./validation/<dataset name>``): Data Docs, inventory, fingerprint, report.
+    ``./validation/<dataset name>``): ``validation.html`` (the verdict, readable offline),
+    Data Docs, inventory, fingerprint, ``validation.json``/``.csv``.
 
     Returns the report as a dict with ``fingerprint_hash`` (pass it to ``train-model``, which
     then refuses training data changed since) and the output paths; raises
@@ -153,11 +154,11 @@ def validate_dataset_flow(
     report = suites_task(inventory, out)
     publish_task(report, inventory.files)
     get_run_logger().info(
-        "validated %s: %d error(s), %d warning(s); Data Docs %s",
+        "validated %s: %d error(s), %d warning(s); see %s",
         root,
         len(report.errors),
         len(report.warnings),
-        report.data_docs,
+        report.where(),
     )
     report.check(root)
     fingerprint_hash = train_fingerprint(root, cfg.data)
@@ -169,7 +170,7 @@ def validate_dataset_flow(
     return {
         **report.to_dict(),
         "fingerprint_hash": fingerprint_hash,
-        "outputs": outputs,
+        "outputs": {**outputs, **report.outputs},
     }
 
 
@@ -186,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="run config YAML (its data section)")
     args = parser.parse_args(argv)
     result = validate_dataset_flow(args.data_root, args.out_dir, config=args.config)
-    print(f"passed, {result['n_warnings']} warning(s); Data Docs: {result['data_docs']}")
+    print(
+        f"passed, {result['n_warnings']} warning(s); see {result['outputs']['page']}; "
+        f"Data Docs (needs an internet connection): {result['data_docs']}"
+    )
     return 0
 
 

@@ -2,7 +2,7 @@
 
 One HTML file with inline CSS and every figure embedded as a base64 PNG: it can be mailed,
 attached to a lab notebook or opened from a bucket without anything else. :class:`Report`
-is a small builder (headings, text, status lines, tables, figures, files);
+is a small builder (headings, text, status lines, tables, figures, files, links);
 :func:`pipeline_report` lays out a whole run: validation summary, training curves,
 evaluation table and worst cases, model decision, quantification histograms, drift, outputs.
 """
@@ -164,6 +164,12 @@ class Report:
         if caption:
             self.blocks.append(f"<p>{_esc(caption)}</p>")
         self.blocks.append(f'<ul class="paths">{items}</ul>')
+        return self
+
+    def link(self, text: str, href: str, note: str = "") -> Report:
+        """A paragraph with a link to ``href`` (a relative path keeps the page portable)."""
+        after = f" {_esc(note)}" if note else ""
+        self.blocks.append(f'<p><a href="{_esc(href)}">{_esc(text)}</a>{after}</p>')
         return self
 
     def to_html(self) -> str:

@@ -303,6 +303,24 @@ def test_a_section_that_is_no_mapping_is_refused_with_an_override(tmp_path, caps
     assert code == 2 and "run.yaml with overrides: bad value for 'train'" in err
 
 
+def test_train_on_data_failing_validation_points_to_the_page_that_reads_offline(
+    nuclei_dataset, tmp_path, capsys
+):
+    """The error said 'see .../data_docs/index.html': without a network those pages list no
+    result (their scripts come from CDNs). It names validation.html first now."""
+    data = nuclei_dataset()
+    (data / "train/masks/train0_mask.png").unlink()
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {max_steps: 1}\n")
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--data", str(data), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    page = out / "validation" / "validation.html"
+    assert "image_has_mask" in err and str(page) in err
+    assert err.index(str(page)) < err.index("data_docs")
+    assert "train/original/train0.png" in page.read_text()
+
+
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_a_dataset_that_is_a_file_or_missing_is_named_so_without_validation(
     tmp_path, capsys, command

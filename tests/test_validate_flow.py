@@ -36,6 +36,10 @@ def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
     assert report.failed_rules("error") == ["image_has_mask"]
     text = summary_markdown(report)
     assert "FAILED" in text and "`image_has_mask`" in text and "train/original/train1.png" in text
+    # the page that reads offline, before the Data Docs (which load their scripts from CDNs)
+    page = tmp_path / "out" / "validation.html"
+    assert page.is_file() and "train/original/train1.png" in page.read_text()
+    assert report.page == page and text.index(str(page)) < text.index("Data Docs")
     # the fix names <stem>_mask.png: as raw HTML the dashboard's markdown renderer drops it
     outside_code = re.sub(r"`[^`]*`", "", text)
     assert "&lt;stem&gt;_mask.png" in outside_code and not re.search(r"<\w", outside_code)
@@ -79,6 +83,8 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     assert result["fingerprint_hash"] == dataset_fingerprint(list_pairs(root, "train"))
     assert Path(result["outputs"]["fingerprint"]).is_file()
     assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
+    assert Path(result["outputs"]["page"]) == tmp_path / "out" / "validation.html"
+    assert "PASSED" in Path(result["outputs"]["page"]).read_text()
     artifacts = flow_artifacts(state.state_details.flow_run_id)
     assert {"dataset-validation-good", "dataset-validation-good-summary"} <= set(artifacts)
     with get_client(sync_client=True) as client:  # the dashboard names the run by its data
@@ -127,7 +133,7 @@ def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp
     )
     state = validate_dataset_flow(str(root), str(tmp_path / "out"), return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValidationFailed, match="no_train_test_leakage"):
+    with pytest.raises(ValidationFailed, match="no_train_test_leakage.*validation.html"):
         state.result()
     artifacts = flow_artifacts(state.state_details.flow_run_id)
     summary = artifacts["dataset-validation-leaky-summary"].data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -653,7 +654,7 @@ def test_a_validate_stopped_part_way_leaves_no_verdict_beside_the_new_fingerprin
         validate_dataset(root, out)
     assert (out / "fingerprint.json").is_file()  # the new data's
     assert not (out / "validation.json").exists() and not (out / "validation.csv").exists()
-    assert not (out / "data_docs").exists()
+    assert not (out / "validation.html").exists() and not (out / "data_docs").exists()
 
 
 def test_validate_dataset_writes_outputs_and_never_touches_the_dataset(nuclei_dataset, tmp_path):
@@ -684,6 +685,41 @@ def test_validate_dataset_writes_outputs_and_never_touches_the_dataset(nuclei_da
     assert fp["n_images"] == 3 and fp["image_stats_params"]["max_side"] == 128
 
 
+def _links(page: str) -> list[str]:
+    return re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.IGNORECASE)
+
+
+def test_validation_html_reads_offline_on_fail_and_on_pass(nuclei_dataset, tmp_path):
+    """Data Docs load Bootstrap, jQuery, Font Awesome and Vega from CDNs: offline their index
+    listed no result and a failed row showed no mark. validation.html is one file that needs
+    nothing fetched: the verdict in words, each failure with its first files, the passes."""
+    root = nuclei_dataset()
+    for i in range(3):
+        (root / f"train/masks/train{i}_mask.png").unlink()
+    (root / "test/masks/test1_mask.png").unlink()
+    (root / "train/notes.txt").write_text("x")  # a warning too
+    out = tmp_path / "out"
+    report = validate_dataset(root, out)
+    assert not report.success and report.page == out / "validation.html"
+    page = (out / "validation.html").read_text()
+    assert "FAILED" in page and "PASSED" not in page  # in words, not only in red
+    failed = page.split("Failed checks")[1].split("Passed checks")[0]
+    assert "image_has_mask" in failed and "dataset_errors" in failed and "4 of " in failed
+    assert "train/original/train0.png" in failed and "test/original/test1.png" in failed
+    assert "stray_files" in failed and "WARN" in failed and "train/notes.txt" in failed
+    assert "not_blank" in page.split("Passed checks")[1]  # a passing check, in the table
+    assert str(root) in page
+    assert _links(page) == ["data_docs/index.html"]  # relative, and nothing else fetched
+    assert "needs an internet connection" in page
+    assert not re.search(r"https?://|<script|@import|url\(", page, flags=re.IGNORECASE)
+
+    report = validate_dataset(nuclei_dataset("good"), tmp_path / "out-good")
+    page = (tmp_path / "out-good" / "validation.html").read_text()
+    assert report.success and "PASSED" in page and "FAILED" not in page
+    assert "Failed checks" not in page and "image_has_mask" in page
+    assert _links(page) == ["data_docs/index.html"] and "http" not in page
+
+
 def test_cli_exit_codes_table_and_default_output_folder(
     nuclei_dataset, tmp_path, capsys, monkeypatch
 ):
@@ -695,6 +731,7 @@ def test_cli_exit_codes_table_and_default_output_folder(
     assert "passed" in out and "not_blank" in out
     assert "pixel sizes, train: 3 unknown (the profile's applies)" in out
     assert (tmp_path / "validation" / "ds" / "data_docs" / "index.html").is_file()
+    assert str(Path("validation", "ds", "validation.html")) in out
 
     (root / "test/masks/test0_mask.png").rename(root / "test/masks/test0-mask.png")
     before = tree_digest(root)
@@ -703,6 +740,9 @@ def test_cli_exit_codes_table_and_default_output_folder(
     assert "mask_naming" in captured.out and "test/masks/test0-mask.png" in captured.out
     assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1
     assert "mask_naming" in captured.err and "image_has_mask" in captured.err
+    # the page that reads offline first; Data Docs only as the full, online view
+    page, docs = str(tmp_path / "o2" / "validation.html"), str(tmp_path / "o2" / "data_docs")
+    assert page in captured.err and captured.err.index(page) < captured.err.index(docs)
     assert tree_digest(root) == before
 
 

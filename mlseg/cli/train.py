@@ -32,8 +32,8 @@ ValidateOpt = Annotated[
     bool,
     typer.Option(
         "--validate/--no-validate",
-        help="Check the data contract first, as mlseg validate does (Data Docs in "
-        "<out>/validation); a failed check stops training.",
+        help="Check the data contract first, as mlseg validate does (verdict in "
+        "<out>/validation/validation.html); a failed check stops training.",
     ),
 ]
 
@@ -55,7 +55,7 @@ def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
     except ValidationFailed as err:  # e.g. a set with no test images, on purpose
         raise ValidationFailed(f"{err}; --no-validate trains on it anyway") from None
     warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
-    typer.echo(f"{root}: validated{warned}; Data Docs {report.data_docs}")
+    typer.echo(f"{root}: validated{warned}; see {report.where()}")
     return before
 
 

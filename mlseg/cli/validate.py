@@ -80,7 +80,8 @@ def validate(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
 ) -> None:
-    """Check a dataset against the data contract; write Data Docs, inventory and fingerprint.
+    """Check a dataset against the data contract; write the verdict (validation.html, readable
+    offline), Great Expectations' Data Docs, inventory and fingerprint.
 
     Exits 1 if any error-level expectation fails (training must not start), 0 otherwise;
     warnings are reported. The dataset is only read.
@@ -96,14 +97,15 @@ def validate(
     if not quiet:
         print_report(report)
         _print_inventory(report.outputs.get("inventory"))
-        typer.echo(f"Data Docs: {report.data_docs}")
+        typer.echo(f"report: {report.page}")
+        typer.echo(f"Data Docs (needs an internet connection): {report.data_docs}")
         typer.echo(
             f"inventory: {report.outputs.get('inventory')}  "
             f"fingerprint: {report.outputs.get('fingerprint')}"
         )
     report.check(directory)
     warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
-    typer.echo(f"{directory}: passed{warned}; outputs in {out}")
+    typer.echo(f"{directory}: passed{warned}; see {report.page}")
 
 
 def register(app: typer.Typer) -> None:
