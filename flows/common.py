@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -101,6 +102,11 @@ def batch_label(paths: list[str]) -> str:
     return first if len(paths) == 1 else f"{first} +{len(paths) - 1}"
 
 
+#: Causes of an ``OSError`` that retrying in seconds cannot mend: a disk full, a quota spent,
+#: a file size limit, a read-only file system.
+_LASTING = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """I/O errors worth retrying (network file systems, object stores, busy files).
 
@@ -114,6 +120,9 @@ def is_transient(exc: BaseException | None) -> bool:
     if isinstance(
         exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
     ):
+        return False
+    # a full disk, quota or read-only file system is there still seconds later
+    if isinstance(exc, OSError) and exc.errno in _LASTING:
         return False
     return isinstance(exc, OSError | TimeoutError | ConnectionError)
 

@@ -42,7 +42,7 @@ from flows.common import (
     user_errors_exit,
 )
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
-from mlseg.errors import MlsegError
+from mlseg.errors import MlsegError, writes_named
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -226,8 +226,11 @@ def segment_batch(
             loaded = loaded_model(model, cfg.device)
             version = code_version()  # this worker's, on Dask too
         if marks is not None:  # before: an image done on disk after this is this run's
-            marks.mkdir(parents=True, exist_ok=True)
-            (marks / image_stem(path)).touch()
+            # a full disk here raised Python's ENOSPC on .mlseg-written, retried twice in
+            # vain and shown in a 200-line traceback: it is the output folder's error
+            with writes_named(out):
+                marks.mkdir(parents=True, exist_ok=True)
+                (marks / image_stem(path)).touch()
         try:
             summary, _ = segment_one(
                 loaded, path, out, prof, cfg, expect, pixel_size_um, pixel_sizes, version

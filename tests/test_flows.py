@@ -8,6 +8,7 @@ predictions are meaningless, but deterministic, which is what reruns are compare
 from __future__ import annotations
 
 import datetime
+import errno
 import inspect
 import json
 import logging
@@ -141,6 +142,9 @@ def test_only_transient_io_errors_are_retried() -> None:
     assert not is_transient(FileNotFoundError("gone"))
     assert not is_transient(ImageReadError("x.png: truncated PNG"))
     assert not is_transient(ValueError("bug"))
+    # a full disk or spent quota is not mended by a retry seconds later
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_transient(OSError(errno.EDQUOT, "Disk quota exceeded"))
 
 
 def test_every_flow_parameter_has_a_description_in_the_run_form() -> None:
@@ -782,6 +786,37 @@ def test_a_failed_run_not_retried_leaves_no_marks_once_another_run_takes_its_fol
         ["img_000", "img_001"],
     )
     assert not (out / WRITTEN_DIR).exists()
+
+
+def test_a_full_disk_where_an_image_is_marked_fails_once_naming_the_output_folder(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """The disk full when a batch marked an image in .mlseg-written: Python's ENOSPC on
+    that hidden folder, taken for a passing I/O error and retried twice in vain, ended the
+    run in a 200-line traceback; it is the output folder's error, said once."""
+    from flows.segment import WRITTEN_DIR
+    from mlseg.errors import OutputError
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    mkdir, tries = Path.mkdir, []
+
+    def full(self, *args, **kwargs):
+        if WRITTEN_DIR in self.parts:
+            tries.append(self)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    state = _segment(inbox, out, checkpoint, batch_size=2)
+    assert state.is_failed()
+    with pytest.raises(OutputError) as caught:
+        state.result()
+    assert str(caught.value) == (
+        f"{out}: cannot be written (no space left on device); free disk space or write "
+        "elsewhere, then run again"
+    )
+    assert len(tries) == 1  # not retried
 
 
 def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:
