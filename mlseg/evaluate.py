@@ -30,7 +30,7 @@ from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
-from mlseg.io import read_image, read_mask, write_table, write_text
+from mlseg.io import read_image, read_mask, write_table, write_text, written_together
 from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
 from mlseg.model import LoadedModel, load_model, resolve_model_device
 from mlseg.registry import code_version, eval_set_id
@@ -257,8 +257,6 @@ def evaluate(
         "fn": fn,
         **{k: int(df[k].sum()) for k in ERROR_KINDS},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = write_table(df, out / "per_image.csv")
     # the set as this model's data config pairs it (mask suffix, folders): the id that makes
     # two scores comparable must change whenever one of the masks scored here changes
     set_id = eval_set_id(data_root, split, cfg.data, pixel_size_um)
@@ -282,10 +280,17 @@ def evaluate(
         "pooled": pooled,
         "inference": inference_cfg.model_dump(mode="json"),
     }
-    json_path = write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2))
     from mlseg.plots import plot_worst
 
-    worst_png = plot_worst([item for _, item in worst], out / "worst.png") if worst else None
+    # the three or none: a disk that filled at worst.png left this model's table and summary
+    # beside the previous model's worst cases, as if they were this one's
+    with written_together(out) as staging:
+        write_table(df, staging / "per_image.csv")
+        write_text(staging / "summary.json", json.dumps(_json_safe(summary), indent=2))
+        if worst:
+            plot_worst([item for _, item in worst], staging / "worst.png")
+    csv_path, json_path = out / "per_image.csv", out / "summary.json"
+    worst_png = out / "worst.png" if worst else None
     return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)
 
 

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 import warnings
@@ -26,7 +27,14 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from mlseg.errors import ImageReadError, MlsegError, cannot_write, writes_named
+from mlseg.errors import (
+    ImageReadError,
+    MlsegError,
+    OutputError,
+    cannot_write,
+    staged_write_error,
+    writes_named,
+)
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -81,6 +89,27 @@ def staging_dir(final: str | os.PathLike) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A new folder to write a set of outputs in (as ``out_dir`` would hold them), whose
+    files are moved into ``out_dir`` when the block ends: all of them, or none where a write
+    fails, the set written before left whole. A failure a person fixes (disk full) raises
+    :class:`OutputError` naming ``out_dir``, not the hidden folder."""
+    out_dir = Path(out_dir)
+    staging = staging_dir(out_dir / "outputs")
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            path.replace(out_dir / path.name)
+    except (OSError, OutputError) as err:
+        said = staged_write_error(err, staging, out_dir)
+        if said is None:
+            raise
+        raise said from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 #: The name :func:`atomic_path` gives its temporary: ``.<stem>.<8 of mkstemp's>.tmp<suffix>``.

@@ -110,6 +110,38 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     assert result.worst_png is not None and result.worst_png.stat().st_size > 1000
 
 
+def test_a_disk_that_fills_at_the_worst_cases_leaves_the_previous_evaluation_whole(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """A second model scored into the same folder on a disk that filled at worst.png: its
+    per_image.csv and summary.json (naming it) were left beside the first model's worst
+    cases, one evaluation that was two."""
+    import errno
+
+    import mlseg.plots
+    from mlseg.errors import OutputError
+    from mlseg.io import atomic_path
+
+    out = tmp_path / "eval"
+    ev.evaluate(checkpoint, synth_dataset, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"per_image.csv", "summary.json", "worst.png"}
+
+    def full(items, path):
+        with atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlseg.plots, "plot_worst", full)
+    other = _small_checkpoint(tmp_path / "other")
+    with pytest.raises(OutputError) as caught:
+        ev.evaluate(other, synth_dataset, out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else there
+    assert str(caught.value) == (
+        f"{out}: cannot be written (no space left on device); free disk space or write "
+        "elsewhere, then run again"
+    )
+
+
 def test_evaluate_end_to_end_with_real_inference(checkpoint, synth_dataset, tmp_path) -> None:
     result = ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", progress=False)
     df = result.per_image
