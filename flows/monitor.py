@@ -92,7 +92,7 @@ def monitor(
     import pandas as pd
 
     from mlseg.errors import DatasetError
-    from mlseg.io import write_table, write_text
+    from mlseg.io import write_table, write_text, written_together
     from mlseg.monitor import DriftDetected, drift_report, list_new_images, load_fingerprint
 
     log_warnings()
@@ -119,8 +119,12 @@ def monitor(
     rows = [row for future in futures for row in future.result()]
     report = drift_report(pd.DataFrame(rows), reference, cfg)
     out = Path(out_dir)
-    drift_csv = write_table(report.table, out / "drift.csv")
-    drift_json = write_text(out / "drift.json", json.dumps(report.as_dict(), indent=2, default=str))
+    # both or neither: a disk that filled at drift.json left this run's table beside the
+    # previous run's status, which the pipeline's report reads
+    with written_together(out) as staging:
+        write_table(report.table, staging / "drift.csv")
+        write_text(staging / "drift.json", json.dumps(report.as_dict(), indent=2, default=str))
+    drift_csv, drift_json = out / "drift.csv", out / "drift.json"
     artifacts.table(
         "drift-report",
         report.table,

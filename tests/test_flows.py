@@ -869,6 +869,41 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
+    harness, tmp_path, monkeypatch
+) -> None:
+    """A monitor run whose disk filled at drift.json left its drift.csv beside the previous
+    run's drift.json: this run's statistics under last week's status."""
+    import mlseg.io
+    from flows.monitor import monitor
+    from mlseg.errors import OutputError
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 12, seed=1))
+    out = tmp_path / "m"
+    disc_images(tmp_path / "week1", 6, seed=2)
+    assert monitor(
+        str(tmp_path / "week1"), str(reference), str(out), return_state=True
+    ).is_completed()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"drift.csv", "drift.json"}
+    write_text = mlseg.io.write_text
+
+    def full(path, text):
+        if Path(path).name != "drift.json":
+            return write_text(path, text)
+        with mlseg.io.atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlseg.io, "write_text", full)
+    disc_images(tmp_path / "week2", 4, seed=5)
+    state = monitor(str(tmp_path / "week2"), str(reference), str(out), return_state=True)
+    assert state.is_failed()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else there
+    with pytest.raises(OutputError, match="no space left on device") as caught:
+        state.result()
+    assert str(caught.value).startswith(f"{out}: ")
+
+
 def test_each_image_statistics_task_run_is_named_after_its_images(harness, tmp_path) -> None:
     """The monitor's batches were all listed as image-stats-<3 random characters>."""
     from flows.monitor import monitor
