@@ -41,7 +41,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlseg.errors import MlsegError, ModelError, OutputError, staged_write_error, writes_named
+from mlseg.errors import (
+    MlsegError,
+    ModelError,
+    OutputError,
+    cannot_write,
+    staged_write_error,
+    writes_named,
+)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -467,6 +474,13 @@ def decisions(
     return [_read_json(fs, p) for p in sorted(fs.ls(base, detail=False)) if p.endswith(".json")]
 
 
+#: What to do where the model cache under ``XDG_CACHE_HOME`` ran out of space.
+_CACHE_FULL = (
+    "free disk space there, or set XDG_CACHE_HOME to a folder on a disk with room (the model "
+    "cache goes under it), then run again"
+)
+
+
 @_names_the_store
 def fetch(
     version: ModelVersion,
@@ -485,6 +499,7 @@ def fetch(
         # weights overwritten in the version folder after promotion were served under its tag
         _check_files(fs, path, version)
         return Path(path)
+    under_xdg = cache_dir is None
     if cache_dir is None:
         # where pip, torch hub and matplotlib cache too: a worker whose home is read-only
         # (a service account, a container) points them all elsewhere with one variable
@@ -503,15 +518,26 @@ def fetch(
     )
     if not complete:
         hint = "the model cache goes under XDG_CACHE_HOME: set it to a writable folder"
-        with writes_named(target, hint):
+        with writes_named(target, hint if under_xdg else None):
             target.mkdir(parents=True, exist_ok=True)
         for fname, sha in version.files.items():
             from mlseg.io import atomic_path
 
-            with atomic_path(target / fname) as tmp:
-                fs.get_file(f"{path}/{fname}", str(tmp))
-                if _sha256(tmp) != sha:
-                    raise RegistryError(f"{version.uri}/{fname}: checksum mismatch; re-register")
+            try:
+                with atomic_path(target / fname) as tmp:
+                    fs.get_file(f"{path}/{fname}", str(tmp))
+                    if _sha256(tmp) != sha:
+                        raise RegistryError(
+                            f"{version.uri}/{fname}: checksum mismatch; re-register"
+                        )
+            except OutputError as err:
+                # a full disk said "write elsewhere", and the cache is moved only by
+                # XDG_CACHE_HOME, which no word named
+                if not under_xdg or err.cause is None:
+                    raise
+                full = err.cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                said = cannot_write(target, err.cause, _CACHE_FULL if full else hint)
+                raise said or err from err
     return target
 
 

@@ -246,6 +246,39 @@ def test_a_remote_version_is_cached_where_xdg_cache_home_says(tmp_path, monkeypa
     assert str(caught.value).startswith(str(home / ".cache" / "mlseg" / "models"))
 
 
+def test_a_full_disk_under_the_model_cache_names_it_and_xdg_cache_home(
+    tmp_path, monkeypatch
+) -> None:
+    """A remote version fetched onto a full disk: the error named the weights file in the
+    cache and said "write elsewhere", where only XDG_CACHE_HOME moves the cache; nothing
+    half-downloaded is left for a later fetch to serve."""
+    from mlseg.errors import OutputError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    version = _register(tmp_path, f"memory://mlseg-test-{uuid.uuid4().hex}/models", 0.9)
+    fs = type(reg._fs(version.uri)[0])
+    get_file = fs.get_file
+
+    def full(self, rpath, lpath, **kwargs):
+        with open(lpath, "wb") as fh:
+            fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs, "get_file", full)
+    with pytest.raises(OutputError) as caught:
+        reg.fetch(version)
+    target = tmp_path / "cache" / "mlseg" / "models" / "nuclei"
+    (folder,) = target.iterdir()
+    assert str(caught.value) == (
+        f"{folder}: cannot be written (no space left on device); free disk space there, or set "
+        "XDG_CACHE_HOME to a folder on a disk with room (the model cache goes under it), then "
+        "run again"
+    )
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(fs, "get_file", get_file)
+    assert (reg.fetch(version) / "best.safetensors").read_bytes() == b"w-a"
+
+
 def test_the_same_weights_scored_on_a_new_set_are_compared_there(tmp_path: Path) -> None:
     """The pipeline reruns with the same weights on a new test set: the challenger's score
     on that set, not its registration score on the old one, meets the champion's there."""
