@@ -630,15 +630,22 @@ def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame
     lost."""
     from filelock import FileLock
 
+    from mlseg.errors import writes_named
     from mlseg.io import write_table
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(f".{path.name}.lock")):
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    # the lock file is the first made: a full disk raised Python's ENOSPC naming it
+    with writes_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
         history = read_history(path)
         if row.get("run_id") and "run_id" in history:
             history = history[history["run_id"].astype(str) != str(row["run_id"])]
         new = pd.DataFrame([row])
         table = new if history.empty else pd.concat([history, new], ignore_index=True)
         write_table(table, path)
+    finally:
+        lock.release()
     return table

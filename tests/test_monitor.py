@@ -287,6 +287,35 @@ def test_runs_ending_together_keep_every_history_row(tmp_path) -> None:
     assert len(monitor.read_history(history)) == 120
 
 
+def test_a_full_disk_at_the_history_s_lock_names_the_history(tmp_path, monkeypatch) -> None:
+    """A disk out of space (or of inodes) where the history's lock file was first made:
+    Python's ENOSPC naming '.history.csv.lock', a file the user never gave, and no fix."""
+    import errno
+    import os
+
+    from mlseg.errors import OutputError
+
+    history = tmp_path / "runs" / "history.csv"
+    monitor.append_history(history, {"run_id": "r1", "images": 1})
+    before = history.read_bytes()
+    (tmp_path / "runs" / ".history.csv.lock").unlink(missing_ok=True)
+    real_open = os.open
+
+    def full(name, flags, *args, **kwargs):
+        if str(name).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device", str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OutputError) as caught:
+        monitor.append_history(history, {"run_id": "r2", "images": 2})
+    assert str(caught.value) == (
+        f"{history}: cannot be written (no space left on device); free disk space or write "
+        "elsewhere, then run again"
+    )
+    assert history.read_bytes() == before
+
+
 def test_monitor_command_exit_code_follows_drift(
     tmp_path, he_fingerprint, capsys, monkeypatch
 ) -> None:
