@@ -31,7 +31,7 @@ import yaml
 
 from mlseg.config import Config, DataConfig, get_profile
 from mlseg.errors import ConfigError, ResumeError, TrainingDiverged
-from mlseg.io import write_table, write_text
+from mlseg.io import write_table, write_text, written_together
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
     "train.lr": [3e-4, 1e-3, 3e-3],
@@ -302,10 +302,9 @@ def tune(
     )
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     df = df.reset_index(drop=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(df, out / "tune_results.csv")
     # the values as tried, not as the table holds them (None becomes NaN in a float column)
     if not np.isfinite(df.loc[0, "best_val_dice"]):
+        write_table(df, out / "tune_results.csv")
         raise ConfigError(
             f"{out}: every trial's training diverged (tune_results.csv); lower the "
             "learning rates searched (train.lr) or raise train.warmup_steps"
@@ -314,5 +313,9 @@ def tune(
     best_cfg = apply_params(cfg, best_params)
     text = "# best of mlseg tune (" + ", ".join(f"{k}={v}" for k, v in best_params.items()) + ")\n"
     text += yaml.safe_dump(best_cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
-    write_text(out / "best_config.yaml", text)
+    # both or neither: a disk that filled at best_config.yaml left a wider search's ranking
+    # beside the narrower one's winner
+    with written_together(out) as staging:
+        write_table(df, staging / "tune_results.csv")
+        write_text(staging / "best_config.yaml", text)
     return df

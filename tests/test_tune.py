@@ -171,6 +171,49 @@ def test_the_best_trial_is_written_with_the_values_it_ran(synth_dataset, tmp_pat
     assert "target_pixel_size_um: null" in best
 
 
+def test_a_disk_that_fills_at_best_config_leaves_the_previous_search_whole(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """A wider search rerun in the folder of a narrower one, on a disk that filled at
+    best_config.yaml: its ranking (a new winner first) was left beside the old winner's
+    config, which training then took as the best."""
+    import errno
+
+    import mlseg.io
+    import mlseg.train
+    from mlseg.errors import OutputError
+
+    dice = {None: 0.5, 0.5: 0.6, 0.25: 0.9}
+
+    class Result:
+        def __init__(self, cfg, out_dir):
+            import pandas as pd
+
+            self.best_val_dice = dice[cfg.preprocess.target_pixel_size_um]
+            self.steps, self.images_per_s = 1, 1.0
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
+    key = "preprocess.target_pixel_size_um"
+    search = {"trials": None, "method": "grid", "progress": False}
+    tune(load_config(None), synth_dataset, tmp_path, space={key: [None, 0.5]}, **search)
+    before = {n: (tmp_path / n).read_bytes() for n in ("tune_results.csv", "best_config.yaml")}
+    write_text = mlseg.io.write_text
+
+    def full(path, text):
+        with mlseg.io.atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mlseg.tune.write_text", full)
+    with pytest.raises(OutputError, match="no space left on device"):
+        tune(load_config(None), synth_dataset, tmp_path, space={key: [None, 0.5, 0.25]}, **search)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr("mlseg.tune.write_text", write_text)
+    tune(load_config(None), synth_dataset, tmp_path, space={key: [None, 0.5, 0.25]}, **search)
+    assert "target_pixel_size_um: 0.25" in (tmp_path / "best_config.yaml").read_text()
+
+
 def test_a_search_without_validation_images_is_refused_before_training(
     synth_dataset, tmp_path, monkeypatch
 ):
