@@ -348,7 +348,7 @@ def pipeline(
         quantified["history_csv"],
         return_state=True,
     )
-    drift = _drift(work / "monitor" / "drift.json")
+    drift = _drift(work / "monitor" / "drift.json", monitor_state)
 
     # 8. the report for people who do not open the dashboard
     outputs = {
@@ -484,8 +484,19 @@ def _report(
     )
 
 
-def _drift(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _drift(path: Path, state) -> dict[str, Any]:
+    """The drift report (``drift.json`` at ``path``) of the monitor run that ended in
+    ``state``; empty where that run wrote none: failed before it (disk full) or finding no
+    images. The one there then is an earlier run's, which the report showed as this run's
+    (a monitor failed on a full disk: 'Monitoring OK')."""
+    from mlseg.monitor import DriftDetected
+
+    outcome = state.result(raise_on_failure=False)
+    if state.is_failed():
+        written = isinstance(outcome, DriftDetected)  # raised after drift.json was written
+    else:
+        written = isinstance(outcome, dict) and "drift_json" in outcome
+    return json.loads(path.read_text()) if written and path.is_file() else {}
 
 
 @user_errors_exit

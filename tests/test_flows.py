@@ -1408,6 +1408,25 @@ def test_a_pipeline_left_without_a_production_model_says_why(tmp_path) -> None:
     _check_production(str(tmp_path / "registry"), "nuclei", {**blind, "promoted": True})
 
 
+def test_the_report_shows_no_earlier_run_s_drift_as_this_one_s(tmp_path) -> None:
+    """A pipeline rerun whose monitor failed on a full disk before drift.json: its report
+    read the drift.json of the run before and said 'Monitoring OK'."""
+    from prefect.states import Completed, Failed
+
+    from flows.pipeline import _drift
+    from mlseg.errors import OutputError
+    from mlseg.monitor import DriftDetected
+
+    path = tmp_path / "drift.json"
+    path.write_text(json.dumps({"status": "ok", "message": "last week's"}))
+    full = OutputError(f"{path}: cannot be written (no space left on device)")
+    assert _drift(path, Failed(data=full)) == {}
+    assert _drift(path, Completed(data={"status": "skipped", "n_images": 0})) == {}
+    # written by this run: its drift, passed or failed
+    assert _drift(path, Completed(data={"status": "ok", "drift_json": str(path)}))["status"] == "ok"
+    assert _drift(path, Failed(data=DriftDetected("x: drift")))["message"] == "last week's"
+
+
 def test_pipeline_helpers_carry_the_run_settings_to_every_stage(tmp_path, checkpoint) -> None:
     """The pipeline's profile reaches training and evaluation (they read the run config),
     the run's data overrides reach validation and its inference settings reach evaluation."""
