@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,16 +39,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlseg.errors import OutputError, staged_write_error, writes_named
+from mlseg.errors import writes_named
 from mlseg.io import (
     atomic_leftovers,
     atomic_path,
     labels_suffix,
-    staging_dir,
     write_image,
     write_labels,
     write_table,
     write_text,
+    written_together,
 )
 
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
@@ -660,10 +659,8 @@ def write_run_outputs(
     rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     nuclei = nuclei_table(tables)
     # all four or none: a disk that filled at the second left this run's summary.csv beside
-    # the previous run's nuclei.parquet and run.json; they are written in a folder of their
-    # own, then renamed into place
-    staging = staging_dir(out_dir / "run")
-    try:
+    # the previous run's nuclei.parquet and run.json
+    with written_together(out_dir) as staging:
         written = {
             # a run where every image failed still writes a table a reader can open
             "summary": write_table(
@@ -674,18 +671,7 @@ def write_run_outputs(
             "histograms": plot_histograms(nuclei, staging / "histograms.png"),
             "run": write_text(staging / "run.json", dumps(run_info)),
         }
-        paths = {}
-        for key, path in written.items():
-            paths[key] = out_dir / path.name
-            path.replace(paths[key])
-    except (OSError, OutputError) as err:
-        said = staged_write_error(err, staging, out_dir)
-        if said is None:
-            raise
-        raise said from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return paths
+    return {key: out_dir / path.name for key, path in written.items()}
 
 
 def histogram_columns(columns: list[str]) -> list[str]:
