@@ -90,6 +90,7 @@ from mlseg.io import (
     read_image,
     write_table,
     write_text,
+    written_together,
 )
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
 
@@ -985,17 +986,21 @@ def check_output_dir(root: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def write_inventory(inventory: Inventory, out: str | os.PathLike) -> dict[str, Path]:
     """Write ``inventory.parquet``, ``inventory.csv``, ``splits.csv``, ``fingerprint.json`` and
-    ``validate_config.json`` into ``out`` (atomically, each); return their paths by name."""
+    ``validate_config.json`` into ``out``, all or none (a disk that filled at the fingerprint
+    left the new inventory beside the old one's); return their paths by name."""
     out = check_output_dir(inventory.root, out)
-    paths = {
-        "inventory": write_table(inventory.files, out / "inventory.parquet"),
-        "inventory_csv": write_table(inventory.files, out / "inventory.csv"),
-        "splits": write_table(inventory.splits, out / "splits.csv"),
-        "fingerprint": write_text(
-            out / "fingerprint.json", json.dumps(_fingerprint_of(inventory), indent=2) + "\n"
-        ),
-        "config": write_text(
-            out / "validate_config.json", inventory.config.model_dump_json(indent=2) + "\n"
-        ),
-    }
-    return paths
+    with written_together(out) as staging:
+        written = {
+            "inventory": write_table(inventory.files, staging / "inventory.parquet"),
+            "inventory_csv": write_table(inventory.files, staging / "inventory.csv"),
+            "splits": write_table(inventory.splits, staging / "splits.csv"),
+            "fingerprint": write_text(
+                staging / "fingerprint.json",
+                json.dumps(_fingerprint_of(inventory), indent=2) + "\n",
+            ),
+            "config": write_text(
+                staging / "validate_config.json",
+                inventory.config.model_dump_json(indent=2) + "\n",
+            ),
+        }
+    return {key: out / path.name for key, path in written.items()}

@@ -175,6 +175,41 @@ def test_content_hash_depends_on_pixels_not_file_format(tmp_path, nuclei_pair):
 # ------------------------------------------------------------------ inventory
 
 
+def test_a_disk_that_fills_while_an_inventory_is_written_keeps_the_previous_one(
+    tmp_path, nuclei_dataset, monkeypatch
+):
+    """inventory, splits, fingerprint and config are one record: a disk that filled at
+    fingerprint.json left the new inventory beside the previous dataset's fingerprint, which
+    drift monitoring reads. The previous five stay as they were, and the error names the
+    folder."""
+    import errno
+
+    import mlseg.inventory
+    from mlseg.errors import OutputError
+    from mlseg.inventory import write_inventory
+
+    out = tmp_path / "validation"
+    first = write_inventory(build_inventory(nuclei_dataset("a")), out)
+    before = {key: path.read_bytes() for key, path in first.items()}
+    real_write_text = mlseg.inventory.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        if path.name == "fingerprint.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(mlseg.inventory, "write_text", full_disk)
+    root = nuclei_dataset("b")
+    (root / "train" / "original" / "extra.png").write_bytes(
+        (root / "train" / "original" / "train0.png").read_bytes()
+    )
+    with pytest.raises(OutputError, match="no space left on device") as caught:
+        write_inventory(build_inventory(root), out)
+    assert str(caught.value).startswith(f"{out}: cannot be written")
+    assert {key: path.read_bytes() for key, path in first.items()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.values())
+
+
 def test_inventory_rows_columns_and_not_applicable_nulls(tmp_path, nuclei_dataset):
     root = nuclei_dataset("ds")
     (root / "train" / "notes").mkdir()
