@@ -213,6 +213,36 @@ def test_entrypoint_starts_a_worker_or_runs_any_command(tmp_path):
     assert any(k == "COPY" and "infra/docker-entrypoint.sh" in v for k, v in _instructions())
 
 
+def test_entrypoint_caps_the_worker_s_flow_runs_where_the_stack_says(tmp_path):
+    # the droplet's worker.env sets MLSEG_WORKER_LIMIT (infra settings: workerFlowLimit)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "prefect"
+    fake.write_text('#!/bin/sh\nprintf "%s|" "$@"\n')  # one field per argument
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def argv(*args: str, **extra: str) -> list[str]:
+        result = _run(["sh", str(ENTRYPOINT), *args], env=env | extra)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("|")[:-1]
+
+    start = ["worker", "start", "--pool", "mlseg-pool", "--type", "process"]
+    assert argv("worker") == start  # unset: no limit, as before
+    assert argv("worker", MLSEG_WORKER_LIMIT="") == start
+    assert argv(MLSEG_WORKER_LIMIT="2") == [*start, "--limit", "2"]
+    assert argv("worker", "--name", "a b", MLSEG_WORKER_LIMIT="2") == [
+        *start,
+        "--limit",
+        "2",
+        "--name",
+        "a b",
+    ]
+    # prefect refuses a second --limit ("specified multiple times"): one given by hand wins
+    for given in (["--limit", "4"], ["--limit=4"], ["-l", "4"]):
+        assert argv("worker", *given, MLSEG_WORKER_LIMIT="2") == [*start, *given]
+
+
 def _final_stage_env() -> dict[str, str]:
     """The variables the final stage's ENV sets, as written (``$PATH`` and the like kept)."""
     env: dict[str, str] = {}

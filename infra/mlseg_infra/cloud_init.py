@@ -51,6 +51,7 @@ def render_public_config(settings: Settings) -> str:
     values = {
         "stack": settings.stack,
         "work_pool": settings.work_pool,
+        "worker_flow_limit": str(settings.worker_flow_limit),
         "prefect_api_url": settings.prefect_api_url,
         "spaces_endpoint": settings.spaces_endpoint,
         "region": settings.region,

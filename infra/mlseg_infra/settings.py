@@ -22,10 +22,16 @@ DEFAULT_WORK_POOL = "mlseg-pool"
 DEFAULT_IMAGE = "ubuntu-24-04-x64"  # Ubuntu 24.04 LTS
 DEFAULT_GPU_IMAGE = "gpu-h100x1-base"  # DigitalOcean's AI/ML-ready image, NVIDIA drivers installed
 MAX_WORKERS = 20
+# Flow runs one worker runs at once. After an outage the server hands a worker every missed
+# scheduled run at once (three nights: three `Late` runs); each is a process of about 1 GB with
+# torch loaded, and runs on one output folder only take turns on its lock. Two fit the
+# smallest droplet allowed (4 GB) and still let a training run beside a nightly one.
+DEFAULT_WORKER_FLOW_LIMIT = 2
 # Every key this program reads (read_settings, read_secrets): any other `mlseg:` key is a typo.
 KEYS = (
     "region",
     "workerCount",
+    "workerFlowLimit",
     "dropletSize",
     "dropletImage",
     "gpu",
@@ -66,6 +72,7 @@ class Settings:
     stack: str
     region: str
     worker_count: int
+    worker_flow_limit: int
     droplet_size: str
     droplet_image: str
     gpu: bool
@@ -123,6 +130,11 @@ def _problems(s: Settings) -> list[str]:
         problems.append(f"region {s.region!r} is not a DigitalOcean region slug such as 'ams3'")
     if not 1 <= s.worker_count <= MAX_WORKERS:
         problems.append(f"workerCount is {s.worker_count}; it must be 1 to {MAX_WORKERS}")
+    if s.worker_flow_limit < 1:
+        problems.append(
+            f"workerFlowLimit is {s.worker_flow_limit}; it must be at least 1 (the flow runs "
+            "one worker runs at once)"
+        )
     try:
         size = require_minimum(s.droplet_size)
     except SizeError as err:
@@ -209,6 +221,7 @@ def read_settings(config: pulumi.Config, stack: str) -> Settings:
         stack=stack,
         region=config.get("region", "ams3"),
         worker_count=config.get_int("workerCount", 1),
+        worker_flow_limit=config.get_int("workerFlowLimit", DEFAULT_WORKER_FLOW_LIMIT),
         droplet_size=config.get("dropletSize", "gpu-h100x1-80gb" if gpu else "s-2vcpu-4gb"),
         droplet_image=config.get("dropletImage", DEFAULT_GPU_IMAGE if gpu else DEFAULT_IMAGE),
         gpu=gpu,

@@ -205,6 +205,7 @@ def make_settings(**overrides: Any):
         "stack": "dev",
         "region": "ams3",
         "worker_count": 1,
+        "worker_flow_limit": 2,
         "droplet_size": "s-2vcpu-4gb",
         "droplet_image": "ubuntu-24-04-x64",
         "gpu": False,

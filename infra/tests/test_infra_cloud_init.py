@@ -194,3 +194,27 @@ def test_registry_login_is_written_as_docker_config():
     secret = yaml.safe_load(render_secret_config("k", "id", "s", docker))
     config = next(e for e in secret["write_files"] if e["path"] == "/root/.docker/config.json")
     assert json.loads(config["content"])["auths"]["registry.digitalocean.com"]["auth"] == "eA=="
+
+
+def _worker_env(user_data: str) -> dict[str, str]:
+    public, _ = _parts(user_data)
+    files = {f["path"]: f["content"] for f in yaml.safe_load(public)["write_files"]}
+    return dict(line.split("=", 1) for line in files["/etc/mlseg/worker.env"].splitlines())
+
+
+def test_workers_run_two_flow_runs_at_once_unless_the_stack_says_otherwise(user_data):
+    """After an outage the server hands a worker every missed nightly run at once; each is a
+    process of about 1 GB, so without a cap ten missed nights exhaust a 4 GB droplet."""
+    assert "workerFlowLimit" not in stack_config("dev")  # the default applies
+    assert _worker_env(user_data)["MLSEG_WORKER_LIMIT"] == "2"
+    result = run_stack("prod", stack_config("prod", workerFlowLimit=3))
+    for droplet in result.of("Droplet"):
+        assert _worker_env(droplet.inputs["userData"])["MLSEG_WORKER_LIMIT"] == "3"
+
+
+@needs_cloud_init
+def test_public_part_with_a_flow_limit_passes_cloud_init_schema(tmp_path):
+    text = render_public_config(make_settings(worker_flow_limit=1))
+    assert "MLSEG_WORKER_LIMIT=1\n" in text
+    checked = _schema_check(tmp_path, text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -95,6 +95,20 @@ def test_a_too_small_droplet_fails_the_preview():
         run_stack("dev", config, preview=True)
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_flow_limit_below_one_fails_the_preview(limit):
+    config = stack_config("dev", workerFlowLimit=limit)
+    with pytest.raises(SettingsError, match=f"workerFlowLimit is {limit}; it must be at least 1"):
+        run_stack("dev", config, preview=True)
+
+
+@pytest.mark.parametrize("limit", ["two", "2.5", ""])
+def test_a_flow_limit_that_is_not_an_integer_fails_the_preview(limit):
+    config = stack_config("dev", workerFlowLimit=limit)
+    with pytest.raises(pulumi.RunError, match="mlseg:workerFlowLimit.*not a valid 'int'"):
+        run_stack("dev", config, preview=True)
+
+
 def _read(stack: str, config: dict):
     set_config(config)
     try:
@@ -121,6 +135,7 @@ def test_defaults_fill_what_a_stack_file_leaves_out():
     assert settings.droplet_image.startswith("ubuntu-") and "-04-" in settings.droplet_image
     assert settings.image_tag == "staging"
     assert settings.admin_cidrs == ()
+    assert settings.worker_flow_limit == 2
 
 
 def test_prefect_key_comes_from_pulumi_secret_or_environment(monkeypatch):
