@@ -122,13 +122,17 @@ def test_nuclei_drawn_in_qupath_among_mlseg_detections_are_kept(shared_data, tmp
 
 
 def test_an_empty_region_beside_detections_is_no_nucleus(tmp_path):
-    """A region annotation in which no nucleus was found is still a region, not a nucleus."""
-    features = [feature([square(x, 5, x + 4, 9)], kind="detection") for x in (5, 15)]
-    features.append(feature([square(20, 20, 40, 40)], kind="annotation"))  # 400 px, empty
-    features.append(feature([square(30, 5, 35, 10)], kind="annotation"))  # a nucleus, 25 px
-    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (40, 40))
-    assert drawn.labels.max() == 3
-    assert drawn.labels[20:40, 20:40].max() == 0
+    """A region annotation in which no nucleus was found is still a region, not a nucleus;
+    a nucleus drawn beside small detections is one, even nine times their area (a tumour
+    nucleus among lymphocytes: taken for a region when the largest detection was the
+    measure)."""
+    features = [feature([square(x, 5, x + 4, 9)], kind="detection") for x in (5, 15, 25)]
+    features.append(feature([square(20, 20, 80, 80)], kind="annotation"))  # 3,600 px, empty
+    features.append(feature([square(40, 5, 52, 17)], kind="annotation"))  # a nucleus, 144 px
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (80, 80))
+    assert drawn.labels.max() == 4
+    assert drawn.labels[20:80, 20:80].max() == 0
+    assert drawn.labels[10, 45] > 0
     assert drawn.notes == ["1 region annotations left out"]
 
 
