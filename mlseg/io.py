@@ -91,6 +91,10 @@ def staging_dir(final: str | os.PathLike) -> Path:
     return tmp
 
 
+#: What :func:`written_together` names its staging folder after: ``.outputs.<8>.tmp``.
+WRITTEN_TOGETHER = "outputs"
+
+
 @contextlib.contextmanager
 def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     """A new folder to write a set of outputs in (as ``out_dir`` would hold them), whose
@@ -98,7 +102,7 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     fails, the set written before left whole. A failure a person fixes (disk full) raises
     :class:`OutputError` naming ``out_dir``, not the hidden folder."""
     out_dir = Path(out_dir)
-    staging = staging_dir(out_dir / "outputs")
+    staging = staging_dir(out_dir / WRITTEN_TOGETHER)
     try:
         yield staging
         for path in sorted(staging.iterdir()):
@@ -114,16 +118,24 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 #: The name :func:`atomic_path` gives its temporary: ``.<stem>.<8 of mkstemp's>.tmp<suffix>``.
 ATOMIC_TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?")
+#: The name of :func:`written_together`'s staging folder (:func:`staging_dir`'s mkdtemp).
+WRITTEN_TOGETHER_NAME = re.compile(rf"\.{WRITTEN_TOGETHER}\.[a-z0-9_]{{8}}\.tmp")
 
 
 def atomic_leftovers(folder: str | os.PathLike) -> list[Path]:
-    """The temporaries of :func:`atomic_path` in ``folder``: those a process killed while
-    writing (SIGKILL, out of memory) left behind; removing them is for whoever holds the
-    folder, as no other writer may be at work in it."""
+    """The temporaries of :func:`atomic_path` in ``folder``, and the staging folders of
+    :func:`written_together`: those a process killed while writing (SIGKILL, out of memory)
+    left behind; removing them is for whoever holds the folder, as no other writer may be at
+    work in it."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [p for p in folder.glob(".*.tmp*") if ATOMIC_TMP_NAME.fullmatch(p.name) and p.is_file()]
+    return [
+        p
+        for p in folder.glob(".*.tmp*")
+        if (ATOMIC_TMP_NAME.fullmatch(p.name) and p.is_file())
+        or (WRITTEN_TOGETHER_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    ]
 
 
 @contextlib.contextmanager

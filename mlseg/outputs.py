@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -513,8 +514,8 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
     run's settings beside tables measured at the other's, which every rerun then skipped as
     done. The lock ends with its process, so a killed run holds nothing; the temporaries of
     the files it was writing (:func:`mlseg.io.atomic_leftovers`), a table of a large image's
-    nuclei among them, are removed as a later run takes the folder, once
-    :data:`LEFTOVER_AGE_S` old."""
+    nuclei among them, and the staging folder of the run's record (the all-nuclei table), are
+    removed as a later run takes the folder, once :data:`LEFTOVER_AGE_S` old."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
@@ -535,7 +536,10 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
             # history.csv given in the folder is written after the run lets it go)
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - leftover.stat().st_mtime > LEFTOVER_AGE_S:
-                    leftover.unlink()
+                    if leftover.is_dir():  # a run record's four files, written together
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink()
         yield out_dir
     finally:
         lock.release()

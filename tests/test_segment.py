@@ -882,6 +882,32 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path):
     assert all(p.exists() for p in kept)
 
 
+def test_a_run_killed_writing_its_record_leaves_nothing_after_the_next_run(tmp_path):
+    """A run killed while its record was written together (summary.csv, nuclei.parquet,
+    histograms.png, run.json in a staging folder: mlseg.io.written_together) left that folder,
+    the all-nuclei table in it, which no later run removed; a person's hidden folder stays."""
+    import os
+    import time
+
+    from mlseg.io import staging_dir
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(64, 64)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    killed = staging_dir(out / "outputs")  # as written_together makes it
+    (killed / "nuclei.parquet").write_bytes(b"partial")
+    kept = out / ".outputs.notes.tmp"
+    kept.mkdir()
+    hour_ago = time.time() - 3600
+    for path in (killed / "nuclei.parquet", killed, kept):
+        os.utime(path, (hour_ago, hour_ago))
+    quantify_folder(masks, images, out, profile_name="he", pixel_size_um=0.5, progress=False)
+    assert not killed.exists()
+    assert kept.is_dir()
+    assert (out / "nuclei.parquet").is_file()
+
+
 def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
     """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
     it was corrected measures them again, in the new microns."""
