@@ -67,6 +67,8 @@ def monitor(
     overrides: dict[str, Any] | None = None,
     history: str | None = None,
     batch_size: int = 32,
+    results: str | None = None,
+    since_days: float | None = None,
 ) -> dict[str, Any]:
     """Compare the images in ``images`` with the training ``fingerprint`` (``fingerprint.json``).
 
@@ -88,15 +90,34 @@ def monitor(
             ``runs/history.csv`` in its ``out_dir``), published as a table; empty: none. Relative:
             under ``MLSEG_DATA_DIR`` if set.
         batch_size: Images per statistics task (tasks run in parallel).
+        results: Output folder of ``segment-and-quantify`` on ``images`` (its ``out_dir``), whose
+            ``summary.csv`` records when each image was segmented; read with ``since_days``.
+            Relative: under ``MLSEG_DATA_DIR`` if set.
+        since_days: Compare only the images new in the last ``since_days`` days: segmented
+            within them by the records in ``results`` (an image keeps the time of its first
+            segmentation), or not segmented there yet (:func:`mlseg.monitor.recent_images`). An
+            inbox keeps its images, and without it each run measures all of them; none new is
+            not an alert. Empty: every image in ``images``.
     """
     import pandas as pd
 
-    from mlseg.errors import DatasetError
+    from mlseg.errors import ConfigError, DatasetError
     from mlseg.io import write_table, write_text, written_together
-    from mlseg.monitor import DriftDetected, drift_report, list_new_images, load_fingerprint
+    from mlseg.monitor import (
+        DriftDetected,
+        drift_report,
+        list_new_images,
+        load_fingerprint,
+        recent_images,
+    )
 
     log_warnings()
     logger = get_run_logger()
+    if (since_days is not None) != bool(results):
+        raise ConfigError(
+            "monitor: give since_days and results together (results: the out_dir of "
+            "segment-and-quantify on these images, e.g. results/he; since_days: e.g. 7)"
+        )
     cfg = run_config(config, overrides).monitor
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
     images, fingerprint, out_dir = (str(data_path(p)) for p in (images, fingerprint, out_dir))
@@ -108,10 +129,16 @@ def monitor(
         if not Path(images).is_dir():
             raise  # a wrong path is an error; a week without new slides is not
         paths = []
+    new_in = ""
+    if paths and since_days is not None:
+        listed = len(paths)
+        paths = [str(p) for p in recent_images(paths, data_path(results), since_days)]
+        new_in = f" new in the last {since_days:g} day(s)"
+        logger.info("%d of %d image(s) in %s%s", len(paths), listed, images, new_in)
     if not paths:
-        logger.info("no images in %s: nothing to compare", images)
-        artifacts.markdown("drift-report", f"No images in `{images}`: nothing to compare.")
-        result = {"status": "skipped", "message": "no images", "n_images": 0}
+        logger.info("no images%s in %s: nothing to compare", new_in, images)
+        artifacts.markdown("drift-report", f"No images{new_in} in `{images}`: nothing to compare.")
+        result = {"status": "skipped", "message": f"no images{new_in}", "n_images": 0}
         _publish_history(history, result, logger)
         return result
     params = reference.get("image_stats_params")

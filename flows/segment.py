@@ -140,6 +140,8 @@ def segment_one(
         **summary,
         "mlseg_version": mlseg_version,
         "seconds": round(time.perf_counter() - started, 3),
+        # kept by every rerun that skips the image: when it was new (monitor's since_days)
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return write_image_outputs(out_dir, image_stem(path), image, labels, table, summary), table
 

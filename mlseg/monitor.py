@@ -14,6 +14,9 @@ permutation test on the same bins (Kolmogorov-Smirnov distance; new and training
 exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
 number of statistics (Bonferroni).
 Image size is checked against the training width/height range, in either orientation.
+Which images are new (:func:`recent_images`): those a segmentation run's ``summary.csv``
+says it segmented in the last days, and those it has not segmented yet; an inbox keeps
+every image it received.
 
 Run metrics (:func:`run_metrics`): throughput, nuclei per image and nucleus-area deciles of
 one segmentation run, appended to a history table (:func:`append_history`). Each run also
@@ -28,7 +31,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +209,81 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     for path in found:
         check_utf8_path(path)  # its name goes into the table of statistics
     return found
+
+
+def recent_images(
+    paths: Iterable[str | os.PathLike],
+    results: str | os.PathLike,
+    since_days: float,
+    *,
+    now: datetime | None = None,
+) -> list[Path]:
+    """The images of ``paths`` that are new in the last ``since_days`` days, by the records of
+    their segmentation: ``results`` is the output folder of ``mlseg segment`` (or the
+    ``segment-and-quantify`` flow) on them, whose ``summary.csv`` has, per image (by
+    :func:`mlseg.io.image_stem`), ``finished_at``: when it was segmented, kept by every rerun
+    that skips it. An image whose ``finished_at`` lies within ``since_days`` days of ``now``
+    (default: the present), and one with no row (not segmented there yet), are new; the
+    others are not. File times cannot tell this: rsync and rclone keep the source's mtime,
+    and a ``chown -R`` sets every ctime.
+
+    An empty ``finished_at`` (images segmented by an mlseg that wrote none) counts as old,
+    and so, named in one warning, does a value that is no ISO 8601 time with a time zone:
+    mlseg writes the offset (``%z``), and a time without one is a time nobody can place.
+    No ``summary.csv`` there (nothing segmented yet) makes every image new, with a warning.
+    """
+    from mlseg.io import image_stem, read_written_csv
+
+    if not since_days > 0:
+        raise ConfigError(f"since_days: {since_days}; give a number of days above 0")
+    paths = [Path(p) for p in paths]
+    results = Path(results)
+    table_path = results if results.is_file() else results / "summary.csv"
+    if not table_path.is_file():
+        warnings.warn(
+            f"{table_path}: no segmentation records, so every image counts as new; give the "
+            "output folder of `mlseg segment` / segment-and-quantify on these images",
+            stacklevel=2,
+        )
+        return paths
+    try:
+        table = read_written_csv(table_path, "image")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{table_path}: not a readable summary table ({err})") from None
+    if "image" not in table:
+        raise DatasetError(f"{table_path}: no 'image' column; not a segmentation summary.csv")
+    since = (now or datetime.now(UTC)) - timedelta(days=since_days)
+    values = table["finished_at"] if "finished_at" in table else pd.Series(None, table.index)
+    finished: dict[str, datetime | None] = {}
+    unplaced = []
+    for image, value in zip(table["image"].astype(str), values, strict=True):
+        when = _aware_time(value)
+        if when is None and not pd.isna(value) and str(value).strip():
+            unplaced.append(f"{image} ({value})")
+        # one row per image; were there two, the latest record decides
+        times = [t for t in (finished.get(image), when) if t is not None]
+        finished[image] = max(times, default=None)
+    if unplaced:
+        warnings.warn(
+            f"{table_path}: {len(unplaced)} finished_at without a time zone or not a time, "
+            f"counted as old (not new in the last {since_days:g} days): {some_of(unplaced)}",
+            stacklevel=2,
+        )
+    recent = []
+    for path in paths:
+        stem = image_stem(path)
+        if stem not in finished or (finished[stem] is not None and finished[stem] >= since):
+            recent.append(path)
+    return recent
+
+
+def _aware_time(value: Any) -> datetime | None:
+    """``value`` as a time with a time zone, or None (empty, no zone, or no ISO 8601 time)."""
+    try:
+        when = datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
 
 
 def image_stats_table(

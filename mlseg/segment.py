@@ -888,6 +888,8 @@ def _run_folder(
                 # the image's own: a later run that skips it may be another mlseg's
                 "mlseg_version": run_info["mlseg_version"],
                 "seconds": round(time.perf_counter() - started, 3),
+                # kept by every rerun that skips the image: when it was new (drift window)
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             written = write_image_outputs(out_dir, stem, image, labels, table, summary)
             result.processed.append(stem)

@@ -421,3 +421,45 @@ def test_every_dependency_is_named_by_its_distribution():
     wanted = project["dependencies"] + project["optional-dependencies"]["s3"]
     names = {re.match(r"[A-Za-z0-9_.-]+", spec).group().lower() for spec in wanted}
     assert names == set(DISTRIBUTIONS.values())
+
+
+def test_monitor_since_days_measures_the_images_segmented_in_the_window(tmp_path, capsys):
+    """`mlseg monitor inbox/` measured every image the inbox kept: 12 darker slides among 60
+    earlier ones warned (exit 0); with --since-days and the segmentation records only the
+    week's are measured, and they fail (exit 1)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+    from flow_helpers import disc_images
+
+    from mlseg.inventory import fingerprint
+    from mlseg.io import read_image
+    from mlseg.monitor import image_stats_table
+
+    stats = image_stats_table(disc_images(tmp_path / "train", 30, seed=1))
+    files = stats.assign(role="image", readable=True, split="train", dtype="uint8")
+    files = files.assign(content_hash=[f"h{i}" for i in range(len(files))])
+    reference = tmp_path / "fingerprint.json"
+    reference.write_text(json.dumps(fingerprint(files)))
+    inbox = tmp_path / "inbox"
+    normal = disc_images(inbox, 60, seed=2)
+    dark = [
+        write_image(inbox / f"dark_{p.name}", (read_image(p) * 0.4).astype(np.uint8))
+        for p in disc_images(tmp_path / "src", 12, seed=3)
+    ]
+    now = datetime.now(UTC)
+    stamps = [now - timedelta(days=30)] * len(normal) + [now - timedelta(days=1)] * len(dark)
+    pd.DataFrame(
+        {
+            "image": [p.stem for p in normal + dark],
+            "finished_at": [t.strftime("%Y-%m-%dT%H:%M:%S%z") for t in stamps],
+        }
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    command = ["monitor", str(inbox), "--fingerprint", str(reference)]
+    assert main(command) == 0
+    assert "WARN: drift in 72 image(s)" in capsys.readouterr().out
+    assert main([*command, "--since-days", "7", "--results", str(tmp_path)]) == 1
+    assert "drift in 12 image(s): mean_c0 (fail" in capsys.readouterr().err
+    assert main([*command, "--since-days", "7"]) == 2
+    assert "--results" in capsys.readouterr().err

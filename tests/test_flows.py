@@ -390,6 +390,8 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["image"]) == [f"img_{i:03d}" for i in range(5)]
     assert {"count", "profile", "model", "input_digest"} <= set(summary.columns)
+    # when each image was segmented, which the weekly monitor's since_days reads
+    assert summary["finished_at"].map(lambda t: datetime.datetime.fromisoformat(t).tzinfo).all()
     for stem in summary["image"]:
         assert (out / f"{stem}_nuclei.csv").is_file() and (out / f"{stem}_overlay.png").is_file()
     history = pd.read_csv(out / "runs" / "history.csv")
@@ -1810,3 +1812,109 @@ def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
     history = pd.read_csv(out / "runs" / "history.csv")
     assert history["n_images"].tolist() == [4] and history["n_skipped"].tolist() == [0]
     assert not [p for p in out.rglob("*") if "written" in p.name]  # nothing left behind
+
+
+def test_monitor_window_measures_the_week_s_images_of_an_inbox_that_keeps_them(
+    harness, tmp_path
+) -> None:
+    """The weekly monitor measured every image the inbox ever received: 12 darker slides this
+    week among 60 normal ones from earlier weeks drifted by a PSI of 0.3-0.8 at p 0.2-0.7,
+    `warn`, and the run ended Completed. With since_days it measures the images segmented in
+    the last week (summary.csv's finished_at) and those not segmented yet, and fails."""
+    from datetime import UTC, datetime, timedelta
+
+    from flows.monitor import monitor
+    from mlseg.io import read_image, write_image
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 30, seed=1))
+    inbox = tmp_path / "inbox"
+    normal = disc_images(inbox, 60, seed=2)
+    dark = []
+    for path in disc_images(tmp_path / "src", 12, seed=3):
+        dark.append(
+            write_image(inbox / f"dark_{path.name}", (read_image(path) * 0.4).astype(np.uint8))
+        )
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=30), now - timedelta(days=1)
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [(p.stem, old) for p in normal] + [(p.stem, recent) for p in dark[:10]]  # 2 not yet
+    pd.DataFrame(
+        {
+            "image": [s for s, _ in rows],
+            "finished_at": [t.strftime("%Y-%m-%dT%H:%M:%S%z") for _, t in rows],
+        }
+    ).to_csv(results / "summary.csv", index=False)
+
+    whole = monitor(
+        str(inbox), str(reference), str(tmp_path / "m1"), batch_size=100, return_state=True
+    )
+    assert whole.is_completed() and whole.result()["status"] != "fail"
+    assert whole.result()["n_images"] == 72
+    week = monitor(
+        str(inbox),
+        str(reference),
+        str(tmp_path / "m2"),
+        batch_size=100,
+        results=str(results),
+        since_days=7,
+        return_state=True,
+    )
+    assert week.is_failed() and "mean_c0 (fail" in week.message
+    assert json.loads((tmp_path / "m2" / "drift.json").read_text())["n_images"] == 12
+
+    # a week later, every image is old: nothing to compare, not an alert
+    later = pd.read_csv(results / "summary.csv").assign(
+        finished_at=old.strftime("%Y-%m-%dT%H:%M:%S%z")
+    )
+    later.to_csv(results / "summary.csv", index=False)
+    for path in dark[10:]:
+        path.unlink()
+    quiet = monitor(
+        str(inbox),
+        str(reference),
+        str(tmp_path / "m3"),
+        results=str(results),
+        since_days=7,
+        return_state=True,
+    )
+    assert quiet.is_completed() and quiet.result()["status"] == "skipped"
+    assert quiet.result()["message"] == "no images new in the last 7 day(s)"
+    # the window is given whole or not at all
+    half = monitor(
+        str(inbox), str(reference), str(tmp_path / "m4"), since_days=7, return_state=True
+    )
+    assert half.is_failed() and "results" in half.message
+
+
+def test_monitor_window_takes_each_image_s_first_segmentation_time(tmp_path, checkpoint) -> None:
+    """The monitor's since_days reads when each image was segmented from summary.csv: the
+    segment command and the nightly flow's batches both record it per image, and a rerun that
+    skips an image keeps its first time, so an image that stays in the inbox ages out."""
+    from datetime import UTC, datetime
+
+    from flows.segment import segment_batch
+    from mlseg.monitor import recent_images
+    from mlseg.segment import segment_folder
+
+    images = disc_images(tmp_path / "in", 2)
+    by_hand = tmp_path / "by-hand"
+    segment_folder(checkpoint, tmp_path / "in", by_hand, profile_name="he", progress=False)
+    nightly = tmp_path / "nightly"
+    first = segment_batch.fn([str(p) for p in images], *_batch_args(nightly, checkpoint))
+    assert all(datetime.fromisoformat(r["summary"]["finished_at"]).tzinfo for r in first)
+    for out in (by_hand, nightly):
+        record = json.loads((out / "img_000.json").read_text())
+        assert datetime.fromisoformat(record["finished_at"]).tzinfo is not None
+        # as if segmented in January: a rerun skips it and keeps that time
+        record["finished_at"] = "2026-01-05T02:10:00+0000"
+        (out / "img_000.json").write_text(json.dumps(record))
+    rerun = segment_folder(checkpoint, tmp_path / "in", by_hand, profile_name="he", progress=False)
+    assert rerun.skipped == ["img_000", "img_001"]
+    table = pd.read_csv(by_hand / "summary.csv").set_index("image")
+    assert table.loc["img_000", "finished_at"] == "2026-01-05T02:10:00+0000"
+    assert recent_images(images, by_hand, 7) == images[1:]
+    again = segment_batch.fn([str(p) for p in images], *_batch_args(nightly, checkpoint))
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    assert again[0]["summary"]["finished_at"] == "2026-01-05T02:10:00+0000"
+    assert recent_images(images, by_hand, 7, now=datetime(2026, 1, 9, tzinfo=UTC)) == images

@@ -529,3 +529,40 @@ def test_a_row_of_a_run_already_in_the_history_replaces_it(tmp_path) -> None:
     monitor.append_history(history, monitor.run_metrics([4], [10.0], 1.0, run_id="r2"))
     table = monitor.append_history(history, monitor.run_metrics([4, 5], [9.0], 2.0, run_id="r2"))
     assert list(table["run_id"]) == ["r1", "r2"] and table["n_images"].tolist() == [1, 2]
+
+
+def test_recent_images_are_those_segmented_in_the_window_or_not_yet(tmp_path) -> None:
+    """The weekly drift check measured every image an inbox ever received. The window takes
+    an image by when summary.csv says it was segmented, compared as instants (the offset
+    counts), and one with no row; a time without a zone or no time at all is old, named in a
+    warning; an empty one (an mlseg that recorded none) is old without a word."""
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 12, 7, 6, 0, tzinfo=UTC)  # window from 2026-11-30 06:00 UTC
+    rows = {
+        "old": "2026-11-02T02:10:00+0000",
+        "recent": "2026-12-06T02:10:00+0000",
+        # 07:30 in Athens is 05:30 UTC, before the window; 05:30 at UTC-1 is 06:30 UTC, after
+        "east": "2026-11-30T07:30:00+0200",
+        "west": "2026-11-30T05:30:00-0100",
+        "naive": "2026-12-06T02:10:00",
+        "garbled": "last Tuesday",
+        "unrecorded": "",
+    }
+    pd.DataFrame({"image": list(rows), "finished_at": list(rows.values())}).to_csv(
+        tmp_path / "summary.csv", index=False
+    )
+    paths = [tmp_path / "inbox" / f"{stem}.png" for stem in [*rows, "unsegmented"]]
+    with pytest.warns(UserWarning, match=r"2 finished_at .* counted as old") as caught:
+        recent = monitor.recent_images(paths, tmp_path, 7, now=now)
+    assert [p.stem for p in recent] == ["recent", "west", "unsegmented"]
+    assert "naive" in str(caught[0].message) and "garbled" in str(caught[0].message)
+    # the summary table itself may be given; no window at all is refused
+    with pytest.warns(UserWarning, match="counted as old"):
+        wide = monitor.recent_images(paths, tmp_path / "summary.csv", 400, now=now)
+    assert wide == [p for p in paths if p.stem not in ("naive", "garbled", "unrecorded")]
+    with pytest.raises(ConfigError, match="since_days"):
+        monitor.recent_images(paths, tmp_path, 0)
+    # nothing segmented there yet: every image is new, and the warning names the table
+    with pytest.warns(UserWarning, match="no segmentation records"):
+        assert monitor.recent_images(paths, tmp_path / "none", 7) == paths

@@ -37,7 +37,8 @@ def _outputs(out: Path) -> dict[str, bytes]:
     for path in sorted(out.glob("img_*")):
         if path.suffix == ".json":
             summary = json.loads(path.read_text())
-            summary.pop("seconds")
+            for key in ("seconds", "finished_at"):
+                summary.pop(key)
             files[path.name] = json.dumps(summary, sort_keys=True).encode()
         else:
             files[path.name] = path.read_bytes()
@@ -45,7 +46,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 
 def _summary(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "summary.csv").drop(columns=["seconds"])
+    return pd.read_csv(out / "summary.csv").drop(columns=["seconds", "finished_at"])
 
 
 def test_killed_run_resumes_to_the_same_outputs(api_url, tmp_path) -> None:

@@ -94,6 +94,17 @@ def monitor_cmd(
         Path | None, typer.Option("--config", "-c", help="YAML config (monitor section used).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the drift table here (CSV).")] = None,
+    since_days: Annotated[
+        float | None,
+        typer.Option(
+            help="Only the images new in the last N days: segmented within them by the "
+            "records in --results (summary.csv's finished_at), or not segmented yet."
+        ),
+    ] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(help="Output folder of `mlseg segment` on these images (for --since-days)."),
+    ] = None,
 ) -> None:
     """Compare new images with the training data; exit 1 on drift above monitor.psi_fail."""
     from mlseg.config import load_config
@@ -105,16 +116,28 @@ def monitor_cmd(
         image_stats_table,
         list_new_images,
         load_fingerprint,
+        recent_images,
     )
 
     if out is not None and out.is_dir():
         raise ConfigError(
             f"{out}: a folder; --out names the CSV file to write (e.g. {out / 'drift.csv'})"
         )
+    if (since_days is not None) != (results is not None):
+        raise ConfigError(
+            "give --since-days and --results together (--results: the output folder of "
+            "`mlseg segment` on these images)"
+        )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
+    paths = list_new_images(images)
+    if since_days is not None:
+        paths = recent_images(paths, results, since_days)
+        if not paths:
+            typer.echo(f"no images new in the last {since_days:g} day(s) in {images}")
+            return
     new = image_stats_table(
-        list_new_images(images),
+        paths,
         params=reference.get("image_stats_params"),
         progress=sys.stderr.isatty(),
     )
