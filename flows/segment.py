@@ -486,7 +486,6 @@ def segment_and_quantify(
     log_warnings()
     warn_once.cache_clear()  # once per run, not per worker process (thread runner)
     logger = get_run_logger()
-    started, started_at = _run_start()  # a retried flow run's first attempt's
     src, out = data_path(input_dir), data_path(out_dir)
     check_out_dir(out, src)
     if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
@@ -519,6 +518,9 @@ def segment_and_quantify(
         batch_size,
     )
     with writing_to(out):  # one run at a time: its images' files are all its own
+        # from here: a run that waited for another's folder (a nightly run still going when
+        # the next is due) counted the wait in its throughput
+        started, started_at = _run_start()  # a retried flow run's first attempt's
         _forget_written(out, others=True)  # a failed run's: this one redoes or skips
         with runner:
             records = submit_batches(
@@ -770,9 +772,10 @@ def _previous_distributions(history_path: Path, run_id: str):
 
 
 def _run_start() -> tuple[float, str]:
-    """``(perf_counter, local time)`` of the flow run's start: its first attempt's where
-    Prefect retries it (in the same process), so that run.json and the throughput in its
-    history row are the whole run's."""
+    """``(perf_counter, local time)`` of the flow run's start in its output folder (once it
+    holds it, not while it waits for another run's): its first attempt's where Prefect
+    retries it (in the same process), so that run.json and the throughput in its history row
+    are the whole run's."""
     from prefect.runtime import flow_run
 
     rid = flow_run.get_id()
