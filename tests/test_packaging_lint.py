@@ -758,3 +758,24 @@ def test_readme_deployment_table_matches_prefect_yaml() -> None:
     for name, cell in rows:
         for key, value in re.findall(r"`(\w+): ([^`]+)`", cell):
             assert str(params[name].get(key)) == value, (name, key, value)
+
+
+def test_readme_names_each_schedule_s_time_and_timezone_as_prefect_yaml() -> None:
+    """The deployments' cron times are in the zone prefect.yaml names (UTC: 02:00 is 03:00
+    or 04:00 in Berlin, by the season); the README's table says when each runs, so a zone
+    or a time changed in prefect.yaml must change there too."""
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    rows = dict(
+        re.findall(r"^\| `[\w-]+/([\w-]+)` \| ([^|]*) \|", (ROOT / "README.md").read_text(), re.M)
+    )
+    scheduled = [d for d in deployments if d.get("schedules")]
+    assert scheduled
+    for deployment in deployments:
+        cell = rows[deployment["name"]]
+        if not deployment.get("schedules"):
+            assert cell == "-", deployment["name"]
+            continue
+        for schedule in deployment["schedules"]:
+            assert schedule.get("timezone"), deployment["name"]  # said, not assumed
+            minute, hour = schedule["cron"].split()[:2]
+            assert f"{int(hour):02d}:{int(minute):02d} {schedule['timezone']}" in cell, cell
