@@ -126,7 +126,7 @@ def segment_one(
     per-nucleus table (the per-image step of :func:`mlseg.segment.segment_folder`);
     ``mlseg_version``: :func:`mlseg.registry.code_version`, asked once per batch."""
     from mlseg.io import image_stem
-    from mlseg.outputs import write_image_outputs
+    from mlseg.outputs import first_finished_at, write_image_outputs
     from mlseg.segment import segment_image
 
     started = time.perf_counter()
@@ -140,8 +140,8 @@ def segment_one(
         **summary,
         "mlseg_version": mlseg_version,
         "seconds": round(time.perf_counter() - started, 3),
-        # kept by every rerun that skips the image: when it was new (monitor's since_days)
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # when it was new (monitor's since_days): kept by every rerun that skips or redoes it
+        "finished_at": first_finished_at(out_dir, image_stem(path), expect.get("input_digest")),
     }
     return write_image_outputs(out_dir, image_stem(path), image, labels, table, summary), table
 

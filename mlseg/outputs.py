@@ -617,6 +617,26 @@ def image_done(out_dir: str | Path, stem: str, expect: dict | None = None) -> di
     return summary
 
 
+def first_finished_at(out_dir: str | Path, stem: str, input_digest: str | None) -> str:
+    """The ``finished_at`` of an image about to be written: that of its earlier ``<stem>.json``
+    in ``out_dir`` where it recorded the same input bytes (a rerun that redoes the image for a
+    new model, profile or settings), else now. It says when the image was new, which the drift
+    monitor's window reads (:func:`mlseg.monitor.recent_images`); a new model redid and
+    re-dated the whole inbox, so the next weekly check measured every image again."""
+    earlier = None
+    with contextlib.suppress(OSError, ValueError):
+        earlier = json.loads((Path(out_dir) / f"{stem}.json").read_text())
+    if (
+        isinstance(earlier, dict)
+        and input_digest
+        and earlier.get("input_digest") == input_digest
+        and isinstance(earlier.get("finished_at"), str)
+        and earlier["finished_at"]
+    ):
+        return earlier["finished_at"]
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def read_nuclei(out_dir: str | Path, summary: dict) -> pd.DataFrame:
     """The per-nucleus table that an image's ``summary`` (its ``<stem>.json``) lists. One that
     cannot be read is named in a warning and counts as no nuclei."""

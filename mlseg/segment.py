@@ -87,6 +87,7 @@ from mlseg.io import (
 )
 from mlseg.outputs import (
     OUTPUT_SUFFIXES,
+    first_finished_at,
     image_done,
     read_nuclei,
     tag_table,
@@ -888,8 +889,8 @@ def _run_folder(
                 # the image's own: a later run that skips it may be another mlseg's
                 "mlseg_version": run_info["mlseg_version"],
                 "seconds": round(time.perf_counter() - started, 3),
-                # kept by every rerun that skips the image: when it was new (drift window)
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                # when it was new (drift window): kept by every rerun that skips or redoes it
+                "finished_at": first_finished_at(out_dir, stem, expect(stem)["input_digest"]),
             }
             written = write_image_outputs(out_dir, stem, image, labels, table, summary)
             result.processed.append(stem)

@@ -908,6 +908,31 @@ def test_a_run_killed_writing_its_record_leaves_nothing_after_the_next_run(tmp_p
     assert (out / "nuclei.parquet").is_file()
 
 
+def test_an_image_redone_for_new_settings_keeps_the_time_it_was_new(tmp_path):
+    """finished_at says when an image was new (the weekly drift check's window): a rerun that
+    redoes it for a new model or settings kept its bytes and keeps that time (a new model
+    re-dated the whole inbox, and the next check measured every image again); an image
+    replaced under its name is new."""
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    for name, seed in (("a", 0), ("b", 1)):
+        image, truth = disc_image(64, 64, seed=seed)
+        write_image(images / f"{name}.png", image)
+        write_labels(masks / f"{name}_mask.png", truth)
+    quantify_folder(masks, images, out, profile_name="he", pixel_size_um=0.5, progress=False)
+    for stem in ("a", "b"):  # as segmented in an earlier week
+        record = json.loads((out / f"{stem}.json").read_text())
+        record["finished_at"] = "2026-11-02T02:00:07+0000"
+        (out / f"{stem}.json").write_text(json.dumps(record))
+    write_image(images / "b.png", disc_image(64, 64, seed=2)[0])  # a new scan under its name
+    redone = quantify_folder(
+        masks, images, out, profile_name="he", pixel_size_um=0.25, progress=False
+    )
+    assert sorted(redone.processed) == ["a", "b"]
+    finished = pd.read_csv(out / "summary.csv", index_col="image")["finished_at"]
+    assert finished["a"] == "2026-11-02T02:00:07+0000"
+    assert finished["b"] != "2026-11-02T02:00:07+0000"
+
+
 def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
     """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
     it was corrected measures them again, in the new microns."""
