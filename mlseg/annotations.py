@@ -12,8 +12,9 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew among
   mlseg's detections in QuPath), but beside cells or detections an annotation that holds the
   centre of another object, or is more than :data:`REGION_AREA_FACTOR` times the median
-  object, is the region analysed; a type QuPath does not know is an annotation, as QuPath reads
-  it. Tiles, TMA cores, points, lines and empty geometries are left out.
+  object (or 4 times that the median cell or detection), is the region analysed; a type
+  QuPath does not know is an annotation, as QuPath reads it. Tiles, TMA cores, points,
+  lines and empty geometries are left out.
   The ``mlseg.pixel_size_um`` of a file mlseg wrote (:func:`mlseg.outputs.to_geojson`) is
   the image's pixel size.
 - **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
@@ -364,17 +365,23 @@ def _regions_analysed(
     """``id`` of the mask of each annotation beside cells or detections that is the region
     they were found in: it holds the centre of another object, or is more than
     :data:`REGION_AREA_FACTOR` times the median area of the file's objects (cells,
-    detections and annotations: nuclei, but for a few regions). The largest detection was the
-    measure first, and a model that found only the small nuclei (lymphocytes) had the
-    tumour nuclei a pathologist drew beside them read as regions (55 of 191 on a CPM-15
-    tile)."""
+    detections and annotations: nuclei, but for a few regions), or than 4 times that factor
+    the median cell or detection. The largest detection was the measure first, and a model
+    that found only the small nuclei (lymphocytes) had the tumour nuclei a pathologist drew
+    beside them read as regions (55 of 191 on a CPM-15 tile)."""
     drawn = _drawn(masks)
-    typical = float(np.median([int(m.sum()) for _, (_, _, m) in drawn])) if drawn else 0.0
+    areas = [int(m.sum()) for _, (_, _, m) in drawn]
+    found = [a for (shape, _), a in zip(drawn, areas, strict=True) if not shape.among_detections]
+    # beside a few detections a few empty regions are half the objects, and their median
+    # a region's: the detections' median, by a wider margin, still tells a region
+    limit = min(
+        float(np.median(areas)) * REGION_AREA_FACTOR if areas else np.inf,
+        float(np.median(found)) * REGION_AREA_FACTOR * 4 if found else np.inf,
+    )
     return {
         id(m)
-        for shape, (_, _, m) in drawn
-        if shape.among_detections
-        and (enclosed.get(id(m), 0) >= 1 or 0 < typical * REGION_AREA_FACTOR < int(m.sum()))
+        for (shape, (_, _, m)), area in zip(drawn, areas, strict=True)
+        if shape.among_detections and (enclosed.get(id(m), 0) >= 1 or 0 < limit < area)
     }
 
 

@@ -136,6 +136,19 @@ def test_an_empty_region_beside_detections_is_no_nucleus(tmp_path):
     assert drawn.notes == ["1 region annotations left out"]
 
 
+@pytest.mark.parametrize("regions", [1, 2])
+def test_empty_regions_beside_few_detections_are_no_nuclei(tmp_path, regions):
+    """One or two empty region annotations beside a single detection: half the objects or
+    more are regions, so the median object is one, and they were drawn as nuclei of
+    3,600 px (review); the detections' median still tells them."""
+    features = [feature([square(5, 5, 10, 10)], kind="detection")]  # 25 px
+    for x in (20, 100)[:regions]:
+        features.append(feature([square(x, 20, x + 60, 80)], kind="annotation"))
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (100, 180))
+    assert drawn.labels.max() == 1
+    assert drawn.notes == [f"{regions} region annotations left out"]
+
+
 def test_hand_drawn_nuclei_with_a_region_around_them(tmp_path):
     """Annotations only (a pathologist's brush strokes, QuPath 0.2's list of features): each
     is a nucleus, except the polygon drawn around them, which is a region."""
