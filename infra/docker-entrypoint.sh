@@ -11,7 +11,7 @@ if [ "$#" -eq 0 ] || [ "$1" = "worker" ]; then
   limit=${MLSEG_WORKER_LIMIT:-}
   for arg in "$@"; do
     # prefect refuses a --limit given twice
-    case $arg in --limit | --limit=* | -l*) limit= ;; esac
+    case $arg in --limit | --limit=* | -l | -l[0-9]*) limit= ;; esac
   done
   if [ -n "$limit" ]; then
     set -- --limit "$limit" "$@"

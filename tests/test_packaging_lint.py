@@ -239,8 +239,16 @@ def test_entrypoint_caps_the_worker_s_flow_runs_where_the_stack_says(tmp_path):
         "a b",
     ]
     # prefect refuses a second --limit ("specified multiple times"): one given by hand wins
-    for given in (["--limit", "4"], ["--limit=4"], ["-l", "4"]):
+    for given in (["--limit", "4"], ["--limit=4"], ["-l", "4"], ["-l4"]):
         assert argv("worker", *given, MLSEG_WORKER_LIMIT="2") == [*start, *given]
+    # a value that starts with -l is no limit (a worker named -lab)
+    assert argv("worker", "--name", "-lab", MLSEG_WORKER_LIMIT="2") == [
+        *start,
+        "--limit",
+        "2",
+        "--name",
+        "-lab",
+    ]
 
 
 def _final_stage_env() -> dict[str, str]:
