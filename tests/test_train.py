@@ -1049,7 +1049,8 @@ def test_training_data_prepared_one_image_at_a_time_is_what_training_took(
 def test_preparing_training_data_holds_one_image_at_a_time(tmp_path) -> None:
     """Peak memory is the packed arrays (13 bytes a training pixel) and one image's work,
     not every image decoded, labelled and normalised at once (41 bytes a pixel of the
-    images here, 47-55 on whole-slide regions: 5.1 GB for three of 6000 x 6000)."""
+    images here, 47-55 on whole-slide regions: 5.1 GB for three of 6000 x 6000). With one
+    worker thread, one image is in flight; each further worker adds one."""
     import tracemalloc
 
     from mlseg.config import get_profile
@@ -1057,7 +1058,10 @@ def test_preparing_training_data_holds_one_image_at_a_time(tmp_path) -> None:
 
     _disc_images(tmp_path, [(320, 320)] * 4)
     cfg = load_config(
-        None, train=TINY, data={"val_fraction": 0.25}, preprocess={"stain_norm": "none"}
+        None,
+        train={**TINY, "num_workers": 1},
+        data={"val_fraction": 0.25},
+        preprocess={"stain_norm": "none"},
     )
     tracemalloc.start()
     data = prepare_data(cfg, tmp_path, get_profile("he"), torch.device("cpu"))

@@ -191,6 +191,7 @@ def test_a_disk_that_fills_at_best_config_leaves_the_previous_search_whole(
 
             self.best_val_dice = dice[cfg.preprocess.target_pixel_size_um]
             self.steps, self.images_per_s = 1, 1.0
+            self.train_images, self.val_images = 5, 1
             self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
 
     monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
