@@ -1,26 +1,24 @@
 """Training data: decode once, cache on the training device, sample augmented patches.
 
-:func:`prepare_data` reads the ``train`` split of a dataset (contract of
-:mod:`mlseg.dataset`), holds back a seeded validation part, and for every image: decodes
-it, brings it to the target pixel size (``preprocess.target_pixel_size_um``, with the
-manifest's, the TIFF metadata's or the profile's pixel size; unset, the median of the
-training images' sizes when they differ: :func:`training_pixel_size`), normalises it with
-:func:`mlseg.preprocess.normalize` and derives its class map with
-:func:`mlseg.targets.make_target`. Training images are packed
-into one buffer on the device (:class:`PatchStore`), one image at a time, each normalised
-image written into the buffer and its decoded image and labels freed before the next is
-normalised: the peak is the packed 13 bytes a pixel, 7 for the images still to come and one
-image's work (normalising every image before packing any held 40-49); each batch is then cut, augmented and
-photometrically jittered there in a few tensor operations (:mod:`mlseg.augment`), which keeps
-a GPU busy without worker processes; on CUDA the next batch is prepared on a side stream
-while the current one trains (:class:`Batches`). Every random choice is drawn from one
-seeded CPU generator, whose state the checkpoint keeps. A share of patches
-(``train.fg_oversample``) is centred on a random nucleus pixel, as nnU-Net oversamples
-foreground,
-and another share (``train.faint_oversample``) on one of the training set's faintest nuclei:
-those whose brightness differs least from the ring of background around them
-(:func:`nucleus_contrast`), the pale, vesicular nuclei a model learns last and misses first
-on another lab's slides.
+:func:`prepare_data` reads the ``train`` split of a dataset (contract of :mod:`mlseg.dataset`),
+holds back a seeded validation part, and for every image: decodes it, brings it to the target
+pixel size (``preprocess.target_pixel_size_um``, with the manifest's, the TIFF metadata's or
+the profile's pixel size; unset, the median of the training images' sizes when they differ:
+:func:`training_pixel_size`), normalises it with :func:`mlseg.preprocess.normalize` and derives
+its class map with :func:`mlseg.targets.make_target`. Training images are packed into one
+buffer on the device (:class:`PatchStore`), a few images at a time (one per worker thread),
+each normalised image written into the buffer and its decoded image and labels freed as it
+goes: the peak is the packed 13 bytes a pixel, 7 for the images still to come and the work of
+the images in flight (normalising every image before packing any held 40-49). Each batch is
+then cut, augmented and photometrically jittered there in a few tensor operations
+(:mod:`mlseg.augment`), which keeps a GPU busy without worker processes; on CUDA the next batch
+is prepared on a side stream while the current one trains (:class:`Batches`). Every random
+choice is drawn from one seeded CPU generator, whose state the checkpoint keeps. A share of
+patches (``train.fg_oversample``) is centred on a random nucleus pixel, as nnU-Net oversamples
+foreground, and another share (``train.faint_oversample``) on one of the training set's
+faintest nuclei: those whose brightness differs least from the ring of background around them
+(:func:`nucleus_contrast`), the pale, vesicular nuclei a model learns last and misses first on
+another lab's slides.
 Validation images are cut once into fixed tiles (:class:`ValTiles`).
 """
 

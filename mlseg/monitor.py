@@ -222,10 +222,11 @@ def recent_images(
     their segmentation: ``results`` is the output folder of ``mlseg segment`` (or the
     ``segment-and-quantify`` flow) on them, whose ``summary.csv`` has, per image (by
     :func:`mlseg.io.image_stem`), ``finished_at``: when it was first segmented, kept by every
-    rerun that skips it or redoes its same bytes (a new model or settings). An image whose ``finished_at`` lies within ``since_days`` days of ``now``
-    (default: the present), and one with no row (not segmented there yet), are new; the
-    others are not. File times cannot tell this: rsync and rclone keep the source's mtime,
-    and a ``chown -R`` sets every ctime.
+    rerun that skips it or redoes its same bytes (a new model or settings). An image whose
+    ``finished_at`` lies within ``since_days`` days of ``now`` (default: the present), and
+    one with no row (not segmented there yet), are new; the others are not. File times
+    cannot tell this: rsync and rclone keep the source's mtime, and a ``chown -R`` sets every
+    ctime.
 
     An empty ``finished_at`` (images segmented by an mlseg that wrote none) counts as old,
     and so, named in one warning, does a value that is no ISO 8601 time with a time zone:
