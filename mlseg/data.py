@@ -24,7 +24,6 @@ Validation images are cut once into fixed tiles (:class:`ValTiles`).
 
 from __future__ import annotations
 
-import collections
 import os
 import warnings
 from collections.abc import Hashable, Iterable, Sequence
@@ -48,7 +47,7 @@ from mlseg.augment import (
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
-from mlseg.inventory import turn_free_hash
+from mlseg.inventory import bounded_map, turn_free_hash
 from mlseg.io import read_image, read_mask
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
@@ -734,16 +733,10 @@ def prepare_data(
         return x, t
 
     def prepared(indices: np.ndarray):
-        # in order, at most ``workers`` in flight; this frame keeps no reference to what it
-        # yields, so an image packed is freed
+        # in order, at most ``workers`` in flight; nothing here keeps a reference to what
+        # is yielded, so an image packed is freed
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: collections.deque = collections.deque()
-            for i in indices:
-                pending.append(pool.submit(prep, i))
-                if len(pending) >= workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from bounded_map(pool, prep, list(indices), workers)
 
     shapes = [labels[i].shape for i in train_idx]
     store = PatchStore.packed(shapes, prepared(train_idx), device, seed=cfg.data.seed)

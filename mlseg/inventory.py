@@ -590,7 +590,7 @@ def usable_cpus() -> int:
     return min(cores, quota) if quota else cores
 
 
-def _bounded_map(
+def bounded_map(
     pool: Executor, fn: Callable[[Any], Any], items: list[Any], ahead: int
 ) -> Iterator[Any]:
     """``pool.map`` that keeps at most ``ahead`` results pending (bounded memory, in order)."""
@@ -621,7 +621,7 @@ def _read_all(
         results: Iterable[dict[str, Any]] = map(worker, items)
     elif parallel == "thread":
         pool = ThreadPoolExecutor(n_workers, thread_name_prefix="mlseg-inventory")
-        results = _bounded_map(pool, worker, items, 4 * n_workers)
+        results = bounded_map(pool, worker, items, 4 * n_workers)
     else:
         chunk = max(1, min(32, len(items) // (n_workers * 8)))
         pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=_worker_init)

@@ -338,7 +338,7 @@ def test_symlinked_folder_loops_are_walked_once(nuclei_dataset):
 def test_reading_streams_with_a_bounded_number_of_files_in_flight():
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlseg.inventory import _bounded_map
+    from mlseg.inventory import bounded_map
 
     submitted = []
     with ThreadPoolExecutor(2) as pool:
@@ -350,7 +350,7 @@ def test_reading_streams_with_a_bounded_number_of_files_in_flight():
 
         pool.submit = submit
         in_flight = []
-        for i, value in enumerate(_bounded_map(pool, lambda x: x * 2, list(range(100)), ahead=8)):
+        for i, value in enumerate(bounded_map(pool, lambda x: x * 2, list(range(100)), ahead=8)):
             assert value == 2 * i  # in order
             in_flight.append(len(submitted) - i)
     assert max(in_flight) <= 8 and len(submitted) == 100
