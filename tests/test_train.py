@@ -978,43 +978,6 @@ def _disc_images(root, sides, grey: bool = False) -> None:
         write_labels(root / "train/masks" / f"img{k}_mask.png", labels)
 
 
-def _prepared_from_lists(cfg, root, profile):
-    """The store and tiles made from every image prepared at once, with the list APIs."""
-    from mlseg.data import (
-        PatchStore,
-        ValTiles,
-        dataset_mask_kind,
-        decode_pairs,
-        effective_preprocess,
-        faint_nuclei,
-        resolve_target,
-        split_validation,
-    )
-    from mlseg.dataset import list_pairs, mask_to_labels
-    from mlseg.preprocess import normalize
-    from mlseg.targets import make_target
-
-    pairs = list_pairs(root, "train", cfg.data, strict=True)
-    pp = effective_preprocess(cfg, profile)
-    images, masks = decode_pairs(pairs, pp, profile)
-    kind = dataset_mask_kind(cfg.data.mask_kind, masks)
-    target = resolve_target(cfg.train.target, kind, root)
-    labels = [mask_to_labels(m, kind) for m in masks]
-    xs = [normalize(im, pp, profile.stain, channels=profile.channels) for im in images]
-    ts = [make_target(lab, target, cfg.train.boundary_px).astype(np.uint8) for lab in labels]
-    val = split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed).tolist()
-    train = [i for i in range(len(pairs)) if i not in val]
-    faint = None
-    if cfg.train.faint_oversample:
-        faint = faint_nuclei(
-            [xs[i] for i in train], [labels[i] for i in train], cfg.train.faint_quantile
-        )
-    cpu = torch.device("cpu")
-    store = PatchStore([xs[i] for i in train], [ts[i] for i in train], cpu, cfg.data.seed, faint)
-    patch = cfg.train.patch_size
-    return store, ValTiles.from_arrays([xs[i] for i in val], [ts[i] for i in val], patch, cpu)
-
-
 @pytest.mark.parametrize(
     ("profile", "sides", "train"),
     [
@@ -1028,6 +991,7 @@ def test_training_data_prepared_one_image_at_a_time_is_what_training_took(
     """Every array training receives (packed pixels and classes, foreground and faint
     positions, validation tiles) is, bit for bit, the one made from all images at once;
     images smaller than the patch and a validation split included."""
+    from bench.prep_memory import before
     from mlseg.config import get_profile
     from mlseg.data import prepare_data
 
@@ -1035,7 +999,7 @@ def test_training_data_prepared_one_image_at_a_time_is_what_training_took(
     cfg = load_config(None, train={**TINY, **train}, data={"val_fraction": 0.34})
     cfg = cfg.model_copy(update={"profile": profile})
     data = prepare_data(cfg, tmp_path, get_profile(profile), torch.device("cpu"))
-    store, tiles = _prepared_from_lists(cfg, tmp_path, get_profile(profile))
+    store, tiles = before(cfg, tmp_path)  # every image prepared at once, as it was
     assert data.val is not None and data.val.n_images >= 1
     for name in ("pixels", "classes", "offset", "height", "width", "fg", "fg_count", "weights"):
         assert torch.equal(getattr(data.train, name), getattr(store, name)), name
