@@ -105,8 +105,7 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     staging = staging_dir(out_dir / WRITTEN_TOGETHER)
     try:
         yield staging
-        for path in sorted(staging.iterdir()):
-            path.replace(out_dir / path.name)
+        _move_together(sorted(staging.iterdir()), out_dir, staging / ".previous")
     except (OSError, OutputError) as err:
         said = staged_write_error(err, staging, out_dir)
         if said is None:
@@ -114,6 +113,33 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise said from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:
+    """Move ``paths`` into ``out_dir``, each file they replace kept in ``previous`` (a hard
+    link, else a copy) until all are in place; where one cannot be moved, those moved before
+    it are put back, so a file held open on a share (EBUSY) leaves the previous set whole."""
+    previous.mkdir()
+    moved: list[tuple[Path, Path | None]] = []
+    try:
+        for path in paths:
+            target = out_dir / path.name
+            kept = previous / path.name if os.path.lexists(target) else None
+            if kept is not None:
+                try:
+                    os.link(target, kept, follow_symlinks=False)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, kept, follow_symlinks=False)
+            path.replace(target)
+            moved.append((target, kept))
+    except BaseException:
+        for target, kept in reversed(moved):
+            with contextlib.suppress(OSError):
+                if kept is None:
+                    target.unlink()
+                else:
+                    kept.replace(target)
+        raise
 
 
 #: The name :func:`atomic_path` gives its temporary: ``.<stem>.<8 of mkstemp's>.tmp<suffix>``.

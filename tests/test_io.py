@@ -22,6 +22,7 @@ from mlseg.io import (
     write_image,
     write_labels,
     write_table,
+    written_together,
 )
 from mlseg.pixel_size import tiff_pixel_size_um
 
@@ -710,3 +711,26 @@ def test_an_array_that_a_png_would_not_hold_as_given_is_refused_not_clipped(tmp_
     small = np.array([[0, 200], [17, 5]], np.int64)
     write_image(tmp_path / "w.png", small)
     assert np.array_equal(read_image(tmp_path / "w.png")[..., 0], small)
+
+
+def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set(
+    tmp_path, monkeypatch
+) -> None:
+    """A file of the set that cannot be replaced (held open on a share: EBUSY) once stopped
+    the moves with the files before it already the new run's beside the previous run's
+    summary.csv; the previous set stays whole, and nothing is left behind."""
+    names = ("histograms.png", "nuclei.parquet", "run.json", "summary.csv")
+    for name in names:
+        (tmp_path / name).write_text("previous")
+    replace = Path.replace
+
+    def busy(self, target):
+        if Path(target) == tmp_path / "summary.csv":
+            raise OSError(errno.EBUSY, "Device or resource busy", str(target))
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", busy)
+    with pytest.raises(OSError), written_together(tmp_path) as staging:
+        for name in names:
+            (staging / name).write_text("new")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "previous")
