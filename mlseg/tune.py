@@ -44,6 +44,10 @@ METHODS = ("random", "grid")
 # searched, every value would give the same trial, and the first would be written as best
 BUDGET_KEYS = ("train.max_steps", "train.val_every", "train.warmup_steps")
 UNSCORED_SECTIONS = ("inference", "monitor")
+#: Train settings a resume may change (:data:`mlseg.train.RESUME_FREE`) that decide when a
+#: trial stops and which checkpoint it keeps: set otherwise in the config of a rerun, they
+#: were checked only where searched, and the finished trials were ranked under them.
+TRIAL_DECIDING = ("train.early_stop_patience", "train.val_every")
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
@@ -136,14 +140,15 @@ def _earlier_runs(path: Path) -> dict[int, dict[str, float]]:
 
 
 def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> None:
-    """Refuse a folder whose trials were trained with another step budget or other values
-    of the searched ``keys``: a rerun would rank them (finished, or extended by a warm
-    restart) beside trials of this budget, or under this search's values where a resume may
-    change them (``mlseg.train.RESUME_FREE``: early_stop_patience, amp ...; a change of
-    any other setting fit refuses to resume with)."""
+    """Refuse a folder whose trials were trained with another step budget, other values of
+    the searched ``keys`` or of :data:`TRIAL_DECIDING`: a rerun would rank them (finished,
+    or extended by a warm restart) beside trials of this budget, or under this search's
+    values where a resume may change them (``mlseg.train.RESUME_FREE``: early_stop_patience,
+    amp ...; a change of any other setting fit refuses to resume with)."""
     from mlseg.train import RESUME_FREE
 
-    keys = [k for k in keys if k.startswith("train.") and k.partition(".")[2] in RESUME_FREE]
+    searched = [k for k in keys if k.startswith("train.") and k.partition(".")[2] in RESUME_FREE]
+    keys = list(dict.fromkeys([*searched, *TRIAL_DECIDING]))
     for i, trial_cfg in enumerate(trial_cfgs):
         saved = out / f"trial_{i:03d}" / "config.json"
         if not saved.is_file():

@@ -411,3 +411,19 @@ def test_a_training_set_of_one_image_and_its_copies_is_not_called_diverged(tmp_p
     ):
         tune(cfg, root, tmp_path / "out", budget_steps=1, space=space, progress=False)
     assert not (tmp_path / "out" / "trial_001").exists()
+
+
+def test_a_rerun_whose_config_changes_early_stopping_is_refused(synth_dataset, tmp_path):
+    """early_stop_patience changed in the config, not searched: the trial trained with
+    patience 10 was ranked again without a step trained, and best_config.yaml said 1."""
+    torch.set_num_threads(2)
+    search = {"trials": None, "budget_steps": 1, "method": "grid", "progress": False}
+    space = {"train.lr": [1e-3]}
+    patient = load_config(None, train={**TINY, "early_stop_patience": 10})
+    tune(patient, synth_dataset, tmp_path, space=space, **search)
+    impatient = load_config(None, train={**TINY, "early_stop_patience": 1})
+    with pytest.raises(
+        ConfigError, match=r"trial_000 was trained with train.early_stop_patience 10, this "
+    ):
+        tune(impatient, synth_dataset, tmp_path, space=space, **search)
+    assert load_config(tmp_path / "best_config.yaml").train.early_stop_patience == 10
