@@ -31,7 +31,13 @@ from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
 from mlseg.io import read_image, read_mask, write_table, write_text, written_together
-from mlseg.metrics import ERROR_KINDS, count_error, object_metrics, pixel_metrics
+from mlseg.metrics import (
+    ERROR_KINDS,
+    count_error,
+    detection_scores,
+    object_metrics,
+    pixel_metrics,
+)
 from mlseg.model import LoadedModel, load_model, resolve_model_device
 from mlseg.registry import code_version, eval_set_id
 
@@ -248,10 +254,11 @@ def evaluate(
     df = pd.DataFrame(rows)
     means = {k: float(df[k].astype(float).mean()) for k in METRIC_COLUMNS}  # NaN skipped
     tp, fp, fn = (int(df[k].sum()) for k in ("tp", "fp", "fn"))
+    scores = detection_scores(tp, fp, fn)  # the conventions of one image's scores
     pooled = {
-        "obj_precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "obj_recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+        "obj_precision": scores["precision"],
+        "obj_recall": scores["recall"],
+        "f1": scores["f1"],
         "tp": tp,
         "fp": fp,
         "fn": fn,

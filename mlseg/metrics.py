@@ -159,25 +159,34 @@ def object_metrics(
     tp = len(matched)
     fp, fn = n_p - tp, n_t - tp
     empty = n_t == 0 and n_p == 0
-    precision = tp / n_p if n_p else (1.0 if empty else 0.0)
-    recall = tp / n_t if n_t else (1.0 if empty else 0.0)
-    f1 = 1.0 if empty else 2 * tp / (2 * tp + fp + fn)
+    detection = detection_scores(tp, fp, fn)
     sq = float(matched.mean()) if tp else float("nan")
     pq = 1.0 if empty else float(matched.sum()) / (tp + 0.5 * fp + 0.5 * fn)
     return {
         "tp": tp,
         "fp": fp,
         "fn": fn,
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
+        **detection,
         "mean_matched_iou": sq,
         "aji": _aji(ti, pi, inter, union, t_area, p_area),
         "pq": pq,
         "sq": sq,
-        "rq": float(f1),
+        "rq": detection["f1"],
         "area_ratio": float(np.median(p_area[pi[keep]] / t_area[ti[keep]])) if tp else np.nan,
         **_error_kinds(ti, pi, inter, t_area, p_area, keep),
+    }
+
+
+def detection_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """``precision, recall, f1`` of matched object counts, with the module's conventions for
+    empty images: all 1.0 when there is nothing on either side, and a ratio with nothing to
+    count 0.0 otherwise. Serves one image and the counts of many added up alike."""
+    if tp + fp + fn == 0:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn),
     }
 
 

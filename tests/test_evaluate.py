@@ -110,6 +110,21 @@ def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, mon
     assert result.worst_png is not None and result.worst_png.stat().st_size > 1000
 
 
+def test_a_model_that_finds_nothing_has_a_pooled_precision_of_zero(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+) -> None:
+    # as each image's precision is scored: a missing (null) one read as "not measured"
+    def find_nothing(loaded, image, profile, inference_cfg, pixel_size_um, path):
+        return np.zeros(image.shape[:2], np.int32), {"scale_factor": 1.0}
+
+    monkeypatch.setattr(ev, "predict_image", find_nothing)
+    result = ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", progress=False)
+    pooled = json.loads(result.json_path.read_text())["pooled"]
+    assert pooled["fn"] > 0 and pooled["tp"] == pooled["fp"] == 0
+    assert (pooled["obj_precision"], pooled["obj_recall"], pooled["f1"]) == (0.0, 0.0, 0.0)
+    assert (result.per_image["obj_precision"] == 0.0).all()
+
+
 def test_a_disk_that_fills_at_the_worst_cases_leaves_the_previous_evaluation_whole(
     checkpoint, synth_dataset, tmp_path, monkeypatch
 ) -> None:
