@@ -4,7 +4,8 @@ Pixel metrics compare foreground masks. Object metrics compare instance label im
 (0 = background; a label may have several connected pieces) through their contingency
 table of overlaps, computed once with ``np.bincount``:
 
-- matching: a predicted and a true object match when their IoU exceeds ``iou_threshold``;
+- matching: a predicted and a true object match when their IoU exceeds ``iou_threshold``
+  (strictly, as HoVer-Net and MONAI; StarDist's ``matching`` takes IoU >= threshold);
   at 0.5 or above each object has at most one such partner (Kirillov et al. 2019), below it
   the matching maximises total IoU (Hungarian algorithm).
 - precision, recall, F1 of matched objects; mean matched IoU (= PQ's SQ);
@@ -13,7 +14,8 @@ table of overlaps, computed once with ``np.bincount``:
   pixel too wide does to a 10-pixel-wide nucleus);
 - PQ = SQ x RQ, panoptic quality (Kirillov et al. 2019), RQ = F1;
 - AJI, aggregated Jaccard index (Kumar et al. 2017): every true object is paired with the
-  prediction of highest IoU; unpaired predictions add to the union;
+  prediction of highest IoU; unpaired predictions add to the union (HoVer-Net's
+  ``get_fast_aji``, not the one-to-one AJI+);
 - error kinds: why each unmatched object is unmatched (missed, merged, split, outline for
   true objects; spurious, merged, split, outline for predictions), so a count that is off
   can be traced to its cause.
