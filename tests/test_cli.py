@@ -226,6 +226,44 @@ def test_readme_command_lines_use_commands_and_options_that_exist():
                 assert word in known, f"README: {' '.join(words)}: {word} is no option"
 
 
+# Options of the outside tools the README's commands call (docker, prefect, pulumi, aws).
+OUTSIDE_OPTIONS = {
+    *("--all", "--no-prompt", "--pool", "--type", "--limit"),  # prefect
+    *("--rm", "--user", "--read-only", "--tmpfs", "--gpus", "--build-arg"),  # docker
+    *("--secret", "--path", "--show-urns", "--endpoint-url"),  # pulumi, aws
+}
+
+
+def test_every_option_the_readme_names_exists(capsys):
+    """An option named anywhere in the README, in prose too (`--no-progress` of `segment`), is
+    one of mlseg's commands, of `python -m flows.*`, of bench/scanner_sweep.py or of an outside
+    tool: the code-block test above does not read the prose."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from flows import demo, pipeline, segment
+    from mlseg.cli import app
+
+    root_dir = Path(__file__).resolve().parents[1]
+    known, commands = set(OUTSIDE_OPTIONS), [typer.main.get_command(app)]
+    while commands:
+        command = commands.pop()
+        known |= {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        commands += getattr(command, "commands", {}).values()
+    for flow_main in (demo.main, pipeline.main, segment.main):
+        with pytest.raises(SystemExit):
+            flow_main(["--help"])
+        known |= set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+    sweep = (root_dir / "bench" / "scanner_sweep.py").read_text(encoding="utf-8")
+    known |= set(re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)", sweep))
+    readme = (root_dir / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
+    assert len(named) >= 30
+    assert not named - known, f"README names options no command has: {sorted(named - known)}"
+
+
 def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
     """--layout offered 'contract' without saying it is an mlseg dataset (the README's name)."""
     monkeypatch.setenv("COLUMNS", "250")
