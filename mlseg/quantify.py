@@ -55,6 +55,7 @@ Definitions and agreement with ``skimage.measure.regionprops`` (checked in
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -245,35 +246,84 @@ def measure(
     need a 3-channel bright-field image. An image without nuclei gives an empty table with
     all columns. Rows are sorted by label.
     """
+    labels = _checked_labels(labels)
+    image = _checked_image(image, labels.shape)
+    white = full_scale(image) if image is not None else 0  # refuses other dtypes
+    px = effective_pixel_size(profile, pixel_size_um)
+    length, area = unit_suffixes(px)
+    channels = channel_names(image.shape[2]) if image is not None else []
+    stains = _measured_stains(image, profile)
+    # without DAB measured (no image) a class would report every nucleus negative
+    ihc = profile.stain == "ihc" and bool(stains)
+    columns = _columns(channels, stains, length, area, ihc)
+    groups = _group_by_label(labels)
+    if groups is None:
+        return _empty(columns)
+    out: dict[str, np.ndarray] = {"label": groups.ids.astype(np.int64)}
+    out.update(_shape_columns(labels.shape, groups, px, length, area))
+    if image is not None:
+        pixels = np.take(image.reshape(-1, image.shape[2]), groups.idx, axis=0)  # faster than [idx]
+        out.update(_intensity_columns(pixels, groups, channels))
+        if stains:
+            out.update(_stain_columns(pixels, groups, profile, white, stains))
+    if ihc:
+        out["ihc_class"] = ihc_classes(out["dab_od_mean"], profile.dab_thresholds)
+    return pd.DataFrame({c: out[c] for c in columns})
+
+
+class _Groups(NamedTuple):
+    """The foreground pixels of a label image grouped by label, raster order kept within
+    each group. ``idx``/``lab``/``rows``/``cols``: ``(N,)`` flat index in the ``(H, W)``
+    image, label, row and column of each pixel; ``starts``/``counts``/``ids``: ``(n,)`` first
+    pixel, pixel count and label of each group, by increasing label."""
+
+    idx: np.ndarray
+    lab: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+    ids: np.ndarray
+
+
+def _checked_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as an array, or ValueError unless it is a 2-D non-negative integer one."""
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
     if labels.size and np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
         raise ValueError("labels must be non-negative (0 = background)")
-    if image is not None:
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.shape[:2] != labels.shape:
-            raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-        white = full_scale(image)
-    px = effective_pixel_size(profile, pixel_size_um)
-    length, area = unit_suffixes(px)
-    channels = channel_names(image.shape[2]) if image is not None else []
-    stains = (
-        list(profile.stain_names)
-        if image is not None and profile.brightfield and image.shape[2] == 3
-        else []
-    )
-    # without DAB measured (no image) a class would report every nucleus negative
-    ihc = profile.stain == "ihc" and bool(stains)
-    columns = _columns(channels, stains, length, area, ihc)
+    return labels
 
-    height, width = labels.shape
+
+def _checked_image(image: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``image`` as an ``(H, W, C)`` array, or ValueError unless it has the labels' ``shape``
+    (height and width); ``None`` stays ``None``."""
+    if image is None:
+        return None
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[:2] != shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {shape} differ in size")
+    return image
+
+
+def _measured_stains(image: np.ndarray | None, profile: Profile) -> list[str]:
+    """The profile's stain names where they can be measured (a 3-channel bright-field
+    image), else none."""
+    if image is not None and profile.brightfield and image.shape[2] == 3:
+        return list(profile.stain_names)
+    return []
+
+
+def _group_by_label(labels: np.ndarray) -> _Groups | None:
+    """The foreground pixels of ``labels`` grouped by label, or ``None`` where there are none."""
+    width = labels.shape[1]
     flat = np.ascontiguousarray(labels).ravel()
     idx = np.flatnonzero(flat)
     if idx.size == 0:
-        return _empty(columns)
+        return None
     lab = flat[idx]
     if int(lab.max()) <= np.iinfo(np.uint16).max:
         lab = lab.astype(np.uint16, copy=False)  # radix sort, half the memory traffic
@@ -282,49 +332,39 @@ def measure(
     lab = lab[order]
     starts = np.concatenate(([0], np.flatnonzero(lab[1:] != lab[:-1]) + 1))
     counts = np.diff(np.append(starts, lab.size))
-    ids = lab[starts]
     rows = idx // width
     cols = idx - rows * width
+    return _Groups(idx, lab, rows, cols, starts, counts, lab[starts])
 
-    out: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
+
+def _shape_columns(
+    shape: tuple[int, int],
+    groups: _Groups,
+    px: float | None,
+    length: str,
+    area: str,
+) -> dict[str, np.ndarray]:
+    """Centroid, box, size, ellipse, outline and hull columns per label, lengths in microns
+    (``px``: microns per pixel) or pixels (``px`` ``None``), and ``touches_border``."""
+    height, width = shape
+    rows, cols, starts, counts = groups.rows, groups.cols, groups.starts, groups.counts
     area_px = counts.astype(np.float64)
-
     # Bounding box: pixels of a label are in raster order, so first/last give the rows.
     row_min = rows[starts]
     row_max = rows[starts + counts - 1]
     col_min = np.minimum.reduceat(cols, starts)
     col_max = np.maximum.reduceat(cols, starts)
-
-    # Central moments of the pixel centres: exact integer sums of box-local coordinates,
-    # combined in float64 (local coordinates keep the cancellation in S2/n - (S1/n)^2 mild
-    # and the products within int64 for objects of any size).
-    r = rows - np.repeat(row_min, counts)
-    c = cols - np.repeat(col_min, counts)
-    s_r = np.add.reduceat(r, starts) / area_px
-    s_c = np.add.reduceat(c, starts) / area_px
-    var_r = np.add.reduceat(r * r, starts) / area_px - s_r * s_r
-    var_c = np.add.reduceat(c * c, starts) / area_px - s_c * s_c
-    cov_rc = np.add.reduceat(r * c, starts) / area_px - s_r * s_c
-    mean_r = row_min + s_r
-    mean_c = col_min + s_c
-    half_trace = 0.5 * (var_r + var_c)
-    root = np.sqrt(0.25 * (var_r - var_c) ** 2 + cov_rc**2)
-    l1 = half_trace + root
-    l2 = np.maximum(half_trace - root, 0.0)
-    major = 4.0 * np.sqrt(l1)
-    minor = 4.0 * np.sqrt(l2)
-    ecc = np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0))
-    ecc[l1 == 0] = 0.0
-    orientation = np.degrees(0.5 * np.arctan2(-2.0 * cov_rc, var_c - var_r)) % 180.0
-    # a horizontal nucleus's covariance can round to -1e-17, whose angle % 180 is 180.0
-    orientation[orientation >= 180.0] = 0.0
-
-    perimeter, border_pts, border_starts = _perimeter(labels.shape, idx, lab, rows, cols, starts)
+    mean_r, mean_c, var_r, var_c, cov_rc = _moments(groups, row_min, col_min, area_px)
+    major, minor, ecc, orientation = _ellipse(var_r, var_c, cov_rc)
+    perimeter, border_pts, border_starts = _perimeter(
+        shape, groups.idx, groups.lab, rows, cols, starts
+    )
     convex_px, feret_max, feret_min = _hull_features(
         border_pts, border_starts, row_min, row_max - row_min
     )
 
     scale = px if px is not None else 1.0
+    out: dict[str, np.ndarray] = {}
     out[f"centroid_x_{length}"] = (mean_c + 0.5) * scale
     out[f"centroid_y_{length}"] = (mean_r + 0.5) * scale
     out["bbox_x_px"] = col_min.astype(np.int64)
@@ -345,31 +385,79 @@ def measure(
     out["extent"] = area_px / (out["bbox_width_px"] * out["bbox_height_px"])
     out[f"feret_max_{length}"] = feret_max * scale
     out[f"feret_min_{length}"] = feret_min * scale
-
-    if image is not None:
-        pixels = np.take(image.reshape(-1, image.shape[2]), idx, axis=0)  # faster than [idx]
-        sums = np.add.reduceat(pixels, starts, axis=0, dtype=np.int64).astype(np.float64)
-        maxima = np.maximum.reduceat(pixels, starts, axis=0)
-        for k, name in enumerate(channels):
-            out[f"intensity_mean_{name}"] = sums[:, k] / area_px
-            out[f"intensity_max_{name}"] = maxima[:, k].astype(np.float64)
-            out[f"intensity_integrated_{name}"] = sums[:, k]
-        if stains:
-            od = _stain_od(pixels, profile, white)
-            od_sums = np.add.reduceat(od, starts, axis=0, dtype=np.float64)
-            od_max = np.maximum.reduceat(od, starts, axis=0)
-            for k, name in enumerate(stains):
-                out[f"{name}_od_mean"] = od_sums[:, k] / area_px
-                out[f"{name}_od_max"] = od_max[:, k].astype(np.float64)
-                out[f"{name}_od_integrated"] = od_sums[:, k]
-
     out["touches_border"] = (
         (row_min == 0) | (col_min == 0) | (row_max == height - 1) | (col_max == width - 1)
     )
-    if ihc:
-        dab = out["dab_od_mean"]
-        out["ihc_class"] = ihc_classes(dab, profile.dab_thresholds)
-    return pd.DataFrame({c: out[c] for c in columns})
+    return out
+
+
+def _moments(
+    groups: _Groups, row_min: np.ndarray, col_min: np.ndarray, area_px: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Mean row and column, row and column variance and their covariance of each label's
+    pixel centres (``(n,) float64`` each)."""
+    # Central moments of the pixel centres: exact integer sums of box-local coordinates,
+    # combined in float64 (local coordinates keep the cancellation in S2/n - (S1/n)^2 mild
+    # and the products within int64 for objects of any size).
+    starts, counts = groups.starts, groups.counts
+    r = groups.rows - np.repeat(row_min, counts)
+    c = groups.cols - np.repeat(col_min, counts)
+    s_r = np.add.reduceat(r, starts) / area_px
+    s_c = np.add.reduceat(c, starts) / area_px
+    var_r = np.add.reduceat(r * r, starts) / area_px - s_r * s_r
+    var_c = np.add.reduceat(c * c, starts) / area_px - s_c * s_c
+    cov_rc = np.add.reduceat(r * c, starts) / area_px - s_r * s_c
+    return row_min + s_r, col_min + s_c, var_r, var_c, cov_rc
+
+
+def _ellipse(var_r: np.ndarray, var_c: np.ndarray, cov_rc: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Major and minor axis length (pixels), eccentricity and orientation (degrees in
+    [0, 180)) of the ellipse with the same second moments."""
+    half_trace = 0.5 * (var_r + var_c)
+    root = np.sqrt(0.25 * (var_r - var_c) ** 2 + cov_rc**2)
+    l1 = half_trace + root
+    l2 = np.maximum(half_trace - root, 0.0)
+    major = 4.0 * np.sqrt(l1)
+    minor = 4.0 * np.sqrt(l2)
+    ecc = np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0))
+    ecc[l1 == 0] = 0.0
+    orientation = np.degrees(0.5 * np.arctan2(-2.0 * cov_rc, var_c - var_r)) % 180.0
+    # a horizontal nucleus's covariance can round to -1e-17, whose angle % 180 is 180.0
+    orientation[orientation >= 180.0] = 0.0
+    return major, minor, ecc, orientation
+
+
+def _intensity_columns(
+    pixels: np.ndarray, groups: _Groups, channels: list[str]
+) -> dict[str, np.ndarray]:
+    """Mean, max and integrated intensity per label and channel; ``pixels``: ``(N, C)``
+    uint values of the grouped pixels."""
+    area_px = groups.counts.astype(np.float64)
+    sums = np.add.reduceat(pixels, groups.starts, axis=0, dtype=np.int64).astype(np.float64)
+    maxima = np.maximum.reduceat(pixels, groups.starts, axis=0)
+    out: dict[str, np.ndarray] = {}
+    for k, name in enumerate(channels):
+        out[f"intensity_mean_{name}"] = sums[:, k] / area_px
+        out[f"intensity_max_{name}"] = maxima[:, k].astype(np.float64)
+        out[f"intensity_integrated_{name}"] = sums[:, k]
+    return out
+
+
+def _stain_columns(
+    pixels: np.ndarray, groups: _Groups, profile: Profile, white: int, stains: list[str]
+) -> dict[str, np.ndarray]:
+    """Mean, max and integrated stain OD per label; ``pixels``: ``(N, 3)`` uint RGB of the
+    grouped pixels, from an image of full scale ``white``."""
+    area_px = groups.counts.astype(np.float64)
+    od = _stain_od(pixels, profile, white)
+    od_sums = np.add.reduceat(od, groups.starts, axis=0, dtype=np.float64)
+    od_max = np.maximum.reduceat(od, groups.starts, axis=0)
+    out: dict[str, np.ndarray] = {}
+    for k, name in enumerate(stains):
+        out[f"{name}_od_mean"] = od_sums[:, k] / area_px
+        out[f"{name}_od_max"] = od_max[:, k].astype(np.float64)
+        out[f"{name}_od_integrated"] = od_sums[:, k]
+    return out
 
 
 def ihc_classes(dab_od_mean: np.ndarray, thresholds: tuple[float, float, float]) -> np.ndarray:
