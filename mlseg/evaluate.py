@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,74 +189,162 @@ def evaluate(
     another scale are never compared.
     """
     from mlseg.quantify import microns_per_pixel
-    from mlseg.segment import check_out_dir, model_identity
+    from mlseg.segment import check_out_dir
 
     warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
     out = Path(out_dir)
     pixel_size_um = microns_per_pixel(pixel_size_um)
+    loaded, inference_cfg, device = _load_for_evaluation(model_path, inference_cfg)
+    cfg = loaded.config
+    profile = _evaluation_profile(loaded, profile)
+    pairs, unlabelled = _pairs_by_mask(data_root, split, cfg.data)
+    warn_unlabelled(unlabelled, len(pairs) + len(unlabelled), cfg.data)
+    # worst.png there would be read as an image without a mask from then on
+    check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
+    iterator = _with_progress(pairs, split, progress)
+    scored = _score_pairs(iterator, loaded, profile, inference_cfg, pixel_size_um)
+    # split: the split's name, whatever its folder
+    if split != "train" and scored.seen and any(scored.seen.values()):
+        warnings.warn(seen_in_training(data_root, split, len(pairs), scored.seen), stacklevel=2)
+    df = pd.DataFrame(scored.rows)
+    means = {k: float(df[k].astype(float).mean()) for k in METRIC_COLUMNS}  # NaN skipped
+    # the set as this model's data config pairs it (mask suffix, folders): the id that makes
+    # two scores comparable must change whenever one of the masks scored here changes
+    set_id = eval_set_id(data_root, split, cfg.data, pixel_size_um)
+    summary = _summary(
+        loaded, profile, inference_cfg, device, data_root, split, set_id, df, means, scored.seen
+    )
+    worst_png = _write_outputs(out, df, summary, scored.worst)
+    csv_path, json_path = out / "per_image.csv", out / "summary.json"
+    return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)
+
+
+@dataclass
+class _Scored:
+    """What :func:`_score_pairs` gathers: one row per image, the :data:`WORST_SHOWN` of
+    lowest AJI as ``(aji, (stem, image, truth, prediction, caption))``, and the stems of
+    images the model trained (``train``) or chose its checkpoint (``validation``) on
+    (``None``: a model saved before mlseg recorded its images' hashes, so nothing checked)."""
+
+    rows: list[dict[str, Any]]
+    worst: list[tuple[float, tuple]]
+    seen: dict[str, list[str]] | None
+
+
+def _load_for_evaluation(
+    model_path: str | Path, inference_cfg: InferenceConfig | None
+) -> tuple[LoadedModel, InferenceConfig, Any]:
+    """The model, on the device its inference settings (``inference_cfg``, else its
+    config's) choose; those settings; that device."""
     loaded = load_model(model_path, device="cpu")
     cfg = loaded.config
     inference_cfg = inference_cfg or cfg.inference
     device = resolve_model_device(inference_cfg.device, cfg, loaded.path.parent)
     loaded.model.to(device)
+    return loaded, inference_cfg, device
+
+
+def _evaluation_profile(loaded: LoadedModel, profile: str | Profile | None) -> Profile:
+    """``profile`` as :func:`evaluate` takes it: an object as given, the model's own as
+    saved with it, or one read by name from the run config's ``profiles_file``."""
     if profile is None or isinstance(profile, str):
         saved = loaded.meta.get("profile_settings") or {}
         if saved and profile in (None, saved.get("name")):
             profile = loaded.profile  # as saved with the run: its profiles_file may be elsewhere
         else:
-            profile = get_profile(profile or cfg.profile, cfg.profiles_file)
-    listed = list_pairs(data_root, split, cfg.data, strict=False)
+            profile = get_profile(profile or loaded.config.profile, loaded.config.profiles_file)
+    return profile
+
+
+def _pairs_by_mask(
+    data_root: str | Path, split: str, data: DataConfig
+) -> tuple[list[Pair], list[Pair]]:
+    """The split's images with a mask and those without, in listing order; DatasetError
+    where none has one."""
+    listed = list_pairs(data_root, split, data, strict=False)
     pairs = [p for p in listed if p.mask is not None]
     if not pairs:
         raise DatasetError(
             f"{data_root}: no labelled images in split {split!r}; nothing to evaluate"
         )
-    warn_unlabelled([p for p in listed if p.mask is None], len(listed), cfg.data)
-    # worst.png there would be read as an image without a mask from then on
-    check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
-    rows: list[dict[str, Any]] = []
-    worst: list[tuple[float, tuple]] = []
+    return pairs, [p for p in listed if p.mask is None]
+
+
+def _with_progress(pairs: list[Pair], split: str, progress: bool) -> Iterable[Pair]:
+    """``pairs``, behind a progress bar where ``progress`` asks for one."""
+    if not progress:
+        return pairs
+    from tqdm.auto import tqdm
+
+    return tqdm(pairs, desc=f"evaluate {split}", unit="img")
+
+
+def _score_pairs(
+    pairs: Iterable[Pair],
+    loaded: LoadedModel,
+    profile: Profile,
+    inference_cfg: InferenceConfig,
+    pixel_size_um: float | None,
+) -> _Scored:
+    """Segment and score each pair in turn, and find the images the model trained on."""
     trained = trained_images(loaded.meta)
     seen: dict[str, list[str]] = {"train": [], "validation": []}
-    iterator = pairs
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(pairs, desc=f"evaluate {split}", unit="img")
-    for pair in iterator:
+    scored = _Scored(rows=[], worst=[], seen=seen if trained else None)
+    for pair in pairs:
         image = read_image(pair.image)
         if trained and (role := trained.get(turn_free_hash(image))):
             seen[role].append(pair.stem)
-        truth = mask_to_labels(read_mask(pair.mask), cfg.data.mask_kind)
-        if truth.shape != image.shape[:2]:
-            raise DatasetError(size_mismatch(pair.mask, truth.shape, image.shape, pair.image))
-        # the profile's size for an image without its own, as training and segment take it
-        um = next(
-            (u for u in (pixel_size_um, pair.pixel_size_um) if u is not None),
-            profile.pixel_size_um,
-        )
-        t0 = time.perf_counter()
-        pred, scale = predict_image(loaded, image, profile, inference_cfg, um, pair.image)
-        seconds = time.perf_counter() - t0
-        row = {"stem": pair.stem, **score_labels(pred, truth)}
-        row.update(
-            height_px=image.shape[0],
-            width_px=image.shape[1],
-            pixel_size_um=um,
-            **scale,
-            predict_s=seconds,
-        )
-        rows.append(row)
+        truth = _truth_labels(pair, image, loaded.config.data)
+        pred, row = _score_image(loaded, pair, image, truth, profile, inference_cfg, pixel_size_um)
+        scored.rows.append(row)
         caption = f"Dice {row['dice']:.2f}  AJI {row['aji']:.2f}  PQ {row['pq']:.2f}"
-        worst.append((row["aji"], (pair.stem, image, truth, pred, caption)))
-        worst = sorted(worst, key=lambda item: item[0])[:WORST_SHOWN]
-    if split != "train" and any(seen.values()):  # the split's name, whatever its folder
-        warnings.warn(seen_in_training(data_root, split, len(pairs), seen), stacklevel=2)
-    df = pd.DataFrame(rows)
-    means = {k: float(df[k].astype(float).mean()) for k in METRIC_COLUMNS}  # NaN skipped
+        scored.worst.append((row["aji"], (pair.stem, image, truth, pred, caption)))
+        scored.worst = sorted(scored.worst, key=lambda item: item[0])[:WORST_SHOWN]
+    return scored
+
+
+def _truth_labels(pair: Pair, image: np.ndarray, data: DataConfig) -> np.ndarray:
+    """The pair's mask as a label image, or DatasetError where it is not the image's size."""
+    truth = mask_to_labels(read_mask(pair.mask), data.mask_kind)
+    if truth.shape != image.shape[:2]:
+        raise DatasetError(size_mismatch(pair.mask, truth.shape, image.shape, pair.image))
+    return truth
+
+
+def _score_image(
+    loaded: LoadedModel,
+    pair: Pair,
+    image: np.ndarray,
+    truth: np.ndarray,
+    profile: Profile,
+    inference_cfg: InferenceConfig,
+    pixel_size_um: float | None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image's predicted labels and its row of the per-image table."""
+    # the profile's size for an image without its own, as training and segment take it
+    um = next(
+        (u for u in (pixel_size_um, pair.pixel_size_um) if u is not None),
+        profile.pixel_size_um,
+    )
+    t0 = time.perf_counter()
+    pred, scale = predict_image(loaded, image, profile, inference_cfg, um, pair.image)
+    seconds = time.perf_counter() - t0
+    row = {"stem": pair.stem, **score_labels(pred, truth)}
+    row.update(
+        height_px=image.shape[0],
+        width_px=image.shape[1],
+        pixel_size_um=um,
+        **scale,
+        predict_s=seconds,
+    )
+    return pred, row
+
+
+def _pooled(df: pd.DataFrame) -> dict[str, float | int]:
+    """Object precision, recall and F1 of the counts pooled over images, and those counts."""
     tp, fp, fn = (int(df[k].sum()) for k in ("tp", "fp", "fn"))
     scores = detection_scores(tp, fp, fn)  # the conventions of one image's scores
-    pooled = {
+    return {
         "obj_precision": scores["precision"],
         "obj_recall": scores["recall"],
         "f1": scores["f1"],
@@ -264,15 +353,29 @@ def evaluate(
         "fn": fn,
         **{k: int(df[k].sum()) for k in ERROR_KINDS},
     }
-    # the set as this model's data config pairs it (mask suffix, folders): the id that makes
-    # two scores comparable must change whenever one of the masks scored here changes
-    set_id = eval_set_id(data_root, split, cfg.data, pixel_size_um)
-    summary = {
+
+
+def _summary(
+    loaded: LoadedModel,
+    profile: Profile,
+    inference_cfg: InferenceConfig,
+    device: Any,
+    data_root: str | Path,
+    split: str,
+    set_id: str,
+    df: pd.DataFrame,
+    means: dict[str, float],
+    seen: dict[str, list[str]] | None,
+) -> dict[str, Any]:
+    """``summary.json``'s content: what was evaluated, the means and the pooled counts."""
+    from mlseg.segment import model_identity
+
+    return {
         "model": str(loaded.path),
         # what the scores belong to, where paths are only names: the model (weights, stain
         # reference, what of config.json and meta.json shapes predictions) by content, as
         # mlseg segment records it, and the scored set's content
-        "model_id": model_identity(loaded.path, cfg, loaded.meta),
+        "model_id": model_identity(loaded.path, loaded.config, loaded.meta),
         "data": str(data_root),
         "split": split,
         "eval_set_id": set_id,
@@ -282,11 +385,18 @@ def evaluate(
         "device": str(device),
         "n_images": len(df),
         # null: a model saved before mlseg recorded its images' hashes, so nothing checked
-        "seen_in_training": seen if trained else None,
+        "seen_in_training": seen,
         "means": means,
-        "pooled": pooled,
+        "pooled": _pooled(df),
         "inference": inference_cfg.model_dump(mode="json"),
     }
+
+
+def _write_outputs(
+    out: Path, df: pd.DataFrame, summary: dict[str, Any], worst: list[tuple[float, tuple]]
+) -> Path | None:
+    """Write ``per_image.csv``, ``summary.json`` and ``worst.png`` (where there are worst
+    cases) into ``out``, all three or none; the path of ``worst.png``, if written."""
     from mlseg.plots import plot_worst
 
     # the three or none: a disk that filled at worst.png left this model's table and summary
@@ -296,9 +406,7 @@ def evaluate(
         write_text(staging / "summary.json", json.dumps(_json_safe(summary), indent=2))
         if worst:
             plot_worst([item for _, item in worst], staging / "worst.png")
-    csv_path, json_path = out / "per_image.csv", out / "summary.json"
-    worst_png = out / "worst.png" if worst else None
-    return EvalResult(df, means, csv_path, json_path, worst_png, out, set_id)
+    return out / "worst.png" if worst else None
 
 
 def trained_images(meta: dict[str, Any]) -> dict[str, str]:
