@@ -34,7 +34,7 @@ th{background:#f4f4f6}td.t,th.t{text-align:left}caption{text-align:left;color:#5
 padding:.3em 0}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}.badge{display:inline-block;padding:.1em .6em;
 border-radius:.8em;font-weight:600;font-size:.85em;color:#fff}
-.ok{background:#2e7d32}.warn{background:#ed6c02}.fail{background:#c62828}
+.ok{background:#2e7d32}.warn{background:#ed6c02;color:#1d1d1f}.fail{background:#c62828}
 .info{background:#546e7a}code{background:#f4f4f6;padding:0 .25em;border-radius:3px}
 ul.paths{font-size:.9em}div.wide{overflow-x:auto}
 @media print{body{margin:0;max-width:none}table{font-size:.65em}th,td{padding:.15em .3em}

@@ -149,3 +149,34 @@ def test_large_numbers_are_not_in_scientific_notation() -> None:
     ).to_html()  # fmt: skip
     cells = re.findall(r"<td>([^<]*)</td>", html)
     assert cells == ["15,874", "12,346", "inf", "0.04219", "3e-05", "279.3", "3,038", "12,000"]
+
+
+def _luminance(hex_colour: str) -> float:
+    """WCAG 2.1 relative luminance of ``#rrggbb`` or ``#rgb``."""
+    if len(hex_colour) == 4:
+        hex_colour = "#" + "".join(c * 2 for c in hex_colour[1:])
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _rule(css: str, selector: str, prop: str) -> str | None:
+    """The value of ``prop`` in the rule of exactly ``selector`` (the last one wins)."""
+    found = None
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        if selector in [s.strip() for s in selectors.split(",")]:
+            match = re.search(rf"(?:^|;){prop}:([^;]+)", body)
+            found = match.group(1).strip() if match else found
+    return found
+
+
+def test_status_badges_have_readable_contrast() -> None:
+    """The WARN badge was white on orange, 3.1:1 (axe-core color-contrast, WCAG 1.4.3 asks
+    4.5:1 for its 13.6 px text): a warned rule's mark in validation.html was hard to read
+    for a lab member with low vision. Every badge now reads at 4.5:1 or more."""
+    css = Report("t").to_html().split("<style>", 1)[1].split("</style>", 1)[0]
+    for status in ("ok", "warn", "fail", "info"):
+        background = _rule(css, f".{status}", "background")
+        text = _rule(css, f".{status}", "color") or _rule(css, ".badge", "color")
+        lighter, darker = sorted((_luminance(background), _luminance(text)), reverse=True)
+        assert (lighter + 0.05) / (darker + 0.05) >= 4.5, (status, background, text)
