@@ -66,11 +66,12 @@ def validation_page(report: ValidationReport, path: str | os.PathLike) -> Report
                 {"rule": o.rule, "suite": o.suite, "severity": o.severity, "checked": o.n_checked}
                 for o in passed
             ],
+            caption="passed checks",
             max_rows=len(passed),
         )
     page.heading("Dataset")
     versions = ", ".join(f"{k} v{v}" for k, v in sorted(report.suite_versions.items()))
-    page.table({"dataset": report.root, "checked": stamp, "suites": versions})
+    page.table({"dataset": report.root, "checked": stamp, "suites": versions}, caption="dataset")
     if report.data_docs is not None:
         href = Path(os.path.relpath(report.data_docs, Path(path).parent)).as_posix()
         page.heading("Great Expectations Data Docs")

@@ -308,7 +308,7 @@ def pipeline_report(
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rep = Report(title, subtitle=f"generated {stamp}")
     if run:
-        rep.heading("Run").table(dict(run))
+        rep.heading("Run").table(dict(run), caption="this run")
     if validation_status is not None or validation is not None:
         rep.heading("1. Data validation")
         if validation_status is not None:
@@ -335,7 +335,8 @@ def pipeline_report(
             if metric:
                 worst = evaluation.nsmallest(worst_n, metric)
                 shown = _main_columns(worst, (*EVALUATION_SHOWN, metric))
-                rep.heading(f"Worst {len(worst)} cases by {metric}", 3).table(shown)
+                rep.heading(f"Worst {len(worst)} cases by {metric}", 3)
+                rep.table(shown, caption=f"the test images of lowest {metric}, lowest first")
         if worst_png:
             rep.image_file(worst_png, caption="worst cases: image | truth | prediction")
     if decision:
@@ -345,7 +346,7 @@ def pipeline_report(
             "ok" if decision.get("promoted") else "info",
             str(decision.get("reason", "")),
         )
-        rep.table(dict(decision))
+        rep.table(dict(decision), caption="registry decision")
     quantification = _as_frame(quantification)
     nuclei = _as_frame(nuclei)
     if quantification is not None or nuclei is not None:

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from html_a11y import read_page
 
+from expectations.page import validation_page
 from expectations.runner import (
     SUITES_DIR,
+    Outcome,
     ValidationReport,
     load_suites,
     run_suites,
@@ -820,3 +823,31 @@ def test_every_shared_set_passes_after_ingest(shared_data, tmp_path, name):
     report = validate_dataset(root, tmp_path / "out")
     assert report.success, report.to_frame().query("not success").to_string()
     assert report.failed_rules() == []
+
+
+def _page_report(tmp_path: Path) -> ValidationReport:
+    """A verdict with a failed error, a warning and a passed check, as validate_dataset makes."""
+
+    def outcome(rule: str, severity: str, failed: tuple[str, ...]) -> Outcome:
+        return Outcome(
+            rule, severity, not failed, len(failed), 6, failed, "files", "1", "expect_x", None,
+            "fix it",
+        )  # fmt: skip
+
+    outcomes = (
+        outcome("image_has_mask", "error", ("train/original/train0.png",)),
+        outcome("stray_files", "warning", ("train/notes.txt",)),
+        outcome("not_blank", "error", ()),
+    )
+    docs = tmp_path / "data_docs" / "index.html"
+    return ValidationReport(str(tmp_path / "ds"), outcomes, {"files": "1"}, data_docs=docs)
+
+
+def test_every_table_of_validation_html_has_a_caption(tmp_path):
+    """The passed-checks and dataset tables had no caption: a screen reader listing the
+    page's tables announced 'table, 4 columns' and 'table, 2 columns' with no name."""
+    page = read_page(
+        validation_page(_page_report(tmp_path), tmp_path / "validation.html").to_html()
+    )
+    assert len(page.captions) == 2
+    assert all(caption.strip() for caption in page.captions), page.captions

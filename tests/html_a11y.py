@@ -1,0 +1,48 @@
+"""What a screen reader or keyboard user meets on a page mlseg writes, read with the standard
+library's HTML parser: each table's caption, each image's alt text and figure caption."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+
+
+@dataclass
+class Page:
+    captions: list[str] = field(default_factory=list)  # one per <table>, "" where it has none
+    alts: list[str | None] = field(default_factory=list)  # one per <img>, None: no alt
+    figcaptions: list[str] = field(default_factory=list)
+
+
+class _Reader(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.page = Page()
+        self._in: str | None = None  # "caption" or "figcaption" while inside one
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.page.captions.append("")
+        elif tag == "img":
+            self.page.alts.append(dict(attrs).get("alt"))
+        elif tag == "figcaption":
+            self.page.figcaptions.append("")
+        if tag in ("caption", "figcaption"):
+            self._in = tag
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == self._in:
+            self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in == "caption":
+            self.page.captions[-1] += data
+        elif self._in == "figcaption":
+            self.page.figcaptions[-1] += data
+
+
+def read_page(html: str) -> Page:
+    reader = _Reader()
+    reader.feed(html)
+    reader.close()
+    return reader.page
