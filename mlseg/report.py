@@ -128,10 +128,13 @@ class Report:
             rows.append("<tr>" + "".join(cells) + "</tr>")
         more = len(df) - len(shown)
         note = f" (first {len(shown)} of {len(df)} rows)" if more > 0 else ""
-        cap = f"<caption>{_esc(caption)}{_esc(note)}</caption>" if caption or note else ""
-        # a table wider than the page scrolls in its box, not the whole page sideways
+        name = _esc(f"{caption}{note}")
+        cap = f"<caption>{name}</caption>" if name else ""
+        # a table wider than the page scrolls in its box, not the whole page sideways; the
+        # box takes the keyboard focus (arrow keys scroll it) and is named by the caption
+        box = f' role="region" aria-label="{name}"' if name else ""
         self.blocks.append(
-            f'<div class="wide"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f'<div class="wide" tabindex="0"{box}><table>{cap}<thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>"
         )
         return self

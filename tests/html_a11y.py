@@ -1,5 +1,6 @@
 """What a screen reader or keyboard user meets on a page mlseg writes, read with the standard
-library's HTML parser: each table's caption, each image's alt text and figure caption."""
+library's HTML parser: each table's caption and the box it scrolls in, each image's alt
+text and figure caption."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Page:
     captions: list[str] = field(default_factory=list)  # one per <table>, "" where it has none
     alts: list[str | None] = field(default_factory=list)  # one per <img>, None: no alt
     figcaptions: list[str] = field(default_factory=list)
+    scroll_boxes: list[dict[str, str | None]] = field(default_factory=list)  # div.wide attributes
 
 
 class _Reader(HTMLParser):
@@ -27,6 +29,8 @@ class _Reader(HTMLParser):
             self.page.alts.append(dict(attrs).get("alt"))
         elif tag == "figcaption":
             self.page.figcaptions.append("")
+        elif tag == "div" and "wide" in (dict(attrs).get("class") or "").split():
+            self.page.scroll_boxes.append(dict(attrs))
         if tag in ("caption", "figcaption"):
             self._in = tag
 

@@ -135,7 +135,7 @@ def test_wide_run_tables_show_their_main_columns(tmp_path: Path) -> None:
     worst = _header(html, "Worst 1 cases by aji")
     assert worst.count("aji") == 1 and "dice" in worst
     # anything wider than the page scrolls in its own box
-    assert html.count('<div class="wide"><table>') == html.count("<table>")
+    assert html.count('<div class="wide" tabindex="0" role="region"') == html.count("<table>")
     # ... on screen; on paper it may not scroll, so the box lets it show and tables shrink
     printed = html.split("@media print{", 1)[1]
     assert "div.wide{overflow:visible}" in printed and "table{font-size:" in printed
@@ -190,3 +190,15 @@ def test_every_table_of_the_run_report_has_a_caption(tmp_path: Path) -> None:
     page = read_page(pipeline_report(**_run_inputs(tmp_path)).to_html())
     assert len(page.captions) == 8
     assert all(caption.strip() for caption in page.captions), page.captions
+
+
+def test_a_table_scrolled_in_its_box_is_reached_by_keyboard(tmp_path: Path) -> None:
+    """A table wider than the page (at 200% zoom, the run table's long paths) scrolls in its
+    box, but the box could not take the keyboard focus: axe-core scrollable-region-focusable,
+    WCAG 2.1.1; someone without a mouse could not scroll to its right-hand columns. Each box
+    now takes the focus and is named by its table's caption."""
+    page = read_page(pipeline_report(**_run_inputs(tmp_path)).to_html())
+    assert len(page.scroll_boxes) == len(page.captions) == 8
+    for box, caption in zip(page.scroll_boxes, page.captions, strict=True):
+        assert box.get("tabindex") == "0" and box.get("role") == "region"
+        assert box.get("aria-label") == caption
