@@ -25,7 +25,7 @@ import pandas as pd
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45}
+margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45;overflow-wrap:break-word}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:1.8em}h3{margin-top:1.2em}.sub{color:#666}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}

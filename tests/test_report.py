@@ -202,3 +202,13 @@ def test_a_table_scrolled_in_its_box_is_reached_by_keyboard(tmp_path: Path) -> N
     for box, caption in zip(page.scroll_boxes, page.captions, strict=True):
         assert box.get("tabindex") == "0" and box.get("role") == "region"
         assert box.get("aria-label") == caption
+
+
+def test_long_paths_wrap_instead_of_widening_the_page() -> None:
+    """A path with no space or hyphen in it (/home/jsmith/projects/glioblastoma_cohort_2026/
+    runs/he_unet_resnet34_run03/segment/measurements/nuclei_measurements.parquet) ran past
+    the right edge in Outputs: at 200% zoom (640 CSS px) the whole page scrolled sideways,
+    927 px wide, and every line had to be read by scrolling back and forth (WCAG 1.4.10).
+    Text now breaks inside a word that does not fit; a table still scrolls in its box."""
+    css = Report("t").to_html().split("<style>", 1)[1].split("</style>", 1)[0]
+    assert _rule(css, "body", "overflow-wrap") in ("break-word", "anywhere")
