@@ -139,25 +139,26 @@ class Report:
         )
         return self
 
-    def png(self, data: bytes, caption: str = "") -> Report:
-        """Embed PNG bytes as a base64 data URI."""
+    def png(self, data: bytes, caption: str = "", alt: str = "") -> Report:
+        """Embed PNG bytes as a base64 data URI. ``alt`` says what the image shows to
+        someone who cannot see it (the caption only names it); it defaults to the caption."""
         encoded = base64.b64encode(data).decode("ascii")
         cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
         self.blocks.append(
-            f'<figure><img alt="{_esc(caption)}" src="data:image/png;base64,{encoded}">'
+            f'<figure><img alt="{_esc(alt or caption)}" src="data:image/png;base64,{encoded}">'
             f"{cap}</figure>"
         )
         return self
 
-    def figure(self, fig, caption: str = "") -> Report:
+    def figure(self, fig, caption: str = "", alt: str = "") -> Report:
         """Embed a matplotlib ``Figure``."""
-        return self.png(figure_png(fig), caption)
+        return self.png(figure_png(fig), caption, alt)
 
-    def image_file(self, path: str | os.PathLike, caption: str = "") -> Report:
+    def image_file(self, path: str | os.PathLike, caption: str = "", alt: str = "") -> Report:
         """Embed a PNG file (e.g. a plot written by another stage); skipped if absent."""
         path = Path(path)
         if path.is_file() and path.suffix.lower() == ".png":
-            self.png(path.read_bytes(), caption)
+            self.png(path.read_bytes(), caption, alt)
         return self
 
     def paths(self, paths: Mapping[str, Any], caption: str = "") -> Report:
@@ -193,15 +194,44 @@ class Report:
 # ----------------------------------------------------------------------------- figures
 
 
-def curves_figure(history: pd.DataFrame):
-    """Training curves against ``step``: loss columns (left), other ``val_``/``train_``
-    metrics (right)."""
-    x = history["step"] if "step" in history else pd.Series(range(len(history)))
+def _steps(history: pd.DataFrame) -> pd.Series:
+    return history["step"] if "step" in history else pd.Series(range(len(history)))
+
+
+def _curve_columns(history: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The loss columns and the other ``val_``/``train_`` metric columns of ``history``."""
     numeric = [
         c for c in history.columns if c != "step" and pd.api.types.is_numeric_dtype(history[c])
     ]
     losses = [c for c in numeric if "loss" in c]
     others = [c for c in numeric if c.startswith(("val_", "train_")) and "loss" not in c]
+    return losses, others
+
+
+def curves_alt(history: pd.DataFrame) -> str:
+    """What the training curves show, in words (an image's alt text): each series' first,
+    last and best value (lowest loss, highest metric) with its step."""
+    x = _steps(history)
+    losses, others = _curve_columns(history)
+    parts = []
+    for c in (*losses, *others):
+        values = history[c][history[c].notna()]
+        if values.empty:
+            continue
+        best = values.idxmin() if c in losses else values.idxmax()
+        parts.append(
+            f"{c} {values.iloc[0]:.3g} at step {x[values.index[0]]}, "
+            f"{values.iloc[-1]:.3g} at step {x[values.index[-1]]}, "
+            f"best {values[best]:.3g} at step {x[best]}"
+        )
+    return "Training curves against step: " + ("; ".join(parts) or "no values") + "."
+
+
+def curves_figure(history: pd.DataFrame):
+    """Training curves against ``step``: loss columns (left), other ``val_``/``train_``
+    metrics (right)."""
+    x = _steps(history)
+    losses, others = _curve_columns(history)
     fig = _figure(10, 3.6)
     ax_loss, ax_metric = fig.subplots(1, 2)
     for c in losses:
@@ -219,14 +249,32 @@ def curves_figure(history: pd.DataFrame):
     return fig
 
 
-def histograms_figure(nuclei: pd.DataFrame, columns: Sequence[str] | None = None, bins: int = 40):
-    """Histograms of per-nucleus measurements (default: area, circularity, solidity,
-    eccentricity, and the first stain optical density, whichever exist)."""
+def _histogram_columns(nuclei: pd.DataFrame, columns: Sequence[str] | None) -> list[str]:
     if columns is None:
         wanted = ("area_um2", "area_px", "circularity", "solidity", "eccentricity")
         columns = [c for c in wanted if c in nuclei.columns]
         columns += [c for c in nuclei.columns if c.endswith("_od_mean")][:1]
-    columns = [c for c in columns if c in nuclei.columns][:6]
+    return [c for c in columns if c in nuclei.columns][:6]
+
+
+def histograms_alt(nuclei: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """What :func:`histograms_figure` shows, in words (an image's alt text): the median and
+    the 5th to 95th percentile of each measurement drawn."""
+    parts = []
+    for name in _histogram_columns(nuclei, columns):
+        values = pd.to_numeric(nuclei[name], errors="coerce").dropna()
+        if not values.empty:
+            low, median, high = np.percentile(values, [5, 50, 95])
+            parts.append(
+                f"{name} median {median:.3g} (5th to 95th percentile {low:.3g} to {high:.3g})"
+            )
+    return f"Histograms of {len(nuclei):,} nuclei: " + ("; ".join(parts) or "no values") + "."
+
+
+def histograms_figure(nuclei: pd.DataFrame, columns: Sequence[str] | None = None, bins: int = 40):
+    """Histograms of per-nucleus measurements (default: area, circularity, solidity,
+    eccentricity, and the first stain optical density, whichever exist)."""
+    columns = _histogram_columns(nuclei, columns)
     n = max(1, len(columns))
     fig = _figure(3.2 * min(n, 3), 2.8 * math.ceil(n / 3))
     axes = np.atleast_1d(fig.subplots(math.ceil(n / 3), min(n, 3), squeeze=False)).ravel()
@@ -254,6 +302,13 @@ QUANTIFICATION_SHOWN = (
     "area_um2_mean", "area_px_mean",
     "circularity_mean", "solidity_mean", "eccentricity_mean", "positive_pct", "h_score",
 )  # fmt: skip
+
+
+#: What the worst-cases figure of :func:`mlseg.plots.worst_figure` shows, in words
+WORST_ALT = (
+    "One row per worst test case: the image, its true nuclei and the predicted nuclei side by "
+    "side, each row titled with the image name, the nucleus counts and its scores."
+)
 
 
 def _main_columns(table: pd.DataFrame, wanted: Sequence[str]) -> pd.DataFrame:
@@ -322,10 +377,11 @@ def pipeline_report(
         rep.heading("2. Training")
         if training:
             rep.table(dict(training), caption="training result")
+        alt = curves_alt(history) if history is not None and not history.empty else ""
         if curves_png is not None and Path(curves_png).is_file():
-            rep.image_file(curves_png, caption="training curves")
+            rep.image_file(curves_png, caption="training curves", alt=alt)
         elif history is not None and not history.empty:
-            rep.figure(curves_figure(history), caption="training curves")
+            rep.figure(curves_figure(history), caption="training curves", alt=alt)
     evaluation = _as_frame(evaluation)
     if evaluation is not None or evaluation_means:
         rep.heading("3. Evaluation on the test split")
@@ -341,7 +397,9 @@ def pipeline_report(
                 rep.heading(f"Worst {len(worst)} cases by {metric}", 3)
                 rep.table(shown, caption=f"the test images of lowest {metric}, lowest first")
         if worst_png:
-            rep.image_file(worst_png, caption="worst cases: image | truth | prediction")
+            rep.image_file(
+                worst_png, caption="worst cases: image | truth | prediction", alt=WORST_ALT
+            )
     if decision:
         rep.heading("4. Model registry")
         rep.status(
@@ -359,7 +417,11 @@ def pipeline_report(
             caption = f"per image{_more(shown, quantification)}"
             rep.table(shown, caption=caption, max_rows=60)
         if nuclei is not None and not nuclei.empty:
-            rep.figure(histograms_figure(nuclei), caption=f"{len(nuclei):,} nuclei")
+            rep.figure(
+                histograms_figure(nuclei),
+                caption=f"{len(nuclei):,} nuclei",
+                alt=histograms_alt(nuclei),
+            )
     if drift_status is not None or drift is not None or run_metrics:
         rep.heading("6. Monitoring")
         if drift_status is not None:

@@ -212,3 +212,21 @@ def test_long_paths_wrap_instead_of_widening_the_page() -> None:
     Text now breaks inside a word that does not fit; a table still scrolls in its box."""
     css = Report("t").to_html().split("<style>", 1)[1].split("</style>", 1)[0]
     assert _rule(css, "body", "overflow-wrap") in ("break-word", "anywhere")
+
+
+def test_figures_say_in_words_what_they_show(tmp_path: Path) -> None:
+    """Each figure's alt text was its caption ('training curves', '300 nuclei', 'worst cases:
+    image | truth | prediction'): a screen reader read the caption twice and nothing of what
+    was drawn. The alt text now gives the curves' values, the measurements' medians and
+    what each worst-case panel holds."""
+    from mlseg.io import write_image
+
+    worst = write_image(tmp_path / "worst.png", np.zeros((4, 12, 3), np.uint8))
+    page = read_page(pipeline_report(**_run_inputs(tmp_path), worst_png=worst).to_html())
+    curves, worst_cases, histograms = page.alts
+    assert "train_loss 1.2 at step 50, 0.6 at step 150" in curves
+    assert "val_dice 0.5 at step 50, 0.8 at step 150, best 0.8 at step 150" in curves
+    assert "true nuclei and the predicted nuclei" in worst_cases
+    assert "300 nuclei" in histograms
+    assert "area_um2 median 3" in histograms and "circularity median 0.8" in histograms
+    assert not set(page.alts) & set(page.figcaptions)
