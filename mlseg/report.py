@@ -180,8 +180,10 @@ class Report:
         sub = f'<p class="sub">{_esc(self.subtitle)}</p>' if self.subtitle else ""
         return (
             '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{_esc(self.title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{_esc(self.title)}</h1>{sub}\n" + "\n".join(self.blocks) + "\n</body></html>\n"
+            f"<title>{_esc(self.title)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>{_esc(self.title)}</h1>{sub}\n"
+            + "\n".join(self.blocks)
+            + "\n</main></body></html>\n"
         )
 
     def write(self, path: str | os.PathLike) -> Path:

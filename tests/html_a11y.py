@@ -1,6 +1,6 @@
 """What a screen reader or keyboard user meets on a page mlseg writes, read with the standard
-library's HTML parser: each table's caption and the box it scrolls in, each image's alt
-text and figure caption."""
+library's HTML parser: its landmarks, each table's caption and the box it scrolls in, each
+image's alt text and figure caption."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ class Page:
     captions: list[str] = field(default_factory=list)  # one per <table>, "" where it has none
     alts: list[str | None] = field(default_factory=list)  # one per <img>, None: no alt
     figcaptions: list[str] = field(default_factory=list)
+    landmarks: list[str] = field(default_factory=list)  # main, nav, ... in document order
+    tags_outside_main: list[str] = field(default_factory=list)  # in <body>, not in <main>
     scroll_boxes: list[dict[str, str | None]] = field(default_factory=list)  # div.wide attributes
 
 
@@ -21,8 +23,15 @@ class _Reader(HTMLParser):
         super().__init__()
         self.page = Page()
         self._in: str | None = None  # "caption" or "figcaption" while inside one
+        self._body = self._main = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("main", "nav", "header", "footer", "aside"):
+            self.page.landmarks.append(tag)
+        elif self._body and not self._main:
+            self.page.tags_outside_main.append(tag)
+        self._body = self._body or tag == "body"
+        self._main = self._main or tag == "main"
         if tag == "table":
             self.page.captions.append("")
         elif tag == "img":
@@ -35,6 +44,7 @@ class _Reader(HTMLParser):
             self._in = tag
 
     def handle_endtag(self, tag: str) -> None:
+        self._main = self._main and tag != "main"
         if tag == self._in:
             self._in = None
 

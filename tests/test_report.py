@@ -230,3 +230,11 @@ def test_figures_say_in_words_what_they_show(tmp_path: Path) -> None:
     assert "300 nuclei" in histograms
     assert "area_um2 median 3" in histograms and "circularity median 0.8" in histograms
     assert not set(page.alts) & set(page.figcaptions)
+
+
+def test_the_report_is_one_main_landmark(tmp_path: Path) -> None:
+    """The page had no landmark (axe-core landmark-one-main, region): a screen reader's
+    landmark list was empty and 'go to main content' went nowhere. Everything from the
+    title down is now in one <main>."""
+    page = read_page(pipeline_report(**_run_inputs(tmp_path)).to_html())
+    assert page.landmarks == ["main"] and page.tags_outside_main == []
