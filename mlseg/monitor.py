@@ -12,7 +12,8 @@ the training counts by the population stability index::
 images it averages ~1 even without drift), so a statistic only counts as drifted when a
 permutation test on the same bins (Kolmogorov-Smirnov distance; new and training images
 exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
-number of statistics (Bonferroni).
+number of statistics (Bonferroni). A ``*_fraction`` statistic (the share of saturated or
+dark pixels) is judged to :data:`FRACTION_MARGIN` of the image (:func:`fraction_bins`).
 Image size is checked against the training width/height range, in either orientation.
 Which images are new (:func:`recent_images`): those a segmentation run's ``summary.csv``
 says it segmented in the last days, and those it has not segmented yet; an inbox keeps
@@ -125,6 +126,28 @@ def open_bin_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
         return np.array([values.size])
     index = np.searchsorted(edges[1:-1], values, side="right")
     return np.bincount(index, minlength=n_bins)
+
+
+def fraction_bins(
+    edges: Sequence[float], counts: Sequence[int], margin: float = FRACTION_MARGIN
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``*_fraction`` statistic's fingerprint bins as the batch test takes them: bins
+    narrower than ``margin`` (a share of the image) merged, and an empty bin ``margin``
+    beyond each end of the training range. A share smaller than the margin is no drift
+    (training images without a white pixel made bins millionths wide, so a scale bar's few
+    white pixels in every new image failed the batch); a share beyond it is."""
+    edges = np.asarray(edges, np.float64)
+    kept, merged = [], [0]
+    for i, count in enumerate(np.asarray(counts, np.int64)):
+        merged[-1] += int(count)
+        inner = edges[i + 1] if i + 2 < edges.size else None
+        if inner is not None and inner - (kept[-1] if kept else edges[0]) >= margin:
+            kept.append(inner)
+            merged.append(0)
+    low, high = edges[0] - margin, edges[-1] + margin
+    splits = np.array([low, *kept, high])
+    # the outer edges only bound open-ended bins: any value beyond the splits will do
+    return np.concatenate([[low - margin], splits, [high + margin]]), np.array([0, *merged, 0])
 
 
 def _ks_rows(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -394,6 +417,8 @@ def drift_report(
         if values.size < cfg.min_images:
             row["note"] = f"{values.size} new values < min_images={cfg.min_images}"
         else:
+            if name.endswith("_fraction"):
+                edges, ref_counts = fraction_bins(edges, ref_counts)
             counts = open_bin_counts(values, edges)
             row["psi"] = psi(ref_counts, counts)
             row["p_value"] = permutation_p_value(ref_counts, counts, cfg.permutations, rng)

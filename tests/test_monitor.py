@@ -173,6 +173,28 @@ def test_a_few_pixels_more_is_not_far_outside_a_fraction_s_training_range(
     assert monitor.drift_report(table, fingerprint, cfg).status == "warn"
 
 
+def test_a_few_white_pixels_in_every_new_image_are_no_drift_a_brighter_batch_is(
+    he_fingerprint: dict,
+) -> None:
+    """Training images with at most 8 white pixels in 65,536 put saturated_fraction's decile
+    bins millionths apart: a batch whose every image had 5 white pixels more (a scale bar,
+    a scanner's border) failed as over-exposed. Under 1% of the image is no drift; a batch
+    with a twentieth of each image white is."""
+    import copy
+
+    fingerprint = copy.deepcopy(he_fingerprint)
+    training = np.linspace(0.0, 1.26e-4, 30)
+    edges = np.quantile(training, np.linspace(0.0, 1.0, 11))
+    stat = fingerprint["stats"]["saturated_fraction"]
+    stat.update(n=30, min=0.0, max=1.26e-4)
+    stat["histogram"] = {"edges": edges.tolist(), "counts": np.histogram(training, edges)[0]}
+    cfg = MonitorConfig(min_images=5, statistics=("saturated_fraction",))
+    specks = pd.DataFrame({"saturated_fraction": training[:12] + 5 / 65536})
+    assert monitor.drift_report(specks, fingerprint, cfg).status == "ok"
+    brighter = pd.DataFrame({"saturated_fraction": np.full(12, 0.05)})
+    assert monitor.drift_report(brighter, fingerprint, cfg).status == "fail"
+
+
 def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> None:
     report = monitor.drift_report(_stats(_he_images(6, seed=6, size=128)), he_fingerprint)
     size = report.table.set_index("statistic").loc["image_size_px"]
@@ -427,10 +449,10 @@ def test_a_fraction_none_in_training_warns_on_an_image_a_fifth_dark(he_fingerpri
     fingerprint["stats"]["dark_fraction"].update(min=0.0, max=0.0)
     fingerprint["stats"]["dark_fraction"]["histogram"] = {"edges": [0.0, 0.0], "counts": [40]}
     cfg = MonitorConfig(min_images=5, statistics=("dark_fraction",))
-    for n in (1, 8):
+    for n, status in ((1, "warn"), (8, "fail")):  # 8 images are a batch, its test fails
         table = pd.DataFrame({"image": [f"{i}.png" for i in range(n)], "dark_fraction": 0.2})
         report = monitor.drift_report(table, fingerprint, cfg)
-        assert report.status == "warn" and "0.png" in report.message, report.message
+        assert report.status == status and "0.png" in report.message, report.message
     table = pd.DataFrame({"dark_fraction": [0.005] * 8})
     assert monitor.drift_report(table, fingerprint, cfg).status == "ok"
 
