@@ -60,6 +60,7 @@ from mlseg.model import (
     resolve_device,
     save_checkpoint,
 )
+from mlseg.registry import code_version, package_versions
 from mlseg.targets import num_classes
 
 LOG_EVERY = 25  # steps between loss read-backs (each one waits for the GPU)
@@ -381,6 +382,13 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _software() -> dict[str, Any]:
+    """The code and packages a stretch trains with: mlseg's commit and every release that
+    decides the numbers (model building, augmentation, resampling), so a registered model
+    names all a reader needs to train it again, not torch's release alone."""
+    return {"code": code_version(), "packages": package_versions()}
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -603,7 +611,7 @@ def _start(
         run.history = [row for row in _read_history(out) if row["step"] <= run.step]
     if run.step < tc.max_steps and not run.stopped:  # a finished run trains nowhere
         precision = {"precision": "bf16 autocast" if run.amp_dtype else "float32"}
-        run.trained_on = _trained_on(out, run.step, machine(device) | precision)
+        run.trained_on = _trained_on(out, run.step, machine(device) | precision | _software())
     if tc.compile:
         run.net = torch.compile(model)
         data.train.compile()

@@ -16,6 +16,7 @@ from skimage.draw import disk
 from mlseg.config import load_config
 from mlseg.errors import ConfigError, DatasetError, ModelError, ResumeError
 from mlseg.io import read_image, read_mask, write_image, write_labels
+from mlseg.registry import code_version, package_versions
 from mlseg.train import SegLoss, fit, warmup_cosine
 
 TINY = {
@@ -173,6 +174,19 @@ def test_resume_may_change_where_and_how_long(synth_dataset, tmp_path) -> None:
         warnings.simplefilter("error")
         fit(_cfg(max_steps=3, num_threads=1, val_every=1), synth_dataset, tmp_path, progress=False)
     assert json.loads((tmp_path / "meta.json").read_text())["trained_on"] == stretches
+
+
+def test_the_weights_name_the_code_and_packages_they_were_trained_with(
+    synth_dataset, tmp_path
+) -> None:
+    """A registered model must say all a reader needs to train it again: mlseg's commit and
+    the releases that decide the numbers (smp and timm build the model, numpy draws the
+    split and patches), not torch's release alone."""
+    fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
+    (stretch,) = json.loads((tmp_path / "meta.json").read_text())["trained_on"]
+    assert stretch["code"] == code_version()
+    assert stretch["packages"] == package_versions()
+    assert stretch["packages"]["segmentation-models-pytorch"] and stretch["packages"]["numpy"]
 
 
 def test_an_early_stopped_run_trains_on_when_resumed_with_more_patience(
