@@ -501,3 +501,16 @@ def test_monitor_since_days_measures_the_images_segmented_in_the_window(tmp_path
     assert "drift in 12 image(s): mean_c0 (fail" in capsys.readouterr().err
     assert main([*command, "--since-days", "7"]) == 2
     assert "--results" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C ended mlseg with 130 and not a word on stderr (typer 0.2x turns it into an
+    exit of its own), so a job's log did not say why the run stopped."""
+    import mlseg.dataset
+
+    def init_dataset(directory, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
+    assert main(["init", str(tmp_path / "ds")]) == 130
+    assert capsys.readouterr().err == "aborted\n"

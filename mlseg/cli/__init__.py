@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = formatwarning
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+    if code == 130:  # Ctrl-C, which typer 0.2x turns into this code without a word
+        print("aborted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 
