@@ -514,3 +514,56 @@ def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
     assert main(["init", str(tmp_path / "ds")]) == 130
     assert capsys.readouterr().err == "aborted\n"
+
+
+def test_sighup_removes_the_file_being_written_and_exits_129(tmp_path, monkeypatch, capsys):
+    """A closed SSH session or terminal sends SIGHUP: Python's default ended mlseg at once,
+    without a word, and left the file being written as a temporary (a checkpoint's in the
+    training folder, which no later run removes); it now ends as SIGTERM does."""
+    import os
+    import signal
+    import time
+
+    import mlseg.dataset
+    from mlseg.io import atomic_path
+
+    def init_dataset(directory, cfg):
+        with atomic_path(directory / "README.md") as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler runs at once; a test that waits has failed
+
+    def default(signum, frame):  # Python's own would end pytest too
+        raise AssertionError("SIGHUP left to the default handler: the process ends at once")
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
+    before = signal.signal(signal.SIGHUP, default)
+    try:
+        assert main(["init", str(tmp_path / "ds")]) == 129
+        assert signal.getsignal(signal.SIGHUP) is default
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert capsys.readouterr().err == "terminated\n"
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_sighup_stays_ignored_under_nohup(tmp_path, monkeypatch):
+    """`nohup mlseg train ...` ignores SIGHUP so that the run outlives the terminal: mlseg
+    must not catch it then."""
+    import signal
+
+    import mlseg.dataset
+
+    seen = []
+
+    def init_dataset(directory, cfg):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        return directory
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main(["init", str(tmp_path / "ds")]) == 0
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert seen == [signal.SIG_IGN]

@@ -8,6 +8,7 @@ without Python's file and source line.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -61,9 +62,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
-    on_term = None
-    if threading.current_thread() is threading.main_thread():
-        on_term = signal.signal(signal.SIGTERM, _terminate)
+    before = _catch_stop_signals()
     try:
         # Outside standalone mode Click returns the code of a ``typer.Exit`` instead of
         # raising it (``mlseg segment`` ends with 1 when an image failed).
@@ -74,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as err:
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
+        _say("aborted")
         return 130
-    except _Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as err:
+        _say("terminated")
+        return err.code
     except ModuleNotFoundError as err:
         said = missing_package(err)
         if said is None:  # mlseg's own module, or another's: a bug to show whole
@@ -104,21 +103,40 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     finally:
         warnings.formatwarning = formatwarning
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     if code == 130:  # Ctrl-C, which typer 0.2x turns into this code without a word
-        print("aborted", file=sys.stderr)
+        _say("aborted")
     return code if isinstance(code, int) else 0
 
 
 class _Terminated(SystemExit):
-    """SIGTERM (scancel, a SLURM job's time limit, docker stop) raised in the main thread,
-    so that the file being written is removed as on Ctrl-C; Python's default ended the
-    process at once and left its temporary (57 MB of a checkpoint's) in the output folder."""
+    """SIGTERM (scancel, a SLURM job's time limit, docker stop) or SIGHUP (the SSH session
+    or terminal closed) raised in the main thread, so that the file being written is removed
+    as on Ctrl-C; Python's default ended the process at once and left its temporary (57 MB
+    of a checkpoint's) in the output folder."""
 
 
 def _terminate(signum, frame) -> None:
     raise _Terminated(128 + signum)
+
+
+def _catch_stop_signals() -> dict[int, object]:
+    """Route SIGTERM and SIGHUP to :func:`_terminate`; the handlers they had, to restore.
+    A SIGHUP that is ignored (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        before[hangup] = signal.signal(hangup, _terminate)
+    return before
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, unless stderr is gone (the terminal that hung up)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 _PACKAGE = Path(__file__).resolve().parent.parent
