@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
 import os
 import signal
+import subprocess  # nosec B404: only to start Prefect's own server command apart (temporary_server_apart)
 import sys
 import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,15 +46,15 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
     (:class:`~mlseg.errors.MlsegError`) ends in one ``error:`` line and its exit code, as
     ``mlseg`` ends it, not in a traceback, and so does a dependency this Python cannot import
     and a Prefect API that does not answer (exit code 1); Ctrl-C in ``aborted`` and 130.
-    SIGTERM (``timeout``, ``docker stop``, ``scancel``) ends it with 143 through Python's exit
-    handlers, among them Prefect's that stops the temporary server it started (the default
-    ended the process past them, the server left running)."""
+    SIGTERM (``timeout``, ``docker stop``, ``scancel``) ends it with 143, and SIGHUP (the
+    terminal closed; ignored under ``nohup``) with 129, through Python's exit handlers, among
+    them the one that stops the temporary server (the default ended the process past them,
+    the server left running); ``main`` calls :func:`temporary_server_apart` before its flow.
+    """
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        on_term = None
-        if threading.current_thread() is threading.main_thread():
-            on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        before = _exit_on_stop_signals()
         try:
             return main(argv)
         except MlsegError as err:
@@ -73,10 +76,66 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
             print("aborted", file=sys.stderr)
             return 130
         finally:
-            if on_term is not None:
-                signal.signal(signal.SIGTERM, on_term)
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
 
     return run
+
+
+def _exit_on_stop_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)``; the handlers they had, to
+    restore. A SIGHUP that is ignored (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = [signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signums.append(hangup)
+    return {n: signal.signal(n, lambda signum, _: sys.exit(128 + signum)) for n in signums}
+
+
+def temporary_server_apart() -> None:
+    """Have Prefect start its temporary API server (a run without ``PREFECT_API_URL``) in a
+    session of its own, stopped at exit as Prefect stops it.
+
+    Started as Prefect starts it, the server shared the terminal's process group: Ctrl-C in
+    the terminal (or a signal to the group, as ``kill -- -PGID`` sends) stopped it with the
+    flow, which then retried it for minutes and exited 1 with 111 lines of tracebacks,
+    not ``aborted`` and 130. Apart, it outlives the signal long enough for the flow to
+    report its end, and Python's exit handlers stop it. This patches a Prefect internal
+    (``SubprocessASGIServer._run_uvicorn_command`` calling ``subprocess.Popen``) on the one
+    server object; where a Prefect release has neither, nothing changes (the server shares
+    the group, as before). Call it in ``main`` just before the flow: importing the server
+    module takes seconds, which ``--help`` and a usage error need not wait for.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    try:
+        from prefect.server.api import server as prefect_server
+
+        temporary = prefect_server.SubprocessASGIServer()
+        launch = temporary._run_uvicorn_command
+        started = temporary.running
+    except (ImportError, AttributeError):
+        return
+    if started or getattr(prefect_server, "subprocess", None) is not subprocess:
+        return
+    apart = types.SimpleNamespace(**vars(subprocess))
+    apart.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+
+    def launch_apart():
+        prefect_server.subprocess = apart
+        try:
+            return launch()
+        finally:
+            prefect_server.subprocess = subprocess
+
+    temporary._run_uvicorn_command = launch_apart
+    # Prefect registers its own stop just after starting it; a signal in between would
+    # leave a server in its own session running (stop() does nothing when none runs)
+    atexit.register(temporary.stop)
 
 
 def unreachable_api(err: RuntimeError) -> str | None:

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.common import user_errors_exit
+from flows.common import temporary_server_apart, user_errors_exit
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_made_with(dataset, given)
     from flows.pipeline import pipeline
 
+    temporary_server_apart()
     result = pipeline(
         str(dataset),
         str(demo_dir / "pipeline"),

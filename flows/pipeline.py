@@ -28,6 +28,7 @@ from flows.common import (
     log_warnings,
     resolve_profile,
     run_config,
+    temporary_server_apart,
     user_errors_exit,
 )
 from flows.evaluate import evaluate_model, evaluate_task
@@ -516,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_runner_arguments(parser)
     args = parser.parse_args(argv)
+    temporary_server_apart()
     result = pipeline(
         args.data_root,
         args.work_dir,

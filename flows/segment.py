@@ -39,6 +39,7 @@ from flows.common import (
     log_warnings,
     resolve_profile,
     retry_on_transient_io,
+    temporary_server_apart,
     user_errors_exit,
 )
 from flows.runners import add_runner_arguments, make_task_runner, runner_settings
@@ -837,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.model and not args.registry:  # the flow would fail with a traceback
         parser.error("give --model (a checkpoint folder or .safetensors) or --registry")
+    temporary_server_apart()
     result = segment_and_quantify(
         args.input_dir,
         args.out_dir,

@@ -24,7 +24,7 @@ from expectations.runner import (
     write_report,
 )
 from flows import artifacts
-from flows.common import data_path, log_warnings, user_errors_exit
+from flows.common import data_path, log_warnings, temporary_server_apart, user_errors_exit
 from mlseg.dataset import train_fingerprint
 from mlseg.errors import ValidationFailed
 from mlseg.inventory import (
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", help="output folder (default validation/<name>)")
     parser.add_argument("--config", help="run config YAML (its data section)")
     args = parser.parse_args(argv)
+    temporary_server_apart()
     result = validate_dataset_flow(args.data_root, args.out_dir, config=args.config)
     print(
         f"passed, {result['n_warnings']} warning(s); see {result['outputs']['page']}; "

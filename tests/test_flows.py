@@ -1714,12 +1714,14 @@ def test_flow_command_lines_say_a_user_error_in_one_line(
     assert capsys.readouterr().err == "error: nope: dataset folder not found; check the path\n"
 
 
-def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path) -> None:
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, signame, code):
     """`timeout 1h python -m flows.segment ...` in cron, docker stop or scancel: SIGTERM
     ended python -m flows.validate, flows.segment and flows.pipeline at once, past Python's
     exit handlers, among them Prefect's that stops the temporary server it started, which
     then ran on, orphaned, after every stopped job; they end with exit code 143 as mlseg
-    does, the handlers run."""
+    does, the handlers run. So does SIGHUP (the terminal closed), with 129: the temporary
+    server, in a session of its own, no longer dies of the terminal's hangup with the flow."""
     import subprocess
     import sys
     import textwrap
@@ -1735,7 +1737,7 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path) ->
 
             @user_errors_exit
             def main(argv=None):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGNAME)
                 time.sleep(30)
                 return 0
 
@@ -1748,10 +1750,11 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path) ->
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
+    script.write_text(script.read_text().replace("SIGNAME", signame))
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
     )
-    assert done.returncode == 143, done.stderr
+    assert done.returncode == code, done.stderr
     assert "exit handlers ran" in done.stdout
 
 
@@ -1967,3 +1970,64 @@ def test_monitor_window_takes_each_image_s_first_segmentation_time(tmp_path, che
     assert [r["status"] for r in again] == ["skipped", "skipped"]
     assert again[0]["summary"]["finished_at"] == "2026-01-05T02:10:00+0000"
     assert recent_images(images, by_hand, 7, now=datetime(2026, 1, 9, tzinfo=UTC)) == images
+
+
+_WAITING_FLOW = """
+import sys, time
+from prefect import flow
+from prefect.server.api.server import SubprocessASGIServer
+from flows.common import temporary_server_apart, user_errors_exit
+
+@flow
+def wait():
+    print("server", SubprocessASGIServer().server_process.pid, flush=True)
+    time.sleep(120)
+
+@user_errors_exit
+def main(argv=None):
+    temporary_server_apart()
+    wait()
+    return 0
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow  # the temporary server takes 10 s to start on a quiet machine, a minute busy
+def test_ctrl_c_on_temporary_server_ends_aborted_and_stops_it(tmp_path):
+    """Ctrl-C in the terminal reaches the whole process group: a ``python -m flows.*`` run on
+    Prefect's temporary server ends in seconds with ``aborted`` and 130, without tracebacks,
+    and leaves no server running (it used to die with the flow, which retried it for 157 s)."""
+    import signal
+    import subprocess
+
+    script = tmp_path / "waiting_flow.py"
+    script.write_text(_WAITING_FLOW)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="150",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    run = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's foreground job
+    )
+    try:
+        started = run.stdout.readline()
+        assert started.startswith("server "), run.communicate(timeout=30)
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, err
+    assert err.rstrip().splitlines().count("aborted") == 1, err
+    assert "Traceback" not in err, err
+    server = Path("/proc") / started.split()[1]
+    assert not server.exists() or b"uvicorn" not in (server / "cmdline").read_bytes()
