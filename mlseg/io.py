@@ -116,22 +116,16 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:
-    """Move ``paths`` into ``out_dir``, each file they replace kept in ``previous`` (a hard
-    link, else a copy) until all are in place; where one cannot be moved, those moved before
-    it are put back, so a file held open on a share (EBUSY) leaves the previous set whole."""
+    """Move ``paths`` into ``out_dir``, each file they replace kept in ``previous`` (see
+    :func:`_keep`) until all are in place; where one cannot be moved, those moved before it
+    are put back, so a file held open on a share (EBUSY) leaves the previous set whole."""
     previous.mkdir()
     moved: list[tuple[Path, Path | None]] = []
     try:
         for path in paths:
             target = out_dir / path.name
-            kept = previous / path.name if os.path.lexists(target) else None
-            if kept is not None:
-                try:
-                    os.link(target, kept, follow_symlinks=False)
-                except OSError:  # a file system without hard links
-                    shutil.copy2(target, kept, follow_symlinks=False)
+            moved.append((target, _keep(target, previous / path.name)))
             path.replace(target)
-            moved.append((target, kept))
     except BaseException:
         for target, kept in reversed(moved):
             with contextlib.suppress(OSError):
@@ -140,6 +134,24 @@ def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:
                 else:
                     kept.replace(target)
         raise
+
+
+def _keep(target: Path, kept: Path) -> Path | None:
+    """Keep the file at ``target`` as ``kept`` (``None`` where there is none): a hard link,
+    else a copy, so that ``target`` is replaced in one step; where neither can be made (a
+    file system without hard links that has no room for a copy), moved there."""
+    if not os.path.lexists(target):
+        return None
+    try:
+        os.link(target, kept, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        try:
+            shutil.copy2(target, kept, follow_symlinks=False)
+        except OSError:  # the disk had room for the new set, not for a copy of the old
+            if target.is_dir() and not target.is_symlink():
+                raise  # a folder of the name is no output: moved aside, it would be removed
+            target.replace(kept)
+    return kept
 
 
 #: The name :func:`atomic_path` gives its temporary: ``.<stem>.<8 of mkstemp's>.tmp<suffix>``.

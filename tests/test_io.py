@@ -734,3 +734,68 @@ def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set
         for name in names:
             (staging / name).write_text("new")
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "previous")
+
+
+def _no_link_no_room(monkeypatch) -> None:
+    """A file system without hard links (exFAT, s3fs) whose disk holds the new set but no
+    copy of the previous one."""
+
+    def no_link(src, dst, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    def no_room(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr("os.link", no_link)
+    monkeypatch.setattr("shutil.copy2", no_room)
+
+
+def test_a_set_written_together_replaces_the_previous_without_links_or_room_for_a_copy(
+    tmp_path, monkeypatch
+) -> None:
+    """Keeping each replaced file until the whole set is in place must not need room for a
+    copy of it: on a nearly full disk without hard links the run's outputs were refused
+    (no space left) where a rename needs none."""
+    names = ("nuclei.parquet", "summary.csv")
+    for name in names:
+        (tmp_path / name).write_text("previous")
+    _no_link_no_room(monkeypatch)
+    with written_together(tmp_path) as staging:
+        for name in names:
+            (staging / name).write_text("new")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "new")
+
+
+def test_a_set_without_links_or_room_that_cannot_all_be_moved_leaves_the_previous_set(
+    tmp_path, monkeypatch
+) -> None:
+    """Where the previous files are moved aside (no link, no room for a copy), a file that
+    cannot be replaced (EBUSY) still puts every previous file back."""
+    names = ("histograms.png", "nuclei.parquet", "summary.csv")
+    for name in names:
+        (tmp_path / name).write_text("previous")
+    _no_link_no_room(monkeypatch)
+    replace = Path.replace
+
+    def busy(self, target):
+        # the new summary.csv (from the staging folder), not the previous one put back
+        if Path(target) == tmp_path / "summary.csv" and self.parent.parent == tmp_path:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(target))
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", busy)
+    with pytest.raises(OSError), written_together(tmp_path) as staging:
+        for name in names:
+            (staging / name).write_text("new")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "previous")
+
+
+def test_a_folder_named_as_an_output_is_never_moved_away(tmp_path, monkeypatch) -> None:
+    """A folder where the set has a file (a user's ``summary.csv/``) is refused as before,
+    not moved aside with the previous files and removed with the staging folder."""
+    (tmp_path / "summary.csv").mkdir()
+    (tmp_path / "summary.csv" / "notes.txt").write_text("mine")
+    _no_link_no_room(monkeypatch)
+    with pytest.raises((OSError, OutputError)), written_together(tmp_path) as staging:
+        (staging / "summary.csv").write_text("new")
+    assert (tmp_path / "summary.csv" / "notes.txt").read_text() == "mine"
