@@ -210,6 +210,12 @@ def _curve_columns(history: pd.DataFrame) -> tuple[list[str], list[str]]:
     return losses, others
 
 
+def _said(value: float) -> str:
+    """``value`` to 3 significant digits as a screen reader reads it well: 1,340, not the
+    1.34e+03 of ``:.3g`` (an area in pixels at 40x)."""
+    return f"{float(f'{value:.3g}'):,g}"
+
+
 def curves_alt(history: pd.DataFrame) -> str:
     """What the training curves show, in words (an image's alt text): each series' first,
     last and best value (lowest loss, highest metric) with its step."""
@@ -222,9 +228,9 @@ def curves_alt(history: pd.DataFrame) -> str:
             continue
         best = values.idxmin() if c in losses else values.idxmax()
         parts.append(
-            f"{c} {values.iloc[0]:.3g} at step {x[values.index[0]]}, "
-            f"{values.iloc[-1]:.3g} at step {x[values.index[-1]]}, "
-            f"best {values[best]:.3g} at step {x[best]}"
+            f"{c} {_said(values.iloc[0])} at step {x[values.index[0]]}, "
+            f"{_said(values.iloc[-1])} at step {x[values.index[-1]]}, "
+            f"best {_said(values[best])} at step {x[best]}"
         )
     return "Training curves against step: " + ("; ".join(parts) or "no values") + "."
 
@@ -268,7 +274,8 @@ def histograms_alt(nuclei: pd.DataFrame, columns: Sequence[str] | None = None) -
         if not values.empty:
             low, median, high = np.percentile(values, [5, 50, 95])
             parts.append(
-                f"{name} median {median:.3g} (5th to 95th percentile {low:.3g} to {high:.3g})"
+                f"{name} median {_said(median)} "
+                f"(5th to 95th percentile {_said(low)} to {_said(high)})"
             )
     return f"Histograms of {len(nuclei):,} nuclei: " + ("; ".join(parts) or "no values") + "."
 
