@@ -406,9 +406,7 @@ def _trained_on(out: Path, step: int, here: dict[str, Any]) -> list[dict[str, An
     if before == here:
         return stretches
     if before:
-        changed = ", ".join(
-            f"{k} {before.get(k)!r} -> {v!r}" for k, v in here.items() if before.get(k) != v
-        )
+        changed = ", ".join(_differences(before, here))
         warnings.warn(
             f"{out}: resuming at step {step} on another machine or setting ({changed}); "
             "the training goes on correctly, but the model will not equal the one an "
@@ -416,6 +414,26 @@ def _trained_on(out: Path, step: int, here: dict[str, Any]) -> list[dict[str, An
             stacklevel=4,  # fit's caller
         )
     return [*stretches, {"from_step": step, **here}]
+
+
+def _differences(before: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """``key old -> new`` of each setting of ``here`` that ``before`` had otherwise; of a
+    mapping (``packages``) only the entries that differ: the one release of twelve that
+    changed, not both lists in full."""
+    said = []
+    for key, now in here.items():
+        was = before.get(key)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            said += [
+                f"{key}.{k} {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v
+            ]
+        elif was is None and isinstance(now, dict):
+            said.append(f"{key} (not recorded before)")
+        else:
+            said.append(f"{key} {was!r} -> {now!r}")
+    return said
 
 
 def _clear(folder: Path) -> None:
