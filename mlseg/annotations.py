@@ -9,12 +9,15 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
 - **GeoJSON** (``.geojson``/``.json``), as QuPath's *Export objects as GeoJSON* writes it
   (``PathObjectTypeAdapters`` in qupath-core): a ``FeatureCollection``, a list of features
   (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
-  detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew among
-  mlseg's detections in QuPath), but beside cells or detections an annotation that holds the
-  centre of another object, or is more than :data:`REGION_AREA_FACTOR` times the median
-  object (or 4 times that the median cell or detection), is the region analysed; a type
-  QuPath does not know is an annotation, as QuPath reads it. Tiles, TMA cores, points,
-  lines and empty geometries are left out.
+  detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew or
+  redrew among mlseg's detections in QuPath). Beside cells or detections, an annotation that
+  holds the centres of two or more other objects, or is more than
+  :data:`REGION_AREA_FACTOR` times the median object (or 4 times that the median cell or
+  detection), is the region analysed; any other is a nucleus, and replaces the cells and
+  detections whose centre it holds or that share half the smaller one's pixels with it (the
+  outline it corrects, a small nucleus the model found under it), and keeps its pixels where
+  it overlaps one of the others. A type QuPath does not know is an annotation, as QuPath
+  reads it. Tiles, TMA cores, points, lines and empty geometries are left out.
   The ``mlseg.pixel_size_um`` of a file mlseg wrote (:func:`mlseg.outputs.to_geojson`) is
   the image's pixel size.
 - **ImageScope XML** (``.xml``): every ``Region`` with three or more vertices is a polygon,
@@ -31,7 +34,9 @@ convention, and that of :func:`mlseg.outputs.to_geojson`): a pixel belongs to a 
 its centre lies inside it (even-odd rule, so holes are holes), so a mask exported as exact
 pixel-edge polygons comes back pixel for pixel. Where polygons overlap, a shared pixel goes to
 the one listed later. A polygon that encloses the centres of two or more others is a region
-drawn around nuclei, not a nucleus, and is left out. What is left out is counted in
+drawn around nuclei, not a nucleus, and is left out. An annotation drawn again (a later one
+over :data:`DUPLICATE_IOU` intersection over union with it) is left out, its later copy kept.
+What is left out is counted in
 :attr:`Drawn.notes`; a file whose nuclei all lie outside the image (coordinates of the whole
 slide for a tile cut from it) raises :class:`ImageReadError` naming it.
 """
@@ -56,6 +61,8 @@ REGION_MIN_ENCLOSED = 2
 #: objects (five times a typical nucleus's diameter) is a region analysed (one holding no
 #: nucleus), not a nucleus drawn by hand.
 REGION_AREA_FACTOR = 25
+#: An annotation over this intersection over union of one drawn later is its duplicate.
+DUPLICATE_IOU = 0.8
 
 #: ``[exterior, hole, ...]``: closed or open rings of ``(x, y)`` float coordinates.
 Polygon = list[np.ndarray]
@@ -69,6 +76,7 @@ class Shape:
     ellipses: list[tuple[float, float, float, float]] = field(default_factory=list)
     negative: bool = False  # ImageScope negative region: erases what is drawn before it
     among_detections: bool = False  # a GeoJSON annotation beside cells or detections
+    detection: bool = False  # a GeoJSON cell's nucleus or detection
 
 
 @dataclass
@@ -171,7 +179,11 @@ def _read_geojson(path: Path) -> Annotations:
             ) from err
         if polygons:
             result.shapes.append(
-                Shape(polygons, among_detections=among_detections and kind == "annotation")
+                Shape(
+                    polygons,
+                    among_detections=among_detections and kind == "annotation",
+                    detection=kind != "annotation",
+                )
             )
         else:
             result.skipped["points, lines and empty geometries"] += 1
@@ -329,28 +341,25 @@ def draw(annotations: Annotations, shape: tuple[int, int]) -> Drawn:
     masks = [(item, _shape_mask(item, height, width)) for item in annotations.shapes]
     if outside := sum(m is None for _, m in masks):
         skipped["outside the image or smaller than a pixel"] += outside
-    drawn = [(item.negative, m) for item, m in masks if m is not None]
-    positive = [m for negative, m in drawn if not negative]
-    if not positive:
+    drawn = [(item, m) for item, m in masks if m is not None]
+    if not any(not item.negative for item, _ in drawn):
         raise ImageReadError(_nothing_inside(annotations, shape))
-    enclosed = _enclosed(positive, shape)
-    regions = {key for key, n in enclosed.items() if n >= REGION_MIN_ENCLOSED}
-    analysed = _regions_analysed(masks, enclosed)
-    if regions - analysed:
-        skipped["regions around nuclei"] += len(regions - analysed)
-    if analysed:
-        skipped["region annotations"] += len(analysed)
-    regions |= analysed
+    left_out = _left_out([(item, m) for item, m in drawn if not item.negative], shape, skipped)
     labels = np.zeros(shape, dtype=np.int32)
+    by_hand = np.zeros(shape, dtype=bool)  # a nucleus drawn among detections keeps its pixels
     overlapping = label = 0
-    for negative, (r0, c0, mask) in drawn:
+    for item, (r0, c0, mask) in drawn:
         view = labels[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
-        if negative:
+        hand = by_hand[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
+        if item.negative:
             view[mask] = 0
-        elif id(mask) not in regions:
+        elif id(mask) not in left_out:
             label += 1
             overlapping += bool(view[mask].any())
-            view[mask] = label
+            paint = mask & ~hand if item.detection else mask
+            view[paint] = label
+            if item.among_detections:
+                hand |= mask
     notes = [f"{n} {why} left out" for why, n in sorted(skipped.items())]
     if overlapping:
         notes.append(
@@ -359,19 +368,76 @@ def draw(annotations: Annotations, shape: tuple[int, int]) -> Drawn:
     return Drawn(_relabel(labels), annotations.pixel_size_um, notes)
 
 
-def _regions_analysed(
-    masks: list[tuple[Shape, tuple | None]], enclosed: dict[int, int]
+def _left_out(items: list[tuple[Shape, tuple]], shape: tuple[int, int], skipped: Counter) -> set:
+    """``id`` of the masks not drawn, counted in ``skipped``: duplicate annotations, regions,
+    and the detections a nucleus drawn among them replaces (see the module docstring)."""
+    areas = [int(m.sum()) for _, (_, _, m) in items]
+    duplicates = _duplicates(items, areas, shape)
+    too_large = _too_large(items, areas) - duplicates
+    kept = [i for i in range(len(items)) if i not in duplicates | too_large]
+    inside = _held([items[i][1] for i in kept], shape)  # by position in kept
+    held = {i: [kept[k] for k in found] for i, found in zip(kept, inside, strict=True)}
+    around = {i for i, found in held.items() if len(found) >= REGION_MIN_ENCLOSED}
+    analysed = too_large | {i for i in around if items[i][0].among_detections}
+    nuclei = [i for i in kept if items[i][0].among_detections and i not in around]
+    detections = {i for i in kept if items[i][0].detection and i not in around}
+    replaced = _replaced(items, areas, nuclei, detections, held, shape)
+    for why, found in (
+        ("duplicate annotations", duplicates),
+        ("region annotations", analysed),
+        ("regions around nuclei", around - analysed),
+        ("detections drawn again by hand", replaced),
+    ):
+        if found:
+            skipped[why] += len(found)
+    return {id(items[i][1][2]) for i in duplicates | analysed | around | replaced}
+
+
+def _duplicates(
+    items: list[tuple[Shape, tuple]], areas: list[int], shape: tuple[int, int]
 ) -> set[int]:
-    """``id`` of the mask of each annotation beside cells or detections that is the region
-    they were found in: it holds the centre of another object, or is more than
-    :data:`REGION_AREA_FACTOR` times the median area of the file's objects (cells,
-    detections and annotations: nuclei, but for a few regions), or than 4 times that factor
-    the median cell or detection. The largest detection was the measure first, and a model
-    that found only the small nuclei (lymphocytes) had the tumour nuclei a pathologist drew
-    beside them read as regions (55 of 191 on a CPM-15 tile)."""
-    drawn = _drawn(masks)
-    areas = [int(m.sum()) for _, (_, _, m) in drawn]
-    found = [a for (shape, _), a in zip(drawn, areas, strict=True) if not shape.among_detections]
+    """Indices of annotations drawn again later (the later one over :data:`DUPLICATE_IOU` of
+    it): the earlier copy of the same nucleus, found under the later on a map of the
+    annotations drawn in file order."""
+    index = np.zeros(shape, dtype=np.int32)  # annotation index + 1
+    out = set()
+    for later, (item, (r0, c0, mask)) in enumerate(items):
+        if item.detection:
+            continue
+        view = index[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
+        under = np.unique(view[mask])
+        for earlier in under[under > 0] - 1:
+            small, large = sorted((areas[earlier], areas[later]))
+            if small <= DUPLICATE_IOU * large:
+                continue  # the intersection over union is at most small / large
+            shared = _shared(items[earlier][1], items[later][1])
+            if shared > DUPLICATE_IOU * (small + large - shared):
+                out.add(int(earlier))
+        view[mask] = later + 1
+    return out
+
+
+def _shared(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> int:
+    """How many pixels two cropped masks ``(row0, col0, mask)`` share."""
+    (ar, ac, am), (br, bc, bm) = a, b
+    r0, c0 = max(ar, br), max(ac, bc)
+    r1 = min(ar + am.shape[0], br + bm.shape[0])
+    c1 = min(ac + am.shape[1], bc + bm.shape[1])
+    if r1 <= r0 or c1 <= c0:
+        return 0
+    return int(
+        (am[r0 - ar : r1 - ar, c0 - ac : c1 - ac] & bm[r0 - br : r1 - br, c0 - bc : c1 - bc]).sum()
+    )
+
+
+def _too_large(items: list[tuple[Shape, tuple]], areas: list[int]) -> set[int]:
+    """Indices of the annotations beside cells or detections more than
+    :data:`REGION_AREA_FACTOR` times the median area of the file's objects (cells, detections
+    and annotations: nuclei, but for a few regions), or than 4 times that factor the median
+    cell or detection: regions analysed. The largest detection was the measure first, and a
+    model that found only the small nuclei (lymphocytes) had the tumour nuclei a pathologist
+    drew beside them read as regions (55 of 191 on a CPM-15 tile)."""
+    found = [a for (item, _), a in zip(items, areas, strict=True) if not item.among_detections]
     # beside a few detections a few empty regions are half the objects, and their median
     # a region's: the detections' median, by a wider margin, still tells a region
     limit = min(
@@ -379,30 +445,60 @@ def _regions_analysed(
         float(np.median(found)) * REGION_AREA_FACTOR * 4 if found else np.inf,
     )
     return {
-        id(m)
-        for (shape, (_, _, m)), area in zip(drawn, areas, strict=True)
-        if shape.among_detections and (enclosed.get(id(m), 0) >= 1 or 0 < limit < area)
+        i
+        for i, ((item, _), area) in enumerate(zip(items, areas, strict=True))
+        if item.among_detections and 0 < limit < area
     }
 
 
-def _drawn(masks: list[tuple[Shape, tuple | None]]) -> list[tuple[Shape, tuple]]:
-    return [(shape, m) for shape, m in masks if m is not None and not shape.negative]
+def _replaced(
+    items: list[tuple[Shape, tuple]],
+    areas: list[int],
+    nuclei: list[int],
+    detections: set[int],
+    held: dict[int, list[int]],
+    shape: tuple[int, int],
+) -> set[int]:
+    """Indices of the detections a nucleus drawn among them replaces: those whose centre it
+    holds, or that share half the smaller one's pixels with it (a detection map, as mlseg's
+    detections do not overlap, finds them)."""
+    if not nuclei:
+        return set()
+    index = np.zeros(shape, dtype=np.int32)  # detection index + 1
+    for i in sorted(detections):
+        r0, c0, mask = items[i][1]
+        index[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask] = i + 1
+    out = set()
+    for n in nuclei:
+        r0, c0, mask = items[n][1]
+        under = np.unique(index[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask])
+        for i in under[under > 0] - 1:
+            if 2 * _shared(items[n][1], items[i][1]) >= min(areas[n], areas[i]):
+                out.add(int(i))
+        out |= detections.intersection(held[n])
+    return out
 
 
-def _enclosed(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> dict[int, int]:
-    """How many other masks' centre pixels each mask holds, by the ``id`` of its mask
-    (counted on a map of centres: linear in the pixels drawn)."""
+def _held(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> list[list[int]]:
+    """For each mask, the indices of the other masks whose centre pixel it holds (found on a
+    map of centres: linear in the pixels drawn)."""
     if len(masks) < 2:
-        return {id(m): 0 for _, _, m in masks}
+        return [[] for _ in masks]
     centres = np.array([np.argwhere(m).mean(axis=0) + (r0, c0) for r0, c0, m in masks])
     centres = np.clip(np.round(centres).astype(np.int64), 0, np.array(shape) - 1)
-    counts = np.zeros(shape, dtype=np.int32)
-    np.add.at(counts, (centres[:, 0], centres[:, 1]), 1)
-    out = {}
-    for (r0, c0, mask), (r, c) in zip(masks, centres, strict=True):
-        enclosed = int(counts[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask].sum())
-        inside = 0 <= r - r0 < mask.shape[0] and 0 <= c - c0 < mask.shape[1]
-        out[id(mask)] = enclosed - bool(inside and mask[r - r0, c - c0])  # less its own centre
+    flat = centres[:, 0] * shape[1] + centres[:, 1]
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    at = np.zeros(shape, dtype=bool)  # pixels holding a centre
+    at[centres[:, 0], centres[:, 1]] = True
+    out = []
+    for k, (r0, c0, mask) in enumerate(masks):
+        rows, cols = np.nonzero(at[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] & mask)
+        pixels = (rows + r0) * shape[1] + cols + c0
+        low = np.searchsorted(ordered, pixels, side="left")
+        high = np.searchsorted(ordered, pixels, side="right")
+        inside = [int(j) for a, b in zip(low, high, strict=True) for j in order[a:b]]
+        out.append(sorted(j for j in inside if j != k))
     return out
 
 

@@ -149,6 +149,52 @@ def test_empty_regions_beside_few_detections_are_no_nuclei(tmp_path, regions):
     assert drawn.notes == [f"{regions} region annotations left out"]
 
 
+def _detections(*boxes):
+    return [feature([square(*box)], kind="detection") for box in boxes]
+
+
+def test_an_outline_drawn_again_over_a_detection_replaces_it(tmp_path):
+    """The correction loop: a pathologist redraws a detection's wrong outline without deleting
+    it. The drawing held the detection's centre, so it was left out as a region and the
+    model's outline kept (review); it now replaces the detection, its neighbour kept."""
+    features = _detections((10, 10, 16, 16), (30, 10, 36, 16))  # model: 6x6 px nuclei
+    features.append(feature([square(8, 8, 19, 18)], kind="annotation"))  # the true outline
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (40, 40))
+    assert drawn.labels.max() == 2
+    assert int((drawn.labels == drawn.labels[12, 12]).sum()) == 11 * 10  # the drawn outline
+    assert drawn.labels[12, 32] > 0 and drawn.labels[12, 32] != drawn.labels[12, 12]
+    assert drawn.notes == ["1 detections drawn again by hand left out"]
+
+
+def test_a_nucleus_annotated_twice_is_kept_once(tmp_path):
+    """The same nucleus drawn twice among detections (an accidental duplicate): each copy held
+    the other's centre, both were left out as regions and the nucleus lost (review)."""
+    features = _detections((10, 10, 16, 16), (30, 10, 36, 16))
+    features += [feature([square(10, 30, 20, 40)]), feature([square(10, 30, 20, 39)])]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (50, 50))
+    assert drawn.labels.max() == 3
+    assert int((drawn.labels == drawn.labels[35, 15]).sum()) == 10 * 9  # the later copy
+    assert drawn.notes == ["1 duplicate annotations left out"]
+
+
+def test_a_large_nucleus_drawn_over_a_small_detection_wins(tmp_path):
+    """A tumour nucleus drawn over the centre of a small lymphocyte the model found beside
+    it was left out as a region (review): the pathologist's drawing wins over the model's,
+    wherever it lies in the file; a region around several detections is still a region."""
+    tumour = feature([square(20, 20, 40, 36)], kind="annotation")  # 320 px
+    lymphocytes = _detections((36, 26, 42, 32), (60, 20, 66, 26), (60, 40, 66, 46))
+    lymphocytes += _detections((18, 34, 24, 40))  # touches the tumour: shares 8 of its 36 px
+    region = feature([square(55, 15, 75, 55)], kind="annotation")  # around two detections
+    for features in ([tumour, *lymphocytes, region], [*lymphocytes, region, tumour]):
+        drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (60, 80))
+        assert drawn.labels.max() == 4
+        assert int((drawn.labels == drawn.labels[30, 30]).sum()) == 320
+        assert drawn.labels[22, 62] > 0 and drawn.labels[42, 62] > 0
+        assert drawn.labels[50, 70] == 0  # the region is no nucleus
+        assert "1 detections drawn again by hand left out" in drawn.notes
+        assert "1 region annotations left out" in drawn.notes
+
+
 def test_hand_drawn_nuclei_with_a_region_around_them(tmp_path):
     """Annotations only (a pathologist's brush strokes, QuPath 0.2's list of features): each
     is a nucleus, except the polygon drawn around them, which is a region."""
