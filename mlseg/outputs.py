@@ -5,7 +5,9 @@ Per image ``<stem>``: ``<stem>_labels.png`` (16-bit; ``.tif`` above 65535 nuclei
 ``<stem>_nuclei.csv`` and ``<stem>_nuclei.parquet`` (one row per nucleus),
 ``<stem>_nuclei.geojson`` (QuPath detections), and last ``<stem>.json``: the summary, the
 profile name and version and the list of outputs. Every file is written atomically, so the presence of ``<stem>.json`` means the
-image is complete (:func:`image_done`).
+image is complete (:func:`image_done`). A redo sets the earlier ``<stem>.json`` aside, hidden
+(:func:`earlier_record`), until its own is written, so a redo that failed keeps the time the
+image was first segmented (:func:`first_finished_at`).
 
 Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus of those
 images, ``image`` first: :func:`nuclei_table`), ``histograms.png`` (main measurements over
@@ -560,9 +562,13 @@ def write_image_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    record, earlier = out_dir / f"{stem}.json", earlier_record(out_dir, stem)
     # the marker of an earlier run goes first: outputs replaced one by one under it would
-    # pass for that run's if this one stopped half-way (image_done)
-    (out_dir / f"{stem}.json").unlink(missing_ok=True)
+    # pass for that run's if this one stopped half-way (image_done). It is set aside, not
+    # deleted, until this one's is in place: a redo that failed (disk full) lost the time the
+    # image was new (first_finished_at), and the next run dated it now
+    with contextlib.suppress(FileNotFoundError):
+        record.replace(earlier)
     n = int(labels.max(initial=0))
     names = {
         "labels": labels_name(stem, n),
@@ -588,8 +594,16 @@ def write_image_outputs(
         labels, table, pixel_size_um=summary.get("pixel_size_um"), properties=provenance
     )
     write_text(out_dir / names["geojson"], geojson)
-    write_text(out_dir / f"{stem}.json", dumps(written))
+    write_text(record, dumps(written))
+    earlier.unlink(missing_ok=True)
     return written
+
+
+def earlier_record(out_dir: str | Path, stem: str) -> Path:
+    """Where :func:`write_image_outputs` keeps an image's earlier ``<stem>.json`` until the new
+    one is written: hidden, so no image's record (hidden images are not read) and no
+    temporary (:func:`mlseg.io.atomic_leftovers`); only :func:`first_finished_at` reads it."""
+    return Path(out_dir) / f".{stem}.earlier.json"
 
 
 def image_done(out_dir: str | Path, stem: str, expect: dict | None = None) -> dict | None:
@@ -619,13 +633,17 @@ def image_done(out_dir: str | Path, stem: str, expect: dict | None = None) -> di
 
 def first_finished_at(out_dir: str | Path, stem: str, input_digest: str | None) -> str:
     """The ``finished_at`` of an image about to be written: that of its earlier ``<stem>.json``
-    in ``out_dir`` where it recorded the same input bytes (a rerun that redoes the image for a
-    new model, profile or settings), else now. It says when the image was new, which the drift
+    in ``out_dir`` (or, where a redo of it failed, the one it set aside: :func:`earlier_record`)
+    where it recorded the same input bytes (a rerun that redoes the image for a new model,
+    profile or settings), else now. It says when the image was new, which the drift
     monitor's window reads (:func:`mlseg.monitor.recent_images`); a new model redid and
     re-dated the whole inbox, so the next weekly check measured every image again."""
+    record = Path(out_dir) / f"{stem}.json"
+    if not record.is_file():
+        record = earlier_record(out_dir, stem)
     earlier = None
     with contextlib.suppress(OSError, ValueError):
-        earlier = json.loads((Path(out_dir) / f"{stem}.json").read_text())
+        earlier = json.loads(record.read_text())
     if (
         isinstance(earlier, dict)
         and input_digest

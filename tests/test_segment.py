@@ -933,6 +933,46 @@ def test_an_image_redone_for_new_settings_keeps_the_time_it_was_new(tmp_path):
     assert finished["b"] != "2026-11-02T02:00:07+0000"
 
 
+def test_a_redo_that_failed_keeps_the_time_the_image_was_new(tmp_path, monkeypatch):
+    """A redo whose writing failed (disk full, killed) lost the image's record, and with it
+    its first time: the next run dated it now, so a disk that filled while a new model redid
+    the inbox put every image into the next weekly drift window. The time survives the failed
+    redo, which still leaves the image to be redone, and nothing is left beside its outputs."""
+    import errno
+
+    import mlseg.outputs
+    from mlseg.errors import OutputError
+    from mlseg.io import atomic_path
+    from mlseg.outputs import image_done
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    image, truth = disc_image(64, 64)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    run = dict(profile_name="he", progress=False)
+    quantify_folder(masks, images, out, pixel_size_um=0.5, **run)
+    record = json.loads((out / "a.json").read_text())
+    record["finished_at"] = "2026-11-01T02:00:07+0000"  # as segmented in an earlier week
+    (out / "a.json").write_text(json.dumps(record))
+    before = sorted(p.name for p in out.iterdir())
+
+    def full_disk(path, labels):  # the redo's first file
+        with atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlseg.outputs, "write_labels", full_disk)
+        with pytest.raises(OutputError, match="no space left on device"):
+            quantify_folder(masks, images, out, pixel_size_um=0.25, **run)
+    assert image_done(out, "a") is None  # redone next run, never taken as done
+    redone = quantify_folder(masks, images, out, pixel_size_um=0.25, **run)
+    assert redone.processed == ["a"]
+    assert json.loads((out / "a.json").read_text())["finished_at"] == record["finished_at"]
+    finished = pd.read_csv(out / "summary.csv", index_col="image")["finished_at"]
+    assert finished["a"] == record["finished_at"]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_quantify_without_images_redoes_a_mask_whose_sidecar_was_corrected(tmp_path):
     """Masks measured alone take their pixel size from the mask's own sidecar; a rerun after
     it was corrected measures them again, in the new microns."""
