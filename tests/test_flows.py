@@ -13,6 +13,8 @@ import inspect
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -1755,6 +1757,50 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, si
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == code, done.stderr
+    assert "exit handlers ran" in done.stdout
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="no nohup here")
+def test_a_flow_command_under_nohup_carries_on_after_a_hangup(tmp_path) -> None:
+    """A flow command ends after SIGHUP as after SIGTERM (the test above), but one started
+    under nohup, where SIGHUP is ignored, carries on to its end."""
+    import subprocess
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import atexit, os, signal, sys, time
+            from flows.common import user_errors_exit
+
+            atexit.register(lambda: print("exit handlers ran", flush=True))
+
+            @user_errors_exit
+            def main(argv=None):
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.5)
+                return 0
+
+            sys.exit(main())
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        ["nohup", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
     assert "exit handlers ran" in done.stdout
 
 
