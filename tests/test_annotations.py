@@ -195,6 +195,73 @@ def test_a_large_nucleus_drawn_over_a_small_detection_wins(tmp_path):
         assert "1 region annotations left out" in drawn.notes
 
 
+def test_one_outline_drawn_over_a_nucleus_split_in_two_merges_it(tmp_path):
+    """The correction loop: the model split one nucleus into two detections and a pathologist
+    draws its outline over both without deleting them. The drawing held two centres, so it
+    was left out as a region and the two halves kept; it now replaces them. A region drawn
+    around two touching detections, mostly background between them, is still a region."""
+    halves = _detections((10, 10, 16, 20), (16, 10, 22, 20))  # one 12x10 nucleus, split
+    merge = feature([square(9, 10, 23, 20)], kind="annotation")  # drawn 1 px wide: 140 px
+    others = _detections((40, 10, 48, 18), (48, 10, 56, 18))  # two touching nuclei
+    region = feature([square(37, 7, 59, 21)], kind="annotation")  # 3 px around them
+    for features in ([*halves, merge, *others, region], [merge, region, *halves, *others]):
+        drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (30, 60))
+        assert drawn.labels.max() == 3
+        assert int((drawn.labels == drawn.labels[15, 12]).sum()) == 140
+        assert drawn.labels[15, 12] == drawn.labels[15, 20]  # one nucleus, not two halves
+        assert drawn.labels[14, 44] > 0 and drawn.labels[14, 52] > 0
+        assert drawn.labels[14, 44] != drawn.labels[14, 52]
+        assert drawn.labels[8, 38] == 0  # the region is no nucleus
+        assert drawn.notes == [
+            "2 detections drawn again by hand left out",
+            "1 region annotations left out",
+        ]
+
+
+def _split_across_minor_axis(labels, label):
+    """``labels`` with nucleus ``label`` cut in two through its centre, across its long axis,
+    the second half a new label (as a model that split it would give it)."""
+    from skimage.measure import regionprops
+
+    props = regionprops((labels == label).astype(np.uint8))[0]
+    rows, cols = np.nonzero(labels == label)
+    along = (rows - props.centroid[0]) * np.cos(props.orientation) + (
+        cols - props.centroid[1]
+    ) * np.sin(props.orientation)
+    out = labels.copy()
+    out[rows[along > 0], cols[along > 0]] = labels.max() + 1
+    return out
+
+
+def test_real_nuclei_split_by_the_model_and_redrawn_come_back_whole(shared_data, tmp_path):
+    """gbm40 image 01 as detections with a tenth of its nuclei split in two, each redrawn by
+    hand as it is: the drawn mask is the true one, nucleus for nucleus (the redrawn outlines
+    were left out as regions and the halves kept)."""
+    mask_path = shared_data / "gbm40_he" / "masks" / "01_mask.png"
+    if not mask_path.is_file():
+        pytest.skip(f"{mask_path} not found")
+    truth, _, _ = relabel_sequential(mask_to_labels(read_mask(mask_path)))
+    areas = np.bincount(truth.ravel())
+    split = [n for n in range(1, truth.max() + 1, 10) if areas[n] >= 40]
+    model = truth
+    for n in split:
+        model = _split_across_minor_axis(model, n)
+    detections = to_geojson(
+        model, pd.DataFrame({"label": np.arange(1, model.max() + 1)}), pixel_size_um=None
+    )["features"]
+    redrawn = to_geojson(truth, pd.DataFrame({"label": split}), pixel_size_um=None)["features"]
+    for f in redrawn:
+        f["properties"] = {"objectType": "annotation"}
+    path = write_json(tmp_path / "01.geojson", [*detections, *redrawn])
+    drawn = annotation_labels(path, truth.shape)
+    pairs = np.unique(np.stack([truth.ravel(), drawn.labels.ravel()]), axis=1)
+    np.testing.assert_array_equal(drawn.labels > 0, truth > 0)
+    assert drawn.labels.max() == truth.max()
+    assert len(split) >= 5
+    assert pairs.shape[1] == truth.max() + 1  # each drawn nucleus is one true one, whole
+    assert drawn.notes == [f"{2 * len(split)} detections drawn again by hand left out"]
+
+
 def test_hand_drawn_nuclei_with_a_region_around_them(tmp_path):
     """Annotations only (a pathologist's brush strokes, QuPath 0.2's list of features): each
     is a nucleus, except the polygon drawn around them, which is a region."""
