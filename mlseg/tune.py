@@ -139,6 +139,23 @@ def _earlier_runs(path: Path) -> dict[int, dict[str, float]]:
     }
 
 
+def _recorded_timing(history: pd.DataFrame, timing: dict[str, float]) -> dict[str, float]:
+    """``{"images_per_s", "seconds"}`` of a trial finished before, from its own history
+    (``history.csv``): its training throughput and time, for a trial whose search was
+    interrupted before writing ``tune_results.csv``. ``timing`` where none was recorded."""
+    steps = history["step"].diff().fillna(history["step"]).to_numpy(float)
+    per_s = history["images_per_s"].to_numpy(float)
+    elapsed = history["elapsed_s"].to_numpy(float)
+    if not len(history) or not np.isfinite(elapsed[-1]):
+        return timing
+    # images/s of the whole run: the images over the seconds of every epoch (batch size cancels)
+    seconds = np.sum(steps / per_s)
+    return {
+        "images_per_s": float(steps.sum() / seconds) if seconds > 0 else np.nan,
+        "seconds": float(elapsed[-1]),
+    }
+
+
 def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> None:
     """Refuse a folder whose trials were trained with another step budget, other values of
     the searched ``keys`` or of :data:`TRIAL_DECIDING`: a rerun would rank them (finished,
@@ -206,7 +223,9 @@ def tune(
     changed since (:func:`mlseg.train.fit`).
 
     Columns: ``rank, trial``, one per searched parameter, ``best_val_dice,
-    final_train_loss, steps, images_per_s, seconds, out_dir``.
+    final_train_loss, steps, images_per_s, seconds, out_dir``. A trial a rerun finds finished
+    keeps the timing of the earlier ``tune_results.csv``, or, where the earlier search was
+    stopped before writing it, its training throughput and time from its ``history.csv``.
     """
     from mlseg.data import effective_preprocess
     from mlseg.model import check_names
@@ -298,7 +317,7 @@ def tune(
             }
             timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
             if not np.isfinite(result.images_per_s):  # finished before: trained nothing now
-                timing = before.get(i, timing)
+                timing = before.get(i) or _recorded_timing(result.history, timing)
         rows.append({"trial": i, **params, **scores, **timing, "out_dir": str(folder)})
     df = pd.DataFrame(rows)
     df["best_val_dice"] = df["best_val_dice"].astype(float)

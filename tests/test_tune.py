@@ -96,6 +96,45 @@ def test_tune_ranks_trials_and_writes_best_config(synth_dataset, tmp_path) -> No
     assert "--no-resume" not in str(error.value)  # fit's remedy: mlseg tune has no such option
 
 
+def test_a_search_stopped_during_a_trial_reports_the_finished_trials_training_time(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """A search stopped (Ctrl-C) while trial_001 trained wrote no tune_results.csv; its rerun
+    skipped the finished trial_000 and gave it no throughput (NaN) and, as its time, the
+    second or two of the check, not the time it trained."""
+    import pandas as pd
+
+    import mlseg.train
+
+    torch.set_num_threads(2)
+    cfg = load_config(None, train=TINY)
+    search = {"trials": 2, "budget_steps": 1, "method": "grid", "progress": False}
+    space = {"train.lr": [1e-3, 3e-4]}
+    real_fit, stopped = mlseg.train.fit, []
+
+    def fit(trial_cfg, data, out_dir, **kw):
+        if out_dir.name == "trial_001" and not stopped:
+            stopped.append(out_dir)
+            raise KeyboardInterrupt
+        if out_dir.name == "trial_001":  # trained on the rerun (its timing is not the point)
+            return mlseg.train.TrainResult(
+                None, out_dir, pd.DataFrame({"train_loss": [1.0]}), 0.5, 1, 1.0, out_dir, 5, 1
+            )
+        return real_fit(trial_cfg, data, out_dir, **kw)
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, synth_dataset, tmp_path, space=space, **search)
+    assert not (tmp_path / "tune_results.csv").exists()
+    history = pd.read_csv(tmp_path / "trial_000" / "history.csv")
+    row = tune(cfg, synth_dataset, tmp_path, space=space, **search).set_index("trial").loc[0]
+    assert row["seconds"] == pytest.approx(history["elapsed_s"].iloc[-1])
+    trained = history["step"].diff().fillna(history["step"])
+    assert row["images_per_s"] == pytest.approx(
+        trained.sum() / (trained / history["images_per_s"]).sum()
+    )
+
+
 def test_param_values_may_be_lists_and_a_null_winner_is_written_as_null() -> None:
     from mlseg.cli.train import _parse_space
 
