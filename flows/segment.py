@@ -547,6 +547,9 @@ def segment_and_quantify(
         # each image's table read once, for nuclei.parquet, the histograms and the run metrics
         tables = [read_nuclei(out, s) for s in summaries]
         run_id = _run_id()
+        # one time for run.json and the run's history row, which differed by the seconds it
+        # took to write the run's tables and histograms
+        finished = datetime.datetime.now().astimezone()
         paths = write_run_outputs(
             out,
             summaries,
@@ -557,7 +560,7 @@ def segment_and_quantify(
                 "mlseg_version": code_version(),
                 "packages": package_versions(),
                 "started_at": started_at,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "finished_at": finished.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "input_dir": str(src),
                 # as mlseg segment's run.json and every <stem>.json: the weights' content hash
                 "model": weights,
@@ -575,7 +578,16 @@ def segment_and_quantify(
         )
     history_path = data_path(history) if history else out / "runs" / "history.csv"
     metrics, counts = _run_metrics(
-        out, history_path, run_id, summaries, tables, set(processed), len(skipped), failed, seconds
+        out,
+        history_path,
+        run_id,
+        summaries,
+        tables,
+        set(processed),
+        len(skipped),
+        failed,
+        seconds,
+        finished.astimezone(datetime.UTC).isoformat(timespec="seconds"),
     )
     _publish(out, paths, metrics, counts, model_desc, prof, processed, skipped, failed)
     result = {
@@ -634,10 +646,12 @@ def _run_metrics(
     n_skipped: int,
     failed: dict[str, str],
     seconds: float,
+    finished_at: str,
 ) -> tuple[dict[str, Any], list[int]]:
     """The run's metrics over the images processed in it (skipped ones were measured before),
     with their shift from the previous run, appended to ``history_path`` when any image was
-    processed; also each processed image's nucleus count."""
+    processed; also each processed image's nucleus count. ``finished_at``: the run's end
+    as run.json gives it (UTC), for its history row."""
     from mlseg.io import write_table
     from mlseg.monitor import append_history, distributions, run_areas, run_metrics, run_shift
 
@@ -647,7 +661,13 @@ def _run_metrics(
     new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done]
     unit, areas = run_areas(new_tables)
     metrics = run_metrics(
-        counts, areas, seconds, area_unit=unit, run_id=run_id, n_failed=len(failed)
+        counts,
+        areas,
+        seconds,
+        area_unit=unit,
+        run_id=run_id,
+        n_failed=len(failed),
+        finished_at=finished_at,
     )
     metrics["n_skipped"] = n_skipped
     if done_now:

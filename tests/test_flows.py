@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -427,6 +428,32 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("img_*")} == mtimes
     assert len(pd.read_csv(out / "runs" / "history.csv")) == 1  # nothing new to record
     pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
+
+
+def test_run_json_and_the_history_row_of_a_run_give_one_finished_at(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """run.json and the history row of the same run (its flow_run is the row's run_id) gave
+    two end times, apart by the time the run's tables and histograms took to write."""
+    import mlseg.outputs
+
+    write = mlseg.outputs.write_run_outputs
+
+    def slow_write(*args, **kwargs):
+        paths = write(*args, **kwargs)
+        time.sleep(1.1)  # the histograms of a large run
+        return paths
+
+    monkeypatch.setattr(mlseg.outputs, "write_run_outputs", slow_write)
+    disc_images(tmp_path / "inbox", 1)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint)
+    assert state.is_completed(), state.message
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    row = pd.read_csv(tmp_path / "out" / "runs" / "history.csv").iloc[-1]
+    assert row["run_id"] == run_info["flow_run"]
+    assert datetime.datetime.fromisoformat(row["finished_at"]) == (
+        datetime.datetime.strptime(run_info["finished_at"], "%Y-%m-%dT%H:%M:%S%z")
+    )
 
 
 def test_a_model_that_finds_no_nucleus_in_any_image_is_warned_of(harness, tmp_path) -> None:
