@@ -1743,22 +1743,16 @@ def test_flow_command_lines_say_a_user_error_in_one_line(
     assert capsys.readouterr().err == "error: nope: dataset folder not found; check the path\n"
 
 
-@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
-def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, signame, code):
-    """`timeout 1h python -m flows.segment ...` in cron, docker stop or scancel: SIGTERM
-    ended python -m flows.validate, flows.segment and flows.pipeline at once, past Python's
-    exit handlers, among them Prefect's that stops the temporary server it started, which
-    then ran on, orphaned, after every stopped job; they end with exit code 143 as mlseg
-    does, the handlers run. So does SIGHUP (the terminal closed), with 129: the temporary
-    server, in a session of its own, no longer dies of the terminal's hangup with the flow."""
+def _signalled_job(tmp_path: Path, signame: str, prefix: tuple[str, ...] = ()):
+    """A ``python -m flows.*``-like command that sends itself ``signame`` and would then go
+    on for 30 s, run to its end; its stdout says whether the exit handlers ran."""
     import subprocess
-    import sys
     import textwrap
 
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(
-            """
+            f"""
             import atexit, os, signal, sys, time
             from flows.common import user_errors_exit
 
@@ -1766,8 +1760,8 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, si
 
             @user_errors_exit
             def main(argv=None):
-                os.kill(os.getpid(), signal.SIGNAME)
-                time.sleep(30)
+                os.kill(os.getpid(), signal.{signame})
+                time.sleep(0.5 if {bool(prefix)} else 30)
                 return 0
 
             sys.exit(main())
@@ -1779,10 +1773,25 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, si
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
-    script.write_text(script.read_text().replace("SIGNAME", signame))
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+    return subprocess.run(
+        [*prefix, sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
     )
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, signame, code):
+    """`timeout 1h python -m flows.segment ...` in cron, docker stop or scancel: SIGTERM
+    ended python -m flows.validate, flows.segment and flows.pipeline at once, past Python's
+    exit handlers, among them Prefect's that stops the temporary server it started, which
+    then ran on, orphaned, after every stopped job; they end with exit code 143 as mlseg
+    does, the handlers run. So does SIGHUP (the terminal closed), with 129: the temporary
+    server, in a session of its own, no longer dies of the terminal's hangup with the flow."""
+    done = _signalled_job(tmp_path, signame)
     assert done.returncode == code, done.stderr
     assert "exit handlers ran" in done.stdout
 
@@ -1792,41 +1801,7 @@ def test_a_flow_command_stopped_with_sigterm_runs_its_exit_handlers(tmp_path, si
 def test_a_flow_command_under_nohup_carries_on_after_a_hangup(tmp_path) -> None:
     """A flow command ends after SIGHUP as after SIGTERM (the test above), but one started
     under nohup, where SIGHUP is ignored, carries on to its end."""
-    import subprocess
-    import textwrap
-
-    script = tmp_path / "job.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import atexit, os, signal, sys, time
-            from flows.common import user_errors_exit
-
-            atexit.register(lambda: print("exit handlers ran", flush=True))
-
-            @user_errors_exit
-            def main(argv=None):
-                os.kill(os.getpid(), signal.SIGHUP)
-                time.sleep(0.5)
-                return 0
-
-            sys.exit(main())
-            """
-        )
-    )
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        ["nohup", sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = _signalled_job(tmp_path, "SIGHUP", prefix=("nohup",))
     assert done.returncode == 0, done.stderr
     assert "exit handlers ran" in done.stdout
 
