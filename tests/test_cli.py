@@ -272,9 +272,12 @@ def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
     assert "contract (an mlseg dataset" in next(line for line in lines if "--layout" in line)
 
 
-def test_sigterm_removes_the_file_being_written_and_exits_143(tmp_path, monkeypatch, capsys):
-    """scancel and a SLURM job's time limit send SIGTERM: the file being written is removed,
-    as on Ctrl-C, not left as a temporary beside the outputs."""
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stop_signal_removes_the_file_being_written(tmp_path, monkeypatch, capsys, signame, code):
+    """scancel and a SLURM job's time limit send SIGTERM, a closed SSH session or terminal
+    SIGHUP: the file being written is removed, as on Ctrl-C, not left as a temporary beside
+    the outputs (a checkpoint's in the training folder, which no later run removes); Python's
+    default ended mlseg at once, without a word."""
     import os
     import signal
     import time
@@ -282,22 +285,24 @@ def test_sigterm_removes_the_file_being_written_and_exits_143(tmp_path, monkeypa
     import mlseg.dataset
     from mlseg.io import atomic_path
 
+    signum = getattr(signal, signame)
+
     def init_dataset(directory, cfg):
         with atomic_path(directory / "README.md") as tmp:
             tmp.write_text("half")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(5)  # the handler runs at once; a test that waits has failed
 
     def default(signum, frame):  # Python's own would end pytest too
-        raise AssertionError("SIGTERM left to the default handler: the process ends at once")
+        raise AssertionError(f"{signame} left to the default handler: the process ends at once")
 
     monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
-    before = signal.signal(signal.SIGTERM, default)
+    before = signal.signal(signum, default)
     try:
-        assert main(["init", str(tmp_path / "ds")]) == 143
-        assert signal.getsignal(signal.SIGTERM) is default
+        assert main(["init", str(tmp_path / "ds")]) == code
+        assert signal.getsignal(signum) is default
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signum, before)
     assert capsys.readouterr().err == "terminated\n"
     assert list((tmp_path / "ds").iterdir()) == []
 
@@ -514,37 +519,6 @@ def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
     assert main(["init", str(tmp_path / "ds")]) == 130
     assert capsys.readouterr().err == "aborted\n"
-
-
-def test_sighup_removes_the_file_being_written_and_exits_129(tmp_path, monkeypatch, capsys):
-    """A closed SSH session or terminal sends SIGHUP: Python's default ended mlseg at once,
-    without a word, and left the file being written as a temporary (a checkpoint's in the
-    training folder, which no later run removes); it now ends as SIGTERM does."""
-    import os
-    import signal
-    import time
-
-    import mlseg.dataset
-    from mlseg.io import atomic_path
-
-    def init_dataset(directory, cfg):
-        with atomic_path(directory / "README.md") as tmp:
-            tmp.write_text("half")
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(5)  # the handler runs at once; a test that waits has failed
-
-    def default(signum, frame):  # Python's own would end pytest too
-        raise AssertionError("SIGHUP left to the default handler: the process ends at once")
-
-    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
-    before = signal.signal(signal.SIGHUP, default)
-    try:
-        assert main(["init", str(tmp_path / "ds")]) == 129
-        assert signal.getsignal(signal.SIGHUP) is default
-    finally:
-        signal.signal(signal.SIGHUP, before)
-    assert capsys.readouterr().err == "terminated\n"
-    assert list((tmp_path / "ds").iterdir()) == []
 
 
 def test_sighup_stays_ignored_under_nohup(tmp_path, monkeypatch):
