@@ -429,17 +429,24 @@ def _duplicates(
     return out
 
 
-def _shared(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> int:
-    """How many pixels two cropped masks ``(row0, col0, mask)`` share."""
+def _overlap(
+    a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The windows of two cropped masks ``(row0, col0, mask)`` over the pixels both crops
+    span, ``a``'s then ``b``'s (views), or ``None`` where the crops do not meet."""
     (ar, ac, am), (br, bc, bm) = a, b
     r0, c0 = max(ar, br), max(ac, bc)
     r1 = min(ar + am.shape[0], br + bm.shape[0])
     c1 = min(ac + am.shape[1], bc + bm.shape[1])
     if r1 <= r0 or c1 <= c0:
-        return 0
-    return int(
-        (am[r0 - ar : r1 - ar, c0 - ac : c1 - ac] & bm[r0 - br : r1 - br, c0 - bc : c1 - bc]).sum()
-    )
+        return None
+    return am[r0 - ar : r1 - ar, c0 - ac : c1 - ac], bm[r0 - br : r1 - br, c0 - bc : c1 - bc]
+
+
+def _shared(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> int:
+    """How many pixels two cropped masks ``(row0, col0, mask)`` share."""
+    windows = _overlap(a, b)
+    return 0 if windows is None else int((windows[0] & windows[1]).sum())
 
 
 def _too_large(items: list[tuple[Shape, tuple]], areas: list[int]) -> set[int]:
@@ -486,15 +493,12 @@ def _merges(
 
 def _covered(a: tuple[int, int, np.ndarray], others: list[tuple[int, int, np.ndarray]]) -> int:
     """How many pixels of the cropped mask ``a`` the cropped masks ``others`` cover."""
-    ar, ac, am = a
-    cover = np.zeros_like(am)
-    for br, bc, bm in others:
-        r0, c0 = max(ar, br), max(ac, bc)
-        r1 = min(ar + am.shape[0], br + bm.shape[0])
-        c1 = min(ac + am.shape[1], bc + bm.shape[1])
-        if r1 > r0 and c1 > c0:
-            cover[r0 - ar : r1 - ar, c0 - ac : c1 - ac] |= bm[r0 - br : r1 - br, c0 - bc : c1 - bc]
-    return int((cover & am).sum())
+    cover = np.zeros_like(a[2])
+    for other in others:
+        if (windows := _overlap((a[0], a[1], cover), other)) is not None:
+            covered, drawn = windows
+            covered |= drawn
+    return int((cover & a[2]).sum())
 
 
 def _replaced(
