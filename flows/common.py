@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess  # nosec B404: only to start Prefect's own server command apart (temporary_server_apart)
 import sys
-import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlseg.config import Config, load_config
-from mlseg.errors import MlsegError, missing_package
+from mlseg.errors import MlsegError, missing_package, route_stop_signals
 
 
 def run_config(config: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -54,7 +53,7 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        before = _exit_on_stop_signals()
+        before = route_stop_signals(lambda signum, _: sys.exit(128 + signum))
         try:
             return main(argv)
         except MlsegError as err:
@@ -80,18 +79,6 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
                 signal.signal(signum, handler)
 
     return run
-
-
-def _exit_on_stop_signals() -> dict[int, Any]:
-    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)``; the handlers they had, to
-    restore. A SIGHUP that is ignored (``nohup``) stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    signums = [signal.SIGTERM]
-    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        signums.append(hangup)
-    return {n: signal.signal(n, lambda signum, _: sys.exit(128 + signum)) for n in signums}
 
 
 def temporary_server_apart() -> None:

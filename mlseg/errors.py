@@ -11,10 +11,13 @@ import errno
 import functools
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class MlsegError(Exception):
@@ -200,6 +203,20 @@ DISTRIBUTIONS = {
     "prefect_dask": "prefect-dask",
     "s3fs": "s3fs",
 }
+
+
+def route_stop_signals(handler: Callable[[int, Any], Any]) -> dict[int, Any]:
+    """Route SIGTERM (``docker stop``, ``scancel``) and SIGHUP (the terminal or SSH session
+    closed) to ``handler``, so that a command ends through its own cleanup and exit handlers;
+    returns the handlers they had, to restore. A SIGHUP that is ignored (``nohup``) stays
+    ignored; outside the main thread, where Python cannot set handlers, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = [signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signums.append(hangup)
+    return {signum: signal.signal(signum, handler) for signum in signums}
 
 
 def missing_package(err: ModuleNotFoundError) -> MlsegError | None:

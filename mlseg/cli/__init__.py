@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 import typer
 
-from mlseg.errors import MlsegError, missing_package
+from mlseg.errors import MlsegError, missing_package, route_stop_signals
 
 app = typer.Typer(
     name="mlseg",
@@ -62,7 +61,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
-    before = _catch_stop_signals()
+    before = route_stop_signals(_terminate)
     try:
         # Outside standalone mode Click returns the code of a ``typer.Exit`` instead of
         # raising it (``mlseg segment`` ends with 1 when an image failed).
@@ -119,18 +118,6 @@ class _Terminated(SystemExit):
 
 def _terminate(signum, frame) -> None:
     raise _Terminated(128 + signum)
-
-
-def _catch_stop_signals() -> dict[int, object]:
-    """Route SIGTERM and SIGHUP to :func:`_terminate`; the handlers they had, to restore.
-    A SIGHUP that is ignored (``nohup``) stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    before = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
-    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        before[hangup] = signal.signal(hangup, _terminate)
-    return before
 
 
 def _say(line: str) -> None:
