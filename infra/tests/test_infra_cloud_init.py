@@ -218,3 +218,25 @@ def test_public_part_with_a_flow_limit_passes_cloud_init_schema(tmp_path):
     assert "MLSEG_WORKER_LIMIT=1\n" in text
     checked = _schema_check(tmp_path, text)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+DOCKER = shutil.which("docker")
+
+
+@pytest.mark.skipif(DOCKER is None, reason="the docker CLI is not installed")
+def test_every_docker_flag_the_droplet_runs_is_one_the_docker_cli_lists():
+    """Each flag of each docker command in the units and scripts the droplet runs is listed
+    by that command's `--help`: a removed or deprecated one (`docker stop --time`, which
+    Docker 28 hides and answers with "Flag --time has been deprecated") is not."""
+    import re
+
+    text = render_public_config(make_settings(gpu=True, droplet_size="gpu-h100x1-80gb"))
+    calls = re.findall(r"(?:/usr/bin/)?\bdocker\s+((?:image\s+)?[a-z]+)\s+([^\n|)]*)", text)
+    assert {command for command, _ in calls} >= {"rm", "pull", "run", "stop", "image inspect"}
+    for command, rest in calls:
+        shown = subprocess.run(
+            [DOCKER, *command.split(), "--help"], capture_output=True, text=True, timeout=60
+        ).stdout
+        listed = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", shown))
+        used = set(re.findall(r"(?<!\S)(--?[A-Za-z][\w-]*)", rest))
+        assert used <= listed, f"docker {command}: {sorted(used - listed)} not in its --help"
