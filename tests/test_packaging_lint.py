@@ -787,3 +787,13 @@ def test_readme_names_each_schedule_s_time_and_timezone_as_prefect_yaml() -> Non
             assert schedule.get("timezone"), deployment["name"]  # said, not assumed
             minute, hour = schedule["cron"].split()[:2]
             assert f"{int(hour):02d}:{int(minute):02d} {schedule['timezone']}" in cell, cell
+
+
+def test_prefect_deploy_in_a_terminal_asks_nothing() -> None:
+    """prefect.yaml's header and the README say `prefect deploy --all`; Prefect asks "Would
+    you like to configure schedules for this deployment? [y/n] (y)" in a terminal for every
+    deployment without a `schedules` key (validate, train, evaluate and full asked, default
+    yes), and leaves a `schedules: null` one's schedules as they are, as --no-prompt does."""
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    for deployment in deployments:
+        assert "schedules" in deployment, deployment["name"]
