@@ -443,13 +443,31 @@ def production(
     pointer = f"{root}/{check_name(name)}/{PRODUCTION}"
     if not fs.isfile(pointer):
         return None
-    number = int(_read_json(fs, pointer)["version"])
+    number = _pointed_version(fs, pointer, name)
     if not fs.isfile(f"{root}/{name}/v{number}/{CARD}"):
         raise RegistryError(
             f"{_uri(fs, pointer)}: production is {name}@v{number}, which is no longer in the "
             f"registry; promote another with `mlseg models promote {name} VERSION --reason ...`"
         )
     return _load(fs, root, name, number)
+
+
+def _pointed_version(fs, pointer: str, name: str) -> int:
+    """The version number the production pointer ``pointer`` names. One edited by hand that
+    names none (no ``version``, or not a number) raises :class:`RegistryError` saying how
+    to repair it: read as it was, every run that serves the model, and the promotion that
+    would repair it, ended in Python's ``KeyError: 'version'``, naming no file."""
+    record = _read_json(fs, pointer)
+    number = record.get("version") if isinstance(record, dict) else None
+    if isinstance(number, str) and number.strip().isdigit():
+        number = int(number)
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise RegistryError(
+            f"{_uri(fs, pointer)}: names no version (its 'version' is {number!r}); the file "
+            f"was damaged or edited by hand: promote the version to serve with `mlseg models "
+            f"promote {name} VERSION --reason ...`"
+        )
+    return number
 
 
 @_names_the_store
@@ -668,7 +686,7 @@ def _next_number(fs, root: str, name: str) -> int:
     used = _versions(fs, root, name)
     pointer = f"{root}/{name}/{PRODUCTION}"
     if fs.isfile(pointer):
-        used.append(int(_read_json(fs, pointer)["version"]))
+        used.append(_pointed_version(fs, pointer, name))
     if fs.isdir(f"{root}/{name}/decisions"):
         for path in fs.ls(f"{root}/{name}/decisions", detail=False):
             match = re.search(r"-v(\d+)\.json$", path)
@@ -803,12 +821,17 @@ def promote(
     number = parse_version(version)
     target = _load(fs, root, check_name(name), number)
     _check_files(fs, f"{root}/{name}/v{number}", target)
-    previous = production_record(registry, name, storage_options)
+    pointer = f"{root}/{name}/{PRODUCTION}"
+    previous = None
+    if fs.isfile(pointer):
+        # a pointer that names no version is what this promotion repairs
+        with contextlib.suppress(RegistryError):
+            previous = _pointed_version(fs, pointer, name)
     record = {
         "version": number,
         "promoted_at": _now(),
         "reason": reason.strip(),
-        "previous": previous["version"] if previous else None,
+        "previous": previous,
         "automatic": automatic,
     }
     _log_decision(fs, root, name, {"action": "promote", **record})

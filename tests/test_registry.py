@@ -494,6 +494,24 @@ def test_a_damaged_card_is_named_in_one_line_not_a_traceback(tmp_path: Path, con
     assert reg.show(registry, "nuclei", 1).version == 1  # the other versions still serve
 
 
+@pytest.mark.parametrize("pointer", [b'{"Version": 1}', b"[1]", b'{"version": "one"}'])
+def test_a_production_pointer_naming_no_version_is_named_and_promote_repairs_it(
+    tmp_path: Path, pointer: bytes
+) -> None:
+    """production.json edited by hand so that it names no version: serving the model,
+    registering and even the promotion that repairs it ended in KeyError: 'version'."""
+    registry = tmp_path / "registry"
+    reg.promote(registry, "nuclei", _register(tmp_path, registry, 0.8, tag="a").version, "first")
+    (registry / "nuclei" / reg.PRODUCTION).write_bytes(pointer)
+    with pytest.raises(reg.RegistryError, match=r"production\.json: names no version.*promote"):
+        reg.production(registry)
+    with pytest.raises(reg.RegistryError, match=r"production\.json: names no version"):
+        _register(tmp_path, registry, 0.9, tag="b")
+    assert reg.promote(registry, "nuclei", 1, "repair").version == 1
+    assert reg.production(registry).version == 1
+    assert reg.production_record(registry)["previous"] is None
+
+
 @pytest.mark.parametrize("named", ["absolute", "up"])
 def test_a_stain_reference_named_outside_the_checkpoint_is_not_copied_into_the_registry(
     tmp_path: Path, named: str
