@@ -643,8 +643,13 @@ def sample_psi(reference: np.ndarray, new: np.ndarray, bins: int = 10) -> float:
     if reference.size == 0 or new.size == 0:
         return np.nan
     edges = np.unique(np.quantile(reference, np.linspace(0.0, 1.0, bins + 1)))
-    if edges.size < 2:
-        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    if edges.size < 3:
+        # one open-ended bin held every value (a previous run of one image, or of blank
+        # ones): any run scored 0, its nuclei three times larger too. Bins below, at and
+        # above each of the reference's values instead
+        values = np.unique(reference)
+        inner = np.sort(np.concatenate([values, np.nextafter(values, np.inf)]))
+        edges = np.concatenate([inner[:1], inner, inner[-1:]])
     return psi(open_bin_counts(reference, edges), open_bin_counts(new, edges))
 
 

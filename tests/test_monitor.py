@@ -253,6 +253,18 @@ def test_run_history_and_shift_between_runs(tmp_path) -> None:
     assert monitor.run_shift(counts1, areas1, None)["count_psi"] != 0  # NaN: nothing to compare
 
 
+def test_a_shift_from_a_previous_run_of_one_value_is_measured() -> None:
+    """A previous run of one image (or of blank ones): its one value made one open-ended
+    bin that held every value of the next run, so nuclei three times larger scored PSI 0."""
+    previous = monitor.distributions([12], [30.0] * 12, "um2")
+    grown = monitor.run_shift([40, 50, 60], [90.0] * 150, previous, "um2")
+    assert grown["count_psi"] > 1.0 and grown["area_psi"] > 1.0
+    same = monitor.run_shift([12], [30.0] * 12, previous, "um2")
+    assert same["count_psi"] == 0.0 and same["area_psi"] == 0.0
+    blank = monitor.distributions([0, 0, 0, 0], None, "um2")
+    assert monitor.run_shift([30] * 4, None, blank)["count_psi"] > 1.0
+
+
 def test_areas_in_another_unit_are_not_read_as_a_shift() -> None:
     """The same nuclei measured in um2 by one run (0.5 um pixels) and in pixels by the next
     (no pixel size given) are no 300% growth: areas compare only within one unit."""
