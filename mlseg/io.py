@@ -776,7 +776,7 @@ def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` RGB uint8/uint16 atomically (PNG/TIFF/JPEG).
     An array a PNG or JPEG would not hold as given (float, or integers outside 0-255 of
-    another dtype) raises ``ValueError``."""
+    another dtype; uint16 above 255 in a JPEG, which holds 8 bits) raises ``ValueError``."""
     path = Path(path)
     arr = np.asarray(array)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -790,6 +790,15 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
                 f"{path}: {arr.dtype} values {low}..{high} do not fit the 8-bit file OpenCV "
                 "writes of them; convert the array to uint8 (0-255) or uint16 (0-65535), or "
                 "write labels with write_labels"
+            )
+    if path.suffix.lower() in (".jpg", ".jpeg") and arr.dtype.type is np.uint16:
+        # OpenCV's JPEG holds 8 bits: it wrote a 12-bit camera's 4095 as 255, with no error
+        high = int(arr.max(initial=0))
+        if high > 255:
+            raise ValueError(
+                f"{path}: uint16 values up to {high} do not fit the 8-bit JPEG OpenCV writes "
+                "(written as 255); write a PNG or TIFF, which hold 16 bits, or convert the "
+                "array to uint8 (0-255)"
             )
     with atomic_path(path) as tmp:
         if tiff:

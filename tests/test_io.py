@@ -713,6 +713,17 @@ def test_an_array_that_a_png_would_not_hold_as_given_is_refused_not_clipped(tmp_
     assert np.array_equal(read_image(tmp_path / "w.png")[..., 0], small)
 
 
+def test_a_16_bit_array_a_jpeg_would_not_hold_is_refused_not_clipped(tmp_path):
+    """OpenCV writes a JPEG in 8 bits: a 12-bit camera's 0-4095 was written as 0-255 with
+    every value above 255 as 255, and no error."""
+    grey16 = np.array([[0, 300], [4095, 5]], np.uint16)
+    with pytest.raises(ValueError, match=r"w\.jpg: uint16 values up to 4095 .* PNG or TIFF"):
+        write_image(tmp_path / "w.jpg", grey16)
+    assert list(tmp_path.iterdir()) == []
+    write_image(tmp_path / "w.png", grey16)  # 16 bits hold it
+    assert np.array_equal(read_image(tmp_path / "w.png")[..., 0], grey16)
+
+
 def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set(
     tmp_path, monkeypatch
 ) -> None:
