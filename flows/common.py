@@ -93,10 +93,14 @@ def temporary_server_apart() -> None:
     (``SubprocessASGIServer._run_uvicorn_command`` calling ``subprocess.Popen``) on the one
     server object; where a Prefect release has neither, nothing changes (the server shares
     the group, as before). Call it in ``main`` just before the flow: importing the server
-    module takes seconds, which ``--help`` and a usage error need not wait for.
+    module takes seconds, which ``--help`` and a usage error need not wait for. With no
+    ``PREFECT_API_URL``, a ``PREFECT_HOME`` that cannot be written is an error naming it
+    (:func:`_writable_prefect_home`).
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
+    if not PREFECT_API_URL.value():
+        _writable_prefect_home()
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     try:
@@ -123,6 +127,28 @@ def temporary_server_apart() -> None:
     # Prefect registers its own stop just after starting it; a signal in between would
     # leave a server in its own session running (stop() does nothing when none runs)
     atexit.register(temporary.stop)
+
+
+def _writable_prefect_home() -> None:
+    """Raise :class:`~mlseg.errors.OutputError` naming ``PREFECT_HOME`` where it cannot be
+    written: the temporary server keeps its database there. A read-only home (``~/.prefect``
+    on a cluster node, a service account's) ended a flow after 40-70 s in 259 lines of
+    tracebacks from the server's database, the last 'Timed out while attempting to connect to
+    ephemeral Prefect API server', none naming the folder or the setting."""
+    import tempfile
+
+    from prefect.settings import PREFECT_HOME
+
+    from mlseg.errors import writes_named
+
+    home = Path(PREFECT_HOME.value())
+    hint = (
+        "Prefect keeps its temporary server's database there (no PREFECT_API_URL is set): "
+        "set PREFECT_HOME to a folder you can write"
+    )
+    with writes_named(home, hint):
+        home.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=home).close()
 
 
 def unreachable_api(err: RuntimeError) -> str | None:

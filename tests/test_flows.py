@@ -1878,6 +1878,30 @@ def test_a_flow_command_with_no_prefect_api_at_its_url_names_the_setting(
     assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
 
 
+def test_a_flow_command_whose_prefect_home_cannot_be_written_names_the_setting(
+    tmp_path, checkpoint, capsys
+) -> None:
+    """A read-only home (~/.prefect on a cluster node, a service account's) and no
+    PREFECT_API_URL: python -m flows.segment waited 40-70 s for the temporary server, which
+    could not open its database there, and ended (exit 1) in 259 lines of tracebacks whose last
+    said 'Timed out while attempting to connect to ephemeral Prefect API server', naming
+    neither the folder nor the setting; it says both in one line and exits 2, at once."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    import flows.segment
+
+    (tmp_path / "home").write_text("")  # a file where the folder must go: unwritable as root too
+    home = tmp_path / "home" / ".prefect"
+    disc_images(tmp_path / "inbox", 1)
+    argv = [str(tmp_path / "inbox"), str(tmp_path / "out"), "--model", str(checkpoint)]
+    with temporary_settings(updates={PREFECT_HOME: home}, restore_defaults={PREFECT_API_URL}):
+        assert flows.segment.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {home}: cannot be written (")
+    assert "set PREFECT_HOME to a folder you can write" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_flow_run_retried_on_dask_counts_the_images_its_failed_attempt_wrote(
     harness, tmp_path, checkpoint
