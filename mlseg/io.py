@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 import warnings
@@ -80,14 +81,17 @@ def _umask() -> int:
 def staging_dir(final: str | os.PathLike) -> Path:
     """A new empty folder beside ``final`` to build it in, then rename onto it: with the
     permissions ``mkdir`` gives. ``mkdtemp``'s are 0700, so a dataset built in one was closed
-    to everyone but its maker, on a server the lab shares."""
+    to everyone but its maker, on a server the lab shares. The set-group-ID bit it took from
+    a group-shared folder (``chmod g+s``) is kept, as ``mkdir`` keeps it: set to the umask's
+    mode alone, it was cleared, and every file and folder made in it then had its maker's
+    own group, not the lab's."""
     final = Path(final)
     # named as the folder asked for: the temporary's random name ('.ds.zfatxe87.tmp:
     # permission denied') was one the user never gave and never sees
     with writes_named(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, (0o777 & ~_umask()) | (tmp.stat().st_mode & stat.S_ISGID))
     return tmp
 
 

@@ -500,6 +500,30 @@ def test_a_new_dataset_is_open_to_the_lab_as_a_folder_made_by_mkdir(tmp_path, ma
 
 
 @pytest.mark.parametrize("make", ["ingest", "synth"])
+def test_a_new_dataset_in_a_group_shared_folder_keeps_its_set_group_id(tmp_path, make):
+    """In a lab's ``chmod g+s`` folder, mkdir gives a folder that keeps the bit and the
+    lab's group; the dataset's temporary folder lost the bit when set to the umask's mode,
+    so the dataset and every folder in it had their maker's own group, and a colleague
+    could not add images to them."""
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    if not shared.stat().st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not keep chmod g+s")
+    dst = shared / "ds"
+    if make == "ingest":
+        ingest(flat_source(tmp_path / "src"), dst, progress=False)
+    else:
+        make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
+    (shared / "by_mkdir").mkdir()
+    by_mkdir = (shared / "by_mkdir").stat().st_mode
+    assert dst.stat().st_mode == by_mkdir
+    assert (dst / "train" / "original").stat().st_mode & stat.S_ISGID
+
+
+@pytest.mark.parametrize("make", ["ingest", "synth"])
 def test_a_dataset_in_a_folder_one_cannot_write_is_named_not_its_temporary(
     tmp_path, make, monkeypatch, capsys
 ):

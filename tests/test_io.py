@@ -395,6 +395,28 @@ def test_outputs_get_normal_permissions(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_outputs_in_a_group_shared_folder_keep_its_set_group_id(tmp_path):
+    """A lab's shared folder is ``chmod g+s``, so what anyone makes in it has the lab's
+    group. The staging folder of a run's tables (and of a new dataset) was set to the
+    umask's mode alone, which cleared that bit: summary.csv, nuclei.parquet and run.json,
+    and every folder of a synth or ingest dataset, had their maker's own group instead,
+    beside per-image files with the lab's."""
+    import stat
+
+    from mlseg.io import written_together
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    if not shared.stat().st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not keep chmod g+s")
+    (shared / "by_mkdir").mkdir()
+    with written_together(shared / "out") as staging:
+        (staging / "summary.csv").write_text("image\n")
+        assert staging.stat().st_mode == (shared / "by_mkdir").stat().st_mode
+    assert (shared / "out" / "summary.csv").stat().st_gid == shared.stat().st_gid
+
+
 def test_exif_orientation_is_read_and_one_means_as_stored(tmp_path):
     from PIL import Image
 
