@@ -29,9 +29,12 @@ from mlseg.errors import ConfigError
 
 
 class Strict(BaseModel):
-    """Base: unknown keys are errors, instances are immutable (use ``model_copy(update=...)``)."""
+    """Base: unknown keys are errors, instances are immutable (use ``model_copy(update=...)``),
+    numbers are finite (the JSON saved beside the weights writes infinity as null)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -604,6 +607,11 @@ def _format_error(err: ValidationError, source: str, model: type[BaseModel]) -> 
                 else ""
             )
             lines.append(f"{source}: unknown key '{key}'; {meant}remove it or check its spelling")
+        elif item["type"] == "finite_number":
+            lines.append(
+                f"{source}: bad value for '{key}': got {item['input']}; give a finite number "
+                "(the config.json saved beside the weights holds no infinity or NaN)"
+            )
         else:
             lines.append(f"{source}: bad value for '{key}': {item['msg']}")
     return "\n".join(lines)

@@ -313,3 +313,15 @@ def test_the_packaged_profiles_file_describes_every_profile_key_and_the_defaults
     for key in ("min_area_um2", "max_area_um2", "min_area_px", "max_area_px"):
         assert re.search(rf"{key} {getattr(default, key):g}\b", header), key
     assert f"stain {default.stain}, channels {default.channels}" in header
+
+
+@pytest.mark.parametrize("text", ["train: {grad_clip: .inf}\n", "monitor: {psi_fail: .inf}\n"])
+def test_an_infinite_value_is_refused_not_saved_as_null(tmp_path, text):
+    """YAML's `.inf` was taken, and the config.json saved beside the weights wrote it as
+    null: `grad_clip: .inf` trained, then the model would not load ('bad value for
+    train.grad_clip: Input should be a valid number') and the run would not resume."""
+    with pytest.raises(ConfigError, match=r"c\.yaml: bad value for '[a-z_.]+': .*finite"):
+        load_config(write(tmp_path / "c.yaml", text))
+    path = write(tmp_path / "p.yaml", "profiles:\n  lab: {max_area_um2: .inf}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml \(profile 'lab'\).*max_area_um2.*finite"):
+        load_profiles(path)
