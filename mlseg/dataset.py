@@ -35,7 +35,7 @@ import pandas as pd
 
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
-from mlseg.errors import DatasetError, not_a_folder, some_of
+from mlseg.errors import ConfigError, DatasetError, not_a_folder, some_of
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     OTHER_IMAGE_EXTENSIONS,
@@ -100,6 +100,13 @@ class Pair:
 
 
 def split_dir(root: Path, cfg: DataConfig, split: str) -> Path:
+    """The folder of ``split`` (``train`` or ``test``; anything else is a ConfigError: "val"
+    read the test folder, and evaluate scored it under the name asked for)."""
+    if split not in SPLITS:
+        raise ConfigError(
+            f"split must be train or test, got {split!r} (the validation images are part of "
+            "train: a model's meta.json names them)"
+        )
     return Path(root) / (cfg.train_dir if split == "train" else cfg.test_dir)
 
 

@@ -356,3 +356,17 @@ def test_scoring_the_training_split_under_another_folder_name_is_no_leak(
         result = ev.evaluate(model, root, tmp_path / "eval", split="train", progress=False)
     summary = json.loads(result.json_path.read_text())
     assert summary["n_images"] == 6
+
+
+@pytest.mark.parametrize("split", ["val", "Train"])
+def test_a_split_other_than_train_or_test_is_refused_not_scored_as_test(
+    checkpoint, synth_dataset, tmp_path, split
+) -> None:
+    """``evaluate(..., split="val")`` (or ``"Train"``) scored the test images and wrote them
+    into summary.json as that split: a notebook's validation or training scores were the
+    test set's, under the name asked for."""
+    from mlseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"split must be train or test, got '{split}'"):
+        ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", split=split, progress=False)
+    assert not (tmp_path / "eval").exists()
