@@ -234,6 +234,17 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
     return found
 
 
+def _image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """``paths`` as a list, or ValueError where it is one path: a string was read letter by
+    letter ('d: file not found; s: file not found; ...')."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"expected a list of image files, got one path {os.fsdecode(paths)!r}; list a "
+            "folder's images with list_new_images(folder)"
+        )
+    return [Path(p) for p in paths]
+
+
 def recent_images(
     paths: Iterable[str | os.PathLike],
     results: str | os.PathLike,
@@ -260,7 +271,7 @@ def recent_images(
 
     if not since_days > 0:
         raise ConfigError(f"since_days: {since_days}; give a number of days above 0")
-    paths = [Path(p) for p in paths]
+    paths = _image_paths(paths)
     results = Path(results)
     table_path = results if results.is_file() else results / "summary.csv"
     if not table_path.is_file():
@@ -327,6 +338,7 @@ def image_stats_table(
     from mlseg.inventory import content_hash, image_stats
     from mlseg.io import read_image
 
+    paths = _image_paths(paths)
     if progress:
         from tqdm.auto import tqdm
 

@@ -600,3 +600,20 @@ def test_recent_images_are_those_segmented_in_the_window_or_not_yet(tmp_path) ->
     # nothing segmented there yet: every image is new, and the warning names the table
     with pytest.warns(UserWarning, match="no segmentation records"):
         assert monitor.recent_images(paths, tmp_path / "none", 7) == paths
+
+
+def test_one_path_given_for_a_list_of_images_is_refused_not_read_letter_by_letter(
+    tmp_path,
+) -> None:
+    """``image_stats_table("new-images")`` (a folder, or one file, as a notebook writes it)
+    read each letter of the path as an image: an empty table and a warning of 16 images
+    'd: file not found; s: file not found; /: ...'; ``recent_images`` named letters too."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.full((16, 16, 3), 200, np.uint8))
+    for given in (str(folder), folder, str(folder / "a.png")):
+        with pytest.raises(ValueError, match=r"one path .*new.*list_new_images\(folder\)"):
+            monitor.image_stats_table(given)
+        with pytest.raises(ValueError, match=r"one path .*new.*list_new_images\(folder\)"):
+            monitor.recent_images(given, tmp_path, 7)
+    assert len(monitor.image_stats_table(monitor.list_new_images(folder))) == 1
