@@ -265,6 +265,14 @@ class TrainConfig(Strict):
     num_workers: int = Field(0, ge=0)  # threads decoding images at load; 0 = up to 8
     seed: int = 0
 
+    @field_validator("encoder_weights")
+    @classmethod
+    def _null_not_none(cls, value: str | None) -> str | None:
+        # YAML reads None as the text 'None', which smp refused only once the data was read
+        if value is not None and value.lower() == "none":
+            raise ValueError(f"got the text {value!r}; write null (or ~) for no pretrained weights")
+        return value
+
     @field_validator("patch_size")
     @classmethod
     def _multiple_of_32(cls, value: int) -> int:

@@ -325,3 +325,19 @@ def test_an_infinite_value_is_refused_not_saved_as_null(tmp_path, text):
     path = write(tmp_path / "p.yaml", "profiles:\n  lab: {max_area_um2: .inf}\n")
     with pytest.raises(ConfigError, match=r"p\.yaml \(profile 'lab'\).*max_area_um2.*finite"):
         load_profiles(path)
+
+
+@pytest.mark.parametrize("written", ["None", "none", "'None'"])
+def test_encoder_weights_none_written_as_python_is_refused_at_once(tmp_path, written):
+    """YAML reads `encoder_weights: None` as the text 'None': the run validated the data,
+    then stopped at the model with smp's 'Wrong pretrained weights `None` for encoder
+    resnet34. Available options are: imagenet, ssl, swsl', which does not say to write null."""
+    path = write(tmp_path / "c.yaml", f"train: {{encoder_weights: {written}}}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: bad value for 'train\.encoder_weights'.*null"):
+        load_config(path)
+    assert (
+        load_config(
+            write(tmp_path / "c.yaml", "train: {encoder_weights: ~}\n")
+        ).train.encoder_weights
+        is None
+    )
