@@ -42,6 +42,7 @@ from mlseg.io import (
     image_extension,
     image_stem,
     match_stem,
+    read_image,
     write_text,
 )
 from mlseg.pixel_size import (
@@ -567,6 +568,17 @@ def dataset_fingerprint(pairs: list[Pair]) -> str:
             digest.update(f"{pair.split}/{path.name}\0".encode())
             digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def pixels_fingerprint(pairs: list[Pair]) -> str:
+    """The training data's identity as the pipeline of mlseg before 2026-12-06 recorded it in
+    a run's ``fingerprint_hash`` (validation's ``content_hash``; hex, 32 chars): SHA-256 of
+    the sorted hashes of the images' pixels (alpha dropped, as it read them), names and
+    masks left out."""
+    from mlseg.inventory import content_hash
+
+    hashes = sorted(content_hash(read_image(pair.image, alpha="drop")) for pair in pairs)
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:32]
 
 
 def train_fingerprint(root: str | Path, cfg: DataConfig | None = None) -> str | None:

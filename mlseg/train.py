@@ -28,6 +28,7 @@ is slower.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -46,7 +47,7 @@ from torch import nn
 
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, effective_preprocess, prepare_data
-from mlseg.dataset import read_resaved_csv
+from mlseg.dataset import Pair, list_pairs, pixels_fingerprint, read_resaved_csv
 from mlseg.errors import ConfigError, DatasetError, ResumeError, TrainingDiverged, some_of
 from mlseg.io import read_image, write_table, write_text
 from mlseg.model import (
@@ -313,8 +314,22 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], section: str, keys) -> 
     ]
 
 
-def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, fingerprint: str) -> None:
-    """Refuse to resume the run in ``folder`` with another model, data or recipe."""
+def _same_pixels(saved: Any, pairs: Callable[[], list[Pair]]) -> bool:
+    """Whether ``saved``, a fingerprint in the form the pipeline of mlseg before 2026-12-06
+    recorded (32 hex digits, of the images' pixels), is that of the training images now."""
+    return isinstance(saved, str) and len(saved) == 32 and saved == pixels_fingerprint(pairs())
+
+
+def _compatible(
+    folder: Path,
+    cfg: Config,
+    data: TrainData,
+    classes: int,
+    fingerprint: str,
+    pairs: Callable[[], list[Pair]],
+) -> None:
+    """Refuse to resume the run in ``folder`` with another model, data or recipe.
+    ``pairs`` lists the training pairs, read only for a fingerprint of an older mlseg."""
     meta = json.loads((folder / "meta.json").read_text())
     saved = json.loads((folder / "config.json").read_text())
     now = cfg.model_dump(mode="json")
@@ -331,8 +346,9 @@ def _compatible(folder: Path, cfg: Config, data: TrainData, classes: int, finger
     ):
         if meta.get(key) != value:
             problems.append(f"{key}: {meta.get(key)!r} -> {value!r}")
-    if meta.get("fingerprint_hash") not in (None, fingerprint):
-        problems.append(f"data fingerprint: {meta.get('fingerprint_hash')} -> {fingerprint}")
+    saved_fingerprint = meta.get("fingerprint_hash")
+    if saved_fingerprint not in (None, fingerprint) and not _same_pixels(saved_fingerprint, pairs):
+        problems.append(f"data fingerprint: {saved_fingerprint} -> {fingerprint}")
     # the same path may hold another lab's slide now: every image is normalised to it
     copy, reference = meta.get(REFERENCE_KEY), cfg.preprocess.stain_reference
     both = copy and reference is not None and (folder / copy).is_file() and reference.is_file()
@@ -557,7 +573,8 @@ def _start(
     out.mkdir(parents=True, exist_ok=True)
     state = None
     if resume and (out / "last.safetensors").is_file() and (out / "meta.json").is_file():
-        _compatible(out, cfg, data, classes, fingerprint)
+        pairs = functools.partial(list_pairs, data_root, "train", cfg.data)
+        _compatible(out, cfg, data, classes, fingerprint, pairs)
         state = load_train_state(out, "last")
     # built before --no-resume clears the earlier run: a model that cannot be built (a
     # depth its decoder lacks, weights this machine cannot fetch) must not cost that run

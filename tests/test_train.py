@@ -582,6 +582,31 @@ def test_data_changed_since_validation_is_refused(tmp_path) -> None:
     assert json.loads((run / "meta.json").read_text())["fingerprint_hash"] == current
 
 
+def test_a_run_of_the_pipeline_before_2026_12_06_resumes_on_its_own_data(tmp_path) -> None:
+    """That pipeline recorded validation's hash of the images' pixels (32 hex digits) as
+    the run's fingerprint_hash: after an upgrade every such run, on the very data it trained
+    on, was refused as 'data fingerprint: <32 digits> -> <16 digits>'."""
+    import hashlib
+
+    from mlseg.inventory import content_hash
+
+    root = _binary_dataset(tmp_path / "ds")
+    images = sorted((root / "train" / "original").glob("*.png"))
+    pixels = sorted(content_hash(read_image(p)) for p in images)
+    old_form = hashlib.sha256("\n".join(pixels).encode()).hexdigest()[:32]
+    run = tmp_path / "run"
+    fit(_cfg(max_steps=1), root, run, progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "fingerprint_hash": old_form}))
+    assert fit(_cfg(max_steps=2), root, run, progress=False).steps == 2
+    (run / "meta.json").write_text(json.dumps({**meta, "fingerprint_hash": old_form}))
+    image = read_image(images[0])
+    image[0, 0] = 0  # the data did change: still refused
+    write_image(images[0], image)
+    with pytest.raises(ResumeError, match=f"data fingerprint: {old_form} -> "):
+        fit(_cfg(max_steps=3), root, run, progress=False)
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup=10, total=110, floor=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
