@@ -11,7 +11,8 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
   detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew or
   redrew among mlseg's detections in QuPath). Beside cells or detections, an annotation that
-  holds the centres of two or more other objects, or is more than
+  holds the centres of two or more other objects (an object's centre: its own pixel nearest
+  its centroid), or is more than
   :data:`REGION_AREA_FACTOR` times the median object (or 4 times that the median cell or
   detection), is the region analysed; any other is a nucleus, and replaces the cells and
   detections whose centre it holds or that share half the smaller one's pixels with it (the
@@ -530,12 +531,11 @@ def _replaced(
 
 
 def _held(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> list[list[int]]:
-    """For each mask, the indices of the other masks whose centre pixel it holds (found on a
-    map of centres: linear in the pixels drawn)."""
+    """For each mask, the indices of the other masks whose centre pixel (:func:`_centre`) it
+    holds (found on a map of centres: linear in the pixels drawn)."""
     if len(masks) < 2:
         return [[] for _ in masks]
-    centres = np.array([np.argwhere(m).mean(axis=0) + (r0, c0) for r0, c0, m in masks])
-    centres = np.clip(np.round(centres).astype(np.int64), 0, np.array(shape) - 1)
+    centres = np.array([_centre(*m) for m in masks], dtype=np.int64)
     flat = centres[:, 0] * shape[1] + centres[:, 1]
     order = np.argsort(flat, kind="stable")
     ordered = flat[order]
@@ -550,6 +550,19 @@ def _held(masks: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> l
         inside = [int(j) for a, b in zip(low, high, strict=True) for j in order[a:b]]
         out.append(sorted(j for j in inside if j != k))
     return out
+
+
+def _centre(r0: int, c0: int, mask: np.ndarray) -> tuple[int, int]:
+    """``(row, col)`` in the image of the cropped mask's pixel at its centroid, or, where that
+    pixel is not its own (a crescent, a nucleus in two pieces), of its own pixel nearest the
+    centroid: a C-shaped detection's centroid lies in its hollow, where a pathologist draws
+    the nucleus the model missed, which then replaced (deleted) the detection it held."""
+    pixels = np.argwhere(mask)
+    centroid = pixels.mean(axis=0)
+    row, col = np.round(centroid).astype(np.int64)
+    if not mask[row, col]:
+        row, col = pixels[np.argmin(((pixels - centroid) ** 2).sum(axis=1))]
+    return int(row) + r0, int(col) + c0
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

@@ -195,6 +195,26 @@ def test_a_large_nucleus_drawn_over_a_small_detection_wins(tmp_path):
         assert "1 region annotations left out" in drawn.notes
 
 
+def test_a_nucleus_drawn_in_a_crescent_detections_hollow_keeps_the_crescent(tmp_path):
+    """Overlapping nuclei: the model found the one behind as a crescent and missed the one in
+    front, which a pathologist draws in the crescent's hollow. The crescent's centroid lies
+    in that hollow, so the drawing held its centre and replaced (deleted) it (review); an
+    object's centre is now its own pixel nearest its centroid."""
+    t = np.linspace(np.pi / 4, 7 * np.pi / 4, 40)  # three quarters of a ring, open right
+    outer = np.stack([20 + 12 * np.cos(t), 20 + 12 * np.sin(t)], axis=1)
+    inner = np.stack([20 + 8 * np.cos(t[::-1]), 20 + 8 * np.sin(t[::-1])], axis=1)
+    crescent = np.concatenate([outer, inner, outer[:1]]).tolist()
+    a = np.linspace(0, 2 * np.pi, 30)
+    missed = np.stack([18 + 5 * np.cos(a), 20 + 5 * np.sin(a)], axis=1).tolist()
+    features = [feature([crescent], kind="detection"), *_detections((35, 35, 39, 39))]
+    features.append(feature([missed], kind="annotation"))
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (40, 40))
+    assert drawn.labels.max() == 3
+    assert drawn.labels[20, 10] > 0  # the crescent's left side
+    assert drawn.labels[20, 18] > 0 and drawn.labels[20, 18] != drawn.labels[20, 10]
+    assert drawn.notes == []
+
+
 def test_one_outline_drawn_over_a_nucleus_split_in_two_merges_it(tmp_path):
     """The correction loop: the model split one nucleus into two detections and a pathologist
     draws its outline over both without deleting them. The drawing held two centres, so it
