@@ -11,15 +11,14 @@ file as an ``(H, W) int32`` label image (0 = background, nuclei 1..n in file ord
   (QuPath 0.2-0.3 scripts) or one feature. A cell's nucleus is its ``nucleusGeometry``; a
   detection's is its geometry; annotations are nuclei too (a nucleus a pathologist drew or
   redrew among mlseg's detections in QuPath). Beside cells or detections, an annotation that
-  holds the centres of two or more other objects (an object's centre: its own pixel nearest
-  its centroid), or is more than
-  :data:`REGION_AREA_FACTOR` times the median object (or 4 times that the median cell or
-  detection), is the region analysed; any other is a nucleus, and replaces the cells and
-  detections whose centre it holds or that share half the smaller one's pixels with it (the
-  outline it corrects, a small nucleus the model found under it), and keeps its pixels where
-  it overlaps one of the others. One that holds the centres of two or more detections (no
-  annotations), each with half its pixels inside it, that together cover
-  :data:`MERGE_MIN_COVER` of it, is a nucleus too: one the model split, drawn over its
+  holds the centres of two or more other, smaller objects (an object's centre: its own pixel
+  nearest its centroid), or is more than :data:`REGION_AREA_FACTOR` times the median object
+  (or 4 times that the median cell or detection), is the region analysed; any other is a
+  nucleus, and replaces the cells and detections whose centre it holds or that share half the
+  smaller one's pixels with it (the outline it corrects, a small nucleus the model found under
+  it), and keeps its pixels where it overlaps one of the others. One that holds the centres of
+  two or more detections (no annotations), each with half its pixels inside it, that together
+  cover :data:`MERGE_MIN_COVER` of it, is a nucleus too: one the model split, drawn over its
   pieces, which it replaces (a region drawn around nuclei is mostly background between
   them; one drawn within a pixel or two of touching nuclei reads as their merge). A type QuPath does not know is an annotation, as QuPath
   reads it. Tiles, TMA cores, points, lines and empty geometries are left out.
@@ -38,7 +37,7 @@ Coordinates are full-resolution pixels, origin at the image's top-left *corner* 
 convention, and that of :func:`mlseg.outputs.to_geojson`): a pixel belongs to a polygon when
 its centre lies inside it (even-odd rule, so holes are holes), so a mask exported as exact
 pixel-edge polygons comes back pixel for pixel. Where polygons overlap, a shared pixel goes to
-the one listed later. A polygon that encloses the centres of two or more others is a region
+the one listed later. A polygon that encloses the centres of two or more smaller others is a region
 drawn around nuclei, not a nucleus, and is left out (but for a merge among detections, above). An annotation drawn again (a later one
 over :data:`DUPLICATE_IOU` intersection over union with it) is left out, its later copy kept.
 What is left out is counted in
@@ -389,8 +388,11 @@ def _left_out(items: list[tuple[Shape, tuple]], shape: tuple[int, int], skipped:
     kept = [i for i in range(len(items)) if i not in duplicates | too_large]
     inside = _held([items[i][1] for i in kept], shape)  # by position in kept
     held = {i: [kept[k] for k in found] for i, found in zip(kept, inside, strict=True)}
-    around = {i for i, found in held.items() if len(found) >= REGION_MIN_ENCLOSED}
-    around -= _merges(items, areas, around, held)
+    # what an object is drawn around is smaller than it: a small region's centre that fell in
+    # a nucleus redrawn within it made the redrawing, and the detection under both, regions
+    smaller = {i: [j for j in found if areas[j] < areas[i]] for i, found in held.items()}
+    around = {i for i, found in smaller.items() if len(found) >= REGION_MIN_ENCLOSED}
+    around -= _merges(items, areas, around, smaller)
     analysed = too_large | {i for i in around if items[i][0].among_detections}
     nuclei = [i for i in kept if items[i][0].among_detections and i not in around]
     detections = {i for i in kept if items[i][0].detection and i not in around}

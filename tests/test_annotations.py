@@ -215,6 +215,26 @@ def test_a_nucleus_drawn_in_a_crescent_detections_hollow_keeps_the_crescent(tmp_
     assert drawn.notes == []
 
 
+def test_a_nucleus_redrawn_at_a_small_regions_centre_is_kept(tmp_path):
+    """A region drawn around a cluster of five nuclei, and the middle one redrawn: the
+    region's centre fell in the redrawing and in the detection under it, so each held two
+    centres and both were left out as regions, the nucleus lost (review). What an object is
+    drawn around is smaller than it: the redrawing replaces the detection."""
+    cluster = [(12, 12), (30, 12), (12, 30), (30, 30), (21, 21)]
+    features = _detections(*[(x, y, x + 6, y + 6) for x, y in cluster])
+    features += _detections((50, 50, 56, 56), (50, 5, 56, 11), (5, 50, 11, 56))
+    features.append(feature([square(9, 9, 39, 39)], kind="annotation"))  # the region
+    features.append(feature([square(20, 20, 28, 28)], kind="annotation"))  # the redrawing
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (60, 60))
+    assert drawn.labels.max() == 8
+    assert int((drawn.labels == drawn.labels[24, 24]).sum()) == 8 * 8
+    assert drawn.labels[10, 10] == 0  # the region is no nucleus
+    assert drawn.notes == [
+        "1 detections drawn again by hand left out",
+        "1 region annotations left out",
+    ]
+
+
 def test_one_outline_drawn_over_a_nucleus_split_in_two_merges_it(tmp_path):
     """The correction loop: the model split one nucleus into two detections and a pathologist
     draws its outline over both without deleting them. The drawing held two centres, so it
