@@ -72,6 +72,7 @@ from mlseg.io import (
     image_extension,
     image_stem,
     labels_suffix,
+    link_followed,
     match_stem,
     read_image,
     read_mask,
@@ -497,6 +498,7 @@ def ingest(
         raise DatasetError(
             f"{dst}: target lies inside the source {src}; choose a folder outside it"
         )
+    final = link_followed(dst)
     if pixel_size_um is not None:
         check_pixel_size(pixel_size_um, "--pixel-size")
     layout = detect_layout(src, cfg) if layout == "auto" else layout
@@ -513,7 +515,7 @@ def ingest(
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
 
-    staging = staging_dir(dst)
+    staging = staging_dir(final)
     try:
         init_dataset(staging, cfg, final=dst)
         rows, implausible = [], []
@@ -548,9 +550,9 @@ def ingest(
             )
         manifest = pd.DataFrame(rows).sort_values(["split", "stem"], ignore_index=True)
         write_table(manifest, staging / MANIFEST)
-        if dst.exists():
-            dst.rmdir()
-        os.replace(staging, dst)
+        if final.exists():
+            final.rmdir()
+        os.replace(staging, final)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         said = staged_write_error(err, staging, dst)

@@ -95,6 +95,24 @@ def staging_dir(final: str | os.PathLike) -> Path:
     return tmp
 
 
+def link_followed(path: str | os.PathLike) -> Path:
+    """The folder a new folder at ``path`` is renamed onto: ``path``, or the folder it links
+    to (a dataset kept on a larger disk through a link). A folder cannot be renamed onto a
+    link: ``mlseg synth``/``ingest`` to a link to an empty folder built the whole dataset,
+    then failed with 'not a directory'. A link to nothing (a share not mounted) raises
+    :class:`OutputError` naming it and its target, before any work."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = path.resolve()
+    if not target.exists():
+        raise OutputError(
+            f"{path}: a link to {os.readlink(path)}, which does not exist; create that folder "
+            "(or mount its share) or give another folder"
+        )
+    return target
+
+
 #: What :func:`written_together` names its staging folder after: ``.outputs.<8>.tmp``.
 WRITTEN_TOGETHER = "outputs"
 

@@ -630,7 +630,7 @@ def make_dataset(
     from tqdm.auto import tqdm
 
     from mlseg.dataset import init_dataset, split_dir
-    from mlseg.io import staging_dir, write_image, write_labels, write_table
+    from mlseg.io import link_followed, staging_dir, write_image, write_labels, write_table
 
     cfg = cfg or DataConfig()
     out = Path(out_dir)
@@ -654,7 +654,8 @@ def make_dataset(
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: folder is not empty; choose a new folder or empty this one")
-    tmp = staging_dir(out)
+    final = link_followed(out)
+    tmp = staging_dir(final)
     try:
         init_dataset(tmp, cfg, final=out)
         numbers = dict.fromkeys(kinds, 0)  # stems number on across splits: no stem repeats
@@ -683,9 +684,9 @@ def make_dataset(
                 }
             )
         write_table(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), tmp / "manifest.csv")
-        if out.exists():
-            out.rmdir()  # empty (checked above); a directory cannot be renamed over another
-        tmp.rename(out)
+        if final.exists():
+            final.rmdir()  # empty (checked above); a directory cannot be renamed over another
+        tmp.rename(final)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         said = staged_write_error(err, tmp, out)

@@ -551,6 +551,39 @@ def test_a_dataset_in_a_folder_one_cannot_write_is_named_not_its_temporary(
     assert ".tmp" not in err and "write elsewhere" in err
 
 
+@pytest.mark.parametrize("make", ["ingest", "synth"])
+def test_a_dataset_asked_for_through_a_link_goes_where_it_points(tmp_path, make, capsys):
+    """A link to an empty folder on a larger disk: the whole dataset was built, then the
+    rename onto the link failed ('error: data: not a directory'). A link to nothing (a share
+    not mounted) is refused, naming it and its target, before any work."""
+    from mlseg.cli import main
+
+    src = flat_source(tmp_path / "src")
+    big = tmp_path / "big"
+    big.mkdir()
+    link = tmp_path / "data"
+    link.symlink_to(big)
+
+    def argv(dst):
+        if make == "ingest":
+            return ["ingest", str(src), str(dst)]
+        return ["synth", str(dst), "--n-train", "1", "--n-test", "1", "--size", "32"]
+
+    assert main(argv(link)) == 0
+    assert link.is_symlink() and (big / "manifest.csv").is_file()
+    assert list_pairs(big, "train") and list_pairs(big, "test")
+    capsys.readouterr()
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "unmounted" / "data")
+    assert main(argv(gone)) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {gone}: a link to {tmp_path / 'unmounted' / 'data'}, which "), (
+        err
+    )
+    assert "does not exist" in err and ".tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "data", "gone", "src"]
+
+
 def test_a_pixel_size_table_saved_in_a_legacy_code_page_names_its_line_and_the_fix(tmp_path):
     """Excel's default "CSV" in Western Europe is Windows-1252: an image named ``Müller`` gave
     pandas' "'utf-8' codec can't decode byte 0xfc in position 23", with no line or remedy."""
