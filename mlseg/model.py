@@ -305,9 +305,18 @@ def _clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _unreadable(path: Path) -> ModelError:
+    """The error for a checkpoint file one may not read (a colleague's run, saved under
+    umask 077): it said 'the checkpoint is damaged', and the weights 'No such file or
+    directory' (safetensors' word for any file it cannot open), of a file ``ls`` shows."""
+    return ModelError(f"{path}: cannot be read (permission denied); make it readable (chmod a+r)")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise _unreadable(path) from None
     # ValueError: not JSON, or not UTF-8; RecursionError: nested too deep to be one of ours
     except (OSError, ValueError, RecursionError) as err:
         raise ModelError(
@@ -549,6 +558,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
+        try:
+            weights.open("rb").close()
+        except PermissionError:
+            raise _unreadable(weights) from None
         raise ModelError(f"{weights}: not a readable safetensors file ({err})") from None
     broken = nonfinite_tensors(state)
     if broken:  # such a model finds no nucleus anywhere, and says nothing

@@ -375,6 +375,40 @@ def test_a_checkpoint_with_an_unreadable_json_file_is_named_as_damaged(
         load_model(folder)
 
 
+@pytest.mark.parametrize("name", ["meta.json", "config.json", "best.safetensors"])
+def test_a_checkpoint_file_one_may_not_read_is_named_with_the_fix(
+    tmp_path, name, monkeypatch
+) -> None:
+    """A colleague's run saved under umask 077: its JSON read as 'the checkpoint is damaged'
+    and its weights as 'No such file or directory' (safetensors' word for any file it cannot
+    open), of files that ls shows."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    folder = _save(tmp_path / "model", build_model(SMALL, 3, 3)).parent
+    denied, path_open, load_file = folder / name, Path.open, safetensors.torch.load_file
+
+    def open_(self, *args, **kwargs):  # as for a user without read access (tests run as root)
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return path_open(self, *args, **kwargs)
+
+    def load(filename, *args, **kwargs):  # safetensors names no cause
+        if Path(filename) == denied:
+            raise FileNotFoundError(f"No such file or directory: {filename}")
+        return load_file(filename, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    monkeypatch.setattr(safetensors.torch, "load_file", load)
+    with pytest.raises(ModelError) as err:
+        load_model(folder)
+    assert (
+        str(err.value)
+        == f"{denied}: cannot be read (permission denied); make it readable (chmod a+r)"
+    )
+
+
 @pytest.mark.parametrize(("arch", "depth"), [("FPN", 3), ("FPN", 4), ("PSPNet", 5), ("PSPNet", 4)])
 def test_decoders_that_upsample_at_the_end_fit_the_input_at_any_depth(arch, depth) -> None:
     """FPN and PSPNet upsample by a factor made for their default depth: at another depth
