@@ -314,6 +314,12 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], section: str, keys) -> 
     ]
 
 
+def _missing(saved: dict[str, Any], now: dict[str, Any], section: str, keys) -> list[str]:
+    """``section.key: value`` of each key ``now`` has and the older ``saved`` config lacks."""
+    before = saved.get(section, {})
+    return [f"{section}.{key}: {now[section][key]!r}" for key in keys if key not in before]
+
+
 def _same_pixels(saved: Any, pairs: Callable[[], list[Pair]]) -> bool:
     """Whether ``saved``, a fingerprint in the form the pipeline of mlseg before 2026-12-06
     recorded (32 hex digits, of the images' pixels), is that of the training images now."""
@@ -333,12 +339,13 @@ def _compatible(
     meta = json.loads((folder / "meta.json").read_text())
     saved = json.loads((folder / "config.json").read_text())
     now = cfg.model_dump(mode="json")
-    problems = [
-        *_changed(saved, now, "train", [k for k in now["train"] if k not in RESUME_FREE]),
-        *_changed(saved, now, "augment", now["augment"]),
-        *_changed(saved, now, "preprocess", now["preprocess"]),
-        *_changed(saved, now, "data", ("val_fraction", "seed")),
-    ]
+    compared = (
+        ("train", [k for k in now["train"] if k not in RESUME_FREE]),
+        ("augment", now["augment"]),
+        ("preprocess", now["preprocess"]),
+        ("data", ("val_fraction", "seed")),
+    )
+    problems = [p for section, keys in compared for p in _changed(saved, now, section, keys)]
     for key, value in (
         ("target", data.target),
         ("classes", classes),
@@ -373,6 +380,17 @@ def _compatible(
             + "); give the settings it was trained with (its config.json), choose another "
             "output folder, or pass --no-resume (the flows' parameter resume=false) to start over",
             problems,
+        )
+    missing = [m for section, keys in compared for m in _missing(saved, now, section, keys)]
+    if missing:
+        # not a change by the run's own record, but the steps so far never had these
+        warnings.warn(
+            f"{folder}: its config.json, written by an older mlseg, lacks {len(missing)} "
+            f"setting(s) the remaining steps now train with ({'; '.join(missing)}), and "
+            "config.json will name them for the whole run; set the values that reproduce "
+            "the older mlseg in the config, or pass --no-resume (the flows' parameter "
+            "resume=false) to train every step alike",
+            stacklevel=4,  # fit's caller
         )
 
 

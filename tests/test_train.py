@@ -189,6 +189,23 @@ def test_the_weights_name_the_code_and_packages_they_were_trained_with(
     assert stretch["packages"]["segmentation-models-pytorch"] and stretch["packages"]["numpy"]
 
 
+def test_a_resume_of_a_config_saved_before_a_setting_existed_names_it(
+    synth_dataset, tmp_path
+) -> None:
+    """A run saved by an mlseg without augment.haematoxylin_gain_p (and without trained_on)
+    resumed silently with today's default (0.5), and config.json then said the whole run
+    had it: the missing key was no change to the resume check."""
+    fit(_cfg(max_steps=1), synth_dataset, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["augment"]["haematoxylin_gain_p"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["trained_on"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"lacks 1 setting.*augment.haematoxylin_gain_p: 0.5"):
+        assert fit(_cfg(max_steps=2), synth_dataset, tmp_path, progress=False).steps == 2
+
+
 def test_a_resume_on_another_release_names_only_the_package_that_changed(tmp_path) -> None:
     """A resume after one package's upgrade warned with both lists of twelve releases in
     full (827 characters), to be compared by eye; it names the one that changed."""
