@@ -498,13 +498,30 @@ def _own_files(config: Config, meta: dict[str, Any], folder: Path) -> Config:
     return config.model_copy(update={"preprocess": own})
 
 
+def _as_trained(config: dict[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (a config.json as read) with the value an older mlseg trained with where
+    it saved none: a Macenko run on IHC (meta.json's ``stain``) saved before
+    ``preprocess.ihc_dab`` existed put DAB in eosin's place alone, not today's default."""
+    pre = config.get("preprocess")
+    if (
+        isinstance(pre, dict)
+        and "ihc_dab" not in pre
+        and pre.get("stain_norm") == "macenko"
+        and meta.get("stain") == "ihc"
+    ):
+        return {**config, "preprocess": {**pre, "ihc_dab": "eosin"}}
+    return config
+
+
 def saved_config(folder: str | Path) -> Config:
     """The run :class:`~mlseg.config.Config` of a checkpoint folder as :func:`load_model`
     sees it (no weights read): ``preprocess.stain_reference`` is the folder's own copy where
-    it holds one, wherever the folder now is."""
+    it holds one, wherever the folder now is; a setting an older mlseg did not save takes
+    the value it trained with (:func:`_as_trained`)."""
     folder = Path(folder)
-    config = parse(Config, _read_json(folder / "config.json"), str(folder / "config.json"))
-    return _own_files(config, saved_meta(folder), folder)
+    meta = saved_meta(folder)
+    raw = _as_trained(_read_json(folder / "config.json"), meta)
+    return _own_files(parse(Config, raw, str(folder / "config.json")), meta, folder)
 
 
 def saved_meta(folder: str | Path) -> dict[str, Any]:
