@@ -624,6 +624,27 @@ def test_a_run_of_the_pipeline_before_2026_12_06_resumes_on_its_own_data(tmp_pat
         fit(_cfg(max_steps=3), root, run, progress=False)
 
 
+def test_the_readme_says_how_to_check_a_card_of_the_older_fingerprint_form(
+    tmp_path, capsys
+) -> None:
+    """The README said a rerun's fingerprint_hash must equal the card's; a card registered
+    by the pipeline before 2026-12-06 holds the pixels' hash (32 hex digits), which no rerun
+    writes. The command the README gives for it prints that hash of the data."""
+    import hashlib
+    from pathlib import Path
+
+    from mlseg.inventory import content_hash
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r'`python -c "(.*pixels_fingerprint.*)"`', readme)
+    root = _binary_dataset(tmp_path / "ds")
+    images = sorted((root / "train" / "original").glob("*.png"))
+    pixels = sorted(content_hash(read_image(p)) for p in images)
+    old_form = hashlib.sha256("\n".join(pixels).encode()).hexdigest()[:32]
+    exec(code.replace("'dataset'", repr(str(root))), {})  # noqa: S102 - the README's own line
+    assert capsys.readouterr().out.strip() == old_form
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup=10, total=110, floor=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
