@@ -246,6 +246,7 @@ def measure(
     need a 3-channel bright-field image. An image without nuclei gives an empty table with
     all columns. Rows are sorted by label.
     """
+    _check_profile(profile)
     labels = _checked_labels(labels)
     image = _checked_image(image, labels.shape)
     white = full_scale(image) if image is not None else 0  # refuses other dtypes
@@ -294,6 +295,19 @@ def _checked_labels(labels: np.ndarray) -> np.ndarray:
     if labels.size and np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
         raise ValueError("labels must be non-negative (0 = background)")
     return labels
+
+
+def _check_profile(profile: object) -> None:
+    """TypeError unless ``profile`` is a :class:`Profile` (a name such as ``"he"`` gave
+    ``'str' object has no attribute 'units'``); the caller looks a name up, as for
+    :func:`mlseg.segment.predict_labels`."""
+    if not isinstance(profile, Profile):
+        name = repr(profile) if isinstance(profile, str) else "name"
+        raise TypeError(
+            f"profile must be a mlseg.config.Profile, got {type(profile).__name__} "
+            f"{profile!r}; pass mlseg.config.get_profile({name}) (with your profiles file "
+            "as its second argument, if any)"
+        )
 
 
 def _checked_image(image: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -754,6 +768,7 @@ def summarize(
     (1 x %1+ + 2 x %2+ + 3 x %3+, 0-300), both ``None`` where DAB was not measured (no
     image). Statistics of an empty table, its class percentages included, are ``None``.
     """
+    _check_profile(profile)
     px = effective_pixel_size(profile, pixel_size_um)
     length, area = unit_suffixes(px)
     height, width = labels_shape

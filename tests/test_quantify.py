@@ -111,6 +111,16 @@ def test_microns_and_pixels_columns():
         measure(labels, None, HE.model_copy(update={"units": "um"}), pixel_size_um=None)
 
 
+def test_a_profile_name_in_place_of_a_profile_is_a_clear_type_error():
+    # measure(..., "he") ended in "'str' object has no attribute 'units'"
+    labels = ellipse_mask((20, 20), 10, 10, 5, 4).astype(np.int32)
+    with pytest.raises(TypeError, match=r"got str 'he'; pass mlseg.config.get_profile\('he'\)"):
+        measure(labels, None, "he", pixel_size_um=None)
+    table = measure(labels, None, HE, pixel_size_um=None)
+    with pytest.raises(TypeError, match="must be a mlseg.config.Profile"):
+        summarize(table, labels.shape, "he", None, None)
+
+
 def test_empty_labels_give_empty_table_with_columns():
     labels = np.zeros((32, 32), np.int32)
     image = np.full((32, 32, 3), 255, np.uint8)
