@@ -473,15 +473,24 @@ def normalize(
 ) -> np.ndarray:
     """The model input for one (already rescaled) image.
 
-    ``(H, W, C)`` uint8/uint16 -> ``(H, W, C')`` float32, where ``C' = channels`` if given
-    (grey repeated to RGB or RGB averaged to grey first; fluorescence of one channel shown
-    in colour taken as grey, :func:`one_channel_as_grey`) else ``C``. Steps, in order and
-    each only if configured: stain normalisation (``stain`` "he"/"ihc" RGB images only; an
-    image with too little stain for :func:`macenko_stains`, such as blank glass, is left
-    as it is by Reinhard's as by Macenko's), histogram alignment, intensity normalisation.
-    With nothing configured the result is the image scaled to [0, 1]. ``stains``: see
-    :func:`macenko`.
+    ``(H, W, C)`` uint8/uint16, or float already in [0, 1] -> ``(H, W, C')`` float32, where
+    ``C' = channels`` if given (grey repeated to RGB or RGB averaged to grey first;
+    fluorescence of one channel shown in colour taken as grey, :func:`one_channel_as_grey`)
+    else ``C``. Steps, in order and each only if configured: stain normalisation (``stain``
+    "he"/"ihc" RGB images only; an image with too little stain for :func:`macenko_stains`,
+    such as blank glass, is left as it is by Reinhard's as by Macenko's), histogram
+    alignment, intensity normalisation. With nothing configured the result is a uint8/uint16
+    image scaled to [0, 1] (by :func:`mlseg.io.full_scale`) and a float image as it is: one
+    of 0-255 is not scaled (:func:`mlseg.segment.image_array` refuses it before inference).
+    Other integer types (int32, int64) raise ValueError: they passed through unscaled.
+    ``stains``: see :func:`macenko`.
     """
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.integer) and image.dtype.type not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"expected a uint8 or uint16 image (or float in [0, 1]), got {image.dtype}; convert "
+            "it, e.g. image.astype(np.uint8) where it holds 0-255"
+        )
     x = _hwc(to_float(image))
     if channels is not None:
         if stain == "fluorescence":

@@ -308,6 +308,17 @@ def test_normalize_default_and_channels() -> None:
     assert np.allclose(np.percentile(out, 1, axis=(0, 1)), 0, atol=1e-5)
 
 
+def test_normalize_refuses_integer_types_it_would_not_scale() -> None:
+    """An int32/int64 image (0-255) came out of normalize as 0-255, though its docstring
+    said the result is scaled to [0, 1]; a float one in [0, 1] is taken as it is."""
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3))
+    for dtype in (np.int32, np.int64):
+        with pytest.raises(ValueError, match=r"got int(32|64); convert it.*astype\(np.uint8\)"):
+            normalize(img.astype(dtype), PreprocessConfig())
+    as_float = normalize((img / 255.0).astype(np.float32), PreprocessConfig())
+    assert np.allclose(as_float, normalize(img.astype(np.uint8), PreprocessConfig()))
+
+
 @pytest.mark.parametrize("colour", [(0, 0, 1), (0, 1, 1), (1, 1, 1)], ids=["blue", "cyan", "grey"])
 @pytest.mark.parametrize("intensity_norm", ["none", "percentile"])
 def test_a_dapi_image_shown_in_a_colour_is_the_model_input_of_its_grey_file(
