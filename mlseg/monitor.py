@@ -730,12 +730,24 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
 
     A CSV that a spreadsheet saved again is read as such (:func:`mlseg.dataset.read_resaved_csv`):
     read as commas, its rows became one column, and the next run's append rewrote the
-    history garbled."""
+    history garbled. A file that cannot be read as its suffix says raises
+    :class:`DatasetError` naming it."""
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame()
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        from pyarrow import ArrowException
+
+        try:
+            return pd.read_parquet(path)
+        except PermissionError:
+            raise
+        except (ArrowException, OSError) as err:  # damaged: ArrowInvalid, or OSError (thrift)
+            # pyarrow's words after "Could not open Parquet input source '<path>': "
+            said = str(err).split("': ", 1)[-1].strip()
+            raise DatasetError(
+                f"{path}: cannot be read as Parquet ({said}); fix or remove it"
+            ) from err
     from mlseg.dataset import read_resaved_csv
 
     return read_resaved_csv(path)

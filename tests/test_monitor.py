@@ -556,6 +556,23 @@ def test_an_emptied_history_is_named_not_a_traceback(tmp_path) -> None:
         monitor.append_history(history, monitor.run_metrics([5], [11.0], 1.0, run_id="r2"))
 
 
+def test_a_damaged_parquet_history_is_named_as_a_damaged_csv_one_is(tmp_path) -> None:
+    """A history.parquet cut short (a full disk, a copy interrupted) ended in pyarrow's
+    'ArrowInvalid: ... Parquet magic bytes not found' traceback, where a damaged CSV
+    history is a DatasetError naming the file and the fix; the file is left as it was."""
+    from mlseg.errors import DatasetError
+
+    history = tmp_path / "history.parquet"
+    monitor.append_history(history, monitor.run_metrics([3, 4], [10.5], 2.0, run_id="r1"))
+    damaged = history.read_bytes()[:40]
+    history.write_bytes(damaged)
+    with pytest.raises(DatasetError, match=r"history\.parquet: cannot be read as Parquet \("):
+        monitor.read_history(history)
+    with pytest.raises(DatasetError, match="fix or remove it"):
+        monitor.append_history(history, monitor.run_metrics([5], [11.0], 1.0, run_id="r2"))
+    assert history.read_bytes() == damaged
+
+
 def test_a_row_of_a_run_already_in_the_history_replaces_it(tmp_path) -> None:
     """A retried run whose failed attempt wrote its row is one run: one row, the last."""
     history = tmp_path / "history.csv"
