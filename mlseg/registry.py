@@ -351,6 +351,17 @@ def _load(fs, root: str, name: str, version: int) -> ModelVersion:
         for entry in fs.ls(f"{base}/evaluations", detail=False):
             if entry.endswith(".json"):
                 record = _read_json(fs, entry)
+                # a record cut short or edited by hand ended `mlseg models list` in KeyError
+                if not (
+                    isinstance(record, dict)
+                    and isinstance(record.get("eval_set_id"), str)
+                    and isinstance(record.get("metrics"), dict)
+                ):
+                    raise RegistryError(
+                        f"{_uri(fs, entry)}: not an evaluation record (a JSON object with "
+                        "eval_set_id and metrics); the file was damaged or edited by hand: "
+                        "remove it, and evaluate the model on that set again"
+                    )
                 evaluations[record["eval_set_id"]] = record["metrics"]
     _check_card(card, name, version, _uri(fs, base))
     card["uri"] = _uri(fs, base)

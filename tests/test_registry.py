@@ -494,6 +494,32 @@ def test_a_damaged_card_is_named_in_one_line_not_a_traceback(tmp_path: Path, con
     assert reg.show(registry, "nuclei", 1).version == 1  # the other versions still serve
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"metrics": {"aji": 0.7}},
+        {"eval_set_id": "setB"},
+        [1],
+        {"eval_set_id": "setB", "metrics": 1},
+    ],
+    ids=["no-eval-set-id", "no-metrics", "a-list", "metrics-no-mapping"],
+)
+def test_a_damaged_evaluation_record_is_named_not_a_key_error(tmp_path: Path, record) -> None:
+    """An evaluations/<set>.json without eval_set_id (cut short, edited by hand) ended
+    list_models, and so `mlseg models list`, in a bare KeyError: 'eval_set_id'; it is a
+    RegistryError naming the file, as for a damaged card."""
+    registry = tmp_path / "registry"
+    version = _register(tmp_path, registry, 0.8)
+    reg.record_evaluation(registry, "nuclei", 1, "setB", {"aji": 0.7})
+    path = Path(version.uri) / "evaluations" / "setB.json"
+    path.write_text(json.dumps(record))
+    for call in (lambda: reg.list_models(registry), lambda: reg.show(registry, "nuclei", 1)):
+        with pytest.raises(
+            reg.RegistryError, match=r"v1/evaluations/setB\.json: not an evaluation"
+        ):
+            call()
+
+
 @pytest.mark.parametrize("pointer", [b'{"Version": 1}', b"[1]", b'{"version": "one"}'])
 def test_a_production_pointer_naming_no_version_is_named_and_promote_repairs_it(
     tmp_path: Path, pointer: bytes
