@@ -798,9 +798,17 @@ def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` RGB uint8/uint16 atomically (PNG/TIFF/JPEG).
     An array a PNG or JPEG would not hold as given (float, or integers outside 0-255 of
-    another dtype; uint16 above 255 in a JPEG, which holds 8 bits) raises ``ValueError``."""
+    another dtype; uint16 above 255 in a JPEG, which holds 8 bits) raises ``ValueError``,
+    and so does an empty one (0 rows or columns)."""
     path = Path(path)
     arr = np.asarray(array)
+    if arr.ndim >= 2 and 0 in arr.shape[:2]:
+        # OpenCV's imencode raised a bare cv2.error (!_img.empty()), tifffile wrote a
+        # nonconformant TIFF
+        raise ValueError(
+            f"{path}: the image is empty (shape {arr.shape}), nothing to write; check the "
+            "crop or slice that made it"
+        )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     tiff = path.suffix.lower() in TIFF_EXTENSIONS

@@ -502,6 +502,22 @@ def test_write_image_never_leaves_a_short_file_when_the_disk_fills(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "name, shape",
+    [("e.png", (0, 5)), ("e.jpg", (5, 0, 3)), ("e.tif", (0, 5)), ("e_mask.png", (0, 0))],
+)
+def test_an_empty_array_is_refused_naming_the_file(tmp_path, name, shape):
+    """A 0 x N array ended in OpenCV's bare 'cv2.error: (-215:Assertion failed)
+    !_img.empty() in function imencode' (a TIFF: a nonconformant file); it is a ValueError
+    naming the file, nothing written."""
+    with pytest.raises(ValueError, match=rf"{name}: the image is empty \(shape"):
+        write_image(tmp_path / name, np.zeros(shape, np.uint8))
+    if not name.endswith(".jpg"):  # labels are written lossless only
+        with pytest.raises(ValueError, match=rf"{name}: the image is empty"):
+            write_labels(tmp_path / name, np.zeros(shape[:2], np.int32))
+    assert list(tmp_path.iterdir()) == []
+
+
 @contextlib.contextmanager
 def file_size_limit(limit: int):
     """Writes beyond ``limit`` bytes fail (EFBIG), as ``ulimit -f`` makes them: a disk that
