@@ -676,6 +676,18 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
+def read_yaml_values(text: str, source: str) -> Any:
+    """``text`` (one line: ``--param``'s values) read as a config file's values are: a
+    number with a leading zero is refused, as :class:`_Loader` does (plain YAML read
+    ``train.seed=0123`` as 83). :class:`ConfigError` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # nosec B506: _Loader is a SafeLoader
+    except _Refused as err:
+        raise ConfigError(f"{source}: {str(err).removeprefix('line 1: ')}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: values are not YAML ({err})") from None
+
+
 def _read_yaml(path: Path) -> Any:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a config file; give a YAML config file")

@@ -149,6 +149,19 @@ def test_param_values_may_be_lists_and_a_null_winner_is_written_as_null() -> Non
         _parse_space(["train.lr=[1,"])
 
 
+def test_param_values_with_a_leading_zero_are_refused_as_in_a_config_file() -> None:
+    """--param train.seed=0123 was read by plain YAML as the octal 83 and searched so,
+    where a config file's train.seed: 0123 is refused; both are refused alike now."""
+    from mlseg.cli.train import _parse_space
+
+    with pytest.raises(
+        ConfigError,
+        match=r"--param 'train.seed=0123,7': YAML reads 0123 as the octal number 83; leave out",
+    ):
+        _parse_space(["train.seed=0123,7"])
+    assert _parse_space(["train.seed=123,0"]) == {"train.seed": [123, 0]}
+
+
 def test_values_typed_on_the_command_line_are_searched_as_the_config_reads_them(
     synth_dataset, tmp_path, monkeypatch
 ):

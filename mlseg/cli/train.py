@@ -168,7 +168,7 @@ def evaluate(
 
 
 def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
-    import yaml
+    from mlseg.config import read_yaml_values
 
     space: dict[str, list[Any]] = {}
     for item in params:
@@ -177,10 +177,8 @@ def _parse_space(params: list[str]) -> dict[str, list[Any]] | None:
             raise ConfigError(
                 f"--param {item!r}: expected section.field=v1,v2 (e.g. train.lr=1e-4,1e-3)"
             )
-        try:  # one YAML flow list, so a value may be a list itself: stain_tta=[1.0,1.5],[1.0]
-            parsed = yaml.safe_load(f"[{values}]")
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--param {item!r}: values are not YAML ({err})") from None
+        # one YAML flow list, so a value may be a list itself: stain_tta=[1.0,1.5],[1.0]
+        parsed = read_yaml_values(f"[{values}]", f"--param {item!r}")
         if key.strip() in space:  # the first list would be dropped without a word
             raise ConfigError(
                 f"--param {key.strip()} is given twice; list all its values in one: "
