@@ -620,9 +620,24 @@ def _format_error(err: ValidationError, source: str, model: type[BaseModel]) -> 
                 f"{source}: bad value for '{key}': got {item['input']}; give a finite number "
                 "(the config.json saved beside the weights holds no infinity or NaN)"
             )
+        elif item["type"] == "int_parsing" and _whole_number(item["input"]) is not None:
+            # YAML reads 1e3 (no dot, no exponent sign) as text, which no integer parses
+            lines.append(
+                f"{source}: bad value for '{key}': {item['input']} was read as text, not a "
+                f"number; write {_whole_number(item['input'])}"
+            )
         else:
             lines.append(f"{source}: bad value for '{key}': {item['msg']}")
     return "\n".join(lines)
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value``'s whole number where it is text that reads as one (``"1e3"``: 1000)."""
+    try:
+        number = float(value) if isinstance(value, str) else float("nan")
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 class _Refused(yaml.YAMLError):

@@ -275,6 +275,20 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
         load_config(path)
 
 
+def test_a_whole_number_in_exponent_form_is_named_as_read_as_text(tmp_path):
+    """YAML 1.1 reads 1e3 (no dot, no exponent sign) as text: `max_steps: 1e3` was
+    refused as 'unable to parse string as an integer', which the 1e3 written does not
+    explain; the message says it was read as text and what to write."""
+    path = write(tmp_path / "c.yaml", "train:\n  max_steps: 1e3\n")
+    with pytest.raises(
+        ConfigError, match=r"'train.max_steps': 1e3 was read as text, not a number; write 1000$"
+    ):
+        load_config(path)
+    path = write(tmp_path / "c.yaml", "train:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match="unable to parse string as an integer"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("stain", ["", "stain: he, ", "stain: ihc, "])
 def test_a_bright_field_profile_of_other_than_three_channels_is_refused(tmp_path, stain):
     """A lab's DAPI profile of channels: 1 that left out `stain` was taken as H&E: its images
