@@ -134,6 +134,15 @@ def cannot_write(
     return said
 
 
+def os_error_line(err: OSError) -> str:
+    """``err`` (an ``OSError`` naming a file) in one line: the file or files, the cause and,
+    for a folder where a file must be (read or written), the fix; a bare 'is a directory'
+    said nothing of what to do."""
+    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    said = f"{where}: {(err.strerror or str(err)).lower()}"
+    return f"{said}; {_WRITE_HINTS[errno.EISDIR]}" if err.errno == errno.EISDIR else said
+
+
 @contextlib.contextmanager
 def writes_named(path: str | os.PathLike, hint: str | None = None):
     """Raise an ``OSError`` from the block as :func:`cannot_write`'s error for ``path`` (the

@@ -45,6 +45,24 @@ def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_folder_where_an_output_file_must_go_is_named_with_the_fix(tmp_path, capsys):
+    """A folder named summary.csv in the output folder ended `mlseg quantify` in 'error:
+    <path>: is a directory', which said nothing of what to do."""
+    from mlseg.io import write_labels
+
+    write_image(tmp_path / "images" / "a.png", np.full((16, 16, 3), 200, np.uint8))
+    labels = np.zeros((16, 16), np.int32)
+    labels[4:9, 4:9] = 1
+    write_labels(tmp_path / "masks" / "a_mask.png", labels)
+    (tmp_path / "out" / "summary.csv").mkdir(parents=True)
+    args = [str(tmp_path / "masks"), str(tmp_path / "images"), str(tmp_path / "out")]
+    assert main(["quantify", *args, "--profile", "he"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'out' / 'summary.csv'}: is a directory; ")
+    assert err.endswith("a folder of that name is in the way: move it")
+    assert len(err.splitlines()) == 1
+
+
 def test_unknown_config_key_exit_code(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  mask_sufix: _m\n")

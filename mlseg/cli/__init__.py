@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from mlseg.errors import MlsegError, missing_package, route_stop_signals
+from mlseg.errors import MlsegError, missing_package, os_error_line, route_stop_signals
 
 app = typer.Typer(
     name="mlseg",
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a file mlseg writes outside the atomic writers (which say OutputError): the disk
         # filled, the folder turned read-only: one line, as for any other error
-        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-        print(f"error: {where}: {(err.strerror or str(err)).lower()}", file=sys.stderr)
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         if not isinstance(err, _usage_errors()):
