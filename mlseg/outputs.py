@@ -31,8 +31,10 @@ from file* or by dragging the file onto the image.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -567,6 +569,10 @@ def write_image_outputs(
     # pass for that run's if this one stopped half-way (image_done). It is set aside, not
     # deleted, until this one's is in place: a redo that failed (disk full) lost the time the
     # image was new (first_finished_at), and the next run dated it now
+    if record.is_dir() and not record.is_symlink():
+        # set aside, a folder of that name was hidden under a name the user never gave
+        with writes_named(record):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(record))
     with contextlib.suppress(FileNotFoundError):
         record.replace(earlier)
     n = int(labels.max(initial=0))

@@ -291,6 +291,22 @@ def test_write_image_outputs_and_done_marker(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_a_folder_named_as_an_images_record_is_refused_not_hidden(tmp_path):
+    """A folder img1.json in the output folder was set aside as the redo's earlier record:
+    renamed to the hidden .img1.earlier.json, contents and all, and the run then failed
+    naming that hidden name."""
+    from mlseg.errors import OutputError
+
+    (tmp_path / "img1.json").mkdir()
+    (tmp_path / "img1.json" / "notes.txt").write_text("kept")
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    with pytest.raises(OutputError, match=r"img1\.json: cannot be written .*in the way: move it"):
+        _outputs(tmp_path, labels, image)
+    assert (tmp_path / "img1.json" / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / ".img1.earlier.json").exists()
+
+
 def test_a_rerun_past_65535_nuclei_leaves_one_label_file(tmp_path):
     """Redone with ids past 65535 (a new mask, another model), an image's labels go to
     img1_labels.tif: the first run's img1_labels.png, with other nuclei than the tables,
