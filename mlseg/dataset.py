@@ -35,7 +35,7 @@ import pandas as pd
 
 from mlseg.annotations import annotation_stem, is_annotation_file
 from mlseg.config import DataConfig
-from mlseg.errors import ConfigError, DatasetError, not_a_folder, some_of
+from mlseg.errors import ConfigError, DatasetError, not_a_folder, some_of, writes_named
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     OTHER_IMAGE_EXTENSIONS,
@@ -207,9 +207,10 @@ def init_dataset(
         raise DatasetError(f"{root}: a file, not a folder; give a new folder for the dataset")
     if root.exists() and any(root.iterdir()):
         raise DatasetError(f"{root}: folder is not empty; choose a new folder or empty this one")
-    for split in SPLITS:
-        for sub in (cfg.image_dir, cfg.mask_dir):
-            (split_dir(root, cfg, split) / sub).mkdir(parents=True, exist_ok=True)
+    with writes_named(root):  # 'file exists' alone of a link to a share not mounted
+        for split in SPLITS:
+            for sub in (cfg.image_dir, cfg.mask_dir):
+                (split_dir(root, cfg, split) / sub).mkdir(parents=True, exist_ok=True)
     write_text(
         root / "README.md",
         DATASET_README.format(

@@ -124,6 +124,11 @@ def cannot_write(
     not be written because of ``err``; None where the cause is not one a person fixes (an
     I/O error or time-out of a network file system, which the flows retry as it is).
     ``hint``: what to do, where the caller knows better than the cause's usual advice."""
+    if err.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+        said = dangling_link(path)
+        if said is not None:
+            said.cause = err
+            return said
     usual = _WRITE_HINTS.get(err.errno)
     if usual is None:
         return None
@@ -141,6 +146,24 @@ def os_error_line(err: OSError) -> str:
     where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
     said = f"{where}: {(err.strerror or str(err)).lower()}"
     return f"{said}; {_WRITE_HINTS[errno.EISDIR]}" if err.errno == errno.EISDIR else said
+
+
+def dangling_link(path: str | os.PathLike) -> OutputError | None:
+    """The error for ``path`` where it, or a folder above it, is a link to nothing (an output
+    folder on a network share not mounted): naming the link, its target and the fix; None
+    where there is no such link. Without it, ``mkdir`` on the link said 'file exists' and
+    the output 'a file is in the way where a folder is needed: move it', of a path the user
+    never gave ('out/validation/outputs')."""
+    path = Path(path)
+    for link in (path, *path.parents):
+        if os.path.islink(link) and not os.path.exists(link):
+            said = OutputError(
+                f"{link}: a link to {os.readlink(link)}, which does not exist; create that "
+                "folder (or mount its share) or give another folder"
+            )
+            said.path = os.fspath(link)
+            return said
+    return None
 
 
 @contextlib.contextmanager

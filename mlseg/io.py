@@ -33,6 +33,7 @@ from mlseg.errors import (
     MlsegError,
     OutputError,
     cannot_write,
+    dangling_link,
     staged_write_error,
     writes_named,
 )
@@ -104,13 +105,10 @@ def link_followed(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_symlink():
         return path
-    target = path.resolve()
-    if not target.exists():
-        raise OutputError(
-            f"{path}: a link to {os.readlink(path)}, which does not exist; create that folder "
-            "(or mount its share) or give another folder"
-        )
-    return target
+    said = dangling_link(path)
+    if said is not None:
+        raise said
+    return path.resolve()
 
 
 #: What :func:`written_together` names its staging folder after: ``.outputs.<8>.tmp``.

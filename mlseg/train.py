@@ -48,7 +48,14 @@ from torch import nn
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, effective_preprocess, prepare_data
 from mlseg.dataset import Pair, list_pairs, pixels_fingerprint, read_resaved_csv
-from mlseg.errors import ConfigError, DatasetError, ResumeError, TrainingDiverged, some_of
+from mlseg.errors import (
+    ConfigError,
+    DatasetError,
+    ResumeError,
+    TrainingDiverged,
+    some_of,
+    writes_named,
+)
 from mlseg.io import read_image, write_table, write_text
 from mlseg.model import (
     REFERENCE_KEY,
@@ -588,7 +595,8 @@ def _start(
             "train": tc.model_copy(update={"target": data.target}),
         }
     )
-    out.mkdir(parents=True, exist_ok=True)
+    with writes_named(out):  # a link to a share not mounted said 'file exists' alone
+        out.mkdir(parents=True, exist_ok=True)
     state = None
     if resume and (out / "last.safetensors").is_file() and (out / "meta.json").is_file():
         pairs = functools.partial(list_pairs, data_root, "train", cfg.data)

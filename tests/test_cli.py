@@ -63,6 +63,42 @@ def test_a_folder_where_an_output_file_must_go_is_named_with_the_fix(tmp_path, c
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["init", "quantify", "validate", "train", "train-unvalidated"])
+def test_an_output_folder_linked_to_a_share_not_mounted_names_the_link(
+    command, tmp_path, synth_dataset, capsys
+):
+    """An output folder that is a link to nothing (a network share not mounted) is named with
+    its target and the fix; segment and quantify said 'a file is in the way where a folder is needed: move
+    it', validate named 'out/outputs', train 'out/validation/outputs', init 'file exists'."""
+    from mlseg.io import write_labels
+
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "share")
+    if command == "quantify":  # writes as segment does (outputs.writing_to)
+        write_image(tmp_path / "images" / "a.png", np.full((16, 16, 3), 200, np.uint8))
+        labels = np.zeros((16, 16), np.int32)
+        labels[4:9, 4:9] = 1
+        write_labels(tmp_path / "labels" / "a_mask.png", labels)
+        argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), str(out)]
+        argv += ["--profile", "he"]
+    elif command.startswith("train"):
+        config = tmp_path / "run.yaml"
+        config.write_text("train: {max_steps: 1}\n")
+        argv = ["train", str(config), "--data", str(synth_dataset), "--out", str(out)]
+        argv += ["--no-validate"] if command == "train-unvalidated" else []
+    elif command == "validate":
+        argv = ["validate", str(synth_dataset), "--out", str(out)]
+    else:
+        argv = ["init", str(out)]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: {out}: a link to {tmp_path / 'share'}, which does not exist; create that "
+        "folder (or mount its share) or give another folder"
+    )
+    assert not (tmp_path / "share").exists()
+
+
 def test_unknown_config_key_exit_code(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  mask_sufix: _m\n")
