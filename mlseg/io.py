@@ -138,22 +138,28 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
 def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:
     """Move ``paths`` into ``out_dir``, each file they replace kept in ``previous`` (see
     :func:`_keep`) until all are in place; where one cannot be moved, those moved before it
-    are put back, so a file held open on a share (EBUSY) leaves the previous set whole."""
+    are put back, so a file held open on a share (EBUSY) leaves the previous set whole. A
+    file that cannot be replaced (immutable, or another's in a sticky folder) is named: the
+    error named ``out_dir``, a folder one may write to."""
     previous.mkdir()
     moved: list[tuple[Path, Path | None]] = []
+    target = out_dir
     try:
         for path in paths:
             target = out_dir / path.name
             moved.append((target, _keep(target, previous / path.name)))
             path.replace(target)
-    except BaseException:
-        for target, kept in reversed(moved):
+    except BaseException as err:
+        for done, kept in reversed(moved):
             with contextlib.suppress(OSError):
                 if kept is None:
-                    target.unlink()
+                    done.unlink()
                 else:
-                    kept.replace(target)
-        raise
+                    kept.replace(done)
+        said = cannot_write(target, err) if isinstance(err, OSError) else None
+        if said is None:
+            raise
+        raise said from err
 
 
 def _keep(target: Path, kept: Path) -> Path | None:

@@ -799,6 +799,35 @@ def _no_link_no_room(monkeypatch) -> None:
     monkeypatch.setattr("shutil.copy2", no_room)
 
 
+def test_a_file_of_a_set_written_together_that_cannot_be_replaced_is_named(
+    tmp_path, monkeypatch
+) -> None:
+    """A summary.csv one may not replace (chattr +i, or another's in a sticky-bit folder)
+    made a segment rerun say 'out: cannot be written (operation not permitted); make the
+    folder writable', of a folder that is writable; the error names the file, and the
+    previous set stays whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ("run.json", "summary.csv")
+    for name in names:
+        (out / name).write_text("previous")
+    replace = Path.replace
+
+    def immutable(self, target):
+        if Path(target) == out / "summary.csv":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self), None, target)
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", immutable)
+    with (
+        pytest.raises(OutputError, match=r"out/summary\.csv: cannot be written \(operation not"),
+        written_together(out) as staging,
+    ):
+        for name in names:
+            (staging / name).write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(names, "previous")
+
+
 def test_a_set_written_together_replaces_the_previous_without_links_or_room_for_a_copy(
     tmp_path, monkeypatch
 ) -> None:
