@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import unicodedata
 import warnings
 from collections.abc import Container, Iterator
@@ -122,6 +123,9 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     fails, the set written before left whole. A failure a person fixes (disk full) raises
     :class:`OutputError` naming ``out_dir``, not the hidden folder."""
     out_dir = Path(out_dir)
+    # a run killed here left its staging folder (copies of tables, images) in evaluate's,
+    # tune's, validate's and monitor's folders for good: only segment's removed them
+    remove_leftovers(out_dir)
     staging = staging_dir(out_dir / WRITTEN_TOGETHER)
     try:
         yield staging
@@ -200,6 +204,23 @@ def atomic_leftovers(folder: str | os.PathLike) -> list[Path]:
         if (ATOMIC_TMP_NAME.fullmatch(p.name) and p.is_file())
         or (WRITTEN_TOGETHER_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
     ]
+
+
+#: Seconds after its last write that a temporary in an output folder counts as a killed run's.
+LEFTOVER_AGE_S = 600
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """Remove the :func:`atomic_leftovers` of ``folder`` untouched for :data:`LEFTOVER_AGE_S`:
+    a killed run's, not those of a writer at work (even one outside the run's lock: a flow's
+    history.csv given in the folder is written after the run lets it go)."""
+    for leftover in atomic_leftovers(folder):
+        with contextlib.suppress(OSError):  # gone, or another's to remove
+            if time.time() - leftover.stat().st_mtime > LEFTOVER_AGE_S:
+                if leftover.is_dir():  # a set of files written together
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
 
 
 @contextlib.contextmanager

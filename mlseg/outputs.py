@@ -35,7 +35,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,9 +45,9 @@ import pandas as pd
 
 from mlseg.errors import writes_named
 from mlseg.io import (
-    atomic_leftovers,
     atomic_path,
     labels_suffix,
+    remove_leftovers,
     write_image,
     write_labels,
     write_table,
@@ -504,8 +503,6 @@ def tag_table(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
 #: Held in an output folder by the run writing into it (:func:`writing_to`); hidden, so never
 #: read as an image.
 RUN_LOCK = ".mlseg.lock"
-#: Seconds after its last write that a temporary in an output folder counts as a killed run's.
-LEFTOVER_AGE_S = 600
 
 
 @contextlib.contextmanager
@@ -517,9 +514,9 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
     another pixel size) wrote one image's files in turn, and left ``<stem>.json`` naming one
     run's settings beside tables measured at the other's, which every rerun then skipped as
     done. The lock ends with its process, so a killed run holds nothing; the temporaries of
-    the files it was writing (:func:`mlseg.io.atomic_leftovers`), a table of a large image's
+    the files it was writing (:func:`mlseg.io.remove_leftovers`), a table of a large image's
     nuclei among them, and the staging folder of the run's record (the all-nuclei table), are
-    removed as a later run takes the folder, once :data:`LEFTOVER_AGE_S` old."""
+    removed as a later run takes the folder, once :data:`mlseg.io.LEFTOVER_AGE_S` old."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
@@ -535,15 +532,7 @@ def writing_to(out_dir: str | Path) -> Iterator[Path]:
             )
             lock.acquire()
     try:
-        for leftover in atomic_leftovers(out_dir):
-            # untouched for 10 minutes: no writer's, even one outside the lock (a flow's
-            # history.csv given in the folder is written after the run lets it go)
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - leftover.stat().st_mtime > LEFTOVER_AGE_S:
-                    if leftover.is_dir():  # a run record's four files, written together
-                        shutil.rmtree(leftover, ignore_errors=True)
-                    else:
-                        leftover.unlink()
+        remove_leftovers(out_dir)
         yield out_dir
     finally:
         lock.release()

@@ -799,6 +799,30 @@ def _no_link_no_room(monkeypatch) -> None:
     monkeypatch.setattr("shutil.copy2", no_room)
 
 
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_set_written_together(tmp_path):
+    """A run killed while it wrote a set together (evaluate's per_image.csv and worst.png,
+    validate's inventory, tune's ranking, monitor's drift tables) left its hidden staging
+    folder for good: only segment's output folders were cleaned. The next set written into
+    the folder removes one untouched for 10 minutes; a fresh one (a run at work) and a
+    person's hidden folder stay."""
+    import os
+    import time
+
+    from mlseg.io import staging_dir
+
+    out = tmp_path / "out"
+    killed, fresh = staging_dir(out / "outputs"), staging_dir(out / "outputs")
+    (killed / "per_image.csv").write_text("partial")
+    kept = out / ".outputs.notes.tmp"
+    kept.mkdir()
+    hour_ago = time.time() - 3600
+    for path in (killed / "per_image.csv", killed, kept):
+        os.utime(path, (hour_ago, hour_ago))
+    with written_together(out) as staging:
+        (staging / "per_image.csv").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == sorted([fresh.name, kept.name, "per_image.csv"])
+
+
 def test_a_file_of_a_set_written_together_that_cannot_be_replaced_is_named(
     tmp_path, monkeypatch
 ) -> None:
