@@ -485,16 +485,21 @@ def test_an_mlseg_source_keeps_the_pixel_sizes_of_its_manifest(tmp_path):
     )
 
 
+def _make_dataset(make: str, source: Path, dst: Path) -> None:
+    """A small dataset at ``dst``, by ``ingest`` of a flat source or by ``synth``."""
+    if make == "ingest":
+        ingest(flat_source(source), dst, progress=False)
+    else:
+        make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
+
+
 @pytest.mark.parametrize("make", ["ingest", "synth"])
 def test_a_new_dataset_is_open_to_the_lab_as_a_folder_made_by_mkdir(tmp_path, make):
     """Both build the dataset in a temporary folder and rename it into place; mkdtemp's
     folders are 0700, so a dataset made on a server the lab shares was closed to the group
     (umask 022 and 002 alike) while every file and folder inside it was open."""
     dst = tmp_path / "ds"
-    if make == "ingest":
-        ingest(flat_source(tmp_path / "src"), dst, progress=False)
-    else:
-        make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
+    _make_dataset(make, tmp_path / "src", dst)
     (tmp_path / "by_mkdir").mkdir()
     assert dst.stat().st_mode & 0o777 == (tmp_path / "by_mkdir").stat().st_mode & 0o777
 
@@ -513,10 +518,7 @@ def test_a_new_dataset_in_a_group_shared_folder_keeps_its_set_group_id(tmp_path,
     if not shared.stat().st_mode & stat.S_ISGID:
         pytest.skip("this file system does not keep chmod g+s")
     dst = shared / "ds"
-    if make == "ingest":
-        ingest(flat_source(tmp_path / "src"), dst, progress=False)
-    else:
-        make_dataset(dst, n_train=1, n_test=1, size=32, seed=0)
+    _make_dataset(make, tmp_path / "src", dst)
     (shared / "by_mkdir").mkdir()
     by_mkdir = (shared / "by_mkdir").stat().st_mode
     assert dst.stat().st_mode == by_mkdir
