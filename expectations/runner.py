@@ -17,9 +17,11 @@ Great Expectations is imported only inside :func:`run_suites` (the import takes 
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -289,7 +291,7 @@ def _outcome(result: Any, spec: dict[str, Any], exp_spec: dict[str, Any]) -> Out
     for item in res.get("unexpected_index_list") or []:
         name = item.get(index_column) if isinstance(item, dict) else item
         if name is not None:
-            failed[str(name)] = None
+            failed[html.unescape(str(name))] = None  # as given to GX: see _frame_for_gx
     error = _exception_message(result.exception_info)
     n_checked = int(res.get("element_count", 0) or 0) - int(res.get("missing_count", 0) or 0)
     n_failed = res.get("unexpected_count")
@@ -336,7 +338,10 @@ def _notes(notes: str | Iterable[str] | None) -> str:
 
 
 def _frame_for_gx(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy with plain dtypes: nullable extension types become object/float columns."""
+    """A copy with plain dtypes: nullable extension types become object/float columns, and
+    text HTML-escaped. Data Docs put the failing files' names into their pages as HTML: a
+    file named ``"><svg onload=alert(1)>.png`` in a shared dataset ran its script when the
+    page was opened. The rules check flags and numbers only; :func:`_outcome` unescapes."""
     out = df.copy()
     for column in out.columns:
         dtype = out[column].dtype
@@ -344,6 +349,8 @@ def _frame_for_gx(df: pd.DataFrame) -> pd.DataFrame:
             out[column] = out[column].astype(object).where(out[column].notna(), None)
         elif isinstance(dtype, pd.api.extensions.ExtensionDtype) and dtype.kind in "iuf":
             out[column] = out[column].astype("float64")
+        if out[column].dtype == object:
+            out[column] = out[column].map(lambda v: html.escape(v) if isinstance(v, str) else v)
     return out
 
 
@@ -382,7 +389,9 @@ def run_suites(
             for name in TABLES
         }
         frames = {name: _frame_for_gx(df) for name, df in tables.items()}
-        run_id = RunIdentifier(run_name=f"mlseg-validate-{Path(inventory.root).name}")
+        # the dataset folder's name is a folder and page title of the Data Docs, as HTML
+        name = re.sub(r"[^\w.-]+", "_", Path(inventory.root).name)
+        run_id = RunIdentifier(run_name=f"mlseg-validate-{name}")
         outcomes: list[Outcome] = []
         for spec in suites:
             table = spec["meta"]["table"]

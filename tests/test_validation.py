@@ -851,3 +851,21 @@ def test_every_table_of_validation_html_has_a_caption(tmp_path):
     )
     assert len(page.captions) == 2
     assert all(caption.strip() for caption in page.captions), page.captions
+
+
+def test_data_docs_show_hostile_file_and_folder_names_as_text(nuclei_dataset, tmp_path):
+    """A shared dataset's file named '"><svg onload=alert(1)>.png' (without a mask) and its
+    folder named '<svg onload=alert(2)>' went into the Data Docs pages as HTML, a script run
+    when the page was opened; validation.json keeps the file's own name."""
+    root = nuclei_dataset(name="<svg onload=alert(2)>")
+    hostile = 'train/original/"><svg onload=alert(1)>.png'
+    (root / "train/original/train0.png").rename(root / hostile)
+    (root / "train/masks/train0_mask.png").unlink()
+    report = validate_dataset(root, tmp_path / "out")
+    failing = [o for o in report.outcomes if o.rule == "image_has_mask"][0]
+    assert failing.failed == (hostile,)
+    pages = list((tmp_path / "out" / "data_docs").rglob("*.html"))
+    assert len(pages) > 3
+    assert not [p for p in pages if "<svg" in p.read_text() or "<svg" in str(p)]
+    saved = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert [o["failed"] for o in saved["outcomes"] if o["rule"] == "image_has_mask"] == [[hostile]]
