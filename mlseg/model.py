@@ -563,6 +563,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"{meta['in_channels']!r} must be whole numbers; the checkpoint was damaged or "
             "edited by hand"
         ) from None
+    if not 1 <= in_channels <= 4:  # a profile's channels: 1 to 4
+        # a model file from elsewhere with in_channels 100000000 had 1.2 TB allocated for its
+        # first layer, -3 ended in a torch RuntimeError, 0 blamed the encoder depth
+        raise ModelError(
+            f"{folder / 'meta.json'}: in_channels {in_channels} is not a model mlseg trains "
+            "(1 to 4 channels); the checkpoint was damaged or edited by hand"
+        )
     from mlseg.targets import TARGETS, num_classes
 
     if target not in TARGETS or num_classes(target) != classes:

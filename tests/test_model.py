@@ -375,6 +375,27 @@ def test_a_checkpoint_with_an_unreadable_json_file_is_named_as_damaged(
         load_model(folder)
 
 
+@pytest.mark.parametrize("channels", [0, -3, 100_000_000])
+def test_a_checkpoint_whose_meta_json_names_absurd_input_channels_is_refused_first(
+    tmp_path, channels, monkeypatch
+) -> None:
+    """A model file from someone else with in_channels 100000000 in its meta.json had 1.2 TB
+    asked for its first layer (a torch allocation error, or the machine's memory), -3 gave a
+    torch RuntimeError and 0 blamed the encoder depth: refused, naming the file, unbuilt."""
+    import mlseg.model as model_module
+
+    folder = _save(tmp_path / "model", build_model(SMALL, 3, 3)).parent
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "in_channels": channels}))
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(model_module, "build_model", built)
+    with pytest.raises(ModelError, match=rf"meta.json: in_channels {channels} is not a model"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("name", ["meta.json", "config.json", "best.safetensors"])
 def test_a_checkpoint_file_one_may_not_read_is_named_with_the_fix(
     tmp_path, name, monkeypatch
