@@ -93,7 +93,9 @@ class PreprocessConfig(Strict):
     # global equalisation to 0.703 (1 seed), both by losing pale nuclei (bench/README.md).
     equalize: Literal["none", "hist", "clahe", "match"] = "none"
     clahe_clip_limit: float = Field(2.0, gt=0)
-    clahe_tile_grid: int = Field(8, ge=1)
+    # tiles per side; OpenCV keeps a 256-entry table per tile and pads the image to the grid:
+    # 10,000 (a model's config.json from elsewhere) asked for 25.6 GB per image
+    clahe_tile_grid: int = Field(8, ge=1, le=256)
     stain_norm: Literal["none", "reinhard", "macenko"] = "none"
     stain_reference: Path | None = None
     # What Macenko makes of an IHC slide's DAB (profiles with stain "ihc"). "nucleus": each

@@ -355,3 +355,20 @@ def test_encoder_weights_none_written_as_python_is_refused_at_once(tmp_path, wri
         ).train.encoder_weights
         is None
     )
+
+
+def test_a_clahe_tile_grid_no_image_has_is_refused_before_opencv_allocates_it(tmp_path) -> None:
+    """A model's config.json from elsewhere with clahe_tile_grid 10000 had segment end in an
+    OpenCV traceback, 'Failed to allocate 25600000000 bytes' for a 96 px image (a 256-entry
+    table per tile): refused when read, naming the file and the setting."""
+    import numpy as np
+
+    from mlseg.preprocess import clahe
+
+    path = tmp_path / "config.json"
+    path.write_text('{"preprocess": {"equalize": "clahe", "clahe_tile_grid": 10000}}')
+    with pytest.raises(ConfigError, match=r"config\.json: bad value for 'preprocess\.clahe_tile"):
+        load_config(path)
+    path.write_text('{"preprocess": {"equalize": "clahe", "clahe_tile_grid": 256}}')
+    grid = load_config(path).preprocess.clahe_tile_grid
+    assert clahe(np.zeros((96, 96, 1), np.uint8), 2.0, grid).shape == (96, 96, 1)
