@@ -396,8 +396,10 @@ class WatershedConfig(Strict):
     seed_threshold: float = Field(0.5, gt=0, lt=1)
     seed_min_area_px: int = Field(3, ge=1)
     elevation: Literal["interior", "boundary"] = "interior"
-    min_distance_um: float = Field(2.0, gt=0)
-    min_distance_px: int = Field(4, ge=1)
+    # a seed spacing is a nucleus' radius or so: 50000 um in a model's saved profile (from
+    # elsewhere) asked OpenCV for a 40 GB dilation kernel per image in evaluate
+    min_distance_um: float = Field(2.0, gt=0, le=50)
+    min_distance_px: int = Field(4, ge=1, le=500)
     smooth_sigma_px: float = Field(1.0, ge=0)
     compactness: float = Field(0.0, ge=0)
     fill_holes: bool = True

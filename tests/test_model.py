@@ -316,6 +316,30 @@ def test_a_saved_profile_this_mlseg_cannot_read_names_the_models_meta_json(tmp_p
         _ = loaded.profile
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("min_distance_um", 50_000.0), ("min_distance_px", 100_000)]
+)
+def test_a_saved_profile_with_a_seed_spacing_no_nucleus_has_is_refused(
+    tmp_path, key, value
+) -> None:
+    """A binary model from elsewhere whose saved profile spaces watershed seeds 50,000 um
+    apart made evaluate ask OpenCV for a 40 GB dilation kernel (a traceback, 'Failed to
+    allocate 40000400001 bytes'), 100,000 px (pixel size unknown) the same: refused when
+    the profile is read, naming the model's meta.json and the setting."""
+    from mlseg.config import get_profile
+    from mlseg.errors import ConfigError
+
+    _save(tmp_path, build_model(SMALL, 3, 3), profile=get_profile("he"))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["profile_settings"]["watershed"][key] = value
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)
+    with pytest.raises(
+        ConfigError, match=re.escape(f"(profile_settings): bad value for 'watershed.{key}'")
+    ):
+        _ = loaded.profile
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     _save(tmp_path, build_model(SMALL, 3, 3))
     cfg = json.loads((tmp_path / "config.json").read_text())
