@@ -58,6 +58,10 @@ MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 #: full-resolution level (tens of GiB) is refused with an error naming it, not read until the
 #: system kills the process.
 MAX_IMAGE_BYTES = 4 * 2**30
+#: The most images (pages) a TIFF may hold to be read: tifffile sorts a file's images into
+#: series in time growing with the square of their count (a 7 MB file of 30,000 tiny pages
+#: took 7 minutes to read its first image). A slide holds a few, a plate's fields hundreds.
+MAX_TIFF_PAGES = 1000
 #: How much of an output's stem its temporary file's name keeps (:func:`atomic_path`).
 TMP_STEM_CHARS = 64
 PNG_PALETTE = 3  # IHDR colour type of an indexed PNG
@@ -419,6 +423,12 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             compression = tif.pages[0].compression
+            if len(tif.pages) > MAX_TIFF_PAGES:
+                raise ImageReadError(
+                    f"{path}: holds {len(tif.pages):,} images (TIFF pages), more than the "
+                    f"{MAX_TIFF_PAGES:,} mlseg looks through; mlseg segments one 2-D image per "
+                    f"file: save the image to segment as a file of its own"
+                )
             _check_fits(path, tif.series[0])
             _check_photometric(path, tif.series[0].keyframe)
             arr, series_axes = tif.series[0].asarray(), tif.series[0].axes

@@ -283,6 +283,25 @@ def test_a_compressed_tiff_without_imagecodecs_names_the_package(tmp_path, compr
     assert "pip install imagecodecs" in last
 
 
+def test_a_tiff_of_too_many_images_is_refused_before_tifffile_sorts_them(tmp_path, monkeypatch):
+    """tifffile sorts a file's images into series in time growing with the square of their
+    count: a 7 MB TIFF of 30,000 pages of 2 x 2 px (from elsewhere) took 434 s to read, 5,000
+    pages 10 s. One of over 1,000 is refused at once, naming the file."""
+    import tifffile
+
+    with tifffile.TiffWriter(tmp_path / "many.tif") as tif:
+        for i in range(1001):
+            tif.write(np.full((2, 2), i % 255, np.uint8), contiguous=False)
+    # refused before tifffile sorts the pages into series (where the time went)
+    sorted_into_series = []
+    monkeypatch.setattr(
+        tifffile.TiffFile, "series", property(lambda self: sorted_into_series.append(1) or [])
+    )
+    with pytest.raises(ImageReadError, match=r"many\.tif: holds 1,001 images \(TIFF pages\)"):
+        read_image(tmp_path / "many.tif")
+    assert not sorted_into_series
+
+
 def test_a_tiff_of_several_images_says_only_the_first_is_read(tmp_path):
     import tifffile
 
