@@ -833,21 +833,43 @@ def promote(
     target = _load(fs, root, check_name(name), number)
     _check_files(fs, f"{root}/{name}/v{number}", target)
     pointer = f"{root}/{name}/{PRODUCTION}"
-    previous = None
-    if fs.isfile(pointer):
-        # a pointer that names no version is what this promotion repairs
-        with contextlib.suppress(RegistryError):
-            previous = _pointed_version(fs, pointer, name)
-    record = {
-        "version": number,
-        "promoted_at": _now(),
-        "reason": reason.strip(),
-        "previous": previous,
-        "automatic": automatic,
-    }
-    _log_decision(fs, root, name, {"action": "promote", **record})
-    _write_json(fs, f"{root}/{name}/{PRODUCTION}", record)
+    with _promoting(fs, root, name):
+        previous = None
+        if fs.isfile(pointer):
+            # a pointer that names no version is what this promotion repairs
+            with contextlib.suppress(RegistryError):
+                previous = _pointed_version(fs, pointer, name)
+        record = {
+            "version": number,
+            "promoted_at": _now(),
+            "reason": reason.strip(),
+            "previous": previous,
+            "automatic": automatic,
+        }
+        _log_decision(fs, root, name, {"action": "promote", **record})
+        _write_json(fs, pointer, record)
     return target
+
+
+@contextlib.contextmanager
+def _promoting(fs, root: str, name: str):
+    """Hold ``name``'s promotions to one at a time (``.production.lock`` beside its pointer)
+    on a local disk or share; an object store has one writer at a time. Two promotions at
+    once (a rollback by hand while a pipeline promoted) each read the pointer before the
+    other wrote it: both recorded the same previous version, and the decisions' last
+    promotion named another version than the one production.json served."""
+    if not _is_local(fs):
+        yield
+        return
+    from filelock import FileLock
+
+    lock = FileLock(f"{root}/{name}/.production.lock")
+    with writes_named(f"{root}/{name}"):  # a read-only registry: the model's folder, named
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @_names_the_store

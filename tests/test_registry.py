@@ -432,6 +432,33 @@ def test_manual_promote_needs_a_reason_and_is_logged(tmp_path: Path) -> None:
         reg.production(registry, "Bad Name")
 
 
+def test_two_promotions_at_once_take_turns(tmp_path: Path, monkeypatch) -> None:
+    """A rollback by hand while a pipeline promoted: each read production.json before the
+    other wrote it, both recorded v1 as the version they replaced, and the decisions' last
+    promotion named v3 while production.json served v2 (3 of 20 runs of two processes)."""
+    import threading
+
+    registry = tmp_path / "registry"
+    for tag in "abc":
+        _register(tmp_path, registry, 0.8, tag=tag)
+    reg.promote(registry, "nuclei", 1, "first")
+    log = reg._log_decision
+    other = threading.Thread(target=reg.promote, args=(registry, "nuclei", 3, "pipeline"))
+
+    def logged_then_other_promotes(fs, root, name, record):
+        log(fs, root, name, record)
+        if record["version"] == 2:  # v2's promotion is between its log and its pointer
+            other.start()
+            other.join(0.5)
+
+    monkeypatch.setattr(reg, "_log_decision", logged_then_other_promotes)
+    reg.promote(registry, "nuclei", 2, "rollback")
+    other.join(10)
+    promotions = [(d["version"], d["previous"]) for d in reg.decisions(registry)]
+    assert promotions == [(1, None), (2, 1), (3, 2)]
+    assert reg.production_record(registry)["version"] == 3
+
+
 def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
     url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
     version = _register(tmp_path, url, 0.9)
