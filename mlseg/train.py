@@ -564,9 +564,15 @@ def _torch_settings_kept() -> Iterator[None]:
 
 
 def _start(
-    cfg: Config, data_root: str | Path, out: Path, resume: bool, fingerprint_hash: str | None
+    cfg: Config,
+    data_root: str | Path,
+    out: Path,
+    resume: bool,
+    fingerprint_hash: str | None,
+    held: contextlib.ExitStack,
 ) -> _Run:
-    """Data, model, optimiser and schedule; restored from ``out/last`` when resuming."""
+    """Data, model, optimiser and schedule; restored from ``out/last`` when resuming.
+    ``out`` is held (:func:`_training_in`) until ``held`` closes."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.num_threads and device.type == "cpu":
@@ -595,8 +601,7 @@ def _start(
             "train": tc.model_copy(update={"target": data.target}),
         }
     )
-    with writes_named(out):  # a link to a share not mounted said 'file exists' alone
-        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(_training_in(out))
     state = None
     if resume and (out / "last.safetensors").is_file() and (out / "meta.json").is_file():
         pairs = functools.partial(list_pairs, data_root, "train", cfg.data)
@@ -789,6 +794,34 @@ def _end_epoch(run: _Run, row: dict[str, Any], generator_state: torch.Tensor) ->
     return row
 
 
+@contextlib.contextmanager
+def _training_in(out: Path) -> Iterator[None]:
+    """Hold ``out`` (created) for this training alone, by the lock file of an output folder
+    (:data:`mlseg.outputs.RUN_LOCK`), and refuse a second one at once. Two trainings into
+    one folder both started afresh, each wrote its checkpoints over the other's, and both
+    ended saying 'checkpoints in <out>': one with lr 0.003 reported best validation Dice
+    0.5250, while the folder held the other's run (lr 1e-05, best Dice 0.4004)."""
+    from filelock import FileLock, Timeout
+
+    from mlseg.errors import OutputError
+    from mlseg.outputs import RUN_LOCK
+
+    lock = FileLock(out / RUN_LOCK)
+    with writes_named(out):  # a link to a share not mounted said 'file exists' alone
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise OutputError(
+                f"{out}: another mlseg training is writing to this folder; wait for it to end "
+                "(run this again then to resume it), or train into another folder"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @_torch_settings_kept()
 def fit(
     cfg: Config,
@@ -814,8 +847,14 @@ def fit(
     holds a run trained otherwise; see ``RESUME_FREE``), :class:`ModelError` (model
     cannot be built) and its :class:`TrainingDiverged` (the loss became NaN or infinite).
     Torch's thread count and cuDNN/TF32 flags, set for the run, are restored on return.
+    A second training into ``out_dir`` while one runs there is refused (:class:`OutputError`).
     """
-    run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash)
+    with contextlib.ExitStack() as held:
+        run = _start(cfg, data_root, Path(out_dir), resume, fingerprint_hash, held)
+        return _fit(run, progress, log)
+
+
+def _fit(run: _Run, progress: bool, log: Callable[[str], object] | None) -> TrainResult:
     tc, data = run.cfg.train, run.data
     stain_jitter = stain_jitter_applies(data.stain, data.preprocess)
     batches = Batches(

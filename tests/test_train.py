@@ -85,6 +85,23 @@ def test_fit_two_steps_then_resume_continues(synth_dataset, tmp_path) -> None:
     assert fit(_cfg(max_steps=3, val_every=2), synth_dataset, out, progress=False).steps == 3
 
 
+def test_a_second_training_into_a_folder_in_use_is_refused(synth_dataset, tmp_path) -> None:
+    """Two trainings into one --out at once both trained, over each other's checkpoints,
+    and both said 'checkpoints in <out>': one with lr 0.003 reported best Dice 0.5250,
+    while the folder held the other's run (lr 1e-05, best Dice 0.4004)."""
+    from filelock import FileLock
+
+    from mlseg.errors import OutputError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(out / ".mlseg.lock"):  # the training running there
+        with pytest.raises(OutputError, match="another mlseg training is writing to this"):
+            fit(_cfg(max_steps=1), synth_dataset, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".mlseg.lock"]
+    assert fit(_cfg(max_steps=1), synth_dataset, out, progress=False).steps == 1
+
+
 def test_a_history_saved_again_by_a_european_spreadsheet_resumes(synth_dataset, tmp_path):
     """history.csv looked at in Excel with a German locale, and saved on closing, has
     semicolons and decimal commas: the resume ended in a traceback (KeyError: 'step')."""
