@@ -482,6 +482,7 @@ def segment_and_quantify(
         images_by_stem,
         list_images,
         own_pixel_sizes,
+        subfolders_with_images,
     )
 
     log_warnings()
@@ -489,7 +490,13 @@ def segment_and_quantify(
     logger = get_run_logger()
     src, out = data_path(input_dir), data_path(out_dir)
     check_out_dir(out, src)
-    if src.is_dir() and not any(_is_image(p) for p in src.iterdir()):
+    # images only in subfolders are refused by list_images, as mlseg segment refuses them:
+    # a nightly run on an inbox reorganised into a folder per case completed, nothing done
+    if (
+        src.is_dir()
+        and not any(_is_image(p) for p in src.iterdir())
+        and not subfolders_with_images(src, out)
+    ):
         logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
         artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}

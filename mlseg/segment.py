@@ -570,12 +570,7 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
     if not folder.is_dir():
         raise not_a_folder(folder, "input")
     files = _images_in(folder)
-    own = Path(out_dir).resolve() if out_dir is not None else None
-    nested = sorted(  # an output folder of mlseg inside the input one holds overlays, not input
-        d.name
-        for d in folder.iterdir()
-        if d.is_dir() and not (d / "run.json").is_file() and d.resolve() != own and _images_in(d)
-    )
+    nested = subfolders_with_images(folder, out_dir)
     if nested:  # a lab's folder per case or per slide
         listed = some_of(nested, 3)
         if not files:
@@ -607,6 +602,18 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
     for path in files:
         check_stem(image_stem(path), path)
     return files
+
+
+def subfolders_with_images(folder: Path, out_dir: str | Path | None = None) -> list[str]:
+    """Names of ``folder``'s subfolders that hold images, sorted, which :func:`list_images`
+    does not search; an output folder of mlseg (``run.json``) and ``out_dir`` are not among
+    them."""
+    own = Path(out_dir).resolve() if out_dir is not None else None
+    return sorted(  # an output folder of mlseg inside the input one holds overlays, not input
+        d.name
+        for d in Path(folder).iterdir()
+        if d.is_dir() and not (d / "run.json").is_file() and d.resolve() != own and _images_in(d)
+    )
 
 
 #: Stems whose per-image record would be a run file: ``run.json`` is the run's.

@@ -1327,6 +1327,26 @@ def test_empty_inbox_is_nothing_to_do(harness, tmp_path, checkpoint) -> None:
     assert missing.is_failed() and "input folder not found" in missing.message
 
 
+def test_an_inbox_of_subfolders_is_refused_as_segment_refuses_it(
+    harness, tmp_path, checkpoint
+) -> None:
+    """An inbox reorganised into a folder per case (images only in subfolders): the
+    deployed nightly run logged 'no images in .../cases: nothing to do' and completed, every
+    night, where mlseg segment refuses it, naming the subfolders; the flow now fails as it
+    does. An inbox whose only subfolder is the run's output folder is still empty."""
+    inbox = tmp_path / "cases"
+    disc_images(inbox / "case1", 1)
+    disc_images(inbox / "case2", 1)
+    state = _segment(inbox, tmp_path / "out", checkpoint)
+    assert state.is_failed(), state.message
+    assert "only in its subfolders (case1, case2)" in state.message
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    disc_images(empty / "out", 1)  # earlier outputs' overlays, inside the inbox
+    state = _segment(empty, empty / "out", checkpoint)
+    assert state.is_completed() and state.result()["processed"] == []
+
+
 def test_one_pixel_size_beside_a_table_warns_as_segment_does(harness, tmp_path, checkpoint) -> None:
     """pixel_size_um beats the table for every image, as in mlseg segment, which says so."""
     disc_images(tmp_path / "inbox", 1)
