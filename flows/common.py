@@ -237,17 +237,26 @@ def log_warnings() -> None:
     warnings.showwarning = showwarning
 
 
-def data_path(path: str | Path) -> Path:
+def data_path(path: str | Path, name: str | None = None) -> Path:
     """A path parameter as the flow sees it: absolute as given; relative ones under
     ``MLSEG_DATA_DIR`` when that is set (deployed workers: ``/data``), else the current folder.
 
     Only a registry is read from a URL (the flows check for one before calling this); any
     other URL is refused by name, not read as a folder ``s3:/...`` under ``MLSEG_DATA_DIR``.
+    An empty one (a field cleared in the dashboard, ``-p out_dir=``) is refused, naming the
+    parameter ``name``: it was the data folder itself, where a segment run wrote its outputs
+    among the datasets, and an empty ``input_dir`` completed with nothing to do.
     """
     import os
 
     from mlseg.errors import ConfigError
 
+    if not str(path).strip():
+        said = f"parameter {name!r}" if name else "a path parameter"
+        raise ConfigError(
+            f"{said} is empty; give a path (relative paths are under MLSEG_DATA_DIR, "
+            "'.' for that folder itself)"
+        )
     if "://" in str(path):
         raise ConfigError(
             f"{path}: only a registry is read from a URL; give this as a path on the worker "

@@ -84,7 +84,10 @@ def evaluate_model(
 
     log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
-    model, data_root, out_dir = (str(data_path(p)) for p in (model, data_root, out_dir))
+    model, data_root, out_dir = (
+        str(data_path(p, n))
+        for p, n in ((model, "model"), (data_root, "data_root"), (out_dir, "out_dir"))
+    )
     result = evaluate_task(model, data_root, out_dir, split, profile, inference, pixel_size_um)
     means = result["means"]
     get_run_logger().info(

@@ -120,7 +120,10 @@ def monitor(
         )
     cfg = run_config(config, overrides).monitor
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
-    images, fingerprint, out_dir = (str(data_path(p)) for p in (images, fingerprint, out_dir))
+    images, fingerprint, out_dir = (
+        str(data_path(p, n))
+        for p, n in ((images, "images"), (fingerprint, "fingerprint"), (out_dir, "out_dir"))
+    )
     history = str(data_path(history)) if history else None
     reference = load_fingerprint(fingerprint)
     try:

@@ -257,7 +257,7 @@ def pipeline(
 
     log_warnings()
     logger = get_run_logger()
-    root, work = data_path(data_root), data_path(work_dir)
+    root, work = data_path(data_root, "data_root"), data_path(work_dir, "work_dir")
     registry = registry or str(work / "registry")
     if "://" not in registry:
         registry = str(data_path(registry))

@@ -488,7 +488,7 @@ def segment_and_quantify(
     log_warnings()
     warn_once.cache_clear()  # once per run, not per worker process (thread runner)
     logger = get_run_logger()
-    src, out = data_path(input_dir), data_path(out_dir)
+    src, out = data_path(input_dir, "input_dir"), data_path(out_dir, "out_dir")
     check_out_dir(out, src)
     # images only in subfolders are refused by list_images, as mlseg segment refuses them:
     # a nightly run on an inbox reorganised into a folder per case completed, nothing done

@@ -94,7 +94,7 @@ def train_model(
 
     log_warnings()
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data
-    data_root, out_dir = str(data_path(data_root)), str(data_path(out_dir))
+    data_root, out_dir = str(data_path(data_root, "data_root")), str(data_path(out_dir, "out_dir"))
     if fingerprint_hash is None and validate_data:
         from mlseg.model import check_names
 

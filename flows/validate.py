@@ -142,7 +142,7 @@ def validate_dataset_flow(
         workers=workers,
         overrides=overrides,
     )
-    root = data_path(data_root)
+    root = data_path(data_root, "data_root")
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
     # the training data as training reads it, images and masks (a corrected mask is new

@@ -1039,6 +1039,27 @@ def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path)
     assert missing.is_failed() and "not found" in missing.message
 
 
+def test_an_empty_path_parameter_is_refused_by_name(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A path field cleared in the dashboard (``-p out_dir=``) was the data folder itself:
+    a deployed segment run wrote its 6 files per image, summary.csv and run.json among the
+    datasets of /data and completed, and an empty input_dir completed with 'no images in
+    /data: nothing to do'. Either now fails before any work, naming the parameter."""
+    from flows.common import data_path
+
+    data = tmp_path / "data"
+    disc_images(data / "inbox", 1)
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(data))
+    state = _segment("inbox", "", checkpoint)
+    assert state.is_failed() and "parameter 'out_dir' is empty" in state.message, state.message
+    assert sorted(p.name for p in data.iterdir()) == ["inbox"]
+    state = _segment(" ", "results", checkpoint)
+    assert state.is_failed() and "parameter 'input_dir' is empty" in state.message, state.message
+    assert not (data / "results").exists()
+    assert data_path(".") == data  # the data folder itself, said so
+
+
 def test_flows_take_relative_paths_under_the_data_folder(
     harness, tmp_path, checkpoint, synth_dataset, monkeypatch
 ) -> None:
