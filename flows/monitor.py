@@ -105,6 +105,7 @@ def monitor(
     from mlseg.io import write_table, write_text, written_together
     from mlseg.monitor import (
         DriftDetected,
+        SubfoldersOnly,
         drift_report,
         list_new_images,
         load_fingerprint,
@@ -128,8 +129,8 @@ def monitor(
     reference = load_fingerprint(fingerprint)
     try:
         paths = [str(p) for p in list_new_images(images)]
-    except DatasetError:
-        if not Path(images).is_dir():
+    except DatasetError as err:
+        if not Path(images).is_dir() or isinstance(err, SubfoldersOnly):
             raise  # a wrong path is an error; a week without new slides is not
         paths = []
     new_in = ""

@@ -211,9 +211,14 @@ def load_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+class SubfoldersOnly(DatasetError):
+    """A folder of new images that holds none itself, only subfolders that do."""
+
+
 def list_new_images(folder: str | os.PathLike) -> list[Path]:
     """The images to compare: ``folder`` itself if it is an image file, else the images
-    directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name."""
+    directly in it, or in its ``original/`` subfolder (a dataset split), sorted by name;
+    :class:`SubfoldersOnly` where only its subfolders hold images."""
     from mlseg.dataset import is_image_file, warn_of_images_left_out
     from mlseg.io import check_utf8_path
 
@@ -228,6 +233,17 @@ def list_new_images(folder: str | os.PathLike) -> list[Path]:
         found = sorted(p for p in folder.iterdir() if is_image_file(p))
     warn_of_images_left_out(folder)
     if not found:
+        from mlseg.segment import subfolders_with_images
+
+        # the monitor flow takes a folder without images for a week without slides: an inbox
+        # reorganised into a folder per case was compared with nothing, and passed, each week
+        nested = subfolders_with_images(folder)
+        if nested:
+            raise SubfoldersOnly(
+                f"{folder}: no images here, only in its subfolders ({some_of(nested, 3)}); "
+                "subfolders are not searched: check each subfolder, or give the folder its "
+                "images are in"
+            )
         raise DatasetError(f"{folder}: no images (png, tif, jpg) found")
     for path in found:
         check_utf8_path(path)  # its name goes into the table of statistics

@@ -1026,7 +1026,8 @@ def test_a_drift_warning_is_logged_at_warning_level(harness, tmp_path) -> None:
 
 def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path) -> None:
     """The weekly monitor ended Failed (an alert) on a week without new slides, where
-    segment-and-quantify finds nothing to do; a folder that does not exist still fails."""
+    segment-and-quantify finds nothing to do; a folder that does not exist, or one whose
+    images are only in subfolders, still fails."""
     from flows.monitor import monitor
 
     reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 6, seed=1))
@@ -1037,6 +1038,13 @@ def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path)
         str(tmp_path / "nowhere"), str(reference), str(tmp_path / "m"), return_state=True
     )
     assert missing.is_failed() and "not found" in missing.message
+    # an inbox reorganised into a folder per case is no week without slides: it was
+    # compared with nothing and passed, every week
+    disc_images(tmp_path / "cases" / "case1", 1)
+    nested = monitor(
+        str(tmp_path / "cases"), str(reference), str(tmp_path / "m"), return_state=True
+    )
+    assert nested.is_failed() and "only in its subfolders (case1)" in nested.message
 
 
 def test_an_empty_path_parameter_is_refused_by_name(
