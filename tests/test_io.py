@@ -788,20 +788,41 @@ def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set
     the moves with the files before it already the new run's beside the previous run's
     summary.csv; the previous set stays whole, and nothing is left behind."""
     names = ("histograms.png", "nuclei.parquet", "run.json", "summary.csv")
+    _set_in(tmp_path, names, "previous")
+    busy = OSError(errno.EBUSY, "Device or resource busy", str(tmp_path / "summary.csv"))
+    _replace_refused(monkeypatch, tmp_path / "summary.csv", busy)
+    with pytest.raises(OSError):
+        _new_set_written_together(tmp_path, names)
+    assert _contents(tmp_path) == dict.fromkeys(names, "previous")
+
+
+def _set_in(folder: Path, names: tuple[str, ...], text: str) -> None:
+    """Files ``names`` in ``folder``, each holding ``text`` (a run's previous set)."""
     for name in names:
-        (tmp_path / name).write_text("previous")
+        (folder / name).write_text(text)
+
+
+def _new_set_written_together(folder: Path, names: tuple[str, ...]) -> None:
+    """Files ``names``, each holding 'new', written into ``folder`` together."""
+    with written_together(folder) as staging:
+        _set_in(staging, names, "new")
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def _replace_refused(monkeypatch, target: Path, error: OSError, new_only: bool = False) -> None:
+    """``Path.replace`` onto ``target`` raises ``error``; with ``new_only``, only for the new
+    file from the staging folder, not for the previous one put back."""
     replace = Path.replace
 
-    def busy(self, target):
-        if Path(target) == tmp_path / "summary.csv":
-            raise OSError(errno.EBUSY, "Device or resource busy", str(target))
-        return replace(self, target)
+    def refused(self, dest):
+        if Path(dest) == target and (not new_only or self.parent.parent == target.parent):
+            raise error
+        return replace(self, dest)
 
-    monkeypatch.setattr(Path, "replace", busy)
-    with pytest.raises(OSError), written_together(tmp_path) as staging:
-        for name in names:
-            (staging / name).write_text("new")
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "previous")
+    monkeypatch.setattr(Path, "replace", refused)
 
 
 def _no_link_no_room(monkeypatch) -> None:
@@ -852,23 +873,13 @@ def test_a_file_of_a_set_written_together_that_cannot_be_replaced_is_named(
     out = tmp_path / "out"
     out.mkdir()
     names = ("run.json", "summary.csv")
-    for name in names:
-        (out / name).write_text("previous")
-    replace = Path.replace
-
-    def immutable(self, target):
-        if Path(target) == out / "summary.csv":
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(self), None, target)
-        return replace(self, target)
-
-    monkeypatch.setattr(Path, "replace", immutable)
-    with (
-        pytest.raises(OutputError, match=r"out/summary\.csv: cannot be written \(operation not"),
-        written_together(out) as staging,
-    ):
-        for name in names:
-            (staging / name).write_text("new")
-    assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(names, "previous")
+    _set_in(out, names, "previous")
+    target = out / "summary.csv"
+    immutable = PermissionError(errno.EPERM, "Operation not permitted", str(target))
+    _replace_refused(monkeypatch, target, immutable)
+    with pytest.raises(OutputError, match=r"out/summary\.csv: cannot be written \(operation not"):
+        _new_set_written_together(out, names)
+    assert _contents(out) == dict.fromkeys(names, "previous")
 
 
 def test_a_set_written_together_replaces_the_previous_without_links_or_room_for_a_copy(
@@ -878,13 +889,10 @@ def test_a_set_written_together_replaces_the_previous_without_links_or_room_for_
     copy of it: on a nearly full disk without hard links the run's outputs were refused
     (no space left) where a rename needs none."""
     names = ("nuclei.parquet", "summary.csv")
-    for name in names:
-        (tmp_path / name).write_text("previous")
+    _set_in(tmp_path, names, "previous")
     _no_link_no_room(monkeypatch)
-    with written_together(tmp_path) as staging:
-        for name in names:
-            (staging / name).write_text("new")
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "new")
+    _new_set_written_together(tmp_path, names)
+    assert _contents(tmp_path) == dict.fromkeys(names, "new")
 
 
 def test_a_set_without_links_or_room_that_cannot_all_be_moved_leaves_the_previous_set(
@@ -893,22 +901,14 @@ def test_a_set_without_links_or_room_that_cannot_all_be_moved_leaves_the_previou
     """Where the previous files are moved aside (no link, no room for a copy), a file that
     cannot be replaced (EBUSY) still puts every previous file back."""
     names = ("histograms.png", "nuclei.parquet", "summary.csv")
-    for name in names:
-        (tmp_path / name).write_text("previous")
+    _set_in(tmp_path, names, "previous")
     _no_link_no_room(monkeypatch)
-    replace = Path.replace
-
-    def busy(self, target):
-        # the new summary.csv (from the staging folder), not the previous one put back
-        if Path(target) == tmp_path / "summary.csv" and self.parent.parent == tmp_path:
-            raise OSError(errno.EBUSY, "Device or resource busy", str(target))
-        return replace(self, target)
-
-    monkeypatch.setattr(Path, "replace", busy)
-    with pytest.raises(OSError), written_together(tmp_path) as staging:
-        for name in names:
-            (staging / name).write_text("new")
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(names, "previous")
+    busy = OSError(errno.EBUSY, "Device or resource busy", str(tmp_path / "summary.csv"))
+    # the new summary.csv (from the staging folder), not the previous one put back
+    _replace_refused(monkeypatch, tmp_path / "summary.csv", busy, new_only=True)
+    with pytest.raises(OSError):
+        _new_set_written_together(tmp_path, names)
+    assert _contents(tmp_path) == dict.fromkeys(names, "previous")
 
 
 def test_a_folder_named_as_an_output_is_never_moved_away(tmp_path, monkeypatch) -> None:
