@@ -133,7 +133,10 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     staging = staging_dir(out_dir / WRITTEN_TOGETHER)
     try:
         yield staging
-        _move_together(sorted(staging.iterdir()), out_dir, staging / ".previous")
+        # one set moved at a time: two runs into one folder at once (two monitor runs'
+        # drift.csv and drift.json, 3 in 200 rounds) left one's file beside the other's
+        with _moving_into(out_dir):
+            _move_together(sorted(staging.iterdir()), out_dir, staging / ".previous")
     except (OSError, OutputError) as err:
         said = staged_write_error(err, staging, out_dir)
         if said is None:
@@ -141,6 +144,24 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise said from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Held in an output folder while a set of files is moved into it (:func:`written_together`).
+WRITTEN_TOGETHER_LOCK = f".{WRITTEN_TOGETHER}.lock"
+
+
+@contextlib.contextmanager
+def _moving_into(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s :data:`WRITTEN_TOGETHER_LOCK` (ends with its process, as
+    :data:`mlseg.outputs.RUN_LOCK`): the sets of two writers are moved in turn, each whole."""
+    from filelock import FileLock
+
+    lock = FileLock(out_dir / WRITTEN_TOGETHER_LOCK)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:

@@ -809,7 +809,8 @@ def _new_set_written_together(folder: Path, names: tuple[str, ...]) -> None:
 
 
 def _contents(folder: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in folder.iterdir()}
+    """The folder's files as a user lists them (its hidden lock files left out)."""
+    return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
 
 
 def _replace_refused(monkeypatch, target: Path, error: OSError, new_only: bool = False) -> None:
@@ -860,7 +861,8 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_set_written_togethe
         os.utime(path, (hour_ago, hour_ago))
     with written_together(out) as staging:
         (staging / "per_image.csv").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == sorted([fresh.name, kept.name, "per_image.csv"])
+    left = sorted(p.name for p in out.iterdir() if p.name != ".outputs.lock")
+    assert left == sorted([fresh.name, kept.name, "per_image.csv"])
 
 
 def test_a_file_of_a_set_written_together_that_cannot_be_replaced_is_named(
@@ -920,3 +922,33 @@ def test_a_folder_named_as_an_output_is_never_moved_away(tmp_path, monkeypatch) 
     with pytest.raises((OSError, OutputError)), written_together(tmp_path) as staging:
         (staging / "summary.csv").write_text("new")
     assert (tmp_path / "summary.csv" / "notes.txt").read_text() == "mine"
+
+
+def test_two_sets_written_together_into_one_folder_at_once_land_whole(
+    tmp_path, monkeypatch
+) -> None:
+    """Two runs into one folder at once (two monitor runs' drift.csv and drift.json) moved
+    their files in turn: one's drift.csv was left beside the other's drift.json. Here the
+    second set is written while the first is half-way in; each lands whole, one after the
+    other."""
+    import threading
+
+    names = ("drift.csv", "drift.json")
+    replace, second = Path.replace, {}
+
+    def write(text: str) -> None:
+        with written_together(tmp_path) as staging:
+            _set_in(staging, names, text)
+
+    def half_way(self, dest):
+        moved = replace(self, dest)
+        if Path(dest) == tmp_path / names[0] and "thread" not in second:
+            second["thread"] = threading.Thread(target=write, args=("second",))
+            second["thread"].start()
+            second["thread"].join(timeout=0.5)  # the second set's move waits for this one's
+        return moved
+
+    monkeypatch.setattr(Path, "replace", half_way)
+    write("first")
+    second["thread"].join()
+    assert _contents(tmp_path) == dict.fromkeys(names, "second")

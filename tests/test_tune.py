@@ -261,7 +261,8 @@ def test_a_disk_that_fills_at_best_config_leaves_the_previous_search_whole(
     with pytest.raises(OutputError, match="no space left on device"):
         tune(load_config(None), synth_dataset, tmp_path, space={key: [None, 0.5, 0.25]}, **search)
     assert {n: (tmp_path / n).read_bytes() for n in before} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert hidden == [mlseg.io.WRITTEN_TOGETHER_LOCK]  # no staging folder left, only the lock
     monkeypatch.setattr("mlseg.tune.write_text", write_text)
     tune(load_config(None), synth_dataset, tmp_path, space={key: [None, 0.5, 0.25]}, **search)
     assert "target_pixel_size_um: 0.25" in (tmp_path / "best_config.yaml").read_text()
