@@ -5,9 +5,10 @@ table (``--pixel-sizes``, a dataset's ``manifest.csv``), the image's JSON sideca
 (``<stem>.json``, BIDS microscopy's ``PixelSize`` + ``PixelSizeUnits``, or
 ``pixel_size_um``), its TIFF metadata (OME-XML, ImageJ, Aperio, resolution tags), for
 label images measured again the size their folder records (:func:`labels_pixel_size_um`:
-``<stem>.json`` beside ``<stem>_labels.png``, as ``mlseg segment`` writes it), and last the
-profile's. What a file declares is used only within :data:`PLAUSIBLE_PIXEL_SIZE_UM`;
-outside it, it is ignored with one warning naming the files.
+``<stem>.json`` beside ``<stem>_labels.png``, as ``mlseg segment`` writes it) or, else, a
+label TIFF's own metadata (a mask saved calibrated in Fiji), and last the profile's. What a
+file declares is used only within :data:`PLAUSIBLE_PIXEL_SIZE_UM`; outside it, it is
+ignored with one warning naming the files.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def image_pixel_size(
 ) -> tuple[float | None, str]:
     """``(microns per pixel or None, where it came from)`` for one image file; ``listed`` is
     its entry in a per-image table (``pixel_sizes``), ``carried`` the plausible size its label
-    image's folder records (:func:`labels_pixel_size_um`), used where the image declares none."""
+    image's folder records (:func:`labels_pixel_size_um`) or its label TIFF declares, used
+    where the image declares none."""
     if override is not None:
         return float(override), "argument"
     if listed is not None:

@@ -104,6 +104,7 @@ from mlseg.pixel_size import (
     labels_sidecar,
     plausible_pixel_size,
     sidecar_path,
+    tiff_pixel_size_um,
 )
 from mlseg.preprocess import ESTIMATE
 from mlseg.quantify import (
@@ -749,16 +750,29 @@ def declared_sizes(
 def carried_sizes(
     pairs: Sequence[tuple[str, Path, Path | None]], consulted: Mapping[str, Path]
 ) -> dict[str, float]:
-    """Stem -> the size the record beside each label file declares
+    """Stem -> the size each label file carries: the record beside it declares
     (:func:`mlseg.pixel_size.labels_pixel_size_um`: ``<stem>.json`` in a segment output
-    folder), plausible or not; a record that is also the image's sidecar (``consulted``:
-    stem -> the file whose own size counts) is that image's, not read twice."""
-    found = {
-        stem: labels_pixel_size_um(label, stem)
-        for stem, label, _ in pairs
-        if labels_sidecar(label, stem) != sidecar_path(consulted[stem])
-    }
-    return {stem: um for stem, um in found.items() if um is not None}
+    folder), plausible or not, else the label TIFF's own metadata, plausible only (a mask
+    Fiji saved calibrated, ``unit=micron`` with the resolution tags; a 72-dpi default is no
+    size). A record that is also the image's sidecar, or a label file that is the image
+    (``consulted``: stem -> the file whose own size counts), is that image's, not read twice."""
+    found = {}
+    for stem, label, _ in pairs:
+        um = None
+        if labels_sidecar(label, stem) != sidecar_path(consulted[stem]):
+            um = labels_pixel_size_um(label, stem)
+        if um is None and Path(label) != Path(consulted[stem]):
+            um = tiff_pixel_size_um(label)
+        if um is not None:
+            found[stem] = um
+    return found
+
+
+def carrier(label: Path, stem: str) -> Path:
+    """The file whose size :func:`carried_sizes` took for ``label``: its record
+    (:func:`mlseg.pixel_size.labels_sidecar`) where that declares one, else the label file."""
+    sidecar = labels_sidecar(label, stem)
+    return sidecar if labels_pixel_size_um(label, stem) is not None else Path(label)
 
 
 @contextlib.contextmanager
@@ -1170,8 +1184,9 @@ def quantify_folder(
     ``_cp_masks``, ``_labels`` or ``_label`` suffix. Binary masks are split into connected
     components (:func:`mlseg.dataset.mask_to_labels`). ``images_dir`` None measures shape
     only. An image that declares no pixel size, given none, is measured at the size the
-    ``<stem>.json`` beside its labels records (an mlseg output folder's record; source
-    ``labels metadata``).
+    ``<stem>.json`` beside its labels records (an mlseg output folder's record), else at the
+    one the label TIFF's own metadata declares (a mask saved calibrated in Fiji); source
+    ``labels metadata``.
     """
     from mlseg.dataset import check_mask_shape, mask_to_labels
 
@@ -1193,7 +1208,7 @@ def quantify_folder(
     declared |= by_labels
     named = {
         **consulted,
-        **{s: labels_sidecar(label, s) for s, label, _ in pairs if s in by_labels},
+        **{s: carrier(label, s) for s, label, _ in pairs if s in by_labels},
     }
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
     expect = expectations(profile, None, settings, sizes, declared, inputs)
@@ -1241,7 +1256,7 @@ def quantify_folder(
         ):
             warnings.warn(
                 f"{image_path or path}: measured at the {px:.4g} um per pixel its metadata "
-                f"declares, not the {um:.4g} um that {labels_sidecar(path, stem)} records for "
+                f"declares, not the {um:.4g} um that {carrier(path, stem)} records for "
                 f"its labels; pass --pixel-size or --pixel-sizes to measure at the other",
                 stacklevel=2,
             )

@@ -425,6 +425,35 @@ def test_quantify_in_microns_takes_the_size_an_output_folder_carries(tmp_path):
     assert result.processed == ["a"] and result.summaries[0]["pixel_size_um"] == 0.5
 
 
+def test_quantify_takes_the_size_a_calibrated_label_tiff_declares(tmp_path):
+    """A mask saved calibrated in Fiji (ImageJ unit=micron, 4 px per micron) beside PNG
+    images, which declare no size, was measured in pixels (in microns refused: 'the images
+    carry none'); it is measured at its own 0.25 um, and a 72-dpi TIFF gives no size."""
+    import tifffile
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image, truth = disc_image(60, 60)
+    for stem in "ab":
+        write_image(images / f"{stem}.png", image)
+    masks.mkdir()
+    tifffile.imwrite(
+        masks / "a_mask.tif",
+        truth.astype(np.uint16),
+        imagej=True,
+        resolution=(4, 4),
+        metadata={"unit": "micron"},
+    )
+    tifffile.imwrite(masks / "b_mask.tif", truth, resolution=(72, 72), resolutionunit="INCH")
+    result = quantify_folder(masks, images, tmp_path / "out", profile_name="he", progress=False)
+    a, b = result.summaries
+    assert (a["pixel_size_um"], a["pixel_size_source"]) == (0.25, "labels metadata")
+    assert (b["pixel_size_um"], b["pixel_size_source"]) == (None, "unknown")
+    table = pd.read_parquet(tmp_path / "out" / "a_nuclei.parquet")
+    assert table["area_um2"].tolist() == pytest.approx(
+        (np.bincount(truth.ravel())[1:] * 0.0625).tolist()
+    )
+
+
 def test_segment_folder_runs_the_model_on_the_device_its_config_names(
     tmp_path, monkeypatch, use_oracle
 ):
