@@ -76,6 +76,17 @@ def _no_mlseg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def harness():
+    """Flows run against one temporary Prefect server (``prefect_test_harness``) for the whole
+    session: its start costs 18 s of CPU (50 s on a busy 2-core machine), paid once rather than
+    in each module that runs flows. Tests read their own runs back by flow run id."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the repository; skips the test where it is absent."""
     if not SHARED_DATA.is_dir():

@@ -1,8 +1,9 @@
 """Prefect flows under a test harness: outputs, artifacts, reruns, failures, drift gating.
 
-Task logic is tested through ``task.fn``; flows run against ``prefect_test_harness`` (one
-temporary server for the module). The model is a tiny real (untrained) checkpoint: its
-predictions are meaningless, but deterministic, which is what reruns are compared on.
+Task logic is tested through ``task.fn``; flows run against ``prefect_test_harness`` (the
+session's temporary server, conftest ``harness``). The model is a tiny real (untrained)
+checkpoint: its predictions are meaningless, but deterministic, which is what reruns are
+compared on.
 """
 
 from __future__ import annotations
@@ -39,14 +40,6 @@ from mlseg.errors import ConfigError, ImageReadError, ValidationFailed
 from mlseg.registry import code_version, package_versions
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture(scope="module")

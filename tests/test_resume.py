@@ -22,13 +22,11 @@ N_IMAGES = 10
 KILL_AFTER = 3  # finished images
 
 
-@pytest.fixture(scope="module")
-def api_url():
+@pytest.fixture
+def api_url(harness):
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+    return PREFECT_API_URL.value()
 
 
 def _outputs(out: Path) -> dict[str, bytes]:

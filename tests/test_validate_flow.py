@@ -1,7 +1,7 @@
 """Flow ``validate-dataset``: publishes its verdict as artifacts and fails on error-level rules.
 
-Tasks are tested through ``.fn``; the flow runs against ``prefect_test_harness`` (a
-temporary server for this module; module scope so it never overlaps another module's).
+Tasks are tested through ``.fn``; the flow runs against ``prefect_test_harness`` (the
+session's one temporary server, conftest ``harness``).
 ``PREFECT_HOME`` and analytics are set in ``conftest.pytest_configure`` before prefect loads.
 """
 
@@ -15,14 +15,6 @@ import pytest
 from flow_helpers import flow_artifacts
 
 from mlseg.errors import ValidationFailed
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
