@@ -95,9 +95,11 @@ def test_a_second_training_into_a_folder_in_use_is_refused(synth_dataset, tmp_pa
 
     out = tmp_path / "run"
     out.mkdir()
-    with FileLock(out / ".mlseg.lock"):  # the training running there
-        with pytest.raises(OutputError, match="another mlseg training is writing to this"):
-            fit(_cfg(max_steps=1), synth_dataset, out, progress=False)
+    with (
+        FileLock(out / ".mlseg.lock"),  # the training running there
+        pytest.raises(OutputError, match="another mlseg training is writing to this"),
+    ):
+        fit(_cfg(max_steps=1), synth_dataset, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [".mlseg.lock"]
     assert fit(_cfg(max_steps=1), synth_dataset, out, progress=False).steps == 1
 
@@ -854,16 +856,28 @@ def test_a_resampled_16_bit_training_image_keeps_the_full_scale_it_is_stored_wit
     assert backgrounds == pytest.approx([300 / 4095] * 2, rel=1e-3)
 
 
+_STOPPED_RUN = {"max_steps": 6, "val_every": 2}
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(synth_dataset, tmp_path_factory):
+    """The run of ``_STOPPED_RUN`` never stopped, trained once for both places a run stops
+    in (read only)."""
+    torch.set_num_threads(2)  # as _few_threads gives the tests that compare with it
+    out = tmp_path_factory.mktemp("unbroken")
+    fit(_cfg(**_STOPPED_RUN), synth_dataset, out, progress=False)
+    return out
+
+
 @pytest.mark.parametrize("stop_in", ["_write_history", "_checkpoint"])
 def test_a_run_stopped_at_the_end_of_an_epoch_resumes_to_the_unbroken_run(
-    synth_dataset, tmp_path, monkeypatch, stop_in
+    synth_dataset, tmp_path, monkeypatch, stop_in, unbroken_run
 ) -> None:
     """Killed between its checkpoint and its history (either order), a run resumed to the
     end has every epoch's row once, and the weights of a run never stopped."""
     import mlseg.train
 
-    cfg = _cfg(max_steps=6, val_every=2)
-    fit(cfg, synth_dataset, tmp_path / "unbroken", progress=False)
+    cfg = _cfg(**_STOPPED_RUN)
     real = getattr(mlseg.train, stop_in)
 
     def stop_at_step_4(run_or_history, *args, **kwargs):
@@ -877,14 +891,14 @@ def test_a_run_stopped_at_the_end_of_an_epoch_resumes_to_the_unbroken_run(
         fit(cfg, synth_dataset, tmp_path / "stopped", progress=False)
     monkeypatch.setattr(mlseg.train, stop_in, real)
     resumed = fit(cfg, synth_dataset, tmp_path / "stopped", progress=False)
-    unbroken = pd.read_csv(tmp_path / "unbroken" / "history.csv")
+    unbroken = pd.read_csv(unbroken_run / "history.csv")
     timing = ["images_per_s", "elapsed_s"]
     assert list(resumed.history["step"]) == [2, 4, 6]
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "stopped" / "history.csv").drop(columns=timing),
         unbroken.drop(columns=timing),
     )
-    one, two = _weights(tmp_path / "unbroken"), _weights(tmp_path / "stopped")
+    one, two = _weights(unbroken_run), _weights(tmp_path / "stopped")
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
