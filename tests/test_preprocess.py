@@ -23,6 +23,7 @@ from mlseg.preprocess import (
     reinhard,
     rescale,
     rescale_labels,
+    resize_labels,
     zscore,
 )
 
@@ -60,6 +61,35 @@ def test_rescale_area_average_when_downsampling() -> None:
     img = np.zeros((4, 4, 1), np.float32)
     img[::2, ::2] = 1.0  # checkerboard of period 2: the true 2x average is 0.25 everywhere
     assert np.allclose(rescale(img, 1.0, 2.0), 0.25)
+
+
+def test_downsampling_by_a_third_averages_each_three_pixels() -> None:
+    """A 60x image for a 20x model: one bright row in three is a third everywhere, not the
+    rows that sampling keeps (at a half, sampling between two pixels averages them too)."""
+    img = np.zeros((9, 9, 1), np.float32)
+    img[1::3] = 1.0
+    assert np.allclose(rescale(img, 1.0, 3.0), 1.0 / 3.0, atol=1e-5)
+
+
+def test_rescale_gives_the_nearest_whole_size() -> None:
+    img = np.zeros((31, 45, 3), np.uint8)
+    assert rescale(img, 1.6, 1.0).shape == (50, 72, 3)  # 49.6 x 72.0
+    assert rescale_labels(img[..., 0], 1.6, 1.0).shape == (50, 72)
+
+
+def test_labels_mapped_back_from_an_enlarged_grid_stay_where_the_nucleus_is() -> None:
+    """Labels found on an image enlarged 2.5-4x (:func:`rescale`, centre-aligned) and mapped
+    back by :func:`resize_labels` cover the nucleus they were found on, not a copy shifted
+    up and left by up to half a pixel."""
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((yy - 19.5) ** 2 + (xx - 19.5) ** 2 <= 8**2).astype(np.float32)
+    for factor in (2.5, 3.0, 4.0):
+        work = (rescale(disc, 1.0, 1.0 / factor) > 0.5).astype(np.int32)
+        back = resize_labels(work, disc.shape)
+        assert np.allclose(ndimage.center_of_mass(back), (19.5, 19.5), atol=0.1)
+        assert (back != disc).sum() <= 4
 
 
 def test_rescale_labels_nearest_keeps_label_set() -> None:
@@ -266,6 +296,18 @@ def test_a_dab_positive_nucleus_stays_a_nucleus_for_a_nuclear_ihc_marker() -> No
     ):
         assert before[positive].mean() < 0.5 * before[negative].mean()
         assert np.allclose(before[negative].mean(), nuclear[negative].mean(), rtol=0.05)
+
+
+def test_macenko_leaves_glass_with_a_speck_of_stain_alone() -> None:
+    """50 stained pixels (dust, a speck of tissue) on glass are too few to estimate two
+    stains from: the field is left as it is, not recoloured by vectors fitted to the speck."""
+    rng = np.random.default_rng(0)
+    stains = MACENKO_REF_STAINS / np.linalg.norm(MACENKO_REF_STAINS, axis=0)
+    conc = np.stack([rng.uniform(0.2, 1.8, 50), rng.uniform(0.1, 0.9, 50)])
+    glass = np.full((64, 64, 3), 0.95, np.float32)
+    glass[:5, :10] = np.exp(-(stains @ conc)).T.reshape(5, 10, 3)
+    assert macenko_stains(glass) is None
+    np.testing.assert_array_equal(macenko(glass), glass)
 
 
 def test_macenko_leaves_blank_images_alone() -> None:
