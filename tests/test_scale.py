@@ -271,6 +271,17 @@ def test_estimated_scale_applies_the_profiles_micron_size_limits():
     assert labels.max() == 16 + 120
 
 
+def test_micron_size_limits_apply_at_the_estimated_pixel_size_of_an_enlarged_image():
+    """Nuclei half the model's size put the image at twice its pixel size (0.5 um): there
+    the 16 nuclei of 12 um are nuclei and the specks of 3 um go; at half the model's pixel
+    size instead, every nucleus was under 8 um2."""
+    image = he_like(nuclei_and_debris())
+    meta = {"nucleus_diameter_px": 48.0, META_STAT_KEY: "trimmed"}
+    labels, _, est = predict_labels_scaled(stand_in(meta, 0.25), image, get_profile("he"), CPU)
+    assert est.source == "estimated" and est.factor == pytest.approx(2.0, rel=0.1)
+    assert len(np.unique(labels)) - 1 == 16
+
+
 def test_pixel_sizes_win_over_estimation_and_map_back():
     truth = discs(8, size=200)
     loaded = stand_in({"nucleus_diameter_px": 50.0}, pixel_size_um=0.25)
