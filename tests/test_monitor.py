@@ -106,6 +106,32 @@ def test_warning_between_the_two_thresholds(he_fingerprint: dict) -> None:
     assert report.status == "warn"
 
 
+def test_a_psi_that_reaches_a_threshold_takes_its_status() -> None:
+    """MonitorConfig: a statistic drifts when its PSI *reaches* psi_warn / psi_fail (a
+    batch of the brightest training-like images: inside the training range, so only the
+    thresholds decide)."""
+    training = pd.DataFrame({column: np.linspace(0.0, 1.0, 40) for column in STAT_COLUMNS})
+    prints = _fingerprint_of(training)
+    new = pd.DataFrame({"mean_c0": np.linspace(0.7, 1.0, 12)})
+    only = {"statistics": ("mean_c0",)}
+    psi = monitor.drift_report(new, prints, MonitorConfig(**only)).table["psi"].iloc[0]
+    at_warn = MonitorConfig(psi_warn=psi, psi_fail=psi * 2, **only)
+    assert monitor.drift_report(new, prints, at_warn).status == "warn"
+    at_fail = MonitorConfig(psi_warn=psi / 2, psi_fail=psi, **only)
+    assert monitor.drift_report(new, prints, at_fail).status == "fail"
+
+
+def test_the_training_images_themselves_show_no_drift() -> None:
+    """Values on the fingerprint's decile edges (repeated values: counts, dark pixels) are
+    binned as the fingerprint binned them: the training set compared with itself has PSI 0."""
+    values = np.arange(40) % 7 / 100.0
+    stats = pd.DataFrame({column: values for column in STAT_COLUMNS})
+    report = monitor.drift_report(stats, _fingerprint_of(stats), MonitorConfig())
+    judged = report.table[report.table["statistic"].isin(STAT_COLUMNS)]
+    assert judged["psi"].tolist() == pytest.approx([0.0] * len(STAT_COLUMNS))
+    assert report.status == "ok", report.message
+
+
 def test_too_few_images_are_not_tested_but_one_unlike_any_trained_on_warns(
     he_fingerprint: dict,
 ) -> None:
