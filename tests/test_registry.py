@@ -326,6 +326,17 @@ def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_pa
     assert all(d["reason"] for d in log)
 
 
+def test_where_lower_is_better_only_a_lower_score_is_promoted(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.80, tag="a"))
+    higher = _register(tmp_path, registry, 0.85, tag="b")
+    assert not reg.champion_challenger(registry, higher, higher_is_better=False).promoted
+    lower = _register(tmp_path, registry, 0.70, tag="c")
+    decision = reg.champion_challenger(registry, lower, higher_is_better=False)
+    assert decision.promoted and "lower is better" in decision.reason
+    assert reg.production(registry).version == lower.version
+
+
 def test_a_model_that_found_no_nucleus_on_the_evaluation_set_is_never_promoted(
     tmp_path: Path,
 ) -> None:
