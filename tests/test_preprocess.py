@@ -583,3 +583,58 @@ def test_a_reinhard_reference_of_blank_glass_is_refused(tmp_path) -> None:
     tissue = (_he_image(MACENKO_REF_STAINS, seed=6) * 255).astype(np.uint8)
     with pytest.raises(ConfigError, match="glass.png.*too little stained tissue"):
         normalize(tissue, PreprocessConfig(stain_norm="reinhard", stain_reference=glass))
+
+
+def _haematoxylin_99th(rgb: np.ndarray) -> float:
+    """The 99th-percentile haematoxylin of an image, unmixed with the reference stains."""
+    od = -np.log(np.clip(rgb.reshape(-1, 3).astype(np.float64), 1 / 255, 1))
+    return float(np.percentile(np.linalg.pinv(MACENKO_REF_STAINS) @ od.T, 99, axis=1)[0])
+
+
+def test_macenko_renders_the_densest_nuclei_at_the_references_99th_percentile() -> None:
+    """Nuclei are a few percent of the tissue, the densest dark enough that green is at
+    4-6 of 255: normalised, the image's 99th-percentile haematoxylin is the reference's
+    (1.97). Taken at the 90th percentile (the light tissue), or with the pixels dark in one
+    channel left out as black, haematoxylin's gain was 3-5x and the nuclei came out black
+    (their brightest channel under 0.001)."""
+    rng = np.random.default_rng(0)
+    n = 64 * 64
+    nuclei = rng.random(n) < 0.05
+    h = np.where(nuclei, rng.uniform(5.0, 5.5, n), rng.uniform(0.1, 0.5, n))
+    conc = np.stack([h, rng.uniform(0.1, 0.5, n)])
+    image = np.exp(-(MACENKO_REF_STAINS @ conc)).T.reshape(64, 64, 3).astype(np.float32)
+    assert image[..., 1].reshape(-1)[nuclei].max() < 8 / 255 < image[..., 0].min()
+    assert _haematoxylin_99th(macenko(image)) == pytest.approx(MACENKO_REF_MAX_CONC[0], rel=0.05)
+
+
+def test_macenko_leaves_out_a_background_tinted_in_one_channel_only() -> None:
+    """A yellowish background absorbs blue only (optical density 0.4 there, 0.03 in red and
+    green): it is not stained tissue, and the tissue beside it is normalised as alone."""
+    tissue = _he_image(MACENKO_REF_STAINS, seed=8)
+    padded = np.empty((64, 128, 3), np.float32)
+    padded[:, 64:] = tissue
+    padded[:, :64] = np.exp(-np.array([0.03, 0.03, 0.4]))
+    np.testing.assert_allclose(macenko(padded)[:, 64:], macenko(tissue), atol=1e-6)
+
+
+def test_macenko_colours_stay_in_0_1_for_pixels_no_stain_mix_gives() -> None:
+    """Pixels of colours no mix of the two stains makes (a pen mark, debris) unmix to a
+    negative concentration; mixed again with the reference stains they reached 2.3 (45 of
+    205 such pixels above 1): the model input stays within [0, 1]."""
+    image = _he_image(MACENKO_REF_STAINS, seed=1)
+    rng = np.random.default_rng(0)
+    odd = rng.random(image.shape[:2]) < 0.05
+    image[odd] = rng.random((int(odd.sum()), 3))
+    out = macenko(image)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_a_grey_model_sees_an_rgb_composite_as_the_mean_of_its_channels() -> None:
+    """DAPI in blue and a marker in green, red empty, given to a model of one channel: it
+    sees their mean, not the empty first channel (a black image)."""
+    composite = np.zeros((8, 8, 3), np.uint8)
+    composite[2:5, 2:5, 2] = 240
+    composite[4:7, 4:7, 1] = 120
+    out = normalize(composite, PreprocessConfig(), "fluorescence", channels=1)
+    assert out.shape == (8, 8, 1)
+    np.testing.assert_allclose(out[..., 0], composite.mean(axis=2) / 255.0, atol=1e-6)
