@@ -226,6 +226,37 @@ def test_auto_scale_keeps_a_plausible_pass_when_its_refinement_is_not():
     assert labels is truth and est.factor == seen[1] and est.source == "estimated"  # ... no
 
 
+def test_auto_scale_judges_every_pass_against_the_native_nuclei():
+    """A model that cuts the nuclei a little finer at each enlargement: 19.7 px natively,
+    15.7 px at the first factor (0.80 of the native: plausible), 13.6 px at the next (0.69
+    of the native, though 0.87 of the pass before): that pass is rejected, the first kept."""
+    passes = {1: discs(10), 2: discs(8), 3: discs(7)}
+    seen = []
+
+    def predict(factor: float) -> np.ndarray:
+        seen.append(factor)
+        return passes[len(seen)]
+
+    labels, est = auto_scale(predict, reference_px=48.0, passes=2)
+    assert len(seen) == 3 and seen[2] > seen[1] > 1.0
+    assert labels is passes[2] and est.factor == seen[1] and est.source == "estimated"
+
+
+def test_auto_scale_at_the_enlargement_limit_predicts_there_once():
+    """Nuclei of 3.4 px for a model of 48: the factor is clipped to 4, where they still
+    look small; predicting again at 4x (16x the pixels) would give the same labels."""
+    tiny = discs(2, size=64)
+    seen = []
+
+    def predict(factor: float) -> np.ndarray:
+        seen.append(factor)
+        return tiny
+
+    labels, est = auto_scale(predict, reference_px=48.0, passes=3)
+    assert seen == [1.0, 4.0]
+    assert labels is tiny and est.factor == 4.0 and est.passes == 2
+
+
 # ----------------------------------------------------------------------------- predict_labels
 def test_auto_scale_recovers_half_and_keeps_the_original_grid():
     truth = discs(12)  # nuclei 24 px across; the "model" was trained on 12 px nuclei
