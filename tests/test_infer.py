@@ -410,6 +410,31 @@ def test_banded_labels_match_whole_image_labels():
     assert pairs.shape[1] == whole.max() + 1
 
 
+@pytest.mark.parametrize("halo", [15, 40])
+def test_nuclei_starting_on_a_band_boundary_are_labelled_once(halo):
+    """Nuclei 15 rows tall whose top row is a band's last core row, the next band's first,
+    or the one after, with halos from their height up: each is labelled once, by the band
+    its top row lies in, with the ids 1..n of the whole-image labelling (kept by both bands,
+    one on the boundary took an id the second could not write: ids up to 18 for 15)."""
+    h, w, r = 260, 200, 7
+    tops = [b + d for b in (64, 128, 192) for d in (-15, -8, -1, 0, 1)]
+    yy, xx = np.mgrid[:h, :w]
+    image = np.zeros((h, w, 1), np.float32)
+    for i, top in enumerate(tops):
+        image[(yy - top - r) ** 2 + (xx - 12 - (i * 24) % (w - 24)) ** 2 <= r * r] = 1
+    cfg = CFG.model_copy(update={"band_rows": 64, "halo_px": halo})
+    args = {"pixel_size_um": None, "min_area_px": 10, "max_area_px": 10_000}
+    ws = WatershedConfig()
+    whole = probs_to_labels(predict_probs(BlobModel(), image, cfg), "three_class", ws, **args)
+    banded = predict_labels_banded(
+        BlobModel(), image, cfg, target="three_class", watershed=ws, **args
+    )
+    assert whole.max() == len(tops)
+    np.testing.assert_array_equal(np.unique(banded), np.arange(len(tops) + 1))
+    pairs = np.unique(np.stack([whole.ravel(), banded.ravel()]), axis=1)
+    assert pairs.shape[1] == len(tops) + 1  # the same nuclei, each whole
+
+
 @pytest.mark.slow
 def test_8192_image_with_bounded_memory():
     """8192 x 8192 (uint8 input, cast per tile): labels without the 805 MB probability map.
