@@ -352,3 +352,89 @@ def test_prefetching_on_cuda_hands_out_the_batches_drawn_in_turn() -> None:
 
     for (xa, ya), (xb, yb) in zip(three(prefetch=True), three(prefetch=False), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize(
+    "update", [{"scale_p": 1.0}, {"rotate_p": 1.0}, {"elastic_p": 1.0, "elastic_px": 4.0}]
+)
+def test_the_target_is_the_source_pixel_nearest_where_the_image_is_read(update) -> None:
+    """Channels 0-1 of the image are each pixel's column and row, so the (bilinear) image
+    says where each output pixel was read; the target, one id per source pixel, must hold
+    the id of the source pixel nearest there: no half-pixel shift against the image, and
+    no id that is a blend of neighbours."""
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size]
+    ids = (yy * size + xx).astype(np.int64)
+    image = np.stack([xx, yy, np.zeros_like(xx)], axis=2).astype(np.float32)
+    cfg = GEOMETRY_ONLY.model_copy(update=update)
+    for seed in range(3):
+        x, y = augment_pair(image, ids, cfg, seed=seed, patch=32)
+        sx, sy = x[..., 0].astype(np.float64), x[..., 1].astype(np.float64)
+        clear = (np.abs(sx % 1 - 0.5) > 0.01) & (np.abs(sy % 1 - 0.5) > 0.01)  # no rounding tie
+        nearest = np.rint(sy).astype(np.int64) * size + np.rint(sx).astype(np.int64)
+        assert clear.mean() > 0.8
+        assert np.array_equal(y[clear], nearest[clear]), f"seed {seed}"
+
+
+def test_each_geometric_step_applies_to_its_share_and_zooms_alike_in_both_axes() -> None:
+    """rotate_p, scale_p and elastic_p each pick about that share of the patches, and a
+    zoom scales both axes alike (nuclei keep their shape)."""
+    batch, p = 400, 0.3
+    off = GEOMETRY_ONLY.model_copy(
+        update={"flips": False, "rot90": False, "scale_p": 0.0, "rotate_p": 0.0}
+    )
+
+    def draw(**update):
+        cfg = off.model_copy(update=update)
+        return draw_params(batch, 16, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+
+    m = draw(rotate_p=p).matrix.double()
+    rotated = (m[:, 0, 1].abs() > 1e-6).double().mean()  # -sin of the free angle
+    m = draw(scale_p=p).matrix.double()
+    scaled = ((m[:, 0, 0] - 1).abs() > 1e-6).double().mean()
+    elastic = draw(elastic_p=p, elastic_px=4.0).elastic
+    warped = (elastic.flatten(1).abs().amax(1) > 0).double().mean()
+    for share in (rotated, scaled, warped):
+        assert abs(float(share) - p) < 0.08
+    assert draw().elastic is None and torch.equal(draw().matrix, torch.eye(2).expand(batch, 2, 2))
+    m = draw(rotate_p=1.0, scale_p=1.0, flips=True).matrix.double()
+    gram = m.transpose(1, 2) @ m  # a rotation/flip times one scale: s**2 * I
+    s2 = gram[:, 0, 0]
+    assert torch.allclose(gram, s2[:, None, None] * torch.eye(2, dtype=torch.float64), atol=1e-5)
+    assert s2.sqrt().min() < 0.6 and s2.sqrt().max() > 1.8  # scale_range (0.5, 2.0)
+
+
+def test_photometric_jitter_goes_both_ways_within_its_range() -> None:
+    """Brighter and darker, more and less contrast, gamma, stain stronger and weaker: each
+    drawn across its whole configured range, on both sides of the identity."""
+    cfg = AugmentConfig(
+        color_p=1.0, hed_p=1.0, blur_p=1.0, noise_p=1.0, brightness=0.2, contrast=0.3, gamma=0.4
+    )
+    p = draw_params(400, 16, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+
+    def spans(values: torch.Tensor, lo: float, hi: float) -> None:
+        v = values.flatten().double()
+        quarter = (hi - lo) / 4
+        assert v.min() >= lo - 1e-6 and v.max() <= hi + 1e-6
+        assert v.min() < lo + quarter and v.max() > hi - quarter
+
+    spans(p.color.values["brightness"], 0.8, 1.2)
+    spans(p.color.values["contrast"], 0.7, 1.3)
+    spans(p.color.values["gamma"].log(), -0.4, 0.4)
+    spans(p.hed.values["scale"], 1 - cfg.hed_jitter, 1 + cfg.hed_jitter)
+    spans(p.hed.values["shift"], -cfg.hed_jitter, cfg.hed_jitter)
+    spans(p.blur.values["sigma"], *cfg.blur_sigma)
+    noise_std = p.noise.values["noise"].flatten(1).std(1) / cfg.noise_std  # of 768 values
+    assert noise_std.min() < 0.25 and 0.75 < noise_std.max() < 1.1
+
+
+def test_contrast_keeps_each_patch_s_mean() -> None:
+    cfg = AugmentConfig(
+        **{**NO_PHOTOMETRY, "color_p": 1.0}, brightness=0.0, contrast=0.5, gamma=0.0
+    )
+    x = torch.rand(8, 3, 16, 16) * 0.5 + 0.25
+    p = draw_params(8, 16, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+    y = photometric(x, p, cfg)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5)
+    factor = p.color.values["contrast"].flatten()
+    assert torch.allclose(y.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)) * factor, rtol=1e-4)
