@@ -660,3 +660,62 @@ def test_one_path_given_for_a_list_of_images_is_refused_not_read_letter_by_lette
         with pytest.raises(ValueError, match=r"one path .*new.*list_new_images\(folder\)"):
             monitor.recent_images(given, tmp_path, 7)
     assert len(monitor.image_stats_table(monitor.list_new_images(folder))) == 1
+
+
+def test_a_fraction_s_training_values_and_shares_just_above_them_count_in_its_bins() -> None:
+    """The merged bins of a ``*_fraction`` statistic hold every training value, the
+    maximum included, and a share up to FRACTION_MARGIN above the maximum counts with it,
+    not in an empty bin (where it would read as drift)."""
+    training = np.linspace(0.0, 0.2, 30)
+    edges = np.quantile(training, np.linspace(0.0, 1.0, 11))
+    edges, counts = monitor.fraction_bins(edges, np.histogram(training, edges)[0])
+    assert np.array_equal(monitor.open_bin_counts(training, edges), counts)
+    assert monitor.psi(counts, monitor.open_bin_counts(training, edges)) == 0.0
+    top = monitor.open_bin_counts([0.2, 0.2 + 0.9 * monitor.FRACTION_MARGIN], edges)
+    assert top.max() == 2 and counts[top.argmax()] > 0
+
+
+def _exact_ks_p_value(reference: list[int], new: list[int]) -> float:
+    """Exact permutation p-value of the binned Kolmogorov-Smirnov distance (every split of
+    the pooled images, weighted by its multivariate hypergeometric probability)."""
+    import itertools
+    import math
+    from fractions import Fraction
+
+    def distance(e, a) -> Fraction:
+        ce = np.cumsum(e).tolist()
+        ca = np.cumsum(a).tolist()
+        return max(
+            abs(Fraction(x, ca[-1]) - Fraction(y, ce[-1])) for x, y in zip(ca, ce, strict=True)
+        )
+
+    pooled = [r + n for r, n in zip(reference, new, strict=True)]
+    observed, mass = distance(reference, new), 0
+    for draw in itertools.product(*(range(p + 1) for p in pooled)):
+        if sum(draw) == sum(new):
+            rest = [p - d for p, d in zip(pooled, draw, strict=True)]
+            if distance(rest, draw) >= observed:
+                mass += math.prod(math.comb(p, d) for p, d in zip(pooled, draw, strict=True))
+    return mass / math.comb(sum(pooled), sum(new))
+
+
+@pytest.mark.parametrize(
+    "reference, new",
+    [([0, 2, 3], [5, 1, 4]), ([4, 4, 4, 4, 4], [0, 0, 5, 1, 2])],  # tied distances; one side
+)
+def test_the_permutation_p_value_is_the_exact_kolmogorov_smirnov_one(reference, new) -> None:
+    """The batch test's p-value is that of the largest gap between the two binned CDFs,
+    splits as far apart as the batch counted (ties in floating point too), within the
+    Monte-Carlo error of 5,000 draws."""
+    p = monitor.permutation_p_value(
+        np.array(reference), np.array(new), 5000, np.random.default_rng(0)
+    )
+    assert p == pytest.approx(_exact_ks_p_value(reference, new), abs=0.02)
+
+
+def test_a_batch_like_the_training_set_has_p_1_and_no_batch_has_p_0() -> None:
+    rng = np.random.default_rng(0)
+    reference = np.array([10, 10, 10, 10])
+    assert monitor.permutation_p_value(reference, np.array([2, 2, 2, 2]), 200, rng) == 1.0
+    far = monitor.permutation_p_value(reference, np.array([0, 0, 0, 40]), 200, rng)
+    assert far == 1 / 201  # the observed split counts among the permutations
