@@ -438,3 +438,20 @@ def test_contrast_keeps_each_patch_s_mean() -> None:
     assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5)
     factor = p.color.values["contrast"].flatten()
     assert torch.allclose(y.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)) * factor, rtol=1e-4)
+
+
+def test_each_photometric_step_applies_to_about_its_share_of_the_patches() -> None:
+    p = 0.3
+    cfg = AugmentConfig(
+        color_p=p,
+        hed_p=p,
+        haematoxylin_gain_p=p,
+        nucleus_fade_p=p,
+        blur_p=p,
+        sharpen_p=p,
+        noise_p=p,
+    )
+    params = draw_params(400, 8, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+    for step in ("fade", "gain", "hed", "color", "blur", "sharpen", "noise"):
+        share = len(getattr(params, step).index) / 400
+        assert abs(share - p) < 0.08, step
