@@ -18,6 +18,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_training_curves_drawn(monkeypatch) -> None:
+    """Every validation of a trial redrew its training_curves.png (matplotlib: about a CPU
+    second each, no test here looks at it; test_train.py and test_plots.py do): a search's
+    ranking, table and best_config.yaml do not depend on the drawing."""
+    import mlseg.plots
+
+    monkeypatch.setattr(mlseg.plots, "plot_history", lambda history, path: path)
+
+
 def test_candidates_grid_and_random() -> None:
     space = {"train.lr": [1e-4, 1e-3], "train.encoder": ["resnet18", "resnet34"]}
     grid = candidates(space, None, "grid", 0)
