@@ -37,11 +37,13 @@ def _small_checkpoint(folder, pixel_size_um: float | None = None):
     return folder
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One untrained checkpoint for the module, built and saved once: tests only read it (a
+    test that edits its config copies the folder first)."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    return _small_checkpoint(tmp_path / "model")
+    return _small_checkpoint(tmp_path_factory.mktemp("evaluate") / "model")
 
 
 def test_score_labels_columns_and_values() -> None:
