@@ -15,8 +15,10 @@ from mlseg.outputs import (
     IHC_CLASSES,
     IHC_OVERLAY_COLOURS,
     class_lookup,
+    display_rgb,
     geojson_text,
     image_done,
+    nuclei_table,
     outline_mask,
     overlay,
     polygons,
@@ -199,8 +201,24 @@ def test_overlay_outlines_and_ihc_colours():
     coloured = overlay(image, labels, classes)
     assert (coloured[edge & (labels == 7)] == IHC_OVERLAY_COLOURS[3]).all()
     assert (coloured[edge & (labels == 8)] == IHC_OVERLAY_COLOURS[0]).all()
+    # the README's legend: dark blue Negative, yellow 1+, red-orange 2+, pink 3+
+    negative, one, two, three = (np.array(c, int) for c in IHC_OVERLAY_COLOURS)
+    assert negative[2] > max(negative[:2]) and negative.max() < 128
+    assert min(one[:2]) > 200 and one[2] < 64
+    assert two[0] > 200 and 32 <= two[1] < 128 and two[2] < 64
+    assert three[0] > 200 and three[2] > three[1] > 64
     grey16 = np.full((*labels.shape, 1), 40000, np.uint16)
     assert overlay(grey16, labels).shape == (*labels.shape, 3)
+
+
+def test_a_16_bit_overlay_shows_the_nuclei_beside_one_saturated_pixel():
+    """16-bit images are stretched between percentiles, not their extremes: one hot pixel
+    (a cosmic ray, a dead sensor pixel) would leave every nucleus black in the overlay."""
+    image = np.full((40, 40), 100, np.uint16)
+    image[10:20, 10:20] = 1000  # a nucleus, a quarter of the image
+    image[0, 0] = 65535
+    shown = display_rgb(image)
+    assert shown[15, 15].min() == 255 and shown[30, 30].max() == 0
 
 
 def test_ihc_overlay_classes_stay_apart_for_colour_blind_viewers():
@@ -257,6 +275,8 @@ def _outputs(tmp_path, labels, image, profile_name="he"):
         model="best.safetensors@0123456789abcdef",
         input_digest="fedcba9876543210",
         mlseg_version="0.1.0+g0123456789ab",
+        started_at="2026-12-06T13:00:00+0000",
+        finished_at="2026-12-06T13:00:02+0000",
     )
     return write_image_outputs(tmp_path, "img1", image, labels, table, summary), table
 
@@ -469,6 +489,8 @@ def test_an_unreadable_image_table_is_named_not_silently_left_out(tmp_path):
     with pytest.warns(UserWarning, match=r"img1_nuclei.parquet: unreadable .* delete img1.json"):
         table = read_nuclei(tmp_path, written)
     assert table.empty
+    # the run's only image unreadable: its nuclei.parquet still has the column readers join on
+    assert list(nuclei_table([table]).columns) == ["image"]
 
 
 def test_parquet_tables_copied_out_alone_say_what_made_them(tmp_path):
@@ -482,7 +504,9 @@ def test_parquet_tables_copied_out_alone_say_what_made_them(tmp_path):
     written, table = _outputs(tmp_path, labels, image)
     record = pq.read_schema(tmp_path / written["outputs"]["parquet"]).metadata[b"mlseg"]
     made = json.loads((tmp_path / "img1.json").read_text())
-    assert json.loads(record) == {k: v for k, v in made.items() if k != "seconds"}
+    # when is <stem>.json's to say: a rerun at the same numbers writes the same bytes
+    when = ("seconds", "started_at", "finished_at")
+    assert json.loads(record) == {k: v for k, v in made.items() if k not in when}
     assert len(pd.read_parquet(tmp_path / written["outputs"]["parquet"])) == len(table)
     run_info = {"command": "segment", "model": "best.safetensors@0123", "processed": ["img1"]}
     timed = {**run_info, "started_at": "2026-12-06T13:00:00+0000"}
