@@ -58,6 +58,7 @@ def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> N
     listed = reg.list_models(registry)
     assert [m.tag for m in listed] == ["nuclei@v1", "nuclei@v2"]
     assert reg.show(registry, "nuclei", "v2") == v2
+    assert reg.show(registry, "nuclei", " V2 ") == v2  # as typed on a command line
     assert reg.show(registry, "nuclei", "latest").version == 2
 
 
