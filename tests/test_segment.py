@@ -1724,3 +1724,54 @@ def test_cli_stain_tta_is_refused_where_it_would_change_nothing(tmp_path, capsys
     assert "profile 'fluorescence' is for fluorescence images" in capsys.readouterr().err
     assert not (tmp_path / "seg-plain-he").exists()
     assert segment("macenko", "he") == 0
+
+
+def test_a_resampled_image_is_streamed_by_its_size_on_the_grid_the_model_sees(oracle):
+    """Memory follows the resampled image: a 100x120 tile at twice the model's pixel size is
+    enlarged to 200x240, over ``stream_min_pixels`` though the tile is under it, so it is
+    labelled band by band, and its labels come back on the tile's own (non-square) grid with
+    every disc; a tile of exactly ``stream_min_pixels`` is not "over" it and keeps its
+    probabilities."""
+    image, truth = disc_image(100, 120)
+    half = LoadedModel(**{**oracle.__dict__, "pixel_size_um": 0.25})
+    cfg = oracle.config.inference.model_copy(
+        update={"stream_min_pixels": 20000, "band_rows": 64, "halo_px": 16}
+    )
+    labels, probs = predict_labels(half, image, HE, cfg, pixel_size_um=0.5)
+    assert probs is None
+    assert labels.shape == truth.shape and labels.max() == truth.max()
+    at_limit = cfg.model_copy(update={"stream_min_pixels": 100 * 120})
+    labels, probs = predict_labels(oracle, image, HE, at_limit)
+    assert probs is not None and labels.max() == truth.max()
+
+
+def test_a_binary_model_splits_touching_nuclei_alike_at_every_scale(oracle):
+    """A binary model's nuclei are split where their centres lie ``min_distance_um`` apart,
+    measured at the pixel size of the grid the model sees: two touching nuclei of a
+    0.25 um tile segmented by a 0.5 um model (resampled by 0.5) are two, as at the tile's
+    own scale; with the tile's pixel size taken for the halved grid's they merged into one."""
+
+    class DarkIsForeground(nn.Module):
+        def forward(self, x):
+            return 12.0 * (0.6 - x.mean(1, keepdim=True))
+
+    yy, xx = np.mgrid[:80, :100]
+    image = np.full((80, 100, 3), (235, 225, 235), np.uint8)
+    for cx in (30, 48):
+        image[(yy - 40) ** 2 + (xx - cx) ** 2 <= 12**2] = (90, 50, 130)
+    fields = {**oracle.__dict__, "model": DarkIsForeground().eval(), "target": "binary"}
+    for model_px in (0.25, 0.5):
+        binary = LoadedModel(**{**fields, "classes": 1, "pixel_size_um": model_px})
+        labels, _ = predict_labels(binary, image, HE, oracle.config.inference, pixel_size_um=0.25)
+        assert labels.max() == 2, model_px
+
+
+def test_a_black_sixteen_bit_tile_is_named_against_its_own_full_scale():
+    """Black is a tenth of the image's full scale: a 16-bit scanner border tile of noise
+    around 2,000 (of 65,535; one hot pixel saturated) is named like its 8-bit copy, where
+    against 8-bit's 255 nothing of it was black."""
+    rng = np.random.default_rng(0)
+    black = np.clip(rng.normal(2000, 500, (32, 32, 3)), 0, 65535).astype(np.uint16)
+    black[0, 0] = 65535
+    with pytest.warns(UserWarning, match=r"border\.tif: 100% of it is black"):
+        warn_if_unlit(black, HE, "border.tif")
