@@ -213,6 +213,32 @@ def test_the_transparent_outside_of_a_scan_reads_as_white_glass(tmp_path, suffix
     assert (mask[:, :20] == 1).all() and (mask[:, 20:] == 0).all()
 
 
+def test_the_transparent_outside_of_a_16_bit_scan_reads_as_its_white_not_black(tmp_path):
+    """A 16-bit RGBA scan (a 12-bit camera's, 0-4095) laid over white: its transparent
+    outside is the image's full scale, 4095, not 255 (near black in a 16-bit image)."""
+    import cv2
+
+    rgba = np.zeros((4, 6, 4), np.uint16)
+    rgba[:, :3] = (3000, 1500, 4000, 65535)  # tissue, opaque; the rest transparent black
+    cv2.imwrite(str(tmp_path / "t.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    image = read_image(tmp_path / "t.png")
+    assert image.dtype == np.uint16 and (image[:, :3] == (3000, 1500, 4000)).all()
+    assert (image[:, 3:] == 4095).all()
+
+
+def test_an_image_of_32_bit_integers_keeps_its_values_above_255(tmp_path):
+    """A TIFF of int32 values (as some analysis programs save) is read as the 8- or 16-bit
+    image that holds its values: 256 stays 256, not wrapped to 0 in 8 bits."""
+    import tifffile
+
+    values = np.array([[0, 255], [256, 1]], np.int32)
+    tifffile.imwrite(tmp_path / "i.tif", values)
+    image = read_image(tmp_path / "i.tif")
+    assert image.dtype == np.uint16 and np.array_equal(image[..., 0], values)
+    tifffile.imwrite(tmp_path / "j.tif", values.clip(0, 255))
+    assert read_image(tmp_path / "j.tif").dtype == np.uint8
+
+
 def test_a_grey_png_with_alpha_stays_grey(tmp_path):
     """As the same picture without alpha, or as a TIFF: OpenCV decodes it as BGRA, and it
     came back RGB, so an H&E profile segmented it as a colourless slide (0 nuclei) where
@@ -354,6 +380,20 @@ def test_an_indexed_png_mask_gives_its_indices_not_its_colours(tmp_path):
         indexed.putpalette(palette)
         indexed.save(tmp_path / "m.png")
         assert np.array_equal(read_mask(tmp_path / "m.png"), labels)
+
+
+def test_a_colour_mask_is_refused_whichever_channel_differs(tmp_path):
+    """Only a mask whose three channels agree is grey; one whose blue alone differs (red
+    and green equal) is a colour mask too, not read as its red channel."""
+    import cv2
+
+    for channel in range(3):
+        rgb = np.zeros((4, 4, 3), np.uint8)
+        rgb[1:3, 1:3] = 7
+        rgb[1:3, 1:3, channel] = 9
+        cv2.imwrite(str(tmp_path / f"c{channel}_mask.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        with pytest.raises(ImageReadError, match=rf"c{channel}_mask\.png: colour mask"):
+            read_mask(tmp_path / f"c{channel}_mask.png")
 
 
 def test_an_indexed_png_mask_is_read_whatever_pillows_decompression_bomb_limit(
@@ -761,7 +801,12 @@ def test_an_array_that_a_png_would_not_hold_as_given_is_refused_not_clipped(tmp_
     """OpenCV wrote int32 300 and 70,000 as 255, and float [0, 1] as 0 or 1, in an 8-bit
     PNG, with no error; such arrays are refused naming the file. Integers of 0-255 are
     written as their uint8 copy, as before."""
-    for array in (np.array([[0, 300], [70000, 5]], np.int32), np.full((2, 2), 0.5, np.float32)):
+    arrays = (
+        np.array([[0, 300], [70000, 5]], np.int32),
+        np.array([[0, -1], [20, 5]], np.int16),  # -1 is no 8-bit value either
+        np.full((2, 2), 0.5, np.float32),
+    )
+    for array in arrays:
         with pytest.raises(ValueError, match=r"w\.png: .* convert the array to uint8"):
             write_image(tmp_path / "w.png", array)
     assert list(tmp_path.iterdir()) == []
@@ -794,6 +839,20 @@ def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set
     with pytest.raises(OSError):
         _new_set_written_together(tmp_path, names)
     assert _contents(tmp_path) == dict.fromkeys(names, "previous")
+
+
+def test_a_set_that_cannot_all_be_moved_leaves_none_of_its_new_files(tmp_path, monkeypatch):
+    """A file new to the folder (the previous run wrote no nuclei.parquet), moved in before
+    another could not be, is taken out again: the folder holds the previous set alone, not a
+    table of the failed run beside the previous run's summary."""
+    names = ("histograms.png", "nuclei.parquet", "run.json", "summary.csv")
+    previous = tuple(n for n in names if n != "nuclei.parquet")
+    _set_in(tmp_path, previous, "previous")
+    busy = OSError(errno.EBUSY, "Device or resource busy", str(tmp_path / "summary.csv"))
+    _replace_refused(monkeypatch, tmp_path / "summary.csv", busy)
+    with pytest.raises(OSError):
+        _new_set_written_together(tmp_path, names)
+    assert _contents(tmp_path) == dict.fromkeys(previous, "previous")
 
 
 def _set_in(folder: Path, names: tuple[str, ...], text: str) -> None:
