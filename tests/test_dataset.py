@@ -2,14 +2,16 @@ import numpy as np
 import pytest
 
 from mlseg.dataset import (
+    dataset_fingerprint,
     init_dataset,
     list_pairs,
     mask_kind,
     mask_to_labels,
+    pixels_fingerprint,
     split_pixel_sizes,
 )
-from mlseg.errors import DatasetError
-from mlseg.io import write_image
+from mlseg.errors import ConfigError, DatasetError
+from mlseg.io import read_mask, write_image
 
 
 def make_pair(root, split, stem, size=(16, 20), mask_name=None):
@@ -157,6 +159,15 @@ def test_missing_split_folder_is_clear(tmp_path):
         list_pairs(tmp_path, "train")
 
 
+@pytest.mark.parametrize("split", ["val", "Train"])
+def test_a_split_other_than_train_or_test_is_refused_not_read_as_test(tmp_path, split):
+    """ "val" read the test folder's pairs, named as the split asked for."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "test", "a")
+    with pytest.raises(ConfigError, match=rf"split must be train or test, got '{split}'"):
+        list_pairs(root, split)
+
+
 def test_mask_kinds_and_labels():
     binary = np.zeros((10, 10), np.int32)
     binary[1:3, 1:3] = 255
@@ -168,6 +179,35 @@ def test_mask_kinds_and_labels():
     inst[6:9, 6:9] = 7
     assert mask_kind(inst) == "instance"
     assert set(np.unique(mask_to_labels(inst))) == {0, 7, 255}
+
+
+def test_a_binary_nucleus_whose_pixels_touch_at_corners_is_one_nucleus():
+    """Binary masks are split into 8-connected components, as the contract says: a nucleus
+    outlined in steps (pixels joined at their corners) is one nucleus, not one per step."""
+    binary = np.zeros((8, 8), np.uint8)
+    binary[1:3, 1:3] = binary[3:5, 3:5] = binary[5:7, 5:7] = 255
+    assert set(np.unique(mask_to_labels(binary))) == {0, 1}
+
+
+def test_the_dataset_fingerprint_follows_names_and_masks_not_listing_order(tmp_path):
+    """The training data's identity: a corrected mask or a renamed image changes it, the
+    order the pairs are listed in does not."""
+    root = init_dataset(tmp_path / "ds")
+    for stem in ("a", "b"):
+        make_pair(root, "train", stem)
+    write_image(root / "train" / "original" / "b.png", np.full((16, 20, 3), 9, np.uint8))
+    pairs = list_pairs(root, "train")
+    before = dataset_fingerprint(pairs)
+    assert dataset_fingerprint(pairs[::-1]) == before
+    assert pixels_fingerprint(pairs[::-1]) == pixels_fingerprint(pairs)
+    mask = root / "train" / "masks" / "b_mask.png"
+    write_image(mask, (read_mask(mask) == 0).astype(np.uint16))  # corrected
+    assert dataset_fingerprint(list_pairs(root, "train")) != before
+    for sub, name in (("original", "{}.png"), ("masks", "{}_mask.png")):
+        (root / "train" / sub / name.format("a")).rename(root / "train" / sub / name.format("a1"))
+    renamed = list_pairs(root, "train")
+    write_image(mask, (read_mask(mask) == 0).astype(np.uint16))  # as it was
+    assert [p.stem for p in renamed] == ["a1", "b"] and dataset_fingerprint(renamed) != before
 
 
 def test_one_nucleus_keeps_its_id():
