@@ -147,6 +147,17 @@ def test_every_problem_reported_with_file_names(tmp_path):
     assert "bad-mask.png" in msg
 
 
+def test_files_a_mac_or_windows_hides_are_no_part_of_the_dataset(tmp_path):
+    """A zip made on a Mac leaves ``._a.png`` (AppleDouble metadata, no image) beside each
+    file: hidden files are neither images nor masks to pair."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    for sub, name in (("original", "._a.png"), ("masks", "._a_mask.png"), ("masks", ".b.png")):
+        (root / "train" / sub / name).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (pair,) = list_pairs(root, "train")
+    assert (pair.image.name, pair.mask.name) == ("a.png", "a_mask.png")
+
+
 def test_non_strict_allows_unlabelled_images(tmp_path):
     root = init_dataset(tmp_path / "ds")
     write_image(root / "test" / "original" / "new.png", np.zeros((4, 4, 3), np.uint8))
