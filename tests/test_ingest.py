@@ -118,6 +118,17 @@ def test_split_is_deterministic_and_seeded():
     assert a == assign_splits(list(reversed(stems)), 0.2, seed=3)
     assert sum(v == "test" for v in a.values()) == 10
     assert a != assign_splits(stems, 0.2, seed=4)
+    # a fraction that rounds to every image still leaves one to train on
+    assert sorted(assign_splits(["a", "b"], 0.9, seed=0).values()) == ["test", "train"]
+
+
+def test_a_target_inside_the_source_is_refused_before_anything_is_written(tmp_path):
+    """A dataset made inside its source would be found in it by the next ingest or scan."""
+    src = flat_source(tmp_path / "src", n=2)
+    before = tree_digest(src)
+    with pytest.raises(DatasetError, match="target lies inside the source"):
+        ingest(src, src / "masks" / "ds", progress=False)
+    assert tree_digest(src) == before and not (src / "masks" / "ds").exists()
 
 
 def test_nnunet_layout(tmp_path):
@@ -152,6 +163,7 @@ def test_cellpose_layout_with_tiff(tmp_path):
         img, lab = disk_pair(rng)
         tifffile.imwrite(src / f"cells{i}.tif", img[..., 0].astype(np.uint16) * 100)
         tifffile.imwrite(src / f"cells{i}_masks.tif", lab)
+    tifffile.imwrite(src / "cells0_flows.tif", lab)  # Cellpose's flows beside: no image
     result = ingest(src, tmp_path / "ds", test_fraction=0.34, progress=False)
     assert result.layout == "cellpose" and sum(result.counts.values()) == 3
     pair = (list_pairs(tmp_path / "ds", "train") + list_pairs(tmp_path / "ds", "test"))[0]
@@ -363,6 +375,8 @@ def test_a_pixel_size_table_in_the_wrong_unit_is_refused(tmp_path, written, expe
         ("mask_without_image", "ghost_mask.png: mask without image"),
         ("truncated_image", "img1.png: truncated PNG"),
         ("mask_other_size", "img2_mask.png: mask is 10x10 px but its image is 24x24"),
+        ("mask_other_width", "img2_mask.png: mask is 10x24 px but its image is 24x24"),
+        ("mask_named_for_another", "img0_nuclei_mask.png: mask without image"),
         ("target_not_empty", "target is not empty"),
         ("target_is_a_file", "ds: a file, not a folder"),
     ],
@@ -381,6 +395,10 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, breakage, expected):
         (src / "original" / "img1.png").write_bytes(data[:100])
     elif breakage == "mask_other_size":
         write_image(src / "masks" / "img2_mask.png", np.zeros((10, 10), np.uint8))
+    elif breakage == "mask_other_width":
+        write_image(src / "masks" / "img2_mask.png", np.zeros((24, 10), np.uint8))
+    elif breakage == "mask_named_for_another":  # not img0's: only a GeoJSON takes _nuclei off
+        (src / "masks" / "img0_mask.png").rename(src / "masks" / "img0_nuclei_mask.png")
     elif breakage == "target_not_empty":
         dst.mkdir()
         (dst / "keep.txt").write_text("mine")
@@ -633,3 +651,23 @@ def test_a_disk_that_fills_while_a_dataset_is_made_names_the_dataset_and_leaves_
     monkeypatch.undo()  # space freed
     assert main(argv) == 0
     assert len(list((dst / "train" / "original").iterdir())) > 0
+
+
+def test_a_linked_dataset_on_another_disk_reads_a_source_given_relative(tmp_path, monkeypatch):
+    """With ``link`` where no hard link can be made (the source on another disk), the files
+    are linked symbolically to the source files themselves: a source given relative to the
+    working folder still reads from the dataset, whatever folder the links are in."""
+    flat_source(tmp_path / "src", n=2)
+    monkeypatch.chdir(tmp_path)
+
+    def no_hard_link(src, dst, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(dst))
+
+    monkeypatch.setattr("os.link", no_hard_link)
+    ingest("src", "ds", test_fraction=0.0, link=True, progress=False)
+    monkeypatch.undo()
+    pairs = list_pairs(tmp_path / "ds", "train")
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair.image.is_symlink() and pair.image.resolve().parent == tmp_path / "src/original"
+        assert read_mask(pair.mask).max() > 0
