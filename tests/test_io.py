@@ -826,27 +826,18 @@ def test_a_16_bit_array_a_jpeg_would_not_hold_is_refused_not_clipped(tmp_path):
     assert np.array_equal(read_image(tmp_path / "w.png")[..., 0], grey16)
 
 
+@pytest.mark.parametrize("new_file", [None, "nuclei.parquet"])
 def test_a_set_written_together_that_cannot_all_be_moved_leaves_the_previous_set(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, new_file
 ) -> None:
     """A file of the set that cannot be replaced (held open on a share: EBUSY) once stopped
     the moves with the files before it already the new run's beside the previous run's
-    summary.csv; the previous set stays whole, and nothing is left behind."""
+    summary.csv; the previous set stays whole, and nothing is left behind. A file new to the
+    folder (``new_file``: the previous run wrote no nuclei.parquet), moved in before the
+    refusal, is taken out again, not left as a table of the failed run beside the previous
+    run's summary."""
     names = ("histograms.png", "nuclei.parquet", "run.json", "summary.csv")
-    _set_in(tmp_path, names, "previous")
-    busy = OSError(errno.EBUSY, "Device or resource busy", str(tmp_path / "summary.csv"))
-    _replace_refused(monkeypatch, tmp_path / "summary.csv", busy)
-    with pytest.raises(OSError):
-        _new_set_written_together(tmp_path, names)
-    assert _contents(tmp_path) == dict.fromkeys(names, "previous")
-
-
-def test_a_set_that_cannot_all_be_moved_leaves_none_of_its_new_files(tmp_path, monkeypatch):
-    """A file new to the folder (the previous run wrote no nuclei.parquet), moved in before
-    another could not be, is taken out again: the folder holds the previous set alone, not a
-    table of the failed run beside the previous run's summary."""
-    names = ("histograms.png", "nuclei.parquet", "run.json", "summary.csv")
-    previous = tuple(n for n in names if n != "nuclei.parquet")
+    previous = tuple(n for n in names if n != new_file)
     _set_in(tmp_path, previous, "previous")
     busy = OSError(errno.EBUSY, "Device or resource busy", str(tmp_path / "summary.csv"))
     _replace_refused(monkeypatch, tmp_path / "summary.csv", busy)
