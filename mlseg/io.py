@@ -118,6 +118,10 @@ def link_followed(path: str | os.PathLike) -> Path:
 
 #: What :func:`written_together` names its staging folder after: ``.outputs.<8>.tmp``.
 WRITTEN_TOGETHER = "outputs"
+#: Held in an output folder while a set of files is moved into it (:func:`written_together`;
+#: released with its process, as :data:`mlseg.outputs.RUN_LOCK`): two writers' sets land in
+#: turn, each whole.
+WRITTEN_TOGETHER_LOCK = f".{WRITTEN_TOGETHER}.lock"
 
 
 @contextlib.contextmanager
@@ -126,6 +130,8 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
     files are moved into ``out_dir`` when the block ends: all of them, or none where a write
     fails, the set written before left whole. A failure a person fixes (disk full) raises
     :class:`OutputError` naming ``out_dir``, not the hidden folder."""
+    from filelock import FileLock
+
     out_dir = Path(out_dir)
     # a run killed here left its staging folder (copies of tables, images) in evaluate's,
     # tune's, validate's and monitor's folders for good: only segment's removed them
@@ -135,7 +141,7 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
         yield staging
         # one set moved at a time: two runs into one folder at once (two monitor runs'
         # drift.csv and drift.json, 3 in 200 rounds) left one's file beside the other's
-        with _moving_into(out_dir):
+        with FileLock(out_dir / WRITTEN_TOGETHER_LOCK):
             _move_together(sorted(staging.iterdir()), out_dir, staging / ".previous")
     except (OSError, OutputError) as err:
         said = staged_write_error(err, staging, out_dir)
@@ -144,24 +150,6 @@ def written_together(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise said from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-#: Held in an output folder while a set of files is moved into it (:func:`written_together`).
-WRITTEN_TOGETHER_LOCK = f".{WRITTEN_TOGETHER}.lock"
-
-
-@contextlib.contextmanager
-def _moving_into(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir``'s :data:`WRITTEN_TOGETHER_LOCK` (ends with its process, as
-    :data:`mlseg.outputs.RUN_LOCK`): the sets of two writers are moved in turn, each whole."""
-    from filelock import FileLock
-
-    lock = FileLock(out_dir / WRITTEN_TOGETHER_LOCK)
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _move_together(paths: list[Path], out_dir: Path, previous: Path) -> None:
