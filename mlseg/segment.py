@@ -749,8 +749,8 @@ def declared_sizes(
 
 def carried_sizes(
     pairs: Sequence[tuple[str, Path, Path | None]], consulted: Mapping[str, Path]
-) -> dict[str, float]:
-    """Stem -> the size each label file carries: the record beside it declares
+) -> dict[str, tuple[float, Path]]:
+    """Stem -> ``(size, the file declaring it)`` each label file carries: the record beside it
     (:func:`mlseg.pixel_size.labels_pixel_size_um`: ``<stem>.json`` in a segment output
     folder), plausible or not, else the label TIFF's own metadata, plausible only (a mask
     Fiji saved calibrated, ``unit=micron`` with the resolution tags; a 72-dpi default is no
@@ -758,21 +758,17 @@ def carried_sizes(
     (``consulted``: stem -> the file whose own size counts), is that image's, not read twice."""
     found = {}
     for stem, label, _ in pairs:
-        um = None
-        if labels_sidecar(label, stem) != sidecar_path(consulted[stem]):
+        record = labels_sidecar(label, stem)
+        if record != sidecar_path(consulted[stem]):
             um = labels_pixel_size_um(label, stem)
-        if um is None and Path(label) != Path(consulted[stem]):
+            if um is not None:
+                found[stem] = (um, record)
+                continue
+        if Path(label) != Path(consulted[stem]):
             um = tiff_pixel_size_um(label)
-        if um is not None:
-            found[stem] = um
+            if um is not None:
+                found[stem] = (um, Path(label))
     return found
-
-
-def carrier(label: Path, stem: str) -> Path:
-    """The file whose size :func:`carried_sizes` took for ``label``: its record
-    (:func:`mlseg.pixel_size.labels_sidecar`) where that declares one, else the label file."""
-    sidecar = labels_sidecar(label, stem)
-    return sidecar if labels_pixel_size_um(label, stem) is not None else Path(label)
 
 
 @contextlib.contextmanager
@@ -1197,7 +1193,8 @@ def quantify_folder(
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
     sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
     consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
-    carried = {} if pixel_size_um is not None else carried_sizes(pairs, consulted)
+    carriers = {} if pixel_size_um is not None else carried_sizes(pairs, consulted)
+    carried = {stem: um for stem, (um, _) in carriers.items()}
     uncarried = [p for s, p in consulted.items() if not plausible_pixel_size(carried.get(s))]
     if uncarried or not carried:
         check_units_possible(profile, pixel_size_um, uncarried, sizes)
@@ -1208,7 +1205,7 @@ def quantify_folder(
     declared |= by_labels
     named = {
         **consulted,
-        **{s: carrier(label, s) for s, label, _ in pairs if s in by_labels},
+        **{s: carriers[s][1] for s in by_labels},
     }
     inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
     expect = expectations(profile, None, settings, sizes, declared, inputs)
@@ -1256,7 +1253,7 @@ def quantify_folder(
         ):
             warnings.warn(
                 f"{image_path or path}: measured at the {px:.4g} um per pixel its metadata "
-                f"declares, not the {um:.4g} um that {carrier(path, stem)} records for "
+                f"declares, not the {um:.4g} um that {carriers[stem][1]} records for "
                 f"its labels; pass --pixel-size or --pixel-sizes to measure at the other",
                 stacklevel=2,
             )
