@@ -327,6 +327,33 @@ def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
     assert "contract (an mlseg dataset" in next(line for line in lines if "--layout" in line)
 
 
+def test_pixel_size_help_says_which_of_size_and_table_wins(tmp_path, capsys, monkeypatch):
+    """`mlseg ingest --help` said --pixel-size was the size "for every image", but ingest
+    gives an image listed in --pixel-sizes the table's size (segment and quantify do the
+    reverse, which their help did not say either)."""
+    import pandas as pd
+
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["ingest", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "does not list" in next(line for line in lines if "--pixel-size " in line)
+    for command in ("segment", "quantify"):
+        assert main([command, "--help"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert "overrides --pixel-sizes" in next(line for line in lines if "--pixel-size " in line)
+    src = tmp_path / "src"
+    for stem in ("a", "b"):
+        write_image(src / "original" / f"{stem}.png", np.full((8, 8, 3), 200, np.uint8))
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:6, 2:6] = 1
+        write_image(src / "masks" / f"{stem}_mask.png", mask)
+    (tmp_path / "sizes.csv").write_text("stem,pixel_size_um\na,0.25\n")
+    argv = ["ingest", str(src), str(tmp_path / "ds"), "--pixel-sizes", str(tmp_path / "sizes.csv")]
+    assert main([*argv, "--pixel-size", "0.5"]) == 0
+    manifest = pd.read_csv(tmp_path / "ds" / "manifest.csv").set_index("stem")
+    assert manifest.loc["a", "pixel_size_um"] == 0.25 and manifest.loc["b", "pixel_size_um"] == 0.5
+
+
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_stop_signal_removes_the_file_being_written(tmp_path, monkeypatch, capsys, signame, code):
     """scancel and a SLURM job's time limit send SIGTERM, a closed SSH session or terminal

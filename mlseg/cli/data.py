@@ -60,10 +60,17 @@ def ingest(
     seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
     link: Annotated[bool, typer.Option(help="Hard-link (or symlink) instead of copying.")] = False,
     pixel_sizes: Annotated[
-        Path | None, typer.Option(help="CSV of stem + pixel_size_um per image.")
+        Path | None,
+        typer.Option(
+            help="CSV of image stem + pixel_size_um (or mpp) per image (before --pixel-size)."
+        ),
     ] = None,
     pixel_size: Annotated[
-        float | None, typer.Option(help="Microns per pixel for every image.")
+        float | None,
+        typer.Option(
+            help="Microns per pixel of every image that --pixel-sizes (or the source's own "
+            "table) does not list (before the image's metadata)."
+        ),
     ] = None,
     mask_suffix: Annotated[
         str | None, typer.Option(help="Mask name suffix (default _mask).")

@@ -26,7 +26,8 @@ ProfilesOpt = Annotated[
 PixelOpt = Annotated[
     float | None,
     typer.Option(
-        "--pixel-size", help="Microns per pixel for every image (overrides metadata/profile)."
+        "--pixel-size",
+        help="Microns per pixel for every image (overrides --pixel-sizes, metadata, profile).",
     ),
 ]
 SizesOpt = Annotated[
