@@ -289,6 +289,30 @@ OUTSIDE_OPTIONS = {
 }
 
 
+def _options_of_mlseg_and_flows(capsys) -> set[str]:
+    """Every option of mlseg's commands, of `python -m flows.*` and of bench/scanner_sweep.py."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from flows import demo, pipeline, segment, validate
+    from mlseg.cli import app
+
+    known, commands = set(), [typer.main.get_command(app)]
+    while commands:
+        command = commands.pop()
+        known |= {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        commands += getattr(command, "commands", {}).values()
+    for flow_main in (demo.main, pipeline.main, segment.main, validate.main):
+        with pytest.raises(SystemExit):
+            flow_main(["--help"])
+        known |= set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+    sweep = Path(__file__).resolve().parents[1] / "bench" / "scanner_sweep.py"
+    known |= set(re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)", sweep.read_text("utf-8")))
+    return known
+
+
 def test_every_option_the_readme_names_exists(capsys):
     """An option named anywhere in the README, in prose too (`--no-progress` of `segment`), is
     one of mlseg's commands, of `python -m flows.*`, of bench/scanner_sweep.py or of an outside
@@ -296,27 +320,42 @@ def test_every_option_the_readme_names_exists(capsys):
     import re
     from pathlib import Path
 
-    import typer.main
-
-    from flows import demo, pipeline, segment
-    from mlseg.cli import app
-
-    root_dir = Path(__file__).resolve().parents[1]
-    known, commands = set(OUTSIDE_OPTIONS), [typer.main.get_command(app)]
-    while commands:
-        command = commands.pop()
-        known |= {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
-        commands += getattr(command, "commands", {}).values()
-    for flow_main in (demo.main, pipeline.main, segment.main):
-        with pytest.raises(SystemExit):
-            flow_main(["--help"])
-        known |= set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
-    sweep = (root_dir / "bench" / "scanner_sweep.py").read_text(encoding="utf-8")
-    known |= set(re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)", sweep))
-    readme = (root_dir / "README.md").read_text(encoding="utf-8")
+    known = _options_of_mlseg_and_flows(capsys) | OUTSIDE_OPTIONS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
     assert len(named) >= 30
     assert not named - known, f"README names options no command has: {sorted(named - known)}"
+
+
+# Options of the outside tools mlseg's messages name: docker's --cpus, git's (the registry
+# reads the commit), convmv's (a file name that is not UTF-8).
+MESSAGE_OUTSIDE_OPTIONS = {
+    "--cpus",
+    *("--error-unmatch", "--short", "--porcelain", "--untracked-files"),
+    "--notest",
+}
+
+
+def test_every_option_mlsegs_messages_name_exists(capsys):
+    """An error, warning or help text that tells the user to pass an option ("pass
+    --no-resume", "--budget-steps N to resume it") names one that exists: a renamed option
+    leaves such advice behind in the library, where the README tests do not look."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    known = _options_of_mlseg_and_flows(capsys) | MESSAGE_OUTSIDE_OPTIONS
+    named: dict[str, str] = {}
+    for path in sorted([*root.glob("mlseg/**/*.py"), *root.glob("flows/*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    named.setdefault(option, f"{path.relative_to(root)}:{node.lineno}")
+    assert len(named) >= 20
+    unknown = {o: where for o, where in named.items() if o not in known}
+    assert not unknown, f"messages name options no command has: {unknown}"
 
 
 def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
