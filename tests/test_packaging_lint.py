@@ -768,6 +768,30 @@ def test_readme_deployment_table_matches_prefect_yaml() -> None:
             assert str(params[name].get(key)) == value, (name, key, value)
 
 
+def test_bench_readme_command_lines_use_options_the_scripts_have() -> None:
+    """bench/README.md tells how to rerun each figure (`python bench/quality.py --data ...
+    --budget 1000steps`); an option a script renamed or dropped would make that line fail
+    with argparse's usage error, and the README tests read only the top README."""
+    import ast
+
+    text = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+    lines = re.findall(r"python (bench/\w+\.py)([^`\n]*)", text)
+    assert len(lines) >= 20
+    options: dict[str, set[str]] = {}
+    for script, rest in lines:
+        if script not in options:
+            tree = ast.parse((ROOT / script).read_text(encoding="utf-8"))
+            options[script] = {
+                arg.value
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+                for arg in node.args
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")
+            }
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest))
+        assert named <= options[script] | {"--help"}, (script, sorted(named - options[script]))
+
+
 def test_readme_names_each_schedule_s_time_and_timezone_as_prefect_yaml() -> None:
     """The deployments' cron times are in the zone prefect.yaml names (UTC: 02:00 is 03:00
     or 04:00 in Berlin, by the season); the README's table says when each runs, so a zone
