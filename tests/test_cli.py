@@ -662,3 +662,31 @@ def test_sighup_stays_ignored_under_nohup(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGHUP, before)
     assert seen == [signal.SIG_IGN]
+
+
+def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
+    """Rich read ``[b]`` in a file name as markup: ``slide[b].png`` was printed as
+    ``slide.png``, a file the user could not find."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mlseg.cli.validate import print_report
+
+    outcome = SimpleNamespace(
+        rule="image_has_mask",
+        severity="error",
+        success=False,
+        n_failed=2,
+        n_checked=3,
+        first_failed=["train/original/slide[b].png", "train/original/x[red].png"],
+        error=None,
+        fix="Add <stem>_mask.png next to [train]/masks.",
+    )
+    report = SimpleNamespace(root="data[set]", outcomes=[outcome])
+    buffer = io.StringIO()
+    print_report(report, Console(file=buffer, width=200, color_system=None))
+    out = buffer.getvalue()
+    for shown in ("slide[b].png", "x[red].png", "data[set]", "next to [train]/masks"):
+        assert shown in out

@@ -11,12 +11,14 @@ import typer
 
 def print_report(report: Any, console: Any = None) -> None:
     """Rich table, one row per expectation (failed errors, failed warnings, then passes),
-    then what to do for each failure."""
+    then what to do for each failure. File names and messages are printed as they are: Rich
+    took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"Data validation of {report.root}")
+    table = Table(title=escape(f"Data validation of {report.root}"))
     table.add_column("rule", style="bold", no_wrap=True)
     table.add_column("severity", no_wrap=True)
     table.add_column("result", no_wrap=True)
@@ -35,12 +37,14 @@ def print_report(report: Any, console: Any = None) -> None:
             first += f", ... (+{o.n_failed - len(o.first_failed)})"
         if o.error:
             first = f"could not run: {o.error}"
-        table.add_row(o.rule, o.severity, result, f"{o.n_failed}/{o.n_checked}", first)
+        table.add_row(
+            escape(o.rule), o.severity, result, f"{o.n_failed}/{o.n_checked}", escape(first)
+        )
     console.print(table)
     for o in order:
         if not o.success:
             colour = "red" if o.severity == "error" else "yellow"
-            console.print(f"[{colour}]{o.rule}[/{colour}]: {o.fix}")
+            console.print(f"[{colour}]{escape(o.rule)}[/{colour}]: {escape(o.fix)}")
 
 
 def _print_inventory(inventory: str | None) -> None:
