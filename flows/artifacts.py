@@ -77,8 +77,19 @@ def table(key: str, data: pd.DataFrame | Mapping[str, Any], description: str = "
 
 def plain(text: str) -> str:
     """``text`` (a message, a fix) for markdown outside code spans: the dashboard's renderer
-    takes ``<stem>`` for an HTML tag and drops it ("Add _mask.png")."""
-    return html.escape(text, quote=False)
+    takes ``<stem>`` for an HTML tag and drops it ("Add _mask.png"), and a failed image
+    ``slide*1*.png`` for emphasis ("slide1.png") or ``[x](url)`` in a name for a link.
+    Lines stay lines (a caller's list stays a list)."""
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", html.escape(text, quote=False))
+
+
+def code(text: object) -> str:
+    """``text`` (a path, a file name) as one markdown code span: a backtick in it ended the
+    span early and let the rest render as markdown; a line break in it split the line."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def markdown(key: str, text: str, description: str = "") -> None:
@@ -90,7 +101,9 @@ def outputs(key: str, paths: Mapping[str, Any], description: str = "Outputs of t
     """A markdown list of every output path of a run."""
     if not _in_run():
         return
-    lines = [f"- **{name}**: `{value}`" for name, value in paths.items() if value is not None]
+    lines = [
+        f"- **{plain(name)}**: {code(value)}" for name, value in paths.items() if value is not None
+    ]
     _publish(
         create_markdown_artifact, key, "\n".join(lines) or "_no outputs_", description=description
     )

@@ -141,7 +141,9 @@ def monitor(
         logger.info("%d of %d image(s) in %s%s", len(paths), listed, images, new_in)
     if not paths:
         logger.info("no images%s in %s: nothing to compare", new_in, images)
-        artifacts.markdown("drift-report", f"No images{new_in} in `{images}`: nothing to compare.")
+        artifacts.markdown(
+            "drift-report", f"No images{new_in} in {artifacts.code(images)}: nothing to compare."
+        )
         result = {"status": "skipped", "message": f"no images{new_in}", "n_images": 0}
         _publish_history(history, result, logger)
         return result

@@ -498,7 +498,7 @@ def segment_and_quantify(
         and not subfolders_with_images(src, out)
     ):
         logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
-        artifacts.markdown("segment-summary", f"No images in `{src}`: nothing to do.")
+        artifacts.markdown("segment-summary", f"No images in {artifacts.code(src)}: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
     files = [str(p) for p in list_images(src, out)]
     stems = list(images_by_stem([Path(p) for p in files]))  # names checked, as segment_folder

@@ -71,16 +71,16 @@ def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = 
     lines = [
         f"# Dataset validation: {verdict}",
         "",
-        f"Dataset `{report.root}`: {len(report.errors)} error(s), "
+        f"Dataset {artifacts.code(report.root)}: {len(report.errors)} error(s), "
         f"{len(report.warnings)} warning(s).",
-        *([f"Report (readable offline): `{report.page}`"] if report.page else []),
-        f"Data Docs (needs an internet connection): `{report.data_docs}`",
+        *([f"Report (readable offline): {artifacts.code(report.page)}"] if report.page else []),
+        f"Data Docs (needs an internet connection): {artifacts.code(report.data_docs)}",
         "",
     ]
     for o in (*report.errors, *report.warnings):
-        files = ", ".join(f"`{f}`" for f in o.first_failed)
+        files = ", ".join(artifacts.code(f) for f in o.first_failed)
         lines.append(
-            f"- **{o.severity}** `{o.rule}`: {o.n_failed} of {o.n_checked} ({files}). "
+            f"- **{o.severity}** {artifacts.code(o.rule)}: {o.n_failed} of {o.n_checked} ({files}). "
             f"{artifacts.plain(o.fix)}"
         )
     unreadable = read_errors(inventory) if inventory is not None else []

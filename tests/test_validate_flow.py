@@ -34,7 +34,7 @@ def test_tasks_run_without_a_server(nuclei_dataset, tmp_path):
     assert report.page == page and text.index(str(page)) < text.index("Data Docs")
     # the fix names <stem>_mask.png: as raw HTML the dashboard's markdown renderer drops it
     outside_code = re.sub(r"`[^`]*`", "", text)
-    assert "&lt;stem&gt;_mask.png" in outside_code and not re.search(r"<\w", outside_code)
+    assert "&lt;stem&gt;\\_mask.png" in outside_code and not re.search(r"<\w", outside_code)
 
 
 def test_summary_names_why_each_unreadable_file_is_unreadable(nuclei_dataset, tmp_path):
