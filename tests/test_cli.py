@@ -690,3 +690,29 @@ def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
     out = buffer.getvalue()
     for shown in ("slide[b].png", "x[red].png", "data[set]", "next to [train]/masks"):
         assert shown in out
+
+
+def test_validate_in_a_log_file_keeps_each_file_name_on_one_line(capsys):
+    """Printed to a file (a CI or nohup log), Rich's 80 columns split a long file name
+    across two lines of the table, so a grep for it found nothing."""
+    from types import SimpleNamespace
+
+    from mlseg.cli.validate import print_report
+
+    names = [f"train/original/patient_000{i}_slide_03_region_12.png" for i in (1, 2)]
+    outcome = SimpleNamespace(
+        rule="image_has_mask",
+        severity="error",
+        success=False,
+        n_failed=2,
+        n_checked=3,
+        first_failed=names,
+        error=None,
+        fix="An image has no mask in the split's mask folder. Add <stem>_mask.png, fix the "
+        "mask's name, or remove the image.",
+    )
+    print_report(SimpleNamespace(root="data", outcomes=[outcome]))
+    lines = capsys.readouterr().out.splitlines()
+    for name in names:
+        assert any(name in line for line in lines)
+    assert any(line == f"image_has_mask: {outcome.fix}" for line in lines)

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+LOG_WIDTH = 100_000  # Rich's width where stdout is no terminal: tables as wide as they need
+
 
 def print_report(report: Any, console: Any = None) -> None:
     """Rich table, one row per expectation (failed errors, failed warnings, then passes),
@@ -17,7 +19,12 @@ def print_report(report: Any, console: Any = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # a job's log: one line per row and per fix; at Rich's 80 columns a file name
+            # was split mid-word ("patient_0001_sl" / "ide_03.png") and grep found nothing
+            console = Console(width=LOG_WIDTH)
     table = Table(title=escape(f"Data validation of {report.root}"))
     table.add_column("rule", style="bold", no_wrap=True)
     table.add_column("severity", no_wrap=True)
