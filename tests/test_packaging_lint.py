@@ -677,24 +677,95 @@ def test_package_data_ships_every_data_file_the_packages_read() -> None:
             assert any(fnmatch.fnmatch(rel, g) for g in globs.get(package, [])), f"{package}/{rel}"
 
 
-def test_sdist_holds_the_tests_and_every_file_they_read(tmp_path) -> None:
-    """A packager builds and tests from the sdist: it held tests/test_*.py but not conftest.py,
-    flow_helpers.py or the repository files tests read, so its tests failed to collect.
-    Every tracked file but the benchmark records must be in it."""
+def _tracked_copy(tmp_path: Path) -> tuple[set[str], Path]:
+    """The files git tracks but the benchmark records, and a copy of them under ``tmp_path``
+    (building leaves the checkout untouched); skips where this is no git checkout."""
     listed = _run(["git", "ls-files", "-z"], cwd=ROOT)
     if listed.returncode != 0:
         pytest.skip("not a git checkout (an unpacked sdist): nothing to compare with")
     tracked = {f for f in listed.stdout.split("\0") if f and not f.startswith("bench/results/")}
     source = tmp_path / "src"
-    for name in tracked:  # a copy, so that building leaves the checkout untouched
+    for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
+    return tracked, source
+
+
+def test_sdist_holds_the_tests_and_every_file_they_read(tmp_path) -> None:
+    """A packager builds and tests from the sdist: it held tests/test_*.py but not conftest.py,
+    flow_helpers.py or the repository files tests read, so its tests failed to collect.
+    Every tracked file but the benchmark records must be in it."""
+    tracked, source = _tracked_copy(tmp_path)
     build = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
     built = _run([sys.executable, "-c", build, str(tmp_path)], cwd=source)
     assert built.returncode == 0, built.stderr
     with tarfile.open(tmp_path / built.stdout.split()[-1]) as sdist:
         shipped = {n.partition("/")[2] for n in sdist.getnames()}
     assert not tracked - shipped, f"missing from the sdist: {sorted(tracked - shipped)}"
+
+
+# What a lab's IT or the image installs: the wheel, not a checkout. Setuptools' deprecations
+# are errors here, as its release after the announced date makes them: the table form of
+# `license` was one, dated 2027-02-18, after which `pip install .` (the image) stops building.
+_BUILD_WHEEL = """
+import sys, warnings
+from setuptools.warnings import SetuptoolsDeprecationWarning
+warnings.simplefilter("error", SetuptoolsDeprecationWarning)
+from setuptools import build_meta
+print(build_meta.build_wheel(sys.argv[1]))
+"""
+# Run from another folder with the wheel's files alone on the path: the packaged data an
+# installed copy reads (profiles, expectation suites, the demo's config) must resolve there.
+_USE_INSTALLED = """
+import mlseg, flows, expectations
+from expectations import load_suites
+from flows.demo import DEMO_CONFIG
+from mlseg.config import load_profiles
+print(mlseg.__file__, flows.__file__, expectations.__file__, sep="\\n")
+print(sorted(load_profiles()), len(load_suites()), DEMO_CONFIG.is_file(), sep="\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("wheel")
+    _, source = _tracked_copy(tmp_path)
+    built = _run([sys.executable, "-c", _BUILD_WHEEL, str(tmp_path)], cwd=source)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return tmp_path / built.stdout.split()[-1]
+
+
+def test_wheel_holds_every_file_of_the_installed_packages(wheel) -> None:
+    """The wheel builds without a deprecated setting and holds every tracked module and data
+    file of mlseg, flows and expectations: an installed copy has nothing less than a checkout."""
+    import zipfile
+
+    tracked, _ = _tracked_copy(wheel.parent / "list")
+    packaged = {f for f in tracked if f.split("/")[0] in {"mlseg", "flows", "expectations"}}
+    with zipfile.ZipFile(wheel) as zipped:
+        shipped = set(zipped.namelist())
+    assert packaged, "no package files tracked"
+    assert not packaged - shipped, f"missing from the wheel: {sorted(packaged - shipped)}"
+
+
+def test_installed_wheel_finds_its_data_from_another_folder(wheel, tmp_path) -> None:
+    """Installed as a wheel (no checkout on the path) and run from an empty folder, mlseg
+    reads its packaged profiles, expectation suites and demo config."""
+    import zipfile
+
+    site = tmp_path / "site-packages"
+    with zipfile.ZipFile(wheel) as zipped:
+        zipped.extractall(site)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    used = _run([sys.executable, "-c", _USE_INSTALLED], cwd=cwd, env=env)
+    assert used.returncode == 0, used.stderr[-3000:]
+    lines = used.stdout.splitlines()
+    assert all(Path(f).resolve().is_relative_to(site.resolve()) for f in lines[:3]), lines
+    profiles = sorted(yaml.safe_load((ROOT / "mlseg" / "profiles.yaml").read_text())["profiles"])
+    suites = len(list((ROOT / "expectations" / "suites").glob("*.json")))
+    assert lines[3:] == [str(profiles), str(suites), "True"], lines
 
 
 def test_deployments_read_the_dataset_where_workers_copy_it() -> None:
