@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -504,7 +505,8 @@ def ingest(
     layout = detect_layout(src, cfg) if layout == "auto" else layout
     items = scan_source(src, layout, cfg)
     stems = [i.stem for i in items]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    # counted once, not stems.count per stem: 20,000 pairs waited 28 s before any work
+    dupes = sorted(s for s, n in Counter(stems).items() if n > 1)
     if dupes:
         raise DatasetError(
             f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
