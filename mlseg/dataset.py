@@ -128,6 +128,11 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
+#: The fix for an entry :func:`named_as_images_but_not_files` names.
+RESTORE_OR_MOVE = (
+    "restore what it stands for (mount the share a link points to, copy the image in) or move "
+    "it out of the folder"
+)
 #: What becomes of the entries :func:`named_as_images_but_not_files` names, and the fix.
 NOT_FILES_LEFT_OUT = (
     "named as images but no image files, so left out; restore what they stand for (mount the "
@@ -139,6 +144,11 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
     """``"<path>: <what it is>"`` for each entry of ``folder`` named as an image (not hidden)
     that :func:`is_image_file` leaves out as no file: a broken link (an image on a share that
     is not mounted), a link loop, a folder or a pipe named ``x.png``."""
+    return [f"{path}: {what}" for path, what in _not_files(folder)]
+
+
+def _not_files(folder: Path) -> list[tuple[Path, str]]:
+    """``(path, what it is)`` of :func:`named_as_images_but_not_files`."""
     found = []
     for path in sorted(Path(folder).iterdir()):
         if is_hidden(path.name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -152,7 +162,7 @@ def named_as_images_but_not_files(folder: Path) -> list[str]:
             what = "a link loop" if loop else f"a link to {os.readlink(path)}, which is missing"
         else:
             what = "a folder" if path.is_dir() else "not a regular file (a pipe or a device)"
-        found.append(f"{path}: {what}")
+        found.append((path, what))
     return found
 
 
@@ -534,7 +544,19 @@ def list_pairs(
     elif strict:
         problems.append(f"{msk_dir}: mask folder not found; put the masks there")
     if strict:
+        # a link to a share not mounted was left out unsaid: its mask was then said to have
+        # no image, or its image no mask, while ls showed both
+        broken: set[str] = set()
+        for folder, is_mask in ((img_dir, False), (msk_dir, True)):
+            for path, what in _not_files(folder) if folder.is_dir() else []:
+                problems.append(f"{path}: {what}; {RESTORE_OR_MOVE}")
+                name = image_stem(path)
+                if is_mask and name.endswith(cfg.mask_suffix):
+                    name = match_stem(name[: -len(cfg.mask_suffix)], images)
+                broken.add(name)
         for stem, path in images.items():
+            if stem in broken:
+                continue
             if stem not in masks and stem in drawn:
                 problems.append(
                     f"{path}: no mask; {drawn[stem].name} is a polygon annotation: draw it as "
@@ -545,7 +567,7 @@ def list_pairs(
                     f"{path}: no mask; expected {msk_dir / (mask_stem(stem, cfg) + '.png')}"
                 )
         for stem, path in masks.items():
-            if stem not in images:
+            if stem not in images and stem not in broken:
                 problems.append(f"{path}: mask without image; expected {img_dir / stem}.<ext>")
     if problems:
         raise DatasetError(_summarise(problems))

@@ -147,6 +147,27 @@ def test_every_problem_reported_with_file_names(tmp_path):
     assert "bad-mask.png" in msg
 
 
+def test_a_link_to_a_share_not_mounted_is_named_as_such_not_as_a_missing_file(tmp_path):
+    """Training skipped an image or mask that is a broken link and then said its partner had
+    no image ('mask without image; expected .../b.<ext>') or no mask, while ls showed both."""
+    root = init_dataset(tmp_path / "ds")
+    for stem in ("a", "b", "c"):
+        make_pair(root, "train", stem)
+    image = root / "train" / "original" / "b.png"
+    mask = root / "train" / "masks" / "c_mask.png"
+    for path in (image, mask):
+        path.unlink()
+        path.symlink_to(tmp_path / "share" / path.name)
+    with pytest.raises(DatasetError) as err:
+        list_pairs(root, "train")
+    msg = str(err.value)
+    assert msg.startswith("2 dataset problem")
+    assert f"{image}: a link to {tmp_path / 'share' / 'b.png'}, which is missing" in msg
+    assert f"{mask}: a link to {tmp_path / 'share' / 'c_mask.png'}, which is missing" in msg
+    assert "mount the share" in msg
+    assert "mask without image" not in msg and "no mask" not in msg
+
+
 def test_files_a_mac_or_windows_hides_are_no_part_of_the_dataset(tmp_path):
     """A zip made on a Mac leaves ``._a.png`` (AppleDouble metadata, no image) beside each
     file: hidden files are neither images nor masks to pair."""
