@@ -28,10 +28,26 @@ import numpy as np
 import pandas as pd
 
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
-from mlseg.dataset import Pair, list_pairs, mask_stem, mask_to_labels
+from mlseg.dataset import (
+    Pair,
+    is_image_file,
+    list_pairs,
+    mask_stem,
+    mask_to_labels,
+    split_dir,
+    warn_of_images_left_out,
+)
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
-from mlseg.io import read_image, read_mask, write_table, write_text, written_together
+from mlseg.io import (
+    image_stem,
+    match_stem,
+    read_image,
+    read_mask,
+    write_table,
+    write_text,
+    written_together,
+)
 from mlseg.metrics import (
     ERROR_KINDS,
     count_error,
@@ -262,6 +278,25 @@ def _pairs_by_mask(
     """The split's images with a mask and those without, in listing order; DatasetError
     where none has one."""
     listed = list_pairs(data_root, split, data, strict=False)
+    base = split_dir(Path(data_root), data, split)
+    for folder in (base / data.image_dir, base / data.mask_dir):
+        if folder.is_dir():  # a link to a share not mounted shrank the set unsaid
+            warn_of_images_left_out(folder, stacklevel=3)
+    masks, stems = base / data.mask_dir, {p.stem for p in listed}
+    orphans = [
+        path.name
+        for path in (sorted(masks.iterdir()) if masks.is_dir() else [])
+        if is_image_file(path)
+        and (name := image_stem(path)).endswith(data.mask_suffix)
+        and match_stem(name[: -len(data.mask_suffix)], stems) not in stems
+    ]
+    if orphans:  # a misnamed image shrank the set unsaid, as a misnamed mask did
+        warnings.warn(
+            f"{len(orphans)} mask(s) in {masks} have no image in {base / data.image_dir} and "
+            f"are not scored: {some_of(orphans)}; name each image as its mask, or move the "
+            "mask out of the split",
+            stacklevel=3,
+        )
     pairs = [p for p in listed if p.mask is not None]
     if not pairs:
         raise DatasetError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -232,6 +233,33 @@ def test_evaluate_names_the_images_it_cannot_score(
     with pytest.warns(UserWarning, match=f"1 of 3 images have no mask.*{stem}"):
         result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
     assert stem not in set(result.per_image["stem"]) and len(result.per_image) == 2
+
+
+def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+):
+    """A test image that is a link to a share not mounted, or misnamed, left its mask out of
+    the evaluation without a word, and the scores were of a smaller set."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    first, second = sorted((root / "test" / "original").iterdir())[:2]
+    first.unlink()
+    first.symlink_to(tmp_path / "share" / first.name)
+    second.rename(second.with_name("renamed.png"))
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    said = " | ".join(str(w.message) for w in caught)
+    assert f"{first}: a link to {tmp_path / 'share' / first.name}, which is missing" in said
+    assert "2 mask(s)" in said and f"{first.stem}_mask.png" in said
+    assert f"{second.stem}_mask.png" in said
+    assert len(result.per_image) == 1
 
 
 def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, tmp_path) -> None:
