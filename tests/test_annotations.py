@@ -177,6 +177,31 @@ def test_a_nucleus_annotated_twice_is_kept_once(tmp_path):
     assert drawn.notes == ["1 duplicate annotations left out"]
 
 
+def test_two_overlapping_nuclei_under_the_duplicate_iou_are_both_kept(tmp_path):
+    """Two nuclei drawn overlapping by two thirds (intersection over union 0.67, under
+    DUPLICATE_IOU 0.8) are two nuclei, the later keeping the shared pixels; a mutant that took
+    any pair over 0.5 for a duplicate (dropping the first nucleus) passed the tests."""
+    features = [feature([square(10, 10, 20, 20)]), feature([square(12, 10, 22, 20)])]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (30, 30))
+    assert drawn.labels.max() == 2
+    assert int((drawn.labels == drawn.labels[15, 10]).sum()) == 20  # the first, less the shared
+    assert int((drawn.labels == drawn.labels[15, 21]).sum()) == 100
+    assert drawn.notes == ["1 nuclei overlap one drawn before (shared pixels go to the later)"]
+
+
+def test_an_outline_corrected_before_its_detection_in_the_file_replaces_it(tmp_path):
+    """A detection redrawn one row taller (intersection over union 0.91) by an annotation
+    listed before it, as QuPath lists annotations first: the drawing replaces the detection.
+    A mutant that checked detections for duplicates too took the drawing for an earlier copy
+    of the detection, and the model's outline came back."""
+    drawing = feature([square(10, 10, 20, 21)], kind="annotation")  # 110 px
+    features = [drawing, *_detections((10, 10, 20, 20), (30, 30, 36, 36))]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (40, 40))
+    assert drawn.labels.max() == 2
+    assert int((drawn.labels == drawn.labels[15, 15]).sum()) == 110
+    assert drawn.notes == ["1 detections drawn again by hand left out"]
+
+
 def test_a_large_nucleus_drawn_over_a_small_detection_wins(tmp_path):
     """A tumour nucleus drawn over the centre of a small lymphocyte the model found beside
     it was left out as a region (review): the pathologist's drawing wins over the model's,
@@ -256,6 +281,30 @@ def test_one_outline_drawn_over_a_nucleus_split_in_two_merges_it(tmp_path):
             "2 detections drawn again by hand left out",
             "1 region annotations left out",
         ]
+
+
+def test_a_split_nucleus_redrawn_just_inside_its_pieces_merges_them(tmp_path):
+    """A split nucleus's outline drawn a pixel inside its two pieces' outer edges (each piece
+    5/6 inside it) is their merge; a mutant that asked for each piece wholly inside took it
+    for a region and kept the two halves."""
+    halves = _detections((10, 10, 16, 20), (16, 10, 22, 20))
+    merge = feature([square(11, 10, 21, 20)], kind="annotation")  # 100 px
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", [*halves, merge]), (30, 30))
+    assert drawn.labels.max() == 1
+    assert int((drawn.labels == 1).sum()) == 100
+    assert drawn.notes == ["2 detections drawn again by hand left out"]
+
+
+def test_tumour_nuclei_drawn_beside_small_detections_are_nuclei(tmp_path):
+    """Four tumour nuclei drawn by hand, 27 times the area of the three lymphocytes the model
+    found (the median object is a drawn nucleus): nuclei, as the limit for a region is 100
+    times the detections' median; a mutant limiting at 25 times left them out as regions."""
+    features = _detections(*[(x, 5, x + 6, 11) for x in (5, 15, 25)])  # 36 px each
+    features += [feature([square(x, 20, x + 31, 51)]) for x in (5, 40, 75, 110)]  # 961 px
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (60, 150))
+    assert drawn.labels.max() == 7
+    assert int((drawn.labels > 0).sum()) == 3 * 36 + 4 * 961
+    assert drawn.notes == []
 
 
 def _split_across_minor_axis(labels, label):
@@ -366,6 +415,18 @@ def test_imagescope_xml_as_monuseg_ships_it(tmp_path):
     assert ellipse[7, 25] and not ellipse[2, 20]
     assert drawn.labels.max() == 2
     assert "1 rulers, arrows and points left out" in drawn.notes
+
+
+def test_a_geojson_with_a_byte_order_mark_and_an_unknown_microns_per_pixel(tmp_path):
+    """A GeoJSON saved with a UTF-8 byte order mark (Windows editors) is read, and an
+    ImageScope MicronsPerPixel of 0 is no pixel size: mutants reading plain UTF-8 (the file
+    'not valid JSON') or taking 0 passed the tests."""
+    path = tmp_path / "bom.geojson"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([feature([square(1, 1, 5, 5)])]).encode())
+    assert annotation_labels(path, (8, 8)).labels.sum() == 16
+    xml = tmp_path / "unknown.xml"
+    xml.write_text(IMAGESCOPE.replace('MicronsPerPixel="0.252100"', 'MicronsPerPixel="0"'))
+    assert read_annotations(xml).pixel_size_um is None
 
 
 def test_unusable_files_name_themselves_and_the_fix(tmp_path):
@@ -542,6 +603,20 @@ def test_dsb_layout_one_mask_per_nucleus(shared_data, tmp_path):
     np.testing.assert_array_equal(masks["real.1"], truth)
     assert masks["toy"].max() == 2 and masks["toy"][7, 7] == 2 and masks["toy"][3, 3] == 1
     assert masks["no_nuclei"].max() == 0
+
+
+def test_one_mask_per_nucleus_saved_as_zero_and_one_is_read(tmp_path):
+    """Every non-zero pixel of a one-nucleus mask is the nucleus: masks saved 0/1 (not
+    0/255) came back empty under a mutant reading them at 128, every nucleus 'empty'."""
+    from mlseg.annotations import object_mask_labels
+
+    for i, x in enumerate((2, 9)):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[2:6, x : x + 4] = 1
+        write_image(tmp_path / "masks" / f"{i}.png", mask)
+    drawn = object_mask_labels(tmp_path / "masks", (16, 16))
+    assert drawn.labels.max() == 2 and int((drawn.labels > 0).sum()) == 32
+    assert drawn.notes == []
 
 
 def test_dsb_layout_problems_are_listed_together(tmp_path):
