@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from mlseg.config import (
@@ -75,6 +76,30 @@ def test_patch_shares_over_one_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "faint_oversample" in str(err.value) and "bad.yaml" in str(err.value)
+    # shares of the same patches may fill them: a mutant refusing a sum of exactly 1 passed
+    shares = load_config(None, train={"fg_oversample": 0.5, "faint_oversample": 0.5}).train
+    assert shares.fg_oversample + shares.faint_oversample == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "said"),
+    [
+        ("data", "val_fraction", 1.0, "less than 1"),  # every image but one held back
+        ("data", "train_dir", "train\\2024", "plain folder name"),  # a Windows path
+        ("augment", "scale_range", [0, 2.0], "0 < low <= high"),  # log(0): no zoom to draw
+        ("augment", "scale_range", [2.0, 0.5], "0 < low <= high"),
+        ("augment", "haematoxylin_gain", [0.0, 2.0], "0 < low <= high"),
+        ("augment", "blur_sigma", [1.5, 0.5], "0 <= low <= high"),
+        ("train", "encoder_depth", 2, "greater than or equal to 3"),
+        ("inference", "overlap", 0.95, "less than 0.9"),  # a tile step of a few pixels
+    ],
+)
+def test_values_outside_their_documented_range_are_refused(tmp_path, section, key, value, said):
+    """Mutants of mlseg/config.py that dropped each of these limits passed the tests: a run
+    config with them loaded, and failed (or trained otherwise than written) much later."""
+    path = write(tmp_path / "c.yaml", yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError, match=rf"c\.yaml: bad value for '{section}\.{key}'.*{said}"):
+        load_config(path)
 
 
 def test_mixstyle_on_batches_of_one_patch_is_refused(tmp_path):
@@ -147,6 +172,35 @@ def test_profile_errors_name_profile_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_profiles(path)
     assert "mine" in str(err.value) and "pixel_size_um" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"dab_thresholds": [0.3, 0.3, 0.6]}, "dab_thresholds must be increasing"),
+        ({"min_area_um2": 50, "max_area_um2": 50}, "min_area_um2 must be below"),
+        ({"stain_names": ["Hematoxylin", "eosin", "dab"]}, "must be a lower-case identifier"),
+        ({"stain_names": ["hematoxylin", "eosin", "eosin"]}, "stain names must differ"),
+        ({"stain": "ihc", "stain_names": ["hematoxylin", "eosin", "brown"]}, "name its DAB"),
+        ({"stain_vectors": [[1, 0, 0], [2, 0, 0], [0, 0, 1]]}, "linearly dependent"),
+    ],
+)
+def test_a_profile_that_would_measure_nonsense_is_refused(tmp_path, settings, said):
+    """Mutants of mlseg/config.py that dropped each of these checks passed the tests: the
+    profile loaded and graded, measured or unmixed by it (a DAB grade of no 2+, every nucleus
+    refused by size, a stain column named twice, an unmixing matrix with no inverse)."""
+    path = write(tmp_path / "p.yaml", yaml.safe_dump({"profiles": {"mine": settings}}))
+    with pytest.raises(ConfigError, match=rf"p\.yaml \(profile 'mine'\).*{said}"):
+        load_profiles(path)
+
+
+def test_default_stain_vectors_give_spare_vectors_in_order():
+    """Two names of no default stain take the spare vectors in their order (eosin, then
+    DAB); a mutant taking them from the end measured an 'eos' column with DAB's vector."""
+    from mlseg.config import DEFAULT_STAIN_VECTORS, default_stain_vectors
+
+    hematoxylin, eosin, dab = DEFAULT_STAIN_VECTORS
+    assert default_stain_vectors(("hematoxylin", "eos", "rest")) == [hematoxylin, eosin, dab]
 
 
 @pytest.mark.parametrize("value", ["250", "0.00025"])  # nanometres, millimetres
