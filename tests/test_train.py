@@ -461,6 +461,24 @@ def test_mixed_magnifications_train_at_their_median_pixel_size(
     assert data.nucleus_diameter_px == pytest.approx(5 / (trained_at or 0.5), rel=0.15)
 
 
+def test_train_boundary_px_reaches_the_training_targets(tmp_path) -> None:
+    """train.boundary_px is the width of the boundary class the model is trained on: a
+    mutant that left it out of prepare_data (every run trained on 1-px boundaries, whatever
+    the config said) passed every test."""
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    root = _magnifications(tmp_path / "ds", [0.5])
+    counts = {}
+    for width in (1, 2):
+        train = {**TINY, "target": "three_class", "boundary_px": width, "max_steps": 1}
+        cfg = load_config(None, train=train, data={"val_fraction": 0.0})
+        classes = prepare_data(cfg, root, get_profile("he"), torch.device("cpu")).train.classes
+        counts[width] = np.bincount(classes.cpu().numpy().astype(np.int64), minlength=3)
+    assert counts[1][1:].sum() == counts[2][1:].sum()  # the same nuclei
+    assert counts[2][2] > 1.6 * counts[1][2]  # a ring twice as wide
+
+
 def test_training_images_without_a_pixel_size_among_others_are_named(tmp_path) -> None:
     from mlseg.config import get_profile
     from mlseg.data import prepare_data
