@@ -148,6 +148,22 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     assert load_model(path).path == path  # a .safetensors file works too
 
 
+def test_a_run_folder_loads_its_best_checkpoint_not_its_last(tmp_path) -> None:
+    """A training run's folder holds best.safetensors and last.safetensors: the folder means
+    the best; a mutant that tried last first (every segment and evaluate of a run folder on
+    the latest epoch's weights) passed the tests."""
+    torch.manual_seed(0)
+    best = build_model(SMALL, 3, 3).eval()
+    torch.manual_seed(1)
+    _save(tmp_path, build_model(SMALL, 3, 3).eval(), name="last")
+    _save(tmp_path, best, name="best")
+    loaded = load_model(tmp_path)
+    assert loaded.path.name == "best.safetensors"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), best(x), atol=1e-6)
+
+
 def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path) -> None:
     # a diverged training's weights: segment and evaluate found no nucleus with them, silently
     model = build_model(SMALL, 3, 3).eval()
