@@ -87,6 +87,7 @@ from mlseg.io import (
 )
 from mlseg.outputs import (
     OUTPUT_SUFFIXES,
+    RUN_LOCK,
     first_finished_at,
     image_done,
     read_nuclei,
@@ -607,14 +608,22 @@ def list_images(folder: Path, out_dir: str | Path | None = None) -> list[Path]:
 
 def subfolders_with_images(folder: Path, out_dir: str | Path | None = None) -> list[str]:
     """Names of ``folder``'s subfolders that hold images, sorted, which :func:`list_images`
-    does not search; an output folder of mlseg (``run.json``) and ``out_dir`` are not among
-    them."""
+    does not search; an output folder of mlseg (:func:`is_output_folder`) and ``out_dir``
+    are not among them."""
     own = Path(out_dir).resolve() if out_dir is not None else None
     return sorted(  # an output folder of mlseg inside the input one holds overlays, not input
         d.name
         for d in Path(folder).iterdir()
-        if d.is_dir() and not (d / "run.json").is_file() and d.resolve() != own and _images_in(d)
+        if d.is_dir() and not is_output_folder(d) and d.resolve() != own and _images_in(d)
     )
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an output folder of ``mlseg segment`` or ``quantify``: it holds
+    the ``run.json`` a run writes last, or the lock (:data:`mlseg.outputs.RUN_LOCK`) its first
+    run took before any image's outputs, which a first run still writing (or killed) has
+    alone: quantify reading such a folder took each overlay for a label file."""
+    return (folder / "run.json").is_file() or (folder / RUN_LOCK).is_file()
 
 
 #: Stems whose per-image record would be a run file: ``run.json`` is the run's.
@@ -1129,9 +1138,10 @@ def pair_labels(
 
     Where the labels lie beside their images (one folder, as Cellpose saves ``x_cp_masks.png``
     next to ``x.png``), only files named with a label suffix (:data:`LABEL_SUFFIXES`) are
-    labels; in an output folder of mlseg (``run.json``), only its ``<stem>_labels.*``."""
+    labels; in an output folder of mlseg (:func:`is_output_folder`), one a run is still writing
+    included, only its ``<stem>_labels.*``."""
     label_files = list_images(labels_dir, out_dir)
-    if (Path(labels_dir) / "run.json").is_file():
+    if is_output_folder(Path(labels_dir)):
         # mlseg segment's or quantify's output folder, measured again (another profile or
         # pixel size): its labels are <stem>_labels.*, its overlays and histograms.png are not
         label_files = [p for p in label_files if image_stem(p).endswith("_labels")]

@@ -1775,3 +1775,31 @@ def test_a_black_sixteen_bit_tile_is_named_against_its_own_full_scale():
     black[0, 0] = 65535
     with pytest.warns(UserWarning, match=r"border\.tif: 100% of it is black"):
         warn_if_unlit(black, HE, "border.tif")
+
+
+def test_quantify_reads_the_labels_of_a_first_run_still_writing_its_folder(tmp_path, monkeypatch):
+    """Quantify given the output folder of a first run still writing it (no run.json yet)
+    took each overlay for a label file and failed it ('no image named a_overlay'); it
+    measures the labels written so far and takes nothing else for labels."""
+    import mlseg.segment as module
+
+    images, masks, first = tmp_path / "images", tmp_path / "masks", tmp_path / "first"
+    image, truth = disc_image(60, 60)
+    for stem in "ab":
+        write_image(images / f"{stem}.png", image)
+        write_labels(masks / f"{stem}_mask.png", truth)
+    write_outputs, seen = module.write_image_outputs, {}
+
+    def then_quantify(out_dir, stem, *args):
+        written = write_outputs(out_dir, stem, *args)
+        if Path(out_dir) == first and stem == "a":  # b not yet measured, no run.json yet
+            seen["during"] = quantify_folder(
+                first, images, tmp_path / "during", profile_name="he", progress=False
+            )
+        return written
+
+    monkeypatch.setattr(module, "write_image_outputs", then_quantify)
+    quantify_folder(masks, images, first, profile_name="he", progress=False)
+    during = seen["during"]
+    assert during.failed == {} and during.processed == ["a"]
+    assert during.summaries[0]["count"] == truth.max()
