@@ -108,6 +108,7 @@ def register_task(
         "version_uri": version.uri,
         "production": production.tag if production else None,
         "production_uri": production.uri if production else None,
+        "production_version": production.version if production else None,
         "decision": decision.as_dict(),
     }
 
@@ -321,13 +322,15 @@ def pipeline(
     logger.info("registry: %s", decision["reason"])
     _check_production(registry, model_name, decision)
 
-    # 6. segment and quantify the test images with the production model
+    # 6. segment and quantify the test images with the production model found at step 5, by
+    # number: looked up again, a version promoted by hand in between measured the images
+    # while the report named the other
     quantified = segment_and_quantify(
         str(test_images),
         str(work / "quantify"),
         registry=registry,
         model_name=model_name,
-        model_version="production",
+        model_version=registered["production_version"] or "production",
         profile=prof.name,
         profiles=profiles or {prof.name: prof.model_dump(mode="json")},  # profiles_file's
         inference=_inference(cfg),

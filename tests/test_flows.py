@@ -1195,6 +1195,47 @@ def test_pipeline_can_train_afresh_where_a_resume_is_refused(
     assert seen == {"resume": False}
 
 
+def test_the_pipeline_measures_with_the_version_its_decision_left_in_production(
+    harness, tmp_path, synth_dataset, checkpoint, monkeypatch
+) -> None:
+    """A version promoted by hand while the pipeline ran, after its champion/challenger
+    decision: the pipeline looked production up again to segment the test images, so they
+    were measured with that version while the report named the one the decision left."""
+    import flows.pipeline as module
+    from mlseg import registry as reg
+
+    registry, means = str(tmp_path / "registry"), {"dice": 0.5, "aji": 0.5, "pq": 0.5}
+    config = json.loads((checkpoint / "config.json").read_text())
+    for weights in (checkpoint, tiny_checkpoint(tmp_path / "other", seed=1)):
+        reg.register(
+            weights, registry, metrics=means, fingerprint_hash="test", config=config,
+            eval_set_id="tests", name="nuclei",
+        )  # fmt: skip
+    reg.promote(registry, "nuclei", 1, "the model this pipeline trained again")
+    decided, seen = module._check_production, {}
+
+    def promoted_by_hand(*args, **kwargs):
+        decided(*args, **kwargs)
+        reg.promote(registry, "nuclei", 2, "a colleague, meanwhile")
+
+    def segment_and_quantify(*args, **kwargs):
+        seen["version"] = reg.show(registry, "nuclei", kwargs["model_version"]).version
+        raise RuntimeError("stop after recording the call")
+
+    validated = {"outputs": {"fingerprint": ""}, "fingerprint_hash": "test"}
+    monkeypatch.setattr(module, "validate_dataset_flow", lambda *a, **k: validated)
+    monkeypatch.setattr(module, "train_model", lambda *a, **k: {"checkpoint": str(checkpoint)})
+    evaluated = {"means": means, "eval_set_id": "tests"}
+    monkeypatch.setattr(module, "evaluate_model", lambda *a, **k: evaluated)
+    monkeypatch.setattr(module, "_check_production", promoted_by_hand)
+    monkeypatch.setattr(module, "segment_and_quantify", segment_and_quantify)
+    state = module.pipeline(
+        str(synth_dataset), str(tmp_path / "work"), registry=registry, return_state=True
+    )
+    assert state.is_failed() and "stop after recording" in state.message
+    assert seen == {"version": 1}
+
+
 def test_failed_validation_stops_the_pipeline_before_training(harness, tmp_path) -> None:
     from flows.pipeline import pipeline
 
@@ -1609,7 +1650,10 @@ def test_pipeline_measures_with_the_run_config_s_profiles_file(
         "train_model": lambda *args: {"checkpoint": "c"},
         "evaluate_model": lambda *args, **kwargs: {"eval_set_id": "e", "means": {}},
         "_champion_needs_eval": lambda *args: None,
-        "register_task": lambda *args: {"decision": {"reason": "r", "promoted": True}},
+        "register_task": lambda *args: {
+            "decision": {"reason": "r", "promoted": True},
+            "production_version": 1,
+        },
         "segment_and_quantify": segment_and_quantify,
     }
     for name, stub in stages.items():
