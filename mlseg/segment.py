@@ -108,6 +108,7 @@ from mlseg.pixel_size import (
     tiff_pixel_size_um,
 )
 from mlseg.preprocess import ESTIMATE
+from mlseg.progress import ProgressLog
 from mlseg.quantify import (
     effective_pixel_size,
     measure,
@@ -890,9 +891,11 @@ def _run_folder(
     run_info: dict,
     progress: bool,
     desc: str,
+    log: Callable[[str], object] | None,
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
     tables: list[pd.DataFrame] = []
+    said = ProgressLog(desc, len(items), "images", log)
     with writing_to(out_dir):  # one run at a time: its images' files are all its own
         for stem, path in _progress(items, progress, desc):
             done = image_done(out_dir, stem, expect(stem))
@@ -900,12 +903,14 @@ def _run_folder(
                 result.skipped.append(stem)
                 result.summaries.append(done)
                 tables.append(read_nuclei(out_dir, done))  # read once: nuclei.parquet, histograms
+                said.step("skipped")
                 continue
             started = time.perf_counter()
             try:
                 image, labels, table, summary = work(stem, path)
             except MlsegError as err:
                 result.failed[str(path)] = str(err)
+                said.step("failed")
                 continue
             summary = {
                 "image": stem,
@@ -922,6 +927,8 @@ def _run_folder(
             result.processed.append(stem)
             result.summaries.append(written)
             tables.append(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
+            said.step()
+        said.close()
         run_info = {
             **run_info,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1063,10 +1070,13 @@ def segment_folder(
     pixel_size_um: float | None = None,
     pixel_sizes: Mapping[str, float] | None = None,
     units: str | None = None,
+    log: Callable[[str], object] | None = None,
 ) -> SegmentResult:
     """Segment every image of ``input_dir`` with the model at ``model_path``; write the
     outputs of :mod:`mlseg.outputs` into ``out_dir``. Finished images are skipped.
-    ``pixel_sizes`` maps image stems to microns per pixel (see the module docstring)."""
+    ``pixel_sizes`` maps image stems to microns per pixel (see the module docstring).
+    ``progress`` draws a bar; ``log`` (a job's stderr, where no bar is drawn) is given a
+    line on how far the run is once a minute (:class:`mlseg.progress.ProgressLog`)."""
     from mlseg.model import load_model, resolve_model_device
     from mlseg.train import machine
 
@@ -1117,7 +1127,7 @@ def segment_folder(
 
     items = list(by_stem.items())
     with _implausible_sizes_said_once(declared, by_stem):
-        return _run_folder(items, out_dir, expect, work, run_info, progress, "segment")
+        return _run_folder(items, out_dir, expect, work, run_info, progress, "segment", log)
 
 
 def label_stem(path: Path) -> str:
@@ -1183,6 +1193,7 @@ def quantify_folder(
     pixel_sizes: Mapping[str, float] | None = None,
     units: str | None = None,
     progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> SegmentResult:
     """Measure existing label images or binary masks (QuPath, Cellpose, ...) without a model.
 
@@ -1192,7 +1203,7 @@ def quantify_folder(
     only. An image that declares no pixel size, given none, is measured at the size the
     ``<stem>.json`` beside its labels records (an mlseg output folder's record), else at the
     one the label TIFF's own metadata declares (a mask saved calibrated in Fiji); source
-    ``labels metadata``.
+    ``labels metadata``. ``progress`` and ``log``: as :func:`segment_folder`'s.
     """
     from mlseg.dataset import check_mask_shape, mask_to_labels
 
@@ -1278,4 +1289,4 @@ def quantify_folder(
 
     items = [(stem, path) for stem, path, _ in pairs]
     with _implausible_sizes_said_once(declared, named):
-        return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify")
+        return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify", log)

@@ -195,6 +195,50 @@ def test_no_progress_bar_in_a_log_file_unless_asked(tmp_path, capsys):
     assert "\r" not in capsys.readouterr().err
 
 
+def test_a_job_log_says_how_far_segment_and_quantify_are_now_and_then(
+    tmp_path, capsys, monkeypatch
+):
+    """In a job's log (cron, nohup, a Prefect worker) segment and quantify drew no bar and
+    said nothing for hours: a working run looked like a hung one. A line on stderr now and
+    then says how far it is; stdout keeps the results only; a terminal has its bar, and
+    --no-progress silences both."""
+    from functools import partial
+
+    import mlseg.segment
+    from mlseg.progress import ProgressLog
+
+    ticks = iter(range(0, 10_000, 25))  # each image 25 s on the clock the lines read
+    monkeypatch.setattr(
+        mlseg.segment,
+        "ProgressLog",
+        partial(ProgressLog, clock=lambda: float(next(ticks))),
+        raising=False,
+    )
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 1
+    for i in range(6):
+        write_image(tmp_path / "images" / f"i{i}.png", np.full((32, 32, 3), 200, np.uint8))
+        write_image(tmp_path / "labels" / f"i{i}_mask.png", mask)
+    (tmp_path / "labels" / "i1_mask.png").write_text("not an image")
+    argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), "-p", "he"]
+    assert main([*argv, str(tmp_path / "log")]) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("quantify:")]
+    assert lines == [
+        "quantify: 3/6 images (50%), 1 failed, 1 min elapsed, about 1 min left",
+        "quantify: 6/6 images (100%), 1 failed, 3 min elapsed",  # the last: the run's length
+    ]
+    assert captured.out.splitlines() == [
+        f"quantified 5, skipped 0 (already done), failed 1; outputs in {tmp_path / 'log'}"
+    ]
+    assert main([*argv, str(tmp_path / "quiet"), "--no-progress"]) == 1
+    assert "quantify:" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*argv, str(tmp_path / "terminal")]) == 1
+    err = capsys.readouterr().err
+    assert "quantify: 100%" in err and "elapsed" not in err  # the bar, not the lines
+
+
 def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
     import warnings
 

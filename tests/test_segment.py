@@ -323,6 +323,42 @@ def test_each_image_records_the_mlseg_and_device_that_made_it_through_reruns(
     assert set(table["device"]) == {"cpu"}
 
 
+def test_a_long_segment_run_gives_its_log_a_line_on_how_far_it_is(
+    tmp_path, use_oracle, monkeypatch
+):
+    """Where no bar is drawn (a job's log) a run of a whole study said nothing for hours.
+    ``log`` gets a line now and then; a resumed run counts its finished images as done but
+    not in the time left."""
+    from functools import partial
+
+    import mlseg.segment
+    from mlseg.progress import ProgressLog
+
+    ticks = iter(range(0, 10_000, 40))  # each image 40 s on the clock the lines read
+    monkeypatch.setattr(
+        mlseg.segment,
+        "ProgressLog",
+        partial(ProgressLog, clock=lambda: float(next(ticks))),
+        raising=False,
+    )
+    folder = _folder(tmp_path, 3)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    segment_folder("model", folder, out, profile_name="he", progress=False, log=lines.append)
+    assert lines == [
+        "segment: 2/3 images (66%), 1 min elapsed, under a minute left",
+        "segment: 3/3 images (100%), 3 min elapsed",
+    ]
+    for stem in ("img1", "img2"):
+        (out / f"{stem}.json").unlink()
+    lines.clear()
+    segment_folder("model", folder, out, profile_name="he", progress=False, log=lines.append)
+    assert lines == [
+        "segment: 2/3 images (66%, 1 already done), 1 min elapsed, under a minute left",
+        "segment: 3/3 images (100%, 1 already done), 3 min elapsed",
+    ]
+
+
 def test_run_json_names_the_library_releases_and_hardware_that_made_the_numbers(
     tmp_path, use_oracle
 ):

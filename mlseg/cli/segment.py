@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -47,9 +49,19 @@ ProgressOpt = Annotated[
     bool | None,
     typer.Option(
         "--progress/--no-progress",
-        help="Show a progress bar (default: when stderr is a terminal, not a job's log file).",
+        help="Show a progress bar (default: when stderr is a terminal; in a job's log file, "
+        "a line a minute on how far the run is).",
     ),
 ]
+
+
+def _progress(progress: bool | None) -> tuple[bool, Callable[[str], object] | None]:
+    """The bar and the line-a-minute log of a run: the bar where stderr is a terminal (or
+    ``--progress``); in a job's log file, whose bar would be a line per image, a plain line
+    now and then, so a working run is told from a hung one; ``--no-progress`` neither."""
+    terminal = sys.stderr.isatty()
+    log = partial(typer.echo, err=True) if progress is None and not terminal else None
+    return terminal if progress is None else progress, log
 
 
 def _report(result, verb: str) -> None:
@@ -160,6 +172,7 @@ def segment(
         if stain_tta is not None:
             overrides["stain_tta"] = _stain_gains(stain_tta, base.stain_tta)
         cfg = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
+    bar, log = _progress(progress)
     result = segment_folder(
         model,
         input_dir,
@@ -167,10 +180,11 @@ def segment(
         profile_name=profile,
         profiles_file=profiles,
         inference_cfg=cfg,
-        progress=sys.stderr.isatty() if progress is None else progress,
+        progress=bar,
         pixel_size_um=pixel_size,
         pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
+        log=log,
     )
     _report(result, "segmented")
 
@@ -191,6 +205,7 @@ def quantify(
     """Measure nuclei of existing masks (no model): tables, overlays, GeoJSON, summary."""
     from mlseg.segment import quantify_folder
 
+    bar, log = _progress(progress)
     result = quantify_folder(
         labels,
         images,
@@ -200,7 +215,8 @@ def quantify(
         pixel_size_um=pixel_size,
         pixel_sizes=_sizes(pixel_sizes),
         units=units.value if units else None,
-        progress=sys.stderr.isatty() if progress is None else progress,
+        progress=bar,
+        log=log,
     )
     _report(result, "quantified")
 
