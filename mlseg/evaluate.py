@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from mlseg.metrics import (
     pixel_metrics,
 )
 from mlseg.model import LoadedModel, load_model, resolve_model_device
+from mlseg.progress import counted
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
@@ -194,6 +195,7 @@ def evaluate(
     inference_cfg: InferenceConfig | None = None,
     pixel_size_um: float | None = None,
     progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> EvalResult:
     """Segment every image of ``split`` with the model and score it against its mask.
 
@@ -202,7 +204,9 @@ def evaluate(
     read from that file. ``inference_cfg`` defaults to the model config's inference section.
     ``pixel_size_um``: microns per pixel of every image, in place of the dataset's manifest,
     the images' metadata and the profile; the evaluation set id records it, so scores at
-    another scale are never compared.
+    another scale are never compared. ``progress`` draws a bar; ``log`` (a job's stderr,
+    where no bar is drawn) is given a line on how far it is once a minute
+    (:class:`mlseg.progress.ProgressLog`).
     """
     from mlseg.quantify import microns_per_pixel
     from mlseg.segment import check_out_dir
@@ -217,7 +221,7 @@ def evaluate(
     warn_unlabelled(unlabelled, len(pairs) + len(unlabelled), cfg.data)
     # worst.png there would be read as an image without a mask from then on
     check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
-    iterator = _with_progress(pairs, split, progress)
+    iterator = _with_progress(pairs, split, progress, log)
     scored = _score_pairs(iterator, loaded, profile, inference_cfg, pixel_size_um)
     # split: the split's name, whatever its folder
     if split != "train" and scored.seen and any(scored.seen.values()):
@@ -305,13 +309,19 @@ def _pairs_by_mask(
     return pairs, [p for p in listed if p.mask is None]
 
 
-def _with_progress(pairs: list[Pair], split: str, progress: bool) -> Iterable[Pair]:
-    """``pairs``, behind a progress bar where ``progress`` asks for one."""
+def _with_progress(
+    pairs: list[Pair], split: str, progress: bool, log: Callable[[str], object] | None
+) -> Iterable[Pair]:
+    """``pairs``, behind a progress bar where ``progress`` asks for one, and saying how far
+    the run is to ``log`` now and then where one is given."""
+    shown: Iterable[Pair] = pairs
+    if log is not None:
+        shown = counted(pairs, f"evaluate {split}", "images", log)
     if not progress:
-        return pairs
+        return shown
     from tqdm.auto import tqdm
 
-    return tqdm(pairs, desc=f"evaluate {split}", unit="img")
+    return tqdm(shown, total=len(pairs), desc=f"evaluate {split}", unit="img")
 
 
 def _score_pairs(

@@ -12,7 +12,10 @@ and a last one at the end of a run that wrote any, so a run of a few minutes sta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Seconds between two lines: often enough to tell a working run from a hung one, a line of
 #: about 80 bytes a minute (58 kB over a 12-hour run)
@@ -28,6 +31,18 @@ def duration(seconds: float) -> str:
         return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def counted(
+    items: Sequence[T], verb: str, unit: str, log: Callable[[str], object], **kwargs: Any
+) -> Iterator[T]:
+    """``items``, with a :class:`ProgressLog` line to ``log`` now and then: each item is done
+    when the loop asks for the next (a loop with nothing to skip or fail on)."""
+    said = ProgressLog(verb, len(items), unit, log, **kwargs)
+    for item in items:
+        yield item
+        said.step()
+    said.close()
 
 
 class ProgressLog:

@@ -67,6 +67,39 @@ def test_score_labels_columns_and_values() -> None:
     assert (row["tp"], row["fp"], row["fn"]) == (0, 1, 2)
 
 
+def test_evaluate_in_a_job_log_says_how_far_it_is_now_and_then(
+    checkpoint, synth_dataset, tmp_path, monkeypatch, capsys
+) -> None:
+    """In a job's log no bar is drawn, and a test set of large images evaluated for hours
+    without a word. A line a minute goes to stderr; stdout keeps the scores; --quiet none."""
+    from functools import partial
+
+    import mlseg.progress
+    from mlseg.cli import main
+
+    ticks = iter(range(0, 10_000, 50))  # each image 50 s on the clock the lines read
+    real = mlseg.progress.ProgressLog
+    monkeypatch.setattr(
+        mlseg.progress, "ProgressLog", partial(real, clock=lambda: float(next(ticks)))
+    )
+
+    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
+        return np.zeros(image.shape[:2], np.int32), {"scale_factor": 1.0}
+
+    monkeypatch.setattr(ev, "predict_image", fake_predict)
+    argv = ["evaluate", str(checkpoint), str(synth_dataset), "--out"]
+    assert main([*argv, str(tmp_path / "log")]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("evaluate test:")]
+    assert lines == [
+        "evaluate test: 2/3 images (66%), 2 min elapsed, under a minute left",
+        "evaluate test: 3/3 images (100%), 3 min elapsed",
+    ]
+    assert "evaluate test:" not in captured.out
+    assert main([*argv, str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert "evaluate test:" not in capsys.readouterr().err
+
+
 def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, monkeypatch) -> None:
     pairs = list_pairs(synth_dataset, "test")
     truths = {p.stem: read_mask(p.mask) for p in pairs}

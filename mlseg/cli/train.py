@@ -118,7 +118,9 @@ def evaluate(
             help="Microns per pixel for every image (overrides the manifest, metadata, profile).",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="No progress bar, no line a minute in a job's log.")
+    ] = False,
 ) -> None:
     """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
     from mlseg.config import get_profile
@@ -136,6 +138,7 @@ def evaluate(
         profile = get_profile(profile or saved_config(folder).profile, profiles)
     out = out or folder / f"eval_{split}"
     progress = not quiet and sys.stderr.isatty()  # a bar per image fills a job's log
+    log = None if quiet or progress else partial(typer.echo, err=True)  # a line a minute there
     result = run_evaluate(
         model,
         data,
@@ -145,6 +148,7 @@ def evaluate(
         inference_cfg=inference,
         pixel_size_um=pixel_size,
         progress=progress,
+        log=log,
     )
     m = result.means
     relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
