@@ -6,7 +6,7 @@ one. :class:`ProgressLog` gives ``log`` a plain line at most every ``every_s`` s
 
     segment: 120/2000 images (6%), 3 failed, 14 min elapsed, about 3 h 40 min left
 
-and a last one at the end of a run that wrote any, so a run of a few minutes stays silent.
+and a last one at the end of a run of a minute or longer, so a shorter run stays silent.
 """
 
 from __future__ import annotations
@@ -91,9 +91,12 @@ class ProgressLog:
         return self.done + self.failed + self.skipped
 
     def close(self) -> None:
-        """The last line, where the run wrote any before (a short run stays silent)."""
-        if self.lines:
-            self._say(self.clock())
+        """The last line, with the run's length, where it ran ``every_s`` or longer (a short
+        run stays silent): one whose images each took over a minute said nothing before its
+        end, as a short one."""
+        now = self.clock()
+        if self.lines or now - self.started >= self.every_s:
+            self._say(now)
 
     def _say(self, now: float) -> None:
         if self.log is None:

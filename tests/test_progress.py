@@ -44,6 +44,24 @@ def test_a_short_run_stays_silent_and_a_long_one_ends_with_a_last_line():
     assert len(lines) == 3  # after 80 and 160 s, then the last
 
 
+def test_a_run_over_a_minute_ends_with_its_length_even_with_no_line_before():
+    """Three images over 90 s, or one over ten minutes, reached the end before a minute had
+    passed since the last line and wrote nothing, where the README promises a long run a last
+    line with its length."""
+    clock, lines = Clock(), []
+    said = ProgressLog("segment", 3, "images", lines.append, clock=clock)
+    for seconds in (30, 20, 40):
+        clock.now += seconds
+        said.step()
+    said.close()
+    assert lines == ["segment: 3/3 images (100%), 2 min elapsed"]
+    said = ProgressLog("evaluate test", 1, "images", lines.append, clock=clock)
+    clock.now += 600
+    said.step()
+    said.close()
+    assert lines[-1] == "evaluate test: 1/1 images (100%), 10 min elapsed"
+
+
 def test_images_already_done_do_not_shorten_the_time_left():
     """A resumed run skips its finished images in no time; counted in the rate, they
     promised the hours left in minutes."""
