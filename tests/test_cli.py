@@ -736,6 +736,36 @@ def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
         assert shown in out
 
 
+def test_validate_prints_file_names_with_emoji_codes_as_they_are():
+    """Rich read ``:b:`` in a file name as an emoji code: ``well:b:03.png`` was printed as
+    ``well🅱03.png``, a file the user could not find or grep for."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mlseg.cli.validate import print_report
+
+    outcome = SimpleNamespace(
+        rule="image_has_mask",
+        severity="error",
+        success=False,
+        n_failed=1,
+        n_checked=3,
+        first_failed=["train/original/well:b:03.png"],
+        error=None,
+        fix="Add train/masks/well:b:03_mask.png.",
+    )
+    buffer = io.StringIO()
+    print_report(
+        SimpleNamespace(root="run:100:", outcomes=[outcome]),
+        Console(file=buffer, width=200, color_system=None),
+    )
+    out = buffer.getvalue()
+    for shown in ("original/well:b:03.png", "masks/well:b:03_mask.png", "run:100:"):
+        assert shown in out
+
+
 def test_validate_in_a_log_file_keeps_each_file_name_on_one_line(capsys):
     """Printed to a file (a CI or nohup log), Rich's 80 columns split a long file name
     across two lines of the table, so a grep for it found nothing."""

@@ -13,11 +13,12 @@ LOG_WIDTH = 100_000  # Rich's width where stdout is no terminal: tables as wide 
 
 def print_report(report: Any, console: Any = None) -> None:
     """Rich table, one row per expectation (failed errors, failed warnings, then passes),
-    then what to do for each failure. File names and messages are printed as they are: Rich
-    took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``."""
+    then what to do for each failure. File names and messages are printed as they are, as
+    Text: Rich took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``, and
+    ``:b:`` in ``well:b:03.png`` for an emoji code and showed ``well🅱03.png``."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     if console is None:
         console = Console()
@@ -25,7 +26,7 @@ def print_report(report: Any, console: Any = None) -> None:
             # a job's log: one line per row and per fix; at Rich's 80 columns a file name
             # was split mid-word ("patient_0001_sl" / "ide_03.png") and grep found nothing
             console = Console(width=LOG_WIDTH)
-    table = Table(title=escape(f"Data validation of {report.root}"))
+    table = Table(title=Text(f"Data validation of {report.root}"))
     table.add_column("rule", style="bold", no_wrap=True)
     table.add_column("severity", no_wrap=True)
     table.add_column("result", no_wrap=True)
@@ -44,14 +45,12 @@ def print_report(report: Any, console: Any = None) -> None:
             first += f", ... (+{o.n_failed - len(o.first_failed)})"
         if o.error:
             first = f"could not run: {o.error}"
-        table.add_row(
-            escape(o.rule), o.severity, result, f"{o.n_failed}/{o.n_checked}", escape(first)
-        )
+        table.add_row(Text(o.rule), o.severity, result, f"{o.n_failed}/{o.n_checked}", Text(first))
     console.print(table)
     for o in order:
         if not o.success:
             colour = "red" if o.severity == "error" else "yellow"
-            console.print(f"[{colour}]{escape(o.rule)}[/{colour}]: {escape(o.fix)}")
+            console.print(Text.assemble((o.rule, colour), ": ", o.fix))
 
 
 def _print_inventory(inventory: str | None) -> None:
