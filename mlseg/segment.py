@@ -895,8 +895,9 @@ def _run_folder(
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
     tables: list[pd.DataFrame] = []
-    said = ProgressLog(desc, len(items), "images", log)
     with writing_to(out_dir):  # one run at a time: its images' files are all its own
+        # counted from here: the wait for another run's lock is no image's time
+        said = ProgressLog(desc, len(items), "images", log)
         for stem, path in _progress(items, progress, desc):
             done = image_done(out_dir, stem, expect(stem))
             if done is not None:

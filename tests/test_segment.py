@@ -359,6 +359,49 @@ def test_a_long_segment_run_gives_its_log_a_line_on_how_far_it_is(
     ]
 
 
+def test_the_time_left_leaves_out_the_wait_for_another_run_into_the_folder(tmp_path, monkeypatch):
+    """A run waiting for another run's lock on its output folder counted the wait as its
+    first image's time: after half an hour's wait and one 20-s image the log promised
+    "about 1 h 31 min left" for three more."""
+    from contextlib import contextmanager
+    from functools import partial
+
+    import mlseg.segment
+    from mlseg.progress import ProgressLog
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 20  # each image 20 s on the clock the lines read
+        return now[0]
+
+    monkeypatch.setattr(mlseg.segment, "ProgressLog", partial(ProgressLog, clock=clock))
+    held = mlseg.segment.writing_to
+
+    @contextmanager
+    def after_a_wait(out_dir):
+        now[0] += 1800  # another run held the folder half an hour
+        with held(out_dir) as out:
+            yield out
+
+    monkeypatch.setattr(mlseg.segment, "writing_to", after_a_wait)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 1
+    for i in range(4):
+        write_image(tmp_path / "images" / f"i{i}.png", np.full((32, 32, 3), 200, np.uint8))
+        write_image(tmp_path / "labels" / f"i{i}_mask.png", mask)
+    lines: list[str] = []
+    quantify_folder(
+        tmp_path / "labels",
+        tmp_path / "images",
+        tmp_path / "out",
+        profile_name="he",
+        progress=False,
+        log=lines.append,
+    )
+    assert lines[0] == "quantify: 3/4 images (75%), 1 min elapsed, under a minute left"
+
+
 def test_run_json_names_the_library_releases_and_hardware_that_made_the_numbers(
     tmp_path, use_oracle
 ):
