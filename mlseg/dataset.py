@@ -545,10 +545,13 @@ def list_pairs(
         problems.append(f"{msk_dir}: mask folder not found; put the masks there")
     if strict:
         # a link to a share not mounted was left out unsaid: its mask was then said to have
-        # no image, or its image no mask, while ls showed both
+        # no image, or its image no mask, while ls showed both. Links only, which validation
+        # reports as unreadable too: a folder named x.png is left out by both, as before
         broken: set[str] = set()
         for folder, is_mask in ((img_dir, False), (msk_dir, True)):
             for path, what in _not_files(folder) if folder.is_dir() else []:
+                if not path.is_symlink():
+                    continue
                 problems.append(f"{path}: {what}; {RESTORE_OR_MOVE}")
                 name = image_stem(path)
                 if is_mask and name.endswith(cfg.mask_suffix):

@@ -166,6 +166,13 @@ def test_a_link_to_a_share_not_mounted_is_named_as_such_not_as_a_missing_file(tm
     assert f"{mask}: a link to {tmp_path / 'share' / 'c_mask.png'}, which is missing" in msg
     assert "mount the share" in msg
     assert "mask without image" not in msg and "no mask" not in msg
+    # a folder named as an image is no link: left out, as validation leaves it out
+    image.unlink()
+    mask.unlink()
+    make_pair(root, "train", "c")
+    (root / "train" / "masks" / "b_mask.png").unlink()
+    image.mkdir()
+    assert [p.image.name for p in list_pairs(root, "train")] == ["a.png", "c.png"]
 
 
 def test_files_a_mac_or_windows_hides_are_no_part_of_the_dataset(tmp_path):
