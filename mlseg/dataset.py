@@ -530,7 +530,7 @@ def list_pairs(
                 continue
             name = image_stem(path)
             if name.endswith(cfg.mask_suffix):
-                stem = match_stem(name[: -len(cfg.mask_suffix)], images)
+                stem = match_stem(name.removesuffix(cfg.mask_suffix), images)
                 if strict and stem in masks:
                     problems.append(
                         f"{path}: a second mask for {stem!r} (also {masks[stem].name}); keep one"
@@ -555,7 +555,7 @@ def list_pairs(
                 problems.append(f"{path}: {what}; {RESTORE_OR_MOVE}")
                 name = image_stem(path)
                 if is_mask and name.endswith(cfg.mask_suffix):
-                    name = match_stem(name[: -len(cfg.mask_suffix)], images)
+                    name = match_stem(name.removesuffix(cfg.mask_suffix), images)
                 broken.add(name)
         for stem, path in images.items():
             if stem in broken:

@@ -292,7 +292,7 @@ def _pairs_by_mask(
         for path in (sorted(masks.iterdir()) if masks.is_dir() else [])
         if is_image_file(path)
         and (name := image_stem(path)).endswith(data.mask_suffix)
-        and match_stem(name[: -len(data.mask_suffix)], stems) not in stems
+        and match_stem(name.removesuffix(data.mask_suffix), stems) not in stems
     ]
     if orphans:  # a misnamed image shrank the set unsaid, as a misnamed mask did
         warnings.warn(

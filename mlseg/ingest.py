@@ -169,7 +169,7 @@ def _masks_by_stem(folder: Path, suffix: str, problems: list[str]) -> dict[str, 
         elif not is_image_file(p):
             continue
         elif image_stem(p).endswith(suffix):
-            stem = image_stem(p)[: -len(suffix)]
+            stem = image_stem(p).removesuffix(suffix)
         else:
             problems.append(
                 f"{p}: mask name must end with {suffix!r} "

@@ -730,7 +730,9 @@ def add_checks(
     )
     df["location_ok"] = _rule(in_folder, [True] * len(df))
     df["extension_ok"] = _rule(ext_ok, placed)
-    df["name_ok"] = _rule((is_image & ~ends) | (is_mask & ends), placed)
+    # an empty suffix (masks named as their images, in their own folder) ends every name
+    image_named = ~ends if suffix else np.ones(len(df), dtype=bool)
+    df["name_ok"] = _rule((is_image & image_named) | (is_mask & ends), placed)
 
     # Pairing counts only files a training run would pick up: right folder, allowed extension,
     # and for masks the right suffix. Unreadable files still pair (the read error is reported).

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mlseg.config import DataConfig
+from mlseg.dataset import list_pairs
 from mlseg.errors import DatasetError
 from mlseg.inventory import (
     FILE_COLUMNS,
@@ -259,23 +260,29 @@ def test_inventory_reads_an_indexed_mask_by_its_indices(tmp_path, nuclei_dataset
     assert not unreadable["readable"] and "colour mask" in unreadable["read_error"]
 
 
-def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair):
+@pytest.mark.parametrize("suffix", ["-label", ""])
+def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suffix):
+    """Other folder names and mask suffixes; an empty suffix is masks named as their images
+    in their own folder, whose images all failed mask_naming (every name ends with '')."""
     rng = np.random.default_rng(4)
     root = tmp_path / "ds"
     for split in ("Training", "Testing"):
         image, labels = nuclei_pair(rng)
         write_image(root / split / "img" / "a.png", image)
-        write_labels(root / split / "lab" / "a-label.png", labels)
+        write_labels(root / split / "lab" / f"a{suffix}.png", labels)
     data = DataConfig(
         train_dir="Training",
         test_dir="Testing",
         image_dir="img",
         mask_dir="lab",
-        mask_suffix="-label",
+        mask_suffix=suffix,
     )
     inv = build_inventory(root, ValidateConfig(data=data))
     assert inv.files["image_has_mask"].dropna().all() and inv.files["location_ok"].all()
+    assert inv.files["name_ok"].dropna().all()
     assert inv.splits["n_pairs"].tolist() == [1, 1]
+    pairs = list_pairs(root, "train", data)
+    assert [(p.image.name, p.mask.name) for p in pairs] == [("a.png", f"a{suffix}.png")]
 
 
 @pytest.mark.parametrize("parallel", ["thread", "process"])
