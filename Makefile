@@ -36,5 +36,9 @@ format: $(STAMP)
 	$(BIN)/ruff format mlseg flows expectations infra tests bench
 	$(BIN)/ruff check --fix mlseg flows expectations infra tests bench
 
+bench:
+	@echo "The benchmarks are scripts, each run on its own: bench/README.md lists them, e.g."
+	@echo "  $(BIN)/python bench/quality.py --budget 3min --device cpu"
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info
