@@ -50,6 +50,7 @@ def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> N
     assert (folder / "best.safetensors").read_bytes() == b"w-b"
     card = json.loads((folder / "card.json").read_text())
     assert card["fingerprint_hash"] == "fp123"
+    assert card["config"] == {"train": {"encoder": "resnet18"}}  # the run's, to reproduce it
     assert card["metrics"]["dice"] == pytest.approx(0.82)
     assert card["eval_set_id"] == "setA"
     assert card["code_version"].startswith("0.")
@@ -60,6 +61,15 @@ def test_register_keeps_files_metadata_and_numbers_versions(tmp_path: Path) -> N
     assert reg.show(registry, "nuclei", "v2") == v2
     assert reg.show(registry, "nuclei", " V2 ") == v2  # as typed on a command line
     assert reg.show(registry, "nuclei", "latest").version == 2
+
+
+def test_versions_past_nine_are_listed_and_resolved_by_number(tmp_path: Path) -> None:
+    """As text, v10 sorts between v1 and v2: `latest` of a model with ten versions was v9."""
+    registry = tmp_path / "registry"
+    for i in range(10):
+        _register(tmp_path, registry, 0.8, tag=str(i))
+    assert [m.version for m in reg.list_models(registry, "nuclei")] == list(range(1, 11))
+    assert reg.show(registry, "nuclei", "latest").version == 10
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
