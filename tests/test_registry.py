@@ -337,6 +337,15 @@ def test_champion_challenger_promotes_only_a_better_model_on_the_same_set(tmp_pa
     assert all(d["reason"] for d in log)
 
 
+def test_the_champions_score_measured_by_the_caller_beats_the_one_recorded(tmp_path: Path):
+    """The champion measured now (champion_metrics) decides, not its score on its card."""
+    registry = tmp_path / "registry"
+    reg.champion_challenger(registry, _register(tmp_path, registry, 0.90, tag="a"))
+    challenger = _register(tmp_path, registry, 0.85, tag="b")
+    decision = reg.champion_challenger(registry, challenger, champion_metrics={"dice": 0.80})
+    assert decision.promoted and decision.champion_value == pytest.approx(0.80)
+
+
 def test_where_lower_is_better_only_a_lower_score_is_promoted(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     reg.champion_challenger(registry, _register(tmp_path, registry, 0.80, tag="a"))
