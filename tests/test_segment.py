@@ -843,6 +843,20 @@ def test_a_per_image_table_gives_each_image_its_own_pixel_size(tmp_path, use_ora
     assert summary["pixel_size_source"] == "argument" and summary["pixel_size_um"] == 0.4
 
 
+def test_a_rerun_with_another_pixel_size_for_every_image_redoes_them(tmp_path, use_oracle):
+    """--pixel-size 0.25 after a run at 0.5: the images were skipped as done, their areas
+    left at four times what the new size measures."""
+    write_image(tmp_path / "in" / "a.png", disc_image(64, 64, spacing=20, radius=6)[0])
+    run = dict(profile_name="he", units="um", progress=False)
+    segment_folder("model", tmp_path / "in", tmp_path / "o", pixel_size_um=0.5, **run)
+    assert segment_folder(
+        "model", tmp_path / "in", tmp_path / "o", pixel_size_um=0.5, **run
+    ).skipped == ["a"]
+    again = segment_folder("model", tmp_path / "in", tmp_path / "o", pixel_size_um=0.25, **run)
+    assert again.processed == ["a"]
+    assert json.loads((tmp_path / "o" / "a.json").read_text())["pixel_size_um"] == 0.25
+
+
 def test_a_pixel_size_row_naming_an_image_in_another_case_is_named_not_dropped() -> None:
     """HE_000.png for he_000.png is one file on macOS and Windows, where a table is typed; it
     is no image here, and the row was dropped without a word unless no row matched."""
