@@ -1398,6 +1398,25 @@ def test_cli_segment_redoes_images_when_the_model_config_or_meta_is_edited(tmp_p
     assert "segmented 0, skipped 2" in rerun()
 
 
+def test_a_model_retrained_or_resized_under_the_same_names_is_another_model(tmp_path):
+    """What <stem>.json records as the model, which decides whether a rerun redoes its images:
+    new weights saved as the same best.safetensors (a retrained model), another model pixel
+    size in meta.json, or another encoder is another model; its metrics are not."""
+    from mlseg.config import TrainConfig
+    from mlseg.segment import model_identity
+
+    weights = tmp_path / "best.safetensors"
+    weights.write_bytes(b"epoch 10")
+    cfg, meta = Config(), {"pixel_size_um": 0.5, "metrics": {"val_dice": 0.8}}
+    before = model_identity(weights, cfg, meta)
+    assert model_identity(weights, cfg, {**meta, "metrics": {"val_dice": 0.9}}) == before
+    assert model_identity(weights, cfg, {**meta, "pixel_size_um": 0.25}) != before
+    other = Config(train=TrainConfig(encoder="resnet18"))
+    assert cfg.train.encoder != "resnet18" and model_identity(weights, other, meta) != before
+    weights.write_bytes(b"epoch 20")
+    assert model_identity(weights, cfg, meta) != before
+
+
 def test_cli_segment_with_a_real_checkpoint_and_quantify(tmp_path):
     from mlseg.cli import main
     from mlseg.config import TrainConfig
