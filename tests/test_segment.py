@@ -517,6 +517,20 @@ def test_quantify_of_an_output_folder_measures_at_the_size_its_records_carry(tmp
     }
 
 
+def test_quantify_redoes_labels_whose_table_size_changed_though_their_record_has_one(tmp_path):
+    """Labels of an output folder (their <stem>.json records 0.5 um) measured at a table's
+    0.4 and then 0.3 um: the second run skipped the image as done, its areas left at 0.4."""
+    images, masks, first, out = (tmp_path / n for n in ("images", "masks", "first", "out"))
+    image, truth = disc_image(60, 60)
+    write_image(images / "a.png", image)
+    write_labels(masks / "a_mask.png", truth)
+    run = dict(profile_name="he", progress=False)
+    quantify_folder(masks, images, first, pixel_size_um=0.5, **run)
+    quantify_folder(first, images, out, pixel_sizes={"a": 0.4}, **run)
+    assert quantify_folder(first, images, out, pixel_sizes={"a": 0.3}, **run).processed == ["a"]
+    assert json.loads((out / "a.json").read_text())["pixel_size_um"] == 0.3
+
+
 def test_quantify_in_microns_takes_the_size_an_output_folder_carries(tmp_path):
     """units: um is satisfied by labels whose record gives the size, image PNGs without any."""
     images, masks, first = tmp_path / "images", tmp_path / "masks", tmp_path / "first"
