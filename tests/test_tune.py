@@ -35,6 +35,8 @@ def test_candidates_grid_and_random() -> None:
     rand = candidates(space, 3, "random", 0)
     assert len(rand) == 3 and all(c in grid for c in rand) and len({str(c) for c in rand}) == 3
     assert rand == candidates(space, 3, "random", 0)
+    # the seed picks the sample: --seed 1 ran the same trials as --seed 0
+    assert len({str(candidates(space, 2, "random", seed)) for seed in range(5)}) > 1
     with pytest.raises(ConfigError):
         candidates(space, 2, "bayes", 0)
     with pytest.raises(ConfigError):
