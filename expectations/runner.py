@@ -25,7 +25,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,6 +479,7 @@ def validate_dataset(
     cfg: ValidateConfig | None = None,
     *,
     progress: bool = False,
+    log: Callable[[str], object] | None = None,
     suites_dir: str | os.PathLike = SUITES_DIR,
 ) -> ValidationReport:
     """The whole gate: inventory ``root``, run the suites, write everything into ``out``.
@@ -488,12 +489,14 @@ def validate_dataset(
     ``data_docs/index.html``. It
     must lie outside the dataset, which is only read. Returns the report; raising on failure
     is left to the caller (the CLI and the flow raise :class:`~mlseg.errors.ValidationFailed`).
+    ``progress`` draws a bar while the files are read, ``log`` is given a line on how far the
+    reading is once a minute (:func:`mlseg.inventory.build_inventory`).
     """
     from mlseg.inventory import check_output_dir
 
     out = check_output_dir(root, out)
     preload_great_expectations()  # its import (seconds) overlaps the I/O-bound inventory
-    inventory = build_inventory(root, cfg, progress=progress)
+    inventory = build_inventory(root, cfg, progress=progress, log=log)
     drop_verdict(out)
     outputs = write_inventory(inventory, out)
     report = run_suites(inventory, data_docs_dir=out / "data_docs", suites_dir=suites_dir)

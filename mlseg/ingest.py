@@ -32,6 +32,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,6 +84,7 @@ from mlseg.io import (
     write_table,
 )
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
+from mlseg.progress import counted
 
 #: What mlseg segment names an image's GeoJSON (``x_nuclei.geojson``): a mask for ``x``.
 GEOJSON_SUFFIX = "_nuclei"
@@ -312,17 +314,35 @@ def _drawn(item: SourceItem, shape: tuple[int, int]) -> Drawn | None:
     return None
 
 
+def _shown(
+    items: list[SourceItem],
+    desc: str,
+    verb: str,
+    progress: bool,
+    log: Callable[[str], object] | None,
+) -> Iterable[SourceItem]:
+    """``items``, behind a progress bar ``desc`` where ``progress`` asks for one, and saying
+    how far the run is to ``log`` now and then (``verb: 120/2000 pairs ...``, a job's log)."""
+    shown: Iterable[SourceItem] = items
+    if log is not None:
+        shown = counted(items, verb, "pairs", log)
+    return tqdm(shown, total=len(items), desc=desc, unit="pair", disable=not progress, leave=False)
+
+
 def check_pairs(
-    items: list[SourceItem], progress: bool = True
+    items: list[SourceItem],
+    progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> dict[str, tuple[tuple[int, int], float | None]]:
     """Decode every image and mask; raise one DatasetError listing unreadable or mismatched
     files. Returns, for each mask to be drawn (polygons, one mask per nucleus), its image's
     ``(H, W)`` and the pixel size the annotation declares; what drawing left out is said in
-    one warning. Drawn masks are not kept (a dataset's worth would not fit in memory)."""
+    one warning. Drawn masks are not kept (a dataset's worth would not fit in memory).
+    ``progress`` draws a bar, ``log`` is given a line on how far it is once a minute."""
     problems: list[str] = []
     drawn: dict[str, tuple[tuple[int, int], float | None]] = {}
     noted: list[str] = []
-    for item in tqdm(items, desc="checking", unit="pair", disable=not progress, leave=False):
+    for item in _shown(items, "checking", "ingest, checking", progress, log):
         try:
             image = read_image(item.image)
         except ImageReadError as err:
@@ -476,6 +496,7 @@ def ingest(
     pixel_sizes: str | Path | None = None,
     pixel_size_um: float | None = None,
     progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> IngestResult:
     """Import ``src`` into a new mlseg dataset at ``dst``; see the module docstring.
 
@@ -484,6 +505,9 @@ def ingest(
     sidecar or TIFF metadata (:func:`mlseg.pixel_size.declared_pixel_size_um`) is used where neither
     gives a size, unless it is implausible (a warning names the files). Sizes outside
     :data:`mlseg.pixel_size.PLAUSIBLE_PIXEL_SIZE_UM` in the table or the argument are refused.
+    ``progress`` draws a bar; ``log`` (a job's stderr, where no bar is drawn) is given a line
+    on how far the checking and the writing are once a minute
+    (:class:`mlseg.progress.ProgressLog`).
     """
     cfg = cfg or DataConfig()
     src, dst = Path(src), Path(dst)
@@ -511,7 +535,7 @@ def ingest(
         raise DatasetError(
             f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
         )
-    drawn = check_pairs(items, progress=progress)
+    drawn = check_pairs(items, progress=progress, log=log)
     sizes = _source_pixel_sizes(src, pixel_sizes, layout)
     warn_of_unused_rows(sizes, stems, "the pixel-size table")
     free = [i.stem for i in items if i.split is None]
@@ -521,7 +545,7 @@ def ingest(
     try:
         init_dataset(staging, cfg, final=dst)
         rows, implausible = [], []
-        for item in tqdm(items, desc="ingesting", unit="pair", disable=not progress, leave=False):
+        for item in _shown(items, "ingesting", "ingest, writing", progress, log):
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
             image_dst = base / cfg.image_dir / f"{item.stem}{image_extension(item.image)}"

@@ -93,6 +93,7 @@ from mlseg.io import (
     written_together,
 )
 from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
+from mlseg.progress import ProgressLog
 
 #: "2": a 16-bit image's intensities are fractions of its camera's full scale
 #: (:func:`mlseg.io.full_scale`), not of 65535; "1" may hold either.
@@ -609,11 +610,13 @@ def _read_all(
     workers: int,
     progress: bool,
     parallel: str = "thread",
+    log: Callable[[str], object] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Rows of ``worker(item)`` in the order of ``items``, computed by a process pool.
 
     Items go to the workers in chunks; each worker holds one decoded file at a time and
-    sends back only its small row, so memory does not grow with the dataset.
+    sends back only its small row, so memory does not grow with the dataset. ``progress``
+    draws a bar; ``log`` is told how far the reading is now and then (a job's log).
     """
     n_workers = min(workers or usable_cpus(), max(1, len(items)))
     pool: Executor | None = None
@@ -631,7 +634,13 @@ def _read_all(
             from tqdm.auto import tqdm
 
             results = tqdm(results, total=len(items), desc="reading", unit="file", leave=False)
-        yield from results
+        # counted here, in this process, as the rows come back (in order; a worker's count
+        # would be one process's share)
+        said = ProgressLog("validate", len(items), "files", log)
+        for row in results:
+            said.step()
+            yield row
+        said.close()
     except BrokenProcessPool as err:
         raise RuntimeError(
             "inventory worker processes died; when calling build_inventory from a script, put "
@@ -646,9 +655,17 @@ def _read_all(
 
 
 def build_inventory(
-    root: str | os.PathLike, cfg: ValidateConfig | None = None, *, progress: bool = False
+    root: str | os.PathLike,
+    cfg: ValidateConfig | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], object] | None = None,
 ) -> Inventory:
     """Inventory every file of the dataset at ``root``; the dataset is only read.
+
+    ``progress`` draws a bar while the files are read; ``log`` (a job's stderr, where no bar
+    is drawn) is given a line on how far the reading is once a minute
+    (:class:`mlseg.progress.ProgressLog`).
 
     Raises :class:`DatasetError` only if ``root`` is not a folder or its ``manifest.csv``
     cannot be parsed: every problem inside the dataset becomes a fact in the tables, for the
@@ -667,7 +684,7 @@ def build_inventory(
     )
     rows = []
     items = [(str(e.path), e.role) for e in entries]
-    facts_iter = _read_all(items, worker, cfg.workers, progress, cfg.parallel)
+    facts_iter = _read_all(items, worker, cfg.workers, progress, cfg.parallel, log)
     for entry, facts in zip(entries, facts_iter, strict=True):
         rows.append({"split": entry.split, "role": entry.role, "path": entry.rel, **facts})
     sizes = manifest_pixel_sizes(root)

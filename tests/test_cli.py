@@ -239,6 +239,74 @@ def test_a_job_log_says_how_far_segment_and_quantify_are_now_and_then(
     assert "quantify: 100%" in err and "elapsed" not in err  # the bar, not the lines
 
 
+def _ticking(monkeypatch, module) -> None:
+    """``module``'s progress lines read a clock that moves 25 s at each look."""
+    from functools import partial
+
+    from mlseg.progress import ProgressLog
+
+    ticks = iter(range(0, 100_000, 25))
+    clocked = partial(ProgressLog, clock=lambda: float(next(ticks)))
+    monkeypatch.setattr(module, "ProgressLog", clocked, raising=False)
+
+
+def _said(err: str, *verbs: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(verbs)]
+
+
+def test_a_job_log_says_how_far_validate_is_now_and_then(
+    nuclei_dataset, tmp_path, monkeypatch, capsys
+):
+    """validate of a study's tens of thousands of files said nothing in a job's log for many
+    minutes: a working run looked like a hung one. A line on stderr now and then says how far
+    the reading is; stdout is as it was; a terminal has its bar, and --quiet neither."""
+    import mlseg.inventory
+
+    _ticking(monkeypatch, mlseg.inventory)
+    root = nuclei_dataset(n_train=2, n_test=1)  # 6 files, each 25 s on the clock
+    assert main(["validate", str(root), "--out", str(tmp_path / "log")]) == 0
+    captured = capsys.readouterr()
+    assert _said(captured.err, "validate:") == [
+        "validate: 3/6 files (50%), 1 min elapsed, about 1 min left",
+        "validate: 6/6 files (100%), 3 min elapsed",
+    ]
+    assert "validate:" not in captured.out
+    assert captured.out.endswith(f"{root}: passed; see {tmp_path / 'log' / 'validation.html'}\n")
+    assert main(["validate", str(root), "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert _said(capsys.readouterr().err, "validate:") == []
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["validate", str(root), "--out", str(tmp_path / "terminal")]) == 0
+    err = capsys.readouterr().err
+    assert "reading:" in err and "elapsed" not in err  # the bar, not the lines
+
+
+def test_a_job_log_says_how_far_ingest_is_now_and_then(
+    nuclei_dataset, tmp_path, monkeypatch, capsys
+):
+    """ingest of a study, read whole and then copied, said nothing in a job's log for many
+    minutes; a line now and then on stderr says how far each pass is, stdout is as it was,
+    and a terminal has its bar instead."""
+    import mlseg.progress
+
+    _ticking(monkeypatch, mlseg.progress)
+    root = nuclei_dataset(n_train=4, n_test=2)  # 6 pairs, each 25 s on the clock per pass
+    assert main(["ingest", str(root), str(tmp_path / "log")]) == 0
+    captured = capsys.readouterr()
+    assert _said(captured.err, "ingest,") == [
+        "ingest, checking: 3/6 pairs (50%), 1 min elapsed, about 1 min left",
+        "ingest, checking: 6/6 pairs (100%), 3 min elapsed",
+        "ingest, writing: 3/6 pairs (50%), 1 min elapsed, about 1 min left",
+        "ingest, writing: 6/6 pairs (100%), 3 min elapsed",
+    ]
+    assert captured.out.splitlines() == [
+        f"ingested 6 pairs (contract layout; test: 2, train: 4) into {tmp_path / 'log'}"
+    ]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["ingest", str(root), str(tmp_path / "terminal")]) == 0
+    err = capsys.readouterr().err
+    assert "ingesting:" in err and "elapsed" not in err  # the bar, not the lines
+
+
 def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
     import warnings
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import cv2
 import numpy as np
@@ -286,11 +287,24 @@ def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suf
 
 
 @pytest.mark.parametrize("parallel", ["thread", "process"])
-def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset):
+def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset, monkeypatch):
+    """... and a job's log is told how far the reading is, counted as the workers' rows come
+    back: every file once, up to the last."""
+    import mlseg.inventory
+    from mlseg.progress import ProgressLog
+
+    ticks = iter(range(0, 100_000, 25))
+    clocked = partial(ProgressLog, clock=lambda: float(next(ticks)))
+    monkeypatch.setattr(mlseg.inventory, "ProgressLog", clocked)
     root = nuclei_dataset("ds", n_train=20, n_test=6, size=32)  # 52 files >= 48
     serial = build_inventory(root, ValidateConfig(workers=1)).files
-    parallel_files = build_inventory(root, ValidateConfig(workers=2, parallel=parallel)).files
+    lines: list[str] = []
+    cfg = ValidateConfig(workers=2, parallel=parallel)
+    parallel_files = build_inventory(root, cfg, log=lines.append).files
     pd.testing.assert_frame_equal(serial, parallel_files)
+    counts = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert counts == list(range(3, 52, 3)) + [52]
+    assert lines[-1].startswith("validate: 52/52 files (100%), ")
 
 
 def test_missing_root_is_a_dataset_error(tmp_path):

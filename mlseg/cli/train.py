@@ -49,7 +49,9 @@ def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
 
     cfg = load_validate_config(config)
     before = train_fingerprint(root, cfg.data)
-    report = validate_dataset(root, out, cfg, progress=not quiet and sys.stderr.isatty())
+    bar = not quiet and sys.stderr.isatty()
+    log = None if quiet or bar else partial(typer.echo, err=True)  # a line a minute in a log
+    report = validate_dataset(root, out, cfg, progress=bar, log=log)
     try:
         report.check(root)
     except ValidationFailed as err:  # e.g. a set with no test images, on purpose

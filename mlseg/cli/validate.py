@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,7 +89,12 @@ def validate(
     workers: Annotated[
         int | None, typer.Option(min=0, help="Parallel readers (0 = one per CPU core).")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print only the verdict: no progress bar, no line a minute."
+        ),
+    ] = False,
 ) -> None:
     """Check a dataset against the data contract; write the verdict (validation.html, readable
     offline), Great Expectations' Data Docs, inventory and fingerprint.
@@ -103,7 +109,9 @@ def validate(
         config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
     )
     out = out if out is not None else Path("validation") / directory.resolve().name
-    report = validate_dataset(directory, out, cfg, progress=not quiet and sys.stderr.isatty())
+    bar = not quiet and sys.stderr.isatty()
+    log = None if quiet or bar else partial(typer.echo, err=True)  # a line a minute in a log
+    report = validate_dataset(directory, out, cfg, progress=bar, log=log)
     if not quiet:
         print_report(report)
         _print_inventory(report.outputs.get("inventory"))
