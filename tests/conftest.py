@@ -141,6 +141,23 @@ def _nuclei_pair(rng, size: int = 48):
 
 
 @pytest.fixture
+def ticking(monkeypatch: pytest.MonkeyPatch):
+    """``ticking(module, step_s=25)``: the progress lines of ``module`` (its ``ProgressLog``)
+    read a clock that moves ``step_s`` seconds at each look, so that a test sees at once the
+    line a minute of a long run in a job's log."""
+    from functools import partial
+
+    from mlseg.progress import ProgressLog
+
+    def tick(module, step_s: int = 25) -> None:
+        ticks = iter(range(0, 10_000_000, step_s))
+        clocked = partial(ProgressLog, clock=lambda: float(next(ticks)))
+        monkeypatch.setattr(module, "ProgressLog", clocked, raising=False)
+
+    return tick
+
+
+@pytest.fixture
 def nuclei_pair():
     """``nuclei_pair(rng, size=48) -> (image, labels)``: one distinct image per call."""
     return _nuclei_pair

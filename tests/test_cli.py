@@ -196,24 +196,15 @@ def test_no_progress_bar_in_a_log_file_unless_asked(tmp_path, capsys):
 
 
 def test_a_job_log_says_how_far_segment_and_quantify_are_now_and_then(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, ticking
 ):
     """In a job's log (cron, nohup, a Prefect worker) segment and quantify drew no bar and
     said nothing for hours: a working run looked like a hung one. A line on stderr now and
     then says how far it is; stdout keeps the results only; a terminal has its bar, and
     --no-progress silences both."""
-    from functools import partial
-
     import mlseg.segment
-    from mlseg.progress import ProgressLog
 
-    ticks = iter(range(0, 10_000, 25))  # each image 25 s on the clock the lines read
-    monkeypatch.setattr(
-        mlseg.segment,
-        "ProgressLog",
-        partial(ProgressLog, clock=lambda: float(next(ticks))),
-        raising=False,
-    )
+    ticking(mlseg.segment, 25)  # each image 25 s on the clock the lines read
     mask = np.zeros((32, 32), np.uint8)
     mask[8:20, 8:20] = 1
     for i in range(6):
@@ -239,30 +230,19 @@ def test_a_job_log_says_how_far_segment_and_quantify_are_now_and_then(
     assert "quantify: 100%" in err and "elapsed" not in err  # the bar, not the lines
 
 
-def _ticking(monkeypatch, module) -> None:
-    """``module``'s progress lines read a clock that moves 25 s at each look."""
-    from functools import partial
-
-    from mlseg.progress import ProgressLog
-
-    ticks = iter(range(0, 100_000, 25))
-    clocked = partial(ProgressLog, clock=lambda: float(next(ticks)))
-    monkeypatch.setattr(module, "ProgressLog", clocked, raising=False)
-
-
 def _said(err: str, *verbs: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith(verbs)]
 
 
 def test_a_job_log_says_how_far_validate_is_now_and_then(
-    nuclei_dataset, tmp_path, monkeypatch, capsys
+    nuclei_dataset, tmp_path, monkeypatch, capsys, ticking
 ):
     """validate of a study's tens of thousands of files said nothing in a job's log for many
     minutes: a working run looked like a hung one. A line on stderr now and then says how far
     the reading is; stdout is as it was; a terminal has its bar, and --quiet neither."""
     import mlseg.inventory
 
-    _ticking(monkeypatch, mlseg.inventory)
+    ticking(mlseg.inventory)
     root = nuclei_dataset(n_train=2, n_test=1)  # 6 files, each 25 s on the clock
     assert main(["validate", str(root), "--out", str(tmp_path / "log")]) == 0
     captured = capsys.readouterr()
@@ -281,14 +261,14 @@ def test_a_job_log_says_how_far_validate_is_now_and_then(
 
 
 def test_a_job_log_says_how_far_ingest_is_now_and_then(
-    nuclei_dataset, tmp_path, monkeypatch, capsys
+    nuclei_dataset, tmp_path, monkeypatch, capsys, ticking
 ):
     """ingest of a study, read whole and then copied, said nothing in a job's log for many
     minutes; a line now and then on stderr says how far each pass is, stdout is as it was,
     and a terminal has its bar instead."""
     import mlseg.progress
 
-    _ticking(monkeypatch, mlseg.progress)
+    ticking(mlseg.progress)
     root = nuclei_dataset(n_train=4, n_test=2)  # 6 pairs, each 25 s on the clock per pass
     assert main(["ingest", str(root), str(tmp_path / "log")]) == 0
     captured = capsys.readouterr()
@@ -776,9 +756,24 @@ def test_sighup_stays_ignored_under_nohup(tmp_path, monkeypatch):
     assert seen == [signal.SIG_IGN]
 
 
-def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
-    """Rich read ``[b]`` in a file name as markup: ``slide[b].png`` was printed as
-    ``slide.png``, a file the user could not find."""
+def _failed(first_failed: list[str], fix: str):
+    """A failed expectation as :func:`mlseg.cli.validate.print_report` reads it."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        rule="image_has_mask",
+        severity="error",
+        success=False,
+        n_failed=len(first_failed),
+        n_checked=3,
+        first_failed=first_failed,
+        error=None,
+        fix=fix,
+    )
+
+
+def _printed(root: str, outcome) -> str:
+    """What print_report shows of one outcome, on a 200-column console without colour."""
     import io
     from types import SimpleNamespace
 
@@ -786,20 +781,19 @@ def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
 
     from mlseg.cli.validate import print_report
 
-    outcome = SimpleNamespace(
-        rule="image_has_mask",
-        severity="error",
-        success=False,
-        n_failed=2,
-        n_checked=3,
-        first_failed=["train/original/slide[b].png", "train/original/x[red].png"],
-        error=None,
-        fix="Add <stem>_mask.png next to [train]/masks.",
-    )
-    report = SimpleNamespace(root="data[set]", outcomes=[outcome])
     buffer = io.StringIO()
-    print_report(report, Console(file=buffer, width=200, color_system=None))
-    out = buffer.getvalue()
+    print_report(
+        SimpleNamespace(root=root, outcomes=[outcome]),
+        Console(file=buffer, width=200, color_system=None),
+    )
+    return buffer.getvalue()
+
+
+def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
+    """Rich read ``[b]`` in a file name as markup: ``slide[b].png`` was printed as
+    ``slide.png``, a file the user could not find."""
+    names = ["train/original/slide[b].png", "train/original/x[red].png"]
+    out = _printed("data[set]", _failed(names, "Add <stem>_mask.png next to [train]/masks."))
     for shown in ("slide[b].png", "x[red].png", "data[set]", "next to [train]/masks"):
         assert shown in out
 
@@ -807,29 +801,8 @@ def test_validate_prints_file_names_and_fixes_with_brackets_as_they_are():
 def test_validate_prints_file_names_with_emoji_codes_as_they_are():
     """Rich read ``:b:`` in a file name as an emoji code: ``well:b:03.png`` was printed as
     ``well🅱03.png``, a file the user could not find or grep for."""
-    import io
-    from types import SimpleNamespace
-
-    from rich.console import Console
-
-    from mlseg.cli.validate import print_report
-
-    outcome = SimpleNamespace(
-        rule="image_has_mask",
-        severity="error",
-        success=False,
-        n_failed=1,
-        n_checked=3,
-        first_failed=["train/original/well:b:03.png"],
-        error=None,
-        fix="Add train/masks/well:b:03_mask.png.",
-    )
-    buffer = io.StringIO()
-    print_report(
-        SimpleNamespace(root="run:100:", outcomes=[outcome]),
-        Console(file=buffer, width=200, color_system=None),
-    )
-    out = buffer.getvalue()
+    outcome = _failed(["train/original/well:b:03.png"], "Add train/masks/well:b:03_mask.png.")
+    out = _printed("run:100:", outcome)
     for shown in ("original/well:b:03.png", "masks/well:b:03_mask.png", "run:100:"):
         assert shown in out
 
@@ -842,15 +815,9 @@ def test_validate_in_a_log_file_keeps_each_file_name_on_one_line(capsys):
     from mlseg.cli.validate import print_report
 
     names = [f"train/original/patient_000{i}_slide_03_region_12.png" for i in (1, 2)]
-    outcome = SimpleNamespace(
-        rule="image_has_mask",
-        severity="error",
-        success=False,
-        n_failed=2,
-        n_checked=3,
-        first_failed=names,
-        error=None,
-        fix="An image has no mask in the split's mask folder. Add <stem>_mask.png, fix the "
+    outcome = _failed(
+        names,
+        "An image has no mask in the split's mask folder. Add <stem>_mask.png, fix the "
         "mask's name, or remove the image.",
     )
     print_report(SimpleNamespace(root="data", outcomes=[outcome]))

@@ -68,20 +68,14 @@ def test_score_labels_columns_and_values() -> None:
 
 
 def test_evaluate_in_a_job_log_says_how_far_it_is_now_and_then(
-    checkpoint, synth_dataset, tmp_path, monkeypatch, capsys
+    checkpoint, synth_dataset, tmp_path, monkeypatch, capsys, ticking
 ) -> None:
     """In a job's log no bar is drawn, and a test set of large images evaluated for hours
     without a word. A line a minute goes to stderr; stdout keeps the scores; --quiet none."""
-    from functools import partial
-
     import mlseg.progress
     from mlseg.cli import main
 
-    ticks = iter(range(0, 10_000, 50))  # each image 50 s on the clock the lines read
-    real = mlseg.progress.ProgressLog
-    monkeypatch.setattr(
-        mlseg.progress, "ProgressLog", partial(real, clock=lambda: float(next(ticks)))
-    )
+    ticking(mlseg.progress, 50)  # each image 50 s on the clock the lines read
 
     def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
         return np.zeros(image.shape[:2], np.int32), {"scale_factor": 1.0}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import cv2
 import numpy as np
@@ -287,15 +286,12 @@ def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suf
 
 
 @pytest.mark.parametrize("parallel", ["thread", "process"])
-def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset, monkeypatch):
+def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset, ticking):
     """... and a job's log is told how far the reading is, counted as the workers' rows come
     back: every file once, up to the last."""
     import mlseg.inventory
-    from mlseg.progress import ProgressLog
 
-    ticks = iter(range(0, 100_000, 25))
-    clocked = partial(ProgressLog, clock=lambda: float(next(ticks)))
-    monkeypatch.setattr(mlseg.inventory, "ProgressLog", clocked)
+    ticking(mlseg.inventory)
     root = nuclei_dataset("ds", n_train=20, n_test=6, size=32)  # 52 files >= 48
     serial = build_inventory(root, ValidateConfig(workers=1)).files
     lines: list[str] = []

@@ -324,23 +324,14 @@ def test_each_image_records_the_mlseg_and_device_that_made_it_through_reruns(
 
 
 def test_a_long_segment_run_gives_its_log_a_line_on_how_far_it_is(
-    tmp_path, use_oracle, monkeypatch
+    tmp_path, use_oracle, monkeypatch, ticking
 ):
     """Where no bar is drawn (a job's log) a run of a whole study said nothing for hours.
     ``log`` gets a line now and then; a resumed run counts its finished images as done but
     not in the time left."""
-    from functools import partial
-
     import mlseg.segment
-    from mlseg.progress import ProgressLog
 
-    ticks = iter(range(0, 10_000, 40))  # each image 40 s on the clock the lines read
-    monkeypatch.setattr(
-        mlseg.segment,
-        "ProgressLog",
-        partial(ProgressLog, clock=lambda: float(next(ticks))),
-        raising=False,
-    )
+    ticking(mlseg.segment, 40)  # each image 40 s on the clock the lines read
     folder = _folder(tmp_path, 3)
     out = tmp_path / "out"
     lines: list[str] = []
