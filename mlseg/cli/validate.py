@@ -96,8 +96,9 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check a dataset against the data contract; write the verdict (validation.html, readable
-    offline), Great Expectations' Data Docs, inventory and fingerprint.
+    """Check a dataset against the data contract: verdict, Data Docs, inventory, fingerprint.
+
+    The verdict, validation.html, reads offline; the Data Docs need an internet connection.
 
     Exits 1 if any error-level expectation fails (training must not start), 0 otherwise;
     warnings are reported. The dataset is only read.
