@@ -12,6 +12,8 @@ import contextlib
 import signal
 import sys
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -46,6 +48,19 @@ def _options(
     ),
 ) -> None:
     pass
+
+
+def progress_outputs(show: bool | None = None) -> tuple[bool, Callable[[str], object] | None]:
+    """``(bar, log)`` of a long command. By default the bar where stderr is a terminal; in a
+    job's log file, where a bar would be a line per item, a plain line now and then on
+    stderr instead (:class:`mlseg.progress.ProgressLog`), so a working run is told from a
+    hung one. ``show`` True: the bar alone (``--progress``); False: neither
+    (``--no-progress``, ``--quiet``)."""
+    if show is not None:
+        return show, None
+    if sys.stderr.isatty():
+        return True, None
+    return False, partial(typer.echo, err=True)
 
 
 def _register_all() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mlseg.cli import progress_outputs
 from mlseg.config import DataConfig, load_config
 
 
@@ -81,7 +80,7 @@ def ingest(
     """Import a dataset into the mlseg layout with a seeded train/test split and a manifest."""
     from mlseg.ingest import ingest as run_ingest
 
-    terminal = sys.stderr.isatty()  # a bar there; in a job's log, a line a minute instead
+    bar, log = progress_outputs()
     result = run_ingest(
         src,
         directory,
@@ -92,8 +91,8 @@ def ingest(
         cfg=_data_cfg(config, mask_suffix),
         pixel_sizes=pixel_sizes,
         pixel_size_um=pixel_size,
-        progress=terminal,
-        log=None if terminal else partial(typer.echo, err=True),  # a line a minute in a log
+        progress=bar,
+        log=log,
     )
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts.items()))
     typer.echo(

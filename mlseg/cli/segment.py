@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from enum import StrEnum
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mlseg.cli import progress_outputs
 
 
 class Units(StrEnum):
@@ -53,15 +52,6 @@ ProgressOpt = Annotated[
         "a line a minute on how far the run is).",
     ),
 ]
-
-
-def _progress(progress: bool | None) -> tuple[bool, Callable[[str], object] | None]:
-    """The bar and the line-a-minute log of a run: the bar where stderr is a terminal (or
-    ``--progress``); in a job's log file, whose bar would be a line per image, a plain line
-    now and then, so a working run is told from a hung one; ``--no-progress`` neither."""
-    terminal = sys.stderr.isatty()
-    log = partial(typer.echo, err=True) if progress is None and not terminal else None
-    return terminal if progress is None else progress, log
 
 
 def _report(result, verb: str) -> None:
@@ -172,7 +162,7 @@ def segment(
         if stain_tta is not None:
             overrides["stain_tta"] = _stain_gains(stain_tta, base.stain_tta)
         cfg = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
-    bar, log = _progress(progress)
+    bar, log = progress_outputs(progress)
     result = segment_folder(
         model,
         input_dir,
@@ -205,7 +195,7 @@ def quantify(
     """Measure nuclei of existing masks (no model): tables, overlays, GeoJSON, summary."""
     from mlseg.segment import quantify_folder
 
-    bar, log = _progress(progress)
+    bar, log = progress_outputs(progress)
     result = quantify_folder(
         labels,
         images,

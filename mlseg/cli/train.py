@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mlseg.cli import progress_outputs
 from mlseg.errors import ConfigError
 
 
@@ -49,8 +50,7 @@ def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
 
     cfg = load_validate_config(config)
     before = train_fingerprint(root, cfg.data)
-    bar = not quiet and sys.stderr.isatty()
-    log = None if quiet or bar else partial(typer.echo, err=True)  # a line a minute in a log
+    bar, log = progress_outputs(False if quiet else None)
     report = validate_dataset(root, out, cfg, progress=bar, log=log)
     try:
         report.check(root)
@@ -139,8 +139,7 @@ def evaluate(
     if profiles is not None:  # the run's profiles_file may not be where it was trained
         profile = get_profile(profile or saved_config(folder).profile, profiles)
     out = out or folder / f"eval_{split}"
-    progress = not quiet and sys.stderr.isatty()  # a bar per image fills a job's log
-    log = None if quiet or progress else partial(typer.echo, err=True)  # a line a minute there
+    progress, log = progress_outputs(False if quiet else None)
     result = run_evaluate(
         model,
         data,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from mlseg.cli import progress_outputs
 
 LOG_WIDTH = 100_000  # Rich's width where stdout is no terminal: tables as wide as they need
 
@@ -110,8 +110,7 @@ def validate(
         config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
     )
     out = out if out is not None else Path("validation") / directory.resolve().name
-    bar = not quiet and sys.stderr.isatty()
-    log = None if quiet or bar else partial(typer.echo, err=True)  # a line a minute in a log
+    bar, log = progress_outputs(False if quiet else None)
     report = validate_dataset(directory, out, cfg, progress=bar, log=log)
     if not quiet:
         print_report(report)
