@@ -334,8 +334,9 @@ def predict_labels_scaled(
             smaller.append(f"--tile {cfg.tile_size // 64 * 32}")
         raise ConfigError(
             f"out of memory on {device} with tiles of {cfg.tile_size} px in batches of "
-            f"{cfg.batch_size} ({said}); lower inference.batch_size or tile_size (mlseg "
-            f"segment {' '.join(smaller) or '--device cpu'}), or free the GPU of other processes"
+            f"{cfg.batch_size} ({said}); lower inference.batch_size or tile_size "
+            f"({' '.join(smaller) or '--device cpu'} with mlseg segment or evaluate), or free "
+            "the GPU of other processes"
         )
 
     def at(factor: float, source: str):

@@ -94,6 +94,33 @@ def test_evaluate_in_a_job_log_says_how_far_it_is_now_and_then(
     assert "evaluate test:" not in capsys.readouterr().err
 
 
+def test_evaluate_takes_the_tile_and_batch_options_its_out_of_memory_advice_names(
+    checkpoint, synth_dataset, tmp_path, monkeypatch, capsys
+) -> None:
+    """A GPU out of memory in evaluate advised 'mlseg segment --batch-size 2 --tile 128', options
+    evaluate did not have: the user could not follow it there. evaluate takes them now, scores
+    with them and records them, and refuses a tile segment refuses."""
+    import json
+
+    from mlseg.cli import main
+
+    used = []
+
+    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
+        used.append((inference_cfg.tile_size, inference_cfg.batch_size))
+        return np.zeros(image.shape[:2], np.int32), {"scale_factor": 1.0}
+
+    monkeypatch.setattr(ev, "predict_image", fake_predict)
+    argv = ["evaluate", str(checkpoint), str(synth_dataset), "--quiet", "--out"]
+    assert main([*argv, str(tmp_path / "e"), "--tile", "96", "--batch-size", "1"]) == 0
+    assert set(used) == {(96, 1)}
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert (summary["inference"]["tile_size"], summary["inference"]["batch_size"]) == (96, 1)
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "bad"), "--tile", "50"]) == 2
+    assert "tile_size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_evaluate_table_means_and_files(checkpoint, synth_dataset, tmp_path, monkeypatch) -> None:
     pairs = list_pairs(synth_dataset, "test")
     truths = {p.stem: read_mask(p.mask) for p in pairs}

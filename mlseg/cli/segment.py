@@ -44,6 +44,15 @@ UnitsOpt = Annotated[
         "--units", help="auto: microns when a pixel size is known; um: require one; px: pixels."
     ),
 ]
+TileOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tile", help="Tile size in pixels, a multiple of 32, at least 64 (default: the model's)."
+    ),
+]
+BatchOpt = Annotated[
+    int | None, typer.Option(help="Tiles per forward pass (default: the model's).")
+]
 ProgressOpt = Annotated[
     bool | None,
     typer.Option(
@@ -93,20 +102,12 @@ def segment(
     pixel_size: PixelOpt = None,
     pixel_sizes: SizesOpt = None,
     units: UnitsOpt = None,
-    tile: Annotated[
-        int | None,
-        typer.Option(
-            "--tile",
-            help="Tile size in pixels, a multiple of 32, at least 64 (default: the model's).",
-        ),
-    ] = None,
+    tile: TileOpt = None,
     overlap: Annotated[
         float | None,
         typer.Option(help="Tile overlap fraction, 0 to below 0.9 (default: the model's)."),
     ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Tiles per forward pass (default: the model's).")
-    ] = None,
+    batch_size: BatchOpt = None,
     tta: Annotated[
         bool | None,
         typer.Option(

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mlseg.cli import progress_outputs
+from mlseg.cli.segment import BatchOpt, TileOpt
 from mlseg.errors import ConfigError
 
 
@@ -113,6 +114,8 @@ def evaluate(
         typer.Option(help="profiles.yaml to read --profile from (default: the run config's)."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    tile: TileOpt = None,
+    batch_size: BatchOpt = None,
     pixel_size: Annotated[
         float | None,
         typer.Option(
@@ -125,16 +128,22 @@ def evaluate(
     ] = False,
 ) -> None:
     """Score a model on a labelled split: per-image CSV, summary JSON, worst-cases PNG."""
-    from mlseg.config import get_profile
+    from mlseg.config import InferenceConfig, get_profile, parse
     from mlseg.evaluate import describe_errors
     from mlseg.evaluate import evaluate as run_evaluate
     from mlseg.model import load_model, saved_config
 
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test, got {split!r}")
+    overrides = {
+        k: v
+        for k, v in {"tile_size": tile, "batch_size": batch_size, "device": device}.items()
+        if v is not None
+    }
     inference = None
-    if device is not None:
-        inference = load_model(model).config.inference.model_copy(update={"device": device})
+    if overrides:  # scored as `mlseg segment` with the same options segments
+        base = load_model(model, device="cpu").config.inference
+        inference = parse(InferenceConfig, {**base.model_dump(), **overrides}, "command line")
     folder = model if model.is_dir() else model.parent
     if profiles is not None:  # the run's profiles_file may not be where it was trained
         profile = get_profile(profile or saved_config(folder).profile, profiles)
