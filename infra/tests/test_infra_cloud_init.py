@@ -153,7 +153,7 @@ def test_volume_is_mounted_and_dataset_synced_from_the_bucket():
 
 def test_the_data_volume_belongs_to_the_images_user():
     """The image runs as the Dockerfile's USER; the volume mounted over /data (and what rclone
-    copies onto it as root) must be that user's, or every flow fails writing under /data."""
+    copies onto it) must be that user's, or every flow fails writing under /data."""
     import re
 
     from mlseg_infra.cloud_init import IMAGE_UID
@@ -169,9 +169,38 @@ def test_the_data_volume_belongs_to_the_images_user():
         ["systemctl", "enable", "--now", "--no-block", "mlseg-worker.service"]
     )
     assert chown < start
-    files = {f["path"]: f["content"] for f in config["write_files"]}
-    sync = files["/etc/systemd/system/mlseg-dataset-sync.service"]
-    assert f"ExecStartPost=/bin/chown -R {owner} /mnt/mlseg-data/datasets" in sync
+    sync = _service_settings(config, "mlseg-dataset-sync.service")
+    assert (sync["User"], sync["Group"]) == ([str(IMAGE_UID)], [str(IMAGE_UID)])
+
+
+def _service_settings(config: dict, unit: str) -> dict[str, list[str]]:
+    """The [Service] settings of a unit the cloud-config writes, each key's values in order."""
+    text = {f["path"]: f["content"] for f in config["write_files"]}[f"/etc/systemd/system/{unit}"]
+    settings: dict[str, list[str]] = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_dataset_sync_never_writes_the_volume_as_root():
+    """The container's user owns /data and can put a symlink where the dataset folder was; a
+    root rclone followed it at the next boot and wrote the bucket's objects (which the same
+    container can upload with its bucket key) into /root/.ssh or /etc: a way out to root."""
+    from mlseg_infra.cloud_init import IMAGE_UID
+
+    config = yaml.safe_load(render_public_config(make_settings(bucket_name="my-bucket")))
+    sync = _service_settings(config, "mlseg-dataset-sync.service")
+    assert sync.get("User") == [str(IMAGE_UID)]
+    assert sync.get("Group") == [str(IMAGE_UID)]
+    commands = [v for k, vs in sync.items() if k.startswith("Exec") for v in vs]
+    # '+' and '!' run a command with full privileges despite User=; chown needs root
+    assert commands and not [c for c in commands if c[:1] in "+!" or "chown" in c]
 
 
 def test_every_placeholder_is_filled():
