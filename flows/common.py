@@ -237,6 +237,19 @@ def log_warnings() -> None:
     warnings.showwarning = showwarning
 
 
+def run_log() -> Callable[[str], object] | None:
+    """The run logger's ``info``, for the ``log`` of a long mlseg call in a task: its line a
+    minute on how far it is (:class:`mlseg.progress.ProgressLog`) in the run's log in the
+    dashboard, where no bar is drawn; None outside a flow or task run (a task's ``.fn``
+    called from a script or a test), where it says nothing."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_run_logger
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
+    return get_run_logger().info
+
+
 def data_path(path: str | Path, name: str | None = None) -> Path:
     """A path parameter as the flow sees it: absolute as given; relative ones under
     ``MLSEG_DATA_DIR`` when that is set (deployed workers: ``/data``), else the current folder.

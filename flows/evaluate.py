@@ -8,7 +8,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.common import data_path, log_warnings
+from flows.common import data_path, log_warnings, run_log
 
 
 @task(name="evaluate", task_run_name="evaluate {model} on {split}")
@@ -37,6 +37,7 @@ def evaluate_task(
         inference_cfg=settings,
         pixel_size_um=pixel_size_um,
         progress=False,
+        log=run_log(),  # a line a minute in the run log: a large test set said nothing for hours
     )
     return {
         "means": {k: float(v) for k, v in result.means.items()},

@@ -1279,6 +1279,33 @@ def test_the_train_flow_logs_each_epoch_to_the_dashboard(
     assert any(line.startswith("epoch 2 step 4: loss=") for line in logs), logs
 
 
+def test_the_evaluate_flow_says_how_far_it_is_in_its_run_log(
+    harness, tmp_path, checkpoint, synth_dataset, monkeypatch, ticking
+) -> None:
+    """A deployed evaluation of a large test set (in the pipeline too) logged nothing for
+    hours, as a hung run; a line a minute goes to the run's log now, as mlseg evaluate writes
+    it to a job's log."""
+    import mlseg.progress
+    from flows.evaluate import evaluate_model
+
+    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
+    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
+
+    def said(out: str) -> list[str]:
+        state = evaluate_model(
+            str(checkpoint), str(synth_dataset), str(tmp_path / out), return_state=True
+        )
+        assert state.is_completed(), state.message
+        logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
+        return [line for line in logs if line.startswith("evaluate test:")]
+
+    ticking(mlseg.progress, 50)  # each image 50 s on the clock the lines read
+    assert said("long") == [
+        "evaluate test: 2/3 images (66%), 2 min elapsed, under a minute left",
+        "evaluate test: 3/3 images (100%), 3 min elapsed",
+    ]
+
+
 def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
     harness, tmp_path, synth_dataset
 ) -> None:
