@@ -24,7 +24,13 @@ from expectations.runner import (
     write_report,
 )
 from flows import artifacts
-from flows.common import data_path, log_warnings, temporary_server_apart, user_errors_exit
+from flows.common import (
+    data_path,
+    log_warnings,
+    run_log,
+    temporary_server_apart,
+    user_errors_exit,
+)
 from mlseg.dataset import train_fingerprint
 from mlseg.errors import ValidationFailed
 from mlseg.inventory import (
@@ -43,7 +49,9 @@ if TYPE_CHECKING:
 
 @task(name="build-inventory", cache_policy=NO_CACHE)
 def inventory_task(root: str, cfg: ValidateConfig) -> Inventory:
-    return build_inventory(root, cfg)
+    # a line a minute in the run log while the files are read: a large dataset said nothing
+    # for hours
+    return build_inventory(root, cfg, log=run_log())
 
 
 @task(name="write-inventory", cache_policy=NO_CACHE)

@@ -7,12 +7,13 @@ session's one temporary server, conftest ``harness``).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_helpers import flow_artifacts
+from flow_helpers import flow_artifacts, flow_logs
 
 from mlseg.errors import ValidationFailed
 
@@ -90,6 +91,32 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     write_labels(mask, labels)
     again = validate_dataset_flow(str(root), str(tmp_path / "out2"))
     assert again["fingerprint_hash"] != result["fingerprint_hash"]
+
+
+def test_the_flow_says_how_far_the_reading_is_in_its_run_log(
+    harness, nuclei_dataset, tmp_path, monkeypatch, ticking
+):
+    """A deployed validation of a large dataset read its files for hours without a line in
+    the run's log, as a hung run; a line a minute goes there now, as mlseg validate writes
+    it to a job's log."""
+    import mlseg.inventory
+    from flows.validate import validate_dataset_flow
+
+    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
+    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
+    root = nuclei_dataset()
+
+    def said(out: str) -> list[str]:
+        state = validate_dataset_flow(str(root), str(tmp_path / out), return_state=True)
+        assert state.is_completed(), state.message
+        logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
+        return [line for line in logs if line.startswith("validate: ")]
+
+    ticking(mlseg.inventory, 25)  # each file 25 s on the clock the lines read
+    lines = said("long")
+    assert len(lines) >= 2 and "elapsed" in lines[0] and "left" in lines[0], lines
+    total = lines[-1].split("/")[1].split()[0]
+    assert lines[-1].startswith(f"validate: {total}/{total} files (100%), "), lines
 
 
 def test_a_mask_changed_while_validating_fails_the_flow(
