@@ -50,7 +50,7 @@ from mlseg.io import (
 )
 from mlseg.metrics import (
     ERROR_KINDS,
-    count_error,
+    count_error_of,
     detection_scores,
     object_metrics,
     pixel_metrics,
@@ -116,7 +116,7 @@ def score_labels(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, 
     }
     matched = ("f1", "mean_matched_iou", "aji", "pq", "sq", "rq", "area_ratio", "tp", "fp", "fn")
     row.update({k: obj[k] for k in matched})
-    row.update(count_error(pred_labels, true_labels))
+    row.update(count_error_of(obj["tp"] + obj["fp"], obj["tp"] + obj["fn"]))
     row.update({k: obj[k] for k in ERROR_KINDS})
     return row
 

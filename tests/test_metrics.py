@@ -262,6 +262,60 @@ def test_contingency_areas() -> None:
     ]
 
 
+def _contingency_by_sorting(pred: np.ndarray, truth: np.ndarray) -> list[list]:
+    """The contingency of two label images the plain way: ``np.unique`` of the pairs."""
+    p_vals = np.unique(pred[pred != 0])
+    t_vals = np.unique(truth[truth != 0])
+    both = (pred != 0) & (truth != 0)
+    pairs, inter = np.unique(np.stack([truth[both], pred[both]]), axis=1, return_counts=True)
+    ti, pi = np.searchsorted(t_vals, pairs[0]), np.searchsorted(p_vals, pairs[1])
+    t_area = [int(np.count_nonzero(truth == v)) for v in t_vals]
+    p_area = [int(np.count_nonzero(pred == v)) for v in p_vals]
+    return [ti.tolist(), pi.tolist(), inter.tolist(), t_area, p_area]
+
+
+@pytest.mark.parametrize(
+    "dtype, top",
+    [
+        (np.uint8, 200),  # few values with gaps, background absent in places
+        (np.uint16, 65535),
+        (np.int32, 60),
+        (np.int32, 2**31 - 1),  # a slide tile's global ids: beyond the look-up table
+        (np.int64, 2**40),
+    ],
+)
+def test_contingency_agrees_with_sorting_whatever_the_label_values(dtype, top) -> None:
+    """The contingency finds label values by a look-up table where they are small and by a
+    sort where not: the same table either way, for any label values and dtype."""
+    rng = np.random.default_rng(int(np.log2(top)))
+    values = np.concatenate([[0, top], rng.integers(1, top, 40, endpoint=True)]).astype(dtype)
+    truth = rng.choice(values, (30, 40)).astype(dtype)
+    pred = np.roll(truth, 3, axis=1)
+    pred[rng.random(pred.shape) < 0.1] = values[5]
+    pred[:, :4] = top  # a prediction without background on every row
+    ours = [a.tolist() for a in contingency(pred, truth)]
+    order = np.lexsort((ours[1], ours[0]))
+    ours[:3] = [np.asarray(a)[order].tolist() for a in ours[:3]]
+    assert ours == _contingency_by_sorting(pred, truth)
+    empty = np.zeros((0, 5), dtype)
+    assert [len(a) for a in contingency(empty, empty)] == [0] * 5
+
+
+def test_evaluate_counts_the_nuclei_count_error_counts() -> None:
+    """``mlseg evaluate`` takes its counts from the object matching: the same as counting the
+    label images' objects (``count_error``), empty images included."""
+    from mlseg.evaluate import score_labels
+
+    pred, truth = _squares()
+    empty = np.zeros_like(truth)
+    keys = ("n_true", "n_pred", "count_error", "count_error_rel")
+    for p, t in ((pred, truth), (truth, pred), (empty, truth), (pred, empty), (empty, empty)):
+        row = score_labels(p, t)
+        counted = count_error(p, t)
+        assert [row[k] for k in keys[:3]] == [counted[k] for k in keys[:3]]
+        assert row["count_error_rel"] == pytest.approx(counted["count_error_rel"], nan_ok=True)
+
+
 def test_area_ratio_is_the_size_bias_of_matched_nuclei() -> None:
     """Nuclei drawn a pixel wider all round: area ratio (r + 1)^2 / r^2, whatever else is
     unmatched; identical outlines give 1, no match NaN."""
