@@ -625,8 +625,10 @@ def _summarise(problems: list[str], limit: int = 20) -> str:
 
 def mask_kind(mask: np.ndarray) -> str:
     """``"binary"`` if the mask holds at most one non-zero value, else ``"instance"``."""
-    values = np.unique(mask)
-    return "binary" if values[values != 0].size <= 1 else "instance"
+    # compared with the first, not sorted (np.unique): two thirds of mask_to_labels' time
+    mask = np.asarray(mask)
+    values = mask[mask != 0]
+    return "binary" if values.size == 0 or bool((values == values[0]).all()) else "instance"
 
 
 def mask_to_labels(mask: np.ndarray, kind: str = "auto") -> np.ndarray:

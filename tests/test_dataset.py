@@ -220,6 +220,27 @@ def test_mask_kinds_and_labels():
     assert set(np.unique(mask_to_labels(inst))) == {0, 7, 255}
 
 
+def test_mask_kind_counts_distinct_non_zero_values_as_a_sort_would(shared_data):
+    """A mask is binary where it holds at most one non-zero value, whatever the value, the
+    dtype or where the values lie: the same answer as counting ``np.unique``'s values, on
+    small cases and on every real mask, as it is and made binary."""
+
+    def by_sorting(mask):
+        values = np.unique(mask)
+        return "binary" if values[values != 0].size <= 1 else "instance"
+
+    cases = [np.zeros((4, 4), np.uint8), np.zeros((0, 3), np.int32), np.full((3, 3), 7, np.int32)]
+    cases += [np.array([[0, -1], [-1, 0]], np.int8), np.array([[0, -1], [2, 0]], np.int8)]
+    cases += [np.array([[255, 0], [0, 254]], np.uint8), np.array([[0, 0], [0, 65535]], np.uint16)]
+    masks = sorted(shared_data.glob("*/masks/*_mask.png"))[::4]
+    for path in masks:
+        mask = read_mask(path)
+        cases += [mask, np.where(mask > 0, 255, 0).astype(np.uint8)]
+    assert len(masks) >= 20
+    for mask in cases:
+        assert mask_kind(mask) == by_sorting(mask), (mask.dtype, mask.shape)
+
+
 def test_a_binary_nucleus_whose_pixels_touch_at_corners_is_one_nucleus():
     """Binary masks are split into 8-connected components, as the contract says: a nucleus
     outlined in steps (pixels joined at their corners) is one nucleus, not one per step."""
