@@ -60,6 +60,16 @@ def test_workers_carry_the_tags_the_firewall_targets(run):
     )
 
 
+def test_a_stack_s_firewall_targets_no_other_stack_s_workers(dev_run, prod_run):
+    """DigitalOcean applies every firewall whose tag a droplet carries: one targeting a tag
+    that dev and prod workers share (``mlseg``) would let dev's admin networks SSH into
+    prod's workers."""
+    for result, other in ((dev_run, prod_run), (prod_run, dev_run)):
+        targets = set(result.one("Firewall").inputs["tags"])
+        for droplet in other.of("Droplet"):
+            assert not targets & set(droplet.inputs["tags"]), droplet.inputs["tags"]
+
+
 def test_firewall_admits_ssh_from_admin_networks_only(run):
     stack, result = run
     rules = result.one("Firewall").inputs["inboundRules"]
