@@ -33,6 +33,9 @@ def test_sizes_at_or_above_the_minimum_are_accepted(slug):
 def test_unlisted_slug_is_read_from_its_name():
     assert lookup("s-4vcpu-16gb-intel").memory_gb == 16
     assert lookup("s-1vcpu-512mb-10gb-amd").disk_gb == 10
+    assert lookup("s-1vcpu-512mb-10gb-amd").memory_gb == 0.5  # megabytes, not gigabytes
+    with pytest.raises(SizeError, match="at least 4 GB"):
+        require_minimum("s-1vcpu-512mb-25gb-amd")  # as big a disk as allowed, too little memory
     with pytest.raises(SizeError, match="at least 4 GB"):
         require_minimum("s-1vcpu-2gb-amd")  # not in the table, refused from its name
     with pytest.raises(SizeError, match="25 GB"):
