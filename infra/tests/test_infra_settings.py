@@ -85,6 +85,13 @@ def test_dataset_prefixes_inside_the_volume_are_accepted(prefix):
     assert make_settings(dataset_prefix=prefix).dataset_prefix == prefix
 
 
+@pytest.mark.parametrize("url", ["http://prefect.example/api", "", "api.prefect.cloud/api"])
+def test_a_prefect_api_the_key_would_reach_unencrypted_is_refused(url):
+    """The worker sends its Prefect API key with every request: over http:// in clear."""
+    with pytest.raises(SettingsError, match="prefectApiUrl"):
+        make_settings(prefect_api_url=url)
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(SettingsError) as err:
         make_settings(worker_count=0, droplet_size="s-1vcpu-1gb", bucket_name="Bad_Bucket")
