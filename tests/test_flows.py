@@ -1602,6 +1602,36 @@ def test_a_pipeline_left_without_a_production_model_says_why(tmp_path) -> None:
     _check_production(str(tmp_path / "registry"), "nuclei", {**blind, "promoted": True})
 
 
+def test_the_pipeline_s_promotion_follows_its_metric_margin_and_champion_score(
+    tmp_path, checkpoint
+) -> None:
+    """register-and-promote decides on the promote_metric, min_improvement and champion
+    score it is given: every pipeline test ran with the defaults (aji, 0, the champion's
+    recorded score), so any of them dropped on the way would still pass them."""
+    from flows.pipeline import register_task
+
+    registry = str(tmp_path / "registry")
+
+    def register(weights, means, metric, margin, champion=None):  # weights: a folder
+        return register_task.fn(
+            str(weights / "best.safetensors"), registry, "nuclei", means, "set", "h", metric,
+            margin, champion,
+        )["decision"]["promoted"]  # fmt: skip
+
+    assert register(checkpoint, {"aji": 0.5, "dice": 0.5}, "aji", 0.0)  # first model
+    # better Dice, worse AJI: promoted where Dice decides
+    assert register(tiny_checkpoint(tmp_path / "m2", seed=1), {"aji": 0.4, "dice": 0.9}, "dice", 0)
+    # better by 0.02 where 0.05 is asked: the champion stays
+    assert not register(
+        tiny_checkpoint(tmp_path / "m3", seed=2), {"aji": 0.9, "dice": 0.92}, "dice", 0.05
+    )
+    # better than the champion's recorded Dice (0.9), not than its score measured now
+    assert not register(
+        tiny_checkpoint(tmp_path / "m4", seed=3), {"aji": 0.9, "dice": 0.93}, "dice", 0.0,
+        {"aji": 0.9, "dice": 0.95},
+    )  # fmt: skip
+
+
 def test_the_report_shows_no_earlier_run_s_drift_as_this_one_s(tmp_path) -> None:
     """A pipeline rerun whose monitor failed on a full disk before drift.json: its report
     read the drift.json of the run before and said 'Monitoring OK'."""
