@@ -115,8 +115,12 @@ def test_cloud_init_merges_both_parts_without_losing_files(tmp_path, user_data):
         check=True,
     )
     config = json.loads(merged.stdout)
-    paths = {f["path"] for f in config["write_files"]}
-    assert {"/etc/mlseg/secrets.env", "/root/.docker/config.json"} <= paths
+    paths = [f["path"] for f in config["write_files"]]
+    assert {"/etc/mlseg/secrets.env", "/root/.docker/config.json"} <= set(paths)
+    # every file of both parts, once: a list merge that replaced by index ("replace") kept
+    # the secret part's files in place of the public part's first ones
+    parts = [yaml.safe_load(payload) for payload in _parts(user_data)]
+    assert sorted(paths) == sorted(f["path"] for part in parts for f in part["write_files"])
     assert "/etc/systemd/system/mlseg-worker.service" in paths
     assert config["runcmd"] and config["mounts"]
     checked = _schema_check(tmp_path, "#cloud-config\n" + yaml.safe_dump(config))
