@@ -533,6 +533,16 @@ def test_missing_mask_folder(nuclei_dataset):
     assert_caught(report, "mask_folder_exists", {"test"})
 
 
+def test_missing_image_folder_is_named_with_its_fix(nuclei_dataset):
+    """A split whose original/ is misnamed must say so (and how to convert other layouts),
+    not only that its masks are orphans and it has too few images."""
+    root = nuclei_dataset()
+    (root / "test/original").rename(root / "test/images")
+    report = check(root)
+    assert "image_folder_exists" in report.failed_rules("error")
+    assert_caught(report, "image_folder_exists", {"test"})
+
+
 def test_two_masks_for_one_image(nuclei_dataset):
     root = nuclei_dataset()
     labels = read_mask(root / "train/masks/train0_mask.png")
@@ -591,10 +601,11 @@ def test_a_manifest_row_naming_no_image_stops_training(nuclei_dataset):
     root = nuclei_dataset()
     (root / "manifest.csv").write_text(
         "split,stem,pixel_size_um\ntrain,train0.png,0.25\ntrain,ghost,250\ntest,test0,0.5\n"
+        "test,tset1,0.5\n"  # one row alone stops training too
     )
     report = check(root)
     assert report.failed_rules("error") == ["manifest_rows_name_images"]
-    assert_caught(report, "manifest_rows_name_images", {"train"})
+    assert_caught(report, "manifest_rows_name_images", {"train", "test"})
     rows = report_splits(root).set_index("split").loc["train", "manifest_unmatched_rows"]
     assert "train/train0.png" in rows and "train/ghost" in rows
 
@@ -633,6 +644,33 @@ def test_stray_file_is_only_a_warning(nuclei_dataset, nuclei_pair):
     report = check(root)
     assert report.success and report.failed_rules() == ["stray_files"]
     assert_caught(report, "stray_files", {"train/images/lost.png"})
+
+
+def test_quality_warnings_name_each_file_and_let_training_start(nuclei_dataset):
+    """Each warning-level rule names the file it is about; no test made one of them fail,
+    so a suite that no longer warned of an over-exposed image or an empty mask passed."""
+    root = nuclei_dataset()
+    image = read_image(root / "train/original/train1.png")
+    write_image(root / "train/original/train1.png", image.astype(np.uint16) * 257)
+    write_labels(root / "train/masks/train2_mask.png", np.zeros((48, 48), np.uint16))
+    tiles = np.zeros((48, 48), np.uint16)  # four squares: 92% foreground, none the background
+    for label, (r, c) in enumerate([(0, 0), (0, 24), (24, 0), (24, 24)], start=1):
+        tiles[r : r + 23, c : c + 23] = label
+    write_labels(root / "test/masks/test0_mask.png", tiles)
+    image = read_image(root / "test/original/test1.png")
+    image[:20] = 255  # 42% of the pixels at full scale
+    write_image(root / "test/original/test1.png", image)
+    report = check(root)
+    assert report.success and report.failed_rules() == [
+        "consistent_bit_depth",
+        "mask_not_empty",
+        "mask_not_inverted",
+        "not_saturated",
+    ]
+    assert_caught(report, "consistent_bit_depth", {"train/original/train1.png"})
+    assert_caught(report, "mask_not_empty", {"train/masks/train2_mask.png"})
+    assert_caught(report, "mask_not_inverted", {"test/masks/test0_mask.png"})
+    assert_caught(report, "not_saturated", {"test/original/test1.png"})
 
 
 # ------------------------------------------------------------------ outputs, CLI, read-only
