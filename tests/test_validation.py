@@ -748,6 +748,8 @@ def test_validation_html_reads_offline_on_fail_and_on_pass(nuclei_dataset, tmp_p
     assert "image_has_mask" in failed and "dataset_errors" in failed and "4 of " in failed
     assert "train/original/train0.png" in failed and "test/original/test1.png" in failed
     assert "stray_files" in failed and "WARN" in failed and "train/notes.txt" in failed
+    assert "What to do: An image has no mask in the split" in failed  # the fix, each rule's
+    assert "What to do: A file lies outside" in failed
     assert "not_blank" in page.split("Passed checks")[1]  # a passing check, in the table
     assert str(root) in page
     assert _links(page) == ["data_docs/index.html"]  # relative, and nothing else fetched
@@ -823,6 +825,23 @@ def test_cli_mask_kind_option(nuclei_dataset, capsys):
         == 1
     )
     assert "mask_values_valid" in capsys.readouterr().err
+
+
+def test_cli_min_images_and_config_reach_the_gate_and_quiet_prints_only_the_verdict(
+    nuclei_dataset, tmp_path, capsys
+):
+    """--min-images and the run config's data section change what passes; with --quiet a
+    failed run prints its one error line and no table."""
+    root = nuclei_dataset()  # 3 train, 2 test
+    argv = ["validate", str(root), "-q"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--min-images", "3"]) == 1
+    captured = capsys.readouterr()
+    assert "min_images_per_split" in captured.err and captured.out == ""
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {mask_kind: binary}\n")
+    assert main([*argv, "--out", str(tmp_path / "b"), "--config", str(config)]) == 1
+    assert "mask_values_valid" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
 
 
 # ------------------------------------------------------------------ real data
