@@ -158,6 +158,21 @@ def ticking(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def task_logs_at_info():
+    """Prefect's task runs log at INFO, as a deployment logs them (the tests log at WARNING),
+    set and restored with ``setLevel``, which clears the loggers' cached answers: the level
+    set as an attribute left those of an earlier test, and a flow's first tasks' lines were
+    dropped until some library's ``setLevel`` cleared them."""
+    import logging
+
+    logger = logging.getLogger("prefect.task_runs")
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    yield
+    logger.setLevel(before)
+
+
+@pytest.fixture
 def nuclei_pair():
     """``nuclei_pair(rng, size=48) -> (image, labels)``: one distinct image per call."""
     return _nuclei_pair

@@ -1264,13 +1264,11 @@ def test_the_train_flow_alone_validates_before_training(harness, tmp_path, leake
 
 
 def test_the_train_flow_logs_each_epoch_to_the_dashboard(
-    harness, tmp_path, synth_dataset, monkeypatch
+    harness, tmp_path, synth_dataset, task_logs_at_info
 ) -> None:
     """A long training run logged nothing between its start and its end."""
     from flows.train import train_model
 
-    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
-    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
     state = train_model(
         str(synth_dataset), str(tmp_path / "run"), overrides=TINY, return_state=True
     )
@@ -1280,16 +1278,13 @@ def test_the_train_flow_logs_each_epoch_to_the_dashboard(
 
 
 def test_the_evaluate_flow_says_how_far_it_is_in_its_run_log(
-    harness, tmp_path, checkpoint, synth_dataset, monkeypatch, ticking
+    harness, tmp_path, checkpoint, synth_dataset, ticking, task_logs_at_info
 ) -> None:
     """A deployed evaluation of a large test set (in the pipeline too) logged nothing for
     hours, as a hung run; a line a minute goes to the run's log now, as mlseg evaluate writes
     it to a job's log."""
     import mlseg.progress
     from flows.evaluate import evaluate_model
-
-    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
-    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
 
     def said(out: str) -> list[str]:
         state = evaluate_model(

@@ -94,7 +94,7 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
 
 
 def test_the_flow_says_how_far_the_reading_is_in_its_run_log(
-    harness, nuclei_dataset, tmp_path, monkeypatch, ticking
+    harness, nuclei_dataset, tmp_path, ticking, task_logs_at_info
 ):
     """A deployed validation of a large dataset read its files for hours without a line in
     the run's log, as a hung run; a line a minute goes there now, as mlseg validate writes
@@ -102,8 +102,6 @@ def test_the_flow_says_how_far_the_reading_is_in_its_run_log(
     import mlseg.inventory
     from flows.validate import validate_dataset_flow
 
-    # the tests log at WARNING (PREFECT_LOGGING_LEVEL); a deployment logs at INFO
-    monkeypatch.setattr(logging.getLogger("prefect.task_runs"), "level", logging.INFO)
     root = nuclei_dataset()
 
     def said(out: str) -> list[str]:
