@@ -1718,6 +1718,49 @@ def test_pipeline_measures_with_the_run_config_s_profiles_file(
     assert json.loads((work / "preprocess.json").read_text())["stain_norm"] == "none"
 
 
+def test_the_pipeline_hands_its_metric_margin_and_the_champion_s_score_to_the_decision(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """The pipeline flow's promote_metric and min_improvement, and the champion's score
+    measured on this run's evaluation set, reach register-and-promote: the task decides on
+    what it is given, and every pipeline test ran on the defaults (aji, 0, no champion), so
+    a flow that dropped or swapped any of them still passed them."""
+    import flows.pipeline as module
+
+    champion, measured, seen = object(), {"aji": 0.7, "dice": 0.8}, {}
+    signature = inspect.signature(module.register_task.fn)
+
+    def register_task(*args, **kwargs):
+        seen.update(signature.bind(*args, **kwargs).arguments)
+        return {"decision": {"reason": "r", "promoted": True}, "production_version": 1}
+
+    def segment_and_quantify(*args, **kwargs):
+        raise RuntimeError("stop after recording the call")
+
+    validated = {"outputs": {"fingerprint": "f"}, "fingerprint_hash": "h"}
+    evaluated = {"eval_set_id": "e", "means": {"aji": 0.6, "dice": 0.9}}
+    stages = {
+        "validate_dataset_flow": lambda *args, **kwargs: validated,
+        "train_model": lambda *args: {"checkpoint": "c"},
+        "evaluate_model": lambda *args, **kwargs: evaluated,
+        "_champion_needs_eval": lambda *args: champion,
+        "_score_champion": lambda registry, found, *args: measured if found is champion else {},
+        "register_task": register_task,
+        "segment_and_quantify": segment_and_quantify,
+    }
+    for name, stub in stages.items():
+        monkeypatch.setattr(module, name, stub)
+    state = module.pipeline(
+        str(synth_dataset), str(tmp_path / "work"), overrides=TINY, promote_metric="dice",
+        min_improvement=0.05, return_state=True,
+    )  # fmt: skip
+    assert state.is_failed() and "stop after recording" in state.message, state.message
+    assert seen["metric"] == "dice" and seen["min_improvement"] == 0.05
+    assert seen["champion_metrics"] == measured
+    assert seen["metrics"] == evaluated["means"] and seen["eval_set_id"] == "e"
+    assert seen["checkpoint"] == "c" and seen["fingerprint_hash"] == "h"
+
+
 @pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])
 def test_flow_command_lines_explain_every_argument(module, monkeypatch):
     """The README's `python -m flows.segment ... --task-runner dask --workers 4` showed
