@@ -1761,6 +1761,52 @@ def test_the_pipeline_hands_its_metric_margin_and_the_champion_s_score_to_the_de
     assert seen["checkpoint"] == "c" and seen["fingerprint_hash"] == "h"
 
 
+def test_drift_above_psi_fail_fails_the_pipeline_after_its_report(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """Drift above monitor.psi_fail must fail a pipeline run, as it fails a monitor run, so a
+    scheduled pipeline alerts; no test ran a pipeline into drift, and one that ended Completed
+    on drift passed them all. The report is written first, and shows the drift."""
+    from prefect.states import Failed
+
+    import flows.pipeline as module
+    from mlseg.monitor import DriftDetected
+
+    validated = {"outputs": {"fingerprint": "f"}, "fingerprint_hash": "h"}
+    evaluated = {"eval_set_id": "e", "means": {}, "per_image_csv": "x"}
+    registered = {
+        "decision": {"reason": "r", "promoted": True}, "production_version": 1,
+        "production_uri": "m",
+    }  # fmt: skip
+    reported = []
+
+    class Report:
+        def write(self, path):
+            reported.append(path)
+            Path(path).write_text("report")
+
+    stages = {
+        "validate_dataset_flow": lambda *args, **kwargs: validated,
+        "train_model": lambda *args: {"checkpoint": "c"},
+        "evaluate_model": lambda *args, **kwargs: evaluated,
+        "_champion_needs_eval": lambda *args: None,
+        "register_task": lambda *args: registered,
+        "segment_and_quantify": lambda *args, **kwargs: dict.fromkeys(
+            ("history_csv", "summary_csv", "nuclei_parquet", "histograms_png"), "x"
+        ),
+        "monitor": lambda *args, **kwargs: Failed(data=DriftDetected("test: drift (mean_c0)")),
+        "_report": lambda *args: Report(),
+    }
+    for name, stub in stages.items():
+        monkeypatch.setattr(module, name, stub)
+    work = tmp_path / "work"
+    state = module.pipeline(str(synth_dataset), str(work), overrides=TINY, return_state=True)
+    assert state.is_failed() and "drift (mean_c0)" in state.message, state.message
+    with pytest.raises(DriftDetected):
+        state.result()
+    assert reported == [str(work / "report.html")] and (work / "report.html").is_file()
+
+
 @pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])
 def test_flow_command_lines_explain_every_argument(module, monkeypatch):
     """The README's `python -m flows.segment ... --task-runner dask --workers 4` showed
