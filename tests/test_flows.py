@@ -1019,6 +1019,8 @@ def test_a_drift_warning_is_logged_at_warning_level(harness, tmp_path) -> None:
     assert state.is_completed() and state.result()["status"] == "warn"
     warned = flow_logs(state.state_details.flow_run_id, logging.WARNING)
     assert any(m.startswith("drift warn: ") and "mean_c0" in m for m in warned), warned
+    # and the dashboard's warning, as a failed run has, not a table to open to find it
+    assert "drift-warning" in flow_artifacts(state.state_details.flow_run_id)
 
 
 def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path) -> None:
