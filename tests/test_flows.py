@@ -1033,6 +1033,15 @@ def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path)
     (tmp_path / "inbox").mkdir()
     state = monitor(str(tmp_path / "inbox"), str(reference), str(tmp_path / "m"), return_state=True)
     assert state.is_completed() and state.result()["status"] == "skipped"
+    # results without since_days is no window: it measured every image, not the week's
+    half = monitor(
+        str(tmp_path / "inbox"),
+        str(reference),
+        str(tmp_path / "m"),
+        results=str(tmp_path),
+        return_state=True,
+    )
+    assert half.is_failed() and "give since_days and results together" in half.message
     missing = monitor(
         str(tmp_path / "nowhere"), str(reference), str(tmp_path / "m"), return_state=True
     )
