@@ -106,6 +106,11 @@ def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
     monkeypatch.delenv("MLSEG_TASK_RUNNER", raising=False)
     monkeypatch.delenv("MLSEG_DASK_ADDRESS", raising=False)
     assert runner_settings(workers=3) == {"kind": "thread", "address": None, "workers": 3}
+    # by default the CPUs the job may use, at most 4: each thread holds a batch of images
+    monkeypatch.setattr("mlseg.inventory.usable_cpus", lambda: 64)
+    assert runner_settings()["workers"] == 4
+    monkeypatch.setattr("mlseg.inventory.usable_cpus", lambda: 2)
+    assert runner_settings()["workers"] == 2
     monkeypatch.setenv("MLSEG_DASK_ADDRESS", "tcp://10.0.0.5:8786")
     assert runner_settings()["kind"] == "dask"  # an address alone means Dask
     runner = make_task_runner()
@@ -115,6 +120,14 @@ def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
         runner_settings("ray")
     with pytest.raises(ConfigError, match="use dask"):
         runner_settings("thread", "tcp://x:1")
+    # a flow's parameters come before the worker's environment
+    assert runner_settings(address="tcp://10.0.0.6:8786")["address"] == "tcp://10.0.0.6:8786"
+    monkeypatch.delenv("MLSEG_DASK_ADDRESS")
+    monkeypatch.setenv("MLSEG_TASK_RUNNER", "dask")
+    assert runner_settings("thread")["kind"] == "thread"
+    # a local cluster: a process per worker, one thread each (PyTorch threads its own)
+    local = make_task_runner("dask", workers=3).cluster_kwargs
+    assert (local["n_workers"], local["threads_per_worker"], local["processes"]) == (3, 1, True)
 
 
 def test_dask_runner_without_dask_installed_names_the_package(monkeypatch) -> None:
