@@ -154,6 +154,24 @@ def test_only_transient_io_errors_are_retried() -> None:
     # a full disk or spent quota is not mended by a retry seconds later
     assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert not is_transient(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_transient(OSError(errno.EROFS, "Read-only file system"))
+    assert not is_transient(OSError(errno.EFBIG, "File too large"))
+    assert not is_transient(PermissionError(errno.EACCES, "Permission denied"))
+
+
+def test_a_task_is_retried_on_a_transient_io_error_only() -> None:
+    """The condition the image tasks retry on: an unreadable image or a full disk retried
+    twice more, seconds apart, redid the whole batch before failing the same way."""
+    from prefect.states import Failed
+
+    from flows.common import retry_on_transient_io
+
+    def retried(error: BaseException) -> bool:
+        return retry_on_transient_io(None, None, Failed(data=error))
+
+    assert retried(OSError(errno.EIO, "Input/output error")) and retried(TimeoutError("slow"))
+    assert not retried(ImageReadError("x.png: truncated PNG"))
+    assert not retried(OSError(errno.ENOSPC, "No space left on device"))
 
 
 def test_every_flow_parameter_has_a_description_in_the_run_form() -> None:
