@@ -368,20 +368,29 @@ def macenko(
     caller has made it already (segmentation makes it to warn about unstained images), so
     it is not made twice; :data:`ESTIMATE` (the default) makes it here.
     """
-    x = _hwc(to_float(image))
+    x = _hwc(np.asarray(image))
     if x.shape[2] != 3:
         raise ValueError("Macenko normalisation needs an RGB image")
-    est = macenko_stains(x) if isinstance(stains, str) else stains
+    if isinstance(stains, str):
+        # a 16-bit image by its full scale, not by its sample's (as normalize sees it)
+        est = macenko_stains(to_float(x) if x.dtype.type is np.uint16 else x)
+    else:
+        est = stains
     if est is None:
-        return x.astype(np.float32)
+        out = to_float(x)
+        return out.copy() if out is x else out
     stains, max_conc = est
     gain = np.asarray(ref_max_conc) / np.maximum(max_conc, 1e-6)
+    # an integer image is scaled run by run, by the full scale of the whole: a float32 copy
+    # of it beside the output held a 16,384 x 16,384 field twice (3.2 GB more at the peak)
+    white = np.float32(full_scale(x)) if x.dtype.type in (np.uint8, np.uint16) else None
     pixels = x.reshape(-1, 3)
     out = np.empty(pixels.shape, np.float32)
     # in runs of pixels: the float64 temporaries of a whole 6000 x 6000 image took 4.4 GB
     for start in range(0, len(pixels), MACENKO_CHUNK_PIXELS):
         run = slice(start, start + MACENKO_CHUNK_PIXELS)
-        conc = stain_concentrations(stains, optical_density(pixels[run]))
+        chunk = pixels[run] if white is None else pixels[run].astype(np.float32) / white
+        conc = stain_concentrations(stains, optical_density(chunk))
         out_conc = conc * gain[:, None]
         if nuclear_dab:
             dab = np.clip(conc[1], 0, None) * (ref_max_conc[0] / max(max_conc[1], 1e-6))
@@ -491,8 +500,11 @@ def normalize(
             f"expected a uint8 or uint16 image (or float in [0, 1]), got {image.dtype}; convert "
             "it, e.g. image.astype(np.uint8) where it holds 0-255"
         )
-    x = _hwc(to_float(image))
-    if channels is not None:
+    # converted to float32 [0, 1] where a step needs it: Macenko converts an integer image
+    # run by run, and a float32 copy of it beside Macenko's output held a large one twice
+    x = _hwc(image)
+    if channels is not None and (stain == "fluorescence" or x.shape[2] != channels):
+        x = to_float(x)
         if stain == "fluorescence":
             x = one_channel_as_grey(x)
         x = match_channels(x, channels)
@@ -503,6 +515,7 @@ def normalize(
                 f"(got {x.shape[2]} channel(s), stain {stain!r}); set it to 'none'"
             )
         if cfg.stain_norm == "reinhard":
+            x = to_float(x)
             # as Macenko, an image with too little stain is left as it is: matched to the
             # reference's spread, glass's noise came out as tissue and a blank field as the
             # dark purple of a nucleus
@@ -514,6 +527,7 @@ def normalize(
         else:
             nuclear_dab = stain == "ihc" and cfg.ihc_dab == "nucleus"
             x = macenko(x, *macenko_target(cfg), nuclear_dab=nuclear_dab, stains=stains)
+    x = to_float(x)
     if cfg.equalize == "hist":
         x = equalize_hist(x)
     elif cfg.equalize == "clahe":
