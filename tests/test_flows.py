@@ -80,13 +80,15 @@ def _retry(failed, parameters: dict):
 
 
 def test_profile_parameter_from_deployment_json_with_overrides() -> None:
-    shipped = {"profiles": {"he": {"stain": "he", "version": "7", "pixel_size_um": 0.5}}}
+    he = {"stain": "he", "version": "7", "pixel_size_um": 0.5, "watershed": {"fg_threshold": 0.4}}
+    shipped = {"profiles": {"he": he}}
     profile = resolve_profile(
         "he", json.dumps(shipped), {"pixel_size_um": 0.25, "watershed": {"seed_threshold": 0.6}}
     )
     assert (profile.version, profile.pixel_size_um) == ("7", 0.25)
     assert profile.watershed.seed_threshold == 0.6
-    assert profile.watershed.fg_threshold == 0.5  # nested sections are merged, not replaced
+    # nested sections are merged, not replaced: the profile's own 0.4, not the default 0.5
+    assert profile.watershed.fg_threshold == 0.4
     assert resolve_profile("ihc").stain == "ihc"  # no parameter: the packaged profiles
     with pytest.raises(ConfigError, match="unknown profile 'ihc'; choose one of he"):
         resolve_profile("ihc", shipped)
