@@ -202,9 +202,8 @@ def test_a_job_log_says_how_far_segment_and_quantify_are_now_and_then(
     said nothing for hours: a working run looked like a hung one. A line on stderr now and
     then says how far it is; stdout keeps the results only; a terminal has its bar, and
     --no-progress silences both."""
-    import mlseg.segment
 
-    ticking(mlseg.segment, 25)  # each image 25 s on the clock the lines read
+    ticking(25)  # each image 25 s on the clock the lines read
     mask = np.zeros((32, 32), np.uint8)
     mask[8:20, 8:20] = 1
     for i in range(6):
@@ -240,9 +239,8 @@ def test_a_job_log_says_how_far_validate_is_now_and_then(
     """validate of a study's tens of thousands of files said nothing in a job's log for many
     minutes: a working run looked like a hung one. A line on stderr now and then says how far
     the reading is; stdout is as it was; a terminal has its bar, and --quiet neither."""
-    import mlseg.inventory
 
-    ticking(mlseg.inventory)
+    ticking()
     root = nuclei_dataset(n_train=2, n_test=1)  # 6 files, each 25 s on the clock
     assert main(["validate", str(root), "--out", str(tmp_path / "log")]) == 0
     captured = capsys.readouterr()
@@ -266,9 +264,8 @@ def test_a_job_log_says_how_far_ingest_is_now_and_then(
     """ingest of a study, read whole and then copied, said nothing in a job's log for many
     minutes; a line now and then on stderr says how far each pass is, stdout is as it was,
     and a terminal has its bar instead."""
-    import mlseg.progress
 
-    ticking(mlseg.progress)
+    ticking()
     root = nuclei_dataset(n_train=4, n_test=2)  # 6 pairs, each 25 s on the clock per pass
     assert main(["ingest", str(root), str(tmp_path / "log")]) == 0
     captured = capsys.readouterr()

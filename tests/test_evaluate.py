@@ -72,10 +72,9 @@ def test_evaluate_in_a_job_log_says_how_far_it_is_now_and_then(
 ) -> None:
     """In a job's log no bar is drawn, and a test set of large images evaluated for hours
     without a word. A line a minute goes to stderr; stdout keeps the scores; --quiet none."""
-    import mlseg.progress
     from mlseg.cli import main
 
-    ticking(mlseg.progress, 50)  # each image 50 s on the clock the lines read
+    ticking(50)  # each image 50 s on the clock the lines read
 
     def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
         return np.zeros(image.shape[:2], np.int32), {"scale_factor": 1.0}

@@ -1327,7 +1327,6 @@ def test_the_evaluate_flow_says_how_far_it_is_in_its_run_log(
     """A deployed evaluation of a large test set (in the pipeline too) logged nothing for
     hours, as a hung run; a line a minute goes to the run's log now, as mlseg evaluate writes
     it to a job's log."""
-    import mlseg.progress
     from flows.evaluate import evaluate_model
 
     def said(out: str) -> list[str]:
@@ -1338,7 +1337,7 @@ def test_the_evaluate_flow_says_how_far_it_is_in_its_run_log(
         logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
         return [line for line in logs if line.startswith("evaluate test:")]
 
-    ticking(mlseg.progress, 50)  # each image 50 s on the clock the lines read
+    ticking(50)  # each image 50 s on the clock the lines read
     assert said("long") == [
         "evaluate test: 2/3 images (66%), 2 min elapsed, under a minute left",
         "evaluate test: 3/3 images (100%), 3 min elapsed",

@@ -289,9 +289,8 @@ def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suf
 def test_parallel_reading_gives_the_serial_table(tmp_path, parallel, nuclei_dataset, ticking):
     """... and a job's log is told how far the reading is, counted as the workers' rows come
     back: every file once, up to the last."""
-    import mlseg.inventory
 
-    ticking(mlseg.inventory)
+    ticking()
     root = nuclei_dataset("ds", n_train=20, n_test=6, size=32)  # 52 files >= 48
     serial = build_inventory(root, ValidateConfig(workers=1)).files
     lines: list[str] = []

@@ -329,9 +329,8 @@ def test_a_long_segment_run_gives_its_log_a_line_on_how_far_it_is(
     """Where no bar is drawn (a job's log) a run of a whole study said nothing for hours.
     ``log`` gets a line now and then; a resumed run counts its finished images as done but
     not in the time left."""
-    import mlseg.segment
 
-    ticking(mlseg.segment, 40)  # each image 40 s on the clock the lines read
+    ticking(40)  # each image 40 s on the clock the lines read
     folder = _folder(tmp_path, 3)
     out = tmp_path / "out"
     lines: list[str] = []

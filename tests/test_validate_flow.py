@@ -99,7 +99,6 @@ def test_the_flow_says_how_far_the_reading_is_in_its_run_log(
     """A deployed validation of a large dataset read its files for hours without a line in
     the run's log, as a hung run; a line a minute goes there now, as mlseg validate writes
     it to a job's log."""
-    import mlseg.inventory
     from flows.validate import validate_dataset_flow
 
     root = nuclei_dataset()
@@ -110,7 +109,7 @@ def test_the_flow_says_how_far_the_reading_is_in_its_run_log(
         logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
         return [line for line in logs if line.startswith("validate: ")]
 
-    ticking(mlseg.inventory, 25)  # each file 25 s on the clock the lines read
+    ticking(25)  # each file 25 s on the clock the lines read
     lines = said("long")
     assert len(lines) >= 2 and "elapsed" in lines[0] and "left" in lines[0], lines
     total = lines[-1].split("/")[1].split()[0]
