@@ -177,6 +177,33 @@ def test_the_data_volume_belongs_to_the_images_user():
     assert (sync["User"], sync["Group"]) == ([str(IMAGE_UID)], [str(IMAGE_UID)])
 
 
+def test_the_sync_units_user_and_group_exist_on_the_droplet_before_it_starts():
+    """systemd starts a unit with User=/Group= only where the user and group database has
+    that uid and gid (a numeric User= without an entry fails the unit, 217/USER); the image's
+    user exists in the image only, so the droplet makes it, before the sync unit is enabled."""
+    import shlex
+
+    from mlseg_infra.cloud_init import IMAGE_UID
+
+    config = yaml.safe_load(render_public_config(make_settings(bucket_name="my-bucket")))
+    runcmd = config["runcmd"]
+    words = [shlex.split(c[2]) if c[:2] == ["sh", "-c"] else c for c in runcmd]
+
+    def made(tool: str, flag: str) -> int:
+        at = [i for i, w in enumerate(words) if tool in w and str(IMAGE_UID) in w]
+        assert at, f"no {tool} of {IMAGE_UID} in runcmd"
+        w = words[at[0]]
+        assert w[w.index(flag) + 1] == str(IMAGE_UID), w
+        return at[0]
+
+    sync = runcmd.index(
+        ["systemctl", "enable", "--now", "--no-block", "mlseg-dataset-sync.service"]
+    )
+    group, user = made("groupadd", "--gid"), made("useradd", "--uid")
+    assert group < user < sync
+    assert words[user][words[user].index("--gid") + 1] == str(IMAGE_UID)
+
+
 def _service_settings(config: dict, unit: str) -> dict[str, list[str]]:
     """The [Service] settings of a unit the cloud-config writes, each key's values in order."""
     text = {f["path"]: f["content"] for f in config["write_files"]}[f"/etc/systemd/system/{unit}"]
