@@ -707,6 +707,83 @@ def _too_large(path: Path, width: int, height: int, nbytes: int, what: str) -> I
     )
 
 
+def warn_if_short_of_memory(
+    path: str | os.PathLike, shape: tuple[int, ...], bytes_per_pixel: int, command: str
+) -> None:
+    """Warn where ``mlseg <command>`` on an image of ``shape`` (``(H, W, ...)``) would need
+    more memory than this process has left (:func:`available_memory`); nothing where that
+    cannot be read. A warning, not a refusal: ``bytes_per_pixel`` is an estimate and swap may
+    cover the rest. A field far under :data:`MAX_IMAGE_BYTES` (20,000 x 20,000 px, about
+    12 GB in segment) on a 4-8 GB worker was killed by the system after minutes of work,
+    its log naming neither the file nor the fix."""
+    height, width = shape[:2]
+    need = height * width * bytes_per_pixel
+    left = available_memory()
+    if left is None or need <= left:
+        return
+    warnings.warn(
+        f"{path}: {width:,} x {height:,} px needs about {need / 2**30:.1f} GiB of memory in "
+        f"mlseg {command}, more than the {left / 2**30:.1f} GiB this process has left, so "
+        f"the system may stop it part-way: crop the field or export it as tiles (QuPath: "
+        f"File > Export images) and {command} those, or run on a machine with more memory",
+        stacklevel=2,
+    )
+
+
+def available_memory(
+    meminfo: str | os.PathLike = "/proc/meminfo",
+    own_cgroups: str | os.PathLike = "/proc/self/cgroup",
+    cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+) -> int | None:
+    """Bytes this process can still take before the system stops it (Linux): the least of
+    ``MemAvailable`` and, for its memory cgroup and each above it (a container's, a batch
+    job's, a systemd slice's), the limit less the memory in use there, reclaimable file cache
+    not counted (as the kubelet counts it). ``None`` where none of them can be read (not Linux).
+    """
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    lines = []
+    with contextlib.suppress(OSError):
+        lines = Path(own_cgroups).read_text().splitlines()
+    for line in lines:
+        hierarchy, controllers, own = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # cgroup v2
+            base, files = Path(cgroup_root), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base = Path(cgroup_root) / "memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        # a container may see its own cgroup at the root, under the host's name for it
+        folder = base / own.strip().lstrip("/")
+        for level in [folder, *folder.parents]:
+            if level.is_relative_to(base):
+                found.extend(_cgroup_left(level, *files))
+    return min(found, default=None)
+
+
+def _cgroup_left(folder: Path, limit_file: str, usage_file: str, cache_key: str) -> list[int]:
+    """``[limit - usage]`` of one memory cgroup's folder, the usage less its inactive file
+    cache; ``[]`` where it has no limit ("max") or none can be read."""
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max":
+            return []
+        usage = int((folder / usage_file).read_text())
+        limit_bytes = int(limit)
+    except (OSError, ValueError):
+        return []
+    with contextlib.suppress(OSError, ValueError):
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                usage -= min(int(value), usage)
+    return [max(0, limit_bytes - usage)]
+
+
 def _as_hwc(arr: np.ndarray, path: Path, labels: bool = False) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]

@@ -11,6 +11,7 @@ from mlseg.errors import ImageReadError, OutputError
 from mlseg.io import (
     SIXTEEN_BIT_DEPTHS,
     atomic_path,
+    available_memory,
     exif_orientation,
     full_scale,
     image_extension,
@@ -18,6 +19,7 @@ from mlseg.io import (
     match_stem,
     read_image,
     read_mask,
+    warn_if_short_of_memory,
     without_image_extension,
     write_image,
     write_labels,
@@ -99,6 +101,90 @@ def test_a_whole_slide_pyramid_too_large_to_read_is_refused_before_decoding(tmp_
         r"pyramid would take .* GiB decoded.*export the regions",
     ):
         read_image(tmp_path / "slide.tif")
+
+
+GiB = 2**30
+
+
+def _memory_files(tmp_path: Path, own: str, cgroups: dict[str, dict[str, str]]) -> dict:
+    """Fake ``/proc/meminfo`` (16 GiB available), ``/proc/self/cgroup`` (``own``) and
+    cgroup folders (path under the cgroup root -> file name -> content), as
+    :func:`available_memory`'s arguments."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "meminfo").write_text(
+        "MemTotal:       33554432 kB\nMemFree:         1048576 kB\nMemAvailable:   16777216 kB\n"
+    )
+    (tmp_path / "cgroup").write_text(own)
+    for folder, files in cgroups.items():
+        for name, text in files.items():
+            (tmp_path / "fs" / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "fs" / folder / name).write_text(text)
+    return {
+        "meminfo": tmp_path / "meminfo",
+        "own_cgroups": tmp_path / "cgroup",
+        "cgroup_root": tmp_path / "fs",
+    }
+
+
+def test_memory_left_is_the_least_of_what_the_system_and_each_cgroup_above_allow(tmp_path):
+    # cgroup v2, a batch job's step without a limit of its own inside a job of 4 GiB using
+    # 3 GiB, half a GiB of it file cache the kernel gives back
+    files = {
+        "job": {
+            "memory.max": str(4 * GiB),
+            "memory.current": str(3 * GiB),
+            "memory.stat": f"anon {2 * GiB}\nfile {GiB}\ninactive_file {GiB // 2}\n",
+        },
+        "job/step": {"memory.max": "max", "memory.current": str(3 * GiB)},
+    }
+    assert available_memory(**_memory_files(tmp_path, "0::/job/step\n", files)) == 1.5 * GiB
+
+
+def test_memory_left_with_no_cgroup_limit_is_what_the_system_has(tmp_path):
+    # "max" in cgroup v2 (a container run without --memory), v1's "unlimited" number
+    v2 = {"": {"memory.max": "max", "memory.current": str(GiB)}}
+    assert available_memory(**_memory_files(tmp_path / "a", "0::/\n", v2)) == 16 * GiB
+    v1 = {
+        "memory/docker/x": {
+            "memory.limit_in_bytes": "9223372036854771712",
+            "memory.usage_in_bytes": str(GiB),
+        }
+    }
+    own = "5:cpu,cpuacct:/docker/x\n4:memory:/docker/x\n0::/\n"
+    assert available_memory(**_memory_files(tmp_path / "b", own, v1)) == 16 * GiB
+
+
+def test_memory_left_in_a_cgroup_v1_container_is_its_limit_less_its_use(tmp_path):
+    # the host's name for the container's cgroup; the container sees it at the root
+    v1 = {"memory": {"memory.limit_in_bytes": str(2 * GiB), "memory.usage_in_bytes": str(GiB)}}
+    files = _memory_files(tmp_path, "4:memory:/docker/0123abcd\n", v1)
+    assert available_memory(**files) == GiB
+
+
+def test_memory_left_is_unknown_where_nothing_can_be_read(tmp_path):
+    missing = {k: tmp_path / k for k in ("meminfo", "own_cgroups", "cgroup_root")}
+    assert available_memory(**missing) is None
+
+
+def test_a_field_larger_than_the_memory_left_is_named_in_a_warning_with_the_fix(monkeypatch):
+    import mlseg.io
+
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 4 * GiB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), 30, "segment")
+        warn_if_short_of_memory("in/tile.png", (2_000, 2_000, 3), 30, "segment")
+    assert [str(w.message) for w in caught] == [
+        "in/field.tif: 20,000 x 20,000 px needs about 11.2 GiB of memory in mlseg segment, "
+        "more than the 4.0 GiB this process has left, so the system may stop it part-way: "
+        "crop the field or export it as tiles (QuPath: File > Export images) and segment "
+        "those, or run on a machine with more memory"
+    ]
+    # where the memory left cannot be read (not Linux), nothing is said
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), 30, "segment")
 
 
 def _png_claiming(path, width: int, height: int, colour_type: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -723,6 +724,41 @@ def test_a_black_tile_is_named_not_counted_silently(tmp_path, use_oracle):
     assert result.ok
     named = [str(w.message) for w in caught if "black in every channel" in str(w.message)]
     assert len(named) == 1 and named[0].startswith(f"{folder / 'border.png'}: 100% of it")
+
+
+def test_a_field_too_large_for_the_memory_left_is_named_before_it_is_worked_on(
+    tmp_path, use_oracle, monkeypatch
+):
+    """A 20,000 x 20,000 px field on a 4-8 GB worker was killed by the system after minutes
+    of work, its log naming neither the file nor the fix: segment and quantify name each
+    such image once, before the work; an ordinary tile, with the memory there is, is not."""
+    import mlseg.io
+
+    folder = _folder(tmp_path, n=2)  # 110 x 90 and 110 x 100 px
+    for i in range(2):
+        write_labels(tmp_path / "masks" / f"img{i}_mask.png", disc_image(90 + 10 * i, 110)[1])
+
+    def said(run: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seg = segment_folder("model", folder, tmp_path / run, profile_name="he", progress=False)
+            quant = quantify_folder(
+                tmp_path / "masks", folder, tmp_path / f"{run}q", profile_name="he", progress=False
+            )
+        assert seg.ok and quant.ok  # warned, not refused
+        return [str(w.message) for w in caught if "memory" in str(w.message)]
+
+    assert said("ordinary") == []
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 100_000)
+    lines = said("short")
+    named = [re.match(r"(.*): (.*) px needs .* in mlseg (\w+),", line) for line in lines]
+    assert [m.groups() if m else line for m, line in zip(named, lines, strict=True)] == [
+        (str(folder / "img0.png"), "110 x 90", "segment"),
+        (str(folder / "img1.png"), "110 x 100", "segment"),
+        (str(folder / "img0.png"), "110 x 90", "quantify"),
+        (str(folder / "img1.png"), "110 x 100", "quantify"),
+    ]
+    assert all("export it as tiles" in line for line in lines)
 
 
 def test_no_real_tissue_tile_is_taken_for_black(shared_data):
