@@ -492,3 +492,64 @@ def test_a_rerun_whose_config_changes_early_stopping_is_refused(synth_dataset, t
     ):
         tune(impatient, synth_dataset, tmp_path, space=space, **search)
     assert load_config(tmp_path / "best_config.yaml").train.early_stop_patience == 10
+
+
+def test_trials_tied_on_validation_dice_rank_by_the_lower_training_loss(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """Short budgets leave trials tied on validation Dice (no nucleus found by any, or the
+    same few): the tie goes to the lower final training loss, ranked first and written as
+    best, not to the trial that happened to run first."""
+    import pandas as pd
+
+    import mlseg.train
+
+    loss = {3e-4: 0.8, 1e-3: 0.2}
+
+    class Result:
+        def __init__(self, cfg, out_dir):
+            self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.train_images, self.val_images = 5, 1
+            self.history = pd.DataFrame({"train_loss": [1.0, loss[cfg.train.lr]]})
+            self.out_dir = out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
+    search = {"trials": None, "method": "grid", "progress": False}
+    table = tune(
+        load_config(None), synth_dataset, tmp_path, space={"train.lr": [3e-4, 1e-3]}, **search
+    )
+    assert list(table["train.lr"]) == [1e-3, 3e-4]
+    assert list(table["final_train_loss"]) == [0.2, 0.8]
+    assert load_config(tmp_path / "best_config.yaml").train.lr == 1e-3
+
+
+def test_each_trial_warms_up_and_validates_within_its_step_budget(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """The config's warmup (100 steps) and validation interval (200) are for a full run:
+    a 40-step trial that kept them would train at a fraction of the learning rate searched
+    and be validated once, at its end; each trial warms up over a tenth of its budget at
+    most and is validated at least four times."""
+    import pandas as pd
+
+    import mlseg.train
+
+    trained = []
+
+    class Result:
+        def __init__(self, cfg, out_dir):
+            trained.append(cfg.train)
+            self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.train_images, self.val_images = 5, 1
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
+    cfg = load_config(None, train={"warmup_steps": 100, "val_every": 200})
+    space = {"train.lr": [3e-4, 1e-3]}
+    tune(cfg, synth_dataset, tmp_path, budget_steps=40, space=space, trials=None, progress=False)
+    assert len(trained) == 2
+    for train in trained:
+        assert train.max_steps == 40
+        assert train.warmup_steps <= 40 // 10
+        assert 40 // train.val_every >= 4
+    assert load_config(tmp_path / "best_config.yaml").train.warmup_steps == 100  # as configured
