@@ -148,6 +148,17 @@ def test_too_few_images_are_not_tested_but_one_unlike_any_trained_on_warns(
     assert "far outside the training range" in far["note"]
 
 
+def test_a_batch_of_exactly_min_images_is_tested(he_fingerprint: dict) -> None:
+    """MonitorConfig: *fewer* than min_images are too few to test; a batch of min_images
+    images is compared statistic by statistic, not reported as too few."""
+    table = _stats(_he_images(5, seed=5))
+    report = monitor.drift_report(table, he_fingerprint, MonitorConfig(min_images=5))
+    assert "too few to test" not in report.message
+    compared = report.table[report.table["statistic"].isin(STAT_COLUMNS)]
+    assert len(compared) and compared["psi"].notna().all()
+    assert (compared["n_new"] == 5).all() and not compared["status"].eq("skipped").any()
+
+
 def test_one_image_unlike_any_trained_on_warns_in_a_large_batch_too(
     he_fingerprint: dict, tmp_path
 ) -> None:
@@ -227,6 +238,24 @@ def test_image_size_outside_the_training_range_warns(he_fingerprint: dict) -> No
     assert size["status"] == "warn" and size["out_of_range_fraction"] == 1.0
 
 
+def test_image_size_warns_only_where_more_than_size_warn_fraction_lie_outside(
+    he_fingerprint: dict,
+) -> None:
+    """MonitorConfig.size_warn_fraction: image size warns where *more than* that share of
+    the new images lies outside the training range; one tile of four (0.25, the default) is
+    no warning, and a fraction of 0 warns on any image outside, not on every batch."""
+    one_of_four = _stats(_he_images(3, seed=6) + _he_images(1, seed=6, size=128))
+
+    def size_status(table: pd.DataFrame, cfg: MonitorConfig) -> str:
+        report = monitor.drift_report(table, he_fingerprint, cfg).table.set_index("statistic")
+        return report.loc["image_size_px", "status"]
+
+    assert size_status(one_of_four, MonitorConfig()) == "ok"
+    assert size_status(one_of_four, MonitorConfig(size_warn_fraction=0.2)) == "warn"
+    assert size_status(_stats(_he_images(4, seed=6)), MonitorConfig(size_warn_fraction=0)) == "ok"
+    assert size_status(one_of_four, MonitorConfig(size_warn_fraction=0)) == "warn"
+
+
 def test_images_turned_a_quarter_are_not_another_size(he_fingerprint: dict) -> None:
     """Training tiles all 96 wide and 64 high: the same tiles turned 90 degrees (64 x 96)
     warned that every image lay outside the training size range, a camera mounted the other
@@ -251,8 +280,9 @@ def test_unknown_statistic_in_config_is_a_config_error(he_fingerprint: dict) -> 
         monitor.drift_report(
             _stats(_he_images(5, 7)), he_fingerprint, MonitorConfig(statistics=("sharpness",))
         )
-    with pytest.raises(ConfigError, match="psi_warn must be below psi_fail"):
-        load_config(monitor={"psi_warn": 0.6, "psi_fail": 0.5})
+    for warn in (0.6, 0.5):  # equal: no batch could warn, every drift would fail at once
+        with pytest.raises(ConfigError, match="psi_warn must be below psi_fail"):
+            load_config(monitor={"psi_warn": warn, "psi_fail": 0.5})
 
 
 def test_run_history_and_shift_between_runs(tmp_path) -> None:
