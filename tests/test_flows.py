@@ -1088,6 +1088,30 @@ def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path)
     assert nested.is_failed() and "only in its subfolders (case1)" in nested.message
 
 
+def test_the_monitor_publishes_the_latest_50_runs_of_the_history(harness, tmp_path) -> None:
+    """The run-history artifact is the table a dashboard shows each week: the latest 50
+    runs of segment-and-quantify, the latest last, not the first 50 nor every run since
+    the start."""
+    from flows.monitor import monitor
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 6, seed=1))
+    (tmp_path / "inbox").mkdir()
+    history = tmp_path / "runs" / "history.csv"
+    history.parent.mkdir()
+    runs = [f"run{i:02d}" for i in range(60)]
+    pd.DataFrame({"run_id": runs, "n_images": 1}).to_csv(history, index=False)
+    state = monitor(
+        str(tmp_path / "inbox"),
+        str(reference),
+        str(tmp_path / "m"),
+        history=str(history),
+        return_state=True,
+    )
+    assert state.is_completed() and state.result()["history"] == str(history)
+    rows = artifact_rows(state.state_details.flow_run_id, "run-history")
+    assert [row["run_id"] for row in rows] == runs[-50:]
+
+
 def test_an_empty_path_parameter_is_refused_by_name(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:
