@@ -56,7 +56,7 @@ from mlseg.metrics import (
     pixel_metrics,
 )
 from mlseg.model import LoadedModel, load_model, resolve_model_device
-from mlseg.progress import counted
+from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
@@ -221,7 +221,8 @@ def evaluate(
     warn_unlabelled(unlabelled, len(pairs) + len(unlabelled), cfg.data)
     # worst.png there would be read as an image without a mask from then on
     check_out_dir(out, *{p.image.parent for p in pairs}, *{p.mask.parent for p in pairs})
-    iterator = _with_progress(pairs, split, progress, log)
+    verb = f"evaluate {split}"
+    iterator = shown(pairs, verb, "images", log, bar=verb if progress else None, bar_unit="img")
     scored = _score_pairs(iterator, loaded, profile, inference_cfg, pixel_size_um)
     # split: the split's name, whatever its folder
     if split != "train" and scored.seen and any(scored.seen.values()):
@@ -307,21 +308,6 @@ def _pairs_by_mask(
             f"{data_root}: no labelled images in split {split!r}; nothing to evaluate"
         )
     return pairs, [p for p in listed if p.mask is None]
-
-
-def _with_progress(
-    pairs: list[Pair], split: str, progress: bool, log: Callable[[str], object] | None
-) -> Iterable[Pair]:
-    """``pairs``, behind a progress bar where ``progress`` asks for one, and saying how far
-    the run is to ``log`` now and then where one is given."""
-    shown: Iterable[Pair] = pairs
-    if log is not None:
-        shown = counted(pairs, f"evaluate {split}", "images", log)
-    if not progress:
-        return shown
-    from tqdm.auto import tqdm
-
-    return tqdm(shown, total=len(pairs), desc=f"evaluate {split}", unit="img")
 
 
 def _score_pairs(

@@ -32,13 +32,12 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from mlseg.annotations import (
     Drawn,
@@ -84,7 +83,7 @@ from mlseg.io import (
     write_table,
 )
 from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
-from mlseg.progress import counted
+from mlseg.progress import shown
 
 #: What mlseg segment names an image's GeoJSON (``x_nuclei.geojson``): a mask for ``x``.
 GEOJSON_SUFFIX = "_nuclei"
@@ -314,21 +313,6 @@ def _drawn(item: SourceItem, shape: tuple[int, int]) -> Drawn | None:
     return None
 
 
-def _shown(
-    items: list[SourceItem],
-    desc: str,
-    verb: str,
-    progress: bool,
-    log: Callable[[str], object] | None,
-) -> Iterable[SourceItem]:
-    """``items``, behind a progress bar ``desc`` where ``progress`` asks for one, and saying
-    how far the run is to ``log`` now and then (``verb: 120/2000 pairs ...``, a job's log)."""
-    shown: Iterable[SourceItem] = items
-    if log is not None:
-        shown = counted(items, verb, "pairs", log)
-    return tqdm(shown, total=len(items), desc=desc, unit="pair", disable=not progress, leave=False)
-
-
 def check_pairs(
     items: list[SourceItem],
     progress: bool = True,
@@ -342,7 +326,15 @@ def check_pairs(
     problems: list[str] = []
     drawn: dict[str, tuple[tuple[int, int], float | None]] = {}
     noted: list[str] = []
-    for item in _shown(items, "checking", "ingest, checking", progress, log):
+    for item in shown(
+        items,
+        "ingest, checking",
+        "pairs",
+        log,
+        bar="checking" if progress else None,
+        bar_unit="pair",
+        leave=False,
+    ):
         try:
             image = read_image(item.image)
         except ImageReadError as err:
@@ -545,7 +537,15 @@ def ingest(
     try:
         init_dataset(staging, cfg, final=dst)
         rows, implausible = [], []
-        for item in _shown(items, "ingesting", "ingest, writing", progress, log):
+        for item in shown(
+            items,
+            "ingest, writing",
+            "pairs",
+            log,
+            bar="ingesting" if progress else None,
+            bar_unit="pair",
+            leave=False,
+        ):
             split = item.split or splits[item.stem]
             base = split_dir(staging, cfg, split)
             image_dst = base / cfg.image_dir / f"{item.stem}{image_extension(item.image)}"

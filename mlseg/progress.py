@@ -12,7 +12,7 @@ and a last one at the end of a run of a minute or longer, so a shorter run stays
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -43,6 +43,27 @@ def counted(
         yield item
         said.step()
     said.close()
+
+
+def shown(
+    items: Sequence[T],
+    verb: str,
+    unit: str,
+    log: Callable[[str], object] | None,
+    *,
+    bar: str | None = None,
+    bar_unit: str = "it",
+    leave: bool = True,
+) -> Iterable[T]:
+    """``items`` for a long loop: counted to ``log`` now and then where one is given
+    (:func:`counted`: ``verb: 120/2000 <unit> ...``, a job's log), behind a progress bar
+    titled ``bar`` where one is asked for (a terminal)."""
+    seen: Iterable[T] = items if log is None else counted(items, verb, unit, log)
+    if bar is None:
+        return seen
+    from tqdm.auto import tqdm
+
+    return tqdm(seen, total=len(items), desc=bar, unit=bar_unit, leave=leave)
 
 
 class ProgressLog:
