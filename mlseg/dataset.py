@@ -200,6 +200,17 @@ def mask_stem(image_stem: str, cfg: DataConfig) -> str:
     return f"{image_stem}{cfg.mask_suffix}"
 
 
+def image_stem_of_mask(name: str, suffix: str, image_stems: Container[str]) -> str | None:
+    """The stem of the image a mask is for, from the mask's :func:`mlseg.io.image_stem`
+    ``name`` (``x_mask`` for ``x``; ``x.ome_mask`` for ``x.ome.tif``'s ``x``, as
+    :func:`mlseg.io.match_stem` reads it against the split's ``image_stems``); ``None``
+    where ``name`` does not end with the mask ``suffix``, so names no image. The one
+    matching of masks to images: pairing, evaluation's and validation's orphans use it."""
+    if not name.endswith(suffix):
+        return None
+    return match_stem(name.removesuffix(suffix), image_stems)
+
+
 def _layout(cfg: DataConfig) -> tuple[str, ...]:
     return (cfg.train_dir, cfg.test_dir, cfg.image_dir, cfg.mask_dir, cfg.mask_suffix)
 
@@ -490,6 +501,18 @@ def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
     return filled
 
 
+@dataclass(frozen=True)
+class SplitListing:
+    """A split as :func:`list_split` found it: the ``pairs`` (:func:`list_pairs`'), and the
+    mask files that no pair took, in file name order. ``orphan_masks``: masks named for an
+    image that the split does not have; ``second_masks``: each other mask of an image that
+    has one already -> the mask it is paired with (the last by file name)."""
+
+    pairs: list[Pair]
+    orphan_masks: list[Path]
+    second_masks: dict[Path, Path]
+
+
 def list_pairs(
     root: str | Path, split: str, cfg: DataConfig | None = None, strict: bool = True
 ) -> list[Pair]:
@@ -498,8 +521,17 @@ def list_pairs(
     With ``strict`` (the default for training), every problem found (missing folder, image
     without mask, mask without image, two files for one stem) is collected and raised as a
     single :class:`DatasetError` that names each file. Without it, images without a mask
-    get ``mask=None`` (inference) and orphan masks are ignored.
+    get ``mask=None`` (inference) and the masks no image takes are left out:
+    :func:`list_split` names them.
     """
+    return list_split(root, split, cfg, strict).pairs
+
+
+def list_split(
+    root: str | Path, split: str, cfg: DataConfig | None = None, strict: bool = True
+) -> SplitListing:
+    """:func:`list_pairs`, with the masks that no pair took (:class:`SplitListing`; none
+    where ``strict``, which refuses them)."""
     cfg = cfg or DataConfig()
     root = Path(root)
     if not root.is_dir():  # not "<root>/train/original: folder not found"
@@ -521,6 +553,7 @@ def list_pairs(
             problems.append(f"{path}: shares the stem {stem!r} with {images[stem].name}; keep one")
         images[stem] = path
     masks: dict[str, Path] = {}
+    named: list[tuple[Path, str]] = []  # every mask file with the stem it names, in order
     drawn: dict[str, Path] = {}  # polygon annotations, which ingest draws as masks
     if msk_dir.is_dir():
         for path in sorted(msk_dir.iterdir()):
@@ -529,13 +562,14 @@ def list_pairs(
             if not is_image_file(path):
                 continue
             name = image_stem(path)
-            if name.endswith(cfg.mask_suffix):
-                stem = match_stem(name.removesuffix(cfg.mask_suffix), images)
+            stem = image_stem_of_mask(name, cfg.mask_suffix, images)
+            if stem is not None:
                 if strict and stem in masks:
                     problems.append(
                         f"{path}: a second mask for {stem!r} (also {masks[stem].name}); keep one"
                     )
                 masks[stem] = path
+                named.append((path, stem))
             elif strict:
                 problems.append(
                     f"{path}: mask name must end with {cfg.mask_suffix!r} before the extension "
@@ -554,9 +588,8 @@ def list_pairs(
                     continue
                 problems.append(f"{path}: {what}; {RESTORE_OR_MOVE}")
                 name = image_stem(path)
-                if is_mask and name.endswith(cfg.mask_suffix):
-                    name = match_stem(name.removesuffix(cfg.mask_suffix), images)
-                broken.add(name)
+                stem = image_stem_of_mask(name, cfg.mask_suffix, images) if is_mask else None
+                broken.add(name if stem is None else stem)
         for stem, path in images.items():
             if stem in broken:
                 continue
@@ -575,11 +608,18 @@ def list_pairs(
     if problems:
         raise DatasetError(_summarise(problems))
     sizes = _pixel_sizes(root)
-    return _with_metadata_sizes(
+    pairs = _with_metadata_sizes(
         [
             Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))
             for stem, path in images.items()
         ]
+    )
+    return SplitListing(
+        pairs,
+        orphan_masks=[path for path, stem in named if stem not in images],
+        second_masks={
+            path: masks[stem] for path, stem in named if stem in images and masks[stem] != path
+        },
     )
 
 

@@ -30,8 +30,7 @@ import pandas as pd
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import (
     Pair,
-    is_image_file,
-    list_pairs,
+    list_split,
     mask_stem,
     mask_to_labels,
     split_dir,
@@ -40,8 +39,6 @@ from mlseg.dataset import (
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
 from mlseg.io import (
-    image_stem,
-    match_stem,
     read_image,
     read_mask,
     write_table,
@@ -282,24 +279,29 @@ def _pairs_by_mask(
 ) -> tuple[list[Pair], list[Pair]]:
     """The split's images with a mask and those without, in listing order; DatasetError
     where none has one."""
-    listed = list_pairs(data_root, split, data, strict=False)
+    listing = list_split(data_root, split, data, strict=False)
+    listed = listing.pairs
     base = split_dir(Path(data_root), data, split)
     for folder in (base / data.image_dir, base / data.mask_dir):
         if folder.is_dir():  # a link to a share not mounted shrank the set unsaid
             warn_of_images_left_out(folder, stacklevel=3)
-    masks, stems = base / data.mask_dir, {p.stem for p in listed}
-    orphans = [
-        path.name
-        for path in (sorted(masks.iterdir()) if masks.is_dir() else [])
-        if is_image_file(path)
-        and (name := image_stem(path)).endswith(data.mask_suffix)
-        and match_stem(name.removesuffix(data.mask_suffix), stems) not in stems
-    ]
-    if orphans:  # a misnamed image shrank the set unsaid, as a misnamed mask did
+    masks = base / data.mask_dir
+    if listing.orphan_masks:  # a misnamed image shrank the set unsaid, as a misnamed mask did
+        orphans = [path.name for path in listing.orphan_masks]
         warnings.warn(
             f"{len(orphans)} mask(s) in {masks} have no image in {base / data.image_dir} and "
             f"are not scored: {some_of(orphans)}; name each image as its mask, or move the "
             "mask out of the split",
+            stacklevel=3,
+        )
+    if listing.second_masks:  # the image was scored against one of its masks, unsaid which
+        seconds = [
+            f"{second.name} (its image is scored against {kept.name})"
+            for second, kept in listing.second_masks.items()
+        ]
+        warnings.warn(
+            f"{len(seconds)} mask(s) in {masks} are a second mask of an image and are not "
+            f"scored: {some_of(seconds)}; keep one mask per image",
             stacklevel=3,
         )
     pairs = [p for p in listed if p.mask is not None]

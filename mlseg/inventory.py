@@ -75,7 +75,14 @@ import pandas as pd
 from pydantic import Field
 
 from mlseg.config import DataConfig, Strict
-from mlseg.dataset import SPLITS, is_hidden, manifest_pixel_sizes, mask_shape, split_dir
+from mlseg.dataset import (
+    SPLITS,
+    image_stem_of_mask,
+    is_hidden,
+    manifest_pixel_sizes,
+    mask_shape,
+    split_dir,
+)
 from mlseg.errors import DatasetError, ImageReadError, not_a_folder
 from mlseg.io import (
     IMAGE_EXTENSIONS,
@@ -86,7 +93,6 @@ from mlseg.io import (
     image_extension,
     image_stem,
     mask_labels,
-    match_stem,
     read_image,
     write_table,
     write_text,
@@ -735,9 +741,14 @@ def add_checks(
     for sp, s, i in zip(split_key, raw_stem, is_image, strict=True):
         if i:
             image_stems.setdefault(sp, set()).add(s)
+
+    def pairing_stem(split: str, stem: str, mask: bool) -> str:
+        """The image stem a mask names (as list_pairs pairs it), else the file's own stem."""
+        of = image_stem_of_mask(stem, suffix, image_stems.get(split, set())) if mask else None
+        return stem if of is None else of
+
     df["stem"] = [
-        match_stem(s[: len(s) - len(suffix)], image_stems.get(sp, set())) if m and e else s
-        for sp, s, m, e in zip(split_key, raw_stem, is_mask, ends, strict=True)
+        pairing_stem(sp, s, m) for sp, s, m in zip(split_key, raw_stem, is_mask, strict=True)
     ]
 
     ext_ok = np.where(

@@ -5,6 +5,7 @@ from mlseg.dataset import (
     dataset_fingerprint,
     init_dataset,
     list_pairs,
+    list_split,
     mask_kind,
     mask_to_labels,
     pixels_fingerprint,
@@ -191,6 +192,50 @@ def test_non_strict_allows_unlabelled_images(tmp_path):
     write_image(root / "test" / "original" / "new.png", np.zeros((4, 4, 3), np.uint8))
     (pair,) = list_pairs(root, "test", strict=False)
     assert pair.mask is None
+
+
+def test_non_strict_listing_names_the_masks_no_pair_took(tmp_path):
+    """Without ``strict`` an orphan mask, or an image's second mask, was dropped without a
+    word; the listing names each, pairing exactly as ``strict`` does (``x.ome_mask`` is
+    ``x.ome.tif``'s, ``.TIFF`` and ``.tiff`` are TIFFs, hidden files and names without the
+    exact suffix are no masks)."""
+    root = init_dataset(tmp_path / "ds")
+    img, msk = root / "test" / "original", root / "test" / "masks"
+    for name in ("a.png", "b.ome.tif", "c.TIF", "d.png"):
+        write_image(img / name, np.zeros((4, 4, 3), np.uint8))
+    masks = [
+        "a_mask.png",
+        "a_mask.tif",  # a's second mask: sorts last, so a is paired with it
+        "b.ome_mask.tif",
+        "c_mask.TIFF",
+        "e_mask.png",  # orphans, both: no second mask of an image
+        "e_mask.tif",
+        "f.ome_mask.png",  # orphan, f.ome.tif's name
+        "d_MASK.png",  # no mask: the suffix is _mask
+        "d-mask.png",
+        "._a_mask.png",  # hidden
+    ]
+    for name in masks:
+        write_image(msk / name, np.zeros((4, 4), np.uint8))
+    listing = list_split(root, "test", strict=False)
+    assert listing.pairs == list_pairs(root, "test", strict=False)
+    assert {p.stem: p.mask and p.mask.name for p in listing.pairs} == {
+        "a": "a_mask.tif",
+        "b": "b.ome_mask.tif",
+        "c": "c_mask.TIFF",
+        "d": None,
+    }
+    assert [p.name for p in listing.orphan_masks] == ["e_mask.png", "e_mask.tif", "f.ome_mask.png"]
+    assert listing.second_masks == {msk / "a_mask.png": msk / "a_mask.tif"}
+    # strict names the same files as problems: one matching serves both
+    with pytest.raises(DatasetError) as err:
+        list_pairs(root, "test")
+    said = str(err.value)
+    assert "a_mask.tif: a second mask for 'a' (also a_mask.png)" in said
+    for name in ("e_mask.tif", "f.ome_mask.png"):
+        assert f"{name}: mask without image" in said
+    clean = list_split(init_dataset(tmp_path / "clean"), "test", strict=False)
+    assert (clean.pairs, clean.orphan_masks, clean.second_masks) == ([], [], {})
 
 
 def test_missing_split_folder_is_clear(tmp_path):

@@ -315,6 +315,33 @@ def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
     assert len(result.per_image) == 1
 
 
+def test_evaluate_names_a_second_mask_it_does_not_score(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+):
+    """An image with two masks (a_mask.png and a corrected a_mask.tif) was scored against
+    the one sorted last, without a word of the other: the evaluation names the mask left out
+    and the one scored."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    mask = sorted((root / "test" / "masks").iterdir())[0]
+    second = mask.with_suffix(".tif")
+    write_labels(second, read_mask(mask))
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    said = " | ".join(str(w.message) for w in caught)
+    assert f"1 mask(s) in {root / 'test' / 'masks'} are a second mask of an image" in said
+    assert f"{mask.name} (its image is scored against {second.name})" in said
+    assert "have no image" not in said  # neither mask is an orphan
+    assert len(result.per_image) == len(list_pairs(synth_dataset, "test"))
+
+
 def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, tmp_path) -> None:
     """Images without a size of their own are at the profile's, as training resampled them
     and ``mlseg segment`` takes them: scored at the model's scale by that ratio, not at a

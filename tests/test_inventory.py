@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mlseg.config import DataConfig
-from mlseg.dataset import list_pairs
+from mlseg.dataset import list_pairs, list_split
 from mlseg.errors import DatasetError
 from mlseg.inventory import (
     FILE_COLUMNS,
@@ -283,6 +283,31 @@ def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suf
     assert inv.splits["n_pairs"].tolist() == [1, 1]
     pairs = list_pairs(root, "train", data)
     assert [(p.image.name, p.mask.name) for p in pairs] == [("a.png", f"a{suffix}.png")]
+
+
+def test_validation_calls_orphan_the_masks_the_listing_calls_orphan(tmp_path):
+    """Validation's mask_has_image and the listing that training and evaluation read pair
+    masks by one matching: an OME-TIFF's ``x.ome_mask``, extensions in any case, a second
+    mask, names without the exact suffix."""
+    root = tmp_path / "ds"
+    img, msk = root / "test" / "original", root / "test" / "masks"
+    for name in ("a.png", "b.ome.tif", "c.TIF", "d.png", "g.ome.png"):
+        write_image(img / name, np.zeros((8, 8, 3), np.uint8))
+    for name in (
+        *("a_mask.png", "a_mask.tif", "b.ome_mask.tif", "c_mask.TIFF", "g.ome_mask.png"),
+        *("e_mask.png", "e_mask.tif", "f.ome_mask.png", "d_MASK.png", "d-mask.png"),
+    ):
+        write_labels(msk / name, np.ones((8, 8), np.uint8))
+    files = build_inventory(root, ValidateConfig(workers=1)).files
+    orphans = files.loc[files["mask_has_image"].eq(False), "path"].tolist()
+    listing = list_split(root, "test", strict=False)
+    assert [f"test/masks/{p.name}" for p in listing.orphan_masks] == sorted(orphans)
+    assert sorted(orphans) == [
+        f"test/masks/{n}" for n in ("e_mask.png", "e_mask.tif", "f.ome_mask.png")
+    ]
+    paired = files.loc[files["mask_has_image"].eq(True), "path"].map(lambda p: p.rsplit("/")[-1])
+    taken = {p.mask.name for p in listing.pairs if p.mask} | {m.name for m in listing.second_masks}
+    assert set(paired) == taken
 
 
 @pytest.mark.parametrize("parallel", ["thread", "process"])
