@@ -247,8 +247,8 @@ def pipeline(
             else ``dask`` if a Dask address is set, else ``thread``.
         dask_address: Existing Dask scheduler (``tcp://host:8786``); empty: ``MLSEG_DASK_ADDRESS``,
             else a local cluster when ``task_runner`` is ``dask``.
-        workers: Segmentation threads, or processes of a local Dask cluster; empty: CPU cores, at
-            most 4.
+        workers: Segmentation threads, or processes of a local Dask cluster, 1 or more; empty:
+            CPU cores, at most 4.
         progress: Show a training progress bar on the worker's stderr (epochs are logged either
             way).
         resume: Resume training from the last checkpoint in ``<work_dir>/train``; false deletes its

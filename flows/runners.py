@@ -37,8 +37,27 @@ def add_runner_arguments(parser) -> None:
         "--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)"
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="threads, or processes of a local Dask cluster"
+        "--workers",
+        type=_at_least_one,
+        default=None,
+        help="threads, or processes of a local Dask cluster (default: CPU cores, at most 4)",
     )
+
+
+def _at_least_one(text: str) -> int:
+    """``--workers`` as argparse takes it: 0 or less is refused on the command line, before
+    a Prefect server starts (as :func:`runner_settings` refuses it from a flow parameter)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, got {value}; leave it out for the default"
+        )
+    return value
 
 
 def runner_settings(
@@ -56,9 +75,14 @@ def runner_settings(
         _dask_runner_class()
     from mlseg.inventory import usable_cpus  # a container's CPU quota, not the host's cores
 
-    workers = int(workers) if workers else min(4, usable_cpus())
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
+    # 0 is no number of threads: it ran the CPU default unsaid (inventory's 0 means "one per
+    # core", so a user may well try it here); only an empty value takes the default
+    if workers is not None and int(workers) < 1:
+        raise ConfigError(
+            f"workers must be at least 1, got {workers}; leave it empty for the default "
+            "(the usable CPU cores, at most 4)"
+        )
+    workers = min(4, usable_cpus()) if workers is None else int(workers)
     return {"kind": kind, "address": address, "workers": workers}
 
 

@@ -464,7 +464,8 @@ def segment_and_quantify(
             ``dask`` if a Dask address is set, else ``thread``.
         dask_address: Existing Dask scheduler (``tcp://host:8786``); empty: ``MLSEG_DASK_ADDRESS``,
             else a local cluster when ``task_runner`` is ``dask``.
-        workers: Threads, or processes of a local Dask cluster; empty: CPU cores, at most 4.
+        workers: Threads, or processes of a local Dask cluster, 1 or more; empty: CPU cores, at
+            most 4.
         history: Run history CSV this run appends its metrics to; empty:
             ``<out_dir>/runs/history.csv``. Relative: under ``MLSEG_DATA_DIR`` if set.
         fail_on_error: End the run ``Failed`` when any image could not be segmented (the other

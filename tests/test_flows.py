@@ -132,6 +132,35 @@ def test_runner_choice_from_parameters_and_environment(monkeypatch) -> None:
     assert (local["n_workers"], local["threads_per_worker"], local["processes"]) == (3, 1, True)
 
 
+def test_zero_workers_is_refused_not_taken_for_the_default(monkeypatch) -> None:
+    """workers=0 (a deployment's parameter, a flow call) ran the default of up to 4 threads
+    without a word, where a user meant none or "one per core" (validate's workers=0): it is
+    refused with the fix; only an empty value takes the default. A worker's MLSEG_TASK_RUNNER
+    changes nothing of that."""
+    monkeypatch.setattr("mlseg.inventory.usable_cpus", lambda: 8)
+    for runner in (None, "dask"):
+        monkeypatch.setenv("MLSEG_TASK_RUNNER", runner or "thread")
+        with pytest.raises(ConfigError, match=r"workers must be at least 1, got 0; leave it empty"):
+            runner_settings(workers=0)
+        assert runner_settings(workers=None)["workers"] == 4
+        assert runner_settings(workers=1)["workers"] == 1
+
+
+@pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline"])
+def test_zero_workers_on_a_flow_command_line_is_a_usage_error(module, tmp_path, capsys):
+    """python -m flows.segment ... --workers 0 ran on the default threads unsaid; it is a
+    usage error now, named before any Prefect server starts or any work is done."""
+    import importlib
+
+    argv = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--workers", "0"]
+    argv = argv if module == "flows.segment" else [*argv[:2], "--workers", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(argv)
+    assert exit_info.value.code == 2
+    assert "argument --workers: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dask_runner_without_dask_installed_names_the_package(monkeypatch) -> None:
     """`--task-runner dask` where prefect-dask or dask.distributed cannot be imported (an
     install without its dependencies) ended the flow in a ModuleNotFoundError traceback, and
@@ -1389,6 +1418,7 @@ def test_a_promote_metric_that_is_no_score_stops_the_pipeline_before_any_work(
     [
         ({"task_runner": "threads"}, "task runner 'threads': choose one of thread, dask"),
         ({"workers": -2}, "workers must be at least 1"),
+        ({"workers": 0}, "workers must be at least 1, got 0"),
         ({"pixel_size_um": 250}, "pixel_size_um: 250 um per pixel is outside"),
         ({"model_name": "Nuclei"}, "model name 'Nuclei': use lower-case"),
         (
@@ -1586,6 +1616,14 @@ def test_micron_units_no_image_can_have_fail_the_flow_before_any_work(
         tmp_path / "inbox", tmp_path / "out", checkpoint, profile_overrides={"units": "um"}
     )
     assert state.is_failed() and "micron units" in str(state.message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_workers_fails_the_segment_flow_before_any_work(harness, tmp_path, checkpoint):
+    """A deployment's `workers: 0` segmented the inbox on the default threads unsaid."""
+    disc_images(tmp_path / "inbox", 2)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", checkpoint, workers=0)
+    assert state.is_failed() and "workers must be at least 1, got 0" in str(state.message)
     assert not (tmp_path / "out").exists()
 
 
