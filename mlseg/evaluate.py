@@ -41,6 +41,7 @@ from mlseg.inventory import turn_free_hash
 from mlseg.io import (
     read_image,
     read_mask,
+    warn_if_short_of_memory,
     write_table,
     write_text,
     written_together,
@@ -57,6 +58,13 @@ from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
+#: Memory a pixel of a test image takes at the peak of ``mlseg evaluate``, beyond its imports
+#: and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`). Measured on the 2-core dev
+#: CPU, a stand-in model, a test split of one RGB field with its instance mask: 145 at
+#: 4096 x 4096 px, 139 at 6144 x 6144 (row-band path), where ``mlseg segment`` took 72 and 35.
+#: Segmenting it costs what segment's does; the peak is drawing worst.png, whose panels are
+#: made from the full-resolution image and labels (float RGB) before matplotlib scales them down.
+EVALUATE_BYTES_PER_PIXEL = 140
 #: The metrics that are better higher: what champion/challenger may compare
 SCORES = (
     "dice",
@@ -325,6 +333,7 @@ def _score_pairs(
     scored = _Scored(rows=[], worst=[], seen=seen if trained else None)
     for pair in pairs:
         image = read_image(pair.image)
+        warn_if_short_of_memory(pair.image, image.shape, EVALUATE_BYTES_PER_PIXEL, "evaluate")
         if trained and (role := trained.get(turn_free_hash(image))):
             seen[role].append(pair.stem)
         truth = _truth_labels(pair, image, loaded.config.data)

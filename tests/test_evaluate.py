@@ -93,6 +93,51 @@ def test_evaluate_in_a_job_log_says_how_far_it_is_now_and_then(
     assert "evaluate test:" not in capsys.readouterr().err
 
 
+def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluated(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """mlseg segment and quantify warned before a field too large for the memory left;
+    evaluate, which segments each whole test image and then draws the worst at full
+    resolution, said nothing and was stopped by the system part-way. A container's cgroup
+    (v2) of 64 MiB, read from its files as on Linux, leaves 1 MiB: each 96 x 96 px test image
+    needs about 1.3 MB in evaluate and is named with the fix; 4 MiB left, nothing is said."""
+    from functools import partial
+
+    import mlseg.io
+
+    cgroup = tmp_path / "sys" / "fs" / "cgroup" / "docker" / "c0"
+    cgroup.mkdir(parents=True)
+    (cgroup / "memory.max").write_text(str(64 * 2**20))
+    (cgroup / "memory.stat").write_text("anon 1\ninactive_file 0\n")
+    (tmp_path / "meminfo").write_text("MemAvailable:   16777216 kB\n")
+    (tmp_path / "cgroup").write_text("0::/docker/c0\n")
+    files = {
+        "meminfo": tmp_path / "meminfo",
+        "own_cgroups": tmp_path / "cgroup",
+        "cgroup_root": tmp_path / "sys" / "fs" / "cgroup",
+    }
+    monkeypatch.setattr(mlseg.io, "available_memory", partial(mlseg.io.available_memory, **files))
+
+    def said(used_mib: int, run: str) -> list[str]:
+        (cgroup / "memory.current").write_text(str(used_mib * 2**20))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ev.evaluate(checkpoint, synth_dataset, tmp_path / run, progress=False)
+        assert len(result.per_image) == 3  # warned, not refused
+        return [str(w.message) for w in caught if "memory" in str(w.message)]
+
+    assert said(60, "enough") == []
+    lines = said(63, "short")
+    images = sorted((synth_dataset / "test" / "original").iterdir())
+    assert len(lines) == len(images) == 3
+    for line, image in zip(lines, images, strict=True):
+        assert line.startswith(
+            f"{image}: 96 x 96 px needs about 0.0 GiB of memory in mlseg "
+            "evaluate, more than the 0.0 GiB this process has left"
+        )
+        assert "export it as tiles" in line and "and evaluate those" in line
+
+
 def test_evaluate_takes_the_tile_and_batch_options_its_out_of_memory_advice_names(
     checkpoint, synth_dataset, tmp_path, monkeypatch, capsys
 ) -> None:
