@@ -609,6 +609,99 @@ def test_the_workers_image_moves_only_in_the_stacks_environment():
     assert movers, "no job moves the workers' tag"
 
 
+def _job_runs(job: dict, github: dict, **contexts: dict) -> bool:
+    """Whether a job's `if` lets it run for an event, its needs having all succeeded."""
+    condition = str(job.get("if", "(1 == 1)"))
+    for always in ("!cancelled()", "!contains(needs.*.result, 'failure')"):
+        condition = condition.replace(always, "(1 == 1)")
+    return _expression("${{ " + condition + " }}", github, **contexts) == "true"
+
+
+def _events() -> dict[str, tuple[dict, dict]]:
+    """(github, needs) of the runs deploy.yml sees: pushes, manual runs and same-repository
+    pull requests into main and into dev, every change planned."""
+    plan = {"image": "true", "infra": "true", "flows": "true"}
+    events = {}
+    for branch, stack in (("main", "prod"), ("dev", "dev")):
+        for trigger in ("push", "workflow_dispatch"):
+            github = {"event_name": trigger, "ref_name": branch, "repository": "lab/mlseg"}
+            events[f"{trigger} {branch}"] = (github, {"plan": {"outputs": plan | {"stack": stack}}})
+        same_repo = {"pull_request": {"head": {"repo": {"full_name": "lab/mlseg"}}}}
+        github = {
+            "event_name": "pull_request",
+            "ref_name": "7/merge",
+            "base_ref": branch,
+            "repository": "lab/mlseg",
+            "event": same_repo,
+        }
+        events[f"pull request into {branch}"] = (
+            github,
+            {"plan": {"outputs": plan | {"stack": stack}}},
+        )
+    return events
+
+
+def test_a_pull_request_gets_no_deploy_secret():
+    """The preview job of a pull request from a branch of the repository read the repository
+    secrets: the account-wide DigitalOcean token and prod's Pulumi token, with no approval. A
+    pull request runs the workflow file of its own branch, so a repository secret is anyone's
+    who can push a branch: every secret is now an environment's, and a pull request's jobs
+    reach only its `-preview` environment, never the deploy environments nor `registry`."""
+    deploy = _workflow("deploy.yml")
+    deploying = {"dev", "prod", "registry"}
+    previewed = set()
+    for event, (github, needs) in _events().items():
+        for name, job in deploy["jobs"].items():
+            if not _job_runs(job, github, needs=needs):
+                continue
+            environment = _expression(str(job.get("environment", "")), github, needs=needs)
+            secrets = set(re.findall(r"secrets\.([A-Z_]+)", yaml.safe_dump(job))) - {"GITHUB_TOKEN"}
+            if secrets:  # each secret an environment's, where its protection rules apply
+                assert environment, (event, name, sorted(secrets))
+            if github["event_name"] == "pull_request":
+                assert environment not in deploying, (event, name, environment)
+                if secrets:
+                    stack = needs["plan"]["outputs"]["stack"]
+                    assert environment == f"{stack}-preview", (event, name, environment)
+                    previewed.add(environment)
+            elif secrets:
+                assert environment in deploying, (event, name, environment)
+    assert previewed == {"dev-preview", "prod-preview"}
+    for job in _workflow("ci.yml")["jobs"].values():  # ci.yml runs on pull requests
+        assert not set(re.findall(r"secrets\.([A-Z_]+)", yaml.safe_dump(job))) - {"GITHUB_TOKEN"}
+
+
+def test_a_pull_request_builds_the_image_the_way_a_push_does():
+    """The pull request's build (no secret) and the push's build (registry) are two jobs;
+    the pull request checks what a push would build."""
+    jobs = _workflow("deploy.yml")["jobs"]
+
+    def build(name: str) -> dict:
+        step = next(s for s in jobs[name]["steps"] if "build-push-action" in str(s.get("uses")))
+        return dict(step["with"])
+
+    pulled, pushed = build("build"), build("image")
+    assert (str(pulled.pop("push")).lower(), str(pushed.pop("push")).lower()) == ("false", "true")
+    assert pulled == pushed
+    assert "secrets." not in yaml.safe_dump(jobs["build"])
+    assert "build" in jobs["preview"]["needs"]
+
+
+def test_deploy_guide_names_every_environment_the_workflows_use():
+    readme = (ROOT / "README.md").read_text()
+    guide = readme[readme.index("## Deploy to DigitalOcean") :]
+    deploy = _workflow("deploy.yml")
+    used = {
+        _expression(str(job["environment"]), github, needs=needs)
+        for github, needs in _events().values()
+        for job in deploy["jobs"].values()
+        if "environment" in job
+    }
+    assert used == {"dev", "prod", "registry", "dev-preview", "prod-preview"}
+    missing = sorted(name for name in used if f"`{name}`" not in guide)
+    assert not missing, f"README's Deploy to DigitalOcean section does not explain {missing}"
+
+
 def test_profile_only_change_deploys_flows_even_though_the_image_job_is_skipped():
     flows = _workflow("deploy.yml")["jobs"]["flows"]
     assert "image" in flows["needs"]
