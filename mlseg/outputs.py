@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlseg.errors import writes_named
+from mlseg.errors import DatasetError, writes_named
 from mlseg.io import (
     atomic_path,
     labels_suffix,
@@ -682,6 +682,52 @@ def nuclei_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
 def _footer(record: dict) -> dict[str, str]:
     """A Parquet table's footer: the record of what made it, its times left out."""
     return {PROVENANCE_KEY: dumps({k: v for k, v in record.items() if k not in TIMING_KEYS})}
+
+
+def read_record(path: str | Path) -> dict:
+    """The record of what made an output: ``path`` is an output folder (its ``run.json``), a
+    ``run.json`` or ``<stem>.json``, a Parquet table (the record in its footer, under
+    :data:`PROVENANCE_KEY`) or an image's GeoJSON (its ``mlseg`` member). A file that holds
+    none, or cannot be read, raises :class:`DatasetError` naming it and what to give."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "run.json").is_file():
+            raise DatasetError(
+                f"{path}: no run.json, so no finished run of mlseg segment or quantify wrote "
+                "there; give one of its <stem>.json or tables"
+            )
+        path = path / "run.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".json", ".geojson"):
+        raise DatasetError(
+            f"{path}: holds no record of what made it (a CSV or image has no place for one); "
+            "give the output folder, its run.json, a <stem>.json or a .parquet table"
+        )
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            footer = pq.read_schema(path).metadata or {}
+            if PROVENANCE_KEY.encode() not in footer:
+                raise DatasetError(
+                    f"{path}: its footer holds no '{PROVENANCE_KEY}' record (a table mlseg did "
+                    "not write, or an older mlseg's); give the <stem>.json beside it"
+                )
+            record = json.loads(footer[PROVENANCE_KEY.encode()])
+        else:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(record, dict) and record.get("type") == "FeatureCollection":
+                record = record.get(PROVENANCE_KEY)
+    # ValueError: not Parquet (pyarrow's ArrowInvalid), not JSON or not UTF-8
+    except (OSError, ValueError, RecursionError) as err:
+        raise DatasetError(
+            f"{path}: cannot be read ({err}); the file is damaged or no output of mlseg"
+        ) from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path}: not a record of mlseg (a JSON object)")
+    return record
 
 
 def write_run_outputs(

@@ -52,6 +52,9 @@ from mlseg.errors import (
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d+)$")
+#: The weights file and content hash at the start of a model as outputs record it
+#: (:func:`mlseg.segment.model_identity`): ``best.safetensors@<16 hex>+config@...``.
+MODEL_ID_RE = re.compile(r"^([^@+/]+)@([0-9a-f]{16,64})(?:\+|$)")
 CARD = "card.json"
 PRODUCTION = "production.json"
 DEFAULT_NAME = "nuclei"
@@ -764,6 +767,45 @@ def find_version(
         if version.files.get(weights.name) == digest:
             return version
     return None
+
+
+@_names_the_store
+def made_by(
+    registry: str | Path, model_id: str, storage_options: dict[str, Any] | None = None
+) -> list[tuple[ModelVersion, bool]]:
+    """The registered versions (of every model name) holding the weights that ``model_id``
+    names, as an output's record gives it (:func:`mlseg.segment.model_identity`:
+    ``best.safetensors@<16 hex>+config@<hash>...``), each with whether the version's
+    identity is the record's whole: False where the same weights ran with another
+    config.json, meta.json or stain reference than those registered (or were recorded by an
+    mlseg that hashed them otherwise); whole matches first, ``[]`` where no version holds them."""
+    fs, root = _fs(registry, storage_options)
+    if not fs.isdir(root):  # a wrong path, which lists as a registry without the model
+        raise RegistryError(
+            f"{_uri(fs, root)}: no registry there; check the path (-r or MLSEG_REGISTRY; "
+            "relative paths are read from here)"
+        )
+    named = MODEL_ID_RE.match(model_id)
+    if not named:
+        raise RegistryError(f"model {model_id!r}: names no weights file and content hash")
+    weights, digest = named.groups()
+    found = [
+        v
+        for v in list_models(registry, None, storage_options)
+        if v.files.get(weights, "").startswith(digest)
+    ]
+    matches = [(v, _identity(v, weights, storage_options) == model_id) for v in found]
+    return sorted(matches, key=lambda match: not match[1])  # whole matches first
+
+
+def _identity(version: ModelVersion, weights: str, storage_options: dict[str, Any] | None) -> str:
+    """:func:`mlseg.segment.model_identity` of a version's ``weights`` as a run serving it
+    records it (its files checked against the card, and fetched where remote)."""
+    from mlseg.model import saved_config, saved_meta
+    from mlseg.segment import model_identity
+
+    folder = fetch(version, storage_options=storage_options)
+    return model_identity(folder / weights, saved_config(folder), saved_meta(folder))
 
 
 @_names_the_store

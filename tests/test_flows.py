@@ -1484,6 +1484,39 @@ def test_a_registry_version_given_as_a_number_on_the_command_line_is_taken(
     assert state.result()["model"] == "nuclei@v1"
 
 
+def test_models_which_names_the_version_the_flow_served(
+    harness, tmp_path, checkpoint, capsys
+) -> None:
+    """The flow's run.json names the registry version it served (model_source) beside the
+    weights' hash; `mlseg models which` on its output finds both versions holding those
+    weights and says which one the run served."""
+    import json as _json
+
+    from mlseg import registry as reg
+    from mlseg.cli import main
+
+    registry = tmp_path / "registry"
+    config = _json.loads((checkpoint / "config.json").read_text())
+    for _ in range(2):  # v1 and v2 hold the same weights
+        reg.register(
+            checkpoint,
+            registry,
+            metrics={"aji": 0.5},
+            fingerprint_hash="fp",
+            config=config,
+            eval_set_id="set",
+        )
+    reg.promote(registry, "nuclei", 2, "test")
+    disc_images(tmp_path / "inbox", 1)
+    state = _segment(tmp_path / "inbox", tmp_path / "out", None, registry=str(registry))
+    assert state.is_completed(), state.message
+    capsys.readouterr()
+    assert main(["models", "which", str(tmp_path / "out"), "-r", str(registry)]) == 0
+    said = capsys.readouterr().out
+    assert "nuclei@v2 (production, the one the run served)" in said
+    assert "nuclei@v1 (registered, not in production)," in said
+
+
 def test_the_evaluate_flow_names_a_split_that_is_neither_train_nor_test(
     harness, tmp_path, checkpoint, synth_dataset
 ) -> None:

@@ -1041,3 +1041,118 @@ def test_a_registry_whose_disk_fills_is_named_not_a_staging_folder(tmp_path, mon
     assert reg.show(registry, "nuclei", "latest") == v1
     monkeypatch.undo()
     assert _register(tmp_path, registry, 0.82, tag="b").version == 2
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A registry of two real checkpoints (v1 in production, v2 not) and the output folder
+    of `mlseg segment` run with v2's weights from the training folder, not the registry."""
+    from flow_helpers import disc_images, tiny_checkpoint
+
+    from mlseg.cli import main
+
+    root = tmp_path_factory.mktemp("which")
+    registry = root / "registry"
+    checkpoint = tiny_checkpoint(root / "runs" / "train")
+    for weights, aji in ((tiny_checkpoint(root / "other", seed=1), 0.6), (checkpoint, 0.7)):
+        metrics = {"aji": aji, "dice": 0.8, "pq": 0.5}
+        reg.register(
+            weights, registry, metrics=metrics, fingerprint_hash="fp-" + weights.name,
+            config={}, eval_set_id="set-test",
+        )  # fmt: skip
+    reg.promote(registry, "nuclei", 1, "first")
+    disc_images(root / "images", 1)
+    argv = ["segment", str(checkpoint), str(root / "images"), str(root / "out"), "-p", "he"]
+    assert main([*argv, "--no-progress"]) == 0
+    return registry, root / "out", checkpoint
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["", "run.json", "img_000.json", "img_000_nuclei.parquet", "nuclei.parquet",
+     "img_000_nuclei.geojson"],
+)  # fmt: skip
+def test_which_names_the_registered_version_that_made_an_output(segmented, given, capsys):
+    """A table's record names the model by its weights' hash alone: which registered version
+    (its training data, its test metrics) made it had to be found by comparing 16 hex digits
+    with every card by hand. `mlseg models which` finds it from each kind of output."""
+    from mlseg.cli import main
+
+    registry, out, _ = segmented
+    assert main(["models", "which", str(out / given), "-r", str(registry)]) == 0
+    said = capsys.readouterr().out
+    record = json.loads((out / "run.json").read_text())["model"]
+    assert said.splitlines()[0] == f"{out / given}: model {record}"
+    assert "nuclei@v2 (registered, not in production)" in said and "nuclei@v1" not in said
+    assert "fp-train" in said and "aji=0.700 dice=0.800 pq=0.500 on eval set set-test" in said
+    assert "note:" not in said  # the registered config.json and meta.json made it
+    # and `mlseg models list` shows the weights as the record names them
+    assert main(["models", "list", "-r", str(registry)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    weights = record.split("+")[0].removeprefix("best.safetensors@")
+    assert listed[2].startswith("  nuclei@v2") and listed[2].split()[2] == weights
+
+
+def test_which_says_when_the_weights_ran_with_another_config(segmented, tmp_path, capsys):
+    """The same weights run with their preprocessing edited are not the registered version."""
+    from flow_helpers import disc_images
+
+    from mlseg.cli import main
+
+    registry, _, checkpoint = segmented
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["preprocess"]["equalize"] = "clahe"
+    (edited / "config.json").write_text(json.dumps(config))
+    disc_images(tmp_path / "images", 1)
+    argv = ["segment", str(edited), str(tmp_path / "images"), str(tmp_path / "out"), "-p", "he"]
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["models", "which", str(tmp_path / "out"), "-r", str(registry)]) == 0
+    said = capsys.readouterr().out
+    assert "nuclei@v2" in said and "note: these weights, but not this version's config" in said
+
+
+def test_which_says_when_no_registered_version_made_an_output(segmented, tmp_path, capsys):
+    """A model used from its path and never registered, or a registry given wrongly."""
+    from flow_helpers import disc_images, tiny_checkpoint
+
+    from mlseg.cli import main
+
+    registry, out, _ = segmented
+    unregistered = tiny_checkpoint(tmp_path / "mine", seed=7)
+    disc_images(tmp_path / "images", 1)
+    argv = ["segment", str(unregistered), str(tmp_path / "images"), str(tmp_path / "o"), "-p", "he"]
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    table = tmp_path / "o" / "img_000_nuclei.parquet"
+    assert main(["models", "which", str(table), "-r", str(registry)]) != 0
+    err = capsys.readouterr().err
+    weights = json.loads((tmp_path / "o" / "img_000.json").read_text())["model"].split("+")[0]
+    assert err.startswith(f"error: {table}: no version in {registry} holds the weights {weights}")
+    assert "never registered" in err and "-r (or MLSEG_REGISTRY)" in err
+    assert main(["models", "which", str(out), "-r", str(tmp_path / "nowhere")]) != 0
+    assert "no registry there" in capsys.readouterr().err
+
+
+def test_which_names_a_file_that_holds_no_record(segmented, tmp_path, capsys):
+    import pandas as pd
+
+    from mlseg.cli import main
+
+    registry, out, _ = segmented
+    cut = tmp_path / "cut_nuclei.parquet"
+    cut.write_bytes((out / "img_000_nuclei.parquet").read_bytes()[:200])
+    (tmp_path / "cut.json").write_text('{"model": "best.safetensors@')
+    pd.DataFrame({"area_px": [1]}).to_parquet(tmp_path / "foreign.parquet")
+    for path, says in (
+        (cut, "cannot be read"),
+        (tmp_path / "cut.json", "cannot be read"),
+        (tmp_path / "foreign.parquet", "holds no 'mlseg' record"),
+        (out / "img_000_nuclei.csv", "holds no record of what made it"),
+        (tmp_path, "no run.json"),
+    ):
+        assert main(["models", "which", str(path), "-r", str(registry)]) != 0
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and says in err and err.count("\n") == 1, err

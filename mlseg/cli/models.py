@@ -1,4 +1,5 @@
-"""Model registry and monitoring commands: ``mlseg models list|show|promote``, ``mlseg monitor``."""
+"""Model registry and monitoring commands: ``mlseg models list|show|which|promote``,
+``mlseg monitor``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ RegistryOpt = Annotated[
     ),
 ]
 LISTED_METRICS = ("aji", "dice", "pq")
-models_app = typer.Typer(help="Versioned models: list, show, promote.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Versioned models: list, show, which made an output, promote.", no_args_is_help=True
+)
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    """The metrics models are compared on (the means an evaluation writes start with dice,
+    iou, pixel_precision), as ``aji=0.612 dice=0.801 pq=0.550``."""
+    shown = [k for k in LISTED_METRICS if k in metrics] or list(metrics)[:3]
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in shown)
 
 
 @models_app.command("list")
@@ -40,14 +50,15 @@ def list_cmd(
         )
         return
     live = {n: reg.production_record(registry, n) for n in {v.name for v in versions}}
-    typer.echo(f"{'':2}{'model':<20}{'created (UTC)':<27}{'metrics':<36}eval set")
+    typer.echo(f"{'':2}{'model':<20}{'created (UTC)':<27}{'weights':<18}{'metrics':<36}eval set")
     for v in versions:
         mark = "*" if (live[v.name] or {}).get("version") == v.version else " "
-        # the means an evaluation writes start with dice, iou, pixel_precision: show the
-        # ones models are compared on, and keep a space before the eval set id
-        shown = [k for k in LISTED_METRICS if k in v.metrics] or list(v.metrics)[:3]
-        metrics = " ".join(f"{k}={v.metrics[k]:.3f}" for k in shown)
-        typer.echo(f"{mark:2}{v.tag:<20}{v.created_at:<27}{metrics:<35} {v.eval_set_id or '-'}")
+        metrics = _metrics(v.metrics)  # a space kept before the eval set id
+        # the weights' hash, as every output's record names the model (best.safetensors@<hash>)
+        weights = next((h[:16] for f, h in v.files.items() if f.endswith(".safetensors")), "-")
+        typer.echo(
+            f"{mark:2}{v.tag:<20}{v.created_at:<27}{weights:<18}{metrics:<35} {v.eval_set_id or '-'}"
+        )
 
 
 @models_app.command("show")
@@ -69,6 +80,64 @@ def show_cmd(
     if card["production"]:
         card["promoted_at"], card["promotion_reason"] = record["promoted_at"], record["reason"]
     typer.echo(json.dumps(card, indent=2))
+
+
+@models_app.command("which")
+def which_cmd(
+    output: Annotated[
+        Path,
+        typer.Argument(
+            help="An output of mlseg segment or the flow: its folder (run.json), run.json, a "
+            "<stem>.json, or a .parquet table (the record in its footer)."
+        ),
+    ],
+    registry: RegistryOpt = "registry",
+) -> None:
+    """The registered version whose weights made an output: stage, data fingerprint, metrics."""
+    from mlseg import registry as reg
+    from mlseg.outputs import read_record
+
+    record = read_record(output)
+    model_id = record.get("model")
+    if not model_id:
+        raise reg.RegistryError(
+            f"{output}: records no model (mlseg quantify measures the masks it is given)"
+        )
+    if not isinstance(model_id, str) or not reg.MODEL_ID_RE.match(model_id):
+        raise reg.RegistryError(
+            f"{output}: its model {model_id!r} names no weights file and content hash; the "
+            "record was damaged or edited by hand"
+        )
+    found = reg.made_by(registry, model_id)
+    if not found:
+        source = record.get("model_source") or record.get("model_path")
+        said = f" (the run names it {source})" if source else ""
+        raise reg.RegistryError(
+            f"{output}: no version in {registry} holds the weights {model_id.split('+')[0]}"
+            f"{said}: the model was used from a path and never registered, or is in another "
+            "registry: give that with -r (or MLSEG_REGISTRY)"
+        )
+    typer.echo(f"{output}: model {model_id}")
+    for version, exact in found:
+        live = (reg.production_record(registry, version.name) or {}).get("version")
+        stage = "production" if live == version.version else "registered, not in production"
+        metrics = _metrics(version.metrics)
+        # the flow's run.json names the version it served: two holding the same weights
+        if record.get("model_source") == version.tag:
+            stage += ", the one the run served"
+        typer.echo(f"{version.tag} ({stage}), created {version.created_at}")
+        typer.echo(f"  training data fingerprint  {version.fingerprint_hash or '-'}")
+        typer.echo(
+            f"  test metrics               {metrics or '-'} on eval set {version.eval_set_id or '-'}"
+        )
+        typer.echo(f"  code                       {version.code_version}")
+        if not exact:
+            typer.echo(
+                "  note: these weights, but not this version's config.json, meta.json or stain "
+                "reference made the output (edited beside the weights, or recorded by another "
+                "mlseg release)"
+            )
+        typer.echo(f"  the whole card: mlseg models show {version.tag} -r {registry}")
 
 
 @models_app.command("promote")
