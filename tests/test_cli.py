@@ -731,6 +731,54 @@ def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "aborted\n"
 
 
+def test_a_truncated_compressed_table_is_no_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A pixel-size table saved as .csv.gz or .csv.bz2 and cut short (a copy interrupted) ended
+    mlseg in 'aborted' and exit 130, as after Ctrl-C: typer turns the EOFError that reading it
+    raises into its Abort. The table is named with exit 2; an EOFError anywhere else is shown
+    whole, as any other unexpected error; an Abort itself is still 'aborted' and 130."""
+    import bz2
+    import gzip
+
+    import typer
+
+    import mlseg.dataset
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:9, 4:9] = 1
+    write_image(tmp_path / "images" / "a.png", np.full((16, 16, 3), 200, np.uint8))
+    write_image(tmp_path / "labels" / "a_mask.png", mask)
+    table = b"stem,pixel_size_um\n" + b"".join(b"a%d,0.5\n" % i for i in range(200))
+    damaged = bytearray(gzip.compress(table))
+    damaged[30:40] = b"\xff" * 10
+    for name, data in [
+        ("cut.csv.gz", gzip.compress(table)[:200]),
+        ("cut.csv.bz2", bz2.compress(table)[:200]),
+        ("damaged.csv.gz", bytes(damaged)),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images")]
+        argv += [str(tmp_path / "out"), "-p", "he", "--pixel-sizes", str(tmp_path / name)]
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert f"error: {tmp_path / name}: cannot read pixel-size table" in err
+        assert "aborted" not in err
+
+    def init_dataset(directory, cfg):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", init_dataset)
+    with pytest.raises(EOFError):
+        main(["init", str(tmp_path / "ds")])
+    assert "aborted" not in capsys.readouterr().err
+
+    def declined(directory, cfg):
+        raise typer.Abort()
+
+    monkeypatch.setattr(mlseg.dataset, "init_dataset", declined)
+    assert main(["init", str(tmp_path / "ds")]) == 130
+    assert capsys.readouterr().err == "aborted\n"
+
+
 def test_sighup_stays_ignored_under_nohup(tmp_path, monkeypatch):
     """`nohup mlseg train ...` ignores SIGHUP so that the run outlives the terminal: mlseg
     must not catch it then."""

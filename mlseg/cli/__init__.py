@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except typer.Exit as err:
         return err.exit_code
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as err:
+        # typer turns an EOFError (a truncated .gz or .bz2 file read) into Abort too: no Ctrl-C
+        if isinstance(err.__cause__, EOFError):
+            raise err.__cause__ from None
         _say("aborted")
         return 130
     except _Terminated as err:
