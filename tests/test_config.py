@@ -86,12 +86,15 @@ def test_patch_shares_over_one_are_refused(tmp_path):
     [
         ("data", "val_fraction", 1.0, "less than 1"),  # every image but one held back
         ("data", "train_dir", "train\\2024", "plain folder name"),  # a Windows path
+        ("data", "image_dir", "images/raw", "plain folder name"),
+        ("train", "patch_size", 48, "multiple of 32"),  # a multiple of 16: smp refuses it late
         ("augment", "scale_range", [0, 2.0], "0 < low <= high"),  # log(0): no zoom to draw
         ("augment", "scale_range", [2.0, 0.5], "0 < low <= high"),
         ("augment", "haematoxylin_gain", [0.0, 2.0], "0 < low <= high"),
         ("augment", "blur_sigma", [1.5, 0.5], "0 <= low <= high"),
         ("train", "encoder_depth", 2, "greater than or equal to 3"),
         ("inference", "overlap", 0.95, "less than 0.9"),  # a tile step of a few pixels
+        ("inference", "stain_tta", [1.0, 4.5], r"\[0\.25, 4\]"),
     ],
 )
 def test_values_outside_their_documented_range_are_refused(tmp_path, section, key, value, said):
@@ -211,6 +214,27 @@ def test_a_pixel_size_in_the_wrong_unit_is_refused(tmp_path, value):
     profiles = write(tmp_path / "p.yaml", f"profiles:\n  mine:\n    pixel_size_um: {value}\n")
     with pytest.raises(ConfigError, match=r"mine.*pixel_size_um.*outside 0.01-10"):
         load_profiles(profiles)
+
+
+def test_an_empty_config_is_the_defaults_and_other_files_are_named_not_a_traceback(tmp_path):
+    """A run config with nothing in it (every line commented out) is the defaults; a list, or
+    a file saved in Latin-1 (a Windows editor), is refused naming the file. Mutants that
+    dropped each of these checks read None and refused it, or ended in a traceback
+    ('list' object has no attribute 'items', UnicodeDecodeError)."""
+    assert load_config(write(tmp_path / "empty.yaml", "# train: {max_steps: 5}\n")) == Config()
+    with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
+        load_config(write(tmp_path / "list.yaml", "- train\n- data\n"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# r\xe9glages du labo\ntrain: {max_steps: 5}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not valid YAML"):
+        load_config(latin1)
+
+
+def test_a_profile_is_named_by_its_key(tmp_path):
+    """A ``name:`` inside a profile does not rename it: the name a run records is the one it
+    was chosen by (--profile lab)."""
+    path = write(tmp_path / "p.yaml", "profiles:\n  lab: {name: other, pixel_size_um: 0.5}\n")
+    assert get_profile("lab", path).name == "lab"
 
 
 def test_a_section_with_every_key_commented_out_is_empty_not_a_crash(tmp_path):
