@@ -736,3 +736,65 @@ def test_properties_that_are_no_object_name_the_file(tmp_path, properties):
     path = write_json(tmp_path / "bad.geojson", [feature([square(1, 1, 3, 3)]), bad])
     with pytest.raises(ImageReadError, match=r"bad\.geojson: feature 2 has properties that"):
         annotation_labels(path, (8, 8))
+
+
+def test_a_nucleus_redrawn_smaller_off_its_detections_centre_replaces_it(tmp_path):
+    """The model drew one nucleus with the stroma beside it (11x11 px); the pathologist redraws
+    the nucleus in its corner (5x5 px), clear of the detection's centre pixel (15, 15).
+    Sharing all its own pixels with the detection, the drawing replaces it; a mutant that
+    asked for half the larger one's pixels kept the detection's other 96 px as a nucleus."""
+    features = [*_detections((10, 10, 21, 21)), feature([square(16, 16, 21, 21)])]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (30, 30))
+    assert drawn.labels.max() == 1
+    assert int((drawn.labels == 1).sum()) == 25 and drawn.labels[18, 18] == 1
+    assert drawn.notes == ["1 detections drawn again by hand left out"]
+
+
+def test_a_region_drawn_tight_around_two_touching_nuclei_is_no_merge(tmp_path):
+    """A region drawn 2 px around two touching 10x10 px detections is 60% theirs: still a
+    region, the two nuclei kept apart; a merge needs MERGE_MIN_COVER (0.7). A mutant at 0.5
+    read it as one nucleus drawn over both and replaced them with it."""
+    pair = _detections((10, 10, 20, 20), (20, 10, 30, 20))
+    region = feature([square(8, 8, 32, 22)], kind="annotation")  # 24x14 = 336 px, 200 theirs
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", [*pair, region]), (40, 40))
+    assert drawn.labels.max() == 2
+    assert drawn.labels[15, 15] != drawn.labels[15, 25] and drawn.labels[9, 9] == 0
+    assert drawn.notes == ["1 region annotations left out"]
+
+
+def test_labels_have_no_gap_where_a_later_nucleus_covers_an_earlier_one(tmp_path):
+    """A nucleus wholly covered by one drawn later leaves no unused label: labels run 1..n
+    (a mutant without the relabelling gave 0 and 2, and labels.max() counted two nuclei)."""
+    features = [feature([square(2, 2, 4, 4)]), feature([square(1, 1, 7, 7)])]
+    drawn = annotation_labels(write_json(tmp_path / "a.geojson", features), (10, 10))
+    assert sorted(np.unique(drawn.labels)) == [0, 1]
+    assert "1 nuclei overlap one drawn before (shared pixels go to the later)" in drawn.notes
+
+
+def test_a_qupath_0_2_cell_named_by_its_id_gives_its_nucleus(tmp_path):
+    """QuPath 0.2 scripts wrote no objectType: a cell is told by its id, PathCellObject, and
+    gives its nucleus, not its cell outline (a mutant that lost that name drew the cell)."""
+    cell = feature([square(2, 2, 18, 18)], nucleus=square(6, 6, 11, 11))
+    cell["id"] = "PathCellObject"
+    drawn = annotation_labels(write_json(tmp_path / "a.json", [cell]), (20, 20))
+    assert drawn.labels.max() == 1 and int((drawn.labels == 1).sum()) == 25
+
+
+def test_annotations_named_as_masks_are_ingested_and_mac_sidecars_left_alone(tmp_path):
+    """QuPath exports named as the mask (a_mask.geojson) or after the image (b.tif.geojson)
+    are those images' masks, and the ._c.geojson a Mac leaves on a shared drive (resource
+    data, no JSON) is no annotation: mutants that kept the _mask suffix in the stem, or read
+    dot files, failed the ingest."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.tif", "c.png"):
+        write_image(src / "original" / name, rng.integers(0, 255, (16, 16, 3), np.uint8))
+    write_json(src / "masks" / "a_mask.geojson", [feature([square(2, 2, 8, 8)])])
+    write_json(src / "masks" / "b.tif.geojson", [feature([square(4, 4, 9, 9)])])
+    write_json(src / "masks" / "c.geojson", [feature([square(1, 1, 5, 5)])])
+    (src / "masks" / "._c.geojson").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    result = ingest(src, tmp_path / "ds", test_fraction=0, progress=False)
+    manifest = result.manifest.set_index("stem")
+    assert sorted(manifest.index) == ["a", "b", "c"]
+    for stem, area in {"a": 36, "b": 25, "c": 16}.items():
+        assert int((read_mask(tmp_path / "ds" / manifest.loc[stem, "mask"]) > 0).sum()) == area
