@@ -475,7 +475,7 @@ def segment_and_quantify(
     """
     from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
-    from mlseg.outputs import read_nuclei, write_run_outputs, writing_to
+    from mlseg.outputs import read_nuclei, update_run_outputs, writing_to
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,
@@ -552,16 +552,22 @@ def segment_and_quantify(
         processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
         skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
         from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
-        # each image's table read once, for nuclei.parquet, the histograms and the run metrics
-        tables = [read_nuclei(out, s) for s in summaries]
+        # each image's table read once, for nuclei.parquet, the histograms and the run metrics,
+        # and none where the run files hold these images already and none was redone
+        tables: list[pd.DataFrame] = []
+
+        def every_table() -> list[pd.DataFrame]:
+            tables.extend(read_nuclei(out, s) for s in summaries)
+            return tables
+
         run_id = _run_id()
         # one time for run.json and the run's history row, which differed by the seconds it
         # took to write the run's tables and histograms
         finished = datetime.datetime.now().astimezone()
-        paths = write_run_outputs(
+        paths = update_run_outputs(
             out,
             summaries,
-            tables,
+            every_table,
             {
                 "command": "segment-and-quantify",
                 "flow_run": run_id,
@@ -583,6 +589,7 @@ def segment_and_quantify(
                 "skipped": skipped,
                 "failed": failed,
             },
+            redone=bool(processed),
         )
     history_path = data_path(history) if history else out / "runs" / "history.csv"
     metrics, counts = _run_metrics(
@@ -658,15 +665,18 @@ def _run_metrics(
 ) -> tuple[dict[str, Any], list[int]]:
     """The run's metrics over the images processed in it (skipped ones were measured before),
     with their shift from the previous run, appended to ``history_path`` when any image was
-    processed; also each processed image's nucleus count. ``finished_at``: the run's end
-    as run.json gives it (UTC), for its history row."""
+    processed; also each processed image's nucleus count. ``tables``: the nuclei of each of
+    ``summaries``, read where an image was processed (none where the run only skipped).
+    ``finished_at``: the run's end as run.json gives it (UTC), for its history row."""
     from mlseg.io import write_table
     from mlseg.monitor import append_history, distributions, run_areas, run_metrics, run_shift
 
     # ``done`` is a set: a membership test per summary in a list cost 180 s at 20,000 images
     done_now = [s for s in summaries if s["image"] in done]
     counts = [s.get("count", 0) for s in done_now]
-    new_tables = [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done]
+    new_tables = (
+        [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done] if done else []
+    )
     unit, areas = run_areas(new_tables)
     metrics = run_metrics(
         counts,

@@ -12,7 +12,9 @@ image was first segmented (:func:`first_finished_at`).
 Per run: ``summary.csv`` (one row per image), ``nuclei.parquet`` (every nucleus of those
 images, ``image`` first: :func:`nuclei_table`), ``histograms.png`` (main measurements over
 all nuclei of the run) and ``run.json`` (versions, machine, model, preprocessing, profile,
-inference settings).
+inference settings). A rerun that redoes no image keeps the first three where they hold
+exactly its images (:func:`run_outputs_current`) and writes ``run.json`` alone, with
+``nuclei.parquet``'s footer where the run's record changed (:func:`update_run_outputs`).
 
 Each Parquet file carries its record in its footer, under :data:`PROVENANCE_KEY`: an
 image's table its ``<stem>.json``, ``nuclei.parquet`` the ``run.json``, without the times
@@ -37,7 +39,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,17 @@ from mlseg.io import (
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
 #: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
 NUCLEI_TABLE = "nuclei.parquet"
+#: The files :func:`write_run_outputs` writes, by the key it returns each under.
+RUN_FILES = {
+    "summary": "summary.csv",
+    "nuclei": NUCLEI_TABLE,
+    "histograms": "histograms.png",
+    "run": "run.json",
+}
+#: Keys of a run record naming what wrote the run files: a new mlseg or pandas may write a
+#: table or draw the histograms another way (pyarrow and matplotlib, which the record does
+#: not name, are read from the files: :func:`run_outputs_current`).
+WRITER_KEYS = ("mlseg_version", "packages")
 #: What an image's GeoJSON records of its making (beside its pixel size), where the summary
 #: has it: a file moved into a QuPath project still names its image's bytes and the model.
 GEOJSON_PROVENANCE = (
@@ -739,22 +752,151 @@ def write_run_outputs(
     """``summary.csv`` (one row per image), ``nuclei.parquet`` (:func:`nuclei_table` of
     ``tables``, one per image of ``summaries``), ``histograms.png`` and ``run.json``."""
     out_dir = Path(out_dir)
-    rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
     nuclei = nuclei_table(tables)
     # all four or none: a disk that filled at the second left this run's summary.csv beside
     # the previous run's nuclei.parquet and run.json
     with written_together(out_dir) as staging:
         written = {
-            # a run where every image failed still writes a table a reader can open
-            "summary": write_table(
-                pd.DataFrame(rows or None, columns=None if rows else ["image"]),
-                staging / "summary.csv",
+            "summary": write_table(summary_table(summaries), staging / RUN_FILES["summary"]),
+            "nuclei": write_table(
+                nuclei, staging / RUN_FILES["nuclei"], metadata=_footer(run_info)
             ),
-            "nuclei": write_table(nuclei, staging / NUCLEI_TABLE, metadata=_footer(run_info)),
-            "histograms": plot_histograms(nuclei, staging / "histograms.png"),
-            "run": write_text(staging / "run.json", dumps(run_info)),
+            "histograms": plot_histograms(nuclei, staging / RUN_FILES["histograms"]),
+            "run": write_text(staging / RUN_FILES["run"], dumps(run_info)),
         }
     return {key: out_dir / path.name for key, path in written.items()}
+
+
+def summary_table(summaries: Sequence[dict]) -> pd.DataFrame:
+    """``summary.csv``: one row per image of ``summaries``, their values that are not lists
+    or mappings. A run where every image failed still gets a table a reader can open."""
+    rows = [{k: v for k, v in s.items() if not isinstance(v, (dict, list))} for s in summaries]
+    return pd.DataFrame(rows or None, columns=None if rows else ["image"])
+
+
+def update_run_outputs(
+    out_dir: str | Path,
+    summaries: Sequence[dict],
+    tables: Callable[[], Iterable[pd.DataFrame]],
+    run_info: dict,
+    *,
+    redone: bool,
+) -> dict[str, Path]:
+    """The run files of a run over ``summaries``, as :func:`write_run_outputs` writes them
+    from ``tables()`` (called only then). Where no image was measured in the run (``redone``
+    false) and the folder's files hold exactly these images (:func:`run_outputs_current`),
+    only ``run.json`` is written, and ``nuclei.parquet`` again from its own rows where its
+    footer (the record without its times) changed: a rerun on a folder of finished images
+    read every image's table to write the same tables and histograms again (seconds for a
+    few hundred images). The files kept keep their file times, those of the run that wrote
+    them; ``run.json`` gives this run's times and lists, as a full rewrite does."""
+    if not redone and run_outputs_current(out_dir, summaries, run_info):
+        return _rewrite_run_record(Path(out_dir), run_info)
+    return write_run_outputs(out_dir, summaries, tables(), run_info)
+
+
+def run_outputs_current(out_dir: str | Path, summaries: Sequence[dict], run_info: dict) -> bool:
+    """Whether ``summary.csv``, ``nuclei.parquet`` and ``histograms.png`` in ``out_dir`` are
+    what :func:`write_run_outputs` would write from ``summaries`` (each image's
+    ``<stem>.json``) and the nuclei tables they list as those are now, ``run_info`` aside.
+
+    So they are where the four files are there, as one set: none of the other three is newer
+    than ``run.json`` (a set whose writer was killed half moved into place: ``summary.csv``,
+    moved last, is then the older set's) and ``nuclei.parquet``'s footer is ``run.json``'s
+    record (the same, where file times are too coarse to tell); ``run.json`` names this
+    mlseg and these packages (:data:`WRITER_KEYS`), the table and the histograms this
+    pyarrow and this matplotlib; ``summary.csv`` holds, byte for byte, these summaries (the
+    same images in the same order, with the same input digests, settings, model and counts:
+    an image removed, failed, or redone since by a run stopped before its run files changes
+    it); no image's nuclei table is newer than ``summary.csv`` (one redone or edited since);
+    and ``nuclei.parquet`` has as many rows as the images have nuclei (a table unreadable
+    when it was written, whose image :func:`read_nuclei` names again in a full rewrite)."""
+    out_dir = Path(out_dir)
+    paths = {key: out_dir / name for key, name in RUN_FILES.items()}
+    try:
+        times = {key: path.stat() for key, path in paths.items()}
+        written = times["run"].st_mtime_ns
+        if any(times[key].st_mtime_ns > written for key in ("summary", "nuclei", "histograms")):
+            return False
+        record = json.loads(paths["run"].read_text())
+        footer, rows, parquet_writer = _parquet_footer(paths["nuclei"])
+        tables = [out_dir / s["outputs"]["parquet"] for s in summaries]
+        return (
+            footer == {k: v for k, v in record.items() if k not in TIMING_KEYS}
+            and all(record.get(key) == run_info.get(key) for key in WRITER_KEYS)
+            and parquet_writer == _PARQUET_WRITER.format(version=_version("pyarrow"))
+            and _PNG_WRITER.format(version=_version("matplotlib")).encode()
+            in _head(paths["histograms"])
+            and rows == sum(int(s["count"]) for s in summaries)
+            and paths["summary"].read_bytes() == _csv_bytes(summary_table(summaries))
+            and all(p.stat().st_mtime_ns <= times["summary"].st_mtime_ns for p in tables)
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False  # a file missing or not as mlseg writes it: written again
+
+
+#: What a Parquet file written by pyarrow, and a PNG drawn by matplotlib, say wrote them.
+_PARQUET_WRITER = "parquet-cpp-arrow version {version}"
+_PNG_WRITER = "Matplotlib version{version},"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of a file: a PNG's text chunks, before its pixels."""
+    with path.open("rb") as fh:
+        return fh.read(size)
+
+
+def _parquet_footer(path: Path) -> tuple[object, int, str]:
+    """The record in a Parquet file's footer (:data:`PROVENANCE_KEY`, parsed; None where it
+    has none), its number of rows and what wrote it, the footer alone read."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except Exception as err:  # pyarrow's errors of a damaged file are no OSError
+        raise ValueError(f"{path}: {err}") from err
+    text = (meta.metadata or {}).get(PROVENANCE_KEY.encode())
+    return (json.loads(text) if text is not None else None), meta.num_rows, meta.created_by
+
+
+def _csv_bytes(table: pd.DataFrame) -> bytes:
+    """The bytes :func:`mlseg.io.write_table` writes for ``table`` as CSV."""
+    import io
+
+    buffer = io.BytesIO()
+    table.to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _rewrite_run_record(out_dir: Path, run_info: dict) -> dict[str, Path]:
+    """``run.json`` of ``run_info`` and, where its footer says another record,
+    ``nuclei.parquet`` with ``run_info``'s (its rows as they are), as one set; the paths of
+    the four run files, as :func:`write_run_outputs` returns them."""
+    import pyarrow.parquet as pq
+
+    footer = _footer(run_info)
+    nuclei = out_dir / RUN_FILES["nuclei"]
+    with written_together(out_dir) as staging:
+        if _parquet_footer(nuclei)[0] != json.loads(footer[PROVENANCE_KEY]):
+            table = pq.read_table(nuclei)
+            metadata = {
+                **(table.schema.metadata or {}),
+                **{k.encode(): v.encode() for k, v in footer.items()},
+            }
+            # as write_table writes a table with a footer: the same bytes as a full rewrite
+            with atomic_path(staging / RUN_FILES["nuclei"]) as tmp:
+                pq.write_table(table.replace_schema_metadata(metadata), tmp)
+        write_text(staging / RUN_FILES["run"], dumps(run_info))
+    return {key: out_dir / name for key, name in RUN_FILES.items()}
 
 
 def histogram_columns(columns: list[str]) -> list[str]:

@@ -93,8 +93,8 @@ from mlseg.outputs import (
     image_done,
     read_nuclei,
     tag_table,
+    update_run_outputs,
     write_image_outputs,
-    write_run_outputs,
     writing_to,
 )
 from mlseg.pixel_size import (
@@ -903,7 +903,7 @@ def _run_folder(
     log: Callable[[str], object] | None,
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
-    tables: list[pd.DataFrame] = []
+    tables: list[pd.DataFrame | None] = []  # None: a skipped image's, read if needed
     with writing_to(out_dir):  # one run at a time: its images' files are all its own
         # counted from here: the wait for another run's lock is no image's time
         said = ProgressLog(desc, len(items), "images", log)
@@ -912,7 +912,7 @@ def _run_folder(
             if done is not None:
                 result.skipped.append(stem)
                 result.summaries.append(done)
-                tables.append(read_nuclei(out_dir, done))  # read once: nuclei.parquet, histograms
+                tables.append(None)
                 said.step("skipped")
                 continue
             started = time.perf_counter()
@@ -946,7 +946,14 @@ def _run_folder(
             "skipped": result.skipped,
             "failed": result.failed,
         }
-        write_run_outputs(out_dir, result.summaries, tables, run_info)
+
+        def every_table() -> Iterator[pd.DataFrame]:
+            for summary, table in zip(result.summaries, tables, strict=True):
+                yield read_nuclei(out_dir, summary) if table is None else table
+
+        update_run_outputs(
+            out_dir, result.summaries, every_table, run_info, redone=bool(result.processed)
+        )
     return result
 
 

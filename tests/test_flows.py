@@ -485,6 +485,56 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
 
 
+def test_a_flow_rerun_that_redoes_nothing_keeps_the_run_files_that_hold_its_images(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A rerun where every image was done read every image's nuclei table and wrote the
+    same summary.csv, nuclei.parquet and histograms.png again. Now it writes run.json and
+    nuclei.parquet's footer (this flow run, its lists), the rows and the other two kept;
+    with an image gone from the inbox, all four are written again."""
+    import pyarrow.parquet as pq
+
+    import mlseg.outputs
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 3)
+    assert _segment(inbox, out, checkpoint).is_completed()
+    names = ("summary.csv", "nuclei.parquet", "histograms.png", "run.json")
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {n: ((out / n).stat().st_ino, (out / n).stat().st_mtime_ns) for n in names}
+
+    before, nuclei = files(), pd.read_parquet(out / "nuclei.parquet")
+    first_run = json.loads((out / "run.json").read_text())["flow_run"]
+
+    def unread(out_dir, summary):
+        raise AssertionError(f"{summary['image']}'s nuclei table read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mlseg.outputs, "read_nuclei", unread)
+        state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    after = files()
+    assert {n: after[n] == before[n] for n in names} == {
+        "summary.csv": True,
+        "nuclei.parquet": False,  # its footer: this run's record
+        "histograms.png": True,
+        "run.json": False,
+    }
+    record = json.loads((out / "run.json").read_text())
+    assert record["flow_run"] != first_run
+    assert (record["processed"], record["skipped"]) == ([], ["img_000", "img_001", "img_002"])
+    footer = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"mlseg"])
+    assert footer == {k: v for k, v in record.items() if k not in ("started_at", "finished_at")}
+    assert state.result()["run_json"] == str(out / "run.json")
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "nuclei.parquet"), nuclei)
+    (inbox / "img_001.png").unlink()
+    assert _segment(inbox, out, checkpoint).is_completed()
+    assert all(new != after[n] for n, new in files().items())
+    assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["img_000", "img_002"]
+    assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) == {"img_000", "img_002"}
+
+
 def test_run_json_and_the_history_row_of_a_run_give_one_finished_at(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:

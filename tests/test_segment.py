@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +71,17 @@ def _histograms_drawn_where_looked_at(request, monkeypatch) -> None:
     written as the real one is (atomically, in the staging folder of the run's record)."""
     if "real_histograms" in request.fixturenames:
         return
+    from PIL.PngImagePlugin import PngInfo
+
     import mlseg.outputs
     from mlseg.io import atomic_path
 
+    drawn_by = PngInfo()  # as matplotlib names itself: a rerun keeps what this one drew
+    drawn_by.add_text("Software", f"Matplotlib version{version('matplotlib')}, stand-in")
+
     def stand_in(nuclei: pd.DataFrame, path: Path) -> Path:
         with atomic_path(path) as tmp:
-            Image.new("L", (1, 1)).save(tmp, format="PNG")
+            Image.new("L", (1, 1)).save(tmp, format="PNG", pnginfo=drawn_by)
         return Path(path)
 
     monkeypatch.setattr(mlseg.outputs, "plot_histograms", stand_in)
@@ -1955,3 +1962,261 @@ def test_quantify_reads_the_labels_of_a_first_run_still_writing_its_folder(tmp_p
     during = seen["during"]
     assert during.failed == {} and during.processed == ["a"]
     assert during.summaries[0]["count"] == truth.max()
+
+
+# ----------------------------------------------------------------------------- reruns
+RUN_FILES = ("summary.csv", "nuclei.parquet", "histograms.png", "run.json")
+
+
+def _quantify_inputs(tmp_path: Path, stems: str = "abc") -> tuple[Path, Path]:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for i, stem in enumerate(stems):
+        image, truth = disc_image(48, 64, seed=i)
+        write_image(images / f"{stem}.png", image)
+        write_labels(masks / f"{stem}_mask.png", truth)
+    return masks, images
+
+
+def _files(out: Path) -> dict[str, tuple[int, int] | None]:
+    """Each run file's (inode, mtime_ns), None where there is none: changed where the file
+    was written again."""
+    found = {}
+    for name in RUN_FILES:
+        path = out / name
+        found[name] = (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+    return found
+
+
+def _as_written_whole(out: Path, rerun) -> tuple[dict, dict]:
+    """What a user reads in the run files of ``out``, and in those that a rerun (``rerun``)
+    writes whole into a copy of ``out`` without them (the per-image files and their times
+    kept); run.json's times aside."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    def read(folder: Path) -> dict[str, object]:
+        record = json.loads((folder / "run.json").read_text())
+        return {
+            "summary.csv": (folder / "summary.csv").read_bytes(),
+            "nuclei.parquet": pq.read_table(folder / "nuclei.parquet"),
+            "footer": json.loads(pq.read_schema(folder / "nuclei.parquet").metadata[b"mlseg"]),
+            "histograms.png": (folder / "histograms.png").read_bytes(),
+            "run.json": {k: v for k, v in record.items() if k not in ("started_at", "finished_at")},
+        }
+
+    whole = out.with_name(out.name + "_whole")
+    shutil.copytree(out, whole, ignore=shutil.ignore_patterns(*RUN_FILES, ".*"))
+    assert not rerun(whole).processed  # the same images' files: none measured again
+    return read(out), read(whole)
+
+
+def test_a_rerun_that_redoes_nothing_leaves_the_run_files_that_hold_its_images(
+    tmp_path, monkeypatch, real_histograms
+):
+    """A rerun on a folder where every image was done read every image's nuclei table and
+    wrote summary.csv, nuclei.parquet and histograms.png again, the same (seconds for a few
+    hundred images). Now it writes run.json (its lists and times), and nuclei.parquet only where its
+    footer, the run's record, changed; every file reads as a whole rewrite's."""
+    import pyarrow.parquet as pq
+
+    import mlseg.segment
+
+    masks, images = _quantify_inputs(tmp_path)
+    out = tmp_path / "out"
+
+    def rerun(folder: Path = out):
+        return quantify_folder(masks, images, folder, profile_name="he", progress=False)
+
+    assert rerun().processed == ["a", "b", "c"]
+    first = _files(out)
+
+    def unread(out_dir, summary):
+        raise AssertionError(f"{summary['image']}'s nuclei table read again")
+
+    monkeypatch.setattr(mlseg.segment, "read_nuclei", unread)
+    assert rerun().skipped == ["a", "b", "c"]
+    second = _files(out)
+    # processed became skipped: the footer changed, its rows were kept
+    assert {n: second[n] == first[n] for n in RUN_FILES} == {
+        "summary.csv": True,
+        "nuclei.parquet": False,
+        "histograms.png": True,
+        "run.json": False,
+    }
+    record = json.loads((out / "run.json").read_text())
+    assert (record["processed"], record["skipped"]) == ([], ["a", "b", "c"])
+    footer = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"mlseg"])
+    assert footer == {k: v for k, v in record.items() if k not in ("started_at", "finished_at")}
+    assert rerun().skipped == ["a", "b", "c"]
+    third = _files(out)
+    assert {n: third[n] == second[n] for n in RUN_FILES} == {
+        "summary.csv": True,
+        "nuclei.parquet": True,  # the same record: the same file
+        "histograms.png": True,
+        "run.json": False,  # its times
+    }
+    monkeypatch.undo()
+    kept, whole = _as_written_whole(out, rerun)
+    assert kept.keys() == whole.keys()
+    for name, value in kept.items():
+        assert value == whole[name], name
+
+
+def test_a_footer_rewritten_on_its_rows_is_the_bytes_of_a_whole_rewrite(tmp_path):
+    """nuclei.parquet given a new record by a rerun that redid nothing holds the bytes a
+    full rewrite with that record writes, as do the files it keeps."""
+    from mlseg.outputs import read_nuclei, update_run_outputs, write_run_outputs
+
+    masks, images = _quantify_inputs(tmp_path)
+    out = tmp_path / "out"
+    summaries = quantify_folder(masks, images, out, profile_name="he", progress=False).summaries
+    record = json.loads((out / "run.json").read_text())
+    again = {**record, "processed": [], "skipped": ["a", "b", "c"], "finished_at": "later"}
+    tables = [read_nuclei(out, s) for s in summaries]
+    before = _files(out)
+    update_run_outputs(out, summaries, lambda: pytest.fail("tables read"), again, redone=False)
+    assert _files(out)["nuclei.parquet"] != before["nuclei.parquet"]
+    kept = {name: (out / name).read_bytes() for name in RUN_FILES}
+    write_run_outputs(out, summaries, tables, again)
+    assert {name: (out / name).read_bytes() for name in RUN_FILES} == kept
+
+
+def test_a_rerun_that_redoes_nothing_lists_its_failed_images_in_run_json(tmp_path) -> None:
+    """An image that fails again: the run files keep holding the others, run.json names it."""
+    masks, images = _quantify_inputs(tmp_path)
+    out = tmp_path / "out"
+    quantify_folder(masks, images, out, profile_name="he", progress=False)
+    (images / "c.png").write_bytes(b"not a PNG")
+    for run in range(2):
+        before = _files(out)
+        result = quantify_folder(masks, images, out, profile_name="he", progress=False)
+        assert list(result.failed) == [str(masks / "c_mask.png")]
+        record = json.loads((out / "run.json").read_text())
+        assert (record["processed"], record["skipped"]) == ([], ["a", "b"])
+        assert record["failed"] == result.failed
+        assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["a", "b"]
+        # the second time, the run files hold these two images already
+        assert (_files(out)["summary.csv"] == before["summary.csv"]) == (run == 1)
+
+
+def _interrupted(out: Path, masks: Path, images: Path, monkeypatch) -> None:
+    """A run that measured an image again (its labels changed) and was stopped before it
+    wrote its run files."""
+    import mlseg.outputs
+    import mlseg.segment
+
+    write_labels(masks / "b_mask.png", disc_image(48, 64, spacing=16, seed=5)[1])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        for module in (mlseg.outputs, mlseg.segment):
+            patched.setattr(module, "write_run_outputs", stopped, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            quantify_folder(masks, images, out, profile_name="he", progress=False)
+
+
+def _table_edited(out: Path, *_) -> None:
+    """An image's table changed by hand (its rows kept), its <stem>.json not."""
+    table = pd.read_parquet(out / "b_nuclei.parquet")
+    table["solidity"] = 0.5
+    table.to_parquet(out / "b_nuclei.parquet", index=False)
+
+
+def _table_unreadable(out: Path, masks: Path, images: Path, monkeypatch) -> None:
+    """An image's table unreadable when the run files were last written (its nuclei left out
+    of them): a full rewrite names it again, as every rerun named it."""
+    (out / "b_nuclei.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.warns(UserWarning, match="b_nuclei.parquet: unreadable"):
+        quantify_folder(masks, images, out, profile_name="he", progress=False)
+
+
+def _summary_edited(out: Path, *_) -> None:
+    """summary.csv changed (a cell), its file time put back (a coarse clock, a copy kept)."""
+    path = out / "summary.csv"
+    kept = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"\na,", b"\na ,", 1))
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+
+
+def _other_record(out: Path, *_) -> None:
+    """nuclei.parquet of another run (its rows and footer) beside run.json, no newer than it:
+    a set half moved into place where the file times are too coarse to tell."""
+    import pyarrow.parquet as pq
+
+    path = out / "nuclei.parquet"
+    table = pq.read_table(path)
+    record = {**json.loads(table.schema.metadata[b"mlseg"]), "skipped": ["a", "b"]}
+    other = table.set_column(
+        table.column_names.index("solidity"), "solidity", [[0.5] * table.num_rows]
+    )
+    metadata = {**table.schema.metadata, b"mlseg": json.dumps(record).encode()}
+    pq.write_table(other.replace_schema_metadata(metadata), path)
+    run = (out / "run.json").stat()
+    os.utime(path, ns=(run.st_atime_ns, run.st_mtime_ns))
+
+
+def _half_moved(out: Path, *_) -> None:
+    """histograms.png of a later set moved into place, the rest of it not (that run killed)."""
+    later = (out / "run.json").stat().st_mtime_ns + 10**9
+    os.utime(out / "histograms.png", ns=(later, later))
+
+
+EDITS = {
+    "an image removed from the input": lambda out, masks, *_: (masks / "c_mask.png").unlink(),
+    "an image that fails": lambda out, masks, images, _: (images / "c.png").write_bytes(b"x"),
+    "a run stopped before its run files": _interrupted,
+    "summary.csv deleted": lambda out, *_: (out / "summary.csv").unlink(),
+    "nuclei.parquet deleted": lambda out, *_: (out / "nuclei.parquet").unlink(),
+    "histograms.png deleted": lambda out, *_: (out / "histograms.png").unlink(),
+    "run.json deleted": lambda out, *_: (out / "run.json").unlink(),
+    "another mlseg": lambda out, masks, images, patch: patch.setattr(
+        "mlseg.segment.code_version", lambda: "0.0.1+gother"
+    ),
+    "another pyarrow": lambda out, masks, images, patch: patch.setattr(
+        "mlseg.outputs._version",
+        lambda package: "0.0.1" if package == "pyarrow" else version(package),
+    ),
+    "another matplotlib": lambda out, masks, images, patch: patch.setattr(
+        "mlseg.outputs._version", lambda p: "0.0.1" if p == "matplotlib" else version(p)
+    ),
+    "summary.csv edited, its time kept": _summary_edited,
+    "nuclei.parquet of another record, as old as run.json": _other_record,
+    "an image's table edited": _table_edited,
+    "an image's table unreadable": _table_unreadable,
+    "a set half moved into place": _half_moved,
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_rerun_writes_the_run_files_again_where_they_no_longer_hold_its_images(
+    tmp_path, monkeypatch, edit
+):
+    """Where the run files are not what a full rewrite would write (an image gone, failed,
+    or measured again by a run stopped before its run files; a run file deleted; another
+    mlseg; an image's table changed or unreadable; a set half in place), a rerun that
+    redoes nothing writes them all again, as a full rewrite would."""
+    masks, images = _quantify_inputs(tmp_path)
+    out = tmp_path / "out"
+    said: list[str] = []
+
+    def rerun(folder: Path = out):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = quantify_folder(masks, images, folder, profile_name="he", progress=False)
+        said.extend(str(w.message) for w in caught)
+        return result
+
+    rerun()
+    rerun()  # the run files as a rerun that redid nothing keeps them
+    EDITS[edit](out, masks, images, monkeypatch)
+    before, said[:] = _files(out), []
+    assert not rerun().processed
+    assert all(new != before[name] for name, new in _files(out).items()), before
+    if edit == "an image's table unreadable":
+        assert any("b_nuclei.parquet: unreadable" in m for m in said)  # named again
+    kept, whole = _as_written_whole(out, rerun)
+    for name, value in kept.items():
+        assert value == whole[name], name
