@@ -1,7 +1,7 @@
 """A rerun that redoes nothing: every image of the folder already done, same inputs, model
 and settings (a nightly run on an inbox with no new image, a run resumed after it ended).
 
-Baseline: the run files written whole, as before the rerun audit (every image's
+Baseline: the run files written whole, as every rerun wrote them before (every image's
 ``<stem>_nuclei.parquet`` read, ``summary.csv``, ``nuclei.parquet`` and ``histograms.png``
 written again; :func:`mlseg.outputs.run_outputs_current` made to answer no). Measured:
 :func:`mlseg.outputs.update_run_outputs` as ``mlseg quantify`` runs it
@@ -171,8 +171,8 @@ def main() -> None:
             model = make_checkpoint(work / "model")
             flow_out = work / "segmented"
 
-            def flow() -> None:
-                state = segment_and_quantify(
+            def run_flow():
+                return segment_and_quantify(
                     str(images),
                     str(flow_out),
                     model=str(model),
@@ -181,19 +181,15 @@ def main() -> None:
                     torch_threads=1,
                     return_state=True,
                 )
+
+            def flow() -> None:
+                state = run_flow()
                 assert state.is_completed() and not state.result()["processed"], state.message
 
             # the first run's labels: the synthetic truth (the untrained model finds no
             # nucleus), so that the rerun has as many nuclei to keep as quantify's
             with mock.patch("mlseg.segment.predict_labels_scaled", truth_of(masks)):
-                segment_and_quantify(
-                    str(images),
-                    str(flow_out),
-                    model=str(model),
-                    batch_size=50,
-                    workers=1,
-                    torch_threads=1,
-                )
+                assert run_flow().is_completed()
             results["flow"] = measure("flow", flow, flow_out, args.repeats, flow=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

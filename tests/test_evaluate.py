@@ -47,6 +47,24 @@ def checkpoint(tmp_path_factory):
     return _small_checkpoint(tmp_path_factory.mktemp("evaluate") / "model")
 
 
+@pytest.fixture
+def finds_nothing(monkeypatch):
+    """evaluate's model a stand-in that finds no nucleus, for tests of what is scored."""
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+
+
+def _evaluated_saying(checkpoint, root, out) -> tuple[ev.EvalResult, str]:
+    """The evaluation of ``root``'s test split into ``out``, and every warning it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ev.evaluate(checkpoint, root, out, progress=False)
+    return result, " | ".join(str(w.message) for w in caught)
+
+
 def test_score_labels_columns_and_values() -> None:
     truth = np.zeros((8, 8), np.int32)
     truth[1:4, 1:4] = 1
@@ -282,7 +300,7 @@ def test_evaluate_refuses_to_write_into_the_images_it_scores(checkpoint, synth_d
 
 
 def test_the_eval_set_id_covers_the_masks_the_model_scored(
-    checkpoint, tmp_path, synth_dataset, monkeypatch
+    checkpoint, tmp_path, synth_dataset, finds_nothing
 ):
     """A model whose data config names masks <stem>_label: the id of the set it was scored
     on must change when one of those masks does (with the default config it saw no masks,
@@ -297,11 +315,6 @@ def test_the_eval_set_id_covers_the_masks_the_model_scored(
     config = json.loads((folder / "config.json").read_text())
     config["data"] = {**config.get("data", {}), "mask_suffix": "_label"}
     (folder / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(
-        ev,
-        "predict_image",
-        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
-    )
     before = ev.evaluate(folder, root, tmp_path / "e1", progress=False)
     assert len(before.per_image) == len(list_pairs(synth_dataset, "test"))
     mask = sorted((root / "test" / "masks").iterdir())[0]
@@ -313,7 +326,7 @@ def test_the_eval_set_id_covers_the_masks_the_model_scored(
 
 
 def test_evaluate_names_the_images_it_cannot_score(
-    checkpoint, synth_dataset, tmp_path, monkeypatch
+    checkpoint, synth_dataset, tmp_path, finds_nothing
 ):
     """A test image whose mask is misnamed (a-mask.png for a_mask.png) is not scored: the
     evaluation says so, naming the image, instead of reporting a smaller set without a word."""
@@ -323,18 +336,13 @@ def test_evaluate_names_the_images_it_cannot_score(
     mask = sorted((root / "test" / "masks").iterdir())[0]
     mask.rename(mask.with_name(mask.name.replace("_mask", "-mask")))
     stem = mask.name.replace("_mask.png", "")
-    monkeypatch.setattr(
-        ev,
-        "predict_image",
-        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
-    )
     with pytest.warns(UserWarning, match=f"1 of 3 images have no mask.*{stem}"):
         result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
     assert stem not in set(result.per_image["stem"]) and len(result.per_image) == 2
 
 
 def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
-    checkpoint, synth_dataset, tmp_path, monkeypatch
+    checkpoint, synth_dataset, tmp_path, finds_nothing
 ):
     """A test image that is a link to a share not mounted, or misnamed, left its mask out of
     the evaluation without a word, and the scores were of a smaller set."""
@@ -345,15 +353,7 @@ def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
     first.unlink()
     first.symlink_to(tmp_path / "share" / first.name)
     second.rename(second.with_name("renamed.png"))
-    monkeypatch.setattr(
-        ev,
-        "predict_image",
-        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
-    said = " | ".join(str(w.message) for w in caught)
+    result, said = _evaluated_saying(checkpoint, root, tmp_path / "eval")
     assert f"{first}: a link to {tmp_path / 'share' / first.name}, which is missing" in said
     assert "2 mask(s)" in said and f"{first.stem}_mask.png" in said
     assert f"{second.stem}_mask.png" in said
@@ -361,7 +361,7 @@ def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
 
 
 def test_evaluate_names_a_second_mask_it_does_not_score(
-    checkpoint, synth_dataset, tmp_path, monkeypatch
+    checkpoint, synth_dataset, tmp_path, finds_nothing
 ):
     """An image with two masks (a_mask.png and a corrected a_mask.tif) was scored against
     the one sorted last, without a word of the other: the evaluation names the mask left out
@@ -372,15 +372,7 @@ def test_evaluate_names_a_second_mask_it_does_not_score(
     mask = sorted((root / "test" / "masks").iterdir())[0]
     second = mask.with_suffix(".tif")
     write_labels(second, read_mask(mask))
-    monkeypatch.setattr(
-        ev,
-        "predict_image",
-        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
-    said = " | ".join(str(w.message) for w in caught)
+    result, said = _evaluated_saying(checkpoint, root, tmp_path / "eval")
     assert f"1 mask(s) in {root / 'test' / 'masks'} are a second mask of an image" in said
     assert f"{mask.name} (its image is scored against {second.name})" in said
     assert "have no image" not in said  # neither mask is an orphan
