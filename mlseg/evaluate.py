@@ -11,7 +11,8 @@ by :mod:`mlseg.metrics`. Outputs in ``out_dir``:
   the image was segmented at: ``scale_factor``, ``scale_source``, ``est_diameter_px``);
 - ``summary.json``: the means over images, pooled object counts and error kinds, and what
   was evaluated;
-- ``worst.png``: the images of lowest AJI as image | truth | prediction.
+- ``worst.png``: the images of lowest AJI as image | truth | prediction, each reduced to
+  its panels' size once scored (:func:`mlseg.plots.worst_case`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,21 @@ from mlseg.metrics import (
     pixel_metrics,
 )
 from mlseg.model import LoadedModel, load_model, resolve_model_device
+from mlseg.plots import WorstCase, worst_case
 from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
 #: Memory a pixel of a test image takes at the peak of ``mlseg evaluate``, beyond its imports
-#: and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`). Measured on the 2-core dev
-#: CPU, a stand-in model, a test split of one RGB field with its instance mask: 145 at
-#: 4096 x 4096 px, 139 at 6144 x 6144 (row-band path), where ``mlseg segment`` took 72 and 35.
-#: Segmenting it costs what segment's does; the peak is drawing worst.png, whose panels are
-#: made from the full-resolution image and labels (float RGB) before matplotlib scales them down.
-EVALUATE_BYTES_PER_PIXEL = 140
+#: and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`), as measured on the 2-core
+#: dev CPU by ``bench/evaluate_memory.py`` (a stand-in model, H&E fields with their instance
+#: masks): 51 at 6144 x 6144 px and 48 at 8192 x 8192 (row-band path), where the warning
+#: matters; a 4096 x 4096 field, segmented whole, took 78 (84 with four such fields, 1.4 GB).
+#: The peak is segmenting the image, as ``mlseg segment`` does, or scoring it, with the image
+#: and its mask held. The worst cases are reduced to the size worst.png draws them once scored
+#: (:func:`mlseg.plots.worst_case`): held and drawn at full size they had taken 143-151 bytes a
+#: pixel, summed over the images shown (370 a pixel of one with four 4096 x 4096 fields).
+EVALUATE_BYTES_PER_PIXEL = 50
 #: The metrics that are better higher: what champion/challenger may compare
 SCORES = (
     "dice",
@@ -248,12 +254,12 @@ def evaluate(
 @dataclass
 class _Scored:
     """What :func:`_score_pairs` gathers: one row per image, the :data:`WORST_SHOWN` of
-    lowest AJI as ``(aji, (stem, image, truth, prediction, caption))``, and the stems of
+    lowest AJI as ``(aji, case)`` (held at its panels' size), and the stems of
     images the model trained (``train``) or chose its checkpoint (``validation``) on
     (``None``: a model saved before mlseg recorded its images' hashes, so nothing checked)."""
 
     rows: list[dict[str, Any]]
-    worst: list[tuple[float, tuple]]
+    worst: list[tuple[float, WorstCase]]
     seen: dict[str, list[str]] | None
 
 
@@ -340,9 +346,22 @@ def _score_pairs(
         pred, row = _score_image(loaded, pair, image, truth, profile, inference_cfg, pixel_size_um)
         scored.rows.append(row)
         caption = f"Dice {row['dice']:.2f}  AJI {row['aji']:.2f}  PQ {row['pq']:.2f}"
-        scored.worst.append((row["aji"], (pair.stem, image, truth, pred, caption)))
-        scored.worst = sorted(scored.worst, key=lambda item: item[0])[:WORST_SHOWN]
+        case = partial(worst_case, pair.stem, image, truth, pred, caption)
+        scored.worst = _kept_worst(scored.worst, row["aji"], case)
+        del image, truth, pred, case  # not held while the next image is read and segmented
     return scored
+
+
+def _kept_worst(
+    worst: list[tuple[float, WorstCase]], aji: float, case: Callable[[], WorstCase]
+) -> list[tuple[float, WorstCase]]:
+    """The :data:`WORST_SHOWN` of lowest AJI among ``worst`` and a new image's, ties to the
+    earlier; ``case`` reduces the new image to its panels, called only where it is kept.
+    The full-size image, labels and float RGB panels of each worst case were held to the
+    end and drawn together: over 100 bytes a pixel of a large field, for each of four."""
+    new = (aji, None)
+    kept = sorted([*worst, new], key=lambda item: item[0])[:WORST_SHOWN]
+    return [(aji, case()) if item is new else item for item in kept]
 
 
 def _truth_labels(pair: Pair, image: np.ndarray, data: DataConfig) -> np.ndarray:
@@ -435,7 +454,7 @@ def _summary(
 
 
 def _write_outputs(
-    out: Path, df: pd.DataFrame, summary: dict[str, Any], worst: list[tuple[float, tuple]]
+    out: Path, df: pd.DataFrame, summary: dict[str, Any], worst: list[tuple[float, WorstCase]]
 ) -> Path | None:
     """Write ``per_image.csv``, ``summary.json`` and ``worst.png`` (where there are worst
     cases) into ``out``, all three or none; the path of ``worst.png``, if written."""

@@ -115,10 +115,10 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
     checkpoint, synth_dataset, tmp_path, monkeypatch
 ) -> None:
     """mlseg segment and quantify warned before a field too large for the memory left;
-    evaluate, which segments each whole test image and then draws the worst at full
-    resolution, said nothing and was stopped by the system part-way. A container's cgroup
-    (v2) of 64 MiB, read from its files as on Linux, leaves 1 MiB: each 96 x 96 px test image
-    needs about 1.3 MB in evaluate and is named with the fix; 4 MiB left, nothing is said."""
+    evaluate, which segments each whole test image, said nothing and was stopped by the
+    system part-way. A container's cgroup (v2) of 64 MiB, read from its files as on Linux,
+    leaves 256 KiB: each 96 x 96 px test image needs about 0.46 MB in evaluate and is named
+    with the fix; 4 MiB left, nothing is said."""
     from functools import partial
 
     import mlseg.io
@@ -136,8 +136,8 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
     }
     monkeypatch.setattr(mlseg.io, "available_memory", partial(mlseg.io.available_memory, **files))
 
-    def said(used_mib: int, run: str) -> list[str]:
-        (cgroup / "memory.current").write_text(str(used_mib * 2**20))
+    def said(used_mib: float, run: str) -> list[str]:
+        (cgroup / "memory.current").write_text(str(int(used_mib * 2**20)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = ev.evaluate(checkpoint, synth_dataset, tmp_path / run, progress=False)
@@ -145,7 +145,7 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
         return [str(w.message) for w in caught if "memory" in str(w.message)]
 
     assert said(60, "enough") == []
-    lines = said(63, "short")
+    lines = said(63.75, "short")
     images = sorted((synth_dataset / "test" / "original").iterdir())
     assert len(lines) == len(images) == 3
     for line, image in zip(lines, images, strict=True):
@@ -154,6 +154,75 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
             "evaluate, more than the 0.0 GiB this process has left"
         )
         assert "export it as tiles" in line and "and evaluate those" in line
+
+
+def test_the_worst_cases_of_large_test_images_are_held_at_the_size_they_are_drawn(
+    checkpoint, tmp_path, monkeypatch
+) -> None:
+    """evaluate held each of the four worst cases whole (image, mask, prediction: 11 bytes a
+    pixel) until the end, then drew worst.png from full-size float RGB panels of all four at
+    once: with several large test images its peak was the sum over them, over 100 bytes a
+    pixel of each. Each case is now reduced to its panels' size once scored. Numpy memory
+    traced over four 2,048-pixel test images: what is held from one image to the next, and
+    what drawing worst.png takes."""
+    import tracemalloc
+
+    from PIL import Image
+
+    import mlseg.plots
+    from mlseg.io import read_image, write_image, write_labels
+
+    side, n = 2048, 4
+    nuclei = np.zeros((side, side), np.int32)
+    grid = np.arange(1, (side // 32) ** 2 + 1, dtype=np.int32).reshape(side // 32, side // 32)
+    nuclei[:] = np.kron(grid, np.ones((32, 32), np.int32))
+    nuclei[(np.arange(side) % 32 >= 24)[:, None] | (np.arange(side) % 32 >= 24)[None, :]] = 0
+    root = tmp_path / "large"
+    for folder in ("original", "masks"):
+        (root / "test" / folder).mkdir(parents=True)
+    for i in range(n):
+        image = np.full((side, side, 3), 225, np.uint8)
+        image[nuclei > 0] = (90 + 20 * i, 60, 140)
+        write_image(root / "test" / "original" / f"field{i}.png", image)
+        write_labels(root / "test" / "masks" / f"field{i}_mask.png", nuclei)
+    del image
+
+    def fake_predict(loaded, image, profile, inference_cfg, pixel_size_um, path):
+        return np.roll(nuclei, (2, 3), axis=(0, 1)), {"scale_factor": 1.0}
+
+    held, drawing = [], []
+    read, plot = ev.read_image, mlseg.plots.plot_worst
+
+    def reading(path, *args, **kwargs):
+        held.append(tracemalloc.get_traced_memory()[0])
+        return read(path, *args, **kwargs)
+
+    def plotting(rows, path):
+        held.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.reset_peak()
+        done = plot(rows, path)
+        drawing.append(tracemalloc.get_traced_memory()[1] - held[-1])
+        return done
+
+    monkeypatch.setattr(ev, "predict_image", fake_predict)
+    monkeypatch.setattr(ev, "read_image", reading)
+    monkeypatch.setattr(mlseg.plots, "plot_worst", plotting)
+    tracemalloc.start()
+    try:
+        result = ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    finally:
+        tracemalloc.stop()
+    assert len(result.per_image) == n and len(held) == n + 1
+    px = side * side
+    kept = [(after - held[0]) / px for after in held[1:]]  # bytes a pixel of one image
+    assert max(kept) < n * 1.5, kept  # each case at 512 x 512: 0.9 bytes a pixel of 2,048^2
+    assert drawing[0] / px < 40, drawing[0] / px  # before: over 200
+    # the four rows, each panel drawn at 512 pixels a side as before
+    with Image.open(result.worst_png) as png:
+        width, height = png.size
+    assert 3 * 512 < width < 3 * 512 + 100 and 4 * 512 < height < 4 * (512 + 60)
+    shown = read_image(result.worst_png)
+    assert shown.std() > 0
 
 
 def test_evaluate_takes_the_tile_and_batch_options_its_out_of_memory_advice_names(

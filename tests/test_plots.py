@@ -131,3 +131,40 @@ def test_worst_cases_keep_touching_nuclei_apart_for_colour_blind_viewers(shared_
         second = flat[[pixel[b] for _, b in pairs]]
         for vision in VISIONS:
             assert distance(first, second, vision).min() >= 20, vision
+
+
+def test_a_large_tiles_worst_case_is_held_at_its_panels_size_in_its_full_size_colours():
+    """A large tile's worst case is reduced to its panels' size once scored, not held whole
+    until worst.png is drawn: each panel pixel is the nucleus at the middle of its block
+    (ids never mixed), in the colour chosen on the full-size labels, as drawn before (a
+    nucleus thinner than a block still gives its neighbours other colours than its own);
+    the titles count every nucleus, one smaller than a block too. A tile under twice the
+    panel's size is kept whole, as drawn before."""
+    from mlseg.plots import PANEL_MAX_PX, _colour_index, _display, worst_case
+
+    truth = np.zeros((2100, 1030), np.int32)
+    truth[100:300, 100:301] = 1  # 1 and 2 touch along columns 300 | 301 only
+    truth[100:300, 301:500] = 2
+    truth[1001, 1001] = 3  # one pixel, between the sampled ones
+    truth[600:800, 100:301] = 4
+    truth[600:800, 301] = 5  # one column, between the sampled ones, touching 4 and 6
+    truth[600:800, 302:500] = 6
+    truth[800:820, 100:500] = 6  # touching 4 too: the third colour, drawn at full size
+    image = np.full((*truth.shape, 3), 230, np.uint8)
+    image[truth > 0] = (90, 60, 140)
+    case = worst_case("tile", image, truth, np.zeros_like(truth), "Dice 0.00")
+    step = 2100 // PANEL_MAX_PX  # 4: the largest that leaves the panel its 512 pixels
+    assert case.shape == (2100, 1030) and case.truth.shape == (2100 // step, 1030 // step)
+    assert case.image.shape == (*case.truth.shape, 3) and case.pred.shape == case.truth.shape
+    assert case.truth.dtype == np.int8 and (case.pred == -1).all()
+    full = _colour_index(truth)  # the colours as drawn from the full-size labels
+    assert np.array_equal(case.truth, full[2::step, 2::step][: 2100 // step, : 1030 // step])
+    one, two = case.truth[50, 50], case.truth[50, 100]
+    assert one >= 0 and two >= 0 and one != two
+    assert (case.truth[175, 50], case.truth[175, 100], case.truth[202, 50]) == (0, 2, 2)
+    assert (case.truth_count, case.pred_count) == ("6 nuclei", "0 nuclei")
+    # the image panel: the mean of each block of the full-size display
+    assert np.allclose(case.image[30, 30], _display(image)[120:124, 120:124].mean(axis=(0, 1)))
+    small = worst_case("tile", image[:1000, :1000], truth[:1000, :1000], truth[:1000, :1000], "")
+    assert np.array_equal(small.image, _display(image[:1000, :1000]))
+    assert np.array_equal(small.truth, _colour_index(truth[:1000, :1000]))
