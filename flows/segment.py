@@ -552,14 +552,10 @@ def segment_and_quantify(
         processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
         skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
         from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
-        # each image's table read once, for nuclei.parquet, the histograms and the run metrics,
-        # and none where the run files hold these images already and none was redone
-        tables: list[pd.DataFrame] = []
-
-        def every_table() -> list[pd.DataFrame]:
-            tables.extend(read_nuclei(out, s) for s in summaries)
-            return tables
-
+        # each image's table read once: where an image was processed, for nuclei.parquet,
+        # the histograms and the run metrics; where none was, only if the run files do not
+        # hold these images already (update_run_outputs), and the metrics need none
+        tables = [read_nuclei(out, s) for s in summaries] if processed else []
         run_id = _run_id()
         # one time for run.json and the run's history row, which differed by the seconds it
         # took to write the run's tables and histograms
@@ -567,7 +563,7 @@ def segment_and_quantify(
         paths = update_run_outputs(
             out,
             summaries,
-            every_table,
+            lambda: tables or [read_nuclei(out, s) for s in summaries],
             {
                 "command": "segment-and-quantify",
                 "flow_run": run_id,
