@@ -351,13 +351,14 @@ def _check_complete(path: Path) -> None:
 def read_image(
     path: str | os.PathLike,
     *,
-    alpha: Literal["white", "drop"] = "white",
+    alpha: Literal["white", "black", "drop"] = "white",
     labels: bool = False,
 ) -> np.ndarray:
     """Read an image as ``(H, W, C)`` ``uint8``/``uint16`` RGB (C=3) or grey (C=1).
 
     An RGBA image is laid over white (``alpha="white"``: its transparent parts are outside
-    the scan) or loses its alpha (``"drop"``: a mask, whose fully transparent pixels become
+    the scan, glass in bright field), over black (``"black"``: fluorescence, where no light
+    is black) or loses its alpha (``"drop"``: a mask, whose fully transparent pixels become
     0, its background, whatever colour they hold); so is a grey PNG's alpha, and it stays
     grey (C=1); a grey TIFF's alpha is dropped. Integer values beyond 16 bits are refused,
     or with ``labels`` (a mask) kept as ``int32`` (a label image of over 65,535 nuclei, such
@@ -397,8 +398,8 @@ def read_image(
             code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
             arr = cv2.cvtColor(arr, code)
     if arr.ndim == 3 and arr.shape[2] == 4:
-        if alpha == "white" and not labels:
-            arr = _over_white(arr)
+        if alpha in ("white", "black") and not labels:
+            arr = _laid_over(arr, white=alpha == "white")
         else:
             # a mask's transparent pixels are background whatever colour they hold: image
             # editors keep the white (or any) colour under a transparent background
@@ -408,17 +409,19 @@ def read_image(
     return _as_hwc(arr, path, labels)
 
 
-def _over_white(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA image laid over white, as slide viewers show it: OpenSlide and QuPath
-    export the area outside a scan as transparent black, which read as black would be
-    counted as densely stained tissue (and would skew stain normalisation)."""
+def _laid_over(rgba: np.ndarray, *, white: bool) -> np.ndarray:
+    """RGB of an RGBA image laid over white (bright field), as slide viewers show it, or
+    over black (fluorescence). OpenSlide and QuPath export the area outside a scan as
+    transparent black, which read as black would be counted as densely stained tissue (and
+    would skew stain normalisation); laid over white, a fluorescence image's outside read as
+    saturated signal."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     opaque = np.iinfo(rgba.dtype).max
     if alpha.min(initial=opaque) == opaque:
         return np.ascontiguousarray(rgb)
-    white = full_scale(rgb)
+    background = full_scale(rgb) if white else 0
     weight = alpha.astype(np.float32) / opaque
-    out = rgb * weight + white * (1.0 - weight)
+    out = rgb * weight + background * (1.0 - weight)
     return np.round(out).astype(rgba.dtype)
 
 

@@ -146,6 +146,14 @@ class SegmentResult:
 
 
 # ----------------------------------------------------------------------------- the step
+def read_profile_image(path: Path | str, profile: Profile) -> np.ndarray:
+    """:func:`mlseg.io.read_image` of an image to segment or measure with ``profile``: an
+    RGBA image's transparent outside is laid over white in bright field (glass) and over
+    black in fluorescence (no light); over white, a fluorescence nucleus there measured as
+    full scale (255) and the outside as saturated signal."""
+    return read_image(path, alpha="black" if profile.stain == "fluorescence" else "white")
+
+
 def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> None:
     """The image must have the channel count the profile was made for. A grey image also
     passes a fluorescence profile: a single-channel camera image is fluorescence's usual
@@ -974,7 +982,7 @@ def segment_image(
     ``scale_factor``, ``scale_source``, ``est_diameter_px``). The per-image step of
     :func:`segment_folder` and of the ``segment-and-quantify`` flow.
     """
-    image = read_image(path)
+    image = read_profile_image(path, profile)
     warn_if_short_of_memory(path, image.shape, SEGMENT_BYTES_PER_PIXEL, "segment")
     check_channels(image, profile, path)
     warn_if_other_modality(loaded, profile)
@@ -1277,7 +1285,7 @@ def quantify_folder(
         check_mask_shape(labels, path)  # outlines or a labelled background measure nonsense
         image = None
         if image_path is not None:
-            image = read_image(image_path)
+            image = read_profile_image(image_path, profile)
             check_channels(image, profile, image_path)
             if image.shape[:2] != labels.shape:
                 raise DatasetError(

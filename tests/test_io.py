@@ -312,6 +312,22 @@ def test_the_transparent_outside_of_a_16_bit_scan_reads_as_its_white_not_black(t
     assert (image[:, 3:] == 4095).all()
 
 
+def test_a_fluorescence_image_s_transparent_outside_can_be_read_as_black(tmp_path):
+    """``alpha="black"`` lays an RGBA image over black (fluorescence: no light), of 8 and
+    16 bits, half-transparent pixels half-way to 0; the default stays white."""
+    import cv2
+
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        rgba = np.zeros((4, 6, 4), dtype)
+        rgba[:, :2] = (100, 200, 50, top)  # opaque signal
+        rgba[:, 2:4] = (100, 200, 50, top // 2 + 1)  # half transparent
+        cv2.imwrite(str(tmp_path / "f.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+        image = read_image(tmp_path / "f.png", alpha="black")
+        assert image.dtype == dtype and (image[:, :2] == (100, 200, 50)).all()
+        assert (image[:, 2:4] == (50, 100, 25)).all() and (image[:, 4:] == 0).all()
+        assert (read_image(tmp_path / "f.png")[:, 4:] == 255).all()  # white: 8-bit data
+
+
 def test_an_image_of_32_bit_integers_keeps_its_values_above_255(tmp_path):
     """A TIFF of int32 values (as some analysis programs save) is read as the 8- or 16-bit
     image that holds its values: 256 stays 256, not wrapped to 0 in 8 bits."""

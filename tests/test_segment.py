@@ -1268,6 +1268,41 @@ def test_a_grey_fluorescence_image_is_measured_and_segmented_with_the_shipped_pr
     assert read_mask(tmp_path / "s" / "dapi_labels.png").shape == truth.shape
 
 
+def test_a_fluorescence_image_s_transparent_outside_measures_as_no_light(tmp_path):
+    """An RGBA fluorescence export whose outside is transparent black: laid over white as a
+    bright-field scan is, its nuclei there measured 255 (full scale) and tissue covered the
+    field; laid over black they measure 0, as the no light they are, and tissue stops
+    where the field does. The opaque nuclei measure as stored either way."""
+    import cv2
+
+    _, truth = disc_image(60, 80)
+    grey = np.where(truth > 0, 120, 10).astype(np.uint8)  # bright nuclei, camera offset 10
+    outside = np.zeros(truth.shape, bool)
+    outside[:, 50:] = True  # transparent black beyond column 50
+    rgba = np.dstack([np.where(outside, 0, grey)] * 3 + [np.where(outside, 0, 255)])
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    cv2.imwrite(str(images / "f.png"), cv2.cvtColor(rgba.astype(np.uint8), cv2.COLOR_RGBA2BGRA))
+    write_labels(masks / "f_mask.png", truth)
+    profiles = tmp_path / "profiles.yaml"  # the shipped fluorescence profile, tissue measured
+    profiles.write_text(
+        "profiles:\n  fl:\n    stain: fluorescence\n    tissue_intensity_threshold: 0.2\n"
+    )
+    out = tmp_path / "out"
+    result = quantify_folder(
+        masks, images, out, profile_name="fl", profiles_file=profiles, progress=False
+    )
+    assert result.ok, result.failed
+    table = pd.read_csv(out / "f_nuclei.csv").set_index("label")
+    inside = [k for k in np.unique(truth)[1:] if not outside[truth == k].any()]
+    beyond = [k for k in np.unique(truth)[1:] if outside[truth == k].all()]
+    assert inside and beyond
+    assert (table.loc[inside, "intensity_mean_r"] == 120).all()
+    assert (table.loc[beyond, "intensity_max_r"] == 0).all()
+    in_field = (truth[:, :50] > 0).mean() * 50 / 80  # the bright nuclei of the field
+    assert json.loads((out / "f.json").read_text())["tissue_fraction"] == pytest.approx(in_field)
+
+
 def test_a_fluorescence_model_measured_as_bright_field_is_named(tmp_path, use_oracle):
     """A DAPI field segmented by a fluorescence model with the he profile (the README's
     example line) got haematoxylin optical densities and all of it as tissue, silently."""
