@@ -242,8 +242,9 @@ def measure(
 
     ``labels``: ``(H, W)`` non-negative integer label image (0 = background; labels need
     not be consecutive; a label may have several pieces). ``image``: ``(H, W, C)`` (or
-    ``(H, W)``) uint8/uint16 of the same size, or ``None`` for shape only. Stain columns
-    need a 3-channel bright-field image. An image without nuclei gives an empty table with
+    ``(H, W)``) uint8/uint16 of the same size, or ``None`` for shape only; a bright-field
+    (``he``/``ihc``) profile takes RGB only (ValueError otherwise). An image without nuclei
+    gives an empty table with
     all columns. Rows are sorted by label.
     """
     _check_profile(profile)
@@ -324,11 +325,24 @@ def _checked_image(image: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _measured_stains(image: np.ndarray | None, profile: Profile) -> list[str]:
-    """The profile's stain names where they can be measured (a 3-channel bright-field
-    image), else none."""
-    if image is not None and profile.brightfield and image.shape[2] == 3:
-        return list(profile.stain_names)
-    return []
+    """The profile's stain names where they are measured (a bright-field profile and its
+    image), else none; ValueError for a bright-field profile's image that is not RGB (an
+    RGBA array, as PIL and scikit-image read a PNG with alpha, lost its stain columns and
+    IHC class without a word, its alpha measured as a fourth intensity channel)."""
+    if image is None or not profile.brightfield:
+        return []
+    if image.shape[2] != 3:
+        hint = (
+            "; read it with mlseg.io.read_image (lays it over white) or drop the alpha "
+            "(image[..., :3])"
+            if image.shape[2] == 4
+            else ""
+        )
+        raise ValueError(
+            f"profile {profile.name!r} ({profile.stain}) measures stains of an RGB image, got "
+            f"{image.shape[2]} channel(s){hint}"
+        )
+    return list(profile.stain_names)
 
 
 def _group_by_label(labels: np.ndarray) -> _Groups | None:

@@ -277,6 +277,21 @@ def test_stain_od_matches_skimage_separate_stains():
                 assert row[f"{stain}_od_integrated"] == pytest.approx(values.sum(), rel=1e-4)
 
 
+def test_an_rgba_array_given_to_an_ihc_profile_is_refused_not_measured_without_dab():
+    """An RGBA array (PIL and scikit-image read a PNG with alpha so) gave an IHC table with
+    no DAB density and no class, and a positive percentage of None, its alpha measured as a
+    fourth intensity channel; it is refused, with the fix named. Its RGB is measured."""
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:12, 5:12] = 1
+    rgba = np.full((20, 20, 4), 255, np.uint8)
+    rgba[labels > 0, :3] = (120, 74, 64)  # DAB about 0.7, 3+
+    ihc = get_profile("ihc")
+    with pytest.raises(ValueError, match=r"RGB image, got 4 channel.*image\[\.\.\., :3\]"):
+        measure(labels, rgba, ihc, pixel_size_um=None)
+    table = measure(labels, rgba[..., :3], ihc, pixel_size_um=None)
+    assert table["ihc_class"].tolist() == [3]
+
+
 def test_sixteen_bit_and_grey_images():
     labels = np.zeros((30, 30), np.int32)
     labels[5:15, 5:15] = 1
