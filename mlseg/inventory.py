@@ -762,10 +762,13 @@ def add_checks(
     image_named = ~ends if suffix else np.ones(len(df), dtype=bool)
     df["name_ok"] = _rule((is_image & image_named) | (is_mask & ends), placed)
 
-    # Pairing counts only files a training run would pick up: right folder, allowed extension,
-    # and for masks the right suffix. Unreadable files still pair (the read error is reported).
+    # Pairing counts the files mlseg.dataset.list_split pairs: right folder, an image's
+    # extension, and for masks the right suffix. A JPEG mask pairs, as there (training and
+    # evaluation refuse it by name): its image was said to have no mask, beside the JPEG's
+    # own extension error. Unreadable files still pair (the read error is reported).
+    is_image_named = df["extension"].isin(IMAGE_EXTENSIONS).to_numpy()
     pair_image = is_image & ext_ok
-    pair_mask = is_mask & ext_ok & ends
+    pair_mask = is_mask & is_image_named & ends
     key = (df["split"].astype(str) + "/" + df["stem"].astype(str)).to_numpy()
     n_images = pd.Series(key[pair_image]).value_counts().to_dict()
     n_masks = pd.Series(key[pair_mask]).value_counts().to_dict()
@@ -800,7 +803,10 @@ def add_checks(
     )
     values_ok = df["mask_values_ok"].to_numpy() if "mask_values_ok" in df else [None] * len(df)
     values_ok = np.array([v is True for v in values_ok], dtype=bool)
-    if cfg.mask_kind == "auto" and df["mask_kind"].eq("instance").any():
+    # of lossless masks only: a JPEG mask's edges hold new values, which made it an instance
+    # mask and every binary mask of the dataset fail here (training refuses the JPEG)
+    lossless = is_mask & ext_ok
+    if cfg.mask_kind == "auto" and df["mask_kind"][lossless].eq("instance").any():
         # the dataset trains as instance labels (mlseg.data.dataset_mask_kind): a binary
         # export among them (0/255, 0/65535) would be one nucleus of all its nuclei
         top = pd.to_numeric(df["mask_max_value"], errors="coerce")

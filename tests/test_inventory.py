@@ -288,26 +288,59 @@ def test_inventory_with_other_folder_names_and_suffix(tmp_path, nuclei_pair, suf
 def test_validation_calls_orphan_the_masks_the_listing_calls_orphan(tmp_path):
     """Validation's mask_has_image and the listing that training and evaluation read pair
     masks by one matching: an OME-TIFF's ``x.ome_mask``, extensions in any case, a second
-    mask, names without the exact suffix."""
+    mask, names without the exact suffix, a JPEG mask (which validation called no mask of
+    its image, where training and evaluation paired it to refuse it)."""
     root = tmp_path / "ds"
     img, msk = root / "test" / "original", root / "test" / "masks"
-    for name in ("a.png", "b.ome.tif", "c.TIF", "d.png", "g.ome.png"):
+    for name in ("a.png", "b.ome.tif", "c.TIF", "d.png", "g.ome.png", "h.png", "k.png"):
         write_image(img / name, np.zeros((8, 8, 3), np.uint8))
     for name in (
         *("a_mask.png", "a_mask.tif", "b.ome_mask.tif", "c_mask.TIFF", "g.ome_mask.png"),
         *("e_mask.png", "e_mask.tif", "f.ome_mask.png", "d_MASK.png", "d-mask.png"),
+        *("h_mask.jpg", "k_mask.png", "k_mask.jpeg", "m_mask.jpg"),  # JPEG masks
     ):
-        write_labels(msk / name, np.ones((8, 8), np.uint8))
+        write_image(msk / name, np.ones((8, 8), np.uint8))
     files = build_inventory(root, ValidateConfig(workers=1)).files
     orphans = files.loc[files["mask_has_image"].eq(False), "path"].tolist()
     listing = list_split(root, "test", strict=False)
     assert [f"test/masks/{p.name}" for p in listing.orphan_masks] == sorted(orphans)
     assert sorted(orphans) == [
-        f"test/masks/{n}" for n in ("e_mask.png", "e_mask.tif", "f.ome_mask.png")
+        f"test/masks/{n}" for n in ("e_mask.png", "e_mask.tif", "f.ome_mask.png", "m_mask.jpg")
     ]
+    images = files[files["role"].eq("image")]
+    with_mask = images.loc[images["image_has_mask"].eq(True), "stem"]
+    assert sorted(with_mask) == sorted(p.stem for p in listing.pairs if p.mask)
+    second = files["partner_unique"].eq(False) & files["mask_has_image"].eq(True)
+    seconds = files.loc[second, "path"].map(lambda p: p[11:])
+    kept = {mask.name for mask in listing.second_masks.values()}
+    assert set(seconds) == kept | {second.name for second in listing.second_masks}
     paired = files.loc[files["mask_has_image"].eq(True), "path"].map(lambda p: p.rsplit("/")[-1])
     taken = {p.mask.name for p in listing.pairs if p.mask} | {m.name for m in listing.second_masks}
     assert set(paired) == taken
+
+
+def test_a_jpeg_mask_is_its_own_error_not_one_of_its_image_and_every_binary_mask(
+    tmp_path, nuclei_pair
+):
+    """One binary mask saved as JPEG (its edges hold new values: an instance mask) made
+    validation call every other, correct, binary mask a binary export among instance masks
+    (mask_values_valid), and its image one without a mask, where training refuses the JPEG
+    alone."""
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for split, stems in (("train", "ab"), ("test", "c")):
+        for stem in stems:
+            image, labels = nuclei_pair(rng)
+            write_image(root / split / "original" / f"{stem}.png", image)
+            binary = (labels > 0).astype(np.uint8) * 255
+            ext = ".jpg" if stem == "b" else ".png"
+            write_image(root / split / "masks" / f"{stem}_mask{ext}", binary)
+    inv = build_inventory(root, ValidateConfig(workers=1))
+    files = inv.files.set_index("path")
+    assert files.loc["train/masks/b_mask.jpg", "mask_kind"] == "instance"  # the edges
+    rules = ["extension_ok", "name_ok", "image_has_mask", "mask_has_image", "partner_unique"]
+    failed = {(p, r) for r in [*rules, "mask_values_ok"] for p in files.index[files[r].eq(False)]}
+    assert failed == {("train/masks/b_mask.jpg", "extension_ok")}
 
 
 @pytest.mark.parametrize("parallel", ["thread", "process"])
