@@ -38,10 +38,12 @@ from mlseg.config import DataConfig
 from mlseg.errors import ConfigError, DatasetError, not_a_folder, some_of, writes_named
 from mlseg.io import (
     IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
     OTHER_IMAGE_EXTENSIONS,
     image_extension,
     image_stem,
     match_stem,
+    not_lossless,
     read_image,
     write_text,
 )
@@ -519,9 +521,10 @@ def list_pairs(
     """Pair every image of ``split`` with its mask, sorted by stem.
 
     With ``strict`` (the default for training), every problem found (missing folder, image
-    without mask, mask without image, two files for one stem) is collected and raised as a
-    single :class:`DatasetError` that names each file. Without it, images without a mask
-    get ``mask=None`` (inference) and the masks no image takes are left out:
+    without mask, mask without image, two files for one stem, a JPEG mask) is collected and
+    raised as a single :class:`DatasetError` that names each file. Without it, images
+    without a mask get ``mask=None`` (inference), a JPEG mask is paired (which
+    :func:`mlseg.io.read_mask` refuses), and the masks no image takes are left out:
     :func:`list_split` names them.
     """
     return list_split(root, split, cfg, strict).pairs
@@ -570,6 +573,10 @@ def list_split(
                     )
                 masks[stem] = path
                 named.append((path, stem))
+                if strict and path.suffix.lower() not in MASK_EXTENSIONS:
+                    # named here with every other, not by the first read of one, once the
+                    # images before it were decoded
+                    problems.append(not_lossless(path))
             elif strict:
                 problems.append(
                     f"{path}: mask name must end with {cfg.mask_suffix!r} before the extension "

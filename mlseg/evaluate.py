@@ -32,6 +32,7 @@ import pandas as pd
 from mlseg.config import DataConfig, InferenceConfig, Profile, get_profile
 from mlseg.dataset import (
     Pair,
+    _summarise,
     list_split,
     mask_stem,
     mask_to_labels,
@@ -41,6 +42,8 @@ from mlseg.dataset import (
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
 from mlseg.io import (
+    MASK_EXTENSIONS,
+    not_lossless,
     read_image,
     read_mask,
     warn_if_short_of_memory,
@@ -323,6 +326,9 @@ def _pairs_by_mask(
         raise DatasetError(
             f"{data_root}: no labelled images in split {split!r}; nothing to evaluate"
         )
+    lossy = [not_lossless(p.mask) for p in pairs if p.mask.suffix.lower() not in MASK_EXTENSIONS]
+    if lossy:  # said of the first when read, once every image before it had been segmented
+        raise DatasetError(_summarise(lossy))
     return pairs, [p for p in listed if p.mask is None]
 
 

@@ -886,12 +886,17 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() not in MASK_EXTENSIONS:
-        raise ImageReadError(
-            f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
-            f"compression changes label values along every edge. Export the mask again as PNG"
-        )
+        raise ImageReadError(not_lossless(path))
     decoded = read_image(path, alpha="drop", labels=True)
     return mask_labels(path, decoded).astype(np.int32, copy=False)
+
+
+def not_lossless(path: str | os.PathLike) -> str:
+    """What :func:`read_mask` says of a mask file not in :data:`MASK_EXTENSIONS` (a JPEG)."""
+    return (
+        f"{path}: a mask must be lossless ({', '.join(MASK_EXTENSIONS)}); JPEG "
+        f"compression changes label values along every edge. Export the mask again as PNG"
+    )
 
 
 def mask_labels(path: str | os.PathLike, decoded: np.ndarray) -> np.ndarray:

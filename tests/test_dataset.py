@@ -194,6 +194,26 @@ def test_non_strict_allows_unlabelled_images(tmp_path):
     assert pair.mask is None
 
 
+def test_every_jpeg_mask_is_named_before_any_image_is_decoded(tmp_path):
+    """A mask saved as JPEG was paired, and training decoded the images until the first
+    such mask's read refused it: one file named per run, after minutes of decoding on a
+    large set. The listing names each, with the other problems; evaluation's listing still
+    pairs it (and refuses it, see test_evaluate)."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    for stem, ext in (("b", ".jpg"), ("c", ".JPEG")):
+        make_pair(root, "train", stem, mask_name=f"{stem}_mask.png")
+        png = root / "train" / "masks" / f"{stem}_mask.png"
+        png.rename(png.with_suffix(ext))
+    with pytest.raises(DatasetError) as err:
+        list_pairs(root, "train")
+    assert "2 dataset problem(s)" in str(err.value)
+    for name in ("b_mask.jpg", "c_mask.JPEG"):
+        assert f"{root / 'train' / 'masks' / name}: a mask must be lossless" in str(err.value)
+    listed = {p.stem: p.mask.name for p in list_pairs(root, "train", strict=False)}
+    assert listed == {"a": "a_mask.png", "b": "b_mask.jpg", "c": "c_mask.JPEG"}
+
+
 def test_non_strict_listing_names_the_masks_no_pair_took(tmp_path):
     """Without ``strict`` an orphan mask, or an image's second mask, was dropped without a
     word; the listing names each, pairing exactly as ``strict`` does (``x.ome_mask`` is

@@ -448,6 +448,30 @@ def test_evaluate_names_a_second_mask_it_does_not_score(
     assert len(result.per_image) == len(list_pairs(synth_dataset, "test"))
 
 
+def test_evaluate_refuses_jpeg_masks_by_name_before_segmenting(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+):
+    """A test mask saved as JPEG was read only when its image's turn came: every image
+    before it was segmented, then the evaluation stopped naming that one mask. It names
+    every JPEG mask before any image is segmented."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    masks = sorted((root / "test" / "masks").iterdir())
+    lossy = [m.rename(m.with_suffix(".jpg")) for m in masks[1:]]
+    segmented = []
+
+    def find_nothing(loaded, image, *args, **kwargs):
+        segmented.append(image)
+        return np.zeros(image.shape[:2], np.int32), {}
+
+    monkeypatch.setattr(ev, "predict_image", find_nothing)
+    with pytest.raises(DatasetError) as err:
+        ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    assert all(f"{m}: a mask must be lossless" in str(err.value) for m in lossy)
+    assert not segmented and not (tmp_path / "eval").exists()
+
+
 def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, tmp_path) -> None:
     """Images without a size of their own are at the profile's, as training resampled them
     and ``mlseg segment`` takes them: scored at the model's scale by that ratio, not at a
