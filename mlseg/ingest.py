@@ -18,6 +18,9 @@ its image (``<stem>.geojson``, ``<stem>.xml``; ``<stem>.tif.geojson`` as QuPath 
 them; ``<stem>_nuclei.geojson`` as mlseg segment does): it is drawn at its image's size and
 written as the dataset's ``<stem>_mask.png``.
 
+Images in a folder inside a flat or contract source's image or mask folder (``original/
+batch2/``) are refused by name: training reads only the files directly in its folders.
+
 The source is only read. Every pair is decoded and checked (readable, same size) before
 anything is written; all problems are reported together. Files are copied (or hard-linked
 with ``link=True``) into a temporary sibling folder that is renamed onto the target at the
@@ -141,6 +144,29 @@ def _images_left_out(folder: Path) -> list[str]:
     ]
 
 
+def _nested_images(folder: Path) -> list[str]:
+    """A problem for each folder inside ``folder`` (not hidden, at any depth) that holds image
+    files: a lab's ``original/batch1/`` was left out without a word, as training and
+    evaluation read only the files directly in their folders, and the dataset came out
+    smaller, which validation could then no longer tell."""
+    problems = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        if is_hidden(sub.name):
+            continue
+        found = [
+            p
+            for p in sorted(sub.rglob("*"))
+            if is_image_file(p) and not any(is_hidden(part) for part in p.relative_to(sub).parts)
+        ]
+        if found:
+            problems.append(
+                f"{sub}: a folder of {len(found)} image file(s) (e.g. {found[0].name}), which "
+                f"ingest would leave out (it reads the files directly in {folder}); move them "
+                f"up into {folder}, or ingest that folder on its own"
+            )
+    return problems
+
+
 def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     """The image files of ``folder`` by stem; two files of one stem (``a.png``, ``a.tif``)
     are a problem, not one of them kept."""
@@ -225,12 +251,16 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     if layout == "contract":
         for split in ("train", "test"):
             base = split_dir(src, cfg, split)
+            for folder in (base / cfg.image_dir, base / cfg.mask_dir):
+                problems.extend(_nested_images(folder))
             images = _by_stem(base / cfg.image_dir, problems)
             masks = _masks_by_stem(base / cfg.mask_dir, suffix, problems)
             items += _pair(
                 images, masks, split, problems, f"{base / cfg.mask_dir}/{{stem}}{suffix}.png"
             )
     elif layout == "flat":
+        for folder in (src / cfg.image_dir, src / cfg.mask_dir):
+            problems.extend(_nested_images(folder))
         images = _by_stem(src / cfg.image_dir, problems)
         masks = _masks_by_stem(src / cfg.mask_dir, suffix, problems)
         items += _pair(images, masks, None, problems, f"{src / cfg.mask_dir}/{{stem}}{suffix}.png")

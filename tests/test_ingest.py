@@ -80,6 +80,32 @@ def test_an_image_in_a_format_mlseg_does_not_read_is_named_not_its_mask_orphaned
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize("layout", ["flat", "contract"])
+def test_images_in_a_subfolder_are_refused_by_name_not_left_out(tmp_path, layout):
+    """A lab's original/batch2/ and masks/batch2/ were left out without a word: the dataset
+    came out smaller and passed validation, which no longer saw them. Hidden folders (a
+    Mac's __MACOSX, .thumbnails) are no part of it, as before."""
+    src = tmp_path / "src"
+    flat_source(src / "train" if layout == "contract" else src, n=3)
+    base = src / "train" if layout == "contract" else src
+    for folder in ("original", "masks"):
+        (base / folder / "__MACOSX").mkdir()
+        shutil.copy(
+            base / folder / f"img0{'_mask' if folder == 'masks' else ''}.png",
+            base / folder / "__MACOSX" / "x.png",
+        )
+    ingest(src, tmp_path / "ok", layout=layout, progress=False)  # hidden: as before
+    (base / "original" / "batch2").mkdir()
+    (base / "masks" / "batch2").mkdir()
+    (base / "original" / "img2.png").rename(base / "original" / "batch2" / "img2.png")
+    (base / "masks" / "img2_mask.png").rename(base / "masks" / "batch2" / "img2_mask.png")
+    with pytest.raises(DatasetError) as caught:
+        ingest(src, tmp_path / "ds", layout=layout, progress=False)
+    for folder in ("original", "masks"):
+        assert f"{base / folder / 'batch2'}: a folder of 1 image file(s)" in str(caught.value)
+    assert not (tmp_path / "ds").exists()
+
+
 def tree_digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
