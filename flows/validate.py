@@ -153,8 +153,9 @@ def validate_dataset_flow(
     root = data_path(data_root, "data_root")
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
-    # the training data as training reads it, images and masks (a corrected mask is new
-    # data; the inventory's image fingerprint is for drift and covers the images only)
+    # the training data as training reads it, images, masks and declared pixel sizes (a
+    # corrected mask or size is new data; the inventory's image fingerprint is for drift and
+    # covers the images only)
     before = train_fingerprint(root, cfg.data)  # what the inventory is about to read
     preload_great_expectations()  # the GX import (seconds) overlaps the inventory
     inventory = inventory_task(str(root), cfg)
@@ -172,8 +173,8 @@ def validate_dataset_flow(
     fingerprint_hash = train_fingerprint(root, cfg.data)
     if fingerprint_hash != before:  # the verdict is on files some of which are gone now
         raise ValidationFailed(
-            f"{root}: training images or masks changed while they were validated; "
-            f"validate again once they are in place"
+            f"{root}: training images, masks or their pixel sizes changed while they were "
+            "validated; validate again once they are in place"
         )
     return {
         **report.to_dict(),

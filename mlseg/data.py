@@ -612,7 +612,7 @@ class TrainData:
     train_stems: list[str]
     val_stems: list[str]
     # microns per pixel of each training image as read (manifest, metadata, else the
-    # profile's): the fingerprint hashes pixels, not the sizes that decide the resampling
+    # profile's): the fingerprint hashes the sizes the images declare, not the profile's
     image_pixel_sizes: dict[str, float | None] = field(default_factory=dict)
     # each image's turn_free_hash as read, by role: evaluate tells a trained-on image by
     # its pixels, whatever its name or format in the set it scores

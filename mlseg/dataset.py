@@ -630,9 +630,17 @@ def list_split(
     )
 
 
-def dataset_fingerprint(pairs: list[Pair]) -> str:
-    """SHA-256 over the names and bytes of every image and mask of ``pairs`` (hex, 16 chars):
-    the training data's identity, which a corrected mask changes."""
+def dataset_fingerprint(pairs: list[Pair], *, pixel_sizes: bool = True) -> str:
+    """SHA-256 over the names and bytes of every image and mask of ``pairs`` and the microns
+    per pixel each image declares (hex, 16 chars): the training data's identity, which a
+    corrected mask changes, and a corrected size too (training resamples by it).
+
+    ``Pair.pixel_size_um`` is the size as read (``manifest.csv``, the JSON sidecar or TIFF
+    metadata; not the profile's, which the run's ``meta.json`` keeps): the sorted
+    ``<split>/<image name>`` and ``repr`` of each known size follow the files, so ``pairs``
+    declaring none keep the fingerprint of mlseg before 2026-12-07. ``pixel_sizes=False``
+    leaves the sizes out: that older form, which a run or card of then holds.
+    """
     digest = hashlib.sha256()
     for pair in sorted(pairs, key=lambda p: (p.split, p.stem)):
         for path in (pair.image, pair.mask):
@@ -640,6 +648,13 @@ def dataset_fingerprint(pairs: list[Pair]) -> str:
                 continue
             digest.update(f"{pair.split}/{path.name}\0".encode())
             digest.update(Path(path).read_bytes())
+    declared = sorted(
+        f"{p.split}/{p.image.name}\t{float(p.pixel_size_um)!r}"
+        for p in pairs
+        if p.pixel_size_um is not None
+    )
+    if pixel_sizes and declared:
+        digest.update(("\0pixel_size_um\0" + "\n".join(declared)).encode())
     return digest.hexdigest()[:16]
 
 

@@ -47,7 +47,13 @@ from torch import nn
 
 from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile, get_profile
 from mlseg.data import Batches, TrainData, ValTiles, effective_preprocess, prepare_data
-from mlseg.dataset import Pair, list_pairs, pixels_fingerprint, read_resaved_csv
+from mlseg.dataset import (
+    Pair,
+    dataset_fingerprint,
+    list_pairs,
+    pixels_fingerprint,
+    read_resaved_csv,
+)
 from mlseg.errors import (
     ConfigError,
     DatasetError,
@@ -333,6 +339,17 @@ def _same_pixels(saved: Any, pairs: Callable[[], list[Pair]]) -> bool:
     return isinstance(saved, str) and len(saved) == 32 and saved == pixels_fingerprint(pairs())
 
 
+def _same_files(saved: Any, pairs: Callable[[], list[Pair]]) -> bool:
+    """Whether ``saved``, a fingerprint in the form mlseg before 2026-12-07 wrote (16 hex
+    digits, of the files without their declared pixel sizes), is that of the training files
+    now; the sizes are compared on their own (``meta.json``'s ``image_pixel_sizes``)."""
+    return (
+        isinstance(saved, str)
+        and len(saved) == 16
+        and saved == dataset_fingerprint(pairs(), pixel_sizes=False)
+    )
+
+
 def _compatible(
     folder: Path,
     cfg: Config,
@@ -361,7 +378,9 @@ def _compatible(
         if meta.get(key) != value:
             problems.append(f"{key}: {meta.get(key)!r} -> {value!r}")
     saved_fingerprint = meta.get("fingerprint_hash")
-    if saved_fingerprint not in (None, fingerprint) and not _same_pixels(saved_fingerprint, pairs):
+    if saved_fingerprint not in (None, fingerprint) and not (
+        _same_pixels(saved_fingerprint, pairs) or _same_files(saved_fingerprint, pairs)
+    ):
         problems.append(f"data fingerprint: {saved_fingerprint} -> {fingerprint}")
     # the same path may hold another lab's slide now: every image is normalised to it
     copy, reference = meta.get(REFERENCE_KEY), cfg.preprocess.stain_reference
@@ -589,7 +608,8 @@ def _start(
     if fingerprint_hash is not None and fingerprint_hash != data.fingerprint:
         # the hash is the validation's: training must not run on data no one validated
         raise DatasetError(
-            f"{data_root}: the training data changed since it was validated (fingerprint "
+            f"{data_root}: the training data (images, masks or their declared pixel sizes) "
+            f"changed since it was validated (fingerprint "
             f"{fingerprint_hash} validated, {data.fingerprint} now); validate it again"
         )
     fingerprint = data.fingerprint

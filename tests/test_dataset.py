@@ -335,6 +335,42 @@ def test_the_dataset_fingerprint_follows_names_and_masks_not_listing_order(tmp_p
     assert [p.stem for p in renamed] == ["a1", "b"] and dataset_fingerprint(renamed) != before
 
 
+def test_the_dataset_fingerprint_follows_declared_pixel_sizes(tmp_path):
+    """Training resamples by the pixel sizes the images declare, yet two trainings on the
+    same files with other sizes (a corrected manifest.csv, a sidecar added) got one
+    fingerprint, so the registry said they trained on the same data. A set declaring no size
+    keeps the fingerprint it had (names and bytes alone), and a size is its value, whatever
+    file declares it."""
+    import hashlib
+    import json
+
+    root = init_dataset(tmp_path / "ds")
+    for stem in ("a", "b"):
+        make_pair(root, "train", stem)
+    pairs = list_pairs(root, "train")
+    files = hashlib.sha256()
+    for pair in pairs:
+        for path in (pair.image, pair.mask):
+            files.update(f"train/{path.name}\0".encode() + path.read_bytes())
+    plain = dataset_fingerprint(pairs)
+    assert plain == files.hexdigest()[:16]  # as registries before sizes counted hold it
+    manifest = root / "manifest.csv"
+    seen = {plain}
+    for sizes in ("0.25,0.25", "0.5,0.5", "0.25,"):
+        a, b = sizes.split(",")
+        manifest.write_text(f"split,stem,pixel_size_um\ntrain,a,{a}\ntrain,b,{b}\n")
+        pairs = list_pairs(root, "train")
+        fingerprint = dataset_fingerprint(pairs)
+        assert fingerprint not in seen, sizes
+        seen.add(fingerprint)
+        assert dataset_fingerprint(pairs, pixel_sizes=False) == plain
+    manifest.unlink()
+    (root / "train" / "original" / "a.json").write_text(
+        json.dumps({"PixelSize": [250, 250], "PixelSizeUnits": "nm"})
+    )
+    assert dataset_fingerprint(list_pairs(root, "train")) == fingerprint  # 0.25 um, for a only
+
+
 def test_one_nucleus_keeps_its_id():
     """A tile of a slide's label image (global ids) holding one nucleus is measured under
     that nucleus's id, as a tile holding two is; a binary export's one blob is nucleus 1."""

@@ -636,6 +636,57 @@ def test_data_changed_since_validation_is_refused(tmp_path) -> None:
     assert json.loads((run / "meta.json").read_text())["fingerprint_hash"] == current
 
 
+def test_pixel_sizes_changed_since_validation_are_refused(tmp_path) -> None:
+    """The validated fingerprint left out the sizes the images declare: a manifest.csv
+    corrected from 0.25 to 0.5 um after validation trained at the new scale (images not
+    resampled, where 0.25 halved them) and meta.json recorded the validated fingerprint."""
+    from mlseg.dataset import train_fingerprint
+
+    root = _binary_dataset(tmp_path / "ds")
+    manifest = root / "manifest.csv"
+    rows = "".join(f"train,img{i},{{}}\n" for i in range(3))
+    manifest.write_text("split,stem,pixel_size_um\n" + rows.format(*[0.25] * 3))
+    validated = train_fingerprint(root)
+    manifest.write_text("split,stem,pixel_size_um\n" + rows.format(*[0.5] * 3))
+    cfg = load_config(
+        None, train={**TINY, "max_steps": 1}, preprocess={"target_pixel_size_um": 0.5}
+    )
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match="changed since it was validated"):
+        fit(cfg, root, run, fingerprint_hash=validated, progress=False)
+    assert not (run / "last.safetensors").exists()
+
+
+def test_a_run_fingerprinted_without_its_pixel_sizes_resumes_on_its_own_data(
+    tmp_path, capsys
+) -> None:
+    """A run of mlseg before 2026-12-07 on data declaring pixel sizes recorded the files'
+    fingerprint without them (the README's command prints it); on the same files and sizes
+    it resumes, with another size it is refused as before (meta.json's image_pixel_sizes)."""
+    from pathlib import Path
+
+    from mlseg.dataset import dataset_fingerprint, list_pairs
+
+    root = _binary_dataset(tmp_path / "ds")
+    manifest = root / "manifest.csv"
+    rows = "".join(f"train,img{i},{{}}\n" for i in range(3))
+    manifest.write_text("split,stem,pixel_size_um\n" + rows.format(*[0.25] * 3))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r'`python -c "(.*pixel_sizes=False.*)"`', readme)
+    exec(code.replace("'dataset'", repr(str(root))), {})  # noqa: S102 - the README's own line
+    old_form = capsys.readouterr().out.strip()
+    assert len(old_form) == 16 and old_form != dataset_fingerprint(list_pairs(root, "train"))
+    run = tmp_path / "run"
+    fit(_cfg(max_steps=1), root, run, progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "fingerprint_hash": old_form}))
+    assert fit(_cfg(max_steps=2), root, run, progress=False).steps == 2
+    (run / "meta.json").write_text(json.dumps({**meta, "fingerprint_hash": old_form}))
+    manifest.write_text("split,stem,pixel_size_um\n" + rows.format(0.5, 0.25, 0.25))
+    with pytest.raises(ResumeError, match="pixel sizes"):
+        fit(_cfg(max_steps=3), root, run, progress=False)
+
+
 def test_a_run_of_the_pipeline_before_2026_12_06_resumes_on_its_own_data(tmp_path) -> None:
     """That pipeline recorded validation's hash of the images' pixels (32 hex digits) as
     the run's fingerprint_hash: after an upgrade every such run, on the very data it trained
