@@ -693,6 +693,82 @@ def register(
             fs.rm(staging, recursive=True)
 
 
+def register_evaluated(
+    checkpoint: str | Path,
+    evaluation: str | Path,
+    registry: str | Path,
+    name: str = DEFAULT_NAME,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[ModelVersion, bool]:
+    """Register a training run with the scores ``mlseg evaluate`` gave it, as the pipeline
+    registers its own (``mlseg models register``); not promoted.
+
+    ``evaluation`` is the evaluation's folder or its ``summary.json``; its model must be
+    ``checkpoint``'s (weights, and the config and meta that shape predictions) and its split
+    ``test``. Weights already registered under ``name`` keep their version, with these
+    scores recorded where their evaluation set is new. Returns ``(version, new)``.
+    """
+    from mlseg.model import saved_config, saved_meta
+    from mlseg.segment import model_identity
+
+    weights = checkpoint_files(checkpoint)[0]
+    summary_path = Path(evaluation)
+    if summary_path.is_dir():
+        summary_path = summary_path / "summary.json"
+    if not summary_path.is_file():
+        raise RegistryError(
+            f"{summary_path}: not found; give the --out folder of `mlseg evaluate` on this "
+            "model (its summary.json)"
+        )
+    summary = _read_json_file(summary_path)
+    keys = ("model_id", "split", "eval_set_id", "means")
+    if not isinstance(summary, dict) or any(k not in summary for k in keys):
+        raise RegistryError(
+            f"{summary_path}: not an evaluation summary (needs {', '.join(keys)}); run "
+            "`mlseg evaluate` on the model and give its --out folder"
+        )
+    meta = saved_meta(weights.parent)
+    ours = model_identity(weights, saved_config(weights.parent), meta)
+    if summary["model_id"] != ours:
+        raise RegistryError(
+            f"{summary_path}: scores the model {summary['model_id']}, not {weights} "
+            f"({ours}); run `mlseg evaluate {weights.parent} DATASET --out NEW_FOLDER` and "
+            "register with that folder"
+        )
+    if summary["split"] != "test":
+        raise RegistryError(
+            f"{summary_path}: scores the {summary['split']!r} split, which the model may have "
+            "trained on; evaluate it on the test split (mlseg evaluate without --split)"
+        )
+    means = summary["means"] if isinstance(summary["means"], dict) else {}
+    eval_set = str(summary["eval_set_id"])
+    found = find_version(registry, weights, name, storage_options)
+    if found is not None:
+        if found.metrics_on(eval_set) is None:
+            found = record_evaluation(
+                registry, name, found.version, eval_set, means, storage_options
+            )
+        return found, False
+    version = register(
+        weights,
+        registry,
+        metrics=means,
+        fingerprint_hash=meta.get("fingerprint_hash"),
+        config=_read_json_file(weights.parent / "config.json"),
+        eval_set_id=eval_set,
+        name=name,
+        storage_options=storage_options,
+    )
+    return version, True
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RegistryError(f"{path}: cannot be read as JSON ({err})") from None
+
+
 def _next_number(fs, root: str, name: str) -> int:
     """One above every number ``name`` has used: its complete versions, and the versions its
     production pointer and decisions name. A deleted version's number passed to the next

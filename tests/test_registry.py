@@ -1156,3 +1156,52 @@ def test_which_names_a_file_that_holds_no_record(segmented, tmp_path, capsys):
         assert main(["models", "which", str(path), "-r", str(registry)]) != 0
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}: ") and says in err and err.count("\n") == 1, err
+
+
+def test_cli_registers_a_trained_run_with_the_scores_evaluate_gave_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """README's stages go train -> evaluate -> register, but only the pipeline flow could
+    register: a user of the commands had a trained model and its scores and no way to put
+    them in the registry that `mlseg models list|promote|which` read."""
+    from mlseg.cli import main
+    from mlseg.model import saved_config
+    from mlseg.segment import model_identity
+
+    run = _checkpoint(tmp_path / "runs" / "train")
+    (run / "meta.json").write_text(json.dumps({"fingerprint_hash": "fp-of-train"}))
+    ident = model_identity(run / "best.safetensors", saved_config(run), {"fingerprint_hash": "x"})
+
+    def evaluation(folder: str, model_id: str = ident, split: str = "test") -> Path:
+        out = tmp_path / folder
+        out.mkdir()
+        summary = {
+            "model_id": model_id,
+            "split": split,
+            "eval_set_id": "set1",
+            "means": {"dice": 0.81, "aji": 0.6, "pq": 0.55},
+        }
+        (out / "summary.json").write_text(json.dumps(summary))
+        return out
+
+    registry = str(tmp_path / "registry")
+    assert main(["models", "register", str(run), str(evaluation("eval")), "-r", registry]) == 0
+    assert "registered as nuclei@v1" in capsys.readouterr().out
+    card = reg.show(registry, "nuclei", "1")
+    assert card.metrics == {"dice": 0.81, "aji": 0.6, "pq": 0.55}
+    assert (card.eval_set_id, card.fingerprint_hash) == ("set1", "fp-of-train")
+    assert reg.production(registry, "nuclei") is None  # promoting is the user's call
+    # again: the same version, not a copy
+    assert main(["models", "register", str(run), str(tmp_path / "eval"), "-r", registry]) == 0
+    assert "already registered as nuclei@v1" in capsys.readouterr().out
+    assert [v.tag for v in reg.list_models(registry)] == ["nuclei@v1"]
+    # scores of another model, or of the training split, are refused with the file named
+    other = evaluation("other", model_id="best.safetensors@0123456789abcdef+config@0123456789ab")
+    assert main(["models", "register", str(run), str(other), "-r", registry]) == 2
+    assert f"{other / 'summary.json'}: scores the model" in capsys.readouterr().err
+    trained_on = evaluation("train-split", split="train")
+    assert main(["models", "register", str(run), str(trained_on), "-r", registry]) == 2
+    assert "evaluate it on the test split" in capsys.readouterr().err
+    assert main(["models", "register", str(run), str(tmp_path / "none"), "-r", registry]) == 2
+    assert "give the --out folder of `mlseg evaluate`" in capsys.readouterr().err
+    assert [v.tag for v in reg.list_models(registry)] == ["nuclei@v1"]

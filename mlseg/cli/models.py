@@ -1,4 +1,4 @@
-"""Model registry and monitoring commands: ``mlseg models list|show|which|promote``,
+"""Model registry and monitoring commands: ``mlseg models list|show|which|register|promote``,
 ``mlseg monitor``."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ RegistryOpt = Annotated[
 ]
 LISTED_METRICS = ("aji", "dice", "pq")
 models_app = typer.Typer(
-    help="Versioned models: list, show, which made an output, promote.", no_args_is_help=True
+    help="Versioned models: list, show, which made an output, register, promote.",
+    no_args_is_help=True,
 )
 
 
@@ -138,6 +139,32 @@ def which_cmd(
                 "mlseg release)"
             )
         typer.echo(f"  the whole card: mlseg models show {version.tag} -r {registry}")
+
+
+@models_app.command("register")
+def register_cmd(
+    model: Annotated[
+        Path, typer.Argument(help="The training run's folder (mlseg train --out) or its weights.")
+    ],
+    evaluation: Annotated[
+        Path,
+        typer.Argument(help="mlseg evaluate's --out folder (or summary.json) for this model."),
+    ],
+    registry: RegistryOpt = "registry",
+    name: Annotated[str, typer.Option(help="Model name in the registry.")] = "nuclei",
+) -> None:
+    """Add a trained model to the registry with its test scores (not promoted)."""
+    from mlseg import registry as reg
+
+    version, new = reg.register_evaluated(model, evaluation, registry, name)
+    said = "registered as" if new else "already registered as"
+    typer.echo(f"{model}: {said} {version.tag} in {registry} ({_metrics(version.metrics)})")
+    live = reg.production_record(registry, version.name) or {}
+    if live.get("version") != version.version:
+        typer.echo(
+            f"to serve it: mlseg models promote {version.name} {version.version} "
+            f'--reason "..." -r {registry}'
+        )
 
 
 @models_app.command("promote")
