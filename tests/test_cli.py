@@ -870,3 +870,31 @@ def test_validate_in_a_log_file_keeps_each_file_name_on_one_line(capsys):
     for name in names:
         assert any(name in line for line in lines)
     assert any(line == f"image_has_mask: {outcome.fix}" for line in lines)
+
+
+def test_quantify_and_segment_say_when_measurements_are_in_pixels(tmp_path, recwarn, nuclei_pair):
+    """Run as the README writes it, `mlseg segment MODEL new-images/ results/ -p he` on images
+    without a pixel size measured in pixels (area_px, no nuclei per mm2) and said nothing:
+    a user expecting microns had to find --pixel-sizes alone. One warning names the images
+    and the options; a size given, or --units px, leaves it out."""
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b"):
+        image, labels = nuclei_pair(rng, 48)
+        write_image(tmp_path / "images" / f"{stem}.png", image)
+        write_image(tmp_path / "labels" / f"{stem}_mask.png", labels)
+    argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), "-p", "he"]
+
+    def said() -> list[str]:
+        found = [str(w.message) for w in recwarn if "no pixel size" in str(w.message)]
+        recwarn.clear()
+        return found
+
+    assert main([*argv, str(tmp_path / "px")]) == 0
+    assert said() == [
+        "2 of 2 image(s) have no pixel size (a, b): measured in pixels (area_px, no nuclei "
+        "per mm2); give --pixel-sizes sizes.csv (stem,pixel_size_um) or --pixel-size to "
+        "measure in microns, or --units px to say pixels are meant"
+    ]
+    assert main([*argv, str(tmp_path / "um"), "--pixel-size", "0.5"]) == 0
+    assert main([*argv, str(tmp_path / "asked"), "--units", "px"]) == 0
+    assert said() == []

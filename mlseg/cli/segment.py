@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -63,11 +64,23 @@ ProgressOpt = Annotated[
 ]
 
 
-def _report(result, verb: str) -> None:
+def _report(result, verb: str, units: Units | None = None) -> None:
     parts = [f"{verb} {len(result.processed)}", f"skipped {len(result.skipped)} (already done)"]
     if result.failed:
         parts.append(f"failed {len(result.failed)}")
     typer.echo(", ".join(parts) + f"; outputs in {result.out_dir}")
+    in_px = [s["image"] for s in result.summaries if s.get("units") == "px"]
+    if in_px and units != Units.px:  # --units px: pixels were asked for
+        # a README-literal run on images without a size gave area_px and no density per mm2,
+        # with nothing said: the way to microns was left to be found in the README
+        named = ", ".join(in_px[:3]) + (f" and {len(in_px) - 3} more" if len(in_px) > 3 else "")
+        warnings.warn(
+            f"{len(in_px)} of {len(result.summaries)} image(s) have no pixel size ({named}): "
+            "measured in pixels (area_px, no nuclei per mm2); give --pixel-sizes sizes.csv "
+            "(stem,pixel_size_um) or --pixel-size to measure in microns, or --units px to "
+            "say pixels are meant",
+            stacklevel=2,
+        )
     for path, reason in result.failed.items():
         typer.echo(
             f"failed: {reason}" if str(path) in reason else f"failed: {path}: {reason}", err=True
@@ -177,7 +190,7 @@ def segment(
         units=units.value if units else None,
         log=log,
     )
-    _report(result, "segmented")
+    _report(result, "segmented", units)
 
 
 def quantify(
@@ -209,7 +222,7 @@ def quantify(
         progress=bar,
         log=log,
     )
-    _report(result, "quantified")
+    _report(result, "quantified", units)
 
 
 def register(app: typer.Typer) -> None:
