@@ -80,20 +80,14 @@ def register_task(
     """Register the new weights (once) and run the champion/challenger comparison."""
     from mlseg import registry as reg
 
-    version = reg.find_version(registry, checkpoint, model_name)
-    if version is None:
-        config = json.loads((Path(checkpoint).parent / "config.json").read_text())
-        version = reg.register(
-            checkpoint,
-            registry,
-            metrics=metrics,
-            fingerprint_hash=fingerprint_hash,
-            config=config,
-            eval_set_id=eval_set_id,
-            name=model_name,
-        )
-    elif version.metrics_on(eval_set_id) is None:  # the same weights, scored on a new set
-        version = reg.record_evaluation(registry, model_name, version.version, eval_set_id, metrics)
+    version, _ = reg.register_scores(
+        checkpoint,
+        registry,
+        metrics=metrics,
+        eval_set_id=eval_set_id,
+        fingerprint_hash=fingerprint_hash,
+        name=model_name,
+    )
     decision = reg.champion_challenger(
         registry,
         version,

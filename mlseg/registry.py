@@ -741,21 +741,45 @@ def register_evaluated(
             "trained on; evaluate it on the test split (mlseg evaluate without --split)"
         )
     means = summary["means"] if isinstance(summary["means"], dict) else {}
-    eval_set = str(summary["eval_set_id"])
-    found = find_version(registry, weights, name, storage_options)
-    if found is not None:
-        if found.metrics_on(eval_set) is None:
-            found = record_evaluation(
-                registry, name, found.version, eval_set, means, storage_options
-            )
-        return found, False
-    version = register(
+    return register_scores(
         weights,
         registry,
         metrics=means,
+        eval_set_id=str(summary["eval_set_id"]),
         fingerprint_hash=meta.get("fingerprint_hash"),
-        config=_read_json_file(weights.parent / "config.json"),
-        eval_set_id=eval_set,
+        name=name,
+        storage_options=storage_options,
+    )
+
+
+def register_scores(
+    checkpoint: str | Path,
+    registry: str | Path,
+    *,
+    metrics: dict[str, float],
+    eval_set_id: str,
+    fingerprint_hash: str | None,
+    name: str = DEFAULT_NAME,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[ModelVersion, bool]:
+    """Register ``checkpoint``'s weights with their scores on ``eval_set_id`` once: weights
+    already registered under ``name`` keep their version, with the scores recorded where
+    the evaluation set is new to it. Returns ``(version, new)``."""
+    found = find_version(registry, checkpoint, name, storage_options)
+    if found is not None:
+        if found.metrics_on(eval_set_id) is None:
+            found = record_evaluation(
+                registry, name, found.version, eval_set_id, metrics, storage_options
+            )
+        return found, False
+    config = _read_json_file(checkpoint_files(checkpoint)[0].parent / "config.json")
+    version = register(
+        checkpoint,
+        registry,
+        metrics=metrics,
+        fingerprint_hash=fingerprint_hash,
+        config=config,
+        eval_set_id=eval_set_id,
         name=name,
         storage_options=storage_options,
     )
