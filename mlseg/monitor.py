@@ -46,7 +46,11 @@ STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
 # statistics whose "far outside the training range" is judged on log(1 + x): they span
 # decades (a blurred scan's Laplacian variance is a fraction of a sharp one's)
-LOG_SCALE_STATISTICS = ("laplacian_var",)
+LOG_SCALE_STATISTICS = ("laplacian_var", "nucleus_scale_px")
+#: The statistic that tells the scale the images were scanned at (the size nuclei appear in
+#: pixels), added to fingerprints after the others: an older fingerprint has no training
+#: values for it, and the report says how to refresh it.
+SCALE_STATISTIC = "nucleus_scale_px"
 QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
 #: The least margin, in share of the image, that makes a ``*_fraction`` statistic "far
 #: outside" its training range: training images with 0-1 dark pixels in 20,000 would
@@ -469,6 +473,12 @@ def drift_report(
     for row in rows:
         if row["statistic"] in far_out and STATUS_ORDER[row["status"]] < STATUS_ORDER["warn"]:
             row["status"] = "warn"
+    if not cfg.statistics and SCALE_STATISTIC not in stats:
+        rows.append(_scale_skipped_row(new, fingerprint))
+    for row in rows:
+        if row["statistic"] == SCALE_STATISTIC and row["status"] in ("warn", "fail"):
+            far_out[SCALE_STATISTIC] = _scale_advice(row["new_median"], row["reference_median"])
+            row["note"] += f"{'; ' if row['note'] else ''}{far_out[SCALE_STATISTIC]}"
     rows.append(_size_row(new, fingerprint, cfg))
     rows.append(_channels_row(new, fingerprint))
     table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
@@ -514,6 +524,33 @@ def _far_outside(
     elif not width > 0:
         return np.zeros(values.shape, bool)
     return (seen < low - margin) | (seen > high + margin)
+
+
+def _scale_advice(new_median: float, reference_median: float) -> str:
+    """What a drifted :data:`SCALE_STATISTIC` means: nuclei appear at another size in pixels
+    than in training, as on a slide scanned at another magnification."""
+    ratio = new_median / reference_median if reference_median > 0 else np.nan
+    size = f"{ratio:.2g}x the training size" if np.isfinite(ratio) else "another size"
+    return (
+        f"nuclei appear {size} in pixels: another magnification or scanner (20x for 40x "
+        "halves them)? give these images their pixel size (a sidecar or --pixel-size) so "
+        "segment resamples them, or train on images at their scale"
+    )
+
+
+def _scale_skipped_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
+    """The scale check of a fingerprint written before mlseg recorded
+    :data:`SCALE_STATISTIC`: skipped, saying how to refresh the fingerprint."""
+    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
+    row.update(statistic=SCALE_STATISTIC, n_reference=int(fingerprint.get("n_images", 0)))
+    row.update(
+        n_new=len(new),
+        status="skipped",
+        note="scale not checked: the fingerprint was written before mlseg measured the size "
+        "nuclei appear in pixels; run `mlseg validate` on the training data again to "
+        "refresh fingerprint.json (its content_hash stays the same)",
+    )
+    return row
 
 
 def _size_row(new: pd.DataFrame, fingerprint: dict[str, Any], cfg: MonitorConfig) -> dict:

@@ -231,3 +231,69 @@ def auto_scale(
     if first is None:
         source = "native"  # too few nuclei to tell their size
     return labels, ScaleEstimate(factor, source, first, float(reference_px), done)
+
+
+#: Scale-space sigmas (pixels, on the grid :func:`blob_diameter_px` works on) searched for
+#: the strongest blob response: 1 to 32 in steps of 2 ** (1/4), diameters of about 3-90 px.
+BLOB_SIGMAS = tuple(float(s) for s in 2.0 ** (np.arange(0, 21) / 4.0))
+#: Longest side :func:`blob_diameter_px` works on; a larger image is first shrunk by a whole
+#: factor (and the diameter scaled back), so a 4096 px field costs as much as a 1024 px tile.
+BLOB_MAX_SIDE = 1024
+#: The share of the strongest response within which :func:`blob_diameter_px` takes its peak.
+PEAK_SHARE = 0.8
+
+
+def blob_diameter_px(grey: np.ndarray, *, dark_blobs: bool = True) -> float:
+    """Typical diameter in pixels of the blobs (nuclei) of an ``(H, W)`` grey image, without
+    a model: the scale at which the scale-normalised Laplacian of Gaussian
+    (``-sigma**2 * LoG``, Lindeberg 1998) responds most, summed over the image, as the
+    diameter of the disk that peaks there (``2 * sqrt(2) * sigma``). Bright field: dark
+    nuclei on a light ground, taken as optical density (``dark_blobs``); fluorescence:
+    bright nuclei (``dark_blobs=False``).
+
+    The response of every structure moves with the image's scale, so the value halves when
+    the image is shrunk to half, whatever it shows, and blur does not move it much (its
+    width adds in quadrature). It measures the size nuclei appear in pixels, for drift
+    monitoring (another magnification); it is no measurement of the nuclei. NaN for an
+    image without contrast or smaller than 32 px."""
+    import cv2
+
+    arr = np.asarray(grey, np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected an (H, W) grey image, got shape {arr.shape}")
+    if min(arr.shape) < 32 or not np.ptp(arr) > 0:
+        return float("nan")
+    step = max(1, math.ceil(max(arr.shape) / BLOB_MAX_SIDE))
+    if step > 1:
+        size = (max(1, arr.shape[1] // step), max(1, arr.shape[0] // step))
+        arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+    top = float(arr.max())
+    signal = -np.log10((arr + 1.0) / (top + 1.0)) if dark_blobs else arr / top
+    # sigma on a grid shrunk by r is sigma / r there, and sigma**2 * LoG and its mean are
+    # the same on both grids: each octave is blurred on a grid halved, not the full image
+    # blobs wider than a quarter of the image are its ground (uneven light, tissue and
+    # gaps), not nuclei
+    sigmas = np.asarray([s for s in BLOB_SIGMAS if s <= min(arr.shape) / 4 / (2 * math.sqrt(2))])
+    if sigmas.size < 3:
+        return float("nan")
+    response, grid, r = [], signal, 1
+    for sigma in sigmas:
+        while sigma / r >= 4.0 and min(grid.shape) >= 32:
+            size = (grid.shape[1] // 2, grid.shape[0] // 2)
+            grid, r = cv2.resize(grid, size, interpolation=cv2.INTER_AREA), r * 2
+        s = sigma / r
+        smooth = cv2.GaussianBlur(grid, (0, 0), s, borderType=cv2.BORDER_REFLECT)
+        blobs = -(s**2) * cv2.Laplacian(smooth, cv2.CV_32F)
+        response.append(float(np.mean(np.clip(blobs, 0.0, None))))
+    response = np.asarray(response)
+    if not response.max() > 0:
+        return float("nan")
+    # the centre of the peak, not its top: a broad response with two tops (nuclei of two
+    # sizes) swung between them from one tile to the next
+    top = response >= PEAK_SHARE * response.max()
+    i = int(np.argmax(response))
+    lo = i - int(np.argmin(top[i::-1])) + 1 if not top[: i + 1].all() else 0
+    hi = i + int(np.argmin(top[i:])) if not top[i:].all() else len(response)
+    weights = response[lo:hi] - PEAK_SHARE * response.max()
+    log_sigma = float(np.average(np.log2(sigmas[lo:hi]), weights=weights + 1e-12))
+    return float(2.0 * math.sqrt(2.0) * 2.0**log_sigma * step)

@@ -749,3 +749,37 @@ def test_a_batch_like_the_training_set_has_p_1_and_no_batch_has_p_0() -> None:
     assert monitor.permutation_p_value(reference, np.array([2, 2, 2, 2]), 200, rng) == 1.0
     far = monitor.permutation_p_value(reference, np.array([0, 0, 0, 40]), 200, rng)
     assert far == 1 / 201  # the observed split counts among the permutations
+
+
+def _at_half_scale(images: list[np.ndarray]) -> list[np.ndarray]:
+    """The tissue of ``images`` as a scan at half the magnification (20x for 40x) shows it."""
+    return [
+        cv2.resize(im, (im.shape[1] // 2, im.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        for im in images
+    ]
+
+
+def test_images_scanned_at_half_the_magnification_drift_in_scale(he_fingerprint: dict) -> None:
+    """A 20x scan of a 40x training set's tissue, tiled at the training tile size: no
+    statistic said scale (only blur, where the optics happened to sharpen or soften it);
+    the size nuclei appear in pixels halves and the report says what to do."""
+    new = _stats(_at_half_scale(_he_images(8, seed=3, size=128)))
+    report = monitor.drift_report(new, he_fingerprint, MonitorConfig())
+    row = report.table.set_index("statistic").loc["nucleus_scale_px"]
+    assert row["status"] in ("warn", "fail"), report.message
+    assert row["new_median"] < 0.75 * row["reference_median"]
+    assert "magnification" in report.message and "pixel size" in report.message
+    same = monitor.drift_report(_stats(_he_images(8, seed=3)), he_fingerprint, MonitorConfig())
+    assert same.table.set_index("statistic").loc["nucleus_scale_px", "status"] == "ok"
+
+
+def test_a_fingerprint_written_before_the_scale_check_says_how_to_refresh_it(
+    he_fingerprint: dict,
+) -> None:
+    old = {**he_fingerprint, "stats": dict(he_fingerprint["stats"])}
+    del old["stats"]["nucleus_scale_px"]
+    new = _stats(_at_half_scale(_he_images(8, seed=3, size=128)))
+    report = monitor.drift_report(new, old, MonitorConfig())
+    row = report.table.set_index("statistic").loc["nucleus_scale_px"]
+    assert row["status"] == "skipped"
+    assert "mlseg validate" in row["note"] and "scale not checked" in row["note"]

@@ -345,3 +345,23 @@ def test_equivalent_diameter_formula():
     for i in range(5):
         labels[i * 8 : i * 8 + 5, 0:5] = i + 1  # 25 px squares
     assert nucleus_diameter_px(labels) == pytest.approx(math.sqrt(100 / math.pi))
+
+
+def test_blob_diameter_follows_the_scale_of_the_image_not_its_blur() -> None:
+    """The size nuclei appear in pixels, without a model: disks of 12 px read 10-20 px,
+    half as large on the image shrunk to half, and blur barely moves it."""
+    import cv2
+    from skimage.draw import disk
+
+    from mlseg.scale import blob_diameter_px
+
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256), 220, np.uint8)
+    for y, x in rng.integers(10, 246, size=(60, 2)):
+        image[disk((y, x), 6, shape=image.shape)] = 90
+    full = blob_diameter_px(image)
+    half = blob_diameter_px(cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA))
+    blurred = blob_diameter_px(cv2.GaussianBlur(image, (0, 0), 1.5))
+    assert 10 < full < 20  # a scale to compare, not a measurement of the nuclei
+    assert 0.4 < half / full < 0.6
+    assert 0.85 < blurred / full < 1.2
