@@ -26,6 +26,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # Prefect's console handler writes to the sys.stderr of the moment its logging is set up
+    # (at the first `import flows.*`): set up inside a test with capsys, it kept that test's
+    # stream, closed once the test ended, and a later flow's log line failed the flow run
+    # (RecursionError through log_prints). Set up here, it writes to the session's stream.
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -166,3 +166,23 @@ def test_python_m_flows_validate_help_prints_usage_and_runs_nothing(capsys) -> N
         main(["--help"])
     assert ended.value.code == 0
     assert "usage: python -m flows.validate" in capsys.readouterr().out
+
+
+def test_prefect_s_console_outlives_the_capsys_of_the_test_that_first_imports_flows(capsys):
+    """Prefect's console handler writes to sys.stderr as it is when Prefect's logging is set
+    up: set up at the first ``import flows.*``, here under capsys, it kept this test's stream,
+    closed once the test ended, and the file's next flow run that logged a line failed with a
+    RecursionError (test_the_flow_says_how_far_the_reading_is_in_its_run_log, run after the
+    ``--help`` test). conftest sets Prefect's logging up before any test."""
+    import sys
+
+    import flows.validate  # noqa: F401
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    consoles = {
+        handler.console
+        for logger in loggers
+        for handler in getattr(logger, "handlers", ())  # placeholders have none
+        if type(handler).__name__ == "PrefectConsoleHandler"
+    }
+    assert consoles and all(console.file is not sys.stderr for console in consoles)
