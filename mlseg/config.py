@@ -717,7 +717,15 @@ def _read_yaml(path: Path) -> Any:
         return yaml.load(text, Loader=_Loader) or {}  # nosec B506: _Loader is a SafeLoader
     except _Refused as err:
         raise ConfigError(f"{path}: {err}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:  # a Windows editor's Latin-1 (ANSI): YAML, not UTF-8
+        byte = err.object[err.start : err.start + 1]
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{byte.hex()}, "
+            f"{byte.decode('cp1252', errors='replace')!r} in Windows-1252); save it as UTF-8 "
+            "(the encoding in the editor's Save As)"
+        ) from None
+    except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); give a YAML config file") from err
 
 

@@ -218,16 +218,22 @@ def test_a_pixel_size_in_the_wrong_unit_is_refused(tmp_path, value):
 
 def test_an_empty_config_is_the_defaults_and_other_files_are_named_not_a_traceback(tmp_path):
     """A run config with nothing in it (every line commented out) is the defaults; a list, or
-    a file saved in Latin-1 (a Windows editor), is refused naming the file. Mutants that
+    a file saved in Latin-1 (a Windows editor), is refused naming the file, its line and the
+    fix (it had said 'not valid YAML (utf-8 codec...); give a YAML config file'). Mutants that
     dropped each of these checks read None and refused it, or ended in a traceback
     ('list' object has no attribute 'items', UnicodeDecodeError)."""
     assert load_config(write(tmp_path / "empty.yaml", "# train: {max_steps: 5}\n")) == Config()
     with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
         load_config(write(tmp_path / "list.yaml", "- train\n- data\n"))
     latin1 = tmp_path / "latin1.yaml"
-    latin1.write_bytes("# r\xe9glages du labo\ntrain: {max_steps: 5}\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1\.yaml: not valid YAML"):
+    latin1.write_bytes("train: {max_steps: 5}\n# r\xe9glages du labo\n".encode("latin-1"))
+    # it is YAML, in Latin-1: the line and the fix, not "not valid YAML; give a YAML file"
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: line 2 is not UTF-8.*save it as UTF-8"):
         load_config(latin1)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_bytes("profiles:\n  caf\xe9: {pixel_size_um: 0.5}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"profiles\.yaml: line 2 is not UTF-8.*save it as UTF-8"):
+        load_profiles(profiles)
 
 
 def test_a_profile_is_named_by_its_key(tmp_path):
