@@ -19,12 +19,17 @@ the profile's is used.
 
 from __future__ import annotations
 
+import bz2
 import errno
 import functools
+import gzip
 import hashlib
+import lzma
 import os
 import re
 import warnings
+import zipfile
+import zlib
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,13 +280,35 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
     return table
 
 
+#: What a damaged or cut-short compressed table raises when read (a gzip's BadGzipFile is an
+#: OSError, a cut one's EOFError; an empty .zip leaves no member: IndexError)
+_UNREADABLE = (OSError, EOFError, IndexError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)
+
+
+def table_bytes(path: Path, size: int = -1) -> bytes:
+    """The first ``size`` bytes (all with -1) of the table at ``path`` as pandas reads it:
+    decompressed where the name ends in ``.gz``, ``.bz2``, ``.xz`` or ``.zip`` (its one
+    file). Read as stored, a compressed table's first line was the compressor's bytes, whose
+    stray ``,`` or ``;`` chose the delimiter by chance."""
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/") and "__MACOSX/" not in n]
+            with archive.open(names[0]) as fh:
+                return fh.read(size)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)
+    with opener(path, "rb") as fh:
+        return fh.read(size)
+
+
 def csv_delimiter(path: Path) -> str:
-    """``,``, or ``;`` or a tab where the header line has those and no comma."""
+    """``,``, or ``;`` or a tab where the header line has those and no comma (of the table
+    decompressed, :func:`table_bytes`)."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            header = fh.readline()
-    except OSError:
+        head = table_bytes(path, 65536)
+    except _UNREADABLE:
         return ","  # read_csv names the problem
+    header = head.decode("utf-8-sig", errors="replace").partition("\n")[0]
     if "," in header:
         return ","
     return next((d for d in (";", "\t") if d in header), ",")
@@ -347,8 +374,12 @@ def not_utf8(path: Path) -> str:
 
     Excel's plain "CSV" (the default, not "CSV UTF-8") saves in the computer's legacy code
     page, Windows-1252 in Western Europe, so a ``µm`` or an accented file name is one byte
-    that UTF-8 cannot read; pandas' error gives that byte's offset within a buffer."""
-    data = path.read_bytes()
+    that UTF-8 cannot read; pandas' error gives that byte's offset within a buffer. A
+    compressed table's line is that of the table decompressed (:func:`table_bytes`)."""
+    try:
+        data = table_bytes(path)
+    except _UNREADABLE:
+        data = path.read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:

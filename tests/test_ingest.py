@@ -1,9 +1,13 @@
+import bz2
 import errno
+import gzip
 import hashlib
+import lzma
 import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +291,34 @@ def test_a_pixel_size_table_as_labs_save_them(tmp_path, text):
     table = tmp_path / "sizes.csv"
     table.write_text(text, encoding="utf-8")
     assert read_pixel_sizes(table) == {"img0": 0.5, "img1": 0.25}
+
+
+def _compressed(path: Path, data: bytes) -> Path:
+    """``data`` written to ``path`` compressed as its extension says (mtime 0: same bytes)."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(path.stem, data)
+    else:
+        packed = {".gz": lambda b: gzip.compress(b, mtime=0), ".bz2": bz2.compress}
+        path.write_bytes(packed.get(path.suffix, lzma.compress)(data))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zip"])
+def test_a_compressed_pixel_size_table_reads_as_the_table_it_holds(tmp_path, suffix):
+    """The delimiter was guessed from the compressed bytes: a spreadsheet's table of
+    semicolons and decimal commas, gzipped, was refused as having 'more values than the
+    header has columns; ... or separate the columns with semicolons', which it did, and a
+    Latin-1 one was said to be not UTF-8 at line 1, byte 0x8b (gzip's own header)."""
+    for text in (
+        "stem;pixel_size_um\nimg0;0,5\nimg1;0,25\n",
+        "\ufeffstem,mpp\nimg0,0.5\nimg1,0.25\n",
+    ):
+        table = _compressed(tmp_path / f"sizes{suffix}", text.encode("utf-8"))
+        assert read_pixel_sizes(table) == {"img0": 0.5, "img1": 0.25}
+    latin1 = _compressed(tmp_path / f"latin1{suffix}", "stem;mpp\ncaf\xe9;0,5\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1\.csv\.\w+: line 2 is not UTF-8 .*byte 0xe9"):
+        read_pixel_sizes(latin1)
 
 
 @pytest.mark.parametrize(
