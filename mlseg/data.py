@@ -48,12 +48,20 @@ from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
 from mlseg.inventory import bounded_map, turn_free_hash
-from mlseg.io import read_image, read_mask
+from mlseg.io import available_memory, image_size, read_image, read_mask
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
 
 _MAX_FG_PER_IMAGE = 20_000  # foreground positions kept per image for centring patches
+#: Memory a pixel of the ``train`` split (its held-back validation images too, at the size
+#: they are resampled to) takes at the peak of ``mlseg train``, beyond its imports and model,
+#: in bytes (:func:`warn_if_split_short_of_memory`): the split is held decoded, then packed
+#: as float32 (:class:`PatchStore`, :class:`ValTiles`). Peak RSS of ``mlseg train`` on the
+#: 2-core dev CPU (``--device cpu``, one step, batch 2, four RGB images with 16-bit masks,
+#: one held back) over the 1.7 GB of four 256 x 256 px images: 17.5 bytes a pixel of the
+#: split at 4 x 3000 x 3000 px, 13.8 at 4 x 4500 x 4500, 16.7 at 4 x 6000 x 6000 (4.1 GB).
+TRAIN_BYTES_PER_PIXEL = 16
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -121,6 +129,40 @@ def training_pixel_size(
             stacklevel=3,
         )
     return (median if target is None else target), True
+
+
+def warn_if_split_short_of_memory(
+    pairs: list[Pair], pp: PreprocessConfig, profile: Profile, where: Path
+) -> None:
+    """Warn where training on ``pairs`` (the ``train`` split in ``where``) would need more
+    memory than this process has left (:func:`mlseg.io.available_memory`), as
+    :func:`mlseg.io.warn_if_short_of_memory` warns of one field: each image's size is read
+    from its header and scaled as it is resampled (to ``pp.target_pixel_size_um``), and the
+    split's total counts, all of it held at once. A split of fields each far under the
+    per-image warning was killed by the system part-way through decoding, after minutes,
+    naming neither the cause nor the fix."""
+    left = available_memory()
+    if left is None:
+        return
+    target, pixels = pp.target_pixel_size_um, 0.0
+    for pair in pairs:
+        size = image_size(pair.image)
+        if size is None:  # decoding it names the problem
+            continue
+        um = pair.pixel_size_um if pair.pixel_size_um is not None else profile.pixel_size_um
+        scale = um / target if target is not None and um is not None else 1.0
+        pixels += size[0] * size[1] * scale * scale
+    need = pixels * TRAIN_BYTES_PER_PIXEL
+    if need <= left:
+        return
+    warnings.warn(
+        f"{where}: the {len(pairs)} training images, {round(pixels):,} px in all, need "
+        f"about {need / 2**30:.1f} GiB of memory in mlseg train, which holds them all at once, "
+        f"more than the {left / 2**30:.1f} GiB this process has left, so the system may stop "
+        f"it part-way: train on fewer images or crops of them, or run on a machine with more "
+        f"memory",
+        stacklevel=3,
+    )
 
 
 def _decode(pair: Pair, target_um: float | None, default_um: float | None):
@@ -676,6 +718,7 @@ def prepare_data(
     if resample:
         pp = pp.model_copy(update={"target_pixel_size_um": pixel_size})
     channels = in_channels or profile.channels
+    warn_if_split_short_of_memory(pairs, pp, profile, root / cfg.data.train_dir)
     images, masks, copies = _decode_all(pairs, pp, profile, cfg.train.num_workers)
     kind = dataset_mask_kind(cfg.data.mask_kind, masks)
     check_masks(pairs, masks, kind, root / cfg.data.train_dir / cfg.data.mask_dir)

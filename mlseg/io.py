@@ -710,6 +710,37 @@ def _too_large(path: Path, width: int, height: int, nbytes: int, what: str) -> I
     )
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(height, width)`` of the image at ``path`` from its header, without decoding its
+    pixels (a PNG's IHDR, a TIFF's first series as :func:`read_image` reads it, PIL for a
+    JPEG); ``None`` where the header cannot be read (reading the image names the problem)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".png":
+            header = _png_header(path)
+            return None if header is None else (header[1], header[0])
+        if suffix in TIFF_EXTENSIONS:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                axes, shape = series.axes, series.shape
+            return (
+                shape[axes.index("Y")] if "Y" in axes else shape[0],
+                shape[axes.index("X")] if "X" in axes else shape[1],
+            )
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the decompression-bomb warning: nothing is decoded
+            with Image.open(path) as image:
+                width, height = image.size
+        return height, width
+    except Exception:  # a corrupt or truncated file, any library's error: read_image names it
+        return None
+
+
 def warn_if_short_of_memory(
     path: str | os.PathLike, shape: tuple[int, ...], bytes_per_pixel: int, command: str
 ) -> None:

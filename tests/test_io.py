@@ -15,6 +15,7 @@ from mlseg.io import (
     exif_orientation,
     full_scale,
     image_extension,
+    image_size,
     image_stem,
     match_stem,
     read_image,
@@ -1104,3 +1105,26 @@ def test_two_sets_written_together_into_one_folder_at_once_land_whole(
     write("first")
     second["thread"].join()
     assert _contents(tmp_path) == dict.fromkeys(names, "second")
+
+
+def test_image_size_is_read_from_the_header_as_read_image_reads_the_pixels(tmp_path) -> None:
+    """The training memory warning sums the split's sizes before decoding any image: each
+    format's header gives the ``(height, width)`` that reading the pixels gives; a file it
+    cannot read is ``None`` (reading it names the problem), never an error."""
+    import tifffile
+
+    rgb = np.zeros((30, 50, 3), np.uint8)
+    grey16 = np.zeros((40, 20), np.uint16)
+    paths = [
+        write_image(tmp_path / "a.png", rgb),
+        write_image(tmp_path / "b.jpg", rgb),
+        write_image(tmp_path / "c.png", grey16),
+    ]
+    tifffile.imwrite(tmp_path / "d.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "e.tif", np.zeros((3, 30, 50), np.uint8), photometric="rgb")
+    paths += [tmp_path / "d.tif", tmp_path / "e.tif"]
+    for path in paths:
+        assert image_size(path) == read_image(path).shape[:2], path.name
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG")
+    (tmp_path / "cut.tif").write_bytes(b"II*\x00")
+    assert image_size(tmp_path / "cut.png") is image_size(tmp_path / "cut.tif") is None

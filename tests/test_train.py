@@ -461,6 +461,41 @@ def test_mixed_magnifications_train_at_their_median_pixel_size(
     assert data.nucleus_diameter_px == pytest.approx(5 / (trained_at or 0.5), rel=0.15)
 
 
+def test_a_training_split_larger_than_the_memory_left_is_named_before_it_is_decoded(
+    tmp_path, monkeypatch
+) -> None:
+    """mlseg segment, quantify and evaluate warned before a field too large for the memory
+    left; training, which holds its whole split decoded and packed at once, said nothing and
+    was stopped by the system part-way, however small each image. The split's size is read
+    from the image headers at the scale it trains at: three 48 x 48 fields once the 40x
+    one (96 x 96) is brought to 20x, one pixel more than fits naming the folder and the fix,
+    and nothing said where it fits or the memory left cannot be read."""
+    import mlseg.data
+    from mlseg.config import get_profile
+    from mlseg.data import TRAIN_BYTES_PER_PIXEL, prepare_data
+
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    root = _magnifications(tmp_path / "ds", [0.5, 0.5, 0.25])
+    fits = 3 * 48 * 48 * TRAIN_BYTES_PER_PIXEL
+
+    def said(left: int | None) -> list[str]:
+        monkeypatch.setattr(mlseg.data, "available_memory", lambda: left)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+        assert data.train.n_images == 3  # warned, not refused
+        return [str(w.message) for w in caught if "memory" in str(w.message)]
+
+    assert said(fits) == [] and said(None) == []
+    [line] = said(fits - 1)
+    assert line.startswith(
+        f"{root / 'train'}: the 3 training images, 6,912 px in all, need about 0.0 GiB of "
+        "memory in mlseg train, which holds them all at once, more than the 0.0 GiB this "
+        "process has left"
+    )
+    assert "train on fewer images or crops of them" in line
+
+
 def test_train_boundary_px_reaches_the_training_targets(tmp_path) -> None:
     """train.boundary_px is the width of the boundary class the model is trained on: a
     mutant that left it out of prepare_data (every run trained on 1-px boundaries, whatever
