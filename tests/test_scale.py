@@ -16,6 +16,7 @@ from mlseg.scale import (
     META_STAT_KEY,
     auto_scale,
     dataset_diameter_px,
+    image_diameter_px,
     nucleus_diameter_px,
     plausible,
     scale_factor,
@@ -330,6 +331,52 @@ def test_model_without_reference_warns_and_predicts_natively():
     with pytest.warns(UserWarning, match="nucleus_diameter_px"):
         labels, _ = predict_labels(loaded, he_like(truth), get_profile("he"), CPU)
     assert labels.shape == truth.shape and labels.max() > 0
+
+
+def cut_strip(radius: int = 12, height: int = 14, width: int = 512) -> np.ndarray:
+    """A strip ``height`` px tall across a row of discs of ``radius``: each one cut by both
+    long edges, as in a thin crop of a tile."""
+    full = discs(radius, size=width, spacing=3 * radius)
+    centre = 3 * radius // 2 + 2
+    return full[centre - height // 2 : centre - height // 2 + height]
+
+
+def test_a_thin_strip_of_nuclei_at_the_models_size_is_not_enlarged():
+    """Nuclei 24 px across seen through a 14 px strip measure about 17 px: measured so, the
+    strip of a tile at the model's scale was enlarged 1.2x; with most of its nuclei cut by
+    its edge, it keeps its native scale."""
+    strip = cut_strip()
+    assert nucleus_diameter_px(strip) < 20  # what the old estimate measured
+    loaded = stand_in({"nucleus_diameter_px": 24.0, META_STAT_KEY: "trimmed"})
+    labels, _, est = predict_labels_scaled(loaded, he_like(strip), get_profile("he"), CPU)
+    assert (est.factor, est.source, est.estimated_px) == (1.0, "native", None)
+    assert labels.shape == strip.shape and labels.max() > 0
+
+
+def test_a_crop_mostly_of_cut_nuclei_gives_no_estimate_and_others_are_measured():
+    """9 nuclei 24 px across, 5 of them cut by the crop's edge: they measured 19 px; the
+    whole ones would not tell either (in a strip only debris is whole). With the crop
+    larger, 7 of 16 cut, all are measured."""
+    crop = discs(12, size=256)[:90, :90]
+    assert nucleus_diameter_px(crop) < 0.85 * 24
+    assert image_diameter_px(crop) is None
+    larger = discs(12, size=256)[:130, :130]
+    assert image_diameter_px(larger) == nucleus_diameter_px(larger)
+    assert image_diameter_px(larger) == pytest.approx(24, rel=0.08)
+
+
+def test_ordinary_tiles_are_measured_as_before(shared_data):
+    """On real tiles, with a fifth or fewer of their nuclei on the edge, the estimate is the
+    plain statistic, as for the training masks the model's reference comes from."""
+    from mlseg.io import read_mask
+
+    masks = sorted((shared_data / "gbm40_he" / "masks").glob("*.png"))[:4]
+    masks += sorted((shared_data / "cpm15_he" / "masks").glob("*.png"))[:3]
+    if len(masks) < 7:
+        pytest.skip("GBM40 and CPM15 masks not found")
+    for path in masks:
+        labels = read_mask(path)
+        assert image_diameter_px(labels) == nucleus_diameter_px(labels), path.name
 
 
 def test_auto_scale_off_predicts_natively():
