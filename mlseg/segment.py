@@ -46,6 +46,7 @@ import contextlib
 import functools
 import hashlib
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -364,12 +365,21 @@ def predict_labels_scaled(
         return at(float(pixel_size_um) / float(model_px), "pixel_size")
     meta = loaded.meta if isinstance(loaded.meta, dict) else {}
     reference = meta.get(META_KEY)
-    if not reference:
-        why = (
-            f"its training masks held fewer than {MIN_OBJECTS} nuclei to measure"
-            if META_KEY in meta  # recorded as unknown
-            else "trained before mlseg learnt it"
-        )
+    usable = (
+        isinstance(reference, numbers.Real)
+        and not isinstance(reference, bool)
+        and math.isfinite(reference)
+        and reference > 0
+    )
+    if not usable:
+        # NaN (json's NaN in an edited or damaged meta.json) failed every image with "cannot
+        # convert float NaN to integer"; a negative one was "estimated" and never applied
+        if META_KEY not in meta:
+            why = "trained before mlseg learnt it"
+        elif reference in (None, 0):  # recorded as unknown
+            why = f"its training masks held fewer than {MIN_OBJECTS} nuclei to measure"
+        else:
+            why = f"its meta.json holds {reference!r}, not a diameter in pixels"
         warn_once(
             f"{loaded.path}: the model records no {META_KEY} ({why}), so the scale of an "
             "image without a pixel size cannot be estimated; predicting at native scale "

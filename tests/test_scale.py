@@ -379,6 +379,19 @@ def test_ordinary_tiles_are_measured_as_before(shared_data):
         assert image_diameter_px(labels) == nucleus_diameter_px(labels), path.name
 
 
+@pytest.mark.parametrize("recorded", [float("nan"), -24.0, float("inf"), [24.0]])
+def test_a_model_recording_no_usable_diameter_warns_and_predicts_natively(recorded):
+    """A meta.json whose diameter is NaN (as json writes it), negative, infinite or not a
+    number: every image failed with "cannot convert float NaN to integer", or was resampled
+    4x for infinity; now the model is named and images keep their scale."""
+    truth = discs(8, size=128)
+    loaded = stand_in({"nucleus_diameter_px": recorded, META_STAT_KEY: "trimmed"})
+    with pytest.warns(UserWarning, match="nucleus_diameter_px .*not a diameter in pixels"):
+        labels, _, est = predict_labels_scaled(loaded, he_like(truth), get_profile("he"), CPU)
+    assert (est.factor, est.source) == (1.0, "native")
+    assert len(np.unique(labels)) - 1 == truth.max()
+
+
 def test_auto_scale_off_predicts_natively():
     truth = discs(12)
     loaded = stand_in({"nucleus_diameter_px": 12.0})
