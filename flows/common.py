@@ -81,6 +81,13 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[..., i
     return run
 
 
+#: Seconds the temporary server may take to start where no setting says otherwise: Prefect's
+#: default 20 s was too short on a busy 2-core machine (21-31 s measured there), where
+#: ``python -m flows.pipeline`` then failed with "Timed out while attempting to connect to
+#: ephemeral Prefect API server". The Dockerfile sets the same.
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+
+
 def temporary_server_apart() -> None:
     """Have Prefect start its temporary API server (a run without ``PREFECT_API_URL``) in a
     session of its own, stopped at exit as Prefect stops it.
@@ -95,9 +102,14 @@ def temporary_server_apart() -> None:
     the group, as before). Call it in ``main`` just before the flow: importing the server
     module takes seconds, which ``--help`` and a usage error need not wait for. With no
     ``PREFECT_API_URL``, a ``PREFECT_HOME`` that cannot be written is an error naming it
-    (:func:`_writable_prefect_home`).
+    (:func:`_writable_prefect_home`). Unless ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
+    is set, the server may take :data:`EPHEMERAL_STARTUP_TIMEOUT_S` to start.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        get_current_settings,
+    )
 
     if not PREFECT_API_URL.value():
         _writable_prefect_home()
@@ -124,6 +136,9 @@ def temporary_server_apart() -> None:
             prefect_server.subprocess = subprocess
 
     temporary._run_uvicorn_command = launch_apart
+    # Prefect reads the setting once, at import: set later, the variable changed nothing
+    if "startup_timeout_seconds" not in get_current_settings().server.ephemeral.model_fields_set:
+        temporary.start = functools.partial(temporary.start, timeout=EPHEMERAL_STARTUP_TIMEOUT_S)
     # Prefect registers its own stop just after starting it; a signal in between would
     # leave a server in its own session running (stop() does nothing when none runs)
     atexit.register(temporary.stop)

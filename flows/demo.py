@@ -30,8 +30,6 @@ def _prefect_environment(demo_dir: Path) -> None:
     """Settings for Prefect's temporary server, unless the user chose otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(demo_dir / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # a busy 2-core machine can take longer than the default 20 s to start the server
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 

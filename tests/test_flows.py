@@ -2522,3 +2522,35 @@ def test_ctrl_c_on_temporary_server_ends_aborted_and_stops_it(tmp_path):
     assert "Traceback" not in err, err
     server = Path("/proc") / started.split()[1]
     assert not server.exists() or b"uvicorn" not in (server / "cmdline").read_bytes()
+
+
+@pytest.mark.parametrize("given", [None, "45"])
+def test_the_temporary_server_may_take_three_minutes_to_start_unless_set(tmp_path, given):
+    """`python -m flows.pipeline` on a busy 2-core machine failed with 'Timed out while
+    attempting to connect to ephemeral Prefect API server': Prefect's default 20 s start, where
+    only flows.demo and the image gave it more. Every entry point's temporary server now gets
+    EPHEMERAL_STARTUP_TIMEOUT_S, and a user's own setting is kept."""
+    import subprocess
+
+    from flows.common import EPHEMERAL_STARTUP_TIMEOUT_S
+
+    probe = (
+        "from flows.common import temporary_server_apart\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "temporary_server_apart()\n"
+        "start = SubprocessASGIServer().start\n"
+        "print(getattr(start, 'keywords', {}).get('timeout'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    if given is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    said = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert said.returncode == 0, said.stderr
+    expected = str(EPHEMERAL_STARTUP_TIMEOUT_S) if given is None else "None"
+    assert said.stdout.strip() == expected
