@@ -48,7 +48,7 @@ from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
 from mlseg.inventory import bounded_map, turn_free_hash
-from mlseg.io import available_memory, image_size, read_image, read_mask
+from mlseg.io import available_memory, image_size, read_image_for, read_mask
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
@@ -165,8 +165,8 @@ def warn_if_split_short_of_memory(
     )
 
 
-def _decode(pair: Pair, target_um: float | None, default_um: float | None):
-    image = read_image(pair.image)
+def _decode(pair: Pair, target_um: float | None, default_um: float | None, stain: str):
+    image = read_image_for(pair.image, stain)  # as segment and evaluate read it
     if pair.mask is None:
         raise DatasetError(f"{pair.image}: no mask; training needs one mask per image")
     mask = read_mask(pair.mask)
@@ -188,7 +188,10 @@ def _decode_all(
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         out = list(
-            pool.map(lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um), pairs)
+            pool.map(
+                lambda p: _decode(p, pp.target_pixel_size_um, profile.pixel_size_um, profile.stain),
+                pairs,
+            )
         )
     return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 

@@ -44,7 +44,7 @@ from mlseg.inventory import turn_free_hash
 from mlseg.io import (
     MASK_EXTENSIONS,
     not_lossless,
-    read_image,
+    read_image_for,
     read_mask,
     warn_if_short_of_memory,
     write_table,
@@ -344,7 +344,7 @@ def _score_pairs(
     seen: dict[str, list[str]] = {"train": [], "validation": []}
     scored = _Scored(rows=[], worst=[], seen=seen if trained else None)
     for pair in pairs:
-        image = read_image(pair.image)
+        image = read_image_for(pair.image, profile.stain)  # the pixels segment reads
         warn_if_short_of_memory(pair.image, image.shape, EVALUATE_BYTES_PER_PIXEL, "evaluate")
         if trained and (role := trained.get(turn_free_hash(image))):
             seen[role].append(pair.stem)

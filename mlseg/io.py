@@ -409,6 +409,19 @@ def read_image(
     return _as_hwc(arr, path, labels)
 
 
+def read_image_for(path: str | os.PathLike, stain: str | None) -> np.ndarray:
+    """:func:`read_image` of an image of ``stain`` (a profile's: ``he``, ``ihc``, ``none``,
+    ``fluorescence``; ``None`` where none is known): an RGBA image's transparent outside is
+    laid over white in bright field (glass) and over black in fluorescence (no light).
+
+    Every reader that knows the profile reads with it (training, evaluate, segment,
+    quantify, the stain reference), so one file gives the model the same pixels in all of
+    them: read over white in training and over black in segment, a fluorescence model
+    learnt a saturated outside it never saw again, and evaluate scored other pixels than
+    segment measured."""
+    return read_image(path, alpha="black" if stain == "fluorescence" else "white")
+
+
 def _laid_over(rgba: np.ndarray, *, white: bool) -> np.ndarray:
     """RGB of an RGBA image laid over white (bright field), as slide viewers show it, or
     over black (fluorescence). OpenSlide and QuPath export the area outside a scan as

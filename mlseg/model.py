@@ -37,7 +37,7 @@ from torch import nn
 
 from mlseg.config import Config, Profile, TrainConfig, parse
 from mlseg.errors import ConfigError, ModelError, some_of, warn_once
-from mlseg.io import atomic_path, read_image, write_image
+from mlseg.io import atomic_path, read_image_for, write_image
 from mlseg.scale import STATISTIC
 
 CHECKPOINT_NAMES = ("best", "last")
@@ -415,8 +415,9 @@ def save_checkpoint(
     meta.pop(REFERENCE_KEY, None)
     if reference is not None:
         # its pixels alone, as PNG: a byte copy carried the file's own metadata (a slide's
-        # TIFF description, a camera's EXIF: patient, user, scanner) into every shared model
-        pixels = read_image(reference)
+        # TIFF description, a camera's EXIF: patient, user, scanner) into every shared model;
+        # read as training read it, as segment normalises to the copy
+        pixels = read_image_for(reference, stain or (profile.stain if profile else None))
         meta[REFERENCE_KEY] = REFERENCE_COPY
     meta.setdefault("checkpoints", {})[name] = {
         "file": weights.name,

@@ -23,7 +23,7 @@ import numpy as np
 
 from mlseg.config import PreprocessConfig
 from mlseg.errors import ConfigError
-from mlseg.io import full_scale, read_image
+from mlseg.io import full_scale, read_image_for
 
 # Macenko et al. 2009 reference H&E optical-density vectors (columns: H, E) and the 99th
 # percentile concentrations, as published with their reference implementation.
@@ -418,12 +418,13 @@ def zscore(image: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- pipeline
 @functools.lru_cache(maxsize=8)
-def _reference(path: str, mtime: float) -> np.ndarray:
-    return to_float(read_image(path))
+def _reference(path: str, mtime: float, stain: str | None = None) -> np.ndarray:
+    return to_float(read_image_for(path, stain))
 
 
-def reference_image(path: Path) -> np.ndarray:
-    """The reference image of ``preprocess.stain_reference`` as float32 [0, 1], cached."""
+def reference_image(path: Path, stain: str | None = None) -> np.ndarray:
+    """The reference image of ``preprocess.stain_reference`` as float32 [0, 1], cached; an
+    RGBA one read as the images of ``stain`` are (:func:`mlseg.io.read_image_for`)."""
     path = Path(path)
     if not path.is_file():  # a config's relative path is not read from its own folder
         where = (
@@ -432,7 +433,7 @@ def reference_image(path: Path) -> np.ndarray:
             else f" (a relative path is read from the current folder, {Path.cwd()})"
         )
         raise ConfigError(f"{path}: preprocess.stain_reference image not found{where}")
-    return _reference(str(path), path.stat().st_mtime)
+    return _reference(str(path), path.stat().st_mtime, stain)
 
 
 @functools.lru_cache(maxsize=8)
@@ -463,13 +464,13 @@ def _stained_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return target
 
 
-def _needs_reference(cfg: PreprocessConfig, what: str) -> np.ndarray:
+def _needs_reference(cfg: PreprocessConfig, what: str, stain: str) -> np.ndarray:
     if cfg.stain_reference is None:
         raise ConfigError(
             f"preprocess: {what} needs a reference image; set preprocess.stain_reference "
             "to an image of the target appearance"
         )
-    return reference_image(cfg.stain_reference)
+    return reference_image(cfg.stain_reference, stain)
 
 
 def normalize(
@@ -519,7 +520,7 @@ def normalize(
             # as Macenko, an image with too little stain is left as it is: matched to the
             # reference's spread, glass's noise came out as tissue and a blank field as the
             # dark purple of a nucleus
-            target = lab_stats(_needs_reference(cfg, "reinhard"))
+            target = lab_stats(_needs_reference(cfg, "reinhard", stain))
             # a reference of glass has glass's spread: every image came out one flat colour
             _stained_reference(Path(cfg.stain_reference))
             if (macenko_stains(x) if isinstance(stains, str) else stains) is not None:
@@ -533,7 +534,8 @@ def normalize(
     elif cfg.equalize == "clahe":
         x = clahe(x, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
     elif cfg.equalize == "match":
-        x = match_histograms(x, match_channels(_needs_reference(cfg, "equalize=match"), x.shape[2]))
+        reference = _needs_reference(cfg, "equalize=match", stain)
+        x = match_histograms(x, match_channels(reference, x.shape[2]))
     if cfg.intensity_norm == "percentile":
         x = percentile_norm(x, *cfg.percentiles)
     elif cfg.intensity_norm == "zscore":

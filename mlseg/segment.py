@@ -82,7 +82,7 @@ from mlseg.io import (
     image_stem,
     input_digest,
     match_stem,
-    read_image,
+    read_image_for,
     read_mask,
     warn_if_short_of_memory,
     without_image_extension,
@@ -147,14 +147,6 @@ class SegmentResult:
 
 
 # ----------------------------------------------------------------------------- the step
-def read_profile_image(path: Path | str, profile: Profile) -> np.ndarray:
-    """:func:`mlseg.io.read_image` of an image to segment or measure with ``profile``: an
-    RGBA image's transparent outside is laid over white in bright field (glass) and over
-    black in fluorescence (no light); over white, a fluorescence nucleus there measured as
-    full scale (255) and the outside as saturated signal."""
-    return read_image(path, alpha="black" if profile.stain == "fluorescence" else "white")
-
-
 def check_channels(image: np.ndarray, profile: Profile, path: Path | str) -> None:
     """The image must have the channel count the profile was made for. A grey image also
     passes a fluorescence profile: a single-channel camera image is fluorescence's usual
@@ -281,10 +273,11 @@ def predict_labels(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one image: ``(H, W, C)`` uint8/uint16 -> ``((H, W) int32 labels, probs)``.
 
-    ``image`` as :func:`mlseg.io.read_image` gives it (:func:`image_array` says what else is
-    taken): channels last, in RGB order. OpenCV's ``cv2.imread`` gives BGR; convert it with
-    ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``, since nothing in the pixels tells the two apart
-    and an H&E tile in BGR gave 9 nuclei, none of them on one of its 20.
+    ``image`` as :func:`mlseg.io.read_image_for` gives it for the profile's stain
+    (:func:`image_array` says what else is taken): channels last, in RGB order. OpenCV's
+    ``cv2.imread`` gives BGR; convert it with ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``,
+    since nothing in the pixels tells the two apart and an H&E tile in BGR gave 9 nuclei,
+    none of them on one of its 20.
 
     ``loaded``: a :class:`mlseg.model.LoadedModel`. With ``auto_scale`` (the default) the
     image is brought to the model's scale first: when both the image's and the model's
@@ -992,7 +985,7 @@ def segment_image(
     ``scale_factor``, ``scale_source``, ``est_diameter_px``). The per-image step of
     :func:`segment_folder` and of the ``segment-and-quantify`` flow.
     """
-    image = read_profile_image(path, profile)
+    image = read_image_for(path, profile.stain)
     warn_if_short_of_memory(path, image.shape, SEGMENT_BYTES_PER_PIXEL, "segment")
     check_channels(image, profile, path)
     warn_if_other_modality(loaded, profile)
@@ -1295,7 +1288,7 @@ def quantify_folder(
         check_mask_shape(labels, path)  # outlines or a labelled background measure nonsense
         image = None
         if image_path is not None:
-            image = read_profile_image(image_path, profile)
+            image = read_image_for(image_path, profile.stain)
             check_channels(image, profile, image_path)
             if image.shape[:2] != labels.shape:
                 raise DatasetError(

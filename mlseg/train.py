@@ -62,7 +62,7 @@ from mlseg.errors import (
     some_of,
     writes_named,
 )
-from mlseg.io import read_image, write_table, write_text
+from mlseg.io import read_image_for, write_table, write_text
 from mlseg.model import (
     REFERENCE_KEY,
     autocast_dtype,
@@ -385,8 +385,11 @@ def _compatible(
     # the same path may hold another lab's slide now: every image is normalised to it
     copy, reference = meta.get(REFERENCE_KEY), cfg.preprocess.stain_reference
     both = copy and reference is not None and (folder / copy).is_file() and reference.is_file()
-    # by pixels: the copy is the reference's pixels alone, re-encoded (mlseg.model)
-    if both and not np.array_equal(read_image(folder / copy), read_image(reference)):
+    # by pixels, as training reads them: the copy is the reference's pixels alone,
+    # re-encoded (mlseg.model) without alpha
+    if both and not np.array_equal(
+        read_image_for(folder / copy, data.stain), read_image_for(reference, data.stain)
+    ):
         problems.append(
             f"preprocess.stain_reference: {reference} differs from the image the run "
             f"trained with ({folder / copy})"

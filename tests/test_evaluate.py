@@ -21,7 +21,7 @@ from mlseg.registry import code_version
 SMALL = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
 
 
-def _small_checkpoint(folder, pixel_size_um: float | None = None):
+def _small_checkpoint(folder, pixel_size_um: float | None = None, **saved):
     save_checkpoint(
         folder,
         build_model(SMALL, 3, 3),
@@ -34,6 +34,7 @@ def _small_checkpoint(folder, pixel_size_um: float | None = None):
         pixel_size_um=pixel_size_um,
         name="best",
         nucleus_diameter_px=12.0,
+        **saved,
     )
     return folder
 
@@ -191,7 +192,7 @@ def test_the_worst_cases_of_large_test_images_are_held_at_the_size_they_are_draw
         return np.roll(nuclei, (2, 3), axis=(0, 1)), {"scale_factor": 1.0}
 
     held, drawing = [], []
-    read, plot = ev.read_image, mlseg.plots.plot_worst
+    read, plot = ev.read_image_for, mlseg.plots.plot_worst
 
     def reading(path, *args, **kwargs):
         held.append(tracemalloc.get_traced_memory()[0])
@@ -205,7 +206,7 @@ def test_the_worst_cases_of_large_test_images_are_held_at_the_size_they_are_draw
         return done
 
     monkeypatch.setattr(ev, "predict_image", fake_predict)
-    monkeypatch.setattr(ev, "read_image", reading)
+    monkeypatch.setattr(ev, "read_image_for", reading)
     monkeypatch.setattr(mlseg.plots, "plot_worst", plotting)
     tracemalloc.start()
     try:
@@ -570,6 +571,79 @@ def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
     segment_folder(model, new_set / "original", tmp_path / "seg", profile_name="he", progress=False)
     run = json.loads((tmp_path / "seg" / "run.json").read_text())
     assert "image_hashes" not in run["model_meta"] and run["model_meta"]["split"]
+
+
+def _with_transparent_outside(path) -> None:
+    """Save the image at ``path`` again as an RGBA PNG whose right third is transparent
+    black, as QuPath and OpenSlide export the outside of a field."""
+    import cv2
+
+    from mlseg.io import read_image
+
+    image = read_image(path)
+    alpha = np.full(image.shape[:2], 255, np.uint8)
+    alpha[:, -image.shape[1] // 3 :] = 0
+    rgba = np.dstack([np.where(alpha[..., None] > 0, image, 0), alpha])
+    cv2.imwrite(str(path), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+
+
+@pytest.mark.parametrize("stain", ["fluorescence", "he"])
+def test_training_evaluate_and_segment_see_one_rgba_file_as_the_same_pixels(
+    stain, nuclei_dataset, tmp_path, monkeypatch
+) -> None:
+    """segment laid a fluorescence image's transparent outside over black (no light) while
+    training and evaluate laid it over white, as bright field's glass: the model learnt a
+    saturated outside that segment never showed it, and evaluate scored other pixels than
+    segment measured. One rule now, and the model's record of the images it trained on
+    still finds a copy of one in the test split; bright field reads as it always did."""
+    import shutil
+
+    from mlseg.config import get_profile, load_config
+    from mlseg.data import decode_pairs, prepare_data
+    from mlseg.io import read_image
+    from mlseg.model import load_model
+    from mlseg.segment import segment_image
+
+    profile = get_profile(stain)
+    root = nuclei_dataset(n_train=2, n_test=1, size=48)
+    trained = root / "train" / "original" / "train0.png"
+    _with_transparent_outside(trained)
+    shutil.copy(trained, root / "test" / "original" / "test0.png")
+    shutil.copy(
+        root / "train" / "masks" / "train0_mask.png", root / "test" / "masks" / "test0_mask.png"
+    )
+    cfg = load_config(None)
+    pairs = list_pairs(root, "train", cfg.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny images: no pixel size, few nuclei
+        training = decode_pairs(pairs, cfg.preprocess, profile)[0][0]
+        data = prepare_data(cfg, root, profile, torch.device("cpu"))
+    folder = _small_checkpoint(
+        tmp_path / "model", profile=profile, stain=stain, image_hashes=data.image_hashes
+    )
+    scored = {}
+
+    def spy(loaded, image, *args, **kwargs):
+        scored["image"] = image
+        return np.zeros(image.shape[:2], np.int32), {}
+
+    monkeypatch.setattr(ev, "predict_image", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ev.evaluate(folder, root, tmp_path / "eval", progress=False)
+    loaded = load_model(folder / "best.safetensors")
+    test0 = root / "test" / "original" / "test0.png"
+    segmented = segment_image(loaded, test0, profile, loaded.config.inference)[0]
+
+    outside = 0 if stain == "fluorescence" else 255  # no light; glass
+    assert (segmented[:, -16:] == outside).all()
+    assert np.array_equal(training, segmented)
+    assert np.array_equal(scored["image"], segmented)
+    if stain == "he":  # bright field: as read_image always read it
+        assert segmented.tobytes() == read_image(test0).tobytes()
+    summary = json.loads(result.json_path.read_text())
+    assert ["test0"] in (summary["seen_in_training"] or {}).values()
+    assert any("trained on" in str(w.message) or "checkpoint on" in str(w.message) for w in caught)
 
 
 def test_scoring_the_training_split_under_another_folder_name_is_no_leak(

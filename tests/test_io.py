@@ -329,6 +329,27 @@ def test_a_fluorescence_image_s_transparent_outside_can_be_read_as_black(tmp_pat
         assert (read_image(tmp_path / "f.png")[:, 4:] == 255).all()  # white: 8-bit data
 
 
+def test_an_image_is_read_for_its_stain_by_one_rule_and_bright_field_as_before(tmp_path):
+    """The rule every reader that knows the profile reads by: fluorescence over black, any
+    other stain (and none known) bit for bit as read_image reads it, over white."""
+    import cv2
+
+    from mlseg.io import read_image_for
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, :2] = (100, 200, 50, 255)
+    rgba[:, 2:4] = (100, 200, 50, 128)
+    rgba[:, 4:] = (30, 30, 30, 0)  # transparent, with colour under it
+    cv2.imwrite(str(tmp_path / "f.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    for stain in ("he", "ihc", "none", None):
+        bright = read_image_for(tmp_path / "f.png", stain)
+        assert bright.tobytes() == read_image(tmp_path / "f.png").tobytes()
+        assert bright.dtype == np.uint8 and (bright[:, 4:] == 255).all()
+    dark = read_image_for(tmp_path / "f.png", "fluorescence")
+    assert np.array_equal(dark, read_image(tmp_path / "f.png", alpha="black"))
+    assert (dark[:, 4:] == 0).all()
+
+
 def test_an_image_of_32_bit_integers_keeps_its_values_above_255(tmp_path):
     """A TIFF of int32 values (as some analysis programs save) is read as the 8- or 16-bit
     image that holds its values: 256 stays 256, not wrapped to 0 in 8 bits."""

@@ -301,6 +301,31 @@ def test_the_stain_reference_copy_keeps_its_pixels_not_its_metadata(tmp_path) ->
     assert np.array_equal(read_image(copy), read_image(reference))
 
 
+@pytest.mark.parametrize("stain, outside", [("fluorescence", 0), ("he", 255)])
+def test_the_stain_reference_copy_is_read_as_training_reads_it(tmp_path, stain, outside) -> None:
+    """The copy segment normalises to holds the reference as training read it: an RGBA
+    reference's transparent outside black for fluorescence (it was copied white, saturated
+    signal), white for bright field as before."""
+    import cv2
+    import numpy as np
+
+    from mlseg.config import PreprocessConfig
+    from mlseg.io import read_image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = (60, 120, 90, 255)
+    cv2.imwrite(str(tmp_path / "ref.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    pre = PreprocessConfig(equalize="match", stain_reference=tmp_path / "ref.png")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(
+        ckpt, build_model(SMALL, 3, 3), Config(train=SMALL, preprocess=pre), target="three_class",
+        classes=3, in_channels=3, fingerprint_hash=None, metrics={}, pixel_size_um=None,
+        name="best", stain=stain,
+    )  # fmt: skip
+    copy = read_image(ckpt / "stain_reference.png")
+    assert (copy[:, :4] == (60, 120, 90)).all() and (copy[:, 4:] == outside).all()
+
+
 def test_weights_saved_from_a_compiled_model_load_and_predict_as_eager(tmp_path) -> None:
     # torch.compile's wrapper names every key _orig_mod.<key>: a GPU run's compiled model
     # saved by hand was refused as weights "of another architecture or edited"

@@ -431,6 +431,31 @@ def test_normalize_with_reference_file(tmp_path) -> None:
     assert out.shape == img.shape
 
 
+@pytest.mark.parametrize("stain, outside", [("fluorescence", 0), ("he", 255)])
+def test_a_reference_s_transparent_outside_is_read_as_the_images_are(
+    tmp_path, stain, outside
+) -> None:
+    """equalize: match to an RGBA reference: fluorescence images, whose own outside segment
+    reads as black (no light), were matched to the reference's outside read as white
+    (saturated signal). The reference is read as the profile's images are; bright field's
+    over white, as before."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(20, 200, (24, 24, 3), dtype=np.uint8)
+    alpha = np.full((24, 24, 1), 255, np.uint8)
+    alpha[:, 12:] = 0
+    cv2.imwrite(
+        str(tmp_path / "ref.png"), cv2.cvtColor(np.dstack([rgb, alpha]), cv2.COLOR_RGBA2BGRA)
+    )
+    laid = np.where(alpha > 0, rgb, outside).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "laid.png"), cv2.cvtColor(laid, cv2.COLOR_RGB2BGR))
+    img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = [
+        normalize(img, PreprocessConfig(equalize="match", stain_reference=tmp_path / name), stain)
+        for name in ("ref.png", "laid.png")
+    ]
+    assert np.array_equal(*out)
+
+
 def test_macenko_to_a_reference_file_takes_its_stains(tmp_path) -> None:
     from mlseg.io import write_image
 

@@ -585,6 +585,34 @@ def test_resume_refuses_a_stain_reference_replaced_under_its_name(tmp_path) -> N
         fit(cfg(3), root, tmp_path / "run", progress=False)
 
 
+def test_resume_takes_a_fluorescence_run_s_rgba_reference_as_it_trained_with(tmp_path) -> None:
+    """The copy in the run is the reference as training read it (a fluorescence one's
+    transparent outside black): compared with the reference read over white, the same
+    unchanged file would be refused as another lab's slide."""
+    import cv2
+
+    from mlseg.synth import make_dataset
+
+    root = make_dataset(tmp_path / "ds", n_train=3, n_test=1, size=64, kinds=["fluorescence"])
+    rgb = read_image(root / "train" / "original" / "fluorescence_000.png")
+    alpha = np.full((*rgb.shape[:2], 1), 255, np.uint8)
+    alpha[:, 40:] = 0
+    reference = tmp_path / "reference.png"
+    cv2.imwrite(str(reference), cv2.cvtColor(np.dstack([rgb, alpha]), cv2.COLOR_RGBA2BGRA))
+
+    def cfg(steps):
+        return load_config(
+            None,
+            train={**TINY, "max_steps": steps},
+            preprocess={"equalize": "match", "stain_reference": str(reference)},
+            profile="fluorescence",
+        )
+
+    fit(cfg(1), root, tmp_path / "run", progress=False)
+    assert (read_image(tmp_path / "run" / "stain_reference.png")[:, 40:] == 0).all()
+    assert fit(cfg(2), root, tmp_path / "run", progress=False).steps == 2
+
+
 def test_a_stain_augmentation_that_would_do_nothing_is_refused(synth_dataset, tmp_path) -> None:
     """Nucleus fade and HED jitter act on H&E haematoxylin in [0, 1]: with z-scored images
     they were skipped without a word, and the run trained as if they were off."""
