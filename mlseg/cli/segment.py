@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from mlseg.cli import progress_outputs
+from mlseg.errors import some_of
 
 
 class Units(StrEnum):
@@ -73,9 +74,9 @@ def _report(result, verb: str, units: Units | None = None) -> None:
     if in_px and units != Units.px:  # --units px: pixels were asked for
         # a README-literal run on images without a size gave area_px and no density per mm2,
         # with nothing said: the way to microns was left to be found in the README
-        named = ", ".join(in_px[:3]) + (f" and {len(in_px) - 3} more" if len(in_px) > 3 else "")
         warnings.warn(
-            f"{len(in_px)} of {len(result.summaries)} image(s) have no pixel size ({named}): "
+            f"{len(in_px)} of {len(result.summaries)} image(s) have no pixel size "
+            f"({some_of(in_px)}): "
             "measured in pixels (area_px, no nuclei per mm2); give --pixel-sizes sizes.csv "
             "(stem,pixel_size_um) or --pixel-size to measure in microns, or --units px to "
             "say pixels are meant",
