@@ -498,6 +498,45 @@ def _pixel_size(
     return None, "unknown"
 
 
+def describe_pixel_sizes(manifest: pd.DataFrame, root: str | Path = ".") -> str:
+    """One line on the pixel sizes ``manifest`` (of the dataset at ``root``) records (pure):
+    how many images have one, which, and where from; where some have none, what training
+    does with them and how to give them.
+
+    E.g. ``pixel sizes: 2 of 4 images have one (2 at 0.5 um; from table: 2); 2 have none:
+    ...``. Nothing else tells a 20x tile from a 40x one: a set ingested without sizes
+    trained each image at its own scale, and ingest said nothing."""
+    n = len(manifest)
+    known = manifest[manifest["pixel_size_um"].notna()]
+    advice = (
+        "give each image its microns per pixel: ingest again into a new folder with "
+        "--pixel-sizes sizes.csv (stem,pixel_size_um) or --pixel-size, or fill the "
+        f"pixel_size_um column of {Path(root) / MANIFEST}"
+    )
+    if known.empty:
+        return (
+            f"pixel sizes: none of the {n} images has one (no --pixel-sizes table, "
+            "--pixel-size, sidecar, TIFF metadata or annotation gave one), so training "
+            "cannot tell 20x from 40x tiles: it keeps each at its own scale and the model's "
+            f"pixel size is unknown, unless the run's profile sets pixel_size_um; {advice}"
+        )
+    counts = known["pixel_size_um"].round(4).value_counts().sort_index()
+    sized = ", ".join(f"{count} at {um:g} um" for um, count in counts.items())
+    sources = ", ".join(
+        f"{source}: {count}"
+        for source, count in known["pixel_size_source"].value_counts().sort_index().items()
+    )
+    has = "has" if len(known) == 1 else "have"
+    line = f"pixel sizes: {len(known)} of {n} images {has} one ({sized}; from {sources})"
+    if len(known) == n:
+        return line
+    missing = n - len(known)
+    return (
+        f"{line}; {missing} {'has' if missing == 1 else 'have'} none: training keeps those at their own scale, "
+        f"unless the run's profile sets pixel_size_um; {advice}"
+    )
+
+
 def _place(src: Path, dst: Path, link: bool) -> None:
     if link:
         try:

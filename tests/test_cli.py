@@ -275,9 +275,10 @@ def test_a_job_log_says_how_far_ingest_is_now_and_then(
         "ingest, writing: 3/6 pairs (50%), 1 min elapsed, about 1 min left",
         "ingest, writing: 6/6 pairs (100%), 3 min elapsed",
     ]
-    assert captured.out.splitlines() == [
+    assert captured.out.splitlines()[0] == (
         f"ingested 6 pairs (contract layout; test: 2, train: 4) into {tmp_path / 'log'}"
-    ]
+    )
+    assert [line.split(":")[0] for line in captured.out.splitlines()[1:]] == ["pixel sizes"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["ingest", str(root), str(tmp_path / "terminal")]) == 0
     err = capsys.readouterr().err
@@ -480,6 +481,32 @@ def test_pixel_size_help_says_which_of_size_and_table_wins(tmp_path, capsys, mon
     assert main([*argv, "--pixel-size", "0.5"]) == 0
     manifest = pd.read_csv(tmp_path / "ds" / "manifest.csv").set_index("stem")
     assert manifest.loc["a", "pixel_size_um"] == 0.25 and manifest.loc["b", "pixel_size_um"] == 0.5
+
+
+def test_ingest_says_how_many_images_have_a_pixel_size(tmp_path, capsys):
+    """CPM15 (20x and 40x tiles) ingested without --pixel-sizes printed only "ingested 15
+    pairs": nothing said that no image had a pixel size, so training could not tell the
+    scales apart. The summary counts the images with a size, by value and source, and says
+    what to do for those without."""
+    src = tmp_path / "src"
+    for stem in ("a", "b"):
+        write_image(src / "original" / f"{stem}.png", np.full((8, 8, 3), 200, np.uint8))
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:6, 2:6] = 1
+        write_image(src / "masks" / f"{stem}_mask.png", mask)
+    assert main(["ingest", str(src), str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert "pixel sizes: none of the 2 images has one" in out
+    assert "--pixel-sizes sizes.csv" in out and str(tmp_path / "none" / "manifest.csv") in out
+    (tmp_path / "sizes.csv").write_text("stem,pixel_size_um\na,0.25\n")
+    argv = ["ingest", str(src), str(tmp_path / "one"), "--pixel-sizes", str(tmp_path / "sizes.csv")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pixel sizes: 1 of 2 images has one (1 at 0.25 um; from table: 1); 1 has none" in out
+    argv = ["ingest", str(src), str(tmp_path / "all"), "--pixel-size", "0.5"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == "pixel sizes: 2 of 2 images have one (2 at 0.5 um; from argument: 2)"
 
 
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])

@@ -78,6 +78,7 @@ def ingest(
     config: ConfigOpt = None,
 ) -> None:
     """Import a dataset into the mlseg layout with a seeded train/test split and a manifest."""
+    from mlseg.ingest import describe_pixel_sizes
     from mlseg.ingest import ingest as run_ingest
 
     bar, log = progress_outputs()
@@ -98,6 +99,7 @@ def ingest(
     typer.echo(
         f"ingested {len(result.manifest)} pairs ({result.layout} layout; {counts}) into {result.root}"
     )
+    typer.echo(describe_pixel_sizes(result.manifest, result.root))
 
 
 def synth(
