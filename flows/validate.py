@@ -27,6 +27,7 @@ from flows import artifacts
 from flows.common import (
     data_path,
     log_warnings,
+    run_config,
     run_log,
     temporary_server_apart,
     user_errors_exit,
@@ -39,7 +40,9 @@ from mlseg.inventory import (
     build_inventory,
     check_output_dir,
     load_validate_config,
+    pixel_size_summary,
     read_errors,
+    run_profile,
     write_inventory,
 )
 
@@ -72,9 +75,14 @@ def artifact_key(root: str) -> str:
     return f"dataset-validation-{slug or 'dataset'}"
 
 
-def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = None) -> str:
+def summary_markdown(
+    report: ValidationReport,
+    inventory: pd.DataFrame | None = None,
+    pixel_sizes: list[str] | None = None,
+) -> str:
     """Verdict, then each failed expectation with its fix and first files, then why each
-    unreadable file of ``inventory`` (its files table) is unreadable."""
+    unreadable file of ``inventory`` (its files table) is unreadable, then ``pixel_sizes``
+    (:func:`mlseg.inventory.pixel_size_summary`'s lines, as ``mlseg validate`` prints them)."""
     verdict = "passed" if report.success else "**FAILED**"
     lines = [
         f"# Dataset validation: {verdict}",
@@ -94,19 +102,27 @@ def summary_markdown(report: ValidationReport, inventory: pd.DataFrame | None = 
     unreadable = read_errors(inventory) if inventory is not None else []
     if unreadable:
         lines += ["", "Unreadable files:", *(f"- {artifacts.plain(line)}" for line in unreadable)]
+    if pixel_sizes:
+        lines += ["", "Pixel sizes:", *(f"- {artifacts.plain(line)}" for line in pixel_sizes)]
     versions = ", ".join(f"{k} v{v}" for k, v in sorted(report.suite_versions.items()))
     lines += ["", f"Suites: {versions}."]
     return "\n".join(lines)
 
 
 @task(name="publish-validation", cache_policy=NO_CACHE)
-def publish_task(report: ValidationReport, inventory: pd.DataFrame | None = None) -> None:
+def publish_task(
+    report: ValidationReport,
+    inventory: pd.DataFrame | None = None,
+    pixel_sizes: list[str] | None = None,
+) -> None:
     key = artifact_key(report.root)
     rows = report.to_frame()[
         ["severity", "rule", "success", "n_failed", "n_checked", "first_failed"]
     ]
     artifacts.table(key, rows, f"one row per expectation over the inventory of {report.root}")
-    artifacts.markdown(f"{key}-summary", summary_markdown(report, inventory), "validation verdict")
+    artifacts.markdown(
+        f"{key}-summary", summary_markdown(report, inventory, pixel_sizes), "validation verdict"
+    )
 
 
 @flow(name="validate-dataset", flow_run_name="validate {data_root}", log_prints=True)
@@ -150,6 +166,7 @@ def validate_dataset_flow(
         workers=workers,
         overrides=overrides,
     )
+    profile = run_profile(run_config(config, overrides))  # a bad profile before the reading
     root = data_path(data_root, "data_root")
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
@@ -161,8 +178,14 @@ def validate_dataset_flow(
     inventory = inventory_task(str(root), cfg)
     outputs = write_inventory_task(inventory, out)
     report = suites_task(inventory, out)
-    publish_task(report, inventory.files)
-    get_run_logger().info(
+    # which size each split's images train or are scored at, and for those without one what
+    # the run's profile gives and what training makes of it, as mlseg validate prints it
+    pixel_sizes = pixel_size_summary(inventory.files, *profile)
+    publish_task(report, inventory.files, pixel_sizes)
+    logger = get_run_logger()
+    for line in pixel_sizes:
+        logger.info("pixel sizes, %s", line)
+    logger.info(
         "validated %s: %d error(s), %d warning(s); see %s",
         root,
         len(report.errors),

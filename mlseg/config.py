@@ -807,3 +807,16 @@ def get_profile(name: str, path: str | Path | None = None) -> Profile:
             f"{where}: unknown profile {name!r}; choose one of {', '.join(sorted(profiles))}"
         )
     return profiles[name]
+
+
+def effective_preprocess(cfg: Config, profile: Profile) -> PreprocessConfig:
+    """The profile's preprocessing with the keys the run config sets explicitly on top.
+
+    Field by field: a run config that only sets ``preprocess.target_pixel_size_um`` keeps
+    the profile's ``stain_norm``; one that sets ``stain_norm: none`` switches it off."""
+    if "preprocess" not in cfg.model_fields_set:
+        return profile.preprocess
+    own = cfg.preprocess
+    return profile.preprocess.model_copy(
+        update={key: getattr(own, key) for key in own.model_fields_set}
+    )

@@ -44,11 +44,12 @@ from mlseg.augment import (
     source_coords,
     to_device,
 )
-from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile
+from mlseg.config import AugmentConfig, Config, PreprocessConfig, Profile, effective_preprocess
 from mlseg.dataset import Pair, dataset_fingerprint, list_pairs, mask_kind, mask_to_labels
 from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
 from mlseg.inventory import bounded_map, turn_free_hash
 from mlseg.io import available_memory, image_size, read_image_for, read_mask
+from mlseg.pixel_size import training_scale
 from mlseg.preprocess import normalize, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
@@ -65,24 +66,6 @@ TRAIN_BYTES_PER_PIXEL = 16
 
 
 # ----------------------------------------------------------------------------- decoding
-def effective_preprocess(cfg: Config, profile: Profile) -> PreprocessConfig:
-    """The profile's preprocessing with the keys the run config sets explicitly on top.
-
-    Field by field: a run config that only sets ``preprocess.target_pixel_size_um`` keeps
-    the profile's ``stain_norm``; one that sets ``stain_norm: none`` switches it off."""
-    if "preprocess" not in cfg.model_fields_set:
-        return profile.preprocess
-    own = cfg.preprocess
-    return profile.preprocess.model_copy(
-        update={key: getattr(own, key) for key in own.model_fields_set}
-    )
-
-
-#: Pixel sizes within this ratio of each other count as one scale: resampling by a few percent
-#: would only blur the images (two scanners' "40x" differ by that much).
-SAME_SCALE_RATIO = 1.1
-
-
 def training_pixel_size(
     pairs: list[Pair], pp: PreprocessConfig, profile: Profile
 ) -> tuple[float | None, bool]:
@@ -90,9 +73,9 @@ def training_pixel_size(
 
     ``preprocess.target_pixel_size_um`` when set. Otherwise, as nnU-Net chooses its target
     spacing, the median of the training images' known pixel sizes, but only when they span
-    more than :data:`SAME_SCALE_RATIO` (a mix of 20x and 40x tiles): a model trained on two
-    scales at once learns neither. Within that ratio the images keep their own grid and the
-    median is recorded. ``None`` when no size is known, the target's too: no image could be
+    more than :data:`mlseg.pixel_size.SAME_SCALE_RATIO` (a mix of 20x and 40x tiles): a
+    model trained on two scales at once learns neither. Within that ratio the images keep
+    their own grid and the median is recorded (:func:`mlseg.pixel_size.training_scale`). ``None`` when no size is known, the target's too: no image could be
     resampled to it, so the model's scale is unknown (a warning says so). Images without a
     pixel size (and no profile size) cannot be resampled; a warning names how many when
     others are.
@@ -113,12 +96,12 @@ def training_pixel_size(
                 stacklevel=3,
             )
         return None, False
-    median = float(np.median(known))
-    if target is None and known.max() / known.min() <= SAME_SCALE_RATIO:
-        return (median if known.size == len(sizes) else None), False
+    um, resampled = training_scale(sizes, target)
+    if not resampled:
+        return um, False
     unknown = [p.image.name for p, s in zip(pairs, sizes, strict=True) if s is None]
     if unknown:
-        to = f"{target:g} um" if target is not None else f"the median, {median:g} um"
+        to = f"{target:g} um" if target is not None else f"the median, {um:g} um"
         advice = "" if target is not None else " or set preprocess.target_pixel_size_um"
         warnings.warn(
             f"{len(unknown)} of {len(pairs)} training images have no pixel size "
@@ -128,7 +111,7 @@ def training_pixel_size(
             f"pixel size (manifest.csv){advice}.",
             stacklevel=3,
         )
-    return (median if target is None else target), True
+    return um, True
 
 
 def warn_if_split_short_of_memory(

@@ -36,7 +36,8 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
   metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``pixel_size_um`` and
   ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
-  :func:`mlseg.dataset.list_pairs` picks it; null = unknown, the profile's applies);
+  :func:`mlseg.dataset.list_pairs` picks it; null = none declared: the run's profile's
+  ``pixel_size_um`` where it sets one, else unknown);
 - contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
   this row (see ``expectations/README.md``): ``location_ok``, ``extension_ok``, ``name_ok``,
   ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
@@ -76,7 +77,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mlseg.config import DataConfig, Strict
+from mlseg.config import Config, DataConfig, Profile, Strict
 from mlseg.dataset import (
     SPLITS,
     image_stem_of_mask,
@@ -911,12 +912,31 @@ def split_summary(
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
 
 
-def pixel_size_summary(files: pd.DataFrame) -> list[str]:
-    """One line per split: how many images have which pixel size, and from where (pure).
+def run_profile(run: Config) -> tuple[Profile, float | None]:
+    """The profile a training of run config ``run`` uses, and the pixel size it resamples
+    to (``preprocess.target_pixel_size_um``, ``None`` = chosen from the images), for
+    :func:`pixel_size_summary`."""
+    from mlseg.config import effective_preprocess, get_profile
 
-    E.g. ``train: 7 at 0.25 um, 5 at 0.5 um (manifest); 2 unknown (the profile's applies)``.
+    profile = get_profile(run.profile, run.profiles_file)
+    return profile, effective_preprocess(run, profile).target_pixel_size_um
+
+
+def pixel_size_summary(
+    files: pd.DataFrame, profile: Profile | None = None, target_um: float | None = None
+) -> list[str]:
+    """One line per split: how many images have which pixel size, and from where, then
+    what training does with the training images that have none (pure).
+
+    E.g. ``train: 7 at 0.25 um, 5 at 0.5 um (manifest); 2 unknown (profile he sets none)``,
+    then ``training: 2 of 14 training images have no pixel size and profile he sets none:
+    ...`` (:func:`mlseg.pixel_size.training_scale_note`). ``profile`` is the run's (its
+    ``pixel_size_um`` is taken by images without one), ``target_um`` its
+    ``preprocess.target_pixel_size_um``; without a profile the unknown are only counted.
     """
-    lines = []
+    from mlseg.pixel_size import training_scale_note
+
+    lines, note = [], None
     usable = files["role"].eq("image") & files["split"].notna() & files["extension_ok"].eq(True)
     for split, part in files[usable].groupby("split", sort=True):
         known = part[part["pixel_size_um"].notna()]
@@ -925,10 +945,19 @@ def pixel_size_summary(files: pd.DataFrame) -> list[str]:
         sized = ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
         unknown = int(part["pixel_size_um"].isna().sum())
         parts = [f"{sized} ({sources})"] if sized else []
-        if unknown:
-            parts.append(f"{unknown} unknown (the profile's applies)")
+        if unknown and profile is None:
+            parts.append(f"{unknown} unknown")
+        elif unknown and profile.pixel_size_um is None:
+            parts.append(f"{unknown} unknown (profile {profile.name} sets none)")
+        elif unknown:
+            parts.append(
+                f"{unknown} unknown, at profile {profile.name}'s {profile.pixel_size_um:g} um"
+            )
         lines.append(f"{split}: " + "; ".join(parts))
-    return lines
+        if split == "train" and profile is not None:
+            sizes = [None if pd.isna(um) else float(um) for um in part["pixel_size_um"]]
+            note = training_scale_note(sizes, profile, target_um)
+    return lines + ([f"training: {note}"] if note else [])
 
 
 def read_errors(files: pd.DataFrame, limit: int = 10) -> list[str]:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import statistics
 import warnings
 from pathlib import Path
 
@@ -330,3 +331,57 @@ def _ome_um(xml: str) -> tuple[float, float | None] | None:
             sizes.append(float(element.attrib[f"PhysicalSize{axis}"]) * factor)
         return sizes[0], sizes[1]
     return None
+
+
+# ----------------------------------------------------------------------------- training scale
+#: Pixel sizes within this ratio of each other count as one scale: resampling by a few percent
+#: would only blur the images (two scanners' "40x" differ by that much).
+SAME_SCALE_RATIO = 1.1
+
+
+def training_scale(sizes: list[float | None], target_um: float | None) -> tuple[float | None, bool]:
+    """``(microns per pixel a model of images of these sizes trains at, whether they are
+    resampled to it)`` (pure; ``None`` = unknown): the rule of
+    :func:`mlseg.data.training_pixel_size`, apart from its warnings, so that ``mlseg
+    validate`` can say what training will do. ``sizes``: each training image's, the
+    profile's where it has none."""
+    known = [s for s in sizes if s is not None]
+    if not known:
+        return None, False
+    median = float(statistics.median(known))
+    if target_um is None and max(known) / min(known) <= SAME_SCALE_RATIO:
+        return (median if len(known) == len(sizes) else None), False
+    return (median if target_um is None else target_um), True
+
+
+def training_scale_note(
+    image_sizes: list[float | None], profile: Profile, target_um: float | None = None
+) -> str | None:
+    """What training does with the training images that have no pixel size of their own
+    (``None`` in ``image_sizes``), in one sentence for ``mlseg validate``; ``None`` where
+    every image has one. With the profile's ``pixel_size_um`` they take it; without, a
+    model whose pixel size is unknown scales every image it segments by its nuclei, and a
+    set mixing scales keeps those images at theirs while the others are resampled."""
+    unknown = sum(s is None for s in image_sizes)
+    if not unknown:
+        return None
+    name = f"profile {profile.name}"
+    some = f"{unknown} of {len(image_sizes)} images {'has' if unknown == 1 else 'have'} none"
+    if profile.pixel_size_um is not None:
+        train = "trains" if unknown == 1 else "train"
+        return f"{some} and {train} at {name}'s {profile.pixel_size_um:g} um"
+    um, _ = training_scale(list(image_sizes), target_um)
+    advice = (
+        "give each image its size (mlseg ingest --pixel-sizes, manifest.csv's pixel_size_um "
+        "or a JSON sidecar) or set pixel_size_um in the profile"
+    )
+    if um is None:
+        return (
+            f"{some} and {name} sets none, so the model's pixel size will be unknown: mlseg "
+            f"segment and evaluate then scale each image by the size of its nuclei; {advice}"
+        )
+    stay = "it stays at its" if unknown == 1 else "they stay at their"
+    return (
+        f"{some} and {name} sets none: {stay} own scale, 20x or 40x, while the others are "
+        f"resampled to {um:g} um; {advice}"
+    )

@@ -83,6 +83,10 @@ def test_flow_passes_publishes_and_returns_the_fingerprint_hash(harness, nuclei_
     with get_client(sync_client=True) as client:  # the dashboard names the run by its data
         assert client.read_flow_run(state.state_details.flow_run_id).name == f"validate {root}"
     assert "passed" in artifacts["dataset-validation-good-summary"].data
+    # as mlseg validate prints it: what the images without a pixel size train at
+    summary = artifacts["dataset-validation-good-summary"].data
+    assert "unknown (profile he sets none)" in summary
+    assert "the model's pixel size will be unknown" in summary
     # a corrected mask is new training data: the registered fingerprint and the resume check
     # must see it (the inventory's drift fingerprint covers the images only)
     mask = next((root / "train" / "masks").iterdir())

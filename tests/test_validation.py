@@ -148,8 +148,8 @@ def test_a_clean_dataset_passes_every_expectation(nuclei_dataset):
     assert report.success and report.failed_rules() == []
     assert all(o.n_checked > 0 for o in report.outcomes)
     assert pixel_size_summary(inventory.files) == [
-        "test: 1 at 0.25 um (metadata); 1 unknown (the profile's applies)",
-        "train: 1 at 0.5 um (manifest); 2 unknown (the profile's applies)",
+        "test: 1 at 0.25 um (metadata); 1 unknown",
+        "train: 1 at 0.5 um (manifest); 2 unknown",
     ]
     sizes = inventory.files.set_index("path")
     assert sizes.loc["train/original/train0.png", "pixel_size_um"] == 0.5
@@ -242,6 +242,44 @@ def test_a_mask_drawn_on_the_exif_turned_view_is_explained(nuclei_dataset, tmp_p
         ingest(src, tmp_path / "ds", progress=False)
 
 
+def test_validate_says_what_the_profile_gives_images_without_a_pixel_size(nuclei_dataset):
+    """mlseg validate printed "3 unknown (the profile's applies)" with the he profile, which
+    sets no pixel size: nothing applied, and nothing said that the model's pixel size would
+    then be unknown, or that in a set mixing scales those images are not resampled. It says
+    what each profile gives them and what training makes of it."""
+    from mlseg.config import get_profile
+
+    he = get_profile("he")
+    at_40x = he.model_copy(update={"name": "he40", "pixel_size_um": 0.25})
+    root = nuclei_dataset()
+    files = build_inventory(root).files
+    assert pixel_size_summary(files, he) == [
+        "test: 2 unknown (profile he sets none)",
+        "train: 3 unknown (profile he sets none)",
+        "training: 3 of 3 images have none and profile he sets none, so the model's pixel "
+        "size will be unknown: mlseg segment and evaluate then scale each image by the size "
+        "of its nuclei; give each image its size (mlseg ingest --pixel-sizes, manifest.csv's "
+        "pixel_size_um or a JSON sidecar) or set pixel_size_um in the profile",
+    ]
+    assert pixel_size_summary(files, at_40x) == [
+        "test: 2 unknown, at profile he40's 0.25 um",
+        "train: 3 unknown, at profile he40's 0.25 um",
+        "training: 3 of 3 images have none and train at profile he40's 0.25 um",
+    ]
+    # 20x and 40x tiles: the one without a size is left at its scale, the others resampled
+    with_pixel_sizes(root, {"train/train0": 0.5, "train/train1": 0.25}, {})
+    lines = pixel_size_summary(build_inventory(root).files, he)
+    assert (
+        lines[1] == "train: 1 at 0.25 um, 1 at 0.5 um (manifest); 1 unknown (profile he sets none)"
+    )
+    assert lines[2].startswith(
+        "training: 1 of 3 images has none and profile he sets none: it stays at its own "
+        "scale, 20x or 40x, while the others are resampled to 0.375 um"
+    )
+    files = build_inventory(root).files
+    assert "resampled to 0.25 um" in pixel_size_summary(files, he, target_um=0.25)[2]
+
+
 def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
     # BIDS microscopy keeps a <stem>.json beside each image: not a stray or a bad extension.
     root = nuclei_dataset()
@@ -254,9 +292,7 @@ def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
     assert report.failed_rules("error") == ["allowed_extension"]
     assert_caught(report, "allowed_extension", {"train/original/notes.json"})
     assert_caught(report, "metadata_pixel_size_plausible", {"train/original/train1.png"})
-    assert pixel_size_summary(inventory.files)[1] == (
-        "train: 1 at 0.5 um (metadata); 2 unknown (the profile's applies)"
-    )
+    assert pixel_size_summary(inventory.files)[1] == ("train: 1 at 0.5 um (metadata); 2 unknown")
     (original / "notes.json").unlink()
     # An OME-TIFF's sidecar as BIDS names it, without ".ome": slide.ome.tif + slide.json.
     import tifffile
@@ -772,7 +808,7 @@ def test_cli_exit_codes_table_and_default_output_folder(
     assert main(["validate", str(root)]) == 0
     out = capsys.readouterr().out
     assert "passed" in out and "not_blank" in out
-    assert "pixel sizes, train: 3 unknown (the profile's applies)" in out
+    assert "pixel sizes, train: 3 unknown (profile he sets none)" in out
     assert (tmp_path / "validation" / "ds" / "data_docs" / "index.html").is_file()
     assert str(Path("validation", "ds", "validation.html")) in out
 

@@ -54,9 +54,11 @@ def print_report(report: Any, console: Any = None) -> None:
             console.print(Text.assemble((o.rule, colour), ": ", o.fix))
 
 
-def _print_inventory(inventory: str | None) -> None:
+def _print_inventory(inventory: str | None, profile: tuple[Any, float | None]) -> None:
     """Why each unreadable file is unreadable, and which pixel size each split's images will
-    train or be scored at, and from where."""
+    train or be scored at, and from where: for those without one, what the run's profile
+    and target size (``profile``, :func:`mlseg.inventory.run_profile`) give and what
+    training makes of it."""
     import pandas as pd
 
     from mlseg.inventory import pixel_size_summary, read_errors
@@ -65,7 +67,7 @@ def _print_inventory(inventory: str | None) -> None:
         files = pd.read_parquet(inventory)
         for line in read_errors(files):
             typer.echo(f"unreadable: {line}")
-        for line in pixel_size_summary(files):
+        for line in pixel_size_summary(files, *profile):
             typer.echo(f"pixel sizes, {line}")
 
 
@@ -104,17 +106,19 @@ def validate(
     warnings are reported. The dataset is only read.
     """
     from expectations import validate_dataset
-    from mlseg.inventory import load_validate_config
+    from mlseg.config import load_config
+    from mlseg.inventory import load_validate_config, run_profile
 
     cfg = load_validate_config(
         config, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
     )
+    profile = run_profile(load_config(config))  # training's; a bad one before the reading
     out = out if out is not None else Path("validation") / directory.resolve().name
     bar, log = progress_outputs(False if quiet else None)
     report = validate_dataset(directory, out, cfg, progress=bar, log=log)
     if not quiet:
         print_report(report)
-        _print_inventory(report.outputs.get("inventory"))
+        _print_inventory(report.outputs.get("inventory"), profile)
         typer.echo(f"report: {report.page}")
         typer.echo(f"Data Docs (needs an internet connection): {report.data_docs}")
         typer.echo(
