@@ -26,7 +26,7 @@ def fit_task(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train; returns paths and numbers (JSON-ready) of :class:`mlseg.train.TrainResult`."""
-    from mlseg.train import fit
+    from mlseg.train import describe_scale, fit
 
     cfg = run_config(config, overrides)
     result = fit(
@@ -47,6 +47,8 @@ def fit_task(
         "images_per_s": float(result.images_per_s),
         "train_images": result.train_images,
         "val_images": result.val_images,
+        "pixel_size_um": result.pixel_size_um,
+        "scale": describe_scale(result.pixel_size_um, result.image_pixel_sizes),
         "history_csv": str(Path(result.out_dir) / "history.csv"),
         "curves_png": str(Path(result.out_dir) / "training_curves.png"),
         "out_dir": str(result.out_dir),
@@ -115,6 +117,8 @@ def train_model(
         result.get("val_images"),
     )
     get_run_logger().info("%s; checkpoint %s", done, result["checkpoint"])
+    if result.get("scale"):  # absent from a result cached by an older release
+        get_run_logger().info("%s", result["scale"])
     history = Path(result["history_csv"])
     if history.is_file():
         artifacts.table(

@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -74,6 +75,7 @@ from mlseg.model import (
     resolve_device,
     save_checkpoint,
 )
+from mlseg.pixel_size import SAME_SCALE_RATIO
 from mlseg.registry import code_version, package_versions
 from mlseg.targets import num_classes
 
@@ -103,6 +105,9 @@ class TrainResult:
     out_dir: Path
     train_images: int = 0  # images patches were drawn from
     val_images: int = 0  # images held back for validation (data.val_fraction)
+    pixel_size_um: float | None = None  # the model's (meta.json); None = unknown
+    # each training image's microns per pixel as read (the profile's where it declares none)
+    image_pixel_sizes: dict[str, float | None] = field(default_factory=dict)
 
 
 def describe(
@@ -127,6 +132,50 @@ def describe(
         return f"{done}; no validation Dice: best.safetensors has the lowest training loss"
     dice = "n/a" if best_val_dice is None else f"{best_val_dice:.4f}"
     return f"{done}; best validation Dice {dice}"
+
+
+def describe_scale(pixel_size_um: float | None, image_pixel_sizes: dict[str, float | None]) -> str:
+    """One line on the pixel size a model was trained at, and what that costs the images it
+    segments: a run that picked 0.25 um, the median of CPM15's 20x and 40x tiles, said
+    nothing of it, and 20x images are then enlarged 2x, at about 4x the inference time.
+    ``image_pixel_sizes``: each training image's, as ``meta.json`` keeps them (``None`` =
+    unknown)."""
+    known = [um for um in image_pixel_sizes.values() if um is not None]
+    if pixel_size_um is None:
+        unknown = len(image_pixel_sizes) - len(known)
+        why = (
+            "no training image has one"
+            if not known
+            else f"{unknown} of {len(image_pixel_sizes)} training images have none"
+        )
+        return (
+            f"pixel size: unknown ({why}); segment scales each image by the size of its "
+            "nuclei (inference.auto_scale)"
+        )
+    mixed = bool(known) and max(known) / min(known) > SAME_SCALE_RATIO
+    if mixed and pixel_size_um == statistics.median(known):
+        why = f"the median of the training images' {min(known):g}-{max(known):g} um"
+    elif not mixed and known and pixel_size_um == statistics.median(known):
+        why = "the training images' own"
+    else:
+        why = "preprocess.target_pixel_size_um"
+    # what the training images' own scales cost when segmented so: enlarging the coarsest
+    # (a 20x image for a 40x model) takes the square of the factor in time
+    costs = []
+    coarse = max(known) if mixed else 2 * pixel_size_um
+    if coarse > pixel_size_um:
+        factor = coarse / pixel_size_um
+        costs.append(
+            f"one at {coarse:g} um is enlarged {factor:.3g}x, taking about {factor**2:.3g}x "
+            "the time"
+        )
+    if mixed and min(known) < pixel_size_um:
+        costs.append(f"one at {min(known):g} um shrunk {pixel_size_um / min(known):.3g}x")
+    cost = ", ".join(costs)
+    return (
+        f"pixel size: trained at {pixel_size_um:g} um/px ({why}); segment resamples every "
+        f"image of known size to it and measures it at its own: {cost}"
+    )
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -969,4 +1018,6 @@ def _result(run: _Run, images_per_s: float) -> TrainResult:
         out_dir=run.out,
         train_images=len(run.data.train_stems),
         val_images=len(run.data.val_stems),
+        pixel_size_um=run.data.pixel_size_um,
+        image_pixel_sizes=dict(run.data.image_pixel_sizes),
     )

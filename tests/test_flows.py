@@ -1422,6 +1422,8 @@ def test_the_train_flow_logs_each_epoch_to_the_dashboard(
     assert state.is_completed()
     logs = flow_logs(state.state_details.flow_run_id, logging.INFO)
     assert any(line.startswith("epoch 2 step 4: loss=") for line in logs), logs
+    # and, as mlseg train prints it, the pixel size the model was trained at
+    assert state.result()["scale"].startswith("pixel size: ")
 
 
 def test_the_evaluate_flow_says_how_far_it_is_in_its_run_log(

@@ -496,6 +496,39 @@ def test_a_training_split_larger_than_the_memory_left_is_named_before_it_is_deco
     assert "train on fewer images or crops of them" in line
 
 
+def test_train_says_which_pixel_size_the_model_was_trained_at(tmp_path, capsys) -> None:
+    """Trained on CPM15's 20x and 40x tiles, mlseg train picked 0.25 um, the median of the
+    training images, and its last lines did not say so: nothing told the user that every
+    20x image would then be enlarged 2x, at about 4x the inference time. The summary names
+    the size meta.json records, where it came from and what it costs."""
+    import yaml
+
+    from mlseg.cli import main
+    from mlseg.train import describe_scale
+
+    root = _magnifications(tmp_path / "ds", [0.5, 0.25, 0.25])
+    config = tmp_path / "run.yaml"
+    run = {"train": {**TINY, "max_steps": 1}, "data": {"val_fraction": 0.0}}
+    config.write_text(yaml.safe_dump(run))
+    out = tmp_path / "run"
+    argv = ["train", str(config), "--data", str(root), "--out", str(out), "--no-validate"]
+    assert main([*argv, "--quiet"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert json.loads((out / "meta.json").read_text())["pixel_size_um"] == 0.25
+    assert last == (
+        "pixel size: trained at 0.25 um/px (the median of the training images' 0.25-0.5 um); "
+        "segment resamples every image of known size to it and measures it at its own: one at "
+        "0.5 um is enlarged 2x, taking about 4x the time"
+    )
+    assert describe_scale(None, {"a": None, "b": None}) == (
+        "pixel size: unknown (no training image has one); segment scales each image by the "
+        "size of its nuclei (inference.auto_scale)"
+    )
+    one_scale = describe_scale(0.5, {"a": 0.5, "b": 0.5})
+    assert "0.5 um/px (the training images' own)" in one_scale and "one at 1 um" in one_scale
+    assert "(preprocess.target_pixel_size_um)" in describe_scale(0.3, {"a": 0.25, "b": 0.5})
+
+
 def test_train_boundary_px_reaches_the_training_targets(tmp_path) -> None:
     """train.boundary_px is the width of the boundary class the model is trained on: a
     mutant that left it out of prepare_data (every run trained on 1-px boundaries, whatever

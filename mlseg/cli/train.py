@@ -78,7 +78,7 @@ def train(
 ) -> None:
     """Train a model; re-running on the same --out resumes from the last checkpoint."""
     from mlseg.model import check_names
-    from mlseg.train import describe, fit
+    from mlseg.train import describe, describe_scale, fit
 
     cfg, root = _load(config, data, max_steps, device)
     check_names(cfg.train)  # not after the validation
@@ -97,6 +97,7 @@ def train(
         result.val_images,
     )
     typer.echo(f"{done}; checkpoints in {result.out_dir}")
+    typer.echo(describe_scale(result.pixel_size_um, result.image_pixel_sizes))
 
 
 def evaluate(
