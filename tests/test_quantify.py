@@ -95,6 +95,22 @@ def test_orientation_of_a_horizontal_nucleus_is_0_not_180():
     )
 
 
+def test_orientation_turns_counter_clockwise_as_displayed_as_the_readme_says():
+    """README: orientation_deg is from the x axis, counter-clockwise as the image is shown
+    (rows run down), in [0, 180), and scikit-image's orientation maps to it by
+    (degrees + 90) % 180. A bar rising to the right on screen is 45, falling 135."""
+    from skimage.measure import regionprops
+
+    labels = np.zeros((40, 40), np.int32)
+    for i in range(30):  # rising to the right: row falls as column grows
+        labels[34 - i, 5 + i] = labels[34 - i, 6 + i] = 1
+        labels[5 + i, 5 + i] = labels[5 + i, 6 + i] = 2  # falling to the right
+    table = measure(labels, None, HE, pixel_size_um=None)
+    assert table["orientation_deg"].tolist() == pytest.approx([45.0, 135.0], abs=1.0)
+    ours = [(np.degrees(r.orientation) + 90) % 180 for r in regionprops(labels)]
+    assert table["orientation_deg"].tolist() == pytest.approx(ours, abs=1e-6)
+
+
 def test_microns_and_pixels_columns():
     labels = ellipse_mask((60, 60), 30, 30, 10, 6).astype(np.int32)
     in_px = measure(labels, None, HE, pixel_size_um=None)
