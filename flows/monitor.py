@@ -91,7 +91,9 @@ def monitor(
             under ``MLSEG_DATA_DIR`` if set.
         batch_size: Images per statistics task (tasks run in parallel).
         results: Output folder of ``segment-and-quantify`` on ``images`` (its ``out_dir``), whose
-            ``summary.csv`` records when each image was segmented; read with ``since_days``.
+            ``summary.csv`` records when each image was segmented, read with ``since_days``,
+            and how segment scaled it and at which pixel size (the ``segment_scale`` and
+            ``pixel_size_um`` rows of the drift table).
             Relative: under ``MLSEG_DATA_DIR`` if set.
         since_days: Compare only the images new in the last ``since_days`` days: segmented
             within them by the records in ``results`` (an image keeps the time of its first
@@ -110,6 +112,7 @@ def monitor(
         list_new_images,
         load_fingerprint,
         recent_images,
+        with_segment_records,
     )
 
     log_warnings()
@@ -150,7 +153,10 @@ def monitor(
     params = reference.get("image_stats_params")
     futures = [image_stats_task.submit(batch, params) for batch in batches(paths, batch_size)]
     rows = [row for future in futures for row in future.result()]
-    report = drift_report(pd.DataFrame(rows), reference, cfg)
+    new = pd.DataFrame(rows)
+    if results:  # how segment scaled them, and the pixel sizes it used
+        new = with_segment_records(new, data_path(results))
+    report = drift_report(new, reference, cfg)
     out = Path(out_dir)
     # both or neither: a disk that filled at drift.json left this run's table beside the
     # previous run's status, which the pipeline's report reads

@@ -984,7 +984,8 @@ def fingerprint(
     Per statistic of :data:`STAT_COLUMNS`: count, mean, std, min, max, quantiles and a
     ``bins``-bin histogram on quantile edges (equal-frequency bins; repeated edges merged),
     so a monitor can compute a population stability index for new images binned on the same
-    edges. ``content_hash`` is a SHA-256 digest (128 bits) of the sorted image hashes: equal
+    edges. ``pixel_size_um``: how many images have which pixel size, and how many none
+    (:func:`_declared_sizes`). ``content_hash`` is a SHA-256 digest (128 bits) of the sorted image hashes: equal
     for the same set of images whatever their names or order. ``image_stats_params`` (the keyword arguments
     the statistics were computed with, e.g. ``max_side``) are stored so a monitor can compute
     new images' statistics the same way.
@@ -1027,9 +1028,25 @@ def fingerprint(
             "height_min": _int_or_none(sizes["height_px"].min()),
             "height_max": _int_or_none(sizes["height_px"].max()),
         },
+        "pixel_size_um": _declared_sizes(images),
         "stat_columns": list(STAT_COLUMNS),
         "image_stats_params": dict(image_stats_params or {}),
         "stats": stats,
+    }
+
+
+def _declared_sizes(images: pd.DataFrame) -> dict[str, Any]:
+    """The pixel sizes training uses (``pixel_size_um``: the manifest's or the metadata's),
+    as ``{"counts": {"0.25": 38, ...}, "unknown": 2}``: microns per pixel rounded to 4
+    decimals (as :func:`pixel_size_summary` shows them) -> images; ``unknown``: images that
+    declare none (the profile's applies)."""
+    sizes = pd.to_numeric(
+        images.get("pixel_size_um", pd.Series(np.nan, index=images.index)), errors="coerce"
+    ).astype("float64")
+    counts = sizes.dropna().round(4).value_counts().sort_index()
+    return {
+        "counts": {f"{um:g}": int(n) for um, n in counts.items()},
+        "unknown": int(sizes.isna().sum()),
     }
 
 

@@ -14,7 +14,9 @@ permutation test on the same bins (Kolmogorov-Smirnov distance; new and training
 exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
 number of statistics (Bonferroni). A ``*_fraction`` statistic (the share of saturated or
 dark pixels) is judged to :data:`FRACTION_MARGIN` of the image (:func:`fraction_bins`).
-Image size is checked against the training width/height range, in either orientation.
+Image size is checked against the training width/height range, in either orientation; the
+pixel sizes new images declare against the training images' (:func:`_pixel_size_row`); with
+a segmentation run's records, how segment scaled them (:func:`with_segment_records`).
 Which images are new (:func:`recent_images`): those a segmentation run's ``summary.csv``
 says it segmented in the last days, and those it has not segmented yet; an inbox keeps
 every image it received.
@@ -51,6 +53,12 @@ LOG_SCALE_STATISTICS = ("laplacian_var", "nucleus_scale_px")
 #: pixels), added to fingerprints after the others: an older fingerprint has no training
 #: values for it, and the report says how to refresh it.
 SCALE_STATISTIC = "nucleus_scale_px"
+#: The row comparing the pixel sizes new images declare with the training images' (from the
+#: fingerprint's ``pixel_size_um``, recorded after the statistics: an older fingerprint has
+#: none, and the report says how to refresh it).
+PIXEL_SIZE_ROW = "pixel_size_um"
+#: The row saying how ``mlseg segment`` scaled the new images (``--results``'s summary.csv).
+SEGMENT_SCALE_ROW = "segment_scale"
 QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
 #: The least margin, in share of the image, that makes a ``*_fraction`` statistic "far
 #: outside" its training range: training images with 0-1 dark pixels in 20,000 would
@@ -348,7 +356,9 @@ def image_stats_table(
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
-    ``content_hash`` (:func:`mlseg.inventory.content_hash`) and its statistics
+    ``pixel_size_um`` (what its JSON sidecar or TIFF metadata declares, else None:
+    :func:`mlseg.pixel_size.declared_pixel_size_um`), ``content_hash``
+    (:func:`mlseg.inventory.content_hash`) and its statistics
     (:func:`mlseg.inventory.image_stats`, with the keyword arguments ``params``: give a
     fingerprint's ``image_stats_params``, so new images are measured as the training images
     were). An unreadable image is left out with one warning naming it: it has no statistics
@@ -357,6 +367,7 @@ def image_stats_table(
     """
     from mlseg.inventory import content_hash, image_stats
     from mlseg.io import read_image
+    from mlseg.pixel_size import declared_pixel_size_um
 
     paths = _image_paths(paths)
     if progress:
@@ -376,6 +387,8 @@ def image_stats_table(
                 "width_px": int(image.shape[1]),
                 "height_px": int(image.shape[0]),
                 "channels": int(image.shape[2]) if image.ndim == 3 else 1,
+                # as segment reads it; an implausible one is none, as segment ignores it
+                "pixel_size_um": declared_pixel_size_um(path),
                 "content_hash": content_hash(image),
                 **image_stats(image, **(params or {})),
             }
@@ -477,10 +490,16 @@ def drift_report(
         rows.append(_scale_skipped_row(new, fingerprint))
     for row in rows:
         if row["statistic"] == SCALE_STATISTIC and row["status"] in ("warn", "fail"):
-            far_out[SCALE_STATISTIC] = _scale_advice(row["new_median"], row["reference_median"])
+            declared = PIXEL_SIZE_ROW in new and bool(new[PIXEL_SIZE_ROW].notna().all())
+            far_out[SCALE_STATISTIC] = _scale_advice(
+                row["new_median"], row["reference_median"], declared
+            )
             row["note"] += f"{'; ' if row['note'] else ''}{far_out[SCALE_STATISTIC]}"
     rows.append(_size_row(new, fingerprint, cfg))
     rows.append(_channels_row(new, fingerprint))
+    rows.append(_pixel_size_row(new, fingerprint))
+    if "scale_source" in new:  # segment's records were given (with_segment_records)
+        rows.append(_segment_scale_row(new, fingerprint))
     table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
     worst = max(table["status"], key=lambda s: STATUS_ORDER[s], default="ok")
     status = "ok" if worst == "skipped" else worst
@@ -495,7 +514,9 @@ def drift_report(
     else:
         parts = [
             (
-                f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
+                f"{r.statistic} ({r.status}: {r.note}"
+                if r.statistic in (PIXEL_SIZE_ROW, SEGMENT_SCALE_ROW)
+                else f"{r.statistic} ({r.status}, PSI {r.psi:.2f}, p {r.p_value:.4f}"
                 if np.isfinite(r.psi)
                 else f"{r.statistic} ({r.status}, {r.out_of_range_fraction:.0%} out of range"
             )
@@ -526,15 +547,22 @@ def _far_outside(
     return (seen < low - margin) | (seen > high + margin)
 
 
-def _scale_advice(new_median: float, reference_median: float) -> str:
+def _scale_advice(new_median: float, reference_median: float, declared: bool = False) -> str:
     """What a drifted :data:`SCALE_STATISTIC` means: nuclei appear at another size in pixels
-    than in training, as on a slide scanned at another magnification."""
+    than in training, as on a slide scanned at another magnification. ``declared``: every
+    new image declares its pixel size, so there is none to give."""
     ratio = new_median / reference_median if reference_median > 0 else np.nan
     size = f"{ratio:.2g}x the training size" if np.isfinite(ratio) else "another size"
+    fix = (
+        "they declare their pixel size (see pixel_size_um), by which segment resamples "
+        "them: check it is their scan's"
+        if declared
+        else "give these images their pixel size (a sidecar or --pixel-size) so segment "
+        "resamples them"
+    )
     return (
         f"nuclei appear {size} in pixels: another magnification or scanner (20x for 40x "
-        "halves them)? give these images their pixel size (a sidecar or --pixel-size) so "
-        "segment resamples them, or train on images at their scale"
+        f"halves them)? {fix}, or train on images at their scale"
     )
 
 
@@ -611,6 +639,173 @@ def _channels_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     if unseen.any():
         found = ", ".join(str(int(c)) for c in np.unique(channels[unseen]))
         row["note"] += f"; {int(unseen.sum())} image(s) with {found}"
+    return row
+
+
+def _sizes_text(sizes: pd.Series) -> str:
+    """``8 at 0.5 um, 2 at 0.25 um`` of a Series of microns per pixel (rounded to 4)."""
+    counts = sizes.round(4).value_counts().sort_index()
+    return ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
+
+
+def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
+    """The pixel sizes the new images declare against the training images' (the
+    fingerprint's ``pixel_size_um``). Segment resamples a declared size to the model's, so
+    this is no fault; it warns where an image declares a size outside the training range
+    (another magnification than any trained on: a model trained at 0.25 um sees a 0.5 um
+    image enlarged, its detail lost), or, by segment's records (:func:`with_segment_records`:
+    a size given to segment is in them alone), was segmented without one where every
+    training image had one (its scale then estimated from its nuclei)."""
+    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
+    row.update(statistic=PIXEL_SIZE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
+    row.update(n_new=len(new), status="skipped")
+    trained = fingerprint.get(PIXEL_SIZE_ROW)
+    if not isinstance(trained, dict):
+        row["note"] = (
+            "pixel sizes not compared: the fingerprint was written before mlseg recorded the "
+            "training images' pixel sizes; run `mlseg validate` on the training data again "
+            "to refresh fingerprint.json (its content_hash stays the same)"
+        )
+        return row
+    if PIXEL_SIZE_ROW not in new or new.empty:
+        row["note"] = "no pixel sizes of the new images to compare"
+        return row
+    counts = {float(um): int(n) for um, n in (trained.get("counts") or {}).items()}
+    unknown = int(trained.get("unknown") or 0)
+    declared = pd.to_numeric(new[PIXEL_SIZE_ROW], errors="coerce").astype("float64")
+    sizes = declared.dropna()
+    names = new["image"].map(lambda p: Path(str(p)).name) if "image" in new else None
+    trained_sizes = pd.Series(np.repeat(list(counts), list(counts.values())), dtype="float64")
+    said = [
+        f"{name}: {_sizes_text(part) or 'none declared'}"
+        + (f", {none} none" if part.size and none else "")
+        for name, part, none in (
+            ("training", trained_sizes, unknown),
+            ("new", sizes, len(new) - sizes.size),
+        )
+    ]
+    row["new_median"] = float(sizes.median()) if sizes.size else np.nan
+    row["status"] = "ok"
+    if not counts:
+        row["note"] = "; ".join(said) + " (training used the profile's pixel size)"
+        return row
+    row["reference_median"] = float(trained_sizes.median())
+    low, high = min(counts), max(counts)
+    trained_range = f"{low:g} um" if low == high else f"{low:g}-{high:g} um"
+    outside = declared.round(4).lt(low) | declared.round(4).gt(high)
+    # a size given to segment (--pixel-size, a table, the profile) is in its records alone
+    segmented = new.get("segmented", pd.Series(False, index=new.index)).astype(bool)
+    missing = declared.isna() & segmented & (unknown == 0)
+    row["out_of_range_fraction"] = float(outside.mean())
+    warned = []
+    if outside.any():
+        files = f": {some_of(names[outside])}" if names is not None else ""
+        warned.append(
+            f"{int(outside.sum())} declare a pixel size outside the training images' "
+            f"({trained_range}){files} (another magnification: segment resamples them to "
+            "the model's pixel size, but check their nuclei, or train on images at their size)"
+        )
+    if missing.any():
+        files = f": {some_of(names[missing])}" if names is not None else ""
+        warned.append(
+            f"{int(missing.sum())} segmented without a pixel size, where every training "
+            f"image had one{files} (segment then estimates their scale from their nuclei; "
+            "give each a JSON sidecar or --pixel-size)"
+        )
+    unsure = declared.isna() & ~segmented
+    if not unknown and unsure.any():
+        said.append(
+            f"{int(unsure.sum())} without one may be given theirs by segment (--pixel-size, "
+            "a table, the profile): --results reads what it used"
+        )
+    if warned:
+        row["status"] = "warn"
+    row["note"] = "; ".join(said + warned)
+    return row
+
+
+def with_segment_records(new: pd.DataFrame, results: str | os.PathLike) -> pd.DataFrame:
+    """``new`` (:func:`image_stats_table`'s table) with what ``mlseg segment`` recorded of
+    each image in ``results`` (its output folder, or the ``summary.csv`` in it), for
+    :func:`drift_report`: ``segmented`` (a record was found), ``scale_factor`` and
+    ``scale_source`` (how segment scaled the image, :class:`mlseg.scale.ScaleEstimate`), and
+    ``pixel_size_um`` as segment used it (given to it, ``--pixel-size``, a table or the
+    profile's, or the file's). Images without a record keep what their files declare, with
+    no scale; so do all where there is no ``summary.csv`` (its absence is
+    :func:`recent_images`' to name)."""
+    from mlseg.io import image_stem, read_written_csv
+
+    out = new.assign(segmented=False, scale_factor=np.nan, scale_source=None)
+    results = Path(results)
+    table_path = results if results.is_file() else results / "summary.csv"
+    if new.empty or not table_path.is_file():
+        return out
+    try:
+        table = read_written_csv(table_path, "image")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{table_path}: not a readable summary table ({err})") from None
+    if "image" not in table:
+        raise DatasetError(f"{table_path}: no 'image' column; not a segmentation summary.csv")
+    # one row per image; were there two, the last written decides
+    records = table.assign(image=table["image"].astype(str)).drop_duplicates("image", keep="last")
+    records = records.set_index("image")
+    stems = out["image"].map(image_stem)
+    found = stems.isin(records.index)
+    out["segmented"] = found
+    # an mlseg that recorded no scale or pixel size leaves them as they are
+    for column in ("scale_factor", "scale_source", "pixel_size_um"):
+        if column in records:
+            out.loc[found, column] = stems[found].map(records[column])
+    return out
+
+
+def _segment_scale_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
+    """How segment scaled the new images (``scale_factor``/``scale_source`` of its
+    summary.csv, from :func:`with_segment_records`): warns where it resampled most of
+    them (more than half: a batch at another scale than the model's, whose results hang
+    on the pixel sizes or on the scale estimate) or rejected the scale estimate of most
+    (rescaled passes cut nuclei into pieces: images the model does not understand)."""
+    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
+    row.update(statistic=SEGMENT_SCALE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
+    row["status"] = "skipped"
+    source = new["scale_source"]
+    factor = pd.to_numeric(new.get("scale_factor"), errors="coerce")
+    recorded = source.notna() & factor.notna()
+    n = int(recorded.sum())
+    row["n_new"] = n
+    if not n:
+        row["note"] = (
+            "no scale recorded for these images in the segmentation records (not segmented "
+            "there yet, or by an mlseg that recorded none)"
+        )
+        return row
+    factor, source = factor[recorded], source[recorded].astype(str)
+    resampled = ~np.isclose(factor, 1.0)
+    rejected = source.eq("rejected")
+    row["new_median"] = float(factor.median())
+    row["out_of_range_fraction"] = float(resampled.mean())
+    said = [f"segment resampled {int(resampled.sum())} of {n} image(s)"]
+    if resampled.any():
+        low, high = factor[resampled].min(), factor[resampled].max()
+        by = f"{low:.3g}x" if np.isclose(low, high) else f"{low:.3g}-{high:.3g}x"
+        whence = source[resampled].value_counts().sort_index().items()
+        said[0] += f" by {by} (" + ", ".join(f"{k} {v}" for k, v in whence) + ")"
+    if rejected.any():
+        said.append(f"rejected the scale estimate of {int(rejected.sum())}")
+    warned = []
+    if resampled.sum() * 2 > n:
+        warned.append(
+            "most of the batch was at another scale than the model's: its nuclei are as "
+            "right as the pixel sizes (pixel_size) or scale estimates (estimated) that "
+            "resampled them"
+        )
+    if rejected.sum() * 2 > n:
+        warned.append(
+            "for most of the batch a rescaled pass cut nuclei into pieces, as on images "
+            "the model does not understand (another stain or tissue): check their nuclei"
+        )
+    row["status"] = "warn" if warned else "ok"
+    row["note"] = "; ".join(said + warned)
     return row
 
 

@@ -2388,6 +2388,9 @@ def test_monitor_window_measures_the_week_s_images_of_an_inbox_that_keeps_them(
         {
             "image": [s for s, _ in rows],
             "finished_at": [t.strftime("%Y-%m-%dT%H:%M:%S%z") for _, t in rows],
+            # how segment scaled them, which the drift table reports too
+            "scale_factor": [1.0 if t == old else 2.0 for _, t in rows],
+            "scale_source": "estimated",
         }
     ).to_csv(results / "summary.csv", index=False)
 
@@ -2406,7 +2409,10 @@ def test_monitor_window_measures_the_week_s_images_of_an_inbox_that_keeps_them(
         return_state=True,
     )
     assert week.is_failed() and "mean_c0 (fail" in week.message
-    assert json.loads((tmp_path / "m2" / "drift.json").read_text())["n_images"] == 12
+    drift = json.loads((tmp_path / "m2" / "drift.json").read_text())
+    assert drift["n_images"] == 12
+    scaled = {r["statistic"]: r for r in drift["statistics"]}["segment_scale"]
+    assert scaled["status"] == "warn" and scaled["note"].startswith("segment resampled 10 of 10")
 
     # a week later, every image is old: nothing to compare, not an alert
     later = pd.read_csv(results / "summary.csv").assign(

@@ -783,3 +783,135 @@ def test_a_fingerprint_written_before_the_scale_check_says_how_to_refresh_it(
     row = report.table.set_index("statistic").loc["nucleus_scale_px"]
     assert row["status"] == "skipped"
     assert "mlseg validate" in row["note"] and "scale not checked" in row["note"]
+
+
+def test_pixel_sizes_declared_unlike_the_training_images_warn_and_show_the_mix(
+    tmp_path, he_fingerprint: dict
+) -> None:
+    """The fingerprint recorded no pixel size: images declared at 0.5 um (20x) against a
+    model trained on 0.25 um (40x) passed unremarked, and a drifted scale told a user to
+    give them the pixel size they already declared. The training mix is recorded; a size
+    outside it warns, and so does none where every training image had one, by segment's
+    records (a size given to segment is in them alone); an older fingerprint says how to
+    refresh it."""
+    import json
+
+    from mlseg.io import write_image
+
+    images = _he_images(8, seed=3)
+    files = _stats(images)
+    files["pixel_size_um"] = [0.25] * 6 + [None, None]
+    made = fingerprint(
+        files.assign(
+            role="image",
+            readable=True,
+            split="train",
+            channels=3,
+            dtype="uint8",
+            content_hash=[f"h{i}" for i in range(len(files))],
+        )
+    )
+    assert made["pixel_size_um"] == {"counts": {"0.25": 6}, "unknown": 2}
+    trained = {**he_fingerprint, "pixel_size_um": {"counts": {"0.25": 40}, "unknown": 0}}
+    # what segment would read: sidecars declaring 0.5 um, and one image declaring none
+    for i, image in enumerate(images):
+        write_image(tmp_path / f"{i}.png", image)
+        if i:
+            (tmp_path / f"{i}.json").write_text(json.dumps({"pixel_size_um": 0.5}))
+    new = monitor.image_stats_table(sorted(tmp_path.glob("*.png")))
+    report = monitor.drift_report(new, trained, MonitorConfig())
+    row = report.table.set_index("statistic").loc["pixel_size_um"]
+    assert row["status"] == "warn", report.message
+    assert (row["reference_median"], row["new_median"]) == (0.25, 0.5)
+    assert "training: 40 at 0.25 um; new: 7 at 0.5 um, 1 none" in row["note"]
+    assert "7 declare a pixel size outside the training images' (0.25 um): 1.png" in row["note"]
+    # one without a size of its own may have been given one: segment's records say
+    assert "1 without one may be given theirs by segment" in row["note"]
+    assert "0.png" not in row["note"]
+    pd.DataFrame(
+        {"image": ["0", "1"], "pixel_size_um": [None, 0.25], "scale_factor": [1.0, 1.0]}
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    recorded = monitor.with_segment_records(new, tmp_path)
+    sizes = recorded["pixel_size_um"]  # what segment used, where it recorded it
+    assert pd.isna(sizes.iloc[0]) and sizes.iloc[1] == 0.25 and sizes.iloc[2] == 0.5
+    report = monitor.drift_report(recorded, trained, MonitorConfig())
+    row = report.table.set_index("statistic").loc["pixel_size_um"]
+    note = row["note"]
+    assert "6 declare a pixel size outside the training images' (0.25 um)" in note
+    assert "1 segmented without a pixel size, where every training image had one: 0.png" in note
+    assert "pixel_size_um (warn" in report.message
+    # the same sizes as in training are no news; nor is any size where training had none
+    same = new.assign(pixel_size_um=0.25)
+    ok = monitor.drift_report(same, trained, MonitorConfig()).table.set_index("statistic")
+    assert ok.loc["pixel_size_um", "status"] == "ok"
+    unsized = {**trained, "pixel_size_um": {"counts": {}, "unknown": 40}}
+    ok = monitor.drift_report(new, unsized, MonitorConfig()).table.set_index("statistic")
+    assert ok.loc["pixel_size_um", "status"] == "ok"
+    # images at half the scale that declare their size are not told to declare it
+    half = monitor.drift_report(
+        _stats(_at_half_scale(_he_images(8, seed=3, size=128))).assign(pixel_size_um=0.5),
+        trained,
+        MonitorConfig(),
+    )
+    assert "they declare their pixel size" in half.message, half.message
+    assert "give these images their pixel size" not in half.message
+    # a fingerprint from before: skipped, saying how to refresh it
+    before = {k: v for k, v in he_fingerprint.items() if k != "pixel_size_um"}
+    old = monitor.drift_report(new, before, MonitorConfig())
+    skipped = old.table.set_index("statistic").loc["pixel_size_um"]
+    assert skipped["status"] == "skipped" and "mlseg validate" in skipped["note"]
+    assert old.status == "ok"
+
+
+def test_monitor_with_results_says_when_segment_resampled_or_rejected_most_images(
+    tmp_path, he_fingerprint: dict, capsys
+) -> None:
+    """With --results, nothing read segment's scale_factor/scale_source: a batch that segment
+    resampled 2x, or whose scale estimate it rejected (a model that does not understand the
+    images), passed unremarked. More than half of the batch either way warns."""
+    import json
+    from datetime import UTC, datetime
+
+    from mlseg.cli import main
+    from mlseg.io import write_image
+
+    images = _he_images(8, seed=8)
+    for i, image in enumerate(images):
+        write_image(tmp_path / "inbox" / f"{i}.png", image)
+    paths = sorted((tmp_path / "inbox").glob("*.png"))
+    new = monitor.image_stats_table(paths)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def segmented(factors: list[float], sources: list[str], where: str = "results") -> dict:
+        folder = tmp_path / where
+        folder.mkdir(exist_ok=True)
+        summary = {"image": [str(i) for i in range(len(factors))], "finished_at": now}
+        if factors:
+            summary |= {"scale_factor": factors, "scale_source": sources}
+        pd.DataFrame(summary).to_csv(folder / "summary.csv", index=False)
+        merged = monitor.with_segment_records(new, folder)
+        report = monitor.drift_report(merged, he_fingerprint, MonitorConfig())
+        return report.table.set_index("statistic").loc["segment_scale"].to_dict() | {
+            "message": report.message
+        }
+
+    resampled = segmented([2.0] * 5 + [1.0] * 3, ["pixel_size"] * 5 + ["estimated"] * 3)
+    assert resampled["status"] == "warn" and resampled["out_of_range_fraction"] == 5 / 8
+    assert "segment resampled 5 of 8 image(s) by 2x (pixel_size 5)" in resampled["note"]
+    assert "segment_scale (warn" in resampled["message"]
+    rejected = segmented([1.0] * 8, ["rejected"] * 5 + ["estimated"] * 3)
+    assert rejected["status"] == "warn" and "rejected the scale estimate of 5" in rejected["note"]
+    few = segmented([1.4] * 4 + [1.0] * 4, ["estimated"] * 4 + ["rejected"] * 4)
+    assert few["status"] == "ok", few["note"]
+    # segmented by an mlseg that recorded no scale: skipped, not a traceback
+    assert segmented([], [])["status"] == "skipped"
+    # the command reads it from --results
+    segmented([0.5] * 8, ["estimated"] * 8)
+    fp = tmp_path / "fingerprint.json"
+    fp.write_text(json.dumps(he_fingerprint))
+    args = ["monitor", str(tmp_path / "inbox"), "--fingerprint", str(fp), "--out"]
+    args += [str(tmp_path / "d.csv"), "--since-days", "7", "--results", str(tmp_path / "results")]
+    assert main(args) == 0
+    assert "segment resampled 8 of 8 image(s) by 0.5x (estimated 8)" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "d.csv").set_index("statistic")
+    assert table.loc["segment_scale", "status"] == "warn"

@@ -199,7 +199,10 @@ def monitor_cmd(
     ] = None,
     results: Annotated[
         Path | None,
-        typer.Option(help="Output folder of `mlseg segment` on these images (for --since-days)."),
+        typer.Option(
+            help="Output folder of `mlseg segment` on these images (for --since-days; its "
+            "summary.csv also says how segment scaled them)."
+        ),
     ] = None,
 ) -> None:
     """Compare new images with the training data; exit 1 on drift above monitor.psi_fail."""
@@ -213,6 +216,7 @@ def monitor_cmd(
         list_new_images,
         load_fingerprint,
         recent_images,
+        with_segment_records,
     )
 
     if out is not None and out.is_dir():
@@ -237,6 +241,8 @@ def monitor_cmd(
         params=reference.get("image_stats_params"),
         progress=sys.stderr.isatty(),
     )
+    if results is not None:  # how segment scaled them, and the pixel sizes it used
+        new = with_segment_records(new, results)
     report = drift_report(new, reference, cfg)
     if out is not None:
         write_table(report.table, out)
