@@ -189,11 +189,20 @@ def predict_image(
     ``scale_factor`` (the image was resampled by it), ``scale_source`` (``pixel_size``,
     ``estimated``, ``rejected`` or ``native``) and ``est_diameter_px`` (nucleus diameter
     of the first pass when estimated). A scale at its limits is named by ``path``, as
-    ``mlseg segment`` names it (:func:`mlseg.segment.warn_if_scale_at_limit`)."""
+    ``mlseg segment`` names it (:func:`mlseg.segment.warn_if_scale_at_limit`), and so is
+    a pass that enlarges it beyond the memory left (:func:`mlseg.io.warn_if_short_of_memory`;
+    the caller checks the image as read)."""
     from mlseg.segment import predict_labels_scaled, warn_if_scale_at_limit
 
     labels, _, scale = predict_labels_scaled(
-        loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um
+        loaded,
+        image,
+        profile,
+        inference_cfg,
+        pixel_size_um=pixel_size_um,
+        short_of_memory=partial(
+            warn_if_short_of_memory, path, image.shape, EVALUATE_BYTES_PER_PIXEL, "evaluate"
+        ),
     )
     warn_if_scale_at_limit(scale, path)
     return np.asarray(labels, dtype=np.int32), scale.as_row()

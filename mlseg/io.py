@@ -755,26 +755,40 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def warn_if_short_of_memory(
-    path: str | os.PathLike, shape: tuple[int, ...], bytes_per_pixel: int, command: str
-) -> None:
+    path: str | os.PathLike,
+    shape: tuple[int, ...],
+    bytes_per_pixel: int,
+    command: str,
+    *,
+    factor: float = 1.0,
+    why: str = "",
+) -> bool:
     """Warn where ``mlseg <command>`` on an image of ``shape`` (``(H, W, ...)``) would need
     more memory than this process has left (:func:`available_memory`); nothing where that
     cannot be read. A warning, not a refusal: ``bytes_per_pixel`` is an estimate and swap may
     cover the rest. A field far under :data:`MAX_IMAGE_BYTES` (20,000 x 20,000 px, about
     12 GB in segment) on a 4-8 GB worker was killed by the system after minutes of work,
-    its log naming neither the file nor the fix."""
+    its log naming neither the file nor the fix. ``factor``: the image is resampled by it
+    before it is segmented (``why`` says what asked for it: the pixel size, the scale
+    estimate), so the pixels counted are the resampled ones, ``factor**2`` as many: a 20x
+    field for a 40x model takes 4x the memory of the field as read. True where it warned."""
     height, width = shape[:2]
+    size = f"{width:,} x {height:,} px"
+    if factor != 1.0:  # the size mlseg.preprocess.rescale gives
+        height, width = (max(1, int(round(n * factor))) for n in (height, width))
+        size += f", resampled {factor:.3g}x to {width:,} x {height:,} px ({why}),"
     need = height * width * bytes_per_pixel
     left = available_memory()
     if left is None or need <= left:
-        return
+        return False
     warnings.warn(
-        f"{path}: {width:,} x {height:,} px needs about {need / 2**30:.1f} GiB of memory in "
+        f"{path}: {size} needs about {need / 2**30:.1f} GiB of memory in "
         f"mlseg {command}, more than the {left / 2**30:.1f} GiB this process has left, so "
         f"the system may stop it part-way: crop the field or export it as tiles (QuPath: "
         f"File > Export images) and {command} those, or run on a machine with more memory",
         stacklevel=2,
     )
+    return True
 
 
 def available_memory(

@@ -126,7 +126,11 @@ LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
 #: beyond their imports and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`).
 #: Measured on the 2-core dev CPU with the CLI defaults, RGB fields: segment 8192 x 8192 px
 #: (row-band path, a stand-in model) peaked at 2.8-3.1 GB over about 770 MB of imports;
-#: quantify 6000 x 6000 px peaked at 1,076 MB, against 238 MB for a 256 x 256 tile.
+#: quantify 6000 x 6000 px peaked at 1,076 MB, against 238 MB for a 256 x 256 tile. Segment's
+#: is a pixel as segmented: an image resampled to the model's scale is counted again at
+#: ``factor**2`` its pixels before that pass (:func:`predict_labels_scaled`'s
+#: ``short_of_memory``); a 2048 px field at 4x peaked 2.3 GB above the imports, 35 bytes a
+#: pixel of the 8192 px it was segmented at, 557 of the field as read.
 SEGMENT_BYTES_PER_PIXEL = 30
 QUANTIFY_BYTES_PER_PIXEL = 24
 
@@ -303,6 +307,7 @@ def predict_labels_scaled(
     pixel_size_um: float | None = None,
     device=None,
     stains: Any = ESTIMATE,
+    short_of_memory: Callable[..., bool] | None = None,
 ):
     """:func:`predict_labels` plus how the scale was chosen: ``(labels, probs, scale)``,
     ``scale`` a :class:`mlseg.scale.ScaleEstimate` whose ``source`` says where the factor
@@ -311,7 +316,12 @@ def predict_labels_scaled(
     ``native`` (auto-scaling off, no reference diameter, or too few nuclei).
     ``stains``: the image's Macenko estimate where already made
     (:func:`warn_if_not_stain_normalised`), used by a pass at native scale. A GPU out of
-    memory raises :class:`ConfigError` naming the settings to lower, its cache emptied."""
+    memory raises :class:`ConfigError` naming the settings to lower, its cache emptied.
+    ``short_of_memory`` (:func:`mlseg.io.warn_if_short_of_memory` of the image, as read) is
+    called before each pass that enlarges the image, with ``factor=`` (zoom included) and
+    ``why=``, until it warns: a field checked as read is segmented at up to 16x its pixels
+    (a 4x scale estimate), and a 1024 px field peaked 1.2 GB above the native pass's
+    0.13 GB."""
     import torch
 
     from mlseg.instances import area_limits_px, filter_sizes
@@ -326,9 +336,17 @@ def predict_labels_scaled(
         device = _model_device(loaded.model)
     model_px = loaded.pixel_size_um
 
-    def run(factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    told = False  # short_of_memory warned of this image
+
+    def run(factor: float, why: str) -> tuple[np.ndarray, np.ndarray | None]:
+        nonlocal told
         # zoom acts on every pass: nuclei keep their size on the original grid, so the
         # scale estimate and its plausibility check read the zoomed passes the same way
+        if short_of_memory is not None and factor * cfg.zoom > 1 and not told:
+            asked = [why] if factor != 1 and why else []
+            if cfg.zoom != 1:
+                asked.append(f"inference.zoom {cfg.zoom:g}")
+            told = short_of_memory(factor=factor * cfg.zoom, why="; ".join(asked))
         try:
             return _predict_at(
                 loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device, stains
@@ -349,13 +367,17 @@ def predict_labels_scaled(
             "the GPU of other processes"
         )
 
-    def at(factor: float, source: str):
-        return (*run(factor), ScaleEstimate(factor, source))
+    def at(factor: float, source: str, why: str = ""):
+        return (*run(factor, why), ScaleEstimate(factor, source))
 
     if not cfg.auto_scale:
         return at(1.0, "native")
     if pixel_size_um is not None and model_px is not None:
-        return at(float(pixel_size_um) / float(model_px), "pixel_size")
+        return at(
+            float(pixel_size_um) / float(model_px),
+            "pixel_size",
+            f"its pixel size, {pixel_size_um:g} um, against the model's {model_px:g} um",
+        )
     meta = loaded.meta if isinstance(loaded.meta, dict) else {}
     reference = meta.get(META_KEY)
     usable = (
@@ -381,8 +403,12 @@ def predict_labels_scaled(
         return at(1.0, "native")
     probs_at: dict[float, np.ndarray | None] = {}
 
+    estimated = (
+        f"the scale estimate: the nuclei of a first pass against the model's {reference:.3g} px"
+    )
+
     def predict(factor: float) -> np.ndarray:
-        labels, probs = run(factor)
+        labels, probs = run(factor, estimated)
         for older in list(probs_at)[:-1]:  # the returned pass is this one or the one before
             del probs_at[older]
         probs_at[factor] = probs
@@ -998,7 +1024,15 @@ def segment_image(
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     labels, _, scale = predict_labels_scaled(
-        loaded, image, profile, inference_cfg, pixel_size_um=px, stains=stains
+        loaded,
+        image,
+        profile,
+        inference_cfg,
+        pixel_size_um=px,
+        stains=stains,
+        short_of_memory=functools.partial(
+            warn_if_short_of_memory, path, image.shape, SEGMENT_BYTES_PER_PIXEL, "segment"
+        ),
     )
     warn_if_scale_at_limit(scale, path)
     table, summary = quantify_image(image, labels, profile, pixel_size_um=px)

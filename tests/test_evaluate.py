@@ -157,6 +157,34 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
         assert "export it as tiles" in line and "and evaluate those" in line
 
 
+def test_a_test_image_enlarged_to_the_models_scale_beyond_the_memory_left_is_named(
+    synth_dataset, tmp_path, monkeypatch
+) -> None:
+    """evaluate checked each test image's memory as read, then segmented it resampled to the
+    model's scale (here 2x: a 0.5 um image for a 0.25 um model, 4x the pixels): with room
+    for the images as read (96 x 96 px at 50 bytes a pixel: 0.46 MB) but not resampled
+    (1.8 MB), each is named with the factor and its cause, as mlseg segment names it."""
+    import mlseg.io
+
+    folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.25)
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 1_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ev.evaluate(
+            folder, synth_dataset, tmp_path / "out", pixel_size_um=0.5, progress=False
+        )
+    assert len(result.per_image) == 3  # warned, not refused
+    images = sorted((synth_dataset / "test" / "original").iterdir())
+    assert [str(w.message) for w in caught if "memory" in str(w.message)] == [
+        f"{image}: 96 x 96 px, resampled 2x to 192 x 192 px (its pixel size, 0.5 um, against "
+        "the model's 0.25 um), needs about 0.0 GiB of memory in mlseg evaluate, more than the "
+        "0.0 GiB this process has left, so the system may stop it part-way: crop the field "
+        "or export it as tiles (QuPath: File > Export images) and evaluate those, or run on "
+        "a machine with more memory"
+        for image in images
+    ]
+
+
 def test_the_worst_cases_of_large_test_images_are_held_at_the_size_they_are_drawn(
     checkpoint, tmp_path, monkeypatch
 ) -> None:

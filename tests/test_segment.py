@@ -768,6 +768,62 @@ def test_a_field_too_large_for_the_memory_left_is_named_before_it_is_worked_on(
     assert all("export it as tiles" in line for line in lines)
 
 
+def test_a_field_enlarged_to_the_models_scale_beyond_the_memory_left_is_named_before(
+    tmp_path, use_oracle, monkeypatch
+):
+    """The memory check sized a field as read, but segment first resamples it to the model's
+    scale: a 20x field for a 40x model at 4x its pixels, a 4x scale estimate at 16x (a
+    1024 px H&E field peaked 1.2 GB above the imports at 4x, 0.13 GB as read). With room
+    for the field as read and not for it resampled, the file is named with the factor and
+    what asked for it, once, and segmented as with memory to spare; a field kept at its
+    own scale says nothing."""
+    import mlseg.io
+
+    folder = _folder(tmp_path, n=1)  # 110 x 90 px: 0.3 MB at 30 bytes a pixel, 1.2 MB at 2x
+    image = folder / "img0.png"
+
+    def run(name: str, pixel_size_um: float | None) -> tuple[dict, list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = segment_folder(
+                "model",
+                folder,
+                tmp_path / name,
+                profile_name="he",
+                progress=False,
+                pixel_size_um=pixel_size_um,
+            )
+        assert result.ok  # warned, not refused
+        summary = json.loads((tmp_path / name / "img0.json").read_text())
+        kept = {k: summary[k] for k in ("count", "scale_factor", "scale_source")}
+        return kept, [str(w.message) for w in caught if "memory" in str(w.message)]
+
+    def said(factor: str, size: str, why: str) -> str:
+        return (
+            f"{image}: 110 x 90 px, resampled {factor}x to {size} px ({why}), needs about "
+            "0.0 GiB of memory in mlseg segment, more than the 0.0 GiB this process has left, "
+            "so the system may stop it part-way: crop the field or export it as tiles (QuPath: "
+            "File > Export images) and segment those, or run on a machine with more memory"
+        )
+
+    use_oracle.pixel_size_um = 0.25  # a 40x model, a 20x field
+    ample = run("ample", 0.5)
+    assert ample[0]["scale_factor"] == 2.0 and ample[1] == []
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 600_000)
+    assert run("short", 0.5) == (
+        ample[0],
+        [said("2", "220 x 180", "its pixel size, 0.5 um, against the model's 0.25 um")],
+    )
+    assert run("own_scale", 0.25)[1] == []
+    # no pixel size: the nuclei of the first pass (12 px) against the model's (48 px)
+    use_oracle.pixel_size_um = None
+    use_oracle.meta = {"nucleus_diameter_px": 48.0}
+    estimated = run("estimated", None)
+    assert estimated[0]["scale_source"] == "estimated" and estimated[0]["scale_factor"] == 4.0
+    why = "the scale estimate: the nuclei of a first pass against the model's 48 px"
+    assert estimated[1] == [said("4", "440 x 360", why)]
+
+
 def test_no_real_tissue_tile_is_taken_for_black(shared_data):
     from mlseg.io import read_image
 
