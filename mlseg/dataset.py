@@ -24,6 +24,7 @@ import errno
 import functools
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -281,24 +282,39 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
 
 
 #: What a damaged or cut-short compressed table raises when read (a gzip's BadGzipFile is an
-#: OSError, a cut one's EOFError; an empty .zip leaves no member: IndexError)
-_UNREADABLE = (OSError, EOFError, IndexError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)
+#: OSError, a cut one's EOFError; a .zip without exactly one table: BadZipFile)
+TABLE_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def table_bytes(path: Path, size: int = -1) -> bytes:
-    """The first ``size`` bytes (all with -1) of the table at ``path`` as pandas reads it:
+    """The first ``size`` bytes (all with -1) of the table at ``path`` as it is read:
     decompressed where the name ends in ``.gz``, ``.bz2``, ``.xz`` or ``.zip`` (its one
-    file). Read as stored, a compressed table's first line was the compressor's bytes, whose
-    stray ``,`` or ``;`` chose the delimiter by chance."""
+    file, a Mac's ``__MACOSX/`` left out). Read as stored, a compressed table's first line
+    was the compressor's bytes, whose stray ``,`` or ``;`` chose the delimiter by chance."""
     suffix = path.suffix.lower()
     if suffix == ".zip":
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if not n.endswith("/") and "__MACOSX/" not in n]
+            if len(names) != 1:
+                raise zipfile.BadZipFile(
+                    f"the zip holds {len(names)} files{': ' if names else ''}"
+                    f"{some_of(names)}, not one table; zip the table alone"
+                )
             with archive.open(names[0]) as fh:
                 return fh.read(size)
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)
-    with opener(path, "rb") as fh:
+    with _OPENERS.get(suffix, open)(path, "rb") as fh:
         return fh.read(size)
+
+
+def _table_source(path: Path) -> Path | io.BytesIO:
+    """What pandas reads of the table at ``path``: the file, or a compressed one's table
+    (:func:`table_bytes`): pandas refused a Mac's zip, whose ``__MACOSX/._sizes.csv`` beside
+    the table made two files, and a damaged .zip or .xz ended in its traceback (now one of
+    :data:`TABLE_READ_ERRORS`, which the reader names the file by)."""
+    if path.suffix.lower() not in (*_OPENERS, ".zip"):
+        return path
+    return io.BytesIO(table_bytes(path))  # a damaged one raises one of TABLE_READ_ERRORS
 
 
 def csv_delimiter(path: Path) -> str:
@@ -306,7 +322,7 @@ def csv_delimiter(path: Path) -> str:
     decompressed, :func:`table_bytes`)."""
     try:
         head = table_bytes(path, 65536)
-    except _UNREADABLE:
+    except TABLE_READ_ERRORS:
         return ","  # read_csv names the problem
     header = head.decode("utf-8-sig", errors="replace").partition("\n")[0]
     if "," in header:
@@ -339,7 +355,7 @@ def _read_csv_rows(path: str | Path, **kwargs) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, index_col=False, **kwargs)
+            return pd.read_csv(_table_source(Path(path)), index_col=False, **kwargs)
     except pd.errors.ParserWarning:
         pass
     except UnicodeDecodeError as err:
@@ -378,7 +394,7 @@ def not_utf8(path: Path) -> str:
     compressed table's line is that of the table decompressed (:func:`table_bytes`)."""
     try:
         data = table_bytes(path)
-    except _UNREADABLE:
+    except TABLE_READ_ERRORS:
         data = path.read_bytes()
     try:
         data.decode("utf-8")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -53,6 +52,7 @@ from mlseg.annotations import (
 from mlseg.config import DataConfig
 from mlseg.dataset import (
     MANIFEST,
+    TABLE_READ_ERRORS,
     _summarise,
     check_pixel_size,
     csv_delimiter,
@@ -420,9 +420,9 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
         table = read_csv_rows(
             path, as_written=STEM_COLUMNS, dtype=str, sep=delimiter, skipinitialspace=True
         )
-    # EOFError, zlib.error: a .csv.gz or .csv.bz2 cut short or damaged (pandas decompresses
-    # by the file's extension); typer made the EOFError an 'aborted', as after Ctrl-C
-    except (OSError, EOFError, zlib.error, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    # EOFError, zlib.error: a .csv.gz or .csv.bz2 cut short or damaged; typer made the
+    # EOFError an 'aborted', as after Ctrl-C; a zip of two files, a damaged .zip or .xz
+    except (*TABLE_READ_ERRORS, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot read pixel-size table ({err})") from err
     named = {str(c).strip().lower(): c for c in table.columns}
     stem_col = next((named[c] for c in STEM_COLUMNS if c in named), None)

@@ -321,6 +321,31 @@ def test_a_compressed_pixel_size_table_reads_as_the_table_it_holds(tmp_path, suf
         read_pixel_sizes(latin1)
 
 
+def test_a_zipped_table_as_a_mac_zips_it_reads_and_a_damaged_one_is_named(tmp_path):
+    """Finder's Compress adds an ``__MACOSX/._sizes.csv`` beside the table, which the
+    delimiter check skipped but pandas did not: the table README says is read compressed
+    ended in a traceback ('Multiple files found in ZIP file'), as did a zip of two tables, an
+    empty or damaged zip and a damaged .xz. The Mac's zip reads as its table; the others are
+    refused naming the file."""
+    text = b"stem;pixel_size_um\nimg0;0,5\nimg1;0,25\n"
+    mac = tmp_path / "sizes.csv.zip"
+    with zipfile.ZipFile(mac, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("sizes.csv", text)
+        archive.writestr("__MACOSX/._sizes.csv", b"\x00\x05\x16\x07 resource fork")
+    assert read_pixel_sizes(mac) == {"img0": 0.5, "img1": 0.25}
+    two = tmp_path / "two.csv.zip"
+    with zipfile.ZipFile(two, "w") as archive:
+        archive.writestr("a.csv", text)
+        archive.writestr("b.csv", text)
+    empty = tmp_path / "empty.csv.zip"
+    zipfile.ZipFile(empty, "w").close()
+    (tmp_path / "bad.csv.zip").write_bytes(b"PK\x03\x04 not a zip")
+    (tmp_path / "bad.csv.xz").write_bytes(b"\xfd7zXZ\x00 not xz data")
+    for path in (two, empty, tmp_path / "bad.csv.zip", tmp_path / "bad.csv.xz"):
+        with pytest.raises(DatasetError, match=re.escape(str(path))):
+            read_pixel_sizes(path)
+
+
 @pytest.mark.parametrize(
     ("text", "where"),
     [
