@@ -925,3 +925,29 @@ def test_quantify_and_segment_say_when_measurements_are_in_pixels(tmp_path, recw
     assert main([*argv, str(tmp_path / "um"), "--pixel-size", "0.5"]) == 0
     assert main([*argv, str(tmp_path / "asked"), "--units", "px"]) == 0
     assert said() == []
+
+
+def test_the_pixels_warning_names_only_images_without_a_size_and_heeds_the_profile(
+    tmp_path, recwarn, nuclei_pair
+):
+    """A profile that sets ``units: px`` measures in pixels whatever the size: with
+    --pixel-size 0.5 given, quantify warned that both images 'have no pixel size' and to give
+    --pixel-size, which was given, and that --units px would say pixels are meant, which the
+    profile had said. It is silent there, as with --units px."""
+    import yaml
+
+    from mlseg.config import default_profiles_path
+
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b"):
+        image, labels = nuclei_pair(rng, 48)
+        write_image(tmp_path / "images" / f"{stem}.png", image)
+        write_image(tmp_path / "labels" / f"{stem}_mask.png", labels)
+    profiles = yaml.safe_load(default_profiles_path().read_text(encoding="utf-8"))
+    profiles["profiles"]["he"]["units"] = "px"
+    (tmp_path / "profiles.yaml").write_text(yaml.safe_dump(profiles), encoding="utf-8")
+    argv = ["quantify", str(tmp_path / "labels"), str(tmp_path / "images"), "-p", "he"]
+    argv += ["--profiles", str(tmp_path / "profiles.yaml")]
+    assert main([*argv, str(tmp_path / "sized"), "--pixel-size", "0.5"]) == 0
+    assert main([*argv, str(tmp_path / "unsized")]) == 0
+    assert [str(w.message) for w in recwarn if "no pixel size" in str(w.message)] == []

@@ -65,13 +65,23 @@ ProgressOpt = Annotated[
 ]
 
 
-def _report(result, verb: str, units: Units | None = None) -> None:
+def _pixels_asked(units: Units | None, profile: str, profiles: Path | None) -> bool:
+    """Whether pixels were asked for: ``--units px``, or without ``--units`` a profile that
+    sets ``units: px`` (it then measures in pixels whatever the pixel size)."""
+    from mlseg.config import get_profile
+
+    if units is not None:
+        return units == Units.px
+    return get_profile(profile, profiles).units == "px"
+
+
+def _report(result, verb: str, pixels_asked: bool = False) -> None:
     parts = [f"{verb} {len(result.processed)}", f"skipped {len(result.skipped)} (already done)"]
     if result.failed:
         parts.append(f"failed {len(result.failed)}")
     typer.echo(", ".join(parts) + f"; outputs in {result.out_dir}")
     in_px = [s["image"] for s in result.summaries if s.get("units") == "px"]
-    if in_px and units != Units.px:  # --units px: pixels were asked for
+    if in_px and not pixels_asked:
         # a README-literal run on images without a size gave area_px and no density per mm2,
         # with nothing said: the way to microns was left to be found in the README
         warnings.warn(
@@ -191,7 +201,7 @@ def segment(
         units=units.value if units else None,
         log=log,
     )
-    _report(result, "segmented", units)
+    _report(result, "segmented", _pixels_asked(units, profile, profiles))
 
 
 def quantify(
@@ -223,7 +233,7 @@ def quantify(
         progress=bar,
         log=log,
     )
-    _report(result, "quantified", units)
+    _report(result, "quantified", _pixels_asked(units, profile, profiles))
 
 
 def register(app: typer.Typer) -> None:
