@@ -273,6 +273,25 @@ def _image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _segment_records(results: str | os.PathLike) -> tuple[Path, pd.DataFrame | None]:
+    """``(path, table)`` of the ``summary.csv`` of a segmentation run's output folder
+    ``results`` (or that file itself), as written; the table ``None`` where there is no such
+    file. :class:`DatasetError` naming it where it is no readable segmentation summary."""
+    from mlseg.io import read_written_csv
+
+    results = Path(results)
+    table_path = results if results.is_file() else results / "summary.csv"
+    if not table_path.is_file():
+        return table_path, None
+    try:
+        table = read_written_csv(table_path, "image")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{table_path}: not a readable summary table ({err})") from None
+    if "image" not in table:
+        raise DatasetError(f"{table_path}: no 'image' column; not a segmentation summary.csv")
+    return table_path, table
+
+
 def recent_images(
     paths: Iterable[str | os.PathLike],
     results: str | os.PathLike,
@@ -295,26 +314,19 @@ def recent_images(
     mlseg writes the offset (``%z``), and a time without one is a time nobody can place.
     No ``summary.csv`` there (nothing segmented yet) makes every image new, with a warning.
     """
-    from mlseg.io import image_stem, read_written_csv
+    from mlseg.io import image_stem
 
     if not since_days > 0:
         raise ConfigError(f"since_days: {since_days}; give a number of days above 0")
     paths = _image_paths(paths)
-    results = Path(results)
-    table_path = results if results.is_file() else results / "summary.csv"
-    if not table_path.is_file():
+    table_path, table = _segment_records(results)
+    if table is None:
         warnings.warn(
             f"{table_path}: no segmentation records, so every image counts as new; give the "
             "output folder of `mlseg segment` / segment-and-quantify on these images",
             stacklevel=2,
         )
         return paths
-    try:
-        table = read_written_csv(table_path, "image")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{table_path}: not a readable summary table ({err})") from None
-    if "image" not in table:
-        raise DatasetError(f"{table_path}: no 'image' column; not a segmentation summary.csv")
     since = (now or datetime.now(UTC)) - timedelta(days=since_days)
     values = table["finished_at"] if "finished_at" in table else pd.Series(None, table.index)
     finished: dict[str, datetime | None] = {}
@@ -733,19 +745,14 @@ def with_segment_records(new: pd.DataFrame, results: str | os.PathLike) -> pd.Da
     profile's, or the file's). Images without a record keep what their files declare, with
     no scale; so do all where there is no ``summary.csv`` (its absence is
     :func:`recent_images`' to name)."""
-    from mlseg.io import image_stem, read_written_csv
+    from mlseg.io import image_stem
 
     out = new.assign(segmented=False, scale_factor=np.nan, scale_source=None)
-    results = Path(results)
-    table_path = results if results.is_file() else results / "summary.csv"
-    if new.empty or not table_path.is_file():
+    if new.empty:
         return out
-    try:
-        table = read_written_csv(table_path, "image")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{table_path}: not a readable summary table ({err})") from None
-    if "image" not in table:
-        raise DatasetError(f"{table_path}: no 'image' column; not a segmentation summary.csv")
+    _, table = _segment_records(results)
+    if table is None:
+        return out
     # one row per image; were there two, the last written decides
     records = table.assign(image=table["image"].astype(str)).drop_duplicates("image", keep="last")
     records = records.set_index("image")
