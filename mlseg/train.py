@@ -165,10 +165,9 @@ def describe_scale(pixel_size_um: float | None, image_pixel_sizes: dict[str, flo
     coarse = max(known) if mixed else 2 * pixel_size_um
     if coarse > pixel_size_um:
         factor = coarse / pixel_size_um
-        costs.append(
-            f"one at {coarse:g} um is enlarged {factor:.3g}x, taking about {factor**2:.3g}x "
-            "the time"
-        )
+        # a mixed set has such an image; a set of one scale only might meet one
+        one = f"one at {coarse:g} um is" if mixed else f"an image at {coarse:g} um would be"
+        costs.append(f"{one} enlarged {factor:.3g}x, taking about {factor**2:.3g}x the time")
     if mixed and min(known) < pixel_size_um:
         costs.append(f"one at {min(known):g} um shrunk {pixel_size_um / min(known):.3g}x")
     cost = ", ".join(costs)
