@@ -43,6 +43,7 @@ import pandas as pd
 
 from mlseg.config import MonitorConfig
 from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError, some_of
+from mlseg.scale import SCALE_TOLERANCE
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
@@ -664,9 +665,11 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     """The pixel sizes the new images declare against the training images' (the
     fingerprint's ``pixel_size_um``). Segment resamples a declared size to the model's, so
     this is no fault; it warns where an image declares a size outside the training range
-    (another magnification than any trained on: a model trained at 0.25 um sees a 0.5 um
-    image enlarged, its detail lost), or, by segment's records (:func:`with_segment_records`:
-    a size given to segment is in them alone), was segmented without one where every
+    by more than :data:`mlseg.scale.SCALE_TOLERANCE` (another magnification than any
+    trained on: a model trained at 0.25 um sees a 0.5 um image enlarged, its detail lost;
+    a second scanner's 0.2527 um is the same), or, by segment's records
+    (:func:`with_segment_records`: a size given to segment is in them alone), was segmented
+    without one where every
     training image had one (its scale then estimated from its nuclei)."""
     row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
     row.update(statistic=PIXEL_SIZE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
@@ -704,7 +707,9 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     row["reference_median"] = float(trained_sizes.median())
     low, high = min(counts), max(counts)
     trained_range = f"{low:g} um" if low == high else f"{low:g}-{high:g} um"
-    outside = declared.round(4).lt(low) | declared.round(4).gt(high)
+    # within SCALE_TOLERANCE of the training sizes is their magnification (a second
+    # scanner's 0.2527 um for 0.25 um, which segment resamples by 1.01x), not another
+    outside = declared.lt(low * (1 - SCALE_TOLERANCE)) | declared.gt(high * (1 + SCALE_TOLERANCE))
     # a size given to segment (--pixel-size, a table, the profile) is in its records alone
     segmented = new.get("segmented", pd.Series(False, index=new.index)).astype(bool)
     missing = declared.isna() & segmented & (unknown == 0)
@@ -714,8 +719,9 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
         files = f": {some_of(names[outside])}" if names is not None else ""
         warned.append(
             f"{int(outside.sum())} declare a pixel size outside the training images' "
-            f"({trained_range}){files} (another magnification: segment resamples them to "
-            "the model's pixel size, but check their nuclei, or train on images at their size)"
+            f"({trained_range}, give or take {SCALE_TOLERANCE:.0%}){files} (another "
+            "magnification: segment resamples them to the model's pixel size, but check their "
+            "nuclei, or train on images at their size)"
         )
     if missing.any():
         files = f": {some_of(names[missing])}" if names is not None else ""
@@ -769,8 +775,9 @@ def with_segment_records(new: pd.DataFrame, results: str | os.PathLike) -> pd.Da
 def _segment_scale_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     """How segment scaled the new images (``scale_factor``/``scale_source`` of its
     summary.csv, from :func:`with_segment_records`): warns where it resampled most of
-    them (more than half: a batch at another scale than the model's, whose results hang
-    on the pixel sizes or on the scale estimate) or rejected the scale estimate of most
+    them by more than :data:`mlseg.scale.SCALE_TOLERANCE` (more than half: a batch at
+    another scale than the model's, whose results hang on the pixel sizes or on the scale
+    estimate) or rejected the scale estimate of most
     (rescaled passes cut nuclei into pieces: images the model does not understand)."""
     row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
     row.update(statistic=SEGMENT_SCALE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
@@ -799,8 +806,11 @@ def _segment_scale_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
         said[0] += f" by {by} (" + ", ".join(f"{k} {v}" for k, v in whence) + ")"
     if rejected.any():
         said.append(f"rejected the scale estimate of {int(rejected.sum())}")
+    # resampled within SCALE_TOLERANCE (a second scanner's 0.2527 um for a 0.25 um model:
+    # 1.01x) is the model's scale, not another
+    other_scale = (factor - 1.0).abs() > SCALE_TOLERANCE
     warned = []
-    if resampled.sum() * 2 > n:
+    if other_scale.sum() * 2 > n:
         warned.append(
             "most of the batch was at another scale than the model's: its nuclei are as "
             "right as the pixel sizes (pixel_size) or scale estimates (estimated) that "

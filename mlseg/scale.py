@@ -73,6 +73,13 @@ EDGE_SHARE = 0.5
 #: The factors an estimated scale is clipped to: from a quarter to four times the image's
 #: own size (10x to 160x for a model trained at 40x).
 SCALE_LIMITS = (0.25, 4.0)
+#: Relative difference of two scales that counts as the same scale: a scale estimate within
+#: it of the model's is not resampled (:func:`scale_factor`: nuclei measured 15% off are
+#: noise, not another magnification, whose steps are 1.5x or more), and ``mlseg monitor``
+#: neither calls a declared pixel size within it of the training sizes another
+#: magnification (a second scanner's 0.2527 um against 0.25 um) nor counts a resampling
+#: within it as a batch at another scale.
+SCALE_TOLERANCE = 0.15
 
 
 def statistic_of(meta: dict) -> str:
@@ -165,7 +172,7 @@ def scale_factor(
     reference_px: float | None,
     *,
     clip: tuple[float, float] = SCALE_LIMITS,
-    tolerance: float = 0.15,
+    tolerance: float = SCALE_TOLERANCE,
 ) -> float:
     """Resampling factor ``reference / estimated`` that brings nuclei of ``estimated_px``
     to ``reference_px`` (``< 1``: shrink the image). 1.0 when either is unknown or not
@@ -219,7 +226,7 @@ def auto_scale(
     passes: int = 2,
     min_objects: int = MIN_OBJECTS,
     clip: tuple[float, float] = SCALE_LIMITS,
-    tolerance: float = 0.15,
+    tolerance: float = SCALE_TOLERANCE,
     min_size_ratio: float = 0.75,
     statistic: str = STATISTIC,
 ) -> tuple[np.ndarray, ScaleEstimate]:

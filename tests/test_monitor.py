@@ -824,7 +824,10 @@ def test_pixel_sizes_declared_unlike_the_training_images_warn_and_show_the_mix(
     assert row["status"] == "warn", report.message
     assert (row["reference_median"], row["new_median"]) == (0.25, 0.5)
     assert "training: 40 at 0.25 um; new: 7 at 0.5 um, 1 none" in row["note"]
-    assert "7 declare a pixel size outside the training images' (0.25 um): 1.png" in row["note"]
+    assert (
+        "7 declare a pixel size outside the training images' (0.25 um, give or take 15%): 1.png"
+        in row["note"]
+    )
     # one without a size of its own may have been given one: segment's records say
     assert "1 without one may be given theirs by segment" in row["note"]
     assert "0.png" not in row["note"]
@@ -837,7 +840,7 @@ def test_pixel_sizes_declared_unlike_the_training_images_warn_and_show_the_mix(
     report = monitor.drift_report(recorded, trained, MonitorConfig())
     row = report.table.set_index("statistic").loc["pixel_size_um"]
     note = row["note"]
-    assert "6 declare a pixel size outside the training images' (0.25 um)" in note
+    assert "6 declare a pixel size outside the training images' (0.25 um, give or take 15%)" in note
     assert "1 segmented without a pixel size, where every training image had one: 0.png" in note
     assert "pixel_size_um (warn" in report.message
     # the same sizes as in training are no news; nor is any size where training had none
@@ -915,3 +918,37 @@ def test_monitor_with_results_says_when_segment_resampled_or_rejected_most_image
     assert "segment resampled 8 of 8 image(s) by 0.5x (estimated 8)" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "d.csv").set_index("statistic")
     assert table.loc["segment_scale", "status"] == "warn"
+
+
+def test_a_second_scanner_s_pixel_size_is_the_training_magnification_not_another(
+    he_fingerprint: dict,
+) -> None:
+    """A lab's second scanner at 0.2527 um against training at 0.25 um warned on every run,
+    pixel_size_um for a size 1% off and segment_scale for resampling by 1.01x, as if it
+    were another magnification. Within mlseg.scale.SCALE_TOLERANCE (15%: what segment's
+    scale estimate counts as the model's scale) it is the training's; 0.5 um still warns."""
+    trained = {**he_fingerprint, "pixel_size_um": {"counts": {"0.25": 40}, "unknown": 0}}
+    new = _stats(_he_images(8, seed=3))
+
+    def rows(um: float, factor: float) -> pd.DataFrame:
+        records = new.assign(
+            image=[f"{i}.png" for i in range(len(new))],
+            pixel_size_um=um,
+            segmented=True,
+            scale_factor=factor,
+            scale_source="pixel_size",
+        )
+        return monitor.drift_report(records, trained, MonitorConfig()).table.set_index("statistic")
+
+    scanner = rows(0.2527, 0.2527 / 0.25)
+    assert scanner.loc["pixel_size_um", "status"] == "ok", scanner.loc["pixel_size_um", "note"]
+    assert "new: 8 at 0.2527 um" in scanner.loc["pixel_size_um", "note"]
+    assert scanner.loc["segment_scale", "status"] == "ok", scanner.loc["segment_scale", "note"]
+    # still said: segment did resample them
+    assert "segment resampled 8 of 8 image(s) by 1.01x" in scanner.loc["segment_scale", "note"]
+    assert rows(0.22, 0.22 / 0.25).loc["pixel_size_um", "status"] == "ok"  # another 40x
+    for um in (0.5, 0.1667):  # 20x and 60x for a 40x model
+        other = rows(um, um / 0.25)
+        assert other.loc["pixel_size_um", "status"] == "warn"
+        assert "give or take 15%" in other.loc["pixel_size_um", "note"]
+        assert other.loc["segment_scale", "status"] == "warn"
