@@ -43,7 +43,7 @@ import pandas as pd
 
 from mlseg.config import MonitorConfig
 from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError, some_of
-from mlseg.scale import SCALE_TOLERANCE
+from mlseg.scale import SCALE_TOLERANCE, scale_factor
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
@@ -510,7 +510,7 @@ def drift_report(
             row["note"] += f"{'; ' if row['note'] else ''}{far_out[SCALE_STATISTIC]}"
     rows.append(_size_row(new, fingerprint, cfg))
     rows.append(_channels_row(new, fingerprint))
-    rows.append(_pixel_size_row(new, fingerprint))
+    rows.append(_pixel_size_row(new, fingerprint, cfg.min_images))
     if "scale_source" in new:  # segment's records were given (with_segment_records)
         rows.append(_segment_scale_row(new, fingerprint))
     table = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
@@ -661,7 +661,7 @@ def _sizes_text(sizes: pd.Series) -> str:
     return ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
 
 
-def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
+def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: int) -> dict:
     """The pixel sizes the new images declare against the training images' (the
     fingerprint's ``pixel_size_um``). Segment resamples a declared size to the model's, so
     this is no fault; it warns where an image declares a size outside the training range
@@ -670,7 +670,9 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     a second scanner's 0.2527 um is the same), or, by segment's records
     (:func:`with_segment_records`: a size given to segment is in them alone), was segmented
     without one where every
-    training image had one (its scale then estimated from its nuclei)."""
+    training image had one (its scale then estimated from its nuclei). The note says where
+    the sizes declared and the size nuclei appear in pixels disagree
+    (:func:`_declared_scale_mismatch`)."""
     row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
     row.update(statistic=PIXEL_SIZE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
     row.update(n_new=len(new), status="skipped")
@@ -738,8 +740,44 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
         )
     if warned:
         row["status"] = "warn"
-    row["note"] = "; ".join(said + warned)
+    mismatch = _declared_scale_mismatch(new, fingerprint, declared, min_images)
+    row["note"] = "; ".join(said + warned + ([mismatch] if mismatch else []))
     return row
+
+
+def _declared_scale_mismatch(
+    new: pd.DataFrame, fingerprint: dict[str, Any], declared: pd.Series, min_images: int
+) -> str:
+    """What to say where the declared pixel sizes and the size nuclei appear in pixels
+    (:data:`SCALE_STATISTIC`) disagree: nuclei measured in microns (the one times the
+    other, median over the new images that have both) differ from the training images' as
+    segment's scale estimate judges a difference (:func:`mlseg.scale.scale_factor`, within
+    :data:`mlseg.scale.SCALE_TOLERANCE`: the same scale), as where a sidecar declares 0.5 um on
+    pixels still at the training 0.25 um. Empty where they agree, or where there is no
+    one training size to compare with (none, several, or some images without one), or
+    fewer than ``min_images`` new images with both."""
+    trained = fingerprint.get(PIXEL_SIZE_ROW) or {}
+    counts = trained.get("counts") or {}
+    reference = (fingerprint.get("stats") or {}).get(SCALE_STATISTIC) or {}
+    reference_px = float((reference.get("quantiles") or {}).get("0.5", np.nan))
+    if len(counts) != 1 or trained.get("unknown") or not reference_px > 0:
+        return ""
+    if SCALE_STATISTIC not in new:
+        return ""
+    apparent = pd.to_numeric(new[SCALE_STATISTIC], errors="coerce").astype("float64")
+    microns = (apparent * declared).dropna()
+    if microns.size < max(1, min_images):
+        return ""
+    reference_um = reference_px * float(next(iter(counts)))
+    if scale_factor(float(microns.median()), reference_um) == 1.0:
+        return ""
+    ratio = float(microns.median()) / reference_um
+    return (
+        f"nuclei measure {ratio:.2g}x the training images' in microns by these declared sizes "
+        f"(their size in pixels, {SCALE_STATISTIC}, times the pixel size): the declarations "
+        "are likely wrong (a sidecar or metadata from another scan?): check them, as "
+        "segment resamples by them"
+    )
 
 
 def with_segment_records(new: pd.DataFrame, results: str | os.PathLike) -> pd.DataFrame:

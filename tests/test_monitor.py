@@ -952,3 +952,33 @@ def test_a_second_scanner_s_pixel_size_is_the_training_magnification_not_another
         assert other.loc["pixel_size_um", "status"] == "warn"
         assert "give or take 15%" in other.loc["pixel_size_um", "note"]
         assert other.loc["segment_scale", "status"] == "warn"
+
+
+def test_a_declared_size_the_nuclei_contradict_is_called_likely_wrong(he_fingerprint) -> None:
+    """Sidecars declaring 0.5 um on pixels still at the training 0.25 um (copied from
+    another scan) warned only that 0.5 um is another magnification, and the nuclei, of
+    the training size, passed: nothing said the declaration was wrong, and segment
+    shrank the images by it. Nuclei measured in microns (size in pixels times pixel
+    size) off the training images' by more than SCALE_TOLERANCE say so; a scan at twice
+    the magnification declaring 0.125 um does not."""
+    trained = {**he_fingerprint, "pixel_size_um": {"counts": {"0.25": 40}, "unknown": 0}}
+    images = _he_images(8, seed=3)
+    same_scale = _stats(images)
+    enlarged = [cv2.resize(im, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for im in images]
+    twice = _stats(enlarged)  # the tissue as a scan at 2x the magnification shows it
+
+    def note(stats: pd.DataFrame, um: float, reference: dict = trained) -> str:
+        report = monitor.drift_report(stats.assign(pixel_size_um=um), reference, MonitorConfig())
+        return report.table.set_index("statistic").loc["pixel_size_um", "note"]
+
+    wrong = note(same_scale, 0.5)
+    assert "declarations are likely wrong" in wrong and "check them" in wrong
+    assert "nuclei measure 2x the training images' in microns" in wrong
+    assert "likely wrong" not in note(twice, 0.125)  # declared as scanned
+    assert "likely wrong" not in note(same_scale, 0.25)
+    assert "likely wrong" in note(twice, 0.25)  # declared at the training magnification
+    # no one training size to compare with: nothing said
+    mixed = {**trained, "pixel_size_um": {"counts": {"0.25": 20, "0.5": 20}, "unknown": 0}}
+    assert "likely wrong" not in note(same_scale, 0.5, mixed)
+    # too few images for a median to tell
+    assert "likely wrong" not in note(same_scale.head(2), 0.5)
