@@ -93,7 +93,8 @@ def monitor(
         results: Output folder of ``segment-and-quantify`` on ``images`` (its ``out_dir``), whose
             ``summary.csv`` records when each image was segmented, read with ``since_days``,
             and how segment scaled it and at which pixel size (the ``segment_scale`` and
-            ``pixel_size_um`` rows of the drift table).
+            ``pixel_size_um`` rows of the drift table); without ``since_days`` every image
+            in ``images`` is compared, with those records.
             Relative: under ``MLSEG_DATA_DIR`` if set.
         since_days: Compare only the images new in the last ``since_days`` days: segmented
             within them by the records in ``results`` (an image keeps the time of its first
@@ -117,10 +118,10 @@ def monitor(
 
     log_warnings()
     logger = get_run_logger()
-    if (since_days is not None) != bool(results):
+    if since_days is not None and not results:
         raise ConfigError(
-            "monitor: give since_days and results together (results: the out_dir of "
-            "segment-and-quantify on these images, e.g. results/he; since_days: e.g. 7)"
+            "monitor: since_days needs results, the out_dir of segment-and-quantify on these "
+            "images (e.g. results/he), whose records say when each was segmented"
         )
     cfg = run_config(config, overrides).monitor
     # a deployed worker runs in a fresh temporary folder: relative paths are under /data

@@ -336,7 +336,8 @@ def pipeline(
         workers=workers,
     )
 
-    # 7. monitor: drift of these images vs the training fingerprint
+    # 7. monitor: drift of these images vs the training fingerprint, with how step 6 scaled
+    # them and the pixel sizes it used (the manifest's, which the images' files lack)
     monitor_state = monitor(
         str(test_images),
         fingerprint_path,
@@ -344,6 +345,7 @@ def pipeline(
         config,
         overrides,
         quantified["history_csv"],
+        results=str(Path(quantified["summary_csv"]).parent),
         return_state=True,
     )
     drift = _drift(work / "monitor" / "drift.json", monitor_state)

@@ -743,6 +743,10 @@ def test_monitor_since_days_measures_the_images_segmented_in_the_window(tmp_path
     assert "drift in 12 image(s): mean_c0 (fail" in capsys.readouterr().err
     assert main([*command, "--since-days", "7"]) == 2
     assert "--results" in capsys.readouterr().err
+    # --results alone reads segment's records of every image: no window
+    assert main([*command, "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "WARN: drift in 72 image(s)" in out and "segment_scale" in out
 
 
 def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):

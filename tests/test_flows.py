@@ -1145,15 +1145,12 @@ def test_monitor_flow_on_an_empty_inbox_is_nothing_to_compare(harness, tmp_path)
     (tmp_path / "inbox").mkdir()
     state = monitor(str(tmp_path / "inbox"), str(reference), str(tmp_path / "m"), return_state=True)
     assert state.is_completed() and state.result()["status"] == "skipped"
-    # results without since_days is no window: it measured every image, not the week's
+    # since_days without results has no records to tell the week's images by
     half = monitor(
-        str(tmp_path / "inbox"),
-        str(reference),
-        str(tmp_path / "m"),
-        results=str(tmp_path),
+        str(tmp_path / "inbox"), str(reference), str(tmp_path / "m"), since_days=7,
         return_state=True,
-    )
-    assert half.is_failed() and "give since_days and results together" in half.message
+    )  # fmt: skip
+    assert half.is_failed() and "since_days needs results" in half.message
     missing = monitor(
         str(tmp_path / "nowhere"), str(reference), str(tmp_path / "m"), return_state=True
     )
@@ -1995,6 +1992,63 @@ def test_drift_above_psi_fail_fails_the_pipeline_after_its_report(
     with pytest.raises(DriftDetected):
         state.result()
     assert reported == [str(work / "report.html")] and (work / "report.html").is_file()
+
+
+def test_the_pipeline_s_drift_report_says_how_segment_scaled_the_test_images(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """The pipeline segments the test images and then monitors them, but did not hand the
+    monitor segment's records: its drift report had no segment_scale row, and the
+    pixel_size_um row counted the test images as declaring no size, where segment used the
+    manifest's. The monitor now reads the records of the images it compares."""
+    import flows.pipeline as module
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 8, seed=1))
+    validated = {"outputs": {"fingerprint": str(reference)}, "fingerprint_hash": "h"}
+    evaluated = {"eval_set_id": "e", "means": {}, "per_image_csv": "x"}
+    registered = {
+        "decision": {"reason": "r", "promoted": True}, "production_version": 1,
+        "production_uri": "m",
+    }  # fmt: skip
+    tests = sorted((synth_dataset / "test" / "original").glob("*.png"))
+    reported = {}
+
+    def segment_and_quantify(images, out_dir, **kwargs):
+        assert Path(images).resolve() == tests[0].parent.resolve()  # the images monitored
+        summary = Path(out_dir) / "summary.csv"
+        summary.parent.mkdir(parents=True)
+        pd.DataFrame(
+            {"image": [p.stem for p in tests], "scale_factor": 2.0, "scale_source": "pixel_size"}
+        ).assign(pixel_size_um=0.5).to_csv(summary, index=False)
+        outputs = dict.fromkeys(("history_csv", "nuclei_parquet", "histograms_png"), "x")
+        return {**outputs, "summary_csv": str(summary)}
+
+    class Report:
+        def write(self, path):
+            Path(path).write_text("report")
+
+    def report(*args):
+        reported["drift"] = args[9]
+        return Report()
+
+    stages = {
+        "validate_dataset_flow": lambda *args, **kwargs: validated,
+        "train_model": lambda *args: {"checkpoint": "c"},
+        "evaluate_model": lambda *args, **kwargs: evaluated,
+        "_champion_needs_eval": lambda *args: None,
+        "register_task": lambda *args: registered,
+        "segment_and_quantify": segment_and_quantify,
+        "_report": report,
+    }
+    for name, stub in stages.items():
+        monkeypatch.setattr(module, name, stub)
+    work = tmp_path / "work"
+    module.pipeline(str(synth_dataset), str(work), overrides=TINY, return_state=True)
+    rows = {row["statistic"]: row for row in reported["drift"]["statistics"]}
+    scaled = rows["segment_scale"]
+    assert scaled["n_new"] == len(tests), scaled
+    assert f"segment resampled {len(tests)} of {len(tests)} image(s) by 2x" in scaled["note"]
+    assert f"new: {len(tests)} at 0.5 um" in rows["pixel_size_um"]["note"]
 
 
 @pytest.mark.parametrize("module", ["flows.segment", "flows.pipeline", "flows.demo"])

@@ -200,8 +200,8 @@ def monitor_cmd(
     results: Annotated[
         Path | None,
         typer.Option(
-            help="Output folder of `mlseg segment` on these images (for --since-days; its "
-            "summary.csv also says how segment scaled them)."
+            help="Output folder of `mlseg segment` on these images: its summary.csv says how "
+            "segment scaled them (the segment_scale row), and when (for --since-days)."
         ),
     ] = None,
 ) -> None:
@@ -223,10 +223,10 @@ def monitor_cmd(
         raise ConfigError(
             f"{out}: a folder; --out names the CSV file to write (e.g. {out / 'drift.csv'})"
         )
-    if (since_days is not None) != (results is not None):
+    if since_days is not None and results is None:
         raise ConfigError(
-            "give --since-days and --results together (--results: the output folder of "
-            "`mlseg segment` on these images)"
+            "--since-days needs --results, the output folder of `mlseg segment` on these "
+            "images, whose records say when each was segmented"
         )
     cfg = load_config(config).monitor
     reference = load_fingerprint(fingerprint)
