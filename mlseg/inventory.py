@@ -1039,7 +1039,7 @@ def _declared_sizes(images: pd.DataFrame) -> dict[str, Any]:
     """The pixel sizes training uses (``pixel_size_um``: the manifest's or the metadata's),
     as ``{"counts": {"0.25": 38, ...}, "unknown": 2}``: microns per pixel rounded to 4
     decimals (as :func:`pixel_size_summary` shows them) -> images; ``unknown``: images that
-    declare none (the profile's applies)."""
+    declare none (the profile's ``pixel_size_um`` applies where it sets one)."""
     sizes = pd.to_numeric(
         images.get("pixel_size_um", pd.Series(np.nan, index=images.index)), errors="coerce"
     ).astype("float64")

@@ -704,7 +704,9 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: 
     row["new_median"] = float(sizes.median()) if sizes.size else np.nan
     row["status"] = "ok"
     if not counts:
-        row["note"] = "; ".join(said) + " (training used the profile's pixel size)"
+        row["note"] = "; ".join(said) + (
+            " (training used its profile's pixel_size_um where that sets one, else none)"
+        )
         return row
     row["reference_median"] = float(trained_sizes.median())
     low, high = min(counts), max(counts)
@@ -806,7 +808,13 @@ def with_segment_records(new: pd.DataFrame, results: str | os.PathLike) -> pd.Da
     # an mlseg that recorded no scale or pixel size leaves them as they are
     for column in ("scale_factor", "scale_source", "pixel_size_um"):
         if column in records:
-            out.loc[found, column] = stems[found].map(records[column])
+            told = found
+            if column == "pixel_size_um" and "units" in records:
+                # measured in pixels as asked (--units px, a profile's units: px), its record
+                # holds no size whatever size segment scaled it by: the files' is kept
+                told = found & stems.map(records["units"]).ne("px")
+            if told.any():  # an empty map is of the stems' dtype, refused in a float column
+                out.loc[told, column] = stems[told].map(records[column])
     return out
 
 

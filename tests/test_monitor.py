@@ -843,6 +843,21 @@ def test_pixel_sizes_declared_unlike_the_training_images_warn_and_show_the_mix(
     assert "6 declare a pixel size outside the training images' (0.25 um, give or take 15%)" in note
     assert "1 segmented without a pixel size, where every training image had one: 0.png" in note
     assert "pixel_size_um (warn" in report.message
+    # measured in pixels as asked (--units px): no size in the record, the file's is kept
+    pd.DataFrame(
+        {"image": ["1"], "pixel_size_um": [None], "units": ["px"], "scale_factor": [1.0]}
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    in_px = monitor.with_segment_records(new, tmp_path)
+    assert in_px["segmented"].iloc[1] and in_px["pixel_size_um"].iloc[1] == 0.5
+    note = monitor.drift_report(in_px, trained, MonitorConfig()).table.set_index("statistic")
+    assert "segmented without a pixel size" not in note.loc["pixel_size_um", "note"]
+    # a summary.csv of other images: none of these was segmented, their files' sizes stand
+    pd.DataFrame(
+        {"image": ["other"], "pixel_size_um": [0.25], "units": ["um"], "scale_factor": [1.0]}
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    unrecorded = monitor.with_segment_records(new, tmp_path)
+    assert not unrecorded["segmented"].any()
+    assert unrecorded["pixel_size_um"].iloc[1] == 0.5
     # the same sizes as in training are no news; nor is any size where training had none
     same = new.assign(pixel_size_um=0.25)
     ok = monitor.drift_report(same, trained, MonitorConfig()).table.set_index("statistic")
