@@ -2220,7 +2220,10 @@ def test_flow_command_lines_say_a_user_error_in_one_line(
 
 def _signalled_job(tmp_path: Path, signame: str, prefix: tuple[str, ...] = ()):
     """A ``python -m flows.*``-like command that sends itself ``signame`` and would then go
-    on for 30 s, run to its end; its stdout says whether the exit handlers ran."""
+    on for 30 s, run to its end; its stdout says whether the exit handlers ran. Without a
+    ``prefix`` it starts with SIGHUP's default action, as from a terminal, whatever this
+    pytest inherited: run under ``nohup`` (SIGHUP ignored, which a child keeps), the job
+    carried on after its hangup and the SIGHUP test failed with exit code 0."""
     import subprocess
     import textwrap
 
@@ -2231,6 +2234,8 @@ def _signalled_job(tmp_path: Path, signame: str, prefix: tuple[str, ...] = ()):
             import atexit, os, signal, sys, time
             from flows.common import user_errors_exit
 
+            if {not prefix} and hasattr(signal, "SIGHUP"):
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
             atexit.register(lambda: print("exit handlers ran", flush=True))
 
             @user_errors_exit
