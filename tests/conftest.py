@@ -63,6 +63,21 @@ def _fresh_warn_once() -> None:
     warn_once.cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Torch's CPU thread count as it was before each test, whatever the test or its
+    fixtures set (``torch.set_num_threads`` is process-wide): a file's ``set_num_threads(1)``
+    went on for every later file, so a test ran at 1, 2 or all the cores depending on which
+    file ran before it. Only where torch is imported already (not imported for this)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 #: Environment variables mlseg and the flows read: a worker's or a deploy job's settings
 #: (MLSEG_GIT_COMMIT is set in the image) must not change what a test sees.
 MLSEG_ENVIRONMENT = (

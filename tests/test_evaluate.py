@@ -44,8 +44,10 @@ def checkpoint(tmp_path_factory):
     """One untrained checkpoint for the module, built and saved once: tests only read it (a
     test that edits its config copies the folder first)."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()  # the module's count, given back after it
     torch.set_num_threads(2)
-    return _small_checkpoint(tmp_path_factory.mktemp("evaluate") / "model")
+    yield _small_checkpoint(tmp_path_factory.mktemp("evaluate") / "model")
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory) -> Iterator[Path]:
     import torch
 
+    before = torch.get_num_threads()  # the module's count, given back after it
     torch.set_num_threads(1)
-    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+    yield tiny_checkpoint(tmp_path_factory.mktemp("model"))
+    torch.set_num_threads(before)
 
 
 def _segment(inbox: Path, out: Path, checkpoint: Path, **kwargs):

@@ -1028,9 +1028,11 @@ _STOPPED_RUN = {"max_steps": 6, "val_every": 2}
 def unbroken_run(synth_dataset, tmp_path_factory):
     """The run of ``_STOPPED_RUN`` never stopped, trained once for both places a run stops
     in (read only)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(2)  # as _few_threads gives the tests that compare with it
     out = tmp_path_factory.mktemp("unbroken")
     fit(_cfg(**_STOPPED_RUN), synth_dataset, out, progress=False)
+    torch.set_num_threads(before)
     return out
 
 
