@@ -12,7 +12,7 @@ as the CLI runs it. Each way runs in its own process, after a warm-up evaluation
 small tile (imports, model, lazy imports), whose peak resident memory is then reset
 (``/proc/self/clear_refs``). The figure is the peak (VmHWM) above the resident memory at
 that point, in MB and in bytes a pixel of one field (the unit of
-``mlseg.evaluate.EVALUATE_BYTES_PER_PIXEL``), with the peak of each stage (reading,
+``mlseg.evaluate.EVALUATE_MEMORY``), with the peak of each stage (reading,
 segmenting, scoring, reducing a worst case, drawing worst.png, the rest) in bytes a pixel.
 Linux only. The per-image tables are checked equal (but for the seconds), and worst.png
 compared pixel by pixel. Ends with one JSON line.
@@ -79,11 +79,12 @@ def write_split(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Path:
     return root
 
 
-def stand_in_checkpoint(folder: Path) -> Path:
+def stand_in_checkpoint(folder: Path, pixel_size_um: float | None = None, small=None) -> Path:
+    """A checkpoint of ``small`` (default: a 3-stage resnet18 U-Net), untrained."""
     from mlseg.config import Config, TrainConfig
     from mlseg.model import build_model, save_checkpoint
 
-    small = TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
+    small = small or TrainConfig(encoder="resnet18", encoder_depth=3, patch_size=64)
     save_checkpoint(
         folder,
         build_model(small, 3, 3),
@@ -93,7 +94,7 @@ def stand_in_checkpoint(folder: Path) -> Path:
         in_channels=3,
         fingerprint_hash=None,
         metrics={},
-        pixel_size_um=None,
+        pixel_size_um=pixel_size_um,
         name="best",
         nucleus_diameter_px=12.0,
     )

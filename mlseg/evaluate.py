@@ -43,6 +43,7 @@ from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import turn_free_hash
 from mlseg.io import (
     MASK_EXTENSIONS,
+    MemoryUse,
     not_lossless,
     read_image_for,
     read_mask,
@@ -64,16 +65,15 @@ from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
 
 WORST_SHOWN = 4
-#: Memory a pixel of a test image takes at the peak of ``mlseg evaluate``, beyond its imports
-#: and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`), as measured on the 2-core
-#: dev CPU by ``bench/evaluate_memory.py`` (a stand-in model, H&E fields with their instance
-#: masks): 51 at 6144 x 6144 px and 48 at 8192 x 8192 (row-band path), where the warning
-#: matters; a 4096 x 4096 field, segmented whole, took 78 (84 with four such fields, 1.4 GB).
-#: The peak is segmenting the image, as ``mlseg segment`` does, or scoring it, with the image
-#: and its mask held. The worst cases are reduced to the size worst.png draws them once scored
-#: (:func:`mlseg.plots.worst_case`): held and drawn at full size they had taken 143-151 bytes a
-#: pixel, summed over the images shown (370 a pixel of one with four 4096 x 4096 fields).
-EVALUATE_BYTES_PER_PIXEL = 50
+#: Peak memory of one test image in ``mlseg evaluate``, beyond its imports and model
+#: (:class:`mlseg.io.MemoryUse`, checked by :func:`mlseg.io.warn_if_short_of_memory`): a
+#: bound on the peaks ``bench/warning_memory.py`` measured at 512-8192 px a side (table in
+#: bench/README.md; 2-core dev CPU, the default U-Net/resnet34 and a stand-in, H&E fields
+#: with their instance masks). The peak is segmenting the image, as ``mlseg segment`` does, or scoring it, with
+#: the image and its mask held. The worst cases are reduced to the size worst.png draws them
+#: once scored (:func:`mlseg.plots.worst_case`): held and drawn at full size they had taken
+#: 143-151 bytes a pixel, summed over the images shown (``bench/evaluate_memory.py``).
+EVALUATE_MEMORY = MemoryUse(fixed=2**30, per_pixel=75, banded=55)
 #: The metrics that are better higher: what champion/challenger may compare
 SCORES = (
     "dice",
@@ -201,7 +201,12 @@ def predict_image(
         inference_cfg,
         pixel_size_um=pixel_size_um,
         short_of_memory=partial(
-            warn_if_short_of_memory, path, image.shape, EVALUATE_BYTES_PER_PIXEL, "evaluate"
+            warn_if_short_of_memory,
+            path,
+            image.shape,
+            EVALUATE_MEMORY,
+            "evaluate",
+            stream_min_pixels=(inference_cfg or loaded.config.inference).stream_min_pixels,
         ),
     )
     warn_if_scale_at_limit(scale, path)
@@ -354,7 +359,13 @@ def _score_pairs(
     scored = _Scored(rows=[], worst=[], seen=seen if trained else None)
     for pair in pairs:
         image = read_image_for(pair.image, profile.stain)  # the pixels segment reads
-        warn_if_short_of_memory(pair.image, image.shape, EVALUATE_BYTES_PER_PIXEL, "evaluate")
+        warn_if_short_of_memory(
+            pair.image,
+            image.shape,
+            EVALUATE_MEMORY,
+            "evaluate",
+            stream_min_pixels=inference_cfg.stream_min_pixels,
+        )
         if trained and (role := trained.get(turn_free_hash(image))):
             seen[role].append(pair.stem)
         truth = _truth_labels(pair, image, loaded.config.data)

@@ -23,6 +23,7 @@ import time
 import unicodedata
 import warnings
 from collections.abc import Container, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -754,30 +755,56 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """Peak memory of one image in an mlseg command, beyond its imports and model, in bytes:
+    ``fixed`` (mostly a batch of tiles through the network, in float32 on a CPU without
+    bf16) plus
+    ``per_pixel`` bytes a pixel, or ``banded`` a pixel of an image of more than
+    ``stream_min_pixels`` (:class:`mlseg.config.InferenceConfig`: labelled in row bands, the
+    whole-image temporaries bounded). A bound on the peaks ``bench/warning_memory.py``
+    measured at every size (table in bench/README.md), not a fit: one constant a pixel,
+    sized at 8192 x 8192 px where the bands bound it, had let fields of 512-4096 px through
+    at 1.5-32 times less than they took, and the system stopped the process naming no file."""
+
+    fixed: int
+    per_pixel: float
+    banded: float | None = None
+
+    def need(self, pixels: int, stream_min_pixels: int | None = None) -> int:
+        """Bytes for an image of ``pixels`` pixels (as segmented: resampled ones)."""
+        banded = self.banded is not None and stream_min_pixels is not None
+        rate = self.banded if banded and pixels > stream_min_pixels else self.per_pixel
+        return int(self.fixed + pixels * rate)
+
+
 def warn_if_short_of_memory(
     path: str | os.PathLike,
     shape: tuple[int, ...],
-    bytes_per_pixel: int,
+    use: MemoryUse,
     command: str,
     *,
     factor: float = 1.0,
     why: str = "",
+    stream_min_pixels: int | None = None,
 ) -> bool:
     """Warn where ``mlseg <command>`` on an image of ``shape`` (``(H, W, ...)``) would need
     more memory than this process has left (:func:`available_memory`); nothing where that
-    cannot be read. A warning, not a refusal: ``bytes_per_pixel`` is an estimate and swap may
-    cover the rest. A field far under :data:`MAX_IMAGE_BYTES` (20,000 x 20,000 px, about
-    12 GB in segment) on a 4-8 GB worker was killed by the system after minutes of work,
-    its log naming neither the file nor the fix. ``factor``: the image is resampled by it
-    before it is segmented (``why`` says what asked for it: the pixel size, the scale
-    estimate), so the pixels counted are the resampled ones, ``factor**2`` as many: a 20x
-    field for a 40x model takes 4x the memory of the field as read. True where it warned."""
+    cannot be read. A warning, not a refusal: ``use`` is an estimate and swap may cover the
+    rest. A field far under :data:`MAX_IMAGE_BYTES` (20,000 x 20,000 px, about 17 GB in
+    segment) on a 4-8 GB worker was killed by the system after minutes of work, its log
+    naming neither the file nor the fix. ``factor``: the image is resampled by it before it
+    is segmented (``why`` says what asked for it: the pixel size, the scale estimate), so
+    the pixels counted are the resampled ones, ``factor**2`` as many: a 20x field for a 40x
+    model takes 4x the memory of the field as read. ``stream_min_pixels``: the inference
+    setting above which those pixels are labelled in row bands (``use.banded``); ``None``
+    counts every image at ``use.per_pixel``. True where it warned."""
     height, width = shape[:2]
     size = f"{width:,} x {height:,} px"
     if factor != 1.0:  # the size mlseg.preprocess.rescale gives
         height, width = (max(1, int(round(n * factor))) for n in (height, width))
         size += f", resampled {factor:.3g}x to {width:,} x {height:,} px ({why}),"
-    need = height * width * bytes_per_pixel
+    need = use.need(height * width, stream_min_pixels)
     left = available_memory()
     if left is None or need <= left:
         return False

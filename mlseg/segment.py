@@ -77,6 +77,7 @@ from mlseg.infer import NO_STAIN_TTA, StainTTA
 from mlseg.io import (
     IMAGE_EXTENSIONS,
     TIFF_EXTENSIONS,
+    MemoryUse,
     file_digest,
     full_scale,
     image_stem,
@@ -122,17 +123,16 @@ from mlseg.registry import code_version, package_versions
 from mlseg.scale import META_KEY, META_STAT_KEY, MIN_OBJECTS
 
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
-#: Memory a pixel of a field takes at the peak of ``mlseg segment`` and ``mlseg quantify``,
-#: beyond their imports and model, in bytes (:func:`mlseg.io.warn_if_short_of_memory`).
-#: Measured on the 2-core dev CPU with the CLI defaults, RGB fields: segment 8192 x 8192 px
-#: (row-band path, a stand-in model) peaked at 2.8-3.1 GB over about 770 MB of imports;
-#: quantify 6000 x 6000 px peaked at 1,076 MB, against 238 MB for a 256 x 256 tile. Segment's
-#: is a pixel as segmented: an image resampled to the model's scale is counted again at
-#: ``factor**2`` its pixels before that pass (:func:`predict_labels_scaled`'s
-#: ``short_of_memory``); a 2048 px field at 4x peaked 2.3 GB above the imports, 35 bytes a
-#: pixel of the 8192 px it was segmented at, 557 of the field as read.
-SEGMENT_BYTES_PER_PIXEL = 30
-QUANTIFY_BYTES_PER_PIXEL = 24
+#: Peak memory of one field in ``mlseg segment`` and ``mlseg quantify``, beyond their
+#: imports and model (:class:`mlseg.io.MemoryUse`, checked by
+#: :func:`mlseg.io.warn_if_short_of_memory`): bounds on the peaks ``bench/warning_memory.py``
+#: measured at 512-8192 px a side (table in bench/README.md; 2-core dev CPU, CLI defaults,
+#: the default U-Net/resnet34 and a stand-in, RGB H&E fields). Segment's pixels are those
+#: segmented: an image resampled to the model's scale is counted again at ``factor**2`` its
+#: pixels before that pass (:func:`predict_labels_scaled`'s ``short_of_memory``), and one of
+#: more than ``inference.stream_min_pixels`` is labelled in row bands (``banded``).
+SEGMENT_MEMORY = MemoryUse(fixed=2**30, per_pixel=75, banded=40)
+QUANTIFY_MEMORY = MemoryUse(fixed=32 * 2**20, per_pixel=30)
 
 
 @dataclass
@@ -1012,7 +1012,8 @@ def segment_image(
     :func:`segment_folder` and of the ``segment-and-quantify`` flow.
     """
     image = read_image_for(path, profile.stain)
-    warn_if_short_of_memory(path, image.shape, SEGMENT_BYTES_PER_PIXEL, "segment")
+    stream = (inference_cfg or loaded.config.inference).stream_min_pixels
+    warn_if_short_of_memory(path, image.shape, SEGMENT_MEMORY, "segment", stream_min_pixels=stream)
     check_channels(image, profile, path)
     warn_if_other_modality(loaded, profile)
     warn_if_unlit(image, profile, path)
@@ -1031,7 +1032,12 @@ def segment_image(
         pixel_size_um=px,
         stains=stains,
         short_of_memory=functools.partial(
-            warn_if_short_of_memory, path, image.shape, SEGMENT_BYTES_PER_PIXEL, "segment"
+            warn_if_short_of_memory,
+            path,
+            image.shape,
+            SEGMENT_MEMORY,
+            "segment",
+            stream_min_pixels=stream,
         ),
     )
     warn_if_scale_at_limit(scale, path)
@@ -1316,9 +1322,7 @@ def quantify_folder(
             )
         labels = mask_to_labels(read_mask(path))
         # before the image is read: the labels give the field's size
-        warn_if_short_of_memory(
-            image_path or path, labels.shape, QUANTIFY_BYTES_PER_PIXEL, "quantify"
-        )
+        warn_if_short_of_memory(image_path or path, labels.shape, QUANTIFY_MEMORY, "quantify")
         check_mask_shape(labels, path)  # outlines or a labelled background measure nonsense
         image = None
         if image_path is not None:

@@ -119,16 +119,18 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
 ) -> None:
     """mlseg segment and quantify warned before a field too large for the memory left;
     evaluate, which segments each whole test image, said nothing and was stopped by the
-    system part-way. A container's cgroup (v2) of 64 MiB, read from its files as on Linux,
-    leaves 256 KiB: each 96 x 96 px test image needs about 0.46 MB in evaluate and is named
-    with the fix; 4 MiB left, nothing is said."""
+    system part-way. A container's cgroup (v2) of 2 GiB, read from its files as on Linux,
+    leaves 1 MiB less than each 96 x 96 px test image needs in evaluate (about 1 GiB, most
+    of it a batch of tiles through the network; far more than the 50 bytes a pixel assumed
+    before came to): each is named with the fix; 16 MiB more, nothing is said."""
     from functools import partial
 
     import mlseg.io
+    from mlseg.evaluate import EVALUATE_MEMORY
 
     cgroup = tmp_path / "sys" / "fs" / "cgroup" / "docker" / "c0"
     cgroup.mkdir(parents=True)
-    (cgroup / "memory.max").write_text(str(64 * 2**20))
+    (cgroup / "memory.max").write_text(str(2 * 2**30))
     (cgroup / "memory.stat").write_text("anon 1\ninactive_file 0\n")
     (tmp_path / "meminfo").write_text("MemAvailable:   16777216 kB\n")
     (tmp_path / "cgroup").write_text("0::/docker/c0\n")
@@ -139,22 +141,23 @@ def test_a_test_image_larger_than_the_memory_left_is_named_before_it_is_evaluate
     }
     monkeypatch.setattr(mlseg.io, "available_memory", partial(mlseg.io.available_memory, **files))
 
-    def said(used_mib: float, run: str) -> list[str]:
-        (cgroup / "memory.current").write_text(str(int(used_mib * 2**20)))
+    def said(left: int, run: str) -> list[str]:
+        (cgroup / "memory.current").write_text(str(2 * 2**30 - left))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = ev.evaluate(checkpoint, synth_dataset, tmp_path / run, progress=False)
         assert len(result.per_image) == 3  # warned, not refused
         return [str(w.message) for w in caught if "memory" in str(w.message)]
 
-    assert said(60, "enough") == []
-    lines = said(63.75, "short")
+    need = EVALUATE_MEMORY.need(96 * 96)
+    assert said(need + 16 * 2**20, "enough") == []
+    lines = said(need - 2**20, "short")
     images = sorted((synth_dataset / "test" / "original").iterdir())
     assert len(lines) == len(images) == 3
     for line, image in zip(lines, images, strict=True):
         assert line.startswith(
-            f"{image}: 96 x 96 px needs about 0.0 GiB of memory in mlseg "
-            "evaluate, more than the 0.0 GiB this process has left"
+            f"{image}: 96 x 96 px needs about 1.0 GiB of memory in mlseg "
+            "evaluate, more than the 1.0 GiB this process has left"
         )
         assert "export it as tiles" in line and "and evaluate those" in line
 
@@ -164,12 +167,13 @@ def test_a_test_image_enlarged_to_the_models_scale_beyond_the_memory_left_is_nam
 ) -> None:
     """evaluate checked each test image's memory as read, then segmented it resampled to the
     model's scale (here 2x: a 0.5 um image for a 0.25 um model, 4x the pixels): with room
-    for the images as read (96 x 96 px at 50 bytes a pixel: 0.46 MB) but not resampled
-    (1.8 MB), each is named with the factor and its cause, as mlseg segment names it."""
+    for the images as read (96 x 96 px) but not resampled (192 x 192 px), each is named with
+    the factor and its cause, as mlseg segment names it."""
     import mlseg.io
+    from mlseg.evaluate import EVALUATE_MEMORY
 
     folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.25)
-    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 1_000_000)
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: EVALUATE_MEMORY.need(96 * 96))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = ev.evaluate(
@@ -179,8 +183,8 @@ def test_a_test_image_enlarged_to_the_models_scale_beyond_the_memory_left_is_nam
     images = sorted((synth_dataset / "test" / "original").iterdir())
     assert [str(w.message) for w in caught if "memory" in str(w.message)] == [
         f"{image}: 96 x 96 px, resampled 2x to 192 x 192 px (its pixel size, 0.5 um, against "
-        "the model's 0.25 um), needs about 0.0 GiB of memory in mlseg evaluate, more than the "
-        "0.0 GiB this process has left, so the system may stop it part-way: crop the field "
+        "the model's 0.25 um), needs about 1.0 GiB of memory in mlseg evaluate, more than the "
+        "1.0 GiB this process has left, so the system may stop it part-way: crop the field "
         "or export it as tiles (QuPath: File > Export images) and evaluate those, or run on "
         "a machine with more memory"
         for image in images

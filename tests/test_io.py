@@ -10,6 +10,7 @@ import pytest
 from mlseg.errors import ImageReadError, OutputError
 from mlseg.io import (
     SIXTEEN_BIT_DEPTHS,
+    MemoryUse,
     atomic_path,
     available_memory,
     exif_orientation,
@@ -170,11 +171,12 @@ def test_memory_left_is_unknown_where_nothing_can_be_read(tmp_path):
 def test_a_field_larger_than_the_memory_left_is_named_in_a_warning_with_the_fix(monkeypatch):
     import mlseg.io
 
+    use = MemoryUse(fixed=0, per_pixel=30)
     monkeypatch.setattr(mlseg.io, "available_memory", lambda: 4 * GiB)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), 30, "segment")
-        warn_if_short_of_memory("in/tile.png", (2_000, 2_000, 3), 30, "segment")
+        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), use, "segment")
+        warn_if_short_of_memory("in/tile.png", (2_000, 2_000, 3), use, "segment")
     assert [str(w.message) for w in caught] == [
         "in/field.tif: 20,000 x 20,000 px needs about 11.2 GiB of memory in mlseg segment, "
         "more than the 4.0 GiB this process has left, so the system may stop it part-way: "
@@ -185,7 +187,56 @@ def test_a_field_larger_than_the_memory_left_is_named_in_a_warning_with_the_fix(
     monkeypatch.setattr(mlseg.io, "available_memory", lambda: None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), 30, "segment")
+        warn_if_short_of_memory("in/field.tif", (20_000, 20_000, 3), use, "segment")
+
+
+def _measured_peaks() -> list[tuple[str, int, str, float]]:
+    """``(command, side, network, peak bytes)`` of the table bench/README.md records under
+    its "Memory warnings" heading (``bench/warning_memory.py``)."""
+    text = (Path(__file__).resolve().parents[1] / "bench" / "README.md").read_text()
+    section = text.split("### Memory warnings", 1)[1].split("\n#", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in ("segment", "evaluate", "quantify"):
+            peak = float(cells[4].replace(",", "")) * 1e6
+            rows.append((cells[0], int(cells[1].replace(",", "")), cells[2], peak))
+    return rows
+
+
+def test_each_memory_warning_covers_the_peak_measured_at_every_field_size(monkeypatch):
+    """segment and evaluate assumed 30 and 50 bytes a pixel, figures of 6144-8192 px fields,
+    where row bands bound the memory; fields of 512-4096 px, segmented whole, took 73-946
+    bytes a pixel above the imports and model (a batch of tiles through the network), so
+    with that much memory left nothing warned and the system stopped the process part-way,
+    naming no file: a 1024 px field took 607 MB in segment (992 in float32), where 30 bytes
+    a pixel said 31 MB. With one byte less left than each peak bench/README.md records, each command's
+    warning fires; and from 2048 px up, where the network ran (or none is needed), it does
+    not fire with half the peak to spare."""
+    import mlseg.io
+    from mlseg.config import InferenceConfig
+    from mlseg.evaluate import EVALUATE_MEMORY
+    from mlseg.segment import QUANTIFY_MEMORY, SEGMENT_MEMORY
+
+    uses = {"segment": SEGMENT_MEMORY, "evaluate": EVALUATE_MEMORY, "quantify": QUANTIFY_MEMORY}
+    stream = InferenceConfig().stream_min_pixels
+    rows = _measured_peaks()
+    assert {(c, s) for c, s, _, _ in rows} >= {
+        (c, s) for c in uses for s in (512, 1024, 2048, 4096, 6144)
+    }
+    for command, side, network, peak in rows:
+        monkeypatch.setattr(mlseg.io, "available_memory", lambda peak=peak: int(peak) - 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warned = warn_if_short_of_memory(
+                f"in/{side}.tif", (side, side, 3), uses[command], command,
+                stream_min_pixels=stream,
+            )  # fmt: skip
+        assert warned and len(caught) == 1, (command, side, peak)
+        assert f"in/{side}.tif: {side:,} x {side:,} px needs" in str(caught[0].message)
+        if side >= 2048 and network != "stand-in":  # not warning of room a field would have
+            need = uses[command].need(side * side, stream)
+            assert need < 2 * peak, (command, side, need, peak)
 
 
 def _png_claiming(path, width: int, height: int, colour_type: int) -> None:

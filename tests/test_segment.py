@@ -778,8 +778,9 @@ def test_a_field_enlarged_to_the_models_scale_beyond_the_memory_left_is_named_be
     what asked for it, once, and segmented as with memory to spare; a field kept at its
     own scale says nothing."""
     import mlseg.io
+    from mlseg.segment import SEGMENT_MEMORY
 
-    folder = _folder(tmp_path, n=1)  # 110 x 90 px: 0.3 MB at 30 bytes a pixel, 1.2 MB at 2x
+    folder = _folder(tmp_path, n=1)  # 110 x 90 px
     image = folder / "img0.png"
 
     def run(name: str, pixel_size_um: float | None) -> tuple[dict, list[str]]:
@@ -801,7 +802,7 @@ def test_a_field_enlarged_to_the_models_scale_beyond_the_memory_left_is_named_be
     def said(factor: str, size: str, why: str) -> str:
         return (
             f"{image}: 110 x 90 px, resampled {factor}x to {size} px ({why}), needs about "
-            "0.0 GiB of memory in mlseg segment, more than the 0.0 GiB this process has left, "
+            "1.0 GiB of memory in mlseg segment, more than the 1.0 GiB this process has left, "
             "so the system may stop it part-way: crop the field or export it as tiles (QuPath: "
             "File > Export images) and segment those, or run on a machine with more memory"
         )
@@ -809,7 +810,8 @@ def test_a_field_enlarged_to_the_models_scale_beyond_the_memory_left_is_named_be
     use_oracle.pixel_size_um = 0.25  # a 40x model, a 20x field
     ample = run("ample", 0.5)
     assert ample[0]["scale_factor"] == 2.0 and ample[1] == []
-    monkeypatch.setattr(mlseg.io, "available_memory", lambda: 600_000)
+    # room for the field as read, not for it resampled
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: SEGMENT_MEMORY.need(110 * 90))
     assert run("short", 0.5) == (
         ample[0],
         [said("2", "220 x 180", "its pixel size, 0.5 um, against the model's 0.25 um")],
