@@ -20,6 +20,7 @@ the profile's is used.
 from __future__ import annotations
 
 import bz2
+import codecs
 import errno
 import functools
 import gzip
@@ -396,6 +397,12 @@ def not_utf8(path: Path) -> str:
         data = table_bytes(path)
     except TABLE_READ_ERRORS:
         data = path.read_bytes()
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        # Excel's "Unicode Text" (UTF-16, tab-separated): its first byte read as 0xff, 'ÿ'
+        return (
+            f"{path}: is UTF-16 text (Excel's 'Unicode Text'); save it as 'CSV UTF-8' "
+            "(Excel) or with the UTF-8 character set (LibreOffice)"
+        )
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:

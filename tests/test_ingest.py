@@ -698,6 +698,13 @@ def test_a_pixel_size_table_saved_in_a_legacy_code_page_names_its_line_and_the_f
         r"save it as 'CSV UTF-8'",
     ):
         read_pixel_sizes(table)
+    # Excel's "Unicode Text" is UTF-16 with a byte-order mark, named as such (was "line 1 is
+    # not UTF-8 text (byte 0xff, 'ÿ' ...)", its mark read as a letter)
+    table.write_bytes("stem\tpixel_size_um\r\nimg0\t0,5\r\n".encode("utf-16"))
+    with pytest.raises(
+        DatasetError, match=r"sizes\.csv: is UTF-16 text \(Excel's 'Unicode Text'\); save it as"
+    ):
+        read_pixel_sizes(table)
 
 
 @pytest.mark.parametrize("make", ["ingest", "synth"])
