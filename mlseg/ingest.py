@@ -86,7 +86,12 @@ from mlseg.io import (
     write_labels,
     write_table,
 )
-from mlseg.pixel_size import implausible_message, plausible_pixel_size, usable_pixel_size_um
+from mlseg.pixel_size import (
+    implausible_message,
+    plausible_pixel_size,
+    sizes_text,
+    usable_pixel_size_um,
+)
 from mlseg.progress import shown
 
 #: What mlseg segment names an image's GeoJSON (``x_nuclei.geojson``): a mask for ``x``.
@@ -520,8 +525,7 @@ def describe_pixel_sizes(manifest: pd.DataFrame, root: str | Path = ".") -> str:
             "cannot tell 20x from 40x tiles: it keeps each at its own scale and the model's "
             f"pixel size is unknown, unless the run's profile sets pixel_size_um; {advice}"
         )
-    counts = known["pixel_size_um"].round(4).value_counts().sort_index()
-    sized = ", ".join(f"{count} at {um:g} um" for um, count in counts.items())
+    sized = sizes_text(known["pixel_size_um"])
     sources = ", ".join(
         f"{source}: {count}"
         for source, count in known["pixel_size_source"].value_counts().sort_index().items()

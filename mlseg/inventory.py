@@ -934,15 +934,14 @@ def pixel_size_summary(
     ``pixel_size_um`` is taken by images without one), ``target_um`` its
     ``preprocess.target_pixel_size_um``; without a profile the unknown are only counted.
     """
-    from mlseg.pixel_size import training_scale_note
+    from mlseg.pixel_size import sizes_text, training_scale_note
 
     lines, note = [], None
     usable = files["role"].eq("image") & files["split"].notna() & files["extension_ok"].eq(True)
     for split, part in files[usable].groupby("split", sort=True):
         known = part[part["pixel_size_um"].notna()]
-        counts = known["pixel_size_um"].round(4).value_counts().sort_index()
         sources = "/".join(sorted(known["pixel_size_source"].dropna().unique()))
-        sized = ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
+        sized = sizes_text(known["pixel_size_um"])
         unknown = int(part["pixel_size_um"].isna().sum())
         parts = [f"{sized} ({sources})"] if sized else []
         if unknown and profile is None:

@@ -43,6 +43,7 @@ import pandas as pd
 
 from mlseg.config import MonitorConfig
 from mlseg.errors import ConfigError, DatasetError, ImageReadError, MlsegError, some_of
+from mlseg.pixel_size import sizes_text
 from mlseg.scale import SCALE_TOLERANCE, scale_factor
 
 STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
@@ -579,17 +580,31 @@ def _scale_advice(new_median: float, reference_median: float, declared: bool = F
     )
 
 
+#: What an older fingerprint's skipped row says to do (validate writes every field anew).
+REFRESH_FINGERPRINT = (
+    "run `mlseg validate` on the training data again to refresh fingerprint.json (its "
+    "content_hash stays the same)"
+)
+
+
+def _skipped_row(statistic: str, fingerprint: dict[str, Any]) -> dict:
+    """A drift-table row of ``statistic``, ``skipped`` until its check says otherwise, the
+    fingerprint's image count as its reference and every measure NaN."""
+    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
+    row.update(
+        statistic=statistic, n_reference=int(fingerprint.get("n_images", 0)), status="skipped"
+    )
+    return row
+
+
 def _scale_skipped_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     """The scale check of a fingerprint written before mlseg recorded
     :data:`SCALE_STATISTIC`: skipped, saying how to refresh the fingerprint."""
-    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
-    row.update(statistic=SCALE_STATISTIC, n_reference=int(fingerprint.get("n_images", 0)))
+    row = _skipped_row(SCALE_STATISTIC, fingerprint)
     row.update(
         n_new=len(new),
-        status="skipped",
         note="scale not checked: the fingerprint was written before mlseg measured the size "
-        "nuclei appear in pixels; run `mlseg validate` on the training data again to "
-        "refresh fingerprint.json (its content_hash stays the same)",
+        f"nuclei appear in pixels; {REFRESH_FINGERPRINT}",
     )
     return row
 
@@ -639,9 +654,8 @@ def _channels_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     model) warn: their colour and stain statistics are missing, not far off, so no other
     row can flag them."""
     trained = sorted(int(c) for c in (fingerprint.get("channels") or {}))
-    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
-    row.update(statistic="channels", n_reference=int(fingerprint.get("n_images", 0)))
-    row.update(n_new=len(new), status="skipped", note="no channel counts to compare")
+    row = _skipped_row("channels", fingerprint)
+    row.update(n_new=len(new), note="no channel counts to compare")
     if not trained or "channels" not in new or new.empty:
         return row
     channels = pd.to_numeric(new["channels"], errors="coerce").to_numpy()
@@ -653,12 +667,6 @@ def _channels_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
         found = ", ".join(str(int(c)) for c in np.unique(channels[unseen]))
         row["note"] += f"; {int(unseen.sum())} image(s) with {found}"
     return row
-
-
-def _sizes_text(sizes: pd.Series) -> str:
-    """``8 at 0.5 um, 2 at 0.25 um`` of a Series of microns per pixel (rounded to 4)."""
-    counts = sizes.round(4).value_counts().sort_index()
-    return ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
 
 
 def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: int) -> dict:
@@ -673,15 +681,13 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: 
     training image had one (its scale then estimated from its nuclei). The note says where
     the sizes declared and the size nuclei appear in pixels disagree
     (:func:`_declared_scale_mismatch`)."""
-    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
-    row.update(statistic=PIXEL_SIZE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
-    row.update(n_new=len(new), status="skipped")
+    row = _skipped_row(PIXEL_SIZE_ROW, fingerprint)
+    row["n_new"] = len(new)
     trained = fingerprint.get(PIXEL_SIZE_ROW)
     if not isinstance(trained, dict):
         row["note"] = (
             "pixel sizes not compared: the fingerprint was written before mlseg recorded the "
-            "training images' pixel sizes; run `mlseg validate` on the training data again "
-            "to refresh fingerprint.json (its content_hash stays the same)"
+            f"training images' pixel sizes; {REFRESH_FINGERPRINT}"
         )
         return row
     if PIXEL_SIZE_ROW not in new or new.empty:
@@ -694,7 +700,7 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: 
     names = new["image"].map(lambda p: Path(str(p)).name) if "image" in new else None
     trained_sizes = pd.Series(np.repeat(list(counts), list(counts.values())), dtype="float64")
     said = [
-        f"{name}: {_sizes_text(part) or 'none declared'}"
+        f"{name}: {sizes_text(part) or 'none declared'}"
         + (f", {none} none" if part.size and none else "")
         for name, part, none in (
             ("training", trained_sizes, unknown),
@@ -825,9 +831,7 @@ def _segment_scale_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     another scale than the model's, whose results hang on the pixel sizes or on the scale
     estimate) or rejected the scale estimate of most
     (rescaled passes cut nuclei into pieces: images the model does not understand)."""
-    row = dict.fromkeys(DRIFT_COLUMNS, np.nan)
-    row.update(statistic=SEGMENT_SCALE_ROW, n_reference=int(fingerprint.get("n_images", 0)))
-    row["status"] = "skipped"
+    row = _skipped_row(SEGMENT_SCALE_ROW, fingerprint)
     source = new["scale_source"]
     factor = pd.to_numeric(new.get("scale_factor"), errors="coerce")
     recorded = source.notna() & factor.notna()

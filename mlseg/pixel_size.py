@@ -333,6 +333,14 @@ def _ome_um(xml: str) -> tuple[float, float | None] | None:
     return None
 
 
+def sizes_text(sizes) -> str:
+    """``8 at 0.25 um, 2 at 0.5 um`` of a pandas Series of microns per pixel (rounded to 4
+    decimals, smallest first; NaN left out): how ``mlseg ingest``, ``mlseg validate`` and
+    ``mlseg monitor`` say which sizes a set of images has."""
+    counts = sizes.round(4).value_counts().sort_index()
+    return ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
+
+
 # ----------------------------------------------------------------------------- training scale
 #: Pixel sizes within this ratio of each other count as one scale: resampling by a few percent
 #: would only blur the images (two scanners' "40x" differ by that much).
