@@ -56,6 +56,7 @@ from mlseg.io import (
     write_text,
     written_together,
 )
+from mlseg.plots import display_limits
 
 OUTPUT_SUFFIXES = ("_overlay.png", "_nuclei.csv", "_nuclei.parquet", "_nuclei.geojson")
 #: The run's table of every nucleus; an image's own are ``<stem>_nuclei.*``, so none is named so.
@@ -123,12 +124,13 @@ RESIDUAL_STAINS = ("residual",)
 # ----------------------------------------------------------------------------- overlay
 def display_rgb(image: np.ndarray) -> np.ndarray:
     """``(H, W, C)`` uint8/uint16 -> ``(H, W, 3) uint8`` for display (16-bit stretched
-    between the 0.5th and 99.5th percentiles; grey repeated)."""
+    between the 0.5th and 99.5th percentiles of its lit channels,
+    :func:`mlseg.plots.display_limits`; grey repeated)."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     if image.dtype != np.uint8:
-        lo, hi = np.percentile(image[:: max(1, image.shape[0] // 512)], (0.5, 99.5))
+        lo, hi = display_limits(image[:: max(1, image.shape[0] // 512)])
         scaled = (image.astype(np.float32) - lo) / max(float(hi - lo), 1e-6)
         image = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if image.shape[2] == 1:

@@ -168,3 +168,21 @@ def test_a_large_tiles_worst_case_is_held_at_its_panels_size_in_its_full_size_co
     small = worst_case("tile", image[:1000, :1000], truth[:1000, :1000], truth[:1000, :1000], "")
     assert np.array_equal(small.image, _display(image[:1000, :1000]))
     assert np.array_equal(small.truth, _colour_index(truth[:1000, :1000]))
+
+
+def test_worst_cases_show_a_dapi_field_saved_blue_as_its_grey_file():
+    """A fluorescence test tile of one channel saved as RGB (DAPI in blue, red and green
+    empty): its panel was stretched over the empty channels too, and the dark background
+    shone at 87% of full blue, as bright as the nuclei, where its grey file shows 5%."""
+    from mlseg.plots import worst_case
+
+    truth = np.zeros((64, 64), np.int32)
+    truth[disk((20, 20), 6, shape=truth.shape)] = 1
+    grey = np.where(truth > 0, 200, 12).astype(np.uint8)
+    grey[40:, 40:] = 20  # a brighter patch of background: the top is not the nuclei alone
+    blue = np.zeros((64, 64, 3), np.uint8)
+    blue[..., 2] = grey
+    shown_grey = worst_case("grey", grey, truth, truth, "").image
+    shown_blue = worst_case("blue", blue, truth, truth, "").image
+    assert shown_grey[5, 5] < 0.1 and shown_grey[20, 20] == 1.0
+    assert np.isclose(shown_blue[5, 5, 2], shown_grey[5, 5]) and shown_blue[20, 20, 2] == 1.0
