@@ -525,7 +525,10 @@ def test_train_says_which_pixel_size_the_model_was_trained_at(tmp_path, capsys) 
         "size of its nuclei (inference.auto_scale)"
     )
     one_scale = describe_scale(0.5, {"a": 0.5, "b": 0.5})
-    assert "0.5 um/px (the training images' own)" in one_scale and "an image at 1 um would be enlarged 2x" in one_scale
+    assert (
+        "0.5 um/px (the training images' own)" in one_scale
+        and "an image at 1 um would be enlarged 2x" in one_scale
+    )
     assert "(preprocess.target_pixel_size_um)" in describe_scale(0.3, {"a": 0.25, "b": 0.5})
 
 
