@@ -379,6 +379,68 @@ def test_ordinary_tiles_are_measured_as_before(shared_data):
         assert image_diameter_px(labels) == nucleus_diameter_px(labels), path.name
 
 
+def split_in_halves(labels: np.ndarray) -> np.ndarray:
+    """Each object cut in two at its centre column: what a model's first pass makes of
+    nuclei much larger than it knows (the bias the refinement is for)."""
+    cols = np.indices(labels.shape)[1]
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    centre = np.bincount(inverse.ravel(), cols.ravel()) / np.bincount(inverse.ravel())
+    return np.where(labels > 0, 2 * labels + (cols >= centre[inverse]), 0).astype(np.int32)
+
+
+def test_a_shrunk_pass_that_joins_split_nuclei_on_a_small_crop_is_kept():
+    """A 90 px crop of nuclei 24 px across for a model of 8 px: the first pass cuts each in
+    half (15 objects, 14 px: shrink to 0.56x); there the model sees the 9 whole, 5 of them
+    on the edge. That pass gives no estimate of its own, but its nuclei are plausible: it
+    was rejected and the halves kept at native scale, now it is kept, and not refined."""
+    crop = discs(12, size=256)[:90, :90]
+    halves = split_in_halves(crop)
+    assert image_diameter_px(crop) is None and image_diameter_px(halves) is not None
+    seen = []
+
+    def predict(factor: float) -> np.ndarray:
+        seen.append(factor)
+        return halves if factor == 1.0 else crop
+
+    labels, est = auto_scale(predict, reference_px=8.0, passes=3)
+    assert len(seen) == 2 and seen[1] == pytest.approx(8 / image_diameter_px(halves))
+    assert labels is crop and est.factor == seen[1] and est.source == "estimated"
+    assert est.estimated_px == pytest.approx(image_diameter_px(halves))
+
+
+def test_a_shrunk_pass_is_judged_by_its_nuclei_not_refined_from_its_edge(shared_data):
+    """GBM40 tiles enlarged 3x (nuclei 57-83 px) and cropped back to 512 px, a first pass
+    that halves the nuclei: shrunk, the whole nuclei were rejected on 9 of the 40 tiles
+    (their 9-25 objects mostly on the edge) and the halves kept; now the shrunk pass is
+    kept wherever the native pass gave an estimate. A rescaled pass that lost the nuclei
+    (fewer than five objects) is still rejected."""
+    import cv2
+
+    from mlseg.io import read_mask
+
+    paths = sorted((shared_data / "gbm40_he" / "masks").glob("*.png"))
+    if len(paths) < 40:
+        pytest.skip("GBM40 masks not found")
+    reference = dataset_diameter_px([read_mask(p) for p in paths])
+    kept = 0
+    for path in paths[:9]:  # 01, 05 and 08 among them: rejected before
+        big = cv2.resize(
+            read_mask(path).astype(np.int32), None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST
+        )
+        crop = big[512:1024, 512:1024]
+        halves = split_in_halves(crop)
+        if image_diameter_px(halves) is None:
+            continue
+        labels, est = auto_scale(lambda f, c=crop, h=halves: h if f == 1.0 else c, reference)
+        assert est.source == "estimated" and est.factor < 0.7 and labels is crop, path.name
+        kept += 1
+    assert kept >= 7
+    lost = np.zeros((512, 512), np.int32)
+    _, est = auto_scale(lambda f: halves if f == 1.0 else lost, reference)
+    assert (est.factor, est.source) == (1.0, "rejected")
+
+
 @pytest.mark.parametrize("recorded", [float("nan"), -24.0, float("inf"), [24.0]])
 def test_a_model_recording_no_usable_diameter_warns_and_predicts_natively(recorded):
     """A meta.json whose diameter is NaN (as json writes it), negative, infinite or not a
