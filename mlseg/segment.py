@@ -287,8 +287,9 @@ def predict_labels(
     image is brought to the model's scale first: when both the image's and the model's
     pixel sizes are known, by their ratio; otherwise, when the model records the nucleus
     diameter of its training masks (``meta.json``: ``nucleus_diameter_px``), by the size of
-    the nuclei found in a first pass (:mod:`mlseg.scale`). Probabilities are resampled
-    back, so labels are on the original grid. ``probs`` is ``(K, H, W) float32``, or
+    the nuclei found in a first pass (:mod:`mlseg.scale`). ``pixel_size_um`` ``None`` takes
+    the profile's ``pixel_size_um``, as :func:`segment_image` does for a file that declares
+    none. Probabilities are resampled back, so labels are on the original grid. ``probs`` is ``(K, H, W) float32``, or
     ``None`` for images over ``stream_min_pixels`` (labelled band by band, see
     :func:`mlseg.infer.predict_labels_banded`).
     """
@@ -330,7 +331,11 @@ def predict_labels_scaled(
     image = image_array(image)
     check_model_channels(image, loaded, profile)
     check_model_stain(loaded, profile)
-    pixel_size_um = microns_per_pixel(pixel_size_um)
+    # an array declares no size: the profile's, as for a file that declares none
+    # (:func:`mlseg.pixel_size.image_pixel_size`)
+    pixel_size_um = microns_per_pixel(
+        profile.pixel_size_um if pixel_size_um is None else pixel_size_um
+    )
     cfg = inference_cfg or loaded.config.inference
     if device is None:
         device = _model_device(loaded.model)
@@ -572,9 +577,12 @@ def quantify_image(
     labels: np.ndarray,
     profile: Profile,
     *,
-    pixel_size_um: float | None,
+    pixel_size_um: float | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Measurements and summary of one labelled image (pure; see :mod:`mlseg.quantify`)."""
+    """Measurements and summary of one labelled image (pure; see :mod:`mlseg.quantify`).
+    ``pixel_size_um`` ``None`` takes the profile's, as for a file that declares none."""
+    if pixel_size_um is None:
+        pixel_size_um = profile.pixel_size_um
     px = effective_pixel_size(profile, pixel_size_um)
     table = measure(labels, image, profile, pixel_size_um=px)
     tissue = (

@@ -2313,3 +2313,28 @@ def test_a_rerun_writes_the_run_files_again_where_they_no_longer_hold_its_images
     kept, whole = _as_written_whole(out, rerun)
     for name, value in kept.items():
         assert value == whole[name], name
+
+
+def test_an_array_takes_the_profiles_pixel_size_as_its_file_does(oracle, tmp_path):
+    """A profile's ``pixel_size_um`` is the size of an image that declares none, by path
+    (:func:`segment_image`) and as a notebook's array alike: :func:`predict_labels`
+    segmented the array at its own scale (a 0.5 um image for a 0.25 um model: 1x, where its
+    file was enlarged 2x, so their outlines differed) and :func:`quantify_image` measured it
+    in pixels, or, with ``units: um``, refused it asking for the pixel size in the profile
+    that held it."""
+    from mlseg.segment import quantify_image, segment_image
+
+    image, truth = disc_image(100, 120, spacing=16, radius=4)
+    path = tmp_path / "tile.png"
+    write_image(path, image)
+    half = LoadedModel(**{**oracle.__dict__, "pixel_size_um": 0.25})
+    cfg = oracle.config.inference
+    for units in ("auto", "um"):
+        sized = HE.model_copy(update={"pixel_size_um": 0.5, "units": units})
+        _, by_path, table, summary = segment_image(half, path, sized, cfg)
+        assert summary["pixel_size_source"] == "profile" and summary["scale_factor"] == 2.0
+        labels, _ = predict_labels(half, image, sized, cfg)
+        np.testing.assert_array_equal(labels, by_path)
+        measured, _ = quantify_image(image, labels, sized)
+        pd.testing.assert_frame_equal(measured, table)
+        assert "area_um2" in measured.columns
