@@ -178,6 +178,14 @@ def check_model_channels(image: np.ndarray, loaded, profile: Profile) -> None:
         return
     if profile.stain == "fluorescence" and one_channel_as_grey(image).shape[2] == 1:
         return
+    if channels == 4 and wanted == 3:
+        # an RGBA array (PIL, scikit-image and OpenSlide's read_region give one) was told to
+        # find a 4-channel model, where its file is segmented laid over its background
+        raise ModelError(
+            f"the image has 4 channels (RGBA?) and the model {loaded.path} takes 3; read it "
+            f"with mlseg.io.read_image_for(path, {profile.stain!r}), which lays it over its "
+            "background as mlseg segment does, or drop an opaque alpha (image[..., :3])"
+        )
     raise ModelError(
         f"the image has {channels} channels and the model {loaded.path} takes {wanted}; "
         f"segment {wanted}-channel images with it (a profile of channels: {wanted}), or "

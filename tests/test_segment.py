@@ -2338,3 +2338,24 @@ def test_an_array_takes_the_profiles_pixel_size_as_its_file_does(oracle, tmp_pat
         measured, _ = quantify_image(image, labels, sized)
         pd.testing.assert_frame_equal(measured, table)
         assert "area_um2" in measured.columns
+
+
+def test_an_rgba_array_is_refused_with_the_fix_not_sent_for_another_model(oracle, tmp_path):
+    """An RGBA array (``np.asarray(Image.open(png))``, OpenSlide's ``read_region``) was
+    refused with "use a model trained on 4-channel images", where its file is segmented laid
+    over white: the error names the alpha and the fix, and the fix gives the file's labels."""
+    from PIL import Image
+
+    from mlseg.errors import ModelError
+    from mlseg.io import read_image_for
+
+    image, truth = disc_image(64, 64)
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    rgba[:8, :8, 3] = 0  # a transparent corner, outside the scan
+    path = tmp_path / "tile.png"
+    Image.fromarray(rgba).save(path)
+    cfg = oracle.config.inference
+    with pytest.raises(ModelError, match=r"RGBA\?.*read_image_for\(path, 'he'\).*\[\.\.\., :3\]"):
+        predict_labels(oracle, rgba, HE, cfg)
+    labels = predict_labels(oracle, read_image_for(path, HE.stain), HE, cfg)[0]
+    assert labels.max() == truth.max()
