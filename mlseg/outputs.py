@@ -162,9 +162,16 @@ def overlay(
     ``classes``: optional IHC class (0-3) per label, indexed by label value (a label it
     lacks counts as 0); outlines then take :data:`IHC_OVERLAY_COLOURS`, else green, or
     magenta where the outlined pixels are mostly green (a green nuclear stain).
+    ``ValueError`` where the two differ in size.
     """
     rgb = display_rgb(image).copy()
     labels = np.asarray(labels)
+    if labels.shape != rgb.shape[:2]:
+        # an IndexError about a boolean index otherwise, naming neither array
+        raise ValueError(
+            f"image ({rgb.shape[0]}, {rgb.shape[1]}) and labels {labels.shape} differ in size; "
+            "draw the labels on the (H, W) image they were segmented from"
+        )
     edge = outline_mask(labels)
     if classes is None:
         red, green, blue = rgb[edge].mean(axis=0) if edge.any() else (0, 0, 0)

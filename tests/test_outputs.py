@@ -211,6 +211,17 @@ def test_overlay_outlines_and_ihc_colours():
     assert overlay(grey16, labels).shape == (*labels.shape, 3)
 
 
+def test_an_overlay_of_labels_of_another_size_names_both_sizes():
+    """A notebook's labels of ``img[::2, ::2]`` drawn on ``img`` ended in numpy's "boolean
+    index did not match indexed array along axis 0", naming neither array."""
+    labels = tricky_labels()
+    image = np.full((*labels.shape, 3), 200, np.uint8)
+    with pytest.raises(ValueError, match=r"labels \(\d+, \d+\) differ in size"):
+        overlay(image[::2, ::2], labels)
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay(image, labels[:, :-1])
+
+
 def test_a_16_bit_overlay_shows_the_nuclei_beside_one_saturated_pixel():
     """16-bit images are stretched between percentiles, not their extremes: one hot pixel
     (a cosmic ray, a dead sensor pixel) would leave every nucleus black in the overlay."""
