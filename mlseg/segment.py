@@ -300,9 +300,30 @@ def predict_labels(
     none. Probabilities are resampled back, so labels are on the original grid. ``probs`` is ``(K, H, W) float32``, or
     ``None`` for images over ``stream_min_pixels`` (labelled band by band, see
     :func:`mlseg.infer.predict_labels_banded`).
+
+    Warns, as ``mlseg segment`` does for a file, where the image, as given or as enlarged to
+    the model's scale, would need more memory than the process has left
+    (:func:`mlseg.io.warn_if_short_of_memory`, :data:`SEGMENT_MEMORY`).
     """
+    image = image_array(image)
+    stream = (inference_cfg or loaded.config.inference).stream_min_pixels
+    short_of_memory = functools.partial(
+        warn_if_short_of_memory,
+        "the image (an array)",
+        image.shape,
+        SEGMENT_MEMORY,
+        "segment",
+        stream_min_pixels=stream,
+    )
+    told = short_of_memory()
     labels, probs, _ = predict_labels_scaled(
-        loaded, image, profile, inference_cfg, pixel_size_um=pixel_size_um, device=device
+        loaded,
+        image,
+        profile,
+        inference_cfg,
+        pixel_size_um=pixel_size_um,
+        device=device,
+        short_of_memory=None if told else short_of_memory,
     )
     return labels, probs
 

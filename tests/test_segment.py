@@ -2359,3 +2359,35 @@ def test_an_rgba_array_is_refused_with_the_fix_not_sent_for_another_model(oracle
         predict_labels(oracle, rgba, HE, cfg)
     labels = predict_labels(oracle, read_image_for(path, HE.stain), HE, cfg)[0]
     assert labels.max() == truth.max()
+
+
+def test_an_array_beyond_the_memory_left_is_named_as_a_file_is(oracle, monkeypatch):
+    """A notebook's array had no memory check: a field that ``mlseg segment`` warns of
+    was segmented until the system stopped the kernel. Short of memory for the array as
+    given, or for it enlarged to the model's scale, :func:`predict_labels` warns once with
+    the size and the fix, and segments it as with memory to spare."""
+    import mlseg.io
+    from mlseg.segment import SEGMENT_MEMORY
+
+    image, truth = disc_image(64, 80)
+    cfg = oracle.config.inference
+    half = LoadedModel(**{**oracle.__dict__, "pixel_size_um": 0.25})
+
+    def run(loaded, pixel_size_um=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labels = predict_labels(loaded, image, HE, cfg, pixel_size_um=pixel_size_um)[0]
+        return labels, [str(w.message) for w in caught if "memory" in str(w.message)]
+
+    ample = run(oracle)[0]
+    assert ample.max() == truth.max()
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: SEGMENT_MEMORY.need(64 * 80) - 1)
+    labels, said = run(oracle)
+    np.testing.assert_array_equal(labels, ample)
+    assert len(said) == 1 and said[0].startswith("the image (an array): 80 x 64 px needs")
+    assert "export it as tiles" in said[0]
+    # room for the array as given, not for it enlarged 2x to the model's pixel size
+    monkeypatch.setattr(mlseg.io, "available_memory", lambda: SEGMENT_MEMORY.need(64 * 80))
+    assert run(oracle)[1] == []
+    _, said = run(half, pixel_size_um=0.5)
+    assert len(said) == 1 and "resampled 2x to 160 x 128 px (its pixel size" in said[0]
