@@ -297,8 +297,9 @@ def predict_labels(
     diameter of its training masks (``meta.json``: ``nucleus_diameter_px``), by the size of
     the nuclei found in a first pass (:mod:`mlseg.scale`). ``pixel_size_um`` ``None`` takes
     the profile's ``pixel_size_um``, as :func:`segment_image` does for a file that declares
-    none. Probabilities are resampled back, so labels are on the original grid. ``probs`` is ``(K, H, W) float32``, or
-    ``None`` for images over ``stream_min_pixels`` (labelled band by band, see
+    none. Probabilities are resampled back, so labels are on the original grid. ``probs``
+    is ``(K, H, W) float32``, or ``None`` for images over ``stream_min_pixels`` (labelled
+    band by band, see
     :func:`mlseg.infer.predict_labels_banded`).
 
     Warns, as ``mlseg segment`` does for a file, where the image, as given or as enlarged to
