@@ -361,6 +361,7 @@ def predict_labels_scaled(
     image = image_array(image)
     check_model_channels(image, loaded, profile)
     check_model_stain(loaded, profile)
+    warn_if_preprocess_not_applied(loaded, profile)
     # an array declares no size: the profile's, as for a file that declares none
     # (:func:`mlseg.pixel_size.image_pixel_size`)
     pixel_size_um = microns_per_pixel(
@@ -1107,6 +1108,33 @@ def warn_if_other_modality(loaded, profile: Profile) -> None:
         f"{loaded.path}: trained with profile {trained.get('name')!r} ({trained['stain']}), "
         f"but the images are measured with profile {profile.name!r} ({profile.stain}); "
         f"segment with profile {trained.get('name')!r} unless they are {profile.stain}"
+    )
+
+
+def warn_if_preprocess_not_applied(loaded, profile: Profile) -> None:
+    """Name (once) the ``preprocess`` keys of ``profile`` that differ from the profile the
+    model was trained with and from what the model does (its config.json): images are
+    normalised as the model was trained, whatever the profile given says, so a profile
+    edited or overridden to ask for other normalisation (zscore, Reinhard to another
+    reference) changed nothing, and nothing said so. A model saved before mlseg kept its
+    training profile is not checked."""
+    trained = loaded.meta.get("profile_settings") if isinstance(loaded.meta, dict) else None
+    saved = trained.get("preprocess") if isinstance(trained, dict) else None
+    if not isinstance(saved, dict):
+        return
+    asked = profile.preprocess.model_dump(mode="json")
+    model = loaded.config.preprocess.model_dump(mode="json")
+    # a key the saved profile lacks (an older mlseg's) is no change, as in a resume
+    keys = [k for k, v in asked.items() if k in saved and v != saved[k] and v != model[k]]
+    if not keys:
+        return
+    warn_once(
+        f"{loaded.path}: profile {profile.name!r} asks for "
+        + ", ".join(f"preprocess.{k} {asked[k]}" for k in keys)
+        + ", but the model normalises images as it was trained ("
+        + ", ".join(f"preprocess.{k} {model[k]}" for k in keys)
+        + "; its config.json): a profile's preprocess acts in training only, so this changes "
+        "nothing here; train a model with it to use it"
     )
 
 

@@ -1379,6 +1379,46 @@ def test_a_fluorescence_model_measured_as_bright_field_is_named(tmp_path, use_or
         assert len(said) == named and all("'fluorescence'" in text for text in said)
 
 
+def test_a_profile_preprocess_the_model_was_not_trained_with_is_named(tmp_path, use_oracle):
+    """A profile given at segment time whose preprocess (intensity normalisation, stain
+    normalisation, its reference) differs from the training profile's and from what the
+    model does changed nothing, and nothing said so: the model normalises as it was trained.
+    The training profile itself (he: Macenko, under a run config that turned it off) and a
+    profile asking for what the model does anyway are not named."""
+    use_oracle.meta = {"profile_settings": HE.model_dump(mode="json")}  # model: stain_norm none
+    profiles = tmp_path / "profiles.yaml"
+    he = HE.model_dump(mode="json", exclude={"name", "preprocess"})
+    profiles.write_text(
+        json.dumps(
+            {
+                "profiles": {
+                    "he": {**he, "preprocess": HE.preprocess.model_dump(mode="json")},
+                    "same": {**he, "preprocess": {"stain_norm": "none"}},
+                    "other": {**he, "preprocess": {"intensity_norm": "zscore"}},
+                }
+            }
+        )
+    )
+    images = _folder(tmp_path, 2)
+    labels = {}
+    for name in ("he", "same", "other"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = segment_folder(
+                "model", images, tmp_path / name, profile_name=name, profiles_file=profiles,
+                progress=False,
+            )  # fmt: skip
+        assert result.ok, result.failed
+        said = [str(w.message) for w in caught if "as it was trained" in str(w.message)]
+        labels[name] = read_mask(tmp_path / name / "img0_labels.png")
+        if name == "other":
+            assert len(said) == 1, said  # once per run, not per image
+            assert "preprocess.intensity_norm zscore" in said[0] and "none" in said[0]
+        else:
+            assert not said, said
+    assert np.array_equal(labels["other"], labels["he"])  # not applied, as the warning says
+
+
 def test_quantify_cpm15_ground_truth_counts(tmp_path, shared_data):
     """Counts per image equal the number of labels of the real annotations."""
     root = shared_data / "cpm15_he"
