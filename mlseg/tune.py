@@ -17,6 +17,7 @@ A search space maps ``"section.field"`` to the values to try, e.g.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import itertools
 import json
 import time
@@ -54,17 +55,24 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     """A copy of ``cfg`` with ``{"section.field": value}`` set, each section re-validated."""
     from mlseg.config import parse
 
+    sections = [k for k, f in Config.model_fields.items() if hasattr(f.annotation, "model_fields")]
     by_section: dict[str, dict[str, Any]] = {}
     for key, value in params.items():
         section, _, name = key.partition(".")
-        if (
-            not name
-            or section not in Config.model_fields
-            or not hasattr(type(getattr(cfg, section)), "model_fields")
-        ):
+        if name and section not in Config.model_fields:  # trian.lr, as config files say it
+            near = difflib.get_close_matches(section, sections, n=1)
+            meant = f"; did you mean '{near[0]}.{name}'?" if near else ""
+            raise ConfigError(
+                f"search space: {key!r}: no section {section!r}{meant} "
+                f"(sections: {', '.join(sections)})"
+            )
+        if not name or section not in sections:
             raise ConfigError(f"search space: {key!r} is not 'section.field' (e.g. train.lr)")
-        if name not in type(getattr(cfg, section)).model_fields:
-            raise ConfigError(f"search space: {section} has no field {name!r}")
+        fields = list(type(getattr(cfg, section)).model_fields)
+        if name not in fields:
+            near = difflib.get_close_matches(name, fields, n=1)
+            meant = f"; did you mean '{section}.{near[0]}'?" if near else ""
+            raise ConfigError(f"search space: {section} has no field {name!r}{meant}")
         by_section.setdefault(section, {})[name] = value
     update = {}
     for section, values in by_section.items():

@@ -54,6 +54,19 @@ def test_apply_params_validates() -> None:
         apply_params(cfg, {"train.learning_rate": 0.1})
     with pytest.raises(ConfigError, match="section.field"):
         apply_params(cfg, {"lr": 0.1})
+
+
+def test_a_misspelt_searched_key_is_named_with_the_one_meant() -> None:
+    """``--param train.lrr=...`` said only "train has no field 'lrr'", and ``trian.lr=...``
+    that it "is not 'section.field'" (it is); a config file's misspelt key is named with the
+    key meant, and so is a searched one now."""
+    cfg = load_config(None)
+    with pytest.raises(ConfigError, match=r"no field 'lrr'; did you mean 'train.lr'\?"):
+        apply_params(cfg, {"train.lrr": 0.1})
+    with pytest.raises(ConfigError, match=r"no section 'trian'; did you mean 'train.lr'\?"):
+        apply_params(cfg, {"trian.lr": 0.1})
+    with pytest.raises(ConfigError, match="sections: data, preprocess, augment, train"):
+        apply_params(cfg, {"model.lr": 0.1})
     with pytest.raises(ConfigError, match="multiple of 32"):
         apply_params(cfg, {"train.patch_size": 100})
 
