@@ -12,7 +12,10 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   folder), ``path`` (POSIX, relative to the root), ``stem``
   (for a well-named mask: the stem of the image it belongs to), ``extension`` (lower case),
   ``size_bytes``;
-- decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``, ``dtype``,
+- decoding: ``readable``, ``read_error``, ``width_px``, ``height_px``, ``channels``,
+  ``one_channel_rgb`` (RGB images: whether the file holds one channel shown in a colour,
+  the others empty or copies of it, as DAPI saved blue or a grey picture saved RGB:
+  :func:`mlseg.preprocess.one_channel_as_grey`; null for grey images), ``dtype``,
   ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only),
   ``turn_free_hash`` (the same of whichever of its 8 mirrored/turned views
   :func:`turn_free_hash` picks: equal for a flipped or rotated copy),
@@ -41,7 +44,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
 - contract checks, one column per rule, ``True`` = the rule holds, null = does not apply to
   this row (see ``expectations/README.md``): ``location_ok``, ``extension_ok``, ``name_ok``,
   ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
-  ``mask_values_ok``, ``unique_in_split``, ``only_in_one_split``, ``channels_consistent``,
+  ``mask_values_ok``, ``unique_in_split``, ``only_in_one_split``, ``channels_consistent``
+  (with a fluorescence profile, ``ValidateConfig.stain``, a ``one_channel_rgb`` image counts
+  as grey, as training reads it),
   ``dtype_consistent``, ``pixel_size_ok`` (the manifest's size is a plausible number),
   ``metadata_pixel_size_ok`` (the metadata's, where the manifest gives none); plus
   ``n_partners`` (files of the other role with the same stem).
@@ -168,6 +173,7 @@ FILE_COLUMNS = (
     "width_px",
     "height_px",
     "channels",
+    "one_channel_rgb",
     "dtype",
     "content_hash",
     "turn_free_hash",
@@ -189,6 +195,7 @@ READ_COLUMNS = (
     "width_px",
     "height_px",
     "channels",
+    "one_channel_rgb",
     "dtype",
     "content_hash",
     "turn_free_hash",
@@ -223,7 +230,11 @@ class ValidateConfig(Strict):
     a process pool instead (forkserver; a calling script needs a ``__main__`` guard). Stain
     densities are computed on a copy subsampled to at most ``stats_max_side`` pixels per side.
     ``stain_vectors`` are the optical-density rows (haematoxylin, eosin, DAB) used for colour
-    deconvolution; ``None`` = Ruifrok & Johnston.
+    deconvolution; ``None`` = Ruifrok & Johnston. ``stain`` is the run's profile's
+    (:func:`load_validate_config` takes it from the run config): with ``fluorescence`` an RGB
+    image holding one channel in a colour (DAPI saved blue) has the channel count of a grey
+    one for ``consistent_channels``, as training reads it
+    (:func:`mlseg.preprocess.one_channel_as_grey`).
     """
 
     data: DataConfig = DataConfig()
@@ -232,6 +243,7 @@ class ValidateConfig(Strict):
     parallel: Literal["thread", "process"] = "thread"
     stats_max_side: int = Field(128, ge=16)
     stain_vectors: list[list[float]] | None = None
+    stain: Literal["he", "ihc", "fluorescence", "none"] = "he"
 
 
 def load_validate_config(
@@ -242,13 +254,15 @@ def load_validate_config(
     workers: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> ValidateConfig:
-    """The validation config of a run-config YAML (its ``data`` section), with the run's
-    section ``overrides`` (as the pipeline passes them: the data training reads is the data
-    validated) and command-line options applied."""
-    from mlseg.config import load_config, parse
+    """The validation config of a run-config YAML (its ``data`` section and its profile's
+    ``stain``), with the run's section ``overrides`` (as the pipeline passes them: the data
+    training reads is the data validated) and command-line options applied."""
+    from mlseg.config import get_profile, load_config, parse
 
     run = load_config(path, **(overrides or {}))
-    data = ValidateConfig(data=run.data).model_dump()
+    # the profile decides how training reads an RGB image of one colour
+    stain = get_profile(run.profile, run.profiles_file).stain
+    data = ValidateConfig(data=run.data, stain=stain).model_dump()
     if mask_kind is not None:
         data["data"] = {**data["data"], "mask_kind": mask_kind}
     if min_images_per_split is not None:
@@ -553,6 +567,10 @@ def inspect_file(
     if labels is not None:
         row.update(mask_stats(labels, declared_kind))
     else:
+        from mlseg.preprocess import one_channel_as_grey
+
+        if arr.shape[2] == 3:
+            row["one_channel_rgb"] = one_channel_as_grey(arr).shape[2] == 1
         row["content_hash"] = content_hash(arr)
         row["turn_free_hash"] = turn_free_hash(arr)
         row["exif_orientation"] = exif_orientation(path)
@@ -702,7 +720,9 @@ def build_inventory(
     for entry, facts in zip(entries, facts_iter, strict=True):
         rows.append({"split": entry.split, "role": entry.role, "path": entry.rel, **facts})
     sizes = manifest_pixel_sizes(root)
-    files = add_checks(pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, sizes)
+    files = add_checks(
+        pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, sizes, stain=cfg.stain
+    )
     return Inventory(root, files, split_summary(files, folders, sizes), cfg)
 
 
@@ -725,14 +745,17 @@ def add_checks(
     files: pd.DataFrame,
     cfg: DataConfig,
     manifest_sizes: dict[tuple[str, str], tuple[int, Any]] | None = None,
+    *,
+    stain: str = "he",
 ) -> pd.DataFrame:
     """Add ``stem``, ``extension``, ``n_partners``, the pixel sizes and one column per
     contract rule (pure).
 
     ``files`` holds the facts read from each file (``split``, ``role``, ``path``,
     ``readable``, sizes, hashes, ...); ``manifest_sizes`` the manifest's pixel sizes as
-    written (:func:`mlseg.dataset.manifest_pixel_sizes`). See the module docstring for the
-    columns added.
+    written (:func:`mlseg.dataset.manifest_pixel_sizes`); ``stain`` the run's profile's
+    (``fluorescence``: a ``one_channel_rgb`` image counts as grey for
+    ``channels_consistent``). See the module docstring for the columns added.
     """
     df = files.reset_index(drop=True).copy()
     parts = [_file_name_parts(p) for p in df["path"]]
@@ -833,8 +856,14 @@ def add_checks(
 
     # Consistency across the dataset's images: each is compared with the most common value.
     decoded_image = is_image & readable
-    for column, check in (("channels", "channels_consistent"), ("dtype", "dtype_consistent")):
-        values = df[column].astype(str)
+    channels = df["channels"]
+    if stain == "fluorescence" and "one_channel_rgb" in df:
+        # training with a fluorescence profile gives the model a DAPI field saved blue as
+        # its grey file (mlseg.preprocess.one_channel_as_grey): a set of both trains as one
+        # kind of image. Bright field keeps the file's count: a grey tile among H&E is not.
+        channels = channels.where(~df["one_channel_rgb"].eq(True), 1)
+    for values, check in ((channels, "channels_consistent"), (df["dtype"], "dtype_consistent")):
+        values = values.astype(str)
         counts = values[decoded_image].value_counts()
         common = min(counts.index, key=lambda v: (-counts[v], v)) if len(counts) else None
         df[check] = _rule(values.eq(common), decoded_image)

@@ -674,6 +674,53 @@ def test_grey_image_among_rgb(nuclei_dataset):
     assert_caught(report, "consistent_channels", {"train/original/train1.png"})
 
 
+def test_a_fluorescence_set_of_grey_and_blue_files_validates_as_it_trains(nuclei_dataset, tmp_path):
+    """Training with a fluorescence profile gives the model a DAPI field saved in blue
+    alone as its grey file, yet validation counted it as RGB beside the grey ones:
+    consistent_channels failed and stopped `mlseg train`, on a set `--no-validate` trained.
+    With the profile's stain it counts as grey; bright field judges the file as before, a
+    grey picture saved RGB among grey tiles included."""
+    from mlseg.inventory import load_validate_config
+
+    root = nuclei_dataset()
+    for name in ("train/original/train1.png", "test/original/test1.png"):
+        grey = read_image(root / name).mean(axis=2).astype(np.uint8)
+        write_image(root / name, grey)
+    blue = read_image(root / "train/original/train0.png")
+    blue[..., :2] = 0
+    write_image(root / "train/original/train0.png", blue)
+    write_image(root / "train/original/train2.png", np.repeat(grey[..., None], 3, axis=2))
+    write_image(root / "test/original/test0.png", blue[..., [2, 1, 0]])  # red alone: one too
+    fluorescence = tmp_path / "fluorescence.yaml"
+    fluorescence.write_text("profile: fluorescence\n")
+
+    assert main(["validate", str(root), "-c", str(fluorescence), "-o", str(tmp_path / "v")]) == 0
+    cfg = load_validate_config(fluorescence)
+    report = run_suites(build_inventory(root, cfg))
+    assert report.success and report.outcome("consistent_channels").n_checked == 5
+    # the inventory still says what the files are
+    files = build_inventory(root, cfg).files.set_index("path")
+    assert files.loc["train/original/train0.png", ["channels", "one_channel_rgb"]].tolist() == [
+        3,
+        True,
+    ]
+    assert pd.isna(files.loc["train/original/train1.png", "one_channel_rgb"])
+
+    # bright field: the same files, judged by their channel counts as before
+    for bright_field in (load_validate_config(None), ValidateConfig()):
+        report = run_suites(build_inventory(root, bright_field))
+        assert report.failed_rules("error") == ["consistent_channels"]
+        assert_caught(
+            report, "consistent_channels", {"train/original/train1.png", "test/original/test1.png"}
+        )
+    # a composite of two stains is RGB for a fluorescence profile too
+    two = blue.copy()
+    two[..., 1] = 255 - blue[..., 2]
+    write_image(root / "train/original/train0.png", two)
+    report = run_suites(build_inventory(root, cfg))
+    assert_caught(report, "consistent_channels", {"train/original/train0.png"})
+
+
 def test_stray_file_is_only_a_warning(nuclei_dataset, nuclei_pair):
     root = nuclei_dataset()
     write_image(root / "train/images/lost.png", nuclei_pair(np.random.default_rng(6))[0])
