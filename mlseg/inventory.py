@@ -234,7 +234,8 @@ class ValidateConfig(Strict):
     (:func:`load_validate_config` takes it from the run config): with ``fluorescence`` an RGB
     image holding one channel in a colour (DAPI saved blue) has the channel count of a grey
     one for ``consistent_channels``, as training reads it
-    (:func:`mlseg.preprocess.one_channel_as_grey`).
+    (:func:`mlseg.preprocess.one_channel_as_grey`); the fingerprint records it for
+    ``mlseg monitor``.
     """
 
     data: DataConfig = DataConfig()
@@ -1006,6 +1007,7 @@ def fingerprint(
     split: str = "train",
     bins: int = 10,
     image_stats_params: dict[str, Any] | None = None,
+    stain: str | None = None,
 ) -> dict[str, Any]:
     """Summary of the readable images of ``split``, for later drift checks (JSON-ready, pure).
 
@@ -1016,7 +1018,9 @@ def fingerprint(
     (:func:`_declared_sizes`). ``content_hash`` is a SHA-256 digest (128 bits) of the sorted image hashes: equal
     for the same set of images whatever their names or order. ``image_stats_params`` (the keyword arguments
     the statistics were computed with, e.g. ``max_side``) are stored so a monitor can compute
-    new images' statistics the same way.
+    new images' statistics the same way. ``stain``, the run's profile's that the set was
+    validated with (:class:`ValidateConfig`), is stored where given: a monitor does not compare
+    the optical densities of H&E and DAB of a ``fluorescence`` set.
     """
     images = files[
         files["role"].eq("image") & files["readable"].eq(True) & files["split"].eq(split)
@@ -1059,6 +1063,7 @@ def fingerprint(
         "pixel_size_um": _declared_sizes(images),
         "stat_columns": list(STAT_COLUMNS),
         "image_stats_params": dict(image_stats_params or {}),
+        **({"stain": stain} if stain is not None else {}),
         "stats": stats,
     }
 
@@ -1081,7 +1086,7 @@ def _declared_sizes(images: pd.DataFrame) -> dict[str, Any]:
 def _fingerprint_of(inventory: Inventory) -> dict[str, Any]:
     cfg = inventory.config
     params = {"max_side": cfg.stats_max_side, "stain_vectors": cfg.stain_vectors}
-    return fingerprint(inventory.files, image_stats_params=params)
+    return fingerprint(inventory.files, image_stats_params=params, stain=cfg.stain)
 
 
 def _int_or_none(value: Any) -> int | None:

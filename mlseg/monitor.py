@@ -14,6 +14,8 @@ permutation test on the same bins (Kolmogorov-Smirnov distance; new and training
 exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_value`` /
 number of statistics (Bonferroni). A ``*_fraction`` statistic (the share of saturated or
 dark pixels) is judged to :data:`FRACTION_MARGIN` of the image (:func:`fraction_bins`).
+A fingerprint of a set validated with a fluorescence profile skips the optical densities
+(:data:`OPTICAL_DENSITY_STATISTICS`), which measure no stain there.
 Image size is checked against the training width/height range, in either orientation; the
 pixel sizes new images declare against the training images' (:func:`_pixel_size_row`); with
 a segmentation run's records, how segment scaled them (:func:`with_segment_records`).
@@ -61,6 +63,11 @@ SCALE_STATISTIC = "nucleus_scale_px"
 PIXEL_SIZE_ROW = "pixel_size_um"
 #: The row saying how ``mlseg segment`` scaled the new images (``--results``'s summary.csv).
 SEGMENT_SCALE_ROW = "segment_scale"
+#: Optical densities along the H&E and DAB stain vectors: of a fluorescence image they
+#: measure nothing (its dark ground reads as dense stain: a synthetic DAPI field read 3.67
+#: as an 8-bit file, 8.00 as a 16-bit one), so a fingerprint of a set validated with a
+#: fluorescence profile (its ``stain``) skips them.
+OPTICAL_DENSITY_STATISTICS = ("od_hematoxylin_mean", "od_eosin_mean", "od_dab_mean")
 QUANTILES = tuple(round(q, 1) for q in np.linspace(0.0, 1.0, 11))
 #: The least margin, in share of the image, that makes a ``*_fraction`` statistic "far
 #: outside" its training range: training images with 0-1 dark pixels in 20,000 would
@@ -457,6 +464,9 @@ def drift_report(
         column = pd.to_numeric(new.get(name), errors="coerce")
         column = column.dropna() if isinstance(column, pd.Series) else pd.Series(dtype=float)
         values = column.to_numpy(np.float64)
+        if name in OPTICAL_DENSITY_STATISTICS and fingerprint.get("stain") == "fluorescence":
+            rows.append(_not_applicable_row(name, values.size, fingerprint))
+            continue
         edges = ref["histogram"]["edges"]
         ref_counts = np.asarray(ref["histogram"]["counts"], np.int64)
         row = {
@@ -605,6 +615,21 @@ def _scale_skipped_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
         n_new=len(new),
         note="scale not checked: the fingerprint was written before mlseg measured the size "
         f"nuclei appear in pixels; {REFRESH_FINGERPRINT}",
+    )
+    return row
+
+
+def _not_applicable_row(name: str, n_new: int, fingerprint: dict[str, Any]) -> dict:
+    """An :data:`OPTICAL_DENSITY_STATISTICS` row of a fluorescence fingerprint, of
+    ``n_new`` new values: skipped, saying why (a fingerprint without ``stain``, written
+    before mlseg recorded it, compares them as before)."""
+    row = _skipped_row(name, fingerprint)
+    row.update(
+        n_reference=int(fingerprint["stats"][name]["n"]),
+        n_new=n_new,
+        note="not applicable: the training set was validated with a fluorescence profile, "
+        "and the optical densities of H&E and DAB stains measure nothing in a fluorescence "
+        "image (its dark ground reads as dense stain)",
     )
     return row
 

@@ -997,3 +997,62 @@ def test_a_declared_size_the_nuclei_contradict_is_called_likely_wrong(he_fingerp
     assert "likely wrong" not in note(same_scale, 0.5, mixed)
     # too few images for a median to tell
     assert "likely wrong" not in note(same_scale.head(2), 0.5)
+
+
+def test_a_fluorescence_set_s_optical_densities_are_not_applicable(tmp_path, capsys) -> None:
+    """Monitor compared H&E and DAB optical densities of DAPI fields: their empty red and
+    green read as dense stain, against full scale, so the same fields saved 16-bit failed
+    the batch on od_hematoxylin_mean (3.7 -> 8.0), od_eosin_mean and od_dab_mean alone. A
+    fingerprint of a set validated with a fluorescence profile now skips those rows and says
+    why; one validated as bright field, or written before mlseg recorded the stain,
+    compares them as before."""
+    import json
+
+    from mlseg.cli import main
+    from mlseg.io import write_image, write_labels
+    from mlseg.synth import synth_pair
+
+    rng = np.random.default_rng(4)
+
+    def dapi() -> tuple[np.ndarray, np.ndarray]:
+        image, labels, _ = synth_pair("fluorescence", 64, rng)
+        blue = np.zeros_like(image)
+        blue[..., 2] = image.max(axis=2)  # DAPI saved in blue alone
+        return blue, labels
+
+    data = tmp_path / "data"
+    for split, n in (("train", 10), ("test", 2)):
+        for i in range(n):
+            image, labels = dapi()
+            write_image(data / split / "original" / f"{split}{i}.png", image)
+            write_labels(data / split / "masks" / f"{split}{i}_mask.png", labels)
+    for i in range(8):  # new fields from a 16-bit camera export
+        write_image(tmp_path / "new" / f"{i}.png", dapi()[0].astype(np.uint16) * 257)
+    fluorescence = tmp_path / "fluorescence.yaml"
+    fluorescence.write_text("profile: fluorescence\n")
+    assert main(["validate", str(data), "-c", str(fluorescence), "-o", str(tmp_path / "f")]) == 0
+    assert main(["validate", str(data), "-o", str(tmp_path / "he")]) == 0
+    capsys.readouterr()
+
+    def drift(fingerprint_file) -> tuple[int, pd.DataFrame]:
+        out = tmp_path / "drift.csv"
+        args = ["--fingerprint", str(fingerprint_file), "--out", str(out)]
+        code = main(["monitor", str(tmp_path / "new"), *args])
+        return code, pd.read_csv(out).set_index("statistic")
+
+    code, table = drift(tmp_path / "f" / "fingerprint.json")
+    assert code == 0 and "OK: no drift in 8 image(s)" in capsys.readouterr().out
+    od = table.loc[list(monitor.OPTICAL_DENSITY_STATISTICS)]
+    assert od["status"].eq("skipped").all() and od["psi"].isna().all()
+    said = "not applicable: the training set was validated with a fluorescence profile"
+    assert all(note.startswith(said) for note in od["note"])
+    assert (table.drop(od.index)["status"] == "ok").all()
+    # bright field: the densities compared, as before
+    code, table = drift(tmp_path / "he" / "fingerprint.json")
+    assert code == 1 and (table.loc["od_hematoxylin_mean", "status"] == "fail")
+    # a fingerprint written before mlseg recorded the stain still reads, and compares them
+    older = json.loads((tmp_path / "f" / "fingerprint.json").read_text())
+    assert older.pop("stain") == "fluorescence"
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    code, table = drift(tmp_path / "older.json")
+    assert code == 1 and (table.loc["od_hematoxylin_mean", "status"] == "fail")
