@@ -48,14 +48,14 @@ def _stats_run_name() -> str:
     retry_condition_fn=retry_on_transient_io,
 )
 def image_stats_task(
-    paths: list[str], params: dict[str, Any] | None = None
+    paths: list[str], params: dict[str, Any] | None = None, stain: str | None = None
 ) -> list[dict[str, Any]]:
     """Statistics of a batch of images (one dict per image), computed with ``params`` (the
-    fingerprint's ``image_stats_params``)."""
+    fingerprint's ``image_stats_params``) on the images as read with its ``stain``."""
     from mlseg.monitor import image_stats_table
 
     log_warnings()  # on a Dask worker too
-    return image_stats_table(paths, params=params).to_dict(orient="records")
+    return image_stats_table(paths, params=params, stain=stain).to_dict(orient="records")
 
 
 @flow(name="monitor", flow_run_name="monitor {images}", log_prints=True)
@@ -151,8 +151,10 @@ def monitor(
         result = {"status": "skipped", "message": f"no images{new_in}", "n_images": 0}
         _publish_history(history, result, logger)
         return result
-    params = reference.get("image_stats_params")
-    futures = [image_stats_task.submit(batch, params) for batch in batches(paths, batch_size)]
+    params, stain = reference.get("image_stats_params"), reference.get("stain")
+    futures = [
+        image_stats_task.submit(batch, params, stain) for batch in batches(paths, batch_size)
+    ]
     rows = [row for future in futures for row in future.result()]
     new = pd.DataFrame(rows)
     if results:  # how segment scaled them, and the pixel sizes it used

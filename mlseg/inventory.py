@@ -35,7 +35,8 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   without a model: :func:`mlseg.scale.blob_diameter_px`; halves on a 20x scan of a 40x
   set), ``saturated_fraction``, ``dark_fraction``,
   ``od_hematoxylin_mean``, ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per
-  stain by colour deconvolution; RGB images only);
+  stain by colour deconvolution; RGB images only); with a fluorescence profile, those of a
+  ``one_channel_rgb`` image's grey file, as training reads it (:func:`as_trained`);
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
   metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``pixel_size_um`` and
   ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
@@ -234,8 +235,8 @@ class ValidateConfig(Strict):
     (:func:`load_validate_config` takes it from the run config): with ``fluorescence`` an RGB
     image holding one channel in a colour (DAPI saved blue) has the channel count of a grey
     one for ``consistent_channels``, as training reads it
-    (:func:`mlseg.preprocess.one_channel_as_grey`); the fingerprint records it for
-    ``mlseg monitor``.
+    (:func:`mlseg.preprocess.one_channel_as_grey`), and its statistics are those of that
+    grey file (:func:`as_trained`); the fingerprint records it for ``mlseg monitor``.
     """
 
     data: DataConfig = DataConfig()
@@ -365,6 +366,18 @@ def image_stats(
         h, e, d = conc.mean(axis=0)
         stats.update(od_hematoxylin_mean=float(h), od_eosin_mean=float(e), od_dab_mean=float(d))
     return stats
+
+
+def as_trained(image: np.ndarray, stain: str | None) -> np.ndarray:
+    """``image`` as training gives it to the model with a profile of ``stain``, before any
+    scaling: with ``fluorescence``, an RGB image of one channel shown in a colour (DAPI
+    saved blue) is that channel, ``(H, W, 1)``
+    (:func:`mlseg.preprocess.one_channel_as_grey`); any other image as it is. Validation
+    measures its statistics on this, and ``mlseg monitor`` a new image's for a fingerprint
+    of that stain, so a fluorescence set is compared as training sees it."""
+    from mlseg.preprocess import one_channel_as_grey
+
+    return one_channel_as_grey(image) if stain == "fluorescence" else image
 
 
 #: A binary mask exported as 0/255 (8-bit) or 0/65535 (16-bit): read as instance labels, one
@@ -534,8 +547,11 @@ def inspect_file(
     declared_kind: str = "auto",
     max_side: int = 128,
     stain_vectors: list[list[float]] | None = None,
+    stain: str | None = None,
 ) -> dict[str, Any]:
-    """Decode one file (``(path, role)``) and return its row of facts; never raises on bad data."""
+    """Decode one file (``(path, role)``) and return its row of facts; never raises on bad data.
+    An image's statistics are those of the image as training reads it with a profile of
+    ``stain`` (:func:`as_trained`)."""
     path_str, role = item
     path = Path(path_str)
     row: dict[str, Any] = {"readable": None, "read_error": None}
@@ -576,7 +592,8 @@ def inspect_file(
         row["turn_free_hash"] = turn_free_hash(arr)
         row["exif_orientation"] = exif_orientation(path)
         row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
-        row.update(image_stats(arr, max_side=max_side, stain_vectors=stain_vectors))
+        seen = as_trained(arr, stain)
+        row.update(image_stats(seen, max_side=max_side, stain_vectors=stain_vectors))
     return row
 
 
@@ -714,6 +731,7 @@ def build_inventory(
         declared_kind=cfg.data.mask_kind,
         max_side=cfg.stats_max_side,
         stain_vectors=cfg.stain_vectors,
+        stain=cfg.stain,
     )
     rows = []
     items = [(str(e.path), e.role) for e in entries]
@@ -725,6 +743,15 @@ def build_inventory(
         pd.DataFrame(rows, columns=list(READ_COLUMNS)), cfg.data, sizes, stain=cfg.stain
     )
     return Inventory(root, files, split_summary(files, folders, sizes), cfg)
+
+
+def _channels_as_trained(files: pd.DataFrame, stain: str | None) -> pd.Series:
+    """``files``' ``channels``, a ``one_channel_rgb`` image's 1 with a fluorescence
+    ``stain`` (:func:`as_trained`)."""
+    channels = files["channels"]
+    if stain == "fluorescence" and "one_channel_rgb" in files:
+        channels = channels.where(~files["one_channel_rgb"].eq(True), 1)
+    return channels
 
 
 def _rule(ok: Iterable[Any], applies: Iterable[bool]) -> pd.Series:
@@ -857,12 +884,10 @@ def add_checks(
 
     # Consistency across the dataset's images: each is compared with the most common value.
     decoded_image = is_image & readable
-    channels = df["channels"]
-    if stain == "fluorescence" and "one_channel_rgb" in df:
-        # training with a fluorescence profile gives the model a DAPI field saved blue as
-        # its grey file (mlseg.preprocess.one_channel_as_grey): a set of both trains as one
-        # kind of image. Bright field keeps the file's count: a grey tile among H&E is not.
-        channels = channels.where(~df["one_channel_rgb"].eq(True), 1)
+    # training with a fluorescence profile gives the model a DAPI field saved blue as its
+    # grey file (mlseg.preprocess.one_channel_as_grey): a set of both trains as one kind of
+    # image. Bright field keeps the file's count: a grey tile among H&E is not.
+    channels = _channels_as_trained(df, stain)
     for values, check in ((channels, "channels_consistent"), (df["dtype"], "dtype_consistent")):
         values = values.astype(str)
         counts = values[decoded_image].value_counts()
@@ -1020,7 +1045,9 @@ def fingerprint(
     the statistics were computed with, e.g. ``max_side``) are stored so a monitor can compute
     new images' statistics the same way. ``stain``, the run's profile's that the set was
     validated with (:class:`ValidateConfig`), is stored where given: a monitor does not compare
-    the optical densities of H&E and DAB of a ``fluorescence`` set.
+    the optical densities of H&E and DAB of a ``fluorescence`` set, and reads new images as
+    training does (:func:`as_trained`), as the inventory's statistics were; with it
+    ``channels`` counts a ``one_channel_rgb`` image as grey.
     """
     images = files[
         files["role"].eq("image") & files["readable"].eq(True) & files["split"].eq(split)
@@ -1052,7 +1079,9 @@ def fingerprint(
         "split": split,
         "n_images": int(len(images)),
         "content_hash": digest,
-        "channels": {str(k): int(v) for k, v in images["channels"].value_counts().items()},
+        "channels": {
+            str(k): int(v) for k, v in _channels_as_trained(images, stain).value_counts().items()
+        },
         "dtype": {str(k): int(v) for k, v in images["dtype"].value_counts().items()},
         "size_px": {
             "width_min": _int_or_none(sizes["width_px"].min()),

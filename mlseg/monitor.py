@@ -15,7 +15,9 @@ exchanged at random, ``MonitorConfig.permutations`` draws) also gives p < ``p_va
 number of statistics (Bonferroni). A ``*_fraction`` statistic (the share of saturated or
 dark pixels) is judged to :data:`FRACTION_MARGIN` of the image (:func:`fraction_bins`).
 A fingerprint of a set validated with a fluorescence profile skips the optical densities
-(:data:`OPTICAL_DENSITY_STATISTICS`), which measure no stain there.
+(:data:`OPTICAL_DENSITY_STATISTICS`), which measure no stain there, and has a new image of
+one channel shown in a colour (DAPI saved blue) measured as its grey file, as training reads
+it (:func:`mlseg.inventory.as_trained`).
 Image size is checked against the training width/height range, in either orientation; the
 pixel sizes new images declare against the training images' (:func:`_pixel_size_row`); with
 a segmentation run's records, how segment scaled them (:func:`with_segment_records`).
@@ -374,6 +376,7 @@ def image_stats_table(
     paths: Iterable[str | os.PathLike],
     *,
     params: dict[str, Any] | None = None,
+    stain: str | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
@@ -382,11 +385,13 @@ def image_stats_table(
     (:func:`mlseg.inventory.content_hash`) and its statistics
     (:func:`mlseg.inventory.image_stats`, with the keyword arguments ``params``: give a
     fingerprint's ``image_stats_params``, so new images are measured as the training images
-    were). An unreadable image is left out with one warning naming it: it has no statistics
-    to drift, and the others still do. ``progress`` shows a bar (a folder of large images
-    takes minutes).
+    were), of the image as training reads it with a profile of ``stain`` (give a
+    fingerprint's: with ``fluorescence`` an RGB image of one colour is grey,
+    :func:`mlseg.inventory.as_trained`). An unreadable image is left out with one warning
+    naming it: it has no statistics to drift, and the others still do. ``progress`` shows a
+    bar (a folder of large images takes minutes).
     """
-    from mlseg.inventory import content_hash, image_stats
+    from mlseg.inventory import as_trained, content_hash, image_stats
     from mlseg.io import read_image
     from mlseg.pixel_size import declared_pixel_size_um
 
@@ -402,16 +407,17 @@ def image_stats_table(
         except ImageReadError as err:
             unreadable.append(str(err))
             continue
+        seen = as_trained(image, stain)
         rows.append(
             {
                 "image": str(path),
                 "width_px": int(image.shape[1]),
                 "height_px": int(image.shape[0]),
-                "channels": int(image.shape[2]) if image.ndim == 3 else 1,
+                "channels": int(seen.shape[2]) if seen.ndim == 3 else 1,
                 # as segment reads it; an implausible one is none, as segment ignores it
                 "pixel_size_um": declared_pixel_size_um(path),
                 "content_hash": content_hash(image),
-                **image_stats(image, **(params or {})),
+                **image_stats(seen, **(params or {})),
             }
         )
     if unreadable:

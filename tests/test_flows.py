@@ -1037,6 +1037,31 @@ def test_monitor_flow_measures_images_as_the_fingerprint_s_were(harness, tmp_pat
     assert state.is_completed() and state.result()["status"] == "ok"
 
 
+def test_monitor_flow_reads_dapi_saved_blue_as_a_fluorescence_set_s_grey(harness, tmp_path) -> None:
+    """The grey training fields of a fluorescence fingerprint, saved again in blue alone
+    (training reads them as their grey files), are the training images: the flow's
+    statistics task measured the files' channels, an empty red against grey."""
+    from flows.monitor import monitor
+    from mlseg.inventory import fingerprint
+    from mlseg.io import read_image, write_image
+    from mlseg.monitor import image_stats_table
+
+    grey, blue = [], []
+    for path in disc_images(tmp_path / "discs", 12, seed=1):
+        field = 255 - read_image(path)[..., 1:2]  # bright nuclei on a dark ground
+        saved_blue = np.zeros(field.shape[:2] + (3,), field.dtype)
+        saved_blue[..., 2] = field[..., 0]
+        grey.append(write_image(tmp_path / "grey" / path.name, field))
+        blue.append(write_image(tmp_path / "blue" / path.name, saved_blue))
+    stats = image_stats_table(grey)
+    files = stats.assign(role="image", readable=True, split="train", dtype="uint8")
+    reference = tmp_path / "fingerprint.json"
+    reference.write_text(json.dumps(fingerprint(files, stain="fluorescence")))
+    state = monitor(str(tmp_path / "blue"), str(reference), str(tmp_path / "m"), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["status"] == "ok"
+
+
 def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path) -> None:
     from flows.monitor import monitor
     from mlseg.io import read_image, write_image

@@ -1000,8 +1000,9 @@ def test_a_declared_size_the_nuclei_contradict_is_called_likely_wrong(he_fingerp
 
 
 def test_a_fluorescence_set_s_optical_densities_are_not_applicable(tmp_path, capsys) -> None:
-    """Monitor compared H&E and DAB optical densities of DAPI fields: their empty red and
-    green read as dense stain, against full scale, so the same fields saved 16-bit failed
+    """Monitor compared H&E and DAB optical densities of DAPI fields (here with a marker in
+    green: DAPI alone is read as its grey file, next test): their empty red read as dense
+    stain, against full scale, so the same fields saved 16-bit failed
     the batch on od_hematoxylin_mean (3.7 -> 8.0), od_eosin_mean and od_dab_mean alone. A
     fingerprint of a set validated with a fluorescence profile now skips those rows and says
     why; one validated as bright field, or written before mlseg recorded the stain,
@@ -1017,7 +1018,9 @@ def test_a_fluorescence_set_s_optical_densities_are_not_applicable(tmp_path, cap
     def dapi() -> tuple[np.ndarray, np.ndarray]:
         image, labels, _ = synth_pair("fluorescence", 64, rng)
         blue = np.zeros_like(image)
-        blue[..., 2] = image.max(axis=2)  # DAPI saved in blue alone
+        blue[..., 2] = image.max(axis=2)  # DAPI in blue
+        # and a marker in green: a composite stays RGB (DAPI alone is read as grey)
+        blue[..., 1] = np.roll(blue[..., 2], 9, axis=1) // 2
         return blue, labels
 
     data = tmp_path / "data"
@@ -1056,3 +1059,75 @@ def test_a_fluorescence_set_s_optical_densities_are_not_applicable(tmp_path, cap
     (tmp_path / "older.json").write_text(json.dumps(older))
     code, table = drift(tmp_path / "older.json")
     assert code == 1 and (table.loc["od_hematoxylin_mean", "status"] == "fail")
+
+
+def test_a_fluorescence_set_reads_dapi_saved_blue_as_its_grey_file(tmp_path, capsys) -> None:
+    """Monitor compared a fluorescence set's image statistics by the file's channels:
+    against grey training fields, new DAPI fields saved in blue alone (which training and
+    segment read as their grey file) failed on mean_c0 and std_c0 (their red is empty) and
+    warned "8 image(s) with 3" channels. A fingerprint of a set validated with a
+    fluorescence profile now has them read as training does, and validation measures such
+    files of the training set the same way; a bright-field fingerprint counts the file's
+    channels as before."""
+    import json
+
+    from mlseg.cli import main
+    from mlseg.io import write_image, write_labels
+    from mlseg.synth import synth_pair
+
+    rng = np.random.default_rng(5)
+
+    def grey() -> tuple[np.ndarray, np.ndarray]:
+        image, labels, _ = synth_pair("fluorescence", 64, rng)
+        return image.max(axis=2)[..., None], labels
+
+    def blue(image: np.ndarray) -> np.ndarray:
+        out = np.zeros(image.shape[:2] + (3,), image.dtype)
+        out[..., 2] = image[..., 0]  # DAPI saved in blue alone
+        return out
+
+    for split, n in (("train", 10), ("test", 2)):
+        for i in range(n):
+            image, labels = grey()
+            write_image(tmp_path / "grey" / split / "original" / f"{split}{i}.png", image)
+            write_image(tmp_path / "blue" / split / "original" / f"{split}{i}.png", blue(image))
+            for data in ("grey", "blue"):
+                write_labels(tmp_path / data / split / "masks" / f"{split}{i}_mask.png", labels)
+    for i in range(8):
+        image = grey()[0]
+        write_image(tmp_path / "new_grey" / f"{i}.png", image)
+        write_image(tmp_path / "new_blue" / f"{i}.png", blue(image))
+    fluorescence = tmp_path / "fluorescence.yaml"
+    fluorescence.write_text("profile: fluorescence\n")
+    for data in ("grey", "blue"):
+        args = [str(tmp_path / data), "-c", str(fluorescence), "-o", str(tmp_path / f"v{data}")]
+        assert main(["validate", *args]) == 0
+    assert main(["validate", str(tmp_path / "grey"), "-o", str(tmp_path / "he")]) == 0
+
+    def drift(fingerprint: str, images: str) -> tuple[int, pd.DataFrame]:
+        out = tmp_path / "drift.csv"
+        capsys.readouterr()
+        args = ["--fingerprint", str(tmp_path / fingerprint / "fingerprint.json")]
+        code = main(["monitor", str(tmp_path / images), *args, "--out", str(out)])
+        return code, pd.read_csv(out).set_index("statistic")
+
+    code, blue_table = drift("vgrey", "new_blue")
+    assert code == 0, capsys.readouterr().out
+    assert blue_table.loc["channels", "status"] == "ok"
+    assert blue_table.loc["channels", "note"] == "training 1 channel(s)"
+    assert (blue_table.loc[["mean_c0", "std_c0"], "status"] == "ok").all()
+    # the blue files are measured as their grey copies are
+    _, grey_table = drift("vgrey", "new_grey")
+    pd.testing.assert_frame_equal(blue_table, grey_table)
+    # a training set saved blue is fingerprinted as its grey files: the same statistics
+    trained = [
+        json.loads((tmp_path / v / "fingerprint.json").read_text()) for v in ("vgrey", "vblue")
+    ]
+    assert trained[1]["channels"] == {"1": 10}
+    assert trained[1]["stats"] == trained[0]["stats"]
+    code, table = drift("vblue", "new_grey")
+    assert code == 0 and table.loc["channels", "status"] == "ok"
+    # bright field: the file's channels, as before
+    _, table = drift("he", "new_blue")
+    assert table.loc["channels", "note"] == "training 1 channel(s); 8 image(s) with 3"
+    assert table.loc["channels", "status"] == "warn"

@@ -239,6 +239,7 @@ def monitor_cmd(
     new = image_stats_table(
         paths,
         params=reference.get("image_stats_params"),
+        stain=reference.get("stain"),
         progress=sys.stderr.isatty(),
     )
     if results is not None:  # how segment scaled them, and the pixel sizes it used
