@@ -47,7 +47,7 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   ``image_has_mask``, ``mask_has_image``, ``partner_unique``, ``size_matches``,
   ``mask_values_ok``, ``unique_in_split``, ``only_in_one_split``, ``channels_consistent``
   (with a fluorescence profile, ``ValidateConfig.stain``, a ``one_channel_rgb`` image counts
-  as grey, as training reads it),
+  as grey or as RGB, whichever the others are, as training reads it),
   ``dtype_consistent``, ``pixel_size_ok`` (the manifest's size is a plausible number),
   ``metadata_pixel_size_ok`` (the metadata's, where the manifest gives none); plus
   ``n_partners`` (files of the other role with the same stem).
@@ -234,7 +234,7 @@ class ValidateConfig(Strict):
     deconvolution; ``None`` = Ruifrok & Johnston. ``stain`` is the run's profile's
     (:func:`load_validate_config` takes it from the run config): with ``fluorescence`` an RGB
     image holding one channel in a colour (DAPI saved blue) has the channel count of a grey
-    one for ``consistent_channels``, as training reads it
+    one or of an RGB one for ``consistent_channels``, as training reads it
     (:func:`mlseg.preprocess.one_channel_as_grey`), and its statistics are those of that
     grey file (:func:`as_trained`); the fingerprint records it for ``mlseg monitor``.
     """
@@ -761,6 +761,30 @@ def _rule(ok: Iterable[Any], applies: Iterable[bool]) -> pd.Series:
     )
 
 
+def _channels_ok(df: pd.DataFrame, images: pd.Series, stain: str) -> pd.Series:
+    """Whether each row has the channel count that most of the ``images`` rows train as.
+
+    Bright field: the file's count (a grey tile among H&E is not one kind of image). With a
+    fluorescence profile, an RGB file of one channel in a colour (``one_channel_rgb``: DAPI
+    saved blue, or grey saved as three equal channels) is given to the model as its grey
+    file (:func:`mlseg.preprocess.one_channel_as_grey`) repeated to the model's channels,
+    so it counts as grey and as RGB alike: one kind with grey files (DAPI saved blue among
+    grey) and with colour ones (DSB 2018's grey tiles saved RGB among its bright-field
+    ones). Ties go to the count most files have, then to the fewer channels."""
+    channels = pd.to_numeric(df["channels"], errors="coerce")
+    either = pd.Series(False, index=df.index)
+    if stain == "fluorescence" and "one_channel_rgb" in df:
+        either = df["one_channel_rgb"].eq(True) & images
+    files = channels[images].value_counts()
+    taking = {v: int(n) for v, n in files.items()}
+    if either.any():  # their file's count (3) is among ``files`` already
+        taking[1] = taking.get(1, 0) + int(either.sum())
+    if not taking:
+        return pd.Series(False, index=df.index)
+    common = min(taking, key=lambda v: (-taking[v], -int(files.get(v, 0)), v))
+    return channels.eq(common) | (either & (common == 1))
+
+
 def _file_name_parts(path: str) -> tuple[str, str]:
     """``(stem, extension)``: the stem less ``.ome.tif`` whole (:func:`mlseg.io.image_stem`),
     the extension the last one (``.tif``), which the extension rules check."""
@@ -782,7 +806,7 @@ def add_checks(
     ``files`` holds the facts read from each file (``split``, ``role``, ``path``,
     ``readable``, sizes, hashes, ...); ``manifest_sizes`` the manifest's pixel sizes as
     written (:func:`mlseg.dataset.manifest_pixel_sizes`); ``stain`` the run's profile's
-    (``fluorescence``: a ``one_channel_rgb`` image counts as grey for
+    (``fluorescence``: a ``one_channel_rgb`` image counts as grey or RGB for
     ``channels_consistent``). See the module docstring for the columns added.
     """
     df = files.reset_index(drop=True).copy()
@@ -884,15 +908,11 @@ def add_checks(
 
     # Consistency across the dataset's images: each is compared with the most common value.
     decoded_image = is_image & readable
-    # training with a fluorescence profile gives the model a DAPI field saved blue as its
-    # grey file (mlseg.preprocess.one_channel_as_grey): a set of both trains as one kind of
-    # image. Bright field keeps the file's count: a grey tile among H&E is not.
-    channels = _channels_as_trained(df, stain)
-    for values, check in ((channels, "channels_consistent"), (df["dtype"], "dtype_consistent")):
-        values = values.astype(str)
-        counts = values[decoded_image].value_counts()
-        common = min(counts.index, key=lambda v: (-counts[v], v)) if len(counts) else None
-        df[check] = _rule(values.eq(common), decoded_image)
+    df["channels_consistent"] = _rule(_channels_ok(df, decoded_image, stain), decoded_image)
+    values = df["dtype"].astype(str)
+    counts = values[decoded_image].value_counts()
+    common = min(counts.index, key=lambda v: (-counts[v], v)) if len(counts) else None
+    df["dtype_consistent"] = _rule(values.eq(common), decoded_image)
 
     _add_pixel_sizes(df, key, is_image, manifest_sizes or {})
     return df.reindex(columns=list(FILE_COLUMNS))

@@ -721,6 +721,38 @@ def test_a_fluorescence_set_of_grey_and_blue_files_validates_as_it_trains(nuclei
     assert_caught(report, "consistent_channels", {"train/original/train0.png"})
 
 
+def test_a_fluorescence_set_saved_rgb_keeps_its_colour_tiles_consistent(nuclei_dataset, tmp_path):
+    """DSB 2018 saves its fluorescence tiles as RGB with three equal channels and its
+    bright-field ones as colour RGB: every file has 3 channels, and so the set passed
+    consistent_channels under a fluorescence profile. Counting the equal-channel files as
+    grey alone failed the colour tiles there (3 of DSB's 14 as train 10 / test 4), with
+    "convert it to match the others" for RGB files among RGB files. Training reads an
+    equal-channel file as its own three channels too, so it counts as either; a colour tile
+    among grey files still fails."""
+    from mlseg.inventory import load_validate_config
+
+    root = nuclei_dataset(n_train=4, n_test=2)
+    colour = {"train/original/train0.png"}
+    for path in sorted(root.glob("*/original/*.png")):
+        image = read_image(path)
+        if path.relative_to(root).as_posix() not in colour:
+            write_image(path, np.repeat(image.mean(axis=2).astype(np.uint8)[..., None], 3, axis=2))
+    fluorescence = tmp_path / "fluorescence.yaml"
+    fluorescence.write_text("profile: fluorescence\n")
+    cfg = load_validate_config(fluorescence)
+
+    report = run_suites(build_inventory(root, cfg))
+    assert report.success, report.failed_rules("error")
+    assert report.outcome("consistent_channels").n_checked == 6
+    assert main(["validate", str(root), "-c", str(fluorescence), "-o", str(tmp_path / "v")]) == 0
+    # the colour tile among grey files is not one kind of image
+    for path in sorted(root.glob("*/original/*.png")):
+        if path.relative_to(root).as_posix() not in colour:
+            write_image(path, read_image(path)[..., 0])
+    report = run_suites(build_inventory(root, cfg))
+    assert_caught(report, "consistent_channels", colour)
+
+
 def test_stray_file_is_only_a_warning(nuclei_dataset, nuclei_pair):
     root = nuclei_dataset()
     write_image(root / "train/images/lost.png", nuclei_pair(np.random.default_rng(6))[0])
