@@ -322,6 +322,8 @@ def score(
     loaded.model.to(device)
     bf16 = autocast_dtype(device, cfg.amp) is not None
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
+    if not use_pixel_sizes:  # unknown: a profile's own size would stand in for it
+        profile = profile.model_copy(update={"pixel_size_um": None})
     rows, worst = [], []
     for pair in list_pairs(root, "train", loaded.config.data, strict=False):
         image = read_image(pair.image)

@@ -138,6 +138,8 @@ def sweep(loaded, pairs, axis: str, levels, modes, overrides: dict) -> list[dict
     from mlseg.segment import predict_labels_scaled
 
     profile = get_profile(loaded.config.profile, loaded.config.profiles_file)
+    # auto: no size known, not even the profile's, which would stand in for the image's
+    unknown = profile.model_copy(update={"pixel_size_um": None})
     base = loaded.config.inference.model_copy(update=overrides)
     configs = {
         "given": base,
@@ -156,7 +158,7 @@ def sweep(loaded, pairs, axis: str, levels, modes, overrides: dict) -> list[dict
                 pred, _, scale = predict_labels_scaled(
                     loaded,
                     image,
-                    profile,
+                    unknown if mode == "auto" else profile,
                     configs[mode],
                     pixel_size_um=None if mode == "auto" else px,
                 )
