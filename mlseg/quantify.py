@@ -821,14 +821,18 @@ def summarize(
         summary[f"{name}_std"] = float(values.std(ddof=1)) if values.size > 1 else None
     if profile.stain == "ihc" and "ihc_class" in table.columns:
         classes = table["ihc_class"].to_numpy()
+        n = [int(np.count_nonzero(classes == k)) for k in range(4)]
         # no nuclei, no shares: 0 % negative beside a None positive_pct pulled a run's mean
         # of pct_negative down while its mean of positive_pct left the image out
-        pct = [100.0 * np.count_nonzero(classes == k) / count if count else None for k in range(4)]
+        pct = [100.0 * n[k] / count if count else None for k in range(4)]
         for k, name in enumerate(("negative", "1plus", "2plus", "3plus")):
-            summary[f"n_{name}"] = int(np.count_nonzero(classes == k))
+            summary[f"n_{name}"] = n[k]
             summary[f"pct_{name}"] = pct[k]
-        summary["positive_pct"] = pct[1] + pct[2] + pct[3] if count else None
-        summary["h_score"] = pct[1] + 2 * pct[2] + 3 * pct[3] if count else None
+        # from the counts, one division each: the sum of the rounded shares read
+        # 100.00000000000001 % positive for an image whose every nucleus is positive
+        positive, weighted = n[1] + n[2] + n[3], n[1] + 2 * n[2] + 3 * n[3]
+        summary["positive_pct"] = 100.0 * positive / count if count else None
+        summary["h_score"] = 100.0 * weighted / count if count else None
     elif profile.stain == "ihc":  # DAB not measured (shape only): not "0 % positive"
         summary["positive_pct"] = summary["h_score"] = None
     return summary

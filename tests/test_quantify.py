@@ -224,6 +224,27 @@ def test_ihc_classes_positive_percentage_and_h_score():
     assert summary["density_per_mm2"] == pytest.approx(10 / area_mm2)
 
 
+def test_an_all_positive_image_is_exactly_100_percent_positive():
+    """Six nuclei, every one positive (one 1+, four 2+, one 3+): positive_pct, the sum of
+    the three rounded shares, read 100.00000000000001, above the 0-100 a percentage keeps
+    (`positive_pct == 100` false, beside pct_negative 0), and the H-score 1+ 2+ 2+ of
+    three nuclei 166.66666666666669. Both now come from the class counts."""
+    labels = np.zeros((24, 64), np.int32)
+    conc_dab = np.zeros(labels.shape)
+    for k, dab in enumerate([0.22, 0.45, 0.45, 0.45, 0.45, 0.8]):
+        labels[6:16, 2 + 10 * k : 10 + 10 * k] = k + 1
+        conc_dab[labels == k + 1] = dab
+    image = _beer_lambert(np.full(labels.shape, 0.3), conc_dab, IHC)
+    table = measure(labels, image, IHC, pixel_size_um=None)
+    assert table["ihc_class"].tolist() == [1, 2, 2, 2, 2, 3]
+    summary = summarize(table, labels.shape, IHC, None, None)
+    assert summary["pct_negative"] == 0.0
+    assert summary["positive_pct"] == 100.0  # exactly: the range a pathologist checks
+    assert summary["h_score"] == 200.0
+    thirds = table.iloc[[0, 1, 2]]  # 1+, 2+, 2+: H-score 500 / 3
+    assert summarize(thirds, labels.shape, IHC, None, None)["h_score"] == 500 / 3
+
+
 def test_ihc_classes_read_the_stain_named_dab_wherever_it_stands():
     """A profile listing DAB first grades by DAB, not by the third stain (its residual)."""
     labels = np.zeros((40, 40), np.int32)
