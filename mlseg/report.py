@@ -261,8 +261,16 @@ def _histogram_columns(nuclei: pd.DataFrame, columns: Sequence[str] | None) -> l
     if columns is None:
         wanted = ("area_um2", "area_px", "circularity", "solidity", "eccentricity")
         columns = [c for c in wanted if c in nuclei.columns]
-        columns += [c for c in nuclei.columns if c.endswith("_od_mean")][:1]
+        columns += _stain_columns(nuclei.columns, "_od_mean")
     return [c for c in columns if c in nuclei.columns][:6]
+
+
+def _stain_columns(columns: Sequence[str], suffix: str) -> list[str]:
+    """The first stain's column ending in ``suffix`` (``_od_mean``: haematoxylin), and
+    DAB's where it is measured: an IHC run is graded by its DAB, which the first stain
+    alone left out of the report."""
+    first = [c for c in columns if c.endswith(suffix)][:1]
+    return list(dict.fromkeys(first + [c for c in columns if c == f"dab{suffix}"]))
 
 
 def histograms_alt(nuclei: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
@@ -282,7 +290,7 @@ def histograms_alt(nuclei: pd.DataFrame, columns: Sequence[str] | None = None) -
 
 def histograms_figure(nuclei: pd.DataFrame, columns: Sequence[str] | None = None, bins: int = 40):
     """Histograms of per-nucleus measurements (default: area, circularity, solidity,
-    eccentricity, and the first stain optical density, whichever exist)."""
+    eccentricity, the first stain's optical density and DAB's, whichever exist)."""
     columns = _histogram_columns(nuclei, columns)
     n = max(1, len(columns))
     fig = _figure(3.2 * min(n, 3), 2.8 * math.ceil(n / 3))
@@ -321,11 +329,12 @@ WORST_ALT = (
 
 
 def _main_columns(table: pd.DataFrame, wanted: Sequence[str]) -> pd.DataFrame:
-    """``table``'s columns among ``wanted`` (and the first stain's mean optical density),
-    for a page a person reads and prints: the per-image summary has some 70 columns, 12,500
-    px wide, and a printout kept only the first five (file, profile, model), not the count."""
+    """``table``'s columns among ``wanted`` (and the mean optical density of the first stain
+    and of DAB), for a page a person reads and prints: the per-image summary has some 70
+    columns, 12,500 px wide, and a printout kept only the first five (file, profile, model),
+    not the count."""
     names = [c for c in dict.fromkeys(wanted) if c in table.columns]
-    names += [c for c in table.columns if c.endswith("_od_mean_mean")][:1]
+    names += _stain_columns(table.columns, "_od_mean_mean")
     return table[names] if len(names) > 1 else table
 
 

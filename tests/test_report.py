@@ -232,6 +232,29 @@ def test_figures_say_in_words_what_they_show(tmp_path: Path) -> None:
     assert not set(page.alts) & set(page.figcaptions)
 
 
+def test_an_ihc_run_report_shows_the_dab_it_grades_by() -> None:
+    """An IHC run's report showed the first stain's density alone, haematoxylin, in its
+    per-image table and histograms: an image of 3+ nuclei (DAB 1.6) read 0.91 there beside
+    an H-score of 300, and no DAB anywhere on the page. DAB is now shown beside it; an H&E
+    run's report is as before."""
+    ods = ("hematoxylin_od_mean", "residual_od_mean", "dab_od_mean")
+    nuclei = pd.DataFrame({"area_px": [500.0, 520.0], **dict.fromkeys(ods, [0.9, 1.6])})
+    per_image = pd.DataFrame(
+        [{"image": "a", "count": 2, "positive_pct": 100.0, "h_score": 300.0,
+          **{f"{c}_{s}": 1.0 for c in ods for s in ("mean", "median", "std")}}]
+    )  # fmt: skip
+    html = pipeline_report(quantification=per_image, nuclei=nuclei).to_html()
+    shown = _header(html, "per image")
+    assert "dab_od_mean_mean" in shown and "hematoxylin_od_mean_mean" in shown
+    assert "residual_od_mean_mean" not in shown
+    page = read_page(html)
+    assert any("dab_od_mean median 1.25" in alt for alt in page.alts)
+    he = nuclei.rename(columns={"residual_od_mean": "eosin_od_mean", "dab_od_mean": "res"})
+    alts = read_page(pipeline_report(nuclei=he).to_html()).alts
+    assert any("hematoxylin_od_mean" in a for a in alts)
+    assert not any("eosin_od_mean" in a or "res " in a for a in alts)
+
+
 def test_figure_alt_texts_give_numbers_as_a_screen_reader_reads_them() -> None:
     """The histograms' alt text gave a 95th percentile of 1,340 px (a nucleus's area at 40x)
     as '1.34e+03', which a screen reader reads letter by letter."""
