@@ -8,7 +8,7 @@ import pytest
 
 from mlseg.config import Profile, get_profile
 from mlseg.errors import ConfigError
-from mlseg.quantify import measure, summarize, tissue_fraction
+from mlseg.quantify import ihc_classes, measure, summarize, tissue_fraction
 
 HE = get_profile("he")
 IHC = get_profile("ihc")
@@ -243,6 +243,36 @@ def test_an_all_positive_image_is_exactly_100_percent_positive():
     assert summary["h_score"] == 200.0
     thirds = table.iloc[[0, 1, 2]]  # 1+, 2+, 2+: H-score 500 / 3
     assert summarize(thirds, labels.shape, IHC, None, None)["h_score"] == 500 / 3
+
+
+def test_readme_names_the_ihc_summary_and_how_to_change_the_thresholds():
+    """README said "positive percentage and H-score per image" and gave the default
+    dab_thresholds without saying where they come from or how to change them: a
+    pathologist looked for neither `positive_pct` nor `h_score`, nor learnt that an image
+    without nuclei leaves them empty. It names every IHC column of the summary, the
+    packaged thresholds, and the --profiles route to other ones."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:15, 5:15] = 1
+    image = np.full((20, 20, 3), 200, np.uint8)
+    table = measure(labels, image, IHC, pixel_size_um=None)
+    summary = summarize(table, labels.shape, IHC, None, None)
+    ihc_keys = [
+        k for k in summary if k.startswith(("n_", "pct_")) or "score" in k or "positive" in k
+    ]
+    assert len(ihc_keys) == 10
+    for key in ["ihc_class", *ihc_keys]:
+        if not key.startswith("pct_") or key in ("pct_negative", "pct_3plus"):
+            assert f"`{key}`" in readme, key
+    low, mid, high = IHC.dab_thresholds
+    assert f"(default {low:.2f}, {mid:.2f}, {high:.2f};" in readme
+    assert "equal to a threshold takes the higher class" in readme
+    assert ihc_classes(np.array(IHC.dab_thresholds), IHC.dab_thresholds).tolist() == [1, 2, 3]
+    assert "`dab_thresholds`" in readme and "--profiles FILE --profile NAME" in readme
+    summary = summarize(table.iloc[:0], labels.shape, IHC, None, None)
+    assert summary["h_score"] is None and "`h_score` empty, not 0" in readme
 
 
 def test_ihc_classes_read_the_stain_named_dab_wherever_it_stands():
