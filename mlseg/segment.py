@@ -91,9 +91,9 @@ from mlseg.io import (
 from mlseg.outputs import (
     OUTPUT_SUFFIXES,
     RUN_LOCK,
+    RunNuclei,
     first_finished_at,
     image_done,
-    read_nuclei,
     tag_table,
     update_run_outputs,
     write_image_outputs,
@@ -979,7 +979,7 @@ def _run_folder(
     log: Callable[[str], object] | None,
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
-    tables: list[pd.DataFrame | None] = []  # None: a skipped image's, read if needed
+    nuclei = RunNuclei(out_dir)  # each image's table, for the run's nuclei.parquet
     with writing_to(out_dir):  # one run at a time: its images' files are all its own
         # counted from here: the wait for another run's lock is no image's time
         said = ProgressLog(desc, len(items), "images", log)
@@ -988,7 +988,7 @@ def _run_folder(
             if done is not None:
                 result.skipped.append(stem)
                 result.summaries.append(done)
-                tables.append(None)
+                nuclei.add_done(done)  # its table read only if the run's is written
                 said.step("skipped")
                 continue
             started = time.perf_counter()
@@ -1012,7 +1012,7 @@ def _run_folder(
             written = write_image_outputs(out_dir, stem, image, labels, table, summary)
             result.processed.append(stem)
             result.summaries.append(written)
-            tables.append(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
+            nuclei.add(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
             said.step()
         said.close()
         run_info = {
@@ -1022,13 +1022,8 @@ def _run_folder(
             "skipped": result.skipped,
             "failed": result.failed,
         }
-
-        def every_table() -> Iterator[pd.DataFrame]:
-            for summary, table in zip(result.summaries, tables, strict=True):
-                yield read_nuclei(out_dir, summary) if table is None else table
-
         update_run_outputs(
-            out_dir, result.summaries, every_table, run_info, redone=bool(result.processed)
+            out_dir, result.summaries, nuclei.tables, run_info, redone=bool(result.processed)
         )
     return result
 

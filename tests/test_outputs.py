@@ -14,6 +14,7 @@ from mlseg.io import read_image
 from mlseg.outputs import (
     IHC_CLASSES,
     IHC_OVERLAY_COLOURS,
+    RunNuclei,
     class_lookup,
     display_rgb,
     geojson_text,
@@ -516,6 +517,55 @@ def test_an_unreadable_image_table_is_named_not_silently_left_out(tmp_path):
     assert table.empty
     # the run's only image unreadable: its nuclei.parquet still has the column readers join on
     assert list(nuclei_table([table]).columns) == ["image"]
+
+
+def test_a_run_holding_its_tables_together_writes_the_table_of_them_one_by_one(
+    tmp_path, monkeypatch
+):
+    """RunNuclei keeps tables of one column set together (three at most here) so a run of
+    small tiles holds a few DataFrames, not one an image; the run's table is the one of the
+    tables one by one, value for value: micron and pixel columns, an image without nuclei
+    whose label column is float, a column of booleans in some tables, of integers in others
+    and missing in the rest (tables grouped three by three regardless made them floats), and
+    skipped images read from their files."""
+    import mlseg.outputs
+    from mlseg.io import write_table
+
+    monkeypatch.setattr(mlseg.outputs, "COMPACT_EVERY", 3)
+
+    def nuclei(stem: str, n: int, unit: str) -> pd.DataFrame:
+        table = pd.DataFrame({"label": np.arange(1, n + 1), f"area_{unit}": np.full(n, 2.5)})
+        if unit == "um2":
+            table["touches_border"] = np.arange(n) % 2 == 0
+        elif stem.startswith("q"):
+            table["touches_border"] = np.arange(n) % 2
+        return tag_table(table, {"image": stem, "profile": "he", "profile_version": 1})
+
+    def skipped(stem: str, n: int, unit: str) -> dict:
+        write_table(nuclei(stem, n, unit), tmp_path / f"{stem}_nuclei.parquet")
+        return {"image": stem, "outputs": {"parquet": f"{stem}_nuclei.parquet"}}
+
+    empty = tag_table(
+        pd.DataFrame({"label": pd.Series(dtype=float), "area_px": pd.Series(dtype=float)}),
+        {"image": "e", "profile": "he", "profile_version": 1},
+    )
+    run = [nuclei(f"u{i}", i % 3, "um2") for i in range(7)]
+    run += [skipped(f"s{i}", 2, "um2" if i < 2 else "px") for i in range(5)]
+    run += [nuclei("p0", 2, "px"), empty, nuclei("q0", 1, "px"), nuclei("p1", 3, "px")]
+    run += [skipped("s5", 1, "px"), *(nuclei(f"q{i}", 1, "px") for i in range(1, 4))]
+    kept = RunNuclei(tmp_path)
+    for entry in run:
+        if isinstance(entry, dict):
+            kept.add_done(entry)
+        else:
+            kept.add(entry)
+    one_by_one = [read_nuclei(tmp_path, e) if isinstance(e, dict) else e for e in run]
+    together = list(kept.tables())
+    # u0-u2, u3-u5, u6; s0-s1, s2-s4; p0; e; q0; p1; s5; q1-q3
+    assert len(together) == 11
+    whole = nuclei_table(together)
+    pd.testing.assert_frame_equal(whole, nuclei_table(one_by_one))
+    assert repr(whole.to_dict("list")) == repr(nuclei_table(one_by_one).to_dict("list"))
 
 
 def test_parquet_tables_copied_out_alone_say_what_made_them(tmp_path):
