@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -378,6 +378,7 @@ def image_stats_table(
     params: dict[str, Any] | None = None,
     stain: str | None = None,
     progress: bool = False,
+    log: Callable[[str], object] | None = None,
 ) -> pd.DataFrame:
     """One row per image: ``image`` (path), ``width_px``, ``height_px``, ``channels``,
     ``pixel_size_um`` (what its JSON sidecar or TIFF metadata declares, else None:
@@ -389,19 +390,19 @@ def image_stats_table(
     fingerprint's: with ``fluorescence`` an RGB image of one colour is grey,
     :func:`mlseg.inventory.as_trained`). An unreadable image is left out with one warning
     naming it: it has no statistics to drift, and the others still do. ``progress`` shows a
-    bar (a folder of large images takes minutes).
+    bar (a folder of large images takes minutes); ``log`` (a job's stderr, where no bar is
+    drawn) is given a line on how far the reading is once a minute
+    (:class:`mlseg.progress.ProgressLog`).
     """
     from mlseg.inventory import as_trained, content_hash, image_stats
     from mlseg.io import read_image
     from mlseg.pixel_size import declared_pixel_size_um
+    from mlseg.progress import shown
 
     paths = _image_paths(paths)
-    if progress:
-        from tqdm.auto import tqdm
-
-        paths = tqdm(paths, desc="reading", unit="image", leave=False)
     rows, unreadable = [], []
-    for path in paths:
+    bar = "reading" if progress else None
+    for path in shown(paths, "monitor", "images", log, bar=bar, bar_unit="image", leave=False):
         try:
             image = read_image(path)
         except ImageReadError as err:

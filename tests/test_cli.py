@@ -749,6 +749,38 @@ def test_monitor_since_days_measures_the_images_segmented_in_the_window(tmp_path
     assert "WARN: drift in 72 image(s)" in out and "segment_scale" in out
 
 
+def test_a_job_log_says_how_far_monitor_is_now_and_then(tmp_path, monkeypatch, capsys, ticking):
+    """monitor of a week's inbox, every image read whole, drew its bar only on a terminal
+    and said nothing in a job's log (cron, nohup) until its verdict: a working run looked like
+    a hung one. A line on stderr now and then says how far the reading is; stdout is as it
+    was; a terminal has its bar instead."""
+    import json
+
+    from flow_helpers import disc_images
+
+    from mlseg.inventory import fingerprint
+    from mlseg.monitor import image_stats_table
+
+    files = image_stats_table(disc_images(tmp_path / "train", 8, seed=1))
+    files = files.assign(role="image", readable=True, split="train", dtype="uint8")
+    reference = tmp_path / "fingerprint.json"
+    reference.write_text(json.dumps(fingerprint(files)))
+    disc_images(tmp_path / "inbox", 6, seed=2)
+    ticking()  # each image 25 s on the clock the lines read
+    command = ["monitor", str(tmp_path / "inbox"), "--fingerprint", str(reference)]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert _said(captured.err, "monitor:") == [
+        "monitor: 3/6 images (50%), 1 min elapsed, about 1 min left",
+        "monitor: 6/6 images (100%), 3 min elapsed",
+    ]
+    assert "monitor:" not in captured.out and "OK: " in captured.out
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "reading:" in err and "elapsed" not in err  # the bar, not the lines
+
+
 def test_ctrl_c_says_aborted_and_exits_130(tmp_path, monkeypatch, capsys):
     """Ctrl-C ended mlseg with 130 and not a word on stderr (typer 0.2x turns it into an
     exit of its own), so a job's log did not say why the run stopped."""

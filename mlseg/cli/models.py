@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mlseg.cli import progress_outputs
 
 RegistryOpt = Annotated[
     str,
@@ -236,11 +237,13 @@ def monitor_cmd(
         if not paths:
             typer.echo(f"no images new in the last {since_days:g} day(s) in {images}")
             return
+    bar, log = progress_outputs()
     new = image_stats_table(
         paths,
         params=reference.get("image_stats_params"),
         stain=reference.get("stain"),
-        progress=sys.stderr.isatty(),
+        progress=bar,
+        log=log,
     )
     if results is not None:  # how segment scaled them, and the pixel sizes it used
         new = with_segment_records(new, results)
