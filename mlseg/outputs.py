@@ -574,6 +574,20 @@ def write_image_outputs(
     ``summary`` should carry ``image``, ``profile`` and ``profile_version`` (recorded in the
     tables, the GeoJSON and the JSON). Returns the summary as written.
     """
+    return write_image_outputs_tagged(out_dir, stem, image, labels, table, summary)[0]
+
+
+def write_image_outputs_tagged(
+    out_dir: str | Path,
+    stem: str,
+    image: np.ndarray,
+    labels: np.ndarray,
+    table: pd.DataFrame,
+    summary: dict,
+) -> tuple[dict, pd.DataFrame]:
+    """:func:`write_image_outputs`, returning also ``table`` as ``<stem>_nuclei.parquet``
+    holds it (:func:`tag_table`), for the run's :data:`NUCLEI_TABLE`: a folder run tagged
+    each table a second time, a millisecond or more an image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record, earlier = out_dir / f"{stem}.json", earlier_record(out_dir, stem)
@@ -614,7 +628,7 @@ def write_image_outputs(
     write_text(out_dir / names["geojson"], geojson)
     write_text(record, dumps(written))
     earlier.unlink(missing_ok=True)
-    return written
+    return written, tagged
 
 
 def earlier_record(out_dir: str | Path, stem: str) -> Path:

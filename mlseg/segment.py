@@ -94,9 +94,8 @@ from mlseg.outputs import (
     RunNuclei,
     first_finished_at,
     image_done,
-    tag_table,
     update_run_outputs,
-    write_image_outputs,
+    write_image_outputs_tagged,
     writing_to,
 )
 from mlseg.pixel_size import (
@@ -1009,10 +1008,12 @@ def _run_folder(
                 # when it was new (drift window): kept by every rerun that skips or redoes it
                 "finished_at": first_finished_at(out_dir, stem, expect(stem)["input_digest"]),
             }
-            written = write_image_outputs(out_dir, stem, image, labels, table, summary)
+            written, tagged = write_image_outputs_tagged(
+                out_dir, stem, image, labels, table, summary
+            )
             result.processed.append(stem)
             result.summaries.append(written)
-            nuclei.add(tag_table(table, written))  # as its <stem>_nuclei.parquet holds it
+            nuclei.add(tagged)  # as its <stem>_nuclei.parquet holds it
             said.step()
         said.close()
         run_info = {

@@ -2080,7 +2080,7 @@ def test_quantify_reads_the_labels_of_a_first_run_still_writing_its_folder(tmp_p
     for stem in "ab":
         write_image(images / f"{stem}.png", image)
         write_labels(masks / f"{stem}_mask.png", truth)
-    write_outputs, seen = module.write_image_outputs, {}
+    write_outputs, seen = module.write_image_outputs_tagged, {}
 
     def then_quantify(out_dir, stem, *args):
         written = write_outputs(out_dir, stem, *args)
@@ -2090,7 +2090,7 @@ def test_quantify_reads_the_labels_of_a_first_run_still_writing_its_folder(tmp_p
             )
         return written
 
-    monkeypatch.setattr(module, "write_image_outputs", then_quantify)
+    monkeypatch.setattr(module, "write_image_outputs_tagged", then_quantify)
     quantify_folder(masks, images, first, profile_name="he", progress=False)
     during = seen["during"]
     assert during.failed == {} and during.processed == ["a"]
@@ -2140,6 +2140,28 @@ def test_a_folder_run_holds_a_few_tables_not_one_an_image(tmp_path, monkeypatch)
     own = [pd.read_parquet(tmp_path / "out" / f"{stem}_nuclei.parquet") for stem in stems]
     nuclei = pd.read_parquet(tmp_path / "out" / "nuclei.parquet")
     pd.testing.assert_frame_equal(nuclei, pd.concat(own, ignore_index=True))
+
+
+def test_a_folder_run_tags_each_table_once(tmp_path, monkeypatch):
+    """Each image's table was given its image and profile columns twice, once for its own
+    files and again for the run's nuclei.parquet (a millisecond or more an image): the run's
+    takes the table its files were written from."""
+    import mlseg.outputs
+    import mlseg.segment
+
+    tag, tagged = mlseg.outputs.tag_table, []
+
+    def counted(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
+        tagged.append(summary["image"])
+        return tag(table, summary)
+
+    for module in (mlseg.outputs, mlseg.segment):
+        monkeypatch.setattr(module, "tag_table", counted, raising=False)
+    masks, images = _quantify_inputs(tmp_path)
+    quantify_folder(masks, images, tmp_path / "out", profile_name="he", progress=False)
+    assert tagged == ["a", "b", "c"]
+    nuclei = pd.read_parquet(tmp_path / "out" / "nuclei.parquet")
+    assert nuclei["image"].unique().tolist() == ["a", "b", "c"]
 
 
 def _files(out: Path) -> dict[str, tuple[int, int] | None]:
