@@ -40,7 +40,7 @@ from mlseg.dataset import (
     warn_of_images_left_out,
 )
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
-from mlseg.inventory import turn_free_hash
+from mlseg.inventory import exact_form, turn_free_hash
 from mlseg.io import (
     MASK_EXTENSIONS,
     MemoryUse,
@@ -366,7 +366,7 @@ def _score_pairs(
             "evaluate",
             stream_min_pixels=inference_cfg.stream_min_pixels,
         )
-        if trained and (role := trained.get(turn_free_hash(image))):
+        if trained and (role := _trained_role(trained, image)):
             seen[role].append(pair.stem)
         truth = _truth_labels(pair, image, loaded.config.data)
         pred, row = _score_image(loaded, pair, image, truth, profile, inference_cfg, pixel_size_um)
@@ -502,6 +502,19 @@ def trained_images(meta: dict[str, Any]) -> dict[str, str]:
     mlseg recorded them."""
     hashes = meta.get("image_hashes") or {}
     return {h: role for role in ("validation", "train") for h in hashes.get(role, [])}
+
+
+def _trained_role(trained: dict[str, str], image: np.ndarray) -> str | None:
+    """``"train"``, ``"validation"`` or ``None``: whether ``image`` (as read) is, by its
+    pixels, one that :func:`trained_images` lists; a converted copy (grey or RGB, 8 or 16
+    bits: :func:`mlseg.inventory.exact_form`) is found by its exact form, and an image that
+    has one by its stored pixels too, as a model saved before mlseg hashed exact forms
+    recorded it."""
+    exact = exact_form(image)
+    role = trained.get(turn_free_hash(exact))
+    if role is None and (exact.shape != image.shape or exact.dtype != image.dtype):
+        role = trained.get(turn_free_hash(image, exact=False))
+    return role
 
 
 def seen_in_training(data_root: str | Path, split: str, n: int, seen: dict[str, list[str]]) -> str:

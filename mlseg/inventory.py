@@ -18,7 +18,8 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   :func:`mlseg.preprocess.one_channel_as_grey`; null for grey images), ``dtype``,
   ``content_hash`` (SHA-256, 128 bits, of the decoded pixels, shape and dtype; images only),
   ``turn_free_hash`` (the same of whichever of its 8 mirrored/turned views
-  :func:`turn_free_hash` picks: equal for a flipped or rotated copy),
+  :func:`turn_free_hash` picks, in its :func:`exact_form`: equal for a flipped or rotated
+  copy, and for one saved grey or RGB, or 8-bit values saved 16-bit),
   ``exif_orientation`` (2-8 where an image file declares that viewers show it turned or
   mirrored, :func:`mlseg.io.exif_orientation`; null where it is shown as stored);
 - masks: ``mask_kind`` (inferred: ``binary`` = at most one non-zero value, else ``instance``),
@@ -447,10 +448,52 @@ def _turns(arr: np.ndarray) -> list[np.ndarray]:
     return [np.rot90(a, r) for a in (arr, arr[:, ::-1]) for r in range(4)]
 
 
-def turn_free_hash(array: np.ndarray) -> str:
+#: Factors by which an 8-bit image's values are saved in a 16-bit file: 257 to full scale
+#: (255 -> 65535, as scikit-image's ``img_as_uint`` converts), 256 a byte up; 1 (0-255 as
+#: they are, as ImageJ converts) is told by the largest value.
+EIGHT_BITS_IN_SIXTEEN = (257, 256)
+
+
+def exact_form(array: np.ndarray) -> np.ndarray:
+    """``array`` ``(H, W, C)`` in the fewest channels and bits that hold its pixels exactly,
+    to tell a converted copy of an image by its pixels: an RGB image of one channel (the
+    others empty or copies of it: a grey field saved RGB, DAPI saved blue;
+    :func:`mlseg.preprocess.one_channel_as_grey`) as that channel, and a 16-bit image of
+    8-bit values (0-255, or those scaled by :data:`EIGHT_BITS_IN_SIXTEEN`) as those values
+    in 8 bits; any other image as it is. Training and segment give the model the same
+    pixels from either file (a grey field repeated to RGB, or an RGB one as grey, and 16-bit
+    values over their full scale), and only identical pixels hashed alike: a 16-bit copy of
+    a training tile in the test split passed ``no_train_test_leakage`` and evaluate's
+    check of the images the model trained on."""
+    from mlseg.preprocess import one_channel_as_grey
+
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = one_channel_as_grey(arr)
+    if arr.dtype.type is np.uint16:
+        if int(arr.max(initial=0)) <= 255:
+            return arr.astype(np.uint8)
+        for factor in EIGHT_BITS_IN_SIXTEEN:
+            if _all_multiples(arr, factor):
+                return (arr // factor).astype(np.uint8)
+    return arr
+
+
+def _all_multiples(arr: np.ndarray, factor: int, band: int = 512) -> bool:
+    """Whether every value of ``arr`` is a multiple of ``factor``: a sample first (a true
+    16-bit image fails at once), then by bands of rows, not a second image's worth."""
+    if (arr[::16, ::16] % factor).any():
+        return False
+    return not any((arr[i : i + band] % factor).any() for i in range(0, len(arr), band))
+
+
+def turn_free_hash(array: np.ndarray, *, exact: bool = True) -> str:
     """:func:`content_hash` of ``array`` as it is, mirrored or turned by quarters, the same
     for all 8: a tile and its flipped or rotated copy (an augmented copy saved beside it,
-    then split into test) hash alike.
+    then split into test) hash alike. With ``exact`` (the default) the pixels are hashed in
+    their :func:`exact_form`, so a copy saved grey or RGB, or 8-bit values saved 16-bit,
+    hashes alike too; without it, as stored (as mlseg hashed before it took the exact form,
+    in the ``image_hashes`` of the models it saved then).
 
     The turn hashed is the one that puts the brightest of the four corner blocks top left
     and the brighter of its neighbours top right (their sums move with the turn as the
@@ -458,7 +501,7 @@ def turn_free_hash(array: np.ndarray) -> str:
     blank or symmetric image, hashes each tied view and keeps the least. One extra hash
     for most images, where trying all eight took eight.
     """
-    arr = np.asarray(array)
+    arr = exact_form(array) if exact else np.asarray(array)
     k = max(1, min(arr.shape[:2]) // 4)
     corners = np.array(
         [

@@ -607,6 +607,51 @@ def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
     assert "image_hashes" not in run["model_meta"] and run["model_meta"]["split"]
 
 
+def test_evaluate_names_a_training_image_saved_again_in_16_bits(
+    nuclei_dataset, tmp_path, monkeypatch
+) -> None:
+    """A training tile saved into the test split as a 16-bit file (8-bit values scaled by
+    257, as scikit-image converts) gives the model the same pixels, yet evaluate scored it
+    as held out and said nothing: only identical pixels were looked up. A model saved
+    before mlseg hashed exact forms (its image_hashes as stored) still names a grey field
+    saved RGB that it trained on."""
+    from mlseg.config import get_profile, load_config
+    from mlseg.data import prepare_data
+    from mlseg.inventory import turn_free_hash
+    from mlseg.io import read_image, write_image
+
+    root = nuclei_dataset(n_train=2, n_test=1, size=48)
+    train0 = read_image(root / "train" / "original" / "train0.png")
+    write_image(root / "test" / "original" / "copy.png", train0.astype(np.uint16) * 257)
+    write_labels(
+        root / "test" / "masks" / "copy_mask.png",
+        read_mask(root / "train" / "masks" / "train0_mask.png"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny images: no pixel size, few nuclei
+        data = prepare_data(load_config(None), root, get_profile("he"), torch.device("cpu"))
+    folder = _small_checkpoint(tmp_path / "model", image_hashes=data.image_hashes)
+    monkeypatch.setattr(
+        ev,
+        "predict_image",
+        lambda loaded, image, *a, **k: (np.zeros(image.shape[:2], np.int32), {}),
+    )
+
+    with pytest.warns(UserWarning, match=r"\(copy\)"):
+        result = ev.evaluate(folder, root, tmp_path / "eval", progress=False)
+    seen = json.loads(result.json_path.read_text())["seen_in_training"]
+    assert sorted(seen["train"] + seen["validation"]) == ["copy"]
+
+    # an older model's record: the pixels as stored, of a grey field saved RGB
+    grey = np.repeat(train0.mean(axis=2).astype(np.uint8)[..., None], 3, axis=2)
+    write_image(root / "test" / "original" / "copy.png", grey)
+    stored = {"train": [turn_free_hash(grey, exact=False)], "validation": []}
+    older = _small_checkpoint(tmp_path / "older", image_hashes=stored)
+    with pytest.warns(UserWarning, match=r"trained on \(copy\)"):
+        result = ev.evaluate(older, root, tmp_path / "eval2", progress=False)
+    assert json.loads(result.json_path.read_text())["seen_in_training"]["train"] == ["copy"]
+
+
 def _with_transparent_outside(path) -> None:
     """Save the image at ``path`` again as an RGBA PNG whose right third is transparent
     black, as QuPath and OpenSlide export the outside of a field."""

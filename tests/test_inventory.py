@@ -470,3 +470,25 @@ def test_usable_cpus_follows_a_container_cpu_quota(tmp_path, monkeypatch) -> Non
     assert inventory.usable_cpus() == 3
     cpu_max.write_text("6400000 100000\n")  # a quota above the mask: the mask
     assert inventory.usable_cpus() == 16
+
+
+def test_turn_free_hash_tells_a_converted_copy_and_keeps_other_images_hashes(nuclei_pair) -> None:
+    """A copy saved grey or RGB, or its 8-bit values saved 16-bit, hashes as the image; a
+    colour or true 16-bit image hashes as it did (the models saved before recorded those),
+    and a 16-bit image is not taken for its top byte."""
+    from mlseg.inventory import exact_form, turn_free_hash
+
+    rng = np.random.default_rng(0)
+    image, _ = nuclei_pair(rng, size=48)
+    grey = image.mean(axis=2).astype(np.uint8)[..., None]
+    blue = np.concatenate([np.zeros_like(grey), np.zeros_like(grey), grey], axis=2)
+    copies = [np.repeat(grey, 3, axis=2), blue, grey.astype(np.uint16) * 257]
+    copies += [np.repeat(grey, 3, axis=2).astype(np.uint16) << 8, grey.astype(np.uint16)]
+    assert {turn_free_hash(np.ascontiguousarray(np.rot90(c))) for c in copies} == {
+        turn_free_hash(grey)
+    }
+    assert exact_form(image) is image
+    assert turn_free_hash(image) == turn_free_hash(image, exact=False)
+    deep = image.astype(np.uint16) * 257 + rng.integers(0, 2, image.shape, dtype=np.uint16)
+    assert exact_form(deep) is deep
+    assert turn_free_hash(deep) != turn_free_hash(image)

@@ -521,6 +521,52 @@ def test_a_mirrored_or_turned_copy_across_splits_is_leakage(nuclei_dataset, turn
     )
 
 
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda a: a.astype(np.uint16) * 257,
+        lambda a: a.astype(np.uint16),
+        lambda a: a.astype(np.uint16) << 8,
+    ],
+    ids=["16-bit-full-scale", "16-bit-as-is", "16-bit-byte-up"],
+)
+def test_a_copy_saved_in_16_bits_across_splits_is_leakage(nuclei_dataset, convert):
+    """A training tile saved again as a 16-bit file into test passed: only identical pixels
+    were compared, though training gives the model the same pixels from either file."""
+    root = nuclei_dataset()
+    image = read_image(root / "train/original/train0.png")
+    write_image(root / "test/original/copy.png", convert(image))
+    shutil.copy(root / "train/masks/train0_mask.png", root / "test/masks/copy_mask.png")
+    report = check(root)
+    assert report.failed_rules("error") == ["no_train_test_leakage"]
+    assert_caught(
+        report, "no_train_test_leakage", {"train/original/train0.png", "test/original/copy.png"}
+    )
+
+
+def test_a_grey_field_saved_blue_or_rgb_across_splits_is_leakage(nuclei_dataset):
+    """A fluorescence field trained on as a grey file and saved again in blue alone (DAPI),
+    or as RGB, into test passed: the files' pixels differ, the model's do not."""
+    root = nuclei_dataset()
+    for path in root.glob("*/original/*.png"):
+        write_image(path, read_image(path).mean(axis=2).astype(np.uint8))
+    grey = read_image(root / "train/original/train0.png")[..., 0]
+    blue = np.zeros((*grey.shape, 3), np.uint8)
+    blue[..., 2] = grey
+    mask = read_image(root / "train/masks/train0_mask.png", labels=True)[..., 0]
+    write_image(root / "test/original/blue.png", np.ascontiguousarray(np.rot90(blue)))
+    write_labels(root / "test/masks/blue_mask.png", np.ascontiguousarray(np.rot90(mask)))
+    write_image(root / "test/original/rgb.png", np.repeat(grey[..., None], 3, axis=2))
+    write_labels(root / "test/masks/rgb_mask.png", mask)
+    report = check(root, stain="fluorescence")
+    assert report.failed_rules("error") == ["no_train_test_leakage"]
+    assert_caught(
+        report,
+        "no_train_test_leakage",
+        {"train/original/train0.png", "test/original/blue.png", "test/original/rgb.png"},
+    )
+
+
 def test_same_image_twice_in_one_split(nuclei_dataset):
     root = nuclei_dataset()
     shutil.copy(root / "train/original/train0.png", root / "train/original/again.png")
@@ -689,8 +735,12 @@ def test_a_fluorescence_set_of_grey_and_blue_files_validates_as_it_trains(nuclei
     blue = read_image(root / "train/original/train0.png")
     blue[..., :2] = 0
     write_image(root / "train/original/train0.png", blue)
+    # each its own field: a field saved again in the other split is leakage
+    grey = read_image(root / "train/original/train2.png").mean(axis=2).astype(np.uint8)
     write_image(root / "train/original/train2.png", np.repeat(grey[..., None], 3, axis=2))
-    write_image(root / "test/original/test0.png", blue[..., [2, 1, 0]])  # red alone: one too
+    red = read_image(root / "test/original/test0.png")
+    red[..., 1:] = 0
+    write_image(root / "test/original/test0.png", red)  # red alone: one too
     fluorescence = tmp_path / "fluorescence.yaml"
     fluorescence.write_text("profile: fluorescence\n")
 
