@@ -35,7 +35,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -149,14 +149,20 @@ def _images_left_out(folder: Path) -> list[str]:
     ]
 
 
-def _nested_images(folder: Path) -> list[str]:
-    """A problem for each folder inside ``folder`` (not hidden, at any depth) that holds image
-    files: a lab's ``original/batch1/`` was left out without a word, as training and
-    evaluation read only the files directly in their folders, and the dataset came out
-    smaller, which validation could then no longer tell."""
+def _nested_images(folder: Path, read: Iterable[str] = (), fix: str | None = None) -> list[str]:
+    """A problem for each folder inside ``folder`` (not hidden, at any depth; not one of
+    ``read``, the folders ingest reads) that holds image files: a lab's ``original/batch1/``
+    was left out without a word, as training and evaluation read only the files directly in
+    their folders, and the dataset came out smaller, which validation could then no longer
+    tell. ``fix`` says where to move them (default: up into ``folder``)."""
+    read = set(read)
+    fix = fix or (
+        f"it reads the files directly in {folder}; move them up into {folder}, or ingest "
+        "that folder on its own"
+    )
     problems = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
-        if is_hidden(sub.name):
+        if is_hidden(sub.name) or sub.name in read:
             continue
         found = [
             p
@@ -166,8 +172,7 @@ def _nested_images(folder: Path) -> list[str]:
         if found:
             problems.append(
                 f"{sub}: a folder of {len(found)} image file(s) (e.g. {found[0].name}), which "
-                f"ingest would leave out (it reads the files directly in {folder}); move them "
-                f"up into {folder}, or ingest that folder on its own"
+                f"ingest would leave out ({fix})"
             )
     return problems
 
@@ -254,6 +259,16 @@ def scan_source(src: Path, layout: str, cfg: DataConfig) -> list[SourceItem]:
     items: list[SourceItem] = []
     suffix = cfg.mask_suffix
     if layout == "contract":
+        # a val/ (or any other) folder beside train/ and test/ was left out without a word
+        splits = (cfg.train_dir, cfg.test_dir)
+        problems.extend(
+            _nested_images(
+                src,
+                read=splits,
+                fix=f"it reads {splits[0]}/ and {splits[1]}/; move them into {splits[0]}/, "
+                f"from which mlseg draws the validation images, or into {splits[1]}/",
+            )
+        )
         for split in ("train", "test"):
             base = split_dir(src, cfg, split)
             for folder in (base / cfg.image_dir, base / cfg.mask_dir):

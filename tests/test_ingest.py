@@ -110,6 +110,25 @@ def test_images_in_a_subfolder_are_refused_by_name_not_left_out(tmp_path, layout
     assert not (tmp_path / "ds").exists()
 
 
+def test_a_val_folder_beside_train_and_test_is_refused_by_name_not_left_out(tmp_path):
+    """A source laid out train/, val/, test/ (as many public sets are) came out without its
+    val/ images, without a word: ingest read train/ and test/ only."""
+    src = tmp_path / "src"
+    flat_source(src / "train", n=3)
+    test = flat_source(src / "test", n=2)
+    for path in sorted(test.rglob("img*.png")):  # stems of their own
+        path.rename(path.with_name(path.name.replace("img", "tst")))
+    ingest(src, tmp_path / "ok", layout="contract", progress=False)  # train/ and test/ alone
+    flat_source(src / "val", n=2)
+    with pytest.raises(DatasetError) as caught:
+        ingest(src, tmp_path / "ds", progress=False)
+    assert f"{src / 'val'}: a folder of 4 image file(s)" in str(caught.value)
+    assert "move them into train/, from which mlseg draws the validation images" in str(
+        caught.value
+    )
+    assert not (tmp_path / "ds").exists()
+
+
 def tree_digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
