@@ -86,13 +86,17 @@ def fluorescence_dataset(out: Path) -> Path:
     return ingest(source, dataset, test_fraction=0.3, seed=0, link=True, progress=False).root
 
 
-def validation_dataset(dataset: Path, cfg, out: Path) -> Path:
-    """A dataset whose test split links the training run's own validation tiles."""
-    from mlseg.data import split_validation
+def validation_dataset(dataset: Path, loaded, out: Path) -> Path:
+    """A dataset whose test split links the training run's own validation tiles, as its
+    meta.json names them (drawn anew, the split would miss the copies training holds back
+    together, :func:`mlseg.data.split_validation`'s groups, and score tiles it trained on)."""
     from mlseg.dataset import init_dataset, list_pairs, split_dir
 
-    pairs = list_pairs(dataset, "train", cfg.data)
-    chosen = [pairs[i] for i in split_validation(len(pairs), cfg.data.val_fraction, cfg.data.seed)]
+    cfg = loaded.config
+    held = (loaded.meta.get("split") or {}).get("validation")
+    if not held:
+        raise SystemExit(f"{loaded.path.parent}: meta.json names no validation tiles to score")
+    chosen = [pair for pair in list_pairs(dataset, "train", cfg.data) if pair.stem in set(held)]
     root = out / "validation"
     if not root.exists():
         init_dataset(root, cfg.data)
@@ -157,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         model = fit(cfg, dataset, out / "model", resume=False, progress=True).out_dir
         train_s = time.perf_counter() - started
-    saved = load_model(model, device="cpu").config
+    loaded = load_model(model, device="cpu")
+    saved = loaded.config
     inference = saved.inference.model_copy(update=sets.get("inference", {}))  # also scoring
     profile = get_profile("fluorescence")
     changed = {k: v for k, _, v in (w.partition("=") for w in args.watershed)}
     changed = {k: yaml.safe_load(v) for k, v in changed.items()}
     profile = profile.model_copy(update={"watershed": profile.watershed.model_copy(update=changed)})
-    scored = dataset if args.split == "test" else validation_dataset(dataset, saved, out)
+    scored = dataset if args.split == "test" else validation_dataset(dataset, loaded, out)
     scores = evaluate(
         model, scored, out / "eval", profile=profile, inference_cfg=inference, progress=False
     )
