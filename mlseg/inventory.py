@@ -108,7 +108,12 @@ from mlseg.io import (
     write_text,
     written_together,
 )
-from mlseg.pixel_size import SIDECAR_SUFFIX, declared_pixel_size_um, plausible_pixel_size
+from mlseg.pixel_size import (
+    SIDECAR_SUFFIX,
+    declared_pixel_size_um,
+    plausible_pixel_size,
+    size_counts,
+)
 from mlseg.progress import ProgressLog
 from mlseg.scale import blob_diameter_px
 
@@ -1163,14 +1168,14 @@ def fingerprint(
 def _declared_sizes(images: pd.DataFrame) -> dict[str, Any]:
     """The pixel sizes training uses (``pixel_size_um``: the manifest's or the metadata's),
     as ``{"counts": {"0.25": 38, ...}, "unknown": 2}``: microns per pixel rounded to 4
-    decimals (as :func:`pixel_size_summary` shows them) -> images; ``unknown``: images that
-    declare none (the profile's ``pixel_size_um`` applies where it sets one)."""
+    decimals (as :func:`pixel_size_summary` shows them, :func:`mlseg.pixel_size.size_counts`)
+    -> images; ``unknown``: images that declare none (the profile's ``pixel_size_um``
+    applies where it sets one)."""
     sizes = pd.to_numeric(
         images.get("pixel_size_um", pd.Series(np.nan, index=images.index)), errors="coerce"
     ).astype("float64")
-    counts = sizes.dropna().round(4).value_counts().sort_index()
     return {
-        "counts": {f"{um:g}": int(n) for um, n in counts.items()},
+        "counts": {f"{um:g}": int(n) for um, n in size_counts(sizes).items()},
         "unknown": int(sizes.isna().sum()),
     }
 

@@ -333,12 +333,18 @@ def _ome_um(xml: str) -> tuple[float, float | None] | None:
     return None
 
 
+def size_counts(sizes):
+    """How many images have each pixel size, of a pandas Series of microns per pixel:
+    rounded to 4 decimals, smallest first, NaN left out (:func:`sizes_text`, and the counts
+    of the fingerprint :func:`mlseg.inventory.fingerprint` writes)."""
+    return sizes.round(4).value_counts().sort_index()
+
+
 def sizes_text(sizes) -> str:
-    """``8 at 0.25 um, 2 at 0.5 um`` of a pandas Series of microns per pixel (rounded to 4
-    decimals, smallest first; NaN left out): how ``mlseg ingest``, ``mlseg validate`` and
-    ``mlseg monitor`` say which sizes a set of images has."""
-    counts = sizes.round(4).value_counts().sort_index()
-    return ", ".join(f"{n} at {um:g} um" for um, n in counts.items())
+    """``8 at 0.25 um, 2 at 0.5 um`` of a pandas Series of microns per pixel
+    (:func:`size_counts`): how ``mlseg ingest``, ``mlseg validate`` and ``mlseg monitor`` say
+    which sizes a set of images has."""
+    return ", ".join(f"{n} at {um:g} um" for um, n in size_counts(sizes).items())
 
 
 # ----------------------------------------------------------------------------- training scale
