@@ -756,21 +756,23 @@ def _pixel_size_row(new: pd.DataFrame, fingerprint: dict[str, Any], min_images: 
     segmented = new.get("segmented", pd.Series(False, index=new.index)).astype(bool)
     missing = declared.isna() & segmented & (unknown == 0)
     row["out_of_range_fraction"] = float(outside.mean())
+
+    def files(which: pd.Series) -> str:
+        return f": {some_of(names[which])}" if names is not None else ""
+
     warned = []
     if outside.any():
-        files = f": {some_of(names[outside])}" if names is not None else ""
         warned.append(
             f"{int(outside.sum())} declare a pixel size outside the training images' "
-            f"({trained_range}, give or take {SCALE_TOLERANCE:.0%}){files} (another "
+            f"({trained_range}, give or take {SCALE_TOLERANCE:.0%}){files(outside)} (another "
             "magnification: segment resamples them to the model's pixel size, but check their "
             "nuclei, or train on images at their size)"
         )
     if missing.any():
-        files = f": {some_of(names[missing])}" if names is not None else ""
         warned.append(
             f"{int(missing.sum())} segmented without a pixel size, where every training "
-            f"image had one{files} (segment then estimates their scale from their nuclei; "
-            "give each a JSON sidecar or --pixel-size)"
+            f"image had one{files(missing)} (segment then estimates their scale from their "
+            "nuclei; give each a JSON sidecar or --pixel-size)"
         )
     unsure = declared.isna() & ~segmented
     if not unknown and unsure.any():
