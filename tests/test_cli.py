@@ -456,6 +456,16 @@ def test_ingest_help_says_what_the_contract_layout_is(capsys, monkeypatch):
     assert "contract (an mlseg dataset" in next(line for line in lines if "--layout" in line)
 
 
+def _two_pair_source(src):
+    """A flat source to ingest: images ``a`` and ``b``, each with its one-nucleus mask."""
+    for stem in ("a", "b"):
+        write_image(src / "original" / f"{stem}.png", np.full((8, 8, 3), 200, np.uint8))
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:6, 2:6] = 1
+        write_image(src / "masks" / f"{stem}_mask.png", mask)
+    return src
+
+
 def test_pixel_size_help_says_which_of_size_and_table_wins(tmp_path, capsys, monkeypatch):
     """`mlseg ingest --help` said --pixel-size was the size "for every image", but ingest
     gives an image listed in --pixel-sizes the table's size (segment and quantify do the
@@ -470,12 +480,7 @@ def test_pixel_size_help_says_which_of_size_and_table_wins(tmp_path, capsys, mon
         assert main([command, "--help"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert "overrides --pixel-sizes" in next(line for line in lines if "--pixel-size " in line)
-    src = tmp_path / "src"
-    for stem in ("a", "b"):
-        write_image(src / "original" / f"{stem}.png", np.full((8, 8, 3), 200, np.uint8))
-        mask = np.zeros((8, 8), np.uint8)
-        mask[2:6, 2:6] = 1
-        write_image(src / "masks" / f"{stem}_mask.png", mask)
+    src = _two_pair_source(tmp_path / "src")
     (tmp_path / "sizes.csv").write_text("stem,pixel_size_um\na,0.25\n")
     argv = ["ingest", str(src), str(tmp_path / "ds"), "--pixel-sizes", str(tmp_path / "sizes.csv")]
     assert main([*argv, "--pixel-size", "0.5"]) == 0
@@ -488,12 +493,7 @@ def test_ingest_says_how_many_images_have_a_pixel_size(tmp_path, capsys):
     pairs": nothing said that no image had a pixel size, so training could not tell the
     scales apart. The summary counts the images with a size, by value and source, and says
     what to do for those without."""
-    src = tmp_path / "src"
-    for stem in ("a", "b"):
-        write_image(src / "original" / f"{stem}.png", np.full((8, 8, 3), 200, np.uint8))
-        mask = np.zeros((8, 8), np.uint8)
-        mask[2:6, 2:6] = 1
-        write_image(src / "masks" / f"{stem}_mask.png", mask)
+    src = _two_pair_source(tmp_path / "src")
     assert main(["ingest", str(src), str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     assert "pixel sizes: none of the 2 images has one" in out

@@ -801,16 +801,7 @@ def test_pixel_sizes_declared_unlike_the_training_images_warn_and_show_the_mix(
     images = _he_images(8, seed=3)
     files = _stats(images)
     files["pixel_size_um"] = [0.25] * 6 + [None, None]
-    made = fingerprint(
-        files.assign(
-            role="image",
-            readable=True,
-            split="train",
-            channels=3,
-            dtype="uint8",
-            content_hash=[f"h{i}" for i in range(len(files))],
-        )
-    )
+    made = _fingerprint_of(files)
     assert made["pixel_size_um"] == {"counts": {"0.25": 6}, "unknown": 2}
     trained = {**he_fingerprint, "pixel_size_um": {"counts": {"0.25": 40}, "unknown": 0}}
     # what segment would read: sidecars declaring 0.5 um, and one image declaring none
