@@ -11,7 +11,14 @@ times as many synthetic H&E tiles, each run in a fresh interpreter; the growth p
 their difference over the images added. Both runs' ``nuclei.parquet`` are checked byte for
 byte.
 
-    .venv/bin/python bench/run_memory.py [--images 200] [--size 64]
+With ``--flow``, the same for the end of the Prefect flow ``segment-and-quantify``, which
+reads its images' tables once its batches are done (:func:`flows.segment.run_nuclei`):
+baseline, a list of every image's DataFrame, as the flow kept them before; ours, what it
+keeps now (all images' tables grouped, and those processed's areas, for the run metrics),
+every image processed. The tables are those of a ``quantify_folder`` run of the same tiles (the
+flow writes the same files); both make the same run table, checked frame for frame.
+
+    .venv/bin/python bench/run_memory.py [--images 200] [--size 64] [--flow]
 
 Prints the kB held per image for both and the ratio before / ours, and one JSON line.
 """
@@ -68,12 +75,39 @@ def child(images: Path, masks: Path, out: Path, every: int) -> None:
     print(held(images, masks, out, every)[0])
 
 
-def measured(images: Path, masks: Path, out: Path, every: int) -> int:
+def flow_held(out: Path, way: str) -> int:
+    """Bytes traced holding the tables of the run in ``out`` as the flow's end does: ``before``
+    (a list of them) or ``ours`` (:func:`flows.segment.run_nuclei`), in a fresh interpreter."""
+    import gc
+
+    from flows.segment import run_nuclei
+    from mlseg.outputs import nuclei_table, read_nuclei
+
+    warnings.simplefilter("ignore")
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("img_*.json"))]
+    nuclei_table([read_nuclei(out, s) for s in summaries[:5]])  # imports and caches
+    gc.collect()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    if way == "before":
+        kept = [read_nuclei(out, s) for s in summaries]
+    else:
+        kept = run_nuclei(out, summaries, {s["image"] for s in summaries})
+    gc.collect()
+    held_now = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    made = nuclei_table(kept if way == "before" else kept[0].tables())
+    made.to_parquet(out.parent / f"{out.name}-{way}.parquet")
+    return held_now
+
+
+def measured(*args: Path | int | str) -> int:
+    """The figure a child run prints, in a fresh interpreter."""
     import subprocess
     import sys
 
-    command = [sys.executable, __file__, "--child", str(images), str(masks), str(out)]
-    done = subprocess.run([*command, str(every)], capture_output=True, text=True, check=True)
+    command = [sys.executable, __file__, *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1])
 
 
@@ -81,11 +115,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--flow", action="store_true", help="the flow's end of run")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--flow-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         images, masks, out, every = args.child
         return child(Path(images), Path(masks), Path(out), int(every))
+    if args.flow_child:
+        return print(flow_held(Path(args.flow_child[0]), args.flow_child[1]))
+    import pandas as pd
+
     import mlseg.outputs
 
     ours_every = mlseg.outputs.COMPACT_EVERY
@@ -94,18 +134,31 @@ def main() -> None:
         sizes = (args.images, 3 * args.images)
         inputs = {n: make_pairs(root / f"in{n}", n, args.size) for n in sizes}
         kb: dict[str, float] = {}
-        for name, every in (("before", 1), ("ours", ours_every)):
-            got = {n: measured(*inputs[n], root / f"{name}{n}", every) for n in sizes}
-            kb[name] = (got[sizes[1]] - got[sizes[0]]) / (sizes[1] - sizes[0]) / 1e3
-        for n in sizes:
-            before, ours = (root / f"{name}{n}" / "nuclei.parquet" for name in ("before", "ours"))
-            assert before.read_bytes() == ours.read_bytes(), f"{n} images: nuclei.parquet differs"
+        if args.flow:
+            for n in sizes:  # the run's files, as the flow's batches leave them
+                measured("--child", *inputs[n], root / f"run{n}", ours_every)
+            for name in ("before", "ours"):
+                got = {n: measured("--flow-child", root / f"run{n}", name) for n in sizes}
+                kb[name] = (got[sizes[1]] - got[sizes[0]]) / (sizes[1] - sizes[0]) / 1e3
+            for n in sizes:
+                before, ours = (pd.read_parquet(root / f"run{n}-{w}.parquet") for w in kb)
+                pd.testing.assert_frame_equal(before, ours)
+        else:
+            for name, every in (("before", 1), ("ours", ours_every)):
+                got = {
+                    n: measured("--child", *inputs[n], root / f"{name}{n}", every) for n in sizes
+                }
+                kb[name] = (got[sizes[1]] - got[sizes[0]]) / (sizes[1] - sizes[0]) / 1e3
+            for n in sizes:
+                before, ours = (root / f"{name}{n}" / "nuclei.parquet" for name in kb)
+                assert before.read_bytes() == ours.read_bytes(), f"{n} images: parquet differs"
     ratio = kb["before"] / kb["ours"]
     print(f"kB held per image: before {kb['before']:.1f}, ours {kb['ours']:.1f}, ratio {ratio:.2f}")
     print(
         json.dumps(
             {
                 "images": list(sizes),
+                "flow": args.flow,
                 "size": args.size,
                 "kb_per_image_before": round(kb["before"], 2),
                 "kb_per_image_ours": round(kb["ours"], 2),

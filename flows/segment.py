@@ -46,9 +46,12 @@ from flows.runners import add_runner_arguments, make_task_runner, runner_setting
 from mlseg.errors import MlsegError, writes_named
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import pandas as pd
 
     from mlseg.config import Profile
+    from mlseg.outputs import RunNuclei
 
 
 class SegmentFailed(MlsegError):
@@ -475,7 +478,7 @@ def segment_and_quantify(
     """
     from mlseg.errors import warn_once
     from mlseg.inventory import usable_cpus
-    from mlseg.outputs import read_nuclei, update_run_outputs, writing_to
+    from mlseg.outputs import update_run_outputs, writing_to
     from mlseg.registry import code_version, package_versions
     from mlseg.segment import (
         check_out_dir,
@@ -552,10 +555,8 @@ def segment_and_quantify(
         processed = [r["summary"]["image"] for r in records if r["status"] == "processed"]
         skipped = [r["summary"]["image"] for r in records if r["status"] == "skipped"]
         from_cache = [r["summary"]["image"] for r in records if r.get("cached")]
-        # each image's table read once: where an image was processed, for nuclei.parquet,
-        # the histograms and the run metrics; where none was, only if the run files do not
-        # hold these images already (update_run_outputs), and the metrics need none
-        tables = [read_nuclei(out, s) for s in summaries] if processed else []
+        done = set(processed)
+        tables, areas = run_nuclei(out, summaries, done)
         run_id = _run_id()
         # one time for run.json and the run's history row, which differed by the seconds it
         # took to write the run's tables and histograms
@@ -563,7 +564,7 @@ def segment_and_quantify(
         paths = update_run_outputs(
             out,
             summaries,
-            lambda: tables or [read_nuclei(out, s) for s in summaries],
+            tables.tables,
             {
                 "command": "segment-and-quantify",
                 "flow_run": run_id,
@@ -593,8 +594,8 @@ def segment_and_quantify(
         history_path,
         run_id,
         summaries,
-        tables,
-        set(processed),
+        areas.tables(),
+        done,
         len(skipped),
         failed,
         seconds,
@@ -647,12 +648,38 @@ def segment_and_quantify(
     return result
 
 
+def run_nuclei(
+    out: Path, summaries: list[dict[str, Any]], done: set[str]
+) -> tuple[RunNuclei, RunNuclei]:
+    """The nuclei tables of a run over ``summaries``: all of them, for the run's
+    ``nuclei.parquet`` and histograms, and the area column of the images processed in it
+    (``done``), for its metrics (:func:`mlseg.monitor.run_areas`). Each processed image's
+    table is read once; a skipped image's only if the run files are written again
+    (:func:`mlseg.outputs.update_run_outputs`). Kept grouped, as ``mlseg segment`` keeps
+    them (:class:`mlseg.outputs.RunNuclei`): the flow kept every image's whole DataFrame to
+    the end of the run, for both, some 8 kB an image for a few nuclei
+    (``bench/run_memory.py --flow``)."""
+    from mlseg.monitor import area_column
+    from mlseg.outputs import RunNuclei, read_nuclei
+
+    tables, areas = RunNuclei(out), RunNuclei(out)
+    for summary in summaries:
+        if summary["image"] in done:
+            table = read_nuclei(out, summary)
+            tables.add(table)
+            column = area_column(table.columns)
+            areas.add(table[[column]] if column else table)
+        else:
+            tables.add_done(summary)
+    return tables, areas
+
+
 def _run_metrics(
     out: Path,
     history_path: Path,
     run_id: str,
     summaries: list[dict[str, Any]],
-    tables: list[pd.DataFrame],
+    area_tables: Iterable[pd.DataFrame],
     done: set[str],
     n_skipped: int,
     failed: dict[str, str],
@@ -661,8 +688,8 @@ def _run_metrics(
 ) -> tuple[dict[str, Any], list[int]]:
     """The run's metrics over the images processed in it (skipped ones were measured before),
     with their shift from the previous run, appended to ``history_path`` when any image was
-    processed; also each processed image's nucleus count. ``tables``: the nuclei of each of
-    ``summaries``, read where an image was processed (none where the run only skipped).
+    processed; also each processed image's nucleus count. ``area_tables``: the areas of the
+    images processed (:func:`run_nuclei`).
     ``finished_at``: the run's end as run.json gives it (UTC), for its history row."""
     from mlseg.io import write_table
     from mlseg.monitor import append_history, distributions, run_areas, run_metrics, run_shift
@@ -670,10 +697,7 @@ def _run_metrics(
     # ``done`` is a set: a membership test per summary in a list cost 180 s at 20,000 images
     done_now = [s for s in summaries if s["image"] in done]
     counts = [s.get("count", 0) for s in done_now]
-    new_tables = (
-        [t for s, t in zip(summaries, tables, strict=True) if s["image"] in done] if done else []
-    )
-    unit, areas = run_areas(new_tables)
+    unit, areas = run_areas(area_tables)
     metrics = run_metrics(
         counts,
         areas,

@@ -538,6 +538,60 @@ def test_a_flow_rerun_that_redoes_nothing_keeps_the_run_files_that_hold_its_imag
     assert set(pd.read_parquet(out / "nuclei.parquet")["image"]) == {"img_000", "img_002"}
 
 
+def test_the_flow_keeps_its_tables_grouped_and_reads_a_skipped_images_only_to_write(
+    tmp_path, monkeypatch
+) -> None:
+    """The flow's end of run kept every image's whole nuclei DataFrame in a list, for the
+    run's table and its metrics' areas, where mlseg segment groups them (RunNuclei).
+    run_nuclei groups them too (half the memory, bench/run_memory.py --flow), and keeps
+    only the areas for the metrics: the run's table and the metrics' areas are the same,
+    each processed image's table is read once, and a skipped image's only when the run
+    files are written again."""
+    import mlseg.outputs
+    from flows.segment import run_nuclei
+    from mlseg.io import write_image, write_labels
+    from mlseg.monitor import run_areas
+    from mlseg.outputs import nuclei_table, read_nuclei
+    from mlseg.segment import quantify_folder
+    from mlseg.synth import synth_pair
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        image, labels, _ = synth_pair("he", 48, rng)
+        write_image(tmp_path / "images" / f"t{i}.png", image)
+        write_labels(tmp_path / "masks" / f"t{i}_mask.png", labels)
+    out = tmp_path / "out"
+    quantify_folder(
+        tmp_path / "masks",
+        tmp_path / "images",
+        out,
+        profile_name="he",
+        pixel_size_um=0.5,
+        progress=False,
+    )
+    summaries = [json.loads((out / f"t{i}.json").read_text()) for i in range(7)]
+    assert all(s["count"] for s in summaries)  # one column set: tables group
+    one_by_one = [read_nuclei(out, s) for s in summaries]
+    done = {"t0", "t1", "t2", "t5", "t6"}
+    monkeypatch.setattr(mlseg.outputs, "COMPACT_EVERY", 3)
+    reads: list[str] = []
+
+    def counted(out_dir, summary):
+        reads.append(summary["image"])
+        return read_nuclei(out_dir, summary)
+
+    monkeypatch.setattr(mlseg.outputs, "read_nuclei", counted)
+    tables, areas = run_nuclei(out, summaries, done)
+    assert reads == ["t0", "t1", "t2", "t5", "t6"]
+    together = list(tables.tables())
+    assert reads[5:] == ["t3", "t4"]
+    assert len(together) == 3  # t0-t2; t3-t4 read; t5-t6
+    pd.testing.assert_frame_equal(nuclei_table(together), nuclei_table(one_by_one))
+    processed = [t for s, t in zip(summaries, one_by_one, strict=True) if s["image"] in done]
+    assert run_areas(areas.tables()) == run_areas(processed)
+    assert run_areas(processed)[0] == "um2" and len(run_areas(processed)[1]) > 5
+
+
 def test_run_json_and_the_history_row_of_a_run_give_one_finished_at(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:
