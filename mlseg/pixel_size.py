@@ -115,12 +115,12 @@ def image_pixel_size(
 def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
     """Microns per pixel that an image file declares, else ``None``: its JSON sidecar
     (:func:`sidecar_pixel_size_um`) where it gives one, else its TIFF metadata
-    (:func:`tiff_pixel_size_um`). The first declaration found decides; with ``plausible_only``
-    a size outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
+    (:func:`tiff_pixel_size_um`). The first declaration found decides, even one of pixels
+    that are not square (``None``, with a warning naming the file: a square size in the
+    TIFF beside such a sidecar is off along one axis); with ``plausible_only`` a size
+    outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
     """
-    um = sidecar_pixel_size_um(path)
-    if um is None:
-        um = tiff_pixel_size_um(path, plausible_only=False)
+    um = _square_um(path)
     if um is None or (plausible_only and not plausible_pixel_size(um)):
         return None
     return um
@@ -138,6 +138,33 @@ def usable_pixel_size_um(
     if um is not None:
         implausible.append((Path(path), um))
     return None
+
+
+def _square_um(path: str | os.PathLike) -> float | None:
+    """The x size ``path`` declares (:func:`_declared_xy`), plausible or not; ``None`` where
+    it declares none, or pixels that are not square, with a warning naming the file that
+    declares them."""
+    declared = _declared_xy(path)
+    if declared is None:
+        return None
+    source, um, um_y = declared
+    if _square(um, um_y):
+        return um
+    if source.suffix.lower() == SIDECAR_SUFFIX:
+        return _ignored_sidecar(source, _not_square(um, um_y))
+    warnings.warn(f"{source}: pixel size ignored because {_not_square(um, um_y)}", stacklevel=3)
+    return None
+
+
+def _declared_xy(path: str | os.PathLike) -> tuple[Path, float, float | None] | None:
+    """``(the file declaring it, x, y)`` microns per pixel: the sidecar's where it gives a
+    size, else the TIFF's (``y`` None where only x is given)."""
+    sidecar = sidecar_path(path)
+    xy = _sidecar_xy(sidecar)
+    if xy is not None:
+        return sidecar, *xy
+    xy = _tiff_xy(Path(path))
+    return None if xy is None else (Path(path), *xy)
 
 
 def sidecar_path(image: str | os.PathLike) -> Path:
@@ -181,6 +208,17 @@ def labels_pixel_size_um(labels: str | os.PathLike, stem: str) -> float | None:
 
 
 def _sidecar_um(sidecar: Path) -> float | None:
+    xy = _sidecar_xy(sidecar)
+    if xy is None:
+        return None
+    if not _square(*xy):
+        return _ignored_sidecar(sidecar, _not_square(*xy))
+    return xy[0]
+
+
+def _sidecar_xy(sidecar: Path) -> tuple[float, float | None] | None:
+    """``(x, y)`` microns per pixel the sidecar declares (``y`` None where it gives only x),
+    square or not; ``None``, with a warning naming it where it is broken."""
     if not sidecar.is_file():
         return None
     try:
@@ -212,9 +250,7 @@ def _sidecar_um(sidecar: Path) -> float | None:
             um.append(float(size) * factor)
         except (TypeError, ValueError):
             return _ignored_sidecar(sidecar, f"its pixel size {size!r} is not a number")
-    if not _square(*um):
-        return _ignored_sidecar(sidecar, _not_square(*um))
-    return um[0]
+    return um[0], (um[1] if len(um) > 1 else None)
 
 
 def _square(x: float, y: float | None = None) -> bool:
@@ -252,15 +288,7 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
     means "unknown", never an error.
     """
     path = Path(path)
-    if path.suffix.lower() not in TIFF_EXTENSIONS:
-        return None
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            declared = _declared_um(tif)
-    except Exception:  # metadata is optional: unreadable tags mean "unknown"
-        return None
+    declared = _tiff_xy(path)
     if declared is None:
         return None
     um, um_y = declared
@@ -270,6 +298,20 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
     if plausible_only and not plausible_pixel_size(um):
         return None
     return um
+
+
+def _tiff_xy(path: Path) -> tuple[float, float | None] | None:
+    """``(x, y)`` microns per pixel the TIFF ``path`` declares (:func:`_declared_um`), else
+    ``None`` (not a TIFF, or unreadable metadata: "unknown", never an error)."""
+    if path.suffix.lower() not in TIFF_EXTENSIONS:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return _declared_um(tif)
+    except Exception:  # metadata is optional: unreadable tags mean "unknown"
+        return None
 
 
 def _declared_um(tif) -> tuple[float, float | None] | None:

@@ -220,6 +220,23 @@ def test_pixels_that_are_not_square_are_named_not_measured_as_square(tmp_path, d
     assert declared_pixel_size_um(tmp_path / "a.tif") == pytest.approx(0.2527)
 
 
+def test_a_sidecar_of_pixels_not_square_is_not_replaced_by_the_tiffs_square_size(tmp_path):
+    import tifffile
+
+    # The TIFF's tags say 0.25 um square; the sidecar written beside it, 0.25 x 0.5 um.
+    # Measured at the tags' 0.25 um, a disc 20 x 40 um would read as half its area.
+    tifffile.imwrite(
+        tmp_path / "a.tif",
+        np.zeros((8, 8), np.uint8),
+        resolution=(40000, 40000),
+        resolutionunit="CENTIMETER",
+    )
+    assert declared_pixel_size_um(tmp_path / "a.tif") == pytest.approx(0.25)
+    (tmp_path / "a.json").write_text('{"PixelSize": [0.25, 0.5], "PixelSizeUnits": "um"}')
+    with pytest.warns(UserWarning, match=r"a\.json: pixel size ignored.*not square"):
+        assert declared_pixel_size_um(tmp_path / "a.tif", plausible_only=False) is None
+
+
 def test_usable_size_collects_implausible_declarations_for_one_warning(tmp_path):
     implausible = []
     for stem, sidecar in (("ok", '{"pixel_size_um": 0.5}'), ("nm", '{"PixelSize": [250]}')):
