@@ -504,13 +504,17 @@ def _pixel_size(
     """``(microns per pixel or None, where it came from)`` for one pair: its row of the
     table, ``--pixel-size``, the image's sidecar or TIFF metadata, then the size its drawn
     annotation ``declared`` (ImageScope's MicronsPerPixel, mlseg GeoJSON's pixel_size_um).
-    Implausible sizes a file declares are appended to ``implausible`` as ``(path, um)``."""
+    Implausible sizes a file declares are appended to ``implausible`` as ``(path, um)``; an
+    image declaring pixels that are not square has none (warned of, naming it)."""
     if (size := sizes.get(item.stem)) is not None:
         return size, "table"
     if pixel_size_um is not None:
         return pixel_size_um, "argument"
-    if (size := usable_pixel_size_um(item.image, implausible)) is not None:
+    not_square: list[Path] = []
+    if (size := usable_pixel_size_um(item.image, implausible, not_square)) is not None:
         return size, "image metadata"
+    if not_square:
+        return None, "unknown"
     if declared is not None:
         if plausible_pixel_size(declared):
             return declared, "annotation"

@@ -8,7 +8,8 @@ label images measured again the size their folder records (:func:`labels_pixel_s
 ``<stem>.json`` beside ``<stem>_labels.png``, as ``mlseg segment`` writes it) or, else, a
 label TIFF's own metadata (a mask saved calibrated in Fiji), and last the profile's. What a
 file declares is used only within :data:`PLAUSIBLE_PIXEL_SIZE_UM`; outside it, it is
-ignored with one warning naming the files.
+ignored with one warning naming the files. Pixels a file declares not square
+(:data:`SQUARE_TOLERANCE`) have no usable size: no later source stands in for it.
 """
 
 from __future__ import annotations
@@ -94,15 +95,19 @@ def image_pixel_size(
     """``(microns per pixel or None, where it came from)`` for one image file; ``listed`` is
     its entry in a per-image table (``pixel_sizes``), ``carried`` the plausible size its label
     image's folder records (:func:`labels_pixel_size_um`) or its label TIFF declares, used
-    where the image declares none."""
+    where the image declares none. An image declaring pixels that are not square has none
+    (``unknown``): any one size, the profile's too, would be off along one axis."""
     if override is not None:
         return float(override), "argument"
     if listed is not None:
         return float(listed), "table"
     implausible: list[tuple[Path, float]] = []
-    from_file = usable_pixel_size_um(path, implausible)
+    not_square: list[Path] = []
+    from_file = usable_pixel_size_um(path, implausible, not_square)
     if from_file is not None:
         return from_file, "image metadata"
+    if not_square:  # warned of, naming the file and the fix
+        return None, "unknown"
     if implausible:
         warnings.warn(implausible_message(implausible), ImplausiblePixelSizeWarning, stacklevel=2)
     if carried is not None:
@@ -120,19 +125,23 @@ def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = Tr
     TIFF beside such a sidecar is off along one axis); with ``plausible_only`` a size
     outside :data:`PLAUSIBLE_PIXEL_SIZE_UM` reads as ``None``.
     """
-    um = _square_um(path)
+    um = _square_um(path, [])
     if um is None or (plausible_only and not plausible_pixel_size(um)):
         return None
     return um
 
 
 def usable_pixel_size_um(
-    path: str | os.PathLike, implausible: list[tuple[Path, float]]
+    path: str | os.PathLike,
+    implausible: list[tuple[Path, float]],
+    not_square: list[Path] | None = None,
 ) -> float | None:
     """The plausible size ``path`` declares (:func:`declared_pixel_size_um`), else ``None``;
     an implausible one is appended to ``implausible`` as ``(path, um)``, so that a caller
-    warns once for all its images (:func:`implausible_message`)."""
-    um = declared_pixel_size_um(path, plausible_only=False)
+    warns once for all its images (:func:`implausible_message`), and ``path`` to
+    ``not_square`` where it declares pixels that are not square (warned of here), so that
+    a caller gives it no other size."""
+    um = _square_um(path, [] if not_square is None else not_square)
     if plausible_pixel_size(um):
         return um
     if um is not None:
@@ -140,16 +149,17 @@ def usable_pixel_size_um(
     return None
 
 
-def _square_um(path: str | os.PathLike) -> float | None:
+def _square_um(path: str | os.PathLike, not_square: list[Path]) -> float | None:
     """The x size ``path`` declares (:func:`_declared_xy`), plausible or not; ``None`` where
-    it declares none, or pixels that are not square, with a warning naming the file that
-    declares them."""
+    it declares none, or pixels that are not square: ``path`` is then appended to
+    ``not_square``, with a warning naming the file that declares them."""
     declared = _declared_xy(path)
     if declared is None:
         return None
     source, um, um_y = declared
     if _square(um, um_y):
         return um
+    not_square.append(Path(path))
     if source.suffix.lower() == SIDECAR_SUFFIX:
         return _ignored_sidecar(source, _not_square(um, um_y))
     warnings.warn(f"{source}: pixel size ignored because {_not_square(um, um_y)}", stacklevel=3)

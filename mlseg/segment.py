@@ -602,6 +602,15 @@ def _model_device(model):
         return "cpu"
 
 
+def without_size_if_unknown(profile: Profile, source: str) -> Profile:
+    """``profile`` without its pixel size for an image whose size is ``unknown`` though the
+    profile sets one (:func:`mlseg.pixel_size.image_pixel_size`: the image declares pixels
+    that are not square), which ``pixel_size_um=None`` would otherwise take."""
+    if source != "unknown" or profile.pixel_size_um is None:
+        return profile
+    return profile.model_copy(update={"pixel_size_um": None})
+
+
 def quantify_image(
     image: np.ndarray | None,
     labels: np.ndarray,
@@ -1055,6 +1064,7 @@ def segment_image(
     stains = warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
+    profile = without_size_if_unknown(profile, source)
     try:
         effective_pixel_size(profile, px)
     except ConfigError as err:
@@ -1400,6 +1410,7 @@ def quantify_folder(
         px, source = image_pixel_size(
             image_path or path, pixel_size_um, profile, sizes.get(stem), usable
         )
+        measured_with = without_size_if_unknown(profile, source)
         if (
             source == "image metadata"
             and usable is not None
@@ -1412,10 +1423,10 @@ def quantify_folder(
                 stacklevel=2,
             )
         try:
-            effective_pixel_size(profile, px)
+            effective_pixel_size(measured_with, px)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-        table, summary = quantify_image(image, labels, profile, pixel_size_um=px)
+        table, summary = quantify_image(image, labels, measured_with, pixel_size_um=px)
         display = image if image is not None else np.zeros((*labels.shape, 1), np.uint8)
         files = {"image_file": str(image_path) if image_path else None, "labels_file": str(path)}
         return display, labels, table, {**files, "pixel_size_source": source, **summary}

@@ -798,3 +798,21 @@ def test_annotations_named_as_masks_are_ingested_and_mac_sidecars_left_alone(tmp
     assert sorted(manifest.index) == ["a", "b", "c"]
     for stem, area in {"a": 36, "b": 25, "c": 16}.items():
         assert int((read_mask(tmp_path / "ds" / manifest.loc[stem, "mask"]) > 0).sum()) == area
+
+
+def test_ingest_gives_an_image_of_pixels_not_square_no_size_from_its_annotation(tmp_path):
+    """An image whose sidecar declares 0.25 x 0.5 um pixels took the 0.5 um its mlseg
+    GeoJSON records, after a warning that its size was ignored: every area off by 2."""
+    labels = np.zeros((24, 32), np.int32)
+    labels[3:9, 3:9] = 1
+    src = tmp_path / "src"
+    write_image(src / "original" / "a.png", np.full((24, 32, 3), 200, np.uint8))
+    write_json(
+        src / "masks" / "a_nuclei.geojson",
+        to_geojson(labels, pd.DataFrame({"label": [1]}), pixel_size_um=0.5),
+    )
+    write_json(src / "original" / "a.json", {"PixelSize": [0.25, 0.5], "PixelSizeUnits": "um"})
+    with pytest.warns(UserWarning, match=r"a\.json: pixel size ignored.*not square"):
+        manifest = ingest(src, tmp_path / "ds", test_fraction=0, progress=False).manifest
+    assert pd.isna(manifest.loc[0, "pixel_size_um"])
+    assert manifest.loc[0, "pixel_size_source"] == "unknown"

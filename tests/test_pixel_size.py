@@ -237,6 +237,22 @@ def test_a_sidecar_of_pixels_not_square_is_not_replaced_by_the_tiffs_square_size
         assert declared_pixel_size_um(tmp_path / "a.tif", plausible_only=False) is None
 
 
+def test_an_image_of_pixels_not_square_takes_no_other_size(tmp_path):
+    import tifffile
+
+    # Tags of 0.25 x 0.5 um pixels: the profile's 0.3 um, or the 0.4 um its labels' record
+    # carries, would be as wrong as either axis; the image has no size, and says so.
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(
+        path, np.zeros((8, 8), np.uint8), resolution=(40000, 20000), resolutionunit="CENTIMETER"
+    )
+    profile = Profile(name="he", pixel_size_um=0.3)
+    with pytest.warns(UserWarning, match=r"a\.tif: pixel size ignored.*not square"):
+        assert image_pixel_size(path, None, profile) == (None, "unknown")
+        assert image_pixel_size(path, None, profile, carried=0.4) == (None, "unknown")
+    assert image_pixel_size(path, None, profile, listed=0.25) == (0.25, "table")
+
+
 def test_usable_size_collects_implausible_declarations_for_one_warning(tmp_path):
     implausible = []
     for stem, sidecar in (("ok", '{"pixel_size_um": 0.5}'), ("nm", '{"PixelSize": [250]}')):

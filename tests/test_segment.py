@@ -474,6 +474,38 @@ def test_quantify_measures_segment_outputs_as_segment_did(tmp_path, use_oracle):
         )
 
 
+def test_an_image_of_pixels_not_square_is_not_measured_at_the_profiles_size(tmp_path):
+    """A lab profile with pixel_size_um 0.25 and an image whose tags declare 0.25 x 0.5 um
+    pixels: it was warned of as 'ignored' and then measured at the profile's 0.25 um, its
+    areas half the truth in um2. It is measured in pixels now; the square image beside it
+    keeps the profile's size."""
+    import tifffile
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image, truth = disc_image(80, 100)
+    tags = {"photometric": "rgb", "resolutionunit": "CENTIMETER"}
+    images.mkdir()
+    tifffile.imwrite(images / "wide.tif", image, resolution=(40000, 20000), **tags)
+    write_image(images / "plain.png", image)  # declares none: the profile's
+    for stem in ("wide", "plain"):
+        write_labels(masks / f"{stem}_mask.png", truth)
+    profiles = tmp_path / "profiles.yaml"
+    lab = {**HE.model_dump(mode="json", exclude={"name"}), "pixel_size_um": 0.25}
+    profiles.write_text(json.dumps({"profiles": {"lab": lab}}))
+    with pytest.warns(UserWarning, match=r"wide\.tif: pixel size ignored.*not square"):
+        result = quantify_folder(
+            masks, images, tmp_path / "q", profile_name="lab", profiles_file=profiles,
+            progress=False,
+        )  # fmt: skip
+    assert result.ok, result.failed
+    wide = json.loads((tmp_path / "q" / "wide.json").read_text())
+    assert (wide["pixel_size_um"], wide["pixel_size_source"]) == (None, "unknown")
+    table = pd.read_parquet(tmp_path / "q" / "wide_nuclei.parquet")
+    assert "area_px" in table.columns and "area_um2" not in table.columns
+    plain = pd.read_parquet(tmp_path / "q" / "plain_nuclei.parquet")
+    assert plain["area_um2"].to_numpy() == pytest.approx(table["area_px"].to_numpy() * 0.0625)
+
+
 def test_quantify_of_an_output_folder_measures_at_the_size_its_records_carry(tmp_path):
     """Labels measured again from an mlseg output folder keep the pixel size their image's
     record (<stem>.json) gives, after the image's own metadata and a size given to the run;
