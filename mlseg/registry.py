@@ -857,14 +857,25 @@ def find_version(
     name: str = DEFAULT_NAME,
     storage_options: dict[str, Any] | None = None,
 ) -> ModelVersion | None:
-    """The registered version of ``name`` holding these exact weights, if any.
+    """The registered version of ``name`` holding these exact weights with the settings
+    that shape their predictions (:func:`mlseg.segment.model_identity`), if any.
 
-    Lets a rerun of a pipeline reuse its version instead of registering a duplicate.
+    Lets a rerun of a pipeline reuse its version instead of registering a duplicate. The
+    same weights with their config.json edited (another preprocessing) are another model:
+    found as the version registered without it, their scores went on that version's card.
     """
+    from mlseg.model import saved_config, saved_meta
+    from mlseg.segment import model_identity
+
     weights = checkpoint_files(checkpoint)[0]
     digest = _sha256(weights)
+    ours = None
     for version in list_models(registry, name, storage_options):
-        if version.files.get(weights.name) == digest:
+        if version.files.get(weights.name) != digest:
+            continue
+        if ours is None:
+            ours = model_identity(weights, saved_config(weights.parent), saved_meta(weights.parent))
+        if _identity(version, weights.name, storage_options) == ours:
             return version
     return None
 

@@ -143,6 +143,36 @@ def test_same_weights_are_found_instead_of_registered_twice(tmp_path: Path) -> N
     assert reg.find_version(registry, other) is None
 
 
+def test_the_same_weights_with_other_preprocessing_are_not_the_registered_version(
+    tmp_path: Path,
+) -> None:
+    """Weights registered as v1, their config.json then edited to equalise with CLAHE and
+    scored on a new set: the scores were recorded on v1 (whose config does not equalise),
+    so v1's card claimed metrics another model earned, and `mlseg models register` said
+    'already registered as nuclei@v1'. Scores stay with the model that earned them."""
+    registry = tmp_path / "registry"
+    run = _checkpoint(tmp_path / "run")
+    v1, new = reg.register_scores(
+        run, registry, metrics={"aji": 0.5}, eval_set_id="setA", fingerprint_hash="fp"
+    )
+    assert (v1.version, new) == (1, True)
+    edited = _checkpoint(tmp_path / "edited")
+    (edited / "config.json").write_text(
+        json.dumps({"train": {"encoder": "resnet18"}, "preprocess": {"equalize": "clahe"}})
+    )
+    found, new = reg.register_scores(
+        edited, registry, metrics={"aji": 0.9}, eval_set_id="setB", fingerprint_hash="fp"
+    )
+    assert (found.version, new) == (2, True) and found.metrics == {"aji": 0.9}
+    assert reg.show(registry, "nuclei", 1).metrics_on("setB") is None
+    assert reg.find_version(registry, run) == reg.show(registry, "nuclei", 1)
+    assert reg.find_version(registry, edited) == found
+    # the registered weights and settings again: their own version, as before
+    assert reg.register_scores(
+        run, registry, metrics={"aji": 0.5}, eval_set_id="setA", fingerprint_hash="fp"
+    ) == (reg.show(registry, "nuclei", 1), False)
+
+
 def test_incomplete_version_without_card_is_ignored(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     _register(tmp_path, registry, 0.8)
