@@ -7,7 +7,8 @@ DigitalOcean Spaces an ``s3://`` URL with the Spaces endpoint in ``storage_optio
         <checkpoint files>                      weights, config.json, meta.json (as saved),
                                                 the stain reference copy (where the run has one)
         card.json                               ModelVersion: metrics, data fingerprint hash,
-                                                evaluation set id, code version, creation time
+                                                evaluation set id, code version (that trained
+                                                it), creation time
         evaluations/<eval_set_id>.json          metrics measured later on other sets
     <registry>/<name>/production.json           which version serves, since when, and why
     <registry>/<name>/decisions/<time>-v<N>.json  every promotion and champion/challenger
@@ -651,6 +652,7 @@ def register(
     files = checkpoint_files(checkpoint)
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json")
+    trained_with = _training_code(files[2])
     fs, root = _fs(registry, storage_options)
     # files go to a folder of this writer's own, then take the next free number whole: two
     # writers copying into one v<N> left weights that were neither's under one card
@@ -672,7 +674,7 @@ def register(
                 version=number,
                 uri=_uri(fs, base),
                 created_at=_now(),
-                code_version=code_version(),
+                code_version=trained_with or code_version(),
                 fingerprint_hash=fingerprint_hash,
                 eval_set_id=eval_set_id,
                 metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
@@ -784,6 +786,18 @@ def register_scores(
         storage_options=storage_options,
     )
     return version, True
+
+
+def _training_code(meta_path: Path) -> str | None:
+    """The mlseg code (:func:`code_version`) each stretch of training ran, as the checkpoint's
+    ``meta.json`` lists them under ``trained_on``, in order (``None`` where it lists none).
+    A model registered after an upgrade was carded with the upgraded code, which never
+    trained it."""
+    meta = _read_json_file(meta_path)
+    stretches = meta.get("trained_on") if isinstance(meta, dict) else None
+    codes = [s.get("code") for s in stretches or () if isinstance(s, dict)]
+    codes = [c for c in dict.fromkeys(codes) if isinstance(c, str) and c]
+    return ", ".join(codes) or None
 
 
 def _read_json_file(path: Path) -> Any:

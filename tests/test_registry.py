@@ -722,6 +722,38 @@ def test_code_version_outside_a_checkout_is_the_commit_the_image_was_built_from(
     assert reg.code_version() == f"{mlseg.__version__}+g0123456789ab"
 
 
+def test_the_card_names_the_code_that_trained_the_weights_not_the_one_registering(
+    tmp_path: Path,
+) -> None:
+    """A model trained at one commit and registered with `mlseg models register` after an
+    upgrade: its card, and `mlseg models which`, named the upgraded mlseg as its code, which
+    never trained it. The card names the code of each stretch meta.json's trained_on lists."""
+    here = reg.code_version()
+    run = _checkpoint(tmp_path / "run")
+    trained = [{"from_step": 0, "code": "0.0.9+g0123456789ab", "threads": 2}]
+    (run / "meta.json").write_text(json.dumps({"trained_on": trained}))
+    registry = tmp_path / "registry"
+    card = json.loads(
+        (Path(reg.register(run, registry, **_scores()).uri) / "card.json").read_text()
+    )
+    assert card["code_version"] == "0.0.9+g0123456789ab" != here
+    # resumed on other code: both, in the order they trained
+    resumed = [*trained, {"from_step": 5, "code": "0.1.0+gba9876543210"}]
+    (run / "meta.json").write_text(json.dumps({"trained_on": resumed}))
+    (run / "best.safetensors").write_bytes(b"weights-2")
+    assert reg.register(run, registry, **_scores()).code_version == (
+        "0.0.9+g0123456789ab, 0.1.0+gba9876543210"
+    )
+    # a checkpoint from before meta.json said: the code registering it, as before
+    (run / "meta.json").write_text(json.dumps({"step": 10}))
+    (run / "best.safetensors").write_bytes(b"weights-3")
+    assert reg.register(run, registry, **_scores()).code_version == here
+
+
+def _scores() -> dict:
+    return {"metrics": {"aji": 0.5}, "fingerprint_hash": "fp", "config": {}, "eval_set_id": "s"}
+
+
 def test_eval_set_id_follows_content_not_names(tmp_path: Path) -> None:
     def dataset(root: Path, stem: str, value: int) -> Path:
         image = np.full((16, 16, 3), value, np.uint8)
