@@ -767,24 +767,28 @@ def register_scores(
     """Register ``checkpoint``'s weights with their scores on ``eval_set_id`` once: weights
     already registered under ``name`` keep their version, with the scores recorded where
     the evaluation set is new to it. Returns ``(version, new)``."""
-    found = find_version(registry, checkpoint, name, storage_options)
-    if found is not None:
-        if found.metrics_on(eval_set_id) is None:
-            found = record_evaluation(
-                registry, name, found.version, eval_set_id, metrics, storage_options
-            )
-        return found, False
-    config = _read_json_file(checkpoint_files(checkpoint)[0].parent / "config.json")
-    version = register(
-        checkpoint,
-        registry,
-        metrics=metrics,
-        fingerprint_hash=fingerprint_hash,
-        config=config,
-        eval_set_id=eval_set_id,
-        name=name,
-        storage_options=storage_options,
-    )
+    fs, root = _fs(registry, storage_options)
+    # one at a time: two registering the same run at once (two pipeline runs, two shells)
+    # each found it unregistered, and its weights got two versions
+    with _one_at_a_time(fs, root, check_name(name), ".register.lock"):
+        found = find_version(registry, checkpoint, name, storage_options)
+        if found is not None:
+            if found.metrics_on(eval_set_id) is None:
+                found = record_evaluation(
+                    registry, name, found.version, eval_set_id, metrics, storage_options
+                )
+            return found, False
+        config = _read_json_file(checkpoint_files(checkpoint)[0].parent / "config.json")
+        version = register(
+            checkpoint,
+            registry,
+            metrics=metrics,
+            fingerprint_hash=fingerprint_hash,
+            config=config,
+            eval_set_id=eval_set_id,
+            name=name,
+            storage_options=storage_options,
+        )
     return version, True
 
 
@@ -1000,7 +1004,7 @@ def promote(
     target = _load(fs, root, check_name(name), number)
     _check_files(fs, f"{root}/{name}/v{number}", target)
     pointer = f"{root}/{name}/{PRODUCTION}"
-    with _promoting(fs, root, name):
+    with _one_at_a_time(fs, root, name, ".production.lock"):
         previous = None
         if fs.isfile(pointer):
             # a pointer that names no version is what this promotion repairs
@@ -1019,19 +1023,21 @@ def promote(
 
 
 @contextlib.contextmanager
-def _promoting(fs, root: str, name: str):
-    """Hold ``name``'s promotions to one at a time (``.production.lock`` beside its pointer)
-    on a local disk or share; an object store has one writer at a time. Two promotions at
-    once (a rollback by hand while a pipeline promoted) each read the pointer before the
-    other wrote it: both recorded the same previous version, and the decisions' last
-    promotion named another version than the one production.json served."""
+def _one_at_a_time(fs, root: str, name: str, lock_name: str):
+    """Hold what ``lock_name`` guards of ``name`` (``.production.lock``: its promotions;
+    ``.register.lock``: its registrations) to one at a time on a local disk or share; an
+    object store has one writer at a time. Two promotions at once (a rollback by hand while
+    a pipeline promoted) each read the pointer before the other wrote it: both recorded the
+    same previous version, and the decisions' last promotion named another version than
+    the one production.json served."""
     if not _is_local(fs):
         yield
         return
     from filelock import FileLock
 
-    lock = FileLock(f"{root}/{name}/.production.lock")
+    lock = FileLock(f"{root}/{name}/{lock_name}")
     with writes_named(f"{root}/{name}"):  # a read-only registry: the model's folder, named
+        fs.makedirs(f"{root}/{name}", exist_ok=True)
         lock.acquire()
     try:
         yield

@@ -520,6 +520,35 @@ def test_two_promotions_at_once_take_turns(tmp_path: Path, monkeypatch) -> None:
     assert reg.production_record(registry)["version"] == 3
 
 
+def test_the_same_run_registered_twice_at_once_gets_one_version(tmp_path: Path, monkeypatch):
+    """Three `mlseg models register` of one run started together gave nuclei@v1, v2 and v3,
+    one set of weights under three versions: each looked for the weights before any had
+    registered them. They take turns, and the later ones find the first's version."""
+    import threading
+
+    registry = tmp_path / "registry"
+    run = _checkpoint(tmp_path / "run")
+    scores = {"metrics": {"aji": 0.5}, "eval_set_id": "s", "fingerprint_hash": "fp"}
+    other_got = []
+    other = threading.Thread(
+        target=lambda: other_got.append(reg.register_scores(run, registry, **scores))
+    )
+    look = reg.find_version
+
+    def looked_then_other_registers(*args, **kwargs):
+        found = look(*args, **kwargs)
+        if not other.is_alive() and not other_got:  # between the look and the registration
+            other.start()
+            other.join(0.5)
+        return found
+
+    monkeypatch.setattr(reg, "find_version", looked_then_other_registers)
+    first = reg.register_scores(run, registry, **scores)
+    other.join(10)
+    assert [v.tag for v in reg.list_models(registry)] == ["nuclei@v1"]
+    assert first[0].version == other_got[0][0].version == 1 and not other_got[0][1]
+
+
 def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
     url = f"memory://mlseg-test-{uuid.uuid4().hex}/models"
     version = _register(tmp_path, url, 0.9)
