@@ -22,7 +22,7 @@ import itertools
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,13 @@ def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
         )
 
 
+def _prefixed(log: Callable[[str], object] | None, prefix: str) -> Callable[[str], object] | None:
+    """``log`` with ``prefix: `` before each line (a trial's epochs, named by its folder)."""
+    if log is None:
+        return None
+    return lambda line: log(f"{prefix}: {line}")
+
+
 def tune(
     cfg: Config,
     data_root: str | Path,
@@ -224,8 +231,15 @@ def tune(
     seed: int = 0,
     progress: bool = True,
     fingerprint_hash: str | None = None,
+    log: Callable[[str], object] | None = None,
 ) -> pd.DataFrame:
     """Run the search; returns the trials ranked by best validation Dice (best first).
+
+    ``progress`` draws a bar over the trials; ``log`` (a job's stderr, where no bar is
+    drawn) is given each trial's line per epoch, after its folder's name
+    (``trial_002: epoch 1 step 50: loss=...``), and a line on how far the search is once a
+    minute (:class:`mlseg.progress.ProgressLog`): in a job's log a search of hours said
+    nothing until its table, and a working one looked like a hung one.
 
     ``fingerprint_hash`` is the training data's as validated: every trial refuses files
     changed since (:func:`mlseg.train.fit`).
@@ -237,6 +251,7 @@ def tune(
     """
     from mlseg.data import effective_preprocess
     from mlseg.model import check_names
+    from mlseg.progress import shown
     from mlseg.train import check_stain_augment, fit
 
     if budget_steps < 1:
@@ -279,12 +294,10 @@ def tune(
     _check_trials(out, trial_cfgs, list(space))
     rows = []
     before = _earlier_runs(out / "tune_results.csv")
-    iterator = enumerate(chosen)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(list(iterator), desc="tune", unit="trial")
-    for i, params in iterator:
+    bar = "tune" if progress else None
+    for i, params in shown(
+        list(enumerate(chosen)), "tune", "trials", log, bar=bar, bar_unit="trial"
+    ):
         trial_cfg = trial_cfgs[i]
         t0 = time.perf_counter()
         folder = out / f"trial_{i:03d}"
@@ -296,6 +309,7 @@ def tune(
                 resume=True,
                 fingerprint_hash=fingerprint_hash,
                 progress=False,
+                log=_prefixed(log, folder.name),
             )
         except ResumeError as error:
             # a finished trial of another search would otherwise be reported under these params

@@ -285,6 +285,37 @@ def test_a_job_log_says_how_far_ingest_is_now_and_then(
     assert "ingesting:" in err and "elapsed" not in err  # the bar, not the lines
 
 
+def test_a_job_log_says_how_far_tune_is(synth_dataset, tmp_path, monkeypatch, capsys, ticking):
+    """tune in a job's log said nothing from its validation to its table, a search of hours
+    on a CPU: a working one looked like a hung one. Each trial's epochs and a line a minute
+    on how far the search is go to stderr; stdout keeps the table; a terminal has its bar."""
+    import mlseg.plots
+
+    monkeypatch.setattr(mlseg.plots, "plot_history", lambda history, path: path)
+    ticking(40)  # the search's clock: each trial 40 s
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "train: {encoder: resnet18, encoder_depth: 3, patch_size: 64, batch_size: 2}\n"
+    )
+    argv = ["tune", str(config), "--data", str(synth_dataset), "--trials", "2"]
+    argv += ["--budget-steps", "1", "--param", "train.lr=1e-3,1e-4", "--no-validate"]
+    argv += ["--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "log")]) == 0
+    captured = capsys.readouterr()
+    assert _said(captured.err, "tune:") == [
+        "tune: 2/2 trials (100%), 2 min elapsed",  # the last: the search's length
+    ]
+    epochs = _said(captured.err, "trial_")
+    assert [line.split(":")[0] for line in epochs] == ["trial_000", "trial_001"]
+    assert all(": epoch 1 step 1: loss=" in line for line in epochs)
+    assert "tune:" not in captured.out and "trial_0" not in captured.out
+    assert captured.out.splitlines()[-1] == f"best config: {tmp_path / 'log' / 'best_config.yaml'}"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*argv, "--out", str(tmp_path / "terminal")]) == 0
+    err = capsys.readouterr().err
+    assert "tune: 100%" in err and "elapsed" not in err and "trial_0" not in err
+
+
 def test_warnings_are_one_line_each_and_python_is_left_as_it_was(tmp_path):
     import warnings
 

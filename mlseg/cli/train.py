@@ -228,6 +228,7 @@ def tune(
     cfg, root = _load(config, data, None, device)
     out = out or Path("runs") / f"{config.stem}_tune"
     fingerprint = _validated(config, root, out / "validation", quiet=False) if validate else None
+    bar, log = progress_outputs()  # in a job's log, each trial's epochs and a line a minute
     table = run_tune(
         cfg,
         root,
@@ -238,7 +239,8 @@ def tune(
         method=method,
         seed=seed,
         fingerprint_hash=fingerprint,
-        progress=sys.stderr.isatty(),
+        progress=bar,
+        log=log,
     )
     typer.echo(table.drop(columns=["out_dir"]).to_string(index=False))
     typer.echo(f"best config: {out / 'best_config.yaml'}")
