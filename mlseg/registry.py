@@ -1066,7 +1066,8 @@ def champion_challenger(
     :class:`RegistryError` asking for that evaluation (scores on different sets are never
     compared). A tie keeps the champion. A challenger that found no nucleus in any image of
     the set (``n_pred`` 0 where ``n_true`` is not) is not promoted, not even as the first
-    production model. A version that a person took out of production
+    production model, nor is one scored on a set without annotated nuclei (``n_true`` 0,
+    where finding nothing scores 1.0). A version that a person took out of production
     (``mlseg models promote`` of another: a rollback) is not promoted again by a comparison,
     or a pipeline rerun that registers the same weights would undo the rollback. The
     decision and its reason are written to the registry either way.
@@ -1087,10 +1088,20 @@ def champion_challenger(
     better = "higher" if higher_is_better else "lower"
     # a model that finds nothing scores 0, which is a first production model's only bar
     blind = scores.get("n_pred") == 0 and scores.get("n_true", 0) > 0
-    if (unscored or blind) and (champion is None or champion.version != challenger.version):
+    # a set of empty masks scores a model that finds nothing 1.0 on every metric
+    unlabelled = scores.get("n_true") == 0
+    if (unscored or blind or unlabelled) and (
+        champion is None or champion.version != challenger.version
+    ):
         promoted, champ_value = False, None
         reason = f"{challenger.tag} has no {metric} on eval set {eval_set} ({value}); not promoted"
-        if blind:
+        if unlabelled:
+            reason = (
+                f"eval set {eval_set} holds no annotated nucleus, so {challenger.tag}'s "
+                f"{metric} ({value:g}) says nothing of how it finds nuclei; not promoted: "
+                "evaluate it on a test split whose masks mark nuclei"
+            )
+        elif blind:
             reason = (
                 f"{challenger.tag} found no nucleus in any image of eval set {eval_set}, which "
                 f"holds {scores['n_true']:g} nuclei per image; not promoted"

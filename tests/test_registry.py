@@ -410,6 +410,23 @@ def test_a_model_that_found_no_nucleus_on_the_evaluation_set_is_never_promoted(
     assert not decision.promoted and reg.production(registry).version == champion.version
 
 
+def test_a_model_scored_on_a_set_without_annotated_nuclei_is_never_promoted(
+    tmp_path: Path,
+) -> None:
+    """A test split whose masks are all empty (exported without their labels) scores a model
+    that finds nothing 1.0 on every metric: it was promoted as the first production model,
+    ``dice=1.0000``, on scores that say nothing of how it finds nuclei."""
+    registry = tmp_path / "registry"
+    empty_set = {"dice": 1.0, "aji": 1.0, "pq": 1.0, "n_pred": 0.0, "n_true": 0.0}
+    checkpoint = _checkpoint(tmp_path / "empty", weights=b"w-empty")
+    version = reg.register(
+        checkpoint, registry, metrics=empty_set, fingerprint_hash=None, config={}, eval_set_id="e"
+    )
+    decision = reg.champion_challenger(registry, version, metric="aji")
+    assert not decision.promoted and reg.production(registry) is None
+    assert "no annotated nucleus" in decision.reason and "eval set e" in decision.reason
+
+
 def test_a_rollback_by_hand_is_not_undone_by_the_next_comparison(tmp_path: Path) -> None:
     """An operator rolled production back from v2 to v1; the scheduled pipeline ran again,
     found the same weights (v2) still beating v1 and promoted it again, replacing the
