@@ -1100,6 +1100,34 @@ def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
     )
 
 
+def test_cli_evaluate_prints_no_nan_for_a_split_without_annotated_nuclei(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A test split of empty masks has no relative count error to take a median of: the
+    line read 'median |relative| nan%'."""
+    import mlseg.evaluate
+    from mlseg.cli import main
+    from mlseg.evaluate import EvalResult, score_labels
+
+    blank = np.zeros((32, 32), np.int32)
+    spot = blank.copy()
+    spot[4:12, 4:12] = 1
+    rows = pd.DataFrame(
+        [{"stem": "a", **score_labels(blank, blank)}, {"stem": "b", **score_labels(spot, blank)}]
+    )
+    means = rows.drop(columns="stem").mean().to_dict()
+
+    def fake(model, data, out, **_):
+        return EvalResult(rows, means, out / "p.csv", out / "s.json", None, out, "x")
+
+    monkeypatch.setattr(mlseg.evaluate, "evaluate", fake)
+    (tmp_path / "run").mkdir()
+    assert main(["evaluate", str(tmp_path / "run"), str(tmp_path), "--quiet"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "nan" not in line.lower()
+    assert "count error +0.5 nuclei per image (no annotated nucleus to compare with)" in line
+
+
 def test_cli_train_refuses_data_that_fails_validation(leaked_dataset, tmp_path, capsys) -> None:
     """README: 'a failed check stops training'; mlseg train trained on anything."""
     import yaml

@@ -163,6 +163,11 @@ def evaluate(
     )
     m = result.means
     relative = result.per_image["count_error_rel"].abs().median()  # NaN: no image has nuclei
+    relative_said = (
+        f"median |relative| {relative:.1%}"
+        if math.isfinite(relative)
+        else "no annotated nucleus to compare with"
+    )
     area = m["area_ratio"]
     size = (
         f"matched nuclei {area:.2f}x their annotated area"
@@ -177,7 +182,7 @@ def evaluate(
         f"{len(result.per_image)} images{blanks}: Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  "
         f"PQ {m['pq']:.4f}  "
         f"F1 {m['f1']:.4f}  count error {m['count_error']:+.1f} nuclei per image "
-        f"(median |relative| {relative:.1%}); {size}; tables in {result.out_dir}"
+        f"({relative_said}); {size}; tables in {result.out_dir}"
     )
     typer.echo(describe_errors(result.per_image))
 
