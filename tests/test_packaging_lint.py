@@ -898,6 +898,36 @@ def test_pipeline_deployment_takes_the_profiles_training_reads() -> None:
         assert "profiles" not in deployment.get("parameters", {}), deployment["name"]
 
 
+def test_deploy_build_step_needs_no_python_on_path(tmp_path, monkeypatch) -> None:
+    """The README deploys with `.venv/bin/prefect --no-prompt deploy --all`, the venv not
+    activated; the build step ran `python -c ...` from PATH, which failed ("No such file or
+    directory: 'python'") where only `python3` is there (Debian, Ubuntu, macOS), so nothing
+    was deployed, and a `python` without PyYAML failed too. The step runs in the Python of
+    the `prefect` command, and the segmentation deployments get the profiles file as it is."""
+    import asyncio
+    import inspect
+    import json
+
+    from prefect.utilities.importtools import import_object
+    from prefect.utilities.templating import apply_values
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    monkeypatch.chdir(ROOT)  # `prefect deploy` runs from the repository root
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no python, no shell tools
+    outputs = {}
+    for step in spec["build"]:  # as prefect's run_steps calls them, less its API lookups
+        ((name, inputs),) = step.items()
+        inputs = dict(inputs)
+        output = import_object(name)(**{k: v for k, v in inputs.items() if k != "id"})
+        outputs[inputs["id"]] = asyncio.run(output) if inspect.isawaitable(output) else output
+    shipped = yaml.safe_load((ROOT / "mlseg" / "profiles.yaml").read_text())
+    segmenting = [d for d in spec["deployments"] if "profiles" in d.get("parameters", {})]
+    assert {d["name"] for d in segmenting} == {"nightly-he", "nightly-ihc"}
+    for deployment in segmenting:
+        params = apply_values(deployment["parameters"], outputs)
+        assert json.loads(params["profiles"]) == shipped, deployment["name"]
+
+
 def test_deployments_leave_the_task_runner_to_the_workers_environment(monkeypatch) -> None:
     """README: MLSEG_TASK_RUNNER=dask and MLSEG_DASK_ADDRESS on the worker run the batches on
     Dask. The nightly deployments passed `task_runner: thread`, which comes before the
