@@ -39,10 +39,10 @@ from mlseg.inventory import (
     ValidateConfig,
     build_inventory,
     check_output_dir,
-    load_validate_config,
     pixel_size_summary,
     read_errors,
     run_profile,
+    validate_config,
     write_inventory,
 )
 
@@ -159,14 +159,12 @@ def validate_dataset_flow(
         overrides: Run config sections to change, e.g. ``{"data": {"mask_suffix": "_seg"}}``.
     """
     log_warnings()
-    cfg = load_validate_config(
-        data_path(config) if config else None,
-        mask_kind=mask_kind,
-        min_images_per_split=min_images,
-        workers=workers,
-        overrides=overrides,
+    # run_config: its relative profiles_file is under MLSEG_DATA_DIR, not the worker's folder
+    run = run_config(config, overrides)
+    cfg = validate_config(
+        run, mask_kind=mask_kind, min_images_per_split=min_images, workers=workers
     )
-    profile = run_profile(run_config(config, overrides))  # a bad profile before the reading
+    profile = run_profile(run)  # a bad profile before the reading
     root = data_path(data_root, "data_root")
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)

@@ -265,9 +265,27 @@ def load_validate_config(
     """The validation config of a run-config YAML (its ``data`` section and its profile's
     ``stain``), with the run's section ``overrides`` (as the pipeline passes them: the data
     training reads is the data validated) and command-line options applied."""
-    from mlseg.config import get_profile, load_config, parse
+    from mlseg.config import load_config
 
-    run = load_config(path, **(overrides or {}))
+    return validate_config(
+        load_config(path, **(overrides or {})),
+        mask_kind=mask_kind,
+        min_images_per_split=min_images_per_split,
+        workers=workers,
+    )
+
+
+def validate_config(
+    run: Config,
+    *,
+    mask_kind: str | None = None,
+    min_images_per_split: int | None = None,
+    workers: int | None = None,
+) -> ValidateConfig:
+    """The validation config of a loaded run config (as :func:`load_validate_config`), for a
+    caller that resolved the paths it holds (a flow: ``profiles_file`` under the data folder)."""
+    from mlseg.config import get_profile, parse
+
     # the profile decides how training reads an RGB image of one colour
     stain = get_profile(run.profile, run.profiles_file).stain
     data = ValidateConfig(data=run.data, stain=stain).model_dump()

@@ -1384,6 +1384,33 @@ def test_paths_inside_a_run_config_are_under_the_data_folder(tmp_path, monkeypat
     assert run_config(str(data / "configs" / "run.yaml")).profiles_file == Path("lab.yaml")
 
 
+def test_validation_reads_a_run_config_s_profiles_file_under_the_data_folder(
+    harness, tmp_path, synth_dataset, monkeypatch
+) -> None:
+    """validate-dataset (and train-model, which runs it first) with `-p config=configs/run.yaml`
+    naming `profiles_file: lab.yaml` failed on a worker with 'lab.yaml: profiles file not
+    found ... read from the current folder, /tmp/tmp...prefect': the validation config read
+    the profiles file from the worker's temporary folder, where run_config reads it under
+    MLSEG_DATA_DIR, as the README says. The stain validation uses is the data folder's."""
+    from flows.validate import validate_dataset_flow
+
+    data, elsewhere = tmp_path / "data", tmp_path / "worker-cwd"
+    (data / "configs").mkdir(parents=True)
+    elsewhere.mkdir()
+    profiles = {"profiles": {"lab": {"stain": "ihc", "pixel_size_um": 0.5}}}
+    (data / "lab.yaml").write_text(yaml.safe_dump(profiles))
+    (data / "configs" / "run.yaml").write_text("profile: lab\nprofiles_file: lab.yaml\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLSEG_DATA_DIR", str(data))
+    state = validate_dataset_flow(
+        str(synth_dataset), "validation", config="configs/run.yaml", return_state=True
+    )
+    assert state.is_completed(), state.message
+    saved = json.loads((data / "validation" / "validate_config.json").read_text())
+    assert saved["stain"] == "ihc"  # the data folder's profile, not the default he
+    assert not any(elsewhere.iterdir())
+
+
 def test_a_url_where_a_file_is_read_is_named_as_a_url(harness, tmp_path, monkeypatch) -> None:
     """Only a registry is read from a URL. `-p fingerprint=s3://bucket/fingerprint.json` failed
     with '<MLSEG_DATA_DIR>/s3:/bucket/fingerprint.json: fingerprint not found', a path no one
