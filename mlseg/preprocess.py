@@ -307,6 +307,8 @@ def macenko_stains(
     or the stained pixels hold one colour only (the two vectors within
     :data:`MIN_STAIN_ANGLE_DEG`): mapped to the reference's two stains at their 99th
     percentiles, a uniform pink or black field came out the dark purple of a dense nucleus.
+    ``None`` too where they hold no haematoxylin (the vector nearer the reference
+    haematoxylin is nearer its eosin, and nearer it than the other vector is).
     Both come from the stained pixels alone, so the same tissue is normalised alike however
     much glass is around it (the reference implementation took the percentile over all
     pixels, glass included).
@@ -336,8 +338,17 @@ def macenko_stains(
     # Haematoxylin is the vector closer to the reference haematoxylin. The usual rule (the
     # larger red component) fails on haematoxylin-only slides with a yellowish background:
     # the background's blue-absorbing vector wins and nuclei come out pink.
-    ref_h = MACENKO_REF_STAINS[:, 0] / np.linalg.norm(MACENKO_REF_STAINS[:, 0])
+    ref_h, ref_e = (MACENKO_REF_STAINS / np.linalg.norm(MACENKO_REF_STAINS, axis=0)).T
     stains = np.stack([v1, v2], axis=1) if v1 @ ref_h >= v2 @ ref_h else np.stack([v2, v1], axis=1)
+    # No haematoxylin (red cells, an eosinophilic field with hardly a nucleus): the vector
+    # taken for it is nearer eosin than haematoxylin, and nearer eosin than the other one.
+    # Rendered as haematoxylin, the tile's eosin came out the purple of nuclei: GBM40 and
+    # CPM15 tiles with a tenth of their haematoxylin held as much of it in the stroma as in
+    # the nuclei. Real haematoxylin lies 2-10 degrees from the reference's and 15 or more
+    # from its eosin (GBM40, CPM15, scikit-image's IHC).
+    h, e = stains.T
+    if h @ ref_e > max(h @ ref_h, e @ ref_e):
+        return None
     # over the stained pixels only, as the vectors: on a tile that is mostly glass the 99th
     # percentile of all pixels is glass's (near 0), and the gain blackened the tissue
     conc = stain_concentrations(stains, tissue)
@@ -458,8 +469,8 @@ def _stained_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if target is None:
         raise ConfigError(
             f"{path}: preprocess.stain_reference has too little stained tissue to estimate "
-            "its haematoxylin and eosin (fewer than 100 stained pixels, or one colour only); "
-            "choose a reference image that is mostly tissue"
+            "its haematoxylin and eosin (fewer than 100 stained pixels, one colour only, or no "
+            "haematoxylin); choose a reference image that is mostly tissue"
         )
     return target
 

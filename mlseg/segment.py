@@ -265,9 +265,9 @@ def warn_if_not_stain_normalised(
     if stains is None:
         warnings.warn(
             f"{path}: too little stain for {preprocess.stain_norm.capitalize()} normalisation "
-            "(fewer than 100 pixels stained in every channel, or one colour only), segmented "
-            "un-normalised: right for blank glass, but on a faded or very pale slide the count "
-            "may be too low",
+            "(fewer than 100 pixels stained in every channel, one colour only, or no "
+            "haematoxylin), segmented un-normalised: right for blank glass, but on a faded or "
+            "very pale slide the count may be too low",
             stacklevel=2,
         )
     return stains
