@@ -60,11 +60,10 @@ from mlseg.metrics import (
     pixel_metrics,
 )
 from mlseg.model import LoadedModel, load_model, resolve_model_device
-from mlseg.plots import WorstCase, worst_case
+from mlseg.plots import WORST_SHOWN, WorstCase, worst_case
 from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
 
-WORST_SHOWN = 4
 #: Peak memory of one test image in ``mlseg evaluate``, beyond its imports and model
 #: (:class:`mlseg.io.MemoryUse`, checked by :func:`mlseg.io.warn_if_short_of_memory`): a
 #: bound on the peaks ``bench/warning_memory.py`` measured at 512-8192 px a side (table in

@@ -160,6 +160,8 @@ def _count(labels: np.ndarray) -> str:
     return f"{n} nucleus" if n == 1 else f"{n} nuclei"
 
 
+#: Worst cases ``mlseg evaluate`` draws in ``worst.png`` (lowest AJI), and the run report lists.
+WORST_SHOWN = 4
 #: Longest side, in pixels, of a worst case's panels: a tile up to this size is drawn pixel
 #: for pixel, a larger one shrunk to it (a 1,000-pixel tile to half), a smaller one enlarged
 #: to :data:`PANEL_MIN_PX`. Three panels to a fixed 9-inch figure drew a 512-pixel tile at

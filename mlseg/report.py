@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlseg.plots import WORST_SHOWN
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
 margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45;overflow-wrap:break-word}
@@ -370,7 +372,7 @@ def pipeline_report(
     drift: pd.DataFrame | None = None,
     run_metrics: Mapping[str, Any] | None = None,
     paths: Mapping[str, Any] | None = None,
-    worst_n: int = 5,
+    worst_n: int = WORST_SHOWN,
 ) -> Report:
     """Lay out the report of one pipeline run; every section is optional.
 

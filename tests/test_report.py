@@ -62,14 +62,14 @@ def test_report_is_self_contained_with_embedded_figures(tmp_path: Path) -> None:
         "Outputs",
     ):
         assert section in text
-    assert "Worst 5 cases by dice" in text
+    assert "Worst 4 cases by dice" in text
     assert str(tmp_path / "m.csv") in text
 
 
 def test_worst_cases_are_the_lowest_scores(tmp_path: Path) -> None:
     html = pipeline_report(**_run_inputs(tmp_path)).to_html()
-    worst = html.split("Worst 5 cases by dice")[1]
-    assert "img7" in worst and "img3" in worst and "img0" not in worst.split("</table>")[0]
+    worst = html.split("Worst 4 cases by dice")[1]
+    assert "img7" in worst and "img4" in worst and "img3" not in worst.split("</table>")[0]
 
 
 def test_text_is_escaped_and_long_tables_are_cut() -> None:
@@ -276,3 +276,23 @@ def test_the_report_is_one_main_landmark(tmp_path: Path) -> None:
     title down is now in one <main>."""
     page = read_page(pipeline_report(**_run_inputs(tmp_path)).to_html())
     assert page.landmarks == ["main"] and page.tags_outside_main == []
+
+
+def test_the_worst_cases_table_lists_the_images_worst_png_draws(tmp_path: Path) -> None:
+    """The report's "Worst 5 cases by aji" table sat above evaluate's worst.png, which draws
+    four: a pathologist looked for the fifth image's panels under its name and found none.
+    The table now lists the images the figure draws, lowest AJI first."""
+    from mlseg.evaluate import _kept_worst
+    from mlseg.io import write_image
+
+    aji = [0.61, 0.12, 0.48, 0.05, 0.33, 0.27, 0.9, 0.4]
+    evaluation = pd.DataFrame({"stem": [f"img{i}" for i in range(8)], "aji": aji})
+    drawn: list = []
+    for stem, score in zip(evaluation["stem"], aji, strict=True):  # as evaluate keeps them
+        drawn = _kept_worst(drawn, score, lambda stem=stem: stem)
+    worst = write_image(tmp_path / "worst.png", np.zeros((4, 12, 3), np.uint8))
+    html = pipeline_report(evaluation=evaluation, worst_metric="aji", worst_png=worst).to_html()
+    table = html.split("the test images of lowest aji", 1)[1].split("</table>", 1)[0]
+    listed = re.findall(r'<td class="t">(img\d)</td>', table)
+    assert listed == [stem for _, stem in drawn] == ["img3", "img1", "img5", "img4"]
+    assert f"Worst {len(drawn)} cases by aji" in html
