@@ -488,6 +488,35 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     pd.testing.assert_frame_equal(pd.read_parquet(again["nuclei_parquet"]), nuclei)
 
 
+def test_the_run_metrics_artifact_shows_the_area_shift_the_history_records(
+    harness, tmp_path, checkpoint
+) -> None:
+    """A run whose nuclei came out a quarter of the previous run's size recorded area_psi
+    0.99 and a median change of -77% in runs/history.csv, while the dashboard's
+    segment-run-metrics showed the count's shift alone: every area_ key was left out with
+    the area deciles. The shift and its unit are now shown; the deciles stay in the history."""
+    import re
+
+    everything, inbox, out = tmp_path / "all", tmp_path / "inbox", tmp_path / "out"
+    disc_images(everything, 4)
+    inbox.mkdir()
+    for batch in (("img_000", "img_001"), ("img_002", "img_003")):
+        for stem in batch:
+            shutil.copy(everything / f"{stem}.png", inbox)
+        state = _segment(inbox, out, checkpoint)
+        assert state.is_completed(), state.message
+    row = pd.read_csv(out / "runs" / "history.csv").iloc[-1]
+    assert np.isfinite(row["area_psi"])  # both runs measured areas, in the same unit
+    shown = {
+        r["name"]: r["value"]
+        for r in artifact_rows(state.state_details.flow_run_id, "segment-run-metrics")
+    }
+    assert shown["area_unit"] == row["area_unit"] == "px"
+    for key in ("area_psi", "area_ks_p", "area_median_change_pct", "count_psi"):
+        assert shown[key] == pytest.approx(row[key], rel=1e-3), key
+    assert not [k for k in shown if re.search(r"_q\d\d$", k)]  # deciles: the history's
+
+
 def test_a_flow_rerun_that_redoes_nothing_keeps_the_run_files_that_hold_its_images(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:
