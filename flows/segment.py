@@ -602,7 +602,8 @@ def segment_and_quantify(
         seconds,
         finished.astimezone(datetime.UTC).isoformat(timespec="seconds"),
     )
-    _publish(out, paths, metrics, counts, model_desc, prof, processed, skipped, failed)
+    in_px = [s["image"] for s in summaries if s["image"] in done and s.get("units") == "px"]
+    _publish(out, paths, metrics, counts, model_desc, prof, processed, skipped, failed, in_px)
     result = {
         "out_dir": str(out),
         "summary_csv": str(paths["summary"]),
@@ -729,11 +730,14 @@ def _publish(
     processed: list[str],
     skipped: list[str],
     failed: dict[str, str],
+    in_px: list[str],
 ) -> None:
     """The run's artifacts: the summary table (this run's images first), its metrics, the
-    histograms, and a warning where no image had a nucleus or some image failed."""
+    histograms, and a warning where no image had a nucleus, some image failed, or some image
+    processed was measured in pixels (``in_px``) though the profile does not ask for them."""
     import pandas as pd
 
+    from mlseg.errors import some_of
     from mlseg.io import read_written_csv
     from mlseg.outputs import TIMING_KEYS
 
@@ -773,6 +777,20 @@ def _publish(
         )
         get_run_logger().warning(nothing)
         artifacts.warning("segment-no-nuclei", "no nucleus found in any image", nothing)
+    if in_px and prof.units != "px":
+        # as mlseg segment says at its end: a nightly run on images without a size gave
+        # area_px and no nuclei per mm2, with nothing said
+        pixels = (
+            f"{len(in_px)} of the {len(processed)} image(s) segmented in this run have no "
+            f"pixel size ({some_of(in_px)}): measured in pixels (area_px, no nuclei per mm2); "
+            "give the run pixel_sizes (image stem -> microns per pixel, or a CSV of "
+            "stem,pixel_size_um) or pixel_size_um, or the profile a pixel_size_um, to measure "
+            "in microns, or use a profile with units: px to say pixels are meant"
+        )
+        get_run_logger().warning(pixels)
+        artifacts.warning(
+            "segment-no-pixel-size", f"{len(in_px)} image(s) measured in pixels", pixels
+        )
     if failed:
         artifacts.warning(
             "segment-failed-images",

@@ -460,6 +460,10 @@ def test_segment_flow_outputs_artifacts_history_and_cached_rerun(
     keys = set(flow_artifacts(state.state_details.flow_run_id))
     assert {"segment-summary", "segment-run-metrics", "segment-outputs"} <= keys
     assert "segment-no-nuclei" not in keys  # it found some
+    # no pixel size given or declared: measured in pixels, said as mlseg segment says it
+    (said,) = [line for line in flow_logs(state.state_details.flow_run_id) if "no pixel" in line]
+    assert "5 of the 5 image(s)" in said and "pixel_sizes" in said
+    assert "segment-no-pixel-size" in keys
     nuclei = pd.read_parquet(result["nuclei_parquet"])
     assert nuclei["image"].value_counts().reindex(summary["image"], fill_value=0).tolist() == (
         summary["count"].tolist()
@@ -1765,6 +1769,7 @@ def test_one_pixel_size_beside_a_table_warns_as_segment_does(harness, tmp_path, 
             pixel_sizes={"img_000.png": 0.25},
         )
     assert state.is_completed(), state.message
+    assert "segment-no-pixel-size" not in flow_artifacts(state.state_details.flow_run_id)
 
 
 def test_mlseg_warnings_are_in_the_run_log(harness, tmp_path, checkpoint) -> None:
