@@ -660,7 +660,7 @@ def run_nuclei(
     (:func:`mlseg.outputs.update_run_outputs`). Kept grouped, as ``mlseg segment`` keeps
     them (:class:`mlseg.outputs.RunNuclei`): the flow kept every image's whole DataFrame to
     the end of the run, for both, some 8 kB an image for a few nuclei
-    (``bench/run_memory.py --flow``)."""
+    (measured by bench/run_memory.py, in its flow mode)."""
     from mlseg.monitor import area_column
     from mlseg.outputs import RunNuclei, read_nuclei
 
