@@ -44,6 +44,7 @@ from mlseg.inventory import exact_form, turn_free_hash
 from mlseg.io import (
     MASK_EXTENSIONS,
     MemoryUse,
+    image_size,
     not_lossless,
     read_image_for,
     read_mask,
@@ -308,7 +309,8 @@ def _pairs_by_mask(
     data_root: str | Path, split: str, data: DataConfig
 ) -> tuple[list[Pair], list[Pair]]:
     """The split's images with a mask and those without, in listing order; DatasetError
-    where none has one."""
+    where none has one, or naming every JPEG mask and every mask whose header gives
+    another size than its image's (before any image is segmented)."""
     listing = list_split(data_root, split, data, strict=False)
     listed = listing.pairs
     base = split_dir(Path(data_root), data, split)
@@ -342,6 +344,17 @@ def _pairs_by_mask(
     lossy = [not_lossless(p.mask) for p in pairs if p.mask.suffix.lower() not in MASK_EXTENSIONS]
     if lossy:  # said of the first when read, once every image before it had been segmented
         raise DatasetError(_summarise(lossy))
+    # the same, for a mask cropped a pixel in export: sizes from the headers, nothing decoded
+    # (one whose header cannot be read is checked when read, as before)
+    mismatched = [
+        size_mismatch(p.mask, mask_hw, image_hw, p.image)
+        for p in pairs
+        if (image_hw := image_size(p.image)) is not None
+        and (mask_hw := image_size(p.mask)) is not None
+        and mask_hw != image_hw
+    ]
+    if mismatched:
+        raise DatasetError(_summarise(mismatched))
     return pairs, [p for p in listed if p.mask is None]
 
 

@@ -561,6 +561,32 @@ def test_evaluate_says_a_mask_of_another_size_as_training_does(
         ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
 
 
+def test_evaluate_names_every_mask_of_another_size_before_segmenting(
+    checkpoint, synth_dataset, tmp_path, monkeypatch
+):
+    """A test mask a pixel short of its image (a 1-px crop in export) was found only when
+    its image's turn came: every image before it was segmented, then the evaluation stopped
+    naming that one mask and wrote nothing. It names every such mask before any image is
+    segmented, as it names JPEG masks."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    masks = sorted((root / "test" / "masks").iterdir())
+    for mask in masks[1:]:
+        write_labels(mask, read_mask(mask)[:, :-1])
+    segmented = []
+
+    def find_nothing(loaded, image, *args, **kwargs):
+        segmented.append(image)
+        return np.zeros(image.shape[:2], np.int32), {}
+
+    monkeypatch.setattr(ev, "predict_image", find_nothing)
+    with pytest.raises(DatasetError) as err:
+        ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
+    assert all(f"{m}: mask is 95x96 px but its image is 96x96" in str(err.value) for m in masks[1:])
+    assert not segmented and not (tmp_path / "eval").exists()
+
+
 def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
     synth_dataset, tmp_path
 ) -> None:
