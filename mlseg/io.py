@@ -461,6 +461,7 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
             photometric = tif.series[0].keyframe.photometric
             colormap = tif.series[0].keyframe.colormap
             extrasamples = tif.series[0].keyframe.extrasamples
+            bilevel = tif.series[0].keyframe.bitspersample == 1
             imagej = tif.is_imagej
             more = [s for s in tif.series[1:] if not _AUXILIARY.search(s.name or "")]
     except ImageReadError:
@@ -486,6 +487,13 @@ def _read_tiff(path: Path, labels: bool = False) -> np.ndarray:
         # 4-channel image so): read as RGB + padding, three were passed for a colour image
         series_axes = series_axes.replace("S", "C")
     arr = _tiff_as_hwc(np.asarray(arr), series_axes, path)
+    if bilevel and photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        # a black-and-white picture, as ImageMagick's fax compressions (Group 4) write one:
+        # its bits say black (1) or white (0), not values; read as stored, a mask's white
+        # nuclei came back as 0 and its black background as the one object. Pillow,
+        # OpenCV and viewers read it as shown. (An 8-bit one, as ImageJ saves an image with
+        # an inverted LUT, keeps its values as stored, as Fiji reads them.)
+        arr = np.logical_not(arr)
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         arr = _cmyk_as_rgb(arr, path)
     elif photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and not labels:

@@ -1200,3 +1200,22 @@ def test_image_size_is_read_from_the_header_as_read_image_reads_the_pixels(tmp_p
     (tmp_path / "cut.png").write_bytes(b"\x89PNG")
     (tmp_path / "cut.tif").write_bytes(b"II*\x00")
     assert image_size(tmp_path / "cut.png") is image_size(tmp_path / "cut.tif") is None
+
+
+def test_a_black_and_white_tiff_stored_white_is_zero_reads_as_shown(tmp_path):
+    """ImageMagick's Group 4 (fax) compression writes a binary mask as 1-bit TIFF whose
+    bits mean black (1) and white (0): read as stored, its white nuclei came back as 0 and
+    the black background as one object covering the mask, which validate and quantify
+    refused as "inverted" though every viewer shows it right."""
+    import tifffile
+    from PIL import Image
+
+    nuclei = np.zeros((16, 16), bool)
+    nuclei[4:8, 4:8] = nuclei[10:14, 9:12] = True
+    tifffile.imwrite(tmp_path / "x_mask.tif", ~nuclei, photometric="miniswhite")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x_mask.tif")), nuclei)
+    assert np.array_equal(read_mask(tmp_path / "x_mask.tif"), nuclei.astype(np.int32))
+    # an 8-bit one (ImageJ's image with an inverted LUT) keeps its values, as Fiji reads them
+    values = np.where(nuclei, 255, 0).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "ij_mask.tif", values, photometric="miniswhite")
+    assert np.array_equal(read_mask(tmp_path / "ij_mask.tif"), values.astype(np.int32))
