@@ -767,6 +767,11 @@ def register_scores(
     """Register ``checkpoint``'s weights with their scores on ``eval_set_id`` once: weights
     already registered under ``name`` keep their version, with the scores recorded where
     the evaluation set is new to it. Returns ``(version, new)``."""
+    found = find_version(registry, checkpoint, name, storage_options)
+    if found is not None and found.metrics_on(eval_set_id) is not None:
+        # nothing to write, so no lock to take: a registry one may only read (a colleague's,
+        # mounted read-only) answers that the run is registered, as it did before the lock
+        return found, False
     fs, root = _fs(registry, storage_options)
     # one at a time: two registering the same run at once (two pipeline runs, two shells)
     # each found it unregistered, and its weights got two versions

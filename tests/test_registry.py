@@ -563,7 +563,30 @@ def test_the_same_run_registered_twice_at_once_gets_one_version(tmp_path: Path, 
     first = reg.register_scores(run, registry, **scores)
     other.join(10)
     assert [v.tag for v in reg.list_models(registry)] == ["nuclei@v1"]
-    assert first[0].version == other_got[0][0].version == 1 and not other_got[0][1]
+    assert first[0].version == other_got[0][0].version == 1
+    assert [first[1], other_got[0][1]].count(True) == 1  # one registered, one found it
+
+
+def test_a_registered_run_is_found_in_a_registry_one_may_only_read(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`mlseg models register` of a run already registered with these scores, against a
+    registry one may only read (a colleague's, mounted read-only), said 'already registered
+    as nuclei@v1'; taking turns with other registrations, it failed instead ('cannot be
+    written'), though it had nothing to write."""
+    registry = tmp_path / "registry"
+    run = _checkpoint(tmp_path / "run")
+    scores = {"metrics": {"aji": 0.5}, "eval_set_id": "s", "fingerprint_hash": "fp"}
+    v1, _ = reg.register_scores(run, registry, **scores)
+    os_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # tests run as root: no mode stops them
+        if Path(path).is_relative_to(registry) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert reg.register_scores(run, registry, **scores) == (v1, False)
 
 
 def test_remote_registry_through_fsspec(tmp_path: Path) -> None:
