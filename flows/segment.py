@@ -763,8 +763,9 @@ def _publish(
     artifacts.table(
         "segment-run-metrics",
         # the deciles stay in the history: every key starting area_ went with them, and the
-        # dashboard showed the count's shift from the previous run but not the areas'
-        {k: v for k, v in metrics.items() if not re.search(r"_q\d\d$", k)},
+        # dashboard showed the count's shift from the previous run but not the areas' (the
+        # deciles run from _q00 to _q100, the largest)
+        {k: v for k, v in metrics.items() if not re.search(r"_q\d+$", k)},
         f"{len(processed)} processed, {len(skipped)} skipped, {len(failed)} failed",
     )
     artifacts.link("segment-histograms", paths["histograms"], "nucleus measurement histograms")

@@ -518,7 +518,7 @@ def test_the_run_metrics_artifact_shows_the_area_shift_the_history_records(
     assert shown["area_unit"] == row["area_unit"] == "px"
     for key in ("area_psi", "area_ks_p", "area_median_change_pct", "count_psi"):
         assert shown[key] == pytest.approx(row[key], rel=1e-3), key
-    assert not [k for k in shown if re.search(r"_q\d\d$", k)]  # deciles: the history's
+    assert not [k for k in shown if re.search(r"_q\d+$", k)]  # deciles: the history's
 
 
 def test_a_flow_rerun_that_redoes_nothing_keeps_the_run_files_that_hold_its_images(
