@@ -528,7 +528,8 @@ def check_pixel_size(value: object, what: str) -> float:
     return um
 
 
-def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
+def checked_pixel_sizes(root: str | Path) -> dict[tuple[str, str], float]:
+    """The manifest's pixel sizes, checked: ``(split, stem) -> microns per pixel``."""
     return {
         key: check_pixel_size(value, f"{Path(root) / MANIFEST} line {line} ({'/'.join(key)})")
         for key, (line, value) in manifest_pixel_sizes(root).items()
@@ -537,7 +538,7 @@ def _pixel_sizes(root: Path) -> dict[tuple[str, str], float]:
 
 def split_pixel_sizes(root: str | Path, split: str) -> dict[str, float]:
     """The manifest's pixel sizes of ``split``, checked: image stem -> microns per pixel."""
-    return {stem: um for (s, stem), um in _pixel_sizes(Path(root)).items() if s == split}
+    return {stem: um for (s, stem), um in checked_pixel_sizes(root).items() if s == split}
 
 
 def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
@@ -668,7 +669,7 @@ def list_split(
                 problems.append(f"{path}: mask without image; expected {img_dir / stem}.<ext>")
     if problems:
         raise DatasetError(_summarise(problems))
-    sizes = _pixel_sizes(root)
+    sizes = checked_pixel_sizes(root)
     pairs = _with_metadata_sizes(
         [
             Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))

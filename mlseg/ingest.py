@@ -55,6 +55,7 @@ from mlseg.dataset import (
     TABLE_READ_ERRORS,
     _summarise,
     check_pixel_size,
+    checked_pixel_sizes,
     csv_delimiter,
     in_formats_not_read,
     init_dataset,
@@ -63,7 +64,6 @@ from mlseg.dataset import (
     named_as_images_but_not_files,
     read_csv_rows,
     split_dir,
-    split_pixel_sizes,
     warn_of_unused_rows,
 )
 from mlseg.errors import (
@@ -475,11 +475,23 @@ def read_pixel_sizes(path: Path) -> dict[str, float]:
     return sizes
 
 
-def _source_pixel_sizes(src: Path, pixel_sizes: Path | None, layout: str) -> dict[str, float]:
+def _source_pixel_sizes(
+    src: Path, pixel_sizes: Path | None, layout: str, items: list[SourceItem]
+) -> dict[str, float]:
+    """Image stem -> microns per pixel, from ``pixel_sizes``, else a ``contract`` source's
+    manifest or an ``index.csv`` with a pixel-size column. A manifest row whose stem is an
+    image of another split (``test,a`` or ``Train,a`` for ``train/a``) is keyed
+    ``split/stem``: training gives it to no image, so neither does ingest, and
+    :func:`warn_of_unused_rows` names it; merged by stem, it gave ``train/a`` its size."""
     if pixel_sizes is not None:
         return read_pixel_sizes(Path(pixel_sizes))
     if layout == "contract":  # an mlseg dataset's own sizes (manifest.csv), as training reads them
-        listed = {**split_pixel_sizes(src, "train"), **split_pixel_sizes(src, "test")}
+        held = {(i.split, i.stem) for i in items}
+        stems = {i.stem for i in items}
+        listed = {
+            stem if (split, stem) in held or stem not in stems else f"{split}/{stem}": um
+            for (split, stem), um in checked_pixel_sizes(src).items()
+        }
         if listed:
             return listed
     index = src / "index.csv"
@@ -623,8 +635,9 @@ def ingest(
             f"{src}: stems used twice across splits: {', '.join(dupes[:10])}; rename them"
         )
     drawn = check_pairs(items, progress=progress, log=log)
-    sizes = _source_pixel_sizes(src, pixel_sizes, layout)
-    warn_of_unused_rows(sizes, stems, "the pixel-size table")
+    sizes = _source_pixel_sizes(src, pixel_sizes, layout, items)
+    table = src / MANIFEST if pixel_sizes is None and layout == "contract" else None
+    warn_of_unused_rows(sizes, stems, str(table) if table else "the pixel-size table")
     free = [i.stem for i in items if i.split is None]
     splits = assign_splits(free, test_fraction, seed) if free else {}
 

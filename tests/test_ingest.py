@@ -803,3 +803,32 @@ def test_a_stem_used_twice_is_found_by_counting_the_stems_once(tmp_path, monkeyp
     with pytest.raises(DatasetError, match=r"stems used twice across splits: img7;"):
         ingest(flat_source(tmp_path / "src", n=1), tmp_path / "ds", progress=False)
     assert len(compared) < 10 * len(stems)
+
+
+@pytest.mark.parametrize(
+    "rows, warned",
+    [
+        # every image has its row: a stray one for another split is no mistake
+        ("train,img0,0.5\ntrain,img1,0.5\ntrain,img2,1\ntest,img0,0.25\n", None),
+        ("test,img0,0.25\n", r"names none of these 3 images \(it lists test/img0"),
+        ("Train,img0,0.25\ntrain,img1,0.5\n", r"row\(s\) naming no image here \(Train/img0\)"),
+    ],
+)
+def test_an_mlseg_source_gives_each_image_the_size_of_its_own_split_row(tmp_path, rows, warned):
+    """Re-ingesting an mlseg dataset merged its manifest's train and test rows by stem, so a
+    test/img0 row gave train/img0 its size (0.25 where training read 0.5), and a Train/img0
+    row was dropped without a word. Each image takes the row of its split and stem, as
+    training reads them; a row naming an image of another split is named, never applied."""
+    ingest(flat_source(tmp_path / "src", n=3), tmp_path / "ds", test_fraction=0, progress=False)
+    (tmp_path / "ds" / "manifest.csv").write_text("split,stem,pixel_size_um\n" + rows)
+    as_trained = {p.stem: p.pixel_size_um for p in list_pairs(tmp_path / "ds", "train")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = ingest(tmp_path / "ds", tmp_path / "ds2", progress=False)
+    said = [str(w.message) for w in caught]
+    if warned is None:
+        assert not said
+    else:
+        assert any(re.search(warned, m) and "manifest.csv" in m for m in said), said
+    ingested = dict(zip(again.manifest.stem, again.manifest.pixel_size_um, strict=True))
+    assert {k: None if pd.isna(v) else v for k, v in ingested.items()} == as_trained
