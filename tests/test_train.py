@@ -616,7 +616,9 @@ def test_resume_refuses_a_stain_reference_replaced_under_its_name(tmp_path) -> N
 
     fit(cfg(1), root, tmp_path / "run", progress=False)
     assert fit(cfg(2), root, tmp_path / "run", progress=False).steps == 2  # the same image
-    write_image(reference, read_image(reference)[..., ::-1].copy())
+    # another slide under the same name (its own channels reversed, the stand-in before,
+    # hold no haematoxylin: refused as a reference, before any resume check)
+    write_image(reference, read_image(root / "train" / "original" / "he_001.png"))
     with pytest.raises(ResumeError, match=r"stain_reference: .*reference.png differs"):
         fit(cfg(3), root, tmp_path / "run", progress=False)
 
