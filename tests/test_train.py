@@ -1074,20 +1074,14 @@ def test_a_run_stopped_at_the_end_of_an_epoch_resumes_to_the_unbroken_run(
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
-def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
-    tmp_path, monkeypatch, capsys
-) -> None:
+def _cli_evaluate_output(pairs, tmp_path, monkeypatch, capsys) -> str:
+    """What ``mlseg evaluate`` prints for an evaluation scoring ``pairs`` (each a stem and a
+    truth and prediction label image), the evaluation itself stood in for."""
     import mlseg.evaluate
     from mlseg.cli import main
     from mlseg.evaluate import EvalResult, score_labels
 
-    blank = np.zeros((32, 32), np.int32)
-    one = blank.copy()
-    one[4:12, 4:12] = 1
-    # a model that finds nothing: a blank tile scores 1.0, the other 0, so the mean is 0.5
-    rows = pd.DataFrame(
-        [{"stem": "a", **score_labels(blank, blank)}, {"stem": "b", **score_labels(blank, one)}]
-    )
+    rows = pd.DataFrame([{"stem": stem, **score_labels(*labels)} for stem, *labels in pairs])
     means = rows.drop(columns="stem").mean().to_dict()
 
     def fake(model, data, out, **_):
@@ -1096,10 +1090,25 @@ def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
     monkeypatch.setattr(mlseg.evaluate, "evaluate", fake)
     (tmp_path / "run").mkdir()
     assert main(["evaluate", str(tmp_path / "run"), str(tmp_path), "--quiet"]) == 0
-    assert (
-        "2 images (1 with no nucleus on either side, each scored 1.0): Dice 0.5000"
-        in capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def _blank_and_spot() -> tuple[np.ndarray, np.ndarray]:
+    blank = np.zeros((32, 32), np.int32)
+    spot = blank.copy()
+    spot[4:12, 4:12] = 1
+    return blank, spot
+
+
+def test_cli_evaluate_says_how_many_images_scored_1_for_having_no_nuclei(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    blank, one = _blank_and_spot()
+    # a model that finds nothing: a blank tile scores 1.0, the other 0, so the mean is 0.5
+    out = _cli_evaluate_output(
+        [("a", blank, blank), ("b", blank, one)], tmp_path, monkeypatch, capsys
     )
+    assert "2 images (1 with no nucleus on either side, each scored 1.0): Dice 0.5000" in out
 
 
 def test_cli_evaluate_prints_no_nan_for_a_split_without_annotated_nuclei(
@@ -1107,25 +1116,11 @@ def test_cli_evaluate_prints_no_nan_for_a_split_without_annotated_nuclei(
 ) -> None:
     """A test split of empty masks has no relative count error to take a median of: the
     line read 'median |relative| nan%'."""
-    import mlseg.evaluate
-    from mlseg.cli import main
-    from mlseg.evaluate import EvalResult, score_labels
-
-    blank = np.zeros((32, 32), np.int32)
-    spot = blank.copy()
-    spot[4:12, 4:12] = 1
-    rows = pd.DataFrame(
-        [{"stem": "a", **score_labels(blank, blank)}, {"stem": "b", **score_labels(spot, blank)}]
+    blank, spot = _blank_and_spot()
+    out = _cli_evaluate_output(
+        [("a", blank, blank), ("b", spot, blank)], tmp_path, monkeypatch, capsys
     )
-    means = rows.drop(columns="stem").mean().to_dict()
-
-    def fake(model, data, out, **_):
-        return EvalResult(rows, means, out / "p.csv", out / "s.json", None, out, "x")
-
-    monkeypatch.setattr(mlseg.evaluate, "evaluate", fake)
-    (tmp_path / "run").mkdir()
-    assert main(["evaluate", str(tmp_path / "run"), str(tmp_path), "--quiet"]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
+    line = out.splitlines()[0]
     assert "nan" not in line.lower()
     assert "count error +0.5 nuclei per image (no annotated nucleus to compare with)" in line
 
