@@ -494,6 +494,13 @@ def test_evaluate_refuses_jpeg_masks_by_name_before_segmenting(
     root = shutil.copytree(synth_dataset, tmp_path / "data")
     masks = sorted((root / "test" / "masks").iterdir())
     lossy = [m.rename(m.with_suffix(".jpg")) for m in masks[1:]]
+    refused = _refused_before_segmenting(checkpoint, root, tmp_path, monkeypatch)
+    assert all(f"{m}: a mask must be lossless" in refused for m in lossy)
+
+
+def _refused_before_segmenting(checkpoint, root, tmp_path, monkeypatch) -> str:
+    """The error of evaluating ``root``'s test split, checked to come before any image was
+    segmented and any output written."""
     segmented = []
 
     def find_nothing(loaded, image, *args, **kwargs):
@@ -503,8 +510,8 @@ def test_evaluate_refuses_jpeg_masks_by_name_before_segmenting(
     monkeypatch.setattr(ev, "predict_image", find_nothing)
     with pytest.raises(DatasetError) as err:
         ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
-    assert all(f"{m}: a mask must be lossless" in str(err.value) for m in lossy)
     assert not segmented and not (tmp_path / "eval").exists()
+    return str(err.value)
 
 
 def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, tmp_path) -> None:
@@ -574,17 +581,8 @@ def test_evaluate_names_every_mask_of_another_size_before_segmenting(
     masks = sorted((root / "test" / "masks").iterdir())
     for mask in masks[1:]:
         write_labels(mask, read_mask(mask)[:, :-1])
-    segmented = []
-
-    def find_nothing(loaded, image, *args, **kwargs):
-        segmented.append(image)
-        return np.zeros(image.shape[:2], np.int32), {}
-
-    monkeypatch.setattr(ev, "predict_image", find_nothing)
-    with pytest.raises(DatasetError) as err:
-        ev.evaluate(checkpoint, root, tmp_path / "eval", progress=False)
-    assert all(f"{m}: mask is 95x96 px but its image is 96x96" in str(err.value) for m in masks[1:])
-    assert not segmented and not (tmp_path / "eval").exists()
+    refused = _refused_before_segmenting(checkpoint, root, tmp_path, monkeypatch)
+    assert all(f"{m}: mask is 95x96 px but its image is 96x96" in refused for m in masks[1:])
 
 
 def test_evaluate_warns_of_images_the_model_trained_on_whatever_their_name(
