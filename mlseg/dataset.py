@@ -445,6 +445,40 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
     return sizes
 
 
+def manifest_rows_naming_no_image(root: str | Path, split: str, stems: Container[str]) -> list[str]:
+    """``line <n>: <split>/<stem>``, in line order, of each pixel-size row of the manifest
+    written for ``split`` (in any case: ``Test`` too) that gives no image of ``stems`` its
+    size: a stem written with its extension (``he_004.png``) or in another case, a typo, an
+    image since removed, or a split not written ``train`` or ``test``, which names no split.
+    Validation fails such rows (rule ``manifest_rows_name_images``, in these words); a run
+    that reads a split without validating it names them with
+    :func:`warn_of_unused_manifest_rows`."""
+    rows = sorted(manifest_pixel_sizes(root).items(), key=lambda kv: kv[1][0])
+    return [
+        f"line {line}: {written}/{stem}"
+        for (written, stem), (line, _) in rows
+        if written.casefold() == split and (written != split or stem not in stems)
+    ]
+
+
+def warn_of_unused_manifest_rows(
+    root: str | Path, split: str, stems: Container[str], stacklevel: int = 2
+) -> None:
+    """Warn, naming the manifest and each row by line, of the rows of ``split`` that give
+    none of its images (``stems``) a size (:func:`manifest_rows_naming_no_image`): those
+    images took the size of their sidecar, their metadata or the profile without a word."""
+    rows = manifest_rows_naming_no_image(root, split, stems)
+    if rows:
+        warnings.warn(
+            f"{Path(root) / MANIFEST}: {len(rows)} pixel-size row(s) of the {split} split name "
+            f"no image of it ({some_of(rows, 3, '; ')}), so their sizes are not used: its "
+            "images take theirs from their JSON sidecar, their TIFF metadata or the profile; "
+            f"write the split as {split} and the stem as the image's file name without its "
+            "extension (he_004 for he_004.png), or remove the row",
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _same_size(a: object, b: object) -> bool:
     """Whether two pixel sizes as written are one number (``0.5`` and ``0.50``)."""
     try:

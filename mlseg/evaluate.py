@@ -38,6 +38,7 @@ from mlseg.dataset import (
     mask_to_labels,
     split_dir,
     warn_of_images_left_out,
+    warn_of_unused_manifest_rows,
 )
 from mlseg.errors import DatasetError, size_mismatch, some_of, warn_once
 from mlseg.inventory import exact_form, turn_free_hash
@@ -326,6 +327,8 @@ def _pairs_by_mask(
             "mask out of the split",
             stacklevel=3,
         )
+    # a size written for a test image under another name went unused unsaid (validation fails it)
+    warn_of_unused_manifest_rows(data_root, split, {p.stem for p in listed}, stacklevel=3)
     if listing.second_masks:  # the image was scored against one of its masks, unsaid which
         seconds = [
             f"{second.name} (its image is scored against {kept.name})"

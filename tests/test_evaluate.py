@@ -464,6 +464,27 @@ def test_evaluate_names_the_masks_it_cannot_score_and_the_links_it_cannot_read(
     assert len(result.per_image) == 1
 
 
+def test_evaluate_names_the_manifest_rows_that_size_no_test_image(
+    checkpoint, synth_dataset, tmp_path, finds_nothing
+):
+    """A test image's pixel size written under its file name (he_004.png) or split (Test)
+    sized no image: evaluate scored it at the profile's scale without a word, where
+    validation fails the row. It names the manifest, each row by line, and the fix."""
+    import shutil
+
+    root = shutil.copytree(synth_dataset, tmp_path / "data")
+    first, second, third = sorted(p.stem for p in (root / "test" / "original").iterdir())
+    (root / "manifest.csv").write_text(
+        f"split,stem,pixel_size_um\ntest,{first}.png,0.5\nTest,{second},0.5\n"
+        f"test,{third},0.5\ntrain,elsewhere,0.5\n"
+    )
+    result, said = _evaluated_saying(checkpoint, root, tmp_path / "eval")
+    assert f"{root / 'manifest.csv'}: 2 pixel-size row(s) of the test split" in said
+    assert f"line 2: test/{first}.png; line 3: Test/{second})" in said
+    assert "write the split as test and the stem as the image's file name without" in said
+    assert len(result.per_image) == 3
+
+
 def test_evaluate_names_a_second_mask_it_does_not_score(
     checkpoint, synth_dataset, tmp_path, finds_nothing
 ):
