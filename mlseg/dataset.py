@@ -62,6 +62,9 @@ from mlseg.pixel_size import (
 )
 
 MANIFEST = "manifest.csv"
+#: The names a pixel-size column goes by, in any case, in the manifest and in a table given
+#: to ``mlseg ingest --pixel-sizes``: the first of them a table has is read.
+PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
 SPLITS = ("train", "test")
 #: A mask with fewer foreground pixels (a speck or two) has no ``interior_fraction``: too few
 #: to tell a filled nucleus from an outline.
@@ -265,7 +268,9 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
     if it cannot be parsed. Column names match whatever their case, and spaces after the
     commas are left out (``split, stem, pixel_size_um``, as the contract is written). One
     that a spreadsheet saved with semicolons or tabs between columns is read too, its
-    ``pixel_size_um`` decimal commas (``0,25``) as the numbers they are."""
+    ``pixel_size_um`` decimal commas (``0,25``) as the numbers they are. A pixel-size column
+    under another of :data:`PIXEL_SIZE_COLUMNS` (``mpp``) is read as ``pixel_size_um``, as
+    ``mlseg ingest --pixel-sizes`` reads it."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
@@ -277,6 +282,10 @@ def read_manifest(root: str | Path) -> pd.DataFrame | None:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetError(f"{path}: cannot be read as CSV ({err}); fix or remove it") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
+    # an mpp column was read as no size at all, every image's size then unknown unsaid
+    alias = next((c for c in PIXEL_SIZE_COLUMNS if c in table.columns), None)
+    if alias is not None and alias != "pixel_size_um":
+        table = table.rename(columns={alias: "pixel_size_um"})
     if delimiter != "," and "pixel_size_um" in table.columns:
         table["pixel_size_um"] = table["pixel_size_um"].str.replace(",", ".")  # decimal comma
     return table
@@ -421,7 +430,18 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
     """``(split, stem) -> (CSV line, value as written)`` of every non-empty ``pixel_size_um``
     in the manifest; unchecked (see :func:`check_pixel_size`)."""
     manifest = read_manifest(root)
-    if manifest is None or "pixel_size_um" not in manifest.columns:
+    if manifest is None:
+        return {}
+    if "pixel_size_um" not in manifest.columns:
+        unread = [c for c in manifest.columns if _sounds_like_pixel_size(c)]
+        if unread:
+            warnings.warn(
+                f"{Path(root) / MANIFEST}: column(s) {some_of(map(repr, unread))} are not read "
+                f"as pixel sizes, so every image's size is taken from its sidecar, its metadata "
+                f"or the profile; name the column pixel_size_um (microns per pixel; "
+                f"{' or '.join(PIXEL_SIZE_COLUMNS[1:])} are read too)",
+                stacklevel=2,
+            )
         return {}
     missing = [c for c in ("split", "stem") if c not in manifest.columns]
     if missing:
@@ -443,6 +463,13 @@ def manifest_pixel_sizes(root: str | Path) -> dict[tuple[str, str], tuple[int, o
             )
         sizes.setdefault(key, (line, value))
     return sizes
+
+
+def _sounds_like_pixel_size(column: str) -> bool:
+    """Whether a manifest column's name (lower case) speaks of pixels or microns, as a pixel
+    size's under a name mlseg does not read does (``pixel_size``, ``pixel size (um)``);
+    ingest's ``pixel_size_source`` is of its source, not a size."""
+    return ("pixel" in column or "micron" in column) and column != "pixel_size_source"
 
 
 def manifest_rows_naming_no_image(root: str | Path, split: str, stems: Container[str]) -> list[str]:

@@ -52,6 +52,7 @@ from mlseg.annotations import (
 from mlseg.config import DataConfig
 from mlseg.dataset import (
     MANIFEST,
+    PIXEL_SIZE_COLUMNS,
     TABLE_READ_ERRORS,
     _summarise,
     check_pixel_size,
@@ -97,7 +98,6 @@ from mlseg.progress import shown
 #: What mlseg segment names an image's GeoJSON (``x_nuclei.geojson``): a mask for ``x``.
 GEOJSON_SUFFIX = "_nuclei"
 LAYOUTS = ("auto", "contract", "nnunet", "flat", "dsb", "cellpose")
-PIXEL_SIZE_COLUMNS = ("pixel_size_um", "mpp", "microns_per_pixel")
 STEM_COLUMNS = ("stem", "image_id", "id", "name", "image", "file", "filename")
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,40 @@ def test_a_manifest_saved_by_a_spreadsheet_with_semicolons_keeps_its_pixel_sizes
     (root / "manifest.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
     assert list_pairs(root, "train")[0].pixel_size_um == 0.25
     assert split_pixel_sizes(root, "test") == {"b": 0.5}
+
+
+@pytest.mark.parametrize("column", ["mpp", "MPP", "microns_per_pixel"])
+def test_a_manifest_with_a_pixel_size_column_ingest_reads_keeps_its_pixel_sizes(tmp_path, column):
+    """``mlseg ingest --pixel-sizes`` reads an ``mpp`` column: the same column in the
+    manifest was ignored without a word, every image's size unknown (decimal commas too)."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    (root / "manifest.csv").write_text(f"split;stem;{column}\ntrain;a;0,25\ntest;b;0.5\n")
+    assert list_pairs(root, "train")[0].pixel_size_um == 0.25
+    assert split_pixel_sizes(root, "test") == {"b": 0.5}
+
+
+@pytest.mark.parametrize("column", ["pixel_size", "pixel size (um)", "Microns"])
+def test_a_manifest_pixel_size_column_under_a_name_not_read_is_named(tmp_path, column):
+    """A pixel-size column under a name mlseg does not read left every size unknown unsaid."""
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    (root / "manifest.csv").write_text(f'split,stem,"{column}"\ntrain,a,0.25\n')
+    with pytest.warns(UserWarning) as caught:
+        (pair,) = list_pairs(root, "train")
+    said = str(caught[0].message)
+    assert pair.pixel_size_um is None
+    assert f"{root / 'manifest.csv'}: column(s) {column.lower()!r} are not read" in said
+    assert "name the column pixel_size_um" in said
+
+
+def test_a_manifest_without_a_pixel_size_column_says_nothing(tmp_path):
+    root = init_dataset(tmp_path / "ds")
+    make_pair(root, "train", "a")
+    (root / "manifest.csv").write_text("split,stem,image,pixel_size_source\ntrain,a,x.png,\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list_pairs(root, "train")[0].pixel_size_um is None
 
 
 @pytest.mark.parametrize("image_form, mask_form", [("NFC", "NFD"), ("NFD", "NFC")])
