@@ -56,6 +56,7 @@ from mlseg.io import (
 )
 from mlseg.pixel_size import (
     PLAUSIBLE_PIXEL_SIZE_UM,
+    SAME_SCALE_RATIO,
     implausible_message,
     plausible_pixel_size,
     usable_pixel_size_um,
@@ -602,18 +603,36 @@ def split_pixel_sizes(root: str | Path, split: str) -> dict[str, float]:
     return {stem: um for (s, stem), um in checked_pixel_sizes(root).items() if s == split}
 
 
-def _with_metadata_sizes(pairs: list[Pair]) -> list[Pair]:
-    """Fill unknown pixel sizes from sidecars or TIFF metadata; warn once about implausible ones."""
-    filled, implausible = [], []
+def _with_metadata_sizes(pairs: list[Pair], root: Path) -> list[Pair]:
+    """Fill unknown pixel sizes from sidecars or TIFF metadata; warn once about implausible ones,
+    and about files declaring another scale (:data:`SAME_SCALE_RATIO`) than ``root``'s
+    manifest gives them."""
+    filled, implausible, disagree = [], [], []
     for pair in pairs:
         if pair.pixel_size_um is None:
             declared = usable_pixel_size_um(pair.image, implausible)
             if declared is not None:
                 pair = Pair(pair.split, pair.stem, pair.image, pair.mask, declared)
+        else:  # the manifest decides; a file declaring another scale was overruled unsaid
+            with warnings.catch_warnings():  # of a file whose size is not used
+                warnings.simplefilter("ignore")
+                declared = usable_pixel_size_um(pair.image, [])
+            um = pair.pixel_size_um
+            if declared is not None and max(um, declared) / min(um, declared) > SAME_SCALE_RATIO:
+                disagree.append(
+                    f"{pair.image}: {declared:g} um in its file, {um:g} in the manifest"
+                )
         filled.append(pair)
     if implausible:
         warnings.warn(
             implausible_message(implausible, f"; give it in {MANIFEST} (pixel_size_um)"),
+            stacklevel=3,
+        )
+    if disagree:
+        warnings.warn(
+            f"{len(disagree)} image(s) declare another pixel size than {root / MANIFEST} gives them "
+            f"({some_of(disagree, 3, '; ')}); the manifest's is used: correct whichever is "
+            "wrong (the manifest's row, or the JSON sidecar or TIFF metadata)",
             stacklevel=3,
         )
     return filled
@@ -735,7 +754,8 @@ def list_split(
         [
             Pair(split, stem, path, masks.get(stem), sizes.get((split, stem)))
             for stem, path in images.items()
-        ]
+        ],
+        root,
     )
     return SplitListing(
         pairs,

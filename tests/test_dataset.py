@@ -137,6 +137,26 @@ def test_a_manifest_without_a_pixel_size_column_says_nothing(tmp_path):
         assert list_pairs(root, "train")[0].pixel_size_um is None
 
 
+def test_a_manifest_size_another_scale_than_the_images_own_is_named(tmp_path):
+    """The manifest's 0.25 um overruled a sidecar's 0.5 um (another magnification) without a
+    word; a size within SAME_SCALE_RATIO of the file's (two scanners' 40x) is no mistake."""
+    import json
+
+    root = init_dataset(tmp_path / "ds")
+    for stem, declared in (("a", 0.5), ("b", 0.26)):
+        make_pair(root, "train", stem)
+        sidecar = root / "train" / "original" / f"{stem}.json"
+        sidecar.write_text(json.dumps({"PixelSize": [declared, declared], "PixelSizeUnits": "um"}))
+    (root / "manifest.csv").write_text("split,stem,pixel_size_um\ntrain,a,0.25\ntrain,b,0.25\n")
+    with pytest.warns(UserWarning) as caught:
+        pairs = list_pairs(root, "train")
+    assert [p.pixel_size_um for p in pairs] == [0.25, 0.25]
+    said = " | ".join(str(w.message) for w in caught)
+    assert f"1 image(s) declare another pixel size than {root / 'manifest.csv'}" in said
+    assert f"{root / 'train' / 'original' / 'a.png'}: 0.5 um in its file, 0.25 in the" in said
+    assert "the manifest's is used" in said and "b.png" not in said
+
+
 @pytest.mark.parametrize("image_form, mask_form", [("NFC", "NFD"), ("NFD", "NFC")])
 def test_names_with_accents_composed_or_not_are_one_name(tmp_path, image_form, mask_form):
     """macOS may write an accent apart from its letter (NFD), Windows and Linux as one (NFC):
