@@ -77,12 +77,10 @@ def training_pixel_size(
     model trained on two scales at once learns neither. Within that ratio the images keep
     their own grid and the median is recorded (:func:`mlseg.pixel_size.training_scale`). ``None`` when no size is known, the target's too: no image could be
     resampled to it, so the model's scale is unknown (a warning says so). Images without a
-    pixel size (and no profile size) cannot be resampled; a warning names how many when
-    others are.
+    pixel size (and no profile size, or declaring pixels not square: :meth:`Pair.size_or`)
+    cannot be resampled; a warning names how many when others are.
     """
-    sizes = [
-        p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um for p in pairs
-    ]
+    sizes = [p.size_or(profile.pixel_size_um) for p in pairs]
     known = np.array([s for s in sizes if s is not None], np.float64)
     target = pp.target_pixel_size_um
     if known.size == 0:
@@ -132,7 +130,7 @@ def warn_if_split_short_of_memory(
         size = image_size(pair.image)
         if size is None:  # decoding it names the problem
             continue
-        um = pair.pixel_size_um if pair.pixel_size_um is not None else profile.pixel_size_um
+        um = pair.size_or(profile.pixel_size_um)
         scale = um / target if target is not None and um is not None else 1.0
         pixels += size[0] * size[1] * scale * scale
     need = pixels * TRAIN_BYTES_PER_PIXEL
@@ -157,7 +155,7 @@ def _decode(pair: Pair, target_um: float | None, default_um: float | None, stain
         raise DatasetError(size_mismatch(pair.mask, mask.shape, image.shape, pair.image))
     # as read: resampling a flipped or turned copy need not give the flipped resample
     key = turn_free_hash(image)
-    um = pair.pixel_size_um if pair.pixel_size_um is not None else default_um
+    um = pair.size_or(default_um)
     if target_um is not None and um is not None:
         image = rescale_image(image, um, target_um)
         mask = rescale_labels(mask, um, target_um)
@@ -794,8 +792,5 @@ def prepare_data(
             "train": sorted({h for h, v in zip(copies, is_val, strict=True) if not v}),
             "validation": sorted({copies[i] for i in val_idx}),
         },
-        image_pixel_sizes={
-            p.stem: p.pixel_size_um if p.pixel_size_um is not None else profile.pixel_size_um
-            for p in pairs
-        },
+        image_pixel_sizes={p.stem: p.size_or(profile.pixel_size_um) for p in pairs},
     )

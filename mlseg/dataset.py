@@ -14,7 +14,8 @@ the defaults are those of the source paper. ``.ome.tif``/``.ome.tiff`` is one ex
 ``manifest.csv`` may give the pixel size of each image (``pixel_size_um``, microns per
 pixel); where it is absent the image's JSON sidecar (``<stem>.json`` beside it) or a TIFF's
 own metadata gives it (:func:`mlseg.pixel_size.declared_pixel_size_um`), and failing that
-the profile's is used.
+the profile's is used, except for an image declaring pixels that are not square, which has
+none (:meth:`Pair.size_or`).
 """
 
 from __future__ import annotations
@@ -104,13 +105,25 @@ Check it with `mlseg validate {root}{config}`.
 
 @dataclass(frozen=True)
 class Pair:
-    """One image and its mask. ``pixel_size_um`` is microns per pixel, ``None`` if unknown."""
+    """One image and its mask. ``pixel_size_um`` is microns per pixel, ``None`` if unknown;
+    ``not_square``: the image declares pixels that are not square, so it has none, not even
+    the profile's (:meth:`size_or`)."""
 
     split: str
     stem: str
     image: Path
     mask: Path | None
     pixel_size_um: float | None = None
+    not_square: bool = False
+
+    def size_or(self, default_um: float | None) -> float | None:
+        """Microns per pixel of the image: its own, else ``default_um`` (the profile's), as
+        :func:`mlseg.pixel_size.image_pixel_size` gives ``mlseg segment`` one: an image
+        declaring pixels that are not square takes none, any one size being off along one
+        axis, and is kept at its own scale as an image of unknown size."""
+        if self.pixel_size_um is not None:
+            return self.pixel_size_um
+        return None if self.not_square else default_um
 
 
 def split_dir(root: Path, cfg: DataConfig, split: str) -> Path:
@@ -610,9 +623,12 @@ def _with_metadata_sizes(pairs: list[Pair], root: Path) -> list[Pair]:
     filled, implausible, disagree = [], [], []
     for pair in pairs:
         if pair.pixel_size_um is None:
-            declared = usable_pixel_size_um(pair.image, implausible)
-            if declared is not None:
-                pair = Pair(pair.split, pair.stem, pair.image, pair.mask, declared)
+            not_square: list[Path] = []
+            declared = usable_pixel_size_um(pair.image, implausible, not_square)
+            if declared is not None or not_square:
+                pair = Pair(
+                    pair.split, pair.stem, pair.image, pair.mask, declared, bool(not_square)
+                )
         else:  # the manifest decides; a file declaring another scale was overruled unsaid
             with warnings.catch_warnings():  # of a file whose size is not used
                 warnings.simplefilter("ignore")

@@ -423,11 +423,11 @@ def _score_image(
     pixel_size_um: float | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The image's predicted labels and its row of the per-image table."""
-    # the profile's size for an image without its own, as training and segment take it
-    um = next(
-        (u for u in (pixel_size_um, pair.pixel_size_um) if u is not None),
-        profile.pixel_size_um,
-    )
+    # the profile's size for an image without its own, as training and segment take it;
+    # none for one declaring pixels not square, which predict_image would give the profile's
+    um = pixel_size_um if pixel_size_um is not None else pair.size_or(profile.pixel_size_um)
+    if um is None and profile.pixel_size_um is not None:
+        profile = profile.model_copy(update={"pixel_size_um": None})
     t0 = time.perf_counter()
     pred, scale = predict_image(loaded, image, profile, inference_cfg, um, pair.image)
     seconds = time.perf_counter() - t0

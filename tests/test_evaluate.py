@@ -551,6 +551,37 @@ def test_evaluate_takes_the_profile_pixel_size_as_segment_does(nuclei_dataset, t
     assert df["pixel_size_um"].tolist() == [0.25, 0.25]
 
 
+def test_evaluate_gives_an_image_of_pixels_not_square_no_size_as_segment_does(
+    nuclei_dataset, tmp_path
+) -> None:
+    """A test TIFF tagged 0.25 x 0.5 um pixels has no size in mlseg segment, not even the
+    profile's; evaluate scored it at the profile's 0.25 um, resampled by one factor that is
+    wrong along one axis. It is scored as an image of unknown size now (scaled by its
+    nuclei), the square image beside it still at the profile's."""
+    import tifffile
+
+    from mlseg.config import get_profile
+    from mlseg.io import read_image
+
+    folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.5)
+    profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
+    data = nuclei_dataset(n_train=0, n_test=2, size=64)
+    png = data / "test" / "original" / "test0.png"
+    tifffile.imwrite(
+        png.with_suffix(".tif"),
+        read_image(png),
+        photometric="rgb",
+        resolution=(40000, 20000),  # pixels per cm: 0.25 um wide, 0.5 um high
+        resolutionunit="CENTIMETER",
+    )
+    png.unlink()
+    with pytest.warns(UserWarning, match=r"test0\.tif: pixel size ignored.*not square"):
+        result = ev.evaluate(folder, data, tmp_path / "eval", profile=profile, progress=False)
+    wide, square = result.per_image.set_index("stem").loc[["test0", "test1"]].itertuples()
+    assert pd.isna(wide.pixel_size_um) and wide.scale_source != "pixel_size"
+    assert (square.pixel_size_um, square.scale_source) == (0.25, "pixel_size")
+
+
 def test_a_pixel_size_given_for_every_image_is_the_one_scored_and_in_the_set_id(
     nuclei_dataset, tmp_path
 ) -> None:

@@ -561,6 +561,40 @@ def test_training_images_without_a_pixel_size_among_others_are_named(tmp_path) -
     assert data.pixel_size_um == 0.375 and data.train.height_cpu.tolist() == [64, 64, 48]
 
 
+def test_a_training_image_of_pixels_not_square_stays_at_its_own_scale(tmp_path) -> None:
+    """A lab profile with pixel_size_um 0.25 and a training TIFF tagged 0.5 x 1 um pixels:
+    mlseg segment gives such an image no size, but training gave it the profile's 0.25 um
+    and halved it along both axes, squashing its nuclei to half their height. It is now
+    an image of unknown size, as segment and evaluate take it: named, kept at its own
+    scale, and recorded with no size in meta.json's image_pixel_sizes."""
+    import tifffile
+
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+
+    cfg = load_config(
+        None,
+        train={**TINY, "max_steps": 1},
+        data={"val_fraction": 0.0},
+        preprocess={"target_pixel_size_um": 0.5},
+    )
+    root = _magnifications(tmp_path / "ds", [0.5, 0.5, None])
+    png = root / "train" / "original" / "img2.png"
+    tifffile.imwrite(
+        png.with_suffix(".tif"),
+        read_image(png),
+        photometric="rgb",
+        resolution=(20000, 10000),  # pixels per cm: 0.5 um wide, 1 um high
+        resolutionunit="CENTIMETER",
+    )
+    png.unlink()
+    profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
+    with pytest.warns(UserWarning, match=r"1 of 3 training images have no pixel size \(img2"):
+        data = prepare_data(cfg, root, profile, torch.device("cpu"))
+    assert data.train.height_cpu.tolist() == [48, 48, 48]
+    assert data.image_pixel_sizes == {"img0": 0.5, "img1": 0.5, "img2": None}
+
+
 def test_a_target_pixel_size_no_training_image_was_resampled_to_is_not_recorded(
     tmp_path,
 ) -> None:
