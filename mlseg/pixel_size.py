@@ -166,6 +166,17 @@ def _square_um(path: str | os.PathLike, not_square: list[Path]) -> float | None:
     return None
 
 
+def not_square_declared(path: str | os.PathLike) -> str | None:
+    """Which file declares the pixels of image ``path`` not square, and how (``slide.json
+    declares pixels that are not square (0.25 um wide, 0.5 um high)``), else ``None``: why
+    it has no size, for an error that would otherwise ask for one it already has."""
+    declared = _declared_xy(path)
+    if declared is None or _square(declared[1], declared[2]):
+        return None
+    source, um, um_y = declared
+    return f"{source} declares pixels that are not square ({um:.4g} um wide, {um_y:.4g} um high)"
+
+
 def _declared_xy(path: str | os.PathLike) -> tuple[Path, float, float | None] | None:
     """``(the file declaring it, x, y)`` microns per pixel: the sidecar's where it gives a
     size, else the TIFF's (``y`` None where only x is given)."""

@@ -105,6 +105,7 @@ from mlseg.pixel_size import (
     implausible_message,
     labels_pixel_size_um,
     labels_sidecar,
+    not_square_declared,
     plausible_pixel_size,
     sidecar_path,
     tiff_pixel_size_um,
@@ -611,6 +612,27 @@ def without_size_if_unknown(profile: Profile, source: str) -> Profile:
     return profile.model_copy(update={"pixel_size_um": None})
 
 
+def check_micron_units(
+    profile: Profile, px: float | None, path: Path, image: Path | None = None
+) -> None:
+    """:func:`mlseg.quantify.effective_pixel_size`'s refusal of micron units without a
+    pixel size, as a :class:`ConfigError` naming ``path``. Where ``image`` (``path`` by
+    default) declares pixels that are not square, that is the cause it names, with its
+    fixes: setting pixel_size_um in the profile, which the profile may have, cannot help."""
+    try:
+        effective_pixel_size(profile, px)
+    except ConfigError as err:
+        cause = not_square_declared(image or path)
+        if cause is None:
+            raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(
+            f"{path}: profile {profile.name!r} asks for micron units but {cause}, so the "
+            "image has no pixel size, not even the profile's: resample it to square pixels "
+            "(Fiji: Image > Scale) and declare that size, give its size in a pixel-size "
+            "table (--pixel-sizes) or pass --pixel-size, or use --units px"
+        ) from None
+
+
 def quantify_image(
     image: np.ndarray | None,
     labels: np.ndarray,
@@ -1065,10 +1087,7 @@ def segment_image(
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
     profile = without_size_if_unknown(profile, source)
-    try:
-        effective_pixel_size(profile, px)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    check_micron_units(profile, px, path)
     labels, _, scale = predict_labels_scaled(
         loaded,
         image,
@@ -1422,10 +1441,7 @@ def quantify_folder(
                 f"its labels; pass --pixel-size or --pixel-sizes to measure at the other",
                 stacklevel=2,
             )
-        try:
-            effective_pixel_size(measured_with, px)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        check_micron_units(measured_with, px, path, image_path or path)
         table, summary = quantify_image(image, labels, measured_with, pixel_size_um=px)
         display = image if image is not None else np.zeros((*labels.shape, 1), np.uint8)
         files = {"image_file": str(image_path) if image_path else None, "labels_file": str(path)}

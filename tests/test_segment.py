@@ -506,6 +506,47 @@ def test_an_image_of_pixels_not_square_is_not_measured_at_the_profiles_size(tmp_
     assert plain["area_um2"].to_numpy() == pytest.approx(table["area_px"].to_numpy() * 0.0625)
 
 
+def test_micron_units_refused_for_pixels_not_square_name_the_cause_not_the_profile(
+    tmp_path, use_oracle
+):
+    """A lab profile asking for microns with pixel_size_um 0.25 and an image declaring
+    0.25 x 0.5 um pixels: segment and quantify failed it with 'set pixel_size_um in the
+    profile', which it has. The error names the file declaring the pixels not square and
+    the fixes that give the image a size."""
+    import tifffile
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image, truth = disc_image(80, 100)
+    images.mkdir()
+    tifffile.imwrite(
+        images / "wide.tif", image, photometric="rgb", resolution=(40000, 20000),
+        resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    write_image(images / "tall.png", image)
+    (images / "tall.json").write_text(json.dumps({"PixelSize": [0.5, 0.25]}))
+    for stem in ("wide", "tall"):
+        write_labels(masks / f"{stem}_mask.png", truth)
+    profiles = tmp_path / "profiles.yaml"
+    lab = {**HE.model_dump(mode="json", exclude={"name"}), "pixel_size_um": 0.25, "units": "um"}
+    profiles.write_text(json.dumps({"profiles": {"lab": lab}}))
+    kw = {"profile_name": "lab", "profiles_file": profiles, "progress": False}
+    with pytest.warns(UserWarning, match="not square"):
+        quantified = quantify_folder(masks, images, tmp_path / "q", **kw)
+        segmented = segment_folder("model", images, tmp_path / "s", **kw)
+    declared_by = {"wide": images / "wide.tif", "tall": images / "tall.json"}
+    failed = {
+        "quantify": {masks / f"{stem}_mask.png": stem for stem in declared_by},
+        "segment": {images / "wide.tif": "wide", images / "tall.png": "tall"},
+    }
+    for result, which in ((quantified, "quantify"), (segmented, "segment")):
+        assert len(result.failed) == 2
+        for path, stem in failed[which].items():
+            error = result.failed[str(path)]
+            assert f"{declared_by[stem]} declares pixels that are not square" in error
+            assert "resample it to square pixels" in error and "--pixel-size" in error
+            assert "set pixel_size_um in the profile" not in error
+
+
 def test_quantify_of_an_output_folder_measures_at_the_size_its_records_carry(tmp_path):
     """Labels measured again from an mlseg output folder keep the pixel size their image's
     record (<stem>.json) gives, after the image's own metadata and a size given to the run;
