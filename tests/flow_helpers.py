@@ -1,4 +1,5 @@
-"""Small builders shared by the flow tests: a tiny real checkpoint and folders of images."""
+"""Small builders shared by the flow tests (and others): a tiny real checkpoint, folders of
+images, an image saved again as a TIFF of given pixel sizes."""
 
 from __future__ import annotations
 
@@ -57,6 +58,25 @@ def disc_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Pat
         image = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
         paths.append(write_image(folder / f"img_{i:03d}.png", image))
     return paths
+
+
+def as_tiff_of_pixels(png: Path, um_wide: float, um_high: float) -> Path:
+    """``png`` replaced by a TIFF of its pixels whose resolution tags declare ``um_wide`` x
+    ``um_high`` microns per pixel (pixels per cm, as Fiji writes them)."""
+    import tifffile
+
+    from mlseg.io import read_image
+
+    tiff = png.with_suffix(".tif")
+    tifffile.imwrite(
+        tiff,
+        read_image(png),
+        photometric="rgb",
+        resolution=(1e4 / um_wide, 1e4 / um_high),
+        resolutionunit="CENTIMETER",
+    )
+    png.unlink()
+    return tiff
 
 
 def flow_artifacts(flow_run_id) -> dict[str, object]:

@@ -558,23 +558,14 @@ def test_evaluate_gives_an_image_of_pixels_not_square_no_size_as_segment_does(
     profile's; evaluate scored it at the profile's 0.25 um, resampled by one factor that is
     wrong along one axis. It is scored as an image of unknown size now (scaled by its
     nuclei), the square image beside it still at the profile's."""
-    import tifffile
+    from flow_helpers import as_tiff_of_pixels
 
     from mlseg.config import get_profile
-    from mlseg.io import read_image
 
     folder = _small_checkpoint(tmp_path / "model", pixel_size_um=0.5)
     profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
     data = nuclei_dataset(n_train=0, n_test=2, size=64)
-    png = data / "test" / "original" / "test0.png"
-    tifffile.imwrite(
-        png.with_suffix(".tif"),
-        read_image(png),
-        photometric="rgb",
-        resolution=(40000, 20000),  # pixels per cm: 0.25 um wide, 0.5 um high
-        resolutionunit="CENTIMETER",
-    )
-    png.unlink()
+    as_tiff_of_pixels(data / "test" / "original" / "test0.png", 0.25, 0.5)
     with pytest.warns(UserWarning, match=r"test0\.tif: pixel size ignored.*not square"):
         result = ev.evaluate(folder, data, tmp_path / "eval", profile=profile, progress=False)
     wide, square = result.per_image.set_index("stem").loc[["test0", "test1"]].itertuples()

@@ -567,7 +567,7 @@ def test_a_training_image_of_pixels_not_square_stays_at_its_own_scale(tmp_path) 
     and halved it along both axes, squashing its nuclei to half their height. It is now
     an image of unknown size, as segment and evaluate take it: named, kept at its own
     scale, and recorded with no size in meta.json's image_pixel_sizes."""
-    import tifffile
+    from flow_helpers import as_tiff_of_pixels
 
     from mlseg.config import get_profile
     from mlseg.data import prepare_data
@@ -579,15 +579,7 @@ def test_a_training_image_of_pixels_not_square_stays_at_its_own_scale(tmp_path) 
         preprocess={"target_pixel_size_um": 0.5},
     )
     root = _magnifications(tmp_path / "ds", [0.5, 0.5, None])
-    png = root / "train" / "original" / "img2.png"
-    tifffile.imwrite(
-        png.with_suffix(".tif"),
-        read_image(png),
-        photometric="rgb",
-        resolution=(20000, 10000),  # pixels per cm: 0.5 um wide, 1 um high
-        resolutionunit="CENTIMETER",
-    )
-    png.unlink()
+    as_tiff_of_pixels(root / "train" / "original" / "img2.png", 0.5, 1.0)
     profile = get_profile("he").model_copy(update={"pixel_size_um": 0.25})
     with pytest.warns(UserWarning, match=r"1 of 3 training images have no pixel size \(img2"):
         data = prepare_data(cfg, root, profile, torch.device("cpu"))
