@@ -190,17 +190,25 @@ def predict_image(
     ``scale_factor`` (the image was resampled by it), ``scale_source`` (``pixel_size``,
     ``estimated``, ``rejected`` or ``native``) and ``est_diameter_px`` (nucleus diameter
     of the first pass when estimated). A scale at its limits is named by ``path``, as
-    ``mlseg segment`` names it (:func:`mlseg.segment.warn_if_scale_at_limit`), and so is
-    a pass that enlarges it beyond the memory left (:func:`mlseg.io.warn_if_short_of_memory`;
-    the caller checks the image as read)."""
-    from mlseg.segment import predict_labels_scaled, warn_if_scale_at_limit
+    ``mlseg segment`` names it (:func:`mlseg.segment.warn_if_scale_at_limit`), and so are
+    an image that stain normalisation leaves as it is
+    (:func:`mlseg.segment.warn_if_not_stain_normalised`) and a pass that enlarges it beyond
+    the memory left (:func:`mlseg.io.warn_if_short_of_memory`; the caller checks the image
+    as read)."""
+    from mlseg.segment import (
+        predict_labels_scaled,
+        warn_if_not_stain_normalised,
+        warn_if_scale_at_limit,
+    )
 
+    stains = warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     labels, _, scale = predict_labels_scaled(
         loaded,
         image,
         profile,
         inference_cfg,
         pixel_size_um=pixel_size_um,
+        stains=stains,
         short_of_memory=partial(
             warn_if_short_of_memory,
             path,

@@ -448,6 +448,21 @@ def macenko(
     return out.reshape(x.shape)
 
 
+def own_stains(
+    image: np.ndarray, cfg: PreprocessConfig, stain: str
+) -> tuple[np.ndarray, np.ndarray] | None | str:
+    """The ``stains`` argument of :func:`normalize` for ``image`` as read (uint8/uint16):
+    its :func:`macenko_stains`, ``None`` where it has too little stain for either method to
+    normalise it (it is then left as it is), or :data:`ESTIMATE` where stain normalisation
+    does not apply (none configured, not H&E/IHC, not RGB)."""
+    image = np.asarray(image)
+    rgb = image.ndim == 3 and image.shape[2] == 3
+    if cfg.stain_norm == "none" or stain not in ("he", "ihc") or not rgb:
+        return ESTIMATE
+    # as normalize sees it: a 16-bit image by its full scale, not by its sample's
+    return macenko_stains(to_float(image) if image.dtype == np.uint16 else image)
+
+
 # ----------------------------------------------------------------------------- intensity
 def percentile_norm(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
     """Per channel ``(x - p_low) / (p_high - p_low)``; ``(H, W, C)`` -> float32, not clipped."""

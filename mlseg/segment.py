@@ -256,13 +256,9 @@ def warn_if_not_stain_normalised(
     Returns the estimate made (``stains`` of :func:`mlseg.preprocess.normalize`, the one the
     native-scale pass normalises with, so it is not made twice), or
     :data:`mlseg.preprocess.ESTIMATE` where none applies."""
-    from mlseg.preprocess import macenko_stains, to_float
+    from mlseg.preprocess import own_stains
 
-    rgb = image.ndim == 3 and image.shape[2] == 3
-    if preprocess.stain_norm == "none" or profile.stain not in ("he", "ihc") or not rgb:
-        return ESTIMATE
-    # as normalize sees it: a 16-bit image by its full scale, not by its sample's
-    stains = macenko_stains(to_float(image) if image.dtype == np.uint16 else image)
+    stains = own_stains(image, preprocess, profile.stain)
     if stains is None:
         warnings.warn(
             f"{path}: too little stain for {preprocess.stain_norm.capitalize()} normalisation "

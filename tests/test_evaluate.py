@@ -833,3 +833,25 @@ def test_a_split_other_than_train_or_test_is_refused_not_scored_as_test(
     with pytest.raises(ConfigError, match=rf"split must be train or test, got '{split}'"):
         ev.evaluate(checkpoint, synth_dataset, tmp_path / "eval", split=split, progress=False)
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_names_a_test_image_stain_normalisation_leaves_as_it_is(
+    nuclei_dataset, tmp_path
+) -> None:
+    """mlseg segment names an image too faded for Macenko normalisation, which it then
+    segments un-normalised and may undercount; evaluate scored such a test image, low,
+    with nothing said. The faded slide is named now, the stained one beside it is not."""
+    from mlseg.config import PreprocessConfig
+    from mlseg.io import read_image, write_image
+
+    folder = _small_checkpoint(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["preprocess"] = PreprocessConfig(stain_norm="macenko").model_dump()
+    (folder / "config.json").write_text(json.dumps(config))
+    data = nuclei_dataset(n_train=0, n_test=2, size=64)
+    faded = data / "test" / "original" / "test0.png"
+    od = -np.log((read_image(faded).astype(float) + 1) / 256)
+    write_image(faded, (256 * np.exp(-od * 0.1) - 1).round().astype(np.uint8))
+    _, said = _evaluated_saying(folder, data, tmp_path / "eval")
+    named = [line.split(":")[0] for line in said.split(" | ") if "Macenko" in line]
+    assert named == [str(faded)]

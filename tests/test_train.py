@@ -496,6 +496,39 @@ def test_a_training_split_larger_than_the_memory_left_is_named_before_it_is_deco
     assert "train on fewer images or crops of them" in line
 
 
+def test_training_names_the_images_stain_normalisation_leaves_as_they_are(
+    nuclei_dataset,
+) -> None:
+    """mlseg segment names an image too faded for Macenko normalisation; training took such
+    images un-normalised, an appearance the model sees nowhere else, with nothing said.
+    The faded slide and the glass are named once, by their folder; the stained ones are not,
+    and a set of stained images says nothing."""
+    from mlseg.config import get_profile
+    from mlseg.data import prepare_data
+    from mlseg.io import read_image, write_image
+
+    cfg = load_config(None, train={**TINY, "max_steps": 1}, data={"val_fraction": 0.0})
+    root = nuclei_dataset(n_train=4, n_test=0, size=64)
+
+    def said() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = prepare_data(cfg, root, get_profile("he"), torch.device("cpu"))
+        assert data.train.n_images == 4  # warned, not refused
+        return [str(w.message) for w in caught if "Macenko" in str(w.message)]
+
+    assert said() == []
+    images = root / "train" / "original"
+    od = -np.log((read_image(images / "train1.png").astype(float) + 1) / 256)
+    write_image(images / "train1.png", (256 * np.exp(-od * 0.1) - 1).round().astype(np.uint8))
+    write_image(images / "train3.png", np.full((64, 64, 3), 245, np.uint8))
+    [line] = said()
+    assert line.startswith(
+        f"{root / 'train'}: 2 of 4 training images have too little stain for Macenko normalisation"
+    )
+    assert "train1, train3)" in line and "leave such slides out" in line
+
+
 def test_train_says_which_pixel_size_the_model_was_trained_at(tmp_path, capsys) -> None:
     """Trained on CPM15's 20x and 40x tiles, mlseg train picked 0.25 um, the median of the
     training images, and its last lines did not say so: nothing told the user that every
