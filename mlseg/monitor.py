@@ -59,6 +59,9 @@ LOG_SCALE_STATISTICS = ("laplacian_var", "nucleus_scale_px")
 #: pixels), added to fingerprints after the others: an older fingerprint has no training
 #: values for it, and the report says how to refresh it.
 SCALE_STATISTIC = "nucleus_scale_px"
+#: The statistic that tells how sharp the images are (blur lowers it); :func:`_focus_advice`
+#: says so in words where it drifted down.
+FOCUS_STATISTIC = "laplacian_var"
 #: The row comparing the pixel sizes new images declare with the training images' (from the
 #: fingerprint's ``pixel_size_um``, recorded after the statistics: an older fingerprint has
 #: none, and the report says how to refresh it).
@@ -466,6 +469,7 @@ def drift_report(
     usable = []
     rows = []
     far_out: dict[str, str] = {}  # statistic -> which images lie far outside its range
+    low_out: set[str] = set()  # statistics with an image far below the training range
     for name in names:
         ref = stats[name]
         column = pd.to_numeric(new.get(name), errors="coerce")
@@ -510,6 +514,8 @@ def drift_report(
                 f"{ref['min']:.3g}-{ref['max']:.3g}" + (f": {some_of(files)}" if files else "")
             )
             row["note"] += f"{'; ' if row['note'] else ''}{far_out[name]}"
+            if (values[far] < ref["min"]).any():
+                low_out.add(name)
         rows.append(row)
     alpha = cfg.p_value / max(1, len(usable))
     for i in usable:
@@ -519,11 +525,21 @@ def drift_report(
             row["status"] = "warn"
     if not cfg.statistics and SCALE_STATISTIC not in stats:
         rows.append(_scale_skipped_row(new, fingerprint))
+    blurrier = False  # the images drifted less sharp than the training images
+    for row in rows:
+        if row["statistic"] == FOCUS_STATISTIC and row["status"] in ("warn", "fail"):
+            blurrier = row["new_median"] < row["reference_median"] or FOCUS_STATISTIC in low_out
+            if blurrier:
+                advice = _focus_advice()
+                far_out[FOCUS_STATISTIC] = "; ".join(
+                    [far_out[FOCUS_STATISTIC], advice] if FOCUS_STATISTIC in far_out else [advice]
+                )
+                row["note"] += f"{'; ' if row['note'] else ''}{advice}"
     for row in rows:
         if row["statistic"] == SCALE_STATISTIC and row["status"] in ("warn", "fail"):
             declared = PIXEL_SIZE_ROW in new and bool(new[PIXEL_SIZE_ROW].notna().all())
             far_out[SCALE_STATISTIC] = _scale_advice(
-                row["new_median"], row["reference_median"], declared
+                row["new_median"], row["reference_median"], declared, blurrier
             )
             row["note"] += f"{'; ' if row['note'] else ''}{far_out[SCALE_STATISTIC]}"
     rows.append(_size_row(new, fingerprint, cfg))
@@ -578,12 +594,36 @@ def _far_outside(
     return (seen < low - margin) | (seen > high + margin)
 
 
-def _scale_advice(new_median: float, reference_median: float, declared: bool = False) -> str:
+def _focus_advice() -> str:
+    """What :data:`FOCUS_STATISTIC` drifted down means, in words: the statistic's name alone
+    ("laplacian_var (fail, ...)") left a lab to know that it measures focus."""
+    return (
+        "less sharp than the training images: out of focus (or a higher magnification than "
+        "trained on)? check the scan's focus and re-scan blurred fields before trusting "
+        "their nuclei"
+    )
+
+
+def _scale_advice(
+    new_median: float, reference_median: float, declared: bool = False, blurrier: bool = False
+) -> str:
     """What a drifted :data:`SCALE_STATISTIC` means: nuclei appear at another size in pixels
     than in training, as on a slide scanned at another magnification. ``declared``: every
-    new image declares its pixel size, so there is none to give."""
+    new image declares its pixel size, so there is none to give. ``blurrier``: the images
+    also drifted less sharp (:data:`FOCUS_STATISTIC`): blur spreads nuclei as a higher
+    magnification enlarges them (GBM40 tiles blurred by a sigma of 2-4 px read 1.5x), so
+    the advice names focus first; a pixel size given to blurred images at the training
+    scale would have segment resample them wrongly."""
     ratio = new_median / reference_median if reference_median > 0 else np.nan
     size = f"{ratio:.2g}x the training size" if np.isfinite(ratio) else "another size"
+    if blurrier and not ratio < 1:
+        return (
+            f"nuclei appear {size} in pixels, and the images are less sharp than the "
+            "training images (see laplacian_var): out of focus, which spreads nuclei, or "
+            "another magnification? check the focus first; only if the images are sharp, "
+            "give them their pixel size (a sidecar or --pixel-size) so segment resamples "
+            "them, or train on images at their scale"
+        )
     fix = (
         "they declare their pixel size (see pixel_size_um), by which segment resamples "
         "them: check it is their scan's"

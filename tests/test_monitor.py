@@ -1122,3 +1122,38 @@ def test_a_fluorescence_set_reads_dapi_saved_blue_as_its_grey_file(tmp_path, cap
     _, table = drift("he", "new_blue")
     assert table.loc["channels", "note"] == "training 1 channel(s); 8 image(s) with 3"
     assert table.loc["channels", "status"] == "warn"
+
+
+def test_a_batch_of_blurred_images_is_called_out_of_focus_in_words(he_fingerprint: dict) -> None:
+    """The drift of blurred images was named only 'laplacian_var (fail, ...)': nothing said
+    out of focus, which is what a lab re-scans for. Sharp images are not called so."""
+    blurred = [cv2.GaussianBlur(im, (0, 0), 2.0) for im in _he_images(8, seed=5)]
+    report = monitor.drift_report(_stats(blurred), he_fingerprint, MonitorConfig())
+    assert report.status in ("warn", "fail") and "out of focus" in report.message
+    note = report.table.set_index("statistic").loc["laplacian_var", "note"]
+    assert "out of focus" in note
+    sharp = monitor.drift_report(_stats(_he_images(8, seed=5)), he_fingerprint, MonitorConfig())
+    assert "out of focus" not in sharp.message + " ".join(sharp.table["note"].astype(str))
+
+
+def test_blurred_real_tiles_are_not_told_to_declare_another_pixel_size(shared_data) -> None:
+    """GBM40's last 8 tiles out of focus (Gaussian sigma 4 px) against a fingerprint of its
+    first 32, at the training scale: blur spreads the nuclei, their size in pixels drifted
+    1.5x and the only advice was to give them a pixel size, by which segment would shrink
+    them wrongly. The advice names focus first; the same tiles sharp at half the
+    magnification are still told to give their pixel size."""
+    from mlseg.io import read_image
+
+    gbm = sorted((shared_data / "gbm40_he" / "original").glob("*.png"))
+    fp = _fingerprint_of(_stats([read_image(p) for p in gbm[:32]]), size=512)
+    sharp = [read_image(p) for p in gbm[32:]]
+
+    blurred = [cv2.GaussianBlur(im, (0, 0), 4.0) for im in sharp]
+    report = monitor.drift_report(_stats(blurred), fp)
+    scale = report.table.set_index("statistic").loc["nucleus_scale_px"]
+    assert scale["status"] in ("warn", "fail"), report.message
+    assert "check the focus first" in scale["note"], scale["note"]
+
+    halved = monitor.drift_report(_stats(_at_half_scale(sharp)), fp)
+    note = halved.table.set_index("statistic").loc["nucleus_scale_px", "note"]
+    assert "focus" not in note and "pixel size" in note, note
