@@ -248,9 +248,13 @@ def source_coords(
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Separable per-sample Gaussian blur, reflect padding; sigma 0 leaves a sample as is."""
+    """Separable per-sample Gaussian blur, reflect padding; sigma 0 leaves a sample as is.
+
+    The kernel reaches 3 sigma, at most to the patch's far edge: reflect padding cannot
+    reach further, and a 32 px patch with ``blur_sigma`` up to 11 stopped training with
+    torch's "Padding size should be less than the corresponding input dimension"."""
     b, c, h, w = x.shape
-    radius = max(1, math.ceil(3 * max_sigma))
+    radius = min(max(1, math.ceil(3 * max_sigma)), max(1, min(h, w) - 1))
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp(min=1e-3)[:, None]
     kernel = torch.exp(-0.5 * (taps[None, :] / s) ** 2)

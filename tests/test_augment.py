@@ -89,6 +89,19 @@ def test_blur_smooths_and_keeps_mean() -> None:
     assert y.std() < 0.5 * x.std() and abs(float(y.mean() - x.mean())) < 0.02
 
 
+@pytest.mark.parametrize("step", ["blur_p", "sharpen_p"])
+def test_a_blur_wider_than_a_third_of_the_patch_still_trains(step: str) -> None:
+    """blur_sigma up to 12 px on the smallest patch (32 px): the kernel is cut at the patch
+    instead of training stopping at the first blurred batch (reflect padding of 36 px)."""
+    cfg = AugmentConfig(**{**NO_PHOTOMETRY, step: 1.0}, blur_sigma=(12.0, 12.0))
+    x = torch.rand(2, 3, 32, 32)
+    y = photometric(x, draw_params(2, 32, 3, cfg, torch.Generator().manual_seed(0), "cpu"), cfg)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert float(y.amin()) >= float(x.amin()) - 1e-6 and float(y.amax()) <= float(x.amax()) + 1e-6
+    if step == "blur_p":  # smoother, about the same brightness
+        assert y.std() < 0.5 * x.std() and abs(float(y.mean() - x.mean())) < 0.02
+
+
 def test_reflect_coords() -> None:
     v = torch.tensor([-2.0, -1.0, 0.0, 3.0, 4.0, 5.0, 9.0])
     assert reflect_coords(v, torch.tensor(5)).tolist() == [2.0, 1.0, 0.0, 3.0, 4.0, 3.0, 1.0]
