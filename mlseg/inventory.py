@@ -39,7 +39,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   stain by colour deconvolution; RGB images only); with a fluorescence profile, those of a
   ``one_channel_rgb`` image's grey file, as training reads it (:func:`as_trained`);
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
-  metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``pixel_size_um`` and
+  metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``metadata_not_square``
+  (it declares pixels that are not square: no size, not even the profile's, applies to the
+  image, :func:`mlseg.pixel_size.image_pixel_size`), ``pixel_size_um`` and
   ``pixel_size_source`` (``manifest`` or ``metadata``: the size training will use, as
   :func:`mlseg.dataset.list_pairs` picks it; null = none declared: the run's profile's
   ``pixel_size_um`` where it sets one, else unknown);
@@ -50,7 +52,9 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   (with a fluorescence profile, ``ValidateConfig.stain``, a ``one_channel_rgb`` image counts
   as grey or as RGB, whichever the others are, as training reads it),
   ``dtype_consistent``, ``pixel_size_ok`` (the manifest's size is a plausible number),
-  ``metadata_pixel_size_ok`` (the metadata's, where the manifest gives none); plus
+  ``metadata_pixel_size_ok`` (the metadata's, where the manifest gives none),
+  ``metadata_square_ok`` (the metadata declares no pixels that are not square, where the
+  manifest gives no size); plus
   ``n_partners`` (files of the other role with the same stem).
 
 ``splits`` - one row per split: ``split``, ``folder``, ``image_dir_exists``,
@@ -111,6 +115,7 @@ from mlseg.io import (
 from mlseg.pixel_size import (
     SIDECAR_SUFFIX,
     declared_pixel_size_um,
+    not_square_declared,
     plausible_pixel_size,
     size_counts,
 )
@@ -165,9 +170,16 @@ CHECK_COLUMNS = (
     "dtype_consistent",
     "pixel_size_ok",
     "metadata_pixel_size_ok",
+    "metadata_square_ok",
 )
-#: Microns per pixel: as the file's metadata declares it, as training will use it, and whence.
-PIXEL_SIZE_COLUMNS = ("metadata_pixel_size_um", "pixel_size_um", "pixel_size_source")
+#: Microns per pixel: as the file's metadata declares it (or that its pixels are not square),
+#: as training will use it, and whence.
+PIXEL_SIZE_COLUMNS = (
+    "metadata_pixel_size_um",
+    "metadata_not_square",
+    "pixel_size_um",
+    "pixel_size_source",
+)
 FILE_COLUMNS = (
     "split",
     "role",
@@ -211,6 +223,7 @@ READ_COLUMNS = (
     "mask_values_ok",
     *STAT_COLUMNS,
     "metadata_pixel_size_um",
+    "metadata_not_square",
 )
 SPLIT_COLUMNS = (
     "split",
@@ -658,6 +671,7 @@ def inspect_file(
         row["turn_free_hash"] = turn_free_hash(arr)
         row["exif_orientation"] = exif_orientation(path)
         row["metadata_pixel_size_um"] = declared_pixel_size_um(path, plausible_only=False)
+        row["metadata_not_square"] = not_square_declared(path) is not None
         seen = as_trained(arr, stain)
         row.update(image_stats(seen, max_side=max_side, stain_vectors=stain_vectors))
     return row
@@ -991,28 +1005,35 @@ def _add_pixel_sizes(
     manifest_sizes: dict[tuple[str, str], tuple[int, Any]],
 ) -> None:
     """The pixel size training will use per image (the manifest's, else the plausible one of
-    the file's metadata, as :func:`mlseg.dataset.list_pairs`) and the two rules on it."""
+    the file's metadata, as :func:`mlseg.dataset.list_pairs`; none where the file declares
+    pixels that are not square) and the three rules on it."""
     written = {f"{split}/{stem}": value for (split, stem), (_, value) in manifest_sizes.items()}
     declared = pd.to_numeric(
         df.get("metadata_pixel_size_um", pd.Series(np.nan, index=df.index)), errors="coerce"
     )
-    rows = []  # (size used, its source, manifest rule, metadata rule)
-    for k, image, meta in zip(key, is_image, declared, strict=True):
+    odd = df.get("metadata_not_square", pd.Series(None, index=df.index, dtype=object))
+    rows = []  # (size used, its source, manifest rule, metadata rule, square rule)
+    for k, image, meta, not_square in zip(key, is_image, declared, odd, strict=True):
         given = written.get(k) if image else None
         if given is not None:  # the manifest decides, even where the file declares another
             um = pd.to_numeric(given, errors="coerce")
             ok = plausible_pixel_size(um)
-            rows.append((float(um) if ok else None, "manifest" if ok else None, ok, None))
-        elif image and pd.notna(meta):
+            rows.append((float(um) if ok else None, "manifest" if ok else None, ok, None, None))
+            continue
+        square = not not_square if image and pd.notna(not_square) else None
+        if image and pd.notna(meta):
             ok = plausible_pixel_size(meta)
-            rows.append((float(meta) if ok else None, "metadata" if ok else None, None, ok))
+            rows.append((float(meta) if ok else None, "metadata" if ok else None, None, ok, square))
         else:
-            rows.append((None, None, None, None))
-    used, source, manifest_ok, metadata_ok = zip(*rows, strict=True) if rows else ([],) * 4
+            rows.append((None, None, None, None, square))
+    used, source, manifest_ok, metadata_ok, square_ok = (
+        zip(*rows, strict=True) if rows else ([],) * 5
+    )
     df["pixel_size_um"] = pd.array(list(used), dtype="Float64")
     df["pixel_size_source"] = pd.Series(list(source), dtype=object)
     df["pixel_size_ok"] = pd.Series(list(manifest_ok), dtype=object)
     df["metadata_pixel_size_ok"] = pd.Series(list(metadata_ok), dtype=object)
+    df["metadata_square_ok"] = pd.Series(list(square_ok), dtype=object)
 
 
 def split_summary(
@@ -1072,7 +1093,8 @@ def pixel_size_summary(
     E.g. ``train: 7 at 0.25 um, 5 at 0.5 um (manifest); 2 unknown (profile he sets none)``,
     then ``training: 2 of 14 training images have no pixel size and profile he sets none:
     ...`` (:func:`mlseg.pixel_size.training_scale_note`). ``profile`` is the run's (its
-    ``pixel_size_um`` is taken by images without one), ``target_um`` its
+    ``pixel_size_um`` is taken by images without one, except those declaring pixels that
+    are not square, counted apart: ``1 not square``), ``target_um`` its
     ``preprocess.target_pixel_size_um``; without a profile the unknown are only counted.
     """
     from mlseg.pixel_size import sizes_text, training_scale_note
@@ -1083,7 +1105,8 @@ def pixel_size_summary(
         known = part[part["pixel_size_um"].notna()]
         sources = "/".join(sorted(known["pixel_size_source"].dropna().unique()))
         sized = sizes_text(known["pixel_size_um"])
-        unknown = int(part["pixel_size_um"].isna().sum())
+        not_square = part.loc[part["metadata_square_ok"].eq(False), "path"].tolist()
+        unknown = int(part["pixel_size_um"].isna().sum()) - len(not_square)
         parts = [f"{sized} ({sources})"] if sized else []
         if unknown and profile is None:
             parts.append(f"{unknown} unknown")
@@ -1093,10 +1116,12 @@ def pixel_size_summary(
             parts.append(
                 f"{unknown} unknown, at profile {profile.name}'s {profile.pixel_size_um:g} um"
             )
+        if not_square:
+            parts.append(f"{len(not_square)} not square (no size, not even the profile's)")
         lines.append(f"{split}: " + "; ".join(parts))
         if split == "train" and profile is not None:
             sizes = [None if pd.isna(um) else float(um) for um in part["pixel_size_um"]]
-            note = training_scale_note(sizes, profile, target_um)
+            note = training_scale_note(sizes, profile, target_um, not_square)
     return lines + ([f"training: {note}"] if note else [])
 
 

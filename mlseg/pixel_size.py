@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from mlseg.config import Profile
+from mlseg.errors import some_of
 from mlseg.io import TIFF_EXTENSIONS, image_extension
 
 #: An image's JSON sidecar: same folder, same stem (``slide1.png`` -> ``slide1.json``), as BIDS
@@ -432,26 +433,46 @@ def training_scale(sizes: list[float | None], target_um: float | None) -> tuple[
 
 
 def training_scale_note(
-    image_sizes: list[float | None], profile: Profile, target_um: float | None = None
+    image_sizes: list[float | None],
+    profile: Profile,
+    target_um: float | None = None,
+    not_square: list[str] | tuple[str, ...] = (),
 ) -> str | None:
     """What training does with the training images that have no pixel size of their own
     (``None`` in ``image_sizes``), in one sentence for ``mlseg validate``; ``None`` where
     every image has one. With the profile's ``pixel_size_um`` they take it; without, a
     model whose pixel size is unknown scales every image it segments by its nuclei, and a
-    set mixing scales keeps those images at theirs while the others are resampled."""
+    set mixing scales keeps those images at theirs while the others are resampled.
+    ``not_square`` names those of them declaring pixels that are not square: they take no
+    size, not even the profile's (:func:`image_pixel_size`), and stay at their own scale."""
     unknown = sum(s is None for s in image_sizes)
     if not unknown:
         return None
     name = f"profile {profile.name}"
     some = f"{unknown} of {len(image_sizes)} images {'has' if unknown == 1 else 'have'} none"
+    odd = ""
+    if not_square:
+        one = len(not_square) == 1
+        it, its = ("it", "its") if one else ("them", "their")
+        odd = (
+            f"{len(not_square)} ({some_of(not_square, 3)}) {'declares' if one else 'declare'} "
+            f"pixels that are not square, so no size applies, not even the profile's: "
+            f"{'it trains' if one else 'they train'} at {its} own scale and {'is' if one else 'are'} "
+            f"measured in pixels; resample {it} to square pixels (Fiji: Image > Scale) and "
+            f"declare that size, or give {its} size in manifest.csv (pixel_size_um)"
+        )
     if profile.pixel_size_um is not None:
-        train = "trains" if unknown == 1 else "train"
-        return f"{some} and {train} at {name}'s {profile.pixel_size_um:g} um"
+        taken = unknown - len(not_square)
+        train = "trains" if taken == 1 else "train"
+        at = f"{name}'s {profile.pixel_size_um:g} um"
+        if not odd:
+            return f"{some} and {train} at {at}"
+        return f"{some}: " + "; ".join([f"{taken} {train} at {at}"] * bool(taken) + [odd])
     um, _ = training_scale(list(image_sizes), target_um)
     advice = (
         "give each image its size (mlseg ingest --pixel-sizes, manifest.csv's pixel_size_um "
         "or a JSON sidecar) or set pixel_size_um in the profile"
-    )
+    ) + (f"; of them, {odd}" if odd else "")
     if um is None:
         return (
             f"{some} and {name} sets none, so the model's pixel size will be unknown: mlseg "

@@ -280,6 +280,43 @@ def test_validate_says_what_the_profile_gives_images_without_a_pixel_size(nuclei
     assert "resampled to 0.25 um" in pixel_size_summary(files, he, target_um=0.25)[2]
 
 
+def test_validate_names_images_of_pixels_not_square_as_trained_at_their_own_scale(
+    nuclei_dataset,
+):
+    """A TIFF tagged 0.25 x 0.5 um pixels and a sidecar declaring 0.5 x 1 um, with a profile
+    at 0.25 um: training, segment and evaluate give such an image no size, not even the
+    profile's, but mlseg validate passed them unsaid and said all three "train at profile
+    he40's 0.25 um". Each is now named, with its fix, and counted apart."""
+    from mlseg.config import get_profile
+
+    he40 = get_profile("he").model_copy(update={"name": "he40", "pixel_size_um": 0.25})
+    root = with_pixel_sizes(
+        nuclei_dataset(), {}, {"train/train1": {"resolution": (4e4, 2e4), "resolutionunit": 3}}
+    )
+    (root / "train/original/train2.json").write_text('{"PixelSize": [0.5, 1.0]}')
+    inventory = build_inventory(root)
+    report = run_suites(inventory)
+    assert report.success and report.failed_rules("warning") == ["metadata_pixels_square"]
+    odd = {"train/original/train1.tif", "train/original/train2.png"}
+    assert_caught(report, "metadata_pixels_square", odd)
+    fix = report.outcome("metadata_pixels_square").fix
+    assert "own scale" in fix and "in pixels" in fix
+    assert "Resample it to square pixels" in fix and "manifest.csv" in fix
+    train, note = pixel_size_summary(inventory.files, he40)[1:]
+    assert train == (
+        "train: 1 unknown, at profile he40's 0.25 um; 2 not square (no size, not even the "
+        "profile's)"
+    )
+    assert note.startswith(
+        "training: 3 of 3 images have none: 1 trains at profile he40's 0.25 um; 2 ("
+    )
+    assert "train1.tif" in note and "train2.png" in note and "own scale" in note
+    # a manifest row gives the image its size: it trains at that, and is not named
+    with_pixel_sizes(root, {"train/train1": 0.25, "train/train2": 0.5}, {})
+    report = run_suites(build_inventory(root))
+    assert report.outcome("metadata_pixels_square").success
+
+
 def test_json_sidecars_give_pixel_sizes_and_are_in_their_place(nuclei_dataset):
     # BIDS microscopy keeps a <stem>.json beside each image: not a stray or a bad extension.
     root = nuclei_dataset()
