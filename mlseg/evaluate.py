@@ -62,6 +62,7 @@ from mlseg.metrics import (
     pixel_metrics,
 )
 from mlseg.model import LoadedModel, load_model, resolve_model_device
+from mlseg.pixel_size import without_size_if_unknown
 from mlseg.plots import WORST_SHOWN, WorstCase, worst_case
 from mlseg.progress import shown
 from mlseg.registry import code_version, eval_set_id
@@ -431,11 +432,10 @@ def _score_image(
     pixel_size_um: float | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The image's predicted labels and its row of the per-image table."""
-    # the profile's size for an image without its own, as training and segment take it;
-    # none for one declaring pixels not square, which predict_image would give the profile's
+    # the profile's size for an image without its own, none for one declaring pixels not
+    # square, as training and segment take it
     um = pixel_size_um if pixel_size_um is not None else pair.size_or(profile.pixel_size_um)
-    if um is None and profile.pixel_size_um is not None:
-        profile = profile.model_copy(update={"pixel_size_um": None})
+    profile = without_size_if_unknown(profile, um)
     t0 = time.perf_counter()
     pred, scale = predict_image(loaded, image, profile, inference_cfg, um, pair.image)
     seconds = time.perf_counter() - t0

@@ -118,6 +118,16 @@ def image_pixel_size(
     return None, "unknown"
 
 
+def without_size_if_unknown(profile: Profile, um: float | None) -> Profile:
+    """``profile`` without its pixel size for an image of no size ``um`` though the profile
+    sets one (the image declares pixels that are not square: :func:`image_pixel_size`,
+    :meth:`mlseg.dataset.Pair.size_or`), which ``pixel_size_um=None`` would otherwise take
+    downstream; ``profile`` itself otherwise. Used by segment, quantify and evaluate."""
+    if um is not None or profile.pixel_size_um is None:
+        return profile
+    return profile.model_copy(update={"pixel_size_um": None})
+
+
 def declared_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) -> float | None:
     """Microns per pixel that an image file declares, else ``None``: its JSON sidecar
     (:func:`sidecar_pixel_size_um`) where it gives one, else its TIFF metadata
@@ -157,13 +167,24 @@ def _square_um(path: str | os.PathLike, not_square: list[Path]) -> float | None:
     declared = _declared_xy(path)
     if declared is None:
         return None
-    source, um, um_y = declared
+    um = _square_or_ignored(*declared)
+    if um is None:
+        not_square.append(Path(path))
+    return um
+
+
+def _square_or_ignored(
+    source: Path, um: float, um_y: float | None, stacklevel: int = 4
+) -> float | None:
+    """``um`` where pixels ``um`` x ``um_y`` are square (:func:`_square`), else ``None`` with
+    a warning naming ``source``, the sidecar or TIFF declaring them: the one decision of
+    every reader of a declared size. ``stacklevel`` places the warning, counted from here."""
     if _square(um, um_y):
         return um
-    not_square.append(Path(path))
+    why = _not_square(um, um_y)
     if source.suffix.lower() == SIDECAR_SUFFIX:
-        return _ignored_sidecar(source, _not_square(um, um_y))
-    warnings.warn(f"{source}: pixel size ignored because {_not_square(um, um_y)}", stacklevel=3)
+        return _ignored_sidecar(source, why, stacklevel)
+    warnings.warn(f"{source}: pixel size ignored because {why}", stacklevel=stacklevel)
     return None
 
 
@@ -231,11 +252,7 @@ def labels_pixel_size_um(labels: str | os.PathLike, stem: str) -> float | None:
 
 def _sidecar_um(sidecar: Path) -> float | None:
     xy = _sidecar_xy(sidecar)
-    if xy is None:
-        return None
-    if not _square(*xy):
-        return _ignored_sidecar(sidecar, _not_square(*xy))
-    return xy[0]
+    return None if xy is None else _square_or_ignored(sidecar, *xy)
 
 
 def _sidecar_xy(sidecar: Path) -> tuple[float, float | None] | None:
@@ -288,11 +305,11 @@ def _not_square(x: float, y: float) -> str:
     )
 
 
-def _ignored_sidecar(sidecar: Path, why: str) -> None:
+def _ignored_sidecar(sidecar: Path, why: str, stacklevel: int = 3) -> None:
     warnings.warn(
         f"{sidecar}: pixel size ignored because {why}; write e.g. "
         f'{{"PixelSize": [0.25, 0.25], "PixelSizeUnits": "um"}}',
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return None
 
@@ -311,13 +328,8 @@ def tiff_pixel_size_um(path: str | os.PathLike, *, plausible_only: bool = True) 
     """
     path = Path(path)
     declared = _tiff_xy(path)
-    if declared is None:
-        return None
-    um, um_y = declared
-    if not _square(um, um_y):
-        warnings.warn(f"{path}: pixel size ignored because {_not_square(um, um_y)}", stacklevel=2)
-        return None
-    if plausible_only and not plausible_pixel_size(um):
+    um = None if declared is None else _square_or_ignored(path, *declared, stacklevel=3)
+    if um is None or (plausible_only and not plausible_pixel_size(um)):
         return None
     return um
 

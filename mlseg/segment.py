@@ -109,6 +109,7 @@ from mlseg.pixel_size import (
     plausible_pixel_size,
     sidecar_path,
     tiff_pixel_size_um,
+    without_size_if_unknown,
 )
 from mlseg.preprocess import ESTIMATE
 from mlseg.progress import ProgressLog
@@ -599,15 +600,6 @@ def _model_device(model):
         return "cpu"
 
 
-def without_size_if_unknown(profile: Profile, source: str) -> Profile:
-    """``profile`` without its pixel size for an image whose size is ``unknown`` though the
-    profile sets one (:func:`mlseg.pixel_size.image_pixel_size`: the image declares pixels
-    that are not square), which ``pixel_size_um=None`` would otherwise take."""
-    if source != "unknown" or profile.pixel_size_um is None:
-        return profile
-    return profile.model_copy(update={"pixel_size_um": None})
-
-
 def check_micron_units(
     profile: Profile, px: float | None, path: Path, image: Path | None = None
 ) -> None:
@@ -1082,7 +1074,7 @@ def segment_image(
     stains = warn_if_not_stain_normalised(image, loaded.config.preprocess, profile, path)
     listed = (pixel_sizes or {}).get(image_stem(path))
     px, source = image_pixel_size(path, pixel_size_um, profile, listed)
-    profile = without_size_if_unknown(profile, source)
+    profile = without_size_if_unknown(profile, px)
     check_micron_units(profile, px, path)
     labels, _, scale = predict_labels_scaled(
         loaded,
@@ -1425,7 +1417,7 @@ def quantify_folder(
         px, source = image_pixel_size(
             image_path or path, pixel_size_um, profile, sizes.get(stem), usable
         )
-        measured_with = without_size_if_unknown(profile, source)
+        measured_with = without_size_if_unknown(profile, px)
         if (
             source == "image metadata"
             and usable is not None
