@@ -17,6 +17,7 @@ Great Expectations is imported only inside :func:`run_suites` (the import takes 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import html
 import json
 import logging
@@ -158,11 +159,17 @@ class ValidationReport:
 
 def load_suites(suites_dir: str | os.PathLike = SUITES_DIR) -> list[dict[str, Any]]:
     """Read and check every ``*.json`` suite in ``suites_dir`` (sorted by file name)."""
+    return [spec for _, spec in _suite_files(suites_dir)]
+
+
+def _suite_files(suites_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """Each suite file of ``suites_dir`` with its checked content, so that a later error can
+    name the file to fix (a copied suite keeps its name, not its file's)."""
     suites_dir = Path(suites_dir)
     paths = sorted(suites_dir.glob("*.json"))
     if not paths:
         raise ConfigError(f"{suites_dir}: no expectation suites (*.json) found")
-    suites = []
+    suites: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
         try:
             spec = json.loads(path.read_text())
@@ -194,29 +201,74 @@ def load_suites(suites_dir: str | os.PathLike = SUITES_DIR) -> list[dict[str, An
                 problems.append(f"expectation {i} needs a 'type' and its 'kwargs' (an object)")
             elif not isinstance(exp.get("meta"), dict) or not exp["meta"].get("rule"):
                 problems.append(f"expectation {i} has no meta.rule")
+            else:
+                problems += _severity_problems(i, exp, meta.get("severity"))
         if problems:
             raise ConfigError(f"{path}: bad expectation suite: {'; '.join(problems)}")
-        suites.append(spec)
-    rules = [e["meta"]["rule"] for s in suites for e in s.get("expectations", [])]
+        suites.append((path, spec))
+    files: dict[str, Path] = {}
+    for path, spec in suites:
+        if spec["name"] in files:  # Great Expectations refused the second with a traceback
+            raise ConfigError(
+                f"{path}: suite name {spec['name']!r} is also {files[spec['name']]}'s; "
+                "give each suite file a name of its own"
+            )
+        files[spec["name"]] = path
+    rules = [e["meta"]["rule"] for _, s in suites for e in s.get("expectations", [])]
     dupes = sorted({r for r in rules if rules.count(r) > 1})
     if dupes:
         raise ConfigError(f"{suites_dir}: rule names used twice: {', '.join(dupes)}")
     return suites
 
 
+#: Great Expectations' own expectation severities, as the suites' ``meta.severity`` says them.
+GX_SEVERITIES = {"critical": "error", "warning": "warning", "info": "info"}
+
+
+def _severity_problems(i: int, exp: dict[str, Any], severity: str | None) -> list[str]:
+    """A severity set on one expectation (Great Expectations' ``severity`` or ``meta.severity``)
+    that is not its suite's: the suite's ``meta.severity`` decides for all its rules, and a
+    rule marked ``warning`` in an error suite stopped training without a word."""
+    problems = []
+    for key, given in (
+        ("severity", exp.get("severity")),
+        ("meta.severity", exp["meta"].get("severity")),
+    ):
+        if given is None or severity not in SEVERITIES:
+            continue
+        said = GX_SEVERITIES.get(given, given) if key == "severity" else given
+        if said != severity:
+            problems.append(
+                f"expectation {i} ({exp['meta']['rule']}) sets {key} {given!r}, but this "
+                f"suite's meta.severity ({severity}) decides for every rule in it: move the "
+                f"expectation into a suite whose meta.severity is the one it needs "
+                f"({', '.join(SEVERITIES)}), or remove its {key}"
+            )
+    return problems
+
+
 def _expectations(
-    spec: dict[str, Any], suites_dir: str | os.PathLike, params: dict[str, Any]
+    spec: dict[str, Any], path: Path, params: dict[str, Any], columns: Iterable[str]
 ) -> list[Any]:
     """The suite's expectations as Great Expectations objects, each checked: GX logs an
     expectation it cannot build and leaves it out of the suite, so a misspelt type or
-    argument would drop its rule from the gate without failing it."""
+    argument would drop its rule from the gate without failing it. ``columns`` are those of
+    the suite's table: a misspelt column made its rule one that 'could not run', with the
+    data's fix as what to do, and passed the gate in a warning suite."""
     from great_expectations.expectations.expectation_configuration import (
         ExpectationConfiguration,
     )
 
     built = []
+    _check_columns(
+        f"{path}: suite {spec['name']}, meta.index_column",
+        [spec["meta"].get("index_column", "path")],
+        spec["meta"]["table"],
+        columns,
+    )
     for i, exp in enumerate(spec["expectations"]):
-        where = f"{suites_dir}: suite {spec['name']}, expectation {i} ({exp['meta']['rule']})"
+        where = f"{path}: suite {spec['name']}, expectation {i} ({exp['meta']['rule']})"
+        _check_columns(where, _named_columns(exp), spec["meta"]["table"], columns)
         unknown = [
             value["$PARAMETER"]
             for value in exp["kwargs"].values()
@@ -239,6 +291,36 @@ def _expectations(
                 f"{where}: not a valid Great Expectations expectation {exp.get('type')!r}: {said}"
             ) from err
     return built
+
+
+#: The file of the validation output folder that holds each table (its header: the columns).
+TABLE_FILES = {"files": "inventory.csv", "splits": "splits.csv"}
+
+
+def _named_columns(exp: dict[str, Any]) -> list[str]:
+    """The table columns expectation ``exp`` names: those it checks and the one of its own
+    that names its failing rows (:func:`_index_columns`)."""
+    kwargs = exp["kwargs"]
+    named = [kwargs.get(k) for k in ("column", "column_A", "column_B")]
+    for key in ("column_list", "column_set"):
+        if isinstance(kwargs.get(key), list):
+            named += kwargs[key]
+    named.append(exp["meta"].get("index_column"))
+    return [c for c in dict.fromkeys(named) if isinstance(c, str)]
+
+
+def _check_columns(where: str, named: list[str], table: str, columns: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` at ``where`` for the first of ``named`` not in ``columns``
+    (those of ``table``), with the nearest column's name."""
+    columns = list(columns)
+    missing = [c for c in named if c not in columns]
+    if missing:
+        close = difflib.get_close_matches(missing[0], columns, n=1)
+        raise ConfigError(
+            f"{where}: no column {missing[0]!r} in the {table} table"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; its columns are those of {TABLE_FILES[table]} in the output folder"
+        )
 
 
 def preload_great_expectations() -> threading.Thread:
@@ -379,7 +461,8 @@ def run_suites(
     from the inventory's config). The Data Docs site is built in a temporary sibling folder
     and moved onto ``data_docs_dir`` at the end (any older site there is replaced).
     """
-    suites = load_suites(suites_dir)
+    files = _suite_files(suites_dir)
+    suites = [spec for _, spec in files]
     params = {"min_images_per_split": inventory.config.min_images_per_split, **(parameters or {})}
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
@@ -405,12 +488,12 @@ def run_suites(
         name = re.sub(r"[^\w.-]+", "_", Path(inventory.root).name)
         run_id = RunIdentifier(run_name=f"mlseg-validate-{name}")
         outcomes: list[Outcome] = []
-        for spec in suites:
+        for path, spec in files:
             table = spec["meta"]["table"]
             suite = context.suites.add(
                 gx.ExpectationSuite(
                     name=spec["name"],
-                    expectations=_expectations(spec, suites_dir, params),
+                    expectations=_expectations(spec, path, params, tables[table].columns),
                     meta=spec["meta"],
                 )
             )
