@@ -590,6 +590,7 @@ def validate_dataset(
     from mlseg.inventory import check_output_dir
 
     out = check_output_dir(root, out)
+    load_suites(suites_dir)  # a slip in a suite file said so only after every file was read
     preload_great_expectations()  # its import (seconds) overlaps the I/O-bound inventory
     inventory = build_inventory(root, cfg, progress=progress, log=log)
     drop_verdict(out)

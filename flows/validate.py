@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from expectations.runner import (
     ValidationReport,
     drop_verdict,
+    load_suites,
     preload_great_expectations,
     run_suites,
     write_report,
@@ -168,6 +169,7 @@ def validate_dataset_flow(
     root = data_path(data_root, "data_root")
     out = str(data_path(out_dir or Path("validation") / root.name))
     check_output_dir(root, out)
+    load_suites()  # a slip in a suite file said so only after every file was read
     # the training data as training reads it, images, masks and declared pixel sizes (a
     # corrected mask or size is new data; the inventory's image fingerprint is for drift and
     # covers the images only)

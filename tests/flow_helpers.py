@@ -1,5 +1,5 @@
 """Small builders shared by the flow tests (and others): a tiny real checkpoint, folders of
-images, an image saved again as a TIFF of given pixel sizes."""
+images, an image saved again as a TIFF of given pixel sizes, a broken suite file."""
 
 from __future__ import annotations
 
@@ -127,3 +127,18 @@ def task_run_names(flow_run_id) -> list[str]:
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
         )
     return sorted(run.name for run in found)
+
+
+def broken_suites(tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the suites with a trailing comma in one file, made the suites every
+    ``load_suites()`` reads; returns the broken file."""
+    import shutil
+
+    from expectations.runner import SUITES_DIR, load_suites
+
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    path = suites / "dataset_errors.json"
+    path.write_text(path.read_text().replace('"severity": "error",', '"severity": "error",,'))
+    monkeypatch.setattr(load_suites, "__defaults__", (suites,))
+    return path

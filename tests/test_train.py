@@ -1202,6 +1202,26 @@ def test_cli_train_refuses_data_that_fails_validation(leaked_dataset, tmp_path, 
     assert main([*args, "--out", str(tmp_path / "anyway"), "--no-validate"]) == 0
 
 
+def test_cli_train_names_a_broken_suite_file_before_reading_the_data(
+    nuclei_dataset, tmp_path, capsys, monkeypatch
+) -> None:
+    """mlseg train hashed every training file before it read the suites."""
+    import yaml
+    from flow_helpers import broken_suites
+
+    import mlseg.dataset
+    from mlseg.cli import main
+
+    path = broken_suites(tmp_path, monkeypatch)
+    read = []
+    monkeypatch.setattr(mlseg.dataset, "train_fingerprint", lambda *a: read.append(a))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": TINY}))
+    args = ["train", str(config), "--data", str(nuclei_dataset()), "--out", str(tmp_path / "run")]
+    assert main([*args, "--max-steps", "1", "--quiet"]) == 2
+    assert f"{path}: not valid JSON" in capsys.readouterr().err and not read
+
+
 def test_cli_tune_refuses_data_changed_after_validation(
     synth_dataset, tmp_path, monkeypatch, capsys
 ) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_helpers import flow_artifacts, flow_logs
+from flow_helpers import broken_suites, flow_artifacts, flow_logs
 
 from mlseg.errors import ValidationFailed
 
@@ -142,6 +142,23 @@ def test_a_mask_changed_while_validating_fails_the_flow(
     monkeypatch.setattr(module, "run_suites", suites_then_a_new_mask)
     with pytest.raises(ValidationFailed, match="changed while they were validated"):
         validate_dataset_flow(str(root), str(tmp_path / "out"))
+
+
+def test_a_broken_suite_file_fails_the_flow_before_the_files_are_read(
+    harness, nuclei_dataset, tmp_path, monkeypatch
+):
+    """A slip in a suite file was found after the flow had read every file of the dataset
+    (hours for a large one)."""
+    import flows.validate as module
+    from flows.validate import validate_dataset_flow
+    from mlseg.errors import ConfigError
+
+    path = broken_suites(tmp_path, monkeypatch)
+    read = []
+    monkeypatch.setattr(module, "train_fingerprint", lambda *a: read.append(a))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not valid JSON"):
+        validate_dataset_flow(str(nuclei_dataset()), str(tmp_path / "out"))
+    assert not read and not (tmp_path / "out" / "inventory.parquet").exists()
 
 
 def test_flow_fails_on_an_error_and_still_publishes(harness, nuclei_dataset, tmp_path):

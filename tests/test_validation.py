@@ -184,6 +184,52 @@ def test_a_severity_on_one_expectation_is_refused_not_ignored(tmp_path, key):
     assert load_suites(tmp_path / "gx" / "suites")
 
 
+def test_a_broken_suite_file_stops_validate_before_the_files_are_read(
+    tmp_path, nuclei_dataset, monkeypatch
+):
+    """A trailing comma in a suite file was found after every file of the dataset was read
+    (hours for a large one)."""
+    import expectations.runner as runner
+
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    path = suites / "dataset_warnings.json"
+    path.write_text(path.read_text().replace('"1.3.0",', '"1.3.0",,'))
+    read = []
+    monkeypatch.setattr(runner, "build_inventory", lambda *a, **k: read.append(a))
+    with pytest.raises(ConfigError, match=r"dataset_warnings\.json: not valid JSON"):
+        validate_dataset(nuclei_dataset(), tmp_path / "out", suites_dir=suites)
+    assert not read
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"type": "expect_column_values_to_be_in_sett"}, "in_sett not found"),
+        ({"kwargs": {"column": "only_in_one_split", "valu_set": [True]}}, "valu_set: extra"),
+        ({"kwargs": {"column": "only_in_one_split", "value_set": {"$PARAMETER": "x"}}}, "'x'"),
+    ],
+)
+def test_a_misspelt_expectation_is_a_config_error(tmp_path, nuclei_dataset, edit, said):
+    """Great Expectations logged an expectation it could not build and left it out: a
+    misspelt type dropped no_train_test_leakage from the gate, and a test image copied into
+    the training split passed."""
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    spec = json.loads((suites / "dataset_errors.json").read_text())
+    (leakage,) = (e for e in spec["expectations"] if e["meta"]["rule"] == "no_train_test_leakage")
+    leakage.update(edit)
+    (suites / "dataset_errors.json").write_text(json.dumps(spec))
+    root = nuclei_dataset()
+    for sub, name in (("original", "test0.png"), ("masks", "test0_mask.png")):
+        shutil.copy(root / "test" / sub / name, root / "train" / sub / name)
+    inventory = build_inventory(root)
+    with pytest.raises(
+        ConfigError, match=rf"suite dataset_errors, .*no_train_test_leakage.*{said}"
+    ):
+        run_suites(inventory, suites_dir=suites)
+
+
 # ------------------------------------------------------------------ broken datasets
 
 

@@ -44,12 +44,13 @@ def _validated(config: Path, root: Path, out: Path, quiet: bool) -> str | None:
     """Validate ``root`` as ``mlseg validate`` would, into ``out``, or raise
     ``ValidationFailed``; returns the training data's fingerprint as validated (training
     refuses files changed since)."""
-    from expectations import validate_dataset
+    from expectations import load_suites, validate_dataset
     from mlseg.dataset import train_fingerprint
     from mlseg.errors import ValidationFailed
     from mlseg.inventory import load_validate_config
 
     cfg = load_validate_config(config)
+    load_suites()  # a slip in a suite file before the training files are read
     before = train_fingerprint(root, cfg.data)
     bar, log = progress_outputs(False if quiet else None)
     report = validate_dataset(root, out, cfg, progress=bar, log=log)
