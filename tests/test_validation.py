@@ -194,7 +194,7 @@ def test_a_broken_suite_file_stops_validate_before_the_files_are_read(
     suites = tmp_path / "suites"
     shutil.copytree(SUITES_DIR, suites)
     path = suites / "dataset_warnings.json"
-    path.write_text(path.read_text().replace('"1.3.0",', '"1.3.0",,'))
+    path.write_text(path.read_text().replace('"severity": "warning",', '"severity": "warning",,'))
     read = []
     monkeypatch.setattr(runner, "build_inventory", lambda *a, **k: read.append(a))
     with pytest.raises(ConfigError, match=r"dataset_warnings\.json: not valid JSON"):
