@@ -312,7 +312,9 @@ def _unreadable(path: Path) -> ModelError:
     return ModelError(f"{path}: cannot be read (permission denied); make it readable (chmod a+r)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_checkpoint_json(path: Path) -> dict[str, Any]:
+    """The JSON object of a checkpoint folder's ``config.json`` or ``meta.json``;
+    :class:`ModelError` naming the file where it is damaged (not JSON, not an object)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except PermissionError:
@@ -373,7 +375,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
     meta_path = directory / "meta.json"
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    meta = read_checkpoint_json(meta_path) if meta_path.is_file() else {}
     import mlseg
 
     meta.update(
@@ -521,14 +523,14 @@ def saved_config(folder: str | Path) -> Config:
     the value it trained with (:func:`_as_trained`)."""
     folder = Path(folder)
     meta = saved_meta(folder)
-    raw = _as_trained(_read_json(folder / "config.json"), meta)
+    raw = _as_trained(read_checkpoint_json(folder / "config.json"), meta)
     return _own_files(parse(Config, raw, str(folder / "config.json")), meta, folder)
 
 
 def saved_meta(folder: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint folder; ``{}`` where it has none."""
     meta_path = Path(folder) / "meta.json"
-    return _read_json(meta_path) if meta_path.is_file() else {}
+    return read_checkpoint_json(meta_path) if meta_path.is_file() else {}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -549,7 +551,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
                 f"{folder / needed}: missing beside {weights.name}; not an mlseg checkpoint"
             )
     config = saved_config(folder)
-    meta = _read_json(folder / "meta.json")
+    meta = read_checkpoint_json(folder / "meta.json")
     try:
         target, classes, in_channels = (
             meta["target"],

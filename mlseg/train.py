@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import platform
 import statistics
@@ -72,6 +71,7 @@ from mlseg.model import (
     check_trainable,
     load_train_state,
     nonfinite_tensors,
+    read_checkpoint_json,
     resolve_device,
     save_checkpoint,
 )
@@ -408,8 +408,9 @@ def _compatible(
 ) -> None:
     """Refuse to resume the run in ``folder`` with another model, data or recipe.
     ``pairs`` lists the training pairs, read only for a fingerprint of an older mlseg."""
-    meta = json.loads((folder / "meta.json").read_text())
-    saved = json.loads((folder / "config.json").read_text())
+    # a damaged file (a folder copied in part) said only JSONDecodeError, in a traceback
+    meta = read_checkpoint_json(folder / "meta.json")
+    saved = read_checkpoint_json(folder / "config.json")
     now = cfg.model_dump(mode="json")
     compared = (
         ("train", [k for k in now["train"] if k not in RESUME_FREE]),
@@ -512,7 +513,7 @@ def _trained_on(out: Path, step: int, here: dict[str, Any]) -> list[dict[str, An
     """Where each stretch of the run in ``out`` trained, this call's from ``step`` on."""
     if step == 0:
         return [{"from_step": 0, **here}]
-    stretches = json.loads((out / "meta.json").read_text()).get("trained_on", [])
+    stretches = read_checkpoint_json(out / "meta.json").get("trained_on", [])
     before = {k: v for k, v in stretches[-1].items() if k != "from_step"} if stretches else {}
     if before == here:
         return stretches

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
-import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -170,6 +169,7 @@ def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> N
     or extended by a warm restart) beside trials of this budget, or under this search's
     values where a resume may change them (``mlseg.train.RESUME_FREE``: early_stop_patience,
     amp ...; a change of any other setting fit refuses to resume with)."""
+    from mlseg.model import read_checkpoint_json
     from mlseg.train import RESUME_FREE
 
     searched = [k for k in keys if k.startswith("train.") and k.partition(".")[2] in RESUME_FREE]
@@ -178,7 +178,7 @@ def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> N
         saved = out / f"trial_{i:03d}" / "config.json"
         if not saved.is_file():
             continue
-        before, now = json.loads(saved.read_text()), trial_cfg.model_dump(mode="json")
+        before, now = read_checkpoint_json(saved), trial_cfg.model_dump(mode="json")
         steps, budget = before.get("train", {}).get("max_steps"), now["train"]["max_steps"]
         if steps is not None and steps != budget:
             raise ConfigError(

@@ -566,3 +566,19 @@ def test_each_trial_warms_up_and_validates_within_its_step_budget(
         assert train.warmup_steps <= 40 // 10
         assert 40 // train.val_every >= 4
     assert load_config(tmp_path / "best_config.yaml").train.warmup_steps == 100  # as configured
+
+
+@pytest.mark.parametrize("name", ["config.json", "meta.json"])
+def test_a_damaged_trial_file_is_named_on_the_rerun(synth_dataset, tmp_path, name) -> None:
+    """A trial folder copied in part (an rsync stopped, a synced share): the rerun of the
+    search ended in a JSONDecodeError traceback, naming no file."""
+    from mlseg.errors import ModelError
+
+    torch.set_num_threads(2)
+    cfg = load_config(None, train=TINY)
+    search = {"trials": None, "budget_steps": 1, "method": "grid", "progress": False}
+    space = {"train.lr": [1e-3]}
+    tune(cfg, synth_dataset, tmp_path, space=space, **search)
+    (tmp_path / "trial_000" / name).write_text('{"train": {"lr"')
+    with pytest.raises(ModelError, match=rf"trial_000/{name}: cannot be read as JSON"):
+        tune(cfg, synth_dataset, tmp_path, space=space, **search)
