@@ -371,7 +371,8 @@ def test_a_rerun_with_another_budget_is_refused(synth_dataset, tmp_path) -> None
     torch.set_num_threads(2)
     cfg = load_config(None, train=TINY)
     search = {"space": {"train.lr": [1e-3, 3e-4]}, "method": "grid", "progress": False}
-    tune(cfg, synth_dataset, tmp_path, trials=1, budget_steps=2, **search)
+    with pytest.warns(UserWarning, match="leave untried train.lr 0.0003"):
+        tune(cfg, synth_dataset, tmp_path, trials=1, budget_steps=2, **search)
     for budget in (1, 3):
         with pytest.raises(ConfigError, match="trial_000 had a budget of 2 steps, this search"):
             tune(cfg, synth_dataset, tmp_path, trials=2, budget_steps=budget, **search)
@@ -566,6 +567,38 @@ def test_each_trial_warms_up_and_validates_within_its_step_budget(
         assert train.warmup_steps <= 40 // 10
         assert 40 // train.val_every >= 4
     assert load_config(tmp_path / "best_config.yaml").train.warmup_steps == 100  # as configured
+
+
+def test_a_grid_cut_short_names_the_values_it_leaves_untried(synth_dataset, tmp_path, monkeypatch):
+    """--method grid with the default 8 trials ran the first 8 of the default space's 36
+    sets, all at lr 0.0003 (the grid varies its first key slowest), without a word, and
+    best_config.yaml named lr 0.0003 the best of a search that never tried another."""
+    import warnings
+
+    import pandas as pd
+
+    import mlseg.train
+
+    trained = []
+
+    class Result:
+        def __init__(self, cfg, out_dir):
+            trained.append(cfg.train.lr)
+            self.best_val_dice, self.steps, self.images_per_s = 0.5, 1, 1.0
+            self.train_images, self.val_images = 5, 1
+            self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+    monkeypatch.setattr(mlseg.train, "fit", lambda cfg, data, out_dir, **kw: Result(cfg, out_dir))
+    cfg = load_config(None)
+    with pytest.warns(UserWarning, match=r"the grid has 36 .* first 8 .* train.lr 0.001, 0.003"):
+        tune(cfg, synth_dataset, tmp_path / "cut", trials=8, method="grid", progress=False)
+    assert set(trained) == {3e-4}
+    # a whole grid, or a random sample, is not cut along one key: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        space = {"train.lr": [3e-4, 1e-3]}
+        tune(cfg, synth_dataset, tmp_path / "whole", space=space, method="grid", progress=False)
+        tune(cfg, synth_dataset, tmp_path / "sample", trials=8, method="random", progress=False)
 
 
 @pytest.mark.parametrize("name", ["config.json", "meta.json"])
