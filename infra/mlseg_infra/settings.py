@@ -22,6 +22,8 @@ DEFAULT_WORK_POOL = "mlseg-pool"
 DEFAULT_IMAGE = "ubuntu-24-04-x64"  # Ubuntu 24.04 LTS
 DEFAULT_GPU_IMAGE = "gpu-h100x1-base"  # DigitalOcean's AI/ML-ready image, NVIDIA drivers installed
 MAX_WORKERS = 20
+# DigitalOcean block storage volumes are 1 GiB to 16 TiB.
+MAX_VOLUME_GB = 16384
 # Flow runs one worker runs at once. After an outage the server hands a worker every missed
 # scheduled run at once (three nights: three `Late` runs); each is a process of about 1 GB with
 # torch loaded, and runs on one output folder only take turns on its lock. Two fit the
@@ -156,8 +158,11 @@ def _problems(s: Settings) -> list[str]:
             f"datasetPrefix {s.dataset_prefix!r} must be a relative object path without "
             "'.' or '..' parts"
         )
-    if s.volume_size_gb < 1:
-        problems.append(f"volumeSizeGb is {s.volume_size_gb}; it must be at least 1")
+    if not 1 <= s.volume_size_gb <= MAX_VOLUME_GB:
+        problems.append(
+            f"volumeSizeGb is {s.volume_size_gb}; it must be 1 to {MAX_VOLUME_GB} "
+            "(a DigitalOcean volume holds at most 16 TiB)"
+        )
     if not _NAME.match(s.registry_name):
         problems.append(f"registryName {s.registry_name!r} must be lowercase letters, digits, '-'")
     if not _NAME.match(s.image_name):

@@ -105,6 +105,20 @@ def test_a_too_small_droplet_fails_the_preview():
         run_stack("dev", config, preview=True)
 
 
+@pytest.mark.parametrize("size", [0, 16385, 1_000_000])
+def test_a_volume_digitalocean_cannot_make_fails_the_preview(size):
+    """DigitalOcean volumes are 1 GiB to 16 TiB: a bigger one passed the preview and failed
+    `pulumi up` halfway, after the VPC, firewall and bucket were made."""
+    config = stack_config("dev", volumeSizeGb=size)
+    with pytest.raises(SettingsError, match=f"volumeSizeGb is {size}; it must be 1 to 16384"):
+        run_stack("dev", config, preview=True)
+
+
+def test_the_largest_volume_digitalocean_makes_is_accepted():
+    result = run_stack("dev", stack_config("dev", volumeSizeGb=16384), preview=True)
+    assert [v.inputs["size"] for v in result.of("Volume")] == [16384]
+
+
 @pytest.mark.parametrize("limit", [0, -1])
 def test_a_flow_limit_below_one_fails_the_preview(limit):
     config = stack_config("dev", workerFlowLimit=limit)
