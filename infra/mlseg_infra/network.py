@@ -15,7 +15,7 @@ ANYWHERE = ["0.0.0.0/0", "::/0"]
 @dataclass(frozen=True)
 class Network:
     vpc: do.Vpc
-    ssh_key: do.SshKey
+    ssh_key_fingerprint: pulumi.Output[str]
     worker_tags: list[pulumi.Output[str]]
     firewall: do.Firewall
 
@@ -65,6 +65,19 @@ def build_firewall(settings: Settings, target_tag: pulumi.Input[str]) -> do.Fire
     )
 
 
+def admin_ssh_key_fingerprint(settings: Settings) -> pulumi.Output[str]:
+    """The admins' key: registered by this stack, or one the account holds (`sshKeyName`).
+
+    DigitalOcean refuses to register a public key twice in one account, so the second stack
+    (or a person whose key is already there) names the existing key instead.
+    """
+    if settings.ssh_key_name:
+        return do.get_ssh_key_output(name=settings.ssh_key_name).fingerprint
+    return do.SshKey(
+        "admin-ssh-key", name=f"{settings.prefix}-admin", public_key=settings.ssh_public_key
+    ).fingerprint
+
+
 def build_network(settings: Settings) -> Network:
     vpc = do.Vpc(
         "vpc",
@@ -72,9 +85,7 @@ def build_network(settings: Settings) -> Network:
         region=settings.region,
         description=f"mlseg {settings.stack} workers",
     )
-    ssh_key = do.SshKey(
-        "admin-ssh-key", name=f"{settings.prefix}-admin", public_key=settings.ssh_public_key
-    )
+    fingerprint = admin_ssh_key_fingerprint(settings)
     tags = build_tags(settings)
     firewall = build_firewall(settings, target_tag=tags[-1])
-    return Network(vpc=vpc, ssh_key=ssh_key, worker_tags=tags, firewall=firewall)
+    return Network(vpc=vpc, ssh_key_fingerprint=fingerprint, worker_tags=tags, firewall=firewall)

@@ -39,6 +39,7 @@ KEYS = (
     "gpu",
     "adminCidrs",
     "sshPublicKey",
+    "sshKeyName",
     "bucketName",
     "datasetPrefix",
     "volumeSizeGb",
@@ -90,6 +91,8 @@ class Settings:
     image_tag: str
     work_pool: str
     prefect_api_url: str
+    # a key already in the DigitalOcean account, used instead of registering ssh_public_key
+    ssh_key_name: str = ""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -147,8 +150,18 @@ def _problems(s: Settings) -> list[str]:
         if not s.gpu and size.is_gpu:
             problems.append(f"dropletSize {s.droplet_size!r} is a GPU size; set gpu: true")
     problems.extend(_cidr_problems(s.admin_cidrs))
-    if not _SSH_KEY.match(s.ssh_public_key):
-        problems.append("sshPublicKey must be an OpenSSH public key ('ssh-ed25519 AAAA...')")
+    # DigitalOcean refuses a public key its account already holds ("SSH Key is already in
+    # use on your account"), so a key registered by the other stack, or by hand, is named
+    if s.ssh_key_name and s.ssh_public_key:
+        problems.append(
+            "set sshPublicKey or sshKeyName, not both (`pulumi config rm sshPublicKey` uses the "
+            f"account's key {s.ssh_key_name!r})"
+        )
+    elif not s.ssh_key_name and not _SSH_KEY.match(s.ssh_public_key):
+        problems.append(
+            "sshPublicKey must be an OpenSSH public key ('ssh-ed25519 AAAA...'); if that key is "
+            "already in the DigitalOcean account, set sshKeyName to its name there instead"
+        )
     if not _BUCKET.match(s.bucket_name):
         problems.append(f"bucketName {s.bucket_name!r} must be 3-63 lowercase letters, digits, '-'")
     # the droplet copies the datasets to, and chowns as root, /mnt/mlseg-data/<prefix>: a '..'
@@ -231,7 +244,8 @@ def read_settings(config: pulumi.Config, stack: str) -> Settings:
         droplet_image=config.get("dropletImage", DEFAULT_GPU_IMAGE if gpu else DEFAULT_IMAGE),
         gpu=gpu,
         admin_cidrs=tuple(config.get_object("adminCidrs", [])),
-        ssh_public_key=config.require("sshPublicKey"),
+        ssh_public_key=config.get("sshPublicKey", ""),
+        ssh_key_name=config.get("sshKeyName", ""),
         bucket_name=config.require("bucketName"),
         dataset_prefix=config.get("datasetPrefix", "datasets"),
         volume_size_gb=config.get_int("volumeSizeGb", 50),

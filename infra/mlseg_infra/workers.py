@@ -33,7 +33,7 @@ def build_workers(
             size=settings.droplet_size,
             region=settings.region,
             vpc_uuid=network.vpc.id,
-            ssh_keys=[network.ssh_key.fingerprint],
+            ssh_keys=[network.ssh_key_fingerprint],
             tags=network.worker_tags,
             volume_ids=[volume.id],
             user_data=user_data,

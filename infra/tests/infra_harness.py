@@ -27,6 +27,9 @@ FAKE_SPACES_SECRET = "FAKEspacesSECRETforTESTS0000000000000000"  # pragma: allow
 FAKE_REGISTRY_AUTH = "RkFLRS1yZWdpc3RyeS1hdXRoLWZvci10ZXN0cw=="
 SECRET_VALUES = (FAKE_PREFECT_KEY, FAKE_SPACES_SECRET, FAKE_REGISTRY_AUTH)
 
+# The fingerprint of every key the mocked account holds already (`sshKeyName`).
+ACCOUNT_KEY_FINGERPRINT = "11:22:33:44"
+
 # What a person sets with `pulumi config set` before the first `up` (not in the stack files).
 USER_CONFIG = {
     "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests admin@example",
@@ -121,6 +124,9 @@ class _Recorder(pulumi.runtime.Mocks):
         if args.token == "digitalocean:index/getContainerRegistry:getContainerRegistry":
             name = args.args["name"]
             return {"name": name, "endpoint": f"registry.digitalocean.com/{name}", "id": name}
+        if args.token == "digitalocean:index/getSshKey:getSshKey":
+            name = args.args["name"]
+            return {"name": name, "fingerprint": ACCOUNT_KEY_FINGERPRINT}
         raise AssertionError(f"unexpected invoke {args.token}")
 
 

@@ -105,6 +105,19 @@ def test_a_too_small_droplet_fails_the_preview():
         run_stack("dev", config, preview=True)
 
 
+def test_a_stack_without_an_admin_key_says_both_ways_to_give_one():
+    config = stack_config("dev")
+    del config["sshPublicKey"]
+    with pytest.raises(SettingsError, match="sshPublicKey must be .*set sshKeyName"):
+        run_stack("dev", config, preview=True)
+
+
+def test_an_admin_key_given_twice_is_refused():
+    with pytest.raises(SettingsError, match="sshPublicKey or sshKeyName, not both"):
+        make_settings(ssh_key_name="lab-admin")
+    assert make_settings(ssh_public_key="", ssh_key_name="lab-admin").ssh_key_name == "lab-admin"
+
+
 @pytest.mark.parametrize("size", [0, 16385, 1_000_000])
 def test_a_volume_digitalocean_cannot_make_fails_the_preview(size):
     """DigitalOcean volumes are 1 GiB to 16 TiB: a bigger one passed the preview and failed

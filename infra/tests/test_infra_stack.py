@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from infra_harness import SECRET_VALUES, run_stack, stack_config
+from infra_harness import ACCOUNT_KEY_FINGERPRINT, SECRET_VALUES, run_stack, stack_config
 
 STACKS = {"dev": ("s-2vcpu-4gb", 1, "Development"), "prod": ("s-4vcpu-8gb", 2, "Production")}
 
@@ -29,6 +29,19 @@ def test_each_stack_has_its_network_storage_and_workers(run):
         assert droplet.inputs["image"] == "ubuntu-24-04-x64"  # Ubuntu LTS
         assert droplet.inputs["vpcUuid"] == "vpc-id"
         assert droplet.inputs["sshKeys"] == ["aa:bb:cc:dd"]
+
+
+def test_a_key_the_account_holds_already_is_named_not_registered_again():
+    """DigitalOcean refuses to register a public key its account holds already ("SSH Key is
+    already in use on your account"): the prod stack, set up as the README says with the key
+    dev had registered, failed at `pulumi up`, as did any stack of a person whose key was
+    already in the account."""
+    config = stack_config("prod", sshKeyName="lab-admin")
+    del config["sshPublicKey"]
+    result = run_stack("prod", config)
+    assert result.of("SshKey") == []
+    droplets = result.of("Droplet")
+    assert droplets and all(d.inputs["sshKeys"] == [ACCOUNT_KEY_FINGERPRINT] for d in droplets)
 
 
 def test_only_one_stack_creates_the_account_wide_registry(dev_run, prod_run):
