@@ -5,6 +5,7 @@ from __future__ import annotations
 import pulumi
 import pytest
 from infra_harness import (
+    INFRA,
     USER_CONFIG,
     make_settings,
     resolve,
@@ -12,7 +13,13 @@ from infra_harness import (
     set_config,
     stack_config,
 )
-from mlseg_infra.settings import CONFIG_NAMESPACE, SettingsError, read_secrets, read_settings
+from mlseg_infra.settings import (
+    CONFIG_NAMESPACE,
+    KEYS,
+    SettingsError,
+    read_secrets,
+    read_settings,
+)
 from mlseg_infra.sizes import SizeError, lookup, require_minimum
 
 
@@ -218,3 +225,15 @@ def test_keys_of_other_namespaces_are_left_to_their_owners():
         assert read_settings(pulumi.Config(CONFIG_NAMESPACE), "dev").bucket_name == "mlseg-dev-data"
     finally:
         set_config({})
+
+
+def test_the_readme_documents_every_setting_the_program_reads_and_no_other():
+    """An operator learns the keys from the README: dropletImage, registryTier and imageName
+    were read but written nowhere, and registryName's default was one DigitalOcean gives to a
+    single account only (registry names are global)."""
+    readme = (INFRA.parent / "README.md").read_text()
+    table = readme[readme.index("| Key | Default | What it sets |") :].split("\n\n", 1)[0]
+    documented = [line.split("`")[1] for line in table.splitlines()[2:]]
+    assert sorted(documented) == sorted(KEYS)
+    row = next(line for line in table.splitlines() if line.startswith("| `registryName`"))
+    assert "global" in row and "REGISTRY" in row
