@@ -50,7 +50,7 @@ from mlseg.errors import ConfigError, DatasetError, size_mismatch, some_of
 from mlseg.inventory import bounded_map, turn_free_hash
 from mlseg.io import available_memory, image_size, read_image_for, read_mask
 from mlseg.pixel_size import training_scale
-from mlseg.preprocess import normalize, own_stains, rescale_image, rescale_labels
+from mlseg.preprocess import NO_ESTIMATE, normalize, own_stains, rescale_image, rescale_labels
 from mlseg.scale import dataset_diameter_px
 from mlseg.targets import make_target
 
@@ -645,17 +645,32 @@ class TrainData:
     image_hashes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def warn_unstained(stems: list[str], total: int, pp: PreprocessConfig, where: Path) -> None:
-    """Name the training images that stain normalisation leaves as they are
-    (:func:`mlseg.preprocess.own_stains` is ``None``: blank glass, a faded slide, one colour),
-    as ``mlseg segment`` names such an image it segments: the model learns them as they are,
-    unlike every other image it sees."""
+#: What a training image stain normalisation leaves as it is means, by the reason
+#: :func:`mlseg.preprocess.macenko_estimate` made no estimate.
+UNSTAINED_MEANING = {
+    "few": "right for tiles of blank glass, but a faded or very pale slide teaches the model "
+    "an appearance no normalised image has: leave such slides out",
+    "one_colour": "a haematoxylin-only or other single-stain slide: train on such slides with "
+    "preprocess.stain_norm none",
+    "no_haematoxylin": "red cells or an eosin-only field, with few nuclei to learn",
+}
+
+
+def warn_unstained(
+    stems: dict[str, list[str]], total: int, pp: PreprocessConfig, where: Path
+) -> None:
+    """Name the training images that stain normalisation leaves as they are, by why
+    (``stems``: a :data:`mlseg.preprocess.NO_ESTIMATE` key -> their stems), as ``mlseg
+    segment`` names such an image it segments: the model learns them un-normalised, unlike
+    every other image it sees."""
+    why = "; ".join(
+        f"{some_of(names)} ({NO_ESTIMATE[reason]}): {UNSTAINED_MEANING[reason]}"
+        for reason, names in stems.items()
+    )
     warnings.warn(
-        f"{where}: {len(stems)} of {total} training images have too little stain for "
-        f"{pp.stain_norm.capitalize()} normalisation (fewer than 100 pixels stained in every "
-        f"channel, one colour only, or no haematoxylin: {some_of(stems)}), so the model learns "
-        "them un-normalised: right for tiles of blank glass, but a faded or very pale slide "
-        "teaches it an appearance no normalised image has; leave such slides out",
+        f"{where}: {sum(map(len, stems.values()))} of {total} training images are learnt "
+        "un-normalised, "
+        f"{pp.stain_norm.capitalize()} normalisation finding no two stains in them; {why}",
         stacklevel=3,
     )
 
@@ -762,15 +777,15 @@ def prepare_data(
     train_idx = np.flatnonzero(~is_val)
     faint = {} if cfg.train.faint_oversample > 0 else None  # image -> faint_candidates
     workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
-    unstained: list[int] = []  # images stain normalisation leaves as they are
+    unstained: list[tuple[str, int]] = []  # (why, image) stain normalisation leaves as is
 
     # A few images at a time (one per worker) from decoded to packed, each decoded image and
     # its labels freed as it goes: every image normalised before any was packed held 40-49
     # bytes a pixel.
     def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
-        stains = own_stains(images[i], pp, profile.stain)
+        stains, reason = own_stains(images[i], pp, profile.stain)
         if stains is None:
-            unstained.append(i)
+            unstained.append((reason, i))
         x = normalize(images[i], pp, profile.stain, channels=channels, stains=stains)
         t = make_target(labels[i], target, cfg.train.boundary_px).astype(np.uint8)
         if faint is not None and not is_val[i]:
@@ -796,9 +811,10 @@ def prepare_data(
         else None
     )
     if unstained:
-        warn_unstained(
-            sorted(pairs[i].stem for i in unstained), len(pairs), pp, root / cfg.data.train_dir
-        )
+        stems = {
+            why: sorted(pairs[i].stem for w, i in unstained if w == why) for why, _ in unstained
+        }
+        warn_unstained(stems, len(pairs), pp, root / cfg.data.train_dir)
     return TrainData(
         train=store,
         val=tiles,

@@ -339,16 +339,36 @@ def stained(od: np.ndarray, beta: float = 0.15, *, every_channel: bool = True) -
 def macenko_stains(
     image: np.ndarray, beta: float = 0.15, alpha: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009).
+    """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009):
+    :func:`macenko_estimate`'s estimate, without the reason it made none."""
+    return macenko_estimate(image, beta, alpha)[0]
 
-    Returns ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``, or ``None``
-    when fewer than :data:`MIN_STAINED_PIXELS` pixels (of at most
+
+#: Why :func:`macenko_estimate` made no estimate, by its ``reason``, as a warning says it.
+NO_ESTIMATE = {
+    "few": f"fewer than {MIN_STAINED_PIXELS} pixels stained in every channel",
+    "one_colour": "its stained pixels hold one colour only (a single stain, or a field of one "
+    "colour)",
+    "no_haematoxylin": "no haematoxylin among its stains",
+}
+
+
+def macenko_estimate(
+    image: np.ndarray, beta: float = 0.15, alpha: float = 1.0
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+    """Estimate H&E stain vectors and 99th-percentile concentrations (Macenko et al. 2009),
+    with the reason there is none: ``(estimate, None)`` or ``(None, reason)``, ``reason`` a
+    key of :data:`NO_ESTIMATE`. A haematoxylin-only smear of thousands of stained pixels
+    (``one_colour``) was warned of as if it had too little stain, a faded slide's warning.
+
+    The estimate is ``(stains (3, 2) float64 unit columns H then E, max_conc (2,))``; there
+    is none (``few``) when fewer than :data:`MIN_STAINED_PIXELS` pixels (of at most
     :data:`MACENKO_SAMPLE_PIXELS`, sampled on a regular grid) are :func:`stained` (optical
     density above ``beta`` in every channel, and not black)
-    or the stained pixels hold one colour only (the two vectors within
+    or (``one_colour``) the stained pixels hold one colour only (the two vectors within
     :data:`MIN_STAIN_ANGLE_DEG`): mapped to the reference's two stains at their 99th
     percentiles, a uniform pink or black field came out the dark purple of a dense nucleus.
-    ``None`` too where they hold no haematoxylin (the vector nearer the reference
+    None too (``no_haematoxylin``) where they hold no haematoxylin (the vector nearer the reference
     haematoxylin is nearer its eosin, and nearer it than the other vector is).
     Both come from the stained pixels alone, so the same tissue is normalised alike however
     much glass is around it (the reference implementation took the percentile over all
@@ -361,7 +381,7 @@ def macenko_stains(
     od = optical_density(image).reshape(-1, 3)
     tissue = od[stained(od, beta)]
     if len(tissue) < MIN_STAINED_PIXELS:
-        return None
+        return None, "few"
     _, vecs = np.linalg.eigh(np.cov(tissue.T))
     plane = vecs[:, 1:3]  # the two largest eigenvalues (eigh sorts ascending)
     proj = tissue @ plane
@@ -372,7 +392,7 @@ def macenko_stains(
     v1, v2 = v1 * np.sign(v1.sum() or 1.0), v2 * np.sign(v2.sum() or 1.0)
     v1, v2 = v1 / np.linalg.norm(v1), v2 / np.linalg.norm(v2)
     if np.degrees(np.arccos(np.clip(v1 @ v2, -1.0, 1.0))) < MIN_STAIN_ANGLE_DEG:
-        return None
+        return None, "one_colour"
     # Haematoxylin is the vector closer to the reference haematoxylin. The usual rule (the
     # larger red component) fails on haematoxylin-only slides with a yellowish background:
     # the background's blue-absorbing vector wins and nuclei come out pink.
@@ -386,11 +406,11 @@ def macenko_stains(
     # from its eosin (GBM40, CPM15, scikit-image's IHC).
     h, e = stains.T
     if h @ ref_e > max(h @ ref_h, e @ ref_e):
-        return None
+        return None, "no_haematoxylin"
     # over the stained pixels only, as the vectors: on a tile that is mostly glass the 99th
     # percentile of all pixels is glass's (near 0), and the gain blackened the tissue
     conc = stain_concentrations(stains, tissue)
-    return stains, np.percentile(conc, 99, axis=1)
+    return (stains, np.percentile(conc, 99, axis=1)), None
 
 
 def macenko(
@@ -450,17 +470,18 @@ def macenko(
 
 def own_stains(
     image: np.ndarray, cfg: PreprocessConfig, stain: str
-) -> tuple[np.ndarray, np.ndarray] | None | str:
-    """The ``stains`` argument of :func:`normalize` for ``image`` as read (uint8/uint16):
-    its :func:`macenko_stains`, ``None`` where it has too little stain for either method to
-    normalise it (it is then left as it is), or :data:`ESTIMATE` where stain normalisation
-    does not apply (none configured, not H&E/IHC, not RGB)."""
+) -> tuple[tuple[np.ndarray, np.ndarray] | None | str, str | None]:
+    """``(stains, reason)``: the ``stains`` argument of :func:`normalize` for ``image`` as
+    read (uint8/uint16) and why there is none. ``stains`` is its :func:`macenko_estimate`,
+    ``None`` where either method leaves it as it is (``reason`` a key of
+    :data:`NO_ESTIMATE`), or :data:`ESTIMATE` where stain normalisation does not apply
+    (none configured, not H&E/IHC, not RGB)."""
     image = np.asarray(image)
     rgb = image.ndim == 3 and image.shape[2] == 3
     if cfg.stain_norm == "none" or stain not in ("he", "ihc") or not rgb:
-        return ESTIMATE
+        return ESTIMATE, None
     # as normalize sees it: a 16-bit image by its full scale, not by its sample's
-    return macenko_stains(to_float(image) if image.dtype == np.uint16 else image)
+    return macenko_estimate(to_float(image) if image.dtype == np.uint16 else image)
 
 
 # ----------------------------------------------------------------------------- intensity

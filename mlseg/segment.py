@@ -249,23 +249,31 @@ def warn_if_not_stain_normalised(
     image: np.ndarray, preprocess: PreprocessConfig, profile: Profile, path: Path | str
 ):
     """Stain normalisation (Macenko or Reinhard) leaves an image with too little stain as
-    it is (:func:`mlseg.preprocess.macenko_stains`: blank glass, a faded slide, one colour): say
-    so, naming the file. The model then sees it unlike every slide it learnt from, and a
-    count of 0 may be a pale slide rather than glass (H&E at a tenth of its optical
-    density: 0 nuclei where a sixth gave 103).
+    it is (:func:`mlseg.preprocess.macenko_estimate`: blank glass, a faded slide, one
+    colour): say so, naming the file and which of these it is. The model then sees it unlike
+    every slide it learnt from, and a count of 0 may be a pale slide rather than glass (H&E
+    at a tenth of its optical density: 0 nuclei where a sixth gave 103).
 
     Returns the estimate made (``stains`` of :func:`mlseg.preprocess.normalize`, the one the
     native-scale pass normalises with, so it is not made twice), or
     :data:`mlseg.preprocess.ESTIMATE` where none applies."""
-    from mlseg.preprocess import own_stains
+    from mlseg.preprocess import NO_ESTIMATE, own_stains
 
-    stains = own_stains(image, preprocess, profile.stain)
+    stains, reason = own_stains(image, preprocess, profile.stain)
     if stains is None:
+        method = preprocess.stain_norm.capitalize()
+        # a haematoxylin-only smear, thousands of pixels stained, was called faded or pale
+        meaning = {
+            "few": "right for blank glass, but on a faded or very pale slide the count may "
+            "be too low",
+            "one_colour": "the model sees it unlike the two-stain slides it was trained on "
+            "(a haematoxylin-only or other single-stain slide: train on such slides with "
+            "preprocess.stain_norm none)",
+            "no_haematoxylin": "few nuclei may be right (red cells, an eosin-only field)",
+        }[reason]
         warnings.warn(
-            f"{path}: too little stain for {preprocess.stain_norm.capitalize()} normalisation "
-            "(fewer than 100 pixels stained in every channel, one colour only, or no "
-            "haematoxylin), segmented un-normalised: right for blank glass, but on a faded or "
-            "very pale slide the count may be too low",
+            f"{path}: {method} normalisation found no two stains to normalise ("
+            f"{NO_ESTIMATE[reason]}), segmented un-normalised: {meaning}",
             stacklevel=2,
         )
     return stains

@@ -524,9 +524,11 @@ def test_training_names_the_images_stain_normalisation_leaves_as_they_are(
     write_image(images / "train3.png", np.full((64, 64, 3), 245, np.uint8))
     [line] = said()
     assert line.startswith(
-        f"{root / 'train'}: 2 of 4 training images have too little stain for Macenko normalisation"
+        f"{root / 'train'}: 2 of 4 training images are learnt un-normalised, Macenko "
+        "normalisation finding no two stains in them; train1, train3 (fewer than 100 pixels "
+        "stained in every channel): right for tiles of blank glass"
     )
-    assert "train1, train3)" in line and "leave such slides out" in line
+    assert line.endswith("leave such slides out")
 
 
 def test_train_says_which_pixel_size_the_model_was_trained_at(tmp_path, capsys) -> None:
