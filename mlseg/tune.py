@@ -1,14 +1,15 @@
 """Hyperparameter selection: a small grid or random search with short training budgets.
 
 Each trial is a plain :func:`mlseg.train.fit` run of ``budget_steps`` steps in its own
-folder (``trial_NNN``; a re-run resumes or skips finished trials, and refuses a folder
-holding the trials of another search), scored by its best validation Dice (a search whose
-trials hold back no validation image is refused; a trial whose training diverged scores NaN
-and ranks last, and is named in a warning; ``data.*`` settings are not searched, as each
-trial would be scored on other validation images; nor are ``inference.*``, ``monitor.*``
-and the keys the budget sets, which no trial would see). The ranked table is returned and written
-as ``tune_results.csv``; the best trial's config, with the original step budget, is
-written as ``best_config.yaml``.
+folder (``trial_NNN``; a re-run resumes or skips finished trials, ranks every trial of the
+search the folder holds, beyond ``trials`` too, and refuses a folder holding the trials of
+another search), scored by its best validation Dice (a search whose trials hold back no
+validation image is refused; a trial whose training diverged or ran out of memory scores
+NaN, ranks last, is named in a warning and is tried again by a re-run; ``data.*`` settings
+are not searched, as each trial would be scored on other validation images; nor are
+``inference.*``, ``monitor.*`` and the keys the budget sets, which no trial would see).
+The ranked table is returned and written as ``tune_results.csv``; the best trial's config,
+with the original step budget, is written as ``best_config.yaml``.
 
 A search space maps ``"section.field"`` to the values to try, e.g.
 ``{"train.lr": [3e-4, 1e-3], "train.encoder": ["resnet18", "resnet34"]}``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,6 +50,10 @@ UNSCORED_SECTIONS = ("inference", "monitor")
 #: trial stops and which checkpoint it keeps: set otherwise in the config of a rerun, they
 #: were checked only where searched, and the finished trials were ranked under them.
 TRIAL_DECIDING = ("train.early_stop_patience", "train.val_every")
+OUT_OF_MEMORY = "out of memory"
+LESS_MEMORY = (
+    "search a smaller train.patch_size or train.batch_size, or run on a device with more memory"
+)
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
@@ -220,6 +226,44 @@ def _check_trials(out: Path, trial_cfgs: list[Config], keys: Sequence[str]) -> N
                 )
 
 
+def _trials_in(out: Path) -> list[int]:
+    """The numbers of the trials in ``out`` that trained to a checkpoint (their
+    ``config.json``), in order."""
+    if not out.is_dir():
+        return []
+    names = (path.parent.name for path in out.glob("trial_*/config.json"))
+    return sorted(int(m[1]) for name in names if (m := re.fullmatch(r"trial_(\d{3,})", name)))
+
+
+def _all_failed(out: Path, failed: dict[int, str]) -> str:
+    """The error of a search whose every trial diverged or ran out of memory."""
+    memory = sum(why == OUT_OF_MEMORY for why in failed.values())
+    if not memory:
+        return (
+            f"{out}: every trial's training diverged (tune_results.csv); lower the "
+            "learning rates searched (train.lr) or raise train.warmup_steps"
+        )
+    if memory == len(failed):
+        return f"{out}: every trial ran out of memory (tune_results.csv); {LESS_MEMORY}"
+    return (
+        f"{out}: every trial failed, {len(failed) - memory} diverged and {memory} out of "
+        "memory (tune_results.csv); lower the learning rates searched (train.lr) or raise "
+        f"train.warmup_steps, and {LESS_MEMORY}"
+    )
+
+
+def _free_device_memory() -> None:
+    """Give back the GPU memory a trial that ran out of it held: its tensors, freed with
+    the exception, stay cached by torch and the next trial would find less."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _check_validation_split(data: DataConfig, data_root: str | Path) -> None:
     """Refuse a search whose trials would hold back no validation image: they would be
     ranked by training loss alone, which favours the trial that overfits most."""
@@ -255,6 +299,7 @@ def tune(
     progress: bool = True,
     fingerprint_hash: str | None = None,
     log: Callable[[str], object] | None = None,
+    device: str | None = None,
 ) -> pd.DataFrame:
     """Run the search; returns the trials ranked by best validation Dice (best first).
 
@@ -267,11 +312,22 @@ def tune(
     ``fingerprint_hash`` is the training data's as validated: every trial refuses files
     changed since (:func:`mlseg.train.fit`).
 
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where every trial trains, in place
+    of ``cfg.train.device``; ``best_config.yaml`` keeps the config's own, so that training it
+    on another machine runs where that machine's config says (a search run with ``cpu``
+    wrote ``device: cpu`` there, and the best config trained on the CPU of a GPU machine).
+
+    ``trials`` counts the trials this run asks for; trials of the same search the folder
+    already holds beyond them are ranked too (named in a warning), so that a rerun with
+    fewer never writes the best of a subset over a better trial the folder holds.
+
     Columns: ``rank, trial``, one per searched parameter, ``best_val_dice,
     final_train_loss, steps, images_per_s, seconds, out_dir``. A trial a rerun finds finished
     keeps the timing of the earlier ``tune_results.csv``, or, where the earlier search was
     stopped before writing it, its training throughput and time from its ``history.csv``.
     """
+    import torch
+
     from mlseg.data import effective_preprocess
     from mlseg.model import check_names
     from mlseg.progress import shown
@@ -302,13 +358,19 @@ def tune(
     out = Path(out_dir)
     read = _as_read(cfg, space)
     chosen = candidates(read, trials, method, seed)
+    asked = len(chosen)
+    # a rerun with fewer trials ranked its own alone, and wrote the best of those over a
+    # better trial of the earlier, longer run: the folder's trials of this search all count
+    if beyond := [i for i in _trials_in(out) if i >= asked]:
+        chosen = candidates(read, max(beyond) + 1, method, seed)
     _warn_untried(read, chosen, method)
     short = {
         "train.max_steps": budget_steps,
         "train.val_every": max(1, min(cfg.train.val_every, budget_steps // 4 or 1)),
         "train.warmup_steps": min(cfg.train.warmup_steps, budget_steps // 10),
     }
-    trial_cfgs = [apply_params(cfg, {**params, **short}) for params in chosen]
+    where = {} if device is None else {"train.device": device}
+    trial_cfgs = [apply_params(cfg, {**params, **short, **where}) for params in chosen]
     for data in {c.data for c in trial_cfgs}:  # before any trial trains
         _check_validation_split(data, data_root)
     for trial_cfg in trial_cfgs:  # a stain augmentation the trial's preprocessing voids
@@ -317,7 +379,17 @@ def tune(
         pp = effective_preprocess(trial_cfg, profile)
         check_stain_augment(trial_cfg.augment, profile.stain, pp)
     _check_trials(out, trial_cfgs, list(space))
+    if len(chosen) > asked:
+        names = ", ".join(f"trial_{i:03d}" for i in beyond if i < len(chosen))
+        warnings.warn(
+            f"{out}: holds {names} of this search beyond the {asked} trial(s) asked for; "
+            "ranking them too, so tune_results.csv and best_config.yaml cover every trial in "
+            "the folder (any of them left unfinished trains on); give another output folder "
+            "to search fewer",
+            stacklevel=2,
+        )
     rows = []
+    failed: dict[int, str] = {}  # trial: diverged or out of memory
     before = _earlier_runs(out / "tune_results.csv")
     bar = "tune" if progress else None
     for i, params in shown(
@@ -344,8 +416,17 @@ def tune(
                 f"other settings: {'; '.join(error.problems) or error}); give another output "
                 "folder, or the same config, space and seed to resume it"
             ) from None
-        except TrainingDiverged as error:  # a learning rate too high: a result, not a stop
-            warnings.warn(f"{folder.name} ({params}): {error}", stacklevel=2)
+        # a learning rate too high, a patch too large for the GPU: a result, not a stop
+        except (TrainingDiverged, torch.OutOfMemoryError) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                failed[i] = OUT_OF_MEMORY
+                said = ". ".join(str(error).split(". ")[:2])  # not the allocator's advice
+                why = (
+                    f"{OUT_OF_MEMORY} ({said}); ranked last, a rerun tries it again: {LESS_MEMORY}"
+                )
+            else:
+                failed[i], why = "diverged", str(error)
+            warnings.warn(f"{folder.name} ({params}): {why}", stacklevel=2)
             scores = {"best_val_dice": np.nan, "final_train_loss": np.nan, "steps": 0}
             timing = {"images_per_s": np.nan, "seconds": time.perf_counter() - t0}
         else:
@@ -365,6 +446,8 @@ def tune(
             timing = {"images_per_s": result.images_per_s, "seconds": time.perf_counter() - t0}
             if not np.isfinite(result.images_per_s):  # finished before: trained nothing now
                 timing = before.get(i) or _recorded_timing(result.history, timing)
+        if failed.get(i) == OUT_OF_MEMORY:  # the exception, and the trial's tensors, gone
+            _free_device_memory()
         rows.append({"trial": i, **params, **scores, **timing, "out_dir": str(folder)})
     df = pd.DataFrame(rows)
     df["best_val_dice"] = df["best_val_dice"].astype(float)
@@ -376,10 +459,7 @@ def tune(
     # the values as tried, not as the table holds them (None becomes NaN in a float column)
     if not np.isfinite(df.loc[0, "best_val_dice"]):
         write_table(df, out / "tune_results.csv")
-        raise ConfigError(
-            f"{out}: every trial's training diverged (tune_results.csv); lower the "
-            "learning rates searched (train.lr) or raise train.warmup_steps"
-        )
+        raise ConfigError(_all_failed(out, failed))
     best_params = chosen[int(df.loc[0, "trial"])]
     best_cfg = apply_params(cfg, best_params)
     text = "# best of mlseg tune (" + ", ".join(f"{k}={v}" for k, v in best_params.items()) + ")\n"

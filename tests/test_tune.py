@@ -615,3 +615,112 @@ def test_a_damaged_trial_file_is_named_on_the_rerun(synth_dataset, tmp_path, nam
     (tmp_path / "trial_000" / name).write_text('{"train": {"lr"')
     with pytest.raises(ModelError, match=rf"trial_000/{name}: cannot be read as JSON"):
         tune(cfg, synth_dataset, tmp_path, space=space, **search)
+
+
+class _Trained:
+    """What :func:`mlseg.train.fit` returns for a trial of validation Dice ``dice``, with
+    the ``config.json`` a real trial leaves in its folder."""
+
+    def __init__(self, cfg, out_dir, dice: float = 0.5):
+        import json
+
+        import pandas as pd
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+        self.best_val_dice, self.steps, self.images_per_s = dice, 1, 1.0
+        self.train_images, self.val_images = 5, 1
+        self.history, self.out_dir = pd.DataFrame({"train_loss": [1.0]}), out_dir
+
+
+def test_a_rerun_with_fewer_trials_ranks_every_trial_in_the_folder(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """--trials 4, then --trials 2 in the same folder: the rerun ranked its two trials alone
+    and wrote the better of those (Dice 0.2) as best_config.yaml and tune_results.csv over
+    the first run's winner (trial_002, Dice 0.9), without a word."""
+    import pandas as pd
+
+    import mlseg.train
+
+    dice = {1e-4: 0.1, 3e-4: 0.2, 1e-3: 0.9, 3e-3: 0.3}
+    monkeypatch.setattr(
+        mlseg.train,
+        "fit",
+        lambda cfg, data, out_dir, **kw: _Trained(cfg, out_dir, dice[cfg.train.lr]),
+    )
+    search = {"space": {"train.lr": list(dice)}, "method": "grid", "progress": False}
+    tune(load_config(None), synth_dataset, tmp_path, trials=4, **search)
+    with pytest.warns(UserWarning, match=r"trial_002, trial_003 of this search beyond the 2"):
+        table = tune(load_config(None), synth_dataset, tmp_path, trials=2, **search)
+    assert list(table["trial"]) == [2, 3, 1, 0]
+    assert len(pd.read_csv(tmp_path / "tune_results.csv")) == 4
+    assert load_config(tmp_path / "best_config.yaml").train.lr == 1e-3
+
+
+def test_a_trial_out_of_memory_ranks_last_and_the_search_goes_on(
+    synth_dataset, tmp_path, monkeypatch
+):
+    """A patch size too large for the GPU stopped the whole search (CUDA out of memory): no
+    table, no best_config.yaml, and a rerun stopped at the same trial again. It is ranked
+    last, as a diverged trial is, and a rerun (on a GPU with more memory) tries it again."""
+    import mlseg.train
+
+    def fit(cfg, data, out_dir, **kw):
+        if cfg.train.patch_size == 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _Trained(cfg, out_dir)
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    search = {"trials": None, "method": "grid", "progress": False}
+    space = {"train.patch_size": [256, 128]}
+    with pytest.warns(UserWarning, match=r"trial_000 \({'train.patch_size': 256}\): out of memory"):
+        table = tune(load_config(None), synth_dataset, tmp_path, space=space, **search)
+    assert list(table["train.patch_size"]) == [128, 256]
+    assert table["best_val_dice"].isna().tolist() == [False, True]
+    assert load_config(tmp_path / "best_config.yaml").train.patch_size == 128
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ConfigError, match=r"every trial ran out of memory.*train.patch_size"),
+    ):
+        tune(
+            load_config(None),
+            synth_dataset,
+            tmp_path / "all",
+            space={"train.patch_size": [256]},
+            **search,
+        )
+    assert not (tmp_path / "all" / "best_config.yaml").exists()
+    dice = {256: 0.8, 128: 0.5}  # the rerun's GPU fits the larger patch
+    monkeypatch.setattr(
+        mlseg.train,
+        "fit",
+        lambda cfg, data, out_dir, **kw: _Trained(cfg, out_dir, dice[cfg.train.patch_size]),
+    )
+    again = tune(load_config(None), synth_dataset, tmp_path, space=space, **search)
+    assert list(again["best_val_dice"]) == [0.8, 0.5]  # tried again, not read back as failed
+    assert load_config(tmp_path / "best_config.yaml").train.patch_size == 256
+
+
+def test_best_config_keeps_the_configs_device_not_the_searchs(synth_dataset, tmp_path, monkeypatch):
+    """mlseg tune --device cpu wrote train.device: cpu into best_config.yaml, and the best
+    config trained on the CPU of a GPU machine; the trials run on the device given, the
+    config written keeps its own (here the default, auto)."""
+    import mlseg.train
+    from mlseg.cli import main
+
+    devices = []
+
+    def fit(cfg, data, out_dir, **kw):
+        devices.append(cfg.train.device)
+        return _Trained(cfg, out_dir)
+
+    monkeypatch.setattr(mlseg.train, "fit", fit)
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {encoder: resnet18}\n")
+    argv = ["tune", str(config), "--data", str(synth_dataset), "--out", str(tmp_path / "out")]
+    argv += ["--param", "train.lr=1e-3,1e-4", "--no-validate", "--device", "cpu"]
+    assert main(argv) == 0
+    assert devices == ["cpu", "cpu"]
+    best = tmp_path / "out" / "best_config.yaml"
+    assert "device" not in best.read_text() and load_config(best).train.device == "auto"

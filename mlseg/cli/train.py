@@ -231,7 +231,8 @@ def tune(
     """Small hyperparameter search; prints the ranked table, writes best_config.yaml."""
     from mlseg.tune import tune as run_tune
 
-    cfg, root = _load(config, data, None, device)
+    # --device for the trials alone: best_config.yaml keeps the config's own
+    cfg, root = _load(config, data, None, None)
     out = out or Path("runs") / f"{config.stem}_tune"
     fingerprint = _validated(config, root, out / "validation", quiet=False) if validate else None
     bar, log = progress_outputs()  # in a job's log, each trial's epochs and a line a minute
@@ -247,6 +248,7 @@ def tune(
         fingerprint_hash=fingerprint,
         progress=bar,
         log=log,
+        device=device,
     )
     typer.echo(table.drop(columns=["out_dir"]).to_string(index=False))
     typer.echo(f"best config: {out / 'best_config.yaml'}")
