@@ -140,7 +140,7 @@ def monitor(
     new_in = ""
     if paths and since_days is not None:
         listed = len(paths)
-        paths = [str(p) for p in recent_images(paths, data_path(results), since_days)]
+        paths = [str(p) for p in recent_images(paths, data_path(results), since_days, now=_due())]
         new_in = f" new in the last {since_days:g} day(s)"
         logger.info("%d of %d image(s) in %s%s", len(paths), listed, images, new_in)
     if not paths:
@@ -192,6 +192,19 @@ def monitor(
     if report.status == "fail":
         raise DriftDetected(f"{images}: {report.message}")
     return result
+
+
+def _due():
+    """When the flow run was due: its scheduled time, where that is past, else now. A late
+    weekly run (its worker down over a weekend, a Late run started on Tuesday) counted its
+    days back from its start: the images segmented between the previous run and that start
+    less ``since_days`` were compared by no run."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    now = datetime.now(UTC)
+    return min(flow_run.scheduled_start_time or now, now)
 
 
 def _publish_history(history: str | None, result: dict[str, Any], logger) -> None:

@@ -2640,6 +2640,54 @@ def test_monitor_window_measures_the_week_s_images_of_an_inbox_that_keeps_them(
     assert half.is_failed() and "results" in half.message
 
 
+def test_a_late_weekly_monitor_run_still_compares_the_images_of_its_whole_week(
+    harness, tmp_path
+) -> None:
+    """A scheduled monitor run that starts late (its worker down over a weekend, a Late run
+    picked up on Tuesday) counted its week back from when it started, not from when it was
+    due: the images segmented between the previous run and the late one's start less 7 days
+    were compared by no run at all. The window now reaches back from the scheduled time."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    from flows.monitor import monitor
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 8, seed=1))
+    inbox = tmp_path / "inbox"
+    images = disc_images(inbox, 3, seed=2)
+    now = datetime.now(UTC)
+    due = now - timedelta(days=2)  # Monday's run, started on Wednesday
+    # segmented before the previous run; after it (due - 6 d), which only this run compares;
+    # and yesterday
+    finished = [now - timedelta(days=20), due - timedelta(days=6), now - timedelta(days=1)]
+    results = tmp_path / "results"
+    results.mkdir()
+    pd.DataFrame(
+        {
+            "image": [p.stem for p in images],
+            "finished_at": [t.strftime("%Y-%m-%dT%H:%M:%S%z") for t in finished],
+        }
+    ).to_csv(results / "summary.csv", index=False)
+    parameters = {
+        "images": str(inbox),
+        "fingerprint": str(reference),
+        "out_dir": str(tmp_path / "m"),
+        "results": str(results),
+        "since_days": 7,
+    }
+    with get_client(sync_client=True) as client:
+        late = client.create_flow_run(
+            monitor, parameters=parameters, state=Scheduled(scheduled_time=due)
+        )
+    state = run_flow(monitor, flow_run=late, parameters=parameters, return_type="state")
+    assert state.is_completed(), state.message
+    drift = json.loads((tmp_path / "m" / "drift.json").read_text())
+    assert drift["n_images"] == 2  # not the one of three weeks ago
+
+
 def test_monitor_window_takes_each_image_s_first_segmentation_time(tmp_path, checkpoint) -> None:
     """The monitor's since_days reads when each image was segmented from summary.csv: the
     segment command and the nightly flow's batches both record it per image, and a rerun that
