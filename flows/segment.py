@@ -484,9 +484,6 @@ def segment_and_quantify(
     from mlseg.segment import (
         check_out_dir,
         check_units_possible,
-        images_by_stem,
-        list_images,
-        own_pixel_sizes,
         subfolders_with_images,
     )
 
@@ -505,10 +502,8 @@ def segment_and_quantify(
         logger.info("no images in %s: nothing to do", src)  # an empty inbox is not an error
         artifacts.markdown("segment-summary", f"No images in {artifacts.code(src)}: nothing to do.")
         return {"out_dir": str(out), "processed": [], "skipped": [], "failed": {}}
-    files = [str(p) for p in list_images(src, out)]
-    stems = list(images_by_stem([Path(p) for p in files]))  # names checked, as segment_folder
-    # as segment_folder: the table's entries for these images, said unused beside one size
-    sizes = own_pixel_sizes(per_image_sizes(pixel_sizes, pixel_size_um), stems, pixel_size_um)
+    table = per_image_sizes(pixel_sizes, pixel_size_um)
+    files, sizes = _listed(src, out, table, pixel_size_um)
     checkpoint, model_desc = resolve_model(model, registry, model_name, model_version)
     prof = resolve_profile(profile, profiles, profile_overrides)
     # micron units no image can have fail the run once, before any work, as segment_folder does
@@ -535,6 +530,13 @@ def segment_and_quantify(
         # the next is due) counted the wait in its throughput
         started, started_at = _run_start()  # a retried flow run's first attempt's
         _forget_written(out, others=True)  # a failed run's: this one redoes or skips
+        # the inbox as it is now: a run that waited for the folder wrote summary.csv and
+        # nuclei.parquet from the images it listed before, leaving out one that came in
+        # meanwhile and that the run it waited for (or another) had segmented
+        if _listed_again(src, out) != files:
+            files, sizes = _listed(src, out, table, pixel_size_um)
+            check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
+            logger.info("%d images in %s once this run had %s", len(files), src, out)
         with runner:
             records = submit_batches(
                 runner,
@@ -648,6 +650,30 @@ def segment_and_quantify(
         raise SegmentFailed(f"{len(failed)} of {len(files)} image(s) failed: {first}")
     _forget_written(out)
     return result
+
+
+def _listed(
+    src: Path, out: Path, table: dict[str, float] | None, pixel_size_um: float | None
+) -> tuple[list[str], dict[str, float]]:
+    """The images of ``src`` to segment, their names checked (as ``segment_folder``), and
+    the entries of the pixel-size ``table`` for them (said unused beside one size for all,
+    ``pixel_size_um``)."""
+    from mlseg.segment import images_by_stem, list_images, own_pixel_sizes
+
+    files = [str(p) for p in list_images(src, out)]
+    stems = list(images_by_stem([Path(p) for p in files]))
+    return files, own_pixel_sizes(table, stems, pixel_size_um)
+
+
+def _listed_again(src: Path, out: Path) -> list[str]:
+    """The images of ``src`` as :func:`_listed` gives them, without saying its warnings again."""
+    import warnings
+
+    from mlseg.segment import list_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [str(p) for p in list_images(src, out)]
 
 
 def run_nuclei(

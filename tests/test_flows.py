@@ -1094,6 +1094,38 @@ def test_a_run_that_waited_for_another_in_its_folder_leaves_the_wait_out_of_its_
     assert seconds < 3600  # from when it had the folder
 
 
+def test_a_run_that_waited_for_its_folder_keeps_the_images_the_other_run_did(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A nightly run waits for the folder while another run (a person's mlseg segment, a
+    later night's run) segments an image that came in after the waiting run listed the
+    inbox: the waiting run then wrote summary.csv and nuclei.parquet from its own list,
+    without that image, whose files were there, until the next night."""
+    from contextlib import contextmanager
+
+    import mlseg.outputs
+    from mlseg.segment import segment_folder
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    late = disc_images(tmp_path / "later", 3, seed=5)[2]
+    held = mlseg.outputs.writing_to
+
+    @contextmanager
+    def after_another_run(out_dir):
+        late.rename(inbox / "img_late.png")  # came in as the run waited
+        segment_folder(checkpoint, inbox, out, profile_name="he", progress=False)
+        with held(out_dir) as folder:
+            yield folder
+
+    monkeypatch.setattr(mlseg.outputs, "writing_to", after_another_run)
+    state = _segment(inbox, out, checkpoint)
+    assert state.is_completed(), state.message
+    assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["img_000", "img_001", "img_late"]
+    assert "img_late" in set(pd.read_parquet(out / "nuclei.parquet")["image"])
+    assert state.result()["skipped"] == ["img_000", "img_001", "img_late"]
+
+
 def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:
     from mlseg.inventory import fingerprint
     from mlseg.monitor import image_stats_table
