@@ -50,7 +50,9 @@ def validation_page(report: ValidationReport, path: str | os.PathLike) -> Report
             page.status(
                 o.rule,
                 "fail" if o.severity == "error" else "warn",
-                f"{o.n_failed:,} of {o.n_checked:,} failed ({o.severity}; suite {o.suite} "
+                f"{o.n_failed:,} of {o.n_checked:,} failed ("
+                + (f"needs {o.bound}; " if o.bound else "")
+                + f"{o.severity}; suite {o.suite} "
                 f"v{o.suite_version}, {o.expectation}" + (f" on {o.column})" if o.column else ")"),
             )
             files = _files(o)

@@ -60,6 +60,10 @@ class Outcome:
     column: str | None
     fix: str
     error: str | None = None
+    #: The rule's bound as its suite's arguments set it (``grey_std >= 0.002``; :func:`bound`),
+    #: shown beside :attr:`fix`, whose words give no number: a lab that edits a threshold
+    #: sees the value it set. Empty where the arguments say nothing a reader needs.
+    bound: str = ""
 
     @property
     def first_failed(self) -> tuple[str, ...]:
@@ -365,7 +369,9 @@ def _context(data_docs_dir: Path | None):
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def _outcome(result: Any, spec: dict[str, Any], exp_spec: dict[str, Any]) -> Outcome:
+def _outcome(
+    result: Any, spec: dict[str, Any], exp_spec: dict[str, Any], params: dict[str, Any]
+) -> Outcome:
     meta = spec["meta"]
     res = result.result or {}
     index_column = meta.get("index_column", "path")
@@ -397,7 +403,64 @@ def _outcome(result: Any, spec: dict[str, Any], exp_spec: dict[str, Any]) -> Out
         column=exp_spec.get("kwargs", {}).get("column"),
         fix=_notes(exp_spec.get("notes")),
         error=error,
+        bound=bound(exp_spec, params),
     )
+
+
+#: What a ``*_to_be_between`` expectation bounds, by its type: its column's values, or one
+#: statistic of them.
+_BETWEEN = {
+    "expect_column_values_to_be_between": "{column}",
+    "expect_column_value_lengths_to_be_between": "length of {column}",
+    "expect_column_min_to_be_between": "min of {column}",
+    "expect_column_max_to_be_between": "max of {column}",
+    "expect_column_mean_to_be_between": "mean of {column}",
+    "expect_column_median_to_be_between": "median of {column}",
+    "expect_column_stdev_to_be_between": "stdev of {column}",
+    "expect_column_sum_to_be_between": "sum of {column}",
+    "expect_column_unique_value_count_to_be_between": "distinct values of {column}",
+    "expect_column_proportion_of_unique_values_to_be_between": "unique share of {column}",
+    "expect_table_row_count_to_be_between": "rows",
+}
+
+
+def bound(exp: dict[str, Any], params: dict[str, Any] | None = None) -> str:
+    """The bound a range or threshold expectation ``exp`` (a suite's JSON entry) sets, in
+    short: ``grey_std >= 0.002``, ``foreground_fraction > 0``, ``0.01 <= pixel_size_um <= 10``,
+    with ``, in at least 95% of rows`` for a ``mostly`` below 1; ``$PARAMETER`` values are
+    taken from ``params``. Empty for other expectations (a set membership on a flag column,
+    ``in {True}``, says nothing the rule's name does not)."""
+    kwargs = exp.get("kwargs") or {}
+    subject = _BETWEEN.get(exp.get("type", ""))
+    if subject is None:
+        return ""
+
+    def value(key: str) -> Any:
+        given = kwargs.get(key)
+        if isinstance(given, dict) and "$PARAMETER" in given:
+            return (params or {}).get(given["$PARAMETER"])
+        return given
+
+    def number(v: Any) -> str:
+        said = repr(v) if isinstance(v, float) else str(v)
+        return said.removesuffix(".0")
+
+    name = subject.format(column=kwargs.get("column"))
+    low, high = value("min_value"), value("max_value")
+    above = ">" if kwargs.get("strict_min") else ">="
+    below = "<" if kwargs.get("strict_max") else "<="
+    if low is not None and high is not None:
+        said = f"{number(low)} {above.replace('>', '<')} {name} {below} {number(high)}"
+    elif low is not None:
+        said = f"{name} {above} {number(low)}"
+    elif high is not None:
+        said = f"{name} {below} {number(high)}"
+    else:
+        return ""
+    mostly = kwargs.get("mostly")
+    if isinstance(mostly, int | float) and not isinstance(mostly, bool) and mostly < 1:
+        said += f", in at least {mostly:.0%} of rows"
+    return said
 
 
 def _exception_message(info: Any) -> str | None:
@@ -514,7 +577,7 @@ def run_suites(
             by_rule = {e["meta"]["rule"]: e for e in spec.get("expectations", [])}
             for item in result.results:
                 rule = (item.expectation_config.meta or {}).get("rule")
-                outcomes.append(_outcome(item, spec, by_rule[rule]))
+                outcomes.append(_outcome(item, spec, by_rule[rule], params))
         if staging is not None and docs_dir is not None:
             try:
                 context.build_data_docs()

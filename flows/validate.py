@@ -97,7 +97,9 @@ def summary_markdown(
     for o in (*report.errors, *report.warnings):
         files = ", ".join(artifacts.code(f) for f in o.first_failed)
         lines.append(
-            f"- **{o.severity}** {artifacts.code(o.rule)}: {o.n_failed} of {o.n_checked} ({files}). "
+            f"- **{o.severity}** {artifacts.code(o.rule)}"
+            + (f" (needs {artifacts.code(o.bound)})" if o.bound else "")
+            + f": {o.n_failed} of {o.n_checked} ({files}). "
             f"{artifacts.plain(o.fix)}"
         )
     unreadable = read_errors(inventory) if inventory is not None else []

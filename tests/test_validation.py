@@ -149,6 +149,82 @@ def test_a_rule_a_lab_adds_runs_and_a_new_threshold_takes_effect(tmp_path, nucle
     )
 
 
+def test_an_edited_threshold_is_the_one_the_cli_and_validation_html_give(tmp_path, nuclei_dataset):
+    """A lab that raised not_blank's and mask_filled's bounds saw the new values in the Data
+    Docs only: the CLI's line and validation.html gave the notes, which said 'constant
+    within half a grey level' and 'Fewer than 20%' of images and masks far from either."""
+    import io
+
+    from rich.console import Console
+
+    from flows.validate import summary_markdown
+    from mlseg.cli.validate import print_report
+
+    def edit(spec: dict) -> None:
+        rules = {e["meta"]["rule"]: e for e in spec["expectations"]}
+        rules["not_blank"]["kwargs"]["min_value"] = 0.5  # above every image's grey_std
+        rules["mask_filled"]["kwargs"]["min_value"] = 0.99  # above every mask's interior
+
+    suites = edited_suites(tmp_path, "dataset_errors", edit)
+    report = validate_dataset(
+        nuclei_dataset(n_train=1, n_test=1), tmp_path / "out", suites_dir=suites
+    )
+    assert report.failed_rules() == ["mask_filled", "not_blank"]
+    console = Console(file=io.StringIO(), width=100_000)
+    print_report(report, console)
+    lines = console.file.getvalue().splitlines()
+    said = {
+        rule: [line for line in lines if line.startswith(rule)] for rule in report.failed_rules()
+    }
+    assert said["not_blank"][0].startswith("not_blank (needs grey_std >= 0.5): The image is blank")
+    assert said["mask_filled"][0].startswith("mask_filled (needs interior_fraction >= 0.99): ")
+    assert not re.search(r"half a grey|20 ?%", " ".join(said["not_blank"] + said["mask_filled"]))
+    page = (tmp_path / "out" / "validation.html").read_text()
+    assert "needs grey_std &gt;= 0.5;" in page and "needs interior_fraction &gt;= 0.99;" in page
+    assert not re.search(r"half a grey|20 ?%", page)
+    assert "`not_blank` (needs `grey_std >= 0.5`): 2 of 2" in summary_markdown(report)
+
+
+def test_the_shipped_notes_state_no_bound_the_suite_sets():
+    """The notes are what to do, shown beside the bound their rule's arguments set: a number
+    in them ('Over 30%') is the one a lab's edit of the arguments leaves behind."""
+    from expectations.runner import bound
+
+    for suite in load_suites():
+        for exp in suite["expectations"]:
+            said = bound(exp, {"min_images_per_split": 1})
+            if not said:
+                continue
+            values = [v for k, v in exp["kwargs"].items() if k in ("min_value", "max_value")]
+            for v in (v for v in values if isinstance(v, int | float)):
+                forms = {f"{v:g}", f"{v * 100:g}%", f"{v * 100:g} %"}
+                forms |= {"half"} if v == 0.5 else set()
+                forms |= {"within half a grey level"} if v == 0.002 else set()
+                notes = exp["notes"]
+                assert not [
+                    f for f in forms if re.search(rf"(?<![\w.]){re.escape(f)}(?![\w.])", notes)
+                ], (exp["meta"]["rule"], notes)
+
+
+def test_the_bound_beside_each_failure_is_the_suites_own():
+    from expectations.runner import bound
+
+    def between(**kwargs) -> dict:
+        return {"type": "expect_column_values_to_be_between", "kwargs": {"column": "x", **kwargs}}
+
+    assert bound(between(min_value=0.002)) == "x >= 0.002"
+    assert bound(between(min_value=0.0, strict_min=True)) == "x > 0"
+    assert bound(between(max_value=10.0)) == "x <= 10"
+    assert bound(between(min_value=0.01, max_value=10, mostly=0.95)) == (
+        "0.01 <= x <= 10, in at least 95% of rows"
+    )
+    assert bound(between(min_value={"$PARAMETER": "n"}), {"n": 3}) == "x >= 3"
+    # a flag's set membership says no more than the rule's name
+    flag = {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "x"}}
+    assert bound({**flag, "kwargs": {**flag["kwargs"], "value_set": [True]}}) == ""
+    assert bound(between()) == ""
+
+
 def test_a_suite_copied_under_its_old_name_is_a_config_error(tmp_path, nuclei_dataset):
     """Great Expectations refused the second suite of one name with a traceback."""
 

@@ -14,7 +14,8 @@ LOG_WIDTH = 100_000  # Rich's width where stdout is no terminal: tables as wide 
 
 def print_report(report: Any, console: Any = None) -> None:
     """Rich table, one row per expectation (failed errors, failed warnings, then passes),
-    then what to do for each failure. File names and messages are printed as they are, as
+    then what to do for each failure, after the bound its suite sets (``not_blank (needs
+    grey_std >= 0.002): ...``: the notes give no number, a lab may edit it). File names and messages are printed as they are, as
     Text: Rich took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``, and
     ``:b:`` in ``well:b:03.png`` for an emoji code and showed ``well🅱03.png``."""
     from rich.console import Console
@@ -51,7 +52,8 @@ def print_report(report: Any, console: Any = None) -> None:
     for o in order:
         if not o.success:
             colour = "red" if o.severity == "error" else "yellow"
-            console.print(Text.assemble((o.rule, colour), ": ", o.fix))
+            bound = f" (needs {o.bound})" if o.bound else ""
+            console.print(Text.assemble((o.rule, colour), bound, ": ", o.fix))
 
 
 def _print_inventory(inventory: str | None, profile: tuple[Any, float | None]) -> None:
