@@ -613,9 +613,19 @@ def _scale_advice(
     also drifted less sharp (:data:`FOCUS_STATISTIC`): blur spreads nuclei as a higher
     magnification enlarges them (GBM40 tiles blurred by a sigma of 2-4 px read 1.5x), so
     the advice names focus first; a pixel size given to blurred images at the training
-    scale would have segment resample them wrongly."""
+    scale would have segment resample them wrongly. A median within
+    :data:`mlseg.scale.SCALE_TOLERANCE` of the training one (as :func:`mlseg.scale.scale_factor`
+    judges it) is the training scale: no change of magnification to advise."""
     ratio = new_median / reference_median if reference_median > 0 else np.nan
     size = f"{ratio:.2g}x the training size" if np.isfinite(ratio) else "another size"
+    if np.isfinite(ratio) and scale_factor(new_median, reference_median) == 1.0:
+        # a batch at 0.98x was told of another magnification and to give a pixel size, by
+        # which segment would resample it for a difference its scale estimate ignores
+        return (
+            f"nuclei appear {size} in pixels, within the {SCALE_TOLERANCE:.0%} that segment "
+            "takes as the model's scale: not another magnification, no pixel size to give; "
+            "the mix of nucleus sizes moved (another tissue, grade or cell population?)"
+        )
     if blurrier and not ratio < 1:
         return (
             f"nuclei appear {size} in pixels, and the images are less sharp than the "

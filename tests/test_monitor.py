@@ -1157,3 +1157,26 @@ def test_blurred_real_tiles_are_not_told_to_declare_another_pixel_size(shared_da
     halved = monitor.drift_report(_stats(_at_half_scale(sharp)), fp)
     note = halved.table.set_index("statistic").loc["nucleus_scale_px", "note"]
     assert "focus" not in note and "pixel size" in note, note
+
+
+def test_a_drift_inside_the_scale_tolerance_is_not_told_to_give_a_pixel_size() -> None:
+    """Nuclei at 0.98x the training size in pixels, a tight training spread: the scale row
+    failed on the batch test and advised another magnification and a pixel size, by which
+    segment would resample images its scale estimate takes as at the model's scale (within
+    SCALE_TOLERANCE). Outside it (0.8x) the advice stands."""
+    training = pd.DataFrame({column: np.linspace(0.0, 1.0, 40) for column in STAT_COLUMNS})
+    training["nucleus_scale_px"] = np.linspace(9.0, 11.0, 40)
+    prints = _fingerprint_of(training)
+    only = MonitorConfig(statistics=("nucleus_scale_px",))
+
+    def scale_row(median: float) -> pd.Series:
+        new = pd.DataFrame({"nucleus_scale_px": median + np.linspace(-0.05, 0.05, 12)})
+        return monitor.drift_report(new, prints, only).table.set_index("statistic").iloc[0]
+
+    near = scale_row(9.8)
+    assert near["status"] == "fail"  # the batch did move
+    assert "0.98x" in near["note"] and "within the 15%" in near["note"], near["note"]
+    assert "give these images their pixel size" not in near["note"]
+    assert "magnification or scanner" not in near["note"]
+    far = scale_row(8.0)
+    assert far["status"] == "fail" and "give these images their pixel size" in far["note"]
