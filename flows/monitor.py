@@ -4,8 +4,11 @@ Statistics of the new images are computed in batches (parallel tasks, retried on
 I/O errors), compared with the fingerprint by :func:`mlseg.monitor.drift_report`, and
 published as a table artifact. A drifted batch adds a warning artifact; drift above
 ``monitor.psi_fail`` ends the flow ``Failed`` (:class:`mlseg.monitor.DriftDetected`), so a
-scheduled monitor alerts through Prefect's usual failure notifications. An existing folder
-without images (a week without new slides) is nothing to compare, not a failure.
+scheduled monitor alerts through Prefect's usual failure notifications. Each run adds a row
+to ``drift_history.csv`` in its output folder, by which a drift says since when it has lasted
+(:func:`mlseg.monitor.with_drift_history`): a daily run's seventh alert of one drift says so.
+An existing folder without images (a week without new slides) is nothing to compare, not a
+failure.
 """
 
 from __future__ import annotations
@@ -72,17 +75,19 @@ def monitor(
 ) -> dict[str, Any]:
     """Compare the images in ``images`` with the training ``fingerprint`` (``fingerprint.json``).
 
-    Writes ``drift.csv`` and ``drift.json`` to ``out_dir``; publishes the drift table, a
-    warning on drift, and the run history (``history``, as appended by
-    ``segment-and-quantify``) if given. Fails on drift above ``monitor.psi_fail``.
+    Writes ``drift.csv`` and ``drift.json`` to ``out_dir`` and appends a row to its
+    ``drift_history.csv`` (a run with no image to compare too), by which a drift says since
+    when it has lasted; publishes the drift table, a warning on drift, and the run history
+    (``history``, as appended by ``segment-and-quantify``) if given. Fails on drift above
+    ``monitor.psi_fail``.
 
     Args:
         images: Folder of new images (or its ``original/`` subfolder), or one image file. Relative:
             under ``MLSEG_DATA_DIR`` if set.
         fingerprint: ``fingerprint.json`` that ``validate-dataset`` wrote for the training data.
             Relative: under ``MLSEG_DATA_DIR`` if set.
-        out_dir: Output folder for ``drift.csv`` and ``drift.json``. Relative: under
-            ``MLSEG_DATA_DIR`` if set.
+        out_dir: Output folder for ``drift.csv``, ``drift.json`` and ``drift_history.csv``
+            (one row per run, kept). Relative: under ``MLSEG_DATA_DIR`` if set.
         config: Run config YAML whose ``monitor`` section sets the drift thresholds; empty:
             defaults. Relative: under ``MLSEG_DATA_DIR`` if set.
         overrides: Run config sections to change, e.g. ``{"monitor": {"psi_fail": 0.8}}``.
@@ -107,12 +112,16 @@ def monitor(
     from mlseg.errors import ConfigError, DatasetError
     from mlseg.io import write_table, write_text, written_together
     from mlseg.monitor import (
+        DRIFT_HISTORY,
         DriftDetected,
         SubfoldersOnly,
+        append_history,
+        drift_history_row,
         drift_report,
         list_new_images,
         load_fingerprint,
         recent_images,
+        with_drift_history,
         with_segment_records,
     )
 
@@ -130,6 +139,10 @@ def monitor(
         for p, n in ((images, "images"), (fingerprint, "fingerprint"), (out_dir, "out_dir"))
     )
     history = str(data_path(history)) if history else None
+    out = Path(out_dir)
+    drift_history = out / DRIFT_HISTORY
+    # a retried run's row replaces its failed attempt's
+    ran = {"images": images, "since_days": since_days, "run_id": _flow_run_id()}
     reference = load_fingerprint(fingerprint)
     try:
         paths = [str(p) for p in list_new_images(images)]
@@ -148,7 +161,13 @@ def monitor(
         artifacts.markdown(
             "drift-report", f"No images{new_in} in {artifacts.code(images)}: nothing to compare."
         )
-        result = {"status": "skipped", "message": f"no images{new_in}", "n_images": 0}
+        append_history(drift_history, drift_history_row(None, **ran))
+        result = {
+            "status": "skipped",
+            "message": f"no images{new_in}",
+            "n_images": 0,
+            "drift_history_csv": str(drift_history),
+        }
         _publish_history(history, result, logger)
         return result
     params, stain = reference.get("image_stats_params"), reference.get("stain")
@@ -159,13 +178,15 @@ def monitor(
     new = pd.DataFrame(rows)
     if results:  # how segment scaled them, and the pixel sizes it used
         new = with_segment_records(new, data_path(results))
-    report = drift_report(new, reference, cfg)
-    out = Path(out_dir)
+    # since when each drift has lasted, by the runs before this one
+    report = with_drift_history(drift_report(new, reference, cfg), drift_history)
     # both or neither: a disk that filled at drift.json left this run's table beside the
     # previous run's status, which the pipeline's report reads
     with written_together(out) as staging:
         write_table(report.table, staging / "drift.csv")
         write_text(staging / "drift.json", json.dumps(report.as_dict(), indent=2, default=str))
+    # after them: a run whose drift.json could not be written is no run to count
+    append_history(drift_history, drift_history_row(report, **ran))
     drift_csv, drift_json = out / "drift.csv", out / "drift.json"
     artifacts.table(
         "drift-report",
@@ -180,6 +201,7 @@ def monitor(
         "n_images": report.n_images,
         "drift_csv": str(drift_csv),
         "drift_json": str(drift_json),
+        "drift_history_csv": str(drift_history),
     }
     _publish_history(history, result, logger)
     artifacts.outputs(
@@ -192,6 +214,13 @@ def monitor(
     if report.status == "fail":
         raise DriftDetected(f"{images}: {report.message}")
     return result
+
+
+def _flow_run_id() -> str:
+    """This flow run's id (empty outside one)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.id or ""
 
 
 def _due():

@@ -25,6 +25,10 @@ Which images are new (:func:`recent_images`): those a segmentation run's ``summa
 says it segmented in the last days, and those it has not segmented yet; an inbox keeps
 every image it received.
 
+Each run's verdict is kept (:func:`drift_history_row`, appended to :data:`DRIFT_HISTORY`
+beside ``drift.csv``), and a drift says since when it has lasted by the runs before
+(:func:`with_drift_history`).
+
 Run metrics (:func:`run_metrics`): throughput, nuclei per image and nucleus-area deciles of
 one segmentation run, appended to a history table (:func:`append_history`). Each run also
 keeps its raw distributions (:func:`distributions`), so the next run's shift
@@ -39,6 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -1181,3 +1186,117 @@ def append_history(path: str | os.PathLike, row: dict[str, Any]) -> pd.DataFrame
     finally:
         lock.release()
     return table
+
+
+# ----------------------------------------------------------------------------- drift history
+
+#: Beside ``drift.csv``: one row per monitor run (:func:`drift_history_row`, appended by
+#: :func:`append_history`), by which a drift says since when it has lasted
+#: (:func:`with_drift_history`); drift.csv and drift.json hold the latest run alone.
+DRIFT_HISTORY = "drift_history.csv"
+DRIFT_HISTORY_COLUMNS = (
+    "run_id",
+    "run_at",
+    "images",
+    "since_days",
+    "n_images",
+    "status",
+    "warn",
+    "fail",
+)
+
+
+def drift_history_row(
+    report: DriftReport | None,
+    *,
+    images: str | os.PathLike,
+    since_days: float | None = None,
+    run_id: str = "",
+    run_at: datetime | None = None,
+) -> dict[str, Any]:
+    """One :data:`DRIFT_HISTORY` row (columns :data:`DRIFT_HISTORY_COLUMNS`): when the run
+    was (``run_at``, default now, ISO 8601 in UTC), what it compared (``images``, the window
+    ``since_days``, empty for every image), its verdict and the statistics at ``warn`` and at
+    ``fail`` (names separated by spaces). ``report`` None: a run with no image to compare
+    (``skipped``)."""
+    when = (run_at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+    row: dict[str, Any] = {
+        "run_id": run_id,
+        "run_at": when,
+        "images": os.fspath(images),
+        "since_days": np.nan if since_days is None else float(since_days),
+        "n_images": 0,
+        "status": "skipped",
+        "warn": "",
+        "fail": "",
+    }
+    if report is not None:
+        table = report.table
+        row.update(n_images=report.n_images, status=report.status)
+        for status in ("warn", "fail"):
+            row[status] = " ".join(table.loc[table["status"] == status, "statistic"].astype(str))
+    return row
+
+
+def _drifted_runs(history: pd.DataFrame) -> list[tuple[str, dict[str, str]]]:
+    """``(run_at, {statistic: status})`` of each run of ``history`` (a :data:`DRIFT_HISTORY`
+    table) that compared images, latest first."""
+    runs = []
+    for row in reversed(history.to_dict(orient="records")):
+        if str(row.get("status")) not in ("ok", "warn", "fail"):
+            continue  # no image new in the window: neither ends a drift nor continues it
+        drifted = {}
+        for status in ("warn", "fail"):
+            value = row.get(status)
+            names = str(value).split() if isinstance(value, str) else []
+            drifted.update(dict.fromkeys(names, status))
+        runs.append((str(row.get("run_at", "")), drifted))
+    return runs
+
+
+def drift_lasting(history: pd.DataFrame, report: DriftReport) -> dict[str, tuple[str, int]]:
+    """Since when each statistic drifted in ``report`` has drifted, by the runs before it in
+    ``history`` (a :data:`DRIFT_HISTORY` table): ``{statistic: (words, runs)}``, the words
+    ``fail since 2026-11-02, 3 runs`` where it drifted in each run back to that day's (this
+    one counted in ``runs``), ``fail, drifted since ...`` where those runs had it at the
+    other status, ``fail, new`` (1 run) where the run before did not have it drifted."""
+    table = report.table
+    now = table.loc[table["status"].isin(["warn", "fail"]), ["statistic", "status"]]
+    runs = _drifted_runs(history) if not history.empty and not now.empty else []
+    lasting = {}
+    for statistic, status in now.itertuples(index=False):
+        lasted = list(takewhile(lambda run, s=statistic: s in run[1], runs))
+        if not lasted:
+            lasting[statistic] = (f"{status}, new", 1)
+            continue
+        began = lasted[-1][0]
+        first = _aware_time(began)
+        day = first.astimezone(UTC).date().isoformat() if first else began
+        same = all(drifted[statistic] == status for _, drifted in lasted)
+        words = f"{status}{'' if same else ', drifted'} since {day}, {len(lasted) + 1} runs"
+        lasting[statistic] = (words, len(lasted) + 1)
+    return lasting
+
+
+def with_drift_history(report: DriftReport, history: str | os.PathLike) -> DriftReport:
+    """``report`` whose message says since when its drift has lasted by the runs in
+    ``history`` (a :data:`DRIFT_HISTORY` file; none yet: every drift is new,
+    :func:`drift_lasting`): first that of the longest-lasting statistic at the batch's status
+    (``Fail since 2026-11-02, 3 runs (drift_history.csv): drift in ...``), and at the end each
+    statistic's, where they differ. A run that drifted daily for a week raised the same alert
+    seven times, nothing saying it was one drift."""
+    lasting = drift_lasting(read_history(history), report)
+    if not lasting:
+        return report
+    table = report.table.set_index("statistic")
+    worst = [s for s in lasting if table.loc[s, "status"] == report.status]
+    lead = lasting[max(worst, key=lambda s: lasting[s][1])][0]
+    message = f"{lead[0].upper()}{lead[1:]} ({Path(history).name}): {report.message}"
+    named: dict[str, list[str]] = {}
+    for statistic, (words, _) in lasting.items():
+        named.setdefault(words, []).append(statistic)
+    if len(named) > 1:
+        message += ". By statistic: " + "; ".join(
+            f"{', '.join(names)} {words}" for words, names in named.items()
+        )
+    return DriftReport(report.table, report.status, report.n_images, message)

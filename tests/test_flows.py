@@ -1201,6 +1201,35 @@ def test_monitor_flow_passes_similar_images_and_fails_on_drift(harness, tmp_path
     assert {"drift-report", "drift-warning"} <= keys
 
 
+def test_monitor_flow_runs_over_one_drift_say_since_when_it_has_lasted(harness, tmp_path) -> None:
+    """The flow overwrote drift.csv and drift.json each run: a weekly monitor failed on one
+    drift each week, nothing saying it was the same. Each run now adds a row to
+    drift_history.csv in its folder, a week without new images too, which neither ends
+    the drift nor continues it; the second drifted run says since the first."""
+    from flows.monitor import monitor
+    from mlseg.io import read_image, write_image
+    from mlseg.monitor import read_history
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 30, seed=1))
+    dark = tmp_path / "dark"
+    for path in disc_images(tmp_path / "src", 12, seed=3):
+        write_image(dark / path.name, (read_image(path) * 0.4).astype(np.uint8))
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "m"
+    first = monitor(str(dark), str(reference), str(out), return_state=True)
+    assert first.is_failed() and "Fail, new (drift_history.csv)" in first.message
+    assert monitor(str(tmp_path / "empty"), str(reference), str(out)).get("status") == "skipped"
+    state = monitor(str(dark), str(reference), str(out), return_state=True)
+    history = read_history(out / "drift_history.csv")
+    day = history["run_at"].iloc[0][:10]
+    assert state.is_failed() and f"Fail since {day}, 2 runs (drift_history.csv)" in state.message
+    assert history["status"].tolist() == ["fail", "skipped", "fail"]
+    assert history["n_images"].tolist() == [12, 0, 12]
+    assert "mean_c0" in history["fail"].iloc[2].split()
+    said = json.loads((out / "drift.json").read_text())["message"]  # the report's, as well
+    assert said.startswith(f"Fail since {day}, 2 runs (drift_history.csv): drift in 12 image(s)")
+
+
 def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
     harness, tmp_path, monkeypatch
 ) -> None:
@@ -1211,8 +1240,9 @@ def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
     from mlseg.errors import OutputError
     from mlseg.io import WRITTEN_TOGETHER_LOCK
 
-    def files() -> dict[str, bytes]:  # all but the lock each set is moved in under
-        return {p.name: p.read_bytes() for p in out.iterdir() if p.name != WRITTEN_TOGETHER_LOCK}
+    def files() -> dict[str, bytes]:  # all but the locks the files are written under
+        locks = (WRITTEN_TOGETHER_LOCK, ".drift_history.csv.lock")
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.name not in locks}
 
     reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 12, seed=1))
     out = tmp_path / "m"
@@ -1221,7 +1251,7 @@ def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
         str(tmp_path / "week1"), str(reference), str(out), return_state=True
     ).is_completed()
     before = files()
-    assert set(before) == {"drift.csv", "drift.json"}
+    assert set(before) == {"drift.csv", "drift.json", "drift_history.csv"}
     write_text = mlseg.io.write_text
 
     def full(path, text):
@@ -1234,7 +1264,7 @@ def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
     disc_images(tmp_path / "week2", 4, seed=5)
     state = monitor(str(tmp_path / "week2"), str(reference), str(out), return_state=True)
     assert state.is_failed()
-    assert files() == before  # nothing else there
+    assert files() == before  # nothing else there, no run counted in the history
     with pytest.raises(OutputError, match="no space left on device") as caught:
         state.result()
     assert str(caught.value).startswith(f"{out}: ")

@@ -1180,3 +1180,106 @@ def test_a_drift_inside_the_scale_tolerance_is_not_told_to_give_a_pixel_size() -
     assert "magnification or scanner" not in near["note"]
     far = scale_row(8.0)
     assert far["status"] == "fail" and "give these images their pixel size" in far["note"]
+
+
+def _drift_command(tmp_path, fingerprint: dict, capsys):
+    """``run(folder)``: ``mlseg monitor folder --out tmp_path/m/drift.csv``'s exit code and
+    what it said; and the folders ``dark`` (drifted) and ``same`` (training-like)."""
+    import json
+
+    from mlseg.cli import main
+    from mlseg.io import write_image
+
+    (tmp_path / "fingerprint.json").write_text(json.dumps(fingerprint))
+    for i, image in enumerate(_he_images(8, seed=8)):
+        write_image(tmp_path / "same" / f"{i}.png", image)
+        write_image(tmp_path / "dark" / f"{i}.png", (image * 0.4).astype(np.uint8))
+    args = ["--fingerprint", str(tmp_path / "fingerprint.json")]
+
+    def run(folder: str) -> tuple[int, str]:
+        code = main(["monitor", str(tmp_path / folder), *args, "--out", str(tmp_path / "m/d.csv")])
+        said = capsys.readouterr()
+        return code, said.out + said.err
+
+    return run
+
+
+def test_monitor_runs_over_one_drift_say_since_when_it_has_lasted(
+    tmp_path, he_fingerprint, capsys
+) -> None:
+    """drift.csv was overwritten by each run and kept no history: a daily monitor raised
+    one drift's alert every day, nothing saying it was the same drift. Each run now adds a
+    row to drift_history.csv, and the third run of the same drift says since the first;
+    a run without it ends it, and the next drift is new."""
+    from mlseg.monitor import read_history
+
+    run = _drift_command(tmp_path, he_fingerprint, capsys)
+    history = tmp_path / "m" / "drift_history.csv"
+    code, said = run("dark")
+    assert code == 1 and "mean_c0" in said and "Fail, new (drift_history.csv): " in said, said
+    # the first run as if on another day: the day is the first run's
+    table = read_history(history)
+    table.loc[0, "run_at"] = "2026-11-02T06:00:00+00:00"
+    table.to_csv(history, index=False)
+    assert run("dark")[0] == 1
+    code, said = run("dark")
+    assert code == 1 and "Fail since 2026-11-02, 3 runs (drift_history.csv): " in said, said
+    assert ", new" not in said
+    table = read_history(history)
+    assert table["status"].tolist() == ["fail"] * 3
+    assert table["fail"].str.split().map(lambda s: "mean_c0" in s).all()
+    assert table["n_images"].tolist() == [8] * 3
+    assert run("same")[0] == 0
+    code, said = run("dark")
+    assert code == 1 and "Fail, new (drift_history.csv)" in said and "since" not in said, said
+    assert read_history(history)["status"].tolist() == ["fail"] * 3 + ["ok", "fail"]
+
+
+def test_a_failed_write_of_the_drift_history_keeps_its_rows(
+    tmp_path, he_fingerprint, capsys, monkeypatch
+) -> None:
+    """A disk that fills while the drift history is written, half of it on disk: the rows
+    of the runs before are kept whole, and the error names the history."""
+    import errno
+    from pathlib import Path
+
+    run = _drift_command(tmp_path, he_fingerprint, capsys)
+    history = tmp_path / "m" / "drift_history.csv"
+    assert run("dark")[0] == 1 and run("same")[0] == 0
+    before = history.read_bytes()
+    to_csv = pd.DataFrame.to_csv
+
+    def full(self, path=None, *args, **kwargs):
+        if "drift_history" not in str(path):
+            return to_csv(self, path, *args, **kwargs)
+        Path(path).write_bytes(before[: len(before) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    code, said = run("dark")
+    assert code == 2 and f"{history}: cannot be written (no space left on device)" in said
+    assert history.read_bytes() == before
+    monkeypatch.undo()
+    code, said = run("dark")  # the history read back: this drift is new, the one before ended
+    assert code == 1 and "Fail, new (drift_history.csv)" in said
+
+
+def test_a_drift_that_changed_status_or_skipped_a_week_still_says_since_when() -> None:
+    """A statistic at warn, then fail, with a week without new images between: its drift
+    began at the warn (a week with nothing to compare neither ends it nor continues it);
+    one that did not drift in the run before is new."""
+    history = pd.DataFrame(
+        {
+            "run_at": ["2026-10-26T06:00:00+00:00", "2026-11-02T06:00:00+00:00"]
+            + ["2026-11-09T06:00:00+00:00", "2026-11-16T06:00:00+00:00"],
+            "status": ["ok", "warn", "fail", "skipped"],
+            "warn": [np.nan, "mean_c0", np.nan, np.nan],
+            "fail": [np.nan, "std_c0", "mean_c0", np.nan],
+        }
+    )
+    table = pd.DataFrame({"statistic": ["mean_c0", "std_c0"], "status": ["fail", "warn"]})
+    report = monitor.DriftReport(table, "fail", 8, "drift in 8 image(s)")
+    assert monitor.drift_lasting(history, report) == {
+        "mean_c0": ("fail, drifted since 2026-11-02, 3 runs", 3),
+        "std_c0": ("warn, new", 1),
+    }

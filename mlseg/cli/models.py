@@ -190,7 +190,13 @@ def monitor_cmd(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML config (monitor section used).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the drift table here (CSV).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the drift table here (CSV); drift_history.csv beside it gains a row "
+            "per run, by which a drift says since when it has lasted."
+        ),
+    ] = None,
     since_days: Annotated[
         float | None,
         typer.Option(
@@ -211,18 +217,28 @@ def monitor_cmd(
     from mlseg.errors import ConfigError
     from mlseg.io import write_table
     from mlseg.monitor import (
+        DRIFT_HISTORY,
         DriftDetected,
+        append_history,
+        drift_history_row,
         drift_report,
         image_stats_table,
         list_new_images,
         load_fingerprint,
         recent_images,
+        with_drift_history,
         with_segment_records,
     )
 
     if out is not None and out.is_dir():
         raise ConfigError(
             f"{out}: a folder; --out names the CSV file to write (e.g. {out / 'drift.csv'})"
+        )
+    history = out.with_name(DRIFT_HISTORY) if out is not None else None
+    if out is not None and out.name == DRIFT_HISTORY:
+        raise ConfigError(
+            f"{out}: the history of drift runs kept beside the drift table; --out names "
+            f"the drift table (e.g. {out.with_name('drift.csv')})"
         )
     if since_days is not None and results is None:
         raise ConfigError(
@@ -235,6 +251,10 @@ def monitor_cmd(
     if since_days is not None:
         paths = recent_images(paths, results, since_days)
         if not paths:
+            if history is not None:
+                append_history(
+                    history, drift_history_row(None, images=images, since_days=since_days)
+                )
             typer.echo(f"no images new in the last {since_days:g} day(s) in {images}")
             return
     bar, log = progress_outputs()
@@ -249,7 +269,9 @@ def monitor_cmd(
         new = with_segment_records(new, results)
     report = drift_report(new, reference, cfg)
     if out is not None:
+        report = with_drift_history(report, history)  # since when each drift has lasted
         write_table(report.table, out)
+        append_history(history, drift_history_row(report, images=images, since_days=since_days))
     shown = report.table[
         ["statistic", "status", "psi", "p_value", "new_median", "reference_median"]
     ]
