@@ -484,6 +484,8 @@ def segment_and_quantify(
     from mlseg.segment import (
         check_out_dir,
         check_units_possible,
+        list_images,
+        said_before,
         subfolders_with_images,
     )
 
@@ -533,10 +535,11 @@ def segment_and_quantify(
         # the inbox as it is now: a run that waited for the folder wrote summary.csv and
         # nuclei.parquet from the images it listed before, leaving out one that came in
         # meanwhile and that the run it waited for (or another) had segmented
-        if _listed_again(src, out) != files:
-            files, sizes = _listed(src, out, table, pixel_size_um)
-            check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
-            logger.info("%d images in %s once this run had %s", len(files), src, out)
+        with said_before():
+            if list_images(src, out) != [Path(p) for p in files]:
+                files, sizes = _listed(src, out, table, pixel_size_um)
+                check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
+                logger.info("%d images in %s once this run had %s", len(files), src, out)
         with runner:
             records = submit_batches(
                 runner,
@@ -655,25 +658,12 @@ def segment_and_quantify(
 def _listed(
     src: Path, out: Path, table: dict[str, float] | None, pixel_size_um: float | None
 ) -> tuple[list[str], dict[str, float]]:
-    """The images of ``src`` to segment, their names checked (as ``segment_folder``), and
-    the entries of the pixel-size ``table`` for them (said unused beside one size for all,
-    ``pixel_size_um``)."""
-    from mlseg.segment import images_by_stem, list_images, own_pixel_sizes
+    """The images of ``src`` to segment and the entries of the pixel-size ``table`` for them,
+    as ``segment_folder`` lists them (:func:`mlseg.segment.images_to_segment`)."""
+    from mlseg.segment import images_to_segment
 
-    files = [str(p) for p in list_images(src, out)]
-    stems = list(images_by_stem([Path(p) for p in files]))
-    return files, own_pixel_sizes(table, stems, pixel_size_um)
-
-
-def _listed_again(src: Path, out: Path) -> list[str]:
-    """The images of ``src`` as :func:`_listed` gives them, without saying its warnings again."""
-    import warnings
-
-    from mlseg.segment import list_images
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [str(p) for p in list_images(src, out)]
+    by_stem, sizes = images_to_segment(src, out, table, pixel_size_um)
+    return [str(p) for p in by_stem.values()], sizes
 
 
 def run_nuclei(

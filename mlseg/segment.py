@@ -776,6 +776,29 @@ def images_by_stem(files: Sequence[Path]) -> dict[str, Path]:
     return by_stem
 
 
+def images_to_segment(
+    folder: Path,
+    out_dir: str | Path,
+    pixel_sizes: Mapping[str, float] | None,
+    pixel_size_um: float | None,
+) -> tuple[dict[str, Path], dict[str, float]]:
+    """``{stem: image}`` of ``folder``'s images (:func:`list_images`, :func:`images_by_stem`)
+    and the entries of the pixel-size table ``pixel_sizes`` for them (:func:`own_pixel_sizes`;
+    ``pixel_size_um``: the one size given for every image)."""
+    by_stem = images_by_stem(list_images(folder, out_dir))
+    return by_stem, own_pixel_sizes(pixel_sizes, list(by_stem), pixel_size_um)
+
+
+@contextlib.contextmanager
+def said_before() -> Iterator[None]:
+    """Keep quiet the warnings of a listing done again, as a run takes its output folder
+    (:func:`mlseg.outputs.writing_to`), for an image that came in as it waited: the first
+    listing said them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, hidden ones (``._x.png``, ``.ipynb_checkpoints``)
     left out, sorted by name."""
@@ -1006,53 +1029,51 @@ def _run_folder(
 ) -> SegmentResult:
     result = SegmentResult(out_dir=out_dir)
     nuclei = RunNuclei(out_dir)  # each image's table, for the run's nuclei.parquet
-    with writing_to(out_dir):  # one run at a time: its images' files are all its own
-        # counted from here: the wait for another run's lock is no image's time
-        said = ProgressLog(desc, len(items), "images", log)
-        for stem, path in _progress(items, progress, desc):
-            done = image_done(out_dir, stem, expect(stem))
-            if done is not None:
-                result.skipped.append(stem)
-                result.summaries.append(done)
-                nuclei.add_done(done)  # its table read only if the run's is written
-                said.step("skipped")
-                continue
-            started = time.perf_counter()
-            try:
-                image, labels, table, summary = work(stem, path)
-            except MlsegError as err:
-                result.failed[str(path)] = str(err)
-                said.step("failed")
-                continue
-            summary = {
-                "image": stem,
-                "image_file": str(path),
-                **expect(stem),
-                **summary,
-                # the image's own: a later run that skips it may be another mlseg's
-                "mlseg_version": run_info["mlseg_version"],
-                "seconds": round(time.perf_counter() - started, 3),
-                # when it was new (drift window): kept by every rerun that skips or redoes it
-                "finished_at": first_finished_at(out_dir, stem, expect(stem)["input_digest"]),
-            }
-            written, tagged = write_image_outputs_tagged(
-                out_dir, stem, image, labels, table, summary
-            )
-            result.processed.append(stem)
-            result.summaries.append(written)
-            nuclei.add(tagged)  # as its <stem>_nuclei.parquet holds it
-            said.step()
-        said.close()
-        run_info = {
-            **run_info,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "processed": result.processed,
-            "skipped": result.skipped,
-            "failed": result.failed,
+    # counted from here, the caller holding the folder: the wait for another run's lock is
+    # no image's time
+    said = ProgressLog(desc, len(items), "images", log)
+    for stem, path in _progress(items, progress, desc):
+        done = image_done(out_dir, stem, expect(stem))
+        if done is not None:
+            result.skipped.append(stem)
+            result.summaries.append(done)
+            nuclei.add_done(done)  # its table read only if the run's is written
+            said.step("skipped")
+            continue
+        started = time.perf_counter()
+        try:
+            image, labels, table, summary = work(stem, path)
+        except MlsegError as err:
+            result.failed[str(path)] = str(err)
+            said.step("failed")
+            continue
+        summary = {
+            "image": stem,
+            "image_file": str(path),
+            **expect(stem),
+            **summary,
+            # the image's own: a later run that skips it may be another mlseg's
+            "mlseg_version": run_info["mlseg_version"],
+            "seconds": round(time.perf_counter() - started, 3),
+            # when it was new (drift window): kept by every rerun that skips or redoes it
+            "finished_at": first_finished_at(out_dir, stem, expect(stem)["input_digest"]),
         }
-        update_run_outputs(
-            out_dir, result.summaries, nuclei.tables, run_info, redone=bool(result.processed)
-        )
+        written, tagged = write_image_outputs_tagged(out_dir, stem, image, labels, table, summary)
+        result.processed.append(stem)
+        result.summaries.append(written)
+        nuclei.add(tagged)  # as its <stem>_nuclei.parquet holds it
+        said.step()
+    said.close()
+    run_info = {
+        **run_info,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "processed": result.processed,
+        "skipped": result.skipped,
+        "failed": result.failed,
+    }
+    update_run_outputs(
+        out_dir, result.summaries, nuclei.tables, run_info, redone=bool(result.processed)
+    )
     return result
 
 
@@ -1239,22 +1260,21 @@ def segment_folder(
     warn_once.cache_clear()  # once per run: a notebook's or worker's next run is told again
     profile = _load_profile(profile_name, profiles_file, units)
     pixel_size_um = microns_per_pixel(pixel_size_um)  # "0.5" as a table gives it: 0.5
-    files = list_images(Path(input_dir), out_dir)
+    folder = Path(input_dir)
     out_dir = check_out_dir(out_dir, input_dir)
-    by_stem = images_by_stem(files)
-    sizes = own_pixel_sizes(pixel_sizes, list(by_stem), pixel_size_um)
-    check_units_possible(profile, pixel_size_um, files, sizes)
+
+    def listed() -> tuple[dict[str, Path], dict[str, float]]:
+        by_stem, sizes = images_to_segment(folder, out_dir, pixel_sizes, pixel_size_um)
+        check_units_possible(profile, pixel_size_um, list(by_stem.values()), sizes)
+        return by_stem, sizes
+
+    by_stem, sizes = listed()  # before the model and any wait: a mistake is said at once
     loaded = load_model(model_path)
     cfg = inference_cfg or loaded.config.inference
     # the model's own device, unless the caller's cfg
     loaded.model.to(resolve_model_device(cfg.device, loaded.config, loaded.path.parent))
     model_id = model_identity(loaded.path, loaded.config, loaded.meta)
     settings = segment_settings(profile, cfg, pixel_size_um)
-    declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
-    expect = expectations(
-        profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
-    )
-
     run_info = {
         "command": "segment",
         "mlseg_version": code_version(),
@@ -1273,17 +1293,27 @@ def segment_folder(
         "profile": profile.model_dump(mode="json"),
         "inference": cfg.model_dump(mode="json"),
         "pixel_size_um": pixel_size_um,
-        "pixel_sizes": sizes,
     }
-
-    def work(stem: str, path: Path):
-        return segment_image(
-            loaded, path, profile, cfg, pixel_size_um=pixel_size_um, pixel_sizes=sizes
+    with writing_to(out_dir):  # one run at a time: its images' files are all its own
+        # the folder as it is now: a run that waited wrote summary.csv and nuclei.parquet
+        # without an image that came in meanwhile, which the run it waited for had segmented
+        with said_before():
+            if list_images(folder, out_dir) != list(by_stem.values()):
+                by_stem, sizes = listed()
+        declared = declared_sizes(by_stem, sizes) if pixel_size_um is None else {}
+        expect = expectations(
+            profile, model_id, settings, sizes, declared, {s: [p] for s, p in by_stem.items()}
         )
 
-    items = list(by_stem.items())
-    with _implausible_sizes_said_once(declared, by_stem):
-        return _run_folder(items, out_dir, expect, work, run_info, progress, "segment", log)
+        def work(stem: str, path: Path):
+            return segment_image(
+                loaded, path, profile, cfg, pixel_size_um=pixel_size_um, pixel_sizes=sizes
+            )
+
+        items = list(by_stem.items())
+        run_info["pixel_sizes"] = sizes
+        with _implausible_sizes_said_once(declared, by_stem):
+            return _run_folder(items, out_dir, expect, work, run_info, progress, "segment", log)
 
 
 def label_stem(path: Path) -> str:
@@ -1366,27 +1396,23 @@ def quantify_folder(
     profile = _load_profile(profile_name, profiles_file, units)
     pixel_size_um = microns_per_pixel(pixel_size_um)
     images_dir = Path(images_dir) if images_dir is not None else None
-    pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
     out_dir = check_out_dir(out_dir, labels_dir, images_dir)
-    sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
-    consulted = {stem: image or label for stem, label, image in pairs}  # whose size counts
-    carriers = {} if pixel_size_um is not None else carried_sizes(pairs, consulted)
-    carried = {stem: um for stem, (um, _) in carriers.items()}
-    uncarried = [p for s, p in consulted.items() if not plausible_pixel_size(carried.get(s))]
-    if uncarried or not carried:
-        check_units_possible(profile, pixel_size_um, uncarried, sizes)
-    settings = (profile.model_dump(mode="json"), pixel_size_um)
-    declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
-    # a size the labels' record carries redoes its image when it changes, as a sidecar's does
-    by_labels = {s: um for s, um in carried.items() if s not in declared and s not in sizes}
-    declared |= by_labels
-    named = {
-        **consulted,
-        **{s: carriers[s][1] for s in by_labels},
-    }
-    inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
-    expect = expectations(profile, None, settings, sizes, declared, inputs)
 
+    def listed():
+        """The label files with their images (:func:`pair_labels`), the table's sizes for
+        them, stem -> the file whose size counts, and the sizes the labels carry."""
+        pairs = pair_labels(Path(labels_dir), images_dir, out_dir)
+        sizes = own_pixel_sizes(pixel_sizes, [stem for stem, _, _ in pairs], pixel_size_um)
+        consulted = {stem: image or label for stem, label, image in pairs}
+        carriers = {} if pixel_size_um is not None else carried_sizes(pairs, consulted)
+        carried = {stem: um for stem, (um, _) in carriers.items()}
+        uncarried = [p for s, p in consulted.items() if not plausible_pixel_size(carried.get(s))]
+        if uncarried or not carried:
+            check_units_possible(profile, pixel_size_um, uncarried, sizes)
+        return pairs, sizes, consulted, carriers
+
+    pairs, sizes, consulted, carriers = listed()  # before any wait: a mistake is said at once
+    settings = (profile.model_dump(mode="json"), pixel_size_um)
     run_info = {
         "command": "quantify",
         "mlseg_version": code_version(),
@@ -1396,10 +1422,9 @@ def quantify_folder(
         "images_dir": str(images_dir) if images_dir is not None else None,
         "profile": profile.model_dump(mode="json"),
         "pixel_size_um": pixel_size_um,
-        "pixel_sizes": sizes,
     }
-    image_of = {stem: img for stem, _, img in pairs}
 
+    # image_of, carried, carriers, sizes: as listed once the run has the folder (below)
     def work(stem: str, path: Path):
         image_path = image_of[stem]
         if images_dir is not None and image_path is None:
@@ -1443,6 +1468,20 @@ def quantify_folder(
         files = {"image_file": str(image_path) if image_path else None, "labels_file": str(path)}
         return display, labels, table, {**files, "pixel_size_source": source, **summary}
 
-    items = [(stem, path) for stem, path, _ in pairs]
-    with _implausible_sizes_said_once(declared, named):
-        return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify", log)
+    with writing_to(out_dir):  # as segment_folder's: the folders listed again once its own
+        with said_before():
+            if pair_labels(Path(labels_dir), images_dir, out_dir) != pairs:
+                pairs, sizes, consulted, carriers = listed()
+        run_info["pixel_sizes"] = sizes
+        image_of = {stem: img for stem, _, img in pairs}
+        carried = {stem: um for stem, (um, _) in carriers.items()}
+        declared = declared_sizes(consulted, sizes) if pixel_size_um is None else {}
+        # a size the labels' record carries redoes its image when it changes, as a sidecar's
+        by_labels = {s: um for s, um in carried.items() if s not in declared and s not in sizes}
+        declared |= by_labels
+        named = {**consulted, **{s: carriers[s][1] for s in by_labels}}
+        inputs = {stem: [label, *([image] if image else [])] for stem, label, image in pairs}
+        expect = expectations(profile, None, settings, sizes, declared, inputs)
+        items = [(stem, path) for stem, path, _ in pairs]
+        with _implausible_sizes_said_once(declared, named):
+            return _run_folder(items, out_dir, expect, work, run_info, progress, "quantify", log)

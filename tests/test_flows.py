@@ -1100,7 +1100,9 @@ def test_a_run_that_waited_for_its_folder_keeps_the_images_the_other_run_did(
     """A nightly run waits for the folder while another run (a person's mlseg segment, a
     later night's run) segments an image that came in after the waiting run listed the
     inbox: the waiting run then wrote summary.csv and nuclei.parquet from its own list,
-    without that image, whose files were there, until the next night."""
+    without that image, whose files were there, until the next night. Listing the inbox
+    again says nothing twice."""
+    import warnings
     from contextlib import contextmanager
 
     import mlseg.outputs
@@ -1108,22 +1110,28 @@ def test_a_run_that_waited_for_its_folder_keeps_the_images_the_other_run_did(
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     disc_images(inbox, 2)
+    disc_images(inbox / "case", 1)  # warned of, once
     late = disc_images(tmp_path / "later", 3, seed=5)[2]
     held = mlseg.outputs.writing_to
 
     @contextmanager
     def after_another_run(out_dir):
         late.rename(inbox / "img_late.png")  # came in as the run waited
-        segment_folder(checkpoint, inbox, out, profile_name="he", progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            segment_folder(checkpoint, inbox, out, profile_name="he", progress=False)
         with held(out_dir) as folder:
             yield folder
 
     monkeypatch.setattr(mlseg.outputs, "writing_to", after_another_run)
-    state = _segment(inbox, out, checkpoint)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        state = _segment(inbox, out, checkpoint)
     assert state.is_completed(), state.message
     assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["img_000", "img_001", "img_late"]
     assert "img_late" in set(pd.read_parquet(out / "nuclei.parquet")["image"])
     assert state.result()["skipped"] == ["img_000", "img_001", "img_late"]
+    assert sum("subfolders" in str(w.message) for w in said) == 1
 
 
 def _fingerprint(tmp_path: Path, images: list[Path], params: dict | None = None) -> Path:

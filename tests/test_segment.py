@@ -400,6 +400,85 @@ def test_the_time_left_leaves_out_the_wait_for_another_run_into_the_folder(tmp_p
     assert lines[0] == "quantify: 3/4 images (75%), 1 min elapsed, under a minute left"
 
 
+def test_a_run_that_waited_for_its_folder_keeps_the_images_the_other_run_did(
+    tmp_path, use_oracle, monkeypatch
+):
+    """A run lists its images, then waits for the output folder while another run (a
+    colleague's, a nightly job's) segments an image that came in meanwhile: the waiting run
+    wrote summary.csv and nuclei.parquet from its own list, without that image, though its
+    files were there. It now lists the folder again once it has it, saying nothing twice."""
+    from contextlib import contextmanager
+
+    import mlseg.segment
+
+    folder, out = _folder(tmp_path, 2), tmp_path / "out"
+    write_image(folder / "case" / "other.png", disc_image(40, 40)[0])  # warned of, once
+    sizes = {"img0": 0.5, "img1": 0.5, "img_late": 0.5}
+    held = mlseg.segment.writing_to
+
+    @contextmanager
+    def after_another_run(out_dir):
+        monkeypatch.setattr(mlseg.segment, "writing_to", held)  # the other run's, at once
+        write_image(folder / "img_late.png", disc_image(90, 110, seed=5)[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            segment_folder(
+                "model", folder, out, profile_name="he", progress=False, pixel_sizes=sizes
+            )
+        with held(out_dir) as taken:
+            yield taken
+
+    monkeypatch.setattr(mlseg.segment, "writing_to", after_another_run)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = segment_folder(
+            "model", folder, out, profile_name="he", progress=False, pixel_sizes=sizes
+        )
+    assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["img0", "img1", "img_late"]
+    assert "img_late" in set(pd.read_parquet(out / "nuclei.parquet")["image"])
+    # its table's size looked up: the other run's outputs of it are this run's, not redone
+    assert result.skipped == ["img0", "img1", "img_late"]
+    assert sum("subfolders" in str(w.message) for w in said) == 1
+
+
+def test_a_quantify_run_that_waited_for_its_folder_keeps_the_masks_the_other_run_did(
+    tmp_path, monkeypatch
+):
+    """As a segment run: a mask exported (with its image) while the run waited for its output
+    folder, and measured by the run it waited for, was left out of its summary.csv."""
+    from contextlib import contextmanager
+
+    import mlseg.segment
+
+    images, labels, out = tmp_path / "images", tmp_path / "labels", tmp_path / "out"
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 1
+
+    def exported(stem: str) -> None:
+        write_image(images / f"{stem}.png", np.full((32, 32, 3), 200, np.uint8))
+        write_image(labels / f"{stem}_mask.png", mask)
+
+    def quantify() -> object:
+        return quantify_folder(labels, images, out, profile_name="he", progress=False)
+
+    for stem in ("i0", "i1"):
+        exported(stem)
+    held = mlseg.segment.writing_to
+
+    @contextmanager
+    def after_another_run(out_dir):
+        monkeypatch.setattr(mlseg.segment, "writing_to", held)  # the other run's, at once
+        exported("i_late")
+        quantify()
+        with held(out_dir) as taken:
+            yield taken
+
+    monkeypatch.setattr(mlseg.segment, "writing_to", after_another_run)
+    result = quantify()
+    assert pd.read_csv(out / "summary.csv")["image"].tolist() == ["i0", "i1", "i_late"]
+    assert result.skipped == ["i0", "i1", "i_late"]
+
+
 def test_run_json_names_the_library_releases_and_hardware_that_made_the_numbers(
     tmp_path, use_oracle
 ):
