@@ -11,12 +11,14 @@ Rerun safety, at two levels:
   hash, model and profile (:func:`mlseg.outputs.image_done`), so a killed run resumes where
   it stopped and a changed image (same name, new content) is redone;
 - per batch: the task result is cached by Prefect under a key made of the batch's input
-  content hashes, model, profile, inference settings and output folder; a batch whose images
-  are all complete shows as ``Cached`` and does not run at all.
+  content hashes, model, profile, inference settings and output folder, for
+  :data:`BATCH_CACHE_EXPIRATION`; a batch whose images are all complete shows as ``Cached``
+  and does not run at all.
 
 Transient I/O errors (network file systems, object stores) retry the batch task; images
 that cannot be read are listed (the others go on) and end the flow ``Failed`` at the end.
-Each run appends its throughput and nuclei statistics to ``<out_dir>/runs/history.csv``.
+Each run appends its throughput and nuclei statistics to ``<out_dir>/runs/history.csv``,
+counting as its own the images a run killed before its row had finished (:func:`_forget_written`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import datetime
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -151,6 +154,10 @@ def segment_one(
     return write_image_outputs(out_dir, image_stem(path), image, labels, table, summary), table
 
 
+#: How a batch's :func:`batch_cache_key` starts, the name of its result in Prefect's storage.
+_BATCH_KEY_PREFIX = "mlseg-segment-"
+
+
 def batch_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a batch: input content, model, profile, settings, output folder."""
     from mlseg.io import file_digest, input_digest
@@ -164,7 +171,7 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
         sidecar = sidecar_path(path)
         if sidecar.is_file():  # the image's pixel size may live there
             digest.update(f"{sidecar.name}:{file_digest(sidecar)}".encode())
-    return f"mlseg-segment-{digest.hexdigest()[:32]}"
+    return f"{_BATCH_KEY_PREFIX}{digest.hexdigest()[:32]}"
 
 
 #: Hidden folder of an output folder where a flow run marks each image it sets out to write,
@@ -174,6 +181,20 @@ def batch_cache_key(context, parameters: dict[str, Any]) -> str:
 #: finished done on disk; they are this run's work, not skipped.
 WRITTEN_DIR = ".mlseg-written"
 
+#: File a flow run touches among its marks once its run files and history row hold its
+#: images (:func:`_recorded`); a mark touched after it is of an attempt that recorded
+#: nothing. Hidden: no image stem is (hidden files are not listed).
+RECORDED = ".recorded"
+
+#: How long Prefect restores a batch from its cache. Long enough for a retry of a failed run
+#: (after a weekend) and the next nights' reruns of an unchanged inbox; past it a batch runs
+#: again, skipping its finished images on their ``<stem>.json`` at little cost. With none,
+#: every batch result stayed in Prefect's result storage for good (some 3 kB an image): an
+#: inbox whose names do not sort by date changes most batches with each new image, so a
+#: long-lived worker's storage grew with the square of the images
+#: (:func:`_forget_expired_batches` removes them once expired).
+BATCH_CACHE_EXPIRATION = datetime.timedelta(days=4)
+
 
 @task(
     name="segment-batch",
@@ -182,6 +203,7 @@ WRITTEN_DIR = ".mlseg-written"
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_on_transient_io,
     cache_key_fn=batch_cache_key,
+    cache_expiration=BATCH_CACHE_EXPIRATION,
     persist_result=True,
 )
 def segment_batch(
@@ -326,7 +348,8 @@ def submit_batches(
     A batch whose images all have their ``<stem>.json`` may come from Prefect's cache;
     otherwise the cache is refreshed (outputs deleted since the cached run are redone). A
     cached batch's images are skipped, unless an earlier attempt of this flow run (retried)
-    processed them: then they are this run's work.
+    processed them, or a run stopped before recording them that this one took over
+    (:func:`_forget_written`): then they are this run's work.
     """
     from prefect.runtime import flow_run
 
@@ -352,11 +375,16 @@ def submit_batches(
         }
         futures.append(runner.submit(task_, parameters))
     records = []
+    mine = _marked(Path(out_dir), this_run)
     for future in futures:
         batch_records = future.result()
         cached = future.state.name == "Cached"  # the records of the run that computed it
         for record in batch_records:
-            earlier = cached and (this_run is None or record.get("flow_run") != this_run)
+            ours = this_run is not None and (
+                record.get("flow_run") == this_run
+                or ("summary" in record and record["summary"]["image"] in mine)
+            )
+            earlier = cached and not ours
             if earlier and record["status"] == "processed":
                 record = {**record, "status": "skipped"}
             records.append({**record, "cached": earlier})
@@ -531,7 +559,13 @@ def segment_and_quantify(
         # from here: a run that waited for another's folder (a nightly run still going when
         # the next is due) counted the wait in its throughput
         started, started_at = _run_start()  # a retried flow run's first attempt's
-        _forget_written(out, others=True)  # a failed run's: this one redoes or skips
+        taken = _forget_written(out, others=True)  # a failed run's: this one redoes or skips
+        if taken:
+            logger.info(
+                "%d image(s) marked by a run stopped before it recorded them: counted as "
+                "this run's where finished",
+                taken,
+            )
         # the inbox as it is now: a run that waited for the folder wrote summary.csv and
         # nuclei.parquet from the images it listed before, leaving out one that came in
         # meanwhile and that the run it waited for (or another) had segmented
@@ -540,6 +574,7 @@ def segment_and_quantify(
                 files, sizes = _listed(src, out, table, pixel_size_um)
                 check_units_possible(prof, pixel_size_um, [Path(p) for p in files], sizes)
                 logger.info("%d images in %s once this run had %s", len(files), src, out)
+        _forget_expired_batches()
         with runner:
             records = submit_batches(
                 runner,
@@ -594,19 +629,21 @@ def segment_and_quantify(
             },
             redone=bool(processed),
         )
-    history_path = data_path(history) if history else out / "runs" / "history.csv"
-    metrics, counts = _run_metrics(
-        out,
-        history_path,
-        run_id,
-        summaries,
-        areas.tables(),
-        done,
-        len(skipped),
-        failed,
-        seconds,
-        finished.astimezone(datetime.UTC).isoformat(timespec="seconds"),
-    )
+        history_path = data_path(history) if history else out / "runs" / "history.csv"
+        metrics, counts = _run_metrics(
+            out,
+            history_path,
+            run_id,
+            summaries,
+            areas.tables(),
+            done,
+            len(skipped),
+            failed,
+            seconds,
+            finished.astimezone(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        # still holding the folder: a run waiting for it takes over the marks not recorded
+        _recorded(out)
     in_px = [s["image"] for s in summaries if s["image"] in done and s.get("units") == "px"]
     _publish(out, paths, metrics, counts, model_desc, prof, processed, skipped, failed, in_px)
     result = {
@@ -816,12 +853,18 @@ def _publish(
         )
 
 
-def _forget_written(out: Path, others: bool = False) -> None:
+def _forget_written(out: Path, others: bool = False) -> int:
     """Remove the completed flow run's marks of :data:`WRITTEN_DIR` (and the folder, empty);
     ``others``: every other run's instead, as a run takes the folder. A run that failed and
     was not retried before another took its folder left its marks for good (one folder of
     them a night, where an image keeps failing), though no retry after that run, which
-    redid or skipped its images, can count them as its own."""
+    redid or skipped its images, can count them as its own.
+
+    With ``others``, the images another run marked and did not record (no history row, no
+    run files: killed, out of memory, its machine gone) become this run's first
+    (:func:`_unrecorded`); returns how many. The next run restored them from Prefect's cache,
+    or found them done on disk, as another run's and skipped them, and deleted the marks:
+    no history row ever counted them."""
     import shutil
 
     from prefect.runtime import flow_run
@@ -832,10 +875,76 @@ def _forget_written(out: Path, others: bool = False) -> None:
         gone = [d for d in marks.iterdir() if d.name != run] if marks.is_dir() else []
     else:
         gone = [marks / run] if run else []
+    taken = sorted({stem for folder in gone for stem in _unrecorded(folder)}) if others else []
+    if taken and run:
+        with writes_named(out):
+            (marks / run).mkdir(parents=True, exist_ok=True)
+            for stem in taken:
+                (marks / run / stem).touch()
     for folder in gone:
         shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):  # a later run's marks stay
         marks.rmdir()
+    return len(taken) if run else 0
+
+
+def _unrecorded(folder: Path) -> list[str]:
+    """The stems a run marked in ``folder`` that no history row of it counts: those marked
+    after it last recorded its images (:data:`RECORDED`), all of them where it never did."""
+    recorded = folder / RECORDED
+    try:
+        since = recorded.stat().st_mtime_ns if recorded.is_file() else None
+        marked = [e for e in os.scandir(folder) if not e.name.startswith(".") and e.is_file()]
+        return [e.name for e in marked if since is None or e.stat().st_mtime_ns > since]
+    except OSError:  # not a folder of marks
+        return []
+
+
+def _marked(out: Path, run: str | None) -> set[str]:
+    """The stems flow run ``run`` marked in ``out`` (:data:`WRITTEN_DIR`)."""
+    if not run:
+        return set()
+    try:
+        return {name for name in os.listdir(out / WRITTEN_DIR / run) if name[0] != "."}
+    except OSError:  # none marked
+        return set()
+
+
+def _recorded(out: Path) -> None:
+    """Say among this flow run's marks that its run files and history row hold the images it
+    marked so far, so that another run taking the folder does not count them again (a
+    retry's later marks it does count, if that retry stops before recording them)."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_id()
+    folder = out / WRITTEN_DIR / str(run) if run else None
+    if folder is not None and folder.is_dir():
+        with writes_named(out):
+            (folder / RECORDED).touch()
+
+
+def _forget_expired_batches() -> None:
+    """Delete the batch results in Prefect's local result storage whose cache expired
+    (:data:`BATCH_CACHE_EXPIRATION`): Prefect restores them no more, but deletes none (3.x),
+    so every batch a worker ever ran stayed there. A storage block elsewhere (a bucket) is
+    left to its own lifecycle rules."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import get_default_result_storage
+
+    storage = segment_batch.result_storage or get_default_result_storage(_sync=True)
+    if not isinstance(storage, LocalFileSystem) or not storage.basepath:
+        return
+    # a result is written as its expiration is set, and not when restored
+    before = (datetime.datetime.now(datetime.UTC) - BATCH_CACHE_EXPIRATION).timestamp()
+    try:
+        entries = list(os.scandir(Path(storage.basepath).expanduser()))
+    except OSError:  # no result stored yet
+        return
+    for entry in entries:
+        if entry.name.startswith(_BATCH_KEY_PREFIX):
+            with contextlib.suppress(OSError):  # gone meanwhile: another run removed it
+                if entry.stat().st_mtime < before:
+                    os.unlink(entry.path)
 
 
 def _named(image: str, error: str) -> str:

@@ -1014,6 +1014,133 @@ def test_a_failed_run_not_retried_leaves_no_marks_once_another_run_takes_its_fol
     assert not (out / WRITTEN_DIR).exists()
 
 
+def _result_storage() -> Path:
+    """Prefect's local result storage (under the session's PREFECT_HOME)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path)
+
+
+def _stored_batches() -> set[str]:
+    """The names of the batch results in Prefect's result storage."""
+    return {p.name for p in _result_storage().glob("mlseg-segment-*")}
+
+
+@pytest.mark.parametrize("stopped", ["after its batches", "in a batch", "its cache gone"])
+def test_the_images_a_killed_run_finished_are_in_the_next_run_s_history(
+    harness, tmp_path, checkpoint, monkeypatch, stopped
+) -> None:
+    """A run killed (kill -9, out of memory) after its batches finished but before its run
+    files: the next run restored every batch from Prefect's cache (or found its images done
+    on disk) as another run's, said 0 processed and 4 skipped, wrote no history row and
+    deleted the killed run's marks, so no history row or shift ever counted those images.
+    The killed run is a flow stopped where a kill stops it: its marks and its cached batch
+    results stay, and it writes nothing more."""
+    import flows.segment as segment_flow
+    import mlseg.outputs
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 4)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("SIGKILL")  # no further line of the flow runs
+
+    if stopped == "in a batch":  # the second batch, after its first image
+        segment_one = segment_flow.segment_one
+
+        def last(loaded, path, *args, **kwargs):
+            if path.stem == "img_003":
+                killed()
+            return segment_one(loaded, path, *args, **kwargs)
+
+        monkeypatch.setattr(segment_flow, "segment_one", last)
+    else:
+        monkeypatch.setattr(mlseg.outputs, "update_run_outputs", killed)
+    before = _stored_batches()
+    assert _segment(inbox, out, checkpoint).is_failed()
+    assert not (out / "runs" / "history.csv").exists() and (out / ".mlseg-written").is_dir()
+    if stopped == "its cache gone":  # expired, or another PREFECT_HOME
+        for name in _stored_batches() - before:
+            (_result_storage() / name).unlink()
+    monkeypatch.undo()
+    result = _segment(inbox, out, checkpoint).result()
+    assert sorted(result["processed"]) == [f"img_{i:03d}" for i in range(4)]
+    assert result["skipped"] == []
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [4] and history["n_skipped"].tolist() == [0]
+    assert not (out / ".mlseg-written").exists()
+    # counted once: the run after has nothing new to record
+    again = _segment(inbox, out, checkpoint).result()
+    assert again["processed"] == [] and len(pd.read_csv(out / "runs" / "history.csv")) == 1
+
+
+def test_a_run_after_a_failed_retry_counts_only_what_the_retry_did_not_record(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """A run failed by an image records the others (history row, run files) and keeps its
+    marks for a retry; its retry, killed before recording, leaves marks of the images it
+    did. The next run counts those, not the ones the failed run recorded already."""
+    import flows.segment as segment_flow
+    import mlseg.outputs
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    broken = disc_images(inbox, 3)[2]
+    good = broken.read_bytes()
+    broken.write_bytes(good[:200])
+    parameters = {"input_dir": str(inbox), "out_dir": str(out), "model": str(checkpoint)}
+    first = segment_flow.segment_and_quantify(**parameters, batch_size=2, return_state=True)
+    assert first.is_failed()
+    broken.write_bytes(good)  # fixed, and retried: killed before its run files
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("SIGKILL")
+
+    monkeypatch.setattr(mlseg.outputs, "update_run_outputs", killed)
+    assert _retry(first, {**parameters, "batch_size": 2}).is_failed()
+    monkeypatch.undo()
+    result = _segment(inbox, out, checkpoint).result()
+    assert (result["processed"], sorted(result["skipped"])) == (["img_002"], ["img_000", "img_001"])
+    history = pd.read_csv(out / "runs" / "history.csv")
+    assert history["n_images"].tolist() == [2, 1]
+
+
+def test_a_batch_result_past_its_cache_expiration_is_run_again(
+    harness, tmp_path, checkpoint, monkeypatch
+) -> None:
+    """Batch results had no expiration: every batch a worker ran was restored, and kept in
+    Prefect's result storage, for good. Five days later the batch runs again (skipping its
+    finished images on their <stem>.json), not restored from the cache."""
+    import prefect.types._datetime as prefect_time
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    first = _segment(inbox, out, checkpoint).result()
+    now = prefect_time.now
+    monkeypatch.setattr(prefect_time, "now", lambda tz="UTC": now(tz) + datetime.timedelta(days=5))
+    later = _segment(inbox, out, checkpoint).result()
+    assert later["from_cache"] == [] and sorted(later["skipped"]) == sorted(first["processed"])
+
+
+def test_prefect_s_result_storage_keeps_no_expired_batch(harness, tmp_path, checkpoint) -> None:
+    """Prefect deletes no expired result: each image added to an inbox whose names do not
+    sort by date changed most batches, and every batch composition ever run stayed in
+    PREFECT_HOME/storage (some 3 kB an image), growing with the square of the images on a
+    long-lived worker. A run removes the batch results whose cache expired."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    disc_images(inbox, 2)
+    before = _stored_batches()
+    assert _segment(inbox, out, checkpoint).is_completed()
+    old = _stored_batches() - before
+    assert old
+    storage = _result_storage()
+    days_ago = time.time() - 5 * 86400
+    for name in old:
+        os.utime(storage / name, (days_ago, days_ago))
+    shutil.copy(inbox / "img_000.png", inbox / "a_new.png")  # sorts first: new batches
+    assert _segment(inbox, out, checkpoint).is_completed()
+    assert not old & _stored_batches()
+
+
 def test_a_full_disk_where_an_image_is_marked_fails_once_naming_the_output_folder(
     harness, tmp_path, checkpoint, monkeypatch
 ) -> None:
