@@ -179,7 +179,7 @@ def monitor(
     if results:  # how segment scaled them, and the pixel sizes it used
         new = with_segment_records(new, data_path(results))
     # since when each drift has lasted, by the runs before this one
-    report = with_drift_history(drift_report(new, reference, cfg), drift_history)
+    report = with_drift_history(drift_report(new, reference, cfg), drift_history, ran["run_id"])
     # both or neither: a disk that filled at drift.json left this run's table beside the
     # previous run's status, which the pipeline's report reads
     with written_together(out) as staging:

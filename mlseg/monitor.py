@@ -1278,14 +1278,20 @@ def drift_lasting(history: pd.DataFrame, report: DriftReport) -> dict[str, tuple
     return lasting
 
 
-def with_drift_history(report: DriftReport, history: str | os.PathLike) -> DriftReport:
+def with_drift_history(
+    report: DriftReport, history: str | os.PathLike, run_id: str = ""
+) -> DriftReport:
     """``report`` whose message says since when its drift has lasted by the runs in
     ``history`` (a :data:`DRIFT_HISTORY` file; none yet: every drift is new,
     :func:`drift_lasting`): first that of the longest-lasting statistic at the batch's status
     (``Fail since 2026-11-02, 3 runs (drift_history.csv): drift in ...``), and at the end each
     statistic's, where they differ. A run that drifted daily for a week raised the same alert
-    seven times, nothing saying it was one drift."""
-    lasting = drift_lasting(read_history(history), report)
+    seven times, nothing saying it was one drift. ``run_id``: this run's, whose failed
+    attempt's row is no run before it (a retry said a new drift had lasted 2 runs)."""
+    earlier = read_history(history)
+    if run_id and "run_id" in earlier:
+        earlier = earlier[earlier["run_id"].astype(str) != str(run_id)]
+    lasting = drift_lasting(earlier, report)
     if not lasting:
         return report
     table = report.table.set_index("statistic")

@@ -1365,6 +1365,27 @@ def test_monitor_flow_runs_over_one_drift_say_since_when_it_has_lasted(harness, 
     assert said.startswith(f"Fail since {day}, 2 runs (drift_history.csv): drift in 12 image(s)")
 
 
+def test_a_retried_monitor_run_is_one_run_of_its_drift(harness, tmp_path) -> None:
+    """A monitor run retried (PREFECT_FLOWS_DEFAULT_RETRIES, the dashboard's Retry) is one
+    run: its retry's row replaces the failed attempt's, but the retry read that row as a
+    run before it and said a new drift had lasted 2 runs, then 3."""
+    from flows.monitor import monitor
+    from mlseg.io import read_image, write_image
+    from mlseg.monitor import read_history
+
+    reference = _fingerprint(tmp_path, disc_images(tmp_path / "train", 30, seed=1))
+    dark = tmp_path / "dark"
+    for path in disc_images(tmp_path / "src", 12, seed=3):
+        write_image(dark / path.name, (read_image(path) * 0.4).astype(np.uint8))
+    out = tmp_path / "m"
+    retried = monitor.with_options(retries=2, retry_delay_seconds=0)
+    state = retried(str(dark), str(reference), str(out), return_state=True)
+    assert state.is_failed() and "Fail, new (drift_history.csv)" in state.message
+    assert len(read_history(out / "drift_history.csv")) == 1
+    said = json.loads((out / "drift.json").read_text())["message"]
+    assert said.startswith("Fail, new (drift_history.csv): ")
+
+
 def test_a_disk_that_fills_at_drift_json_leaves_the_previous_drift_whole(
     harness, tmp_path, monkeypatch
 ) -> None:
