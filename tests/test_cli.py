@@ -908,6 +908,7 @@ def _failed(first_failed: list[str], fix: str):
         first_failed=first_failed,
         error=None,
         fix=fix,
+        bound="",
     )
 
 
