@@ -459,7 +459,7 @@ def bound(exp: dict[str, Any], params: dict[str, Any] | None = None) -> str:
         return ""
     mostly = kwargs.get("mostly")
     if isinstance(mostly, int | float) and not isinstance(mostly, bool) and mostly < 1:
-        said += f", in at least {mostly:.0%} of rows"
+        said += f", in at least {mostly * 100:.4g}% of rows"
     return said
 
 

@@ -218,6 +218,8 @@ def test_the_bound_beside_each_failure_is_the_suites_own():
     assert bound(between(min_value=0.01, max_value=10, mostly=0.95)) == (
         "0.01 <= x <= 10, in at least 95% of rows"
     )
+    # a share near all is not rounded up to all of them
+    assert bound(between(max_value=1, mostly=0.999)).endswith("in at least 99.9% of rows")
     assert bound(between(min_value={"$PARAMETER": "n"}), {"n": 3}) == "x >= 3"
     # a flag's set membership says no more than the rule's name
     flag = {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "x"}}
