@@ -435,7 +435,8 @@ class Profile(Strict):
     :func:`default_stain_vectors`). ``dab_thresholds`` are the mean optical densities of the
     stain named ``dab`` (an ``ihc`` profile must name one so) of 1+, 2+ and 3+ nuclei. Size
     limits apply in square microns when the pixel size is known, else in pixels. Tissue is
-    where the summed RGB optical density exceeds ``tissue_od_threshold`` (bright field) or
+    where the summed RGB optical density exceeds ``tissue_od_threshold`` (bright field; against
+    the image's glass where it is darker than white, :func:`mlseg.quantify.tissue_fraction`) or
     the brightest channel exceeds ``tissue_intensity_threshold`` of full scale
     (fluorescence). Unset for fluorescence, tissue is not measured: a nuclear stain alone
     does not show where tissue is, and a fixed share of full scale lands inside a camera's

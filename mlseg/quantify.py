@@ -162,6 +162,73 @@ def _stain_od(pixels: np.ndarray, profile: Profile, white: int) -> np.ndarray:
     return stains
 
 
+#: The image's glass is looked for among its pixels of summed RGB optical density (against
+#: full scale) within this of its brightest (its 1st percentile): glass is the brightest
+#: thing on a slide, and uneven light spreads it over about this much.
+GLASS_BAND_OD = 0.1
+#: Glass is taken as present where that band holds this share of the image at least: on
+#: the 55 H&E tiles of GBM40 and CPM15 (tissue throughout, a few with tears) it held
+#: 0.01-0.17; on the DSB 2018 bright-field tiles with glass beside tissue 0.21-0.42 (two
+#: more, glass under uneven light at 0.13 and 0.20, are measured as before). Unstained
+#: stroma as pale as glass (three DSB tiles, 0.34-0.6) is taken for glass, as no density
+#: tells them apart; against full scale most of it was glass already.
+GLASS_MIN_FRACTION = 0.2
+#: ... the band's darkest channel at this share of its brightest at least (glass is tinted,
+#: tissue stained) ...
+GLASS_MIN_CHANNEL_RATIO = 0.85
+#: ... and its brightest pixels below this summed optical density (each channel above about
+#: 63% of full scale).
+GLASS_MAX_OD = 0.6
+#: Glass at this share of full scale or brighter in a channel reads as white in it, as all
+#: glass did before its level was estimated, so the threshold keeps its meaning on a
+#: balanced scanner's glass (240-255 of 255); darker glass is brightened by this share.
+GLASS_AS_WHITE = 0.94
+#: Pixels the glass level is estimated from at most (a regular grid over the image).
+GLASS_SAMPLE_PIXELS = 1 << 20
+
+
+def glass_level(image: np.ndarray, od: np.ndarray | None = None) -> np.ndarray | None:
+    """The stored value of a bright-field image's glass per channel, ``(C,) float64``, or
+    ``None`` where no glass is clearly there (a tile all tissue).
+
+    Glass is the pixels within :data:`GLASS_BAND_OD` of the brightest (summed RGB optical
+    density against full scale above its 1st percentile by no more), where they are
+    :data:`GLASS_MIN_FRACTION` of the image or more, near grey
+    (:data:`GLASS_MIN_CHANNEL_RATIO`) and not dark (:data:`GLASS_MAX_OD`); its level is
+    their mean colour. ``image``: ``(H, W, C)`` uint8/uint16; ``od``: its ``(H, W)`` summed
+    optical density (grey: three times the channel's), computed when not given.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if od is None:
+        od = _summed_od(image)
+    if od.size == 0:
+        return None
+    step = int(np.ceil(np.sqrt(od.size / GLASS_SAMPLE_PIXELS)))
+    od, image = od[::step, ::step].ravel(), image[::step, ::step].reshape(-1, image.shape[2])
+    brightest = float(np.percentile(od, 1))
+    band = (od >= brightest) & (od <= brightest + GLASS_BAND_OD)
+    if brightest >= GLASS_MAX_OD or np.count_nonzero(band) < GLASS_MIN_FRACTION * od.size:
+        return None
+    level = image[band].mean(axis=0, dtype=np.float64)
+    if level.min() < GLASS_MIN_CHANNEL_RATIO * level.max():
+        return None
+    return level
+
+
+def _summed_od(image: np.ndarray) -> np.ndarray:
+    """``(H, W) float32`` summed optical density of ``(H, W, C)`` uint8/uint16 ``image``
+    against its full scale (a grey image: three times its channel's)."""
+    lut = _od_lut(full_scale(image))
+    od = np.zeros(image.shape[:2], dtype=np.float32)
+    for channel in range(image.shape[2]):
+        od += lut[image[..., channel]]
+    if image.shape[2] == 1:
+        od *= 3.0  # a grey image: the same OD in every channel
+    return od
+
+
 def tissue_fraction(
     image: np.ndarray,
     stain: str,
@@ -172,7 +239,10 @@ def tissue_fraction(
     """Fraction of pixels that are tissue, in [0, 1].
 
     Bright field (``he``/``ihc``/``none``): summed RGB optical density above
-    ``od_threshold`` (glass is ~0). Fluorescence: brightest channel above
+    ``od_threshold``, against white at full scale, or where the image's glass
+    (:func:`glass_level`) is darker than :data:`GLASS_AS_WHITE` of it in a channel, against
+    that glass brightened to it: an unbalanced scanner's or yellowed slide's glass at 221
+    of 255 read as tissue everywhere. Fluorescence: brightest channel above
     ``intensity_threshold`` of full scale (:func:`mlseg.io.full_scale`), ``None`` (not
     measured) without one. ``image``: ``(H, W, C)`` uint8/uint16.
     """
@@ -187,12 +257,12 @@ def tissue_fraction(
     if stain == "fluorescence":
         tissue = image.max(axis=2) > intensity_threshold * full
     else:
-        lut = _od_lut(full)
-        od = np.zeros(image.shape[:2], dtype=np.float32)
-        for channel in range(image.shape[2]):
-            od += lut[image[..., channel]]
-        if image.shape[2] == 1:
-            od *= 3.0  # a grey image: the same OD in every channel
+        od = _summed_od(image)
+        glass = glass_level(image, od)
+        if glass is not None:
+            # tissue is as dense over that white as it had to be over full scale
+            white = np.minimum(glass / GLASS_AS_WHITE, full)
+            od_threshold += float(np.log10(full / white).sum()) * (3 if image.shape[2] == 1 else 1)
         tissue = od > od_threshold
     return float(np.count_nonzero(tissue)) / tissue.size
 

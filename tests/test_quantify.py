@@ -8,7 +8,14 @@ import pytest
 
 from mlseg.config import Profile, get_profile
 from mlseg.errors import ConfigError
-from mlseg.quantify import ihc_classes, measure, summarize, tissue_fraction
+from mlseg.quantify import (
+    glass_level,
+    ihc_classes,
+    measure,
+    optical_density,
+    summarize,
+    tissue_fraction,
+)
 
 HE = get_profile("he")
 IHC = get_profile("ihc")
@@ -418,6 +425,78 @@ def test_tissue_fraction():
     fluo[:20] = 100
     assert tissue_fraction(fluo, "fluorescence", intensity_threshold=0.05) == pytest.approx(0.5)
     assert tissue_fraction(fluo, "fluorescence") is None  # no threshold: not measured
+
+
+def _smear(shared_data, tint=(1.0, 1.0, 1.0)):
+    """A cytology smear: eight 32 x 32 patches of a real GBM40 H&E tile (3% of the field)
+    and their nuclei on glass at 242 of 255 (noise 2 levels), the whole field multiplied by
+    ``tint`` as a scanner that is not white-balanced or a yellowed mounting medium does."""
+    from mlseg.io import read_image, read_mask
+
+    tile = read_image(shared_data / "gbm40_he" / "original" / "01.png")
+    nuclei = read_mask(shared_data / "gbm40_he" / "masks" / "01_mask.png")
+    image = np.random.default_rng(0).normal(242.0, 2.0, (512, 512, 3))
+    labels = np.zeros((512, 512), np.int32)
+    for i in range(8):
+        y, x, src = 40 + 60 * i, 30 + 55 * i, np.s_[64 * i : 64 * i + 32, 64 * i : 64 * i + 32]
+        image[y : y + 32, x : x + 32] = tile[src]
+        labels[y : y + 32, x : x + 32] = nuclei[src]
+    image = np.clip(np.round(image * np.asarray(tint)), 0, 255).astype(np.uint8)
+    return image, labels
+
+
+def _tissue_against_full_scale(image, threshold=0.15):
+    """The tissue fraction against white at full scale, glass not estimated."""
+    od = sum(optical_density(image[..., c]) for c in range(image.shape[2]))
+    return np.count_nonzero(od > threshold) / od.size
+
+
+@pytest.mark.parametrize("tint", [(0.89, 0.88, 0.86), (0.97, 0.95, 0.85)], ids=["grey", "yellow"])
+def test_tinted_glass_is_not_read_as_tissue(shared_data, tint):
+    """A 3% smear on glass darkened by an unbalanced scanner white (grey) or a yellowed
+    mounting medium: every pixel read as tissue (tissue fraction 1.0 against 0.031 on
+    white glass), and nuclei per mm2 of tissue became nuclei per mm2 of image. Against the
+    image's glass, the tissue and its density are those of the white-glass smear."""
+    from mlseg.segment import quantify_image
+
+    white, labels = _smear(shared_data)
+    tinted, _ = _smear(shared_data, tint)
+    _, on_white = quantify_image(white, labels, HE, pixel_size_um=0.5)
+    _, on_tint = quantify_image(tinted, labels, HE, pixel_size_um=0.5)
+    assert 0.025 < on_white["tissue_fraction"] < 0.04
+    assert on_tint["tissue_fraction"] == pytest.approx(on_white["tissue_fraction"], rel=0.03)
+    assert on_tint["density_per_mm2_tissue"] == pytest.approx(
+        on_white["density_per_mm2_tissue"], rel=0.03
+    )
+    assert on_tint["density_per_mm2_tissue"] > 20 * on_tint["density_per_mm2"]
+
+
+def test_real_glass_reads_as_glass_under_any_white(shared_data):
+    """A real bright-field DSB 2018 tile, half yellowish glass (about 233, 233, 210): its
+    glass was read as tissue in patches (0.90 of the field), and all of it (1.0) on a
+    scanner whose white is off; measured against its glass, the two agree."""
+    from mlseg.io import read_image
+
+    name = "9f17aea854db13015d19b34cb2022cfdeda44133323fcd6bb3545f7b9404d8ab.png"
+    image = read_image(shared_data / "dsb2018_stage1_test" / "original" / name)
+    tinted = np.round(image * np.array([0.89, 0.88, 0.86])).astype(np.uint8)
+    as_is = tissue_fraction(image, "he")
+    assert as_is < 0.6
+    assert tissue_fraction(tinted, "he") == pytest.approx(as_is, abs=0.02)
+
+
+def test_tissue_without_glass_or_on_white_glass_is_measured_as_before(shared_data):
+    """Only glass darker than white moves the threshold: a tile all tissue (a GBM40 tile,
+    as scanned and tinted, where no glass is there to estimate) and a smear on white glass
+    measure exactly as against full scale."""
+    from mlseg.io import read_image
+
+    tile = read_image(shared_data / "gbm40_he" / "original" / "01.png")
+    tinted = np.round(tile * np.array([0.89, 0.88, 0.86])).astype(np.uint8)
+    smear, _ = _smear(shared_data)
+    for image in (tile, tinted, smear):
+        assert glass_level(image) is None or (glass_level(image) >= 0.94 * 255).all()
+        assert tissue_fraction(image, "he") == _tissue_against_full_scale(image)
 
 
 def test_fluorescence_tissue_is_not_read_from_a_camera_offset():
