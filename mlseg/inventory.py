@@ -32,12 +32,13 @@ worker is in memory at a time) and returns an :class:`Inventory` of two tidy tab
   (per channel, fraction of the dtype's full scale), ``grey_std`` (same scale),
   ``laplacian_var`` (variance of the Laplacian of the grey image, 8-bit grey levels squared:
   low = blurred; grey is luminance, or the one channel of an image that shows one channel
-  in a colour, as DAPI saved blue), ``nucleus_scale_px`` (the size nuclei appear, in pixels,
-  without a model: :func:`mlseg.scale.blob_diameter_px`; halves on a 20x scan of a 40x
-  set), ``saturated_fraction``, ``dark_fraction``,
-  ``od_hematoxylin_mean``, ``od_eosin_mean``, ``od_dab_mean`` (mean optical density per
-  stain by colour deconvolution; RGB images only); with a fluorescence profile, those of a
-  ``one_channel_rgb`` image's grey file, as training reads it (:func:`as_trained`);
+  in a colour, as DAPI saved blue), ``nucleus_size_px`` (the size nuclei appear, in pixels,
+  without a model, one blob at a time: :func:`mlseg.scale.blob_diameter_px`; halves on a 20x
+  scan of a 40x set, not moved by how many nuclei an image has), ``saturated_fraction``,
+  ``dark_fraction``, ``od_hematoxylin_mean``, ``od_eosin_mean``, ``od_dab_mean`` (mean
+  optical density per stain by colour deconvolution; RGB images only); with a fluorescence
+  profile, those of a ``one_channel_rgb`` image's grey file, as training reads it
+  (:func:`as_trained`);
 - pixel size (images only): ``metadata_pixel_size_um`` (what the image's JSON sidecar or TIFF
   metadata declares, :func:`mlseg.pixel_size.declared_pixel_size_um`), ``metadata_not_square``
   (it declares pixels that are not square: no size, not even the profile's, applies to the
@@ -139,7 +140,7 @@ STAT_COLUMNS = (
     "std_c2",
     "grey_std",
     "laplacian_var",
-    "nucleus_scale_px",
+    "nucleus_size_px",
     "saturated_fraction",
     "dark_fraction",
     "od_hematoxylin_mean",
@@ -391,7 +392,7 @@ def image_stats(
     stats.update(
         grey_std=float(grey_std.ravel()[0]) / scale,
         laplacian_var=lap_var,
-        nucleus_scale_px=blob_diameter_px(grey, dark_blobs=light_ground),
+        nucleus_size_px=blob_diameter_px(grey, dark_blobs=light_ground),
         saturated_fraction=saturated,
         dark_fraction=dark,
     )

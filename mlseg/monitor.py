@@ -59,11 +59,13 @@ STATUS_ORDER = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 PSEUDO_COUNT = 0.5
 # statistics whose "far outside the training range" is judged on log(1 + x): they span
 # decades (a blurred scan's Laplacian variance is a fraction of a sharp one's)
-LOG_SCALE_STATISTICS = ("laplacian_var", "nucleus_scale_px")
+LOG_SCALE_STATISTICS = ("laplacian_var", "nucleus_size_px")
 #: The statistic that tells the scale the images were scanned at (the size nuclei appear in
 #: pixels), added to fingerprints after the others: an older fingerprint has no training
-#: values for it, and the report says how to refresh it.
-SCALE_STATISTIC = "nucleus_scale_px"
+#: values for it, and the report says how to refresh it. Named anew when its estimator
+#: changed (``nucleus_scale_px``, a mean response over the image, read sparse nuclei up to
+#: 2.6x dense ones of one size), so an older fingerprint's is never compared with it.
+SCALE_STATISTIC = "nucleus_size_px"
 #: The statistic that tells how sharp the images are (blur lowers it); :func:`_focus_advice`
 #: says so in words where it drifted down.
 FOCUS_STATISTIC = "laplacian_var"
@@ -676,7 +678,7 @@ def _scale_skipped_row(new: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     row.update(
         n_new=len(new),
         note="scale not checked: the fingerprint was written before mlseg measured the size "
-        f"nuclei appear in pixels; {REFRESH_FINGERPRINT}",
+        f"nuclei appear in pixels as it does now (one nucleus at a time); {REFRESH_FINGERPRINT}",
     )
     return row
 
