@@ -841,54 +841,51 @@ def test_an_image_stain_normalisation_leaves_alone_is_named_in_a_warning(
 ):
     """Blank glass and a slide faded to a tenth of its stain fall back to no normalisation;
     the faded one then gave 0 nuclei with nothing said."""
-    import mlseg.model
-
     image, _ = disc_image(64, 64)
     reference = write_image(tmp_path / "ref.png", image) if method == "reinhard" else None
     preprocess = PreprocessConfig(stain_norm=method, stain_reference=reference)
-    config = oracle.config.model_copy(update={"preprocess": preprocess})
-    normalising = LoadedModel(**{**oracle.__dict__, "config": config})
-    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": normalising)
     folder = tmp_path / "in"
     folder.mkdir()
     od = -np.log((image.astype(float) + 1) / 256)
     write_image(folder / "tissue.png", image)
     write_image(folder / "faded.png", (256 * np.exp(-od * 0.1) - 1).round().astype(np.uint8))
     write_image(folder / "glass.png", np.full((64, 64, 3), 245, np.uint8))
+    said = _segmented_saying(folder, tmp_path, monkeypatch, oracle, preprocess)
+    named = [name for name, message in said.items() if method.capitalize() in message]
+    assert sorted(named) == ["faded.png", "glass.png"]
+
+
+def _segmented_saying(folder, tmp_path, monkeypatch, oracle, preprocess) -> dict[str, str]:
+    """What ``mlseg segment`` of ``folder`` with the oracle model, preprocessing as
+    ``preprocess`` says, by the file name each warning starts with (the last one's)."""
+    import mlseg.model
+
+    config = oracle.config.model_copy(update={"preprocess": preprocess})
+    normalising = LoadedModel(**{**oracle.__dict__, "config": config})
+    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": normalising)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = segment_folder(
             "model", folder, tmp_path / "out", profile_name="he", progress=False
         )
     assert result.ok
-    said = [str(w.message) for w in caught if method.capitalize() in str(w.message)]
-    assert sorted(Path(m.split(":")[0]).name for m in said) == ["faded.png", "glass.png"]
+    return {Path(str(w.message).split(":")[0]).name: str(w.message) for w in caught}
 
 
 def test_a_haematoxylin_only_smear_is_not_warned_of_as_faded(tmp_path, monkeypatch, oracle):
     """A haematoxylin-only smear (thousands of pixels stained, one colour) was warned of as
     too little stain, 'on a faded or very pale slide the count may be too low'; the
     warning now says it holds one colour, and blank glass is still warned of as before."""
-    import mlseg.model
-
     _, labels = disc_image(64, 64)
     density = np.random.default_rng(0).uniform(0.6, 1.4, labels.max() + 1)
     density[0] = 0.02  # glass
     haematoxylin = np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])
     smear = (255 * np.exp(-density[labels][..., None] * haematoxylin)).astype(np.uint8)
-    config = oracle.config.model_copy(update={"preprocess": PreprocessConfig(stain_norm="macenko")})
-    normalising = LoadedModel(**{**oracle.__dict__, "config": config})
-    monkeypatch.setattr(mlseg.model, "load_model", lambda path, device="cpu": normalising)
     folder = tmp_path / "in"
     write_image(folder / "smear.png", smear)
     write_image(folder / "glass.png", np.full((64, 64, 3), 245, np.uint8))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = segment_folder(
-            "model", folder, tmp_path / "out", profile_name="he", progress=False
-        )
-    assert result.ok
-    said = {Path(str(w.message).split(":")[0]).name: str(w.message) for w in caught}
+    preprocess = PreprocessConfig(stain_norm="macenko")
+    said = _segmented_saying(folder, tmp_path, monkeypatch, oracle, preprocess)
     assert "one colour" in said["smear.png"] and "faded" not in said["smear.png"]
     assert "fewer than 100 pixels" in said["glass.png"] and "faded" in said["glass.png"]
 
