@@ -279,6 +279,12 @@ def some_of(names, limit: int = 5, sep: str = ", ") -> str:
     return sep.join(names[:limit]) + (f"{sep}..." if len(names) > limit else "")
 
 
+def oom_said(error: BaseException) -> str:
+    """The first two sentences of torch's out-of-memory message (what was asked, what was
+    free), without the allocator's advice that follows, which names none of mlseg's settings."""
+    return ". ".join(str(error).split(". ")[:2])
+
+
 @functools.cache
 def warn_once(message: str) -> None:
     """Warn with ``message`` the first time only (per process; ``warn_once.cache_clear()``,

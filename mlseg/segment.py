@@ -70,6 +70,7 @@ from mlseg.errors import (
     MlsegError,
     ModelError,
     not_a_folder,
+    oom_said,
     some_of,
     warn_once,
 )
@@ -393,7 +394,7 @@ def predict_labels_scaled(
                 loaded, image, profile, cfg, pixel_size_um, factor * cfg.zoom, device, stains
             )
         except torch.OutOfMemoryError as err:
-            said = ". ".join(str(err).split(". ")[:2])
+            said = oom_said(err)
         # out of the except block the failed pass's tensors are freed: the card's cache goes
         # back to the next image and to other processes on the card
         if torch.device(device).type == "cuda":

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from mlseg.config import Config, DataConfig, get_profile
-from mlseg.errors import ConfigError, ResumeError, TrainingDiverged
+from mlseg.errors import ConfigError, ResumeError, TrainingDiverged, oom_said
 from mlseg.io import write_table, write_text, written_together
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
@@ -420,7 +420,7 @@ def tune(
         except (TrainingDiverged, torch.OutOfMemoryError) as error:
             if isinstance(error, torch.OutOfMemoryError):
                 failed[i] = OUT_OF_MEMORY
-                said = ". ".join(str(error).split(". ")[:2])  # not the allocator's advice
+                said = oom_said(error)
                 why = (
                     f"{OUT_OF_MEMORY} ({said}); ranked last, a rerun tries it again: {LESS_MEMORY}"
                 )
