@@ -777,7 +777,7 @@ def prepare_data(
     train_idx = np.flatnonzero(~is_val)
     faint = {} if cfg.train.faint_oversample > 0 else None  # image -> faint_candidates
     workers = cfg.train.num_workers or min(8, os.cpu_count() or 1)
-    unstained: list[tuple[str, int]] = []  # (why, image) stain normalisation leaves as is
+    unstained: list[tuple[str, str]] = []  # (stem, why) stain normalisation leaves as is
 
     # A few images at a time (one per worker) from decoded to packed, each decoded image and
     # its labels freed as it goes: every image normalised before any was packed held 40-49
@@ -785,7 +785,7 @@ def prepare_data(
     def prep(i: int) -> tuple[np.ndarray, np.ndarray]:
         stains, reason = own_stains(images[i], pp, profile.stain)
         if stains is None:
-            unstained.append((reason, i))
+            unstained.append((pairs[i].stem, reason))
         x = normalize(images[i], pp, profile.stain, channels=channels, stains=stains)
         t = make_target(labels[i], target, cfg.train.boundary_px).astype(np.uint8)
         if faint is not None and not is_val[i]:
@@ -811,9 +811,10 @@ def prepare_data(
         else None
     )
     if unstained:
-        stems = {
-            why: sorted(pairs[i].stem for w, i in unstained if w == why) for why, _ in unstained
-        }
+        # by name: the images were prepared by threads, in the order they finished
+        stems: dict[str, list[str]] = {}
+        for stem, why in sorted(unstained):
+            stems.setdefault(why, []).append(stem)
         warn_unstained(stems, len(pairs), pp, root / cfg.data.train_dir)
     return TrainData(
         train=store,
