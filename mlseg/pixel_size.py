@@ -469,8 +469,8 @@ def training_scale_note(
         odd = (
             f"{len(not_square)} ({some_of(not_square, 3)}) {'declares' if one else 'declare'} "
             f"pixels that are not square, so no size applies, not even the profile's: "
-            f"{'it trains' if one else 'they train'} at {its} own scale and {'is' if one else 'are'} "
-            f"measured in pixels; resample {it} to square pixels (Fiji: Image > Scale) and "
+            f"{'it trains' if one else 'they train'} at {its} own scale and "
+            f"{'is' if one else 'are'} measured in pixels; resample {it} to square pixels (Fiji: Image > Scale) and "
             f"declare that size, or give {its} size in manifest.csv (pixel_size_um)"
         )
     if profile.pixel_size_um is not None:

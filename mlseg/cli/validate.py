@@ -15,8 +15,8 @@ LOG_WIDTH = 100_000  # Rich's width where stdout is no terminal: tables as wide 
 def print_report(report: Any, console: Any = None) -> None:
     """Rich table, one row per expectation (failed errors, failed warnings, then passes),
     then what to do for each failure, after the bound its suite sets (``not_blank (needs
-    grey_std >= 0.002): ...``: the notes give no number, a lab may edit it). File names and messages are printed as they are, as
-    Text: Rich took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``, and
+    grey_std >= 0.002): ...``: the notes give no number, a lab may edit it). File names and
+    messages are printed as they are, as Text: Rich took ``[b]`` in ``slide[b].png`` for markup and showed ``slide.png``, and
     ``:b:`` in ``well:b:03.png`` for an emoji code and showed ``well🅱03.png``."""
     from rich.console import Console
     from rich.table import Table
